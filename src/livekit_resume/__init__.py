@@ -1,0 +1,1 @@
+"""livekit-resume: resumable LiveKit voice agents."""

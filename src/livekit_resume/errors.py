@@ -1,0 +1,72 @@
+"""Typed errors. Every error of livekit-resume derives from `ResumeError`.
+
+Messages name the key, version, epoch or agent id involved and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "IncompatibleSnapshot",
+    "LeaseLost",
+    "ResumeError",
+    "SessionBusy",
+    "SignatureMismatch",
+    "SnapshotCorrupt",
+    "SnapshotNotFound",
+    "SnapshotTooLarge",
+    "StoreUnavailable",
+    "UnknownAgent",
+]
+
+
+class ResumeError(Exception):
+    """Base class of every livekit-resume error."""
+
+
+class SnapshotNotFound(ResumeError, LookupError):
+    """No snapshot exists for the key (or not at the requested version)."""
+
+
+class SnapshotCorrupt(ResumeError):
+    """Stored bytes are not a valid snapshot: truncated, altered or foreign data."""
+
+
+class IncompatibleSnapshot(ResumeError):
+    """The snapshot was written by a newer format version than this library reads."""
+
+
+class SnapshotTooLarge(ResumeError):
+    """A frame (or a value declared inside it) exceeds the configured size limit."""
+
+
+class SignatureMismatch(SnapshotCorrupt):
+    """The frame's HMAC does not verify with any configured key, or a key is missing."""
+
+
+class SessionBusy(ResumeError):
+    """Another live worker holds the session's lease."""
+
+    def __init__(self, message: str, *, holder: str | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class LeaseLost(ResumeError):
+    """This writer's lease was taken over (its fencing epoch is stale): stop writing."""
+
+
+class StoreUnavailable(ResumeError, ConnectionError):
+    """The store could not be reached or did not answer in time."""
+
+
+class UnknownAgent(ResumeError, LookupError):
+    """A snapshot names an agent id that is not registered."""
+
+    def __init__(self, agent_id: str, registered: list[str]) -> None:
+        super().__init__(
+            f"snapshot names agent id {agent_id!r}, which is not registered "
+            f"(registered: {', '.join(sorted(registered)) or 'none'}); "
+            "register the class with AgentRegistry.register() before restoring"
+        )
+        self.agent_id = agent_id
+        self.registered = sorted(registered)

@@ -1,0 +1,104 @@
+"""What a snapshot is: plain data, validated by pydantic, never a pickled object.
+
+Chat items are kept as plain dicts (see `chat.py` for the exact shape): they carry
+every field LiveKit stores, with exact timestamps, and nothing a codec cannot write.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "FORMAT_VERSION",
+    "AgentFrame",
+    "ItemData",
+    "Reason",
+    "SessionMeta",
+    "Snapshot",
+    "SnapshotState",
+    "ToolCallRecord",
+    "Writer",
+]
+
+# Bumped whenever a stored shape changes; migrate.py upcasts older ones on load.
+FORMAT_VERSION = 2
+
+Reason = Literal["turn", "tool", "handoff", "pause", "suspend", "close", "manual"]
+SnapshotState = Literal["active", "paused", "suspended"]
+ItemData = dict[str, Any]
+"""One chat item as plain data: `chat.item_to_data` makes it, `chat.item_from_data` reads it."""
+
+
+class _Model(BaseModel):
+    # Unknown fields are refused: a snapshot is read exactly, never guessed at.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Writer(_Model):
+    """Who wrote a snapshot."""
+
+    worker_id: str | None = None
+    job_id: str | None = None
+    pid: int = Field(default_factory=os.getpid)
+    host: str = Field(default_factory=socket.gethostname)
+
+
+class SessionMeta(_Model):
+    """What a session is about, beyond its conversation."""
+
+    room: str | None = None
+    participant_identity: str | None = None
+    job_id: str | None = None
+    agent_name: str | None = None
+    language: str | None = None
+    turn_count: int = 0
+    usage: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class AgentFrame(_Model):
+    """The current agent: which registered class, its own context and state."""
+
+    agent_id: str
+    chat_ctx: list[ItemData] = Field(default_factory=list)
+    instructions: str | dict[str, str | None] | None = None
+    """`None` when unchanged since construction; a dict for `llm.Instructions` parts."""
+    state: dict[str, Any] | None = None
+    """What the agent's optional ``snapshot_state()`` returned."""
+    task: str | None = None
+    """Set when an `AgentTask` was running: its class name, for the record only."""
+
+
+class ToolCallRecord(_Model):
+    """A tool call in flight or issued but not answered when the snapshot was taken."""
+
+    call_id: str
+    name: str
+    arguments: str = ""
+    started_at: float | None = None
+    item_id: str | None = None
+    status: Literal["running", "unanswered"] = "running"
+
+
+class Snapshot(_Model):
+    """One saved state of a session."""
+
+    format_version: int = FORMAT_VERSION
+    key: str
+    version: int = 0
+    """Assigned by the store on commit; 0 before."""
+    created_at: float = Field(default_factory=time.time)
+    writer: Writer = Field(default_factory=Writer)
+    epoch: int = 0
+    reason: Reason = "manual"
+    state: SnapshotState = "active"
+    meta: SessionMeta = Field(default_factory=SessionMeta)
+    history: list[ItemData] = Field(default_factory=list)
+    agent: AgentFrame | None = None
+    userdata: Any = None
+    tool_calls: list[ToolCallRecord] = Field(default_factory=list)

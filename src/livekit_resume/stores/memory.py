@@ -1,0 +1,190 @@
+"""In-process store: the reference implementation of the contract, for tests and demos.
+
+Nothing survives the process. Every operation runs without an await point between
+its check and its write, so it is atomic on one event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .base import (
+    DEFAULT_KEEP,
+    DEFAULT_LEASE_TTL,
+    Commit,
+    Lease,
+    Record,
+    SessionInfo,
+    SnapshotInfo,
+    Stored,
+    busy_error,
+    fold_records,
+    head_moved_error,
+    lease_is_live,
+    lease_lost_error,
+    needs_compaction,
+    not_found_error,
+    not_retained_error,
+    records_from_streams,
+    validate_key,
+)
+
+__all__ = ["MemoryStore"]
+
+
+@dataclass(slots=True)
+class _Version:
+    version: int
+    epoch: int
+    created_at: float
+    head: bytes
+    gen: int
+    log_end: int
+    size: int
+    info: dict[str, str | int | float | bool | None]
+
+
+@dataclass(slots=True)
+class _Session:
+    epoch: int = 0
+    owner: str | None = None
+    lease_expires_at: float | None = None
+    touched_at: float = 0.0
+    versions: list[_Version] = field(default_factory=list)
+    logs: dict[int, list[Record]] = field(default_factory=dict)
+    gen: int = 0
+
+
+class MemoryStore:
+    """A `Store` held in a dict. ``ttl`` (seconds without writes) expires whole sessions."""
+
+    def __init__(
+        self,
+        *,
+        keep: int = DEFAULT_KEEP,
+        ttl: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        self._keep = keep
+        self._ttl = ttl
+        self._clock = clock
+        self._sessions: dict[str, _Session] = {}
+
+    def _get(self, key: str) -> _Session | None:
+        validate_key(key)
+        s = self._sessions.get(key)
+        if s is not None and self._ttl is not None and s.touched_at + self._ttl <= self._clock():
+            del self._sessions[key]
+            return None
+        return s
+
+    async def acquire(
+        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+    ) -> Lease:
+        now = self._clock()
+        s = self._get(key) or self._sessions.setdefault(key, _Session())
+        live = lease_is_live(s.lease_expires_at, now)
+        if not (live and s.owner == owner):
+            if live and s.owner is not None and not takeover:
+                raise busy_error(key, s.owner, s.epoch)
+            s.epoch += 1
+        s.owner, s.lease_expires_at, s.touched_at = owner, now + ttl, now
+        return Lease(key, owner, s.epoch, now + ttl)
+
+    async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
+        now = self._clock()
+        s = self._get(lease.key)
+        if s is None or s.epoch != lease.epoch or s.owner != lease.owner:
+            raise lease_lost_error(lease.key, lease.epoch, s.epoch if s else None)
+        s.lease_expires_at, s.touched_at = now + ttl, now
+        return Lease(lease.key, lease.owner, lease.epoch, now + ttl)
+
+    async def release(self, lease: Lease) -> None:
+        s = self._get(lease.key)
+        if s is not None and s.epoch == lease.epoch and s.owner == lease.owner:
+            s.owner, s.lease_expires_at = None, None
+
+    async def commit(self, commit: Commit) -> int:
+        now = self._clock()
+        s = self._get(commit.key)
+        if s is None or s.epoch != commit.epoch or commit.epoch == 0:
+            raise lease_lost_error(commit.key, commit.epoch, s.epoch if s else None)
+        head_version = s.versions[-1].version if s.versions else 0
+        if commit.base_version != head_version:
+            raise head_moved_error(commit, head_version)
+        log = s.logs.setdefault(s.gen, [])
+        log.extend(commit.records)
+        version = head_version + 1
+        written = len(commit.head) + sum(len(r.data or b"") for r in commit.records)
+        s.versions.append(
+            _Version(
+                version, commit.epoch, now, commit.head, s.gen, len(log), written, dict(commit.info)
+            )
+        )
+        if needs_compaction(len(log), commit.size):
+            self._compact(commit.key, s)
+        del s.versions[: -self._keep]
+        live_gens = {v.gen for v in s.versions}
+        for gen in [g for g in s.logs if g not in live_gens]:
+            del s.logs[gen]
+        s.touched_at = now
+        return version
+
+    def _compact(self, key: str, s: _Session) -> None:
+        top = s.versions[-1]
+        folded = fold_records(s.logs[top.gen][: top.log_end], key)
+        s.gen += 1
+        s.logs[s.gen] = records_from_streams(folded)
+        top.gen, top.log_end = s.gen, len(s.logs[s.gen])
+
+    async def load(self, key: str, version: int | None = None) -> Stored:
+        s = self._get(key)
+        if s is None or not s.versions:
+            raise not_found_error(key)
+        if version is None:
+            v = s.versions[-1]
+        else:
+            found = [x for x in s.versions if x.version == version]
+            if not found:
+                raise not_retained_error(key, version, [x.version for x in s.versions])
+            v = found[0]
+        streams = fold_records(s.logs[v.gen][: v.log_end], key)
+        return Stored(key, v.version, v.epoch, v.created_at, v.head, streams, dict(v.info))
+
+    async def versions(self, key: str) -> list[SnapshotInfo]:
+        s = self._get(key)
+        if s is None:
+            return []
+        return [
+            SnapshotInfo(v.version, v.epoch, v.created_at, v.size, dict(v.info)) for v in s.versions
+        ]
+
+    async def info(self, key: str) -> SessionInfo | None:
+        s = self._get(key)
+        if s is None:
+            return None
+        top = s.versions[-1] if s.versions else None
+        live = lease_is_live(s.lease_expires_at, self._clock())
+        return SessionInfo(
+            key=key,
+            version=top.version if top else 0,
+            epoch=s.epoch,
+            owner=s.owner if live else None,
+            lease_expires_at=s.lease_expires_at if live else None,
+            updated_at=s.touched_at,
+            expires_at=s.touched_at + self._ttl if self._ttl is not None else None,
+            info=dict(top.info) if top else {},
+        )
+
+    async def keys(self) -> list[str]:
+        return sorted(k for k in list(self._sessions) if self._get(k) is not None)
+
+    async def delete(self, key: str) -> bool:
+        return self._get(key) is not None and self._sessions.pop(key, None) is not None
+
+    async def aclose(self) -> None:
+        self._sessions.clear()
