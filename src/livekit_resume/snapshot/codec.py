@@ -1,0 +1,354 @@
+"""Frames: how plain data becomes bytes and back, safely.
+
+A frame is::
+
+    header  "LKRS" | format version u8 | flags u8 | reserved u16 | body length u32
+    body    msgpack of plain data, then zlib (flag 1), then AES-GCM (flag 4)
+    trailer CRC-32 of header+body, or (flag 2) kid length u8 | kid | HMAC-SHA256
+
+Decoding checks, in this order, before it allocates anything the frame cannot
+justify: length, magic, declared size against the limit, checksum or HMAC, format
+version, then decrypts, decompresses (bounded) and unpacks (bounded) the body.
+Only msgpack's plain types exist in a body: nothing is ever unpickled or imported.
+
+The HMAC and the AES-GCM tag also cover a ``context`` (the session key, and for a
+chat item its stream and id), so a valid frame cannot be moved to another session.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import struct
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ..errors import (
+    IncompatibleSnapshot,
+    SignatureMismatch,
+    SnapshotCorrupt,
+    SnapshotTooLarge,
+)
+from .migrate import migrate_head, migrate_item
+from .model import FORMAT_VERSION, ItemData, Snapshot
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "MAGIC",
+    "Codec",
+    "Keyring",
+]
+
+MAGIC = b"LKRS"
+_HEADER = struct.Struct(">4sBBHI")
+_CRC = struct.Struct(">I")
+_HMAC_LEN = 32
+_NONCE_LEN = 12
+
+FLAG_ZLIB = 1
+FLAG_SIGNED = 2
+FLAG_ENCRYPTED = 4
+_KNOWN_FLAGS = FLAG_ZLIB | FLAG_SIGNED | FLAG_ENCRYPTED
+
+# A long conversation with kept inline images stays well under this; anything larger
+# is a bug or an attack, and refusing it bounds the memory a decode may take.
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+# Bodies smaller than this are stored raw: zlib's header and CPU cost buy nothing there.
+COMPRESS_OVER = 1024
+
+HISTORY = "history"
+AGENT = "agent"
+# An agent item equal to the history item of the same id is stored as this marker.
+_REF = {"ref": True}
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """Named keys: the first one writes, all of them read (rotation)."""
+
+    keys: tuple[tuple[str, bytes], ...]
+
+    @classmethod
+    def parse(cls, spec: str, *, sizes: Sequence[int] = ()) -> Keyring:
+        """Parse ``kid:base64key[,kid:base64key…]`` (the ``RESUME_*_KEYS`` form)."""
+        keys: list[tuple[str, bytes]] = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            kid, sep, b64 = part.partition(":")
+            if not sep or not kid or len(kid.encode()) > 255:
+                raise ValueError(f"key {kid!r}: expected kid:base64key")
+            try:
+                key = base64.b64decode(b64, validate=True)
+            except ValueError:
+                raise ValueError(f"key {kid!r} is not valid base64") from None
+            if sizes and len(key) not in sizes:
+                raise ValueError(f"key {kid!r} has {len(key)} bytes; expected one of {sizes}")
+            if len(key) < 16:
+                raise ValueError(f"key {kid!r} has {len(key)} bytes; use at least 16")
+            keys.append((kid, key))
+        if not keys:
+            raise ValueError("no keys in key specification")
+        return cls(tuple(keys))
+
+    def get(self, kid: str) -> bytes | None:
+        return next((k for i, k in self.keys if i == kid), None)
+
+
+class Codec:
+    """Turns snapshots into frames and back. Stateless apart from its keys and limits."""
+
+    def __init__(
+        self,
+        *,
+        signing_keys: Keyring | str | None = None,
+        encryption_keys: Keyring | str | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        if isinstance(signing_keys, str):
+            signing_keys = Keyring.parse(signing_keys)
+        if isinstance(encryption_keys, str):
+            encryption_keys = Keyring.parse(encryption_keys, sizes=(16, 24, 32))
+        self._sign = signing_keys
+        self._encrypt = encryption_keys
+        self._max = max_frame
+
+    # ----------------------------------------------------------------- frames
+
+    def pack(self, obj: Any, *, context: bytes = b"", version: int = FORMAT_VERSION) -> bytes:
+        """Frame plain data. ``version`` is only ever lowered by tests of old formats."""
+        try:
+            body: bytes = msgpack.packb(obj, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise TypeError(f"snapshot holds a value that is not plain data: {e}") from e
+        flags = 0
+        if len(body) > COMPRESS_OVER:
+            packed = zlib.compress(body, 1)
+            if len(packed) < len(body):
+                body, flags = packed, flags | FLAG_ZLIB
+        if self._encrypt is not None:
+            kid, key = self._encrypt.keys[0]
+            body, flags = _seal(key, kid, body, context), flags | FLAG_ENCRYPTED
+        if len(body) > self._max:
+            raise SnapshotTooLarge(
+                f"frame body of {len(body)} bytes is over the limit of {self._max}; "
+                "drop media (media='drop') or raise max_frame"
+            )
+        if self._sign is not None:
+            flags |= FLAG_SIGNED
+        header = _HEADER.pack(MAGIC, version, flags, 0, len(body))
+        if self._sign is None:
+            return header + body + _CRC.pack(zlib.crc32(header + body))
+        kid, key = self._sign.keys[0]
+        kid_b = kid.encode()
+        mac = hmac.new(key, header + body + bytes([len(kid_b)]) + kid_b + context, hashlib.sha256)
+        return header + body + bytes([len(kid_b)]) + kid_b + mac.digest()
+
+    def unpack(self, frame: bytes, *, context: bytes = b"") -> tuple[int, Any]:
+        """Verify and open a frame; return its format version and its plain data."""
+        if not isinstance(frame, (bytes, bytearray, memoryview)):
+            raise SnapshotCorrupt(f"expected bytes, got {type(frame).__name__}")
+        frame = bytes(frame)
+        if len(frame) < _HEADER.size + _CRC.size:
+            raise SnapshotCorrupt(f"frame of {len(frame)} bytes is truncated")
+        magic, version, flags, _reserved, size = _HEADER.unpack_from(frame)
+        if magic != MAGIC:
+            raise SnapshotCorrupt("bytes are not a livekit-resume frame (bad magic)")
+        if size > self._max:
+            raise SnapshotTooLarge(f"frame declares {size} bytes; the limit is {self._max}")
+        end = _HEADER.size + size
+        if end > len(frame):
+            raise SnapshotCorrupt(
+                f"frame is truncated: body declares {size} bytes, "
+                f"{len(frame) - _HEADER.size} present"
+            )
+        header_body, trailer = frame[:end], frame[end:]
+        if flags & FLAG_SIGNED:
+            self._verify(header_body, trailer, context)
+        else:
+            if self._sign is not None:
+                raise SignatureMismatch("frame is unsigned but signing keys are configured")
+            if len(trailer) != _CRC.size or _CRC.unpack(trailer)[0] != zlib.crc32(header_body):
+                raise SnapshotCorrupt("frame checksum does not match: bytes were altered or torn")
+        if version > FORMAT_VERSION:
+            raise IncompatibleSnapshot(
+                f"frame has format version {version}; this livekit-resume reads up to "
+                f"{FORMAT_VERSION}: upgrade livekit-resume on this worker"
+            )
+        if flags & ~_KNOWN_FLAGS:
+            raise IncompatibleSnapshot(f"frame has unknown flags {flags:#x}")
+        body = header_body[_HEADER.size :]
+        if flags & FLAG_ENCRYPTED:
+            body = self._open(body, context)
+        if flags & FLAG_ZLIB:
+            body = self._inflate(body)
+        return version, _unpackb(body)
+
+    def _verify(self, header_body: bytes, trailer: bytes, context: bytes) -> None:
+        if not trailer or len(trailer) != 1 + trailer[0] + _HMAC_LEN:
+            raise SnapshotCorrupt("signed frame has a malformed trailer")
+        kid_b = trailer[1 : 1 + trailer[0]]
+        kid = kid_b.decode("utf-8", "replace")
+        key = self._sign.get(kid) if self._sign is not None else None
+        if key is None:
+            raise SignatureMismatch(
+                f"frame is signed with key {kid!r}, which is not among the configured "
+                "signing keys (RESUME_SIGNING_KEYS)"
+            )
+        mac = hmac.new(key, header_body + trailer[: 1 + trailer[0]] + context, hashlib.sha256)
+        if not hmac.compare_digest(mac.digest(), trailer[1 + trailer[0] :]):
+            raise SignatureMismatch(f"frame signature does not verify with key {kid!r}")
+
+    def _open(self, body: bytes, context: bytes) -> bytes:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        if not body or len(body) < 1 + body[0] + _NONCE_LEN:
+            raise SnapshotCorrupt("encrypted body is truncated")
+        kid = body[1 : 1 + body[0]].decode("utf-8", "replace")
+        key = self._encrypt.get(kid) if self._encrypt is not None else None
+        if key is None:
+            raise SignatureMismatch(
+                f"frame is encrypted with key {kid!r}, which is not among the configured "
+                "encryption keys (RESUME_ENCRYPTION_KEYS)"
+            )
+        start = 1 + body[0]
+        nonce, sealed = body[start : start + _NONCE_LEN], body[start + _NONCE_LEN :]
+        try:
+            return AESGCM(key).decrypt(nonce, sealed, context)
+        except InvalidTag:
+            raise SignatureMismatch(f"frame does not decrypt with key {kid!r}") from None
+
+    def _inflate(self, body: bytes) -> bytes:
+        d = zlib.decompressobj()
+        try:
+            out = d.decompress(body, self._max + 1)
+        except zlib.error as e:
+            raise SnapshotCorrupt(f"frame body does not decompress: {e}") from None
+        if len(out) > self._max or d.unconsumed_tail:
+            raise SnapshotTooLarge(f"frame body inflates past the limit of {self._max} bytes")
+        if not d.eof:
+            raise SnapshotCorrupt("compressed frame body is truncated")
+        return out
+
+    # -------------------------------------------------------------- snapshots
+
+    def encode(self, snapshot: Snapshot) -> bytes:
+        """The whole snapshot as one frame (export, import, tests). Its key is inside
+        the signed body, so the frame needs no outside context."""
+        return self.pack(snapshot.model_dump(mode="python"))
+
+    def decode(self, frame: bytes) -> Snapshot:
+        """A whole-snapshot frame back to a `Snapshot`."""
+        version, data = self.unpack(frame)
+        return _validate(migrate_head(data, version))
+
+    def encode_head(self, snapshot: Snapshot) -> bytes:
+        """The snapshot without its chat items, which are framed one by one."""
+        data = snapshot.model_dump(mode="python", exclude={"history"})
+        data["history"] = []
+        if data.get("agent") is not None:
+            data["agent"]["chat_ctx"] = []
+        data["counts"] = {
+            HISTORY: len(snapshot.history),
+            AGENT: len(snapshot.agent.chat_ctx) if snapshot.agent else 0,
+        }
+        return self.pack(data, context=snapshot.key.encode())
+
+    def encode_item(self, key: str, stream: str, item: ItemData, *, ref: bool = False) -> bytes:
+        """One chat item of ``stream``; ``ref`` marks an agent item equal to its history twin."""
+        return self.pack(_REF if ref else item, context=_item_context(key, stream, item["id"]))
+
+    def decode_parts(
+        self, key: str, head: bytes, streams: Mapping[str, Sequence[tuple[str, bytes]]]
+    ) -> Snapshot:
+        """Rebuild a snapshot from its head and its streams of item frames."""
+        version, data = self.unpack(head, context=key.encode())
+        if not isinstance(data, dict):
+            raise SnapshotCorrupt(f"session {key!r}: snapshot head is not a map")
+        counts = data.pop("counts", None)
+        history = self._items(key, HISTORY, streams.get(HISTORY, ()), {})
+        by_id = {i["id"]: i for i in history}
+        agent_items = self._items(key, AGENT, streams.get(AGENT, ()), by_id)
+        want = counts if isinstance(counts, dict) else {}
+        got = {HISTORY: len(history), AGENT: len(agent_items)}
+        if any(want.get(s, n) != n for s, n in got.items()):
+            raise SnapshotCorrupt(
+                f"session {key!r}: snapshot lists {want} items but the store holds {got}; "
+                "the stored log is damaged"
+            )
+        data = migrate_head(data, version)
+        data["history"] = history
+        if isinstance(data.get("agent"), dict):
+            data["agent"]["chat_ctx"] = agent_items
+        return _validate(data)
+
+    def _items(
+        self,
+        key: str,
+        stream: str,
+        frames: Sequence[tuple[str, bytes]],
+        refs: Mapping[str, ItemData],
+    ) -> list[ItemData]:
+        out: list[ItemData] = []
+        for item_id, frame in frames:
+            version, item = self.unpack(frame, context=_item_context(key, stream, item_id))
+            if item == _REF:
+                if item_id not in refs:
+                    raise SnapshotCorrupt(
+                        f"session {key!r}: agent item {item_id!r} refers to a history item "
+                        "that does not exist"
+                    )
+                out.append(dict(refs[item_id]))
+                continue
+            item = migrate_item(item, version)
+            if not isinstance(item, dict) or item.get("id") != item_id:
+                raise SnapshotCorrupt(
+                    f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
+                )
+            out.append(item)
+        return out
+
+
+def _item_context(key: str, stream: str, item_id: str) -> bytes:
+    return b"\x00".join((key.encode(), stream.encode(), item_id.encode()))
+
+
+def _seal(key: bytes, kid: str, body: bytes, context: bytes) -> bytes:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(_NONCE_LEN)
+    kid_b = kid.encode()
+    return bytes([len(kid_b)]) + kid_b + nonce + AESGCM(key).encrypt(nonce, body, context)
+
+
+def _unpackb(body: bytes) -> Any:
+    # Every declared length is bounded by the body itself: a hostile header cannot make
+    # msgpack allocate more than the frame carries.
+    n = len(body)
+    try:
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n // 2,
+            max_ext_len=0,
+        )
+    except Exception as e:  # msgpack raises many types (ValueError, ExtraData, ...)
+        raise SnapshotCorrupt(f"frame body is not valid msgpack: {type(e).__name__}: {e}") from None
+
+
+def _validate(data: Any) -> Snapshot:
+    from pydantic import ValidationError
+
+    try:
+        return Snapshot.model_validate(data)
+    except ValidationError as e:
+        raise SnapshotCorrupt(f"snapshot does not match the format: {e}") from None

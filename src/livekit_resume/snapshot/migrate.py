@@ -1,0 +1,83 @@
+"""Upcasters: read snapshots written by older format versions.
+
+Each upcaster takes plain data of version ``v`` and returns version ``v + 1``; they are
+chained until the current `FORMAT_VERSION`. A snapshot has two kinds of frames (the
+head and each chat item, written at different times), so there are two tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import IncompatibleSnapshot, SnapshotCorrupt
+from .model import FORMAT_VERSION
+
+__all__ = ["OLDEST_READABLE", "migrate_head", "migrate_item"]
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+OLDEST_READABLE = 1
+
+
+def _head_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
+    # Format 1 kept only the names of unanswered calls, as "pending_tools"; format 2
+    # records running and unanswered calls apart, as "tool_calls" with a status.
+    pending = data.pop("pending_tools", None) or []
+    data["tool_calls"] = [
+        {
+            "call_id": p["call_id"],
+            "name": p["name"],
+            "arguments": p.get("arguments", ""),
+            "status": "unanswered",
+        }
+        for p in pending
+    ]
+    data["format_version"] = 2
+    return data
+
+
+def _item_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
+    # Format 1 named the creation time "timestamp"; LiveKit calls it "created_at".
+    if "timestamp" in data:
+        data["created_at"] = data.pop("timestamp")
+    return data
+
+
+_HEAD: dict[int, Upcaster] = {1: _head_1_to_2}
+_ITEM: dict[int, Upcaster] = {1: _item_1_to_2}
+
+
+def _run(table: dict[int, Upcaster], data: Any, version: int, what: str) -> Any:
+    if version > FORMAT_VERSION:
+        raise IncompatibleSnapshot(
+            f"{what} was written by format version {version}; this livekit-resume reads "
+            f"up to {FORMAT_VERSION}: upgrade livekit-resume on this worker"
+        )
+    if version < OLDEST_READABLE:
+        raise IncompatibleSnapshot(f"{what} has format version {version}, which never existed")
+    if version == FORMAT_VERSION:
+        return data
+    if not isinstance(data, dict):
+        raise SnapshotCorrupt(f"{what} of format version {version} is not a map")
+    for v in range(version, FORMAT_VERSION):
+        try:
+            data = table[v](data)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise SnapshotCorrupt(f"{what} of format version {v} is malformed: {e!r}") from e
+    return data
+
+
+def migrate_head(data: Any, version: int) -> Any:
+    """A snapshot head (or a whole snapshot) of ``version`` upcast to the current format."""
+    data = _run(_HEAD, data, version, "snapshot")
+    if version < FORMAT_VERSION and isinstance(data, dict):
+        for items in (data.get("history"), (data.get("agent") or {}).get("chat_ctx")):
+            if isinstance(items, list):
+                items[:] = [_run(_ITEM, i, version, "chat item") for i in items]
+    return data
+
+
+def migrate_item(data: Any, version: int) -> Any:
+    """One chat item frame of ``version`` upcast to the current format."""
+    return _run(_ITEM, data, version, "chat item")

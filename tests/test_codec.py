@@ -1,0 +1,287 @@
+"""The frame codec: round trips, keys, limits, bad bytes, old formats."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import tracemalloc
+import zlib
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from livekit_resume.errors import (
+    IncompatibleSnapshot,
+    SignatureMismatch,
+    SnapshotCorrupt,
+    SnapshotTooLarge,
+)
+from livekit_resume.snapshot.codec import MAGIC, Codec, Keyring
+from livekit_resume.snapshot.model import (
+    FORMAT_VERSION,
+    AgentFrame,
+    SessionMeta,
+    Snapshot,
+    ToolCallRecord,
+)
+
+KEY_A = "a:" + base64.b64encode(b"A" * 32).decode()
+KEY_B = "b:" + base64.b64encode(b"B" * 32).decode()
+
+
+def _msg(i: int, text: str = "hello") -> dict[str, object]:
+    return {
+        "id": f"item_{i}",
+        "type": "message",
+        "role": "user" if i % 2 else "assistant",
+        "content": [f"{text} {i}"],
+        "created_at": 1_700_000_000.0 + i / 7,
+        "extra": {"n": i},
+    }
+
+
+def _snapshot(n: int = 5) -> Snapshot:
+    items = [_msg(i) for i in range(n)]
+    return Snapshot(
+        key="room-42",
+        epoch=3,
+        reason="turn",
+        meta=SessionMeta(room="room-42", turn_count=n, extra={"plan": "gold"}),
+        history=items,
+        agent=AgentFrame(agent_id="receptionist", chat_ctx=items[-2:], state={"step": 2}),
+        userdata={"name": "Ada", "visits": [1, 2]},
+        tool_calls=[ToolCallRecord(call_id="c1", name="book", arguments="{}")],
+    )
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [
+        Codec(),
+        Codec(signing_keys=KEY_A),
+        Codec(encryption_keys=KEY_A),
+        Codec(signing_keys=KEY_A, encryption_keys=KEY_B),
+    ],
+    ids=["plain", "signed", "encrypted", "signed+encrypted"],
+)
+def test_snapshot_round_trips_through_every_frame_kind(codec: Codec) -> None:
+    snap = _snapshot(200)  # large enough to be compressed
+    frame = codec.encode(snap)
+    assert frame[:4] == MAGIC
+    assert codec.decode(frame) == snap
+
+
+def test_parts_round_trip_and_agent_refs_resolve_to_history_items() -> None:
+    codec = Codec(signing_keys=KEY_A)
+    snap = _snapshot(6)
+    head = codec.encode_head(snap)
+    history = [(i["id"], codec.encode_item(snap.key, "history", i)) for i in snap.history]
+    assert snap.agent is not None
+    agent = [
+        (i["id"], codec.encode_item(snap.key, "agent", i, ref=True)) for i in snap.agent.chat_ctx
+    ]
+    assert codec.decode_parts(snap.key, head, {"history": history, "agent": agent}) == snap
+
+
+def test_parts_with_a_missing_item_are_corrupt() -> None:
+    codec = Codec()
+    snap = _snapshot(4)
+    head = codec.encode_head(snap)
+    history = [(i["id"], codec.encode_item(snap.key, "history", i)) for i in snap.history[:-1]]
+    with pytest.raises(SnapshotCorrupt, match="damaged"):
+        codec.decode_parts(snap.key, head, {"history": history})
+
+
+def test_signed_item_cannot_be_moved_to_another_session() -> None:
+    codec = Codec(signing_keys=KEY_A)
+    item = _msg(1)
+    frame = codec.encode_item("room-1", "history", item)
+    codec.unpack(frame, context=b"room-1\x00history\x00item_1")
+    with pytest.raises(SignatureMismatch):
+        codec.unpack(frame, context=b"room-2\x00history\x00item_1")
+
+
+def test_key_rotation_old_key_still_verifies_new_key_signs() -> None:
+    snap = _snapshot()
+    old = Codec(signing_keys=KEY_A).encode(snap)
+    rotated = Codec(signing_keys=f"{KEY_B},{KEY_A}")
+    assert rotated.decode(old) == snap
+    new = rotated.encode(snap)
+    assert new[-34:-32] == b"\x01b"  # kid "b" signs now
+    with pytest.raises(SignatureMismatch):
+        Codec(signing_keys=KEY_A).decode(new)
+
+
+def test_unsigned_frame_is_refused_when_keys_are_configured() -> None:
+    with pytest.raises(SignatureMismatch, match="unsigned"):
+        Codec(signing_keys=KEY_A).decode(Codec().encode(_snapshot()))
+
+
+def test_wrong_encryption_key_is_refused() -> None:
+    frame = Codec(encryption_keys=KEY_A).encode(_snapshot())
+    wrong = "a:" + base64.b64encode(b"Z" * 32).decode()
+    with pytest.raises(SignatureMismatch, match="decrypt"):
+        Codec(encryption_keys=wrong).decode(frame)
+
+
+def test_encrypted_frame_hides_the_conversation() -> None:
+    frame = Codec(encryption_keys=KEY_A).encode(_snapshot())
+    assert b"hello" not in frame and b"Ada" not in frame
+
+
+@pytest.mark.parametrize(
+    "spec", ["", "nokey", "a:!!notbase64", "a:" + base64.b64encode(b"x").decode()]
+)
+def test_bad_key_specs_are_value_errors(spec: str) -> None:
+    with pytest.raises(ValueError):
+        Keyring.parse(spec)
+
+
+# ---------------------------------------------------------------- bad bytes
+
+
+def test_truncated_frames_are_corrupt_at_every_length() -> None:
+    frame = Codec().encode(_snapshot(30))
+    for n in range(len(frame)):
+        with pytest.raises(SnapshotCorrupt):
+            Codec().decode(frame[:n])
+
+
+def test_every_single_bit_flip_is_detected() -> None:
+    codec = Codec()
+    frame = codec.encode(_snapshot(3))
+    for pos in range(len(frame)):
+        for bit in (0, 3, 7):
+            flipped = bytearray(frame)
+            flipped[pos] ^= 1 << bit
+            # a flip in the size field may also say "too large"; both are typed refusals
+            with pytest.raises((SnapshotCorrupt, SnapshotTooLarge)):
+                codec.decode(bytes(flipped))
+
+
+@given(st.binary(max_size=4096))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_random_bytes_are_refused_with_a_typed_error(data: bytes) -> None:
+    with pytest.raises((SnapshotCorrupt, SnapshotTooLarge, IncompatibleSnapshot)):
+        Codec().decode(data)
+
+
+@given(pos=st.integers(min_value=0), junk=st.binary(min_size=1, max_size=16))
+@settings(max_examples=300)
+def test_fuzzed_real_frames_never_escape_the_typed_errors(pos: int, junk: bytes) -> None:
+    frame = bytearray(Codec().encode(_snapshot(10)))
+    pos %= len(frame)
+    frame[pos : pos + len(junk)] = junk
+    try:
+        Codec().decode(bytes(frame))
+    except (SnapshotCorrupt, SnapshotTooLarge, IncompatibleSnapshot):
+        pass  # the only acceptable failures; a decode that succeeds must be valid
+    # (a successful decode is a validated Snapshot by construction)
+
+
+def _raw_frame(body: bytes, *, version: int = FORMAT_VERSION, flags: int = 0) -> bytes:
+    header = struct.pack(">4sBBHI", MAGIC, version, flags, 0, len(body))
+    return header + body + struct.pack(">I", zlib.crc32(header + body))
+
+
+def test_frame_from_a_newer_format_is_incompatible() -> None:
+    body = msgpack.packb(_snapshot().model_dump(), use_bin_type=True)
+    with pytest.raises(IncompatibleSnapshot, match="upgrade"):
+        Codec().decode(_raw_frame(body, version=FORMAT_VERSION + 1))
+
+
+def test_frame_over_the_size_limit_is_too_large_before_reading_it() -> None:
+    body = b"x" * 2000
+    with pytest.raises(SnapshotTooLarge):
+        Codec(max_frame=1000).unpack(_raw_frame(body))
+    # the declared size alone is enough: no body needs to be present
+    header = struct.pack(">4sBBHI", MAGIC, FORMAT_VERSION, 0, 0, 2**32 - 1)
+    with pytest.raises(SnapshotTooLarge):
+        Codec().unpack(header + b"\0" * 8)
+
+
+def test_writing_a_frame_over_the_limit_is_refused() -> None:
+    with pytest.raises(SnapshotTooLarge):
+        Codec(max_frame=100).pack({"blob": bytes(range(256)) * 8})
+
+
+def test_zip_bomb_is_stopped_at_the_limit_with_bounded_memory() -> None:
+    bomb = zlib.compress(b"\0" * (64 * 1024 * 1024), 9)  # 64 MiB of zeros in ~64 KiB
+    tracemalloc.start()
+    with pytest.raises(SnapshotTooLarge):
+        Codec(max_frame=1024 * 1024).unpack(_raw_frame(bomb, flags=1))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xdb\xff\xff\xff\xff",  # str32 declaring 4 GiB
+        b"\xc6\xff\xff\xff\xf0abc",  # bin32 declaring ~4 GiB
+        b"\xdd\xff\xff\xff\xff",  # array32 of 4G elements
+        b"\xdf\xff\xff\xff\xff",  # map32 of 4G pairs
+        b"\xc7\x05\x01abcde",  # ext type: never accepted
+        b"\x81\x01\x02",  # map with an int key
+    ],
+)
+def test_msgpack_with_absurd_or_foreign_declarations_is_corrupt(body: bytes) -> None:
+    tracemalloc.start()
+    with pytest.raises(SnapshotCorrupt):
+        Codec().unpack(_raw_frame(body))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024
+
+
+def test_valid_msgpack_of_the_wrong_shape_is_corrupt() -> None:
+    with pytest.raises(SnapshotCorrupt, match="format"):
+        Codec().decode(_raw_frame(msgpack.packb({"key": 5, "surprise": True})))
+
+
+def test_values_that_are_not_plain_data_cannot_be_written() -> None:
+    with pytest.raises(TypeError, match="plain data"):
+        Codec().pack({"obj": object()})
+
+
+# ------------------------------------------------------------ migrations
+
+
+def test_format_1_snapshot_is_upcast_on_load() -> None:
+    v1 = _snapshot(3).model_dump()
+    v1["format_version"] = 1
+    del v1["tool_calls"]
+    v1["pending_tools"] = [{"call_id": "c9", "name": "pay", "arguments": '{"eur": 5}'}]
+    for item in v1["history"]:
+        item["timestamp"] = item.pop("created_at")
+    codec = Codec()
+    snap = codec.decode(codec.pack(v1, version=1))
+    assert snap.format_version == FORMAT_VERSION
+    assert snap.tool_calls == [
+        ToolCallRecord(call_id="c9", name="pay", arguments='{"eur": 5}', status="unanswered")
+    ]
+    assert [i["created_at"] for i in snap.history] == [
+        i["created_at"] for i in _snapshot(3).history
+    ]
+
+
+def test_format_1_item_frames_are_upcast_one_by_one() -> None:
+    codec = Codec()
+    snap = _snapshot(2)
+    old_item = dict(snap.history[0])
+    old_item["timestamp"] = old_item.pop("created_at")
+    frames = [
+        ("item_0", codec.pack(old_item, context=b"room-42\x00history\x00item_0", version=1)),
+        ("item_1", codec.encode_item(snap.key, "history", snap.history[1])),
+    ]
+    plain = snap.model_copy(update={"agent": None})
+    got = codec.decode_parts(snap.key, codec.encode_head(plain), {"history": frames})
+    assert got.history == snap.history
+
+
+def test_a_format_version_that_never_existed_is_incompatible() -> None:
+    with pytest.raises(IncompatibleSnapshot):
+        Codec().decode(_raw_frame(msgpack.packb({}), version=0))
