@@ -247,16 +247,21 @@ class Codec:
         version, data = self.unpack(frame)
         return _validate(migrate_head(data, version))
 
-    def encode_head(self, snapshot: Snapshot) -> bytes:
-        """The snapshot without its chat items, which are framed one by one."""
+    def encode_head(self, snapshot: Snapshot, *, counts: Mapping[str, int] | None = None) -> bytes:
+        """The snapshot without its chat items, which are framed one by one. ``counts``
+        gives each stream's length when the snapshot was built without its items."""
         data = snapshot.model_dump(mode="python", exclude={"history"})
         data["history"] = []
         if data.get("agent") is not None:
             data["agent"]["chat_ctx"] = []
-        data["counts"] = {
-            HISTORY: len(snapshot.history),
-            AGENT: len(snapshot.agent.chat_ctx) if snapshot.agent else 0,
-        }
+        data["counts"] = (
+            dict(counts)
+            if counts is not None
+            else {
+                HISTORY: len(snapshot.history),
+                AGENT: len(snapshot.agent.chat_ctx) if snapshot.agent else 0,
+            }
+        )
         return self.pack(data, context=snapshot.key.encode())
 
     def encode_item(self, key: str, stream: str, item: ItemData, *, ref: bool = False) -> bytes:

@@ -1,0 +1,152 @@
+"""Debounced background writer and lease keeper for one `ResumableSession`.
+
+It never blocks the voice loop and never raises into it: event callbacks only mark
+the session dirty; a task coalesces bursts and checkpoints. A failing store is retried
+with backoff (the newest state is the live session itself, so every retry writes the
+latest), logged and counted. A lost lease stops it for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import Counter, Histogram
+
+from ..errors import LeaseLost, UnknownAgent
+
+__all__ = ["Autosave"]
+
+log = logging.getLogger("livekit_resume")
+
+# Prometheus metrics of the process, labelled by outcome; scraping them is optional.
+CHECKPOINTS = Counter("livekit_resume_checkpoints", "Snapshots committed", ["reason"])
+CHECKPOINT_FAILURES = Counter(
+    "livekit_resume_checkpoint_failures", "Checkpoints that failed", ["error"]
+)
+CHECKPOINT_SECONDS = Histogram(
+    "livekit_resume_checkpoint_seconds", "Time to capture and commit a snapshot"
+)
+
+# First retry soon (a blip), then back off to this cap so a dead store is not hammered.
+RETRY_FIRST = 0.2
+RETRY_CAP = 10.0
+
+
+class Autosave:
+    """Runs ``checkpoint(reason)`` after triggers, and ``renew()`` every ``renew_every``."""
+
+    def __init__(
+        self,
+        checkpoint: Callable[[str], Awaitable[int]],
+        renew: Callable[[], Awaitable[None]],
+        *,
+        key: str,
+        debounce: float,
+        renew_every: float,
+    ) -> None:
+        self._checkpoint = checkpoint
+        self._renew = renew
+        self._key = key
+        self._debounce = debounce
+        self._renew_every = renew_every
+        self._dirty = asyncio.Event()
+        self._reason = "turn"
+        self._tasks: list[asyncio.Task[None]] = []
+        self.failures = 0
+        self.lost: LeaseLost | None = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(
+                    self._save_loop(), name=f"livekit_resume.autosave[{self._key}]"
+                ),
+                asyncio.create_task(self._renew_loop(), name=f"livekit_resume.lease[{self._key}]"),
+            ]
+
+    def trigger(self, reason: str) -> None:
+        """Ask for a checkpoint soon. Safe to call from any LiveKit event callback."""
+        if self.lost is None and self._tasks:
+            self._reason = reason if reason != "turn" or not self._dirty.is_set() else self._reason
+            self.idle.clear()
+            self._dirty.set()
+
+    async def aclose(self) -> None:
+        """Stop without a final save (the session takes that itself)."""
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.idle.set()
+
+    async def _save_loop(self) -> None:
+        delay = RETRY_FIRST
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self._debounce)  # coalesce a burst of events into one write
+            self._dirty.clear()
+            reason = self._reason
+            try:
+                with CHECKPOINT_SECONDS.time():
+                    version = await self._checkpoint(reason)
+            except LeaseLost as e:
+                self._lose(e)
+                return
+            except UnknownAgent as e:
+                # nothing to retry until the code registers the agent or hands off
+                CHECKPOINT_FAILURES.labels(error="UnknownAgent").inc()
+                self.failures += 1
+                log.error("autosave skipped: %s", e, extra={"key": self._key})
+            except Exception as e:
+                CHECKPOINT_FAILURES.labels(error=type(e).__name__).inc()
+                self.failures += 1
+                log.warning(
+                    "autosave of session %r failed (%s: %s); retrying in %.1fs",
+                    self._key,
+                    type(e).__name__,
+                    e,
+                    delay,
+                    extra={"key": self._key},
+                )
+                self._dirty.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_CAP)
+                continue
+            else:
+                CHECKPOINTS.labels(reason=reason).inc()
+                log.debug("autosaved", extra={"key": self._key, "version": version})
+            delay = RETRY_FIRST
+            if not self._dirty.is_set():
+                self.idle.set()
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._renew_every)
+            try:
+                await self._renew()
+            except LeaseLost as e:
+                self._lose(e)
+                return
+            except Exception as e:
+                # a missed renewal is not fatal: the lease outlives three of them
+                log.warning(
+                    "lease renewal of session %r failed: %s", self._key, e, extra={"key": self._key}
+                )
+
+    def _lose(self, e: LeaseLost) -> None:
+        self.lost = e
+        CHECKPOINT_FAILURES.labels(error="LeaseLost").inc()
+        log.error("session %r: %s; autosave stopped", self._key, e, extra={"key": self._key})
+        self._dirty.clear()
+        self.idle.set()
+        # the other loop stops too: nothing more may be written under this lease
+        for t in self._tasks:
+            if t is not asyncio.current_task():
+                t.cancel()

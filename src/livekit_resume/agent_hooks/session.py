@@ -1,0 +1,589 @@
+"""`ResumableSession`: the hooks bound to one session key.
+
+Only this module touches `AgentSession`. It reads the live session into a `Snapshot`
+(history, current agent, userdata, tool calls in flight, metadata), diffs it against
+what the store holds, and commits the difference; `restore` runs the path backwards
+through LiveKit's public API (see DESIGN.md, "LiveKit 1.8.9").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from typing import Any, Literal
+
+from livekit import rtc
+from livekit.agents import Agent, AgentSession, AgentTask, get_job_context, llm
+from livekit.agents.llm.chat_context import Instructions
+from livekit.agents.voice.events import (
+    CloseEvent,
+    ConversationItemAddedEvent,
+    EventTypes,
+    FunctionToolsExecutedEvent,
+    ToolCallEnded,
+    ToolCallStarted,
+    ToolExecutionUpdatedEvent,
+)
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import to_jsonable_python
+
+from ..errors import IncompatibleSnapshot, LeaseLost, SnapshotNotFound, UnknownAgent
+from ..snapshot.chat import MediaPolicy, ctx_from_data, item_to_data, repair_tool_calls
+from ..snapshot.codec import AGENT, HISTORY, Codec
+from ..snapshot.model import (
+    AgentFrame,
+    ItemData,
+    Reason,
+    SessionMeta,
+    Snapshot,
+    ToolCallRecord,
+    Writer,
+)
+from ..stores.base import DEFAULT_LEASE_TTL, Commit, Lease, Record, Store, validate_key
+from .autosave import Autosave
+from .registry import AgentRegistry
+from .tracker import Change, StreamTracker
+
+__all__ = ["ResumableSession", "SessionState"]
+
+log = logging.getLogger("livekit_resume")
+
+SessionState = Literal["active", "paused", "suspended", "closed"]
+
+# Participant attributes the room's clients can read; `lk.` belongs to LiveKit.
+ATTR_STATE = "resume.state"
+ATTR_VERSION = "resume.version"
+# A burst of events (user message, tool calls, reply) lands within this; one write.
+DEFAULT_DEBOUNCE = 0.2
+
+
+async def _silent_llm_node(*_args: Any, **_kwargs: Any) -> None:
+    """Stands in for an agent's llm_node while paused: no reply is generated."""
+    return None
+
+
+class ResumableSession:
+    """Hooks that snapshot one `AgentSession` under ``key`` and restore it anywhere.
+
+    ``userdata_type`` validates and encodes ``session.userdata`` (a pydantic
+    ``TypeAdapter``); without it userdata is not saved. ``owner`` names this worker in
+    leases (default: host, pid and a random suffix). Keys for signing and encryption
+    default to ``RESUME_SIGNING_KEYS`` and ``RESUME_ENCRYPTION_KEYS``.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        *,
+        registry: AgentRegistry,
+        userdata_type: Any = None,
+        autosave: bool = True,
+        owner: str | None = None,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        media: MediaPolicy = "drop",
+        signing_keys: str | None = None,
+        encryption_keys: str | None = None,
+        debounce: float = DEFAULT_DEBOUNCE,
+        room: rtc.Room | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self._store = store
+        self._key = validate_key(key)
+        self._registry = registry
+        self._userdata = TypeAdapter(userdata_type) if userdata_type is not None else None
+        self._userdata_type = userdata_type
+        self._autosave_enabled = autosave
+        self._owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._lease_ttl = lease_ttl
+        self._media: MediaPolicy = media
+        self._codec = Codec(
+            signing_keys=signing_keys or os.environ.get("RESUME_SIGNING_KEYS") or None,
+            encryption_keys=encryption_keys or os.environ.get("RESUME_ENCRYPTION_KEYS") or None,
+        )
+        self._room = room
+        self._extra = dict(extra or {})
+
+        self._session: AgentSession[Any] | None = None
+        self._lease: Lease | None = None
+        self._version = 0
+        self._state: SessionState = "active"
+        self._resumed = False
+        self._lock = asyncio.Lock()
+        self._history = StreamTracker(HISTORY)
+        self._agent_ctx = StreamTracker(AGENT)
+        self._tracked_agent: Agent | None = None
+        self._last_agent: Agent | None = None
+        self._turns = 0
+        self._running: dict[str, ToolCallRecord] = {}
+        self._paused_agent: Agent | None = None
+        self._autosave = Autosave(
+            self.checkpoint,
+            self._renew,
+            key=self._key,
+            debounce=debounce,
+            renew_every=lease_ttl / 3,
+        )
+        self._listeners: list[tuple[EventTypes, Callable[..., None]]] = []
+        self._closing: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    @property
+    def version(self) -> int:
+        """The last committed version (0 before the first commit)."""
+        return self._version
+
+    @property
+    def state(self) -> SessionState:
+        """``"active"``, ``"paused"``, ``"suspended"`` or ``"closed"``."""
+        return self._state
+
+    @property
+    def resumed(self) -> bool:
+        """True when `restore` found a snapshot. LiveKit runs ``on_enter`` on every start,
+        so an agent checks this to skip its greeting after a restore."""
+        return self._resumed
+
+    # --------------------------------------------------------------- restore
+
+    async def restore(
+        self, session: AgentSession[Any], *, default: Callable[[], Agent], takeover: bool = False
+    ) -> Agent:
+        """Take the lease, load the latest snapshot if any, fill ``session.history`` and
+        ``session.userdata``, rebuild the current agent with its context, attach autosave.
+
+        Call before ``session.start(agent)``. Returns ``default()`` when no snapshot exists.
+        Raises `SessionBusy` when another live worker holds the session (unless
+        ``takeover``), `UnknownAgent` for an unregistered agent id, `IncompatibleSnapshot`
+        when saved userdata no longer validates; the lease is released on failure.
+        """
+        if self._session is not None:
+            raise RuntimeError(f"session {self._key!r} was already restored")
+        self._lease = await self._store.acquire(
+            self._key, self._owner, ttl=self._lease_ttl, takeover=takeover
+        )
+        try:
+            try:
+                stored = await self._store.load(self._key)
+            except SnapshotNotFound:
+                agent = default()
+            else:
+                snap = self._codec.decode_parts(self._key, stored.head, stored.streams)
+                agent = await self._rebuild(session, snap, default)
+                self._version, self._resumed = stored.version, True
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._store.release(self._lease)
+            self._lease = None
+            raise
+        self._session = session
+        self._state = "active"
+        self._attach(session)
+        if self._autosave_enabled:
+            self._autosave.start()
+        await self._announce("restored" if self._resumed else "started")
+        log.info(
+            "session %r %s at version %d",
+            self._key,
+            "restored" if self._resumed else "started fresh",
+            self._version,
+            extra={"key": self._key, "version": self._version},
+        )
+        return agent
+
+    async def _rebuild(
+        self, session: AgentSession[Any], snap: Snapshot, default: Callable[[], Agent]
+    ) -> Agent:
+        history = ctx_from_data(snap.history).items
+        if session.history.items:
+            session.history.insert(history)
+        else:
+            # kept in saved order, which is exact even where created_at is not sorted
+            session.history.items.extend(history)
+        self._history.baseline(history, snap.history)
+        self._turns = snap.meta.turn_count
+
+        if self._userdata is not None and snap.userdata is not None:
+            try:
+                session.userdata = self._userdata.validate_python(snap.userdata)
+            except ValidationError as e:
+                raise IncompatibleSnapshot(
+                    f"session {self._key!r} version {snap.version}: saved userdata no longer "
+                    f"validates against {self._userdata_type!r}: {e}"
+                ) from None
+
+        frame = snap.agent
+        if frame is None:
+            return default()
+        agent = self._registry.build(frame.agent_id, frame.state)
+        if frame.instructions is not None:
+            await agent.update_instructions(_instructions_from(frame.instructions))  # type: ignore[arg-type]  # LiveKit accepts Instructions too
+        saved = ctx_from_data(frame.chat_ctx)
+        self._agent_ctx.baseline(saved.items, frame.chat_ctx)
+        repaired = saved.copy()
+        repair_tool_calls(repaired, pending=snap.tool_calls)
+        await agent.update_chat_ctx(repaired, exclude_invalid_function_calls=False)
+        self._tracked_agent = self._last_agent = agent
+        if frame.task:
+            log.warning(
+                "session %r was inside task %s when saved; restored %s without it",
+                self._key,
+                frame.task,
+                frame.agent_id,
+                extra={"key": self._key},
+            )
+        return agent
+
+    # ------------------------------------------------------------ checkpoint
+
+    async def checkpoint(self, reason: Reason | str = "manual") -> int:
+        """Commit a snapshot of the live session now; return its version.
+
+        Raises `LeaseLost` when another worker took the session over (nothing is
+        written), `StoreUnavailable` when the store cannot be reached.
+        """
+        async with self._lock:
+            if self._autosave.lost is not None:
+                raise self._autosave.lost
+            lease, session = self._require()
+            snap, hist, agent, size = self._capture(session, reason)
+            commit = Commit(
+                key=self._key,
+                epoch=lease.epoch,
+                base_version=self._version,
+                head=self._codec.encode_head(
+                    snap, counts={HISTORY: len(hist.objs), AGENT: len(agent.objs)}
+                ),
+                records=[*hist.records, *agent.records],
+                size=size,
+                info={
+                    "state": snap.state,
+                    "reason": snap.reason,
+                    "agent": snap.agent.agent_id if snap.agent else None,
+                    "items": len(hist.objs),
+                    "owner": self._owner,
+                },
+            )
+            self._version = await self._store.commit(commit)
+            self._history.accept(hist)
+            self._agent_ctx.accept(agent)
+            self._tracked_agent = self._current_agent(session)
+        await self._publish_attributes()
+        return self._version
+
+    def _capture(
+        self, session: AgentSession[Any], reason: str
+    ) -> tuple[Snapshot, Change, Change, int]:
+        # No await in here: history, agent and tool state are read as one moment.
+        convert = self._convert
+        hist = self._history.diff(session.history.items, convert, self._encoder(HISTORY, None))
+        self._turns += sum(
+            1
+            for d in hist.datas.values()
+            if d.get("type") == "message"
+            and d.get("role") == "user"
+            and not self._history.has(d["id"])  # counted once, when it first reaches the store
+        )
+        agent_obj = self._current_agent(session)
+        frame: AgentFrame | None = None
+        agent_change = Change([], [], {})
+        if agent_obj is not None:
+            agent_id = self._registry.id_of(agent_obj)
+            task: str | None = None
+            if agent_id is None and isinstance(agent_obj, AgentTask) and self._last_agent:
+                task = type(agent_obj).__qualname__
+                agent_obj = self._last_agent  # a task is live code, not data: save its parent
+                agent_id = self._registry.id_of(agent_obj)
+            if agent_id is None:
+                raise UnknownAgent(type(agent_obj).__qualname__, self._registry.ids)
+            if agent_obj is not self._tracked_agent:
+                self._agent_ctx.reset()  # a handoff: the new agent's context replaces the old
+            agent_change = self._agent_ctx.diff(
+                agent_obj.chat_ctx.items, convert, self._encoder(AGENT, hist)
+            )
+            if agent_obj is not self._tracked_agent:
+                agent_change.records.insert(0, Record(AGENT, "", None))
+            self._last_agent = agent_obj
+            frame = AgentFrame(
+                agent_id=agent_id,
+                instructions=_instructions_to(agent_obj.instructions),
+                state=_agent_state(agent_obj),
+                task=task,
+            )
+        snap = Snapshot(
+            key=self._key,
+            epoch=self._lease.epoch if self._lease else 0,
+            reason=reason if reason in _REASONS else "manual",  # type: ignore[arg-type]
+            state="active" if self._state == "closed" else self._state,
+            writer=self._writer(),
+            meta=self._meta(session),
+            agent=frame,
+            userdata=self._dump_userdata(session),
+            tool_calls=list(self._running.values()),
+        )
+        return snap, hist, agent_change, len(hist.objs) + len(agent_change.objs)
+
+    def _convert(self, item: llm.ChatItem) -> ItemData:
+        return item_to_data(item, media=self._media)
+
+    def _encoder(self, stream: str, history: Change | None) -> Any:
+        codec, key = self._codec, self._key
+
+        def encode(item: llm.ChatItem, data: ItemData, d: bytes) -> bytes:
+            # an agent item equal to its history twin is stored once, as a reference
+            ref = history is not None and history.digests.get(item.id) == d
+            return codec.encode_item(key, stream, data, ref=ref)
+
+        return encode
+
+    # ----------------------------------------------------- pause and suspend
+
+    async def pause(self) -> int:
+        """Soft pause: audio in and out off, speech cut, no replies; state saved.
+        The session stays alive in memory and `resume` is instant."""
+        _, session = self._require()
+        if self._state != "active":
+            raise RuntimeError(f"cannot pause session {self._key!r} in state {self._state!r}")
+        self._silence(session)
+        self._state = "paused"
+        version = await self.checkpoint("pause")
+        await self._announce("paused")
+        return version
+
+    async def resume(self) -> None:
+        """Undo `pause`: audio back on and replies allowed, in the same process."""
+        _, session = self._require()
+        if self._state != "paused":
+            raise RuntimeError(f"cannot resume session {self._key!r} in state {self._state!r}")
+        self._unsilence(session)
+        self._state = "active"
+        self._autosave.trigger("manual")  # persist the state change without waiting
+        await self._publish_attributes()
+        await self._announce("resumed")
+
+    async def suspend(self) -> int:
+        """Hard suspend: silence, final snapshot, lease released, session closed.
+        A later `restore` under the same key, in any process, continues from here."""
+        _, session = self._require()
+        if self._state in ("suspended", "closed"):
+            raise RuntimeError(f"session {self._key!r} is already {self._state}")
+        if self._state == "active":
+            self._silence(session)
+        self._state = "suspended"
+        # the final snapshot comes before closing: closing a voice session can take seconds
+        version = await self.checkpoint("suspend")
+        await self._detach_and_release()
+        await self._announce("suspended")
+        with contextlib.suppress(Exception):
+            await session.aclose()
+        return version
+
+    async def aclose(self) -> None:
+        """Final save (unless suspended or the lease is lost) and release the lease.
+        Does not close the `AgentSession`; safe to call twice."""
+        if self._state == "closed":
+            return
+        if self._session is not None and self._lease is not None and self._state != "suspended":
+            try:
+                await self.checkpoint("close")
+            except LeaseLost:
+                log.warning("session %r: final save refused, lease lost", self._key)
+        await self._detach_and_release()
+        self._state = "closed"
+
+    def _silence(self, session: AgentSession[Any]) -> None:
+        session.input.set_audio_enabled(False)
+        session.output.set_audio_enabled(False)
+        agent = self._current_agent(session)
+        if agent is not None:
+            # an instance attribute shadows the class's node: text and voice alike get no reply
+            agent.llm_node = _silent_llm_node  # type: ignore[method-assign]
+            self._paused_agent = agent
+        with contextlib.suppress(RuntimeError):
+            session.interrupt(force=True)
+
+    def _unsilence(self, session: AgentSession[Any]) -> None:
+        if self._paused_agent is not None:
+            self._paused_agent.__dict__.pop("llm_node", None)
+            self._paused_agent = None
+        session.input.set_audio_enabled(True)
+        session.output.set_audio_enabled(True)
+
+    # ----------------------------------------------------------- internals
+
+    def _require(self) -> tuple[Lease, AgentSession[Any]]:
+        if self._session is None or self._lease is None:
+            raise RuntimeError(
+                f"session {self._key!r} is not attached: call restore() first"
+                if self._state != "closed" and self._state != "suspended"
+                else f"session {self._key!r} is {self._state}"
+            )
+        return self._lease, self._session
+
+    @staticmethod
+    def _current_agent(session: AgentSession[Any]) -> Agent | None:
+        try:
+            return session.current_agent
+        except RuntimeError:
+            return None  # not started yet
+
+    async def _renew(self) -> None:
+        if self._lease is not None:
+            self._lease = await self._store.renew(self._lease, ttl=self._lease_ttl)
+
+    def _attach(self, session: AgentSession[Any]) -> None:
+        def on_item(ev: ConversationItemAddedEvent) -> None:
+            self._autosave.trigger("handoff" if ev.item.type == "agent_handoff" else "turn")
+
+        def on_tools(_: FunctionToolsExecutedEvent) -> None:
+            self._autosave.trigger("tool")
+
+        def on_tool_update(ev: ToolExecutionUpdatedEvent) -> None:
+            up = ev.update
+            if isinstance(up, ToolCallStarted):
+                fc = up.function_call
+                self._running[fc.call_id] = ToolCallRecord(
+                    call_id=fc.call_id,
+                    name=fc.name,
+                    arguments=fc.arguments,
+                    started_at=fc.created_at,
+                    item_id=fc.id,
+                    status="running",
+                )
+                self._autosave.trigger("tool")  # a crash mid-tool must leave a trace
+            elif isinstance(up, ToolCallEnded):
+                self._running.pop(up.call_id, None)
+
+        def on_close(_: CloseEvent) -> None:
+            if self._state in ("active", "paused") and self._closing is None:
+                self._closing = asyncio.ensure_future(self.aclose())
+
+        handlers: list[tuple[EventTypes, Callable[..., None]]] = [
+            ("conversation_item_added", on_item),
+            ("function_tools_executed", on_tools),
+            ("tool_execution_updated", on_tool_update),
+            ("close", on_close),
+        ]
+        for event, fn in handlers:
+            session.on(event, fn)
+            self._listeners.append((event, fn))
+
+    async def _detach_and_release(self) -> None:
+        await self._autosave.aclose()
+        if self._session is not None:
+            for event, fn in self._listeners:
+                with contextlib.suppress(Exception):
+                    self._session.off(event, fn)
+        self._listeners.clear()
+        if self._lease is not None and self._autosave.lost is None:
+            try:
+                await self._store.release(self._lease)
+            except Exception as e:
+                log.warning("session %r: lease release failed (%s); it will expire", self._key, e)
+        self._lease = None
+
+    def _writer(self) -> Writer:
+        ctx = get_job_context(required=False)
+        return Writer(
+            worker_id=getattr(ctx, "worker_id", None) if ctx else None,
+            job_id=ctx.job.id if ctx else None,
+        )
+
+    def _meta(self, session: AgentSession[Any]) -> SessionMeta:
+        ctx = get_job_context(required=False)
+        room = self._room or (ctx.room if ctx else None)
+        identity = None
+        if room is not None:
+            identity = next(iter(room.remote_participants), None)
+        agent = self._current_agent(session)
+        try:
+            usage = to_jsonable_python(session.usage, fallback=str)
+        except Exception:
+            usage = {}
+        return SessionMeta(
+            room=room.name if room is not None else None,
+            participant_identity=identity,
+            job_id=ctx.job.id if ctx else None,
+            agent_name=agent.id if agent is not None else None,
+            turn_count=self._turns,
+            usage=usage if isinstance(usage, dict) else {"value": usage},
+            extra=self._extra,
+        )
+
+    def _dump_userdata(self, session: AgentSession[Any]) -> Any:
+        if self._userdata is None:
+            return None
+        try:
+            value = session.userdata
+        except ValueError:
+            return None  # LiveKit raises when userdata was never set
+        return self._userdata.dump_python(value, mode="json")
+
+    async def _publish_attributes(self) -> None:
+        ctx = get_job_context(required=False)
+        room = self._room or (ctx.room if ctx else None)
+        if room is None or not room.isconnected():
+            return
+        try:
+            await room.local_participant.set_attributes(
+                {
+                    ATTR_STATE: self._state if self._state != "closed" else "suspended",
+                    ATTR_VERSION: str(self._version),
+                }
+            )
+        except Exception as e:
+            log.warning("could not publish resume state to the room: %s", e)
+
+    async def _announce(self, event: str) -> None:
+        await self._publish_attributes()
+        publish = getattr(self._store, "publish", None)
+        if publish is not None:
+            try:
+                await publish(self._key, event, version=self._version, owner=self._owner)
+            except Exception as e:
+                log.warning("could not publish %s event of session %r: %s", event, self._key, e)
+
+
+_REASONS = {"turn", "tool", "handoff", "pause", "suspend", "close", "manual"}
+
+
+def _instructions_to(value: str | Instructions) -> str | dict[str, str | None]:
+    if isinstance(value, str):
+        return value
+    return {
+        "common": value.common,
+        "audio": value.audio,
+        "text": value.text,
+        "dynamic": value.dynamic,
+    }
+
+
+def _instructions_from(value: str | dict[str, str | None]) -> str | Instructions:
+    if isinstance(value, str):
+        return value
+    return Instructions(
+        value.get("common") or "",
+        audio=value.get("audio"),
+        text=value.get("text"),
+        dynamic=value.get("dynamic"),
+    )
+
+
+def _agent_state(agent: Agent) -> dict[str, Any] | None:
+    fn = getattr(agent, "snapshot_state", None)
+    if fn is None:
+        return None
+    state = fn()
+    if not isinstance(state, dict):
+        raise TypeError(f"{type(agent).__qualname__}.snapshot_state() must return a dict")
+    return state

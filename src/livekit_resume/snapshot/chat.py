@@ -1,0 +1,456 @@
+"""Chat items as plain data, and back, exactly.
+
+`item_to_data` turns one `llm.ChatItem` into a dict of msgpack-safe values (dict, list,
+str, int, float, bool, None, bytes) that keeps every field LiveKit stores: ids, exact
+`created_at` floats, roles, `interrupted`, `extra`, `metrics`, image ids and options, and
+so on. `item_from_data` rebuilds the same pydantic item. `ChatContext.to_dict()` is never
+used: its defaults drop timestamps, images and audio.
+
+Shapes (the item's own pydantic field names; `hash`, deprecated, only when set)::
+
+    {"id", "type": "message", "role", "content": [part, ...], "interrupted",
+     "transcript_confidence", "extra", "metrics", "created_at"}
+    {"id", "type": "function_call", "call_id", "arguments", "name", "created_at",
+     "extra", "group_id"}
+    {"id", "type": "function_call_output", "name", "call_id", "output", "is_error",
+     "created_at", "reply_required"}
+    {"id", "type": "agent_handoff", "old_agent_id", "new_agent_id", "created_at"}
+    {"id", "type": "agent_config_update", "instructions", "tools_added", "tools_removed",
+     "created_at"}
+
+Content parts: a `str` stays a `str`; `{"type": "cache_breakpoint"}`;
+`{"type": "image_content", "id", "image": <url or data URL>, "inference_width",
+"inference_height", "inference_detail", "mime_type"}`; `{"type": "audio_content",
+"transcript", "frame": [{"data": <bytes>, "sample_rate", "num_channels",
+"samples_per_channel", "userdata"}]}`; and, for media the policy drops,
+`{"type": "dropped_media", "kind": "image" | "audio", ...}` (see `MediaPolicy`).
+
+`extra`, `metrics` and `AudioFrame.userdata` may hold anything. Plain values are kept as
+they are (a tuple becomes a list); anything else goes through
+`pydantic_core.to_jsonable_python` (a datetime becomes its ISO string, a set a list, a
+pydantic model its dict, a non-string dict key a string). A value pydantic cannot convert
+raises `TypeError` naming the item and the field: nothing is ever pickled or repr'd.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import time
+from collections.abc import Iterable
+from typing import Any, Literal, TypeAlias
+
+import pydantic_core
+from livekit import rtc
+from livekit.agents import llm
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from livekit_resume.errors import SnapshotCorrupt
+from livekit_resume.snapshot.model import ItemData, ToolCallRecord
+
+__all__ = [
+    "INTERRUPTED_OUTPUT",
+    "MediaPolicy",
+    "ctx_from_data",
+    "ctx_to_data",
+    "item_from_data",
+    "item_to_data",
+    "repair_tool_calls",
+]
+
+logger = logging.getLogger("livekit_resume.snapshot.chat")
+
+MediaPolicy: TypeAlias = Literal["drop", "keep"]
+"""What happens to inline media when items become data.
+
+Image URLs (any string image that is not a ``data:`` URL) are always kept.
+
+``"drop"`` (the default): an inline ``data:`` image, an `rtc.VideoFrame` image and an
+`AudioContent`'s frames are replaced by a ``{"type": "dropped_media", ...}`` marker that
+keeps the image's id and options, or the audio's transcript. On restore a dropped image
+becomes a short text part saying an image was there and was not kept, and a dropped audio
+part becomes its transcript as a text part (no part at all when it had no transcript):
+an `AudioContent` without frames would crash LiveKit's OpenAI realtime converter, and
+LiveKit itself turns realtime input audio into its transcript text the same way.
+
+``"keep"``: a ``data:`` URL is kept as it is; a `VideoFrame` is encoded as LiveKit encodes
+it for an LLM (`llm.utils.serialize_image`: JPEG, resized to the inference size when both
+are set) and kept as a JPEG data URL; audio frames are kept as raw PCM bytes with their
+sample rate, channel count and samples per channel, and rebuilt as `rtc.AudioFrame`s.
+A frame that cannot be encoded (Pillow missing) is dropped with a marker and a warning.
+"""
+
+INTERRUPTED_OUTPUT = (
+    "interrupted: the session was restored before this call finished; "
+    "it may or may not have taken effect. Check before repeating it."
+)
+"""The output `repair_tool_calls` gives a tool call that never got an answer."""
+
+_DROPPED_IMAGE_TEXT = "[image omitted: this image was not kept when the conversation was saved]"
+
+_ITEM_CLASSES: dict[str, type[BaseModel]] = {
+    "message": llm.ChatMessage,
+    "function_call": llm.FunctionCall,
+    "function_call_output": llm.FunctionCallOutput,
+    "agent_handoff": llm.AgentHandoff,
+    "agent_config_update": llm.AgentConfigUpdate,
+}
+# Written only when set; every other field is always written and always required.
+_OPTIONAL_FIELDS = frozenset({"hash"})
+_ITEM_ADAPTER: TypeAdapter[llm.ChatItem] = TypeAdapter(llm.ChatItem)
+
+_IMAGE_FIELDS = (
+    "id",
+    "type",
+    "image",
+    "inference_width",
+    "inference_height",
+    "inference_detail",
+    "mime_type",
+)
+_FRAME_FIELDS = frozenset(
+    {"data", "sample_rate", "num_channels", "samples_per_channel", "userdata"}
+)
+_PLAIN_SCALARS = (str, int, float, bool, bytes)
+
+
+# -- to data -----------------------------------------------------------------------------
+
+
+def _plain(value: Any, where: str) -> Any:
+    """`value` as msgpack-safe plain data (see the module docstring for the rule)."""
+    kind = type(value)
+    if value is None or kind in _PLAIN_SCALARS:
+        return value
+    if kind is list or kind is tuple:
+        return [_plain(v, where) for v in value]
+    if kind is dict and all(type(k) is str for k in value):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if kind is bytearray or kind is memoryview:
+        return bytes(value)
+    try:
+        converted = pydantic_core.to_jsonable_python(value)
+    except pydantic_core.PydanticSerializationError as exc:
+        raise TypeError(
+            f"{where}: a {kind.__module__}.{kind.__qualname__} is not plain data and "
+            "pydantic cannot convert it; store plain values (str, numbers, bool, None, "
+            "bytes, lists, dicts with str keys) or pydantic-serializable ones"
+        ) from exc
+    return _plain(converted, where)
+
+
+def _image_marker(image: llm.ImageContent, source: str) -> ItemData:
+    return {
+        "type": "dropped_media",
+        "kind": "image",
+        "id": image.id,
+        "source": source,
+        "inference_width": image.inference_width,
+        "inference_height": image.inference_height,
+        "inference_detail": image.inference_detail,
+        "mime_type": image.mime_type,
+    }
+
+
+def _image_to_data(image: llm.ImageContent, media: MediaPolicy, item_id: str) -> ItemData:
+    src = image.image
+    if isinstance(src, str):
+        if src.startswith("data:") and media == "drop":
+            return _image_marker(image, "data_url")
+        url = src
+    else:
+        if media == "drop":
+            return _image_marker(image, "video_frame")
+        try:
+            encoded = llm.utils.serialize_image(image)
+        except (ImportError, ValueError) as exc:
+            logger.warning(
+                "cannot encode video frame image %r of item %r (%s); dropped from the snapshot",
+                image.id,
+                item_id,
+                exc,
+            )
+            return _image_marker(image, "video_frame")
+        assert encoded.data_bytes is not None
+        b64 = base64.b64encode(encoded.data_bytes).decode("ascii")
+        url = f"data:{encoded.mime_type or 'image/jpeg'};base64,{b64}"
+    data: ItemData = {name: getattr(image, name) for name in _IMAGE_FIELDS}
+    data["image"] = url
+    return data
+
+
+def _audio_to_data(audio: llm.AudioContent, media: MediaPolicy, where: str) -> ItemData:
+    if media == "drop":
+        return {
+            "type": "dropped_media",
+            "kind": "audio",
+            "transcript": audio.transcript,
+            "duration": sum(f.duration for f in audio.frame),
+        }
+    return {
+        "type": "audio_content",
+        "transcript": audio.transcript,
+        "frame": [
+            {
+                "data": bytes(f.data),
+                "sample_rate": f.sample_rate,
+                "num_channels": f.num_channels,
+                "samples_per_channel": f.samples_per_channel,
+                "userdata": _plain(f.userdata, f"{where} audio frame userdata"),
+            }
+            for f in audio.frame
+        ],
+    }
+
+
+def _content_to_data(part: Any, media: MediaPolicy, item_id: str) -> Any:
+    if type(part) is str:
+        return part
+    if isinstance(part, llm.ImageContent):
+        return _image_to_data(part, media, item_id)
+    if isinstance(part, llm.AudioContent):
+        return _audio_to_data(part, media, f"item {item_id!r}")
+    if isinstance(part, llm.CacheBreakpoint):
+        return {"type": "cache_breakpoint"}
+    if isinstance(part, str):
+        return str.__str__(part)
+    raise TypeError(
+        f"item {item_id!r}: content part of type {type(part).__qualname__} is not a "
+        "str, ImageContent, AudioContent or CacheBreakpoint"
+    )
+
+
+def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData:
+    """One chat item as plain, msgpack-safe data keeping every field (see `MediaPolicy`)."""
+    cls = type(item)
+    if cls not in _ITEM_CLASSES.values():
+        raise TypeError(f"not a LiveKit chat item: {cls.__qualname__}")
+    if media not in ("drop", "keep"):
+        raise ValueError(f"media policy must be 'drop' or 'keep', not {media!r}")
+    values = item.__dict__  # read fields directly: `hash` warns when read as an attribute
+    data: ItemData = {}
+    for name in cls.model_fields:
+        value = values[name]
+        if name in _OPTIONAL_FIELDS and value is None:
+            continue
+        if name == "content" and isinstance(item, llm.ChatMessage):
+            data[name] = [_content_to_data(part, media, item.id) for part in value]
+        else:
+            data[name] = _plain(value, f"item {item.id!r} field {name!r}")
+    return data
+
+
+def ctx_to_data(ctx: llm.ChatContext, *, media: MediaPolicy = "drop") -> list[ItemData]:
+    """Every item of `ctx`, in order, as plain data (see `item_to_data`)."""
+    return [item_to_data(item, media=media) for item in ctx.items]
+
+
+# -- from data ---------------------------------------------------------------------------
+
+
+def _corrupt(item_id: object, problem: str) -> SnapshotCorrupt:
+    label = repr(item_id) if isinstance(item_id, str) else "without an id"
+    return SnapshotCorrupt(f"chat item {label}: {problem}")
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"
+        for err in exc.errors(include_url=False)
+    )
+
+
+def _check_keys(
+    item_id: object,
+    what: str,
+    data: dict[str, Any],
+    allowed: Iterable[str],
+    optional: Iterable[str],
+) -> None:
+    allowed_set = set(allowed)
+    unknown = sorted(str(k) for k in data if k not in allowed_set)
+    if unknown:
+        raise _corrupt(item_id, f"{what} has unknown field(s) {', '.join(unknown)}")
+    missing = sorted(allowed_set - set(optional) - set(data))
+    if missing:
+        raise _corrupt(item_id, f"{what} is missing field(s) {', '.join(missing)}")
+
+
+def _frame_from_data(item_id: object, raw: Any) -> rtc.AudioFrame:
+    if not isinstance(raw, dict):
+        raise _corrupt(item_id, f"audio frame is a {type(raw).__name__}, not a mapping")
+    _check_keys(item_id, "audio frame", raw, _FRAME_FIELDS, ())
+    data = raw["data"]
+    ints = [raw[k] for k in ("sample_rate", "num_channels", "samples_per_channel")]
+    userdata = raw["userdata"]
+    if not isinstance(data, bytes) or any(type(v) is not int or v < 0 for v in ints):
+        raise _corrupt(item_id, "audio frame needs bytes data and non-negative int sizes")
+    if not isinstance(userdata, dict):
+        raise _corrupt(item_id, "audio frame userdata is not a mapping")
+    try:
+        return rtc.AudioFrame(data, *ints, userdata=userdata)
+    except (ValueError, TypeError) as exc:
+        raise _corrupt(item_id, f"invalid audio frame: {exc}") from exc
+
+
+def _content_from_data(item_id: object, part: Any) -> list[llm.ChatContent]:
+    if isinstance(part, str):
+        return [part]
+    if not isinstance(part, dict):
+        raise _corrupt(item_id, f"content part is a {type(part).__name__}")
+    kind = part.get("type")
+    try:
+        if kind == "cache_breakpoint":
+            return [llm.CacheBreakpoint.model_validate(part, strict=True)]
+        if kind == "image_content":
+            _check_keys(item_id, "image content", part, _IMAGE_FIELDS, ())
+            if not isinstance(part["image"], str):
+                raise _corrupt(item_id, "image content 'image' is not a string")
+            return [llm.ImageContent.model_validate(part, strict=True)]
+        if kind == "audio_content":
+            _check_keys(item_id, "audio content", part, ("type", "transcript", "frame"), ())
+            frames = part["frame"]
+            if not isinstance(frames, list):
+                raise _corrupt(item_id, "audio content 'frame' is not a list")
+            return [
+                llm.AudioContent.model_validate(
+                    {
+                        "type": "audio_content",
+                        "transcript": part["transcript"],
+                        "frame": [_frame_from_data(item_id, f) for f in frames],
+                    },
+                    strict=True,
+                )
+            ]
+    except ValidationError as exc:
+        raise _corrupt(item_id, f"invalid {kind} content: {_describe(exc)}") from exc
+    if kind == "dropped_media":
+        media_kind = part.get("kind")
+        if media_kind == "image":
+            return [_DROPPED_IMAGE_TEXT]
+        if media_kind == "audio":
+            transcript = part.get("transcript")
+            if transcript is not None and not isinstance(transcript, str):
+                raise _corrupt(item_id, "dropped audio transcript is not a string")
+            return [transcript] if transcript else []
+        raise _corrupt(item_id, f"dropped media of unknown kind {media_kind!r}")
+    raise _corrupt(item_id, f"content part of unknown type {kind!r}")
+
+
+def item_from_data(data: ItemData) -> llm.ChatItem:
+    """Rebuild the chat item `item_to_data` made; raises `SnapshotCorrupt` on bad data.
+
+    Dropped media comes back as text (see `MediaPolicy`).
+    """
+    if not isinstance(data, dict):
+        raise SnapshotCorrupt(f"chat item is a {type(data).__name__}, not a mapping")
+    item_id = data.get("id")
+    if not isinstance(item_id, str):
+        raise _corrupt(item_id, "missing or non-string 'id'")
+    kind = data.get("type")
+    cls = _ITEM_CLASSES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise _corrupt(item_id, f"unknown item type {kind!r}")
+    _check_keys(item_id, str(kind), data, cls.model_fields, _OPTIONAL_FIELDS)
+
+    values = dict(data)
+    if cls is llm.ChatMessage:
+        content = data["content"]
+        if not isinstance(content, list):
+            raise _corrupt(item_id, "message 'content' is not a list")
+        values["content"] = [c for part in content for c in _content_from_data(item_id, part)]
+    try:
+        item = _ITEM_ADAPTER.validate_python(values, strict=True)
+    except ValidationError as exc:
+        raise _corrupt(item_id, f"invalid {kind}: {_describe(exc)}") from exc
+
+    if isinstance(item, llm.ChatMessage):
+        # MetricsReport is a TypedDict: validation drops keys it does not declare, but
+        # LiveKit (or the app) may have written more into the live dict. Keep them.
+        saved = data["metrics"]
+        metrics: dict[str, Any] = item.metrics  # type: ignore[assignment]
+        for key, value in saved.items():
+            metrics.setdefault(key, value)
+    return item
+
+
+def ctx_from_data(items: list[ItemData]) -> llm.ChatContext:
+    """A `ChatContext` of the rebuilt items, in the given order (never re-sorted)."""
+    if not isinstance(items, list):
+        raise SnapshotCorrupt(f"chat items are a {type(items).__name__}, not a list")
+    return llm.ChatContext([item_from_data(data) for data in items])
+
+
+# -- repair ------------------------------------------------------------------------------
+
+
+def _interrupted_output(
+    call: llm.FunctionCall, after: llm.ChatItem | None
+) -> llm.FunctionCallOutput:
+    created_at = math.nextafter(call.created_at, math.inf)
+    if after is not None and after.created_at < created_at:
+        # the next item shares the call's timestamp: an equal one still sorts after the call
+        created_at = call.created_at
+    return llm.FunctionCallOutput(
+        id=f"{call.id}_interrupted",
+        name=call.name,
+        call_id=call.call_id,
+        output=INTERRUPTED_OUTPUT,
+        is_error=True,
+        created_at=created_at,
+        reply_required=False,
+    )
+
+
+def repair_tool_calls(
+    ctx: llm.ChatContext,
+    *,
+    pending: Iterable[ToolCallRecord] = (),
+    now: float | None = None,
+) -> list[llm.FunctionCallOutput]:
+    """Answer every unanswered tool call in `ctx` (in place) with an explicit error output.
+
+    Each `pending` record (a call in flight at snapshot time) whose call is not in `ctx`
+    first gets its `FunctionCall` item, placed by its `started_at` (or `now`, or the current
+    time). Every call without an output of its `call_id` then gets one, `is_error=True`
+    with `INTERRUPTED_OUTPUT`, right after it, timestamped just after it so the order stays
+    sorted by `created_at`; its id is the call's id + ``"_interrupted"``, so repairing the
+    history and an agent's context gives the same ids. `reply_required` is False: a
+    restore alone must not make the agent speak. Returns the added outputs; a second run
+    adds nothing. `ctx` must be mutable: copy an agent's read-only context first.
+    """
+    answered = {i.call_id for i in ctx.items if isinstance(i, llm.FunctionCallOutput)}
+    called = {i.call_id for i in ctx.items if isinstance(i, llm.FunctionCall)}
+    for record in pending:
+        if record.call_id in called or record.call_id in answered:
+            continue
+        if record.started_at is not None:
+            started_at = record.started_at
+        else:
+            started_at = now if now is not None else time.time()
+        ctx.insert(
+            llm.FunctionCall(
+                id=record.item_id or f"item_{record.call_id}",
+                call_id=record.call_id,
+                name=record.name,
+                arguments=record.arguments,
+                created_at=started_at,
+            )
+        )
+        called.add(record.call_id)
+
+    added: list[llm.FunctionCallOutput] = []
+    items = ctx.items
+    index = 0
+    while index < len(items):
+        item = items[index]
+        if isinstance(item, llm.FunctionCall) and item.call_id not in answered:
+            after = items[index + 1] if index + 1 < len(items) else None
+            output = _interrupted_output(item, after)
+            items.insert(index + 1, output)
+            answered.add(item.call_id)
+            added.append(output)
+            index += 1
+        index += 1
+    return added
