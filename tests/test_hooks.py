@@ -1,0 +1,492 @@
+"""ResumableSession on a real AgentSession (text mode, no room) with a scripted LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
+from pydantic import BaseModel
+
+import livekit_resume as lr
+from livekit_resume.snapshot.chat import INTERRUPTED_OUTPUT
+from livekit_resume.snapshot.codec import Codec
+from livekit_resume.stores.base import Commit, Store
+from livekit_resume.stores.memory import MemoryStore
+from tests.lk.scripted_llm import ScriptedLLM, ToolCall
+
+KEY = "room-hooks"
+
+
+class Visit(BaseModel):
+    name: str = ""
+    day: str | None = None
+
+
+class Receptionist(Agent):
+    greeted = 0
+
+    def __init__(self, rs: lr.ResumableSession | None = None) -> None:
+        super().__init__(instructions="You are the receptionist of a dental practice.")
+        self.rs = rs
+
+    async def on_enter(self) -> None:
+        if self.rs is not None and self.rs.resumed:
+            return
+        Receptionist.greeted += 1
+        self.session.generate_reply(instructions="greet the caller")
+
+    @function_tool
+    async def book(self, ctx: RunContext[Visit], day: str) -> str:
+        """Book a visit on a day."""
+        ctx.userdata.day = day
+        return f"booked {day}"
+
+    @function_tool
+    async def slow_lookup(self, ctx: RunContext[Visit], what: str) -> str:
+        """Look something up slowly."""
+        await asyncio.sleep(30)
+        return "found"
+
+    @function_tool
+    async def to_billing(self, ctx: RunContext[Visit]) -> tuple[Agent, str]:
+        """Hand the caller to billing."""
+        return Billing(), "transferring to billing"
+
+
+class Billing(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="You handle invoices.")
+
+    @function_tool
+    async def invoice(self, ctx: RunContext[Visit], amount: int) -> str:
+        """Send an invoice."""
+        return f"invoice of {amount} sent"
+
+
+def registry() -> lr.AgentRegistry:
+    reg = lr.AgentRegistry()
+    reg.register(Receptionist)
+    reg.register(Billing)
+    return reg
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store = lr.open_store(
+        "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/hooks.db"
+    )
+    yield s
+    await s.aclose()
+
+
+async def start(
+    store: Store,
+    script: list[Any],
+    *,
+    owner: str = "w1",
+    takeover: bool = False,
+    autosave: bool = False,
+    **kw: Any,
+) -> tuple[AgentSession[Visit], lr.ResumableSession, ScriptedLLM]:
+    model = ScriptedLLM(script, default="ok")
+    session: AgentSession[Visit] = AgentSession(llm=model, userdata=Visit(name="Ada"))
+    rs = lr.ResumableSession(
+        store,
+        KEY,
+        registry=kw.pop("reg", None) or registry(),
+        userdata_type=Visit,
+        owner=owner,
+        autosave=autosave,
+        debounce=0.01,
+        **kw,
+    )
+    agent = await rs.restore(session, default=lambda: Receptionist(rs), takeover=takeover)
+    if isinstance(agent, Receptionist):
+        agent.rs = rs
+    await session.start(agent)
+    return session, rs, model
+
+
+async def first_half(store: Store) -> tuple[AgentSession[Visit], lr.ResumableSession]:
+    session, rs, _ = await start(
+        store,
+        [
+            "Hello, dental practice!",
+            "Hi Ada.",
+            [ToolCall("book", {"day": "monday"})],
+            "Booked Monday.",
+        ],
+    )
+    await session.run(user_input="Hi, I'm Ada")
+    await session.run(user_input="Book me on monday")
+    return session, rs
+
+
+def ids(items: list[llm.ChatItem]) -> list[str]:
+    return [i.id for i in items]
+
+
+async def test_restore_without_snapshot_returns_default_and_is_not_resumed(store: Store) -> None:
+    session, rs, _ = await start(store, ["Hello!"])
+    assert not rs.resumed and rs.version == 0 and rs.state == "active"
+    assert isinstance(session.current_agent, Receptionist)
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_restored_history_begins_with_saved_items_exactly_once(store: Store) -> None:
+    s1, rs1 = await first_half(store)
+    version = await rs1.suspend()
+    saved = list(s1.history.items)
+    assert rs1.state == "suspended"
+
+    s2, rs2, _ = await start(store, ["Welcome back"])
+    assert rs2.resumed and rs2.version == version
+    restored = s2.history.items
+    prefix = llm.ChatContext(restored[: len(saved)])
+    assert prefix.is_equivalent(llm.ChatContext(saved))
+    assert [i.created_at for i in prefix.items] == [i.created_at for i in saved]
+    assert [i.model_dump() for i in prefix.items] == [i.model_dump() for i in saved]
+    # the only new items are the ones LiveKit adds when a session starts
+    assert [i.type for i in restored[len(saved) :]] == ["agent_handoff", "agent_config_update"]
+    await rs2.aclose()
+    await s2.aclose()
+
+
+async def test_first_llm_request_after_restore_holds_every_saved_exchange_once(
+    store: Store,
+) -> None:
+    s1, rs1 = await first_half(store)
+    saved_agent_ctx = list(s1.current_agent.chat_ctx.items)
+    await rs1.suspend()
+
+    s2, rs2, model = await start(store, ["You are booked on Monday, Ada."])
+    await s2.run(user_input="What day am I booked?")
+    first = model.requests[0]
+    # instructions are checked apart: LiveKit adds a cache marker to them per request
+    conversational = [
+        i
+        for i in saved_agent_ctx
+        if i.type != "agent_config_update" and not (i.type == "message" and i.role == "system")
+    ]
+    got = [i for i in first.items if i.id in {c.id for c in conversational}]
+    assert ids(got) == ids(conversational)  # in order, each once
+    assert llm.ChatContext(got).is_equivalent(llm.ChatContext(conversational))
+    kinds = [i.type for i in got]
+    assert "function_call" in kinds and "function_call_output" in kinds
+    assert len(first.system_messages) == 1  # LiveKit rewrote the instructions in place
+    assert first.last_user_text == "What day am I booked?"
+    await rs2.aclose()
+    await s2.aclose()
+
+
+async def test_userdata_and_turns_survive_and_greeting_is_skipped(store: Store) -> None:
+    s1, rs1 = await first_half(store)
+    assert s1.userdata.day == "monday"
+    await rs1.suspend()
+    greeted = Receptionist.greeted
+    s2, rs2, model = await start(store, [])
+    assert s2.userdata == Visit(name="Ada", day="monday")
+    assert Receptionist.greeted == greeted  # on_enter saw rs.resumed
+    assert model.requests == []
+    snap = Codec().decode_parts(KEY, *(await _parts(store)))
+    assert snap.meta.turn_count == 2
+    await rs2.aclose()
+    await s2.aclose()
+
+
+async def _parts(store: Store) -> tuple[bytes, Any]:
+    stored = await store.load(KEY)
+    return stored.head, stored.streams
+
+
+async def test_checkpoints_are_incremental(store: Store) -> None:
+    seen: list[Commit] = []
+    original = store.commit
+
+    async def spy(commit: Commit) -> int:
+        seen.append(commit)
+        return await original(commit)
+
+    store.commit = spy  # type: ignore[method-assign]
+    session, rs, _ = await start(store, ["one", "two", "three"])
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    n_first = len(seen[-1].records)
+    await session.run(user_input="b")
+    await rs.checkpoint()
+    second = seen[-1]
+    assert n_first >= 4
+    # the new user message and reply, in the history stream and the agent stream (as refs)
+    new_history = [r for r in second.records if r.stream == "history"]
+    assert [r.id for r in new_history] == ids(session.history.items[-2:])
+    assert len(second.records) <= 2 + 2 + 2  # plus at most the re-checked tail edits
+    await rs.checkpoint()
+    assert seen[-1].records == []  # nothing changed, nothing written
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_unknown_agent_id_names_it_and_the_registered_ids(store: Store) -> None:
+    s1, rs1 = await first_half(store)
+    version = await rs1.suspend()
+    only_billing = lr.AgentRegistry()
+    only_billing.register(Billing)
+    session: AgentSession[Visit] = AgentSession(llm=ScriptedLLM([]))
+    rs = lr.ResumableSession(store, KEY, registry=only_billing, userdata_type=Visit)
+    with pytest.raises(lr.UnknownAgent, match="receptionist") as err:
+        await rs.restore(session, default=Billing)
+    assert err.value.registered == ["billing"]
+    assert (await store.load(KEY)).version == version  # nothing stored changed
+    # the failed restore released its lease: a correct worker restores at once
+    s3, rs3, _ = await start(store, [], owner="w3")
+    assert rs3.resumed
+    await rs3.aclose()
+    await s3.aclose()
+
+
+async def test_userdata_that_no_longer_validates_names_the_field(store: Store) -> None:
+    s1, rs1 = await first_half(store)
+    await rs1.suspend()
+
+    class VisitV2(BaseModel):
+        name: str
+        day: int  # the code changed its mind about what a day is
+
+    session: AgentSession[Any] = AgentSession(llm=ScriptedLLM([]))
+    rs = lr.ResumableSession(store, KEY, registry=registry(), userdata_type=VisitV2)
+    with pytest.raises(lr.IncompatibleSnapshot, match="day"):
+        await rs.restore(session, default=Receptionist)
+
+
+async def test_restore_while_another_worker_holds_the_lease_is_busy(store: Store) -> None:
+    s1, rs1, _ = await start(store, ["hi"], owner="worker-a")
+    await s1.run(user_input="hello")
+    await rs1.checkpoint()
+    session: AgentSession[Visit] = AgentSession(llm=ScriptedLLM([]))
+    rs2 = lr.ResumableSession(
+        store, KEY, registry=registry(), userdata_type=Visit, owner="worker-b"
+    )
+    with pytest.raises(lr.SessionBusy, match="worker-a") as err:
+        await rs2.restore(session, default=Receptionist)
+    assert err.value.holder == "worker-a"
+    await rs1.aclose()
+    await s1.aclose()
+
+
+async def test_takeover_fences_the_first_worker_whose_autosave_logs_lease_lost(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    s1, rs1, _ = await start(store, ["hi", "still here"], owner="worker-a", autosave=True)
+    await s1.run(user_input="hello")
+    await rs1.checkpoint()
+
+    s2, rs2, _ = await start(store, [], owner="worker-b", takeover=True)
+    assert rs2.resumed
+    taken = await store.versions(KEY)
+
+    caplog.set_level(logging.ERROR, logger="livekit_resume")
+    await s1.run(user_input="are you there?")  # the zombie keeps talking
+    await asyncio.wait_for(_until(lambda: rs1._autosave.lost is not None), 5)
+    assert any("stale" in r.getMessage() for r in caplog.records)
+    with pytest.raises(lr.LeaseLost):
+        await rs1.checkpoint()
+    assert await store.versions(KEY) == taken  # the zombie changed nothing
+
+    await rs2.checkpoint()
+    await rs2.aclose()
+    await s2.aclose()
+    await rs1.aclose()
+    await s1.aclose()
+
+
+async def _until(cond: Any) -> None:
+    while not cond():
+        await asyncio.sleep(0.01)
+
+
+async def test_autosave_commits_in_the_background(store: Store) -> None:
+    session, rs, _ = await start(store, ["hello", "one", "two"], autosave=True)
+    await session.run(user_input="a")
+    await asyncio.wait_for(_until(lambda: rs.version >= 1 and rs._autosave.idle.is_set()), 5)
+    await session.run(user_input="b")
+    before = rs.version
+    await asyncio.wait_for(_until(lambda: rs.version > before and rs._autosave.idle.is_set()), 5)
+    stored = await store.load(KEY)
+    snap = Codec().decode_parts(KEY, stored.head, stored.streams)
+    assert [m["content"] for m in snap.history if m["type"] == "message"][-2:] == [["b"], ["two"]]
+    await rs.aclose()
+    await session.aclose()
+
+
+class FlakyStore:
+    """A store whose commits fail while ``down`` is set: the network, not our code."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.down = False
+        self.failed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Commit) -> int:
+        if self.down:
+            self.failed += 1
+            raise lr.StoreUnavailable("store is down (test)")
+        return await self.inner.commit(commit)
+
+
+async def test_autosave_retries_a_failing_store_and_flushes_when_it_is_back() -> None:
+    flaky = FlakyStore(MemoryStore())
+    session, rs, _ = await start(flaky, ["one", "two"], autosave=True)  # type: ignore[arg-type]
+    flaky.down = True
+    await session.run(user_input="a")  # the voice loop is not disturbed
+    await session.run(user_input="b")
+    await asyncio.wait_for(_until(lambda: flaky.failed >= 2), 5)
+    assert rs._autosave.failures >= 2
+    flaky.down = False
+    await asyncio.wait_for(_until(lambda: rs.version >= 1 and rs._autosave.idle.is_set()), 10)
+    stored = await flaky.inner.load(KEY)
+    snap = Codec().decode_parts(KEY, stored.head, stored.streams)
+    assert [i["id"] for i in snap.history] == ids(session.history.items)
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_handoff_is_restored_with_the_new_agent_current(store: Store) -> None:
+    s1, rs1, _ = await start(
+        store,
+        [
+            "Hello",
+            [ToolCall("to_billing")],
+            "Billing here.",
+            [ToolCall("invoice", {"amount": 40})],
+            "Invoice sent.",
+        ],
+    )
+    await s1.run(user_input="I need an invoice")
+    assert isinstance(s1.current_agent, Billing)
+    await s1.run(user_input="for 40 euros")
+    billing_ctx = list(s1.current_agent.chat_ctx.items)
+    await rs1.suspend()
+
+    s2, rs2, model = await start(store, ["Anything else?"])
+    assert isinstance(s2.current_agent, Billing)
+    await s2.run(user_input="thanks")
+    first = model.requests[0]
+    assert first.system_messages[0].text_content == "You handle invoices."
+    expected = [
+        i
+        for i in billing_ctx
+        if i.type in ("message", "function_call", "function_call_output")
+        and not (i.type == "message" and i.role == "system")
+    ]
+    got = [i for i in first.items if i.id in {e.id for e in expected}]
+    assert ids(got) == ids(expected)
+    assert "invoice" in first.tools
+    await rs2.aclose()
+    await s2.aclose()
+
+
+async def test_tool_running_at_snapshot_time_is_answered_as_interrupted(store: Store) -> None:
+    s1, rs1, _ = await start(
+        store, ["Hello", "Hi", [ToolCall("slow_lookup", {"what": "x-ray"}, call_id="call_slow")]]
+    )
+    await s1.run(user_input="Hi")
+    run = asyncio.ensure_future(s1.run(user_input="find my x-ray"))
+    await asyncio.wait_for(_until(lambda: "call_slow" in rs1._running), 5)
+    await rs1.checkpoint("tool")
+    stored = await store.load(KEY)
+    snap = Codec().decode_parts(KEY, stored.head, stored.streams)
+    assert [(t.call_id, t.name, t.status) for t in snap.tool_calls] == [
+        ("call_slow", "slow_lookup", "running")
+    ]
+    # a hard stop here: the process dies with the tool still running
+    run.cancel()
+    await rs1._detach_and_release()
+
+    s2, rs2, model = await start(store, ["I could not confirm the x-ray lookup."])
+    await s2.run(user_input="so?")
+    items = model.requests[0].items
+    call = next(i for i in items if i.type == "function_call" and i.call_id == "call_slow")
+    out = next(i for i in items if i.type == "function_call_output" and i.call_id == "call_slow")
+    assert out.output == INTERRUPTED_OUTPUT and out.is_error
+    assert items.index(out) == items.index(call) + 1
+    await rs2.aclose()
+    await s2.aclose()
+
+
+async def test_pause_answers_nothing_and_resume_continues_with_nothing_lost(
+    store: Store,
+) -> None:
+    session, rs, model = await start(store, ["Hello", "Welcome back."])
+    await session.run(user_input="hi")
+    version = await rs.pause()
+    assert rs.state == "paused" and version == rs.version
+    stored = await store.load(KEY)
+    assert stored.info["state"] == "paused"
+    n_requests = len(model.requests)
+    before = list(session.history.items)
+
+    await asyncio.wait_for(session.run(user_input="can you hear me?"), 5)
+    assert len(model.requests) == n_requests  # the LLM was never asked
+    assert not [
+        i
+        for i in session.history.items[len(before) :]
+        if i.type == "message" and i.role == "assistant"
+    ]
+
+    await rs.resume()
+    assert rs.state == "active"
+    await session.run(user_input="I'm back")
+    assert model.requests[-1].last_user_text == "I'm back"
+    assert ids(session.history.items[: len(before)]) == ids(before)
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_suspend_releases_the_lease_and_closes_the_session(store: Store) -> None:
+    session, rs, _ = await start(store, ["Hello"])
+    await session.run(user_input="hi")
+    version = await rs.suspend()
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None and info.version == version
+    assert info.info["state"] == "suspended"
+    with pytest.raises(RuntimeError):
+        await rs.checkpoint()
+
+
+async def test_restore_twice_is_refused(store: Store) -> None:
+    session, rs, _ = await start(store, [])
+    with pytest.raises(RuntimeError, match="already restored"):
+        await rs.restore(session, default=Receptionist)
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_unregistered_current_agent_fails_the_checkpoint_clearly(store: Store) -> None:
+    session, rs, _ = await start(store, ["hi"], reg=lr.AgentRegistry())
+    await session.run(user_input="hello")
+    with pytest.raises(lr.UnknownAgent, match="receptionist|Receptionist"):
+        await rs.checkpoint()
+    assert await store.versions(KEY) == []
+    await rs._detach_and_release()
+    await session.aclose()
+
+
+async def test_instructions_changed_at_run_time_are_restored(store: Store) -> None:
+    session, rs, _ = await start(store, ["hi"])
+    await session.current_agent.update_instructions("Speak only French.")
+    await session.run(user_input="hello")
+    await rs.suspend()
+    s2, rs2, model = await start(store, ["bonjour"])
+    await s2.run(user_input="salut")
+    assert [m.text_content for m in model.requests[0].system_messages] == ["Speak only French."]
+    await rs2.aclose()
+    await s2.aclose()
