@@ -233,7 +233,7 @@ async def test_checkpoints_are_incremental(store: Store) -> None:
 
 
 async def test_unknown_agent_id_names_it_and_the_registered_ids(store: Store) -> None:
-    s1, rs1 = await first_half(store)
+    _, rs1 = await first_half(store)
     version = await rs1.suspend()
     only_billing = lr.AgentRegistry()
     only_billing.register(Billing)
@@ -251,7 +251,7 @@ async def test_unknown_agent_id_names_it_and_the_registered_ids(store: Store) ->
 
 
 async def test_userdata_that_no_longer_validates_names_the_field(store: Store) -> None:
-    s1, rs1 = await first_half(store)
+    _, rs1 = await first_half(store)
     await rs1.suspend()
 
     class VisitV2(BaseModel):
@@ -292,7 +292,8 @@ async def test_takeover_fences_the_first_worker_whose_autosave_logs_lease_lost(
 
     caplog.set_level(logging.ERROR, logger="livekit_resume")
     await s1.run(user_input="are you there?")  # the zombie keeps talking
-    await asyncio.wait_for(_until(lambda: rs1._autosave.lost is not None), 5)
+    await settled(rs1)
+    assert rs1._autosave.lost is not None
     assert any("stale" in r.getMessage() for r in caplog.records)
     with pytest.raises(lr.LeaseLost):
         await rs1.checkpoint()
@@ -305,18 +306,20 @@ async def test_takeover_fences_the_first_worker_whose_autosave_logs_lease_lost(
     await s1.aclose()
 
 
-async def _until(cond: Any) -> None:
-    while not cond():
-        await asyncio.sleep(0.01)
+async def settled(rs: lr.ResumableSession) -> None:
+    """Wait until autosave has nothing left to write (or stopped)."""
+    await asyncio.wait_for(rs._autosave.idle.wait(), 5)
 
 
 async def test_autosave_commits_in_the_background(store: Store) -> None:
     session, rs, _ = await start(store, ["hello", "one", "two"], autosave=True)
     await session.run(user_input="a")
-    await asyncio.wait_for(_until(lambda: rs.version >= 1 and rs._autosave.idle.is_set()), 5)
-    await session.run(user_input="b")
+    await settled(rs)
     before = rs.version
-    await asyncio.wait_for(_until(lambda: rs.version > before and rs._autosave.idle.is_set()), 5)
+    assert before >= 1
+    await session.run(user_input="b")
+    await settled(rs)
+    assert rs.version > before
     stored = await store.load(KEY)
     snap = Codec().decode_parts(KEY, stored.head, stored.streams)
     assert [m["content"] for m in snap.history if m["type"] == "message"][-2:] == [["b"], ["two"]]
@@ -331,6 +334,7 @@ class FlakyStore:
         self.inner = inner
         self.down = False
         self.failed = 0
+        self.failed_twice = asyncio.Event()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -338,6 +342,8 @@ class FlakyStore:
     async def commit(self, commit: Commit) -> int:
         if self.down:
             self.failed += 1
+            if self.failed >= 2:
+                self.failed_twice.set()
             raise lr.StoreUnavailable("store is down (test)")
         return await self.inner.commit(commit)
 
@@ -348,10 +354,11 @@ async def test_autosave_retries_a_failing_store_and_flushes_when_it_is_back() ->
     flaky.down = True
     await session.run(user_input="a")  # the voice loop is not disturbed
     await session.run(user_input="b")
-    await asyncio.wait_for(_until(lambda: flaky.failed >= 2), 5)
-    assert rs._autosave.failures >= 2
+    await asyncio.wait_for(flaky.failed_twice.wait(), 5)
+    assert rs._autosave.failures >= 2 and rs.version == 0
     flaky.down = False
-    await asyncio.wait_for(_until(lambda: rs.version >= 1 and rs._autosave.idle.is_set()), 10)
+    await asyncio.wait_for(rs._autosave.idle.wait(), 10)
+    assert rs.version >= 1
     stored = await flaky.inner.load(KEY)
     snap = Codec().decode_parts(KEY, stored.head, stored.streams)
     assert [i["id"] for i in snap.history] == ids(session.history.items)
@@ -399,8 +406,11 @@ async def test_tool_running_at_snapshot_time_is_answered_as_interrupted(store: S
         store, ["Hello", "Hi", [ToolCall("slow_lookup", {"what": "x-ray"}, call_id="call_slow")]]
     )
     await s1.run(user_input="Hi")
+    started = asyncio.Event()
+    s1.on("tool_execution_updated", lambda ev: started.set())
     run = asyncio.ensure_future(s1.run(user_input="find my x-ray"))
-    await asyncio.wait_for(_until(lambda: "call_slow" in rs1._running), 5)
+    await asyncio.wait_for(started.wait(), 5)
+    assert "call_slow" in rs1._running
     await rs1.checkpoint("tool")
     stored = await store.load(KEY)
     snap = Codec().decode_parts(KEY, stored.head, stored.streams)
@@ -473,7 +483,7 @@ async def test_restore_twice_is_refused(store: Store) -> None:
 async def test_unregistered_current_agent_fails_the_checkpoint_clearly(store: Store) -> None:
     session, rs, _ = await start(store, ["hi"], reg=lr.AgentRegistry())
     await session.run(user_input="hello")
-    with pytest.raises(lr.UnknownAgent, match="receptionist|Receptionist"):
+    with pytest.raises(lr.UnknownAgent, match=r"receptionist|Receptionist"):
         await rs.checkpoint()
     assert await store.versions(KEY) == []
     await rs._detach_and_release()
