@@ -285,7 +285,7 @@ class FakeVADStream(lk_vad.VADStream):
 # ----------------------------------------------------------------------------------------- STT
 
 
-class FakeSTT(lk_stt.STT):
+class FakeSTT(lk_stt.STT[Any]):
     """Streaming STT: a run of one utterance code becomes that utterance's final transcript,
     sent once ``final_delay`` seconds of silence (audio time) follow it.
 
@@ -373,7 +373,7 @@ class FakeRecognizeStream(lk_stt.RecognizeStream):
 # ----------------------------------------------------------------------------------------- TTS
 
 
-class FakeTTS(lk_tts.TTS):
+class FakeTTS(lk_tts.TTS[Any]):
     """Non-streaming TTS (LiveKit wraps it per sentence): a quiet 220 Hz tone of
     ``seconds_per_char * len(text)`` seconds (at least ``min_duration``)."""
 
@@ -665,7 +665,7 @@ _FAKES: weakref.WeakKeyDictionary[AgentSession[Any], VoiceFakes] = weakref.WeakK
 
 
 def make_voice_session(
-    llm: lk_llm.LLM,
+    llm: lk_llm.LLM[Any],
     *,
     vad: FakeVAD | None = None,
     stt: FakeSTT | None = None,

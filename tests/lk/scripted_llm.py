@@ -107,7 +107,7 @@ class LLMRequest:
         return users[-1] if users else None
 
 
-class ScriptedLLM(llm.LLM):
+class ScriptedLLM(llm.LLM[Any]):
     def __init__(
         self,
         script: Iterable[Turn] = (),
@@ -260,7 +260,7 @@ class ScriptedLLMStream(llm.LLMStream):
         self._event_ch.send_nowait(llm.ChatChunk(id=chunk_id, delta=delta))
 
 
-def make_text_session(llm_: llm.LLM, **session_kwargs: Any) -> AgentSession[Any]:
+def make_text_session(llm_: llm.LLM[Any], **session_kwargs: Any) -> AgentSession[Any]:
     """An ``AgentSession`` for text turns (``session.run(user_input=...)``), no room needed.
 
     It passes ``vad=None`` and no turn-detector model: LiveKit's defaults would load Silero and
