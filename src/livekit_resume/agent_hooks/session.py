@@ -60,6 +60,8 @@ ATTR_STATE = "resume.state"
 ATTR_VERSION = "resume.version"
 # A burst of events (user message, tool calls, reply) lands within this; one write.
 DEFAULT_DEBOUNCE = 0.2
+# Cutting speech takes a few audio frames; a stuck output must not hang pause or suspend.
+INTERRUPT_TIMEOUT = 3.0
 
 
 async def _silent_llm_node(*_args: Any, **_kwargs: Any) -> None:
@@ -354,7 +356,7 @@ class ResumableSession:
         _, session = self._require()
         if self._state != "active":
             raise RuntimeError(f"cannot pause session {self._key!r} in state {self._state!r}")
-        self._silence(session)
+        await self._silence(session)
         self._state = "paused"
         version = await self.checkpoint("pause")
         await self._announce("paused")
@@ -378,7 +380,7 @@ class ResumableSession:
         if self._state in ("suspended", "closed"):
             raise RuntimeError(f"session {self._key!r} is already {self._state}")
         if self._state == "active":
-            self._silence(session)
+            await self._silence(session)
         self._state = "suspended"
         # the final snapshot comes before closing: closing a voice session can take seconds
         version = await self.checkpoint("suspend")
@@ -401,16 +403,30 @@ class ResumableSession:
         await self._detach_and_release()
         self._state = "closed"
 
-    def _silence(self, session: AgentSession[Any]) -> None:
+    async def _silence(self, session: AgentSession[Any]) -> None:
         session.input.set_audio_enabled(False)
-        session.output.set_audio_enabled(False)
         agent = self._current_agent(session)
         if agent is not None:
             # an instance attribute shadows the class's node: text and voice alike get no reply
             agent.llm_node = _silent_llm_node  # type: ignore[method-assign]
             self._paused_agent = agent
-        with contextlib.suppress(RuntimeError):
-            session.interrupt(force=True)
+        # Cut the reply before turning output off: detaching the output first would leave
+        # the reply recorded as fully spoken. Wait until LiveKit has recorded what was
+        # heard (interrupted=True, the partial text) in the history.
+        try:
+            done: asyncio.Future[None] | None = session.interrupt(force=True)
+        except RuntimeError:
+            done = None  # not started: nothing is speaking
+        if done is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(done), INTERRUPT_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "session %r: speech did not stop within %.0fs of pause",
+                    self._key,
+                    INTERRUPT_TIMEOUT,
+                )
+        session.output.set_audio_enabled(False)
 
     def _unsilence(self, session: AgentSession[Any]) -> None:
         if self._paused_agent is not None:
