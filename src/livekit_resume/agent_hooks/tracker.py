@@ -75,7 +75,8 @@ class StreamTracker:
         """Records that turn the committed stream into ``items``."""
         old = self._objs
         n_old, n_new = len(old), len(items)
-        if n_new >= n_old and all(map(operator.is_, items[:n_old], old)):
+        # map() stops at the shorter list: no slice copy of a long history
+        if n_new >= n_old and all(map(operator.is_, items, old)):
             first = n_old  # the committed prefix is intact: the common case
         else:
             first = next(
