@@ -1,11 +1,346 @@
-"""Placeholder until the Redis store lands: the Redis kinds skip with this reason."""
+"""Real Redis servers for the tests: a standalone server and a 3-primary Cluster.
+
+A pytest plugin (registered by ``conftest.py``). Session-scoped fixtures start
+``redis-server`` processes on free loopback ports, in temporary directories, and stop
+them at the end; ``disposable_redis`` is a function-scoped server a test may kill and
+restart. ``build_redis_store`` builds the Redis flavours of the conformance ``store``.
+
+Everything binds to 127.0.0.1; nothing is persisted unless a test asks for it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+__all__ = [
+    "RedisCluster",
+    "RedisSentinel",
+    "RedisServer",
+    "build_redis_store",
+    "free_port",
+    "require_redis_server",
+]
+
+# A fresh redis-server answers PING within a few milliseconds; 10 s covers a loaded CI box.
+START_DEADLINE = 10.0
+# Cluster creation gossips between nodes; on two cores this takes a second or two.
+CLUSTER_DEADLINE = 30.0
+# Ports are picked by binding to 0, then handed to redis-server: another process can grab
+# one in between, so a failed start is retried on new ports this many times.
+START_ATTEMPTS = 3
+
+
+def require_redis_server() -> str:
+    """Path of ``redis-server``, or skip the test where the binary does not exist."""
+    path = shutil.which("redis-server")
+    if path is None:
+        pytest.skip("redis-server binary not found on PATH")
+    return path
+
+
+def free_port(*, avoid: Sequence[int] = ()) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid and port != 6379:
+            return port
+
+
+def _ping(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _cli(port: int, *args: str, timeout: float = 10.0) -> str:
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        pytest.skip("redis-cli binary not found on PATH")
+    done = subprocess.run(
+        [cli, "-h", "127.0.0.1", "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return done.stdout + done.stderr
+
+
+class RedisServer:
+    """One ``redis-server`` process on a loopback port, in its own directory.
+
+    ``kill()`` sends SIGKILL (a crash), ``stop()`` a clean shutdown, ``start()`` brings
+    it back on the same port and directory, so an append-only file survives a restart.
+    """
+
+    def __init__(
+        self, directory: Path, *, port: int | None = None, extra: Sequence[str] = ()
+    ) -> None:
+        self.binary = require_redis_server()
+        self.directory = directory
+        self.port = port or free_port()
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _argv(self) -> list[str]:
+        return [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.directory),
+            "--logfile",
+            str(self.directory / "redis.log"),
+            *self.extra,
+        ]
+
+    def start(self) -> RedisServer:
+        """Start (or restart) the server and wait until it answers PING."""
+        if self.running:
+            return self
+        for _ in range(START_ATTEMPTS):
+            self.proc = subprocess.Popen(
+                self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            deadline = time.monotonic() + START_DEADLINE
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if _ping(self.port):
+                    return self
+                time.sleep(0.02)
+            self._reap()
+            if not self._port_taken():
+                break
+            self.port = free_port()  # lost the port to another process: try a new one
+        log = self.directory / "redis.log"
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise RuntimeError(f"redis-server on port {self.port} did not start:\n{tail}")
+
+    def _port_taken(self) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", self.port))
+            except OSError:
+                return True
+        return False
+
+    def _reap(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies mid-whatever, as in a crash."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def stop(self) -> None:
+        """Shut down cleanly (SIGTERM), killing after a grace period."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._reap()
+        self.proc = None
+
+    def cli(self, *args: str) -> str:
+        return _cli(self.port, *args)
+
+
+class RedisSentinel(RedisServer):
+    """A ``redis-server --sentinel`` watching one primary under a service name."""
+
+    def __init__(self, directory: Path, primary: RedisServer, service: str = "mymaster") -> None:
+        super().__init__(directory)
+        self.service = service
+        self.config = directory / "sentinel.conf"
+        self.config.write_text(
+            f"bind 127.0.0.1\ndir {directory}\n"
+            f"sentinel monitor {service} 127.0.0.1 {primary.port} 1\n"
+            f"sentinel down-after-milliseconds {service} 5000\n"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}/0"
+
+    def _argv(self) -> list[str]:
+        return [
+            self.binary,
+            str(self.config),
+            "--sentinel",
+            "--port",
+            str(self.port),
+            "--logfile",
+            str(self.directory / "sentinel.log"),
+        ]
+
+
+class RedisCluster:
+    """Three primaries with ``--cluster-enabled yes``, joined by ``redis-cli --cluster``."""
+
+    def __init__(self, directory: Path, *, primaries: int = 3) -> None:
+        self.nodes: list[RedisServer] = []
+        used: list[int] = []
+        for i in range(primaries):
+            port = free_port(avoid=used)
+            bus = free_port(avoid=[*used, port])
+            used += [port, bus]
+            node_dir = directory / f"node{i}"
+            self.nodes.append(
+                RedisServer(
+                    node_dir,
+                    port=port,
+                    extra=[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(node_dir / "nodes.conf"),
+                        "--cluster-port",
+                        str(bus),
+                        "--cluster-node-timeout",
+                        "5000",
+                    ],
+                )
+            )
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        out = _cli(
+            self.nodes[0].port,
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{n.port}" for n in self.nodes),
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
+            timeout=CLUSTER_DEADLINE,
+        )
+        deadline = time.monotonic() + CLUSTER_DEADLINE
+        while time.monotonic() < deadline:
+            infos = [n.cli("cluster", "info") for n in self.nodes]
+            if all("cluster_state:ok" in i and "cluster_known_nodes:3" in i for i in infos):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"redis cluster did not reach cluster_state:ok:\n{out}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One standalone ``redis-server`` for the whole test session (never port 6379)."""
+    require_redis_server()
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real 3-primary Redis Cluster for the whole test session."""
+    require_redis_server()
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def disposable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of this test alone, to kill and restart. It keeps an append-only file
+    fsynced on every write, so what it acknowledged survives a SIGKILL and a restart."""
+    require_redis_server()
+    server = RedisServer(
+        tmp_path / "redis", extra=["--appendonly", "yes", "--appendfsync", "always"]
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_sentinel(disposable_redis: RedisServer, tmp_path: Path) -> Iterator[RedisSentinel]:
+    """A Sentinel watching ``disposable_redis`` as service ``mymaster``."""
+    sentinel = RedisSentinel(tmp_path / "sentinel", disposable_redis)
+    sentinel.start()
+    try:
+        yield sentinel
+    finally:
+        sentinel.stop()
+
+
+def _fake_client() -> Any:
+    if importlib.util.find_spec("lupa") is None:  # fakeredis runs Lua through lupa
+        pytest.skip("fakeredis needs the lupa package to run Lua scripts: pip install lupa")
+    import fakeredis
+
+    return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+
 
 async def build_redis_store(kind: str, request: pytest.FixtureRequest, **opts: Any) -> Any:
-    pytest.skip(f"{kind}: RedisStore is not built yet (issue 3)")
+    """A `RedisStore` of the given flavour: ``fakeredis``, ``redis`` or ``redis_cluster``."""
+    from livekit_resume.stores.redis import RedisStore
+
+    if kind == "fakeredis":
+        return RedisStore(_fake_client(), **opts)
+    if kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return RedisStore.from_url(server.url, **opts)
+    if kind == "redis_cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        return RedisStore.from_url(cluster.url, **opts)
+    raise ValueError(f"unknown redis store kind {kind!r}")

@@ -1,0 +1,41 @@
+-- acquire: take the lease. A free or expired lease, or one the owner already holds, is
+-- granted; another owner's live lease only with takeover. Every acquisition that is not
+-- the owner renewing its live lease gets the next fencing epoch.
+-- ARGV[4] owner, [5] lease ttl seconds, [6] takeover '1'/'0', [7] event channel
+-- ('' = none), [8] session key (for the event).
+-- Reply: {'ok', epoch, expires, created 0/1} | {'busy', holder, epoch} | {'corrupt', message}
+local function main()
+  local owner = ARGV[4]
+  local s = read_head()
+  if s and s.expired then
+    delete_all(s)
+    s = nil
+  end
+  local created = 0
+  if s == nil then
+    s = new_head()
+    created = 1
+  end
+  local live = s.expires ~= nil and s.expires > NOW
+  local previous = nil
+  if not (live and s.owner == owner) then
+    if live and s.owner ~= nil then
+      if ARGV[6] ~= '1' then return {'busy', s.owner, s.epoch} end
+      previous = s.owner
+    end
+    s.epoch = s.epoch + 1
+  end
+  local expires = NOW + tonumber(ARGV[5])
+  s.touched = NOW
+  write_head(s)
+  redis.call('HSET', HEAD, 'owner', owner, 'expires', fmt(expires))
+  refresh_ttl(s)
+  if previous ~= nil and ARGV[7] ~= '' then
+    redis.call('PUBLISH', ARGV[7], cjson.encode({
+      event = 'taken_over', key = ARGV[8], epoch = s.epoch, owner = owner,
+      previous_owner = previous}))
+  end
+  return {'ok', s.epoch, fmt(expires), created}
+end
+
+return run(main)

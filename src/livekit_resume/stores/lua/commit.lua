@@ -1,0 +1,44 @@
+-- commit: append one version atomically.
+-- ARGV[4] epoch, [5] base_version, [6] commit id, [7] head bytes, [8] info (msgpack),
+-- [9] bytes written, [10] keep, [11] event channel ('' = none), [12] event payload,
+-- [13..] packed records, appended to the current log generation.
+-- Reply: {'ok', version, log_len, gen} | {'lost', current epoch or ''} |
+--        {'moved', head version} | {'corrupt', message}
+local function main()
+  local epoch = tonumber(ARGV[4])
+  local base = tonumber(ARGV[5])
+  local s = read_head()
+  if s and s.expired then
+    delete_all(s)
+    s = nil
+  end
+  if s == nil then return {'lost', ''} end
+  if s.epoch ~= epoch or epoch == 0 then return {'lost', fmt(s.epoch)} end
+  if base ~= s.version then
+    -- A retry of this very commit whose reply was lost: report it, don't refuse it.
+    if s.version == base + 1 and s.version >= s.oldest then
+      local done = redis.call('HMGET', vkey(s.version), 'cid', 'gen', 'end')
+      if done[1] == ARGV[6] then return {'ok', s.version, tonumber(done[3]), tonumber(done[2])} end
+    end
+    return {'moved', s.version}
+  end
+  local version = base + 1
+  local lk = logkey(s.gen)
+  local vk = vkey(version)
+  expect_type(lk, 'list')
+  if type_of(vk) ~= 'none' then corrupt('key ' .. vk .. ' exists before its version was written') end
+  -- checks done: from here on every call succeeds
+  local len
+  if #ARGV >= 13 then len = push_all(lk, 13, #ARGV) else len = redis.call('LLEN', lk) end
+  redis.call('HSET', vk, 'epoch', epoch, 'created', fmt(NOW), 'head', ARGV[7],
+    'info', ARGV[8], 'gen', s.gen, 'end', len, 'size', ARGV[9], 'cid', ARGV[6])
+  s.version = version
+  s.touched = NOW
+  trim(s, tonumber(ARGV[10]))
+  write_head(s)
+  refresh_ttl(s)
+  if ARGV[11] ~= '' then redis.call('PUBLISH', ARGV[11], ARGV[12]) end
+  return {'ok', version, len, s.gen}
+end
+
+return run(main)

@@ -1,0 +1,30 @@
+-- compact: move the latest version onto a new log generation holding its folded items.
+-- Runs after a commit; does nothing if the head moved since (another commit, another
+-- compaction), so it can never replace newer records.
+-- ARGV[4] version, [5] gen the version was folded from, [6] its commit id,
+-- [7..] packed records.
+-- Reply: {'ok', gen, log_len} | {'skip'} | {'corrupt', message}
+local function main()
+  local version = tonumber(ARGV[4])
+  local s = read_head()
+  if s == nil or s.expired or s.version ~= version or s.gen ~= tonumber(ARGV[5]) then
+    return {'skip'}
+  end
+  local vk = vkey(version)
+  local gen = s.gen + 1
+  local lk = logkey(gen)
+  if type_of(vk) ~= 'hash' then corrupt('version record ' .. vk .. ' is missing') end
+  -- The very commit that was folded, not a same-numbered one of a re-created session.
+  if redis.call('HGET', vk, 'cid') ~= ARGV[6] then return {'skip'} end
+  if type_of(lk) ~= 'none' then corrupt('key ' .. lk .. ' exists before its generation') end
+  local len = 0
+  if #ARGV >= 7 then len = push_all(lk, 7, #ARGV) end
+  redis.call('HSET', vk, 'gen', gen, 'end', len)
+  s.gen = gen
+  trim(s, s.version - s.oldest + 1)
+  write_head(s)
+  refresh_ttl(s)
+  return {'ok', gen, len}
+end
+
+return run(main)

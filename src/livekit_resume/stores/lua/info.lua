@@ -1,0 +1,21 @@
+-- info: the session's latest version, epoch, live lease and listing info.
+-- Reply: {'ok', version, epoch, touched, info or '', {owner, expires} or {}} |
+--        {'absent'} | {'corrupt', message}
+local function main()
+  local s = read_head()
+  if s == nil or s.expired then return {'absent'} end
+  local info = ''
+  if s.version >= s.oldest then
+    local vk = vkey(s.version)
+    expect_type(vk, 'hash')
+    info = redis.call('HGET', vk, 'info')
+    if not info then corrupt('version record ' .. vk .. ' is missing') end
+  end
+  local lease = {}
+  if s.owner ~= nil and s.expires ~= nil and s.expires > NOW then
+    lease = {s.owner, fmt(s.expires)}
+  end
+  return {'ok', s.version, fmt(s.epoch), fmt(s.touched), info, lease}
+end
+
+return run(main)

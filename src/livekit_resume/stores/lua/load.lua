@@ -1,0 +1,33 @@
+-- load: one version and the log records it reads, in one atomic read.
+-- ARGV[4] version ('' = latest).
+-- Reply: {'ok', version, epoch, created, head, info, {records...}} | {'absent'} |
+--        {'missing', oldest, latest} | {'corrupt', message}
+local function main()
+  local s = read_head()
+  if s == nil or s.expired or s.version < s.oldest then return {'absent'} end
+  local n = s.version
+  if ARGV[4] ~= '' then
+    n = tonumber(ARGV[4])
+    if n == nil or n < s.oldest or n > s.version then return {'missing', s.oldest, s.version} end
+  end
+  local vk = vkey(n)
+  expect_type(vk, 'hash')
+  local v = redis.call('HMGET', vk, 'epoch', 'created', 'head', 'info', 'gen', 'end')
+  local gen, last = tonumber(v[5]), tonumber(v[6])
+  if not v[1] or not v[2] or not v[3] or not v[4] or gen == nil or last == nil then
+    corrupt('version record ' .. vk .. ' is missing or incomplete')
+  end
+  local records = {}
+  if last > 0 then
+    local lk = logkey(gen)
+    expect_type(lk, 'list')
+    records = redis.call('LRANGE', lk, 0, last - 1)
+    if #records ~= last then
+      corrupt('log ' .. lk .. ' holds ' .. #records .. ' records, version ' .. n ..
+        ' reads ' .. last)
+    end
+  end
+  return {'ok', n, v[1], v[2], v[3], v[4], records}
+end
+
+return run(main)

@@ -1,0 +1,143 @@
+-- Prelude of every session script (Redis has no include: the store prepends it).
+--
+-- KEYS[1] is the session's head key, "<ns>:{<key>}:head". Every other key of the
+-- session shares its prefix, hence its hash tag and its Cluster slot, so scripts derive
+-- them here instead of declaring them: a version record "<prefix>v:<n>" and a log
+-- generation "<prefix>log:<gen>". Redis Cluster accepts undeclared keys of the
+-- declared key's slot.
+--
+-- Common arguments: ARGV[1] now in seconds ('' = the server's TIME, the default; a
+-- value only when the store was given a clock for tests), ARGV[2] the session TTL in
+-- seconds and ARGV[3] in milliseconds ('' = sessions never expire).
+--
+-- Head hash fields: epoch (fencing counter, survives release), owner and expires (the
+-- lease; absent when free), touched (last acquire, renew or commit), version (latest,
+-- 0 = none), oldest (oldest retained version), gen (log generation commits append to),
+-- gen_lo (oldest log generation that may still exist). Times are seconds as
+-- "%.17g" strings, so a float survives the trip exactly.
+--
+-- Nothing is written before every check has passed: a script that stops half-way
+-- leaves no half-written snapshot.
+
+local HEAD = KEYS[1]
+local PREFIX = string.sub(HEAD, 1, -5)
+
+local function vkey(n) return PREFIX .. 'v:' .. n end
+local function logkey(g) return PREFIX .. 'log:' .. g end
+local function fmt(x) return string.format('%.17g', x) end
+
+-- Foreign data at one of our key names is reported, never overwritten.
+local function corrupt(msg) error({lkresume_corrupt = msg}) end
+
+local function type_of(k)
+  local t = redis.call('TYPE', k)
+  if type(t) == 'table' then t = t.ok end
+  return t
+end
+
+local function expect_type(k, want)
+  local t = type_of(k)
+  if t ~= 'none' and t ~= want then
+    corrupt('key ' .. k .. ' holds a ' .. t .. ', not a ' .. want)
+  end
+  return t
+end
+
+local NOW
+if ARGV[1] ~= '' then
+  NOW = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local TTL = tonumber(ARGV[2])
+local TTL_MS = ARGV[3]
+
+local HEAD_NUMBERS = {'epoch', 'version', 'oldest', 'gen', 'gen_lo', 'touched'}
+
+-- The session's head as a table, or nil when there is none. A head past its TTL (by
+-- the same clock as `touched`) comes back with expired = true: PEXPIRE removes it on
+-- the server's clock, this check covers an injected clock and the last millisecond.
+local function read_head()
+  if expect_type(HEAD, 'hash') == 'none' then return nil end
+  local raw = redis.call('HGETALL', HEAD)
+  local h = {}
+  for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
+  local s = {owner = h.owner, expires = tonumber(h.expires)}
+  for _, f in ipairs(HEAD_NUMBERS) do
+    s[f] = tonumber(h[f])
+    if s[f] == nil then corrupt('session head ' .. HEAD .. ' has no valid ' .. f) end
+  end
+  if TTL and s.touched + TTL <= NOW then s.expired = true end
+  return s
+end
+
+local function new_head()
+  return {epoch = 0, version = 0, oldest = 1, gen = 0, gen_lo = 0, touched = NOW}
+end
+
+local function write_head(s)
+  redis.call('HSET', HEAD, 'epoch', s.epoch, 'version', s.version, 'oldest', s.oldest,
+    'gen', s.gen, 'gen_lo', s.gen_lo, 'touched', fmt(s.touched))
+end
+
+-- Every key of the session: the head, each retained version, each log generation.
+local function session_keys(s)
+  local ks = {HEAD}
+  for n = s.oldest, s.version do ks[#ks + 1] = vkey(n) end
+  for g = s.gen_lo, s.gen do ks[#ks + 1] = logkey(g) end
+  return ks
+end
+
+local function delete_all(s)
+  for _, k in ipairs(session_keys(s)) do redis.call('DEL', k) end
+end
+
+-- Whole sessions expire together: every write moves the deadline of every key.
+local function refresh_ttl(s)
+  if TTL_MS ~= '' then
+    for _, k in ipairs(session_keys(s)) do redis.call('PEXPIRE', k, TTL_MS) end
+  elseif redis.call('PTTL', HEAD) >= 0 then
+    for _, k in ipairs(session_keys(s)) do redis.call('PERSIST', k) end
+  end
+end
+
+-- Drop versions beyond `keep`, then log generations no retained version reads.
+-- Versions only ever move to newer generations, so the live ones are a suffix.
+local function trim(s, keep)
+  local oldest = math.max(s.oldest, s.version - keep + 1)
+  for n = s.oldest, oldest - 1 do redis.call('DEL', vkey(n)) end
+  s.oldest = oldest
+  local live = s.gen
+  if s.version >= s.oldest then
+    live = tonumber(redis.call('HGET', vkey(s.oldest), 'gen')) or s.gen
+  end
+  for g = s.gen_lo, live - 1 do redis.call('DEL', logkey(g)) end
+  s.gen_lo = live
+end
+
+-- RPUSH in slices: unpack() of thousands of values overflows Lua's C stack.
+local function push_all(k, from, to)
+  local len = 0
+  local i = from
+  while i <= to do
+    local j = math.min(i + 999, to)
+    len = redis.call('RPUSH', k, unpack(ARGV, i, j))
+    i = j + 1
+  end
+  return len
+end
+
+-- Runs the script's main() and turns a `corrupt` into a {'corrupt', message} reply.
+-- Any other error is raised again with its code kept: pcall hands a Redis error over as
+-- a string ("READONLY …", "OOM …"), which error({err = …}) replies as-is, where a bare
+-- error(string) would turn it into "ERR …".
+local function run(main)
+  local ok, res = pcall(main)
+  if ok then return res end
+  if type(res) == 'table' and res.lkresume_corrupt then
+    return {'corrupt', res.lkresume_corrupt}
+  end
+  if type(res) == 'string' then error({err = res}) end
+  error(res, 0)
+end

@@ -1,0 +1,744 @@
+"""The Redis store beyond the shared contract: URLs, key layout, Cluster slots, foreign
+data, outages, script cache flushes, events, real TTLs and workers racing in two
+processes. Everything runs against real ``redis-server`` processes started by the tests
+(``redis_servers.py``); fakeredis only where a test says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
+from redis.crc import key_slot
+from redis.exceptions import ResponseError
+
+from livekit_resume.errors import (
+    LeaseLost,
+    SnapshotCorrupt,
+    SnapshotNotFound,
+    StoreUnavailable,
+)
+from livekit_resume.stores.base import Commit, Lease, Record
+from livekit_resume.stores.redis import RedisStore, RedisURL
+from livekit_resume.stores.url import open_store
+from tests.redis_servers import RedisServer, build_redis_store, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "room-7"
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0
+) -> None:
+    """Poll ``check`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting until {what}")
+        await asyncio.sleep(0.05)
+
+
+def raw(store: RedisStore) -> Any:
+    """The store's redis-py client, to look at (or damage) the keys underneath."""
+    return store._client
+
+
+async def server_keys(store: RedisStore, pattern: str) -> list[str]:
+    return sorted([k.decode() async for k in raw(store).scan_iter(match=pattern)])
+
+
+async def commit_items(store: RedisStore, lease: Lease, base: int, *ids: str) -> int:
+    """Append items ``ids`` (data: the id) after whatever the last commit left."""
+    tail = None if base == 0 else (await store.load(lease.key)).streams["h"][-1][0]
+    records = []
+    for item in ids:
+        records.append(Record("h", item, item.encode(), tail))
+        tail = item
+    return await store.commit(
+        Commit(lease.key, lease.epoch, base, f"head {base + 1}".encode(), records, base + len(ids))
+    )
+
+
+@pytest.fixture(params=["fakeredis", "redis", "redis_cluster"])
+async def rstore(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    store = await build_redis_store(request.param, request, namespace=f"t{uuid.uuid4().hex[:8]}")
+    yield store
+    await store.aclose()
+
+
+@pytest.fixture(params=["redis", "redis_cluster"])
+async def real_store(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    """A store on a real server only (standalone and Cluster)."""
+    store = await build_redis_store(request.param, request, namespace=f"t{uuid.uuid4().hex[:8]}")
+    yield store
+    await store.aclose()
+
+
+# -- URLs (no server needed) -----------------------------------------------------------
+
+
+def test_url_standalone_with_db_user_and_password() -> None:
+    url = RedisURL.parse("redis://app:s%40cret@cache.internal:6380/2")
+    assert url == RedisURL("standalone", (("cache.internal", 6380),), 2, "app", "s@cret", False)
+    assert RedisURL.parse("redis://localhost").hosts == (("localhost", 6379),)
+    assert RedisURL.parse("redis://:pw@h/0").password == "pw"
+    assert RedisURL.parse("redis://pw@h/0").password == "pw"  # a lone secret is a password
+    assert RedisURL.parse("redis://[::1]:7000/1").hosts == (("::1", 7000),)
+
+
+def test_url_tls_flag_picks_ssl_connections() -> None:
+    url = RedisURL.parse("rediss://:pw@secure.example:6390/1")
+    assert (url.tls, url.hosts, url.db) == (True, (("secure.example", 6390),), 1)
+    assert not RedisURL.parse("redis://h").tls
+    store = RedisStore.from_url("rediss://:pw@secure.example:6390/1", pool_size=7)
+    pool = raw(store).connection_pool
+    assert pool.connection_class is SSLConnection
+    assert pool.max_connections == 7
+    assert pool.connection_kwargs["password"] == "pw"
+    assert pool.connection_kwargs["db"] == 1
+
+
+def test_url_sentinel_with_password_hosts_service_and_db() -> None:
+    url = RedisURL.parse("redis+sentinel://s3cret@s1:26380,s2/mymaster/3")
+    assert url.mode == "sentinel"
+    assert url.hosts == (("s1", 26380), ("s2", 26379))
+    assert (url.service, url.db, url.password) == ("mymaster", 3, "s3cret")
+    store = RedisStore.from_url("redis+sentinel://s3cret@s1:26380,s2/mymaster/3")
+    pool = raw(store).connection_pool
+    assert pool.service_name == "mymaster"
+    assert pool.connection_kwargs["db"] == 3
+    assert pool.connection_kwargs["password"] == "s3cret"
+    assert "s3cret" not in store._where and "mymaster" in store._where
+
+
+def test_url_cluster_with_several_startup_nodes() -> None:
+    url = RedisURL.parse("redis+cluster://10.0.0.1:7000,10.0.0.2:7001,node3")
+    assert url.mode == "cluster"
+    assert url.hosts == (("10.0.0.1", 7000), ("10.0.0.2", 7001), ("node3", 6379))
+    store = RedisStore.from_url("redis+cluster://:pw@10.0.0.1:7000,10.0.0.2:7001")
+    client = raw(store)
+    assert isinstance(client, RedisCluster)
+    assert sorted(client.nodes_manager.startup_nodes) == ["10.0.0.1:7000", "10.0.0.2:7001"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://s1:26379",  # no service
+        "redis+cluster://h:7000/3",  # cluster has db 0 only
+        "redis://h:port/0",
+        "redis://h/notadb",
+        "redis://h1,h2/0",  # standalone: one host
+        "redis://h/0?ssl_cert_reqs=none",  # options are keywords, not query strings
+        "redis://:pw@/0",
+        "memcached://h",
+    ],
+)
+def test_bad_urls_are_refused_with_a_reason(url: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        RedisURL.parse(url)
+    assert ":pw@" not in str(caught.value)
+
+
+def test_open_store_routes_every_redis_scheme() -> None:
+    for url in (
+        "redis://127.0.0.1:1/0",
+        "rediss://127.0.0.1:1/0",
+        "redis+sentinel://127.0.0.1:1/svc",
+        "redis+cluster://127.0.0.1:1",
+    ):
+        store = open_store(url, namespace="tenant-a", ttl=60)
+        assert isinstance(store, RedisStore)
+        assert (store._namespace, store._ttl) == ("tenant-a", 60)
+
+
+def test_namespace_with_braces_and_decoding_clients_are_refused() -> None:
+    with pytest.raises(ValueError):
+        RedisStore(Redis(), namespace="a{b}")
+    with pytest.raises(ValueError):
+        RedisStore(Redis(decode_responses=True))
+
+
+# -- keys and slots --------------------------------------------------------------------
+
+
+async def test_every_key_of_a_session_shares_one_hash_tag(rstore: RedisStore) -> None:
+    ns = rstore._namespace
+    lease = await rstore.acquire(KEY, "worker-a")
+    await commit_items(rstore, lease, 0, "a", "b")
+    await commit_items(rstore, lease, 1, "c")
+    keys = await server_keys(rstore, f"{ns}:*")
+    assert keys == sorted(
+        [
+            f"{ns}:sessions",
+            f"{ns}:{{{KEY}}}:head",
+            f"{ns}:{{{KEY}}}:v:1",
+            f"{ns}:{{{KEY}}}:v:2",
+            f"{ns}:{{{KEY}}}:log:0",
+        ]
+    )
+    assert len({key_slot(k.encode()) for k in keys if k != f"{ns}:sessions"}) == 1
+    assert await raw(rstore).llen(f"{ns}:{{{KEY}}}:log:0") == 3  # only the new records
+
+
+async def test_keys_with_braces_stay_in_one_slot(rstore: RedisStore) -> None:
+    for key in ["}x", "a}b{c", "{}", "%7B", "{already-tagged}"]:
+        lease = await rstore.acquire(key, "worker-a")
+        await commit_items(rstore, lease, 0, "a")
+        await commit_items(rstore, lease, 1, "b")
+        assert [i for i, _ in (await rstore.load(key)).streams["h"]] == ["a", "b"]
+        keys = await server_keys(rstore, f"{rstore._namespace}:{{*")
+        mine = [k for k in keys if k.startswith(rstore._head_key(key)[: -len("head")])]
+        assert len(mine) == 4 and len({key_slot(k.encode()) for k in mine}) == 1
+    assert await rstore.keys() == sorted(["}x", "a}b{c", "{}", "%7B", "{already-tagged}"])
+
+
+async def test_scripts_run_on_the_cluster_for_keys_in_every_slot(
+    request: pytest.FixtureRequest,
+) -> None:
+    store = await build_redis_store("redis_cluster", request, namespace="slots")
+    try:
+        names = [f"room-{n}" for n in range(40)]
+        slots = {key_slot(store._head_key(n).encode()) for n in names}
+        client = raw(store)
+        await client.initialize()
+        nodes = {client.get_node_from_key(store._head_key(n)).name for n in names}
+        assert len(slots) > 30 and len(nodes) == 3  # spread over the three primaries
+        for name in names:
+            lease = await store.acquire(name, "worker-a")
+            await commit_items(store, lease, 0, name)
+        for name in names:
+            stored = await store.load(name)
+            assert stored.streams == {"h": [(name, name.encode())]}
+        assert await store.keys() == sorted(names)
+        for name in names:
+            assert await store.delete(name)
+        assert await store.keys() == []
+    finally:
+        await store.aclose()
+
+
+async def test_cluster_runs_scripts_on_derived_keys_of_the_declared_slot_only(
+    request: pytest.FixtureRequest,
+) -> None:
+    """What the layout relies on: a script may touch undeclared keys of its declared
+    key's slot (our derived version and log keys), never a key of another slot."""
+    store = await build_redis_store("redis_cluster", request, namespace="derive")
+    try:
+        client = raw(store)
+        head = store._head_key(KEY)
+        same_slot = "return redis.call('SET', string.sub(KEYS[1], 1, -5) .. 'probe', 'x')"
+        assert await client.eval(same_slot, 1, head) == b"OK"
+        other = "elsewhere" if key_slot(b"elsewhere") != key_slot(head.encode()) else "other"
+        with pytest.raises(ResponseError, match=r"non local key|CROSSSLOT"):
+            await client.eval(f"return redis.call('GET', '{other}')", 1, head)
+        await client.delete(head[: -len("head")] + "probe")
+    finally:
+        await store.aclose()
+
+
+# -- foreign data ----------------------------------------------------------------------
+
+
+async def test_foreign_value_at_the_head_is_snapshot_corrupt(rstore: RedisStore) -> None:
+    await raw(rstore).set(rstore._head_key(KEY), b"\x00\xffnot ours")
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: rstore.acquire(KEY, "worker-a"),
+        lambda: rstore.load(KEY),
+        lambda: rstore.versions(KEY),
+        lambda: rstore.info(KEY),
+        lambda: rstore.commit(Commit(KEY, 1, 0, b"h", [Record("h", "x", b"x")], 1)),
+        lambda: rstore.renew(Lease(KEY, "worker-a", 1, 0.0)),
+    ]
+    for call in calls:
+        with pytest.raises(SnapshotCorrupt):
+            await call()
+    assert await raw(rstore).get(rstore._head_key(KEY)) == b"\x00\xffnot ours"  # untouched
+    assert KEY in await rstore.keys()  # listed, so that it can be found and deleted
+    assert await rstore.delete(KEY) is True
+    assert await raw(rstore).exists(rstore._head_key(KEY)) == 0
+
+
+async def test_garbage_fields_and_records_are_snapshot_corrupt(rstore: RedisStore) -> None:
+    client = raw(rstore)
+    lease = await rstore.acquire(KEY, "worker-a")
+    await commit_items(rstore, lease, 0, "a")
+    prefix = rstore._head_key(KEY)[: -len("head")]
+
+    await client.rpush(prefix + "log:0", b"\xc1garbage")  # not msgpack
+    await client.hset(prefix + "v:1", "end", 2)
+    with pytest.raises(SnapshotCorrupt):
+        await rstore.load(KEY)
+    await client.lset(prefix + "log:0", 1, b"\x93\x01\x02\x03")  # msgpack, wrong shape
+    with pytest.raises(SnapshotCorrupt):
+        await rstore.load(KEY)
+    await client.hset(prefix + "v:1", "end", 5)  # reads past the log
+    with pytest.raises(SnapshotCorrupt):
+        await rstore.load(KEY)
+
+    await client.delete(prefix + "v:1")
+    await client.set(prefix + "v:1", "a string")
+    with pytest.raises(SnapshotCorrupt):
+        await rstore.load(KEY)
+    with pytest.raises(SnapshotCorrupt):
+        await rstore.versions(KEY)
+
+    await client.hset(prefix + "head", "epoch", "NaN-ish")
+    with pytest.raises(SnapshotCorrupt):
+        await rstore.info(KEY)
+
+
+async def test_foreign_key_in_the_way_refuses_the_commit_and_writes_nothing(
+    rstore: RedisStore,
+) -> None:
+    client = raw(rstore)
+    lease = await rstore.acquire(KEY, "worker-a")
+    await commit_items(rstore, lease, 0, "a")
+    prefix = rstore._head_key(KEY)[: -len("head")]
+    await client.set(prefix + "v:2", "squatter")
+    before = (await client.llen(prefix + "log:0"), await client.hgetall(prefix + "head"))
+    with pytest.raises(SnapshotCorrupt):
+        await commit_items(rstore, lease, 1, "b")
+    after = (await client.llen(prefix + "log:0"), await client.hgetall(prefix + "head"))
+    assert after == before
+    assert (await rstore.load(KEY)).version == 1
+
+
+# -- outages ---------------------------------------------------------------------------
+
+
+async def test_unreachable_server_is_store_unavailable_naming_host_and_operation() -> None:
+    port = free_port()
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", retries=1, socket_timeout=0.5)
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.acquire(KEY, "worker-a")
+        assert f"127.0.0.1:{port}" in str(caught.value)
+        assert "acquire" in str(caught.value) and KEY in str(caught.value)
+        with pytest.raises(StoreUnavailable, match="load"):
+            await store.load(KEY)
+        with pytest.raises(StoreUnavailable, match="keys"):
+            await store.keys()
+    finally:
+        await store.aclose()
+
+
+async def test_unreachable_cluster_is_store_unavailable() -> None:
+    store = RedisStore.from_url(
+        f"redis+cluster://127.0.0.1:{free_port()}", retries=1, socket_timeout=0.5
+    )
+    try:
+        with pytest.raises(StoreUnavailable, match="cluster"):
+            await store.load(KEY)
+    finally:
+        await store.aclose()
+
+
+async def test_server_killed_mid_use_and_restarted_loses_no_acknowledged_version(
+    disposable_redis: RedisServer,
+) -> None:
+    store = RedisStore.from_url(
+        disposable_redis.url, namespace="crash", keep=10_000, retries=1, socket_timeout=1.0
+    )
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        expected: dict[int, list[str]] = {}  # what each version must hold, if it exists
+        acked = 0
+        items: list[str] = []
+        twenty = asyncio.Event()
+
+        async def write() -> None:
+            nonlocal acked
+            for n in range(100_000):
+                item = f"m{n}"
+                expected[acked + 1] = [*items, item]
+                commit = Commit(
+                    KEY,
+                    lease.epoch,
+                    acked,
+                    f"head {acked + 1}".encode(),
+                    [Record("h", item, item.encode() * 20, items[-1] if items else None)],
+                    len(items) + 1,
+                )
+                try:
+                    acked = await store.commit(commit)
+                except StoreUnavailable:
+                    return
+                items.append(item)
+                if acked >= 20:
+                    twenty.set()
+
+        writer = asyncio.create_task(write())
+        await asyncio.wait_for(twenty.wait(), 30)
+        await asyncio.sleep(random.uniform(0, 0.05))  # land the kill anywhere in a commit
+        disposable_redis.kill()
+        await asyncio.wait_for(writer, 30)  # it stops on StoreUnavailable
+        with pytest.raises(StoreUnavailable):
+            await store.load(KEY)
+
+        disposable_redis.start()
+        latest = await store.load(KEY)  # the same store and pool recover
+        assert latest.version in (acked, acked + 1)  # the in-flight commit: all or nothing
+        listed = await store.versions(KEY)
+        assert [v.version for v in listed] == list(range(1, latest.version + 1))
+        for v in listed:
+            stored = await store.load(KEY, v.version)
+            assert [i for i, _ in stored.streams["h"]] == expected[v.version]
+            assert stored.head == f"head {v.version}".encode()
+        info = await store.info(KEY)
+        assert info is not None and (info.owner, info.epoch) == ("worker-a", lease.epoch)
+        tail = latest.streams["h"][-1][0]
+        record = Record("h", "after", b"after", tail)
+        version = await store.commit(
+            Commit(KEY, lease.epoch, latest.version, b"after", [record], latest.version + 1)
+        )
+        assert version == latest.version + 1
+    finally:
+        await store.aclose()
+
+
+async def test_script_flush_is_transparent(rstore: RedisStore) -> None:
+    lease = await rstore.acquire(KEY, "worker-a")
+    await commit_items(rstore, lease, 0, "a")
+    await raw(rstore).script_flush()
+    await commit_items(rstore, lease, 1, "b")  # NOSCRIPT, reloaded by redis-py
+    await raw(rstore).script_flush()
+    assert [i for i, _ in (await rstore.load(KEY)).streams["h"]] == ["a", "b"]
+    await raw(rstore).script_flush()
+    assert await rstore.keys() == [KEY]
+
+
+async def test_a_retried_commit_recognises_itself(rstore: RedisStore) -> None:
+    """A commit whose reply was lost (dropped connection) is retried by redis-py: the
+    second run must report the first one's version, not refuse a moved head."""
+    lease = await rstore.acquire(KEY, "worker-a")
+    args: list[str | bytes | int] = [
+        lease.epoch,
+        0,
+        "commit-id-1",
+        b"head",
+        b"\x80",
+        4,
+        10,
+        "",
+        "",
+        b"\x94\xa1h\xa1a\xc0\xc4\x01a",
+    ]
+    first = await rstore._run("commit", KEY, args)
+    again = await rstore._run("commit", KEY, args)
+    assert first == again == [b"ok", 1, 1, 0]
+    other: list[str | bytes | int] = [lease.epoch, 0, "commit-id-2", *args[3:]]
+    assert (await rstore._run("commit", KEY, other))[0] == b"moved"
+    assert (await rstore.versions(KEY))[0].version == 1
+
+
+async def test_sentinel_url_reaches_the_primary(redis_sentinel: Any) -> None:
+    store = RedisStore.from_url(redis_sentinel.url, namespace="sent")
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        await commit_items(store, lease, 0, "a")
+        assert (await store.load(KEY)).streams == {"h": [("a", b"a")]}
+        assert "sentinel" in store._where
+    finally:
+        await store.aclose()
+
+
+# -- compaction ------------------------------------------------------------------------
+
+
+async def test_compaction_moves_the_head_to_a_new_generation(rstore: RedisStore) -> None:
+    store = RedisStore(raw(rstore), namespace=rstore._namespace, keep=2)
+    client = raw(store)
+    prefix = store._head_key(KEY)[: -len("head")]
+    lease = await store.acquire(KEY, "worker-a")
+    await commit_items(store, lease, 0, "a", "b", "c")
+    version = 1
+    for n in range(40):  # each commit edits b twice: superseded records pile up
+        records = [
+            Record("h", "b", f"b{n}".encode(), "a"),
+            Record("h", "b", f"b{n}!".encode(), "a"),
+        ]
+        version = await store.commit(Commit(KEY, lease.epoch, version, b"h", records, 3))
+    gens = await server_keys(store, prefix + "log:*")
+    assert gens and f"{prefix}log:0" not in gens  # the first generation is gone
+    newest = max(gens, key=lambda k: int(k.rsplit(":", 1)[1]))
+    assert await client.llen(newest) < 40
+    stored = await store.load(KEY)
+    assert stored.streams == {"h": [("a", b"a"), ("b", b"b39!"), ("c", b"c")]}
+    assert (await store.load(KEY, version - 1)).streams["h"][1] == ("b", b"b38!")
+
+
+# -- events ----------------------------------------------------------------------------
+
+
+async def test_events_reach_subscribers(rstore: RedisStore) -> None:
+    async with rstore.subscribe() as events:
+        a = await rstore.acquire(KEY, "worker-a", ttl=60)
+        await commit_items(rstore, a, 0, "a")
+        b = await rstore.acquire(KEY, "worker-b", ttl=60, takeover=True)
+        await rstore.publish(KEY, "paused", version=1, by="test")
+
+        got = [await asyncio.wait_for(events.__anext__(), 5) for _ in range(3)]
+    committed, taken, paused = got
+    assert committed["event"] == "committed"
+    assert (committed["key"], committed["version"], committed["epoch"]) == (KEY, 1, a.epoch)
+    assert taken == {
+        "event": "taken_over",
+        "key": KEY,
+        "epoch": b.epoch,
+        "owner": "worker-b",
+        "previous_owner": "worker-a",
+    }
+    assert paused == {"event": "paused", "key": KEY, "version": 1, "by": "test"}
+
+
+# -- TTL -------------------------------------------------------------------------------
+
+
+async def test_ttl_is_a_real_pexpire_on_every_key(real_store: RedisStore) -> None:
+    store = RedisStore.from_url(_url_of(real_store), namespace="ttl" + uuid.uuid4().hex[:6], ttl=30)
+    try:
+        client = raw(store)
+        lease = await store.acquire(KEY, "worker-a")
+        await commit_items(store, lease, 0, "a")
+        await commit_items(store, lease, 1, "b")
+        keys = await server_keys(store, f"{store._namespace}:{{*")
+        assert len(keys) == 4
+        for k in keys:
+            assert 25_000 < await client.pttl(k) <= 30_000
+
+        short = RedisStore.from_url(_url_of(real_store), namespace=store._namespace, ttl=0.3)
+        try:
+            await short.renew(lease)  # moves every key's deadline to 0.3 s
+
+            async def gone() -> bool:
+                return not await server_keys(store, f"{store._namespace}:{{*")
+
+            await eventually(gone, "redis expired the session's keys")
+            assert await short.keys() == []
+        finally:
+            await short.aclose()
+    finally:
+        await store.aclose()
+
+
+def _url_of(store: RedisStore) -> str:
+    client = raw(store)
+    if isinstance(client, RedisCluster):
+        return "redis+cluster://" + ",".join(client.nodes_manager.startup_nodes)
+    kw = client.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/0"
+
+
+async def test_without_ttl_keys_do_not_expire(real_store: RedisStore) -> None:
+    lease = await real_store.acquire(KEY, "worker-a")
+    await commit_items(real_store, lease, 0, "a")
+    for k in await server_keys(real_store, f"{real_store._namespace}:*"):
+        assert await raw(real_store).pttl(k) == -1
+
+
+async def test_index_forgets_expired_and_vanished_sessions(real_store: RedisStore) -> None:
+    ns = real_store._namespace
+    store = RedisStore.from_url(_url_of(real_store), namespace=ns, ttl=0.5)
+    try:
+        for key in ("one", "two"):
+            await store.acquire(key, "worker-a")
+        assert await store.keys() == ["one", "two"]
+        await raw(store).delete(store._head_key("one"))  # as if a delete died half-way
+        assert await store.keys() == ["two"]
+
+        async def collected() -> bool:
+            await store.acquire("three", "worker-a")  # every index write collects
+            members = await raw(store).zrange(f"{ns}:sessions", 0, -1)
+            return sorted(members) == [b"three"]
+
+        await eventually(collected, "dead members left the index")
+    finally:
+        await store.aclose()
+
+
+# -- two workers racing in two processes -----------------------------------------------
+
+RACE_SECONDS = 3.0
+RACE_MAX_LOOPS = 3000
+
+
+async def _race_worker(url: str, namespace: str, key: str, name: str, seed: int) -> dict[str, Any]:
+    """One worker: takes the key over now and then and commits in between, each commit
+    one item ``v<version>`` whose data names the worker and epoch, plus edits of a
+    status item so the log outgrows the live items and compaction runs."""
+    store = RedisStore.from_url(url, namespace=namespace, keep=100_000)
+    rng = random.Random(seed)
+    accepted: list[tuple[int, int]] = []
+    acquired: list[tuple[int, float]] = []  # (epoch, server time it was granted)
+    refused = 0
+    lease: Lease | None = None
+    print("ready", flush=True)
+    sys.stdin.readline()  # both start together
+    deadline = time.monotonic() + RACE_SECONDS
+    loops = 0
+    try:
+        while time.monotonic() < deadline and loops < RACE_MAX_LOOPS:
+            loops += 1
+            if lease is None or rng.random() < 0.1:
+                lease = await store.acquire(key, name, ttl=30, takeover=True)
+                acquired.append((lease.epoch, lease.expires_at - 30))
+            try:
+                base = await store.load(key)
+                version, tail, size = base.version, base.streams["h"][-1][0], len(base.streams["h"])
+            except SnapshotNotFound:
+                version, tail, size = 0, None, 0
+            item = f"v{version + 1}"
+            records = [Record("h", item, f"{name}:{lease.epoch}".encode(), tail)]
+            records += [Record("s", "status", os.urandom(8)) for _ in range(3)]
+            head = json.dumps({"worker": name, "epoch": lease.epoch, "version": version + 1})
+            try:
+                got = await store.commit(
+                    Commit(key, lease.epoch, version, head.encode(), records, size + 2)
+                )
+            except LeaseLost:
+                refused += 1
+                lease = None
+                await asyncio.sleep(rng.uniform(0.005, 0.03))  # let the other one write
+                continue
+            accepted.append((got, lease.epoch))
+            await asyncio.sleep(rng.uniform(0, 0.002))
+    finally:
+        await store.aclose()
+    return {"accepted": accepted, "acquired": acquired, "refused": refused, "loops": loops}
+
+
+def _race_main() -> None:  # entry point of a worker process
+    url, namespace, key, name, seed = sys.argv[1:6]
+    result = asyncio.run(_race_worker(url, namespace, key, name, int(seed)))
+    print(json.dumps(result), flush=True)
+
+
+@pytest.mark.slow
+async def test_two_worker_processes_racing_never_accept_a_stale_write(
+    real_store: RedisStore,
+) -> None:
+    url, ns, key = _url_of(real_store), real_store._namespace, "contested-room"
+    code = "from tests.test_redis import _race_main; _race_main()"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            url,
+            ns,
+            key,
+            name,
+            str(seed),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+            env=env,
+        )
+        for seed, name in enumerate(["worker-a", "worker-b"])
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            assert (await asyncio.wait_for(p.stdout.readline(), 60)).strip() == b"ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            await p.stdin.drain()
+        outs = [await asyncio.wait_for(p.communicate(), 60) for p in procs]
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+    for p in procs:
+        assert p.returncode == 0
+    results = dict(
+        zip(
+            ["worker-a", "worker-b"], [json.loads(o[0].splitlines()[-1]) for o in outs], strict=True
+        )
+    )
+
+    by_version: dict[int, tuple[str, int]] = {}
+    granted: dict[int, float] = {}
+    for name, result in results.items():
+        assert result["accepted"] and result["refused"]  # both won and lost some rounds
+        for version, epoch in result["accepted"]:
+            assert version not in by_version, f"version {version} accepted twice"
+            by_version[version] = (name, epoch)
+    for name, result in results.items():
+        other = next(r for n, r in results.items() if n != name)
+        theirs = {e for e, _ in other["acquired"]}
+        for epoch, at in result["acquired"]:
+            assert epoch not in theirs, f"epoch {epoch} granted to both workers"
+            granted[epoch] = min(at, granted.get(epoch, at))
+        # A worker's accepted commits carry epochs it was granted.
+        assert {e for _, e in result["accepted"]} <= {e for e, _ in result["acquired"]}
+    assert len(granted) > 4  # takeovers really interleaved
+
+    # The stored history is exactly what the workers were told was accepted.
+    listed = await real_store.versions(key)
+    assert [(v.version, v.epoch) for v in listed] == [
+        (v, by_version[v][1]) for v in sorted(by_version)
+    ]
+    assert sorted(by_version) == list(range(1, len(by_version) + 1))
+    epochs = [v.epoch for v in listed]
+    assert epochs == sorted(epochs)  # no stale epoch after a newer one
+    for v in listed:
+        # Accepted only while its epoch was current: no newer epoch had been granted.
+        # (Both times are the server's clock; 5 us absorbs float rounding of expires-ttl.)
+        newer = [at for e, at in granted.items() if e > v.epoch]
+        assert not newer or min(newer) > v.created_at - 5e-6, f"version {v.version} was stale"
+
+    # Every version loads whole: its own item after everything before it.
+    for v in listed:
+        stored = await real_store.load(key, v.version)
+        name, epoch = by_version[v.version]
+        assert json.loads(stored.head) == {"worker": name, "epoch": epoch, "version": v.version}
+        assert [i for i, _ in stored.streams["h"]] == [f"v{n}" for n in range(1, v.version + 1)]
+        assert [d for _, d in stored.streams["h"]] == [
+            f"{by_version[n][0]}:{by_version[n][1]}".encode() for n in range(1, v.version + 1)
+        ]
+
+
+async def test_replica_after_failover_is_store_unavailable(
+    disposable_redis: RedisServer,
+) -> None:
+    """A name still pointing at a demoted primary answers READONLY: retried, then
+    StoreUnavailable naming it; reads still work."""
+    store = RedisStore.from_url(disposable_redis.url, namespace="ro", retries=1)
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        await commit_items(store, lease, 0, "a")
+        disposable_redis.cli("replicaof", "127.0.0.1", str(free_port()))  # a primary that is gone
+        with pytest.raises(StoreUnavailable, match=r"READONLY|read only"):
+            await commit_items(store, lease, 1, "b")
+        assert (await store.load(KEY)).version == 1
+    finally:
+        await store.aclose()
+
+
+async def test_script_errors_on_foreign_data_surface_as_corrupt(rstore: RedisStore) -> None:
+    """A Redis error raised inside a script (here WRONGTYPE, reading a version record
+    that is a string) comes back with its code and is reported as SnapshotCorrupt."""
+    lease = await rstore.acquire(KEY, "worker-a")
+    await commit_items(rstore, lease, 0, "a")
+    prefix = rstore._head_key(KEY)[: -len("head")]
+    await raw(rstore).delete(prefix + "v:1")
+    await raw(rstore).set(prefix + "v:1", "not a hash")
+    stale = Commit(KEY, lease.epoch, 0, b"h", [Record("h", "x", b"x")], 1)
+    with pytest.raises(SnapshotCorrupt, match="WRONGTYPE"):
+        await rstore.commit(stale)  # checks whether v:1 is its own earlier attempt
