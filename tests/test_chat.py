@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from livekit import rtc
 from livekit.agents import llm
@@ -771,3 +771,45 @@ def test_non_mapping_item_raises(bad: Any) -> None:
 def test_non_list_items_raise() -> None:
     with pytest.raises(SnapshotCorrupt, match="not a list"):
         ctx_from_data({"items": []})  # type: ignore[arg-type]
+
+
+# -- through the whole snapshot path: Snapshot -> frames -> Snapshot -> ChatContext ---------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ctx=chat_contexts(), signed=st.booleans(), parts=st.booleans())
+def test_snapshot_bytes_roundtrip_restores_an_equivalent_context(
+    ctx: llm.ChatContext, signed: bool, parts: bool
+) -> None:
+    from livekit_resume.snapshot.codec import Codec
+    from livekit_resume.snapshot.model import AgentFrame, Snapshot
+
+    # LiveKit gives every item a unique id; the store keys the items of a stream by it
+    assume(not parts or len({i.id for i in ctx.items}) == len(ctx.items))
+    codec = Codec(signing_keys="k:" + base64.b64encode(b"s" * 32).decode() if signed else None)
+    items = ctx_to_data(ctx)
+    snap = Snapshot(
+        key="room-p", history=items, agent=AgentFrame(agent_id="a", chat_ctx=items[-3:])
+    )
+    if parts:
+        streams = {
+            "history": [(i["id"], codec.encode_item("room-p", "history", i)) for i in items],
+            "agent": [
+                (i["id"], codec.encode_item("room-p", "agent", i, ref=True)) for i in items[-3:]
+            ],
+        }
+        back = codec.decode_parts("room-p", codec.encode_head(snap), streams)
+    else:
+        back = codec.decode(codec.encode(snap))
+    assert back == snap
+    restored = ctx_from_data(back.history)
+    assert ctx.is_equivalent(restored)
+    for before, after in zip(ctx.items, restored.items, strict=True):
+        assert (after.id, after.type, after.created_at) == (
+            before.id,
+            before.type,
+            before.created_at,
+        )
+        assert getattr(after, "role", None) == getattr(before, "role", None)
+        assert getattr(after, "extra", None) == getattr(before, "extra", None)
+        assert after.model_dump() == before.model_dump()

@@ -107,6 +107,15 @@ class StreamTracker:
             if digests.get(items[i].id) != d:
                 put(i, data, d)
         # everything from the first divergence on is (re)placed in order
+        placed = {items[i].id for i in range(first, n_new)}
+        if len(placed) != n_new - first or (
+            first == n_old and not placed.isdisjoint(self._digests)
+        ):
+            # the store keys items by id: two items with one id would fold into one
+            raise ValueError(
+                f"{self.stream} holds two chat items with the same id; LiveKit gives each "
+                "item a unique id, so a context built by hand must do the same"
+            )
         for i in range(first, n_new):
             data = convert(items[i])
             put(i, data, digest(data))

@@ -117,29 +117,27 @@ class MemoryStore:
         if commit.base_version != head_version:
             raise head_moved_error(commit, head_version)
         log = s.logs.setdefault(s.gen, [])
-        log.extend(commit.records)
+        if needs_compaction(len(log) + len(commit.records), commit.size):
+            # folded before anything changes: a damaged log refuses the commit whole
+            folded = records_from_streams(fold_records([*log, *commit.records], commit.key))
+            s.gen += 1
+            s.logs[s.gen] = folded
+        else:
+            log.extend(commit.records)
+        gen, log_end = s.gen, len(s.logs[s.gen])
         version = head_version + 1
         written = len(commit.head) + sum(len(r.data or b"") for r in commit.records)
         s.versions.append(
             _Version(
-                version, commit.epoch, now, commit.head, s.gen, len(log), written, dict(commit.info)
+                version, commit.epoch, now, commit.head, gen, log_end, written, dict(commit.info)
             )
         )
-        if needs_compaction(len(log), commit.size):
-            self._compact(commit.key, s)
         del s.versions[: -self._keep]
         live_gens = {v.gen for v in s.versions}
-        for gen in [g for g in s.logs if g not in live_gens]:
-            del s.logs[gen]
+        for unused in [g for g in s.logs if g not in live_gens]:
+            del s.logs[unused]
         s.touched_at = now
         return version
-
-    def _compact(self, key: str, s: _Session) -> None:
-        top = s.versions[-1]
-        folded = fold_records(s.logs[top.gen][: top.log_end], key)
-        s.gen += 1
-        s.logs[s.gen] = records_from_streams(folded)
-        top.gen, top.log_end = s.gen, len(s.logs[s.gen])
 
     async def load(self, key: str, version: int | None = None) -> Stored:
         s = self._get(key)

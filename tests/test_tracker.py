@@ -1,0 +1,113 @@
+"""The checkpoint diff: whatever LiveKit does to a context, the folded records equal it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from livekit.agents import llm
+
+from livekit_resume.agent_hooks.tracker import EDIT_WINDOW, StreamTracker
+from livekit_resume.snapshot.chat import item_from_data, item_to_data
+from livekit_resume.snapshot.codec import Codec
+from livekit_resume.stores.base import Record, fold_records
+
+CODEC = Codec()
+
+
+def encode(item: llm.ChatItem, data: dict[str, Any], _digest: bytes) -> bytes:
+    return CODEC.encode_item("k", "history", data)
+
+
+def decoded(streams: dict[str, list[tuple[str, bytes]]]) -> list[dict[str, Any]]:
+    return [CODEC.unpack(b)[1] for _, b in streams.get("history", [])]
+
+
+class Replay:
+    """What a store holds: every committed record, folded on demand."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def state(self) -> list[dict[str, Any]]:
+        return decoded(fold_records(self.records))
+
+
+def msg(n: int) -> llm.ChatMessage:
+    return llm.ChatMessage(id=f"item_{n}", role="user", content=[f"text {n}"], created_at=n)
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["append", "insert", "remove", "replace", "edit_recent", "noop"]),
+        st.integers(min_value=0, max_value=1000),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=ops, commit_every=st.integers(min_value=1, max_value=4))
+def test_folded_records_always_equal_the_live_context(
+    ops: list[tuple[str, int]], commit_every: int
+) -> None:
+    tracker = StreamTracker("history")
+    store = Replay()
+    live: list[llm.ChatItem] = [msg(i) for i in range(3)]
+    fresh = iter(range(100, 10_000))
+    for step, (op, n) in enumerate(ops):
+        if op == "append":
+            live.append(msg(next(fresh)))
+        elif op == "insert":
+            live.insert(n % (len(live) + 1), msg(next(fresh)))
+        elif op == "remove" and live:
+            live.pop(n % len(live))
+        elif op == "replace" and live:
+            i = n % len(live)  # LiveKit's _upsert_item: a new object under the same id
+            live[i] = live[i].model_copy(update={"content": [f"replaced {n}"]})
+        elif op == "edit_recent" and live:
+            # in place, within the window LiveKit edits (metrics, a final transcript)
+            i = len(live) - 1 - n % min(len(live), EDIT_WINDOW)
+            item = live[i]
+            assert isinstance(item, llm.ChatMessage)
+            item.metrics = {"e2e_latency": float(n)}
+        if step % commit_every == 0:
+            change = tracker.diff(live, item_to_data, encode)
+            store.records.extend(change.records)
+            tracker.accept(change)
+            assert store.state() == [item_to_data(i) for i in live]
+    change = tracker.diff(live, item_to_data, encode)
+    store.records.extend(change.records)
+    assert store.state() == [item_to_data(i) for i in live]
+    assert [item_from_data(d).id for d in store.state()] == [i.id for i in live]
+
+
+def test_an_unchanged_context_writes_nothing() -> None:
+    tracker = StreamTracker("history")
+    live: list[llm.ChatItem] = [msg(i) for i in range(50)]
+    tracker.accept(tracker.diff(live, item_to_data, encode))
+    assert tracker.diff(live, item_to_data, encode).records == []
+
+
+def test_appending_writes_only_the_new_items() -> None:
+    tracker = StreamTracker("history")
+    live: list[llm.ChatItem] = [msg(i) for i in range(500)]
+    tracker.accept(tracker.diff(live, item_to_data, encode))
+    live += [msg(900), msg(901)]
+    records = tracker.diff(live, item_to_data, encode).records
+    assert [(r.id, r.after) for r in records] == [
+        ("item_900", "item_499"),
+        ("item_901", "item_900"),
+    ]
+
+
+def test_two_items_with_one_id_are_refused() -> None:
+    tracker = StreamTracker("history")
+    live: list[llm.ChatItem] = [msg(1)]
+    tracker.accept(tracker.diff(live, item_to_data, encode))
+    live.append(msg(1).model_copy())
+    with pytest.raises(ValueError, match="same id"):
+        tracker.diff(live, item_to_data, encode)
