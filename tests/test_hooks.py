@@ -500,3 +500,19 @@ async def test_instructions_changed_at_run_time_are_restored(store: Store) -> No
     assert [m.text_content for m in model.requests[0].system_messages] == ["Speak only French."]
     await rs2.aclose()
     await s2.aclose()
+
+
+async def test_a_failed_commit_does_not_count_a_turn_twice() -> None:
+    flaky = FlakyStore(MemoryStore())
+    session, rs, _ = await start(flaky, ["hello", "one"])  # type: ignore[arg-type]
+    await session.run(user_input="a")
+    flaky.down = True
+    with pytest.raises(lr.StoreUnavailable):
+        await rs.checkpoint()
+    flaky.down = False
+    version = await rs.checkpoint()
+    stored = await flaky.inner.load(KEY)
+    snap = Codec().decode_parts(KEY, stored.head, stored.streams, version=stored.version)
+    assert snap.version == version and snap.meta.turn_count == 1
+    await rs.aclose()
+    await session.aclose()

@@ -5,8 +5,8 @@ versioned snapshots in a store (SQLite by default, Redis for clusters), so a pau
 session resumes instantly and a suspended, crashed or moved one is restored anywhere.
 """
 
-from .agent_hooks.registry import AgentRegistry
-from .agent_hooks.session import ResumableSession
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     IncompatibleSnapshot,
     LeaseLost,
@@ -22,6 +22,10 @@ from .errors import (
 from .snapshot.model import Snapshot
 from .stores.base import Store
 from .stores.url import open_store
+
+if TYPE_CHECKING:
+    from .agent_hooks.registry import AgentRegistry
+    from .agent_hooks.session import ResumableSession
 
 __all__ = [
     "AgentRegistry",
@@ -42,3 +46,17 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The hooks import livekit.agents (over a second of start-up): the command line and
+    # code that only reads stores do not pay for it until they touch the hooks.
+    if name == "AgentRegistry":
+        from .agent_hooks.registry import AgentRegistry
+
+        return AgentRegistry
+    if name == "ResumableSession":
+        from .agent_hooks.session import ResumableSession
+
+        return ResumableSession
+    raise AttributeError(f"module 'livekit_resume' has no attribute {name!r}")

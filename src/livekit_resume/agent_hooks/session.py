@@ -180,7 +180,9 @@ class ResumableSession:
             except SnapshotNotFound:
                 agent = default()
             else:
-                snap = self._codec.decode_parts(self._key, stored.head, stored.streams)
+                snap = self._codec.decode_parts(
+                    self._key, stored.head, stored.streams, version=stored.version
+                )
                 agent = await self._rebuild(session, snap, default)
                 self._version, self._resumed = stored.version, True
         except BaseException:
@@ -279,6 +281,7 @@ class ResumableSession:
             self._version = await self._store.commit(commit)
             self._history.accept(hist)
             self._agent_ctx.accept(agent)
+            self._turns = snap.meta.turn_count
             self._tracked_agent = self._current_agent(session)
         await self._publish_attributes()
         return self._version
@@ -289,7 +292,7 @@ class ResumableSession:
         # No await in here: history, agent and tool state are read as one moment.
         convert = self._convert
         hist = self._history.diff(session.history.items, convert, self._encoder(HISTORY, None))
-        self._turns += sum(
+        turns = self._turns + sum(
             1
             for d in hist.datas.values()
             if d.get("type") == "message"
@@ -328,7 +331,7 @@ class ResumableSession:
             reason=reason if reason in _REASONS else "manual",  # type: ignore[arg-type]
             state="active" if self._state == "closed" else self._state,
             writer=self._writer(),
-            meta=self._meta(session),
+            meta=self._meta(session, turns),
             agent=frame,
             userdata=self._dump_userdata(session),
             tool_calls=list(self._running.values()),
@@ -515,7 +518,7 @@ class ResumableSession:
             job_id=ctx.job.id if ctx else None,
         )
 
-    def _meta(self, session: AgentSession[Any]) -> SessionMeta:
+    def _meta(self, session: AgentSession[Any], turns: int) -> SessionMeta:
         ctx = get_job_context(required=False)
         room = self._room or (ctx.room if ctx else None)
         identity = None
@@ -531,7 +534,7 @@ class ResumableSession:
             participant_identity=identity,
             job_id=ctx.job.id if ctx else None,
             agent_name=agent.id if agent is not None else None,
-            turn_count=self._turns,
+            turn_count=turns,
             usage=usage if isinstance(usage, dict) else {"value": usage},
             extra=self._extra,
         )

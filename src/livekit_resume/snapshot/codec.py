@@ -269,10 +269,16 @@ class Codec:
         return self.pack(_REF if ref else item, context=_item_context(key, stream, item["id"]))
 
     def decode_parts(
-        self, key: str, head: bytes, streams: Mapping[str, Sequence[tuple[str, bytes]]]
+        self,
+        key: str,
+        head: bytes,
+        streams: Mapping[str, Sequence[tuple[str, bytes]]],
+        *,
+        version: int | None = None,
     ) -> Snapshot:
-        """Rebuild a snapshot from its head and its streams of item frames."""
-        version, data = self.unpack(head, context=key.encode())
+        """Rebuild a snapshot from its head and its streams of item frames. ``version`` is
+        the number the store gave it (a head is written before the store numbers it)."""
+        frame_version, data = self.unpack(head, context=key.encode())
         if not isinstance(data, dict):
             raise SnapshotCorrupt(f"session {key!r}: snapshot head is not a map")
         counts = data.pop("counts", None)
@@ -286,7 +292,9 @@ class Codec:
                 f"session {key!r}: snapshot lists {want} items but the store holds {got}; "
                 "the stored log is damaged"
             )
-        data = migrate_head(data, version)
+        data = migrate_head(data, frame_version)
+        if version is not None:
+            data["version"] = version
         data["history"] = history
         if isinstance(data.get("agent"), dict):
             data["agent"]["chat_ctx"] = agent_items
