@@ -8,6 +8,10 @@ from the repository root. It talks to its parent through stdout, one line per fa
     TURN <n> <version>     turn n is committed, up to its last item
     TOOL <call_id>         the slow tool is running (it never finishes)
     KILL_ME <version>      nothing more will be written: version is the last one
+    WAITING <pid>          (scenario zombie) alive, waiting for GO on stdin
+    LOG <message>          (scenario zombie) an error livekit_resume logged
+    LOST <bool>            (scenario zombie) whether autosave stopped on a lost lease
+    CHECKPOINT <result>    (scenario zombie) what an explicit checkpoint did
 
 After ``KILL_ME`` the store refuses to go further (commits hang), so the parent can
 SIGKILL the process at leisure and still know exactly which version is the last.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import uuid
@@ -27,7 +32,7 @@ from typing import Any
 from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
 from pydantic import BaseModel
 
-from livekit_resume import AgentRegistry, ResumableSession, open_store
+from livekit_resume import AgentRegistry, LeaseLost, ResumableSession, open_store
 from livekit_resume._demo import WatchedStore
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.base import Commit, Store
@@ -156,6 +161,28 @@ class _ReportingStore(WatchedStore):
         return self.versions_written[-1]
 
 
+class _Echo(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"LOG {record.getMessage()}", flush=True)
+
+
+async def zombie(session: AgentSession[Any], rs: ResumableSession) -> None:
+    """Stay alive while another process takes the session over, then keep talking."""
+    logging.getLogger("livekit_resume").addHandler(_Echo(level=logging.ERROR))
+    print(f"WAITING {os.getpid()}", flush=True)
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    assert line.strip() == "GO", line
+    await session.run(user_input="remember the zombie was here")
+    await asyncio.wait_for(rs._autosave.idle.wait(), SAVE_TIMEOUT)
+    print(f"LOST {rs._autosave.lost is not None}", flush=True)
+    try:
+        version = await rs.checkpoint()
+    except LeaseLost:
+        print("CHECKPOINT LeaseLost", flush=True)
+    else:
+        print(f"CHECKPOINT committed {version}", flush=True)
+
+
 async def main(store_url: str, key: str, scenario: str, kill_after: int) -> None:
     store = _ReportingStore(open_store(store_url), key)
     _model, session = build_session()
@@ -169,6 +196,10 @@ async def main(store_url: str, key: str, scenario: str, kill_after: int) -> None
         await session.run(user_input=text)
         await store.wait_saved(session.history.items[-1].id, timeout=SAVE_TIMEOUT)
         print(f"TURN {n} {store.versions_written[-1]}", flush=True)
+
+    if scenario == "zombie":
+        await zombie(session, rs)
+        return
 
     if scenario == "slow-tool":
         tool_started = asyncio.Event()
@@ -194,7 +225,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", required=True)
     parser.add_argument("--key", required=True)
-    parser.add_argument("--scenario", choices=("turns", "slow-tool"), default="turns")
+    parser.add_argument("--scenario", choices=("turns", "slow-tool", "zombie"), default="turns")
     parser.add_argument("--kill-after", type=int, default=2)
     args = parser.parse_args()
     try:

@@ -112,6 +112,7 @@ async def spawn(target: Target, key: str, *args: str) -> AsyncIterator[Child]:
         *args,
         cwd=ROOT,
         env=env,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -250,5 +251,37 @@ async def test_worker_killed_while_a_tool_runs_restores_it_as_interrupted(
         assert [i.type for i in in_request] == ["function_call", "function_call_output"]
         await rs.aclose()
         await session.aclose()
+    finally:
+        await store.aclose()
+
+
+async def test_live_worker_taken_over_by_another_process_is_fenced(target: Target) -> None:
+    """The first worker is alive (a zombie: frozen, partitioned, or it missed the move).
+    Another process takes over; the zombie's next autosave gets LeaseLost in its own task,
+    logs it, and writes nothing; the new owner carries on."""
+    key = f"zombie-{uuid.uuid4().hex[:8]}"
+    store = target.open()
+    try:
+        async with spawn(target, key, "--scenario", "zombie", "--kill-after", "1") as worker:
+            await worker.expect("TURN")
+            await worker.expect("WAITING")
+            _model, session, rs, agent = await take_over(store, key)
+            await session.start(agent)
+            taken = await store.versions(key)
+
+            assert worker.proc.stdin is not None
+            worker.proc.stdin.write(b"GO\n")
+            await worker.proc.stdin.drain()
+            assert await worker.expect("LOST") == ["True"]
+            assert any(line.startswith("LOG ") and "stale" in line for line in worker.lines)
+            assert await worker.expect("CHECKPOINT") == ["LeaseLost"]
+            assert await store.versions(key) == taken  # the zombie changed nothing
+            assert worker.proc.returncode is None or worker.proc.returncode == 0
+
+            await session.run(user_input="remember the new owner")
+            version = await rs.checkpoint()
+            assert version == taken[-1].version + 1
+            await rs.aclose()
+            await session.aclose()
     finally:
         await store.aclose()
