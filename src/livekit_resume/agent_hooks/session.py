@@ -47,7 +47,7 @@ from ..snapshot.model import (
 from ..stores.base import DEFAULT_LEASE_TTL, Commit, Lease, Record, Store, validate_key
 from .autosave import Autosave
 from .registry import AgentRegistry
-from .tracker import Change, StreamTracker
+from .tracker import Change, StreamTracker, digest
 
 __all__ = ["ResumableSession", "SessionState"]
 
@@ -132,7 +132,8 @@ class ResumableSession:
             renew_every=lease_ttl / 3,
         )
         self._listeners: list[tuple[EventTypes, Callable[..., None]]] = []
-        self._closing: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
+        self._fingerprint = b""
 
     # ------------------------------------------------------------ properties
 
@@ -260,7 +261,12 @@ class ResumableSession:
             if self._autosave.lost is not None:
                 raise self._autosave.lost
             lease, session = self._require()
-            snap, hist, agent, size = self._capture(session, reason)
+            snap, hist, agent, agent_obj = self._capture(session, reason)
+            # the time and the trigger alone are no news: an unchanged session is not
+            # committed again (the retained versions stay useful rollback points)
+            fingerprint = digest(snap.model_dump(mode="json", exclude={"created_at", "reason"}))
+            if not hist.records and not agent.records and fingerprint == self._fingerprint:
+                return self._version
             commit = Commit(
                 key=self._key,
                 epoch=lease.epoch,
@@ -269,7 +275,7 @@ class ResumableSession:
                     snap, counts={HISTORY: len(hist.objs), AGENT: len(agent.objs)}
                 ),
                 records=[*hist.records, *agent.records],
-                size=size,
+                size=len(hist.objs) + len(agent.objs),
                 info={
                     "state": snap.state,
                     "reason": snap.reason,
@@ -282,13 +288,14 @@ class ResumableSession:
             self._history.accept(hist)
             self._agent_ctx.accept(agent)
             self._turns = snap.meta.turn_count
-            self._tracked_agent = self._current_agent(session)
+            self._tracked_agent = agent_obj
+            self._fingerprint = fingerprint
         await self._publish_attributes()
         return self._version
 
     def _capture(
         self, session: AgentSession[Any], reason: str
-    ) -> tuple[Snapshot, Change, Change, int]:
+    ) -> tuple[Snapshot, Change, Change, Agent | None]:
         # No await in here: history, agent and tool state are read as one moment.
         convert = self._convert
         hist = self._history.diff(session.history.items, convert, self._encoder(HISTORY, None))
@@ -336,7 +343,7 @@ class ResumableSession:
             userdata=self._dump_userdata(session),
             tool_calls=list(self._running.values()),
         )
-        return snap, hist, agent_change, len(hist.objs) + len(agent_change.objs)
+        return snap, hist, agent_change, agent_obj
 
     def _convert(self, item: llm.ChatItem) -> ItemData:
         return item_to_data(item, media=self._media)
@@ -395,14 +402,26 @@ class ResumableSession:
 
     async def aclose(self) -> None:
         """Final save (unless suspended or the lease is lost) and release the lease.
-        Does not close the `AgentSession`; safe to call twice."""
-        if self._state == "closed":
-            return
+        Does not close the `AgentSession`. Safe to call twice, or from several places
+        (a shutdown callback and the session's own close) at once."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._aclose())
+        await asyncio.shield(self._closing)
+
+    async def _aclose(self) -> None:
         if self._session is not None and self._lease is not None and self._state != "suspended":
             try:
                 await self.checkpoint("close")
             except LeaseLost:
                 log.warning("session %r: final save refused, lease lost", self._key)
+            except Exception as e:
+                # nothing to retry with: the session is going away; the last autosave stands
+                log.error(
+                    "session %r: final save failed: %s",
+                    self._key,
+                    e,
+                    extra={"key": self._key, "version": self._version},
+                )
         await self._detach_and_release()
         self._state = "closed"
 
@@ -485,7 +504,7 @@ class ResumableSession:
 
         def on_close(_: CloseEvent) -> None:
             if self._state in ("active", "paused") and self._closing is None:
-                self._closing = asyncio.ensure_future(self.aclose())
+                self._closing = asyncio.ensure_future(self._aclose())
 
         handlers: list[tuple[EventTypes, Callable[..., None]]] = [
             ("conversation_item_added", on_item),
