@@ -517,3 +517,38 @@ async def test_a_failed_commit_does_not_count_a_turn_twice() -> None:
     assert snap.version == version and snap.meta.turn_count == 1
     await rs.aclose()
     await session.aclose()
+
+
+class RoomStandIn:
+    """The two things the hooks use of an `rtc.Room` (no LiveKit server here): its name and
+    participants, and the local participant's attributes."""
+
+    def __init__(self) -> None:
+        self.name = "room-with-clients"
+        self.remote_participants = {"caller-7": object()}
+        self.published: list[dict[str, str]] = []
+        self.local_participant = self
+
+    def isconnected(self) -> bool:
+        return True
+
+    async def set_attributes(self, attributes: dict[str, str]) -> None:
+        self.published.append(dict(attributes))
+
+
+async def test_state_is_published_as_participant_attributes(store: Store) -> None:
+    room = RoomStandIn()
+    session, rs, _ = await start(store, ["hello", "one"], room=room)
+    await session.run(user_input="a")
+    paused_at = await rs.pause()
+    assert room.published[-1] == {"resume.state": "paused", "resume.version": str(paused_at)}
+    await rs.resume()
+    assert room.published[-1]["resume.state"] == "active"
+    suspended_at = await rs.suspend()
+    assert room.published[-1] == {
+        "resume.state": "suspended",
+        "resume.version": str(suspended_at),
+    }
+    stored = await store.load(KEY)
+    snap = Codec().decode_parts(KEY, stored.head, stored.streams)
+    assert (snap.meta.room, snap.meta.participant_identity) == ("room-with-clients", "caller-7")
