@@ -243,6 +243,7 @@ async def test_unknown_agent_id_names_it_and_the_registered_ids(store: Store) ->
     with pytest.raises(lr.UnknownAgent, match="receptionist") as err:
         await rs.restore(session, default=Billing)
     assert err.value.registered == ["billing"]
+    assert session.history.items == []  # the caller's session is left as it was
     assert (await store.load(KEY)).version == version  # nothing stored changed
     # the failed restore released its lease: a correct worker restores at once
     s3, rs3, _ = await start(store, [], owner="w3")
@@ -263,6 +264,7 @@ async def test_userdata_that_no_longer_validates_names_the_field(store: Store) -
     rs = lr.ResumableSession(store, KEY, registry=registry(), userdata_type=VisitV2)
     with pytest.raises(lr.IncompatibleSnapshot, match="day"):
         await rs.restore(session, default=Receptionist)
+    assert session.history.items == []
 
 
 async def test_restore_while_another_worker_holds_the_lease_is_busy(store: Store) -> None:

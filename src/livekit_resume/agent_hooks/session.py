@@ -209,7 +209,22 @@ class ResumableSession:
     async def _rebuild(
         self, session: AgentSession[Any], snap: Snapshot, default: Callable[[], Agent]
     ) -> Agent:
+        # Everything that can fail runs before the session is touched: a refused restore
+        # leaves both the store and the caller's AgentSession as they were.
         history = ctx_from_data(snap.history).items
+        userdata: Any = None
+        if self._userdata is not None and snap.userdata is not None:
+            try:
+                userdata = self._userdata.validate_python(snap.userdata)
+            except ValidationError as e:
+                raise IncompatibleSnapshot(
+                    f"session {self._key!r} version {snap.version}: saved userdata no longer "
+                    f"validates against {self._userdata_type!r}: {e}"
+                ) from None
+        frame = snap.agent
+        agent = default() if frame is None else self._registry.build(frame.agent_id, frame.state)
+        saved = ctx_from_data(frame.chat_ctx) if frame is not None else None
+
         if session.history.items:
             session.history.insert(history)
         else:
@@ -217,23 +232,12 @@ class ResumableSession:
             session.history.items.extend(history)
         self._history.baseline(history, snap.history)
         self._turns = snap.meta.turn_count
-
-        if self._userdata is not None and snap.userdata is not None:
-            try:
-                session.userdata = self._userdata.validate_python(snap.userdata)
-            except ValidationError as e:
-                raise IncompatibleSnapshot(
-                    f"session {self._key!r} version {snap.version}: saved userdata no longer "
-                    f"validates against {self._userdata_type!r}: {e}"
-                ) from None
-
-        frame = snap.agent
-        if frame is None:
-            return default()
-        agent = self._registry.build(frame.agent_id, frame.state)
+        if userdata is not None:
+            session.userdata = userdata
+        if frame is None or saved is None:
+            return agent
         if frame.instructions is not None:
             await agent.update_instructions(_instructions_from(frame.instructions))  # type: ignore[arg-type]  # LiveKit accepts Instructions too
-        saved = ctx_from_data(frame.chat_ctx)
         self._agent_ctx.baseline(saved.items, frame.chat_ctx)
         repaired = saved.copy()
         repair_tool_calls(repaired, pending=snap.tool_calls)
