@@ -76,8 +76,14 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C4B5253
 
 # Primary result codes (the low byte of an extended code) meaning the file's bytes are bad.
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
+# Backoff for the SQLITE_BUSY answers SQLite's busy handler does not wait on: short first
+# (the conflict is a fresh file's WAL switch or a recovery, over in milliseconds).
+_BUSY_FIRST_PAUSE = 0.005
+_BUSY_MAX_PAUSE = 0.2
 _CORRUPT_WORDS = ("file is not a database", "malformed")
 
 _SCHEMA = """
@@ -193,15 +199,30 @@ class SQLiteStore:
             raise
 
     def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Runs on the store's thread: open the file if needed, run ``fn``, type errors."""
-        try:
-            if self._conn is None:
-                self._conn = self._open()
-            return fn(self._conn)
-        except sqlite3.ProgrammingError:
-            raise  # a bug in this module, not a state of the file
-        except sqlite3.DatabaseError as exc:
-            raise self._translate(exc) from exc
+        """Runs on the store's thread: open the file if needed, run ``fn``, type errors.
+
+        SQLite answers some lock conflicts with an immediate SQLITE_BUSY that its busy
+        handler never waits on (switching a fresh file to WAL while other processes open
+        it, WAL recovery, a read snapshot gone stale). Every ``fn`` is one whole
+        transaction, rolled back on error, so it is simply run again until
+        ``busy_timeout`` has passed.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        pause = _BUSY_FIRST_PAUSE
+        while True:
+            try:
+                if self._conn is None:
+                    self._conn = self._open()
+                return fn(self._conn)
+            except sqlite3.ProgrammingError:
+                raise  # a bug in this module, not a state of the file
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() + pause > deadline:
+                    raise self._translate(exc) from exc
+                time.sleep(pause)  # on the store's own thread, never the event loop
+                pause = min(pause * 2, _BUSY_MAX_PAUSE)
+            except sqlite3.DatabaseError as exc:
+                raise self._translate(exc) from exc
 
     def _translate(self, exc: sqlite3.Error) -> Exception:
         code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
@@ -606,6 +627,13 @@ class SQLiteStore:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             conn.close()
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 @contextlib.contextmanager
