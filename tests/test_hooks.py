@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
+from livekit.agents import Agent, AgentSession, AgentTask, RunContext, function_tool, llm
 from pydantic import BaseModel
 
 import livekit_resume as lr
@@ -554,3 +555,95 @@ async def test_state_is_published_as_participant_attributes(store: Store) -> Non
     stored = await store.load(KEY)
     snap = Codec().decode_parts(KEY, stored.head, stored.streams)
     assert (snap.meta.room, snap.meta.participant_identity) == ("room-with-clients", "caller-7")
+
+
+class AskEmail(AgentTask[str]):
+    def __init__(self) -> None:
+        super().__init__(instructions="Ask for the caller's email address.")
+
+    async def on_enter(self) -> None:
+        self.session.generate_reply(instructions="ask for the email")
+
+    @function_tool
+    async def record_email(self, ctx: RunContext[Visit], email: str) -> None:
+        """Record the email address."""
+        self.complete(email)
+
+
+class Newsletter(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="You sign callers up for the newsletter.")
+
+    @function_tool
+    async def subscribe(self, ctx: RunContext[Visit]) -> str:
+        """Subscribe the caller to the newsletter."""
+        email = await AskEmail()
+        return f"subscribed {email}"
+
+
+async def test_a_running_agent_task_is_saved_as_its_parent_and_the_call_as_interrupted(
+    store: Store,
+) -> None:
+    reg = lr.AgentRegistry()
+    reg.register(Newsletter)
+    model = ScriptedLLM(
+        [[ToolCall("subscribe", call_id="call_sub")], "What is your email address?"],
+        default="ok",
+    )
+    session: AgentSession[Visit] = AgentSession(llm=model, userdata=Visit())
+    rs = lr.ResumableSession(store, KEY, registry=reg, userdata_type=Visit, autosave=False)
+    await session.start(await rs.restore(session, default=Newsletter))
+    entered = asyncio.Event()
+    session.on(
+        "agent_state_changed",
+        lambda ev: entered.set() if isinstance(session.current_agent, AskEmail) else None,
+    )
+    run = asyncio.ensure_future(session.run(user_input="sign me up"))
+    await asyncio.wait_for(entered.wait(), 5)
+    await asyncio.wait_for(model.wait_for_requests(2), 5)  # the task asked its question
+    assert isinstance(session.current_agent, AskEmail)
+
+    await rs.checkpoint("tool")  # a task is live code: its parent is what gets saved
+    stored = await store.load(KEY)
+    snap = Codec().decode_parts(KEY, stored.head, stored.streams)
+    assert snap.agent is not None
+    assert (snap.agent.agent_id, snap.agent.task) == ("newsletter", "AskEmail")
+    assert [t.call_id for t in snap.tool_calls] == ["call_sub"]
+    run.cancel()
+    await rs._detach_and_release()  # the process dies here
+    await session.aclose()
+
+    model2 = ScriptedLLM(["Sorry, could you repeat your email?"])
+    s2: AgentSession[Visit] = AgentSession(llm=model2, userdata=Visit())
+    rs2 = lr.ResumableSession(store, KEY, registry=reg, userdata_type=Visit, autosave=False)
+    agent = await rs2.restore(s2, default=Newsletter)
+    assert type(agent) is Newsletter  # a defined agent, never half a task
+    await s2.start(agent)
+    await s2.run(user_input="hello?")
+    items = model2.requests[0].items
+    out = next(i for i in items if i.type == "function_call_output" and i.call_id == "call_sub")
+    assert out.output == INTERRUPTED_OUTPUT
+    await rs2.aclose()
+    await s2.aclose()
+
+
+async def test_signed_and_encrypted_session_restores_and_stores_no_plaintext(
+    store: Store,
+) -> None:
+    keys = {
+        "signing_keys": "s1:" + base64.b64encode(b"k" * 32).decode(),
+        "encryption_keys": "e1:" + base64.b64encode(b"e" * 32).decode(),
+    }
+    s1, rs1, _ = await start(store, ["Hello", "Your secret is safe."], **keys)
+    await s1.run(user_input="my secret is swordfish")
+    await rs1.suspend()
+    stored = await store.load(KEY)
+    raw = stored.head + b"".join(b for items in stored.streams.values() for _, b in items)
+    assert b"swordfish" not in raw and b"Ada" not in raw
+    with pytest.raises(lr.SignatureMismatch):  # a worker without the keys cannot read it
+        await start(store, [])
+    s2, rs2, model = await start(store, ["I remember."], **keys)
+    await s2.run(user_input="what was my secret?")
+    assert "my secret is swordfish" in model.requests[0].texts("user")
+    await rs2.aclose()
+    await s2.aclose()

@@ -62,11 +62,15 @@ class StoreUnavailable(ResumeError, ConnectionError):
 class UnknownAgent(ResumeError, LookupError):
     """A snapshot names an agent id that is not registered."""
 
-    def __init__(self, agent_id: str, registered: list[str]) -> None:
+    def __init__(self, agent_id: str, registered: list[str], *, saving: bool = False) -> None:
+        known = ", ".join(sorted(registered)) or "none"
         super().__init__(
-            f"snapshot names agent id {agent_id!r}, which is not registered "
-            f"(registered: {', '.join(sorted(registered)) or 'none'}); "
-            "register the class with AgentRegistry.register() before restoring"
+            f"the current agent {agent_id} is not registered (registered: {known}); "
+            "register its class with AgentRegistry.register() so that it can be saved"
+            if saving
+            else f"snapshot names agent id {agent_id!r}, which is not registered "
+            f"(registered: {known}); register the class with AgentRegistry.register() "
+            "before restoring"
         )
         self.agent_id = agent_id
         self.registered = sorted(registered)

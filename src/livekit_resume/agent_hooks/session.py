@@ -193,6 +193,7 @@ class ResumableSession:
             raise
         self._session = session
         self._state = "active"
+        self._last_agent = agent  # the parent to save should an AgentTask run before a save
         self._attach(session)
         if self._autosave_enabled:
             self._autosave.start()
@@ -321,7 +322,7 @@ class ResumableSession:
                 agent_obj = self._last_agent  # a task is live code, not data: save its parent
                 agent_id = self._registry.id_of(agent_obj)
             if agent_id is None:
-                raise UnknownAgent(type(agent_obj).__qualname__, self._registry.ids)
+                raise UnknownAgent(type(agent_obj).__qualname__, self._registry.ids, saving=True)
             if agent_obj is not self._tracked_agent:
                 self._agent_ctx.reset()  # a handoff: the new agent's context replaces the old
             agent_change = self._agent_ctx.diff(
@@ -485,7 +486,13 @@ class ResumableSession:
 
     def _attach(self, session: AgentSession[Any]) -> None:
         def on_item(ev: ConversationItemAddedEvent) -> None:
-            self._autosave.trigger("handoff" if ev.item.type == "agent_handoff" else "turn")
+            if ev.item.type == "agent_handoff":
+                agent = self._current_agent(session)
+                if agent is not None and self._registry.id_of(agent) is not None:
+                    self._last_agent = agent
+                self._autosave.trigger("handoff")
+            else:
+                self._autosave.trigger("turn")
 
         def on_tools(_: FunctionToolsExecutedEvent) -> None:
             self._autosave.trigger("tool")
