@@ -29,6 +29,7 @@ from livekit.agents.voice.events import (
     ToolCallStarted,
     ToolExecutionUpdatedEvent,
 )
+from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_jsonable_python
 
@@ -52,6 +53,7 @@ from .tracker import Change, StreamTracker, digest
 __all__ = ["ResumableSession", "SessionState"]
 
 log = logging.getLogger("livekit_resume")
+tracer = trace.get_tracer("livekit_resume")
 
 SessionState = Literal["active", "paused", "suspended", "closed"]
 
@@ -172,6 +174,17 @@ class ResumableSession:
         """
         if self._session is not None:
             raise RuntimeError(f"session {self._key!r} was already restored")
+        with tracer.start_as_current_span(
+            "livekit_resume.restore", attributes={"livekit_resume.key": self._key}
+        ) as span:
+            agent = await self._restore(session, default, takeover)
+            span.set_attribute("livekit_resume.version", self._version)
+            span.set_attribute("livekit_resume.resumed", self._resumed)
+        return agent
+
+    async def _restore(
+        self, session: AgentSession[Any], default: Callable[[], Agent], takeover: bool
+    ) -> Agent:
         self._lease = await self._store.acquire(
             self._key, self._owner, ttl=self._lease_ttl, takeover=takeover
         )
@@ -262,6 +275,16 @@ class ResumableSession:
         Raises `LeaseLost` when another worker took the session over (nothing is
         written), `StoreUnavailable` when the store cannot be reached.
         """
+        with tracer.start_as_current_span(
+            "livekit_resume.checkpoint",
+            attributes={"livekit_resume.key": self._key, "livekit_resume.reason": reason},
+        ) as span:
+            version = await self._checkpoint(reason)
+            span.set_attribute("livekit_resume.version", version)
+        await self._publish_attributes()
+        return version
+
+    async def _checkpoint(self, reason: str) -> int:
         async with self._lock:
             if self._autosave.lost is not None:
                 raise self._autosave.lost
@@ -295,8 +318,7 @@ class ResumableSession:
             self._turns = snap.meta.turn_count
             self._tracked_agent = agent_obj
             self._fingerprint = fingerprint
-        await self._publish_attributes()
-        return self._version
+            return self._version
 
     def _capture(
         self, session: AgentSession[Any], reason: str
