@@ -618,6 +618,27 @@ async def test_delete_removes_every_trace(make_store: StoreFactory) -> None:
     await fresh.check(1)
 
 
+async def test_a_worker_of_a_deleted_session_stays_fenced_when_it_is_created_again(
+    make_store: StoreFactory,
+) -> None:
+    store = await make_store()
+    zombie = await writer(store, KEY, "worker-z")
+    zombie.append("h", "z1", b"z")
+    await zombie.commit()
+    assert await store.delete(KEY) is True  # an operator's rm, or the session's TTL
+    # epochs of a new life start from the clock in milliseconds; a real former life ended
+    # far longer ago than the one tick this waits for
+    await asyncio.sleep(0.01)
+    again = await writer(store, KEY, "worker-b")
+    assert again.lease.epoch > zombie.lease.epoch  # epochs are never handed out twice
+    # even with a base version that happens to match, the old epoch is refused
+    with pytest.raises(LeaseLost):
+        await store.commit(Commit(KEY, zombie.lease.epoch, 0, b"zombie", [], 0))
+    again.append("h", "b1", b"b")
+    assert await again.commit() == 1
+    await again.check(1)
+
+
 async def test_many_keys_are_listed_sorted(make_store: StoreFactory) -> None:
     store = await make_store()
     rng = random.Random(3)

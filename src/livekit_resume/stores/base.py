@@ -40,6 +40,7 @@ __all__ = [
     "Store",
     "Stored",
     "busy_error",
+    "epoch_floor",
     "fold_records",
     "head_moved_error",
     "lease_is_live",
@@ -248,6 +249,16 @@ def fold_records(records: Iterable[Record], key: str = "?") -> dict[str, list[tu
                 ) from None
         data[rec.id] = rec.data
     return {name: [(i, data[i]) for i in order] for name, (order, data) in streams.items()}
+
+
+def epoch_floor(now: float) -> int:
+    """The epoch a session that does not exist yet is considered to be at.
+
+    Epochs start from the clock in milliseconds, not from 0: a session deleted or expired
+    and then created again never hands out an epoch that a worker of its former life
+    may still hold, so that worker's fencing stays in force.
+    """
+    return int(now * 1000)
 
 
 def needs_compaction(log_len: int, size: int) -> bool:

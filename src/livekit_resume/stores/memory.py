@@ -20,6 +20,7 @@ from .base import (
     SnapshotInfo,
     Stored,
     busy_error,
+    epoch_floor,
     fold_records,
     head_moved_error,
     lease_is_live,
@@ -86,7 +87,7 @@ class MemoryStore:
         self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
     ) -> Lease:
         now = self._clock()
-        s = self._get(key) or self._sessions.setdefault(key, _Session())
+        s = self._get(key) or self._sessions.setdefault(key, _Session(epoch=epoch_floor(now)))
         live = lease_is_live(s.lease_expires_at, now)
         if not (live and s.owner == owner):
             if live and s.owner is not None and not takeover:

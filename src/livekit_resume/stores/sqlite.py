@@ -53,6 +53,7 @@ from .base import (
     SnapshotInfo,
     Stored,
     busy_error,
+    epoch_floor,
     fold_records,
     head_moved_error,
     lease_is_live,
@@ -371,7 +372,7 @@ class SQLiteStore:
         with _write(conn):
             now = self._clock()
             s = self._session(conn, key, now)
-            epoch = s.epoch if s else 0
+            epoch = s.epoch if s else epoch_floor(now)
             live = s is not None and lease_is_live(s.lease_expires_at, now)
             if not (live and s is not None and s.owner == owner):
                 if live and s is not None and s.owner is not None and not takeover:

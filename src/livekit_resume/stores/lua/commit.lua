@@ -30,7 +30,7 @@ local function main()
   -- checks done: from here on every call succeeds
   local len
   if #ARGV >= 13 then len = push_all(lk, 13, #ARGV) else len = redis.call('LLEN', lk) end
-  redis.call('HSET', vk, 'epoch', epoch, 'created', fmt(NOW), 'head', ARGV[7],
+  redis.call('HSET', vk, 'epoch', fmt(epoch), 'created', fmt(NOW), 'head', ARGV[7],
     'info', ARGV[8], 'gen', s.gen, 'end', len, 'size', ARGV[9], 'cid', ARGV[6])
   s.version = version
   s.touched = NOW

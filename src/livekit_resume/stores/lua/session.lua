@@ -73,11 +73,14 @@ local function read_head()
 end
 
 local function new_head()
-  return {epoch = 0, version = 0, oldest = 1, gen = 0, gen_lo = 0, touched = NOW}
+  -- epochs start from the clock in milliseconds (see base.epoch_floor): a session created
+  -- again after a delete or an expiry never reissues an epoch of its former life
+  return {epoch = math.floor(NOW * 1000), version = 0, oldest = 1, gen = 0, gen_lo = 0,
+          touched = NOW}
 end
 
 local function write_head(s)
-  redis.call('HSET', HEAD, 'epoch', s.epoch, 'version', s.version, 'oldest', s.oldest,
+  redis.call('HSET', HEAD, 'epoch', fmt(s.epoch), 'version', s.version, 'oldest', s.oldest,
     'gen', s.gen, 'gen_lo', s.gen_lo, 'touched', fmt(s.touched))
 end
 
