@@ -213,7 +213,8 @@ def test_history_lists_retained_versions(url: str, key: str) -> None:
     assert [r["version"] for r in rows] == [1, 2, 3]
     assert [r["reason"] for r in rows] == ["turn", "turn", "suspend"]
     assert rows[-1]["state"] == "suspended"
-    assert all(r["bytes"] > 0 and r["epoch"] == 1 for r in rows)
+    assert all(r["bytes"] > 0 for r in rows)
+    assert len({r["epoch"] for r in rows}) == 1  # one worker wrote them all
     table = run(url, "history", key)
     assert table.exit_code == 0 and "suspend" in table.stdout
 
