@@ -647,3 +647,22 @@ async def test_signed_and_encrypted_session_restores_and_stores_no_plaintext(
     assert "my secret is swordfish" in model.requests[0].texts("user")
     await rs2.aclose()
     await s2.aclose()
+
+
+async def test_autosave_renews_the_lease_past_its_ttl(store: Store) -> None:
+    session, rs, _ = await start(store, ["hello"], autosave=True, lease_ttl=0.6)
+    first = await store.info(KEY)
+    assert first is not None and first.lease_expires_at is not None
+    await asyncio.sleep(1.5)  # time itself is what is tested: 2.5 lease lifetimes pass
+    info = await store.info(KEY)
+    assert info is not None and info.owner == "w1"
+    assert info.lease_expires_at is not None and info.lease_expires_at > first.lease_expires_at
+    other: AgentSession[Visit] = AgentSession(llm=ScriptedLLM([]))
+    rival = lr.ResumableSession(store, KEY, registry=registry(), owner="w2")
+    with pytest.raises(lr.SessionBusy):
+        await rival.restore(other, default=Receptionist)
+    await rs.aclose()  # released: the next worker gets it at once
+    assert (await store.info(KEY)).owner is None  # type: ignore[union-attr]
+    await rival.restore(other, default=Receptionist)
+    await rival.aclose()
+    await session.aclose()
