@@ -666,3 +666,22 @@ async def test_autosave_renews_the_lease_past_its_ttl(store: Store) -> None:
     await rival.restore(other, default=Receptionist)
     await rival.aclose()
     await session.aclose()
+
+
+async def test_history_item_removed_while_the_agent_keeps_it_restores_whole(
+    store: Store,
+) -> None:
+    session, rs, _ = await start(store, ["hello", "one", "two"])
+    await session.run(user_input="first question")
+    await session.run(user_input="second question")
+    await rs.checkpoint()  # the agent's copy of each message is stored as a reference
+    first = next(m for m in session.history.messages() if m.text_content == "first question")
+    session.history.remove(first)  # the application trims its history, not the agent's
+    await rs.suspend()
+
+    s2, rs2, model = await start(store, ["still here"])
+    assert first.id not in [i.id for i in s2.history.items]
+    await s2.run(user_input="third")
+    assert "first question" in model.requests[0].texts("user")
+    await rs2.aclose()
+    await s2.aclose()

@@ -347,8 +347,11 @@ class ResumableSession:
                 raise UnknownAgent(type(agent_obj).__qualname__, self._registry.ids, saving=True)
             if agent_obj is not self._tracked_agent:
                 self._agent_ctx.reset()  # a handoff: the new agent's context replaces the old
+            # an agent item stored as a reference to a history item that is now gone
+            # from the history must be stored whole, or it would dangle
+            gone = frozenset(r.id for r in hist.records if r.data is None and r.id)
             agent_change = self._agent_ctx.diff(
-                agent_obj.chat_ctx.items, convert, self._encoder(AGENT, hist)
+                agent_obj.chat_ctx.items, convert, self._encoder(AGENT, hist), rewrite=gone
             )
             if agent_obj is not self._tracked_agent:
                 agent_change.records.insert(0, Record(AGENT, "", None))

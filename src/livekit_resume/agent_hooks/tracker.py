@@ -71,8 +71,16 @@ class StreamTracker:
     def reset(self) -> None:
         self._objs, self._digests = [], {}
 
-    def diff(self, items: Sequence[llm.ChatItem], convert: Converter, encode: Encoder) -> Change:
-        """Records that turn the committed stream into ``items``."""
+    def diff(
+        self,
+        items: Sequence[llm.ChatItem],
+        convert: Converter,
+        encode: Encoder,
+        *,
+        rewrite: frozenset[str] = frozenset(),
+    ) -> Change:
+        """Records that turn the committed stream into ``items``; the items whose ids are
+        in ``rewrite`` are written again even if unchanged."""
         old = self._objs
         n_old, n_new = len(old), len(items)
         # map() stops at the shorter list: no slice copy of a long history
@@ -106,6 +114,12 @@ class StreamTracker:
             d = digest(data)
             if digests.get(items[i].id) != d:
                 put(i, data, d)
+        # items asked for again (rare: their stored form must change), where they stand
+        if rewrite:
+            for i in range(min(first, n_old)):
+                if items[i].id in rewrite and items[i].id not in datas:
+                    data = convert(items[i])
+                    put(i, data, digest(data))
         # everything from the first divergence on is (re)placed in order
         placed = {items[i].id for i in range(first, n_new)}
         if len(placed) != n_new - first or (
