@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -563,6 +564,32 @@ def _hooks(store: WatchedStore, key: str) -> tuple[ResumableSession, DemoLLM, Ag
     return rs, model, _text_session(model)
 
 
+async def _suspend(
+    rs: ResumableSession,
+    session: AgentSession[Visit],
+    store: WatchedStore,
+    printer: _Printer,
+    console: Console,
+    answers: list[str],
+) -> _Part:
+    """End a part: suspend, and record what the process did."""
+    agent_ctx = [item_to_data(i) for i in session.current_agent.chat_ctx.items]
+    version = await rs.suspend()
+    printer.flush()
+    part = _Part(
+        pid=os.getpid(),
+        versions=list(store.versions_written),
+        final_version=version,
+        history=[item_to_data(i) for i in session.history.items],
+        agent_ctx=agent_ctx,
+        userdata=session.userdata.model_dump(mode="json"),
+        answers=answers,
+    )
+    console.print(f"  [bold]suspended at version {version}[/bold] (lease released, session closed)")
+    console.print(f"  userdata {escape(json.dumps(part.userdata))}")
+    return part
+
+
 async def _part_one(url: str, key: str, console: Console) -> _Part:
     store = WatchedStore(open_store(url))
     try:
@@ -580,23 +607,7 @@ async def _part_one(url: str, key: str, console: Console) -> _Part:
         await (await session.start(agent, capture_run=True))
         printer.flush()
         answers = await _turns(session, store, printer, PART_1)
-        agent_ctx = [item_to_data(i) for i in session.current_agent.chat_ctx.items]
-        version = await rs.suspend()
-        printer.flush()
-        part = _Part(
-            pid=os.getpid(),
-            versions=list(store.versions_written),
-            final_version=version,
-            history=[item_to_data(i) for i in session.history.items],
-            agent_ctx=agent_ctx,
-            userdata=session.userdata.model_dump(mode="json"),
-            answers=answers,
-        )
-        console.print(
-            f"  [bold]suspended at version {version}[/bold] (lease released, session closed)"
-        )
-        console.print(f"  userdata {escape(json.dumps(part.userdata))}")
-        return part
+        return await _suspend(rs, session, store, printer, console, answers)
     finally:
         await store.aclose()
 
@@ -629,19 +640,9 @@ async def _part_two(url: str, key: str, console: Console) -> _Part:
         restored_history = [item_to_data(i) for i in session.history.items]
         printer.skip()  # LiveKit's own start items (handoff, config update)
         answers = await _turns(session, store, printer, PART_2)
-        agent_ctx = [item_to_data(i) for i in session.current_agent.chat_ctx.items]
-        version = await rs.suspend()
-        printer.flush()
-        console.print(f"  [bold]suspended at version {version}[/bold]")
-        console.print(f"  userdata {escape(json.dumps(session.userdata.model_dump(mode='json')))}")
-        return _Part(
-            pid=os.getpid(),
-            versions=list(store.versions_written),
-            final_version=version,
-            history=[item_to_data(i) for i in session.history.items],
-            agent_ctx=agent_ctx,
-            userdata=session.userdata.model_dump(mode="json"),
-            answers=answers,
+        part = await _suspend(rs, session, store, printer, console, answers)
+        return dataclasses.replace(
+            part,
             resumed=rs.resumed,
             restored_version=restored_version,
             restored_history=restored_history,
