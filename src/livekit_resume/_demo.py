@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -641,7 +640,7 @@ async def _part_two(url: str, key: str, console: Console) -> _Part:
         printer.skip()  # LiveKit's own start items (handoff, config update)
         answers = await _turns(session, store, printer, PART_2)
         part = await _suspend(rs, session, store, printer, console, answers)
-        return dataclasses.replace(
+        return replace(
             part,
             resumed=rs.resumed,
             restored_version=restored_version,
