@@ -210,6 +210,7 @@ class ResumableSession:
         self._attach(session)
         if self._autosave_enabled:
             self._autosave.start()
+        await self._publish_attributes()
         await self._announce("restored" if self._resumed else "started")
         log.info(
             "session %r %s at version %d",
@@ -573,9 +574,16 @@ class ResumableSession:
             job_id=ctx.job.id if ctx else None,
         )
 
+    def _room_now(self) -> rtc.Room | None:
+        """The room given to us, else the running job's (None outside a job)."""
+        if self._room is not None:
+            return self._room
+        ctx = get_job_context(required=False)
+        return ctx.room if ctx else None
+
     def _meta(self, session: AgentSession[Any], turns: int) -> SessionMeta:
         ctx = get_job_context(required=False)
-        room = self._room or (ctx.room if ctx else None)
+        room = self._room_now()
         identity = None
         if room is not None:
             identity = next(iter(room.remote_participants), None)
@@ -604,8 +612,7 @@ class ResumableSession:
         return self._userdata.dump_python(value, mode="json")
 
     async def _publish_attributes(self) -> None:
-        ctx = get_job_context(required=False)
-        room = self._room or (ctx.room if ctx else None)
+        room = self._room_now()
         if room is None or not room.isconnected():
             return
         try:
@@ -619,7 +626,7 @@ class ResumableSession:
             log.warning("could not publish resume state to the room: %s", e)
 
     async def _announce(self, event: str) -> None:
-        await self._publish_attributes()
+        """Tell other workers (the store's event channel, where it has one)."""
         publish = getattr(self._store, "publish", None)
         if publish is not None:
             try:
