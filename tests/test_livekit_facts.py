@@ -34,6 +34,7 @@ from tests.lk import (
     FakeSTT,
     ScriptedLLM,
     ToolCall,
+    VoiceFakes,
     make_text_session,
     make_voice_session,
     voice_fakes,
@@ -607,6 +608,17 @@ LONG_REPLY = (
 )
 
 
+async def started_voice(
+    scripted: ScriptedLLM, sessions: list[AgentSession[Any]]
+) -> tuple[AgentSession[Any], VoiceFakes, EventLog]:
+    """A voice session on the fakes, with an event log, started with a plain agent."""
+    session = make_voice_session(scripted)
+    sessions.append(session)
+    fakes, log = voice_fakes(session), EventLog(session)
+    await session.start(Plain())
+    return session, fakes, log
+
+
 def wait_assistant(log: EventLog, *, since: int = 0) -> Any:
     return log.wait_for(
         "conversation_item_added",
@@ -622,11 +634,7 @@ async def test_voice_user_speech_gets_a_spoken_reply(
     """With the voice fakes, user speech goes VAD -> STT -> LLM -> TTS, and the reply's audio
     reaches the audio output (and its transcript the text output)."""
     scripted = ScriptedLLM(["Hello there. Nice to meet you."])
-    session = make_voice_session(scripted)
-    sessions.append(session)
-    fakes = voice_fakes(session)
-    log = EventLog(session)
-    await session.start(Plain())
+    _, fakes, log = await started_voice(scripted, sessions)
 
     fakes.audio_in.say("hello agent")
     reply = (await wait_assistant(log)).item
@@ -649,11 +657,7 @@ async def test_voice_interrupted_reply_holds_partial_text_and_starts_before_barg
     ``created_at`` from when the reply started, before the user began to barge in (and before
     the barge-in message, which is stamped later still)."""
     scripted = ScriptedLLM([LONG_REPLY, "Sure, stopping."], chunk_delay=0.05)
-    session = make_voice_session(scripted)
-    sessions.append(session)
-    fakes = voice_fakes(session)
-    log = EventLog(session)
-    await session.start(Plain())
+    session, fakes, log = await started_voice(scripted, sessions)
 
     fakes.audio_in.say("count to twenty")
     await log.wait_for("agent_state_changed", lambda ev: ev.new_state == "speaking")
@@ -692,11 +696,7 @@ async def test_voice_session_interrupt_cuts_the_reply_with_partial_text(
     ends ``interrupted``, no frame arrives after) and records the played part with
     ``interrupted=True``: the pause building block."""
     scripted = ScriptedLLM([LONG_REPLY], chunk_delay=0.05)
-    session = make_voice_session(scripted)
-    sessions.append(session)
-    fakes = voice_fakes(session)
-    log = EventLog(session)
-    await session.start(Plain())
+    session, fakes, log = await started_voice(scripted, sessions)
 
     fakes.audio_in.say("count to twenty")
     await fakes.audio_out.wait_until_played(0.8)
@@ -723,11 +723,7 @@ async def test_voice_reply_interrupted_before_a_word_was_played_leaves_no_assist
     transcript). Interrupted before its first word played, it leaves no assistant message at
     all, although the LLM ran and the user's message is in the history."""
     scripted = ScriptedLLM([LONG_REPLY], chunk_delay=0.05)
-    session = make_voice_session(scripted)
-    sessions.append(session)
-    fakes = voice_fakes(session)
-    log = EventLog(session)
-    await session.start(Plain())
+    session, fakes, log = await started_voice(scripted, sessions)
 
     fakes.audio_in.say("count to twenty")
     await fakes.audio_out.wait_for_frames(1)
@@ -747,11 +743,7 @@ async def test_voice_output_disabled_llm_still_runs_and_reply_is_added_as_text(
     and the TTS is not even called, yet the user's speech is still transcribed, the LLM
     still runs, and its reply is added to the history as text (``interrupted=False``)."""
     scripted = ScriptedLLM(["A reply nobody hears."])
-    session = make_voice_session(scripted)
-    sessions.append(session)
-    fakes = voice_fakes(session)
-    log = EventLog(session)
-    await session.start(Plain())
+    session, fakes, log = await started_voice(scripted, sessions)
     session.output.set_audio_enabled(False)
     assert fakes.audio_out.attached is False
 
@@ -771,11 +763,7 @@ async def test_voice_disabling_output_mid_reply_does_not_stop_the_current_reply(
     ``set_audio_enabled(False)`` while speaking does not silence it; frames keep reaching
     the (detached) output until the reply ends. A pause must also ``interrupt()``."""
     scripted = ScriptedLLM([LONG_REPLY], chunk_delay=0.05)
-    session = make_voice_session(scripted)
-    sessions.append(session)
-    fakes = voice_fakes(session)
-    log = EventLog(session)
-    await session.start(Plain())
+    session, fakes, log = await started_voice(scripted, sessions)
 
     fakes.audio_in.say("count to twenty")
     await fakes.audio_out.wait_for_frames(4)
@@ -794,11 +782,7 @@ async def test_voice_input_disabled_drops_user_speech(
     fake, like RoomIO's) drops its frames, so speech during that time is never heard (no VAD
     event, no transcript, no LLM call). Re-enabled, the next utterance is answered."""
     scripted = ScriptedLLM(["Now I hear you."])
-    session = make_voice_session(scripted)
-    sessions.append(session)
-    fakes = voice_fakes(session)
-    log = EventLog(session)
-    await session.start(Plain())
+    session, fakes, log = await started_voice(scripted, sessions)
 
     session.input.set_audio_enabled(False)
     assert fakes.audio_in.attached is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from livekit.agents import Agent, AgentSession, llm
 
 import livekit_resume as lr
 from livekit_resume.stores.memory import MemoryStore
-from tests.lk import EventLog, ScriptedLLM, make_voice_session, voice_fakes
+from tests.lk import EventLog, ScriptedLLM, VoiceFakes, make_voice_session, voice_fakes
 from tests.lk.scripted_llm import ScriptExhausted
 
 KEY = "voice-room"
@@ -45,6 +46,28 @@ async def sessions() -> AsyncIterator[list[AgentSession[Any]]]:
         await s.aclose()
 
 
+@dataclass
+class Voice:
+    model: ScriptedLLM
+    session: AgentSession[Any]
+    fakes: VoiceFakes
+    log: EventLog
+    rs: lr.ResumableSession
+
+
+async def voice(
+    store: MemoryStore, sessions: list[AgentSession[Any]], script: list[str], **llm_kw: Any
+) -> Voice:
+    """A voice session with the hooks attached, restored (or fresh) and started."""
+    model = ScriptedLLM(script, **llm_kw)
+    session = make_voice_session(model)
+    sessions.append(session)
+    rs = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
+    v = Voice(model, session, voice_fakes(session), EventLog(session), rs)
+    await session.start(await rs.restore(session, default=Counter))
+    return v
+
+
 def wait_message(log: EventLog, role: str, *, since: int = 0) -> Any:
     return log.wait_for(
         "conversation_item_added",
@@ -57,13 +80,8 @@ def wait_message(log: EventLog, role: str, *, since: int = 0) -> Any:
 async def test_pause_cuts_the_reply_and_nothing_is_heard_or_spoken_until_resume(
     store: MemoryStore, sessions: list[AgentSession[Any]]
 ) -> None:
-    model = ScriptedLLM([LONG_REPLY, "Welcome back."], chunk_delay=0.05)
-    session = make_voice_session(model)
-    sessions.append(session)
-    fakes = voice_fakes(session)
-    log = EventLog(session)
-    rs = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
-    await session.start(await rs.restore(session, default=Counter))
+    v = await voice(store, sessions, [LONG_REPLY, "Welcome back."], chunk_delay=0.05)
+    model, session, fakes, log, rs = v.model, v.session, v.fakes, v.log, v.rs
 
     fakes.audio_in.say("count to twenty")
     await fakes.audio_out.wait_until_played(0.6)
@@ -112,12 +130,8 @@ async def test_pause_cuts_the_reply_and_nothing_is_heard_or_spoken_until_resume(
 async def test_pause_blocks_typed_input_too(
     store: MemoryStore, sessions: list[AgentSession[Any]]
 ) -> None:
-    model = ScriptedLLM(["Hi."])
-    session = make_voice_session(model)
-    sessions.append(session)
-    fakes = voice_fakes(session)
-    rs = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
-    await session.start(await rs.restore(session, default=Counter))
+    v = await voice(store, sessions, ["Hi."])
+    model, session, fakes, rs = v.model, v.session, v.fakes, v.rs
     await rs.pause()
     await asyncio.wait_for(session.run(user_input="typed while paused"), 5)
     assert model.requests == []  # ScriptExhausted would have been raised had it been asked
@@ -134,13 +148,8 @@ async def test_pause_blocks_typed_input_too(
 async def test_barged_in_reply_restores_field_for_field_in_a_new_session(
     store: MemoryStore, sessions: list[AgentSession[Any]]
 ) -> None:
-    model = ScriptedLLM([LONG_REPLY, "Sure, stopping."], chunk_delay=0.05)
-    session = make_voice_session(model)
-    sessions.append(session)
-    fakes = voice_fakes(session)
-    log = EventLog(session)
-    rs = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
-    await session.start(await rs.restore(session, default=Counter))
+    v = await voice(store, sessions, [LONG_REPLY, "Sure, stopping."], chunk_delay=0.05)
+    session, fakes, log, rs = v.session, v.fakes, v.log, v.rs
 
     fakes.audio_in.say("count to twenty")
     await fakes.audio_out.wait_until_played(0.6)
@@ -158,13 +167,9 @@ async def test_barged_in_reply_restores_field_for_field_in_a_new_session(
     saved = [i.model_dump() for i in session.history.items]
 
     # a new process would do exactly this: a fresh session, restored from the store
-    model2 = ScriptedLLM(["Where were we?"])
-    session2 = make_voice_session(model2)
-    sessions.append(session2)
-    rs2 = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
-    agent = await rs2.restore(session2, default=Counter)
+    v2 = await voice(store, sessions, ["Where were we?"])
+    model2, session2, rs2 = v2.model, v2.session, v2.rs
     assert rs2.resumed
-    await session2.start(agent)
     restored = [i.model_dump() for i in session2.history.items[: len(saved)]]
     assert restored == saved  # interrupted=True, the partial text, exact created_at
     back = next(i for i in session2.history.items if i.id == cut.id)
