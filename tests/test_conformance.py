@@ -747,3 +747,46 @@ async def test_info_without_session_ttl_has_no_expiry(make_store: StoreFactory) 
     await store.acquire(KEY, "worker-a")
     info = await store.info(KEY)
     assert info is not None and info.expires_at is None
+
+
+async def test_a_retried_commit_with_the_same_id_gets_its_landed_version(
+    make_store: StoreFactory,
+) -> None:
+    """Issue 13 defect 1: a commit whose reply was lost is sent again with the same id;
+    the store answers with the version it already wrote instead of refusing a moved head."""
+    store = await make_store()
+    lease = await store.acquire(KEY, "worker-a")
+    first = Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "m0", b"x")], 1, commit_id="c-1")
+    assert await store.commit(first) == 1
+    before = await snapshot_of(store)
+    assert await store.commit(first) == 1  # the ambiguous retry: same id, same base
+    assert await snapshot_of(store) == before  # written once
+    other = Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "m0", b"x")], 1, commit_id="c-2")
+    with pytest.raises(LeaseLost) as moved:
+        await store.commit(other)  # another id on the old base is still a moved head
+    assert not moved.value.vanished
+    nxt = Commit(KEY, lease.epoch, 1, b"h2", [Record("h", "m1", b"y", "m0")], 2, commit_id="c-3")
+    assert await store.commit(nxt) == 2
+    with pytest.raises(LeaseLost):
+        await store.commit(first)  # an id two versions back is not a retry any more
+    assert (await store.load(KEY)).streams == {"h": [("m0", b"x"), ("m1", b"y")]}
+
+
+async def test_lease_lost_says_whether_the_session_vanished_or_was_taken(
+    make_store: StoreFactory,
+) -> None:
+    """Issue 13 defect 2: a holder must tell "my session is gone" from "someone took it"."""
+    store = await make_store()
+    a = await store.acquire(KEY, "worker-a")
+    assert await store.commit(Commit(KEY, a.epoch, 0, b"h", [Record("h", "x", b"x")], 1)) == 1
+    b = await store.acquire(KEY, "worker-b", takeover=True)
+    with pytest.raises(LeaseLost) as taken:
+        await store.commit(Commit(KEY, a.epoch, 1, b"h", [], 1))
+    assert not taken.value.vanished and taken.value.current_epoch == b.epoch
+    assert await store.delete(KEY)
+    with pytest.raises(LeaseLost) as gone:
+        await store.commit(Commit(KEY, b.epoch, 1, b"h", [], 1))
+    assert gone.value.vanished
+    with pytest.raises(LeaseLost) as gone_renew:
+        await store.renew(b)
+    assert gone_renew.value.vanished

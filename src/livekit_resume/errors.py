@@ -52,7 +52,19 @@ class SessionBusy(ResumeError):
 
 
 class LeaseLost(ResumeError):
-    """This writer's lease was taken over (its fencing epoch is stale): stop writing."""
+    """This writer's lease was taken over (its fencing epoch is stale): stop writing.
+
+    ``current_epoch`` is the epoch the store holds now, when known. ``vanished`` is True
+    when the session's record is gone (deleted, expired, or a store restarted without
+    its data): nobody else holds it then, and the writer may acquire it again.
+    """
+
+    def __init__(
+        self, message: str, *, current_epoch: int | None = None, vanished: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.current_epoch = current_epoch
+        self.vanished = vanished
 
 
 class StoreUnavailable(ResumeError, ConnectionError):

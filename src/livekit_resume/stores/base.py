@@ -112,6 +112,12 @@ class Commit:
     refuses the commit if the head moved since (`LeaseLost`), as it does for a stale
     ``epoch``. ``size`` is the caller's count of live items after the commit, used only
     to decide compaction. ``info`` is small, unsigned, for listings (state, reason...).
+
+    ``commit_id`` is the idempotency key. A commit whose outcome the caller could not
+    learn (a timeout, a dropped connection) is sent again unchanged, same id: if the
+    first attempt landed, the store answers with that attempt's version instead of
+    refusing a moved head. Empty: the store draws one, and only its own retries of
+    that one call recognise each other.
     """
 
     key: str
@@ -121,6 +127,7 @@ class Commit:
     records: Sequence[Record] = ()
     size: int = 0
     info: Info = field(default_factory=dict)
+    commit_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,16 +301,26 @@ def busy_error(key: str, holder: str | None, epoch: int) -> SessionBusy:
 
 
 def lease_lost_error(key: str, epoch: int, current: int | None) -> LeaseLost:
+    """``current=None``: the session's record is gone (deleted, expired, or the store
+    lost its data), not taken by another writer."""
+    if current is None:
+        return LeaseLost(
+            f"session {key!r} no longer exists in the store (deleted, expired, or the "
+            f"store lost its data) while held at epoch {epoch}; acquire it again to write",
+            vanished=True,
+        )
     return LeaseLost(
         f"writer of session {key!r} at epoch {epoch} is stale (current epoch: {current}); "
-        "another worker took the session over, so this one must stop writing"
+        "another worker took the session over, so this one must stop writing",
+        current_epoch=current,
     )
 
 
 def head_moved_error(commit: Commit, head: int) -> LeaseLost:
     return LeaseLost(
         f"commit to session {commit.key!r} expected version {commit.base_version} but the "
-        f"head is at {head}: another writer shares this lease; reload before writing"
+        f"head is at {head}: another writer shares this lease; reload before writing",
+        current_epoch=commit.epoch,
     )
 
 

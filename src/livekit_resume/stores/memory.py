@@ -45,6 +45,7 @@ class _Version:
     log_end: int
     size: int
     info: dict[str, str | int | float | bool | None]
+    commit_id: str = ""
 
 
 @dataclass(slots=True)
@@ -116,6 +117,14 @@ class MemoryStore:
             raise lease_lost_error(commit.key, commit.epoch, s.epoch if s else None)
         head_version = s.versions[-1].version if s.versions else 0
         if commit.base_version != head_version:
+            top = s.versions[-1] if s.versions else None
+            if (
+                commit.commit_id
+                and top is not None
+                and top.version == commit.base_version + 1
+                and top.commit_id == commit.commit_id
+            ):
+                return top.version  # a retry of a commit that landed: answer, don't refuse
             raise head_moved_error(commit, head_version)
         log = s.logs.setdefault(s.gen, [])
         if needs_compaction(len(log) + len(commit.records), commit.size):
@@ -130,7 +139,15 @@ class MemoryStore:
         written = len(commit.head) + sum(len(r.data or b"") for r in commit.records)
         s.versions.append(
             _Version(
-                version, commit.epoch, now, commit.head, gen, log_end, written, dict(commit.info)
+                version,
+                commit.epoch,
+                now,
+                commit.head,
+                gen,
+                log_end,
+                written,
+                dict(commit.info),
+                commit.commit_id,
             )
         )
         del s.versions[: -self._keep]

@@ -670,8 +670,9 @@ class RedisStore:
         await self._keep_indexed(key, "commit")
         info = dict(commit.info)
         written = len(commit.head) + sum(len(r.data or b"") for r in commit.records)
-        # Lets a retried commit (reply lost with the connection) recognise itself.
-        commit_id = os.urandom(12).hex()
+        # Lets a retried commit (reply lost with the connection, or sent again by the
+        # caller after a timeout) recognise its own earlier success.
+        commit_id = commit.commit_id or os.urandom(12).hex()
         event = json.dumps(
             {
                 "event": "committed",
