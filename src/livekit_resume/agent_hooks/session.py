@@ -13,8 +13,10 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from livekit import rtc
@@ -30,10 +32,18 @@ from livekit.agents.voice.events import (
     ToolExecutionUpdatedEvent,
 )
 from opentelemetry import trace
+from prometheus_client import Counter
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_jsonable_python
 
-from ..errors import IncompatibleSnapshot, LeaseLost, SnapshotNotFound, UnknownAgent
+from ..errors import (
+    IncompatibleSnapshot,
+    LeaseLost,
+    SessionBusy,
+    SnapshotNotFound,
+    StoreUnavailable,
+    UnknownAgent,
+)
 from ..snapshot.chat import MediaPolicy, ctx_from_data, item_to_data, repair_tool_calls
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import (
@@ -64,6 +74,30 @@ ATTR_VERSION = "resume.version"
 DEFAULT_DEBOUNCE = 0.2
 # Cutting speech takes a few audio frames; a stuck output must not hang pause or suspend.
 INTERRUPT_TIMEOUT = 3.0
+# aclose() retries its final save through a store blip for this long: well inside the
+# ~10 s LiveKit leaves shutdown callbacks, long enough for a Redis failover to finish.
+CLOSE_SAVE_BUDGET = 5.0
+CLOSE_RETRY_FIRST = 0.1
+
+REACQUIRED = Counter(
+    "livekit_resume_sessions_reacquired",
+    "Sessions that vanished from the store under their holder and were written anew",
+)
+FINAL_SAVE_FAILURES = Counter(
+    "livekit_resume_final_save_failures", "Final saves on close that did not reach the store"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A commit sent but not (yet) known to be stored, and what to adopt once it is."""
+
+    commit: Commit
+    history: Change
+    agent: Change
+    agent_obj: Agent | None
+    turns: int
+    fingerprint: bytes
 
 
 async def _silent_llm_node(*_args: Any, **_kwargs: Any) -> None:
@@ -136,6 +170,8 @@ class ResumableSession:
         self._listeners: list[tuple[EventTypes, Callable[..., None]]] = []
         self._closing: asyncio.Future[None] | None = None
         self._fingerprint = b""
+        self._pending: _Pending | None = None
+        self._vanished = False
 
     # ------------------------------------------------------------ properties
 
@@ -274,55 +310,125 @@ class ResumableSession:
         """Commit a snapshot of the live session now; return its version.
 
         Raises `LeaseLost` when another worker took the session over (nothing is
-        written), `StoreUnavailable` when the store cannot be reached.
+        written), `StoreUnavailable` when the store cannot be reached (the attempt is
+        sent again, unchanged, before the next one: it is stored at most once).
         """
+        version = await self._save(reason)
+        await self._publish_attributes()
+        return version
+
+    async def _save(self, reason: str, state: SessionState | None = None) -> int:
         with tracer.start_as_current_span(
             "livekit_resume.checkpoint",
             attributes={"livekit_resume.key": self._key, "livekit_resume.reason": reason},
         ) as span:
-            version = await self._checkpoint(reason)
+            version = await self._checkpoint(reason, state)
             span.set_attribute("livekit_resume.version", version)
-        await self._publish_attributes()
         return version
 
-    async def _checkpoint(self, reason: str) -> int:
+    async def _checkpoint(self, reason: str, state: SessionState | None = None) -> int:
         async with self._lock:
             if self._autosave.lost is not None:
                 raise self._autosave.lost
-            lease, session = self._require()
-            snap, hist, agent, agent_obj = self._capture(session, reason)
-            # the time and the trigger alone are no news: an unchanged session is not
-            # committed again (the retained versions stay useful rollback points)
-            fingerprint = digest(snap.model_dump(mode="json", exclude={"created_at", "reason"}))
-            if not hist.records and not agent.records and fingerprint == self._fingerprint:
+            _, session = self._require()
+            if self._current_agent(session) is None:
+                # never started (the job ended first): the store already holds everything
+                # this session knows, and a head without its agent would not restore
                 return self._version
-            commit = Commit(
-                key=self._key,
-                epoch=lease.epoch,
-                base_version=self._version,
-                head=self._codec.encode_head(
-                    snap, counts={HISTORY: len(hist.objs), AGENT: len(agent.objs)}
-                ),
-                records=[*hist.records, *agent.records],
-                size=len(hist.objs) + len(agent.objs),
-                info={
-                    "state": snap.state,
-                    "reason": snap.reason,
-                    "agent": snap.agent.agent_id if snap.agent else None,
-                    "items": len(hist.objs),
-                    "owner": self._owner,
-                },
-            )
-            self._version = await self._store.commit(commit)
-            self._history.accept(hist)
-            self._agent_ctx.accept(agent)
-            self._turns = snap.meta.turn_count
-            self._tracked_agent = agent_obj
-            self._fingerprint = fingerprint
+            if self._vanished:
+                await self._reacquire()
+            try:
+                if self._pending is not None:
+                    await self._land(self._pending)
+                return await self._commit_now(session, reason, state)
+            except LeaseLost as e:
+                if not e.vanished:
+                    raise
+                self._vanished = True
+                await self._reacquire()
+                return await self._commit_now(session, reason, state)
+
+    async def _commit_now(
+        self, session: AgentSession[Any], reason: str, state: SessionState | None
+    ) -> int:
+        lease = self._lease
+        assert lease is not None
+        snap, hist, agent, agent_obj = self._capture(session, reason, state)
+        # the time and the trigger alone are no news: an unchanged session is not
+        # committed again (the retained versions stay useful rollback points)
+        fingerprint = digest(snap.model_dump(mode="json", exclude={"created_at", "reason"}))
+        if not hist.records and not agent.records and fingerprint == self._fingerprint:
             return self._version
+        commit = Commit(
+            key=self._key,
+            epoch=lease.epoch,
+            base_version=self._version,
+            head=self._codec.encode_head(
+                snap, counts={HISTORY: len(hist.objs), AGENT: len(agent.objs)}
+            ),
+            records=[*hist.records, *agent.records],
+            size=len(hist.objs) + len(agent.objs),
+            info={
+                "state": snap.state,
+                "reason": snap.reason,
+                "agent": snap.agent.agent_id if snap.agent else None,
+                "items": len(hist.objs),
+                "owner": self._owner,
+            },
+            commit_id=uuid.uuid4().hex,
+        )
+        pending = _Pending(commit, hist, agent, agent_obj, snap.meta.turn_count, fingerprint)
+        try:
+            await self._land(pending)
+        except StoreUnavailable:
+            # The outcome is unknown: the store may have applied it. The next attempt
+            # sends this very commit again (same id) before anything newer, so it lands
+            # exactly once and the versions stay in step with the store.
+            self._pending = pending
+            raise
+        return self._version
+
+    async def _land(self, pending: _Pending) -> None:
+        """Commit ``pending`` and adopt it as what the store holds."""
+        self._version = await self._store.commit(pending.commit)
+        self._pending = None
+        self._history.accept(pending.history)
+        self._agent_ctx.accept(pending.agent)
+        self._turns = pending.turns
+        self._tracked_agent = pending.agent_obj
+        self._fingerprint = pending.fingerprint
+
+    async def _reacquire(self) -> None:
+        """The store lost the session while we held it (restarted without its data,
+        deleted, expired): take it again under a new epoch and write it whole. Someone
+        who got there first keeps it, and this writer is fenced."""
+        REACQUIRED.inc()
+        log.warning(
+            "session %r vanished from the store while held (version %d); acquired again "
+            "to write the whole conversation anew",
+            self._key,
+            self._version,
+            extra={"key": self._key, "version": self._version},
+        )
+        try:
+            lease = await self._store.acquire(self._key, self._owner, ttl=self._lease_ttl)
+        except SessionBusy as e:
+            raise LeaseLost(
+                f"session {self._key!r} vanished from the store and {e.holder!r} acquired it "
+                "before this worker could: this one must stop writing",
+                current_epoch=None,
+            ) from e
+        self._lease = lease
+        self._vanished = False
+        self._pending = None
+        self._version = 0
+        self._history.reset()
+        self._agent_ctx.reset()
+        self._tracked_agent = None
+        self._fingerprint = b""
 
     def _capture(
-        self, session: AgentSession[Any], reason: str
+        self, session: AgentSession[Any], reason: str, state: SessionState | None = None
     ) -> tuple[Snapshot, Change, Change, Agent | None]:
         # No await in here: history, agent and tool state are read as one moment.
         convert = self._convert
@@ -367,7 +473,7 @@ class ResumableSession:
             key=self._key,
             epoch=self._lease.epoch if self._lease else 0,
             reason=reason if reason in _REASONS else "manual",  # type: ignore[arg-type]
-            state="active" if self._state == "closed" else self._state,
+            state=_saved_state(state or self._state),
             writer=self._writer(),
             meta=self._meta(session, turns),
             agent=frame,
@@ -416,45 +522,76 @@ class ResumableSession:
 
     async def suspend(self) -> int:
         """Hard suspend: silence, final snapshot, lease released, session closed.
-        A later `restore` under the same key, in any process, continues from here."""
+        A later `restore` under the same key, in any process, continues from here.
+
+        If the final snapshot cannot be stored the error is raised and nothing is given
+        up: the session stays ``paused`` (silenced) with its lease and autosave, so
+        `suspend` can be called again, `resume` undoes the silence, and `aclose`
+        still makes the final save.
+        """
         _, session = self._require()
         if self._state in ("suspended", "closed"):
             raise RuntimeError(f"session {self._key!r} is already {self._state}")
         if self._state == "active":
             await self._silence(session)
-        self._state = "suspended"
+            self._state = "paused"
+            await self._publish_attributes()
         # the final snapshot comes before closing: closing a voice session can take seconds
-        version = await self.checkpoint("suspend")
+        version = await self._save("suspend", "suspended")
+        self._state = "suspended"
+        await self._publish_attributes()
         await self._detach_and_release()
         await self._announce("suspended")
-        with contextlib.suppress(Exception):
+        try:
             await session.aclose()
+        except Exception as e:
+            log.warning("session %r: closing the AgentSession failed: %s", self._key, e)
         return version
 
     async def aclose(self) -> None:
         """Final save (unless suspended or the lease is lost) and release the lease.
         Does not close the `AgentSession`. Safe to call twice, or from several places
-        (a shutdown callback and the session's own close) at once."""
+        (a shutdown callback and the session's own close) at once. A store that cannot
+        be reached is retried for up to `CLOSE_SAVE_BUDGET` seconds; after that the
+        last stored version stands and the failure is logged and counted."""
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._aclose())
         await asyncio.shield(self._closing)
 
     async def _aclose(self) -> None:
         if self._session is not None and self._lease is not None and self._state != "suspended":
-            try:
-                await self.checkpoint("close")
-            except LeaseLost:
-                log.warning("session %r: final save refused, lease lost", self._key)
-            except Exception as e:
-                # nothing to retry with: the session is going away; the last autosave stands
-                log.error(
-                    "session %r: final save failed: %s",
-                    self._key,
-                    e,
-                    extra={"key": self._key, "version": self._version},
-                )
+            await self._final_save()
         await self._detach_and_release()
         self._state = "closed"
+
+    async def _final_save(self) -> None:
+        deadline = time.monotonic() + CLOSE_SAVE_BUDGET
+        delay = CLOSE_RETRY_FIRST
+        while True:
+            try:
+                await self.checkpoint("close")
+                return
+            except LeaseLost:
+                log.warning("session %r: final save refused, lease lost", self._key)
+                return
+            except StoreUnavailable as e:
+                if time.monotonic() + delay < deadline:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                error: Exception = e
+            except Exception as e:
+                error = e
+            FINAL_SAVE_FAILURES.inc()
+            # the session is going away: the last stored version is what a restore gets
+            log.error(
+                "session %r: final save failed: %s; version %d stands",
+                self._key,
+                error,
+                self._version,
+                extra={"key": self._key, "version": self._version},
+            )
+            return
 
     async def _silence(self, session: AgentSession[Any]) -> None:
         session.input.set_audio_enabled(False)
@@ -507,8 +644,16 @@ class ResumableSession:
             return None  # not started yet
 
     async def _renew(self) -> None:
-        if self._lease is not None:
+        if self._lease is None or self._vanished:
+            return
+        try:
             self._lease = await self._store.renew(self._lease, ttl=self._lease_ttl)
+        except LeaseLost as e:
+            if not e.vanished:
+                raise
+            # nobody took it: the next checkpoint acquires it again and writes it whole
+            self._vanished = True
+            self._autosave.trigger("manual")
 
     def _attach(self, session: AgentSession[Any]) -> None:
         def on_item(ev: ConversationItemAddedEvent) -> None:
@@ -636,6 +781,10 @@ class ResumableSession:
 
 
 _REASONS = {"turn", "tool", "handoff", "pause", "suspend", "close", "manual"}
+
+
+def _saved_state(state: SessionState) -> Literal["active", "paused", "suspended"]:
+    return "active" if state == "closed" else state
 
 
 def _instructions_to(value: str | Instructions) -> str | dict[str, str | None]:

@@ -1,0 +1,323 @@
+"""A live ResumableSession meets the ordinary faults of production (issue 13).
+
+Each test reproduces one defect that stopped saving or lost a turn: an ambiguous commit
+(the store applied it but the reply was lost), a store that lost its data under a held
+lease, a suspend whose save failed, a job that closed before its session started. The
+stores are real (memory, SQLite, and a real redis-server for the Redis variants).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit.agents import AgentSession
+
+import livekit_resume as lr
+from livekit_resume.snapshot.codec import Codec
+from livekit_resume.snapshot.model import Snapshot
+from livekit_resume.stores.base import Commit, Store
+from tests.test_hooks import KEY, Receptionist, Visit, registry, settled, start
+
+# A committed turn lands in milliseconds; these bound a broken store, they are not timings.
+DEADLINE = 20.0
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store = lr.open_store(
+        "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/faults.db"
+    )
+    yield s
+    await s.aclose()
+
+
+async def saved(store: Store) -> Snapshot:
+    stored = await store.load(KEY)
+    return Codec().decode_parts(KEY, stored.head, stored.streams, version=stored.version)
+
+
+def texts(snap: Snapshot) -> list[str]:
+    return [
+        " ".join(str(c) for c in item["content"])
+        for item in snap.history
+        if item["type"] == "message"
+    ]
+
+
+def live_texts(session: AgentSession[Any]) -> list[str]:
+    return [
+        " ".join(str(c) for c in item.content)
+        for item in session.history.items
+        if item.type == "message"
+    ]
+
+
+class LostReplies:
+    """A store that applies a commit and then loses its reply, ``times`` times: the
+    outcome the caller sees is `StoreUnavailable`, the store has the version."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.times = 0
+        self.lost = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Commit) -> int:
+        version = await self.inner.commit(commit)
+        if self.times > 0:
+            self.times -= 1
+            self.lost.set()
+            raise lr.StoreUnavailable("reply lost with the connection (test)")
+        return version
+
+
+async def test_an_ambiguous_commit_that_landed_is_adopted_and_autosave_goes_on(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    flaky = LostReplies(store)
+    session, rs, _ = await start(flaky, ["one", "two", "three"], autosave=True)  # type: ignore[arg-type]
+    await session.run(user_input="a")
+    await settled(rs)
+    flaky.times = 1
+    await session.run(user_input="b")
+    await asyncio.wait_for(flaky.lost.wait(), DEADLINE)
+    await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
+    caplog.set_level(logging.ERROR, logger="livekit_resume")
+    await session.run(user_input="c")
+    await settled(rs)
+    assert rs._autosave.lost is None, "autosave stopped after an ambiguous commit"
+    assert not [r for r in caplog.records if "stale" in r.getMessage()]
+    snap = await saved(store)
+    assert texts(snap) == live_texts(session)
+    assert rs.version == (await store.load(KEY)).version
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_an_explicit_checkpoint_after_an_ambiguous_failure_adopts_the_landed_version(
+    store: Store,
+) -> None:
+    flaky = LostReplies(store)
+    session, rs, _ = await start(flaky, ["one", "two"])  # type: ignore[arg-type]
+    await session.run(user_input="a")
+    flaky.times = 1
+    with pytest.raises(lr.StoreUnavailable):
+        await rs.checkpoint()
+    assert (await store.load(KEY)).version == 1  # it landed
+    await session.run(user_input="b")
+    version = await rs.checkpoint()  # not LeaseLost: the lease is still ours
+    assert version == 2 == (await store.load(KEY)).version
+    assert [v.version for v in await store.versions(KEY)] == [1, 2]
+    snap = await saved(store)
+    assert texts(snap) == live_texts(session)
+    assert snap.meta.turn_count == 2
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_a_session_whose_store_record_vanished_is_reacquired_and_written_whole(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    session, rs, _ = await start(store, ["one", "two", "three"], autosave=True)
+    await session.run(user_input="a")
+    await session.run(user_input="b")
+    await settled(rs)
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    assert await store.delete(KEY)  # what a store restarted without its data looks like
+    await session.run(user_input="c")
+    await settled(rs)
+    assert rs._autosave.lost is None, "autosave stopped although nobody took the session"
+    assert any("acquired again" in r.getMessage() for r in caplog.records)
+    snap = await saved(store)
+    assert texts(snap) == live_texts(session)  # the whole conversation, not only turn c
+    info = await store.info(KEY)
+    assert info is not None and info.owner == "w1"
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_a_vanished_session_taken_by_another_worker_fences_this_one(store: Store) -> None:
+    session, rs, _ = await start(store, ["one", "two"], autosave=True)
+    await session.run(user_input="a")
+    await settled(rs)
+    assert await store.delete(KEY)
+    other = await store.acquire(KEY, "worker-b")  # someone else got the empty key first
+    await session.run(user_input="b")
+    await settled(rs)
+    assert isinstance(rs._autosave.lost, lr.LeaseLost)
+    info = await store.info(KEY)
+    assert info is not None and (info.owner, info.version) == ("worker-b", 0)
+    await store.release(other)
+    await rs.aclose()
+    await session.aclose()
+
+
+class Outage:
+    """Commits fail while ``down``: the store cannot be reached."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Commit) -> int:
+        if self.down:
+            raise lr.StoreUnavailable("store is down (test)")
+        return await self.inner.commit(commit)
+
+
+async def test_a_failed_suspend_keeps_the_lease_and_can_be_retried(store: Store) -> None:
+    flaky = Outage(store)
+    session, rs, _ = await start(flaky, ["one", "two"])  # type: ignore[arg-type]
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    await session.run(user_input="the last turn")
+    flaky.down = True
+    with pytest.raises(lr.StoreUnavailable):
+        await rs.suspend()
+    assert rs.state == "paused"  # silenced, not suspended: nothing was saved
+    with pytest.raises(lr.SessionBusy):  # the lease was not given away
+        await store.acquire(KEY, "worker-b")
+    flaky.down = False
+    version = await rs.suspend()
+    assert rs.state == "suspended"
+    snap = await saved(store)
+    assert (snap.version, snap.state) == (version, "suspended")
+    assert texts(snap)[-2] == "the last turn"
+    await store.acquire(KEY, "worker-b")  # released once saved
+
+
+async def test_close_after_a_failed_suspend_still_saves_the_last_turn(store: Store) -> None:
+    flaky = Outage(store)
+    session, rs, _ = await start(flaky, ["one", "two"])  # type: ignore[arg-type]
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    await session.run(user_input="the last turn")
+    flaky.down = True
+    with pytest.raises(lr.StoreUnavailable):
+        await rs.suspend()
+    flaky.down = False
+    await rs.aclose()
+    snap = await saved(store)
+    assert texts(snap)[-2] == "the last turn"
+    await session.aclose()
+
+
+async def test_close_retries_the_final_save_through_a_short_outage(store: Store) -> None:
+    flaky = Outage(store)
+    session, rs, _ = await start(flaky, ["one", "two"])  # type: ignore[arg-type]
+    await session.run(user_input="the only turn")
+    flaky.down = True
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.3, setattr, flaky, "down", False)  # the outage ends during close
+    await rs.aclose()
+    snap = await saved(store)
+    assert "the only turn" in texts(snap)
+    await session.aclose()
+
+
+async def test_closing_before_the_session_started_commits_nothing_and_it_still_restores(
+    store: Store,
+) -> None:
+    session, rs, _ = await start(store, ["one", "two"])
+    await session.run(user_input="a")
+    await session.run(user_input="b")
+    version = await rs.suspend()
+    before = await saved(store)
+
+    # the next job restores, then ends before session.start() (the caller left first)
+    session2: AgentSession[Visit] = AgentSession(userdata=Visit())
+    rs2 = lr.ResumableSession(store, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    await rs2.restore(session2, default=lambda: Receptionist(rs2))
+    await rs2.aclose()
+    assert [v.version for v in await store.versions(KEY)][-1] == version
+
+    session3, rs3, _ = await start(store, ["three"], owner="w3")
+    assert rs3.resumed and rs3.version == version
+    assert texts(await saved(store)) == texts(before)
+    assert live_texts(session3)[: len(texts(before))] == texts(before)
+    await rs3.aclose()
+    await session3.aclose()
+
+
+# -- the same faults on a real redis-server -------------------------------------------
+
+
+def _redis_server(directory: Path) -> Any:
+    from tests.redis_servers import RedisServer
+
+    return RedisServer(directory)  # no persistence: a restart comes back empty
+
+
+@pytest.fixture
+def bare_redis(tmp_path: Path) -> Any:
+    from tests.redis_servers import require_redis_server
+
+    require_redis_server()
+    server = _redis_server(tmp_path / "redis").start()
+    yield server
+    if server.proc is not None:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    server.stop()
+
+
+async def test_redis_stalled_past_the_client_timeout_does_not_stop_autosave(
+    bare_redis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = lr.open_store(
+        bare_redis.url, namespace=f"s{uuid.uuid4().hex[:8]}", socket_timeout=0.3, retries=1
+    )
+    session, rs, _ = await start(store, ["one", "two", "three"], autosave=True)
+    await session.run(user_input="a")
+    await settled(rs)
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    os.kill(bare_redis.proc.pid, signal.SIGSTOP)
+    try:
+        await session.run(user_input="b")  # its commit is sent into a frozen server
+        await asyncio.sleep(1.5)  # the fault itself: longer than every client timeout
+    finally:
+        os.kill(bare_redis.proc.pid, signal.SIGCONT)
+    await session.run(user_input="c")
+    await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
+    assert any("autosave" in r.getMessage() for r in caplog.records), "no fault was injected"
+    assert rs._autosave.lost is None, "autosave stopped after a stall"
+    snap = await saved(store)
+    assert texts(snap) == live_texts(session)
+    await rs.aclose()
+    await session.aclose()
+    await store.aclose()
+
+
+async def test_redis_restarted_without_its_data_gets_the_whole_conversation_again(
+    bare_redis: Any,
+) -> None:
+    store = lr.open_store(bare_redis.url, namespace=f"s{uuid.uuid4().hex[:8]}")
+    session, rs, _ = await start(store, ["one", "two", "three"], autosave=True)
+    await session.run(user_input="a")
+    await session.run(user_input="b")
+    await settled(rs)
+    bare_redis.kill()
+    bare_redis.start()  # same port, empty
+    with pytest.raises(lr.SnapshotNotFound):
+        await store.load(KEY)
+    await session.run(user_input="c")
+    await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
+    assert rs._autosave.lost is None
+    snap = await saved(store)
+    assert texts(snap) == live_texts(session)
+    await rs.aclose()
+    await session.aclose()
+    await store.aclose()
+
