@@ -26,6 +26,7 @@ import pytest
 
 __all__ = [
     "RedisCluster",
+    "RedisFactory",
     "RedisSentinel",
     "RedisServer",
     "build_redis_store",
@@ -164,6 +165,18 @@ class RedisServer:
             self.proc.wait(timeout=5)
         self.proc = None
 
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs (a stall, a long GC of its host) with its sockets
+        open; the kernel still accepts connections and buffers what clients send."""
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: a paused server runs again and reads what piled up meanwhile."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL: the server dies mid-whatever, as in a crash."""
         if self.proc is not None:
@@ -176,6 +189,7 @@ class RedisServer:
         """Shut down cleanly (SIGTERM), killing after a grace period."""
         if self.proc is None:
             return
+        self.resume()  # a paused server would not act on SIGTERM until continued
         with contextlib.suppress(ProcessLookupError):
             self.proc.terminate()
         try:
@@ -321,6 +335,46 @@ def redis_sentinel(disposable_redis: RedisServer, tmp_path: Path) -> Iterator[Re
         yield sentinel
     finally:
         sentinel.stop()
+
+
+class RedisFactory:
+    """Starts servers of one test with extra arguments (``--maxmemory 2mb``,
+    ``--replicaof …``) and stops them all when the test ends. Without extra arguments a
+    server persists nothing (``--save "" --appendonly no``): a restart loses its data."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.servers: list[RedisServer] = []
+
+    def __call__(self, *extra: str) -> RedisServer:
+        server = RedisServer(self.directory / f"redis{len(self.servers)}", extra=extra)
+        self.servers.append(server)
+        return server.start()
+
+    def replica_of(self, primary: RedisServer, *extra: str) -> RedisServer:
+        """A replica of ``primary``, returned once its link is up and in sync."""
+        replica = self("--replicaof", "127.0.0.1", str(primary.port), *extra)
+        deadline = time.monotonic() + START_DEADLINE
+        while "master_link_status:up" not in replica.cli("info", "replication"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica on port {replica.port} did not sync")
+            time.sleep(0.05)
+        return replica
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def make_redis(tmp_path: Path) -> Iterator[RedisFactory]:
+    """Servers of this test alone, started with the arguments it asks for."""
+    require_redis_server()
+    factory = RedisFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.stop()
 
 
 def _fake_client() -> Any:

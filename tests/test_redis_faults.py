@@ -1,0 +1,204 @@
+"""Ordinary production faults of a Redis store (issue 13), each on real ``redis-server``
+processes started by the test: a server that stalls past the client's timeout, a
+restart that loses every key, an out-of-memory refusal, an eviction policy that
+removes some of a session's keys, replicas that acknowledge a commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from livekit_resume.errors import (
+    LeaseLost,
+    ResumeError,
+    StoreUnavailable,
+)
+from livekit_resume.stores.base import Commit, Lease, Record
+from livekit_resume.stores.redis import RedisStore
+from tests.redis_servers import RedisFactory, RedisServer
+
+KEY = "room-7"
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0
+) -> None:
+    """Poll ``check`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting until {what}")
+        await asyncio.sleep(0.05)
+
+
+def item_commit(lease: Lease, base: int, item: str, after: str | None, cid: str = "") -> Commit:
+    """Version ``base + 1``: one item ``item`` appended after ``after``."""
+    return Commit(
+        lease.key,
+        lease.epoch,
+        base,
+        f"head {base + 1}".encode(),
+        [Record("h", item, item.encode(), after)],
+        base + 1,
+        commit_id=cid,
+    )
+
+
+def prefix(store: RedisStore, key: str = KEY) -> str:
+    return store._head_key(key)[: -len("head")]
+
+
+async def session_keys(store: RedisStore, key: str = KEY) -> list[str]:
+    """Every key of the session on the server, found by a SCAN of the whole keyspace."""
+    pattern = prefix(store, key).replace("{", "\\{").replace("}", "\\}") + "*"
+    return sorted([k.decode() async for k in store._client.scan_iter(match=pattern)])
+
+
+async def script_calls(server: RedisServer) -> int:
+    """How many EVALSHA the server has run (its INFO commandstats)."""
+    stats = server.cli("info", "commandstats")
+    for line in stats.splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+@pytest.fixture
+async def volatile(make_redis: RedisFactory) -> AsyncIterator[tuple[RedisServer, RedisStore]]:
+    """A server without persistence and a store with a short timeout on it."""
+    server = make_redis()
+    store = RedisStore.from_url(server.url, namespace="faults", socket_timeout=0.5, retries=1)
+    try:
+        yield server, store
+    finally:
+        server.resume()
+        await store.aclose()
+
+
+# -- defect 1: a stall longer than the client's timeout ---------------------------------
+
+
+async def test_stalled_commit_resent_with_its_id_reports_the_version_that_landed(
+    volatile: tuple[RedisServer, RedisStore],
+) -> None:
+    server, store = volatile
+    lease = await store.acquire(KEY, "worker-a")
+    assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+    second = item_commit(lease, 1, "b", "a", cid="turn-2")
+
+    server.pause()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.commit(second)
+    finally:
+        server.resume()
+    # The attempt's bytes sat in the paused server's socket buffers and ran on SIGCONT.
+    await eventually(lambda: _version_is(store, 2), "the stalled commit landed")
+
+    assert await store.commit(second) == 2  # the same commit again: its own version
+    assert await store.commit(second) == 2
+    stored = await store.load(KEY)
+    assert stored.streams == {"h": [("a", b"a"), ("b", b"b")]}
+    assert [v.version for v in await store.versions(KEY)] == [1, 2]
+    assert await store._client.llen(prefix(store) + "log:0") == 2  # nothing written twice
+
+    # Another commit on the old base is refused, and writes nothing.
+    with pytest.raises(ResumeError) as caught:
+        await store.commit(dataclasses.replace(second, commit_id="turn-2-other"))
+    assert not isinstance(caught.value, StoreUnavailable)
+    assert await store._client.llen(prefix(store) + "log:0") == 2
+    assert (await store.load(KEY)).version == 2
+
+
+async def test_commit_resent_before_the_stalled_attempt_ran_lands_exactly_once(
+    volatile: tuple[RedisServer, RedisStore],
+) -> None:
+    """The resend reaches the server while the first attempt still waits in a socket
+    buffer: whichever runs first writes, the other recognises it by its id."""
+    server, store = volatile
+    lease = await store.acquire(KEY, "worker-a")
+    assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+    second = item_commit(lease, 1, "b", "a", cid="turn-2")
+    before = await script_calls(server)
+
+    server.pause()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.commit(second)
+        resend = asyncio.ensure_future(store.commit(second))
+        # The resend is on the wire (or queued in the kernel) before the server runs.
+        await asyncio.sleep(0)
+    finally:
+        server.resume()
+    try:
+        assert await asyncio.wait_for(resend, 10) == 2
+    except StoreUnavailable:
+        assert await store.commit(second) == 2  # the resend itself timed out: once more
+    assert [v.version for v in await store.versions(KEY)] == [1, 2]
+    assert (await store.load(KEY)).streams == {"h": [("a", b"a"), ("b", b"b")]}
+    assert await store._client.llen(prefix(store) + "log:0") == 2
+    # Several copies of the one commit ran (first attempt, redis-py's retry, resend…):
+    # each after the first found its id and wrote nothing.
+    assert await script_calls(server) - before >= 3
+
+
+async def _version_is(store: RedisStore, version: int) -> bool:
+    try:
+        return (await store.load(KEY)).version == version
+    except StoreUnavailable:
+        return False
+
+
+# -- defect 2: a restart without data -------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["kill", "shutdown"])
+async def test_restart_without_data_reports_the_lease_vanished(
+    volatile: tuple[RedisServer, RedisStore], how: str
+) -> None:
+    server, store = volatile
+    lease = await store.acquire(KEY, "worker-a")
+    assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+    if how == "kill":
+        server.kill()
+    else:
+        server.stop()  # SIGTERM: a clean shutdown, but nothing is configured to save
+    server.start()
+
+    with pytest.raises(LeaseLost) as caught:
+        await store.commit(item_commit(lease, 1, "b", "a"))
+    assert caught.value.vanished is True
+    with pytest.raises(LeaseLost) as caught:
+        await store.renew(lease)
+    assert caught.value.vanished is True
+    assert await session_keys(store) == []  # refused without writing anything
+
+    again = await store.acquire(KEY, "worker-a")  # what the session does next
+    assert again.epoch > lease.epoch
+    assert await store.commit(item_commit(again, 0, "a", None)) == 1
+
+
+async def test_restart_then_another_worker_first_reports_a_takeover(
+    volatile: tuple[RedisServer, RedisStore],
+) -> None:
+    server, store = volatile
+    lease = await store.acquire(KEY, "worker-a")
+    assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+    server.kill()
+    server.start()
+    other = await store.acquire(KEY, "worker-b")
+    assert await store.commit(item_commit(other, 0, "x", None)) == 1
+
+    with pytest.raises(LeaseLost) as caught:
+        await store.commit(item_commit(lease, 1, "b", "a"))
+    assert caught.value.vanished is False
+    assert caught.value.current_epoch == other.epoch
+    with pytest.raises(LeaseLost) as caught:
+        await store.renew(lease)
+    assert caught.value.vanished is False
+    assert (await store.load(KEY)).streams == {"h": [("x", b"x")]}
