@@ -290,3 +290,151 @@ def test_format_1_item_frames_are_upcast_one_by_one() -> None:
 def test_a_format_version_that_never_existed_is_incompatible() -> None:
     with pytest.raises(IncompatibleSnapshot):
         Codec().decode(_raw_frame(msgpack.packb({}), version=0))
+
+
+# ------------------------------------------------- one limit on both sides
+
+
+def _audio_item(seconds: float, *, rate: int = 24_000) -> dict[str, object]:
+    """A user turn with its audio kept (media="keep"), made by the real chat converter."""
+    from livekit import rtc
+    from livekit.agents import llm
+
+    from livekit_resume.snapshot.chat import item_to_data
+
+    samples = int(rate * 0.02)  # 20 ms frames, as LiveKit's audio input delivers them
+    frames = [
+        rtc.AudioFrame(b"\0\0" * samples, rate, 1, samples)  # silence compresses ~1000:1
+        for _ in range(int(seconds / 0.02))
+    ]
+    audio = llm.AudioContent(frame=frames, transcript="a long monologue")
+    return item_to_data(
+        llm.ChatMessage(id="item_audio", role="user", content=[audio]), media="keep"
+    )
+
+
+def test_a_frame_whose_body_inflates_past_the_limit_is_refused_at_write_time() -> None:
+    # 12 minutes at 24 kHz is ~35 MB of PCM; scaled down here: 6 s (~290 KB) against a
+    # 128 KiB limit. Compressed it fits the limit, uncompressed it does not.
+    codec = Codec(max_frame=128 * 1024)
+    item = _audio_item(6.0)
+    with pytest.raises(SnapshotTooLarge) as err:
+        codec.encode_item("room-42", "history", item)
+    message = str(err.value)
+    for part in ("room-42", "history", "item_audio", str(128 * 1024), "media='drop'"):
+        assert part in message, part
+    with pytest.raises(SnapshotTooLarge):
+        codec.pack(item)
+
+
+def test_whatever_pack_accepts_unpack_reads_at_the_limit() -> None:
+    for codec in (Codec(max_frame=4096), Codec(max_frame=4096, encryption_keys=KEY_A)):
+        for n in range(3000, 5000, 97):
+            for blob in (b"\0" * n, bytes(range(256)) * (n // 256)):
+                try:
+                    frame = codec.pack({"b": blob})
+                except SnapshotTooLarge:
+                    continue
+                assert codec.unpack(frame)[1] == {"b": blob}
+
+
+def test_parts_with_two_items_of_one_id_are_corrupt_naming_the_id() -> None:
+    codec = Codec()
+    snap = _snapshot(3)
+    plain = snap.model_copy(update={"agent": None})
+    history = [(i["id"], codec.encode_item(snap.key, "history", i)) for i in snap.history]
+    history.append(history[1])
+    head = codec.encode_head(plain, counts={"history": 4, "agent": 0})
+    with pytest.raises(SnapshotCorrupt, match="item_1"):
+        codec.decode_parts(snap.key, head, {"history": history})
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        pytest.param([_msg(1), _msg(1)], id="duplicate-id"),
+        pytest.param([{k: v for k, v in _msg(1).items() if k != "id"}], id="missing-id"),
+        pytest.param([{**_msg(1), "id": 7}], id="non-string-id"),
+    ],
+)
+def test_a_whole_snapshot_with_bad_item_ids_is_corrupt(history: list[dict[str, object]]) -> None:
+    data = _snapshot(0).model_dump()
+    data["history"] = history
+    with pytest.raises(SnapshotCorrupt, match="item"):
+        Codec().decode(Codec().pack(data))
+
+
+def _nested(depth: int) -> list[object]:
+    out: list[object] = []
+    inner = out
+    for _ in range(depth - 1):
+        nxt: list[object] = []
+        inner.append(nxt)
+        inner = nxt
+    return out
+
+
+def test_values_nested_past_the_depth_limit_are_refused_on_both_sides() -> None:
+    from livekit_resume.snapshot.codec import MAX_DEPTH
+
+    codec = Codec()
+    codec.unpack(codec.pack({"u": _nested(MAX_DEPTH - 1)}))  # at the limit: fine
+    with pytest.raises(SnapshotTooLarge, match="deep"):
+        codec.pack({"u": _nested(MAX_DEPTH)})
+    # a frame made by another packer (msgpack nests up to 1024) is refused when read
+    with pytest.raises(SnapshotTooLarge, match="deep"):
+        codec.unpack(_raw_frame(msgpack.packb({"u": _nested(600)})))
+
+
+def _big_snapshot(n: int, size: int) -> Snapshot:
+    """``n`` messages of ``size`` incompressible characters each."""
+    import random
+
+    rng = random.Random(7)
+    items = [
+        {**_msg(i), "content": ["".join(rng.choices("abcdefghij0123456789", k=size))]}
+        for i in range(n)
+    ]
+    return _snapshot(0).model_copy(
+        update={"history": items, "agent": AgentFrame(agent_id="r", chat_ctx=items[-3:])}
+    )
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [Codec(max_frame=64 * 1024), Codec(max_frame=64 * 1024, signing_keys=KEY_A)],
+    ids=["plain", "signed"],
+)
+def test_a_session_larger_than_one_frame_exports_as_frames_that_import(codec: Codec) -> None:
+    import io
+
+    from livekit_resume.snapshot.codec import read_frames
+
+    snap = _big_snapshot(12, 20_000)  # ~300 KB: five times the limit, each item within it
+    with pytest.raises(SnapshotTooLarge):
+        codec.encode(snap)
+    frames = codec.encode_export(snap)
+    assert len(frames) == 1 + 12 + 3
+    data = b"".join(frames)
+    assert codec.decode_export(read_frames(io.BytesIO(data), max_frame=64 * 1024)) == snap
+    # a small session is still one whole-snapshot frame, readable by `decode`
+    small = _snapshot(3)
+    (frame,) = codec.encode_export(small)
+    assert codec.decode(frame) == small
+    # a file cut short or with frames swapped is refused (signed: the HMAC context
+    # binds each frame to its place; unsigned: the place is inside the body)
+    with pytest.raises(SnapshotCorrupt):
+        codec.decode_export(frames[:-1])
+    with pytest.raises(SnapshotCorrupt):
+        codec.decode_export([frames[0], frames[2], frames[1], *frames[3:]])
+
+
+def test_a_truncated_export_stream_is_corrupt() -> None:
+    import io
+
+    from livekit_resume.snapshot.codec import read_frames
+
+    data = b"".join(Codec(max_frame=64 * 1024).encode_export(_big_snapshot(4, 20_000)))
+    for cut in (5, len(data) // 2, len(data) - 1):
+        with pytest.raises(SnapshotCorrupt):
+            read_frames(io.BytesIO(data[:cut]), max_frame=64 * 1024)

@@ -25,7 +25,7 @@ import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgpack
 
@@ -41,8 +41,10 @@ from .model import FORMAT_VERSION, ItemData, Snapshot
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "MAGIC",
+    "MAX_DEPTH",
     "Codec",
     "Keyring",
+    "read_frames",
 ]
 
 MAGIC = b"LKRS"
@@ -59,6 +61,10 @@ _KNOWN_FLAGS = FLAG_ZLIB | FLAG_SIGNED | FLAG_ENCRYPTED
 # A long conversation with kept inline images stays well under this; anything larger
 # is a bug or an attack, and refusing it bounds the memory a decode may take.
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+# Lists and maps nest at most this deep in a frame. pydantic serializes at most 255
+# levels (a snapshot wraps its values in a few of its own), and anything deeper is
+# refused on both sides, so a value that was written can always be shown and re-saved.
+MAX_DEPTH = 200
 # Bodies smaller than this are stored raw: zlib's header and CPU cost buy nothing there.
 COMPRESS_OVER = 1024
 
@@ -66,6 +72,8 @@ HISTORY = "history"
 AGENT = "agent"
 # An agent item equal to the history item of the same id is stored as this marker.
 _REF = {"ref": True}
+# The key of a multi-frame export's head that lists its item frames.
+_EXPORT = "lkrs_export"
 
 
 @dataclass(frozen=True)
@@ -119,12 +127,34 @@ class Codec:
 
     # ----------------------------------------------------------------- frames
 
-    def pack(self, obj: Any, *, context: bytes = b"", version: int = FORMAT_VERSION) -> bytes:
-        """Frame plain data. ``version`` is only ever lowered by tests of old formats."""
+    def pack(
+        self,
+        obj: Any,
+        *,
+        context: bytes = b"",
+        version: int = FORMAT_VERSION,
+        label: str = "frame",
+    ) -> bytes:
+        """Frame plain data. ``version`` is only ever lowered by tests of old formats;
+        ``label`` names what is framed in errors (session, stream, item id).
+
+        The limit is checked on the body before compression, exactly as `unpack` checks
+        it after decompression: nothing is written that a reader would refuse."""
+        if _too_deep(obj):
+            raise SnapshotTooLarge(
+                f"{label}: values nest deeper than {MAX_DEPTH} levels; flatten the data "
+                "(userdata, extra, agent state) before it is saved"
+            )
         try:
             body: bytes = msgpack.packb(obj, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as e:
             raise TypeError(f"snapshot holds a value that is not plain data: {e}") from e
+        if len(body) > self._max:
+            raise SnapshotTooLarge(
+                f"{label} is {len(body)} bytes, over the limit of {self._max} bytes a "
+                "restore reads (max_frame); drop inline media (media='drop') or give "
+                "every worker and the CLI a larger max_frame"
+            )
         flags = 0
         if len(body) > COMPRESS_OVER:
             packed = zlib.compress(body, 1)
@@ -133,10 +163,11 @@ class Codec:
         if self._encrypt is not None:
             kid, key = self._encrypt.keys[0]
             body, flags = _seal(key, kid, body, context), flags | FLAG_ENCRYPTED
-        if len(body) > self._max:
+        if len(body) > self._max:  # only the few bytes of AES-GCM can get here
             raise SnapshotTooLarge(
-                f"frame body of {len(body)} bytes is over the limit of {self._max}; "
-                "drop media (media='drop') or raise max_frame"
+                f"{label} is {len(body)} bytes once encrypted, over the limit of "
+                f"{self._max} bytes a restore reads (max_frame); drop inline media "
+                "(media='drop') or give every worker and the CLI a larger max_frame"
             )
         if self._sign is not None:
             flags |= FLAG_SIGNED
@@ -186,7 +217,10 @@ class Codec:
             body = self._open(body, context)
         if flags & FLAG_ZLIB:
             body = self._inflate(body)
-        return version, _unpackb(body)
+        data = _unpackb(body)
+        if _too_deep(data):
+            raise SnapshotTooLarge(f"frame holds values nested deeper than {MAX_DEPTH} levels")
+        return version, data
 
     def _verify(self, header_body: bytes, trailer: bytes, context: bytes) -> None:
         if not trailer or len(trailer) != 1 + trailer[0] + _HMAC_LEN:
@@ -240,12 +274,89 @@ class Codec:
     def encode(self, snapshot: Snapshot) -> bytes:
         """The whole snapshot as one frame (export, import, tests). Its key is inside
         the signed body, so the frame needs no outside context."""
-        return self.pack(snapshot.model_dump(mode="python"))
+        return self.pack(
+            snapshot.model_dump(mode="python"), label=f"session {snapshot.key!r} snapshot"
+        )
 
     def decode(self, frame: bytes) -> Snapshot:
         """A whole-snapshot frame back to a `Snapshot`."""
         version, data = self.unpack(frame)
         return _validate(migrate_head(data, version))
+
+    def encode_export(self, snapshot: Snapshot) -> list[bytes]:
+        """The snapshot as export frames: one whole-snapshot frame when it fits the limit,
+        else a head frame followed by one frame per item, each within the limit.
+
+        The head of a multi-frame export names its item count and a random export id;
+        every item frame is bound (HMAC/AES-GCM context) to that id and its position, so
+        a signed export can be neither reordered nor spliced with another one."""
+        try:
+            return [self.encode(snapshot)]
+        except SnapshotTooLarge:
+            pass  # items may each fit where the whole does not: split it
+        export_id = os.urandom(8).hex()
+        items = [(HISTORY, i) for i in snapshot.history]
+        if snapshot.agent is not None:
+            items += [(AGENT, i) for i in snapshot.agent.chat_ctx]
+        data = snapshot.model_dump(mode="python", exclude={"history"})
+        data["history"] = []
+        if data.get("agent") is not None:
+            data["agent"]["chat_ctx"] = []
+        data[_EXPORT] = {"id": export_id, "items": len(items)}
+        label = f"session {snapshot.key!r}"
+        frames = [self.pack(data, label=f"{label} export head")]
+        for n, (stream, item) in enumerate(items):
+            frames.append(
+                self.pack(
+                    {"n": n, "stream": stream, "item": item},
+                    context=_export_context(export_id, n),
+                    label=f"{label} {stream} item {item.get('id')!r}",
+                )
+            )
+        return frames
+
+    def decode_export(self, frames: Sequence[bytes]) -> Snapshot:
+        """Export frames (see `encode_export`) back to one `Snapshot`."""
+        if not frames:
+            raise SnapshotCorrupt("export holds no frame")
+        version, data = self.unpack(frames[0])
+        spec = data.pop(_EXPORT, None) if isinstance(data, dict) else None
+        if spec is None:
+            if len(frames) > 1:
+                raise SnapshotCorrupt(
+                    f"export holds {len(frames)} frames but its first is a whole snapshot"
+                )
+            return _validate(migrate_head(data, version))
+        if (
+            not isinstance(spec, dict)
+            or not isinstance(spec.get("id"), str)
+            or not isinstance(spec.get("items"), int)
+        ):
+            raise SnapshotCorrupt("export head has a malformed item list")
+        if spec["items"] != len(frames) - 1:
+            raise SnapshotCorrupt(
+                f"export head lists {spec['items']} items but the file holds "
+                f"{len(frames) - 1}: the file is truncated or altered"
+            )
+        streams: dict[str, list[Any]] = {HISTORY: [], AGENT: []}
+        for n, frame in enumerate(frames[1:]):
+            item_version, part = self.unpack(frame, context=_export_context(spec["id"], n))
+            # the position is inside the body too: an unsigned export's frames cannot
+            # be reordered unnoticed either
+            if (
+                not isinstance(part, dict)
+                or part.get("n") != n
+                or part.get("stream") not in streams
+            ):
+                raise SnapshotCorrupt(f"export item frame {n} is malformed or out of place")
+            streams[part["stream"]].append(migrate_item(part.get("item"), item_version))
+        data = migrate_head(data, version)
+        data["history"] = streams[HISTORY]
+        if isinstance(data.get("agent"), dict):
+            data["agent"]["chat_ctx"] = streams[AGENT]
+        elif streams[AGENT]:
+            raise SnapshotCorrupt("export holds agent items but no agent")
+        return _validate(data)
 
     def encode_head(self, snapshot: Snapshot, *, counts: Mapping[str, int] | None = None) -> bytes:
         """The snapshot without its chat items, which are framed one by one. ``counts``
@@ -262,11 +373,48 @@ class Codec:
                 AGENT: len(snapshot.agent.chat_ctx) if snapshot.agent else 0,
             }
         )
-        return self.pack(data, context=snapshot.key.encode())
+        return self.pack(
+            data, context=snapshot.key.encode(), label=f"session {snapshot.key!r} head"
+        )
 
     def encode_item(self, key: str, stream: str, item: ItemData, *, ref: bool = False) -> bytes:
         """One chat item of ``stream``; ``ref`` marks an agent item equal to its history twin."""
-        return self.pack(_REF if ref else item, context=_item_context(key, stream, item["id"]))
+        return self.pack(
+            _REF if ref else item,
+            context=_item_context(key, stream, item["id"]),
+            label=f"session {key!r} {stream} item {item['id']!r}",
+        )
+
+    def decode_head(self, key: str, head: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A head frame as (snapshot data without items, upcast; the counts it lists)."""
+        frame_version, data = self.unpack(head, context=key.encode())
+        if not isinstance(data, dict):
+            raise SnapshotCorrupt(f"session {key!r}: snapshot head is not a map")
+        counts = data.pop("counts", None)
+        data = migrate_head(data, frame_version)
+        if not isinstance(data, dict):
+            raise SnapshotCorrupt(f"session {key!r}: snapshot head is not a map")
+        return data, counts if isinstance(counts, dict) else {}
+
+    def decode_item(
+        self, key: str, stream: str, item_id: str, frame: bytes, refs: Mapping[str, ItemData]
+    ) -> ItemData:
+        """One item frame of ``stream``, upcast; an agent reference is resolved in
+        ``refs`` (the history items by id). Raises `SnapshotCorrupt` for a bad frame."""
+        version, item = self.unpack(frame, context=_item_context(key, stream, item_id))
+        if item == _REF:
+            if item_id not in refs:
+                raise SnapshotCorrupt(
+                    f"session {key!r}: agent item {item_id!r} refers to a history item "
+                    "that does not exist"
+                )
+            return dict(refs[item_id])
+        item = migrate_item(item, version)
+        if not isinstance(item, dict) or item.get("id") != item_id:
+            raise SnapshotCorrupt(
+                f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
+            )
+        return item
 
     def decode_parts(
         self,
@@ -278,21 +426,16 @@ class Codec:
     ) -> Snapshot:
         """Rebuild a snapshot from its head and its streams of item frames. ``version`` is
         the number the store gave it (a head is written before the store numbers it)."""
-        frame_version, data = self.unpack(head, context=key.encode())
-        if not isinstance(data, dict):
-            raise SnapshotCorrupt(f"session {key!r}: snapshot head is not a map")
-        counts = data.pop("counts", None)
+        data, want = self.decode_head(key, head)
         history = self._items(key, HISTORY, streams.get(HISTORY, ()), {})
         by_id = {i["id"]: i for i in history}
         agent_items = self._items(key, AGENT, streams.get(AGENT, ()), by_id)
-        want = counts if isinstance(counts, dict) else {}
         got = {HISTORY: len(history), AGENT: len(agent_items)}
         if any(want.get(s, n) != n for s, n in got.items()):
             raise SnapshotCorrupt(
                 f"session {key!r}: snapshot lists {want} items but the store holds {got}; "
                 "the stored log is damaged"
             )
-        data = migrate_head(data, frame_version)
         if version is not None:
             data["version"] = version
         data["history"] = history
@@ -308,23 +451,47 @@ class Codec:
         refs: Mapping[str, ItemData],
     ) -> list[ItemData]:
         out: list[ItemData] = []
+        seen: set[str] = set()
         for item_id, frame in frames:
-            version, item = self.unpack(frame, context=_item_context(key, stream, item_id))
-            if item == _REF:
-                if item_id not in refs:
-                    raise SnapshotCorrupt(
-                        f"session {key!r}: agent item {item_id!r} refers to a history item "
-                        "that does not exist"
-                    )
-                out.append(dict(refs[item_id]))
-                continue
-            item = migrate_item(item, version)
-            if not isinstance(item, dict) or item.get("id") != item_id:
+            if item_id in seen:
                 raise SnapshotCorrupt(
-                    f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
+                    f"session {key!r}: {stream} holds item {item_id!r} twice; "
+                    "the stored log is damaged"
                 )
-            out.append(item)
+            seen.add(item_id)
+            out.append(self.decode_item(key, stream, item_id, frame, refs))
         return out
+
+
+def read_frames(stream: BinaryIO, *, max_frame: int = DEFAULT_MAX_FRAME) -> list[bytes]:
+    """Split a stream of concatenated frames (an export file) into frames, reading no
+    frame past ``max_frame``. Checksums are left to `Codec.unpack`."""
+    frames: list[bytes] = []
+    while header := stream.read(_HEADER.size):
+        if len(header) < _HEADER.size:
+            raise SnapshotCorrupt(f"frame {len(frames)} is truncated in its header")
+        magic, _version, flags, _reserved, size = _HEADER.unpack(header)
+        if magic != MAGIC:
+            raise SnapshotCorrupt(f"frame {len(frames)} is not a livekit-resume frame")
+        if size > max_frame:
+            raise SnapshotTooLarge(
+                f"frame {len(frames)} declares {size} bytes; the limit is {max_frame}"
+            )
+        body = stream.read(size)
+        if flags & FLAG_SIGNED:
+            kid_len = stream.read(1)
+            trailer = kid_len + stream.read(kid_len[0] + _HMAC_LEN) if kid_len else b""
+            want = 1 + kid_len[0] + _HMAC_LEN if kid_len else 1
+        else:
+            trailer, want = stream.read(_CRC.size), _CRC.size
+        if len(body) < size or len(trailer) < want:
+            raise SnapshotCorrupt(f"frame {len(frames)} is truncated")
+        frames.append(header + body + trailer)
+    return frames
+
+
+def _export_context(export_id: str, n: int) -> bytes:
+    return f"export\x00{export_id}\x00{n}".encode()
 
 
 def _item_context(key: str, stream: str, item_id: str) -> bytes:
@@ -362,6 +529,44 @@ def _validate(data: Any) -> Snapshot:
     from pydantic import ValidationError
 
     try:
-        return Snapshot.model_validate(data)
+        snap = Snapshot.model_validate(data)
     except ValidationError as e:
         raise SnapshotCorrupt(f"snapshot does not match the format: {e}") from None
+    _check_ids(snap.key, HISTORY, snap.history)
+    if snap.agent is not None:
+        _check_ids(snap.key, AGENT, snap.agent.chat_ctx)
+    return snap
+
+
+def _check_ids(key: str, stream: str, items: Sequence[ItemData]) -> None:
+    # Stores place and replace items by id: an id missing or used twice in one stream
+    # would make every later version of the session unreadable.
+    seen: set[str] = set()
+    for n, item in enumerate(items):
+        item_id = item.get("id")
+        if not isinstance(item_id, str) or not item_id:
+            raise SnapshotCorrupt(
+                f"session {key!r}: {stream} item {n} has a missing or non-string id "
+                f"({item_id!r})"
+            )
+        if item_id in seen:
+            raise SnapshotCorrupt(
+                f"session {key!r}: {stream} holds two items with id {item_id!r}; "
+                "ids must be unique within a stream"
+            )
+        seen.add(item_id)
+
+
+def _too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether lists and maps in ``obj`` nest more than ``limit`` levels (iterative, so a
+    hostile value cannot exhaust Python's stack)."""
+    if not isinstance(obj, (dict, list, tuple)):
+        return False
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list, tuple)))
+    return False
