@@ -202,3 +202,45 @@ async def test_restart_then_another_worker_first_reports_a_takeover(
         await store.renew(lease)
     assert caught.value.vanished is False
     assert (await store.load(KEY)).streams == {"h": [("x", b"x")]}
+
+
+# -- defect 8: out of memory, eviction and server settings -----------------------------
+
+
+async def fill_until_oom(store: RedisStore) -> None:
+    """Write filler keys (outside the namespace) until the server refuses writes."""
+    client = store._client
+    for n in range(100_000):
+        try:
+            await client.set(f"filler:{n}", b"x" * 4096)
+        except Exception as exc:  # redis-py's OutOfMemoryError
+            assert "maxmemory" in str(exc)
+            return
+    pytest.fail("the server never ran out of memory")
+
+
+async def test_out_of_memory_is_store_unavailable_with_advice_not_corruption(
+    make_redis: RedisFactory,
+) -> None:
+    server = make_redis("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    store = RedisStore.from_url(server.url, namespace="oom", retries=1)
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+        await fill_until_oom(store)
+        before = await session_keys(store)
+
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.commit(item_commit(lease, 1, "b", "a", cid="turn-2"))
+        message = str(caught.value)
+        assert "out of memory" in message and "maxmemory" in message
+        assert "delete the session" not in message
+        assert await session_keys(store) == before
+        assert (await store.load(KEY)).streams == {"h": [("a", b"a")]}  # reads still work
+
+        await store._client.flushdb()  # memory back; the session with it, in this test
+        server.cli("config", "set", "maxmemory", "0")
+        again = await store.acquire(KEY, "worker-a")
+        assert await store.commit(item_commit(again, 0, "a", None)) == 1
+    finally:
+        await store.aclose()

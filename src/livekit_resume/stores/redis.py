@@ -70,6 +70,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
     RedisError,
@@ -577,12 +578,22 @@ class RedisStore:
                 "check that the server is up and the store URL is right (retried with "
                 "backoff before giving up)"
             ) from exc
+        except OutOfMemoryError as exc:
+            # Nothing was written (scripts check before they write) and the data is
+            # healthy: the server is full. Never advise deleting the session here.
+            raise StoreUnavailable(
+                f"{self._where} is out of memory and refused {what} ({exc}); nothing was "
+                "written. Raise maxmemory, or free memory; keep maxmemory-policy "
+                "noeviction (or volatile-* with sessions without TTL) so that no session "
+                "key is evicted"
+            ) from exc
         except ResponseError as exc:
             text = str(exc)
-            # WRONGTYPE: one of our names holds another type; a script that stopped on
-            # an error met data it does not understand. Anything else (OOM, BUSY, NOPERM
-            # …) is the server refusing work now.
-            if text.startswith("WRONGTYPE") or "user_script" in text:
+            # Only WRONGTYPE means one of our names holds foreign data (our scripts'
+            # own findings come back as {'corrupt', …} replies, see `_run`). Any other
+            # error (BUSY, NOPERM, MASTERDOWN, a script error) is the server refusing
+            # work now, with the data untouched: deleting the session would be wrong.
+            if text.startswith("WRONGTYPE"):
                 raise SnapshotCorrupt(
                     f"{what} on {self._where} met foreign data at the session's keys "
                     f"({text}); delete the session or move the other data away"
