@@ -1,0 +1,276 @@
+"""The scenarios: each injects its fault, asserts its invariant, and returns its figures.
+
+A scenario takes a `Lab` (forked workers), a `Target` (which store) and its run counts;
+`tests/test_faults.py` picks the counts (CI bounds, times ``RESUME_SOAK``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from livekit.agents import llm
+
+from livekit_resume import ResumableSession, open_store
+from livekit_resume.snapshot.codec import Codec
+from livekit_resume.stores.base import Store, Stored
+from tests import _child_agent as agent_kit
+from tests.faults.figures import Row
+from tests.faults.forkserver import Lab
+from tests.faults.workers import STREAM, digest_items, turn_text
+
+__all__ = ["Target", "sigkill_sessions", "sigkill_store", "user_texts", "zombies"]
+
+# Where in a commit a kill lands: a random slice of about one commit's duration after
+# the line that triggered it. This is the fault's timing, not a wait for something.
+KILL_JITTER = 0.03
+# A zombie's lease in that scenario: short, so that freezing it past the lease is quick.
+ZOMBIE_LEASE_TTL = 1.5
+
+
+@dataclass
+class Target:
+    """A store the workers and the test open by URL (each process its own connections)."""
+
+    name: str
+    url: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def open(self) -> Store:
+        return open_store(self.url, **self.options)
+
+    def worker_args(self, **more: Any) -> dict[str, Any]:
+        return {"url": self.url, "options": self.options, **more}
+
+
+def user_texts(items: list[llm.ChatItem]) -> list[str]:
+    return [
+        i.text_content or "" for i in items if isinstance(i, llm.ChatMessage) and i.role == "user"
+    ]
+
+
+async def corrupt_versions(store: Store, key: str, codec: Codec) -> list[str]:
+    """Every retained version that does not load and decode whole, with the error."""
+    bad: list[str] = []
+    for info in await store.versions(key):
+        try:
+            stored = await store.load(key, info.version)
+            codec.decode_parts(key, stored.head, stored.streams, version=stored.version)
+        except Exception as e:
+            bad.append(f"v{info.version}: {type(e).__name__}: {e}")
+    return bad
+
+
+async def _restore(store: Store, key: str, **opts: Any) -> tuple[Any, Any, ResumableSession, Any]:
+    model, session = agent_kit.build_session()
+    rs = ResumableSession(
+        store, key, registry=agent_kit.registry(), userdata_type=agent_kit.Notes, **opts
+    )
+    agent = await rs.restore(session, default=agent_kit.Scribe, takeover=True)
+    return model, session, rs, agent
+
+
+async def sigkill_sessions(lab: Lab, target: Target, *, runs: int, chain: int) -> Row:
+    """A live autosaving session is SIGKILLed at a random moment; the test restores it.
+
+    Runs come in chains on one key: each worker restores what the test left, talks,
+    and dies; the test takes over, checks, starts the session and closes it cleanly.
+    Invariants: the restored version is at least the last acknowledged one, every
+    acknowledged turn's user message is in the restored history exactly once, every
+    retained version decodes whole, and versions strictly increase across workers.
+    """
+    row = Row("SIGKILL live session", target.name)
+    store, codec, rng = target.open(), Codec(), random.Random(runs)
+    try:
+        while row.runs < runs:
+            key = f"kill-{uuid.uuid4().hex[:8]}"
+            acked_texts: list[str] = []
+            last = 0
+            for r in range(min(chain, runs - row.runs)):
+                tag = f"{key}-r{r}"
+                child = await lab.spawn(
+                    "session_turns", **target.worker_args(key=key, tag=tag, seed=rng.random())
+                )
+                ready = await child.expect("READY")
+                assert int(ready[0]) == last, f"worker restored {ready[0]}, expected {last}"
+                for _ in range(rng.randint(0, 4)):
+                    await child.expect("COMMIT")
+                await asyncio.sleep(rng.uniform(0, KILL_JITTER))
+                fault = time.monotonic()
+                await child.kill()
+                row.runs += 1
+                row.faults += 1
+
+                commits = [int(w[0]) for w in child.words("COMMIT")]
+                assert commits == sorted(set(commits)) and all(v > last for v in commits), (
+                    f"versions not strictly increasing after {last}:\n{child.output}"
+                )
+                row.acked += len(commits)
+                acked = max(commits, default=last)
+                acked_texts += [turn_text(tag, int(w[0])) for w in child.words("TURN")]
+
+                _model, session, rs, agent = await _restore(store, key)
+                row.recover.append(time.monotonic() - fault)
+                users = user_texts(list(session.history.items))
+                missing = [t for t in acked_texts if users.count(t) != 1]
+                row.lost += max(0, acked - rs.version)
+                assert rs.version >= acked and not missing, (
+                    f"restored v{rs.version}, acknowledged v{acked}; turns missing or "
+                    f"doubled: {missing}\n{child.output}"
+                )
+                bad = await corrupt_versions(store, key, codec)
+                row.corrupt += len(bad)
+                assert not bad, f"retained versions do not decode: {bad}"
+                await session.start(agent)
+                await rs.aclose()
+                await session.aclose()
+                last = rs.version
+    finally:
+        await store.aclose()
+    return row
+
+
+def _check_stored(stored: Stored) -> str | None:
+    """Whether a version of the store-level workers reads as its head says (None: it does)."""
+    head = json.loads(stored.head)
+    items = stored.streams.get(STREAM, [])
+    got = digest_items(items)
+    if got != head["digest"] or len(items) != head["items"]:
+        return f"v{stored.version}: head says {head}, items read as {got} ({len(items)})"
+    return None
+
+
+async def sigkill_store(lab: Lab, target: Target, *, runs: int, chain: int) -> Row:
+    """Workers doing raw `Store.commit` loops (appends, edits, removals) are SIGKILLed.
+
+    Invariants: the latest version is the last acknowledged one or the one after it (a
+    commit that landed but whose answer died with the worker), and it reads exactly
+    as its worker said it would; every retained version reads as its head says.
+    """
+    row = Row("SIGKILL store commit loop", target.name)
+    store, rng = target.open(), random.Random(runs + 1)
+    try:
+        while row.runs < runs:
+            key = f"commits-{uuid.uuid4().hex[:8]}"
+            last, last_digest = 0, digest_items([])
+            for _ in range(min(chain, runs - row.runs)):
+                child = await lab.spawn(
+                    "store_commits", **target.worker_args(key=key, seed=rng.random())
+                )
+                ready = await child.expect("READY")
+                assert int(ready[0]) == last, f"worker loaded {ready[0]}, expected {last}"
+                for _ in range(rng.randint(0, 8)):
+                    await child.expect("COMMIT")
+                await asyncio.sleep(rng.uniform(0, KILL_JITTER / 3))
+                fault = time.monotonic()
+                await child.kill()
+                row.runs += 1
+                row.faults += 1
+
+                commits = [(int(w[0]), w[1]) for w in child.words("COMMIT")]
+                pending = {int(w[0]): w[1] for w in child.words("PENDING")}
+                row.acked += len(commits)
+                acked, acked_digest = commits[-1] if commits else (last, last_digest)
+                stored = await store.load(key)
+                row.recover.append(time.monotonic() - fault)
+                row.lost += max(0, acked - stored.version)
+                want = acked_digest if stored.version == acked else pending.get(stored.version)
+                got = digest_items(stored.streams.get(STREAM, []))
+                assert stored.version in (acked, acked + 1) and got == want, (
+                    f"latest v{stored.version} reads {got}; acknowledged v{acked}, "
+                    f"expected {want}\n{child.output}"
+                )
+                bad = []
+                for info in await store.versions(key):
+                    problem = _check_stored(await store.load(key, info.version))
+                    if problem:
+                        bad.append(problem)
+                row.corrupt += len(bad)
+                assert not bad, f"retained versions torn: {bad}"
+                last, last_digest = stored.version, got
+    finally:
+        await store.aclose()
+    return row
+
+
+async def zombies(lab: Lab, target: Target, *, runs: int) -> Row:
+    """A live worker is frozen (SIGSTOP) past its lease; another process takes over and
+    commits; the zombie is thawed (SIGCONT).
+
+    Invariants: every version after the takeover carries the new owner's epoch; the
+    zombie acknowledges no version after the takeover; its autosave stops on
+    `LeaseLost` and an explicit checkpoint is refused; the new owner's history holds
+    every turn the zombie acknowledged, and is what the store holds at the end.
+    """
+    row = Row("zombie: SIGSTOP past lease, takeover, SIGCONT", target.name)
+    store, rng = target.open(), random.Random(runs + 2)
+    try:
+        for r in range(runs):
+            key = f"zombie-{uuid.uuid4().hex[:8]}"
+            tag = f"{key}-z"
+            child = await lab.spawn(
+                "session_turns",
+                **target.worker_args(
+                    key=key, tag=tag, seed=rng.random(), lease_ttl=ZOMBIE_LEASE_TTL
+                ),
+            )
+            await child.expect("READY")
+            for _ in range(rng.randint(1, 3)):
+                await child.expect("TURN")
+            await child.signal(signal.SIGSTOP)
+            fault = time.monotonic()
+            row.runs += 1
+            row.faults += 1
+            info = await store.info(key)
+            assert info is not None and info.lease_expires_at is not None
+            # The fault itself: the worker stays frozen until its lease has run out.
+            await asyncio.sleep(max(0.0, info.lease_expires_at - time.time()) + 0.1)
+
+            _model, session, rs, agent = await _restore(store, key, lease_ttl=ZOMBIE_LEASE_TTL)
+            row.recover.append(time.monotonic() - fault)
+            taken = rs.version
+            assert rs._lease is not None
+            epoch = rs._lease.epoch
+            await session.start(agent)
+            await session.run(user_input=f"remember the new owner {r}")
+            await rs.checkpoint()
+
+            assert await child.signal(signal.SIGCONT)
+            await child.expect("LOST")
+            assert await child.expect("CHECKPOINT") == ["LeaseLost"], child.output
+            await session.run(user_input=f"remember the new owner again {r}")
+            final = await rs.checkpoint()
+
+            zombie_commits = [int(w[0]) for w in child.words("COMMIT")]
+            row.acked += len(zombie_commits) + (final - taken)
+            late = [v for v in zombie_commits if v > taken]
+            foreign = [
+                (v.version, v.epoch)
+                for v in await store.versions(key)
+                if v.version > taken and v.epoch != epoch
+            ]
+            assert not late and not foreign, (
+                f"zombie wrote after the takeover at v{taken}: acknowledged {late}, "
+                f"foreign epochs {foreign}\n{child.output}"
+            )
+            users = user_texts(list(session.history.items))
+            acked_texts = [turn_text(tag, int(w[0])) for w in child.words("TURN")]
+            missing = [t for t in acked_texts if users.count(t) != 1]
+            assert not missing, f"turns the zombie acknowledged are missing: {missing}"
+            stored = await store.load(key)
+            snap = Codec().decode_parts(key, stored.head, stored.streams)
+            assert stored.version == final and [i["id"] for i in snap.history] == [
+                i.id for i in session.history.items
+            ]
+            await rs.aclose()
+            await session.aclose()
+            await child.kill()
+    finally:
+        await store.aclose()
+    return row
