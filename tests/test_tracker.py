@@ -75,7 +75,10 @@ def test_folded_records_always_equal_the_live_context(
             assert isinstance(item, llm.ChatMessage)
             item.metrics = {"e2e_latency": float(n)}
         if step % commit_every == 0:
-            change = tracker.diff(live, item_to_data, encode)
+            # now and then the whole stream is written anew (a store that lost the
+            # session, a salvage): later diffs build on it like on any commit
+            whole = op == "noop" and n % 2 == 0
+            change = (tracker.full if whole else tracker.diff)(live, item_to_data, encode)
             store.records.extend(change.records)
             tracker.accept(change)
             assert store.state() == [item_to_data(i) for i in live]
@@ -111,3 +114,20 @@ def test_two_items_with_one_id_are_refused() -> None:
     live.append(msg(1).model_copy())
     with pytest.raises(ValueError, match="same id"):
         tracker.diff(live, item_to_data, encode)
+
+
+def test_a_whole_rewrite_clears_what_the_store_held_and_writes_every_item_in_order() -> None:
+    tracker = StreamTracker("history")
+    store = Replay()
+    live: list[llm.ChatItem] = [msg(i) for i in range(20)]
+    first = tracker.diff(live, item_to_data, encode)
+    store.records.extend(first.records)
+    tracker.accept(first)
+    stale = item_to_data(msg(500))  # a record the store holds that the live context lacks
+    store.records.append(Record("history", "item_500", encode(msg(500), stale, b""), None))
+    live = [*live[5:], msg(99)]
+    change = tracker.full(live, item_to_data, encode)
+    store.records.extend(change.records)
+    tracker.accept(change)
+    assert store.state() == [item_to_data(i) for i in live]
+    assert tracker.diff(live, item_to_data, encode).records == []

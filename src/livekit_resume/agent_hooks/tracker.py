@@ -135,6 +135,22 @@ class StreamTracker:
             put(i, data, digest(data))
         return Change(records, list(items), digests, datas)
 
+    def full(self, items: Sequence[llm.ChatItem], convert: Converter, encode: Encoder) -> Change:
+        """Records that clear the stored stream and write ``items`` anew, in order: for a
+        store that lost the session, or a log with a damaged record to leave behind."""
+        records = [Record(self.stream, "", None)]
+        digests: dict[str, bytes] = {}
+        datas: dict[str, ItemData] = {}
+        after: str | None = None
+        for item in items:
+            if item.id in digests:
+                raise ValueError(f"{self.stream} holds two chat items with the id {item.id!r}")
+            data = convert(item)
+            d = digest(data)
+            records.append(Record(self.stream, item.id, encode(item, data, d), after))
+            digests[item.id], datas[item.id], after = d, data, item.id
+        return Change(records, list(items), digests, datas)
+
     def accept(self, change: Change) -> None:
         """The change was committed: it is the new baseline."""
         self._objs, self._digests = change.objs, change.digests
