@@ -742,3 +742,27 @@ async def test_script_errors_on_foreign_data_surface_as_corrupt(rstore: RedisSto
     stale = Commit(KEY, lease.epoch, 0, b"h", [Record("h", "x", b"x")], 1)
     with pytest.raises(SnapshotCorrupt, match="WRONGTYPE"):
         await rstore.commit(stale)  # checks whether v:1 is its own earlier attempt
+
+
+async def test_remains_of_a_lost_head_are_found_and_deleted_on_every_topology(
+    rstore: RedisStore,
+) -> None:
+    """The scan for a session's remains runs where its slot lives (a Cluster node)."""
+    key = "room*[weird]?{x}"  # glob characters and braces in the key are literals
+    lease = await rstore.acquire(key, "worker-a")
+    await commit_items(rstore, lease, 0, "a")
+    await commit_items(rstore, lease, 1, "b")
+    lookalike = await rstore.acquire("roomZ[weird]?{x}", "worker-a")
+    await commit_items(rstore, lookalike, 0, "z")
+    await raw(rstore).delete(rstore._head_key(key))
+
+    with pytest.raises(SnapshotCorrupt, match="lost its head"):
+        await rstore.load(key)
+    with pytest.raises(SnapshotCorrupt, match="lost its head"):
+        await rstore.acquire(key, "worker-b")
+    assert await rstore.delete(key) is True
+    with pytest.raises(SnapshotNotFound):
+        await rstore.load(key)
+    prefix = rstore._head_key(key)[: -len("head")]
+    assert [k for k in await server_keys(rstore, "*") if k.startswith(prefix)] == []
+    assert (await rstore.load("roomZ[weird]?{x}")).streams == {"h": [("z", b"z")]}

@@ -16,10 +16,11 @@ import pytest
 from livekit_resume.errors import (
     LeaseLost,
     ResumeError,
+    SnapshotCorrupt,
     StoreUnavailable,
 )
 from livekit_resume.stores.base import Commit, Lease, Record
-from livekit_resume.stores.redis import RedisStore
+from livekit_resume.stores.redis import RedisStore, _pack_record
 from tests.redis_servers import RedisFactory, RedisServer
 
 KEY = "room-7"
@@ -242,5 +243,134 @@ async def test_out_of_memory_is_store_unavailable_with_advice_not_corruption(
         server.cli("config", "set", "maxmemory", "0")
         again = await store.acquire(KEY, "worker-a")
         assert await store.commit(item_commit(again, 0, "a", None)) == 1
+    finally:
+        await store.aclose()
+
+
+@pytest.fixture
+async def evicted(make_redis: RedisFactory) -> AsyncIterator[tuple[RedisServer, RedisStore]]:
+    """A session of three versions whose head key was evicted (DEL stands in for the
+    server's eviction); its versions, logs and namespace entry remain."""
+    server = make_redis()
+    store = RedisStore.from_url(server.url, namespace="evict", keep=2, retries=1)
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        after = None
+        for n, item in enumerate("abc"):
+            assert await store.commit(item_commit(lease, n, item, after)) == n + 1
+            after = item
+        await store._client.delete(store._head_key(KEY))
+        yield server, store
+    finally:
+        await store.aclose()
+
+
+async def test_load_of_a_session_missing_its_head_is_corrupt_naming_what_remains(
+    evicted: tuple[RedisServer, RedisStore],
+) -> None:
+    _, store = evicted
+    remains = await session_keys(store)
+    assert remains == [prefix(store) + k for k in ("log:0", "v:2", "v:3")]
+    with pytest.raises(SnapshotCorrupt) as caught:
+        await store.load(KEY)
+    message = str(caught.value)
+    assert store._head_key(KEY) in message and prefix(store) + "v:3" in message
+    assert "maxmemory-policy" in message and "delete" in message
+    assert await session_keys(store) == remains  # a read changes nothing
+
+
+async def test_acquire_refuses_a_session_whose_head_was_evicted_until_it_is_deleted(
+    evicted: tuple[RedisServer, RedisStore],
+) -> None:
+    _, store = evicted
+    remains = await session_keys(store)
+    for owner in ("worker-a", "worker-b"):
+        with pytest.raises(SnapshotCorrupt, match="head"):
+            await store.acquire(KEY, owner)
+    assert await session_keys(store) == remains  # refused without writing anything
+
+    assert await store.delete(KEY) is True
+    assert await session_keys(store) == []
+    lease = await store.acquire(KEY, "worker-a")  # deleted: a fresh start is asked for
+    assert await store.commit(item_commit(lease, 0, "x", None)) == 1
+    assert (await store.load(KEY)).streams == {"h": [("x", b"x")]}
+
+
+async def test_remains_are_found_without_the_namespace_index_too(
+    evicted: tuple[RedisServer, RedisStore],
+) -> None:
+    """The index key can be evicted as well: the log a new session would append to is
+    still in the way, and still reported."""
+    _, store = evicted
+    await store._client.delete(store._index_key)
+    with pytest.raises(SnapshotCorrupt, match="log:0"):
+        await store.load(KEY)
+    with pytest.raises(SnapshotCorrupt, match="log:0"):
+        await store.acquire(KEY, "worker-a")
+
+
+async def test_delete_removes_every_key_of_a_partially_evicted_session(
+    evicted: tuple[RedisServer, RedisStore],
+) -> None:
+    _, store = evicted
+    neighbour = await store.acquire("room-8", "worker-a")
+    assert await store.commit(item_commit(neighbour, 0, "n", None)) == 1
+    await store._client.set("unrelated", "kept")
+
+    assert await store.delete(KEY) is True
+    everything = sorted([k.decode() async for k in store._client.scan_iter()])
+    assert not [k for k in everything if k.startswith(prefix(store))]
+    assert "unrelated" in everything
+    assert (await store.load("room-8")).streams == {"h": [("n", b"n")]}
+    assert await store.delete(KEY) is False
+
+
+async def test_missing_version_or_log_under_a_present_head_is_corrupt_naming_the_key(
+    make_redis: RedisFactory,
+) -> None:
+    server = make_redis()
+    store = RedisStore.from_url(server.url, namespace="evict", retries=1)
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+        assert await store.commit(item_commit(lease, 1, "b", "a")) == 2
+        client = store._client
+        log = await client.lrange(prefix(store) + "log:0", 0, -1)
+
+        await client.delete(prefix(store) + "log:0")
+        with pytest.raises(SnapshotCorrupt, match=r"log:0"):
+            await store.load(KEY)
+        with pytest.raises(SnapshotCorrupt, match=r"log:0"):
+            await store.commit(item_commit(lease, 2, "c", "b"))
+        await client.rpush(prefix(store) + "log:0", *log)
+
+        version = await client.hgetall(prefix(store) + "v:2")
+        await client.delete(prefix(store) + "v:2")
+        for call in (store.load, store.versions, store.info):
+            with pytest.raises(SnapshotCorrupt, match=r"v:2"):
+                await call(KEY)
+        with pytest.raises(SnapshotCorrupt, match=r"v:2"):
+            await store.commit(item_commit(lease, 2, "c", "b"))
+        await client.hset(prefix(store) + "v:2", mapping=version)
+        assert await store.commit(item_commit(lease, 2, "c", "b")) == 3
+    finally:
+        await store.aclose()
+
+
+async def test_commit_refuses_to_append_to_a_log_it_did_not_write(
+    make_redis: RedisFactory,
+) -> None:
+    """A new session's first log already holding records (a former life's, after its
+    head was lost): appending would make them part of the new conversation."""
+    server = make_redis()
+    store = RedisStore.from_url(server.url, namespace="evict", retries=1)
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        stray = Record("h", "old", b"old conversation")
+        await store._client.rpush(prefix(store) + "log:0", _pack_record(stray))
+        with pytest.raises(SnapshotCorrupt, match="log:0"):
+            await store.commit(item_commit(lease, 0, "a", None))
+        assert await store._client.llen(prefix(store) + "log:0") == 1
+        assert await store.versions(KEY) == []
     finally:
         await store.aclose()

@@ -128,6 +128,11 @@ INDEX_HORIZON = 2.0
 INDEX_CACHE_MAX = 10_000
 # keys() checks the index's members in pipelines of this many commands.
 KEYS_BATCH = 1000
+# SCAN COUNT when looking for the remains of a session: large enough that a database of
+# a million keys takes a thousand round trips, small enough that each stays short.
+SCAN_COUNT = 1000
+# Remains named in an error message; the count says how many more there are.
+REMAINS_SHOWN = 5
 
 _SESSION_SCRIPTS = (
     "acquire",
@@ -162,6 +167,11 @@ def _script_source(name: str) -> str:
 def _tag(key: str) -> str:
     """The key as a hash tag body: no brace may end (or empty) the tag early."""
     return key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _fmt_time(t: float) -> str:
@@ -611,22 +621,62 @@ class RedisStore:
             raise SnapshotCorrupt(f"{script} of session {key!r} got a malformed reply {reply!r}")
         if reply[0] == b"corrupt":
             raise SnapshotCorrupt(
-                f"session {key!r} on {self._where}: {_text(reply[1])}; foreign data or a "
-                "damaged key: delete the session or restore it from a backup"
+                f"session {key!r} on {self._where}: {_text(reply[1])}; a key evicted by "
+                "the server (maxmemory-policy), removed or written by hand, or foreign "
+                "data: delete the session or restore it from a backup"
             )
         return reply
 
-    async def _index(self, key: str, op: str) -> None:
-        """Record the key in the namespace index (and collect long-dead members)."""
+    async def _index(self, key: str, op: str) -> bool:
+        """Record the key in the namespace index (and collect long-dead members);
+        whether it was listed already."""
         horizon = "" if self._ttl is None else _fmt_time(INDEX_HORIZON * self._ttl)
         forever = "1" if self._ttl is None else "0"
         with self._errors(f"{op} (namespace index)", key):
-            await self._scripts["index"](
+            reply = await self._scripts["index"](
                 keys=[self._index_key], args=[self._now_arg(), horizon, key, forever]
             )
         if len(self._indexed) >= INDEX_CACHE_MAX:
             self._indexed.clear()
         self._indexed[key] = self._elapsed()
+        return isinstance(reply, list) and len(reply) > 1 and int(reply[1]) == 1
+
+    async def _remains(self, key: str) -> list[str]:
+        """Every key under the session's prefix but its head, found by SCAN (on a
+        Cluster, of the node owning the session's slot). O(keys in the database): only
+        called when a head is missing and there is reason to look (see the module
+        docstring), never on a commit."""
+        head = self._head_key(key)
+        pattern = _glob_escape(head[: -len("head")]) + "*"
+        found: list[str] = []
+        with self._errors("scan for remains", key):
+            client = self._client
+            if isinstance(client, RedisCluster):
+                await client.initialize()
+                node = client.get_node_from_key(head)
+                cursor = 0
+                while True:
+                    cursors, batch = await client.scan(
+                        cursor, match=pattern, count=SCAN_COUNT, target_nodes=node
+                    )
+                    found += [_text(k) for k in batch]
+                    cursor = int(next(iter(cursors.values()))) if cursors else 0
+                    if cursor == 0:
+                        break
+            else:
+                found = [_text(k) async for k in client.scan_iter(match=pattern, count=SCAN_COUNT)]
+        return sorted(set(found) - {head})
+
+    def _headless_error(self, key: str, remains: Sequence[str]) -> SnapshotCorrupt:
+        shown = ", ".join(remains[:REMAINS_SHOWN]) + (", …" if len(remains) > REMAINS_SHOWN else "")
+        return SnapshotCorrupt(
+            f"session {key!r} on {self._where} lost its head key {self._head_key(key)} but "
+            f"{len(remains)} of its keys remain ({shown}): evicted by the server "
+            "(maxmemory-policy allkeys-*, or volatile-* with a session ttl) or deleted by "
+            "hand. Its versions cannot be read without the head, and it is not started "
+            "afresh over them: delete the session (`livekit-resume rm KEY` or "
+            "store.delete) to start it again, and set maxmemory-policy noeviction"
+        )
 
     async def _keep_indexed(self, key: str, op: str) -> None:
         """Before a write that refreshes a TTL: re-record the key if its entry is aging."""
@@ -646,12 +696,24 @@ class RedisStore:
         validate_key(key)
         # Indexed before the script creates the session, so a crash in between leaves a
         # member without a session (filtered out), never a session without a member.
-        await self._index(key, "acquire")
-        reply = await self._run(
-            "acquire",
+        listed = await self._index(key, "acquire")
+        args: list[str | bytes | int] = [
+            owner,
+            _fmt_time(ttl),
+            "1" if takeover else "0",
+            self._channel,
             key,
-            [owner, _fmt_time(ttl), "1" if takeover else "0", self._channel, key],
-        )
+        ]
+        # A key already listed whose head is missing: expired, or evicted with remains
+        # left. The script then creates nothing until a scan has ruled remains out.
+        reply = await self._run("acquire", key, [*args, "1" if listed else "0"])
+        if reply[0] in (b"absent", b"remains"):
+            remains = await self._remains(key)
+            if remains:
+                raise self._headless_error(key, remains)
+            reply = await self._run("acquire", key, [*args, "0"])
+            if reply[0] == b"remains":
+                raise self._headless_error(key, [_text(reply[1])])
         if reply[0] == b"busy":
             raise busy_error(key, _text(reply[1]), int(reply[2]))
         epoch, expires, created = int(reply[1]), float(reply[2]), int(reply[3])
@@ -756,6 +818,13 @@ class RedisStore:
         validate_key(key)
         reply = await self._run("load", key, ["" if version is None else str(int(version))])
         if reply[0] == b"absent":
+            # No head at all: if the session's first keys remain, or the namespace still
+            # lists it, look for what is left. A lost head must never read as "no
+            # snapshot", which would start the conversation afresh.
+            if reply[1] == b"1" and (reply[2] or await self._listed(key)):
+                remains = await self._remains(key)
+                if remains:
+                    raise self._headless_error(key, remains)
             raise not_found_error(key)
         if reply[0] == b"missing":
             oldest, latest = int(reply[1]), int(reply[2])
@@ -854,8 +923,15 @@ class RedisStore:
         with self._errors("delete", key):
             await self._client.zrem(self._index_key, key)
         self._indexed.pop(key, None)
-        reply = await self._run("delete", key, [])
+        # The scan finds keys the head cannot list (remains of a lost head); the script
+        # deletes them with the ones it knows, in one step.
+        remains = await self._remains(key)
+        reply = await self._run("delete", key, remains)
         return bool(int(reply[1]))
+
+    async def _listed(self, key: str) -> bool:
+        with self._errors("load (namespace index)", key):
+            return await self._client.zscore(self._index_key, key) is not None
 
     # -- events ----------------------------------------------------------------------
 

@@ -2,8 +2,12 @@
 -- granted; another owner's live lease only with takeover. Every acquisition that is not
 -- the owner renewing its live lease gets the next fencing epoch.
 -- ARGV[4] owner, [5] lease ttl seconds, [6] takeover '1'/'0', [7] event channel
--- ('' = none), [8] session key (for the event).
--- Reply: {'ok', epoch, expires, created 0/1} | {'busy', holder, epoch} | {'corrupt', message}
+-- ('' = none), [8] session key (for the event), [9] '1' = the namespace index lists
+-- the key: a missing head may have been evicted, so do not create one (the client scans
+-- for remains first, then calls again with '0').
+-- Reply: {'ok', epoch, expires, created 0/1} | {'busy', holder, epoch} |
+--        {'absent'} (only with [9] = '1') | {'remains', a key of the session without
+--        head} | {'corrupt', message}. Nothing is written unless the reply is 'ok'.
 local function main()
   local owner = ARGV[4]
   local s = read_head()
@@ -13,6 +17,9 @@ local function main()
   end
   local created = 0
   if s == nil then
+    local remain = first_remain()
+    if remain then return {'remains', remain} end
+    if ARGV[9] == '1' then return {'absent'} end
     s = new_head()
     created = 1
   end

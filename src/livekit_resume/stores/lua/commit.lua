@@ -26,6 +26,7 @@ local function main()
   local lk = logkey(s.gen)
   local vk = vkey(version)
   expect_type(lk, 'list')
+  check_log(s, lk)
   if type_of(vk) ~= 'none' then corrupt('key ' .. vk .. ' exists before its version was written') end
   -- checks done: from here on every call succeeds
   local len

@@ -5,6 +5,7 @@
 -- quarter TTL, so a member older than ARGV[2] (two TTLs) is dead and removed.
 -- ARGV[1] now ('' = server TIME), [2] horizon seconds ('' = no collection),
 -- [3] session key, [4] '1' = score +inf.
+-- Reply: {score, 1 if the key was listed before this call else 0}.
 local now
 if ARGV[1] ~= '' then
   now = tonumber(ARGV[1])
@@ -21,4 +22,5 @@ end
 if ARGV[2] ~= '' then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.17g', now - tonumber(ARGV[2])))
 end
-return score
+if current then return {score, 1} end
+return {score, 0}

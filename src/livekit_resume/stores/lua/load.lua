@@ -1,10 +1,12 @@
 -- load: one version and the log records it reads, in one atomic read.
 -- ARGV[4] version ('' = latest).
--- Reply: {'ok', version, epoch, created, head, info, {records...}} | {'absent'} |
+-- Reply: {'ok', version, epoch, created, head, info, {records...}} |
+--        {'absent', '1' if there is no head at all, a key left without head or ''} |
 --        {'missing', oldest, latest} | {'corrupt', message}
 local function main()
   local s = read_head()
-  if s == nil or s.expired or s.version < s.oldest then return {'absent'} end
+  if s == nil then return {'absent', '1', first_remain() or ''} end
+  if s.expired or s.version < s.oldest then return {'absent', '0', ''} end
   local n = s.version
   if ARGV[4] ~= '' then
     n = tonumber(ARGV[4])

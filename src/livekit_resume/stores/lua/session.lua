@@ -119,6 +119,38 @@ local function trim(s, keep)
   s.gen_lo = live
 end
 
+-- The keys a session created now would write first (its first log generation and
+-- version). One of them existing while the head does not means the session lost its
+-- head (evicted, or deleted by hand) and these are its remains: a new session must not
+-- append to them. Returns the first found, or nil. O(1); the client scans for the rest.
+local function first_remain()
+  for _, k in ipairs({logkey(0), vkey(1)}) do
+    if type_of(k) ~= 'none' then return k end
+  end
+  return nil
+end
+
+-- The log generation a commit appends to must hold exactly what the latest version
+-- read, nothing more (records of a former life, another writer) or less (an evicted
+-- or truncated list): otherwise the new version would read data it never wrote.
+local function check_log(s, lk)
+  local want = 0
+  if s.version >= s.oldest then
+    local vk = vkey(s.version)
+    expect_type(vk, 'hash')
+    local v = redis.call('HMGET', vk, 'gen', 'end')
+    if tonumber(v[1]) ~= s.gen or tonumber(v[2]) == nil then
+      corrupt('version record ' .. vk .. ' is missing or incomplete')
+    end
+    want = tonumber(v[2])
+  end
+  local have = redis.call('LLEN', lk)
+  if have ~= want then
+    corrupt('log ' .. lk .. ' holds ' .. have .. ' records where version ' .. s.version ..
+      ' left ' .. want)
+  end
+end
+
 -- RPUSH in slices: unpack() of thousands of values overflows Lua's C stack.
 local function push_all(k, from, to)
   local len = 0
