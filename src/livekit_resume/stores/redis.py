@@ -656,8 +656,12 @@ class RedisStore:
                 node = client.get_node_from_key(head)
                 cursor = 0
                 while True:
-                    cursors, batch = await client.scan(
-                        cursor, match=pattern, count=SCAN_COUNT, target_nodes=node
+                    # A Cluster answers a node's SCAN as ({node name: cursor}, keys).
+                    cursors, batch = cast(
+                        "tuple[dict[str, int], list[bytes]]",
+                        await client.scan(
+                            cursor, match=pattern, count=SCAN_COUNT, target_nodes=node
+                        ),
                     )
                     found += [_text(k) for k in batch]
                     cursor = int(next(iter(cursors.values()))) if cursors else 0
