@@ -22,6 +22,7 @@ import pytest
 from livekit_resume.errors import (
     IncompatibleSnapshot,
     LeaseLost,
+    SessionBusy,
     SnapshotCorrupt,
     SnapshotNotFound,
     StoreUnavailable,
@@ -489,3 +490,153 @@ def test_open_store_needs_a_file_name() -> None:
 async def test_unknown_key_in_an_empty_file(store: SQLiteStore) -> None:
     with pytest.raises(SnapshotNotFound):
         await store.load(KEY)
+
+
+# -- schema 1 files (before namespaces and commit ids) ------------------------------------
+
+# The tables as livekit-resume wrote them at schema version 1, verbatim.
+_SCHEMA_V1 = """
+CREATE TABLE sessions (
+    key TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    owner TEXT,
+    lease_expires_at REAL,
+    touched_at REAL NOT NULL,
+    gen INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    log_len INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE versions (
+    key TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    head BLOB NOT NULL,
+    gen INTEGER NOT NULL,
+    log_end INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    info TEXT NOT NULL,
+    PRIMARY KEY (key, version)
+);
+CREATE TABLE log (
+    key TEXT NOT NULL,
+    gen INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    stream TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    after TEXT,
+    data BLOB,
+    PRIMARY KEY (key, gen, seq)
+);
+"""
+
+
+def _schema_1_file(path: Path, epoch: int = 7) -> None:
+    """A WAL file as schema 1 left it: session KEY at version 2 (items m0, m1), its lease
+    released, and a session "other" with a live lease and no version yet."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("BEGIN")
+        for statement in _SCHEMA_V1.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        conn.execute("PRAGMA user_version=1")
+        now = 1_700_000_000.0
+        conn.execute(
+            "INSERT INTO sessions VALUES (?, ?, NULL, NULL, ?, 0, 2, 2)", (KEY, epoch, now)
+        )
+        conn.execute(
+            "INSERT INTO sessions VALUES ('other', 3, 'old-worker', ?, ?, 0, 0, 0)",
+            (4_000_000_000.0, now),
+        )
+        for n in (1, 2):
+            conn.execute(
+                "INSERT INTO versions VALUES (?, ?, ?, ?, ?, 0, ?, 10, ?)",
+                (KEY, n, epoch, now, f"head {n}".encode(), n, json.dumps({"n": n})),
+            )
+        conn.execute("INSERT INTO log VALUES (?, 0, 0, 'h', 'm0', NULL, ?)", (KEY, b"item 0"))
+        conn.execute("INSERT INTO log VALUES (?, 0, 1, 'h', 'm1', 'm0', ?)", (KEY, b"item 1"))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+async def test_a_schema_1_file_is_migrated_in_place_and_takes_idempotent_commits(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    _schema_1_file(path)
+    store = SQLiteStore(path)
+    try:
+        assert await store.keys() == ["other", KEY]
+        old = await store.load(KEY)
+        assert (old.version, old.head, old.info) == (2, b"head 2", {"n": 2})
+        assert old.streams == {"h": [("m0", b"item 0"), ("m1", b"item 1")]}
+        assert (await store.load(KEY, 1)).streams == {"h": [("m0", b"item 0")]}
+        with pytest.raises(SessionBusy):  # the old lease is still in force
+            await store.acquire("other", "new-worker", ttl=30)
+
+        lease = await store.acquire(KEY, "new-worker", ttl=30)
+        assert lease.epoch == 8
+        added = [Record("h", "m2", b"2", "m1")]
+        third = Commit(KEY, lease.epoch, 2, b"head 3", added, 3, commit_id="retry-me")
+        assert await store.commit(third) == 3
+        assert await store.commit(third) == 3  # the retry finds its landed version
+        assert [v.version for v in await store.versions(KEY)] == [1, 2, 3]
+    finally:
+        await store.aclose()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2 == SCHEMA_VERSION
+        namespaces = conn.execute("SELECT DISTINCT ns FROM sessions").fetchall()
+        assert namespaces == [("lkresume",)]  # old rows live in the default namespace
+    finally:
+        conn.close()
+    elsewhere = SQLiteStore(path, namespace="tenant-b")
+    try:
+        assert await elsewhere.keys() == []
+    finally:
+        await elsewhere.aclose()
+
+
+async def test_a_read_only_store_reads_a_schema_1_file_without_migrating_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    _schema_1_file(path)
+    before = path.read_bytes()
+    store = SQLiteStore(path, read_only=True)
+    try:
+        assert await store.keys() == ["other", KEY]
+        stored = await store.load(KEY)
+        assert (stored.version, stored.head) == (2, b"head 2")
+        assert stored.streams == {"h": [("m0", b"item 0"), ("m1", b"item 1")]}
+        info = await store.info("other")
+        assert info is not None and info.owner == "old-worker"
+    finally:
+        await store.aclose()
+    assert path.read_bytes() == before
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
+async def test_two_processes_opening_a_schema_1_file_migrate_it_once(
+    tmp_path: Path, children: list[Child]
+) -> None:
+    path = tmp_path / "old.db"
+    _schema_1_file(path)
+    a, b = await spawn(children, path, 2)
+    await a.send(op="acquire", key="third", owner="worker-a")
+    await b.send(op="acquire", key="fourth", owner="worker-b")
+    assert "ok" in await a.reply() and "ok" in await b.reply()
+    store = SQLiteStore(path)
+    try:
+        assert await store.keys() == ["fourth", "other", KEY, "third"]
+        assert (await store.load(KEY)).version == 2
+    finally:
+        await store.aclose()

@@ -10,14 +10,28 @@ connection, so no call ever blocks the event loop.
 Layout (schema version `SCHEMA_VERSION`, stamped with ``PRAGMA user_version`` and marked
 as ours with ``PRAGMA application_id``):
 
-- ``sessions``: one row per key: lease (epoch, owner, expiry), ``touched_at`` for the
-  session TTL, the head ``version``, the current log generation ``gen`` and its length.
-- ``versions``: one row per retained version: head bytes, listing info, and where its
-  items end in the log (``gen``, ``log_end``).
+Every row carries its namespace ``ns`` beside the session key: one file holds the
+sessions of several tenants or deployments, and none sees another's.
+
+- ``sessions``: one row per key: lease (epoch, owner, expiry and the ttl it was granted
+  for), ``touched_at`` for the session TTL, the head ``version``, the current log
+  generation ``gen`` and its length.
+- ``versions``: one row per retained version: head bytes, listing info, where its items
+  end in the log (``gen``, ``log_end``) and the ``commit_id`` that wrote it.
 - ``log``: item records, append-only per generation. A commit inserts its records at
   the end of the current generation and one version row; it never reads or rewrites
   the existing log, so its cost does not grow with the conversation. Only compaction,
   which `needs_compaction` makes rare, folds a generation into a new one.
+
+Older files are migrated in place when a writable store opens them (schema 1 had no
+namespaces: its sessions land in `DEFAULT_NAMESPACE`). A read-only store never writes:
+it reads an older schema through temporary views instead.
+
+Leases and the session TTL use this machine's wall clock (processes on one machine share
+it). A clock stepped back would make a lease or a session look fresh for as long as the
+step; a store that sees an expiry further ahead than its granted ttl, or a write time
+in the future, pulls it back to now, so a step of any size delays a takeover by at most
+one lease ttl and an expiry by at most one session ttl.
 """
 
 from __future__ import annotations
@@ -26,12 +40,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TypeVar, cast
@@ -65,40 +81,54 @@ from .base import (
     validate_key,
 )
 
-__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SQLiteStore"]
+__all__ = ["APPLICATION_ID", "DEFAULT_NAMESPACE", "SCHEMA_VERSION", "SQLiteStore", "validate_ttl"]
 
 logger = logging.getLogger("livekit_resume")
 
 # Bumped on every change of the tables below; a file stamped with a higher number was
-# written by a newer livekit-resume and is refused rather than misread.
-SCHEMA_VERSION = 1
+# written by a newer livekit-resume and is refused rather than misread. 2: namespaces,
+# the commit id of each version, the ttl each lease was granted for.
+SCHEMA_VERSION = 2
 # SQLite's slot for "which application's file format is this" ("LKRS"): it tells our
 # file apart from any other SQLite database before we touch a single table.
 APPLICATION_ID = 0x4C4B5253
+# The namespace of a store that names none: the same as RedisStore's, so a session key
+# means the same session whichever store a deployment moves to.
+DEFAULT_NAMESPACE = "lkresume"
 
 # Primary result codes (the low byte of an extended code) meaning the file's bytes are bad.
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
+# SQLITE_READONLY_DIRECTORY: a read-only connection to a WAL file could not create the
+# -shm file beside it because the directory is not writable.
+_SQLITE_READONLY_DIRECTORY = 1544
+_SQLITE_CANTOPEN = 14
 # Backoff for the SQLITE_BUSY answers SQLite's busy handler does not wait on: short first
 # (the conflict is a fresh file's WAL switch or a recovery, over in milliseconds).
 _BUSY_FIRST_PAUSE = 0.005
 _BUSY_MAX_PAUSE = 0.2
 _CORRUPT_WORDS = ("file is not a database", "malformed")
 
+# The current schema; "{temp}" is "TEMP " when a read-only store stands in empty tables
+# for a file that has none yet.
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    key TEXT PRIMARY KEY,
+CREATE {temp}TABLE IF NOT EXISTS sessions (
+    ns TEXT NOT NULL DEFAULT 'lkresume',
+    key TEXT NOT NULL,
     epoch INTEGER NOT NULL,
     owner TEXT,
     lease_expires_at REAL,
+    lease_ttl REAL,
     touched_at REAL NOT NULL,
     gen INTEGER NOT NULL,
     version INTEGER NOT NULL,
-    log_len INTEGER NOT NULL
+    log_len INTEGER NOT NULL,
+    PRIMARY KEY (ns, key)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS versions (
+CREATE {temp}TABLE IF NOT EXISTS versions (
+    ns TEXT NOT NULL DEFAULT 'lkresume',
     key TEXT NOT NULL,
     version INTEGER NOT NULL,
     epoch INTEGER NOT NULL,
@@ -108,9 +138,11 @@ CREATE TABLE IF NOT EXISTS versions (
     log_end INTEGER NOT NULL,
     size INTEGER NOT NULL,
     info TEXT NOT NULL,
-    PRIMARY KEY (key, version)
+    commit_id TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (ns, key, version)
 );
-CREATE TABLE IF NOT EXISTS log (
+CREATE {temp}TABLE IF NOT EXISTS log (
+    ns TEXT NOT NULL DEFAULT 'lkresume',
     key TEXT NOT NULL,
     gen INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -118,13 +150,51 @@ CREATE TABLE IF NOT EXISTS log (
     item_id TEXT NOT NULL,
     after TEXT,
     data BLOB,
-    PRIMARY KEY (key, gen, seq)
+    PRIMARY KEY (ns, key, gen, seq)
 );
 """
 _TABLES = frozenset({"sessions", "versions", "log"})
+# Schema 1's columns, table by table, and what schema 2 adds to each row of it (the
+# DEFAULT of the added columns covers the rest). The namespace joins every primary key,
+# which SQLite cannot alter: the migration copies each table into its new shape.
+_V1_COLUMNS = {
+    "sessions": "key, epoch, owner, lease_expires_at, touched_at, gen, version, log_len",
+    "versions": "key, version, epoch, created_at, head, gen, log_end, size, info",
+    "log": "key, gen, seq, stream, item_id, after, data",
+}
+# How a read-only store sees a schema-1 file without migrating it: temporary views with
+# the current columns (temp names shadow the file's own tables).
+_V1_VIEWS = {
+    "sessions": "SELECT 'lkresume' AS ns, key, epoch, owner, lease_expires_at, "
+    "NULL AS lease_ttl, touched_at, gen, version, log_len FROM main.sessions",
+    "versions": "SELECT 'lkresume' AS ns, key, version, epoch, created_at, head, gen, "
+    "log_end, size, info, '' AS commit_id FROM main.versions",
+    "log": "SELECT 'lkresume' AS ns, key, gen, seq, stream, item_id, after, data FROM main.log",
+}
 
 _T = TypeVar("_T")
 _InfoDict = dict[str, "str | int | float | bool | None"]
+
+
+# The shortest TTL (session or lease) accepted: below a millisecond a TTL is a typo
+# (1e-9) that expires a session before its first commit returns.
+_MIN_TTL = 0.001
+
+
+def validate_ttl(ttl: float | None, name: str = "ttl") -> float | None:
+    """Return a session TTL if it is None or a finite number of seconds > 0, else raise
+    `ValueError` naming ``name`` and the value.
+
+    0, a negative, NaN or infinite TTL would expire every session at once (or never) while
+    its lease still looks held: each later commit would be `LeaseLost`.
+    """
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds > 0, not {ttl!r}")
+    if not (math.isfinite(ttl) and ttl >= _MIN_TTL):
+        raise ValueError(f"{name} must be a finite number of seconds >= {_MIN_TTL}, not {ttl!r}")
+    return float(ttl)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,44 +202,70 @@ class _Session:
     epoch: int
     owner: str | None
     lease_expires_at: float | None
+    lease_ttl: float | None
     touched_at: float
     gen: int
     version: int
     log_len: int
 
 
-_SESSION_COLUMNS = "epoch, owner, lease_expires_at, touched_at, gen, version, log_len"
+_SESSION_COLUMNS = (
+    "epoch, owner, lease_expires_at, lease_ttl, touched_at, gen, version, log_len"
+)
 
 
 class SQLiteStore:
     """A `Store` in one SQLite file, shared safely by the processes of one machine.
 
+    ``namespace`` separates the sessions of tenants or deployments sharing one file;
     ``keep`` versions stay loadable; ``ttl`` (seconds without writes) expires whole
     sessions; ``busy_timeout`` is how long an operation waits for another process's
-    write lock before `StoreUnavailable`.
+    write lock before `StoreUnavailable`. ``read_only`` opens an existing file without
+    ever writing to it (no file created, no migration, no purge of expired sessions):
+    for listings and exports, even of a file or directory without write permission.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
+        namespace: str = DEFAULT_NAMESPACE,
         keep: int = DEFAULT_KEEP,
         ttl: float | None = None,
         clock: Callable[[], float] = time.time,
         busy_timeout: float = 5.0,
+        read_only: bool = False,
     ) -> None:
         if keep < 1:
             raise ValueError("keep must be at least 1")
         if busy_timeout < 0:
             raise ValueError("busy_timeout must not be negative")
+        # The same rule as RedisStore's, so that a namespace valid for one is for both.
+        if (
+            not isinstance(namespace, str)
+            or not namespace
+            or any(c in namespace for c in "{}")
+            or not namespace.isprintable()
+        ):
+            raise ValueError(
+                f"namespace {namespace!r} must be a non-empty printable string without braces"
+            )
         raw = os.fspath(path)
+        if raw in ("", ":memory:"):
+            # SQLite would give each connection a private database gone at close.
+            raise ValueError(
+                f"SQLite path {raw!r} persists nothing; use memory:// (MemoryStore) for a "
+                "store that lives in the process, or name a file"
+            )
         # Resolved now: the file is opened later on the worker thread, and a relative
         # path must mean the working directory of the caller, not of that moment.
-        self._path = raw if raw == ":memory:" else str(Path(raw).expanduser().absolute())
+        self._path = str(Path(raw).expanduser().absolute())
+        self._ns = namespace
         self._keep = keep
-        self._ttl = ttl
+        self._ttl = validate_ttl(ttl)
         self._clock = clock
         self._busy_timeout = busy_timeout
+        self._read_only = read_only
         # One thread, one connection: SQLite work is serialized here and never runs on
         # the event loop. The thread starts on the first operation.
         self._executor = ThreadPoolExecutor(
@@ -183,8 +279,22 @@ class SQLiteStore:
         """The absolute path of the database file."""
         return self._path
 
+    @property
+    def namespace(self) -> str:
+        """The namespace whose sessions this store sees."""
+        return self._ns
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this store only reads (see the class docstring)."""
+        return self._read_only
+
     def __repr__(self) -> str:
-        return f"SQLiteStore({self._path!r}, keep={self._keep}, ttl={self._ttl})"
+        ro = ", read_only=True" if self._read_only else ""
+        return (
+            f"SQLiteStore({self._path!r}, namespace={self._ns!r}, keep={self._keep}, "
+            f"ttl={self._ttl}{ro})"
+        )
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -198,6 +308,13 @@ class SQLiteStore:
             if self._closed:  # closed while this call was being scheduled
                 raise StoreUnavailable(f"SQLite store {self._path} is closed") from exc
             raise
+
+    def _writable(self, what: str) -> None:
+        if self._read_only:
+            raise StoreUnavailable(
+                f"SQLite store {self._path} is open read-only, so it cannot {what}; "
+                "open it without read_only=True (or ?mode=ro) to write"
+            )
 
     def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Runs on the store's thread: open the file if needed, run ``fn``, type errors.
@@ -213,7 +330,7 @@ class SQLiteStore:
         while True:
             try:
                 if self._conn is None:
-                    self._conn = self._open()
+                    self._conn = self._open_read_only() if self._read_only else self._open()
                 return fn(self._conn)
             except sqlite3.ProgrammingError:
                 raise  # a bug in this module, not a state of the file
@@ -258,7 +375,7 @@ class SQLiteStore:
             with _read(conn):  # one snapshot: another process may be creating the schema
                 self._check_schema(conn)  # before any write: a foreign file is never touched
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal" and self._path != ":memory:":
+            if str(mode).lower() != "wal":
                 logger.warning(
                     "SQLite store %s runs in %s mode, not WAL: readers will wait for writers",
                     self._path,
@@ -269,8 +386,68 @@ class SQLiteStore:
             # is atomic; only a power loss may drop the last commits. One fsync per
             # checkpoint instead of per commit keeps autosave cheap.
             conn.execute("PRAGMA synchronous=NORMAL")
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
                 self._create_schema(conn)
+            elif version < SCHEMA_VERSION:
+                self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """Open the file with SQLite's ``mode=ro``: nothing is created or written.
+
+        A WAL file whose directory is not writable cannot get the ``-shm`` index SQLite
+        reads it through; it is then opened ``immutable``. That is safe only because no
+        writer has the file open: a writer would have created the index beside it.
+        """
+        if not os.path.isfile(self._path):
+            raise StoreUnavailable(
+                f"no store at {self._path}: the file does not exist (a read-only store never "
+                "creates one); check the path or RESUME_STORE"
+            )
+        uri = "file:" + urllib.parse.quote(self._path) + "?mode=ro"
+        try:
+            conn = self._connect_uri(uri)
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code not in (_SQLITE_READONLY_DIRECTORY, _SQLITE_CANTOPEN):
+                raise
+            logger.debug(
+                "SQLite store %s: directory not writable, reading the file as immutable",
+                self._path,
+                extra={"path": self._path},
+            )
+            conn = self._connect_uri(uri + "&immutable=1")
+        try:
+            with _read(conn):
+                self._check_schema(conn)
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:  # an empty file: an empty store, seen through empty tables
+                for statement in _SCHEMA.format(temp="TEMP ").split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            elif version == 1:
+                for table, select in _V1_VIEWS.items():
+                    conn.execute(f"CREATE TEMP VIEW {table} AS {select}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect_uri(self, uri: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            uri,
+            uri=True,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            # Opening is lazy: the first read is what meets a missing -shm or a bad file.
+            conn.execute("PRAGMA user_version").fetchone()
         except BaseException:
             conn.close()
             raise
@@ -292,7 +469,7 @@ class SQLiteStore:
                     "schema version; the file was altered: restore it or use another file"
                 )
             return
-        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+        names = [r[0] for r in conn.execute("SELECT name FROM main.sqlite_master")]
         if app_id == 0 and not names:
             return  # a new, empty file: the schema is created next
         shown = ", ".join(sorted(names)[:5]) or "none"
@@ -312,58 +489,160 @@ class SQLiteStore:
                     f"{self._path} already holds tables named like livekit-resume's but "
                     "without its mark; point the store at another file"
                 )
-            for statement in _SCHEMA.split(";"):
+            for statement in _SCHEMA.format(temp="").split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring a schema-1 file to the current schema, in one transaction.
+
+        Its sessions go to `DEFAULT_NAMESPACE` (where a store of that era kept them, as
+        far as any namespace-aware reader is concerned); its versions get no commit id
+        and its leases no granted ttl (their expiry is then taken as it stands).
+        """
+        with _write(conn):
+            # Another process may have migrated it between our check and our lock.
+            if conn.execute("PRAGMA user_version").fetchone()[0] != 1:
+                return
+            for table in _V1_COLUMNS:
+                conn.execute(f"ALTER TABLE {table} RENAME TO {table}_v1")
+            for statement in _SCHEMA.format(temp="").split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            for table, columns in _V1_COLUMNS.items():
+                conn.execute(
+                    f"INSERT INTO {table} (ns, {columns}) SELECT ?, {columns} FROM {table}_v1",
+                    (DEFAULT_NAMESPACE,),
+                )
+                conn.execute(f"DROP TABLE {table}_v1")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        logger.info(
+            "SQLite store %s migrated from schema 1 to %d",
+            self._path,
+            SCHEMA_VERSION,
+            extra={"path": self._path},
+        )
+
     def _expired(self, touched_at: float, now: float) -> bool:
-        return self._ttl is not None and touched_at + self._ttl <= now
+        # A write time in the future (a clock stepped back) counts as now: see `_session`.
+        return self._ttl is not None and min(touched_at, now) + self._ttl <= now
+
+    @staticmethod
+    def _skewed(s: _Session, now: float) -> bool:
+        """Whether the row's times run ahead of ``now`` further than they could have been
+        set: the wall clock was stepped back since."""
+        ahead = (
+            s.lease_ttl is not None
+            and s.lease_expires_at is not None
+            and s.lease_expires_at - now > s.lease_ttl
+        )
+        return ahead or s.touched_at > now
+
+    def _lease_expiry(self, s: _Session, now: float) -> float | None:
+        """The lease's expiry, never more than its granted ttl after ``now``."""
+        if s.lease_ttl is None or s.lease_expires_at is None:
+            return s.lease_expires_at
+        return min(s.lease_expires_at, now + s.lease_ttl)
+
+    def _select(self, conn: sqlite3.Connection, key: str) -> _Session | None:
+        found = conn.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE ns=? AND key=?", (self._ns, key)
+        ).fetchone()
+        return None if found is None else _Session(*found)
 
     def _session(self, conn: sqlite3.Connection, key: str, now: float) -> _Session | None:
-        """The key's session row inside a write transaction; an expired one is purged."""
-        row = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE key=?", (key,))
-        found = row.fetchone()
-        if found is None:
+        """The key's session row inside a write transaction; an expired one is purged.
+
+        A row whose times run ahead of the clock (stepped back) is pulled back to now
+        first, and stays so: that bounds how long the step keeps a lease held (one lease
+        ttl) or a session alive (one session ttl) from the first write that sees it.
+        """
+        s = self._select(conn, key)
+        if s is None:
             return None
-        s = _Session(*found)
+        if self._skewed(s, now):
+            s = self._unskew(conn, key, s, now)
         if self._expired(s.touched_at, now):
-            _purge(conn, key)
+            _purge(conn, self._ns, key)
             return None
         return s
 
-    def _read_session(self, conn: sqlite3.Connection, key: str) -> tuple[_Session | None, bool]:
-        """The key's live session row inside a read transaction, and whether an expired
-        row is left for the caller to purge once the read is over."""
-        found = conn.execute(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE key=?", (key,)
-        ).fetchone()
-        if found is None:
-            return None, False
-        s = _Session(*found)
-        if self._expired(s.touched_at, self._clock()):
-            return None, True
-        return s, False
+    def _unskew(self, conn: sqlite3.Connection, key: str, s: _Session, now: float) -> _Session:
+        expires, touched = self._lease_expiry(s, now), min(s.touched_at, now)
+        logger.warning(
+            "session %r: its lease or write time is ahead of the clock (stepped back?); "
+            "pulled back to now",
+            key,
+            extra={"key": key, "epoch": s.epoch},
+        )
+        conn.execute(
+            "UPDATE sessions SET lease_expires_at=?, touched_at=? WHERE ns=? AND key=?",
+            (expires, touched, self._ns, key),
+        )
+        return replace(s, lease_expires_at=expires, touched_at=touched)
 
-    def _purge_expired(self, conn: sqlite3.Connection, key: str | None = None) -> None:
-        """Delete expired sessions (one key, or all) in their own write transaction."""
-        if self._ttl is None:
+    def _read_session(self, conn: sqlite3.Connection, key: str) -> tuple[_Session | None, bool]:
+        """The key's live session row inside a read transaction, and whether the row needs
+        a write once the read is over (expired, or its times run ahead of the clock)."""
+        s = self._select(conn, key)
+        if s is None:
+            return None, False
+        now = self._clock()
+        if self._expired(s.touched_at, now):
+            return None, True
+        return s, self._skewed(s, now)
+
+    def _tidy(self, conn: sqlite3.Connection, key: str | None = None) -> None:
+        """In its own write transaction, purge expired sessions and pull times that run
+        ahead of the clock back to now (one key, or all). A read-only store skips it."""
+        if self._read_only:
             return
         with _write(conn):
             now = self._clock()
-            where = "touched_at + ? <= ?" + (" AND key = ?" if key is not None else "")
-            args: tuple[object, ...] = (self._ttl, now) + ((key,) if key is not None else ())
-            gone = [r[0] for r in conn.execute(f"SELECT key FROM sessions WHERE {where}", args)]
-            for k in gone:
-                _purge(conn, k)
+            where = "ns=:ns" + (" AND key=:key" if key is not None else "")
+            args = {"ns": self._ns, "key": key, "now": now, "ttl": self._ttl}
+            # Pulled back first (the same rule as `_session`), so the purge below sees it.
+            conn.execute(
+                "UPDATE sessions SET touched_at=min(touched_at, :now), lease_expires_at=CASE "
+                "WHEN lease_expires_at > :now + lease_ttl THEN :now + lease_ttl "
+                f"ELSE lease_expires_at END WHERE {where} AND (touched_at > :now OR "
+                "lease_expires_at > :now + lease_ttl)",
+                args,
+            )
+            if self._ttl is None:
+                return
+            gone = conn.execute(
+                f"SELECT key FROM sessions WHERE {where} AND touched_at + :ttl <= :now", args
+            ).fetchall()
+            for (k,) in gone:
+                _purge(conn, self._ns, k)
 
     # -- leases ---------------------------------------------------------------------
+
+    def _lease_ttl(self, ttl: float) -> float:
+        """A lease ttl the store can honour, else `ValueError` naming both numbers.
+
+        A lease must never outlive the data: a session expiring while its lease still
+        looks held would vanish under its live holder, and every later commit of that
+        holder would be refused.
+        """
+        validate_ttl(ttl, "lease ttl")
+        if self._ttl is not None and ttl > self._ttl:
+            raise ValueError(
+                f"lease ttl {ttl} s is longer than the store's session ttl {self._ttl} s: "
+                "the session would expire under its live holder; use a lease ttl of at most "
+                f"{self._ttl} s or a longer session ttl"
+            )
+        return ttl
 
     async def acquire(
         self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
     ) -> Lease:
         validate_key(key)
+        self._lease_ttl(ttl)
+        self._writable(f"take the lease of session {key!r}")
         return await self._run(partial(self._acquire, key, owner, ttl, takeover))
 
     def _acquire(
@@ -380,20 +659,22 @@ class SQLiteStore:
                 epoch += 1
             if s is None:
                 conn.execute(
-                    "INSERT INTO sessions (key, epoch, owner, lease_expires_at, touched_at, "
-                    "gen, version, log_len) VALUES (?, ?, ?, ?, ?, 0, 0, 0)",
-                    (key, epoch, owner, now + ttl, now),
+                    "INSERT INTO sessions (ns, key, epoch, owner, lease_expires_at, lease_ttl, "
+                    "touched_at, gen, version, log_len) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0)",
+                    (self._ns, key, epoch, owner, now + ttl, ttl, now),
                 )
             else:
                 conn.execute(
-                    "UPDATE sessions SET epoch=?, owner=?, lease_expires_at=?, touched_at=? "
-                    "WHERE key=?",
-                    (epoch, owner, now + ttl, now, key),
+                    "UPDATE sessions SET epoch=?, owner=?, lease_expires_at=?, lease_ttl=?, "
+                    "touched_at=? WHERE ns=? AND key=?",
+                    (epoch, owner, now + ttl, ttl, now, self._ns, key),
                 )
             return Lease(key, owner, epoch, now + ttl)
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
         validate_key(lease.key)
+        self._lease_ttl(ttl)
+        self._writable(f"renew the lease of session {lease.key!r}")
         return await self._run(partial(self._renew, lease, ttl))
 
     def _renew(self, lease: Lease, ttl: float, conn: sqlite3.Connection) -> Lease:
@@ -403,13 +684,15 @@ class SQLiteStore:
             if s is None or s.epoch != lease.epoch or s.owner != lease.owner:
                 raise lease_lost_error(lease.key, lease.epoch, s.epoch if s else None)
             conn.execute(
-                "UPDATE sessions SET lease_expires_at=?, touched_at=? WHERE key=?",
-                (now + ttl, now, lease.key),
+                "UPDATE sessions SET lease_expires_at=?, lease_ttl=?, touched_at=? "
+                "WHERE ns=? AND key=?",
+                (now + ttl, ttl, now, self._ns, lease.key),
             )
             return Lease(lease.key, lease.owner, lease.epoch, now + ttl)
 
     async def release(self, lease: Lease) -> None:
         validate_key(lease.key)
+        self._writable(f"release the lease of session {lease.key!r}")
         await self._run(partial(self._release, lease))
 
     def _release(self, lease: Lease, conn: sqlite3.Connection) -> None:
@@ -417,32 +700,41 @@ class SQLiteStore:
             s = self._session(conn, lease.key, self._clock())
             if s is not None and s.epoch == lease.epoch and s.owner == lease.owner:
                 conn.execute(
-                    "UPDATE sessions SET owner=NULL, lease_expires_at=NULL WHERE key=?",
-                    (lease.key,),
+                    "UPDATE sessions SET owner=NULL, lease_expires_at=NULL, lease_ttl=NULL "
+                    "WHERE ns=? AND key=?",
+                    (self._ns, lease.key),
                 )
 
     # -- commits --------------------------------------------------------------------
 
     async def commit(self, commit: Commit) -> int:
         validate_key(commit.key)
+        self._writable(f"commit to session {commit.key!r}")
         info = json.dumps(dict(commit.info), separators=(",", ":"))  # before the lock
         return await self._run(partial(self._commit, commit, info))
 
     def _commit(self, c: Commit, info: str, conn: sqlite3.Connection) -> int:
-        key = c.key
+        key, ns = c.key, self._ns
         with _write(conn):
             now = self._clock()
             s = self._session(conn, key, now)
             if s is None or s.epoch != c.epoch or c.epoch == 0:
                 raise lease_lost_error(key, c.epoch, s.epoch if s else None)
             if c.base_version != s.version:
+                if c.commit_id and s.version == c.base_version + 1:
+                    top = conn.execute(
+                        "SELECT commit_id FROM versions WHERE ns=? AND key=? AND version=?",
+                        (ns, key, s.version),
+                    ).fetchone()
+                    if top is not None and top[0] == c.commit_id:
+                        return s.version  # a retry of a commit that landed: answer it
                 raise head_moved_error(c, s.version)
             # Append only: the records go after the current generation's last one.
             conn.executemany(
-                "INSERT INTO log (key, gen, seq, stream, item_id, after, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO log (ns, key, gen, seq, stream, item_id, after, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    (key, s.gen, s.log_len + i, r.stream, r.id, r.after, r.data)
+                    (ns, key, s.gen, s.log_len + i, r.stream, r.id, r.after, r.data)
                     for i, r in enumerate(c.records)
                 ),
             )
@@ -450,23 +742,26 @@ class SQLiteStore:
             gen, log_len = s.gen, s.log_len + len(c.records)
             written = len(c.head) + sum(len(r.data or b"") for r in c.records)
             conn.execute(
-                "INSERT INTO versions (key, version, epoch, created_at, head, gen, log_end, "
-                "size, info) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, version, c.epoch, now, c.head, gen, log_len, written, info),
+                "INSERT INTO versions (ns, key, version, epoch, created_at, head, gen, log_end, "
+                "size, info, commit_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (ns, key, version, c.epoch, now, c.head, gen, log_len, written, info, c.commit_id),
             )
             if needs_compaction(log_len, c.size):
                 gen, log_len = self._compact(conn, key, version, gen, log_len)
             conn.execute(
-                "DELETE FROM versions WHERE key=? AND version<=?", (key, version - self._keep)
+                "DELETE FROM versions WHERE ns=? AND key=? AND version<=?",
+                (ns, key, version - self._keep),
             )
             # Generations grow with versions, so any below the oldest retained one is unused.
             conn.execute(
-                "DELETE FROM log WHERE key=? AND gen<(SELECT min(gen) FROM versions WHERE key=?)",
-                (key, key),
+                "DELETE FROM log WHERE ns=?1 AND key=?2 AND "
+                "gen<(SELECT min(gen) FROM versions WHERE ns=?1 AND key=?2)",
+                (ns, key),
             )
             conn.execute(
-                "UPDATE sessions SET version=?, gen=?, log_len=?, touched_at=? WHERE key=?",
-                (version, gen, log_len, now, key),
+                "UPDATE sessions SET version=?, gen=?, log_len=?, touched_at=? "
+                "WHERE ns=? AND key=?",
+                (version, gen, log_len, now, ns, key),
             )
             return version
 
@@ -474,21 +769,25 @@ class SQLiteStore:
         self, conn: sqlite3.Connection, key: str, version: int, gen: int, log_end: int
     ) -> tuple[int, int]:
         """Fold generation ``gen`` into a fresh one that only ``version`` uses so far."""
+        ns = self._ns
         rows = conn.execute(
-            "SELECT stream, item_id, data, after FROM log WHERE key=? AND gen=? AND seq<? "
-            "ORDER BY seq",
-            (key, gen, log_end),
+            "SELECT stream, item_id, data, after FROM log WHERE ns=? AND key=? AND gen=? "
+            "AND seq<? ORDER BY seq",
+            (ns, key, gen, log_end),
         )
         fresh = records_from_streams(fold_records((Record(*r) for r in rows), key))
         new_gen = gen + 1
         conn.executemany(
-            "INSERT INTO log (key, gen, seq, stream, item_id, after, data) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            ((key, new_gen, i, r.stream, r.id, r.after, r.data) for i, r in enumerate(fresh)),
+            "INSERT INTO log (ns, key, gen, seq, stream, item_id, after, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (ns, key, new_gen, i, r.stream, r.id, r.after, r.data)
+                for i, r in enumerate(fresh)
+            ),
         )
         conn.execute(
-            "UPDATE versions SET gen=?, log_end=? WHERE key=? AND version=?",
-            (new_gen, len(fresh), key, version),
+            "UPDATE versions SET gen=?, log_end=? WHERE ns=? AND key=? AND version=?",
+            (new_gen, len(fresh), ns, key, version),
         )
         logger.debug(
             "compacted session %r: %d records folded into %d",
@@ -507,10 +806,10 @@ class SQLiteStore:
 
     def _load(self, key: str, version: int | None, conn: sqlite3.Connection) -> Stored:
         with _read(conn):
-            s, expired = self._read_session(conn, key)
+            s, untidy = self._read_session(conn, key)
             stored = self._load_in(conn, key, s, version) if s is not None and s.version else None
-        if expired:
-            self._purge_expired(conn, key)
+        if untidy:
+            self._tidy(conn, key)
         if stored is None:
             raise not_found_error(key)
         return stored
@@ -518,14 +817,17 @@ class SQLiteStore:
     def _load_in(
         self, conn: sqlite3.Connection, key: str, s: _Session, version: int | None
     ) -> Stored:
+        ns = self._ns
         wanted = s.version if version is None else version
         found = conn.execute(
             "SELECT version, epoch, created_at, head, gen, log_end, info FROM versions "
-            "WHERE key=? AND version=?",
-            (key, wanted),
+            "WHERE ns=? AND key=? AND version=?",
+            (ns, key, wanted),
         ).fetchone()
         if found is None and version is not None:
-            kept = conn.execute("SELECT version FROM versions WHERE key=? ORDER BY version", (key,))
+            kept = conn.execute(
+                "SELECT version FROM versions WHERE ns=? AND key=? ORDER BY version", (ns, key)
+            )
             raise not_retained_error(key, version, [r[0] for r in kept])
         if found is None:
             raise SnapshotCorrupt(
@@ -534,9 +836,9 @@ class SQLiteStore:
             )
         number, epoch, created_at, head, gen, log_end, info = found
         rows = conn.execute(
-            "SELECT stream, item_id, data, after FROM log WHERE key=? AND gen=? AND seq<? "
-            "ORDER BY seq",
-            (key, gen, log_end),
+            "SELECT stream, item_id, data, after FROM log WHERE ns=? AND key=? AND gen=? "
+            "AND seq<? ORDER BY seq",
+            (ns, key, gen, log_end),
         )
         streams = fold_records((Record(*r) for r in rows), key)
         return Stored(key, number, epoch, created_at, head, streams, _info(info, key))
@@ -547,18 +849,18 @@ class SQLiteStore:
 
     def _versions(self, key: str, conn: sqlite3.Connection) -> list[SnapshotInfo]:
         with _read(conn):
-            s, expired = self._read_session(conn, key)
+            s, untidy = self._read_session(conn, key)
             rows = (
                 conn.execute(
-                    "SELECT version, epoch, created_at, size, info FROM versions WHERE key=? "
-                    "ORDER BY version",
-                    (key,),
+                    "SELECT version, epoch, created_at, size, info FROM versions "
+                    "WHERE ns=? AND key=? ORDER BY version",
+                    (self._ns, key),
                 ).fetchall()
                 if s is not None
                 else []
             )
-        if expired:
-            self._purge_expired(conn, key)
+        if untidy:
+            self._tidy(conn, key)
         return [SnapshotInfo(v, e, c, n, _info(i, key)) for v, e, c, n, i in rows]
 
     async def info(self, key: str) -> SessionInfo | None:
@@ -567,27 +869,31 @@ class SQLiteStore:
 
     def _info(self, key: str, conn: sqlite3.Connection) -> SessionInfo | None:
         with _read(conn):
-            s, expired = self._read_session(conn, key)
+            s, untidy = self._read_session(conn, key)
             top = (
                 conn.execute(
-                    "SELECT info FROM versions WHERE key=? AND version=?", (key, s.version)
+                    "SELECT info FROM versions WHERE ns=? AND key=? AND version=?",
+                    (self._ns, key, s.version),
                 ).fetchone()
                 if s is not None and s.version
                 else None
             )
-        if expired:
-            self._purge_expired(conn, key)
+        if untidy:
+            self._tidy(conn, key)
         if s is None:
             return None
-        live = lease_is_live(s.lease_expires_at, self._clock())
+        now = self._clock()
+        expires = self._lease_expiry(s, now)
+        live = lease_is_live(expires, now)
+        touched = min(s.touched_at, now)
         return SessionInfo(
             key=key,
             version=s.version,
             epoch=s.epoch,
             owner=s.owner if live else None,
-            lease_expires_at=s.lease_expires_at if live else None,
-            updated_at=s.touched_at,
-            expires_at=s.touched_at + self._ttl if self._ttl is not None else None,
+            lease_expires_at=expires if live else None,
+            updated_at=touched,
+            expires_at=touched + self._ttl if self._ttl is not None else None,
             info=_info(top[0], key) if top is not None else {},
         )
 
@@ -596,22 +902,27 @@ class SQLiteStore:
 
     def _keys(self, conn: sqlite3.Connection) -> list[str]:
         with _read(conn):
-            rows = conn.execute("SELECT key, touched_at FROM sessions ORDER BY key").fetchall()
+            rows = conn.execute(
+                f"SELECT key, {_SESSION_COLUMNS} FROM sessions WHERE ns=? ORDER BY key",
+                (self._ns,),
+            ).fetchall()
         now = self._clock()
-        live = [k for k, touched in rows if not self._expired(touched, now)]
-        if len(live) < len(rows):
-            self._purge_expired(conn)
+        sessions = [(k, _Session(*cols)) for k, *cols in rows]
+        live = [k for k, s in sessions if not self._expired(s.touched_at, now)]
+        if len(live) < len(rows) or any(self._skewed(s, now) for _, s in sessions):
+            self._tidy(conn)
         return live
 
     async def delete(self, key: str) -> bool:
         validate_key(key)
+        self._writable(f"delete session {key!r}")
         return await self._run(partial(self._delete, key))
 
     def _delete(self, key: str, conn: sqlite3.Connection) -> bool:
         with _write(conn):
             if self._session(conn, key, self._clock()) is None:
                 return False
-            _purge(conn, key)
+            _purge(conn, self._ns, key)
             return True
 
     async def aclose(self) -> None:
@@ -674,9 +985,9 @@ def _read(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("ROLLBACK")  # a read transaction has nothing to keep
 
 
-def _purge(conn: sqlite3.Connection, key: str) -> None:
+def _purge(conn: sqlite3.Connection, ns: str, key: str) -> None:
     for table in ("log", "versions", "sessions"):
-        conn.execute(f"DELETE FROM {table} WHERE key=?", (key,))
+        conn.execute(f"DELETE FROM {table} WHERE ns=? AND key=?", (ns, key))
 
 
 def _info(text: str, key: str) -> _InfoDict:
