@@ -17,8 +17,14 @@ import pytest
 
 from tests.faults.figures import Figures
 from tests.faults.forkserver import ForkServer, Lab, lab
-from tests.faults.scenarios import Target, sigkill_sessions, sigkill_store, zombies
-from tests.redis_servers import RedisServer
+from tests.faults.scenarios import (
+    Target,
+    redis_outage,
+    sigkill_sessions,
+    sigkill_store,
+    zombies,
+)
+from tests.redis_servers import RedisFactory, RedisServer
 
 pytestmark = pytest.mark.faults
 
@@ -29,6 +35,7 @@ KILL_RUNS = 200 * SOAK
 # a conversation survives repeated kills, short enough that its history stays small.
 CHAIN = 20
 ZOMBIE_RUNS = 8 * SOAK
+OUTAGE_RUNS = 2 * SOAK
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +85,11 @@ async def test_thawed_zombie_writes_nothing_after_takeover(
     workers: Lab, target: Target, figures: Figures
 ) -> None:
     figures.add(await zombies(workers, target, runs=ZOMBIE_RUNS))
+
+
+@pytest.mark.parametrize("mode", ["stall", "restart"])
+async def test_session_answers_through_redis_outage_and_saves_every_turn(
+    mode: str, make_redis: RedisFactory, figures: Figures
+) -> None:
+    server = make_redis("--appendonly", "yes", "--appendfsync", "always")
+    figures.add(await redis_outage(server, mode=mode, runs=OUTAGE_RUNS, turns_down=4))

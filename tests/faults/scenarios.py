@@ -11,6 +11,7 @@ import json
 import random
 import signal
 import time
+import tracemalloc
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,20 +19,38 @@ from typing import Any
 from livekit.agents import llm
 
 from livekit_resume import ResumableSession, open_store
+from livekit_resume._demo import WatchedStore
+from livekit_resume.snapshot.chat import ctx_from_data
 from livekit_resume.snapshot.codec import Codec
-from livekit_resume.stores.base import Store, Stored
+from livekit_resume.stores.base import Commit, Store, Stored
+from livekit_resume.stores.redis import RedisStore
 from tests import _child_agent as agent_kit
 from tests.faults.figures import Row
 from tests.faults.forkserver import Lab
 from tests.faults.workers import STREAM, digest_items, turn_text
+from tests.redis_servers import RedisServer
 
-__all__ = ["Target", "sigkill_sessions", "sigkill_store", "user_texts", "zombies"]
+__all__ = [
+    "ProbeStore",
+    "Target",
+    "redis_outage",
+    "sigkill_sessions",
+    "sigkill_store",
+    "user_texts",
+    "zombies",
+]
 
 # Where in a commit a kill lands: a random slice of about one commit's duration after
 # the line that triggered it. This is the fault's timing, not a wait for something.
 KILL_JITTER = 0.03
 # A zombie's lease in that scenario: short, so that freezing it past the lease is quick.
 ZOMBIE_LEASE_TTL = 1.5
+# Bounds one outage phase: the client's timeout, its retries and autosave's backoff
+# (capped at 10 s) fit many times over; it catches a hang, it is not a timing.
+OUTAGE_DEADLINE = 60.0
+# What a session may hold while its store is down: the turns themselves are a few KiB;
+# anything growing with the retries (queued snapshots, tasks) would pass this.
+MEMORY_BOUND = 4 * 1024 * 1024
 
 
 @dataclass
@@ -273,4 +292,134 @@ async def zombies(lab: Lab, target: Target, *, runs: int) -> Row:
             await child.kill()
     finally:
         await store.aclose()
+    return row
+
+
+# ------------------------------------------------------- in-process scenarios
+
+
+class ProbeStore(WatchedStore):
+    """`WatchedStore` that also counts failed commits and times the good ones, so a test
+    waits on "a commit has failed since" instead of guessing how long an outage lasts."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.failures = 0
+        self.latencies: list[float] = []
+        self._failed = asyncio.Event()
+
+    async def commit(self, commit: Commit) -> int:
+        start = time.perf_counter()
+        try:
+            version = await super().commit(commit)
+        except Exception:
+            self.failures += 1
+            self._failed.set()
+            raise
+        self.latencies.append(time.perf_counter() - start)
+        return version
+
+    async def next_failure(self, *, timeout: float = OUTAGE_DEADLINE) -> None:
+        """Wait until a commit fails from now on."""
+        self._failed.clear()
+        await asyncio.wait_for(self._failed.wait(), timeout)
+
+
+async def _fresh_session(store: Store, key: str) -> tuple[Any, ResumableSession]:
+    _model, session = agent_kit.build_session()
+    rs = ResumableSession(
+        store, key, registry=agent_kit.registry(), userdata_type=agent_kit.Notes, debounce=0.02
+    )
+    await session.start(await rs.restore(session, default=agent_kit.Scribe))
+    return session, rs
+
+
+async def _turn(session: Any, store: WatchedStore, text: str) -> str:
+    await asyncio.wait_for(session.run(user_input=text), OUTAGE_DEADLINE)
+    for item in reversed(session.history.items):
+        if isinstance(item, llm.ChatMessage) and item.text_content == text:
+            return str(item.id)
+    raise AssertionError(f"{text!r} is not in the history")
+
+
+async def assert_stored_whole(store: Store, key: str, session: Any) -> int:
+    """The latest version holds exactly the live history; return that version."""
+    stored = await store.load(key)
+    snap = Codec().decode_parts(key, stored.head, stored.streams, version=stored.version)
+    saved = ctx_from_data(snap.history).items
+    live = list(session.history.items)
+    assert [i.id for i in saved] == [i.id for i in live], "stored history differs from live"
+    assert llm.ChatContext(saved).is_equivalent(llm.ChatContext(live))
+    return stored.version
+
+
+async def redis_outage(server: RedisServer, *, mode: str, runs: int, turns_down: int) -> Row:
+    """A session keeps answering turns while its Redis is down, then saves every turn.
+
+    ``mode`` ``"stall"``: the server is frozen (SIGSTOP) past the client's socket
+    timeout, so commits time out although the server applies them later (an ambiguous
+    outcome); ``"restart"``: it is SIGKILLed and restarted from its append-only file.
+    Invariants: every turn gets its answer while the store is down; the tasks and the
+    memory the session holds stay bounded meanwhile; once the store is back, autosave
+    (which never stopped) writes the latest state: the stored history is the live one,
+    and no version acknowledged before the fault is lost.
+    """
+    label = "SIGSTOP past socket_timeout" if mode == "stall" else "SIGKILL, restart from AOF"
+    row = Row(f"Redis outage mid-conversation ({label})", "redis")
+    grown: list[int] = []
+    for r in range(runs):
+        store = ProbeStore(
+            RedisStore.from_url(
+                server.url, namespace=f"o{uuid.uuid4().hex[:8]}", socket_timeout=1.0, retries=1
+            )
+        )
+        key = f"outage-{r}"
+        try:
+            session, rs = await _fresh_session(store, key)
+            for t in range(3):
+                await store.wait_saved(await _turn(session, store, f"remember before {t}"))
+            before = store.versions_written[-1]
+            tasks = len(asyncio.all_tasks())
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            if mode == "stall":
+                server.pause()
+            else:
+                server.kill()
+            row.runs += 1
+            row.faults += 1
+            try:
+                for t in range(turns_down):
+                    failure = asyncio.ensure_future(store.next_failure())
+                    await _turn(session, store, f"remember while down {t}")
+                    await failure  # this turn's state met the outage
+                grown.append(tracemalloc.get_traced_memory()[0] - base)
+                extra_tasks = len(asyncio.all_tasks()) - tasks
+            finally:
+                tracemalloc.stop()
+                if mode == "stall":
+                    server.resume()
+                else:
+                    server.start()
+            back = time.monotonic()
+            last = session.history.items[-1].id
+            await store.wait_saved(last, timeout=OUTAGE_DEADLINE)
+            await asyncio.wait_for(rs._autosave.idle.wait(), OUTAGE_DEADLINE)
+            row.recover.append(time.monotonic() - back)
+            assert rs._autosave.lost is None, f"autosave stopped: {rs._autosave.lost}"
+            assert extra_tasks <= 2, f"{extra_tasks} more tasks while the store was down"
+            assert grown[-1] < MEMORY_BOUND, f"session grew {grown[-1]} bytes while down"
+            latest = await assert_stored_whole(store, key, session)
+            row.acked += len(store.versions_written)
+            row.lost += int(latest < before)
+            bad = await corrupt_versions(store, key, Codec())
+            row.corrupt += len(bad)
+            assert latest >= before and not bad, f"v{latest} < v{before} or corrupt: {bad}"
+            await rs.aclose()
+            await session.aclose()
+        finally:
+            await store.aclose()
+    row.notes = (
+        f"{turns_down} turns answered while down; memory held meanwhile <= {max(grown) // 1024} KiB"
+    )
     return row
