@@ -431,3 +431,121 @@ def test_example_worker_imports_and_registers_its_entrypoint() -> None:
     spec.loader.exec_module(module)  # defines the server; running it needs a LiveKit server
     assert isinstance(module.server, AgentServer)
     assert module.server._entrypoint_fnc is module.entrypoint
+
+
+# ------------------------------------------------------- import validates first
+
+
+def _nested(depth: int) -> list[Any]:
+    out: list[Any] = []
+    inner = out
+    for _ in range(depth - 1):
+        nxt: list[Any] = []
+        inner.append(nxt)
+        inner = nxt
+    return out
+
+
+def _foreign_frame(data: Any) -> bytes:
+    """A frame as another tool would write it: right format, none of our checks."""
+    import struct
+    import zlib
+
+    import msgpack
+
+    body = msgpack.packb(data, use_bin_type=True)
+    header = struct.pack(">4sBBHI", b"LKRS", FORMAT_VERSION, 0, 0, len(body))
+    return header + body + struct.pack(">I", zlib.crc32(header + body))
+
+
+def _poison(data: dict[str, Any], kind: str) -> None:
+    history = data["history"]
+    if kind == "duplicate-id":
+        history.append(dict(history[1]))
+    elif kind == "missing-id":
+        del history[1]["id"]
+    elif kind == "non-string-id":
+        history[1]["id"] = 12
+    elif kind == "unknown-type":
+        history[1]["type"] = "telepathy"
+    elif kind == "deep-userdata":
+        data["userdata"] = {"facts": _nested(600)}
+    elif kind == "nan-created-at":
+        history[1]["created_at"] = float("nan")
+    elif kind == "nan-snapshot-time":
+        data["created_at"] = float("inf")
+    elif kind == "bad-agent-item":
+        data["agent"]["chat_ctx"][0]["role"] = 42
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "duplicate-id",
+        "missing-id",
+        "non-string-id",
+        "unknown-type",
+        "deep-userdata",
+        "nan-created-at",
+        "nan-snapshot-time",
+        "bad-agent-item",
+    ],
+)
+def test_a_refused_import_writes_nothing_and_a_good_import_still_rolls_back(
+    url: str, key: str, tmp_path: Path, kind: str
+) -> None:
+    good = tmp_path / "good.lkrs"
+    assert run(url, "export", key, "-o", str(good)).exit_code == 0
+    data = snapshot_of(url, key).model_dump()
+    _poison(data, kind)
+    bad = tmp_path / "bad.lkrs"
+    bad.write_bytes(_foreign_frame(data))
+
+    before = store_state(url)
+    result = run(url, "import", str(bad), "--takeover")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error (") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.output
+    assert store_state(url) == before
+    as_json = run(url, "--json", "import", str(bad))
+    assert as_json.exit_code == 1 and "error" in json.loads(as_json.stderr)
+
+    # the documented rollback still works, and the session still loads
+    rollback = run(url, "import", str(good), "--takeover")
+    assert rollback.exit_code == 0, rollback.output
+    assert run(url, "show", key).exit_code == 0
+    assert snapshot_of(url, key).history == Codec().decode(good.read_bytes()).history
+
+
+def test_a_session_larger_than_one_frame_exports_and_imports(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An ~80 MB session against the 64 MiB limit, scaled down: ~600 KB against 256 KiB.
+    # Every item is within the limit, the whole snapshot is not.
+    import livekit_resume.cli as cli
+
+    monkeypatch.setattr(cli, "_MAX_FRAME", 256 * 1024)
+    name = f"room-{uuid.uuid4().hex[:6]}"
+    facts = [f"the fact {n}: " + "abcdefghij" * 4_000 for n in range(4)]
+    asyncio.run(_converse(url, name, [f"remember {f}" for f in facts]))
+    original = snapshot_of(url, name)
+    import msgpack
+
+    assert len(msgpack.packb(original.model_dump(), use_bin_type=True)) > 256 * 1024
+
+    out = tmp_path / "big.lkrs"
+    exported = run(url, "export", name, "-o", str(out))
+    assert exported.exit_code == 0, exported.output
+    result = run(url, "--json", "import", str(out), "--key", "big-copy")
+    assert result.exit_code == 0, result.output
+    copy = snapshot_of(url, "big-copy")
+    assert copy.history == original.history and copy.userdata == original.userdata
+    assert copy.agent is not None and original.agent is not None
+    assert copy.agent.chat_ctx == original.agent.chat_ctx
+    # through a pipe too
+    piped = run(url, "export", name, "-o", "-")
+    assert piped.exit_code == 0
+    again = run(url, "import", "-", "--key", "big-piped", input=piped.stdout_bytes)
+    assert again.exit_code == 0, again.output
+    assert snapshot_of(url, "big-piped").history == original.history
+

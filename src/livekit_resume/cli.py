@@ -27,13 +27,22 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .errors import ResumeError, SessionBusy, SnapshotNotFound, SnapshotTooLarge
-from .snapshot.codec import AGENT, DEFAULT_MAX_FRAME, HISTORY, Codec
+from .errors import (
+    IncompatibleSnapshot,
+    ResumeError,
+    SessionBusy,
+    SnapshotCorrupt,
+    SnapshotNotFound,
+    SnapshotTooLarge,
+)
+from .snapshot.codec import AGENT, DEFAULT_MAX_FRAME, HISTORY, Codec, read_frames
 from .snapshot.model import ItemData, Snapshot, Writer
+from .snapshot.salvage import Damage, salvage_parts, validate_restorable
 from .stores.base import (
     Commit,
     Record,
     Store,
+    Stored,
     lease_is_live,
     records_from_streams,
     validate_key,
@@ -52,10 +61,12 @@ __all__ = [
 
 # The name shown in help and errors, also under ``python -m livekit_resume``.
 PROG = "livekit-resume"
-# Lease the CLI holds while it imports: long enough for one commit on a slow store.
+# Lease the CLI holds while it imports or repairs: long enough for one commit on a slow
+# store.
 IMPORT_LEASE_TTL = 30.0
-# A frame file is read up to this many bytes: the codec's limit plus its header/trailer.
-_MAX_FILE = DEFAULT_MAX_FRAME + 4096
+# The frame limit of the CLI's codec: the workers' default, so that the CLI reads what
+# they write and writes nothing they cannot read.
+_MAX_FRAME = DEFAULT_MAX_FRAME
 
 app = typer.Typer(
     name=PROG,
@@ -114,7 +125,8 @@ def _console() -> Console:
 
 
 def _err_console() -> Console:
-    return Console(stderr=True, highlight=False, markup=False)
+    # soft_wrap: an error stays one line, however narrow the terminal, for grep and logs
+    return Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
 
 def _fail(exc: BaseException, *, as_json: bool) -> NoReturn:
@@ -155,6 +167,7 @@ def make_codec() -> Codec:
     return Codec(
         signing_keys=os.environ.get("RESUME_SIGNING_KEYS") or None,
         encryption_keys=os.environ.get("RESUME_ENCRYPTION_KEYS") or None,
+        max_frame=_MAX_FRAME,
     )
 
 
@@ -453,13 +466,16 @@ def export_cmd(
         int | None, typer.Option("--version", "-v", help="A retained version (default: latest)")
     ] = None,
 ) -> None:
-    """Write one whole-snapshot frame (signed/encrypted like the store's) to a file."""
+    """Write the snapshot (signed/encrypted like the store's) to a file: one frame, or a
+    head frame and one frame per item when the session is larger than one frame."""
     opts = _opts(ctx)
     key = _key(key)
 
     async def go(store: Store) -> tuple[Snapshot, bytes]:
         snap = await _load(store, key, version)
-        return snap, make_codec().encode(snap)
+        # what import would refuse is refused here, before a file exists
+        validate_restorable(snap)
+        return snap, b"".join(make_codec().encode_export(snap))
 
     snap, frame = _run(ctx, go)
     if output == "-":
@@ -530,74 +546,108 @@ def _binary(name: Literal["stdin", "stdout"]) -> BinaryIO:
     return cast(BinaryIO, stream.buffer)
 
 
-def _read_frame(path: str) -> bytes:
+def _read_snapshot(path: str) -> Snapshot:
+    """An export file, decoded and checked to be restorable: every typed error comes
+    before the store is touched."""
     if path == "-":
-        data = _binary("stdin").read(_MAX_FILE + 1)
+        frames = read_frames(_binary("stdin"), max_frame=_MAX_FRAME)
     else:
         with open(path, "rb") as f:
-            data = f.read(_MAX_FILE + 1)
-    if len(data) > _MAX_FILE:
-        raise SnapshotTooLarge(f"{path} is over {_MAX_FILE} bytes: not a snapshot frame")
-    return data
+            frames = read_frames(f, max_frame=_MAX_FRAME)
+    snap = make_codec().decode_export(frames)
+    validate_restorable(snap)
+    return snap
+
+
+def _owner() -> str:
+    return f"{PROG}:{socket.gethostname()}:{os.getpid()}"
+
+
+async def _write_whole(
+    store: Store,
+    key: str,
+    build: Callable[[Store, Codec, Stored | None], Awaitable[Snapshot | None]],
+    *,
+    takeover: bool,
+    source: str,
+) -> tuple[Snapshot | None, int | None]:
+    """Hold the key's lease and commit a whole base: every stream cleared, every item
+    written again (`commit_from_snapshot`), so no later version reads an older record.
+
+    ``build(store, codec, stored)`` gets the latest stored version (None for a new key),
+    read under the lease, and returns the snapshot to write, or None to write nothing.
+    """
+    owner = _owner()
+    try:
+        lease = await store.acquire(key, owner, ttl=IMPORT_LEASE_TTL, takeover=takeover)
+    except SessionBusy as e:
+        raise SessionBusy(f"{e} (from the command line: --takeover)", holder=e.holder) from e
+    try:
+        try:
+            stored: Stored | None = await store.load(key)
+        except SnapshotNotFound:
+            stored = None
+        codec = make_codec()
+        snap = await build(store, codec, stored)
+        if snap is None:
+            return None, None
+        snap = snap.model_copy(
+            update={
+                "key": key,
+                "reason": "manual",
+                "writer": Writer(worker_id=f"{PROG}:{socket.gethostname()}"),
+            }
+        )
+        commit = commit_from_snapshot(
+            codec,
+            snap,
+            epoch=lease.epoch,
+            base_version=stored.version if stored is not None else 0,
+            info={
+                "state": snap.state,
+                "reason": "manual",
+                "source": source,
+                "agent": snap.agent.agent_id if snap.agent else None,
+                "items": len(snap.history),
+                "owner": owner,
+            },
+        )
+        return snap, await store.commit(commit)
+    finally:
+        await store.release(lease)
 
 
 @app.command("import")
 def import_cmd(
     ctx: typer.Context,
     file: Annotated[
-        str, typer.Argument(metavar="FILE", help="A frame from 'export', '-' for stdin.")
+        str, typer.Argument(metavar="FILE", help="A file from 'export', '-' for stdin.")
     ],
     key: Annotated[
-        str | None, typer.Option("--key", "-k", help="Session key (default: the frame's key)")
+        str | None, typer.Option("--key", "-k", help="Session key (default: the file's key)")
     ] = None,
     takeover: Annotated[
         bool, typer.Option("--takeover", help="Take the lease over from a live worker.")
     ] = False,
 ) -> None:
-    """Commit a snapshot frame as the session's next version (under its lease)."""
+    """Commit an exported snapshot as the session's next version (under its lease).
+
+    The file is validated whole first (frames, item ids, item types, restorability):
+    a file that is refused writes nothing."""
     opts = _opts(ctx)
     if key is not None:
         key = _key(key)
     try:
-        data = _read_frame(file)
-        snap = make_codec().decode(data)  # typed errors before the store is touched
+        snap = _read_snapshot(file)
     except (ResumeError, OSError) as e:
         _fail(e, as_json=opts.json)
     target = key or snap.key
-    snap = snap.model_copy(
-        update={
-            "key": target,
-            "reason": "manual",
-            "writer": Writer(worker_id=f"{PROG}:{socket.gethostname()}"),
-        }
-    )
-    owner = f"{PROG}:{socket.gethostname()}:{os.getpid()}"
 
-    async def go(store: Store) -> int:
-        try:
-            lease = await store.acquire(target, owner, ttl=IMPORT_LEASE_TTL, takeover=takeover)
-        except SessionBusy as e:
-            raise SessionBusy(f"{e} (from the command line: --takeover)", holder=e.holder) from e
-        try:
-            current = await store.info(target)
-            codec = make_codec()
-            commit = commit_from_snapshot(
-                codec,
-                snap,
-                epoch=lease.epoch,
-                base_version=current.version if current is not None else 0,
-                info={
-                    "state": snap.state,
-                    "reason": "manual",
-                    "source": "import",
-                    "agent": snap.agent.agent_id if snap.agent else None,
-                    "items": len(snap.history),
-                    "owner": owner,
-                },
-            )
-            return await store.commit(commit)
-        finally:
-            await store.release(lease)
+    async def build(_store: Store, _codec: Codec, _stored: Stored | None) -> Snapshot:
+        return snap
+
+    async def go(store: Store) -> int | None:
+        return (await _write_whole(store, target, build, takeover=takeover, source="import"))[1]
 
     version = _run(ctx, go)
     if opts.json:
@@ -606,6 +656,105 @@ def import_cmd(
         _console().print(
             f"imported {file} as {target!r} version {version} ({len(snap.history)} items)"
         )
+
+
+async def _older_heads(store: Store, key: str, below: int) -> list[tuple[int, bytes]]:
+    """Heads of the retained versions before ``below``, newest first, for salvage."""
+    heads = []
+    for info in reversed(await store.versions(key)):
+        if info.version >= below:
+            continue
+        try:
+            heads.append((info.version, (await store.load(key, info.version)).head))
+        except (SnapshotCorrupt, SnapshotNotFound):
+            continue  # its log is damaged too, or it expired meanwhile
+    return heads
+
+
+@app.command("repair")
+def repair_cmd(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Session key.")],
+    takeover: Annotated[
+        bool, typer.Option("--takeover", help="Take the lease over from a live worker.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what is lost; write nothing.")
+    ] = False,
+) -> None:
+    """Salvage a damaged session: keep every intact item, mark and report the lost ones,
+    and write the result as a fresh whole version that no longer reads the damage.
+
+    Older versions still read the damaged record: roll back to the repaired version,
+    not past it."""
+    opts = _opts(ctx)
+    key = _key(key)
+    found: dict[str, Any] = {}
+
+    async def build(store: Store, codec: Codec, stored: Stored | None) -> Snapshot | None:
+        if stored is None:
+            raise SnapshotNotFound(f"no snapshot for session {key!r}")
+        args = (codec, key, stored.head, stored.streams)
+        try:
+            codec.decode_head(key, stored.head)
+            fallbacks: list[tuple[int, bytes]] = []
+        except IncompatibleSnapshot:
+            raise
+        except (SnapshotCorrupt, SnapshotTooLarge):
+            fallbacks = await _older_heads(store, key, stored.version)
+        snap, damage = salvage_parts(*args, version=stored.version, fallback_heads=fallbacks)
+        found.update(version=stored.version, snap=snap, damage=damage)
+        return snap if damage and not dry_run else None
+
+    async def go(store: Store) -> tuple[Snapshot | None, int | None]:
+        return await _write_whole(store, key, build, takeover=takeover, source="repair")
+
+    _written, version = _run(ctx, go)
+    damage: list[Damage] = found["damage"]
+    snap: Snapshot = found["snap"]
+    kept = {
+        HISTORY: sum(1 for i in snap.history if not _is_note(i)),
+        AGENT: sum(1 for i in snap.agent.chat_ctx if not _is_note(i)) if snap.agent else 0,
+    }
+    if opts.json:
+        _print_json(
+            {
+                "key": key,
+                "version": found["version"],
+                "damage": [
+                    {"stream": d.stream, "item_id": d.item_id, "reason": d.reason} for d in damage
+                ],
+                "kept": kept,
+                "written": version,
+            }
+        )
+        return
+    console = _console()
+    if not damage:
+        console.print(f"session {key!r} version {found['version']} is intact: nothing to repair")
+        return
+    for d in damage:
+        what = f"{d.stream} item {d.item_id!r}" if d.item_id else d.stream
+        console.print(f"lost {what}: {d.reason}")
+    items = sum(1 for d in damage if d.item_id)
+    summary = (
+        f"session {key!r} version {found['version']}: {items} item(s) lost, "
+        f"{kept[HISTORY]} history and {kept[AGENT]} agent items kept; "
+    )
+    console.print(
+        summary
+        + (
+            "nothing written (--dry-run)"
+            if version is None
+            else f"written whole as version {version}"
+        )
+    )
+
+
+def _is_note(item: ItemData) -> bool:
+    from .snapshot.salvage import SALVAGE_ID_PREFIX
+
+    return str(item.get("id", "")).startswith(SALVAGE_ID_PREFIX)
 
 
 @app.command("rm")

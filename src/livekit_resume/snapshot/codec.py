@@ -45,6 +45,7 @@ __all__ = [
     "Codec",
     "Keyring",
     "read_frames",
+    "validate_snapshot",
 ]
 
 MAGIC = b"LKRS"
@@ -523,6 +524,12 @@ def _unpackb(body: bytes) -> Any:
         )
     except Exception as e:  # msgpack raises many types (ValueError, ExtraData, ...)
         raise SnapshotCorrupt(f"frame body is not valid msgpack: {type(e).__name__}: {e}") from None
+
+
+def validate_snapshot(data: Any) -> Snapshot:
+    """Plain snapshot data (items included) as a `Snapshot`; `SnapshotCorrupt` when it
+    does not match the format or an item id is missing or repeated in its stream."""
+    return _validate(data)
 
 
 def _validate(data: Any) -> Snapshot:
