@@ -790,3 +790,31 @@ async def test_lease_lost_says_whether_the_session_vanished_or_was_taken(
     with pytest.raises(LeaseLost) as gone_renew:
         await store.renew(b)
     assert gone_renew.value.vanished
+
+
+# --- SQLite helper: TTL and clock ---
+# Issue 13 defect 9, for every store: a session TTL is a finite number of seconds, and a
+# lease never outlives the session it guards.
+
+_BAD_SESSION_TTLS = [0, -1, 1e-9, float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("ttl", _BAD_SESSION_TTLS, ids=repr)
+async def test_a_session_ttl_must_be_a_finite_positive_number(
+    make_store: StoreFactory, ttl: float
+) -> None:
+    with pytest.raises(ValueError, match="ttl") as refused:
+        await make_store(ttl=ttl)
+    assert repr(ttl) in str(refused.value)
+
+
+async def test_a_lease_may_not_outlive_its_session(make_store: StoreFactory) -> None:
+    store = await make_store(ttl=60)
+    with pytest.raises(ValueError, match=r"lease ttl 61\b.*session ttl 60"):
+        await store.acquire(KEY, "worker-a", ttl=61)
+    assert await store.keys() == []  # refused before anything was written
+    lease = await store.acquire(KEY, "worker-a", ttl=60)  # as long as the session: fine
+    with pytest.raises(ValueError, match=r"lease ttl 61\b.*session ttl 60"):
+        await store.renew(lease, ttl=61)
+    info = await store.info(KEY)
+    assert info is not None and (info.owner, info.epoch) == ("worker-a", lease.epoch)
