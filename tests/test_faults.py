@@ -19,6 +19,7 @@ from tests.faults.figures import Figures
 from tests.faults.forkserver import ForkServer, Lab, lab
 from tests.faults.scenarios import (
     Target,
+    load,
     redis_outage,
     sigkill_sessions,
     sigkill_store,
@@ -36,6 +37,8 @@ KILL_RUNS = 200 * SOAK
 CHAIN = 20
 ZOMBIE_RUNS = 8 * SOAK
 OUTAGE_RUNS = 2 * SOAK
+LOAD_SESSIONS = 200
+LOAD_SECONDS = 20.0 * SOAK
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +96,9 @@ async def test_session_answers_through_redis_outage_and_saves_every_turn(
 ) -> None:
     server = make_redis("--appendonly", "yes", "--appendfsync", "always")
     figures.add(await redis_outage(server, mode=mode, runs=OUTAGE_RUNS, turns_down=4))
+
+
+async def test_many_live_sessions_keep_every_version_in_order(
+    redis_server: RedisServer, figures: Figures
+) -> None:
+    figures.add(await load(redis_server, sessions=LOAD_SESSIONS, duration=LOAD_SECONDS, every=1.0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import time
@@ -28,11 +29,13 @@ from tests import _child_agent as agent_kit
 from tests.faults.figures import Row
 from tests.faults.forkserver import Lab
 from tests.faults.workers import STREAM, digest_items, turn_text
+from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.redis_servers import RedisServer
 
 __all__ = [
     "ProbeStore",
     "Target",
+    "load",
     "redis_outage",
     "sigkill_sessions",
     "sigkill_store",
@@ -51,6 +54,9 @@ OUTAGE_DEADLINE = 60.0
 # What a session may hold while its store is down: the turns themselves are a few KiB;
 # anything growing with the retries (queued snapshots, tasks) would pass this.
 MEMORY_BOUND = 4 * 1024 * 1024
+# RSS growth allowed for the load scenario's sessions over its run: their histories are a
+# few MiB; a leak per commit or per turn (thousands of each) would pass this.
+LOAD_MEMORY_BOUND = 256 * 1024 * 1024
 
 
 @dataclass
@@ -306,6 +312,7 @@ class ProbeStore(WatchedStore):
         super().__init__(inner)
         self.failures = 0
         self.latencies: list[float] = []
+        self.by_key: dict[str, list[int]] = {}
         self._failed = asyncio.Event()
 
     async def commit(self, commit: Commit) -> int:
@@ -317,6 +324,7 @@ class ProbeStore(WatchedStore):
             self._failed.set()
             raise
         self.latencies.append(time.perf_counter() - start)
+        self.by_key.setdefault(commit.key, []).append(version)
         return version
 
     async def next_failure(self, *, timeout: float = OUTAGE_DEADLINE) -> None:
@@ -325,8 +333,13 @@ class ProbeStore(WatchedStore):
         await asyncio.wait_for(self._failed.wait(), timeout)
 
 
-async def _fresh_session(store: Store, key: str) -> tuple[Any, ResumableSession]:
-    _model, session = agent_kit.build_session()
+async def _fresh_session(
+    store: Store, key: str, *, plain: bool = False
+) -> tuple[Any, ResumableSession]:
+    if plain:  # a reply and no tool call: one LLM request per turn
+        session = make_text_session(ScriptedLLM(default="noted"), userdata=agent_kit.Notes())
+    else:
+        _model, session = agent_kit.build_session()
     rs = ResumableSession(
         store, key, registry=agent_kit.registry(), userdata_type=agent_kit.Notes, debounce=0.02
     )
@@ -422,4 +435,76 @@ async def redis_outage(server: RedisServer, *, mode: str, runs: int, turns_down:
     row.notes = (
         f"{turns_down} turns answered while down; memory held meanwhile <= {max(grown) // 1024} KiB"
     )
+    return row
+
+
+def _rss() -> int:
+    """Resident memory of this process in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def load(server: RedisServer, *, sessions: int, duration: float, every: float) -> Row:
+    """Many live sessions in one process against one Redis, each taking a turn about
+    every ``every`` seconds for ``duration`` seconds.
+
+    Invariants: per session, acknowledged versions strictly increase and the final
+    stored history is the live one (nothing lost or reordered); memory stays bounded.
+    Reported: commits per second and store commit latency (p50, p99).
+    """
+    row = Row(f"load: {sessions} live sessions, a turn every ~{every:g} s", "redis")
+    store = ProbeStore(RedisStore.from_url(server.url, namespace=f"l{uuid.uuid4().hex[:8]}"))
+    rng = random.Random(sessions)
+    live: list[tuple[str, Any, ResumableSession]] = []
+    try:
+        for i in range(sessions):
+            key = f"load-{i}"
+            session, rs = await _fresh_session(store, key, plain=True)
+            live.append((key, session, rs))
+        rss_start = _rss()
+        store.latencies.clear()
+        turns = 0
+
+        async def talk(session: Any, offset: float) -> None:
+            nonlocal turns
+            due = start + offset
+            n = 0
+            while due < start + duration:
+                # the user's pace: this session's next turn is due at a fixed cadence
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                await _turn(session, store, f"turn {n}")
+                n += 1
+                turns += 1
+                due += every
+
+        start = time.monotonic()
+        await asyncio.gather(*(talk(s, rng.uniform(0, every)) for _, s, _ in live))
+        elapsed = time.monotonic() - start
+        committed = len(store.latencies)
+        latencies = list(store.latencies)
+        for key, session, rs in live:
+            await asyncio.wait_for(rs._autosave.idle.wait(), OUTAGE_DEADLINE)
+            versions = store.by_key.get(key, [])
+            assert versions == sorted(set(versions)), f"{key}: versions out of order {versions}"
+            latest = await assert_stored_whole(store, key, session)
+            assert latest == versions[-1], f"{key}: stored v{latest}, acknowledged {versions[-1]}"
+        rss_grown = _rss() - rss_start
+        assert rss_grown < LOAD_MEMORY_BOUND, f"memory grew {rss_grown >> 20} MiB under load"
+        row.runs = sessions
+        row.acked = sum(len(v) for v in store.by_key.values())
+        row.notes = (
+            f"{elapsed:.0f} s, {turns} turns, {committed / elapsed:.0f} commits/s, "
+            f"commit p50 {_percentile(latencies, 0.5) * 1000:.1f} ms, "
+            f"p99 {_percentile(latencies, 0.99) * 1000:.1f} ms, RSS +{rss_grown >> 20} MiB"
+        )
+    finally:
+        for _key, session, rs in live:
+            await rs.aclose()
+            await session.aclose()
+        await store.aclose()
     return row
