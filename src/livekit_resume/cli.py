@@ -735,7 +735,7 @@ def repair_cmd(
         return
     for d in damage:
         what = f"{d.stream} item {d.item_id!r}" if d.item_id else d.stream
-        console.print(f"lost {what}: {d.reason}")
+        console.print(f"lost {what}: {d.reason}", soft_wrap=True)  # one line each, for grep
     items = sum(1 for d in damage if d.item_id)
     summary = (
         f"session {key!r} version {found['version']}: {items} item(s) lost, "
@@ -747,7 +747,8 @@ def repair_cmd(
             "nothing written (--dry-run)"
             if version is None
             else f"written whole as version {version}"
-        )
+        ),
+        soft_wrap=True,
     )
 
 
