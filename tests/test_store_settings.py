@@ -472,3 +472,28 @@ async def test_a_read_only_file_in_a_writable_directory_can_still_be_read(
             await store.aclose()
     finally:
         os.chmod(written, 0o644)
+
+
+async def test_commits_still_in_the_wal_of_an_unwritable_directory_are_not_ignored(
+    written: Path, tmp_path: Path
+) -> None:
+    """Read without its -shm index, a file's -wal cannot be seen; refuse, never read stale."""
+    store = SQLiteStore(written)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    try:
+        lease = await store.acquire(KEY, "worker-a", ttl=30)
+        await store.commit(Commit(KEY, lease.epoch, 2, b"head 3", [], 2))
+        # Copied while the writer is open: the third version is only in the -wal.
+        for name in (written.name, written.name + "-wal"):
+            shutil.copyfile(written.parent / name, copy / name)
+    finally:
+        await store.aclose()
+    assert (copy / (written.name + "-wal")).stat().st_size > 0
+    with _unwritable(copy, copy / written.name):
+        reader = SQLiteStore(copy / written.name, read_only=True)
+        try:
+            with pytest.raises(StoreUnavailable, match=r"-wal holds commits"):
+                await reader.load(KEY)
+        finally:
+            await reader.aclose()

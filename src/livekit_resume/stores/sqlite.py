@@ -415,6 +415,14 @@ class SQLiteStore:
             code = getattr(exc, "sqlite_errorcode", None)
             if code not in (_SQLITE_READONLY_DIRECTORY, _SQLITE_CANTOPEN):
                 raise
+            wal = Path(self._path + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                # immutable would ignore the commits still in the -wal file
+                raise StoreUnavailable(
+                    f"SQLite store {self._path} cannot be read: its directory is not "
+                    f"writable and {wal.name} holds commits not yet in the file; open it "
+                    "once with write access (or copy the file, its -wal included, elsewhere)"
+                ) from exc
             logger.debug(
                 "SQLite store %s: directory not writable, reading the file as immutable",
                 self._path,
