@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sqlite3
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -23,7 +24,7 @@ from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import AgentFrame, ItemData, Snapshot
 from livekit_resume.snapshot.salvage import Damage, salvage_parts
 from livekit_resume.stores.url import open_store
-from tests.test_cli import key, run, run_json, snapshot_of, url
+from tests.test_cli import _converse, key, run, run_json, snapshot_of, url
 
 __all__ = ["key", "url"]  # fixtures shared with test_cli
 
@@ -251,3 +252,26 @@ def test_repair_needs_takeover_while_a_worker_holds_the_session(url: str, key: s
 def test_repair_of_an_unknown_session_is_a_typed_error(url: str, key: str) -> None:
     result = run(url, "repair", "no-such-room")
     assert result.exit_code == 1 and "SnapshotNotFound" in result.stderr
+
+
+def test_repair_takes_a_damaged_head_from_the_newest_older_version(tmp_path: Path) -> None:
+    sqlite_url = f"sqlite:///{tmp_path}/heads.db"
+    name = "room-head"
+    asyncio.run(_converse(sqlite_url, name, ["remember the blue door", "remember 4711"]))
+    original = snapshot_of(sqlite_url, name)
+    with sqlite3.connect(tmp_path / "heads.db") as conn:
+        (head,) = conn.execute(
+            "SELECT head FROM versions WHERE key=? AND version=3", (name,)
+        ).fetchone()
+        conn.execute(
+            "UPDATE versions SET head=? WHERE key=? AND version=3", (_flip(head), name)
+        )
+    assert run(sqlite_url, "show", name).exit_code == 1
+    assert run(sqlite_url, "show", name, "--version", "2").exit_code == 0  # only v3 is hit
+
+    report = run_json(sqlite_url, "repair", name)
+    assert [(d["stream"], d["item_id"]) for d in report["damage"]] == [("head", "")]
+    assert "version 2" in report["damage"][0]["reason"]
+    repaired = snapshot_of(sqlite_url, name)
+    assert repaired.history == original.history  # every item intact
+    assert repaired.state == "active"  # version 2's state: the suspend record was lost
