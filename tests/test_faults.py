@@ -19,7 +19,10 @@ from tests.faults.figures import Figures
 from tests.faults.forkserver import ForkServer, Lab, lab
 from tests.faults.scenarios import (
     Target,
+    failed_suspend,
     load,
+    oom,
+    redis_lost_data,
     redis_outage,
     sigkill_sessions,
     sigkill_store,
@@ -38,6 +41,8 @@ CHAIN = 20
 ZOMBIE_RUNS = 8 * SOAK
 OUTAGE_RUNS = 2 * SOAK
 LOAD_SESSIONS = 200
+# The scenarios of the fixed defects (restart without data, failed suspend, OOM).
+FOLLOW_UP_RUNS = 3 * SOAK
 LOAD_SECONDS = 20.0 * SOAK
 
 
@@ -102,3 +107,22 @@ async def test_many_live_sessions_keep_every_version_in_order(
     redis_server: RedisServer, figures: Figures
 ) -> None:
     figures.add(await load(redis_server, sessions=LOAD_SESSIONS, duration=LOAD_SECONDS, every=1.0))
+
+
+async def test_redis_restarted_without_data_gets_the_whole_session_again(
+    make_redis: RedisFactory, figures: Figures
+) -> None:
+    figures.add(await redis_lost_data(make_redis(), runs=FOLLOW_UP_RUNS))
+
+
+async def test_failed_suspend_keeps_the_lease_and_saves_when_retried(
+    make_redis: RedisFactory, figures: Figures
+) -> None:
+    server = make_redis("--appendonly", "yes", "--appendfsync", "always")
+    figures.add(await failed_suspend(server, runs=FOLLOW_UP_RUNS))
+
+
+async def test_out_of_memory_redis_is_unavailable_not_corrupt_and_saving_resumes(
+    make_redis: RedisFactory, figures: Figures
+) -> None:
+    figures.add(await oom(make_redis("--maxmemory-policy", "noeviction"), runs=FOLLOW_UP_RUNS))

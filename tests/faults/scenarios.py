@@ -17,9 +17,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from livekit.agents import llm
 
-from livekit_resume import ResumableSession, open_store
+from livekit_resume import ResumableSession, ResumeError, StoreUnavailable, open_store
 from livekit_resume._demo import WatchedStore
 from livekit_resume.snapshot.chat import ctx_from_data
 from livekit_resume.snapshot.codec import Codec
@@ -35,7 +36,10 @@ from tests.redis_servers import RedisServer
 __all__ = [
     "ProbeStore",
     "Target",
+    "failed_suspend",
     "load",
+    "oom",
+    "redis_lost_data",
     "redis_outage",
     "sigkill_sessions",
     "sigkill_store",
@@ -313,14 +317,16 @@ class ProbeStore(WatchedStore):
         self.failures = 0
         self.latencies: list[float] = []
         self.by_key: dict[str, list[int]] = {}
+        self.last_error: Exception | None = None
         self._failed = asyncio.Event()
 
     async def commit(self, commit: Commit) -> int:
         start = time.perf_counter()
         try:
             version = await super().commit(commit)
-        except Exception:
+        except Exception as e:
             self.failures += 1
+            self.last_error = e
             self._failed.set()
             raise
         self.latencies.append(time.perf_counter() - start)
@@ -507,4 +513,161 @@ async def load(server: RedisServer, *, sessions: int, duration: float, every: fl
             await rs.aclose()
             await session.aclose()
         await store.aclose()
+    return row
+
+
+async def _settled(store: ProbeStore, rs: ResumableSession, session: Any) -> None:
+    """Wait until autosave has written the live session's last item and has nothing left."""
+    await store.wait_saved(session.history.items[-1].id, timeout=OUTAGE_DEADLINE)
+    await asyncio.wait_for(rs._autosave.idle.wait(), OUTAGE_DEADLINE)
+    assert rs._autosave.lost is None, f"autosave stopped: {rs._autosave.lost}"
+
+
+async def redis_lost_data(server: RedisServer, *, runs: int) -> Row:
+    """Redis restarts WITHOUT its data (no persistence) while a session holds its lease.
+
+    Invariants: autosave goes on (its lease vanished, nobody took it: it acquires the
+    session again under a new epoch and writes it whole), the turns taken meanwhile are
+    answered, and the store ends up holding the whole live history.
+    """
+    row = Row("Redis restarted without its data, lease held", "redis")
+    gone = 0
+    for r in range(runs):
+        store = ProbeStore(RedisStore.from_url(server.url, namespace=f"d{uuid.uuid4().hex[:8]}"))
+        key = f"lost-data-{r}"
+        try:
+            session, rs = await _fresh_session(store, key)
+            for t in range(3):
+                await store.wait_saved(await _turn(session, store, f"remember before {t}"))
+            acked_before = list(store.versions_written)
+            epoch = rs._lease.epoch if rs._lease else None
+            server.kill()
+            server.start()  # empty: --save "" --appendonly no
+            row.runs += 1
+            row.faults += 1
+            back = time.monotonic()
+            for t in range(2):
+                await _turn(session, store, f"remember after {t}")
+            await _settled(store, rs, session)
+            row.recover.append(time.monotonic() - back)
+            latest = await assert_stored_whole(store, key, session)
+            assert rs._lease is not None and rs._lease.epoch != epoch, "lease not acquired anew"
+            retained = {v.version for v in await store.versions(key)}
+            gone += sum(1 for v in acked_before if v not in retained or v > latest)
+            row.acked += len(store.versions_written)
+            bad = await corrupt_versions(store, key, Codec())
+            row.corrupt += len(bad)
+            assert not bad, f"corrupt after the data loss: {bad}"
+            await rs.aclose()
+            await session.aclose()
+        finally:
+            await store.aclose()
+    row.notes = (
+        f"the server lost {gone} earlier versions with its data; every turn was "
+        "written again whole under a new epoch"
+    )
+    return row
+
+
+async def failed_suspend(server: RedisServer, *, runs: int) -> Row:
+    """``suspend()`` while Redis is down (killed; it comes back from its append-only file).
+
+    Invariants: the failed suspend raises, keeps the lease and leaves the session
+    retryable; once Redis is back a second ``suspend()`` stores every turn as
+    ``suspended`` and releases the lease, so a new worker restores it without takeover.
+    """
+    row = Row("suspend() while Redis is down, then again", "redis")
+    for r in range(runs):
+        store = ProbeStore(
+            RedisStore.from_url(
+                server.url, namespace=f"s{uuid.uuid4().hex[:8]}", socket_timeout=1.0, retries=1
+            )
+        )
+        key = f"suspend-{r}"
+        try:
+            session, rs = await _fresh_session(store, key)
+            for t in range(2):
+                await store.wait_saved(await _turn(session, store, f"remember {t}"))
+            await _turn(session, store, "remember the last words")
+            live = [i.id for i in session.history.items]
+            server.kill()
+            row.runs += 1
+            row.faults += 1
+            try:
+                with pytest.raises(ResumeError):
+                    await asyncio.wait_for(rs.suspend(), OUTAGE_DEADLINE)
+            finally:
+                server.start()
+            back = time.monotonic()
+            assert rs._lease is not None, "a failed suspend released the lease"
+            version = await asyncio.wait_for(rs.suspend(), OUTAGE_DEADLINE)
+            row.recover.append(time.monotonic() - back)
+            row.acked += len(store.versions_written)
+            stored = await store.load(key)
+            snap = Codec().decode_parts(key, stored.head, stored.streams, version=stored.version)
+            assert stored.version == version and snap.state == "suspended"
+            assert [i["id"] for i in snap.history] == live, "the suspended version lost turns"
+
+            _model, other = agent_kit.build_session()
+            rs2 = ResumableSession(
+                store, key, registry=agent_kit.registry(), userdata_type=agent_kit.Notes
+            )
+            await rs2.restore(other, default=agent_kit.Scribe)  # no takeover: it was released
+            assert [i.id for i in other.history.items] == live
+            await rs2.aclose()
+        finally:
+            await store.aclose()
+    return row
+
+
+async def oom(server: RedisServer, *, runs: int) -> Row:
+    """Redis under ``noeviction`` runs out of memory while a session saves.
+
+    Invariants: the refusal reaches autosave as `StoreUnavailable` naming memory (not
+    as corruption), autosave keeps retrying while the session keeps answering, and
+    once memory is raised every turn is stored; nothing already stored is damaged.
+    """
+    row = Row("Redis out of memory (noeviction), then raised", "redis")
+    for r in range(runs):
+        store = ProbeStore(RedisStore.from_url(server.url, namespace=f"m{uuid.uuid4().hex[:8]}"))
+        key = f"oom-{r}"
+        try:
+            session, rs = await _fresh_session(store, key)
+            for t in range(2):
+                await store.wait_saved(await _turn(session, store, f"remember {t}"))
+            used = int(server.cli("info", "memory").split("used_memory:")[1].split()[0])
+            server.cli("config", "set", "maxmemory", str(used + 256 * 1024))
+            row.runs += 1
+            row.faults += 1
+            try:
+                failure = asyncio.ensure_future(store.next_failure())
+                while not failure.done():
+                    # a long utterance that does not compress: a few of them fill the margin
+                    big = os.urandom(24 * 1024).hex()
+                    await _turn(session, store, f"remember {big}")
+                    idle = asyncio.ensure_future(rs._autosave.idle.wait())
+                    await asyncio.wait(
+                        [failure, idle],
+                        timeout=OUTAGE_DEADLINE,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    idle.cancel()
+                await failure
+                err = store.last_error
+                assert isinstance(err, StoreUnavailable) and "memory" in str(err), repr(err)
+                await _turn(session, store, "remember while full")
+            finally:
+                server.cli("config", "set", "maxmemory", "0")
+            back = time.monotonic()
+            await _settled(store, rs, session)
+            row.recover.append(time.monotonic() - back)
+            await assert_stored_whole(store, key, session)
+            row.acked += len(store.versions_written)
+            bad = await corrupt_versions(store, key, Codec())
+            row.corrupt += len(bad)
+            assert not bad, f"corrupt after OOM: {bad}"
+            await rs.aclose()
+            await session.aclose()
+        finally:
+            await store.aclose()
     return row
