@@ -549,3 +549,26 @@ def test_a_session_larger_than_one_frame_exports_and_imports(
     assert again.exit_code == 0, again.output
     assert snapshot_of(url, "big-piped").history == original.history
 
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ls"],
+        ["show", "room"],
+        ["history", "room"],
+        ["export", "room", "-o", "-"],
+        ["rm", "room", "--yes"],
+        ["repair", "room", "--dry-run"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_reading_a_mistyped_path_fails_and_creates_no_file(
+    tmp_path: Path, command: list[str]
+) -> None:
+    missing = tmp_path / "sesions.db"  # the user meant sessions.db
+    result = run(f"sqlite:///{missing}", *command)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error (") and result.stderr.count("\n") == 1
+    assert str(missing) in result.stderr
+    assert not missing.exists() and list(tmp_path.iterdir()) == []

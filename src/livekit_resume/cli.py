@@ -138,12 +138,13 @@ def _fail(exc: BaseException, *, as_json: bool) -> NoReturn:
     raise typer.Exit(1)
 
 
-def _run(ctx: typer.Context, fn: Callable[[Store], Awaitable[T]]) -> T:
-    """Open the store, run ``fn`` on one event loop, close the store; typed errors exit 1."""
+def _run(ctx: typer.Context, fn: Callable[[Store], Awaitable[T]], *, read_only: bool) -> T:
+    """Open the store, run ``fn`` on one event loop, close the store; typed errors exit 1.
+    ``read_only``: a command that only reads never creates or writes a file."""
     opts = _opts(ctx)
 
     async def go() -> T:
-        store = _open(opts.store_url)
+        store = _open(opts.store_url, read_only=read_only)
         try:
             return await fn(store)
         finally:
@@ -155,9 +156,9 @@ def _run(ctx: typer.Context, fn: Callable[[Store], Awaitable[T]]) -> T:
         _fail(e, as_json=opts.json)
 
 
-def _open(url: str) -> Store:
+def _open(url: str, *, read_only: bool) -> Store:
     try:
-        return open_store(url)
+        return open_store(url, read_only=read_only)
     except ImportError as e:
         raise ValueError(f"the store for {url!r} is not available here: {e}") from e
 
@@ -313,7 +314,7 @@ def ls_cmd(ctx: typer.Context) -> None:
             )
         return rows
 
-    rows = _run(ctx, go)
+    rows = _run(ctx, go, read_only=True)
     if opts.json:
         _print_json([{k: v for k, v in r.items() if k != "updated_ts"} for r in rows])
         return
@@ -361,7 +362,7 @@ def show_cmd(
     async def go(store: Store) -> Snapshot:
         return await _load(store, key, version)
 
-    snap = _run(ctx, go)
+    snap = _run(ctx, go, read_only=True)
     if opts.json:
         _print_json(snap.model_dump(mode="python"))
         return
@@ -432,7 +433,7 @@ def history_cmd(
             for v in versions
         ]
 
-    rows = _run(ctx, go)
+    rows = _run(ctx, go, read_only=True)
     if opts.json:
         _print_json([{k: v for k, v in r.items() if k != "created_ts"} for r in rows])
         return
@@ -477,7 +478,7 @@ def export_cmd(
         validate_restorable(snap)
         return snap, b"".join(make_codec().encode_export(snap))
 
-    snap, frame = _run(ctx, go)
+    snap, frame = _run(ctx, go, read_only=True)
     if output == "-":
         out = _binary("stdout")
         out.write(frame)
@@ -649,7 +650,7 @@ def import_cmd(
     async def go(store: Store) -> int | None:
         return (await _write_whole(store, target, build, takeover=takeover, source="import"))[1]
 
-    version = _run(ctx, go)
+    version = _run(ctx, go, read_only=False)
     if opts.json:
         _print_json({"key": target, "version": version, "items": len(snap.history)})
     else:
@@ -707,9 +708,16 @@ def repair_cmd(
         return snap if damage and not dry_run else None
 
     async def go(store: Store) -> tuple[Snapshot | None, int | None]:
+        if dry_run:  # read only: no lease, nothing written, a live worker undisturbed
+            try:
+                stored: Stored | None = await store.load(key)
+            except SnapshotNotFound:
+                stored = None
+            await build(store, make_codec(), stored)
+            return None, None
         return await _write_whole(store, key, build, takeover=takeover, source="repair")
 
-    _written, version = _run(ctx, go)
+    _written, version = _run(ctx, go, read_only=dry_run)
     damage: list[Damage] = found["damage"]
     snap: Snapshot = found["snap"]
     kept = {
@@ -774,8 +782,9 @@ def rm_cmd(
             raise SnapshotNotFound(f"no session {key!r} in {opts.store_url}")
         return info.owner if lease_is_live(info.lease_expires_at, time.time()) else None
 
+    # looked up read-only first: a mistyped path is an error, not a new empty file
+    holder = _run(ctx, held, read_only=True)
     if not yes:
-        holder = _run(ctx, held)
         warn = f" It is held by {holder!r}, a live worker." if holder else ""
         if not typer.confirm(f"Delete session {key!r} and all its versions?{warn}"):
             raise typer.Exit(1)
@@ -785,7 +794,7 @@ def rm_cmd(
             raise SnapshotNotFound(f"no session {key!r} in {opts.store_url}")
         return True
 
-    _run(ctx, go)
+    _run(ctx, go, read_only=False)
     if opts.json:
         _print_json({"key": key, "deleted": True})
     else:
