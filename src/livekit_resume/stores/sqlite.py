@@ -112,7 +112,8 @@ _BUSY_MAX_PAUSE = 0.2
 _CORRUPT_WORDS = ("file is not a database", "malformed")
 
 # The current schema; "{temp}" is "TEMP " when a read-only store stands in empty tables
-# for a file that has none yet.
+# for a file that has none yet. 'lkresume' is DEFAULT_NAMESPACE: rows a schema-1 process
+# still writes during a rolling upgrade land there, where its sessions were migrated.
 _SCHEMA = """
 CREATE {temp}TABLE IF NOT EXISTS sessions (
     ns TEXT NOT NULL DEFAULT 'lkresume',
@@ -154,9 +155,9 @@ CREATE {temp}TABLE IF NOT EXISTS log (
 );
 """
 _TABLES = frozenset({"sessions", "versions", "log"})
-# Schema 1's columns, table by table, and what schema 2 adds to each row of it (the
-# DEFAULT of the added columns covers the rest). The namespace joins every primary key,
-# which SQLite cannot alter: the migration copies each table into its new shape.
+# Schema 1's columns, table by table; the columns schema 2 adds take their DEFAULT (or
+# NULL). The namespace joins every primary key, which ALTER TABLE cannot change: the
+# migration copies each table into its new shape, in one transaction.
 _V1_COLUMNS = {
     "sessions": "key, epoch, owner, lease_expires_at, touched_at, gen, version, log_len",
     "versions": "key, version, epoch, created_at, head, gen, log_end, size, info",
@@ -182,8 +183,8 @@ _MIN_TTL = 0.001
 
 
 def validate_ttl(ttl: float | None, name: str = "ttl") -> float | None:
-    """Return a session TTL if it is None or a finite number of seconds > 0, else raise
-    `ValueError` naming ``name`` and the value.
+    """Return a TTL if it is None or a finite number of seconds (at least a millisecond),
+    else raise `ValueError` naming ``name`` and the value.
 
     0, a negative, NaN or infinite TTL would expire every session at once (or never) while
     its lease still looks held: each later commit would be `LeaseLost`.
