@@ -73,7 +73,7 @@ def test_a_session_ttl_must_be_a_finite_number_of_seconds(tmp_path: Path, ttl: o
     assert not (tmp_path / "s.db").exists()
 
 
-@pytest.mark.parametrize("url", ["sqlite:///s.db", "memory://"])
+@pytest.mark.parametrize("url", ["sqlite:///s.db", "memory://", "redis://127.0.0.1:1/0"])
 @pytest.mark.parametrize("value", BAD_TTLS)
 def test_resume_ttl_that_is_not_a_positive_number_is_refused_in_one_line(
     tmp_path: Path, clean_env: pytest.MonkeyPatch, url: str, value: str
@@ -419,6 +419,11 @@ async def test_open_store_read_only_by_keyword_or_mode_ro(
             await store.aclose()
     memory = open_store("memory://", read_only=True)  # accepted and ignored
     assert isinstance(memory, MemoryStore)
+    remote = open_store("redis://127.0.0.1:1/0", read_only=True)  # never connected here
+    try:
+        assert type(remote).__name__ == "RedisStore"
+    finally:
+        await remote.aclose()
 
 
 @contextlib.contextmanager
