@@ -349,21 +349,6 @@ def test_parts_with_two_items_of_one_id_are_corrupt_naming_the_id() -> None:
         codec.decode_parts(snap.key, head, {"history": history})
 
 
-@pytest.mark.parametrize(
-    "history",
-    [
-        pytest.param([_msg(1), _msg(1)], id="duplicate-id"),
-        pytest.param([{k: v for k, v in _msg(1).items() if k != "id"}], id="missing-id"),
-        pytest.param([{**_msg(1), "id": 7}], id="non-string-id"),
-    ],
-)
-def test_a_whole_snapshot_with_bad_item_ids_is_corrupt(history: list[dict[str, object]]) -> None:
-    data = _snapshot(0).model_dump()
-    data["history"] = history
-    with pytest.raises(SnapshotCorrupt, match="item"):
-        Codec().decode(Codec().pack(data))
-
-
 def _nested(depth: int) -> list[object]:
     out: list[object] = []
     inner = out

@@ -13,6 +13,7 @@ import math
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -275,3 +276,21 @@ def test_repair_takes_a_damaged_head_from_the_newest_older_version(tmp_path: Pat
     repaired = snapshot_of(sqlite_url, name)
     assert repaired.history == original.history  # every item intact
     assert repaired.state == "active"  # version 2's state: the suspend record was lost
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda h: h.append(dict(h[1])), id="duplicate-id"),
+        pytest.param(lambda h: h[1].pop("id"), id="missing-id"),
+        pytest.param(lambda h: h[1].update(id=7), id="non-string-id"),
+    ],
+)
+def test_a_whole_snapshot_with_bad_item_ids_is_not_restorable(mutate: Any) -> None:
+    from livekit_resume.snapshot.salvage import validate_restorable
+
+    history = _items(3)
+    mutate(history)
+    snap = Codec().decode(Codec().encode(Snapshot(key=KEY, history=history)))
+    with pytest.raises(SnapshotCorrupt, match="item"):
+        validate_restorable(snap)

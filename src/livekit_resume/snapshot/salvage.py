@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import IncompatibleSnapshot, SnapshotCorrupt, SnapshotTooLarge
-from .codec import AGENT, HISTORY, Codec, validate_snapshot
+from .codec import AGENT, HISTORY, Codec, check_item_ids, validate_snapshot
 from .model import ItemData, Snapshot
 
 __all__ = ["SALVAGE_ID_PREFIX", "Damage", "salvage_parts", "validate_restorable"]
@@ -88,13 +88,15 @@ def salvage_parts(
 
 def validate_restorable(snapshot: Snapshot) -> None:
     """Raise `SnapshotCorrupt` naming the item unless every chat item of ``snapshot``
-    rebuilds as a LiveKit item with a finite ``created_at`` (what a restore needs)."""
+    has an id unique in its stream and rebuilds as a LiveKit item with a finite
+    ``created_at``: what a store and a restore need."""
     if not math.isfinite(snapshot.created_at):
         raise SnapshotCorrupt(f"session {snapshot.key!r}: created_at is {snapshot.created_at}")
     streams = [(HISTORY, snapshot.history)]
     if snapshot.agent is not None:
         streams.append((AGENT, snapshot.agent.chat_ctx))
     for stream, items in streams:
+        check_item_ids(snapshot.key, stream, items)
         for item in items:
             try:
                 _check_item(item)
