@@ -3,7 +3,14 @@
 Every command takes the store from ``--store URL`` (default: ``RESUME_STORE``, else
 ``sqlite:///resume.db``) and prints a readable table, or plain JSON with ``--json``.
 Snapshots are decoded with ``RESUME_SIGNING_KEYS`` / ``RESUME_ENCRYPTION_KEYS``, the
-same keys the workers use. A failure prints the error's type and message and exits 1.
+same keys the workers use. A failure prints the error's type and message on one line
+and exits 1.
+
+Commands that only read (``ls``, ``show``, ``history``, ``export``) open the store
+read-only: they never create or change a file. ``import`` and ``repair`` write a whole
+base version (every stream cleared and written again) under the session's lease;
+``import`` validates the whole file first, ``repair`` salvages what is intact of a
+damaged session and prints each item it could not recover.
 """
 
 from __future__ import annotations
