@@ -125,8 +125,12 @@ class Writer:
         )
 
 
-async def writer(store: Store, key: str = KEY, owner: str = "worker-a") -> Writer:
-    return Writer(store, await store.acquire(key, owner))
+async def writer(
+    store: Store, key: str = KEY, owner: str = "worker-a", *, ttl: float | None = None
+) -> Writer:
+    """A writer holding the key's lease (for ``ttl`` seconds: at most the store's own)."""
+    lease = await (store.acquire(key, owner) if ttl is None else store.acquire(key, owner, ttl=ttl))
+    return Writer(store, lease)
 
 
 async def eventually(
@@ -553,7 +557,7 @@ async def test_session_expires_after_ttl_without_writes(make_store: StoreFactory
     # then looked at through one method first, so every method must hide an expired key.
     names = ["via-load", "via-versions", "via-delete", "via-keys", "via-info"]
     for name in names:
-        w = await writer(store, name)
+        w = await writer(store, name, ttl=0.5)
         w.append("h", "m", b"x")
         await w.commit()
     assert await store.keys() == sorted(names)
@@ -568,7 +572,7 @@ async def test_session_expires_after_ttl_without_writes(make_store: StoreFactory
     assert await store.delete("via-delete") is False
     assert await store.keys() == []
     # Its lease went with it: another worker starts afresh without a takeover.
-    lease = await store.acquire("via-info", "worker-b")
+    lease = await store.acquire("via-info", "worker-b", ttl=0.5)
     assert lease.owner == "worker-b"
     with pytest.raises(SnapshotNotFound):
         await store.load("via-info")
@@ -577,7 +581,7 @@ async def test_session_expires_after_ttl_without_writes(make_store: StoreFactory
 async def test_writes_keep_a_session_alive_past_its_ttl(make_store: StoreFactory) -> None:
     ttl = 1.0
     store = await make_store(ttl=ttl)
-    w = await writer(store)
+    w = await writer(store, ttl=ttl)
     started = time.monotonic()
     while time.monotonic() - started < 2.5 * ttl:  # several ttls, a write every 0.3 ttl
         w.append("h", f"m{w.version}", b"x")

@@ -19,6 +19,7 @@ are bytes. Folding records back into ordered items is `fold_records`, shared her
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ __all__ = [
     "not_retained_error",
     "records_from_streams",
     "validate_key",
+    "validate_lease_ttl",
+    "validate_ttl",
 ]
 
 # Long enough for a room name plus a prefix, short enough to keep Redis keys and
@@ -63,6 +66,9 @@ DEFAULT_LEASE_TTL = 30.0
 # Compaction runs when the log holds more than twice the live items plus this slack:
 # pure appends never trigger it, and small edit bursts do not fold a long log.
 COMPACT_SLACK = 64
+
+# Below a millisecond no store can tell a TTL from zero.
+MIN_TTL = 0.001
 
 Info = Mapping[str, "str | int | float | bool | None"]
 
@@ -78,6 +84,39 @@ def validate_key(key: str) -> str:
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise ValueError(f"session key is over {MAX_KEY_BYTES} bytes (starts {key[:32]!r})")
     return key
+
+
+def validate_ttl(ttl: float | None, name: str = "ttl") -> float | None:
+    """Return a TTL if it is None or a finite number of seconds (at least a millisecond),
+    else raise `ValueError` naming ``name`` and the value.
+
+    0, a negative, NaN or infinite TTL would expire every session at once (or never) while
+    its lease still looks held: each later commit would be `LeaseLost`.
+    """
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, numbers.Real):
+        raise ValueError(f"{name} must be a number of seconds > 0, not {ttl!r}")
+    if not (math.isfinite(ttl) and ttl >= MIN_TTL):
+        raise ValueError(f"{name} must be a finite number of seconds >= {MIN_TTL}, not {ttl!r}")
+    return float(ttl)
+
+
+def validate_lease_ttl(ttl: float, session_ttl: float | None) -> float:
+    """A lease ttl a store with ``session_ttl`` can honour, else `ValueError` naming both.
+
+    A lease must never outlive the data: a session expiring while its lease still looks
+    held would vanish under its live holder, and every later commit of that holder would
+    be refused.
+    """
+    validate_ttl(ttl, "lease ttl")
+    if session_ttl is not None and ttl > session_ttl:
+        raise ValueError(
+            f"lease ttl {ttl} s is longer than the store's session ttl {session_ttl} s: "
+            "the session would expire under its live holder; use a lease ttl of at most "
+            f"{session_ttl} s or a longer session ttl"
+        )
+    return float(ttl)
 
 
 @dataclass(frozen=True, slots=True)

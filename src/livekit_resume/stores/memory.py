@@ -30,6 +30,8 @@ from .base import (
     not_retained_error,
     records_from_streams,
     validate_key,
+    validate_lease_ttl,
+    validate_ttl,
 )
 
 __all__ = ["MemoryStore"]
@@ -72,7 +74,7 @@ class MemoryStore:
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self._keep = keep
-        self._ttl = ttl
+        self._ttl = validate_ttl(ttl)
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
 
@@ -87,6 +89,7 @@ class MemoryStore:
     async def acquire(
         self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
     ) -> Lease:
+        validate_lease_ttl(ttl, self._ttl)
         now = self._clock()
         s = self._get(key) or self._sessions.setdefault(key, _Session(epoch=epoch_floor(now)))
         live = lease_is_live(s.lease_expires_at, now)
@@ -98,6 +101,7 @@ class MemoryStore:
         return Lease(key, owner, s.epoch, now + ttl)
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
+        validate_lease_ttl(ttl, self._ttl)
         now = self._clock()
         s = self._get(lease.key)
         if s is None or s.epoch != lease.epoch or s.owner != lease.owner:

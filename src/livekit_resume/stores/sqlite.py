@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import sqlite3
 import time
@@ -79,9 +78,11 @@ from .base import (
     not_retained_error,
     records_from_streams,
     validate_key,
+    validate_lease_ttl,
+    validate_ttl,
 )
 
-__all__ = ["APPLICATION_ID", "DEFAULT_NAMESPACE", "SCHEMA_VERSION", "SQLiteStore", "validate_ttl"]
+__all__ = ["APPLICATION_ID", "DEFAULT_NAMESPACE", "SCHEMA_VERSION", "SQLiteStore"]
 
 logger = logging.getLogger("livekit_resume")
 
@@ -178,24 +179,6 @@ _InfoDict = dict[str, "str | int | float | bool | None"]
 
 
 # The shortest TTL (session or lease) accepted: below a millisecond a TTL is a typo
-# (1e-9) that expires a session before its first commit returns.
-_MIN_TTL = 0.001
-
-
-def validate_ttl(ttl: float | None, name: str = "ttl") -> float | None:
-    """Return a TTL if it is None or a finite number of seconds (at least a millisecond),
-    else raise `ValueError` naming ``name`` and the value.
-
-    0, a negative, NaN or infinite TTL would expire every session at once (or never) while
-    its lease still looks held: each later commit would be `LeaseLost`.
-    """
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise ValueError(f"{name} must be a number of seconds > 0, not {ttl!r}")
-    if not (math.isfinite(ttl) and ttl >= _MIN_TTL):
-        raise ValueError(f"{name} must be a finite number of seconds >= {_MIN_TTL}, not {ttl!r}")
-    return float(ttl)
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,20 +614,7 @@ class SQLiteStore:
     # -- leases ---------------------------------------------------------------------
 
     def _lease_ttl(self, ttl: float) -> float:
-        """A lease ttl the store can honour, else `ValueError` naming both numbers.
-
-        A lease must never outlive the data: a session expiring while its lease still
-        looks held would vanish under its live holder, and every later commit of that
-        holder would be refused.
-        """
-        validate_ttl(ttl, "lease ttl")
-        if self._ttl is not None and ttl > self._ttl:
-            raise ValueError(
-                f"lease ttl {ttl} s is longer than the store's session ttl {self._ttl} s: "
-                "the session would expire under its live holder; use a lease ttl of at most "
-                f"{self._ttl} s or a longer session ttl"
-            )
-        return ttl
+        return validate_lease_ttl(ttl, self._ttl)
 
     async def acquire(
         self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False

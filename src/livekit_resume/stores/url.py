@@ -7,8 +7,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .base import Store
-from .sqlite import validate_ttl
+from .base import Store, validate_ttl
 
 __all__ = ["DEFAULT_STORE_URL", "open_store"]
 
