@@ -24,6 +24,7 @@ import livekit_resume as lr
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.base import Commit, Store
+from tests.lk.scripted_llm import ScriptedLLM
 from tests.test_hooks import KEY, Receptionist, Visit, registry, settled, start
 
 # A committed turn lands in milliseconds; these bound a broken store, they are not timings.
@@ -321,3 +322,107 @@ async def test_redis_restarted_without_its_data_gets_the_whole_conversation_agai
     await session.aclose()
     await store.aclose()
 
+
+
+# -- one damaged record (issue 13 defect 4) ---------------------------------------------
+
+
+def _flip_early_history_record(path: Path) -> str:
+    """Flip one bit in the payload of the second history record; return its item id."""
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        rowid, item_id, data = db.execute(
+            "SELECT rowid, item_id, data FROM log WHERE stream = 'history' "
+            "AND data IS NOT NULL ORDER BY gen, seq LIMIT 1 OFFSET 1"
+        ).fetchone()
+        damaged = bytearray(data)
+        damaged[len(damaged) // 2] ^= 0x10
+        db.execute("UPDATE log SET data = ? WHERE rowid = ?", (bytes(damaged), rowid))
+    return str(item_id)
+
+
+async def test_salvage_restores_what_is_intact_and_writes_a_whole_new_base(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "damaged.db"
+    store = lr.open_store(f"sqlite:///{path}")
+    session, rs, _ = await start(store, ["one", "two", "three"])
+    for text in ("a", "b", "c"):
+        await session.run(user_input=text)
+        await rs.checkpoint()
+    await rs.suspend()
+    whole = [i.id for i in session.history.items]
+    lost = _flip_early_history_record(path)
+    for v in await store.versions(KEY):  # every retained version reads the damaged record
+        stored = await store.load(KEY, v.version)
+        with pytest.raises(lr.SnapshotCorrupt):
+            Codec().decode_parts(KEY, stored.head, stored.streams)
+    with pytest.raises(lr.SnapshotCorrupt):
+        await start(store, [], owner="w2")  # without salvage: refused, nothing touched
+
+    session2: AgentSession[Visit] = AgentSession(
+        llm=ScriptedLLM(["four"], default="ok"), userdata=Visit()
+    )
+    rs2 = lr.ResumableSession(store, KEY, registry=registry(), userdata_type=Visit, owner="w3")
+    agent = await rs2.restore(session2, default=lambda: Receptionist(rs2), salvage=True)
+    assert isinstance(agent, Receptionist)
+    agent.rs = rs2  # rebuilt by the registry: tell it not to greet again
+    await session2.start(agent)
+    restored = [i.id for i in session2.history.items]
+    assert lost not in restored
+    assert [i for i in whole if i != lost] == [i for i in restored if i in whole]
+    notes = [i for i in session2.history.items if i.id.startswith("lkresume_salvage_")]
+    assert len(notes) == 1 and notes[0].type == "message" and notes[0].role == "system"
+    await session2.run(user_input="d")
+    version = await rs2.checkpoint()
+    stored = await store.load(KEY)  # a plain load decodes again: the damage is left behind
+    snap = Codec().decode_parts(KEY, stored.head, stored.streams, version=stored.version)
+    assert snap.version == version
+    assert [i["id"] for i in snap.history] == [i.id for i in session2.history.items]
+    await rs2.aclose()
+    await session2.aclose()
+    await store.aclose()
+
+
+# -- items over the frame limit (issue 13 defect 5) ------------------------------------
+
+SMALL_FRAME = 64 * 1024
+
+
+def _audio(n_bytes: int) -> Any:
+    from livekit import rtc
+    from livekit.agents import llm
+
+    samples = n_bytes // 2
+    frame = rtc.AudioFrame(os.urandom(samples * 2), 16000, 1, samples)
+    return llm.AudioContent(frame=[frame], transcript="what the caller said")
+
+
+async def test_an_item_over_the_frame_limit_is_saved_smaller_and_always_restores(
+    store: Store,
+) -> None:
+    session, rs, _ = await start(
+        store, ["one", "two"], media="keep", codec=Codec(max_frame=SMALL_FRAME)
+    )
+    await session.run(user_input="a")
+    session.history.add_message(role="user", content=[_audio(4 * SMALL_FRAME), "spoken"])
+    session.history.add_message(role="user", content=["x" * (4 * SMALL_FRAME)])
+    session.history.add_message(role="user", content=[_audio(SMALL_FRAME // 8)])  # fits
+    await rs.checkpoint()
+    version = await rs.suspend()
+
+    stored = await store.load(KEY)
+    snap = Codec(max_frame=SMALL_FRAME).decode_parts(
+        KEY, stored.head, stored.streams, version=stored.version
+    )
+    assert snap.version == version
+    big_audio, big_text, small_audio = snap.history[-3:]
+    assert big_audio["content"][0]["type"] == "dropped_media"
+    assert big_audio["content"][1] == "spoken"
+    assert "omitted when saved" in big_text["content"][0]
+    assert small_audio["content"][0]["type"] == "audio_content"  # kept: it fits
+    session2, rs2, _ = await start(store, [], owner="w2", codec=Codec(max_frame=SMALL_FRAME))
+    assert rs2.resumed and rs2.version == version
+    await rs2.aclose()
+    await session2.aclose()

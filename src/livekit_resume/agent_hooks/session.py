@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,7 +40,9 @@ from ..errors import (
     IncompatibleSnapshot,
     LeaseLost,
     SessionBusy,
+    SnapshotCorrupt,
     SnapshotNotFound,
+    SnapshotTooLarge,
     StoreUnavailable,
     UnknownAgent,
 )
@@ -55,7 +57,16 @@ from ..snapshot.model import (
     ToolCallRecord,
     Writer,
 )
-from ..stores.base import DEFAULT_LEASE_TTL, Commit, Lease, Record, Store, validate_key
+from ..snapshot.salvage import salvage_parts
+from ..stores.base import (
+    DEFAULT_LEASE_TTL,
+    Commit,
+    Lease,
+    Record,
+    Store,
+    Stored,
+    validate_key,
+)
 from .autosave import Autosave
 from .registry import AgentRegistry
 from .tracker import Change, StreamTracker, digest
@@ -79,9 +90,15 @@ INTERRUPT_TIMEOUT = 3.0
 CLOSE_SAVE_BUDGET = 5.0
 CLOSE_RETRY_FIRST = 0.1
 
+SALVAGED = Counter(
+    "livekit_resume_sessions_salvaged", "Damaged snapshots restored with what was intact"
+)
 REACQUIRED = Counter(
     "livekit_resume_sessions_reacquired",
     "Sessions that vanished from the store under their holder and were written anew",
+)
+OVERSIZE = Counter(
+    "livekit_resume_items_shrunk", "Chat items saved without media or text: over the frame limit"
 )
 FINAL_SAVE_FAILURES = Counter(
     "livekit_resume_final_save_failures", "Final saves on close that did not reach the store"
@@ -111,7 +128,12 @@ class ResumableSession:
     ``userdata_type`` validates and encodes ``session.userdata`` (a pydantic
     ``TypeAdapter``); without it userdata is not saved. ``owner`` names this worker in
     leases (default: host, pid and a random suffix). Keys for signing and encryption
-    default to ``RESUME_SIGNING_KEYS`` and ``RESUME_ENCRYPTION_KEYS``.
+    default to ``RESUME_SIGNING_KEYS`` and ``RESUME_ENCRYPTION_KEYS``; ``codec`` replaces
+    them with a `Codec` of your own (keys, ``max_frame``).
+
+    An item too large for one frame is never written unreadable: with ``media="keep"``
+    its media is dropped for that item, and a message or tool output still too large
+    is stored with its text replaced by a note (logged and counted either way).
     """
 
     def __init__(
@@ -130,7 +152,10 @@ class ResumableSession:
         debounce: float = DEFAULT_DEBOUNCE,
         room: rtc.Room | None = None,
         extra: dict[str, Any] | None = None,
+        codec: Codec | None = None,
     ) -> None:
+        if codec is not None and (signing_keys or encryption_keys):
+            raise ValueError("pass the keys to the Codec, or keys without a codec, not both")
         self._store = store
         self._key = validate_key(key)
         self._registry = registry
@@ -140,7 +165,7 @@ class ResumableSession:
         self._owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._lease_ttl = lease_ttl
         self._media: MediaPolicy = media
-        self._codec = Codec(
+        self._codec = codec or Codec(
             signing_keys=signing_keys or os.environ.get("RESUME_SIGNING_KEYS") or None,
             encryption_keys=encryption_keys or os.environ.get("RESUME_ENCRYPTION_KEYS") or None,
         )
@@ -172,6 +197,7 @@ class ResumableSession:
         self._fingerprint = b""
         self._pending: _Pending | None = None
         self._vanished = False
+        self._rewrite = False  # the next commit clears every stream and writes it whole
 
     # ------------------------------------------------------------ properties
 
@@ -198,7 +224,12 @@ class ResumableSession:
     # --------------------------------------------------------------- restore
 
     async def restore(
-        self, session: AgentSession[Any], *, default: Callable[[], Agent], takeover: bool = False
+        self,
+        session: AgentSession[Any],
+        *,
+        default: Callable[[], Agent],
+        takeover: bool = False,
+        salvage: bool = False,
     ) -> Agent:
         """Take the lease, load the latest snapshot if any, fill ``session.history`` and
         ``session.userdata``, rebuild the current agent with its context, attach autosave.
@@ -206,20 +237,28 @@ class ResumableSession:
         Call before ``session.start(agent)``. Returns ``default()`` when no snapshot exists.
         Raises `SessionBusy` when another live worker holds the session (unless
         ``takeover``), `UnknownAgent` for an unregistered agent id, `IncompatibleSnapshot`
-        when saved userdata no longer validates; the lease is released on failure.
+        when saved userdata no longer validates, `SnapshotCorrupt` when stored bytes are
+        damaged; the lease is released on failure. With ``salvage`` a damaged snapshot
+        is restored with what is intact: each lost item is logged, a system note in the
+        context says what is missing, and the first checkpoint writes the whole session
+        anew so later versions no longer depend on the damaged record.
         """
         if self._session is not None:
             raise RuntimeError(f"session {self._key!r} was already restored")
         with tracer.start_as_current_span(
             "livekit_resume.restore", attributes={"livekit_resume.key": self._key}
         ) as span:
-            agent = await self._restore(session, default, takeover)
+            agent = await self._restore(session, default, takeover, salvage)
             span.set_attribute("livekit_resume.version", self._version)
             span.set_attribute("livekit_resume.resumed", self._resumed)
         return agent
 
     async def _restore(
-        self, session: AgentSession[Any], default: Callable[[], Agent], takeover: bool
+        self,
+        session: AgentSession[Any],
+        default: Callable[[], Agent],
+        takeover: bool,
+        salvage: bool,
     ) -> Agent:
         self._lease = await self._store.acquire(
             self._key, self._owner, ttl=self._lease_ttl, takeover=takeover
@@ -230,9 +269,14 @@ class ResumableSession:
             except SnapshotNotFound:
                 agent = default()
             else:
-                snap = self._codec.decode_parts(
-                    self._key, stored.head, stored.streams, version=stored.version
-                )
+                try:
+                    snap = self._codec.decode_parts(
+                        self._key, stored.head, stored.streams, version=stored.version
+                    )
+                except SnapshotCorrupt:
+                    if not salvage:
+                        raise
+                    snap = await self._salvage(stored)
                 agent = await self._rebuild(session, snap, default)
                 self._version, self._resumed = stored.version, True
         except BaseException:
@@ -256,6 +300,42 @@ class ResumableSession:
             extra={"key": self._key, "version": self._version},
         )
         return agent
+
+    async def _salvage(self, stored: Stored) -> Snapshot:
+        """What is intact of a damaged version; older versions lend their head if its
+        own does not decode. Marks the session for a whole rewrite."""
+        async def older_heads() -> list[tuple[int, bytes]]:
+            heads = []
+            for info in reversed(await self._store.versions(self._key)):
+                if info.version >= stored.version:
+                    continue
+                try:
+                    old = await self._store.load(self._key, info.version)
+                except SnapshotCorrupt:
+                    continue
+                heads.append((info.version, old.head))
+            return heads
+
+        args = (self._codec, self._key, stored.head, stored.streams)
+        try:
+            snap, damage = salvage_parts(*args, version=stored.version)
+        except SnapshotCorrupt:
+            snap, damage = salvage_parts(
+                *args, version=stored.version, fallback_heads=await older_heads()
+            )
+        SALVAGED.inc()
+        for d in damage:
+            log.error(
+                "session %r version %d: %s item %r lost in salvage: %s",
+                self._key,
+                stored.version,
+                d.stream,
+                d.item_id,
+                d.reason,
+                extra={"key": self._key, "version": stored.version},
+            )
+        self._rewrite = True
+        return snap
 
     async def _rebuild(
         self, session: AgentSession[Any], snap: Snapshot, default: Callable[[], Agent]
@@ -397,6 +477,7 @@ class ResumableSession:
         self._turns = pending.turns
         self._tracked_agent = pending.agent_obj
         self._fingerprint = pending.fingerprint
+        self._rewrite = False
 
     async def _reacquire(self) -> None:
         """The store lost the session while we held it (restarted without its data,
@@ -422,17 +503,21 @@ class ResumableSession:
         self._vanished = False
         self._pending = None
         self._version = 0
-        self._history.reset()
-        self._agent_ctx.reset()
-        self._tracked_agent = None
-        self._fingerprint = b""
+        self._rewrite = True
 
     def _capture(
         self, session: AgentSession[Any], reason: str, state: SessionState | None = None
     ) -> tuple[Snapshot, Change, Change, Agent | None]:
         # No await in here: history, agent and tool state are read as one moment.
         convert = self._convert
-        hist = self._history.diff(session.history.items, convert, self._encoder(HISTORY, None))
+        rewrite = self._rewrite
+        items = session.history.items
+        hist_encoder = self._encoder(HISTORY, None)
+        hist = (
+            self._history.full(items, convert, hist_encoder)
+            if rewrite
+            else self._history.diff(items, convert, hist_encoder)
+        )
         turns = self._turns + sum(
             1
             for d in hist.datas.values()
@@ -452,16 +537,21 @@ class ResumableSession:
                 agent_id = self._registry.id_of(agent_obj)
             if agent_id is None:
                 raise UnknownAgent(type(agent_obj).__qualname__, self._registry.ids, saving=True)
-            if agent_obj is not self._tracked_agent:
-                self._agent_ctx.reset()  # a handoff: the new agent's context replaces the old
-            # an agent item stored as a reference to a history item that is now gone
-            # from the history must be stored whole, or it would dangle
-            gone = frozenset(r.id for r in hist.records if r.data is None and r.id)
-            agent_change = self._agent_ctx.diff(
-                agent_obj.chat_ctx.items, convert, self._encoder(AGENT, hist), rewrite=gone
-            )
-            if agent_obj is not self._tracked_agent:
-                agent_change.records.insert(0, Record(AGENT, "", None))
+            agent_items = agent_obj.chat_ctx.items
+            agent_encoder = self._encoder(AGENT, hist)
+            if rewrite:
+                agent_change = self._agent_ctx.full(agent_items, convert, agent_encoder)
+            else:
+                if agent_obj is not self._tracked_agent:
+                    self._agent_ctx.reset()  # a handoff: its context replaces the old one
+                # an agent item stored as a reference to a history item that is now gone
+                # from the history must be stored whole, or it would dangle
+                gone = frozenset(r.id for r in hist.records if r.data is None and r.id)
+                agent_change = self._agent_ctx.diff(
+                    agent_items, convert, agent_encoder, rewrite=gone
+                )
+                if agent_obj is not self._tracked_agent:
+                    agent_change.records.insert(0, Record(AGENT, "", None))
             self._last_agent = agent_obj
             frame = AgentFrame(
                 agent_id=agent_id,
@@ -491,9 +581,39 @@ class ResumableSession:
         def encode(item: llm.ChatItem, data: ItemData, d: bytes) -> bytes:
             # an agent item equal to its history twin is stored once, as a reference
             ref = history is not None and history.digests.get(item.id) == d
-            return codec.encode_item(key, stream, data, ref=ref)
+            try:
+                return codec.encode_item(key, stream, data, ref=ref)
+            except SnapshotTooLarge as e:
+                # decided now, at write time: nothing is stored that a restore would refuse
+                for smaller, what in self._smaller(item):
+                    try:
+                        frame = codec.encode_item(key, stream, smaller)
+                    except SnapshotTooLarge:
+                        continue
+                    OVERSIZE.inc()
+                    log.warning(
+                        "session %r: %s item %r is too large to save whole (%s); saved %s",
+                        self._key,
+                        stream,
+                        item.id,
+                        e,
+                        what,
+                        extra={"key": self._key},
+                    )
+                    return frame
+                raise
 
         return encode
+
+    def _smaller(self, item: llm.ChatItem) -> Iterator[tuple[ItemData, str]]:
+        """Stand-ins for an item over the frame limit, from the least lossy."""
+        data = item_to_data(item, media="drop")
+        if self._media == "keep":
+            yield data, "with its media dropped"
+        if data.get("type") == "message":
+            yield {**data, "content": [_OVERSIZE_NOTE]}, "with its text replaced by a note"
+        elif data.get("type") == "function_call_output":
+            yield {**data, "output": _OVERSIZE_NOTE}, "with its output replaced by a note"
 
     # ----------------------------------------------------- pause and suspend
 
@@ -779,6 +899,8 @@ class ResumableSession:
             except Exception as e:
                 log.warning("could not publish %s event of session %r: %s", event, self._key, e)
 
+
+_OVERSIZE_NOTE = "[omitted when saved: this item was over the snapshot size limit]"
 
 _REASONS = {"turn", "tool", "handoff", "pause", "suspend", "close", "manual"}
 
