@@ -7,9 +7,12 @@ removes some of a session's keys, replicas that acknowledge a commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -372,5 +375,179 @@ async def test_commit_refuses_to_append_to_a_log_it_did_not_write(
             await store.commit(item_commit(lease, 0, "a", None))
         assert await store._client.llen(prefix(store) + "log:0") == 1
         assert await store.versions(KEY) == []
+    finally:
+        await store.aclose()
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "livekit_resume" and r.levelno == logging.WARNING and text in r.getMessage()
+    ]
+
+
+async def use(store: RedisStore, key: str = KEY) -> None:
+    """What a worker does first: take the lease, commit, read back."""
+    lease = await store.acquire(key, "worker-a")
+    assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+    assert (await store.load(key)).version == 1
+
+
+async def test_allkeys_eviction_policy_is_warned_once_naming_the_policy_and_the_fix(
+    make_redis: RedisFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="livekit_resume")
+    server = make_redis("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+    store = RedisStore.from_url(server.url, namespace="settings")
+    try:
+        await use(store)
+        await use(store, "room-8")
+        [warning] = warnings_of(caplog, "maxmemory-policy allkeys-lru")
+        assert "noeviction" in warning and f"127.0.0.1:{server.port}" in warning
+        [persistence] = warnings_of(caplog, "persists nothing")
+        assert "appendonly yes" in persistence
+        problems = await store.check()  # explicit: the same findings, not logged again
+        assert len(problems) == 2
+        assert len(warnings_of(caplog, "maxmemory-policy allkeys-lru")) == 1
+    finally:
+        await store.aclose()
+
+
+async def test_strict_store_refuses_an_evicting_server_and_writes_nothing(
+    make_redis: RedisFactory,
+) -> None:
+    server = make_redis("--maxmemory-policy", "allkeys-lru")
+    store = RedisStore.from_url(server.url, namespace="settings", strict=True)
+    try:
+        with pytest.raises(StoreUnavailable, match=r"strict.*allkeys-lru.*noeviction"):
+            await store.acquire(KEY, "worker-a")
+        assert [k async for k in store._client.scan_iter()] == []
+        server.cli("config", "set", "maxmemory-policy", "noeviction")
+        await use(store)  # fixed on the server: checked again, accepted
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize(("ttl", "warned"), [(None, False), (3600.0, True)])
+async def test_volatile_policy_is_safe_only_for_sessions_without_ttl(
+    make_redis: RedisFactory, caplog: pytest.LogCaptureFixture, ttl: float | None, warned: bool
+) -> None:
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    server = make_redis("--maxmemory-policy", "volatile-lru", "--appendonly", "yes")
+    store = RedisStore.from_url(server.url, namespace="settings", ttl=ttl, strict=not warned)
+    try:
+        await use(store)
+        assert bool(warnings_of(caplog, "volatile-lru")) is warned
+        assert warnings_of(caplog, "persists nothing") == []  # AOF is on
+        with pytest.raises(StoreUnavailable) if warned else contextlib.nullcontext():
+            await RedisStore.from_url(server.url, ttl=ttl, strict=True).check()
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("hidden", ["renamed", "acl"])
+async def test_a_server_that_hides_config_is_used_unchecked(
+    make_redis: RedisFactory, caplog: pytest.LogCaptureFixture, hidden: str
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="livekit_resume")
+    if hidden == "renamed":
+        server = make_redis("--maxmemory-policy", "allkeys-lru", "--rename-command", "CONFIG", "")
+        url = server.url
+    else:
+        server = make_redis("--maxmemory-policy", "allkeys-lru")
+        server.cli("acl", "setuser", "app", "on", ">pw", "~*", "&*", "+@all", "-config")
+        url = f"redis://app:pw@127.0.0.1:{server.port}/0"
+    store = RedisStore.from_url(url, namespace="settings", strict=True)
+    try:
+        await use(store)
+        assert await store.check() == []
+        assert warnings_of(caplog, "maxmemory-policy") == []
+        assert any("not checking" in r.getMessage() for r in caplog.records)
+    finally:
+        await store.aclose()
+
+
+# -- wait_replicas ------------------------------------------------------------------
+
+
+async def test_wait_replicas_confirms_a_commit_on_the_replica(make_redis: RedisFactory) -> None:
+    primary = make_redis()
+    replica = make_redis.replica_of(primary)
+    store = RedisStore.from_url(primary.url, namespace="repl", wait_replicas=1, wait_timeout=2000)
+    on_replica = RedisStore.from_url(replica.url, namespace="repl")
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        for n, item in enumerate("abc"):
+            after = None if n == 0 else "abc"[n - 1]
+            assert await store.commit(item_commit(lease, n, item, after)) == n + 1
+            # Acknowledged by the replica before the commit returned: readable there now.
+            assert (await on_replica.load(KEY)).version == n + 1
+        assert store.under_replicated == 0
+        await store._client.script_flush()  # NOSCRIPT inside the pipeline: loaded, sent again
+        assert await store.commit(item_commit(lease, 3, "d", "c")) == 4
+        assert (await on_replica.load(KEY)).version == 4
+    finally:
+        await store.aclose()
+        await on_replica.aclose()
+
+
+async def test_too_few_replicas_is_warned_and_counted_but_the_commit_stands(
+    make_redis: RedisFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    primary = make_redis()
+    replica = make_redis.replica_of(primary)
+    store = RedisStore.from_url(primary.url, namespace="repl", wait_replicas=2, wait_timeout=50)
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+        assert store.under_replicated == 1
+        [warning] = warnings_of(caplog, "1 of 2 replicas")
+        assert KEY in warning
+        replica.pause()  # the one replica stops acknowledging
+        try:
+            assert await store.commit(item_commit(lease, 1, "b", "a")) == 2
+        finally:
+            replica.resume()
+        assert store.under_replicated == 2
+        assert warnings_of(caplog, "0 of 2 replicas")
+        assert (await store.load(KEY)).version == 2
+    finally:
+        await store.aclose()
+
+
+async def test_wait_replicas_on_a_cluster_waits_on_the_node_of_the_slot(
+    redis_cluster: Any,
+) -> None:
+    """Primaries without replicas: WAIT reaches the session's node (not another one,
+    which would answer for a connection that wrote nothing) and reports 0."""
+    store = RedisStore.from_url(
+        redis_cluster.url, namespace=f"repl{time.time_ns()}", wait_replicas=1, wait_timeout=10
+    )
+    nodes = {n.port: n for n in redis_cluster.nodes}
+
+    def waits() -> dict[int, int]:
+        out = {}
+        for port, node in nodes.items():
+            stats = node.cli("info", "commandstats")
+            calls = [ln for ln in stats.splitlines() if ln.startswith("cmdstat_wait:")]
+            out[port] = int(calls[0].split("calls=")[1].split(",")[0]) if calls else 0
+        return out
+
+    try:
+        warm = await store.acquire("warm", "worker-a")  # loads the scripts on every node
+        assert await store.commit(item_commit(warm, 0, "x", None)) == 1
+        before = waits()
+        expected = dict.fromkeys(nodes, 0)
+        for key in ("a", "b", "c", "d", "e", "f"):  # keys of several slots and nodes
+            lease = await store.acquire(key, "worker-a")
+            assert await store.commit(item_commit(lease, 0, "x", None)) == 1
+            node = store._client.get_node_from_key(store._head_key(key))
+            expected[node.port] += 1
+        assert store.under_replicated == 7
+        after = waits()
+        assert {p: after[p] - before[p] for p in nodes} == expected
+        assert len([n for n in expected.values() if n]) > 1
     finally:
         await store.aclose()

@@ -37,9 +37,48 @@ which writes it as the next log generation only if the head is still at that com
 (same version, generation and commit id); otherwise it does nothing and a later commit
 tries again. Reads (``load``) are one script, so a compaction never tears them.
 
-A commit whose reply is lost with its connection is retried by redis-py; the commit
-carries a random id stored in its version record, so the retry recognises its own
-earlier success instead of reporting a moved head.
+Faults, and what the store does about them (tests: ``tests/test_redis_faults.py``):
+
+- **A stall or a lost reply.** A commit carries its id (`Commit.commit_id`, or a random
+  one) into its version record. A server that stalls past ``socket_timeout`` may still
+  run the commit later: the bytes of the first attempt, and of redis-py's retries, wait
+  in its socket buffers. The caller gets `StoreUnavailable`; sending the *same* commit
+  again returns the version that landed, whichever of the copies ran first, and writes
+  nothing twice. A different commit on the old base is refused.
+- **A restart without data** (no persistence, a failover to an empty replica): commit
+  and renew raise `LeaseLost` with ``vanished=True`` (the head is gone, nobody holds
+  it; acquire again and write the whole snapshot). If another worker acquired first,
+  it is a takeover: ``vanished=False`` with the new epoch.
+- **Server settings.** Before its first operation the store reads each primary's
+  ``maxmemory-policy`` and persistence (`RedisStore.check`). ``allkeys-*`` (and
+  ``volatile-*`` when sessions have a ``ttl``) can evict session keys: warned once,
+  refused with `StoreUnavailable` when ``strict=True``. No persistence at all is
+  warned once. A server hiding CONFIG (renamed, ACL) is used unchecked.
+  Required for a deployment: ``maxmemory-policy noeviction`` (or ``volatile-*`` with
+  ``ttl=None``), ``appendonly yes`` with ``appendfsync everysec`` or ``always``, and
+  replicas with ``wait_replicas`` where a failover must not lose acknowledged commits.
+- **Out of memory** (``noeviction`` at ``maxmemory``): `StoreUnavailable` saying so,
+  nothing written. Only WRONGTYPE and the scripts' own ``corrupt`` findings are
+  `SnapshotCorrupt`; no other server error is taken for damaged data.
+- **A lost head** (evicted, or deleted by hand, while ``v:*`` / ``log:*`` keys remain):
+  never read as "no snapshot", which would start the conversation afresh. When the
+  head is missing and there is reason to look (the session's first log or version key
+  exists, or the namespace index lists the key), the store SCANs the session's prefix
+  (on a Cluster, on the node of its slot; O(keys in the database), never on a commit).
+  The rule: ``load`` and ``acquire`` raise `SnapshotCorrupt` naming the head and what
+  remains, and ``acquire`` creates nothing over the remains, until the session is
+  deleted (``delete`` / ``livekit-resume rm``), which removes the remains too; the
+  versions cannot be read without the head, so no automatic repair is attempted. If
+  the index was evicted as well, remains that are not the session's first keys go
+  unnoticed until a commit would collide with one: a commit checks that the log it
+  appends to holds exactly what its latest version read, so it never adopts a former
+  life's records (`SnapshotCorrupt` naming the key). A missing version or log under a
+  present head is `SnapshotCorrupt` naming the key.
+- **Replication.** With ``wait_replicas=n`` a commit is followed, on the same
+  connection (one pipeline, on the node of the session's slot on a Cluster), by
+  ``WAIT n wait_timeout``: when it returns, the commit is on ``n`` replicas. Fewer is
+  logged as a warning and counted in ``under_replicated``, not raised: the commit is
+  applied on the primary and only a failover in that window can lose it.
 """
 
 from __future__ import annotations
@@ -70,6 +109,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
@@ -133,6 +173,10 @@ KEYS_BATCH = 1000
 SCAN_COUNT = 1000
 # Remains named in an error message; the count says how many more there are.
 REMAINS_SHOWN = 5
+# How long a commit waits for replicas to acknowledge it (WAIT's timeout, ms) when
+# wait_replicas is set: a healthy replica on the same network answers in about a
+# millisecond; a tenth of a second bounds what a lagging one adds to every commit.
+DEFAULT_WAIT_TIMEOUT_MS = 100
 
 _SESSION_SCRIPTS = (
     "acquire",
@@ -441,6 +485,9 @@ class RedisStore:
     every key (one per tenant or deployment), ``keep`` versions stay loadable, ``ttl``
     (seconds without writes) expires whole sessions. Times come from the server's clock,
     so workers with skewed clocks agree on lease expiry; ``clock`` replaces it in tests.
+    ``strict`` refuses a server whose eviction policy can remove session keys (see
+    `check`); ``wait_replicas`` makes each commit wait up to ``wait_timeout`` ms for that
+    many replicas to acknowledge it (see the module docstring).
     """
 
     def __init__(
@@ -451,6 +498,9 @@ class RedisStore:
         keep: int = DEFAULT_KEEP,
         ttl: float | None = None,
         clock: Callable[[], float] | None = None,
+        strict: bool = False,
+        wait_replicas: int = 0,
+        wait_timeout: int = DEFAULT_WAIT_TIMEOUT_MS,
     ) -> None:
         if keep < 1:
             raise ValueError("keep must be at least 1")
@@ -463,6 +513,11 @@ class RedisStore:
             )
         if _decodes_responses(client):
             raise ValueError("the Redis client must use decode_responses=False: heads are bytes")
+        if wait_replicas < 0 or wait_timeout < 0:
+            raise ValueError(
+                f"wait_replicas ({wait_replicas!r}) and wait_timeout ({wait_timeout!r} ms) "
+                "must not be negative"
+            )
         self._client = client
         self._namespace = namespace
         self._keep = keep
@@ -477,6 +532,12 @@ class RedisStore:
             for name in (*_SESSION_SCRIPTS, *_STANDALONE_SCRIPTS)
         }
         self._indexed: dict[str, float] = {}
+        self._strict = strict
+        self._checked = False
+        self._warned: set[str] = set()
+        self._wait_replicas = wait_replicas
+        self._wait_timeout = wait_timeout
+        self.under_replicated = 0
 
     @classmethod
     def from_url(
@@ -487,6 +548,9 @@ class RedisStore:
         keep: int = DEFAULT_KEEP,
         ttl: float | None = None,
         clock: Callable[[], float] | None = None,
+        strict: bool = False,
+        wait_replicas: int = 0,
+        wait_timeout: int = DEFAULT_WAIT_TIMEOUT_MS,
         pool_size: int = DEFAULT_POOL_SIZE,
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
@@ -551,7 +615,16 @@ class RedisStore:
                 **client_options,
             )
             client = Redis.from_pool(pool)
-        store = cls(client, namespace=namespace, keep=keep, ttl=ttl, clock=clock)
+        store = cls(
+            client,
+            namespace=namespace,
+            keep=keep,
+            ttl=ttl,
+            clock=clock,
+            strict=strict,
+            wait_replicas=wait_replicas,
+            wait_timeout=wait_timeout,
+        )
         store._where = settings.describe()
         return store
 
@@ -611,12 +684,15 @@ class RedisStore:
             raise StoreUnavailable(f"{self._where} refused {what}: {text}") from exc
 
     async def _run(self, script: str, key: str, args: Sequence[str | bytes | int]) -> list[Any]:
+        await self._ensure_checked()
         ttl = "" if self._ttl is None else _fmt_time(self._ttl)
         ttl_ms = "" if self._ttl is None else str(max(1, math.ceil(self._ttl * 1000)))
+        full = [self._now_arg(), ttl, ttl_ms, *args]
         with self._errors(script, key):
-            reply = await self._scripts[script](
-                keys=[self._head_key(key)], args=[self._now_arg(), ttl, ttl_ms, *args]
-            )
+            if script == "commit" and self._wait_replicas:
+                reply = await self._run_and_wait(script, key, full)
+            else:
+                reply = await self._scripts[script](keys=[self._head_key(key)], args=full)
         if not isinstance(reply, list) or not reply:
             raise SnapshotCorrupt(f"{script} of session {key!r} got a malformed reply {reply!r}")
         if reply[0] == b"corrupt":
@@ -627,9 +703,170 @@ class RedisStore:
             )
         return reply
 
+    async def _run_and_wait(
+        self, script: str, key: str, args: Sequence[str | bytes | int]
+    ) -> Any:
+        """Run a script, then WAIT on the same connection (WAIT counts the replicas
+        that acknowledged this connection's writes): one pipeline, sent to the node of
+        the session's slot on a Cluster. Fewer replicas than asked is logged and
+        counted in `under_replicated`, not raised: the commit stands on the primary."""
+        head = self._head_key(key)
+        code = self._scripts[script]
+        for attempt in (1, 2):
+            pipe = self._client.pipeline(transaction=False)
+            # As a raw command: a Cluster pipeline refuses its evalsha() method, but
+            # routes a raw EVALSHA by its key.
+            pipe.execute_command("EVALSHA", code.sha, 1, head, *args)
+            wait: tuple[Any, ...] = ("WAIT", self._wait_replicas, self._wait_timeout)
+            if isinstance(self._client, RedisCluster):
+                await self._client.initialize()
+                node = self._client.get_node_from_key(head)
+                pipe.execute_command(*wait, target_nodes=node)
+            else:
+                pipe.execute_command(*wait)
+            reply, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and attempt == 1:
+                # Flushed or never loaded there: load it and send the pair again (the
+                # script did not run, nothing was written). A Cluster loads it on
+                # every primary.
+                await self._client.script_load(code.script)
+                continue
+            break
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(acked, Exception):
+            # WAIT refused (a replica itself, or ACL): the commit is applied; say so.
+            logger.warning(
+                "commit of session %r applied, but WAIT failed: %s",
+                key,
+                acked,
+                extra={"key": key},
+            )
+            self.under_replicated += 1
+        elif (
+            isinstance(reply, list)
+            and reply[:1] == [b"ok"]
+            and int(acked) < self._wait_replicas
+        ):
+            self.under_replicated += 1
+            logger.warning(
+                "commit of session %r (version %s) reached %d of %d replicas within "
+                "%d ms; it is applied on the primary and may be lost if it fails over "
+                "now",
+                key,
+                reply[1],
+                int(acked),
+                self._wait_replicas,
+                self._wait_timeout,
+                extra={"key": key, "version": reply[1]},
+            )
+        return reply
+
+    # -- server settings -------------------------------------------------------------
+
+    async def check(self) -> list[str]:
+        """Read the server's eviction policy and persistence; return what is unsafe.
+
+        Runs once by itself on the store's first operation. ``maxmemory-policy``
+        ``allkeys-*`` evicts session keys under memory pressure (a head lost, versions
+        gone), and so does ``volatile-*`` when sessions have a ``ttl``: each problem is
+        logged as a warning once, and with ``strict=True`` refused with
+        `StoreUnavailable` (checked again on the next operation, so fixing the server's
+        setting is enough). No persistence (``appendonly no`` and ``save ""``) is
+        warned about: a restart loses every session. A server that hides CONFIG
+        (renamed, disabled, or denied by ACL) is not checked (logged at debug level).
+        On a Cluster every primary is checked.
+        """
+        return self._judge(await self._server_settings())
+
+    async def _ensure_checked(self) -> None:
+        """`check` before the store's first operation. An unreachable server is left
+        to the operation itself to report (naming what it was doing); the check runs
+        again next time."""
+        if self._checked:
+            return
+        try:
+            settings = await self._server_settings()
+        except StoreUnavailable:
+            return
+        self._judge(settings)
+
+    def _judge(self, settings: list[tuple[str, dict[str, str]]]) -> list[str]:
+        problems: list[str] = []
+        evicting: list[str] = []
+        for where, conf in settings:
+            policy = conf.get("maxmemory-policy", "")
+            if policy.startswith("allkeys-") or (
+                policy.startswith("volatile-") and self._ttl is not None
+            ):
+                why = (
+                    "evicts any key"
+                    if policy.startswith("allkeys-")
+                    else "evicts keys with a TTL, and sessions have one (ttl="
+                    f"{self._ttl:g} s)"
+                )
+                evicting.append(
+                    f"{where} has maxmemory-policy {policy} (maxmemory "
+                    f"{conf.get('maxmemory', '?')}), which {why}: under memory pressure a "
+                    "session loses its head or versions. Set maxmemory-policy noeviction "
+                    "(or volatile-* with sessions without ttl)"
+                )
+            if conf.get("appendonly") == "no" and conf.get("save") == "":
+                problems.append(
+                    f"{where} persists nothing (appendonly no, save \"\"): a restart "
+                    "loses every session and its lease. Set appendonly yes with "
+                    "appendfsync everysec (or always)"
+                )
+        problems = evicting + problems
+        for problem in problems:
+            if problem not in self._warned:
+                self._warned.add(problem)
+                logger.warning("livekit-resume store: %s", problem)
+        if evicting and self._strict:
+            raise StoreUnavailable(
+                f"refusing to use {self._where} (strict=True): " + "; ".join(evicting)
+            )
+        self._checked = True
+        return problems
+
+    async def _server_settings(self) -> list[tuple[str, dict[str, str]]]:
+        """Each primary's name and its eviction and persistence settings (empty for
+        a server that does not let us read its CONFIG)."""
+        client = self._client
+        out: list[tuple[str, dict[str, str]]] = []
+        with self._errors("check of the server's settings", None):
+            if isinstance(client, RedisCluster):
+                await client.initialize()
+                targets: list[tuple[str, Any]] = [
+                    (f"cluster node {n.name}", n) for n in client.get_primaries()
+                ]
+            else:
+                targets = [(self._where, None)]
+            for where, node in targets:
+                conf: dict[str, str] = {}
+                for name in ("maxmemory-policy", "maxmemory", "appendonly", "save"):
+                    try:
+                        if node is None:
+                            got = await client.config_get(name)
+                        else:
+                            got = await client.config_get(name, target_nodes=node)
+                    except ResponseError as exc:
+                        # CONFIG renamed or disabled, or denied by an ACL: managed
+                        # services often hide it. Not a reason to refuse the store.
+                        logger.debug(
+                            "cannot read %s of %s (%s); not checking it", name, where, exc
+                        )
+                        continue
+                    items = cast("dict[bytes | str, bytes | str]", got).items()
+                    conf.update({_text(k): _text(v) for k, v in items})
+                if conf:
+                    out.append((where, conf))
+        return out
+
     async def _index(self, key: str, op: str) -> bool:
         """Record the key in the namespace index (and collect long-dead members);
         whether it was listed already."""
+        await self._ensure_checked()  # before the first write: strict=True writes nothing
         horizon = "" if self._ttl is None else _fmt_time(INDEX_HORIZON * self._ttl)
         forever = "1" if self._ttl is None else "0"
         with self._errors(f"{op} (namespace index)", key):
