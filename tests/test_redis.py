@@ -522,7 +522,7 @@ async def test_ttl_is_a_real_pexpire_on_every_key(real_store: RedisStore) -> Non
 
         short = RedisStore.from_url(_url_of(real_store), namespace=store._namespace, ttl=0.3)
         try:
-            await short.renew(lease)  # moves every key's deadline to 0.3 s
+            await short.renew(lease, ttl=0.3)  # moves every key's deadline to 0.3 s
 
             async def gone() -> bool:
                 return not await server_keys(store, f"{store._namespace}:{{*")
@@ -555,13 +555,13 @@ async def test_index_forgets_expired_and_vanished_sessions(real_store: RedisStor
     store = RedisStore.from_url(_url_of(real_store), namespace=ns, ttl=0.5)
     try:
         for key in ("one", "two"):
-            await store.acquire(key, "worker-a")
+            await store.acquire(key, "worker-a", ttl=0.5)
         assert await store.keys() == ["one", "two"]
         await raw(store).delete(store._head_key("one"))  # as if a delete died half-way
         assert await store.keys() == ["two"]
 
         async def collected() -> bool:
-            await store.acquire("three", "worker-a")  # every index write collects
+            await store.acquire("three", "worker-a", ttl=0.5)  # every index write collects
             members = await raw(store).zrange(f"{ns}:sessions", 0, -1)
             return sorted(members) == [b"three"]
 

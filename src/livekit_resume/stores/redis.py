@@ -138,6 +138,8 @@ from .base import (
     not_retained_error,
     records_from_streams,
     validate_key,
+    validate_lease_ttl,
+    validate_ttl,
 )
 
 __all__ = ["EventStream", "RedisStore", "RedisURL"]
@@ -504,8 +506,6 @@ class RedisStore:
     ) -> None:
         if keep < 1:
             raise ValueError("keep must be at least 1")
-        if ttl is not None and not ttl > 0:
-            raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
         if not namespace or any(c in namespace for c in "{}") or not namespace.isprintable():
             raise ValueError(
                 f"namespace {namespace!r} must be non-empty, printable and without braces "
@@ -521,7 +521,7 @@ class RedisStore:
         self._client = client
         self._namespace = namespace
         self._keep = keep
-        self._ttl = ttl
+        self._ttl = validate_ttl(ttl)
         self._clock = clock
         self._elapsed = clock or time.monotonic
         self._where = _describe_client(client)
@@ -935,6 +935,7 @@ class RedisStore:
         """Take the lease (see `Store.acquire`). A takeover of a live lease publishes
         ``taken_over`` on the namespace's channel."""
         validate_key(key)
+        validate_lease_ttl(ttl, self._ttl)
         # Indexed before the script creates the session, so a crash in between leaves a
         # member without a session (filtered out), never a session without a member.
         listed = await self._index(key, "acquire")
@@ -964,6 +965,7 @@ class RedisStore:
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
         validate_key(lease.key)
+        validate_lease_ttl(ttl, self._ttl)
         await self._keep_indexed(lease.key, "renew")
         reply = await self._run("renew", lease.key, [lease.owner, lease.epoch, _fmt_time(ttl)])
         if reply[0] == b"lost":
