@@ -230,7 +230,9 @@ async def sigkill_store(lab: Lab, target: Target, *, runs: int, chain: int) -> R
 
 async def zombies(lab: Lab, target: Target, *, runs: int) -> Row:
     """A live worker is frozen (SIGSTOP) past its lease; another process takes over and
-    commits; the zombie is thawed (SIGCONT).
+    commits; the zombie is thawed (SIGCONT). The worker is frozen after a few turns,
+    once its autosave is idle (its lease renewals still run), never inside a SQLite
+    transaction, whose lock would block every process (see docs/reliability.md).
 
     Invariants: every version after the takeover carries the new owner's epoch; the
     zombie acknowledges no version after the takeover; its autosave stops on
@@ -246,12 +248,15 @@ async def zombies(lab: Lab, target: Target, *, runs: int) -> Row:
             child = await lab.spawn(
                 "session_turns",
                 **target.worker_args(
-                    key=key, tag=tag, seed=rng.random(), lease_ttl=ZOMBIE_LEASE_TTL
+                    key=key,
+                    tag=tag,
+                    seed=rng.random(),
+                    lease_ttl=ZOMBIE_LEASE_TTL,
+                    quiet_after=rng.randint(2, 4),
                 ),
             )
             await child.expect("READY")
-            for _ in range(rng.randint(1, 3)):
-                await child.expect("TURN")
+            await child.expect("QUIET")
             await child.signal(signal.SIGSTOP)
             fault = time.monotonic()
             row.runs += 1

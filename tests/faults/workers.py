@@ -5,6 +5,7 @@ fork server and reports on its `Channel`, one line per fact:
     PENDING <version> <digest>  (store level) about to commit what reads as <digest>
     COMMIT <version> ...        the store acknowledged this version (printed after commit returned)
     TURN <n> <version>          turn n's user message is in acknowledged <version>
+    QUIET <version>             (zombie-to-be) idle from now on: only renewals write
     LOST <vanished>             (session level) autosave stopped on a lost lease
     CHECKPOINT <result>         (session level, after LOST) what an explicit checkpoint did
 
@@ -94,16 +95,24 @@ async def session_turns(channel: Channel, args: dict[str, Any]) -> None:
     await session.start(agent)
     channel.say("READY", rs.version, rs._lease.epoch if rs._lease else -1)
     autosave = rs._autosave
+    quiet_after = args.get("quiet_after")  # a zombie-to-be: this many turns, then quiet
     for turn in itertools.count(1):
+        if turn == quiet_after:
+            # Nothing more to save: only lease renewals write now. A SQLite writer frozen
+            # inside a transaction would hold the file's lock against every process;
+            # the scenario freezes the worker outside one.
+            channel.say("QUIET", store.versions_written[-1])
+            await asyncio.gather(*autosave._tasks, return_exceptions=True)  # end on a loss
         text = turn_text(args["tag"], turn)
         await session.run(user_input=text)
         item_id = _user_message_id(session, text)
         await asyncio.wait_for(autosave.idle.wait(), SAVE_TIMEOUT)
         if autosave.lost is not None:
-            channel.say("LOST", autosave.lost.vanished)
             break
         await store.wait_saved(item_id, timeout=SAVE_TIMEOUT)
         channel.say("TURN", turn, store.versions_written[-1])
+    assert autosave.lost is not None
+    channel.say("LOST", autosave.lost.vanished)
     # a zombie: its next turn still answers, but nothing may reach the store
     await session.run(user_input=turn_text(args["tag"], 0))
     try:
