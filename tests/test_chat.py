@@ -691,6 +691,84 @@ def test_pending_running_calls_get_call_and_output() -> None:
     assert sorted(tool_ids) == ["c1", "c2", "c3", "c4"]
 
 
+def _async_tool_conversation(*, finished: bool) -> llm.ChatContext:
+    """The items LiveKit 1.8.9 writes for an async tool (see tests/test_async_tools.py)."""
+    flag = {"__livekit_agents_tool_non_blocking": True}
+    progress = "The tool `fetch` has updated, message: {}\nThe task is still running, ..."
+    items: list[llm.ChatItem] = [
+        llm.ChatMessage(id="item_u", role="user", content=["get it"], created_at=1.0),
+        llm.FunctionCall(
+            id="item_c/fnc_0", call_id="r", name="fetch", arguments="{}", extra=flag,
+            created_at=2.0,
+        ),
+        llm.FunctionCall(
+            id="item_c1", call_id="r_update_1", name="fetch", arguments="{}", extra=flag,
+            created_at=2.1,
+        ),
+        llm.FunctionCallOutput(
+            id="item_o1", call_id="r_update_1", name="fetch", output=progress.format("half"),
+            is_error=False, created_at=2.2,
+        ),
+        llm.FunctionCallOutput(
+            id="item_o0", call_id="r", name="fetch", output=progress.format("started"),
+            is_error=False, created_at=2.3,
+        ),
+        llm.ChatMessage(id="item_a", role="assistant", content=["on it"], created_at=3.0),
+    ]
+    if finished:
+        items += [
+            llm.FunctionCall(
+                id="item_cf", call_id="r_final", name="fetch", arguments="{}", extra=flag,
+                created_at=4.0,
+            ),
+            llm.FunctionCallOutput(
+                id="item_of", call_id="r_final", name="fetch", output="found",
+                is_error=False, created_at=4.1,
+            ),
+        ]
+    return llm.ChatContext(items)
+
+
+def test_call_with_only_progress_outputs_is_answered_as_interrupted() -> None:
+    ctx = _async_tool_conversation(finished=False)
+    running = [ToolCallRecord(call_id="r", name="fetch", started_at=2.0, item_id="item_c/fnc_0")]
+    added = repair_tool_calls(ctx, pending=running)
+    assert [(o.call_id, o.output, o.is_error, o.reply_required) for o in added] == [
+        ("r_final", INTERRUPTED_OUTPUT, True, False)
+    ]
+    # answered the way LiveKit answers an async tool: a `_final` pair, after what the
+    # model was told while the tool ran
+    assert [i.id for i in ctx.items] == [
+        "item_u",
+        "item_c/fnc_0",
+        "item_c1",
+        "item_o1",
+        "item_o0",
+        "item_a",
+        "item_c/fnc_0_interrupted_call",
+        "item_c/fnc_0_interrupted",
+    ]
+    call = ctx.items[-2]
+    assert isinstance(call, llm.FunctionCall)
+    assert (call.call_id, call.name, call.arguments) == ("r_final", "fetch", "{}")
+    stamps = [i.created_at for i in ctx.items]
+    assert stamps == sorted(stamps)
+    # idempotent, and every provider sees each call answered exactly once
+    assert repair_tool_calls(ctx, pending=running) == []
+    restored = roundtrip(ctx)
+    assert ctx.is_equivalent(restored)
+    messages, _ = restored.to_provider_format("openai")
+    tool_ids = [m["tool_call_id"] for m in messages if m.get("role") == "tool"]
+    assert sorted(tool_ids) == ["r", "r_final", "r_update_1"]
+
+
+def test_async_call_with_its_final_output_is_left_alone() -> None:
+    ctx = _async_tool_conversation(finished=True)
+    before = [i.id for i in ctx.items]
+    assert repair_tool_calls(ctx) == []
+    assert [i.id for i in ctx.items] == before
+
+
 # -- bad data ----------------------------------------------------------------------------
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable
 from typing import Any, Literal, TypeAlias
@@ -51,6 +52,7 @@ from livekit_resume.snapshot.model import ItemData, ToolCallRecord
 
 __all__ = [
     "INTERRUPTED_OUTPUT",
+    "NON_BLOCKING_EXTRA",
     "MediaPolicy",
     "ctx_from_data",
     "ctx_to_data",
@@ -86,6 +88,11 @@ INTERRUPTED_OUTPUT = (
     "it may or may not have taken effect. Check before repeating it."
 )
 """The output `repair_tool_calls` gives a tool call that never got an answer."""
+
+NON_BLOCKING_EXTRA = "__livekit_agents_tool_non_blocking"
+"""The `FunctionCall.extra` key LiveKit sets on a call whose tool reported progress."""
+_FINAL_SUFFIX = "_final"  # LiveKit's call id suffix of an async tool's result
+_ASYNC_PART = re.compile(r"(.+)_(?:final|update_\d+)")
 
 _DROPPED_IMAGE_TEXT = "[image omitted: this image was not kept when the conversation was saved]"
 
@@ -403,6 +410,60 @@ def _interrupted_output(
     )
 
 
+def _progress_only_calls(items: list[llm.ChatItem]) -> list[llm.FunctionCall]:
+    """Async-tool calls that got progress outputs but never their result.
+
+    LiveKit marks a call whose tool reported progress (`RunContext.update`) with
+    `NON_BLOCKING_EXTRA`; its own output and the ``<call_id>_update_<n>`` pairs are progress
+    reports ("the task is still running"), and the result arrives as a ``<call_id>_final``
+    pair (also for an error or a None return; a cancelled tool gets none). The update and
+    final pairs carry the mark too: they are parts of their call, not calls to answer.
+    """
+    marked = [
+        i for i in items if isinstance(i, llm.FunctionCall) and i.extra.get(NON_BLOCKING_EXTRA)
+    ]
+    call_ids = {c.call_id for c in marked}
+    answered = {i.call_id for i in items if isinstance(i, llm.FunctionCallOutput)}
+    found: list[llm.FunctionCall] = []
+    seen: set[str] = set()
+    for call in marked:
+        part = _ASYNC_PART.fullmatch(call.call_id)
+        if part is not None and part.group(1) in call_ids:
+            continue
+        if call.call_id + _FINAL_SUFFIX in answered or call.call_id in seen:
+            continue
+        seen.add(call.call_id)
+        found.append(call)
+    return found
+
+
+def _interrupted_final(
+    call: llm.FunctionCall, after: float
+) -> tuple[llm.FunctionCall, llm.FunctionCallOutput]:
+    # the shape LiveKit gives an async tool's result (a `_final` pair), so every provider
+    # formatter handles it as it handles a real one
+    call_id = call.call_id + _FINAL_SUFFIX
+    created_at = math.nextafter(after, math.inf)
+    final_call = llm.FunctionCall(
+        id=f"{call.id}_interrupted_call",
+        call_id=call_id,
+        name=call.name,
+        arguments=call.arguments,
+        extra=dict(call.extra),
+        created_at=created_at,
+    )
+    output = llm.FunctionCallOutput(
+        id=f"{call.id}_interrupted",
+        name=call.name,
+        call_id=call_id,
+        output=INTERRUPTED_OUTPUT,
+        is_error=True,
+        created_at=math.nextafter(created_at, math.inf),
+        reply_required=False,
+    )
+    return final_call, output
+
+
 def repair_tool_calls(
     ctx: llm.ChatContext,
     *,
@@ -419,6 +480,12 @@ def repair_tool_calls(
     history and an agent's context gives the same ids. `reply_required` is False: a
     restore alone must not make the agent speak. Returns the added outputs; a second run
     adds nothing. `ctx` must be mutable: copy an agent's read-only context first.
+
+    A progress output of an async tool (LiveKit's ``RunContext.update``: "the task is still
+    running") is not an answer. A call that has only progress outputs gets the interrupted
+    output the way LiveKit delivers an async result: a ``<call_id>_final`` call and output
+    pair (item ids: the call's id + ``"_interrupted_call"`` / ``"_interrupted"``) at the
+    end of `ctx`, after the progress the model was told about.
     """
     answered = {i.call_id for i in ctx.items if isinstance(i, llm.FunctionCallOutput)}
     called = {i.call_id for i in ctx.items if isinstance(i, llm.FunctionCall)}
@@ -453,4 +520,13 @@ def repair_tool_calls(
             added.append(output)
             index += 1
         index += 1
+
+    just_answered = {o.call_id for o in added}
+    for call in _progress_only_calls(items):
+        if call.call_id in just_answered:
+            continue  # it had no output at all: answered above, right after it
+        last = max((i.created_at for i in items), default=call.created_at)
+        final_call, output = _interrupted_final(call, last)
+        items.extend((final_call, output))
+        added.append(output)
     return added
