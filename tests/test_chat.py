@@ -356,12 +356,88 @@ def test_non_plain_extra_values_follow_pydantic_json_rule() -> None:
     assert item_from_data(codec(data)).extra == data["extra"]  # type: ignore[union-attr]
 
 
-def test_unconvertible_extra_value_names_item_and_field() -> None:
+def test_unconvertible_extra_value_is_saved_as_none_naming_item_and_field(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     msg = llm.ChatMessage(
         id="item_bad", role="user", content=["x"], extra={"lock": object()}, created_at=1.0
     )
-    with pytest.raises(TypeError, match=r"item 'item_bad' field 'extra'\['lock'\]"):
-        item_to_data(msg)
+    data = item_to_data(msg)
+    assert data["extra"] == {"lock": None}
+    assert item_from_data(codec(data)).extra == {"lock": None}  # type: ignore[union-attr]
+    assert "item 'item_bad' field 'extra'['lock']: saved None" in caplog.text
+
+
+def test_lone_surrogate_in_any_text_is_replaced_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not valid Unicode, so no lossless form exists: U+FFFD, and the item still saves."""
+    output = llm.FunctionCallOutput(
+        id="item_out",
+        call_id="c\ud800",
+        name="read_file",
+        output="caf\udce9 au lait",
+        is_error=False,
+        created_at=2.0,
+    )
+    call = llm.FunctionCall(
+        id="item_call",
+        call_id="c",
+        name="read_file",
+        arguments='{"path": "\udcff"}',
+        created_at=1.0,
+        extra={"k\ud800": ["v\udfff"]},
+    )
+    message = llm.ChatMessage(
+        id="item_msg",
+        role="assistant",
+        content=["ok \ud83d\ude00 pair, lone \ud83d", DATA_URL],
+        created_at=3.0,
+    )
+    ctx = llm.ChatContext([call, output, message])
+    data = ctx_to_data(ctx)
+    back = ctx_from_data(codec(data))  # msgpack refuses surrogates: this must not raise
+    out = back.items[1]
+    assert isinstance(out, llm.FunctionCallOutput)
+    assert (out.output, out.call_id) == ("caf\ufffd au lait", "c\ufffd")
+    fc = back.items[0]
+    assert isinstance(fc, llm.FunctionCall)
+    assert fc.arguments == '{"path": "\ufffd"}'
+    assert fc.extra == {"k\ufffd": ["v\ufffd"]}
+    msg = back.items[2]
+    assert isinstance(msg, llm.ChatMessage)
+    # a valid surrogate pair is joined into its character, a lone one replaced
+    assert msg.content[0] == "ok \U0001f600 pair, lone \ufffd"
+    assert "item 'item_out' field 'output'" in caplog.text
+    assert "item 'item_msg' content[0]" in caplog.text
+    assert "U+FFFD" in caplog.text
+
+
+def test_big_int_in_item_extra_is_saved_as_its_decimal_string(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    msg = llm.ChatMessage(
+        id="item_n",
+        role="user",
+        content=["x"],
+        extra={"n": 2**70, "ok": 2**64 - 1, "neg": -(2**63)},
+        created_at=1.0,
+    )
+    back = item_from_data(codec(item_to_data(msg)))
+    assert back.extra == {"n": str(2**70), "ok": 2**64 - 1, "neg": -(2**63)}  # type: ignore[union-attr]
+    assert "item 'item_n' field 'extra'['n']: saved its decimal string" in caplog.text
+
+
+def test_cyclic_extra_value_still_saves(caplog: pytest.LogCaptureFixture) -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    msg = llm.ChatMessage(
+        id="item_loop", role="user", content=["x"], extra={"loop": loop}, created_at=1.0
+    )
+    data = item_to_data(msg)
+    codec(data)
+    assert "item 'item_loop' field 'extra'['loop']" in caplog.text
+    assert "deeper than" in caplog.text
 
 
 def test_metrics_keys_outside_metrics_report_are_kept() -> None:

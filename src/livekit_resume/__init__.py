@@ -18,6 +18,7 @@ from .errors import (
     SnapshotTooLarge,
     StoreUnavailable,
     UnknownAgent,
+    UnsavableValue,
 )
 from .snapshot.model import Snapshot
 from .stores.base import Store
@@ -42,6 +43,7 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "UnknownAgent",
+    "UnsavableValue",
     "open_store",
 ]
 

@@ -16,6 +16,7 @@ __all__ = [
     "SnapshotTooLarge",
     "StoreUnavailable",
     "UnknownAgent",
+    "UnsavableValue",
 ]
 
 
@@ -86,3 +87,15 @@ class UnknownAgent(ResumeError, LookupError):
         )
         self.agent_id = agent_id
         self.registered = sorted(registered)
+
+
+class UnsavableValue(ResumeError, ValueError):
+    """One value of the session (in userdata, ``extra`` ...) cannot be saved as it is.
+
+    ``path`` names it (``userdata.prefs['x']``); the message says its type and what to
+    do. Only that value is refused: the rest of the session keeps saving.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path

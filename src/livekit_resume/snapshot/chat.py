@@ -28,8 +28,14 @@ Content parts: a `str` stays a `str`; `{"type": "cache_breakpoint"}`;
 `extra`, `metrics` and `AudioFrame.userdata` may hold anything. Plain values are kept as
 they are (a tuple becomes a list); anything else goes through
 `pydantic_core.to_jsonable_python` (a datetime becomes its ISO string, a set a list, a
-pydantic model its dict, a non-string dict key a string). A value pydantic cannot convert
-raises `TypeError` naming the item and the field: nothing is ever pickled or repr'd.
+pydantic model its dict, a non-string dict key a string); see `values.plain_item_value`.
+
+A chat item never fails to convert, since one that failed would stop every later
+checkpoint: what cannot be kept is replaced, with a warning naming the item and field.
+A lone surrogate in any text (a tool output, a message, an argument, ``extra``) becomes
+U+FFFD: it is not valid Unicode, so no lossless form exists. An int beyond 64 bits
+becomes its decimal string; an object pydantic cannot convert becomes None. Nothing is
+ever pickled or repr'd. Item ids are kept exactly (LiveKit's ids are ASCII).
 """
 
 from __future__ import annotations
@@ -42,13 +48,13 @@ import time
 from collections.abc import Iterable
 from typing import Any, Literal, TypeAlias
 
-import pydantic_core
 from livekit import rtc
 from livekit.agents import llm
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from livekit_resume.errors import SnapshotCorrupt
 from livekit_resume.snapshot.model import ItemData, ToolCallRecord
+from livekit_resume.snapshot.values import plain_item_value
 
 __all__ = [
     "INTERRUPTED_OUTPUT",
@@ -119,7 +125,6 @@ _IMAGE_FIELDS = (
 _FRAME_FIELDS = frozenset(
     {"data", "sample_rate", "num_channels", "samples_per_channel", "userdata"}
 )
-_PLAIN_SCALARS = (str, int, float, bool, bytes)
 
 
 # -- to data -----------------------------------------------------------------------------
@@ -128,27 +133,15 @@ _PLAIN_SCALARS = (str, int, float, bool, bytes)
 def _plain(value: Any, where: str) -> Any:
     """`value` as msgpack-safe plain data (see the module docstring for the rule)."""
     kind = type(value)
-    if value is None or kind in _PLAIN_SCALARS:
+    if value is None or kind is bool or kind is float or kind is bytes:
         return value
-    if kind is list or kind is tuple:
-        return [_plain(v, where) for v in value]
-    if kind is dict and all(type(k) is str for k in value):
-        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if kind is bytearray or kind is memoryview:
-        return bytes(value)
-    try:
-        converted = pydantic_core.to_jsonable_python(value)
-    except pydantic_core.PydanticSerializationError as exc:
-        raise TypeError(
-            f"{where}: a {kind.__module__}.{kind.__qualname__} is not plain data and "
-            "pydantic cannot convert it; store plain values (str, numbers, bool, None, "
-            "bytes, lists, dicts with str keys) or pydantic-serializable ones"
-        ) from exc
-    return _plain(converted, where)
+    if kind is str and value.isascii():
+        return value  # the common case, without the walk
+    return plain_item_value(value, where)
 
 
-def _image_marker(image: llm.ImageContent, source: str) -> ItemData:
-    return {
+def _image_marker(image: llm.ImageContent, source: str, where: str) -> ItemData:
+    marker: ItemData = {
         "type": "dropped_media",
         "kind": "image",
         "id": image.id,
@@ -158,33 +151,34 @@ def _image_marker(image: llm.ImageContent, source: str) -> ItemData:
         "inference_detail": image.inference_detail,
         "mime_type": image.mime_type,
     }
+    return _plain(marker, where)  # type: ignore[no-any-return]
 
 
-def _image_to_data(image: llm.ImageContent, media: MediaPolicy, item_id: str) -> ItemData:
+def _image_to_data(image: llm.ImageContent, media: MediaPolicy, where: str) -> ItemData:
     src = image.image
     if isinstance(src, str):
         if src.startswith("data:") and media == "drop":
-            return _image_marker(image, "data_url")
+            return _image_marker(image, "data_url", where)
         url = src
     else:
         if media == "drop":
-            return _image_marker(image, "video_frame")
+            return _image_marker(image, "video_frame", where)
         try:
             encoded = llm.utils.serialize_image(image)
         except (ImportError, ValueError) as exc:
             logger.warning(
-                "cannot encode video frame image %r of item %r (%s); dropped from the snapshot",
+                "%s: cannot encode video frame image %r (%s); dropped from the snapshot",
+                where,
                 image.id,
-                item_id,
                 exc,
             )
-            return _image_marker(image, "video_frame")
+            return _image_marker(image, "video_frame", where)
         assert encoded.data_bytes is not None
         b64 = base64.b64encode(encoded.data_bytes).decode("ascii")
         url = f"data:{encoded.mime_type or 'image/jpeg'};base64,{b64}"
     data: ItemData = {name: getattr(image, name) for name in _IMAGE_FIELDS}
     data["image"] = url
-    return data
+    return _plain(data, where)  # type: ignore[no-any-return]
 
 
 def _audio_to_data(audio: llm.AudioContent, media: MediaPolicy, where: str) -> ItemData:
@@ -192,12 +186,12 @@ def _audio_to_data(audio: llm.AudioContent, media: MediaPolicy, where: str) -> I
         return {
             "type": "dropped_media",
             "kind": "audio",
-            "transcript": audio.transcript,
+            "transcript": _plain(audio.transcript, f"{where} transcript"),
             "duration": sum(f.duration for f in audio.frame),
         }
     return {
         "type": "audio_content",
-        "transcript": audio.transcript,
+        "transcript": _plain(audio.transcript, f"{where} transcript"),
         "frame": [
             {
                 "data": bytes(f.data),
@@ -211,17 +205,18 @@ def _audio_to_data(audio: llm.AudioContent, media: MediaPolicy, where: str) -> I
     }
 
 
-def _content_to_data(part: Any, media: MediaPolicy, item_id: str) -> Any:
+def _content_to_data(part: Any, media: MediaPolicy, item_id: str, index: int) -> Any:
+    where = f"item {item_id!r} content[{index}]"
     if type(part) is str:
-        return part
+        return _plain(part, where)
     if isinstance(part, llm.ImageContent):
-        return _image_to_data(part, media, item_id)
+        return _image_to_data(part, media, where)
     if isinstance(part, llm.AudioContent):
-        return _audio_to_data(part, media, f"item {item_id!r}")
+        return _audio_to_data(part, media, where)
     if isinstance(part, llm.CacheBreakpoint):
         return {"type": "cache_breakpoint"}
     if isinstance(part, str):
-        return str.__str__(part)
+        return _plain(str.__str__(part), where)
     raise TypeError(
         f"item {item_id!r}: content part of type {type(part).__qualname__} is not a "
         "str, ImageContent, AudioContent or CacheBreakpoint"
@@ -242,7 +237,9 @@ def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData
         if name in _OPTIONAL_FIELDS and value is None:
             continue
         if name == "content" and isinstance(item, llm.ChatMessage):
-            data[name] = [_content_to_data(part, media, item.id) for part in value]
+            data[name] = [
+                _content_to_data(part, media, item.id, i) for i, part in enumerate(value)
+            ]
         else:
             data[name] = _plain(value, f"item {item.id!r} field {name!r}")
     return data

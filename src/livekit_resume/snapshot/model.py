@@ -35,8 +35,9 @@ ItemData = dict[str, Any]
 
 
 class _Model(BaseModel):
-    # Unknown fields are refused: a snapshot is read exactly, never guessed at.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are refused: a snapshot is read exactly, never guessed at. Bytes
+    # (any bytes, in userdata or extra) have a JSON form: base64, both ways.
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
 
 
 class Writer(_Model):
