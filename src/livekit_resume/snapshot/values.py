@@ -140,6 +140,16 @@ def clean_text(text: str) -> str:
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
+def _is_plain_scalar(value: Any) -> bool:
+    """Kept as it is, with nothing to check (most values: a fast path)."""
+    kind = type(value)
+    if kind is str:
+        return value.isascii()  # type: ignore[no-any-return]
+    if kind is int:
+        return _INT_MIN <= value <= _INT_MAX  # type: ignore[no-any-return]
+    return value is None or kind is bool or kind is float or kind is bytes
+
+
 def _child(orig: Any, key: Any) -> Any:
     """The original object under `key` of `orig` (to name model fields as attributes)."""
     if orig is _MISSING:
@@ -224,7 +234,10 @@ class _Walker:
                 "None",
             )
         if kind is list or kind is tuple:
-            return [self.walk(v, trail.child(i), _child(orig, i)) for i, v in enumerate(value)]
+            return [
+                v if _is_plain_scalar(v) else self.walk(v, trail.child(i), _child(orig, i))
+                for i, v in enumerate(value)
+            ]
         if kind is dict:
             return self.mapping(value, trail, orig)
         if kind is set or kind is frozenset:
@@ -249,7 +262,7 @@ class _Walker:
         out: dict[Any, Any] = {}
         for key, item in value.items():
             if type(key) is str:
-                stored: Any = self.text(key, f"{trail} key {key!r}")
+                stored: Any = key if key.isascii() else self.text(key, f"{trail} key {key!r}")
             elif type(key) is bytes:
                 stored = key
             else:
@@ -276,7 +289,10 @@ class _Walker:
                     "nothing (the entry is left out)",
                 )
                 continue
-            out[stored] = self.walk(item, trail.child(key, orig), _child(orig, key))
+            if _is_plain_scalar(item):
+                out[stored] = item  # the common case: no trail, no walk
+            else:
+                out[stored] = self.walk(item, trail.child(key, orig), _child(orig, key))
         return out
 
 
