@@ -297,19 +297,12 @@ def test_a_refused_value_does_not_stop_the_rest_from_saving(
 
 # -- in a live session ---------------------------------------------------------------------
 
-WIRING = (
-    "needs agent_hooks/session.py to call dump_userdata / plain_extra (lead); "
-    "remove this mark once wired"
-)
-
-
 class Account(BaseModel):
     name: str = ""
     balance: int = 0
     notes: dict[str, Any] = Field(default_factory=dict)
 
 
-@pytest.mark.xfail(reason=WIRING, strict=True)
 async def test_a_session_keeps_saving_while_one_userdata_value_is_unsavable() -> None:
     from livekit.agents import Agent
 

@@ -45,6 +45,7 @@ from ..errors import (
     SnapshotTooLarge,
     StoreUnavailable,
     UnknownAgent,
+    UnsavableValue,
 )
 from ..snapshot.chat import MediaPolicy, ctx_from_data, item_to_data, repair_tool_calls
 from ..snapshot.codec import AGENT, HISTORY, Codec
@@ -58,6 +59,7 @@ from ..snapshot.model import (
     Writer,
 )
 from ..snapshot.salvage import salvage_parts
+from ..snapshot.values import dump_userdata, plain_extra
 from ..stores.base import (
     DEFAULT_LEASE_TTL,
     Commit,
@@ -99,6 +101,10 @@ REACQUIRED = Counter(
 )
 OVERSIZE = Counter(
     "livekit_resume_items_shrunk", "Chat items saved without media or text: over the frame limit"
+)
+UNSAVABLE = Counter(
+    "livekit_resume_unsavable_userdata",
+    "Checkpoints that kept older userdata: a value could not be saved",
 )
 FINAL_SAVE_FAILURES = Counter(
     "livekit_resume_final_save_failures", "Final saves on close that did not reach the store"
@@ -170,7 +176,8 @@ class ResumableSession:
             encryption_keys=encryption_keys or os.environ.get("RESUME_ENCRYPTION_KEYS") or None,
         )
         self._room = room
-        self._extra = dict(extra or {})
+        self._extra = plain_extra(extra or {})  # an unsavable value is refused right here
+        self._saved_userdata: Any = None  # the last userdata that could be saved
 
         self._session: AgentSession[Any] | None = None
         self._lease: Lease | None = None
@@ -363,6 +370,7 @@ class ResumableSession:
             session.history.items.extend(history)
         self._history.baseline(history, snap.history)
         self._turns = snap.meta.turn_count
+        self._saved_userdata = snap.userdata
         if userdata is not None:
             session.userdata = userdata
         if frame is None or saved is None:
@@ -874,7 +882,19 @@ class ResumableSession:
             value = session.userdata
         except ValueError:
             return None  # LiveKit raises when userdata was never set
-        return self._userdata.dump_python(value, mode="json")
+        try:
+            self._saved_userdata = dump_userdata(self._userdata, value)
+        except UnsavableValue as e:
+            # the rest of the session keeps saving; this one value waits until it is fixed
+            UNSAVABLE.inc()
+            log.warning(
+                "session %r: userdata not saved this time, the last savable userdata is "
+                "kept: %s",
+                self._key,
+                e,
+                extra={"key": self._key, "path": e.path},
+            )
+        return self._saved_userdata
 
     async def _publish_attributes(self) -> None:
         room = self._room_now()
