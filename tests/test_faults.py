@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.cluster import FailoverPair
 from tests.faults.figures import Figures
 from tests.faults.forkserver import ForkServer, Lab, lab
 from tests.faults.scenarios import (
     Target,
+    cluster_failover,
     failed_suspend,
     load,
     oom,
@@ -28,7 +30,7 @@ from tests.faults.scenarios import (
     sigkill_store,
     zombies,
 )
-from tests.redis_servers import RedisFactory, RedisServer
+from tests.redis_servers import RedisFactory, RedisServer, require_redis_server
 
 pytestmark = pytest.mark.faults
 
@@ -43,6 +45,8 @@ OUTAGE_RUNS = 2 * SOAK
 LOAD_SESSIONS = 200
 # The scenarios of the fixed defects (restart without data, failed suspend, OOM).
 FOLLOW_UP_RUNS = 3 * SOAK
+FAILOVER_RUNS = 3 * SOAK
+FAILOVER_SESSIONS = 10
 LOAD_SECONDS = 20.0 * SOAK
 
 
@@ -126,3 +130,20 @@ async def test_out_of_memory_redis_is_unavailable_not_corrupt_and_saving_resumes
     make_redis: RedisFactory, figures: Figures
 ) -> None:
     figures.add(await oom(make_redis("--maxmemory-policy", "noeviction"), runs=FOLLOW_UP_RUNS))
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("wait_replicas", [0, 1])
+async def test_cluster_failover_loses_nothing_acknowledged_with_wait_replicas(
+    wait_replicas: int, tmp_path: Path, figures: Figures
+) -> None:
+    require_redis_server()
+    pair = FailoverPair(tmp_path / "cluster").start()
+    try:
+        figures.add(
+            await cluster_failover(
+                pair, wait_replicas=wait_replicas, sessions=FAILOVER_SESSIONS, runs=FAILOVER_RUNS
+            )
+        )
+    finally:
+        pair.stop()

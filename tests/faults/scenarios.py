@@ -7,6 +7,7 @@ A scenario takes a `Lab` (forked workers), a `Target` (which store) and its run 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -24,9 +25,10 @@ from livekit_resume import ResumableSession, ResumeError, StoreUnavailable, open
 from livekit_resume._demo import WatchedStore
 from livekit_resume.snapshot.chat import ctx_from_data
 from livekit_resume.snapshot.codec import Codec
-from livekit_resume.stores.base import Commit, Store, Stored
+from livekit_resume.stores.base import Commit, SessionInfo, Store, Stored
 from livekit_resume.stores.redis import RedisStore
 from tests import _child_agent as agent_kit
+from tests.faults.cluster import FailoverPair
 from tests.faults.figures import Row
 from tests.faults.forkserver import Lab
 from tests.faults.workers import STREAM, digest_items, turn_text
@@ -36,6 +38,7 @@ from tests.redis_servers import RedisServer
 __all__ = [
     "ProbeStore",
     "Target",
+    "cluster_failover",
     "failed_suspend",
     "load",
     "oom",
@@ -61,6 +64,9 @@ MEMORY_BOUND = 4 * 1024 * 1024
 # RSS growth allowed for the load scenario's sessions over its run: their histories are a
 # few MiB; a leak per commit or per turn (thousands of each) would pass this.
 LOAD_MEMORY_BOUND = 256 * 1024 * 1024
+# Reads of the new primary right after a failover: the client may meet a closed
+# connection of the dead one before it refreshes its slot map.
+FAILOVER_READ_ATTEMPTS = 5
 
 
 @dataclass
@@ -323,10 +329,15 @@ class ProbeStore(WatchedStore):
         self.latencies: list[float] = []
         self.by_key: dict[str, list[int]] = {}
         self.last_error: Exception | None = None
+        self.inflight = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
         self._failed = asyncio.Event()
 
     async def commit(self, commit: Commit) -> int:
+        await self.gate.wait()  # closed: commits wait here, before reaching the store
         start = time.perf_counter()
+        self.inflight += 1
         try:
             version = await super().commit(commit)
         except Exception as e:
@@ -334,6 +345,9 @@ class ProbeStore(WatchedStore):
             self.last_error = e
             self._failed.set()
             raise
+        finally:
+            self.inflight -= 1
+            self._changed.set()
         self.latencies.append(time.perf_counter() - start)
         self.by_key.setdefault(commit.key, []).append(version)
         return version
@@ -675,4 +689,105 @@ async def oom(server: RedisServer, *, runs: int) -> Row:
             await session.aclose()
         finally:
             await store.aclose()
+    return row
+
+
+async def _read_info(store: Store, key: str) -> SessionInfo | None:
+    """``store.info(key)`` right after a failover, while the client finds the new primary:
+    a few attempts, each with the store's own retries and backoff."""
+    for _ in range(FAILOVER_READ_ATTEMPTS - 1):
+        with contextlib.suppress(StoreUnavailable):
+            return await store.info(key)
+    return await store.info(key)
+
+
+async def _until_commits(store: ProbeStore, keys: list[str], n: int) -> None:
+    """Wait until every key has at least ``n`` acknowledged commits, and none is in flight."""
+
+    async def wait() -> None:
+        while store.inflight or any(len(store.by_key.get(k, [])) < n for k in keys):
+            store._changed.clear()
+            await store._changed.wait()
+
+    await asyncio.wait_for(wait(), OUTAGE_DEADLINE)
+
+
+async def cluster_failover(
+    pair: FailoverPair, *, wait_replicas: int, sessions: int, runs: int
+) -> Row:
+    """Sessions checkpoint continuously on a one-shard Redis Cluster; its primary is
+    SIGKILLed and its replica takes over (`CLUSTER FAILOVER TAKEOVER`).
+
+    Measured: acknowledged versions the new primary does not hold (asynchronous
+    replication's loss). Asserted: with ``wait_replicas`` nothing acknowledged is lost;
+    with or without it, every session's autosave goes on after the failover and the
+    store ends up holding each live history whole.
+    """
+    mode = f"wait_replicas={wait_replicas}" if wait_replicas else "async replication"
+    row = Row(f"Cluster failover (primary SIGKILLed, replica takes over), {mode}", "cluster")
+    store = ProbeStore(
+        RedisStore.from_url(
+            pair.url,
+            namespace=f"c{uuid.uuid4().hex[:8]}",
+            wait_replicas=wait_replicas,
+            socket_timeout=1.0,
+            # redis-py replaces the URL's seed nodes by the nodes it discovers: after one
+            # failover it forgets the old primary that rejoined as a replica, and a second
+            # failover leaves it without a reachable node. Keep the seeds.
+            dynamic_startup_nodes=False,
+        )
+    )
+    live: list[tuple[str, Any, ResumableSession]] = []
+    talkers: list[asyncio.Future[None]] = []
+    stop = asyncio.Event()
+
+    async def talk(session: Any) -> None:
+        n = 0
+        while not stop.is_set():
+            await _turn(session, store, f"turn {n}")
+            n += 1
+
+    try:
+        for i in range(sessions):
+            session, rs = await _fresh_session(store, f"failover-{i}", plain=True)
+            live.append((f"failover-{i}", session, rs))
+        keys = [k for k, _, _ in live]
+        talkers = [asyncio.ensure_future(talk(s)) for _, s, _ in live]
+        for r in range(runs):
+            done = len(min(store.by_key.values(), key=len, default=[]))
+            await _until_commits(store, keys, done + 3)
+            if r:
+                pair = await asyncio.to_thread(pair.swap)
+            store.gate.clear()  # what the new primary holds is read before anyone writes again
+            await asyncio.to_thread(pair.fail_over)
+            row.runs += 1
+            row.faults += 1
+            back = time.monotonic()
+            await _until_commits(store, keys, 0)  # the commits caught by the kill resolve
+            for key in keys:
+                acked = store.by_key.get(key, [0])[-1]
+                info = await _read_info(store.inner, key)
+                row.lost += max(0, acked - (info.version if info else 0))
+            store.gate.set()
+            done = len(min(store.by_key.values(), key=len, default=[]))
+            await _until_commits(store, keys, done + 2)
+            row.recover.append(time.monotonic() - back)
+        stop.set()
+        await asyncio.gather(*talkers)
+        for key, session, rs in live:
+            await _settled(store, rs, session)
+            await assert_stored_whole(store, key, session)
+        row.acked = sum(len(v) for v in store.by_key.values())
+        if wait_replicas:
+            assert row.lost == 0, f"{row.lost} acknowledged versions lost despite WAIT"
+    finally:
+        store.gate.set()
+        for t in talkers:
+            t.cancel()
+        await asyncio.gather(*talkers, return_exceptions=True)
+        for _key, session, rs in live:
+            await rs.aclose()
+            await session.aclose()
+        await store.aclose()
+    row.notes = f"{sessions} sessions checkpointing continuously"
     return row
