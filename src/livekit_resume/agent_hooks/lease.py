@@ -1,0 +1,102 @@
+"""`LeaseHolder`: one worker's hold on a session key, kept, renewed and given up.
+
+The holder tells a lease *taken* by another worker (`LeaseLost`: stop writing) from a
+session that *vanished* from the store under it (restarted without its data, deleted,
+expired): nobody holds that one, so it is acquired again under a new epoch and the
+session is written whole (`reacquire`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter
+
+from ..errors import LeaseLost, SessionBusy
+from ..stores.base import Lease, Store
+
+__all__ = ["LeaseHolder"]
+
+log = logging.getLogger("livekit_resume")
+
+REACQUIRED = Counter(
+    "livekit_resume_sessions_reacquired",
+    "Sessions that vanished from the store under their holder and were written anew",
+)
+RELEASE_FAILURES = Counter(
+    "livekit_resume_lease_release_failures", "Lease releases that failed (the lease expires)"
+)
+
+
+class LeaseHolder:
+    """Holds the lease of ``key`` for ``owner``, ``ttl`` seconds at a time."""
+
+    def __init__(self, store: Store, key: str, owner: str, ttl: float) -> None:
+        self._store = store
+        self.key = key
+        self.owner = owner
+        self.ttl = ttl
+        self.lease: Lease | None = None
+        self.vanished = False  # the session is gone from the store: acquire it again
+
+    @property
+    def epoch(self) -> int:
+        return self.lease.epoch if self.lease is not None else 0
+
+    async def acquire(self, *, takeover: bool) -> Lease:
+        self.lease = await self._store.acquire(
+            self.key, self.owner, ttl=self.ttl, takeover=takeover
+        )
+        self.vanished = False
+        return self.lease
+
+    async def renew(self) -> bool:
+        """Extend the lease. Returns False when the session vanished (nobody took it:
+        the next checkpoint acquires it again); raises `LeaseLost` when it was taken."""
+        if self.lease is None or self.vanished:
+            return not self.vanished
+        try:
+            self.lease = await self._store.renew(self.lease, ttl=self.ttl)
+        except LeaseLost as e:
+            if not e.vanished:
+                raise
+            self.vanished = True
+            return False
+        return True
+
+    async def reacquire(self, version: int) -> None:
+        """The session vanished while held (last committed as ``version``): take it again
+        under a new epoch. Whoever got there first keeps it, and this holder is fenced."""
+        REACQUIRED.inc()
+        log.warning(
+            "session %r vanished from the store while held (version %d); acquired again "
+            "to write the whole conversation anew",
+            self.key,
+            version,
+            extra={"key": self.key, "version": version},
+        )
+        try:
+            await self.acquire(takeover=False)
+        except SessionBusy as e:
+            raise LeaseLost(
+                f"session {self.key!r} vanished from the store and {e.holder!r} acquired it "
+                "before this worker could: this one must stop writing"
+            ) from e
+
+    async def release(self) -> None:
+        """Give the lease up; a failure is logged and counted (the lease then expires)."""
+        lease, self.lease = self.lease, None
+        if lease is None:
+            return
+        try:
+            await self._store.release(lease)
+        except Exception as e:
+            RELEASE_FAILURES.inc()
+            log.warning(
+                "session %r: lease release failed (%s); it will expire", self.key, e,
+                extra={"key": self.key},
+            )
+
+    def drop(self) -> None:
+        """Forget the lease without releasing it: it was lost to another worker."""
+        self.lease = None

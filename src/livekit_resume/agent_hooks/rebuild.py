@@ -1,0 +1,88 @@
+"""A snapshot rebuilt into a live `AgentSession`, through LiveKit's public API.
+
+LiveKit 1.8.9 has no public way to pre-load a session: the saved history goes into
+``session.history`` before ``start()`` (in saved order: timestamps are kept exactly),
+and the current agent gets its saved instructions and context through
+``update_instructions`` and ``update_chat_ctx(..., exclude_invalid_function_calls=False)``
+(``Agent(chat_ctx=...)`` would filter it). Tool calls without an answer are answered
+"interrupted" so that every provider accepts the context. Everything that can fail runs
+before the session is touched: a refused restore leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from livekit.agents import Agent, AgentSession, llm
+from pydantic import TypeAdapter, ValidationError
+
+from ..errors import IncompatibleSnapshot
+from ..snapshot.chat import ctx_from_data, repair_tool_calls
+from ..snapshot.model import Snapshot
+from .capture import instructions_from
+from .registry import AgentRegistry
+
+__all__ = ["Rebuilt", "rebuild"]
+
+log = logging.getLogger("livekit_resume")
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuilt:
+    """The agent to start, and the items now in the session (what the store holds)."""
+
+    agent: Agent
+    history: list[llm.ChatItem]
+    agent_items: list[llm.ChatItem] | None
+
+
+async def rebuild(
+    session: AgentSession[Any],
+    snap: Snapshot,
+    *,
+    default: Callable[[], Agent],
+    registry: AgentRegistry,
+    userdata: TypeAdapter[Any] | None,
+    userdata_type: Any = None,
+) -> Rebuilt:
+    """Fill ``session`` from ``snap`` and build its current agent; call before start."""
+    history = ctx_from_data(snap.history).items
+    value: Any = None
+    if userdata is not None and snap.userdata is not None:
+        try:
+            value = userdata.validate_python(snap.userdata)
+        except ValidationError as e:
+            raise IncompatibleSnapshot(
+                f"session {snap.key!r} version {snap.version}: saved userdata no longer "
+                f"validates against {userdata_type!r}: {e}"
+            ) from None
+    frame = snap.agent
+    agent = default() if frame is None else registry.build(frame.agent_id, frame.state)
+    saved = ctx_from_data(frame.chat_ctx) if frame is not None else None
+
+    if session.history.items:
+        session.history.insert(history)
+    else:
+        # kept in saved order, which is exact even where created_at is not sorted
+        session.history.items.extend(history)
+    if value is not None:
+        session.userdata = value
+    if frame is None or saved is None:
+        return Rebuilt(agent, history, None)
+    if frame.instructions is not None:
+        await agent.update_instructions(instructions_from(frame.instructions))  # type: ignore[arg-type]  # LiveKit accepts Instructions too
+    repaired = saved.copy()
+    repair_tool_calls(repaired, pending=snap.tool_calls)
+    await agent.update_chat_ctx(repaired, exclude_invalid_function_calls=False)
+    if frame.task:
+        log.warning(
+            "session %r was inside task %s when saved; restored %s without it",
+            snap.key,
+            frame.task,
+            frame.agent_id,
+            extra={"key": snap.key},
+        )
+    return Rebuilt(agent, history, saved.items)

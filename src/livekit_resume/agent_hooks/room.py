@@ -1,0 +1,102 @@
+"""`Announcer`: what the room and the other workers learn about a session.
+
+The room's clients read the state in the agent's participant attributes
+(`ATTR_STATE`, `ATTR_VERSION`; the ``lk.`` prefix belongs to LiveKit). Other workers
+hear state changes on the store's event channel, where the store has one
+(`EventPublisher`). The job context, when there is one, names the room, the job and the
+worker in every snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from livekit import rtc
+from livekit.agents import AgentSession, get_job_context
+from prometheus_client import Counter
+from pydantic_core import to_jsonable_python
+
+from ..snapshot.model import SessionMeta, Writer
+from ..stores.base import Store
+from .silence import current_agent
+
+__all__ = ["ATTR_STATE", "ATTR_VERSION", "Announcer"]
+
+log = logging.getLogger("livekit_resume")
+
+ATTR_STATE = "resume.state"
+ATTR_VERSION = "resume.version"
+
+ANNOUNCE_FAILURES = Counter(
+    "livekit_resume_announce_failures",
+    "State changes that could not be published to the room or the store",
+    ["where"],
+)
+
+
+class Announcer:
+    """Publishes one session's state; describes the job it runs in."""
+
+    def __init__(self, store: Store, key: str, owner: str, room: rtc.Room | None) -> None:
+        self._store = store
+        self._key = key
+        self._owner = owner
+        self._room = room
+
+    def room(self) -> rtc.Room | None:
+        """The room given to us, else the running job's (None outside a job)."""
+        if self._room is not None:
+            return self._room
+        ctx = get_job_context(required=False)
+        return ctx.room if ctx else None
+
+    async def publish_attributes(self, state: str, version: int) -> None:
+        room = self.room()
+        if room is None or not room.isconnected():
+            return
+        try:
+            await room.local_participant.set_attributes(
+                {ATTR_STATE: state, ATTR_VERSION: str(version)}
+            )
+        except Exception as e:
+            ANNOUNCE_FAILURES.labels(where="room").inc()
+            log.warning("could not publish resume state to the room: %s", e)
+
+    async def announce(self, event: str, version: int) -> None:
+        """Tell other workers, on the store's event channel where it has one."""
+        publish = getattr(self._store, "publish", None)
+        if publish is None:
+            return
+        try:
+            await publish(self._key, event, version=version, owner=self._owner)
+        except Exception as e:
+            ANNOUNCE_FAILURES.labels(where="store").inc()
+            log.warning("could not publish %s event of session %r: %s", event, self._key, e)
+
+    @staticmethod
+    def writer() -> Writer:
+        ctx = get_job_context(required=False)
+        return Writer(
+            worker_id=getattr(ctx, "worker_id", None) if ctx else None,
+            job_id=ctx.job.id if ctx else None,
+        )
+
+    def meta(self, session: AgentSession[Any], turns: int, extra: dict[str, Any]) -> SessionMeta:
+        ctx = get_job_context(required=False)
+        room = self.room()
+        identity = next(iter(room.remote_participants), None) if room is not None else None
+        agent = current_agent(session)
+        try:
+            usage = to_jsonable_python(session.usage, fallback=str)
+        except Exception:
+            usage = {}  # usage is a nicety: never fail a checkpoint over it
+        return SessionMeta(
+            room=room.name if room is not None else None,
+            participant_identity=identity,
+            job_id=ctx.job.id if ctx else None,
+            agent_name=agent.id if agent is not None else None,
+            turn_count=turns,
+            usage=usage if isinstance(usage, dict) else {"value": usage},
+            extra=extra,
+        )

@@ -1,0 +1,74 @@
+"""`Silencer`: the mechanics of a soft pause on a live `AgentSession`.
+
+LiveKit 1.8.9 has no pause. Its audio flags alone are not one: disabling input only
+detaches it, and with output disabled the LLM still runs and its reply is added to the
+history as text. So a pause turns input off, shadows the current agent's ``llm_node``
+(no reply, by voice or by text), cuts the reply being spoken and waits until LiveKit has
+recorded what was heard, and only then turns output off: detaching the output first
+would record the reply as fully spoken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from livekit.agents import Agent, AgentSession
+
+__all__ = ["INTERRUPT_TIMEOUT", "Silencer", "current_agent"]
+
+log = logging.getLogger("livekit_resume")
+
+# Cutting speech takes a few audio frames; a stuck output must not hang pause or suspend.
+INTERRUPT_TIMEOUT = 3.0
+
+
+def current_agent(session: AgentSession[Any]) -> Agent | None:
+    """The session's current agent, or None before it started."""
+    try:
+        return session.current_agent
+    except RuntimeError:
+        return None
+
+
+async def _silent_llm_node(*_args: Any, **_kwargs: Any) -> None:
+    """Stands in for an agent's llm_node while paused: no reply is generated."""
+    return None
+
+
+class Silencer:
+    """Turns one session's audio and replies off and on again."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+        self._paused_agent: Agent | None = None
+
+    async def silence(self, session: AgentSession[Any]) -> None:
+        session.input.set_audio_enabled(False)
+        agent = current_agent(session)
+        if agent is not None:
+            # an instance attribute shadows the class's node: text and voice get no reply
+            agent.llm_node = _silent_llm_node  # type: ignore[method-assign]
+            self._paused_agent = agent
+        try:
+            done: asyncio.Future[None] | None = session.interrupt(force=True)
+        except RuntimeError:
+            done = None  # not started: nothing is speaking
+        if done is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(done), INTERRUPT_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "session %r: speech did not stop within %.0fs of pause",
+                    self._key,
+                    INTERRUPT_TIMEOUT,
+                )
+        session.output.set_audio_enabled(False)
+
+    def unsilence(self, session: AgentSession[Any]) -> None:
+        if self._paused_agent is not None:
+            self._paused_agent.__dict__.pop("llm_node", None)
+            self._paused_agent = None
+        session.input.set_audio_enabled(True)
+        session.output.set_audio_enabled(True)

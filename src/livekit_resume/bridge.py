@@ -1,0 +1,153 @@
+"""The bridge between a `Snapshot` and what a `Store` holds: the one place that knows
+how a snapshot becomes a `Commit` and how a `Stored` version becomes a snapshot again.
+
+A snapshot is stored as a small **head** (the snapshot without its chat items, framed
+by the codec, with each stream's item count) and two **streams** of item frames,
+``history`` and ``agent``. A checkpoint writes only what changed (`delta_commit`); an
+import, a repair or a session written anew clears both streams and writes every item
+(`whole_commit`). An agent item equal to its history twin is stored once, as a
+reference (`is_twin`); such a reference must be written whole again when its twin
+leaves the history (`dangling_refs`). Restore reads it all back (`from_stored`), or
+what is intact of it (`salvage_stored`).
+
+`snapshot` knows nothing of stores and `stores` nothing of snapshots: only this module
+sees both (and `agent_hooks`, which uses it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .errors import SnapshotCorrupt, SnapshotNotFound
+from .snapshot.codec import AGENT, HISTORY, Codec
+from .snapshot.model import Snapshot
+from .snapshot.salvage import Damage, salvage_parts
+from .stores.base import Commit, Record, Store, Stored, records_from_streams
+
+__all__ = [
+    "dangling_refs",
+    "delta_commit",
+    "from_stored",
+    "is_twin",
+    "listing_info",
+    "older_heads",
+    "salvage_stored",
+    "whole_commit",
+]
+
+
+def listing_info(
+    snap: Snapshot, *, items: int, owner: str | None, source: str | None = None
+) -> dict[str, str | int | float | bool | None]:
+    """The small, unsigned dict a version carries for listings (`ls`, `history`)."""
+    info: dict[str, str | int | float | bool | None] = {
+        "state": snap.state,
+        "reason": snap.reason,
+        "agent": snap.agent.agent_id if snap.agent else None,
+        "items": items,
+        "owner": owner,
+    }
+    if source is not None:
+        info["source"] = source
+    return info
+
+
+def is_twin(history_digests: Mapping[str, bytes] | None, item_id: str, digest: bytes) -> bool:
+    """Whether an agent item equals its history twin, and is stored as a reference."""
+    return history_digests is not None and history_digests.get(item_id) == digest
+
+
+def dangling_refs(history_records: Sequence[Record]) -> frozenset[str]:
+    """Ids removed from the history by these records: an agent item stored as a
+    reference to one of them must be written whole, or it would dangle."""
+    return frozenset(r.id for r in history_records if r.data is None and r.id)
+
+
+def delta_commit(
+    codec: Codec,
+    snap: Snapshot,
+    records: Sequence[Record],
+    counts: Mapping[str, int],
+    *,
+    base_version: int,
+    owner: str | None,
+    commit_id: str = "",
+) -> Commit:
+    """The commit of one checkpoint: the head (without items, with each stream's count)
+    and the item records that turn version ``base_version`` into this snapshot."""
+    return Commit(
+        key=snap.key,
+        epoch=snap.epoch,
+        base_version=base_version,
+        head=codec.encode_head(snap, counts=counts),
+        records=list(records),
+        size=sum(counts.values()),
+        info=listing_info(snap, items=counts.get(HISTORY, 0), owner=owner),
+        commit_id=commit_id,
+    )
+
+
+def whole_commit(
+    codec: Codec,
+    snap: Snapshot,
+    *,
+    base_version: int,
+    owner: str | None,
+    source: str | None = None,
+    commit_id: str = "",
+) -> Commit:
+    """A commit that makes the store hold exactly ``snap`` as its next version.
+
+    Both streams are cleared, then every item is appended in order, each after its
+    predecessor; agent items are written whole (no references), which is always valid.
+    """
+    key = snap.key
+    agent_items = snap.agent.chat_ctx if snap.agent is not None else []
+    streams = {
+        HISTORY: [(i["id"], codec.encode_item(key, HISTORY, i)) for i in snap.history],
+        AGENT: [(i["id"], codec.encode_item(key, AGENT, i)) for i in agent_items],
+    }
+    records = [Record(HISTORY, "", None), Record(AGENT, "", None)]
+    records += records_from_streams(streams)
+    head_snap = snap.model_copy(update={"version": 0})
+    return Commit(
+        key=key,
+        epoch=snap.epoch,
+        base_version=base_version,
+        head=codec.encode_head(head_snap),
+        records=records,
+        size=len(snap.history) + len(agent_items),
+        info=listing_info(snap, items=len(snap.history), owner=owner, source=source),
+        commit_id=commit_id,
+    )
+
+
+def from_stored(codec: Codec, stored: Stored) -> Snapshot:
+    """Decode a stored version whole; `SnapshotCorrupt` if any byte of it is damaged."""
+    return codec.decode_parts(stored.key, stored.head, stored.streams, version=stored.version)
+
+
+async def older_heads(store: Store, key: str, below: int) -> list[tuple[int, bytes]]:
+    """Heads of the retained versions before ``below``, newest first, for salvage."""
+    heads = []
+    for info in reversed(await store.versions(key)):
+        if info.version >= below:
+            continue
+        try:
+            heads.append((info.version, (await store.load(key, info.version)).head))
+        except (SnapshotCorrupt, SnapshotNotFound):
+            continue  # its log is damaged too, or it expired meanwhile
+    return heads
+
+
+async def salvage_stored(
+    store: Store, codec: Codec, stored: Stored
+) -> tuple[Snapshot, list[Damage]]:
+    """What is intact of a damaged version, and what was lost. A head that does not
+    decode is taken from the newest older version whose head does."""
+    args = (codec, stored.key, stored.head, stored.streams)
+    try:
+        return salvage_parts(*args, version=stored.version)
+    except SnapshotCorrupt:
+        fallback = await older_heads(store, stored.key, stored.version)
+        return salvage_parts(*args, version=stored.version, fallback_heads=fallback)
