@@ -24,8 +24,8 @@ a real cluster). The namespace index is a key of its own (another slot on a Clus
 so it is written by separate commands, never inside a session script; see
 `RedisStore.keys` for how it stays a superset of the live sessions.
 
-Scripts (each file runs behind ``session.lua``, the shared prelude, except ``index``
-and ``publish``):
+Scripts (each file runs behind ``clock.lua`` and ``session.lua``, the shared preludes;
+``index`` behind ``clock.lua`` only, ``publish`` alone):
 ``acquire``, ``renew``, ``release``, ``commit``, ``compact``, ``load``, ``versions``,
 ``info``, ``delete``, ``index`` and ``publish``. redis-py's ``register_script`` calls
 them by SHA and reloads them on NOSCRIPT. Times come from the server's ``TIME`` inside
@@ -192,8 +192,8 @@ _SESSION_SCRIPTS = (
     "delete",
 )
 
-# Scripts that do not run behind the session prelude.
-_STANDALONE_SCRIPTS = ("index", "publish")
+# Scripts that do not run behind the session prelude, and the preludes they run behind.
+_STANDALONE_SCRIPTS = {"index": ("clock",), "publish": ()}
 
 _Client = Redis | RedisCluster
 
@@ -204,10 +204,10 @@ def _lua(name: str) -> str:
 
 
 def _script_source(name: str) -> str:
-    """Session scripts run behind the shared prelude; the index script stands alone."""
-    if name in _STANDALONE_SCRIPTS:
-        return _lua(name)
-    return _lua("session") + "\n" + _lua(name)
+    """Session scripts run behind the clock and session preludes; the index script
+    behind the clock only, publish alone."""
+    preludes = _STANDALONE_SCRIPTS.get(name, ("clock", "session"))
+    return "\n".join(_lua(part) for part in (*preludes, name))
 
 
 def _tag(key: str) -> str:

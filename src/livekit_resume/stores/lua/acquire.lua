@@ -10,11 +10,7 @@
 --        head} | {'corrupt', message}. Nothing is written unless the reply is 'ok'.
 local function main()
   local owner = ARGV[4]
-  local s = read_head()
-  if s and s.expired then
-    delete_all(s)
-    s = nil
-  end
+  local s = live_head(true)
   local created = 0
   if s == nil then
     local remain = first_remain()

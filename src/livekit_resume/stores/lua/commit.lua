@@ -7,11 +7,7 @@
 local function main()
   local epoch = tonumber(ARGV[4])
   local base = tonumber(ARGV[5])
-  local s = read_head()
-  if s and s.expired then
-    delete_all(s)
-    s = nil
-  end
+  local s = live_head(true)
   if s == nil then return {'lost', ''} end
   if s.epoch ~= epoch or epoch == 0 then return {'lost', fmt(s.epoch)} end
   if base ~= s.version then

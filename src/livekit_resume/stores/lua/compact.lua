@@ -6,8 +6,8 @@
 -- Reply: {'ok', gen, log_len} | {'skip'} | {'corrupt', message}
 local function main()
   local version = tonumber(ARGV[4])
-  local s = read_head()
-  if s == nil or s.expired or s.version ~= version or s.gen ~= tonumber(ARGV[5]) then
+  local s = live_head(false)
+  if s == nil or s.version ~= version or s.gen ~= tonumber(ARGV[5]) then
     return {'skip'}
   end
   local vk = vkey(version)

@@ -20,15 +20,15 @@ local function main()
     if remains() > 0 then return {'ok', 1} end
     return {'ok', 0}
   end
-  local ok, s = pcall(read_head)
+  local ok, s, expired = pcall(live_head, true)
   if not ok then
     redis.call('DEL', HEAD)
     remains()
     return {'ok', 1}
   end
-  delete_all(s)
+  if s then delete_all(s) end
   local gone = remains()
-  if s.expired and gone == 0 then return {'ok', 0} end
+  if expired and gone == 0 then return {'ok', 0} end
   return {'ok', 1}
 end
 

@@ -3,24 +3,18 @@
 -- script). Member: the session key; score: when it was last recorded, or +inf for a
 -- store without TTL (never collected). A live session is re-recorded at least every
 -- quarter TTL, so a member older than ARGV[2] (two TTLs) is dead and removed.
--- ARGV[1] now ('' = server TIME), [2] horizon seconds ('' = no collection),
+-- Runs behind clock.lua (NOW), not behind the session prelude.
+-- ARGV[1] now (see clock.lua), [2] horizon seconds ('' = no collection),
 -- [3] session key, [4] '1' = score +inf.
 -- Reply: {score, 1 if the key was listed before this call else 0}.
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local score = string.format('%.17g', now)
+local score = fmt(NOW)
 if ARGV[4] == '1' then score = '+inf' end
 local current = redis.call('ZSCORE', KEYS[1], ARGV[3])
 if not current or (current ~= 'inf' and tonumber(current) < tonumber(score)) then
   redis.call('ZADD', KEYS[1], score, ARGV[3])
 end
 if ARGV[2] ~= '' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.17g', now - tonumber(ARGV[2])))
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. fmt(NOW - tonumber(ARGV[2])))
 end
 if current then return {score, 1} end
 return {score, 0}

@@ -2,8 +2,8 @@
 -- Reply: {'ok', version, epoch, touched, info or '', {owner, expires} or {}} |
 --        {'absent'} | {'corrupt', message}
 local function main()
-  local s = read_head()
-  if s == nil or s.expired then return {'absent'} end
+  local s = live_head(false)
+  if s == nil then return {'absent'} end
   local info = ''
   if s.version >= s.oldest then
     local vk = vkey(s.version)

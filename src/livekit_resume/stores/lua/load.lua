@@ -4,9 +4,9 @@
 --        {'absent', '1' if there is no head at all, a key left without head or ''} |
 --        {'missing', oldest, latest} | {'corrupt', message}
 local function main()
-  local s = read_head()
-  if s == nil then return {'absent', '1', first_remain() or ''} end
-  if s.expired or s.version < s.oldest then return {'absent', '0', ''} end
+  local s, expired = live_head(false)
+  if s == nil and not expired then return {'absent', '1', first_remain() or ''} end
+  if s == nil or s.version < s.oldest then return {'absent', '0', ''} end
   local n = s.version
   if ARGV[4] ~= '' then
     n = tonumber(ARGV[4])

@@ -2,11 +2,7 @@
 -- ARGV[4] owner, [5] epoch, [6] lease ttl seconds.
 -- Reply: {'ok', expires} | {'lost', current epoch or ''} | {'corrupt', message}
 local function main()
-  local s = read_head()
-  if s and s.expired then
-    delete_all(s)
-    s = nil
-  end
+  local s = live_head(true)
   if s == nil then return {'lost', ''} end
   if s.epoch ~= tonumber(ARGV[5]) or s.owner ~= ARGV[4] then return {'lost', fmt(s.epoch)} end
   local expires = NOW + tonumber(ARGV[6])

@@ -1,4 +1,5 @@
--- Prelude of every session script (Redis has no include: the store prepends it).
+-- Prelude of every session script, after clock.lua (Redis has no include: the store
+-- prepends both).
 --
 -- KEYS[1] is the session's head key, "<ns>:{<key>}:head". Every other key of the
 -- session shares its prefix, hence its hash tag and its Cluster slot, so scripts derive
@@ -6,15 +7,14 @@
 -- generation "<prefix>log:<gen>". Redis Cluster accepts undeclared keys of the
 -- declared key's slot.
 --
--- Common arguments: ARGV[1] now in seconds ('' = the server's TIME, the default; a
--- value only when the store was given a clock for tests), ARGV[2] the session TTL in
--- seconds and ARGV[3] in milliseconds ('' = sessions never expire).
+-- Common arguments: ARGV[1] now (see clock.lua), ARGV[2] the session TTL in seconds and
+-- ARGV[3] in milliseconds ('' = sessions never expire).
 --
 -- Head hash fields: epoch (fencing counter, survives release), owner and expires (the
 -- lease; absent when free), touched (last acquire, renew or commit), version (latest,
 -- 0 = none), oldest (oldest retained version), gen (log generation commits append to),
--- gen_lo (oldest log generation that may still exist). Times are seconds as
--- "%.17g" strings, so a float survives the trip exactly.
+-- gen_lo (oldest log generation that may still exist). Times are seconds, written
+-- with fmt().
 --
 -- Nothing is written before every check has passed: a script that stops half-way
 -- leaves no half-written snapshot.
@@ -24,7 +24,6 @@ local PREFIX = string.sub(HEAD, 1, -5)
 
 local function vkey(n) return PREFIX .. 'v:' .. n end
 local function logkey(g) return PREFIX .. 'log:' .. g end
-local function fmt(x) return string.format('%.17g', x) end
 
 -- Foreign data at one of our key names is reported, never overwritten.
 local function corrupt(msg) error({lkresume_corrupt = msg}) end
@@ -43,13 +42,6 @@ local function expect_type(k, want)
   return t
 end
 
-local NOW
-if ARGV[1] ~= '' then
-  NOW = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
 local TTL = tonumber(ARGV[2])
 local TTL_MS = ARGV[3]
 
@@ -94,6 +86,19 @@ end
 
 local function delete_all(s)
   for _, k in ipairs(session_keys(s)) do redis.call('DEL', k) end
+end
+
+-- Where every script starts: the session's live head, or nil, and whether the head found
+-- had expired. An expired head counts as no session at all. Scripts that write pass
+-- purge = true, which deletes the expired session's keys first, so that what they write
+-- next starts afresh; read-only scripts leave them to PEXPIRE and write nothing.
+local function live_head(purge)
+  local s = read_head()
+  if s and s.expired then
+    if purge then delete_all(s) end
+    return nil, true
+  end
+  return s, false
 end
 
 -- Whole sessions expire together: every write moves the deadline of every key.

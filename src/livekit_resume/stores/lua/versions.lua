@@ -1,9 +1,9 @@
 -- versions: the retained versions, oldest first.
 -- Reply: {'ok', {{version, epoch, created, size, info}...}} | {'corrupt', message}
 local function main()
-  local s = read_head()
+  local s = live_head(false)
   local out = {}
-  if s == nil or s.expired then return {'ok', out} end
+  if s == nil then return {'ok', out} end
   for n = s.oldest, s.version do
     local vk = vkey(n)
     expect_type(vk, 'hash')
