@@ -1,7 +1,9 @@
-"""Shared fixtures. ``make_store`` feeds the conformance suite: one factory per backend.
+"""Shared fixtures, and ``STORE_FACTORIES``: how the tests make a store of each backend.
 
 Redis backends start real servers on free loopback ports (see ``redis_servers.py``);
-they skip with a reason only where no ``redis-server`` binary exists.
+they skip with a reason only where no ``redis-server`` binary exists. The conformance
+suite runs every backend of the registry through the public kit
+(`livekit_resume.testing.conformance`): see ``test_conformance.py``.
 """
 
 from __future__ import annotations
@@ -18,23 +20,43 @@ from livekit_resume.stores.base import Store
 pytest_plugins = ["tests.redis_servers"]
 
 StoreFactory = Callable[..., Awaitable[Store]]
+# (request, tmp_path, **options) -> a fresh, empty store of one backend
+StoreBuilder = Callable[..., Awaitable[Store]]
 
-STORE_KINDS = ["memory", "sqlite", "fakeredis", "redis", "redis_cluster"]
+
+async def _memory(request: pytest.FixtureRequest, tmp_path: Path, **opts: Any) -> Store:
+    from livekit_resume.stores.memory import MemoryStore
+
+    return MemoryStore(**opts)
 
 
-async def _build(kind: str, request: pytest.FixtureRequest, tmp_path: Path, **opts: Any) -> Store:
-    if kind == "memory":
-        from livekit_resume.stores.memory import MemoryStore
+async def _sqlite(request: pytest.FixtureRequest, tmp_path: Path, **opts: Any) -> Store:
+    from livekit_resume.stores.sqlite import SQLiteStore
 
-        return MemoryStore(**opts)
-    if kind == "sqlite":
-        from livekit_resume.stores.sqlite import SQLiteStore
+    return SQLiteStore(tmp_path / f"store-{uuid.uuid4().hex[:8]}.db", **opts)
 
-        return SQLiteStore(tmp_path / f"store-{uuid.uuid4().hex[:8]}.db", **opts)
-    # Redis flavours: each store gets its own namespace, so tests never see each other.
-    from tests.redis_servers import build_redis_store
 
-    return await build_redis_store(kind, request, namespace=f"t{uuid.uuid4().hex[:10]}", **opts)
+def _redis(kind: str) -> StoreBuilder:
+    async def build(request: pytest.FixtureRequest, tmp_path: Path, **opts: Any) -> Store:
+        # Each store gets its own namespace, so tests never see each other.
+        from tests.redis_servers import build_redis_store
+
+        store: Store = await build_redis_store(
+            kind, request, namespace=f"t{uuid.uuid4().hex[:10]}", **opts
+        )
+        return store
+
+    return build
+
+
+STORE_FACTORIES: dict[str, StoreBuilder] = {
+    "memory": _memory,
+    "sqlite": _sqlite,
+    "fakeredis": _redis("fakeredis"),
+    "redis": _redis("redis"),
+    "redis_cluster": _redis("redis_cluster"),
+}
+STORE_KINDS = list(STORE_FACTORIES)
 
 
 @pytest.fixture(params=STORE_KINDS)
@@ -43,7 +65,7 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     made: list[Store] = []
 
     async def factory(**opts: Any) -> Store:
-        store = await _build(request.param, request, tmp_path, **opts)
+        store = await STORE_FACTORIES[request.param](request, tmp_path, **opts)
         made.append(store)
         return store
 

@@ -1,0 +1,163 @@
+"""Conformance: leases and fencing epochs, idempotent retries, and the TTL rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from ...errors import LeaseLost, SessionBusy
+from ...stores.base import Commit, Lease, Record
+from ..poll import eventually
+from ._base import StoreTests
+from ._model import KEY, snapshot_of
+
+# Issue 13 defect 9, for every store: a session TTL is a finite number of seconds, and a
+# lease never outlives the session it guards.
+_BAD_SESSION_TTLS = [0, -1, 1e-9, float("nan"), float("inf")]
+
+
+class LeaseTests(StoreTests):
+    """Who may write a key, and what a refused writer leaves behind (nothing)."""
+
+    async def test_same_owner_reacquires_with_the_same_epoch(self) -> None:
+        store = await self.new_store()
+        first = await store.acquire(KEY, "worker-a", ttl=30)
+        again = await store.acquire(KEY, "worker-a", ttl=60)
+        forced = await store.acquire(KEY, "worker-a", ttl=60, takeover=True)
+        assert first.epoch == again.epoch == forced.epoch
+        assert again.expires_at > first.expires_at
+        info = await store.info(KEY)
+        assert info is not None and (info.owner, info.epoch) == ("worker-a", first.epoch)
+
+    async def test_live_lease_of_another_owner_is_busy(self) -> None:
+        store = await self.new_store()
+        lease = await store.acquire(KEY, "worker-a", ttl=60)
+        with pytest.raises(SessionBusy) as caught:
+            await store.acquire(KEY, "worker-b", ttl=60)
+        assert caught.value.holder == "worker-a"
+        info = await store.info(KEY)
+        assert info is not None and (info.owner, info.epoch) == ("worker-a", lease.epoch)
+
+    async def test_takeover_grants_a_new_epoch(self) -> None:
+        store = await self.new_store()
+        a = await store.acquire(KEY, "worker-a", ttl=60)
+        b = await store.acquire(KEY, "worker-b", ttl=60, takeover=True)
+        c = await store.acquire(KEY, "worker-c", ttl=60, takeover=True)
+        assert a.epoch < b.epoch < c.epoch
+        assert (b.owner, c.owner) == ("worker-b", "worker-c")
+        info = await store.info(KEY)
+        assert info is not None and (info.owner, info.epoch) == ("worker-c", c.epoch)
+
+    async def test_expired_lease_is_free_with_a_new_epoch(self) -> None:
+        store = await self.new_store()
+        short = await store.acquire(KEY, "worker-a", ttl=0.3)
+
+        async def lease_expired() -> bool:
+            info = await store.info(KEY)
+            assert info is not None
+            return info.owner is None and info.lease_expires_at is None
+
+        await eventually(lease_expired, "the 0.3 s lease has expired")
+        info = await store.info(KEY)
+        assert info is not None and info.epoch == short.epoch
+        fresh = await store.acquire(KEY, "worker-b", ttl=60)  # no takeover needed
+        assert fresh.epoch == short.epoch + 1
+
+    async def test_release_frees_the_lease_but_keeps_the_epoch_counter(self) -> None:
+        store = await self.new_store()
+        a = await store.acquire(KEY, "worker-a", ttl=60)
+        await store.release(a)
+        info = await store.info(KEY)
+        assert info is not None
+        assert (info.owner, info.lease_expires_at, info.epoch) == (None, None, a.epoch)
+        b = await store.acquire(KEY, "worker-b", ttl=60)  # free: no SessionBusy
+        assert b.epoch == a.epoch + 1
+        with pytest.raises(LeaseLost):
+            await store.commit(Commit(KEY, a.epoch, 0, b"h", [], 0))
+        await store.release(b)
+        again = await store.acquire(KEY, "worker-b", ttl=60)
+        assert again.epoch == b.epoch + 1
+
+    async def test_renew_extends_a_current_lease(self) -> None:
+        store = await self.new_store()
+        lease = await store.acquire(KEY, "worker-a", ttl=5)
+        renewed = await store.renew(lease, ttl=120)
+        assert (renewed.key, renewed.owner, renewed.epoch) == (KEY, "worker-a", lease.epoch)
+        assert renewed.expires_at > lease.expires_at + 60
+        info = await store.info(KEY)
+        assert info is not None and info.lease_expires_at == pytest.approx(
+            renewed.expires_at, abs=0.01
+        )
+
+    async def test_renew_of_a_stale_lease_is_lease_lost(self) -> None:
+        store = await self.new_store()
+        with pytest.raises(LeaseLost):
+            await store.renew(Lease(KEY, "worker-a", 1, 0.0))  # unknown key
+        a = await store.acquire(KEY, "worker-a", ttl=60)
+        with pytest.raises(LeaseLost):
+            await store.renew(Lease(KEY, "worker-x", a.epoch, a.expires_at))  # wrong owner
+        b = await store.acquire(KEY, "worker-b", ttl=60, takeover=True)
+        with pytest.raises(LeaseLost):
+            await store.renew(a)
+        await store.release(b)
+        with pytest.raises(LeaseLost):
+            await store.renew(b)  # released
+        info = await store.info(KEY)
+        assert info is not None and (info.owner, info.epoch) == (None, b.epoch)
+
+    async def test_a_retried_commit_with_the_same_id_gets_its_landed_version(self) -> None:
+        """Issue 13 defect 1: a commit whose reply was lost is sent again with the same id;
+        the store answers with the version it already wrote instead of refusing a moved head."""
+        store = await self.new_store()
+        lease = await store.acquire(KEY, "worker-a")
+        first = Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "m0", b"x")], 1, commit_id="c-1")
+        assert await store.commit(first) == 1
+        before = await snapshot_of(store)
+        assert await store.commit(first) == 1  # the ambiguous retry: same id, same base
+        assert await snapshot_of(store) == before  # written once
+        other = Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "m0", b"x")], 1, commit_id="c-2")
+        with pytest.raises(LeaseLost) as moved:
+            await store.commit(other)  # another id on the old base is still a moved head
+        assert not moved.value.vanished
+        nxt = Commit(
+            KEY, lease.epoch, 1, b"h2", [Record("h", "m1", b"y", "m0")], 2, commit_id="c-3"
+        )
+        assert await store.commit(nxt) == 2
+        with pytest.raises(LeaseLost):
+            await store.commit(first)  # an id two versions back is not a retry any more
+        assert (await store.load(KEY)).streams == {"h": [("m0", b"x"), ("m1", b"y")]}
+
+    async def test_lease_lost_says_whether_the_session_vanished_or_was_taken(self) -> None:
+        """Issue 13 defect 2: a holder must tell "my session is gone" from "someone took it"."""
+        store = await self.new_store()
+        a = await store.acquire(KEY, "worker-a")
+        assert await store.commit(Commit(KEY, a.epoch, 0, b"h", [Record("h", "x", b"x")], 1)) == 1
+        b = await store.acquire(KEY, "worker-b", takeover=True)
+        with pytest.raises(LeaseLost) as taken:
+            await store.commit(Commit(KEY, a.epoch, 1, b"h", [], 1))
+        assert not taken.value.vanished and taken.value.current_epoch == b.epoch
+        assert await store.delete(KEY)
+        with pytest.raises(LeaseLost) as gone:
+            await store.commit(Commit(KEY, b.epoch, 1, b"h", [], 1))
+        assert gone.value.vanished
+        with pytest.raises(LeaseLost) as gone_renew:
+            await store.renew(b)
+        assert gone_renew.value.vanished
+
+    _BAD_SESSION_TTLS = [0, -1, 1e-9, float("nan"), float("inf")]
+
+    @pytest.mark.parametrize("ttl", _BAD_SESSION_TTLS, ids=repr)
+    async def test_a_session_ttl_must_be_a_finite_positive_number(self, ttl: float) -> None:
+        with pytest.raises(ValueError, match="ttl") as refused:
+            await self.new_store(ttl=ttl)
+        assert repr(ttl) in str(refused.value)
+
+    async def test_a_lease_may_not_outlive_its_session(self) -> None:
+        store = await self.new_store(ttl=60)
+        with pytest.raises(ValueError, match=r"lease ttl 61\b.*session ttl 60"):
+            await store.acquire(KEY, "worker-a", ttl=61)
+        assert await store.keys() == []  # refused before anything was written
+        lease = await store.acquire(KEY, "worker-a", ttl=60)  # as long as the session: fine
+        with pytest.raises(ValueError, match=r"lease ttl 61\b.*session ttl 60"):
+            await store.renew(lease, ttl=61)
+        info = await store.info(KEY)
+        assert info is not None and (info.owner, info.epoch) == ("worker-a", lease.epoch)

@@ -1,0 +1,211 @@
+"""Conformance: how long sessions live, deletion, keys and listings."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from ...errors import LeaseLost, SnapshotNotFound
+from ...stores.base import MAX_KEY_BYTES, Commit, Lease, Record
+from ..poll import eventually
+from ._base import StoreTests
+from ._model import KEY, InfoDict, Writer, writer
+
+BAD_KEYS = ["", "a\x00b", "line\nbreak", "tab\there", "del\x7f", "x" * (MAX_KEY_BYTES + 1)]
+BAD_KEYS.append("\u00e9" * (MAX_KEY_BYTES // 2 + 1))  # few characters, too many bytes
+
+
+class LifetimeTests(StoreTests):
+    """TTLs, delete, keys, info and versions listings."""
+
+    async def test_session_expires_after_ttl_without_writes(self) -> None:
+        store = await self.new_store(ttl=0.5)
+        # Written in this order: when the last one has expired, so have the others. Each is
+        # then looked at through one method first, so every method must hide an expired key.
+        names = ["via-load", "via-versions", "via-delete", "via-keys", "via-info"]
+        for name in names:
+            w = await writer(store, name, ttl=0.5)
+            w.append("h", "m", b"x")
+            await w.commit()
+        assert await store.keys() == sorted(names)
+
+        async def gone() -> bool:
+            return await store.info("via-info") is None
+
+        await eventually(gone, "the session outlived its 0.5 s ttl")
+        with pytest.raises(SnapshotNotFound):
+            await store.load("via-load")
+        assert await store.versions("via-versions") == []
+        assert await store.delete("via-delete") is False
+        assert await store.keys() == []
+        # Its lease went with it: another worker starts afresh without a takeover.
+        lease = await store.acquire("via-info", "worker-b", ttl=0.5)
+        assert lease.owner == "worker-b"
+        with pytest.raises(SnapshotNotFound):
+            await store.load("via-info")
+
+    async def test_writes_keep_a_session_alive_past_its_ttl(self) -> None:
+        ttl = 1.0
+        store = await self.new_store(ttl=ttl)
+        w = await writer(store, ttl=ttl)
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5 * ttl:  # several ttls, a write every 0.3 ttl
+            w.append("h", f"m{w.version}", b"x")
+            await w.commit()
+            assert KEY in await store.keys()
+            await w.check(w.version)
+            await asyncio.sleep(0.3 * ttl)
+        info = await store.info(KEY)
+        assert info is not None and info.version == w.version
+        assert info.expires_at == pytest.approx(info.updated_at + ttl, abs=0.01)
+
+    async def test_delete_removes_every_trace(self) -> None:
+        store = await self.new_store()
+        w = await writer(store)
+        other = await writer(store, "room-other", "worker-o")
+        for n in range(3):
+            w.append("h", f"m{n}", b"x")
+            await w.commit()
+        other.append("h", "o", b"o")
+        await other.commit()
+
+        assert await store.delete(KEY) is True
+        with pytest.raises(SnapshotNotFound):
+            await store.load(KEY)
+        with pytest.raises(SnapshotNotFound):
+            await store.load(KEY, 1)
+        assert await store.keys() == ["room-other"]
+        assert await store.versions(KEY) == []
+        assert await store.info(KEY) is None
+        assert await store.delete(KEY) is False
+        await other.check(1)
+
+        # The lease went too: anyone acquires, and versions start over.
+        fresh = Writer(store, await store.acquire(KEY, "worker-b"))
+        fresh.append("h", "new", b"new")
+        assert await fresh.commit() == 1
+        await fresh.check(1)
+
+    async def test_a_worker_of_a_deleted_session_stays_fenced_when_it_is_created_again(
+        self,
+    ) -> None:
+        store = await self.new_store()
+        zombie = await writer(store, KEY, "worker-z")
+        zombie.append("h", "z1", b"z")
+        await zombie.commit()
+        assert await store.delete(KEY) is True  # an operator's rm, or the session's TTL
+        # epochs of a new life start from the clock in milliseconds; a real former life ended
+        # far longer ago than the one tick this waits for
+        await asyncio.sleep(0.01)
+        again = await writer(store, KEY, "worker-b")
+        assert again.lease.epoch > zombie.lease.epoch  # epochs are never handed out twice
+        # even with a base version that happens to match, the old epoch is refused
+        with pytest.raises(LeaseLost):
+            await store.commit(Commit(KEY, zombie.lease.epoch, 0, b"zombie", [], 0))
+        again.append("h", "b1", b"b")
+        assert await again.commit() == 1
+        await again.check(1)
+
+    async def test_many_keys_are_listed_sorted(self) -> None:
+        store = await self.new_store()
+        rng = random.Random(3)
+        alphabet = "abcXYZ019-_:./ \u00e9\u00df\u4e2d\u0416\U0001f600\U0001f30d~"
+        names = {
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(260)
+        }
+        names = set(sorted(names)[:200])
+        for name in rng.sample(sorted(names), len(names)):
+            lease = await store.acquire(name, "worker")
+            await store.commit(Commit(name, lease.epoch, 0, name.encode(), [], 0))
+        assert len(names) == 200
+        assert await store.keys() == sorted(names)
+
+    async def test_acquired_key_without_snapshot_is_listed_at_version_zero(self) -> None:
+        store = await self.new_store()
+        lease = await store.acquire(KEY, "worker-a")
+        assert await store.keys() == [KEY]
+        info = await store.info(KEY)
+        assert info is not None
+        assert (info.version, info.epoch, info.owner, info.info) == (0, lease.epoch, "worker-a", {})
+        assert await store.versions(KEY) == []
+        with pytest.raises(SnapshotNotFound):
+            await store.load(KEY)
+
+    BAD_KEYS = ["", "a\x00b", "line\nbreak", "tab\there", "del\x7f", "x" * (MAX_KEY_BYTES + 1)]
+    BAD_KEYS.append("\u00e9" * (MAX_KEY_BYTES // 2 + 1))  # few characters, too many bytes
+
+    @pytest.mark.parametrize("bad", BAD_KEYS, ids=lambda k: repr(k[:12]) + f"[{len(k)}]")
+    async def test_invalid_keys_are_rejected_by_every_method(self, bad: str) -> None:
+        store = await self.new_store()
+        lease = Lease(bad, "worker-a", 1, time.time() + 60)
+        calls: list[Callable[[], Awaitable[object]]] = [
+            lambda: store.acquire(bad, "worker-a"),
+            lambda: store.renew(lease),
+            lambda: store.release(lease),
+            lambda: store.commit(Commit(bad, 1, 0, b"h", [Record("h", "x", b"x")], 1)),
+            lambda: store.load(bad),
+            lambda: store.load(bad, 1),
+            lambda: store.versions(bad),
+            lambda: store.info(bad),
+            lambda: store.delete(bad),
+        ]
+        for call in calls:
+            with pytest.raises(ValueError):
+                await call()
+        assert await store.keys() == []
+
+    async def test_longest_valid_key_works(self) -> None:
+        store = await self.new_store()
+        key = "k" * (MAX_KEY_BYTES - 2) + "\u00e9"  # exactly MAX_KEY_BYTES bytes
+        assert len(key.encode()) == MAX_KEY_BYTES
+        w = await writer(store, key)
+        w.append("h", "x", b"x")
+        await w.commit()
+        await w.check(1)
+        assert await store.keys() == [key]
+
+    async def test_unknown_key_has_no_snapshot(self) -> None:
+        store = await self.new_store()
+        with pytest.raises(SnapshotNotFound):
+            await store.load("nobody")
+        with pytest.raises(SnapshotNotFound):
+            await store.load("nobody", 1)
+        assert await store.versions("nobody") == []
+        assert await store.info("nobody") is None
+        assert await store.delete("nobody") is False
+        await store.release(Lease("nobody", "worker-a", 1, 0.0))
+        assert await store.keys() == []
+
+    async def test_info_reports_latest_commit_and_lease(self) -> None:
+        store = await self.new_store(ttl=3600)
+        lease = await store.acquire(KEY, "worker-a", ttl=60)
+        first: InfoDict = {"state": "active", "reason": "turn", "turns": 1}
+        latest: InfoDict = {"state": "paused", "reason": "pause", "turns": 3, "cost": 0.25}
+        latest |= {"muted": False, "note": None}
+        await store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1, first))
+        before = time.time()
+        await store.commit(
+            Commit(KEY, lease.epoch, 1, b"h2", [Record("h", "b", b"b", "a")], 2, latest)
+        )
+        after = time.time()
+
+        info = await store.info(KEY)
+        assert info is not None
+        assert (info.key, info.version, info.epoch, info.owner) == (KEY, 2, lease.epoch, "worker-a")
+        assert info.lease_expires_at == pytest.approx(lease.expires_at, abs=0.01)
+        assert before - 1 <= info.updated_at <= after + 1
+        assert info.expires_at == pytest.approx(info.updated_at + 3600, abs=0.01)
+        assert info.info == latest
+        assert info.info["muted"] is False and isinstance(info.info["turns"], int)
+        assert (await store.load(KEY)).info == latest
+        assert [v.info for v in await store.versions(KEY)] == [first, latest]
+
+    async def test_info_without_session_ttl_has_no_expiry(self) -> None:
+        store = await self.new_store()
+        await store.acquire(KEY, "worker-a")
+        info = await store.info(KEY)
+        assert info is not None and info.expires_at is None
