@@ -3,6 +3,11 @@
 Each upcaster takes plain data of version ``v`` and returns version ``v + 1``; they are
 chained until the current `FORMAT_VERSION`. A snapshot has two kinds of frames (the
 head and each chat item, written at different times), so there are two tables.
+
+A step with no upcaster in a table passes that kind of frame through unchanged: a
+version that adds a head field registers a head upcaster only, and every chat item of
+the older version still loads. The head's ``format_version`` is set here, after the
+chain, so an upcaster never has to.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ def _head_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
         }
         for p in pending
     ]
-    data["format_version"] = 2
     return data
 
 
@@ -61,8 +65,11 @@ def _run(table: dict[int, Upcaster], data: Any, version: int, what: str) -> Any:
     if not isinstance(data, dict):
         raise SnapshotCorrupt(f"{what} of format version {version} is not a map")
     for v in range(version, FORMAT_VERSION):
+        step = table.get(v)
+        if step is None:
+            continue  # nothing of this kind changed in version v + 1
         try:
-            data = table[v](data)
+            data = step(data)
         except (KeyError, TypeError, AttributeError) as e:
             raise SnapshotCorrupt(f"{what} of format version {v} is malformed: {e!r}") from e
     return data
@@ -72,6 +79,7 @@ def migrate_head(data: Any, version: int) -> Any:
     """A snapshot head (or a whole snapshot) of ``version`` upcast to the current format."""
     data = _run(_HEAD, data, version, "snapshot")
     if version < FORMAT_VERSION and isinstance(data, dict):
+        data["format_version"] = FORMAT_VERSION
         for items in (data.get("history"), (data.get("agent") or {}).get("chat_ctx")):
             if isinstance(items, list):
                 items[:] = [_run(_ITEM, i, version, "chat item") for i in items]
