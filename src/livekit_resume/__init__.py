@@ -21,7 +21,7 @@ from .errors import (
     UnsavableValue,
 )
 from .snapshot.model import Snapshot
-from .stores.base import Store
+from .stores.base import Commit, Lease, Record, SessionInfo, SnapshotInfo, Store, Stored
 from .stores.url import open_store
 
 if TYPE_CHECKING:
@@ -30,18 +30,24 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentRegistry",
+    "Commit",
     "IncompatibleSnapshot",
+    "Lease",
     "LeaseLost",
+    "Record",
     "ResumableSession",
     "ResumeError",
     "SessionBusy",
+    "SessionInfo",
     "SignatureMismatch",
     "Snapshot",
     "SnapshotCorrupt",
+    "SnapshotInfo",
     "SnapshotNotFound",
     "SnapshotTooLarge",
     "Store",
     "StoreUnavailable",
+    "Stored",
     "UnknownAgent",
     "UnsavableValue",
     "open_store",

@@ -1,4 +1,5 @@
-"""The store contract every backend implements, and the pieces they share.
+"""The store contract: the `Store` protocol, the values it takes and returns, its
+optional capabilities, and the checks and errors every backend shares.
 
 A store keeps, per session key:
 
@@ -7,13 +8,13 @@ A store keeps, per session key:
   writer's epoch can never become current again;
 - **versions** 1, 2, 3 ... each with an opaque ``head`` (the snapshot without its
   items, already framed by the codec) and a small unsigned ``info`` dict for listings;
-- an append-only **log of item records** shared by the versions of one generation.
-  A version remembers how long the log was when it was committed, so a checkpoint
-  only appends what changed: its cost does not grow with the conversation.
-  Compaction folds a log into a new generation when superseded records pile up.
+- an append-only **log of item records** shared by the versions of one generation,
+  folded into a new generation now and then. How, and when, is stores/log.py's: the
+  rules every backend follows.
 
 Stores know nothing of LiveKit or of the snapshot format: heads and item payloads
-are bytes. Folding records back into ordered items is `fold_records`, shared here.
+are bytes. A third-party backend implements `Store` (and, if it can, `EventPublisher`
+and `EventSource`), uses stores/log.py, and passes the conformance kit.
 """
 
 from __future__ import annotations
@@ -21,18 +22,31 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
 
-from ..errors import LeaseLost, SessionBusy, SnapshotCorrupt, SnapshotNotFound
+from ..errors import LeaseLost, SessionBusy, SnapshotNotFound
+
+# The log's record is part of the contract (`Commit.records`); the other log names are
+# re-exported for the code that imported them from here before stores/log.py existed.
+from .log import COMPACT_SLACK as COMPACT_SLACK
+from .log import DEFAULT_KEEP as DEFAULT_KEEP
+from .log import Record as Record
+from .log import epoch_floor as epoch_floor
+from .log import fold_records as fold_records
+from .log import lease_is_live as lease_is_live
+from .log import needs_compaction as needs_compaction
+from .log import records_from_streams as records_from_streams
 
 __all__ = [
-    "COMPACT_SLACK",
-    "DEFAULT_KEEP",
     "DEFAULT_LEASE_TTL",
     "MAX_KEY_BYTES",
     "Commit",
+    "EventPublisher",
+    "EventSource",
+    "EventSubscription",
     "Info",
     "Lease",
     "Record",
@@ -41,15 +55,10 @@ __all__ = [
     "Store",
     "Stored",
     "busy_error",
-    "epoch_floor",
-    "fold_records",
     "head_moved_error",
-    "lease_is_live",
     "lease_lost_error",
-    "needs_compaction",
     "not_found_error",
     "not_retained_error",
-    "records_from_streams",
     "validate_key",
     "validate_lease_ttl",
     "validate_ttl",
@@ -58,14 +67,9 @@ __all__ = [
 # Long enough for a room name plus a prefix, short enough to keep Redis keys and
 # SQLite indexes small. Rooms longer than this are a caller bug, not data.
 MAX_KEY_BYTES = 512
-# Versions kept loadable for rollback unless a store is told otherwise: a few turns back.
-DEFAULT_KEEP = 10
 # A worker renews at a third of this; 30 s tolerates a GC pause or a slow store
 # without letting a dead worker block a restore for long.
 DEFAULT_LEASE_TTL = 30.0
-# Compaction runs when the log holds more than twice the live items plus this slack:
-# pure appends never trigger it, and small edit bursts do not fold a long log.
-COMPACT_SLACK = 64
 
 # Below a millisecond no store can tell a TTL from zero.
 MIN_TTL = 0.001
@@ -127,20 +131,6 @@ class Lease:
     owner: str
     epoch: int
     expires_at: float  # wall-clock seconds (time.time())
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One change to an ordered stream of items.
-
-    ``data=None`` removes item ``id``. Otherwise the item is (re)placed right after
-    ``after`` (``None``: first). ``id=""`` with ``data=None`` clears the whole stream.
-    """
-
-    stream: str
-    id: str
-    data: bytes | None
-    after: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,74 +248,50 @@ class Store(Protocol):
         ...
 
 
-def fold_records(records: Iterable[Record], key: str = "?") -> dict[str, list[tuple[str, bytes]]]:
-    """Apply records in order and return each stream's items in order.
-
-    Raises `SnapshotCorrupt` when a record places an item after one that does not
-    exist: the log was altered or torn.
-    """
-    streams: dict[str, tuple[list[str], dict[str, bytes]]] = {}
-    for rec in records:
-        order, data = streams.setdefault(rec.stream, ([], {}))
-        if rec.data is None:
-            if rec.id == "":
-                order.clear()
-                data.clear()
-            elif rec.id in data:
-                del data[rec.id]
-                order.remove(rec.id)
-            continue
-        if rec.id in data:
-            idx = order.index(rec.id)
-            if rec.after == (order[idx - 1] if idx else None):
-                data[rec.id] = rec.data  # edited where it stands: the common case
-                continue
-            del order[idx]
-        if rec.after is None:
-            order.insert(0, rec.id)
-        elif order and order[-1] == rec.after:
-            order.append(rec.id)  # appended at the tail: the common case
-        else:
-            try:
-                order.insert(order.index(rec.after) + 1, rec.id)
-            except ValueError:
-                raise SnapshotCorrupt(
-                    f"session {key!r}: item {rec.id!r} of stream {rec.stream!r} follows "
-                    f"{rec.after!r}, which does not exist; the stored log is damaged"
-                ) from None
-        data[rec.id] = rec.data
-    return {name: [(i, data[i]) for i in order] for name, (order, data) in streams.items()}
+# Optional capabilities: a backend that has them implements these too, and the hooks and
+# the conformance kit find them with isinstance() (runtime_checkable), never by getattr.
 
 
-def epoch_floor(now: float) -> int:
-    """The epoch a session that does not exist yet is considered to be at.
+@runtime_checkable
+class EventPublisher(Protocol):
+    """A store that can announce a session's state changes to other workers."""
 
-    Epochs start from the clock in milliseconds, not from 0: a session deleted or expired
-    and then created again never hands out an epoch that a worker of its former life
-    may still hold, so that worker's fencing stays in force.
-    """
-    return int(now * 1000)
-
-
-def needs_compaction(log_len: int, size: int) -> bool:
-    """Whether a log of ``log_len`` records holding ``size`` live items should be folded."""
-    return log_len > 2 * max(size, 0) + COMPACT_SLACK
+    async def publish(self, key: str, event: str, **fields: Any) -> None:
+        """Announce ``event`` (``paused``, ``resumed``, ``suspended``, ``restored``, …)
+        of session ``key`` as ``{"event": …, "key": …, **fields}``. Delivery is at most
+        once, to subscribers listening at the time; ``StoreUnavailable`` if it fails."""
+        ...
 
 
-def lease_is_live(expires_at: float | None, now: float) -> bool:
-    """A lease counts as held until its expiry; NaN or None means no lease."""
-    return expires_at is not None and not math.isnan(expires_at) and expires_at > now
+class EventSubscription(Protocol):
+    """What `EventSource.subscribe` returns: ``async with`` waits until the subscription
+    is active (nothing published after that is missed), ``async for`` yields each event
+    as a dict with at least ``event`` and ``key``; ``aclose()`` unsubscribes."""
+
+    async def __aenter__(self) -> EventSubscription: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def __anext__(self) -> dict[str, Any]: ...
+
+    async def aclose(self) -> None: ...
 
 
-def records_from_streams(streams: Mapping[str, Sequence[tuple[str, bytes]]]) -> list[Record]:
-    """Folded streams written back as a fresh log of appends (what compaction stores)."""
-    out: list[Record] = []
-    for name, items in streams.items():
-        prev: str | None = None
-        for item_id, data in items:
-            out.append(Record(name, item_id, data, prev))
-            prev = item_id
-    return out
+@runtime_checkable
+class EventSource(Protocol):
+    """A store whose namespace's events (its own commits and takeovers, and what
+    `EventPublisher.publish` sends) can be listened to."""
+
+    def subscribe(self) -> EventSubscription:
+        """The namespace's events, from the moment the subscription is active."""
+        ...
 
 
 # The errors every backend raises, worded once so that they read the same everywhere.

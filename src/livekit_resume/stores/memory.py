@@ -9,29 +9,32 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .base import (
-    DEFAULT_KEEP,
     DEFAULT_LEASE_TTL,
     Commit,
     Lease,
-    Record,
     SessionInfo,
     SnapshotInfo,
     Stored,
     busy_error,
-    epoch_floor,
-    fold_records,
     head_moved_error,
-    lease_is_live,
     lease_lost_error,
-    needs_compaction,
     not_found_error,
     not_retained_error,
-    records_from_streams,
     validate_key,
     validate_lease_ttl,
     validate_ttl,
+)
+from .log import (
+    DEFAULT_KEEP,
+    Record,
+    compacted,
+    epoch_floor,
+    fold_records,
+    lease_is_live,
+    needs_compaction,
 )
 
 __all__ = ["MemoryStore"]
@@ -77,6 +80,19 @@ class MemoryStore:
         self._ttl = validate_ttl(ttl)
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> MemoryStore:
+        """A new, empty store for ``memory://`` (anything after the scheme is ignored).
+
+        ``namespace`` and ``read_only`` are accepted and ignored: one MemoryStore is a
+        world of its own, with nothing to separate and nothing to protect."""
+        scheme = url.partition("://")[0].lower()
+        if scheme != "memory":
+            raise ValueError(f"MemoryStore opens memory:// URLs, not {url!r}")
+        options.pop("namespace", None)
+        options.pop("read_only", None)
+        return cls(**options)
 
     def _get(self, key: str) -> _Session | None:
         validate_key(key)
@@ -130,14 +146,17 @@ class MemoryStore:
             ):
                 return top.version  # a retry of a commit that landed: answer, don't refuse
             raise head_moved_error(commit, head_version)
+        # The compaction rule of stores/log.py: append, then fold if the log is too long.
         log = s.logs.setdefault(s.gen, [])
-        if needs_compaction(len(log) + len(commit.records), commit.size):
-            # folded before anything changes: a damaged log refuses the commit whole
-            folded = records_from_streams(fold_records([*log, *commit.records], commit.key))
+        log.extend(commit.records)
+        if needs_compaction(len(log), commit.size):
+            try:
+                folded = compacted(log, commit.key)  # a damaged log refuses the commit whole
+            finally:
+                # No version reads them here: the new generation holds them, or none does.
+                del log[len(log) - len(commit.records) :]
             s.gen += 1
             s.logs[s.gen] = folded
-        else:
-            log.extend(commit.records)
         gen, log_end = s.gen, len(s.logs[s.gen])
         version = head_version + 1
         written = len(commit.head) + sum(len(r.data or b"") for r in commit.records)

@@ -1,0 +1,109 @@
+"""`Settings`: the configuration code, command line and deployments share, typed, read
+from the environment in this one place.
+
+| field | environment | meaning |
+| --- | --- | --- |
+| ``store`` | ``RESUME_STORE`` | the store URL (default: `DEFAULT_STORE_URL`) |
+| ``namespace`` | ``RESUME_NAMESPACE`` | key prefix, one per tenant or deployment |
+| ``ttl`` | ``RESUME_TTL`` | seconds a session survives without writes |
+| ``keep`` | ``RESUME_KEEP`` | versions each session keeps loadable |
+| ``signing_keys`` | ``RESUME_SIGNING_KEYS`` | ``kid:base64key[,…]``, the first signs |
+| ``encryption_keys`` | ``RESUME_ENCRYPTION_KEYS`` | same form, AES-GCM at rest |
+
+Build it once where it is needed with `Settings.load`, keyword options winning over
+the environment (an option given is never read from the environment at all); an empty
+variable counts as unset. Keys are secrets: they never appear in ``repr`` or ``str``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .stores.base import validate_ttl
+
+if TYPE_CHECKING:
+    from .snapshot.codec import Codec
+
+__all__ = ["DEFAULT_STORE_URL", "ENV_PREFIX", "Settings"]
+
+# The embedded default: a file in the working directory, nothing to install or run.
+DEFAULT_STORE_URL = "sqlite:///resume.db"
+ENV_PREFIX = "RESUME_"
+
+
+class Settings(BaseSettings):
+    """livekit-resume's settings (see the module docstring for each field)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,  # RESUME_TTL= means "not set", as it always has
+        extra="ignore",  # other RESUME_* variables (the tests' own) are not settings
+        frozen=True,
+    )
+
+    store: str = DEFAULT_STORE_URL
+    namespace: str | None = None
+    ttl: float | None = None
+    keep: int | None = None
+    signing_keys: SecretStr | None = None
+    encryption_keys: SecretStr | None = None
+
+    @field_validator("ttl")
+    @classmethod
+    def _finite_ttl(cls, ttl: float | None) -> float | None:
+        return validate_ttl(ttl)
+
+    @field_validator("keep")
+    @classmethod
+    def _positive_keep(cls, keep: int | None) -> int | None:
+        if keep is not None and keep < 1:
+            raise ValueError("keep must be at least 1")
+        return keep
+
+    @classmethod
+    def load(cls, **options: Any) -> Settings:
+        """The environment's settings, each of ``options`` replacing its variable.
+
+        A bad value raises `ValueError` in one line naming the variable (or option) and
+        the value, e.g. ``RESUME_TTL='abc' is not …; fix or unset it``.
+        """
+        try:
+            return cls(**options)
+        except ValidationError as exc:
+            raise ValueError(_one_line(exc, options)) from None
+
+    def store_options(self) -> dict[str, Any]:
+        """The options `open_store` passes a backend: those that are set."""
+        values = {"namespace": self.namespace, "ttl": self.ttl, "keep": self.keep}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def codec(self, **options: Any) -> Codec:
+        """A `Codec` with these keys; ``options`` (``max_frame``…) go to the codec."""
+        from .snapshot.codec import Codec
+
+        return Codec(
+            signing_keys=_secret(self.signing_keys),
+            encryption_keys=_secret(self.encryption_keys),
+            **options,
+        )
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+_TTL_RULE = "is not a finite number of seconds >= 0.001 (the session TTL)"
+
+
+def _one_line(exc: ValidationError, options: dict[str, Any]) -> str:
+    """The first error of ``exc`` as one line: which variable or option, which value."""
+    error = exc.errors(include_url=False)[0]
+    name = str(error["loc"][0]) if error["loc"] else "?"
+    shown = "(hidden)" if name.endswith("_keys") else repr(error.get("input"))
+    if name in options:
+        return f"{name}={shown}: {error['msg']}"
+    rule = _TTL_RULE if name == "ttl" else f"is invalid ({error['msg']})"
+    return f"{ENV_PREFIX}{name.upper()}={shown} {rule}; fix or unset it"

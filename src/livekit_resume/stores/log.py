@@ -1,0 +1,148 @@
+"""The rules every backend follows for the item log, compaction, retention and epochs.
+
+A session's items are kept as an append-only **log** of `Record` s, one log per
+*generation*. A version remembers its generation and how long that log was when it was
+committed, so a checkpoint appends only what changed and its cost does not grow with the
+conversation. Loading folds the version's prefix of the log back into ordered items
+(`fold_records`).
+
+**The compaction rule**, the same for every backend:
+
+1. A commit appends its records to the current generation. Then, if the log it leaves
+   holds more records than `needs_compaction` allows for ``Commit.size`` live items, the
+   version just committed is given a fresh generation: its log folded and written back
+   as plain appends (`compacted`). Nothing else decides when to compact, so a backend
+   never compacts on a read, on a lease operation or before the append.
+2. Compaction never changes what any version reads: the older retained versions keep
+   the generation they were committed in, and a generation is dropped only once no
+   retained version uses it (versions beyond ``keep`` go first).
+3. Where the backend can fold inside the commit's atomic step (memory, SQLite), it does;
+   a log that cannot be folded (damaged) then refuses the commit whole. Where it cannot
+   (Redis: its scripts cannot fold), it compacts right after the commit, in a step that
+   does nothing if the head moved meanwhile; a failure there leaves the commit standing
+   and the next commit finds the log long and tries again.
+
+Epochs and leases: `epoch_floor` is where a new session's epochs start, and
+`lease_is_live` is when a lease counts as held.
+
+This module knows nothing of the `Store` protocol (stores/base.py imports it, never
+the reverse) nor of the snapshot format: items are bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ..errors import SnapshotCorrupt
+
+__all__ = [
+    "COMPACT_SLACK",
+    "DEFAULT_KEEP",
+    "Record",
+    "compacted",
+    "epoch_floor",
+    "fold_records",
+    "lease_is_live",
+    "needs_compaction",
+    "records_from_streams",
+]
+
+# Versions kept loadable for rollback unless a store is told otherwise: a few turns back.
+DEFAULT_KEEP = 10
+# Compaction runs when the log holds more than twice the live items plus this slack:
+# pure appends never trigger it, and small edit bursts do not fold a long log.
+COMPACT_SLACK = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One change to an ordered stream of items.
+
+    ``data=None`` removes item ``id``. Otherwise the item is (re)placed right after
+    ``after`` (``None``: first). ``id=""`` with ``data=None`` clears the whole stream.
+    """
+
+    stream: str
+    id: str
+    data: bytes | None
+    after: str | None = None
+
+
+def fold_records(records: Iterable[Record], key: str = "?") -> dict[str, list[tuple[str, bytes]]]:
+    """Apply records in order and return each stream's items in order.
+
+    Raises `SnapshotCorrupt` when a record places an item after one that does not
+    exist: the log was altered or torn.
+    """
+    streams: dict[str, tuple[list[str], dict[str, bytes]]] = {}
+    for rec in records:
+        order, data = streams.setdefault(rec.stream, ([], {}))
+        if rec.data is None:
+            if rec.id == "":
+                order.clear()
+                data.clear()
+            elif rec.id in data:
+                del data[rec.id]
+                order.remove(rec.id)
+            continue
+        if rec.id in data:
+            idx = order.index(rec.id)
+            if rec.after == (order[idx - 1] if idx else None):
+                data[rec.id] = rec.data  # edited where it stands: the common case
+                continue
+            del order[idx]
+        if rec.after is None:
+            order.insert(0, rec.id)
+        elif order and order[-1] == rec.after:
+            order.append(rec.id)  # appended at the tail: the common case
+        else:
+            try:
+                order.insert(order.index(rec.after) + 1, rec.id)
+            except ValueError:
+                raise SnapshotCorrupt(
+                    f"session {key!r}: item {rec.id!r} of stream {rec.stream!r} follows "
+                    f"{rec.after!r}, which does not exist; the stored log is damaged"
+                ) from None
+        data[rec.id] = rec.data
+    return {name: [(i, data[i]) for i in order] for name, (order, data) in streams.items()}
+
+
+def needs_compaction(log_len: int, size: int) -> bool:
+    """Whether a log of ``log_len`` records (the commit's own appended) holding ``size``
+    live items must be folded into a new generation (rule 1 above)."""
+    return log_len > 2 * max(size, 0) + COMPACT_SLACK
+
+
+def records_from_streams(streams: Mapping[str, Sequence[tuple[str, bytes]]]) -> list[Record]:
+    """Folded streams written back as a fresh log of appends (what compaction stores)."""
+    out: list[Record] = []
+    for name, items in streams.items():
+        prev: str | None = None
+        for item_id, data in items:
+            out.append(Record(name, item_id, data, prev))
+            prev = item_id
+    return out
+
+
+def compacted(records: Iterable[Record], key: str = "?") -> list[Record]:
+    """The log of a new generation: ``records`` folded and written back as appends.
+
+    Raises `SnapshotCorrupt` like `fold_records` when the log is damaged."""
+    return records_from_streams(fold_records(records, key))
+
+
+def epoch_floor(now: float) -> int:
+    """The epoch a session that does not exist yet is considered to be at.
+
+    Epochs start from the clock in milliseconds, not from 0: a session deleted or expired
+    and then created again never hands out an epoch that a worker of its former life
+    may still hold, so that worker's fencing stays in force.
+    """
+    return int(now * 1000)
+
+
+def lease_is_live(expires_at: float | None, now: float) -> bool:
+    """A lease counts as held until its expiry; NaN or None means no lease."""
+    return expires_at is not None and not math.isnan(expires_at) and expires_at > now

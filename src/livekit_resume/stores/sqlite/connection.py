@@ -1,0 +1,241 @@
+"""One SQLite connection on one dedicated thread: opening the file, waiting out busy
+answers, and turning SQLite's errors into the library's.
+
+All SQLite work of a store runs on its own thread with its one connection, so no call
+ever blocks the event loop. A busy database is waited for by SQLite's own busy handler
+(``busy_timeout``), and the immediate SQLITE_BUSY answers it never waits on are retried
+here, each operation being one whole transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from ...errors import SnapshotCorrupt, StoreUnavailable
+from . import schema
+from .transactions import read
+
+__all__ = ["Connection"]
+
+logger = logging.getLogger("livekit_resume")
+
+# Primary result codes (the low byte of an extended code) meaning the file's bytes are bad.
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+# SQLITE_READONLY_DIRECTORY: a read-only connection to a WAL file could not create the
+# -shm file beside it because the directory is not writable.
+_SQLITE_READONLY_DIRECTORY = 1544
+_SQLITE_CANTOPEN = 14
+# Backoff for the SQLITE_BUSY answers SQLite's busy handler does not wait on: short first
+# (the conflict is a fresh file's WAL switch or a recovery, over in milliseconds).
+_BUSY_FIRST_PAUSE = 0.005
+_BUSY_MAX_PAUSE = 0.2
+_CORRUPT_WORDS = ("file is not a database", "malformed")
+
+_T = TypeVar("_T")
+
+
+class Connection:
+    """The file at ``path``, opened on first use on the thread every call runs on.
+
+    ``read_only`` opens it with SQLite's ``mode=ro``: nothing is ever created, migrated
+    or written. The thread starts on the first operation.
+    """
+
+    def __init__(self, path: str, *, busy_timeout: float, read_only: bool) -> None:
+        self.path = path
+        self._busy_timeout = busy_timeout
+        self._read_only = read_only
+        # One thread, one connection: SQLite work is serialized here and never runs on
+        # the event loop.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="livekit-resume-sqlite"
+        )
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn`` (one whole transaction) with the connection, on the store's thread."""
+        if self._closed:
+            raise StoreUnavailable(f"SQLite store {self.path} is closed; open a new one")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._call, fn)
+        except RuntimeError as exc:
+            if self._closed:  # closed while this call was being scheduled
+                raise StoreUnavailable(f"SQLite store {self.path} is closed") from exc
+            raise
+
+    async def aclose(self) -> None:
+        """Close the connection on its thread, then stop the thread; later calls are
+        `StoreUnavailable`."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._close_conn)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+    def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Runs on the store's thread: open the file if needed, run ``fn``, type errors.
+
+        SQLite answers some lock conflicts with an immediate SQLITE_BUSY that its busy
+        handler never waits on (switching a fresh file to WAL while other processes open
+        it, WAL recovery, a read snapshot gone stale). Every ``fn`` is one whole
+        transaction, rolled back on error, so it is simply run again until
+        ``busy_timeout`` has passed.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        pause = _BUSY_FIRST_PAUSE
+        while True:
+            try:
+                if self._conn is None:
+                    self._conn = self._open_read_only() if self._read_only else self._open()
+                return fn(self._conn)
+            except sqlite3.ProgrammingError:
+                raise  # a bug in this module, not a state of the file
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() + pause > deadline:
+                    raise self._translate(exc) from exc
+                time.sleep(pause)  # on the store's own thread, never the event loop
+                pause = min(pause * 2, _BUSY_MAX_PAUSE)
+            except sqlite3.DatabaseError as exc:
+                raise self._translate(exc) from exc
+
+    def _translate(self, exc: sqlite3.Error) -> Exception:
+        code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+        text = str(exc)
+        corrupt = (code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)) or any(
+            word in text for word in _CORRUPT_WORDS
+        )
+        if corrupt:
+            return SnapshotCorrupt(
+                f"SQLite store {self.path} is damaged or is not a database ({text}); "
+                "restore the file from a backup or point the store at another file"
+            )
+        if isinstance(exc, sqlite3.IntegrityError):
+            return SnapshotCorrupt(
+                f"SQLite store {self.path} holds rows that contradict each other ({text}); "
+                "the file was altered outside livekit-resume"
+            )
+        return StoreUnavailable(
+            f"SQLite store {self.path} is unavailable ({text}); check that the file is "
+            "readable and writable, the disk has room, and no process holds the database "
+            f"locked for longer than busy_timeout ({self._busy_timeout} s)"
+        )
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout,
+            isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE / COMMIT
+            check_same_thread=False,
+        )
+        try:
+            with read(conn):  # one snapshot: another process may be creating the schema
+                schema.check(conn, self.path)  # before any write: a foreign file is untouched
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                logger.warning(
+                    "SQLite store %s runs in %s mode, not WAL: readers will wait for writers",
+                    self.path,
+                    mode,
+                    extra={"path": self.path},
+                )
+            # WAL + NORMAL: a commit survives a crash of the process (SIGKILL included) and
+            # is atomic; only a power loss may drop the last commits. One fsync per
+            # checkpoint instead of per commit keeps autosave cheap.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                schema.create(conn, self.path)
+            elif version < schema.SCHEMA_VERSION:
+                schema.migrate(conn, self.path)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """Open the file with SQLite's ``mode=ro``: nothing is created or written.
+
+        A WAL file whose directory is not writable cannot get the ``-shm`` index SQLite
+        reads it through; it is then opened ``immutable``. That is safe only because no
+        writer has the file open: a writer would have created the index beside it.
+        """
+        if not os.path.isfile(self.path):
+            raise StoreUnavailable(
+                f"no store at {self.path}: the file does not exist (a read-only store never "
+                "creates one); check the path or RESUME_STORE"
+            )
+        uri = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
+        try:
+            conn = self._connect_uri(uri)
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code not in (_SQLITE_READONLY_DIRECTORY, _SQLITE_CANTOPEN):
+                raise
+            wal = Path(self.path + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                # immutable would ignore the commits still in the -wal file
+                raise StoreUnavailable(
+                    f"SQLite store {self.path} cannot be read: its directory is not "
+                    f"writable and {wal.name} holds commits not yet in the file; open it "
+                    "once with write access (or copy the file, its -wal included, elsewhere)"
+                ) from exc
+            logger.debug(
+                "SQLite store %s: directory not writable, reading the file as immutable",
+                self.path,
+                extra={"path": self.path},
+            )
+            conn = self._connect_uri(uri + "&immutable=1")
+        try:
+            with read(conn):
+                schema.check(conn, self.path)
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            schema.stand_in(conn, version)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect_uri(self, uri: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            uri,
+            uri=True,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            # Opening is lazy: the first read is what meets a missing -shm or a bad file.
+            conn.execute("PRAGMA user_version").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)

@@ -1,0 +1,150 @@
+"""Session rows and time: when a session has expired, and what to do about a wall clock
+stepped back.
+
+Leases and the session TTL use this machine's wall clock (processes on one machine share
+it). A clock stepped back would make a lease or a session look fresh for as long as the
+step; a row that shows an expiry further ahead than its granted ttl, or a write time in
+the future, is pulled back to now, so a step of any size delays a takeover by at most
+one lease ttl and an expiry by at most one session ttl.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from .transactions import purge, write
+
+__all__ = ["SESSION_COLUMNS", "Session", "SessionRows"]
+
+logger = logging.getLogger("livekit_resume")
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One row of the ``sessions`` table (its key and namespace aside)."""
+
+    epoch: int
+    owner: str | None
+    lease_expires_at: float | None
+    lease_ttl: float | None
+    touched_at: float
+    gen: int
+    version: int
+    log_len: int
+
+
+SESSION_COLUMNS = "epoch, owner, lease_expires_at, lease_ttl, touched_at, gen, version, log_len"
+
+
+class SessionRows:
+    """The session rows of namespace ``ns``: read them, expire them, correct their times.
+
+    ``ttl`` is the session TTL (None: sessions never expire), ``clock`` the wall clock;
+    a ``read_only`` store never tidies.
+    """
+
+    def __init__(
+        self, ns: str, *, ttl: float | None, clock: Callable[[], float], read_only: bool
+    ) -> None:
+        self._ns = ns
+        self._ttl = ttl
+        self._clock = clock
+        self._read_only = read_only
+
+    def expired(self, touched_at: float, now: float) -> bool:
+        # A write time in the future (a clock stepped back) counts as now: see `session`.
+        return self._ttl is not None and min(touched_at, now) + self._ttl <= now
+
+    @staticmethod
+    def skewed(s: Session, now: float) -> bool:
+        """Whether the row's times run ahead of ``now`` further than they could have been
+        set: the wall clock was stepped back since."""
+        ahead = (
+            s.lease_ttl is not None
+            and s.lease_expires_at is not None
+            and s.lease_expires_at - now > s.lease_ttl
+        )
+        return ahead or s.touched_at > now
+
+    @staticmethod
+    def lease_expiry(s: Session, now: float) -> float | None:
+        """The lease's expiry, never more than its granted ttl after ``now``."""
+        if s.lease_ttl is None or s.lease_expires_at is None:
+            return s.lease_expires_at
+        return min(s.lease_expires_at, now + s.lease_ttl)
+
+    def select(self, conn: sqlite3.Connection, key: str) -> Session | None:
+        found = conn.execute(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE ns=? AND key=?", (self._ns, key)
+        ).fetchone()
+        return None if found is None else Session(*found)
+
+    def session(self, conn: sqlite3.Connection, key: str, now: float) -> Session | None:
+        """The key's session row inside a write transaction; an expired one is purged.
+
+        A row whose times run ahead of the clock (stepped back) is pulled back to now
+        first, and stays so: that bounds how long the step keeps a lease held (one lease
+        ttl) or a session alive (one session ttl) from the first write that sees it.
+        """
+        s = self.select(conn, key)
+        if s is None:
+            return None
+        if self.skewed(s, now):
+            s = self._unskew(conn, key, s, now)
+        if self.expired(s.touched_at, now):
+            purge(conn, self._ns, key)
+            return None
+        return s
+
+    def _unskew(self, conn: sqlite3.Connection, key: str, s: Session, now: float) -> Session:
+        expires, touched = self.lease_expiry(s, now), min(s.touched_at, now)
+        logger.warning(
+            "session %r: its lease or write time is ahead of the clock (stepped back?); "
+            "pulled back to now",
+            key,
+            extra={"key": key, "epoch": s.epoch},
+        )
+        conn.execute(
+            "UPDATE sessions SET lease_expires_at=?, touched_at=? WHERE ns=? AND key=?",
+            (expires, touched, self._ns, key),
+        )
+        return replace(s, lease_expires_at=expires, touched_at=touched)
+
+    def read_session(self, conn: sqlite3.Connection, key: str) -> tuple[Session | None, bool]:
+        """The key's live session row inside a read transaction, and whether the row needs
+        a write once the read is over (expired, or its times run ahead of the clock)."""
+        s = self.select(conn, key)
+        if s is None:
+            return None, False
+        now = self._clock()
+        if self.expired(s.touched_at, now):
+            return None, True
+        return s, self.skewed(s, now)
+
+    def tidy(self, conn: sqlite3.Connection, key: str | None = None) -> None:
+        """In its own write transaction, purge expired sessions and pull times that run
+        ahead of the clock back to now (one key, or all). A read-only store skips it."""
+        if self._read_only:
+            return
+        with write(conn):
+            now = self._clock()
+            where = "ns=:ns" + (" AND key=:key" if key is not None else "")
+            args = {"ns": self._ns, "key": key, "now": now, "ttl": self._ttl}
+            # Pulled back first (the same rule as `session`), so the purge below sees it.
+            conn.execute(
+                "UPDATE sessions SET touched_at=min(touched_at, :now), lease_expires_at=CASE "
+                "WHEN lease_expires_at > :now + lease_ttl THEN :now + lease_ttl "
+                f"ELSE lease_expires_at END WHERE {where} AND (touched_at > :now OR "
+                "lease_expires_at > :now + lease_ttl)",
+                args,
+            )
+            if self._ttl is None:
+                return
+            gone = conn.execute(
+                f"SELECT key FROM sessions WHERE {where} AND touched_at + :ttl <= :now", args
+            ).fetchall()
+            for (k,) in gone:
+                purge(conn, self._ns, k)

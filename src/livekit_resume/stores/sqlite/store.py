@@ -1,0 +1,487 @@
+"""`SQLiteStore`: the `Store` contract on one SQLite file (see the package docstring).
+
+Every mutating operation is one ``BEGIN IMMEDIATE`` transaction: it takes the database's
+write lock before it reads, so its check (epoch, head version, lease) and its write are
+atomic across every process on the machine. A commit inserts its records at the end of
+the current generation and one version row; it never reads or rewrites the existing log,
+so its cost does not grow with the conversation. Compaction follows stores/log.py's rule,
+inside the commit's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ...errors import SnapshotCorrupt, StoreUnavailable
+from ..base import (
+    DEFAULT_LEASE_TTL,
+    Commit,
+    Lease,
+    SessionInfo,
+    SnapshotInfo,
+    Stored,
+    busy_error,
+    head_moved_error,
+    lease_lost_error,
+    not_found_error,
+    not_retained_error,
+    validate_key,
+    validate_lease_ttl,
+    validate_ttl,
+)
+from ..log import (
+    DEFAULT_KEEP,
+    Record,
+    compacted,
+    epoch_floor,
+    fold_records,
+    lease_is_live,
+    needs_compaction,
+)
+from .connection import Connection
+from .schema import DEFAULT_NAMESPACE
+from .sessions import SESSION_COLUMNS, Session, SessionRows
+from .transactions import purge, read, write
+
+__all__ = ["SQLiteStore"]
+
+logger = logging.getLogger("livekit_resume")
+
+_T = TypeVar("_T")
+_InfoDict = dict[str, "str | int | float | bool | None"]
+
+
+class SQLiteStore:
+    """A `Store` in one SQLite file, shared safely by the processes of one machine.
+
+    ``namespace`` separates the sessions of tenants or deployments sharing one file;
+    ``keep`` versions stay loadable; ``ttl`` (seconds without writes) expires whole
+    sessions; ``busy_timeout`` is how long an operation waits for another process's
+    write lock before `StoreUnavailable`. ``read_only`` opens an existing file without
+    ever writing to it (no file created, no migration, no purge of expired sessions):
+    for listings and exports, even of a file or directory without write permission.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        keep: int = DEFAULT_KEEP,
+        ttl: float | None = None,
+        clock: Callable[[], float] = time.time,
+        busy_timeout: float = 5.0,
+        read_only: bool = False,
+    ) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        if busy_timeout < 0:
+            raise ValueError("busy_timeout must not be negative")
+        # The same rule as RedisStore's, so that a namespace valid for one is for both.
+        if (
+            not isinstance(namespace, str)
+            or not namespace
+            or any(c in namespace for c in "{}")
+            or not namespace.isprintable()
+        ):
+            raise ValueError(
+                f"namespace {namespace!r} must be a non-empty printable string without braces"
+            )
+        raw = os.fspath(path)
+        if raw in ("", ":memory:"):
+            # SQLite would give each connection a private database gone at close.
+            raise ValueError(
+                f"SQLite path {raw!r} persists nothing; use memory:// (MemoryStore) for a "
+                "store that lives in the process, or name a file"
+            )
+        # Resolved now: the file is opened later on the worker thread, and a relative
+        # path must mean the working directory of the caller, not of that moment.
+        self._path = str(Path(raw).expanduser().absolute())
+        self._ns = namespace
+        self._keep = keep
+        self._ttl = validate_ttl(ttl)
+        self._clock = clock
+        self._read_only = read_only
+        self._conn = Connection(self._path, busy_timeout=busy_timeout, read_only=read_only)
+        self._rows = SessionRows(namespace, ttl=self._ttl, clock=clock, read_only=read_only)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteStore:
+        """Open the file a ``sqlite:`` URL names, SQLAlchemy's convention:
+        ``sqlite:///relative.db`` or ``sqlite:////absolute/path.db``; ``?mode=ro`` opens it
+        read-only. ``options`` are the constructor's keywords."""
+        # The query and fragment are split off before unquoting: %3F in a name is a real "?".
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "sqlite":
+            raise ValueError(f"SQLiteStore opens sqlite:/// URLs, not {url!r}")
+        if parts.netloc:
+            raise ValueError(
+                f"store URL {url!r} names a host ({parts.netloc!r}); SQLite files are local: "
+                "use sqlite:///relative.db or sqlite:////absolute/path.db"
+            )
+        if parts.fragment:
+            raise ValueError(f"store URL {url!r} has a fragment (#{parts.fragment}); remove it")
+        path = unquote(parts.path[1:])
+        if not path:
+            raise ValueError(f"store URL {url!r} names no file: use sqlite:///resume.db")
+        if path == ":memory:":
+            raise ValueError(
+                f"store URL {url!r} persists nothing (each connection gets its own empty "
+                "database); use memory:// for a store that lives in the process"
+            )
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if (name, value) != ("mode", "ro"):
+                raise ValueError(
+                    f"store URL {url!r}: unsupported query {name}={value!r} "
+                    "(supported: ?mode=ro, to open the file read-only)"
+                )
+            options["read_only"] = True
+        return cls(path, **options)
+
+    @property
+    def path(self) -> str:
+        """The absolute path of the database file."""
+        return self._path
+
+    @property
+    def namespace(self) -> str:
+        """The namespace whose sessions this store sees."""
+        return self._ns
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this store only reads (see the class docstring)."""
+        return self._read_only
+
+    def __repr__(self) -> str:
+        ro = ", read_only=True" if self._read_only else ""
+        return (
+            f"SQLiteStore({self._path!r}, namespace={self._ns!r}, keep={self._keep}, "
+            f"ttl={self._ttl}{ro})"
+        )
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn`` (one whole transaction) on the store's thread and connection."""
+        return await self._conn.run(fn)
+
+    def _writable(self, what: str) -> None:
+        if self._read_only:
+            raise StoreUnavailable(
+                f"SQLite store {self._path} is open read-only, so it cannot {what}; "
+                "open it without read_only=True (or ?mode=ro) to write"
+            )
+
+    # -- leases ---------------------------------------------------------------------
+
+    def _lease_ttl(self, ttl: float) -> float:
+        return validate_lease_ttl(ttl, self._ttl)
+
+    async def acquire(
+        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+    ) -> Lease:
+        validate_key(key)
+        self._lease_ttl(ttl)
+        self._writable(f"take the lease of session {key!r}")
+        return await self._run(partial(self._acquire, key, owner, ttl, takeover))
+
+    def _acquire(
+        self, key: str, owner: str, ttl: float, takeover: bool, conn: sqlite3.Connection
+    ) -> Lease:
+        with write(conn):
+            now = self._clock()
+            s = self._rows.session(conn, key, now)
+            epoch = s.epoch if s else epoch_floor(now)
+            live = s is not None and lease_is_live(s.lease_expires_at, now)
+            if not (live and s is not None and s.owner == owner):
+                if live and s is not None and s.owner is not None and not takeover:
+                    raise busy_error(key, s.owner, s.epoch)
+                epoch += 1
+            if s is None:
+                conn.execute(
+                    "INSERT INTO sessions (ns, key, epoch, owner, lease_expires_at, lease_ttl, "
+                    "touched_at, gen, version, log_len) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0)",
+                    (self._ns, key, epoch, owner, now + ttl, ttl, now),
+                )
+            else:
+                conn.execute(
+                    "UPDATE sessions SET epoch=?, owner=?, lease_expires_at=?, lease_ttl=?, "
+                    "touched_at=? WHERE ns=? AND key=?",
+                    (epoch, owner, now + ttl, ttl, now, self._ns, key),
+                )
+            return Lease(key, owner, epoch, now + ttl)
+
+    async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
+        validate_key(lease.key)
+        self._lease_ttl(ttl)
+        self._writable(f"renew the lease of session {lease.key!r}")
+        return await self._run(partial(self._renew, lease, ttl))
+
+    def _renew(self, lease: Lease, ttl: float, conn: sqlite3.Connection) -> Lease:
+        with write(conn):
+            now = self._clock()
+            s = self._rows.session(conn, lease.key, now)
+            if s is None or s.epoch != lease.epoch or s.owner != lease.owner:
+                raise lease_lost_error(lease.key, lease.epoch, s.epoch if s else None)
+            conn.execute(
+                "UPDATE sessions SET lease_expires_at=?, lease_ttl=?, touched_at=? "
+                "WHERE ns=? AND key=?",
+                (now + ttl, ttl, now, self._ns, lease.key),
+            )
+            return Lease(lease.key, lease.owner, lease.epoch, now + ttl)
+
+    async def release(self, lease: Lease) -> None:
+        validate_key(lease.key)
+        self._writable(f"release the lease of session {lease.key!r}")
+        await self._run(partial(self._release, lease))
+
+    def _release(self, lease: Lease, conn: sqlite3.Connection) -> None:
+        with write(conn):
+            s = self._rows.session(conn, lease.key, self._clock())
+            if s is not None and s.epoch == lease.epoch and s.owner == lease.owner:
+                conn.execute(
+                    "UPDATE sessions SET owner=NULL, lease_expires_at=NULL, lease_ttl=NULL "
+                    "WHERE ns=? AND key=?",
+                    (self._ns, lease.key),
+                )
+
+    # -- commits --------------------------------------------------------------------
+
+    async def commit(self, commit: Commit) -> int:
+        validate_key(commit.key)
+        self._writable(f"commit to session {commit.key!r}")
+        info = json.dumps(dict(commit.info), separators=(",", ":"))  # before the lock
+        return await self._run(partial(self._commit, commit, info))
+
+    def _commit(self, c: Commit, info: str, conn: sqlite3.Connection) -> int:
+        key, ns = c.key, self._ns
+        with write(conn):
+            now = self._clock()
+            s = self._rows.session(conn, key, now)
+            if s is None or s.epoch != c.epoch or c.epoch == 0:
+                raise lease_lost_error(key, c.epoch, s.epoch if s else None)
+            if c.base_version != s.version:
+                if c.commit_id and s.version == c.base_version + 1:
+                    top = conn.execute(
+                        "SELECT commit_id FROM versions WHERE ns=? AND key=? AND version=?",
+                        (ns, key, s.version),
+                    ).fetchone()
+                    if top is not None and top[0] == c.commit_id:
+                        return s.version  # a retry of a commit that landed: answer it
+                raise head_moved_error(c, s.version)
+            # Append only: the records go after the current generation's last one.
+            conn.executemany(
+                "INSERT INTO log (ns, key, gen, seq, stream, item_id, after, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (ns, key, s.gen, s.log_len + i, r.stream, r.id, r.after, r.data)
+                    for i, r in enumerate(c.records)
+                ),
+            )
+            version = s.version + 1
+            gen, log_len = s.gen, s.log_len + len(c.records)
+            written = len(c.head) + sum(len(r.data or b"") for r in c.records)
+            conn.execute(
+                "INSERT INTO versions (ns, key, version, epoch, created_at, head, gen, log_end, "
+                "size, info, commit_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (ns, key, version, c.epoch, now, c.head, gen, log_len, written, info, c.commit_id),
+            )
+            if needs_compaction(log_len, c.size):
+                gen, log_len = self._compact(conn, key, version, gen, log_len)
+            conn.execute(
+                "DELETE FROM versions WHERE ns=? AND key=? AND version<=?",
+                (ns, key, version - self._keep),
+            )
+            # Generations grow with versions, so any below the oldest retained one is unused.
+            conn.execute(
+                "DELETE FROM log WHERE ns=?1 AND key=?2 AND "
+                "gen<(SELECT min(gen) FROM versions WHERE ns=?1 AND key=?2)",
+                (ns, key),
+            )
+            conn.execute(
+                "UPDATE sessions SET version=?, gen=?, log_len=?, touched_at=? "
+                "WHERE ns=? AND key=?",
+                (version, gen, log_len, now, ns, key),
+            )
+            return version
+
+    def _compact(
+        self, conn: sqlite3.Connection, key: str, version: int, gen: int, log_end: int
+    ) -> tuple[int, int]:
+        """Fold generation ``gen`` into a fresh one that only ``version`` uses so far."""
+        ns = self._ns
+        rows = conn.execute(
+            "SELECT stream, item_id, data, after FROM log WHERE ns=? AND key=? AND gen=? "
+            "AND seq<? ORDER BY seq",
+            (ns, key, gen, log_end),
+        )
+        fresh = compacted((Record(*r) for r in rows), key)
+        new_gen = gen + 1
+        conn.executemany(
+            "INSERT INTO log (ns, key, gen, seq, stream, item_id, after, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (ns, key, new_gen, i, r.stream, r.id, r.after, r.data)
+                for i, r in enumerate(fresh)
+            ),
+        )
+        conn.execute(
+            "UPDATE versions SET gen=?, log_end=? WHERE ns=? AND key=? AND version=?",
+            (new_gen, len(fresh), ns, key, version),
+        )
+        logger.debug(
+            "compacted session %r: %d records folded into %d",
+            key,
+            log_end,
+            len(fresh),
+            extra={"key": key, "version": version},
+        )
+        return new_gen, len(fresh)
+
+    # -- reads ----------------------------------------------------------------------
+
+    async def load(self, key: str, version: int | None = None) -> Stored:
+        validate_key(key)
+        return await self._run(partial(self._load, key, version))
+
+    def _load(self, key: str, version: int | None, conn: sqlite3.Connection) -> Stored:
+        with read(conn):
+            s, untidy = self._rows.read_session(conn, key)
+            stored = self._load_in(conn, key, s, version) if s is not None and s.version else None
+        if untidy:
+            self._rows.tidy(conn, key)
+        if stored is None:
+            raise not_found_error(key)
+        return stored
+
+    def _load_in(
+        self, conn: sqlite3.Connection, key: str, s: Session, version: int | None
+    ) -> Stored:
+        ns = self._ns
+        wanted = s.version if version is None else version
+        found = conn.execute(
+            "SELECT version, epoch, created_at, head, gen, log_end, info FROM versions "
+            "WHERE ns=? AND key=? AND version=?",
+            (ns, key, wanted),
+        ).fetchone()
+        if found is None and version is not None:
+            kept = conn.execute(
+                "SELECT version FROM versions WHERE ns=? AND key=? ORDER BY version", (ns, key)
+            )
+            raise not_retained_error(key, version, [r[0] for r in kept])
+        if found is None:
+            raise SnapshotCorrupt(
+                f"session {key!r}: head version {s.version} has no stored row; "
+                "the file was altered outside livekit-resume"
+            )
+        number, epoch, created_at, head, gen, log_end, info = found
+        rows = conn.execute(
+            "SELECT stream, item_id, data, after FROM log WHERE ns=? AND key=? AND gen=? "
+            "AND seq<? ORDER BY seq",
+            (ns, key, gen, log_end),
+        )
+        streams = fold_records((Record(*r) for r in rows), key)
+        return Stored(key, number, epoch, created_at, head, streams, _info(info, key))
+
+    async def versions(self, key: str) -> list[SnapshotInfo]:
+        validate_key(key)
+        return await self._run(partial(self._versions, key))
+
+    def _versions(self, key: str, conn: sqlite3.Connection) -> list[SnapshotInfo]:
+        with read(conn):
+            s, untidy = self._rows.read_session(conn, key)
+            rows = (
+                conn.execute(
+                    "SELECT version, epoch, created_at, size, info FROM versions "
+                    "WHERE ns=? AND key=? ORDER BY version",
+                    (self._ns, key),
+                ).fetchall()
+                if s is not None
+                else []
+            )
+        if untidy:
+            self._rows.tidy(conn, key)
+        return [SnapshotInfo(v, e, c, n, _info(i, key)) for v, e, c, n, i in rows]
+
+    async def info(self, key: str) -> SessionInfo | None:
+        validate_key(key)
+        return await self._run(partial(self._info, key))
+
+    def _info(self, key: str, conn: sqlite3.Connection) -> SessionInfo | None:
+        with read(conn):
+            s, untidy = self._rows.read_session(conn, key)
+            top = (
+                conn.execute(
+                    "SELECT info FROM versions WHERE ns=? AND key=? AND version=?",
+                    (self._ns, key, s.version),
+                ).fetchone()
+                if s is not None and s.version
+                else None
+            )
+        if untidy:
+            self._rows.tidy(conn, key)
+        if s is None:
+            return None
+        now = self._clock()
+        expires = self._rows.lease_expiry(s, now)
+        live = lease_is_live(expires, now)
+        touched = min(s.touched_at, now)
+        return SessionInfo(
+            key=key,
+            version=s.version,
+            epoch=s.epoch,
+            owner=s.owner if live else None,
+            lease_expires_at=expires if live else None,
+            updated_at=touched,
+            expires_at=touched + self._ttl if self._ttl is not None else None,
+            info=_info(top[0], key) if top is not None else {},
+        )
+
+    async def keys(self) -> list[str]:
+        return await self._run(self._keys)
+
+    def _keys(self, conn: sqlite3.Connection) -> list[str]:
+        with read(conn):
+            rows = conn.execute(
+                f"SELECT key, {SESSION_COLUMNS} FROM sessions WHERE ns=? ORDER BY key",
+                (self._ns,),
+            ).fetchall()
+        now = self._clock()
+        sessions = [(k, Session(*cols)) for k, *cols in rows]
+        live = [k for k, s in sessions if not self._rows.expired(s.touched_at, now)]
+        if len(live) < len(rows) or any(self._rows.skewed(s, now) for _, s in sessions):
+            self._rows.tidy(conn)
+        return live
+
+    async def delete(self, key: str) -> bool:
+        validate_key(key)
+        self._writable(f"delete session {key!r}")
+        return await self._run(partial(self._delete, key))
+
+    def _delete(self, key: str, conn: sqlite3.Connection) -> bool:
+        with write(conn):
+            if self._rows.session(conn, key, self._clock()) is None:
+                return False
+            purge(conn, self._ns, key)
+            return True
+
+    async def aclose(self) -> None:
+        await self._conn.aclose()
+
+
+def _info(text: str, key: str) -> _InfoDict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise SnapshotCorrupt(f"session {key!r}: stored listing info {text[:40]!r} is not a dict")
+    return cast(_InfoDict, value)

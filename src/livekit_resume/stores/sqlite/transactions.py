@@ -1,0 +1,54 @@
+"""The two kinds of transaction every SQLite operation runs in, and the purge of a key."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+
+from ...errors import LeaseLost, SessionBusy
+
+__all__ = ["purge", "read", "write"]
+
+
+@contextlib.contextmanager
+def write(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, holding the database's write lock from its first read.
+
+    A refusal (`LeaseLost`, `SessionBusy`) is raised before anything but the purge of
+    an expired session was written, so that purge is kept; any other error rolls back.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except (LeaseLost, SessionBusy):
+        conn.execute("COMMIT")
+        raise
+    except BaseException:
+        if conn.in_transaction:
+            # The original error is what matters; a failing rollback (the connection may
+            # already have rolled back on a disk error) must not replace it.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def read(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction: every SELECT inside sees the same committed state."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):  # the original error is what matters
+                conn.execute("ROLLBACK")
+        raise
+    conn.execute("ROLLBACK")  # a read transaction has nothing to keep
+
+
+def purge(conn: sqlite3.Connection, ns: str, key: str) -> None:
+    """Delete every row of session ``key`` in namespace ``ns`` (inside a transaction)."""
+    for table in ("log", "versions", "sessions"):
+        conn.execute(f"DELETE FROM {table} WHERE ns=? AND key=?", (ns, key))
