@@ -18,7 +18,8 @@ the factory needs come in through an autouse fixture of the subclass that keeps 
 on ``self`` (see ``tests/test_conformance.py`` of livekit-resume, which runs its own
 five backends through this class).
 
-The tests use only the `Store` protocol. They need pytest and pytest-asyncio (auto or
+The tests use only the `Store` protocol and the optional ones beside it in
+`livekit_resume.stores.base` (events). They need pytest and pytest-asyncio (auto or
 strict mode); neither is a dependency of livekit-resume, and nothing imports this
 module unless a test does. About 40 tests, some of them parametrised; a few wait for
 sub-second TTLs to expire, so a run takes a few seconds per backend.
@@ -30,12 +31,14 @@ from ..poll import eventually
 from ._base import StoreTests
 from ._model import KEY, Writer, writer
 from .contents import ContentTests
+from .events import EventTests
 from .leases import LeaseTests
 from .lifetime import LifetimeTests
 
 __all__ = [
     "KEY",
     "ContentTests",
+    "EventTests",
     "LeaseTests",
     "LifetimeTests",
     "StoreConformance",
@@ -46,9 +49,10 @@ __all__ = [
 ]
 
 
-class StoreConformance(ContentTests, LeaseTests, LifetimeTests):
+class StoreConformance(ContentTests, LeaseTests, LifetimeTests, EventTests):
     """Every conformance test. Define ``async def make_store(self, **options) -> Store``.
 
-    The groups (`ContentTests`, `LeaseTests`, `LifetimeTests`) can be subclassed alone
-    to run part of the suite.
+    The groups (`ContentTests`, `LeaseTests`, `LifetimeTests`, `EventTests`) can be
+    subclassed alone to run part of the suite. Tests of an optional capability (events)
+    skip, saying so, on a store that does not implement its protocol.
     """

@@ -1,5 +1,5 @@
 """The plumbing every conformance test class shares: stores made through the subclass's
-``make_store``, closed when the test ends, and capability checks."""
+``make_store`` and closed when the test ends."""
 
 from __future__ import annotations
 
@@ -41,12 +41,4 @@ class StoreTests:
         store = await self.make_store(**options)
         assert isinstance(store, Store), f"{type(store).__name__} lacks Store methods"
         self._made.append(store)
-        return store
-
-    @staticmethod
-    def require(store: Store, capability: type, name: str) -> Any:
-        """``store`` if it has the optional ``capability`` (a runtime-checkable protocol),
-        else skip the test saying which one it lacks."""
-        if not isinstance(store, capability):
-            pytest.skip(f"{type(store).__name__} does not implement {name}")
         return store
