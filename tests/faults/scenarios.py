@@ -22,7 +22,6 @@ import pytest
 from livekit.agents import llm
 
 from livekit_resume import ResumableSession, ResumeError, StoreUnavailable, open_store
-from livekit_resume._demo import WatchedStore
 from livekit_resume.snapshot.chat import ctx_from_data
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.base import Commit, SessionInfo, Store, Stored
@@ -31,6 +30,7 @@ from tests import _child_agent as agent_kit
 from tests.faults.cluster import FailoverPair
 from tests.faults.figures import Row
 from tests.faults.forkserver import Lab
+from tests.faults.watch import WatchStore
 from tests.faults.workers import STREAM, digest_items, turn_text
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.redis_servers import RedisServer
@@ -319,8 +319,8 @@ async def zombies(lab: Lab, target: Target, *, runs: int) -> Row:
 # ------------------------------------------------------- in-process scenarios
 
 
-class ProbeStore(WatchedStore):
-    """`WatchedStore` that also counts failed commits and times the good ones, so a test
+class ProbeStore(WatchStore):
+    """`WatchStore` that also counts failed commits and times the good ones, so a test
     waits on "a commit has failed since" instead of guessing how long an outage lasts."""
 
     def __init__(self, inner: Store) -> None:
@@ -372,7 +372,7 @@ async def _fresh_session(
     return session, rs
 
 
-async def _turn(session: Any, store: WatchedStore, text: str) -> str:
+async def _turn(session: Any, store: WatchStore, text: str) -> str:
     await asyncio.wait_for(session.run(user_input=text), OUTAGE_DEADLINE)
     for item in reversed(session.history.items):
         if isinstance(item, llm.ChatMessage) and item.text_content == text:

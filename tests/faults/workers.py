@@ -27,10 +27,10 @@ from typing import Any
 from livekit.agents import llm
 
 from livekit_resume import LeaseLost, ResumableSession, SnapshotNotFound, open_store
-from livekit_resume._demo import WatchedStore
 from livekit_resume.stores.base import Commit, Record, Store
 from tests import _child_agent as agent_kit
 from tests.faults.forkserver import Channel
+from tests.faults.watch import WatchStore
 
 __all__ = ["STREAM", "WORKERS", "AckStore", "digest_items", "turn_text"]
 
@@ -55,7 +55,7 @@ def digest_items(items: Sequence[tuple[str, bytes]]) -> str:
     return h.hexdigest()[:16]
 
 
-class AckStore(WatchedStore):
+class AckStore(WatchStore):
     """Forwards to the real store; says ``COMMIT <version> <epoch>`` once a commit returned."""
 
     def __init__(self, inner: Store, channel: Channel) -> None:
