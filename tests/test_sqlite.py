@@ -28,6 +28,7 @@ from livekit_resume.errors import (
     StoreUnavailable,
 )
 from livekit_resume.stores.base import Commit, Record, Store
+from livekit_resume.stores.log import needs_compaction
 from livekit_resume.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SQLiteStore
 from livekit_resume.stores.url import open_store
 
@@ -361,6 +362,25 @@ async def test_expired_sessions_are_purged_from_the_file(tmp_path: Path) -> None
             conn.close()
     finally:
         await store.aclose()
+
+
+async def test_compaction_happens_at_the_commit_the_log_rule_names(store: SQLiteStore) -> None:
+    """stores/log.py: append, then fold when `needs_compaction` holds for the log the
+    commit leaves; the version that triggered it reads the folded generation."""
+    lease = await store.acquire(KEY, "w")
+    first = next(n for n in range(1, 1000) if needs_compaction(n, 1))
+    for n in range(1, first + 1):
+        await store.commit(Commit(KEY, lease.epoch, n - 1, b"h", [Record("h", "a", b"%d" % n)], 1))
+    conn = sqlite3.connect(store.path)
+    try:
+        rows = conn.execute("SELECT version, gen, log_end FROM versions ORDER BY version")
+        gens = {version: (gen, end) for version, gen, end in rows}
+    finally:
+        conn.close()
+    assert gens[first - 1] == (0, first - 1)  # appended only, one record a commit
+    assert gens[first] == (1, 1)  # folded in the same commit: one live item
+    assert (await store.load(KEY)).streams == {"h": [("a", b"%d" % first)]}
+    assert (await store.load(KEY, first - 1)).streams == {"h": [("a", b"%d" % (first - 1))]}
 
 
 async def test_commit_appends_without_reading_or_rewriting_the_log(store: SQLiteStore) -> None:

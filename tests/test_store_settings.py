@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from livekit_resume.errors import SessionBusy, SnapshotNotFound, StoreUnavailable
-from livekit_resume.stores.base import Commit, Record
+from livekit_resume.errors import ResumeError, SessionBusy, SnapshotNotFound, StoreUnavailable
+from livekit_resume.settings import Settings
+from livekit_resume.snapshot.codec import Codec
+from livekit_resume.stores import base
+from livekit_resume.stores.base import Commit, EventPublisher, EventSource, Record, Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.sqlite import DEFAULT_NAMESPACE, SQLiteStore
 from livekit_resume.stores.url import open_store
@@ -40,7 +43,14 @@ class Clock:
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in ("RESUME_STORE", "RESUME_TTL", "RESUME_NAMESPACE"):
+    for name in (
+        "RESUME_STORE",
+        "RESUME_TTL",
+        "RESUME_NAMESPACE",
+        "RESUME_KEEP",
+        "RESUME_SIGNING_KEYS",
+        "RESUME_ENCRYPTION_KEYS",
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -502,3 +512,94 @@ async def test_commits_still_in_the_wal_of_an_unwritable_directory_are_not_ignor
                 await reader.load(KEY)
         finally:
             await reader.aclose()
+
+
+# -- one typed settings model, from_url on every backend ------------------------------
+
+
+def test_settings_read_resume_variables_and_keywords_win(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("RESUME_STORE", "memory://")
+    clean_env.setenv("RESUME_NAMESPACE", "tenant-a")
+    clean_env.setenv("RESUME_TTL", "60")
+    clean_env.setenv("RESUME_KEEP", "")  # empty: not set
+    settings = Settings.load()
+    assert (settings.store, settings.namespace, settings.ttl, settings.keep) == (
+        "memory://",
+        "tenant-a",
+        60.0,
+        None,
+    )
+    assert settings.store_options() == {"namespace": "tenant-a", "ttl": 60.0}
+    chosen = Settings.load(namespace="tenant-b", ttl=None)
+    assert (chosen.namespace, chosen.ttl) == ("tenant-b", None)
+
+
+def test_settings_never_show_keys(clean_env: pytest.MonkeyPatch) -> None:
+    secret = "k1:" + "QUJD" * 8
+    clean_env.setenv("RESUME_SIGNING_KEYS", secret)
+    settings = Settings.load(encryption_keys=secret)
+    for shown in (repr(settings), str(settings), str(settings.model_dump())):
+        assert "QUJD" not in shown
+    frame = settings.codec().pack({"said": "hello"})
+    assert settings.codec().unpack(frame)[1] == {"said": "hello"}
+    with pytest.raises(ResumeError):  # signed and encrypted: the keys reached the codec
+        Codec().unpack(frame)
+
+
+def test_a_bad_setting_is_refused_in_one_line_naming_it(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("RESUME_KEEP", "none")
+    with pytest.raises(ValueError) as refused:
+        Settings.load()
+    assert "RESUME_KEEP='none'" in str(refused.value) and "\n" not in str(refused.value)
+    clean_env.setenv("RESUME_KEEP", "3")
+    assert Settings.load().keep == 3
+
+
+async def test_open_store_takes_keep_from_resume_keep(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    clean_env.setenv("RESUME_KEEP", "1")
+    store = open_store(f"sqlite:///{tmp_path}/keep.db")
+    kept = open_store(f"sqlite:///{tmp_path}/keep.db", keep=5)  # the keyword wins
+    try:
+        assert isinstance(store, SQLiteStore)
+        await _write_session(store, items=3)
+        assert [v.version for v in await store.versions(KEY)] == [3]
+        assert "keep=5" in repr(kept)
+    finally:
+        await store.aclose()
+        await kept.aclose()
+
+
+def test_every_backend_opens_from_its_own_url(tmp_path: Path) -> None:
+    memory = MemoryStore.from_url("memory://", namespace="ignored", keep=2)
+    assert isinstance(memory, MemoryStore)
+    sqlite = SQLiteStore.from_url(f"sqlite:///{tmp_path}/own.db?mode=ro", namespace="t")
+    assert (sqlite.path, sqlite.namespace, sqlite.read_only) == (
+        str(tmp_path / "own.db"),
+        "t",
+        True,
+    )
+    for wrong, backend in (("sqlite:///x.db", MemoryStore), ("memory://", SQLiteStore)):
+        with pytest.raises(ValueError, match="opens"):
+            backend.from_url(wrong)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_capabilities_are_found_by_type_not_by_getattr(tmp_path: Path) -> None:
+    from livekit_resume.stores.redis import RedisStore
+
+    redis = RedisStore.from_url("redis://127.0.0.1:1/0")  # never connected here
+    sqlite = SQLiteStore(tmp_path / "c.db")
+    for store in (MemoryStore(), sqlite, redis):
+        assert isinstance(store, Store)
+    assert isinstance(redis, EventPublisher) and isinstance(redis, EventSource)
+    for plain in (MemoryStore(), sqlite):
+        assert not isinstance(plain, EventPublisher) and not isinstance(plain, EventSource)
+
+
+def test_a_third_party_backend_finds_the_contract_in_the_package() -> None:
+    import livekit_resume as lr
+
+    for name in ("Store", "Lease", "Commit", "Record", "Stored", "SnapshotInfo", "SessionInfo"):
+        assert name in lr.__all__ and getattr(lr, name) is getattr(base, name)
