@@ -46,8 +46,10 @@ class Autosave:
         key: str,
         debounce: float,
         renew_every: float,
+        on_lost: Callable[[LeaseLost], None] | None = None,
     ) -> None:
         self._checkpoint = checkpoint
+        self._on_lost = on_lost
         self._renew = renew
         self._key = key
         self._debounce = debounce
@@ -150,3 +152,5 @@ class Autosave:
         for t in self._tasks:
             if t is not asyncio.current_task():
                 t.cancel()
+        if self._on_lost is not None:
+            self._on_lost(e)

@@ -22,7 +22,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from livekit import rtc
@@ -76,7 +76,11 @@ class ResumableSession:
     ``TypeAdapter``); without it userdata is not saved. ``owner`` names this worker in
     leases (default: host, pid and a random suffix). Keys for signing and encryption
     default to ``RESUME_SIGNING_KEYS`` and ``RESUME_ENCRYPTION_KEYS``; ``codec`` replaces
-    them with a `Codec` of your own (keys, ``max_frame``).
+    them with a `Codec` of your own (keys, ``max_frame``). ``on_lost`` is awaited once
+    when autosave finds the session taken over by another worker (`LeaseLost`): nothing
+    more is written from here, so it is the place to stop speaking and end the session.
+    ``suspend_after``: a pause longer than this many seconds becomes a suspend, which
+    frees the session's connections and its lease.
 
     An item too large for one frame is never written unreadable: with ``media="keep"``
     its media is dropped for that item, and a message or tool output still too large
@@ -100,6 +104,8 @@ class ResumableSession:
         room: rtc.Room | None = None,
         extra: dict[str, Any] | None = None,
         codec: Codec | None = None,
+        on_lost: Callable[[LeaseLost], Awaitable[None]] | None = None,
+        suspend_after: float | None = None,
     ) -> None:
         if codec is not None and (signing_keys or encryption_keys):
             raise ValueError("pass the keys to the Codec, or keys without a codec, not both")
@@ -131,7 +137,13 @@ class ResumableSession:
             key=self._key,
             debounce=debounce,
             renew_every=lease_ttl / 3,
+            on_lost=self._lost,
         )
+        self._on_lost = on_lost
+        self._lost_task: asyncio.Task[None] | None = None
+        self._suspend_after = suspend_after
+        self._long_pause: asyncio.TimerHandle | None = None
+        self._suspending: asyncio.Task[int] | None = None
 
         self._session: AgentSession[Any] | None = None
         self._version = 0
@@ -355,6 +367,15 @@ class ResumableSession:
         self._version = 0
         self._capture.rewrite = True
 
+    def _cancel_long_pause(self) -> None:
+        if self._long_pause is not None:
+            self._long_pause.cancel()
+            self._long_pause = None
+
+    def _lost(self, error: LeaseLost) -> None:
+        if self._on_lost is not None and self._lost_task is None:
+            self._lost_task = asyncio.ensure_future(self._on_lost(error))
+
     async def _renew(self) -> None:
         if not await self._holder.renew():
             self._autosave.trigger("manual")  # the next checkpoint acquires it again
@@ -371,13 +392,40 @@ class ResumableSession:
         self._state = "paused"
         version = await self.checkpoint("pause")
         await self._announcer.announce("paused", self._version)
+        if self._suspend_after is not None:
+            self._long_pause = asyncio.get_running_loop().call_later(
+                self._suspend_after, self._suspend_long_pause
+            )
         return version
+
+    def _suspend_long_pause(self) -> None:
+        self._long_pause = None
+        if self._state == "paused":
+            log.info(
+                "session %r paused for over %.0fs: suspended",
+                self._key,
+                self._suspend_after,
+                extra={"key": self._key},
+            )
+            self._suspending = asyncio.ensure_future(self.suspend())
+            self._suspending.add_done_callback(self._suspended_after_pause)
+
+    def _suspended_after_pause(self, task: asyncio.Task[int]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # the session stays paused with its lease; aclose() still saves it
+            log.error(
+                "session %r: suspend after a long pause failed: %s",
+                self._key,
+                task.exception(),
+                extra={"key": self._key},
+            )
 
     async def resume(self) -> None:
         """Undo `pause`: audio back on and replies allowed, in the same process."""
         session = self._require()
         if self._state != "paused":
             raise RuntimeError(f"cannot resume session {self._key!r} in state {self._state!r}")
+        self._cancel_long_pause()
         self._silencer.unsilence(session)
         self._state = "active"
         self._autosave.trigger("manual")  # persist the state change without waiting
@@ -478,6 +526,7 @@ class ResumableSession:
         )
 
     async def _detach_and_release(self) -> None:
+        self._cancel_long_pause()
         await self._autosave.aclose()
         if self._session is not None:
             for event, fn in self._listeners:

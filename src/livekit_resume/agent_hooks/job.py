@@ -1,0 +1,235 @@
+"""`resumable_job`: a resumable LiveKit job in one call.
+
+What the README's entrypoint does by hand (restore, start, save on shutdown), plus the
+moments a conversation is lost in production:
+
+- **crash and re-dispatch, or a caller back in another room**: the lease names worker
+  and job; a new job for a key another job holds takes it over at once (the newest job
+  wins, with fencing), instead of waiting out the lease. The fenced job, if it is still
+  alive, stops speaking and ends its session (`on_lost`). The same job restoring a key
+  twice is refused (`SessionBusy`).
+- **the key** is the room name, or a function of the job (dispatch metadata, a
+  participant's identity, a SIP caller's number), so a caller who comes back in a new
+  room finds their conversation;
+- **shutdown and drain**: LiveKit closes the session, then runs shutdown callbacks; the
+  session's close saves the final snapshot and releases the lease, well inside the
+  ~10 s LiveKit allows;
+- **the caller leaves**: with ``leave_grace`` the session pauses when the last remote
+  participant leaves (LiveKit's ``close_on_disconnect`` is turned off) and suspends when
+  the grace runs out; a participant back within the grace finds it resumed in place;
+- **long pauses**: a pause longer than ``suspend_after`` suspends the session (its
+  STT/TTS/LLM and audio are closed, the lease released); a later job for the key, or
+  this one with a new `AgentSession` and another `resumable_job` call, restores it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from livekit import rtc
+from livekit.agents import Agent, AgentSession, JobContext
+from livekit.agents.voice import room_io
+
+from ..errors import LeaseLost, SessionBusy
+from ..stores.base import Store
+from ..stores.url import open_store
+from .registry import AgentRegistry
+from .session import ResumableSession
+
+__all__ = ["DEFAULT_LEAVE_GRACE", "JobPolicy", "resumable_job"]
+
+log = logging.getLogger("livekit_resume")
+
+# Long enough for a phone to switch networks and rejoin, short enough that an abandoned
+# call frees its STT/TTS/LLM connections soon.
+DEFAULT_LEAVE_GRACE = 30.0
+
+KeySpec = str | Callable[[JobContext], "str | Awaitable[str]"] | None
+
+
+def job_owner(ctx: JobContext) -> str:
+    """The lease owner of a job: worker, job and process, so that listings name them."""
+    return f"{ctx.worker_id}:{ctx.job.id}:{os.getpid()}"
+
+
+async def _resolve_key(ctx: JobContext, key: KeySpec) -> str:
+    if key is None:
+        return ctx.room.name
+    if isinstance(key, str):
+        return key
+    value = key(ctx)
+    if inspect.isawaitable(value):
+        value = await value
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"the key function returned {value!r}, not a non-empty string")
+    return value
+
+
+class JobPolicy:
+    """Pauses one session when the last remote participant leaves the room, resumes it
+    when one comes back within ``leave_grace`` seconds, and suspends it when nobody does.
+    """
+
+    def __init__(self, rs: ResumableSession, room: rtc.Room, *, leave_grace: float) -> None:
+        self._rs = rs
+        self._room = room
+        self._leave_grace = leave_grace
+        self._left_pause = False  # the pause is ours: the caller left
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self) -> None:
+        self._room.on("participant_disconnected", self._on_left)
+        self._room.on("participant_connected", self._on_joined)
+
+    def stop(self) -> None:
+        self._cancel_timer()
+        self._room.off("participant_disconnected", self._on_left)
+        self._room.off("participant_connected", self._on_joined)
+
+    # -- room events (synchronous callbacks: the work runs in tasks) --------------
+
+    def _on_left(self, _participant: rtc.RemoteParticipant) -> None:
+        if self._room.remote_participants or self._rs.state != "active":
+            return
+        self._spawn(self._pause_for_leave())
+
+    def _on_joined(self, _participant: rtc.RemoteParticipant) -> None:
+        if self._left_pause and self._rs.state == "paused":
+            self._cancel_timer()
+            self._spawn(self._resume_after_leave())
+
+    async def _pause_for_leave(self) -> None:
+        self._left_pause = True
+        await self._rs.pause()
+        log.info(
+            "session %r paused: the last participant left (%.0fs grace)",
+            self._rs.key,
+            self._leave_grace,
+            extra={"key": self._rs.key},
+        )
+        self._arm(self._leave_grace, "nobody came back within the grace")
+
+    async def _resume_after_leave(self) -> None:
+        self._left_pause = False
+        await self._rs.resume()
+        log.info("session %r resumed: a participant came back", self._rs.key)
+
+    # -- the suspend timer ----------------------------------------------------------
+
+    def _arm(self, delay: float, why: str) -> None:
+        self._cancel_timer()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(delay, lambda: self._spawn(self._suspend(why)))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _suspend(self, why: str) -> None:
+        self._timer = None
+        if self._rs.state != "paused":
+            return
+        log.info("session %r suspended: %s", self._rs.key, why, extra={"key": self._rs.key})
+        await self._rs.suspend()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "session %r: a pause or suspend on a room event failed: %s",
+                self._rs.key,
+                task.exception(),
+                extra={"key": self._rs.key},
+            )
+
+
+async def _refuse_same_job(store: Store, key: str, owner: str) -> None:
+    """A job that restores a key it already holds is a bug of the caller, not a takeover."""
+    info = await store.info(key)  # names an owner only while its lease is live
+    if info is None or info.owner is None:
+        return
+    if info.owner.rsplit(":", 1)[0] == owner.rsplit(":", 1)[0]:
+        raise SessionBusy(
+            f"session {key!r} is already restored by this job ({info.owner!r}); restore "
+            "each key once per job",
+            holder=info.owner,
+        )
+
+
+async def resumable_job(
+    ctx: JobContext,
+    session: AgentSession[Any],
+    *,
+    registry: AgentRegistry,
+    default: Callable[[], Agent],
+    key: KeySpec = None,
+    store: Store | None = None,
+    leave_grace: float | None = DEFAULT_LEAVE_GRACE,
+    suspend_after: float | None = None,
+    room_options: room_io.RoomOptions | None = None,
+    **options: Any,
+) -> ResumableSession:
+    """Restore (or start) the conversation of this job and start ``session`` in its room.
+
+    ``key`` is the room name by default, or a string, or a function of the job context
+    (sync or async) returning the key. ``store`` defaults to `open_store()`
+    (``RESUME_STORE``). ``options`` go to `ResumableSession` (``userdata_type``,
+    ``media``, ``codec``, …). The job's shutdown saves and releases the session; a
+    newer job for the same key takes it over and this one goes quiet. Returns the
+    `ResumableSession` (``rs.resumed`` says whether a conversation was found).
+    """
+    name = await _resolve_key(ctx, key)
+    store = store or open_store()
+    owner = job_owner(ctx)
+    await _refuse_same_job(store, name, owner)
+
+    async def on_lost(error: LeaseLost) -> None:
+        # a newer job took the conversation over: stop speaking, write nothing, end
+        log.warning(
+            "session %r was taken over by another job; this job stops: %s",
+            name,
+            error,
+            extra={"key": name},
+        )
+        if leave_grace is not None:
+            policy.stop()
+        with contextlib.suppress(RuntimeError):  # not started yet: nothing speaks
+            await session.interrupt(force=True)
+        session.output.set_audio_enabled(False)
+        session.input.set_audio_enabled(False)
+        await rs.aclose()
+        await session.aclose()
+
+    rs = ResumableSession(
+        store,
+        name,
+        registry=registry,
+        owner=owner,
+        room=ctx.room,
+        on_lost=on_lost,
+        suspend_after=suspend_after,
+        **options,
+    )
+    policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace or 0.0)
+    agent = await rs.restore(session, default=default, takeover=True)
+    ctx.add_shutdown_callback(rs.aclose)
+    opts = room_options or room_io.RoomOptions()
+    if leave_grace is not None:
+        opts.close_on_disconnect = False  # the grace decides, not LiveKit
+    await session.start(agent, room=ctx.room, room_options=opts)
+    if leave_grace is not None:
+        policy.start()
+    return rs
