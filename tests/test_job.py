@@ -13,6 +13,7 @@ from livekit import rtc
 import livekit_resume as lr
 from livekit_resume.agent_hooks.job import JobPolicy
 from livekit_resume.stores.base import Store
+from livekit_resume.testing.poll import eventually
 from tests.test_hooks import KEY, settled, start
 
 DEADLINE = 10.0
@@ -28,11 +29,10 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
 
 
 async def wait_for_state(rs: lr.ResumableSession, state: str) -> None:
-    async def until() -> None:
-        while rs.state != state:
-            await asyncio.sleep(0.01)
+    async def reached() -> bool:
+        return rs.state == state
 
-    await asyncio.wait_for(until(), DEADLINE)
+    await eventually(reached, f"the session is {state}", DEADLINE)
 
 
 async def test_a_pause_longer_than_suspend_after_suspends_and_restores_with_nothing_lost(
