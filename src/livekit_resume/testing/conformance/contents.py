@@ -15,7 +15,8 @@ import time
 import pytest
 
 from ...errors import LeaseLost, SnapshotNotFound
-from ...stores.base import Commit, Record, needs_compaction
+from ...stores.base import Commit, Record
+from ...stores.log import needs_compaction
 from ._base import StoreTests
 from ._model import KEY, InfoDict, Items, live, nonempty, records_of, snapshot_of, writer
 
