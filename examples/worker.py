@@ -11,6 +11,10 @@ Redis store), and the agent picks up where it stopped, without greeting twice.
 Clients can pause, resume or suspend the agent with RPC calls (``resume.pause``,
 ``resume.resume``, ``resume.suspend``) and read its state from the agent participant's
 ``resume.state`` / ``resume.version`` attributes. See examples/README.md.
+
+The agents (a receptionist that hands over to a booking desk) are the ones
+``livekit-resume demo`` runs, in ``livekit_resume.cli.demo.agents``: read them there, or
+copy that module next to your worker and import it instead.
 """
 
 from __future__ import annotations
@@ -18,110 +22,12 @@ from __future__ import annotations
 import logging
 
 from livekit import rtc
-from livekit.agents import (
-    Agent,
-    AgentServer,
-    AgentSession,
-    JobContext,
-    RunContext,
-    cli,
-    function_tool,
-    llm,
-)
-from pydantic import BaseModel
+from livekit.agents import AgentServer, AgentSession, JobContext, cli
 
 import livekit_resume as lr
+from livekit_resume.cli.demo.agents import Receptionist, Visit, register_agents
 
 log = logging.getLogger("resumable-worker")
-
-
-class Visit(BaseModel):
-    """Session userdata, saved with every snapshot and validated on restore."""
-
-    name: str | None = None
-    day: str | None = None
-
-
-class _Resumable(Agent):
-    """Greets on entry, unless it was rebuilt from a snapshot: LiveKit runs ``on_enter``
-    on every ``session.start()``, a restore included."""
-
-    def __init__(
-        self,
-        rs: lr.ResumableSession,
-        *,
-        instructions: str,
-        restored: bool = False,
-        chat_ctx: llm.ChatContext | None = None,
-    ) -> None:
-        super().__init__(instructions=instructions, chat_ctx=chat_ctx)
-        self._rs = rs
-        self._restored = restored
-
-    async def on_enter(self) -> None:
-        if self._restored and self._rs.resumed:
-            return  # the caller is mid-conversation: no second welcome
-        self.session.generate_reply(instructions="Greet the caller briefly.")
-
-
-class Receptionist(_Resumable):
-    def __init__(self, rs: lr.ResumableSession, *, restored: bool = False) -> None:
-        super().__init__(
-            rs,
-            restored=restored,
-            instructions=(
-                "You are the front desk of the Riverside clinic. Ask for the caller's name "
-                "and record it, then hand them to the booking desk for appointments."
-            ),
-        )
-
-    @function_tool
-    async def record_name(self, context: RunContext[Visit], name: str) -> str:
-        """Record the caller's name.
-
-        Args:
-            name: the caller's first name
-        """
-        context.userdata.name = name
-        return f"name recorded: {name}"
-
-    @function_tool
-    async def transfer_to_booking(self, context: RunContext[Visit]) -> Agent:
-        """Hand the caller to the booking desk."""
-        # the booking desk hears the conversation so far (messages, not our tool calls)
-        heard = self.chat_ctx.copy(
-            exclude_instructions=True,
-            exclude_function_call=True,
-            exclude_handoff=True,
-            exclude_config_update=True,
-        )
-        return Booking(self._rs, chat_ctx=heard)
-
-
-class Booking(_Resumable):
-    def __init__(
-        self,
-        rs: lr.ResumableSession,
-        *,
-        restored: bool = False,
-        chat_ctx: llm.ChatContext | None = None,
-    ) -> None:
-        super().__init__(
-            rs,
-            restored=restored,
-            chat_ctx=chat_ctx,
-            instructions="You are the booking desk of the Riverside clinic. Book visits.",
-        )
-
-    @function_tool
-    async def book_visit(self, context: RunContext[Visit], day: str) -> str:
-        """Book the caller's visit.
-
-        Args:
-            day: the weekday of the visit
-        """
-        context.userdata.day = day
-        return f"booked {day} for {context.userdata.name or 'the caller'}"
 
 
 server = AgentServer()
@@ -135,8 +41,7 @@ async def entrypoint(ctx: JobContext) -> None:
     registry = lr.AgentRegistry()
     rs = lr.ResumableSession(store, ctx.room.name, registry=registry, userdata_type=Visit)
     # the only classes a snapshot can ever rebuild; built "restored", with these hooks
-    registry.register(Receptionist, factory=lambda _state: Receptionist(rs, restored=True))
-    registry.register(Booking, factory=lambda _state: Booking(rs, restored=True))
+    register_agents(registry, rs)
 
     async def final_save() -> None:
         # LiveKit closes the session first, then runs this with ~10 s left: one small

@@ -522,9 +522,9 @@ def test_a_session_larger_than_one_frame_exports_and_imports(
 ) -> None:
     # An ~80 MB session against the 64 MiB limit, scaled down: ~600 KB against 256 KiB.
     # Every item is within the limit, the whole snapshot is not.
-    import livekit_resume.cli as cli
+    import livekit_resume.cli.snapshots as cli_snapshots
 
-    monkeypatch.setattr(cli, "_MAX_FRAME", 256 * 1024)
+    monkeypatch.setattr(cli_snapshots, "_MAX_FRAME", 256 * 1024)
     name = f"room-{uuid.uuid4().hex[:6]}"
     facts = [f"the fact {n}: " + "abcdefghij" * 4_000 for n in range(4)]
     asyncio.run(_converse(url, name, [f"remember {f}" for f in facts]))

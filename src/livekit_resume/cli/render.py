@@ -1,0 +1,277 @@
+"""How the command line shows things: consoles, times, JSON, transcripts and tables.
+
+Nothing here touches a store or runs a command; the app and the demo both print
+through it. Keys, userdata and transcripts are data: the consoles have markup off, so
+``[bold]`` in a user's words stays text.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import click
+from pydantic_core import to_jsonable_python
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..snapshot.codec import AGENT, HISTORY
+from ..snapshot.model import ItemData, Snapshot
+from ..snapshot.salvage import Damage
+
+__all__ = [
+    "add_transcript_rows",
+    "console",
+    "dash",
+    "err_console",
+    "error_line",
+    "iso",
+    "print_json",
+    "render_item",
+    "repair_report",
+    "sessions_table",
+    "snapshot_table",
+    "transcript_table",
+    "versions_table",
+    "when",
+]
+
+
+def console() -> Console:
+    """Standard output; built per call, so that it writes to whatever ``sys.stdout``
+    is now (tests swap it)."""
+    return Console(highlight=False, markup=False)
+
+
+def err_console() -> Console:
+    """Standard error; soft_wrap: an error stays one line, however narrow the terminal,
+    for grep and logs."""
+    return Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+
+
+def error_line(exc: BaseException, *, as_json: bool) -> None:
+    """Print a failure as one line: the error's type and message (or a JSON object)."""
+    kind = type(exc).__name__
+    if as_json:
+        click.echo(json.dumps({"error": kind, "message": str(exc)}), err=True)
+    else:
+        err_console().print(Text.assemble(("error", "bold red"), f" ({kind}): {exc}"))
+
+
+def when(ts: float | None, *, short: bool = False) -> str:
+    """Local time; ``short`` drops the date for today."""
+    if ts is None:
+        return "—"
+    at = _dt.datetime.fromtimestamp(ts)
+    if short and at.date() == _dt.date.today():
+        return at.strftime("%H:%M:%S")
+    return at.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def iso(ts: float | None) -> str | None:
+    """UTC ISO 8601, for JSON output."""
+    if ts is None:
+        return None
+    return _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).isoformat()
+
+
+def _jsonable(value: Any) -> Any:
+    return to_jsonable_python(value, bytes_mode="base64")
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(_jsonable(value), indent=2))
+
+
+def dash(value: object) -> str:
+    """A table cell: ``—`` for nothing."""
+    return "—" if value is None or value == "" else str(value)
+
+
+# ---------------------------------------------------------------------- transcript
+
+
+def _part_text(part: Any) -> str:
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, Mapping):
+        return ""
+    kind = part.get("type")
+    if kind == "image_content":
+        return f"[image {str(part.get('image', ''))[:60]}]"
+    if kind == "audio_content":
+        return f"[audio] {part.get('transcript') or ''}".strip()
+    if kind == "dropped_media" and part.get("kind") == "audio":
+        return f"[audio not kept] {part.get('transcript') or ''}".strip()
+    if kind == "dropped_media":
+        return "[image not kept]"
+    return ""
+
+
+def _content_text(content: Iterable[Any]) -> str:
+    return " ".join(p for p in map(_part_text, content) if p)
+
+
+def render_item(item: ItemData, *, width: int | None = None) -> tuple[Text, Text] | None:
+    """One chat item (plain data) as (who, what); None for an item not worth a line
+    (agent config updates)."""
+
+    def cut(s: str) -> str:
+        return s if width is None or len(s) <= width else s[: width - 1] + "…"
+
+    kind = item.get("type")
+    if kind == "message":
+        role = str(item.get("role"))
+        text = cut(_content_text(item.get("content") or []))
+        style = {"user": "bold cyan", "assistant": "bold green"}.get(role, "dim")
+        what = Text(text, style="dim" if role in ("system", "developer") else "")
+        if item.get("interrupted"):
+            what.append(" (interrupted)", style="yellow")
+        return Text(role, style=style), what
+    if kind == "function_call":
+        return Text("tool call", style="magenta"), Text(
+            cut(f"{item.get('name')}({item.get('arguments') or ''})")
+        )
+    if kind == "function_call_output":
+        err = bool(item.get("is_error"))
+        name = item.get("name") or item.get("call_id")
+        output = str(item.get("output") or "")
+        what = Text(cut(f"{name}: {output}")) if output else Text(f"{name} (no output)")
+        return Text("tool error" if err else "tool output", style="red" if err else "magenta"), what
+    if kind == "agent_handoff":
+        old = item.get("old_agent_id") or "—"
+        return Text("handoff", style="bold yellow"), Text(f"{old} → {item.get('new_agent_id')}")
+    return None
+
+
+def transcript_table(items: Sequence[ItemData], *, title: str | None = None) -> Table:
+    """A readable transcript: role and text, tool calls and outputs, handoffs."""
+    table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
+    table.add_column("who", no_wrap=True, min_width=11)
+    table.add_column("what", overflow="fold")
+    add_transcript_rows(table, items)
+    return table
+
+
+def add_transcript_rows(table: Table, items: Iterable[ItemData]) -> None:
+    """Append the readable rows of ``items`` to a `transcript_table`."""
+    for item in items:
+        row = render_item(item)
+        if row is not None:
+            table.add_row(*row)
+
+
+# -------------------------------------------------------------------------- tables
+
+
+def sessions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
+    """``ls``: one row per session (the rows ``ls --json`` prints, with ``updated_ts``)."""
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    table.add_column("key", no_wrap=True)
+    table.add_column("version", justify="right", min_width=7)
+    table.add_column("state", no_wrap=True)
+    table.add_column("agent", no_wrap=True)
+    table.add_column("items", justify="right", min_width=5)
+    table.add_column("lease", overflow="fold")
+    table.add_column("updated", no_wrap=True)
+    for r in rows:
+        expires = r["lease_expires_in"]
+        table.add_row(
+            r["key"],
+            str(r["version"]),
+            dash(r["state"]),
+            dash(r["agent"]),
+            dash(r["items"]),
+            "free" if expires is None else f"{r['owner']} ({expires:.0f}s left)",
+            when(r["updated_ts"], short=True),
+        )
+    return table
+
+
+def versions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
+    """``history``: one row per retained version (with ``created_ts``)."""
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for col in ("version", "epoch", "time", "reason", "state", "items", "bytes"):
+        table.add_column(
+            col, justify="right" if col in ("version", "epoch", "items", "bytes") else "left"
+        )
+    for r in rows:
+        reason = dash(r["reason"]) + (f" ({r['source']})" if r["source"] else "")
+        table.add_row(
+            str(r["version"]),
+            str(r["epoch"]),
+            when(r["created_ts"], short=True),
+            reason,
+            dash(r["state"]),
+            dash(r["items"]),
+            str(r["bytes"]),
+        )
+    return table
+
+
+def _snapshot_rows(snap: Snapshot) -> list[tuple[str, str]]:
+    w = snap.writer
+    rows: list[tuple[str, str]] = [
+        ("version", f"{snap.version}  (epoch {snap.epoch}, format {snap.format_version})"),
+        ("saved", f"{when(snap.created_at)}  reason: {snap.reason}"),
+        ("state", snap.state),
+        ("writer", f"{w.host} pid {w.pid}" + (f" worker {w.worker_id}" if w.worker_id else "")),
+        ("agent", snap.agent.agent_id if snap.agent else "—"),
+        ("room", dash(snap.meta.room)),
+        ("participant", dash(snap.meta.participant_identity)),
+        ("turns", str(snap.meta.turn_count)),
+        ("history", f"{len(snap.history)} items"),
+    ]
+    if snap.agent is not None:
+        rows.append(("agent context", f"{len(snap.agent.chat_ctx)} items"))
+        if snap.agent.task:
+            rows.append(("task", f"{snap.agent.task} (not restorable, parent agent kept)"))
+    if snap.userdata is not None:
+        rows.append(("userdata", json.dumps(_jsonable(snap.userdata))))
+    for call in snap.tool_calls:
+        rows.append(("tool in flight", f"{call.name}({call.arguments}) [{call.status}]"))
+    if snap.meta.extra:
+        rows.append(("extra", json.dumps(_jsonable(snap.meta.extra))))
+    return rows
+
+
+def snapshot_table(snap: Snapshot) -> Table:
+    """``show``: a snapshot's metadata, one field a row."""
+    meta = Table(show_header=False, box=None, title=f"session {snap.key!r}", title_justify="left")
+    meta.add_column(style="bold")
+    meta.add_column()
+    for name, value in _snapshot_rows(snap):
+        meta.add_row(name, value)
+    return meta
+
+
+def repair_report(
+    out: Console,
+    key: str,
+    version: int,
+    damage: Sequence[Damage],
+    kept: Mapping[str, int],
+    *,
+    written: int | None,
+) -> None:
+    """``repair``: one line per lost item or stream (for grep), then a summary."""
+    if not damage:
+        out.print(f"session {key!r} version {version} is intact: nothing to repair")
+        return
+    for d in damage:
+        what = f"{d.stream} item {d.item_id!r}" if d.item_id else d.stream
+        out.print(f"lost {what}: {d.reason}", soft_wrap=True)
+    items = sum(1 for d in damage if d.item_id)
+    summary = (
+        f"session {key!r} version {version}: {items} item(s) lost, "
+        f"{kept[HISTORY]} history and {kept[AGENT]} agent items kept; "
+    )
+    if written is None:
+        summary += "nothing written (--dry-run)"
+    else:
+        summary += f"written whole as version {written}"
+    out.print(summary, soft_wrap=True)
