@@ -23,7 +23,8 @@ from livekit_resume.errors import (
     StoreUnavailable,
 )
 from livekit_resume.stores.base import Commit, Lease, Record
-from livekit_resume.stores.redis import RedisStore, _pack_record
+from livekit_resume.stores.redis import RedisStore
+from livekit_resume.stores.redis.records import pack_record
 from tests.redis_servers import RedisFactory, RedisServer
 
 KEY = "room-7"
@@ -371,7 +372,7 @@ async def test_commit_refuses_to_append_to_a_log_it_did_not_write(
     try:
         lease = await store.acquire(KEY, "worker-a")
         stray = Record("h", "old", b"old conversation")
-        await store._client.rpush(prefix(store) + "log:0", _pack_record(stray))
+        await store._client.rpush(prefix(store) + "log:0", pack_record(stray))
         with pytest.raises(SnapshotCorrupt, match="log:0"):
             await store.commit(item_commit(lease, 0, "a", None))
         assert await store._client.llen(prefix(store) + "log:0") == 1

@@ -1,0 +1,102 @@
+"""Redis store: the workers of one deployment share sessions through one Redis.
+
+Plain Redis 6+ or Valkey, standalone, behind Sentinel, or a Redis Cluster; no modules.
+Every operation on a session is one Lua script (``stores/lua/``) run on the server, so
+it is atomic: a commit checks the fencing epoch and the expected base version, appends
+only its new records, writes the version record, moves the head, trims old versions and
+refreshes the session's TTL, all or nothing.
+
+Key layout, for namespace ``ns`` and session key ``k`` (``{``, ``}`` and ``%`` in ``k``
+are percent-escaped so the hash tag is always exactly the key):
+
+- ``ns:{k}:head``      hash: fencing epoch, lease (owner, expires), latest and oldest
+  retained version, current log generation, last write time
+- ``ns:{k}:v:<n>``     hash: version ``n`` (epoch, created, head bytes, info, log
+  generation and length it reads, bytes written, commit id)
+- ``ns:{k}:log:<g>``   list: msgpack records ``[stream, id, after, data]`` of generation ``g``
+- ``ns:sessions``      sorted set: the namespace's session keys, for `keys()`
+- ``ns:events``        pub/sub channel of state changes (JSON objects)
+
+All keys of one session share the hash tag ``{k}``, hence one Cluster slot: the scripts
+declare the head key and derive the others from its prefix, which Redis Cluster accepts
+for keys of the declared slot (it refuses keys of another slot, checked by the tests on
+a real cluster). The namespace index is a key of its own (another slot on a Cluster),
+so it is written by separate commands, never inside a session script; see
+`namespace.py` for how it stays a superset of the live sessions.
+
+Scripts (each file runs behind ``clock.lua`` and ``session.lua``, the shared preludes;
+``index`` behind ``clock.lua`` only, ``publish`` alone):
+``acquire``, ``renew``, ``release``, ``commit``, ``compact``, ``load``, ``versions``,
+``info``, ``delete``, ``index`` and ``publish``. Every session script starts from
+``live_head()`` (read the head; an expired one counts as none, and writing scripts
+purge it). redis-py's ``register_script`` calls them by SHA and reloads them on
+NOSCRIPT. Times come from the server's ``TIME`` inside the scripts (``clock.lua``).
+
+Compaction: after a commit whose log outgrew `needs_compaction`, the client reads the
+version's records, folds them with `fold_records` and hands the result to ``compact``,
+which writes it as the next log generation only if the head is still at that commit
+(same version, generation and commit id); otherwise it does nothing and a later commit
+tries again. Reads (``load``) are one script, so a compaction never tears them.
+
+Faults, and what the store does about them (tests: ``tests/test_redis_faults.py``):
+
+- **A stall or a lost reply.** A commit carries its id (`Commit.commit_id`, or a random
+  one) into its version record. A server that stalls past ``socket_timeout`` may still
+  run the commit later: the bytes of the first attempt, and of redis-py's retries, wait
+  in its socket buffers. The caller gets `StoreUnavailable`; sending the *same* commit
+  again returns the version that landed, whichever of the copies ran first, and writes
+  nothing twice. A different commit on the old base is refused.
+- **A restart without data** (no persistence, a failover to an empty replica): commit
+  and renew raise `LeaseLost` with ``vanished=True`` (the head is gone, nobody holds
+  it; acquire again and write the whole snapshot). If another worker acquired first,
+  it is a takeover: ``vanished=False`` with the new epoch.
+- **Server settings.** Before its first operation the store reads each primary's
+  ``maxmemory-policy`` and persistence (`RedisStore.check`). ``allkeys-*`` (and
+  ``volatile-*`` when sessions have a ``ttl``) can evict session keys: warned once,
+  refused with `StoreUnavailable` when ``strict=True``. No persistence at all is
+  warned once. A server hiding CONFIG (renamed, ACL) is used unchecked.
+  Required for a deployment: ``maxmemory-policy noeviction`` (or ``volatile-*`` with
+  ``ttl=None``), ``appendonly yes`` with ``appendfsync everysec`` or ``always``, and
+  replicas with ``wait_replicas`` where a failover must not lose acknowledged commits.
+- **Out of memory** (``noeviction`` at ``maxmemory``): `StoreUnavailable` saying so,
+  nothing written. Only WRONGTYPE and the scripts' own ``corrupt`` findings are
+  `SnapshotCorrupt`; no other server error is taken for damaged data.
+- **A lost head** (evicted, or deleted by hand, while ``v:*`` / ``log:*`` keys remain):
+  never read as "no snapshot", which would start the conversation afresh. When the
+  head is missing and there is reason to look (the session's first log or version key
+  exists, or the namespace index lists the key), the store SCANs the session's prefix
+  (on a Cluster, on the node of its slot; O(keys in the database), never on a commit).
+  The rule: ``load`` and ``acquire`` raise `SnapshotCorrupt` naming the head and what
+  remains, and ``acquire`` creates nothing over the remains, until the session is
+  deleted (``delete`` / ``livekit-resume rm``), which removes the remains too; the
+  versions cannot be read without the head, so no automatic repair is attempted. If
+  the index was evicted as well, remains that are not the session's first keys go
+  unnoticed until a commit would collide with one: a commit checks that the log it
+  appends to holds exactly what its latest version read, so it never adopts a former
+  life's records (`SnapshotCorrupt` naming the key). A missing version or log under a
+  present head is `SnapshotCorrupt` naming the key.
+- **Replication.** With ``wait_replicas=n`` a commit is followed, on the same
+  connection (one pipeline, on the node of the session's slot on a Cluster), by
+  ``WAIT n wait_timeout``: when it returns, the commit is on ``n`` replicas. Fewer is
+  logged as a warning and counted in ``under_replicated``, not raised: the commit is
+  applied on the primary and only a failover in that window can lose it.
+
+The parts, one job each:
+
+- ``url.py``        `RedisURL`: the store URL parsed once into a typed value
+- ``client.py``     opening the redis-py client; naming the server; its errors as ours
+- ``health.py``     the server's eviction and persistence settings (`RedisStore.check`)
+- ``keys.py``       the names of a namespace's keys
+- ``scripts.py``    the Lua sources, their registration, running one (and ``WAIT``)
+- ``records.py``    log records and version info as stored, read back with checks
+- ``namespace.py``  the index of a namespace's sessions; remains of a lost head
+- ``events.py``     `EventStream`, the namespace's pub/sub channel
+- ``store.py``      `RedisStore`, the `Store` protocol over the parts above
+"""
+
+from .events import EventStream
+from .store import DEFAULT_NAMESPACE as DEFAULT_NAMESPACE
+from .store import RedisStore
+from .url import RedisURL
+
+__all__ = ["EventStream", "RedisStore", "RedisURL"]

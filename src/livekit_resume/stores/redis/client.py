@@ -1,0 +1,185 @@
+"""The redis-py client: opening one from a `RedisURL`, naming it in messages, and turning
+its errors into ours."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ...errors import ResumeError, SnapshotCorrupt, StoreUnavailable
+from .url import RedisURL
+
+__all__ = [
+    "DEFAULT_POOL_SIZE",
+    "DEFAULT_RETRIES",
+    "DEFAULT_SOCKET_TIMEOUT",
+    "Client",
+    "Server",
+    "connect",
+    "decodes_responses",
+    "text",
+]
+
+# Connections per store: a worker runs a few dozen sessions, each with at most one write
+# and one read in flight; more would only queue inside Redis.
+DEFAULT_POOL_SIZE = 50
+# A commit is one small script; 5 s means the server is gone, not busy.
+DEFAULT_SOCKET_TIMEOUT = 5.0
+# Retries of a command that met a dropped connection or a timeout, with exponential
+# backoff from RETRY_BASE up to RETRY_CAP seconds: rides out a restart or a failover
+# of a few seconds, then gives up with StoreUnavailable.
+DEFAULT_RETRIES = 3
+RETRY_BASE = 0.05
+RETRY_CAP = 2.0
+
+Client = Redis | RedisCluster
+
+
+def text(raw: bytes | str) -> str:
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+
+
+def connect(
+    settings: RedisURL,
+    *,
+    pool_size: int = DEFAULT_POOL_SIZE,
+    socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+    sentinel_password: str | None = None,
+    **client_options: Any,
+) -> Client:
+    """A client for what the URL names (see `RedisStore.from_url` for the options)."""
+    retry = Retry(ExponentialBackoff(cap=RETRY_CAP, base=RETRY_BASE), retries)
+    common: dict[str, Any] = {
+        "username": settings.username,
+        "password": settings.password,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        "max_connections": pool_size,
+        "retry": retry,
+    }
+    if settings.mode == "cluster":
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in settings.hosts],
+            ssl=settings.tls,
+            **common,
+            **client_options,
+        )
+    # A primary demoted to replica behind the same name answers READONLY: reconnect and
+    # retry, the name may point at the new primary by then.
+    common["retry_on_error"] = [ReadOnlyError]
+    if settings.mode == "sentinel":
+        timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(settings.hosts),
+            sentinel_kwargs={"password": sentinel_password, **timeouts},
+            **timeouts,
+        )
+        primary: Client = sentinel.master_for(
+            settings.service or "", db=settings.db, **common, **client_options
+        )
+        return primary
+    host, port = settings.hosts[0]
+    pool = BlockingConnectionPool(
+        host=host,
+        port=port,
+        db=settings.db,
+        timeout=socket_timeout,
+        connection_class=SSLConnection if settings.tls else Connection,
+        **common,
+        **client_options,
+    )
+    return Redis.from_pool(pool)
+
+
+def describe_client(client: Client) -> str:
+    """Where a client given by the caller points, for messages."""
+    if isinstance(client, RedisCluster):
+        return "cluster " + ",".join(client.nodes_manager.startup_nodes)
+    pool = client.connection_pool
+    service = getattr(pool, "service_name", None)
+    if service:
+        return f"sentinel service {service}"
+    kw = pool.connection_kwargs
+    return f"redis {kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+
+
+def decodes_responses(client: Any) -> bool:
+    try:
+        if isinstance(client, RedisCluster):
+            return bool(client.get_encoder().decode_responses)
+        return bool(client.connection_pool.connection_kwargs.get("decode_responses"))
+    except AttributeError:
+        return False
+
+
+class Server:
+    """The client and how messages name it (`RedisURL.describe`, or the client's own
+    address), shared by the parts of one store."""
+
+    def __init__(self, client: Client, where: str | None = None) -> None:
+        self.client = client
+        self.where = where if where is not None else describe_client(client)
+
+    @contextmanager
+    def errors(self, op: str, key: str | None) -> Iterator[None]:
+        """Turn redis-py's errors into ours, naming the server and the operation."""
+        what = f"{op} of session {key!r}" if key is not None else op
+        try:
+            yield
+        except ResumeError:
+            raise
+        except (
+            RedisConnectionError,
+            RedisTimeoutError,
+            TryAgainError,
+            ReadOnlyError,
+            RedisClusterException,
+            asyncio.TimeoutError,
+            OSError,
+        ) as exc:
+            raise StoreUnavailable(
+                f"{self.where} is unavailable for {what}: {exc or type(exc).__name__}; "
+                "check that the server is up and the store URL is right (retried with "
+                "backoff before giving up)"
+            ) from exc
+        except OutOfMemoryError as exc:
+            # Nothing was written (scripts check before they write) and the data is
+            # healthy: the server is full. Never advise deleting the session here.
+            raise StoreUnavailable(
+                f"{self.where} is out of memory and refused {what} ({exc}); nothing was "
+                "written. Raise maxmemory, or free memory; keep maxmemory-policy "
+                "noeviction (or volatile-* with sessions without TTL) so that no session "
+                "key is evicted"
+            ) from exc
+        except ResponseError as exc:
+            message = str(exc)
+            # Only WRONGTYPE means one of our names holds foreign data (our scripts'
+            # own findings come back as {'corrupt', …} replies, see `Scripts.run`). Any
+            # other error (BUSY, NOPERM, MASTERDOWN, a script error) is the server
+            # refusing work now, with the data untouched: deleting the session would be
+            # wrong.
+            if message.startswith("WRONGTYPE"):
+                raise SnapshotCorrupt(
+                    f"{what} on {self.where} met foreign data at the session's keys "
+                    f"({message}); delete the session or move the other data away"
+                ) from exc
+            raise StoreUnavailable(f"{self.where} refused {what}: {message}") from exc

@@ -1,0 +1,127 @@
+"""The server's settings that decide whether sessions survive: eviction and persistence.
+
+Read once before the store's first operation (`ServerCheck.ensure`), or on demand
+(`RedisStore.check`); see the package docstring for the settings a deployment needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+from ...errors import StoreUnavailable
+from .client import Server, text
+
+__all__ = ["ServerCheck"]
+
+logger = logging.getLogger("livekit_resume")
+
+_SETTINGS = ("maxmemory-policy", "maxmemory", "appendonly", "save")
+
+
+class ServerCheck:
+    """Judges each primary's eviction policy and persistence for a store with session
+    TTL ``ttl``; ``strict`` refuses an evicting one. Each problem is warned once."""
+
+    def __init__(self, server: Server, *, ttl: float | None, strict: bool) -> None:
+        self._server = server
+        self._ttl = ttl
+        self._strict = strict
+        self._checked = False
+        self._warned: set[str] = set()
+
+    async def check(self) -> list[str]:
+        """Read the settings and return what is unsafe (see `RedisStore.check`)."""
+        return self._judge(await self._settings())
+
+    async def ensure(self) -> None:
+        """`check` before the store's first operation. An unreachable server is left
+        to the operation itself to report (naming what it was doing); the check runs
+        again next time."""
+        if self._checked:
+            return
+        try:
+            settings = await self._settings()
+        except StoreUnavailable:
+            return
+        self._judge(settings)
+
+    def _eviction_problem(self, where: str, conf: dict[str, str]) -> str | None:
+        policy = conf.get("maxmemory-policy", "")
+        if policy.startswith("allkeys-"):
+            why = "evicts any key"
+        elif policy.startswith("volatile-") and self._ttl is not None:
+            why = f"evicts keys with a TTL, and sessions have one (ttl={self._ttl:g} s)"
+        else:
+            return None
+        return (
+            f"{where} has maxmemory-policy {policy} (maxmemory "
+            f"{conf.get('maxmemory', '?')}), which {why}: under memory pressure a "
+            "session loses its head or versions. Set maxmemory-policy noeviction "
+            "(or volatile-* with sessions without ttl)"
+        )
+
+    def _judge(self, settings: list[tuple[str, dict[str, str]]]) -> list[str]:
+        problems: list[str] = []
+        evicting: list[str] = []
+        for where, conf in settings:
+            eviction = self._eviction_problem(where, conf)
+            if eviction is not None:
+                evicting.append(eviction)
+            if conf.get("appendonly") == "no" and conf.get("save") == "":
+                problems.append(
+                    f"{where} persists nothing (appendonly no, save \"\"): a restart "
+                    "loses every session and its lease. Set appendonly yes with "
+                    "appendfsync everysec (or always)"
+                )
+        problems = evicting + problems
+        for problem in problems:
+            if problem not in self._warned:
+                self._warned.add(problem)
+                logger.warning("livekit-resume store: %s", problem)
+        if evicting and self._strict:
+            raise StoreUnavailable(
+                f"refusing to use {self._server.where} (strict=True): " + "; ".join(evicting)
+            )
+        self._checked = True
+        return problems
+
+    async def _settings(self) -> list[tuple[str, dict[str, str]]]:
+        """Each primary's name and its eviction and persistence settings (empty for
+        a server that does not let us read its CONFIG)."""
+        client = self._server.client
+        out: list[tuple[str, dict[str, str]]] = []
+        with self._server.errors("check of the server's settings", None):
+            if isinstance(client, RedisCluster):
+                await client.initialize()
+                targets: list[tuple[str, Any]] = [
+                    (f"cluster node {n.name}", n) for n in client.get_primaries()
+                ]
+            else:
+                targets = [(self._server.where, None)]
+            for where, node in targets:
+                conf = await self._read_config(where, node)
+                if conf:
+                    out.append((where, conf))
+        return out
+
+    async def _read_config(self, where: str, node: Any) -> dict[str, str]:
+        client = self._server.client
+        conf: dict[str, str] = {}
+        for name in _SETTINGS:
+            try:
+                if node is None:
+                    got = await client.config_get(name)
+                else:
+                    got = await client.config_get(name, target_nodes=node)
+            except ResponseError as exc:
+                # CONFIG renamed or disabled, or denied by an ACL: managed services
+                # often hide it. Not a reason to refuse the store.
+                logger.debug("cannot read %s of %s (%s); not checking it", name, where, exc)
+                continue
+            items = cast("dict[bytes | str, bytes | str]", got).items()
+            conf.update({text(k): text(v) for k, v in items})
+        return conf

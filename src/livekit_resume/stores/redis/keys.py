@@ -1,0 +1,34 @@
+"""The names of a namespace's keys (the layout is in the package docstring)."""
+
+from __future__ import annotations
+
+__all__ = ["KeyNames", "glob_escape"]
+
+
+def _tag(key: str) -> str:
+    """The key as a hash tag body: no brace may end (or empty) the tag early."""
+    return key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class KeyNames:
+    """Key names of one namespace: every key of a session shares the hash tag ``{key}``."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.index = f"{namespace}:sessions"
+        self.channel = f"{namespace}:events"
+
+    def prefix(self, key: str) -> str:
+        """What every key of the session starts with."""
+        return f"{self.namespace}:{{{_tag(key)}}}:"
+
+    def head(self, key: str) -> str:
+        return self.prefix(key) + "head"
+
+    def log(self, key: str, gen: int) -> str:
+        return f"{self.prefix(key)}log:{gen}"

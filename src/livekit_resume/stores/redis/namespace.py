@@ -1,0 +1,183 @@
+"""What a namespace holds beyond one session's keys: the index of its sessions
+(``ns:sessions``, for `RedisStore.keys`) and the scan for the remains of a session that
+lost its head.
+
+The index is a key of its own (another slot on a Cluster), so it is written by separate
+commands, never inside a session script, and kept a superset of the live sessions: a key
+is recorded before the script that creates its session runs (and again after), removed
+before the script that deletes it, and re-recorded at least every quarter TTL while it
+lives. `Namespace.keys` checks each member against its head.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from redis.asyncio.cluster import RedisCluster
+
+from ...errors import SnapshotCorrupt
+from .client import Server, text
+from .health import ServerCheck
+from .keys import KeyNames, glob_escape
+from .scripts import Scripts, fmt_time
+
+__all__ = ["Namespace"]
+
+# A session with a TTL is re-recorded in the namespace index at least every quarter TTL
+# (INDEX_REFRESH); members not recorded for two TTLs (INDEX_HORIZON) are certainly dead
+# and are collected. The gap between the two absorbs clock skew between Cluster nodes.
+INDEX_REFRESH = 0.25
+INDEX_HORIZON = 2.0
+# Sessions this store remembers having indexed; past this the memory starts over (which
+# only costs a few extra index writes).
+INDEX_CACHE_MAX = 10_000
+# keys() checks the index's members in pipelines of this many commands.
+KEYS_BATCH = 1000
+# SCAN COUNT when looking for the remains of a session: large enough that a database of
+# a million keys takes a thousand round trips, small enough that each stays short.
+SCAN_COUNT = 1000
+# Remains named in an error message; the count says how many more there are.
+REMAINS_SHOWN = 5
+
+
+def _is_live(touched: Any, ttl: float | None, now: float) -> bool:
+    """Whether an index member whose head says ``touched`` is a live session."""
+    if touched is None:
+        return False  # deleted or expired
+    if isinstance(touched, Exception):
+        return True  # foreign data at the head: listed, load says corrupt
+    try:
+        stamp = float(touched)
+    except ValueError:
+        return True
+    return ttl is None or stamp + ttl > now
+
+
+class Namespace:
+    """The index of one namespace's sessions, and the remains of lost heads."""
+
+    def __init__(
+        self,
+        server: Server,
+        names: KeyNames,
+        scripts: Scripts,
+        check: ServerCheck,
+        *,
+        ttl: float | None,
+        clock: Callable[[], float] | None,
+    ) -> None:
+        self._server = server
+        self._names = names
+        self._scripts = scripts
+        self._check = check
+        self._ttl = ttl
+        self._clock = clock
+        self._elapsed = clock or time.monotonic
+        self._indexed: dict[str, float] = {}
+
+    async def record(self, key: str, op: str) -> bool:
+        """Record the key in the namespace index (and collect long-dead members);
+        whether it was listed already."""
+        await self._check.ensure()  # before the first write: strict=True writes nothing
+        horizon = "" if self._ttl is None else fmt_time(INDEX_HORIZON * self._ttl)
+        forever = "1" if self._ttl is None else "0"
+        with self._server.errors(f"{op} (namespace index)", key):
+            reply = await self._scripts.call(
+                "index", [self._names.index], [self._scripts.now_arg(), horizon, key, forever]
+            )
+        if len(self._indexed) >= INDEX_CACHE_MAX:
+            self._indexed.clear()
+        self._indexed[key] = self._elapsed()
+        return isinstance(reply, list) and len(reply) > 1 and int(reply[1]) == 1
+
+    async def keep_recorded(self, key: str, op: str) -> None:
+        """Before a write that refreshes a TTL: re-record the key if its entry is aging."""
+        if self._ttl is None:
+            return
+        last = self._indexed.get(key)
+        if last is None or self._elapsed() - last > INDEX_REFRESH * self._ttl:
+            await self.record(key, op)
+
+    async def forget(self, key: str) -> None:
+        """Unlist the key (before its session is deleted: a concurrent acquire
+        re-records it after)."""
+        with self._server.errors("delete", key):
+            await self._server.client.zrem(self._names.index, key)
+        self._indexed.pop(key, None)
+
+    async def listed(self, key: str) -> bool:
+        with self._server.errors("load (namespace index)", key):
+            return await self._server.client.zscore(self._names.index, key) is not None
+
+    async def keys(self) -> list[str]:
+        """Every live session key of the namespace, sorted (see `RedisStore.keys`)."""
+        client = self._server.client
+        with self._server.errors("keys", None):
+            indexed = cast("list[bytes]", await client.zrange(self._names.index, 0, -1))
+            members = [text(m) for m in indexed]
+            heads: list[Any] = []
+            for i in range(0, len(members), KEYS_BATCH):
+                pipe = client.pipeline(transaction=False)
+                for m in members[i : i + KEYS_BATCH]:
+                    pipe.hget(self._names.head(m), "touched")
+                heads += await pipe.execute(raise_on_error=False)
+            now = await self._server_now()
+        live = [
+            member
+            for member, touched in zip(members, heads, strict=True)
+            if _is_live(touched, self._ttl, now)
+        ]
+        return sorted(live)
+
+    async def _server_now(self) -> float:
+        if self._clock is not None:
+            return self._clock()
+        sec, usec = await self._server.client.time()
+        return int(sec) + int(usec) / 1_000_000
+
+    async def remains(self, key: str) -> list[str]:
+        """Every key under the session's prefix but its head, found by SCAN (on a
+        Cluster, of the node owning the session's slot). O(keys in the database): only
+        called when a head is missing and there is reason to look (see the package
+        docstring), never on a commit."""
+        head = self._names.head(key)
+        pattern = glob_escape(self._names.prefix(key)) + "*"
+        client = self._server.client
+        with self._server.errors("scan for remains", key):
+            if isinstance(client, RedisCluster):
+                found = await _scan_node_of(client, head, pattern)
+            else:
+                found = [text(k) async for k in client.scan_iter(match=pattern, count=SCAN_COUNT)]
+        return sorted(set(found) - {head})
+
+    def headless_error(self, key: str, remains: Sequence[str]) -> SnapshotCorrupt:
+        shown = ", ".join(remains[:REMAINS_SHOWN]) + (", …" if len(remains) > REMAINS_SHOWN else "")
+        return SnapshotCorrupt(
+            f"session {key!r} on {self._server.where} lost its head key "
+            f"{self._names.head(key)} but {len(remains)} of its keys remain ({shown}): "
+            "evicted by the server (maxmemory-policy allkeys-*, or volatile-* with a "
+            "session ttl) or deleted by hand. Its versions cannot be read without the "
+            "head, and it is not started afresh over them: delete the session "
+            "(`livekit-resume rm KEY` or store.delete) to start it again, and set "
+            "maxmemory-policy noeviction"
+        )
+
+
+async def _scan_node_of(client: RedisCluster, head: str, pattern: str) -> list[str]:
+    """SCAN the node that owns ``head``'s slot."""
+    await client.initialize()
+    node = client.get_node_from_key(head)
+    found: list[str] = []
+    cursor = 0
+    while True:
+        # A Cluster answers a node's SCAN as ({node name: cursor}, keys).
+        cursors, batch = cast(
+            "tuple[dict[str, int], list[bytes]]",
+            await client.scan(cursor, match=pattern, count=SCAN_COUNT, target_nodes=node),
+        )
+        found += [text(k) for k in batch]
+        cursor = int(next(iter(cursors.values()))) if cursors else 0
+        if cursor == 0:
+            return found

@@ -1,0 +1,190 @@
+"""The Lua scripts (``stores/lua/``): their sources, their registration with redis-py,
+and running one for a session, with its common arguments and its reply checked.
+
+Session scripts run behind two preludes, ``clock.lua`` (``NOW``) and ``session.lua``
+(the head, ``live_head()``, keys, TTL, trimming); ``index`` behind ``clock.lua`` only;
+``publish`` alone. redis-py's ``register_script`` calls them by SHA and reloads them on
+NOSCRIPT.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+from ...errors import SnapshotCorrupt
+from .client import Server, text
+from .health import ServerCheck
+from .keys import KeyNames
+
+__all__ = ["DEFAULT_WAIT_TIMEOUT_MS", "Scripts", "fmt_time", "script_source"]
+
+logger = logging.getLogger("livekit_resume")
+
+# How long a commit waits for replicas to acknowledge it (WAIT's timeout, ms) when
+# wait_replicas is set: a healthy replica on the same network answers in about a
+# millisecond; a tenth of a second bounds what a lagging one adds to every commit.
+DEFAULT_WAIT_TIMEOUT_MS = 100
+
+_SESSION_SCRIPTS = (
+    "acquire",
+    "renew",
+    "release",
+    "commit",
+    "compact",
+    "load",
+    "versions",
+    "info",
+    "delete",
+)
+
+# Scripts that do not run behind the session prelude, and the preludes they run behind.
+_STANDALONE_SCRIPTS = {"index": ("clock",), "publish": ()}
+
+_SESSION_PRELUDES = ("clock", "session")
+
+
+@cache
+def _lua(name: str) -> str:
+    folder = resources.files("livekit_resume.stores").joinpath("lua")
+    return folder.joinpath(f"{name}.lua").read_text("utf-8")
+
+
+def script_source(name: str) -> str:
+    """A script's source with the preludes it runs behind (Redis has no include)."""
+    preludes = _STANDALONE_SCRIPTS.get(name, _SESSION_PRELUDES)
+    return "\n".join(_lua(part) for part in (*preludes, name))
+
+
+def fmt_time(t: float) -> str:
+    return repr(float(t))
+
+
+class Scripts:
+    """The scripts registered on one client, run with the store's common arguments:
+    ``ARGV[1]`` now (``''``: the server's clock), ``[2]`` and ``[3]`` the session TTL in
+    seconds and milliseconds (``''``: none)."""
+
+    def __init__(
+        self,
+        server: Server,
+        names: KeyNames,
+        check: ServerCheck,
+        *,
+        ttl: float | None,
+        clock: Callable[[], float] | None,
+        wait_replicas: int,
+        wait_timeout: int,
+    ) -> None:
+        self._server = server
+        self._names = names
+        self._check = check
+        self._ttl = ttl
+        self._clock = clock
+        self._wait_replicas = wait_replicas
+        self._wait_timeout = wait_timeout
+        self._code: dict[str, AsyncScript] = {
+            name: server.client.register_script(script_source(name))
+            for name in (*_SESSION_SCRIPTS, *_STANDALONE_SCRIPTS)
+        }
+        self.under_replicated = 0
+
+    def now_arg(self) -> str:
+        return "" if self._clock is None else fmt_time(self._clock())
+
+    async def call(self, name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
+        """A standalone script (``index``, ``publish``), raw: the caller maps errors."""
+        return await self._code[name](keys=list(keys), args=list(args))
+
+    async def run(self, script: str, key: str, args: Sequence[str | bytes | int]) -> list[Any]:
+        """Run a session script for session ``key`` (after the server check); its
+        ``corrupt`` findings raise `SnapshotCorrupt`, other replies are returned."""
+        await self._check.ensure()
+        ttl = "" if self._ttl is None else fmt_time(self._ttl)
+        ttl_ms = "" if self._ttl is None else str(max(1, math.ceil(self._ttl * 1000)))
+        full = [self.now_arg(), ttl, ttl_ms, *args]
+        with self._server.errors(script, key):
+            if script == "commit" and self._wait_replicas:
+                reply = await self._run_and_wait(script, key, full)
+            else:
+                reply = await self._code[script](keys=[self._names.head(key)], args=full)
+        if not isinstance(reply, list) or not reply:
+            raise SnapshotCorrupt(f"{script} of session {key!r} got a malformed reply {reply!r}")
+        if reply[0] == b"corrupt":
+            raise SnapshotCorrupt(
+                f"session {key!r} on {self._server.where}: {text(reply[1])}; a key evicted "
+                "by the server (maxmemory-policy), removed or written by hand, or foreign "
+                "data: delete the session or restore it from a backup"
+            )
+        return reply
+
+    async def _run_and_wait(
+        self, script: str, key: str, args: Sequence[str | bytes | int]
+    ) -> Any:
+        """Run a script, then WAIT on the same connection (WAIT counts the replicas
+        that acknowledged this connection's writes): one pipeline, sent to the node of
+        the session's slot on a Cluster. Fewer replicas than asked is logged and
+        counted in `under_replicated`, not raised: the commit stands on the primary."""
+        client = self._server.client
+        head = self._names.head(key)
+        code = self._code[script]
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            # As a raw command: a Cluster pipeline refuses its evalsha() method, but
+            # routes a raw EVALSHA by its key.
+            pipe.execute_command("EVALSHA", code.sha, 1, head, *args)
+            wait: tuple[Any, ...] = ("WAIT", self._wait_replicas, self._wait_timeout)
+            if isinstance(client, RedisCluster):
+                await client.initialize()
+                node = client.get_node_from_key(head)
+                pipe.execute_command(*wait, target_nodes=node)
+            else:
+                pipe.execute_command(*wait)
+            reply, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and attempt == 1:
+                # Flushed or never loaded there: load it and send the pair again (the
+                # script did not run, nothing was written). A Cluster loads it on
+                # every primary.
+                await client.script_load(code.script)
+                continue
+            break
+        if isinstance(reply, Exception):
+            raise reply
+        self._count_replicas(key, reply, acked)
+        return reply
+
+    def _count_replicas(self, key: str, reply: Any, acked: Any) -> None:
+        if isinstance(acked, Exception):
+            # WAIT refused (a replica itself, or ACL): the commit is applied; say so.
+            logger.warning(
+                "commit of session %r applied, but WAIT failed: %s",
+                key,
+                acked,
+                extra={"key": key},
+            )
+            self.under_replicated += 1
+        elif (
+            isinstance(reply, list)
+            and reply[:1] == [b"ok"]
+            and int(acked) < self._wait_replicas
+        ):
+            self.under_replicated += 1
+            logger.warning(
+                "commit of session %r (version %s) reached %d of %d replicas within "
+                "%d ms; it is applied on the primary and may be lost if it fails over "
+                "now",
+                key,
+                reply[1],
+                int(acked),
+                self._wait_replicas,
+                self._wait_timeout,
+                extra={"key": key, "version": reply[1]},
+            )

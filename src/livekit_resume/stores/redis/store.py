@@ -1,0 +1,452 @@
+"""`RedisStore`: the `Store` protocol on Redis, over the parts of this package (the
+layout, the scripts and the faults are described in the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from ...errors import SnapshotCorrupt, StoreUnavailable
+from ..base import (
+    DEFAULT_LEASE_TTL,
+    Commit,
+    Lease,
+    SessionInfo,
+    SnapshotInfo,
+    Stored,
+    busy_error,
+    head_moved_error,
+    lease_lost_error,
+    not_found_error,
+    not_retained_error,
+    validate_key,
+    validate_lease_ttl,
+    validate_ttl,
+)
+from ..log import DEFAULT_KEEP, fold_records, needs_compaction, records_from_streams
+from .client import (
+    DEFAULT_POOL_SIZE,
+    DEFAULT_RETRIES,
+    DEFAULT_SOCKET_TIMEOUT,
+    Client,
+    Server,
+    connect,
+    decodes_responses,
+    text,
+)
+from .events import EventStream
+from .health import ServerCheck
+from .keys import KeyNames
+from .namespace import Namespace
+from .records import number, pack_info, pack_record, unpack_info, unpack_record
+from .scripts import DEFAULT_WAIT_TIMEOUT_MS, Scripts, fmt_time
+from .url import RedisURL
+
+__all__ = ["DEFAULT_NAMESPACE", "RedisStore"]
+
+logger = logging.getLogger("livekit_resume")
+
+DEFAULT_NAMESPACE = "lkresume"
+
+
+def _validate_options(
+    client: Client, namespace: str, keep: int, wait_replicas: int, wait_timeout: int
+) -> None:
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    if not namespace or any(c in namespace for c in "{}") or not namespace.isprintable():
+        raise ValueError(
+            f"namespace {namespace!r} must be non-empty, printable and without braces "
+            "(braces would change the hash tag of every key)"
+        )
+    if decodes_responses(client):
+        raise ValueError("the Redis client must use decode_responses=False: heads are bytes")
+    if wait_replicas < 0 or wait_timeout < 0:
+        raise ValueError(
+            f"wait_replicas ({wait_replicas!r}) and wait_timeout ({wait_timeout!r} ms) "
+            "must not be negative"
+        )
+
+
+class RedisStore:
+    """A `Store` on Redis: standalone, Sentinel or Cluster, through ``redis.asyncio``.
+
+    ``client`` is a ``redis.asyncio.Redis`` or ``RedisCluster`` with
+    ``decode_responses=False``; the store owns it and closes it in `aclose`. Most code
+    opens one with `from_url` (or ``open_store("redis://…")``). ``namespace`` prefixes
+    every key (one per tenant or deployment), ``keep`` versions stay loadable, ``ttl``
+    (seconds without writes) expires whole sessions. Times come from the server's clock,
+    so workers with skewed clocks agree on lease expiry; ``clock`` replaces it in tests.
+    ``strict`` refuses a server whose eviction policy can remove session keys (see
+    `check`); ``wait_replicas`` makes each commit wait up to ``wait_timeout`` ms for that
+    many replicas to acknowledge it (see the package docstring).
+
+    Besides `Store`, it can announce and follow state changes: `publish` and `subscribe`
+    (the `EventPublisher` and `EventSource` capabilities).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        keep: int = DEFAULT_KEEP,
+        ttl: float | None = None,
+        clock: Callable[[], float] | None = None,
+        strict: bool = False,
+        wait_replicas: int = 0,
+        wait_timeout: int = DEFAULT_WAIT_TIMEOUT_MS,
+    ) -> None:
+        _validate_options(client, namespace, keep, wait_replicas, wait_timeout)
+        self._keep = keep
+        self._ttl = validate_ttl(ttl)
+        self._server = Server(client)
+        self._names = KeyNames(namespace)
+        self._check = ServerCheck(self._server, ttl=self._ttl, strict=strict)
+        self._scripts = Scripts(
+            self._server,
+            self._names,
+            self._check,
+            ttl=self._ttl,
+            clock=clock,
+            wait_replicas=wait_replicas,
+            wait_timeout=wait_timeout,
+        )
+        self._namespace_index = Namespace(
+            self._server, self._names, self._scripts, self._check, ttl=self._ttl, clock=clock
+        )
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        keep: int = DEFAULT_KEEP,
+        ttl: float | None = None,
+        clock: Callable[[], float] | None = None,
+        strict: bool = False,
+        wait_replicas: int = 0,
+        wait_timeout: int = DEFAULT_WAIT_TIMEOUT_MS,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        sentinel_password: str | None = None,
+        **client_options: Any,
+    ) -> RedisStore:
+        """Open a store from a URL (see `RedisURL`). ``pool_size`` caps the connections
+        (per node on a Cluster); a command meeting a dropped connection or a timeout is
+        retried ``retries`` times with exponential backoff (redis-py's ``Retry``).
+        The URL's password authenticates to Redis; ``sentinel_password`` to the
+        Sentinels, when they require one. ``client_options`` go to the redis-py client
+        (``ssl_ca_certs=…``, ``client_name=…``)."""
+        settings = RedisURL.parse(url)
+        client = connect(
+            settings,
+            pool_size=pool_size,
+            socket_timeout=socket_timeout,
+            retries=retries,
+            sentinel_password=sentinel_password,
+            **client_options,
+        )
+        store = cls(
+            client,
+            namespace=namespace,
+            keep=keep,
+            ttl=ttl,
+            clock=clock,
+            strict=strict,
+            wait_replicas=wait_replicas,
+            wait_timeout=wait_timeout,
+        )
+        store._server.where = settings.describe()
+        return store
+
+    # -- the parts, as the tests and tools look at them ------------------------------
+
+    @property
+    def _client(self) -> Client:
+        return self._server.client
+
+    @property
+    def _where(self) -> str:
+        return self._server.where
+
+    @property
+    def _namespace(self) -> str:
+        return self._names.namespace
+
+    @property
+    def _index_key(self) -> str:
+        return self._names.index
+
+    @property
+    def _channel(self) -> str:
+        return self._names.channel
+
+    def _head_key(self, key: str) -> str:
+        return self._names.head(key)
+
+    async def _run(self, script: str, key: str, args: Sequence[str | bytes | int]) -> list[Any]:
+        return await self._scripts.run(script, key, args)
+
+    @property
+    def under_replicated(self) -> int:
+        """Commits that fewer than ``wait_replicas`` replicas acknowledged in time."""
+        return self._scripts.under_replicated
+
+    async def check(self) -> list[str]:
+        """Read the server's eviction policy and persistence; return what is unsafe.
+
+        Runs once by itself on the store's first operation. ``maxmemory-policy``
+        ``allkeys-*`` evicts session keys under memory pressure (a head lost, versions
+        gone), and so does ``volatile-*`` when sessions have a ``ttl``: each problem is
+        logged as a warning once, and with ``strict=True`` refused with
+        `StoreUnavailable` (checked again on the next operation, so fixing the server's
+        setting is enough). No persistence (``appendonly no`` and ``save ""``) is
+        warned about: a restart loses every session. A server that hides CONFIG
+        (renamed, disabled, or denied by ACL) is not checked (logged at debug level).
+        On a Cluster every primary is checked.
+        """
+        return await self._check.check()
+
+    # -- leases ----------------------------------------------------------------------
+
+    async def acquire(
+        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+    ) -> Lease:
+        """Take the lease (see `Store.acquire`). A takeover of a live lease publishes
+        ``taken_over`` on the namespace's channel."""
+        validate_key(key)
+        validate_lease_ttl(ttl, self._ttl)
+        # Indexed before the script creates the session, so a crash in between leaves a
+        # member without a session (filtered out), never a session without a member.
+        listed = await self._namespace_index.record(key, "acquire")
+        args: list[str | bytes | int] = [
+            owner,
+            fmt_time(ttl),
+            "1" if takeover else "0",
+            self._names.channel,
+            key,
+        ]
+        # A key already listed whose head is missing: expired, or evicted with remains
+        # left. The script then creates nothing until a scan has ruled remains out.
+        reply = await self._run("acquire", key, [*args, "1" if listed else "0"])
+        if reply[0] in (b"absent", b"remains"):
+            remains = await self._namespace_index.remains(key)
+            if remains:
+                raise self._namespace_index.headless_error(key, remains)
+            reply = await self._run("acquire", key, [*args, "0"])
+            if reply[0] == b"remains":
+                raise self._namespace_index.headless_error(key, [text(reply[1])])
+        if reply[0] == b"busy":
+            raise busy_error(key, text(reply[1]), int(reply[2]))
+        epoch, expires, created = int(reply[1]), float(reply[2]), int(reply[3])
+        if created:
+            # again: a concurrent delete may have removed it
+            await self._namespace_index.record(key, "acquire")
+        return Lease(key, owner, epoch, expires)
+
+    async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
+        validate_key(lease.key)
+        validate_lease_ttl(ttl, self._ttl)
+        await self._namespace_index.keep_recorded(lease.key, "renew")
+        reply = await self._run("renew", lease.key, [lease.owner, lease.epoch, fmt_time(ttl)])
+        if reply[0] == b"lost":
+            current = int(reply[1]) if reply[1] else None
+            raise lease_lost_error(lease.key, lease.epoch, current)
+        return Lease(lease.key, lease.owner, lease.epoch, float(reply[1]))
+
+    async def release(self, lease: Lease) -> None:
+        validate_key(lease.key)
+        await self._run("release", lease.key, [lease.owner, lease.epoch])
+
+    # -- versions --------------------------------------------------------------------
+
+    async def commit(self, commit: Commit) -> int:
+        """Append a version in one script (see `Store.commit`), then compact the log if
+        superseded records piled up. Publishes ``committed`` on the namespace's channel."""
+        key = validate_key(commit.key)
+        await self._namespace_index.keep_recorded(key, "commit")
+        info = dict(commit.info)
+        written = len(commit.head) + sum(len(r.data or b"") for r in commit.records)
+        # Lets a retried commit (reply lost with the connection, or sent again by the
+        # caller after a timeout) recognise its own earlier success.
+        commit_id = commit.commit_id or os.urandom(12).hex()
+        event = json.dumps(
+            {
+                "event": "committed",
+                "key": key,
+                "version": commit.base_version + 1,
+                "epoch": commit.epoch,
+                "info": info,
+            },
+            default=str,
+        )
+        reply = await self._run(
+            "commit",
+            key,
+            [
+                commit.epoch,
+                commit.base_version,
+                commit_id,
+                commit.head,
+                pack_info(info),
+                written,
+                self._keep,
+                self._names.channel,
+                event,
+                *(pack_record(r) for r in commit.records),
+            ],
+        )
+        if reply[0] == b"lost":
+            current = int(reply[1]) if reply[1] else None
+            raise lease_lost_error(key, commit.epoch, current)
+        if reply[0] == b"moved":
+            raise head_moved_error(commit, int(reply[1]))
+        version, log_len, gen = int(reply[1]), int(reply[2]), int(reply[3])
+        if needs_compaction(log_len, commit.size):
+            try:
+                await self._compact(key, version, gen, log_len, commit_id)
+            except (StoreUnavailable, SnapshotCorrupt):
+                # The commit stands; the next one will find the log long and try again.
+                logger.warning(
+                    "compaction of session %r failed after commit; it will be retried",
+                    key,
+                    extra={"key": key, "version": version},
+                    exc_info=True,
+                )
+        return version
+
+    async def _compact(
+        self, key: str, version: int, gen: int, log_len: int, commit_id: str
+    ) -> None:
+        """Fold the version's log here, then write it as a new generation in a script that
+        does nothing if the head moved meanwhile (another commit or compaction)."""
+        with self._server.errors("compact", key):
+            raw: list[bytes] = cast(
+                "list[bytes]",
+                await self._client.lrange(self._names.log(key, gen), 0, log_len - 1),
+            )
+        if len(raw) != log_len:
+            return  # the session changed under us; the script would skip anyway
+        folded = fold_records((unpack_record(r, key) for r in raw), key)
+        packed = [pack_record(r) for r in records_from_streams(folded)]
+        reply = await self._run("compact", key, [version, gen, commit_id, *packed])
+        if reply[0] == b"ok":
+            logger.debug(
+                "compacted session %r: %d records into %d",
+                key,
+                log_len,
+                len(packed),
+                extra={"key": key, "version": version},
+            )
+
+    async def load(self, key: str, version: int | None = None) -> Stored:
+        validate_key(key)
+        reply = await self._run("load", key, ["" if version is None else str(int(version))])
+        if reply[0] == b"absent":
+            # No head at all: if the session's first keys remain, or the namespace still
+            # lists it, look for what is left. A lost head must never read as "no
+            # snapshot", which would start the conversation afresh.
+            if reply[1] == b"1" and (reply[2] or await self._namespace_index.listed(key)):
+                remains = await self._namespace_index.remains(key)
+                if remains:
+                    raise self._namespace_index.headless_error(key, remains)
+            raise not_found_error(key)
+        if reply[0] == b"missing":
+            oldest, latest = int(reply[1]), int(reply[2])
+            raise not_retained_error(key, int(version or 0), list(range(oldest, latest + 1)))
+        _, n, epoch, created, head, info, records = reply
+        streams = fold_records((unpack_record(r, key) for r in records), key)
+        return Stored(
+            key=key,
+            version=int(n),
+            epoch=int(number(epoch, "a version's epoch", key)),
+            created_at=number(created, "a version's created_at", key),
+            head=bytes(head),
+            streams=streams,
+            info=unpack_info(info, key),
+        )
+
+    async def versions(self, key: str) -> list[SnapshotInfo]:
+        validate_key(key)
+        reply = await self._run("versions", key, [])
+        return [
+            SnapshotInfo(
+                version=int(n),
+                epoch=int(number(epoch, "a version's epoch", key)),
+                created_at=number(created, "a version's created_at", key),
+                size=int(number(size, "a version's size", key)),
+                info=unpack_info(info, key),
+            )
+            for n, epoch, created, size, info in reply[1]
+        ]
+
+    async def info(self, key: str) -> SessionInfo | None:
+        validate_key(key)
+        reply = await self._run("info", key, [])
+        if reply[0] == b"absent":
+            return None
+        _, version, epoch, touched, info, lease = reply
+        updated_at = float(touched)
+        return SessionInfo(
+            key=key,
+            version=int(version),
+            epoch=int(float(epoch)),
+            owner=text(lease[0]) if lease else None,
+            lease_expires_at=float(lease[1]) if lease else None,
+            updated_at=updated_at,
+            expires_at=updated_at + self._ttl if self._ttl is not None else None,
+            info=unpack_info(info, key) if info else {},
+        )
+
+    # -- the namespace ---------------------------------------------------------------
+
+    async def keys(self) -> list[str]:
+        """Every live session key of the namespace, sorted.
+
+        The index (``ns:sessions``) is a superset of the live sessions: a key is
+        recorded before the script that creates its session runs (and again after),
+        removed before the script that deletes it, and re-recorded at least every
+        quarter TTL while it lives. Each member is checked against its head here, so
+        deleted and expired sessions never show; members dead for two TTLs are
+        collected on every index write.
+        """
+        return await self._namespace_index.keys()
+
+    async def delete(self, key: str) -> bool:
+        validate_key(key)
+        # Unindexed before the session goes: a concurrent acquire re-records it after.
+        await self._namespace_index.forget(key)
+        # The scan finds keys the head cannot list (remains of a lost head); the script
+        # deletes them with the ones it knows, in one step.
+        remains = await self._namespace_index.remains(key)
+        reply = await self._run("delete", key, remains)
+        return bool(int(reply[1]))
+
+    # -- events ----------------------------------------------------------------------
+
+    async def publish(self, key: str, event: str, **fields: Any) -> None:
+        """Announce a state change of session ``key`` (``paused``, ``resumed``,
+        ``suspended``, ``restored``, …) on ``<namespace>:events`` as a JSON object
+        ``{"event": …, "key": …, **fields}``. Commits and takeovers publish their own.
+        Published from the node of the session's keys, so that one session's events
+        arrive in order on a Cluster too."""
+        validate_key(key)
+        payload = json.dumps({**fields, "event": event, "key": key}, default=str)
+        with self._server.errors(f"publish {event}", key):
+            await self._scripts.call(
+                "publish", [self._names.head(key)], [self._names.channel, payload]
+            )
+
+    def subscribe(self) -> EventStream:
+        """The namespace's events as an async iterator of dicts (see `EventStream`)."""
+        return EventStream(self._server, self._names.channel)
+
+    async def aclose(self) -> None:
+        """Close the client and its connection pool."""
+        await self._client.aclose()
