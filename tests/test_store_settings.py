@@ -532,6 +532,11 @@ def test_settings_read_resume_variables_and_keywords_win(clean_env: pytest.Monke
     assert settings.store_options() == {"namespace": "tenant-a", "ttl": 60.0}
     chosen = Settings.load(namespace="tenant-b", ttl=None)
     assert (chosen.namespace, chosen.ttl) == ("tenant-b", None)
+    clean_env.setenv("RESUME_TTL", "soon")  # not read where it is not wanted
+    keys = Settings.only("signing_keys", "encryption_keys")
+    assert (keys.store, keys.namespace, keys.ttl) == ("sqlite:///resume.db", None, None)
+    with pytest.raises(ValueError, match="no such settings: colour"):
+        Settings.only("colour")
 
 
 def test_settings_never_show_keys(clean_env: pytest.MonkeyPatch) -> None:

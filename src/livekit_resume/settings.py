@@ -75,6 +75,21 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise ValueError(_one_line(exc, options)) from None
 
+    @classmethod
+    def only(cls, *names: str, **options: Any) -> Settings:
+        """Like `load`, reading only the variables of ``names``: the other fields keep
+        their defaults, so a call site that needs the keys is never refused for a bad
+        ``RESUME_TTL`` it does not use."""
+        unknown = set(names) - set(cls.model_fields)
+        if unknown:
+            raise ValueError(f"no such settings: {', '.join(sorted(unknown))}")
+        skipped = {
+            name: field.default
+            for name, field in cls.model_fields.items()
+            if name not in names and name not in options
+        }
+        return cls.load(**skipped, **options)
+
     def store_options(self) -> dict[str, Any]:
         """The options `open_store` passes a backend: those that are set."""
         values = {"namespace": self.namespace, "ttl": self.ttl, "keep": self.keep}

@@ -38,9 +38,9 @@ def open_store(url: str | None = None, *, read_only: bool = False, **options: An
     ``read_only=True`` (or ``sqlite:///file.db?mode=ro``) opens a SQLite file for reading
     only, creating and writing nothing; other stores ignore it.
     """
-    # An option given is not read from the environment at all (None stands in for it).
-    given = {name: None for name in _FROM_SETTINGS if name in options}
-    settings = Settings.load(**given, **({"store": url} if url else {}))
+    # An option given is not read from the environment at all.
+    wanted = [name for name in _FROM_SETTINGS if name not in options]
+    settings = Settings.only("store", *wanted, **({"store": url} if url else {}))
     url = settings.store
     scheme = urlsplit(url).scheme.lower()
     backend = _BACKENDS.get(scheme)
