@@ -18,7 +18,7 @@ from prometheus_client import Counter
 from pydantic_core import to_jsonable_python
 
 from ..snapshot.model import SessionMeta, Writer
-from ..stores.base import Store
+from ..stores.base import EventPublisher, Store
 from .silence import current_agent
 
 __all__ = ["ATTR_STATE", "ATTR_VERSION", "Announcer"]
@@ -65,11 +65,10 @@ class Announcer:
 
     async def announce(self, event: str, version: int) -> None:
         """Tell other workers, on the store's event channel where it has one."""
-        publish = getattr(self._store, "publish", None)
-        if publish is None:
+        if not isinstance(self._store, EventPublisher):
             return
         try:
-            await publish(self._key, event, version=version, owner=self._owner)
+            await self._store.publish(self._key, event, version=version, owner=self._owner)
         except Exception as e:
             ANNOUNCE_FAILURES.labels(where="store").inc()
             log.warning("could not publish %s event of session %r: %s", event, self._key, e)

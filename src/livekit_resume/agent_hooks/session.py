@@ -33,6 +33,7 @@ from prometheus_client import Counter
 
 from ..bridge import from_stored, salvage_stored
 from ..errors import LeaseLost, SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
+from ..settings import Settings
 from ..snapshot.chat import MediaPolicy
 from ..snapshot.codec import Codec
 from ..snapshot.model import Reason, Snapshot, ToolCallRecord
@@ -116,10 +117,10 @@ class ResumableSession:
         owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._owner = owner
         self._extra = plain_extra(extra or {})  # an unsavable value is refused right here
-        codec = codec or Codec(
-            signing_keys=signing_keys or os.environ.get("RESUME_SIGNING_KEYS") or None,
-            encryption_keys=encryption_keys or os.environ.get("RESUME_ENCRYPTION_KEYS") or None,
-        )
+        if codec is None:
+            keys = {"signing_keys": signing_keys, "encryption_keys": encryption_keys}
+            given = {name: value for name, value in keys.items() if value}
+            codec = Settings.only(*keys, **given).codec()
         self._holder = LeaseHolder(store, self._key, owner, lease_ttl)
         self._capture = Capture(
             self._key,
