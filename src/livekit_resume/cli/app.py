@@ -16,7 +16,6 @@ damaged session and prints each item it could not recover.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -32,11 +31,12 @@ from ..errors import (
     SnapshotNotFound,
     SnapshotTooLarge,
 )
+from ..settings import DEFAULT_STORE_URL, Settings
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import ItemData, Snapshot
 from ..snapshot.salvage import SALVAGE_ID_PREFIX, Damage, salvage_parts, validate_restorable
 from ..stores.base import Store, Stored, lease_is_live, validate_key
-from ..stores.url import DEFAULT_STORE_URL, open_store
+from ..stores.url import open_store
 from . import render
 from .snapshots import PROG, binary, load, make_codec, read_snapshot, write_whole
 
@@ -92,7 +92,7 @@ def _root(
     ] = False,
 ) -> None:
     ctx.obj = _Options(
-        store_url=store or os.environ.get("RESUME_STORE") or DEFAULT_STORE_URL,
+        store_url=store or Settings.only("store").store,
         store_explicit=store is not None,
         json=as_json,
     )

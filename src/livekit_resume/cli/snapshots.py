@@ -2,8 +2,9 @@
 whole-base write of ``import`` and ``repair``.
 
 Every read decodes with the workers' keys (``RESUME_SIGNING_KEYS``,
-``RESUME_ENCRYPTION_KEYS``); every write holds the session's lease and clears both
-streams before writing each item again, so no later version reads an older record.
+``RESUME_ENCRYPTION_KEYS``, read through `livekit_resume.settings`); every write holds
+the session's lease and clears both streams before writing each item again, so no later
+version reads an older record.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import BinaryIO, Literal, cast
 
 from ..bridge import from_stored, whole_commit
 from ..errors import SessionBusy, SnapshotNotFound
+from ..settings import Settings
 from ..snapshot.codec import DEFAULT_MAX_FRAME, Codec, read_frames
 from ..snapshot.model import Snapshot, Writer
 from ..snapshot.salvage import validate_restorable
@@ -45,11 +47,7 @@ _MAX_FRAME = DEFAULT_MAX_FRAME
 
 def make_codec() -> Codec:
     """A codec with the workers' keys (``RESUME_SIGNING_KEYS``, ``RESUME_ENCRYPTION_KEYS``)."""
-    return Codec(
-        signing_keys=os.environ.get("RESUME_SIGNING_KEYS") or None,
-        encryption_keys=os.environ.get("RESUME_ENCRYPTION_KEYS") or None,
-        max_frame=_MAX_FRAME,
-    )
+    return Settings.only("signing_keys", "encryption_keys").codec(max_frame=_MAX_FRAME)
 
 
 async def load(store: Store, key: str, version: int | None) -> Snapshot:
