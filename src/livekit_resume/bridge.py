@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .errors import SnapshotCorrupt, SnapshotNotFound
+from .errors import SnapshotCorrupt, SnapshotNotFound, SnapshotTooLarge
 from .snapshot.codec import AGENT, HISTORY, Codec
 from .snapshot.model import Snapshot
 from .snapshot.salvage import Damage, salvage_parts
@@ -144,10 +144,12 @@ async def salvage_stored(
     store: Store, codec: Codec, stored: Stored
 ) -> tuple[Snapshot, list[Damage]]:
     """What is intact of a damaged version, and what was lost. A head that does not
-    decode is taken from the newest older version whose head does."""
-    args = (codec, stored.key, stored.head, stored.streams)
+    decode (damaged, or over the frame limit) is taken from the newest older version
+    whose head does; a head of a newer format is `IncompatibleSnapshot`, not damage."""
+    fallback: list[tuple[int, bytes]] = []
     try:
-        return salvage_parts(*args, version=stored.version)
-    except SnapshotCorrupt:
+        codec.decode_head(stored.key, stored.head)
+    except (SnapshotCorrupt, SnapshotTooLarge):
         fallback = await older_heads(store, stored.key, stored.version)
-        return salvage_parts(*args, version=stored.version, fallback_heads=fallback)
+    args = (codec, stored.key, stored.head, stored.streams)
+    return salvage_parts(*args, version=stored.version, fallback_heads=fallback)

@@ -23,18 +23,15 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from ..bridge import older_heads
+from ..bridge import salvage_stored
 from ..errors import (
-    IncompatibleSnapshot,
     ResumeError,
-    SnapshotCorrupt,
     SnapshotNotFound,
-    SnapshotTooLarge,
 )
 from ..settings import DEFAULT_STORE_URL, Settings
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import ItemData, Snapshot
-from ..snapshot.salvage import SALVAGE_ID_PREFIX, Damage, salvage_parts, validate_restorable
+from ..snapshot.salvage import SALVAGE_ID_PREFIX, Damage, validate_restorable
 from ..stores.base import Store, Stored, lease_is_live, validate_key
 from ..stores.url import open_store
 from . import render
@@ -352,15 +349,7 @@ def repair_cmd(
     async def build(store: Store, codec: Codec, stored: Stored | None) -> Snapshot | None:
         if stored is None:
             raise SnapshotNotFound(f"no snapshot for session {key!r}")
-        args = (codec, key, stored.head, stored.streams)
-        try:
-            codec.decode_head(key, stored.head)
-            fallbacks: list[tuple[int, bytes]] = []
-        except IncompatibleSnapshot:
-            raise
-        except (SnapshotCorrupt, SnapshotTooLarge):
-            fallbacks = await older_heads(store, key, stored.version)
-        snap, damage = salvage_parts(*args, version=stored.version, fallback_heads=fallbacks)
+        snap, damage = await salvage_stored(store, codec, stored)
         found.update(version=stored.version, snap=snap, damage=damage)
         return snap if damage and not dry_run else None
 
