@@ -34,21 +34,11 @@ from livekit_resume.errors import (
 from livekit_resume.stores.base import Commit, Lease, Record
 from livekit_resume.stores.redis import RedisStore, RedisURL
 from livekit_resume.stores.url import open_store
+from livekit_resume.testing.poll import eventually
 from tests.redis_servers import RedisServer, build_redis_store, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "room-7"
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0
-) -> None:
-    """Poll ``check`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting until {what}")
-        await asyncio.sleep(0.05)
 
 
 def raw(store: RedisStore) -> Any:
@@ -163,6 +153,30 @@ def test_open_store_routes_every_redis_scheme() -> None:
         store = open_store(url, namespace="tenant-a", ttl=60)
         assert isinstance(store, RedisStore)
         assert (store._namespace, store._ttl) == ("tenant-a", 60)
+
+
+LUA = ROOT / "src" / "livekit_resume" / "stores" / "lua"
+
+
+def test_every_session_script_starts_from_live_head_and_index_shares_the_clock() -> None:
+    """The prologue "read the head, purge it if expired" is written once (session.lua's
+    live_head), and the time once (clock.lua, which index.lua runs behind too)."""
+    from livekit_resume.stores.redis.scripts import script_source
+
+    session = (LUA / "session.lua").read_text()
+    assert session.count("read_head()") == 2  # its definition, and the call in live_head
+    for path in sorted(LUA.glob("*.lua")):
+        if path.stem in ("session", "clock", "index", "publish"):
+            continue
+        own = path.read_text()
+        assert "live_head" in own and "read_head" not in own, path.name
+        assert "TIME" not in own, path.name
+        source = script_source(path.stem)
+        assert source.index("local NOW") < source.index("local function live_head")
+    index = script_source("index")
+    assert "TIME" not in (LUA / "index.lua").read_text()
+    assert index.count("redis.call('TIME')") == 1 and "live_head" not in index
+    assert "NOW" not in script_source("publish")
 
 
 def test_namespace_with_braces_and_decoding_clients_are_refused() -> None:

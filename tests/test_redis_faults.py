@@ -11,10 +11,11 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from livekit_resume.errors import (
     LeaseLost,
@@ -25,20 +26,10 @@ from livekit_resume.errors import (
 from livekit_resume.stores.base import Commit, Lease, Record
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.stores.redis.records import pack_record
+from livekit_resume.testing.poll import eventually
 from tests.redis_servers import RedisFactory, RedisServer
 
 KEY = "room-7"
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0
-) -> None:
-    """Poll ``check`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting until {what}")
-        await asyncio.sleep(0.05)
 
 
 def item_commit(lease: Lease, base: int, item: str, after: str | None, cid: str = "") -> Commit:
@@ -349,7 +340,7 @@ async def test_missing_version_or_log_under_a_present_head_is_corrupt_naming_the
             await store.commit(item_commit(lease, 2, "c", "b"))
         await client.rpush(prefix(store) + "log:0", *log)
 
-        version = await client.hgetall(prefix(store) + "v:2")
+        version: dict[Any, Any] = await client.hgetall(prefix(store) + "v:2")
         await client.delete(prefix(store) + "v:2")
         for call in (store.load, store.versions, store.info):
             with pytest.raises(SnapshotCorrupt, match=r"v:2"):
@@ -545,7 +536,10 @@ async def test_wait_replicas_on_a_cluster_waits_on_the_node_of_the_slot(
         for key in ("a", "b", "c", "d", "e", "f"):  # keys of several slots and nodes
             lease = await store.acquire(key, "worker-a")
             assert await store.commit(item_commit(lease, 0, "x", None)) == 1
-            node = store._client.get_node_from_key(store._head_key(key))
+            client = store._client
+            assert isinstance(client, RedisCluster)
+            node = client.get_node_from_key(store._head_key(key))
+            assert node is not None
             expected[node.port] += 1
         assert store.under_replicated == 7
         after = waits()
