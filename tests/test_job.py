@@ -4,6 +4,7 @@ a fenced session goes quiet, the caller leaving and coming back (issue 19)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +168,45 @@ async def test_one_of_two_participants_leaving_changes_nothing(store: Store) -> 
     policy.stop()
     await rs.aclose()
     await session.aclose()
+
+
+async def test_a_conversation_older_than_resume_within_is_kept_aside_and_not_resumed() -> None:
+    from livekit_resume.agent_hooks.job import archive_stale
+    from livekit_resume.bridge import from_stored
+    from livekit_resume.snapshot.codec import Codec
+    from livekit_resume.stores.memory import MemoryStore
+
+    offset = [-3600.0]  # the conversation happened an hour ago
+    store = MemoryStore(clock=lambda: time.time() + offset[0])
+    session, rs, _ = await start(store, ["one", "two"])
+    await session.run(user_input="my order number is 4711")
+    version = await rs.suspend()
+    before = from_stored(Codec(), await store.load(KEY))
+    offset[0] = 0.0
+
+    assert await archive_stale(store, Codec(), KEY, older_than=7200, owner="job") is None
+    archived = await archive_stale(store, Codec(), KEY, older_than=60, owner="job")
+    assert archived == f"{KEY}~v{version}"
+    with pytest.raises(lr.SnapshotNotFound):
+        await store.load(KEY)  # the key starts afresh
+    kept = from_stored(Codec(), await store.load(archived))
+    assert kept.history == before.history and kept.userdata == before.userdata
+
+    session2, rs2, _ = await start(store, ["hello again"], owner="w2")
+    assert not rs2.resumed and rs2.version == 0
+    await rs2.aclose()
+    await session2.aclose()
+
+
+async def test_a_held_or_recent_conversation_is_never_archived(store: Store) -> None:
+    from livekit_resume.agent_hooks.job import archive_stale
+    from livekit_resume.snapshot.codec import Codec
+
+    session, rs, _ = await start(store, ["one"])
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    # held by a live worker: left alone however old the limit says it is
+    assert await archive_stale(store, Codec(), KEY, older_than=-1, owner="job") is None
+    await rs.suspend()
+    assert await archive_stale(store, Codec(), KEY, older_than=3600, owner="job") is None
+    assert (await store.load(KEY)).version == rs.version

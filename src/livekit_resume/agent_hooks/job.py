@@ -17,6 +17,9 @@ moments a conversation is lost in production:
 - **the caller leaves**: with ``leave_grace`` the session pauses when the last remote
   participant leaves (LiveKit's ``close_on_disconnect`` is turned off) and suspends when
   the grace runs out; a participant back within the grace finds it resumed in place;
+- **stale conversations**: with ``resume_within`` a conversation last saved longer ago
+  is not resumed: it is kept, whole, under ``<key>~v<version>`` for inspection (logged),
+  and the call starts afresh under the key (``rs.resumed`` is False);
 - **long pauses**: a pause longer than ``suspend_after`` suspends the session (its
   STT/TTS/LLM and audio are closed, the lease released); a later job for the key, or
   this one with a new `AgentSession` and another `resumable_job` call, restores it.
@@ -29,6 +32,7 @@ import contextlib
 import inspect
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,19 +40,25 @@ from livekit import rtc
 from livekit.agents import Agent, AgentSession, JobContext
 from livekit.agents.voice import room_io
 
+from ..bridge import from_stored, whole_commit
 from ..errors import LeaseLost, SessionBusy
-from ..stores.base import Store
+from ..settings import Settings
+from ..snapshot.codec import Codec
+from ..stores.base import Store, validate_key
 from ..stores.url import open_store
 from .registry import AgentRegistry
 from .session import ResumableSession
 
-__all__ = ["DEFAULT_LEAVE_GRACE", "JobPolicy", "resumable_job"]
+__all__ = ["DEFAULT_LEAVE_GRACE", "JobPolicy", "archive_stale", "resumable_job"]
 
 log = logging.getLogger("livekit_resume")
 
 # Long enough for a phone to switch networks and rejoin, short enough that an abandoned
 # call frees its STT/TTS/LLM connections soon.
 DEFAULT_LEAVE_GRACE = 30.0
+
+# Copying a stale conversation aside takes one commit.
+ARCHIVE_LEASE_TTL = 30.0
 
 KeySpec = str | Callable[[JobContext], "str | Awaitable[str]"] | None
 
@@ -156,6 +166,37 @@ class JobPolicy:
             )
 
 
+async def archive_stale(
+    store: Store, codec: Codec, key: str, *, older_than: float, owner: str
+) -> str | None:
+    """If ``key``'s conversation was last saved more than ``older_than`` seconds ago,
+    copy its latest version whole to ``<key>~v<version>``, remove ``key`` and return the
+    archive's key; else None. A session some worker still holds is left alone."""
+    info = await store.info(key)
+    if info is None or info.version == 0 or info.owner is not None:
+        return None
+    if time.time() - info.updated_at <= older_than:
+        return None
+    stored = await store.load(key)
+    archive = validate_key(f"{key}~v{stored.version}")
+    snap = from_stored(codec, stored)
+    lease = await store.acquire(archive, owner, ttl=ARCHIVE_LEASE_TTL)
+    try:
+        copy = snap.model_copy(update={"key": archive, "epoch": lease.epoch})
+        await store.commit(whole_commit(codec, copy, base_version=0, owner=owner))
+    finally:
+        await store.release(lease)
+    await store.delete(key)
+    log.info(
+        "session %r was last saved %.0fs ago, over resume_within: kept as %r, starting afresh",
+        key,
+        time.time() - info.updated_at,
+        archive,
+        extra={"key": key, "archived": archive},
+    )
+    return archive
+
+
 async def _refuse_same_job(store: Store, key: str, owner: str) -> None:
     """A job that restores a key it already holds is a bug of the caller, not a takeover."""
     info = await store.info(key)  # names an owner only while its lease is live
@@ -179,13 +220,16 @@ async def resumable_job(
     store: Store | None = None,
     leave_grace: float | None = DEFAULT_LEAVE_GRACE,
     suspend_after: float | None = None,
+    resume_within: float | None = None,
     room_options: room_io.RoomOptions | None = None,
     **options: Any,
 ) -> ResumableSession:
     """Restore (or start) the conversation of this job and start ``session`` in its room.
 
     ``key`` is the room name by default, or a string, or a function of the job context
-    (sync or async) returning the key. ``store`` defaults to `open_store()`
+    (sync or async) returning the key. ``resume_within`` (seconds) starts afresh when
+    the conversation was last saved longer ago, keeping the old one aside (see
+    `archive_stale`). ``store`` defaults to `open_store()`
     (``RESUME_STORE``). ``options`` go to `ResumableSession` (``userdata_type``,
     ``media``, ``codec``, …). The job's shutdown saves and releases the session; a
     newer job for the same key takes it over and this one goes quiet. Returns the
@@ -195,6 +239,11 @@ async def resumable_job(
     store = store or open_store()
     owner = job_owner(ctx)
     await _refuse_same_job(store, name, owner)
+    codec: Codec = options.pop("codec", None) or Settings.only(
+        "signing_keys", "encryption_keys"
+    ).codec()
+    if resume_within is not None:
+        await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
 
     async def on_lost(error: LeaseLost) -> None:
         # a newer job took the conversation over: stop speaking, write nothing, end
@@ -221,6 +270,7 @@ async def resumable_job(
         room=ctx.room,
         on_lost=on_lost,
         suspend_after=suspend_after,
+        codec=codec,
         **options,
     )
     policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace or 0.0)
