@@ -7,9 +7,11 @@ processes and report what they see as lines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -113,6 +115,25 @@ def _first(job: RunningJob, prefix: str) -> int:
 
 def _has(job: RunningJob, prefix: str) -> bool:
     return any(line.split(" ", 1)[0] == prefix for line in job.lines)
+
+
+@contextlib.asynccontextmanager
+async def _worker_with_a_job(
+    harness: JobHarness,
+) -> AsyncIterator[tuple[AgentServer, RunningJob]]:
+    """A real AgentServer, unregistered (no LiveKit server), running one fake job."""
+    server = AgentServer(num_idle_processes=0, port=0, initialize_process_timeout=30.0)
+    harness.serve(server, ENTRY + "_entry_ready")
+    started = asyncio.Event()
+    server.once("worker_started", started.set)
+    run = asyncio.create_task(server.run(devmode=False, unregistered=True))
+    await asyncio.wait_for(started.wait(), 30)
+    await server.simulate_job("drain-room", fake_job=True)
+    job = await harness.next_job()
+    await job.expect("READY")
+    yield server, job
+    await server.aclose()  # a no-op when the test closed it already
+    await asyncio.wait_for(run, 30)
 
 
 # ---------------------------------------------------------------------------------- tests
@@ -277,17 +298,7 @@ async def test_participant_leaving_without_close_keeps_the_session_and_relinks_o
 
 
 async def test_worker_drain_waits_for_jobs_and_tells_them_nothing() -> None:
-    server = AgentServer(num_idle_processes=0, port=0, initialize_process_timeout=30.0)
-    async with JobHarness() as harness:
-        harness.serve(server, ENTRY + "_entry_ready")
-        started = asyncio.Event()
-        server.once("worker_started", started.set)
-        run = asyncio.create_task(server.run(devmode=False, unregistered=True))
-        await asyncio.wait_for(started.wait(), 30)
-        await server.simulate_job("drain-room", fake_job=True)
-        job = await harness.next_job()
-        await job.expect("READY")
-
+    async with JobHarness() as harness, _worker_with_a_job(harness) as (server, job):
         with pytest.raises(asyncio.TimeoutError):
             await server.drain(timeout=1)  # the job does not end: drain times out
         await _ping(job, "after-drain")
@@ -296,30 +307,17 @@ async def test_worker_drain_waits_for_jobs_and_tells_them_nothing() -> None:
 
         await server.aclose()  # after the drain: ShutdownRequest to every job process
         callback = await job.expect("CALLBACK")
-        await asyncio.wait_for(run, 30)
     assert callback.split()[1] == "parent_process_shutdown"
     assert job.exitcode == 0
 
 
 async def test_worker_drain_returns_when_the_jobs_end() -> None:
-    server = AgentServer(num_idle_processes=0, port=0, initialize_process_timeout=30.0)
-    async with JobHarness() as harness:
-        harness.serve(server, ENTRY + "_entry_ready")
-        started = asyncio.Event()
-        server.once("worker_started", started.set)
-        run = asyncio.create_task(server.run(devmode=False, unregistered=True))
-        await asyncio.wait_for(started.wait(), 30)
-        await server.simulate_job("drain-room", fake_job=True)
-        job = await harness.next_job()
-        await job.expect("READY")
-
+    async with JobHarness() as harness, _worker_with_a_job(harness) as (server, job):
         drain = asyncio.create_task(server.drain(timeout=60))
         await _ping(job, "while-draining")
         assert not drain.done()
         await job.send("shutdown call_ended")  # the job ends itself (ctx.shutdown)
         await asyncio.wait_for(drain, 30)
-        await server.aclose()
-        await asyncio.wait_for(run, 30)
     assert (await job.expect("CALLBACK")).split()[1] == "call_ended"
     assert job.exitcode == 0
 
