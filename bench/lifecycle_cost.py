@@ -53,7 +53,9 @@ def _registry() -> lr.AgentRegistry:
     return reg
 
 
-async def _live(store: Store, key: str, size: int) -> tuple[AgentSession[None], lr.ResumableSession]:
+async def _live(
+    store: Store, key: str, size: int
+) -> tuple[AgentSession[None], lr.ResumableSession]:
     session: AgentSession[None] = AgentSession(llm=_NoLLM())
     rs = lr.ResumableSession(store, key, registry=_registry(), autosave=False)
     await session.start(await rs.restore(session, default=Bench))
