@@ -261,6 +261,7 @@ async def resumable_job(
         session.input.set_audio_enabled(False)
         await rs.aclose()
         await session.aclose()
+        ctx.shutdown(reason=f"session {name!r} was taken over by another job")
 
     rs = ResumableSession(
         store,
