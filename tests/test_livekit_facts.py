@@ -67,7 +67,7 @@ class Greeter(Agent):
         type(self).enters += 1
 
     @function_tool
-    async def lookup(self, ctx: RunContext, query: str) -> str:
+    async def lookup(self, ctx: RunContext[Any], query: str) -> str:
         """Look something up."""
         return f"found {query}"
 
@@ -354,7 +354,7 @@ async def test_update_instructions_and_update_tools_add_config_items_and_emit_no
     await agent.update_instructions("new instructions")
 
     @function_tool
-    async def extra(ctx: RunContext) -> str:
+    async def extra(ctx: RunContext[Any]) -> str:
         """An extra tool."""
         return "x"
 
@@ -364,6 +364,7 @@ async def test_update_instructions_and_update_tools_add_config_items_and_emit_no
 
     new = session.history.items[before:]
     assert [item.type for item in new] == ["agent_config_update", "agent_config_update"]
+    assert isinstance(new[0], llm.AgentConfigUpdate) and isinstance(new[1], llm.AgentConfigUpdate)
     assert new[0].instructions == "new instructions"
     assert (new[1].tools_added, new[1].tools_removed) == (["extra"], None)
     agent_ids = item_ids(agent.chat_ctx.items)
@@ -432,7 +433,7 @@ async def test_function_call_reaches_history_only_after_tool_finished(
             super().__init__(instructions="slow")
 
         @function_tool
-        async def charge(self, ctx: RunContext, amount: int) -> str:
+        async def charge(self, ctx: RunContext[Any], amount: int) -> str:
             """Charge a card."""
             await gate.wait()
             return f"charged {amount}"
@@ -444,7 +445,7 @@ async def test_function_call_reaches_history_only_after_tool_finished(
     agent = Slow()
     await session.start(agent)
 
-    run = asyncio.ensure_future(session.run(user_input="pay"))
+    run: asyncio.Future[RunResult[Any]] = asyncio.ensure_future(session.run(user_input="pay"))
     started = await log.wait_for(
         "tool_execution_updated", lambda ev: isinstance(ev.update, ToolCallStarted)
     )
@@ -488,7 +489,7 @@ async def test_tool_returning_agent_switches_current_agent_at_once(
             super().__init__(instructions="I am first.")
 
         @function_tool
-        async def transfer(self, ctx: RunContext) -> Agent:
+        async def transfer(self, ctx: RunContext[Any]) -> Agent:
             """Transfer to the second agent."""
             return Second()
 
@@ -509,12 +510,13 @@ async def test_tool_returning_agent_switches_current_agent_at_once(
     session.on("function_tools_executed", on_executed)
     await session.start(First())
 
-    result = await session.run(user_input="transfer me")
+    result: RunResult[Any] = await session.run(user_input="transfer me")
 
     assert seen == {"tool_ended": "First", "during_emit": "First", "right_after": "Second"}
     assert isinstance(session.current_agent, Second)
     new_ctx = session.current_agent.chat_ctx.items
     assert [item.type for item in new_ctx] == ["message", "agent_config_update"]
+    assert isinstance(new_ctx[0], llm.ChatMessage)
     assert new_ctx[0].text_content == "I am second."
     handoffs = of_type(session.history.items, "agent_handoff")
     assert [(h.old_agent_id, h.new_agent_id) for h in handoffs] == [
@@ -546,7 +548,7 @@ async def test_run_returns_runresult_awaitable_but_not_coroutine(
     sessions.append(session)
     await session.start(Plain())
 
-    result = session.run(user_input="first")
+    result: RunResult[Any] = session.run(user_input="first")
     assert isinstance(result, RunResult)
     assert not asyncio.iscoroutine(result)
     assert inspect.isawaitable(result)
@@ -554,7 +556,7 @@ async def test_run_returns_runresult_awaitable_but_not_coroutine(
         asyncio.create_task(result)  # type: ignore[arg-type]  # noqa: RUF006
     assert await asyncio.ensure_future(result) is result
 
-    second = await session.run(user_input="second")
+    second: RunResult[Any] = await session.run(user_input="second")
     assert second.expect.next_event().is_message(role="assistant")
 
 
@@ -580,9 +582,11 @@ async def test_pause_primitives_work_without_a_room(
         assert caplog.records == []
         assert (session.input.audio_enabled, session.output.audio_enabled) == (False, False)
 
-        result = await session.run(user_input="are you paused?")
+        result: RunResult[Any] = await session.run(user_input="are you paused?")
         result.expect.next_event().is_message(role="assistant")
-        assert session.history.items[-1].text_content == "still answering"
+        last = session.history.items[-1]
+        assert isinstance(last, llm.ChatMessage)
+        assert last.text_content == "still answering"
 
         fut = session.interrupt()
         assert isinstance(fut, asyncio.Future)
