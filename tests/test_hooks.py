@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from livekit.agents import Agent, AgentSession, AgentTask, RunContext, function_tool, llm
+from livekit.agents import (
+    Agent,
+    AgentSession,
+    AgentTask,
+    RunContext,
+    RunResult,
+    function_tool,
+    llm,
+)
 from pydantic import BaseModel
 
 import livekit_resume as lr
@@ -128,8 +136,13 @@ async def first_half(store: Store) -> tuple[AgentSession[Visit], lr.ResumableSes
     return session, rs
 
 
-def ids(items: list[llm.ChatItem]) -> list[str]:
+def ids(items: Sequence[llm.ChatItem]) -> list[str]:
     return [i.id for i in items]
+
+
+def state_of(rs: lr.ResumableSession) -> str:
+    """``rs.state`` read afresh: mypy would keep a narrowing from before an ``await``."""
+    return rs.state
 
 
 async def test_restore_without_snapshot_returns_default_and_is_not_resumed(store: Store) -> None:
@@ -170,12 +183,12 @@ async def test_first_llm_request_after_restore_holds_every_saved_exchange_once(
     await s2.run(user_input="What day am I booked?")
     first = model.requests[0]
     # instructions are checked apart: LiveKit adds a cache marker to them per request
-    conversational = [
+    conversational: list[llm.ChatItem] = [
         i
         for i in saved_agent_ctx
         if i.type != "agent_config_update" and not (i.type == "message" and i.role == "system")
     ]
-    got = [i for i in first.items if i.id in {c.id for c in conversational}]
+    got: list[llm.ChatItem] = [i for i in first.items if i.id in {c.id for c in conversational}]
     assert ids(got) == ids(conversational)  # in order, each once
     assert llm.ChatContext(got).is_equivalent(llm.ChatContext(conversational))
     kinds = [i.type for i in got]
@@ -354,7 +367,7 @@ class FlakyStore:
 
 async def test_autosave_retries_a_failing_store_and_flushes_when_it_is_back() -> None:
     flaky = FlakyStore(MemoryStore())
-    session, rs, _ = await start(flaky, ["one", "two"], autosave=True)  # type: ignore[arg-type]
+    session, rs, _ = await start(flaky, ["one", "two"], autosave=True)
     flaky.down = True
     await session.run(user_input="a")  # the voice loop is not disturbed
     await session.run(user_input="b")
@@ -412,7 +425,7 @@ async def test_tool_running_at_snapshot_time_is_answered_as_interrupted(store: S
     await s1.run(user_input="Hi")
     started = asyncio.Event()
     s1.on("tool_execution_updated", lambda ev: started.set())
-    run = asyncio.ensure_future(s1.run(user_input="find my x-ray"))
+    run: asyncio.Future[RunResult[Any]] = asyncio.ensure_future(s1.run(user_input="find my x-ray"))
     await asyncio.wait_for(started.wait(), 5)
     assert "call_slow" in rs1._running
     await rs1.checkpoint("tool")
@@ -457,7 +470,7 @@ async def test_pause_answers_nothing_and_resume_continues_with_nothing_lost(
     ]
 
     await rs.resume()
-    assert rs.state == "active"
+    assert state_of(rs) == "active"
     await session.run(user_input="I'm back")
     assert model.requests[-1].last_user_text == "I'm back"
     assert ids(session.history.items[: len(before)]) == ids(before)
@@ -508,7 +521,7 @@ async def test_instructions_changed_at_run_time_are_restored(store: Store) -> No
 
 async def test_a_failed_commit_does_not_count_a_turn_twice() -> None:
     flaky = FlakyStore(MemoryStore())
-    session, rs, _ = await start(flaky, ["hello", "one"])  # type: ignore[arg-type]
+    session, rs, _ = await start(flaky, ["hello", "one"])
     await session.run(user_input="a")
     flaky.down = True
     with pytest.raises(lr.StoreUnavailable):
@@ -598,7 +611,9 @@ async def test_a_running_agent_task_is_saved_as_its_parent_and_the_call_as_inter
         "agent_state_changed",
         lambda ev: entered.set() if isinstance(session.current_agent, AskEmail) else None,
     )
-    run = asyncio.ensure_future(session.run(user_input="sign me up"))
+    run: asyncio.Future[RunResult[Any]] = asyncio.ensure_future(
+        session.run(user_input="sign me up")
+    )
     await asyncio.wait_for(entered.wait(), 5)
     await asyncio.wait_for(model.wait_for_requests(2), 5)  # the task asked its question
     assert isinstance(session.current_agent, AskEmail)
@@ -630,7 +645,7 @@ async def test_a_running_agent_task_is_saved_as_its_parent_and_the_call_as_inter
 async def test_signed_and_encrypted_session_restores_and_stores_no_plaintext(
     store: Store,
 ) -> None:
-    keys = {
+    keys: dict[str, Any] = {
         "signing_keys": "s1:" + base64.b64encode(b"k" * 32).decode(),
         "encryption_keys": "e1:" + base64.b64encode(b"e" * 32).decode(),
     }
