@@ -25,7 +25,7 @@ from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.base import Commit, Store
 from tests.lk.scripted_llm import ScriptedLLM
-from tests.test_hooks import KEY, Receptionist, Visit, registry, settled, start
+from tests.test_hooks import KEY, Receptionist, Visit, registry, settled, start, state_of
 
 # A committed turn lands in milliseconds; these bound a broken store, they are not timings.
 DEADLINE = 20.0
@@ -86,7 +86,7 @@ async def test_an_ambiguous_commit_that_landed_is_adopted_and_autosave_goes_on(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     flaky = LostReplies(store)
-    session, rs, _ = await start(flaky, ["one", "two", "three"], autosave=True)  # type: ignore[arg-type]
+    session, rs, _ = await start(flaky, ["one", "two", "three"], autosave=True)
     await session.run(user_input="a")
     await settled(rs)
     flaky.times = 1
@@ -109,7 +109,7 @@ async def test_an_explicit_checkpoint_after_an_ambiguous_failure_adopts_the_land
     store: Store,
 ) -> None:
     flaky = LostReplies(store)
-    session, rs, _ = await start(flaky, ["one", "two"])  # type: ignore[arg-type]
+    session, rs, _ = await start(flaky, ["one", "two"])
     await session.run(user_input="a")
     flaky.times = 1
     with pytest.raises(lr.StoreUnavailable):
@@ -181,7 +181,7 @@ class Outage:
 
 async def test_a_failed_suspend_keeps_the_lease_and_can_be_retried(store: Store) -> None:
     flaky = Outage(store)
-    session, rs, _ = await start(flaky, ["one", "two"])  # type: ignore[arg-type]
+    session, rs, _ = await start(flaky, ["one", "two"])
     await session.run(user_input="a")
     await rs.checkpoint()
     await session.run(user_input="the last turn")
@@ -193,7 +193,7 @@ async def test_a_failed_suspend_keeps_the_lease_and_can_be_retried(store: Store)
         await store.acquire(KEY, "worker-b")
     flaky.down = False
     version = await rs.suspend()
-    assert rs.state == "suspended"
+    assert state_of(rs) == "suspended"
     snap = await saved(store)
     assert (snap.version, snap.state) == (version, "suspended")
     assert texts(snap)[-2] == "the last turn"
@@ -202,7 +202,7 @@ async def test_a_failed_suspend_keeps_the_lease_and_can_be_retried(store: Store)
 
 async def test_close_after_a_failed_suspend_still_saves_the_last_turn(store: Store) -> None:
     flaky = Outage(store)
-    session, rs, _ = await start(flaky, ["one", "two"])  # type: ignore[arg-type]
+    session, rs, _ = await start(flaky, ["one", "two"])
     await session.run(user_input="a")
     await rs.checkpoint()
     await session.run(user_input="the last turn")
@@ -218,7 +218,7 @@ async def test_close_after_a_failed_suspend_still_saves_the_last_turn(store: Sto
 
 async def test_close_retries_the_final_save_through_a_short_outage(store: Store) -> None:
     flaky = Outage(store)
-    session, rs, _ = await start(flaky, ["one", "two"])  # type: ignore[arg-type]
+    session, rs, _ = await start(flaky, ["one", "two"])
     await session.run(user_input="the only turn")
     flaky.down = True
     loop = asyncio.get_running_loop()
