@@ -260,8 +260,14 @@ def test_a_refused_value_does_not_stop_the_rest_from_saving(
     adapter = TypeAdapter(Nested)
     saved = dump_userdata(adapter, Nested(note="first"))  # the last good userdata
     live = Nested(note="second", prefs={"account": BIG})
-    history = [
-        llm.ChatMessage(id="item_u", role="user", content=["hi \ud800"], created_at=1.0),
+    history: list[llm.ChatItem] = [
+        llm.ChatMessage(
+            id="item_u",
+            role="user",
+            content=["hi \ud800"],
+            created_at=1.0,
+            extra={"n": BIG, "obj": Opaque()},
+        ),
         llm.FunctionCallOutput(
             id="item_o",
             call_id="c",
@@ -269,7 +275,6 @@ def test_a_refused_value_does_not_stop_the_rest_from_saving(
             output="bytes \udcff decoded badly",
             is_error=False,
             created_at=2.0,
-            extra={"n": BIG, "obj": Opaque()},
         ),
     ]
 
