@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
+from livekit.agents import Agent, AgentSession, RunContext, RunResult, function_tool, llm
 
 import livekit_resume as lr
 from livekit_resume.snapshot.chat import INTERRUPTED_OUTPUT
@@ -43,7 +43,7 @@ class Reporter(Agent):
         self.release = asyncio.Event()
 
     @function_tool
-    async def fetch_report(self, ctx: RunContext, what: str) -> str:
+    async def fetch_report(self, ctx: RunContext[Any], what: str) -> str:
         """Fetch a report in the background."""
         await ctx.update("started fetching")
         await ctx.update("half way")
@@ -64,9 +64,13 @@ def _outputs(ctx: llm.ChatContext) -> dict[str, list[llm.FunctionCallOutput]]:
     return out
 
 
-async def _run_until_progress(session: AgentSession[Any], agent: Reporter) -> asyncio.Future[Any]:
+async def _run_until_progress(
+    session: AgentSession[Any], agent: Reporter
+) -> asyncio.Future[RunResult[Any]]:
     await session.run(user_input="hello")
-    run = asyncio.ensure_future(session.run(user_input="get the report"))
+    run: asyncio.Future[RunResult[Any]] = asyncio.ensure_future(
+        session.run(user_input="get the report")
+    )
     await asyncio.wait_for(agent.updated.wait(), 5)
     return run
 
