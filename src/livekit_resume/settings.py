@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from . import redact
 from .stores.base import validate_ttl
 
 if TYPE_CHECKING:
@@ -99,15 +100,34 @@ class Settings(BaseSettings):
         """A `Codec` with these keys; ``options`` (``max_frame``…) go to the codec."""
         from .snapshot.codec import Codec
 
-        return Codec(
-            signing_keys=_secret(self.signing_keys),
-            encryption_keys=_secret(self.encryption_keys),
-            **options,
-        )
+        signing, encryption = _secret(self.signing_keys), _secret(self.encryption_keys)
+        try:
+            return Codec(signing_keys=signing, encryption_keys=encryption, **options)
+        except ValueError as exc:
+            # A malformed key names itself in the codec's message: a key given without
+            # its ``kid:`` is the secret itself. Nothing of a key is ever shown.
+            message = redact.secrets(str(exc), (signing, encryption))
+            where = _refused_keys(signing, encryption)
+            raise ValueError(f"{where}: {message}" if where else message) from None
 
 
 def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value is not None else None
+
+
+def _refused_keys(signing: str | None, encryption: str | None) -> str | None:
+    """Which setting holds the key the codec refused; None when the keys are fine."""
+    from .snapshot.codec import Codec
+
+    try:
+        Codec(signing_keys=signing)
+    except ValueError:
+        return f"{ENV_PREFIX}SIGNING_KEYS"
+    try:
+        Codec(encryption_keys=encryption)
+    except ValueError:
+        return f"{ENV_PREFIX}ENCRYPTION_KEYS"
+    return None
 
 
 _TTL_RULE = "is not a finite number of seconds >= 0.001 (the session TTL)"

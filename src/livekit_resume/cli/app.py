@@ -23,6 +23,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
+from .. import redact
 from ..bridge import salvage_stored
 from ..errors import (
     ResumeError,
@@ -125,7 +126,7 @@ def _open(url: str, *, read_only: bool) -> Store:
     try:
         return open_store(url, read_only=read_only)
     except ImportError as e:
-        raise ValueError(f"the store for {url!r} is not available here: {e}") from e
+        raise ValueError(f"the store for {redact.url(url)!r} is not available here: {e}") from e
 
 
 def _done(opts: _Options, data: Any, text: str) -> None:
@@ -133,7 +134,7 @@ def _done(opts: _Options, data: Any, text: str) -> None:
     if opts.json:
         render.print_json(data)
     else:
-        render.console().print(text)
+        render.console().print(redact.printable(text))
 
 
 def _key(key: str) -> str:
@@ -184,10 +185,11 @@ def ls_cmd(ctx: typer.Context) -> None:
         render.print_json([{k: v for k, v in r.items() if k != "updated_ts"} for r in rows])
         return
     console = render.console()
+    where = redact.url(opts.store_url)
     if not rows:
-        console.print(f"no sessions in {opts.store_url}")
+        console.print(redact.printable(f"no sessions in {where}"))
         return
-    console.print(render.sessions_table(rows, title=f"sessions in {opts.store_url}"))
+    console.print(render.sessions_table(rows, title=f"sessions in {where}"))
 
 
 @app.command("show")
@@ -310,7 +312,7 @@ def import_cmd(
         key = _key(key)
     try:
         snap = read_snapshot(file)
-    except (ResumeError, OSError) as e:
+    except (ResumeError, ValueError, OSError) as e:
         _fail(e, as_json=opts.json)
     target = key or snap.key
 
@@ -400,22 +402,25 @@ def rm_cmd(
     opts = _opts(ctx)
     key = _key(key)
 
+    where = redact.url(opts.store_url)
+
     async def held(store: Store) -> str | None:
         info = await store.info(key)
         if info is None:
-            raise SnapshotNotFound(f"no session {key!r} in {opts.store_url}")
+            raise SnapshotNotFound(f"no session {key!r} in {where}")
         return info.owner if lease_is_live(info.lease_expires_at, time.time()) else None
 
     # looked up read-only first: a mistyped path is an error, not a new empty file
     holder = _run(ctx, held, read_only=True)
     if not yes:
         warn = f" It is held by {holder!r}, a live worker." if holder else ""
-        if not typer.confirm(f"Delete session {key!r} and all its versions?{warn}"):
+        question = redact.printable(f"Delete session {key!r} and all its versions?{warn}")
+        if not typer.confirm(question):
             raise typer.Exit(1)
 
     async def go(store: Store) -> bool:
         if not await store.delete(key):
-            raise SnapshotNotFound(f"no session {key!r} in {opts.store_url}")
+            raise SnapshotNotFound(f"no session {key!r} in {where}")
         return True
 
     _run(ctx, go, read_only=False)

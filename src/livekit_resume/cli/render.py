@@ -2,7 +2,9 @@
 
 Nothing here touches a store or runs a command; the app and the demo both print
 through it. Keys, userdata and transcripts are data: the consoles have markup off, so
-``[bold]`` in a user's words stays text.
+``[bold]`` in a user's words stays text, and every string from a store, a file or an
+error goes through `livekit_resume.redact.printable` first, so that an escape sequence
+in it (a window title, a screen clear, a bidi override) is shown, never acted on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..redact import printable
 from ..snapshot.codec import AGENT, HISTORY
 from ..snapshot.model import ItemData, Snapshot
 from ..snapshot.salvage import Damage
@@ -59,7 +62,7 @@ def error_line(exc: BaseException, *, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"error": kind, "message": str(exc)}), err=True)
     else:
-        err_console().print(Text.assemble(("error", "bold red"), f" ({kind}): {exc}"))
+        err_console().print(Text.assemble(("error", "bold red"), f" ({kind}): {printable(exc)}"))
 
 
 def when(ts: float | None, *, short: bool = False) -> str:
@@ -88,8 +91,8 @@ def print_json(value: Any) -> None:
 
 
 def dash(value: object) -> str:
-    """A table cell: ``—`` for nothing."""
-    return "—" if value is None or value == "" else str(value)
+    """A table cell: ``—`` for nothing; control characters escaped."""
+    return "—" if value is None or value == "" else printable(value)
 
 
 # ---------------------------------------------------------------------- transcript
@@ -102,7 +105,7 @@ def _part_text(part: Any) -> str:
         return ""
     kind = part.get("type")
     if kind == "image_content":
-        return f"[image {str(part.get('image', ''))[:60]}]"
+        return f"[image {printable(str(part.get('image', ''))[:60])}]"
     if kind == "audio_content":
         return f"[audio] {part.get('transcript') or ''}".strip()
     if kind == "dropped_media" and part.get("kind") == "audio":
@@ -121,11 +124,12 @@ def render_item(item: ItemData, *, width: int | None = None) -> tuple[Text, Text
     (agent config updates)."""
 
     def cut(s: str) -> str:
+        s = printable(s, newlines=True)
         return s if width is None or len(s) <= width else s[: width - 1] + "…"
 
     kind = item.get("type")
     if kind == "message":
-        role = str(item.get("role"))
+        role = printable(item.get("role"))
         text = cut(_content_text(item.get("content") or []))
         style = {"user": "bold cyan", "assistant": "bold green"}.get(role, "dim")
         what = Text(text, style="dim" if role in ("system", "developer") else "")
@@ -138,19 +142,25 @@ def render_item(item: ItemData, *, width: int | None = None) -> tuple[Text, Text
         )
     if kind == "function_call_output":
         err = bool(item.get("is_error"))
-        name = item.get("name") or item.get("call_id")
+        name = printable(item.get("name") or item.get("call_id"))
         output = str(item.get("output") or "")
         what = Text(cut(f"{name}: {output}")) if output else Text(f"{name} (no output)")
         return Text("tool error" if err else "tool output", style="red" if err else "magenta"), what
     if kind == "agent_handoff":
-        old = item.get("old_agent_id") or "—"
-        return Text("handoff", style="bold yellow"), Text(f"{old} → {item.get('new_agent_id')}")
+        old, new = dash(item.get("old_agent_id")), dash(item.get("new_agent_id"))
+        return Text("handoff", style="bold yellow"), Text(f"{old} → {new}")
     return None
 
 
 def transcript_table(items: Sequence[ItemData], *, title: str | None = None) -> Table:
     """A readable transcript: role and text, tool calls and outputs, handoffs."""
-    table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
+    table = Table(
+        title=printable(title) if title is not None else None,
+        title_justify="left",
+        show_header=False,
+        box=None,
+        pad_edge=False,
+    )
     table.add_column("who", no_wrap=True, min_width=11)
     table.add_column("what", overflow="fold")
     add_transcript_rows(table, items)
@@ -170,7 +180,7 @@ def add_transcript_rows(table: Table, items: Iterable[ItemData]) -> None:
 
 def sessions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
     """``ls``: one row per session (the rows ``ls --json`` prints, with ``updated_ts``)."""
-    table = Table(title=title, box=box.SIMPLE_HEAD)
+    table = Table(title=printable(title), box=box.SIMPLE_HEAD)
     table.add_column("key", no_wrap=True)
     table.add_column("version", justify="right", min_width=7)
     table.add_column("state", no_wrap=True)
@@ -181,12 +191,12 @@ def sessions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
     for r in rows:
         expires = r["lease_expires_in"]
         table.add_row(
-            r["key"],
+            printable(r["key"]),
             str(r["version"]),
             dash(r["state"]),
             dash(r["agent"]),
             dash(r["items"]),
-            "free" if expires is None else f"{r['owner']} ({expires:.0f}s left)",
+            "free" if expires is None else f"{dash(r['owner'])} ({expires:.0f}s left)",
             when(r["updated_ts"], short=True),
         )
     return table
@@ -194,13 +204,13 @@ def sessions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
 
 def versions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
     """``history``: one row per retained version (with ``created_ts``)."""
-    table = Table(title=title, box=box.SIMPLE_HEAD)
+    table = Table(title=printable(title), box=box.SIMPLE_HEAD)
     for col in ("version", "epoch", "time", "reason", "state", "items", "bytes"):
         table.add_column(
             col, justify="right" if col in ("version", "epoch", "items", "bytes") else "left"
         )
     for r in rows:
-        reason = dash(r["reason"]) + (f" ({r['source']})" if r["source"] else "")
+        reason = dash(r["reason"]) + (f" ({dash(r['source'])})" if r["source"] else "")
         table.add_row(
             str(r["version"]),
             str(r["epoch"]),
@@ -241,11 +251,13 @@ def _snapshot_rows(snap: Snapshot) -> list[tuple[str, str]]:
 
 def snapshot_table(snap: Snapshot) -> Table:
     """``show``: a snapshot's metadata, one field a row."""
-    meta = Table(show_header=False, box=None, title=f"session {snap.key!r}", title_justify="left")
+    meta = Table(
+        show_header=False, box=None, title=printable(f"session {snap.key!r}"), title_justify="left"
+    )
     meta.add_column(style="bold")
     meta.add_column()
     for name, value in _snapshot_rows(snap):
-        meta.add_row(name, value)
+        meta.add_row(name, printable(value))
     return meta
 
 
@@ -260,11 +272,11 @@ def repair_report(
 ) -> None:
     """``repair``: one line per lost item or stream (for grep), then a summary."""
     if not damage:
-        out.print(f"session {key!r} version {version} is intact: nothing to repair")
+        out.print(printable(f"session {key!r} version {version} is intact: nothing to repair"))
         return
     for d in damage:
         what = f"{d.stream} item {d.item_id!r}" if d.item_id else d.stream
-        out.print(f"lost {what}: {d.reason}", soft_wrap=True)
+        out.print(printable(f"lost {what}: {d.reason}"), soft_wrap=True)
     items = sum(1 for d in damage if d.item_id)
     summary = (
         f"session {key!r} version {version}: {items} item(s) lost, "
@@ -274,4 +286,4 @@ def repair_report(
         summary += "nothing written (--dry-run)"
     else:
         summary += f"written whole as version {written}"
-    out.print(summary, soft_wrap=True)
+    out.print(printable(summary), soft_wrap=True)

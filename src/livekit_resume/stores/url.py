@@ -6,6 +6,7 @@ from importlib import import_module
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from .. import redact
 from ..settings import DEFAULT_STORE_URL, Settings
 from .base import Store, validate_ttl
 
@@ -46,7 +47,9 @@ def open_store(url: str | None = None, *, read_only: bool = False, **options: An
     backend = _BACKENDS.get(scheme)
     if backend is None:
         known = ", ".join(f"{s}://" for s in _BACKENDS)
-        raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r} (known: {known})")
+        raise ValueError(
+            f"unknown store URL scheme {scheme!r} in {redact.url(url)!r} (known: {known})"
+        )
     options = {**settings.store_options(), **options}
     if "ttl" in options:
         options["ttl"] = validate_ttl(options["ttl"])

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import SplitResult, unquote, urlsplit
 
+from ... import redact as _redact
+
 __all__ = ["DEFAULT_PORT", "DEFAULT_SENTINEL_PORT", "RedisURL", "redact"]
 
 DEFAULT_PORT = 6379
@@ -48,7 +50,7 @@ class RedisURL:
         scheme = parts.scheme.lower()
         mode = _MODES.get(scheme)
         if mode is None:
-            raise ValueError(f"{url!r} is not a Redis URL (redis://, rediss://, …)")
+            raise ValueError(f"{redact(url)!r} is not a Redis URL (redis://, rediss://, …)")
         if parts.query or parts.fragment:
             raise ValueError(
                 f"Redis URL {redact(url)!r} has a query or fragment: pass client settings "
@@ -74,11 +76,8 @@ class RedisURL:
 
 
 def redact(url: str) -> str:
-    """The URL without its credentials, for messages."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return url.replace(parts.netloc, "***@" + parts.netloc.rpartition("@")[2], 1)
+    """The URL without its credentials, for messages (`livekit_resume.redact.url`)."""
+    return _redact.url(url)
 
 
 def _credentials(userinfo: str) -> tuple[str | None, str | None]:

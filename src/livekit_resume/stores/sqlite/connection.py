@@ -24,7 +24,10 @@ from ...errors import SnapshotCorrupt, StoreUnavailable
 from . import schema
 from .transactions import read
 
-__all__ = ["Connection"]
+__all__ = ["FILE_MODE", "Connection"]
+
+# Permissions of a database file the store creates (and so of its -wal and -shm).
+FILE_MODE = 0o600
 
 logger = logging.getLogger("livekit_resume")
 
@@ -143,6 +146,7 @@ class Connection:
         )
 
     def _open(self) -> sqlite3.Connection:
+        _create_private(self.path)
         conn = sqlite3.connect(
             self.path,
             timeout=self._busy_timeout,
@@ -232,6 +236,19 @@ class Connection:
             conn.close()
             raise
         return conn
+
+
+def _create_private(path: str) -> None:
+    """Create the database file readable and writable by its owner only (0600), whatever
+    the umask: it holds conversations. SQLite gives the ``-wal`` and ``-shm`` files it
+    creates beside it the same permissions. An existing file keeps its mode."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+    except FileExistsError:
+        return  # there already, or another process created it first
+    except OSError:
+        return  # a missing directory or no permission: sqlite3.connect says so, typed
+    os.close(fd)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

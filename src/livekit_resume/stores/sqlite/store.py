@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from ... import redact
 from ...errors import SnapshotCorrupt, StoreUnavailable
 from ..base import (
     DEFAULT_LEASE_TTL,
@@ -121,27 +122,28 @@ class SQLiteStore:
         read-only. ``options`` are the constructor's keywords."""
         # The query and fragment are split off before unquoting: %3F in a name is a real "?".
         parts = urlsplit(url)
+        shown = redact.url(url)  # what messages show: never a password
         if parts.scheme.lower() != "sqlite":
-            raise ValueError(f"SQLiteStore opens sqlite:/// URLs, not {url!r}")
+            raise ValueError(f"SQLiteStore opens sqlite:/// URLs, not {shown!r}")
         if parts.netloc:
             raise ValueError(
-                f"store URL {url!r} names a host ({parts.netloc!r}); SQLite files are local: "
+                f"store URL {shown!r} names a host; SQLite files are local: "
                 "use sqlite:///relative.db or sqlite:////absolute/path.db"
             )
         if parts.fragment:
-            raise ValueError(f"store URL {url!r} has a fragment (#{parts.fragment}); remove it")
+            raise ValueError(f"store URL {shown!r} has a fragment (#{parts.fragment}); remove it")
         path = unquote(parts.path[1:])
         if not path:
-            raise ValueError(f"store URL {url!r} names no file: use sqlite:///resume.db")
+            raise ValueError(f"store URL {shown!r} names no file: use sqlite:///resume.db")
         if path == ":memory:":
             raise ValueError(
-                f"store URL {url!r} persists nothing (each connection gets its own empty "
+                f"store URL {shown!r} persists nothing (each connection gets its own empty "
                 "database); use memory:// for a store that lives in the process"
             )
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
             if (name, value) != ("mode", "ro"):
                 raise ValueError(
-                    f"store URL {url!r}: unsupported query {name}={value!r} "
+                    f"store URL {shown!r}: unsupported query {name}=… "
                     "(supported: ?mode=ro, to open the file read-only)"
                 )
             options["read_only"] = True

@@ -1,0 +1,78 @@
+"""What may be shown of a secret or of foreign text: store URLs without their
+credentials, key material never, and terminal control characters escaped.
+
+Every message, log line, span attribute and line of command-line output that names a
+store URL goes through `url`; every string that came from a store, a file or a user
+(keys, transcripts, userdata, error messages) goes through `printable` before it
+reaches a terminal, so that no escape sequence in it is ever acted on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from urllib.parse import parse_qsl, urlsplit
+
+__all__ = ["HIDDEN", "printable", "secrets", "url"]
+
+# What a hidden value reads as.
+HIDDEN = "***"
+
+# Query parameters whose value is a secret (``?password=…``, ``?token=…``).
+_SECRET_PARAMS = re.compile(r"pass|secret|token|key|auth", re.IGNORECASE)
+
+# Characters a terminal may act on: C0 controls and DEL, C1 controls, and the
+# bidirectional overrides and isolates that reorder what is shown (plus the marks).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_BUT_NEWLINE = re.compile(
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def url(value: str) -> str:
+    """``value`` with its password (and a user's name beside it) and any secret query
+    parameter replaced by ``***``: ``redis://:pw@host`` → ``redis://***@host``."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return HIDDEN if "@" in value else value
+    shown = value
+    if "@" in parts.netloc:
+        host = parts.netloc.rpartition("@")[2]
+        shown = shown.replace(parts.netloc, f"{HIDDEN}@{host}", 1)
+    if parts.query:
+        for name, secret in parse_qsl(parts.query, keep_blank_values=True):
+            if secret and _SECRET_PARAMS.search(name):
+                shown = shown.replace(f"{name}={secret}", f"{name}={HIDDEN}")
+    return shown
+
+
+def secrets(message: str, values: Iterable[str | None]) -> str:
+    """``message`` with every one of ``values`` (and each comma-separated part of it,
+    and the key material after a ``kid:``) replaced by ``***``."""
+    hidden: set[str] = set()
+    for value in values:
+        if not value:
+            continue
+        hidden.add(value)
+        for part in value.split(","):
+            part = part.strip()
+            hidden.add(part)
+            hidden.add(part.partition(":")[2])
+    # longest first: a part never leaves the rest of a longer value showing
+    for secret in sorted((s for s in hidden if len(s) >= 4), key=len, reverse=True):
+        message = message.replace(secret, HIDDEN)
+    return message
+
+
+def printable(text: object, *, newlines: bool = False) -> str:
+    """``text`` with every control character escaped as Python writes it (``\\x1b``,
+    ``\\x9b``, ``\\u202e``), so that a terminal shows it instead of acting on it.
+    ``newlines=True`` keeps line breaks (a transcript's paragraphs)."""
+    pattern = _CONTROL_BUT_NEWLINE if newlines else _CONTROL
+    return pattern.sub(_escape, str(text))
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"

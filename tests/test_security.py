@@ -1,0 +1,303 @@
+"""Security, tried as an operator reading terminals and logs and as a writer without the
+keys (issue 15, defects 4, 5 and 6): no secret is ever printed, nothing a store holds
+reaches a terminal raw, and what an encrypted store leaves in clear is exactly what
+docs/security.md says.
+
+Real servers and files throughout: a password-protected ``redis-server`` on loopback,
+SQLite files created under umask 022.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import re
+import stat
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit.agents import llm
+from typer.testing import CliRunner, Result
+
+from livekit_resume import open_store
+from livekit_resume.cli import app, commit_from_snapshot
+from livekit_resume.settings import Settings
+from livekit_resume.snapshot.chat import item_to_data
+from livekit_resume.snapshot.codec import Codec
+from livekit_resume.snapshot.model import AgentFrame, SessionMeta, Snapshot, ToolCallRecord, Writer
+from livekit_resume.stores.sqlite.connection import FILE_MODE
+from tests.redis_servers import RedisFactory
+
+PASSWORD = "hunter2-Sup3rS3cret"
+# A key given without its "kid:" prefix: the value is the secret itself.
+BARE_KEY = base64.b64encode(b"the-signing-secret-32-bytes-long").decode()
+
+# What a terminal acts on: C0 (but the newline), DEL, C1, bidi overrides and isolates.
+RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+HOSTILE = (
+    "hello \x1b]0;pwned-title\x07 \x1b[2J\x1b[H \x9b31m \u202eevil\u202c "
+    "\u2066iso\u2069 \r\x08 [bold]literal[/bold]"
+)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def everything(result: Result) -> str:
+    """All a command showed, on either stream."""
+    return result.stdout + result.stderr
+
+
+@pytest.fixture
+def secret_redis(make_redis: RedisFactory) -> str:
+    """A redis-server that wants a password; its URL carries it."""
+    server = make_redis("--requirepass", PASSWORD)
+    return f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0"
+
+
+@pytest.fixture
+def namespace(monkeypatch: pytest.MonkeyPatch) -> str:
+    ns = f"sec{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("RESUME_NAMESPACE", ns)
+    return ns
+
+
+async def _write(url: str, snap: Snapshot, **codec: Any) -> None:
+    """Commit ``snap`` whole, as any writer of the store could."""
+    store = open_store(url)
+    try:
+        lease = await store.acquire(snap.key, "writer")
+        await store.commit(
+            commit_from_snapshot(Codec(**codec), snap, epoch=lease.epoch, base_version=0)
+        )
+        await store.release(lease)
+    finally:
+        await store.aclose()
+
+
+def _message(item_id: str, role: str, text: str) -> dict[str, Any]:
+    return item_to_data(llm.ChatMessage(id=item_id, role=role, content=[text], created_at=1.0))  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------- defect 4: no secret shown
+
+
+def test_a_key_without_its_kid_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError) as refused:
+        Settings.only("signing_keys", signing_keys=BARE_KEY).codec()
+    assert BARE_KEY not in str(refused.value)
+    assert "RESUME_SIGNING_KEYS" in str(refused.value)
+    monkeypatch.setenv("RESUME_ENCRYPTION_KEYS", f"k1:{BARE_KEY},{BARE_KEY}")
+    with pytest.raises(ValueError) as refused:
+        Settings.only("encryption_keys").codec()
+    assert BARE_KEY not in str(refused.value)
+    assert "RESUME_ENCRYPTION_KEYS" in str(refused.value)
+
+
+@pytest.mark.parametrize("command", ["import", "show", "export"])
+def test_a_malformed_key_is_one_line_without_a_traceback_or_the_key(
+    tmp_path: Path, command: str
+) -> None:
+    db = f"sqlite:///{tmp_path}/s.db"
+    asyncio.run(_write(db, Snapshot(key="room")))
+    (tmp_path / "f.lkrs").write_bytes(b"")
+    args = {
+        "import": ["import", str(tmp_path / "f.lkrs")],
+        "show": ["show", "room"],
+        "export": ["export", "room", "-o", str(tmp_path / "out")],
+    }[command]
+    result = cli("--store", db, *args, env={"RESUME_SIGNING_KEYS": BARE_KEY})
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)  # handled: no traceback
+    shown = everything(result)
+    assert BARE_KEY not in shown and "Traceback" not in shown
+    assert shown.strip().count("\n") == 0, shown
+    assert shown.startswith("error (ValueError): RESUME_SIGNING_KEYS")
+
+
+def test_ls_rm_and_errors_never_show_the_store_password(secret_redis: str, namespace: str) -> None:
+    empty = cli("--store", secret_redis, "ls")
+    assert empty.exit_code == 0, everything(empty)
+    assert "no sessions in redis://***@127.0.0.1" in empty.stdout
+    asyncio.run(_write(secret_redis, Snapshot(key="room")))
+    results = [
+        cli("--store", secret_redis, "ls"),  # the table's title
+        cli("--store", secret_redis, "rm", "--yes", "nobody"),
+        cli("--store", secret_redis, "show", "nobody"),
+        cli("--store", secret_redis.replace("redis://", "nosuch://"), "ls"),
+        cli("--store", secret_redis.replace(PASSWORD, PASSWORD + "-wrong"), "ls"),
+        cli("--store", secret_redis + "?x=1", "ls"),
+    ]
+    assert "sessions in redis://***@127.0.0.1" in results[0].stdout
+    assert [r.exit_code for r in results] == [0, 1, 1, 1, 1, 1]
+    for result in results:
+        assert PASSWORD not in everything(result), everything(result)
+        assert isinstance(result.exception, (SystemExit, type(None)))
+
+
+def test_store_logs_and_errors_never_show_the_store_password(
+    secret_redis: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    async def go() -> list[str]:
+        messages = []
+        for url in (secret_redis, secret_redis.replace(PASSWORD, "wrong-" + PASSWORD)):
+            store = open_store(url)
+            try:
+                await store.check()
+                await store.keys()
+            except Exception as exc:
+                messages.append(f"{type(exc).__name__}: {exc} {exc.__cause__}")
+            finally:
+                await store.aclose()
+        for bad in ("nosuch://", "redis+cluster://", "redis+sentinel://"):
+            try:
+                open_store(secret_redis.replace("redis://", bad) + "/x/y/z")
+            except ValueError as exc:
+                messages.append(str(exc))
+        return messages
+
+    messages = asyncio.run(go())
+    assert len(messages) == 4  # the wrong password, and three refused URLs
+    for text in [*messages, *(r.getMessage() for r in caplog.records)]:
+        assert PASSWORD not in text, text
+
+
+# --------------------------------------------------- defect 5: no terminal injection
+
+
+def _hostile_snapshot(key: str) -> Snapshot:
+    return Snapshot(
+        key=key,
+        writer=Writer(host="host\x1b]0;w\x07", worker_id="w\u202e1"),
+        meta=SessionMeta(
+            room="room\x1b[2J", participant_identity="caller\x9b1m", extra={"x": HOSTILE}
+        ),
+        history=[
+            _message("m1", "user", HOSTILE),
+            _message("m2", "assistant", "multi\nline " + HOSTILE),
+            item_to_data(llm.FunctionCall(call_id="c1", name="tool\x1b[2J", arguments=HOSTILE)),
+            item_to_data(
+                llm.FunctionCallOutput(
+                    call_id="c1", name="tool\x07", output=HOSTILE, is_error=False
+                )
+            ),
+        ],
+        agent=AgentFrame(
+            agent_id="agent\x1b]0;a\x07", chat_ctx=[_message("m3", "system", HOSTILE)]
+        ),
+        userdata={"note": HOSTILE},
+        tool_calls=[ToolCallRecord(call_id="c2", name="t\u202e", arguments=HOSTILE)],
+    )
+
+
+def test_nothing_the_store_holds_reaches_the_terminal_raw(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/s.db"
+    key = "room-\u202e\x9b2J-\u2066x"
+    asyncio.run(_write(db, _hostile_snapshot(key)))
+    for args in (["ls"], ["show", "--all", key], ["history", key], ["repair", "--dry-run", key]):
+        result = cli("--store", db, *args)
+        assert result.exit_code == 0, everything(result)
+        shown = everything(result)
+        assert not RAW_CONTROL.findall(shown), (args, RAW_CONTROL.findall(shown))
+    shown = cli("--store", db, "show", "--all", key).stdout
+    assert "[bold]literal[/bold]" in shown  # not taken as markup either
+    assert "\\x1b]0;pwned-title\\x07" in shown  # shown, escaped
+    assert "\\u202eevil" in shown
+    assert re.search(r"multi *\n *line", shown)  # a paragraph stays a paragraph
+    deleted = cli("--store", db, "rm", "--yes", key)
+    assert deleted.exit_code == 0 and not RAW_CONTROL.findall(everything(deleted))
+
+
+def test_error_messages_reach_the_terminal_escaped_and_on_one_line(tmp_path: Path) -> None:
+    result = cli("--store", f"sqlite:///{tmp_path}/s.db", "show", "room\u202e\x9b")
+    assert result.exit_code == 1
+    assert not RAW_CONTROL.findall(everything(result))
+    missing = cli("--store", f"sqlite:///{tmp_path}/no\x1b]0;t\x07\nsuch.db", "ls")
+    assert missing.exit_code == 1
+    assert not RAW_CONTROL.findall(everything(missing))
+    assert everything(missing).strip().count("\n") == 0
+
+
+# ------------------------------------------- defect 6: files 0600, metadata documented
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_a_sqlite_store_creates_its_files_0600(tmp_path: Path, umask_022: None) -> None:
+    path = tmp_path / "sessions.db"
+    asyncio.run(_write(f"sqlite:///{path}", Snapshot(key="room")))
+
+    async def hold_open() -> None:  # the -wal and -shm exist while a connection is open
+        store = open_store(f"sqlite:///{path}")
+        try:
+            await store.acquire("other", "w")
+            files = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in os.scandir(tmp_path)}
+            assert files == {
+                "sessions.db": FILE_MODE,
+                "sessions.db-wal": FILE_MODE,
+                "sessions.db-shm": FILE_MODE,
+            }
+        finally:
+            await store.aclose()
+
+    asyncio.run(hold_open())
+    assert FILE_MODE == 0o600
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_an_existing_file_keeps_the_mode_its_owner_gave_it(tmp_path: Path, umask_022: None) -> None:
+    path = tmp_path / "shared.db"
+    path.touch(mode=0o640)
+    asyncio.run(_write(f"sqlite:///{path}", Snapshot(key="room")))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+ENC = "k1:" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+# What docs/security.md lists as clear in an encrypted store's version info.
+DOCUMENTED_CLEAR_INFO = {"state", "reason", "agent", "items", "owner", "source"}
+
+
+def test_an_encrypted_sqlite_file_holds_only_the_documented_metadata_in_clear(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "enc.db"
+    words = "the caller's secret balance is 4711"
+    snap = Snapshot(
+        key="room",
+        history=[_message("m1", "user", words)],
+        agent=AgentFrame(agent_id="Receptionist", instructions="never tell the balance"),
+        userdata={"balance": "four-seven-one-one"},
+    )
+    asyncio.run(_write(f"sqlite:///{path}", snap, encryption_keys=ENC))
+    raw = path.read_bytes() + (
+        Path(f"{path}-wal").read_bytes() if Path(f"{path}-wal").exists() else b""
+    )
+    for private in (words, "never tell the balance", "four-seven-one-one"):
+        assert private.encode() not in raw
+    listing = cli("--store", f"sqlite:///{path}", "--json", "ls")
+    assert listing.exit_code == 0, everything(listing)
+    assert '"agent": "Receptionist"' in listing.stdout  # readable without the keys
+
+    async def stored_info() -> set[str]:
+        store = open_store(f"sqlite:///{path}")
+        try:
+            return set((await store.versions("room"))[0].info)
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(stored_info()) <= DOCUMENTED_CLEAR_INFO
