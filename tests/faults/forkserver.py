@@ -79,8 +79,12 @@ def _child(req: dict[str, Any], wake_r: int, wake_w: int) -> int:
     from tests.faults.workers import WORKERS  # imported by the server already: no cost
 
     channel = Channel(req["sock"], req["token"])
+
+    async def work() -> None:  # asyncio.run takes a coroutine; a worker returns an awaitable
+        await WORKERS[req["worker"]](channel, req["args"])
+
     try:
-        asyncio.run(WORKERS[req["worker"]](channel, req["args"]))
+        asyncio.run(work())
     except BaseException as e:
         traceback.print_exc()
         with contextlib.suppress(OSError):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from livekit.agents import Agent, RunContext, function_tool, llm
+from livekit.agents import Agent, RunContext, RunResult, function_tool, llm
 
 from tests.lk import (
     EventLog,
@@ -25,7 +26,7 @@ class Helper(Agent):
         super().__init__(instructions="help")
 
     @function_tool
-    async def add(self, ctx: RunContext, a: int, b: int) -> int:
+    async def add(self, ctx: RunContext[Any], a: int, b: int) -> int:
         """Add two numbers."""
         return a + b
 
@@ -67,7 +68,7 @@ async def test_rule_based_llm_and_wait_for_requests() -> None:
     session = make_text_session(scripted)
     await session.start(Helper())
     try:
-        run = asyncio.ensure_future(session.run(user_input="hi"))
+        run: asyncio.Future[RunResult[Any]] = asyncio.ensure_future(session.run(user_input="hi"))
         request = await scripted.wait_for_requests(1)
         assert request.last_user_text == "hi"
         await run
