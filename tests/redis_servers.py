@@ -16,9 +16,11 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,8 @@ __all__ = [
     "RedisFactory",
     "RedisSentinel",
     "RedisServer",
+    "RedisTLSServer",
+    "TLSFiles",
     "build_redis_store",
     "free_port",
     "require_redis_server",
@@ -138,7 +142,7 @@ class RedisServer:
             )
             deadline = time.monotonic() + START_DEADLINE
             while time.monotonic() < deadline and self.proc.poll() is None:
-                if _ping(self.port):
+                if self._alive():
                     return self
                 time.sleep(0.02)
             self._reap()
@@ -148,6 +152,9 @@ class RedisServer:
         log = self.directory / "redis.log"
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
         raise RuntimeError(f"redis-server on port {self.port} did not start:\n{tail}")
+
+    def _alive(self) -> bool:
+        return _ping(self.port)
 
     def _port_taken(self) -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -201,6 +208,199 @@ class RedisServer:
 
     def cli(self, *args: str) -> str:
         return _cli(self.port, *args)
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate it signed, and
+    a second CA that signed nothing of this server (PEM files)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+
+def make_tls_files(directory: Path) -> TLSFiles:
+    """Generate the certificates of a `TLSFiles` with the ``cryptography`` package."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def write(name: str, data: bytes) -> Path:
+        path = directory / name
+        path.write_bytes(data)
+        return path
+
+    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def cert(
+        subject: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+        usage: x509.ObjectIdentifier | None = None,
+    ) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        issuer_name, signer = issuer if issuer is not None else (name, key)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), True)
+        )
+        if usage is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), False)
+        if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                ),
+                False,
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    pem = serialization.Encoding.PEM
+    ca_key, other_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ca = cert("livekit-resume test CA", ca_key, None)
+    other = cert("some other CA", other_key, None)
+    server_key, client_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    signed_by_ca = (ca.subject, ca_key)
+    server = cert("127.0.0.1", server_key, signed_by_ca, ExtendedKeyUsageOID.SERVER_AUTH)
+    client = cert("worker", client_key, signed_by_ca, ExtendedKeyUsageOID.CLIENT_AUTH)
+    return TLSFiles(
+        ca=write("ca.pem", ca.public_bytes(pem)),
+        server_cert=write("server.pem", server.public_bytes(pem)),
+        server_key=write("server.key", key_pem(server_key)),
+        client_cert=write("client.pem", client.public_bytes(pem)),
+        client_key=write("client.key", key_pem(client_key)),
+        other_ca=write("other-ca.pem", other.public_bytes(pem)),
+    )
+
+
+class RedisTLSServer(RedisServer):
+    """A ``redis-server`` that speaks only TLS (``--port 0 --tls-port …``), with the
+    certificates of ``files``. ``auth_clients``: ``no``, ``optional`` or ``yes`` (a
+    client certificate signed by the CA required)."""
+
+    def __init__(self, directory: Path, files: TLSFiles, *, auth_clients: str = "no") -> None:
+        super().__init__(directory)
+        self.files = files
+        self.auth_clients = auth_clients
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    def _argv(self) -> list[str]:
+        argv = super()._argv()
+        argv[argv.index("--port") + 1] = "0"
+        return [
+            *argv,
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            str(self.files.server_cert),
+            "--tls-key-file",
+            str(self.files.server_key),
+            "--tls-ca-cert-file",
+            str(self.files.ca),
+            "--tls-auth-clients",
+            self.auth_clients,
+        ]
+
+    def _alive(self) -> bool:
+        context = ssl.create_default_context(cafile=str(self.files.ca))
+        context.load_cert_chain(str(self.files.client_cert), str(self.files.client_key))
+        try:
+            raw = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+            with raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
+
+
+def require_tls_redis() -> str:
+    """Path of ``redis-server``, or skip where it was built without TLS: a build with
+    TLS tries to load the (missing) certificate it is given; one without refuses the
+    directive."""
+    binary = require_redis_server()
+    missing = "/nonexistent/livekit-resume-probe.pem"
+    done = subprocess.run(
+        [
+            binary,
+            "--port",
+            "0",
+            "--tls-port",
+            "1",
+            "--tls-cert-file",
+            missing,
+            "--tls-key-file",
+            missing,
+            "--tls-ca-cert-file",
+            missing,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    said = done.stdout + done.stderr
+    if "Failed to load certificate" not in said:
+        pytest.skip(f"redis-server was built without TLS: {said.strip()[-200:]}")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A CA and the certificates of a TLS server on 127.0.0.1, made for this run."""
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def tls_redis(tls_files: TLSFiles, tmp_path: Path) -> Iterator[RedisTLSServer]:
+    """A ``redis-server`` speaking only TLS, client certificates optional."""
+    require_tls_redis()
+    server = RedisTLSServer(tmp_path / "redis-tls", tls_files, auth_clients="optional").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mtls_redis(tls_files: TLSFiles, tmp_path: Path) -> Iterator[RedisTLSServer]:
+    """A TLS ``redis-server`` that requires a client certificate signed by its CA."""
+    require_tls_redis()
+    server = RedisTLSServer(tmp_path / "redis-mtls", tls_files, auth_clients="yes").start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class RedisSentinel(RedisServer):

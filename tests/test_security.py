@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import re
@@ -24,14 +25,14 @@ import pytest
 from livekit.agents import llm
 from typer.testing import CliRunner, Result
 
-from livekit_resume import open_store
+from livekit_resume import StoreUnavailable, open_store
 from livekit_resume.cli import app, commit_from_snapshot
 from livekit_resume.settings import Settings
 from livekit_resume.snapshot.chat import item_to_data
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import AgentFrame, SessionMeta, Snapshot, ToolCallRecord, Writer
 from livekit_resume.stores.sqlite.connection import FILE_MODE
-from tests.redis_servers import RedisFactory
+from tests.redis_servers import RedisFactory, RedisTLSServer, TLSFiles
 
 PASSWORD = "hunter2-Sup3rS3cret"
 # A key given without its "kid:" prefix: the value is the secret itself.
@@ -301,3 +302,247 @@ def test_an_encrypted_sqlite_file_holds_only_the_documented_metadata_in_clear(
             await store.aclose()
 
     assert asyncio.run(stored_info()) <= DOCUMENTED_CLEAR_INFO
+
+
+# ------------------------------------------------- transport: rediss:// on a real server
+
+
+async def _exercise(url: str, key: str = "room", **options: Any) -> list[str]:
+    """Every kind of store operation once (scripts, listing, pub/sub, delete); the
+    events seen, in order."""
+    store = open_store(url, **options)
+    try:
+        await store.check()
+        async with store.subscribe() as events:  # type: ignore[attr-defined]
+            lease = await store.acquire(key, "worker")
+            snap = Snapshot(key=key, history=[_message("m1", "user", "hello")])
+            commit = commit_from_snapshot(Codec(), snap, epoch=lease.epoch, base_version=0)
+            assert await store.commit(commit) == 1
+            assert (await store.load(key)).version == 1
+            assert [v.version for v in await store.versions(key)] == [1]
+            assert key in await store.keys()
+            assert (await store.info(key)) is not None
+            await store.publish(key, "paused")  # type: ignore[attr-defined]
+            await store.release(lease)
+            seen = [(await asyncio.wait_for(events.__anext__(), 5))["event"] for _ in range(2)]
+        assert await store.delete(key)
+        assert await store.keys() == []
+        return seen
+    finally:
+        await store.aclose()
+
+
+def test_rediss_verifies_the_server_certificate_by_default(
+    tls_redis: RedisTLSServer, namespace: str
+) -> None:
+    with pytest.raises(StoreUnavailable, match="certificate verify failed"):
+        asyncio.run(_exercise(tls_redis.url))
+
+
+def test_rediss_with_the_servers_ca_runs_every_operation(
+    tls_redis: RedisTLSServer, tls_files: TLSFiles, namespace: str
+) -> None:
+    seen = asyncio.run(_exercise(tls_redis.url, ssl_ca_certs=str(tls_files.ca)))
+    assert seen == ["committed", "paused"]
+
+
+def test_rediss_refuses_a_server_signed_by_another_ca(
+    tls_redis: RedisTLSServer, tls_files: TLSFiles, namespace: str
+) -> None:
+    with pytest.raises(StoreUnavailable) as refused:
+        asyncio.run(_exercise(tls_redis.url, ssl_ca_certs=str(tls_files.other_ca)))
+    message = str(refused.value)
+    assert "certificate verify failed" in message
+    assert f"rediss 127.0.0.1:{tls_redis.port}/0 is unavailable" in message
+
+
+def test_rediss_presents_a_client_certificate_when_the_server_requires_one(
+    mtls_redis: RedisTLSServer, tls_files: TLSFiles, namespace: str
+) -> None:
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(_exercise(mtls_redis.url, ssl_ca_certs=str(tls_files.ca)))
+    seen = asyncio.run(
+        _exercise(
+            mtls_redis.url,
+            ssl_ca_certs=str(tls_files.ca),
+            ssl_certfile=str(tls_files.client_cert),
+            ssl_keyfile=str(tls_files.client_key),
+        )
+    )
+    assert seen == ["committed", "paused"]
+
+
+def test_the_cli_trusts_the_ca_named_by_ssl_cert_file(
+    tls_redis: RedisTLSServer, tls_files: TLSFiles, namespace: str
+) -> None:
+    refused = cli("--store", tls_redis.url, "ls")
+    assert refused.exit_code == 1 and "certificate verify failed" in refused.stderr
+    trusted = cli("--store", tls_redis.url, "ls", env={"SSL_CERT_FILE": str(tls_files.ca)})
+    assert trusted.exit_code == 0, everything(trusted)
+
+
+# ------------------------------------------------------ access control: a Redis ACL user
+
+# The commands a store needs (docs/security.md gives this line): its scripts' own
+# commands, loading them, the namespace index, SCAN for remains, pub/sub and WAIT.
+# CONFIG GET is not among them: the store's server check skips quietly without it.
+ACL_RULES = (
+    "+evalsha +script|load +time +scan +ping "
+    "+zadd +zrem +zscore +zrange +zremrangebyscore "
+    "+hget +hgetall +hmget +hset +hdel +del +type +llen +lrange +rpush "
+    "+persist +pexpire +pttl +publish +subscribe +unsubscribe +wait"
+)
+ACL_COMMANDS = ACL_RULES.split()
+
+
+@pytest.fixture
+def acl_redis(make_redis: RedisFactory) -> tuple[Any, str]:
+    """A server with a user ``acme`` allowed only the ``acme:`` keys and channels."""
+    server = make_redis()
+    reply = server.cli(
+        "ACL", "SETUSER", "acme", "reset", "on", ">acme-pw", "~acme:*", "&acme:*", "-@all",
+        *ACL_COMMANDS,
+    )  # fmt: skip
+    assert reply.strip() == "OK", reply
+    return server, f"redis://acme:acme-pw@127.0.0.1:{server.port}/0"
+
+
+def test_an_acl_user_of_one_namespace_runs_every_store_operation(
+    acl_redis: tuple[Any, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    _server, url = acl_redis
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    for options in ({}, {"ttl": 60.0}, {"wait_replicas": 1, "wait_timeout": 10}):
+        seen = asyncio.run(_exercise(url, namespace="acme", **options))
+        assert seen == ["committed", "paused"]
+    # CONFIG GET denied: the check skipped quietly; only WAIT's missing replica is said
+    assert all("WAIT" in r.getMessage() or "replicas" in r.getMessage() for r in caplog.records)
+
+
+def test_an_acl_user_cannot_read_or_write_another_namespace(acl_redis: tuple[Any, str]) -> None:
+    server, url = acl_redis
+    admin = f"redis://127.0.0.1:{server.port}/0"
+    asyncio.run(_write(admin, Snapshot(key="room", history=[_message("m1", "user", "private")])))
+
+    async def trespass() -> list[str]:
+        refused = []
+        store = open_store(url, namespace="lkresume")  # the other tenant's (default) namespace
+        attempts = [
+            lambda: store.load("room"),
+            lambda: store.info("room"),
+            lambda: store.versions("room"),
+            lambda: store.keys(),
+            lambda: store.acquire("room", "intruder", takeover=True),
+            lambda: store.delete("room"),
+            lambda: store.publish("room", "paused"),  # type: ignore[attr-defined]
+            lambda: store.subscribe().__anext__(),  # type: ignore[attr-defined]
+        ]
+        try:
+            for attempt in attempts:
+                with pytest.raises(StoreUnavailable) as denied:
+                    await attempt()
+                refused.append(str(denied.value))
+        finally:
+            await store.aclose()
+        return refused
+
+    refused = asyncio.run(trespass())
+    assert len(refused) == 8
+    assert all("permissions" in r.lower() or "can't run" in r for r in refused), refused
+    assert snapshot_text(admin, "room") == "private"  # untouched, still readable by its owner
+
+
+def snapshot_text(url: str, key: str) -> str:
+    async def go() -> str:
+        store = open_store(url)
+        try:
+            from livekit_resume.bridge import from_stored
+
+            snap = from_stored(Codec(), await store.load(key))
+            return str(snap.history[0]["content"][0])
+        finally:
+            await store.aclose()
+
+    return asyncio.run(go())
+
+
+# ------------------------------------------------ the right to be forgotten: rm removes all
+
+
+def _all_redis_keys(server: Any) -> list[str]:
+    return [k for k in server.cli("--scan", "--pattern", "*").split("\n") if k]
+
+
+def _busy_session(url: str, key: str) -> None:
+    """A session with several versions, edited items, a compaction or two, a live lease
+    and events: every kind of trace a session leaves."""
+
+    async def go() -> None:
+        store = open_store(url, keep=3)
+        try:
+            lease = await store.acquire(key, "worker")
+            base = 0
+            for turn in range(8):
+                history = [_message(f"m{i}", "user", f"{key} turn {i}") for i in range(turn + 1)]
+                snap = Snapshot(key=key, history=history, userdata={"who": key})
+                commit = commit_from_snapshot(Codec(), snap, epoch=lease.epoch, base_version=base)
+                base = await store.commit(commit)
+            if hasattr(store, "publish"):
+                await store.publish(key, "paused")
+            # the lease stays held: rm must take it too
+        finally:
+            await store.aclose()
+
+    asyncio.run(go())
+
+
+def test_rm_leaves_no_trace_of_a_session_in_redis(redis_server: Any, namespace: str) -> None:
+    url = redis_server.url
+    _busy_session(url, "forget-me")
+    _busy_session(url, "keep-me")
+    before = [k for k in _all_redis_keys(redis_server) if "forget-me" in k]
+    assert len(before) >= 3  # head, versions, log
+    result = cli("--store", url, "rm", "--yes", "forget-me")
+    assert result.exit_code == 0, everything(result)
+    for name in _all_redis_keys(redis_server):
+        assert "forget-me" not in name, name
+        if name.startswith(namespace):
+            assert "forget-me" not in redis_server.cli("--no-raw", "DUMP", name), name
+    assert "keep-me" in cli("--store", url, "ls").stdout
+
+
+def test_rm_removes_the_remains_of_a_partially_evicted_session(
+    redis_server: Any, namespace: str
+) -> None:
+    url = redis_server.url
+    _busy_session(url, "evicted")
+    head = next(k for k in _all_redis_keys(redis_server) if "evicted" in k and k.endswith("head"))
+    redis_server.cli("DEL", head)  # as maxmemory-policy allkeys-* would
+    assert cli("--store", url, "show", "evicted").exit_code == 1  # SnapshotCorrupt, not "new"
+    result = cli("--store", url, "rm", "--yes", "evicted")
+    assert result.exit_code == 0, everything(result)
+    assert not [k for k in _all_redis_keys(redis_server) if "evicted" in k]
+
+
+def test_rm_leaves_no_row_about_a_session_in_sqlite(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "s.db"
+    url = f"sqlite:///{path}"
+    _busy_session(url, "forget-me")
+    _busy_session(url, "keep-me")
+    result = cli("--store", url, "rm", "--yes", "forget-me")
+    assert result.exit_code == 0, everything(result)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        kept = 0
+        for table in tables:
+            for row in db.execute(f'SELECT * FROM "{table}"'):  # our own table names
+                cells = [c if isinstance(c, bytes) else str(c).encode() for c in row]
+                assert not any(b"forget-me" in c for c in cells), (table, row)
+                kept += any(b"keep-me" in c for c in cells)
+    assert kept
+    # secure_delete: the deleted rows' bytes are overwritten, not left in free pages
+    assert not Path(f"{path}-wal").exists()  # the last connection folded it in
+    assert b"forget-me" not in path.read_bytes()
+    assert b"keep-me" in path.read_bytes()

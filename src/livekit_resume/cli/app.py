@@ -405,9 +405,11 @@ def rm_cmd(
     where = redact.url(opts.store_url)
 
     async def held(store: Store) -> str | None:
+        # No info: no session, or the remains of one whose head was lost (evicted),
+        # which delete removes too; delete says which.
         info = await store.info(key)
         if info is None:
-            raise SnapshotNotFound(f"no session {key!r} in {where}")
+            return None
         return info.owner if lease_is_live(info.lease_expires_at, time.time()) else None
 
     # looked up read-only first: a mistyped path is an error, not a new empty file

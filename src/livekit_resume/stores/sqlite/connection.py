@@ -168,6 +168,9 @@ class Connection:
             # is atomic; only a power loss may drop the last commits. One fsync per
             # checkpoint instead of per commit keeps autosave cheap.
             conn.execute("PRAGMA synchronous=NORMAL")
+            # Deleted rows are overwritten, not left in free pages: a session removed
+            # (rm, expiry, old versions trimmed) leaves no readable bytes in the file.
+            conn.execute("PRAGMA secure_delete=ON")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 schema.create(conn, self.path)
