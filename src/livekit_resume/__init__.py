@@ -25,6 +25,7 @@ from .stores.base import Commit, Lease, Record, SessionInfo, SnapshotInfo, Store
 from .stores.url import open_store
 
 if TYPE_CHECKING:
+    from .agent_hooks.job import resumable_job
     from .agent_hooks.registry import AgentRegistry
     from .agent_hooks.session import ResumableSession
 
@@ -51,6 +52,7 @@ __all__ = [
     "UnknownAgent",
     "UnsavableValue",
     "open_store",
+    "resumable_job",
 ]
 
 __version__ = "0.1.0"
@@ -67,4 +69,8 @@ def __getattr__(name: str) -> Any:
         from .agent_hooks.session import ResumableSession
 
         return ResumableSession
+    if name == "resumable_job":
+        from .agent_hooks.job import resumable_job
+
+        return resumable_job
     raise AttributeError(f"module 'livekit_resume' has no attribute {name!r}")

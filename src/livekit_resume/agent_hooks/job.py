@@ -8,7 +8,9 @@ moments a conversation is lost in production:
   wins, with fencing), instead of waiting out the lease. The fenced job, if it is still
   alive, stops speaking and ends its session (`on_lost`). The same job restoring a key
   twice is refused (`SessionBusy`).
-- **the key** is the room name, or a function of the job (dispatch metadata, a
+- **signals**: a job process ignores SIGTERM, as LiveKit intends (its ``forkserver``
+  start method forgets to); the worker ends jobs through its own channel;
+- **the key** is the dispatched room's name, or a function of the job (dispatch metadata, a
   participant's identity, a SIP caller's number), so a caller who comes back in a new
   room finds their conversation;
 - **shutdown and drain**: LiveKit closes the session, then runs shutdown callbacks; the
@@ -32,6 +34,8 @@ import contextlib
 import inspect
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -63,6 +67,18 @@ ARCHIVE_LEASE_TTL = 30.0
 KeySpec = str | Callable[[JobContext], "str | Awaitable[str]"] | None
 
 
+def _ignore_sigterm() -> None:
+    """Keep a job process alive through a SIGTERM sent to the whole process group.
+
+    LiveKit means job processes to ignore SIGTERM (the worker shuts them down through its
+    own channel, with shutdown callbacks), but under the ``forkserver`` start method it
+    uses on Linux the ignore is never installed: a ``kill`` of the process group (a
+    container's init forwarding the signal) would end every call mid-sentence with no
+    final save (tests/test_job_facts.py)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def job_owner(ctx: JobContext) -> str:
     """The lease owner of a job: worker, job and process, so that listings name them."""
     return f"{ctx.worker_id}:{ctx.job.id}:{os.getpid()}"
@@ -70,7 +86,7 @@ def job_owner(ctx: JobContext) -> str:
 
 async def _resolve_key(ctx: JobContext, key: KeySpec) -> str:
     if key is None:
-        return ctx.room.name
+        return ctx.job.room.name  # the dispatched room; ctx.room names it only once connected
     if isinstance(key, str):
         return key
     value = key(ctx)
@@ -235,6 +251,7 @@ async def resumable_job(
     newer job for the same key takes it over and this one goes quiet. Returns the
     `ResumableSession` (``rs.resumed`` says whether a conversation was found).
     """
+    _ignore_sigterm()
     name = await _resolve_key(ctx, key)
     store = store or open_store()
     owner = job_owner(ctx)

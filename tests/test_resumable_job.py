@@ -1,0 +1,209 @@
+"""`resumable_job` on LiveKit's real job machinery (issue 19): each entrypoint runs in a
+LiveKit job process started by ``tests.lk.jobs`` (no LiveKit server; the room is LiveKit's
+own stand-in for fake jobs), against a real SQLite file or redis-server. The tests shut
+jobs down as a worker does, SIGKILL, SIGSTOP and SIGCONT them, and re-dispatch the key
+to a new job, as the LiveKit server does after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit.agents import Agent, JobContext
+from livekit.agents.voice import room_io
+
+import livekit_resume as lr
+from tests.lk import jobs
+from tests.lk.jobs import JobHarness, RunningJob
+from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+
+ENTRY = "tests.test_resumable_job:_entry"
+TURNS = ("remember the blue door", "remember the code 4711", "remember the cat is Tom")
+
+
+# ------------------------------------------------------------ the job process side
+
+
+class Clerk(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="You remember what the caller says.")
+
+
+async def _entry(ctx: JobContext) -> None:
+    opts: dict[str, Any] = json.loads(ctx.job.metadata)
+    registry = lr.AgentRegistry()
+    registry.register(Clerk)
+    model = ScriptedLLM(default="noted", chunk_delay=opts.get("chunk_delay", 0.0))
+    session = make_text_session(model)
+    store = lr.open_store(opts["store"], **opts.get("store_options", {}))
+    rs = await lr.resumable_job(
+        ctx,
+        session,
+        registry=registry,
+        default=Clerk,
+        store=store,
+        leave_grace=None,
+        room_options=room_io.RoomOptions(
+            audio_input=False, audio_output=False, text_output=False
+        ),
+        debounce=0.01,
+        lease_ttl=opts.get("lease_ttl", 30.0),
+    )
+    if opts.get("twice"):
+        try:
+            await lr.resumable_job(
+                ctx, make_text_session(model), registry=registry, default=Clerk, store=store
+            )
+        except lr.SessionBusy as e:
+            jobs.report("TWICE", type(e).__name__)
+
+    def lost_watch(_: list[str]) -> None:
+        jobs.report("STATE", rs.state, int(rs._autosave.lost is not None))
+
+    async def turn(args: list[str]) -> None:
+        await session.run(user_input=" ".join(args))
+        await rs._autosave.idle.wait()
+        jobs.report("TURN", rs.version)
+
+    jobs.on_command("turn", turn)
+    jobs.on_command("state", lost_watch)
+    session.on("close", lambda ev: jobs.report("CLOSED", ev.reason.value))
+    first = model.requests[0].texts("user") if model.requests else []
+    jobs.report("READY", int(rs.resumed), rs.version, json.dumps(first))
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def metadata(target: dict[str, Any], **extra: Any) -> str:
+    return json.dumps({**target, **extra})
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    if request.param == "sqlite":
+        return {"store": f"sqlite:///{tmp_path}/jobs.db"}
+    server = request.getfixturevalue("redis_server")
+    return {"store": server.url, "store_options": {"namespace": f"j{uuid.uuid4().hex[:8]}"}}
+
+
+async def ready(job: RunningJob) -> tuple[bool, int, list[str]]:
+    _, resumed, version, first = (await job.expect("READY")).split(" ", 3)
+    return resumed == "1", int(version), json.loads(first)
+
+
+async def turn(job: RunningJob, text: str) -> int:
+    await job.send(f"turn {text}")
+    return int((await job.expect("TURN")).split()[1])
+
+
+async def stored(target: dict[str, Any], key: str) -> lr.Snapshot:
+    from livekit_resume.bridge import from_stored
+    from livekit_resume.snapshot.codec import Codec
+
+    store = lr.open_store(target["store"], **target.get("store_options", {}))
+    try:
+        return from_stored(Codec(), await store.load(key))
+    finally:
+        await store.aclose()
+
+
+def user_texts(snap: lr.Snapshot) -> list[str]:
+    return [
+        " ".join(str(c) for c in i["content"])
+        for i in snap.history
+        if i["type"] == "message" and i["role"] == "user"
+    ]
+
+
+# -------------------------------------------------------------------------- tests
+
+
+async def test_a_job_shut_down_mid_reply_is_continued_by_the_next_job(
+    target: dict[str, Any],
+) -> None:
+    async with JobHarness() as harness:
+        first = await harness.start_job(
+            ENTRY, room="call-1", metadata=metadata(target, chunk_delay=0.2)
+        )
+        assert (await ready(first))[0] is False
+        for text in TURNS[:2]:
+            await turn(first, text)
+        await first.send(f"turn {TURNS[2]}")  # its reply streams slowly...
+        await first.shutdown()  # ...when the worker shuts the job down
+        assert first.exitcode == 0
+
+        second = await harness.start_job(ENTRY, room="call-1", metadata=metadata(target))
+        resumed, version, _ = await ready(second)
+        assert resumed and version >= 3
+        await turn(second, "what did I tell you?")
+    snap = await stored(target, "call-1")
+    assert user_texts(snap)[:4] == [*TURNS, "what did I tell you?"]
+
+
+async def test_a_killed_job_is_taken_over_at_once_by_the_redispatched_job(
+    target: dict[str, Any],
+) -> None:
+    async with JobHarness() as harness:
+        first = await harness.start_job(ENTRY, room="call-2", metadata=metadata(target))
+        await ready(first)
+        acknowledged = [await turn(first, text) for text in TURNS]
+        first.kill()
+        await first.wait_exit()
+        # the dead job's lease is live for 30 s more: the new job does not wait for it
+        second = await harness.start_job(ENTRY, room="call-2", metadata=metadata(target))
+        resumed, version, _ = await ready(second)
+        assert resumed and version == acknowledged[-1]
+        assert second.job_id != first.job_id
+        await turn(second, "and now?")
+    assert user_texts(await stored(target, "call-2")) == [*TURNS, "and now?"]
+
+
+async def test_a_frozen_job_is_fenced_when_its_key_is_redispatched_and_goes_quiet(
+    target: dict[str, Any],
+) -> None:
+    async with JobHarness() as harness:
+        first = await harness.start_job(ENTRY, room="call-3", metadata=metadata(target))
+        await ready(first)
+        await turn(first, TURNS[0])
+        first.stop()
+        try:
+            second = await harness.start_job(ENTRY, room="call-3", metadata=metadata(target))
+            resumed, _, _ = await ready(second)
+            assert resumed
+            taken_at = await turn(second, TURNS[1])
+        finally:
+            first.cont()
+        await first.send(f"turn {TURNS[2]}")  # the zombie's user speaks again...
+        closed = await first.expect("CLOSED")  # ...and the zombie goes quiet and ends
+        assert closed.split()[1] in ("user_initiated", "job_shutdown")
+        assert await first.wait_exit() == 0
+        await turn(second, "still there?")
+    snap = await stored(target, "call-3")
+    assert TURNS[2] not in user_texts(snap)  # nothing the zombie heard was written
+    assert snap.version > taken_at
+
+
+async def test_the_same_job_restoring_a_key_twice_is_refused(target: dict[str, Any]) -> None:
+    async with JobHarness() as harness:
+        job = await harness.start_job(ENTRY, room="call-4", metadata=metadata(target, twice=1))
+        assert (await job.expect("TWICE")).split()[1] == "SessionBusy"
+        assert (await ready(job))[0] is False  # the first call stands
+
+
+async def test_a_sigterm_to_the_process_group_does_not_end_a_resumable_job(
+    target: dict[str, Any],
+) -> None:
+    async with JobHarness(start_method="forkserver") as harness:
+        job = await harness.start_job(ENTRY, room="call-5", metadata=metadata(target))
+        await ready(job)
+        job.signal(signal.SIGTERM)
+        assert await turn(job, TURNS[0]) >= 1  # still answering and saving
+        await job.shutdown()
+        assert job.exitcode == 0
+    assert user_texts(await stored(target, "call-5")) == [TURNS[0]]
