@@ -18,6 +18,7 @@ from livekit.agents import Agent, JobContext
 from livekit.agents.voice import room_io
 
 import livekit_resume as lr
+from livekit_resume.testing.poll import eventually
 from tests.lk import jobs
 from tests.lk.jobs import JobHarness, RunningJob
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
@@ -41,13 +42,18 @@ async def _entry(ctx: JobContext) -> None:
     model = ScriptedLLM(default="noted", chunk_delay=opts.get("chunk_delay", 0.0))
     session = make_text_session(model)
     store = lr.open_store(opts["store"], **opts.get("store_options", {}))
+
+    def caller(ctx: JobContext) -> str:  # the caller, wherever they call from
+        return next(iter(ctx.room.remote_participants.values())).identity
+
     rs = await lr.resumable_job(
         ctx,
         session,
         registry=registry,
         default=Clerk,
         store=store,
-        leave_grace=None,
+        key=caller if opts.get("key") == "identity" else None,
+        leave_grace=opts.get("leave_grace"),
         room_options=room_io.RoomOptions(
             audio_input=False, audio_output=False, text_output=False
         ),
@@ -207,3 +213,70 @@ async def test_a_sigterm_to_the_process_group_does_not_end_a_resumable_job(
         await job.shutdown()
         assert job.exitcode == 0
     assert user_texts(await stored(target, "call-5")) == [TURNS[0]]
+
+
+async def state(job: RunningJob) -> tuple[str, bool]:
+    await job.send("state")
+    _, value, lost = (await job.expect("STATE")).split()
+    return value, lost == "1"
+
+
+async def until_state(job: RunningJob, want: str) -> None:
+    async def reached() -> bool:
+        return (await state(job))[0] == want
+
+    await eventually(reached, f"the job's session is {want}", 20.0)
+
+
+async def test_a_caller_back_in_a_new_room_continues_and_another_caller_does_not(
+    target: dict[str, Any],
+) -> None:
+    by_caller = metadata(target, key="identity")
+    async with JobHarness() as harness:
+        first = await harness.start_job(ENTRY, room="web-1", metadata=by_caller,
+                                        participant_identity="alice")
+        await ready(first)
+        await turn(first, TURNS[0])
+        await first.shutdown()  # the tab closed; the front end makes a new room next time
+
+        again = await harness.start_job(ENTRY, room="web-2", metadata=by_caller,
+                                        participant_identity="alice")
+        resumed, _, _ = await ready(again)
+        assert resumed
+        await turn(again, "I am back")
+        await again.shutdown()
+
+        other = await harness.start_job(ENTRY, room="web-3", metadata=by_caller,
+                                        participant_identity="bob")
+        assert (await ready(other))[0] is False
+        await other.shutdown()
+    snap = await stored(target, "alice")
+    assert user_texts(snap) == [TURNS[0], "I am back"]
+    assert snap.meta.room == "web-2"  # the store knows where the conversation is now
+
+
+async def test_the_caller_leaving_pauses_rejoining_resumes_and_the_grace_suspends(
+    target: dict[str, Any],
+) -> None:
+    async with JobHarness() as harness:
+        job = await harness.start_job(
+            ENTRY, room="call-6", metadata=metadata(target, leave_grace=30)
+        )
+        await ready(job)
+        await turn(job, TURNS[0])
+        await job.send("leave caller CONNECTION_TIMEOUT")  # a dropped network
+        await until_state(job, "paused")
+        await job.send("join caller")
+        await until_state(job, "active")
+        await turn(job, TURNS[1])  # answered in place: nothing lost
+        await job.shutdown()
+
+        short = await harness.start_job(
+            ENTRY, room="call-6", metadata=metadata(target, leave_grace=0.3)
+        )
+        assert (await ready(short))[0]
+        await short.send("leave caller CLIENT_INITIATED")
+        await until_state(short, "suspended")
+        await short.shutdown()
+    snap = await stored(target, "call-6")
+    assert user_texts(snap) == list(TURNS[:2]) and snap.state == "suspended"
