@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import stat
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -546,3 +547,30 @@ def test_rm_leaves_no_row_about_a_session_in_sqlite(tmp_path: Path) -> None:
     assert not Path(f"{path}-wal").exists()  # the last connection folded it in
     assert b"forget-me" not in path.read_bytes()
     assert b"keep-me" in path.read_bytes()
+
+
+# --------------------------------------------------------- fuzz: only typed errors
+
+
+def test_decoding_mutated_real_frames_raises_only_typed_errors() -> None:
+    """A slice of bench/fuzz_decode.py (the full run's counts are in docs/security.md):
+    2,000 mutated frames, signed, encrypted, both and neither."""
+    fuzz = _bench("fuzz_decode")
+    report = fuzz.fuzz(2_000, seed=15)
+    assert report.findings == []
+    assert report.frames == 2_000
+    assert sum(report.outcomes.values()) == 2_000
+    assert report.max_seconds < 1.0  # a bound, not a timing: no frame makes it work hard
+    assert report.max_peak_bytes < 8 * 1024 * 1024  # never more than the limit justifies
+
+
+def _bench(name: str) -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
