@@ -98,9 +98,9 @@ def test_signed_item_cannot_be_moved_to_another_session() -> None:
     codec = Codec(signing_keys=KEY_A)
     item = _msg(1)
     frame = codec.encode_item("room-1", "history", item)
-    codec.unpack(frame, context=b"room-1\x00history\x00item_1")
+    codec.unpack(frame, context=codec.item_context("room-1", "history", "item_1"))
     with pytest.raises(SignatureMismatch):
-        codec.unpack(frame, context=b"room-2\x00history\x00item_1")
+        codec.unpack(frame, context=codec.item_context("room-2", "history", "item_1"))
 
 
 def test_key_rotation_old_key_still_verifies_new_key_signs() -> None:

@@ -10,6 +10,11 @@ reference (`is_twin`); such a reference must be written whole again when its twi
 leaves the history (`dangling_refs`). Restore reads it all back (`from_stored`), or
 what is intact of it (`salvage_stored`).
 
+Every head is bound to the version the store will give it (a commit's base version
++ 1) and seals the item records that version reads (snapshot/seal.py), so an older head
+replayed as the newest, or item records replaced, reordered or mixed between versions,
+are refused on restore; `codec_for` binds the frames to the store's namespace.
+
 `snapshot` knows nothing of stores and `stores` nothing of snapshots: only this module
 sees both (and `agent_hooks`, which uses it).
 """
@@ -17,14 +22,18 @@ sees both (and `agent_hooks`, which uses it).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import SnapshotCorrupt, SnapshotNotFound, SnapshotTooLarge
+from .settings import CODEC_SETTINGS, Settings
 from .snapshot.codec import AGENT, HISTORY, Codec
 from .snapshot.model import Snapshot
 from .snapshot.salvage import Damage, salvage_parts
 from .stores.base import Commit, Record, Store, Stored, records_from_streams
 
 __all__ = [
+    "Namespaced",
+    "codec_for",
     "dangling_refs",
     "delta_commit",
     "from_stored",
@@ -34,6 +43,26 @@ __all__ = [
     "salvage_stored",
     "whole_commit",
 ]
+
+
+@runtime_checkable
+class Namespaced(Protocol):
+    """A store that names its namespace (SQLiteStore; RedisStore once it exposes it)."""
+
+    @property
+    def namespace(self) -> str: ...
+
+
+def codec_for(store: Store, **options: Any) -> Codec:
+    """The codec of ``store``'s sessions: keys and migration flags from the environment
+    (`settings.CODEC_SETTINGS`, ``options`` winning), frames bound to the store's
+    namespace (else ``RESUME_NAMESPACE``, else the default)."""
+    names = [n for n in CODEC_SETTINGS if n not in options]
+    settings = Settings.only(*names, **{k: v for k, v in options.items() if k in CODEC_SETTINGS})
+    rest = {k: v for k, v in options.items() if k not in CODEC_SETTINGS}
+    if isinstance(store, Namespaced) and "namespace" not in options:
+        rest["namespace"] = store.namespace
+    return settings.codec(**rest)
 
 
 def listing_info(
@@ -72,14 +101,17 @@ def delta_commit(
     base_version: int,
     owner: str | None,
     commit_id: str = "",
+    seals: Mapping[str, int] | None = None,
 ) -> Commit:
-    """The commit of one checkpoint: the head (without items, with each stream's count)
-    and the item records that turn version ``base_version`` into this snapshot."""
+    """The commit of one checkpoint: the head (without items, with each stream's count,
+    bound to version ``base_version + 1`` and to ``seals``, each stream's seal once the
+    records apply) and the item records that turn version ``base_version`` into this
+    snapshot."""
     return Commit(
         key=snap.key,
         epoch=snap.epoch,
         base_version=base_version,
-        head=codec.encode_head(snap, counts=counts),
+        head=codec.encode_head(snap, counts=counts, version=base_version + 1, seals=seals),
         records=list(records),
         size=sum(counts.values()),
         info=listing_info(snap, items=counts.get(HISTORY, 0), owner=owner),
@@ -110,11 +142,12 @@ def whole_commit(
     records = [Record(HISTORY, "", None), Record(AGENT, "", None)]
     records += records_from_streams(streams)
     head_snap = snap.model_copy(update={"version": 0})
+    seals = {HISTORY: codec.seal(HISTORY, snap.history), AGENT: codec.seal(AGENT, agent_items)}
     return Commit(
         key=key,
         epoch=snap.epoch,
         base_version=base_version,
-        head=codec.encode_head(head_snap),
+        head=codec.encode_head(head_snap, version=base_version + 1, seals=seals),
         records=records,
         size=len(snap.history) + len(agent_items),
         info=listing_info(snap, items=len(snap.history), owner=owner, source=source),
@@ -127,16 +160,22 @@ def from_stored(codec: Codec, stored: Stored) -> Snapshot:
     return codec.decode_parts(stored.key, stored.head, stored.streams, version=stored.version)
 
 
-async def older_heads(store: Store, key: str, below: int) -> list[tuple[int, bytes]]:
-    """Heads of the retained versions before ``below``, newest first, for salvage."""
+async def older_heads(
+    store: Store, key: str, below: int, codec: Codec | None = None
+) -> list[tuple[int, bytes]]:
+    """Heads of the retained versions before ``below``, newest first, for salvage; with
+    ``codec``, only those bound to the version they are stored as (or to none)."""
     heads = []
     for info in reversed(await store.versions(key)):
         if info.version >= below:
             continue
         try:
-            heads.append((info.version, (await store.load(key, info.version)).head))
-        except (SnapshotCorrupt, SnapshotNotFound):
-            continue  # its log is damaged too, or it expired meanwhile
+            head = (await store.load(key, info.version)).head
+            if codec is not None:
+                codec.decode_head(key, head, version=info.version)
+        except (SnapshotCorrupt, SnapshotNotFound, SnapshotTooLarge):
+            continue  # damaged or replayed too, or it expired meanwhile
+        heads.append((info.version, head))
     return heads
 
 
@@ -145,11 +184,23 @@ async def salvage_stored(
 ) -> tuple[Snapshot, list[Damage]]:
     """What is intact of a damaged version, and what was lost. A head that does not
     decode (damaged, or over the frame limit) is taken from the newest older version
-    whose head does; a head of a newer format is `IncompatibleSnapshot`, not damage."""
+    whose head does; a head of a newer format is `IncompatibleSnapshot`, not damage.
+
+    Salvage keeps what is intact, not what is stale: a head bound to another version
+    (replayed), or intact items that are not the ones the head seals (older editions,
+    reordered), are `SignatureMismatch` (or `SnapshotCorrupt` without keys) as on any
+    restore. Once items are lost the seal cannot be checked: what remains is taken as
+    it is, each frame authenticated on its own (docs/security.md)."""
     fallback: list[tuple[int, bytes]] = []
     try:
         codec.decode_head(stored.key, stored.head)
     except (SnapshotCorrupt, SnapshotTooLarge):
-        fallback = await older_heads(store, stored.key, stored.version)
+        fallback = await older_heads(store, stored.key, stored.version, codec)
+    else:
+        codec.decode_head(stored.key, stored.head, version=stored.version)  # not replayed
     args = (codec, stored.key, stored.head, stored.streams)
-    return salvage_parts(*args, version=stored.version, fallback_heads=fallback)
+    snap, damage = salvage_parts(*args, version=stored.version, fallback_heads=fallback)
+    if not damage:
+        agent = snap.agent.chat_ctx if snap.agent is not None else []
+        codec.check_seals(stored.key, stored.head, {HISTORY: snap.history, AGENT: agent})
+    return snap, damage

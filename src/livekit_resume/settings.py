@@ -9,6 +9,10 @@ from the environment in this one place.
 | ``keep`` | ``RESUME_KEEP`` | versions each session keeps loadable |
 | ``signing_keys`` | ``RESUME_SIGNING_KEYS`` | ``kid:base64key[,…]``, the first signs |
 | ``encryption_keys`` | ``RESUME_ENCRYPTION_KEYS`` | same form, AES-GCM at rest |
+| ``allow_plaintext`` | ``RESUME_ALLOW_PLAINTEXT`` | read unencrypted frames although
+  encryption keys are set: only while migrating a store to encryption |
+| ``allow_unbound`` | ``RESUME_ALLOW_UNBOUND`` | read heads written before format 3 (no
+  version binding, no seal); default on, turn off once every session was rewritten |
 
 Build it once where it is needed with `Settings.load`, keyword options winning over
 the environment (an option given is never read from the environment at all); an empty
@@ -28,11 +32,20 @@ from .stores.base import validate_ttl
 if TYPE_CHECKING:
     from .snapshot.codec import Codec
 
-__all__ = ["DEFAULT_STORE_URL", "ENV_PREFIX", "Settings"]
+__all__ = ["CODEC_SETTINGS", "DEFAULT_STORE_URL", "ENV_PREFIX", "Settings"]
 
 # The embedded default: a file in the working directory, nothing to install or run.
 DEFAULT_STORE_URL = "sqlite:///resume.db"
 ENV_PREFIX = "RESUME_"
+# What a codec reads: ``Settings.only(*CODEC_SETTINGS).codec()`` is the codec every
+# worker and the command line must agree on (the namespace is bound into every frame).
+CODEC_SETTINGS = (
+    "namespace",
+    "signing_keys",
+    "encryption_keys",
+    "allow_plaintext",
+    "allow_unbound",
+)
 
 
 class Settings(BaseSettings):
@@ -51,6 +64,8 @@ class Settings(BaseSettings):
     keep: int | None = None
     signing_keys: SecretStr | None = None
     encryption_keys: SecretStr | None = None
+    allow_plaintext: bool = False
+    allow_unbound: bool = True
 
     @field_validator("ttl")
     @classmethod
@@ -97,12 +112,20 @@ class Settings(BaseSettings):
         return {name: value for name, value in values.items() if value is not None}
 
     def codec(self, **options: Any) -> Codec:
-        """A `Codec` with these keys; ``options`` (``max_frame``…) go to the codec."""
+        """A `Codec` with these keys, namespace and migration flags; ``options``
+        (``max_frame``, ``namespace``…) go to the codec and win."""
         from .snapshot.codec import Codec
 
         signing, encryption = _secret(self.signing_keys), _secret(self.encryption_keys)
+        flags: dict[str, Any] = {
+            "namespace": self.namespace,
+            "allow_plaintext": self.allow_plaintext,
+            "allow_unbound": self.allow_unbound,
+        }
         try:
-            return Codec(signing_keys=signing, encryption_keys=encryption, **options)
+            return Codec(
+                signing_keys=signing, encryption_keys=encryption, **{**flags, **options}
+            )
         except ValueError as exc:
             # A malformed key names itself in the codec's message: a key given without
             # its ``kid:`` is the secret itself. Nothing of a key is ever shown.

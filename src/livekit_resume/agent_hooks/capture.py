@@ -85,8 +85,8 @@ class Capture:
             TypeAdapter(userdata_type) if userdata_type is not None else None
         )
         self._owner = owner
-        self._history = StreamTracker(HISTORY)
-        self._agent_ctx = StreamTracker(AGENT)
+        self._history = StreamTracker(HISTORY, seal_key=codec.seal_key)
+        self._agent_ctx = StreamTracker(AGENT, seal_key=codec.seal_key)
         self._tracked_agent: Agent | None = None
         self.last_agent: Agent | None = None  # the parent to save while an AgentTask runs
         self._turns = 0
@@ -156,6 +156,7 @@ class Capture:
             snap,
             [*hist.records, *agent.records],
             {HISTORY: len(hist.objs), AGENT: len(agent.objs)},
+            seals={HISTORY: hist.seal, AGENT: agent.seal},
             base_version=base_version,
             owner=self._owner,
             commit_id=uuid.uuid4().hex,
@@ -199,7 +200,7 @@ class Capture:
             self._agent_ctx,
             agent_obj.chat_ctx.items,
             self._encoder(AGENT, hist),
-            rewrite=dangling_refs(hist.records),
+            rewrite=dangling_refs(hist.records) | self._edited(hist),
         )
         if handoff:
             change.records.insert(0, Record(AGENT, "", None))
@@ -212,22 +213,38 @@ class Capture:
         )
         return agent_obj, frame, change
 
+    def _edited(self, hist: Change) -> frozenset[str]:
+        """History items committed before and written again now: an agent item stored
+        as a reference to one of them is written again too, or it would read the new
+        edition (and its seal would not match)."""
+        return frozenset(
+            r.id
+            for r in hist.records
+            if r.data is not None and self._history.has(r.id) and self._agent_ctx.has(r.id)
+        )
+
     def _convert(self, item: llm.ChatItem) -> ItemData:
         return item_to_data(item, media=self._media)
 
     def _encoder(self, stream: str, history: Change | None) -> Encoder:
         codec, key = self.codec, self._key
         twins = history.digests if history is not None else None
+        # a reference reads its twin as stored: one shrunk to fit is not the same data
+        shrunk = history.shrunk if history is not None else {}
 
-        def encode(item: llm.ChatItem, data: ItemData, d: bytes) -> bytes:
+        def encode(item: llm.ChatItem, data: ItemData, d: bytes) -> bytes | tuple[bytes, bytes]:
+            ref = is_twin(twins, item.id, d) and item.id not in shrunk
             try:
-                return codec.encode_item(key, stream, data, ref=is_twin(twins, item.id, d))
+                return codec.encode_item(key, stream, data, ref=ref)
             except SnapshotTooLarge as e:
                 return self._encode_smaller(stream, item, e)
 
         return encode
 
-    def _encode_smaller(self, stream: str, item: llm.ChatItem, error: SnapshotTooLarge) -> bytes:
+    def _encode_smaller(
+        self, stream: str, item: llm.ChatItem, error: SnapshotTooLarge
+    ) -> tuple[bytes, bytes]:
+        """A stand-in that fits, and the digest of what it holds (for the seal)."""
         # decided now, at write time: nothing is stored that a restore would refuse
         for smaller, what in self._smaller(item):
             try:
@@ -244,7 +261,7 @@ class Capture:
                 what,
                 extra={"key": self._key},
             )
-            return frame
+            return frame, digest(smaller)
         raise error
 
     def _smaller(self, item: llm.ChatItem) -> Iterator[tuple[ItemData, str]]:

@@ -11,8 +11,14 @@ justify: length, magic, declared size against the limit, checksum or HMAC, forma
 version, then decrypts, decompresses (bounded) and unpacks (bounded) the body.
 Only msgpack's plain types exist in a body: nothing is ever unpickled or imported.
 
-The HMAC and the AES-GCM tag also cover a ``context`` (the session key, and for a
-chat item its stream and id), so a valid frame cannot be moved to another session.
+The HMAC and the AES-GCM tag also cover a ``context``: from format 3 on, the store's
+namespace and the session key, and for a chat item its stream and id (format 1 and 2
+frames: the key, stream and id only), so a valid frame cannot be moved to another
+session or namespace. A snapshot head of format 3 also carries, inside its
+authenticated body, the version it was written as and a seal of the item records it
+reads (`seal`): a replayed older head, an older edition of an item, a reordered or
+dropped record do not restore. With encryption keys configured, an unencrypted frame is
+refused unless ``allow_plaintext`` (a migration from plaintext).
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ import hmac
 import os
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import msgpack
 
@@ -37,9 +43,12 @@ from ..errors import (
 )
 from .migrate import migrate_head, migrate_item
 from .model import FORMAT_VERSION, ItemData, Snapshot
+from .seal import SealKey, seal_from_bytes, seal_to_bytes
 
 __all__ = [
+    "BOUND_FROM",
     "DEFAULT_MAX_FRAME",
+    "DEFAULT_NAMESPACE",
     "MAGIC",
     "MAX_DEPTH",
     "Codec",
@@ -76,6 +85,16 @@ AGENT = "agent"
 _REF = {"ref": True}
 # The key of a multi-frame export's head that lists its item frames.
 _EXPORT = "lkrs_export"
+# The key of a head's binding: the version it was written as, its streams' seals.
+_BOUND = "bound"
+# The first format whose frames bind the namespace, and whose heads carry a binding.
+BOUND_FROM = 3
+# The namespace of a store told none (RedisStore's and SQLiteStore's default; the codec
+# cannot import the stores): a codec told none binds the same.
+DEFAULT_NAMESPACE = "lkresume"
+
+Context = bytes | Callable[[int], bytes]
+"""A frame's context, or a function of the frame's format version that gives it."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +137,14 @@ class Codec:
         signing_keys: Keyring | str | None = None,
         encryption_keys: Keyring | str | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
+        namespace: str | None = None,
+        allow_plaintext: bool = False,
+        allow_unbound: bool = True,
     ) -> None:
+        """``namespace`` is the store's (bound into every frame of a session);
+        ``allow_plaintext`` reads unencrypted frames although encryption keys are set (a
+        migration to encryption); ``allow_unbound=False`` refuses heads written before
+        format 3, which carry no version binding and no seal."""
         if isinstance(signing_keys, str):
             signing_keys = Keyring.parse(signing_keys)
         if isinstance(encryption_keys, str):
@@ -126,6 +152,44 @@ class Codec:
         self._sign = signing_keys
         self._encrypt = encryption_keys
         self._max = max_frame
+        self.namespace = DEFAULT_NAMESPACE if namespace is None else namespace
+        self._allow_plaintext = allow_plaintext
+        self._allow_unbound = allow_unbound
+        ring = self._sign or self._encrypt  # the seal's key: signing, else encryption
+        self.seal_key = SealKey(*ring.keys[0]) if ring is not None else SealKey("", None)
+
+    # --------------------------------------------------------------- contexts
+
+    def head_context(self, key: str) -> bytes:
+        """The context of a session's head frame (current format)."""
+        return bytes(msgpack.packb(["head", self.namespace, key]))
+
+    def item_context(self, key: str, stream: str, item_id: str) -> bytes:
+        """The context of one chat item frame (current format)."""
+        return bytes(msgpack.packb(["item", self.namespace, key, stream, item_id]))
+
+    def _head_ctx(self, key: str) -> Callable[[int], bytes]:
+        return lambda v: self.head_context(key) if v >= BOUND_FROM else key.encode()
+
+    def _item_ctx(self, key: str, stream: str, item_id: str) -> Callable[[int], bytes]:
+        def ctx(v: int) -> bytes:
+            if v >= BOUND_FROM:
+                return self.item_context(key, stream, item_id)
+            return _item_context(key, stream, item_id)
+
+        return ctx
+
+    def _seal_key(self, kid: str) -> SealKey:
+        if kid == self.seal_key.kid:
+            return self.seal_key
+        ring = self._sign or self._encrypt
+        key = ring.get(kid) if ring is not None and kid else None
+        if kid and key is None:
+            raise SignatureMismatch(
+                f"snapshot head is sealed with key {kid!r}, which is not among the "
+                "configured keys (RESUME_SIGNING_KEYS, else RESUME_ENCRYPTION_KEYS)"
+            )
+        return SealKey(kid, key)
 
     # ----------------------------------------------------------------- frames
 
@@ -133,12 +197,13 @@ class Codec:
         self,
         obj: Any,
         *,
-        context: bytes = b"",
+        context: Context = b"",
         version: int = FORMAT_VERSION,
         label: str = "frame",
     ) -> bytes:
         """Frame plain data. ``version`` is only ever lowered by tests of old formats;
-        ``label`` names what is framed in errors (session, stream, item id).
+        ``label`` names what is framed in errors (session, stream, item id); a callable
+        ``context`` is given the format version written.
 
         The limit is checked on the body before compression, exactly as `unpack` checks
         it after decompression: nothing is written that a reader would refuse."""
@@ -157,6 +222,8 @@ class Codec:
                 "restore reads (max_frame); drop inline media (media='drop') or give "
                 "every worker and the CLI a larger max_frame"
             )
+        if callable(context):
+            context = context(version)
         flags = 0
         if len(body) > COMPRESS_OVER:
             packed = zlib.compress(body, 1)
@@ -181,8 +248,13 @@ class Codec:
         mac = hmac.new(key, header + body + bytes([len(kid_b)]) + kid_b + context, hashlib.sha256)
         return header + body + bytes([len(kid_b)]) + kid_b + mac.digest()
 
-    def unpack(self, frame: bytes, *, context: bytes = b"") -> tuple[int, Any]:
-        """Verify and open a frame; return its format version and its plain data."""
+    def unpack(self, frame: bytes, *, context: Context = b"") -> tuple[int, Any]:
+        """Verify and open a frame; return its format version and its plain data. A
+        callable ``context`` is given the frame's format version."""
+        version, _flags, data = self._unpack(frame, context)
+        return version, data
+
+    def _unpack(self, frame: bytes, context: Context) -> tuple[int, int, Any]:
         if not isinstance(frame, (bytes, bytearray, memoryview)):
             raise SnapshotCorrupt(f"expected bytes, got {type(frame).__name__}")
         frame = bytes(frame)
@@ -200,6 +272,8 @@ class Codec:
                 f"{len(frame) - _HEADER.size} present"
             )
         header_body, trailer = frame[:end], frame[end:]
+        if callable(context):
+            context = context(version)
         if flags & FLAG_SIGNED:
             self._verify(header_body, trailer, context)
         else:
@@ -214,6 +288,12 @@ class Codec:
             )
         if flags & ~_KNOWN_FLAGS:
             raise IncompatibleSnapshot(f"frame has unknown flags {flags:#x}")
+        if self._encrypt is not None and not flags & FLAG_ENCRYPTED and not self._allow_plaintext:
+            raise SignatureMismatch(
+                "frame is not encrypted but encryption keys are configured "
+                "(RESUME_ENCRYPTION_KEYS): refused as a possible forgery; while migrating "
+                "a store written without encryption, set RESUME_ALLOW_PLAINTEXT=1"
+            )
         body = header_body[_HEADER.size :]
         if flags & FLAG_ENCRYPTED:
             body = self._open(body, context)
@@ -222,7 +302,7 @@ class Codec:
         data = _unpackb(body)
         if _too_deep(data):
             raise SnapshotTooLarge(f"frame holds values nested deeper than {MAX_DEPTH} levels")
-        return version, data
+        return version, flags, data
 
     def _verify(self, header_body: bytes, trailer: bytes, context: bytes) -> None:
         if not trailer or len(trailer) != 1 + trailer[0] + _HMAC_LEN:
@@ -360,9 +440,20 @@ class Codec:
             raise SnapshotCorrupt("export holds agent items but no agent")
         return _validate(data)
 
-    def encode_head(self, snapshot: Snapshot, *, counts: Mapping[str, int] | None = None) -> bytes:
+    def encode_head(
+        self,
+        snapshot: Snapshot,
+        *,
+        counts: Mapping[str, int] | None = None,
+        version: int | None = None,
+        seals: Mapping[str, int] | None = None,
+    ) -> bytes:
         """The snapshot without its chat items, which are framed one by one. ``counts``
-        gives each stream's length when the snapshot was built without its items."""
+        gives each stream's length when the snapshot was built without its items.
+
+        ``version`` is the number the store will give it (a commit's base version + 1):
+        bound into the head with ``seals``, each stream's seal (`seal.SealKey`), so a
+        head replayed at another version, or over other item records, is refused."""
         data = snapshot.model_dump(mode="python", exclude={"history"})
         data["history"] = []
         if data.get("agent") is not None:
@@ -375,35 +466,62 @@ class Codec:
                 AGENT: len(snapshot.agent.chat_ctx) if snapshot.agent else 0,
             }
         )
+        if version is not None:
+            data[_BOUND] = {
+                "version": version,
+                "kid": self.seal_key.kid,
+                "seals": {s: seal_to_bytes(v) for s, v in (seals or {}).items()},
+            }
         return self.pack(
-            data, context=snapshot.key.encode(), label=f"session {snapshot.key!r} head"
+            data, context=self._head_ctx(snapshot.key), label=f"session {snapshot.key!r} head"
         )
+
+    def seal(self, stream: str, items: Sequence[ItemData]) -> int:
+        """The seal of a whole stream (``encode_head``'s ``seals``), with this codec's key."""
+        return self.seal_key.seal(stream, items)
 
     def encode_item(self, key: str, stream: str, item: ItemData, *, ref: bool = False) -> bytes:
         """One chat item of ``stream``; ``ref`` marks an agent item equal to its history twin."""
         return self.pack(
             _REF if ref else item,
-            context=_item_context(key, stream, item["id"]),
+            context=self._item_ctx(key, stream, item["id"]),
             label=f"session {key!r} {stream} item {item['id']!r}",
         )
 
-    def decode_head(self, key: str, head: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-        """A head frame as (snapshot data without items, upcast; the counts it lists)."""
-        frame_version, data = self.unpack(head, context=key.encode())
+    def decode_head(
+        self, key: str, head: bytes, *, version: int | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A head frame as (snapshot data without items, upcast; the counts it lists).
+        With ``version`` (the number the store gave it), a head bound to another version
+        is refused: `SignatureMismatch` when keys authenticate it, else `SnapshotCorrupt`."""
+        data, counts, bound = self._head(key, head)
+        if version is not None:
+            bound.check_version(version)
+        return data, counts
+
+    def _head(self, key: str, head: bytes) -> tuple[dict[str, Any], dict[str, Any], _Binding]:
+        frame_version, flags, data = self._unpack(head, self._head_ctx(key))
         if not isinstance(data, dict):
             raise SnapshotCorrupt(f"session {key!r}: snapshot head is not a map")
         counts = data.pop("counts", None)
+        bound = _Binding.read(key, data.pop(_BOUND, None), flags)
+        if bound.version is None and not self._allow_unbound:
+            raise SignatureMismatch(
+                f"session {key!r}: snapshot head of format {frame_version} carries no "
+                "version binding (written before format 3, or by hand) and unbound heads "
+                "are refused (RESUME_ALLOW_UNBOUND=0)"
+            )
         data = migrate_head(data, frame_version)
         if not isinstance(data, dict):
             raise SnapshotCorrupt(f"session {key!r}: snapshot head is not a map")
-        return data, counts if isinstance(counts, dict) else {}
+        return data, counts if isinstance(counts, dict) else {}, bound
 
     def decode_item(
         self, key: str, stream: str, item_id: str, frame: bytes, refs: Mapping[str, ItemData]
     ) -> ItemData:
         """One item frame of ``stream``, upcast; an agent reference is resolved in
         ``refs`` (the history items by id). Raises `SnapshotCorrupt` for a bad frame."""
-        version, item = self.unpack(frame, context=_item_context(key, stream, item_id))
+        version, item = self.unpack(frame, context=self._item_ctx(key, stream, item_id))
         if item == _REF:
             if item_id not in refs:
                 raise SnapshotCorrupt(
@@ -427,8 +545,12 @@ class Codec:
         version: int | None = None,
     ) -> Snapshot:
         """Rebuild a snapshot from its head and its streams of item frames. ``version`` is
-        the number the store gave it (a head is written before the store numbers it)."""
-        data, want = self.decode_head(key, head)
+        the number the store gave it (a head is written before the store numbers it):
+        a head bound to another version is refused, and so are item records other than
+        the ones its seals commit to (see `seal`)."""
+        data, want, bound = self._head(key, head)
+        if version is not None:
+            bound.check_version(version)
         history = self._items(key, HISTORY, streams.get(HISTORY, ()), {})
         by_id = {i["id"]: i for i in history}
         agent_items = self._items(key, AGENT, streams.get(AGENT, ()), by_id)
@@ -438,12 +560,33 @@ class Codec:
                 f"session {key!r}: snapshot lists {want} items but the store holds {got}; "
                 "the stored log is damaged"
             )
+        self._check_seals(bound, {HISTORY: history, AGENT: agent_items})
         if version is not None:
             data["version"] = version
         data["history"] = history
         if isinstance(data.get("agent"), dict):
             data["agent"]["chat_ctx"] = agent_items
         return _validate(data)
+
+    def check_seals(self, key: str, head: bytes, streams: Mapping[str, Sequence[ItemData]]) -> None:
+        """Refuse ``streams`` (decoded items, in order) unless they are exactly the items
+        ``head`` seals: `SignatureMismatch` when keys authenticate the head, else
+        `SnapshotCorrupt`. A head without seals (before format 3) checks nothing."""
+        self._check_seals(self._head(key, head)[2], streams)
+
+    def _check_seals(self, bound: _Binding, streams: Mapping[str, Sequence[ItemData]]) -> None:
+        key = bound.key
+        if not bound.seals:
+            return
+        sealer = self._seal_key(bound.kid)
+        for stream, items in streams.items():
+            want = bound.seals.get(stream)
+            if want is not None and sealer.seal(stream, items) != want:
+                raise bound.error(
+                    f"session {key!r}: the {stream} items stored do not match the seal "
+                    f"of version {bound.version}'s head: records were replaced by older "
+                    "editions, reordered or mixed from other versions"
+                )
 
     def _items(
         self,
@@ -490,6 +633,41 @@ def read_frames(stream: BinaryIO, *, max_frame: int = DEFAULT_MAX_FRAME) -> list
             raise SnapshotCorrupt(f"frame {len(frames)} is truncated")
         frames.append(header + body + trailer)
     return frames
+
+
+@dataclass(frozen=True)
+class _Binding:
+    """What a head is bound to (none before format 3) and how a mismatch is reported."""
+
+    key: str
+    version: int | None
+    kid: str
+    seals: dict[str, int]
+    authenticated: bool  # signed or encrypted: a mismatch is a forgery, not damage
+
+    @classmethod
+    def read(cls, key: str, raw: Any, flags: int) -> _Binding:
+        authenticated = bool(flags & (FLAG_SIGNED | FLAG_ENCRYPTED))
+        if raw is None:
+            return cls(key, None, "", {}, authenticated)
+        if not isinstance(raw, dict) or not isinstance(raw.get("seals"), dict):
+            raise SnapshotCorrupt(f"session {key!r}: snapshot head has a malformed binding")
+        version, kid = raw.get("version"), raw.get("kid")
+        seals = {s: seal_from_bytes(v) for s, v in raw["seals"].items()}
+        if not isinstance(version, int) or not isinstance(kid, str) or None in seals.values():
+            raise SnapshotCorrupt(f"session {key!r}: snapshot head has a malformed binding")
+        return cls(key, version, kid, cast("dict[str, int]", seals), authenticated)
+
+    def error(self, message: str) -> SnapshotCorrupt:
+        return SignatureMismatch(message) if self.authenticated else SnapshotCorrupt(message)
+
+    def check_version(self, version: int) -> None:
+        if self.version is not None and self.version != version:
+            raise self.error(
+                f"session {self.key!r}: the head stored as version {version} was written as "
+                f"version {self.version}: an older version replayed as the newest (rollback) "
+                "or a copied record; refused"
+            )
 
 
 def _export_context(export_id: str, n: int) -> bytes:

@@ -26,7 +26,9 @@ __all__ = [
 ]
 
 # Bumped whenever a stored shape changes; migrate.py upcasts older ones on load.
-FORMAT_VERSION = 2
+# 3: frames bind the namespace, heads their version and a seal of their item records
+# (codec.py, seal.py); the data did not change, so 2 -> 3 is the identity.
+FORMAT_VERSION = 3
 
 Reason = Literal["turn", "tool", "handoff", "pause", "suspend", "close", "manual"]
 SnapshotState = Literal["active", "paused", "suspended"]

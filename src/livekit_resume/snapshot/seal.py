@@ -1,0 +1,89 @@
+"""The seal: what a snapshot head commits to about the item records it reads.
+
+Each item frame is authenticated on its own (key, namespace, stream, id), so a writer
+without the key can still replace an item's newest record with an older edition of it,
+reorder records, or mix records of different versions. The head therefore carries, per
+stream, a **seal**: the sum modulo 2**256 of one term per live item,
+
+    term = BLAKE2b-256(key = seal key, msgpack([stream, id, after, leaf]))
+
+where ``after`` is the id of the item before it in the stream (``None`` for the first)
+and ``leaf`` the digest of the item's plain data (`item_digest`). A sum is a multiset
+hash: a checkpoint updates it in constant time per changed record (subtract the terms
+of the records it replaces or removes, add the new ones), so the cost of a checkpoint
+stays flat in the conversation's length; a restore recomputes it from what it loaded
+(O(n), like the decode itself) and compares. ``after`` puts the order in it, ``leaf``
+the edition. A keyed hash (the key derived from the signing key, else the encryption
+key) leaves a writer without the key nothing to aim a sum at.
+
+Compaction rewrites the log without changing any item's (stream, id, after, data), so
+the seal survives it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+
+import msgpack
+
+from .model import ItemData
+
+__all__ = ["SEAL_BYTES", "SealKey", "item_digest", "seal_from_bytes", "seal_to_bytes"]
+
+SEAL_BYTES = 32
+_MOD = 1 << (8 * SEAL_BYTES)
+# Domain separation: the seal key is derived from a signing or encryption key, never
+# that key itself, so a seal term can never be mistaken for a frame's HMAC or cipher.
+_LABEL = b"livekit-resume item seal v1"
+
+
+def item_digest(data: ItemData) -> bytes:
+    """The digest of an item's plain data: tells editions apart, and feeds its seal term."""
+    return hashlib.blake2b(msgpack.packb(data, use_bin_type=True), digest_size=32).digest()
+
+
+class SealKey:
+    """One seal key (``kid`` names the signing or encryption key it comes from; ``""``
+    with no key: a plain hash, which detects damage but not a deliberate edit)."""
+
+    __slots__ = ("_key", "kid")
+
+    def __init__(self, kid: str, key: bytes | None) -> None:
+        self.kid = kid
+        self._key = hmac.new(key, _LABEL, hashlib.sha256).digest() if key else b""
+
+    def term(self, stream: str, item_id: str, after: str | None, leaf: bytes) -> int:
+        """One live item's term of its stream's seal."""
+        h = hashlib.blake2b(
+            msgpack.packb([stream, item_id, after, leaf], use_bin_type=True),
+            key=self._key,
+            digest_size=SEAL_BYTES,
+        )
+        return int.from_bytes(h.digest(), "big")
+
+    def add(self, seal: int, term: int) -> int:
+        return (seal + term) % _MOD
+
+    def sub(self, seal: int, term: int) -> int:
+        return (seal - term) % _MOD
+
+    def seal(self, stream: str, items: Sequence[ItemData]) -> int:
+        """The seal of a whole stream of items, in order (what a reader recomputes)."""
+        total, after = 0, None
+        for item in items:
+            total += self.term(stream, item["id"], after, item_digest(item))
+            after = item["id"]
+        return total % _MOD
+
+
+def seal_to_bytes(seal: int) -> bytes:
+    return seal.to_bytes(SEAL_BYTES, "big")
+
+
+def seal_from_bytes(raw: object) -> int | None:
+    """A seal as stored in a head, or None when it is not one."""
+    if isinstance(raw, bytes) and len(raw) == SEAL_BYTES:
+        return int.from_bytes(raw, "big")
+    return None
