@@ -123,9 +123,7 @@ class Settings(BaseSettings):
             "allow_unbound": self.allow_unbound,
         }
         try:
-            return Codec(
-                signing_keys=signing, encryption_keys=encryption, **{**flags, **options}
-            )
+            return Codec(signing_keys=signing, encryption_keys=encryption, **{**flags, **options})
         except ValueError as exc:
             # A malformed key names itself in the codec's message: a key given without
             # its ``kid:`` is the secret itself. Nothing of a key is ever shown.
