@@ -1,8 +1,9 @@
 """A LiveKit voice agent whose conversations survive restarts, crashes and redeploys.
 
-Each room is one session key. When a job starts for a room, the worker restores the
-room's conversation (history, current agent with its context, userdata) if a snapshot
-exists, or starts fresh; autosave snapshots every turn; a shutdown saves once more.
+Each room is one session key (pass ``key=`` to `resumable_job` to follow a caller across
+rooms instead). When a job starts for a room, the worker restores the room's
+conversation (history, current agent with its context, userdata) if a snapshot exists,
+or starts fresh; autosave snapshots every turn; a shutdown saves once more.
 Kill the worker mid-call, start it again (or another one, on another machine sharing the
 Redis store), and the agent picks up where it stopped, without greeting twice.
 
@@ -35,23 +36,8 @@ server = AgentServer()
 
 @server.rtc_session()
 async def entrypoint(ctx: JobContext) -> None:
-    # One store per job process: RESUME_STORE (sqlite:///resume.db, redis://…), with
-    # RESUME_NAMESPACE / RESUME_TTL / RESUME_SIGNING_KEYS / RESUME_ENCRYPTION_KEYS.
-    store = lr.open_store()
     registry = lr.AgentRegistry()
-    rs = lr.ResumableSession(store, ctx.room.name, registry=registry, userdata_type=Visit)
-    # the only classes a snapshot can ever rebuild; built "restored", with these hooks
-    register_agents(registry, rs)
-
-    async def final_save() -> None:
-        # LiveKit closes the session first, then runs this with ~10 s left: one small
-        # last write (autosave already has every turn), then the lease is released.
-        try:
-            await rs.aclose()
-        finally:
-            await store.aclose()
-
-    ctx.add_shutdown_callback(final_save)
+    register_agents(registry)  # the only classes a snapshot can ever rebuild
 
     session = AgentSession[Visit](
         stt="deepgram/nova-3",
@@ -59,17 +45,19 @@ async def entrypoint(ctx: JobContext) -> None:
         tts="cartesia/sonic-3",
         userdata=Visit(),
     )
-    # LiveKit dispatches one job per room: a new job for a room whose lease is still live
-    # means the previous worker died or is being replaced. Take over; the fencing epoch
-    # stops the old one if it is in fact still running.
-    agent = await rs.restore(session, default=lambda: Receptionist(rs), takeover=True)
+    # One call: restore the room's conversation (or start fresh) from RESUME_STORE, take
+    # it over from a crashed or replaced job at once (the old one, if alive, is fenced and
+    # goes quiet), start the session, pause when the caller drops and suspend after 30 s,
+    # save and release on shutdown.
+    rs = await lr.resumable_job(
+        ctx, session, registry=registry, default=Receptionist, userdata_type=Visit
+    )
     log.info(
         "room %s: %s at version %d",
-        ctx.room.name,
+        ctx.job.room.name,
         "resumed" if rs.resumed else "new conversation",
         rs.version,
     )
-    await session.start(agent, room=ctx.room)
 
     # Let clients pause, resume and suspend the agent.
     async def pause(_: rtc.RpcInvocationData) -> str:

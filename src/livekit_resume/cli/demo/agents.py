@@ -14,7 +14,6 @@ from livekit.agents import Agent, RunContext, function_tool, llm
 from pydantic import BaseModel
 
 from ...agent_hooks.registry import AgentRegistry
-from ...agent_hooks.session import ResumableSession
 
 __all__ = [
     "BOOKING_DESK",
@@ -51,29 +50,28 @@ class Visit(BaseModel):
 
 
 class _Resumable(Agent):
-    """Greets on entry, unless it was rebuilt from a snapshot."""
+    """Greets on entry, unless it was rebuilt from a snapshot: the registry builds an
+    agent only to restore one, so ``restored=True`` is how it knows."""
 
     def __init__(
         self,
-        rs: ResumableSession,
         *,
         instructions: str,
         restored: bool = False,
         chat_ctx: llm.ChatContext | None = None,
     ) -> None:
         super().__init__(instructions=instructions, chat_ctx=chat_ctx)
-        self._rs = rs
         self._restored = restored
 
     async def on_enter(self) -> None:
-        if self._restored and self._rs.resumed:
+        if self._restored:
             return  # the caller is mid-conversation: no second welcome
         self.session.generate_reply(instructions=GREET)
 
 
 class Receptionist(_Resumable):
-    def __init__(self, rs: ResumableSession, *, restored: bool = False) -> None:
-        super().__init__(rs, instructions=RECEPTIONIST_INSTRUCTIONS, restored=restored)
+    def __init__(self, *, restored: bool = False) -> None:
+        super().__init__(instructions=RECEPTIONIST_INSTRUCTIONS, restored=restored)
 
     @function_tool
     async def record_name(self, context: RunContext[Visit], name: str) -> str:
@@ -95,20 +93,14 @@ class Receptionist(_Resumable):
             exclude_handoff=True,
             exclude_config_update=True,
         )
-        return Booking(self._rs, chat_ctx=heard)
+        return Booking(chat_ctx=heard)
 
 
 class Booking(_Resumable):
     def __init__(
-        self,
-        rs: ResumableSession,
-        *,
-        restored: bool = False,
-        chat_ctx: llm.ChatContext | None = None,
+        self, *, restored: bool = False, chat_ctx: llm.ChatContext | None = None
     ) -> None:
-        super().__init__(
-            rs, instructions=BOOKING_INSTRUCTIONS, restored=restored, chat_ctx=chat_ctx
-        )
+        super().__init__(instructions=BOOKING_INSTRUCTIONS, restored=restored, chat_ctx=chat_ctx)
 
     @function_tool
     async def book_visit(self, context: RunContext[Visit], day: str) -> str:
@@ -136,8 +128,8 @@ class Booking(_Resumable):
         return f"booked {day} for {visit.name or 'the caller'} (moved from {old})"
 
 
-def register_agents(registry: AgentRegistry, rs: ResumableSession) -> None:
-    """The only classes a snapshot can ever rebuild: both agents, built "restored",
-    with the hooks whose ``resumed`` flag they check in ``on_enter``."""
-    registry.register(Receptionist, factory=lambda _state: Receptionist(rs, restored=True))
-    registry.register(Booking, factory=lambda _state: Booking(rs, restored=True))
+def register_agents(registry: AgentRegistry) -> None:
+    """The only classes a snapshot can ever rebuild: both agents, built "restored", so
+    that they do not greet a caller who is mid-conversation."""
+    registry.register(Receptionist, factory=lambda _state: Receptionist(restored=True))
+    registry.register(Booking, factory=lambda _state: Booking(restored=True))

@@ -130,7 +130,7 @@ def _hooks(
     rs = ResumableSession(
         store, key, registry=registry, userdata_type=Visit, debounce=DEMO_DEBOUNCE
     )
-    register_agents(registry, rs)
+    register_agents(registry)
     model = demo_llm()
     # text turns only: no VAD and no turn detector, which would load models for no audio
     session: AgentSession[Visit] = make_text_session(model, userdata=Visit())
@@ -172,7 +172,7 @@ async def part_one(url: str, key: str, console: Console) -> Part:
                 f"or remove it (livekit-resume --store {url} rm {key})"
             )
         rs, _model, session = _hooks(store, key)
-        agent = await rs.restore(session, default=lambda: Receptionist(rs))
+        agent = await rs.restore(session, default=Receptionist)
         printer = _Printer(console, session.history, store)
         console.print(
             Rule(f"[bold]part 1[/bold] · process {os.getpid()} · a fresh session", align="left")
@@ -189,7 +189,7 @@ async def _part_two(url: str, key: str, console: Console) -> Part:
     store = WatchedStore(open_store(url))
     try:
         rs, model, session = _hooks(store, key)
-        agent = await rs.restore(session, default=lambda: Receptionist(rs))
+        agent = await rs.restore(session, default=Receptionist)
         if not rs.resumed:
             raise SnapshotNotFound(f"no snapshot of session {key!r} in {url} to resume")
         restored_userdata = session.userdata.model_dump(mode="json")
