@@ -381,26 +381,28 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     return make_tls_files(tmp_path_factory.mktemp("tls"))
 
 
-@pytest.fixture
-def tls_redis(tls_files: TLSFiles, tmp_path: Path) -> Iterator[RedisTLSServer]:
-    """A ``redis-server`` speaking only TLS, client certificates optional."""
+@contextlib.contextmanager
+def _tls_server(files: TLSFiles, directory: Path, auth_clients: str) -> Iterator[RedisTLSServer]:
     require_tls_redis()
-    server = RedisTLSServer(tmp_path / "redis-tls", tls_files, auth_clients="optional").start()
+    server = RedisTLSServer(directory, files, auth_clients=auth_clients).start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def tls_redis(tls_files: TLSFiles, tmp_path: Path) -> Iterator[RedisTLSServer]:
+    """A ``redis-server`` speaking only TLS, client certificates optional."""
+    with _tls_server(tls_files, tmp_path / "redis-tls", "optional") as server:
+        yield server
 
 
 @pytest.fixture
 def mtls_redis(tls_files: TLSFiles, tmp_path: Path) -> Iterator[RedisTLSServer]:
     """A TLS ``redis-server`` that requires a client certificate signed by its CA."""
-    require_tls_redis()
-    server = RedisTLSServer(tmp_path / "redis-mtls", tls_files, auth_clients="yes").start()
-    try:
+    with _tls_server(tls_files, tmp_path / "redis-mtls", "yes") as server:
         yield server
-    finally:
-        server.stop()
 
 
 class RedisSentinel(RedisServer):
