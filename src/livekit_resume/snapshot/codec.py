@@ -281,6 +281,20 @@ class Codec:
                 raise SignatureMismatch("frame is unsigned but signing keys are configured")
             if len(trailer) != _CRC.size or _CRC.unpack(trailer)[0] != zlib.crc32(header_body):
                 raise SnapshotCorrupt("frame checksum does not match: bytes were altered or torn")
+        self._check_kind(version, flags)
+        body = header_body[_HEADER.size :]
+        if flags & FLAG_ENCRYPTED:
+            body = self._open(body, context)
+        if flags & FLAG_ZLIB:
+            body = self._inflate(body)
+        data = _unpackb(body)
+        if _too_deep(data):
+            raise SnapshotTooLarge(f"frame holds values nested deeper than {MAX_DEPTH} levels")
+        return version, flags, data
+
+    def _check_kind(self, version: int, flags: int) -> None:
+        """Refuse a verified frame this codec must not read: a newer format, unknown
+        flags, or (encryption keys set) an unencrypted frame, unless allowed."""
         if version > FORMAT_VERSION:
             raise IncompatibleSnapshot(
                 f"frame has format version {version}; this livekit-resume reads up to "
@@ -294,15 +308,6 @@ class Codec:
                 "(RESUME_ENCRYPTION_KEYS): refused as a possible forgery; while migrating "
                 "a store written without encryption, set RESUME_ALLOW_PLAINTEXT=1"
             )
-        body = header_body[_HEADER.size :]
-        if flags & FLAG_ENCRYPTED:
-            body = self._open(body, context)
-        if flags & FLAG_ZLIB:
-            body = self._inflate(body)
-        data = _unpackb(body)
-        if _too_deep(data):
-            raise SnapshotTooLarge(f"frame holds values nested deeper than {MAX_DEPTH} levels")
-        return version, flags, data
 
     def _verify(self, header_body: bytes, trailer: bytes, context: bytes) -> None:
         if not trailer or len(trailer) != 1 + trailer[0] + _HMAC_LEN:
