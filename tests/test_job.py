@@ -60,9 +60,9 @@ async def test_resuming_before_suspend_after_keeps_the_session_in_place(store: S
     session, rs, _ = await start(store, ["one", "two"], suspend_after=0.2)
     await session.run(user_input="a")
     await rs.pause()
-    assert rs._long_pause is not None
+    assert rs._long_pause.armed
     await rs.resume()
-    assert rs._long_pause is None  # the timer is gone: nothing will suspend it
+    assert not rs._long_pause.armed  # the timer is gone: nothing will suspend it
     await session.run(user_input="b")
     assert rs.state == "active"
     await rs.aclose()

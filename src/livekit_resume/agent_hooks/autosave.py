@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import Counter, Histogram
 
-from ..errors import LeaseLost, UnknownAgent
+from ..errors import LeaseLost, StoreUnavailable, UnknownAgent
 
 __all__ = ["Autosave"]
 
@@ -28,6 +29,14 @@ CHECKPOINT_FAILURES = Counter(
 )
 CHECKPOINT_SECONDS = Histogram(
     "livekit_resume_checkpoint_seconds", "Time to capture and commit a snapshot"
+)
+
+# A final save (aclose) retries through a store blip for this long: well inside the ~10 s
+# LiveKit leaves shutdown callbacks, long enough for a Redis failover to finish.
+CLOSE_SAVE_BUDGET = 5.0
+CLOSE_RETRY_FIRST = 0.1
+FINAL_SAVE_FAILURES = Counter(
+    "livekit_resume_final_save_failures", "Final saves on close that did not reach the store"
 )
 
 # First retry soon (a blip), then back off to this cap so a dead store is not hammered.
@@ -154,3 +163,37 @@ class Autosave:
                 t.cancel()
         if self._on_lost is not None:
             self._on_lost(e)
+
+
+async def final_save(
+    checkpoint: Callable[[str], Awaitable[int]], key: str, version: Callable[[], int]
+) -> None:
+    """The last checkpoint of a closing session: retried while the store cannot be
+    reached, for up to `CLOSE_SAVE_BUDGET` seconds; then logged and counted, and the last
+    stored version stands. Never raises: the session is going away either way."""
+    deadline = time.monotonic() + CLOSE_SAVE_BUDGET
+    delay = CLOSE_RETRY_FIRST
+    while True:
+        try:
+            await checkpoint("close")
+            return
+        except LeaseLost:
+            log.warning("session %r: final save refused, lease lost", key)
+            return
+        except StoreUnavailable as e:
+            if time.monotonic() + delay < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            error: Exception = e
+        except Exception as e:
+            error = e
+        FINAL_SAVE_FAILURES.inc()
+        log.error(
+            "session %r: final save failed: %s; version %d stands",
+            key,
+            error,
+            version(),
+            extra={"key": key, "version": version()},
+        )
+        return

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -39,14 +38,14 @@ from ..snapshot.codec import Codec
 from ..snapshot.model import Reason, Snapshot, ToolCallRecord
 from ..snapshot.values import plain_extra
 from ..stores.base import DEFAULT_LEASE_TTL, Lease, Store, Stored, validate_key
-from .autosave import Autosave
+from .autosave import Autosave, final_save
 from .capture import Capture, Pending, SavedState
 from .lease import LeaseHolder
 from .listen import listen
 from .rebuild import rebuild
 from .registry import AgentRegistry
 from .room import ATTR_STATE, ATTR_VERSION, Announcer
-from .silence import Silencer, current_agent
+from .silence import Silencer, Timer, current_agent
 
 __all__ = ["ATTR_STATE", "ATTR_VERSION", "ResumableSession", "SessionState"]
 
@@ -57,16 +56,9 @@ SessionState = Literal["active", "paused", "suspended", "closed"]
 
 # A burst of events (user message, tool calls, reply) lands within this; one write.
 DEFAULT_DEBOUNCE = 0.2
-# aclose() retries its final save through a store blip for this long: well inside the
-# ~10 s LiveKit leaves shutdown callbacks, long enough for a Redis failover to finish.
-CLOSE_SAVE_BUDGET = 5.0
-CLOSE_RETRY_FIRST = 0.1
 
 SALVAGED = Counter(
     "livekit_resume_sessions_salvaged", "Damaged snapshots restored with what was intact"
-)
-FINAL_SAVE_FAILURES = Counter(
-    "livekit_resume_final_save_failures", "Final saves on close that did not reach the store"
 )
 
 
@@ -143,8 +135,7 @@ class ResumableSession:
         self._on_lost = on_lost
         self._lost_task: asyncio.Task[None] | None = None
         self._suspend_after = suspend_after
-        self._long_pause: asyncio.TimerHandle | None = None
-        self._suspending: asyncio.Task[int] | None = None
+        self._long_pause = Timer(self._key)
 
         self._session: AgentSession[Any] | None = None
         self._version = 0
@@ -368,11 +359,6 @@ class ResumableSession:
         self._version = 0
         self._capture.rewrite = True
 
-    def _cancel_long_pause(self) -> None:
-        if self._long_pause is not None:
-            self._long_pause.cancel()
-            self._long_pause = None
-
     def _lost(self, error: LeaseLost) -> None:
         if self._on_lost is not None and self._lost_task is None:
             self._lost_task = asyncio.ensure_future(self._on_lost(error))
@@ -394,13 +380,10 @@ class ResumableSession:
         version = await self.checkpoint("pause")
         await self._announcer.announce("paused", self._version)
         if self._suspend_after is not None:
-            self._long_pause = asyncio.get_running_loop().call_later(
-                self._suspend_after, self._suspend_long_pause
-            )
+            self._long_pause.arm(self._suspend_after, self._suspend_long_pause)
         return version
 
     def _suspend_long_pause(self) -> None:
-        self._long_pause = None
         if self._state == "paused":
             log.info(
                 "session %r paused for over %.0fs: suspended",
@@ -408,25 +391,14 @@ class ResumableSession:
                 self._suspend_after,
                 extra={"key": self._key},
             )
-            self._suspending = asyncio.ensure_future(self.suspend())
-            self._suspending.add_done_callback(self._suspended_after_pause)
-
-    def _suspended_after_pause(self, task: asyncio.Task[int]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            # the session stays paused with its lease; aclose() still saves it
-            log.error(
-                "session %r: suspend after a long pause failed: %s",
-                self._key,
-                task.exception(),
-                extra={"key": self._key},
-            )
+            self._long_pause.run(self.suspend(), "suspend after a long pause")
 
     async def resume(self) -> None:
         """Undo `pause`: audio back on and replies allowed, in the same process."""
         session = self._require()
         if self._state != "paused":
             raise RuntimeError(f"cannot resume session {self._key!r} in state {self._state!r}")
-        self._cancel_long_pause()
+        self._long_pause.cancel()
         self._silencer.unsilence(session)
         self._state = "active"
         self._autosave.trigger("manual")  # persist the state change without waiting
@@ -473,38 +445,9 @@ class ResumableSession:
 
     async def _aclose(self) -> None:
         if self._session is not None and self._lease is not None and self._state != "suspended":
-            await self._final_save()
+            await final_save(self.checkpoint, self._key, lambda: self._version)
         await self._detach_and_release()
         self._state = "closed"
-
-    async def _final_save(self) -> None:
-        deadline = time.monotonic() + CLOSE_SAVE_BUDGET
-        delay = CLOSE_RETRY_FIRST
-        while True:
-            try:
-                await self.checkpoint("close")
-                return
-            except LeaseLost:
-                log.warning("session %r: final save refused, lease lost", self._key)
-                return
-            except StoreUnavailable as e:
-                if time.monotonic() + delay < deadline:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
-                error: Exception = e
-            except Exception as e:
-                error = e
-            FINAL_SAVE_FAILURES.inc()
-            # the session is going away: the last stored version is what a restore gets
-            log.error(
-                "session %r: final save failed: %s; version %d stands",
-                self._key,
-                error,
-                self._version,
-                extra={"key": self._key, "version": self._version},
-            )
-            return
 
     # ----------------------------------------------------------- internals
 
@@ -527,7 +470,7 @@ class ResumableSession:
         )
 
     async def _detach_and_release(self) -> None:
-        self._cancel_long_pause()
+        self._long_pause.cancel()
         await self._autosave.aclose()
         if self._session is not None:
             for event, fn in self._listeners:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from livekit.agents import Agent, AgentSession
 
-__all__ = ["INTERRUPT_TIMEOUT", "Silencer", "current_agent"]
+__all__ = ["INTERRUPT_TIMEOUT", "Silencer", "Timer", "current_agent"]
 
 log = logging.getLogger("livekit_resume")
 
@@ -72,3 +73,47 @@ class Silencer:
             self._paused_agent = None
         session.input.set_audio_enabled(True)
         session.output.set_audio_enabled(True)
+
+
+class Timer:
+    """One pending call (a long pause turning into a suspend): armed, cancelled, and the
+    work it starts kept and its failure logged, never lost in a stray task."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._handle is not None
+
+    def arm(self, delay: float, callback: Callable[[], None]) -> None:
+        self.cancel()
+
+        def fire() -> None:
+            self._handle = None
+            callback()
+
+        self._handle = asyncio.get_running_loop().call_later(delay, fire)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def run(self, work: Coroutine[Any, Any, Any], what: str) -> None:
+        self._task = asyncio.ensure_future(work)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                # the session stays as it was (paused, with its lease); aclose() still saves
+                log.error(
+                    "session %r: %s failed: %s",
+                    self._key,
+                    what,
+                    task.exception(),
+                    extra={"key": self._key},
+                )
+
+        self._task.add_done_callback(done)
