@@ -426,3 +426,24 @@ async def test_an_item_over_the_frame_limit_is_saved_smaller_and_always_restores
     assert rs2.resumed and rs2.version == version
     await rs2.aclose()
     await session2.aclose()
+
+
+async def test_hooks_bind_frames_to_the_stores_namespace_with_the_environments_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 defect 3, wired: no codec passed, so the hooks build theirs from
+    RESUME_SIGNING_KEYS and the store's own namespace."""
+    from livekit_resume.bridge import from_stored
+    from livekit_resume.stores.sqlite import SQLiteStore
+    from tests.test_integrity import SIGN
+
+    monkeypatch.setenv("RESUME_SIGNING_KEYS", SIGN)
+    store = SQLiteStore(tmp_path / "ns.db", namespace="tenant-a")
+    session, rs, _ = await start(store, ["one"])
+    await session.run(user_input="a")
+    await rs.suspend()
+    stored = await store.load(KEY)
+    assert from_stored(Codec(namespace="tenant-a", signing_keys=SIGN), stored).history
+    with pytest.raises(lr.SignatureMismatch):
+        from_stored(Codec(namespace="lkresume", signing_keys=SIGN), stored)
+    await store.aclose()

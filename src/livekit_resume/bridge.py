@@ -47,7 +47,7 @@ __all__ = [
 
 @runtime_checkable
 class Namespaced(Protocol):
-    """A store that names its namespace (SQLiteStore; RedisStore once it exposes it)."""
+    """A store that names its namespace (SQLiteStore, RedisStore)."""
 
     @property
     def namespace(self) -> str: ...

@@ -44,9 +44,8 @@ from livekit import rtc
 from livekit.agents import Agent, AgentSession, JobContext
 from livekit.agents.voice import room_io
 
-from ..bridge import from_stored, whole_commit
+from ..bridge import codec_for, from_stored, whole_commit
 from ..errors import LeaseLost, SessionBusy
-from ..settings import Settings
 from ..snapshot.codec import Codec
 from ..stores.base import Store, validate_key
 from ..stores.url import open_store
@@ -256,9 +255,7 @@ async def resumable_job(
     store = store or open_store()
     owner = job_owner(ctx)
     await _refuse_same_job(store, name, owner)
-    codec: Codec = options.pop("codec", None) or Settings.only(
-        "signing_keys", "encryption_keys"
-    ).codec()
+    codec: Codec = options.pop("codec", None) or codec_for(store)
     if resume_within is not None:
         await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
 

@@ -30,9 +30,8 @@ from livekit.agents.voice.events import EventTypes
 from opentelemetry import trace
 from prometheus_client import Counter
 
-from ..bridge import from_stored, salvage_stored
+from ..bridge import codec_for, from_stored, salvage_stored
 from ..errors import LeaseLost, SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
-from ..settings import Settings
 from ..snapshot.chat import MediaPolicy
 from ..snapshot.codec import Codec
 from ..snapshot.model import Reason, Snapshot, ToolCallRecord
@@ -112,7 +111,7 @@ class ResumableSession:
         if codec is None:
             keys = {"signing_keys": signing_keys, "encryption_keys": encryption_keys}
             given = {name: value for name, value in keys.items() if value}
-            codec = Settings.only(*keys, **given).codec()
+            codec = codec_for(store, **given)
         self._holder = LeaseHolder(store, self._key, owner, lease_ttl)
         self._capture = Capture(
             self._key,

@@ -361,7 +361,7 @@ def repair_cmd(
                 stored: Stored | None = await store.load(key)
             except SnapshotNotFound:
                 stored = None
-            await build(store, make_codec(), stored)
+            await build(store, make_codec(store), stored)
             return None, None
         return await write_whole(store, key, build, takeover=takeover, source="repair")
 

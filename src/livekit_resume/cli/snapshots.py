@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import BinaryIO, Literal, cast
 
-from ..bridge import from_stored, whole_commit
+from ..bridge import codec_for, from_stored, whole_commit
 from ..errors import SessionBusy, SnapshotNotFound
-from ..settings import Settings
+from ..settings import CODEC_SETTINGS, Settings
 from ..snapshot.codec import DEFAULT_MAX_FRAME, Codec, read_frames
 from ..snapshot.model import Snapshot, Writer
 from ..snapshot.salvage import validate_restorable
@@ -45,14 +45,18 @@ IMPORT_LEASE_TTL = 30.0
 _MAX_FRAME = DEFAULT_MAX_FRAME
 
 
-def make_codec() -> Codec:
-    """A codec with the workers' keys (``RESUME_SIGNING_KEYS``, ``RESUME_ENCRYPTION_KEYS``)."""
-    return Settings.only("signing_keys", "encryption_keys").codec(max_frame=_MAX_FRAME)
+def make_codec(store: Store | None = None) -> Codec:
+    """The codec the workers use: their keys and migration flags (`CODEC_SETTINGS`), bound
+    to ``store``'s namespace (without a store, ``RESUME_NAMESPACE``'s: export files are
+    not bound to one)."""
+    if store is not None:
+        return codec_for(store, max_frame=_MAX_FRAME)
+    return Settings.only(*CODEC_SETTINGS).codec(max_frame=_MAX_FRAME)
 
 
 async def load(store: Store, key: str, version: int | None) -> Snapshot:
     """A stored version (the latest for None), decoded whole."""
-    return from_stored(make_codec(), await store.load(key, version))
+    return from_stored(make_codec(store), await store.load(key, version))
 
 
 def binary(name: Literal["stdin", "stdout"]) -> BinaryIO:
@@ -122,7 +126,7 @@ async def write_whole(
             stored: Stored | None = await store.load(key)
         except SnapshotNotFound:
             stored = None
-        codec = make_codec()
+        codec = make_codec(store)
         snap = await build(store, codec, stored)
         if snap is None:
             return None, None

@@ -176,6 +176,11 @@ class RedisStore:
         return self._server.where
 
     @property
+    def namespace(self) -> str:
+        """The prefix of every key of this store (one per tenant or deployment)."""
+        return self._names.namespace
+
+    @property
     def _namespace(self) -> str:
         return self._names.namespace
 
