@@ -423,3 +423,11 @@ def test_a_truncated_export_stream_is_corrupt() -> None:
     for cut in (5, len(data) // 2, len(data) - 1):
         with pytest.raises(SnapshotCorrupt):
             read_frames(io.BytesIO(data[:cut]), max_frame=64 * 1024)
+
+
+def test_a_key_without_its_id_is_refused_without_echoing_the_secret() -> None:
+    """Issue 15 defect 4, at the codec: ``Codec(signing_keys=...)`` called directly."""
+    secret = base64.b64encode(b"k" * 32).decode()
+    with pytest.raises(ValueError) as e:
+        Codec(signing_keys=secret)
+    assert secret not in str(e.value) and "kid:base64key" in str(e.value)

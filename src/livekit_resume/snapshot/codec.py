@@ -109,8 +109,11 @@ class Keyring:
         keys: list[tuple[str, bytes]] = []
         for part in filter(None, (p.strip() for p in spec.split(","))):
             kid, sep, b64 = part.partition(":")
-            if not sep or not kid or len(kid.encode()) > 255:
-                raise ValueError(f"key {kid!r}: expected kid:base64key")
+            if not sep:
+                # without its "kid:" the whole part is the secret: never echo it
+                raise ValueError("a key is not of the form kid:base64key (value not shown)")
+            if not kid or len(kid.encode()) > 255:
+                raise ValueError(f"key id {kid[:32]!r}: expected kid:base64key")
             try:
                 key = base64.b64decode(b64, validate=True)
             except ValueError:

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.padding import Padding
 from rich.rule import Rule
 
+from ... import redact
 from ...agent_hooks.registry import AgentRegistry
 from ...agent_hooks.session import ResumableSession
 from ...errors import SnapshotNotFound
@@ -168,8 +169,8 @@ async def part_one(url: str, key: str, console: Console) -> Part:
     try:
         if await store.info(key) is not None:
             raise ValueError(
-                f"session {key!r} already exists in {url}: choose another --key "
-                f"or remove it (livekit-resume --store {url} rm {key})"
+                f"session {key!r} already exists in {redact.url(url)}: choose another "
+                f"--key or remove it (livekit-resume --store {redact.url(url)} rm {key})"
             )
         rs, _model, session = _hooks(store, key)
         agent = await rs.restore(session, default=Receptionist)
@@ -191,7 +192,7 @@ async def _part_two(url: str, key: str, console: Console) -> Part:
         rs, model, session = _hooks(store, key)
         agent = await rs.restore(session, default=Receptionist)
         if not rs.resumed:
-            raise SnapshotNotFound(f"no snapshot of session {key!r} in {url} to resume")
+            raise SnapshotNotFound(f"no snapshot of session {key!r} in {redact.url(url)} to resume")
         restored_userdata = session.userdata.model_dump(mode="json")
         console.print(
             Rule(

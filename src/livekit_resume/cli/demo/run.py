@@ -23,6 +23,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
+from ... import redact
 from ..render import add_transcript_rows, transcript_table
 from .check import Check, checks
 from .parts import Part, part_one, quiet_logs, read_report
@@ -47,13 +48,13 @@ def _run_demo(url: str, key: str | None) -> int:
     console = Console(highlight=False)
     key = key or f"demo-{uuid.uuid4().hex[:8]}"
     console.print(Rule("[bold]livekit-resume demo[/bold]"))
-    console.print(f"store  {escape(url)}\nkey    {escape(key)}\n")
+    console.print(f"store  {escape(redact.url(url))}\nkey    {escape(key)}\n")
     one = asyncio.run(part_one(url, key, console))
 
     console.print()
     console.print(
         f"[dim]starting a new process: {Path(sys.executable).name} -m livekit_resume demo "
-        f"--resume-part --store {escape(url)} --key {escape(key)}[/dim]"
+        f"--resume-part --store {escape(redact.url(url))} --key {escape(key)}[/dim]"
     )
     with tempfile.TemporaryDirectory(prefix="livekit-resume-demo-") as tmp:
         report = os.path.join(tmp, "part2.msgpack")
@@ -69,7 +70,8 @@ def _run_demo(url: str, key: str | None) -> int:
     _print_checks(console, results)
     ok = all(c.ok for c in results)
     console.print()
-    console.print(f"[dim]inspect it: livekit-resume --store {escape(url)} show {escape(key)}[/dim]")
+    where = escape(redact.url(url))
+    console.print(f"[dim]inspect it: livekit-resume --store {where} show {escape(key)}[/dim]")
     console.print(f"restored conversation matches: {'yes' if ok else 'no'}")
     return 0 if ok else 1
 

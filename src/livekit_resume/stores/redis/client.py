@@ -77,6 +77,9 @@ def connect(
         "retry": retry,
     }
     if settings.mode == "cluster":
+        # Keep the URL's nodes as seeds: redis-py would otherwise replace them with the
+        # nodes it discovers and, after two failovers, know no node that still answers.
+        client_options.setdefault("dynamic_startup_nodes", False)
         return RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in settings.hosts],
             ssl=settings.tls,
