@@ -384,7 +384,8 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 @contextlib.contextmanager
 def _tls_server(files: TLSFiles, directory: Path, auth_clients: str) -> Iterator[RedisTLSServer]:
     require_tls_redis()
-    server = RedisTLSServer(directory, files, auth_clients=auth_clients).start()
+    server = RedisTLSServer(directory, files, auth_clients=auth_clients)
+    server.start()
     try:
         yield server
     finally:

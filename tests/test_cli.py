@@ -453,7 +453,7 @@ def _foreign_frame(data: Any) -> bytes:
 
     import msgpack
 
-    body = msgpack.packb(data, use_bin_type=True)
+    body: bytes = msgpack.packb(data, use_bin_type=True)
     header = struct.pack(">4sBBHI", b"LKRS", FORMAT_VERSION, 0, 0, len(body))
     return header + body + struct.pack(">I", zlib.crc32(header + body))
 

@@ -253,6 +253,7 @@ async def _edited(target: Target, codec: Codec) -> str:
     session, rs = await _open(target.store, codec)
     session.history.add_message(role="user", content="pay 10 to Bob")
     item = session.history.items[-1]
+    assert isinstance(item, llm.ChatMessage)
     await rs.checkpoint()
     item.content = ["pay 10000 to Bob"]  # LiveKit edits recent items in place
     await rs.checkpoint()
@@ -383,9 +384,13 @@ async def test_a_redis_session_copied_into_another_namespace_is_refused(
         r = redis.Redis.from_url(redis_server.url)
         try:
             for name in await r.keys(f"{tenant_a}:{{{KEY}}}:*"):
+                assert isinstance(name, bytes)
                 copy = tenant_b + name[len(tenant_a) :].decode()
-                await r.restore(copy, 0, await r.dump(name), replace=True)
+                dumped = await r.dump(name)
+                assert isinstance(dumped, bytes)
+                await r.restore(copy, 0, dumped, replace=True)
             score = await r.zscore(f"{tenant_a}:sessions", KEY)
+            assert score is not None
             await r.zadd(f"{tenant_b}:sessions", {KEY: score})
         finally:
             await r.aclose()

@@ -18,7 +18,7 @@ import re
 import stat
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from livekit_resume.settings import Settings
 from livekit_resume.snapshot.chat import item_to_data
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import AgentFrame, SessionMeta, Snapshot, ToolCallRecord, Writer
+from livekit_resume.stores.redis import RedisStore
 from livekit_resume.stores.sqlite.connection import FILE_MODE
 from tests.redis_servers import RedisFactory, RedisTLSServer, TLSFiles
 
@@ -152,6 +153,7 @@ def test_store_logs_and_errors_never_show_the_store_password(
         messages = []
         for url in (secret_redis, secret_redis.replace(PASSWORD, "wrong-" + PASSWORD)):
             store = open_store(url)
+            assert isinstance(store, RedisStore)
             try:
                 await store.check()
                 await store.keys()
@@ -312,9 +314,10 @@ async def _exercise(url: str, key: str = "room", **options: Any) -> list[str]:
     """Every kind of store operation once (scripts, listing, pub/sub, delete); the
     events seen, in order."""
     store = open_store(url, **options)
+    assert isinstance(store, RedisStore)
     try:
         await store.check()
-        async with store.subscribe() as events:  # type: ignore[attr-defined]
+        async with store.subscribe() as events:
             lease = await store.acquire(key, "worker")
             snap = Snapshot(key=key, history=[_message("m1", "user", "hello")])
             commit = commit_from_snapshot(Codec(), snap, epoch=lease.epoch, base_version=0)
@@ -323,7 +326,7 @@ async def _exercise(url: str, key: str = "room", **options: Any) -> list[str]:
             assert [v.version for v in await store.versions(key)] == [1]
             assert key in await store.keys()
             assert (await store.info(key)) is not None
-            await store.publish(key, "paused")  # type: ignore[attr-defined]
+            await store.publish(key, "paused")
             await store.release(lease)
             seen = [(await asyncio.wait_for(events.__anext__(), 5))["event"] for _ in range(2)]
         assert await store.delete(key)
@@ -428,15 +431,16 @@ def test_an_acl_user_cannot_read_or_write_another_namespace(acl_redis: tuple[Any
     async def trespass() -> list[str]:
         refused = []
         store = open_store(url, namespace="lkresume")  # the other tenant's (default) namespace
-        attempts = [
+        assert isinstance(store, RedisStore)
+        attempts: list[Callable[[], Awaitable[object]]] = [
             lambda: store.load("room"),
             lambda: store.info("room"),
             lambda: store.versions("room"),
             lambda: store.keys(),
             lambda: store.acquire("room", "intruder", takeover=True),
             lambda: store.delete("room"),
-            lambda: store.publish("room", "paused"),  # type: ignore[attr-defined]
-            lambda: store.subscribe().__anext__(),  # type: ignore[attr-defined]
+            lambda: store.publish("room", "paused"),
+            lambda: store.subscribe().__anext__(),
         ]
         try:
             for attempt in attempts:
