@@ -88,8 +88,9 @@ class Announcer:
         agent = current_agent(session)
         try:
             usage = to_jsonable_python(session.usage, fallback=str)
-        except Exception:
-            usage = {}  # usage is a nicety: never fail a checkpoint over it
+        except Exception as e:
+            log.debug("session usage not saved: %s", e)  # a nicety: never fail a checkpoint
+            usage = {}
         return SessionMeta(
             room=room.name if room is not None else None,
             participant_identity=identity,
