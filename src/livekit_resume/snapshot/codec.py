@@ -1,15 +1,9 @@
-"""Frames: how plain data becomes bytes and back, safely.
+"""Snapshots as frames and back: what each frame holds and what it is bound to.
 
-A frame is::
-
-    header  "LKRS" | format version u8 | flags u8 | reserved u16 | body length u32
-    body    msgpack of plain data, then zlib (flag 1), then AES-GCM (flag 4)
-    trailer CRC-32 of header+body, or (flag 2) kid length u8 | kid | HMAC-SHA256
-
-Decoding checks, in this order, before it allocates anything the frame cannot
-justify: length, magic, declared size against the limit, checksum or HMAC, format
-version, then decrypts, decompresses (bounded) and unpacks (bounded) the body.
-Only msgpack's plain types exist in a body: nothing is ever unpickled or imported.
+A snapshot is stored as a head frame (the session without its chat items) and one frame
+per chat item, or exported as one whole-snapshot frame (or, when that is over the limit,
+an export head and its item frames). The bytes of each frame (checksum or HMAC, AES-GCM,
+zlib, limits) are `frame.Framer`'s; this module decides what goes in them.
 
 The HMAC and the AES-GCM tag also cover a ``context``: from format 3 on, the store's
 namespace and the session key, and for a chat item its stream and id (format 1 and 2
@@ -23,15 +17,10 @@ refused unless ``allow_plaintext`` (a migration from plaintext).
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import os
-import struct
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
 import msgpack
 
@@ -41,6 +30,12 @@ from ..errors import (
     SnapshotCorrupt,
     SnapshotTooLarge,
 )
+from .frame import COMPRESS_OVER as COMPRESS_OVER
+from .frame import DEFAULT_MAX_FRAME, MAGIC, MAX_DEPTH, Framer, Keyring, read_frames
+from .frame import FLAG_ENCRYPTED as FLAG_ENCRYPTED
+from .frame import FLAG_SIGNED as FLAG_SIGNED
+from .frame import FLAG_ZLIB as FLAG_ZLIB
+from .frame import Context as Context
 from .migrate import migrate_head, migrate_item
 from .model import FORMAT_VERSION, ItemData, Snapshot
 from .seal import SealKey, seal_from_bytes, seal_to_bytes
@@ -58,27 +53,6 @@ __all__ = [
     "validate_snapshot",
 ]
 
-MAGIC = b"LKRS"
-_HEADER = struct.Struct(">4sBBHI")
-_CRC = struct.Struct(">I")
-_HMAC_LEN = 32
-_NONCE_LEN = 12
-
-FLAG_ZLIB = 1
-FLAG_SIGNED = 2
-FLAG_ENCRYPTED = 4
-_KNOWN_FLAGS = FLAG_ZLIB | FLAG_SIGNED | FLAG_ENCRYPTED
-
-# A long conversation with kept inline images stays well under this; anything larger
-# is a bug or an attack, and refusing it bounds the memory a decode may take.
-DEFAULT_MAX_FRAME = 64 * 1024 * 1024
-# Lists and maps nest at most this deep in a frame. pydantic serializes at most 255
-# levels (a snapshot wraps its values in a few of its own), and anything deeper is
-# refused on both sides, so a value that was written can always be shown and re-saved.
-MAX_DEPTH = 200
-# Bodies smaller than this are stored raw: zlib's header and CPU cost buy nothing there.
-COMPRESS_OVER = 1024
-
 HISTORY = "history"
 AGENT = "agent"
 # An agent item equal to the history item of the same id is stored as this marker.
@@ -93,45 +67,8 @@ BOUND_FROM = 3
 # cannot import the stores): a codec told none binds the same.
 DEFAULT_NAMESPACE = "lkresume"
 
-Context = bytes | Callable[[int], bytes]
-"""A frame's context, or a function of the frame's format version that gives it."""
 
-
-@dataclass(frozen=True)
-class Keyring:
-    """Named keys: the first one writes, all of them read (rotation)."""
-
-    keys: tuple[tuple[str, bytes], ...]
-
-    @classmethod
-    def parse(cls, spec: str, *, sizes: Sequence[int] = ()) -> Keyring:
-        """Parse ``kid:base64key[,kid:base64key…]`` (the ``RESUME_*_KEYS`` form)."""
-        keys: list[tuple[str, bytes]] = []
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            kid, sep, b64 = part.partition(":")
-            if not sep:
-                # without its "kid:" the whole part is the secret: never echo it
-                raise ValueError("a key is not of the form kid:base64key (value not shown)")
-            if not kid or len(kid.encode()) > 255:
-                raise ValueError(f"key id {kid[:32]!r}: expected kid:base64key")
-            try:
-                key = base64.b64decode(b64, validate=True)
-            except ValueError:
-                raise ValueError(f"key {kid!r} is not valid base64") from None
-            if sizes and len(key) not in sizes:
-                raise ValueError(f"key {kid!r} has {len(key)} bytes; expected one of {sizes}")
-            if len(key) < 16:
-                raise ValueError(f"key {kid!r} has {len(key)} bytes; use at least 16")
-            keys.append((kid, key))
-        if not keys:
-            raise ValueError("no keys in key specification")
-        return cls(tuple(keys))
-
-    def get(self, kid: str) -> bytes | None:
-        return next((k for i, k in self.keys if i == kid), None)
-
-
-class Codec:
+class Codec(Framer):
     """Turns snapshots into frames and back. Stateless apart from its keys and limits."""
 
     def __init__(
@@ -148,15 +85,13 @@ class Codec:
         ``allow_plaintext`` reads unencrypted frames although encryption keys are set (a
         migration to encryption); ``allow_unbound=False`` refuses heads written before
         format 3, which carry no version binding and no seal."""
-        if isinstance(signing_keys, str):
-            signing_keys = Keyring.parse(signing_keys)
-        if isinstance(encryption_keys, str):
-            encryption_keys = Keyring.parse(encryption_keys, sizes=(16, 24, 32))
-        self._sign = signing_keys
-        self._encrypt = encryption_keys
-        self._max = max_frame
+        super().__init__(
+            signing_keys=signing_keys,
+            encryption_keys=encryption_keys,
+            max_frame=max_frame,
+            allow_plaintext=allow_plaintext,
+        )
         self.namespace = DEFAULT_NAMESPACE if namespace is None else namespace
-        self._allow_plaintext = allow_plaintext
         self._allow_unbound = allow_unbound
         ring = self._sign or self._encrypt  # the seal's key: signing, else encryption
         self.seal_key = SealKey(*ring.keys[0]) if ring is not None else SealKey("", None)
@@ -194,170 +129,15 @@ class Codec:
             )
         return SealKey(kid, key)
 
-    # ----------------------------------------------------------------- frames
-
-    def pack(
-        self,
-        obj: Any,
-        *,
-        context: Context = b"",
-        version: int = FORMAT_VERSION,
-        label: str = "frame",
-    ) -> bytes:
-        """Frame plain data. ``version`` is only ever lowered by tests of old formats;
-        ``label`` names what is framed in errors (session, stream, item id); a callable
-        ``context`` is given the format version written.
-
-        The limit is checked on the body before compression, exactly as `unpack` checks
-        it after decompression: nothing is written that a reader would refuse."""
-        if _too_deep(obj):
-            raise SnapshotTooLarge(
-                f"{label}: values nest deeper than {MAX_DEPTH} levels; flatten the data "
-                "(userdata, extra, agent state) before it is saved"
-            )
-        try:
-            body: bytes = msgpack.packb(obj, use_bin_type=True)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise TypeError(f"snapshot holds a value that is not plain data: {e}") from e
-        if len(body) > self._max:
-            raise SnapshotTooLarge(
-                f"{label} is {len(body)} bytes, over the limit of {self._max} bytes a "
-                "restore reads (max_frame); drop inline media (media='drop') or give "
-                "every worker and the CLI a larger max_frame"
-            )
-        if callable(context):
-            context = context(version)
-        flags = 0
-        if len(body) > COMPRESS_OVER:
-            packed = zlib.compress(body, 1)
-            if len(packed) < len(body):
-                body, flags = packed, flags | FLAG_ZLIB
-        if self._encrypt is not None:
-            kid, key = self._encrypt.keys[0]
-            body, flags = _seal(key, kid, body, context), flags | FLAG_ENCRYPTED
-        if len(body) > self._max:  # only the few bytes of AES-GCM can get here
-            raise SnapshotTooLarge(
-                f"{label} is {len(body)} bytes once encrypted, over the limit of "
-                f"{self._max} bytes a restore reads (max_frame); drop inline media "
-                "(media='drop') or give every worker and the CLI a larger max_frame"
-            )
-        if self._sign is not None:
-            flags |= FLAG_SIGNED
-        header = _HEADER.pack(MAGIC, version, flags, 0, len(body))
-        if self._sign is None:
-            return header + body + _CRC.pack(zlib.crc32(header + body))
-        kid, key = self._sign.keys[0]
-        kid_b = kid.encode()
-        mac = hmac.new(key, header + body + bytes([len(kid_b)]) + kid_b + context, hashlib.sha256)
-        return header + body + bytes([len(kid_b)]) + kid_b + mac.digest()
-
-    def unpack(self, frame: bytes, *, context: Context = b"") -> tuple[int, Any]:
-        """Verify and open a frame; return its format version and its plain data. A
-        callable ``context`` is given the frame's format version."""
-        version, _flags, data = self._unpack(frame, context)
-        return version, data
-
-    def _unpack(self, frame: bytes, context: Context) -> tuple[int, int, Any]:
-        if not isinstance(frame, (bytes, bytearray, memoryview)):
-            raise SnapshotCorrupt(f"expected bytes, got {type(frame).__name__}")
-        frame = bytes(frame)
-        if len(frame) < _HEADER.size + _CRC.size:
-            raise SnapshotCorrupt(f"frame of {len(frame)} bytes is truncated")
-        magic, version, flags, _reserved, size = _HEADER.unpack_from(frame)
-        if magic != MAGIC:
-            raise SnapshotCorrupt("bytes are not a livekit-resume frame (bad magic)")
-        if size > self._max:
-            raise SnapshotTooLarge(f"frame declares {size} bytes; the limit is {self._max}")
-        end = _HEADER.size + size
-        if end > len(frame):
-            raise SnapshotCorrupt(
-                f"frame is truncated: body declares {size} bytes, "
-                f"{len(frame) - _HEADER.size} present"
-            )
-        header_body, trailer = frame[:end], frame[end:]
-        if callable(context):
-            context = context(version)
-        if flags & FLAG_SIGNED:
-            self._verify(header_body, trailer, context)
-        else:
-            if self._sign is not None:
-                raise SignatureMismatch("frame is unsigned but signing keys are configured")
-            if len(trailer) != _CRC.size or _CRC.unpack(trailer)[0] != zlib.crc32(header_body):
-                raise SnapshotCorrupt("frame checksum does not match: bytes were altered or torn")
-        self._check_kind(version, flags)
-        body = header_body[_HEADER.size :]
-        if flags & FLAG_ENCRYPTED:
-            body = self._open(body, context)
-        if flags & FLAG_ZLIB:
-            body = self._inflate(body)
-        data = _unpackb(body)
-        if _too_deep(data):
-            raise SnapshotTooLarge(f"frame holds values nested deeper than {MAX_DEPTH} levels")
-        return version, flags, data
-
     def _check_kind(self, version: int, flags: int) -> None:
-        """Refuse a verified frame this codec must not read: a newer format, unknown
-        flags, or (encryption keys set) an unencrypted frame, unless allowed."""
+        """Refuse a verified frame this codec must not read: a newer format, then what
+        `Framer` refuses (unknown flags, an unencrypted frame where keys are set)."""
         if version > FORMAT_VERSION:
             raise IncompatibleSnapshot(
                 f"frame has format version {version}; this livekit-resume reads up to "
                 f"{FORMAT_VERSION}: upgrade livekit-resume on this worker"
             )
-        if flags & ~_KNOWN_FLAGS:
-            raise IncompatibleSnapshot(f"frame has unknown flags {flags:#x}")
-        if self._encrypt is not None and not flags & FLAG_ENCRYPTED and not self._allow_plaintext:
-            raise SignatureMismatch(
-                "frame is not encrypted but encryption keys are configured "
-                "(RESUME_ENCRYPTION_KEYS): refused as a possible forgery; while migrating "
-                "a store written without encryption, set RESUME_ALLOW_PLAINTEXT=1"
-            )
-
-    def _verify(self, header_body: bytes, trailer: bytes, context: bytes) -> None:
-        if not trailer or len(trailer) != 1 + trailer[0] + _HMAC_LEN:
-            raise SnapshotCorrupt("signed frame has a malformed trailer")
-        kid_b = trailer[1 : 1 + trailer[0]]
-        kid = kid_b.decode("utf-8", "replace")
-        key = self._sign.get(kid) if self._sign is not None else None
-        if key is None:
-            raise SignatureMismatch(
-                f"frame is signed with key {kid!r}, which is not among the configured "
-                "signing keys (RESUME_SIGNING_KEYS)"
-            )
-        mac = hmac.new(key, header_body + trailer[: 1 + trailer[0]] + context, hashlib.sha256)
-        if not hmac.compare_digest(mac.digest(), trailer[1 + trailer[0] :]):
-            raise SignatureMismatch(f"frame signature does not verify with key {kid!r}")
-
-    def _open(self, body: bytes, context: bytes) -> bytes:
-        from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        if not body or len(body) < 1 + body[0] + _NONCE_LEN:
-            raise SnapshotCorrupt("encrypted body is truncated")
-        kid = body[1 : 1 + body[0]].decode("utf-8", "replace")
-        key = self._encrypt.get(kid) if self._encrypt is not None else None
-        if key is None:
-            raise SignatureMismatch(
-                f"frame is encrypted with key {kid!r}, which is not among the configured "
-                "encryption keys (RESUME_ENCRYPTION_KEYS)"
-            )
-        start = 1 + body[0]
-        nonce, sealed = body[start : start + _NONCE_LEN], body[start + _NONCE_LEN :]
-        try:
-            return AESGCM(key).decrypt(nonce, sealed, context)
-        except InvalidTag:
-            raise SignatureMismatch(f"frame does not decrypt with key {kid!r}") from None
-
-    def _inflate(self, body: bytes) -> bytes:
-        d = zlib.decompressobj()
-        try:
-            out = d.decompress(body, self._max + 1)
-        except zlib.error as e:
-            raise SnapshotCorrupt(f"frame body does not decompress: {e}") from None
-        if len(out) > self._max or d.unconsumed_tail:
-            raise SnapshotTooLarge(f"frame body inflates past the limit of {self._max} bytes")
-        if not d.eof:
-            raise SnapshotCorrupt("compressed frame body is truncated")
-        return out
+        super()._check_kind(version, flags)
 
     # -------------------------------------------------------------- snapshots
 
@@ -616,33 +396,6 @@ class Codec:
         return out
 
 
-def read_frames(stream: BinaryIO, *, max_frame: int = DEFAULT_MAX_FRAME) -> list[bytes]:
-    """Split a stream of concatenated frames (an export file) into frames, reading no
-    frame past ``max_frame``. Checksums are left to `Codec.unpack`."""
-    frames: list[bytes] = []
-    while header := stream.read(_HEADER.size):
-        if len(header) < _HEADER.size:
-            raise SnapshotCorrupt(f"frame {len(frames)} is truncated in its header")
-        magic, _version, flags, _reserved, size = _HEADER.unpack(header)
-        if magic != MAGIC:
-            raise SnapshotCorrupt(f"frame {len(frames)} is not a livekit-resume frame")
-        if size > max_frame:
-            raise SnapshotTooLarge(
-                f"frame {len(frames)} declares {size} bytes; the limit is {max_frame}"
-            )
-        body = stream.read(size)
-        if flags & FLAG_SIGNED:
-            kid_len = stream.read(1)
-            trailer = kid_len + stream.read(kid_len[0] + _HMAC_LEN) if kid_len else b""
-            want = 1 + kid_len[0] + _HMAC_LEN if kid_len else 1
-        else:
-            trailer, want = stream.read(_CRC.size), _CRC.size
-        if len(body) < size or len(trailer) < want:
-            raise SnapshotCorrupt(f"frame {len(frames)} is truncated")
-        frames.append(header + body + trailer)
-    return frames
-
-
 @dataclass(frozen=True)
 class _Binding:
     """What a head is bound to (none before format 3) and how a mismatch is reported."""
@@ -686,33 +439,6 @@ def _item_context(key: str, stream: str, item_id: str) -> bytes:
     return b"\x00".join((key.encode(), stream.encode(), item_id.encode()))
 
 
-def _seal(key: bytes, kid: str, body: bytes, context: bytes) -> bytes:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    nonce = os.urandom(_NONCE_LEN)
-    kid_b = kid.encode()
-    return bytes([len(kid_b)]) + kid_b + nonce + AESGCM(key).encrypt(nonce, body, context)
-
-
-def _unpackb(body: bytes) -> Any:
-    # Every declared length is bounded by the body itself: a hostile header cannot make
-    # msgpack allocate more than the frame carries.
-    n = len(body)
-    try:
-        return msgpack.unpackb(
-            body,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=n,
-            max_bin_len=n,
-            max_array_len=n,
-            max_map_len=n // 2,
-            max_ext_len=0,
-        )
-    except Exception as e:  # msgpack raises many types (ValueError, ExtraData, ...)
-        raise SnapshotCorrupt(f"frame body is not valid msgpack: {type(e).__name__}: {e}") from None
-
-
 def validate_snapshot(data: Any) -> Snapshot:
     """Plain snapshot data (items included) as a `Snapshot`; `SnapshotCorrupt` when it
     does not match the format."""
@@ -748,18 +474,3 @@ def check_item_ids(key: str, stream: str, items: Sequence[ItemData]) -> None:
                 "ids must be unique within a stream"
             )
         seen.add(item_id)
-
-
-def _too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether lists and maps in ``obj`` nest more than ``limit`` levels (iterative, so a
-    hostile value cannot exhaust Python's stack)."""
-    if not isinstance(obj, (dict, list, tuple)):
-        return False
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value
-        if depth > limit:
-            return True
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list, tuple)))
-    return False
