@@ -25,7 +25,16 @@ from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.base import Commit, Store
 from tests.lk.scripted_llm import ScriptedLLM
-from tests.test_hooks import KEY, Receptionist, Visit, registry, settled, start, state_of
+from tests.test_hooks import (
+    KEY,
+    FlakyStore,
+    Receptionist,
+    Visit,
+    registry,
+    settled,
+    start,
+    state_of,
+)
 
 # A committed turn lands in milliseconds; these bound a broken store, they are not timings.
 DEADLINE = 20.0
@@ -163,24 +172,11 @@ async def test_a_vanished_session_taken_by_another_worker_fences_this_one(store:
     await session.aclose()
 
 
-class Outage:
-    """Commits fail while ``down``: the store cannot be reached."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.down = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def commit(self, commit: Commit) -> int:
-        if self.down:
-            raise lr.StoreUnavailable("store is down (test)")
-        return await self.inner.commit(commit)
-
-
-async def test_a_failed_suspend_keeps_the_lease_and_can_be_retried(store: Store) -> None:
-    flaky = Outage(store)
+async def failed_suspend(
+    store: Store,
+) -> tuple[FlakyStore, AgentSession[Visit], lr.ResumableSession]:
+    """A session whose last turn is not saved yet, and whose suspend just failed."""
+    flaky = FlakyStore(store)
     session, rs, _ = await start(flaky, ["one", "two"])
     await session.run(user_input="a")
     await rs.checkpoint()
@@ -188,6 +184,11 @@ async def test_a_failed_suspend_keeps_the_lease_and_can_be_retried(store: Store)
     flaky.down = True
     with pytest.raises(lr.StoreUnavailable):
         await rs.suspend()
+    return flaky, session, rs
+
+
+async def test_a_failed_suspend_keeps_the_lease_and_can_be_retried(store: Store) -> None:
+    flaky, _, rs = await failed_suspend(store)
     assert rs.state == "paused"  # silenced, not suspended: nothing was saved
     with pytest.raises(lr.SessionBusy):  # the lease was not given away
         await store.acquire(KEY, "worker-b")
@@ -201,14 +202,7 @@ async def test_a_failed_suspend_keeps_the_lease_and_can_be_retried(store: Store)
 
 
 async def test_close_after_a_failed_suspend_still_saves_the_last_turn(store: Store) -> None:
-    flaky = Outage(store)
-    session, rs, _ = await start(flaky, ["one", "two"])
-    await session.run(user_input="a")
-    await rs.checkpoint()
-    await session.run(user_input="the last turn")
-    flaky.down = True
-    with pytest.raises(lr.StoreUnavailable):
-        await rs.suspend()
+    flaky, session, rs = await failed_suspend(store)
     flaky.down = False
     await rs.aclose()
     snap = await saved(store)
@@ -217,7 +211,7 @@ async def test_close_after_a_failed_suspend_still_saves_the_last_turn(store: Sto
 
 
 async def test_close_retries_the_final_save_through_a_short_outage(store: Store) -> None:
-    flaky = Outage(store)
+    flaky = FlakyStore(store)
     session, rs, _ = await start(flaky, ["one", "two"])
     await session.run(user_input="the only turn")
     flaky.down = True
