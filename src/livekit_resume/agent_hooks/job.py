@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -106,17 +107,21 @@ class JobPolicy:
         self._room = room
         self._leave_grace = leave_grace
         self._left_pause = False  # the pause is ours: the caller left
+        self._started = False
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def start(self) -> None:
         self._room.on("participant_disconnected", self._on_left)
         self._room.on("participant_connected", self._on_joined)
+        self._started = True
 
     def stop(self) -> None:
         self._cancel_timer()
-        self._room.off("participant_disconnected", self._on_left)
-        self._room.off("participant_connected", self._on_joined)
+        if self._started:
+            self._started = False
+            self._room.off("participant_disconnected", self._on_left)
+            self._room.off("participant_connected", self._on_joined)
 
     # -- room events (synchronous callbacks: the work runs in tasks) --------------
 
@@ -252,6 +257,7 @@ async def resumable_job(
     """
     _ignore_sigterm()
     name = await _resolve_key(ctx, key)
+    opened = store is None
     store = store or open_store()
     owner = job_owner(ctx)
     await _refuse_same_job(store, name, owner)
@@ -267,8 +273,7 @@ async def resumable_job(
             error,
             extra={"key": name},
         )
-        if leave_grace is not None:
-            policy.stop()
+        policy.stop()
         with contextlib.suppress(RuntimeError):  # not started yet: nothing speaks
             await session.interrupt(force=True)
         session.output.set_audio_enabled(False)
@@ -290,10 +295,16 @@ async def resumable_job(
     )
     policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace or 0.0)
     agent = await rs.restore(session, default=default, takeover=True)
-    ctx.add_shutdown_callback(rs.aclose)
+
+    async def on_shutdown(_reason: str) -> None:
+        await rs.aclose()  # usually done already: the session's close saved it
+        if opened:
+            await store.aclose()
+
+    ctx.add_shutdown_callback(on_shutdown)
     opts = room_options or room_io.RoomOptions()
     if leave_grace is not None:
-        opts.close_on_disconnect = False  # the grace decides, not LiveKit
+        opts = dataclasses.replace(opts, close_on_disconnect=False)  # the grace decides
     await session.start(agent, room=ctx.room, room_options=opts)
     if leave_grace is not None:
         policy.start()
