@@ -1,130 +1,211 @@
-"""End-to-end checkpoint cost on a live AgentSession: does it stay flat as history grows?
+"""End-to-end checkpoint cost on a live AgentSession, on SQLite and Redis, as history grows.
 
-For each history length, a real AgentSession (text mode) holds N items; each round adds
-one turn (a user message and an assistant reply, in the history and the agent's
-context, as LiveKit does) and times `ResumableSession.checkpoint()`: reading the live
-session, diffing it, encoding the new items, committing to the store. The floor is the
-store commit alone of the same records, measured in the same run.
+For each history length a real AgentSession (text mode) holds N items; each round adds
+one turn (a user message and a reply, in the history and the agent's context, as
+LiveKit does) and times `ResumableSession.checkpoint()`: reading the live session,
+diffing it, encoding the new items, committing. Sizes are visited in turn within each
+round, so drift on a shared machine weighs on all of them alike.
 
-    python bench/checkpoint_cost.py [--rounds 200] [--store sqlite|memory]
+Floors, measured in the same run right after each checkpoint, with the very bytes that
+checkpoint wrote (head and records): on Redis one raw ``RPUSH``; on SQLite one bare
+``BEGIN IMMEDIATE`` / ``INSERT`` / ``COMMIT`` through a worker thread (as the store
+does), on a file in the same mode (WAL, ``synchronous=NORMAL``). The naive path saves
+the whole ``ChatContext.to_dict()`` as JSON each turn (``SET`` on Redis, one row
+replaced on SQLite).
 
-Prints medians and p90 in milliseconds and the ratios against the 10-item case.
+    python bench/checkpoint_cost.py [--sizes 10,1000,5000,20000] [--rounds 60]
+                                    [--stores sqlite,redis] [--naive-rounds 10]
+
+Redis is a ``redis-server`` the script starts on a free loopback port. Prints Markdown
+tables: medians and p99 in milliseconds, ratios against the 10-item case and the floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
-import statistics
+import sqlite3
 import tempfile
 import time
-import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from livekit.agents import Agent, AgentSession, llm
+import _common as c
+from redis.asyncio import Redis
 
 import livekit_resume as lr
 from livekit_resume.stores.base import Commit, Store
 
-SIZES = (10, 100, 1000, 5000)
-TEXT = "Could you move my appointment to Thursday afternoon, around three if possible? " * 3
+Floor = Callable[[list[bytes]], Awaitable[None]]
+Samples = dict[int, dict[str, list[float]]]
 
 
-class Bench(Agent):
-    def __init__(self) -> None:
-        super().__init__(instructions="benchmark")
+def _sqlite_floor(path: Path) -> tuple[Floor, Floor, Callable[[], None]]:
+    """The raw floor (bare INSERT of the bytes) and the naive rewrite on SQLite."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE floor (seq INTEGER PRIMARY KEY, data BLOB)")
+    conn.execute("CREATE TABLE whole (key TEXT PRIMARY KEY, data BLOB)")
+    executor = ThreadPoolExecutor(max_workers=1)
+
+    def insert(blobs: list[bytes]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO floor (data) VALUES (?)", [(b,) for b in blobs])
+        conn.execute("COMMIT")
+
+    def replace(blobs: list[bytes]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT OR REPLACE INTO whole VALUES ('k', ?)", (blobs[0],))
+        conn.execute("COMMIT")
+
+    async def floor(blobs: list[bytes]) -> None:
+        await asyncio.get_running_loop().run_in_executor(executor, insert, blobs)
+
+    async def naive(blobs: list[bytes]) -> None:
+        await asyncio.get_running_loop().run_in_executor(executor, replace, blobs)
+
+    def shut() -> None:
+        executor.shutdown()
+        conn.close()
+
+    return floor, naive, shut
 
 
-class _NoLLM(llm.LLM):
-    def chat(self, **_: object) -> llm.LLMStream:  # type: ignore[override]
-        raise RuntimeError("the benchmark never asks the LLM")
+def _redis_floor(url: str) -> tuple[Floor, Floor, Callable[[], Awaitable[None]]]:
+    client = Redis.from_url(url)
+
+    async def floor(blobs: list[bytes]) -> None:
+        await client.rpush("bench:floor", *blobs)
+
+    async def naive(blobs: list[bytes]) -> None:
+        await client.set("bench:whole", blobs[0])
+
+    async def shut() -> None:
+        await client.delete("bench:floor", "bench:whole")
+        await client.aclose()
+
+    return floor, naive, shut
 
 
-def _turn(session: AgentSession[None], n: int, t: float) -> None:
-    agent_ctx = session.current_agent._chat_ctx  # what LiveKit itself appends to
-    for role, text in (("user", f"{n}: {TEXT}"), ("assistant", f"reply {n}: {TEXT}")):
-        msg = llm.ChatMessage(role=role, content=[text], created_at=t)
-        agent_ctx.items.append(msg)
-        session.history.items.append(msg)
+async def _timed(call: Awaitable[object]) -> float:
+    start = time.perf_counter()
+    await call
+    return time.perf_counter() - start
 
 
-async def _measure(store: Store, size: int, rounds: int) -> tuple[list[float], list[float]]:
-    reg = lr.AgentRegistry()
-    reg.register(Bench)
-    session: AgentSession[None] = AgentSession(llm=_NoLLM())
-    rs = lr.ResumableSession(
-        store, f"bench-{size}-{uuid.uuid4().hex[:6]}", registry=reg, autosave=False
-    )
-    await session.start(await rs.restore(session, default=Bench))
-    t0 = time.time()
-    for i in range(size // 2):
-        _turn(session, i, t0 + i * 1e-3)
-    await rs.checkpoint()  # the base: every item once
-
-    commits: list[Commit] = []
+async def measure(
+    store: Store, floor: Floor, naive: Floor, sizes: tuple[int, ...], rounds: int, naive_rounds: int
+) -> Samples:
+    live = {size: await c.live_session(store, size) for size in sizes}
+    written: list[bytes] = []
     inner = store.commit
 
-    async def record(c: Commit) -> int:
-        commits.append(c)
-        return await inner(c)
+    async def record(commit: Commit) -> int:
+        written[:] = [commit.head, *(r.data for r in commit.records if r.data is not None)]
+        return await inner(commit)
 
     store.commit = record  # type: ignore[method-assign]
-    totals: list[float] = []
-    for r in range(rounds):
-        _turn(session, size + r, t0 + size + r)
-        start = time.perf_counter()
-        await rs.checkpoint("turn")
-        totals.append(time.perf_counter() - start)
-    store.commit = inner  # type: ignore[method-assign]
+    out: Samples = {size: {"checkpoint": [], "floor": [], "naive": []} for size in sizes}
+    t0 = time.time()
+    try:
+        for r in range(rounds + 3):  # the first three warm caches and code paths
+            for size in sizes:
+                session, rs = live[size]
+                c.add_turn(session, size + r, t0 + size + r)
+                took = await _timed(rs.checkpoint("turn"))
+                floor_took = await _timed(floor(list(written)))
+                if r >= 3:
+                    out[size]["checkpoint"].append(took)
+                    out[size]["floor"].append(floor_took)
+        for _ in range(naive_rounds):  # a pass of its own: a 100 ms rewrite disturbs others
+            for size in sizes:
 
-    # floor: the store alone committing the same heads and records, replayed on a fresh key
-    floor: list[float] = []
-    floor_key = f"floor-{size}-{uuid.uuid4().hex[:6]}"
-    lease = await store.acquire(floor_key, "bench")
-    version = await store.commit(Commit(floor_key, lease.epoch, 0, commits[0].head))
-    for c in commits:
-        start = time.perf_counter()
-        version = await store.commit(
-            Commit(floor_key, lease.epoch, version, c.head, c.records, c.size, c.info)
+                async def rewrite(size: int = size) -> None:
+                    history = live[size][0].history.to_dict(exclude_timestamp=False)
+                    await naive([json.dumps(history).encode()])
+
+                out[size]["naive"].append(await _timed(rewrite()))
+    finally:
+        store.commit = inner  # type: ignore[method-assign]
+        for session, rs in live.values():
+            await c.close(session, rs)
+    return out
+
+
+def report(name: str, floor_name: str, samples: Samples) -> None:
+    sizes = list(samples)
+    base = c.ms(samples[sizes[0]]["checkpoint"])
+    rows = []
+    for size, s in samples.items():
+        med, floor = c.ms(s["checkpoint"]), c.ms(s["floor"])
+        naive = c.ms(s["naive"]) if s["naive"] else float("nan")
+        rows.append(
+            [
+                c.fmt_n(size),
+                c.fmt_ms(med),
+                c.fmt_ms(c.ms(s["checkpoint"], 0.99)),
+                c.times(med / base, 2),
+                c.fmt_ms(floor),
+                c.times(med / floor),
+                c.fmt_ms(naive),
+                c.times(naive / med),
+            ]
         )
-        floor.append(time.perf_counter() - start)
-    await rs._detach_and_release()
-    await session.aclose()
-    return totals, floor
-
-
-def _stats(xs: list[float]) -> tuple[float, float]:
-    xs = sorted(xs)
-    return statistics.median(xs) * 1e3, xs[int(len(xs) * 0.9)] * 1e3
+    c.section(
+        f"`ResumableSession.checkpoint()` of one turn (2 new items) on {name}",
+        c.table(
+            [
+                "history",
+                "checkpoint p50",
+                "p99",
+                "vs @10",
+                f"floor p50 ({floor_name})",
+                "checkpoint / floor",
+                "naive `to_dict` → JSON → write p50",
+                "naive / checkpoint",
+            ],
+            rows,
+        ),
+    )
 
 
 async def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=200)
-    ap.add_argument("--store", choices=["sqlite", "memory"], default="sqlite")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=c.sizes, default=(10, 1000, 5000, 20000))
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--naive-rounds", type=int, default=10)
+    ap.add_argument("--stores", default="sqlite,redis")
     args = ap.parse_args()
     logging.getLogger("livekit").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite:///{Path(tmp) / 'bench.db'}" if args.store == "sqlite" else "memory://"
-        store = lr.open_store(url)
-        await _measure(store, 10, 20)  # warm-up: imports, caches, SQLite pages
-        rows = []
-        for size in SIZES:
-            totals, floor = await _measure(store, size, args.rounds)
-            rows.append((size, *_stats(totals), *_stats(floor)))
-        await store.aclose()
-    base = rows[0][1]
-    print(f"checkpoint of one turn (2 new items) on {args.store}, {args.rounds} rounds each")
-    print(
-        f"{'history':>8} {'median ms':>10} {'p90 ms':>8} {'store-only ms':>14} "
-        f"{'hooks share':>12} {'vs 10 items':>12}"
-    )
-    for size, med, p90, fmed, _ in rows:
-        print(
-            f"{size:>8} {med:>10.3f} {p90:>8.3f} {fmed:>14.3f} {(med - fmed) / med:>11.0%} "
-            f"{med / base:>11.2f}x"
-        )
+    stores = args.stores.split(",")
+    with tempfile.TemporaryDirectory(prefix="lkr-bench-") as tmp, c.redis_server() as url:
+        print(f"<!-- {c.machine(url)} -->\n")
+        if "sqlite" in stores:
+            store = lr.open_store(f"sqlite:///{Path(tmp) / 'bench.db'}")
+            floor, naive, shut = _sqlite_floor(Path(tmp) / "floor.db")
+            try:
+                samples = await measure(
+                    store, floor, naive, args.sizes, args.rounds, args.naive_rounds
+                )
+            finally:
+                shut()
+                await store.aclose()
+            report("SQLite", "bare `INSERT` txn", samples)
+        if "redis" in stores:
+            store = lr.open_store(url)
+            rfloor, rnaive, rshut = _redis_floor(url)
+            try:
+                samples = await measure(
+                    store, rfloor, rnaive, args.sizes, args.rounds, args.naive_rounds
+                )
+            finally:
+                await rshut()
+                await store.aclose()
+            report("Redis", "`RPUSH`", samples)
 
 
 if __name__ == "__main__":

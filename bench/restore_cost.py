@@ -1,0 +1,178 @@
+"""Restore cost against the naive load, stored bytes and Redis memory per session.
+
+For each history length a real AgentSession (text mode) holds N items, is checkpointed
+into a Redis store and released. Then, sizes visited in turn each round:
+
+- ``restore``: `ResumableSession.restore` of it into a new `AgentSession` through the
+  public API (lease, load, verify and decode every record, rebuild the history, the
+  agent and its context);
+- ``naive``: ``GET`` + ``json.loads`` + ``ChatContext.from_dict`` of the same history,
+  saved beforehand as ``ChatContext.to_dict(exclude_timestamp=False)`` JSON (what an
+  app without this library would keep).
+
+And once per size: the bytes the store holds for the session (head and records, as
+``Store.load`` returns them) against the ``to_dict`` JSON, and Redis ``MEMORY USAGE``
+summed over the session's keys.
+
+    python bench/restore_cost.py [--sizes 10,1000,5000,20000] [--rounds 10]
+
+Redis is a ``redis-server`` the script starts on a free loopback port. Prints Markdown
+tables: medians and p99 in milliseconds, ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+
+import _common as c
+from livekit.agents import AgentSession, llm
+from redis.asyncio import Redis
+
+import livekit_resume as lr
+from livekit_resume.stores.redis import RedisStore
+
+
+async def restore_once(store: RedisStore, key: str, size: int) -> float:
+    session: AgentSession[None] = AgentSession(llm=c.NoLLM())
+    rs = lr.ResumableSession(store, key, registry=c.registry(), autosave=False)
+    start = time.perf_counter()
+    await rs.restore(session, default=c.Bench)
+    took = time.perf_counter() - start
+    if not rs.resumed or len(session.history.items) < size:
+        raise AssertionError(f"restore of {key} found {len(session.history.items)} items")
+    await c.close(session, rs)
+    return took
+
+
+async def naive_once(client: Redis, key: str, size: int) -> float:
+    start = time.perf_counter()
+    raw = await client.get(key)
+    ctx = llm.ChatContext.from_dict(json.loads(raw))
+    took = time.perf_counter() - start
+    if len(ctx.items) < size:
+        raise AssertionError(f"naive load of {key} found {len(ctx.items)} items")
+    return took
+
+
+async def memory_usage(client: Redis, prefix: str) -> int:
+    total = 0
+    async for name in client.scan_iter(match=prefix.replace("{", "\\{").replace("}", "\\}") + "*"):
+        total += int(await client.memory_usage(name, samples=0) or 0)
+    return total
+
+
+async def measure(url: str, sizes: tuple[int, ...], rounds: int) -> dict[int, dict[str, float]]:
+    store = RedisStore.from_url(url)
+    client = Redis.from_url(url)
+    keys: dict[int, str] = {}
+    out: dict[int, dict[str, float]] = {}
+    try:
+        for size in sizes:
+            session, rs = await c.live_session(store, size)
+            keys[size] = rs.key
+            whole = json.dumps(session.history.to_dict(exclude_timestamp=False)).encode()
+            await client.set(f"naive:{rs.key}", whole)
+            await c.close(session, rs)
+            stored = await store.load(rs.key)
+            stored_bytes = len(stored.head) + sum(
+                len(data) for items in stored.streams.values() for _, data in items
+            )
+            out[size] = {
+                "stored": stored_bytes,
+                "json": len(whole),
+                "memory": await memory_usage(client, store._names.prefix(rs.key)),
+            }
+        times: dict[int, dict[str, list[float]]] = {s: {"restore": [], "naive": []} for s in sizes}
+        for r in range(rounds + 1):  # the first warms caches and code paths
+            for size in sizes:
+                took = await restore_once(store, keys[size], size)
+                naive = await naive_once(client, f"naive:{keys[size]}", size)
+                if r:
+                    times[size]["restore"].append(took)
+                    times[size]["naive"].append(naive)
+        for size, t in times.items():
+            out[size].update(
+                restore=c.ms(t["restore"]),
+                restore_p99=c.ms(t["restore"], 0.99),
+                naive=c.ms(t["naive"]),
+                naive_p99=c.ms(t["naive"], 0.99),
+            )
+    finally:
+        await client.aclose()
+        await store.aclose()
+    return out
+
+
+def report(results: dict[int, dict[str, float]]) -> None:
+    rows = []
+    prev: tuple[int, float] | None = None
+    for size, r in results.items():
+        ratio = r["restore"] / r["naive"]
+        verdict = f"{c.times(ratio)} slower" if ratio >= 1 else f"{c.times(1 / ratio)} faster"
+        growth = "—"
+        if prev is not None:
+            growth = f"{c.times(r['restore'] / prev[1])} for {c.times(size / prev[0], 0)} items"
+        prev = (size, r["restore"])
+        rows.append(
+            [
+                c.fmt_n(size),
+                c.fmt_ms(r["restore"]),
+                c.fmt_ms(r["restore_p99"]),
+                c.fmt_ms(r["naive"]),
+                c.fmt_ms(r["naive_p99"]),
+                f"ours {verdict}",
+                growth,
+            ]
+        )
+    c.section(
+        "Restore on Redis: `ResumableSession.restore` vs `GET` + `json.loads` + `from_dict`",
+        c.table(
+            ["history", "restore p50", "p99", "naive p50", "p99", "ours / naive", "growth"],
+            rows,
+        ),
+    )
+    rows = [
+        [
+            c.fmt_n(size),
+            f"{r['stored']:,.0f} B",
+            f"{r['json']:,.0f} B",
+            c.times(r["stored"] / r["json"], 2),
+            f"{r['memory']:,.0f} B",
+            c.times(r["memory"] / r["stored"], 2),
+        ]
+        for size, r in results.items()
+    ]
+    c.section(
+        "Stored bytes and Redis memory per session",
+        c.table(
+            [
+                "history",
+                "stored (head + records)",
+                "`to_dict` JSON",
+                "stored / JSON",
+                "Redis `MEMORY USAGE` (session keys)",
+                "memory / stored",
+            ],
+            rows,
+        ),
+    )
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=c.sizes, default=(10, 1000, 5000, 20000))
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args()
+    logging.getLogger("livekit").setLevel(logging.ERROR)
+    logging.getLogger("livekit_resume").setLevel(logging.ERROR)
+    with c.redis_server() as url:
+        print(f"<!-- {c.machine(url)} -->\n")
+        report(await measure(url, args.sizes, args.rounds))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
