@@ -10,7 +10,12 @@ Commands that only read (``ls``, ``show``, ``history``, ``export``) open the sto
 read-only: they never create or change a file. ``import`` and ``repair`` write a whole
 base version (every stream cleared and written again) under the session's lease;
 ``import`` validates the whole file first, ``repair`` salvages what is intact of a
-damaged session and prints each item it could not recover.
+damaged session and prints each item it could not recover. ``revert`` writes an older
+version again as the newest; ``release`` frees a lease, fencing its holder.
+
+The global options (``--store``, ``--namespace``, ``--json``) work before or after the
+command. Exit codes (docs/cli.md): 0 ok, 1 an error (its type on the one line printed),
+2 a usage error.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+import typer.core
 
 from .. import redact
 from ..bridge import salvage_stored
@@ -33,18 +39,67 @@ from ..settings import DEFAULT_STORE_URL, Settings
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import ItemData, Snapshot
 from ..snapshot.salvage import SALVAGE_ID_PREFIX, Damage, validate_restorable
-from ..stores.base import Store, Stored, lease_is_live, validate_key
+from ..stores.base import SessionInfo, Store, Stored, lease_is_live, validate_key
 from ..stores.url import open_store
 from . import render
-from .snapshots import PROG, binary, load, make_codec, read_snapshot, write_whole
+from .snapshots import (
+    PROG,
+    binary,
+    diff_snapshots,
+    load,
+    make_codec,
+    page_sessions,
+    read_snapshot,
+    release_lease,
+    write_whole,
+)
 
-__all__ = ["app", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "app", "main"]
+
+# Exit codes, stable for scripts (docs/cli.md). A usage error is click's own 2.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+# The root's options, accepted anywhere on the line: moved before the command.
+_GLOBAL_FLAGS = frozenset({"--json"})
+_GLOBAL_VALUED = frozenset({"--store", "--namespace"})
+
+
+def hoist_globals(args: Sequence[str]) -> list[str]:
+    """``args`` with every global option (and its value) moved to the front, so that
+    ``ls --store URL`` reads as ``--store URL ls``; nothing after ``--`` moves."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg in _GLOBAL_FLAGS or (arg.split("=", 1)[0] in _GLOBAL_VALUED and "=" in arg):
+            front.append(arg)
+        elif arg in _GLOBAL_VALUED and i + 1 < len(args):
+            front += args[i : i + 2]
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
+class _Group(typer.core.TyperGroup):
+    """The root command: global options before or after the command."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_globals(args))
+
 
 app = typer.Typer(
     name=PROG,
-    help="Inspect, export, import and demo resumable LiveKit agent sessions.",
+    cls=_Group,
+    help="Inspect, export, import, diff, revert and demo resumable LiveKit agent sessions.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 
@@ -65,6 +120,7 @@ class _Options:
     store_url: str
     store_explicit: bool
     json: bool
+    namespace: str | None = None
 
 
 def _opts(ctx: typer.Context) -> _Options:
@@ -88,11 +144,25 @@ def _root(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of tables (for scripts).")
     ] = False,
+    namespace: Annotated[
+        str | None,
+        typer.Option(
+            "--namespace",
+            metavar="NS",
+            help="Namespace of the store (default: $RESUME_NAMESPACE)",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
+    """Inspect, export, import, diff, revert and demo resumable LiveKit agent sessions.
+
+    --store, --namespace and --json go before or after the command. Exit codes: 0 ok,
+    1 error, 2 usage."""
     ctx.obj = _Options(
         store_url=store or Settings.only("store").store,
         store_explicit=store is not None,
         json=as_json,
+        namespace=namespace,
     )
 
 
@@ -101,7 +171,7 @@ def _root(
 
 def _fail(exc: BaseException, *, as_json: bool) -> NoReturn:
     render.error_line(exc, as_json=as_json)
-    raise typer.Exit(1)
+    raise typer.Exit(EXIT_ERROR)
 
 
 def _run(ctx: typer.Context, fn: Callable[[Store], Awaitable[T]], *, read_only: bool) -> T:
@@ -110,7 +180,7 @@ def _run(ctx: typer.Context, fn: Callable[[Store], Awaitable[T]], *, read_only: 
     opts = _opts(ctx)
 
     async def go() -> T:
-        store = _open(opts.store_url, read_only=read_only)
+        store = _open(opts.store_url, read_only=read_only, namespace=opts.namespace)
         try:
             return await fn(store)
         finally:
@@ -122,9 +192,10 @@ def _run(ctx: typer.Context, fn: Callable[[Store], Awaitable[T]], *, read_only: 
         _fail(e, as_json=opts.json)
 
 
-def _open(url: str, *, read_only: bool) -> Store:
+def _open(url: str, *, read_only: bool, namespace: str | None) -> Store:
+    options = {} if namespace is None else {"namespace": namespace}
     try:
-        return open_store(url, read_only=read_only)
+        return open_store(url, read_only=read_only, **options)
     except ImportError as e:
         raise ValueError(f"the store for {redact.url(url)!r} is not available here: {e}") from e
 
@@ -148,48 +219,46 @@ def _key(key: str) -> str:
 
 
 @app.command("ls")
-def ls_cmd(ctx: typer.Context) -> None:
-    """Every session: latest version, state, agent, items, lease holder, last update."""
+def ls_cmd(
+    ctx: typer.Context,
+    prefix: Annotated[str, typer.Option("--prefix", help="Only keys starting with P.")] = "",
+    state: Annotated[
+        str | None,
+        typer.Option("--state", help="Only sessions in this state (active, paused, suspended…)"),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", min=1, help="At most N sessions (a page).")
+    ] = None,
+    after: Annotated[
+        str | None,
+        typer.Option("--after", metavar="CURSOR", help="The page after CURSOR (from a listing)."),
+    ] = None,
+) -> None:
+    """Sessions in key order: latest version, state, agent, items, lease holder, last
+    update. With --limit, a page at a time: it prints the cursor of the next one.
+
+    --json prints a list; with --limit or --after, {"sessions": [...], "next": CURSOR},
+    next null on the last page."""
     opts = _opts(ctx)
 
-    async def go(store: Store) -> list[dict[str, Any]]:
-        keys = await store.keys()
-        infos = await asyncio.gather(*(store.info(k) for k in keys))
-        now = time.time()
-        rows = []
-        for info in infos:
-            if info is None:
-                continue  # deleted or expired between keys() and info()
-            live = lease_is_live(info.lease_expires_at, now)
-            rows.append(
-                {
-                    "key": info.key,
-                    "version": info.version,
-                    "epoch": info.epoch,
-                    "state": info.info.get("state"),
-                    "agent": info.info.get("agent"),
-                    "items": info.info.get("items"),
-                    "owner": info.owner if live else None,
-                    "lease_expires_at": render.iso(info.lease_expires_at) if live else None,
-                    "lease_expires_in": info.lease_expires_at - now
-                    if live and info.lease_expires_at is not None
-                    else None,
-                    "updated_at": render.iso(info.updated_at),
-                    "updated_ts": info.updated_at,
-                }
-            )
-        return rows
+    async def go(store: Store) -> tuple[list[SessionInfo], str | None]:
+        return await page_sessions(store, prefix=prefix, state=state, limit=limit, after=after)
 
-    rows = _run(ctx, go, read_only=True)
+    infos, cursor = _run(ctx, go, read_only=True)
+    rows = render.session_rows(infos, time.time())
+    paged = limit is not None or after is not None
     if opts.json:
-        render.print_json([{k: v for k, v in r.items() if k != "updated_ts"} for r in rows])
+        listed = [{k: v for k, v in r.items() if k != "updated_ts"} for r in rows]
+        render.print_json({"sessions": listed, "next": cursor} if paged else listed)
         return
     console = render.console()
     where = redact.url(opts.store_url)
     if not rows:
         console.print(redact.printable(f"no sessions in {where}"))
-        return
-    console.print(render.sessions_table(rows, title=f"sessions in {where}"))
+    else:
+        console.print(render.sessions_table(rows, title=f"sessions in {where}"))
+    if cursor is not None:
+        console.print(redact.printable(f"next page: --after {cursor}"), soft_wrap=True)
 
 
 @app.command("show")
@@ -429,29 +498,88 @@ def rm_cmd(
     _done(opts, {"key": key, "deleted": True}, f"deleted {key!r}")
 
 
+@app.command("diff")
+def diff_cmd(
+    ctx: typer.Context,
+    key: _KeyArg,
+    a: Annotated[int, typer.Argument(metavar="A", help="The older version.")],
+    b: Annotated[int, typer.Argument(metavar="B", help="The newer version.")],
+) -> None:
+    """What changed from version A to version B: items added (+), edited (~) and removed
+    (-) per stream, by item id; and the userdata, agent, instructions and state."""
+    opts = _opts(ctx)
+    key = _key(key)
+
+    async def go(store: Store) -> dict[str, Any]:
+        return diff_snapshots(await load(store, key, a), await load(store, key, b))
+
+    diff = _run(ctx, go, read_only=True)
+    if opts.json:
+        render.print_json(diff)
+        return
+    render.diff_report(render.console(), diff)
+
+
+@app.command("revert")
+def revert_cmd(
+    ctx: typer.Context,
+    key: _KeyArg,
+    version: Annotated[int, typer.Argument(metavar="VERSION", help="A retained version.")],
+    takeover: _TakeoverOpt = False,
+) -> None:
+    """Make an older version the newest: write it again whole, as a new version, under
+    the session's lease (refused while a worker holds it, unless --takeover)."""
+    opts = _opts(ctx)
+    key = _key(key)
+
+    async def build(store: Store, codec: Codec, stored: Stored | None) -> Snapshot:
+        if stored is None:
+            raise SnapshotNotFound(f"no snapshot for session {key!r}")
+        return await load(store, key, version)
+
+    async def go(store: Store) -> int | None:
+        return (await write_whole(store, key, build, takeover=takeover, source="revert"))[1]
+
+    written = _run(ctx, go, read_only=False)
+    _done(
+        opts,
+        {"key": key, "reverted_to": version, "version": written},
+        f"reverted {key!r} to version {version}, written as version {written}",
+    )
+
+
+@app.command("release")
+def release_cmd(ctx: typer.Context, key: _KeyArg) -> None:
+    """Free a stuck lease: the epoch moves on, so the old holder can no longer commit
+    (its next checkpoint fails with LeaseLost) and any worker may take the session."""
+    opts = _opts(ctx)
+    key = _key(key)
+    holder, epoch = _run(ctx, lambda store: release_lease(store, key), read_only=False)
+    was = f"held by {holder!r}" if holder else "not held"
+    _done(
+        opts,
+        {"key": key, "released": True, "previous_owner": holder, "epoch": epoch},
+        f"released {key!r} (it was {was}); epoch now {epoch}",
+    )
+
+
 @app.command("demo")
 def demo_cmd(
     ctx: typer.Context,
-    store: Annotated[
-        str | None,
-        typer.Option(
-            "--store",
-            metavar="URL",
-            help="Store for the demo (default: the global --store, else sqlite:///resume-demo.db)",
-        ),
-    ] = None,
     key: Annotated[
         str | None, typer.Option("--key", help="Session key (default: a new one)")
     ] = None,
     resume_part: Annotated[bool, typer.Option("--resume-part", hidden=True)] = False,
     report: Annotated[str | None, typer.Option("--report", hidden=True)] = None,
 ) -> None:
-    """Run a conversation, suspend it, and restore it in a NEW process: the agent remembers."""
+    """Run a conversation, suspend it, and restore it in a NEW process: the agent remembers.
+
+    Its store: --store, else sqlite:///resume-demo.db (not $RESUME_STORE)."""
     # imported here: the demo (livekit-agents, its agents) loads only when it runs
     from .demo import DEFAULT_DEMO_STORE, run_child, run_demo
 
     opts = _opts(ctx)
-    url = store or (opts.store_url if opts.store_explicit else DEFAULT_DEMO_STORE)
+    url = opts.store_url if opts.store_explicit else DEFAULT_DEMO_STORE
     try:
         if resume_part:
             if key is None or report is None:

@@ -25,17 +25,20 @@ from ..redact import printable
 from ..snapshot.codec import AGENT, HISTORY
 from ..snapshot.model import ItemData, Snapshot
 from ..snapshot.salvage import Damage
+from ..stores.base import SessionInfo, lease_is_live
 
 __all__ = [
     "add_transcript_rows",
     "console",
     "dash",
+    "diff_report",
     "err_console",
     "error_line",
     "iso",
     "print_json",
     "render_item",
     "repair_report",
+    "session_rows",
     "sessions_table",
     "snapshot_table",
     "transcript_table",
@@ -178,6 +181,30 @@ def add_transcript_rows(table: Table, items: Iterable[ItemData]) -> None:
 # -------------------------------------------------------------------------- tables
 
 
+def session_rows(infos: Iterable[SessionInfo], now: float) -> list[dict[str, Any]]:
+    """``ls``: the row of each session (``--json`` prints them without ``updated_ts``)."""
+    rows = []
+    for info in infos:
+        live = lease_is_live(info.lease_expires_at, now)
+        expires = info.lease_expires_at if live else None
+        rows.append(
+            {
+                "key": info.key,
+                "version": info.version,
+                "epoch": info.epoch,
+                "state": info.info.get("state"),
+                "agent": info.info.get("agent"),
+                "items": info.info.get("items"),
+                "owner": info.owner if live else None,
+                "lease_expires_at": iso(expires),
+                "lease_expires_in": expires - now if expires is not None else None,
+                "updated_at": iso(info.updated_at),
+                "updated_ts": info.updated_at,
+            }
+        )
+    return rows
+
+
 def sessions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
     """``ls``: one row per session (the rows ``ls --json`` prints, with ``updated_ts``)."""
     table = Table(title=printable(title), box=box.SIMPLE_HEAD)
@@ -287,3 +314,27 @@ def repair_report(
     else:
         summary += f"written whole as version {written}"
     out.print(printable(summary), soft_wrap=True)
+
+
+def diff_report(out: Console, diff: Mapping[str, Any]) -> None:
+    """``diff``: per stream, each item added (+), edited (~) and removed (-), then the
+    userdata, agent, instructions and state changes; one line each."""
+    out.print(printable(f"session {diff['key']!r}: version {diff['from']} → {diff['to']}"))
+    marks = (("added", "+"), ("edited", "~"), ("removed", "-"))
+    changed = False
+    for stream, parts in diff["streams"].items():
+        for part, mark in marks:
+            for item in parts[part]:
+                changed = True
+                row = render_item(item, width=100)
+                what = f"{row[0].plain}: {row[1].plain}" if row else str(item.get("type"))
+                line = f"{mark} {stream} {printable(item.get('id'))} {what}"
+                out.print(printable(line), soft_wrap=True)
+    for field in ("userdata", "agent", "instructions", "state"):
+        change = diff[field]
+        if change is not None:
+            changed = True
+            old, new = (json.dumps(_jsonable(change[k])) for k in ("from", "to"))
+            out.print(printable(f"{field}: {old} → {new}"), soft_wrap=True)
+    if not changed:
+        out.print("no changes")

@@ -1,5 +1,6 @@
-"""How the command line reads and writes snapshots: its codec, export files, and the
-whole-base write of ``import`` and ``repair``.
+"""How the command line reads and writes snapshots: its codec, export files, the
+whole-base write of ``import``, ``repair`` and ``revert``, the lease ``release`` frees,
+the pages ``ls`` lists and the changes ``diff`` finds.
 
 Every read decodes with the workers' keys (``RESUME_SIGNING_KEYS``,
 ``RESUME_ENCRYPTION_KEYS``, read through `livekit_resume.settings`); every write holds
@@ -9,29 +10,33 @@ version reads an older record.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import BinaryIO, Literal, cast
+from typing import Any, BinaryIO, Literal, cast
 
 from ..bridge import codec_for, from_stored, whole_commit
 from ..errors import SessionBusy, SnapshotNotFound
 from ..settings import CODEC_SETTINGS, Settings
-from ..snapshot.codec import DEFAULT_MAX_FRAME, Codec, read_frames
-from ..snapshot.model import Snapshot, Writer
+from ..snapshot.codec import AGENT, DEFAULT_MAX_FRAME, HISTORY, Codec, read_frames
+from ..snapshot.model import ItemData, Snapshot, Writer
 from ..snapshot.salvage import validate_restorable
-from ..stores.base import Commit, Store, Stored
+from ..stores.base import Commit, KeyPages, SessionInfo, Store, Stored
 
 __all__ = [
     "IMPORT_LEASE_TTL",
     "PROG",
     "binary",
     "commit_from_snapshot",
+    "diff_snapshots",
     "load",
     "make_codec",
+    "page_sessions",
     "read_snapshot",
+    "release_lease",
     "write_whole",
 ]
 
@@ -147,3 +152,108 @@ async def write_whole(
         return snap, await store.commit(commit)
     finally:
         await store.release(lease)
+
+
+async def release_lease(store: Store, key: str) -> tuple[str | None, int]:
+    """Free ``key``'s lease whoever holds it: take it over under an operator owner (the
+    epoch moves on, so the old holder's next commit is refused) and release it.
+    Returns the previous owner (None when the lease was already free) and the new epoch."""
+    info = await store.info(key)
+    if info is None:
+        raise SnapshotNotFound(f"no session {key!r}")
+    lease = await store.acquire(key, _owner(), ttl=IMPORT_LEASE_TTL, takeover=True)
+    await store.release(lease)
+    return info.owner, lease.epoch
+
+
+# ---------------------------------------------------------------------- ls pages
+
+# How many keys ``ls`` asks a store for at once when it filters by state.
+PAGE_BATCH = 100
+
+
+async def _keys_page(
+    store: Store, prefix: str, after: str | None, limit: int | None
+) -> tuple[list[str], str | None]:
+    """Keys in order, after ``after``: the store's own pages (`KeyPages`), else its
+    sorted ``keys()`` filtered here."""
+    if isinstance(store, KeyPages):
+        return await store.keys_page(prefix, after, limit)
+    keys = [k for k in await store.keys() if k.startswith(prefix) and (after is None or k > after)]
+    if limit is None or len(keys) <= limit:
+        return keys, None
+    return keys[:limit], keys[limit - 1]
+
+
+async def page_sessions(
+    store: Store,
+    *,
+    prefix: str = "",
+    state: str | None = None,
+    limit: int | None = None,
+    after: str | None = None,
+) -> tuple[list[SessionInfo], str | None]:
+    """One page of sessions (keys in order, after the cursor ``after``): at most
+    ``limit``, only those whose key starts with ``prefix`` and, given ``state``, whose
+    latest version is in that state. Returns them and the cursor of the next page (the
+    last key looked at), None after the last page."""
+    found: list[SessionInfo] = []
+    cursor = after
+    while True:
+        want = None if limit is None else limit - len(found)
+        batch = want if state is None or want is None else max(want, PAGE_BATCH)
+        keys, more = await _keys_page(store, prefix, cursor, batch)
+        infos = await asyncio.gather(*(store.info(k) for k in keys))
+        for k, info in zip(keys, infos, strict=True):
+            cursor = k
+            # None: deleted or expired between the listing and info()
+            if info is not None and (state is None or info.info.get("state") == state):
+                found.append(info)
+                if limit is not None and len(found) == limit:
+                    last = k == keys[-1]
+                    return found, (None if last and more is None else k)
+        if more is None:
+            return found, None
+        cursor = more
+
+
+# -------------------------------------------------------------------------- diff
+
+
+def _stream_diff(old: Sequence[ItemData], new: Sequence[ItemData]) -> dict[str, list[Any]]:
+    """Items added, edited and removed between two versions of a stream, by item id;
+    ``added`` and ``edited`` hold the new items, ``removed`` the old ones, in order."""
+    before = {str(i.get("id")): i for i in old}
+    after = {str(i.get("id")): i for i in new}
+    return {
+        "added": [i for i in new if str(i.get("id")) not in before],
+        "edited": [i for i in new if str(i.get("id")) in before and before[str(i.get("id"))] != i],
+        "removed": [i for i in old if str(i.get("id")) not in after],
+    }
+
+
+def _change(old: Any, new: Any) -> dict[str, Any] | None:
+    return None if old == new else {"from": old, "to": new}
+
+
+def diff_snapshots(a: Snapshot, b: Snapshot) -> dict[str, Any]:
+    """What changed from version ``a`` to version ``b`` of a session: per stream (the
+    conversation, the current agent's own context) the items added, edited and removed;
+    and the userdata, agent, instructions and state, each None when unchanged."""
+    return {
+        "key": b.key,
+        "from": a.version,
+        "to": b.version,
+        "streams": {
+            HISTORY: _stream_diff(a.history, b.history),
+            AGENT: _stream_diff(
+                a.agent.chat_ctx if a.agent else [], b.agent.chat_ctx if b.agent else []
+            ),
+        },
+        "userdata": _change(a.userdata, b.userdata),
+        "agent": _change(a.agent and a.agent.agent_id, b.agent and b.agent.agent_id),
+        "instructions": _change(
+            a.agent and a.agent.instructions, b.agent and b.agent.instructions
+        ),
+        "state": _change(a.state, b.state),
+    }

@@ -48,6 +48,7 @@ __all__ = [
     "EventSource",
     "EventSubscription",
     "Info",
+    "KeyPages",
     "Lease",
     "Record",
     "SessionInfo",
@@ -291,6 +292,19 @@ class EventSource(Protocol):
 
     def subscribe(self) -> EventSubscription:
         """The namespace's events, from the moment the subscription is active."""
+        ...
+
+
+@runtime_checkable
+class KeyPages(Protocol):
+    """A store that lists its session keys a page at a time, without reading them all."""
+
+    async def keys_page(
+        self, prefix: str, after: str | None, limit: int | None
+    ) -> tuple[list[str], str | None]:
+        """Live keys starting with ``prefix``, sorted, greater than ``after`` (None:
+        from the first), at most ``limit`` (None: all); and the cursor of the next page
+        (the last key returned), None when no key follows."""
         ...
 
 
