@@ -374,3 +374,27 @@ def test_shell_completion_comes_from_typer() -> None:
     script = cli("--show-completion", "bash")
     assert script.exit_code == 0, script.output
     assert "complete" in script.stdout and "livekit-resume" in script.stdout.replace("_", "-")
+
+
+def test_sqlite_pages_its_keys_from_the_index_skipping_expired_ones(tmp_path: Path) -> None:
+    from livekit_resume.stores.base import KeyPages
+    from livekit_resume.stores.sqlite import SQLiteStore
+
+    now = [1000.0]
+
+    async def go() -> None:
+        store = SQLiteStore(tmp_path / "pages.db", ttl=100, clock=lambda: now[0])
+        assert isinstance(store, KeyPages)
+        try:
+            for k in ("a1", "a2", "a3", "b1", "old"):
+                await store.acquire(k, "w", ttl=10)
+                now[0] += 1 if k != "b1" else 200  # 200 s pass before "old" is written
+            assert await store.keys_page("", None, None) == (["old"], None)  # ttl 100 s
+            now[0] = 1000.0 + 3.5  # back then, every key was live
+            assert await store.keys_page("a", None, 2) == (["a1", "a2"], "a2")
+            assert await store.keys_page("a", "a2", 2) == (["a3"], None)
+            assert await store.keys_page("", "a3", None) == (["b1", "old"], None)
+        finally:
+            await store.aclose()
+
+    asyncio.run(go())

@@ -463,6 +463,33 @@ class SQLiteStore:
             self._rows.tidy(conn)
         return live
 
+    async def keys_page(
+        self, prefix: str, after: str | None, limit: int | None
+    ) -> tuple[list[str], str | None]:
+        """`KeyPages`: live keys in order from the (ns, key) index, one page at a time."""
+        return await self._run(partial(self._keys_page, prefix, after, limit))
+
+    def _keys_page(
+        self, prefix: str, after: str | None, limit: int | None, conn: sqlite3.Connection
+    ) -> tuple[list[str], str | None]:
+        live: list[str] = []
+        cursor, want = after, None if limit is None else limit + 1  # one more: is there a next?
+        while want is None or len(live) < want:
+            with read(conn):
+                rows = conn.execute(
+                    f"SELECT key, {SESSION_COLUMNS} FROM sessions WHERE ns=? AND key>=? "
+                    "AND (? IS NULL OR key>?) AND substr(key, 1, ?)=? ORDER BY key LIMIT ?",
+                    (self._ns, prefix, cursor, cursor, len(prefix), prefix, want or -1),
+                ).fetchall()
+            now = self._clock()
+            live += [k for k, *c in rows if not self._rows.expired(Session(*c).touched_at, now)]
+            if want is None or len(rows) < want:
+                break
+            cursor = rows[-1][0]
+        if limit is None or len(live) <= limit:
+            return live, None
+        return live[:limit], live[limit - 1]
+
     async def delete(self, key: str) -> bool:
         validate_key(key)
         self._writable(f"delete session {key!r}")
