@@ -6,7 +6,9 @@ Not a bench itself. Scripts run as ``python bench/<name>.py`` find it on ``sys.p
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import logging
 import platform
 import shutil
 import socket
@@ -28,9 +30,19 @@ from livekit_resume.stores.base import Store
 TEXT = "Could you move my appointment to Thursday afternoon, around three if possible? " * 3
 
 
-def sizes(text: str) -> tuple[int, ...]:
+def _sizes(text: str) -> tuple[int, ...]:
     """``"10,1000"`` as ``(10, 1000)``: the ``--sizes`` option of every script."""
     return tuple(int(s) for s in text.split(",") if s.strip())
+
+
+def options(doc: str | None, sizes: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every script takes (``--sizes``, ``--rounds``), logging quietened."""
+    logging.getLogger("livekit").setLevel(logging.ERROR)
+    logging.getLogger("livekit_resume").setLevel(logging.ERROR)
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    ap.add_argument("--sizes", type=_sizes, default=_sizes(sizes), help="history lengths")
+    ap.add_argument("--rounds", type=int, default=rounds, help="samples per size")
+    return ap
 
 
 # ------------------------------------------------------------------ Redis

@@ -22,10 +22,8 @@ tables: medians and p99 in milliseconds, ratios against the 10-item case and the
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import logging
 import sqlite3
 import tempfile
 import time
@@ -174,13 +172,10 @@ def report(name: str, floor_name: str, samples: Samples) -> None:
 
 
 async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=c.sizes, default=(10, 1000, 5000, 20000))
-    ap.add_argument("--rounds", type=int, default=60)
+    ap = c.options(__doc__, "10,1000,5000,20000", 60)
     ap.add_argument("--naive-rounds", type=int, default=10)
     ap.add_argument("--stores", default="sqlite,redis")
     args = ap.parse_args()
-    logging.getLogger("livekit").setLevel(logging.ERROR)
     stores = args.stores.split(",")
     with tempfile.TemporaryDirectory(prefix="lkr-bench-") as tmp, c.redis_server() as url:
         print(f"<!-- {c.machine(url)} -->\n")

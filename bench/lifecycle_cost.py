@@ -28,36 +28,22 @@ import tracemalloc
 import uuid
 from pathlib import Path
 
-from livekit.agents import Agent, AgentSession, llm
+import _common as c
+from _common import Bench, NoLLM, registry
+from livekit.agents import AgentSession, llm
 
 import livekit_resume as lr
 from livekit_resume.stores.base import Commit, Record, Store
 
 SIZES = (10, 1000, 5000)
-TEXT = "Could you move my appointment to Thursday afternoon, around three if possible? " * 3
-
-
-class Bench(Agent):
-    def __init__(self) -> None:
-        super().__init__(instructions="benchmark")
-
-
-class _NoLLM(llm.LLM):
-    def chat(self, **_: object) -> llm.LLMStream:  # type: ignore[override]
-        raise RuntimeError("the benchmark never asks the LLM")
-
-
-def _registry() -> lr.AgentRegistry:
-    reg = lr.AgentRegistry()
-    reg.register(Bench)
-    return reg
+TEXT = c.TEXT
 
 
 async def _live(
     store: Store, key: str, size: int
 ) -> tuple[AgentSession[None], lr.ResumableSession]:
-    session: AgentSession[None] = AgentSession(llm=_NoLLM())
-    rs = lr.ResumableSession(store, key, registry=_registry(), autosave=False)
+    session: AgentSession[None] = AgentSession(llm=NoLLM())
+    rs = lr.ResumableSession(store, key, registry=registry(), autosave=False)
     await session.start(await rs.restore(session, default=Bench))
     agent_ctx = session.current_agent._chat_ctx
     t = time.time() - size
@@ -87,8 +73,8 @@ async def _round(store: Store, size: int) -> dict[str, float]:
     suspended = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
 
-    session2: AgentSession[None] = AgentSession(llm=_NoLLM())
-    rs2 = lr.ResumableSession(store, key, registry=_registry(), autosave=False)
+    session2: AgentSession[None] = AgentSession(llm=NoLLM())
+    rs2 = lr.ResumableSession(store, key, registry=registry(), autosave=False)
     t0 = time.perf_counter()
     agent = await rs2.restore(session2, default=Bench)
     restore = time.perf_counter() - t0

@@ -20,10 +20,8 @@ tables of medians in milliseconds.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
-import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -215,12 +213,7 @@ def report(results: dict[str, dict[int, dict[str, list[float]]]], sizes: tuple[i
 
 
 async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=c.sizes, default=(10, 1000, 5000))
-    ap.add_argument("--rounds", type=int, default=30)
-    args = ap.parse_args()
-    logging.getLogger("livekit").setLevel(logging.ERROR)
-    logging.getLogger("livekit_resume").setLevel(logging.ERROR)
+    args = c.options(__doc__, "10,1000,5000", 30).parse_args()
     with c.redis_server() as url:
         print(f"<!-- {c.machine(url)} -->\n")
         report(await measure(url, args.sizes, args.rounds), args.sizes)

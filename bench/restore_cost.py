@@ -22,10 +22,8 @@ tables: medians and p99 in milliseconds, ratios.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import logging
 import time
 
 import _common as c
@@ -163,12 +161,7 @@ def report(results: dict[int, dict[str, float]]) -> None:
 
 
 async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=c.sizes, default=(10, 1000, 5000, 20000))
-    ap.add_argument("--rounds", type=int, default=10)
-    args = ap.parse_args()
-    logging.getLogger("livekit").setLevel(logging.ERROR)
-    logging.getLogger("livekit_resume").setLevel(logging.ERROR)
+    args = c.options(__doc__, "10,1000,5000,20000", 10).parse_args()
     with c.redis_server() as url:
         print(f"<!-- {c.machine(url)} -->\n")
         report(await measure(url, args.sizes, args.rounds))
