@@ -398,3 +398,13 @@ def test_sqlite_pages_its_keys_from_the_index_skipping_expired_ones(tmp_path: Pa
             await store.aclose()
 
     asyncio.run(go())
+
+
+def test_the_reference_documents_every_command_and_exit_code() -> None:
+    from livekit_resume.cli.app import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    names = [c.name for c in app.registered_commands]
+    assert names and all(f"| `{name}" in doc for name in names), names
+    for code in (EXIT_OK, EXIT_ERROR, EXIT_USAGE):
+        assert f"| `{code}` |" in doc

@@ -98,7 +98,9 @@ class _Group(typer.core.TyperGroup):
 app = typer.Typer(
     name=PROG,
     cls=_Group,
-    help="Inspect, export, import, diff, revert and demo resumable LiveKit agent sessions.",
+    help="Inspect, export, import, diff, revert and demo resumable LiveKit agent sessions."
+    "\n\n--store, --namespace and --json work before or after the command."
+    " Exit codes: 0 ok, 1 error, 2 usage (docs/cli.md).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -154,10 +156,6 @@ def _root(
         ),
     ] = None,
 ) -> None:
-    """Inspect, export, import, diff, revert and demo resumable LiveKit agent sessions.
-
-    --store, --namespace and --json go before or after the command. Exit codes: 0 ok,
-    1 error, 2 usage."""
     ctx.obj = _Options(
         store_url=store or Settings.only("store").store,
         store_explicit=store is not None,
