@@ -7,7 +7,9 @@ to a new job, as the LiveKit server does after a crash.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import signal
 import uuid
 from pathlib import Path
@@ -37,6 +39,8 @@ class Clerk(Agent):
 
 async def _entry(ctx: JobContext) -> None:
     opts: dict[str, Any] = json.loads(ctx.job.metadata)
+    if "signing_keys" in opts:
+        os.environ["RESUME_SIGNING_KEYS"] = opts["signing_keys"]
     registry = lr.AgentRegistry()
     registry.register(Clerk)
     model = ScriptedLLM(default="noted", chunk_delay=opts.get("chunk_delay", 0.0))
@@ -53,6 +57,7 @@ async def _entry(ctx: JobContext) -> None:
         default=Clerk,
         store=store,
         key=caller if opts.get("key") == "identity" else None,
+        token=opts.get("token"),
         leave_grace=opts.get("leave_grace"),
         room_options=room_io.RoomOptions(
             audio_input=False, audio_output=False, text_output=False
@@ -76,7 +81,11 @@ async def _entry(ctx: JobContext) -> None:
         await rs._autosave.idle.wait()
         jobs.report("TURN", rs.version)
 
+    async def end(_: list[str]) -> None:
+        jobs.report("ENDED", await rs.end())
+
     jobs.on_command("turn", turn)
+    jobs.on_command("end", end)
     jobs.on_command("state", lost_watch)
     session.on("close", lambda ev: jobs.report("CLOSED", ev.reason.value))
     first = model.requests[0].texts("user") if model.requests else []
@@ -280,3 +289,46 @@ async def test_the_caller_leaving_pauses_rejoining_resumes_and_the_grace_suspend
         await short.shutdown()
     snap = await stored(target, "call-6")
     assert user_texts(snap) == list(TURNS[:2]) and snap.state == "suspended"
+
+
+SIGN = "j1:" + base64.b64encode(b"j" * 32).decode()
+
+
+async def test_a_reconnect_token_resumes_its_conversation_in_a_new_room_and_nothing_else(
+    target: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RESUME_SIGNING_KEYS", SIGN)
+    signed = {**target, "signing_keys": SIGN}
+    store = lr.open_store(target["store"], **target.get("store_options", {}))
+    try:
+        async with JobHarness() as harness:
+            first = await harness.start_job(ENTRY, room="web-1", metadata=metadata(signed))
+            await ready(first)
+            await turn(first, TURNS[0])
+            await first.shutdown()
+            token = await lr.issue_token(store, "web-1", ttl=600)
+
+            back = await harness.start_job(
+                ENTRY, room="web-2", metadata=metadata(signed, token=token)
+            )
+            assert (await ready(back))[0]  # the token's conversation, in a new room
+            await turn(back, "I am back")
+            forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+            await back.send("end")  # the app treats this call as over
+            await back.expect("ENDED")
+            await back.shutdown()
+
+            stranger = await harness.start_job(
+                ENTRY, room="web-3", metadata=metadata(signed, token=forged)
+            )
+            assert not (await ready(stranger))[0]  # forged: refused, a fresh call
+            await stranger.shutdown()
+            again = await harness.start_job(
+                ENTRY, room="web-4", metadata=metadata(signed, token=token)
+            )
+            assert not (await ready(again))[0]  # ended: the token is revoked
+            await again.shutdown()
+        with pytest.raises(lr.TokenRefused):
+            await lr.verify_token(store, token)
+    finally:
+        await store.aclose()

@@ -17,12 +17,14 @@ from .errors import (
     SnapshotNotFound,
     SnapshotTooLarge,
     StoreUnavailable,
+    TokenRefused,
     UnknownAgent,
     UnsavableValue,
 )
 from .snapshot.model import Snapshot
 from .stores.base import Commit, Lease, Record, SessionInfo, SnapshotInfo, Store, Stored
 from .stores.url import open_store
+from .tokens import issue_token, verify_token
 
 if TYPE_CHECKING:
     from .agent_hooks.job import resumable_job
@@ -49,10 +51,13 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "Stored",
+    "TokenRefused",
     "UnknownAgent",
     "UnsavableValue",
+    "issue_token",
     "open_store",
     "resumable_job",
+    "verify_token",
 ]
 
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ __all__ = [
     "SnapshotNotFound",
     "SnapshotTooLarge",
     "StoreUnavailable",
+    "TokenRefused",
     "UnknownAgent",
     "UnsavableValue",
 ]
@@ -99,3 +100,7 @@ class UnsavableValue(ResumeError, ValueError):
     def __init__(self, message: str, *, path: str) -> None:
         super().__init__(message)
         self.path = path
+
+
+class TokenRefused(ResumeError, PermissionError):
+    """A reconnect token did not verify, expired, or names a conversation that ended."""

@@ -37,7 +37,7 @@ __all__ = ["Capture", "Pending", "SavedState", "instructions_from"]
 
 log = logging.getLogger("livekit_resume")
 
-SavedState = Literal["active", "paused", "suspended"]
+SavedState = Literal["active", "paused", "suspended", "ended"]
 
 OVERSIZE = Counter(
     "livekit_resume_items_shrunk", "Chat items saved without media or text: over the frame limit"
@@ -48,7 +48,7 @@ UNSAVABLE = Counter(
 )
 
 _OVERSIZE_NOTE = "[omitted when saved: this item was over the snapshot size limit]"
-_REASONS = {"turn", "tool", "handoff", "pause", "suspend", "close", "manual"}
+_REASONS = {"turn", "tool", "handoff", "pause", "suspend", "close", "manual", "end"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +93,7 @@ class Capture:
         self._fingerprint = b""
         self._saved_userdata: Any = None  # the last userdata that could be saved
         self.running: dict[str, ToolCallRecord] = {}
+        self.conversation = uuid.uuid4().hex  # a restore adopts the saved one
         self.rewrite = False  # the next commit clears every stream and writes it whole
 
     # ----------------------------------------------------------------- restore
@@ -107,6 +108,7 @@ class Capture:
         """Adopt a restored snapshot as what the store holds."""
         self._history.baseline(history, snap.history)
         self._turns = snap.meta.turn_count
+        self.conversation = snap.meta.conversation or self.conversation
         self._saved_userdata = snap.userdata
         self.last_agent = agent
         if snap.agent is not None and agent_items is not None:

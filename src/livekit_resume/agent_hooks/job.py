@@ -10,6 +10,10 @@ moments a conversation is lost in production:
   twice is refused (`SessionBusy`).
 - **signals**: a job process ignores SIGTERM, as LiveKit intends (its ``forkserver``
   start method forgets to); the worker ends jobs through its own channel;
+- **reconnect tokens** (`issue_token`): a client presenting one in a new room resumes
+  that conversation and nothing else;
+- **ended conversations** (`ResumableSession.end`) are never resumed: kept aside under
+  ``<key>~v<version>``, and the call starts afresh;
 - **the key** is the dispatched room's name, or a function of the job (dispatch metadata, a
   participant's identity, a SIP caller's number), so a caller who comes back in a new
   room finds their conversation;
@@ -46,10 +50,11 @@ from livekit.agents import Agent, AgentSession, JobContext
 from livekit.agents.voice import room_io
 
 from ..bridge import codec_for, from_stored, whole_commit
-from ..errors import LeaseLost, SessionBusy
+from ..errors import LeaseLost, SessionBusy, TokenRefused
 from ..snapshot.codec import Codec
 from ..stores.base import Store, validate_key
 from ..stores.url import open_store
+from ..tokens import verify_token
 from .registry import AgentRegistry
 from .session import ResumableSession
 
@@ -187,15 +192,18 @@ class JobPolicy:
 
 
 async def archive_stale(
-    store: Store, codec: Codec, key: str, *, older_than: float, owner: str
+    store: Store, codec: Codec, key: str, *, older_than: float | None, owner: str
 ) -> str | None:
-    """If ``key``'s conversation was last saved more than ``older_than`` seconds ago,
-    copy its latest version whole to ``<key>~v<version>``, remove ``key`` and return the
-    archive's key; else None. A session some worker still holds is left alone."""
+    """If ``key``'s conversation ended (`ResumableSession.end`) or was last saved more
+    than ``older_than`` seconds ago, copy its latest version whole to
+    ``<key>~v<version>``, remove ``key`` and return the archive's key; else None. A
+    session some worker still holds is left alone."""
     info = await store.info(key)
     if info is None or info.version == 0 or info.owner is not None:
         return None
-    if time.time() - info.updated_at <= older_than:
+    age = time.time() - info.updated_at
+    ended = info.info.get("state") == "ended"
+    if not ended and (older_than is None or age <= older_than):
         return None
     stored = await store.load(key)
     archive = validate_key(f"{key}~v{stored.version}")
@@ -208,13 +216,27 @@ async def archive_stale(
         await store.release(lease)
     await store.delete(key)
     log.info(
-        "session %r was last saved %.0fs ago, over resume_within: kept as %r, starting afresh",
+        "session %r %s: kept as %r, starting afresh",
         key,
-        time.time() - info.updated_at,
+        "had ended" if ended else f"was last saved {age:.0f}s ago, over resume_within",
         archive,
         extra={"key": key, "archived": archive},
     )
     return archive
+
+
+async def _token_key(
+    store: Store, ctx: JobContext, token: str | Callable[[JobContext], str | None] | None
+) -> str | None:
+    """The key a presented reconnect token names, or None (no token, or refused)."""
+    presented = token(ctx) if callable(token) else token
+    if not presented:
+        return None
+    try:
+        return await verify_token(store, presented)
+    except TokenRefused as e:
+        log.warning("%s; starting from the room's own key", e, extra={"job": ctx.job.id})
+        return None
 
 
 async def _refuse_same_job(store: Store, key: str, owner: str) -> None:
@@ -241,13 +263,17 @@ async def resumable_job(
     leave_grace: float | None = DEFAULT_LEAVE_GRACE,
     suspend_after: float | None = None,
     resume_within: float | None = None,
+    token: str | Callable[[JobContext], str | None] | None = None,
     room_options: room_io.RoomOptions | None = None,
     **options: Any,
 ) -> ResumableSession:
     """Restore (or start) the conversation of this job and start ``session`` in its room.
 
     ``key`` is the room name by default, or a string, or a function of the job context
-    (sync or async) returning the key. ``resume_within`` (seconds) starts afresh when
+    (sync or async) returning the key. ``token`` is a reconnect token (or a function of
+    the job finding one, e.g. in the dispatch metadata or a participant attribute): a
+    valid one names the key to resume; a forged, expired or revoked one is refused with
+    a log line and the job goes on with ``key``. ``resume_within`` (seconds) starts afresh when
     the conversation was last saved longer ago, keeping the old one aside (see
     `archive_stale`). ``store`` defaults to `open_store()`
     (``RESUME_STORE``). ``options`` go to `ResumableSession` (``userdata_type``,
@@ -256,14 +282,13 @@ async def resumable_job(
     `ResumableSession` (``rs.resumed`` says whether a conversation was found).
     """
     _ignore_sigterm()
-    name = await _resolve_key(ctx, key)
     opened = store is None
     store = store or open_store()
+    name = await _token_key(store, ctx, token) or await _resolve_key(ctx, key)
     owner = job_owner(ctx)
     await _refuse_same_job(store, name, owner)
     codec: Codec = options.pop("codec", None) or codec_for(store)
-    if resume_within is not None:
-        await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
+    await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
 
     async def on_lost(error: LeaseLost) -> None:
         # a newer job took the conversation over: stop speaking, write nothing, end

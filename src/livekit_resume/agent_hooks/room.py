@@ -81,7 +81,9 @@ class Announcer:
             job_id=ctx.job.id if ctx else None,
         )
 
-    def meta(self, session: AgentSession[Any], turns: int, extra: dict[str, Any]) -> SessionMeta:
+    def meta(
+        self, session: AgentSession[Any], turns: int, extra: dict[str, Any], conversation: str
+    ) -> SessionMeta:
         ctx = get_job_context(required=False)
         room = self.room()
         identity = next(iter(room.remote_participants), None) if room is not None else None
@@ -92,6 +94,7 @@ class Announcer:
             log.debug("session usage not saved: %s", e)  # a nicety: never fail a checkpoint
             usage = {}
         return SessionMeta(
+            conversation=conversation,
             room=room.name if room is not None else None,
             participant_identity=identity,
             job_id=ctx.job.id if ctx else None,

@@ -51,7 +51,7 @@ __all__ = ["ATTR_STATE", "ATTR_VERSION", "ResumableSession", "SessionState"]
 log = logging.getLogger("livekit_resume")
 tracer = trace.get_tracer("livekit_resume")
 
-SessionState = Literal["active", "paused", "suspended", "closed"]
+SessionState = Literal["active", "paused", "suspended", "ended", "closed"]
 
 # A burst of events (user message, tool calls, reply) lands within this; one write.
 DEFAULT_DEBOUNCE = 0.2
@@ -158,7 +158,7 @@ class ResumableSession:
 
     @property
     def state(self) -> SessionState:
-        """``"active"``, ``"paused"``, ``"suspended"`` or ``"closed"``."""
+        """``"active"``, ``"paused"``, ``"suspended"``, ``"ended"`` or ``"closed"``."""
         return self._state
 
     @property
@@ -250,6 +250,18 @@ class ResumableSession:
             if not salvage:
                 raise
             snap = await self._salvage(stored)
+        if snap.state == "ended":
+            # an ended conversation is never resumed: a new one starts under the key, and
+            # its first commit clears the streams (the ended one stays in older versions)
+            log.info(
+                "session %r: conversation ended at version %d; starting a new one",
+                self._key,
+                stored.version,
+                extra={"key": self._key, "version": stored.version},
+            )
+            self._version = stored.version
+            self._capture.rewrite = True
+            return default()
         rebuilt = await rebuild(
             session,
             snap,
@@ -331,7 +343,9 @@ class ResumableSession:
             epoch=self._holder.epoch,
             base_version=self._version,
             writer=self._announcer.writer(),
-            meta=lambda turns: self._announcer.meta(session, turns, self._extra),
+            meta=lambda turns: self._announcer.meta(
+                session, turns, self._extra, self._capture.conversation
+            ),
         )
         if pending is None:
             return self._version
@@ -413,24 +427,34 @@ class ResumableSession:
         `suspend` can be called again, `resume` undoes the silence, and `aclose`
         still makes the final save.
         """
+        return await self._finish("suspend", "suspended")
+
+    async def _finish(self, reason: str, state: Literal["suspended", "ended"]) -> int:
         session = self._require()
-        if self._state in ("suspended", "closed"):
+        if self._state in ("suspended", "ended", "closed"):
             raise RuntimeError(f"session {self._key!r} is already {self._state}")
         if self._state == "active":
             await self._silencer.silence(session)
             self._state = "paused"
             await self._publish_attributes()
         # the final snapshot comes before closing: closing a voice session can take seconds
-        version = await self._save("suspend", "suspended")
-        self._state = "suspended"
+        version = await self._save(reason, state)
+        self._state = state
         await self._publish_attributes()
         await self._detach_and_release()
-        await self._announcer.announce("suspended", self._version)
+        await self._announcer.announce(state, self._version)
         try:
             await session.aclose()
         except Exception as e:
             log.warning("session %r: closing the AgentSession failed: %s", self._key, e)
         return version
+
+    async def end(self) -> int:
+        """The conversation is over (a goodbye, a hang-up the app treats as final): a last
+        snapshot marked ``ended``, the lease released, the session closed. A later call
+        under the key starts a new conversation instead of resuming this one, and
+        reconnect tokens issued for it are refused."""
+        return await self._finish("end", "ended")
 
     async def aclose(self) -> None:
         """Final save (unless suspended or the lease is lost) and release the lease.
@@ -443,7 +467,8 @@ class ResumableSession:
         await asyncio.shield(self._closing)
 
     async def _aclose(self) -> None:
-        if self._session is not None and self._lease is not None and self._state != "suspended":
+        live = self._state in ("active", "paused")
+        if self._session is not None and self._lease is not None and live:
             await final_save(self.checkpoint, self._key, lambda: self._version)
         await self._detach_and_release()
         self._state = "closed"
@@ -454,7 +479,7 @@ class ResumableSession:
         if self._session is None or self._holder.lease is None:
             raise RuntimeError(
                 f"session {self._key!r} is not attached: call restore() first"
-                if self._state != "closed" and self._state != "suspended"
+                if self._state in ("active", "paused")
                 else f"session {self._key!r} is {self._state}"
             )
         return self._session

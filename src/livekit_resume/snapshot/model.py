@@ -27,11 +27,12 @@ __all__ = [
 
 # Bumped whenever a stored shape changes; migrate.py upcasts older ones on load.
 # 3: frames bind the namespace, heads their version and a seal of their item records
-# (codec.py, seal.py); the data did not change, so 2 -> 3 is the identity.
+# (codec.py, seal.py); a snapshot may be "ended" and names its conversation. Nothing
+# of format 2 changed meaning, so 2 -> 3 is the identity.
 FORMAT_VERSION = 3
 
-Reason = Literal["turn", "tool", "handoff", "pause", "suspend", "close", "manual"]
-SnapshotState = Literal["active", "paused", "suspended"]
+Reason = Literal["turn", "tool", "handoff", "pause", "suspend", "close", "manual", "end"]
+SnapshotState = Literal["active", "paused", "suspended", "ended"]
 ItemData = dict[str, Any]
 """One chat item as plain data: `chat.item_to_data` makes it, `chat.item_from_data` reads it."""
 
@@ -54,6 +55,9 @@ class Writer(_Model):
 class SessionMeta(_Model):
     """What a session is about, beyond its conversation."""
 
+    conversation: str | None = None
+    """Random id of this conversation: kept across restores, new when an ended one is
+    followed by a new call under the same key. Reconnect tokens name it."""
     room: str | None = None
     participant_identity: str | None = None
     job_id: str | None = None

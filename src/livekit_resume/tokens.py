@@ -1,0 +1,125 @@
+"""Reconnect tokens: a back end hands a web or mobile client a signed, expiring token
+naming one conversation; presented in a new room (dispatch metadata, a participant
+attribute), it resumes that conversation and nothing else.
+
+A token is ``lkrt1.<payload>.<mac>`` (base64url): the payload is msgpack
+``[namespace, key, conversation, expires_at, kid]``, the MAC an HMAC-SHA256 over
+``lkrt1.<payload>`` with the signing key ``kid`` (``RESUME_SIGNING_KEYS``, so keys rotate
+as they do for snapshots). Verification checks the MAC, the expiry, the namespace, and
+that the key's latest snapshot is still that conversation and not ended: ending a
+conversation (`ResumableSession.end`) revokes every token issued for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from typing import Any
+
+import msgpack
+
+from .bridge import Namespaced, codec_for, from_stored
+from .errors import SnapshotNotFound, TokenRefused
+from .settings import Settings
+from .snapshot.frame import Keyring
+from .stores.base import Store, validate_key
+
+__all__ = ["issue_token", "verify_token"]
+
+PREFIX = "lkrt1"
+# A token rides in dispatch metadata or a participant attribute: keep it small, and
+# refuse anything larger before decoding it.
+MAX_TOKEN = 2048
+
+
+def _keyring(signing_keys: str | None) -> Keyring:
+    given = {"signing_keys": signing_keys} if signing_keys else {}
+    settings = Settings.only("signing_keys", **given)
+    spec = settings.signing_keys.get_secret_value() if settings.signing_keys else None
+    if not spec:
+        raise ValueError("reconnect tokens need signing keys: set RESUME_SIGNING_KEYS")
+    return Keyring.parse(spec)
+
+
+def _namespace(store: Store) -> str:
+    return store.namespace if isinstance(store, Namespaced) else codec_for(store).namespace
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(key: bytes, signed: str) -> bytes:
+    return hmac.new(key, signed.encode(), hashlib.sha256).digest()
+
+
+async def _conversation(store: Store, key: str) -> tuple[str | None, str]:
+    """The key's current conversation id and state (SnapshotNotFound if none)."""
+    snap = from_stored(codec_for(store), await store.load(key))
+    return snap.meta.conversation, snap.state
+
+
+async def issue_token(
+    store: Store, key: str, *, ttl: float, signing_keys: str | None = None
+) -> str:
+    """A token for the conversation ``key`` holds now, valid for ``ttl`` seconds.
+    Raises `SnapshotNotFound` when the key holds none, `TokenRefused` when it ended."""
+    validate_key(key)
+    kid, secret = _keyring(signing_keys).keys[0]
+    conversation, state = await _conversation(store, key)
+    if state == "ended" or conversation is None:
+        raise TokenRefused(f"session {key!r} holds no conversation a token can resume")
+    payload = [_namespace(store), key, conversation, time.time() + ttl, kid]
+    signed = f"{PREFIX}.{_b64(msgpack.packb(payload, use_bin_type=True))}"
+    return f"{signed}.{_b64(_mac(secret, signed))}"
+
+
+def _payload(token: str, keys: Keyring) -> list[Any]:
+    if not isinstance(token, str) or len(token) > MAX_TOKEN or token.count(".") != 2:
+        raise TokenRefused("reconnect token refused: not a token")
+    signed, _, mac = token.rpartition(".")
+    prefix, _, body = signed.partition(".")
+    try:
+        payload = msgpack.unpackb(_unb64(body), raw=False) if prefix == PREFIX else None
+        given = _unb64(mac)
+    except (ValueError, msgpack.UnpackException):
+        payload = None
+    if (
+        not isinstance(payload, list)
+        or len(payload) != 5
+        or not all(isinstance(p, str) for p in (*payload[:3], payload[4]))
+        or not isinstance(payload[3], (int, float))
+    ):
+        raise TokenRefused("reconnect token refused: malformed")
+    secret = keys.get(payload[4])
+    if secret is None or not hmac.compare_digest(_mac(secret, signed), given):
+        raise TokenRefused("reconnect token refused: its signature does not verify (forged?)")
+    return payload
+
+
+async def verify_token(store: Store, token: str, *, signing_keys: str | None = None) -> str:
+    """The session key a valid token names; `TokenRefused` saying why otherwise
+    (forged, expired, another namespace, the conversation ended or was replaced)."""
+    namespace, key, conversation, expires_at, _ = _payload(token, _keyring(signing_keys))
+    key = str(key)
+    if expires_at < time.time():
+        raise TokenRefused(f"reconnect token for session {key!r} refused: it expired")
+    if namespace != _namespace(store):
+        raise TokenRefused(f"reconnect token for session {key!r} refused: another namespace")
+    try:
+        current, state = await _conversation(store, key)
+    except SnapshotNotFound:
+        raise TokenRefused(
+            f"reconnect token for session {key!r} refused: no conversation is stored"
+        ) from None
+    if current != conversation or state == "ended":
+        raise TokenRefused(
+            f"reconnect token for session {key!r} refused: its conversation ended (revoked)"
+        )
+    return key
