@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from livekit.agents import AgentServer, RunResult, llm
+from livekit.agents import AgentServer, AgentSession, RunResult, llm
 from typer.testing import CliRunner, Result
 
 from livekit_resume import ResumableSession, open_store
@@ -27,6 +27,7 @@ from livekit_resume.cli import app
 from livekit_resume.snapshot.chat import ctx_from_data
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import FORMAT_VERSION
+from livekit_resume.stores.base import Store
 from tests import _child_agent as child
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,13 +45,19 @@ def run_json(url: str, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
+async def started(store: Store, key: str) -> tuple[ResumableSession, AgentSession[Any]]:
+    """The child's session for ``key``, restored (or new) and started: it holds the lease."""
+    _model, session = child.build_session()
+    rs = ResumableSession(store, key, registry=child.registry(), userdata_type=child.Notes)
+    agent = await rs.restore(session, default=child.Scribe)
+    await session.start(agent)
+    return rs, session
+
+
 async def _converse(url: str, key: str, lines: list[str]) -> None:
     store = open_store(url)
     try:
-        _model, session = child.build_session()
-        rs = ResumableSession(store, key, registry=child.registry(), userdata_type=child.Notes)
-        agent = await rs.restore(session, default=child.Scribe)
-        await session.start(agent)
+        rs, session = await started(store, key)
         for line in lines:
             await session.run(user_input=line)
             await rs.checkpoint("turn")

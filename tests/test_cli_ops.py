@@ -26,7 +26,7 @@ from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.base import Store, Stored
 from tests import _child_agent as child
 from tests.redis_servers import RedisServer
-from tests.test_cli import ROOT, _converse, key, run, run_json, snapshot_of, url
+from tests.test_cli import ROOT, _converse, key, run, run_json, snapshot_of, started, url
 
 __all__ = ["key", "url"]  # the fixtures, shared with test_cli
 
@@ -74,7 +74,9 @@ def test_namespace_before_or_after_the_command(url: str, key: str) -> None:
     other = cli("ls", "--json", "--store", url, "--namespace", "elsewhere")
     assert other.exit_code == 0, other.output
     assert json.loads(other.stdout) == []
-    asyncio.run(_converse_in(url, "elsewhere", "room-ns"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RESUME_NAMESPACE", "elsewhere")
+        asyncio.run(_converse(url, "room-ns", ["remember the red door"]))
     for argv in (
         ["--namespace", "elsewhere", "--store", url, "--json", "ls"],
         ["ls", "--namespace=elsewhere", "--store", url, "--json"],
@@ -86,19 +88,6 @@ def test_namespace_before_or_after_the_command(url: str, key: str) -> None:
     shown = cli("show", "room-ns", "--namespace", "elsewhere", "--store", url)
     assert shown.exit_code == 0, shown.output
     assert "remember the red door" in shown.stdout
-
-
-async def _converse_in(url: str, namespace: str, key: str) -> None:
-    store = open_store(url, namespace=namespace)
-    try:
-        _model, session = child.build_session()
-        rs = ResumableSession(store, key, registry=child.registry(), userdata_type=child.Notes)
-        agent = await rs.restore(session, default=child.Scribe)
-        await session.start(agent)
-        await session.run(user_input="remember the red door")
-        await rs.suspend()
-    finally:
-        await store.aclose()
 
 
 def test_the_module_entry_point_takes_options_after_the_command(url: str, key: str) -> None:
@@ -288,10 +277,7 @@ def test_release_fences_a_live_holder(url: str, key: str) -> None:
     async def go() -> None:
         store = open_store(url)
         try:
-            _model, session = child.build_session()
-            rs = ResumableSession(store, key, registry=child.registry(), userdata_type=child.Notes)
-            agent = await rs.restore(session, default=child.Scribe)
-            await session.start(agent)
+            rs, session = await started(store, key)
             await session.run(user_input="remember the green door")
             await rs.checkpoint("turn")  # it holds the lease and writes
             (listed,) = await asyncio.to_thread(run_json, url, "ls")
