@@ -36,15 +36,20 @@ server = AgentServer()
 
 @server.rtc_session()
 async def entrypoint(ctx: JobContext) -> None:
-    registry = lr.AgentRegistry()
-    register_agents(registry)  # the only classes a snapshot can ever rebuild
-
     session = AgentSession[Visit](
         stt="deepgram/nova-3",
         llm="openai/gpt-4.1-mini",
         tts="cartesia/sonic-3",
         userdata=Visit(),
     )
+    await serve_call(ctx, session)
+
+
+async def serve_call(ctx: JobContext, session: AgentSession[Visit]) -> lr.ResumableSession:
+    """Everything but the models: the same code runs with a scripted model in the tests."""
+    registry = lr.AgentRegistry()
+    register_agents(registry)  # the only classes a snapshot can ever rebuild
+
     # One call: restore the room's conversation (or start fresh) from RESUME_STORE, take
     # it over from a crashed or replaced job at once (the old one, if alive, is fenced and
     # goes quiet), start the session, pause when the caller drops and suspend after 30 s,
@@ -76,6 +81,7 @@ async def entrypoint(ctx: JobContext) -> None:
     participant.register_rpc_method("resume.pause", pause)
     participant.register_rpc_method("resume.resume", resume)
     participant.register_rpc_method("resume.suspend", suspend)
+    return rs
 
 
 if __name__ == "__main__":

@@ -332,3 +332,56 @@ async def test_a_reconnect_token_resumes_its_conversation_in_a_new_room_and_noth
             await lr.verify_token(store, token)
     finally:
         await store.aclose()
+
+
+async def _entry_example(ctx: JobContext) -> None:
+    """examples/worker.py's own call logic, with the demo's scripted model for the models."""
+    import importlib.util
+
+    from livekit_resume.cli.demo.agents import Visit
+    from livekit_resume.cli.demo.rules import demo_llm
+
+    opts: dict[str, Any] = json.loads(ctx.job.metadata)
+    os.environ["RESUME_STORE"] = opts["store"]
+    spec = importlib.util.spec_from_file_location("example_worker", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = demo_llm()
+    session = make_text_session(model, userdata=Visit())
+    rs = await example.serve_call(ctx, session)
+
+    async def turn(args: list[str]) -> None:
+        await session.run(user_input=" ".join(args))
+        await rs._autosave.idle.wait()
+        jobs.report("TURN", rs.version, json.dumps(session.userdata.model_dump(mode="json")))
+
+    jobs.on_command("turn", turn)
+    jobs.report("READY", int(rs.resumed), rs.version, json.dumps([]))
+
+
+EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "worker.py")
+
+
+async def test_the_example_worker_survives_a_shutdown_under_the_demos_conditions(
+    tmp_path: Path,
+) -> None:
+    """The example's entrypoint logic, in real job processes, with the demo's model."""
+    meta = json.dumps({"store": f"sqlite:///{tmp_path}/example.db"})
+    entry = "tests.test_resumable_job:_entry_example"
+    async with JobHarness() as harness:
+        first = await harness.start_job(entry, room="example-room", metadata=meta)
+        assert not (await ready(first))[0]
+        for text in ("Hi, I'm Ada.", "I'd like to book a check-up.", "Monday, please."):
+            await first.send(f"turn {text}")
+            await first.expect("TURN")
+        await first.shutdown()
+
+        second = await harness.start_job(entry, room="example-room", metadata=meta)
+        resumed, version, _ = await ready(second)
+        assert resumed and version > 0
+        await second.send("turn Sorry, which day did I book?")
+        _, _, userdata = (await second.expect("TURN")).split(" ", 2)
+        assert json.loads(userdata)["name"] == "Ada"
+        assert json.loads(userdata)["day"] is not None  # booked in the first job
+        await second.shutdown()
