@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Iterable
 from typing import Any, Literal, TypeAlias
 
 from livekit import rtc
@@ -101,6 +100,11 @@ _ITEM_CLASSES: dict[str, type[BaseModel]] = {
 }
 # Written only when set; every other field is always written and always required.
 _OPTIONAL_FIELDS = frozenset({"hash"})
+# Each item type's (allowed, required) keys, computed once: restore checks every item.
+_ITEM_KEYS: dict[type[BaseModel], tuple[frozenset[str], frozenset[str]]] = {
+    cls: (frozenset(cls.model_fields), frozenset(cls.model_fields) - _OPTIONAL_FIELDS)
+    for cls in _ITEM_CLASSES.values()
+}
 _ITEM_ADAPTER: TypeAdapter[llm.ChatItem] = TypeAdapter(llm.ChatItem)
 
 _IMAGE_FIELDS = (
@@ -112,6 +116,8 @@ _IMAGE_FIELDS = (
     "inference_detail",
     "mime_type",
 )
+_IMAGE_KEYS = frozenset(_IMAGE_FIELDS)
+_AUDIO_KEYS = frozenset({"type", "transcript", "frame"})
 _FRAME_FIELDS = frozenset(
     {"data", "sample_rate", "num_channels", "samples_per_channel", "userdata"}
 )
@@ -259,22 +265,25 @@ def _check_keys(
     item_id: object,
     what: str,
     data: dict[str, Any],
-    allowed: Iterable[str],
-    optional: Iterable[str],
+    allowed: frozenset[str],
+    required: frozenset[str],
 ) -> None:
-    allowed_set = set(allowed)
-    unknown = sorted(str(k) for k in data if k not in allowed_set)
+    """No key outside ``allowed``, none of ``required`` missing. The good case is two
+    set comparisons in C; the lists of culprits are built only for the error."""
+    keys = data.keys()
+    if keys <= allowed and required <= keys:
+        return
+    unknown = sorted(str(k) for k in data if k not in allowed)
     if unknown:
         raise _corrupt(item_id, f"{what} has unknown field(s) {', '.join(unknown)}")
-    missing = sorted(allowed_set - set(optional) - set(data))
-    if missing:
-        raise _corrupt(item_id, f"{what} is missing field(s) {', '.join(missing)}")
+    missing = sorted(required - keys)
+    raise _corrupt(item_id, f"{what} is missing field(s) {', '.join(missing)}")
 
 
 def _frame_from_data(item_id: object, raw: Any) -> rtc.AudioFrame:
     if not isinstance(raw, dict):
         raise _corrupt(item_id, f"audio frame is a {type(raw).__name__}, not a mapping")
-    _check_keys(item_id, "audio frame", raw, _FRAME_FIELDS, ())
+    _check_keys(item_id, "audio frame", raw, _FRAME_FIELDS, _FRAME_FIELDS)
     data = raw["data"]
     ints = [raw[k] for k in ("sample_rate", "num_channels", "samples_per_channel")]
     userdata = raw["userdata"]
@@ -298,12 +307,12 @@ def _content_from_data(item_id: object, part: Any) -> list[llm.ChatContent]:
         if kind == "cache_breakpoint":
             return [llm.CacheBreakpoint.model_validate(part, strict=True)]
         if kind == "image_content":
-            _check_keys(item_id, "image content", part, _IMAGE_FIELDS, ())
+            _check_keys(item_id, "image content", part, _IMAGE_KEYS, _IMAGE_KEYS)
             if not isinstance(part["image"], str):
                 raise _corrupt(item_id, "image content 'image' is not a string")
             return [llm.ImageContent.model_validate(part, strict=True)]
         if kind == "audio_content":
-            _check_keys(item_id, "audio content", part, ("type", "transcript", "frame"), ())
+            _check_keys(item_id, "audio content", part, _AUDIO_KEYS, _AUDIO_KEYS)
             frames = part["frame"]
             if not isinstance(frames, list):
                 raise _corrupt(item_id, "audio content 'frame' is not a list")
@@ -346,7 +355,7 @@ def item_from_data(data: ItemData) -> llm.ChatItem:
     cls = _ITEM_CLASSES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise _corrupt(item_id, f"unknown item type {kind!r}")
-    _check_keys(item_id, str(kind), data, cls.model_fields, _OPTIONAL_FIELDS)
+    _check_keys(item_id, str(kind), data, *_ITEM_KEYS[cls])
 
     values = dict(data)
     if cls is llm.ChatMessage:
