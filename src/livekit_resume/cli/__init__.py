@@ -1,6 +1,7 @@
 """``livekit-resume``, the command line: inspect, move and demo resumable sessions.
 
-``app`` holds the typer app and its commands, ``render`` how things are shown,
+``core`` holds the typer app and its global options, ``read`` and ``write`` the commands,
+``app`` puts them together with ``main``, ``render`` says how things are shown,
 ``snapshots`` how the CLI reads and writes them, and ``demo`` the two-process demo,
 which prints through ``render`` and never imports ``app`` (the app loads the demo only
 when ``demo`` runs).

@@ -1,0 +1,183 @@
+"""The command line's frame: the typer app, its global options (before or after the
+command), opening the store, one-line errors and stable exit codes. The commands live in
+`read` and `write`; `app` puts them together."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+import typer.core
+
+from .. import redact
+from ..errors import (
+    ResumeError,
+)
+from ..settings import DEFAULT_STORE_URL, Settings
+from ..stores.base import Store, validate_key
+from ..stores.url import open_store
+from . import render
+from .snapshots import (
+    PROG,
+)
+
+__all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "app"]
+
+# Exit codes, stable for scripts (docs/cli.md). A usage error is click's own 2.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+# The root's options, accepted anywhere on the line: moved before the command.
+_GLOBAL_FLAGS = frozenset({"--json"})
+_GLOBAL_VALUED = frozenset({"--store", "--namespace"})
+
+
+def hoist_globals(args: Sequence[str]) -> list[str]:
+    """``args`` with every global option (and its value) moved to the front, so that
+    ``ls --store URL`` reads as ``--store URL ls``; nothing after ``--`` moves."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg in _GLOBAL_FLAGS or (arg.split("=", 1)[0] in _GLOBAL_VALUED and "=" in arg):
+            front.append(arg)
+        elif arg in _GLOBAL_VALUED and i + 1 < len(args):
+            front += args[i : i + 2]
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
+class _Group(typer.core.TyperGroup):
+    """The root command: global options before or after the command."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_globals(args))
+
+
+app = typer.Typer(
+    name=PROG,
+    cls=_Group,
+    help="Inspect, export, import, diff, revert and demo resumable LiveKit agent sessions."
+    "\n\n--store, --namespace and --json work before or after the command."
+    " Exit codes: 0 ok, 1 error, 2 usage (docs/cli.md).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+# Parameters several commands share.
+_KeyArg = Annotated[str, typer.Argument(help="Session key.")]
+_VersionOpt = Annotated[
+    int | None, typer.Option("--version", "-v", help="A retained version (default: latest)")
+]
+_TakeoverOpt = Annotated[
+    bool, typer.Option("--takeover", help="Take the lease over from a live worker.")
+]
+
+
+@dataclass(frozen=True)
+class _Options:
+    store_url: str
+    store_explicit: bool
+    json: bool
+    namespace: str | None = None
+
+
+def _opts(ctx: typer.Context) -> _Options:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, _Options)
+    return obj
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            metavar="URL",
+            help=f"Store URL (default: $RESUME_STORE, else {DEFAULT_STORE_URL})",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of tables (for scripts).")
+    ] = False,
+    namespace: Annotated[
+        str | None,
+        typer.Option(
+            "--namespace",
+            metavar="NS",
+            help="Namespace of the store (default: $RESUME_NAMESPACE)",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = _Options(
+        store_url=store or Settings.only("store").store,
+        store_explicit=store is not None,
+        json=as_json,
+        namespace=namespace,
+    )
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def _fail(exc: BaseException, *, as_json: bool) -> NoReturn:
+    render.error_line(exc, as_json=as_json)
+    raise typer.Exit(EXIT_ERROR)
+
+
+def _run(ctx: typer.Context, fn: Callable[[Store], Awaitable[T]], *, read_only: bool) -> T:
+    """Open the store, run ``fn`` on one event loop, close the store; typed errors exit 1.
+    ``read_only``: a command that only reads never creates or writes a file."""
+    opts = _opts(ctx)
+
+    async def go() -> T:
+        store = _open(opts.store_url, read_only=read_only, namespace=opts.namespace)
+        try:
+            return await fn(store)
+        finally:
+            await store.aclose()
+
+    try:
+        return asyncio.run(go())
+    except (ResumeError, ValueError, OSError) as e:
+        _fail(e, as_json=opts.json)
+
+
+def _open(url: str, *, read_only: bool, namespace: str | None) -> Store:
+    options = {} if namespace is None else {"namespace": namespace}
+    try:
+        return open_store(url, read_only=read_only, **options)
+    except ImportError as e:
+        raise ValueError(f"the store for {redact.url(url)!r} is not available here: {e}") from e
+
+
+def _done(opts: _Options, data: Any, text: str) -> None:
+    """What a command that wrote something says: ``data`` with --json, else ``text``."""
+    if opts.json:
+        render.print_json(data)
+    else:
+        render.console().print(redact.printable(text))
+
+
+def _key(key: str) -> str:
+    try:
+        return validate_key(key)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None

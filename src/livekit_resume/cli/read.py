@@ -1,0 +1,201 @@
+"""Commands that only read a store (``ls``, ``show``, ``history``, ``export``,
+``diff``): they open it read-only and never create or change a file."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+import typer.core
+
+from .. import redact
+from ..errors import (
+    SnapshotNotFound,
+)
+from ..snapshot.model import Snapshot
+from ..snapshot.salvage import validate_restorable
+from ..stores.base import SessionInfo, Store
+from . import render
+from .core import (
+    _done,
+    _fail,
+    _key,
+    _KeyArg,
+    _opts,
+    _run,
+    _VersionOpt,
+    app,
+)
+from .snapshots import (
+    binary,
+    diff_snapshots,
+    load,
+    make_codec,
+    page_sessions,
+)
+
+
+@app.command("ls")
+def ls_cmd(
+    ctx: typer.Context,
+    prefix: Annotated[str, typer.Option("--prefix", help="Only keys starting with P.")] = "",
+    state: Annotated[
+        str | None,
+        typer.Option("--state", help="Only sessions in this state (active, paused, suspended…)"),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", min=1, help="At most N sessions (a page).")
+    ] = None,
+    after: Annotated[
+        str | None,
+        typer.Option("--after", metavar="CURSOR", help="The page after CURSOR (from a listing)."),
+    ] = None,
+) -> None:
+    """Sessions in key order: latest version, state, agent, items, lease holder, last
+    update. With --limit, a page at a time: it prints the cursor of the next one.
+
+    --json prints a list; with --limit or --after, {"sessions": [...], "next": CURSOR},
+    next null on the last page."""
+    opts = _opts(ctx)
+
+    async def go(store: Store) -> tuple[list[SessionInfo], str | None]:
+        return await page_sessions(store, prefix=prefix, state=state, limit=limit, after=after)
+
+    infos, cursor = _run(ctx, go, read_only=True)
+    rows = render.session_rows(infos, time.time())
+    paged = limit is not None or after is not None
+    if opts.json:
+        listed = [{k: v for k, v in r.items() if k != "updated_ts"} for r in rows]
+        render.print_json({"sessions": listed, "next": cursor} if paged else listed)
+        return
+    console = render.console()
+    where = redact.url(opts.store_url)
+    if not rows:
+        console.print(redact.printable(f"no sessions in {where}"))
+    else:
+        console.print(render.sessions_table(rows, title=f"sessions in {where}"))
+    if cursor is not None:
+        console.print(redact.printable(f"next page: --after {cursor}"), soft_wrap=True)
+
+
+@app.command("show")
+def show_cmd(
+    ctx: typer.Context,
+    key: _KeyArg,
+    version: _VersionOpt = None,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also list the current agent's own context.")
+    ] = False,
+) -> None:
+    """Decode a snapshot: its metadata and the conversation, readably."""
+    opts = _opts(ctx)
+    key = _key(key)
+
+    async def go(store: Store) -> Snapshot:
+        return await load(store, key, version)
+
+    snap = _run(ctx, go, read_only=True)
+    if opts.json:
+        render.print_json(snap.model_dump(mode="python"))
+        return
+    console = render.console()
+    console.print(render.snapshot_table(snap))
+    console.print()
+    console.print(render.transcript_table(snap.history, title="conversation"))
+    if show_all and snap.agent is not None:
+        console.print()
+        title = f"context of agent {snap.agent.agent_id}"
+        console.print(render.transcript_table(snap.agent.chat_ctx, title=title))
+
+
+@app.command("history")
+def history_cmd(ctx: typer.Context, key: _KeyArg) -> None:
+    """Retained versions of a session: version, epoch, time, reason, state, bytes."""
+    opts = _opts(ctx)
+    key = _key(key)
+
+    async def go(store: Store) -> list[dict[str, Any]]:
+        versions = await store.versions(key)
+        if not versions:
+            raise SnapshotNotFound(f"no snapshot for session {key!r}")
+        return [
+            {
+                "version": v.version,
+                "epoch": v.epoch,
+                "created_at": render.iso(v.created_at),
+                "created_ts": v.created_at,
+                "reason": v.info.get("reason"),
+                "source": v.info.get("source"),
+                "state": v.info.get("state"),
+                "items": v.info.get("items"),
+                "bytes": v.size,
+            }
+            for v in versions
+        ]
+
+    rows = _run(ctx, go, read_only=True)
+    if opts.json:
+        render.print_json([{k: v for k, v in r.items() if k != "created_ts"} for r in rows])
+        return
+    render.console().print(render.versions_table(rows, title=f"versions of {key!r}"))
+
+
+@app.command("export")
+def export_cmd(
+    ctx: typer.Context,
+    key: _KeyArg,
+    output: Annotated[
+        str, typer.Option("--output", "-o", metavar="FILE", help="File to write, '-' for stdout.")
+    ],
+    version: _VersionOpt = None,
+) -> None:
+    """Write the snapshot (signed/encrypted like the store's) to a file: one frame, or a
+    head frame and one frame per item when the session is larger than one frame."""
+    opts = _opts(ctx)
+    key = _key(key)
+
+    async def go(store: Store) -> tuple[Snapshot, bytes]:
+        snap = await load(store, key, version)
+        # what import would refuse is refused here, before a file exists
+        validate_restorable(snap)
+        return snap, b"".join(make_codec().encode_export(snap))
+
+    snap, frame = _run(ctx, go, read_only=True)
+    if output == "-":
+        out = binary("stdout")
+        out.write(frame)
+        out.flush()
+        return
+    try:
+        with open(output, "wb") as f:
+            f.write(frame)
+    except OSError as e:
+        _fail(e, as_json=opts.json)
+    _done(
+        opts,
+        {"key": key, "version": snap.version, "file": output, "bytes": len(frame)},
+        f"exported {key!r} version {snap.version} to {output} ({len(frame)} bytes)",
+    )
+
+
+@app.command("diff")
+def diff_cmd(
+    ctx: typer.Context,
+    key: _KeyArg,
+    a: Annotated[int, typer.Argument(metavar="A", help="The older version.")],
+    b: Annotated[int, typer.Argument(metavar="B", help="The newer version.")],
+) -> None:
+    """What changed from version A to version B: items added (+), edited (~) and removed
+    (-) per stream, by item id; and the userdata, agent, instructions and state."""
+    opts = _opts(ctx)
+    key = _key(key)
+
+    async def go(store: Store) -> dict[str, Any]:
+        return diff_snapshots(await load(store, key, a), await load(store, key, b))
+
+    diff = _run(ctx, go, read_only=True)
+    if opts.json:
+        render.print_json(diff)
+        return
+    render.diff_report(render.console(), diff)

@@ -1,0 +1,219 @@
+"""Commands that write (``import``, ``repair``, ``rm``, ``revert``, ``release``): each
+under the session's lease rules, refusing a live worker's session unless ``--takeover``."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+import typer.core
+
+from .. import redact
+from ..bridge import salvage_stored
+from ..errors import (
+    ResumeError,
+    SnapshotNotFound,
+)
+from ..snapshot.codec import AGENT, HISTORY, Codec
+from ..snapshot.model import ItemData, Snapshot
+from ..snapshot.salvage import SALVAGE_ID_PREFIX, Damage
+from ..stores.base import Store, Stored, lease_is_live
+from . import render
+from .core import (
+    _done,
+    _fail,
+    _key,
+    _KeyArg,
+    _opts,
+    _run,
+    _TakeoverOpt,
+    app,
+)
+from .snapshots import (
+    load,
+    make_codec,
+    read_snapshot,
+    release_lease,
+    write_whole,
+)
+
+
+@app.command("import")
+def import_cmd(
+    ctx: typer.Context,
+    file: Annotated[
+        str, typer.Argument(metavar="FILE", help="A file from 'export', '-' for stdin.")
+    ],
+    key: Annotated[
+        str | None, typer.Option("--key", "-k", help="Session key (default: the file's key)")
+    ] = None,
+    takeover: _TakeoverOpt = False,
+) -> None:
+    """Commit an exported snapshot as the session's next version (under its lease).
+
+    The file is validated whole first (frames, item ids, item types, restorability):
+    a file that is refused writes nothing."""
+    opts = _opts(ctx)
+    if key is not None:
+        key = _key(key)
+    try:
+        snap = read_snapshot(file)
+    except (ResumeError, ValueError, OSError) as e:
+        _fail(e, as_json=opts.json)
+    target = key or snap.key
+
+    async def build(_store: Store, _codec: Codec, _stored: Stored | None) -> Snapshot:
+        return snap
+
+    async def go(store: Store) -> int | None:
+        return (await write_whole(store, target, build, takeover=takeover, source="import"))[1]
+
+    version = _run(ctx, go, read_only=False)
+    _done(
+        opts,
+        {"key": target, "version": version, "items": len(snap.history)},
+        f"imported {file} as {target!r} version {version} ({len(snap.history)} items)",
+    )
+
+
+@app.command("repair")
+def repair_cmd(
+    ctx: typer.Context,
+    key: _KeyArg,
+    takeover: _TakeoverOpt = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what is lost; write nothing.")
+    ] = False,
+) -> None:
+    """Salvage a damaged session: keep every intact item, mark and report the lost ones,
+    and write the result as a fresh whole version that no longer reads the damage.
+
+    Older versions still read the damaged record: roll back to the repaired version,
+    not past it."""
+    opts = _opts(ctx)
+    key = _key(key)
+    found: dict[str, Any] = {}
+
+    async def build(store: Store, codec: Codec, stored: Stored | None) -> Snapshot | None:
+        if stored is None:
+            raise SnapshotNotFound(f"no snapshot for session {key!r}")
+        snap, damage = await salvage_stored(store, codec, stored)
+        found.update(version=stored.version, snap=snap, damage=damage)
+        return snap if damage and not dry_run else None
+
+    async def go(store: Store) -> tuple[Snapshot | None, int | None]:
+        if dry_run:  # read only: no lease, nothing written, a live worker undisturbed
+            try:
+                stored: Stored | None = await store.load(key)
+            except SnapshotNotFound:
+                stored = None
+            await build(store, make_codec(store), stored)
+            return None, None
+        return await write_whole(store, key, build, takeover=takeover, source="repair")
+
+    _written, version = _run(ctx, go, read_only=dry_run)
+    damage: list[Damage] = found["damage"]
+    snap: Snapshot = found["snap"]
+    kept = {
+        HISTORY: sum(1 for i in snap.history if not _is_note(i)),
+        AGENT: sum(1 for i in snap.agent.chat_ctx if not _is_note(i)) if snap.agent else 0,
+    }
+    if opts.json:
+        render.print_json(
+            {
+                "key": key,
+                "version": found["version"],
+                "damage": [
+                    {"stream": d.stream, "item_id": d.item_id, "reason": d.reason} for d in damage
+                ],
+                "kept": kept,
+                "written": version,
+            }
+        )
+        return
+    render.repair_report(render.console(), key, found["version"], damage, kept, written=version)
+
+
+def _is_note(item: ItemData) -> bool:
+    return str(item.get("id", "")).startswith(SALVAGE_ID_PREFIX)
+
+
+@app.command("rm")
+def rm_cmd(
+    ctx: typer.Context,
+    key: _KeyArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a session: every version, its log and its lease."""
+    opts = _opts(ctx)
+    key = _key(key)
+
+    where = redact.url(opts.store_url)
+
+    async def held(store: Store) -> str | None:
+        # No info: no session, or the remains of one whose head was lost (evicted),
+        # which delete removes too; delete says which.
+        info = await store.info(key)
+        if info is None:
+            return None
+        return info.owner if lease_is_live(info.lease_expires_at, time.time()) else None
+
+    # looked up read-only first: a mistyped path is an error, not a new empty file
+    holder = _run(ctx, held, read_only=True)
+    if not yes:
+        warn = f" It is held by {holder!r}, a live worker." if holder else ""
+        question = redact.printable(f"Delete session {key!r} and all its versions?{warn}")
+        if not typer.confirm(question):
+            raise typer.Exit(1)
+
+    async def go(store: Store) -> bool:
+        if not await store.delete(key):
+            raise SnapshotNotFound(f"no session {key!r} in {where}")
+        return True
+
+    _run(ctx, go, read_only=False)
+    _done(opts, {"key": key, "deleted": True}, f"deleted {key!r}")
+
+
+@app.command("revert")
+def revert_cmd(
+    ctx: typer.Context,
+    key: _KeyArg,
+    version: Annotated[int, typer.Argument(metavar="VERSION", help="A retained version.")],
+    takeover: _TakeoverOpt = False,
+) -> None:
+    """Make an older version the newest: write it again whole, as a new version, under
+    the session's lease (refused while a worker holds it, unless --takeover)."""
+    opts = _opts(ctx)
+    key = _key(key)
+
+    async def build(store: Store, codec: Codec, stored: Stored | None) -> Snapshot:
+        if stored is None:
+            raise SnapshotNotFound(f"no snapshot for session {key!r}")
+        return await load(store, key, version)
+
+    async def go(store: Store) -> int | None:
+        return (await write_whole(store, key, build, takeover=takeover, source="revert"))[1]
+
+    written = _run(ctx, go, read_only=False)
+    _done(
+        opts,
+        {"key": key, "reverted_to": version, "version": written},
+        f"reverted {key!r} to version {version}, written as version {written}",
+    )
+
+
+@app.command("release")
+def release_cmd(ctx: typer.Context, key: _KeyArg) -> None:
+    """Free a stuck lease: the epoch moves on, so the old holder can no longer commit
+    (its next checkpoint fails with LeaseLost) and any worker may take the session."""
+    opts = _opts(ctx)
+    key = _key(key)
+    holder, epoch = _run(ctx, lambda store: release_lease(store, key), read_only=False)
+    was = f"held by {holder!r}" if holder else "not held"
+    _done(
+        opts,
+        {"key": key, "released": True, "previous_owner": holder, "epoch": epoch},
+        f"released {key!r} (it was {was}); epoch now {epoch}",
+    )
