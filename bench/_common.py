@@ -30,7 +30,7 @@ from livekit_resume.stores.base import Store
 TEXT = "Could you move my appointment to Thursday afternoon, around three if possible? " * 3
 
 
-def _sizes(text: str) -> tuple[int, ...]:
+def parse_sizes(text: str) -> tuple[int, ...]:
     """``"10,1000"`` as ``(10, 1000)``: the ``--sizes`` option of every script."""
     return tuple(int(s) for s in text.split(",") if s.strip())
 
@@ -40,7 +40,7 @@ def options(doc: str | None, sizes: str, rounds: int) -> argparse.ArgumentParser
     logging.getLogger("livekit").setLevel(logging.ERROR)
     logging.getLogger("livekit_resume").setLevel(logging.ERROR)
     ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
-    ap.add_argument("--sizes", type=_sizes, default=_sizes(sizes), help="history lengths")
+    ap.add_argument("--sizes", type=parse_sizes, default=parse_sizes(sizes), help="history lengths")
     ap.add_argument("--rounds", type=int, default=rounds, help="samples per size")
     return ap
 

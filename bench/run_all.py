@@ -38,6 +38,11 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
         ["--sizes", "10,30", "--rounds", "2"],
     ),
     (
+        "loop_block.py",
+        ["--sizes", "10,5000,20000", "--rounds", "60", "--big", "5,50"],
+        ["--sizes", "10,30", "--rounds", "2", "--big", "1"],
+    ),
+    (
         "peers.py",
         ["--sizes", "10,1000,5000", "--rounds", "30"],
         ["--sizes", "10,30", "--rounds", "2"],

@@ -35,7 +35,8 @@ OTHERS: dict[str, list[str]] = {
 }
 TINY: dict[str, list[str]] = {script: tiny for script, _, tiny in RUN_ALL.BENCHES} | OTHERS
 NEEDS_REDIS = {"checkpoint_cost.py", "restore_cost.py", "peers.py", "redis_commit.py"}
-WITH_TABLES = {"checkpoint_cost.py", "restore_cost.py", "peers.py"}  # Markdown tables
+# the scripts that print Markdown tables
+WITH_TABLES = {"checkpoint_cost.py", "restore_cost.py", "peers.py", "loop_block.py"}
 
 
 def test_every_script_is_covered() -> None:
