@@ -1,6 +1,6 @@
 """Run every performance bench and write its tables into docs/performance.md.
 
-    python bench/run_all.py            # full sizes, rewrites the measured part of the doc
+    python bench/run_all.py            # full sizes (3 minutes), rewrites the doc's tables
     python bench/run_all.py --quick    # tiny sizes, prints only (a smoke run)
     python bench/run_all.py --no-write # full sizes, prints only
 
@@ -41,6 +41,11 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
         "loop_block.py",
         ["--sizes", "10,5000,20000", "--rounds", "60", "--big", "5,50"],
         ["--sizes", "10,30", "--rounds", "2", "--big", "1"],
+    ),
+    (
+        "scale.py",
+        ["--sessions", "200", "--period", "5", "--duration", "30", "--sizes", "100"],
+        ["--sessions", "3", "--period", "0.2", "--duration", "0.5", "--sizes", "10"],
     ),
     (
         "peers.py",
