@@ -6,7 +6,9 @@ process and one Redis. Each takes a turn (a user message and a reply) every
 twice: without the hooks (the turns only) and with them (a `ResumableSession`
 checkpoint after each turn). The difference in the process's CPU time, divided by the
 duration, is the share of one core spent in livekit-resume; the checkpoint latencies
-under that load give the p50 and p99.
+under that load give the p50 and p99. Redis's own time executing the commands
+(``INFO commandstats``, reset before the run) per checkpoint gives how many such
+sessions one Redis core serves at half load.
 
     python bench/scale.py [--sessions 200] [--period 5] [--duration 30] [--sizes 100]
 
@@ -20,17 +22,21 @@ import asyncio
 import time
 
 import _common as c
+from redis.asyncio import Redis
 
 from livekit_resume.stores.redis import RedisStore
 
 
 async def run(
     url: str, sessions: int, period: float, duration: float, history: int, hooks: bool
-) -> tuple[float, list[float]]:
-    """CPU seconds the process used over ``duration``, and each checkpoint's latency."""
+) -> tuple[float, list[float], float]:
+    """CPU seconds the process used over ``duration``, each checkpoint's latency, and
+    the microseconds Redis spent executing commands meanwhile (``INFO commandstats``)."""
     store = RedisStore.from_url(url)
     live = [await c.live_session(store, history) for _ in range(sessions)]
     latencies: list[float] = []
+    client = Redis.from_url(url)
+    await client.config_resetstat()
 
     async def talk(index: int) -> None:
         session, rs = live[index]
@@ -52,10 +58,13 @@ async def run(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    stats = await client.info("commandstats")
+    redis_usec = sum(float(v["usec"]) for k, v in stats.items() if k != "cmdstat_config")
+    await client.aclose()
     for session, rs in live:
         await c.close(session, rs)
     await store.aclose()
-    return cpu, latencies
+    return cpu, latencies, redis_usec
 
 
 async def main() -> None:
@@ -67,9 +76,14 @@ async def main() -> None:
     history = args.sizes[0]
     with c.redis_server() as url:
         print(f"<!-- {c.machine(url)} -->\n")
-        bare, _ = await run(url, args.sessions, args.period, args.duration, history, False)
-        hooked, lat = await run(url, args.sessions, args.period, args.duration, history, True)
+        bare, _, _ = await run(url, args.sessions, args.period, args.duration, history, False)
+        hooked, lat, usec = await run(
+            url, args.sessions, args.period, args.duration, history, True
+        )
     share = (hooked - bare) / args.duration
+    per_commit = usec / max(1, len(lat))  # Redis CPU per checkpoint, microseconds
+    # sessions one Redis core serves at half load, a turn every ``period`` seconds each
+    per_primary = 0.5 * 1e6 / per_commit * args.period if per_commit else float("nan")
     c.section(
         f"{args.sessions} sessions in one worker, a turn every {args.period:g} s each, "
         f"{args.duration:g} s measured, Redis",
@@ -82,6 +96,8 @@ async def main() -> None:
                 "CPU per checkpoint",
                 "checkpoint p50 under load",
                 "p99",
+                "Redis CPU per checkpoint",
+                "sessions per Redis core at 50 % load",
             ],
             [
                 [
@@ -92,6 +108,8 @@ async def main() -> None:
                     c.fmt_ms((hooked - bare) / max(1, len(lat)) * 1e3),
                     c.fmt_ms(c.ms(lat)) if lat else "—",
                     c.fmt_ms(c.ms(lat, 0.99)) if lat else "—",
+                    f"{per_commit:.0f} µs",
+                    f"{per_primary:,.0f}",
                 ]
             ],
         ),
