@@ -152,7 +152,7 @@ def test_open_store_routes_every_redis_scheme() -> None:
     ):
         store = open_store(url, namespace="tenant-a", ttl=60)
         assert isinstance(store, RedisStore)
-        assert (store._namespace, store._ttl) == ("tenant-a", 60)
+        assert (store.namespace, store._ttl) == ("tenant-a", 60)
 
 
 LUA = ROOT / "src" / "livekit_resume" / "stores" / "lua"
@@ -190,7 +190,7 @@ def test_namespace_with_braces_and_decoding_clients_are_refused() -> None:
 
 
 async def test_every_key_of_a_session_shares_one_hash_tag(rstore: RedisStore) -> None:
-    ns = rstore._namespace
+    ns = rstore.namespace
     lease = await rstore.acquire(KEY, "worker-a")
     await commit_items(rstore, lease, 0, "a", "b")
     await commit_items(rstore, lease, 1, "c")
@@ -214,7 +214,7 @@ async def test_keys_with_braces_stay_in_one_slot(rstore: RedisStore) -> None:
         await commit_items(rstore, lease, 0, "a")
         await commit_items(rstore, lease, 1, "b")
         assert [i for i, _ in (await rstore.load(key)).streams["h"]] == ["a", "b"]
-        keys = await server_keys(rstore, f"{rstore._namespace}:{{*")
+        keys = await server_keys(rstore, f"{rstore.namespace}:{{*")
         mine = [k for k in keys if k.startswith(rstore._head_key(key)[: -len("head")])]
         assert len(mine) == 4 and len({key_slot(k.encode()) for k in mine}) == 1
     assert await rstore.keys() == sorted(["}x", "a}b{c", "{}", "%7B", "{already-tagged}"])
@@ -474,7 +474,7 @@ async def test_sentinel_url_reaches_the_primary(redis_sentinel: Any) -> None:
 
 
 async def test_compaction_moves_the_head_to_a_new_generation(rstore: RedisStore) -> None:
-    store = RedisStore(raw(rstore), namespace=rstore._namespace, keep=2)
+    store = RedisStore(raw(rstore), namespace=rstore.namespace, keep=2)
     client = raw(store)
     prefix = store._head_key(KEY)[: -len("head")]
     lease = await store.acquire(KEY, "worker-a")
@@ -529,17 +529,17 @@ async def test_ttl_is_a_real_pexpire_on_every_key(real_store: RedisStore) -> Non
         lease = await store.acquire(KEY, "worker-a")
         await commit_items(store, lease, 0, "a")
         await commit_items(store, lease, 1, "b")
-        keys = await server_keys(store, f"{store._namespace}:{{*")
+        keys = await server_keys(store, f"{store.namespace}:{{*")
         assert len(keys) == 4
         for k in keys:
             assert 25_000 < await client.pttl(k) <= 30_000
 
-        short = RedisStore.from_url(_url_of(real_store), namespace=store._namespace, ttl=0.3)
+        short = RedisStore.from_url(_url_of(real_store), namespace=store.namespace, ttl=0.3)
         try:
             await short.renew(lease, ttl=0.3)  # moves every key's deadline to 0.3 s
 
             async def gone() -> bool:
-                return not await server_keys(store, f"{store._namespace}:{{*")
+                return not await server_keys(store, f"{store.namespace}:{{*")
 
             await eventually(gone, "redis expired the session's keys")
             assert await short.keys() == []
@@ -560,12 +560,12 @@ def _url_of(store: RedisStore) -> str:
 async def test_without_ttl_keys_do_not_expire(real_store: RedisStore) -> None:
     lease = await real_store.acquire(KEY, "worker-a")
     await commit_items(real_store, lease, 0, "a")
-    for k in await server_keys(real_store, f"{real_store._namespace}:*"):
+    for k in await server_keys(real_store, f"{real_store.namespace}:*"):
         assert await raw(real_store).pttl(k) == -1
 
 
 async def test_index_forgets_expired_and_vanished_sessions(real_store: RedisStore) -> None:
-    ns = real_store._namespace
+    ns = real_store.namespace
     store = RedisStore.from_url(_url_of(real_store), namespace=ns, ttl=0.5)
     try:
         for key in ("one", "two"):
@@ -645,7 +645,7 @@ def _race_main() -> None:  # entry point of a worker process
 async def test_two_worker_processes_racing_never_accept_a_stale_write(
     real_store: RedisStore,
 ) -> None:
-    url, ns, key = _url_of(real_store), real_store._namespace, "contested-room"
+    url, ns, key = _url_of(real_store), real_store.namespace, "contested-room"
     code = "from tests.test_redis import _race_main; _race_main()"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [

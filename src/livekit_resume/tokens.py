@@ -20,9 +20,10 @@ from typing import Any
 
 import msgpack
 
-from .bridge import Namespaced, codec_for, from_stored
+from .bridge import codec_for, from_stored
 from .errors import SnapshotNotFound, TokenRefused
 from .settings import Settings
+from .snapshot.codec import Codec
 from .snapshot.frame import Keyring
 from .stores.base import Store, validate_key
 
@@ -43,10 +44,6 @@ def _keyring(signing_keys: str | None) -> Keyring:
     return Keyring.parse(spec)
 
 
-def _namespace(store: Store) -> str:
-    return store.namespace if isinstance(store, Namespaced) else codec_for(store).namespace
-
-
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -59,9 +56,9 @@ def _mac(key: bytes, signed: str) -> bytes:
     return hmac.new(key, signed.encode(), hashlib.sha256).digest()
 
 
-async def _conversation(store: Store, key: str) -> tuple[str | None, str]:
+async def _conversation(store: Store, codec: Codec, key: str) -> tuple[str | None, str]:
     """The key's current conversation id and state (SnapshotNotFound if none)."""
-    snap = from_stored(codec_for(store), await store.load(key))
+    snap = from_stored(codec, await store.load(key))
     return snap.meta.conversation, snap.state
 
 
@@ -72,10 +69,11 @@ async def issue_token(
     Raises `SnapshotNotFound` when the key holds none, `TokenRefused` when it ended."""
     validate_key(key)
     kid, secret = _keyring(signing_keys).keys[0]
-    conversation, state = await _conversation(store, key)
+    codec = codec_for(store)  # the store's namespace, which the token binds
+    conversation, state = await _conversation(store, codec, key)
     if state == "ended" or conversation is None:
         raise TokenRefused(f"session {key!r} holds no conversation a token can resume")
-    payload = [_namespace(store), key, conversation, time.time() + ttl, kid]
+    payload = [codec.namespace, key, conversation, time.time() + ttl, kid]
     signed = f"{PREFIX}.{_b64(msgpack.packb(payload, use_bin_type=True))}"
     return f"{signed}.{_b64(_mac(secret, signed))}"
 
@@ -110,10 +108,11 @@ async def verify_token(store: Store, token: str, *, signing_keys: str | None = N
     key = str(key)
     if expires_at < time.time():
         raise TokenRefused(f"reconnect token for session {key!r} refused: it expired")
-    if namespace != _namespace(store):
+    codec = codec_for(store)
+    if namespace != codec.namespace:
         raise TokenRefused(f"reconnect token for session {key!r} refused: another namespace")
     try:
-        current, state = await _conversation(store, key)
+        current, state = await _conversation(store, codec, key)
     except SnapshotNotFound:
         raise TokenRefused(
             f"reconnect token for session {key!r} refused: no conversation is stored"

@@ -181,10 +181,6 @@ class RedisStore:
         return self._names.namespace
 
     @property
-    def _namespace(self) -> str:
-        return self._names.namespace
-
-    @property
     def _index_key(self) -> str:
         return self._names.index
 
