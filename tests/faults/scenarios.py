@@ -357,6 +357,13 @@ class ProbeStore(WatchStore):
         self._failed.clear()
         await asyncio.wait_for(self._failed.wait(), timeout)
 
+def _probe(url: str, prefix: str, **options: Any) -> ProbeStore:
+    """A watched Redis store in a namespace of its own (``prefix`` + a random suffix)."""
+    return ProbeStore(
+        RedisStore.from_url(url, namespace=f"{prefix}{uuid.uuid4().hex[:8]}", **options)
+    )
+
+
 
 async def _fresh_session(
     store: Store, key: str, *, plain: bool = False
@@ -406,11 +413,7 @@ async def redis_outage(server: RedisServer, *, mode: str, runs: int, turns_down:
     row = Row(f"Redis outage mid-conversation ({label})", "redis")
     grown: list[int] = []
     for r in range(runs):
-        store = ProbeStore(
-            RedisStore.from_url(
-                server.url, namespace=f"o{uuid.uuid4().hex[:8]}", socket_timeout=1.0, retries=1
-            )
-        )
+        store = _probe(server.url, "o", socket_timeout=1.0, retries=1)
         key = f"outage-{r}"
         try:
             session, rs = await _fresh_session(store, key)
@@ -483,7 +486,7 @@ async def load(server: RedisServer, *, sessions: int, duration: float, every: fl
     Reported: commits per second and store commit latency (p50, p99).
     """
     row = Row(f"load: {sessions} live sessions, a turn every ~{every:g} s", "redis")
-    store = ProbeStore(RedisStore.from_url(server.url, namespace=f"l{uuid.uuid4().hex[:8]}"))
+    store = _probe(server.url, "l")
     rng = random.Random(sessions)
     live: list[tuple[str, Any, ResumableSession]] = []
     try:
@@ -552,7 +555,7 @@ async def redis_lost_data(server: RedisServer, *, runs: int) -> Row:
     row = Row("Redis restarted without its data, lease held", "redis")
     gone = 0
     for r in range(runs):
-        store = ProbeStore(RedisStore.from_url(server.url, namespace=f"d{uuid.uuid4().hex[:8]}"))
+        store = _probe(server.url, "d")
         key = f"lost-data-{r}"
         try:
             session, rs = await _fresh_session(store, key)
@@ -597,11 +600,7 @@ async def failed_suspend(server: RedisServer, *, runs: int) -> Row:
     """
     row = Row("suspend() while Redis is down, then again", "redis")
     for r in range(runs):
-        store = ProbeStore(
-            RedisStore.from_url(
-                server.url, namespace=f"s{uuid.uuid4().hex[:8]}", socket_timeout=1.0, retries=1
-            )
-        )
+        store = _probe(server.url, "s", socket_timeout=1.0, retries=1)
         key = f"suspend-{r}"
         try:
             session, rs = await _fresh_session(store, key)
@@ -648,7 +647,7 @@ async def oom(server: RedisServer, *, runs: int) -> Row:
     """
     row = Row("Redis out of memory (noeviction), then raised", "redis")
     for r in range(runs):
-        store = ProbeStore(RedisStore.from_url(server.url, namespace=f"m{uuid.uuid4().hex[:8]}"))
+        store = _probe(server.url, "m")
         key = f"oom-{r}"
         try:
             session, rs = await _fresh_session(store, key)
@@ -725,18 +724,9 @@ async def cluster_failover(
     """
     mode = f"wait_replicas={wait_replicas}" if wait_replicas else "async replication"
     row = Row(f"Cluster failover (primary SIGKILLed, replica takes over), {mode}", "cluster")
-    store = ProbeStore(
-        RedisStore.from_url(
-            pair.url,
-            namespace=f"c{uuid.uuid4().hex[:8]}",
-            wait_replicas=wait_replicas,
-            socket_timeout=1.0,
-            # redis-py replaces the URL's seed nodes by the nodes it discovers: after one
-            # failover it forgets the old primary that rejoined as a replica, and a second
-            # failover leaves it without a reachable node. Keep the seeds.
-            dynamic_startup_nodes=False,
-        )
-    )
+    # the store keeps the URL's nodes as seeds (dynamic_startup_nodes=False), so a
+    # second failover does not leave it without a reachable node
+    store = _probe(pair.url, "c", wait_replicas=wait_replicas, socket_timeout=1.0)
     live: list[tuple[str, Any, ResumableSession]] = []
     talkers: list[asyncio.Future[None]] = []
     stop = asyncio.Event()
