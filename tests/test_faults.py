@@ -21,6 +21,7 @@ from tests.faults.forkserver import ForkServer, Lab, lab
 from tests.faults.scenarios import (
     Target,
     cluster_failover,
+    eviction,
     failed_suspend,
     load,
     oom,
@@ -130,6 +131,13 @@ async def test_out_of_memory_redis_is_unavailable_not_corrupt_and_saving_resumes
     make_redis: RedisFactory, figures: Figures
 ) -> None:
     figures.add(await oom(make_redis("--maxmemory-policy", "noeviction"), runs=FOLLOW_UP_RUNS))
+
+
+async def test_evicted_sessions_are_refused_by_name_never_read_torn_and_rm_clears_them(
+    make_redis: RedisFactory, figures: Figures
+) -> None:
+    server = make_redis("--maxmemory-policy", "allkeys-lru")
+    figures.add(await eviction(server, runs=FOLLOW_UP_RUNS))
 
 
 @pytest.mark.cluster

@@ -781,3 +781,94 @@ async def cluster_failover(
         await store.aclose()
     row.notes = f"{sessions} sessions checkpointing continuously"
     return row
+
+
+# Sessions stored before the server starts evicting; enough that some lose keys and some
+# keep them all, few enough to stay quick.
+EVICTION_SESSIONS = 12
+
+
+async def eviction(server: RedisServer, *, runs: int) -> Row:
+    """Redis under ``allkeys-lru`` evicts keys of stored sessions (a misconfiguration the
+    store warns about at open, see docs/multi-worker.md).
+
+    Invariants: every session then either loads whole as the conversation it last
+    stored, or is refused with `SnapshotCorrupt` naming what is missing: never a torn
+    read, and never "no snapshot" (a silent fresh start) while keys of it remain; `delete`
+    (``livekit-resume rm``) leaves no key of it behind.
+    """
+    import redis.asyncio as redis
+
+    from livekit_resume import SnapshotCorrupt, SnapshotNotFound
+
+    row = Row("Redis evicting session keys (allkeys-lru), then rm", "redis")
+    raw = redis.Redis.from_url(server.url)
+    try:
+        for r in range(runs):
+            store = _probe(server.url, "e")
+            stored: dict[str, list[str]] = {}
+            try:
+                for n in range(EVICTION_SESSIONS):
+                    key = f"evict-{r}-{n}"
+                    session, rs = await _fresh_session(store, key, plain=True)
+                    for t in range(2):
+                        await store.wait_saved(await _turn(session, store, f"remember {t}"))
+                    await rs.suspend()
+                    stored[key] = [i.id for i in session.history.items]
+                row.runs += 1
+                row.acked += len(store.versions_written)
+                evicted = await _fill_until_evicted(server, raw, store, list(stored))
+                row.faults += evicted
+                for key, ids in stored.items():
+                    prefix = f"{store.namespace}:{{{key}}}:"
+                    try:
+                        loaded = await store.load(key)
+                        snap = Codec().decode_parts(
+                            key, loaded.head, loaded.streams, version=loaded.version
+                        )
+                        assert [i["id"] for i in snap.history] == ids, f"{key}: torn read"
+                    except SnapshotCorrupt:
+                        row.lost += 1  # refused loudly: what eviction cost, named
+                    except SnapshotNotFound:
+                        left = await raw.keys(prefix + "*")
+                        assert not left, f"{key}: read as new while {left} remain"
+                        row.lost += 1
+                    await store.delete(key)
+                    assert not await raw.keys(prefix + "*"), f"rm left keys of {key}"
+                assert row.lost > 0, "nothing was evicted: the scenario injected no fault"
+            finally:
+                server.cli("config", "set", "maxmemory", "0")
+                await raw.flushall()
+                await store.aclose()
+    finally:
+        await raw.aclose()
+    row.notes = (
+        f"{row.lost} of {row.runs * EVICTION_SESSIONS} sessions lost keys to eviction (the "
+        "lost column counts sessions); each was refused by name, none read torn or as new, "
+        "rm left none of their keys"
+    )
+    return row
+
+
+async def _fill_until_evicted(
+    server: RedisServer, raw: Any, store: Store, keys: list[str]
+) -> int:
+    """Lower maxmemory and write filler until keys of at least one stored session are
+    evicted; return the server's count of evicted keys."""
+    used = int(server.cli("info", "memory").split("used_memory:")[1].split()[0])
+    server.cli("config", "set", "maxmemory", str(used + 64 * 1024))
+    from livekit_resume import SnapshotCorrupt
+
+    async def intact(key: str) -> bool:
+        try:
+            return await store.info(key) is not None
+        except SnapshotCorrupt:
+            return False  # a version record is gone: said by name, as it must be
+
+    filler = os.urandom(8 * 1024)
+    for n in range(4096):
+        await raw.set(f"filler:{n}", filler)
+        if n % 32 == 31 and not all([await intact(k) for k in keys]):
+            break
+    stats = server.cli("info", "stats")
+    return int(stats.split("evicted_keys:")[1].split()[0])

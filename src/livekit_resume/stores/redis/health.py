@@ -32,6 +32,9 @@ class ServerCheck:
         self._strict = strict
         self._checked = False
         self._warned: set[str] = set()
+        # Whether a primary was seen evicting session keys: then a missing head may
+        # have left remains anywhere, not only where the cheap checks look.
+        self.evicting = False
 
     async def check(self) -> list[str]:
         """Read the settings and return what is unsafe (see `RedisStore.check`)."""
@@ -78,6 +81,7 @@ class ServerCheck:
                     "appendfsync everysec (or always)"
                 )
         problems = evicting + problems
+        self.evicting = bool(evicting)
         for problem in problems:
             if problem not in self._warned:
                 self._warned.add(problem)

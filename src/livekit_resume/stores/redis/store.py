@@ -225,7 +225,8 @@ class RedisStore:
         validate_lease_ttl(ttl, self._ttl)
         # Indexed before the script creates the session, so a crash in between leaves a
         # member without a session (filtered out), never a session without a member.
-        listed = await self._namespace_index.record(key, "acquire")
+        # On a server that evicts, every key is checked as if listed (see load).
+        listed = await self._namespace_index.record(key, "acquire") or self._check.evicting
         args: list[str | bytes | int] = [
             owner,
             fmt_time(ttl),
@@ -351,9 +352,12 @@ class RedisStore:
         reply = await self._run("load", key, ["" if version is None else str(int(version))])
         if reply[0] == b"absent":
             # No head at all: if the session's first keys remain, or the namespace still
-            # lists it, look for what is left. A lost head must never read as "no
-            # snapshot", which would start the conversation afresh.
-            if reply[1] == b"1" and (reply[2] or await self._namespace_index.listed(key)):
+            # lists it, or the server evicts keys (any of them may be left), look for
+            # what is left. A lost head must never read as "no snapshot", which would
+            # start the conversation afresh.
+            if reply[1] == b"1" and (
+                reply[2] or self._check.evicting or await self._namespace_index.listed(key)
+            ):
                 remains = await self._namespace_index.remains(key)
                 if remains:
                     raise self._namespace_index.headless_error(key, remains)
