@@ -64,14 +64,16 @@ Faults, and what the store does about them (tests: ``tests/test_redis_faults.py`
 - **A lost head** (evicted, or deleted by hand, while ``v:*`` / ``log:*`` keys remain):
   never read as "no snapshot", which would start the conversation afresh. When the
   head is missing and there is reason to look (the session's first log or version key
-  exists, or the namespace index lists the key), the store SCANs the session's prefix
+  exists, the namespace index lists the key, or the server's eviction policy was seen
+  to evict keys), the store SCANs the session's prefix
   (on a Cluster, on the node of its slot; O(keys in the database), never on a commit).
   The rule: ``load`` and ``acquire`` raise `SnapshotCorrupt` naming the head and what
   remains, and ``acquire`` creates nothing over the remains, until the session is
   deleted (``delete`` / ``livekit-resume rm``), which removes the remains too; the
-  versions cannot be read without the head, so no automatic repair is attempted. If
-  the index was evicted as well, remains that are not the session's first keys go
-  unnoticed until a commit would collide with one: a commit checks that the log it
+  versions cannot be read without the head, so no automatic repair is attempted. On a
+  server whose policy could not be read (CONFIG hidden) with the index evicted too,
+  remains that are not the session's first keys go unnoticed until a commit would
+  collide with one: a commit checks that the log it
   appends to holds exactly what its latest version read, so it never adopts a former
   life's records (`SnapshotCorrupt` naming the key). A missing version or log under a
   present head is `SnapshotCorrupt` naming the key.
