@@ -24,7 +24,7 @@ from ..settings import CODEC_SETTINGS, Settings
 from ..snapshot.codec import AGENT, DEFAULT_MAX_FRAME, HISTORY, Codec, read_frames
 from ..snapshot.model import ItemData, Snapshot, Writer
 from ..snapshot.salvage import validate_restorable
-from ..stores.base import Commit, KeyPages, SessionInfo, Store, Stored
+from ..stores.base import Commit, KeyPages, SessionInfo, Store, Stored, page_of
 
 __all__ = [
     "IMPORT_LEASE_TTL",
@@ -179,10 +179,7 @@ async def _keys_page(
     sorted ``keys()`` filtered here."""
     if isinstance(store, KeyPages):
         return await store.keys_page(prefix, after, limit)
-    keys = [k for k in await store.keys() if k.startswith(prefix) and (after is None or k > after)]
-    if limit is None or len(keys) <= limit:
-        return keys, None
-    return keys[:limit], keys[limit - 1]
+    return page_of(await store.keys(), prefix, after, limit)
 
 
 async def page_sessions(

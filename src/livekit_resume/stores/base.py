@@ -308,6 +308,17 @@ class KeyPages(Protocol):
         ...
 
 
+def page_of(
+    keys: Sequence[str], prefix: str, after: str | None, limit: int | None
+) -> tuple[list[str], str | None]:
+    """One `KeyPages` page cut from sorted ``keys``: those starting with ``prefix``,
+    after ``after``, at most ``limit``, and the cursor of the next page."""
+    found = [k for k in keys if k.startswith(prefix) and (after is None or k > after)]
+    if limit is None or len(found) <= limit:
+        return found, None
+    return found[:limit], found[limit - 1]
+
+
 # The errors every backend raises, worded once so that they read the same everywhere.
 
 

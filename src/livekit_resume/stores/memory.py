@@ -23,6 +23,7 @@ from .base import (
     lease_lost_error,
     not_found_error,
     not_retained_error,
+    page_of,
     validate_key,
     validate_lease_ttl,
     validate_ttl,
@@ -221,6 +222,12 @@ class MemoryStore:
 
     async def keys(self) -> list[str]:
         return sorted(k for k in list(self._sessions) if self._get(k) is not None)
+
+    async def keys_page(
+        self, prefix: str, after: str | None, limit: int | None
+    ) -> tuple[list[str], str | None]:
+        """`KeyPages` (a copy of the sorted keys: memory holds few sessions)."""
+        return page_of(await self.keys(), prefix, after, limit)
 
     async def delete(self, key: str) -> bool:
         return self._get(key) is not None and self._sessions.pop(key, None) is not None

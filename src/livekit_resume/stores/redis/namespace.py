@@ -18,6 +18,7 @@ from typing import Any, cast
 from redis.asyncio.cluster import RedisCluster
 
 from ...errors import SnapshotCorrupt
+from ..base import page_of
 from .client import Server, text
 from .health import ServerCheck
 from .keys import KeyNames, glob_escape
@@ -113,23 +114,44 @@ class Namespace:
 
     async def keys(self) -> list[str]:
         """Every live session key of the namespace, sorted (see `RedisStore.keys`)."""
+        return (await self.page("", None, None))[0]
+
+    async def page(
+        self, prefix: str, after: str | None, limit: int | None
+    ) -> tuple[list[str], str | None]:
+        """`KeyPages` over the index: its member names are read whole (a sorted set
+        scored by time has no order by name), but only a page's heads are checked."""
         client = self._server.client
         with self._server.errors("keys", None):
             indexed = cast("list[bytes]", await client.zrange(self._names.index, 0, -1))
-            members = [text(m) for m in indexed]
-            heads: list[Any] = []
-            for i in range(0, len(members), KEYS_BATCH):
-                pipe = client.pipeline(transaction=False)
-                for m in members[i : i + KEYS_BATCH]:
-                    pipe.hget(self._names.head(m), "touched")
-                heads += await pipe.execute(raise_on_error=False)
+        members = sorted(
+            m
+            for m in map(text, indexed)
+            if m.startswith(prefix) and (after is None or m > after)
+        )
+        live: list[str] = []
+        want = None if limit is None else limit + 1  # one more: is there a next page?
+        step = KEYS_BATCH if want is None else min(KEYS_BATCH, want)
+        for i in range(0, len(members), step):
+            live += await self._live(members[i : i + step])
+            if want is not None and len(live) >= want:
+                break
+        return page_of(live, prefix, after, limit)
+
+    async def _live(self, members: Sequence[str]) -> list[str]:
+        """Those of ``members`` whose head says they live, in their order."""
+        client = self._server.client
+        with self._server.errors("keys", None):
+            pipe = client.pipeline(transaction=False)
+            for m in members:
+                pipe.hget(self._names.head(m), "touched")
+            heads: list[Any] = await pipe.execute(raise_on_error=False)
             now = await self._server_now()
-        live = [
+        return [
             member
             for member, touched in zip(members, heads, strict=True)
             if _is_live(touched, self._ttl, now)
         ]
-        return sorted(live)
 
     async def _server_now(self) -> float:
         if self._clock is not None:

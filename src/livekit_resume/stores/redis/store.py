@@ -423,6 +423,12 @@ class RedisStore:
         """
         return await self._namespace_index.keys()
 
+    async def keys_page(
+        self, prefix: str, after: str | None, limit: int | None
+    ) -> tuple[list[str], str | None]:
+        """`KeyPages`: live keys in order, checking the heads of one page only."""
+        return await self._namespace_index.page(prefix, after, limit)
+
     async def delete(self, key: str) -> bool:
         validate_key(key)
         # Unindexed before the session goes: a concurrent acquire re-records it after.

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from ...errors import LeaseLost, SnapshotNotFound
-from ...stores.base import MAX_KEY_BYTES, Commit, Lease, Record
+from ...stores.base import MAX_KEY_BYTES, Commit, KeyPages, Lease, Record
 from ..poll import eventually
 from ._base import StoreTests
 from ._model import KEY, InfoDict, Writer, writer
@@ -123,6 +123,23 @@ class LifetimeTests(StoreTests):
             await store.commit(Commit(name, lease.epoch, 0, name.encode(), [], 0))
         assert len(names) == 200
         assert await store.keys() == sorted(names)
+
+    async def test_keys_come_in_pages_by_prefix_after_a_cursor(self) -> None:
+        store = await self.new_store()
+        if not isinstance(store, KeyPages):
+            pytest.skip(f"{type(store).__name__} has no KeyPages: the CLI pages its keys()")
+        names = ["a1", "a2", "a3", "ab", "b1", "bé", "c"]
+        for name in reversed(names):
+            await store.acquire(name, "worker")
+        await store.delete("a3")
+        names.remove("a3")
+        assert await store.keys_page("", None, None) == (names, None)
+        assert await store.keys_page("a", None, 2) == (["a1", "a2"], "a2")
+        assert await store.keys_page("a", "a2", 2) == (["ab"], None)
+        assert await store.keys_page("b", None, 2) == (["b1", "bé"], None)
+        assert await store.keys_page("", "b1", 1) == (["bé"], "bé")
+        assert await store.keys_page("", "c", 5) == ([], None)
+        assert await store.keys_page("x", None, 5) == ([], None)
 
     async def test_acquired_key_without_snapshot_is_listed_at_version_zero(self) -> None:
         store = await self.new_store()
