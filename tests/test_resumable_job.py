@@ -385,3 +385,140 @@ async def test_the_example_worker_survives_a_shutdown_under_the_demos_conditions
         assert json.loads(userdata)["name"] == "Ada"
         assert json.loads(userdata)["day"] is not None  # booked in the first job
         await second.shutdown()
+
+
+# ------------------------------------------- a suspend in the job, then the caller is back
+
+REJOIN = "tests.test_resumable_job:_entry_rejoin"
+WELCOME = "Welcome to the clinic!"
+
+
+class Greeter(Agent):
+    """Greets a new caller once; rebuilt from a snapshot it does not greet again."""
+
+    def __init__(self, *, restored: bool = False) -> None:
+        super().__init__(instructions="You greet a new caller, then remember what they say.")
+        self._restored = restored
+
+    async def on_enter(self) -> None:
+        if not self._restored:
+            self.session.generate_reply(instructions="greet the caller")
+
+
+async def _entry_rejoin(ctx: JobContext) -> None:
+    opts: dict[str, Any] = json.loads(ctx.job.metadata)
+    registry = lr.AgentRegistry()
+    registry.register(Greeter, factory=lambda _state: Greeter(restored=True))
+    model = ScriptedLLM([WELCOME], default="noted")
+    session = make_text_session(model)
+    rs = await lr.resumable_job(
+        ctx,
+        session,
+        registry=registry,
+        default=Greeter,
+        store=lr.open_store(opts["store"], **opts.get("store_options", {})),
+        leave_grace=opts.get("leave_grace"),
+        suspend_after=opts.get("suspend_after"),
+        room_options=room_io.RoomOptions(
+            audio_input=False, audio_output=False, text_output=False
+        ),
+        debounce=0.01,
+    )
+
+    async def turn(args: list[str]) -> None:
+        asked = len(model.requests)
+        await session.run(user_input=" ".join(args))
+        await rs._autosave.idle.wait()
+        sent = model.requests[asked].texts("user") if len(model.requests) > asked else []
+        jobs.report("TURN", rs.version, json.dumps(sent))
+
+    async def pause(_: list[str]) -> None:
+        jobs.report("PAUSED", await rs.pause())
+
+    def state(_: list[str]) -> None:
+        jobs.report("STATE", rs.state, 0)
+
+    def history(_: list[str]) -> None:
+        said = [m.text_content for m in session.history.messages() if m.role == "assistant"]
+        calls = ctx.room.local_participant.set_attributes.call_args_list  # the stand-in's
+        attrs = calls[-1].args[0] if calls else {}
+        jobs.report(
+            "HISTORY",
+            json.dumps({"ids": [i.id for i in session.history.items], "said": said,
+                        "asked": len(model.requests), "attributes": attrs}),
+        )
+
+    jobs.on_command("turn", turn)
+    jobs.on_command("pause", pause)
+    jobs.on_command("state", state)
+    jobs.on_command("history", history)
+    jobs.report("READY", int(rs.resumed), rs.version, "[]")
+
+
+async def history(job: RunningJob) -> dict[str, Any]:
+    await job.send("history")
+    result: dict[str, Any] = await job.expect_json("HISTORY")
+    return result
+
+
+async def test_after_suspend_after_a_participant_joining_restores_the_call_in_this_job(
+    target: dict[str, Any],
+) -> None:
+    async with JobHarness() as harness:
+        job = await harness.start_job(
+            REJOIN, room="hold-1", metadata=metadata(target, suspend_after=0.3)
+        )
+        assert (await ready(job))[0] is False
+        for text in TURNS[:2]:
+            await turn(job, text)
+        await job.send("pause")  # e.g. the caller asked to hold; nobody resumes in time
+        await job.expect("PAUSED")
+        await until_state(job, "suspended")
+        before = await history(job)
+        assert before["attributes"]["resume.state"] == "suspended"
+        info = await _info(target, "hold-1")
+        assert info.owner is None and info.info["state"] == "suspended"  # lease released
+
+        await job.send("leave caller CONNECTION_TIMEOUT")  # the caller's client reconnects
+        await job.send("join caller")
+        await until_state(job, "active")
+        after = await history(job)
+        assert after["ids"][: len(before["ids"])] == before["ids"]  # every item back, once
+        assert after["said"].count(WELCOME) == 1 and after["asked"] == before["asked"]
+        assert after["attributes"]["resume.state"] == "active"
+        await job.send("turn what did I tell you?")
+        _, _, sent = (await job.expect("TURN")).split(" ", 2)
+        assert json.loads(sent) == [*TURNS[:2], "what did I tell you?"]  # the whole call
+        await job.shutdown()
+    snap = await stored(target, "hold-1")
+    assert user_texts(snap) == [*TURNS[:2], "what did I tell you?"]
+
+
+async def test_after_the_leave_grace_suspends_the_caller_rejoining_is_restored_in_place(
+    target: dict[str, Any],
+) -> None:
+    async with JobHarness() as harness:
+        job = await harness.start_job(
+            REJOIN, room="drop-1", metadata=metadata(target, leave_grace=0.3)
+        )
+        await ready(job)
+        await turn(job, TURNS[0])
+        await job.send("leave caller CONNECTION_TIMEOUT")
+        await until_state(job, "suspended")
+        await job.send("join caller")
+        await until_state(job, "active")
+        await job.send(f"turn {TURNS[1]}")
+        _, _, sent = (await job.expect("TURN")).split(" ", 2)
+        assert json.loads(sent) == list(TURNS[:2])
+        await job.send("leave caller CLIENT_INITIATED")  # the grace works again after it
+        await until_state(job, "suspended")
+        assert (await history(job))["said"].count(WELCOME) == 1
+        await job.shutdown()
+
+
+async def _info(target: dict[str, Any], key: str) -> Any:
+    store = lr.open_store(target["store"], **target.get("store_options", {}))
+    try:
+        return await store.info(key)
+    finally:
+        await store.aclose()
