@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from livekit.agents import Agent, JobContext
+from livekit.agents import Agent, AgentSession, JobContext
 from livekit.agents.voice import room_io
 
 import livekit_resume as lr
@@ -226,7 +226,7 @@ async def test_a_sigterm_to_the_process_group_does_not_end_a_resumable_job(
 
 async def state(job: RunningJob) -> tuple[str, bool]:
     await job.send("state")
-    _, value, lost = (await job.expect("STATE")).split()
+    _, value, lost, *_earlier = (await job.expect("STATE")).split()
     return value, lost == "1"
 
 
@@ -335,7 +335,8 @@ async def test_a_reconnect_token_resumes_its_conversation_in_a_new_room_and_noth
 
 
 async def _entry_example(ctx: JobContext) -> None:
-    """examples/worker.py's own call logic, with the demo's scripted model for the models."""
+    """An example's own call logic (``serve_call`` of examples/worker.py, or of the file
+    the metadata names, with its keyword arguments), with the demo's scripted model."""
     import importlib.util
 
     from livekit_resume.cli.demo.agents import Visit
@@ -343,13 +344,14 @@ async def _entry_example(ctx: JobContext) -> None:
 
     opts: dict[str, Any] = json.loads(ctx.job.metadata)
     os.environ["RESUME_STORE"] = opts["store"]
-    spec = importlib.util.spec_from_file_location("example_worker", EXAMPLE)
+    path = EXAMPLES / opts.get("example", "worker.py")
+    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     model = demo_llm()
     session = make_text_session(model, userdata=Visit())
-    rs = await example.serve_call(ctx, session)
+    rs = await example.serve_call(ctx, session, **opts.get("serve", {}))
 
     async def turn(args: list[str]) -> None:
         await session.run(user_input=" ".join(args))
@@ -357,10 +359,11 @@ async def _entry_example(ctx: JobContext) -> None:
         jobs.report("TURN", rs.version, json.dumps(session.userdata.model_dump(mode="json")))
 
     jobs.on_command("turn", turn)
+    jobs.on_command("state", lambda _: jobs.report("STATE", rs.state, 0))
     jobs.report("READY", int(rs.resumed), rs.version, json.dumps([]))
 
 
-EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "worker.py")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 async def test_the_example_worker_survives_a_shutdown_under_the_demos_conditions(
@@ -387,6 +390,32 @@ async def test_the_example_worker_survives_a_shutdown_under_the_demos_conditions
         await second.shutdown()
 
 
+async def test_the_lifecycle_example_pauses_suspends_and_restores_in_place_when_the_caller_is_back(
+    tmp_path: Path,
+) -> None:
+    """examples/lifecycle.py (shown in docs/lifecycle.md), with short times."""
+    meta = json.dumps({
+        "store": f"sqlite:///{tmp_path}/lifecycle.db",
+        "example": "lifecycle.py",
+        "serve": {"leave_grace": 0.3, "suspend_after": 0.3},
+    })
+    async with JobHarness() as harness:
+        job = await harness.start_job(
+            "tests.test_resumable_job:_entry_example", room="clinic-7", metadata=meta
+        )
+        assert not (await ready(job))[0]
+        await job.send("turn Hi, I'm Ada.")
+        await job.expect("TURN")
+        await job.send("leave caller CONNECTION_TIMEOUT")  # the caller's network drops
+        await until_state(job, "suspended")  # the grace ran out
+        await job.send("join caller")  # back in the same room
+        await until_state(job, "active")
+        await job.send("turn I'd like to book a check-up.")
+        _, _, userdata = (await job.expect("TURN")).split(" ", 2)
+        assert json.loads(userdata)["name"] == "Ada"  # restored in place
+        await job.shutdown()
+
+
 # ------------------------------------------- a suspend in the job, then the caller is back
 
 REJOIN = "tests.test_resumable_job:_entry_rejoin"
@@ -410,22 +439,28 @@ async def _entry_rejoin(ctx: JobContext) -> None:
     registry = lr.AgentRegistry()
     registry.register(Greeter, factory=lambda _state: Greeter(restored=True))
     model = ScriptedLLM([WELCOME], default="noted")
-    session = make_text_session(model)
-    rs = await lr.resumable_job(
-        ctx,
-        session,
-        registry=registry,
-        default=Greeter,
-        store=lr.open_store(opts["store"], **opts.get("store_options", {})),
-        leave_grace=opts.get("leave_grace"),
-        suspend_after=opts.get("suspend_after"),
-        room_options=room_io.RoomOptions(
-            audio_input=False, audio_output=False, text_output=False
-        ),
-        debounce=0.01,
-    )
+    store = lr.open_store(opts["store"], **opts.get("store_options", {}))
+
+    async def run(session: AgentSession[Any]) -> lr.ResumableSession:
+        return await lr.resumable_job(
+            ctx,
+            session,
+            registry=registry,
+            default=Greeter,
+            store=store,
+            leave_grace=opts.get("leave_grace"),
+            suspend_after=opts.get("suspend_after"),
+            room_options=room_io.RoomOptions(
+                audio_input=False, audio_output=False, text_output=False
+            ),
+            debounce=0.01,
+        )
+
+    first = make_text_session(model)
+    live: list[tuple[AgentSession[Any], lr.ResumableSession]] = [(first, await run(first))]
 
     async def turn(args: list[str]) -> None:
+        session, rs = live[-1]
         asked = len(model.requests)
         await session.run(user_input=" ".join(args))
         await rs._autosave.idle.wait()
@@ -433,12 +468,19 @@ async def _entry_rejoin(ctx: JobContext) -> None:
         jobs.report("TURN", rs.version, json.dumps(sent))
 
     async def pause(_: list[str]) -> None:
-        jobs.report("PAUSED", await rs.pause())
+        jobs.report("PAUSED", await live[-1][1].pause())
+
+    async def again(_: list[str]) -> None:
+        # the documented path by hand: a new AgentSession and another resumable_job call
+        session = make_text_session(model)
+        live.append((session, await run(session)))
+        jobs.report("AGAIN", int(live[-1][1].resumed))
 
     def state(_: list[str]) -> None:
-        jobs.report("STATE", rs.state, 0)
+        jobs.report("STATE", live[-1][1].state, 0, *(rs.state for _, rs in live))
 
     def history(_: list[str]) -> None:
+        session = live[-1][0]
         said = [m.text_content for m in session.history.messages() if m.role == "assistant"]
         # the stand-in room records the attributes published (an autospec mock)
         calls = cast(Any, ctx.room.local_participant.set_attributes).call_args_list
@@ -451,9 +493,10 @@ async def _entry_rejoin(ctx: JobContext) -> None:
 
     jobs.on_command("turn", turn)
     jobs.on_command("pause", pause)
+    jobs.on_command("again", again)
     jobs.on_command("state", state)
     jobs.on_command("history", history)
-    jobs.report("READY", int(rs.resumed), rs.version, "[]")
+    jobs.report("READY", int(live[0][1].resumed), live[0][1].version, "[]")
 
 
 async def history(job: RunningJob) -> dict[str, Any]:
@@ -523,3 +566,29 @@ async def _info(target: dict[str, Any], key: str) -> Any:
         return await store.info(key)
     finally:
         await store.aclose()
+
+
+async def test_after_a_suspend_a_second_resumable_job_call_in_the_job_restores_it(
+    target: dict[str, Any],
+) -> None:
+    async with JobHarness() as harness:
+        job = await harness.start_job(
+            REJOIN, room="hold-2", metadata=metadata(target, suspend_after=0.3)
+        )
+        await ready(job)
+        for text in TURNS[:2]:
+            await turn(job, text)
+        await job.send("pause")
+        await until_state(job, "suspended")
+        await job.send("again")  # a new AgentSession, a second resumable_job call
+        assert (await job.expect("AGAIN")).split()[1] == "1"
+        await job.send("leave caller CONNECTION_TIMEOUT")
+        await job.send("join caller")  # the first call's policy is retired: it takes nothing
+        await job.send(f"turn {TURNS[2]}")
+        _, _, sent = (await job.expect("TURN")).split(" ", 2)
+        assert json.loads(sent) == list(TURNS)
+        await job.send("state")
+        assert (await job.expect("STATE")).split()[1:] == ["active", "0", "suspended", "active"]
+        assert (await history(job))["said"].count(WELCOME) == 1
+        await job.shutdown()
+    assert user_texts(await stored(target, "hold-2")) == list(TURNS)

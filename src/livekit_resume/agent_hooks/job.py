@@ -27,8 +27,11 @@ moments a conversation is lost in production:
   is not resumed: it is kept, whole, under ``<key>~v<version>`` for inspection (logged),
   and the call starts afresh under the key (``rs.resumed`` is False);
 - **long pauses**: a pause longer than ``suspend_after`` suspends the session (its
-  STT/TTS/LLM and audio are closed, the lease released); a later job for the key, or
-  this one with a new `AgentSession` and another `resumable_job` call, restores it.
+  audio pipeline, tasks and stream connections are closed, the lease released; the
+  models' pooled connections are LiveKit's to keep, see docs/lifecycle.md); a
+  participant joining the room then restores it in this job, into the same
+  `AgentSession` (LiveKit restarts a closed session), and a later job for the key, or
+  this one with a new `AgentSession` and another `resumable_job` call, restores it too.
 """
 
 from __future__ import annotations
@@ -324,8 +327,12 @@ async def resumable_job(
     `archive_stale`). ``store`` defaults to `open_store()`
     (``RESUME_STORE``). ``options`` go to `ResumableSession` (``userdata_type``,
     ``media``, ``codec``, …). The job's shutdown saves and releases the session; a
-    newer job for the same key takes it over and this one goes quiet. Returns the
-    `ResumableSession` (``rs.resumed`` says whether a conversation was found).
+    newer job for the same key takes it over and this one goes quiet. Once the session
+    is suspended in this job (the leave grace ran out, a pause outlasted
+    ``suspend_after``), a participant joining the room restores it in place: the same
+    ``session`` restarts with the stored conversation, and the returned `ResumableSession`
+    is active again. Returns the `ResumableSession` (``rs.resumed`` says whether a
+    conversation was found).
     """
     _ignore_sigterm()
     opened = store is None
