@@ -16,24 +16,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from livekit.agents import Agent, AgentSession
+from livekit.agents import AgentSession
 
 import livekit_resume as lr
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.testing.poll import eventually
 from tests.lk import FakeAudioInput, FakeAudioOutput, make_voice_session, voice_fakes
 from tests.lk.fake_providers import NetLLM, NetSTT, NetTTS, ProviderServer
+from tests.test_voice import REGISTRY, Counter
 
 KEY = "long-pause"
-
-
-class Counter(Agent):
-    def __init__(self) -> None:
-        super().__init__(instructions="You count when asked.")
-
-
-REGISTRY = lr.AgentRegistry()
-REGISTRY.register(Counter)
 
 
 @pytest.fixture
@@ -66,6 +58,13 @@ async def voice_call(
     return session, rs, model, closed
 
 
+async def close_models(session: AgentSession[Any], model: NetLLM) -> None:
+    tts = session.tts
+    assert tts is not None
+    await tts.aclose()
+    await model.aclose()
+
+
 async def test_paused_the_connections_stay_open_and_suspend_after_closes_the_sessions_own(
     server: ProviderServer,
 ) -> None:
@@ -83,11 +82,7 @@ async def test_paused_the_connections_stay_open_and_suspend_after_closes_the_ses
     assert session.input.audio is None and session.output.audio is None  # no audio pipeline
     # LiveKit's close does not close the models: their pools keep their connections...
     assert server.open_count("tts") == 1 and server.open_count("llm") == 1
-    # ...until the models themselves are closed
-    tts = session.tts
-    assert tts is not None
-    await tts.aclose()
-    await model.aclose()
+    await close_models(session, model)  # ...until the models themselves are closed
     await open_now(server, "tts", 0)
     await open_now(server, "llm", 0)
     info = await store.info(KEY)
@@ -118,7 +113,4 @@ async def test_a_session_suspended_after_a_long_pause_restarts_in_place_with_not
     assert server.opened["stt"] == 2 and server.open_count("stt") == 1  # a new stream
     await rs.aclose()
     await session.aclose()
-    tts = session.tts
-    assert tts is not None
-    await tts.aclose()
-    await model.aclose()
+    await close_models(session, model)
