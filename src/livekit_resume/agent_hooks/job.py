@@ -383,6 +383,8 @@ async def resumable_job(
         # Suspended in this job and a participant joined: the store holds the conversation,
         # the closed AgentSession restarts with it (LiveKit restarts a closed session and
         # it stays the job's primary one: its report, recording and shutdown close).
+        # LiveKit's restart logs "Failed to detach context" from opentelemetry: start()
+        # detaches the token its first start attached in the entrypoint's task; harmless.
         await closed.wait()
         closed.clear()
         await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
