@@ -31,6 +31,7 @@ RUN_ALL = _run_all()
 # the scripts run_all.py does not run, with tiny arguments of their own
 OTHERS: dict[str, list[str]] = {
     "lifecycle_cost.py": ["--rounds", "1", "--store", "memory"],
+    "pause_cost.py": ["--sessions", "2", "--items", "10", "--rounds", "1"],
     "fuzz_decode.py": ["--frames", "200"],
 }
 TINY: dict[str, list[str]] = {script: tiny for script, _, tiny in RUN_ALL.BENCHES} | OTHERS

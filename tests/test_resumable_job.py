@@ -13,10 +13,10 @@ import os
 import signal
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from livekit.agents import Agent, JobContext
+from livekit.agents import Agent, AgentSession, JobContext
 from livekit.agents.voice import room_io
 
 import livekit_resume as lr
@@ -226,7 +226,7 @@ async def test_a_sigterm_to_the_process_group_does_not_end_a_resumable_job(
 
 async def state(job: RunningJob) -> tuple[str, bool]:
     await job.send("state")
-    _, value, lost = (await job.expect("STATE")).split()
+    _, value, lost, *_earlier = (await job.expect("STATE")).split()
     return value, lost == "1"
 
 
@@ -335,7 +335,8 @@ async def test_a_reconnect_token_resumes_its_conversation_in_a_new_room_and_noth
 
 
 async def _entry_example(ctx: JobContext) -> None:
-    """examples/worker.py's own call logic, with the demo's scripted model for the models."""
+    """An example's own call logic (``serve_call`` of examples/worker.py, or of the file
+    the metadata names, with its keyword arguments), with the demo's scripted model."""
     import importlib.util
 
     from livekit_resume.cli.demo.agents import Visit
@@ -343,13 +344,14 @@ async def _entry_example(ctx: JobContext) -> None:
 
     opts: dict[str, Any] = json.loads(ctx.job.metadata)
     os.environ["RESUME_STORE"] = opts["store"]
-    spec = importlib.util.spec_from_file_location("example_worker", EXAMPLE)
+    path = EXAMPLES / opts.get("example", "worker.py")
+    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     model = demo_llm()
     session = make_text_session(model, userdata=Visit())
-    rs = await example.serve_call(ctx, session)
+    rs = await example.serve_call(ctx, session, **opts.get("serve", {}))
 
     async def turn(args: list[str]) -> None:
         await session.run(user_input=" ".join(args))
@@ -357,10 +359,11 @@ async def _entry_example(ctx: JobContext) -> None:
         jobs.report("TURN", rs.version, json.dumps(session.userdata.model_dump(mode="json")))
 
     jobs.on_command("turn", turn)
+    jobs.on_command("state", lambda _: jobs.report("STATE", rs.state, 0))
     jobs.report("READY", int(rs.resumed), rs.version, json.dumps([]))
 
 
-EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "worker.py")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 async def test_the_example_worker_survives_a_shutdown_under_the_demos_conditions(
@@ -385,3 +388,207 @@ async def test_the_example_worker_survives_a_shutdown_under_the_demos_conditions
         assert json.loads(userdata)["name"] == "Ada"
         assert json.loads(userdata)["day"] is not None  # booked in the first job
         await second.shutdown()
+
+
+async def test_the_lifecycle_example_pauses_suspends_and_restores_in_place_when_the_caller_is_back(
+    tmp_path: Path,
+) -> None:
+    """examples/lifecycle.py (shown in docs/lifecycle.md), with short times."""
+    meta = json.dumps({
+        "store": f"sqlite:///{tmp_path}/lifecycle.db",
+        "example": "lifecycle.py",
+        "serve": {"leave_grace": 0.3, "suspend_after": 0.3},
+    })
+    async with JobHarness() as harness:
+        job = await harness.start_job(
+            "tests.test_resumable_job:_entry_example", room="clinic-7", metadata=meta
+        )
+        assert not (await ready(job))[0]
+        await job.send("turn Hi, I'm Ada.")
+        await job.expect("TURN")
+        await job.send("leave caller CONNECTION_TIMEOUT")  # the caller's network drops
+        await until_state(job, "suspended")  # the grace ran out
+        await job.send("join caller")  # back in the same room
+        await until_state(job, "active")
+        await job.send("turn I'd like to book a check-up.")
+        _, _, userdata = (await job.expect("TURN")).split(" ", 2)
+        assert json.loads(userdata)["name"] == "Ada"  # restored in place
+        await job.shutdown()
+
+
+# ------------------------------------------- a suspend in the job, then the caller is back
+
+REJOIN = "tests.test_resumable_job:_entry_rejoin"
+WELCOME = "Welcome to the clinic!"
+
+
+class Greeter(Agent):
+    """Greets a new caller once; rebuilt from a snapshot it does not greet again."""
+
+    def __init__(self, *, restored: bool = False) -> None:
+        super().__init__(instructions="You greet a new caller, then remember what they say.")
+        self._restored = restored
+
+    async def on_enter(self) -> None:
+        if not self._restored:
+            self.session.generate_reply(instructions="greet the caller")
+
+
+async def _entry_rejoin(ctx: JobContext) -> None:
+    opts: dict[str, Any] = json.loads(ctx.job.metadata)
+    registry = lr.AgentRegistry()
+    registry.register(Greeter, factory=lambda _state: Greeter(restored=True))
+    model = ScriptedLLM([WELCOME], default="noted")
+    store = lr.open_store(opts["store"], **opts.get("store_options", {}))
+
+    async def run(session: AgentSession[Any]) -> lr.ResumableSession:
+        return await lr.resumable_job(
+            ctx,
+            session,
+            registry=registry,
+            default=Greeter,
+            store=store,
+            leave_grace=opts.get("leave_grace"),
+            suspend_after=opts.get("suspend_after"),
+            room_options=room_io.RoomOptions(
+                audio_input=False, audio_output=False, text_output=False
+            ),
+            debounce=0.01,
+        )
+
+    first = make_text_session(model)
+    live: list[tuple[AgentSession[Any], lr.ResumableSession]] = [(first, await run(first))]
+
+    async def turn(args: list[str]) -> None:
+        session, rs = live[-1]
+        asked = len(model.requests)
+        await session.run(user_input=" ".join(args))
+        await rs._autosave.idle.wait()
+        sent = model.requests[asked].texts("user") if len(model.requests) > asked else []
+        jobs.report("TURN", rs.version, json.dumps(sent))
+
+    async def pause(_: list[str]) -> None:
+        jobs.report("PAUSED", await live[-1][1].pause())
+
+    async def again(_: list[str]) -> None:
+        # the documented path by hand: a new AgentSession and another resumable_job call
+        session = make_text_session(model)
+        live.append((session, await run(session)))
+        jobs.report("AGAIN", int(live[-1][1].resumed))
+
+    def state(_: list[str]) -> None:
+        jobs.report("STATE", live[-1][1].state, 0, *(rs.state for _, rs in live))
+
+    def history(_: list[str]) -> None:
+        session = live[-1][0]
+        said = [m.text_content for m in session.history.messages() if m.role == "assistant"]
+        # the stand-in room records the attributes published (an autospec mock)
+        calls = cast(Any, ctx.room.local_participant.set_attributes).call_args_list
+        attrs = calls[-1].args[0] if calls else {}
+        jobs.report(
+            "HISTORY",
+            json.dumps({"ids": [i.id for i in session.history.items], "said": said,
+                        "asked": len(model.requests), "attributes": attrs}),
+        )
+
+    jobs.on_command("turn", turn)
+    jobs.on_command("pause", pause)
+    jobs.on_command("again", again)
+    jobs.on_command("state", state)
+    jobs.on_command("history", history)
+    jobs.report("READY", int(live[0][1].resumed), live[0][1].version, "[]")
+
+
+async def history(job: RunningJob) -> dict[str, Any]:
+    await job.send("history")
+    result: dict[str, Any] = await job.expect_json("HISTORY")
+    return result
+
+
+async def test_after_suspend_after_a_participant_joining_restores_the_call_in_this_job(
+    target: dict[str, Any],
+) -> None:
+    async with JobHarness() as harness:
+        job = await harness.start_job(
+            REJOIN, room="hold-1", metadata=metadata(target, suspend_after=0.3)
+        )
+        assert (await ready(job))[0] is False
+        for text in TURNS[:2]:
+            await turn(job, text)
+        await job.send("pause")  # e.g. the caller asked to hold; nobody resumes in time
+        await job.expect("PAUSED")
+        await until_state(job, "suspended")
+        before = await history(job)
+        assert before["attributes"]["resume.state"] == "suspended"
+        info = await _info(target, "hold-1")
+        assert info.owner is None and info.info["state"] == "suspended"  # lease released
+
+        await job.send("leave caller CONNECTION_TIMEOUT")  # the caller's client reconnects
+        await job.send("join caller")
+        await until_state(job, "active")
+        after = await history(job)
+        assert after["ids"][: len(before["ids"])] == before["ids"]  # every item back, once
+        assert after["said"].count(WELCOME) == 1 and after["asked"] == before["asked"]
+        assert after["attributes"]["resume.state"] == "active"
+        await job.send("turn what did I tell you?")
+        _, _, sent = (await job.expect("TURN")).split(" ", 2)
+        assert json.loads(sent) == [*TURNS[:2], "what did I tell you?"]  # the whole call
+        await job.shutdown()
+    snap = await stored(target, "hold-1")
+    assert user_texts(snap) == [*TURNS[:2], "what did I tell you?"]
+
+
+async def test_after_the_leave_grace_suspends_the_caller_rejoining_is_restored_in_place(
+    target: dict[str, Any],
+) -> None:
+    async with JobHarness() as harness:
+        job = await harness.start_job(
+            REJOIN, room="drop-1", metadata=metadata(target, leave_grace=0.3)
+        )
+        await ready(job)
+        await turn(job, TURNS[0])
+        await job.send("leave caller CONNECTION_TIMEOUT")
+        await until_state(job, "suspended")
+        await job.send("join caller")
+        await until_state(job, "active")
+        await job.send(f"turn {TURNS[1]}")
+        _, _, sent = (await job.expect("TURN")).split(" ", 2)
+        assert json.loads(sent) == list(TURNS[:2])
+        await job.send("leave caller CLIENT_INITIATED")  # the grace works again after it
+        await until_state(job, "suspended")
+        assert (await history(job))["said"].count(WELCOME) == 1
+        await job.shutdown()
+
+
+async def _info(target: dict[str, Any], key: str) -> Any:
+    store = lr.open_store(target["store"], **target.get("store_options", {}))
+    try:
+        return await store.info(key)
+    finally:
+        await store.aclose()
+
+
+async def test_after_a_suspend_a_second_resumable_job_call_in_the_job_restores_it(
+    target: dict[str, Any],
+) -> None:
+    async with JobHarness() as harness:
+        job = await harness.start_job(
+            REJOIN, room="hold-2", metadata=metadata(target, suspend_after=0.3)
+        )
+        await ready(job)
+        for text in TURNS[:2]:
+            await turn(job, text)
+        await job.send("pause")
+        await until_state(job, "suspended")
+        await job.send("again")  # a new AgentSession, a second resumable_job call
+        assert (await job.expect("AGAIN")).split()[1] == "1"
+        await job.send("leave caller CONNECTION_TIMEOUT")
+        await job.send("join caller")  # the first call's policy is retired: it takes nothing
+        await job.send(f"turn {TURNS[2]}")
+        _, _, sent = (await job.expect("TURN")).split(" ", 2)
+        assert json.loads(sent) == list(TURNS)
+        await job.send("state")
+        assert (await job.expect("STATE")).split()[1:] == ["active", "0", "suspended", "active"]
+        assert (await history(job))["said"].count(WELCOME) == 1
+        await job.shutdown()
+    assert user_texts(await stored(target, "hold-2")) == list(TURNS)

@@ -27,8 +27,11 @@ moments a conversation is lost in production:
   is not resumed: it is kept, whole, under ``<key>~v<version>`` for inspection (logged),
   and the call starts afresh under the key (``rs.resumed`` is False);
 - **long pauses**: a pause longer than ``suspend_after`` suspends the session (its
-  STT/TTS/LLM and audio are closed, the lease released); a later job for the key, or
-  this one with a new `AgentSession` and another `resumable_job` call, restores it.
+  audio pipeline, tasks and stream connections are closed, the lease released; the
+  models' pooled connections are LiveKit's to keep, see docs/lifecycle.md); a
+  participant joining the room then restores it in this job, into the same
+  `AgentSession` (LiveKit restarts a closed session), and a later job for the key, or
+  this one with a new `AgentSession` and another `resumable_job` call, restores it too.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from livekit import rtc
 from livekit.agents import Agent, AgentSession, JobContext
@@ -52,7 +56,7 @@ from livekit.agents.voice import room_io
 from ..bridge import codec_for, from_stored, whole_commit
 from ..errors import LeaseLost, SessionBusy, TokenRefused
 from ..snapshot.codec import Codec
-from ..stores.base import Store, validate_key
+from ..stores.base import SessionInfo, Store, validate_key
 from ..stores.url import open_store
 from ..tokens import verify_token
 from .registry import AgentRegistry
@@ -103,15 +107,29 @@ async def _resolve_key(ctx: JobContext, key: KeySpec) -> str:
 
 
 class JobPolicy:
-    """Pauses one session when the last remote participant leaves the room, resumes it
-    when one comes back within ``leave_grace`` seconds, and suspends it when nobody does.
+    """What a job does with its session when participants come and go.
+
+    With ``leave_grace``: pauses the session when the last remote participant leaves,
+    resumes it when one comes back within the grace, and suspends it when nobody does.
+    With ``rejoin`` (an async callable): a participant joining while the session is
+    suspended in this job (the grace ran out, a pause outlasted ``suspend_after``, the app
+    suspended it) restores it in place.
     """
 
-    def __init__(self, rs: ResumableSession, room: rtc.Room, *, leave_grace: float) -> None:
+    def __init__(
+        self,
+        rs: ResumableSession,
+        room: rtc.Room,
+        *,
+        leave_grace: float | None,
+        rejoin: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._rs = rs
         self._room = room
         self._leave_grace = leave_grace
+        self._rejoin = rejoin
         self._left_pause = False  # the pause is ours: the caller left
+        self._restoring = False
         self._started = False
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -131,14 +149,18 @@ class JobPolicy:
     # -- room events (synchronous callbacks: the work runs in tasks) --------------
 
     def _on_left(self, _participant: rtc.RemoteParticipant) -> None:
-        if self._room.remote_participants or self._rs.state != "active":
+        if self._leave_grace is None or self._room.remote_participants:
             return
-        self._spawn(self._pause_for_leave())
+        if self._rs.state == "active":
+            self._spawn(self._pause_for_leave())
 
     def _on_joined(self, _participant: rtc.RemoteParticipant) -> None:
         if self._left_pause and self._rs.state == "paused":
             self._cancel_timer()
             self._spawn(self._resume_after_leave())
+        elif self._rs.state == "suspended" and self._rejoin is not None and not self._restoring:
+            self._restoring = True
+            self._spawn(self._restore_in_place())
 
     async def _pause_for_leave(self) -> None:
         self._left_pause = True
@@ -149,12 +171,26 @@ class JobPolicy:
             self._leave_grace,
             extra={"key": self._rs.key},
         )
-        self._arm(self._leave_grace, "nobody came back within the grace")
+        self._arm(self._leave_grace or 0.0, "nobody came back within the grace")
 
     async def _resume_after_leave(self) -> None:
         self._left_pause = False
         await self._rs.resume()
         log.info("session %r resumed: a participant came back", self._rs.key)
+
+    async def _restore_in_place(self) -> None:
+        assert self._rejoin is not None
+        self._left_pause = False
+        try:
+            await self._rejoin()
+        finally:
+            self._restoring = False
+        log.info(
+            "session %r restored in this job at version %d: a participant joined",
+            self._rs.key,
+            self._rs.version,
+            extra={"key": self._rs.key},
+        )
 
     # -- the suspend timer ----------------------------------------------------------
 
@@ -184,7 +220,7 @@ class JobPolicy:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error(
-                "session %r: a pause or suspend on a room event failed: %s",
+                "session %r: a pause, suspend or restore on a room event failed: %s",
                 self._rs.key,
                 task.exception(),
                 extra={"key": self._rs.key},
@@ -192,13 +228,21 @@ class JobPolicy:
 
 
 async def archive_stale(
-    store: Store, codec: Codec, key: str, *, older_than: float | None, owner: str
+    store: Store,
+    codec: Codec,
+    key: str,
+    *,
+    older_than: float | None,
+    owner: str,
+    info: SessionInfo | Literal[False] | None = False,
 ) -> str | None:
     """If ``key``'s conversation ended (`ResumableSession.end`) or was last saved more
     than ``older_than`` seconds ago, copy its latest version whole to
     ``<key>~v<version>``, remove ``key`` and return the archive's key; else None. A
-    session some worker still holds is left alone."""
-    info = await store.info(key)
+    session some worker still holds is left alone. ``info``: ``store.info(key)`` when
+    the caller has just read it (not read again)."""
+    if info is False:
+        info = await store.info(key)
     if info is None or info.version == 0 or info.owner is not None:
         return None
     age = time.time() - info.updated_at
@@ -239,10 +283,9 @@ async def _token_key(
         return None
 
 
-async def _refuse_same_job(store: Store, key: str, owner: str) -> None:
+def _refuse_same_job(info: SessionInfo | None, key: str, owner: str) -> None:
     """A job that restores a key it already holds is a bug of the caller, not a takeover."""
-    info = await store.info(key)  # names an owner only while its lease is live
-    if info is None or info.owner is None:
+    if info is None or info.owner is None:  # info names an owner only while its lease is live
         return
     if info.owner.rsplit(":", 1)[0] == owner.rsplit(":", 1)[0]:
         raise SessionBusy(
@@ -250,6 +293,12 @@ async def _refuse_same_job(store: Store, key: str, owner: str) -> None:
             "each key once per job",
             holder=info.owner,
         )
+
+
+# The policy of each job's latest resumable_job call: a later call in the same job (after
+# a suspend, with a new AgentSession) retires the earlier one, which would otherwise take
+# the key back when a participant joins.
+_policies: weakref.WeakKeyDictionary[JobContext, JobPolicy] = weakref.WeakKeyDictionary()
 
 
 async def resumable_job(
@@ -278,17 +327,22 @@ async def resumable_job(
     `archive_stale`). ``store`` defaults to `open_store()`
     (``RESUME_STORE``). ``options`` go to `ResumableSession` (``userdata_type``,
     ``media``, ``codec``, …). The job's shutdown saves and releases the session; a
-    newer job for the same key takes it over and this one goes quiet. Returns the
-    `ResumableSession` (``rs.resumed`` says whether a conversation was found).
+    newer job for the same key takes it over and this one goes quiet. Once the session
+    is suspended in this job (the leave grace ran out, a pause outlasted
+    ``suspend_after``), a participant joining the room restores it in place: the same
+    ``session`` restarts with the stored conversation, and the returned `ResumableSession`
+    is active again. Returns the `ResumableSession` (``rs.resumed`` says whether a
+    conversation was found).
     """
     _ignore_sigterm()
     opened = store is None
     store = store or open_store()
     name = await _token_key(store, ctx, token) or await _resolve_key(ctx, key)
     owner = job_owner(ctx)
-    await _refuse_same_job(store, name, owner)
+    info = await store.info(name)
+    _refuse_same_job(info, name, owner)
     codec: Codec = options.pop("codec", None) or codec_for(store)
-    await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
+    await archive_stale(store, codec, name, older_than=resume_within, owner=owner, info=info)
 
     async def on_lost(error: LeaseLost) -> None:
         # a newer job took the conversation over: stop speaking, write nothing, end
@@ -318,7 +372,31 @@ async def resumable_job(
         codec=codec,
         **options,
     )
-    policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace or 0.0)
+    opts = room_options or room_io.RoomOptions()
+    if leave_grace is not None:
+        opts = dataclasses.replace(opts, close_on_disconnect=False)  # the grace decides
+
+    closed = asyncio.Event()  # a suspend closes the session last, after the lease is freed
+    session.on("close", lambda _ev: closed.set())
+
+    async def rejoin() -> None:
+        # Suspended in this job and a participant joined: the store holds the conversation,
+        # the closed AgentSession restarts with it (LiveKit restarts a closed session and
+        # it stays the job's primary one: its report, recording and shutdown close).
+        # LiveKit's restart logs "Failed to detach context" from opentelemetry: start()
+        # detaches the token its first start attached in the entrypoint's task; harmless.
+        await closed.wait()
+        closed.clear()
+        await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
+        session.history.items.clear()
+        restored = await rs.restore(session, default=default, takeover=True)
+        await session.start(restored, room=ctx.room, room_options=opts)
+
+    policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace, rejoin=rejoin)
+    earlier = _policies.get(ctx)
+    if earlier is not None:
+        earlier.stop()
+    _policies[ctx] = policy
     agent = await rs.restore(session, default=default, takeover=True)
 
     async def on_shutdown(_reason: str) -> None:
@@ -327,10 +405,6 @@ async def resumable_job(
             await store.aclose()
 
     ctx.add_shutdown_callback(on_shutdown)
-    opts = room_options or room_io.RoomOptions()
-    if leave_grace is not None:
-        opts = dataclasses.replace(opts, close_on_disconnect=False)  # the grace decides
     await session.start(agent, room=ctx.room, room_options=opts)
-    if leave_grace is not None:
-        policy.start()
+    policy.start()
     return rs

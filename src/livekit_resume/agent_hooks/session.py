@@ -189,6 +189,8 @@ class ResumableSession:
         ``session.userdata``, rebuild the current agent with its context, attach autosave.
 
         Call before ``session.start(agent)``. Returns ``default()`` when no snapshot exists.
+        After a `suspend` it may be called again, with a new `AgentSession` or the closed
+        one (LiveKit restarts it; empty its ``history`` first).
         Raises `SessionBusy` when another live worker holds the session (unless
         ``takeover``), `UnknownAgent` for an unregistered agent id, `IncompatibleSnapshot`
         when saved userdata no longer validates, `SnapshotCorrupt` when stored bytes are
@@ -197,8 +199,11 @@ class ResumableSession:
         context says what is missing, and the first checkpoint writes the whole session
         anew so later versions no longer depend on the damaged record.
         """
-        if self._session is not None:
+        if self._session is not None and self._state != "suspended":
             raise RuntimeError(f"session {self._key!r} was already restored")
+        if self._state == "suspended":
+            # again after a suspend, maybe into the same AgentSession: its audio back on
+            self._silencer.unsilence(session)
         with tracer.start_as_current_span(
             "livekit_resume.restore", attributes={"livekit_resume.key": self._key}
         ) as span:
