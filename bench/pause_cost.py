@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' do
 
 import livekit_resume as lr
 from livekit_resume.stores.base import Store
-from tests.lk import fake_voice, make_voice_session, voice_fakes
+from tests.lk import make_voice_session, voice_fakes
 from tests.lk.fake_providers import NetLLM, NetSTT, NetTTS, ProviderServer
 
 STATES = ("paused", "suspended", "models closed", "dropped")
@@ -105,7 +105,6 @@ class Call:
         await self.model.aclose()
 
     def drop(self) -> None:
-        fake_voice._FAKES.pop(self.session, None)  # its entry refers to the session
         self.session = None
         self.rs = None
 

@@ -649,9 +649,9 @@ class FakeTextOutput(io.TextOutput):
 
 @dataclass
 class VoiceFakes:
-    """The fakes wired into a session by :func:`make_voice_session`."""
+    """The fakes wired into a session by :func:`make_voice_session` (they hold no
+    reference to it: the table below is keyed weakly on the session)."""
 
-    session: AgentSession[Any]
     audio_in: FakeAudioInput
     audio_out: FakeAudioOutput
     text_out: FakeTextOutput | None
@@ -726,7 +726,6 @@ def make_voice_session(
     else:
         session.output.audio = audio_out
     _FAKES[session] = VoiceFakes(
-        session=session,
         audio_in=audio_in,
         audio_out=audio_out,
         text_out=text_out,
