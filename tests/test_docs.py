@@ -302,28 +302,32 @@ def seeded_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def check_bash_block(block: Block, work: Path, seeded_store: Path) -> None:
+    """Parse every ``livekit-resume`` command of ``block``; run, in order, those on the
+    block's own copy of the seeded store (in ``work``), each of which must exit 0."""
+    work.mkdir()
+    store = work / "resume.db"
+    shutil.copy(seeded_store, store)
+    url = f"sqlite:///{store}"
+    env = {"RESUME_STORE": url}
+    for args in cli_commands(block.text, env):
+        where = f"{block.where}:{block.line}: {PROG} {shlex.join(args)}"
+        try:
+            parse(args)
+        except Refused as e:
+            raise AssertionError(f"{where}: {e}") from None
+        if not runs_here(args, url) or "--help" in args:
+            continue
+        result = CliRunner().invoke(app, args, env=env, input="y\n")
+        assert result.exit_code == 0, f"{where}: exit {result.exit_code}\n{result.output}"
+
+
 @pytest.mark.parametrize("page", PAGE_PARAMS)
 def test_bash_blocks_use_the_real_command_line(
     page: Path, docs_dir: Path, seeded_store: Path
 ) -> None:
     for block in [b for b in page_blocks(page) if b.lang == "bash"]:
-        # Each block gets its own copy of the seeded store, and runs its commands in order.
-        work = docs_dir / f"block{block.line}"
-        work.mkdir()
-        store = work / "resume.db"
-        shutil.copy(seeded_store, store)
-        url = f"sqlite:///{store}"
-        env = {"RESUME_STORE": url}
-        for args in cli_commands(block.text, env):
-            where = f"{block.where}:{block.line}: {PROG} {shlex.join(args)}"
-            try:
-                parse(args)
-            except Refused as e:
-                pytest.fail(f"{where}: {e}")
-            if not runs_here(args, url) or "--help" in args:
-                continue
-            result = CliRunner().invoke(app, args, env=env, input="y\n")
-            assert result.exit_code == 0, f"{where}: exit {result.exit_code}\n{result.output}"
+        check_bash_block(block, docs_dir / f"block{block.line}", seeded_store)
 
 
 # ----------------------------------------------------------------- the site
@@ -394,6 +398,14 @@ def test_cli_commands_are_found_in_pipes_substitutions_and_continuations() -> No
 def test_a_command_line_the_cli_would_refuse_is_refused(args: list[str]) -> None:
     with pytest.raises(Refused):
         parse(args)
+
+
+def test_a_docs_command_that_fails_on_the_store_fails(docs_dir: Path, seeded_store: Path) -> None:
+    good = blocks("```bash\nlivekit-resume show ROOM && livekit-resume rm ROOM\n```\n", "t.md")
+    check_bash_block(good[0], docs_dir / "good", seeded_store)
+    bad = blocks("```bash\nlivekit-resume rm ROOM\nlivekit-resume show ROOM\n```\n", "t.md")
+    with pytest.raises(AssertionError, match="show ROOM: exit 1"):
+        check_bash_block(bad[0], docs_dir / "bad", seeded_store)
 
 
 def test_commands_the_cli_accepts_parse() -> None:
