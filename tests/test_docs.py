@@ -9,7 +9,8 @@ The convention (docs/contributing.md): in ``docs/**/*.md``
 * ```` ```bash ```` blocks: every ``livekit-resume ...`` command parses through the real command
   line; where its store is the page's SQLite store it also runs, in order, against a store
   that holds a real session under the key ``ROOM``, and must exit 0;
-* ```` ```text ```` blocks (output, transcripts, layouts) are not run;
+* ```` ```text ```` blocks (output, transcripts, layouts) are not run; one right after a
+  python block (blank lines between only) must be exactly what that block prints;
 * any other fence, a bare one included, fails, so that no block goes untested.
 
 A ``--8<-- "FILE:SECTION"`` line outside a fence includes that part of a file (the home page
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import inspect
+import io
 import os
 import re
 import shlex
@@ -30,7 +33,7 @@ import subprocess
 import sys
 import textwrap
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,9 @@ class Block:
     line: int
     lang: str
     text: str
+    shows: str | None = None
+    """For a python block: the text block right after it (blank lines between only),
+    which must be exactly what the block prints."""
 
     @property
     def snippets(self) -> list[str]:
@@ -96,6 +102,7 @@ def blocks(text: str, where: str) -> list[Block]:
     found: list[Block] = []
     lines = text.splitlines()
     i = 0
+    closed = -1  # the line after the last closing fence
     while i < len(lines):
         snippet = _SNIPPET.match(lines[i])
         if snippet:
@@ -114,8 +121,12 @@ def blocks(text: str, where: str) -> list[Block]:
             body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j])
             j += 1
         assert j < len(lines), f"{where}:{i + 1}: a fence that is never closed"
-        found.append(Block(where, i + 1, lang, "\n".join(body) + "\n"))
-        i = j + 1
+        block = Block(where, i + 1, lang, "\n".join(body) + "\n")
+        adjacent = closed >= 0 and not "".join(lines[closed:i]).strip()
+        if adjacent and lang == "text" and found and found[-1].lang == "python":
+            found[-1] = replace(found[-1], shows=block.text)
+        found.append(block)
+        i = closed = j + 1
     return found
 
 
@@ -152,9 +163,15 @@ async def run_python(code_blocks: list[Block]) -> dict[str, Any]:
     namespace: dict[str, Any] = {"__name__": "__docs__"}
     for block in code_blocks:
         code = compile_block(block)
-        result = eval(code, namespace)  # a docs block is the test's code, as written
-        if code.co_flags & inspect.CO_COROUTINE:
-            await result
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            result = eval(code, namespace)  # a docs block is the test's code, as written
+            if code.co_flags & inspect.CO_COROUTINE:
+                await result
+        if block.shows is not None:
+            assert printed.getvalue().rstrip() == block.shows.rstrip(), (
+                f"{block.where}:{block.line}: the text block after it shows other output"
+            )
     return namespace
 
 
@@ -367,6 +384,15 @@ def test_a_failing_python_block_fails_with_the_page_line() -> None:
         asyncio.run(run_python(bad))
     lines = [t.lineno for t in traceback.extract_tb(e.value.__traceback__) if t.filename == "t.md"]
     assert lines == [6]
+
+
+def test_a_text_block_right_after_a_python_block_must_be_its_output() -> None:
+    page = "```python\nprint(1 + 1)\n```\n\n```text\n{}\n```\n"
+    asyncio.run(run_python(blocks(page.format(2), "t.md")[:1]))
+    with pytest.raises(AssertionError, match=r"t\.md:1: the text block after it shows other"):
+        asyncio.run(run_python(blocks(page.format(3), "t.md")[:1]))
+    apart = blocks("```python\nprint(2)\n```\n\nprose\n\n```text\nx\n```\n", "t.md")
+    assert apart[0].shows is None  # prose between: the text block is not its output
 
 
 def test_blocks_of_one_page_share_a_namespace() -> None:
