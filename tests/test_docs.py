@@ -53,12 +53,6 @@ LANGUAGES = ("python", "bash", "text")
 DOC_KEY = "ROOM"
 PROG = "livekit-resume"
 
-# Pages whose python blocks are known to fail, and why. Each is an expected failure that
-# must fail (strict): a page fixed elsewhere turns it into an error until its line goes.
-KNOWN_BROKEN: dict[str, str] = {
-    "lifecycle.md": "the job lifecycle helper's branch turns its fragments into runnable code",
-}
-
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
 _SNIPPET = re.compile(r'^\s*-{1,}8<-{1,}\s+"(?P<path>[^"]+)"\s*$')
 
@@ -134,12 +128,8 @@ def page_blocks(page: Path) -> list[Block]:
     return blocks(page.read_text(), str(page.relative_to(ROOT)))
 
 
-def _param(page: Path, *, known_broken: bool = False) -> Any:
-    name = str(page.relative_to(DOCS))
-    marks = []
-    if known_broken and name in KNOWN_BROKEN:
-        marks.append(pytest.mark.xfail(reason=KNOWN_BROKEN[name], strict=True))
-    return pytest.param(page, id=name, marks=marks)
+def _param(page: Path) -> Any:
+    return pytest.param(page, id=str(page.relative_to(DOCS)))
 
 
 PAGE_PARAMS = [_param(page) for page in PAGES]
@@ -184,7 +174,7 @@ def docs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("page", [_param(page, known_broken=True) for page in PAGES])
+@pytest.mark.parametrize("page", PAGE_PARAMS)
 def test_python_blocks_run(page: Path, docs_dir: Path) -> None:
     code = [b for b in page_blocks(page) if b.lang == "python" and not b.snippets]
     if not code:
