@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 from livekit.agents import Agent, AgentSession, llm
 from pydantic import BaseModel
@@ -30,7 +29,8 @@ from pydantic import BaseModel
 import livekit_resume as lr
 from livekit_resume.errors import SignatureMismatch, SnapshotCorrupt
 from livekit_resume.snapshot.codec import Codec
-from livekit_resume.stores.base import Store
+from livekit_resume.stores.base import Record, Store
+from livekit_resume.stores.redis.records import pack_record, unpack_records
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.redis_servers import RedisServer
 
@@ -97,8 +97,9 @@ class Target:
         async with self._redis() as r:
             out = []
             for name in sorted(await r.keys(f"{self.namespace}:{{{KEY}}}:log:*")):
-                for n, raw in enumerate(await r.lrange(name, 0, -1)):
-                    out.append(((name, n), list(msgpack.unpackb(raw, raw=False))))
+                # a log is read from its start: a short record's `after` is implied
+                recs = unpack_records(await r.lrange(name, 0, -1), KEY)
+                out += [((name, n), [x.stream, x.id, x.after, x.data]) for n, x in enumerate(recs)]
             return out
 
     async def set_record(self, where: Any, record: list[Any]) -> None:
@@ -112,7 +113,7 @@ class Target:
                 )
         else:
             async with self._redis() as r:
-                await r.lset(where[0], where[1], msgpack.packb(record, use_bin_type=True))
+                await r.lset(where[0], where[1], pack_record(Record(stream, item_id, data, after)))
 
     async def generation(self) -> int:
         if self.kind == "sqlite":

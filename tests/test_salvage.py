@@ -12,10 +12,10 @@ import json
 import math
 import os
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import msgpack
 import pytest
 from livekit.agents import llm
 
@@ -24,6 +24,7 @@ from livekit_resume.snapshot.chat import ctx_from_data, item_to_data
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import AgentFrame, ItemData, Snapshot
 from livekit_resume.snapshot.salvage import Damage, salvage_parts
+from livekit_resume.stores.redis.records import pack_record, unpack_records
 from livekit_resume.stores.url import open_store
 from tests.test_cli import _converse, key, run, run_json, snapshot_of, url
 
@@ -178,12 +179,12 @@ def _flip_first_history_record(url: str, key: str) -> str:
     client = redis.Redis.from_url(url)
     try:
         (log_key,) = client.keys(f"{os.environ['RESUME_NAMESPACE']}:{{{key}}}:log:*")
-        for n, raw in enumerate(client.lrange(log_key, 0, -1)):
-            stream, item_id, after, data = msgpack.unpackb(raw, raw=False)
-            if stream == "history" and data is not None:
-                record = [stream, item_id, after, _flip(data)]
-                client.lset(log_key, n, msgpack.packb(record, use_bin_type=True))
-                return str(item_id)
+        raws = cast("list[bytes]", client.lrange(log_key, 0, -1))
+        for n, rec in enumerate(unpack_records(raws, key)):
+            if rec.stream == "history" and rec.data is not None:
+                flipped = pack_record(replace(rec, data=_flip(rec.data)))
+                client.lset(log_key, n, flipped)  # type: ignore[arg-type]  # bytes are fine
+                return rec.id
     finally:
         client.close()
     raise AssertionError("no history record found")

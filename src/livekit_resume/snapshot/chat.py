@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_type_hints
 
 from livekit import rtc
 from livekit.agents import llm
@@ -106,6 +106,66 @@ _ITEM_KEYS: dict[type[BaseModel], tuple[frozenset[str], frozenset[str]]] = {
     for cls in _ITEM_CLASSES.values()
 }
 _ITEM_ADAPTER: TypeAdapter[llm.ChatItem] = TypeAdapter(llm.ChatItem)
+
+# The fast path of `item_from_data`: the exact types each field of an item may hold,
+# checked in plain Python before the item is built without pydantic (a restore rebuilds
+# thousands). Anything else (images, audio, metadata in metrics, config updates, whose
+# model has private attributes) goes through pydantic's strict validation, which names
+# the culprit. Each check is as strict as that validation or stricter.
+_NONE = type(None)
+_ROLES = frozenset({"developer", "system", "user", "assistant"})
+_FAST_TYPES: dict[type[BaseModel], dict[str, tuple[type, ...]]] = {
+    llm.ChatMessage: {
+        "id": (str,),
+        "type": (str,),
+        "role": (str,),
+        "interrupted": (bool,),
+        "transcript_confidence": (float, _NONE),
+        "created_at": (float,),
+        "hash": (bytes, _NONE),
+        "content": (list,),
+        "extra": (dict,),
+        "metrics": (dict,),
+    },
+    llm.FunctionCall: {
+        "id": (str,),
+        "type": (str,),
+        "call_id": (str,),
+        "arguments": (str,),
+        "name": (str,),
+        "created_at": (float,),
+        "extra": (dict,),
+        "group_id": (str, _NONE),
+    },
+    llm.FunctionCallOutput: {
+        "id": (str,),
+        "type": (str,),
+        "name": (str,),
+        "call_id": (str,),
+        "output": (str,),
+        "is_error": (bool,),
+        "created_at": (float,),
+        "reply_required": (bool,),
+    },
+    llm.AgentHandoff: {
+        "id": (str,),
+        "type": (str,),
+        "old_agent_id": (str, _NONE),
+        "new_agent_id": (str,),
+        "created_at": (float,),
+    },
+}
+# Metrics LiveKit declares as floats; a metric it declares otherwise takes the slow path,
+# one it does not declare is kept as it is (as the slow path keeps it).
+_FLOAT_METRICS = frozenset(
+    k for k, t in get_type_hints(llm.MetricsReport).items() if t is float
+)
+_DECLARED_METRICS = frozenset(get_type_hints(llm.MetricsReport))
+_FIELD_ORDER = {cls: tuple(cls.model_fields) for cls in _FAST_TYPES}
+assert all(
+    set(_FAST_TYPES[cls]) == set(cls.model_fields) and not cls.__private_attributes__
+    for cls in _FAST_TYPES
+), "LiveKit's chat item fields changed: update _FAST_TYPES"
 
 _IMAGE_FIELDS = (
     "id",
@@ -356,6 +416,9 @@ def item_from_data(data: ItemData) -> llm.ChatItem:
     if cls is None:
         raise _corrupt(item_id, f"unknown item type {kind!r}")
     _check_keys(item_id, str(kind), data, *_ITEM_KEYS[cls])
+    fast = _fast_item(cls, data)
+    if fast is not None:
+        return fast
 
     values = dict(data)
     if cls is llm.ChatMessage:
@@ -376,6 +439,48 @@ def item_from_data(data: ItemData) -> llm.ChatItem:
         for key, value in saved.items():
             metrics.setdefault(key, value)
     return item
+
+
+def _plain_map(value: dict[Any, Any]) -> bool:
+    return all(type(k) is str for k in value)
+
+
+def _fast_item(cls: type[BaseModel], data: ItemData) -> llm.ChatItem | None:
+    """The item built from ``data`` (keys already checked) when every field holds
+    exactly the type it should, else None (the caller validates it with pydantic)."""
+    types = _FAST_TYPES.get(cls)
+    if types is None:
+        return None
+    for name, value in data.items():
+        if type(value) not in types[name]:
+            return None
+    extra = data.get("extra")
+    if extra is not None and not _plain_map(extra):
+        return None
+    if cls is llm.ChatMessage:
+        if data["role"] not in _ROLES or not all(type(p) is str for p in data["content"]):
+            return None
+        metrics = data["metrics"]
+        for k, v in metrics.items():
+            if type(k) is not str or (
+                k in _DECLARED_METRICS and (k not in _FLOAT_METRICS or type(v) is not float)
+            ):
+                return None
+    values = {name: data.get(name) for name in _FIELD_ORDER[cls]}
+    # its own containers, as validation gives (their values are shared, as with `Any`)
+    if "content" in values:
+        values["content"] = list(data["content"])
+    for name in ("extra", "metrics"):
+        if name in values:
+            values[name] = dict(data[name])
+    # What `model_construct` does, without its per-field machinery: the model has no
+    # private attributes (checked above) and every field is set.
+    item = cls.__new__(cls)
+    object.__setattr__(item, "__dict__", values)
+    object.__setattr__(item, "__pydantic_fields_set__", set(data))
+    object.__setattr__(item, "__pydantic_extra__", None)
+    object.__setattr__(item, "__pydantic_private__", None)
+    return item  # type: ignore[return-value]  # one of the fast-path item classes
 
 
 def ctx_from_data(items: list[ItemData]) -> llm.ChatContext:

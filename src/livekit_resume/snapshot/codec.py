@@ -63,6 +63,8 @@ _EXPORT = "lkrs_export"
 _BOUND = "bound"
 # The first format whose frames bind the namespace, and whose heads carry a binding.
 BOUND_FROM = 3
+# msgpack's header of an array of 5 (an item frame's context).
+_FIXARRAY_5 = b"\x95"
 # The namespace of a store told none (RedisStore's and SQLiteStore's default; the codec
 # cannot import the stores): a codec told none binds the same.
 DEFAULT_NAMESPACE = "lkresume"
@@ -95,6 +97,7 @@ class Codec(Framer):
         self._allow_unbound = allow_unbound
         ring = self._sign or self._encrypt  # the seal's key: signing, else encryption
         self.seal_key = SealKey(*ring.keys[0]) if ring is not None else SealKey("", None)
+        self._item_prefix: dict[tuple[str, str], bytes] = {}
 
     # --------------------------------------------------------------- contexts
 
@@ -103,8 +106,16 @@ class Codec(Framer):
         return bytes(msgpack.packb(["head", self.namespace, key]))
 
     def item_context(self, key: str, stream: str, item_id: str) -> bytes:
-        """The context of one chat item frame (current format)."""
-        return bytes(msgpack.packb(["item", self.namespace, key, stream, item_id]))
+        """The context of one chat item frame (current format): the msgpack of
+        ``["item", namespace, key, stream, id]``, its constant part packed once."""
+        prefix = self._item_prefix.get((key, stream))
+        if prefix is None:
+            if len(self._item_prefix) > 64:
+                self._item_prefix.clear()  # a codec serves few sessions at a time
+            prefix = self._item_prefix[key, stream] = _FIXARRAY_5 + b"".join(
+                msgpack.packb(s) for s in ("item", self.namespace, key, stream)
+            )
+        return prefix + bytes(msgpack.packb(item_id))
 
     def _head_ctx(self, key: str) -> Callable[[int], bytes]:
         return lambda v: self.head_context(key) if v >= BOUND_FROM else key.encode()
@@ -316,9 +327,14 @@ class Codec(Framer):
                     f"session {key!r}: agent item {item_id!r} refers to a history item "
                     "that does not exist"
                 )
-            return dict(refs[item_id])
+            # the twin's own map: decoded once, and a restore rebuilds it once
+            return refs[item_id]
         item = migrate_item(item, version)
-        if not isinstance(item, dict) or item.get("id") != item_id:
+        if (
+            not isinstance(item, dict)
+            or item.get("id") != item_id
+            or not all(type(k) is str for k in item)
+        ):
             raise SnapshotCorrupt(
                 f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
             )
@@ -351,10 +367,7 @@ class Codec(Framer):
         self._check_seals(bound, {HISTORY: history, AGENT: agent_items})
         if version is not None:
             data["version"] = version
-        data["history"] = history
-        if isinstance(data.get("agent"), dict):
-            data["agent"]["chat_ctx"] = agent_items
-        return _validate(data)
+        return _with_items(data, history, agent_items)
 
     def check_seals(self, key: str, head: bytes, streams: Mapping[str, Sequence[ItemData]]) -> None:
         """Refuse ``streams`` (decoded items, in order) unless they are exactly the items
@@ -437,6 +450,24 @@ def _export_context(export_id: str, n: int) -> bytes:
 
 def _item_context(key: str, stream: str, item_id: str) -> bytes:
     return b"\x00".join((key.encode(), stream.encode(), item_id.encode()))
+
+
+def _with_items(
+    data: dict[str, Any], history: list[ItemData], agent_items: list[ItemData]
+) -> Snapshot:
+    """Head data and its decoded items as a `Snapshot`. Only the head goes through
+    pydantic: an item is a map with string keys (`Codec.decode_item` checked that), all
+    the model asks of it, and validating thousands of them as ``dict[str, Any]`` would
+    copy each one for nothing (their fields are checked by `chat.item_from_data`)."""
+    data["history"] = []
+    agent = data.get("agent")
+    if isinstance(agent, dict):
+        agent["chat_ctx"] = []
+    snap = _validate(data)
+    snap.history = history
+    if snap.agent is not None:
+        snap.agent.chat_ctx = agent_items
+    return snap
 
 
 def validate_snapshot(data: Any) -> Snapshot:

@@ -191,9 +191,10 @@ class Framer:
         return version, data
 
     def _unpack(self, frame: bytes, context: Context) -> tuple[int, int, Any]:
-        if not isinstance(frame, (bytes, bytearray, memoryview)):
-            raise SnapshotCorrupt(f"expected bytes, got {type(frame).__name__}")
-        frame = bytes(frame)
+        if type(frame) is not bytes:
+            if not isinstance(frame, (bytes, bytearray, memoryview)):
+                raise SnapshotCorrupt(f"expected bytes, got {type(frame).__name__}")
+            frame = bytes(frame)
         if len(frame) < _HEADER.size + _CRC.size:
             raise SnapshotCorrupt(f"frame of {len(frame)} bytes is truncated")
         magic, version, flags, _reserved, size = _HEADER.unpack_from(frame)
@@ -208,10 +209,10 @@ class Framer:
                 f"{len(frame) - _HEADER.size} present"
             )
         header_body, trailer = frame[:end], frame[end:]
-        if callable(context):
-            context = context(version)
+        if callable(context) and flags & (FLAG_SIGNED | FLAG_ENCRYPTED):
+            context = context(version)  # only a MAC or a cipher reads it
         if flags & FLAG_SIGNED:
-            self._verify(header_body, trailer, context)
+            self._verify(header_body, trailer, context)  # type: ignore[arg-type]  # bytes by now
         else:
             if self._sign is not None:
                 raise SignatureMismatch("frame is unsigned but signing keys are configured")
@@ -220,7 +221,7 @@ class Framer:
         self._check_kind(version, flags)
         body = header_body[_HEADER.size :]
         if flags & FLAG_ENCRYPTED:
-            body = self._open(body, context)
+            body = self._open(body, context)  # type: ignore[arg-type]  # bytes by now
         if flags & FLAG_ZLIB:
             body = self._inflate(body)
         data = _unpackb(body)
@@ -343,15 +344,21 @@ def _unpackb(body: bytes) -> Any:
 
 
 def _too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether lists and maps in ``obj`` nest more than ``limit`` levels (iterative, so a
-    hostile value cannot exhaust Python's stack)."""
-    if not isinstance(obj, (dict, list, tuple)):
-        return False
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value
-        if depth > limit:
-            return True
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list, tuple)))
+    """Whether lists and maps in ``obj`` nest more than ``limit`` levels (level by level,
+    without recursion, so a hostile value cannot exhaust Python's stack; every frame
+    read is walked, hence the plain loops)."""
+    level: list[Any] = [obj]
+    depth = 0
+    while level:
+        depth += 1
+        below: list[Any] = []
+        for value in level:
+            if isinstance(value, dict):
+                value = value.values()
+            elif not isinstance(value, (list, tuple)):
+                continue
+            if depth > limit:
+                return True
+            below += value
+        level = below
     return False

@@ -41,7 +41,7 @@ from .events import EventStream
 from .health import ServerCheck
 from .keys import KeyNames
 from .namespace import Namespace
-from .records import number, pack_info, pack_record, unpack_info, unpack_record
+from .records import number, pack_info, pack_records, unpack_info, unpack_records
 from .scripts import DEFAULT_WAIT_TIMEOUT_MS, Scripts, fmt_time
 from .url import RedisURL
 
@@ -301,7 +301,7 @@ class RedisStore:
                 self._keep,
                 self._names.channel,
                 event,
-                *(pack_record(r) for r in commit.records),
+                *pack_records(commit.records),
             ],
         )
         if reply[0] == b"lost":
@@ -335,8 +335,8 @@ class RedisStore:
             )
         if len(raw) != log_len:
             return  # the session changed under us; the script would skip anyway
-        folded = fold_records((unpack_record(r, key) for r in raw), key)
-        packed = [pack_record(r) for r in records_from_streams(folded)]
+        folded = fold_records(unpack_records(raw, key), key)
+        packed = pack_records(records_from_streams(folded))
         reply = await self._run("compact", key, [version, gen, commit_id, *packed])
         if reply[0] == b"ok":
             logger.debug(
@@ -366,7 +366,7 @@ class RedisStore:
             oldest, latest = int(reply[1]), int(reply[2])
             raise not_retained_error(key, int(version or 0), list(range(oldest, latest + 1)))
         _, n, epoch, created, head, info, records = reply
-        streams = fold_records((unpack_record(r, key) for r in records), key)
+        streams = fold_records(unpack_records(records, key), key)
         return Stored(
             key=key,
             version=int(n),
