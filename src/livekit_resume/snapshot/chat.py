@@ -52,6 +52,7 @@ from livekit.agents import llm
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from livekit_resume.errors import SnapshotCorrupt
+from livekit_resume.snapshot.frame import all_str
 from livekit_resume.snapshot.model import ItemData
 from livekit_resume.snapshot.repair import INTERRUPTED_OUTPUT, NON_BLOCKING_EXTRA, repair_tool_calls
 from livekit_resume.snapshot.values import plain_item_value
@@ -441,10 +442,6 @@ def item_from_data(data: ItemData) -> llm.ChatItem:
     return item
 
 
-def _plain_map(value: dict[Any, Any]) -> bool:
-    return all(type(k) is str for k in value)
-
-
 def _fast_item(cls: type[BaseModel], data: ItemData) -> llm.ChatItem | None:
     """The item built from ``data`` (keys already checked) when every field holds
     exactly the type it should, else None (the caller validates it with pydantic)."""
@@ -454,25 +451,22 @@ def _fast_item(cls: type[BaseModel], data: ItemData) -> llm.ChatItem | None:
     for name, value in data.items():
         if type(value) not in types[name]:
             return None
-    extra = data.get("extra")
-    if extra is not None and not _plain_map(extra):
-        return None
-    if cls is llm.ChatMessage:
-        if data["role"] not in _ROLES or not all(type(p) is str for p in data["content"]):
-            return None
-        metrics = data["metrics"]
-        for k, v in metrics.items():
-            if type(k) is not str or (
-                k in _DECLARED_METRICS and (k not in _FLOAT_METRICS or type(v) is not float)
-            ):
-                return None
     values = {name: data.get(name) for name in _FIELD_ORDER[cls]}
     # its own containers, as validation gives (their values are shared, as with `Any`)
-    if "content" in values:
-        values["content"] = list(data["content"])
-    for name in ("extra", "metrics"):
-        if name in values:
-            values[name] = dict(data[name])
+    if cls is llm.ChatMessage:
+        content = values["content"] = list(data["content"])
+        if data["role"] not in _ROLES or not all_str(content):
+            return None  # not only text: a part is checked (and built) by pydantic
+        metrics = values["metrics"] = dict(data["metrics"])
+        if not all_str(metrics) or any(
+            k not in _FLOAT_METRICS or type(metrics[k]) is not float
+            for k in metrics.keys() & _DECLARED_METRICS
+        ):
+            return None
+    if "extra" in values:
+        extra = values["extra"] = dict(data["extra"])
+        if not all_str(extra):
+            return None
     # What `model_construct` does, without its per-field machinery: the model has no
     # private attributes (checked above) and every field is set.
     item = cls.__new__(cls)

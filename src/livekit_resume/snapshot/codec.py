@@ -31,7 +31,7 @@ from ..errors import (
     SnapshotTooLarge,
 )
 from .frame import COMPRESS_OVER as COMPRESS_OVER
-from .frame import DEFAULT_MAX_FRAME, MAGIC, MAX_DEPTH, Framer, Keyring, read_frames
+from .frame import DEFAULT_MAX_FRAME, MAGIC, MAX_DEPTH, Framer, Keyring, all_str, read_frames
 from .frame import FLAG_ENCRYPTED as FLAG_ENCRYPTED
 from .frame import FLAG_SIGNED as FLAG_SIGNED
 from .frame import FLAG_ZLIB as FLAG_ZLIB
@@ -70,6 +70,116 @@ _FIXARRAY_5 = b"\x95"
 DEFAULT_NAMESPACE = "lkresume"
 
 
+# The preset dictionary of every format 4 frame (`frame.FLAG_ZDICT`): the msgpack of one
+# item of each type as `chat.item_to_data` writes it (the commonest, a message, last:
+# deflate reaches the end of a dictionary cheapest), then a head's field names. Even a
+# short item then compresses to its own text and ids. Part of the format: it must never
+# change (tests/test_format4.py pins its digest); a new one would need a new flag.
+_T = 1.75e9
+ZDICT: bytes = b"".join(
+    msgpack.packb(sample, use_bin_type=True)
+    for sample in (
+        {
+            "format_version": 4,
+            "key": "",
+            "version": 0,
+            "created_at": _T,
+            "writer": {"worker_id": None, "job_id": None, "pid": 0, "host": ""},
+            "epoch": 0,
+            "reason": "turn",
+            "state": "active",
+            "meta": {
+                "conversation": "",
+                "room": "",
+                "participant_identity": "",
+                "job_id": "",
+                "agent_name": None,
+                "language": None,
+                "turn_count": 0,
+                "usage": {},
+                "extra": {},
+            },
+            "history": [],
+            "agent": {
+                "agent_id": "",
+                "chat_ctx": [],
+                "instructions": None,
+                "state": None,
+                "task": None,
+            },
+            "userdata": None,
+            "tool_calls": [],
+            "counts": {HISTORY: 0, AGENT: 0},
+            _BOUND: {"version": 0, "kid": "", "seals": {}},
+        },
+        _REF,
+        {
+            "id": "item_",
+            "type": "agent_config_update",
+            "instructions": None,
+            "tools_added": None,
+            "tools_removed": None,
+            "created_at": _T,
+        },
+        {
+            "id": "item_",
+            "type": "agent_handoff",
+            "old_agent_id": None,
+            "new_agent_id": "",
+            "created_at": _T,
+        },
+        {
+            "id": "item_",
+            "type": "function_call_output",
+            "name": "",
+            "call_id": "call_",
+            "output": "",
+            "is_error": False,
+            "created_at": _T,
+            "reply_required": True,
+        },
+        {
+            "id": "item_",
+            "type": "function_call",
+            "call_id": "call_",
+            "arguments": "{}",
+            "name": "",
+            "created_at": _T,
+            "extra": {},
+            "group_id": None,
+        },
+        {
+            "id": "item_",
+            "type": "message",
+            "role": "assistant",
+            "content": [""],
+            "interrupted": False,
+            "transcript_confidence": None,
+            "extra": {},
+            "metrics": {
+                "started_speaking_at": _T,
+                "stopped_speaking_at": _T,
+                "llm_node_ttft": 0.0,
+                "tts_node_ttfb": 0.0,
+                "e2e_latency": 0.0,
+            },
+            "created_at": _T,
+        },
+        {
+            "id": "item_",
+            "type": "message",
+            "role": "user",
+            "content": [""],
+            "interrupted": False,
+            "transcript_confidence": None,
+            "extra": {},
+            "metrics": {},
+            "created_at": _T,
+        },
+    )
+)
+
+
 class Codec(Framer):
     """Turns snapshots into frames and back. Stateless apart from its keys and limits."""
 
@@ -92,6 +202,7 @@ class Codec(Framer):
             encryption_keys=encryption_keys,
             max_frame=max_frame,
             allow_plaintext=allow_plaintext,
+            zdict=ZDICT,
         )
         self.namespace = DEFAULT_NAMESPACE if namespace is None else namespace
         self._allow_unbound = allow_unbound
@@ -330,11 +441,7 @@ class Codec(Framer):
             # the twin's own map: decoded once, and a restore rebuilds it once
             return refs[item_id]
         item = migrate_item(item, version)
-        if (
-            not isinstance(item, dict)
-            or item.get("id") != item_id
-            or not all(type(k) is str for k in item)
-        ):
+        if not isinstance(item, dict) or item.get("id") != item_id or not all_str(item):
             raise SnapshotCorrupt(
                 f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
             )
@@ -380,9 +487,10 @@ class Codec(Framer):
         if not bound.seals:
             return
         sealer = self._seal_key(bound.kid)
+        leaves: dict[int, bytes] = {}  # the maps are alive meanwhile: ids stay theirs
         for stream, items in streams.items():
             want = bound.seals.get(stream)
-            if want is not None and sealer.seal(stream, items) != want:
+            if want is not None and sealer.seal(stream, items, leaves) != want:
                 raise bound.error(
                     f"session {key!r}: the {stream} items stored do not match the seal "
                     f"of version {bound.version}'s head: records were replaced by older "
@@ -496,8 +604,7 @@ def check_item_ids(key: str, stream: str, items: Sequence[ItemData]) -> None:
         item_id = item.get("id")
         if not isinstance(item_id, str) or not item_id:
             raise SnapshotCorrupt(
-                f"session {key!r}: {stream} item {n} has a missing or non-string id "
-                f"({item_id!r})"
+                f"session {key!r}: {stream} item {n} has a missing or non-string id ({item_id!r})"
             )
         if item_id in seen:
             raise SnapshotCorrupt(

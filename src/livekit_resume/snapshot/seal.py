@@ -69,11 +69,20 @@ class SealKey:
     def sub(self, seal: int, term: int) -> int:
         return (seal - term) % _MOD
 
-    def seal(self, stream: str, items: Sequence[ItemData]) -> int:
-        """The seal of a whole stream of items, in order (what a reader recomputes)."""
+    def seal(
+        self, stream: str, items: Sequence[ItemData], leaves: dict[int, bytes] | None = None
+    ) -> int:
+        """The seal of a whole stream of items, in order (what a reader recomputes).
+        ``leaves`` keeps each item's digest by the identity of its map, for the next
+        stream: a restore decodes an agent item stored as a reference to its history
+        twin as the twin's very map, and hashes it once."""
         total, after = 0, None
+        leaves = {} if leaves is None else leaves
         for item in items:
-            total += self.term(stream, item["id"], after, item_digest(item))
+            leaf = leaves.get(id(item))
+            if leaf is None:
+                leaf = leaves[id(item)] = item_digest(item)
+            total += self.term(stream, item["id"], after, leaf)
             after = item["id"]
         return total % _MOD
 

@@ -63,14 +63,21 @@ def pack_info(info: _Info) -> bytes:
     return packed
 
 
+_MSGPACK_ERRORS = (ValueError, TypeError, msgpack.UnpackException)
+
+
+def _not_msgpack(what: str, key: str, exc: Exception) -> SnapshotCorrupt:
+    return SnapshotCorrupt(
+        f"session {key!r}: {what} is not valid msgpack ({exc}); foreign data or a "
+        "damaged key: delete the session or restore it from a backup"
+    )
+
+
 def _unpack(raw: bytes, what: str, key: str) -> Any:
     try:
         return msgpack.unpackb(raw, raw=False)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise SnapshotCorrupt(
-            f"session {key!r}: {what} is not valid msgpack ({exc}); foreign data or a "
-            "damaged key: delete the session or restore it from a backup"
-        ) from None
+    except _MSGPACK_ERRORS as exc:
+        raise _not_msgpack(what, key, exc) from None
 
 
 def unpack_records(raws: Iterable[bytes], key: str) -> list[Record]:
@@ -78,8 +85,12 @@ def unpack_records(raws: Iterable[bytes], key: str) -> list[Record]:
     session for a record that is not one we wrote."""
     out: list[Record] = []
     last: dict[str, str] = {}
+    unpackb = msgpack.unpackb
     for raw in raws:
-        v = _unpack(raw, "a log record", key)
+        try:
+            v = unpackb(raw, raw=False)
+        except _MSGPACK_ERRORS as exc:
+            raise _not_msgpack("a log record", key, exc) from None
         if type(v) is not list or len(v) not in (3, 4):
             raise _bad_record(key)
         code, item_id, data = v[0], v[1], v[-1]
