@@ -30,8 +30,8 @@ import livekit_resume as lr
 from livekit_resume.errors import SignatureMismatch, SnapshotCorrupt
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.base import Record, Store
-from livekit_resume.stores.redis.records import pack_record, unpack_records
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+from tests.redis_log import join_log, split_log
 from tests.redis_servers import RedisServer
 
 KEY = "room-integrity"
@@ -97,9 +97,10 @@ class Target:
         async with self._redis() as r:
             out = []
             for name in sorted(await r.keys(f"{self.namespace}:{{{KEY}}}:log:*")):
-                # a log is read from its start: a short record's `after` is implied
-                recs = unpack_records(await r.lrange(name, 0, -1), KEY)
-                out += [((name, n), [x.stream, x.id, x.after, x.data]) for n, x in enumerate(recs)]
+                elements = split_log(await r.lrange(name, 0, -1), KEY)
+                for e, recs in enumerate(elements):
+                    for n, x in enumerate(recs):
+                        out.append(((name, e, n), [x.stream, x.id, x.after, x.data]))
             return out
 
     async def set_record(self, where: Any, record: list[Any]) -> None:
@@ -113,7 +114,11 @@ class Target:
                 )
         else:
             async with self._redis() as r:
-                await r.lset(where[0], where[1], pack_record(Record(stream, item_id, data, after)))
+                name, e, n = where
+                elements = split_log(await r.lrange(name, 0, -1), KEY)
+                elements[e][n] = Record(stream, item_id, data, after)
+                await r.delete(name)
+                await r.rpush(name, *join_log(elements))
 
     async def generation(self) -> int:
         if self.kind == "sqlite":

@@ -24,8 +24,8 @@ from livekit_resume.snapshot.chat import ctx_from_data, item_to_data
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import AgentFrame, ItemData, Snapshot
 from livekit_resume.snapshot.salvage import Damage, salvage_parts
-from livekit_resume.stores.redis.records import pack_record, unpack_records
 from livekit_resume.stores.url import open_store
+from tests.redis_log import join_log, split_log
 from tests.test_cli import _converse, key, run, run_json, snapshot_of, url
 
 __all__ = ["key", "url"]  # fixtures shared with test_cli
@@ -179,12 +179,14 @@ def _flip_first_history_record(url: str, key: str) -> str:
     client = redis.Redis.from_url(url)
     try:
         (log_key,) = client.keys(f"{os.environ['RESUME_NAMESPACE']}:{{{key}}}:log:*")
-        raws = cast("list[bytes]", client.lrange(log_key, 0, -1))
-        for n, rec in enumerate(unpack_records(raws, key)):
-            if rec.stream == "history" and rec.data is not None:
-                flipped = pack_record(replace(rec, data=_flip(rec.data)))
-                client.lset(log_key, n, flipped)  # type: ignore[arg-type]  # bytes are fine
-                return rec.id
+        elements = split_log(cast("list[bytes]", client.lrange(log_key, 0, -1)), key)
+        for records in elements:
+            for n, rec in enumerate(records):
+                if rec.stream == "history" and rec.data is not None:
+                    records[n] = replace(rec, data=_flip(rec.data))
+                    client.delete(log_key)
+                    client.rpush(log_key, *join_log(elements))
+                    return rec.id
     finally:
         client.close()
     raise AssertionError("no history record found")

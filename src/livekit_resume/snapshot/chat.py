@@ -52,7 +52,7 @@ from livekit.agents import llm
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from livekit_resume.errors import SnapshotCorrupt
-from livekit_resume.snapshot.frame import all_str
+from livekit_resume.snapshot.frame import all_str, gc_paused
 from livekit_resume.snapshot.model import ItemData
 from livekit_resume.snapshot.repair import INTERRUPTED_OUTPUT, NON_BLOCKING_EXTRA, repair_tool_calls
 from livekit_resume.snapshot.values import plain_item_value
@@ -481,4 +481,5 @@ def ctx_from_data(items: list[ItemData]) -> llm.ChatContext:
     """A `ChatContext` of the rebuilt items, in the given order (never re-sorted)."""
     if not isinstance(items, list):
         raise SnapshotCorrupt(f"chat items are a {type(items).__name__}, not a list")
-    return llm.ChatContext([item_from_data(data) for data in items])
+    with gc_paused():
+        return llm.ChatContext([item_from_data(data) for data in items])

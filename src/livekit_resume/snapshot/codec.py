@@ -31,12 +31,21 @@ from ..errors import (
     SnapshotTooLarge,
 )
 from .frame import COMPRESS_OVER as COMPRESS_OVER
-from .frame import DEFAULT_MAX_FRAME, MAGIC, MAX_DEPTH, Framer, Keyring, all_str, read_frames
+from .frame import (
+    DEFAULT_MAX_FRAME,
+    MAGIC,
+    MAX_DEPTH,
+    Framer,
+    Keyring,
+    all_str,
+    gc_paused,
+    read_frames,
+)
 from .frame import FLAG_ENCRYPTED as FLAG_ENCRYPTED
 from .frame import FLAG_SIGNED as FLAG_SIGNED
 from .frame import FLAG_ZLIB as FLAG_ZLIB
 from .frame import Context as Context
-from .migrate import migrate_head, migrate_item
+from .migrate import OLDEST_READABLE, migrate_head, migrate_item
 from .model import FORMAT_VERSION, ItemData, Snapshot
 from .seal import SealKey, seal_from_bytes, seal_to_bytes
 
@@ -209,6 +218,13 @@ class Codec(Framer):
         ring = self._sign or self._encrypt  # the seal's key: signing, else encryption
         self.seal_key = SealKey(*ring.keys[0]) if ring is not None else SealKey("", None)
         self._item_prefix: dict[tuple[str, str], bytes] = {}
+        # Without keys a reference frame binds nothing (no MAC, no cipher): every one of a
+        # format is the same bytes, and half the records of a session are references.
+        self._plain_refs = frozenset(
+            self.pack(_REF, version=v)
+            for v in range(OLDEST_READABLE, FORMAT_VERSION + 1)
+            if ring is None
+        )
 
     # --------------------------------------------------------------- contexts
 
@@ -431,8 +447,11 @@ class Codec(Framer):
     ) -> ItemData:
         """One item frame of ``stream``, upcast; an agent reference is resolved in
         ``refs`` (the history items by id). Raises `SnapshotCorrupt` for a bad frame."""
-        version, item = self.unpack(frame, context=self._item_ctx(key, stream, item_id))
-        if item == _REF:
+        # the very bytes of a valid reference need no more checking
+        plain_ref = type(frame) is bytes and frame in self._plain_refs
+        if not plain_ref:
+            version, item = self.unpack(frame, context=self._item_ctx(key, stream, item_id))
+        if plain_ref or item == _REF:
             if item_id not in refs:
                 raise SnapshotCorrupt(
                     f"session {key!r}: agent item {item_id!r} refers to a history item "
@@ -459,6 +478,16 @@ class Codec(Framer):
         the number the store gave it (a head is written before the store numbers it):
         a head bound to another version is refused, and so are item records other than
         the ones its seals commit to (see `seal`)."""
+        with gc_paused():
+            return self._decode_parts(key, head, streams, version)
+
+    def _decode_parts(
+        self,
+        key: str,
+        head: bytes,
+        streams: Mapping[str, Sequence[tuple[str, bytes]]],
+        version: int | None,
+    ) -> Snapshot:
         data, want, bound = self._head(key, head)
         if version is not None:
             bound.check_version(version)

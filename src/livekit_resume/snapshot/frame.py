@@ -20,12 +20,14 @@ plain data, and `codec.Codec` builds on it.
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
 import hashlib
 import hmac
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -49,6 +51,7 @@ __all__ = [
     "Framer",
     "Keyring",
     "all_str",
+    "gc_paused",
     "read_frames",
 ]
 
@@ -337,6 +340,21 @@ def all_str(values: Iterable[Any]) -> bool:
     except TypeError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: decoding a long history allocates many small
+    objects (and no cycles), which would trigger full collections of the whole heap
+    over and over. Synchronous code only (the loop runs nothing else meanwhile)."""
+    if not gc.isenabled():
+        yield  # the application turned it off: it stays off
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def read_frames(stream: BinaryIO, *, max_frame: int = DEFAULT_MAX_FRAME) -> list[bytes]:

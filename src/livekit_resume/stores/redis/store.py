@@ -301,6 +301,7 @@ class RedisStore:
                 self._keep,
                 self._names.channel,
                 event,
+                len(commit.records),
                 *pack_records(commit.records),
             ],
         )
@@ -309,8 +310,8 @@ class RedisStore:
             raise lease_lost_error(key, commit.epoch, current)
         if reply[0] == b"moved":
             raise head_moved_error(commit, int(reply[1]))
-        version, log_len, gen = int(reply[1]), int(reply[2]), int(reply[3])
-        if needs_compaction(log_len, commit.size):
+        version, log_len, gen, records = (int(r) for r in reply[1:5])
+        if needs_compaction(records, commit.size):
             try:
                 await self._compact(key, version, gen, log_len, commit_id)
             except (StoreUnavailable, SnapshotCorrupt):
@@ -335,15 +336,16 @@ class RedisStore:
             )
         if len(raw) != log_len:
             return  # the session changed under us; the script would skip anyway
-        folded = fold_records(unpack_records(raw, key), key)
-        packed = pack_records(records_from_streams(folded))
-        reply = await self._run("compact", key, [version, gen, commit_id, *packed])
+        folded = records_from_streams(fold_records(unpack_records(raw, key), key))
+        packed = pack_records(folded)
+        reply = await self._run("compact", key, [version, gen, commit_id, len(folded), *packed])
         if reply[0] == b"ok":
             logger.debug(
-                "compacted session %r: %d records into %d",
+                "compacted session %r: %d log elements into %d (%d records)",
                 key,
                 log_len,
                 len(packed),
+                len(folded),
                 extra={"key": key, "version": version},
             )
 
