@@ -135,6 +135,26 @@ def test_an_agent_reference_is_its_history_twin_decoded_once() -> None:
     assert [i.model_dump() for i in ctx.items] == [i.model_dump() for i in alone]
 
 
+def test_a_body_packed_otherwise_is_sealed_by_its_data_as_before() -> None:
+    # The reader hashes each verified body for its seal leaf: the writer hashed exactly
+    # those bytes. A body another packer wrote (here the id as a str 8, not a fixstr)
+    # holds the same data under other bytes: judged by its data packed again, it loads.
+    codec = Codec()
+    item = _message(1)
+    canonical = msgpack.packb(item, use_bin_type=True)
+    fixstr = msgpack.packb(item["id"])
+    other = canonical.replace(fixstr, b"\xd9" + bytes([len(item["id"])]) + item["id"].encode())
+    assert other != canonical and msgpack.unpackb(other) == item
+    snap = Snapshot(key="k", history=[item])
+    head = codec.encode_head(snap, version=1, seals={HISTORY: codec.seal(HISTORY, [item])})
+    streams = {HISTORY: [(item["id"], _raw_frame(other, 4, 0))]}
+    assert codec.decode_parts("k", head, streams, version=1).history == [item]
+    edited = {**item, "content": ["changed"]}
+    streams = {HISTORY: [(item["id"], _raw_frame(msgpack.packb(edited), 4, 0))]}
+    with pytest.raises(SnapshotCorrupt, match="seal"):
+        codec.decode_parts("k", head, streams, version=1)
+
+
 def test_a_reference_frame_with_keys_is_still_verified() -> None:
     signed = Codec(signing_keys="k1:" + base64.b64encode(b"s" * 32).decode())
     frame = signed.encode_item("k", AGENT, _message(1), ref=True)

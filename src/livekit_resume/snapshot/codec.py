@@ -39,15 +39,16 @@ from .frame import (
     Keyring,
     all_str,
     gc_paused,
+    plain_data,
     read_frames,
 )
 from .frame import FLAG_ENCRYPTED as FLAG_ENCRYPTED
 from .frame import FLAG_SIGNED as FLAG_SIGNED
 from .frame import FLAG_ZLIB as FLAG_ZLIB
 from .frame import Context as Context
-from .migrate import OLDEST_READABLE, migrate_head, migrate_item
+from .migrate import OLDEST_READABLE, item_is_current, migrate_head, migrate_item
 from .model import FORMAT_VERSION, ItemData, Snapshot
-from .seal import SealKey, seal_from_bytes, seal_to_bytes
+from .seal import SealKey, packed_digest, seal_from_bytes, seal_to_bytes
 
 __all__ = [
     "BOUND_FROM",
@@ -447,10 +448,25 @@ class Codec(Framer):
     ) -> ItemData:
         """One item frame of ``stream``, upcast; an agent reference is resolved in
         ``refs`` (the history items by id). Raises `SnapshotCorrupt` for a bad frame."""
+        return self._item(key, stream, item_id, frame, refs, None)
+
+    def _item(
+        self,
+        key: str,
+        stream: str,
+        item_id: str,
+        frame: bytes,
+        refs: Mapping[str, ItemData],
+        leaves: dict[int, bytes] | None,
+    ) -> ItemData:
+        """`decode_item`; with ``leaves``, also the item's seal leaf (`seal.item_digest`)
+        by the identity of its map, hashed from the body just verified when the item
+        reads as written (that body is the msgpack the writer hashed)."""
         # the very bytes of a valid reference need no more checking
         plain_ref = type(frame) is bytes and frame in self._plain_refs
         if not plain_ref:
-            version, item = self.unpack(frame, context=self._item_ctx(key, stream, item_id))
+            version, _, body = self._body(frame, self._item_ctx(key, stream, item_id))
+            item = plain_data(body)
         if plain_ref or item == _REF:
             if item_id not in refs:
                 raise SnapshotCorrupt(
@@ -464,6 +480,8 @@ class Codec(Framer):
             raise SnapshotCorrupt(
                 f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
             )
+        if leaves is not None and item_is_current(version):
+            leaves[id(item)] = packed_digest(body)
         return item
 
     def decode_parts(
@@ -491,16 +509,17 @@ class Codec(Framer):
         data, want, bound = self._head(key, head)
         if version is not None:
             bound.check_version(version)
-        history = self._items(key, HISTORY, streams.get(HISTORY, ()), {})
+        leaves: dict[int, bytes] = {}
+        history = self._items(key, HISTORY, streams.get(HISTORY, ()), {}, leaves)
         by_id = {i["id"]: i for i in history}
-        agent_items = self._items(key, AGENT, streams.get(AGENT, ()), by_id)
+        agent_items = self._items(key, AGENT, streams.get(AGENT, ()), by_id, leaves)
         got = {HISTORY: len(history), AGENT: len(agent_items)}
         if any(want.get(s, n) != n for s, n in got.items()):
             raise SnapshotCorrupt(
                 f"session {key!r}: snapshot lists {want} items but the store holds {got}; "
                 "the stored log is damaged"
             )
-        self._check_seals(bound, {HISTORY: history, AGENT: agent_items})
+        self._check_seals(bound, {HISTORY: history, AGENT: agent_items}, leaves)
         if version is not None:
             data["version"] = version
         return _with_items(data, history, agent_items)
@@ -511,15 +530,25 @@ class Codec(Framer):
         `SnapshotCorrupt`. A head without seals (before format 3) checks nothing."""
         self._check_seals(self._head(key, head)[2], streams)
 
-    def _check_seals(self, bound: _Binding, streams: Mapping[str, Sequence[ItemData]]) -> None:
+    def _check_seals(
+        self,
+        bound: _Binding,
+        streams: Mapping[str, Sequence[ItemData]],
+        leaves: dict[int, bytes] | None = None,
+    ) -> None:
+        """``leaves``: items' digests by the identity of their maps (alive meanwhile, so
+        their ids stay theirs), as hashed from their frames' bodies."""
         key = bound.key
         if not bound.seals:
             return
         sealer = self._seal_key(bound.kid)
-        leaves: dict[int, bytes] = {}  # the maps are alive meanwhile: ids stay theirs
         for stream, items in streams.items():
             want = bound.seals.get(stream)
-            if want is not None and sealer.seal(stream, items, leaves) != want:
+            if want is None or sealer.seal(stream, items, leaves) == want:
+                continue
+            # a body that is not the canonical msgpack of its data (never one we wrote)
+            # is judged as before: by its data packed again
+            if not leaves or sealer.seal(stream, items) != want:
                 raise bound.error(
                     f"session {key!r}: the {stream} items stored do not match the seal "
                     f"of version {bound.version}'s head: records were replaced by older "
@@ -532,6 +561,7 @@ class Codec(Framer):
         stream: str,
         frames: Sequence[tuple[str, bytes]],
         refs: Mapping[str, ItemData],
+        leaves: dict[int, bytes],
     ) -> list[ItemData]:
         out: list[ItemData] = []
         seen: set[str] = set()
@@ -542,7 +572,7 @@ class Codec(Framer):
                     "the stored log is damaged"
                 )
             seen.add(item_id)
-            out.append(self.decode_item(key, stream, item_id, frame, refs))
+            out.append(self._item(key, stream, item_id, frame, refs, leaves))
         return out
 
 

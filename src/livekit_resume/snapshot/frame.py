@@ -52,6 +52,7 @@ __all__ = [
     "Keyring",
     "all_str",
     "gc_paused",
+    "plain_data",
     "read_frames",
 ]
 
@@ -222,6 +223,11 @@ class Framer:
         return version, data
 
     def _unpack(self, frame: bytes, context: Context) -> tuple[int, int, Any]:
+        version, flags, body = self._body(frame, context)
+        return version, flags, plain_data(body)
+
+    def _body(self, frame: bytes, context: Context) -> tuple[int, int, bytes]:
+        """A frame's format version, flags and body: verified, decrypted, decompressed."""
         if type(frame) is not bytes:
             if not isinstance(frame, (bytes, bytearray, memoryview)):
                 raise SnapshotCorrupt(f"expected bytes, got {type(frame).__name__}")
@@ -257,10 +263,7 @@ class Framer:
             body = self._inflate(body, self._zdict)
         elif flags & FLAG_ZLIB:
             body = self._inflate(body)
-        data = _unpackb(body)
-        if _may_nest(body) and _too_deep(data):
-            raise SnapshotTooLarge(f"frame holds values nested deeper than {MAX_DEPTH} levels")
-        return version, flags, data
+        return version, flags, body
 
     def _check_kind(self, version: int, flags: int) -> None:
         """Refuse a verified frame this framer must not read: unknown flags, or
@@ -390,6 +393,14 @@ def _seal(key: bytes, kid: str, body: bytes, context: bytes) -> bytes:
     nonce = os.urandom(_NONCE_LEN)
     kid_b = kid.encode()
     return bytes([len(kid_b)]) + kid_b + nonce + AESGCM(key).encrypt(nonce, body, context)
+
+
+def plain_data(body: bytes) -> Any:
+    """A verified body's plain data, within the depth limit."""
+    data = _unpackb(body)
+    if _may_nest(body) and _too_deep(data):
+        raise SnapshotTooLarge(f"frame holds values nested deeper than {MAX_DEPTH} levels")
+    return data
 
 
 def _unpackb(body: bytes) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import IncompatibleSnapshot, SnapshotCorrupt
 from .model import FORMAT_VERSION
 
-__all__ = ["OLDEST_READABLE", "migrate_head", "migrate_item"]
+__all__ = ["OLDEST_READABLE", "item_is_current", "migrate_head", "migrate_item"]
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -87,6 +87,13 @@ def migrate_head(data: Any, version: int) -> Any:
             if isinstance(items, list):
                 items[:] = [_run(_ITEM, i, version, "chat item") for i in items]
     return data
+
+
+def item_is_current(version: int) -> bool:
+    """Whether a chat item frame of ``version`` reads as it was written (no upcaster)."""
+    return OLDEST_READABLE <= version <= FORMAT_VERSION and not any(
+        v in _ITEM for v in range(version, FORMAT_VERSION)
+    )
 
 
 def migrate_item(data: Any, version: int) -> Any:
