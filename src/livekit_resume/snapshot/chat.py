@@ -458,22 +458,25 @@ def _fast_item(cls: type[BaseModel], data: ItemData) -> llm.ChatItem | None:
         if data["role"] not in _ROLES or not all_str(content):
             return None  # not only text: a part is checked (and built) by pydantic
         metrics = values["metrics"] = dict(data["metrics"])
-        if not all_str(metrics) or any(
-            k not in _FLOAT_METRICS or type(metrics[k]) is not float
-            for k in metrics.keys() & _DECLARED_METRICS
+        if metrics and not all_str(metrics):
+            return None
+        declared = metrics.keys() & _DECLARED_METRICS
+        if declared and any(
+            k not in _FLOAT_METRICS or type(metrics[k]) is not float for k in declared
         ):
             return None
     if "extra" in values:
         extra = values["extra"] = dict(data["extra"])
-        if not all_str(extra):
+        if extra and not all_str(extra):
             return None
     # What `model_construct` does, without its per-field machinery: the model has no
     # private attributes (checked above) and every field is set.
     item = cls.__new__(cls)
-    object.__setattr__(item, "__dict__", values)
-    object.__setattr__(item, "__pydantic_fields_set__", set(data))
-    object.__setattr__(item, "__pydantic_extra__", None)
-    object.__setattr__(item, "__pydantic_private__", None)
+    setattr_ = object.__setattr__
+    setattr_(item, "__dict__", values)
+    setattr_(item, "__pydantic_fields_set__", set(data))
+    setattr_(item, "__pydantic_extra__", None)
+    setattr_(item, "__pydantic_private__", None)
     return item  # type: ignore[return-value]  # one of the fast-path item classes
 
 
