@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 from livekit.agents import Agent, AgentSession, llm
 from pydantic import BaseModel
@@ -30,8 +29,9 @@ from pydantic import BaseModel
 import livekit_resume as lr
 from livekit_resume.errors import SignatureMismatch, SnapshotCorrupt
 from livekit_resume.snapshot.codec import Codec
-from livekit_resume.stores.base import Store
+from livekit_resume.stores.base import Record, Store
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+from tests.redis_log import join_log, split_log
 from tests.redis_servers import RedisServer
 
 KEY = "room-integrity"
@@ -97,8 +97,10 @@ class Target:
         async with self._redis() as r:
             out = []
             for name in sorted(await r.keys(f"{self.namespace}:{{{KEY}}}:log:*")):
-                for n, raw in enumerate(await r.lrange(name, 0, -1)):
-                    out.append(((name, n), list(msgpack.unpackb(raw, raw=False))))
+                elements = split_log(await r.lrange(name, 0, -1), KEY)
+                for e, recs in enumerate(elements):
+                    for n, x in enumerate(recs):
+                        out.append(((name, e, n), [x.stream, x.id, x.after, x.data]))
             return out
 
     async def set_record(self, where: Any, record: list[Any]) -> None:
@@ -112,7 +114,11 @@ class Target:
                 )
         else:
             async with self._redis() as r:
-                await r.lset(where[0], where[1], msgpack.packb(record, use_bin_type=True))
+                name, e, n = where
+                elements = split_log(await r.lrange(name, 0, -1), KEY)
+                elements[e][n] = Record(stream, item_id, data, after)
+                await r.delete(name)
+                await r.rpush(name, *join_log(elements))
 
     async def generation(self) -> int:
         if self.kind == "sqlite":

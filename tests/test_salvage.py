@@ -12,10 +12,10 @@ import json
 import math
 import os
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import msgpack
 import pytest
 from livekit.agents import llm
 
@@ -25,6 +25,7 @@ from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import AgentFrame, ItemData, Snapshot
 from livekit_resume.snapshot.salvage import Damage, salvage_parts
 from livekit_resume.stores.url import open_store
+from tests.redis_log import join_log, split_log
 from tests.test_cli import _converse, key, run, run_json, snapshot_of, url
 
 __all__ = ["key", "url"]  # fixtures shared with test_cli
@@ -178,12 +179,14 @@ def _flip_first_history_record(url: str, key: str) -> str:
     client = redis.Redis.from_url(url)
     try:
         (log_key,) = client.keys(f"{os.environ['RESUME_NAMESPACE']}:{{{key}}}:log:*")
-        for n, raw in enumerate(client.lrange(log_key, 0, -1)):
-            stream, item_id, after, data = msgpack.unpackb(raw, raw=False)
-            if stream == "history" and data is not None:
-                record = [stream, item_id, after, _flip(data)]
-                client.lset(log_key, n, msgpack.packb(record, use_bin_type=True))
-                return str(item_id)
+        elements = split_log(cast("list[bytes]", client.lrange(log_key, 0, -1)), key)
+        for records in elements:
+            for n, rec in enumerate(records):
+                if rec.stream == "history" and rec.data is not None:
+                    records[n] = replace(rec, data=_flip(rec.data))
+                    client.delete(log_key)
+                    client.rpush(log_key, *join_log(elements))
+                    return rec.id
     finally:
         client.close()
     raise AssertionError("no history record found")

@@ -21,7 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from ..errors import IncompatibleSnapshot
 from ..snapshot.chat import ctx_from_data, repair_tool_calls
-from ..snapshot.model import Snapshot
+from ..snapshot.model import ItemData, Snapshot
 from .capture import instructions_from
 from .registry import AgentRegistry
 
@@ -37,6 +37,20 @@ class Rebuilt:
     agent: Agent
     history: list[llm.ChatItem]
     agent_items: list[llm.ChatItem] | None
+
+
+def _agent_ctx(
+    datas: list[ItemData], history_datas: list[ItemData], history: list[llm.ChatItem]
+) -> llm.ChatContext:
+    """The agent's context. An agent item stored as a reference to its history twin is
+    decoded as the twin's very map (`Codec.decode_item`): it becomes the twin's very
+    item, as in a live session, where both contexts hold the same objects."""
+    twins = {id(d): item for d, item in zip(history_datas, history, strict=True)}
+    built = [twins.get(id(d)) for d in datas]
+    if None not in built:
+        return llm.ChatContext(built)  # type: ignore[arg-type]  # no None in it
+    rest = iter(ctx_from_data([d for d, b in zip(datas, built, strict=True) if b is None]).items)
+    return llm.ChatContext([b if b is not None else next(rest) for b in built])
 
 
 async def rebuild(
@@ -61,7 +75,7 @@ async def rebuild(
             ) from None
     frame = snap.agent
     agent = default() if frame is None else registry.build(frame.agent_id, frame.state)
-    saved = ctx_from_data(frame.chat_ctx) if frame is not None else None
+    saved = _agent_ctx(frame.chat_ctx, snap.history, history) if frame is not None else None
 
     if session.history.items:
         session.history.insert(history)

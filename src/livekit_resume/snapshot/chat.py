@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import base64
 import logging
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_type_hints
 
 from livekit import rtc
 from livekit.agents import llm
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from livekit_resume.errors import SnapshotCorrupt
+from livekit_resume.snapshot.frame import all_str, gc_paused
 from livekit_resume.snapshot.model import ItemData
 from livekit_resume.snapshot.repair import INTERRUPTED_OUTPUT, NON_BLOCKING_EXTRA, repair_tool_calls
 from livekit_resume.snapshot.values import plain_item_value
@@ -106,6 +107,66 @@ _ITEM_KEYS: dict[type[BaseModel], tuple[frozenset[str], frozenset[str]]] = {
     for cls in _ITEM_CLASSES.values()
 }
 _ITEM_ADAPTER: TypeAdapter[llm.ChatItem] = TypeAdapter(llm.ChatItem)
+
+# The fast path of `item_from_data`: the exact types each field of an item may hold,
+# checked in plain Python before the item is built without pydantic (a restore rebuilds
+# thousands). Anything else (images, audio, metadata in metrics, config updates, whose
+# model has private attributes) goes through pydantic's strict validation, which names
+# the culprit. Each check is as strict as that validation or stricter.
+_NONE = type(None)
+_ROLES = frozenset({"developer", "system", "user", "assistant"})
+_FAST_TYPES: dict[type[BaseModel], dict[str, tuple[type, ...]]] = {
+    llm.ChatMessage: {
+        "id": (str,),
+        "type": (str,),
+        "role": (str,),
+        "interrupted": (bool,),
+        "transcript_confidence": (float, _NONE),
+        "created_at": (float,),
+        "hash": (bytes, _NONE),
+        "content": (list,),
+        "extra": (dict,),
+        "metrics": (dict,),
+    },
+    llm.FunctionCall: {
+        "id": (str,),
+        "type": (str,),
+        "call_id": (str,),
+        "arguments": (str,),
+        "name": (str,),
+        "created_at": (float,),
+        "extra": (dict,),
+        "group_id": (str, _NONE),
+    },
+    llm.FunctionCallOutput: {
+        "id": (str,),
+        "type": (str,),
+        "name": (str,),
+        "call_id": (str,),
+        "output": (str,),
+        "is_error": (bool,),
+        "created_at": (float,),
+        "reply_required": (bool,),
+    },
+    llm.AgentHandoff: {
+        "id": (str,),
+        "type": (str,),
+        "old_agent_id": (str, _NONE),
+        "new_agent_id": (str,),
+        "created_at": (float,),
+    },
+}
+# Metrics LiveKit declares as floats; a metric it declares otherwise takes the slow path,
+# one it does not declare is kept as it is (as the slow path keeps it).
+_FLOAT_METRICS = frozenset(
+    k for k, t in get_type_hints(llm.MetricsReport).items() if t is float
+)
+_DECLARED_METRICS = frozenset(get_type_hints(llm.MetricsReport))
+_FIELD_ORDER = {cls: tuple(cls.model_fields) for cls in _FAST_TYPES}
+assert all(
+    set(_FAST_TYPES[cls]) == set(cls.model_fields) and not cls.__private_attributes__
+    for cls in _FAST_TYPES
+), "LiveKit's chat item fields changed: update _FAST_TYPES"
 
 _IMAGE_FIELDS = (
     "id",
@@ -356,6 +417,9 @@ def item_from_data(data: ItemData) -> llm.ChatItem:
     if cls is None:
         raise _corrupt(item_id, f"unknown item type {kind!r}")
     _check_keys(item_id, str(kind), data, *_ITEM_KEYS[cls])
+    fast = _fast_item(cls, data)
+    if fast is not None:
+        return fast
 
     values = dict(data)
     if cls is llm.ChatMessage:
@@ -378,8 +442,47 @@ def item_from_data(data: ItemData) -> llm.ChatItem:
     return item
 
 
+def _fast_item(cls: type[BaseModel], data: ItemData) -> llm.ChatItem | None:
+    """The item built from ``data`` (keys already checked) when every field holds
+    exactly the type it should, else None (the caller validates it with pydantic)."""
+    types = _FAST_TYPES.get(cls)
+    if types is None:
+        return None
+    for name, value in data.items():
+        if type(value) not in types[name]:
+            return None
+    values = {name: data.get(name) for name in _FIELD_ORDER[cls]}
+    # its own containers, as validation gives (their values are shared, as with `Any`)
+    if cls is llm.ChatMessage:
+        content = values["content"] = list(data["content"])
+        if data["role"] not in _ROLES or not all_str(content):
+            return None  # not only text: a part is checked (and built) by pydantic
+        metrics = values["metrics"] = dict(data["metrics"])
+        if metrics and not all_str(metrics):
+            return None
+        declared = metrics.keys() & _DECLARED_METRICS
+        if declared and any(
+            k not in _FLOAT_METRICS or type(metrics[k]) is not float for k in declared
+        ):
+            return None
+    if "extra" in values:
+        extra = values["extra"] = dict(data["extra"])
+        if extra and not all_str(extra):
+            return None
+    # What `model_construct` does, without its per-field machinery: the model has no
+    # private attributes (checked above) and every field is set.
+    item = cls.__new__(cls)
+    setattr_ = object.__setattr__
+    setattr_(item, "__dict__", values)
+    setattr_(item, "__pydantic_fields_set__", set(data))
+    setattr_(item, "__pydantic_extra__", None)
+    setattr_(item, "__pydantic_private__", None)
+    return item  # type: ignore[return-value]  # one of the fast-path item classes
+
+
 def ctx_from_data(items: list[ItemData]) -> llm.ChatContext:
     """A `ChatContext` of the rebuilt items, in the given order (never re-sorted)."""
     if not isinstance(items, list):
         raise SnapshotCorrupt(f"chat items are a {type(items).__name__}, not a list")
-    return llm.ChatContext([item_from_data(data) for data in items])
+    with gc_paused():
+        return llm.ChatContext([item_from_data(data) for data in items])

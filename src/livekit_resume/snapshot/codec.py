@@ -31,14 +31,24 @@ from ..errors import (
     SnapshotTooLarge,
 )
 from .frame import COMPRESS_OVER as COMPRESS_OVER
-from .frame import DEFAULT_MAX_FRAME, MAGIC, MAX_DEPTH, Framer, Keyring, read_frames
+from .frame import (
+    DEFAULT_MAX_FRAME,
+    MAGIC,
+    MAX_DEPTH,
+    Framer,
+    Keyring,
+    all_str,
+    gc_paused,
+    plain_data,
+    read_frames,
+)
 from .frame import FLAG_ENCRYPTED as FLAG_ENCRYPTED
 from .frame import FLAG_SIGNED as FLAG_SIGNED
 from .frame import FLAG_ZLIB as FLAG_ZLIB
 from .frame import Context as Context
-from .migrate import migrate_head, migrate_item
+from .migrate import OLDEST_READABLE, item_is_current, migrate_head, migrate_item
 from .model import FORMAT_VERSION, ItemData, Snapshot
-from .seal import SealKey, seal_from_bytes, seal_to_bytes
+from .seal import SealKey, packed_digest, seal_from_bytes, seal_to_bytes
 
 __all__ = [
     "BOUND_FROM",
@@ -63,9 +73,121 @@ _EXPORT = "lkrs_export"
 _BOUND = "bound"
 # The first format whose frames bind the namespace, and whose heads carry a binding.
 BOUND_FROM = 3
+# msgpack's header of an array of 5 (an item frame's context).
+_FIXARRAY_5 = b"\x95"
 # The namespace of a store told none (RedisStore's and SQLiteStore's default; the codec
 # cannot import the stores): a codec told none binds the same.
 DEFAULT_NAMESPACE = "lkresume"
+
+
+# The preset dictionary of every format 4 frame (`frame.FLAG_ZDICT`): the msgpack of one
+# item of each type as `chat.item_to_data` writes it (the commonest, a message, last:
+# deflate reaches the end of a dictionary cheapest), then a head's field names. Even a
+# short item then compresses to its own text and ids. Part of the format: it must never
+# change (tests/test_format4.py pins its digest); a new one would need a new flag.
+_T = 1.75e9
+ZDICT: bytes = b"".join(
+    msgpack.packb(sample, use_bin_type=True)
+    for sample in (
+        {
+            "format_version": 4,
+            "key": "",
+            "version": 0,
+            "created_at": _T,
+            "writer": {"worker_id": None, "job_id": None, "pid": 0, "host": ""},
+            "epoch": 0,
+            "reason": "turn",
+            "state": "active",
+            "meta": {
+                "conversation": "",
+                "room": "",
+                "participant_identity": "",
+                "job_id": "",
+                "agent_name": None,
+                "language": None,
+                "turn_count": 0,
+                "usage": {},
+                "extra": {},
+            },
+            "history": [],
+            "agent": {
+                "agent_id": "",
+                "chat_ctx": [],
+                "instructions": None,
+                "state": None,
+                "task": None,
+            },
+            "userdata": None,
+            "tool_calls": [],
+            "counts": {HISTORY: 0, AGENT: 0},
+            _BOUND: {"version": 0, "kid": "", "seals": {}},
+        },
+        _REF,
+        {
+            "id": "item_",
+            "type": "agent_config_update",
+            "instructions": None,
+            "tools_added": None,
+            "tools_removed": None,
+            "created_at": _T,
+        },
+        {
+            "id": "item_",
+            "type": "agent_handoff",
+            "old_agent_id": None,
+            "new_agent_id": "",
+            "created_at": _T,
+        },
+        {
+            "id": "item_",
+            "type": "function_call_output",
+            "name": "",
+            "call_id": "call_",
+            "output": "",
+            "is_error": False,
+            "created_at": _T,
+            "reply_required": True,
+        },
+        {
+            "id": "item_",
+            "type": "function_call",
+            "call_id": "call_",
+            "arguments": "{}",
+            "name": "",
+            "created_at": _T,
+            "extra": {},
+            "group_id": None,
+        },
+        {
+            "id": "item_",
+            "type": "message",
+            "role": "assistant",
+            "content": [""],
+            "interrupted": False,
+            "transcript_confidence": None,
+            "extra": {},
+            "metrics": {
+                "started_speaking_at": _T,
+                "stopped_speaking_at": _T,
+                "llm_node_ttft": 0.0,
+                "tts_node_ttfb": 0.0,
+                "e2e_latency": 0.0,
+            },
+            "created_at": _T,
+        },
+        {
+            "id": "item_",
+            "type": "message",
+            "role": "user",
+            "content": [""],
+            "interrupted": False,
+            "transcript_confidence": None,
+            "extra": {},
+            "metrics": {},
+            "created_at": _T,
+        },
+    )
+)
 
 
 class Codec(Framer):
@@ -90,11 +212,20 @@ class Codec(Framer):
             encryption_keys=encryption_keys,
             max_frame=max_frame,
             allow_plaintext=allow_plaintext,
+            zdict=ZDICT,
         )
         self.namespace = DEFAULT_NAMESPACE if namespace is None else namespace
         self._allow_unbound = allow_unbound
         ring = self._sign or self._encrypt  # the seal's key: signing, else encryption
         self.seal_key = SealKey(*ring.keys[0]) if ring is not None else SealKey("", None)
+        self._item_prefix: dict[tuple[str, str], bytes] = {}
+        # Without keys a reference frame binds nothing (no MAC, no cipher): every one of a
+        # format is the same bytes, and half the records of a session are references.
+        self._plain_refs = frozenset(
+            self.pack(_REF, version=v)
+            for v in range(OLDEST_READABLE, FORMAT_VERSION + 1)
+            if ring is None
+        )
 
     # --------------------------------------------------------------- contexts
 
@@ -103,8 +234,16 @@ class Codec(Framer):
         return bytes(msgpack.packb(["head", self.namespace, key]))
 
     def item_context(self, key: str, stream: str, item_id: str) -> bytes:
-        """The context of one chat item frame (current format)."""
-        return bytes(msgpack.packb(["item", self.namespace, key, stream, item_id]))
+        """The context of one chat item frame (current format): the msgpack of
+        ``["item", namespace, key, stream, id]``, its constant part packed once."""
+        prefix = self._item_prefix.get((key, stream))
+        if prefix is None:
+            if len(self._item_prefix) > 64:
+                self._item_prefix.clear()  # a codec serves few sessions at a time
+            prefix = self._item_prefix[key, stream] = _FIXARRAY_5 + b"".join(
+                msgpack.packb(s) for s in ("item", self.namespace, key, stream)
+            )
+        return prefix + bytes(msgpack.packb(item_id))
 
     def _head_ctx(self, key: str) -> Callable[[int], bytes]:
         return lambda v: self.head_context(key) if v >= BOUND_FROM else key.encode()
@@ -309,19 +448,40 @@ class Codec(Framer):
     ) -> ItemData:
         """One item frame of ``stream``, upcast; an agent reference is resolved in
         ``refs`` (the history items by id). Raises `SnapshotCorrupt` for a bad frame."""
-        version, item = self.unpack(frame, context=self._item_ctx(key, stream, item_id))
-        if item == _REF:
+        return self._item(key, stream, item_id, frame, refs, None)
+
+    def _item(
+        self,
+        key: str,
+        stream: str,
+        item_id: str,
+        frame: bytes,
+        refs: Mapping[str, ItemData],
+        leaves: dict[int, bytes] | None,
+    ) -> ItemData:
+        """`decode_item`; with ``leaves``, also the item's seal leaf (`seal.item_digest`)
+        by the identity of its map, hashed from the body just verified when the item
+        reads as written (that body is the msgpack the writer hashed)."""
+        # the very bytes of a valid reference need no more checking
+        plain_ref = type(frame) is bytes and frame in self._plain_refs
+        if not plain_ref:
+            version, _, body = self._body(frame, self._item_ctx(key, stream, item_id))
+            item = plain_data(body)
+        if plain_ref or item == _REF:
             if item_id not in refs:
                 raise SnapshotCorrupt(
                     f"session {key!r}: agent item {item_id!r} refers to a history item "
                     "that does not exist"
                 )
-            return dict(refs[item_id])
+            # the twin's own map: decoded once, and a restore rebuilds it once
+            return refs[item_id]
         item = migrate_item(item, version)
-        if not isinstance(item, dict) or item.get("id") != item_id:
+        if not isinstance(item, dict) or item.get("id") != item_id or not all_str(item):
             raise SnapshotCorrupt(
                 f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
             )
+        if leaves is not None and item_is_current(version):
+            leaves[id(item)] = packed_digest(body)
         return item
 
     def decode_parts(
@@ -336,25 +496,33 @@ class Codec(Framer):
         the number the store gave it (a head is written before the store numbers it):
         a head bound to another version is refused, and so are item records other than
         the ones its seals commit to (see `seal`)."""
+        with gc_paused():
+            return self._decode_parts(key, head, streams, version)
+
+    def _decode_parts(
+        self,
+        key: str,
+        head: bytes,
+        streams: Mapping[str, Sequence[tuple[str, bytes]]],
+        version: int | None,
+    ) -> Snapshot:
         data, want, bound = self._head(key, head)
         if version is not None:
             bound.check_version(version)
-        history = self._items(key, HISTORY, streams.get(HISTORY, ()), {})
+        leaves: dict[int, bytes] = {}
+        history = self._items(key, HISTORY, streams.get(HISTORY, ()), {}, leaves)
         by_id = {i["id"]: i for i in history}
-        agent_items = self._items(key, AGENT, streams.get(AGENT, ()), by_id)
+        agent_items = self._items(key, AGENT, streams.get(AGENT, ()), by_id, leaves)
         got = {HISTORY: len(history), AGENT: len(agent_items)}
         if any(want.get(s, n) != n for s, n in got.items()):
             raise SnapshotCorrupt(
                 f"session {key!r}: snapshot lists {want} items but the store holds {got}; "
                 "the stored log is damaged"
             )
-        self._check_seals(bound, {HISTORY: history, AGENT: agent_items})
+        self._check_seals(bound, {HISTORY: history, AGENT: agent_items}, leaves)
         if version is not None:
             data["version"] = version
-        data["history"] = history
-        if isinstance(data.get("agent"), dict):
-            data["agent"]["chat_ctx"] = agent_items
-        return _validate(data)
+        return _with_items(data, history, agent_items)
 
     def check_seals(self, key: str, head: bytes, streams: Mapping[str, Sequence[ItemData]]) -> None:
         """Refuse ``streams`` (decoded items, in order) unless they are exactly the items
@@ -362,14 +530,25 @@ class Codec(Framer):
         `SnapshotCorrupt`. A head without seals (before format 3) checks nothing."""
         self._check_seals(self._head(key, head)[2], streams)
 
-    def _check_seals(self, bound: _Binding, streams: Mapping[str, Sequence[ItemData]]) -> None:
+    def _check_seals(
+        self,
+        bound: _Binding,
+        streams: Mapping[str, Sequence[ItemData]],
+        leaves: dict[int, bytes] | None = None,
+    ) -> None:
+        """``leaves``: items' digests by the identity of their maps (alive meanwhile, so
+        their ids stay theirs), as hashed from their frames' bodies."""
         key = bound.key
         if not bound.seals:
             return
         sealer = self._seal_key(bound.kid)
         for stream, items in streams.items():
             want = bound.seals.get(stream)
-            if want is not None and sealer.seal(stream, items) != want:
+            if want is None or sealer.seal(stream, items, leaves) == want:
+                continue
+            # a body that is not the canonical msgpack of its data (never one we wrote)
+            # is judged as before: by its data packed again
+            if not leaves or sealer.seal(stream, items) != want:
                 raise bound.error(
                     f"session {key!r}: the {stream} items stored do not match the seal "
                     f"of version {bound.version}'s head: records were replaced by older "
@@ -382,6 +561,7 @@ class Codec(Framer):
         stream: str,
         frames: Sequence[tuple[str, bytes]],
         refs: Mapping[str, ItemData],
+        leaves: dict[int, bytes],
     ) -> list[ItemData]:
         out: list[ItemData] = []
         seen: set[str] = set()
@@ -392,7 +572,7 @@ class Codec(Framer):
                     "the stored log is damaged"
                 )
             seen.add(item_id)
-            out.append(self.decode_item(key, stream, item_id, frame, refs))
+            out.append(self._item(key, stream, item_id, frame, refs, leaves))
         return out
 
 
@@ -439,6 +619,24 @@ def _item_context(key: str, stream: str, item_id: str) -> bytes:
     return b"\x00".join((key.encode(), stream.encode(), item_id.encode()))
 
 
+def _with_items(
+    data: dict[str, Any], history: list[ItemData], agent_items: list[ItemData]
+) -> Snapshot:
+    """Head data and its decoded items as a `Snapshot`. Only the head goes through
+    pydantic: an item is a map with string keys (`Codec.decode_item` checked that), all
+    the model asks of it, and validating thousands of them as ``dict[str, Any]`` would
+    copy each one for nothing (their fields are checked by `chat.item_from_data`)."""
+    data["history"] = []
+    agent = data.get("agent")
+    if isinstance(agent, dict):
+        agent["chat_ctx"] = []
+    snap = _validate(data)
+    snap.history = history
+    if snap.agent is not None:
+        snap.agent.chat_ctx = agent_items
+    return snap
+
+
 def validate_snapshot(data: Any) -> Snapshot:
     """Plain snapshot data (items included) as a `Snapshot`; `SnapshotCorrupt` when it
     does not match the format."""
@@ -465,8 +663,7 @@ def check_item_ids(key: str, stream: str, items: Sequence[ItemData]) -> None:
         item_id = item.get("id")
         if not isinstance(item_id, str) or not item_id:
             raise SnapshotCorrupt(
-                f"session {key!r}: {stream} item {n} has a missing or non-string id "
-                f"({item_id!r})"
+                f"session {key!r}: {stream} item {n} has a missing or non-string id ({item_id!r})"
             )
         if item_id in seen:
             raise SnapshotCorrupt(

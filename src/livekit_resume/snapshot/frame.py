@@ -3,7 +3,8 @@
 A frame is::
 
     header  "LKRS" | format version u8 | flags u8 | reserved u16 | body length u32
-    body    msgpack of plain data, then zlib (flag 1), then AES-GCM (flag 4)
+    body    msgpack of plain data, then zlib (flag 1) or, from format 4, raw deflate
+            with the framer's preset dictionary (flag 8), then AES-GCM (flag 4)
     trailer CRC-32 of header+body, or (flag 2) kid length u8 | kid | HMAC-SHA256
 
 Decoding checks, in this order, before it allocates anything the frame cannot
@@ -19,12 +20,14 @@ plain data, and `codec.Codec` builds on it.
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
 import hashlib
 import hmac
 import os
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -38,12 +41,18 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "FLAG_ENCRYPTED",
     "FLAG_SIGNED",
+    "FLAG_ZDICT",
     "FLAG_ZLIB",
     "MAGIC",
     "MAX_DEPTH",
+    "ZDICT_FROM",
+    "ZDICT_OVER",
     "Context",
     "Framer",
     "Keyring",
+    "all_str",
+    "gc_paused",
+    "plain_data",
     "read_frames",
 ]
 
@@ -56,7 +65,12 @@ _NONCE_LEN = 12
 FLAG_ZLIB = 1
 FLAG_SIGNED = 2
 FLAG_ENCRYPTED = 4
-_KNOWN_FLAGS = FLAG_ZLIB | FLAG_SIGNED | FLAG_ENCRYPTED
+FLAG_ZDICT = 8
+_KNOWN_FLAGS = FLAG_ZLIB | FLAG_SIGNED | FLAG_ENCRYPTED | FLAG_ZDICT
+# The first format whose frames may carry FLAG_ZDICT.
+ZDICT_FROM = 4
+# Raw deflate (no zlib header and Adler-32: the frame has its own check), 32 KiB window.
+_RAW_DEFLATE = -15
 
 # A long conversation with kept inline images stays well under this; anything larger
 # is a bug or an attack, and refusing it bounds the memory a decode may take.
@@ -67,6 +81,9 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_DEPTH = 200
 # Bodies smaller than this are stored raw: zlib's header and CPU cost buy nothing there.
 COMPRESS_OVER = 1024
+# With a preset dictionary, even a short body compresses (its keys are in the
+# dictionary): only the tiniest are not worth a try.
+ZDICT_OVER = 32
 
 Context = bytes | Callable[[int], bytes]
 """A frame's context, or a function of the frame's format version that gives it."""
@@ -110,7 +127,12 @@ class Framer:
     """Frames plain data and opens frames: limits, checksum or HMAC, AES-GCM, zlib.
 
     It reads a frame of any format version; `codec.Codec`, which knows the snapshot
-    format, refuses the versions it cannot read (`_check_kind`)."""
+    format, refuses the versions it cannot read (`_check_kind`).
+
+    ``zdict`` is a preset dictionary (`zlib`'s ``zdict``): bytes that the bodies framed
+    often share, so that even a short one compresses. Frames compressed with it carry
+    `FLAG_ZDICT` and are read only with the very same dictionary: it is part of the
+    format and never changes (another dictionary would need another flag)."""
 
     def __init__(
         self,
@@ -119,6 +141,7 @@ class Framer:
         encryption_keys: Keyring | str | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
         allow_plaintext: bool = False,
+        zdict: bytes | None = None,
     ) -> None:
         if isinstance(signing_keys, str):
             signing_keys = Keyring.parse(signing_keys)
@@ -128,6 +151,7 @@ class Framer:
         self._encrypt = encryption_keys
         self._max = max_frame
         self._allow_plaintext = allow_plaintext
+        self._zdict = zdict
 
     def pack(
         self,
@@ -161,7 +185,15 @@ class Framer:
         if callable(context):
             context = context(version)
         flags = 0
-        if len(body) > COMPRESS_OVER:
+        if self._zdict is not None and version >= ZDICT_FROM:
+            if len(body) > ZDICT_OVER:
+                deflate = zlib.compressobj(
+                    6, zlib.DEFLATED, _RAW_DEFLATE, 9, zlib.Z_DEFAULT_STRATEGY, self._zdict
+                )
+                packed = deflate.compress(body) + deflate.flush()
+                if len(packed) < len(body):
+                    body, flags = packed, FLAG_ZDICT
+        elif len(body) > COMPRESS_OVER:
             packed = zlib.compress(body, 1)
             if len(packed) < len(body):
                 body, flags = packed, flags | FLAG_ZLIB
@@ -191,9 +223,15 @@ class Framer:
         return version, data
 
     def _unpack(self, frame: bytes, context: Context) -> tuple[int, int, Any]:
-        if not isinstance(frame, (bytes, bytearray, memoryview)):
-            raise SnapshotCorrupt(f"expected bytes, got {type(frame).__name__}")
-        frame = bytes(frame)
+        version, flags, body = self._body(frame, context)
+        return version, flags, plain_data(body)
+
+    def _body(self, frame: bytes, context: Context) -> tuple[int, int, bytes]:
+        """A frame's format version, flags and body: verified, decrypted, decompressed."""
+        if type(frame) is not bytes:
+            if not isinstance(frame, (bytes, bytearray, memoryview)):
+                raise SnapshotCorrupt(f"expected bytes, got {type(frame).__name__}")
+            frame = bytes(frame)
         if len(frame) < _HEADER.size + _CRC.size:
             raise SnapshotCorrupt(f"frame of {len(frame)} bytes is truncated")
         magic, version, flags, _reserved, size = _HEADER.unpack_from(frame)
@@ -208,10 +246,10 @@ class Framer:
                 f"{len(frame) - _HEADER.size} present"
             )
         header_body, trailer = frame[:end], frame[end:]
-        if callable(context):
-            context = context(version)
+        if callable(context) and flags & (FLAG_SIGNED | FLAG_ENCRYPTED):
+            context = context(version)  # only a MAC or a cipher reads it
         if flags & FLAG_SIGNED:
-            self._verify(header_body, trailer, context)
+            self._verify(header_body, trailer, context)  # type: ignore[arg-type]  # bytes by now
         else:
             if self._sign is not None:
                 raise SignatureMismatch("frame is unsigned but signing keys are configured")
@@ -220,19 +258,27 @@ class Framer:
         self._check_kind(version, flags)
         body = header_body[_HEADER.size :]
         if flags & FLAG_ENCRYPTED:
-            body = self._open(body, context)
-        if flags & FLAG_ZLIB:
+            body = self._open(body, context)  # type: ignore[arg-type]  # bytes by now
+        if flags & FLAG_ZDICT:
+            body = self._inflate(body, self._zdict)
+        elif flags & FLAG_ZLIB:
             body = self._inflate(body)
-        data = _unpackb(body)
-        if _too_deep(data):
-            raise SnapshotTooLarge(f"frame holds values nested deeper than {MAX_DEPTH} levels")
-        return version, flags, data
+        return version, flags, body
 
     def _check_kind(self, version: int, flags: int) -> None:
         """Refuse a verified frame this framer must not read: unknown flags, or
         (encryption keys set) an unencrypted frame, unless allowed."""
         if flags & ~_KNOWN_FLAGS:
             raise IncompatibleSnapshot(f"frame has unknown flags {flags:#x}")
+        if flags & FLAG_ZDICT and (version < ZDICT_FROM or flags & FLAG_ZLIB):
+            raise SnapshotCorrupt(
+                f"frame of format {version} has flags {flags:#x}: a preset dictionary "
+                f"(flag {FLAG_ZDICT}) exists from format {ZDICT_FROM} on, never with zlib"
+            )
+        if flags & FLAG_ZDICT and self._zdict is None:
+            raise IncompatibleSnapshot(
+                "frame is compressed with a preset dictionary this reader was not given"
+            )
         if self._encrypt is not None and not flags & FLAG_ENCRYPTED and not self._allow_plaintext:
             raise SignatureMismatch(
                 "frame is not encrypted but encryption keys are configured "
@@ -275,8 +321,9 @@ class Framer:
         except InvalidTag:
             raise SignatureMismatch(f"frame does not decrypt with key {kid!r}") from None
 
-    def _inflate(self, body: bytes) -> bytes:
-        d = zlib.decompressobj()
+    def _inflate(self, body: bytes, zdict: bytes | None = None) -> bytes:
+        """``body`` decompressed: zlib, or raw deflate with the preset ``zdict``."""
+        d = zlib.decompressobj() if zdict is None else zlib.decompressobj(_RAW_DEFLATE, zdict)
         try:
             out = d.decompress(body, self._max + 1)
         except zlib.error as e:
@@ -286,6 +333,31 @@ class Framer:
         if not d.eof:
             raise SnapshotCorrupt("compressed frame body is truncated")
         return out
+
+
+def all_str(values: Iterable[Any]) -> bool:
+    """Whether every value (every key of a map) is a `str`: ``join`` checks them all in
+    one pass in C, where a restore would loop over thousands of items in Python."""
+    try:
+        "".join(values)
+    except TypeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: decoding a long history allocates many small
+    objects (and no cycles), which would trigger full collections of the whole heap
+    over and over. Synchronous code only (the loop runs nothing else meanwhile)."""
+    if not gc.isenabled():
+        yield  # the application turned it off: it stays off
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def read_frames(stream: BinaryIO, *, max_frame: int = DEFAULT_MAX_FRAME) -> list[bytes]:
@@ -323,6 +395,14 @@ def _seal(key: bytes, kid: str, body: bytes, context: bytes) -> bytes:
     return bytes([len(kid_b)]) + kid_b + nonce + AESGCM(key).encrypt(nonce, body, context)
 
 
+def plain_data(body: bytes) -> Any:
+    """A verified body's plain data, within the depth limit."""
+    data = _unpackb(body)
+    if _may_nest(body) and _too_deep(data):
+        raise SnapshotTooLarge(f"frame holds values nested deeper than {MAX_DEPTH} levels")
+    return data
+
+
 def _unpackb(body: bytes) -> Any:
     # Every declared length is bounded by the body itself: a hostile header cannot make
     # msgpack allocate more than the frame carries.
@@ -342,16 +422,36 @@ def _unpackb(body: bytes) -> Any:
         raise SnapshotCorrupt(f"frame body is not valid msgpack: {type(e).__name__}: {e}") from None
 
 
+# Every byte that is not the first byte of a msgpack map or array header (fixmap,
+# fixarray, array 16/32, map 16/32).
+_NOT_CONTAINER = bytes(
+    b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF)
+)
+
+
+def _may_nest(body: bytes) -> bool:
+    """Whether ``body`` (msgpack) can nest deeper than `MAX_DEPTH`: each level of a value
+    has its own header byte, so a body with no more such bytes than that cannot. One
+    pass in C clears almost every item frame before the walk in `_too_deep`."""
+    return len(body) > MAX_DEPTH and len(body.translate(None, _NOT_CONTAINER)) > MAX_DEPTH
+
+
 def _too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether lists and maps in ``obj`` nest more than ``limit`` levels (iterative, so a
-    hostile value cannot exhaust Python's stack)."""
-    if not isinstance(obj, (dict, list, tuple)):
-        return False
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value
-        if depth > limit:
-            return True
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list, tuple)))
+    """Whether lists and maps in ``obj`` nest more than ``limit`` levels (level by level,
+    without recursion, so a hostile value cannot exhaust Python's stack; every frame
+    read is walked, hence the plain loops)."""
+    level: list[Any] = [obj]
+    depth = 0
+    while level:
+        depth += 1
+        below: list[Any] = []
+        for value in level:
+            if isinstance(value, dict):
+                value = value.values()
+            elif not isinstance(value, (list, tuple)):
+                continue
+            if depth > limit:
+                return True
+            below += value
+        level = below
     return False

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import IncompatibleSnapshot, SnapshotCorrupt
 from .model import FORMAT_VERSION
 
-__all__ = ["OLDEST_READABLE", "migrate_head", "migrate_item"]
+__all__ = ["OLDEST_READABLE", "item_is_current", "migrate_head", "migrate_item"]
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -49,7 +49,8 @@ def _item_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # 2 -> 3 changed what frames bind (namespace, version, seal), not the data: no upcaster,
-# the identity (the codec reads a format 2 frame with its own context).
+# the identity (the codec reads a format 2 frame with its own context). 3 -> 4 changed
+# how frames may be compressed (frame.FLAG_ZDICT), not the data: the identity too.
 _HEAD: dict[int, Upcaster] = {1: _head_1_to_2}
 _ITEM: dict[int, Upcaster] = {1: _item_1_to_2}
 
@@ -86,6 +87,13 @@ def migrate_head(data: Any, version: int) -> Any:
             if isinstance(items, list):
                 items[:] = [_run(_ITEM, i, version, "chat item") for i in items]
     return data
+
+
+def item_is_current(version: int) -> bool:
+    """Whether a chat item frame of ``version`` reads as it was written (no upcaster)."""
+    return OLDEST_READABLE <= version <= FORMAT_VERSION and not any(
+        v in _ITEM for v in range(version, FORMAT_VERSION)
+    )
 
 
 def migrate_item(data: Any, version: int) -> Any:

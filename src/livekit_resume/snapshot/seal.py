@@ -30,7 +30,14 @@ import msgpack
 
 from .model import ItemData
 
-__all__ = ["SEAL_BYTES", "SealKey", "item_digest", "seal_from_bytes", "seal_to_bytes"]
+__all__ = [
+    "SEAL_BYTES",
+    "SealKey",
+    "item_digest",
+    "packed_digest",
+    "seal_from_bytes",
+    "seal_to_bytes",
+]
 
 SEAL_BYTES = 32
 _MOD = 1 << (8 * SEAL_BYTES)
@@ -41,7 +48,13 @@ _LABEL = b"livekit-resume item seal v1"
 
 def item_digest(data: ItemData) -> bytes:
     """The digest of an item's plain data: tells editions apart, and feeds its seal term."""
-    return hashlib.blake2b(msgpack.packb(data, use_bin_type=True), digest_size=32).digest()
+    return packed_digest(msgpack.packb(data, use_bin_type=True))
+
+
+def packed_digest(packed: bytes) -> bytes:
+    """`item_digest` of the item whose msgpack (as `item_digest` packs it) is ``packed``:
+    an item frame's body is exactly that, so a reader hashes the bytes it verified."""
+    return hashlib.blake2b(packed, digest_size=32).digest()
 
 
 class SealKey:
@@ -69,11 +82,20 @@ class SealKey:
     def sub(self, seal: int, term: int) -> int:
         return (seal - term) % _MOD
 
-    def seal(self, stream: str, items: Sequence[ItemData]) -> int:
-        """The seal of a whole stream of items, in order (what a reader recomputes)."""
+    def seal(
+        self, stream: str, items: Sequence[ItemData], leaves: dict[int, bytes] | None = None
+    ) -> int:
+        """The seal of a whole stream of items, in order (what a reader recomputes).
+        ``leaves`` keeps each item's digest by the identity of its map, for the next
+        stream: a restore decodes an agent item stored as a reference to its history
+        twin as the twin's very map, and hashes it once."""
         total, after = 0, None
+        leaves = {} if leaves is None else leaves
         for item in items:
-            total += self.term(stream, item["id"], after, item_digest(item))
+            leaf = leaves.get(id(item))
+            if leaf is None:
+                leaf = leaves[id(item)] = item_digest(item)
+            total += self.term(stream, item["id"], after, leaf)
             after = item["id"]
         return total % _MOD
 

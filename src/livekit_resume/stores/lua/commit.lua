@@ -1,8 +1,10 @@
 -- commit: append one version atomically.
 -- ARGV[4] epoch, [5] base_version, [6] commit id, [7] head bytes, [8] info (msgpack),
 -- [9] bytes written, [10] keep, [11] event channel ('' = none), [12] event payload,
--- [13..] packed records, appended to the current log generation.
--- Reply: {'ok', version, log_len, gen} | {'lost', current epoch or ''} |
+-- [13] records in the elements, [14..] packed elements (batches of records), appended
+-- to the current log generation.
+-- Reply: {'ok', version, log_len (elements), gen, records in the log} |
+--        {'lost', current epoch or ''} |
 --        {'moved', head version} | {'corrupt', message}
 local function main()
   local epoch = tonumber(ARGV[4])
@@ -13,8 +15,11 @@ local function main()
   if base ~= s.version then
     -- A retry of this very commit whose reply was lost: report it, don't refuse it.
     if s.version == base + 1 and s.version >= s.oldest then
-      local done = redis.call('HMGET', vkey(s.version), 'cid', 'gen', 'end')
-      if done[1] == ARGV[6] then return {'ok', s.version, tonumber(done[3]), tonumber(done[2])} end
+      local done = redis.call('HMGET', vkey(s.version), 'cid', 'gen', 'end', 'records')
+      if done[1] == ARGV[6] then
+        return {'ok', s.version, tonumber(done[3]), tonumber(done[2]),
+          tonumber(done[4]) or tonumber(done[3])}
+      end
     end
     return {'moved', s.version}
   end
@@ -24,18 +29,27 @@ local function main()
   expect_type(lk, 'list')
   check_log(s, lk)
   if type_of(vk) ~= 'none' then corrupt('key ' .. vk .. ' exists before its version was written') end
+  -- Records in the log so far (for compaction): a version written before batches held
+  -- one record per element, so its 'end' counts them.
+  local records = 0
+  if s.version >= s.oldest then
+    local r = redis.call('HMGET', vkey(s.version), 'end', 'records')
+    records = tonumber(r[2]) or tonumber(r[1])
+  end
+  records = records + tonumber(ARGV[13])
   -- checks done: from here on every call succeeds
   local len
-  if #ARGV >= 13 then len = push_all(lk, 13, #ARGV) else len = redis.call('LLEN', lk) end
+  if #ARGV >= 14 then len = push_all(lk, 14, #ARGV) else len = redis.call('LLEN', lk) end
   redis.call('HSET', vk, 'epoch', fmt(epoch), 'created', fmt(NOW), 'head', ARGV[7],
-    'info', ARGV[8], 'gen', s.gen, 'end', len, 'size', ARGV[9], 'cid', ARGV[6])
+    'info', ARGV[8], 'gen', s.gen, 'end', len, 'size', ARGV[9], 'cid', ARGV[6],
+    'records', records)
   s.version = version
   s.touched = NOW
   trim(s, tonumber(ARGV[10]))
   write_head(s)
   refresh_ttl(s)
   if ARGV[11] ~= '' then redis.call('PUBLISH', ARGV[11], ARGV[12]) end
-  return {'ok', version, len, s.gen}
+  return {'ok', version, len, s.gen, records}
 end
 
 return run(main)

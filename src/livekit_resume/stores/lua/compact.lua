@@ -2,7 +2,7 @@
 -- Runs after a commit; does nothing if the head moved since (another commit, another
 -- compaction), so it can never replace newer records.
 -- ARGV[4] version, [5] gen the version was folded from, [6] its commit id,
--- [7..] packed records.
+-- [7] records in the elements, [8..] packed elements (batches of records).
 -- Reply: {'ok', gen, log_len} | {'skip'} | {'corrupt', message}
 local function main()
   local version = tonumber(ARGV[4])
@@ -18,8 +18,8 @@ local function main()
   if redis.call('HGET', vk, 'cid') ~= ARGV[6] then return {'skip'} end
   if type_of(lk) ~= 'none' then corrupt('key ' .. lk .. ' exists before its generation') end
   local len = 0
-  if #ARGV >= 7 then len = push_all(lk, 7, #ARGV) end
-  redis.call('HSET', vk, 'gen', gen, 'end', len)
+  if #ARGV >= 8 then len = push_all(lk, 8, #ARGV) end
+  redis.call('HSET', vk, 'gen', gen, 'end', len, 'records', tonumber(ARGV[7]))
   s.gen = gen
   trim(s, s.version - s.oldest + 1)
   write_head(s)

@@ -14,6 +14,8 @@ are percent-escaped so the hash tag is always exactly the key):
 - ``ns:{k}:v:<n>``     hash: version ``n`` (epoch, created, head bytes, info, log
   generation and length it reads, bytes written, commit id)
 - ``ns:{k}:log:<g>``   list: msgpack records ``[stream, id, after, data]`` of generation ``g``
+  (``[stream, id, data]`` when ``after`` is the id its stream's previous record placed;
+  the snapshot's streams as ``0`` and ``1``: `records.pack_records`)
 - ``ns:sessions``      sorted set: the namespace's session keys, for `keys()`
 - ``ns:events``        pub/sub channel of state changes (JSON objects)
 

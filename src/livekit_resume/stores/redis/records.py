@@ -3,6 +3,8 @@ with a `SnapshotCorrupt` naming the session when they are not what we wrote."""
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -10,14 +12,80 @@ import msgpack
 from ...errors import SnapshotCorrupt
 from ..log import Record
 
-__all__ = ["number", "pack_info", "pack_record", "unpack_info", "unpack_record"]
+__all__ = [
+    "number",
+    "pack_info",
+    "pack_record",
+    "pack_records",
+    "unpack_info",
+    "unpack_records",
+]
 
 _Info = dict[str, str | int | float | bool | None]
 
 
+# A snapshot's two streams are stored as these small numbers; any other stream by name.
+_STREAM_CODES = {"history": 0, "agent": 1}
+_STREAM_NAMES = {code: name for name, code in _STREAM_CODES.items()}
+# The first byte of a batch of records (never that of a msgpack list: a lone record).
+BATCH = b"Z"
+# A batch closes once its records hold this many bytes (a record larger than that is a
+# batch of its own); reading one inflates at most MAX_BATCH bytes.
+BATCH_BYTES = 256 * 1024
+MAX_BATCH = 256 * 1024 * 1024
+# Raw deflate: no zlib header and checksum (each item frame has its own).
+_RAW_DEFLATE = -15
+
+
 def pack_record(rec: Record) -> bytes:
+    """One record in its long form, ``[stream, id, after, data]``."""
     packed: bytes = msgpack.packb([rec.stream, rec.id, rec.after, rec.data], use_bin_type=True)
     return packed
+
+
+def pack_records(records: Iterable[Record]) -> list[bytes]:
+    """Records appended to a log together, in order, as few list elements as can be.
+
+    Each element is a batch: `BATCH` then the raw deflate of the msgpack list of its
+    records, a new batch past `BATCH_BYTES`. One element per commit (or a few per
+    compaction) holds Redis's own overhead per element and the records' ids to a
+    fraction of what a record per element costs, and reads back in a few calls.
+
+    In a batch a known stream is a small number, and a record placing an item right
+    after the one its stream's previous placing record (in this call) placed, the
+    common case of appends and of every compacted log, is ``[stream, id, data]``: its
+    ``after`` is that previous id, which a reader of the log from its start knows
+    (`unpack_records`). The records are appended whole and in order (one script), so
+    that record is the previous placing one of its stream in the log too. Otherwise
+    ``[stream, id, after, data]``.
+    """
+    out: list[bytes] = []
+    batch: list[list[Any]] = []
+    size = 0
+    last: dict[str, str] = {}
+    for rec in records:
+        stream = _STREAM_CODES.get(rec.stream, rec.stream)
+        if rec.data is not None and rec.after is not None and last.get(rec.stream) == rec.after:
+            batch.append([stream, rec.id, rec.data])
+        else:
+            batch.append([stream, rec.id, rec.after, rec.data])
+        if rec.data is not None:
+            last[rec.stream] = rec.id
+        size += len(rec.id) + len(rec.data or b"")
+        if size >= BATCH_BYTES:
+            out.append(_pack_batch(batch))
+            batch, size = [], 0
+    if batch:
+        out.append(_pack_batch(batch))
+    return out
+
+
+def _pack_batch(batch: list[list[Any]]) -> bytes:
+    # Level 1: item frames are deflated already; the ids and the envelopes, and the
+    # agent's references (the same few bytes each), are what is left to gain.
+    deflate = zlib.compressobj(1, zlib.DEFLATED, _RAW_DEFLATE)
+    body = msgpack.packb(batch, use_bin_type=True)
+    return BATCH + deflate.compress(body) + deflate.flush()
 
 
 def pack_info(info: _Info) -> bytes:
@@ -25,28 +93,82 @@ def pack_info(info: _Info) -> bytes:
     return packed
 
 
+_MSGPACK_ERRORS = (ValueError, TypeError, msgpack.UnpackException)
+
+
+def _not_msgpack(what: str, key: str, exc: Exception) -> SnapshotCorrupt:
+    return SnapshotCorrupt(
+        f"session {key!r}: {what} is not valid msgpack ({exc}); foreign data or a "
+        "damaged key: delete the session or restore it from a backup"
+    )
+
+
 def _unpack(raw: bytes, what: str, key: str) -> Any:
     try:
         return msgpack.unpackb(raw, raw=False)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+    except _MSGPACK_ERRORS as exc:
+        raise _not_msgpack(what, key, exc) from None
+
+
+def unpack_records(raws: Iterable[bytes], key: str) -> list[Record]:
+    """A log read from its start (see `pack_records`; an element may also be one
+    record in its long form, as `pack_record` and earlier versions wrote them);
+    `SnapshotCorrupt` naming the session for a record that is not one we wrote."""
+    out: list[Record] = []
+    last: dict[str, str] = {}
+    for raw in raws:
+        if raw[:1] == BATCH:
+            batch = _unpack(_inflate(raw[1:], key), "a batch of log records", key)
+            if type(batch) is not list:
+                raise _bad_record(key)
+            _append(out, batch, last, key)
+        else:
+            _append(out, [_unpack(raw, "a log record", key)], last, key)
+    return out
+
+
+def _inflate(raw: bytes, key: str) -> bytes:
+    d = zlib.decompressobj(_RAW_DEFLATE)
+    try:
+        body = d.decompress(raw, MAX_BATCH + 1)
+    except zlib.error as exc:
         raise SnapshotCorrupt(
-            f"session {key!r}: {what} is not valid msgpack ({exc}); foreign data or a "
-            "damaged key: delete the session or restore it from a backup"
+            f"session {key!r}: a batch of log records does not decompress ({exc}); "
+            "a damaged key: delete the session or restore it from a backup"
         ) from None
+    if len(body) > MAX_BATCH or d.unconsumed_tail or not d.eof:
+        raise SnapshotCorrupt(
+            f"session {key!r}: a batch of log records is truncated or inflates past "
+            f"{MAX_BATCH} bytes; a damaged key: delete the session or restore it"
+        )
+    return body
 
 
-def unpack_record(raw: bytes, key: str) -> Record:
-    v = _unpack(raw, "a log record", key)
-    if (
-        isinstance(v, list)
-        and len(v) == 4
-        and isinstance(v[0], str)
-        and isinstance(v[1], str)
-        and (v[2] is None or isinstance(v[2], str))
-        and (v[3] is None or isinstance(v[3], bytes))
-    ):
-        return Record(v[0], v[1], v[3], v[2])
-    raise SnapshotCorrupt(
+def _append(out: list[Record], values: list[Any], last: dict[str, str], key: str) -> None:
+    for v in values:
+        if type(v) is not list or len(v) not in (3, 4):
+            raise _bad_record(key)
+        code, item_id, data = v[0], v[1], v[-1]
+        stream = _STREAM_NAMES.get(code) if type(code) is int else code
+        if type(stream) is not str or type(item_id) is not str:
+            raise _bad_record(key)
+        if len(v) == 3:
+            after = last.get(stream)
+            if after is None or type(data) is not bytes:
+                raise _bad_record(key)
+        else:
+            after = v[2]
+            if not (after is None or type(after) is str) or not (
+                data is None or type(data) is bytes
+            ):
+                raise _bad_record(key)
+        if data is not None:
+            last[stream] = item_id
+        out.append(Record(stream, item_id, data, after))
+
+
+def _bad_record(key: str) -> SnapshotCorrupt:
+    return SnapshotCorrupt(
         f"session {key!r}: a log record is not [stream, id, after, data]; foreign data "
         "or a damaged key: delete the session or restore it from a backup"
     )

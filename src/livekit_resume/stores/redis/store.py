@@ -41,7 +41,7 @@ from .events import EventStream
 from .health import ServerCheck
 from .keys import KeyNames
 from .namespace import Namespace
-from .records import number, pack_info, pack_record, unpack_info, unpack_record
+from .records import number, pack_info, pack_records, unpack_info, unpack_records
 from .scripts import DEFAULT_WAIT_TIMEOUT_MS, Scripts, fmt_time
 from .url import RedisURL
 
@@ -301,7 +301,8 @@ class RedisStore:
                 self._keep,
                 self._names.channel,
                 event,
-                *(pack_record(r) for r in commit.records),
+                len(commit.records),
+                *pack_records(commit.records),
             ],
         )
         if reply[0] == b"lost":
@@ -309,8 +310,8 @@ class RedisStore:
             raise lease_lost_error(key, commit.epoch, current)
         if reply[0] == b"moved":
             raise head_moved_error(commit, int(reply[1]))
-        version, log_len, gen = int(reply[1]), int(reply[2]), int(reply[3])
-        if needs_compaction(log_len, commit.size):
+        version, log_len, gen, records = (int(r) for r in reply[1:5])
+        if needs_compaction(records, commit.size):
             try:
                 await self._compact(key, version, gen, log_len, commit_id)
             except (StoreUnavailable, SnapshotCorrupt):
@@ -335,15 +336,16 @@ class RedisStore:
             )
         if len(raw) != log_len:
             return  # the session changed under us; the script would skip anyway
-        folded = fold_records((unpack_record(r, key) for r in raw), key)
-        packed = [pack_record(r) for r in records_from_streams(folded)]
-        reply = await self._run("compact", key, [version, gen, commit_id, *packed])
+        folded = records_from_streams(fold_records(unpack_records(raw, key), key))
+        packed = pack_records(folded)
+        reply = await self._run("compact", key, [version, gen, commit_id, len(folded), *packed])
         if reply[0] == b"ok":
             logger.debug(
-                "compacted session %r: %d records into %d",
+                "compacted session %r: %d log elements into %d (%d records)",
                 key,
                 log_len,
                 len(packed),
+                len(folded),
                 extra={"key": key, "version": version},
             )
 
@@ -366,7 +368,7 @@ class RedisStore:
             oldest, latest = int(reply[1]), int(reply[2])
             raise not_retained_error(key, int(version or 0), list(range(oldest, latest + 1)))
         _, n, epoch, created, head, info, records = reply
-        streams = fold_records((unpack_record(r, key) for r in records), key)
+        streams = fold_records(unpack_records(records, key), key)
         return Stored(
             key=key,
             version=int(n),
