@@ -78,11 +78,12 @@ def test_folded_records_always_equal_the_live_context(
             # now and then the whole stream is written anew (a store that lost the
             # session, a salvage): later diffs build on it like on any commit
             whole = op == "noop" and n % 2 == 0
-            change = (tracker.full if whole else tracker.diff)(live, item_to_data, encode)
+            plan = (tracker.full if whole else tracker.diff)(live, item_to_data)
+            change = plan.build(encode)
             store.records.extend(change.records)
             tracker.accept(change)
             assert store.state() == [item_to_data(i) for i in live]
-    change = tracker.diff(live, item_to_data, encode)
+    change = tracker.diff(live, item_to_data).build(encode)
     store.records.extend(change.records)
     assert store.state() == [item_to_data(i) for i in live]
     assert [item_from_data(d).id for d in store.state()] == [i.id for i in live]
@@ -91,16 +92,16 @@ def test_folded_records_always_equal_the_live_context(
 def test_an_unchanged_context_writes_nothing() -> None:
     tracker = StreamTracker("history")
     live: list[llm.ChatItem] = [msg(i) for i in range(50)]
-    tracker.accept(tracker.diff(live, item_to_data, encode))
-    assert tracker.diff(live, item_to_data, encode).records == []
+    tracker.accept(tracker.diff(live, item_to_data).build(encode))
+    assert tracker.diff(live, item_to_data).build(encode).records == []
 
 
 def test_appending_writes_only_the_new_items() -> None:
     tracker = StreamTracker("history")
     live: list[llm.ChatItem] = [msg(i) for i in range(500)]
-    tracker.accept(tracker.diff(live, item_to_data, encode))
+    tracker.accept(tracker.diff(live, item_to_data).build(encode))
     live += [msg(900), msg(901)]
-    records = tracker.diff(live, item_to_data, encode).records
+    records = tracker.diff(live, item_to_data).build(encode).records
     assert [(r.id, r.after) for r in records] == [
         ("item_900", "item_499"),
         ("item_901", "item_900"),
@@ -110,24 +111,24 @@ def test_appending_writes_only_the_new_items() -> None:
 def test_two_items_with_one_id_are_refused() -> None:
     tracker = StreamTracker("history")
     live: list[llm.ChatItem] = [msg(1)]
-    tracker.accept(tracker.diff(live, item_to_data, encode))
+    tracker.accept(tracker.diff(live, item_to_data).build(encode))
     live.append(msg(1).model_copy())
     with pytest.raises(ValueError, match="same id"):
-        tracker.diff(live, item_to_data, encode)
+        tracker.diff(live, item_to_data).build(encode)
 
 
 def test_a_whole_rewrite_clears_what_the_store_held_and_writes_every_item_in_order() -> None:
     tracker = StreamTracker("history")
     store = Replay()
     live: list[llm.ChatItem] = [msg(i) for i in range(20)]
-    first = tracker.diff(live, item_to_data, encode)
+    first = tracker.diff(live, item_to_data).build(encode)
     store.records.extend(first.records)
     tracker.accept(first)
     stale = item_to_data(msg(500))  # a record the store holds that the live context lacks
     store.records.append(Record("history", "item_500", encode(msg(500), stale, b""), None))
     live = [*live[5:], msg(99)]
-    change = tracker.full(live, item_to_data, encode)
+    change = tracker.full(live, item_to_data).build(encode)
     store.records.extend(change.records)
     tracker.accept(change)
     assert store.state() == [item_to_data(i) for i in live]
-    assert tracker.diff(live, item_to_data, encode).records == []
+    assert tracker.diff(live, item_to_data).build(encode).records == []

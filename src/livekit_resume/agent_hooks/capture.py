@@ -11,6 +11,7 @@ agent and tool state are one moment. The store learns of the result only through
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -28,10 +29,10 @@ from ..snapshot.chat import MediaPolicy, item_to_data
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import AgentFrame, ItemData, SessionMeta, Snapshot, ToolCallRecord, Writer
 from ..snapshot.values import dump_userdata
-from ..stores.base import Commit, Record
+from ..stores.base import Commit
 from .registry import AgentRegistry
 from .silence import current_agent
-from .tracker import Change, Encoder, StreamTracker, digest
+from .tracker import Change, Converter, Encoder, Plan, StreamTracker, digest
 
 __all__ = ["Capture", "Pending", "SavedState", "instructions_from"]
 
@@ -48,6 +49,9 @@ UNSAVABLE = Counter(
 )
 
 _OVERSIZE_NOTE = "[omitted when saved: this item was over the snapshot size limit]"
+# Items holding more than this many bytes are hashed and encoded on a worker thread:
+# below it the hop costs more than the work, above it the work would hold the loop.
+OFFLOAD_BYTES = 64 * 1024
 _REASONS = {"turn", "tool", "handoff", "pause", "suspend", "close", "manual", "end"}
 
 
@@ -57,10 +61,22 @@ class Pending:
 
     commit: Commit
     history: Change
-    agent: Change
+    agent: Change | None
     agent_obj: Agent | None
     turns: int
     fingerprint: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """A session as read in one step: what to encode, and what to adopt after."""
+
+    snap: Snapshot
+    history: Plan
+    agent: Plan | None
+    agent_obj: Agent | None
+    turns: int
+    weight: int
 
 
 class Capture:
@@ -117,7 +133,7 @@ class Capture:
 
     # ----------------------------------------------------------------- capture
 
-    def draft(
+    async def draft(
         self,
         session: AgentSession[Any],
         *,
@@ -129,16 +145,35 @@ class Capture:
         meta: Callable[[int], SessionMeta],
     ) -> Pending | None:
         """The commit that stores the session as it is now, or None if nothing changed
-        since the last commit (the time and the trigger alone are no news)."""
-        hist = self._diff(self._history, session.history.items, self._encoder(HISTORY, None))
+        since the last commit (the time and the trigger alone are no news).
+
+        The session is read in one synchronous step (one moment); the items read are
+        then hashed and encoded, on a worker thread when they are large, so a big item
+        never holds the event loop."""
+        read = self._read(session, reason, state, epoch, writer, meta)
+        if read.weight > OFFLOAD_BYTES:
+            return await asyncio.to_thread(self._build, read, base_version)
+        return self._build(read, base_version)
+
+    def _read(
+        self,
+        session: AgentSession[Any],
+        reason: str,
+        state: SavedState,
+        epoch: int,
+        writer: Writer,
+        meta: Callable[[int], SessionMeta],
+    ) -> _Read:
+        convert = self._converter()
+        hist = self._plan(self._history, session.history.items, convert)
         turns = self._turns + sum(
             1
-            for d in hist.datas.values()
+            for d in hist.datas
             if d.get("type") == "message"
             and d.get("role") == "user"
             and not self._history.has(d["id"])  # counted once, when it first reaches the store
         )
-        agent_obj, frame, agent = self._agent(session, hist)
+        agent_obj, frame, agent = self._agent(session, hist, convert)
         snap = Snapshot(
             key=self._key,
             epoch=epoch,
@@ -150,43 +185,64 @@ class Capture:
             userdata=self._dump_userdata(session),
             tool_calls=list(self.running.values()),
         )
+        size = hist.weight() + (agent.weight() if agent is not None else 0)
+        return _Read(snap, hist, agent, agent_obj, turns, size)
+
+    def _build(self, read: _Read, base_version: int) -> Pending | None:
+        memo: dict[int, bytes] = {}
+        hist = read.history.build(self._encoder(HISTORY, None), memo)
+        agent = (
+            read.agent.build(self._encoder(AGENT, hist), memo)
+            if read.agent is not None
+            else None
+        )
+        snap = read.snap
         fingerprint = digest(snap.model_dump(mode="json", exclude={"created_at", "reason"}))
-        if not hist.records and not agent.records and fingerprint == self._fingerprint:
+        if not hist.records and not (agent and agent.records) and fingerprint == self._fingerprint:
             return None
         commit = delta_commit(
             self.codec,
             snap,
-            [*hist.records, *agent.records],
-            {HISTORY: len(hist.objs), AGENT: len(agent.objs)},
-            seals={HISTORY: hist.seal, AGENT: agent.seal},
+            [*hist.records, *(agent.records if agent else ())],
+            {HISTORY: hist.count, AGENT: agent.count if agent else 0},
+            seals={HISTORY: hist.seal, AGENT: agent.seal if agent else 0},
             base_version=base_version,
             owner=self._owner,
             commit_id=uuid.uuid4().hex,
         )
-        return Pending(commit, hist, agent, agent_obj, turns, fingerprint)
+        return Pending(commit, hist, agent, read.agent_obj, read.turns, fingerprint)
 
     def accept(self, pending: Pending) -> None:
         """``pending`` is stored: it is the new baseline."""
         self._history.accept(pending.history)
-        self._agent_ctx.accept(pending.agent)
+        if pending.agent is not None:
+            self._agent_ctx.accept(pending.agent)
+        else:
+            self._agent_ctx.reset()
         self._turns = pending.turns
         self._tracked_agent = pending.agent_obj
         self._fingerprint = pending.fingerprint
         self.rewrite = False
 
-    def _diff(
-        self, tracker: StreamTracker, items: Sequence[llm.ChatItem], encode: Encoder, **kw: Any
-    ) -> Change:
-        if self.rewrite:
-            return tracker.full(items, self._convert, encode)
-        return tracker.diff(items, self._convert, encode, **kw)
+    def _plan(
+        self,
+        tracker: StreamTracker,
+        items: Sequence[llm.ChatItem],
+        convert: Converter,
+        *,
+        whole: bool = False,
+        **kw: Any,
+    ) -> Plan:
+        if self.rewrite or whole:
+            return tracker.full(items, convert)
+        return tracker.diff(items, convert, **kw)
 
     def _agent(
-        self, session: AgentSession[Any], hist: Change
-    ) -> tuple[Agent | None, AgentFrame | None, Change]:
+        self, session: AgentSession[Any], hist: Plan, convert: Converter
+    ) -> tuple[Agent | None, AgentFrame | None, Plan | None]:
         agent_obj = current_agent(session)
         if agent_obj is None:
-            return None, None, Change([], [], {})
+            return None, None, None
         agent_id = self._registry.id_of(agent_obj)
         task: str | None = None
         if agent_id is None and isinstance(agent_obj, AgentTask) and self.last_agent:
@@ -195,17 +251,14 @@ class Capture:
             agent_id = self._registry.id_of(agent_obj)
         if agent_id is None:
             raise UnknownAgent(type(agent_obj).__qualname__, self._registry.ids, saving=True)
-        handoff = agent_obj is not self._tracked_agent and not self.rewrite
-        if handoff:
-            self._agent_ctx.reset()  # the new agent's context replaces the old one
-        change = self._diff(
+        plan = self._plan(
             self._agent_ctx,
             agent_obj.chat_ctx.items,
-            self._encoder(AGENT, hist),
-            rewrite=dangling_refs(hist.records) | self._edited(hist),
+            convert,
+            # the new agent's context replaces the old one: cleared, then written whole
+            whole=agent_obj is not self._tracked_agent,
+            rewrite=dangling_refs(hist.removals) | self._edited(hist),
         )
-        if handoff:
-            change.records.insert(0, Record(AGENT, "", None))
         self.last_agent = agent_obj
         frame = AgentFrame(
             agent_id=agent_id,
@@ -213,20 +266,30 @@ class Capture:
             state=_agent_state(agent_obj),
             task=task,
         )
-        return agent_obj, frame, change
+        return agent_obj, frame, plan
 
-    def _edited(self, hist: Change) -> frozenset[str]:
-        """History items committed before and written again now: an agent item stored
-        as a reference to one of them is written again too, or it would read the new
-        edition (and its seal would not match)."""
+    def _edited(self, hist: Plan) -> frozenset[str]:
+        """History items committed before and maybe written again now: an agent item
+        stored as a reference to one of them is written again too, or it would read the
+        new edition (and its seal would not match). An item read again that turns out
+        unchanged is rewritten as it was: harmless."""
         return frozenset(
-            r.id
-            for r in hist.records
-            if r.data is not None and self._history.has(r.id) and self._agent_ctx.has(r.id)
+            i for i in hist.written() if self._history.has(i) and self._agent_ctx.has(i)
         )
 
-    def _convert(self, item: llm.ChatItem) -> ItemData:
-        return item_to_data(item, media=self._media)
+    def _converter(self) -> Converter:
+        """Items as plain data, each object read once per checkpoint: most items are in
+        both streams (the agent's context holds the history's objects)."""
+        media: MediaPolicy = self._media
+        seen: dict[int, ItemData] = {}
+
+        def convert(item: llm.ChatItem) -> ItemData:
+            data = seen.get(id(item))  # the objects outlive the checkpoint's read
+            if data is None:
+                data = seen[id(item)] = item_to_data(item, media=media)
+            return data
+
+        return convert
 
     def _encoder(self, stream: str, history: Change | None) -> Encoder:
         codec, key = self.codec, self._key
