@@ -164,8 +164,8 @@ class Capture:
         writer: Writer,
         meta: Callable[[int], SessionMeta],
     ) -> _Read:
-        convert = self._converter()
-        hist = self._plan(self._history, session.history.items, convert)
+        convert, shaped = self._converter(), dict[int, Any]()
+        hist = self._plan(self._history, session.history.items, convert, shaped=shaped)
         turns = self._turns + sum(
             1
             for d in hist.datas
@@ -173,7 +173,7 @@ class Capture:
             and d.get("role") == "user"
             and not self._history.has(d["id"])  # counted once, when it first reaches the store
         )
-        agent_obj, frame, agent = self._agent(session, hist, convert)
+        agent_obj, frame, agent = self._agent(session, hist, convert, shaped)
         snap = Snapshot(
             key=self._key,
             epoch=epoch,
@@ -234,11 +234,11 @@ class Capture:
         **kw: Any,
     ) -> Plan:
         if self.rewrite or whole:
-            return tracker.full(items, convert)
+            return tracker.full(items, convert, shaped=kw.get("shaped"))
         return tracker.diff(items, convert, **kw)
 
     def _agent(
-        self, session: AgentSession[Any], hist: Plan, convert: Converter
+        self, session: AgentSession[Any], hist: Plan, convert: Converter, shaped: dict[int, Any]
     ) -> tuple[Agent | None, AgentFrame | None, Plan | None]:
         agent_obj = current_agent(session)
         if agent_obj is None:
@@ -253,11 +253,12 @@ class Capture:
             raise UnknownAgent(type(agent_obj).__qualname__, self._registry.ids, saving=True)
         plan = self._plan(
             self._agent_ctx,
-            agent_obj.chat_ctx.items,
+            _live_items(agent_obj),
             convert,
             # the new agent's context replaces the old one: cleared, then written whole
             whole=agent_obj is not self._tracked_agent,
             rewrite=dangling_refs(hist.removals) | self._edited(hist),
+            shaped=shaped,
         )
         self.last_agent = agent_obj
         frame = AgentFrame(
@@ -382,6 +383,15 @@ def instructions_from(value: str | dict[str, str | None]) -> str | Instructions:
         text=value.get("text"),
         dynamic=value.get("dynamic"),
     )
+
+
+def _live_items(agent: Agent) -> Sequence[llm.ChatItem]:
+    """The agent's context items, read where they live: ``Agent.chat_ctx`` hands out a
+    read-only copy of the whole list on every call, O(n) per checkpoint."""
+    ctx = getattr(agent, "_chat_ctx", None)
+    if isinstance(ctx, llm.ChatContext):
+        return ctx.items
+    return agent.chat_ctx.items
 
 
 def _agent_state(agent: Agent) -> dict[str, Any] | None:

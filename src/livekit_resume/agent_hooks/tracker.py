@@ -90,17 +90,20 @@ class Overlay(Mapping[str, V]):
         return sum(1 for _ in self)
 
 
+_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+
 def _shape(value: Any) -> Any:
     """A frozen copy of ``value`` (containers copied all the way down, immutable leaves
     shared) that compares equal to a later shape exactly when nothing in it changed:
     an item edited in place, at any depth, no longer has the shape it was read with."""
     kind = type(value)
-    if kind is str or kind is float or kind is int or kind is bool or value is None:
+    if kind in _LEAVES:
         return value
-    if kind is list or kind is tuple:
-        return (kind, *map(_shape, value))
     if kind is dict:
-        return (dict, *[(k, _shape(v)) for k, v in value.items()])
+        return (dict, *[(k, v if type(v) in _LEAVES else _shape(v)) for k, v in value.items()])
+    if kind is list or kind is tuple:
+        return (kind, *[v if type(v) in _LEAVES else _shape(v) for v in value])
     if isinstance(value, BaseModel):
         return (kind, _shape(value.__dict__), _shape(value.__pydantic_extra__))
     if isinstance(value, (set, frozenset)):
@@ -221,14 +224,14 @@ class StreamTracker:
         old, n_old = self._objs, len(self._objs)
         if len(items) < n_old:
             return False
-        if type(items) is not list:
+        if not isinstance(items, list):
             return all(map(operator.is_, items, old))
         # list == compares pointers first and never touches an identical pair: ~1 ns
         # per item. The live tail is lent to our list for the comparison (and taken
         # back), so the lists have one length and nothing long is copied.
         old.extend(items[n_old:])
         try:
-            return items == old  # an equal but other object passes: its data is equal
+            return list.__eq__(items, old)  # an equal but other object passes: its data is equal
         except Exception:  # an item's __eq__ that cannot answer: compare by identity
             return all(map(operator.is_, items, old))
         finally:
@@ -240,10 +243,12 @@ class StreamTracker:
         convert: Converter,
         *,
         rewrite: frozenset[str] = frozenset(),
+        shaped: dict[int, Any] | None = None,
     ) -> Plan:
         """Read what turns the committed stream into ``items``; the items whose ids are
         in ``rewrite`` are written again even if unchanged. Reads the items only now:
-        the plan holds plain data, and building it may happen elsewhere."""
+        the plan holds plain data, and building it may happen elsewhere. ``shaped``
+        keeps item shapes by object identity, for diffs of one moment sharing objects."""
         old = self._objs
         n_old, n_new = len(old), len(items)
         if self._intact(items):
@@ -264,16 +269,23 @@ class StreamTracker:
             plan.keep, plan.objs = n_old, list(items[n_old:])
         removed = {r.id for r in plan.removals}
         puts, shapes = plan.puts, plan.shapes
+        shaped = {} if shaped is None else shaped
+
+        def shape_of(item: llm.ChatItem) -> Any:
+            shape = shaped.get(id(item), _MISSING)  # the objects outlive the read
+            if shape is _MISSING:
+                shape = shaped[id(item)] = _shape(item)
+            return shape
 
         def read(i: int) -> ItemData:
             item = items[i]
-            shapes[item.id] = _shape(item)
+            shapes[item.id] = shape_of(item)
             return convert(item)
 
         # in-place edits of recent committed items: only a moved shape is read again
         for i in range(max(0, first - EDIT_WINDOW), first):
             item = items[i]
-            shape = _shape(item)
+            shape = shape_of(item)
             if item.id not in rewrite and _same(self._shapes.get(item.id, _MISSING), shape):
                 continue
             shapes[item.id] = shape
@@ -308,7 +320,13 @@ class StreamTracker:
             puts.append(_Put(items[i], items[i - 1].id if i else None, read(i)))
         return plan
 
-    def full(self, items: Sequence[llm.ChatItem], convert: Converter) -> Plan:
+    def full(
+        self,
+        items: Sequence[llm.ChatItem],
+        convert: Converter,
+        *,
+        shaped: dict[int, Any] | None = None,
+    ) -> Plan:
         """Read what clears the stored stream and writes ``items`` anew, in order: for a
         store that lost the session, or a log with a damaged record to leave behind."""
         plan = Plan(self, len(items), whole=True)
@@ -319,7 +337,8 @@ class StreamTracker:
             if item.id in seen:
                 raise ValueError(f"{self.stream} holds two chat items with the id {item.id!r}")
             seen.add(item.id)
-            plan.shapes[item.id] = _shape(item)
+            shape = shaped.get(id(item), _MISSING) if shaped is not None else _MISSING
+            plan.shapes[item.id] = _shape(item) if shape is _MISSING else shape
             plan.puts.append(_Put(item, after, convert(item)))
             after = item.id
         return plan
