@@ -90,7 +90,7 @@ class Overlay(Mapping[str, V]):
         return sum(1 for _ in self)
 
 
-_LEAVES = frozenset({str, int, float, bool, type(None)})
+_LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
 
 
 def _shape(value: Any) -> Any:
