@@ -41,7 +41,19 @@ def msg(n: int) -> llm.ChatMessage:
 
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["append", "insert", "remove", "replace", "edit_recent", "noop"]),
+        st.sampled_from(
+            [
+                "append",
+                "insert",
+                "remove",
+                "replace",
+                "replace_equal",
+                "edit_recent",
+                "edit_nested",
+                "truncate",
+                "noop",
+            ]
+        ),
         st.integers(min_value=0, max_value=1000),
     ),
     min_size=1,
@@ -68,6 +80,21 @@ def test_folded_records_always_equal_the_live_context(
         elif op == "replace" and live:
             i = n % len(live)  # LiveKit's _upsert_item: a new object under the same id
             live[i] = live[i].model_copy(update={"content": [f"replaced {n}"]})
+        elif op == "replace_equal" and live:
+            i = n % len(live)  # an upsert of an equal copy: another object, same data
+            live[i] = live[i].model_copy(deep=True)
+        elif op == "truncate" and len(live) > 2:
+            del live[: n % (len(live) - 1)]  # app-side truncation: the oldest items go
+        elif op == "edit_nested" and live:
+            # in place, below the item's fields: a list grown (a realtime transcript),
+            # a dict entry set, two levels down
+            i = len(live) - 1 - n % min(len(live), EDIT_WINDOW)
+            item = live[i]
+            assert isinstance(item, llm.ChatMessage)
+            if n % 2:
+                item.content.append(f"more {n}")
+            else:
+                item.extra.setdefault("note", {})["level"] = n
         elif op == "edit_recent" and live:
             # in place, within the window LiveKit edits (metrics, a final transcript)
             i = len(live) - 1 - n % min(len(live), EDIT_WINDOW)
@@ -132,3 +159,32 @@ def test_a_whole_rewrite_clears_what_the_store_held_and_writes_every_item_in_ord
     tracker.accept(change)
     assert store.state() == [item_to_data(i) for i in live]
     assert tracker.diff(live, item_to_data).build(encode).records == []
+
+
+def test_a_change_applies_only_onto_the_state_it_was_read_from() -> None:
+    tracker = StreamTracker("history")
+    live: list[llm.ChatItem] = [msg(i) for i in range(5)]
+    stale = tracker.diff(live, item_to_data).build(encode)
+    tracker.accept(tracker.diff(live, item_to_data).build(encode))
+    with pytest.raises(RuntimeError, match="another state"):
+        tracker.accept(stale)
+
+
+def test_a_plan_holds_the_items_as_they_were_read() -> None:
+    # the plan is read on the event loop and may be encoded on a worker thread: an
+    # edit made in between reaches the next checkpoint, not a torn one
+    tracker = StreamTracker("history")
+    store = Replay()
+    live: list[llm.ChatItem] = [msg(i) for i in range(3)]
+    plan = tracker.diff(live, item_to_data)
+    item = live[-1]
+    assert isinstance(item, llm.ChatMessage)
+    before = item_to_data(item)
+    item.content = ["edited meanwhile"]
+    change = plan.build(encode)
+    store.records.extend(change.records)
+    tracker.accept(change)
+    assert store.state()[-1] == before
+    change = tracker.diff(live, item_to_data).build(encode)
+    store.records.extend(change.records)
+    assert store.state() == [item_to_data(i) for i in live]
