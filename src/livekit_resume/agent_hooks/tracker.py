@@ -122,11 +122,15 @@ def weight(data: Any, depth: int = 0) -> int:
         return len(data)
     if depth > 3:
         return 0
-    if kind is dict:
-        return sum(weight(v, depth + 1) for v in data.values())
-    if kind is list or kind is tuple:
-        return sum(weight(v, depth + 1) for v in data)
-    return 0
+    values = data.values() if kind is dict else data if kind is list or kind is tuple else ()
+    total = 0
+    for v in values:
+        k = type(v)
+        if k is str or k is bytes:
+            total += len(v)
+        elif k is dict or k is list or k is tuple:
+            total += weight(v, depth + 1)
+    return total
 
 
 @dataclass(slots=True)

@@ -345,8 +345,19 @@ def _unpackb(body: bytes) -> Any:
 def _too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
     """Whether lists and maps in ``obj`` nest more than ``limit`` levels (iterative, so a
     hostile value cannot exhaust Python's stack)."""
-    if not isinstance(obj, (dict, list, tuple)):
-        return False
+    nested = (dict, list, tuple)
+    # one level at a time: a comprehension per level, not a Python step per value
+    level = [obj] if isinstance(obj, nested) else []
+    for _ in range(limit):
+        if not level:
+            return False
+        level = [
+            c
+            for v in level
+            for c in (v.values() if isinstance(v, dict) else v)
+            if isinstance(c, nested)
+        ]
+    return bool(level)
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
