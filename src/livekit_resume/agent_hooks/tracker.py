@@ -101,17 +101,26 @@ def _shape(value: Any) -> Any:
     if kind in _LEAVES:
         return value
     if kind is dict:
+        if not value:
+            return (dict,)
         return (dict, *[(k, v if type(v) in _LEAVES else _shape(v)) for k, v in value.items()])
     if kind is list or kind is tuple:
         return (kind, *[v if type(v) in _LEAVES else _shape(v) for v in value])
     if isinstance(value, BaseModel):
-        return (kind, _shape(value.__dict__), _shape(value.__pydantic_extra__))
+        return _item_shape(value)
     if isinstance(value, (set, frozenset)):
         return (kind, frozenset(value))
     if isinstance(value, (bytearray, memoryview)):
         return (kind, bytes(value))
     # immutable values compare by value; other objects (a video frame) by identity
     return value
+
+
+def _item_shape(item: BaseModel) -> Any:
+    """`_shape` of a model: its type, then its field values in their fixed order."""
+    values = [v if type(v) in _LEAVES else _shape(v) for v in item.__dict__.values()]
+    extra = item.__pydantic_extra__
+    return (type(item), *values, None if extra is None else _shape(extra))
 
 
 def weight(data: Any, depth: int = 0) -> int:
@@ -278,7 +287,7 @@ class StreamTracker:
         def shape_of(item: llm.ChatItem) -> Any:
             shape = shaped.get(id(item), _MISSING)  # the objects outlive the read
             if shape is _MISSING:
-                shape = shaped[id(item)] = _shape(item)
+                shape = shaped[id(item)] = _item_shape(item)
             return shape
 
         def read(i: int) -> ItemData:
@@ -342,7 +351,7 @@ class StreamTracker:
                 raise ValueError(f"{self.stream} holds two chat items with the id {item.id!r}")
             seen.add(item.id)
             shape = shaped.get(id(item), _MISSING) if shaped is not None else _MISSING
-            plan.shapes[item.id] = _shape(item) if shape is _MISSING else shape
+            plan.shapes[item.id] = _item_shape(item) if shape is _MISSING else shape
             plan.puts.append(_Put(item, after, convert(item)))
             after = item.id
         return plan
