@@ -64,7 +64,7 @@ class Pending:
     agent: Change | None
     agent_obj: Agent | None
     turns: int
-    fingerprint: bytes
+    snap: Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +106,7 @@ class Capture:
         self._tracked_agent: Agent | None = None
         self.last_agent: Agent | None = None  # the parent to save while an AgentTask runs
         self._turns = 0
-        self._fingerprint = b""
+        self._committed: Snapshot | None = None  # None: the next draft is always news
         self._saved_userdata: Any = None  # the last userdata that could be saved
         self.running: dict[str, ToolCallRecord] = {}
         self.conversation = uuid.uuid4().hex  # a restore adopts the saved one
@@ -197,8 +197,12 @@ class Capture:
             else None
         )
         snap = read.snap
-        fingerprint = digest(snap.model_dump(mode="json", exclude={"created_at", "reason"}))
-        if not hist.records and not (agent and agent.records) and fingerprint == self._fingerprint:
+        if (
+            not hist.records
+            and not (agent and agent.records)
+            and self._committed is not None
+            and _fingerprint(snap) == _fingerprint(self._committed)
+        ):
             return None
         commit = delta_commit(
             self.codec,
@@ -210,7 +214,7 @@ class Capture:
             owner=self._owner,
             commit_id=uuid.uuid4().hex,
         )
-        return Pending(commit, hist, agent, read.agent_obj, read.turns, fingerprint)
+        return Pending(commit, hist, agent, read.agent_obj, read.turns, snap)
 
     def accept(self, pending: Pending) -> None:
         """``pending`` is stored: it is the new baseline."""
@@ -221,7 +225,7 @@ class Capture:
             self._agent_ctx.reset()
         self._turns = pending.turns
         self._tracked_agent = pending.agent_obj
-        self._fingerprint = pending.fingerprint
+        self._committed = pending.snap
         self.rewrite = False
 
     def _plan(
@@ -360,6 +364,12 @@ class Capture:
                 extra={"key": self._key, "path": e.path},
             )
         return self._saved_userdata
+
+
+def _fingerprint(snap: Snapshot) -> bytes:
+    """What a snapshot says beyond its items, less the time and the trigger (no news);
+    computed only when a checkpoint has no item to write."""
+    return digest(snap.model_dump(mode="json", exclude={"created_at", "reason"}))
 
 
 def _instructions_to(value: str | Instructions) -> str | dict[str, str | None]:
