@@ -5,7 +5,9 @@ edits recent items in place), so a capture reads the session itself: the history
 the current agent's context are diffed against what was last committed (`tracker`),
 tool calls in flight come from the ``tool_execution_updated`` events, userdata goes
 through its `TypeAdapter`. Everything is read in one synchronous step, so history,
-agent and tool state are one moment. The store learns of the result only through
+agent and tool state are one moment; what was read is then hashed and encoded, on a
+worker thread when it holds more than `OFFLOAD_BYTES` (a large tool output must not
+hold the event loop). The store learns of the result only through
 `bridge.delta_commit`.
 """
 
