@@ -82,6 +82,13 @@ class Overlay(Mapping[str, V]):
     def __contains__(self, key: object) -> bool:
         return key in self._set or (key not in self._removed and key in self._base)
 
+    def get(self, key: str, default: Any = None) -> Any:  # on every item written: no raise
+        if key in self._set:
+            return self._set[key]
+        if key in self._removed:
+            return default
+        return self._base.get(key, default)
+
     def __iter__(self) -> Iterator[str]:  # O(n): never on a checkpoint's path
         yield from self._set
         yield from (k for k in self._base if k not in self._removed and k not in self._set)
