@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from livekit.agents import llm
 
-from livekit_resume.agent_hooks.tracker import EDIT_WINDOW, StreamTracker
+from livekit_resume.agent_hooks.tracker import EDIT_WINDOW, StaleChange, StreamTracker
 from livekit_resume.snapshot.chat import item_from_data, item_to_data
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.base import Record, fold_records
@@ -166,8 +166,17 @@ def test_a_change_applies_only_onto_the_state_it_was_read_from() -> None:
     live: list[llm.ChatItem] = [msg(i) for i in range(5)]
     stale = tracker.diff(live, item_to_data).build(encode)
     tracker.accept(tracker.diff(live, item_to_data).build(encode))
-    with pytest.raises(RuntimeError, match="another state"):
+    with pytest.raises(StaleChange, match="another state"):
         tracker.accept(stale)
+    # a change that writes the stream whole applies onto any state
+    store = Replay()
+    live.append(msg(9))
+    whole = tracker.full(live, item_to_data).build(encode)
+    tracker.accept(tracker.diff(live, item_to_data).build(encode))
+    tracker.accept(whole)
+    store.records.extend(whole.records)
+    assert store.state() == [item_to_data(i) for i in live]
+    assert tracker.diff(live, item_to_data).build(encode).records == []
 
 
 def test_a_plan_holds_the_items_as_they_were_read() -> None:

@@ -34,7 +34,7 @@ from ..snapshot.values import dump_userdata
 from ..stores.base import Commit
 from .registry import AgentRegistry
 from .silence import current_agent
-from .tracker import Change, Converter, Encoder, Plan, StreamTracker, digest
+from .tracker import Change, Converter, Encoder, Plan, StaleChange, StreamTracker, digest
 
 __all__ = ["Capture", "Pending", "SavedState", "instructions_from"]
 
@@ -220,15 +220,27 @@ class Capture:
 
     def accept(self, pending: Pending) -> None:
         """``pending`` is stored: it is the new baseline."""
-        self._history.accept(pending.history)
-        if pending.agent is not None:
-            self._agent_ctx.accept(pending.agent)
-        else:
-            self._agent_ctx.reset()
+        try:
+            self._history.accept(pending.history)
+            if pending.agent is not None:
+                self._agent_ctx.accept(pending.agent)
+            else:
+                self._agent_ctx.reset()
+            self.rewrite = False
+        except StaleChange as e:
+            # The store holds the commit, but it was diffed from a state the trackers no
+            # longer hold: a diff from here would write records and seals that do not
+            # match the store. The next commit writes every stream anew instead.
+            log.error(
+                "session %r: %s; the next checkpoint writes the session whole",
+                self._key,
+                e,
+                extra={"key": self._key},
+            )
+            self.rewrite = True
         self._turns = pending.turns
         self._tracked_agent = pending.agent_obj
         self._committed = pending.snap
-        self.rewrite = False
 
     def _plan(
         self,

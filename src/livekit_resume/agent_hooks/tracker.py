@@ -40,7 +40,7 @@ from ..snapshot.model import ItemData
 from ..snapshot.seal import SealKey, item_digest
 from ..stores.base import Record
 
-__all__ = ["EDIT_WINDOW", "Change", "Plan", "StreamTracker", "digest", "weight"]
+__all__ = ["EDIT_WINDOW", "Change", "Plan", "StaleChange", "StreamTracker", "digest", "weight"]
 
 # LiveKit edits only recent items in place (a message's metrics once it is added, a
 # preemptive user message's final transcript, a handoff output turned into an error).
@@ -189,6 +189,10 @@ class Change:
     shapes: dict[str, Any] = field(default_factory=dict)
     base: object = None
     """The tracker state this change was computed from."""
+
+
+class StaleChange(RuntimeError):
+    """A change read from another committed state than the tracker holds now."""
 
 
 class StreamTracker:
@@ -364,9 +368,11 @@ class StreamTracker:
         return plan
 
     def accept(self, change: Change) -> None:
-        """The change was committed: it is the new baseline."""
-        if change.base is not self._gen:
-            raise RuntimeError(f"{self.stream}: a change accepted onto another state")
+        """The change was committed: it is the new baseline. A change that writes the
+        stream whole applies onto any state; another only onto the one it was read from
+        (`StaleChange`: nothing is applied)."""
+        if change.base is not self._gen and not change.whole:
+            raise StaleChange(f"{self.stream}: a change accepted onto another state")
         if change.whole:
             self._digests, self._terms, self._shrunk = {}, {}, {}
         for item_id in change.removed:
