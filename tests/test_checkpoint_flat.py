@@ -159,3 +159,31 @@ async def test_a_large_item_is_encoded_off_the_event_loop_and_small_ones_on_it(
     assert [a["output"] for a in agent if a["id"] == big.id] == [big.output]
     await rs.aclose()
     await session.aclose()
+
+
+async def test_an_item_inserted_before_the_last_one_and_a_truncation_reach_the_store(
+    store: Store,
+) -> None:
+    session, rs = await start(store)
+    for n in range(3):
+        await session.run(user_input=f"turn {n}")
+    await rs.checkpoint()
+    items = session.history.items
+    last = items[-1]
+    # an interrupted reply lands before the barge-in that cut it: ChatContext.insert
+    # places it by created_at, so the committed tail moves one place on
+    cut = llm.ChatMessage(
+        role="assistant",
+        content=["I was say-"],
+        interrupted=True,
+        created_at=last.created_at - 1e-3,
+    )
+    session.history.insert(cut)
+    assert items[-2] is cut
+    await rs.checkpoint()
+    del items[:4]  # app-side truncation: the oldest items go
+    await rs.checkpoint()
+    history, _ = await restored(store)
+    assert history[: len(items)] == dumped(items)
+    await rs.aclose()
+    await session.aclose()
