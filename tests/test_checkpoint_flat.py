@@ -58,6 +58,22 @@ async def start(store: Store, **kw: Any) -> tuple[AgentSession[None], lr.Resumab
     return session, rs
 
 
+@pytest.fixture
+async def live(store: Store) -> AsyncIterator[tuple[AgentSession[None], lr.ResumableSession]]:
+    """A started session with its hooks, closed after the test."""
+    session, rs = await start(store)
+    yield session, rs
+    await rs.aclose()
+    await session.aclose()
+
+
+async def talk(session: AgentSession[None], rs: lr.ResumableSession, turns: int) -> None:
+    """``turns`` user turns answered by the model, then a checkpoint."""
+    for n in range(turns):
+        await session.run(user_input=f"turn {n}")
+    await rs.checkpoint()
+
+
 async def restored(store: Store) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """History and agent context as a fresh worker restores them (taking it over)."""
     session: AgentSession[None] = AgentSession(llm=ScriptedLLM([], default="ok"))
@@ -77,30 +93,26 @@ def dumped(items: list[llm.ChatItem]) -> list[dict[str, Any]]:
 
 
 async def test_agent_chat_ctx_is_a_copy_and_its_private_context_the_live_list(
-    store: Store,
+    live: tuple[AgentSession[None], lr.ResumableSession],
 ) -> None:
     # Why capture reads Agent._chat_ctx: the public property copies the list each call
     # (O(n) per checkpoint), while the private context is the list LiveKit appends to.
-    session, rs = await start(store)
+    session, _ = live
     agent = session.current_agent
     await session.run(user_input="hello")
     assert agent.chat_ctx.items is not agent.chat_ctx.items
-    live = agent._chat_ctx.items
-    assert [i.id for i in agent.chat_ctx.items] == [i.id for i in live]
+    items = agent._chat_ctx.items
+    assert [i.id for i in agent.chat_ctx.items] == [i.id for i in items]
     await session.run(user_input="again")
-    assert agent._chat_ctx.items is live  # appended in place, the same list
-    assert [i.id for i in agent.chat_ctx.items] == [i.id for i in live]
-    await rs.aclose()
-    await session.aclose()
+    assert agent._chat_ctx.items is items  # appended in place, the same list
+    assert [i.id for i in agent.chat_ctx.items] == [i.id for i in items]
 
 
 async def test_edits_in_place_at_any_depth_of_recent_items_reach_the_store(
-    store: Store,
+    store: Store, live: tuple[AgentSession[None], lr.ResumableSession]
 ) -> None:
-    session, rs = await start(store)
-    await session.run(user_input="first")
-    await session.run(user_input="second")
-    await rs.checkpoint()
+    session, rs = live
+    await talk(session, rs, 2)
     msgs = [i for i in session.history.items if isinstance(i, llm.ChatMessage)]
     user, reply = msgs[-2], msgs[-1]
     # the kinds of edit LiveKit makes to items already added: a field set (metrics), a
@@ -116,15 +128,13 @@ async def test_edits_in_place_at_any_depth_of_recent_items_reach_the_store(
     live_agent = session.current_agent._chat_ctx.items
     assert agent[: len(live_agent)] == dumped(live_agent)
     assert history[len(session.history.items) - 1]["extra"] == {"note": {"level": 2}}
-    await rs.aclose()
-    await session.aclose()
 
 
-async def test_an_item_replaced_by_id_far_from_the_tail_reaches_the_store(store: Store) -> None:
-    session, rs = await start(store)
-    for n in range(12):  # past the window of recent items re-checked each checkpoint
-        await session.run(user_input=f"turn {n}")
-    await rs.checkpoint()
+async def test_an_item_replaced_by_id_far_from_the_tail_reaches_the_store(
+    store: Store, live: tuple[AgentSession[None], lr.ResumableSession]
+) -> None:
+    session, rs = live
+    await talk(session, rs, 12)  # past the window of recent items re-checked each time
     items = session.history.items
     target = next(i for i in items if isinstance(i, llm.ChatMessage) and i.role == "user")
     # LiveKit's own replace-by-id (ChatContext._upsert_item): a new object, same place
@@ -133,8 +143,6 @@ async def test_an_item_replaced_by_id_far_from_the_tail_reaches_the_store(store:
     history, _ = await restored(store)
     assert history[: len(items)] == dumped(items)
     assert any(h.get("content") == ["rewritten"] for h in history)
-    await rs.aclose()
-    await session.aclose()
 
 
 async def test_a_large_item_is_encoded_off_the_event_loop_and_small_ones_on_it(
@@ -162,12 +170,10 @@ async def test_a_large_item_is_encoded_off_the_event_loop_and_small_ones_on_it(
 
 
 async def test_an_item_inserted_before_the_last_one_and_a_truncation_reach_the_store(
-    store: Store,
+    store: Store, live: tuple[AgentSession[None], lr.ResumableSession]
 ) -> None:
-    session, rs = await start(store)
-    for n in range(3):
-        await session.run(user_input=f"turn {n}")
-    await rs.checkpoint()
+    session, rs = live
+    await talk(session, rs, 3)
     items = session.history.items
     last = items[-1]
     # an interrupted reply lands before the barge-in that cut it: ChatContext.insert
@@ -185,5 +191,3 @@ async def test_an_item_inserted_before_the_last_one_and_a_truncation_reach_the_s
     await rs.checkpoint()
     history, _ = await restored(store)
     assert history[: len(items)] == dumped(items)
-    await rs.aclose()
-    await session.aclose()
