@@ -5,7 +5,9 @@ runs, nothing else does. Every `asyncio.Handle` run is timed (the loop's callbac
 task steps included) and the longest during each `ResumableSession.checkpoint()` is
 kept. Per history length (a live AgentSession on SQLite, one turn of 2 items per
 checkpoint) it prints the median and p99 of that longest callback; then the same for
-one turn whose tool output is one large item (``--big`` MB of random hex text).
+one turn whose tool output is one large item (``--big`` MB of random hex text), with
+how late a 1 ms timer fired meanwhile: that also counts the waits for the GIL while
+a worker thread encodes the item, which no callback's duration shows.
 
     python bench/loop_block.py [--sizes 10,5000,20000] [--rounds 60] [--big 5,50]
 
@@ -39,7 +41,10 @@ def _timed_run(self: asyncio.events.Handle) -> None:
 
 
 async def longest_block(call: Awaitable[Any]) -> float:
-    """The longest callback the loop ran while ``call`` was awaited."""
+    """The longest callback the loop ran while ``call`` was awaited. The caller's own
+    work before it (building a turn, a large item) ends first, in a callback of its own:
+    the callback that runs ``call``'s first step would otherwise count it too."""
+    await asyncio.sleep(0)
     _longest[0] = 0.0
     await call
     return _longest[0]
@@ -62,16 +67,45 @@ async def measure(store: lr.Store, sizes: tuple[int, ...], rounds: int) -> dict[
     return out
 
 
-async def big_item(store: lr.Store, megabytes: int) -> float:
-    session, rs = await c.live_session(store, 10)
+async def latest_tick(call: Awaitable[Any], every: float = 0.001) -> float:
+    """How late, at worst, a timer of ``every`` seconds fired while ``call`` was awaited.
+    Unlike the longest callback this also counts waits for the GIL between callbacks
+    (a worker thread in a long C call holds it): what an audio task would feel."""
+    late = [0.0]
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        while not done.is_set():
+            start = time.perf_counter()
+            await asyncio.sleep(every)
+            late[0] = max(late[0], time.perf_counter() - start - every)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
     try:
-        text = os.urandom(megabytes * 2**19).hex()  # text that does not compress away
-        output = llm.FunctionCallOutput(call_id="big", name="fetch", output=text, is_error=False)
-        session.current_agent._chat_ctx.items.append(output)
-        session.history.items.append(output)
-        return await longest_block(rs.checkpoint("turn"))
+        await call
     finally:
-        await c.close(session, rs)
+        done.set()
+        await ticker
+    return late[0]
+
+
+async def big_item(store: lr.Store, megabytes: int) -> tuple[float, float]:
+    """(longest callback, latest 1 ms timer) while one item of ``megabytes`` MB is saved."""
+    out = []
+    for measure_with in (longest_block, latest_tick):
+        session, rs = await c.live_session(store, 10)
+        try:
+            text = os.urandom(megabytes * 2**19).hex()  # text that does not compress away
+            output = llm.FunctionCallOutput(
+                call_id="big", name="fetch", output=text, is_error=False
+            )
+            session.current_agent._chat_ctx.items.append(output)
+            session.history.items.append(output)
+            out.append(await measure_with(rs.checkpoint("turn")))
+        finally:
+            await c.close(session, rs)
+    return out[0], out[1]
 
 
 async def main() -> None:
@@ -94,10 +128,13 @@ async def main() -> None:
         "Event loop blocked by one checkpoint (longest callback), SQLite",
         c.table(["history", "p50", "p99"], rows),
     )
-    rows = [[f"{mb} MB tool output", c.fmt_ms(took * 1e3)] for mb, took in bigs.items()]
+    rows = [
+        [f"{mb} MB tool output", c.fmt_ms(took * 1e3), c.fmt_ms(late * 1e3)]
+        for mb, (took, late) in bigs.items()
+    ]
     c.section(
-        "Event loop blocked by the checkpoint of one large item (longest callback)",
-        c.table(["item", "longest callback"], rows),
+        "Event loop blocked by the checkpoint of one large item",
+        c.table(["item", "longest callback", "latest 1 ms timer (GIL waits too)"], rows),
     )
 
 

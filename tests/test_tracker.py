@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from livekit.agents import llm
 
-from livekit_resume.agent_hooks.tracker import EDIT_WINDOW, StreamTracker
+from livekit_resume.agent_hooks.tracker import EDIT_WINDOW, StaleChange, StreamTracker
 from livekit_resume.snapshot.chat import item_from_data, item_to_data
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.base import Record, fold_records
@@ -41,7 +41,19 @@ def msg(n: int) -> llm.ChatMessage:
 
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["append", "insert", "remove", "replace", "edit_recent", "noop"]),
+        st.sampled_from(
+            [
+                "append",
+                "insert",
+                "remove",
+                "replace",
+                "replace_equal",
+                "edit_recent",
+                "edit_nested",
+                "truncate",
+                "noop",
+            ]
+        ),
         st.integers(min_value=0, max_value=1000),
     ),
     min_size=1,
@@ -68,6 +80,21 @@ def test_folded_records_always_equal_the_live_context(
         elif op == "replace" and live:
             i = n % len(live)  # LiveKit's _upsert_item: a new object under the same id
             live[i] = live[i].model_copy(update={"content": [f"replaced {n}"]})
+        elif op == "replace_equal" and live:
+            i = n % len(live)  # an upsert of an equal copy: another object, same data
+            live[i] = live[i].model_copy(deep=True)
+        elif op == "truncate" and len(live) > 2:
+            del live[: n % (len(live) - 1)]  # app-side truncation: the oldest items go
+        elif op == "edit_nested" and live:
+            # in place, below the item's fields: a list grown (a realtime transcript),
+            # a dict entry set, two levels down
+            i = len(live) - 1 - n % min(len(live), EDIT_WINDOW)
+            item = live[i]
+            assert isinstance(item, llm.ChatMessage)
+            if n % 2:
+                item.content.append(f"more {n}")
+            else:
+                item.extra.setdefault("note", {})["level"] = n
         elif op == "edit_recent" and live:
             # in place, within the window LiveKit edits (metrics, a final transcript)
             i = len(live) - 1 - n % min(len(live), EDIT_WINDOW)
@@ -78,11 +105,12 @@ def test_folded_records_always_equal_the_live_context(
             # now and then the whole stream is written anew (a store that lost the
             # session, a salvage): later diffs build on it like on any commit
             whole = op == "noop" and n % 2 == 0
-            change = (tracker.full if whole else tracker.diff)(live, item_to_data, encode)
+            plan = (tracker.full if whole else tracker.diff)(live, item_to_data)
+            change = plan.build(encode)
             store.records.extend(change.records)
             tracker.accept(change)
             assert store.state() == [item_to_data(i) for i in live]
-    change = tracker.diff(live, item_to_data, encode)
+    change = tracker.diff(live, item_to_data).build(encode)
     store.records.extend(change.records)
     assert store.state() == [item_to_data(i) for i in live]
     assert [item_from_data(d).id for d in store.state()] == [i.id for i in live]
@@ -91,16 +119,16 @@ def test_folded_records_always_equal_the_live_context(
 def test_an_unchanged_context_writes_nothing() -> None:
     tracker = StreamTracker("history")
     live: list[llm.ChatItem] = [msg(i) for i in range(50)]
-    tracker.accept(tracker.diff(live, item_to_data, encode))
-    assert tracker.diff(live, item_to_data, encode).records == []
+    tracker.accept(tracker.diff(live, item_to_data).build(encode))
+    assert tracker.diff(live, item_to_data).build(encode).records == []
 
 
 def test_appending_writes_only_the_new_items() -> None:
     tracker = StreamTracker("history")
     live: list[llm.ChatItem] = [msg(i) for i in range(500)]
-    tracker.accept(tracker.diff(live, item_to_data, encode))
+    tracker.accept(tracker.diff(live, item_to_data).build(encode))
     live += [msg(900), msg(901)]
-    records = tracker.diff(live, item_to_data, encode).records
+    records = tracker.diff(live, item_to_data).build(encode).records
     assert [(r.id, r.after) for r in records] == [
         ("item_900", "item_499"),
         ("item_901", "item_900"),
@@ -110,24 +138,62 @@ def test_appending_writes_only_the_new_items() -> None:
 def test_two_items_with_one_id_are_refused() -> None:
     tracker = StreamTracker("history")
     live: list[llm.ChatItem] = [msg(1)]
-    tracker.accept(tracker.diff(live, item_to_data, encode))
+    tracker.accept(tracker.diff(live, item_to_data).build(encode))
     live.append(msg(1).model_copy())
     with pytest.raises(ValueError, match="same id"):
-        tracker.diff(live, item_to_data, encode)
+        tracker.diff(live, item_to_data).build(encode)
 
 
 def test_a_whole_rewrite_clears_what_the_store_held_and_writes_every_item_in_order() -> None:
     tracker = StreamTracker("history")
     store = Replay()
     live: list[llm.ChatItem] = [msg(i) for i in range(20)]
-    first = tracker.diff(live, item_to_data, encode)
+    first = tracker.diff(live, item_to_data).build(encode)
     store.records.extend(first.records)
     tracker.accept(first)
     stale = item_to_data(msg(500))  # a record the store holds that the live context lacks
     store.records.append(Record("history", "item_500", encode(msg(500), stale, b""), None))
     live = [*live[5:], msg(99)]
-    change = tracker.full(live, item_to_data, encode)
+    change = tracker.full(live, item_to_data).build(encode)
     store.records.extend(change.records)
     tracker.accept(change)
     assert store.state() == [item_to_data(i) for i in live]
-    assert tracker.diff(live, item_to_data, encode).records == []
+    assert tracker.diff(live, item_to_data).build(encode).records == []
+
+
+def test_a_change_applies_only_onto_the_state_it_was_read_from() -> None:
+    tracker = StreamTracker("history")
+    live: list[llm.ChatItem] = [msg(i) for i in range(5)]
+    stale = tracker.diff(live, item_to_data).build(encode)
+    tracker.accept(tracker.diff(live, item_to_data).build(encode))
+    with pytest.raises(StaleChange, match="another state"):
+        tracker.accept(stale)
+    # a change that writes the stream whole applies onto any state
+    store = Replay()
+    live.append(msg(9))
+    whole = tracker.full(live, item_to_data).build(encode)
+    tracker.accept(tracker.diff(live, item_to_data).build(encode))
+    tracker.accept(whole)
+    store.records.extend(whole.records)
+    assert store.state() == [item_to_data(i) for i in live]
+    assert tracker.diff(live, item_to_data).build(encode).records == []
+
+
+def test_a_plan_holds_the_items_as_they_were_read() -> None:
+    # the plan is read on the event loop and may be encoded on a worker thread: an
+    # edit made in between reaches the next checkpoint, not a torn one
+    tracker = StreamTracker("history")
+    store = Replay()
+    live: list[llm.ChatItem] = [msg(i) for i in range(3)]
+    plan = tracker.diff(live, item_to_data)
+    item = live[-1]
+    assert isinstance(item, llm.ChatMessage)
+    before = item_to_data(item)
+    item.content = ["edited meanwhile"]
+    change = plan.build(encode)
+    store.records.extend(change.records)
+    tracker.accept(change)
+    assert store.state()[-1] == before
+    change = tracker.diff(live, item_to_data).build(encode)
+    store.records.extend(change.records)
+    assert store.state() == [item_to_data(i) for i in live]

@@ -5,12 +5,15 @@ edits recent items in place), so a capture reads the session itself: the history
 the current agent's context are diffed against what was last committed (`tracker`),
 tool calls in flight come from the ``tool_execution_updated`` events, userdata goes
 through its `TypeAdapter`. Everything is read in one synchronous step, so history,
-agent and tool state are one moment. The store learns of the result only through
+agent and tool state are one moment; what was read is then hashed and encoded, on a
+worker thread when it holds more than `OFFLOAD_BYTES` (a large tool output must not
+hold the event loop). The store learns of the result only through
 `bridge.delta_commit`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -28,10 +31,10 @@ from ..snapshot.chat import MediaPolicy, item_to_data
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import AgentFrame, ItemData, SessionMeta, Snapshot, ToolCallRecord, Writer
 from ..snapshot.values import dump_userdata
-from ..stores.base import Commit, Record
+from ..stores.base import Commit
 from .registry import AgentRegistry
 from .silence import current_agent
-from .tracker import Change, Encoder, StreamTracker, digest
+from .tracker import Change, Converter, Encoder, Plan, StaleChange, StreamTracker, digest
 
 __all__ = ["Capture", "Pending", "SavedState", "instructions_from"]
 
@@ -48,6 +51,9 @@ UNSAVABLE = Counter(
 )
 
 _OVERSIZE_NOTE = "[omitted when saved: this item was over the snapshot size limit]"
+# Items holding more than this many bytes are hashed and encoded on a worker thread:
+# below it the hop costs more than the work, above it the work would hold the loop.
+OFFLOAD_BYTES = 64 * 1024
 _REASONS = {"turn", "tool", "handoff", "pause", "suspend", "close", "manual", "end"}
 
 
@@ -57,10 +63,22 @@ class Pending:
 
     commit: Commit
     history: Change
-    agent: Change
+    agent: Change | None
     agent_obj: Agent | None
     turns: int
-    fingerprint: bytes
+    snap: Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """A session as read in one step: what to encode, and what to adopt after."""
+
+    snap: Snapshot
+    history: Plan
+    agent: Plan | None
+    agent_obj: Agent | None
+    turns: int
+    weight: int
 
 
 class Capture:
@@ -90,7 +108,7 @@ class Capture:
         self._tracked_agent: Agent | None = None
         self.last_agent: Agent | None = None  # the parent to save while an AgentTask runs
         self._turns = 0
-        self._fingerprint = b""
+        self._committed: Snapshot | None = None  # None: the next draft is always news
         self._saved_userdata: Any = None  # the last userdata that could be saved
         self.running: dict[str, ToolCallRecord] = {}
         self.conversation = uuid.uuid4().hex  # a restore adopts the saved one
@@ -117,7 +135,7 @@ class Capture:
 
     # ----------------------------------------------------------------- capture
 
-    def draft(
+    async def draft(
         self,
         session: AgentSession[Any],
         *,
@@ -129,16 +147,35 @@ class Capture:
         meta: Callable[[int], SessionMeta],
     ) -> Pending | None:
         """The commit that stores the session as it is now, or None if nothing changed
-        since the last commit (the time and the trigger alone are no news)."""
-        hist = self._diff(self._history, session.history.items, self._encoder(HISTORY, None))
+        since the last commit (the time and the trigger alone are no news).
+
+        The session is read in one synchronous step (one moment); the items read are
+        then hashed and encoded, on a worker thread when they are large, so a big item
+        never holds the event loop."""
+        read = self._read(session, reason, state, epoch, writer, meta)
+        if read.weight > OFFLOAD_BYTES:
+            return await asyncio.to_thread(self._build, read, base_version)
+        return self._build(read, base_version)
+
+    def _read(
+        self,
+        session: AgentSession[Any],
+        reason: str,
+        state: SavedState,
+        epoch: int,
+        writer: Writer,
+        meta: Callable[[int], SessionMeta],
+    ) -> _Read:
+        convert, shaped = self._converter(), dict[int, Any]()
+        hist = self._plan(self._history, session.history.items, convert, shaped=shaped)
         turns = self._turns + sum(
             1
-            for d in hist.datas.values()
+            for d in hist.datas
             if d.get("type") == "message"
             and d.get("role") == "user"
             and not self._history.has(d["id"])  # counted once, when it first reaches the store
         )
-        agent_obj, frame, agent = self._agent(session, hist)
+        agent_obj, frame, agent = self._agent(session, hist, convert, shaped)
         snap = Snapshot(
             key=self._key,
             epoch=epoch,
@@ -150,43 +187,80 @@ class Capture:
             userdata=self._dump_userdata(session),
             tool_calls=list(self.running.values()),
         )
-        fingerprint = digest(snap.model_dump(mode="json", exclude={"created_at", "reason"}))
-        if not hist.records and not agent.records and fingerprint == self._fingerprint:
+        size = hist.weight() + (agent.weight() if agent is not None else 0)
+        return _Read(snap, hist, agent, agent_obj, turns, size)
+
+    def _build(self, read: _Read, base_version: int) -> Pending | None:
+        memo: dict[int, bytes] = {}
+        hist = read.history.build(self._encoder(HISTORY, None), memo)
+        agent = (
+            read.agent.build(self._encoder(AGENT, hist), memo)
+            if read.agent is not None
+            else None
+        )
+        snap = read.snap
+        if (
+            not hist.records
+            and not (agent and agent.records)
+            and self._committed is not None
+            and _fingerprint(snap) == _fingerprint(self._committed)
+        ):
             return None
         commit = delta_commit(
             self.codec,
             snap,
-            [*hist.records, *agent.records],
-            {HISTORY: len(hist.objs), AGENT: len(agent.objs)},
-            seals={HISTORY: hist.seal, AGENT: agent.seal},
+            [*hist.records, *(agent.records if agent else ())],
+            {HISTORY: hist.count, AGENT: agent.count if agent else 0},
+            seals={HISTORY: hist.seal, AGENT: agent.seal if agent else 0},
             base_version=base_version,
             owner=self._owner,
             commit_id=uuid.uuid4().hex,
         )
-        return Pending(commit, hist, agent, agent_obj, turns, fingerprint)
+        return Pending(commit, hist, agent, read.agent_obj, read.turns, snap)
 
     def accept(self, pending: Pending) -> None:
         """``pending`` is stored: it is the new baseline."""
-        self._history.accept(pending.history)
-        self._agent_ctx.accept(pending.agent)
+        try:
+            self._history.accept(pending.history)
+            if pending.agent is not None:
+                self._agent_ctx.accept(pending.agent)
+            else:
+                self._agent_ctx.reset()
+            self.rewrite = False
+        except StaleChange as e:
+            # The store holds the commit, but it was diffed from a state the trackers no
+            # longer hold: a diff from here would write records and seals that do not
+            # match the store. The next commit writes every stream anew instead.
+            log.error(
+                "session %r: %s; the next checkpoint writes the session whole",
+                self._key,
+                e,
+                extra={"key": self._key},
+            )
+            self.rewrite = True
         self._turns = pending.turns
         self._tracked_agent = pending.agent_obj
-        self._fingerprint = pending.fingerprint
-        self.rewrite = False
+        self._committed = pending.snap
 
-    def _diff(
-        self, tracker: StreamTracker, items: Sequence[llm.ChatItem], encode: Encoder, **kw: Any
-    ) -> Change:
-        if self.rewrite:
-            return tracker.full(items, self._convert, encode)
-        return tracker.diff(items, self._convert, encode, **kw)
+    def _plan(
+        self,
+        tracker: StreamTracker,
+        items: Sequence[llm.ChatItem],
+        convert: Converter,
+        *,
+        whole: bool = False,
+        **kw: Any,
+    ) -> Plan:
+        if self.rewrite or whole:
+            return tracker.full(items, convert, shaped=kw.get("shaped"))
+        return tracker.diff(items, convert, **kw)
 
     def _agent(
-        self, session: AgentSession[Any], hist: Change
-    ) -> tuple[Agent | None, AgentFrame | None, Change]:
+        self, session: AgentSession[Any], hist: Plan, convert: Converter, shaped: dict[int, Any]
+    ) -> tuple[Agent | None, AgentFrame | None, Plan | None]:
         agent_obj = current_agent(session)
         if agent_obj is None:
-            return None, None, Change([], [], {})
+            return None, None, None
         agent_id = self._registry.id_of(agent_obj)
         task: str | None = None
         if agent_id is None and isinstance(agent_obj, AgentTask) and self.last_agent:
@@ -195,17 +269,15 @@ class Capture:
             agent_id = self._registry.id_of(agent_obj)
         if agent_id is None:
             raise UnknownAgent(type(agent_obj).__qualname__, self._registry.ids, saving=True)
-        handoff = agent_obj is not self._tracked_agent and not self.rewrite
-        if handoff:
-            self._agent_ctx.reset()  # the new agent's context replaces the old one
-        change = self._diff(
+        plan = self._plan(
             self._agent_ctx,
-            agent_obj.chat_ctx.items,
-            self._encoder(AGENT, hist),
-            rewrite=dangling_refs(hist.records) | self._edited(hist),
+            _live_items(agent_obj),
+            convert,
+            # the new agent's context replaces the old one: cleared, then written whole
+            whole=agent_obj is not self._tracked_agent,
+            rewrite=dangling_refs(hist.removals) | self._edited(hist),
+            shaped=shaped,
         )
-        if handoff:
-            change.records.insert(0, Record(AGENT, "", None))
         self.last_agent = agent_obj
         frame = AgentFrame(
             agent_id=agent_id,
@@ -213,20 +285,30 @@ class Capture:
             state=_agent_state(agent_obj),
             task=task,
         )
-        return agent_obj, frame, change
+        return agent_obj, frame, plan
 
-    def _edited(self, hist: Change) -> frozenset[str]:
-        """History items committed before and written again now: an agent item stored
-        as a reference to one of them is written again too, or it would read the new
-        edition (and its seal would not match)."""
+    def _edited(self, hist: Plan) -> frozenset[str]:
+        """History items committed before and maybe written again now: an agent item
+        stored as a reference to one of them is written again too, or it would read the
+        new edition (and its seal would not match). An item read again that turns out
+        unchanged is rewritten as it was: harmless."""
         return frozenset(
-            r.id
-            for r in hist.records
-            if r.data is not None and self._history.has(r.id) and self._agent_ctx.has(r.id)
+            i for i in hist.written() if self._history.has(i) and self._agent_ctx.has(i)
         )
 
-    def _convert(self, item: llm.ChatItem) -> ItemData:
-        return item_to_data(item, media=self._media)
+    def _converter(self) -> Converter:
+        """Items as plain data, each object read once per checkpoint: most items are in
+        both streams (the agent's context holds the history's objects)."""
+        media: MediaPolicy = self._media
+        seen: dict[int, ItemData] = {}
+
+        def convert(item: llm.ChatItem) -> ItemData:
+            data = seen.get(id(item))  # the objects outlive the checkpoint's read
+            if data is None:
+                data = seen[id(item)] = item_to_data(item, media=media)
+            return data
+
+        return convert
 
     def _encoder(self, stream: str, history: Change | None) -> Encoder:
         codec, key = self.codec, self._key
@@ -298,6 +380,12 @@ class Capture:
         return self._saved_userdata
 
 
+def _fingerprint(snap: Snapshot) -> bytes:
+    """What a snapshot says beyond its items, less the time and the trigger (no news);
+    computed only when a checkpoint has no item to write."""
+    return digest(snap.model_dump(mode="json", exclude={"created_at", "reason"}))
+
+
 def _instructions_to(value: str | Instructions) -> str | dict[str, str | None]:
     if isinstance(value, str):
         return value
@@ -319,6 +407,15 @@ def instructions_from(value: str | dict[str, str | None]) -> str | Instructions:
         text=value.get("text"),
         dynamic=value.get("dynamic"),
     )
+
+
+def _live_items(agent: Agent) -> Sequence[llm.ChatItem]:
+    """The agent's context items, read where they live: ``Agent.chat_ctx`` hands out a
+    read-only copy of the whole list on every call, O(n) per checkpoint."""
+    ctx = getattr(agent, "_chat_ctx", None)
+    if isinstance(ctx, llm.ChatContext):
+        return ctx.items
+    return agent.chat_ctx.items
 
 
 def _agent_state(agent: Agent) -> dict[str, Any] | None:

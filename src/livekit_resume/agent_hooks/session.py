@@ -341,7 +341,7 @@ class ResumableSession:
     async def _commit_now(
         self, session: AgentSession[Any], reason: str, state: SessionState | None
     ) -> int:
-        pending = self._capture.draft(
+        pending = await self._capture.draft(
             session,
             reason=reason,
             state=_saved_state(state or self._state),

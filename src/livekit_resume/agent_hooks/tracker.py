@@ -2,9 +2,23 @@
 
 LiveKit's events are not a log (function calls and config updates arrive silently,
 recent items are edited in place or replaced by id), so a checkpoint reads the
-context itself. The work stays flat in the conversation's length: one C-speed
-identity check of the committed prefix, then only new items and a short window of
-recent ones are converted and hashed.
+context itself. The work stays flat in the conversation's length:
+
+- one C-speed pointer comparison of the committed prefix with the live list (no
+  per-item Python work) tells whether an item before the tail was inserted, removed
+  or replaced by another object (LiveKit's ``_upsert_item``, an app's truncation);
+- the last `EDIT_WINDOW` committed items are checked for edits in place (LiveKit sets
+  a message's ``metrics`` once it is added, a preemptive user message's final
+  transcript, a handoff output turned into an error) by their *shape*: a frozen copy
+  of their fields taken when they were last read, compared by value. Only an item
+  whose shape moved is converted and hashed again;
+- only new and changed items are converted, hashed and encoded.
+
+A diff is done in two steps: `StreamTracker.diff` reads the live items (on the event
+loop: a consistent moment) into a `Plan` of plain data, and `Plan.build` hashes and
+encodes it into a `Change` (pure work on plain data: it may run on a worker thread).
+The tracker's committed state is never copied: a change holds only what it adds and
+removes, and `StreamTracker.accept` applies it in place.
 
 Each stream's seal (snapshot/seal.py: a sum of one term per live item over its id, the
 id before it and its stored data) is kept up to date the same way: a diff subtracts the
@@ -15,16 +29,18 @@ commit commits to exactly the items the store will hold, at a cost flat in the l
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from livekit.agents import llm
+from pydantic import BaseModel
 
 from ..snapshot.model import ItemData
 from ..snapshot.seal import SealKey, item_digest
 from ..stores.base import Record
 
-__all__ = ["EDIT_WINDOW", "Change", "StreamTracker", "digest"]
+__all__ = ["EDIT_WINDOW", "Change", "Plan", "StaleChange", "StreamTracker", "digest", "weight"]
 
 # LiveKit edits only recent items in place (a message's metrics once it is added, a
 # preemptive user message's final transcript, a handoff output turned into an error).
@@ -44,20 +60,139 @@ Converter = Callable[[llm.ChatItem], ItemData]
 # the seal of an empty stream, and of no key: what a tracker starts from
 _UNKEYED = SealKey("", None)
 
+V = TypeVar("V")
+
+
+class Overlay(Mapping[str, V]):
+    """A committed mapping seen through one change (what it removes, then what it sets),
+    without copying it."""
+
+    __slots__ = ("_base", "_removed", "_set")
+
+    def __init__(self, base: Mapping[str, V], removed: set[str], set_: Mapping[str, V]) -> None:
+        self._base, self._removed, self._set = base, removed, set_
+
+    def __getitem__(self, key: str) -> V:
+        if key in self._set:
+            return self._set[key]
+        if key in self._removed:
+            raise KeyError(key)
+        return self._base[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set or (key not in self._removed and key in self._base)
+
+    def get(self, key: str, default: Any = None) -> Any:  # on every item written: no raise
+        if key in self._set:
+            return self._set[key]
+        if key in self._removed:
+            return default
+        return self._base.get(key, default)
+
+    def __iter__(self) -> Iterator[str]:  # O(n): never on a checkpoint's path
+        yield from self._set
+        yield from (k for k in self._base if k not in self._removed and k not in self._set)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+_LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
+
+
+def _shape(value: Any) -> Any:
+    """A frozen copy of ``value`` (containers copied all the way down, immutable leaves
+    shared) that compares equal to a later shape exactly when nothing in it changed:
+    an item edited in place, at any depth, no longer has the shape it was read with."""
+    kind = type(value)
+    if kind in _LEAVES:
+        return value
+    if kind is dict:
+        if not value:
+            return (dict,)
+        return (dict, *[(k, v if type(v) in _LEAVES else _shape(v)) for k, v in value.items()])
+    if kind is list or kind is tuple:
+        return (kind, *[v if type(v) in _LEAVES else _shape(v) for v in value])
+    if isinstance(value, BaseModel):
+        return _item_shape(value)
+    if isinstance(value, (set, frozenset)):
+        return (kind, frozenset(value))
+    if isinstance(value, (bytearray, memoryview)):
+        return (kind, bytes(value))
+    # immutable values compare by value; other objects (a video frame) by identity
+    return value
+
+
+def _item_shape(item: BaseModel) -> Any:
+    """`_shape` of a model: its type, then its field values in their fixed order."""
+    values = [v if type(v) in _LEAVES else _shape(v) for v in item.__dict__.values()]
+    extra = item.__pydantic_extra__
+    return (type(item), *values, None if extra is None else _shape(extra))
+
+
+def weight(data: Any, depth: int = 0) -> int:
+    """About how many bytes ``data`` holds: decides whether encoding it is worth a
+    worker thread. Only strings and bytes count; counting stops three levels down."""
+    kind = type(data)
+    if kind is str or kind is bytes:
+        return len(data)
+    if depth > 3:
+        return 0
+    values = data.values() if kind is dict else data if kind is list or kind is tuple else ()
+    total = 0
+    for v in values:
+        k = type(v)
+        if k is str or k is bytes:
+            total += len(v)
+        elif k is dict or k is list or k is tuple:
+            total += weight(v, depth + 1)
+    return total
+
+
+@dataclass(slots=True)
+class _Put:
+    """One item to (re)write: where it stands and what it holds when read."""
+
+    item: llm.ChatItem
+    after: str | None
+    data: ItemData
+    only_if_changed: bool = False
+    """An item edited in place, maybe: written only if its data's digest moved."""
+
 
 @dataclass
 class Change:
-    """A stream's pending change: its records, and the state to adopt once committed."""
+    """A stream's pending change: its records, and what it does to the committed state.
+
+    The state once committed is the tracker's own with ``removed`` dropped and the
+    ``digests``/``terms``/``shrunk`` entries set (see `StreamTracker.accept`)."""
 
     records: list[Record]
-    objs: list[llm.ChatItem]
-    digests: dict[str, bytes]
+    digests: Mapping[str, bytes] = field(default_factory=dict)
+    """Every item's digest once committed (a view: nothing is copied)."""
     datas: dict[str, ItemData] = field(default_factory=dict)
     seal: int = 0
     """The stream's seal once committed (what the head commits to)."""
-    terms: dict[str, int] = field(default_factory=dict)
-    shrunk: dict[str, bytes] = field(default_factory=dict)
+    shrunk: Mapping[str, bytes] = field(default_factory=dict)
     """Items stored as other data than their own (shrunk to fit): their stored digest."""
+    count: int = 0
+    """The stream's length once committed."""
+    whole: bool = False
+    """The records clear the stream and write it anew (`StreamTracker.full`)."""
+    keep: int = 0
+    objs: list[llm.ChatItem] = field(default_factory=list)
+    """The committed objects from ``keep`` on are ``objs``."""
+    removed: set[str] = field(default_factory=set)
+    set_digests: dict[str, bytes] = field(default_factory=dict)
+    set_terms: dict[str, int] = field(default_factory=dict)
+    set_shrunk: dict[str, bytes] = field(default_factory=dict)
+    shapes: dict[str, Any] = field(default_factory=dict)
+    base: object = None
+    """The tracker state this change was computed from."""
+
+
+class StaleChange(RuntimeError):
+    """A change read from another committed state than the tracker holds now."""
 
 
 class StreamTracker:
@@ -70,7 +205,10 @@ class StreamTracker:
         self._digests: dict[str, bytes] = {}
         self._terms: dict[str, int] = {}
         self._shrunk: dict[str, bytes] = {}
+        # the shapes of the last EDIT_WINDOW committed items, as last read
+        self._shapes: dict[str, Any] = {}
         self._seal = 0
+        self._gen = object()  # changes to the state are applied only onto this one
 
     @property
     def seal(self) -> int:
@@ -93,76 +231,109 @@ class StreamTracker:
         self._objs = list(items)
         self._digests = {d["id"]: digest(d) for d in datas}
         term, after = self.seal_key.term, None
-        self._terms, self._shrunk, self._seal = {}, {}, 0
+        self._terms, self._shrunk, self._shapes, self._seal = {}, {}, {}, 0
         for d in datas:
             t = self._terms[d["id"]] = term(self.stream, d["id"], after, self._digests[d["id"]])
             self._seal = self.seal_key.add(self._seal, t)
             after = d["id"]
+        self._gen = object()
 
     def reset(self) -> None:
         self._objs, self._digests = [], {}
-        self._terms, self._shrunk, self._seal = {}, {}, 0
+        self._terms, self._shrunk, self._shapes, self._seal = {}, {}, {}, 0
+        self._gen = object()
+
+    def _intact(self, items: Sequence[llm.ChatItem]) -> bool:
+        """Whether ``items`` starts with the committed objects, the very same ones."""
+        old, n_old = self._objs, len(self._objs)
+        if len(items) < n_old:
+            return False
+        if not isinstance(items, list):
+            return all(map(operator.is_, items, old))
+        # list == compares pointers first and never touches an identical pair: ~1 ns
+        # per item. The live tail is lent to our list for the comparison (and taken
+        # back), so the lists have one length and nothing long is copied.
+        old.extend(items[n_old:])
+        try:
+            return list.__eq__(items, old)  # an equal but other object passes: its data is equal
+        except Exception:  # an item's __eq__ that cannot answer: compare by identity
+            return all(map(operator.is_, items, old))
+        finally:
+            del old[n_old:]
 
     def diff(
         self,
         items: Sequence[llm.ChatItem],
         convert: Converter,
-        encode: Encoder,
         *,
         rewrite: frozenset[str] = frozenset(),
-    ) -> Change:
-        """Records that turn the committed stream into ``items``; the items whose ids are
-        in ``rewrite`` are written again even if unchanged."""
+        shaped: dict[int, Any] | None = None,
+    ) -> Plan:
+        """Read what turns the committed stream into ``items``; the items whose ids are
+        in ``rewrite`` are written again even if unchanged. Reads the items only now:
+        the plan holds plain data, and building it may happen elsewhere. ``shaped``
+        keeps item shapes by object identity, for diffs of one moment sharing objects."""
         old = self._objs
         n_old, n_new = len(old), len(items)
-        # map() stops at the shorter list: no slice copy of a long history
-        if n_new >= n_old and all(map(operator.is_, items, old)):
+        if self._intact(items):
             first = n_old  # the committed prefix is intact: the common case
         else:
             first = next(
                 (i for i, (a, b) in enumerate(zip(items, old, strict=False)) if a is not b),
                 min(n_old, n_new),
             )
-        records: list[Record] = []
-        digests = dict(self._digests)
-        datas: dict[str, ItemData] = {}
-        seal = _Seal(self, dict(self._terms), dict(self._shrunk), self._seal)
+        plan = Plan(self, n_new)
         if first < n_old:
             alive = {it.id for it in items}
-            for gone in old[first:]:
-                if gone.id not in alive:
-                    records.append(Record(self.stream, gone.id, None))
-                    digests.pop(gone.id, None)
-                    seal.drop(gone.id)
+            plan.removals = [
+                Record(self.stream, gone.id, None) for gone in old[first:] if gone.id not in alive
+            ]
+            plan.keep, plan.objs = 0, list(items)
+        else:
+            plan.keep, plan.objs = n_old, list(items[n_old:])
+        removed = {r.id for r in plan.removals}
+        puts, shapes = plan.puts, plan.shapes
+        shaped = {} if shaped is None else shaped
 
-        def put(i: int, data: ItemData, d: bytes) -> None:
+        def shape_of(item: llm.ChatItem) -> Any:
+            shape = shaped.get(id(item), _MISSING)  # the objects outlive the read
+            if shape is _MISSING:
+                shape = shaped[id(item)] = _item_shape(item)
+            return shape
+
+        def read(i: int) -> ItemData:
             item = items[i]
-            after = items[i - 1].id if i else None
-            frame = seal.place(item.id, after, d, encode(item, data, d))
-            records.append(Record(self.stream, item.id, frame, after))
-            digests[item.id] = d
-            datas[item.id] = data
+            shapes[item.id] = shape_of(item)
+            return convert(item)
 
-        # in-place edits of recent committed items
-        for i in range(max(0, min(first, n_old) - EDIT_WINDOW), first):
-            data = convert(items[i])
-            d = digest(data)
-            if digests.get(items[i].id) != d:
-                put(i, data, d)
+        # in-place edits of recent committed items: only a moved shape is read again
+        for i in range(max(0, first - EDIT_WINDOW), first):
+            item = items[i]
+            shape = shape_of(item)
+            if item.id not in rewrite and _same(self._shapes.get(item.id, _MISSING), shape):
+                continue
+            shapes[item.id] = shape
+            after = items[i - 1].id if i else None
+            puts.append(_Put(item, after, convert(item), item.id not in rewrite))
         # items asked for again (rare: their stored form must change), where they stand
-        wanted = {i for i in rewrite if i in self._digests and i not in datas}
+        placed = {p.item.id for p in puts}
+        wanted = {
+            i
+            for i in rewrite
+            if i in self._digests and i not in removed and i not in placed
+        }
         # from the tail, stopping once all are found: the items asked for are mostly recent
-        for i in range(min(first, n_old) - 1, -1, -1):
+        for i in range(first - 1, -1, -1):
             if not wanted:
                 break
             if items[i].id in wanted:
                 wanted.discard(items[i].id)
-                data = convert(items[i])
-                put(i, data, digest(data))
+                puts.append(_Put(items[i], items[i - 1].id if i else None, read(i)))
         # everything from the first divergence on is (re)placed in order
-        placed = {items[i].id for i in range(first, n_new)}
-        if len(placed) != n_new - first or (
-            first == n_old and not placed.isdisjoint(self._digests)
+        fresh = {items[i].id for i in range(first, n_new)}
+        digests = self._digests
+        if len(fresh) != n_new - first or (
+            first == n_old and any(i in digests for i in fresh)
         ):
             # the store keys items by id: two items with one id would fold into one
             raise ValueError(
@@ -170,49 +341,164 @@ class StreamTracker:
                 "item a unique id, so a context built by hand must do the same"
             )
         for i in range(first, n_new):
-            data = convert(items[i])
-            put(i, data, digest(data))
-        return seal.change(Change(records, list(items), digests, datas))
+            puts.append(_Put(items[i], items[i - 1].id if i else None, read(i)))
+        return plan
 
-    def full(self, items: Sequence[llm.ChatItem], convert: Converter, encode: Encoder) -> Change:
-        """Records that clear the stored stream and write ``items`` anew, in order: for a
+    def full(
+        self,
+        items: Sequence[llm.ChatItem],
+        convert: Converter,
+        *,
+        shaped: dict[int, Any] | None = None,
+    ) -> Plan:
+        """Read what clears the stored stream and writes ``items`` anew, in order: for a
         store that lost the session, or a log with a damaged record to leave behind."""
-        records = [Record(self.stream, "", None)]
-        digests: dict[str, bytes] = {}
-        datas: dict[str, ItemData] = {}
-        seal = _Seal(self, {}, {}, 0)
+        plan = Plan(self, len(items), whole=True)
+        plan.objs = list(items)
         after: str | None = None
+        seen: set[str] = set()
         for item in items:
-            if item.id in digests:
+            if item.id in seen:
                 raise ValueError(f"{self.stream} holds two chat items with the id {item.id!r}")
-            data = convert(item)
-            d = digest(data)
-            frame = seal.place(item.id, after, d, encode(item, data, d))
-            records.append(Record(self.stream, item.id, frame, after))
-            digests[item.id], datas[item.id], after = d, data, item.id
-        return seal.change(Change(records, list(items), digests, datas))
+            seen.add(item.id)
+            shape = shaped.get(id(item), _MISSING) if shaped is not None else _MISSING
+            plan.shapes[item.id] = _item_shape(item) if shape is _MISSING else shape
+            plan.puts.append(_Put(item, after, convert(item)))
+            after = item.id
+        return plan
 
     def accept(self, change: Change) -> None:
-        """The change was committed: it is the new baseline."""
-        self._objs, self._digests = change.objs, change.digests
-        self._terms, self._shrunk, self._seal = change.terms, change.shrunk, change.seal
+        """The change was committed: it is the new baseline. A change that writes the
+        stream whole applies onto any state; another only onto the one it was read from
+        (`StaleChange`: nothing is applied)."""
+        if change.base is not self._gen and not change.whole:
+            raise StaleChange(f"{self.stream}: a change accepted onto another state")
+        if change.whole:
+            self._digests, self._terms, self._shrunk = {}, {}, {}
+        for item_id in change.removed:
+            self._digests.pop(item_id, None)
+            self._terms.pop(item_id, None)
+            self._shrunk.pop(item_id, None)
+        self._digests.update(change.set_digests)
+        self._terms.update(change.set_terms)
+        self._shrunk.update(change.set_shrunk)
+        self._seal = change.seal
+        if change.keep:
+            del self._objs[change.keep :]
+            self._objs.extend(change.objs)
+        else:
+            self._objs = change.objs
+        shapes = {**self._shapes, **change.shapes}
+        self._shapes = {
+            it.id: shapes[it.id] for it in self._objs[-EDIT_WINDOW:] if it.id in shapes
+        }
+        self._gen = object()
+
+
+_MISSING = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # a value whose == cannot answer (an array): read it again
+        return False
+
+
+class Plan:
+    """A stream's change as read from the live items: plain data, not yet hashed or
+    encoded. `build` touches no LiveKit object but an oversized item's (see `Encoder`)."""
+
+    def __init__(self, tracker: StreamTracker, count: int, *, whole: bool = False) -> None:
+        self.tracker = tracker
+        self.count = count
+        self.whole = whole
+        self.removals: list[Record] = []
+        """The records removing committed items (known before anything is encoded)."""
+        self.puts: list[_Put] = []
+        self.shapes: dict[str, Any] = {}
+        self.keep = 0
+        self.objs: list[llm.ChatItem] = []
+        self._base = tracker._gen
+
+    @property
+    def datas(self) -> Iterator[ItemData]:
+        """The plain data of every item the plan may write."""
+        return (p.data for p in self.puts)
+
+    def written(self) -> Iterator[str]:
+        """Ids the plan may write (a superset of what its change will)."""
+        return (p.item.id for p in self.puts)
+
+    def weight(self) -> int:
+        """About how many bytes the plan's items hold (`weight`)."""
+        return sum(weight(p.data) for p in self.puts)
+
+    def build(self, encode: Encoder, memo: dict[int, bytes] | None = None) -> Change:
+        """Hash and encode the plan into the records of one commit. ``memo`` keeps the
+        digests of data dicts by identity, for plans sharing them (both streams)."""
+        t = self.tracker
+        if self._base is not t._gen:
+            raise RuntimeError(f"{t.stream}: the tracker moved since this plan was read")
+        base_digests = {} if self.whole else t._digests
+        change = Change(
+            [Record(t.stream, "", None)] if self.whole else [],
+            count=self.count,
+            whole=self.whole,
+            keep=self.keep,
+            objs=self.objs,
+            shapes=self.shapes,
+            base=self._base,
+        )
+        removed = change.removed
+        seal = _Seal(t, {} if self.whole else t._terms, {} if self.whole else t._shrunk, change)
+        seal.seal = 0 if self.whole else t._seal
+        digests = Overlay(base_digests, removed, change.set_digests)
+        change.records += self.removals
+        for gone in self.removals:
+            seal.drop(gone.id)
+        memo = {} if memo is None else memo
+        for put in self.puts:
+            d = memo.get(id(put.data))
+            if d is None:
+                d = memo[id(put.data)] = digest(put.data)
+            item_id = put.item.id
+            if put.only_if_changed and digests.get(item_id) == d:
+                continue
+            frame = seal.place(item_id, put.after, d, encode(put.item, put.data, d))
+            change.records.append(Record(t.stream, item_id, frame, put.after))
+            change.set_digests[item_id] = d
+            change.datas[item_id] = put.data
+        change.digests = digests
+        change.shrunk = Overlay({} if self.whole else t._shrunk, removed, change.set_shrunk)
+        change.seal = seal.seal
+        return change
 
 
 class _Seal:
-    """A stream's seal being updated by one diff: each record placed or removed swaps
-    its item's term (snapshot/seal.py)."""
+    """A stream's seal being updated by one change: each record placed or removed swaps
+    its item's term (snapshot/seal.py). Reads the committed terms, writes the change's."""
 
     def __init__(
-        self, tracker: StreamTracker, terms: dict[str, int], shrunk: dict[str, bytes], seal: int
+        self,
+        tracker: StreamTracker,
+        terms: Mapping[str, int],
+        shrunk: Mapping[str, bytes],
+        change: Change,
     ) -> None:
         self._stream, self._key = tracker.stream, tracker.seal_key
-        self.terms, self.shrunk, self.seal = terms, shrunk, seal
+        self._terms, self._shrunk, self._change = terms, shrunk, change
+        self.seal = 0
 
     def drop(self, item_id: str) -> None:
-        old = self.terms.pop(item_id, None)
+        c = self._change
+        old = c.set_terms.pop(item_id, None)
+        if old is None and item_id not in c.removed:
+            old = self._terms.get(item_id)
         if old is not None:
             self.seal = self._key.sub(self.seal, old)
-        self.shrunk.pop(item_id, None)
+        c.removed.add(item_id)  # every committed entry of the id goes; set_* ones follow
+        c.set_shrunk.pop(item_id, None)
 
     def place(
         self, item_id: str, after: str | None, d: bytes, encoded: bytes | tuple[bytes, bytes]
@@ -220,12 +506,9 @@ class _Seal:
         """Account for ``item_id`` stored after ``after``; return its frame."""
         frame, stored = encoded if isinstance(encoded, tuple) else (encoded, d)
         self.drop(item_id)
+        c = self._change
         if stored != d:
-            self.shrunk[item_id] = stored
-        term = self.terms[item_id] = self._key.term(self._stream, item_id, after, stored)
+            c.set_shrunk[item_id] = stored
+        term = c.set_terms[item_id] = self._key.term(self._stream, item_id, after, stored)
         self.seal = self._key.add(self.seal, term)
         return frame
-
-    def change(self, change: Change) -> Change:
-        change.seal, change.terms, change.shrunk = self.seal, self.terms, self.shrunk
-        return change
