@@ -37,6 +37,7 @@ from .client import (
     decodes_responses,
     text,
 )
+from .control import RedisCommands
 from .events import EventStream
 from .health import ServerCheck
 from .keys import KeyNames
@@ -451,6 +452,10 @@ class RedisStore:
     def subscribe(self) -> EventStream:
         """The namespace's events as an async iterator of dicts (see `EventStream`)."""
         return EventStream(self._server, self._names.channel)
+
+    def commands(self) -> RedisCommands:
+        """The store's remote command channel (`Controllable`; see stores/redis/control.py)."""
+        return RedisCommands(self._server, self._names, self._scripts)
 
     async def aclose(self) -> None:
         """Close the client and its connection pool."""
