@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .agent_hooks.job import resumable_job
     from .agent_hooks.registry import AgentRegistry
     from .agent_hooks.session import ResumableSession
-    from .control import control
+    from .remote import control
 
 __all__ = [
     "AgentRegistry",
@@ -83,7 +83,7 @@ def __getattr__(name: str) -> Any:
 
         return resumable_job
     if name == "control":
-        from .control import control
+        from .remote import control
 
         return control
     raise AttributeError(f"module 'livekit_resume' has no attribute {name!r}")

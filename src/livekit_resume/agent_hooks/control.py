@@ -17,7 +17,7 @@ from typing import Protocol
 
 from prometheus_client import Counter
 
-from ..control import epoch_mismatch
+from ..remote import epoch_mismatch
 from ..errors import ResumeError
 from ..stores.base import Command, CommandChannel, CommandReply, Controllable, Store
 
