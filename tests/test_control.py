@@ -24,7 +24,6 @@ from livekit.agents import Agent, AgentSession, JobContext
 import livekit_resume as lr
 from livekit_resume.stores.base import Command, CommandReply, Controllable, Store
 from livekit_resume.testing.poll import eventually
-from tests.conftest import StoreFactory
 from tests.lk import jobs, make_voice_session, voice_fakes
 from tests.lk.jobs import JobHarness, RunningJob
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
@@ -66,6 +65,10 @@ async def live(
     return rs
 
 
+def state(rs: lr.ResumableSession) -> str:
+    return rs.state  # read afresh: a remote command changes it between two reads
+
+
 # ------------------------------------------------------------ over every store
 
 
@@ -76,15 +79,15 @@ async def test_pause_resume_suspend_round_trip(
     remote = lr.control(store)
 
     version = await remote.pause(KEY)
-    assert rs.state == "paused" and version == rs.version
+    assert state(rs) == "paused" and version == rs.version
     assert (await store.load(KEY)).info["state"] == "paused"
     assert await remote.pause(KEY) == version  # sent again after a lost answer: no change
 
     assert await remote.resume(KEY) == rs.version
-    assert rs.state == "active"
+    assert state(rs) == "active"
 
     suspended = await remote.suspend(KEY)
-    assert rs.state == "suspended" and suspended == rs.version
+    assert state(rs) == "suspended" and suspended == rs.version
     info = await store.info(KEY)
     assert info is not None and info.owner is None  # the lease is given up
     assert (await store.load(KEY)).info["state"] == "suspended"
@@ -120,7 +123,7 @@ async def test_a_command_aimed_at_an_older_epoch_is_refused(
 
     # the current epoch reaches the worker that took over, never the one it fenced
     await remote.pause(KEY)
-    assert new.state == "paused" and old.state == "active"
+    assert state(new) == "paused" and state(old) == "active"
 
 
 async def test_the_owner_refuses_a_command_for_an_epoch_it_left(
@@ -193,3 +196,182 @@ async def test_bad_arguments_are_value_errors(store: Store) -> None:
         await remote.send("explode", KEY)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="session key"):
         await remote.pause("")
+
+
+# --------------------------------------------------- across two OS processes (voice)
+# The owner runs in a real LiveKit job process: a voice session (fake VAD, STT, TTS and
+# audio in/out from tests.lk) under resumable hooks, its room LiveKit's stand-in for
+# fake jobs, whose attribute updates the job reports as ``ATTRS <json>`` lines.
+
+ENTRY = "tests.test_control:_entry_voice"
+ROOT = str(Path(__file__).resolve().parent.parent)  # for the command line's PYTHONPATH
+
+
+async def _entry_voice(ctx: JobContext) -> None:
+    opts: dict[str, Any] = json.loads(ctx.job.metadata)
+    store = lr.open_store(opts["store"], **opts.get("store_options", {}))
+    model = ScriptedLLM(default="Noted, go on.")
+    session = make_voice_session(model)
+    fakes = voice_fakes(session)
+    ctx.room.local_participant.set_attributes.side_effect = (  # type: ignore[attr-defined]
+        lambda attributes: jobs.report("ATTRS", json.dumps(attributes))
+    )
+    rs = lr.ResumableSession(store, ctx.room.name, registry=REGISTRY, debounce=0.01)
+    await session.start(await rs.restore(session, default=Clerk))
+    await asyncio.wait_for(rs._control.listening.wait(), 10)
+
+    async def say(args: list[str]) -> None:
+        utterance = fakes.audio_in.say(" ".join(args))
+        await utterance.done
+        jobs.report("SAID", int(utterance.dropped))
+
+    def probe(_: list[str]) -> None:
+        counts = {
+            "frames": len(fakes.audio_out.frames),
+            "tts": len(fakes.tts.requests),
+            "llm": len(model.requests),
+            "items": len(session.history.items),
+            "state": rs.state,
+        }
+        jobs.report("PROBE", json.dumps(counts))
+
+    jobs.on_command("say", say)
+    jobs.on_command("probe", probe)
+    ctx.add_shutdown_callback(rs.aclose)
+    jobs.report("READY", rs._holder.epoch)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    if request.param == "sqlite":
+        return {"store": f"sqlite:///{tmp_path}/control.db"}
+    server = request.getfixturevalue("redis_server")
+    return {"store": server.url, "store_options": {"namespace": f"c{uuid.uuid4().hex[:8]}"}}
+
+
+def open_target(target: dict[str, Any]) -> Store:
+    return lr.open_store(target["store"], **target.get("store_options", {}))
+
+
+async def probe(job: RunningJob) -> dict[str, Any]:
+    await job.send("probe")
+    result: dict[str, Any] = await job.expect_json("PROBE")
+    return result
+
+
+async def attribute_state(job: RunningJob, want: str) -> dict[str, str]:
+    """The job's next room-attribute update that sets ``resume.state`` to ``want``."""
+    while True:
+        attributes: dict[str, str] = await job.expect_json("ATTRS")
+        if attributes.get("resume.state") == want:
+            return attributes
+
+
+async def cli(target: dict[str, Any], *args: str) -> tuple[int, str, str]:
+    """``python -m livekit_resume`` in a process of its own: exit code, stdout, stderr."""
+    options = ["--store", target["store"], "--json"]
+    if "store_options" in target:
+        options += ["--namespace", target["store_options"]["namespace"]]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "livekit_resume", *options, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_pause_from_another_process_silences_the_owner_and_resume_brings_it_back(
+    target: dict[str, Any],
+) -> None:
+    store = open_target(target)
+    try:
+        async with JobHarness() as harness:
+            job = await harness.start_job(ENTRY, room="call-x", metadata=json.dumps(target))
+            await job.expect("READY")
+            await job.send("say remember the blue door")
+            assert (await job.expect("SAID")).split()[1] == "0"
+
+            async def replied() -> bool:
+                p = await probe(job)
+                return bool(p["llm"] == 1 and p["frames"] > 0 and p["tts"] == 1)
+
+            await eventually(replied, "the owner answered aloud", 20)
+
+            # pause from this process, through the command line
+            code, out, err = await cli(target, "pause", "call-x")
+            assert code == 0, err
+            paused = json.loads(out)
+            assert paused["command"] == "pause" and paused["key"] == "call-x"
+            assert (await attribute_state(job, "paused"))["resume.version"] == str(
+                paused["version"]
+            )
+            info = await store.info("call-x")
+            assert info is not None and info.info["state"] == "paused"
+
+            # while paused: the caller speaks, nothing is heard, asked or said
+            before = await probe(job)
+            await job.send("say are you still there")
+            assert (await job.expect("SAID")).split()[1] == "1"  # dropped, never heard
+            await asyncio.sleep(0.5)  # time a (wrongly) live pipeline would take to answer
+            assert await probe(job) == before
+
+            # resume from this process, through the API: the conversation goes on
+            version = await lr.control(store).resume("call-x")
+            assert version >= paused["version"]
+            await attribute_state(job, "active")
+            await job.send("say I am back")
+            assert (await job.expect("SAID")).split()[1] == "0"
+
+            async def answered_again() -> bool:
+                p = await probe(job)
+                return bool(p["llm"] == 2 and p["frames"] > before["frames"])
+
+            await eventually(answered_again, "the owner answered after resuming", 20)
+            await job.shutdown()
+    finally:
+        await store.aclose()
+
+
+async def test_a_command_aimed_before_a_takeover_is_refused_and_a_stopped_owner_times_out(
+    target: dict[str, Any],
+) -> None:
+    store = open_target(target)
+    try:
+        async with JobHarness() as harness:
+            job = await harness.start_job(ENTRY, room="call-y", metadata=json.dumps(target))
+            epoch = int((await job.expect("READY")).split()[1])
+
+            # a frozen owner (SIGSTOP) holds a live lease but answers nothing
+            job.stop()
+            try:
+                with pytest.raises(lr.CommandRefused, match="did not answer within 1 s"):
+                    await lr.control(store).pause("call-y", timeout=1.0)
+            finally:
+                job.cont()
+            # the withdrawn command is never applied, even once the owner runs again
+            await asyncio.sleep(0.5)  # longer than the owner's poll: it reads it, and skips it
+            assert (await probe(job))["state"] == "active"
+
+            # another worker takes the session over: the old epoch is refused by name
+            taken = await store.acquire("call-y", "supervisor", takeover=True)
+            assert taken.epoch > epoch
+            code, _, err = await cli(target, "suspend", "call-y", "--epoch", str(epoch))
+            assert code == 1
+            refusal = json.loads(err.splitlines()[-1])  # after the store's own warnings
+            assert refusal["error"] == "CommandRefused"
+            assert f"aimed at epoch {epoch}, the session is at epoch {taken.epoch}" in (
+                refusal["message"]
+            )
+            assert (await probe(job))["state"] == "active"  # nothing reached the old owner
+
+            # the job dies with its lease still live: refused (at once on Redis, which
+            # counts listeners; after the timeout on SQLite, which cannot)
+            await store.acquire("call-y", "supervisor")  # renewed: the lease stays live
+            job.kill()
+            await job.wait_exit()
+            with pytest.raises(lr.CommandRefused, match="'supervisor'"):
+                await lr.control(store).pause("call-y", timeout=1.0)
+    finally:
+        await store.aclose()

@@ -17,8 +17,8 @@ from typing import Protocol
 
 from prometheus_client import Counter
 
-from ..remote import epoch_mismatch
 from ..errors import ResumeError
+from ..remote import epoch_mismatch
 from ..stores.base import Command, CommandChannel, CommandReply, Controllable, Store
 
 __all__ = ["ControlListener"]

@@ -1,0 +1,82 @@
+"""Commands that control a live session from afar (``pause``, ``resume``, ``suspend``):
+each goes through the store to the worker that holds the session's lease, which applies
+it and answers with its version (see docs/control.md). A refusal (no live owner, no
+answer in time, an epoch the session left) is a one-line ``CommandRefused``, exit 1."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..remote import DEFAULT_TIMEOUT, Verb, control
+from ..stores.base import Store
+from .core import _done, _key, _KeyArg, _opts, _run, app
+
+_EpochOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--epoch",
+        metavar="N",
+        help="The lease epoch the command is aimed at (default: the current one); "
+        "refused if the session was taken over since.",
+    ),
+]
+_TimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--timeout",
+        metavar="S",
+        min=0.001,
+        help="Seconds to wait for the owner to answer.",
+    ),
+]
+
+
+def _send(ctx: typer.Context, verb: Verb, key: str, epoch: int | None, timeout: float) -> None:
+    opts = _opts(ctx)
+    key = _key(key)
+
+    async def go(store: Store) -> int:
+        return await control(store).send(verb, key, epoch=epoch, timeout=timeout)
+
+    version = _run(ctx, go, read_only=False)
+    done = {"pause": "paused", "resume": "resumed", "suspend": "suspended"}[verb]
+    _done(
+        opts,
+        {"key": key, "command": verb, "version": version},
+        f"{done} {key!r} (version {version})",
+    )
+
+
+@app.command("pause")
+def pause_cmd(
+    ctx: typer.Context,
+    key: _KeyArg,
+    epoch: _EpochOpt = None,
+    timeout: _TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Pause a live session from afar: its worker stops its audio and replies, and saves."""
+    _send(ctx, "pause", key, epoch, timeout)
+
+
+@app.command("resume")
+def resume_cmd(
+    ctx: typer.Context,
+    key: _KeyArg,
+    epoch: _EpochOpt = None,
+    timeout: _TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Resume a session paused in its worker (the worker that holds it)."""
+    _send(ctx, "resume", key, epoch, timeout)
+
+
+@app.command("suspend")
+def suspend_cmd(
+    ctx: typer.Context,
+    key: _KeyArg,
+    epoch: _EpochOpt = None,
+    timeout: _TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Suspend a live session from afar: final snapshot, lease released, session closed."""
+    _send(ctx, "suspend", key, epoch, timeout)
