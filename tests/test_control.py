@@ -375,3 +375,49 @@ async def test_a_command_aimed_before_a_takeover_is_refused_and_a_stopped_owner_
                 await lr.control(store).pause("call-y", timeout=1.0)
     finally:
         await store.aclose()
+
+
+# ------------------------------------------------------------------ Redis specifics
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis_cluster"])
+async def test_many_listening_sessions_share_one_connection_per_node(
+    kind: str, request: pytest.FixtureRequest, sessions: list[AgentSession[Any]]
+) -> None:
+    """An owner per session, each listening: with a pool of 4 connections (per node),
+    a connection each would leave none for commits and commands (10 keys put at least
+    4 on one of the Cluster's 3 nodes)."""
+    from tests.redis_servers import build_redis_store
+
+    store = await build_redis_store(kind, request, namespace=f"p{uuid.uuid4().hex[:8]}",
+                                    pool_size=4)  # fmt: skip
+    try:
+        owners: dict[str, lr.ResumableSession] = {}
+        for n in range(10):
+            session = make_text_session(ScriptedLLM(default="noted"))
+            sessions.append(session)
+            rs = lr.ResumableSession(store, f"room-{n}", registry=REGISTRY, autosave=False)
+            await session.start(await rs.restore(session, default=Clerk))
+            await asyncio.wait_for(rs._control.listening.wait(), 10)
+            owners[f"room-{n}"] = rs
+        remote = lr.control(store)
+        for key, rs in owners.items():
+            await asyncio.wait_for(remote.pause(key), 30)
+            assert state(rs) == "paused"
+        for rs in owners.values():
+            await rs.aclose()
+    finally:
+        await store.aclose()
+
+
+async def test_sentinel_carries_commands_to_the_owner(
+    redis_sentinel: Any, sessions: list[AgentSession[Any]]
+) -> None:
+    store = lr.open_store(redis_sentinel.url, namespace=f"s{uuid.uuid4().hex[:8]}")
+    try:
+        rs = await live(store, sessions)
+        assert await lr.control(store).pause(KEY) == rs.version
+        assert state(rs) == "paused"
+        await rs.aclose()
+    finally:
+        await store.aclose()

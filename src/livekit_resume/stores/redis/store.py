@@ -116,6 +116,7 @@ class RedisStore:
             wait_replicas=wait_replicas,
             wait_timeout=wait_timeout,
         )
+        self._commands: RedisCommands | None = None
         self._namespace_index = Namespace(
             self._server, self._names, self._scripts, self._check, ttl=self._ttl, clock=clock
         )
@@ -455,7 +456,9 @@ class RedisStore:
 
     def commands(self) -> RedisCommands:
         """The store's remote command channel (`Controllable`; see stores/redis/control.py)."""
-        return RedisCommands(self._server, self._names, self._scripts)
+        if self._commands is None:
+            self._commands = RedisCommands(self._server, self._names, self._scripts)
+        return self._commands
 
     async def aclose(self) -> None:
         """Close the client and its connection pool."""
