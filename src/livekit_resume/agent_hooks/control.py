@@ -33,6 +33,9 @@ COMMANDS = Counter(
 # The states each command applies in, and the state where it is already done.
 _FROM = {"pause": ("active",), "resume": ("paused",), "suspend": ("active", "paused")}
 _ALREADY = {"pause": "paused", "resume": "active"}
+# How long a restore waits for the inbox: a subscription or a first read takes a
+# round trip; more means a store in trouble, which the restore itself will meet.
+START_WAIT = 2.0
 # A lost subscription (the store restarted, a failover) is opened again after this.
 RELISTEN_DELAY = 1.0
 
@@ -68,10 +71,22 @@ class ControlListener:
         self._handling: set[asyncio.Task[None]] = set()
         self.listening = asyncio.Event()  # set once the inbox is active
 
-    def start(self) -> None:
-        """Listen from now on (a store that carries no commands: nothing to listen to)."""
-        if isinstance(self._store, Controllable) and self._task is None:
-            self._task = asyncio.ensure_future(self._listen(self._store.commands()))
+    async def start(self) -> None:
+        """Listen from now on; returns once the inbox is active, so that no command sent
+        after a restore returned is missed (or after `START_WAIT` s, with a warning: the
+        listener keeps trying). A store that carries no commands: nothing to listen to."""
+        if not isinstance(self._store, Controllable) or self._task is not None:
+            return
+        self._task = asyncio.ensure_future(self._listen(self._store.commands()))
+        try:
+            await asyncio.wait_for(self.listening.wait(), START_WAIT)
+        except asyncio.TimeoutError:
+            log.warning(
+                "session %r: not yet listening for remote commands after %.0fs",
+                self._session.key,
+                START_WAIT,
+                extra={"key": self._session.key},
+            )
 
     async def stop(self) -> None:
         """Stop listening. A command being applied finishes and is answered (a suspend

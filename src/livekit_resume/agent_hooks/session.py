@@ -231,7 +231,7 @@ class ResumableSession:
             self._autosave.start()
         await self._publish_attributes()
         await self._announcer.announce("restored" if self._resumed else "started", self._version)
-        self._control.start()
+        await self._control.start()
         log.info(
             "session %r %s at version %d",
             self._key,

@@ -137,17 +137,24 @@ class _Hub:
 
     async def add(self, inbox: _Inbox) -> None:
         """Subscribe ``inbox``; returns once the server confirmed its channel."""
-        with self._server.errors("listen for commands", None):
-            async with self._lock:
-                name, node = await self._node_for(inbox.channel)
-                first = inbox.channel not in node.inboxes
-                node.inboxes.setdefault(inbox.channel, set()).add(inbox)
-                confirmed = node.confirmed.setdefault(inbox.channel, asyncio.Event())
-                if first:
-                    await node.pubsub.subscribe(inbox.channel)
-                if node.reader is None:
-                    node.reader = asyncio.ensure_future(self._read(name, node))
-            await asyncio.wait_for(confirmed.wait(), CONFIRM_TIMEOUT)
+        try:
+            with self._server.errors("listen for commands", None):
+                await self._subscribe(inbox)
+        except BaseException:
+            await self.remove(inbox)
+            raise
+
+    async def _subscribe(self, inbox: _Inbox) -> None:
+        async with self._lock:
+            name, node = await self._node_for(inbox.channel)
+            first = inbox.channel not in node.inboxes
+            node.inboxes.setdefault(inbox.channel, set()).add(inbox)
+            confirmed = node.confirmed.setdefault(inbox.channel, asyncio.Event())
+            if first:
+                await node.pubsub.subscribe(inbox.channel)
+            if node.reader is None:
+                node.reader = asyncio.ensure_future(self._read(name, node))
+        await asyncio.wait_for(confirmed.wait(), CONFIRM_TIMEOUT)
 
     async def remove(self, inbox: _Inbox) -> None:
         async with self._lock:
