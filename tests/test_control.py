@@ -421,3 +421,26 @@ async def test_sentinel_carries_commands_to_the_owner(
         await rs.aclose()
     finally:
         await store.aclose()
+
+
+async def test_an_owner_whose_subscription_drops_listens_again(
+    disposable_redis: Any, sessions: list[AgentSession[Any]]
+) -> None:
+    store = lr.open_store(disposable_redis.url, namespace="relisten")
+    try:
+        rs = await live(store, sessions)
+        disposable_redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
+        remote = lr.control(store)
+
+        async def paused() -> bool:
+            try:
+                await remote.pause(KEY, timeout=1.0)
+            except lr.CommandRefused:
+                return False  # pub/sub is at most once: sent again, as a caller would
+            return True
+
+        await eventually(paused, "the owner listened again and paused", 20)
+        assert state(rs) == "paused"
+        await rs.aclose()
+    finally:
+        await store.aclose()
