@@ -49,34 +49,22 @@ def _send(ctx: typer.Context, verb: Verb, key: str, epoch: int | None, timeout: 
     )
 
 
-@app.command("pause")
-def pause_cmd(
-    ctx: typer.Context,
-    key: _KeyArg,
-    epoch: _EpochOpt = None,
-    timeout: _TimeoutOpt = DEFAULT_TIMEOUT,
-) -> None:
-    """Pause a live session from afar: its worker stops its audio and replies, and saves."""
-    _send(ctx, "pause", key, epoch, timeout)
+def _register(verb: Verb, summary: str) -> None:
+    def command(
+        ctx: typer.Context,
+        key: _KeyArg,
+        epoch: _EpochOpt = None,
+        timeout: _TimeoutOpt = DEFAULT_TIMEOUT,
+    ) -> None:
+        _send(ctx, verb, key, epoch, timeout)
+
+    command.__doc__ = summary
+    app.command(verb)(command)
 
 
-@app.command("resume")
-def resume_cmd(
-    ctx: typer.Context,
-    key: _KeyArg,
-    epoch: _EpochOpt = None,
-    timeout: _TimeoutOpt = DEFAULT_TIMEOUT,
-) -> None:
-    """Resume a session paused in its worker (the worker that holds it)."""
-    _send(ctx, "resume", key, epoch, timeout)
-
-
-@app.command("suspend")
-def suspend_cmd(
-    ctx: typer.Context,
-    key: _KeyArg,
-    epoch: _EpochOpt = None,
-    timeout: _TimeoutOpt = DEFAULT_TIMEOUT,
-) -> None:
-    """Suspend a live session from afar: final snapshot, lease released, session closed."""
-    _send(ctx, "suspend", key, epoch, timeout)
+_register("pause", "Pause a live session from afar: its worker stops its audio and replies.")
+_register("resume", "Resume a session paused in its worker (the worker that holds it).")
+_register(
+    "suspend",
+    "Suspend a live session from afar: final snapshot, lease released, session closed.",
+)

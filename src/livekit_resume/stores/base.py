@@ -25,7 +25,7 @@ import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from ..errors import LeaseLost, SessionBusy, SnapshotNotFound
 
@@ -52,6 +52,7 @@ __all__ = [
     "EventPublisher",
     "EventSource",
     "EventSubscription",
+    "InboxBase",
     "Info",
     "KeyPages",
     "Lease",
@@ -359,6 +360,53 @@ class CommandInbox(Protocol):
     async def __anext__(self) -> Command: ...
 
     async def aclose(self) -> None: ...
+
+
+_Inbox = TypeVar("_Inbox", bound="InboxBase")
+
+
+class InboxBase:
+    """What every backend's `CommandInbox` shares: ``async with`` (or the first
+    ``__anext__``) activates it once, leaving closes it. A backend implements
+    `_activate`, `_next` and `_close`."""
+
+    _active = False
+
+    async def _activate(self) -> None:
+        raise NotImplementedError
+
+    async def _next(self) -> Command:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self: _Inbox) -> _Inbox:
+        if not self._active:
+            await self._activate()
+            self._active = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self: _Inbox) -> _Inbox:
+        return self
+
+    async def __anext__(self) -> Command:
+        await self.__aenter__()
+        return await self._next()
+
+    async def aclose(self) -> None:
+        """Stop listening (again: nothing)."""
+        if self._active:
+            self._active = False
+            await self._close()
 
 
 class CommandChannel(Protocol):

@@ -8,9 +8,8 @@ write, as in the store itself).
 from __future__ import annotations
 
 import asyncio
-from types import TracebackType
 
-from .base import Command, CommandReply
+from .base import Command, CommandReply, InboxBase
 
 __all__ = ["MemoryCommands"]
 
@@ -19,7 +18,7 @@ __all__ = ["MemoryCommands"]
 KEEP_ANSWERS = 1024
 
 
-class _Inbox:
+class _Inbox(InboxBase):
     def __init__(self, owner: MemoryCommands, key: str) -> None:
         self._owner = owner
         self._key = key
@@ -28,26 +27,13 @@ class _Inbox:
     def put(self, command: Command) -> None:
         self._queue.put_nowait(command)
 
-    async def __aenter__(self) -> _Inbox:
+    async def _activate(self) -> None:
         self._owner._inboxes.setdefault(self._key, set()).add(self)
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> _Inbox:
-        return self
-
-    async def __anext__(self) -> Command:
-        await self.__aenter__()
+    async def _next(self) -> Command:
         return await self._queue.get()
 
-    async def aclose(self) -> None:
+    async def _close(self) -> None:
         self._owner._inboxes.get(self._key, set()).discard(self)
 
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from types import TracebackType
 
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from ...errors import StoreUnavailable
-from ..base import Command, CommandReply
+from ..base import Command, CommandReply, InboxBase
 from .client import Server, text
 from .keys import KeyNames
 from .scripts import Scripts
@@ -47,7 +46,7 @@ _CLAIMED = b"claimed"
 _WITHDRAWN = b"withdrawn"
 
 
-class _Inbox:
+class _Inbox(InboxBase):
     """One owner's commands for one key, fed by the store's `_Hub`."""
 
     def __init__(self, hub: _Hub, key: str, channel: str) -> None:
@@ -55,30 +54,14 @@ class _Inbox:
         self._key = key
         self.channel = channel
         self._queue: asyncio.Queue[bytes | StoreUnavailable] = asyncio.Queue()
-        self._open = False
 
     def put(self, item: bytes | StoreUnavailable) -> None:
         self._queue.put_nowait(item)
 
-    async def __aenter__(self) -> _Inbox:
-        if not self._open:
-            await self._hub.add(self)
-            self._open = True
-        return self
+    async def _activate(self) -> None:
+        await self._hub.add(self)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> _Inbox:
-        return self
-
-    async def __anext__(self) -> Command:
-        await self.__aenter__()
+    async def _next(self) -> Command:
         while True:
             item = await self._queue.get()
             if isinstance(item, StoreUnavailable):
@@ -89,10 +72,8 @@ class _Inbox:
             except (KeyError, TypeError, ValueError):
                 continue  # not a command of ours: a stray publisher on the channel
 
-    async def aclose(self) -> None:
-        if self._open:
-            self._open = False
-            await self._hub.remove(self)
+    async def _close(self) -> None:
+        await self._hub.remove(self)
 
 
 class _Node:

@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import TypeVar, cast
 
-from ..base import Command, CommandReply
+from ..base import Command, CommandReply, InboxBase
 from .transactions import read, write
 
 __all__ = ["POLL_INTERVAL", "SQLiteCommands"]
@@ -49,39 +48,24 @@ _INDEX = "CREATE INDEX IF NOT EXISTS commands_by_key ON commands (ns, key, seq)"
 Run = Callable[[Callable[[sqlite3.Connection], _T]], Awaitable[_T]]
 
 
-class _Inbox:
+class _Inbox(InboxBase):
     def __init__(self, channel: SQLiteCommands, key: str) -> None:
         self._channel = channel
         self._key = key
-        self._after: int | None = None  # the last seq seen; None until active
+        self._after = 0  # the last seq seen
         self._ready: list[Command] = []
 
-    async def __aenter__(self) -> _Inbox:
-        if self._after is None:
-            self._after = await self._channel._last_seq(self._key)
-        return self
+    async def _activate(self) -> None:
+        self._after = await self._channel._last_seq(self._key)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> _Inbox:
-        return self
-
-    async def __anext__(self) -> Command:
-        await self.__aenter__()
+    async def _next(self) -> Command:
         while not self._ready:
-            after = cast(int, self._after)
-            self._ready, self._after = await self._channel._since(self._key, after)
+            self._ready, self._after = await self._channel._since(self._key, self._after)
             if not self._ready:
                 await asyncio.sleep(POLL_INTERVAL)
         return self._ready.pop(0)
 
-    async def aclose(self) -> None:
+    async def _close(self) -> None:
         self._ready = []
 
 
