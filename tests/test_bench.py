@@ -32,6 +32,7 @@ RUN_ALL = _run_all()
 OTHERS: dict[str, list[str]] = {
     "lifecycle_cost.py": ["--rounds", "1", "--store", "memory"],
     "fuzz_decode.py": ["--frames", "200"],
+    "control_latency.py": ["--rounds", "1", "--stores", "memory,sqlite"],
 }
 TINY: dict[str, list[str]] = {script: tiny for script, _, tiny in RUN_ALL.BENCHES} | OTHERS
 NEEDS_REDIS = {"checkpoint_cost.py", "restore_cost.py", "peers.py", "redis_commit.py", "scale.py"}

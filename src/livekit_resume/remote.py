@@ -26,8 +26,10 @@ Verb = Literal["pause", "resume", "suspend"]
 # How long a sender waits for the owner to take a command (and again to apply one it
 # took): a pause writes a snapshot, a suspend closes the session, both well within it.
 DEFAULT_TIMEOUT = 5.0
-# How often a sender looks for the answer: a command is a rare, human-paced event, and
-# 50 ms is below what a supervisor notices.
+# How often a sender looks for the answer: first after FIRST_POLL, then twice as long
+# each time up to ANSWER_POLL. An owner listening on pub/sub answers within milliseconds;
+# a command is a rare, human-paced event, and 50 ms is below what a supervisor notices.
+FIRST_POLL = 0.005
 ANSWER_POLL = 0.05
 
 
@@ -116,6 +118,7 @@ async def _answer(channel: CommandChannel, command: Command, owner: str, timeout
     verb, key = command.verb, command.key
     deadline = time.monotonic() + timeout
     extended = False
+    pause = FIRST_POLL
     while True:
         reply = await channel.reply(command)
         if reply.status == "done":
@@ -136,4 +139,5 @@ async def _answer(channel: CommandChannel, command: Command, owner: str, timeout
                 )
             # it took the command just now, or before: let it finish
             deadline, extended = time.monotonic() + timeout, True
-        await asyncio.sleep(ANSWER_POLL)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, ANSWER_POLL)
