@@ -69,6 +69,9 @@ class ControlListener:
         self._epoch = epoch
         self._task: asyncio.Task[None] | None = None
         self._handling: set[asyncio.Task[None]] = set()
+        # one command at a time: a pause and a suspend sent together must not interleave;
+        # one waiting here stays unclaimed, so its sender can still withdraw it
+        self._applying = asyncio.Lock()
         self.listening = asyncio.Event()  # set once the inbox is active
 
     async def start(self) -> None:
@@ -120,29 +123,34 @@ class ControlListener:
 
     async def _handle(self, channel: CommandChannel, command: Command) -> None:
         key, verb = self._session.key, command.verb
-        held = self._epoch()
-        if held is None or command.epoch > held:
-            return  # aimed at whoever took this session over: theirs to answer
         try:
-            if not await channel.claim(command):
-                return  # the sender gave up on it, or another inbox of ours took it
-            if command.epoch < held:
-                reply = CommandReply("refused", reason=epoch_mismatch(command.epoch, held))
-            else:
-                reply = await self._apply(verb)
-            COMMANDS.labels(command=verb, outcome=reply.status).inc()
-            log.info(
-                "session %r: remote %s %s%s",
-                key,
-                verb,
-                reply.status,
-                f" ({reply.reason})" if reply.reason else "",
-                extra={"key": key, "version": reply.version},
-            )
-            await channel.answer(command, reply)
+            async with self._applying:
+                await self._claim_and_apply(channel, command)
         except ResumeError as e:
             # the store failed us: the sender hears nothing and reports the timeout
             log.warning("session %r: remote %s not answered: %s", key, verb, e, extra={"key": key})
+
+    async def _claim_and_apply(self, channel: CommandChannel, command: Command) -> None:
+        key, verb = self._session.key, command.verb
+        held = self._epoch()  # read now: the command before this one may have suspended
+        if held is None or command.epoch > held:
+            return  # aimed at whoever took this session over: theirs to answer
+        if not await channel.claim(command):
+            return  # the sender gave up on it, or another inbox of ours took it
+        if command.epoch < held:
+            reply = CommandReply("refused", reason=epoch_mismatch(command.epoch, held))
+        else:
+            reply = await self._apply(verb)
+        COMMANDS.labels(command=verb, outcome=reply.status).inc()
+        log.info(
+            "session %r: remote %s %s%s",
+            key,
+            verb,
+            reply.status,
+            f" ({reply.reason})" if reply.reason else "",
+            extra={"key": key, "version": reply.version},
+        )
+        await channel.answer(command, reply)
 
     async def _apply(self, verb: str) -> CommandReply:
         s = self._session
