@@ -502,7 +502,6 @@ class ResumableSession:
         return self._holder.epoch if held else None
 
     async def _detach_and_release(self) -> None:
-        await self._control.stop()
         self._long_pause.cancel()
         await self._autosave.aclose()
         if self._session is not None:
@@ -513,6 +512,7 @@ class ResumableSession:
             await self._holder.release()
         else:
             self._holder.drop()  # another worker holds it now
+        await self._control.stop()  # after the release: a command since then finds no lease
 
     async def _publish_attributes(self) -> None:
         state = self._state if self._state != "closed" else "suspended"
