@@ -11,7 +11,6 @@ worker that took over. See docs/control.md.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import uuid
 from typing import Literal
@@ -19,13 +18,16 @@ from typing import Literal
 from .errors import CommandRefused
 from .stores.base import Command, CommandChannel, Controllable, Store, validate_key
 
-__all__ = ["DEFAULT_TIMEOUT", "SessionControl", "Verb", "control"]
+__all__ = ["DEFAULT_TIMEOUT", "MAX_TIMEOUT", "SessionControl", "Verb", "control"]
 
 Verb = Literal["pause", "resume", "suspend"]
 
 # How long a sender waits for the owner to take a command (and again to apply one it
 # took): a pause writes a snapshot, a suspend closes the session, both well within it.
 DEFAULT_TIMEOUT = 5.0
+# A command's state is kept 300 s by every store (stores/*control.py); a sender waits at
+# most twice its timeout, so 120 s leaves a wide margin. More is a mistake, not a need.
+MAX_TIMEOUT = 120.0
 # How often a sender looks for the answer: first after FIRST_POLL, then twice as long
 # each time up to ANSWER_POLL. An owner listening on pub/sub answers within milliseconds;
 # a command is a rare, human-paced event, and 50 ms is below what a supervisor notices.
@@ -78,8 +80,8 @@ class SessionControl:
         validate_key(key)
         if verb not in ("pause", "resume", "suspend"):
             raise ValueError(f"unknown command {verb!r} (pause, resume or suspend)")
-        if not (isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
+        if not (isinstance(timeout, int | float) and 0 < timeout <= MAX_TIMEOUT):
+            raise ValueError(f"timeout must be seconds in (0, {MAX_TIMEOUT:g}], not {timeout!r}")
         channel = self._channel(verb, key)
         info = await self._store.info(key)
         if info is None:

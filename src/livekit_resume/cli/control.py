@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ..remote import DEFAULT_TIMEOUT, Verb, control
+from ..remote import DEFAULT_TIMEOUT, MAX_TIMEOUT, Verb, control
 from ..stores.base import Store
 from .core import _done, _key, _KeyArg, _opts, _run, app
 
@@ -28,6 +28,7 @@ _TimeoutOpt = Annotated[
         "--timeout",
         metavar="S",
         min=0.001,
+        max=MAX_TIMEOUT,
         help="Seconds to wait for the owner to answer.",
     ),
 ]

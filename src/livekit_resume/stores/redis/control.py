@@ -40,8 +40,9 @@ logger = logging.getLogger("livekit_resume")
 
 # The server confirms a subscription at once; this bounds a server that never does.
 CONFIRM_TIMEOUT = 10.0
-# A command's state outlives any sender's timeout; then it expires on its own.
-ANSWER_TTL = 60
+# A command's state outlives any sender's wait (remote.MAX_TIMEOUT, twice); then it
+# expires on its own.
+ANSWER_TTL = 300
 _CLAIMED = b"claimed"
 _WITHDRAWN = b"withdrawn"
 

@@ -27,8 +27,9 @@ _T = TypeVar("_T")
 # An owner looks for new commands this often: a pause lands within a fifth of a second,
 # at the cost of one indexed read per session and interval on the store's thread.
 POLL_INTERVAL = 0.2
-# A command's row outlives any sender's timeout; then it is only clutter.
-KEEP_SECONDS = 60.0
+# A command's row outlives any sender's wait (remote.MAX_TIMEOUT, twice); then it is
+# only clutter.
+KEEP_SECONDS = 300.0
 
 _TABLE = """
 CREATE TABLE IF NOT EXISTS commands (
