@@ -22,6 +22,7 @@ import pytest
 from livekit.agents import Agent, AgentSession, JobContext
 
 import livekit_resume as lr
+from livekit_resume.remote import MAX_TIMEOUT
 from livekit_resume.stores.base import Command, CommandReply, Controllable, Store
 from livekit_resume.testing.poll import eventually
 from tests.lk import jobs, make_voice_session, voice_fakes
@@ -31,7 +32,7 @@ from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 KEY = "call-7"
 # Bounds a command that should be refused at once: far above any answer, so a test
 # that waits for it instead of refusing fails instead of passing slowly.
-NEVER = 600.0
+NEVER = MAX_TIMEOUT
 
 
 class Clerk(Agent):
@@ -190,8 +191,9 @@ async def test_an_inbox_hears_only_its_key_from_the_moment_it_is_active(store: S
 
 async def test_bad_arguments_are_value_errors(store: Store) -> None:
     remote = lr.control(store)
-    with pytest.raises(ValueError, match="timeout"):
-        await remote.pause(KEY, timeout=0)
+    for timeout in (0, MAX_TIMEOUT + 1, float("nan")):
+        with pytest.raises(ValueError, match="timeout"):
+            await remote.pause(KEY, timeout=timeout)
     with pytest.raises(ValueError, match="unknown command"):
         await remote.send("explode", KEY)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="session key"):
