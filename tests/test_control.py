@@ -194,8 +194,6 @@ async def test_bad_arguments_are_value_errors(store: Store) -> None:
     for timeout in (0, MAX_TIMEOUT + 1, float("nan")):
         with pytest.raises(ValueError, match="timeout"):
             await remote.pause(KEY, timeout=timeout)
-    with pytest.raises(ValueError, match="unknown command"):
-        await remote.send("explode", KEY)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="session key"):
         await remote.pause("")
 
@@ -446,3 +444,18 @@ async def test_an_owner_whose_subscription_drops_listens_again(
         await rs.aclose()
     finally:
         await store.aclose()
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_the_cli_refuses_on_one_line_and_keeps_its_exit_codes(tmp_path: Path) -> None:
+    from tests.test_cli import run
+
+    url = f"sqlite:///{tmp_path}/cli.db"
+    refused = run(url, "pause", "nobody")
+    assert refused.exit_code == 1
+    assert refused.stderr.strip().startswith("error (CommandRefused): pause of session")
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert run(url, "resume", "nobody", "--timeout", "500").exit_code == 2  # usage
+    assert run(url, "suspend", "").exit_code == 2  # an invalid key is a usage error

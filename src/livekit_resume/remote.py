@@ -59,27 +59,22 @@ class SessionControl:
         self, key: str, *, epoch: int | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> int:
         """Soft-pause the session: its audio and replies stop, the state is saved."""
-        return await self.send("pause", key, epoch=epoch, timeout=timeout)
+        return await self._send("pause", key, epoch, timeout)
 
     async def resume(
         self, key: str, *, epoch: int | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> int:
         """Undo a pause, in the process that runs the session."""
-        return await self.send("resume", key, epoch=epoch, timeout=timeout)
+        return await self._send("resume", key, epoch, timeout)
 
     async def suspend(
         self, key: str, *, epoch: int | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> int:
         """Hard-suspend the session: final snapshot, lease released, session closed."""
-        return await self.send("suspend", key, epoch=epoch, timeout=timeout)
+        return await self._send("suspend", key, epoch, timeout)
 
-    async def send(
-        self, verb: Verb, key: str, *, epoch: int | None = None, timeout: float = DEFAULT_TIMEOUT
-    ) -> int:
-        """Send ``verb`` (the methods above, by name); returns the owner's version."""
+    async def _send(self, verb: Verb, key: str, epoch: int | None, timeout: float) -> int:
         validate_key(key)
-        if verb not in ("pause", "resume", "suspend"):
-            raise ValueError(f"unknown command {verb!r} (pause, resume or suspend)")
         if not (isinstance(timeout, int | float) and 0 < timeout <= MAX_TIMEOUT):
             raise ValueError(f"timeout must be seconds in (0, {MAX_TIMEOUT:g}], not {timeout!r}")
         channel = self._channel(verb, key)

@@ -39,7 +39,9 @@ def _send(ctx: typer.Context, verb: Verb, key: str, epoch: int | None, timeout: 
     key = _key(key)
 
     async def go(store: Store) -> int:
-        return await control(store).send(verb, key, epoch=epoch, timeout=timeout)
+        remote = control(store)
+        send = {"pause": remote.pause, "resume": remote.resume, "suspend": remote.suspend}[verb]
+        return await send(key, epoch=epoch, timeout=timeout)
 
     version = _run(ctx, go, read_only=False)
     done = {"pause": "paused", "resume": "resumed", "suspend": "suspended"}[verb]
