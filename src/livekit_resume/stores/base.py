@@ -301,19 +301,6 @@ class EventSource(Protocol):
         ...
 
 
-@runtime_checkable
-class KeyPages(Protocol):
-    """A store that lists its session keys a page at a time, without reading them all."""
-
-    async def keys_page(
-        self, prefix: str, after: str | None, limit: int | None
-    ) -> tuple[list[str], str | None]:
-        """Live keys starting with ``prefix``, sorted, greater than ``after`` (None:
-        from the first), at most ``limit`` (None: all); and the cursor of the next page
-        (the last key returned), None when no key follows."""
-        ...
-
-
 # Remote control (issue 16): a command for a session's owner, carried by the store.
 
 
@@ -446,6 +433,19 @@ class Controllable(Protocol):
 
     def commands(self) -> CommandChannel:
         """The store's command channel (one per store, made on first use)."""
+        ...
+
+
+@runtime_checkable
+class KeyPages(Protocol):
+    """A store that lists its session keys a page at a time, without reading them all."""
+
+    async def keys_page(
+        self, prefix: str, after: str | None, limit: int | None
+    ) -> tuple[list[str], str | None]:
+        """Live keys starting with ``prefix``, sorted, greater than ``after`` (None:
+        from the first), at most ``limit`` (None: all); and the cursor of the next page
+        (the last key returned), None when no key follows."""
         ...
 
 
