@@ -205,6 +205,7 @@ async def test_bad_arguments_are_value_errors(store: Store) -> None:
 
 ENTRY = "tests.test_control:_entry_voice"
 ROOT = str(Path(__file__).resolve().parent.parent)  # for the command line's PYTHONPATH
+PYTHONPATH = os.environ.get("PYTHONPATH", "")
 
 
 async def _entry_voice(ctx: JobContext) -> None:
@@ -275,7 +276,7 @@ async def cli(target: dict[str, Any], *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "livekit_resume", *options, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": ROOT},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (ROOT, PYTHONPATH)))},
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
