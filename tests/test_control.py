@@ -362,8 +362,9 @@ async def test_a_command_aimed_before_a_takeover_is_refused_and_a_stopped_owner_
             assert code == 1
             refusal = json.loads(err.splitlines()[-1])  # after the store's own warnings
             assert refusal["error"] == "CommandRefused"
-            assert f"aimed at epoch {epoch}, the session is at epoch {taken.epoch}" in (
-                refusal["message"]
+            assert (
+                f"aimed at epoch {epoch}, the session is at epoch {taken.epoch}"
+                in (refusal["message"])
             )
             assert (await probe(job))["state"] == "active"  # nothing reached the old owner
 
