@@ -14,42 +14,31 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from livekit.agents import Agent, AgentSession, JobContext
+from livekit.agents import AgentSession, JobContext
 
 import livekit_resume as lr
 from livekit_resume.remote import MAX_TIMEOUT
 from livekit_resume.stores.base import Command, CommandReply, Controllable, Store
 from livekit_resume.testing.poll import eventually
+from tests import test_resumable_job, test_voice
 from tests.lk import jobs, make_voice_session, voice_fakes
 from tests.lk.jobs import JobHarness, RunningJob
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+from tests.test_voice import REGISTRY, Counter
+
+# Fixtures shared with the modules that made them: the started sessions to close at the
+# end, and the store a job process opens (a SQLite file or a namespace of redis-server).
+sessions = test_voice.sessions
+target = test_resumable_job.target
 
 KEY = "call-7"
 # Bounds a command that should be refused at once: far above any answer, so a test
 # that waits for it instead of refusing fails instead of passing slowly.
 NEVER = MAX_TIMEOUT
-
-
-class Clerk(Agent):
-    def __init__(self) -> None:
-        super().__init__(instructions="You take notes.")
-
-
-REGISTRY = lr.AgentRegistry()
-REGISTRY.register(Clerk)
-
-
-@pytest.fixture
-async def sessions() -> AsyncIterator[list[AgentSession[Any]]]:
-    made: list[AgentSession[Any]] = []
-    yield made
-    for s in made:
-        await s.aclose()
 
 
 async def live(
@@ -59,7 +48,7 @@ async def live(
     session = make_text_session(ScriptedLLM(default="noted"))
     sessions.append(session)
     rs = lr.ResumableSession(store, KEY, registry=REGISTRY, owner=owner, autosave=False)
-    await session.start(await rs.restore(session, default=Clerk, takeover=takeover))
+    await session.start(await rs.restore(session, default=Counter, takeover=takeover))
     await asyncio.wait_for(rs._control.listening.wait(), 10)
     await session.run(user_input="remember the blue door")
     await rs.checkpoint()
@@ -218,7 +207,7 @@ async def _entry_voice(ctx: JobContext) -> None:
         lambda attributes: jobs.report("ATTRS", json.dumps(attributes))
     )
     rs = lr.ResumableSession(store, ctx.room.name, registry=REGISTRY, debounce=0.01)
-    await session.start(await rs.restore(session, default=Clerk))
+    await session.start(await rs.restore(session, default=Counter))
     await asyncio.wait_for(rs._control.listening.wait(), 10)
 
     async def say(args: list[str]) -> None:
@@ -240,14 +229,6 @@ async def _entry_voice(ctx: JobContext) -> None:
     jobs.on_command("probe", probe)
     ctx.add_shutdown_callback(rs.aclose)
     jobs.report("READY", rs._holder.epoch)
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
-    if request.param == "sqlite":
-        return {"store": f"sqlite:///{tmp_path}/control.db"}
-    server = request.getfixturevalue("redis_server")
-    return {"store": server.url, "store_options": {"namespace": f"c{uuid.uuid4().hex[:8]}"}}
 
 
 def open_target(target: dict[str, Any]) -> Store:
@@ -399,7 +380,7 @@ async def test_many_listening_sessions_share_one_connection_per_node(
             session = make_text_session(ScriptedLLM(default="noted"))
             sessions.append(session)
             rs = lr.ResumableSession(store, f"room-{n}", registry=REGISTRY, autosave=False)
-            await session.start(await rs.restore(session, default=Clerk))
+            await session.start(await rs.restore(session, default=Counter))
             await asyncio.wait_for(rs._control.listening.wait(), 10)
             owners[f"room-{n}"] = rs
         remote = lr.control(store)
