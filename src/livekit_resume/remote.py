@@ -36,7 +36,14 @@ ANSWER_POLL = 0.05
 
 
 def control(store: Store) -> SessionControl:
-    """Remote control of the sessions kept in ``store`` (see `SessionControl`)."""
+    """Remote control of the live sessions kept in ``store``, from any process.
+
+    ``await control(store).pause(key)``, ``.resume(key)`` and ``.suspend(key)`` reach the
+    worker whose `ResumableSession` holds ``key``'s lease; it applies the command through
+    its own method and each call returns the version it wrote. Keywords: ``epoch`` (the
+    lease epoch aimed at; default the current one) and ``timeout`` (seconds, default 5).
+    A command not applied raises `CommandRefused` naming why. See docs/control.md.
+    """
     return SessionControl(store)
 
 
