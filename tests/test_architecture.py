@@ -72,7 +72,7 @@ def test_a_forbidden_arrow_does_not_exist(source: str, target: str) -> None:
     assert _importers(source, target) == []
 
 
-CORE = ("snapshot", "stores", "bridge", "agent_hooks", "errors")
+CORE = ("snapshot", "stores", "bridge", "agent_hooks", "errors", "remote")
 
 
 @pytest.mark.parametrize("target", ["livekit_resume.testing", "tests", "pickle"])

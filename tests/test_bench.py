@@ -33,6 +33,7 @@ OTHERS: dict[str, list[str]] = {
     "lifecycle_cost.py": ["--rounds", "1", "--store", "memory"],
     "pause_cost.py": ["--sessions", "2", "--items", "10", "--rounds", "1"],
     "fuzz_decode.py": ["--frames", "200"],
+    "control_latency.py": ["--rounds", "1", "--stores", "memory,sqlite"],
 }
 TINY: dict[str, list[str]] = {script: tiny for script, _, tiny in RUN_ALL.BENCHES} | OTHERS
 NEEDS_REDIS = {"checkpoint_cost.py", "restore_cost.py", "peers.py", "redis_commit.py", "scale.py"}

@@ -8,6 +8,7 @@ session resumes instantly and a suspended, crashed or moved one is restored anyw
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    CommandRefused,
     IncompatibleSnapshot,
     LeaseLost,
     ResumeError,
@@ -30,9 +31,11 @@ if TYPE_CHECKING:
     from .agent_hooks.job import resumable_job
     from .agent_hooks.registry import AgentRegistry
     from .agent_hooks.session import ResumableSession
+    from .remote import control
 
 __all__ = [
     "AgentRegistry",
+    "CommandRefused",
     "Commit",
     "IncompatibleSnapshot",
     "Lease",
@@ -54,6 +57,7 @@ __all__ = [
     "TokenRefused",
     "UnknownAgent",
     "UnsavableValue",
+    "control",
     "issue_token",
     "open_store",
     "resumable_job",
@@ -78,4 +82,8 @@ def __getattr__(name: str) -> Any:
         from .agent_hooks.job import resumable_job
 
         return resumable_job
+    if name == "control":
+        from .remote import control
+
+        return control
     raise AttributeError(f"module 'livekit_resume' has no attribute {name!r}")

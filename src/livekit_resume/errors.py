@@ -6,6 +6,7 @@ Messages name the key, version, epoch or agent id involved and what to do about 
 from __future__ import annotations
 
 __all__ = [
+    "CommandRefused",
     "IncompatibleSnapshot",
     "LeaseLost",
     "ResumeError",
@@ -104,3 +105,18 @@ class UnsavableValue(ResumeError, ValueError):
 
 class TokenRefused(ResumeError, PermissionError):
     """A reconnect token did not verify, expired, or names a conversation that ended."""
+
+
+class CommandRefused(ResumeError):
+    """A remote command (pause, resume, suspend) was not applied to a session.
+
+    The message names the key, the command and why: no live owner, an owner that did
+    not answer in time, a command aimed at an epoch the session left (taken over), or
+    one the session's state does not allow. ``reason`` is that why, on its own.
+    """
+
+    def __init__(self, key: str, command: str, reason: str) -> None:
+        super().__init__(f"{command} of session {key!r} refused: {reason}")
+        self.key = key
+        self.command = command
+        self.reason = reason

@@ -39,6 +39,7 @@ from ..snapshot.values import plain_extra
 from ..stores.base import DEFAULT_LEASE_TTL, Lease, Store, Stored, validate_key
 from .autosave import Autosave, final_save
 from .capture import Capture, Pending, SavedState
+from .control import ControlListener
 from .lease import LeaseHolder
 from .listen import listen
 from .rebuild import rebuild
@@ -144,6 +145,8 @@ class ResumableSession:
         self._pending: Pending | None = None
         self._listeners: list[tuple[EventTypes, Callable[..., None]]] = []
         self._closing: asyncio.Future[None] | None = None
+        # remote pause/resume/suspend (control.py), heard while the lease is held
+        self._control = ControlListener(store, self, self._held_epoch)
 
     # ------------------------------------------------------------ properties
 
@@ -233,6 +236,7 @@ class ResumableSession:
             self._autosave.start()
         await self._publish_attributes()
         await self._announcer.announce("restored" if self._resumed else "started", self._version)
+        await self._control.start()
         log.info(
             "session %r %s at version %d",
             self._key,
@@ -498,6 +502,10 @@ class ResumableSession:
             session, self._capture, self._registry, self._autosave.trigger, on_close
         )
 
+    def _held_epoch(self) -> int | None:
+        held = self._holder.lease is not None and self._autosave.lost is None
+        return self._holder.epoch if held else None
+
     async def _detach_and_release(self) -> None:
         self._long_pause.cancel()
         await self._autosave.aclose()
@@ -509,6 +517,7 @@ class ResumableSession:
             await self._holder.release()
         else:
             self._holder.drop()  # another worker holds it now
+        await self._control.stop()  # after the release: a command since then finds no lease
 
     async def _publish_attributes(self) -> None:
         state = self._state if self._state != "closed" else "suspended"

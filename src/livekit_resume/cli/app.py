@@ -11,7 +11,8 @@ read-only: they never create or change a file. ``import`` and ``repair`` write a
 base version (every stream cleared and written again) under the session's lease;
 ``import`` validates the whole file first, ``repair`` salvages what is intact of a
 damaged session and prints each item it could not recover. ``revert`` writes an older
-version again as the newest; ``release`` frees a lease, fencing its holder.
+version again as the newest; ``release`` frees a lease, fencing its holder. ``pause``,
+``resume`` and ``suspend`` reach the worker that runs a live session (cli/control.py).
 
 The global options (``--store``, ``--namespace``, ``--json``) work before or after the
 command. Exit codes (docs/cli.md): 0 ok, 1 an error (its type on the one line printed),
@@ -29,7 +30,7 @@ import typer.core
 from ..errors import (
     ResumeError,
 )
-from . import read, render, write  # noqa: F401  (their commands register on `app`)
+from . import control, read, render, write  # noqa: F401  (their commands register on `app`)
 from .core import (
     EXIT_ERROR,
     EXIT_OK,

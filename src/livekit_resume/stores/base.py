@@ -25,7 +25,7 @@ import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from ..errors import LeaseLost, SessionBusy, SnapshotNotFound
 
@@ -43,10 +43,16 @@ from .log import records_from_streams as records_from_streams
 __all__ = [
     "DEFAULT_LEASE_TTL",
     "MAX_KEY_BYTES",
+    "Command",
+    "CommandChannel",
+    "CommandInbox",
+    "CommandReply",
     "Commit",
+    "Controllable",
     "EventPublisher",
     "EventSource",
     "EventSubscription",
+    "InboxBase",
     "Info",
     "KeyPages",
     "Lease",
@@ -292,6 +298,141 @@ class EventSource(Protocol):
 
     def subscribe(self) -> EventSubscription:
         """The namespace's events, from the moment the subscription is active."""
+        ...
+
+
+# Remote control (issue 16): a command for a session's owner, carried by the store.
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """``verb`` (``pause``, ``resume``, ``suspend``) for the owner of ``key`` at ``epoch``;
+    ``id`` names it in the claim and the answer."""
+
+    id: str
+    key: str
+    verb: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReply:
+    """What became of a command: ``done`` (``version`` is the owner's version after it),
+    ``refused`` (``reason`` says why), ``claimed`` (the owner took it and is still
+    applying it), ``pending`` (nobody took it yet) or ``withdrawn`` (the sender gave up
+    before anybody took it; it is never applied)."""
+
+    status: Literal["done", "refused", "claimed", "pending", "withdrawn"]
+    version: int = 0
+    reason: str = ""
+
+
+class CommandInbox(Protocol):
+    """The commands sent to one key, as its owner receives them: ``async with`` returns
+    once the inbox is active (nothing sent after that is missed), ``async for`` yields
+    each `Command`; ``aclose()`` stops listening. Every live inbox of the key receives
+    each command; `CommandChannel.claim` decides which one applies it."""
+
+    async def __aenter__(self) -> CommandInbox: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[Command]: ...
+
+    async def __anext__(self) -> Command: ...
+
+    async def aclose(self) -> None: ...
+
+
+_Inbox = TypeVar("_Inbox", bound="InboxBase")
+
+
+class InboxBase:
+    """What every backend's `CommandInbox` shares: ``async with`` (or the first
+    ``__anext__``) activates it once, leaving closes it. A backend implements
+    `_activate`, `_next` and `_close`."""
+
+    _active = False
+
+    async def _activate(self) -> None:
+        raise NotImplementedError
+
+    async def _next(self) -> Command:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self: _Inbox) -> _Inbox:
+        if not self._active:
+            await self._activate()
+            self._active = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self: _Inbox) -> _Inbox:
+        return self
+
+    async def __anext__(self) -> Command:
+        await self.__aenter__()
+        return await self._next()
+
+    async def aclose(self) -> None:
+        """Stop listening (again: nothing)."""
+        if self._active:
+            self._active = False
+            await self._close()
+
+
+class CommandChannel(Protocol):
+    """How a store carries commands to the worker that holds a session and brings its
+    answer back. A command is claimed at most once, by its owner or, when nobody took
+    it in time, withdrawn by its sender: it is applied once or never."""
+
+    def inbox(self, key: str) -> CommandInbox:
+        """The commands for ``key`` from the moment the inbox is active."""
+        ...
+
+    async def send(self, command: Command) -> int | None:
+        """Deliver ``command``; return how many inboxes received it (0: nobody listens),
+        or None when the transport cannot tell (a polled table)."""
+        ...
+
+    async def claim(self, command: Command) -> bool:
+        """Take ``command`` to apply it; False when it was withdrawn or taken already."""
+        ...
+
+    async def answer(self, command: Command, reply: CommandReply) -> None:
+        """Record the owner's ``done`` or ``refused`` for the sender."""
+        ...
+
+    async def withdraw(self, command: Command) -> bool:
+        """Give up ``command`` unless it was claimed; True when it was withdrawn."""
+        ...
+
+    async def reply(self, command: Command) -> CommandReply:
+        """Where ``command`` stands now (``pending`` until claimed)."""
+        ...
+
+
+@runtime_checkable
+class Controllable(Protocol):
+    """A store that carries remote commands to the owners of its sessions."""
+
+    def commands(self) -> CommandChannel:
+        """The store's command channel (one per store, made on first use)."""
         ...
 
 

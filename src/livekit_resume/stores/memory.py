@@ -37,6 +37,7 @@ from .log import (
     lease_is_live,
     needs_compaction,
 )
+from .memory_control import MemoryCommands
 
 __all__ = ["MemoryStore"]
 
@@ -81,6 +82,7 @@ class MemoryStore:
         self._ttl = validate_ttl(ttl)
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
+        self._commands = MemoryCommands()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryStore:
@@ -231,6 +233,10 @@ class MemoryStore:
 
     async def delete(self, key: str) -> bool:
         return self._get(key) is not None and self._sessions.pop(key, None) is not None
+
+    def commands(self) -> MemoryCommands:
+        """The store's remote command channel (`Controllable`), within this process."""
+        return self._commands
 
     async def aclose(self) -> None:
         self._sessions.clear()

@@ -27,6 +27,11 @@ class KeyNames:
         """What every key of the session starts with."""
         return f"{self.namespace}:{{{_tag(key)}}}:"
 
+    def control(self, key: str) -> str:
+        """The session's command channel (stores/redis/control.py): its hash tag, outside
+        its prefix, so that the session's own keys never include a command's."""
+        return f"{self.namespace}:ctl:{{{_tag(key)}}}"
+
     def head(self, key: str) -> str:
         return self.prefix(key) + "head"
 

@@ -37,6 +37,7 @@ from .client import (
     decodes_responses,
     text,
 )
+from .control import RedisCommands
 from .events import EventStream
 from .health import ServerCheck
 from .keys import KeyNames
@@ -115,6 +116,7 @@ class RedisStore:
             wait_replicas=wait_replicas,
             wait_timeout=wait_timeout,
         )
+        self._commands: RedisCommands | None = None
         self._namespace_index = Namespace(
             self._server, self._names, self._scripts, self._check, ttl=self._ttl, clock=clock
         )
@@ -459,6 +461,12 @@ class RedisStore:
     def subscribe(self) -> EventStream:
         """The namespace's events as an async iterator of dicts (see `EventStream`)."""
         return EventStream(self._server, self._names.channel)
+
+    def commands(self) -> RedisCommands:
+        """The store's remote command channel (`Controllable`; see stores/redis/control.py)."""
+        if self._commands is None:
+            self._commands = RedisCommands(self._server, self._names, self._scripts)
+        return self._commands
 
     async def aclose(self) -> None:
         """Close the client and its connection pool."""

@@ -12,6 +12,9 @@ sees another's.
 - ``versions``: one row per retained version: head bytes, listing info, where its items
   end in the log (``gen``, ``log_end``) and the ``commit_id`` that wrote it.
 - ``log``: item records, append-only per generation (stores/log.py's rules).
+- ``commands``: remote commands and their answers (stores/sqlite/control.py), created
+  on first use. It is additive, outside the schema version: a reader of schema 2 that
+  does not know it ignores it.
 
 Older files are migrated in place when a writable store opens them (schema 1 had no
 namespaces: its sessions land in `DEFAULT_NAMESPACE`). A read-only store never writes:

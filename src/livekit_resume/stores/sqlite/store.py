@@ -49,6 +49,7 @@ from ..log import (
     needs_compaction,
 )
 from .connection import Connection
+from .control import SQLiteCommands
 from .schema import DEFAULT_NAMESPACE
 from .sessions import SESSION_COLUMNS, Session, SessionRows
 from .transactions import purge, read, write
@@ -114,6 +115,7 @@ class SQLiteStore:
         self._read_only = read_only
         self._conn = Connection(self._path, busy_timeout=busy_timeout, read_only=read_only)
         self._rows = SessionRows(namespace, ttl=self._ttl, clock=clock, read_only=read_only)
+        self._commands: SQLiteCommands | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteStore:
@@ -501,6 +503,13 @@ class SQLiteStore:
                 return False
             purge(conn, self._ns, key)
             return True
+
+    def commands(self) -> SQLiteCommands:
+        """The store's remote command channel (`Controllable`): a table polled by owners."""
+        self._writable("carry remote commands")
+        if self._commands is None:
+            self._commands = SQLiteCommands(self._run, self._ns, self._clock)
+        return self._commands
 
     async def aclose(self) -> None:
         await self._conn.aclose()

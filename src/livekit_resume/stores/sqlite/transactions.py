@@ -52,3 +52,6 @@ def purge(conn: sqlite3.Connection, ns: str, key: str) -> None:
     """Delete every row of session ``key`` in namespace ``ns`` (inside a transaction)."""
     for table in ("log", "versions", "sessions"):
         conn.execute(f"DELETE FROM {table} WHERE ns=? AND key=?", (ns, key))
+    # remote commands (stores/sqlite/control.py), in a table made on first use
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name='commands'").fetchone():
+        conn.execute("DELETE FROM commands WHERE ns=? AND key=?", (ns, key))

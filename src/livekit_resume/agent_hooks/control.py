@@ -1,0 +1,172 @@
+"""`ControlListener`: the owner's side of remote control (issue 16).
+
+While a `ResumableSession` holds its lease it listens on the store's command channel
+for its key and applies each command through its own ``pause``, ``resume`` and
+``suspend``, then answers with its version. A command aimed at an older epoch is
+refused (the session was taken over since it was aimed); one aimed at a newer epoch is
+for the worker that took this one over, so this one stays silent and lets that one
+answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from prometheus_client import Counter
+
+from ..errors import ResumeError
+from ..remote import epoch_mismatch
+from ..stores.base import Command, CommandChannel, CommandReply, Controllable, Store
+
+__all__ = ["ControlListener"]
+
+log = logging.getLogger("livekit_resume")
+
+COMMANDS = Counter(
+    "livekit_resume_remote_commands",
+    "Remote commands answered by this worker, by command and outcome",
+    ["command", "outcome"],
+)
+# The states each command applies in, and the state where it is already done.
+_FROM = {"pause": ("active",), "resume": ("paused",), "suspend": ("active", "paused")}
+_ALREADY = {"pause": "paused", "resume": "active"}
+# How long a restore waits for the inbox: a subscription or a first read takes a
+# round trip; more means a store in trouble, which the restore itself will meet.
+START_WAIT = 2.0
+# A lost subscription (the store restarted, a failover) is opened again after this.
+RELISTEN_DELAY = 1.0
+
+
+class Controlled(Protocol):
+    """What the listener drives: a `ResumableSession`."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+    async def pause(self) -> int: ...
+
+    async def resume(self) -> None: ...
+
+    async def suspend(self) -> int: ...
+
+
+class ControlListener:
+    """Listens for ``session``'s commands while started; ``epoch()`` is the epoch of the
+    lease it holds (None once it holds none, or lost it)."""
+
+    def __init__(self, store: Store, session: Controlled, epoch: Callable[[], int | None]) -> None:
+        self._store = store
+        self._session = session
+        self._epoch = epoch
+        self._task: asyncio.Task[None] | None = None
+        self._handling: set[asyncio.Task[None]] = set()
+        # one command at a time: a pause and a suspend sent together must not interleave;
+        # one waiting here stays unclaimed, so its sender can still withdraw it
+        self._applying = asyncio.Lock()
+        self.listening = asyncio.Event()  # set once the inbox is active
+
+    async def start(self) -> None:
+        """Listen from now on; returns once the inbox is active, so that no command sent
+        after a restore returned is missed (or after `START_WAIT` s, with a warning: the
+        listener keeps trying). A store that carries no commands: nothing to listen to."""
+        if not isinstance(self._store, Controllable) or self._task is not None:
+            return
+        self._task = asyncio.ensure_future(self._listen(self._store.commands()))
+        try:
+            await asyncio.wait_for(self.listening.wait(), START_WAIT)
+        except asyncio.TimeoutError:
+            log.warning(
+                "session %r: not yet listening for remote commands after %.0fs",
+                self._session.key,
+                START_WAIT,
+                extra={"key": self._session.key},
+            )
+
+    async def stop(self) -> None:
+        """Stop listening. A command being applied finishes and is answered (a suspend
+        stops the listener from inside its own command)."""
+        task, self._task = self._task, None
+        self.listening.clear()
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _listen(self, channel: CommandChannel) -> None:
+        key = self._session.key
+        while True:
+            try:
+                async with channel.inbox(key) as inbox:
+                    self.listening.set()
+                    async for command in inbox:
+                        task = asyncio.ensure_future(self._handle(channel, command))
+                        self._handling.add(task)
+                        task.add_done_callback(self._handling.discard)
+            except ResumeError as e:
+                self.listening.clear()
+                log.warning(
+                    "session %r: listening for remote commands failed (%s); again in %.0fs",
+                    key,
+                    e,
+                    RELISTEN_DELAY,
+                    extra={"key": key},
+                )
+                await asyncio.sleep(RELISTEN_DELAY)
+
+    async def _handle(self, channel: CommandChannel, command: Command) -> None:
+        key, verb = self._session.key, command.verb
+        try:
+            async with self._applying:
+                await self._claim_and_apply(channel, command)
+        except ResumeError as e:
+            # the store failed us: the sender hears nothing and reports the timeout
+            log.warning("session %r: remote %s not answered: %s", key, verb, e, extra={"key": key})
+
+    async def _claim_and_apply(self, channel: CommandChannel, command: Command) -> None:
+        key, verb = self._session.key, command.verb
+        held = self._epoch()  # read now: the command before this one may have suspended
+        if held is None or command.epoch > held:
+            return  # aimed at whoever took this session over: theirs to answer
+        if not await channel.claim(command):
+            return  # the sender gave up on it, or another inbox of ours took it
+        if command.epoch < held:
+            reply = CommandReply("refused", reason=epoch_mismatch(command.epoch, held))
+        else:
+            reply = await self._apply(verb)
+        COMMANDS.labels(command=verb, outcome=reply.status).inc()
+        log.info(
+            "session %r: remote %s %s%s",
+            key,
+            verb,
+            reply.status,
+            f" ({reply.reason})" if reply.reason else "",
+            extra={"key": key, "version": reply.version},
+        )
+        await channel.answer(command, reply)
+
+    async def _apply(self, verb: str) -> CommandReply:
+        s = self._session
+        actions: dict[str, Callable[[], Awaitable[object]]] = {
+            "pause": s.pause,
+            "resume": s.resume,
+            "suspend": s.suspend,
+        }
+        if verb not in actions:
+            return CommandReply("refused", reason=f"unknown command {verb!r}")
+        if s.state == _ALREADY.get(verb):
+            return CommandReply("done", s.version)  # sent again after a lost answer
+        if s.state not in _FROM[verb]:
+            return CommandReply("refused", reason=f"cannot {verb}: the session is {s.state}")
+        try:
+            await actions[verb]()
+        except (ResumeError, RuntimeError) as e:
+            return CommandReply("refused", reason=f"{verb} failed: {e}")
+        return CommandReply("done", s.version)
