@@ -50,7 +50,12 @@ def _item_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
 
 # 2 -> 3 changed what frames bind (namespace, version, seal), not the data: no upcaster,
 # the identity (the codec reads a format 2 frame with its own context).
-_HEAD: dict[int, Upcaster] = {1: _head_1_to_2}
+def _head_3_to_4(data: dict[str, Any]) -> dict[str, Any]:
+    # Format 4 adds AgentFrame.realtime, absent (None) in every older snapshot.
+    return data
+
+
+_HEAD: dict[int, Upcaster] = {1: _head_1_to_2, 3: _head_3_to_4}
 _ITEM: dict[int, Upcaster] = {1: _item_1_to_2}
 
 
