@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
+from livekit.agents.voice.events import ConversationItemAddedEvent
 
 from livekit_resume import AgentRegistry, ResumableSession, open_store
 from livekit_resume.testing.llm import Reply, ToolCall
@@ -73,8 +74,18 @@ async def save(url: str, key: str) -> None:
     rs = ResumableSession(open_store(url), key, registry=REGISTRY, autosave=False)
     await session.start(await rs.restore(session, default=Concierge))
     await session.run(user_input="hi, I am Ada")
-    turn = asyncio.ensure_future(session.run(user_input="book a table for two"))
-    await asyncio.wait_for(started.wait(), 10)
+    # the reply's text is recorded beside the running call; save once both are there
+    spoken = asyncio.Event()
+
+    def on_item(ev: ConversationItemAddedEvent) -> None:
+        if ev.item.type == "message" and ev.item.text_content == "One moment.":
+            spoken.set()
+
+    session.on("conversation_item_added", on_item)
+    turn: asyncio.Future[Any] = asyncio.ensure_future(
+        session.run(user_input="book a table for two")
+    )
+    await asyncio.wait_for(asyncio.gather(started.wait(), spoken.wait()), 10)
     version = await rs.checkpoint()
     (call,) = [i for i in session.current_agent.chat_ctx.items if i.type == "function_call"]
     print(f"SAVED {version} {call.call_id}", flush=True)

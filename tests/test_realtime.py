@@ -12,27 +12,34 @@
 - pause: nothing is generated, played or recorded while paused, the cut reply is saved
   as heard.
 
-The cross-process proof is in test_realtime_cross_process.py.
+The first test proves the restore with a worker killed mid-tool and the session restored
+in a new OS process (tests/_child_realtime.py), the rest in one process.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
-from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
+from livekit.agents import AgentSession, llm
 
 import livekit_resume as lr
 from livekit_resume.bridge import from_stored
 from livekit_resume.snapshot.chat import INTERRUPTED_OUTPUT
 from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.memory import MemoryStore
+from livekit_resume.testing.poll import eventually
 from tests._child_realtime import INSTRUCTIONS, REGISTRY, Concierge
 from tests.lk import EventLog, FakeAudioInput, FakeAudioOutput, Reply, ToolCall
 from tests.lk.fake_realtime import FakeRealtimeModel, FakeRealtimeSession, make_realtime_session
+from tests.test_cross_process import ROOT, Child
 
 KEY = "rt-room"
 CONVERSATION = ("message", "function_call", "function_call_output")
@@ -97,6 +104,60 @@ def conversation(items: list[llm.ChatItem]) -> list[llm.ChatItem]:
     return [i for i in items if i.type in CONVERSATION]
 
 
+async def spawn(url: str, key: str, mode: str) -> Child:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests._child_realtime", "--store", url, "--key", key,
+        "--mode", mode,
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    return Child(proc)
+
+
+async def test_realtime_agent_killed_mid_tool_is_restored_in_a_new_process(
+    tmp_path: Path,
+) -> None:
+    url, key = f"sqlite:///{tmp_path}/sessions.db", "rt-worker"
+    saver = await spawn(url, key, "save")
+    try:
+        version, call_id = await saver.expect("SAVED")
+    finally:
+        await saver.kill()  # SIGKILL, the tool still running
+    assert version == "1"
+
+    restorer = await spawn(url, key, "restore")
+    try:
+        await restorer.expect("REPORT")
+    finally:
+        await restorer.kill()
+    report = json.loads(restorer.lines[-1].removeprefix("REPORT "))
+    assert report["resumed"] and report["instructions"] == INSTRUCTIONS
+    # one sync at start, nothing else: no replayed turn, no audio, no reply of its own
+    names = [name for name, _ in report["at_start"]]
+    assert names == ["update_instructions", "update_chat_ctx", "update_tools"]
+    assert report["frames_in"] == 0
+    first_sync = report["at_start"][1][1]
+    assert first_sync["delete"] == []
+    (seen,) = report["seen"]  # the first reply after the restore...
+    assert [i["id"] for i in seen[: len(first_sync["create"])]] == first_sync["create"]
+    # ...saw the whole saved conversation, once, then the new question
+    shape = [(i["type"], i.get("role") or i.get("name")) for i in seen]
+    assert shape == [
+        ("message", "user"), ("message", "assistant"), ("message", "user"),
+        ("function_call", "book"), ("function_call_output", "book"), ("message", "assistant"),
+        ("message", "user"),
+    ]  # fmt: skip
+    texts = [i.get("text") for i in seen if i["type"] == "message"]
+    assert texts == ["hi, I am Ada", "Hello Ada.", "book a table for two", "One moment.",
+                     "who am I, and is my table booked?"]  # fmt: skip
+    call, out = seen[3], seen[4]
+    assert call["call_id"] == out["call_id"] == call_id
+    assert out["output"] == INTERRUPTED_OUTPUT  # answered as interrupted, not run again
+    assert len(report["created"]) == len(set(report["created"])) == len(seen)
+    calls = [name for name, _ in report["calls"]]
+    assert calls.count("update_chat_ctx") == 2 and calls.count("generate_reply") == 1
+
+
 async def test_restore_reaches_the_realtime_session_once_through_its_context_sync(
     store: MemoryStore, sessions: list[AgentSession[Any]]
 ) -> None:
@@ -140,7 +201,7 @@ async def test_tool_call_in_flight_comes_back_interrupted_on_a_realtime_model(
     started, release = asyncio.Event(), asyncio.Event()
     live = await start(store, sessions, first, userdata={"started": started, "release": release})
     session, rs = live.session, live.rs
-    run = asyncio.ensure_future(session.run(user_input="book a taxi"))
+    run: asyncio.Future[Any] = asyncio.ensure_future(session.run(user_input="book a taxi"))
     await asyncio.wait_for(started.wait(), 5)
     # a realtime model records the call as it starts: the checkpoint holds it, unanswered
     calls = [i for i in session.current_agent.chat_ctx.items if i.type == "function_call"]
@@ -171,7 +232,11 @@ async def test_transcript_filled_in_after_the_reply_is_saved_in_its_final_form(
     assert mic is not None
     log = EventLog(session)
     mic.say("count for me please")
-    await _wait(lambda: any(_is_empty_user(i) for i in session.current_agent.chat_ctx.items))
+
+    async def placeholder_added() -> bool:
+        return any(_is_empty_user(i) for i in session.current_agent.chat_ctx.items)
+
+    await eventually(placeholder_added, "LiveKit holds a placeholder for the user's turn")
     await rs.checkpoint()
     placeholder = await latest(store)
     assert placeholder.agent is not None
@@ -180,6 +245,7 @@ async def test_transcript_filled_in_after_the_reply_is_saved_in_its_final_form(
         for d in placeholder.agent.chat_ctx
     )  # the checkpoint did see the placeholder: the next one must replace it
 
+    live.rt.send_transcripts()
     await log.wait_for("conversation_item_added", lambda ev: ev.item.role == "user", timeout=10)
     await rs.checkpoint()
     snap = await latest(store)
@@ -194,16 +260,18 @@ async def test_transcript_filled_in_after_the_reply_is_saved_in_its_final_form(
     # and the restored realtime session is sent the transcript, not the placeholder
     again = await start(store, sessions, FakeRealtimeModel())
     users_sent = [i for i in again.rt.remote.items if getattr(i, "role", "") == "user"]
-    assert [u.text_content for u in users_sent] == ["count for me please"]
+    assert [u.text_content for u in users_sent if isinstance(u, llm.ChatMessage)] == [
+        "count for me please"
+    ]
 
 
 async def test_realtime_options_are_saved_and_the_new_session_opens_with_them(
     store: MemoryStore, sessions: list[AgentSession[Any]]
 ) -> None:
     live = await start(store, sessions, FakeRealtimeModel(["hi"], voice="alloy"))
-    session, rs = live.session, live.rs
+    rs = live.rs
     # the app changed the voice and the tool choice at run time
-    session.current_agent.realtime_llm_session.update_options(voice="echo", tool_choice="none")
+    live.rt.update_options(voice="echo", tool_choice="none")
     await rs.checkpoint()
     snap = await latest(store)
     assert snap.agent is not None and snap.agent.realtime is not None
@@ -228,13 +296,11 @@ async def test_options_of_another_provider_are_not_reapplied(
     await live.rs.aclose()
     snap = await latest(store)
     assert snap.agent is not None and snap.agent.realtime is not None
-    frame = snap.agent.model_copy(
-        update={"realtime": {**snap.agent.realtime, "provider": "other"}}
-    )
+    frame = snap.agent.model_copy(update={"realtime": {**snap.agent.realtime, "provider": "other"}})
     from livekit_resume.agent_hooks.realtime import reapply_options
 
     fresh = FakeRealtimeModel(voice="alloy")
-    target = AgentSession(llm=fresh)
+    target: AgentSession[Any] = AgentSession(llm=fresh)
     sessions.append(target)
     assert frame.realtime is not None
     await reapply_options(target, Concierge(), frame.realtime, key=KEY)
@@ -294,7 +360,7 @@ async def test_pause_silences_a_realtime_model_and_saves_the_cut_reply_as_heard(
     await asyncio.wait_for(created.speech_handle.wait_for_playout(), 5)
     assert len(speaker.frames) == played
     assert not [i for i in session.history.items if i.type == "function_call"]
-    said_by_agent = [i for i in session.history.items if getattr(i, "role", "") == "assistant"]
+    said_by_agent = [m for m in session.history.messages() if m.role == "assistant"]
     assert [i.text_content for i in said_by_agent] == [heard]
     assert created.speech_handle.interrupted and len(rt.responses) == responses + 1
 
@@ -306,12 +372,3 @@ async def test_pause_silences_a_realtime_model_and_saves_the_cut_reply_as_heard(
 
 def _is_empty_user(item: llm.ChatItem) -> bool:
     return item.type == "message" and item.role == "user" and not item.content
-
-
-async def _wait(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    async def loop() -> None:
-        while not cond():
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(loop(), timeout)
-

@@ -20,7 +20,7 @@ import asyncio
 import dataclasses
 import itertools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -115,7 +115,8 @@ class FakeRealtimeModel(llm.RealtimeModel):
         self.script: list[Reply] = [_reply(t) for t in script]
         self.default = _reply(default) if default is not None else None
         self.late_transcripts = late_transcripts
-        """Send a user turn's final transcript only after the reply (as Gemini and Nova do)."""
+        """Hold each user turn's transcript until the test calls
+        `FakeRealtimeSession.send_transcripts` (Gemini and Nova send it after the reply)."""
         self.sessions: list[FakeRealtimeSession] = []
         self._ids = itertools.count(1)
 
@@ -169,7 +170,7 @@ class FakeRealtimeModel(llm.RealtimeModel):
         pass
 
 
-class FakeRealtimeSession(llm.RealtimeSession):
+class FakeRealtimeSession(llm.RealtimeSession[Literal["fake"]]):
     """One connection to the fake server; see the module docstring."""
 
     def __init__(self, model: FakeRealtimeModel) -> None:
@@ -188,6 +189,8 @@ class FakeRealtimeSession(llm.RealtimeSession):
         self.closed = False
         self._speech_code = 0
         self._silent_frames = 0
+        self.held_transcripts: list[Callable[[], None]] = []
+        """With ``late_transcripts``: the transcripts not sent yet (`send_transcripts`)."""
 
     # ------------------------------------------------------------ what the client set
 
@@ -271,7 +274,9 @@ class FakeRealtimeSession(llm.RealtimeSession):
         """The server heard the end of a user turn (its speech detection calls this; a test
         may too, for audio the server buffered earlier): it adds the user's item (its
         transcript comes later), tells the client, and answers on its own."""
-        self.emit("input_speech_stopped", llm.InputSpeechStoppedEvent(user_transcription_enabled=True))
+        self.emit(
+            "input_speech_stopped", llm.InputSpeechStoppedEvent(user_transcription_enabled=True)
+        )
         item_id = self._model.next_id("item_user")
         previous = self.remote.items[-1].id if self.remote.items else None
         placeholder = llm.ChatMessage(role="user", content=[], id=item_id)
@@ -288,12 +293,19 @@ class FakeRealtimeSession(llm.RealtimeSession):
             )  # fmt: skip
             self.emit("input_audio_transcription_completed", done)
 
-        if not self._model.late_transcripts:
+        if self._model.late_transcripts:
+            self.held_transcripts.append(transcribed)
+        else:
             transcribed()
         ev = self._respond(user_initiated=False, instructions=None)
-        if self._model.late_transcripts:
-            asyncio.get_running_loop().call_later(0.1, transcribed)
         self.emit("generation_created", ev)
+
+    def send_transcripts(self) -> None:
+        """Send the transcripts held back (``late_transcripts``), as a provider does once
+        its reply is done."""
+        held, self.held_transcripts = self.held_transcripts, []
+        for send in held:
+            send()
 
     # ------------------------------------------------------------------- replies
 
@@ -310,7 +322,9 @@ class FakeRealtimeSession(llm.RealtimeSession):
         fut.set_result(self._respond(user_initiated=True, instructions=text))
         return fut
 
-    def _respond(self, *, user_initiated: bool, instructions: str | None) -> llm.GenerationCreatedEvent:
+    def _respond(
+        self, *, user_initiated: bool, instructions: str | None
+    ) -> llm.GenerationCreatedEvent:
         reply = self._model.next_reply()
         response = Response(
             id=self._model.next_id("resp"),
@@ -402,14 +416,19 @@ def make_realtime_session(
         "turn_handling",
         {
             "turn_detection": "realtime_llm",
-            "interruption": {"resume_false_interruption": False, "false_interruption_timeout": None},
+            "interruption": {
+                "resume_false_interruption": False,
+                "false_interruption_timeout": None,
+            },
             "preemptive_generation": {"enabled": False},
         },
     )
     session: AgentSession[Any] = AgentSession(llm=model, vad=None, **session_kwargs)
     audio_in, audio_out = FakeAudioInput(), FakeAudioOutput()
     session.input.audio = audio_in
-    sync = TranscriptSynchronizer(next_in_chain_audio=audio_out, next_in_chain_text=FakeTextOutput())
+    sync = TranscriptSynchronizer(
+        next_in_chain_audio=audio_out, next_in_chain_text=FakeTextOutput()
+    )
     session.output.audio = sync.audio_output
     session.output.transcription = sync.text_output
     return session, audio_in, audio_out
@@ -434,4 +453,3 @@ def _speech(text: str) -> list[rtc.AudioFrame]:
         )
         for _ in range(frames)
     ]
-

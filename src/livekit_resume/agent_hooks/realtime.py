@@ -26,7 +26,7 @@ from typing import Any
 from livekit.agents import Agent, AgentSession, llm
 from livekit.agents.voice.events import SpeechCreatedEvent
 
-__all__ = ["RealtimeGate", "capture_options", "reapply_options", "realtime_model"]
+__all__ = ["RealtimeGate", "capture_options", "realtime_model", "reapply_options"]
 
 log = logging.getLogger("livekit_resume")
 
@@ -40,7 +40,7 @@ def realtime_model(session: AgentSession[Any], agent: Agent) -> llm.RealtimeMode
     return model if isinstance(model, llm.RealtimeModel) else None
 
 
-def _live_session(agent: Agent) -> llm.RealtimeSession | None:
+def _live_session(agent: Agent) -> llm.RealtimeSession[Any] | None:
     try:
         return agent.realtime_llm_session
     except RuntimeError:

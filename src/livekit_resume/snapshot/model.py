@@ -29,7 +29,8 @@ __all__ = [
 # 3: frames bind the namespace, heads their version and a seal of their item records
 # (codec.py, seal.py); a snapshot may be "ended" and names its conversation. Nothing
 # of format 2 changed meaning, so 2 -> 3 is the identity.
-# 4: an agent frame may hold its realtime model's options (AgentFrame.realtime); 3 -> 4 is the identity.
+# 4: an agent frame may hold its realtime model's options (AgentFrame.realtime);
+# 3 -> 4 is the identity.
 FORMAT_VERSION = 4
 
 Reason = Literal["turn", "tool", "handoff", "pause", "suspend", "close", "manual", "end"]
