@@ -372,3 +372,22 @@ async def test_pause_silences_a_realtime_model_and_saves_the_cut_reply_as_heard(
 
 def _is_empty_user(item: llm.ChatItem) -> bool:
     return item.type == "message" and item.role == "user" and not item.content
+
+
+async def test_text_sent_to_a_paused_realtime_agent_is_dropped_with_its_reply(
+    store: MemoryStore, sessions: list[AgentSession[Any]]
+) -> None:
+    live = await start(store, sessions, FakeRealtimeModel(["hi", "after the pause"]))
+    await live.session.run(user_input="hello")
+    await live.rs.pause()
+    sent = len(live.rt.created)
+    handle = live.session.generate_reply(user_input="are you there?")
+    await asyncio.wait_for(handle.wait_for_playout(), 5)
+    assert handle.interrupted
+    assert len(live.rt.created) == sent and len(live.rt.responses) == 1  # never reached it
+    texts = [m.text_content for m in live.session.history.messages()]
+    assert "are you there?" not in texts
+
+    await live.rs.resume()
+    await live.session.run(user_input="back again")
+    assert [r.reply.text for r in live.rt.responses] == ["hi", "after the pause"]
