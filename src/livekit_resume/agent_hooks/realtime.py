@@ -47,13 +47,21 @@ def _live_session(agent: Agent) -> llm.RealtimeSession[Any] | None:
         return None  # not running (a parent saved while its AgentTask runs), or no session
 
 
-def _settable(target: Any) -> list[str]:
+# update_options parameters per class, read once: a checkpoint's cost stays flat
+_SETTABLE: dict[type, tuple[str, ...]] = {}
+
+
+def _settable(target: Any) -> tuple[str, ...]:
     """The options ``target.update_options`` takes, by name."""
-    fn = getattr(target, "update_options", None)
-    if fn is None:
-        return []
-    params = inspect.signature(fn).parameters.values()
-    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    cls = type(target)
+    names = _SETTABLE.get(cls)
+    if names is None:
+        fn = getattr(cls, "update_options", None)
+        params = inspect.signature(fn).parameters.values() if fn is not None else ()
+        names = _SETTABLE[cls] = tuple(
+            p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY
+        )
+    return names
 
 
 def _plain(value: Any, depth: int = 0) -> bool:
