@@ -38,7 +38,12 @@ from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.testing.poll import eventually
 from tests._child_realtime import INSTRUCTIONS, REGISTRY, Concierge
 from tests.lk import EventLog, FakeAudioInput, FakeAudioOutput, Reply, ToolCall
-from tests.lk.fake_realtime import FakeRealtimeModel, FakeRealtimeSession, make_realtime_session
+from tests.lk.fake_realtime import (
+    FakeRealtimeModel,
+    FakeRealtimeSession,
+    make_realtime_session,
+    realtime_capabilities,
+)
 from tests.test_cross_process import ROOT, Child
 
 KEY = "rt-room"
@@ -158,8 +163,26 @@ async def test_realtime_agent_killed_mid_tool_is_restored_in_a_new_process(
     assert calls.count("update_chat_ctx") == 2 and calls.count("generate_reply") == 1
 
 
+# What differs between the provider families at a session's start (plugins' own flags):
+# OpenAI's, and Gemini 3.1's and Nova Sonic's (no context updates after the start, no
+# truncation, the server replies to tool results on its own).
+FAMILIES = {
+    "openai": realtime_capabilities(),
+    "history-at-start-only": realtime_capabilities(
+        message_truncation=False,
+        auto_tool_reply_generation=True,
+        manual_function_calls=False,
+        mutable_chat_context=False,
+        mutable_instructions=False,
+        mutable_tools=False,
+        per_response_tool_choice=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 async def test_restore_reaches_the_realtime_session_once_through_its_context_sync(
-    store: MemoryStore, sessions: list[AgentSession[Any]]
+    store: MemoryStore, sessions: list[AgentSession[Any]], family: str
 ) -> None:
     first = FakeRealtimeModel(
         ["Hello, what can I do?", Reply("Booking.", [ToolCall("book", {"what": "a table"})]),
@@ -174,7 +197,9 @@ async def test_restore_reaches_the_realtime_session_once_through_its_context_syn
     assert len(saved) == 7  # user, assistant, user, call, output, assistant, assistant
     await rs.aclose()
 
-    second = FakeRealtimeModel(["You are Ada, and your table is booked."])
+    second = FakeRealtimeModel(
+        ["You are Ada, and your table is booked."], capabilities=FAMILIES[family]
+    )
     live2 = await start(store, sessions, second)
     session2, rt = live2.session, live2.rt
     assert live2.rs.resumed
