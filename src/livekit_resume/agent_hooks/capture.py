@@ -32,6 +32,7 @@ from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import AgentFrame, ItemData, SessionMeta, Snapshot, ToolCallRecord, Writer
 from ..snapshot.values import dump_userdata
 from ..stores.base import Commit
+from .realtime import capture_options
 from .registry import AgentRegistry
 from .silence import current_agent
 from .tracker import Change, Converter, Encoder, Plan, StaleChange, StreamTracker, digest
@@ -284,6 +285,7 @@ class Capture:
             instructions=_instructions_to(agent_obj.instructions),
             state=_agent_state(agent_obj),
             task=task,
+            realtime=capture_options(session, agent_obj),
         )
         return agent_obj, frame, plan
 

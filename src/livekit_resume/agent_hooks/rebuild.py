@@ -23,6 +23,7 @@ from ..errors import IncompatibleSnapshot
 from ..snapshot.chat import ctx_from_data, repair_tool_calls
 from ..snapshot.model import ItemData, Snapshot
 from .capture import instructions_from
+from .realtime import reapply_options
 from .registry import AgentRegistry
 
 __all__ = ["Rebuilt", "rebuild"]
@@ -88,6 +89,8 @@ async def rebuild(
         return Rebuilt(agent, history, None)
     if frame.instructions is not None:
         await agent.update_instructions(instructions_from(frame.instructions))  # type: ignore[arg-type]  # LiveKit accepts Instructions too
+    if frame.realtime is not None:
+        await reapply_options(session, agent, frame.realtime, key=snap.key)
     repaired = saved.copy()
     repair_tool_calls(repaired, pending=snap.tool_calls)
     await agent.update_chat_ctx(repaired, exclude_invalid_function_calls=False)

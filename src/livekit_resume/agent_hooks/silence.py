@@ -17,6 +17,8 @@ from typing import Any
 
 from livekit.agents import Agent, AgentSession
 
+from .realtime import RealtimeGate
+
 __all__ = ["INTERRUPT_TIMEOUT", "Silencer", "Timer", "current_agent"]
 
 log = logging.getLogger("livekit_resume")
@@ -44,6 +46,7 @@ class Silencer:
     def __init__(self, key: str) -> None:
         self._key = key
         self._paused_agent: Agent | None = None
+        self._gate = RealtimeGate()  # a realtime model replies without llm_node
 
     async def silence(self, session: AgentSession[Any]) -> None:
         session.input.set_audio_enabled(False)
@@ -52,6 +55,7 @@ class Silencer:
             # an instance attribute shadows the class's node: text and voice get no reply
             agent.llm_node = _silent_llm_node  # type: ignore[method-assign]
             self._paused_agent = agent
+        self._gate.close(session, agent)
         try:
             done: asyncio.Future[None] | None = session.interrupt(force=True)
         except RuntimeError:
@@ -71,6 +75,7 @@ class Silencer:
         if self._paused_agent is not None:
             self._paused_agent.__dict__.pop("llm_node", None)
             self._paused_agent = None
+        self._gate.open()
         session.input.set_audio_enabled(True)
         session.output.set_audio_enabled(True)
 

@@ -50,7 +50,8 @@ def _item_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
 
 # 2 -> 3 changed what frames bind (namespace, version, seal), not the data: no upcaster,
 # the identity (the codec reads a format 2 frame with its own context). 3 -> 4 changed
-# how frames may be compressed (frame.FLAG_ZDICT), not the data: the identity too.
+# how frames may be compressed (frame.FLAG_ZDICT) and added an optional field
+# (AgentFrame.realtime, None when absent), not the meaning of any data: the identity too.
 _HEAD: dict[int, Upcaster] = {1: _head_1_to_2}
 _ITEM: dict[int, Upcaster] = {1: _item_1_to_2}
 

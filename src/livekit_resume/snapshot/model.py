@@ -29,7 +29,8 @@ __all__ = [
 # 3: frames bind the namespace, heads their version and a seal of their item records
 # (codec.py, seal.py); a snapshot may be "ended" and names its conversation. Nothing
 # of format 2 changed meaning, so 2 -> 3 is the identity.
-# 4: frames may be deflated with a preset dictionary (frame.FLAG_ZDICT); data unchanged.
+# 4: frames may be deflated with a preset dictionary (frame.FLAG_ZDICT); an agent frame
+# may hold its realtime model's options (AgentFrame.realtime). 3 -> 4 is the identity.
 FORMAT_VERSION = 4
 
 Reason = Literal["turn", "tool", "handoff", "pause", "suspend", "close", "manual", "end"]
@@ -80,6 +81,9 @@ class AgentFrame(_Model):
     """What the agent's optional ``snapshot_state()`` returned."""
     task: str | None = None
     """Set when an `AgentTask` was running: its class name, for the record only."""
+    realtime: dict[str, Any] | None = None
+    """For an agent on a realtime model: its provider, model and plain options
+    (``agent_hooks/realtime.py``)."""
 
 
 class ToolCallRecord(_Model):
