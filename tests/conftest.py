@@ -11,11 +11,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from livekit_resume.stores.base import Store
+
+if TYPE_CHECKING:
+    from livekit.agents import AgentSession
 
 pytest_plugins = ["tests.redis_servers"]
 
@@ -77,3 +80,12 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
 @pytest.fixture
 async def store(make_store: StoreFactory) -> Store:
     return await make_store()
+
+
+@pytest.fixture
+async def sessions() -> AsyncIterator[list[AgentSession[Any]]]:
+    """Agent sessions appended here are closed after the test."""
+    made: list[AgentSession[Any]] = []
+    yield made
+    for session in made:
+        await session.aclose()

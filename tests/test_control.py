@@ -24,15 +24,14 @@ import livekit_resume as lr
 from livekit_resume.remote import MAX_TIMEOUT
 from livekit_resume.stores.base import Command, CommandReply, Controllable, Store
 from livekit_resume.testing.poll import eventually
-from tests import test_resumable_job, test_voice
+from tests import test_resumable_job
 from tests.lk import jobs, make_voice_session, voice_fakes
 from tests.lk.jobs import JobHarness, RunningJob
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_voice import REGISTRY, Counter
 
-# Fixtures shared with the modules that made them: the started sessions to close at the
-# end, and the store a job process opens (a SQLite file or a namespace of redis-server).
-sessions = test_voice.sessions
+# A fixture shared with the module that made it: the store a job process opens (a SQLite
+# file or a namespace of redis-server).
 target = test_resumable_job.target
 
 KEY = "call-7"

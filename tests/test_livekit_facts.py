@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -44,15 +44,6 @@ LK_LOGGER = "livekit.agents"
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-@pytest.fixture
-async def sessions() -> AsyncIterator[list[AgentSession[Any]]]:
-    """Sessions appended here are closed after the test."""
-    made: list[AgentSession[Any]] = []
-    yield made
-    for session in made:
-        await session.aclose()
 
 
 class Greeter(Agent):

@@ -58,13 +58,6 @@ async def store() -> AsyncIterator[MemoryStore]:
     await s.aclose()
 
 
-@pytest.fixture
-async def sessions() -> AsyncIterator[list[AgentSession[Any]]]:
-    made: list[AgentSession[Any]] = []
-    yield made
-    for s in made:
-        await s.aclose()
-
 
 @dataclass
 class Live:
