@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from ..errors import SnapshotTooLarge, UnknownAgent, UnsavableValue
 from ..snapshot.chat import MediaPolicy, item_to_data
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import AgentFrame, ItemData, SessionMeta, Snapshot, ToolCallRecord, Writer
+from ..snapshot.seal import Sealed
 from ..snapshot.values import dump_userdata
 from ..stores.base import Commit
 from .registry import AgentRegistry
@@ -122,15 +123,18 @@ class Capture:
         history: Sequence[llm.ChatItem],
         agent: Agent,
         agent_items: Sequence[llm.ChatItem] | None,
+        sealed: Mapping[str, Sealed] | None = None,
     ) -> None:
-        """Adopt a restored snapshot as what the store holds."""
-        self._history.baseline(history, snap.history)
+        """Adopt a restored snapshot as what the store holds. ``sealed``: what the decode
+        computed checking each stream's seal (`Codec.decode_parts`), reused."""
+        sealed = sealed or {}
+        self._history.baseline(history, snap.history, sealed.get(HISTORY))
         self._turns = snap.meta.turn_count
         self.conversation = snap.meta.conversation or self.conversation
         self._saved_userdata = snap.userdata
         self.last_agent = agent
         if snap.agent is not None and agent_items is not None:
-            self._agent_ctx.baseline(agent_items, snap.agent.chat_ctx)
+            self._agent_ctx.baseline(agent_items, snap.agent.chat_ctx, sealed.get(AGENT))
             self._tracked_agent = agent
 
     # ----------------------------------------------------------------- capture

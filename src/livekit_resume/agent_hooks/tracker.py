@@ -37,7 +37,7 @@ from livekit.agents import llm
 from pydantic import BaseModel
 
 from ..snapshot.model import ItemData
-from ..snapshot.seal import SealKey, item_digest
+from ..snapshot.seal import Sealed, SealKey, item_digest
 from ..stores.base import Record
 
 __all__ = ["EDIT_WINDOW", "Change", "Plan", "StaleChange", "StreamTracker", "digest", "weight"]
@@ -226,16 +226,34 @@ class StreamTracker:
         """Whether ``item_id`` is in the committed stream."""
         return item_id in self._digests
 
-    def baseline(self, items: Sequence[llm.ChatItem], datas: Sequence[ItemData]) -> None:
-        """Adopt ``items`` (whose plain data is ``datas``) as what the store holds."""
+    def baseline(
+        self,
+        items: Sequence[llm.ChatItem],
+        datas: Sequence[ItemData],
+        sealed: Sealed | None = None,
+    ) -> None:
+        """Adopt ``items`` (whose plain data is ``datas``) as what the store holds.
+        ``sealed``: the leaves and terms a restore verified ``datas`` with (same order),
+        reused rather than hashed again; its terms only if under this tracker's key."""
         self._objs = list(items)
-        self._digests = {d["id"]: digest(d) for d in datas}
-        term, after = self.seal_key.term, None
-        self._terms, self._shrunk, self._shapes, self._seal = {}, {}, {}, 0
-        for d in datas:
-            t = self._terms[d["id"]] = term(self.stream, d["id"], after, self._digests[d["id"]])
-            self._seal = self.seal_key.add(self._seal, t)
-            after = d["id"]
+        ids = [d["id"] for d in datas]
+        if sealed is None or len(sealed.leaves) != len(ids):
+            leaves = [digest(d) for d in datas]
+        else:
+            leaves = sealed.leaves
+        self._digests = dict(zip(ids, leaves, strict=True))
+        self._shrunk, self._shapes = {}, {}
+        if sealed is not None and sealed.key is self.seal_key and leaves is sealed.leaves:
+            self._terms = dict(zip(ids, sealed.terms, strict=True))
+            self._seal = sealed.seal
+        else:
+            term, after, seal = self.seal_key.term, None, 0
+            self._terms = {}
+            for item_id, leaf in zip(ids, leaves, strict=True):
+                t = self._terms[item_id] = term(self.stream, item_id, after, leaf)
+                seal = self.seal_key.add(seal, t)
+                after = item_id
+            self._seal = seal
         self._gen = object()
 
     def reset(self) -> None:

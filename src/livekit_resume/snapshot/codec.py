@@ -48,7 +48,7 @@ from .frame import FLAG_ZLIB as FLAG_ZLIB
 from .frame import Context as Context
 from .migrate import OLDEST_READABLE, item_is_current, migrate_head, migrate_item
 from .model import FORMAT_VERSION, ItemData, Snapshot
-from .seal import SealKey, packed_digest, seal_from_bytes, seal_to_bytes
+from .seal import Sealed, SealKey, packed_digest, seal_from_bytes, seal_to_bytes
 
 __all__ = [
     "BOUND_FROM",
@@ -491,13 +491,15 @@ class Codec(Framer):
         streams: Mapping[str, Sequence[tuple[str, bytes]]],
         *,
         version: int | None = None,
+        sealed: dict[str, Sealed] | None = None,
     ) -> Snapshot:
         """Rebuild a snapshot from its head and its streams of item frames. ``version`` is
         the number the store gave it (a head is written before the store numbers it):
         a head bound to another version is refused, and so are item records other than
-        the ones its seals commit to (see `seal`)."""
+        the ones its seals commit to (see `seal`). ``sealed`` receives, per stream whose
+        seal was checked, the leaves and terms that matched it (for a tracker)."""
         with gc_paused():
-            return self._decode_parts(key, head, streams, version)
+            return self._decode_parts(key, head, streams, version, sealed)
 
     def _decode_parts(
         self,
@@ -505,6 +507,7 @@ class Codec(Framer):
         head: bytes,
         streams: Mapping[str, Sequence[tuple[str, bytes]]],
         version: int | None,
+        sealed: dict[str, Sealed] | None,
     ) -> Snapshot:
         data, want, bound = self._head(key, head)
         if version is not None:
@@ -519,7 +522,9 @@ class Codec(Framer):
                 f"session {key!r}: snapshot lists {want} items but the store holds {got}; "
                 "the stored log is damaged"
             )
-        self._check_seals(bound, {HISTORY: history, AGENT: agent_items}, leaves)
+        checked = self._check_seals(bound, {HISTORY: history, AGENT: agent_items}, leaves)
+        if sealed is not None:
+            sealed.update(checked)
         if version is not None:
             data["version"] = version
         return _with_items(data, history, agent_items)
@@ -535,25 +540,32 @@ class Codec(Framer):
         bound: _Binding,
         streams: Mapping[str, Sequence[ItemData]],
         leaves: dict[int, bytes] | None = None,
-    ) -> None:
+    ) -> dict[str, Sealed]:
         """``leaves``: items' digests by the identity of their maps (alive meanwhile, so
-        their ids stay theirs), as hashed from their frames' bodies."""
+        their ids stay theirs), as hashed from their frames' bodies. Returns each checked
+        stream's `Sealed`, as it matched."""
         key = bound.key
+        checked: dict[str, Sealed] = {}
         if not bound.seals:
-            return
+            return checked
         sealer = self._seal_key(bound.kid)
         for stream, items in streams.items():
             want = bound.seals.get(stream)
-            if want is None or sealer.seal(stream, items, leaves) == want:
+            if want is None:
                 continue
+            got = sealer.sealed(stream, items, leaves)
             # a body that is not the canonical msgpack of its data (never one we wrote)
             # is judged as before: by its data packed again
-            if not leaves or sealer.seal(stream, items) != want:
+            if got.seal != want and leaves:
+                got = sealer.sealed(stream, items)
+            if got.seal != want:
                 raise bound.error(
                     f"session {key!r}: the {stream} items stored do not match the seal "
                     f"of version {bound.version}'s head: records were replaced by older "
                     "editions, reordered or mixed from other versions"
                 )
+            checked[stream] = got
+        return checked
 
     def _items(
         self,

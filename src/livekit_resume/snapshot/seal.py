@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import msgpack
 
@@ -33,6 +34,7 @@ from .model import ItemData
 __all__ = [
     "SEAL_BYTES",
     "SealKey",
+    "Sealed",
     "item_digest",
     "packed_digest",
     "seal_from_bytes",
@@ -89,15 +91,37 @@ class SealKey:
         ``leaves`` keeps each item's digest by the identity of its map, for the next
         stream: a restore decodes an agent item stored as a reference to its history
         twin as the twin's very map, and hashes it once."""
-        total, after = 0, None
+        return self.sealed(stream, items, leaves).seal
+
+    def sealed(
+        self, stream: str, items: Sequence[ItemData], leaves: dict[int, bytes] | None = None
+    ) -> Sealed:
+        """`seal`, with each item's leaf and term on the way (`Sealed`)."""
+        out = Sealed(self, [], [], 0)
+        after = None
         leaves = {} if leaves is None else leaves
+        term, add_leaf, add_term = self.term, out.leaves.append, out.terms.append
         for item in items:
             leaf = leaves.get(id(item))
             if leaf is None:
                 leaf = leaves[id(item)] = item_digest(item)
-            total += self.term(stream, item["id"], after, leaf)
+            add_leaf(leaf)
+            add_term(term(stream, item["id"], after, leaf))
             after = item["id"]
-        return total % _MOD
+        out.seal = sum(out.terms) % _MOD
+        return out
+
+
+@dataclass(slots=True)
+class Sealed:
+    """A stream's seal as computed over its items, with what it took: each item's leaf
+    (its digest) and term, in order. A restore that verified a head's seal hands these
+    to the checkpoint tracker, which would otherwise hash every item again."""
+
+    key: SealKey
+    leaves: list[bytes]
+    terms: list[int]
+    seal: int
 
 
 def seal_to_bytes(seal: int) -> bytes:
