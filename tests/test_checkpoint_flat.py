@@ -39,9 +39,17 @@ class ThreadNotingCodec(Codec):
         super().__init__()
         self.threads: dict[str, threading.Thread] = {}
 
-    def encode_item(self, key: str, stream: str, item: ItemData, *, ref: bool = False) -> bytes:
+    def encode_item(
+        self,
+        key: str,
+        stream: str,
+        item: ItemData,
+        *,
+        ref: bool = False,
+        packed: bytes | None = None,
+    ) -> bytes:
         self.threads[item["id"]] = threading.current_thread()
-        return super().encode_item(key, stream, item, ref=ref)
+        return super().encode_item(key, stream, item, ref=ref, packed=packed)
 
 
 @pytest.fixture

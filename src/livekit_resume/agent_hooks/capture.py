@@ -195,7 +195,7 @@ class Capture:
         return _Read(snap, hist, agent, agent_obj, turns, size)
 
     def _build(self, read: _Read, base_version: int) -> Pending | None:
-        memo: dict[int, bytes] = {}
+        memo: dict[int, tuple[bytes, bytes]] = {}
         hist = read.history.build(self._encoder(HISTORY, None), memo)
         agent = (
             read.agent.build(self._encoder(AGENT, hist), memo)
@@ -320,10 +320,12 @@ class Capture:
         # a reference reads its twin as stored: one shrunk to fit is not the same data
         shrunk = history.shrunk if history is not None else {}
 
-        def encode(item: llm.ChatItem, data: ItemData, d: bytes) -> bytes | tuple[bytes, bytes]:
+        def encode(
+            item: llm.ChatItem, data: ItemData, d: bytes, packed: bytes
+        ) -> bytes | tuple[bytes, bytes]:
             ref = is_twin(twins, item.id, d) and item.id not in shrunk
             try:
-                return codec.encode_item(key, stream, data, ref=ref)
+                return codec.encode_item(key, stream, data, ref=ref, packed=packed)
             except SnapshotTooLarge as e:
                 return self._encode_smaller(stream, item, e)
 

@@ -37,7 +37,7 @@ from livekit.agents import llm
 from pydantic import BaseModel
 
 from ..snapshot.model import ItemData
-from ..snapshot.seal import Sealed, SealKey, item_digest
+from ..snapshot.seal import Sealed, SealKey, item_digest, pack_item, packed_digest
 from ..stores.base import Record
 
 __all__ = ["EDIT_WINDOW", "Change", "Plan", "StaleChange", "StreamTracker", "digest", "weight"]
@@ -53,9 +53,10 @@ def digest(data: ItemData) -> bytes:
     return item_digest(data)
 
 
-Encoder = Callable[[llm.ChatItem, ItemData, bytes], "bytes | tuple[bytes, bytes]"]
-"""(item, its plain data, its digest) -> the frame to store, or (the frame, the digest
-of the data it holds) when that is not the item's own (an item shrunk to fit)."""
+Encoder = Callable[[llm.ChatItem, ItemData, bytes, bytes], "bytes | tuple[bytes, bytes]"]
+"""(item, its plain data, its digest, its msgpack as hashed) -> the frame to store, or
+(the frame, the digest of the data it holds) when that is not the item's own (an item
+shrunk to fit). The msgpack is the frame's body: a large item is packed once."""
 Converter = Callable[[llm.ChatItem], ItemData]
 # the seal of an empty stream, and of no key: what a tracker starts from
 _UNKEYED = SealKey("", None)
@@ -452,9 +453,10 @@ class Plan:
         """About how many bytes the plan's items hold (`weight`)."""
         return sum(weight(p.data) for p in self.puts)
 
-    def build(self, encode: Encoder, memo: dict[int, bytes] | None = None) -> Change:
+    def build(self, encode: Encoder, memo: dict[int, tuple[bytes, bytes]] | None = None) -> Change:
         """Hash and encode the plan into the records of one commit. ``memo`` keeps the
-        digests of data dicts by identity, for plans sharing them (both streams)."""
+        digests and msgpack of data dicts by identity, for plans sharing them (both
+        streams)."""
         t = self.tracker
         if self._base is not t._gen:
             raise RuntimeError(f"{t.stream}: the tracker moved since this plan was read")
@@ -477,13 +479,15 @@ class Plan:
             seal.drop(gone.id)
         memo = {} if memo is None else memo
         for put in self.puts:
-            d = memo.get(id(put.data))
-            if d is None:
-                d = memo[id(put.data)] = digest(put.data)
+            known = memo.get(id(put.data))
+            if known is None:
+                packed = pack_item(put.data)  # the digest's input is the frame's body
+                known = memo[id(put.data)] = (packed_digest(packed), packed)
+            d, packed = known
             item_id = put.item.id
             if put.only_if_changed and digests.get(item_id) == d:
                 continue
-            frame = seal.place(item_id, put.after, d, encode(put.item, put.data, d))
+            frame = seal.place(item_id, put.after, d, encode(put.item, put.data, d, packed))
             change.records.append(Record(t.stream, item_id, frame, put.after))
             change.set_digests[item_id] = d
             change.datas[item_id] = put.data

@@ -407,12 +407,22 @@ class Codec(Framer):
         """The seal of a whole stream (``encode_head``'s ``seals``), with this codec's key."""
         return self.seal_key.seal(stream, items)
 
-    def encode_item(self, key: str, stream: str, item: ItemData, *, ref: bool = False) -> bytes:
-        """One chat item of ``stream``; ``ref`` marks an agent item equal to its history twin."""
+    def encode_item(
+        self,
+        key: str,
+        stream: str,
+        item: ItemData,
+        *,
+        ref: bool = False,
+        packed: bytes | None = None,
+    ) -> bytes:
+        """One chat item of ``stream``; ``ref`` marks an agent item equal to its history
+        twin; ``packed`` is the item's msgpack when made already (`seal.pack_item`)."""
         return self.pack(
             _REF if ref else item,
             context=self._item_ctx(key, stream, item["id"]),
             label=f"session {key!r} {stream} item {item['id']!r}",
+            packed=None if ref else packed,
         )
 
     def decode_head(

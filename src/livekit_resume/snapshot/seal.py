@@ -36,6 +36,7 @@ __all__ = [
     "SealKey",
     "Sealed",
     "item_digest",
+    "pack_item",
     "packed_digest",
     "seal_from_bytes",
     "seal_to_bytes",
@@ -50,7 +51,13 @@ _LABEL = b"livekit-resume item seal v1"
 
 def item_digest(data: ItemData) -> bytes:
     """The digest of an item's plain data: tells editions apart, and feeds its seal term."""
-    return packed_digest(msgpack.packb(data, use_bin_type=True))
+    return packed_digest(pack_item(data))
+
+
+def pack_item(data: ItemData) -> bytes:
+    """An item's msgpack as `item_digest` hashes it: exactly an item frame's body, so a
+    writer packs an item once for its digest and its frame (`packed_digest`)."""
+    return bytes(msgpack.packb(data, use_bin_type=True))
 
 
 def packed_digest(packed: bytes) -> bytes:
