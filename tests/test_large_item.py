@@ -82,7 +82,7 @@ async def test_a_large_item_is_packed_once_and_restores(
 
 
 @pytest.mark.parametrize("keys", [{}, {"signing_keys": SIGN}])
-def test_a_frame_of_a_packed_item_is_the_frame_it_was(keys: dict[str, str]) -> None:
+def test_a_frame_of_a_packed_item_is_the_frame_it_was(keys: dict[str, Any]) -> None:
     codec = Codec(**keys)
     for size in (10, 5_000, 200_000):  # plain, deflated with the dictionary, large
         item = {"id": "item_1", "type": "message", "content": ["é" + "x" * size]}
