@@ -11,10 +11,13 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from livekit.agents import Agent, AgentSession, llm
 
 import livekit_resume as lr
-from livekit_resume.agent_hooks.capture import OFFLOAD_BYTES
+from livekit_resume.agent_hooks import tracker
+from livekit_resume.agent_hooks.tracker import PIECES_OVER
 from livekit_resume.snapshot.codec import HISTORY, Codec
 from livekit_resume.snapshot.seal import item_digest, pack_item, packed_digest
 from livekit_resume.stores.base import Store
@@ -57,22 +60,29 @@ async def test_a_large_item_is_packed_once_and_restores(
     session, rs = await open_session(store)
     await session.run(user_input="fetch it")
     await rs.checkpoint()
-    text = os.urandom(OFFLOAD_BYTES).hex()  # over the offload size: built off the loop
+    text = os.urandom(PIECES_OVER).hex()  # built off the loop, packed in pieces
     big = llm.FunctionCallOutput(call_id="c1", name="fetch", output=text, is_error=False)
     session.history.items.append(big)
     session.current_agent._chat_ctx.items.append(big)  # in both streams, as LiveKit does
-    packs: list[Any] = []
+    packs: list[bool] = []  # each packing of the big item, in pieces or not
     packb = msgpack.packb
 
-    def counted(obj: Any, **kw: Any) -> Any:
-        if isinstance(obj, dict) and obj.get("output") == text:
-            packs.append(obj)
+    def counted_packb(obj: Any, **kw: Any) -> Any:
+        if obj == text or (isinstance(obj, dict) and obj.get("output") == text):
+            packs.append(False)
         return packb(obj, **kw)
 
-    monkeypatch.setattr(msgpack, "packb", counted)
+    def counted_pack_item(data: Any, *, pieces: bool = False) -> bytes:
+        if isinstance(data, dict) and data.get("output") == text:
+            packs.append(pieces)
+        return pack_item(data, pieces=pieces)
+
+    monkeypatch.setattr(msgpack, "packb", counted_packb)
+    monkeypatch.setattr(tracker, "pack_item", counted_pack_item)
     await rs.checkpoint()
-    monkeypatch.setattr(msgpack, "packb", packb)
-    assert len(packs) == 1  # once for both streams, its digest and its frame
+    monkeypatch.undo()
+    # once for both streams, its digest and its frame; in pieces (no single long step)
+    assert packs == [True]
     await rs.aclose()
     await session.aclose()
     session, rs = await open_session(store)
@@ -93,3 +103,19 @@ def test_a_frame_of_a_packed_item_is_the_frame_it_was(keys: dict[str, Any]) -> N
         )
         frame = codec.encode_item("k", HISTORY, item, packed=packed)
         assert codec.decode_item("k", HISTORY, "item_1", frame, {}) == item
+
+
+plain = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text()
+    | st.binary(),
+    lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(), inner, max_size=20),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=plain, big=st.sampled_from(["", "a", "é", "😀"]))
+def test_packing_in_pieces_gives_msgpack_s_own_bytes(value: Any, big: str) -> None:
+    # a long string (past the chunk size) next to anything plain data holds
+    data = {"id": "item_1", "value": value, "big": [big * (3 << 19)] if big else []}
+    assert pack_item(data, pieces=True) == msgpack.packb(data, use_bin_type=True)

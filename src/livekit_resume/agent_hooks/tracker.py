@@ -46,6 +46,9 @@ __all__ = ["EDIT_WINDOW", "Change", "Plan", "StaleChange", "StreamTracker", "dig
 # preemptive user message's final transcript, a handoff output turned into an error).
 # Re-checking this many trailing items per checkpoint catches those at a fixed cost.
 EDIT_WINDOW = 12
+# An item holding more bytes than this is packed in pieces (`seal.pack_item`), so that
+# its build on a worker thread never holds the GIL long.
+PIECES_OVER = 1 << 20
 
 
 def digest(data: ItemData) -> bytes:
@@ -481,7 +484,8 @@ class Plan:
         for put in self.puts:
             known = memo.get(id(put.data))
             if known is None:
-                packed = pack_item(put.data)  # the digest's input is the frame's body
+                # the digest's input is the frame's body; megabytes are packed in pieces
+                packed = pack_item(put.data, pieces=weight(put.data) > PIECES_OVER)
                 known = memo[id(put.data)] = (packed_digest(packed), packed)
             d, packed = known
             item_id = put.item.id

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 
@@ -54,10 +56,60 @@ def item_digest(data: ItemData) -> bytes:
     return packed_digest(pack_item(data))
 
 
-def pack_item(data: ItemData) -> bytes:
+def pack_item(data: ItemData, *, pieces: bool = False) -> bytes:
     """An item's msgpack as `item_digest` hashes it: exactly an item frame's body, so a
-    writer packs an item once for its digest and its frame (`packed_digest`)."""
+    writer packs an item once for its digest and its frame (`packed_digest`).
+
+    ``pieces``: the same bytes, made piece by piece (`_pack_pieces`) so that no single
+    step holds the GIL for long: for an item holding megabytes, built on a worker
+    thread while the event loop runs (msgpack packs a 50 MB string in one ~80 ms call)."""
+    if pieces:
+        out: list[bytes] = []
+        _pack_pieces(data, out)
+        return b"".join(out)  # bytes.join copies large buffers without the GIL
     return bytes(msgpack.packb(data, use_bin_type=True))
+
+
+# Strings and bytes longer than this are written by `_pack_pieces` in chunks of it.
+_CHUNK = 1 << 20
+
+
+def _pack_pieces(obj: Any, out: list[bytes]) -> None:
+    """Append msgpack's exact bytes for ``obj`` (``packb(obj, use_bin_type=True)``):
+    maps and arrays header by header, long strings and bytes in chunks (each chunk's
+    encoding one short step), everything else packed by msgpack itself."""
+    kind = type(obj)
+    if kind is dict:
+        out.append(_header(len(obj), 0x80, 16, 0xDE))
+        for k, v in obj.items():
+            _pack_pieces(k, out)
+            _pack_pieces(v, out)
+    elif kind is list or kind is tuple:
+        out.append(_header(len(obj), 0x90, 16, 0xDC))
+        for v in obj:
+            _pack_pieces(v, out)
+    elif kind is str and len(obj) > _CHUNK:
+        # slices of code points encode on their own: their UTF-8 is the whole's, in parts
+        parts = [obj[i : i + _CHUNK].encode("utf-8") for i in range(0, len(obj), _CHUNK)]
+        out.append(_STR32.pack(0xDB, sum(map(len, parts))))
+        out += parts
+    elif kind is bytes and len(obj) > _CHUNK:
+        out.append(_STR32.pack(0xC6, len(obj)))  # bin 32
+        out.append(obj)
+    else:
+        out.append(msgpack.packb(obj, use_bin_type=True))
+
+
+_STR32 = struct.Struct(">BI")
+
+
+def _header(n: int, fix: int, fix_below: int, code16: int) -> bytes:
+    """A map's or an array's header: fix form, else 16-bit, else 32-bit (``code16 + 1``)."""
+    if n < fix_below:
+        return bytes([fix | n])
+    if n < 1 << 16:
+        return struct.pack(">BH", code16, n)
+    return struct.pack(">BI", code16 + 1, n)
 
 
 def packed_digest(packed: bytes) -> bytes:
