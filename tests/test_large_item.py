@@ -119,3 +119,10 @@ def test_packing_in_pieces_gives_msgpack_s_own_bytes(value: Any, big: str) -> No
     # a long string (past the chunk size) next to anything plain data holds
     data = {"id": "item_1", "value": value, "big": [big * (3 << 19)] if big else []}
     assert pack_item(data, pieces=True) == msgpack.packb(data, use_bin_type=True)
+
+
+def test_a_failed_packing_leaves_nothing_behind_for_the_next() -> None:
+    # the packer is kept per thread: a value it refused must not prefix the next one
+    with pytest.raises(TypeError):
+        pack_item({"id": "item_1", "bad": [1, "x" * 100, object()]})
+    assert pack_item({"id": "item_2"}) == msgpack.packb({"id": "item_2"}, use_bin_type=True)
