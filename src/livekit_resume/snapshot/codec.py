@@ -226,6 +226,7 @@ class Codec(Framer):
             for v in range(OLDEST_READABLE, FORMAT_VERSION + 1)
             if ring is None
         )
+        self._plain_ref_sizes = frozenset(map(len, self._plain_refs))
 
     # --------------------------------------------------------------- contexts
 
@@ -472,8 +473,13 @@ class Codec(Framer):
         """`decode_item`; with ``leaves``, also the item's seal leaf (`seal.item_digest`)
         by the identity of its map, hashed from the body just verified when the item
         reads as written (that body is the msgpack the writer hashed)."""
-        # the very bytes of a valid reference need no more checking
-        plain_ref = type(frame) is bytes and frame in self._plain_refs
+        # the very bytes of a valid reference need no more checking (their length is
+        # compared first: hashing every item frame to look it up costs more)
+        plain_ref = (
+            type(frame) is bytes
+            and len(frame) in self._plain_ref_sizes
+            and frame in self._plain_refs
+        )
         if not plain_ref:
             version, _, body = self._body(frame, self._item_ctx(key, stream, item_id))
             item = plain_data(body)
@@ -485,12 +491,14 @@ class Codec(Framer):
                 )
             # the twin's own map: decoded once, and a restore rebuilds it once
             return refs[item_id]
-        item = migrate_item(item, version)
+        current = version == FORMAT_VERSION  # the common case: nothing to upcast
+        if not current:
+            item = migrate_item(item, version)
         if not isinstance(item, dict) or item.get("id") != item_id or not all_str(item):
             raise SnapshotCorrupt(
                 f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
             )
-        if leaves is not None and item_is_current(version):
+        if leaves is not None and (current or item_is_current(version)):
             leaves[id(item)] = packed_digest(body)
         return item
 
