@@ -39,17 +39,9 @@ class ThreadNotingCodec(Codec):
         super().__init__()
         self.threads: dict[str, threading.Thread] = {}
 
-    def encode_item(
-        self,
-        key: str,
-        stream: str,
-        item: ItemData,
-        *,
-        ref: bool = False,
-        packed: bytes | None = None,
-    ) -> bytes:
+    def encode_item(self, key: str, stream: str, item: ItemData, **kw: Any) -> bytes:
         self.threads[item["id"]] = threading.current_thread()
-        return super().encode_item(key, stream, item, ref=ref, packed=packed)
+        return super().encode_item(key, stream, item, **kw)
 
 
 @pytest.fixture
