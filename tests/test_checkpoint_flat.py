@@ -39,9 +39,9 @@ class ThreadNotingCodec(Codec):
         super().__init__()
         self.threads: dict[str, threading.Thread] = {}
 
-    def encode_item(self, key: str, stream: str, item: ItemData, *, ref: bool = False) -> bytes:
+    def encode_item(self, key: str, stream: str, item: ItemData, **kw: Any) -> bytes:
         self.threads[item["id"]] = threading.current_thread()
-        return super().encode_item(key, stream, item, ref=ref)
+        return super().encode_item(key, stream, item, **kw)
 
 
 @pytest.fixture

@@ -12,13 +12,14 @@ from livekit.agents import llm
 from livekit_resume.agent_hooks.tracker import EDIT_WINDOW, StaleChange, StreamTracker
 from livekit_resume.snapshot.chat import item_from_data, item_to_data
 from livekit_resume.snapshot.codec import Codec
+from livekit_resume.snapshot.seal import pack_item
 from livekit_resume.stores.base import Record, fold_records
 
 CODEC = Codec()
 
 
-def encode(item: llm.ChatItem, data: dict[str, Any], _digest: bytes) -> bytes:
-    return CODEC.encode_item("k", "history", data)
+def encode(item: llm.ChatItem, data: dict[str, Any], _digest: bytes, packed: bytes) -> bytes:
+    return CODEC.encode_item("k", "history", data, packed=packed)
 
 
 def decoded(streams: dict[str, list[tuple[str, bytes]]]) -> list[dict[str, Any]]:
@@ -152,7 +153,8 @@ def test_a_whole_rewrite_clears_what_the_store_held_and_writes_every_item_in_ord
     store.records.extend(first.records)
     tracker.accept(first)
     stale = item_to_data(msg(500))  # a record the store holds that the live context lacks
-    store.records.append(Record("history", "item_500", encode(msg(500), stale, b""), None))
+    frame = encode(msg(500), stale, b"", pack_item(stale))
+    store.records.append(Record("history", "item_500", frame, None))
     live = [*live[5:], msg(99)]
     change = tracker.full(live, item_to_data).build(encode)
     store.records.extend(change.records)

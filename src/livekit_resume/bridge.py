@@ -29,6 +29,7 @@ from .settings import CODEC_SETTINGS, Settings
 from .snapshot.codec import AGENT, HISTORY, Codec
 from .snapshot.model import Snapshot
 from .snapshot.salvage import Damage, salvage_parts
+from .snapshot.seal import Sealed
 from .stores.base import Commit, Record, Store, Stored, records_from_streams
 
 __all__ = [
@@ -155,9 +156,14 @@ def whole_commit(
     )
 
 
-def from_stored(codec: Codec, stored: Stored) -> Snapshot:
-    """Decode a stored version whole; `SnapshotCorrupt` if any byte of it is damaged."""
-    return codec.decode_parts(stored.key, stored.head, stored.streams, version=stored.version)
+def from_stored(
+    codec: Codec, stored: Stored, *, sealed: dict[str, Sealed] | None = None
+) -> Snapshot:
+    """Decode a stored version whole; `SnapshotCorrupt` if any byte of it is damaged.
+    ``sealed`` receives what checking each stream's seal computed (`Codec.decode_parts`)."""
+    return codec.decode_parts(
+        stored.key, stored.head, stored.streams, version=stored.version, sealed=sealed
+    )
 
 
 async def older_heads(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from ..errors import SnapshotTooLarge, UnknownAgent, UnsavableValue
 from ..snapshot.chat import MediaPolicy, item_to_data
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import AgentFrame, ItemData, SessionMeta, Snapshot, ToolCallRecord, Writer
+from ..snapshot.seal import Sealed
 from ..snapshot.values import dump_userdata
 from ..stores.base import Commit
 from .realtime import capture_options
@@ -123,15 +124,18 @@ class Capture:
         history: Sequence[llm.ChatItem],
         agent: Agent,
         agent_items: Sequence[llm.ChatItem] | None,
+        sealed: Mapping[str, Sealed] | None = None,
     ) -> None:
-        """Adopt a restored snapshot as what the store holds."""
-        self._history.baseline(history, snap.history)
+        """Adopt a restored snapshot as what the store holds. ``sealed``: what the decode
+        computed checking each stream's seal (`Codec.decode_parts`), reused."""
+        sealed = sealed or {}
+        self._history.baseline(history, snap.history, sealed.get(HISTORY))
         self._turns = snap.meta.turn_count
         self.conversation = snap.meta.conversation or self.conversation
         self._saved_userdata = snap.userdata
         self.last_agent = agent
         if snap.agent is not None and agent_items is not None:
-            self._agent_ctx.baseline(agent_items, snap.agent.chat_ctx)
+            self._agent_ctx.baseline(agent_items, snap.agent.chat_ctx, sealed.get(AGENT))
             self._tracked_agent = agent
 
     # ----------------------------------------------------------------- capture
@@ -192,7 +196,7 @@ class Capture:
         return _Read(snap, hist, agent, agent_obj, turns, size)
 
     def _build(self, read: _Read, base_version: int) -> Pending | None:
-        memo: dict[int, bytes] = {}
+        memo: dict[int, tuple[bytes, bytes]] = {}
         hist = read.history.build(self._encoder(HISTORY, None), memo)
         agent = (
             read.agent.build(self._encoder(AGENT, hist), memo)
@@ -318,10 +322,12 @@ class Capture:
         # a reference reads its twin as stored: one shrunk to fit is not the same data
         shrunk = history.shrunk if history is not None else {}
 
-        def encode(item: llm.ChatItem, data: ItemData, d: bytes) -> bytes | tuple[bytes, bytes]:
+        def encode(
+            item: llm.ChatItem, data: ItemData, d: bytes, packed: bytes
+        ) -> bytes | tuple[bytes, bytes]:
             ref = is_twin(twins, item.id, d) and item.id not in shrunk
             try:
-                return codec.encode_item(key, stream, data, ref=ref)
+                return codec.encode_item(key, stream, data, ref=ref, packed=packed)
             except SnapshotTooLarge as e:
                 return self._encode_smaller(stream, item, e)
 

@@ -35,6 +35,7 @@ from ..errors import LeaseLost, SnapshotCorrupt, SnapshotNotFound, StoreUnavaila
 from ..snapshot.chat import MediaPolicy
 from ..snapshot.codec import Codec
 from ..snapshot.model import Reason, Snapshot, ToolCallRecord
+from ..snapshot.seal import Sealed
 from ..snapshot.values import plain_extra
 from ..stores.base import DEFAULT_LEASE_TTL, Lease, Store, Stored, validate_key
 from .autosave import Autosave, final_save
@@ -253,8 +254,9 @@ class ResumableSession:
             stored = await self._store.load(self._key)
         except SnapshotNotFound:
             return default()
+        sealed: dict[str, Sealed] = {}  # what checking the seals hashed: not hashed again
         try:
-            snap = from_stored(self._capture.codec, stored)
+            snap = from_stored(self._capture.codec, stored, sealed=sealed)
         except SnapshotCorrupt:
             if not salvage:
                 raise
@@ -279,7 +281,9 @@ class ResumableSession:
             userdata=self._capture.userdata,
             userdata_type=self._capture.userdata_type,
         )
-        self._capture.baseline(snap, rebuilt.history, rebuilt.agent, rebuilt.agent_items)
+        self._capture.baseline(
+            snap, rebuilt.history, rebuilt.agent, rebuilt.agent_items, sealed
+        )
         self._version, self._resumed = stored.version, True
         return rebuilt.agent
 

@@ -37,7 +37,7 @@ from livekit.agents import llm
 from pydantic import BaseModel
 
 from ..snapshot.model import ItemData
-from ..snapshot.seal import SealKey, item_digest
+from ..snapshot.seal import Sealed, SealKey, item_digest, pack_item, packed_digest
 from ..stores.base import Record
 
 __all__ = ["EDIT_WINDOW", "Change", "Plan", "StaleChange", "StreamTracker", "digest", "weight"]
@@ -46,6 +46,9 @@ __all__ = ["EDIT_WINDOW", "Change", "Plan", "StaleChange", "StreamTracker", "dig
 # preemptive user message's final transcript, a handoff output turned into an error).
 # Re-checking this many trailing items per checkpoint catches those at a fixed cost.
 EDIT_WINDOW = 12
+# An item holding more bytes than this is packed in pieces (`seal.pack_item`), so that
+# its build on a worker thread never holds the GIL long.
+PIECES_OVER = 1 << 20
 
 
 def digest(data: ItemData) -> bytes:
@@ -53,9 +56,10 @@ def digest(data: ItemData) -> bytes:
     return item_digest(data)
 
 
-Encoder = Callable[[llm.ChatItem, ItemData, bytes], "bytes | tuple[bytes, bytes]"]
-"""(item, its plain data, its digest) -> the frame to store, or (the frame, the digest
-of the data it holds) when that is not the item's own (an item shrunk to fit)."""
+Encoder = Callable[[llm.ChatItem, ItemData, bytes, bytes], "bytes | tuple[bytes, bytes]"]
+"""(item, its plain data, its digest, its msgpack as hashed) -> the frame to store, or
+(the frame, the digest of the data it holds) when that is not the item's own (an item
+shrunk to fit). The msgpack is the frame's body: a large item is packed once."""
 Converter = Callable[[llm.ChatItem], ItemData]
 # the seal of an empty stream, and of no key: what a tracker starts from
 _UNKEYED = SealKey("", None)
@@ -226,16 +230,34 @@ class StreamTracker:
         """Whether ``item_id`` is in the committed stream."""
         return item_id in self._digests
 
-    def baseline(self, items: Sequence[llm.ChatItem], datas: Sequence[ItemData]) -> None:
-        """Adopt ``items`` (whose plain data is ``datas``) as what the store holds."""
+    def baseline(
+        self,
+        items: Sequence[llm.ChatItem],
+        datas: Sequence[ItemData],
+        sealed: Sealed | None = None,
+    ) -> None:
+        """Adopt ``items`` (whose plain data is ``datas``) as what the store holds.
+        ``sealed``: the leaves and terms a restore verified ``datas`` with (same order),
+        reused rather than hashed again; its terms only if under this tracker's key."""
         self._objs = list(items)
-        self._digests = {d["id"]: digest(d) for d in datas}
-        term, after = self.seal_key.term, None
-        self._terms, self._shrunk, self._shapes, self._seal = {}, {}, {}, 0
-        for d in datas:
-            t = self._terms[d["id"]] = term(self.stream, d["id"], after, self._digests[d["id"]])
-            self._seal = self.seal_key.add(self._seal, t)
-            after = d["id"]
+        ids = [d["id"] for d in datas]
+        if sealed is None or len(sealed.leaves) != len(ids):
+            leaves = [digest(d) for d in datas]
+        else:
+            leaves = sealed.leaves
+        self._digests = dict(zip(ids, leaves, strict=True))
+        self._shrunk, self._shapes = {}, {}
+        if sealed is not None and sealed.key is self.seal_key and leaves is sealed.leaves:
+            self._terms = dict(zip(ids, sealed.terms, strict=True))
+            self._seal = sealed.seal
+        else:
+            term, after, seal = self.seal_key.term, None, 0
+            self._terms = {}
+            for item_id, leaf in zip(ids, leaves, strict=True):
+                t = self._terms[item_id] = term(self.stream, item_id, after, leaf)
+                seal = self.seal_key.add(seal, t)
+                after = item_id
+            self._seal = seal
         self._gen = object()
 
     def reset(self) -> None:
@@ -434,9 +456,10 @@ class Plan:
         """About how many bytes the plan's items hold (`weight`)."""
         return sum(weight(p.data) for p in self.puts)
 
-    def build(self, encode: Encoder, memo: dict[int, bytes] | None = None) -> Change:
+    def build(self, encode: Encoder, memo: dict[int, tuple[bytes, bytes]] | None = None) -> Change:
         """Hash and encode the plan into the records of one commit. ``memo`` keeps the
-        digests of data dicts by identity, for plans sharing them (both streams)."""
+        digests and msgpack of data dicts by identity, for plans sharing them (both
+        streams)."""
         t = self.tracker
         if self._base is not t._gen:
             raise RuntimeError(f"{t.stream}: the tracker moved since this plan was read")
@@ -459,13 +482,16 @@ class Plan:
             seal.drop(gone.id)
         memo = {} if memo is None else memo
         for put in self.puts:
-            d = memo.get(id(put.data))
-            if d is None:
-                d = memo[id(put.data)] = digest(put.data)
+            known = memo.get(id(put.data))
+            if known is None:
+                # the digest's input is the frame's body; megabytes are packed in pieces
+                packed = pack_item(put.data, pieces=weight(put.data) > PIECES_OVER)
+                known = memo[id(put.data)] = (packed_digest(packed), packed)
+            d, packed = known
             item_id = put.item.id
             if put.only_if_changed and digests.get(item_id) == d:
                 continue
-            frame = seal.place(item_id, put.after, d, encode(put.item, put.data, d))
+            frame = seal.place(item_id, put.after, d, encode(put.item, put.data, d, packed))
             change.records.append(Record(t.stream, item_id, frame, put.after))
             change.set_digests[item_id] = d
             change.datas[item_id] = put.data

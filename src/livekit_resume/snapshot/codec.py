@@ -48,7 +48,7 @@ from .frame import FLAG_ZLIB as FLAG_ZLIB
 from .frame import Context as Context
 from .migrate import OLDEST_READABLE, item_is_current, migrate_head, migrate_item
 from .model import FORMAT_VERSION, ItemData, Snapshot
-from .seal import SealKey, packed_digest, seal_from_bytes, seal_to_bytes
+from .seal import Sealed, SealKey, packed_digest, seal_from_bytes, seal_to_bytes
 
 __all__ = [
     "BOUND_FROM",
@@ -226,6 +226,7 @@ class Codec(Framer):
             for v in range(OLDEST_READABLE, FORMAT_VERSION + 1)
             if ring is None
         )
+        self._plain_ref_sizes = frozenset(map(len, self._plain_refs))
 
     # --------------------------------------------------------------- contexts
 
@@ -407,12 +408,22 @@ class Codec(Framer):
         """The seal of a whole stream (``encode_head``'s ``seals``), with this codec's key."""
         return self.seal_key.seal(stream, items)
 
-    def encode_item(self, key: str, stream: str, item: ItemData, *, ref: bool = False) -> bytes:
-        """One chat item of ``stream``; ``ref`` marks an agent item equal to its history twin."""
+    def encode_item(
+        self,
+        key: str,
+        stream: str,
+        item: ItemData,
+        *,
+        ref: bool = False,
+        packed: bytes | None = None,
+    ) -> bytes:
+        """One chat item of ``stream``; ``ref`` marks an agent item equal to its history
+        twin; ``packed`` is the item's msgpack when made already (`seal.pack_item`)."""
         return self.pack(
             _REF if ref else item,
             context=self._item_ctx(key, stream, item["id"]),
             label=f"session {key!r} {stream} item {item['id']!r}",
+            packed=None if ref else packed,
         )
 
     def decode_head(
@@ -462,8 +473,13 @@ class Codec(Framer):
         """`decode_item`; with ``leaves``, also the item's seal leaf (`seal.item_digest`)
         by the identity of its map, hashed from the body just verified when the item
         reads as written (that body is the msgpack the writer hashed)."""
-        # the very bytes of a valid reference need no more checking
-        plain_ref = type(frame) is bytes and frame in self._plain_refs
+        # the very bytes of a valid reference need no more checking (their length is
+        # compared first: hashing every item frame to look it up costs more)
+        plain_ref = (
+            type(frame) is bytes
+            and len(frame) in self._plain_ref_sizes
+            and frame in self._plain_refs
+        )
         if not plain_ref:
             version, _, body = self._body(frame, self._item_ctx(key, stream, item_id))
             item = plain_data(body)
@@ -475,12 +491,14 @@ class Codec(Framer):
                 )
             # the twin's own map: decoded once, and a restore rebuilds it once
             return refs[item_id]
-        item = migrate_item(item, version)
+        current = version == FORMAT_VERSION  # the common case: nothing to upcast
+        if not current:
+            item = migrate_item(item, version)
         if not isinstance(item, dict) or item.get("id") != item_id or not all_str(item):
             raise SnapshotCorrupt(
                 f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
             )
-        if leaves is not None and item_is_current(version):
+        if leaves is not None and (current or item_is_current(version)):
             leaves[id(item)] = packed_digest(body)
         return item
 
@@ -491,13 +509,15 @@ class Codec(Framer):
         streams: Mapping[str, Sequence[tuple[str, bytes]]],
         *,
         version: int | None = None,
+        sealed: dict[str, Sealed] | None = None,
     ) -> Snapshot:
         """Rebuild a snapshot from its head and its streams of item frames. ``version`` is
         the number the store gave it (a head is written before the store numbers it):
         a head bound to another version is refused, and so are item records other than
-        the ones its seals commit to (see `seal`)."""
+        the ones its seals commit to (see `seal`). ``sealed`` receives, per stream whose
+        seal was checked, the leaves and terms that matched it (for a tracker)."""
         with gc_paused():
-            return self._decode_parts(key, head, streams, version)
+            return self._decode_parts(key, head, streams, version, sealed)
 
     def _decode_parts(
         self,
@@ -505,6 +525,7 @@ class Codec(Framer):
         head: bytes,
         streams: Mapping[str, Sequence[tuple[str, bytes]]],
         version: int | None,
+        sealed: dict[str, Sealed] | None,
     ) -> Snapshot:
         data, want, bound = self._head(key, head)
         if version is not None:
@@ -519,7 +540,9 @@ class Codec(Framer):
                 f"session {key!r}: snapshot lists {want} items but the store holds {got}; "
                 "the stored log is damaged"
             )
-        self._check_seals(bound, {HISTORY: history, AGENT: agent_items}, leaves)
+        checked = self._check_seals(bound, {HISTORY: history, AGENT: agent_items}, leaves)
+        if sealed is not None:
+            sealed.update(checked)
         if version is not None:
             data["version"] = version
         return _with_items(data, history, agent_items)
@@ -535,25 +558,32 @@ class Codec(Framer):
         bound: _Binding,
         streams: Mapping[str, Sequence[ItemData]],
         leaves: dict[int, bytes] | None = None,
-    ) -> None:
+    ) -> dict[str, Sealed]:
         """``leaves``: items' digests by the identity of their maps (alive meanwhile, so
-        their ids stay theirs), as hashed from their frames' bodies."""
+        their ids stay theirs), as hashed from their frames' bodies. Returns each checked
+        stream's `Sealed`, as it matched."""
         key = bound.key
+        checked: dict[str, Sealed] = {}
         if not bound.seals:
-            return
+            return checked
         sealer = self._seal_key(bound.kid)
         for stream, items in streams.items():
             want = bound.seals.get(stream)
-            if want is None or sealer.seal(stream, items, leaves) == want:
+            if want is None:
                 continue
+            got = sealer.sealed(stream, items, leaves)
             # a body that is not the canonical msgpack of its data (never one we wrote)
             # is judged as before: by its data packed again
-            if not leaves or sealer.seal(stream, items) != want:
+            if got.seal != want and leaves:
+                got = sealer.sealed(stream, items)
+            if got.seal != want:
                 raise bound.error(
                     f"session {key!r}: the {stream} items stored do not match the seal "
                     f"of version {bound.version}'s head: records were replaced by older "
                     "editions, reordered or mixed from other versions"
                 )
+            checked[stream] = got
+        return checked
 
     def _items(
         self,

@@ -160,10 +160,13 @@ class Framer:
         context: Context = b"",
         version: int = FORMAT_VERSION,
         label: str = "frame",
+        packed: bytes | None = None,
     ) -> bytes:
         """Frame plain data. ``version`` is only ever lowered by tests of old formats;
         ``label`` names what is framed in errors (session, stream, item id); a callable
-        ``context`` is given the format version written.
+        ``context`` is given the format version written; ``packed`` is
+        ``msgpack.packb(obj, use_bin_type=True)`` when the caller made it already (a
+        large item is packed once, for its digest and its frame).
 
         The limit is checked on the body before compression, exactly as `unpack` checks
         it after decompression: nothing is written that a reader would refuse."""
@@ -173,7 +176,7 @@ class Framer:
                 "(userdata, extra, agent state) before it is saved"
             )
         try:
-            body: bytes = msgpack.packb(obj, use_bin_type=True)
+            body: bytes = msgpack.packb(obj, use_bin_type=True) if packed is None else packed
         except (TypeError, ValueError, OverflowError) as e:
             raise TypeError(f"snapshot holds a value that is not plain data: {e}") from e
         if len(body) > self._max:
@@ -190,13 +193,13 @@ class Framer:
                 deflate = zlib.compressobj(
                     6, zlib.DEFLATED, _RAW_DEFLATE, 9, zlib.Z_DEFAULT_STRATEGY, self._zdict
                 )
-                packed = deflate.compress(body) + deflate.flush()
-                if len(packed) < len(body):
-                    body, flags = packed, FLAG_ZDICT
+                deflated = b"".join((deflate.compress(body), deflate.flush()))
+                if len(deflated) < len(body):
+                    body, flags = deflated, FLAG_ZDICT
         elif len(body) > COMPRESS_OVER:
-            packed = zlib.compress(body, 1)
-            if len(packed) < len(body):
-                body, flags = packed, flags | FLAG_ZLIB
+            deflated = zlib.compress(body, 1)
+            if len(deflated) < len(body):
+                body, flags = deflated, flags | FLAG_ZLIB
         if self._encrypt is not None:
             kid, key = self._encrypt.keys[0]
             body, flags = _seal(key, kid, body, context), flags | FLAG_ENCRYPTED
@@ -209,12 +212,16 @@ class Framer:
         if self._sign is not None:
             flags |= FLAG_SIGNED
         header = _HEADER.pack(MAGIC, version, flags, 0, len(body))
+        # the checksum and the MAC are fed piece by piece, and the frame joined once: a
+        # large body is copied once, not once per concatenation (each holds the GIL)
         if self._sign is None:
-            return header + body + _CRC.pack(zlib.crc32(header + body))
+            return b"".join((header, body, _CRC.pack(zlib.crc32(body, zlib.crc32(header)))))
         kid, key = self._sign.keys[0]
-        kid_b = kid.encode()
-        mac = hmac.new(key, header + body + bytes([len(kid_b)]) + kid_b + context, hashlib.sha256)
-        return header + body + bytes([len(kid_b)]) + kid_b + mac.digest()
+        kid_b = bytes([len(kid.encode())]) + kid.encode()
+        mac = hmac.new(key, header, hashlib.sha256)
+        mac.update(body)
+        mac.update(kid_b + context)
+        return b"".join((header, body, kid_b, mac.digest()))
 
     def unpack(self, frame: bytes, *, context: Context = b"") -> tuple[int, Any]:
         """Verify and open a frame; return its format version and its plain data. A
@@ -424,9 +431,7 @@ def _unpackb(body: bytes) -> Any:
 
 # Every byte that is not the first byte of a msgpack map or array header (fixmap,
 # fixarray, array 16/32, map 16/32).
-_NOT_CONTAINER = bytes(
-    b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF)
-)
+_NOT_CONTAINER = bytes(b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF))
 
 
 def _may_nest(body: bytes) -> bool:

@@ -19,9 +19,12 @@ __all__ = [
     "pack_records",
     "unpack_info",
     "unpack_records",
+    "unpack_rows",
 ]
 
 _Info = dict[str, str | int | float | bool | None]
+# A record as `log.fold_rows` takes it: (stream, id, data, after).
+_Row = tuple[str, str, bytes | None, str | None]
 
 
 # A snapshot's two streams are stored as these small numbers; any other stream by name.
@@ -114,7 +117,13 @@ def unpack_records(raws: Iterable[bytes], key: str) -> list[Record]:
     """A log read from its start (see `pack_records`; an element may also be one
     record in its long form, as `pack_record` and earlier versions wrote them);
     `SnapshotCorrupt` naming the session for a record that is not one we wrote."""
-    out: list[Record] = []
+    return [Record(*row) for row in unpack_rows(raws, key)]
+
+
+def unpack_rows(raws: Iterable[bytes], key: str) -> list[_Row]:
+    """`unpack_records` as plain ``(stream, id, data, after)`` tuples (`log.fold_rows`):
+    a restore reads thousands of records, and makes no `Record` of each."""
+    out: list[_Row] = []
     last: dict[str, str] = {}
     for raw in raws:
         if raw[:1] == BATCH:
@@ -144,27 +153,33 @@ def _inflate(raw: bytes, key: str) -> bytes:
     return body
 
 
-def _append(out: list[Record], values: list[Any], last: dict[str, str], key: str) -> None:
+def _append(out: list[_Row], values: list[Any], last: dict[str, str], key: str) -> None:
+    names, add = _STREAM_NAMES, out.append
     for v in values:
-        if type(v) is not list or len(v) not in (3, 4):
+        if type(v) is not list:
             raise _bad_record(key)
-        code, item_id, data = v[0], v[1], v[-1]
-        stream = _STREAM_NAMES.get(code) if type(code) is int else code
+        n = len(v)
+        if n == 3:
+            code, item_id, data = v
+            after = None
+        elif n == 4:
+            code, item_id, after, data = v
+        else:
+            raise _bad_record(key)
+        stream = names.get(code) if type(code) is int else code
         if type(stream) is not str or type(item_id) is not str:
             raise _bad_record(key)
-        if len(v) == 3:
+        if n == 3:
             after = last.get(stream)
             if after is None or type(data) is not bytes:
                 raise _bad_record(key)
-        else:
-            after = v[2]
-            if not (after is None or type(after) is str) or not (
-                data is None or type(data) is bytes
-            ):
-                raise _bad_record(key)
+        elif not (after is None or type(after) is str) or not (
+            data is None or type(data) is bytes
+        ):
+            raise _bad_record(key)
         if data is not None:
             last[stream] = item_id
-        out.append(Record(stream, item_id, data, after))
+        add((stream, item_id, data, after))
 
 
 def _bad_record(key: str) -> SnapshotCorrupt:
