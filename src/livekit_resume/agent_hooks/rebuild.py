@@ -26,7 +26,7 @@ from .capture import instructions_from
 from .realtime import reapply_options
 from .registry import AgentRegistry
 
-__all__ = ["Rebuilt", "rebuild"]
+__all__ = ["Built", "Rebuilt", "build_items", "rebuild"]
 
 log = logging.getLogger("livekit_resume")
 
@@ -38,6 +38,24 @@ class Rebuilt:
     agent: Agent
     history: list[llm.ChatItem]
     agent_items: list[llm.ChatItem] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A snapshot's chat items as LiveKit items, before anything touches the session:
+    the history, and the agent's context (None without an agent)."""
+
+    history: list[llm.ChatItem]
+    agent: llm.ChatContext | None
+
+
+def build_items(snap: Snapshot) -> Built:
+    """The chat items of ``snap`` (`SnapshotCorrupt` naming a bad one). Synchronous, so
+    that a restore builds them inside the cyclic-GC pause of their decode (one
+    collection after both, not one after each: `frame.gc_paused`)."""
+    history = ctx_from_data(snap.history).items
+    frame = snap.agent
+    return Built(history, _agent_ctx(frame.chat_ctx, snap.history, history) if frame else None)
 
 
 def _agent_ctx(
@@ -62,9 +80,13 @@ async def rebuild(
     registry: AgentRegistry,
     userdata: TypeAdapter[Any] | None,
     userdata_type: Any = None,
+    built: Built | None = None,
 ) -> Rebuilt:
-    """Fill ``session`` from ``snap`` and build its current agent; call before start."""
-    history = ctx_from_data(snap.history).items
+    """Fill ``session`` from ``snap`` and build its current agent; call before start.
+    ``built``: ``build_items(snap)``, when the caller made it already."""
+    if built is None:
+        built = build_items(snap)
+    history = built.history
     value: Any = None
     if userdata is not None and snap.userdata is not None:
         try:
@@ -76,7 +98,7 @@ async def rebuild(
             ) from None
     frame = snap.agent
     agent = default() if frame is None else registry.build(frame.agent_id, frame.state)
-    saved = _agent_ctx(frame.chat_ctx, snap.history, history) if frame is not None else None
+    saved = built.agent
 
     if session.history.items:
         session.history.insert(history)
@@ -91,7 +113,9 @@ async def rebuild(
         await agent.update_instructions(instructions_from(frame.instructions))  # type: ignore[arg-type]  # LiveKit accepts Instructions too
     if frame.realtime is not None:
         await reapply_options(session, agent, frame.realtime, key=snap.key)
-    repaired = saved.copy()
+    # a context of its own to repair (the saved one is what the store holds):
+    # `ChatContext.copy()` with no filter is this list copy, less a loop over every item
+    repaired = llm.ChatContext(list(saved.items))
     repair_tool_calls(repaired, pending=snap.tool_calls)
     await agent.update_chat_ctx(repaired, exclude_invalid_function_calls=False)
     if frame.task:

@@ -34,6 +34,7 @@ from ..bridge import codec_for, from_stored, salvage_stored
 from ..errors import LeaseLost, SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
 from ..snapshot.chat import MediaPolicy
 from ..snapshot.codec import Codec
+from ..snapshot.frame import gc_paused
 from ..snapshot.model import Reason, Snapshot, ToolCallRecord
 from ..snapshot.seal import Sealed
 from ..snapshot.values import plain_extra
@@ -43,7 +44,7 @@ from .capture import Capture, Pending, SavedState
 from .control import ControlListener
 from .lease import LeaseHolder
 from .listen import listen
-from .rebuild import rebuild
+from .rebuild import Built, build_items, rebuild
 from .registry import AgentRegistry
 from .room import ATTR_STATE, ATTR_VERSION, Announcer
 from .silence import Silencer, Timer, current_agent
@@ -255,11 +256,19 @@ class ResumableSession:
         except SnapshotNotFound:
             return default()
         sealed: dict[str, Sealed] = {}  # what checking the seals hashed: not hashed again
-        try:
-            snap = from_stored(self._capture.codec, stored, sealed=sealed)
-        except SnapshotCorrupt:
-            if not salvage:
-                raise
+        built: Built | None = None
+        # one pause of cyclic GC over the decode and the items' build: each allocates
+        # thousands of objects, and one collection after both costs less than one each
+        with gc_paused():
+            try:
+                snap: Snapshot | None = from_stored(self._capture.codec, stored, sealed=sealed)
+            except SnapshotCorrupt:
+                if not salvage:
+                    raise
+                snap = None
+            if snap is not None and snap.state != "ended":
+                built = build_items(snap)
+        if snap is None:
             snap = await self._salvage(stored)
         if snap.state == "ended":
             # an ended conversation is never resumed: a new one starts under the key, and
@@ -280,6 +289,7 @@ class ResumableSession:
             registry=self._registry,
             userdata=self._capture.userdata,
             userdata_type=self._capture.userdata_type,
+            built=built,
         )
         self._capture.baseline(
             snap, rebuilt.history, rebuilt.agent, rebuilt.agent_items, sealed
