@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_type_hints
 
 from livekit import rtc
@@ -163,6 +164,7 @@ _FLOAT_METRICS = frozenset(
 )
 _DECLARED_METRICS = frozenset(get_type_hints(llm.MetricsReport))
 _FIELD_ORDER = {cls: tuple(cls.model_fields) for cls in _FAST_TYPES}
+_TYPE_NAMES = {cls: name for name, cls in _ITEM_CLASSES.items()}
 assert all(
     set(_FAST_TYPES[cls]) == set(cls.model_fields) and not cls.__private_attributes__
     for cls in _FAST_TYPES
@@ -407,6 +409,15 @@ def item_from_data(data: ItemData) -> llm.ChatItem:
 
     Dropped media comes back as text (see `MediaPolicy`).
     """
+    if type(data) is dict:
+        # the fast path: a map of a shape already checked (its type, keys and the exact
+        # type of each value) only needs its values' own contents checked
+        shape = _shape(data)
+        known = _SHAPES.get(shape)
+        if known is not None:
+            fast = _fast_item(known, data)
+            if fast is not None:
+                return fast
     if not isinstance(data, dict):
         raise SnapshotCorrupt(f"chat item is a {type(data).__name__}, not a mapping")
     item_id = data.get("id")
@@ -417,7 +428,8 @@ def item_from_data(data: ItemData) -> llm.ChatItem:
     if cls is None:
         raise _corrupt(item_id, f"unknown item type {kind!r}")
     _check_keys(item_id, str(kind), data, *_ITEM_KEYS[cls])
-    fast = _fast_item(cls, data)
+    known = _known_shape(cls, data)
+    fast = None if known is None else _fast_item(known, data)
     if fast is not None:
         return fast
 
@@ -442,29 +454,75 @@ def item_from_data(data: ItemData) -> llm.ChatItem:
     return item
 
 
-def _fast_item(cls: type[BaseModel], data: ItemData) -> llm.ChatItem | None:
-    """The item built from ``data`` (keys already checked) when every field holds
-    exactly the type it should, else None (the caller validates it with pydantic)."""
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """An item map's shape the fast path takes: its class, and how its values become the
+    model's fields (``in_order``: its keys are the fields in order, less ``unset``)."""
+
+    cls: type[BaseModel]
+    in_order: bool
+    unset: tuple[str, ...]
+
+
+# Shapes of item maps seen to hold every field with exactly the type it should (keys
+# allowed and required, each value's type in `_FAST_TYPES`), keyed by `_shape`: a
+# restore rebuilds thousands of items of a handful of shapes. Bounded: a shape is a few
+# dozen bytes, and a writer makes few (a key order, an optional field set or not).
+_SHAPES: dict[tuple[Any, ...], _Shape] = {}
+_MAX_SHAPES = 512
+
+
+def _shape(data: ItemData) -> tuple[Any, ...]:
+    """What `_SHAPES` is keyed by: the type field, the keys in order, their values' types
+    (a type field that is not a `str`, maybe unhashable, as None: never a known shape)."""
+    kind = data.get("type")
+    return (kind if type(kind) is str else None, *data, *map(type, data.values()))
+
+
+def _known_shape(cls: type[BaseModel], data: ItemData) -> _Shape | None:
+    """The shape of ``data`` (keys already checked) when every field holds exactly the
+    type it should (remembered in `_SHAPES`), else None (pydantic validates it)."""
     types = _FAST_TYPES.get(cls)
-    if types is None:
+    if types is None or data.get("type") != _TYPE_NAMES[cls]:
         return None
     for name, value in data.items():
         if type(value) not in types[name]:
             return None
-    values = {name: data.get(name) for name in _FIELD_ORDER[cls]}
+    order = _FIELD_ORDER[cls]
+    unset = tuple(name for name in order if name not in data)
+    known = _Shape(cls, tuple(data) == tuple(n for n in order if n in data) and (
+        not unset or order[-len(unset):] == unset
+    ), unset)
+    if len(_SHAPES) >= _MAX_SHAPES:
+        _SHAPES.clear()
+    _SHAPES[_shape(data)] = known
+    return known
+
+
+def _fast_item(shape: _Shape, data: ItemData) -> llm.ChatItem | None:
+    """The item built from ``data``, of a shape the fast path takes, when its values'
+    contents hold what they should, else None (the caller validates it with pydantic)."""
+    cls = shape.cls
+    if shape.in_order:
+        values = data.copy()  # dict order: the model's field order
+        for name in shape.unset:
+            values[name] = None
+    else:
+        values = {name: data.get(name) for name in _FIELD_ORDER[cls]}
     # its own containers, as validation gives (their values are shared, as with `Any`)
     if cls is llm.ChatMessage:
         content = values["content"] = list(data["content"])
         if data["role"] not in _ROLES or not all_str(content):
             return None  # not only text: a part is checked (and built) by pydantic
         metrics = values["metrics"] = dict(data["metrics"])
-        if metrics and not all_str(metrics):
-            return None
-        declared = metrics.keys() & _DECLARED_METRICS
-        if declared and any(
-            k not in _FLOAT_METRICS or type(metrics[k]) is not float for k in declared
-        ):
-            return None
+        if metrics:
+            if not all_str(metrics):
+                return None
+            declared = metrics.keys() & _DECLARED_METRICS
+            if declared and any(
+                k not in _FLOAT_METRICS or type(metrics[k]) is not float for k in declared
+            ):
+                return None
     if "extra" in values:
         extra = values["extra"] = dict(data["extra"])
         if extra and not all_str(extra):
