@@ -481,7 +481,11 @@ class Codec(Framer):
             and frame in self._plain_refs
         )
         if not plain_ref:
-            version, _, body = self._body(frame, self._item_ctx(key, stream, item_id))
+            # only a MAC or a cipher reads the context: an unkeyed frame (flags at byte
+            # 5) skips making it; a frame too short for flags fails in `_body`
+            keyed = len(frame) > 5 and frame[5] & (FLAG_SIGNED | FLAG_ENCRYPTED)
+            ctx = self._item_ctx(key, stream, item_id) if keyed else b""
+            version, _, body = self._body(frame, ctx)
             item = plain_data(body)
         if plain_ref or item == _REF:
             if item_id not in refs:

@@ -20,20 +20,19 @@ plain data, and `codec.Codec` builds on it.
 from __future__ import annotations
 
 import base64
-import contextlib
-import gc
 import hashlib
 import hmac
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import msgpack
 
 from ..errors import IncompatibleSnapshot, SignatureMismatch, SnapshotCorrupt, SnapshotTooLarge
+from ..gcpause import gc_paused
 from .model import FORMAT_VERSION
 
 __all__ = [
@@ -152,6 +151,9 @@ class Framer:
         self._max = max_frame
         self._allow_plaintext = allow_plaintext
         self._zdict = zdict
+        # (version << 8 | flags) of frames `_check_kind` let through: it depends on
+        # nothing else, and a restore opens thousands of frames of one or two kinds
+        self._kinds_ok: set[int] = set()
 
     def pack(
         self,
@@ -262,7 +264,9 @@ class Framer:
                 raise SignatureMismatch("frame is unsigned but signing keys are configured")
             if len(trailer) != _CRC.size or _CRC.unpack(trailer)[0] != zlib.crc32(header_body):
                 raise SnapshotCorrupt("frame checksum does not match: bytes were altered or torn")
-        self._check_kind(version, flags)
+        if version << 8 | flags not in self._kinds_ok:
+            self._check_kind(version, flags)
+            self._kinds_ok.add(version << 8 | flags)
         body = header_body[_HEADER.size :]
         if flags & FLAG_ENCRYPTED:
             body = self._open(body, context)  # type: ignore[arg-type]  # bytes by now
@@ -350,21 +354,6 @@ def all_str(values: Iterable[Any]) -> bool:
     except TypeError:
         return False
     return True
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside: decoding a long history allocates many small
-    objects (and no cycles), which would trigger full collections of the whole heap
-    over and over. Synchronous code only (the loop runs nothing else meanwhile)."""
-    if not gc.isenabled():
-        yield  # the application turned it off: it stays off
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def read_frames(stream: BinaryIO, *, max_frame: int = DEFAULT_MAX_FRAME) -> list[bytes]:

@@ -10,7 +10,8 @@ from typing import Any
 import msgpack
 
 from ...errors import SnapshotCorrupt
-from ..log import Record
+from ...gcpause import gc_paused
+from ..log import Record, fold_rows
 
 __all__ = [
     "number",
@@ -20,6 +21,7 @@ __all__ = [
     "unpack_info",
     "unpack_records",
     "unpack_rows",
+    "unpack_streams",
 ]
 
 _Info = dict[str, str | int | float | bool | None]
@@ -118,6 +120,14 @@ def unpack_records(raws: Iterable[bytes], key: str) -> list[Record]:
     record in its long form, as `pack_record` and earlier versions wrote them);
     `SnapshotCorrupt` naming the session for a record that is not one we wrote."""
     return [Record(*row) for row in unpack_rows(raws, key)]
+
+
+def unpack_streams(raws: Iterable[bytes], key: str) -> dict[str, list[tuple[str, bytes]]]:
+    """A log read from its start, folded into its streams' items (`log.fold_rows`), in one
+    pause of cyclic GC: the thousands of lists and tuples made on the way are gone
+    before it collects, and only the folded streams remain for it to look at."""
+    with gc_paused():
+        return fold_rows(unpack_rows(raws, key), key)
 
 
 def unpack_rows(raws: Iterable[bytes], key: str) -> list[_Row]:

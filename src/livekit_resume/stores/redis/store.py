@@ -26,7 +26,7 @@ from ..base import (
     validate_lease_ttl,
     validate_ttl,
 )
-from ..log import DEFAULT_KEEP, fold_rows, needs_compaction, records_from_streams
+from ..log import DEFAULT_KEEP, needs_compaction, records_from_streams
 from .client import (
     DEFAULT_POOL_SIZE,
     DEFAULT_RETRIES,
@@ -42,7 +42,7 @@ from .events import EventStream
 from .health import ServerCheck
 from .keys import KeyNames
 from .namespace import Namespace
-from .records import number, pack_info, pack_records, unpack_info, unpack_rows
+from .records import number, pack_info, pack_records, unpack_info, unpack_streams
 from .scripts import DEFAULT_WAIT_TIMEOUT_MS, Scripts, fmt_time
 from .url import RedisURL
 
@@ -338,7 +338,7 @@ class RedisStore:
             )
         if len(raw) != log_len:
             return  # the session changed under us; the script would skip anyway
-        folded = records_from_streams(fold_rows(unpack_rows(raw, key), key))
+        folded = records_from_streams(unpack_streams(raw, key))
         packed = pack_records(folded)
         reply = await self._run("compact", key, [version, gen, commit_id, len(folded), *packed])
         if reply[0] == b"ok":
@@ -370,7 +370,7 @@ class RedisStore:
             oldest, latest = int(reply[1]), int(reply[2])
             raise not_retained_error(key, int(version or 0), list(range(oldest, latest + 1)))
         _, n, epoch, created, head, info, records = reply
-        streams = fold_rows(unpack_rows(records, key), key)
+        streams = unpack_streams(records, key)
         return Stored(
             key=key,
             version=int(n),
