@@ -236,9 +236,14 @@ class ResumableSession:
         self._attach(session)
         if self._autosave_enabled:
             self._autosave.start()
-        await self._publish_attributes()
-        await self._announcer.announce("restored" if self._resumed else "started", self._version)
-        await self._control.start()
+        # three independent round trips (room attributes, the store's event channel, the
+        # command inbox), awaited together: restore returns once all are done, the inbox
+        # listening (so no command sent after it returned is missed)
+        await asyncio.gather(
+            self._publish_attributes(),
+            self._announcer.announce("restored" if self._resumed else "started", self._version),
+            self._control.start(),
+        )
         log.info(
             "session %r %s at version %d",
             self._key,
