@@ -244,6 +244,28 @@ def test_a_field_of_the_wrong_type_is_refused_by_name(field: str, value: Any) ->
         item_from_data(data)
 
 
+def test_an_item_of_a_shape_already_seen_is_still_checked_value_by_value() -> None:
+    good = item_to_data(_ITEMS[0])
+    assert item_from_data(dict(good)) == _ITEMS[0]  # its shape (keys, value types) is known now
+    for field, value in [
+        ("role", "robot"),
+        ("content", [1]),
+        ("metrics", {"e2e_latency": "slow"}),
+        ("extra", {1: "x"}),
+    ]:
+        with pytest.raises(SnapshotCorrupt, match="item_m1"):
+            item_from_data({**good, field: value})
+
+
+def test_an_item_with_its_fields_in_another_order_is_built_in_the_model_order() -> None:
+    data = item_to_data(_ITEMS[1])
+    shuffled = dict(reversed(list(data.items())))
+    for _ in range(2):  # its shape unknown, then known
+        item = item_from_data(shuffled)
+        assert list(item.__dict__) == list(llm.ChatMessage.model_fields)
+        assert item == item_from_data(data) == _ITEMS[1]
+
+
 # -- the Redis log ------------------------------------------------------------------------
 
 
