@@ -87,7 +87,10 @@ def fold_rows(
     store reading thousands of records folds them without making a `Record` of each."""
     streams: dict[str, tuple[list[str], dict[str, bytes]]] = {}
     for stream, item_id, item, after in rows:
-        order, data = streams.setdefault(stream, ([], {}))
+        entry = streams.get(stream)  # not setdefault: it would build a pair per record
+        if entry is None:
+            entry = streams[stream] = ([], {})
+        order, data = entry
         if item is None:
             if item_id == "":
                 order.clear()
@@ -115,7 +118,10 @@ def fold_rows(
                     f"{after!r}, which does not exist; the stored log is damaged"
                 ) from None
         data[item_id] = item
-    return {name: [(i, data[i]) for i in order] for name, (order, data) in streams.items()}
+    return {
+        name: list(zip(order, map(data.__getitem__, order), strict=True))
+        for name, (order, data) in streams.items()
+    }
 
 
 def needs_compaction(log_len: int, size: int) -> bool:
