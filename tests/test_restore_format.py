@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import gc
 import hashlib
+import hmac
 import json
 import struct
 import uuid
@@ -25,6 +26,7 @@ from livekit_resume.snapshot.chat import ctx_from_data, item_from_data, item_to_
 from livekit_resume.snapshot.codec import AGENT, HISTORY, ZDICT, Codec
 from livekit_resume.snapshot.frame import FLAG_ZDICT, MAGIC, MAX_DEPTH, _may_nest, gc_paused
 from livekit_resume.snapshot.model import FORMAT_VERSION, AgentFrame, Snapshot
+from livekit_resume.snapshot.seal import SealKey
 from livekit_resume.stores.base import Commit, Record
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.stores.redis.records import BATCH, pack_record, pack_records, unpack_records
@@ -264,6 +266,20 @@ def test_an_item_with_its_fields_in_another_order_is_built_in_the_model_order() 
         item = item_from_data(shuffled)
         assert list(item.__dict__) == list(llm.ChatMessage.model_fields)
         assert item == item_from_data(data) == _ITEMS[1]
+
+
+@pytest.mark.parametrize("key", [None, b"s" * 32])
+def test_a_seal_term_is_the_keyed_blake2b_of_its_place_and_leaf(key: bytes | None) -> None:
+    # the seal's definition (snapshot/seal.py), computed from scratch: a term made from
+    # a copy of the keyed state is the same, every time it is asked for
+    sealer = SealKey("k1" if key else "", key)
+    label = b"livekit-resume item seal v1"
+    seal_key = hmac.new(key, label, hashlib.sha256).digest() if key else b""
+    for after in (None, "item_a"):
+        record = msgpack.packb([HISTORY, "item_b", after, b"l" * 32], use_bin_type=True)
+        want = hashlib.blake2b(record, key=seal_key, digest_size=32).digest()
+        assert sealer.term(HISTORY, "item_b", after, b"l" * 32) == int.from_bytes(want, "big")
+        assert sealer.term(HISTORY, "item_b", after, b"l" * 32) == int.from_bytes(want, "big")
 
 
 # -- the Redis log ------------------------------------------------------------------------
