@@ -21,7 +21,7 @@ from livekit.agents import llm
 from pydantic import TypeAdapter
 
 from livekit_resume.agent_hooks.rebuild import _agent_ctx
-from livekit_resume.errors import SnapshotCorrupt
+from livekit_resume.errors import SignatureMismatch, SnapshotCorrupt
 from livekit_resume.snapshot.chat import ctx_from_data, item_from_data, item_to_data
 from livekit_resume.snapshot.codec import AGENT, HISTORY, ZDICT, Codec
 from livekit_resume.snapshot.frame import FLAG_ZDICT, MAGIC, MAX_DEPTH, _may_nest, gc_paused
@@ -166,6 +166,25 @@ def test_a_reference_frame_with_keys_is_still_verified() -> None:
     assert signed.decode_item("k", AGENT, "item_000000000001", frame, refs) == _message(1)
     with pytest.raises(Exception, match="signature"):  # moved to another id
         signed.decode_item("k", AGENT, "item_000000000002", frame, refs)
+
+
+def test_signed_frames_verify_one_after_another_and_a_forged_one_among_them_does_not() -> None:
+    # each verify copies one HMAC state keyed once per key: none leaks into the next
+    keys = (
+        "k2:" + base64.b64encode(b"t" * 32).decode() + ",k1:" + base64.b64encode(b"s" * 32).decode()
+    )
+    old = Codec(signing_keys="k1:" + base64.b64encode(b"s" * 32).decode())
+    rotated = Codec(signing_keys=keys)
+    frames = [
+        (c, c.encode_item("k", HISTORY, _message(n))) for n, c in enumerate([old, rotated] * 2)
+    ]
+    forged = bytearray(frames[1][1])
+    forged[20] ^= 1
+    for n, (_, frame) in enumerate(frames):
+        assert rotated.decode_item("k", HISTORY, f"item_{n:012x}", frame, {}) == _message(n)
+        if n == 1:
+            with pytest.raises(SignatureMismatch, match="k2"):
+                rotated.decode_item("k", HISTORY, f"item_{n:012x}", bytes(forged), {})
 
 
 def test_no_cyclic_collection_while_decoding_unless_the_app_has_turned_it_off() -> None:

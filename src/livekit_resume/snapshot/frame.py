@@ -147,6 +147,12 @@ class Framer:
         if isinstance(encryption_keys, str):
             encryption_keys = Keyring.parse(encryption_keys, sizes=(16, 24, 32))
         self._sign = signing_keys
+        # HMAC-SHA256 keyed once per signing key: a verify copies it (a restore checks
+        # thousands of frames, and keying costs more than hashing a small frame)
+        self._macs: dict[str, hmac.HMAC] = {}
+        for kid, key in signing_keys.keys if signing_keys is not None else ():
+            if kid not in self._macs:  # as `Keyring.get`: the first key of a kid
+                self._macs[kid] = hmac.new(key, digestmod=hashlib.sha256)
         self._encrypt = encryption_keys
         self._max = max_frame
         self._allow_plaintext = allow_plaintext
@@ -302,13 +308,16 @@ class Framer:
             raise SnapshotCorrupt("signed frame has a malformed trailer")
         kid_b = trailer[1 : 1 + trailer[0]]
         kid = kid_b.decode("utf-8", "replace")
-        key = self._sign.get(kid) if self._sign is not None else None
-        if key is None:
+        keyed = self._macs.get(kid)
+        if keyed is None:
             raise SignatureMismatch(
                 f"frame is signed with key {kid!r}, which is not among the configured "
                 "signing keys (RESUME_SIGNING_KEYS)"
             )
-        mac = hmac.new(key, header_body + trailer[: 1 + trailer[0]] + context, hashlib.sha256)
+        mac = keyed.copy()  # HMAC(key, header | body | kid length | kid | context)
+        mac.update(header_body)
+        mac.update(trailer[: 1 + trailer[0]])
+        mac.update(context)
         if not hmac.compare_digest(mac.digest(), trailer[1 + trailer[0] :]):
             raise SignatureMismatch(f"frame signature does not verify with key {kid!r}")
 
