@@ -149,6 +149,7 @@ class Framer:
         self._sign = signing_keys
         # HMAC-SHA256 keyed once per signing key: a verify copies it (a restore checks
         # thousands of frames, and keying costs more than hashing a small frame)
+        self._aeads: dict[str, Any] = {}  # AES-GCM by key id, made on first use
         self._macs: dict[str, hmac.HMAC] = {}
         for kid, key in signing_keys.keys if signing_keys is not None else ():
             if kid not in self._macs:  # as `Keyring.get`: the first key of a kid
@@ -328,16 +329,19 @@ class Framer:
         if not body or len(body) < 1 + body[0] + _NONCE_LEN:
             raise SnapshotCorrupt("encrypted body is truncated")
         kid = body[1 : 1 + body[0]].decode("utf-8", "replace")
-        key = self._encrypt.get(kid) if self._encrypt is not None else None
-        if key is None:
-            raise SignatureMismatch(
-                f"frame is encrypted with key {kid!r}, which is not among the configured "
-                "encryption keys (RESUME_ENCRYPTION_KEYS)"
-            )
+        aead = self._aeads.get(kid)
+        if aead is None:
+            key = self._encrypt.get(kid) if self._encrypt is not None else None
+            if key is None:
+                raise SignatureMismatch(
+                    f"frame is encrypted with key {kid!r}, which is not among the "
+                    "configured encryption keys (RESUME_ENCRYPTION_KEYS)"
+                )
+            aead = self._aeads[kid] = AESGCM(key)  # one per key: a restore opens thousands
         start = 1 + body[0]
         nonce, sealed = body[start : start + _NONCE_LEN], body[start + _NONCE_LEN :]
         try:
-            return AESGCM(key).decrypt(nonce, sealed, context)
+            return aead.decrypt(nonce, sealed, context)
         except InvalidTag:
             raise SignatureMismatch(f"frame does not decrypt with key {kid!r}") from None
 
