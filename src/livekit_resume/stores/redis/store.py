@@ -3,6 +3,7 @@ layout, the scripts and the faults are described in the package docstring)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -48,6 +49,8 @@ from .url import RedisURL
 
 __all__ = ["DEFAULT_NAMESPACE", "RedisStore"]
 
+# Records holding more bytes than this are packed on a worker thread.
+_OFFLOAD_BYTES = 1 << 20
 logger = logging.getLogger("livekit_resume")
 
 DEFAULT_NAMESPACE = "lkresume"
@@ -290,6 +293,10 @@ class RedisStore:
             },
             default=str,
         )
+        if written > _OFFLOAD_BYTES:  # packing megabytes would hold the event loop
+            packed = await asyncio.to_thread(pack_records, commit.records)
+        else:
+            packed = pack_records(commit.records)
         reply = await self._run(
             "commit",
             key,
@@ -304,7 +311,7 @@ class RedisStore:
                 self._names.channel,
                 event,
                 len(commit.records),
-                *pack_records(commit.records),
+                *packed,
             ],
         )
         if reply[0] == b"lost":
