@@ -37,8 +37,12 @@ OTHERS: dict[str, list[str]] = {
 }
 TINY: dict[str, list[str]] = {script: tiny for script, _, tiny in RUN_ALL.BENCHES} | OTHERS
 NEEDS_REDIS = {
-    *("checkpoint_cost.py", "restore_cost.py", "peers.py", "redis_commit.py", "scale.py"),
+    "checkpoint_cost.py",
     "loop_block.py",
+    "peers.py",
+    "redis_commit.py",
+    "restore_cost.py",
+    "scale.py",
 }
 # the scripts that print Markdown tables
 WITH_TABLES = {"checkpoint_cost.py", "restore_cost.py", "peers.py", "loop_block.py", "scale.py"}
