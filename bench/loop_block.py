@@ -8,7 +8,9 @@ checkpoint) it prints the median and p99 of that longest callback; then the same
 one turn whose tool output is one large item (``--big`` MB of random hex text), on
 SQLite and on Redis, with how late a 1 ms timer fired meanwhile: that also counts the
 waits for the GIL while a worker thread encodes the item, which no callback's duration
-shows. Redis is a ``redis-server`` the script starts on a free loopback port.
+shows. And the longest callback of a restore of each history length (Redis): the
+other sessions of a worker share its loop, and wait that long while one is restored.
+Redis is a ``redis-server`` the script starts on a free loopback port.
 
     python bench/loop_block.py [--sizes 10,5000,20000] [--rounds 60] [--big 5,50]
 
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import _common as c
-from livekit.agents import llm
+from livekit.agents import AgentSession, llm
 
 import livekit_resume as lr
 
@@ -65,6 +67,26 @@ async def measure(store: lr.Store, sizes: tuple[int, ...], rounds: int) -> dict[
     finally:
         for session, rs in live.values():
             await c.close(session, rs)
+    return out
+
+
+async def restores(store: lr.Store, sizes: tuple[int, ...], rounds: int) -> dict[int, list[float]]:
+    """The longest callback of each `ResumableSession.restore` of a saved session: what
+    the worker's other sessions, on the same loop, wait while one is restored."""
+    keys = {}
+    for size in sizes:
+        session, rs = await c.live_session(store, size)
+        keys[size] = rs.key
+        await c.close(session, rs)
+    out: dict[int, list[float]] = {size: [] for size in sizes}
+    for r in range(rounds + 1):
+        for size in sizes:
+            session: AgentSession[None] = AgentSession(llm=c.NoLLM())
+            rs = lr.ResumableSession(store, keys[size], registry=c.registry(), autosave=False)
+            took = await longest_block(rs.restore(session, default=c.Bench))
+            await c.close(session, rs)
+            if r >= 1:
+                out[size].append(took)
     return out
 
 
@@ -121,6 +143,7 @@ async def main() -> None:
         redis = lr.open_store(url)
         try:
             samples = await measure(store, args.sizes, args.rounds)
+            restored = await restores(redis, args.sizes, max(3, args.rounds // 6))
             for mb in args.big:
                 for name, where in (("SQLite", store), ("Redis", redis)):
                     bigs[mb, name] = await big_item(where, mb)
@@ -133,6 +156,13 @@ async def main() -> None:
     c.section(
         "Event loop blocked by one checkpoint (longest callback), SQLite",
         c.table(["history", "p50", "p99"], rows),
+    )
+    rows = [
+        [c.fmt_n(size), c.fmt_ms(c.ms(s)), c.fmt_ms(max(s) * 1e3)] for size, s in restored.items()
+    ]
+    c.section(
+        "Event loop blocked by one restore (longest callback), Redis",
+        c.table(["history", "p50", "max"], rows),
     )
     rows = [
         [f"{mb} MB tool output", name, c.fmt_ms(took * 1e3), c.fmt_ms(late * 1e3)]
