@@ -5,9 +5,12 @@ runs, nothing else does. Every `asyncio.Handle` run is timed (the loop's callbac
 task steps included) and the longest during each `ResumableSession.checkpoint()` is
 kept. Per history length (a live AgentSession on SQLite, one turn of 2 items per
 checkpoint) it prints the median and p99 of that longest callback; then the same for
-one turn whose tool output is one large item (``--big`` MB of random hex text), with
-how late a 1 ms timer fired meanwhile: that also counts the waits for the GIL while
-a worker thread encodes the item, which no callback's duration shows.
+one turn whose tool output is one large item (``--big`` MB of random hex text), on
+SQLite and on Redis, with how late a 1 ms timer fired meanwhile: that also counts the
+waits for the GIL while a worker thread encodes the item, which no callback's duration
+shows. And the longest callback of a restore of each history length (Redis): the
+other sessions of a worker share its loop, and wait that long while one is restored.
+Redis is a ``redis-server`` the script starts on a free loopback port.
 
     python bench/loop_block.py [--sizes 10,5000,20000] [--rounds 60] [--big 5,50]
 
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import _common as c
-from livekit.agents import llm
+from livekit.agents import AgentSession, llm
 
 import livekit_resume as lr
 
@@ -64,6 +67,26 @@ async def measure(store: lr.Store, sizes: tuple[int, ...], rounds: int) -> dict[
     finally:
         for session, rs in live.values():
             await c.close(session, rs)
+    return out
+
+
+async def restores(store: lr.Store, sizes: tuple[int, ...], rounds: int) -> dict[int, list[float]]:
+    """The longest callback of each `ResumableSession.restore` of a saved session: what
+    the worker's other sessions, on the same loop, wait while one is restored."""
+    keys = {}
+    for size in sizes:
+        session, rs = await c.live_session(store, size)
+        keys[size] = rs.key
+        await c.close(session, rs)
+    out: dict[int, list[float]] = {size: [] for size in sizes}
+    for r in range(rounds + 1):
+        for size in sizes:
+            session: AgentSession[None] = AgentSession(llm=c.NoLLM())
+            rs = lr.ResumableSession(store, keys[size], registry=c.registry(), autosave=False)
+            took = await longest_block(rs.restore(session, default=c.Bench))
+            await c.close(session, rs)
+            if r >= 1:
+                out[size].append(took)
     return out
 
 
@@ -113,14 +136,20 @@ async def main() -> None:
     ap.add_argument("--big", type=c.parse_sizes, default=(5, 50), help="item sizes in MB")
     args = ap.parse_args()
     asyncio.events.Handle._run = _timed_run  # type: ignore[method-assign]
-    with tempfile.TemporaryDirectory(prefix="lkr-bench-") as tmp:
-        print(f"<!-- {c.machine()} -->\n")
+    bigs: dict[tuple[int, str], tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="lkr-bench-") as tmp, c.redis_server() as url:
+        print(f"<!-- {c.machine(url)} -->\n")
         store = lr.open_store(f"sqlite:///{Path(tmp) / 'bench.db'}")
+        redis = lr.open_store(url)
         try:
             samples = await measure(store, args.sizes, args.rounds)
-            bigs = {mb: await big_item(store, mb) for mb in args.big}
+            restored = await restores(redis, args.sizes, max(3, args.rounds // 6))
+            for mb in args.big:
+                for name, where in (("SQLite", store), ("Redis", redis)):
+                    bigs[mb, name] = await big_item(where, mb)
         finally:
             await store.aclose()
+            await redis.aclose()
     rows = [
         [c.fmt_n(size), c.fmt_ms(c.ms(s)), c.fmt_ms(c.ms(s, 0.99))] for size, s in samples.items()
     ]
@@ -129,12 +158,19 @@ async def main() -> None:
         c.table(["history", "p50", "p99"], rows),
     )
     rows = [
-        [f"{mb} MB tool output", c.fmt_ms(took * 1e3), c.fmt_ms(late * 1e3)]
-        for mb, (took, late) in bigs.items()
+        [c.fmt_n(size), c.fmt_ms(c.ms(s)), c.fmt_ms(max(s) * 1e3)] for size, s in restored.items()
+    ]
+    c.section(
+        "Event loop blocked by one restore (longest callback), Redis",
+        c.table(["history", "p50", "max"], rows),
+    )
+    rows = [
+        [f"{mb} MB tool output", name, c.fmt_ms(took * 1e3), c.fmt_ms(late * 1e3)]
+        for (mb, name), (took, late) in bigs.items()
     ]
     c.section(
         "Event loop blocked by the checkpoint of one large item",
-        c.table(["item", "longest callback", "latest 1 ms timer (GIL waits too)"], rows),
+        c.table(["item", "store", "longest callback", "latest 1 ms timer (GIL waits too)"], rows),
     )
 
 

@@ -36,7 +36,14 @@ OTHERS: dict[str, list[str]] = {
     "control_latency.py": ["--rounds", "1", "--stores", "memory,sqlite"],
 }
 TINY: dict[str, list[str]] = {script: tiny for script, _, tiny in RUN_ALL.BENCHES} | OTHERS
-NEEDS_REDIS = {"checkpoint_cost.py", "restore_cost.py", "peers.py", "redis_commit.py", "scale.py"}
+NEEDS_REDIS = {
+    "checkpoint_cost.py",
+    "loop_block.py",
+    "peers.py",
+    "redis_commit.py",
+    "restore_cost.py",
+    "scale.py",
+}
 # the scripts that print Markdown tables
 WITH_TABLES = {"checkpoint_cost.py", "restore_cost.py", "peers.py", "loop_block.py", "scale.py"}
 

@@ -169,7 +169,8 @@ async def test_a_large_item_is_packed_once_and_restores(
 @pytest.mark.parametrize("keys", [{}, {"signing_keys": OLD}])
 def test_a_frame_of_a_packed_item_is_the_frame_it_was(keys: dict[str, Any]) -> None:
     codec = Codec(**keys)
-    for size in (10, 5_000, 200_000):  # plain, deflated with the dictionary, large
+    # plain, deflated with the dictionary, large, and past a megabyte (deflated in slices)
+    for size in (10, 5_000, 200_000, (3 << 20) + 7):
         item = {"id": "item_1", "type": "message", "content": ["é" + "x" * size]}
         packed = pack_item(item)
         assert packed_digest(packed) == item_digest(item)  # the digest's definition
@@ -178,6 +179,16 @@ def test_a_frame_of_a_packed_item_is_the_frame_it_was(keys: dict[str, Any]) -> N
         )
         frame = codec.encode_item("k", HISTORY, item, packed=packed)
         assert codec.decode_item("k", HISTORY, "item_1", frame, {}) == item
+
+
+def test_an_encrypted_item_past_a_megabyte_round_trips() -> None:
+    # deflated in slices, then the pieces joined for AES-GCM: one sealed body
+    codec = Codec(encryption_keys="e1:" + base64.b64encode(b"e" * 32).decode())
+    item = {"id": "item_1", "type": "message", "content": [os.urandom(3 << 19).hex()]}
+    frame = codec.encode_item("k", HISTORY, item, packed=pack_item(item, pieces=True))
+    assert codec.decode_item("k", HISTORY, "item_1", frame, {}) == item
+    with pytest.raises(lr.SnapshotCorrupt):
+        codec.decode_item("k", HISTORY, "item_1", frame[:-1] + bytes([frame[-1] ^ 1]), {})
 
 
 plain = st.recursive(

@@ -496,6 +496,65 @@ async def test_compaction_moves_the_head_to_a_new_generation(rstore: RedisStore)
     assert (await store.load(KEY, version - 1)).streams["h"][1] == ("b", b"b38!")
 
 
+# -- large records ----------------------------------------------------------------------
+
+
+async def test_a_large_record_is_staged_in_pieces_and_appended_whole(
+    rstore: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record past a megabyte goes to the server ahead of the script, a piece per
+    command (never one command of megabytes, which asyncio copies on the loop), and the
+    script moves it into the log: exact, with nothing staged left behind, through a
+    compaction too."""
+    store = RedisStore(raw(rstore), namespace=rstore.namespace, keep=2)
+    big = os.urandom((3 << 20) + 5)
+    sent: list[int] = []  # the largest argument of each script run
+    run = store._scripts.run
+
+    async def spy(script: str, key: str, args: Any) -> list[Any]:
+        sent.append(max((len(a) for a in args if isinstance(a, bytes)), default=0))
+        return await run(script, key, args)
+
+    monkeypatch.setattr(store._scripts, "run", spy)
+    lease = await store.acquire(KEY, "w")
+    records = [Record("h", "a", b"1"), Record("h", "b", big, "a"), Record("h", "c", b"3", "b")]
+    version = await store.commit(Commit(KEY, lease.epoch, 0, b"h", records, 3))
+    expected = [("a", b"1"), ("b", big), ("c", b"3")]
+    assert (await store.load(KEY)).streams == {"h": expected}
+    assert max(sent) < 1 << 20
+    for n in range(80):  # superseded records pile up until the log is compacted
+        edit = [Record("h", "c", b"c%d" % n, "b")]
+        version = await store.commit(Commit(KEY, lease.epoch, version, b"h", edit, 3))
+    prefix = store._head_key(KEY)[: -len("head")]
+    assert f"{prefix}log:0" not in await server_keys(store, prefix + "log:*")  # compacted
+    assert (await store.load(KEY)).streams == {"h": [*expected[:2], ("c", b"c79")]}
+    assert max(sent) < 1 << 20
+    assert await server_keys(store, f"{store.namespace}:up:*") == []
+
+
+async def test_a_staged_record_gone_before_its_script_writes_nothing(
+    rstore: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lease = await rstore.acquire(KEY, "w")
+    await commit_items(rstore, lease, 0, "a")
+    stage = rstore._stage
+
+    async def evicted(key: str, elements: list[bytes]) -> tuple[list[bytes], list[str]]:
+        out, names = await stage(key, elements)
+        await raw(rstore).delete(*names)  # evicted between staging and the script
+        return out, names
+
+    monkeypatch.setattr(rstore, "_stage", evicted)
+    big = Commit(KEY, lease.epoch, 1, b"h2", [Record("h", "b", os.urandom(3 << 20), "a")], 2)
+    with pytest.raises(StoreUnavailable, match="staged"):
+        await rstore.commit(big)
+    stored = await rstore.load(KEY)
+    assert (stored.version, stored.streams) == (1, {"h": [("a", b"a")]})
+    monkeypatch.undo()
+    assert await rstore.commit(big) == 2  # sent again, it lands
+    assert (await rstore.load(KEY)).streams["h"][1] == ("b", big.records[0].data)
+
+
 # -- events ----------------------------------------------------------------------------
 
 

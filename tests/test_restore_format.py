@@ -9,6 +9,7 @@ import gc
 import hashlib
 import hmac
 import json
+import os
 import struct
 import uuid
 import zlib
@@ -29,7 +30,13 @@ from livekit_resume.snapshot.model import FORMAT_VERSION, AgentFrame, Snapshot
 from livekit_resume.snapshot.seal import SealKey
 from livekit_resume.stores.base import Commit, Record
 from livekit_resume.stores.redis import RedisStore
-from livekit_resume.stores.redis.records import BATCH, pack_record, pack_records, unpack_records
+from livekit_resume.stores.redis.records import (
+    BATCH,
+    BATCH_BYTES,
+    pack_record,
+    pack_records,
+    unpack_records,
+)
 from tests.redis_log import split_log
 from tests.redis_servers import build_redis_store
 
@@ -319,6 +326,19 @@ def test_records_pack_into_one_batch_and_back_with_implied_afters() -> None:
     assert unpack_records([element], "k") == records
     # the older layout, one long record per element, reads the same
     assert unpack_records([pack_record(r) for r in records], "k") == records
+
+
+def test_a_record_past_a_batch_is_an_element_of_its_own_not_deflated_again() -> None:
+    big = os.urandom(BATCH_BYTES + 1)  # a frame: deflated already
+    records = [
+        Record(HISTORY, "a", b"1", None),
+        Record(HISTORY, "b", big, "a"),
+        Record(HISTORY, "c", b"3", "b"),  # its after implied by the big one
+    ]
+    first, lone, last = pack_records(records)
+    assert first[:1] == last[:1] == BATCH
+    assert lone == msgpack.packb([HISTORY, "b", "a", big], use_bin_type=True)
+    assert unpack_records([first, lone, last], "k") == records
 
 
 @pytest.mark.parametrize(

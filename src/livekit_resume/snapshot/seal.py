@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +106,12 @@ def _pack_pieces(obj: Any, out: list[bytes]) -> None:
             _pack_pieces(v, out)
     elif kind is str and len(obj) > _CHUNK:
         # slices of code points encode on their own: their UTF-8 is the whole's, in parts
-        parts = [obj[i : i + _CHUNK].encode("utf-8") for i in range(0, len(obj), _CHUNK)]
+        parts = []
+        for i in range(0, len(obj), _CHUNK):
+            parts.append(obj[i : i + _CHUNK].encode("utf-8"))
+            # Let go of the GIL between slices: a thread that wants it (the event
+            # loop's) would otherwise wait out the 5 ms switch interval each time.
+            time.sleep(0)
         out.append(_STR32.pack(0xDB, sum(map(len, parts))))
         out += parts
     elif kind is bytes and len(obj) > _CHUNK:

@@ -1,11 +1,11 @@
 -- commit: append one version atomically.
 -- ARGV[4] epoch, [5] base_version, [6] commit id, [7] head bytes, [8] info (msgpack),
 -- [9] bytes written, [10] keep, [11] event channel ('' = none), [12] event payload,
--- [13] records in the elements, [14..] packed elements (batches of records), appended
--- to the current log generation.
+-- [13] records in the elements, [14..] packed elements (batches of records, or staged:
+-- see staged_keys), appended to the current log generation.
 -- Reply: {'ok', version, log_len (elements), gen, records in the log} |
---        {'lost', current epoch or ''} |
---        {'moved', head version} | {'corrupt', message}
+--        {'lost', current epoch or ''} | {'moved', head version} |
+--        {'unstaged'} (a staged element is gone: nothing written) | {'corrupt', message}
 local function main()
   local epoch = tonumber(ARGV[4])
   local base = tonumber(ARGV[5])
@@ -37,9 +37,11 @@ local function main()
     records = tonumber(r[2]) or tonumber(r[1])
   end
   records = records + tonumber(ARGV[13])
+  local staged = staged_keys(14, #ARGV)
+  if staged == nil then return {'unstaged'} end
   -- checks done: from here on every call succeeds
   local len
-  if #ARGV >= 14 then len = push_all(lk, 14, #ARGV) else len = redis.call('LLEN', lk) end
+  if #ARGV >= 14 then len = push_all(lk, 14, #ARGV, staged) else len = redis.call('LLEN', lk) end
   redis.call('HSET', vk, 'epoch', fmt(epoch), 'created', fmt(NOW), 'head', ARGV[7],
     'info', ARGV[8], 'gen', s.gen, 'end', len, 'size', ARGV[9], 'cid', ARGV[6],
     'records', records)

@@ -156,14 +156,41 @@ local function check_log(s, lk)
   end
 end
 
--- RPUSH in slices: unpack() of thousands of values overflows Lua's C stack.
-local function push_all(k, from, to)
+-- Elements too large to send in one command come staged: the client wrote each to a
+-- key of its own beforehand, and the argument is '@<bytes>:<key>' ('@' never starts a
+-- log element). The staged keys by argument index, or nil when one is missing or not
+-- whole (expired, evicted): checked before anything is written.
+local function staged_keys(from, to)
+  local staged = {}
+  for i = from, to do
+    if string.byte(ARGV[i], 1) == 64 then
+      local size, sk = string.match(ARGV[i], '^@(%d+):(.+)$')
+      if sk == nil or expect_type(sk, 'string') == 'none'
+          or redis.call('STRLEN', sk) ~= tonumber(size) then
+        return nil
+      end
+      staged[i] = sk
+    end
+  end
+  return staged
+end
+
+-- RPUSH in slices (unpack() of thousands of values overflows Lua's C stack); a staged
+-- element is moved from its key into the list.
+local function push_all(k, from, to, staged)
   local len = 0
   local i = from
   while i <= to do
-    local j = math.min(i + 999, to)
-    len = redis.call('RPUSH', k, unpack(ARGV, i, j))
-    i = j + 1
+    if staged[i] then
+      len = redis.call('RPUSH', k, redis.call('GET', staged[i]))
+      redis.call('DEL', staged[i])
+      i = i + 1
+    else
+      local j = i
+      while j < to and j < i + 999 and not staged[j + 1] do j = j + 1 end
+      len = redis.call('RPUSH', k, unpack(ARGV, i, j))
+      i = j + 1
+    end
   end
   return len
 end

@@ -37,3 +37,9 @@ class KeyNames:
 
     def log(self, key: str, gen: int) -> str:
         return f"{self.prefix(key)}log:{gen}"
+
+    def staged(self, key: str, token: str) -> str:
+        """Where a large log element waits for the script that appends it (`records`,
+        `STAGED`): the session's hash tag, outside its prefix, so that one left behind
+        is never taken for the remains of the session."""
+        return f"{self.namespace}:up:{{{_tag(key)}}}:{token}"

@@ -282,13 +282,12 @@ class SQLiteStore:
                         return s.version  # a retry of a commit that landed: answer it
                 raise head_moved_error(c, s.version)
             # Append only: the records go after the current generation's last one.
-            conn.executemany(
-                "INSERT INTO log (ns, key, gen, seq, stream, item_id, after, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
+            _insert_log(
+                conn,
+                [
                     (ns, key, s.gen, s.log_len + i, r.stream, r.id, r.after, r.data)
                     for i, r in enumerate(c.records)
-                ),
+                ],
             )
             version = s.version + 1
             gen, log_len = s.gen, s.log_len + len(c.records)
@@ -329,13 +328,9 @@ class SQLiteStore:
         )
         fresh = compacted((Record(*r) for r in rows), key)
         new_gen = gen + 1
-        conn.executemany(
-            "INSERT INTO log (ns, key, gen, seq, stream, item_id, after, data) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                (ns, key, new_gen, i, r.stream, r.id, r.after, r.data)
-                for i, r in enumerate(fresh)
-            ),
+        _insert_log(
+            conn,
+            [(ns, key, new_gen, i, r.stream, r.id, r.after, r.data) for i, r in enumerate(fresh)],
         )
         conn.execute(
             "UPDATE versions SET gen=?, log_end=? WHERE ns=? AND key=? AND version=?",
@@ -513,6 +508,35 @@ class SQLiteStore:
 
     async def aclose(self) -> None:
         await self._conn.aclose()
+
+
+_INSERT_LOG = (
+    "INSERT INTO log (ns, key, gen, seq, stream, item_id, after, data) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_EMPTY_LOG = _INSERT_LOG.replace("?)", "zeroblob(?))")  # data: that many zero bytes
+_LogRow = tuple[str, str, int, int, str, str, "str | None", "bytes | None"]
+# A record larger than this is written through SQLite's incremental blob I/O, in slices
+# of this size: binding it whole copies it while holding the GIL (about 20 ms for 30 MB,
+# during which the event loop and its audio stall); each slice's write lets go of it.
+_BLOB_SLICE = 1 << 20
+
+
+def _insert_log(conn: sqlite3.Connection, rows: list[_LogRow]) -> None:
+    """Insert log rows; large ``data`` in slices (Python 3.11's ``blobopen``)."""
+    if not hasattr(conn, "blobopen"):  # Python 3.10: bound whole
+        conn.executemany(_INSERT_LOG, rows)
+        return
+    conn.executemany(_INSERT_LOG, [r for r in rows if r[7] is None or len(r[7]) <= _BLOB_SLICE])
+    for row in rows:
+        data = row[7]
+        if data is None or len(data) <= _BLOB_SLICE:
+            continue
+        rowid = conn.execute(_INSERT_EMPTY_LOG, (*row[:7], len(data))).lastrowid
+        view = memoryview(data)
+        with conn.blobopen("log", "data", rowid) as blob:
+            for start in range(0, len(data), _BLOB_SLICE):
+                blob.write(view[start : start + _BLOB_SLICE])
 
 
 def _info(text: str, key: str) -> _InfoDict:
