@@ -13,6 +13,7 @@ from livekit.agents import Agent, AgentSession, llm
 
 import livekit_resume as lr
 from livekit_resume.agent_hooks.capture import OFFLOAD_BYTES
+from livekit_resume.agent_hooks.session import OFFLOAD_ITEMS
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import ItemData
 from livekit_resume.stores.base import Store
@@ -42,6 +43,10 @@ class ThreadNotingCodec(Codec):
     def encode_item(self, key: str, stream: str, item: ItemData, **kw: Any) -> bytes:
         self.threads[item["id"]] = threading.current_thread()
         return super().encode_item(key, stream, item, **kw)
+
+    def decode_parts(self, *args: Any, **kw: Any) -> Any:
+        self.threads["decode"] = threading.current_thread()
+        return super().decode_parts(*args, **kw)
 
 
 @pytest.fixture
@@ -165,6 +170,28 @@ async def test_a_large_item_is_encoded_off_the_event_loop_and_small_ones_on_it(
     history, agent = await restored(store)
     assert history[: len(session.history.items)] == dumped(session.history.items)
     assert [a["output"] for a in agent if a["id"] == big.id] == [big.output]
+    await rs.aclose()
+    await session.aclose()
+
+
+@pytest.mark.parametrize(
+    ("items", "on_loop"), [(OFFLOAD_ITEMS // 2, True), (2 * OFFLOAD_ITEMS, False)]
+)
+async def test_a_long_history_is_decoded_off_the_event_loop_and_a_short_one_on_it(
+    store: Store, items: int, on_loop: bool
+) -> None:
+    """The other sessions of a worker share its loop: a restore decodes a long history
+    (its items counted in both streams) on a worker thread, a short one in place."""
+    session, rs = await start(store)
+    for n in range(items // 4):  # a turn is two items, in the history and the agent's
+        await session.run(user_input=f"turn {n}")
+    await rs.checkpoint()
+    await rs.aclose()
+    await session.aclose()
+    codec = ThreadNotingCodec()
+    session, rs = await start(store, codec=codec)
+    assert (codec.threads["decode"] is threading.main_thread()) is on_loop
+    assert len(session.history.items) >= items // 2
     await rs.aclose()
     await session.aclose()
 

@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -530,6 +531,31 @@ async def test_a_large_record_is_staged_in_pieces_and_appended_whole(
     assert (await store.load(KEY)).streams == {"h": [*expected[:2], ("c", b"c79")]}
     assert max(sent) < 1 << 20
     assert await server_keys(store, f"{store.namespace}:up:*") == []
+
+
+async def test_a_long_log_is_unpacked_off_the_event_loop(
+    rstore: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livekit_resume.stores.redis import store as module
+
+    threads: list[threading.Thread] = []
+    unpack = module.unpack_streams
+
+    def noted(*args: Any, **kw: Any) -> Any:
+        threads.append(threading.current_thread())
+        return unpack(*args, **kw)
+
+    monkeypatch.setattr(module, "unpack_streams", noted)
+    lease = await rstore.acquire(KEY, "w")
+    await commit_items(rstore, lease, 0, "a")
+    await rstore.load(KEY)
+    # records of random bytes: deflating leaves them as long as they are
+    data = os.urandom(module._OFFLOAD_UNPACK_BYTES)
+    record = Record("h", "b", data, "a")
+    await rstore.commit(Commit(KEY, lease.epoch, 1, b"h", [record], 2))
+    assert (await rstore.load(KEY)).streams["h"][1] == ("b", data)
+    assert threads[0] is threading.main_thread()
+    assert threads[1] is not threading.main_thread()
 
 
 async def test_a_staged_record_gone_before_its_script_writes_nothing(

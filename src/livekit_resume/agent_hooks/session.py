@@ -17,11 +17,13 @@ DESIGN.md, "LiveKit 1.8.9").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Literal
 
 from livekit import rtc
@@ -50,6 +52,10 @@ from .room import ATTR_STATE, ATTR_VERSION, Announcer
 from .silence import Silencer, Timer, current_agent
 
 __all__ = ["ATTR_STATE", "ATTR_VERSION", "ResumableSession", "SessionState"]
+
+# A restore of more items than this decodes them on a worker thread: past about a
+# millisecond of decoding, the other sessions on the loop would feel it.
+OFFLOAD_ITEMS = 100
 
 log = logging.getLogger("livekit_resume")
 tracer = trace.get_tracer("livekit_resume")
@@ -261,18 +267,13 @@ class ResumableSession:
         except SnapshotNotFound:
             return default()
         sealed: dict[str, Sealed] = {}  # what checking the seals hashed: not hashed again
-        built: Built | None = None
-        # one pause of cyclic GC over the decode and the items' build: each allocates
-        # thousands of objects, and one collection after both costs less than one each
-        with gc_paused():
-            try:
-                snap: Snapshot | None = from_stored(self._capture.codec, stored, sealed=sealed)
-            except SnapshotCorrupt:
-                if not salvage:
-                    raise
-                snap = None
-            if snap is not None and snap.state != "ended":
-                built = build_items(snap)
+        decode = partial(self._decode, stored, sealed, salvage)
+        if sum(map(len, stored.streams.values())) > OFFLOAD_ITEMS:
+            # the worker's other sessions share this loop: a long history is decoded
+            # on a thread, and their audio waits at most a GIL switch interval at a time
+            snap, built = await asyncio.to_thread(decode, pause_gc=False)
+        else:
+            snap, built = decode(pause_gc=True)
         if snap is None:
             snap = await self._salvage(stored)
         if snap.state == "ended":
@@ -301,6 +302,25 @@ class ResumableSession:
         )
         self._version, self._resumed = stored.version, True
         return rebuilt.agent
+
+    def _decode(
+        self, stored: Stored, sealed: dict[str, Sealed], salvage: bool, *, pause_gc: bool
+    ) -> tuple[Snapshot | None, Built | None]:
+        """The snapshot ``stored`` holds and its chat items built, or (None, None) when
+        it is damaged and ``salvage`` is asked for. Touches no live object.
+
+        ``pause_gc``: one pause of cyclic GC over the decode and the items' build (one
+        collection after both costs less than one every few hundred objects), for a
+        decode on the loop's thread. Not on a worker's: the collection deferred to the
+        end would hold the GIL, and the loop, for milliseconds in one go."""
+        with gc_paused() if pause_gc else contextlib.nullcontext():
+            try:
+                snap = from_stored(self._capture.codec, stored, sealed=sealed)
+            except SnapshotCorrupt:
+                if not salvage:
+                    raise
+                return None, None
+            return snap, None if snap.state == "ended" else build_items(snap)
 
     async def _salvage(self, stored: Stored) -> Snapshot:
         snap, damage = await salvage_stored(self._store, self._capture.codec, stored)

@@ -3,6 +3,7 @@ with a `SnapshotCorrupt` naming the session when they are not what we wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import zlib
 from collections.abc import Iterable
@@ -144,11 +145,15 @@ def unpack_records(raws: Iterable[bytes], key: str) -> list[Record]:
     return [Record(*row) for row in unpack_rows(raws, key)]
 
 
-def unpack_streams(raws: Iterable[bytes], key: str) -> dict[str, list[tuple[str, bytes]]]:
+def unpack_streams(
+    raws: Iterable[bytes], key: str, *, pause_gc: bool = True
+) -> dict[str, list[tuple[str, bytes]]]:
     """A log read from its start, folded into its streams' items (`log.fold_rows`), in one
     pause of cyclic GC: the thousands of lists and tuples made on the way are gone
-    before it collects, and only the folded streams remain for it to look at."""
-    with gc_paused():
+    before it collects, and only the folded streams remain for it to look at. Without
+    the pause (``pause_gc=False``) on a worker thread: a collection deferred to the end
+    would hold the GIL, and the event loop, for milliseconds in one go."""
+    with gc_paused() if pause_gc else contextlib.nullcontext():
         return fold_rows(unpack_rows(raws, key), key)
 
 

@@ -59,6 +59,9 @@ __all__ = ["DEFAULT_NAMESPACE", "RedisStore"]
 
 # Records holding more bytes than this are packed on a worker thread.
 _OFFLOAD_BYTES = 1 << 20
+# A log read holding more bytes than this (deflated: a few hundred records) is unpacked
+# and folded on a worker thread, as the loop's other sessions would feel it.
+_OFFLOAD_UNPACK_BYTES = 64 * 1024
 # A log element larger than this is sent ahead of its script in pieces of this size
 # (`RedisStore._stage`), kept at most this long if the script never takes it.
 _STAGE_PIECE = 1 << 20
@@ -436,7 +439,10 @@ class RedisStore:
             oldest, latest = int(reply[1]), int(reply[2])
             raise not_retained_error(key, int(version or 0), list(range(oldest, latest + 1)))
         _, n, epoch, created, head, info, records = reply
-        streams = unpack_streams(records, key)
+        if sum(map(len, records)) > _OFFLOAD_UNPACK_BYTES:
+            streams = await asyncio.to_thread(unpack_streams, records, key, pause_gc=False)
+        else:
+            streams = unpack_streams(records, key)
         return Stored(
             key=key,
             version=int(n),
