@@ -47,15 +47,23 @@ class Built:
 
     history: list[llm.ChatItem]
     agent: llm.ChatContext | None
+    repaired: llm.ChatContext | None  # the agent's, its unanswered tool calls answered
 
 
 def build_items(snap: Snapshot) -> Built:
-    """The chat items of ``snap`` (`SnapshotCorrupt` naming a bad one). Synchronous, so
-    that a restore builds them inside the cyclic-GC pause of their decode (one
-    collection after both, not one after each: `frame.gc_paused`)."""
+    """The chat items of ``snap`` (`SnapshotCorrupt` naming a bad one). Synchronous, and
+    touching no live object: a restore builds them right after their decode, inside its
+    cyclic-GC pause or on its worker thread."""
     history = ctx_from_data(snap.history).items
     frame = snap.agent
-    return Built(history, _agent_ctx(frame.chat_ctx, snap.history, history) if frame else None)
+    if frame is None:
+        return Built(history, None, None)
+    agent = _agent_ctx(frame.chat_ctx, snap.history, history)
+    # a context of its own to repair (the saved one is what the store holds):
+    # `ChatContext.copy()` with no filter is this list copy, less a loop over every item
+    repaired = llm.ChatContext(list(agent.items))
+    repair_tool_calls(repaired, pending=snap.tool_calls)
+    return Built(history, agent, repaired)
 
 
 def _agent_ctx(
@@ -113,11 +121,8 @@ async def rebuild(
         await agent.update_instructions(instructions_from(frame.instructions))  # type: ignore[arg-type]  # LiveKit accepts Instructions too
     if frame.realtime is not None:
         await reapply_options(session, agent, frame.realtime, key=snap.key)
-    # a context of its own to repair (the saved one is what the store holds):
-    # `ChatContext.copy()` with no filter is this list copy, less a loop over every item
-    repaired = llm.ChatContext(list(saved.items))
-    repair_tool_calls(repaired, pending=snap.tool_calls)
-    await agent.update_chat_ctx(repaired, exclude_invalid_function_calls=False)
+    assert built.repaired is not None  # made with the agent's context
+    await agent.update_chat_ctx(built.repaired, exclude_invalid_function_calls=False)
     if frame.task:
         log.warning(
             "session %r was inside task %s when saved; restored %s without it",
