@@ -10,8 +10,9 @@ context itself. The work stays flat in the conversation's length:
 - the last `EDIT_WINDOW` committed items are checked for edits in place (LiveKit sets
   a message's ``metrics`` once it is added, a preemptive user message's final
   transcript, a handoff output turned into an error) by their *shape*: a frozen copy
-  of their fields taken when they were last read, compared by value. Only an item
-  whose shape moved is converted and hashed again;
+  of their fields taken when they were last read, compared by value with the live
+  item (in C, no copy taken). Only an item that no longer equals its shape is
+  converted and hashed again;
 - only new and changed items are converted, hashed and encoded.
 
 A diff is done in two steps: `StreamTracker.diff` reads the live items (on the event
@@ -106,32 +107,77 @@ _LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
 
 def _shape(value: Any) -> Any:
     """A frozen copy of ``value`` (containers copied all the way down, immutable leaves
-    shared) that compares equal to a later shape exactly when nothing in it changed:
-    an item edited in place, at any depth, no longer has the shape it was read with."""
+    shared) that compares equal to ``value`` itself, as long as nothing in it changed:
+    an item edited in place, at any depth, no longer equals the copy taken when it was
+    read. The copy is on the left of every comparison (``copy == live``), so that a
+    comparison runs in C (dict and list equality) down to a nested model (`_Frozen`)."""
     kind = type(value)
     if kind in _LEAVES:
         return value
     if kind is dict:
-        if not value:
-            return (dict,)
-        return (dict, *[(k, v if type(v) in _LEAVES else _shape(v)) for k, v in value.items()])
-    if kind is list or kind is tuple:
-        return (kind, *[v if type(v) in _LEAVES else _shape(v) for v in value])
+        return {k: v if type(v) in _LEAVES else _shape(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _LEAVES else _shape(v) for v in value]
+    if kind is tuple:
+        return tuple(v if type(v) in _LEAVES else _shape(v) for v in value)
     if isinstance(value, BaseModel):
-        return _item_shape(value)
+        return _Frozen(value)
     if isinstance(value, (set, frozenset)):
-        return (kind, frozenset(value))
+        return _Typed(kind, frozenset(value))
     if isinstance(value, (bytearray, memoryview)):
-        return (kind, bytes(value))
+        return _Typed(kind, bytes(value))
     # immutable values compare by value; other objects (a video frame) by identity
     return value
 
 
-def _item_shape(item: BaseModel) -> Any:
-    """`_shape` of a model: its type, then its field values in their fixed order."""
-    values = [v if type(v) in _LEAVES else _shape(v) for v in item.__dict__.values()]
-    extra = item.__pydantic_extra__
-    return (type(item), *values, None if extra is None else _shape(extra))
+class _Typed:
+    """A copy of a set or a buffer: equal to a live value of the same type and content."""
+
+    __slots__ = ("_kind", "_value")
+
+    def __init__(self, kind: type, value: Any) -> None:
+        self._kind, self._value = kind, value
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is _Typed:
+            return self._kind is other._kind and bool(self._value == other._value)
+        return type(other) is self._kind and bool(self._value == other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _Frozen:
+    """A frozen copy of a model (`_shape`): equal to the live model while its type, its
+    field values and its extra fields are still those it was copied with."""
+
+    __slots__ = ("_extra", "_fields", "_kind")
+
+    def __init__(self, item: BaseModel) -> None:
+        self._kind = type(item)
+        self._fields = _shape(item.__dict__)
+        extra = item.__pydantic_extra__
+        self._extra = None if extra is None else _shape(extra)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is _Frozen:
+            return (
+                self._kind is other._kind
+                and bool(self._fields == other._fields)
+                and bool(self._extra == other._extra)
+            )
+        if type(other) is not self._kind:
+            return False
+        extra = other.__pydantic_extra__
+        return bool(self._fields == other.__dict__) and (
+            extra is None if self._extra is None else bool(self._extra == extra)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _item_shape(item: BaseModel) -> _Frozen:
+    """`_shape` of a chat item, as read now."""
+    return _Frozen(item)
 
 
 def weight(data: Any, depth: int = 0) -> int:
@@ -328,13 +374,13 @@ class StreamTracker:
             shapes[item.id] = shape_of(item)
             return convert(item)
 
-        # in-place edits of recent committed items: only a moved shape is read again
+        # in-place edits of recent committed items: only an item no longer equal to its
+        # shape is read again (compared in C: an unchanged item costs no copy)
         for i in range(max(0, first - EDIT_WINDOW), first):
             item = items[i]
-            shape = shape_of(item)
-            if item.id not in rewrite and _same(self._shapes.get(item.id, _MISSING), shape):
+            if item.id not in rewrite and _same(self._shapes.get(item.id, _MISSING), item):
                 continue
-            shapes[item.id] = shape
+            shapes[item.id] = shape_of(item)
             after = items[i - 1].id if i else None
             puts.append(_Put(item, after, convert(item), item.id not in rewrite))
         # items asked for again (rare: their stored form must change), where they stand
@@ -420,9 +466,10 @@ class StreamTracker:
 _MISSING = object()
 
 
-def _same(a: Any, b: Any) -> bool:
+def _same(shape: Any, item: Any) -> bool:
+    """Whether ``item`` still equals ``shape``, its copy taken when last read."""
     try:
-        return bool(a == b)
+        return bool(shape == item)
     except Exception:  # a value whose == cannot answer (an array): read it again
         return False
 
