@@ -227,6 +227,7 @@ class Codec(Framer):
             if ring is None
         )
         self._plain_ref_sizes = frozenset(map(len, self._plain_refs))
+        self._ref_frame = self.pack(_REF) if ring is None else None  # what encode writes
 
     # --------------------------------------------------------------- contexts
 
@@ -419,6 +420,8 @@ class Codec(Framer):
     ) -> bytes:
         """One chat item of ``stream``; ``ref`` marks an agent item equal to its history
         twin; ``packed`` is the item's msgpack when made already (`seal.pack_item`)."""
+        if ref and self._ref_frame is not None:
+            return self._ref_frame
         return self.pack(
             _REF if ref else item,
             context=self._item_ctx(key, stream, item["id"]),

@@ -179,15 +179,13 @@ class Framer:
 
         The limit is checked on the body before compression, exactly as `unpack` checks
         it after decompression: nothing is written that a reader would refuse."""
-        if _too_deep(obj):
-            raise SnapshotTooLarge(
-                f"{label}: values nest deeper than {MAX_DEPTH} levels; flatten the data "
-                "(userdata, extra, agent state) before it is saved"
-            )
         try:
             body: bytes = msgpack.packb(obj, use_bin_type=True) if packed is None else packed
         except (TypeError, ValueError, OverflowError) as e:
+            _check_depth(obj, label)  # too deep for msgpack itself: say so
             raise TypeError(f"snapshot holds a value that is not plain data: {e}") from e
+        if _may_nest(body):  # one pass in C clears almost every frame before the walk
+            _check_depth(obj, label)
         if len(body) > self._max:
             raise SnapshotTooLarge(
                 f"{label} is {len(body)} bytes, over the limit of {self._max} bytes a "
@@ -466,6 +464,14 @@ def _may_nest(body: bytes) -> bool:
     has its own header byte, so a body with no more such bytes than that cannot. One
     pass in C clears almost every item frame before the walk in `_too_deep`."""
     return len(body) > MAX_DEPTH and len(body.translate(None, _NOT_CONTAINER)) > MAX_DEPTH
+
+
+def _check_depth(obj: Any, label: str) -> None:
+    if _too_deep(obj):
+        raise SnapshotTooLarge(
+            f"{label}: values nest deeper than {MAX_DEPTH} levels; flatten the data "
+            "(userdata, extra, agent state) before it is saved"
+        )
 
 
 def _too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
