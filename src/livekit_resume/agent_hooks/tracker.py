@@ -208,6 +208,13 @@ class _Put:
     data: ItemData
     only_if_changed: bool = False
     """An item edited in place, maybe: written only if its data's digest moved."""
+    size: int = -1
+    """`weight` of ``data`` once measured (-1: not yet)."""
+
+    def weight(self) -> int:
+        if self.size < 0:
+            self.size = weight(self.data)
+        return self.size
 
 
 @dataclass
@@ -501,7 +508,7 @@ class Plan:
 
     def weight(self) -> int:
         """About how many bytes the plan's items hold (`weight`)."""
-        return sum(weight(p.data) for p in self.puts)
+        return sum(p.weight() for p in self.puts)
 
     def build(self, encode: Encoder, memo: dict[int, tuple[bytes, bytes]] | None = None) -> Change:
         """Hash and encode the plan into the records of one commit. ``memo`` keeps the
@@ -532,7 +539,7 @@ class Plan:
             known = memo.get(id(put.data))
             if known is None:
                 # the digest's input is the frame's body; megabytes are packed in pieces
-                packed = pack_item(put.data, pieces=weight(put.data) > PIECES_OVER)
+                packed = pack_item(put.data, pieces=put.weight() > PIECES_OVER)
                 known = memo[id(put.data)] = (packed_digest(packed), packed)
             d, packed = known
             item_id = put.item.id

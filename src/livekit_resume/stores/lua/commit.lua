@@ -26,17 +26,11 @@ local function main()
   local version = base + 1
   local lk = logkey(s.gen)
   local vk = vkey(version)
-  expect_type(lk, 'list')
-  check_log(s, lk)
-  if type_of(vk) ~= 'none' then corrupt('key ' .. vk .. ' exists before its version was written') end
-  -- Records in the log so far (for compaction): a version written before batches held
-  -- one record per element, so its 'end' counts them.
-  local records = 0
-  if s.version >= s.oldest then
-    local r = redis.call('HMGET', vkey(s.version), 'end', 'records')
-    records = tonumber(r[2]) or tonumber(r[1])
+  -- records in the log so far, then with these (for compaction)
+  local records = check_log(s, lk) + tonumber(ARGV[13])
+  if redis.call('EXISTS', vk) == 1 then
+    corrupt('key ' .. vk .. ' exists before its version was written')
   end
-  records = records + tonumber(ARGV[13])
   local staged = staged_keys(14, #ARGV)
   if staged == nil then return {'unstaged'} end
   -- checks done: from here on every call succeeds

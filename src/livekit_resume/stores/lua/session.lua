@@ -50,9 +50,11 @@ local HEAD_NUMBERS = {'epoch', 'version', 'oldest', 'gen', 'gen_lo', 'touched'}
 -- The session's head as a table, or nil when there is none. A head past its TTL (by
 -- the same clock as `touched`) comes back with expired = true: PEXPIRE removes it on
 -- the server's clock, this check covers an injected clock and the last millisecond.
+-- Foreign data at the head fails HGETALL with WRONGTYPE (reported as corrupt by the
+-- client); Redis keeps no empty hash, so nothing read means no head.
 local function read_head()
-  if expect_type(HEAD, 'hash') == 'none' then return nil end
   local raw = redis.call('HGETALL', HEAD)
+  if #raw == 0 then return nil end
   local h = {}
   for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
   local s = {owner = h.owner, expires = tonumber(h.expires)}
@@ -117,7 +119,7 @@ local function trim(s, keep)
   for n = s.oldest, oldest - 1 do redis.call('DEL', vkey(n)) end
   s.oldest = oldest
   local live = s.gen
-  if s.version >= s.oldest then
+  if s.gen_lo < s.gen and s.version >= s.oldest then  -- else no generation can go
     live = tonumber(redis.call('HGET', vkey(s.oldest), 'gen')) or s.gen
   end
   for g = s.gen_lo, live - 1 do redis.call('DEL', logkey(g)) end
@@ -138,22 +140,26 @@ end
 -- The log generation a commit appends to must hold exactly what the latest version
 -- read, nothing more (records of a former life, another writer) or less (an evicted
 -- or truncated list): otherwise the new version would read data it never wrote.
+-- Returns the records the log holds (a version written before batches held one record
+-- per element, so its 'end' counts them). Foreign data at the version or the log fails
+-- HMGET or LLEN with WRONGTYPE, before anything is written.
 local function check_log(s, lk)
-  local want = 0
+  local want, records = 0, 0
   if s.version >= s.oldest then
     local vk = vkey(s.version)
-    expect_type(vk, 'hash')
-    local v = redis.call('HMGET', vk, 'gen', 'end')
+    local v = redis.call('HMGET', vk, 'gen', 'end', 'records')
     if tonumber(v[1]) ~= s.gen or tonumber(v[2]) == nil then
       corrupt('version record ' .. vk .. ' is missing or incomplete')
     end
     want = tonumber(v[2])
+    records = tonumber(v[3]) or want
   end
   local have = redis.call('LLEN', lk)
   if have ~= want then
     corrupt('log ' .. lk .. ' holds ' .. have .. ' records where version ' .. s.version ..
       ' left ' .. want)
   end
+  return records
 end
 
 -- Elements too large to send in one command come staged: the client wrote each to a
