@@ -199,3 +199,19 @@ def test_a_plan_holds_the_items_as_they_were_read() -> None:
     change = tracker.diff(live, item_to_data).build(encode)
     store.records.extend(change.records)
     assert store.state() == [item_to_data(i) for i in live]
+
+
+def test_an_edit_inside_a_model_inside_an_item_is_written() -> None:
+    """The edit window compares each recent item with a frozen copy taken when it was
+    read: an edit in place one model down (an image in a message's content) is seen."""
+    image = llm.ImageContent(image="https://example.com/a.png", inference_detail="auto")
+    item = llm.ChatMessage(id="item_img", role="user", content=["look", image], created_at=1)
+    tracker = StreamTracker("history")
+    tracker.accept(tracker.diff([item], item_to_data).build(encode))
+    assert tracker.diff([item], item_to_data).build(encode).records == []
+    image.inference_detail = "high"
+    change = tracker.diff([item], item_to_data).build(encode)
+    assert [r.id for r in change.records] == ["item_img"]
+    assert CODEC.unpack(change.records[0].data or b"")[1] == item_to_data(item)
+    tracker.accept(change)
+    assert tracker.diff([item], item_to_data).build(encode).records == []

@@ -192,7 +192,8 @@ class Capture:
             userdata=self._dump_userdata(session),
             tool_calls=list(self.running.values()),
         )
-        size = hist.weight() + (agent.weight() if agent is not None else 0)
+        counted: set[int] = set()  # the agent's items are mostly the history's data
+        size = hist.weight(counted) + (agent.weight(counted) if agent is not None else 0)
         return _Read(snap, hist, agent, agent_obj, turns, size)
 
     def _build(self, read: _Read, base_version: int) -> Pending | None:

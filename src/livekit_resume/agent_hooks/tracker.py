@@ -383,10 +383,16 @@ class StreamTracker:
 
         # in-place edits of recent committed items: only an item no longer equal to its
         # shape is read again (compared in C: an unchanged item costs no copy)
+        known = self._shapes
         for i in range(max(0, first - EDIT_WINDOW), first):
             item = items[i]
-            if item.id not in rewrite and _same(self._shapes.get(item.id, _MISSING), item):
-                continue
+            if item.id not in rewrite:
+                try:
+                    same = bool(known.get(item.id, _MISSING) == item)
+                except Exception:  # a value whose == cannot answer (an array): read it again
+                    same = False
+                if same:
+                    continue
             shapes[item.id] = shape_of(item)
             after = items[i - 1].id if i else None
             puts.append(_Put(item, after, convert(item), item.id not in rewrite))
@@ -473,14 +479,6 @@ class StreamTracker:
 _MISSING = object()
 
 
-def _same(shape: Any, item: Any) -> bool:
-    """Whether ``item`` still equals ``shape``, its copy taken when last read."""
-    try:
-        return bool(shape == item)
-    except Exception:  # a value whose == cannot answer (an array): read it again
-        return False
-
-
 class Plan:
     """A stream's change as read from the live items: plain data, not yet hashed or
     encoded. `build` touches no LiveKit object but an oversized item's (see `Encoder`)."""
@@ -506,9 +504,18 @@ class Plan:
         """Ids the plan may write (a superset of what its change will)."""
         return (p.item.id for p in self.puts)
 
-    def weight(self) -> int:
-        """About how many bytes the plan's items hold (`weight`)."""
-        return sum(p.weight() for p in self.puts)
+    def weight(self, counted: set[int] | None = None) -> int:
+        """About how many bytes the plan's items hold (`weight`). ``counted``: the
+        identities of data counted already (another plan's, shared): skipped, and
+        added to."""
+        if counted is None:
+            return sum(p.weight() for p in self.puts)
+        total = 0
+        for p in self.puts:
+            if id(p.data) not in counted:
+                counted.add(id(p.data))
+                total += p.weight()
+        return total
 
     def build(self, encode: Encoder, memo: dict[int, tuple[bytes, bytes]] | None = None) -> Change:
         """Hash and encode the plan into the records of one commit. ``memo`` keeps the

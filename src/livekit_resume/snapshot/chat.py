@@ -188,6 +188,10 @@ _FRAME_FIELDS = frozenset(
 
 # -- to data -----------------------------------------------------------------------------
 
+# Field values `_plain` returns unchanged (a str only when ASCII): `item_to_data` keeps
+# them without building the field's name for a warning it cannot give.
+_KEPT_AS_IS = frozenset({bool, float, bytes, str})
+
 
 def _plain(value: Any, where: str) -> Any:
     """`value` as msgpack-safe plain data (see the module docstring for the rule)."""
@@ -265,6 +269,8 @@ def _audio_to_data(audio: llm.AudioContent, media: MediaPolicy, where: str) -> I
 
 
 def _content_to_data(part: Any, media: MediaPolicy, item_id: str, index: int) -> Any:
+    if type(part) is str and part.isascii():
+        return part  # the common case (`_plain`), without naming it
     where = f"item {item_id!r} content[{index}]"
     if type(part) is str:
         return _plain(part, where)
@@ -293,9 +299,14 @@ def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData
     data: ItemData = {}
     for name in cls.model_fields:
         value = values[name]
-        if name in _OPTIONAL_FIELDS and value is None:
+        if value is None and name != "content":
+            if name not in _OPTIONAL_FIELDS:
+                data[name] = None
             continue
-        if name == "content" and isinstance(item, llm.ChatMessage):
+        kind = type(value)
+        if kind in _KEPT_AS_IS and (kind is not str or value.isascii()):
+            data[name] = value  # the common cases of `_plain`, without naming the field
+        elif name == "content" and isinstance(item, llm.ChatMessage):
             data[name] = [
                 _content_to_data(part, media, item.id, i) for i, part in enumerate(value)
             ]
