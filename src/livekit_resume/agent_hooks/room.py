@@ -10,6 +10,7 @@ worker in every snapshot.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from livekit import rtc
@@ -43,6 +44,7 @@ class Announcer:
         self._key = key
         self._owner = owner
         self._room = room
+        self._writer: Writer | None = None
 
     def room(self) -> rtc.Room | None:
         """The room given to us, else the running job's (None outside a job)."""
@@ -73,13 +75,17 @@ class Announcer:
             ANNOUNCE_FAILURES.labels(where="store").inc()
             log.warning("could not publish %s event of session %r: %s", event, self._key, e)
 
-    @staticmethod
-    def writer() -> Writer:
+    def writer(self) -> Writer:
+        """Who writes: the job and worker (if any) and this process. Made once per job
+        and process (a model validated on every checkpoint for the same values)."""
         ctx = get_job_context(required=False)
-        return Writer(
-            worker_id=getattr(ctx, "worker_id", None) if ctx else None,
-            job_id=ctx.job.id if ctx else None,
-        )
+        worker_id = getattr(ctx, "worker_id", None) if ctx else None
+        job_id = ctx.job.id if ctx else None
+        pid = os.getpid()
+        last = self._writer
+        if last is None or (last.worker_id, last.job_id, last.pid) != (worker_id, job_id, pid):
+            last = self._writer = Writer(worker_id=worker_id, job_id=job_id, pid=pid)
+        return last
 
     def meta(
         self, session: AgentSession[Any], turns: int, extra: dict[str, Any], conversation: str
