@@ -96,6 +96,12 @@ class Scripts:
             for name in (*_SESSION_SCRIPTS, *_STANDALONE_SCRIPTS)
         }
         self.under_replicated = 0
+        # ARGV[2] and [3]: the session TTL in seconds and in milliseconds ('': none)
+        self._ttl_args = (
+            ("", "")
+            if ttl is None
+            else (fmt_time(ttl), str(max(1, math.ceil(ttl * 1000))))
+        )
 
     def now_arg(self) -> str:
         return "" if self._clock is None else fmt_time(self._clock())
@@ -108,9 +114,7 @@ class Scripts:
         """Run a session script for session ``key`` (after the server check); its
         ``corrupt`` findings raise `SnapshotCorrupt`, other replies are returned."""
         await self._check.ensure()
-        ttl = "" if self._ttl is None else fmt_time(self._ttl)
-        ttl_ms = "" if self._ttl is None else str(max(1, math.ceil(self._ttl * 1000)))
-        full = [self.now_arg(), ttl, ttl_ms, *args]
+        full = [self.now_arg(), *self._ttl_args, *args]
         with self._server.errors(script, key):
             if script == "commit" and self._wait_replicas:
                 reply = await self._run_and_wait(script, key, full)
