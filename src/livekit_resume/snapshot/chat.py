@@ -299,17 +299,16 @@ def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData
     data: ItemData = {}
     for name in cls.model_fields:
         value = values[name]
-        if value is None and name != "content":
-            if name not in _OPTIONAL_FIELDS:
-                data[name] = None
-            continue
         kind = type(value)
-        if kind in _KEPT_AS_IS and (kind is not str or value.isascii()):
-            data[name] = value  # the common cases of `_plain`, without naming the field
-        elif name == "content" and isinstance(item, llm.ChatMessage):
+        if name == "content" and isinstance(item, llm.ChatMessage):
             data[name] = [
                 _content_to_data(part, media, item.id, i) for i, part in enumerate(value)
             ]
+        elif value is None:
+            if name not in _OPTIONAL_FIELDS:
+                data[name] = None
+        elif kind in _KEPT_AS_IS and (kind is not str or value.isascii()):
+            data[name] = value  # the common cases of `_plain`, without naming the field
         else:
             data[name] = _plain(value, f"item {item.id!r} field {name!r}")
     return data

@@ -56,6 +56,10 @@ from .transactions import purge, read, write
 
 __all__ = ["SQLiteStore"]
 
+# A version's info as compact JSON (json.dumps(..., separators=(",", ":"))), one encoder
+# for all: made per call, it costs more than encoding the info.
+_INFO = json.JSONEncoder(separators=(",", ":"))
+
 logger = logging.getLogger("livekit_resume")
 
 _T = TypeVar("_T")
@@ -262,7 +266,7 @@ class SQLiteStore:
     async def commit(self, commit: Commit) -> int:
         validate_key(commit.key)
         self._writable(f"commit to session {commit.key!r}")
-        info = json.dumps(dict(commit.info), separators=(",", ":"))  # before the lock
+        info = _INFO.encode(dict(commit.info))  # before the lock
         return await self._run(partial(self._commit, commit, info))
 
     def _commit(self, c: Commit, info: str, conn: sqlite3.Connection) -> int:
