@@ -28,9 +28,7 @@ local function main()
   local vk = vkey(version)
   -- records in the log so far, then with these (for compaction)
   local records = check_log(s, lk) + tonumber(ARGV[13])
-  if redis.call('EXISTS', vk) == 1 then
-    corrupt('key ' .. vk .. ' exists before its version was written')
-  end
+  if type_of(vk) ~= 'none' then corrupt('key ' .. vk .. ' exists before its version was written') end
   local staged = staged_keys(14, #ARGV)
   if staged == nil then return {'unstaged'} end
   -- checks done: from here on every call succeeds
