@@ -380,10 +380,7 @@ _SLICE = 1 << 20
 
 def _deflate(body: bytes, zdict: bytes) -> list[bytes]:
     """``body`` as raw deflate with the preset dictionary, in pieces to be joined."""
-    level = 1 if len(body) > _SLICE else 6
-    deflate = zlib.compressobj(
-        level, zlib.DEFLATED, _RAW_DEFLATE, 9, zlib.Z_DEFAULT_STRATEGY, zdict
-    )
+    deflate = _deflater(1 if len(body) > _SLICE else 6, len(body), zdict)
     if len(body) <= _SLICE:
         return [deflate.compress(body), deflate.flush()]
     view = memoryview(body)
@@ -425,6 +422,18 @@ def _seal(key: bytes, kid: str, body: bytes, context: bytes) -> bytes:
     nonce = os.urandom(_NONCE_LEN)
     kid_b = kid.encode()
     return bytes([len(kid_b)]) + kid_b + nonce + AESGCM(key).encrypt(nonce, body, context)
+
+
+def _deflater(level: int, size: int, zdict: bytes | None = None) -> Any:
+    """A raw deflate for ``size`` bytes (after ``zdict``): its window just holds them
+    (9 to 15 bits), its hash table sized to match (memLevel 3 to 9). The default state,
+    a 32 KiB window and memLevel 9, is ~400 KB allocated and partly cleared per frame,
+    most of what a small frame costs; the output reads back with any window."""
+    bits = max(9, min(-_RAW_DEFLATE, (size + len(zdict or b"")).bit_length()))
+    mem = max(3, min(9, bits - 6))
+    if zdict is None:
+        return zlib.compressobj(level, zlib.DEFLATED, -bits, mem)
+    return zlib.compressobj(level, zlib.DEFLATED, -bits, mem, zlib.Z_DEFAULT_STRATEGY, zdict)
 
 
 def plain_data(body: bytes) -> Any:

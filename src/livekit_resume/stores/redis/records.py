@@ -111,8 +111,12 @@ def pack_records(records: Iterable[Record]) -> list[bytes]:
 def _pack_batch(batch: list[list[Any]]) -> bytes:
     # Level 1: item frames are deflated already; the ids and the envelopes, and the
     # agent's references (the same few bytes each), are what is left to gain.
-    deflate = zlib.compressobj(1, zlib.DEFLATED, _RAW_DEFLATE)
     body = msgpack.packb(batch, use_bin_type=True)
+    # A window just holding the body, a hash table to match: the default state (a 32 KiB
+    # window, ~260 KB allocated, partly cleared) costs more than a checkpoint's batch.
+    # Any window reads back with the reader's 32 KiB one.
+    bits = max(9, min(-_RAW_DEFLATE, len(body).bit_length()))
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -bits, max(3, min(8, bits - 6)))
     return BATCH + deflate.compress(body) + deflate.flush()
 
 
