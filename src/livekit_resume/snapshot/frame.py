@@ -80,6 +80,9 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_DEPTH = 200
 # Bodies smaller than this are stored raw: zlib's header and CPU cost buy nothing there.
 COMPRESS_OVER = 1024
+# Bodies up to this size are cleared of the depth walk by one C pass over their bytes
+# (`_may_nest`): microseconds here, a long hold of the GIL for a body of megabytes.
+_SCAN_DEPTH_UNDER = 64 * 1024
 # With a preset dictionary, even a short body compresses (its keys are in the
 # dictionary): only the tiniest are not worth a try.
 ZDICT_OVER = 32
@@ -184,7 +187,9 @@ class Framer:
         except (TypeError, ValueError, OverflowError) as e:
             _check_depth(obj, label)  # too deep for msgpack itself: say so
             raise TypeError(f"snapshot holds a value that is not plain data: {e}") from e
-        if _may_nest(body):  # one pass in C clears almost every frame before the walk
+        # a pass in C over a small body clears it without the walk; a large body is
+        # walked (mostly one long string), never scanned holding the GIL
+        if len(body) > _SCAN_DEPTH_UNDER or _may_nest(body):
             _check_depth(obj, label)
         if len(body) > self._max:
             raise SnapshotTooLarge(
