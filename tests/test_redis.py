@@ -537,13 +537,13 @@ async def test_a_long_log_is_unpacked_off_the_event_loop(
     rstore: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from livekit_resume.stores.redis import store as module
+    from livekit_resume.stores.redis.records import unpack_streams
 
     threads: list[threading.Thread] = []
-    unpack = module.unpack_streams
 
     def noted(*args: Any, **kw: Any) -> Any:
         threads.append(threading.current_thread())
-        return unpack(*args, **kw)
+        return unpack_streams(*args, **kw)
 
     monkeypatch.setattr(module, "unpack_streams", noted)
     lease = await rstore.acquire(KEY, "w")
