@@ -519,10 +519,13 @@ async def test_a_large_record_is_staged_in_pieces_and_appended_whole(
     monkeypatch.setattr(store._scripts, "run", spy)
     lease = await store.acquire(KEY, "w")
     records = [Record("h", "a", b"1"), Record("h", "b", big, "a"), Record("h", "c", b"3", "b")]
-    version = await store.commit(Commit(KEY, lease.epoch, 0, b"h", records, 3))
+    first = Commit(KEY, lease.epoch, 0, b"h", records, 3, commit_id="c1")
+    version = await store.commit(first)
+    assert await store.commit(first) == version  # sent again: it landed, staged anew
     expected = [("a", b"1"), ("b", big), ("c", b"3")]
     assert (await store.load(KEY)).streams == {"h": expected}
     assert max(sent) < 1 << 20
+    assert await server_keys(store, f"{store.namespace}:up:*") == []
     for n in range(80):  # superseded records pile up until the log is compacted
         edit = [Record("h", "c", b"c%d" % n, "b")]
         version = await store.commit(Commit(KEY, lease.epoch, version, b"h", edit, 3))

@@ -18,8 +18,9 @@ are percent-escaped so the hash tag is always exactly the key):
   the snapshot's streams as ``0`` and ``1``: `records.pack_records`)
 - ``ns:up:{k}:<token>`` string: a log element over a megabyte, written a megabyte per
   command ahead of the script that moves it into the log (``staged_keys`` in
-  session.lua); gone when the script ran, else after two minutes. Outside the prefix,
-  so that one left behind is never taken for a session's remains
+  session.lua); one the script did not take is deleted by the client, or expires
+  within two minutes (a client that died). Outside the prefix, so that one left
+  behind is never taken for a session's remains
 - ``ns:sessions``      sorted set: the namespace's session keys, for `keys()`
 - ``ns:events``        pub/sub channel of state changes (JSON objects)
 

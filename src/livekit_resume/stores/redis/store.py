@@ -67,11 +67,6 @@ _OFFLOAD_UNPACK_BYTES = 64 * 1024
 _STAGE_PIECE = 1 << 20
 _STAGE_TTL_MS = 120_000
 
-
-def _fold_and_pack(raw: list[bytes], key: str) -> tuple[list[Record], list[bytes]]:
-    """A log's elements folded to its live records, and those packed anew."""
-    folded = records_from_streams(fold_rows(unpack_rows(raw, key), key))
-    return folded, pack_records(folded)
 logger = logging.getLogger("livekit_resume")
 
 DEFAULT_NAMESPACE = "lkresume"
@@ -79,6 +74,12 @@ DEFAULT_NAMESPACE = "lkresume"
 # The events' JSON (what json.dumps(..., default=str) writes), one encoder for all: made
 # per call, it costs more than encoding a commit's event.
 _EVENTS = json.JSONEncoder(default=str)
+
+
+def _fold_and_pack(raw: list[bytes], key: str) -> tuple[list[Record], list[bytes]]:
+    """A log's elements folded to its live records, and those packed anew."""
+    folded = records_from_streams(fold_rows(unpack_rows(raw, key), key))
+    return folded, pack_records(folded)
 
 
 def _validate_options(
@@ -339,8 +340,9 @@ class RedisStore:
                 *packed,
             ],
         )
-        if reply[0] != b"ok":
-            await self._unstage(key, staged)
+        # gone if the script ran to its end, left if it did not (or was a retry of a
+        # commit that had landed, which answers before looking at them)
+        await self._unstage(key, staged)
         if reply[0] == b"lost":
             current = int(reply[1]) if reply[1] else None
             raise lease_lost_error(key, commit.epoch, current)
@@ -384,8 +386,7 @@ class RedisStore:
             folded, packed = _fold_and_pack(raw, key)
         packed, staged = await self._stage(key, packed)
         reply = await self._run("compact", key, [version, gen, commit_id, len(folded), *packed])
-        if reply[0] != b"ok":
-            await self._unstage(key, staged)
+        await self._unstage(key, staged)
         if reply[0] == b"ok":
             logger.debug(
                 "compacted session %r: %d log elements into %d (%d records)",
@@ -418,7 +419,7 @@ class RedisStore:
         return out, names
 
     async def _unstage(self, key: str, names: list[str]) -> None:
-        """Drop what a script that did not run to the end left staged (or its TTL will)."""
+        """Drop what a script did not move into the log (else its TTL will)."""
         for name in names:
             with contextlib.suppress(StoreUnavailable), self._server.errors("unstage", key):
                 await self._client.delete(name)
