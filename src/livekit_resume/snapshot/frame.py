@@ -217,7 +217,7 @@ class Framer:
         size = sum(map(len, parts))
         if size > self._max:  # only the few bytes of AES-GCM can get here
             raise SnapshotTooLarge(
-                f"{label} is {len(body)} bytes once encrypted, over the limit of "
+                f"{label} is {size} bytes once encrypted, over the limit of "
                 f"{self._max} bytes a restore reads (max_frame); drop inline media "
                 "(media='drop') or give every worker and the CLI a larger max_frame"
             )
