@@ -319,8 +319,11 @@ async def _exercise(url: str, key: str = "room", **options: Any) -> list[str]:
         await store.check()
         async with store.subscribe() as events:
             lease = await store.acquire(key, "worker")
-            snap = Snapshot(key=key, history=[_message("m1", "user", "hello")])
+            # a record over a megabyte: staged ahead of the commit script
+            big = os.urandom(3 << 19).hex()
+            snap = Snapshot(key=key, history=[_message("m1", "user", big)])
             commit = commit_from_snapshot(Codec(), snap, epoch=lease.epoch, base_version=0)
+            assert max(len(r.data or b"") for r in commit.records) > 1 << 20
             assert await store.commit(commit) == 1
             assert (await store.load(key)).version == 1
             assert [v.version for v in await store.versions(key)] == [1]
@@ -388,15 +391,23 @@ def test_the_cli_trusts_the_ca_named_by_ssl_cert_file(
 # ------------------------------------------------------ access control: a Redis ACL user
 
 # The commands a store needs (docs/security.md gives this line): its scripts' own
-# commands, loading them, the namespace index, SCAN for remains, pub/sub and WAIT.
+# commands, loading them, the namespace index, SCAN for remains, staging a record over
+# a megabyte (SET, APPEND; the scripts' STRLEN, GET), pub/sub and WAIT.
 # CONFIG GET is not among them: the store's server check skips quietly without it.
 ACL_RULES = (
     "+evalsha +script|load +time +scan +ping "
     "+zadd +zrem +zscore +zrange +zremrangebyscore "
     "+hget +hgetall +hmget +hset +hdel +del +type +llen +lrange +rpush "
+    "+get +set +append +strlen "
     "+persist +pexpire +pttl +publish +subscribe +unsubscribe +wait"
 )
 ACL_COMMANDS = ACL_RULES.split()
+
+
+def test_the_documented_acl_line_grants_exactly_what_is_tested() -> None:
+    doc = Path(__file__).resolve().parent.parent / "docs" / "security.md"
+    line = next(s for s in doc.read_text().splitlines() if s.startswith("ACL SETUSER"))
+    assert [word for word in line.split() if word.startswith("+")] == ACL_COMMANDS
 
 
 @pytest.fixture
