@@ -434,6 +434,23 @@ def test_an_acl_user_of_one_namespace_runs_every_store_operation(
     assert all("WAIT" in r.getMessage() or "replicas" in r.getMessage() for r in caplog.records)
 
 
+def test_an_acl_user_from_before_staging_still_saves_large_records(
+    make_redis: RedisFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user granted the earlier line (no GET, SET, APPEND, STRLEN): a record over a
+    megabyte is sent whole with its commit, with a warning, never left unsaved."""
+    server = make_redis()
+    earlier = [c for c in ACL_COMMANDS if c not in ("+get", "+set", "+append", "+strlen")]
+    reply = server.cli(
+        "ACL", "SETUSER", "old", "reset", "on", ">old-pw", "~old:*", "&old:*", "-@all", *earlier
+    )
+    assert reply.strip() == "OK", reply
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    url = f"redis://old:old-pw@127.0.0.1:{server.port}/0"
+    assert asyncio.run(_exercise(url, namespace="old")) == ["committed", "paused"]
+    assert [r for r in caplog.records if "+get +set +append +strlen" in r.getMessage()]
+
+
 def test_an_acl_user_cannot_read_or_write_another_namespace(acl_redis: tuple[Any, str]) -> None:
     server, url = acl_redis
     admin = f"redis://127.0.0.1:{server.port}/0"

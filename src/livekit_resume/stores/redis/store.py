@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from redis.exceptions import NoPermissionError
+
 from ...errors import SnapshotCorrupt, StoreUnavailable
 from ..base import (
     DEFAULT_LEASE_TTL,
@@ -146,6 +148,7 @@ class RedisStore:
             wait_timeout=wait_timeout,
         )
         self._commands: RedisCommands | None = None
+        self._stage_denied = False  # the server's ACL refused staging: send records whole
         self._namespace_index = Namespace(
             self._server, self._names, self._scripts, self._check, ttl=self._ttl, clock=clock
         )
@@ -405,16 +408,31 @@ class RedisStore:
         out: list[bytes] = []
         names: list[str] = []
         for element in elements:
-            if len(element) <= _STAGE_PIECE:
+            if len(element) <= _STAGE_PIECE or self._stage_denied:
                 out.append(element)
                 continue
             name = self._names.staged(key, os.urandom(8).hex())
-            names.append(name)
             view = memoryview(element)
-            with self._server.errors("stage a large record", key):
-                await self._client.set(name, view[:_STAGE_PIECE], px=_STAGE_TTL_MS)
-                for start in range(_STAGE_PIECE, len(element), _STAGE_PIECE):
-                    await self._client.append(name, view[start : start + _STAGE_PIECE])
+            try:
+                with self._server.errors("stage a large record", key):
+                    await self._client.set(name, view[:_STAGE_PIECE], px=_STAGE_TTL_MS)
+                    for start in range(_STAGE_PIECE, len(element), _STAGE_PIECE):
+                        await self._client.append(name, view[start : start + _STAGE_PIECE])
+            except StoreUnavailable as exc:
+                if not isinstance(exc.__cause__, NoPermissionError):
+                    raise
+                # an ACL from before staging: saved all the same, the loop stalls instead
+                self._stage_denied = True
+                logger.warning(
+                    "the Redis user may not SET or APPEND the store's keys, so records "
+                    "over a megabyte are sent whole with their commit, and the event loop "
+                    "stalls while asyncio copies them; grant +get +set +append +strlen "
+                    "(docs/security.md)",
+                    extra={"key": key},
+                )
+                out.append(element)
+                continue
+            names.append(name)
             out.append(b"@%d:%s" % (len(element), name.encode()))
         return out, names
 
