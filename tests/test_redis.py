@@ -497,6 +497,36 @@ async def test_compaction_moves_the_head_to_a_new_generation(rstore: RedisStore)
     assert (await store.load(KEY, version - 1)).streams["h"][1] == ("b", b"b38!")
 
 
+# -- a session created while another worker looks for remains ------------------------
+
+
+async def test_a_session_created_during_the_scan_for_remains_is_no_lost_head(
+    real_store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker B finds no head and scans for remains; meanwhile worker A creates the
+    session and commits. A's keys are not the remains of a lost head: B's load reads
+    A's version and B's acquire takes A's session over (it raced two processes once)."""
+    other = RedisStore(raw(real_store), namespace=real_store.namespace)
+    await real_store._namespace_index.record(KEY, "test")  # listed: B's script says absent
+    scan = real_store._namespace_index.remains
+    created: list[int] = []
+
+    async def meanwhile(key: str) -> list[str]:
+        if not created:
+            a = await other.acquire(key, "worker-a")
+            created.append(await commit_items(other, a, 0, "a"))
+        return await scan(key)
+
+    monkeypatch.setattr(real_store._namespace_index, "remains", meanwhile)
+    assert (await real_store.load(KEY)).version == 1
+    created.clear()
+    await other.delete(KEY)
+    await real_store._namespace_index.record(KEY, "test")
+    lease = await real_store.acquire(KEY, "worker-b", takeover=True)
+    assert created == [1] and lease.owner == "worker-b"
+    assert (await real_store.load(KEY)).version == 1
+
+
 # -- large records ----------------------------------------------------------------------
 
 

@@ -274,10 +274,15 @@ class RedisStore:
         if reply[0] in (b"absent", b"remains"):
             remains = await self._namespace_index.remains(key)
             if remains:
-                raise self._namespace_index.headless_error(key, remains)
-            reply = await self._run("acquire", key, [*args, "0"])
-            if reply[0] == b"remains":
-                raise self._namespace_index.headless_error(key, [text(reply[1])])
+                # another worker may have created the session since the script looked:
+                # its keys are no remains if it has a head now
+                reply = await self._run("acquire", key, [*args, "1"])
+                if reply[0] in (b"absent", b"remains"):
+                    raise self._namespace_index.headless_error(key, remains)
+            else:
+                reply = await self._run("acquire", key, [*args, "0"])
+                if reply[0] == b"remains":
+                    raise self._namespace_index.headless_error(key, [text(reply[1])])
         if reply[0] == b"busy":
             raise busy_error(key, text(reply[1]), int(reply[2]))
         epoch, expires, created = int(reply[1]), float(reply[2]), int(reply[3])
@@ -444,7 +449,8 @@ class RedisStore:
 
     async def load(self, key: str, version: int | None = None) -> Stored:
         validate_key(key)
-        reply = await self._run("load", key, ["" if version is None else str(int(version))])
+        args = ["" if version is None else str(int(version))]
+        reply = await self._run("load", key, args)
         if reply[0] == b"absent":
             # No head at all: if the session's first keys remain, or the namespace still
             # lists it, or the server evicts keys (any of them may be left), look for
@@ -455,8 +461,13 @@ class RedisStore:
             ):
                 remains = await self._namespace_index.remains(key)
                 if remains:
-                    raise self._namespace_index.headless_error(key, remains)
-            raise not_found_error(key)
+                    # keys of a session another worker created since the script looked
+                    # have a head by now: read that one
+                    reply = await self._run("load", key, args)
+                    if reply[0] == b"absent":
+                        raise self._namespace_index.headless_error(key, remains)
+            if reply[0] == b"absent":
+                raise not_found_error(key)
         if reply[0] == b"missing":
             oldest, latest = int(reply[1]), int(reply[2])
             raise not_retained_error(key, int(version or 0), list(range(oldest, latest + 1)))
