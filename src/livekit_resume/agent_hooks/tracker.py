@@ -175,11 +175,6 @@ class _Frozen:
     __hash__ = None  # type: ignore[assignment]
 
 
-def _item_shape(item: BaseModel) -> _Frozen:
-    """`_shape` of a chat item, as read now."""
-    return _Frozen(item)
-
-
 def weight(data: Any, depth: int = 0) -> int:
     """About how many bytes ``data`` holds: decides whether encoding it is worth a
     worker thread. Only strings and bytes count; counting stops three levels down."""
@@ -373,7 +368,7 @@ class StreamTracker:
         def shape_of(item: llm.ChatItem) -> Any:
             shape = shaped.get(id(item), _MISSING)  # the objects outlive the read
             if shape is _MISSING:
-                shape = shaped[id(item)] = _item_shape(item)
+                shape = shaped[id(item)] = _Frozen(item)
             return shape
 
         def read(i: int) -> ItemData:
@@ -443,7 +438,7 @@ class StreamTracker:
                 raise ValueError(f"{self.stream} holds two chat items with the id {item.id!r}")
             seen.add(item.id)
             shape = shaped.get(id(item), _MISSING) if shaped is not None else _MISSING
-            plan.shapes[item.id] = _item_shape(item) if shape is _MISSING else shape
+            plan.shapes[item.id] = _Frozen(item) if shape is _MISSING else shape
             plan.puts.append(_Put(item, after, convert(item)))
             after = item.id
         return plan
