@@ -539,6 +539,27 @@ def test_settings_read_resume_variables_and_keywords_win(clean_env: pytest.Monke
         Settings.only("colour")
 
 
+def test_settings_read_again_see_every_change_of_the_environment(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    # settings are kept once read (building them is slow): a change must still be seen
+    clean_env.setenv("RESUME_TTL", "60")
+    assert Settings.load().ttl == 60.0
+    assert Settings.load() is Settings.load()
+    clean_env.setenv("RESUME_TTL", "61")
+    assert Settings.load().ttl == 61.0
+    clean_env.setenv("resume_keep", "4")  # matched whatever its case
+    assert Settings.load().keep == 4
+    clean_env.delenv("resume_keep")
+    assert Settings.load().keep is None
+    assert Settings.load(keep=2).keep == 2
+    assert Settings.load(namespace=bytearray(b"t")).namespace == "t"  # unhashable: read anew
+    clean_env.setenv("RESUME_TTL", "soon")
+    with pytest.raises(ValueError, match="RESUME_TTL='soon'"):
+        Settings.load()
+    assert Settings.only("keep").ttl is None
+
+
 def test_settings_never_show_keys(clean_env: pytest.MonkeyPatch) -> None:
     secret = "k1:" + "QUJD" * 8
     clean_env.setenv("RESUME_SIGNING_KEYS", secret)

@@ -21,6 +21,8 @@ variable counts as unset. Keys are secrets: they never appear in ``repr`` or ``s
 
 from __future__ import annotations
 
+import os
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, ValidationError, field_validator
@@ -86,10 +88,19 @@ class Settings(BaseSettings):
         A bad value raises `ValueError` in one line naming the variable (or option) and
         the value, e.g. ``RESUME_TTL='abc' is not …; fix or unset it``.
         """
+        key = _cache_key(cls, options)
+        settings = _LOADED.get(key) if key is not None else None
+        if settings is not None:
+            return settings
         try:
-            return cls(**options)
+            settings = cls(**options)
         except ValidationError as exc:
             raise ValueError(_one_line(exc, options)) from None
+        if key is not None:
+            if len(_LOADED) >= _LOADED_MAX:
+                _LOADED.clear()
+            _LOADED[key] = settings
+        return settings
 
     @classmethod
     def only(cls, *names: str, **options: Any) -> Settings:
@@ -130,6 +141,26 @@ class Settings(BaseSettings):
             message = redact.secrets(str(exc), (signing, encryption))
             where = _refused_keys(signing, encryption)
             raise ValueError(f"{where}: {message}" if where else message) from None
+
+
+# Settings already read, by what they were read from: pydantic-settings takes about 4 ms
+# to build one (every ResumableSession reads its codec's), a dict lookup does. Frozen, so
+# shared safely; the key holds every variable that could be read, so a change is seen.
+_LOADED: dict[Hashable, Settings] = {}
+_LOADED_MAX = 64
+
+
+def _cache_key(cls: type[Settings], options: dict[str, Any]) -> Hashable | None:
+    """What `Settings.load` reads: the class, ``options`` and every ``RESUME_*``
+    variable (names match case-insensitively); None when an option is unhashable."""
+    prefix = ENV_PREFIX.lower()
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.lower().startswith(prefix)))
+    key = (cls, tuple(sorted(options.items())), env)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _secret(value: SecretStr | None) -> str | None:
