@@ -462,52 +462,7 @@ class Codec(Framer):
     ) -> ItemData:
         """One item frame of ``stream``, upcast; an agent reference is resolved in
         ``refs`` (the history items by id). Raises `SnapshotCorrupt` for a bad frame."""
-        return self._item(key, stream, item_id, frame, refs, None)
-
-    def _item(
-        self,
-        key: str,
-        stream: str,
-        item_id: str,
-        frame: bytes,
-        refs: Mapping[str, ItemData],
-        leaves: dict[int, bytes] | None,
-    ) -> ItemData:
-        """`decode_item`; with ``leaves``, also the item's seal leaf (`seal.item_digest`)
-        by the identity of its map, hashed from the body just verified when the item
-        reads as written (that body is the msgpack the writer hashed)."""
-        # the very bytes of a valid reference need no more checking (their length is
-        # compared first: hashing every item frame to look it up costs more)
-        plain_ref = (
-            type(frame) is bytes
-            and len(frame) in self._plain_ref_sizes
-            and frame in self._plain_refs
-        )
-        if not plain_ref:
-            # only a MAC or a cipher reads the context: an unkeyed frame (flags at byte
-            # 5) skips making it; a frame too short for flags fails in `_body`
-            keyed = len(frame) > 5 and frame[5] & (FLAG_SIGNED | FLAG_ENCRYPTED)
-            ctx = self._item_ctx(key, stream, item_id) if keyed else b""
-            version, _, body = self._body(frame, ctx)
-            item = plain_data(body)
-        if plain_ref or item == _REF:
-            if item_id not in refs:
-                raise SnapshotCorrupt(
-                    f"session {key!r}: agent item {item_id!r} refers to a history item "
-                    "that does not exist"
-                )
-            # the twin's own map: decoded once, and a restore rebuilds it once
-            return refs[item_id]
-        current = version == FORMAT_VERSION  # the common case: nothing to upcast
-        if not current:
-            item = migrate_item(item, version)
-        if not isinstance(item, dict) or item.get("id") != item_id or not all_str(item):
-            raise SnapshotCorrupt(
-                f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
-            )
-        if leaves is not None and (current or item_is_current(version)):
-            leaves[id(item)] = packed_digest(body)
-        return item
+        return self._items(key, stream, ((item_id, frame),), refs)[0][0]
 
     def decode_parts(
         self,
@@ -537,17 +492,23 @@ class Codec(Framer):
         data, want, bound = self._head(key, head)
         if version is not None:
             bound.check_version(version)
-        leaves: dict[int, bytes] = {}
-        history = self._items(key, HISTORY, streams.get(HISTORY, ()), {}, leaves)
+        # the leaves (digests) of the items of the streams a seal covers, from their bodies
+        sealing = bool(bound.seals)
+        history, h_leaves = self._items(key, HISTORY, streams.get(HISTORY, ()), {}, sealing)
         by_id = {i["id"]: i for i in history}
-        agent_items = self._items(key, AGENT, streams.get(AGENT, ()), by_id, leaves)
+        twin_leaves = dict(zip(by_id, h_leaves, strict=True)) if sealing else None
+        agent_items, a_leaves = self._items(
+            key, AGENT, streams.get(AGENT, ()), by_id, sealing, twin_leaves
+        )
         got = {HISTORY: len(history), AGENT: len(agent_items)}
         if any(want.get(s, n) != n for s, n in got.items()):
             raise SnapshotCorrupt(
                 f"session {key!r}: snapshot lists {want} items but the store holds {got}; "
                 "the stored log is damaged"
             )
-        checked = self._check_seals(bound, {HISTORY: history, AGENT: agent_items}, leaves)
+        checked = self._check_seals(
+            bound, {HISTORY: history, AGENT: agent_items}, {HISTORY: h_leaves, AGENT: a_leaves}
+        )
         if sealed is not None:
             sealed.update(checked)
         if version is not None:
@@ -564,11 +525,11 @@ class Codec(Framer):
         self,
         bound: _Binding,
         streams: Mapping[str, Sequence[ItemData]],
-        leaves: dict[int, bytes] | None = None,
+        leaves: Mapping[str, list[bytes | None]] | None = None,
     ) -> dict[str, Sealed]:
-        """``leaves``: items' digests by the identity of their maps (alive meanwhile, so
-        their ids stay theirs), as hashed from their frames' bodies. Returns each checked
-        stream's `Sealed`, as it matched."""
+        """``leaves``: per stream, its items' digests as hashed from their frames' bodies
+        (None for an item whose body is not the one its writer hashed: an upcast one).
+        Returns each checked stream's `Sealed`, as it matched."""
         key = bound.key
         checked: dict[str, Sealed] = {}
         if not bound.seals:
@@ -578,10 +539,14 @@ class Codec(Framer):
             want = bound.seals.get(stream)
             if want is None:
                 continue
-            got = sealer.sealed(stream, items, leaves)
-            # a body that is not the canonical msgpack of its data (never one we wrote)
-            # is judged as before: by its data packed again
-            if got.seal != want and leaves:
+            got = None
+            given = leaves.get(stream) if leaves is not None else None
+            if given is not None and None not in given:
+                ids = [item["id"] for item in items]
+                got = sealer.sealed_leaves(stream, ids, given)  # type: ignore[arg-type]  # no None
+            # a body that is not the canonical msgpack of its data (never one we wrote),
+            # or an upcast item, is judged by its data packed again
+            if got is None or got.seal != want:
                 got = sealer.sealed(stream, items)
             if got.seal != want:
                 raise bound.error(
@@ -598,20 +563,69 @@ class Codec(Framer):
         stream: str,
         frames: Sequence[tuple[str, bytes]],
         refs: Mapping[str, ItemData],
-        leaves: dict[int, bytes],
-    ) -> list[ItemData]:
+        sealing: bool = False,
+        ref_leaves: Mapping[str, bytes | None] | None = None,
+    ) -> tuple[list[ItemData], list[bytes | None]]:
+        """The items of ``stream``'s frames, each verified, upcast and checked; an agent
+        reference is resolved in ``refs`` (the history items by id). With ``sealing``,
+        also each item's seal leaf (`seal.item_digest`), hashed from the body just
+        verified when the item reads as written (that body is the msgpack the writer
+        hashed), else None; a reference's is its twin's, from ``ref_leaves`` (by id).
+        One loop with its lookups made once: it runs for every item of a restore."""
+        ids = [item_id for item_id, _ in frames]
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+            raise SnapshotCorrupt(
+                f"session {key!r}: {stream} holds item {dup!r} twice; "
+                "the stored log is damaged"
+            )
         out: list[ItemData] = []
-        seen: set[str] = set()
+        got: list[bytes | None] = []
+        add, add_leaf = out.append, got.append
+        plain_refs, ref_sizes = self._plain_refs, self._plain_ref_sizes
+        body_of, crc_body, item_ctx = self._body, self._crc_body, self._item_ctx
         for item_id, frame in frames:
-            if item_id in seen:
+            # the very bytes of a valid reference need no more checking (their length is
+            # compared first: hashing every item frame to look it up costs more)
+            if type(frame) is bytes and len(frame) in ref_sizes and frame in plain_refs:
+                item: Any = _REF
+            else:
+                # only a MAC or a cipher reads the context: an unkeyed frame (flags at
+                # byte 5) skips making it; a frame too short for flags fails in `_body`
+                keyed = len(frame) > 5 and frame[5] & (FLAG_SIGNED | FLAG_ENCRYPTED)
+                opened = None if keyed else crc_body(frame)
+                if opened is None:
+                    ctx = item_ctx(key, stream, item_id) if keyed else b""
+                    version, _, body = body_of(frame, ctx)
+                else:
+                    version, body = opened
+                item = plain_data(body)
+            if item is _REF or item == _REF:
+                twin = refs.get(item_id)
+                if twin is None:
+                    raise SnapshotCorrupt(
+                        f"session {key!r}: agent item {item_id!r} refers to a history item "
+                        "that does not exist"
+                    )
+                # the twin's own map: decoded once, and a restore rebuilds it once
+                add(twin)
+                if sealing:
+                    add_leaf(ref_leaves.get(item_id) if ref_leaves is not None else None)
+                continue
+            current = version == FORMAT_VERSION  # the common case: nothing to upcast
+            if not current:
+                item = migrate_item(item, version)
+            if not isinstance(item, dict) or item.get("id") != item_id or not all_str(item):
                 raise SnapshotCorrupt(
-                    f"session {key!r}: {stream} holds item {item_id!r} twice; "
-                    "the stored log is damaged"
+                    f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
                 )
-            seen.add(item_id)
-            out.append(self._item(key, stream, item_id, frame, refs, leaves))
-        return out
-
+            add(item)
+            if sealing:
+                add_leaf(
+                    packed_digest(body) if current or item_is_current(version) else None
+                )
+        return out, got
 
 @dataclass(frozen=True)
 class _Binding:
