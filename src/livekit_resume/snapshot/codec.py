@@ -67,6 +67,8 @@ HISTORY = "history"
 AGENT = "agent"
 # An agent item equal to the history item of the same id is stored as this marker.
 _REF = {"ref": True}
+# Its body, as every format writes it.
+_REF_BODY: bytes = msgpack.packb(_REF, use_bin_type=True)
 # The key of a multi-frame export's head that lists its item frames.
 _EXPORT = "lkrs_export"
 # The key of a head's binding: the version it was written as, its streams' seals.
@@ -238,6 +240,10 @@ class Codec(Framer):
     def item_context(self, key: str, stream: str, item_id: str) -> bytes:
         """The context of one chat item frame (current format): the msgpack of
         ``["item", namespace, key, stream, id]``, its constant part packed once."""
+        return self._context_prefix(key, stream) + bytes(msgpack.packb(item_id))
+
+    def _context_prefix(self, key: str, stream: str) -> bytes:
+        """`item_context` without its item id: the msgpack of its first four values."""
         prefix = self._item_prefix.get((key, stream))
         if prefix is None:
             if len(self._item_prefix) > 64:
@@ -245,7 +251,7 @@ class Codec(Framer):
             prefix = self._item_prefix[key, stream] = _FIXARRAY_5 + b"".join(
                 msgpack.packb(s) for s in ("item", self.namespace, key, stream)
             )
-        return prefix + bytes(msgpack.packb(item_id))
+        return prefix
 
     def _head_ctx(self, key: str) -> Callable[[int], bytes]:
         return lambda v: self.head_context(key) if v >= BOUND_FROM else key.encode()
@@ -584,7 +590,8 @@ class Codec(Framer):
         got: list[bytes | None] = []
         add, add_leaf = out.append, got.append
         plain_refs, ref_sizes = self._plain_refs, self._plain_ref_sizes
-        body_of, crc_body, item_ctx = self._body, self._crc_body, self._item_ctx
+        body_of, crc_body, packb = self._body, self._crc_body, msgpack.packb
+        prefix = self._context_prefix(key, stream)  # `item_context`'s, made once
         for item_id, frame in frames:
             # the very bytes of a valid reference need no more checking (their length is
             # compared first: hashing every item frame to look it up costs more)
@@ -596,11 +603,18 @@ class Codec(Framer):
                 keyed = len(frame) > 5 and frame[5] & (FLAG_SIGNED | FLAG_ENCRYPTED)
                 opened = None if keyed else crc_body(frame)
                 if opened is None:
-                    ctx = item_ctx(key, stream, item_id) if keyed else b""
+                    ctx = b""
+                    if keyed:  # `_item_ctx` of the version at byte 4 (as `_body` reads it)
+                        ctx = (
+                            prefix + packb(item_id)
+                            if frame[4] >= BOUND_FROM
+                            else _item_context(key, stream, item_id)
+                        )
                     version, _, body = body_of(frame, ctx)
                 else:
                     version, body = opened
-                item = plain_data(body)
+                # a keyed reference (its frame verified) is these very bytes: no unpacking
+                item = _REF if body == _REF_BODY else plain_data(body)
             if item is _REF or item == _REF:
                 twin = refs.get(item_id)
                 if twin is None:
