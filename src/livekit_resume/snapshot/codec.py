@@ -48,7 +48,7 @@ from .frame import FLAG_ZLIB as FLAG_ZLIB
 from .frame import Context as Context
 from .migrate import OLDEST_READABLE, item_is_current, migrate_head, migrate_item
 from .model import FORMAT_VERSION, ItemData, Snapshot
-from .seal import Sealed, SealKey, packed_digest, seal_from_bytes, seal_to_bytes
+from .seal import Sealed, SealKey, item_digest, packed_digest, seal_from_bytes, seal_to_bytes
 
 __all__ = [
     "BOUND_FROM",
@@ -531,11 +531,10 @@ class Codec(Framer):
         self,
         bound: _Binding,
         streams: Mapping[str, Sequence[ItemData]],
-        leaves: Mapping[str, list[bytes | None]] | None = None,
+        leaves: Mapping[str, list[bytes]] | None = None,
     ) -> dict[str, Sealed]:
         """``leaves``: per stream, its items' digests as hashed from their frames' bodies
-        (None for an item whose body is not the one its writer hashed: an upcast one).
-        Returns each checked stream's `Sealed`, as it matched."""
+        (`_items`). Returns each checked stream's `Sealed`, as it matched."""
         key = bound.key
         checked: dict[str, Sealed] = {}
         if not bound.seals:
@@ -545,13 +544,12 @@ class Codec(Framer):
             want = bound.seals.get(stream)
             if want is None:
                 continue
-            got = None
             given = leaves.get(stream) if leaves is not None else None
-            if given is not None and None not in given:
-                ids = [item["id"] for item in items]
-                got = sealer.sealed_leaves(stream, ids, given)  # type: ignore[arg-type]  # no None
-            # a body that is not the canonical msgpack of its data (never one we wrote),
-            # or an upcast item, is judged by its data packed again
+            got = None
+            if given is not None:
+                got = sealer.sealed_leaves(stream, [item["id"] for item in items], given)
+            # a body that is not the canonical msgpack of its data (never one we wrote)
+            # is judged as before: by its data packed again
             if got is None or got.seal != want:
                 got = sealer.sealed(stream, items)
             if got.seal != want:
@@ -570,24 +568,27 @@ class Codec(Framer):
         frames: Sequence[tuple[str, bytes]],
         refs: Mapping[str, ItemData],
         sealing: bool = False,
-        ref_leaves: Mapping[str, bytes | None] | None = None,
-    ) -> tuple[list[ItemData], list[bytes | None]]:
+        ref_leaves: Mapping[str, bytes] | None = None,
+    ) -> tuple[list[ItemData], list[bytes]]:
         """The items of ``stream``'s frames, each verified, upcast and checked; an agent
         reference is resolved in ``refs`` (the history items by id). With ``sealing``,
         also each item's seal leaf (`seal.item_digest`), hashed from the body just
         verified when the item reads as written (that body is the msgpack the writer
-        hashed), else None; a reference's is its twin's, from ``ref_leaves`` (by id).
+        hashed); a reference's is its twin's, from ``ref_leaves`` (by id).
         One loop with its lookups made once: it runs for every item of a restore."""
         ids = [item_id for item_id, _ in frames]
-        if len(set(ids)) != len(ids):
+        if len(set(ids)) != len(ids):  # one check in C; the culprit found only here
             seen: set[str] = set()
-            dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-            raise SnapshotCorrupt(
-                f"session {key!r}: {stream} holds item {dup!r} twice; "
-                "the stored log is damaged"
-            )
+            for item_id in ids:
+                if item_id in seen:
+                    raise SnapshotCorrupt(
+                        f"session {key!r}: {stream} holds item {item_id!r} twice; "
+                        "the stored log is damaged"
+                    )
+                seen.add(item_id)
         out: list[ItemData] = []
-        got: list[bytes | None] = []
+        got: list[bytes] = []
+        twin_leaves = ref_leaves or {}
         add, add_leaf = out.append, got.append
         plain_refs, ref_sizes = self._plain_refs, self._plain_ref_sizes
         body_of, crc_body, packb = self._body, self._crc_body, msgpack.packb
@@ -625,7 +626,7 @@ class Codec(Framer):
                 # the twin's own map: decoded once, and a restore rebuilds it once
                 add(twin)
                 if sealing:
-                    add_leaf(ref_leaves.get(item_id) if ref_leaves is not None else None)
+                    add_leaf(twin_leaves[item_id])  # its twin's, as `refs` has it
                 continue
             current = version == FORMAT_VERSION  # the common case: nothing to upcast
             if not current:
@@ -637,9 +638,12 @@ class Codec(Framer):
             add(item)
             if sealing:
                 add_leaf(
-                    packed_digest(body) if current or item_is_current(version) else None
+                    packed_digest(body)
+                    if current or item_is_current(version)
+                    else item_digest(item)  # upcast: its body is not what the seal hashed
                 )
         return out, got
+
 
 @dataclass(frozen=True)
 class _Binding:
