@@ -591,7 +591,7 @@ class Codec(Framer):
         twin_leaves = ref_leaves or {}
         add, add_leaf = out.append, got.append
         plain_refs, ref_sizes = self._plain_refs, self._plain_ref_sizes
-        body_of, crc_body, packb = self._body, self._crc_body, msgpack.packb
+        body_of, packb = self._body, msgpack.packb
         prefix = self._context_prefix(key, stream)  # `item_context`'s, made once
         for item_id, frame in frames:
             # the very bytes of a valid reference need no more checking (their length is
@@ -601,19 +601,15 @@ class Codec(Framer):
             else:
                 # only a MAC or a cipher reads the context: an unkeyed frame (flags at
                 # byte 5) skips making it; a frame too short for flags fails in `_body`
-                keyed = len(frame) > 5 and frame[5] & (FLAG_SIGNED | FLAG_ENCRYPTED)
-                opened = None if keyed else crc_body(frame)
-                if opened is None:
-                    ctx = b""
-                    if keyed:  # `_item_ctx` of the version at byte 4 (as `_body` reads it)
-                        ctx = (
-                            prefix + packb(item_id)
-                            if frame[4] >= BOUND_FROM
-                            else _item_context(key, stream, item_id)
-                        )
-                    version, _, body = body_of(frame, ctx)
-                else:
-                    version, body = opened
+                ctx = b""
+                if len(frame) > 5 and frame[5] & (FLAG_SIGNED | FLAG_ENCRYPTED):
+                    # `_item_ctx` of the version at byte 4, as `_body` reads it
+                    ctx = (
+                        prefix + packb(item_id)
+                        if frame[4] >= BOUND_FROM
+                        else _item_context(key, stream, item_id)
+                    )
+                version, _, body = body_of(frame, ctx)
                 # a keyed reference (its frame verified) is these very bytes: no unpacking
                 item = _REF if body == _REF_BODY else plain_data(body)
             if item is _REF or item == _REF:

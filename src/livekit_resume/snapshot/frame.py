@@ -59,7 +59,6 @@ MAGIC = b"LKRS"
 _HEADER = struct.Struct(">4sBBHI")
 _CRC = struct.Struct(">I")
 _HMAC_LEN = 32
-_MIN_FRAME = _HEADER.size + _CRC.size
 _NONCE_LEN = 12
 
 FLAG_ZLIB = 1
@@ -290,28 +289,6 @@ class Framer:
         elif flags & FLAG_ZLIB:
             body = self._inflate(body)
         return version, flags, body
-
-    def _crc_body(self, frame: bytes) -> tuple[int, bytes] | None:
-        """`_body` of the commonest frame in fewer steps: neither signed nor encrypted
-        (a CRC), read by a framer without signing keys, of a kind `_check_kind` let
-        through already. None for any other frame and for one failing a check: the
-        caller then opens it with `_body`, which checks it all again and names what
-        failed. So it accepts only frames `_body` accepts, and returns the same."""
-        if type(frame) is not bytes or self._sign is not None or len(frame) < _MIN_FRAME:
-            return None
-        magic, version, flags, _reserved, size = _HEADER.unpack_from(frame)
-        end = _HEADER.size + size
-        if (
-            magic != MAGIC
-            or size > self._max
-            or len(frame) != end + _CRC.size
-            or flags & ~FLAG_ZDICT  # no MAC, no cipher, no zlib: raw or preset deflate
-            or version << 8 | flags not in self._kinds_ok
-            or zlib.crc32(frame[:end]) != int.from_bytes(frame[end:], "big")
-        ):
-            return None
-        body = frame[_HEADER.size : end]
-        return version, self._inflate(body, self._zdict) if flags else body
 
     def _check_kind(self, version: int, flags: int) -> None:
         """Refuse a verified frame this framer must not read: unknown flags, or
