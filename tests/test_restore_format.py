@@ -176,21 +176,20 @@ def test_a_reference_frame_with_keys_is_still_verified() -> None:
 
 
 @pytest.mark.parametrize(
-    "keys",
+    "codec",
     [
-        {"signing_keys": "k1:" + base64.b64encode(b"s" * 32).decode()},
-        {"encryption_keys": "e1:" + base64.b64encode(b"e" * 32).decode()},
+        Codec(signing_keys="k1:" + base64.b64encode(b"s" * 32).decode()),
+        Codec(encryption_keys="e1:" + base64.b64encode(b"e" * 32).decode()),
     ],
     ids=["signed", "encrypted"],
 )
 def test_keyed_items_of_older_formats_under_a_sealed_head_load_and_stay_bound(
-    keys: dict[str, str],
+    codec: Codec,
 ) -> None:
     # A stream may hold frames of older formats (written before an upgrade): before
     # format 3 their context is the key, stream and id alone, and their items are upcast,
     # so their seal leaves come from their data, not their bodies. A reference to one
     # resolves to it, and every frame is still bound to its id.
-    codec = Codec(**keys)
     items = [_message(n) for n in range(4)]
 
     def frame(stream: str, item: dict[str, Any], version: int, ref: bool = False) -> bytes:
