@@ -348,6 +348,12 @@ def test_a_seal_term_is_the_keyed_blake2b_of_its_place_and_leaf(key: bytes | Non
         want = hashlib.blake2b(record, key=seal_key, digest_size=32).digest()
         assert sealer.term(HISTORY, "item_b", after, b"l" * 32) == int.from_bytes(want, "big")
         assert sealer.term(HISTORY, "item_b", after, b"l" * 32) == int.from_bytes(want, "big")
+    # a whole stream's terms, hashed in one loop, are these terms
+    ids, leaves = ["item_a", "item_b", "item_c"], [b"a" * 32, b"b" * 32, b"c" * 32]
+    got = sealer.sealed_leaves(AGENT, ids, leaves)
+    afters = [None, *ids[:-1]]
+    terms = [sealer.term(AGENT, i, a, leaf) for i, a, leaf in zip(ids, afters, leaves, strict=True)]
+    assert got.terms == terms and got.leaves == leaves and got.seal == sum(terms) % (1 << 256)
 
 
 # -- the Redis log ------------------------------------------------------------------------
