@@ -76,15 +76,21 @@ async def test_restore_hashes_each_item_once_and_the_tracker_holds_its_own_state
     codec = Codec(signing_keys=OLD)
     await talk(store, codec, 4)
     terms: list[str] = []
-    term = SealKey.term
+    term, sealed_leaves = SealKey.term, SealKey.sealed_leaves
 
     def counted(self: SealKey, stream: str, *a: Any) -> int:
         terms.append(stream)
         return term(self, stream, *a)
 
+    def counted_all(self: SealKey, stream: str, ids: list[str], leaves: list[bytes]) -> Any:
+        terms.extend([stream] * len(ids))  # one term per item (its loop hashes inline)
+        return sealed_leaves(self, stream, ids, leaves)
+
     monkeypatch.setattr(SealKey, "term", counted)
+    monkeypatch.setattr(SealKey, "sealed_leaves", counted_all)
     session, rs = await open_session(store, codec)
     monkeypatch.setattr(SealKey, "term", term)
+    monkeypatch.setattr(SealKey, "sealed_leaves", sealed_leaves)
     cap = rs._capture
     history = cap._history
     agent = cap._agent_ctx

@@ -175,6 +175,48 @@ def test_a_reference_frame_with_keys_is_still_verified() -> None:
         signed.decode_item("k", AGENT, "item_000000000002", frame, refs)
 
 
+@pytest.mark.parametrize(
+    "codec",
+    [
+        Codec(signing_keys="k1:" + base64.b64encode(b"s" * 32).decode()),
+        Codec(encryption_keys="e1:" + base64.b64encode(b"e" * 32).decode()),
+    ],
+    ids=["signed", "encrypted"],
+)
+def test_keyed_items_of_older_formats_under_a_sealed_head_load_and_stay_bound(
+    codec: Codec,
+) -> None:
+    # A stream may hold frames of older formats (written before an upgrade): before
+    # format 3 their context is the key, stream and id alone, and their items are upcast,
+    # so their seal leaves come from their data, not their bodies. A reference to one
+    # resolves to it, and every frame is still bound to its id.
+    items = [_message(n) for n in range(4)]
+
+    def frame(stream: str, item: dict[str, Any], version: int, ref: bool = False) -> bytes:
+        ctx = codec._item_ctx("k", stream, item["id"])
+        return codec.pack({"ref": True} if ref else item, context=ctx, version=version)
+
+    history = [(i["id"], frame(HISTORY, i, v)) for i, v in zip(items, (1, 2, 3, 4), strict=True)]
+    agent = [
+        (i["id"], frame(AGENT, i, v, ref=True)) for i, v in zip(items, (2, 4, 1, 3), strict=True)
+    ]
+    decoded = [codec.decode_item("k", HISTORY, i, f, {}) for i, f in history]
+    snap = Snapshot(key="k", history=decoded, agent=AgentFrame(agent_id="a", chat_ctx=decoded))
+    seals = {HISTORY: codec.seal(HISTORY, decoded), AGENT: codec.seal(AGENT, decoded)}
+    head = codec.encode_head(snap, version=2, seals=seals)
+    sealed: dict[str, Any] = {}
+    got = codec.decode_parts("k", head, {HISTORY: history, AGENT: agent}, version=2, sealed=sealed)
+    assert got.history == decoded and got.agent is not None
+    assert all(a is h for a, h in zip(got.agent.chat_ctx, got.history, strict=True))
+    assert sealed[HISTORY].seal == seals[HISTORY] and sealed[AGENT].seal == seals[AGENT]
+    moved = [history[0], (items[2]["id"], history[1][1])]  # a format 2 frame, moved
+    with pytest.raises(SignatureMismatch):
+        codec.decode_parts("k", head, {HISTORY: moved}, version=2)
+    swapped = [history[1], history[0], *history[2:]]
+    with pytest.raises(SignatureMismatch, match="seal"):
+        codec.decode_parts("k", head, {HISTORY: swapped, AGENT: agent}, version=2)
+
+
 def test_signed_frames_verify_one_after_another_and_a_forged_one_among_them_does_not() -> None:
     # each verify copies one HMAC state keyed once per key: none leaks into the next
     keys = (
@@ -306,6 +348,12 @@ def test_a_seal_term_is_the_keyed_blake2b_of_its_place_and_leaf(key: bytes | Non
         want = hashlib.blake2b(record, key=seal_key, digest_size=32).digest()
         assert sealer.term(HISTORY, "item_b", after, b"l" * 32) == int.from_bytes(want, "big")
         assert sealer.term(HISTORY, "item_b", after, b"l" * 32) == int.from_bytes(want, "big")
+    # a whole stream's terms, hashed in one loop, are these terms
+    ids, leaves = ["item_a", "item_b", "item_c"], [b"a" * 32, b"b" * 32, b"c" * 32]
+    got = sealer.sealed_leaves(AGENT, ids, leaves)
+    afters = [None, *ids[:-1]]
+    terms = [sealer.term(AGENT, i, a, leaf) for i, a, leaf in zip(ids, afters, leaves, strict=True)]
+    assert got.terms == terms and got.leaves == leaves and got.seal == sum(terms) % (1 << 256)
 
 
 # -- the Redis log ------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from .frame import FLAG_ZLIB as FLAG_ZLIB
 from .frame import Context as Context
 from .migrate import OLDEST_READABLE, item_is_current, migrate_head, migrate_item
 from .model import FORMAT_VERSION, ItemData, Snapshot
-from .seal import Sealed, SealKey, packed_digest, seal_from_bytes, seal_to_bytes
+from .seal import Sealed, SealKey, item_digest, packed_digest, seal_from_bytes, seal_to_bytes
 
 __all__ = [
     "BOUND_FROM",
@@ -67,6 +67,8 @@ HISTORY = "history"
 AGENT = "agent"
 # An agent item equal to the history item of the same id is stored as this marker.
 _REF = {"ref": True}
+# Its body, as every format writes it.
+_REF_BODY: bytes = msgpack.packb(_REF, use_bin_type=True)
 # The key of a multi-frame export's head that lists its item frames.
 _EXPORT = "lkrs_export"
 # The key of a head's binding: the version it was written as, its streams' seals.
@@ -238,6 +240,10 @@ class Codec(Framer):
     def item_context(self, key: str, stream: str, item_id: str) -> bytes:
         """The context of one chat item frame (current format): the msgpack of
         ``["item", namespace, key, stream, id]``, its constant part packed once."""
+        return self._context_prefix(key, stream) + bytes(msgpack.packb(item_id))
+
+    def _context_prefix(self, key: str, stream: str) -> bytes:
+        """`item_context` without its item id: the msgpack of its first four values."""
         prefix = self._item_prefix.get((key, stream))
         if prefix is None:
             if len(self._item_prefix) > 64:
@@ -245,7 +251,7 @@ class Codec(Framer):
             prefix = self._item_prefix[key, stream] = _FIXARRAY_5 + b"".join(
                 msgpack.packb(s) for s in ("item", self.namespace, key, stream)
             )
-        return prefix + bytes(msgpack.packb(item_id))
+        return prefix
 
     def _head_ctx(self, key: str) -> Callable[[int], bytes]:
         return lambda v: self.head_context(key) if v >= BOUND_FROM else key.encode()
@@ -462,52 +468,7 @@ class Codec(Framer):
     ) -> ItemData:
         """One item frame of ``stream``, upcast; an agent reference is resolved in
         ``refs`` (the history items by id). Raises `SnapshotCorrupt` for a bad frame."""
-        return self._item(key, stream, item_id, frame, refs, None)
-
-    def _item(
-        self,
-        key: str,
-        stream: str,
-        item_id: str,
-        frame: bytes,
-        refs: Mapping[str, ItemData],
-        leaves: dict[int, bytes] | None,
-    ) -> ItemData:
-        """`decode_item`; with ``leaves``, also the item's seal leaf (`seal.item_digest`)
-        by the identity of its map, hashed from the body just verified when the item
-        reads as written (that body is the msgpack the writer hashed)."""
-        # the very bytes of a valid reference need no more checking (their length is
-        # compared first: hashing every item frame to look it up costs more)
-        plain_ref = (
-            type(frame) is bytes
-            and len(frame) in self._plain_ref_sizes
-            and frame in self._plain_refs
-        )
-        if not plain_ref:
-            # only a MAC or a cipher reads the context: an unkeyed frame (flags at byte
-            # 5) skips making it; a frame too short for flags fails in `_body`
-            keyed = len(frame) > 5 and frame[5] & (FLAG_SIGNED | FLAG_ENCRYPTED)
-            ctx = self._item_ctx(key, stream, item_id) if keyed else b""
-            version, _, body = self._body(frame, ctx)
-            item = plain_data(body)
-        if plain_ref or item == _REF:
-            if item_id not in refs:
-                raise SnapshotCorrupt(
-                    f"session {key!r}: agent item {item_id!r} refers to a history item "
-                    "that does not exist"
-                )
-            # the twin's own map: decoded once, and a restore rebuilds it once
-            return refs[item_id]
-        current = version == FORMAT_VERSION  # the common case: nothing to upcast
-        if not current:
-            item = migrate_item(item, version)
-        if not isinstance(item, dict) or item.get("id") != item_id or not all_str(item):
-            raise SnapshotCorrupt(
-                f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
-            )
-        if leaves is not None and (current or item_is_current(version)):
-            leaves[id(item)] = packed_digest(body)
-        return item
+        return self._items(key, stream, ((item_id, frame),), refs)[0][0]
 
     def decode_parts(
         self,
@@ -537,17 +498,23 @@ class Codec(Framer):
         data, want, bound = self._head(key, head)
         if version is not None:
             bound.check_version(version)
-        leaves: dict[int, bytes] = {}
-        history = self._items(key, HISTORY, streams.get(HISTORY, ()), {}, leaves)
+        # the leaves (digests) of the items of the streams a seal covers, from their bodies
+        sealing = bool(bound.seals)
+        history, h_leaves = self._items(key, HISTORY, streams.get(HISTORY, ()), {}, sealing)
         by_id = {i["id"]: i for i in history}
-        agent_items = self._items(key, AGENT, streams.get(AGENT, ()), by_id, leaves)
+        twin_leaves = dict(zip(by_id, h_leaves, strict=True)) if sealing else None
+        agent_items, a_leaves = self._items(
+            key, AGENT, streams.get(AGENT, ()), by_id, sealing, twin_leaves
+        )
         got = {HISTORY: len(history), AGENT: len(agent_items)}
         if any(want.get(s, n) != n for s, n in got.items()):
             raise SnapshotCorrupt(
                 f"session {key!r}: snapshot lists {want} items but the store holds {got}; "
                 "the stored log is damaged"
             )
-        checked = self._check_seals(bound, {HISTORY: history, AGENT: agent_items}, leaves)
+        checked = self._check_seals(
+            bound, {HISTORY: history, AGENT: agent_items}, {HISTORY: h_leaves, AGENT: a_leaves}
+        )
         if sealed is not None:
             sealed.update(checked)
         if version is not None:
@@ -564,11 +531,10 @@ class Codec(Framer):
         self,
         bound: _Binding,
         streams: Mapping[str, Sequence[ItemData]],
-        leaves: dict[int, bytes] | None = None,
+        leaves: Mapping[str, list[bytes]] | None = None,
     ) -> dict[str, Sealed]:
-        """``leaves``: items' digests by the identity of their maps (alive meanwhile, so
-        their ids stay theirs), as hashed from their frames' bodies. Returns each checked
-        stream's `Sealed`, as it matched."""
+        """``leaves``: per stream, its items' digests as hashed from their frames' bodies
+        (`_items`). Returns each checked stream's `Sealed`, as it matched."""
         key = bound.key
         checked: dict[str, Sealed] = {}
         if not bound.seals:
@@ -578,10 +544,13 @@ class Codec(Framer):
             want = bound.seals.get(stream)
             if want is None:
                 continue
-            got = sealer.sealed(stream, items, leaves)
+            given = leaves.get(stream) if leaves is not None else None
+            got = None
+            if given is not None:
+                got = sealer.sealed_leaves(stream, [item["id"] for item in items], given)
             # a body that is not the canonical msgpack of its data (never one we wrote)
             # is judged as before: by its data packed again
-            if got.seal != want and leaves:
+            if got is None or got.seal != want:
                 got = sealer.sealed(stream, items)
             if got.seal != want:
                 raise bound.error(
@@ -598,19 +567,78 @@ class Codec(Framer):
         stream: str,
         frames: Sequence[tuple[str, bytes]],
         refs: Mapping[str, ItemData],
-        leaves: dict[int, bytes],
-    ) -> list[ItemData]:
+        sealing: bool = False,
+        ref_leaves: Mapping[str, bytes] | None = None,
+    ) -> tuple[list[ItemData], list[bytes]]:
+        """The items of ``stream``'s frames, each verified, upcast and checked; an agent
+        reference is resolved in ``refs`` (the history items by id). With ``sealing``,
+        also each item's seal leaf (`seal.item_digest`), hashed from the body just
+        verified when the item reads as written (that body is the msgpack the writer
+        hashed); a reference's is its twin's, from ``ref_leaves`` (by id).
+        One loop with its lookups made once: it runs for every item of a restore."""
+        ids = [item_id for item_id, _ in frames]
+        if len(set(ids)) != len(ids):  # one check in C; the culprit found only here
+            seen: set[str] = set()
+            for item_id in ids:
+                if item_id in seen:
+                    raise SnapshotCorrupt(
+                        f"session {key!r}: {stream} holds item {item_id!r} twice; "
+                        "the stored log is damaged"
+                    )
+                seen.add(item_id)
         out: list[ItemData] = []
-        seen: set[str] = set()
+        got: list[bytes] = []
+        twin_leaves = ref_leaves or {}
+        add, add_leaf = out.append, got.append
+        plain_refs, ref_sizes = self._plain_refs, self._plain_ref_sizes
+        body_of, packb = self._body, msgpack.packb
+        prefix = self._context_prefix(key, stream)  # `item_context`'s, made once
         for item_id, frame in frames:
-            if item_id in seen:
+            # the very bytes of a valid reference need no more checking (their length is
+            # compared first: hashing every item frame to look it up costs more)
+            if type(frame) is bytes and len(frame) in ref_sizes and frame in plain_refs:
+                item: Any = _REF
+            else:
+                # only a MAC or a cipher reads the context: an unkeyed frame (flags at
+                # byte 5) skips making it; a frame too short for flags fails in `_body`
+                ctx = b""
+                if len(frame) > 5 and frame[5] & (FLAG_SIGNED | FLAG_ENCRYPTED):
+                    # `_item_ctx` of the version at byte 4, as `_body` reads it
+                    ctx = (
+                        prefix + packb(item_id)
+                        if frame[4] >= BOUND_FROM
+                        else _item_context(key, stream, item_id)
+                    )
+                version, _, body = body_of(frame, ctx)
+                # a keyed reference (its frame verified) is these very bytes: no unpacking
+                item = _REF if body == _REF_BODY else plain_data(body)
+            if item is _REF or item == _REF:
+                twin = refs.get(item_id)
+                if twin is None:
+                    raise SnapshotCorrupt(
+                        f"session {key!r}: agent item {item_id!r} refers to a history item "
+                        "that does not exist"
+                    )
+                # the twin's own map: decoded once, and a restore rebuilds it once
+                add(twin)
+                if sealing:
+                    add_leaf(twin_leaves[item_id])  # its twin's, as `refs` has it
+                continue
+            current = version == FORMAT_VERSION  # the common case: nothing to upcast
+            if not current:
+                item = migrate_item(item, version)
+            if not isinstance(item, dict) or item.get("id") != item_id or not all_str(item):
                 raise SnapshotCorrupt(
-                    f"session {key!r}: {stream} holds item {item_id!r} twice; "
-                    "the stored log is damaged"
+                    f"session {key!r}: {stream} item {item_id!r} is malformed or mislabelled"
                 )
-            seen.add(item_id)
-            out.append(self._item(key, stream, item_id, frame, refs, leaves))
-        return out
+            add(item)
+            if sealing:
+                add_leaf(
+                    packed_digest(body)
+                    if current or item_is_current(version)
+                    else item_digest(item)  # upcast: its body is not what the seal hashed
+                )
+        return out, got
 
 
 @dataclass(frozen=True)

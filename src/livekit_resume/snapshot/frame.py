@@ -442,19 +442,13 @@ def _deflater(level: int, size: int, zdict: bytes | None = None) -> Any:
 
 
 def plain_data(body: bytes) -> Any:
-    """A verified body's plain data, within the depth limit."""
-    data = _unpackb(body)
-    if _may_nest(body) and _too_deep(data):
-        raise SnapshotTooLarge(f"frame holds values nested deeper than {MAX_DEPTH} levels")
-    return data
-
-
-def _unpackb(body: bytes) -> Any:
+    """A verified body's plain data, within the depth limit (`_may_nest` written out:
+    this runs for every item frame of a restore)."""
     # Every declared length is bounded by the body itself: a hostile header cannot make
     # msgpack allocate more than the frame carries.
     n = len(body)
     try:
-        return msgpack.unpackb(
+        data = msgpack.unpackb(
             body,
             raw=False,
             strict_map_key=True,
@@ -466,6 +460,13 @@ def _unpackb(body: bytes) -> Any:
         )
     except Exception as e:  # msgpack raises many types (ValueError, ExtraData, ...)
         raise SnapshotCorrupt(f"frame body is not valid msgpack: {type(e).__name__}: {e}") from None
+    if (
+        n > MAX_DEPTH
+        and len(body.translate(None, _NOT_CONTAINER)) > MAX_DEPTH
+        and _too_deep(data)
+    ):
+        raise SnapshotTooLarge(f"frame holds values nested deeper than {MAX_DEPTH} levels")
+    return data
 
 
 # Every byte that is not the first byte of a msgpack map or array header (fixmap,

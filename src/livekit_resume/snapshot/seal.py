@@ -177,19 +177,29 @@ class SealKey:
         self, stream: str, items: Sequence[ItemData], leaves: dict[int, bytes] | None = None
     ) -> Sealed:
         """`seal`, with each item's leaf and term on the way (`Sealed`)."""
-        out = Sealed(self, [], [], 0)
-        after = None
         leaves = {} if leaves is None else leaves
-        term, add_leaf, add_term = self.term, out.leaves.append, out.terms.append
+        got: list[bytes] = []
         for item in items:
             leaf = leaves.get(id(item))
             if leaf is None:
                 leaf = leaves[id(item)] = item_digest(item)
-            add_leaf(leaf)
-            add_term(term(stream, item["id"], after, leaf))
-            after = item["id"]
-        out.seal = sum(out.terms) % _MOD
-        return out
+            got.append(leaf)
+        return self.sealed_leaves(stream, [item["id"] for item in items], got)
+
+    def sealed_leaves(self, stream: str, ids: Sequence[str], leaves: list[bytes]) -> Sealed:
+        """`sealed` of the items of ``ids`` whose leaves are ``leaves`` (kept, not
+        copied): a restore has them from the frames it verified. One loop with its
+        lookups made once: it runs for every item of every stream of a restore."""
+        copy, pack, from_bytes = self._keyed.copy, _packer().pack, int.from_bytes
+        terms: list[int] = []
+        add = terms.append
+        after = None
+        for item_id, leaf in zip(ids, leaves, strict=True):
+            h = copy()
+            h.update(pack([stream, item_id, after, leaf]))
+            add(from_bytes(h.digest(), "big"))
+            after = item_id
+        return Sealed(self, leaves, terms, sum(terms) % _MOD)
 
 
 @dataclass(slots=True)
