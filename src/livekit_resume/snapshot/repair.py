@@ -49,7 +49,9 @@ def _interrupted_output(
     )
 
 
-def _progress_only_calls(items: list[llm.ChatItem]) -> list[llm.FunctionCall]:
+def _progress_only_calls(
+    marked: list[llm.FunctionCall], answered: set[str]
+) -> list[llm.FunctionCall]:
     """Async-tool calls that got progress outputs but never their result.
 
     LiveKit marks a call whose tool reported progress (`RunContext.update`) with
@@ -57,12 +59,9 @@ def _progress_only_calls(items: list[llm.ChatItem]) -> list[llm.FunctionCall]:
     reports ("the task is still running"), and the result arrives as a ``<call_id>_final``
     pair (also for an error or a None return; a cancelled tool gets none). The update and
     final pairs carry the mark too: they are parts of their call, not calls to answer.
+    ``marked``: the calls with the mark, in order; ``answered``: the call ids with an output.
     """
-    marked = [
-        i for i in items if isinstance(i, llm.FunctionCall) and i.extra.get(NON_BLOCKING_EXTRA)
-    ]
     call_ids = {c.call_id for c in marked}
-    answered = {i.call_id for i in items if isinstance(i, llm.FunctionCallOutput)}
     found: list[llm.FunctionCall] = []
     seen: set[str] = set()
     for call in marked:
@@ -126,8 +125,16 @@ def repair_tool_calls(
     pair (item ids: the call's id + ``"_interrupted_call"`` / ``"_interrupted"``) at the
     end of `ctx`, after the progress the model was told about.
     """
-    answered = {i.call_id for i in ctx.items if isinstance(i, llm.FunctionCallOutput)}
-    called = {i.call_id for i in ctx.items if isinstance(i, llm.FunctionCall)}
+    answered: set[str] = set()
+    called: set[str] = set()
+    marked: list[llm.FunctionCall] = []  # see _progress_only_calls
+    for i in ctx.items:  # one pass: a restore runs this over every item of the context
+        if isinstance(i, llm.FunctionCallOutput):
+            answered.add(i.call_id)
+        elif isinstance(i, llm.FunctionCall):
+            called.add(i.call_id)
+            if i.extra.get(NON_BLOCKING_EXTRA):
+                marked.append(i)
     for record in pending:
         if record.call_id in called or record.call_id in answered:
             continue
@@ -148,7 +155,7 @@ def repair_tool_calls(
 
     added: list[llm.FunctionCallOutput] = []
     items = ctx.items
-    index = 0
+    index = 0 if not called <= answered else len(items)  # else every call has its output
     while index < len(items):
         item = items[index]
         if isinstance(item, llm.FunctionCall) and item.call_id not in answered:
@@ -161,7 +168,7 @@ def repair_tool_calls(
         index += 1
 
     just_answered = {o.call_id for o in added}
-    for call in _progress_only_calls(items):
+    for call in _progress_only_calls(marked, answered):
         if call.call_id in just_answered:
             continue  # it had no output at all: answered above, right after it
         last = max((i.created_at for i in items), default=call.created_at)
