@@ -105,9 +105,7 @@ async def main() -> None:
     history = args.sizes[0]
     with c.redis_server() as url:
         print(f"<!-- {c.machine(url)} -->\n")
-        bare, _, _, _ = await run(
-            url, args.sessions, args.period, args.duration, history, False
-        )
+        bare, _, _, _ = await run(url, args.sessions, args.period, args.duration, history, False)
         hooked, lat, usec, received = await run(
             url, args.sessions, args.period, args.duration, history, True
         )
