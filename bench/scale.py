@@ -3,10 +3,14 @@
 ``--sessions`` live AgentSessions (text mode, ``--sizes`` items of history each) share one
 process and one Redis. Each takes a turn (a user message and a reply) every
 ``--period`` seconds, spread evenly, for ``--duration`` seconds. The same run is done
-twice: without the hooks (the turns only) and with them (a `ResumableSession`
-checkpoint after each turn). The difference in the process's CPU time, divided by the
-duration, is the share of one core spent in livekit-resume; the checkpoint latencies
-under that load give the p50 and p99. Redis's own time executing the commands
+three times: without the hooks (the turns only), with them (a `ResumableSession`
+checkpoint after each turn), and the floor (each turn followed by one plain redis-py
+``RPUSH`` of as many bytes as a checkpoint sent Redis, on a client with the store's
+socket timeout: what any Redis write per turn costs). The difference in the process's
+CPU time, divided by the duration, is the share of one core spent in livekit-resume (or
+in the floor's writes); the hooked/floor ratio of the CPU per write says how far the
+hooks are from that floor. The checkpoint latencies under that load give the p50 and
+p99. Redis's own time executing the commands
 (``INFO commandstats``, reset before the run) per checkpoint gives how many such
 sessions one Redis core serves at half load.
 
@@ -25,18 +29,35 @@ import _common as c
 from redis.asyncio import Redis
 
 from livekit_resume.stores.redis import RedisStore
+from livekit_resume.stores.redis.client import DEFAULT_SOCKET_TIMEOUT
+
+# The floor's write when the hooked run made no checkpoint to measure (a tiny run):
+# about what a checkpoint of one turn sends (two messages, the head, the arguments).
+_FLOOR_BYTES = 700
 
 
 async def run(
-    url: str, sessions: int, period: float, duration: float, history: int, hooks: bool
-) -> tuple[float, list[float], float]:
-    """CPU seconds the process used over ``duration``, each checkpoint's latency, and
-    the microseconds Redis spent executing commands meanwhile (``INFO commandstats``)."""
+    url: str,
+    sessions: int,
+    period: float,
+    duration: float,
+    history: int,
+    hooks: bool,
+    floor: int = 0,
+) -> tuple[float, list[float], float, int]:
+    """CPU seconds the process used over ``duration``, each write's latency (a
+    checkpoint, or with ``floor`` an ``RPUSH`` of that many bytes), the microseconds
+    Redis spent executing commands meanwhile (``INFO commandstats``) and the bytes it
+    received (``total_net_input_bytes``)."""
     store = RedisStore.from_url(url)
     live = [await c.live_session(store, history) for _ in range(sessions)]
     latencies: list[float] = []
     client = Redis.from_url(url)
+    # the floor's writes go through a client of their own, configured as the store's
+    plain = Redis.from_url(url, socket_timeout=DEFAULT_SOCKET_TIMEOUT)
+    payload = b"x" * floor
     await client.config_resetstat()
+    received = int((await client.info("stats"))["total_net_input_bytes"])
 
     async def talk(index: int) -> None:
         session, rs = live[index]
@@ -45,7 +66,11 @@ async def run(
         while True:
             c.add_turn(session, n, time.time())
             n += 1
-            if hooks:
+            if floor:
+                start = time.perf_counter()
+                await plain.rpush(f"floor:{index}", payload)
+                latencies.append(time.perf_counter() - start)
+            elif hooks:
                 start = time.perf_counter()
                 await rs.checkpoint("turn")
                 latencies.append(time.perf_counter() - start)
@@ -58,13 +83,17 @@ async def run(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    received = int((await client.info("stats"))["total_net_input_bytes"]) - received
     stats = await client.info("commandstats")
-    redis_usec = sum(float(v["usec"]) for k, v in stats.items() if k != "cmdstat_config")
+    redis_usec = sum(
+        float(v["usec"]) for k, v in stats.items() if k not in ("cmdstat_config", "cmdstat_info")
+    )
     await client.aclose()
+    await plain.aclose()
     for session, rs in live:
         await c.close(session, rs)
     await store.aclose()
-    return cpu, latencies, redis_usec
+    return cpu, latencies, redis_usec, received
 
 
 async def main() -> None:
@@ -76,11 +105,18 @@ async def main() -> None:
     history = args.sizes[0]
     with c.redis_server() as url:
         print(f"<!-- {c.machine(url)} -->\n")
-        bare, _, _ = await run(url, args.sessions, args.period, args.duration, history, False)
-        hooked, lat, usec = await run(
+        bare, _, _, _ = await run(url, args.sessions, args.period, args.duration, history, False)
+        hooked, lat, usec, received = await run(
             url, args.sessions, args.period, args.duration, history, True
         )
+        # as many bytes per write as a checkpoint sent
+        sent = round(received / len(lat)) if lat else _FLOOR_BYTES
+        floor, floor_lat, _, _ = await run(
+            url, args.sessions, args.period, args.duration, history, False, sent
+        )
     share = (hooked - bare) / args.duration
+    per_checkpoint = (hooked - bare) / max(1, len(lat))
+    per_floor = (floor - bare) / max(1, len(floor_lat))
     per_commit = usec / max(1, len(lat))  # Redis CPU per checkpoint, microseconds
     # sessions one Redis core serves at half load, a turn every ``period`` seconds each
     per_primary = 0.5 * 1e6 / per_commit * args.period if per_commit else float("nan")
@@ -105,11 +141,39 @@ async def main() -> None:
                     f"{bare / args.duration:.1%}",
                     f"{hooked / args.duration:.1%}",
                     f"{share:.1%}",
-                    c.fmt_ms((hooked - bare) / max(1, len(lat)) * 1e3),
+                    c.fmt_ms(per_checkpoint * 1e3),
                     c.fmt_ms(c.ms(lat)) if lat else "—",
                     c.fmt_ms(c.ms(lat, 0.99)) if lat else "—",
                     f"{per_commit:.0f} µs",
                     f"{per_primary:,.0f}",
+                ]
+            ],
+        ),
+    )
+    c.section(
+        f"The floor: the same turns, each followed by one plain redis-py RPUSH of {sent:,} "
+        "bytes (what a checkpoint sent) instead of a checkpoint",
+        c.table(
+            [
+                "writes",
+                "CPU share (hooks)",
+                "CPU share (floor)",
+                "CPU per checkpoint",
+                "CPU per RPUSH",
+                "hooked / floor, per write",
+                "RPUSH p50 under load",
+                "p99",
+            ],
+            [
+                [
+                    len(floor_lat),
+                    f"{share:.1%}",
+                    f"{(floor - bare) / args.duration:.1%}",
+                    c.fmt_ms(per_checkpoint * 1e3),
+                    c.fmt_ms(per_floor * 1e3),
+                    c.times(per_checkpoint / per_floor) if per_floor > 0 else "—",
+                    c.fmt_ms(c.ms(floor_lat)) if floor_lat else "—",
+                    c.fmt_ms(c.ms(floor_lat, 0.99)) if floor_lat else "—",
                 ]
             ],
         ),

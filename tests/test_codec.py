@@ -431,3 +431,39 @@ def test_a_key_without_its_id_is_refused_without_echoing_the_secret() -> None:
     with pytest.raises(ValueError) as e:
         Codec(signing_keys=secret)
     assert secret not in str(e.value) and "kid:base64key" in str(e.value)
+
+
+def test_a_frames_context_is_made_only_for_a_key_that_binds_it() -> None:
+    made: list[int] = []
+
+    def context(version: int) -> bytes:
+        made.append(version)
+        return b"bound"
+
+    plain = Codec()
+    assert plain.unpack(plain.pack({"a": 1}, context=context))[1] == {"a": 1}
+    assert made == []  # a CRC binds nothing: never made
+    for codec in (Codec(signing_keys=KEY_A), Codec(encryption_keys=KEY_A)):
+        frame = codec.pack({"a": 1}, context=context)
+        assert made.pop() == FORMAT_VERSION
+        assert codec.unpack(frame, context=b"bound")[1] == {"a": 1}
+        with pytest.raises(SignatureMismatch):
+            codec.unpack(frame, context=b"other")
+
+
+def test_an_encrypted_item_cannot_be_moved_to_another_session() -> None:
+    codec = Codec(encryption_keys=KEY_A)
+    for _ in range(2):  # the second one seals with the cipher kept from the first
+        frame = codec.encode_item("room-1", "history", _msg(1))
+        codec.unpack(frame, context=codec.item_context("room-1", "history", "item_1"))
+        with pytest.raises(SignatureMismatch):
+            codec.unpack(frame, context=codec.item_context("room-2", "history", "item_1"))
+
+
+def test_frames_deflated_from_the_kept_dictionary_state_do_not_affect_each_other() -> None:
+    # each frame starts from a copy of one deflate state with the dictionary loaded
+    codec = Codec()
+    first = [codec.encode_item("k", "history", _msg(i, "hello " * i)) for i in range(1, 6)]
+    again = [codec.encode_item("k", "history", _msg(i, "hello " * i)) for i in range(1, 6)]
+    assert first == again
+    assert [codec.unpack(f)[1] for f in first] == [_msg(i, "hello " * i) for i in range(1, 6)]

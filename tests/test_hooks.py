@@ -365,6 +365,41 @@ class FlakyStore:
         return await self.inner.commit(commit)
 
 
+class NotingStore(FlakyStore):
+    """Notes every commit sent, landed or not."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.sent: list[Commit] = []
+
+    async def commit(self, commit: Commit) -> int:
+        self.sent.append(commit)
+        return await super().commit(commit)
+
+
+async def test_every_commit_has_its_own_id_and_a_retry_sends_the_same_one() -> None:
+    store = NotingStore(MemoryStore())
+    session, rs, _ = await start(store, ["one", "two", "three"])
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    store.down = True
+    await session.run(user_input="b")
+    with pytest.raises(lr.StoreUnavailable):
+        await rs.checkpoint()
+    store.down = False
+    await session.run(user_input="c")
+    await rs.checkpoint()  # the failed commit again, then a new one
+    other, rs2, _ = await start(NotingStore(MemoryStore()), ["x"])
+    await other.run(user_input="a")
+    await rs2.checkpoint()
+    cids = [c.commit_id for c in store.sent]
+    assert len(cids) == 4 and cids[1] == cids[2] and len(set(cids)) == 3
+    assert all(cids) and rs2._capture._commit_prefix != rs._capture._commit_prefix
+    for r, s in ((rs, session), (rs2, other)):
+        await r.aclose()
+        await s.aclose()
+
+
 async def test_autosave_retries_a_failing_store_and_flushes_when_it_is_back() -> None:
     flaky = FlakyStore(MemoryStore())
     session, rs, _ = await start(flaky, ["one", "two"], autosave=True)

@@ -389,6 +389,20 @@ def test_a_record_past_a_batch_is_an_element_of_its_own_not_deflated_again() -> 
     assert unpack_records([first, lone, last], "k") == records
 
 
+def test_a_turns_small_batch_is_stored_and_a_larger_one_deflated() -> None:
+    # a turn's batch: Huffman trees would cost more CPU than the bytes they save
+    small = [Record(HISTORY, "a", b"1" * 100, None), Record(AGENT, "a", b"r", None)]
+    (element,) = pack_records(small)
+    assert element[:1] == BATCH
+    body = msgpack.packb([[0, "a", None, b"1" * 100], [1, "a", None, b"r"]])
+    assert body in element  # stored: its bytes as they are
+    assert unpack_records([element], "k") == small
+    large = [Record(HISTORY, f"i{n}", b"1" * 100, None) for n in range(20)]
+    (element,) = pack_records(large)
+    assert len(element) < sum(len(r.data or b"") for r in large) // 4  # deflated
+    assert unpack_records([element], "k") == large
+
+
 @pytest.mark.parametrize(
     "element",
     [BATCH + b"\x00garbage", BATCH + zlib.compress(msgpack.packb([[0, "a", b"x"]]))[2:-9]],

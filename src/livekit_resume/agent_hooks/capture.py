@@ -14,7 +14,9 @@ hold the event loop). The store learns of the result only through
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -114,6 +116,10 @@ class Capture:
         self._saved_userdata: Any = None  # the last userdata that could be saved
         self.running: dict[str, ToolCallRecord] = {}
         self.conversation = uuid.uuid4().hex  # a restore adopts the saved one
+        # Commit ids (a retried commit recognises its own earlier success): a random
+        # prefix per capture and a counter, unique without a uuid4 per checkpoint.
+        self._commit_prefix = os.urandom(8).hex()
+        self._commit_count = itertools.count(1)
         self.rewrite = False  # the next commit clears every stream and writes it whole
 
     # ----------------------------------------------------------------- restore
@@ -220,7 +226,7 @@ class Capture:
             seals={HISTORY: hist.seal, AGENT: agent.seal if agent else 0},
             base_version=base_version,
             owner=self._owner,
-            commit_id=uuid.uuid4().hex,
+            commit_id=f"{self._commit_prefix}-{next(self._commit_count)}",
         )
         return Pending(commit, hist, agent, read.agent_obj, read.turns, snap)
 

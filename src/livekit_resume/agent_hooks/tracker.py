@@ -382,11 +382,17 @@ class StreamTracker:
         for i in range(max(0, first - EDIT_WINDOW), first):
             item = items[i]
             if item.id not in rewrite:
+                shape = known.get(item.id, _MISSING)
+                if shape is not _MISSING and shaped.get(id(item)) is shape:
+                    continue  # found equal to this very shape in this read (other stream)
                 try:
-                    same = bool(known.get(item.id, _MISSING) == item)
+                    same = bool(shape == item)
                 except Exception:  # a value whose == cannot answer (an array): read it again
                     same = False
                 if same:
+                    # the shape is the item's as read now: the other stream's diff of
+                    # one moment, holding the same object, need not compare it again
+                    shaped.setdefault(id(item), shape)
                     continue
             shapes[item.id] = shape_of(item)
             after = items[i - 1].id if i else None

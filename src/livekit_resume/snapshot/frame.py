@@ -197,8 +197,10 @@ class Framer:
                 "restore reads (max_frame); drop inline media (media='drop') or give "
                 "every worker and the CLI a larger max_frame"
             )
-        if callable(context):
-            context = context(version)
+        # only a MAC or a cipher binds the context: made for them alone
+        bound = b""
+        if self._sign is not None or self._encrypt is not None:
+            bound = context(version) if callable(context) else context
         flags = 0
         parts: list[bytes] = [body]  # the body, in pieces when deflated in slices
         if self._zdict is not None and version >= ZDICT_FROM:
@@ -213,7 +215,7 @@ class Framer:
         if self._encrypt is not None:
             kid, key = self._encrypt.keys[0]
             body = parts[0] if len(parts) == 1 else b"".join(parts)
-            parts, flags = [_seal(key, kid, body, context)], flags | FLAG_ENCRYPTED
+            parts, flags = [self._seal(kid, key, body, bound)], flags | FLAG_ENCRYPTED
         size = sum(map(len, parts))
         if size > self._max:  # only the few bytes of AES-GCM can get here
             raise SnapshotTooLarge(
@@ -231,12 +233,13 @@ class Framer:
             for part in parts:
                 crc = zlib.crc32(part, crc)
             return b"".join((header, *parts, _CRC.pack(crc)))
-        kid, key = self._sign.keys[0]
+        kid = self._sign.keys[0][0]
         kid_b = bytes([len(kid.encode())]) + kid.encode()
-        mac = hmac.new(key, header, hashlib.sha256)
+        mac = self._macs[kid].copy()  # keyed once (the first key of its kid: this one)
+        mac.update(header)
         for part in parts:
             mac.update(part)
-        mac.update(kid_b + context)
+        mac.update(kid_b + bound)
         return b"".join((header, *parts, kid_b, mac.digest()))
 
     def unpack(self, frame: bytes, *, context: Context = b"") -> tuple[int, Any]:
@@ -328,6 +331,16 @@ class Framer:
         mac.update(context)
         if not hmac.compare_digest(mac.digest(), trailer[1 + trailer[0] :]):
             raise SignatureMismatch(f"frame signature does not verify with key {kid!r}")
+
+    def _seal(self, kid: str, key: bytes, body: bytes, context: bytes) -> bytes:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        aead = self._aeads.get(kid)
+        if aead is None:  # the writing key is its kid's first key, as `_open` finds it
+            aead = self._aeads[kid] = AESGCM(key)
+        nonce = os.urandom(_NONCE_LEN)
+        kid_b = kid.encode()
+        return bytes([len(kid_b)]) + kid_b + nonce + aead.encrypt(nonce, body, context)
 
     def _open(self, body: bytes, context: bytes) -> bytes:
         from cryptography.exceptions import InvalidTag
@@ -421,14 +434,6 @@ def read_frames(stream: BinaryIO, *, max_frame: int = DEFAULT_MAX_FRAME) -> list
     return frames
 
 
-def _seal(key: bytes, kid: str, body: bytes, context: bytes) -> bytes:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    nonce = os.urandom(_NONCE_LEN)
-    kid_b = kid.encode()
-    return bytes([len(kid_b)]) + kid_b + nonce + AESGCM(key).encrypt(nonce, body, context)
-
-
 def _deflater(level: int, size: int, zdict: bytes | None = None) -> Any:
     """A raw deflate for ``size`` bytes (after ``zdict``): its window just holds them
     (9 to 15 bits), its hash table sized to match (memLevel 3 to 9). The default state,
@@ -438,7 +443,19 @@ def _deflater(level: int, size: int, zdict: bytes | None = None) -> Any:
     mem = max(3, min(9, bits - 6))
     if zdict is None:
         return zlib.compressobj(level, zlib.DEFLATED, -bits, mem)
-    return zlib.compressobj(level, zlib.DEFLATED, -bits, mem, zlib.Z_DEFAULT_STRATEGY, zdict)
+    # Loading the dictionary hashes all of it, more than a small frame's own deflate:
+    # it is loaded once per state shape, and each frame starts from a copy.
+    primed = _PRIMED.get((level, bits, zdict))
+    if primed is None:
+        primed = zlib.compressobj(level, zlib.DEFLATED, -bits, mem, zlib.Z_DEFAULT_STRATEGY, zdict)
+        if len(_PRIMED) >= 64:  # a few shapes per dictionary; the format has one
+            _PRIMED.clear()
+        _PRIMED[level, bits, zdict] = primed
+    return primed.copy()
+
+
+# Deflate states with a preset dictionary loaded, by (level, window bits, dictionary).
+_PRIMED: dict[tuple[int, int, bytes], Any] = {}
 
 
 def plain_data(body: bytes) -> Any:

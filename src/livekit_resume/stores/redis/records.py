@@ -42,6 +42,8 @@ BATCH_BYTES = 256 * 1024
 MAX_BATCH = 256 * 1024 * 1024
 # Raw deflate: no zlib header and checksum (each item frame has its own).
 _RAW_DEFLATE = -15
+# Batches smaller than this are stored, not compressed (`_pack_batch`).
+_STORE_UNDER = 1024
 
 
 def pack_record(rec: Record) -> bytes:
@@ -110,13 +112,17 @@ def pack_records(records: Iterable[Record]) -> list[bytes]:
 
 def _pack_batch(batch: list[list[Any]]) -> bytes:
     # Level 1: item frames are deflated already; the ids and the envelopes, and the
-    # agent's references (the same few bytes each), are what is left to gain.
+    # agent's references (the same few bytes each), are what is left to gain. A body
+    # under `_STORE_UNDER` (a turn's checkpoint) is stored (level 0: raw deflate all the
+    # same, read by the same code): its Huffman trees cost ~10 µs for the ~80 bytes
+    # they would save, and a compaction folds such batches into larger, deflated ones.
     body = msgpack.packb(batch, use_bin_type=True)
     # A window just holding the body, a hash table to match: the default state (a 32 KiB
     # window, ~260 KB allocated, partly cleared) costs more than a checkpoint's batch.
     # Any window reads back with the reader's 32 KiB one.
     bits = max(9, min(-_RAW_DEFLATE, len(body).bit_length()))
-    deflate = zlib.compressobj(1, zlib.DEFLATED, -bits, max(3, min(8, bits - 6)))
+    level = 0 if len(body) < _STORE_UNDER else 1
+    deflate = zlib.compressobj(level, zlib.DEFLATED, -bits, max(3, min(8, bits - 6)))
     return BATCH + deflate.compress(body) + deflate.flush()
 
 
