@@ -163,18 +163,32 @@ def add_turn(session: AgentSession[None], n: int, t: float) -> None:
 
 
 async def live_session(
-    store: Store, size: int, key: str | None = None
+    store: Store, size: int, key: str | None = None, *, autosave: bool = False
 ) -> tuple[AgentSession[None], lr.ResumableSession]:
-    """A started AgentSession holding ``size`` items, checkpointed once (no autosave)."""
+    """A started AgentSession holding ``size`` items, checkpointed once. ``autosave``:
+    its lease renewed in the background as deployed (the bench's turns, appended
+    directly, trigger no save)."""
     session: AgentSession[None] = AgentSession(llm=NoLLM())
     key = key or f"bench-{size}-{uuid.uuid4().hex[:8]}"
-    rs = lr.ResumableSession(store, key, registry=registry(), autosave=False)
+    rs = lr.ResumableSession(store, key, registry=registry(), autosave=autosave)
     await session.start(await rs.restore(session, default=Bench))
+    fill(session, size)
+    await rs.checkpoint()
+    return session, rs
+
+
+async def plain_session(size: int) -> AgentSession[None]:
+    """A started AgentSession holding ``size`` items, without livekit-resume."""
+    session: AgentSession[None] = AgentSession(llm=NoLLM())
+    await session.start(Bench())
+    fill(session, size)
+    return session
+
+
+def fill(session: AgentSession[None], size: int) -> None:
     t0 = time.time() - size
     for i in range(size // 2):
         add_turn(session, i, t0 + i)
-    await rs.checkpoint()
-    return session, rs
 
 
 async def close(session: AgentSession[None], rs: lr.ResumableSession) -> None:

@@ -3,15 +3,18 @@
 ``--sessions`` live AgentSessions (text mode, ``--sizes`` items of history each) share one
 process and one Redis. Each takes a turn (a user message and a reply) every
 ``--period`` seconds, spread evenly, for ``--duration`` seconds. The same run is done
-three times: without the hooks (the turns only), with them (a `ResumableSession`
-checkpoint after each turn), and the floor (each turn followed by one plain redis-py
-``RPUSH`` of as many bytes as a checkpoint sent Redis, on a client with the store's
-socket timeout: what any Redis write per turn costs). The difference in the process's
+three times: without the hooks (plain AgentSessions, the turns only), with them (a
+`ResumableSession` each, autosave on so its lease is renewed in the background as
+deployed, and a checkpoint after each turn), and the floor (plain sessions, each turn
+followed by one plain redis-py ``RPUSH`` of as many bytes as a checkpoint sent Redis, on
+a client with the store's socket timeout: what any Redis write per turn costs). The
+difference in the process's
 CPU time, divided by the duration, is the share of one core spent in livekit-resume (or
 in the floor's writes); the hooked/floor ratio of the CPU per write says how far the
 hooks are from that floor. The checkpoint latencies under that load give the p50 and
 p99. Redis's own time executing the commands
-(``INFO commandstats``, reset before the run) per checkpoint gives how many such
+(``INFO commandstats``, reset before the run; lease renewals included) per checkpoint
+gives how many such
 sessions one Redis core serves at half load.
 
     python bench/scale.py [--sessions 200] [--period 5] [--duration 30] [--sizes 100]
@@ -26,8 +29,10 @@ import asyncio
 import time
 
 import _common as c
+from livekit.agents import AgentSession
 from redis.asyncio import Redis
 
+import livekit_resume as lr
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.stores.redis.client import DEFAULT_SOCKET_TIMEOUT
 
@@ -50,7 +55,12 @@ async def run(
     Redis spent executing commands meanwhile (``INFO commandstats``) and the bytes it
     received (``total_net_input_bytes``)."""
     store = RedisStore.from_url(url)
-    live = [await c.live_session(store, history) for _ in range(sessions)]
+    live: list[tuple[AgentSession[None], lr.ResumableSession | None]] = []
+    for _ in range(sessions):
+        if hooks:
+            live.append(await c.live_session(store, history, autosave=True))
+        else:
+            live.append((await c.plain_session(history), None))
     latencies: list[float] = []
     client = Redis.from_url(url)
     # the floor's writes go through a client of their own, configured as the store's
@@ -70,7 +80,7 @@ async def run(
                 start = time.perf_counter()
                 await plain.rpush(f"floor:{index}", payload)
                 latencies.append(time.perf_counter() - start)
-            elif hooks:
+            elif rs is not None:
                 start = time.perf_counter()
                 await rs.checkpoint("turn")
                 latencies.append(time.perf_counter() - start)
@@ -91,7 +101,10 @@ async def run(
     await client.aclose()
     await plain.aclose()
     for session, rs in live:
-        await c.close(session, rs)
+        if rs is None:
+            await session.aclose()
+        else:
+            await c.close(session, rs)
     await store.aclose()
     return cpu, latencies, redis_usec, received
 
