@@ -241,6 +241,8 @@ def test_no_cyclic_collection_while_decoding_unless_the_app_has_turned_it_off() 
     with gc_paused():
         assert not gc.isenabled()
     assert gc.isenabled()
+    with gc_paused(False):  # not asked for (a decode on a worker thread)
+        assert gc.isenabled()
     gc.disable()
     try:
         with gc_paused():

@@ -14,12 +14,13 @@ __all__ = ["gc_paused"]
 
 
 @contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
+def gc_paused(pause: bool = True) -> Iterator[None]:
     """No cyclic garbage collection inside: decoding a long history allocates many small
     objects (and no cycles), which would trigger full collections of the whole heap
-    over and over. Synchronous code only (the loop runs nothing else meanwhile)."""
-    if not gc.isenabled():
-        yield  # the application turned it off: it stays off
+    over and over. Synchronous code only (the loop runs nothing else meanwhile).
+    ``pause=False`` changes nothing (a caller that decides at run time)."""
+    if not pause or not gc.isenabled():
+        yield  # not asked, or the application turned it off: it stays off
         return
     gc.disable()
     try:

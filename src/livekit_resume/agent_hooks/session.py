@@ -17,7 +17,6 @@ DESIGN.md, "LiveKit 1.8.9").
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -313,7 +312,7 @@ class ResumableSession:
         collection after both costs less than one every few hundred objects), for a
         decode on the loop's thread. Not on a worker's: the collection deferred to the
         end would hold the GIL, and the loop, for milliseconds in one go."""
-        with gc_paused() if pause_gc else contextlib.nullcontext():
+        with gc_paused(pause_gc):
             try:
                 snap = from_stored(self._capture.codec, stored, sealed=sealed)
             except SnapshotCorrupt:

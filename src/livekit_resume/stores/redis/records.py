@@ -3,7 +3,6 @@ with a `SnapshotCorrupt` naming the session when they are not what we wrote."""
 
 from __future__ import annotations
 
-import contextlib
 import struct
 import zlib
 from collections.abc import Iterable
@@ -163,7 +162,7 @@ def unpack_streams(
     before it collects, and only the folded streams remain for it to look at. Without
     the pause (``pause_gc=False``) on a worker thread: a collection deferred to the end
     would hold the GIL, and the event loop, for milliseconds in one go."""
-    with gc_paused() if pause_gc else contextlib.nullcontext():
+    with gc_paused(pause_gc):
         return fold_rows(unpack_rows(raws, key), key)
 
 
