@@ -122,7 +122,7 @@ async def main() -> None:
         hooked, lat, usec, received = await run(
             url, args.sessions, args.period, args.duration, history, True
         )
-        # as many bytes per write as a checkpoint sent
+        # as many bytes per write as the hooked run sent per checkpoint (renewals too)
         sent = round(received / len(lat)) if lat else _FLOOR_BYTES
         floor, floor_lat, _, _ = await run(
             url, args.sessions, args.period, args.duration, history, False, sent
@@ -165,7 +165,8 @@ async def main() -> None:
     )
     c.section(
         f"The floor: the same turns, each followed by one plain redis-py RPUSH of {sent:,} "
-        "bytes (what a checkpoint sent) instead of a checkpoint",
+        "bytes (what the hooked run sent Redis per checkpoint, lease renewals included) "
+        "instead of a checkpoint",
         c.table(
             [
                 "writes",
