@@ -155,7 +155,7 @@ def repair_tool_calls(
 
     added: list[llm.FunctionCallOutput] = []
     items = ctx.items
-    index = 0 if not called <= answered else len(items)  # else every call has its output
+    index = len(items) if called <= answered else 0  # every call answered: nothing to find
     while index < len(items):
         item = items[index]
         if isinstance(item, llm.FunctionCall) and item.call_id not in answered:
