@@ -569,21 +569,4 @@ def ctx_from_data(items: list[ItemData]) -> llm.ChatContext:
     if not isinstance(items, list):
         raise SnapshotCorrupt(f"chat items are a {type(items).__name__}, not a list")
     with gc_paused():
-        return llm.ChatContext(_items_from_data(items))
-
-
-def _items_from_data(datas: list[ItemData]) -> list[llm.ChatItem]:
-    """`item_from_data` of each, with its fast path (`_shape`) inline: a restore
-    rebuilds thousands of items, and a call less per item is a tenth of the build."""
-    out: list[llm.ChatItem] = []
-    add, shapes, fast = out.append, _SHAPES, _fast_item
-    for data in datas:
-        item = None
-        if type(data) is dict:
-            kind = data.get("type")  # `_shape`, written out
-            kind = kind if type(kind) is str else None
-            known = shapes.get((kind, *data, *map(type, data.values())))
-            if known is not None:
-                item = fast(known, data)
-        add(item if item is not None else item_from_data(data))
-    return out
+        return llm.ChatContext([item_from_data(data) for data in items])

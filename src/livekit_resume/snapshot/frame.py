@@ -459,8 +459,7 @@ _PRIMED: dict[tuple[int, int, bytes], Any] = {}
 
 
 def plain_data(body: bytes) -> Any:
-    """A verified body's plain data, within the depth limit (`_may_nest` written out:
-    this runs for every item frame of a restore)."""
+    """A verified body's plain data, within the depth limit."""
     # Every declared length is bounded by the body itself: a hostile header cannot make
     # msgpack allocate more than the frame carries.
     n = len(body)
@@ -477,11 +476,7 @@ def plain_data(body: bytes) -> Any:
         )
     except Exception as e:  # msgpack raises many types (ValueError, ExtraData, ...)
         raise SnapshotCorrupt(f"frame body is not valid msgpack: {type(e).__name__}: {e}") from None
-    if (
-        n > MAX_DEPTH
-        and len(body.translate(None, _NOT_CONTAINER)) > MAX_DEPTH
-        and _too_deep(data)
-    ):
+    if _may_nest(body) and _too_deep(data):
         raise SnapshotTooLarge(f"frame holds values nested deeper than {MAX_DEPTH} levels")
     return data
 

@@ -330,9 +330,7 @@ class RedisStore:
             packed = await asyncio.to_thread(pack_records, commit.records)
         else:
             packed = pack_records(commit.records)
-        staged: list[str] = []
-        if any(len(element) > _STAGE_PIECE for element in packed):  # rare: not awaited else
-            packed, staged = await self._stage(key, packed)
+        packed, staged = await self._stage(key, packed)
         reply = await self._run(
             "commit",
             key,
@@ -352,8 +350,7 @@ class RedisStore:
         )
         # gone if the script ran to its end, left if it did not (or was a retry of a
         # commit that had landed, which answers before looking at them)
-        if staged:
-            await self._unstage(key, staged)
+        await self._unstage(key, staged)
         if reply[0] == b"lost":
             current = int(reply[1]) if reply[1] else None
             raise lease_lost_error(key, commit.epoch, current)
