@@ -107,6 +107,11 @@ _ITEM_KEYS: dict[type[BaseModel], tuple[frozenset[str], frozenset[str]]] = {
     cls: (frozenset(cls.model_fields), frozenset(cls.model_fields) - _OPTIONAL_FIELDS)
     for cls in _ITEM_CLASSES.values()
 }
+# Each item type's fields in order, read once: pydantic's ``model_fields`` is a
+# descriptor that costs microseconds per read, and a checkpoint converts every new item.
+_ITEM_FIELDS: dict[type[BaseModel], tuple[str, ...]] = {
+    cls: tuple(cls.model_fields) for cls in _ITEM_CLASSES.values()
+}
 _ITEM_ADAPTER: TypeAdapter[llm.ChatItem] = TypeAdapter(llm.ChatItem)
 
 # The fast path of `item_from_data`: the exact types each field of an item may hold,
@@ -163,7 +168,7 @@ _FLOAT_METRICS = frozenset(
     k for k, t in get_type_hints(llm.MetricsReport).items() if t is float
 )
 _DECLARED_METRICS = frozenset(get_type_hints(llm.MetricsReport))
-_FIELD_ORDER = {cls: tuple(cls.model_fields) for cls in _FAST_TYPES}
+_FIELD_ORDER = {cls: _ITEM_FIELDS[cls] for cls in _FAST_TYPES}
 _TYPE_NAMES = {cls: name for name, cls in _ITEM_CLASSES.items()}
 assert all(
     set(_FAST_TYPES[cls]) == set(cls.model_fields) and not cls.__private_attributes__
@@ -291,13 +296,14 @@ def _content_to_data(part: Any, media: MediaPolicy, item_id: str, index: int) ->
 def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData:
     """One chat item as plain, msgpack-safe data keeping every field (see `MediaPolicy`)."""
     cls = type(item)
-    if cls not in _ITEM_CLASSES.values():
+    fields = _ITEM_FIELDS.get(cls)
+    if fields is None:
         raise TypeError(f"not a LiveKit chat item: {cls.__qualname__}")
     if media not in ("drop", "keep"):
         raise ValueError(f"media policy must be 'drop' or 'keep', not {media!r}")
     values = item.__dict__  # read fields directly: `hash` warns when read as an attribute
     data: ItemData = {}
-    for name in cls.model_fields:
+    for name in fields:
         value = values[name]
         kind = type(value)
         if name == "content" and isinstance(item, llm.ChatMessage):
@@ -309,6 +315,8 @@ def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData
                 data[name] = None
         elif kind in _KEPT_AS_IS and (kind is not str or value.isascii()):
             data[name] = value  # the common cases of `_plain`, without naming the field
+        elif kind is dict and not value:
+            data[name] = {}  # an empty ``extra`` or ``metrics``: `_plain` gives a new {}
         else:
             data[name] = _plain(value, f"item {item.id!r} field {name!r}")
     return data
