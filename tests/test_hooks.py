@@ -735,3 +735,43 @@ async def test_history_item_removed_while_the_agent_keeps_it_restores_whole(
     assert "first question" in model.requests[0].texts("user")
     await rs2.aclose()
     await s2.aclose()
+
+
+async def test_checkpoint_spans_only_when_a_tracer_provider_is_set(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from livekit_resume.agent_hooks import session as hooks
+
+    made: list[str] = []
+    noop = hooks.tracer
+
+    class Counting:
+        def start_as_current_span(self, name: str, **kw: Any) -> Any:
+            made.append(name)
+            return noop.start_as_current_span(name, **kw)
+
+    monkeypatch.setattr(hooks, "tracer", Counting())
+    session, rs, _ = await start(store, ["one", "two"])
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    assert "livekit_resume.checkpoint" not in made  # no provider: no span, not even a no-op
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)  # undone after the test
+    monkeypatch.setattr(hooks, "tracer", provider.get_tracer("livekit_resume"))
+    await session.run(user_input="b")
+    version = await rs.checkpoint()
+    spans = [s for s in exporter.get_finished_spans() if s.name == "livekit_resume.checkpoint"]
+    assert len(spans) == 1
+    assert spans[0].attributes is not None
+    assert spans[0].attributes["livekit_resume.version"] == version
+    assert spans[0].attributes["livekit_resume.key"] == KEY
+    await rs.aclose()
+    await session.aclose()
