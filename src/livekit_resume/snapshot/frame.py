@@ -389,16 +389,19 @@ def all_str(values: Iterable[Any]) -> bool:
     return True
 
 
-# A body larger than this is deflated at level 1 (three times faster than 6, for a few
-# percent more bytes) and fed to zlib in slices of this size: zlib joins each call's
-# output into one new bytes object while holding the GIL, which for one call over 50 MB
-# stalls the event loop ~20 ms; a slice's output is copied in well under a millisecond.
+# Bodies are deflated at level 1: for a small item frame (a turn's checkpoint writes a
+# few) it takes under half the CPU of level 6 for about 1 % more bytes, and a large
+# body three times less for a few percent more. A body larger than this is fed to
+# zlib in slices of this size: zlib joins each call's output into one new bytes object
+# while holding the GIL, which for one call over 50 MB stalls the event loop ~20 ms; a
+# slice's output is copied in well under a millisecond.
+_LEVEL = 1
 _SLICE = 1 << 20
 
 
 def _deflate(body: bytes, zdict: bytes) -> list[bytes]:
     """``body`` as raw deflate with the preset dictionary, in pieces to be joined."""
-    deflate = _deflater(1 if len(body) > _SLICE else 6, len(body), zdict)
+    deflate = _deflater(_LEVEL, len(body), zdict)
     if len(body) <= _SLICE:
         return [deflate.compress(body), deflate.flush()]
     view = memoryview(body)
