@@ -110,6 +110,9 @@ class Capture:
         self._history = StreamTracker(HISTORY, seal_key=codec.seal_key)
         self._agent_ctx = StreamTracker(AGENT, seal_key=codec.seal_key)
         self._tracked_agent: Agent | None = None
+        # the last agent frame read, and what it was made of when it may be reused
+        self._frame: AgentFrame | None = None
+        self._frame_of: tuple[str, str | dict[str, str | None], str | None] | None = None
         self.last_agent: Agent | None = None  # the parent to save while an AgentTask runs
         self._turns = 0
         self._committed: Snapshot | None = None  # None: the next draft is always news
@@ -291,14 +294,22 @@ class Capture:
             shaped=shaped,
         )
         self.last_agent = agent_obj
-        frame = AgentFrame(
-            agent_id=agent_id,
-            instructions=_instructions_to(agent_obj.instructions),
-            state=_agent_state(agent_obj),
-            task=task,
-            realtime=capture_options(session, agent_obj),
-        )
-        return agent_obj, frame, plan
+        instructions = _instructions_to(agent_obj.instructions)
+        state, realtime = _agent_state(agent_obj), capture_options(session, agent_obj)
+        # The frame is the last one while what it holds is: its validation is most of
+        # its cost. Only for one without state or realtime options, whose values could
+        # compare equal yet differ (1 == 1.0 == True): ids and texts compare exactly.
+        same = None if state is not None or realtime is not None else (agent_id, instructions, task)
+        if same is None or same != self._frame_of or self._frame is None:
+            self._frame = AgentFrame(
+                agent_id=agent_id,
+                instructions=instructions,
+                state=state,
+                task=task,
+                realtime=realtime,
+            )
+            self._frame_of = same
+        return agent_obj, self._frame, plan
 
     def _edited(self, hist: Plan) -> frozenset[str]:
         """History items committed before and maybe written again now: an agent item
