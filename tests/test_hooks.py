@@ -775,3 +775,55 @@ async def test_checkpoint_spans_only_when_a_tracer_provider_is_set(
     assert spans[0].attributes["livekit_resume.key"] == KEY
     await rs.aclose()
     await session.aclose()
+
+
+class Counter(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="You count.")
+        self.count: int | bool = 1
+
+    def snapshot_state(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+
+async def test_agent_frame_is_made_again_only_when_what_it_holds_changed(store: Store) -> None:
+    session, rs, _ = await start(store, ["one", "two", "three", "four"])
+
+    def frame() -> Any:
+        committed = rs._capture._committed
+        assert committed is not None
+        return committed.agent
+
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    first = frame()
+    await session.run(user_input="b")
+    await rs.checkpoint()
+    assert frame() is first  # nothing it holds changed: not validated again
+    await session.current_agent.update_instructions("Speak only French.")
+    await session.run(user_input="c")
+    await rs.checkpoint()
+    assert frame() is not first and frame().instructions == "Speak only French."
+    await rs.aclose()
+    await session.aclose()
+
+
+
+async def test_agent_frame_with_a_state_is_made_again_on_every_checkpoint(store: Store) -> None:
+    # 1 == True, yet they are saved differently: a frame with a state is never reused
+    reg = lr.AgentRegistry()
+    reg.register(Counter)
+    session: AgentSession[None] = AgentSession(llm=ScriptedLLM(["one", "two"]))
+    rs = lr.ResumableSession(store, KEY, registry=reg, autosave=False)
+    counter = Counter()
+    await session.start(await rs.restore(session, default=lambda: counter))
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    counter.count = True
+    await session.run(user_input="b")
+    await rs.checkpoint()
+    committed = rs._capture._committed
+    assert committed is not None and committed.agent is not None
+    assert committed.agent.state is not None and committed.agent.state["count"] is True
+    await rs.aclose()
+    await session.aclose()
