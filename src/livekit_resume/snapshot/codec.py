@@ -315,10 +315,7 @@ class Codec(Framer):
         items = [(HISTORY, i) for i in snapshot.history]
         if snapshot.agent is not None:
             items += [(AGENT, i) for i in snapshot.agent.chat_ctx]
-        # a checkpoint's snapshot has no items: dumped whole, as pydantic dumps several
-        # times faster without an ``exclude``
-        exclude = {"history"} if snapshot.history else None
-        data = snapshot.model_dump(mode="python", exclude=exclude)
+        data = snapshot.model_dump(mode="python", exclude={"history"})
         data["history"] = []
         if data.get("agent") is not None:
             data["agent"]["chat_ctx"] = []
@@ -392,7 +389,10 @@ class Codec(Framer):
         ``version`` is the number the store will give it (a commit's base version + 1):
         bound into the head with ``seals``, each stream's seal (`seal.SealKey`), so a
         head replayed at another version, or over other item records, is refused."""
-        data = snapshot.model_dump(mode="python", exclude={"history"})
+        # a checkpoint's snapshot has no items: dumped whole, as pydantic dumps several
+        # times faster without an ``exclude``
+        exclude = {"history"} if snapshot.history else None
+        data = snapshot.model_dump(mode="python", exclude=exclude)
         data["history"] = []
         if data.get("agent") is not None:
             data["agent"]["chat_ctx"] = []
