@@ -32,7 +32,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from ..bridge import codec_for, from_stored, salvage_stored
-from ..errors import LeaseLost, SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
+from ..errors import LeaseLost, SnapshotCorrupt, StoreUnavailable
 from ..snapshot.chat import MediaPolicy
 from ..snapshot.codec import Codec
 from ..snapshot.frame import gc_paused
@@ -229,9 +229,9 @@ class ResumableSession:
         takeover: bool,
         salvage: bool,
     ) -> Agent:
-        await self._holder.acquire(takeover=takeover)
+        stored = await self._holder.acquire_and_load(takeover=takeover)
         try:
-            agent = await self._load_into(session, default, salvage)
+            agent = await self._load_into(session, default, salvage, stored)
         except BaseException:
             await self._holder.release()
             raise
@@ -259,11 +259,13 @@ class ResumableSession:
         return agent
 
     async def _load_into(
-        self, session: AgentSession[Any], default: Callable[[], Agent], salvage: bool
+        self,
+        session: AgentSession[Any],
+        default: Callable[[], Agent],
+        salvage: bool,
+        stored: Stored | None,
     ) -> Agent:
-        try:
-            stored = await self._store.load(self._key)
-        except SnapshotNotFound:
+        if stored is None:
             return default()
         sealed: dict[str, Sealed] = {}  # what checking the seals hashed: not hashed again
         decode = partial(self._decode, stored, sealed, salvage)
