@@ -230,10 +230,17 @@ class ResumableSession:
         salvage: bool,
     ) -> Agent:
         stored = await self._holder.acquire_and_load(takeover=takeover)
+        # The command inbox subscribes (a connection, a round trip or two) while the
+        # snapshot is decoded and rebuilt. A command it hears before the restore is done
+        # is refused: the session is not attached yet.
+        listening = asyncio.ensure_future(self._control.start())
         try:
             agent = await self._load_into(session, default, salvage, stored)
         except BaseException:
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
             await self._holder.release()
+            await self._control.stop()  # after the release, as in _detach_and_release
             raise
         self._session = session
         self._state = "active"
@@ -241,13 +248,13 @@ class ResumableSession:
         self._attach(session)
         if self._autosave_enabled:
             self._autosave.start()
-        # three independent round trips (room attributes, the store's event channel, the
-        # command inbox), awaited together: restore returns once all are done, the inbox
-        # listening (so no command sent after it returned is missed)
+        # independent round trips (room attributes, the store's event channel), awaited
+        # together with the inbox: restore returns once all are done, the inbox listening
+        # (so no command sent after it returned is missed)
         await asyncio.gather(
             self._publish_attributes(),
             self._announcer.announce("restored" if self._resumed else "started", self._version),
-            self._control.start(),
+            listening,
         )
         log.info(
             "session %r %s at version %d",
