@@ -260,7 +260,7 @@ class RedisStore:
     ) -> Lease:
         """Take the lease (see `Store.acquire`). A takeover of a live lease publishes
         ``taken_over`` on the namespace's channel."""
-        lease, _ = await self._take(key, owner, ttl, takeover, read=False)
+        lease, _, _ = await self._take(key, owner, ttl, takeover, read=False)
         return lease
 
     async def _acquire_load(
@@ -269,7 +269,11 @@ class RedisStore:
         """`acquire`, then `load` of the latest version under the lease (None: the
         session has none), as a restore does: one round trip for a session that exists.
         A load that fails releases the lease it was read under."""
-        lease, loaded = await self._take(key, owner, ttl, takeover, read=True)
+        lease, loaded, created = await self._take(key, owner, ttl, takeover, read=True)
+        if created:
+            # a head made just now, under this lease: it holds no version yet (one
+            # committed since by a takeover fences this lease's first commit anyway)
+            return lease, None
         try:
             if loaded is None:  # not read in the same trip: read now
                 return lease, await self.load(key)
@@ -284,9 +288,10 @@ class RedisStore:
 
     async def _take(
         self, key: str, owner: str, ttl: float, takeover: bool, *, read: bool
-    ) -> tuple[Lease, list[Any] | None]:
-        """The lease, and with ``read`` the ``load`` script's reply for the latest
-        version read under it in the same trip (None when it was not)."""
+    ) -> tuple[Lease, list[Any] | None, bool]:
+        """The lease; with ``read`` the ``load`` script's reply for the latest version
+        read under it in the same trip (None when it was not); whether the session was
+        created."""
         validate_key(key)
         validate_lease_ttl(ttl, self._ttl)
         args: list[str | bytes | int] = [
@@ -329,7 +334,7 @@ class RedisStore:
         if created:
             # again: a concurrent delete may have removed it
             await self._namespace_index.record(key, "acquire")
-        return Lease(key, owner, epoch, expires), loaded if reply is first else None
+        return Lease(key, owner, epoch, expires), loaded if reply is first else None, bool(created)
 
     async def _first_trip(
         self, key: str, acquire_args: list[str | bytes | int], read: bool
