@@ -237,9 +237,11 @@ class ResumableSession:
         try:
             agent = await self._load_into(session, default, salvage, stored)
         except BaseException:
-            listening.cancel()
-            await asyncio.gather(listening, return_exceptions=True)
             await self._holder.release()
+            # The inbox is stopped once its start is done (subscribed, or given up after
+            # START_WAIT), as after any restore: stopped mid-subscription, Python 3.11's
+            # wait_for can swallow the cancellation and the stop would wait forever.
+            await asyncio.gather(listening, return_exceptions=True)
             await self._control.stop()  # after the release, as in _detach_and_release
             raise
         self._session = session
