@@ -15,12 +15,14 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
-from livekit.agents import AgentSession, JobContext
+from livekit.agents import Agent, AgentSession, JobContext
+from livekit.agents.llm import ChatMessage
 
 import livekit_resume as lr
+from livekit_resume.agent_hooks.session import OFFLOAD_ITEMS
 from livekit_resume.remote import MAX_TIMEOUT
 from livekit_resume.stores.base import Command, CommandReply, Controllable, Store
 from livekit_resume.testing.poll import eventually
@@ -95,6 +97,54 @@ async def test_a_session_without_a_live_owner_is_refused_at_once(
         await asyncio.wait_for(remote.resume(KEY, timeout=NEVER), 30)
     assert e.value.key == KEY and e.value.command == "resume"
     assert "resume of session 'call-7' refused" in str(e.value)
+
+
+class _Probe(Agent):
+    """Notes, when a restore builds it, whether the restoring session's inbox had
+    started subscribing."""
+
+    restoring: lr.ResumableSession | None = None
+    seen: ClassVar[list[bool]] = []
+
+    def __init__(self) -> None:
+        rs = _Probe.restoring
+        _Probe.seen.append(rs is not None and rs._control._task is not None)
+        super().__init__(instructions="probe")
+
+
+async def test_the_inbox_subscribes_while_the_history_is_decoded_and_rebuilt(
+    store: Store, sessions: list[AgentSession[Any]]
+) -> None:
+    """A restore overlaps the inbox's subscription with the decode (on a thread past
+    OFFLOAD_ITEMS items) and rebuild of the history; it returns with the inbox active,
+    and a restore refused after its lease leaves nobody listening."""
+    registry = lr.AgentRegistry()
+    registry.register(_Probe)
+    first = make_text_session(ScriptedLLM(default="noted"))
+    sessions.append(first)
+    rs = lr.ResumableSession(store, KEY, registry=registry, autosave=False)
+    await first.start(await rs.restore(first, default=_Probe))
+    for n in range(OFFLOAD_ITEMS + 1):
+        first.history.items.append(ChatMessage(role="user", content=[f"note {n}"]))
+    await rs.checkpoint()
+    await rs.suspend()
+
+    again = make_text_session(ScriptedLLM(default="noted"))
+    sessions.append(again)
+    _Probe.restoring = rs2 = lr.ResumableSession(store, KEY, registry=registry, autosave=False)
+    _Probe.seen.clear()
+    await rs2.restore(again, default=_Probe)
+    assert _Probe.seen == [isinstance(store, Controllable)]
+    assert rs2._control.listening.is_set() == isinstance(store, Controllable)
+    await rs2.aclose()
+
+    broken = lr.AgentRegistry()  # the saved agent is unknown here: refused after the lease
+    rs3 = lr.ResumableSession(store, KEY, registry=broken, autosave=False)
+    with pytest.raises(lr.UnknownAgent):
+        await rs3.restore(make_text_session(ScriptedLLM(default="noted")), default=_Probe)
+    assert rs3._control._task is None and not rs3._control.listening.is_set()
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None  # the lease released
 
 
 async def test_a_command_aimed_at_an_older_epoch_is_refused(

@@ -28,6 +28,7 @@ from redis.exceptions import ResponseError
 
 from livekit_resume.errors import (
     LeaseLost,
+    SessionBusy,
     SnapshotCorrupt,
     SnapshotNotFound,
     StoreUnavailable,
@@ -434,6 +435,79 @@ async def test_script_flush_is_transparent(rstore: RedisStore) -> None:
     assert [i for i, _ in (await rstore.load(KEY)).streams["h"]] == ["a", "b"]
     await raw(rstore).script_flush()
     assert await rstore.keys() == [KEY]
+
+
+def count_round_trips(monkeypatch: pytest.MonkeyPatch, store: RedisStore) -> list[str]:
+    """Every round trip the store's client makes from now on: a command, or a pipeline."""
+    trips: list[str] = []
+    client = raw(store)
+    command, pipeline = client.execute_command, client.pipeline
+
+    async def counted_command(*args: Any, **options: Any) -> Any:
+        trips.append(str(args[0]))
+        return await command(*args, **options)
+
+    def counted_pipeline(*args: Any, **options: Any) -> Any:
+        pipe = pipeline(*args, **options)
+        execute = pipe.execute
+
+        async def counted_execute(*a: Any, **k: Any) -> Any:
+            trips.append("pipeline")
+            return await execute(*a, **k)
+
+        pipe.execute = counted_execute
+        return pipe
+
+    monkeypatch.setattr(client, "execute_command", counted_command)
+    monkeypatch.setattr(client, "pipeline", counted_pipeline)
+    return trips
+
+
+async def test_a_restore_takes_the_lease_and_reads_in_one_round_trip(
+    rstore: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_acquire_load` (what a restore calls) of a session that exists: the index record,
+    the lease and the latest version in one pipeline, the same as acquire then load."""
+    lease = await rstore.acquire(KEY, "worker-a")
+    await commit_items(rstore, lease, 0, "a", "b")
+    await rstore.release(lease)
+    await rstore.load(KEY)  # every script known to the server: no SCRIPT LOAD below
+    trips = count_round_trips(monkeypatch, rstore)
+    taken, stored = await rstore._acquire_load(KEY, "worker-b", ttl=30, takeover=False)
+    assert trips == ["pipeline"]
+    assert taken.epoch == lease.epoch + 1 and taken.owner == "worker-b"
+    assert stored is not None and stored.version == 1
+    assert [i for i, _ in stored.streams["h"]] == ["a", "b"]
+    await raw(rstore).script_flush()  # NOSCRIPT: loaded, and the trip sent again
+    _, again = await rstore._acquire_load(KEY, "worker-b", ttl=30, takeover=False)
+    assert again is not None and again.version == 1
+    with pytest.raises(SessionBusy):
+        await rstore._acquire_load(KEY, "worker-c", ttl=30, takeover=False)
+
+
+async def test_a_restore_of_a_new_key_creates_its_session_after_indexing_it(
+    rstore: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipelined acquire creates nothing: a key the index did not list is created by
+    the ordinary acquire after the index record (and recorded again after it); the
+    session it made has no version to read."""
+    await rstore._acquire_load("other", "worker-a", ttl=30, takeover=False)  # scripts known
+    trips = count_round_trips(monkeypatch, rstore)
+    lease, stored = await rstore._acquire_load(KEY, "worker-a", ttl=30, takeover=False)
+    assert stored is None
+    assert trips == ["pipeline", "EVALSHA", "EVALSHA"]
+    assert await rstore.keys() == ["other", KEY]
+    await commit_items(rstore, lease, 0, "a")
+
+
+async def test_a_restore_that_reads_damage_releases_the_lease(rstore: RedisStore) -> None:
+    lease = await rstore.acquire(KEY, "worker-a")
+    await commit_items(rstore, lease, 0, "a")
+    await rstore.release(lease)
+    await raw(rstore).hset(f"{rstore.namespace}:{{{KEY}}}:v:1", "epoch", "not a number")
+    with pytest.raises(SnapshotCorrupt):
+        await rstore._acquire_load(KEY, "worker-b", ttl=30, takeover=False)
+    assert (await rstore.acquire(KEY, "worker-c")).owner == "worker-c"  # not busy
 
 
 async def test_a_retried_commit_recognises_itself(rstore: RedisStore) -> None:

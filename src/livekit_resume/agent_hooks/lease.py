@@ -9,11 +9,12 @@ session is written whole (`reacquire`).
 from __future__ import annotations
 
 import logging
+from typing import Protocol, runtime_checkable
 
 from prometheus_client import Counter
 
-from ..errors import LeaseLost, SessionBusy
-from ..stores.base import Lease, Store
+from ..errors import LeaseLost, SessionBusy, SnapshotNotFound
+from ..stores.base import Lease, Store, Stored
 
 __all__ = ["LeaseHolder"]
 
@@ -26,6 +27,16 @@ REACQUIRED = Counter(
 RELEASE_FAILURES = Counter(
     "livekit_resume_lease_release_failures", "Lease releases that failed (the lease expires)"
 )
+
+
+@runtime_checkable
+class _AcquireLoad(Protocol):
+    """A store that takes a lease and reads the latest version under it in one go
+    (`RedisStore`: one round trip instead of three)."""
+
+    async def _acquire_load(
+        self, key: str, owner: str, *, ttl: float, takeover: bool
+    ) -> tuple[Lease, Stored | None]: ...
 
 
 class LeaseHolder:
@@ -49,6 +60,24 @@ class LeaseHolder:
         )
         self.vanished = False
         return self.lease
+
+    async def acquire_and_load(self, *, takeover: bool) -> Stored | None:
+        """`acquire`, then the latest version read under the lease (None: there is
+        none). A failed read releases the lease."""
+        if not isinstance(self._store, _AcquireLoad):
+            await self.acquire(takeover=takeover)
+            try:
+                return await self._store.load(self.key)
+            except SnapshotNotFound:
+                return None
+            except BaseException:
+                await self.release()
+                raise
+        self.lease, stored = await self._store._acquire_load(
+            self.key, self.owner, ttl=self.ttl, takeover=takeover
+        )
+        self.vanished = False
+        return stored
 
     async def renew(self) -> bool:
         """Extend the lease. Returns False when the session vanished (nobody took it:

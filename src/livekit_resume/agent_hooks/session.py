@@ -32,7 +32,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from ..bridge import codec_for, from_stored, salvage_stored
-from ..errors import LeaseLost, SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
+from ..errors import LeaseLost, SnapshotCorrupt, StoreUnavailable
 from ..snapshot.chat import MediaPolicy
 from ..snapshot.codec import Codec
 from ..snapshot.frame import gc_paused
@@ -229,11 +229,20 @@ class ResumableSession:
         takeover: bool,
         salvage: bool,
     ) -> Agent:
-        await self._holder.acquire(takeover=takeover)
+        stored = await self._holder.acquire_and_load(takeover=takeover)
+        # The command inbox subscribes (a connection, a round trip or two) while the
+        # snapshot is decoded and rebuilt. A command it hears before the restore is done
+        # is refused: the session is not attached yet.
+        listening = asyncio.ensure_future(self._control.start())
         try:
-            agent = await self._load_into(session, default, salvage)
+            agent = await self._load_into(session, default, salvage, stored)
         except BaseException:
             await self._holder.release()
+            # The inbox is stopped once its start is done (subscribed, or given up after
+            # START_WAIT), as after any restore: stopped mid-subscription, Python 3.11's
+            # wait_for can swallow the cancellation and the stop would wait forever.
+            await asyncio.gather(listening, return_exceptions=True)
+            await self._control.stop()  # after the release, as in _detach_and_release
             raise
         self._session = session
         self._state = "active"
@@ -241,13 +250,13 @@ class ResumableSession:
         self._attach(session)
         if self._autosave_enabled:
             self._autosave.start()
-        # three independent round trips (room attributes, the store's event channel, the
-        # command inbox), awaited together: restore returns once all are done, the inbox
-        # listening (so no command sent after it returned is missed)
+        # independent round trips (room attributes, the store's event channel), awaited
+        # together with the inbox: restore returns once all are done, the inbox listening
+        # (so no command sent after it returned is missed)
         await asyncio.gather(
             self._publish_attributes(),
             self._announcer.announce("restored" if self._resumed else "started", self._version),
-            self._control.start(),
+            listening,
         )
         log.info(
             "session %r %s at version %d",
@@ -259,11 +268,13 @@ class ResumableSession:
         return agent
 
     async def _load_into(
-        self, session: AgentSession[Any], default: Callable[[], Agent], salvage: bool
+        self,
+        session: AgentSession[Any],
+        default: Callable[[], Agent],
+        salvage: bool,
+        stored: Stored | None,
     ) -> Agent:
-        try:
-            stored = await self._store.load(self._key)
-        except SnapshotNotFound:
+        if stored is None:
             return default()
         sealed: dict[str, Sealed] = {}  # what checking the seals hashed: not hashed again
         decode = partial(self._decode, stored, sealed, salvage)

@@ -82,12 +82,20 @@ class Namespace:
         """Record the key in the namespace index (and collect long-dead members);
         whether it was listed already."""
         await self._check.ensure()  # before the first write: strict=True writes nothing
+        with self._server.errors(f"{op} (namespace index)", key):
+            reply = await self._scripts.call("index", [self._names.index], self.index_args(key))
+        return self.recorded(key, reply)
+
+    def index_args(self, key: str) -> list[str]:
+        """The ``index`` script's arguments recording ``key`` (`record`, or a pipeline
+        that sends it with other commands, then hands its reply to `recorded`)."""
         horizon = "" if self._ttl is None else fmt_time(INDEX_HORIZON * self._ttl)
         forever = "1" if self._ttl is None else "0"
-        with self._server.errors(f"{op} (namespace index)", key):
-            reply = await self._scripts.call(
-                "index", [self._names.index], [self._scripts.now_arg(), horizon, key, forever]
-            )
+        return [self._scripts.now_arg(), horizon, key, forever]
+
+    def recorded(self, key: str, reply: Any) -> bool:
+        """The ``index`` script recorded ``key`` and answered ``reply``: whether the key
+        was listed already."""
         if len(self._indexed) >= INDEX_CACHE_MAX:
             self._indexed.clear()
         self._indexed[key] = self._elapsed()

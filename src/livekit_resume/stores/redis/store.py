@@ -11,9 +11,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, NoScriptError
 
-from ...errors import SnapshotCorrupt, StoreUnavailable
+from ...errors import SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
 from ..base import (
     DEFAULT_LEASE_TTL,
     Commit,
@@ -82,6 +82,11 @@ def _fold_and_pack(raw: list[bytes], key: str) -> tuple[list[Record], list[bytes
     """A log's elements folded to its live records, and those packed anew."""
     folded = records_from_streams(fold_rows(unpack_rows(raw, key), key))
     return folded, pack_records(folded)
+
+
+def _plain(reply: Any) -> bool:
+    """Whether a script's reply is one `Scripts.run` would return as it is."""
+    return isinstance(reply, list) and bool(reply) and reply[0] != b"corrupt"
 
 
 def _validate_options(
@@ -255,12 +260,40 @@ class RedisStore:
     ) -> Lease:
         """Take the lease (see `Store.acquire`). A takeover of a live lease publishes
         ``taken_over`` on the namespace's channel."""
+        lease, _, _ = await self._take(key, owner, ttl, takeover, read=False)
+        return lease
+
+    async def _acquire_load(
+        self, key: str, owner: str, *, ttl: float, takeover: bool
+    ) -> tuple[Lease, Stored | None]:
+        """`acquire`, then `load` of the latest version under the lease (None: the
+        session has none), as a restore does: one round trip for a session that exists.
+        A load that fails releases the lease it was read under."""
+        lease, loaded, created = await self._take(key, owner, ttl, takeover, read=True)
+        if created:
+            # a head made just now, under this lease: it holds no version yet (one
+            # committed since by a takeover fences this lease's first commit anyway)
+            return lease, None
+        try:
+            if loaded is None:  # not read in the same trip: read now
+                return lease, await self.load(key)
+            return lease, await self._stored(key, [""], loaded)
+        except SnapshotNotFound:
+            return lease, None
+        except BaseException:
+            # what a failed restore does with its lease (the lease expires if this fails)
+            with contextlib.suppress(StoreUnavailable):
+                await self.release(lease)
+            raise
+
+    async def _take(
+        self, key: str, owner: str, ttl: float, takeover: bool, *, read: bool
+    ) -> tuple[Lease, list[Any] | None, bool]:
+        """The lease; with ``read`` the ``load`` script's reply for the latest version
+        read under it in the same trip (None when it was not); whether the session was
+        created."""
         validate_key(key)
         validate_lease_ttl(ttl, self._ttl)
-        # Indexed before the script creates the session, so a crash in between leaves a
-        # member without a session (filtered out), never a session without a member.
-        # On a server that evicts, every key is checked as if listed (see load).
-        listed = await self._namespace_index.record(key, "acquire") or self._check.evicting
         args: list[str | bytes | int] = [
             owner,
             fmt_time(ttl),
@@ -268,9 +301,21 @@ class RedisStore:
             self._names.channel,
             key,
         ]
+        # The first trip records the key in the namespace index and runs the script told
+        # the key is listed: it then creates nothing (a missing head is looked into
+        # below), so it needs no order with the index record, which a Cluster may hold
+        # on another node.
+        index_reply, first, loaded = await self._first_trip(key, [*args, "1"], read)
+        # Indexed before the script creates the session, so a crash in between leaves a
+        # member without a session (filtered out), never a session without a member.
+        # On a server that evicts, every key is checked as if listed (see load).
+        listed = self._namespace_index.recorded(key, index_reply) or self._check.evicting
+        reply = first
+        if reply[0] in (b"absent", b"remains") and not listed:
+            # a key the index did not list: the script may create its session
+            reply = await self._run("acquire", key, [*args, "0"])
         # A key already listed whose head is missing: expired, or evicted with remains
         # left. The script then creates nothing until a scan has ruled remains out.
-        reply = await self._run("acquire", key, [*args, "1" if listed else "0"])
         if reply[0] in (b"absent", b"remains"):
             remains = await self._namespace_index.remains(key)
             if remains:
@@ -289,7 +334,54 @@ class RedisStore:
         if created:
             # again: a concurrent delete may have removed it
             await self._namespace_index.record(key, "acquire")
-        return Lease(key, owner, epoch, expires)
+        return Lease(key, owner, epoch, expires), loaded if reply is first else None, bool(created)
+
+    async def _first_trip(
+        self, key: str, acquire_args: list[str | bytes | int], read: bool
+    ) -> tuple[Any, list[Any], list[Any] | None]:
+        """The ``index``, ``acquire`` (and with ``read``, ``load``) scripts pipelined in
+        one round trip: their replies. An acquire answer the pipeline does not check
+        (corrupt, malformed) comes from the script run again by itself, which raises
+        it; such a load answer is None (the caller loads by itself)."""
+        await self._check.ensure()  # before the first write: strict=True writes nothing
+        head = self._names.head(key)
+        session = [self._scripts.now_arg(), *self._scripts._ttl_args]
+        calls: list[tuple[str, str, list[Any]]] = [
+            ("index", self._names.index, self._namespace_index.index_args(key)),
+            ("acquire", head, [*session, *acquire_args]),
+        ]
+        if read:
+            calls.append(("load", head, [*session, ""]))
+        code = self._scripts._code
+        for attempt in (1, 2):
+            pipe = self._client.pipeline(transaction=False)
+            for name, routed_by, args in calls:
+                # as raw commands: a Cluster pipeline refuses evalsha() (see scripts.py)
+                pipe.execute_command("EVALSHA", code[name].sha, 1, routed_by, *args)
+            with self._server.errors("acquire", key):
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+                unknown = [
+                    code[name].script
+                    for (name, _, _), r in zip(calls, replies, strict=True)
+                    if isinstance(r, NoScriptError)
+                ]
+                if unknown and attempt == 1:
+                    # flushed or never loaded there: load them and send the trip again
+                    # (each script of it is safe to run twice)
+                    for script in unknown:
+                        await self._client.script_load(script)
+                    continue
+            break
+        ops = ("acquire (namespace index)", "acquire", "load")
+        for op, r in zip(ops, replies, strict=False):
+            if isinstance(r, Exception):
+                with self._server.errors(op, key):
+                    raise r
+        index_reply, reply = replies[0], replies[1]
+        if not _plain(reply):
+            reply = await self._run("acquire", key, acquire_args)
+        loaded = replies[2] if read and reply is replies[1] and _plain(replies[2]) else None
+        return index_reply, reply, loaded
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
         validate_key(lease.key)
@@ -450,7 +542,10 @@ class RedisStore:
     async def load(self, key: str, version: int | None = None) -> Stored:
         validate_key(key)
         args = ["" if version is None else str(int(version))]
-        reply = await self._run("load", key, args)
+        return await self._stored(key, args, await self._run("load", key, args))
+
+    async def _stored(self, key: str, args: list[str], reply: list[Any]) -> Stored:
+        """The version the ``load`` script, run with ``args``, answered ``reply``."""
         if reply[0] == b"absent":
             # No head at all: if the session's first keys remain, or the namespace still
             # lists it, or the server evicts keys (any of them may be left), look for
@@ -470,7 +565,7 @@ class RedisStore:
                 raise not_found_error(key)
         if reply[0] == b"missing":
             oldest, latest = int(reply[1]), int(reply[2])
-            raise not_retained_error(key, int(version or 0), list(range(oldest, latest + 1)))
+            raise not_retained_error(key, int(args[0] or 0), list(range(oldest, latest + 1)))
         _, n, epoch, created, head, info, records = reply
         if sum(map(len, records)) > _OFFLOAD_UNPACK_BYTES:
             streams = await asyncio.to_thread(unpack_streams, records, key, pause_gc=False)
