@@ -134,6 +134,8 @@ class MemoryStore:
             s.owner, s.lease_expires_at = None, None
 
     async def commit(self, commit: Commit) -> int:
+        if commit.lease_ttl is not None:
+            validate_lease_ttl(commit.lease_ttl, self._ttl)
         now = self._clock()
         s = self._get(commit.key)
         if s is None or s.epoch != commit.epoch or commit.epoch == 0:
@@ -181,6 +183,8 @@ class MemoryStore:
         for unused in [g for g in s.logs if g not in live_gens]:
             del s.logs[unused]
         s.touched_at = now
+        if commit.lease_ttl is not None and s.owner is not None:
+            s.lease_expires_at = now + commit.lease_ttl  # the commit renews (see Commit)
         return version
 
     async def load(self, key: str, version: int | None = None) -> Stored:

@@ -1,8 +1,10 @@
 -- commit: append one version atomically.
 -- ARGV[4] epoch, [5] base_version, [6] commit id, [7] head bytes, [8] info (msgpack),
 -- [9] bytes written, [10] keep, [11] event channel ('' = none), [12] event payload,
--- [13] records in the elements, [14..] packed elements (batches of records, or staged:
--- see staged_keys), appended to the current log generation.
+-- [13] records in the elements, [14] lease ttl seconds ('' = leave the lease), [15..]
+-- packed elements (batches of records, or staged: see staged_keys), appended to the
+-- current log generation. With a lease ttl, a held lease (an owner recorded: the epoch
+-- checked is its holder's) is renewed too: expires = now + ttl.
 -- Reply: {'ok', version, log_len (elements), gen, records in the log} |
 --        {'lost', current epoch or ''} | {'moved', head version} |
 --        {'unstaged'} (a staged element is gone: nothing written) | {'corrupt', message}
@@ -29,11 +31,11 @@ local function main()
   -- records in the log so far, then with these (for compaction)
   local records = check_log(s, lk) + tonumber(ARGV[13])
   if type_of(vk) ~= 'none' then corrupt('key ' .. vk .. ' exists before its version was written') end
-  local staged = staged_keys(14, #ARGV)
+  local staged = staged_keys(15, #ARGV)
   if staged == nil then return {'unstaged'} end
   -- checks done: from here on every call succeeds
   local len
-  if #ARGV >= 14 then len = push_all(lk, 14, #ARGV, staged) else len = redis.call('LLEN', lk) end
+  if #ARGV >= 15 then len = push_all(lk, 15, #ARGV, staged) else len = redis.call('LLEN', lk) end
   redis.call('HSET', vk, 'epoch', fmt(epoch), 'created', fmt(NOW), 'head', ARGV[7],
     'info', ARGV[8], 'gen', s.gen, 'end', len, 'size', ARGV[9], 'cid', ARGV[6],
     'records', records)
@@ -41,6 +43,9 @@ local function main()
   s.touched = NOW
   trim(s, tonumber(ARGV[10]))
   write_head(s)
+  if ARGV[14] ~= '' and s.owner then
+    redis.call('HSET', HEAD, 'expires', fmt(NOW + tonumber(ARGV[14])))
+  end
   refresh_ttl(s)
   if ARGV[11] ~= '' then redis.call('PUBLISH', ARGV[11], ARGV[12]) end
   return {'ok', version, len, s.gen, records}
