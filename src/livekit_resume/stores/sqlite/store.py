@@ -266,6 +266,8 @@ class SQLiteStore:
     async def commit(self, commit: Commit) -> int:
         validate_key(commit.key)
         self._writable(f"commit to session {commit.key!r}")
+        if commit.lease_ttl is not None:
+            self._lease_ttl(commit.lease_ttl)
         info = _INFO.encode(dict(commit.info))  # before the lock
         return await self._run(partial(self._commit, commit, info))
 
@@ -318,6 +320,12 @@ class SQLiteStore:
                 "WHERE ns=? AND key=?",
                 (version, gen, log_len, now, ns, key),
             )
+            if c.lease_ttl is not None and s.owner is not None:
+                # the commit renews the held lease as _renew would (see Commit.lease_ttl)
+                conn.execute(
+                    "UPDATE sessions SET lease_expires_at=?, lease_ttl=? WHERE ns=? AND key=?",
+                    (now + c.lease_ttl, c.lease_ttl, ns, key),
+                )
             return version
 
     def _compact(
