@@ -3,11 +3,18 @@
 -- [9] bytes written, [10] keep, [11] event channel ('' = none), [12] event payload,
 -- [13] records in the elements, [14] lease ttl seconds ('' = leave the lease), [15..]
 -- packed elements (batches of records, or staged: see staged_keys), appended to the
--- current log generation. With a lease ttl, a held lease (an owner recorded: the epoch
--- checked is its holder's) is renewed too: expires = now + ttl.
+-- current log generation.
 -- Reply: {'ok', version, log_len (elements), gen, records in the log} |
 --        {'lost', current epoch or ''} | {'moved', head version} |
 --        {'unstaged'} (a staged element is gone: nothing written) | {'corrupt', message}
+-- With a lease ttl, a commit that lands (or that a retry finds landed) renews a held
+-- lease too: an owner is recorded, and the epoch checked is its holder's.
+local function renew_lease(s)
+  if ARGV[14] ~= '' and s.owner then
+    redis.call('HSET', HEAD, 'expires', fmt(NOW + tonumber(ARGV[14])))
+  end
+end
+
 local function main()
   local epoch = tonumber(ARGV[4])
   local base = tonumber(ARGV[5])
@@ -19,6 +26,7 @@ local function main()
     if s.version == base + 1 and s.version >= s.oldest then
       local done = redis.call('HMGET', vkey(s.version), 'cid', 'gen', 'end', 'records')
       if done[1] == ARGV[6] then
+        renew_lease(s)
         return {'ok', s.version, tonumber(done[3]), tonumber(done[2]),
           tonumber(done[4]) or tonumber(done[3])}
       end
@@ -43,9 +51,7 @@ local function main()
   s.touched = NOW
   trim(s, tonumber(ARGV[10]))
   write_head(s)
-  if ARGV[14] ~= '' and s.owner then
-    redis.call('HSET', HEAD, 'expires', fmt(NOW + tonumber(ARGV[14])))
-  end
+  renew_lease(s)
   refresh_ttl(s)
   if ARGV[11] ~= '' then redis.call('PUBLISH', ARGV[11], ARGV[12]) end
   return {'ok', version, len, s.gen, records}

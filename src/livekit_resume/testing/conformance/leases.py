@@ -123,6 +123,19 @@ class LeaseTests(StoreTests):
         with pytest.raises(ValueError):
             await store.commit(Commit(KEY, lease.epoch, 2, b"h", [], 1, lease_ttl=0))
 
+    async def test_a_retry_that_finds_its_commit_landed_renews_the_lease_too(self) -> None:
+        """The holder counts a commit answered with its version as a renewal, whether it
+        landed now or on an earlier attempt whose reply was lost."""
+        store = await self.new_store()
+        lease = await store.acquire(KEY, "worker-a", ttl=5)
+        first = Commit(KEY, lease.epoch, 0, b"h", [], 0, commit_id="c-1")
+        assert await store.commit(first) == 1
+        again = Commit(KEY, lease.epoch, 0, b"h", [], 0, commit_id="c-1", lease_ttl=120)
+        assert await store.commit(again) == 1
+        info = await store.info(KEY)
+        assert info is not None and info.lease_expires_at is not None
+        assert info.lease_expires_at > lease.expires_at + 60
+
     async def test_a_commit_by_a_stale_epoch_renews_nothing(self) -> None:
         store = await self.new_store()
         a = await store.acquire(KEY, "worker-a", ttl=60)
