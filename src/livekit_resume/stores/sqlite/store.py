@@ -285,6 +285,7 @@ class SQLiteStore:
                         (ns, key, s.version),
                     ).fetchone()
                     if top is not None and top[0] == c.commit_id:
+                        self._renew_by(conn, c, s, now)
                         return s.version  # a retry of a commit that landed: answer it
                 raise head_moved_error(c, s.version)
             # Append only: the records go after the current generation's last one.
@@ -320,13 +321,17 @@ class SQLiteStore:
                 "WHERE ns=? AND key=?",
                 (version, gen, log_len, now, ns, key),
             )
-            if c.lease_ttl is not None and s.owner is not None:
-                # the commit renews the held lease as _renew would (see Commit.lease_ttl)
-                conn.execute(
-                    "UPDATE sessions SET lease_expires_at=?, lease_ttl=? WHERE ns=? AND key=?",
-                    (now + c.lease_ttl, c.lease_ttl, ns, key),
-                )
+            self._renew_by(conn, c, s, now)
             return version
+
+    def _renew_by(self, conn: sqlite3.Connection, c: Commit, s: Session, now: float) -> None:
+        """A commit that lands, or that a retry finds landed, renews the held lease as
+        `_renew` would (`Commit.lease_ttl`)."""
+        if c.lease_ttl is not None and s.owner is not None:
+            conn.execute(
+                "UPDATE sessions SET lease_expires_at=?, lease_ttl=? WHERE ns=? AND key=?",
+                (now + c.lease_ttl, c.lease_ttl, self._ns, c.key),
+            )
 
     def _compact(
         self, conn: sqlite3.Connection, key: str, version: int, gen: int, log_end: int
