@@ -156,10 +156,11 @@ class Commit:
     that one call recognise each other.
 
     ``lease_ttl``, when set, makes the commit renew the lease too: a commit that lands
-    while its epoch holds the lease (an owner is recorded: not released) sets the lease's
-    expiry to now + ``lease_ttl``, as `Store.renew` would, in the same atomic step. A
-    holder that commits often then needs no separate renewal. A commit refused for a
-    stale epoch extends nothing. None: the lease is left as it is.
+    (or a retry that finds it landed) while its epoch holds the lease (an owner is
+    recorded: not released) sets the lease's expiry to now + ``lease_ttl``, as
+    `Store.renew` would, in the same atomic step. A holder that commits often then needs
+    no separate renewal. A commit refused for a stale epoch extends nothing. None: the
+    lease is left as it is.
     """
 
     key: str
