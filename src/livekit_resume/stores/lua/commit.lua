@@ -8,10 +8,11 @@
 --        {'lost', current epoch or ''} | {'moved', head version} |
 --        {'unstaged'} (a staged element is gone: nothing written) | {'corrupt', message}
 -- With a lease ttl, a commit that lands (or that a retry finds landed) renews a held
--- lease too: an owner is recorded, and the epoch checked is its holder's. The head
--- fields doing it, or none.
-local function lease_fields(s)
-  if ARGV[14] ~= '' and s.owner then return 'expires', fmt(NOW + tonumber(ARGV[14])) end
+-- lease too: an owner is recorded, and the epoch checked is its holder's.
+local function renew_lease(s)
+  if ARGV[14] ~= '' and s.owner then
+    redis.call('HSET', HEAD, 'expires', fmt(NOW + tonumber(ARGV[14])))
+  end
 end
 
 local function main()
@@ -25,8 +26,7 @@ local function main()
     if s.version == base + 1 and s.version >= s.oldest then
       local done = redis.call('HMGET', vkey(s.version), 'cid', 'gen', 'end', 'records')
       if done[1] == ARGV[6] then
-        local field, value = lease_fields(s)
-        if field then redis.call('HSET', HEAD, field, value) end
+        renew_lease(s)
         return {'ok', s.version, tonumber(done[3]), tonumber(done[2]),
           tonumber(done[4]) or tonumber(done[3])}
       end
@@ -50,7 +50,8 @@ local function main()
   s.version = version
   s.touched = NOW
   trim(s, tonumber(ARGV[10]))
-  write_head(s, lease_fields(s))
+  write_head(s)
+  renew_lease(s)
   refresh_ttl(s)
   if ARGV[11] ~= '' then redis.call('PUBLISH', ARGV[11], ARGV[12]) end
   return {'ok', version, len, s.gen, records}

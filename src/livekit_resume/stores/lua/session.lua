@@ -73,10 +73,9 @@ local function new_head()
           touched = NOW}
 end
 
--- ... : more field-value pairs written with the head's, in the same command.
-local function write_head(s, ...)
+local function write_head(s)
   redis.call('HSET', HEAD, 'epoch', fmt(s.epoch), 'version', s.version, 'oldest', s.oldest,
-    'gen', s.gen, 'gen_lo', s.gen_lo, 'touched', fmt(s.touched), ...)
+    'gen', s.gen, 'gen_lo', s.gen_lo, 'touched', fmt(s.touched))
 end
 
 -- Every key of the session: the head, each retained version, each log generation.
