@@ -24,8 +24,9 @@ from pydantic import BaseModel
 import livekit_resume as lr
 from livekit_resume.snapshot.chat import INTERRUPTED_OUTPUT
 from livekit_resume.snapshot.codec import Codec
-from livekit_resume.stores.base import Commit, Store
+from livekit_resume.stores.base import Commit, Lease, Store
 from livekit_resume.stores.memory import MemoryStore
+from livekit_resume.testing.poll import eventually
 from tests.lk.scripted_llm import ScriptedLLM, ToolCall
 
 KEY = "room-hooks"
@@ -715,6 +716,43 @@ async def test_autosave_renews_the_lease_past_its_ttl(store: Store) -> None:
     assert (await store.info(KEY)).owner is None  # type: ignore[union-attr]
     await rival.restore(other, default=Receptionist)
     await rival.aclose()
+    await session.aclose()
+
+
+class RenewCountingStore(FlakyStore):
+    """Counts the lease renewals sent on their own."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.renewals = 0
+
+    async def renew(self, lease: Lease, *, ttl: float = 30.0) -> Lease:
+        self.renewals += 1
+        return await self.inner.renew(lease, ttl=ttl)
+
+
+async def test_a_session_that_commits_often_sends_no_renewals_of_its_own() -> None:
+    """Each commit renews the lease (Commit.lease_ttl), so the renewal loop, due every
+    second here, has nothing to do while turns land more often; once they stop, it
+    renews again."""
+    store = RenewCountingStore(MemoryStore())
+    session, rs, _ = await start(store, [], autosave=True, lease_ttl=3)
+    first = await store.info(KEY)
+    assert first is not None and first.lease_expires_at is not None
+    for turn in range(25):  # 2.5 s: two renewals due without the commits
+        session.history.add_message(role="user", content=f"turn {turn}")
+        await rs.checkpoint()
+        await asyncio.sleep(0.1)
+    info = await store.info(KEY)
+    assert store.renewals == 0
+    assert info is not None and info.owner == "w1" and info.lease_expires_at is not None
+    assert info.lease_expires_at > first.lease_expires_at + 2
+
+    async def renewed() -> bool:
+        return store.renewals >= 1
+
+    await eventually(renewed, "the idle session renews its lease by itself")
+    await rs.aclose()
     await session.aclose()
 
 

@@ -317,6 +317,18 @@ async def test_garbage_fields_and_records_are_snapshot_corrupt(rstore: RedisStor
         await rstore.info(KEY)
 
 
+async def test_a_renewing_commit_after_release_leaves_the_head_without_a_lease(
+    rstore: RedisStore,
+) -> None:
+    """The head keeps ``owner`` and ``expires`` together: a commit with a lease ttl by a
+    released lease's epoch (the final save) writes no expiry for nobody."""
+    lease = await rstore.acquire(KEY, "worker-a")
+    await rstore.release(lease)
+    assert await rstore.commit(Commit(KEY, lease.epoch, 0, b"h", [], 0, lease_ttl=60)) == 1
+    head = await raw(rstore).hgetall(rstore._head_key(KEY))
+    assert b"owner" not in head and b"expires" not in head
+
+
 async def test_foreign_key_in_the_way_refuses_the_commit_and_writes_nothing(
     rstore: RedisStore,
 ) -> None:
@@ -525,6 +537,7 @@ async def test_a_retried_commit_recognises_itself(rstore: RedisStore) -> None:
         "",
         "",
         1,  # records in the elements
+        "",  # no lease ttl: the lease is left as it is
         b"\x94\xa1h\xa1a\xc0\xc4\x01a",
     ]
     first = await rstore._run("commit", KEY, args)

@@ -45,7 +45,8 @@ RETRY_CAP = 10.0
 
 
 class Autosave:
-    """Runs ``checkpoint(reason)`` after triggers, and ``renew()`` every ``renew_every``."""
+    """Runs ``checkpoint(reason)`` after triggers, and ``renew()`` once ``renew_every``
+    has passed since ``renewed_at()`` (the latest renewal, a renewing commit's included)."""
 
     def __init__(
         self,
@@ -55,6 +56,7 @@ class Autosave:
         key: str,
         debounce: float,
         renew_every: float,
+        renewed_at: Callable[[], float],
         on_lost: Callable[[LeaseLost], None] | None = None,
     ) -> None:
         self._checkpoint = checkpoint
@@ -63,6 +65,7 @@ class Autosave:
         self._key = key
         self._debounce = debounce
         self._renew_every = renew_every
+        self._renewed_at = renewed_at
         self._dirty = asyncio.Event()
         self._reason = "turn"
         self._tasks: list[asyncio.Task[None]] = []
@@ -138,8 +141,15 @@ class Autosave:
                 self.idle.set()
 
     async def _renew_loop(self) -> None:
+        due = time.monotonic() + self._renew_every
         while True:
-            await asyncio.sleep(self._renew_every)
+            await asyncio.sleep(due - time.monotonic())
+            # A commit renews the lease too (Commit.lease_ttl): a session that committed
+            # within the interval is renewed an interval after that commit, not now.
+            due = self._renewed_at() + self._renew_every
+            if due > time.monotonic():
+                continue
+            due = time.monotonic() + self._renew_every
             try:
                 await self._renew()
             except LeaseLost as e:

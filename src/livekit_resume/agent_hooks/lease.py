@@ -8,13 +8,16 @@ session is written whole (`reacquire`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import time
 from typing import Protocol, runtime_checkable
 
 from prometheus_client import Counter
 
 from ..errors import LeaseLost, SessionBusy, SnapshotNotFound
-from ..stores.base import Lease, Store, Stored
+from ..stores.base import Commit, Lease, Store, Stored
 
 __all__ = ["LeaseHolder"]
 
@@ -49,16 +52,21 @@ class LeaseHolder:
         self.ttl = ttl
         self.lease: Lease | None = None
         self.vanished = False  # the session is gone from the store: acquire it again
+        # time.monotonic() when the latest acquire, renew or renewing commit was sent: the
+        # lease runs at least `ttl` from then
+        self.renewed_at = -math.inf
 
     @property
     def epoch(self) -> int:
         return self.lease.epoch if self.lease is not None else 0
 
     async def acquire(self, *, takeover: bool) -> Lease:
+        sent = time.monotonic()
         self.lease = await self._store.acquire(
             self.key, self.owner, ttl=self.ttl, takeover=takeover
         )
         self.vanished = False
+        self.renewed_at = sent
         return self.lease
 
     async def acquire_and_load(self, *, takeover: bool) -> Stored | None:
@@ -73,10 +81,12 @@ class LeaseHolder:
             except BaseException:
                 await self.release()
                 raise
+        sent = time.monotonic()
         self.lease, stored = await self._store._acquire_load(
             self.key, self.owner, ttl=self.ttl, takeover=takeover
         )
         self.vanished = False
+        self.renewed_at = sent
         return stored
 
     async def renew(self) -> bool:
@@ -84,6 +94,7 @@ class LeaseHolder:
         the next checkpoint acquires it again); raises `LeaseLost` when it was taken."""
         if self.lease is None or self.vanished:
             return not self.vanished
+        sent = time.monotonic()
         try:
             self.lease = await self._store.renew(self.lease, ttl=self.ttl)
         except LeaseLost as e:
@@ -91,7 +102,19 @@ class LeaseHolder:
                 raise
             self.vanished = True
             return False
+        self.renewed_at = sent
         return True
+
+    async def commit(self, commit: Commit) -> int:
+        """`Store.commit`, renewing the lease in the same step when ``commit`` is written
+        under it (`Commit.lease_ttl`): the renewal loop then skips a renewal."""
+        lease = self.lease
+        if lease is None or commit.epoch != lease.epoch:
+            return await self._store.commit(commit)
+        sent = time.monotonic()
+        version = await self._store.commit(dataclasses.replace(commit, lease_ttl=self.ttl))
+        self.renewed_at = sent
+        return version
 
     async def reacquire(self, version: int) -> None:
         """The session vanished while held (last committed as ``version``): take it again

@@ -137,6 +137,7 @@ class ResumableSession:
             key=self._key,
             debounce=debounce,
             renew_every=lease_ttl / 3,
+            renewed_at=lambda: self._holder.renewed_at,
             on_lost=self._lost,
         )
         self._on_lost = on_lost
@@ -421,7 +422,7 @@ class ResumableSession:
 
     async def _land(self, pending: Pending) -> None:
         """Commit ``pending`` and adopt it as what the store holds."""
-        self._version = await self._store.commit(pending.commit)
+        self._version = await self._holder.commit(pending.commit)
         self._pending = None
         self._capture.accept(pending)
 

@@ -154,6 +154,13 @@ class Commit:
     first attempt landed, the store answers with that attempt's version instead of
     refusing a moved head. Empty: the store draws one, and only its own retries of
     that one call recognise each other.
+
+    ``lease_ttl``, when set, makes the commit renew the lease too: a commit that lands
+    (or a retry that finds it landed) while its epoch holds the lease (an owner is
+    recorded: not released) sets the lease's expiry to now + ``lease_ttl``, as
+    `Store.renew` would, in the same atomic step. A holder that commits often then needs
+    no separate renewal. A commit refused for a stale epoch extends nothing. None: the
+    lease is left as it is.
     """
 
     key: str
@@ -164,6 +171,7 @@ class Commit:
     size: int = 0
     info: Info = field(default_factory=dict)
     commit_id: str = ""
+    lease_ttl: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +235,9 @@ class Store(Protocol):
 
     async def commit(self, commit: Commit) -> int:
         """Atomically append a version; return its number. Raises `LeaseLost` for a stale
-        epoch or a moved head; nothing is written then."""
+        epoch or a moved head; nothing is written then. With ``commit.lease_ttl`` set, a
+        commit that lands also extends a held lease (see `Commit`): the conformance
+        suite checks it, and `ResumableSession` skips renewals a commit made."""
         ...
 
     async def load(self, key: str, version: int | None = None) -> Stored:

@@ -134,6 +134,8 @@ class MemoryStore:
             s.owner, s.lease_expires_at = None, None
 
     async def commit(self, commit: Commit) -> int:
+        if commit.lease_ttl is not None:
+            validate_lease_ttl(commit.lease_ttl, self._ttl)
         now = self._clock()
         s = self._get(commit.key)
         if s is None or s.epoch != commit.epoch or commit.epoch == 0:
@@ -147,6 +149,7 @@ class MemoryStore:
                 and top.version == commit.base_version + 1
                 and top.commit_id == commit.commit_id
             ):
+                self._renew_by(s, commit, now)
                 return top.version  # a retry of a commit that landed: answer, don't refuse
             raise head_moved_error(commit, head_version)
         # The compaction rule of stores/log.py: append, then fold if the log is too long.
@@ -181,7 +184,15 @@ class MemoryStore:
         for unused in [g for g in s.logs if g not in live_gens]:
             del s.logs[unused]
         s.touched_at = now
+        self._renew_by(s, commit, now)
         return version
+
+    @staticmethod
+    def _renew_by(s: _Session, commit: Commit, now: float) -> None:
+        """A commit that lands, or that a retry finds landed, renews the held lease
+        (`Commit.lease_ttl`)."""
+        if commit.lease_ttl is not None and s.owner is not None:
+            s.lease_expires_at = now + commit.lease_ttl
 
     async def load(self, key: str, version: int | None = None) -> Stored:
         s = self._get(key)

@@ -1,11 +1,20 @@
 -- commit: append one version atomically.
 -- ARGV[4] epoch, [5] base_version, [6] commit id, [7] head bytes, [8] info (msgpack),
 -- [9] bytes written, [10] keep, [11] event channel ('' = none), [12] event payload,
--- [13] records in the elements, [14..] packed elements (batches of records, or staged:
--- see staged_keys), appended to the current log generation.
+-- [13] records in the elements, [14] lease ttl seconds ('' = leave the lease), [15..]
+-- packed elements (batches of records, or staged: see staged_keys), appended to the
+-- current log generation.
 -- Reply: {'ok', version, log_len (elements), gen, records in the log} |
 --        {'lost', current epoch or ''} | {'moved', head version} |
 --        {'unstaged'} (a staged element is gone: nothing written) | {'corrupt', message}
+-- With a lease ttl, a commit that lands (or that a retry finds landed) renews a held
+-- lease too: an owner is recorded, and the epoch checked is its holder's.
+local function renew_lease(s)
+  if ARGV[14] ~= '' and s.owner then
+    redis.call('HSET', HEAD, 'expires', fmt(NOW + tonumber(ARGV[14])))
+  end
+end
+
 local function main()
   local epoch = tonumber(ARGV[4])
   local base = tonumber(ARGV[5])
@@ -17,6 +26,7 @@ local function main()
     if s.version == base + 1 and s.version >= s.oldest then
       local done = redis.call('HMGET', vkey(s.version), 'cid', 'gen', 'end', 'records')
       if done[1] == ARGV[6] then
+        renew_lease(s)
         return {'ok', s.version, tonumber(done[3]), tonumber(done[2]),
           tonumber(done[4]) or tonumber(done[3])}
       end
@@ -29,11 +39,11 @@ local function main()
   -- records in the log so far, then with these (for compaction)
   local records = check_log(s, lk) + tonumber(ARGV[13])
   if type_of(vk) ~= 'none' then corrupt('key ' .. vk .. ' exists before its version was written') end
-  local staged = staged_keys(14, #ARGV)
+  local staged = staged_keys(15, #ARGV)
   if staged == nil then return {'unstaged'} end
   -- checks done: from here on every call succeeds
   local len
-  if #ARGV >= 14 then len = push_all(lk, 14, #ARGV, staged) else len = redis.call('LLEN', lk) end
+  if #ARGV >= 15 then len = push_all(lk, 15, #ARGV, staged) else len = redis.call('LLEN', lk) end
   redis.call('HSET', vk, 'epoch', fmt(epoch), 'created', fmt(NOW), 'head', ARGV[7],
     'info', ARGV[8], 'gen', s.gen, 'end', len, 'size', ARGV[9], 'cid', ARGV[6],
     'records', records)
@@ -41,6 +51,7 @@ local function main()
   s.touched = NOW
   trim(s, tonumber(ARGV[10]))
   write_head(s)
+  renew_lease(s)
   refresh_ttl(s)
   if ARGV[11] ~= '' then redis.call('PUBLISH', ARGV[11], ARGV[12]) end
   return {'ok', version, len, s.gen, records}

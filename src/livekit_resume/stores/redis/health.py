@@ -30,7 +30,7 @@ class ServerCheck:
         self._server = server
         self._ttl = ttl
         self._strict = strict
-        self._checked = False
+        self.checked = False  # read and judged once: `ensure` has nothing left to do
         self._warned: set[str] = set()
         # Whether a primary was seen evicting session keys: then a missing head may
         # have left remains anywhere, not only where the cheap checks look.
@@ -44,7 +44,7 @@ class ServerCheck:
         """`check` before the store's first operation. An unreachable server is left
         to the operation itself to report (naming what it was doing); the check runs
         again next time."""
-        if self._checked:
+        if self.checked:
             return
         try:
             settings = await self._settings()
@@ -90,7 +90,7 @@ class ServerCheck:
             raise StoreUnavailable(
                 f"refusing to use {self._server.where} (strict=True): " + "; ".join(evicting)
             )
-        self._checked = True
+        self.checked = True
         return problems
 
     async def _settings(self) -> list[tuple[str, dict[str, str]]]:

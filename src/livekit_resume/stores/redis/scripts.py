@@ -113,13 +113,14 @@ class Scripts:
     async def run(self, script: str, key: str, args: Sequence[str | bytes | int]) -> list[Any]:
         """Run a session script for session ``key`` (after the server check); its
         ``corrupt`` findings raise `SnapshotCorrupt`, other replies are returned."""
-        await self._check.ensure()
+        if not self._check.checked:
+            await self._check.ensure()
         full = [self.now_arg(), *self._ttl_args, *args]
         with self._server.errors(script, key):
             if script == "commit" and self._wait_replicas:
                 reply = await self._run_and_wait(script, key, full)
             else:
-                reply = await self._code[script](keys=[self._names.head(key)], args=full)
+                reply = await self._evalsha(self._code[script], self._names.head(key), full)
         if not isinstance(reply, list) or not reply:
             raise SnapshotCorrupt(f"{script} of session {key!r} got a malformed reply {reply!r}")
         if reply[0] == b"corrupt":
@@ -129,6 +130,19 @@ class Scripts:
                 "data: delete the session or restore it from a backup"
             )
         return reply
+
+    async def _evalsha(
+        self, code: AsyncScript, head: str, args: Sequence[str | bytes | int]
+    ) -> Any:
+        """One EVALSHA, loading the script on NOSCRIPT (flushed, or a new server) and
+        sending it again: nothing ran. What `AsyncScript.__call__` does, without copying
+        the arguments into two tuples on every commit."""
+        client = self._server.client
+        try:
+            return await client.evalsha(code.sha, 1, head, *args)
+        except NoScriptError:
+            await client.script_load(code.script)
+            return await client.evalsha(code.sha, 1, head, *args)
 
     async def _run_and_wait(
         self, script: str, key: str, args: Sequence[str | bytes | int]

@@ -403,6 +403,8 @@ class RedisStore:
         """Append a version in one script (see `Store.commit`), then compact the log if
         superseded records piled up. Publishes ``committed`` on the namespace's channel."""
         key = validate_key(commit.key)
+        if commit.lease_ttl is not None:
+            validate_lease_ttl(commit.lease_ttl, self._ttl)
         await self._namespace_index.keep_recorded(key, "commit")
         info = dict(commit.info)
         written = len(commit.head) + sum(len(r.data or b"") for r in commit.records)
@@ -437,6 +439,7 @@ class RedisStore:
                 self._names.channel,
                 event,
                 len(commit.records),
+                "" if commit.lease_ttl is None else fmt_time(commit.lease_ttl),
                 *packed,
             ],
         )

@@ -266,6 +266,8 @@ class SQLiteStore:
     async def commit(self, commit: Commit) -> int:
         validate_key(commit.key)
         self._writable(f"commit to session {commit.key!r}")
+        if commit.lease_ttl is not None:
+            self._lease_ttl(commit.lease_ttl)
         info = _INFO.encode(dict(commit.info))  # before the lock
         return await self._run(partial(self._commit, commit, info))
 
@@ -283,6 +285,7 @@ class SQLiteStore:
                         (ns, key, s.version),
                     ).fetchone()
                     if top is not None and top[0] == c.commit_id:
+                        self._renew_by(conn, c, s, now)
                         return s.version  # a retry of a commit that landed: answer it
                 raise head_moved_error(c, s.version)
             # Append only: the records go after the current generation's last one.
@@ -318,7 +321,17 @@ class SQLiteStore:
                 "WHERE ns=? AND key=?",
                 (version, gen, log_len, now, ns, key),
             )
+            self._renew_by(conn, c, s, now)
             return version
+
+    def _renew_by(self, conn: sqlite3.Connection, c: Commit, s: Session, now: float) -> None:
+        """A commit that lands, or that a retry finds landed, renews the held lease as
+        `_renew` would (`Commit.lease_ttl`)."""
+        if c.lease_ttl is not None and s.owner is not None:
+            conn.execute(
+                "UPDATE sessions SET lease_expires_at=?, lease_ttl=? WHERE ns=? AND key=?",
+                (now + c.lease_ttl, c.lease_ttl, self._ns, c.key),
+            )
 
     def _compact(
         self, conn: sqlite3.Connection, key: str, version: int, gen: int, log_end: int

@@ -104,6 +104,54 @@ class LeaseTests(StoreTests):
         info = await store.info(KEY)
         assert info is not None and (info.owner, info.epoch) == (None, b.epoch)
 
+    async def test_a_commit_with_a_lease_ttl_renews_the_held_lease(self) -> None:
+        """`Commit.lease_ttl`: a holder committing often needs no separate renewal."""
+        store = await self.new_store()
+        lease = await store.acquire(KEY, "worker-a", ttl=5)
+        plain = Commit(KEY, lease.epoch, 0, b"h", [Record("h", "x", b"x")], 1)
+        assert await store.commit(plain) == 1
+        info = await store.info(KEY)
+        assert info is not None and info.lease_expires_at == pytest.approx(
+            lease.expires_at, abs=0.01
+        )  # without lease_ttl the lease is left as it is
+        renewing = Commit(KEY, lease.epoch, 1, b"h", [], 1, lease_ttl=120)
+        assert await store.commit(renewing) == 2
+        info = await store.info(KEY)
+        assert info is not None and (info.owner, info.epoch) == ("worker-a", lease.epoch)
+        assert info.lease_expires_at is not None
+        assert info.lease_expires_at > lease.expires_at + 60
+        with pytest.raises(ValueError):
+            await store.commit(Commit(KEY, lease.epoch, 2, b"h", [], 1, lease_ttl=0))
+
+    async def test_a_retry_that_finds_its_commit_landed_renews_the_lease_too(self) -> None:
+        """The holder counts a commit answered with its version as a renewal, whether it
+        landed now or on an earlier attempt whose reply was lost."""
+        store = await self.new_store()
+        lease = await store.acquire(KEY, "worker-a", ttl=5)
+        first = Commit(KEY, lease.epoch, 0, b"h", [], 0, commit_id="c-1")
+        assert await store.commit(first) == 1
+        again = Commit(KEY, lease.epoch, 0, b"h", [], 0, commit_id="c-1", lease_ttl=120)
+        assert await store.commit(again) == 1
+        info = await store.info(KEY)
+        assert info is not None and info.lease_expires_at is not None
+        assert info.lease_expires_at > lease.expires_at + 60
+
+    async def test_a_commit_by_a_stale_epoch_renews_nothing(self) -> None:
+        store = await self.new_store()
+        a = await store.acquire(KEY, "worker-a", ttl=60)
+        b = await store.acquire(KEY, "worker-b", ttl=5, takeover=True)
+        with pytest.raises(LeaseLost):
+            await store.commit(Commit(KEY, a.epoch, 0, b"h", [], 0, lease_ttl=120))
+        info = await store.info(KEY)
+        assert info is not None and (info.owner, info.epoch) == ("worker-b", b.epoch)
+        assert info.lease_expires_at == pytest.approx(b.expires_at, abs=0.01)
+        await store.release(b)
+        assert await store.commit(Commit(KEY, b.epoch, 0, b"h", [], 0, lease_ttl=120)) == 1
+        info = await store.info(KEY)  # released: a commit does not take the lease back
+        assert info is not None and (info.owner, info.lease_expires_at) == (None, None)
+        c = await store.acquire(KEY, "worker-c", ttl=60)  # free: no SessionBusy
+        assert c.epoch == b.epoch + 1
+
     async def test_a_retried_commit_with_the_same_id_gets_its_landed_version(self) -> None:
         """Issue 13 defect 1: a commit whose reply was lost is sent again with the same id;
         the store answers with the version it already wrote instead of refusing a moved head."""
