@@ -115,7 +115,7 @@ class Scripts:
         ``corrupt`` findings raise `SnapshotCorrupt`, other replies are returned."""
         if not self._check.checked:
             await self._check.ensure()
-        full = [self.now_arg(), *self._ttl_args, *args]
+        full = self.session_args(args)
         with self._server.errors(script, key):
             if script == "commit" and self._wait_replicas:
                 reply = await self._run_and_wait(script, key, full)
@@ -144,6 +144,41 @@ class Scripts:
             await client.script_load(code.script)
             return await client.evalsha(code.sha, 1, head, *args)
 
+    def session_args(self, args: Sequence[str | bytes | int]) -> list[str | bytes | int]:
+        """A session script's arguments: the common ones (see the class), then ``args``."""
+        return [self.now_arg(), *self._ttl_args, *args]
+
+    async def trip(
+        self,
+        scripts: Sequence[tuple[str, str, Sequence[str | bytes | int]]],
+        then: Sequence[tuple[tuple[Any, ...], dict[str, Any]]] = (),
+    ) -> list[Any]:
+        """Scripts, each ``(name, the one key routing it, its arguments)``, and then the
+        raw commands ``then`` (arguments, options), in one pipeline: their replies, an
+        error in place of a reply. A script the server did not know (NOSCRIPT: flushed,
+        a new node; it did not run) is loaded and the whole trip sent again, so every
+        command of a trip must be safe to send twice."""
+        client = self._server.client
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            for name, routed_by, args in scripts:
+                # As a raw command: a Cluster pipeline refuses its evalsha() method, but
+                # routes a raw EVALSHA by its key.
+                pipe.execute_command("EVALSHA", self._code[name].sha, 1, routed_by, *args)
+            for args, options in then:
+                pipe.execute_command(*args, **options)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            unknown = {
+                name
+                for (name, _, _), reply in zip(scripts, replies, strict=False)
+                if isinstance(reply, NoScriptError)
+            }
+            if not unknown or attempt == 2:
+                break
+            for name in unknown:  # a Cluster loads it on every primary
+                await client.script_load(self._code[name].script)
+        return replies
+
     async def _run_and_wait(
         self, script: str, key: str, args: Sequence[str | bytes | int]
     ) -> Any:
@@ -153,27 +188,12 @@ class Scripts:
         counted in `under_replicated`, not raised: the commit stands on the primary."""
         client = self._server.client
         head = self._names.head(key)
-        code = self._code[script]
-        for attempt in (1, 2):
-            pipe = client.pipeline(transaction=False)
-            # As a raw command: a Cluster pipeline refuses its evalsha() method, but
-            # routes a raw EVALSHA by its key.
-            pipe.execute_command("EVALSHA", code.sha, 1, head, *args)
-            wait: tuple[Any, ...] = ("WAIT", self._wait_replicas, self._wait_timeout)
-            if isinstance(client, RedisCluster):
-                await client.initialize()
-                node = client.get_node_from_key(head)
-                pipe.execute_command(*wait, target_nodes=node)
-            else:
-                pipe.execute_command(*wait)
-            reply, acked = await pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError) and attempt == 1:
-                # Flushed or never loaded there: load it and send the pair again (the
-                # script did not run, nothing was written). A Cluster loads it on
-                # every primary.
-                await client.script_load(code.script)
-                continue
-            break
+        options: dict[str, Any] = {}
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            options["target_nodes"] = client.get_node_from_key(head)
+        wait = (("WAIT", self._wait_replicas, self._wait_timeout), options)
+        reply, acked = await self.trip([(script, head, args)], [wait])
         if isinstance(reply, Exception):
             raise reply
         self._count_replicas(key, reply, acked)

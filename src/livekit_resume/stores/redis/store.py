@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from redis.exceptions import NoPermissionError, NoScriptError
+from redis.exceptions import NoPermissionError
 
 from ...errors import SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
 from ..base import (
@@ -345,33 +345,14 @@ class RedisStore:
         it; such a load answer is None (the caller loads by itself)."""
         await self._check.ensure()  # before the first write: strict=True writes nothing
         head = self._names.head(key)
-        session = [self._scripts.now_arg(), *self._scripts._ttl_args]
         calls: list[tuple[str, str, list[Any]]] = [
             ("index", self._names.index, self._namespace_index.index_args(key)),
-            ("acquire", head, [*session, *acquire_args]),
+            ("acquire", head, self._scripts.session_args(acquire_args)),
         ]
         if read:
-            calls.append(("load", head, [*session, ""]))
-        code = self._scripts._code
-        for attempt in (1, 2):
-            pipe = self._client.pipeline(transaction=False)
-            for name, routed_by, args in calls:
-                # as raw commands: a Cluster pipeline refuses evalsha() (see scripts.py)
-                pipe.execute_command("EVALSHA", code[name].sha, 1, routed_by, *args)
-            with self._server.errors("acquire", key):
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-                unknown = [
-                    code[name].script
-                    for (name, _, _), r in zip(calls, replies, strict=True)
-                    if isinstance(r, NoScriptError)
-                ]
-                if unknown and attempt == 1:
-                    # flushed or never loaded there: load them and send the trip again
-                    # (each script of it is safe to run twice)
-                    for script in unknown:
-                        await self._client.script_load(script)
-                    continue
-            break
+            calls.append(("load", head, self._scripts.session_args([""])))
+        with self._server.errors("acquire", key):
+            replies = await self._scripts.trip(calls)
         ops = ("acquire (namespace index)", "acquire", "load")
         for op, r in zip(ops, replies, strict=False):
             if isinstance(r, Exception):
