@@ -16,7 +16,7 @@ import time
 import tracemalloc
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from livekit.agents import llm
@@ -769,7 +769,14 @@ async def cluster_failover(
             await assert_stored_whole(store, key, session)
         row.acked = sum(len(v) for v in store.by_key.values())
         if wait_replicas:
-            assert row.lost == 0, f"{row.lost} acknowledged versions lost despite WAIT"
+            # A commit whose WAIT timed out stands on the primary, logged and counted as
+            # under-replicated (a loaded machine can lag a replica past the timeout):
+            # only those may be lost, never one the replica acknowledged.
+            unreplicated = cast(RedisStore, store.inner).under_replicated
+            assert row.lost <= unreplicated, (
+                f"{row.lost} acknowledged versions lost despite WAIT, "
+                f"{unreplicated} reported under-replicated"
+            )
     finally:
         store.gate.set()
         for t in talkers:
