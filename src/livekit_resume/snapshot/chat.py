@@ -168,7 +168,6 @@ _FLOAT_METRICS = frozenset(
     k for k, t in get_type_hints(llm.MetricsReport).items() if t is float
 )
 _DECLARED_METRICS = frozenset(get_type_hints(llm.MetricsReport))
-_FIELD_ORDER = {cls: _ITEM_FIELDS[cls] for cls in _FAST_TYPES}
 _TYPE_NAMES = {cls: name for name, cls in _ITEM_CLASSES.items()}
 assert all(
     set(_FAST_TYPES[cls]) == set(cls.model_fields) and not cls.__private_attributes__
@@ -506,7 +505,7 @@ def _known_shape(cls: type[BaseModel], data: ItemData) -> _Shape | None:
     for name, value in data.items():
         if type(value) not in types[name]:
             return None
-    order = _FIELD_ORDER[cls]
+    order = _ITEM_FIELDS[cls]
     unset = tuple(name for name in order if name not in data)
     known = _Shape(cls, tuple(data) == tuple(n for n in order if n in data) and (
         not unset or order[-len(unset):] == unset
@@ -526,7 +525,7 @@ def _fast_item(shape: _Shape, data: ItemData) -> llm.ChatItem | None:
         for name in shape.unset:
             values[name] = None
     else:
-        values = {name: data.get(name) for name in _FIELD_ORDER[cls]}
+        values = {name: data.get(name) for name in _ITEM_FIELDS[cls]}
     # its own containers, as validation gives (their values are shared, as with `Any`)
     if cls is llm.ChatMessage:
         content = values["content"] = list(data["content"])
