@@ -285,7 +285,11 @@ class SQLiteStore:
                         (ns, key, s.version),
                     ).fetchone()
                     if top is not None and top[0] == c.commit_id:
-                        self._renew_by(conn, c, s, now)
+                        conn.execute(
+                            "UPDATE sessions SET lease_expires_at=?, lease_ttl=? "
+                            "WHERE ns=? AND key=?",
+                            (*_lease_after(c, s, now), ns, key),
+                        )
                         return s.version  # a retry of a commit that landed: answer it
                 raise head_moved_error(c, s.version)
             # Append only: the records go after the current generation's last one.
@@ -317,21 +321,11 @@ class SQLiteStore:
                 (ns, key),
             )
             conn.execute(
-                "UPDATE sessions SET version=?, gen=?, log_len=?, touched_at=? "
-                "WHERE ns=? AND key=?",
-                (version, gen, log_len, now, ns, key),
+                "UPDATE sessions SET version=?, gen=?, log_len=?, touched_at=?, "
+                "lease_expires_at=?, lease_ttl=? WHERE ns=? AND key=?",
+                (version, gen, log_len, now, *_lease_after(c, s, now), ns, key),
             )
-            self._renew_by(conn, c, s, now)
             return version
-
-    def _renew_by(self, conn: sqlite3.Connection, c: Commit, s: Session, now: float) -> None:
-        """A commit that lands, or that a retry finds landed, renews the held lease as
-        `_renew` would (`Commit.lease_ttl`)."""
-        if c.lease_ttl is not None and s.owner is not None:
-            conn.execute(
-                "UPDATE sessions SET lease_expires_at=?, lease_ttl=? WHERE ns=? AND key=?",
-                (now + c.lease_ttl, c.lease_ttl, self._ns, c.key),
-            )
 
     def _compact(
         self, conn: sqlite3.Connection, key: str, version: int, gen: int, log_end: int
@@ -537,6 +531,15 @@ _LogRow = tuple[str, str, int, int, str, str, "str | None", "bytes | None"]
 # of this size: binding it whole copies it while holding the GIL (about 20 ms for 30 MB,
 # during which the event loop and its audio stall); each slice's write lets go of it.
 _BLOB_SLICE = 1 << 20
+
+
+def _lease_after(c: Commit, s: Session, now: float) -> tuple[float | None, float | None]:
+    """The lease's expiry and ttl once commit ``c`` landed (or a retry found it landed):
+    renewed as `SQLiteStore._renew` would while an owner holds it (`Commit.lease_ttl`),
+    else as they are."""
+    if c.lease_ttl is not None and s.owner is not None:
+        return now + c.lease_ttl, c.lease_ttl
+    return s.lease_expires_at, s.lease_ttl
 
 
 def _insert_log(conn: sqlite3.Connection, rows: list[_LogRow]) -> None:
