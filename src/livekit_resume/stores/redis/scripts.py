@@ -151,13 +151,14 @@ class Scripts:
     async def trip(
         self,
         scripts: Sequence[tuple[str, str, Sequence[str | bytes | int]]],
-        then: Sequence[tuple[tuple[Any, ...], dict[str, Any]]] = (),
+        *,
+        wait_on: str | None = None,
     ) -> list[Any]:
-        """Scripts, each ``(name, the one key routing it, its arguments)``, and then the
-        raw commands ``then`` (arguments, options), in one pipeline: their replies, an
-        error in place of a reply. A script the server did not know (NOSCRIPT: flushed,
-        a new node; it did not run) is loaded and the whole trip sent again, so every
-        command of a trip must be safe to send twice."""
+        """Scripts, each ``(name, the one key routing it, its arguments)``, in one
+        pipeline, and with ``wait_on`` (a key) a WAIT after them on the node of that
+        key's slot: their replies, an error in place of a reply. A script the server did
+        not know (NOSCRIPT: flushed, a new node; it did not run) is loaded and the whole
+        trip sent again, so every command of a trip must be safe to send twice."""
         client = self._server.client
         for attempt in (1, 2):
             pipe = client.pipeline(transaction=False)
@@ -165,8 +166,14 @@ class Scripts:
                 # As a raw command: a Cluster pipeline refuses its evalsha() method, but
                 # routes a raw EVALSHA by its key.
                 pipe.execute_command("EVALSHA", self._code[name].sha, 1, routed_by, *args)
-            for args, options in then:
-                pipe.execute_command(*args, **options)
+            if wait_on is not None:
+                wait = ("WAIT", self._wait_replicas, self._wait_timeout)
+                if isinstance(client, RedisCluster):
+                    # looked up on every attempt: a failover since the last one moves it
+                    await client.initialize()
+                    pipe.execute_command(*wait, target_nodes=client.get_node_from_key(wait_on))
+                else:
+                    pipe.execute_command(*wait)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             unknown = {
                 name
@@ -186,14 +193,8 @@ class Scripts:
         that acknowledged this connection's writes): one pipeline, sent to the node of
         the session's slot on a Cluster. Fewer replicas than asked is logged and
         counted in `under_replicated`, not raised: the commit stands on the primary."""
-        client = self._server.client
         head = self._names.head(key)
-        options: dict[str, Any] = {}
-        if isinstance(client, RedisCluster):
-            await client.initialize()
-            options["target_nodes"] = client.get_node_from_key(head)
-        wait = (("WAIT", self._wait_replicas, self._wait_timeout), options)
-        reply, acked = await self.trip([(script, head, args)], [wait])
+        reply, acked = await self.trip([(script, head, args)], wait_on=head)
         if isinstance(reply, Exception):
             raise reply
         self._count_replicas(key, reply, acked)
