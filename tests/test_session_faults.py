@@ -156,6 +156,52 @@ async def test_a_session_whose_store_record_vanished_is_reacquired_and_written_w
     await session.aclose()
 
 
+class Forgetful:
+    """A store that acknowledges ``times`` commits and then loses them: what a failover to
+    a replica that had not received them (asynchronous replication) looks like."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.times = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Commit) -> int:
+        if self.times > 0:
+            self.times -= 1
+            return commit.base_version + 1
+        return await self.inner.commit(commit)
+
+
+async def test_a_session_whose_store_lost_acknowledged_versions_is_written_whole(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    forgetful = Forgetful(store)
+    session, rs, _ = await start(forgetful, ["one", "two", "three", "four"], autosave=True)
+    await session.run(user_input="a")
+    await settled(rs)
+    kept = (await store.load(KEY)).version
+    forgetful.times = 2
+    await session.run(user_input="b")
+    await settled(rs)
+    await session.run(user_input="c")
+    await settled(rs)
+    assert rs.version > kept and (await store.load(KEY)).version == kept  # acked, lost
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    await session.run(user_input="d")
+    await settled(rs)
+    assert rs._autosave.lost is None, "autosave stopped although nobody took the session"
+    assert any("lost" in r.getMessage() for r in caplog.records)
+    snap = await saved(store)
+    assert texts(snap) == live_texts(session)  # the whole conversation, b and c too
+    assert rs.version == (await store.load(KEY)).version > kept
+    info = await store.info(KEY)
+    assert info is not None and info.owner == "w1"
+    await rs.aclose()
+    await session.aclose()
+
+
 async def test_a_vanished_session_taken_by_another_worker_fences_this_one(store: Store) -> None:
     session, rs, _ = await start(store, ["one", "two"], autosave=True)
     await session.run(user_input="a")
@@ -316,6 +362,34 @@ async def test_redis_restarted_without_its_data_gets_the_whole_conversation_agai
     await session.aclose()
     await store.aclose()
 
+
+
+async def test_redis_rolled_back_to_an_older_snapshot_gets_the_whole_conversation_again(
+    bare_redis: Any,
+) -> None:
+    """The server comes back from an RDB taken two turns ago, lease and all (a restore
+    from backup; a failover to a replica that lagged looks the same to the writer)."""
+    store = lr.open_store(bare_redis.url, namespace=f"s{uuid.uuid4().hex[:8]}")
+    session, rs, _ = await start(store, ["one", "two", "three", "four"], autosave=True)
+    await session.run(user_input="a")
+    await settled(rs)
+    bare_redis.cli("save")
+    kept = (await store.load(KEY)).version
+    await session.run(user_input="b")
+    await session.run(user_input="c")
+    await settled(rs)
+    bare_redis.kill()
+    bare_redis.start()  # same port, loads the RDB taken after turn a
+    assert (await store.load(KEY)).version == kept < rs.version
+    await session.run(user_input="d")
+    await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
+    assert rs._autosave.lost is None, "autosave stopped although nobody took the session"
+    snap = await saved(store)
+    assert texts(snap) == live_texts(session)
+    assert rs.version == (await store.load(KEY)).version > kept
+    await rs.aclose()
+    await session.aclose()
+    await store.aclose()
 
 
 # -- one damaged record (issue 13 defect 4) ---------------------------------------------

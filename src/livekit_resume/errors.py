@@ -59,7 +59,9 @@ class LeaseLost(ResumeError):
 
     ``current_epoch`` is the epoch the store holds now, when known. ``vanished`` is True
     when the session's record is gone (deleted, expired, or a store restarted without
-    its data): nobody else holds it then, and the writer may acquire it again.
+    its data), or the store lost versions it had acknowledged to this writer (a failover
+    with asynchronous replication): nobody else holds it then, and the writer may acquire
+    it again and write the conversation whole.
     """
 
     def __init__(

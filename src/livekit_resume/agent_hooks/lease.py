@@ -2,8 +2,8 @@
 
 The holder tells a lease *taken* by another worker (`LeaseLost`: stop writing) from a
 session that *vanished* from the store under it (restarted without its data, deleted,
-expired): nobody holds that one, so it is acquired again under a new epoch and the
-session is written whole (`reacquire`).
+expired, or rolled back to an older version by a failover): nobody else holds that one,
+so it is acquired again and the session is written whole (`reacquire`).
 """
 
 from __future__ import annotations
@@ -116,17 +116,12 @@ class LeaseHolder:
         self.renewed_at = sent
         return version
 
-    async def reacquire(self, version: int) -> None:
-        """The session vanished while held (last committed as ``version``): take it again
-        under a new epoch. Whoever got there first keeps it, and this holder is fenced."""
+    async def reacquire(self, version: int) -> int:
+        """The store lost the session, or versions of it, while held (last committed as
+        ``version``): take it again, under a new epoch unless the lease survived. Whoever
+        got there first keeps it, and this holder is fenced. Returns the version the store
+        holds now, for the whole conversation to be written on top of."""
         REACQUIRED.inc()
-        log.warning(
-            "session %r vanished from the store while held (version %d); acquired again "
-            "to write the whole conversation anew",
-            self.key,
-            version,
-            extra={"key": self.key, "version": version},
-        )
         try:
             await self.acquire(takeover=False)
         except SessionBusy as e:
@@ -134,6 +129,18 @@ class LeaseHolder:
                 f"session {self.key!r} vanished from the store and {e.holder!r} acquired it "
                 "before this worker could: this one must stop writing"
             ) from e
+        info = await self._store.info(self.key)
+        held = info.version if info is not None else 0
+        log.warning(
+            "session %r: the store lost it, or versions of it, while held (this writer was "
+            "at version %d, the store is at %d); acquired again to write the whole "
+            "conversation anew",
+            self.key,
+            version,
+            held,
+            extra={"key": self.key, "version": version},
+        )
+        return held
 
     async def release(self) -> None:
         """Give the lease up; a failure is logged and counted (the lease then expires)."""

@@ -427,10 +427,10 @@ class ResumableSession:
         self._capture.accept(pending)
 
     async def _reacquire(self) -> None:
-        """The store lost the session while we held it: take it again and write it whole."""
-        await self._holder.reacquire(self._version)
+        """The store lost the session, or versions of it, while we held it: take it
+        again and write it whole on top of what the store holds."""
+        self._version = await self._holder.reacquire(self._version)
         self._pending = None
-        self._version = 0
         self._capture.rewrite = True
 
     def _lost(self, error: LeaseLost) -> None:

@@ -498,6 +498,18 @@ def lease_lost_error(key: str, epoch: int, current: int | None) -> LeaseLost:
 
 
 def head_moved_error(commit: Commit, head: int) -> LeaseLost:
+    """The head is not at ``commit.base_version`` although the epoch is current. Behind
+    it, the store lost versions it had acknowledged: nobody took the session, so the
+    writer may write it whole again (``vanished``)."""
+    if head < commit.base_version:
+        return LeaseLost(
+            f"session {commit.key!r} is at version {head}, behind version "
+            f"{commit.base_version} that this writer committed: the store lost acknowledged "
+            "versions (a failover with asynchronous replication, or a restore from a "
+            "backup); acquire it again to write it whole",
+            current_epoch=commit.epoch,
+            vanished=True,
+        )
     return LeaseLost(
         f"commit to session {commit.key!r} expected version {commit.base_version} but the "
         f"head is at {head}: another writer shares this lease; reload before writing",

@@ -191,6 +191,21 @@ class LeaseTests(StoreTests):
             await store.renew(b)
         assert gone_renew.value.vanished
 
+    async def test_a_commit_ahead_of_the_head_says_the_store_lost_versions(self) -> None:
+        """A commit based on a version the store no longer holds, under the current epoch:
+        the store lost versions it had acknowledged (a failover with asynchronous
+        replication, a restore from a backup). Nobody took the session, so the writer may
+        write it whole again (``vanished``); nothing is written by the refused commit."""
+        store = await self.new_store()
+        a = await store.acquire(KEY, "worker-a")
+        assert await store.commit(Commit(KEY, a.epoch, 0, b"h", [Record("h", "x", b"x")], 1)) == 1
+        before = await snapshot_of(store)
+        with pytest.raises(LeaseLost) as behind:
+            await store.commit(Commit(KEY, a.epoch, 3, b"h", [Record("h", "y", b"y", "x")], 1))
+        assert behind.value.vanished and behind.value.current_epoch == a.epoch
+        assert "lost" in str(behind.value)
+        assert await snapshot_of(store) == before
+
     _BAD_SESSION_TTLS = [0, -1, 1e-9, float("nan"), float("inf")]
 
     @pytest.mark.parametrize("ttl", _BAD_SESSION_TTLS, ids=repr)
