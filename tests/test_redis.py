@@ -634,6 +634,15 @@ async def test_a_large_record_is_staged_in_pieces_and_appended_whole(
         return await run(script, key, args)
 
     monkeypatch.setattr(store._scripts, "run", spy)
+    pieces: list[int] = []  # each staging command's payload
+    for name in ("set", "append"):
+        command = getattr(store._client, name)
+
+        async def staged(key: str, value: Any, *a: Any, _c: Any = command, **kw: Any) -> Any:
+            pieces.append(len(value))
+            return await _c(key, value, *a, **kw)
+
+        monkeypatch.setattr(store._client, name, staged)
     lease = await store.acquire(KEY, "w")
     records = [Record("h", "a", b"1"), Record("h", "b", big, "a"), Record("h", "c", b"3", "b")]
     first = Commit(KEY, lease.epoch, 0, b"h", records, 3, commit_id="c1")
@@ -642,6 +651,8 @@ async def test_a_large_record_is_staged_in_pieces_and_appended_whole(
     expected = [("a", b"1"), ("b", big), ("c", b"3")]
     assert (await store.load(KEY)).streams == {"h": expected}
     assert max(sent) < 1 << 20
+    # a piece is one socket send on the loop: a quarter megabyte keeps it short
+    assert sum(pieces) >= 2 * len(big) and max(pieces) <= 1 << 18
     assert await server_keys(store, f"{store.namespace}:up:*") == []
     for n in range(80):  # superseded records pile up until the log is compacted
         edit = [Record("h", "c", b"c%d" % n, "b")]

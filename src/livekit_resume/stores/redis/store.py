@@ -64,9 +64,12 @@ _OFFLOAD_BYTES = 1 << 20
 # A log read holding more bytes than this (deflated: a few hundred records) is unpacked
 # and folded on a worker thread, as the loop's other sessions would feel it.
 _OFFLOAD_UNPACK_BYTES = 64 * 1024
-# A log element larger than this is sent ahead of its script in pieces of this size
-# (`RedisStore._stage`), kept at most this long if the script never takes it.
-_STAGE_PIECE = 1 << 20
+# A log element larger than this is sent ahead of its script in pieces of
+# `_STAGE_PIECE` (`RedisStore._stage`), kept at most `_STAGE_TTL_MS` if the script never
+# takes it. A piece is one socket send on the event loop: a megabyte took 5-10 ms of it
+# on a loaded 2-core machine, a quarter of that well under the ~5 ms a voice loop allows.
+_STAGE_ABOVE = 1 << 20
+_STAGE_PIECE = 1 << 18
 _STAGE_TTL_MS = 120_000
 
 logger = logging.getLogger("livekit_resume")
@@ -483,13 +486,13 @@ class RedisStore:
 
     async def _stage(self, key: str, elements: list[bytes]) -> tuple[list[bytes], list[str]]:
         """The elements as a script takes them, and the keys staged: an element larger
-        than `_STAGE_PIECE` is written beforehand to a key of its own, a piece per
+        than `_STAGE_ABOVE` is written beforehand to a key of its own, a piece per
         command, and passed by name (see ``staged_keys`` in session.lua). Sent whole,
         asyncio would copy it on the event loop, ~40 ms for 30 MB."""
         out: list[bytes] = []
         names: list[str] = []
         for element in elements:
-            if len(element) <= _STAGE_PIECE or self._stage_denied:
+            if len(element) <= _STAGE_ABOVE or self._stage_denied:
                 out.append(element)
                 continue
             name = self._names.staged(key, os.urandom(8).hex())
