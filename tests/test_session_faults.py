@@ -392,6 +392,40 @@ async def test_redis_rolled_back_to_an_older_snapshot_gets_the_whole_conversatio
     await store.aclose()
 
 
+
+async def test_redis_rolled_back_to_before_a_restore_lets_the_restored_writer_go_on(
+    bare_redis: Any,
+) -> None:
+    """A worker restores a suspended session (a new epoch), then the server comes back
+    from an RDB taken before that restore: it holds the older epoch, with nobody's lease.
+    The restored writer is told the store lost its acquisition, not that it was taken
+    over, and writes the whole conversation again under a fresh epoch."""
+    store = lr.open_store(bare_redis.url, namespace=f"s{uuid.uuid4().hex[:8]}")
+    first, rs1, _ = await start(store, ["one"], autosave=True)
+    await first.run(user_input="a")
+    await rs1.suspend()
+    await rs1.aclose()
+    await first.aclose()
+    bare_redis.cli("save")
+    before = await store.info(KEY)
+    session, rs, _ = await start(store, ["two", "three"], owner="w2", autosave=True)
+    assert before is not None and rs._holder.epoch > before.epoch
+    await session.run(user_input="b")
+    await settled(rs)
+    bare_redis.kill()
+    bare_redis.start()  # same port, loads the RDB taken before w2's restore
+    assert (await store.info(KEY)) == before
+    await session.run(user_input="c")
+    await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
+    assert rs._autosave.lost is None, "autosave stopped although nobody took the session"
+    snap = await saved(store)
+    assert texts(snap) == live_texts(session)
+    info = await store.info(KEY)
+    assert info is not None and info.owner == "w2" and info.epoch > before.epoch
+    await rs.aclose()
+    await session.aclose()
+    await store.aclose()
+
 # -- one damaged record (issue 13 defect 4) ---------------------------------------------
 
 

@@ -59,9 +59,10 @@ class LeaseLost(ResumeError):
 
     ``current_epoch`` is the epoch the store holds now, when known. ``vanished`` is True
     when the session's record is gone (deleted, expired, or a store restarted without
-    its data), or the store lost versions it had acknowledged to this writer (a failover
-    with asynchronous replication): nobody else holds it then, and the writer may acquire
-    it again and write the conversation whole.
+    its data), or the store went back to an older state under this writer (versions it
+    had acknowledged, or its acquisition, lost to a failover with asynchronous
+    replication): nobody else took it then, and the writer may acquire it again and write
+    the conversation whole.
     """
 
     def __init__(

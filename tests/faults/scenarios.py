@@ -737,6 +737,7 @@ async def cluster_failover(
             await _turn(session, store, f"turn {n}")
             n += 1
 
+    rewritten = _reacquired()
     try:
         for i in range(sessions):
             session, rs = await _fresh_session(store, f"failover-{i}", plain=True)
@@ -786,8 +787,22 @@ async def cluster_failover(
             await rs.aclose()
             await session.aclose()
         await store.aclose()
-    row.notes = f"{sessions} sessions checkpointing continuously"
+    rewritten = _reacquired() - rewritten
+    row.notes = f"{sessions} sessions checkpointing continuously" + (
+        f"; {rewritten:.0f} times a session found the new primary behind what it had "
+        "committed and wrote its conversation whole again"
+        if rewritten
+        else ""
+    )
     return row
+
+
+def _reacquired() -> float:
+    """``livekit_resume_sessions_reacquired`` so far: sessions written whole again after
+    the store lost them or versions of them."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("livekit_resume_sessions_reacquired_total") or 0.0
 
 
 # Sessions stored before the server starts evicting; enough that some lose keys and some

@@ -483,11 +483,21 @@ def busy_error(key: str, holder: str | None, epoch: int) -> SessionBusy:
 
 def lease_lost_error(key: str, epoch: int, current: int | None) -> LeaseLost:
     """``current=None``: the session's record is gone (deleted, expired, or the store
-    lost its data), not taken by another writer."""
+    lost its data), not taken by another writer. An epoch older than the writer's: the
+    store went back to before this writer acquired it, which nobody else did either."""
     if current is None:
         return LeaseLost(
             f"session {key!r} no longer exists in the store (deleted, expired, or the "
             f"store lost its data) while held at epoch {epoch}; acquire it again to write",
+            vanished=True,
+        )
+    if current < epoch:
+        return LeaseLost(
+            f"session {key!r} is at epoch {current} in the store, older than this "
+            f"writer's {epoch}: the store lost its acquisition (a failover with "
+            "asynchronous replication, or a restore from a backup); acquire it again to "
+            "write it whole",
+            current_epoch=current,
             vanished=True,
         )
     return LeaseLost(

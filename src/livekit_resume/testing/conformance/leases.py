@@ -206,7 +206,23 @@ class LeaseTests(StoreTests):
         assert "lost" in str(behind.value)
         assert await snapshot_of(store) == before
 
-    _BAD_SESSION_TTLS = [0, -1, 1e-9, float("nan"), float("inf")]
+    async def test_a_writer_newer_than_the_stored_epoch_is_told_the_store_lost_it(self) -> None:
+        """The store holds an epoch older than the writer's: it went back to before the
+        writer acquired the session (a failover, a restore). Nobody took it, so the
+        writer may acquire it again (``vanished``); nothing is written or renewed."""
+        store = await self.new_store()
+        a = await store.acquire(KEY, "worker-a")
+        assert await store.commit(Commit(KEY, a.epoch, 0, b"h", [Record("h", "x", b"x")], 1)) == 1
+        before = await snapshot_of(store)
+        ahead = Lease(KEY, "worker-a", a.epoch + 1, a.expires_at)
+        with pytest.raises(LeaseLost) as commit:
+            await store.commit(Commit(KEY, ahead.epoch, 1, b"h", [Record("h", "y", b"y", "x")], 1))
+        assert commit.value.vanished and commit.value.current_epoch == a.epoch
+        with pytest.raises(LeaseLost) as renew:
+            await store.renew(ahead)
+        assert renew.value.vanished and renew.value.current_epoch == a.epoch
+        assert await snapshot_of(store) == before
+
 
     @pytest.mark.parametrize("ttl", _BAD_SESSION_TTLS, ids=repr)
     async def test_a_session_ttl_must_be_a_finite_positive_number(self, ttl: float) -> None:
