@@ -409,14 +409,21 @@ def mtls_redis(tls_files: TLSFiles, tmp_path: Path) -> Iterator[RedisTLSServer]:
 class RedisSentinel(RedisServer):
     """A ``redis-server --sentinel`` watching one primary under a service name."""
 
-    def __init__(self, directory: Path, primary: RedisServer, service: str = "mymaster") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        primary: RedisServer,
+        service: str = "mymaster",
+        *,
+        down_after_ms: int = 5000,
+    ) -> None:
         super().__init__(directory)
         self.service = service
         self.config = directory / "sentinel.conf"
         self.config.write_text(
             f"bind 127.0.0.1\ndir {directory}\n"
             f"sentinel monitor {service} 127.0.0.1 {primary.port} 1\n"
-            f"sentinel down-after-milliseconds {service} 5000\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
         )
 
     @property

@@ -20,9 +20,9 @@ from tests.faults.figures import Figures
 from tests.faults.forkserver import ForkServer, Lab, lab
 from tests.faults.scenarios import (
     Target,
-    cluster_failover,
     eviction,
     failed_suspend,
+    failover,
     load,
     oom,
     redis_lost_data,
@@ -31,6 +31,7 @@ from tests.faults.scenarios import (
     sigkill_store,
     zombies,
 )
+from tests.faults.sentinel import SentinelPair
 from tests.redis_servers import RedisFactory, RedisServer, require_redis_server
 
 pytestmark = pytest.mark.faults
@@ -149,7 +150,24 @@ async def test_cluster_failover_loses_nothing_acknowledged_with_wait_replicas(
     pair = FailoverPair(tmp_path / "cluster").start()
     try:
         figures.add(
-            await cluster_failover(
+            await failover(
+                pair, wait_replicas=wait_replicas, sessions=FAILOVER_SESSIONS, runs=FAILOVER_RUNS
+            )
+        )
+    finally:
+        pair.stop()
+
+
+@pytest.mark.parametrize("wait_replicas", [0, 1])
+async def test_sentinel_failover_loses_nothing_acknowledged_with_wait_replicas(
+    wait_replicas: int, tmp_path: Path, figures: Figures
+) -> None:
+    require_redis_server()
+    pair = SentinelPair(tmp_path / "sentinel")
+    try:
+        pair.start()
+        figures.add(
+            await failover(
                 pair, wait_replicas=wait_replicas, sessions=FAILOVER_SESSIONS, runs=FAILOVER_RUNS
             )
         )

@@ -9,11 +9,12 @@ what the scenario measures (and what ``wait_replicas`` narrows).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.redis_servers import CLUSTER_DEADLINE, RedisServer, free_port
 
-__all__ = ["FailoverPair"]
+__all__ = ["FailoverPair", "until"]
 
 
 def _node(directory: Path, used: list[int]) -> RedisServer:
@@ -36,18 +37,21 @@ def _node(directory: Path, used: list[int]) -> RedisServer:
     )
 
 
-def _until(what: str, check: object) -> None:
-    # Server set-up, as in tests/redis_servers.py: the cluster bus gossips on its own
-    # schedule and has no event to wait on, so its state is polled with a deadline.
+def until(what: str, check: Callable[[], object]) -> None:
+    # Server set-up, as in tests/redis_servers.py: the cluster bus gossips, and Sentinel
+    # polls, on their own schedules with no event to wait on, so their state is polled
+    # with a deadline.
     deadline = time.monotonic() + CLUSTER_DEADLINE
-    while not check():  # type: ignore[operator]
+    while not check():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"redis cluster: {what} within {CLUSTER_DEADLINE:.0f}s")
+            raise RuntimeError(f"redis failover pair: {what} within {CLUSTER_DEADLINE:.0f}s")
         time.sleep(0.05)
 
 
 class FailoverPair:
     """``primary`` owns every slot; ``replica`` replicates it; `fail_over` swaps them."""
+
+    kind = "cluster"
 
     def __init__(self, directory: Path) -> None:
         used: list[int] = []
@@ -65,26 +69,26 @@ class FailoverPair:
         self.primary.cli("cluster", "addslotsrange", "0", "16383")
         self.primary.cli("cluster", "meet", "127.0.0.1", str(self.replica.port), str(self.bus))
         primary_id = self.primary.cli("cluster", "myid").strip()
-        _until(
+        until(
             "the replica did not learn the primary",
             lambda: primary_id in self.replica.cli("cluster", "nodes"),
         )
-        _until(
+        until(
             "the replica did not attach",
             lambda: "OK" in self.replica.cli("cluster", "replicate", primary_id),
         )
-        _until(
+        until(
             "the replica did not sync",
             lambda: "master_link_status:up" in self.replica.cli("info", "replication"),
         )
-        _until(
+        until(
             "the cluster is not ok",
             lambda: "cluster_state:ok" in self.primary.cli("cluster", "info"),
         )
         # CLUSTER SLOTS lists a replica only once its replication offset has been
         # gossiped; a client that starts before then never learns of it and cannot
         # find the new primary after a failover.
-        _until(
+        until(
             "the primary does not list its replica in CLUSTER SLOTS",
             lambda: str(self.replica.port) in self.primary.cli("cluster", "slots"),
         )
@@ -93,15 +97,15 @@ class FailoverPair:
     def fail_over(self) -> None:
         """SIGKILL the primary; the replica takes over every slot."""
         self.primary.kill()
-        _until(
+        until(
             "the replica did not take over",
             lambda: "OK" in self.replica.cli("cluster", "failover", "takeover"),
         )
-        _until(
+        until(
             "the replica is not primary",
             lambda: "role:master" in self.replica.cli("info", "replication"),
         )
-        _until(
+        until(
             "the cluster is not ok after the failover",
             lambda: "cluster_state:ok" in self.replica.cli("cluster", "info"),
         )
@@ -111,11 +115,11 @@ class FailoverPair:
         as the new primary's replica and syncs; the roles are swapped here too."""
         self.primary.start()
         self.primary, self.replica = self.replica, self.primary
-        _until(
+        until(
             "the old primary did not rejoin as a replica",
             lambda: "master_link_status:up" in self.replica.cli("info", "replication"),
         )
-        _until(
+        until(
             "the primary does not list its replica in CLUSTER SLOTS",
             lambda: str(self.replica.port) in self.primary.cli("cluster", "slots"),
         )

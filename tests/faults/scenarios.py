@@ -30,6 +30,7 @@ from tests import _child_agent as agent_kit
 from tests.faults.cluster import FailoverPair
 from tests.faults.figures import Row
 from tests.faults.forkserver import Lab
+from tests.faults.sentinel import SentinelPair
 from tests.faults.watch import WatchStore
 from tests.faults.workers import STREAM, digest_items, turn_text
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
@@ -38,8 +39,8 @@ from tests.redis_servers import RedisServer
 __all__ = [
     "ProbeStore",
     "Target",
-    "cluster_failover",
     "failed_suspend",
+    "failover",
     "load",
     "oom",
     "redis_lost_data",
@@ -711,11 +712,12 @@ async def _until_commits(store: ProbeStore, keys: list[str], n: int) -> None:
     await asyncio.wait_for(wait(), OUTAGE_DEADLINE)
 
 
-async def cluster_failover(
-    pair: FailoverPair, *, wait_replicas: int, sessions: int, runs: int
+async def failover(
+    pair: FailoverPair | SentinelPair, *, wait_replicas: int, sessions: int, runs: int
 ) -> Row:
-    """Sessions checkpoint continuously on a one-shard Redis Cluster; its primary is
-    SIGKILLed and its replica takes over (`CLUSTER FAILOVER TAKEOVER`).
+    """Sessions checkpoint continuously on a one-shard Redis Cluster, or on a primary
+    found through Sentinel; the primary is SIGKILLed and its replica takes over
+    (`CLUSTER FAILOVER TAKEOVER`, `SENTINEL FAILOVER`).
 
     Measured: acknowledged versions the new primary does not hold (asynchronous
     replication's loss). Asserted: with ``wait_replicas`` nothing acknowledged is lost;
@@ -723,9 +725,12 @@ async def cluster_failover(
     store ends up holding each live history whole.
     """
     mode = f"wait_replicas={wait_replicas}" if wait_replicas else "async replication"
-    row = Row(f"Cluster failover (primary SIGKILLed, replica takes over), {mode}", "cluster")
-    # the store keeps the URL's nodes as seeds (dynamic_startup_nodes=False), so a
-    # second failover does not leave it without a reachable node
+    row = Row(
+        f"{pair.kind.capitalize()} failover (primary SIGKILLed, replica takes over), {mode}",
+        pair.kind,
+    )
+    # on a Cluster the store keeps the URL's nodes as seeds (dynamic_startup_nodes=False),
+    # so a second failover does not leave it without a reachable node
     store = _probe(pair.url, "c", wait_replicas=wait_replicas, socket_timeout=1.0)
     live: list[tuple[str, Any, ResumableSession]] = []
     talkers: list[asyncio.Future[None]] = []

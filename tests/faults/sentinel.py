@@ -1,0 +1,102 @@
+"""A primary, its replica and one Sentinel watching them, for the failover scenario.
+
+The failover an operator of a Sentinel deployment meets: the primary is SIGKILLed and
+Sentinel promotes its replica (`SENTINEL FAILOVER`, forced rather than voted on: one
+Sentinel decides alone, and the scenario need not wait out a vote). What the primary
+acknowledged but had not yet sent to its replica is lost, as on a Cluster. The store
+finds the new primary through Sentinel, as deployed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.faults.cluster import until
+from tests.redis_servers import RedisSentinel, RedisServer, free_port
+
+__all__ = ["SentinelPair"]
+
+SERVICE = "mymaster"
+
+
+class SentinelPair:
+    """``primary`` replicated by ``replica``, watched by a Sentinel; `fail_over` swaps
+    the roles, `swap` brings the old primary back as the new one's replica."""
+
+    kind = "sentinel"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.primary = RedisServer(directory / "a")
+        self.replica = RedisServer(
+            directory / "b",
+            port=free_port(avoid=[self.primary.port]),
+            extra=["--replicaof", "127.0.0.1", str(self.primary.port)],
+        )
+        self.sentinel: RedisSentinel | None = None
+
+    @property
+    def url(self) -> str:
+        return self._watch().url
+
+    def _watch(self) -> RedisSentinel:
+        if self.sentinel is None:
+            raise RuntimeError("SentinelPair.start() first")
+        return self.sentinel
+
+    def _lists_replica(self) -> bool:
+        return str(self.replica.port) in self._watch().cli("sentinel", "replicas", SERVICE)
+
+    def start(self) -> SentinelPair:
+        self.primary.start()
+        self.replica.start()
+        until(
+            "the replica did not sync",
+            lambda: "master_link_status:up" in self.replica.cli("info", "replication"),
+        )
+        # made once both listen, so that its free port is neither of theirs. Down after
+        # 1 s: a forced failover needs a fresh view of the replica, which Sentinel
+        # refreshes every second once the primary is down (every 10 s before).
+        self.sentinel = RedisSentinel(
+            self.directory / "s", self.primary, SERVICE, down_after_ms=1000
+        )
+        self.sentinel.start()
+        until("Sentinel does not list the replica", self._lists_replica)
+        return self
+
+    def fail_over(self) -> None:
+        """SIGKILL the primary; Sentinel promotes the replica."""
+        sentinel = self._watch()
+        self.primary.kill()
+        until(
+            "Sentinel did not start a failover",
+            lambda: "OK" in sentinel.cli("sentinel", "failover", SERVICE),
+        )
+        until(
+            "Sentinel does not name the replica as primary",
+            lambda: str(self.replica.port)
+            in sentinel.cli("sentinel", "get-master-addr-by-name", SERVICE),
+        )
+        until(
+            "the replica is not primary",
+            lambda: "role:master" in self.replica.cli("info", "replication"),
+        )
+
+    def swap(self) -> SentinelPair:
+        """After `fail_over`: restart the old primary (empty: it persists nothing);
+        Sentinel makes it the new primary's replica, and it syncs. The roles are swapped
+        here too."""
+        self.primary.start()
+        self.primary, self.replica = self.replica, self.primary
+        until(
+            "the old primary did not rejoin as a replica",
+            lambda: "master_link_status:up" in self.replica.cli("info", "replication"),
+        )
+        until("Sentinel does not list the new replica", self._lists_replica)
+        return self
+
+    def stop(self) -> None:
+        if self.sentinel is not None:
+            self.sentinel.stop()
+        self.primary.stop()
+        self.replica.stop()
