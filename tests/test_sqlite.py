@@ -486,6 +486,15 @@ async def test_heartbeat_keeps_ticking_during_a_large_commit(store: SQLiteStore)
     assert len(stored.streams["h"]) == 20_000
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+async def test_the_store_thread_handed_work_does_not_preempt_the_loop(store: SQLiteStore) -> None:
+    # handed a transaction while the loop holds the GIL, a normal thread would wake only
+    # to preempt the loop's thread and wait for the GIL: a batch thread does not preempt
+    policy = await store._conn.run(lambda conn: os.sched_getscheduler(0))
+    assert policy == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH  # the loop's own thread is untouched
+
+
 # -- open_store -----------------------------------------------------------------------------
 
 
