@@ -410,6 +410,9 @@ class ResumableSession:
         )
         if pending is None:
             return self._version
+        # the store's part on the loop (its commit packed, the thread or socket handed
+        # it) runs in a callback of its own, not after the build's in the same one
+        await asyncio.sleep(0)
         try:
             await self._land(pending)
         except StoreUnavailable:
