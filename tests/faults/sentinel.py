@@ -74,8 +74,10 @@ class SentinelPair:
         )
         until(
             "Sentinel does not name the replica as primary",
-            lambda: str(self.replica.port)
-            in sentinel.cli("sentinel", "get-master-addr-by-name", SERVICE),
+            lambda: (
+                str(self.replica.port)
+                in sentinel.cli("sentinel", "get-master-addr-by-name", SERVICE)
+            ),
         )
         until(
             "the replica is not primary",

@@ -223,7 +223,6 @@ class LeaseTests(StoreTests):
         assert renew.value.vanished and renew.value.current_epoch == a.epoch
         assert await snapshot_of(store) == before
 
-
     @pytest.mark.parametrize("ttl", _BAD_SESSION_TTLS, ids=repr)
     async def test_a_session_ttl_must_be_a_finite_positive_number(self, ttl: float) -> None:
         with pytest.raises(ValueError, match="ttl") as refused:
