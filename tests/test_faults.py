@@ -141,29 +141,22 @@ async def test_evicted_sessions_are_refused_by_name_never_read_torn_and_rm_clear
     figures.add(await eviction(server, runs=FOLLOW_UP_RUNS))
 
 
-@pytest.mark.cluster
 @pytest.mark.parametrize("wait_replicas", [0, 1])
-async def test_cluster_failover_loses_nothing_acknowledged_with_wait_replicas(
-    wait_replicas: int, tmp_path: Path, figures: Figures
+@pytest.mark.parametrize(
+    "pair_type",
+    [
+        pytest.param(FailoverPair, marks=pytest.mark.cluster, id="cluster"),
+        pytest.param(SentinelPair, id="sentinel"),
+    ],
+)
+async def test_failover_loses_nothing_acknowledged_with_wait_replicas(
+    pair_type: type[FailoverPair | SentinelPair],
+    wait_replicas: int,
+    tmp_path: Path,
+    figures: Figures,
 ) -> None:
     require_redis_server()
-    pair = FailoverPair(tmp_path / "cluster").start()
-    try:
-        figures.add(
-            await failover(
-                pair, wait_replicas=wait_replicas, sessions=FAILOVER_SESSIONS, runs=FAILOVER_RUNS
-            )
-        )
-    finally:
-        pair.stop()
-
-
-@pytest.mark.parametrize("wait_replicas", [0, 1])
-async def test_sentinel_failover_loses_nothing_acknowledged_with_wait_replicas(
-    wait_replicas: int, tmp_path: Path, figures: Figures
-) -> None:
-    require_redis_server()
-    pair = SentinelPair(tmp_path / "sentinel")
+    pair = pair_type(tmp_path / pair_type.kind)
     try:
         pair.start()
         figures.add(
