@@ -26,6 +26,7 @@ from livekit_resume.snapshot.chat import ctx_from_data
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.base import Commit, SessionInfo, Store, Stored
 from livekit_resume.stores.redis import RedisStore
+from livekit_resume.testing.poll import eventually
 from tests import _child_agent as agent_kit
 from tests.faults.cluster import FailoverPair
 from tests.faults.figures import Row
@@ -721,8 +722,9 @@ async def failover(
 
     Measured: acknowledged versions the new primary does not hold (asynchronous
     replication's loss). Asserted: with ``wait_replicas`` nothing acknowledged is lost;
-    with or without it, every session's autosave goes on after the failover and the
-    store ends up holding each live history whole.
+    with or without it, every session's autosave goes on after the failover, the store
+    ends up holding each live history whole, and every session's owner still takes an
+    operator's command (`livekit_resume.control`).
     """
     mode = f"wait_replicas={wait_replicas}" if wait_replicas else "async replication"
     row = Row(
@@ -773,6 +775,7 @@ async def failover(
         for key, session, rs in live:
             await _settled(store, rs, session)
             await assert_stored_whole(store, key, session)
+        await asyncio.gather(*(_reached(store.inner, key, rs) for key, _, rs in live))
         row.acked = sum(len(v) for v in store.by_key.values())
         if wait_replicas:
             # A commit whose WAIT timed out stands on the primary, logged and counted as
@@ -800,6 +803,26 @@ async def failover(
         else ""
     )
     return row
+
+
+async def _reached(store: Store, key: str, rs: ResumableSession) -> None:
+    """An operator's command still reaches the session's owner after the failovers: its
+    inbox listens again on the new primary. Pub/sub is at most once, so a command sent
+    while it was not listening yet is sent again, as a caller would."""
+    import livekit_resume as lr
+
+    remote = lr.control(store)
+
+    async def paused() -> bool:
+        try:
+            await remote.pause(key, timeout=1.0)
+        except lr.CommandRefused:
+            return False
+        return True
+
+    await eventually(paused, f"{key}'s owner took a pause after the failover", OUTAGE_DEADLINE)
+    assert rs.state == "paused", f"{key}: the command was answered but not applied"
+    await remote.resume(key)
 
 
 def _reacquired() -> float:
