@@ -801,6 +801,31 @@ async def test_index_forgets_expired_and_vanished_sessions(real_store: RedisStor
         await store.aclose()
 
 
+
+async def test_a_session_without_ttl_lost_from_the_index_is_listed_again(
+    real_store: RedisStore,
+) -> None:
+    """The index lost the entry of a live session without TTL (a failover to a replica
+    that had not received it): its holder's writes record it again, within
+    `INDEX_REFRESH_FOREVER`, not on every write."""
+    from livekit_resume.stores.redis.namespace import INDEX_REFRESH_FOREVER
+
+    now = [time.time()]
+    store = RedisStore.from_url(
+        _url_of(real_store), namespace=real_store.namespace, clock=lambda: now[0]
+    )
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        version = await commit_items(store, lease, 0, "a")
+        await raw(store).zrem(f"{store.namespace}:sessions", KEY)
+        version = await commit_items(store, lease, version, "b")
+        assert await store.keys() == []  # not re-recorded on every write
+        now[0] += INDEX_REFRESH_FOREVER + 1
+        await commit_items(store, lease, version, "c")
+        assert await store.keys() == [KEY]
+    finally:
+        await store.aclose()
+
 # -- two workers racing in two processes -----------------------------------------------
 
 RACE_SECONDS = 3.0

@@ -31,6 +31,11 @@ __all__ = ["Namespace"]
 # and are collected. The gap between the two absorbs clock skew between Cluster nodes.
 INDEX_REFRESH = 0.25
 INDEX_HORIZON = 2.0
+# A session without a TTL stays listed without it, unless the index itself lost its entry
+# (a failover to a replica that had not received it; on a Cluster the index may live on
+# another shard than the session): re-recorded every this many seconds all the same, so
+# that `ls` lists a live session again soon after.
+INDEX_REFRESH_FOREVER = 300.0
 # Sessions this store remembers having indexed; past this the memory starts over (which
 # only costs a few extra index writes).
 INDEX_CACHE_MAX = 10_000
@@ -102,11 +107,11 @@ class Namespace:
         return isinstance(reply, list) and len(reply) > 1 and int(reply[1]) == 1
 
     async def keep_recorded(self, key: str, op: str) -> None:
-        """Before a write that refreshes a TTL: re-record the key if its entry is aging."""
-        if self._ttl is None:
-            return
+        """Before a write of a held session (a commit, a renewal): re-record the key if
+        its entry is aging."""
+        every = INDEX_REFRESH_FOREVER if self._ttl is None else INDEX_REFRESH * self._ttl
         last = self._indexed.get(key)
-        if last is None or self._elapsed() - last > INDEX_REFRESH * self._ttl:
+        if last is None or self._elapsed() - last > every:
             await self.record(key, op)
 
     async def forget(self, key: str) -> None:
