@@ -363,7 +363,6 @@ async def test_redis_restarted_without_its_data_gets_the_whole_conversation_agai
     await store.aclose()
 
 
-
 async def test_redis_rolled_back_to_an_older_snapshot_gets_the_whole_conversation_again(
     bare_redis: Any,
 ) -> None:
@@ -390,7 +389,6 @@ async def test_redis_rolled_back_to_an_older_snapshot_gets_the_whole_conversatio
     await rs.aclose()
     await session.aclose()
     await store.aclose()
-
 
 
 async def test_redis_rolled_back_to_before_a_restore_lets_the_restored_writer_go_on(
@@ -425,6 +423,7 @@ async def test_redis_rolled_back_to_before_a_restore_lets_the_restored_writer_go
     await rs.aclose()
     await session.aclose()
     await store.aclose()
+
 
 # -- one damaged record (issue 13 defect 4) ---------------------------------------------
 
