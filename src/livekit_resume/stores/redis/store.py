@@ -607,8 +607,9 @@ class RedisStore:
 
         The index (``ns:sessions``) is a superset of the live sessions: a key is
         recorded before the script that creates its session runs (and again after),
-        removed before the script that deletes it, and re-recorded at least every
-        quarter TTL while it lives. Each member is checked against its head here, so
+        removed before the script that deletes it, and re-recorded by its holder at
+        least every quarter TTL (every 5 minutes without a TTL, so that an entry a
+        failover lost comes back). Each member is checked against its head here, so
         deleted and expired sessions never show; members dead for two TTLs are
         collected on every index write.
         """
