@@ -4,7 +4,8 @@ The failover an operator of a Sentinel deployment meets: the primary is SIGKILLe
 Sentinel promotes its replica (`SENTINEL FAILOVER`, forced rather than voted on: one
 Sentinel decides alone, and the scenario need not wait out a vote). What the primary
 acknowledged but had not yet sent to its replica is lost, as on a Cluster. The store
-finds the new primary through Sentinel, as deployed.
+finds the new primary through Sentinel, as deployed. The old primary then rejoins as
+the new one's replica.
 """
 
 from __future__ import annotations
@@ -85,10 +86,12 @@ class SentinelPair:
         )
 
     def swap(self) -> SentinelPair:
-        """After `fail_over`: restart the old primary (empty: it persists nothing);
-        Sentinel makes it the new primary's replica, and it syncs. The roles are swapped
-        here too."""
+        """After `fail_over`: restart the old primary (empty: it persists nothing) as the
+        new primary's replica, and let it sync. The roles are swapped here too."""
         self.primary.start()
+        # what Sentinel would do itself, after 10-20 s of its own checks (an INFO period
+        # and a grace period): the same end, without a wait that loaded machines stretch
+        self.primary.cli("replicaof", "127.0.0.1", str(self.replica.port))
         self.primary, self.replica = self.replica, self.primary
         until(
             "the old primary did not rejoin as a replica",
