@@ -70,6 +70,18 @@ def live_texts(session: AgentSession[Any]) -> list[str]:
     ]
 
 
+async def went_on_whole(
+    store: Store,
+    rs: lr.ResumableSession,
+    session: AgentSession[Any],
+    stopped: str = "autosave stopped although nobody took the session",
+) -> None:
+    """Autosave went on through the fault, and the store holds the whole live
+    conversation (every turn, not only those after the fault)."""
+    assert rs._autosave.lost is None, stopped
+    assert texts(await saved(store)) == live_texts(session)
+
+
 class LostReplies:
     """A store that applies a commit and then loses its reply, ``times`` times: the
     outcome the caller sees is `StoreUnavailable`, the store has the version."""
@@ -105,10 +117,8 @@ async def test_an_ambiguous_commit_that_landed_is_adopted_and_autosave_goes_on(
     caplog.set_level(logging.ERROR, logger="livekit_resume")
     await session.run(user_input="c")
     await settled(rs)
-    assert rs._autosave.lost is None, "autosave stopped after an ambiguous commit"
+    await went_on_whole(store, rs, session, "autosave stopped after an ambiguous commit")
     assert not [r for r in caplog.records if "stale" in r.getMessage()]
-    snap = await saved(store)
-    assert texts(snap) == live_texts(session)
     assert rs.version == (await store.load(KEY)).version
     await rs.aclose()
     await session.aclose()
@@ -146,10 +156,8 @@ async def test_a_session_whose_store_record_vanished_is_reacquired_and_written_w
     assert await store.delete(KEY)  # what a store restarted without its data looks like
     await session.run(user_input="c")
     await settled(rs)
-    assert rs._autosave.lost is None, "autosave stopped although nobody took the session"
+    await went_on_whole(store, rs, session)
     assert any("acquired again" in r.getMessage() for r in caplog.records)
-    snap = await saved(store)
-    assert texts(snap) == live_texts(session)  # the whole conversation, not only turn c
     info = await store.info(KEY)
     assert info is not None and info.owner == "w1"
     await rs.aclose()
@@ -191,10 +199,8 @@ async def test_a_session_whose_store_lost_acknowledged_versions_is_written_whole
     caplog.set_level(logging.WARNING, logger="livekit_resume")
     await session.run(user_input="d")
     await settled(rs)
-    assert rs._autosave.lost is None, "autosave stopped although nobody took the session"
+    await went_on_whole(store, rs, session)
     assert any("lost" in r.getMessage() for r in caplog.records)
-    snap = await saved(store)
-    assert texts(snap) == live_texts(session)  # the whole conversation, b and c too
     assert rs.version == (await store.load(KEY)).version > kept
     info = await store.info(KEY)
     assert info is not None and info.owner == "w1"
@@ -333,9 +339,7 @@ async def test_redis_stalled_past_the_client_timeout_does_not_stop_autosave(
     await session.run(user_input="c")
     await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
     assert any("autosave" in r.getMessage() for r in caplog.records), "no fault was injected"
-    assert rs._autosave.lost is None, "autosave stopped after a stall"
-    snap = await saved(store)
-    assert texts(snap) == live_texts(session)
+    await went_on_whole(store, rs, session, "autosave stopped after a stall")
     await rs.aclose()
     await session.aclose()
     await store.aclose()
@@ -355,9 +359,7 @@ async def test_redis_restarted_without_its_data_gets_the_whole_conversation_agai
         await store.load(KEY)
     await session.run(user_input="c")
     await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
-    assert rs._autosave.lost is None
-    snap = await saved(store)
-    assert texts(snap) == live_texts(session)
+    await went_on_whole(store, rs, session)
     await rs.aclose()
     await session.aclose()
     await store.aclose()
@@ -382,9 +384,7 @@ async def test_redis_rolled_back_to_an_older_snapshot_gets_the_whole_conversatio
     assert (await store.load(KEY)).version == kept < rs.version
     await session.run(user_input="d")
     await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
-    assert rs._autosave.lost is None, "autosave stopped although nobody took the session"
-    snap = await saved(store)
-    assert texts(snap) == live_texts(session)
+    await went_on_whole(store, rs, session)
     assert rs.version == (await store.load(KEY)).version > kept
     await rs.aclose()
     await session.aclose()
@@ -415,9 +415,7 @@ async def test_redis_rolled_back_to_before_a_restore_lets_the_restored_writer_go
     assert (await store.info(KEY)) == before
     await session.run(user_input="c")
     await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
-    assert rs._autosave.lost is None, "autosave stopped although nobody took the session"
-    snap = await saved(store)
-    assert texts(snap) == live_texts(session)
+    await went_on_whole(store, rs, session)
     info = await store.info(KEY)
     assert info is not None and info.owner == "w2" and info.epoch > before.epoch
     await rs.aclose()
