@@ -20,8 +20,16 @@ from typing import Any, cast
 
 import pytest
 from livekit.agents import llm
+from prometheus_client import REGISTRY
 
-from livekit_resume import ResumableSession, ResumeError, StoreUnavailable, open_store
+from livekit_resume import (
+    CommandRefused,
+    ResumableSession,
+    ResumeError,
+    StoreUnavailable,
+    control,
+    open_store,
+)
 from livekit_resume.snapshot.chat import ctx_from_data
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.base import Commit, SessionInfo, Store, Stored
@@ -809,14 +817,12 @@ async def _reached(store: Store, key: str, rs: ResumableSession) -> None:
     """An operator's command still reaches the session's owner after the failovers: its
     inbox listens again on the new primary. Pub/sub is at most once, so a command sent
     while it was not listening yet is sent again, as a caller would."""
-    import livekit_resume as lr
-
-    remote = lr.control(store)
+    remote = control(store)
 
     async def paused() -> bool:
         try:
             await remote.pause(key, timeout=1.0)
-        except lr.CommandRefused:
+        except CommandRefused:
             return False
         return True
 
@@ -828,8 +834,6 @@ async def _reached(store: Store, key: str, rs: ResumableSession) -> None:
 def _reacquired() -> float:
     """``livekit_resume_sessions_reacquired`` so far: sessions written whole again after
     the store lost them or versions of them."""
-    from prometheus_client import REGISTRY
-
     return REGISTRY.get_sample_value("livekit_resume_sessions_reacquired_total") or 0.0
 
 
