@@ -14,6 +14,7 @@ from livekit.agents import Agent, AgentSession, llm
 import livekit_resume as lr
 from livekit_resume.agent_hooks.capture import OFFLOAD_BYTES
 from livekit_resume.agent_hooks.session import OFFLOAD_ITEMS
+from livekit_resume.agent_hooks.tracker import StreamTracker
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import ItemData
 from livekit_resume.stores.base import Store
@@ -178,10 +179,19 @@ async def test_a_large_item_is_encoded_off_the_event_loop_and_small_ones_on_it(
     ("items", "on_loop"), [(OFFLOAD_ITEMS // 2, True), (2 * OFFLOAD_ITEMS, False)]
 )
 async def test_a_long_history_is_decoded_off_the_event_loop_and_a_short_one_on_it(
-    store: Store, items: int, on_loop: bool
+    store: Store, items: int, on_loop: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The other sessions of a worker share its loop: a restore decodes a long history
-    (its items counted in both streams) on a worker thread, a short one in place."""
+    (its items counted in both streams) on a worker thread, a short one in place; the
+    checkpoint tracker's maps of the restored items by id are made with the decode."""
+    indexed: list[threading.Thread] = []
+    index = StreamTracker.index
+
+    def noting(self: StreamTracker, *args: Any, **kw: Any) -> Any:
+        indexed.append(threading.current_thread())
+        return index(self, *args, **kw)
+
+    monkeypatch.setattr(StreamTracker, "index", noting)
     session, rs = await start(store)
     for n in range(items // 4):  # a turn is two items, in the history and the agent's
         await session.run(user_input=f"turn {n}")
@@ -191,6 +201,8 @@ async def test_a_long_history_is_decoded_off_the_event_loop_and_a_short_one_on_i
     codec = ThreadNotingCodec()
     session, rs = await start(store, codec=codec)
     assert (codec.threads["decode"] is threading.main_thread()) is on_loop
+    assert len(indexed) == 2  # the history and the agent's context, once each
+    assert all((t is threading.main_thread()) is on_loop for t in indexed)
     assert len(session.history.items) >= items // 2
     await rs.aclose()
     await session.aclose()

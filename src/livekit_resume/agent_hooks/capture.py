@@ -38,7 +38,16 @@ from ..stores.base import Commit
 from .realtime import capture_options
 from .registry import AgentRegistry
 from .silence import current_agent
-from .tracker import Change, Converter, Encoder, Plan, StaleChange, StreamTracker, digest
+from .tracker import (
+    Change,
+    Converter,
+    Encoder,
+    Index,
+    Plan,
+    StaleChange,
+    StreamTracker,
+    digest,
+)
 
 __all__ = ["Capture", "Pending", "SavedState", "instructions_from"]
 
@@ -59,6 +68,10 @@ _OVERSIZE_NOTE = "[omitted when saved: this item was over the snapshot size limi
 # below it the hop costs more than the work, above it the work would hold the loop.
 OFFLOAD_BYTES = 64 * 1024
 _REASONS = {"turn", "tool", "handoff", "pause", "suspend", "close", "manual", "end"}
+
+
+# a restored snapshot's history and agent streams, indexed (`Capture.index`)
+Indexes = tuple[Index, Index | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +140,16 @@ class Capture:
 
     # ----------------------------------------------------------------- restore
 
+    def index(self, snap: Snapshot, sealed: Mapping[str, Sealed] | None = None) -> Indexes:
+        """What `baseline` keeps of a restored snapshot's streams, made beforehand: it
+        reads no live object, so a restore makes it on the thread it decodes on."""
+        sealed = sealed or {}
+        agent = snap.agent
+        return (
+            self._history.index(snap.history, sealed.get(HISTORY)),
+            self._agent_ctx.index(agent.chat_ctx, sealed.get(AGENT)) if agent else None,
+        )
+
     def baseline(
         self,
         snap: Snapshot,
@@ -134,17 +157,19 @@ class Capture:
         agent: Agent,
         agent_items: Sequence[llm.ChatItem] | None,
         sealed: Mapping[str, Sealed] | None = None,
+        indexes: Indexes | None = None,
     ) -> None:
         """Adopt a restored snapshot as what the store holds. ``sealed``: what the decode
-        computed checking each stream's seal (`Codec.decode_parts`), reused."""
-        sealed = sealed or {}
-        self._history.baseline(history, snap.history, sealed.get(HISTORY))
+        computed checking each stream's seal (`Codec.decode_parts`), reused; ``indexes``:
+        `index` of the same, made already."""
+        h_index, a_index = indexes or self.index(snap, sealed)
+        self._history.baseline(history, snap.history, index=h_index)
         self._turns = snap.meta.turn_count
         self.conversation = snap.meta.conversation or self.conversation
         self._saved_userdata = snap.userdata
         self.last_agent = agent
         if snap.agent is not None and agent_items is not None:
-            self._agent_ctx.baseline(agent_items, snap.agent.chat_ctx, sealed.get(AGENT))
+            self._agent_ctx.baseline(agent_items, snap.agent.chat_ctx, index=a_index)
             self._tracked_agent = agent
 
     # ----------------------------------------------------------------- capture

@@ -41,7 +41,7 @@ from ..snapshot.seal import Sealed
 from ..snapshot.values import plain_extra
 from ..stores.base import DEFAULT_LEASE_TTL, Lease, Store, Stored, validate_key
 from .autosave import Autosave, final_save
-from .capture import Capture, Pending, SavedState
+from .capture import Capture, Indexes, Pending, SavedState
 from .control import ControlListener
 from .lease import LeaseHolder
 from .listen import listen
@@ -282,9 +282,9 @@ class ResumableSession:
         if sum(map(len, stored.streams.values())) > OFFLOAD_ITEMS:
             # the worker's other sessions share this loop: a long history is decoded
             # on a thread, and their audio waits at most a GIL switch interval at a time
-            snap, built = await asyncio.to_thread(decode, pause_gc=False)
+            snap, built, indexes = await asyncio.to_thread(decode, pause_gc=False)
         else:
-            snap, built = decode(pause_gc=True)
+            snap, built, indexes = decode(pause_gc=True)
         if snap is None:
             snap = await self._salvage(stored)
         if snap.state == "ended":
@@ -309,16 +309,17 @@ class ResumableSession:
             built=built,
         )
         self._capture.baseline(
-            snap, rebuilt.history, rebuilt.agent, rebuilt.agent_items, sealed
+            snap, rebuilt.history, rebuilt.agent, rebuilt.agent_items, sealed, indexes
         )
         self._version, self._resumed = stored.version, True
         return rebuilt.agent
 
     def _decode(
         self, stored: Stored, sealed: dict[str, Sealed], salvage: bool, *, pause_gc: bool
-    ) -> tuple[Snapshot | None, Built | None]:
-        """The snapshot ``stored`` holds and its chat items built, or (None, None) when
-        it is damaged and ``salvage`` is asked for. Touches no live object.
+    ) -> tuple[Snapshot | None, Built | None, Indexes | None]:
+        """The snapshot ``stored`` holds, its chat items built and its streams indexed
+        for the tracker (`Capture.index`), or Nones when it is damaged and ``salvage``
+        is asked for. Touches no live object.
 
         ``pause_gc``: one pause of cyclic GC over the decode and the items' build (one
         collection after both costs less than one every few hundred objects), for a
@@ -330,8 +331,10 @@ class ResumableSession:
             except SnapshotCorrupt:
                 if not salvage:
                     raise
-                return None, None
-            return snap, None if snap.state == "ended" else build_items(snap)
+                return None, None, None
+            if snap.state == "ended":
+                return snap, None, None
+            return snap, build_items(snap), self._capture.index(snap, sealed)
 
     async def _salvage(self, stored: Stored) -> Snapshot:
         snap, damage = await salvage_stored(self._store, self._capture.codec, stored)

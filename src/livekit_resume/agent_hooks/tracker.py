@@ -32,7 +32,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from livekit.agents import llm
 from pydantic import BaseModel
@@ -62,6 +62,16 @@ Encoder = Callable[[llm.ChatItem, ItemData, bytes, bytes], "bytes | tuple[bytes,
 (the frame, the digest of the data it holds) when that is not the item's own (an item
 shrunk to fit). The msgpack is the frame's body: a large item is packed once."""
 Converter = Callable[[llm.ChatItem], ItemData]
+
+
+class Index(NamedTuple):
+    """A stream's committed items by id (`StreamTracker.index`): leaves, seal terms, seal."""
+
+    digests: dict[str, bytes]
+    terms: dict[str, int]
+    seal: int
+
+
 # the seal of an empty stream, and of no key: what a tracker starts from
 _UNKEYED = SealKey("", None)
 
@@ -283,30 +293,38 @@ class StreamTracker:
         items: Sequence[llm.ChatItem],
         datas: Sequence[ItemData],
         sealed: Sealed | None = None,
+        index: Index | None = None,
     ) -> None:
         """Adopt ``items`` (whose plain data is ``datas``) as what the store holds.
         ``sealed``: the leaves and terms a restore verified ``datas`` with (same order),
-        reused rather than hashed again; its terms only if under this tracker's key."""
+        reused rather than hashed again; its terms only if under this tracker's key.
+        ``index``: `index` of the same, made already (off the event loop)."""
+        if index is None:
+            index = self.index(datas, sealed)
         self._objs = list(items)
+        self._digests, self._terms, self._seal = index
+        self._shrunk, self._shapes = {}, {}
+        self._gen = object()
+
+    def index(self, datas: Sequence[ItemData], sealed: Sealed | None = None) -> Index:
+        """What `baseline` keeps of ``datas`` by id (their leaves and seal terms) and
+        their seal. Reads no live item: a restore makes it on the thread it decodes on,
+        as building these maps for thousands of items would hold the event loop."""
         ids = [d["id"] for d in datas]
         if sealed is None or len(sealed.leaves) != len(ids):
             leaves = [digest(d) for d in datas]
         else:
             leaves = sealed.leaves
-        self._digests = dict(zip(ids, leaves, strict=True))
-        self._shrunk, self._shapes = {}, {}
+        digests = dict(zip(ids, leaves, strict=True))
         if sealed is not None and sealed.key is self.seal_key and leaves is sealed.leaves:
-            self._terms = dict(zip(ids, sealed.terms, strict=True))
-            self._seal = sealed.seal
-        else:
-            term, after, seal = self.seal_key.term, None, 0
-            self._terms = {}
-            for item_id, leaf in zip(ids, leaves, strict=True):
-                t = self._terms[item_id] = term(self.stream, item_id, after, leaf)
-                seal = self.seal_key.add(seal, t)
-                after = item_id
-            self._seal = seal
-        self._gen = object()
+            return Index(digests, dict(zip(ids, sealed.terms, strict=True)), sealed.seal)
+        term, after, seal = self.seal_key.term, None, 0
+        terms: dict[str, int] = {}
+        for item_id, leaf in zip(ids, leaves, strict=True):
+            t = terms[item_id] = term(self.stream, item_id, after, leaf)
+            seal = self.seal_key.add(seal, t)
+            after = item_id
+        return Index(digests, terms, seal)
 
     def reset(self) -> None:
         self._objs, self._digests = [], {}
