@@ -69,7 +69,7 @@ async def restore_elsewhere(ours: Ours, size: int) -> float:
     _, rs = ours.live[size]
     await rs._holder.release()
     try:
-        return await restore_once(ours.store, rs.key, size)
+        return (await restore_once(ours.store, rs.key, size))[0]
     finally:
         await rs._holder.acquire(takeover=False)
 

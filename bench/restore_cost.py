@@ -6,6 +6,8 @@ into a Redis store and released. Then, sizes visited in turn each round:
 - ``restore``: `ResumableSession.restore` of it into a new `AgentSession` through the
   public API (lease, load, verify and decode every record, rebuild the history, the
   agent and its context);
+  with the time CPython's cyclic garbage collector ran meanwhile (any thread: its
+  collections hold the GIL, and grow with the process's heap);
 - ``naive``: ``GET`` + ``json.loads`` + ``ChatContext.from_dict`` of the same history,
   saved beforehand as ``ChatContext.to_dict(exclude_timestamp=False)`` JSON (what an
   app without this library would keep).
@@ -23,8 +25,10 @@ tables: medians and p99 in milliseconds, ratios.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
+from typing import Any
 
 import _common as c
 from livekit.agents import AgentSession, llm
@@ -34,16 +38,36 @@ import livekit_resume as lr
 from livekit_resume.stores.redis import RedisStore
 
 
-async def restore_once(store: RedisStore, key: str, size: int) -> float:
+class GCTime:
+    """Seconds spent in cyclic garbage collections, on any thread, while counting."""
+
+    def __init__(self) -> None:
+        self.total, self._start = 0.0, 0.0
+        gc.callbacks.append(self._note)
+
+    def _note(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._start
+
+
+GC = GCTime()
+
+
+async def restore_once(store: RedisStore, key: str, size: int) -> tuple[float, float]:
+    """The restore's wall time, and the time the cyclic garbage collector ran meanwhile."""
     session: AgentSession[None] = AgentSession(llm=c.NoLLM())
     rs = lr.ResumableSession(store, key, registry=c.registry(), autosave=False)
+    collected = GC.total
     start = time.perf_counter()
     await rs.restore(session, default=c.Bench)
     took = time.perf_counter() - start
+    collected = GC.total - collected
     if not rs.resumed or len(session.history.items) < size:
         raise AssertionError(f"restore of {key} found {len(session.history.items)} items")
     await c.close(session, rs)
-    return took
+    return took, collected
 
 
 async def naive_once(client: Redis, key: str, size: int) -> float:
@@ -84,18 +108,22 @@ async def measure(url: str, sizes: tuple[int, ...], rounds: int) -> dict[int, di
                 "json": len(whole),
                 "memory": await memory_usage(client, store._names.prefix(rs.key)),
             }
-        times: dict[int, dict[str, list[float]]] = {s: {"restore": [], "naive": []} for s in sizes}
+        times: dict[int, dict[str, list[float]]] = {
+            s: {"restore": [], "gc": [], "naive": []} for s in sizes
+        }
         for r in range(rounds + 1):  # the first warms caches and code paths
             for size in sizes:
-                took = await restore_once(store, keys[size], size)
+                took, collected = await restore_once(store, keys[size], size)
                 naive = await naive_once(client, f"naive:{keys[size]}", size)
                 if r:
                     times[size]["restore"].append(took)
+                    times[size]["gc"].append(collected)
                     times[size]["naive"].append(naive)
         for size, t in times.items():
             out[size].update(
                 restore=c.ms(t["restore"]),
                 restore_p99=c.ms(t["restore"], 0.99),
+                gc=c.ms(t["gc"]),
                 naive=c.ms(t["naive"]),
                 naive_p99=c.ms(t["naive"], 0.99),
             )
@@ -120,6 +148,7 @@ def report(results: dict[int, dict[str, float]]) -> None:
                 c.fmt_n(size),
                 c.fmt_ms(r["restore"]),
                 c.fmt_ms(r["restore_p99"]),
+                c.fmt_ms(r["gc"]),
                 c.fmt_ms(r["naive"]),
                 c.fmt_ms(r["naive_p99"]),
                 f"ours {verdict}",
@@ -129,7 +158,16 @@ def report(results: dict[int, dict[str, float]]) -> None:
     c.section(
         "Restore on Redis: `ResumableSession.restore` vs `GET` + `json.loads` + `from_dict`",
         c.table(
-            ["history", "restore p50", "p99", "naive p50", "p99", "ours / naive", "growth"],
+            [
+                "history",
+                "restore p50",
+                "p99",
+                "cyclic GC in it p50",
+                "naive p50",
+                "p99",
+                "ours / naive",
+                "growth",
+            ],
             rows,
         ),
     )
