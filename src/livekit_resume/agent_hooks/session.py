@@ -323,8 +323,9 @@ class ResumableSession:
 
         ``pause_gc``: one pause of cyclic GC over the decode and the items' build (one
         collection after both costs less than one every few hundred objects), for a
-        decode on the loop's thread. Not on a worker's: the collection deferred to the
-        end would hold the GIL, and the loop, for milliseconds in one go."""
+        decode on the loop's thread. Not on a worker's, where the decode and the build
+        keep a pause each (`Codec.decode_parts`, `ctx_from_data`): one collection
+        deferred to the very end would hold the GIL, and the loop, longer in one go."""
         with gc_paused(pause_gc):
             try:
                 snap = from_stored(self._capture.codec, stored, sealed=sealed)
