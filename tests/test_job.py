@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from livekit import rtc
+from livekit.agents import AgentSession
 
 import livekit_resume as lr
 from livekit_resume.agent_hooks.job import JobPolicy
@@ -36,13 +37,23 @@ async def wait_for_state(rs: lr.ResumableSession, state: str) -> None:
     await eventually(reached, f"the session is {state}", DEADLINE)
 
 
+def closing(session: AgentSession[Any]) -> asyncio.Event:
+    """Set once LiveKit closed ``session`` (its ``close`` event): a suspend ends there,
+    after its state, its lease and its room attributes changed."""
+    closed = asyncio.Event()
+    session.on("close", lambda _event: closed.set())
+    return closed
+
+
 async def test_a_pause_longer_than_suspend_after_suspends_and_restores_with_nothing_lost(
     store: Store,
 ) -> None:
     session, rs, _ = await start(store, ["one", "two"], suspend_after=0.2)
+    closed = closing(session)
     await session.run(user_input="remember the blue door")
     await rs.pause()
-    await wait_for_state(rs, "suspended")
+    await asyncio.wait_for(closed.wait(), DEADLINE)
+    assert rs.state == "suspended"
     assert rs._lease is None  # released: any worker may restore it now
     info = await store.info(KEY)
     assert info is not None and info.owner is None and info.info["state"] == "suspended"
@@ -147,9 +158,11 @@ async def test_nobody_coming_back_within_the_grace_suspends_and_releases(store: 
     session, rs, _ = await start(store, ["one"], room=room)
     policy = JobPolicy(rs, room, leave_grace=0.2)  # type: ignore[arg-type]
     policy.start()
+    closed = closing(session)
     await session.run(user_input="a")
     room.leave("caller")
-    await wait_for_state(rs, "suspended")
+    await asyncio.wait_for(closed.wait(), DEADLINE)
+    assert rs.state == "suspended"
     assert rs._lease is None and room.attributes[-1]["resume.state"] == "suspended"
     info = await store.info(KEY)
     assert info is not None and info.owner is None
