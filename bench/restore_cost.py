@@ -5,9 +5,8 @@ into a Redis store and released. Then, sizes visited in turn each round:
 
 - ``restore``: `ResumableSession.restore` of it into a new `AgentSession` through the
   public API (lease, load, verify and decode every record, rebuild the history, the
-  agent and its context);
-  with the time CPython's cyclic garbage collector ran meanwhile (any thread: its
-  collections hold the GIL, and grow with the process's heap);
+  agent and its context), with the time CPython's cyclic garbage collector ran
+  meanwhile (on any thread: its collections hold the GIL, and grow with the heap);
 - ``naive``: ``GET`` + ``json.loads`` + ``ChatContext.from_dict`` of the same history,
   saved beforehand as ``ChatContext.to_dict(exclude_timestamp=False)`` JSON (what an
   app without this library would keep).
