@@ -518,10 +518,14 @@ async def test_after_suspend_after_a_participant_joining_restores_the_call_in_th
         await job.send("pause")  # e.g. the caller asked to hold; nobody resumes in time
         await job.expect("PAUSED")
         await until_state(job, "suspended")
-        before = await history(job)
+
+        async def released() -> bool:  # a suspend sets its state, then frees the lease
+            info = await _info(target, "hold-1")
+            return info.owner is None and info.info["state"] == "suspended"
+
+        await eventually(released, "the suspended session's lease is released", 20.0)
+        before = await history(job)  # the attributes went out before the release
         assert before["attributes"]["resume.state"] == "suspended"
-        info = await _info(target, "hold-1")
-        assert info.owner is None and info.info["state"] == "suspended"  # lease released
 
         await job.send("leave caller CONNECTION_TIMEOUT")  # the caller's client reconnects
         await job.send("join caller")
