@@ -801,7 +801,6 @@ async def test_index_forgets_expired_and_vanished_sessions(real_store: RedisStor
         await store.aclose()
 
 
-
 async def test_a_session_without_ttl_lost_from_the_index_is_listed_again(
     real_store: RedisStore,
 ) -> None:
@@ -825,6 +824,7 @@ async def test_a_session_without_ttl_lost_from_the_index_is_listed_again(
         assert await store.keys() == [KEY]
     finally:
         await store.aclose()
+
 
 # -- two workers racing in two processes -----------------------------------------------
 
