@@ -20,7 +20,7 @@ from livekit_resume.stores.base import Store
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
 
-pytest_plugins = ["tests.redis_servers"]
+pytest_plugins = ["tests.redis_servers", "tests.hang_watch"]
 
 StoreFactory = Callable[..., Awaitable[Store]]
 # (request, tmp_path, **options) -> a fresh, empty store of one backend
