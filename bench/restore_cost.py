@@ -9,7 +9,12 @@ into a Redis store and released. Then, sizes visited in turn each round:
   meanwhile (on any thread: its collections hold the GIL, and grow with the heap);
 - ``naive``: ``GET`` + ``json.loads`` + ``ChatContext.from_dict`` of the same history,
   saved beforehand as ``ChatContext.to_dict(exclude_timestamp=False)`` JSON (what an
-  app without this library would keep).
+  app without this library would keep);
+- ``floor``: the least any restore of these LiveKit items costs: ``GET`` of them as one
+  msgpack blob, ``msgpack.unpackb`` (C) and each item made as cheaply as Python allows
+  (``__new__`` and its pydantic slots set, as our fast path does), with no checksum, no
+  check of any value, no lease and no agent: what is left of a restore once everything
+  it must do is taken out.
 
 And once per size: the bytes the store holds for the session (head and records, as
 ``Store.load`` returns them) against the ``to_dict`` JSON, and Redis ``MEMORY USAGE``
@@ -27,10 +32,13 @@ import asyncio
 import gc
 import json
 import time
+import typing
 from typing import Any
 
 import _common as c
+import msgpack
 from livekit.agents import AgentSession, llm
+from pydantic import BaseModel
 from redis.asyncio import Redis
 
 import livekit_resume as lr
@@ -79,6 +87,37 @@ async def naive_once(client: Redis, key: str, size: int) -> float:
     return took
 
 
+_SLOTS = ("__dict__", "__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__")
+_SET_SLOTS = [BaseModel.__dict__[name].__set__ for name in _SLOTS]
+
+
+# LiveKit's chat item classes by their ``type`` field
+_ITEM_CLASSES: dict[str, type[BaseModel]] = {
+    cls.model_fields["type"].default: cls
+    for cls in typing.get_args(typing.get_args(llm.ChatItem)[0])
+}
+
+
+async def floor_once(client: Redis, key: str, size: int) -> float:
+    start = time.perf_counter()
+    raw = await client.get(key)
+    set_dict, set_fields, set_extra, set_private = _SET_SLOTS
+    items = []
+    for values in msgpack.unpackb(raw, raw=False):
+        cls = _ITEM_CLASSES[values["type"]]
+        item = cls.__new__(cls)
+        set_dict(item, values)
+        set_fields(item, set(values))
+        set_extra(item, None)
+        set_private(item, None)
+        items.append(item)
+    ctx = llm.ChatContext(items)
+    took = time.perf_counter() - start
+    if len(ctx.items) < size:
+        raise AssertionError(f"floor load of {key} found {len(ctx.items)} items")
+    return took
+
+
 async def memory_usage(client: Redis, prefix: str) -> int:
     total = 0
     async for name in client.scan_iter(match=prefix.replace("{", "\\{").replace("}", "\\}") + "*"):
@@ -97,6 +136,8 @@ async def measure(url: str, sizes: tuple[int, ...], rounds: int) -> dict[int, di
             keys[size] = rs.key
             whole = json.dumps(session.history.to_dict(exclude_timestamp=False)).encode()
             await client.set(f"naive:{rs.key}", whole)
+            dumped = [item.model_dump() for item in session.history.items]
+            await client.set(f"floor:{rs.key}", msgpack.packb(dumped, use_bin_type=True))
             await c.close(session, rs)
             stored = await store.load(rs.key)
             stored_bytes = len(stored.head) + sum(
@@ -108,13 +149,15 @@ async def measure(url: str, sizes: tuple[int, ...], rounds: int) -> dict[int, di
                 "memory": await memory_usage(client, store._names.prefix(rs.key)),
             }
         times: dict[int, dict[str, list[float]]] = {
-            s: {"restore": [], "gc": [], "naive": []} for s in sizes
+            s: {"restore": [], "gc": [], "naive": [], "floor": []} for s in sizes
         }
         for r in range(rounds + 1):  # the first warms caches and code paths
             for size in sizes:
                 took, collected = await restore_once(store, keys[size], size)
                 naive = await naive_once(client, f"naive:{keys[size]}", size)
+                floor = await floor_once(client, f"floor:{keys[size]}", size)
                 if r:
+                    times[size]["floor"].append(floor)
                     times[size]["restore"].append(took)
                     times[size]["gc"].append(collected)
                     times[size]["naive"].append(naive)
@@ -125,6 +168,7 @@ async def measure(url: str, sizes: tuple[int, ...], rounds: int) -> dict[int, di
                 gc=c.ms(t["gc"]),
                 naive=c.ms(t["naive"]),
                 naive_p99=c.ms(t["naive"], 0.99),
+                floor=c.ms(t["floor"]),
             )
     finally:
         await client.aclose()
@@ -152,10 +196,14 @@ def report(results: dict[int, dict[str, float]]) -> None:
                 c.fmt_ms(r["naive_p99"]),
                 f"ours {verdict}",
                 growth,
+                c.fmt_ms(r["floor"]),
+                c.times(r["restore"] / r["floor"]),
+                c.times(r["naive"] / r["floor"]),
             ]
         )
     c.section(
-        "Restore on Redis: `ResumableSession.restore` vs `GET` + `json.loads` + `from_dict`",
+        "Restore on Redis: `ResumableSession.restore` vs `GET` + `json.loads` + `from_dict`, "
+        "and the floor (`GET` + `msgpack` + bare build)",
         c.table(
             [
                 "history",
@@ -166,6 +214,9 @@ def report(results: dict[int, dict[str, float]]) -> None:
                 "p99",
                 "ours / naive",
                 "growth",
+                "floor p50",
+                "ours / floor",
+                "naive / floor",
             ],
             rows,
         ),
