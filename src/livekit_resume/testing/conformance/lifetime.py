@@ -23,12 +23,14 @@ class LifetimeTests(StoreTests):
     """TTLs, delete, keys, info and versions listings."""
 
     async def test_session_expires_after_ttl_without_writes(self) -> None:
-        store = await self.new_store(ttl=0.5)
+        # 1 s: the five sessions are written and listed before the first expires, even
+        # where each write is a few round trips to a loaded Cluster
+        store = await self.new_store(ttl=1.0)
         # Written in this order: when the last one has expired, so have the others. Each is
         # then looked at through one method first, so every method must hide an expired key.
         names = ["via-load", "via-versions", "via-delete", "via-keys", "via-info"]
         for name in names:
-            w = await writer(store, name, ttl=0.5)
+            w = await writer(store, name, ttl=1.0)
             w.append("h", "m", b"x")
             await w.commit()
         assert await store.keys() == sorted(names)
@@ -36,14 +38,14 @@ class LifetimeTests(StoreTests):
         async def gone() -> bool:
             return await store.info("via-info") is None
 
-        await eventually(gone, "the session outlived its 0.5 s ttl")
+        await eventually(gone, "the session outlived its 1 s ttl")
         with pytest.raises(SnapshotNotFound):
             await store.load("via-load")
         assert await store.versions("via-versions") == []
         assert await store.delete("via-delete") is False
         assert await store.keys() == []
         # Its lease went with it: another worker starts afresh without a takeover.
-        lease = await store.acquire("via-info", "worker-b", ttl=0.5)
+        lease = await store.acquire("via-info", "worker-b", ttl=1.0)
         assert lease.owner == "worker-b"
         with pytest.raises(SnapshotNotFound):
             await store.load("via-info")
