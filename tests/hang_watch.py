@@ -1,7 +1,9 @@
 """A watchdog for a hung test: a test still running ``HANG_AFTER`` seconds after it
-started gets every thread's stack and every asyncio task's await chain written out,
-and its tasks cancelled, so it fails with the dump in its report instead of holding
-CI until the job's deadline.
+started gets every thread's stack and every asyncio task's await chain written out
+(to the terminal, past pytest's capture, and to a file), and its tasks cancelled, so it
+fails with the dump in its report instead of holding CI until the job's deadline. One
+that still runs ``GIVE_UP_AFTER`` seconds later (a task that swallows its
+cancellation) is dumped again and the run ends there, exit status 70.
 
 An asyncio hang leaves the loop idle in ``select``, where a thread dump (pytest's
 ``faulthandler_timeout``) shows nothing; what is stuck is the chain of awaits in some
@@ -27,6 +29,14 @@ import pytest
 
 # The longest test of the suite takes about two minutes on a loaded 2-core machine.
 HANG_AFTER = float(os.environ.get("LIVEKIT_RESUME_TEST_HANG_AFTER", "420"))
+GIVE_UP_AFTER = 60.0
+# The terminal's stderr, duplicated before any test's output is captured.
+_terminal: int | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _terminal
+    _terminal = os.dup(2)
 
 
 def _await_chain(coro: Any) -> Iterator[FrameType]:
@@ -66,26 +76,50 @@ def dump(title: str) -> tuple[str, list[tuple[asyncio.AbstractEventLoop, asyncio
 
 
 class Watch:
-    """After ``after`` seconds: the dump, to stderr and a file, then every task cancelled."""
+    """After ``after`` seconds: the dump, then every task cancelled; ``give_up`` seconds
+    later, if the test has not ended (`stop`), the dump again and the process ends."""
 
-    def __init__(self, nodeid: str, after: float = HANG_AFTER) -> None:
+    def __init__(
+        self, nodeid: str, after: float = HANG_AFTER, give_up: float = GIVE_UP_AFTER
+    ) -> None:
         self.nodeid = nodeid
         self.after = after
+        self.give_up = give_up
         self.path: Path | None = None
         self.timer = threading.Timer(after, self.fire)
         self.timer.daemon = True
+        self._ended = threading.Event()
+
+    def stop(self) -> None:
+        self._ended.set()
+        self.timer.cancel()
 
     def fire(self) -> None:
-        text, tasks = dump(f"{self.nodeid} still running after {self.after:.0f}s")
-        path = Path(tempfile.gettempdir()) / "livekit-resume-hangs" / (
-            self.nodeid.replace("/", "_").replace("::", "-")[:180] + ".txt"
-        )
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-        self.path = path
-        sys.stderr.write(text + f"(also in {path})\n")
+        text, tasks = dump(f"{self.nodeid} still running after {self.after:g}s")
+        self._write(text)
         for loop, task in tasks:
             loop.call_soon_threadsafe(task.cancel)
+        if self._ended.wait(self.give_up):
+            return
+        text, _ = dump(f"{self.nodeid} still running {self.give_up:g}s after its cancellation")
+        self._write(text)
+        os._exit(70)  # a task swallowed its cancellation: nothing else will end the run
+
+    def _write(self, text: str) -> None:
+        path = (
+            Path(tempfile.gettempdir())
+            / "livekit-resume-hangs"
+            / (self.nodeid.replace("/", "_").replace("::", "-")[:180] + ".txt")
+        )
+        path.parent.mkdir(exist_ok=True)
+        with path.open("a") as f:
+            f.write(text)
+        self.path = path
+        out = f"\n{text}(also in {path})\n".encode()
+        if _terminal is not None:
+            os.write(_terminal, out)
+        else:
+            sys.stderr.write(out.decode())
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -95,4 +129,4 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
     try:
         yield
     finally:
-        watch.timer.cancel()
+        watch.stop()
