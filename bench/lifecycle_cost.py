@@ -106,8 +106,10 @@ async def main(url: str, rounds: int) -> None:
     store = lr.open_store(url)
     floor = await _floor(store, rounds)
     print(f"store {url.split('@')[-1]}; floor (one small commit): {floor:.3f} ms")
-    print(f"{'items':>6} {'suspend ms':>11} {'restore ms':>11} {'paused MiB':>11} "
-          f"{'suspended MiB':>14} {'suspend/floor':>14}")
+    print(
+        f"{'items':>6} {'suspend ms':>11} {'restore ms':>11} {'paused MiB':>11} "
+        f"{'suspended MiB':>14} {'suspend/floor':>14}"
+    )
     for size in SIZES:
         results = [await _round(store, size) for _ in range(rounds)]
         med = {k: statistics.median(r[k] for r in results) for k in results[0]}

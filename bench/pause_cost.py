@@ -192,21 +192,32 @@ async def main(sessions: int, items: int, rounds: int) -> None:
         state: {m: statistics.median(r[state][m] for r in results) for m in METRICS}
         for state in STATES
     }
-    print(f"{sessions} voice sessions, {items} history items each, {rounds} round(s); "
-          "per session, medians")
+    print(
+        f"{sessions} voice sessions, {items} history items each, {rounds} round(s); "
+        "per session, medians"
+    )
     print()
     print("| state | open sockets | asyncio tasks | Python memory (MiB) | RSS (MiB) |")
     print("| --- | --- | --- | --- | --- |")
     for state in STATES:
         m = med[state]
-        print(f"| {state} | {m['sockets']:.1f} | {m['tasks']:.1f} | {m['python_mib']:.3f} "
-              f"| {m['rss_mib']:.2f} |")
+        print(
+            f"| {state} | {m['sockets']:.1f} | {m['tasks']:.1f} | {m['python_mib']:.3f} "
+            f"| {m['rss_mib']:.2f} |"
+        )
     p, s = med["paused"], med["suspended"]
     print()
-    print("paused / suspended: " + ", ".join(
-        f"{name} {_ratio(p[m], s[m])}"
-        for name, m in (("sockets", "sockets"), ("tasks", "tasks"), ("Python memory", "python_mib"))
-    ))
+    print(
+        "paused / suspended: "
+        + ", ".join(
+            f"{name} {_ratio(p[m], s[m])}"
+            for name, m in (
+                ("sockets", "sockets"),
+                ("tasks", "tasks"),
+                ("Python memory", "python_mib"),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

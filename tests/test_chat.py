@@ -774,32 +774,56 @@ def _async_tool_conversation(*, finished: bool) -> llm.ChatContext:
     items: list[llm.ChatItem] = [
         llm.ChatMessage(id="item_u", role="user", content=["get it"], created_at=1.0),
         llm.FunctionCall(
-            id="item_c/fnc_0", call_id="r", name="fetch", arguments="{}", extra=flag,
+            id="item_c/fnc_0",
+            call_id="r",
+            name="fetch",
+            arguments="{}",
+            extra=flag,
             created_at=2.0,
         ),
         llm.FunctionCall(
-            id="item_c1", call_id="r_update_1", name="fetch", arguments="{}", extra=flag,
+            id="item_c1",
+            call_id="r_update_1",
+            name="fetch",
+            arguments="{}",
+            extra=flag,
             created_at=2.1,
         ),
         llm.FunctionCallOutput(
-            id="item_o1", call_id="r_update_1", name="fetch", output=progress.format("half"),
-            is_error=False, created_at=2.2,
+            id="item_o1",
+            call_id="r_update_1",
+            name="fetch",
+            output=progress.format("half"),
+            is_error=False,
+            created_at=2.2,
         ),
         llm.FunctionCallOutput(
-            id="item_o0", call_id="r", name="fetch", output=progress.format("started"),
-            is_error=False, created_at=2.3,
+            id="item_o0",
+            call_id="r",
+            name="fetch",
+            output=progress.format("started"),
+            is_error=False,
+            created_at=2.3,
         ),
         llm.ChatMessage(id="item_a", role="assistant", content=["on it"], created_at=3.0),
     ]
     if finished:
         items += [
             llm.FunctionCall(
-                id="item_cf", call_id="r_final", name="fetch", arguments="{}", extra=flag,
+                id="item_cf",
+                call_id="r_final",
+                name="fetch",
+                arguments="{}",
+                extra=flag,
                 created_at=4.0,
             ),
             llm.FunctionCallOutput(
-                id="item_of", call_id="r_final", name="fetch", output="found",
-                is_error=False, created_at=4.1,
+                id="item_of",
+                call_id="r_final",
+                name="fetch",
+                output="found",
+                is_error=False,
+                created_at=4.1,
             ),
         ]
     return llm.ChatContext(items)

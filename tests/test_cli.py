@@ -563,7 +563,6 @@ def test_a_session_larger_than_one_frame_exports_and_imports(
     assert snapshot_of(url, "big-piped").history == original.history
 
 
-
 @pytest.mark.parametrize(
     "command",
     [

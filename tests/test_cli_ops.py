@@ -194,9 +194,7 @@ def test_diff_shows_edited_and_removed_items_agent_and_instructions(url: str, ke
             if i["id"] != second
         ]
         assert snap.agent is not None
-        agent = snap.agent.model_copy(
-            update={"agent_id": "editor", "instructions": "Be brief."}
-        )
+        agent = snap.agent.model_copy(update={"agent_id": "editor", "instructions": "Be brief."})
         return snap.model_copy(update={"history": history, "agent": agent})
 
     asyncio.run(_write(url, key, rewrite))

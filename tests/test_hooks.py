@@ -846,7 +846,6 @@ async def test_agent_frame_is_made_again_only_when_what_it_holds_changed(store: 
     await session.aclose()
 
 
-
 async def test_agent_frame_with_a_state_is_made_again_on_every_checkpoint(store: Store) -> None:
     # 1 == True, yet they are saved differently: a frame with a state is never reused
     reg = lr.AgentRegistry()

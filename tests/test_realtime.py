@@ -58,7 +58,6 @@ async def store() -> AsyncIterator[MemoryStore]:
     await s.aclose()
 
 
-
 @dataclass
 class Live:
     session: AgentSession[Any]

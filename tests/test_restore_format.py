@@ -128,9 +128,7 @@ def test_an_agent_reference_is_its_history_twin_decoded_once() -> None:
     snap = Snapshot(key="k", history=history, agent=AgentFrame(agent_id="a", chat_ctx=agent))
     streams = {
         HISTORY: [(i["id"], codec.encode_item("k", HISTORY, i)) for i in history],
-        AGENT: [
-            (i["id"], codec.encode_item("k", AGENT, i, ref=i in history)) for i in agent
-        ],
+        AGENT: [(i["id"], codec.encode_item("k", AGENT, i, ref=i in history)) for i in agent],
     }
     seals = {HISTORY: codec.seal(HISTORY, history), AGENT: codec.seal(AGENT, agent)}
     head = codec.encode_head(snap, version=1, seals=seals)

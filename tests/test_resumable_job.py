@@ -59,9 +59,7 @@ async def _entry(ctx: JobContext) -> None:
         key=caller if opts.get("key") == "identity" else None,
         token=opts.get("token"),
         leave_grace=opts.get("leave_grace"),
-        room_options=room_io.RoomOptions(
-            audio_input=False, audio_output=False, text_output=False
-        ),
+        room_options=room_io.RoomOptions(audio_input=False, audio_output=False, text_output=False),
         debounce=0.01,
         lease_ttl=opts.get("lease_ttl", 30.0),
     )
@@ -242,21 +240,24 @@ async def test_a_caller_back_in_a_new_room_continues_and_another_caller_does_not
 ) -> None:
     by_caller = metadata(target, key="identity")
     async with JobHarness() as harness:
-        first = await harness.start_job(ENTRY, room="web-1", metadata=by_caller,
-                                        participant_identity="alice")
+        first = await harness.start_job(
+            ENTRY, room="web-1", metadata=by_caller, participant_identity="alice"
+        )
         await ready(first)
         await turn(first, TURNS[0])
         await first.shutdown()  # the tab closed; the front end makes a new room next time
 
-        again = await harness.start_job(ENTRY, room="web-2", metadata=by_caller,
-                                        participant_identity="alice")
+        again = await harness.start_job(
+            ENTRY, room="web-2", metadata=by_caller, participant_identity="alice"
+        )
         resumed, _, _ = await ready(again)
         assert resumed
         await turn(again, "I am back")
         await again.shutdown()
 
-        other = await harness.start_job(ENTRY, room="web-3", metadata=by_caller,
-                                        participant_identity="bob")
+        other = await harness.start_job(
+            ENTRY, room="web-3", metadata=by_caller, participant_identity="bob"
+        )
         assert (await ready(other))[0] is False
         await other.shutdown()
     snap = await stored(target, "alice")
@@ -394,11 +395,13 @@ async def test_the_lifecycle_example_pauses_suspends_and_restores_in_place_when_
     tmp_path: Path,
 ) -> None:
     """examples/lifecycle.py (shown in docs/lifecycle.md), with short times."""
-    meta = json.dumps({
-        "store": f"sqlite:///{tmp_path}/lifecycle.db",
-        "example": "lifecycle.py",
-        "serve": {"leave_grace": 0.3, "suspend_after": 0.3},
-    })
+    meta = json.dumps(
+        {
+            "store": f"sqlite:///{tmp_path}/lifecycle.db",
+            "example": "lifecycle.py",
+            "serve": {"leave_grace": 0.3, "suspend_after": 0.3},
+        }
+    )
     async with JobHarness() as harness:
         job = await harness.start_job(
             "tests.test_resumable_job:_entry_example", room="clinic-7", metadata=meta
@@ -487,8 +490,14 @@ async def _entry_rejoin(ctx: JobContext) -> None:
         attrs = calls[-1].args[0] if calls else {}
         jobs.report(
             "HISTORY",
-            json.dumps({"ids": [i.id for i in session.history.items], "said": said,
-                        "asked": len(model.requests), "attributes": attrs}),
+            json.dumps(
+                {
+                    "ids": [i.id for i in session.history.items],
+                    "said": said,
+                    "asked": len(model.requests),
+                    "attributes": attrs,
+                }
+            ),
         )
 
     jobs.on_command("turn", turn)

@@ -141,8 +141,10 @@ def test_counts_mismatch_and_duplicate_ids_are_reported_not_raised() -> None:
     _snap, head, streams = _parts(codec, agent_refs=())
     streams["history"].append(streams["history"][2])
     got, damage = salvage_parts(codec, KEY, head, streams, version=1)
-    assert Damage("history", "item_2", "the stream holds this id twice; the later one was "
-                  "dropped") in damage
+    assert (
+        Damage("history", "item_2", "the stream holds this id twice; the later one was dropped")
+        in damage
+    )
     assert any(d.item_id == "" and "lists 6 items" in d.reason for d in damage)
     assert [i["id"] for i in got.history][:6] == [f"item_{n}" for n in range(6)]
 
@@ -267,9 +269,7 @@ def test_repair_takes_a_damaged_head_from_the_newest_older_version(tmp_path: Pat
         (head,) = conn.execute(
             "SELECT head FROM versions WHERE key=? AND version=3", (name,)
         ).fetchone()
-        conn.execute(
-            "UPDATE versions SET head=? WHERE key=? AND version=3", (_flip(head), name)
-        )
+        conn.execute("UPDATE versions SET head=? WHERE key=? AND version=3", (_flip(head), name))
     assert run(sqlite_url, "show", name).exit_code == 1
     assert run(sqlite_url, "show", name, "--version", "2").exit_code == 0  # only v3 is hit
 

@@ -418,9 +418,10 @@ async def test_an_empty_file_reads_as_an_empty_store_without_a_schema(tmp_path: 
 async def test_open_store_read_only_by_keyword_or_mode_ro(
     written: Path, clean_env: pytest.MonkeyPatch
 ) -> None:
-    for store in (open_store(f"sqlite:///{written}", read_only=True), open_store(
-        f"sqlite:///{written}?mode=ro"
-    )):
+    for store in (
+        open_store(f"sqlite:///{written}", read_only=True),
+        open_store(f"sqlite:///{written}?mode=ro"),
+    ):
         try:
             assert isinstance(store, SQLiteStore) and store.read_only
             assert store.path == str(written)  # the query is not part of the name

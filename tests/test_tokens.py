@@ -114,9 +114,7 @@ async def test_ending_the_conversation_revokes_its_tokens(store: Store) -> None:
         await lr.verify_token(store, token)
 
 
-async def test_tokens_need_signing_keys(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_tokens_need_signing_keys(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     await conversation(store)
     monkeypatch.delenv("RESUME_SIGNING_KEYS")
     with pytest.raises(ValueError, match="RESUME_SIGNING_KEYS"):
@@ -139,4 +137,3 @@ async def test_a_token_for_another_namespace_is_refused(
     assert await lr.verify_token(a, token) == KEY
     await a.aclose()
     await b.aclose()
-

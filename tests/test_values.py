@@ -232,9 +232,7 @@ def test_extra_values_follow_the_untyped_rules() -> None:
         ({1: "x"}, "extra"),
     ],
 )
-def test_unsavable_extra_value_is_refused_naming_its_path(
-    extra: dict[Any, Any], path: str
-) -> None:
+def test_unsavable_extra_value_is_refused_naming_its_path(extra: dict[Any, Any], path: str) -> None:
     with pytest.raises(UnsavableValue) as info:
         plain_extra(extra)
     assert info.value.path == path
@@ -301,6 +299,7 @@ def test_a_refused_value_does_not_stop_the_rest_from_saving(
 
 
 # -- in a live session ---------------------------------------------------------------------
+
 
 class Account(BaseModel):
     name: str = ""

@@ -38,7 +38,6 @@ async def store() -> AsyncIterator[MemoryStore]:
     await s.aclose()
 
 
-
 @dataclass
 class Voice:
     model: ScriptedLLM

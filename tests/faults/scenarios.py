@@ -367,12 +367,12 @@ class ProbeStore(WatchStore):
         self._failed.clear()
         await asyncio.wait_for(self._failed.wait(), timeout)
 
+
 def _probe(url: str, prefix: str, **options: Any) -> ProbeStore:
     """A watched Redis store in a namespace of its own (``prefix`` + a random suffix)."""
     return ProbeStore(
         RedisStore.from_url(url, namespace=f"{prefix}{uuid.uuid4().hex[:8]}", **options)
     )
-
 
 
 async def _fresh_session(
@@ -904,9 +904,7 @@ async def eviction(server: RedisServer, *, runs: int) -> Row:
     return row
 
 
-async def _fill_until_evicted(
-    server: RedisServer, raw: Any, store: Store, keys: list[str]
-) -> int:
+async def _fill_until_evicted(server: RedisServer, raw: Any, store: Store, keys: list[str]) -> int:
     """Lower maxmemory and write filler until keys of at least one stored session are
     evicted; return the server's count of evicted keys."""
     used = int(server.cli("info", "memory").split("used_memory:")[1].split()[0])

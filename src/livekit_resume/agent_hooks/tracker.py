@@ -417,11 +417,7 @@ class StreamTracker:
             puts.append(_Put(item, after, convert(item), item.id not in rewrite))
         # items asked for again (rare: their stored form must change), where they stand
         placed = {p.item.id for p in puts}
-        wanted = {
-            i
-            for i in rewrite
-            if i in self._digests and i not in removed and i not in placed
-        }
+        wanted = {i for i in rewrite if i in self._digests and i not in removed and i not in placed}
         # from the tail, stopping once all are found: the items asked for are mostly recent
         for i in range(first - 1, -1, -1):
             if not wanted:
@@ -432,9 +428,7 @@ class StreamTracker:
         # everything from the first divergence on is (re)placed in order
         fresh = {items[i].id for i in range(first, n_new)}
         digests = self._digests
-        if len(fresh) != n_new - first or (
-            first == n_old and any(i in digests for i in fresh)
-        ):
+        if len(fresh) != n_new - first or (first == n_old and any(i in digests for i in fresh)):
             # the store keys items by id: two items with one id would fold into one
             raise ValueError(
                 f"{self.stream} holds two chat items with the same id; LiveKit gives each "
@@ -489,9 +483,7 @@ class StreamTracker:
         else:
             self._objs = change.objs
         shapes = {**self._shapes, **change.shapes}
-        self._shapes = {
-            it.id: shapes[it.id] for it in self._objs[-EDIT_WINDOW:] if it.id in shapes
-        }
+        self._shapes = {it.id: shapes[it.id] for it in self._objs[-EDIT_WINDOW:] if it.id in shapes}
         self._gen = object()
 
 

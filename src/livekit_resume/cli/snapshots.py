@@ -249,8 +249,6 @@ def diff_snapshots(a: Snapshot, b: Snapshot) -> dict[str, Any]:
         },
         "userdata": _change(a.userdata, b.userdata),
         "agent": _change(a.agent and a.agent.agent_id, b.agent and b.agent.agent_id),
-        "instructions": _change(
-            a.agent and a.agent.instructions, b.agent and b.agent.instructions
-        ),
+        "instructions": _change(a.agent and a.agent.instructions, b.agent and b.agent.instructions),
         "state": _change(a.state, b.state),
     }

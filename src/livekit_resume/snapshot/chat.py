@@ -164,9 +164,7 @@ _FAST_TYPES: dict[type[BaseModel], dict[str, tuple[type, ...]]] = {
 }
 # Metrics LiveKit declares as floats; a metric it declares otherwise takes the slow path,
 # one it does not declare is kept as it is (as the slow path keeps it).
-_FLOAT_METRICS = frozenset(
-    k for k, t in get_type_hints(llm.MetricsReport).items() if t is float
-)
+_FLOAT_METRICS = frozenset(k for k, t in get_type_hints(llm.MetricsReport).items() if t is float)
 _DECLARED_METRICS = frozenset(get_type_hints(llm.MetricsReport))
 _TYPE_NAMES = {cls: name for name, cls in _ITEM_CLASSES.items()}
 assert all(
@@ -306,9 +304,7 @@ def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData
         value = values[name]
         kind = type(value)
         if name == "content" and isinstance(item, llm.ChatMessage):
-            data[name] = [
-                _content_to_data(part, media, item.id, i) for i, part in enumerate(value)
-            ]
+            data[name] = [_content_to_data(part, media, item.id, i) for i, part in enumerate(value)]
         elif value is None:
             if name not in _OPTIONAL_FIELDS:
                 data[name] = None
@@ -507,9 +503,12 @@ def _known_shape(cls: type[BaseModel], data: ItemData) -> _Shape | None:
             return None
     order = _ITEM_FIELDS[cls]
     unset = tuple(name for name in order if name not in data)
-    known = _Shape(cls, tuple(data) == tuple(n for n in order if n in data) and (
-        not unset or order[-len(unset):] == unset
-    ), unset)
+    known = _Shape(
+        cls,
+        tuple(data) == tuple(n for n in order if n in data)
+        and (not unset or order[-len(unset) :] == unset),
+        unset,
+    )
     if len(_SHAPES) >= _MAX_SHAPES:
         _SHAPES.clear()
     _SHAPES[_shape(data)] = known

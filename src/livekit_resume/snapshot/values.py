@@ -67,8 +67,7 @@ _BIG_INT_TODO = (
 
 def _big_int_problem(value: int) -> str:
     return (
-        f"({value}) is beyond 64 bits and no type declares it an int "
-        "(it would come back as a str)"
+        f"({value}) is beyond 64 bits and no type declares it an int (it would come back as a str)"
     )
 
 
@@ -185,9 +184,7 @@ class _Walker:
         path, kind = str(where), _type_name(value)
         if not self.lenient:
             raise UnsavableValue(f"{path}: cannot save this {kind}: {what}; {todo}", path=path)
-        logger.warning(
-            "%s: saved %s: this %s %s", path, saved_as, kind, what, extra={"path": path}
-        )
+        logger.warning("%s: saved %s: this %s %s", path, saved_as, kind, what, extra={"path": path})
         return replacement
 
     def text(self, value: str, where: _Trail | str) -> str:
@@ -357,8 +354,7 @@ def dump_userdata(adapter: TypeAdapter[Any], value: Any) -> Any:
             if not _holds_int(again, trail.keys(), number):
                 path = str(trail)
                 raise UnsavableValue(
-                    f"{path}: cannot save this int: {_big_int_problem(number)}; "
-                    f"{_BIG_INT_TODO}",
+                    f"{path}: cannot save this int: {_big_int_problem(number)}; {_BIG_INT_TODO}",
                     path=path,
                 )
     return data

@@ -97,9 +97,7 @@ class Receptionist(_Resumable):
 
 
 class Booking(_Resumable):
-    def __init__(
-        self, *, restored: bool = False, chat_ctx: llm.ChatContext | None = None
-    ) -> None:
+    def __init__(self, *, restored: bool = False, chat_ctx: llm.ChatContext | None = None) -> None:
         super().__init__(instructions=BOOKING_INSTRUCTIONS, restored=restored, chat_ctx=chat_ctx)
 
     @function_tool

@@ -76,7 +76,7 @@ class ServerCheck:
                 evicting.append(eviction)
             if conf.get("appendonly") == "no" and conf.get("save") == "":
                 problems.append(
-                    f"{where} persists nothing (appendonly no, save \"\"): a restart "
+                    f'{where} persists nothing (appendonly no, save ""): a restart '
                     "loses every session and its lease. Set appendonly yes with "
                     "appendfsync everysec (or always)"
                 )

@@ -138,9 +138,7 @@ class Namespace:
         with self._server.errors("keys", None):
             indexed = cast("list[bytes]", await client.zrange(self._names.index, 0, -1))
         members = sorted(
-            m
-            for m in map(text, indexed)
-            if m.startswith(prefix) and (after is None or m > after)
+            m for m in map(text, indexed) if m.startswith(prefix) and (after is None or m > after)
         )
         live: list[str] = []
         want = None if limit is None else limit + 1  # one more: is there a next page?

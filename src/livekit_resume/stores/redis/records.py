@@ -48,9 +48,7 @@ _STORE_UNDER = 1024
 def pack_record(rec: Record) -> bytes:
     """One record in its long form, ``[stream, id, after, data]``."""
     if rec.data is None or len(rec.data) < 1 << 16:
-        packed: bytes = msgpack.packb(
-            [rec.stream, rec.id, rec.after, rec.data], use_bin_type=True
-        )
+        packed: bytes = msgpack.packb([rec.stream, rec.id, rec.after, rec.data], use_bin_type=True)
         return packed
     # msgpack's very bytes (array of 4, then bin 32), joined once: packb would copy the
     # data twice while holding the GIL, bytes.join copies it once without
@@ -219,9 +217,7 @@ def _append(out: list[_Row], values: list[Any], last: dict[str, str], key: str) 
             after = last.get(stream)
             if after is None or type(data) is not bytes:
                 raise _bad_record(key)
-        elif not (after is None or type(after) is str) or not (
-            data is None or type(data) is bytes
-        ):
+        elif not (after is None or type(after) is str) or not (data is None or type(data) is bytes):
             raise _bad_record(key)
         if data is not None:
             last[stream] = item_id

@@ -98,9 +98,7 @@ class Scripts:
         self.under_replicated = 0
         # ARGV[2] and [3]: the session TTL in seconds and in milliseconds ('': none)
         self._ttl_args = (
-            ("", "")
-            if ttl is None
-            else (fmt_time(ttl), str(max(1, math.ceil(ttl * 1000))))
+            ("", "") if ttl is None else (fmt_time(ttl), str(max(1, math.ceil(ttl * 1000))))
         )
 
     def now_arg(self) -> str:
@@ -186,9 +184,7 @@ class Scripts:
                 await client.script_load(self._code[name].script)
         return replies
 
-    async def _run_and_wait(
-        self, script: str, key: str, args: Sequence[str | bytes | int]
-    ) -> Any:
+    async def _run_and_wait(self, script: str, key: str, args: Sequence[str | bytes | int]) -> Any:
         """Run a script, then WAIT on the same connection (WAIT counts the replicas
         that acknowledged this connection's writes): one pipeline, sent to the node of
         the session's slot on a Cluster. Fewer replicas than asked is logged and
@@ -210,11 +206,7 @@ class Scripts:
                 extra={"key": key},
             )
             self.under_replicated += 1
-        elif (
-            isinstance(reply, list)
-            and reply[:1] == [b"ok"]
-            and int(acked) < self._wait_replicas
-        ):
+        elif isinstance(reply, list) and reply[:1] == [b"ok"] and int(acked) < self._wait_replicas:
             self.under_replicated += 1
             logger.warning(
                 "commit of session %r (version %s) reached %d of %d replicas within "

@@ -126,7 +126,5 @@ def _host_port(text: str, default: int, url: str) -> tuple[str, int]:
     try:
         port = int(port_text) if port_text else default
     except ValueError:
-        raise ValueError(
-            f"Redis URL {redact(url)!r}: port {port_text!r} is not a number"
-        ) from None
+        raise ValueError(f"Redis URL {redact(url)!r}: port {port_text!r} is not a number") from None
     return host, port
