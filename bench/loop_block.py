@@ -13,7 +13,7 @@ a worker share its loop, and wait that long while one is restored; the timer als
 counts the cyclic garbage collections the restore's worker thread runs, GIL held.
 Redis is a ``redis-server`` the script starts on a free loopback port.
 
-    python bench/loop_block.py [--sizes 10,5000,20000] [--rounds 60] [--big 5,50]
+    python bench/loop_block.py [--sizes 10,1000,5000,20000] [--rounds 60] [--big 5,50]
         [--big-rounds 3]
 
 Prints Markdown tables in milliseconds.
@@ -141,7 +141,7 @@ async def big_item(store: lr.Store, megabytes: int, rounds: int) -> tuple[list[f
 
 
 async def main() -> None:
-    ap = c.options(__doc__, "10,5000,20000", 60)
+    ap = c.options(__doc__, "10,1000,5000,20000", 60)
     ap.add_argument("--big", type=c.parse_sizes, default=(5, 50), help="item sizes in MB")
     ap.add_argument("--big-rounds", type=int, default=3, help="samples per large item")
     args = ap.parse_args()

@@ -39,7 +39,7 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
     ),
     (
         "loop_block.py",
-        ["--sizes", "10,5000,20000", "--rounds", "60", "--big", "5,50"],
+        ["--sizes", "10,1000,5000,20000", "--rounds", "60", "--big", "5,50"],
         ["--sizes", "10,30", "--rounds", "2", "--big", "1", "--big-rounds", "1"],
     ),
     (

@@ -61,9 +61,12 @@ __all__ = ["DEFAULT_NAMESPACE", "RedisStore"]
 
 # Records holding more bytes than this are packed on a worker thread.
 _OFFLOAD_BYTES = 1 << 20
-# A log read holding more bytes than this (deflated: a few hundred records) is unpacked
-# and folded on a worker thread, as the loop's other sessions would feel it.
-_OFFLOAD_UNPACK_BYTES = 64 * 1024
+# A log read holding more bytes than this is unpacked and folded on a worker thread, as
+# the loop's other sessions would feel it: about 0.5 ms of the loop at most. Unpacking
+# costs ~50 µs per KB of a compacted log (one deflated batch; 8 KB is ~170 items) and
+# ~20 µs per KB of turns' small batches. It was 64 KB: a compacted log of 1,000 items
+# (48 KB) then held the loop for 2-3 ms in one callback.
+_OFFLOAD_UNPACK_BYTES = 8 * 1024
 # A log element larger than this is sent ahead of its script in pieces of
 # `_STAGE_PIECE` (`RedisStore._stage`), kept at most `_STAGE_TTL_MS` if the script never
 # takes it. A piece is one socket send on the event loop: a megabyte took 5-10 ms of it
