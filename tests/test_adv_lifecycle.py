@@ -1,0 +1,162 @@
+"""Adversarial lifecycle tests: interleavings and cancellations of a live ResumableSession.
+
+LiveKit's job shutdown cancels tasks, and an application may bound a save with
+``asyncio.wait_for``: a cancellation can land while a commit is on its way to the store.
+The store may then have applied it (a Redis command already sent, a SQLite transaction
+running on the store's thread) while the caller never learns its version. These tests
+hold the session to DESIGN.md: nobody may lose a conversation, and a session whose
+call was cancelled must go on saving (or be given up cleanly).
+
+The stores are real (memory, SQLite); a thin wrapper only holds back a reply the store
+already gave, which is what a cancellation during a network round trip looks like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit.agents import AgentSession
+
+import livekit_resume as lr
+from livekit_resume.stores.base import Commit, Lease, Store
+from tests.test_hooks import KEY, Visit, start, state_of
+from tests.test_session_faults import live_texts, saved, texts
+
+# bounds on a broken store or a hang; not timings
+DEADLINE = 20.0
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store = lr.open_store(
+        "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/adv.db"
+    )
+    yield s
+    await s.aclose()
+
+
+class SlowReplies:
+    """A store whose answers to ``commit`` (and ``acquire``) reach the caller only once
+    ``gate`` opens, while ``hold_*`` is set: the store has applied the call, its reply is
+    on the way. A caller cancelled now never learns the outcome."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.hold_commit = False
+        self.hold_acquire = False
+        self.applied = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Commit) -> int:
+        version = await self.inner.commit(commit)
+        if self.hold_commit:
+            self.applied.set()
+            await self.gate.wait()
+        return version
+
+    async def acquire(
+        self, key: str, owner: str, *, ttl: float = 30.0, takeover: bool = False
+    ) -> Lease:
+        lease = await self.inner.acquire(key, owner, ttl=ttl, takeover=takeover)
+        if self.hold_acquire:
+            self.applied.set()
+            await self.gate.wait()
+        return lease
+
+
+async def cancel_once_applied(slow: SlowReplies, task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` once the store has applied its call, then let replies flow."""
+    await asyncio.wait_for(slow.applied.wait(), DEADLINE)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    slow.hold_commit = slow.hold_acquire = False
+    slow.gate.set()
+
+
+async def fresh_restore(
+    store: Store, owner: str
+) -> tuple[AgentSession[Visit], lr.ResumableSession]:
+    session, rs, _ = await start(store, [], owner=owner)
+    return session, rs
+
+
+# -- a checkpoint cancelled after its commit reached the store ---------------------------
+
+
+async def test_a_checkpoint_cancelled_after_its_commit_landed_does_not_stop_later_saves(
+    store: Store,
+) -> None:
+    """`checkpoint` (session.py): a commit whose outcome is unknown "is sent again,
+    unchanged, before the next one: it is stored at most once". A cancellation is such an
+    outcome (the store applied it, the caller never heard). The next checkpoint must
+    store the later turns, not refuse them as if another writer shared the lease."""
+    slow = SlowReplies(store)
+    session, rs, _ = await start(slow, ["one", "two", "three"])
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    await session.run(user_input="b")
+    slow.hold_commit = True
+    await cancel_once_applied(slow, asyncio.ensure_future(rs.checkpoint()))
+
+    await session.run(user_input="c")
+    version = await rs.checkpoint()  # LeaseLost here: "another writer shares this lease"
+    assert version == (await store.load(KEY)).version
+    assert texts(await saved(store)) == live_texts(session)
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_autosave_goes_on_after_a_cancelled_checkpoint_landed(store: Store) -> None:
+    """DESIGN.md, Hooks: autosave "never raises into" the voice loop, a failing store is
+    retried, and only a takeover by another worker stops it (`on_lost`: "the place to
+    stop speaking and end the session"). Nobody took this session over: a checkpoint
+    the application cancelled must not make autosave give the session up."""
+    slow = SlowReplies(store)
+    lost: list[lr.LeaseLost] = []
+
+    async def on_lost(e: lr.LeaseLost) -> None:
+        lost.append(e)
+
+    session, rs, _ = await start(slow, ["one", "two", "three"], on_lost=on_lost)
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    slow.hold_commit = True
+    await session.run(user_input="b")
+    await cancel_once_applied(slow, asyncio.ensure_future(rs.checkpoint()))
+    rs._autosave.start()  # autosave from here on (started by restore when enabled)
+    await session.run(user_input="c")
+    await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
+    assert rs._autosave.lost is None and not lost, "autosave gave a live session up"
+    assert texts(await saved(store)) == live_texts(session)
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_close_after_a_cancelled_suspend_still_saves_every_turn(store: Store) -> None:
+    """`suspend`: if the final snapshot cannot be stored "nothing is given up ... `aclose`
+    still makes the final save". A suspend cancelled by the job's shutdown after its
+    commit reached the store leaves the session paused with its lease; turns heard since
+    (a text turn still arrives) and the close's final save must reach the store, and a
+    later restore must find every one of them."""
+    slow = SlowReplies(store)
+    session, rs, _ = await start(slow, ["one", "two"])
+    await session.run(user_input="a")
+    slow.hold_commit = True
+    await cancel_once_applied(slow, asyncio.ensure_future(rs.suspend()))
+    assert state_of(rs) == "paused"
+    await session.run(user_input="a last word")  # a text turn while paused: kept, unanswered
+    await rs.aclose()
+    assert texts(await saved(store)) == live_texts(session)
+    await session.aclose()
+    s2, rs2 = await fresh_restore(store, "w2")
+    assert live_texts(s2)[: len(live_texts(session))] == live_texts(session)
+    await rs2.aclose()
+    await s2.aclose()
