@@ -419,10 +419,11 @@ class ResumableSession:
         await asyncio.sleep(0)
         try:
             await self._land(pending)
-        except StoreUnavailable:
-            # The outcome is unknown: the store may have applied it. The next attempt
-            # sends this very commit again (same id) before anything newer, so it lands
-            # exactly once and the versions stay in step with the store.
+        except (StoreUnavailable, asyncio.CancelledError):
+            # The outcome is unknown: the store may have applied it (a caller cancelled
+            # mid-commit has sent it all the same). The next attempt sends this very
+            # commit again (same id) before anything newer, so it lands exactly once and
+            # the versions stay in step with the store.
             self._pending = pending
             raise
         return self._version
