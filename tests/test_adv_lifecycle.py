@@ -23,7 +23,8 @@ from livekit.agents import AgentSession
 
 import livekit_resume as lr
 from livekit_resume.stores.base import Commit, Lease, Store
-from tests.test_hooks import KEY, Visit, start, state_of
+from livekit_resume.testing.poll import eventually
+from tests.test_hooks import KEY, Receptionist, Visit, registry, start, state_of
 from tests.test_session_faults import live_texts, saved, texts
 
 # bounds on a broken store or a hang; not timings
@@ -74,11 +75,11 @@ class SlowReplies:
 async def cancel_once_applied(slow: SlowReplies, task: asyncio.Future[Any]) -> None:
     """Cancel ``task`` once the store has applied its call, then let replies flow."""
     await asyncio.wait_for(slow.applied.wait(), DEADLINE)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    task.cancel()  # delivered at the task's next step, whatever arrives meanwhile
     slow.hold_commit = slow.hold_acquire = False
     slow.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, DEADLINE)
 
 
 async def fresh_restore(
@@ -160,3 +161,35 @@ async def test_close_after_a_cancelled_suspend_still_saves_every_turn(store: Sto
     assert live_texts(s2)[: len(live_texts(session))] == live_texts(session)
     await rs2.aclose()
     await s2.aclose()
+
+
+# -- a restore cancelled while it takes the lease ----------------------------------------
+
+
+async def test_a_restore_cancelled_while_taking_the_lease_leaves_no_lease_behind(
+    store: Store,
+) -> None:
+    """`restore`: "the lease is released on failure"; `SessionBusy` means "another live
+    worker holds the session". A job cancelled during its restore (the caller hung up at
+    once, the worker shut down) holds nothing afterwards; the store must not go on naming
+    it the holder, or the caller's next job is refused until the lease expires (30 s)."""
+    first, rs1, _ = await start(store, ["one"])
+    await first.run(user_input="a")
+    await rs1.suspend()
+    slow = SlowReplies(store)
+    slow.hold_acquire = True
+    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    rs = lr.ResumableSession(slow, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    await cancel_once_applied(
+        slow, asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
+    )
+
+    async def released() -> bool:
+        info = await store.info(KEY)
+        return info is not None and info.owner is None
+
+    await eventually(released, "the cancelled restore's lease is released", 5.0)
+    s3, rs3 = await fresh_restore(store, "w3")  # SessionBusy: held by 'w2'
+    assert rs3.resumed and live_texts(s3)[: len(live_texts(first))] == live_texts(first)
+    await rs3.aclose()
+    await s3.aclose()
