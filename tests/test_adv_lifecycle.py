@@ -193,3 +193,35 @@ async def test_a_restore_cancelled_while_taking_the_lease_leaves_no_lease_behind
     assert rs3.resumed and live_texts(s3)[: len(live_texts(first))] == live_texts(first)
     await rs3.aclose()
     await s3.aclose()
+
+
+# -- resume while a suspend is under way -------------------------------------------------
+
+
+async def test_a_resume_that_returned_during_a_suspend_is_not_undone_by_it(store: Store) -> None:
+    """`resume`: "Undo `pause`: audio back on and replies allowed, in the same process".
+    A resume that returns without error while a suspend is saving (the caller came back
+    as the grace ran out: `JobPolicy` resumes a session it sees ``paused``) must leave
+    the session active; the suspend under way must not then close it behind the
+    caller's back, or the caller who came back talks to a closed session."""
+    slow = SlowReplies(store)
+    session, rs, _ = await start(slow, ["one", "two"])
+    await session.run(user_input="a")
+    await rs.pause()
+    slow.hold_commit = True
+    await session.run(user_input="b")  # heard while paused: the suspend has news to save
+    suspending = asyncio.ensure_future(rs.suspend())
+    await asyncio.wait_for(slow.applied.wait(), DEADLINE)
+    try:
+        await rs.resume()
+        resumed = True
+    except RuntimeError:
+        resumed = False  # refused: a suspend is under way (also keeps the promise)
+    slow.hold_commit = False
+    slow.gate.set()
+    await asyncio.wait_for(asyncio.gather(suspending, return_exceptions=True), DEADLINE)
+    if resumed:
+        assert state_of(rs) == "active", "resume() returned, then the session was suspended"
+        assert rs._lease is not None
+    await rs.aclose()
+    await session.aclose()
