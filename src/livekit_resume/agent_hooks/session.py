@@ -153,6 +153,9 @@ class ResumableSession:
         self._pending: Pending | None = None
         self._listeners: list[tuple[EventTypes, Callable[..., None]]] = []
         self._closing: asyncio.Future[None] | None = None
+        # "suspended" or "ended" while a suspend or an end is under way: its final save
+        # is being written, and the session is closed after it whatever happens meanwhile
+        self._finishing: str | None = None
         # remote pause/resume/suspend (control.py), heard while the lease is held
         self._control = ControlListener(store, self, self._held_epoch)
 
@@ -455,7 +458,7 @@ class ResumableSession:
         """Soft pause: audio in and out off, speech cut, no replies; state saved.
         The session stays alive in memory and `resume` is instant."""
         session = self._require()
-        if self._state != "active":
+        if self._state != "active" or self._finishing:
             raise RuntimeError(f"cannot pause session {self._key!r} in state {self._state!r}")
         await self._silencer.silence(session)
         self._state = "paused"
@@ -478,6 +481,10 @@ class ResumableSession:
     async def resume(self) -> None:
         """Undo `pause`: audio back on and replies allowed, in the same process."""
         session = self._require()
+        if self._finishing:
+            # the session is closed once the final save is written: undoing its silence
+            # now would leave the caller talking to a session about to close
+            raise RuntimeError(f"cannot resume session {self._key!r}: being {self._finishing}")
         if self._state != "paused":
             raise RuntimeError(f"cannot resume session {self._key!r} in state {self._state!r}")
         self._long_pause.cancel()
@@ -502,6 +509,17 @@ class ResumableSession:
         session = self._require()
         if self._state in ("suspended", "ended", "closed"):
             raise RuntimeError(f"session {self._key!r} is already {self._state}")
+        if self._finishing:
+            raise RuntimeError(f"session {self._key!r} is being {self._finishing}")
+        self._finishing = state
+        try:
+            return await self._finish_now(session, reason, state)
+        finally:
+            self._finishing = None
+
+    async def _finish_now(
+        self, session: AgentSession[Any], reason: str, state: Literal["suspended", "ended"]
+    ) -> int:
         if self._state == "active":
             await self._silencer.silence(session)
             self._state = "paused"
