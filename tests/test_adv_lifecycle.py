@@ -225,3 +225,30 @@ async def test_a_resume_that_returned_during_a_suspend_is_not_undone_by_it(store
         assert rs._lease is not None
     await rs.aclose()
     await session.aclose()
+
+
+# -- restore called twice at once --------------------------------------------------------
+
+
+async def test_two_restores_at_once_put_each_saved_item_in_the_history_exactly_once(
+    store: Store,
+) -> None:
+    """DESIGN.md, Snapshot: "the restored `session.history` begins with the saved items,
+    each exactly once". `restore` refuses a second call on a restored session
+    (``RuntimeError``: "was already restored"); two calls at once (a retry racing the
+    first, two room events) must not both fill the same history."""
+    first, rs1, _ = await start(store, ["one"])
+    await first.run(user_input="a")
+    await rs1.suspend()
+    saved_ids = [i.id for i in first.history.items]
+    rs = lr.ResumableSession(store, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    results = await asyncio.gather(
+        rs.restore(session, default=lambda: Receptionist(rs)),
+        rs.restore(session, default=lambda: Receptionist(rs)),
+        return_exceptions=True,
+    )
+    restored = [i.id for i in session.history.items]
+    assert restored == saved_ids, "saved items restored more than once"
+    assert sum(isinstance(r, RuntimeError) for r in results) == 1
+    await rs.aclose()
