@@ -156,6 +156,7 @@ class ResumableSession:
         # "suspended" or "ended" while a suspend or an end is under way: its final save
         # is being written, and the session is closed after it whatever happens meanwhile
         self._finishing: str | None = None
+        self._restoring = False  # a restore is under way: a second one is refused
         # remote pause/resume/suspend (control.py), heard while the lease is held
         self._control = ControlListener(store, self, self._held_epoch)
 
@@ -215,15 +216,21 @@ class ResumableSession:
         """
         if self._session is not None and self._state != "suspended":
             raise RuntimeError(f"session {self._key!r} was already restored")
+        if self._restoring:
+            raise RuntimeError(f"session {self._key!r} is being restored")
         if self._state == "suspended":
             # again after a suspend, maybe into the same AgentSession: its audio back on
             self._silencer.unsilence(session)
-        with tracer.start_as_current_span(
-            "livekit_resume.restore", attributes={"livekit_resume.key": self._key}
-        ) as span:
-            agent = await self._restore(session, default, takeover, salvage)
-            span.set_attribute("livekit_resume.version", self._version)
-            span.set_attribute("livekit_resume.resumed", self._resumed)
+        self._restoring = True
+        try:
+            with tracer.start_as_current_span(
+                "livekit_resume.restore", attributes={"livekit_resume.key": self._key}
+            ) as span:
+                agent = await self._restore(session, default, takeover, salvage)
+                span.set_attribute("livekit_resume.version", self._version)
+                span.set_attribute("livekit_resume.resumed", self._resumed)
+        finally:
+            self._restoring = False
         return agent
 
     async def _restore(
