@@ -49,6 +49,7 @@ class SlowReplies:
         self.inner = inner
         self.hold_commit = False
         self.hold_acquire = False
+        self.hold_reasons = {"manual", "suspend", "pause", "close", "turn", "tool", "handoff"}
         self.applied = asyncio.Event()
         self.gate = asyncio.Event()
 
@@ -57,7 +58,7 @@ class SlowReplies:
 
     async def commit(self, commit: Commit) -> int:
         version = await self.inner.commit(commit)
-        if self.hold_commit:
+        if self.hold_commit and commit.info.get("reason") in self.hold_reasons:
             self.applied.set()
             await self.gate.wait()
         return version
@@ -252,3 +253,50 @@ async def test_two_restores_at_once_put_each_saved_item_in_the_history_exactly_o
     assert restored == saved_ids, "saved items restored more than once"
     assert sum(isinstance(r, RuntimeError) for r in results) == 1
     await rs.aclose()
+
+
+# -- a caller back while the leave grace's suspend is saving -----------------------------
+
+
+async def test_a_caller_back_while_the_grace_suspend_is_saving_gets_the_conversation_back(
+    store: Store,
+) -> None:
+    """`resumable_job` (job.py): "a participant back within the grace finds it resumed in
+    place", and "once the session is suspended in this job ..., a participant joining
+    the room restores it in place". A caller who joins while the grace's suspend is
+    writing its final snapshot is one or the other: the session must end up active, not
+    closed with the caller in the room and nothing to restore it."""
+    from livekit_resume.agent_hooks.job import JobPolicy
+    from livekit_resume.testing.poll import eventually
+    from tests.test_job import RoomStandIn, closing
+
+    slow = SlowReplies(store)
+    slow.hold_reasons = {"suspend"}
+    slow.hold_commit = True
+    room = RoomStandIn()
+    session, rs, _ = await start(slow, ["one", "two"], room=room)
+    closed = closing(session)
+
+    async def rejoin() -> None:  # what resumable_job passes
+        await closed.wait()
+        closed.clear()
+        session.history.items.clear()
+        agent = await rs.restore(session, default=lambda: Receptionist(rs), takeover=True)
+        await session.start(agent)
+
+    policy = JobPolicy(rs, room, leave_grace=0.2, rejoin=rejoin)  # type: ignore[arg-type]
+    policy.start()
+    await session.run(user_input="a")
+    room.leave("caller")
+    await asyncio.wait_for(slow.applied.wait(), DEADLINE)  # the grace ran out: suspending
+    room.join("caller")
+    slow.hold_commit = False
+    slow.gate.set()
+
+    async def active() -> bool:
+        return rs.state == "active" and rs._lease is not None
+
+    await eventually(active, "the caller who came back has the session active", 10.0)
+    policy.stop()
+    await rs.aclose()
+    await session.aclose()
