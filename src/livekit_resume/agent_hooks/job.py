@@ -133,6 +133,7 @@ class JobPolicy:
         self._started = False
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._suspending: asyncio.Task[Any] | None = None  # the grace's suspend
 
     def start(self) -> None:
         self._room.on("participant_disconnected", self._on_left)
@@ -155,6 +156,13 @@ class JobPolicy:
             self._spawn(self._pause_for_leave())
 
     def _on_joined(self, _participant: rtc.RemoteParticipant) -> None:
+        if self._suspending is not None and not self._suspending.done():
+            # the grace ran out and the suspend is saving: the session closes once it is
+            # saved, so it is restored in place after that (a resume now would be undone)
+            if self._rejoin is not None and not self._restoring:
+                self._restoring = True
+                self._spawn(self._restore_after_suspend(self._suspending))
+            return
         if self._left_pause and self._rs.state == "paused":
             self._cancel_timer()
             self._spawn(self._resume_after_leave())
@@ -192,12 +200,25 @@ class JobPolicy:
             extra={"key": self._rs.key},
         )
 
+    async def _restore_after_suspend(self, suspending: asyncio.Task[Any]) -> None:
+        await asyncio.gather(suspending, return_exceptions=True)
+        if self._rs.state == "suspended":
+            await self._restore_in_place()
+            return
+        self._restoring = False
+        if self._rs.state == "paused":  # the suspend failed: the session is still here
+            await self._resume_after_leave()
+
     # -- the suspend timer ----------------------------------------------------------
 
     def _arm(self, delay: float, why: str) -> None:
         self._cancel_timer()
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(delay, lambda: self._spawn(self._suspend(why)))
+
+        def fire() -> None:
+            self._suspending = self._spawn(self._suspend(why))
+
+        self._timer = loop.call_later(delay, fire)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -211,10 +232,11 @@ class JobPolicy:
         log.info("session %r suspended: %s", self._rs.key, why, extra={"key": self._rs.key})
         await self._rs.suspend()
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

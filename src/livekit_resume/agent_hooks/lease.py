@@ -8,11 +8,13 @@ so it is acquired again and the session is written whole (`reacquire`).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
 import time
-from typing import Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from prometheus_client import Counter
 
@@ -20,6 +22,8 @@ from ..errors import LeaseLost, SessionBusy, SnapshotNotFound
 from ..stores.base import Commit, Lease, Store, Stored
 
 __all__ = ["LeaseHolder"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("livekit_resume")
 
@@ -62,8 +66,9 @@ class LeaseHolder:
 
     async def acquire(self, *, takeover: bool) -> Lease:
         sent = time.monotonic()
-        self.lease = await self._store.acquire(
-            self.key, self.owner, ttl=self.ttl, takeover=takeover
+        self.lease = await self._granted(
+            self._store.acquire(self.key, self.owner, ttl=self.ttl, takeover=takeover),
+            lambda lease: lease,
         )
         self.vanished = False
         self.renewed_at = sent
@@ -82,12 +87,31 @@ class LeaseHolder:
                 await self.release()
                 raise
         sent = time.monotonic()
-        self.lease, stored = await self._store._acquire_load(
-            self.key, self.owner, ttl=self.ttl, takeover=takeover
+        lease, stored = await self._granted(
+            self._store._acquire_load(self.key, self.owner, ttl=self.ttl, takeover=takeover),
+            lambda got: got[0],
         )
+        self.lease = lease
         self.vanished = False
         self.renewed_at = sent
         return stored
+
+    async def _granted(self, call: Awaitable[_T], lease_of: Callable[[_T], Lease]) -> _T:
+        """Await an acquisition. A caller cancelled meanwhile (a job shut down during its
+        restore) may be granted the lease all the same: the acquisition is awaited to its
+        end and a lease it granted is released before the cancellation goes on, so that
+        nobody is left named the holder of a session nobody holds."""
+        task = asyncio.ensure_future(call)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            try:
+                granted = lease_of(await task)
+            except Exception:
+                granted = None  # refused or failed: nothing to give up
+            if granted is not None:
+                await self._release(granted)
+            raise
 
     async def renew(self) -> bool:
         """Extend the lease. Returns False when the session vanished (nobody took it:
@@ -145,8 +169,10 @@ class LeaseHolder:
     async def release(self) -> None:
         """Give the lease up; a failure is logged and counted (the lease then expires)."""
         lease, self.lease = self.lease, None
-        if lease is None:
-            return
+        if lease is not None:
+            await self._release(lease)
+
+    async def _release(self, lease: Lease) -> None:
         try:
             await self._store.release(lease)
         except Exception as e:

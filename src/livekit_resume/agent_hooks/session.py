@@ -153,6 +153,10 @@ class ResumableSession:
         self._pending: Pending | None = None
         self._listeners: list[tuple[EventTypes, Callable[..., None]]] = []
         self._closing: asyncio.Future[None] | None = None
+        # "suspended" or "ended" while a suspend or an end is under way: its final save
+        # is being written, and the session is closed after it whatever happens meanwhile
+        self._finishing: str | None = None
+        self._restoring = False  # a restore is under way: a second one is refused
         # remote pause/resume/suspend (control.py), heard while the lease is held
         self._control = ControlListener(store, self, self._held_epoch)
 
@@ -212,15 +216,21 @@ class ResumableSession:
         """
         if self._session is not None and self._state != "suspended":
             raise RuntimeError(f"session {self._key!r} was already restored")
+        if self._restoring:
+            raise RuntimeError(f"session {self._key!r} is being restored")
         if self._state == "suspended":
             # again after a suspend, maybe into the same AgentSession: its audio back on
             self._silencer.unsilence(session)
-        with tracer.start_as_current_span(
-            "livekit_resume.restore", attributes={"livekit_resume.key": self._key}
-        ) as span:
-            agent = await self._restore(session, default, takeover, salvage)
-            span.set_attribute("livekit_resume.version", self._version)
-            span.set_attribute("livekit_resume.resumed", self._resumed)
+        self._restoring = True
+        try:
+            with tracer.start_as_current_span(
+                "livekit_resume.restore", attributes={"livekit_resume.key": self._key}
+            ) as span:
+                agent = await self._restore(session, default, takeover, salvage)
+                span.set_attribute("livekit_resume.version", self._version)
+                span.set_attribute("livekit_resume.resumed", self._resumed)
+        finally:
+            self._restoring = False
         return agent
 
     async def _restore(
@@ -419,10 +429,11 @@ class ResumableSession:
         await asyncio.sleep(0)
         try:
             await self._land(pending)
-        except StoreUnavailable:
-            # The outcome is unknown: the store may have applied it. The next attempt
-            # sends this very commit again (same id) before anything newer, so it lands
-            # exactly once and the versions stay in step with the store.
+        except (StoreUnavailable, asyncio.CancelledError):
+            # The outcome is unknown: the store may have applied it (a caller cancelled
+            # mid-commit has sent it all the same). The next attempt sends this very
+            # commit again (same id) before anything newer, so it lands exactly once and
+            # the versions stay in step with the store.
             self._pending = pending
             raise
         return self._version
@@ -454,7 +465,7 @@ class ResumableSession:
         """Soft pause: audio in and out off, speech cut, no replies; state saved.
         The session stays alive in memory and `resume` is instant."""
         session = self._require()
-        if self._state != "active":
+        if self._state != "active" or self._finishing:
             raise RuntimeError(f"cannot pause session {self._key!r} in state {self._state!r}")
         await self._silencer.silence(session)
         self._state = "paused"
@@ -477,6 +488,10 @@ class ResumableSession:
     async def resume(self) -> None:
         """Undo `pause`: audio back on and replies allowed, in the same process."""
         session = self._require()
+        if self._finishing:
+            # the session is closed once the final save is written: undoing its silence
+            # now would leave the caller talking to a session about to close
+            raise RuntimeError(f"cannot resume session {self._key!r}: being {self._finishing}")
         if self._state != "paused":
             raise RuntimeError(f"cannot resume session {self._key!r} in state {self._state!r}")
         self._long_pause.cancel()
@@ -501,6 +516,17 @@ class ResumableSession:
         session = self._require()
         if self._state in ("suspended", "ended", "closed"):
             raise RuntimeError(f"session {self._key!r} is already {self._state}")
+        if self._finishing:
+            raise RuntimeError(f"session {self._key!r} is being {self._finishing}")
+        self._finishing = state
+        try:
+            return await self._finish_now(session, reason, state)
+        finally:
+            self._finishing = None
+
+    async def _finish_now(
+        self, session: AgentSession[Any], reason: str, state: Literal["suspended", "ended"]
+    ) -> int:
         if self._state == "active":
             await self._silencer.silence(session)
             self._state = "paused"

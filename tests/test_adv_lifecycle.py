@@ -1,0 +1,302 @@
+"""Adversarial lifecycle tests: interleavings and cancellations of a live ResumableSession.
+
+LiveKit's job shutdown cancels tasks, and an application may bound a save with
+``asyncio.wait_for``: a cancellation can land while a commit is on its way to the store.
+The store may then have applied it (a Redis command already sent, a SQLite transaction
+running on the store's thread) while the caller never learns its version. These tests
+hold the session to DESIGN.md: nobody may lose a conversation, and a session whose
+call was cancelled must go on saving (or be given up cleanly).
+
+The stores are real (memory, SQLite); a thin wrapper only holds back a reply the store
+already gave, which is what a cancellation during a network round trip looks like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit.agents import AgentSession
+
+import livekit_resume as lr
+from livekit_resume.stores.base import Commit, Lease, Store
+from livekit_resume.testing.poll import eventually
+from tests.test_hooks import KEY, Receptionist, Visit, registry, start, state_of
+from tests.test_session_faults import live_texts, saved, texts
+
+# bounds on a broken store or a hang; not timings
+DEADLINE = 20.0
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store = lr.open_store(
+        "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/adv.db"
+    )
+    yield s
+    await s.aclose()
+
+
+class SlowReplies:
+    """A store whose answers to ``commit`` (and ``acquire``) reach the caller only once
+    ``gate`` opens, while ``hold_*`` is set: the store has applied the call, its reply is
+    on the way. A caller cancelled now never learns the outcome."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.hold_commit = False
+        self.hold_acquire = False
+        self.hold_reasons = {"manual", "suspend", "pause", "close", "turn", "tool", "handoff"}
+        self.applied = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Commit) -> int:
+        version = await self.inner.commit(commit)
+        if self.hold_commit and commit.info.get("reason") in self.hold_reasons:
+            self.applied.set()
+            await self.gate.wait()
+        return version
+
+    async def acquire(
+        self, key: str, owner: str, *, ttl: float = 30.0, takeover: bool = False
+    ) -> Lease:
+        lease = await self.inner.acquire(key, owner, ttl=ttl, takeover=takeover)
+        if self.hold_acquire:
+            self.applied.set()
+            await self.gate.wait()
+        return lease
+
+
+async def cancel_once_applied(slow: SlowReplies, task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` once the store has applied its call, then let replies flow."""
+    await asyncio.wait_for(slow.applied.wait(), DEADLINE)
+    task.cancel()  # delivered at the task's next step, whatever arrives meanwhile
+    slow.hold_commit = slow.hold_acquire = False
+    slow.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, DEADLINE)
+
+
+async def fresh_restore(
+    store: Store, owner: str
+) -> tuple[AgentSession[Visit], lr.ResumableSession]:
+    session, rs, _ = await start(store, [], owner=owner)
+    return session, rs
+
+
+# -- a checkpoint cancelled after its commit reached the store ---------------------------
+
+
+async def test_a_checkpoint_cancelled_after_its_commit_landed_does_not_stop_later_saves(
+    store: Store,
+) -> None:
+    """`checkpoint` (session.py): a commit whose outcome is unknown "is sent again,
+    unchanged, before the next one: it is stored at most once". A cancellation is such an
+    outcome (the store applied it, the caller never heard). The next checkpoint must
+    store the later turns, not refuse them as if another writer shared the lease."""
+    slow = SlowReplies(store)
+    session, rs, _ = await start(slow, ["one", "two", "three"])
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    await session.run(user_input="b")
+    slow.hold_commit = True
+    await cancel_once_applied(slow, asyncio.ensure_future(rs.checkpoint()))
+
+    await session.run(user_input="c")
+    version = await rs.checkpoint()  # LeaseLost here: "another writer shares this lease"
+    assert version == (await store.load(KEY)).version
+    assert texts(await saved(store)) == live_texts(session)
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_autosave_goes_on_after_a_cancelled_checkpoint_landed(store: Store) -> None:
+    """DESIGN.md, Hooks: autosave "never raises into" the voice loop, a failing store is
+    retried, and only a takeover by another worker stops it (`on_lost`: "the place to
+    stop speaking and end the session"). Nobody took this session over: a checkpoint
+    the application cancelled must not make autosave give the session up."""
+    slow = SlowReplies(store)
+    lost: list[lr.LeaseLost] = []
+
+    async def on_lost(e: lr.LeaseLost) -> None:
+        lost.append(e)
+
+    session, rs, _ = await start(slow, ["one", "two", "three"], on_lost=on_lost)
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    slow.hold_commit = True
+    await session.run(user_input="b")
+    await cancel_once_applied(slow, asyncio.ensure_future(rs.checkpoint()))
+    rs._autosave.start()  # autosave from here on (started by restore when enabled)
+    await session.run(user_input="c")
+    await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
+    assert rs._autosave.lost is None and not lost, "autosave gave a live session up"
+    assert texts(await saved(store)) == live_texts(session)
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_close_after_a_cancelled_suspend_still_saves_every_turn(store: Store) -> None:
+    """`suspend`: if the final snapshot cannot be stored "nothing is given up ... `aclose`
+    still makes the final save". A suspend cancelled by the job's shutdown after its
+    commit reached the store leaves the session paused with its lease; turns heard since
+    (a text turn still arrives) and the close's final save must reach the store, and a
+    later restore must find every one of them."""
+    slow = SlowReplies(store)
+    session, rs, _ = await start(slow, ["one", "two"])
+    await session.run(user_input="a")
+    slow.hold_commit = True
+    await cancel_once_applied(slow, asyncio.ensure_future(rs.suspend()))
+    assert state_of(rs) == "paused"
+    await session.run(user_input="a last word")  # a text turn while paused: kept, unanswered
+    await rs.aclose()
+    assert texts(await saved(store)) == live_texts(session)
+    await session.aclose()
+    s2, rs2 = await fresh_restore(store, "w2")
+    assert live_texts(s2)[: len(live_texts(session))] == live_texts(session)
+    await rs2.aclose()
+    await s2.aclose()
+
+
+# -- a restore cancelled while it takes the lease ----------------------------------------
+
+
+async def test_a_restore_cancelled_while_taking_the_lease_leaves_no_lease_behind(
+    store: Store,
+) -> None:
+    """`restore`: "the lease is released on failure"; `SessionBusy` means "another live
+    worker holds the session". A job cancelled during its restore (the caller hung up at
+    once, the worker shut down) holds nothing afterwards; the store must not go on naming
+    it the holder, or the caller's next job is refused until the lease expires (30 s)."""
+    first, rs1, _ = await start(store, ["one"])
+    await first.run(user_input="a")
+    await rs1.suspend()
+    slow = SlowReplies(store)
+    slow.hold_acquire = True
+    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    rs = lr.ResumableSession(slow, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    await cancel_once_applied(
+        slow, asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
+    )
+
+    async def released() -> bool:
+        info = await store.info(KEY)
+        return info is not None and info.owner is None
+
+    await eventually(released, "the cancelled restore's lease is released", 5.0)
+    s3, rs3 = await fresh_restore(store, "w3")  # SessionBusy: held by 'w2'
+    assert rs3.resumed and live_texts(s3)[: len(live_texts(first))] == live_texts(first)
+    await rs3.aclose()
+    await s3.aclose()
+
+
+# -- resume while a suspend is under way -------------------------------------------------
+
+
+async def test_a_resume_that_returned_during_a_suspend_is_not_undone_by_it(store: Store) -> None:
+    """`resume`: "Undo `pause`: audio back on and replies allowed, in the same process".
+    A resume that returns without error while a suspend is saving (the caller came back
+    as the grace ran out: `JobPolicy` resumes a session it sees ``paused``) must leave
+    the session active; the suspend under way must not then close it behind the
+    caller's back, or the caller who came back talks to a closed session."""
+    slow = SlowReplies(store)
+    session, rs, _ = await start(slow, ["one", "two"])
+    await session.run(user_input="a")
+    await rs.pause()
+    slow.hold_commit = True
+    await session.run(user_input="b")  # heard while paused: the suspend has news to save
+    suspending = asyncio.ensure_future(rs.suspend())
+    await asyncio.wait_for(slow.applied.wait(), DEADLINE)
+    try:
+        await rs.resume()
+        resumed = True
+    except RuntimeError:
+        resumed = False  # refused: a suspend is under way (also keeps the promise)
+    slow.hold_commit = False
+    slow.gate.set()
+    await asyncio.wait_for(asyncio.gather(suspending, return_exceptions=True), DEADLINE)
+    if resumed:
+        assert state_of(rs) == "active", "resume() returned, then the session was suspended"
+        assert rs._lease is not None
+    await rs.aclose()
+    await session.aclose()
+
+
+# -- restore called twice at once --------------------------------------------------------
+
+
+async def test_two_restores_at_once_put_each_saved_item_in_the_history_exactly_once(
+    store: Store,
+) -> None:
+    """DESIGN.md, Snapshot: "the restored `session.history` begins with the saved items,
+    each exactly once". `restore` refuses a second call on a restored session
+    (``RuntimeError``: "was already restored"); two calls at once (a retry racing the
+    first, two room events) must not both fill the same history."""
+    first, rs1, _ = await start(store, ["one"])
+    await first.run(user_input="a")
+    await rs1.suspend()
+    saved_ids = [i.id for i in first.history.items]
+    rs = lr.ResumableSession(store, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    results = await asyncio.gather(
+        rs.restore(session, default=lambda: Receptionist(rs)),
+        rs.restore(session, default=lambda: Receptionist(rs)),
+        return_exceptions=True,
+    )
+    restored = [i.id for i in session.history.items]
+    assert restored == saved_ids, "saved items restored more than once"
+    assert sum(isinstance(r, RuntimeError) for r in results) == 1
+    await rs.aclose()
+
+
+# -- a caller back while the leave grace's suspend is saving -----------------------------
+
+
+async def test_a_caller_back_while_the_grace_suspend_is_saving_gets_the_conversation_back(
+    store: Store,
+) -> None:
+    """`resumable_job` (job.py): "a participant back within the grace finds it resumed in
+    place", and "once the session is suspended in this job ..., a participant joining
+    the room restores it in place". A caller who joins while the grace's suspend is
+    writing its final snapshot is one or the other: the session must end up active, not
+    closed with the caller in the room and nothing to restore it."""
+    from livekit_resume.agent_hooks.job import JobPolicy
+    from livekit_resume.testing.poll import eventually
+    from tests.test_job import RoomStandIn, closing
+
+    slow = SlowReplies(store)
+    slow.hold_reasons = {"suspend"}
+    slow.hold_commit = True
+    room = RoomStandIn()
+    session, rs, _ = await start(slow, ["one", "two"], room=room)
+    closed = closing(session)
+
+    async def rejoin() -> None:  # what resumable_job passes
+        await closed.wait()
+        closed.clear()
+        session.history.items.clear()
+        agent = await rs.restore(session, default=lambda: Receptionist(rs), takeover=True)
+        await session.start(agent)
+
+    policy = JobPolicy(rs, room, leave_grace=0.2, rejoin=rejoin)  # type: ignore[arg-type]
+    policy.start()
+    await session.run(user_input="a")
+    room.leave("caller")
+    await asyncio.wait_for(slow.applied.wait(), DEADLINE)  # the grace ran out: suspending
+    room.join("caller")
+    slow.hold_commit = False
+    slow.gate.set()
+
+    async def active() -> bool:
+        return rs.state == "active" and rs._lease is not None
+
+    await eventually(active, "the caller who came back has the session active", 10.0)
+    policy.stop()
+    await rs.aclose()
+    await session.aclose()
