@@ -238,9 +238,7 @@ class Capture:
         memo: dict[int, tuple[bytes, bytes]] = {}
         hist = read.history.build(self._encoder(HISTORY, None), memo)
         agent = (
-            read.agent.build(self._encoder(AGENT, hist), memo)
-            if read.agent is not None
-            else None
+            read.agent.build(self._encoder(AGENT, hist), memo) if read.agent is not None else None
         )
         snap = read.snap
         if (
@@ -426,8 +424,7 @@ class Capture:
             # the rest of the session keeps saving; this one value waits until it is fixed
             UNSAVABLE.inc()
             log.warning(
-                "session %r: userdata not saved this time, the last savable userdata is "
-                "kept: %s",
+                "session %r: userdata not saved this time, the last savable userdata is kept: %s",
                 self._key,
                 e,
                 extra={"key": self._key, "path": e.path},

@@ -178,7 +178,9 @@ class LeaseHolder:
         except Exception as e:
             RELEASE_FAILURES.inc()
             log.warning(
-                "session %r: lease release failed (%s); it will expire", self.key, e,
+                "session %r: lease release failed (%s); it will expire",
+                self.key,
+                e,
                 extra={"key": self.key},
             )
 

@@ -1,4 +1,4 @@
-"""Adversarial lifecycle tests: interleavings and cancellations of a live ResumableSession.
+"""Lifecycle races: interleavings and cancellations of a live ResumableSession.
 
 LiveKit's job shutdown cancels tasks, and an application may bound a save with
 ``asyncio.wait_for``: a cancellation can land while a commit is on its way to the store.
@@ -34,7 +34,7 @@ DEADLINE = 20.0
 @pytest.fixture(params=["memory", "sqlite"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     s: Store = lr.open_store(
-        "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/adv.db"
+        "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/races.db"
     )
     yield s
     await s.aclose()
