@@ -1,0 +1,311 @@
+"""Adversarial interleavings of the multi-worker and job guarantees: two workers (two
+store objects on one SQLite file or one redis-server namespace) racing a takeover, an
+operator's command, and the job policy's participant events (``JobPolicy``, what
+`resumable_job` runs on room events).
+
+Each test drives one interleaving deterministically (a hook in a store wrapper, or two
+room events delivered back to back as a room delivers a queued pair) and asserts a
+promise of DESIGN.md or of a docstring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit.agents import AgentSession
+
+import livekit_resume as lr
+from livekit_resume.agent_hooks.job import JobPolicy
+from livekit_resume.stores.base import Commit, Store
+from livekit_resume.testing.poll import eventually
+from tests.test_hooks import Receptionist, start
+from tests.test_job import RoomStandIn, closing
+
+DEADLINE = 10.0
+GRACE = 0.2
+
+
+class HookedStore:
+    """A store that runs ``before_commit`` (once) just before its next commit goes out:
+    an event landing while a save is in flight."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.before_commit: Callable[[], None] | None = None
+        self.before_load: Callable[[], None] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Commit) -> int:
+        hook, self.before_commit = self.before_commit, None
+        if hook is not None:
+            hook()
+            await asyncio.sleep(0)  # the room's event handlers run before the commit lands
+        return await self.inner.commit(commit)
+
+    async def load(self, key: str, version: int | None = None) -> Any:
+        hook, self.before_load = self.before_load, None
+        if hook is not None:
+            hook()
+            await asyncio.sleep(0)
+        return await self.inner.load(key, version)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def two_stores(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[Store, Store]]:
+    """Two store objects on the same data, as two workers have."""
+    if request.param == "sqlite":
+        url, opts = f"sqlite:///{tmp_path}/workers.db", {}
+    else:
+        server = request.getfixturevalue("redis_server")
+        url, opts = server.url, {"namespace": f"a{uuid.uuid4().hex[:10]}"}
+    a, b = lr.open_store(url, **opts), lr.open_store(url, **opts)
+    yield a, b
+    await a.aclose()
+    await b.aclose()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = lr.open_store(f"sqlite:///{tmp_path}/job.db")
+    yield s
+    await s.aclose()
+
+
+def rejoin_for(
+    rs: lr.ResumableSession, session: AgentSession[Any], closed: asyncio.Event
+) -> Callable[[], Any]:
+    """What `resumable_job`'s ``rejoin`` does (job.py): wait for the suspend to close the
+    session, restore it in place into the same AgentSession, start it again."""
+
+    async def rejoin() -> None:
+        await closed.wait()
+        closed.clear()
+        session.history.items.clear()
+        agent = await rs.restore(session, default=lambda: Receptionist(rs), takeover=True)
+        if isinstance(agent, Receptionist):
+            agent.rs = rs
+        await session.start(agent)
+
+    return rejoin
+
+
+async def finish(policy: JobPolicy, rs: lr.ResumableSession, session: AgentSession[Any]) -> None:
+    """Whatever the test found: nothing of it outlives the test."""
+    policy.stop()
+    for task in list(policy._tasks):
+        task.cancel()
+    await asyncio.gather(*policy._tasks, return_exceptions=True)
+    await rs.aclose()
+    await session.aclose()
+
+
+async def settle(policy: JobPolicy, rs: lr.ResumableSession, *final: str) -> str:
+    """Wait until the policy has nothing in flight and nothing armed, and the session is
+    in one of ``final``: the state it settled in."""
+
+    async def settled() -> bool:
+        return not policy._tasks and policy._timer is None and rs.state in final
+
+    await eventually(settled, f"the session settles in one of {final}", DEADLINE)
+    return rs.state
+
+
+# -------------------------------------------------- the job policy and participants
+
+
+@pytest.mark.parametrize("when", ["back_to_back", "pausing"])
+async def test_a_caller_who_leaves_and_is_back_at_once_is_never_suspended(
+    sqlite_store: Store, when: str
+) -> None:
+    """JobPolicy: "a participant back within the grace finds it resumed in place".
+    The room delivers a leave and a join back to back (a queued pair of events, a
+    network blip), or the join while the pause for the leave is cutting speech: the
+    caller is in the room from then on, so the session must end up active, not
+    suspended by a grace that nobody is waiting out."""
+    room = RoomStandIn()
+    session, rs, _ = await start(sqlite_store, ["one", "two"], room=room)
+    policy = JobPolicy(rs, room, leave_grace=GRACE)  # type: ignore[arg-type]
+    policy.start()
+    await session.run(user_input="a")
+    try:
+        room.leave("caller")
+        if when == "pausing":
+            while not policy._left_pause:  # noqa: ASYNC110 (each loop tick: the pause is under way)
+                await asyncio.sleep(0)
+            assert rs.state == "active"
+        room.join("caller")
+        assert room.remote_participants  # the caller is back
+        state = await settle(policy, rs, "active", "suspended", "closed")
+        assert state == "active", "the caller is in the room but the session was suspended"
+    finally:
+        await finish(policy, rs, session)
+
+
+async def test_a_caller_who_is_back_and_gone_again_is_suspended_after_the_grace(
+    sqlite_store: Store,
+) -> None:
+    """JobPolicy: "pauses the session when the last remote participant leaves ... and
+    suspends it when nobody [comes back]". A caller back for an instant and gone again
+    (a flapping connection: join and leave delivered back to back) leaves the room empty:
+    the grace must run again and suspend, not leave the session active with nobody
+    there, holding its lease and its model connections for ever."""
+    room = RoomStandIn()
+    session, rs, _ = await start(sqlite_store, ["one", "two"], room=room)
+    policy = JobPolicy(rs, room, leave_grace=GRACE)  # type: ignore[arg-type]
+    policy.start()
+    closed = closing(session)
+    try:
+        await session.run(user_input="a")
+        room.leave("caller")
+        await settle_paused(policy, rs)
+        room.join("caller")
+        room.leave("caller")
+        assert not room.remote_participants  # nobody is in the room
+        try:
+            await asyncio.wait_for(closed.wait(), DEADLINE)
+        except asyncio.TimeoutError:
+            pytest.fail(f"nobody is in the room and the session is {rs.state} after {DEADLINE}s")
+        assert rs.state == "suspended"
+    finally:
+        await finish(policy, rs, session)
+
+
+async def settle_paused(policy: JobPolicy, rs: lr.ResumableSession) -> None:
+    async def paused() -> bool:
+        return rs.state == "paused" and policy._timer is not None and not policy._tasks
+
+    await eventually(paused, "the session is paused with its grace running", DEADLINE)
+
+
+async def test_a_caller_back_while_the_grace_suspends_the_session_gets_it_back(
+    sqlite_store: Store,
+) -> None:
+    """JobPolicy with ``rejoin`` (what `resumable_job` passes): "a participant joining
+    while the session is suspended in this job (the grace ran out ...) restores it in
+    place". The caller joins while the grace's suspend is writing its final snapshot:
+    once that suspend is done the caller is in the room, so the session must be active
+    again (restored in place, or the suspend given up), not suspended for good."""
+    hooked = HookedStore(sqlite_store)
+    room = RoomStandIn()
+    session, rs, _ = await start(hooked, ["one", "two", "three"], room=room)  # type: ignore[arg-type]
+    closed = closing(session)
+    policy = JobPolicy(
+        rs,
+        room,  # type: ignore[arg-type]
+        leave_grace=GRACE,
+        rejoin=rejoin_for(rs, session, closed),
+    )
+    policy.start()
+    try:
+        await session.run(user_input="a")
+        room.leave("caller")
+        await settle_paused(policy, rs)
+        hooked.before_commit = lambda: room.join("caller")  # the suspend's final snapshot
+        state = await settle(policy, rs, "active", "suspended")
+        assert room.remote_participants
+        assert state == "active", "the caller is back in the room but the session stays suspended"
+        assert rs._lease is not None
+    finally:
+        await finish(policy, rs, session)
+
+
+async def test_a_caller_gone_again_while_restored_in_place_is_suspended_after_the_grace(
+    sqlite_store: Store,
+) -> None:
+    """JobPolicy with ``rejoin``: a participant joining a suspended session restores it
+    in place; one who leaves again while that restore runs leaves the room empty, and
+    the grace must then pause and suspend it ("suspends it when nobody does [come
+    back]"), not leave it active with nobody there."""
+    hooked = HookedStore(sqlite_store)
+    room = RoomStandIn()
+    session, rs, _ = await start(hooked, ["one", "two", "three"], room=room)  # type: ignore[arg-type]
+    closed = closing(session)
+    policy = JobPolicy(
+        rs,
+        room,  # type: ignore[arg-type]
+        leave_grace=GRACE,
+        rejoin=rejoin_for(rs, session, closed),
+    )
+    policy.start()
+    try:
+        await session.run(user_input="a")
+        room.leave("caller")
+        assert await settle(policy, rs, "suspended") == "suspended"
+        suspended_again = asyncio.Event()
+        hooked.before_load = lambda: room.leave("caller")  # gone while the restore reads
+        room.join("caller")
+
+        async def restored() -> bool:
+            return rs.state == "active" and not policy._tasks
+
+        await eventually(restored, "the session is restored in place", DEADLINE)
+        assert not room.remote_participants  # nobody is in the room
+        session.on("close", lambda _ev: suspended_again.set())
+        try:
+            await asyncio.wait_for(suspended_again.wait(), DEADLINE)
+        except asyncio.TimeoutError:
+            pytest.fail(f"nobody is in the room and the session is {rs.state} after {DEADLINE}s")
+    finally:
+        await finish(policy, rs, session)
+
+
+# ------------------------------------------------------ remote control and takeover
+
+
+class TakeoverAfterInfo:
+    """The operator's store: right after the sender reads the session's epoch, another
+    worker takes the session over (its restore has taken the lease; its inbox is not
+    listening yet)."""
+
+    def __init__(self, inner: Store, taker: Store) -> None:
+        self.inner = inner
+        self.taker = taker
+        self.armed = True
+        self.lease: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def info(self, key: str) -> Any:
+        found = await self.inner.info(key)
+        if self.armed:
+            self.armed = False
+            self.lease = await self.taker.acquire(key, "w2", takeover=True)
+        return found
+
+
+async def test_a_resume_sent_before_a_takeover_is_not_done_by_the_fenced_worker(
+    two_stores: tuple[Store, Store], sessions: list[AgentSession[Any]]
+) -> None:
+    """remote.py: "A command carries the epoch it is aimed at: after a takeover it is
+    refused"; control.py: "A command aimed at an older epoch is refused (the session was
+    taken over since it was aimed)". The takeover lands between the operator reading
+    the epoch and the owner taking the command: the fenced worker must not answer
+    ``done`` (the conversation, now another worker's, was not resumed) nor un-pause
+    itself and speak again."""
+    from tests.test_control import KEY as CONTROL_KEY
+    from tests.test_control import live
+
+    a, b = two_stores
+    old = await live(a, sessions, owner="w1")
+    try:
+        await old.pause()
+        remote = lr.control(TakeoverAfterInfo(a, b))  # type: ignore[arg-type]
+        try:
+            version = await asyncio.wait_for(remote.resume(CONTROL_KEY, timeout=5.0), 30)
+        except lr.CommandRefused as e:
+            assert "taken over" in e.reason
+        else:
+            pytest.fail(f"resume answered done (version {version}) by the fenced worker")
+        assert old.state == "paused", "the fenced worker un-paused itself"
+    finally:
+        await old.aclose()
