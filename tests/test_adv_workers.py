@@ -309,3 +309,49 @@ async def test_a_resume_sent_before_a_takeover_is_not_done_by_the_fenced_worker(
         assert old.state == "paused", "the fenced worker un-paused itself"
     finally:
         await old.aclose()
+
+
+async def test_a_caller_back_while_suspend_after_suspends_the_session_gets_it_back(
+    sqlite_store: Store,
+) -> None:
+    """resumable_job: "a pause longer than ``suspend_after`` suspends the session ...;
+    a participant joining the room then restores it in this job". The caller joins
+    while that suspend writes its final snapshot (the pause was the policy's, for their
+    leave): once the suspend is done the caller is in the room, so the session must be
+    active again, not suspended for good with its audio switched back on half-way."""
+    hooked = HookedStore(sqlite_store)
+    room = RoomStandIn()
+    session, rs, _ = await start(
+        hooked,  # type: ignore[arg-type]
+        ["one", "two", "three"],
+        room=room,
+        suspend_after=GRACE,
+    )
+    closed = closing(session)
+    policy = JobPolicy(
+        rs,
+        room,  # type: ignore[arg-type]
+        leave_grace=DEADLINE * 3,  # the grace outlasts the test: suspend_after decides
+        rejoin=rejoin_for(rs, session, closed),
+    )
+    policy.start()
+    try:
+        await session.run(user_input="a")
+        room.leave("caller")
+        await settle_paused(policy, rs)
+        hooked.before_commit = lambda: room.join("caller")  # the suspend's final snapshot
+
+        async def settled() -> bool:
+            return (
+                not policy._tasks
+                and rs.state in ("active", "suspended")
+                and (rs.state == "active" or closed.is_set())
+            )
+
+        await eventually(settled, "the session settles", DEADLINE)
+        assert room.remote_participants
+        assert rs.state == "active", (
+            "the caller is back in the room but the session stays suspended"
+        )
+    finally:
+        await finish(policy, rs, session)
