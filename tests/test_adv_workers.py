@@ -240,20 +240,27 @@ async def test_a_caller_gone_again_while_restored_in_place_is_suspended_after_th
         await session.run(user_input="a")
         room.leave("caller")
         assert await settle(policy, rs, "suspended") == "suspended"
+        restores = rs._holder.acquire_and_load
+        restored = asyncio.Event()
+
+        async def restore(*, takeover: bool) -> Any:
+            try:
+                return await restores(takeover=takeover)
+            finally:
+                restored.set()
+
+        rs._holder.acquire_and_load = restore  # type: ignore[method-assign]
         suspended_again = asyncio.Event()
+        session.on("close", lambda _ev: suspended_again.set())
         hooked.before_load = lambda: room.leave("caller")  # gone while the restore reads
         room.join("caller")
-
-        async def restored() -> bool:
-            return rs.state == "active" and not policy._tasks
-
-        await eventually(restored, "the session is restored in place", DEADLINE)
+        await asyncio.wait_for(restored.wait(), DEADLINE)  # the restore in place ran
         assert not room.remote_participants  # nobody is in the room
-        session.on("close", lambda _ev: suspended_again.set())
         try:
             await asyncio.wait_for(suspended_again.wait(), DEADLINE)
         except asyncio.TimeoutError:
             pytest.fail(f"nobody is in the room and the session is {rs.state} after {DEADLINE}s")
+        await settle(policy, rs, "suspended")
     finally:
         await finish(policy, rs, session)
 
