@@ -154,7 +154,7 @@ class ResumableSession:
         self._listeners: list[tuple[EventTypes, Callable[..., None]]] = []
         self._closing: asyncio.Future[None] | None = None
         # remote pause/resume/suspend (control.py), heard while the lease is held
-        self._control = ControlListener(store, self, self._held_epoch)
+        self._control = ControlListener(store, self, self._held_epoch, self._holder.renew)
 
     # ------------------------------------------------------------ properties
 
