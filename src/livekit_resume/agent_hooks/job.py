@@ -129,10 +129,13 @@ class JobPolicy:
         self._leave_grace = leave_grace
         self._rejoin = rejoin
         self._left_pause = False  # the pause is ours: the caller left
-        self._restoring = False
         self._started = False
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # One step at a time (a pause, a resume, a suspend, a restore), each decided on
+        # who is in the room once the step before it is done: a participant who joins or
+        # leaves while one runs is seen by the next, never lost to a state in transit.
+        self._stepping = asyncio.Lock()
 
     def start(self) -> None:
         self._room.on("participant_disconnected", self._on_left)
@@ -149,18 +152,43 @@ class JobPolicy:
     # -- room events (synchronous callbacks: the work runs in tasks) --------------
 
     def _on_left(self, _participant: rtc.RemoteParticipant) -> None:
-        if self._leave_grace is None or self._room.remote_participants:
-            return
-        if self._rs.state == "active":
-            self._spawn(self._pause_for_leave())
+        self._spawn(self._settle())
 
     def _on_joined(self, _participant: rtc.RemoteParticipant) -> None:
-        if self._left_pause and self._rs.state == "paused":
+        self._spawn(self._settle())
+
+    async def _settle(self, *, grace_over: bool = False) -> None:
+        """Take the steps the room's participants call for, one after the other, until
+        none is left; ``grace_over``: the suspend timer fired."""
+        async with self._stepping:
+            while self._started:
+                step = self._next_step(grace_over)
+                if step is None:
+                    return
+                grace_over = False
+                await step()
+
+    def _next_step(self, grace_over: bool) -> Callable[[], Awaitable[None]] | None:
+        state = self._rs.state
+        finishing = self._rs._finishing
+        if finishing is not None:
+            # a suspend of the session's own (suspend_after, the app) is under way:
+            # decide once it is done, on who is in the room then
+            return lambda: asyncio.shield(finishing)
+        if self._room.remote_participants:
             self._cancel_timer()
-            self._spawn(self._resume_after_leave())
-        elif self._rs.state == "suspended" and self._rejoin is not None and not self._restoring:
-            self._restoring = True
-            self._spawn(self._restore_in_place())
+            if self._left_pause and state == "paused":
+                return self._resume_after_leave
+            if state == "suspended" and self._rejoin is not None:
+                return self._restore_in_place
+            return None
+        if self._leave_grace is None:
+            return None
+        if state == "active":
+            return self._pause_for_leave
+        if grace_over and state == "paused":
+            return lambda: self._suspend("nobody came back within the grace")
+        return None
 
     async def _pause_for_leave(self) -> None:
         self._left_pause = True
@@ -171,7 +199,7 @@ class JobPolicy:
             self._leave_grace,
             extra={"key": self._rs.key},
         )
-        self._arm(self._leave_grace or 0.0, "nobody came back within the grace")
+        self._arm(self._leave_grace or 0.0)
 
     async def _resume_after_leave(self) -> None:
         self._left_pause = False
@@ -181,10 +209,7 @@ class JobPolicy:
     async def _restore_in_place(self) -> None:
         assert self._rejoin is not None
         self._left_pause = False
-        try:
-            await self._rejoin()
-        finally:
-            self._restoring = False
+        await self._rejoin()
         log.info(
             "session %r restored in this job at version %d: a participant joined",
             self._rs.key,
@@ -194,10 +219,14 @@ class JobPolicy:
 
     # -- the suspend timer ----------------------------------------------------------
 
-    def _arm(self, delay: float, why: str) -> None:
+    def _arm(self, delay: float) -> None:
         self._cancel_timer()
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(delay, lambda: self._spawn(self._suspend(why)))
+        self._timer = loop.call_later(delay, self._grace_over)
+
+    def _grace_over(self) -> None:
+        self._timer = None
+        self._spawn(self._settle(grace_over=True))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -205,9 +234,6 @@ class JobPolicy:
             self._timer = None
 
     async def _suspend(self, why: str) -> None:
-        self._timer = None
-        if self._rs.state != "paused":
-            return
         log.info("session %r suspended: %s", self._rs.key, why, extra={"key": self._rs.key})
         await self._rs.suspend()
 

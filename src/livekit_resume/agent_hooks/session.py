@@ -153,6 +153,9 @@ class ResumableSession:
         self._pending: Pending | None = None
         self._listeners: list[tuple[EventTypes, Callable[..., None]]] = []
         self._closing: asyncio.Future[None] | None = None
+        # set while a suspend (or end) runs, done when it returned or failed: a resume
+        # then would switch the audio back on of a session about to close
+        self._finishing: asyncio.Future[None] | None = None
         # remote pause/resume/suspend (control.py), heard while the lease is held
         self._control = ControlListener(store, self, self._held_epoch, self._holder.renew)
 
@@ -479,6 +482,8 @@ class ResumableSession:
         session = self._require()
         if self._state != "paused":
             raise RuntimeError(f"cannot resume session {self._key!r} in state {self._state!r}")
+        if self._finishing is not None:
+            raise RuntimeError(f"cannot resume session {self._key!r}: it is being suspended")
         self._long_pause.cancel()
         self._silencer.unsilence(session)
         self._state = "active"
@@ -501,6 +506,18 @@ class ResumableSession:
         session = self._require()
         if self._state in ("suspended", "ended", "closed"):
             raise RuntimeError(f"session {self._key!r} is already {self._state}")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._finishing = done
+        try:
+            return await self._finish_now(session, reason, state)
+        finally:
+            if self._finishing is done:
+                self._finishing = None
+            done.set_result(None)
+
+    async def _finish_now(
+        self, session: AgentSession[Any], reason: str, state: Literal["suspended", "ended"]
+    ) -> int:
         if self._state == "active":
             await self._silencer.silence(session)
             self._state = "paused"
