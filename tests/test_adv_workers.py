@@ -362,3 +362,161 @@ async def test_a_caller_back_while_suspend_after_suspends_the_session_gets_it_ba
         )
     finally:
         await finish(policy, rs, session)
+
+
+# ------------------------------------------------- two workers, one conversation
+
+
+class StallingStore:
+    """A store whose next commit first awaits ``before_commit`` (once): another worker
+    acts while this one's commit is in flight."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.before_commit: Callable[[], Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Commit) -> int:
+        hook, self.before_commit = self.before_commit, None
+        if hook is not None:
+            await hook()
+        return await self.inner.commit(commit)
+
+
+def users(store_snapshot: Any) -> list[str]:
+    return [
+        " ".join(str(c) for c in i["content"])
+        for i in store_snapshot.history
+        if i["type"] == "message" and i["role"] == "user"
+    ]
+
+
+async def latest(store: Store, key: str) -> Any:
+    from livekit_resume.bridge import from_stored
+    from livekit_resume.snapshot.codec import Codec
+
+    return from_stored(Codec(), await store.load(key))
+
+
+async def test_workers_restoring_one_key_at_once_leave_exactly_one_holder(
+    two_stores: tuple[Store, Store],
+) -> None:
+    """DESIGN.md, Ownership: a lease per key; without takeover a held session is refused
+    (`SessionBusy`). Two workers restoring a new key at the same moment: one wins."""
+    from tests.test_hooks import KEY
+
+    a, b = two_stores
+    results = await asyncio.gather(
+        start(a, ["a"], owner="w1"), start(b, ["b"], owner="w2"), return_exceptions=True
+    )
+    won = [r for r in results if not isinstance(r, BaseException)]
+    try:
+        assert len(won) == 1, results
+        assert all(isinstance(r, lr.SessionBusy) for r in results if r not in won)
+        info = await a.info(KEY)
+        assert info is not None and info.owner == won[0][1]._holder.owner
+    finally:
+        for session, rs, _ in won:
+            await rs.aclose()
+            await session.aclose()
+
+
+@pytest.mark.parametrize("during", ["checkpoint", "aclose"])
+async def test_a_takeover_while_the_old_worker_commits_keeps_the_new_workers_turns(
+    two_stores: tuple[Store, Store], during: str
+) -> None:
+    """DESIGN.md, Ownership: "Every commit carries its epoch and the store refuses a
+    stale one (`LeaseLost`): a zombie worker can never overwrite the conversation of the
+    worker that took over." Worker 2 takes over and commits a turn while worker 1's
+    commit (a checkpoint, or its final save on close) is in flight: worker 1's commit is
+    refused, the versions run on without a gap, the last is worker 2's with its turn,
+    and worker 2 still holds the lease once worker 1 is closed."""
+    from tests.test_hooks import KEY
+
+    a, b = two_stores
+    stalling = StallingStore(a)
+    s1, rs1, _ = await start(stalling, ["one", "two"], owner="w1")  # type: ignore[arg-type]
+    await s1.run(user_input="first")
+    v1 = await rs1.checkpoint()
+    taken: list[Any] = []
+
+    async def take_over() -> None:
+        s2, rs2, _ = await start(b, ["three"], owner="w2", takeover=True)
+        taken.extend([s2, rs2])
+        await s2.run(user_input="second, on worker 2")
+        await rs2.checkpoint()
+
+    try:
+        await s1.run(user_input="lost on worker 1")
+        stalling.before_commit = take_over
+        if during == "checkpoint":
+            with pytest.raises(lr.LeaseLost):
+                await rs1.checkpoint()
+        await rs1.aclose()
+        s2, rs2 = taken
+        versions = [v.version for v in await b.versions(KEY)]
+        assert versions == list(range(1, versions[-1] + 1))
+        assert versions[-1] == rs2.version > v1
+        snap = await latest(b, KEY)
+        assert users(snap) == ["first", "second, on worker 2"]
+        info = await b.info(KEY)
+        assert info is not None and info.owner == "w2" and info.epoch == rs2._holder.epoch
+        await s2.run(user_input="third, on worker 2")
+        assert await rs2.checkpoint() == versions[-1] + 1
+    finally:
+        await s1.aclose()
+        if taken:
+            await taken[1].aclose()
+            await taken[0].aclose()
+
+
+# ------------------------------------------------- resumable_job in job processes
+
+from tests import test_resumable_job as _rj  # noqa: E402
+from tests.lk.jobs import JobHarness  # noqa: E402
+
+target = _rj.target
+
+
+async def test_an_older_job_never_takes_the_conversation_back_from_a_newer_one(
+    target: dict[str, Any],
+) -> None:
+    """job.py: "a new job for a key another job holds takes it over at once (the newest
+    job wins, with fencing)". Alice leaves room web-a, the grace suspends her call in
+    job 1 (alive, waiting for a rejoin); she calls back in room web-b and job 2 resumes
+    the conversation (the key is her identity). Someone then joins web-a (her stale tab
+    reconnecting): job 1, the older job, must not take the conversation back from job 2
+    in the middle of her call, fencing it and ending it."""
+    by_caller = _rj.metadata(target, key="identity", leave_grace=0.3)
+    async with JobHarness() as harness:
+        first = await harness.start_job(
+            _rj.ENTRY, room="web-a", metadata=by_caller, participant_identity="alice"
+        )
+        await _rj.ready(first)
+        await _rj.turn(first, _rj.TURNS[0])
+        await first.send("leave alice CLIENT_INITIATED")
+        await _rj.until_state(first, "suspended")
+
+        second = await harness.start_job(
+            _rj.ENTRY, room="web-b", metadata=by_caller, participant_identity="alice"
+        )
+        assert (await _rj.ready(second))[0]
+        await _rj.turn(second, "I am back in a new room")
+
+        await first.send("join alice")  # her old tab reconnects to web-a
+        try:
+            await _rj.until_state(first, "active")
+        except pytest.fail.Exception:
+            taken_back = False  # job 1 left the conversation to job 2
+        else:
+            taken_back = True
+        state, lost = await _rj.state(second)
+        assert not taken_back, f"job 1 took the call back; job 2 is {state}, fenced: {lost}"
+        assert (state, lost) == ("active", False)
+        await _rj.turn(second, "still with me?")
+        await second.shutdown()
+        await first.shutdown()
+    snap = await _rj.stored(target, "alice")
+    assert _rj.user_texts(snap) == [_rj.TURNS[0], "I am back in a new room", "still with me?"]
