@@ -411,11 +411,14 @@ async def resumable_job(
         # it stays the job's primary one: its report, recording and shutdown close).
         # LiveKit's restart logs "Failed to detach context" from opentelemetry: start()
         # detaches the token its first start attached in the entrypoint's task; harmless.
+        # No takeover: a newer job serving the key (the caller back in another room)
+        # keeps it; this older one stays suspended (SessionBusy, logged) and may try
+        # again on the next join, so ``closed`` is cleared only once it restored.
         await closed.wait()
-        closed.clear()
         await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
         session.history.items.clear()
-        restored = await rs.restore(session, default=default, takeover=True)
+        restored = await rs.restore(session, default=default)
+        closed.clear()
         await session.start(restored, room=ctx.room, room_options=opts)
 
     policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace, rejoin=rejoin)
