@@ -524,3 +524,81 @@ async def test_an_older_job_never_takes_the_conversation_back_from_a_newer_one(
         await first.shutdown()
     snap = await _rj.stored(target, "alice")
     assert _rj.user_texts(snap) == [_rj.TURNS[0], "I am back in a new room", "still with me?"]
+
+
+async def test_a_resume_sent_while_the_owner_suspends_is_refused_or_the_session_resumed(
+    two_stores: tuple[Store, Store], sessions: list[AgentSession[Any]]
+) -> None:
+    """remote.py: each call "returns the version the owner wrote" and everything not
+    applied "raises `CommandRefused` naming why". An operator's resume reaching the owner
+    while the owner's own suspend (suspend_after, the app) writes its final snapshot: it
+    is either refused, or done and the session left active. Answering ``done`` and then
+    suspending anyway tells the operator the call is back when it is over."""
+    from tests.test_control import KEY as CONTROL_KEY
+    from tests.test_control import live
+
+    a, b = two_stores
+    stalling = StallingStore(a)
+    old = await live(stalling, sessions, owner="w1")  # type: ignore[arg-type]
+    outcome: dict[str, Any] = {}
+
+    async def operator_resumes() -> None:
+        try:
+            outcome["done"] = await lr.control(b).resume(CONTROL_KEY, timeout=5.0)
+        except lr.CommandRefused as e:
+            outcome["refused"] = e.reason
+
+    try:
+        await old.pause()
+        stalling.before_commit = operator_resumes  # the suspend's final snapshot
+        await old.suspend()
+        assert old.state == "suspended"
+        assert "done" not in outcome, f"resume answered done, then the session was {old.state}"
+        assert "refused" in outcome
+    finally:
+        await old.aclose()
+
+
+async def test_a_lease_expired_under_a_long_checkpoint_fences_it_when_another_worker_acquires(
+    two_stores: tuple[Store, Store],
+) -> None:
+    """DESIGN.md, Ownership: a lease per key with a TTL; a commit carrying a stale epoch
+    is refused. Worker 1's lease (0.5 s) runs out while its checkpoint is stalled;
+    worker 2 acquires the free session without takeover and commits a turn; worker 1's
+    commit must then be refused and worker 2's turn stay the latest version."""
+    from tests.test_hooks import KEY
+
+    a, b = two_stores
+    stalling = StallingStore(a)
+    s1, rs1, _ = await start(stalling, ["one", "two"], owner="w1", lease_ttl=0.5)  # type: ignore[arg-type]
+    taken: list[Any] = []
+
+    async def expire_and_acquire() -> None:
+        async def expired() -> bool:
+            info = await b.info(KEY)
+            return info is not None and info.owner is None
+
+        await eventually(expired, "worker 1's lease ran out", DEADLINE)
+        s2, rs2, _ = await start(b, ["three"], owner="w2")  # no takeover: the lease is free
+        taken.extend([s2, rs2])
+        await s2.run(user_input="on worker 2")
+        await rs2.checkpoint()
+
+    try:
+        await s1.run(user_input="first")
+        v1 = await rs1.checkpoint()
+        await s1.run(user_input="lost on worker 1")
+        stalling.before_commit = expire_and_acquire
+        with pytest.raises(lr.LeaseLost) as lost:
+            await rs1.checkpoint()
+        assert not lost.value.vanished
+        rs2 = taken[1]
+        assert rs2.version == v1 + 1
+        assert [v.version for v in await b.versions(KEY)] == list(range(1, v1 + 2))
+        assert users(await latest(b, KEY)) == ["first", "on worker 2"]
+    finally:
+        await rs1.aclose()
+        await s1.aclose()
+        if taken:
+            await taken[1].aclose()
+            await taken[0].aclose()
