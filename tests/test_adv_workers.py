@@ -602,3 +602,58 @@ async def test_a_lease_expired_under_a_long_checkpoint_fences_it_when_another_wo
         if taken:
             await taken[1].aclose()
             await taken[0].aclose()
+
+
+async def _entry_twice_at_once(ctx: Any) -> None:
+    """A job whose code restores its key twice at the same moment (two handlers racing,
+    say): `resumable_job` twice, concurrently, each with its own AgentSession."""
+    import json
+
+    from livekit.agents.voice import room_io
+
+    from tests.lk import jobs
+    from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+
+    opts: dict[str, Any] = json.loads(ctx.job.metadata)
+    registry = lr.AgentRegistry()
+    registry.register(_rj.Clerk)
+    store = lr.open_store(opts["store"], **opts.get("store_options", {}))
+    quiet = room_io.RoomOptions(audio_input=False, audio_output=False, text_output=False)
+
+    def call() -> Any:
+        return lr.resumable_job(
+            ctx,
+            make_text_session(ScriptedLLM(default="noted")),
+            registry=registry,
+            default=_rj.Clerk,
+            store=store,
+            leave_grace=None,
+            room_options=quiet,
+        )
+
+    results = await asyncio.gather(call(), call(), return_exceptions=True)
+    jobs.report(
+        "TWICE_AT_ONCE",
+        *(
+            type(r).__name__ if isinstance(r, BaseException) else f"epoch={r._holder.epoch}"
+            for r in results
+        ),
+    )
+
+
+async def test_the_same_job_restoring_a_key_twice_at_once_is_refused(
+    target: dict[str, Any],
+) -> None:
+    """job.py: "The same job restoring a key twice is refused (`SessionBusy`)." Two
+    `resumable_job` calls of one job racing each other: one restores, the other is
+    refused, never two sessions holding one lease at one epoch (both would write, and
+    the second commit would end the job as if taken over)."""
+    async with JobHarness() as harness:
+        job = await harness.start_job(
+            "tests.test_adv_workers:_entry_twice_at_once",
+            room="call-9",
+            metadata=_rj.metadata(target),
+        )
+        outcomes = (await job.expect("TWICE_AT_ONCE")).split()[1:]
+        await job.shutdown()
+    assert sorted(o.split("=")[0] for o in outcomes) == ["SessionBusy", "epoch"], outcomes
