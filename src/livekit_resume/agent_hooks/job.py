@@ -325,6 +325,8 @@ def _refuse_same_job(info: SessionInfo | None, key: str, owner: str) -> None:
 # a suspend, with a new AgentSession) retires the earlier one, which would otherwise take
 # the key back when a participant joins.
 _policies: weakref.WeakKeyDictionary[JobContext, JobPolicy] = weakref.WeakKeyDictionary()
+# The keys each job is restoring right now (until its lease is taken and the store shows it).
+_restoring: weakref.WeakKeyDictionary[JobContext, set[str]] = weakref.WeakKeyDictionary()
 
 
 async def resumable_job(
@@ -365,68 +367,81 @@ async def resumable_job(
     store = store or open_store()
     name = await _token_key(store, ctx, token) or await _resolve_key(ctx, key)
     owner = job_owner(ctx)
-    info = await store.info(name)
-    _refuse_same_job(info, name, owner)
-    codec: Codec = options.pop("codec", None) or codec_for(store)
-    await archive_stale(store, codec, name, older_than=resume_within, owner=owner, info=info)
-
-    async def on_lost(error: LeaseLost) -> None:
-        # a newer job took the conversation over: stop speaking, write nothing, end
-        log.warning(
-            "session %r was taken over by another job; this job stops: %s",
-            name,
-            error,
-            extra={"key": name},
+    # Two calls of this job racing for the key would both pass the store's check (the
+    # lease is not yet taken) and both hold it at one epoch: the second is refused here.
+    restoring = _restoring.setdefault(ctx, set())
+    if name in restoring:
+        raise SessionBusy(
+            f"session {name!r} is being restored by this job already ({owner!r}); restore "
+            "each key once per job",
+            holder=owner,
         )
-        policy.stop()
-        with contextlib.suppress(RuntimeError):  # not started yet: nothing speaks
-            await session.interrupt(force=True)
-        session.output.set_audio_enabled(False)
-        session.input.set_audio_enabled(False)
-        await rs.aclose()
-        await session.aclose()
-        ctx.shutdown(reason=f"session {name!r} was taken over by another job")
+    restoring.add(name)
+    try:
+        info = await store.info(name)
+        _refuse_same_job(info, name, owner)
+        codec: Codec = options.pop("codec", None) or codec_for(store)
+        await archive_stale(store, codec, name, older_than=resume_within, owner=owner, info=info)
 
-    rs = ResumableSession(
-        store,
-        name,
-        registry=registry,
-        owner=owner,
-        room=ctx.room,
-        on_lost=on_lost,
-        suspend_after=suspend_after,
-        codec=codec,
-        **options,
-    )
-    opts = room_options or room_io.RoomOptions()
-    if leave_grace is not None:
-        opts = dataclasses.replace(opts, close_on_disconnect=False)  # the grace decides
+        async def on_lost(error: LeaseLost) -> None:
+            # a newer job took the conversation over: stop speaking, write nothing, end
+            log.warning(
+                "session %r was taken over by another job; this job stops: %s",
+                name,
+                error,
+                extra={"key": name},
+            )
+            policy.stop()
+            with contextlib.suppress(RuntimeError):  # not started yet: nothing speaks
+                await session.interrupt(force=True)
+            session.output.set_audio_enabled(False)
+            session.input.set_audio_enabled(False)
+            await rs.aclose()
+            await session.aclose()
+            ctx.shutdown(reason=f"session {name!r} was taken over by another job")
 
-    closed = asyncio.Event()  # a suspend closes the session last, after the lease is freed
-    session.on("close", lambda _ev: closed.set())
+        rs = ResumableSession(
+            store,
+            name,
+            registry=registry,
+            owner=owner,
+            room=ctx.room,
+            on_lost=on_lost,
+            suspend_after=suspend_after,
+            codec=codec,
+            **options,
+        )
+        opts = room_options or room_io.RoomOptions()
+        if leave_grace is not None:
+            opts = dataclasses.replace(opts, close_on_disconnect=False)  # the grace decides
 
-    async def rejoin() -> None:
-        # Suspended in this job and a participant joined: the store holds the conversation,
-        # the closed AgentSession restarts with it (LiveKit restarts a closed session and
-        # it stays the job's primary one: its report, recording and shutdown close).
-        # LiveKit's restart logs "Failed to detach context" from opentelemetry: start()
-        # detaches the token its first start attached in the entrypoint's task; harmless.
-        # No takeover: a newer job serving the key (the caller back in another room)
-        # keeps it; this older one stays suspended (SessionBusy, logged) and may try
-        # again on the next join, so ``closed`` is cleared only once it restored.
-        await closed.wait()
-        await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
-        session.history.items.clear()
-        restored = await rs.restore(session, default=default)
-        closed.clear()
-        await session.start(restored, room=ctx.room, room_options=opts)
+        closed = asyncio.Event()  # a suspend closes the session last, after the lease is freed
+        session.on("close", lambda _ev: closed.set())
 
-    policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace, rejoin=rejoin)
-    earlier = _policies.get(ctx)
-    if earlier is not None:
-        earlier.stop()
-    _policies[ctx] = policy
-    agent = await rs.restore(session, default=default, takeover=True)
+        async def rejoin() -> None:
+            # Suspended in this job and a participant joined: the store holds the conversation,
+            # the closed AgentSession restarts with it (LiveKit restarts a closed session and
+            # it stays the job's primary one: its report, recording and shutdown close).
+            # LiveKit's restart logs "Failed to detach context" from opentelemetry: start()
+            # detaches the token its first start attached in the entrypoint's task; harmless.
+            # No takeover: a newer job serving the key (the caller back in another room)
+            # keeps it; this older one stays suspended (SessionBusy, logged) and may try
+            # again on the next join, so ``closed`` is cleared only once it restored.
+            await closed.wait()
+            await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
+            session.history.items.clear()
+            restored = await rs.restore(session, default=default)
+            closed.clear()
+            await session.start(restored, room=ctx.room, room_options=opts)
+
+        policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace, rejoin=rejoin)
+        earlier = _policies.get(ctx)
+        if earlier is not None:
+            earlier.stop()
+        _policies[ctx] = policy
+        agent = await rs.restore(session, default=default, takeover=True)
+    finally:
+        restoring.discard(name)
 
     async def on_shutdown(_reason: str) -> None:
         await rs.aclose()  # usually done already: the session's close saved it
