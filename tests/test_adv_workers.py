@@ -657,3 +657,70 @@ async def test_the_same_job_restoring_a_key_twice_at_once_is_refused(
         outcomes = (await job.expect("TWICE_AT_ONCE")).split()[1:]
         await job.shutdown()
     assert sorted(o.split("=")[0] for o in outcomes) == ["SessionBusy", "epoch"], outcomes
+
+
+class DeletingLate:
+    """The archiving job's store: ``before_delete`` (once) runs between the archive's
+    copy and the removal of the key."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.before_delete: Callable[[], Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def delete(self, key: str) -> bool:
+        hook, self.before_delete = self.before_delete, None
+        if hook is not None:
+            await hook()
+        return bool(await self.inner.delete(key))
+
+
+async def test_archiving_a_stale_conversation_never_deletes_a_turn_another_worker_wrote(
+    two_stores: tuple[Store, Store],
+) -> None:
+    """job.py, `archive_stale`: "A session some worker still holds is left alone." A
+    job with ``resume_within`` finds the conversation stale and free, and copies it
+    aside; meanwhile another job for the key (re-dispatched, or the caller back in
+    another room) restores it and commits a turn. The archiving job must then leave the
+    key alone: removing it deletes that acknowledged turn, which the archive does not
+    hold either."""
+    import time
+
+    from livekit_resume.agent_hooks.job import archive_stale
+    from livekit_resume.snapshot.codec import Codec
+    from tests.test_hooks import KEY
+
+    a, b = two_stores
+    s1, rs1, _ = await start(a, ["one"], owner="job-1")
+    await s1.run(user_input="long ago")
+    await rs1.suspend()
+
+    async def stale() -> bool:
+        info = await b.info(KEY)
+        return info is not None and time.time() - info.updated_at > 0.3
+
+    await eventually(stale, "the conversation is older than resume_within", DEADLINE)
+    taken: list[Any] = []
+
+    async def another_job_restores() -> None:
+        s2, rs2, _ = await start(a, ["two"], owner="job-2", takeover=True)
+        taken.extend([s2, rs2])
+        await s2.run(user_input="acknowledged on job 2")
+        await rs2.checkpoint()
+
+    archiver = DeletingLate(b)
+    archiver.before_delete = another_job_restores
+    try:
+        await archive_stale(archiver, Codec(), KEY, older_than=0.3, owner="job-3")  # type: ignore[arg-type]
+        assert len(taken) == 2  # job 2 restored and committed meanwhile
+        try:
+            kept = await latest(b, KEY)
+        except lr.SnapshotNotFound:
+            pytest.fail("the key was removed under job 2: its acknowledged turn is gone")
+        assert users(kept) == ["long ago", "acknowledged on job 2"]
+    finally:
+        if taken:
+            await taken[1].aclose()
+            await taken[0].aclose()
