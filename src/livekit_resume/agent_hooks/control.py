@@ -17,7 +17,7 @@ from typing import Protocol
 
 from prometheus_client import Counter
 
-from ..errors import ResumeError
+from ..errors import LeaseLost, ResumeError
 from ..remote import epoch_mismatch
 from ..stores.base import Command, CommandChannel, CommandReply, Controllable, Store
 
@@ -61,12 +61,22 @@ class Controlled(Protocol):
 
 class ControlListener:
     """Listens for ``session``'s commands while started; ``epoch()`` is the epoch of the
-    lease it holds (None once it holds none, or lost it)."""
+    lease it holds (None once it holds none, or lost it). ``confirm()`` asks the store
+    whether that lease is still current, raising `LeaseLost` when another worker took it
+    over: a command aimed at the epoch this worker holds is applied only once confirmed
+    (a takeover the worker has not yet heard of leaves it believing it still owns it)."""
 
-    def __init__(self, store: Store, session: Controlled, epoch: Callable[[], int | None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        session: Controlled,
+        epoch: Callable[[], int | None],
+        confirm: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
         self._store = store
         self._session = session
         self._epoch = epoch
+        self._confirm = confirm
         self._task: asyncio.Task[None] | None = None
         self._handling: set[asyncio.Task[None]] = set()
         # one command at a time: a pause and a suspend sent together must not interleave;
@@ -140,7 +150,7 @@ class ControlListener:
         if command.epoch < held:
             reply = CommandReply("refused", reason=epoch_mismatch(command.epoch, held))
         else:
-            reply = await self._apply(verb)
+            reply = await self._confirm_and_apply(command)
         COMMANDS.labels(command=verb, outcome=reply.status).inc()
         log.info(
             "session %r: remote %s %s%s",
@@ -151,6 +161,16 @@ class ControlListener:
             extra={"key": key, "version": reply.version},
         )
         await channel.answer(command, reply)
+
+    async def _confirm_and_apply(self, command: Command) -> CommandReply:
+        if self._confirm is not None:
+            try:
+                await self._confirm()
+            except LeaseLost as e:
+                # taken over since the command was aimed, before this worker heard of it
+                current = e.current_epoch if e.current_epoch is not None else command.epoch + 1
+                return CommandReply("refused", reason=epoch_mismatch(command.epoch, current))
+        return await self._apply(command.verb)
 
     async def _apply(self, verb: str) -> CommandReply:
         s = self._session

@@ -129,11 +129,13 @@ class JobPolicy:
         self._leave_grace = leave_grace
         self._rejoin = rejoin
         self._left_pause = False  # the pause is ours: the caller left
-        self._restoring = False
         self._started = False
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._suspending: asyncio.Task[Any] | None = None  # the grace's suspend
+        # One step at a time (a pause, a resume, a suspend, a restore), each decided on
+        # who is in the room once the step before it is done: a participant who joins or
+        # leaves while one runs is seen by the next, never lost to a state in transit.
+        self._stepping = asyncio.Lock()
 
     def start(self) -> None:
         self._room.on("participant_disconnected", self._on_left)
@@ -150,25 +152,43 @@ class JobPolicy:
     # -- room events (synchronous callbacks: the work runs in tasks) --------------
 
     def _on_left(self, _participant: rtc.RemoteParticipant) -> None:
-        if self._leave_grace is None or self._room.remote_participants:
-            return
-        if self._rs.state == "active":
-            self._spawn(self._pause_for_leave())
+        self._spawn(self._settle())
 
     def _on_joined(self, _participant: rtc.RemoteParticipant) -> None:
-        if self._suspending is not None and not self._suspending.done():
-            # the grace ran out and the suspend is saving: the session closes once it is
-            # saved, so it is restored in place after that (a resume now would be undone)
-            if self._rejoin is not None and not self._restoring:
-                self._restoring = True
-                self._spawn(self._restore_after_suspend(self._suspending))
-            return
-        if self._left_pause and self._rs.state == "paused":
+        self._spawn(self._settle())
+
+    async def _settle(self, *, grace_over: bool = False) -> None:
+        """Take the steps the room's participants call for, one after the other, until
+        none is left; ``grace_over``: the suspend timer fired."""
+        async with self._stepping:
+            while self._started:
+                step = self._next_step(grace_over)
+                if step is None:
+                    return
+                grace_over = False
+                await step()
+
+    def _next_step(self, grace_over: bool) -> Callable[[], Awaitable[None]] | None:
+        state = self._rs.state
+        finishing = self._rs._finishing
+        if finishing is not None:
+            # a suspend of the session's own (suspend_after, the app) is under way:
+            # decide once it is done, on who is in the room then
+            return lambda: asyncio.shield(finishing)
+        if self._room.remote_participants:
             self._cancel_timer()
-            self._spawn(self._resume_after_leave())
-        elif self._rs.state == "suspended" and self._rejoin is not None and not self._restoring:
-            self._restoring = True
-            self._spawn(self._restore_in_place())
+            if self._left_pause and state == "paused":
+                return self._resume_after_leave
+            if state == "suspended" and self._rejoin is not None:
+                return self._restore_in_place
+            return None
+        if self._leave_grace is None:
+            return None
+        if state == "active":
+            return self._pause_for_leave
+        if grace_over and state == "paused":
+            return lambda: self._suspend("nobody came back within the grace")
+        return None
 
     async def _pause_for_leave(self) -> None:
         self._left_pause = True
@@ -179,7 +199,7 @@ class JobPolicy:
             self._leave_grace,
             extra={"key": self._rs.key},
         )
-        self._arm(self._leave_grace or 0.0, "nobody came back within the grace")
+        self._arm(self._leave_grace or 0.0)
 
     async def _resume_after_leave(self) -> None:
         self._left_pause = False
@@ -189,10 +209,7 @@ class JobPolicy:
     async def _restore_in_place(self) -> None:
         assert self._rejoin is not None
         self._left_pause = False
-        try:
-            await self._rejoin()
-        finally:
-            self._restoring = False
+        await self._rejoin()
         log.info(
             "session %r restored in this job at version %d: a participant joined",
             self._rs.key,
@@ -200,25 +217,16 @@ class JobPolicy:
             extra={"key": self._rs.key},
         )
 
-    async def _restore_after_suspend(self, suspending: asyncio.Task[Any]) -> None:
-        await asyncio.gather(suspending, return_exceptions=True)
-        if self._rs.state == "suspended":
-            await self._restore_in_place()
-            return
-        self._restoring = False
-        if self._rs.state == "paused":  # the suspend failed: the session is still here
-            await self._resume_after_leave()
-
     # -- the suspend timer ----------------------------------------------------------
 
-    def _arm(self, delay: float, why: str) -> None:
+    def _arm(self, delay: float) -> None:
         self._cancel_timer()
         loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(delay, self._grace_over)
 
-        def fire() -> None:
-            self._suspending = self._spawn(self._suspend(why))
-
-        self._timer = loop.call_later(delay, fire)
+    def _grace_over(self) -> None:
+        self._timer = None
+        self._spawn(self._settle(grace_over=True))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -226,17 +234,13 @@ class JobPolicy:
             self._timer = None
 
     async def _suspend(self, why: str) -> None:
-        self._timer = None
-        if self._rs.state != "paused":
-            return
         log.info("session %r suspended: %s", self._rs.key, why, extra={"key": self._rs.key})
         await self._rs.suspend()
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
-        return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -321,6 +325,8 @@ def _refuse_same_job(info: SessionInfo | None, key: str, owner: str) -> None:
 # a suspend, with a new AgentSession) retires the earlier one, which would otherwise take
 # the key back when a participant joins.
 _policies: weakref.WeakKeyDictionary[JobContext, JobPolicy] = weakref.WeakKeyDictionary()
+# The keys each job is restoring right now (until its lease is taken and the store shows it).
+_restoring: weakref.WeakKeyDictionary[JobContext, set[str]] = weakref.WeakKeyDictionary()
 
 
 async def resumable_job(
@@ -361,65 +367,81 @@ async def resumable_job(
     store = store or open_store()
     name = await _token_key(store, ctx, token) or await _resolve_key(ctx, key)
     owner = job_owner(ctx)
-    info = await store.info(name)
-    _refuse_same_job(info, name, owner)
-    codec: Codec = options.pop("codec", None) or codec_for(store)
-    await archive_stale(store, codec, name, older_than=resume_within, owner=owner, info=info)
-
-    async def on_lost(error: LeaseLost) -> None:
-        # a newer job took the conversation over: stop speaking, write nothing, end
-        log.warning(
-            "session %r was taken over by another job; this job stops: %s",
-            name,
-            error,
-            extra={"key": name},
+    # Two calls of this job racing for the key would both pass the store's check (the
+    # lease is not yet taken) and both hold it at one epoch: the second is refused here.
+    restoring = _restoring.setdefault(ctx, set())
+    if name in restoring:
+        raise SessionBusy(
+            f"session {name!r} is being restored by this job already ({owner!r}); restore "
+            "each key once per job",
+            holder=owner,
         )
-        policy.stop()
-        with contextlib.suppress(RuntimeError):  # not started yet: nothing speaks
-            await session.interrupt(force=True)
-        session.output.set_audio_enabled(False)
-        session.input.set_audio_enabled(False)
-        await rs.aclose()
-        await session.aclose()
-        ctx.shutdown(reason=f"session {name!r} was taken over by another job")
+    restoring.add(name)
+    try:
+        info = await store.info(name)
+        _refuse_same_job(info, name, owner)
+        codec: Codec = options.pop("codec", None) or codec_for(store)
+        await archive_stale(store, codec, name, older_than=resume_within, owner=owner, info=info)
 
-    rs = ResumableSession(
-        store,
-        name,
-        registry=registry,
-        owner=owner,
-        room=ctx.room,
-        on_lost=on_lost,
-        suspend_after=suspend_after,
-        codec=codec,
-        **options,
-    )
-    opts = room_options or room_io.RoomOptions()
-    if leave_grace is not None:
-        opts = dataclasses.replace(opts, close_on_disconnect=False)  # the grace decides
+        async def on_lost(error: LeaseLost) -> None:
+            # a newer job took the conversation over: stop speaking, write nothing, end
+            log.warning(
+                "session %r was taken over by another job; this job stops: %s",
+                name,
+                error,
+                extra={"key": name},
+            )
+            policy.stop()
+            with contextlib.suppress(RuntimeError):  # not started yet: nothing speaks
+                await session.interrupt(force=True)
+            session.output.set_audio_enabled(False)
+            session.input.set_audio_enabled(False)
+            await rs.aclose()
+            await session.aclose()
+            ctx.shutdown(reason=f"session {name!r} was taken over by another job")
 
-    closed = asyncio.Event()  # a suspend closes the session last, after the lease is freed
-    session.on("close", lambda _ev: closed.set())
+        rs = ResumableSession(
+            store,
+            name,
+            registry=registry,
+            owner=owner,
+            room=ctx.room,
+            on_lost=on_lost,
+            suspend_after=suspend_after,
+            codec=codec,
+            **options,
+        )
+        opts = room_options or room_io.RoomOptions()
+        if leave_grace is not None:
+            opts = dataclasses.replace(opts, close_on_disconnect=False)  # the grace decides
 
-    async def rejoin() -> None:
-        # Suspended in this job and a participant joined: the store holds the conversation,
-        # the closed AgentSession restarts with it (LiveKit restarts a closed session and
-        # it stays the job's primary one: its report, recording and shutdown close).
-        # LiveKit's restart logs "Failed to detach context" from opentelemetry: start()
-        # detaches the token its first start attached in the entrypoint's task; harmless.
-        await closed.wait()
-        closed.clear()
-        await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
-        session.history.items.clear()
-        restored = await rs.restore(session, default=default, takeover=True)
-        await session.start(restored, room=ctx.room, room_options=opts)
+        closed = asyncio.Event()  # a suspend closes the session last, after the lease is freed
+        session.on("close", lambda _ev: closed.set())
 
-    policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace, rejoin=rejoin)
-    earlier = _policies.get(ctx)
-    if earlier is not None:
-        earlier.stop()
-    _policies[ctx] = policy
-    agent = await rs.restore(session, default=default, takeover=True)
+        async def rejoin() -> None:
+            # Suspended in this job and a participant joined: the store holds the conversation,
+            # the closed AgentSession restarts with it (LiveKit restarts a closed session and
+            # it stays the job's primary one: its report, recording and shutdown close).
+            # LiveKit's restart logs "Failed to detach context" from opentelemetry: start()
+            # detaches the token its first start attached in the entrypoint's task; harmless.
+            # No takeover: a newer job serving the key (the caller back in another room)
+            # keeps it; this older one stays suspended (SessionBusy, logged) and may try
+            # again on the next join, so ``closed`` is cleared only once it restored.
+            await closed.wait()
+            await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
+            session.history.items.clear()
+            restored = await rs.restore(session, default=default)
+            closed.clear()
+            await session.start(restored, room=ctx.room, room_options=opts)
+
+        policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace, rejoin=rejoin)
+        earlier = _policies.get(ctx)
+        if earlier is not None:
+            earlier.stop()
+        _policies[ctx] = policy
+        agent = await rs.restore(session, default=default, takeover=True)
+    finally:
+        restoring.discard(name)
 
     async def on_shutdown(_reason: str) -> None:
         await rs.aclose()  # usually done already: the session's close saved it

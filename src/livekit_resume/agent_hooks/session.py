@@ -153,12 +153,14 @@ class ResumableSession:
         self._pending: Pending | None = None
         self._listeners: list[tuple[EventTypes, Callable[..., None]]] = []
         self._closing: asyncio.Future[None] | None = None
-        # "suspended" or "ended" while a suspend or an end is under way: its final save
-        # is being written, and the session is closed after it whatever happens meanwhile
-        self._finishing: str | None = None
+        # set while a suspend or an end runs (its final save is being written, and the
+        # session is closed after it whatever happens meanwhile), done when it returned
+        # or failed; ``_finishing_as`` names which
+        self._finishing: asyncio.Future[None] | None = None
+        self._finishing_as = ""
         self._restoring = False  # a restore is under way: a second one is refused
         # remote pause/resume/suspend (control.py), heard while the lease is held
-        self._control = ControlListener(store, self, self._held_epoch)
+        self._control = ControlListener(store, self, self._held_epoch, self._holder.renew)
 
     # ------------------------------------------------------------ properties
 
@@ -465,7 +467,7 @@ class ResumableSession:
         """Soft pause: audio in and out off, speech cut, no replies; state saved.
         The session stays alive in memory and `resume` is instant."""
         session = self._require()
-        if self._state != "active" or self._finishing:
+        if self._state != "active" or self._finishing is not None:
             raise RuntimeError(f"cannot pause session {self._key!r} in state {self._state!r}")
         await self._silencer.silence(session)
         self._state = "paused"
@@ -488,10 +490,10 @@ class ResumableSession:
     async def resume(self) -> None:
         """Undo `pause`: audio back on and replies allowed, in the same process."""
         session = self._require()
-        if self._finishing:
+        if self._finishing is not None:
             # the session is closed once the final save is written: undoing its silence
             # now would leave the caller talking to a session about to close
-            raise RuntimeError(f"cannot resume session {self._key!r}: being {self._finishing}")
+            raise RuntimeError(f"cannot resume session {self._key!r}: being {self._finishing_as}")
         if self._state != "paused":
             raise RuntimeError(f"cannot resume session {self._key!r} in state {self._state!r}")
         self._long_pause.cancel()
@@ -516,13 +518,15 @@ class ResumableSession:
         session = self._require()
         if self._state in ("suspended", "ended", "closed"):
             raise RuntimeError(f"session {self._key!r} is already {self._state}")
-        if self._finishing:
-            raise RuntimeError(f"session {self._key!r} is being {self._finishing}")
-        self._finishing = state
+        if self._finishing is not None:
+            raise RuntimeError(f"session {self._key!r} is being {self._finishing_as}")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._finishing, self._finishing_as = done, state
         try:
             return await self._finish_now(session, reason, state)
         finally:
             self._finishing = None
+            done.set_result(None)
 
     async def _finish_now(
         self, session: AgentSession[Any], reason: str, state: Literal["suspended", "ended"]
