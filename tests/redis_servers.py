@@ -266,6 +266,29 @@ def make_tls_files(directory: Path) -> TLSFiles:
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), True)
         )
+        # The key identifiers and the CA's key usage that RFC 5280 asks for: Python 3.13's
+        # ssl.create_default_context() (and redis-py's context, made by it) sets
+        # VERIFY_X509_STRICT, which rejects a chain without them.
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False
+        ).add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False
+        )
+        if issuer is None:
+            builder = builder.add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                True,
+            )
         if usage is not None:
             builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), False)
         if usage == ExtendedKeyUsageOID.SERVER_AUTH:

@@ -399,7 +399,9 @@ async def test_large_records_are_written_in_slices_and_read_back_exactly(
     await store._run(lambda conn: conn.set_trace_callback(statements.append))
     await store.commit(Commit(KEY, lease.epoch, 0, b"h", records, 3))
     await store._run(lambda conn: conn.set_trace_callback(None))
-    assert sum("zeroblob" in s for s in statements) == 1  # only the large one in slices
+    # only the large one in slices; Python 3.10 has no Connection.blobopen and binds it whole
+    sliced = 1 if sys.version_info >= (3, 11) else 0
+    assert sum("zeroblob" in s for s in statements) == sliced
     expected = {"h": [("a", b"small"), ("b", big), ("c", edge)]}
     assert (await store.load(KEY)).streams == expected
     log_len, version = 3, 1

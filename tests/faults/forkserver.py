@@ -241,6 +241,9 @@ class Child:
         self.log = log
         self.lines: list[str] = []
         self.reader: asyncio.StreamReader | None = None
+        # Held while the child lives: from Python 3.13 the stream protocol no longer keeps
+        # the server side's writer, and a writer collected closes the socket.
+        self.writer: asyncio.StreamWriter | None = None
         self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.exited = False
 
@@ -341,6 +344,7 @@ class Lab:
             writer.close()
             return
         child.reader = reader
+        child.writer = writer
         child.connected.set_result(None)
 
     async def spawn(self, worker: str, **args: Any) -> Child:
@@ -372,6 +376,8 @@ class Lab:
             if not child.exited:
                 with contextlib.suppress(Exception):
                     await child.signal(signal.SIGKILL)
+            if child.writer is not None:
+                child.writer.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
