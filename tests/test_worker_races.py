@@ -99,6 +99,20 @@ def rejoin_for(
     return rejoin
 
 
+async def rejoining_policy(
+    store: Store, *, leave_grace: float = GRACE, **opts: Any
+) -> tuple[HookedStore, RoomStandIn, AgentSession[Any], lr.ResumableSession, JobPolicy]:
+    """A started session on ``store`` (hooked) in a stand-in room, under a started
+    JobPolicy that restores in place as `resumable_job`'s does."""
+    hooked = HookedStore(store)
+    room = RoomStandIn()
+    session, rs, _ = await start(hooked, ["one", "two", "three"], room=room, **opts)
+    rejoin = rejoin_for(rs, session, closing(session))
+    policy = JobPolicy(rs, room, leave_grace=leave_grace, rejoin=rejoin)  # type: ignore[arg-type]
+    policy.start()
+    return hooked, room, session, rs, policy
+
+
 async def finish(policy: JobPolicy, rs: lr.ResumableSession, session: AgentSession[Any]) -> None:
     """Whatever the test found: nothing of it outlives the test."""
     policy.stop()
@@ -195,17 +209,7 @@ async def test_a_caller_back_while_the_grace_suspends_the_session_gets_it_back(
     place". The caller joins while the grace's suspend is writing its final snapshot:
     once that suspend is done the caller is in the room, so the session must be active
     again (restored in place, or the suspend given up), not suspended for good."""
-    hooked = HookedStore(sqlite_store)
-    room = RoomStandIn()
-    session, rs, _ = await start(hooked, ["one", "two", "three"], room=room)
-    closed = closing(session)
-    policy = JobPolicy(
-        rs,
-        room,  # type: ignore[arg-type]
-        leave_grace=GRACE,
-        rejoin=rejoin_for(rs, session, closed),
-    )
-    policy.start()
+    hooked, room, session, rs, policy = await rejoining_policy(sqlite_store)
     try:
         await session.run(user_input="a")
         room.leave("caller")
@@ -226,17 +230,7 @@ async def test_a_caller_gone_again_while_restored_in_place_is_suspended_after_th
     in place; one who leaves again while that restore runs leaves the room empty, and
     the grace must then pause and suspend it ("suspends it when nobody does [come
     back]"), not leave it active with nobody there."""
-    hooked = HookedStore(sqlite_store)
-    room = RoomStandIn()
-    session, rs, _ = await start(hooked, ["one", "two", "three"], room=room)
-    closed = closing(session)
-    policy = JobPolicy(
-        rs,
-        room,  # type: ignore[arg-type]
-        leave_grace=GRACE,
-        rejoin=rejoin_for(rs, session, closed),
-    )
-    policy.start()
+    hooked, room, session, rs, policy = await rejoining_policy(sqlite_store)
     try:
         await session.run(user_input="a")
         room.leave("caller")
@@ -327,22 +321,11 @@ async def test_a_caller_back_while_suspend_after_suspends_the_session_gets_it_ba
     while that suspend writes its final snapshot (the pause was the policy's, for their
     leave): once the suspend is done the caller is in the room, so the session must be
     active again, not suspended for good with its audio switched back on half-way."""
-    hooked = HookedStore(sqlite_store)
-    room = RoomStandIn()
-    session, rs, _ = await start(
-        hooked,
-        ["one", "two", "three"],
-        room=room,
-        suspend_after=GRACE,
+    # the grace outlasts the test: suspend_after decides
+    hooked, room, session, rs, policy = await rejoining_policy(
+        sqlite_store, leave_grace=DEADLINE * 3, suspend_after=GRACE
     )
     closed = closing(session)
-    policy = JobPolicy(
-        rs,
-        room,  # type: ignore[arg-type]
-        leave_grace=DEADLINE * 3,  # the grace outlasts the test: suspend_after decides
-        rejoin=rejoin_for(rs, session, closed),
-    )
-    policy.start()
     try:
         await session.run(user_input="a")
         room.leave("caller")
