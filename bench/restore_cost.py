@@ -42,6 +42,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 import livekit_resume as lr
+from livekit_resume.snapshot.chat import _set_dict, _set_extra, _set_fields_set, _set_private
 from livekit_resume.stores.redis import RedisStore
 
 
@@ -87,10 +88,6 @@ async def naive_once(client: Redis, key: str, size: int) -> float:
     return took
 
 
-_SLOTS = ("__dict__", "__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__")
-_SET_SLOTS = [BaseModel.__dict__[name].__set__ for name in _SLOTS]
-
-
 # LiveKit's chat item classes by their ``type`` field
 _ITEM_CLASSES: dict[str, type[BaseModel]] = {
     cls.model_fields["type"].default: cls
@@ -101,15 +98,15 @@ _ITEM_CLASSES: dict[str, type[BaseModel]] = {
 async def floor_once(client: Redis, key: str, size: int) -> float:
     start = time.perf_counter()
     raw = await client.get(key)
-    set_dict, set_fields, set_extra, set_private = _SET_SLOTS
     items = []
     for values in msgpack.unpackb(raw, raw=False):
         cls = _ITEM_CLASSES[values["type"]]
         item = cls.__new__(cls)
-        set_dict(item, values)
-        set_fields(item, set(values))
-        set_extra(item, None)
-        set_private(item, None)
+        # its slots set through their descriptors, as our fast path sets them
+        _set_dict(item, values)
+        _set_fields_set(item, set(values))
+        _set_extra(item, None)
+        _set_private(item, None)
         items.append(item)
     ctx = llm.ChatContext(items)
     took = time.perf_counter() - start

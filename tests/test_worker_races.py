@@ -11,6 +11,7 @@ promise of DESIGN.md or of a docstring.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -31,30 +32,42 @@ GRACE = 0.2
 
 
 class HookedStore:
-    """A store that runs ``before_commit`` (once) just before its next commit goes out:
-    an event landing while a save is in flight."""
+    """A store that runs a hook (once) just before its next commit, load or delete goes
+    out: something landing while that call is in flight. A hook's coroutine is awaited
+    (another worker acting meanwhile); after a plain hook (a room event) the loop turns
+    once, so the room's event handlers run before the call lands."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
-        self.before_commit: Callable[[], None] | None = None
-        self.before_load: Callable[[], None] | None = None
+        self.before_commit: Callable[[], Any] | None = None
+        self.before_load: Callable[[], Any] | None = None
+        self.before_delete: Callable[[], Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    async def _run(self, name: str) -> None:
+        hook = getattr(self, name)
+        setattr(self, name, None)
+        if hook is None:
+            return
+        result = hook()
+        if inspect.isawaitable(result):
+            await result
+        else:
+            await asyncio.sleep(0)
+
     async def commit(self, commit: Commit) -> int:
-        hook, self.before_commit = self.before_commit, None
-        if hook is not None:
-            hook()
-            await asyncio.sleep(0)  # the room's event handlers run before the commit lands
+        await self._run("before_commit")
         return await self.inner.commit(commit)
 
     async def load(self, key: str, version: int | None = None) -> Any:
-        hook, self.before_load = self.before_load, None
-        if hook is not None:
-            hook()
-            await asyncio.sleep(0)
+        await self._run("before_load")
         return await self.inner.load(key, version)
+
+    async def delete(self, key: str) -> bool:
+        await self._run("before_delete")
+        return bool(await self.inner.delete(key))
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -351,24 +364,6 @@ async def test_a_caller_back_while_suspend_after_suspends_the_session_gets_it_ba
 # ------------------------------------------------- two workers, one conversation
 
 
-class StallingStore:
-    """A store whose next commit first awaits ``before_commit`` (once): another worker
-    acts while this one's commit is in flight."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.before_commit: Callable[[], Any] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def commit(self, commit: Commit) -> int:
-        hook, self.before_commit = self.before_commit, None
-        if hook is not None:
-            await hook()
-        return await self.inner.commit(commit)
-
-
 def users(store_snapshot: Any) -> list[str]:
     return [
         " ".join(str(c) for c in i["content"])
@@ -420,7 +415,7 @@ async def test_a_takeover_while_the_old_worker_commits_keeps_the_new_workers_tur
     from tests.test_hooks import KEY
 
     a, b = two_stores
-    stalling = StallingStore(a)
+    stalling = HookedStore(a)
     s1, rs1, _ = await start(stalling, ["one", "two"], owner="w1")
     await s1.run(user_input="first")
     v1 = await rs1.checkpoint()
@@ -522,7 +517,7 @@ async def test_a_resume_sent_while_the_owner_suspends_is_refused_or_the_session_
     from tests.test_control import live
 
     a, b = two_stores
-    stalling = StallingStore(a)
+    stalling = HookedStore(a)
     old = await live(stalling, sessions, owner="w1")
     outcome: dict[str, Any] = {}
 
@@ -553,7 +548,7 @@ async def test_a_lease_expired_under_a_long_checkpoint_fences_it_when_another_wo
     from tests.test_hooks import KEY
 
     a, b = two_stores
-    stalling = StallingStore(a)
+    stalling = HookedStore(a)
     s1, rs1, _ = await start(stalling, ["one", "two"], owner="w1", lease_ttl=0.5)
     taken: list[Any] = []
 
@@ -643,24 +638,6 @@ async def test_the_same_job_restoring_a_key_twice_at_once_is_refused(
     assert sorted(o.split("=")[0] for o in outcomes) == ["SessionBusy", "epoch"], outcomes
 
 
-class DeletingLate:
-    """The archiving job's store: ``before_delete`` (once) runs between the archive's
-    copy and the removal of the key."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.before_delete: Callable[[], Any] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def delete(self, key: str) -> bool:
-        hook, self.before_delete = self.before_delete, None
-        if hook is not None:
-            await hook()
-        return bool(await self.inner.delete(key))
-
-
 @pytest.mark.xfail(
     strict=True,
     reason="open defect: archive_stale checks the owner once, then deletes the key "
@@ -700,7 +677,7 @@ async def test_archiving_a_stale_conversation_never_deletes_a_turn_another_worke
         await s2.run(user_input="acknowledged on job 2")
         await rs2.checkpoint()
 
-    archiver = DeletingLate(b)
+    archiver = HookedStore(b)
     archiver.before_delete = another_job_restores
     try:
         await archive_stale(archiver, Codec(), KEY, older_than=0.3, owner="job-3")

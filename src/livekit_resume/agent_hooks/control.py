@@ -71,7 +71,7 @@ class ControlListener:
         store: Store,
         session: Controlled,
         epoch: Callable[[], int | None],
-        confirm: Callable[[], Awaitable[object]] | None = None,
+        confirm: Callable[[], Awaitable[object]],
     ) -> None:
         self._store = store
         self._session = session
@@ -163,13 +163,12 @@ class ControlListener:
         await channel.answer(command, reply)
 
     async def _confirm_and_apply(self, command: Command) -> CommandReply:
-        if self._confirm is not None:
-            try:
-                await self._confirm()
-            except LeaseLost as e:
-                # taken over since the command was aimed, before this worker heard of it
-                current = e.current_epoch if e.current_epoch is not None else command.epoch + 1
-                return CommandReply("refused", reason=epoch_mismatch(command.epoch, current))
+        try:
+            await self._confirm()
+        except LeaseLost as e:
+            # taken over since the command was aimed, before this worker heard of it
+            current = e.current_epoch if e.current_epoch is not None else command.epoch + 1
+            return CommandReply("refused", reason=epoch_mismatch(command.epoch, current))
         return await self._apply(command.verb)
 
     async def _apply(self, verb: str) -> CommandReply:
