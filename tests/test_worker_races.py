@@ -22,7 +22,7 @@ from livekit.agents import AgentSession
 
 import livekit_resume as lr
 from livekit_resume.agent_hooks.job import JobPolicy
-from livekit_resume.stores.base import Commit, Store
+from livekit_resume.stores.base import Commit, Lease, Store
 from livekit_resume.testing.poll import eventually
 from tests.test_hooks import Receptionist, start
 from tests.test_job import RoomStandIn, closing
@@ -65,9 +65,9 @@ class HookedStore:
         await self._run("before_load")
         return await self.inner.load(key, version)
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, *, lease: Lease | None = None) -> bool:
         await self._run("before_delete")
-        return bool(await self.inner.delete(key))
+        return bool(await self.inner.delete(key, lease=lease))
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -638,12 +638,6 @@ async def test_the_same_job_restoring_a_key_twice_at_once_is_refused(
     assert sorted(o.split("=")[0] for o in outcomes) == ["SessionBusy", "epoch"], outcomes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open defect: archive_stale checks the owner once, then deletes the key "
-    "unfenced; a job that takes the key over meanwhile loses its turn. Needs a delete "
-    "fenced by a lease in every store (Store.delete has none).",
-)
 async def test_archiving_a_stale_conversation_never_deletes_a_turn_another_worker_wrote(
     two_stores: tuple[Store, Store],
 ) -> None:

@@ -275,16 +275,39 @@ async def archive_stale(
     ended = info.info.get("state") == "ended"
     if not ended and (older_than is None or age <= older_than):
         return None
-    stored = await store.load(key)
-    archive = validate_key(f"{key}~v{stored.version}")
-    snap = from_stored(codec, stored)
-    lease = await store.acquire(archive, owner, ttl=ARCHIVE_LEASE_TTL)
+    # Held from the check to the delete, which it fences: a worker that takes the key
+    # over meanwhile (``takeover=True``) keeps it, and with it every turn it wrote.
     try:
-        copy = snap.model_copy(update={"key": archive, "epoch": lease.epoch})
-        await store.commit(whole_commit(codec, copy, base_version=0, owner=owner))
+        held = await store.acquire(key, owner, ttl=ARCHIVE_LEASE_TTL)
+    except SessionBusy:
+        return None  # a worker holds it now: it is that worker's
+    deleted = False
+    try:
+        stored = await store.load(key)
+        if stored.version != info.version:
+            return None  # saved again since it was found stale
+        archive = validate_key(f"{key}~v{stored.version}")
+        snap = from_stored(codec, stored)
+        lease = await store.acquire(archive, owner, ttl=ARCHIVE_LEASE_TTL)
+        try:
+            copy = snap.model_copy(update={"key": archive, "epoch": lease.epoch})
+            await store.commit(whole_commit(codec, copy, base_version=0, owner=owner))
+            try:
+                deleted = await store.delete(key, lease=held)
+            except LeaseLost:
+                # taken over while copying: the conversation goes on there, whole
+                await store.delete(archive, lease=lease)
+                log.info(
+                    "session %r was taken over while being archived; left to its holder",
+                    key,
+                    extra={"key": key},
+                )
+                return None
+        finally:
+            await store.release(lease)
     finally:
-        await store.release(lease)
-    await store.delete(key)
+        if not deleted:
+            await store.release(held)
     log.info(
         "session %r %s: kept as %r, starting afresh",
         key,

@@ -256,8 +256,12 @@ class Store(Protocol):
         """Every live session key, sorted."""
         ...
 
-    async def delete(self, key: str) -> bool:
-        """Remove every trace of the key, lease included; False if it did not exist."""
+    async def delete(self, key: str, *, lease: Lease | None = None) -> bool:
+        """Remove every trace of the key, lease included; False if it did not exist.
+
+        With ``lease`` (of this key), only while it is current, as for `renew`: once
+        another writer acquired the key, `LeaseLost` and nothing is removed, so a
+        writer that took the key over never loses a turn to this delete."""
         ...
 
     async def aclose(self) -> None:
@@ -479,6 +483,12 @@ def busy_error(key: str, holder: str | None, epoch: int) -> SessionBusy:
         "expire or pass takeover=True to take it over",
         holder=holder,
     )
+
+
+def check_lease_key(key: str, lease: Lease) -> None:
+    """A delete fenced by the lease of another key is the caller's bug: refuse it."""
+    if lease.key != key:
+        raise ValueError(f"the lease given to delete {key!r} is of {lease.key!r}")
 
 
 def lease_lost_error(key: str, epoch: int, current: int | None) -> LeaseLost:

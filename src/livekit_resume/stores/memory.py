@@ -19,6 +19,7 @@ from .base import (
     SnapshotInfo,
     Stored,
     busy_error,
+    check_lease_key,
     head_moved_error,
     lease_lost_error,
     not_found_error,
@@ -242,8 +243,15 @@ class MemoryStore:
         """`KeyPages` (a copy of the sorted keys: memory holds few sessions)."""
         return page_of(await self.keys(), prefix, after, limit)
 
-    async def delete(self, key: str) -> bool:
-        return self._get(key) is not None and self._sessions.pop(key, None) is not None
+    async def delete(self, key: str, *, lease: Lease | None = None) -> bool:
+        s = self._get(key)
+        if s is None:
+            return False
+        if lease is not None:
+            check_lease_key(key, lease)
+            if s.epoch != lease.epoch or s.owner != lease.owner:
+                raise lease_lost_error(key, lease.epoch, s.epoch)
+        return self._sessions.pop(key, None) is not None
 
     def commands(self) -> MemoryCommands:
         """The store's remote command channel (`Controllable`), within this process."""

@@ -86,8 +86,8 @@ class WatchedStore:
     async def keys(self) -> list[str]:
         return await self.inner.keys()
 
-    async def delete(self, key: str) -> bool:
-        return await self.inner.delete(key)
+    async def delete(self, key: str, *, lease: Lease | None = None) -> bool:
+        return await self.inner.delete(key, lease=lease)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -1,12 +1,14 @@
 -- delete: remove every key of the session, lease and epoch included.
--- ARGV[4..] further key names the client found by a SCAN of the session's prefix
+-- ARGV[4] owner and [5] epoch of the lease the delete is fenced by ('' and '' = not
+-- fenced); [6..] further key names the client found by a SCAN of the session's prefix
 -- (remains of a session that lost its head, which the head cannot list); only names
 -- under this session's prefix are deleted.
--- Reply: {'ok', existed 0/1}. Foreign data at the head's name is removed too (the
--- caller asked for the key to be gone), but then only the head can be found.
+-- Reply: {'ok', existed 0/1} | {'lost', current epoch} (fenced, and another writer
+-- holds the key now: nothing deleted). Foreign data at the head's name is removed too
+-- (the caller asked for the key to be gone), but then only the head can be found.
 local function remains()
   local n = 0
-  for i = 4, #ARGV do
+  for i = 6, #ARGV do
     if string.sub(ARGV[i], 1, #PREFIX) == PREFIX then
       n = n + redis.call('DEL', ARGV[i])
     end
@@ -20,11 +22,16 @@ local function main()
     if remains() > 0 then return {'ok', 1} end
     return {'ok', 0}
   end
+  local fenced = ARGV[4] ~= ''
   local ok, s, expired = pcall(live_head, true)
+  if not ok and fenced then error(s, 0) end  -- no epoch to check a corrupt head's holder by
   if not ok then
     redis.call('DEL', HEAD)
     remains()
     return {'ok', 1}
+  end
+  if s and fenced and (s.epoch ~= tonumber(ARGV[5]) or s.owner ~= ARGV[4]) then
+    return {'lost', fmt(s.epoch)}
   end
   if s then delete_all(s) end
   local gone = remains()

@@ -22,6 +22,7 @@ from ..base import (
     SnapshotInfo,
     Stored,
     busy_error,
+    check_lease_key,
     head_moved_error,
     lease_lost_error,
     not_found_error,
@@ -624,14 +625,28 @@ class RedisStore:
         """`KeyPages`: live keys in order, checking the heads of one page only."""
         return await self._namespace_index.page(prefix, after, limit)
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, *, lease: Lease | None = None) -> bool:
         validate_key(key)
+        fence: list[str | int] = ["", ""]
+        if lease is not None:
+            check_lease_key(key, lease)
+            fence = [lease.owner, lease.epoch]
         # Unindexed before the session goes: a concurrent acquire re-records it after.
         await self._namespace_index.forget(key)
         # The scan finds keys the head cannot list (remains of a lost head); the script
         # deletes them with the ones it knows, in one step.
         remains = await self._namespace_index.remains(key)
-        reply = await self._run("delete", key, remains)
+        try:
+            reply = await self._run("delete", key, [*fence, *remains])
+        except Exception:
+            # maybe not deleted: listed again (a listing checks each member's head)
+            with contextlib.suppress(StoreUnavailable):
+                await self._namespace_index.record(key, "delete")
+            raise
+        if reply[0] == b"lost":
+            # refused: the session lives on under its new holder, so it is listed again
+            await self._namespace_index.record(key, "delete")
+            raise lease_lost_error(key, lease.epoch if lease else 0, int(reply[1]))
         return bool(int(reply[1]))
 
     # -- events ----------------------------------------------------------------------

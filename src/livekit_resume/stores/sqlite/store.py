@@ -31,6 +31,7 @@ from ..base import (
     SnapshotInfo,
     Stored,
     busy_error,
+    check_lease_key,
     head_moved_error,
     lease_lost_error,
     not_found_error,
@@ -498,15 +499,20 @@ class SQLiteStore:
             return live, None
         return live[:limit], live[limit - 1]
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, *, lease: Lease | None = None) -> bool:
         validate_key(key)
+        if lease is not None:
+            check_lease_key(key, lease)
         self._writable(f"delete session {key!r}")
-        return await self._run(partial(self._delete, key))
+        return await self._run(partial(self._delete, key, lease))
 
-    def _delete(self, key: str, conn: sqlite3.Connection) -> bool:
+    def _delete(self, key: str, lease: Lease | None, conn: sqlite3.Connection) -> bool:
         with write(conn):
-            if self._rows.session(conn, key, self._clock()) is None:
+            s = self._rows.session(conn, key, self._clock())
+            if s is None:
                 return False
+            if lease is not None and (s.epoch != lease.epoch or s.owner != lease.owner):
+                raise lease_lost_error(key, lease.epoch, s.epoch)
             purge(conn, self._ns, key)
             return True
 

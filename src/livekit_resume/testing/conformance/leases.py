@@ -239,3 +239,34 @@ class LeaseTests(StoreTests):
             await store.renew(lease, ttl=61)
         info = await store.info(KEY)
         assert info is not None and (info.owner, info.epoch) == ("worker-a", lease.epoch)
+
+    async def test_a_delete_fenced_by_a_lease_taken_over_removes_nothing(self) -> None:
+        """A delete under a lease (``delete(key, lease=…)``) removes the session only
+        while that lease is current: once another writer took the key over and wrote,
+        it is refused with `LeaseLost` and every version stays, listed and loadable."""
+        store = await self.new_store()
+        a = await store.acquire(KEY, "worker-a")
+        assert await store.commit(Commit(KEY, a.epoch, 0, b"h1", [Record("h", "x", b"x")], 1)) == 1
+        b = await store.acquire(KEY, "worker-b", takeover=True)
+        assert (
+            await store.commit(Commit(KEY, b.epoch, 1, b"h2", [Record("h", "y", b"y", "x")], 2))
+            == 2
+        )
+        with pytest.raises(LeaseLost) as lost:
+            await store.delete(KEY, lease=a)
+        assert not lost.value.vanished and lost.value.current_epoch == b.epoch
+        stored = await store.load(KEY)
+        assert (stored.version, stored.head) == (2, b"h2")
+        assert stored.streams == {"h": [("x", b"x"), ("y", b"y")]}
+        assert KEY in await store.keys()
+        info = await store.info(KEY)
+        assert info is not None and (info.owner, info.epoch) == ("worker-b", b.epoch)
+        # a lease of another key is the caller's mistake, refused before anything is read
+        other = await store.acquire("room-other", "worker-b")
+        with pytest.raises(ValueError, match="room-other"):
+            await store.delete(KEY, lease=other)
+        assert (await store.load(KEY)).version == 2
+        # the current lease deletes, and then there is nothing left to delete
+        assert await store.delete(KEY, lease=b) is True
+        assert await store.info(KEY) is None and KEY not in await store.keys()
+        assert await store.delete(KEY, lease=b) is False
