@@ -300,3 +300,43 @@ async def test_a_caller_back_while_the_grace_suspend_is_saving_gets_the_conversa
     policy.stop()
     await rs.aclose()
     await session.aclose()
+
+
+# -- a caller cancelled while autosave stops ---------------------------------------------
+
+
+async def test_a_caller_cancelled_while_autosave_stops_is_cancelled() -> None:
+    """`Autosave.aclose` cancels its loops and waits for them. A caller cancelled during
+    that wait (a job shut down while a suspend or close detaches) must end cancelled: a
+    cancellation eaten there lets a shut-down job carry on releasing, announcing and
+    closing as if nobody had asked it to stop."""
+    from livekit_resume.agent_hooks.autosave import Autosave
+
+    entered, stopping, replied = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def checkpoint(_reason: str) -> int:
+        entered.set()
+        try:
+            await asyncio.Event().wait()  # a commit on its way to the store
+        except asyncio.CancelledError:
+            stopping.set()
+            await replied.wait()  # its reply arrives before the save loop ends
+            raise
+        return 1
+
+    async def renew() -> None:
+        pass
+
+    autosave = Autosave(
+        checkpoint, renew, key=KEY, debounce=0.0, renew_every=DEADLINE, renewed_at=lambda: 0.0
+    )
+    autosave.start()
+    autosave.trigger("turn")
+    await asyncio.wait_for(entered.wait(), DEADLINE)
+    closer = asyncio.ensure_future(autosave.aclose())
+    await asyncio.wait_for(stopping.wait(), DEADLINE)  # aclose cancelled the save, awaits it
+    closer.cancel()
+    replied.set()
+    await asyncio.wait({closer}, timeout=DEADLINE)
+    assert closer.done()
+    assert closer.cancelled(), "aclose() returned: its caller's own cancellation was eaten"
