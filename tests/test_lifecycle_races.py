@@ -49,6 +49,7 @@ class SlowReplies:
         self.inner = inner
         self.hold_commit = False
         self.hold_acquire = False
+        self.hold_release = False
         self.hold_reasons = {"manual", "suspend", "pause", "close", "turn", "tool", "handoff"}
         self.applied = asyncio.Event()
         self.gate = asyncio.Event()
@@ -72,12 +73,18 @@ class SlowReplies:
             await self.gate.wait()
         return lease
 
+    async def release(self, lease: Lease) -> None:
+        await self.inner.release(lease)
+        if self.hold_release:
+            self.applied.set()
+            await self.gate.wait()
+
 
 async def cancel_once_applied(slow: SlowReplies, task: asyncio.Future[Any]) -> None:
     """Cancel ``task`` once the store has applied its call, then let replies flow."""
     await asyncio.wait_for(slow.applied.wait(), DEADLINE)
     task.cancel()  # delivered at the task's next step, whatever arrives meanwhile
-    slow.hold_commit = slow.hold_acquire = False
+    slow.hold_commit = slow.hold_acquire = slow.hold_release = False
     slow.gate.set()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, DEADLINE)
@@ -162,6 +169,35 @@ async def test_close_after_a_cancelled_suspend_still_saves_every_turn(store: Sto
     assert live_texts(s2)[: len(live_texts(session))] == live_texts(session)
     await rs2.aclose()
     await s2.aclose()
+
+
+async def test_a_suspend_cancelled_after_its_final_save_still_closes_the_session(
+    store: Store,
+) -> None:
+    """`suspend`: "final snapshot, lease released, session closed"; once the final save
+    is written "the session is closed after it whatever happens meanwhile". A suspend
+    cancelled after that save (the job shut down while it released the lease) must not
+    leave the session half-suspended: its state says ``suspended`` (the store's too), so
+    it is closed and holds nothing, and nothing waits on a close that never comes (a
+    policy's restore in place waits for it)."""
+    from tests.test_job import closing
+
+    slow = SlowReplies(store)
+    session, rs, _ = await start(slow, ["one", "two"])
+    closed = closing(session)
+    await session.run(user_input="a")
+    slow.hold_release = True
+    await cancel_once_applied(slow, asyncio.ensure_future(rs.suspend()))
+    assert state_of(rs) == "suspended"
+    try:
+        await asyncio.wait_for(closed.wait(), 5.0)
+    except asyncio.TimeoutError:
+        pytest.fail("the session says suspended but was never closed")
+    assert rs._lease is None
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None and info.info["state"] == "suspended"
+    await rs.aclose()
+    await session.aclose()
 
 
 # -- a restore cancelled while it takes the lease ----------------------------------------
