@@ -538,6 +538,21 @@ class ResumableSession:
         # the final snapshot comes before closing: closing a voice session can take seconds
         version = await self._save(reason, state)
         self._state = state
+        # From here the store says suspended (or ended): the rest runs to its end even if
+        # the caller is cancelled meanwhile (a job shutting down), or the session would
+        # say so while open, listening and perhaps holding its lease, and a restore in
+        # place would wait for a close that never comes. The cancellation then goes on.
+        rest = asyncio.ensure_future(self._give_up(session, state))
+        try:
+            await asyncio.shield(rest)
+        except asyncio.CancelledError:
+            await asyncio.wait({rest})
+            raise
+        return version
+
+    async def _give_up(
+        self, session: AgentSession[Any], state: Literal["suspended", "ended"]
+    ) -> None:
         await self._publish_attributes()
         await self._detach_and_release()
         await self._announcer.announce(state, self._version)
@@ -545,7 +560,6 @@ class ResumableSession:
             await session.aclose()
         except Exception as e:
             log.warning("session %r: closing the AgentSession failed: %s", self._key, e)
-        return version
 
     async def end(self) -> int:
         """The conversation is over (a goodbye, a hang-up the app treats as final): a last
