@@ -232,6 +232,41 @@ async def test_a_restore_cancelled_while_taking_the_lease_leaves_no_lease_behind
     await s3.aclose()
 
 
+class SlowAnnounce(SlowReplies):
+    """A store with an event channel (`EventPublisher`) whose answer to ``publish``
+    comes once ``gate`` opens: the last round trip of a restore."""
+
+    async def publish(self, key: str, event: str, **fields: Any) -> None:
+        self.applied.set()
+        await self.gate.wait()
+
+
+async def test_a_restore_cancelled_while_it_announces_leaves_no_lease_behind(
+    store: Store,
+) -> None:
+    """`restore`: "the lease is released on failure"; a job cancelled during its restore
+    holds nothing afterwards. Cancelled in its last step (telling the room and the other
+    workers), after it took the lease: the cancelled caller never got a session to close,
+    so nothing may keep the lease, renew it and write under it, and the caller's next
+    job must not be refused for it."""
+    first, rs1, _ = await start(store, ["one"])
+    await first.run(user_input="a")
+    await rs1.suspend()
+    slow = SlowAnnounce(store)
+    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    rs = lr.ResumableSession(slow, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    await cancel_once_applied(
+        slow, asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
+    )
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None, f"the cancelled restore holds {info}"
+    assert rs._autosave.idle.is_set() and not rs._autosave._tasks, "autosave runs on"
+    s3, rs3 = await fresh_restore(store, "w3")  # SessionBusy: held by 'w2'
+    assert rs3.resumed
+    await rs3.aclose()
+    await s3.aclose()
+
+
 # -- resume while a suspend is under way -------------------------------------------------
 
 
