@@ -257,6 +257,7 @@ class ResumableSession:
             await asyncio.gather(listening, return_exceptions=True)
             await self._control.stop()  # after the release, as in _detach_and_release
             raise
+        before = self._session, self._state
         self._session = session
         self._state = "active"
         self._capture.last_agent = agent  # saved should an AgentTask run before a save
@@ -266,11 +267,19 @@ class ResumableSession:
         # independent round trips (room attributes, the store's event channel), awaited
         # together with the inbox: restore returns once all are done, the inbox listening
         # (so no command sent after it returned is missed)
-        await asyncio.gather(
-            self._publish_attributes(),
-            self._announcer.announce("restored" if self._resumed else "started", self._version),
-            listening,
-        )
+        try:
+            await asyncio.gather(
+                self._publish_attributes(),
+                self._announcer.announce("restored" if self._resumed else "started", self._version),
+                asyncio.shield(listening),  # its start is let finish, as on a failed load
+            )
+        except BaseException:
+            # Cancelled in this last step (a job shut down): the caller gets no session
+            # to close, so none stays attached, renewing the lease and writing under it.
+            await asyncio.gather(listening, return_exceptions=True)
+            await self._detach_and_release()
+            self._session, self._state = before
+            raise
         log.info(
             "session %r %s at version %d",
             self._key,
