@@ -49,6 +49,7 @@ class SlowReplies:
         self.inner = inner
         self.hold_commit = False
         self.hold_acquire = False
+        self.hold_release = False
         self.hold_reasons = {"manual", "suspend", "pause", "close", "turn", "tool", "handoff"}
         self.applied = asyncio.Event()
         self.gate = asyncio.Event()
@@ -72,12 +73,18 @@ class SlowReplies:
             await self.gate.wait()
         return lease
 
+    async def release(self, lease: Lease) -> None:
+        await self.inner.release(lease)
+        if self.hold_release:
+            self.applied.set()
+            await self.gate.wait()
+
 
 async def cancel_once_applied(slow: SlowReplies, task: asyncio.Future[Any]) -> None:
     """Cancel ``task`` once the store has applied its call, then let replies flow."""
     await asyncio.wait_for(slow.applied.wait(), DEADLINE)
     task.cancel()  # delivered at the task's next step, whatever arrives meanwhile
-    slow.hold_commit = slow.hold_acquire = False
+    slow.hold_commit = slow.hold_acquire = slow.hold_release = False
     slow.gate.set()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, DEADLINE)
@@ -164,6 +171,35 @@ async def test_close_after_a_cancelled_suspend_still_saves_every_turn(store: Sto
     await s2.aclose()
 
 
+async def test_a_suspend_cancelled_after_its_final_save_still_closes_the_session(
+    store: Store,
+) -> None:
+    """`suspend`: "final snapshot, lease released, session closed"; once the final save
+    is written "the session is closed after it whatever happens meanwhile". A suspend
+    cancelled after that save (the job shut down while it released the lease) must not
+    leave the session half-suspended: its state says ``suspended`` (the store's too), so
+    it is closed and holds nothing, and nothing waits on a close that never comes (a
+    policy's restore in place waits for it)."""
+    from tests.test_job import closing
+
+    slow = SlowReplies(store)
+    session, rs, _ = await start(slow, ["one", "two"])
+    closed = closing(session)
+    await session.run(user_input="a")
+    slow.hold_release = True
+    await cancel_once_applied(slow, asyncio.ensure_future(rs.suspend()))
+    assert state_of(rs) == "suspended"
+    try:
+        await asyncio.wait_for(closed.wait(), 5.0)
+    except asyncio.TimeoutError:
+        pytest.fail("the session says suspended but was never closed")
+    assert rs._lease is None
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None and info.info["state"] == "suspended"
+    await rs.aclose()
+    await session.aclose()
+
+
 # -- a restore cancelled while it takes the lease ----------------------------------------
 
 
@@ -192,6 +228,41 @@ async def test_a_restore_cancelled_while_taking_the_lease_leaves_no_lease_behind
     await eventually(released, "the cancelled restore's lease is released", 5.0)
     s3, rs3 = await fresh_restore(store, "w3")  # SessionBusy: held by 'w2'
     assert rs3.resumed and live_texts(s3)[: len(live_texts(first))] == live_texts(first)
+    await rs3.aclose()
+    await s3.aclose()
+
+
+class SlowAnnounce(SlowReplies):
+    """A store with an event channel (`EventPublisher`) whose answer to ``publish``
+    comes once ``gate`` opens: the last round trip of a restore."""
+
+    async def publish(self, key: str, event: str, **fields: Any) -> None:
+        self.applied.set()
+        await self.gate.wait()
+
+
+async def test_a_restore_cancelled_while_it_announces_leaves_no_lease_behind(
+    store: Store,
+) -> None:
+    """`restore`: "the lease is released on failure"; a job cancelled during its restore
+    holds nothing afterwards. Cancelled in its last step (telling the room and the other
+    workers), after it took the lease: the cancelled caller never got a session to close,
+    so nothing may keep the lease, renew it and write under it, and the caller's next
+    job must not be refused for it."""
+    first, rs1, _ = await start(store, ["one"])
+    await first.run(user_input="a")
+    await rs1.suspend()
+    slow = SlowAnnounce(store)
+    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    rs = lr.ResumableSession(slow, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    await cancel_once_applied(
+        slow, asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
+    )
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None, f"the cancelled restore holds {info}"
+    assert rs._autosave.idle.is_set() and not rs._autosave._tasks, "autosave runs on"
+    s3, rs3 = await fresh_restore(store, "w3")  # SessionBusy: held by 'w2'
+    assert rs3.resumed
     await rs3.aclose()
     await s3.aclose()
 
@@ -300,3 +371,43 @@ async def test_a_caller_back_while_the_grace_suspend_is_saving_gets_the_conversa
     policy.stop()
     await rs.aclose()
     await session.aclose()
+
+
+# -- a caller cancelled while autosave stops ---------------------------------------------
+
+
+async def test_a_caller_cancelled_while_autosave_stops_is_cancelled() -> None:
+    """`Autosave.aclose` cancels its loops and waits for them. A caller cancelled during
+    that wait (a job shut down while a suspend or close detaches) must end cancelled: a
+    cancellation eaten there lets a shut-down job carry on releasing, announcing and
+    closing as if nobody had asked it to stop."""
+    from livekit_resume.agent_hooks.autosave import Autosave
+
+    entered, stopping, replied = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def checkpoint(_reason: str) -> int:
+        entered.set()
+        try:
+            await asyncio.Event().wait()  # a commit on its way to the store
+        except asyncio.CancelledError:
+            stopping.set()
+            await replied.wait()  # its reply arrives before the save loop ends
+            raise
+        return 1
+
+    async def renew() -> None:
+        pass
+
+    autosave = Autosave(
+        checkpoint, renew, key=KEY, debounce=0.0, renew_every=DEADLINE, renewed_at=lambda: 0.0
+    )
+    autosave.start()
+    autosave.trigger("turn")
+    await asyncio.wait_for(entered.wait(), DEADLINE)
+    closer = asyncio.ensure_future(autosave.aclose())
+    await asyncio.wait_for(stopping.wait(), DEADLINE)  # aclose cancelled the save, awaits it
+    closer.cancel()
+    replied.set()
+    await asyncio.wait({closer}, timeout=DEADLINE)
+    assert closer.done()
+    assert closer.cancelled(), "aclose() returned: its caller's own cancellation was eaten"

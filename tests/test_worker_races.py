@@ -42,9 +42,18 @@ class HookedStore:
         self.before_commit: Callable[[], Any] | None = None
         self.before_load: Callable[[], Any] | None = None
         self.before_delete: Callable[[], Any] | None = None
+        self.before_acquire: Callable[[], Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        found = getattr(self.inner, name)
+        if name == "_acquire_load":  # RedisStore takes the lease and loads in one call
+
+            async def acquire_load(*args: Any, **kwargs: Any) -> Any:
+                await self._run("before_acquire")
+                return await found(*args, **kwargs)
+
+            return acquire_load
+        return found
 
     async def _run(self, name: str) -> None:
         hook = getattr(self, name)
@@ -68,6 +77,10 @@ class HookedStore:
     async def delete(self, key: str, *, lease: Lease | None = None) -> bool:
         await self._run("before_delete")
         return bool(await self.inner.delete(key, lease=lease))
+
+    async def acquire(self, key: str, owner: str, **options: Any) -> Any:
+        await self._run("before_acquire")
+        return await self.inner.acquire(key, owner, **options)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -636,6 +649,111 @@ async def test_the_same_job_restoring_a_key_twice_at_once_is_refused(
         outcomes = (await job.expect("TWICE_AT_ONCE")).split()[1:]
         await job.shutdown()
     assert sorted(o.split("=")[0] for o in outcomes) == ["SessionBusy", "epoch"], outcomes
+
+
+async def _entry_again_during_rejoin(ctx: Any) -> None:
+    """A job whose call was suspended by the leave grace; when the caller rejoins, the
+    first call's policy restores it in place, and while that restore takes the lease the
+    job's code calls `resumable_job` for the key again with a new AgentSession."""
+    import json
+
+    from livekit.agents.voice import room_io
+
+    from tests.lk import jobs
+    from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+
+    opts: dict[str, Any] = json.loads(ctx.job.metadata)
+    registry = lr.AgentRegistry()
+    registry.register(_rj.Clerk)
+    store = HookedStore(lr.open_store(opts["store"], **opts.get("store_options", {})))
+    quiet = room_io.RoomOptions(audio_input=False, audio_output=False, text_output=False)
+    model = ScriptedLLM(default="noted")
+
+    def call(session: AgentSession[Any]) -> Any:
+        return lr.resumable_job(
+            ctx,
+            session,
+            registry=registry,
+            default=_rj.Clerk,
+            store=store,
+            leave_grace=GRACE,
+            room_options=quiet,
+            debounce=0.01,
+        )
+
+    first = make_text_session(model)
+    live = [(first, await call(first))]
+
+    async def again() -> None:
+        session = make_text_session(model)
+        try:
+            live.append((session, await call(session)))
+        except lr.SessionBusy as e:
+            jobs.report("AGAIN", type(e).__name__)
+        else:
+            jobs.report("AGAIN", f"epoch={live[-1][1]._holder.epoch}")
+
+    def arm(_: list[str]) -> None:
+        store.before_acquire = again  # the restore in place's acquisition of the lease
+
+    async def turn(args: list[str]) -> None:
+        session, rs = live[0]
+        await session.run(user_input=" ".join(args))
+        await rs._autosave.idle.wait()
+        jobs.report("TURN", rs.version)
+
+    def state(_: list[str]) -> None:
+        jobs.report("STATE", live[0][1].state, 0)
+
+    def holders(_: list[str]) -> None:
+        jobs.report(
+            "HOLDERS",
+            json.dumps(
+                {
+                    "held": [rs._held_epoch() for _, rs in live],
+                    "ids": [[i.id for i in s.history.items] for s, _ in live],
+                }
+            ),
+        )
+
+    jobs.on_command("arm", arm)
+    jobs.on_command("turn", turn)
+    jobs.on_command("state", state)
+    jobs.on_command("holders", holders)
+    jobs.report("READY", 0, live[0][1].version, "[]")
+
+
+async def test_a_second_call_racing_the_restore_in_place_is_refused_and_one_holder_stays(
+    target: dict[str, Any],
+) -> None:
+    """job.py: "The same job restoring a key twice is refused (`SessionBusy`)." The
+    first call's session is suspended by the grace; the caller rejoins and its policy
+    restores it in place. A second `resumable_job` call for the key made while that
+    restore takes the lease must be refused: the restore in place completes, and one
+    session holds the lease (two holders at one epoch both write, and the history is
+    served twice)."""
+    async with JobHarness() as harness:
+        job = await harness.start_job(
+            "tests.test_worker_races:_entry_again_during_rejoin",
+            room="call-10",
+            metadata=_rj.metadata(target),
+        )
+        await _rj.ready(job)
+        await _rj.turn(job, _rj.TURNS[0])
+        await job.send("leave caller CLIENT_INITIATED")
+        await _rj.until_state(job, "suspended")
+        await job.send("arm")
+        await job.send("join caller")
+        assert (await job.expect("AGAIN")).split()[1] == "SessionBusy"
+        await _rj.until_state(job, "active")
+        await job.send("holders")
+        found = await job.expect_json("HOLDERS")
+        assert len(found["held"]) == 1 and found["held"][0] is not None, found
+        (ids,) = found["ids"]
+        assert len(ids) == len(set(ids)), "an item is in the restored history twice"
+        await _rj.turn(job, _rj.TURNS[1])
+        await job.shutdown()
+    assert _rj.user_texts(await _rj.stored(target, "call-10")) == list(_rj.TURNS[:2])
 
 
 async def test_archiving_a_stale_conversation_never_deletes_a_turn_another_worker_wrote(

@@ -9,7 +9,6 @@ latest), logged and counted. A lost lease stops it for good.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -95,10 +94,13 @@ class Autosave:
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        self.idle.set()
+        try:
+            # gather holds the loops' own CancelledError as results, while a cancellation
+            # of the caller still propagates (suppressing CancelledError around an await
+            # of each loop would eat it too, and Task.cancelling() is 3.11+)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self.idle.set()
 
     async def _save_loop(self) -> None:
         delay = RETRY_FIRST

@@ -46,7 +46,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal
 
 from livekit import rtc
@@ -348,8 +348,30 @@ def _refuse_same_job(info: SessionInfo | None, key: str, owner: str) -> None:
 # a suspend, with a new AgentSession) retires the earlier one, which would otherwise take
 # the key back when a participant joins.
 _policies: weakref.WeakKeyDictionary[JobContext, JobPolicy] = weakref.WeakKeyDictionary()
-# The keys each job is restoring right now (until its lease is taken and the store shows it).
+# The keys each job is restoring right now (until its lease is taken and the store shows it):
+# a resumable_job call, or a policy's restore in place.
 _restoring: weakref.WeakKeyDictionary[JobContext, set[str]] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _restoring_key(ctx: JobContext, key: str, owner: str) -> Iterator[None]:
+    """Mark ``key`` as being restored by this job, or refuse (`SessionBusy`) when it
+    already is. Two restores of one job would both pass the store's check (the lease is
+    not yet taken, or taken under this job's own owner, which the store grants again) and
+    both hold it at one epoch. Entered with no await before it, so the check and the mark
+    are one step."""
+    restoring = _restoring.setdefault(ctx, set())
+    if key in restoring:
+        raise SessionBusy(
+            f"session {key!r} is being restored by this job already ({owner!r}); restore "
+            "each key once per job",
+            holder=owner,
+        )
+    restoring.add(key)
+    try:
+        yield
+    finally:
+        restoring.discard(key)
 
 
 async def resumable_job(
@@ -390,17 +412,9 @@ async def resumable_job(
     store = store or open_store()
     name = await _token_key(store, ctx, token) or await _resolve_key(ctx, key)
     owner = job_owner(ctx)
-    # Two calls of this job racing for the key would both pass the store's check (the
-    # lease is not yet taken) and both hold it at one epoch: the second is refused here.
-    restoring = _restoring.setdefault(ctx, set())
-    if name in restoring:
-        raise SessionBusy(
-            f"session {name!r} is being restored by this job already ({owner!r}); restore "
-            "each key once per job",
-            holder=owner,
-        )
-    restoring.add(name)
-    try:
+    # another call of this job, or the restore in place of an earlier one, racing for
+    # the key: refused here
+    with _restoring_key(ctx, name, owner):
         info = await store.info(name)
         _refuse_same_job(info, name, owner)
         codec: Codec = options.pop("codec", None) or codec_for(store)
@@ -450,12 +464,15 @@ async def resumable_job(
             # No takeover: a newer job serving the key (the caller back in another room)
             # keeps it; this older one stays suspended (SessionBusy, logged) and may try
             # again on the next join, so ``closed`` is cleared only once it restored.
+            # A later resumable_job call for the key racing this restore is refused, and
+            # this one is refused while such a call runs.
             await closed.wait()
-            await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
-            session.history.items.clear()
-            restored = await rs.restore(session, default=default)
-            closed.clear()
-            await session.start(restored, room=ctx.room, room_options=opts)
+            with _restoring_key(ctx, name, owner):
+                await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
+                session.history.items.clear()
+                restored = await rs.restore(session, default=default)
+                closed.clear()
+                await session.start(restored, room=ctx.room, room_options=opts)
 
         policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace, rejoin=rejoin)
         earlier = _policies.get(ctx)
@@ -463,8 +480,6 @@ async def resumable_job(
             earlier.stop()
         _policies[ctx] = policy
         agent = await rs.restore(session, default=default, takeover=True)
-    finally:
-        restoring.discard(name)
 
     async def on_shutdown(_reason: str) -> None:
         await rs.aclose()  # usually done already: the session's close saved it

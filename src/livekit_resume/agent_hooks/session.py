@@ -257,6 +257,7 @@ class ResumableSession:
             await asyncio.gather(listening, return_exceptions=True)
             await self._control.stop()  # after the release, as in _detach_and_release
             raise
+        before = self._session, self._state
         self._session = session
         self._state = "active"
         self._capture.last_agent = agent  # saved should an AgentTask run before a save
@@ -266,11 +267,19 @@ class ResumableSession:
         # independent round trips (room attributes, the store's event channel), awaited
         # together with the inbox: restore returns once all are done, the inbox listening
         # (so no command sent after it returned is missed)
-        await asyncio.gather(
-            self._publish_attributes(),
-            self._announcer.announce("restored" if self._resumed else "started", self._version),
-            listening,
-        )
+        try:
+            await asyncio.gather(
+                self._publish_attributes(),
+                self._announcer.announce("restored" if self._resumed else "started", self._version),
+                asyncio.shield(listening),  # its start is let finish, as on a failed load
+            )
+        except BaseException:
+            # Cancelled in this last step (a job shut down): the caller gets no session
+            # to close, so none stays attached, renewing the lease and writing under it.
+            await asyncio.gather(listening, return_exceptions=True)
+            await self._detach_and_release()
+            self._session, self._state = before
+            raise
         log.info(
             "session %r %s at version %d",
             self._key,
@@ -538,6 +547,21 @@ class ResumableSession:
         # the final snapshot comes before closing: closing a voice session can take seconds
         version = await self._save(reason, state)
         self._state = state
+        # From here the store says suspended (or ended): the rest runs to its end even if
+        # the caller is cancelled meanwhile (a job shutting down), or the session would
+        # say so while open, listening and perhaps holding its lease, and a restore in
+        # place would wait for a close that never comes. The cancellation then goes on.
+        rest = asyncio.ensure_future(self._give_up(session, state))
+        try:
+            await asyncio.shield(rest)
+        except asyncio.CancelledError:
+            await asyncio.wait({rest})
+            raise
+        return version
+
+    async def _give_up(
+        self, session: AgentSession[Any], state: Literal["suspended", "ended"]
+    ) -> None:
         await self._publish_attributes()
         await self._detach_and_release()
         await self._announcer.announce(state, self._version)
@@ -545,7 +569,6 @@ class ResumableSession:
             await session.aclose()
         except Exception as e:
             log.warning("session %r: closing the AgentSession failed: %s", self._key, e)
-        return version
 
     async def end(self) -> int:
         """The conversation is over (a goodbye, a hang-up the app treats as final): a last
