@@ -13,6 +13,7 @@ task, which only the tasks' coroutines show.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import io
 import os
@@ -98,7 +99,8 @@ class Watch:
         text, tasks = dump(f"{self.nodeid} still running after {self.after:g}s")
         self._write(text)
         for loop, task in tasks:
-            loop.call_soon_threadsafe(task.cancel)
+            with contextlib.suppress(RuntimeError):  # its loop closed: that test just ended
+                loop.call_soon_threadsafe(task.cancel)
         if self._ended.wait(self.give_up):
             return
         text, _ = dump(f"{self.nodeid} still running {self.give_up:g}s after its cancellation")
