@@ -273,6 +273,7 @@ class Store(Protocol):
 
 
 _P = TypeVar("_P")
+_MISSING = object()
 
 
 @functools.cache
@@ -284,13 +285,18 @@ def _members(capability: type) -> frozenset[str]:
 
 # ``Callable[..., _P]`` rather than ``type[_P]``: mypy takes no protocol for ``type[_P]``.
 def offers(store: object, capability: Callable[..., _P]) -> TypeGuard[_P]:
-    """Whether ``store`` has every method of the protocol ``capability``, looked up as a
-    call looks it up. ``isinstance`` did so up to Python 3.11; since 3.12 it looks them
+    """Whether ``store`` has every member of the protocol ``capability``, looked up as a
+    call looks it up: what ``isinstance`` did up to Python 3.11. Since 3.12 it looks them
     up statically (``inspect.getattr_static``) and misses what a wrapper forwards from
     its ``__getattr__`` (`WatchedStore`, a test's probe): the wrapped store would lose
-    its commands and events without a word."""
+    its commands, events and namespace without a word."""
     assert isinstance(capability, type)
-    return all(callable(getattr(store, name, None)) for name in _members(capability))
+    for name in _members(capability):
+        found = getattr(store, name, _MISSING)
+        # as 3.11 did: a method set to None is a method the store does not have
+        if found is _MISSING or (found is None and callable(getattr(capability, name))):
+            return False
+    return True
 
 
 @runtime_checkable
