@@ -23,6 +23,7 @@ from livekit.agents.llm import ChatMessage
 
 import livekit_resume as lr
 from livekit_resume.agent_hooks.session import OFFLOAD_ITEMS
+from livekit_resume.cli.demo.watched import WatchedStore
 from livekit_resume.remote import MAX_TIMEOUT
 from livekit_resume.stores.base import Command, CommandReply, Controllable, Store
 from livekit_resume.testing.poll import eventually
@@ -82,6 +83,19 @@ async def test_pause_resume_suspend_round_trip(
     info = await store.info(KEY)
     assert info is not None and info.owner is None  # the lease is given up
     assert (await store.load(KEY)).info["state"] == "suspended"
+
+
+async def test_a_store_behind_a_forwarding_wrapper_still_carries_commands(
+    store: Store, sessions: list[AgentSession[Any]]
+) -> None:
+    """`WatchedStore` (the demo's, and the fault scenarios' probe) forwards ``commands``
+    from its ``__getattr__``. Since Python 3.12, isinstance() against a runtime-checkable
+    protocol no longer sees such a method: the owner behind it never listened, and every
+    command was refused as unheard."""
+    watched = WatchedStore(store)
+    rs = await live(watched, sessions)
+    assert await lr.control(watched).pause(KEY) == rs.version
+    assert state(rs) == "paused"
 
 
 async def test_a_session_without_a_live_owner_is_refused_at_once(

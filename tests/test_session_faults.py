@@ -546,3 +546,25 @@ async def test_hooks_bind_frames_to_the_stores_namespace_with_the_environments_k
     with pytest.raises(lr.SignatureMismatch):
         from_stored(Codec(namespace="lkresume", signing_keys=SIGN), stored)
     await store.aclose()
+
+
+async def test_a_store_behind_a_forwarding_wrapper_keeps_its_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`WatchedStore` forwards ``namespace`` from its ``__getattr__``; since Python 3.12,
+    isinstance() against a runtime-checkable protocol no longer sees it, and the hooks
+    bound the frames to the default namespace instead of the store's."""
+    from livekit_resume.bridge import from_stored
+    from livekit_resume.cli.demo.watched import WatchedStore
+    from livekit_resume.stores.sqlite import SQLiteStore
+    from tests.test_integrity import SIGN
+
+    monkeypatch.setenv("RESUME_SIGNING_KEYS", SIGN)
+    store = SQLiteStore(tmp_path / "ns.db", namespace="tenant-a")
+    session, rs, _ = await start(WatchedStore(store), ["one"])
+    await session.run(user_input="a")
+    await rs.suspend()
+    stored = await store.load(KEY)
+    assert from_stored(Codec(namespace="tenant-a", signing_keys=SIGN), stored).history
+    await session.aclose()
+    await store.aclose()

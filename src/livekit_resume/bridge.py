@@ -30,7 +30,7 @@ from .snapshot.codec import AGENT, HISTORY, Codec
 from .snapshot.model import Snapshot
 from .snapshot.salvage import Damage, salvage_parts
 from .snapshot.seal import Sealed
-from .stores.base import Commit, Record, Store, Stored, records_from_streams
+from .stores.base import Commit, Record, Store, Stored, offers, records_from_streams
 
 __all__ = [
     "Namespaced",
@@ -61,7 +61,7 @@ def codec_for(store: Store, **options: Any) -> Codec:
     names = [n for n in CODEC_SETTINGS if n not in options]
     settings = Settings.only(*names, **{k: v for k, v in options.items() if k in CODEC_SETTINGS})
     rest = {k: v for k, v in options.items() if k not in CODEC_SETTINGS}
-    if isinstance(store, Namespaced) and "namespace" not in options:
+    if offers(store, Namespaced) and "namespace" not in options:
         rest["namespace"] = store.namespace
     return settings.codec(**rest)
 

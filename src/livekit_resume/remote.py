@@ -16,7 +16,7 @@ import uuid
 from typing import Literal
 
 from .errors import CommandRefused
-from .stores.base import Command, CommandChannel, Controllable, Store, validate_key
+from .stores.base import Command, CommandChannel, Controllable, Store, offers, validate_key
 
 __all__ = ["DEFAULT_TIMEOUT", "MAX_TIMEOUT", "SessionControl", "Verb", "control"]
 
@@ -103,7 +103,7 @@ class SessionControl:
         return await _answer(channel, command, info.owner, timeout)
 
     def _channel(self, verb: str, key: str) -> CommandChannel:
-        if not isinstance(self._store, Controllable):
+        if not offers(self._store, Controllable):
             raise CommandRefused(
                 key, verb, f"{type(self._store).__name__} cannot carry commands to workers"
             )

@@ -19,7 +19,7 @@ from prometheus_client import Counter
 
 from ..errors import LeaseLost, ResumeError
 from ..remote import epoch_mismatch
-from ..stores.base import Command, CommandChannel, CommandReply, Controllable, Store
+from ..stores.base import Command, CommandChannel, CommandReply, Controllable, Store, offers
 
 __all__ = ["ControlListener"]
 
@@ -88,7 +88,7 @@ class ControlListener:
         """Listen from now on; returns once the inbox is active, so that no command sent
         after a restore returned is missed (or after `START_WAIT` s, with a warning: the
         listener keeps trying). A store that carries no commands: nothing to listen to."""
-        if not isinstance(self._store, Controllable) or self._task is not None:
+        if not offers(self._store, Controllable) or self._task is not None:
             return
         self._task = asyncio.ensure_future(self._listen(self._store.commands()))
         try:

@@ -19,7 +19,7 @@ from prometheus_client import Counter
 from pydantic_core import to_jsonable_python
 
 from ..snapshot.model import SessionMeta, Writer
-from ..stores.base import EventPublisher, Store
+from ..stores.base import EventPublisher, Store, offers
 from .silence import current_agent
 
 __all__ = ["ATTR_STATE", "ATTR_VERSION", "Announcer"]
@@ -67,7 +67,7 @@ class Announcer:
 
     async def announce(self, event: str, version: int) -> None:
         """Tell other workers, on the store's event channel where it has one."""
-        if not isinstance(self._store, EventPublisher):
+        if not offers(self._store, EventPublisher):
             return
         try:
             await self._store.publish(self._key, event, version=version, owner=self._owner)

@@ -24,7 +24,7 @@ from ..settings import CODEC_SETTINGS, Settings
 from ..snapshot.codec import AGENT, DEFAULT_MAX_FRAME, HISTORY, Codec, read_frames
 from ..snapshot.model import ItemData, Snapshot, Writer
 from ..snapshot.salvage import validate_restorable
-from ..stores.base import Commit, KeyPages, SessionInfo, Store, Stored, page_of
+from ..stores.base import Commit, KeyPages, SessionInfo, Store, Stored, offers, page_of
 
 __all__ = [
     "IMPORT_LEASE_TTL",
@@ -177,7 +177,7 @@ async def _keys_page(
 ) -> tuple[list[str], str | None]:
     """Keys in order, after ``after``: the store's own pages (`KeyPages`), else its
     sorted ``keys()`` filtered here."""
-    if isinstance(store, KeyPages):
+    if offers(store, KeyPages):
         return await store.keys_page(prefix, after, limit)
     return page_of(await store.keys(), prefix, after, limit)
 
