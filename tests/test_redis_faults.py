@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +28,7 @@ from livekit_resume.stores.base import Commit, Lease, Record
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.stores.redis.records import pack_record
 from livekit_resume.testing.poll import eventually
-from tests.redis_servers import RedisFactory, RedisServer
+from tests.redis_servers import RedisFactory, RedisServer, require_redis_server
 
 KEY = "room-7"
 
@@ -547,3 +548,55 @@ async def test_wait_replicas_on_a_cluster_waits_on_the_node_of_the_slot(
         assert len([n for n in expected.values() if n]) > 1
     finally:
         await store.aclose()
+
+
+@pytest.mark.cluster
+async def test_an_owner_listening_for_commands_finds_the_new_primary_after_a_failover(
+    tmp_path: Path,
+) -> None:
+    """After a Cluster failover, an owner with nothing else to send (no commit, no
+    renewal due) listens again on the node that now serves its slot: a command sent
+    after the failover is heard. Its subscriber's map of the slots was refreshed only
+    when another command of the client failed, so it subscribed to the dead primary
+    again and again."""
+    from livekit_resume.agent_hooks.control import RELISTEN_DELAY
+    from livekit_resume.stores.base import Command
+    from tests.faults.cluster import FailoverPair
+
+    require_redis_server()
+    pair = FailoverPair(tmp_path / "cluster").start()
+    owner = RedisStore.from_url(pair.url)
+    sender = RedisStore.from_url(pair.url)
+    heard: asyncio.Queue[Command] = asyncio.Queue()
+    listening = asyncio.Event()
+
+    async def listen() -> None:  # as ControlListener does: listen again after a failure
+        while True:
+            try:
+                async with owner.commands().inbox(KEY) as inbox:
+                    listening.set()
+                    async for command in inbox:
+                        heard.put_nowait(command)
+            except StoreUnavailable:
+                listening.clear()
+                await asyncio.sleep(RELISTEN_DELAY)
+
+    task = asyncio.ensure_future(listen())
+    try:
+        await asyncio.wait_for(listening.wait(), 10)
+        await asyncio.to_thread(pair.fail_over)
+
+        async def delivered() -> bool:  # 0 receivers: nobody listens on the slot's node yet
+            try:
+                return bool(await sender.commands().send(Command("c-1", KEY, "pause", 1)))
+            except StoreUnavailable:
+                return False
+
+        await eventually(delivered, "a command after the failover reaches its owner", 20.0)
+        assert (await asyncio.wait_for(heard.get(), 5)).id == "c-1"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await owner.aclose()
+        await sender.aclose()
+        pair.stop()

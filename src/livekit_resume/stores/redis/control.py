@@ -97,12 +97,21 @@ class _Hub:
         self._server = server
         self._nodes: dict[str, _Node] = {}
         self._lock = asyncio.Lock()
+        # A node's connection failed: the next subscription asks the Cluster who serves
+        # its slot now. The client's own map is refreshed only when one of its commands
+        # fails, and an owner with nothing else to send would subscribe to the node that
+        # failed over again and again.
+        self._remap = False
 
     async def _node_for(self, channel: str) -> tuple[str, _Node]:
         client = self._server.client
         name, node_of_slot = "", None
         if isinstance(client, RedisCluster):
-            await client.initialize()
+            if self._remap:
+                await client.nodes_manager.initialize()
+                self._remap = False
+            else:
+                await client.initialize()
             node_of_slot = client.get_node_from_key(channel)
             if node_of_slot is None:
                 raise StoreUnavailable(f"no Redis Cluster node serves the slot of {channel}")
@@ -122,7 +131,8 @@ class _Hub:
         try:
             with self._server.errors("listen for commands", None):
                 await self._subscribe(inbox)
-        except BaseException:
+        except BaseException as e:
+            self._remap = self._remap or isinstance(e, StoreUnavailable)
             await self.remove(inbox)
             raise
 
@@ -178,6 +188,7 @@ class _Hub:
                         inbox.put(msg["data"])
         except StoreUnavailable as e:
             # Every inbox of the node hears of it and its owner subscribes anew.
+            self._remap = True
             async with self._lock:
                 if self._nodes.get(name) is node:
                     for inboxes in node.inboxes.values():
