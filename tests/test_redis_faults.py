@@ -145,6 +145,32 @@ async def test_commit_resent_before_the_stalled_attempt_ran_lands_exactly_once(
     assert await store._client.llen(prefix(store) + "log:0") == 2
 
 
+async def test_a_commit_cancelled_before_its_reply_leaves_no_reply_for_the_next(
+    volatile: tuple[RedisServer, RedisStore],
+) -> None:
+    """A command cancelled between its send and its reply must not hand its connection
+    on with that reply unread: the next command would read it as its own."""
+    server, store = volatile
+    lease = await store.acquire(KEY, "worker-a")
+    assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+    second = item_commit(lease, 1, "b", "a", cid="turn-2")
+    server.pause()
+    try:
+        attempt = asyncio.ensure_future(store.commit(second))
+        await asyncio.sleep(0.1)  # sent, waiting for the stopped server's reply
+        attempt.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await attempt
+    finally:
+        server.resume()
+    # whether the cancelled attempt ran or not, each reply below is its own command's
+    await eventually(lambda: _version_is(store, 2), "the cancelled attempt landed")
+    assert [v.version for v in await store.versions(KEY)] == [1, 2]
+    assert await store.commit(second) == 2
+    assert await store.commit(item_commit(lease, 2, "c", "b")) == 3
+    assert [i for i, _ in (await store.load(KEY)).streams["h"]] == ["a", "b", "c"]
+
+
 async def _version_is(store: RedisStore, version: int) -> bool:
     try:
         return (await store.load(KEY)).version == version
