@@ -411,3 +411,25 @@ async def test_a_caller_cancelled_while_autosave_stops_is_cancelled() -> None:
     await asyncio.wait({closer}, timeout=DEADLINE)
     assert closer.done()
     assert closer.cancelled(), "aclose() returned: its caller's own cancellation was eaten"
+
+
+# -- a pause cancelled while it cuts speech ----------------------------------------------
+
+
+async def test_a_pause_cancelled_while_it_cuts_speech_ends_cancelled(store: Store) -> None:
+    """A caller cancelled (a job shutting down, an ``asyncio.wait_for`` around the call)
+    must end cancelled. `pause` waits for LiveKit to have cut the speech; with nothing
+    speaking that wait is already over when the cancellation lands, which is the race
+    where Python 3.11's ``asyncio.wait_for`` returns the result and eats the
+    cancellation: the pause then carries on as if nobody had asked it to stop."""
+    session, rs, _ = await start(store, ["one"])
+    await session.run(user_input="a")
+    pausing = asyncio.ensure_future(rs.pause())
+    await asyncio.sleep(0)  # the pause runs to its first wait: the speech cut
+    assert not session.input.audio_enabled, "the pause is not cutting speech yet"
+    pausing.cancel()
+    await asyncio.wait({pausing}, timeout=DEADLINE)
+    assert pausing.done()
+    assert pausing.cancelled(), "pause() returned: its caller's cancellation was eaten"
+    await rs.aclose()
+    await session.aclose()
