@@ -433,3 +433,41 @@ async def test_a_pause_cancelled_while_it_cuts_speech_ends_cancelled(store: Stor
     assert pausing.cancelled(), "pause() returned: its caller's cancellation was eaten"
     await rs.aclose()
     await session.aclose()
+
+
+async def test_a_pause_cancelled_while_it_cuts_speech_leaves_state_and_audio_agreeing(
+    store: Store,
+) -> None:
+    """`pause`: "audio in and out off, speech cut, no replies"; `resume` undoes it. A
+    pause cancelled while the reply being spoken is cut must leave the session either
+    paused (and silent) or active (hearing and answering), never deaf while it says
+    ``active``: `resume` refuses an active session, so nothing could give it its
+    audio back, and a later pause or resume must work."""
+    session, rs, model = await start(store, ["one", "two"])
+    await session.run(user_input="a")
+    model.first_chunk_delay = DEADLINE  # the next reply is on its way while the pause cuts it
+    replying = asyncio.ensure_future(session.run(user_input="b"))
+
+    async def speaking() -> bool:
+        return session.current_speech is not None
+
+    await eventually(speaking, "a reply is being spoken", DEADLINE)
+    pausing = asyncio.ensure_future(rs.pause())
+    await asyncio.sleep(0)  # the pause runs to its first wait: the speech cut
+    assert not session.input.audio_enabled, "the pause is not cutting speech yet"
+    pausing.cancel()
+    await asyncio.wait({pausing}, timeout=DEADLINE)
+    assert pausing.cancelled()
+    await asyncio.wait({replying}, timeout=DEADLINE)
+    if state_of(rs) == "active":
+        assert session.input.audio_enabled and session.output.audio_enabled, (
+            "the session says active with its audio off"
+        )
+        assert "llm_node" not in vars(session.current_agent), "replies stay silenced"
+        await rs.pause()
+    assert state_of(rs) == "paused" and not session.input.audio_enabled
+    await rs.resume()
+    assert state_of(rs) == "active" and session.input.audio_enabled
+    assert session.output.audio_enabled
+    await rs.aclose()
+    await session.aclose()
