@@ -64,7 +64,13 @@ class Silencer:
             # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the result of a
             # future done as its caller is cancelled and eats the cancellation (here the
             # cut is often done at once: nothing was speaking); wait never cancels ``done``
-            _, pending = await asyncio.wait({done}, timeout=INTERRUPT_TIMEOUT)
+            try:
+                _, pending = await asyncio.wait({done}, timeout=INTERRUPT_TIMEOUT)
+            except BaseException:
+                # cancelled half-way: undone, so the caller's state ("active") stays true
+                # and a later pause can silence it whole (resume refuses an active session)
+                self.unsilence(session)
+                raise
             if pending:
                 log.warning(
                     "session %r: speech did not stop within %.0fs of pause",
