@@ -232,6 +232,40 @@ async def test_a_restore_cancelled_while_taking_the_lease_leaves_no_lease_behind
     await s3.aclose()
 
 
+async def test_a_restore_cancelled_twice_while_taking_the_lease_leaves_no_lease_behind(
+    store: Store,
+) -> None:
+    """`restore`: "the lease is released on failure". A restore cancelled while the
+    store grants its lease waits for that grant and gives it back; a second
+    cancellation during that wait (a job's shutdown cancelling again, a task group
+    tearing down) must not abandon the grant: the store would name a holder that does
+    not exist, and refuse the caller's next job until the lease expires."""
+    first, rs1, _ = await start(store, ["one"])
+    await first.run(user_input="a")
+    await rs1.suspend()
+    slow = SlowReplies(store)
+    slow.hold_acquire = True
+    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    rs = lr.ResumableSession(slow, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    restoring = asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
+    await asyncio.wait_for(slow.applied.wait(), DEADLINE)  # granted, the reply on its way
+    restoring.cancel()
+    for _ in range(3):  # the restore takes the cancellation and waits for the grant
+        await asyncio.sleep(0)
+    assert not restoring.done()
+    restoring.cancel()
+    slow.hold_acquire = False
+    slow.gate.set()
+    await asyncio.wait({restoring}, timeout=DEADLINE)
+    assert restoring.cancelled()
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None, f"the cancelled restore holds {info}"
+    s3, rs3 = await fresh_restore(store, "w3")  # SessionBusy: held by 'w2'
+    assert rs3.resumed
+    await rs3.aclose()
+    await s3.aclose()
+
+
 class SlowAnnounce(SlowReplies):
     """A store with an event channel (`EventPublisher`) whose answer to ``publish``
     comes once ``gate`` opens: the last round trip of a restore."""
