@@ -9,6 +9,7 @@ so it is acquired again and the session is written whole (`reacquire`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -105,13 +106,22 @@ class LeaseHolder:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            try:
-                granted = lease_of(await task)
-            except Exception:
-                granted = None  # refused or failed: nothing to give up
-            if granted is not None:
-                await self._release(granted)
+            # In a task of its own, waited out however many cancellations follow: awaited
+            # here directly, a second one would cancel the acquisition (losing its grant)
+            # or the release. The first cancellation goes on once the lease is given back.
+            give_back = asyncio.ensure_future(self._give_back(task, lease_of))
+            while not give_back.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({give_back})
             raise
+
+    async def _give_back(self, call: asyncio.Future[_T], lease_of: Callable[[_T], Lease]) -> None:
+        """Release the lease ``call`` grants, if it grants one."""
+        try:
+            granted = lease_of(await call)
+        except Exception:
+            return  # refused or failed: nothing to give up
+        await self._release(granted)
 
     async def renew(self) -> bool:
         """Extend the lease. Returns False when the session vanished (nobody took it:
