@@ -480,7 +480,7 @@ async def test_a_pause_cancelled_while_it_cuts_speech_leaves_state_and_audio_agr
     session, rs, model = await start(store, ["one", "two"])
     await session.run(user_input="a")
     model.first_chunk_delay = DEADLINE  # the next reply is on its way while the pause cuts it
-    replying = asyncio.ensure_future(session.run(user_input="b"))
+    replying: asyncio.Future[Any] = asyncio.ensure_future(session.run(user_input="b"))
 
     async def speaking() -> bool:
         return session.current_speech is not None
