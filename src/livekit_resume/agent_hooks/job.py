@@ -472,7 +472,16 @@ async def resumable_job(
                 session.history.items.clear()
                 restored = await rs.restore(session, default=default)
                 closed.clear()
-                await session.start(restored, room=ctx.room, room_options=opts)
+                try:
+                    await session.start(restored, room=ctx.room, room_options=opts)
+                except BaseException:
+                    # Nothing runs: suspended again, the lease freed (held, nobody else
+                    # could take the call and autosave would renew it), and ``closed``
+                    # set again (a session that never started never closes), so the
+                    # next join tries again.
+                    await rs._unrestore()
+                    closed.set()
+                    raise
 
         policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace, rejoin=rejoin)
         earlier = _policies.get(ctx)

@@ -594,6 +594,14 @@ class ResumableSession:
         await self._detach_and_release()
         self._state = "closed"
 
+    async def _unrestore(self) -> None:
+        """Undo a restore after a suspend whose session then failed to start (job.py's
+        restore in place): nothing runs, so the key goes back to the store as the suspend
+        left it, no lease held, and a later `restore` may try again."""
+        await self._detach_and_release()
+        self._state = "suspended"
+        await self._publish_attributes()
+
     # ----------------------------------------------------------- internals
 
     def _require(self) -> AgentSession[Any]:
