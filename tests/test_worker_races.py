@@ -24,7 +24,7 @@ import livekit_resume as lr
 from livekit_resume.agent_hooks.job import JobPolicy
 from livekit_resume.stores.base import Commit, Lease, Store
 from livekit_resume.testing.poll import eventually
-from tests.test_hooks import Receptionist, start
+from tests.test_hooks import KEY, Receptionist, start
 from tests.test_job import RoomStandIn, closing
 
 DEADLINE = 10.0
@@ -216,6 +216,39 @@ async def test_a_caller_who_is_back_and_gone_again_is_suspended_after_the_grace(
         except asyncio.TimeoutError:
             pytest.fail(f"nobody is in the room and the session is {rs.state} after {DEADLINE}s")
         assert rs.state == "suspended"
+    finally:
+        await finish(policy, rs, session)
+
+
+async def test_a_caller_gone_while_the_store_blinks_is_still_suspended_after_the_grace(
+    sqlite_store: Store,
+) -> None:
+    """JobPolicy: "pauses the session when the last remote participant leaves ... and
+    suspends it when nobody does". A store that fails the pause's save once (a blip:
+    `StoreUnavailable`, the save is sent again before the next one) leaves the session
+    paused, silent, all the same: nobody coming back, the grace must still suspend it,
+    not keep it paused with its lease and model connections until the job ends."""
+    hooked = HookedStore(sqlite_store)
+    room = RoomStandIn()
+    session, rs, _ = await start(hooked, ["one", "two"], room=room)
+    policy = JobPolicy(rs, room, leave_grace=GRACE)  # type: ignore[arg-type]
+    policy.start()
+    closed = closing(session)
+    try:
+        await session.run(user_input="a")
+
+        def blink() -> None:
+            raise lr.StoreUnavailable("the store did not answer in time")
+
+        hooked.before_commit = blink  # the pause's save
+        room.leave("caller")
+        try:
+            await asyncio.wait_for(closed.wait(), DEADLINE)
+        except asyncio.TimeoutError:
+            pytest.fail(f"nobody is in the room and the session is {rs.state} after {DEADLINE}s")
+        assert rs.state == "suspended" and rs._lease is None
+        info = await sqlite_store.info(KEY)
+        assert info is not None and info.info["state"] == "suspended"
     finally:
         await finish(policy, rs, session)
 
