@@ -192,14 +192,19 @@ class JobPolicy:
 
     async def _pause_for_leave(self) -> None:
         self._left_pause = True
-        await self._rs.pause()
+        try:
+            await self._rs.pause()
+        finally:
+            # paused even when its save failed (a store blip; the next save sends it
+            # again): the grace runs all the same, or nothing would ever suspend it
+            if self._rs.state == "paused":
+                self._arm(self._leave_grace or 0.0)
         log.info(
             "session %r paused: the last participant left (%.0fs grace)",
             self._rs.key,
             self._leave_grace,
             extra={"key": self._rs.key},
         )
-        self._arm(self._leave_grace or 0.0)
 
     async def _resume_after_leave(self) -> None:
         self._left_pause = False
