@@ -505,3 +505,43 @@ async def test_a_pause_cancelled_while_it_cuts_speech_leaves_state_and_audio_agr
     assert session.output.audio_enabled
     await rs.aclose()
     await session.aclose()
+
+
+class BlinkOnce(SlowReplies):
+    """A store that fails its next commit once ``blink`` is set (`StoreUnavailable`,
+    before it reaches the store), as a store does while it fails over."""
+
+    blink = False
+
+    async def commit(self, commit: Commit) -> int:
+        if self.blink:
+            self.blink = False
+            raise lr.StoreUnavailable("the store did not answer in time")
+        return await super().commit(commit)
+
+
+async def test_a_pause_whose_save_failed_still_suspends_after_suspend_after(
+    store: Store,
+) -> None:
+    """``suspend_after``: "a pause longer than this many seconds becomes a suspend". A
+    pause whose save failed (a store blip: raised, and sent again before the next save)
+    has silenced the session all the same and says ``paused``: left alone, it must
+    still become a suspend, not stay paused with its lease and connections for good."""
+    from tests.test_job import closing
+
+    blinking = BlinkOnce(store)
+    session, rs, _ = await start(blinking, ["one"], suspend_after=0.2)
+    closed = closing(session)
+    await session.run(user_input="a")
+    blinking.blink = True
+    with pytest.raises(lr.StoreUnavailable):
+        await rs.pause()
+    assert state_of(rs) == "paused"
+    try:
+        await asyncio.wait_for(closed.wait(), 5.0)
+    except asyncio.TimeoutError:
+        pytest.fail(f"paused past suspend_after and still {rs.state}")
+    assert state_of(rs) == "suspended" and rs._lease is None
+    assert texts(await saved(store)) == live_texts(session)
+    await rs.aclose()
+    await session.aclose()
