@@ -480,10 +480,11 @@ class ResumableSession:
             raise RuntimeError(f"cannot pause session {self._key!r} in state {self._state!r}")
         await self._silencer.silence(session)
         self._state = "paused"
-        version = await self.checkpoint("pause")
-        await self._announcer.announce("paused", self._version)
+        # armed before the save: a pause whose save fails is a pause all the same
         if self._suspend_after is not None:
             self._long_pause.arm(self._suspend_after, self._suspend_long_pause)
+        version = await self.checkpoint("pause")
+        await self._announcer.announce("paused", self._version)
         return version
 
     def _suspend_long_pause(self) -> None:
