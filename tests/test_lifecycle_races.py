@@ -545,3 +545,49 @@ async def test_a_pause_whose_save_failed_still_suspends_after_suspend_after(
     assert texts(await saved(store)) == live_texts(session)
     await rs.aclose()
     await session.aclose()
+
+
+class HeldSends(SlowReplies):
+    """A store whose ``load`` and ``release`` go out only once their gate opens (a
+    network round trip not yet sent: a caller cancelled now has the call not applied)."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.loading, self.load_gate = asyncio.Event(), asyncio.Event()
+        self.releasing, self.release_gate = asyncio.Event(), asyncio.Event()
+
+    async def load(self, key: str, version: int | None = None) -> Any:
+        self.loading.set()
+        await self.load_gate.wait()
+        return await self.inner.load(key, version)
+
+    async def release(self, lease: Lease) -> None:
+        self.releasing.set()
+        await self.release_gate.wait()
+        await self.inner.release(lease)
+
+
+async def test_a_restore_cancelled_again_while_it_gives_its_lease_back_leaves_no_lease_behind(
+    store: Store,
+) -> None:
+    """`restore`: "the lease is released on failure". A restore cancelled while it reads
+    the snapshot gives its lease back; a second cancellation while that release is on its
+    way (a job's shutdown cancelling again) must not stop it half-way: the store would
+    name a holder that does not exist and refuse the caller's next job until the lease
+    expires."""
+    first, rs1, _ = await start(store, ["one"])
+    await first.run(user_input="a")
+    await rs1.suspend()
+    held = HeldSends(store)
+    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    rs = lr.ResumableSession(held, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    restoring = asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
+    await asyncio.wait_for(held.loading.wait(), DEADLINE)  # the lease is taken
+    restoring.cancel()
+    await asyncio.wait_for(held.releasing.wait(), DEADLINE)  # it gives the lease back
+    restoring.cancel()
+    held.release_gate.set()
+    await asyncio.wait({restoring}, timeout=DEADLINE)
+    assert restoring.cancelled()
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None, f"the cancelled restore holds {info}"
