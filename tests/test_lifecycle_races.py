@@ -232,6 +232,40 @@ async def test_a_restore_cancelled_while_taking_the_lease_leaves_no_lease_behind
     await s3.aclose()
 
 
+async def test_a_restore_cancelled_twice_while_taking_the_lease_leaves_no_lease_behind(
+    store: Store,
+) -> None:
+    """`restore`: "the lease is released on failure". A restore cancelled while the
+    store grants its lease waits for that grant and gives it back; a second
+    cancellation during that wait (a job's shutdown cancelling again, a task group
+    tearing down) must not abandon the grant: the store would name a holder that does
+    not exist, and refuse the caller's next job until the lease expires."""
+    first, rs1, _ = await start(store, ["one"])
+    await first.run(user_input="a")
+    await rs1.suspend()
+    slow = SlowReplies(store)
+    slow.hold_acquire = True
+    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    rs = lr.ResumableSession(slow, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    restoring = asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
+    await asyncio.wait_for(slow.applied.wait(), DEADLINE)  # granted, the reply on its way
+    restoring.cancel()
+    for _ in range(3):  # the restore takes the cancellation and waits for the grant
+        await asyncio.sleep(0)
+    assert not restoring.done()
+    restoring.cancel()
+    slow.hold_acquire = False
+    slow.gate.set()
+    await asyncio.wait({restoring}, timeout=DEADLINE)
+    assert restoring.cancelled()
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None, f"the cancelled restore holds {info}"
+    s3, rs3 = await fresh_restore(store, "w3")  # SessionBusy: held by 'w2'
+    assert rs3.resumed
+    await rs3.aclose()
+    await s3.aclose()
+
+
 class SlowAnnounce(SlowReplies):
     """A store with an event channel (`EventPublisher`) whose answer to ``publish``
     comes once ``gate`` opens: the last round trip of a restore."""
@@ -411,3 +445,149 @@ async def test_a_caller_cancelled_while_autosave_stops_is_cancelled() -> None:
     await asyncio.wait({closer}, timeout=DEADLINE)
     assert closer.done()
     assert closer.cancelled(), "aclose() returned: its caller's own cancellation was eaten"
+
+
+# -- a pause cancelled while it cuts speech ----------------------------------------------
+
+
+async def test_a_pause_cancelled_while_it_cuts_speech_ends_cancelled(store: Store) -> None:
+    """A caller cancelled (a job shutting down, an ``asyncio.wait_for`` around the call)
+    must end cancelled. `pause` waits for LiveKit to have cut the speech; with nothing
+    speaking that wait is already over when the cancellation lands, which is the race
+    where Python 3.11's ``asyncio.wait_for`` returns the result and eats the
+    cancellation: the pause then carries on as if nobody had asked it to stop."""
+    session, rs, _ = await start(store, ["one"])
+    await session.run(user_input="a")
+    pausing = asyncio.ensure_future(rs.pause())
+    await asyncio.sleep(0)  # the pause runs to its first wait: the speech cut
+    assert not session.input.audio_enabled, "the pause is not cutting speech yet"
+    pausing.cancel()
+    await asyncio.wait({pausing}, timeout=DEADLINE)
+    assert pausing.done()
+    assert pausing.cancelled(), "pause() returned: its caller's cancellation was eaten"
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_a_pause_cancelled_while_it_cuts_speech_leaves_state_and_audio_agreeing(
+    store: Store,
+) -> None:
+    """`pause`: "audio in and out off, speech cut, no replies"; `resume` undoes it. A
+    pause cancelled while the reply being spoken is cut must leave the session either
+    paused (and silent) or active (hearing and answering), never deaf while it says
+    ``active``: `resume` refuses an active session, so nothing could give it its
+    audio back, and a later pause or resume must work."""
+    session, rs, model = await start(store, ["one", "two"])
+    await session.run(user_input="a")
+    model.first_chunk_delay = DEADLINE  # the next reply is on its way while the pause cuts it
+    replying: asyncio.Future[Any] = asyncio.ensure_future(session.run(user_input="b"))
+
+    async def speaking() -> bool:
+        return session.current_speech is not None
+
+    await eventually(speaking, "a reply is being spoken", DEADLINE)
+    pausing = asyncio.ensure_future(rs.pause())
+    await asyncio.sleep(0)  # the pause runs to its first wait: the speech cut
+    assert not session.input.audio_enabled, "the pause is not cutting speech yet"
+    pausing.cancel()
+    await asyncio.wait({pausing}, timeout=DEADLINE)
+    assert pausing.cancelled()
+    await asyncio.wait({replying}, timeout=DEADLINE)
+    if state_of(rs) == "active":
+        assert session.input.audio_enabled and session.output.audio_enabled, (
+            "the session says active with its audio off"
+        )
+        assert "llm_node" not in vars(session.current_agent), "replies stay silenced"
+        await rs.pause()
+    assert state_of(rs) == "paused" and not session.input.audio_enabled
+    await rs.resume()
+    assert state_of(rs) == "active" and session.input.audio_enabled
+    assert session.output.audio_enabled
+    await rs.aclose()
+    await session.aclose()
+
+
+class BlinkOnce(SlowReplies):
+    """A store that fails its next commit once ``blink`` is set (`StoreUnavailable`,
+    before it reaches the store), as a store does while it fails over."""
+
+    blink = False
+
+    async def commit(self, commit: Commit) -> int:
+        if self.blink:
+            self.blink = False
+            raise lr.StoreUnavailable("the store did not answer in time")
+        return await super().commit(commit)
+
+
+async def test_a_pause_whose_save_failed_still_suspends_after_suspend_after(
+    store: Store,
+) -> None:
+    """``suspend_after``: "a pause longer than this many seconds becomes a suspend". A
+    pause whose save failed (a store blip: raised, and sent again before the next save)
+    has silenced the session all the same and says ``paused``: left alone, it must
+    still become a suspend, not stay paused with its lease and connections for good."""
+    from tests.test_job import closing
+
+    blinking = BlinkOnce(store)
+    session, rs, _ = await start(blinking, ["one"], suspend_after=0.2)
+    closed = closing(session)
+    await session.run(user_input="a")
+    blinking.blink = True
+    with pytest.raises(lr.StoreUnavailable):
+        await rs.pause()
+    assert state_of(rs) == "paused"
+    try:
+        await asyncio.wait_for(closed.wait(), 5.0)
+    except asyncio.TimeoutError:
+        pytest.fail(f"paused past suspend_after and still {rs.state}")
+    assert state_of(rs) == "suspended" and rs._lease is None
+    assert texts(await saved(store)) == live_texts(session)
+    await rs.aclose()
+    await session.aclose()
+
+
+class HeldSends(SlowReplies):
+    """A store whose ``load`` and ``release`` go out only once their gate opens (a
+    network round trip not yet sent: a caller cancelled now has the call not applied)."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.loading, self.load_gate = asyncio.Event(), asyncio.Event()
+        self.releasing, self.release_gate = asyncio.Event(), asyncio.Event()
+
+    async def load(self, key: str, version: int | None = None) -> Any:
+        self.loading.set()
+        await self.load_gate.wait()
+        return await self.inner.load(key, version)
+
+    async def release(self, lease: Lease) -> None:
+        self.releasing.set()
+        await self.release_gate.wait()
+        await self.inner.release(lease)
+
+
+async def test_a_restore_cancelled_again_while_it_gives_its_lease_back_leaves_no_lease_behind(
+    store: Store,
+) -> None:
+    """`restore`: "the lease is released on failure". A restore cancelled while it reads
+    the snapshot gives its lease back; a second cancellation while that release is on its
+    way (a job's shutdown cancelling again) must not stop it half-way: the store would
+    name a holder that does not exist and refuse the caller's next job until the lease
+    expires."""
+    first, rs1, _ = await start(store, ["one"])
+    await first.run(user_input="a")
+    await rs1.suspend()
+    held = HeldSends(store)
+    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    rs = lr.ResumableSession(held, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    restoring = asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
+    await asyncio.wait_for(held.loading.wait(), DEADLINE)  # the lease is taken
+    restoring.cancel()
+    await asyncio.wait_for(held.releasing.wait(), DEADLINE)  # it gives the lease back
+    restoring.cancel()
+    held.release_gate.set()
+    await asyncio.wait({restoring}, timeout=DEADLINE)
+    assert restoring.cancelled()
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None, f"the cancelled restore holds {info}"

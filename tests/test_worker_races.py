@@ -24,7 +24,7 @@ import livekit_resume as lr
 from livekit_resume.agent_hooks.job import JobPolicy
 from livekit_resume.stores.base import Commit, Lease, Store
 from livekit_resume.testing.poll import eventually
-from tests.test_hooks import Receptionist, start
+from tests.test_hooks import KEY, Receptionist, start
 from tests.test_job import RoomStandIn, closing
 
 DEADLINE = 10.0
@@ -229,6 +229,39 @@ async def test_a_caller_who_is_back_and_gone_again_is_suspended_after_the_grace(
         except asyncio.TimeoutError:
             pytest.fail(f"nobody is in the room and the session is {rs.state} after {DEADLINE}s")
         assert rs.state == "suspended"
+    finally:
+        await finish(policy, rs, session)
+
+
+async def test_a_caller_gone_while_the_store_blinks_is_still_suspended_after_the_grace(
+    sqlite_store: Store,
+) -> None:
+    """JobPolicy: "pauses the session when the last remote participant leaves ... and
+    suspends it when nobody does". A store that fails the pause's save once (a blip:
+    `StoreUnavailable`, the save is sent again before the next one) leaves the session
+    paused, silent, all the same: nobody coming back, the grace must still suspend it,
+    not keep it paused with its lease and model connections until the job ends."""
+    hooked = HookedStore(sqlite_store)
+    room = RoomStandIn()
+    session, rs, _ = await start(hooked, ["one", "two"], room=room)
+    policy = JobPolicy(rs, room, leave_grace=GRACE)  # type: ignore[arg-type]
+    policy.start()
+    closed = closing(session)
+    try:
+        await session.run(user_input="a")
+
+        def blink() -> None:
+            raise lr.StoreUnavailable("the store did not answer in time")
+
+        hooked.before_commit = blink  # the pause's save
+        room.leave("caller")
+        try:
+            await asyncio.wait_for(closed.wait(), DEADLINE)
+        except asyncio.TimeoutError:
+            pytest.fail(f"nobody is in the room and the session is {rs.state} after {DEADLINE}s")
+        assert rs.state == "suspended" and rs._lease is None
+        info = await sqlite_store.info(KEY)
+        assert info is not None and info.info["state"] == "suspended"
     finally:
         await finish(policy, rs, session)
 
@@ -816,3 +849,106 @@ async def test_archiving_a_stale_conversation_never_deletes_a_turn_another_worke
         if taken:
             await taken[1].aclose()
             await taken[0].aclose()
+
+
+async def _entry_rejoin_start_fails(ctx: Any) -> None:
+    """A job whose call was suspended by the leave grace; when the caller rejoins, the
+    restore in place succeeds and the session's restart fails once (``arm``: the room
+    went away mid-start, a model refused to connect)."""
+    import json
+
+    from livekit.agents.voice import room_io
+
+    from livekit_resume.agent_hooks.job import _policies
+    from tests.lk import jobs
+    from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+
+    opts: dict[str, Any] = json.loads(ctx.job.metadata)
+    registry = lr.AgentRegistry()
+    registry.register(_rj.Clerk)
+    store = lr.open_store(opts["store"], **opts.get("store_options", {}))
+    session = make_text_session(ScriptedLLM(default="noted"))
+    rs = await lr.resumable_job(
+        ctx,
+        session,
+        registry=registry,
+        default=_rj.Clerk,
+        store=store,
+        leave_grace=GRACE,
+        room_options=room_io.RoomOptions(audio_input=False, audio_output=False, text_output=False),
+        debounce=0.01,
+    )
+    starts = session.start
+    failing: list[bool] = []
+
+    async def start(*args: Any, **kwargs: Any) -> Any:  # a one-shot fault in the restart
+        if failing:
+            failing.clear()
+            raise RuntimeError("the session could not start")
+        return await starts(*args, **kwargs)
+
+    session.start = start  # type: ignore[method-assign]
+
+    def arm(_: list[str]) -> None:
+        failing.append(True)
+
+    async def turn(args: list[str]) -> None:
+        await session.run(user_input=" ".join(args))
+        await rs._autosave.idle.wait()
+        jobs.report("TURN", rs.version)
+
+    def state(_: list[str]) -> None:
+        jobs.report("STATE", rs.state, 0)
+
+    def settled(_: list[str]) -> None:
+        busy = bool(_policies[ctx]._tasks) or bool(failing)
+        jobs.report("SETTLED", int(not busy), rs.state, int(rs._lease is not None))
+
+    jobs.on_command("arm", arm)
+    jobs.on_command("turn", turn)
+    jobs.on_command("state", state)
+    jobs.on_command("settled", settled)
+    jobs.report("READY", 0, rs.version, "[]")
+
+
+async def test_a_restore_in_place_whose_session_fails_to_start_frees_the_call_for_a_retry(
+    target: dict[str, Any],
+) -> None:
+    """job.py: a participant joining a suspended session restores it in place; one that
+    cannot be restored "stays suspended ... and may try again on the next join". A
+    restore that took the lease and whose session then failed to start holds nothing
+    afterwards: no session runs, so the call must be suspended again with its lease
+    released (not active, renewing a lease for a session nobody can reach, and never
+    tried again), and the caller's next join restores it."""
+    async with JobHarness() as harness:
+        job = await harness.start_job(
+            "tests.test_worker_races:_entry_rejoin_start_fails",
+            room="call-11",
+            metadata=_rj.metadata(target),
+        )
+        await _rj.ready(job)
+        await _rj.turn(job, _rj.TURNS[0])
+
+        async def settled() -> bool:
+            await job.send("settled")
+            return (await job.expect("SETTLED")).split()[1] == "1"
+
+        await job.send("leave caller CLIENT_INITIATED")
+        await _rj.until_state(job, "suspended")
+        # the grace's suspend is over (else its step would see the join too, and a second
+        # restore in place, queued behind the failing one, would hide what it left)
+        await eventually(settled, "the grace's suspend is over", DEADLINE)
+        await job.send("arm")
+        await job.send("join caller")  # restored in place; its start fails
+        await eventually(settled, "the restore in place is over", DEADLINE)
+        await job.send("settled")
+        _, _, state, held = (await job.expect("SETTLED")).split()
+        assert (state, held) == ("suspended", "0"), f"no session runs, yet it is {state}"
+        info = await _rj._info(target, "call-11")
+        assert info is not None and info.owner is None, f"no session runs, yet {info}"
+        await job.send("leave caller CLIENT_INITIATED")
+        await job.send("join caller")  # the next join tries again
+        await _rj.until_state(job, "active")
+        await _rj.turn(job, _rj.TURNS[1])
+        await job.shutdown()
+    assert _rj.user_texts(await _rj.stored(target, "call-11")) == list(_rj.TURNS[:2])

@@ -192,14 +192,19 @@ class JobPolicy:
 
     async def _pause_for_leave(self) -> None:
         self._left_pause = True
-        await self._rs.pause()
+        try:
+            await self._rs.pause()
+        finally:
+            # paused even when its save failed (a store blip; the next save sends it
+            # again): the grace runs all the same, or nothing would ever suspend it
+            if self._rs.state == "paused":
+                self._arm(self._leave_grace or 0.0)
         log.info(
             "session %r paused: the last participant left (%.0fs grace)",
             self._rs.key,
             self._leave_grace,
             extra={"key": self._rs.key},
         )
-        self._arm(self._leave_grace or 0.0)
 
     async def _resume_after_leave(self) -> None:
         self._left_pause = False
@@ -472,7 +477,16 @@ async def resumable_job(
                 session.history.items.clear()
                 restored = await rs.restore(session, default=default)
                 closed.clear()
-                await session.start(restored, room=ctx.room, room_options=opts)
+                try:
+                    await session.start(restored, room=ctx.room, room_options=opts)
+                except BaseException:
+                    # Nothing runs: suspended again, the lease freed (held, nobody else
+                    # could take the call and autosave would renew it), and ``closed``
+                    # set again (a session that never started never closes), so the
+                    # next join tries again.
+                    await rs._unrestore()
+                    closed.set()
+                    raise
 
         policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace, rejoin=rejoin)
         earlier = _policies.get(ctx)

@@ -105,13 +105,18 @@ class LeaseHolder:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            try:
-                granted = lease_of(await task)
-            except Exception:
-                granted = None  # refused or failed: nothing to give up
-            if granted is not None:
-                await self._release(granted)
+            # awaited here directly, a second cancellation would cancel the acquisition
+            # (losing its grant) or the release
+            await _to_its_end(self._give_back(task, lease_of))
             raise
+
+    async def _give_back(self, call: asyncio.Future[_T], lease_of: Callable[[_T], Lease]) -> None:
+        """Release the lease ``call`` grants, if it grants one."""
+        try:
+            granted = lease_of(await call)
+        except Exception:
+            return  # refused or failed: nothing to give up
+        await self._release(granted)
 
     async def renew(self) -> bool:
         """Extend the lease. Returns False when the session vanished (nobody took it:
@@ -170,7 +175,9 @@ class LeaseHolder:
         """Give the lease up; a failure is logged and counted (the lease then expires)."""
         lease, self.lease = self.lease, None
         if lease is not None:
-            await self._release(lease)
+            # often called as a cancellation unwinds (a failed or cancelled restore): a
+            # second one must not stop the release before it reaches the store
+            await _to_its_end(self._release(lease))
 
     async def _release(self, lease: Lease) -> None:
         try:
@@ -187,3 +194,17 @@ class LeaseHolder:
     def drop(self) -> None:
         """Forget the lease without releasing it: it was lost to another worker."""
         self.lease = None
+
+
+async def _to_its_end(work: Awaitable[None]) -> None:
+    """Run ``work`` to its end in a task of its own, however many cancellations arrive
+    meanwhile; once it is done, a cancellation that arrived goes on."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError

@@ -480,10 +480,11 @@ class ResumableSession:
             raise RuntimeError(f"cannot pause session {self._key!r} in state {self._state!r}")
         await self._silencer.silence(session)
         self._state = "paused"
-        version = await self.checkpoint("pause")
-        await self._announcer.announce("paused", self._version)
+        # armed before the save: a pause whose save fails is a pause all the same
         if self._suspend_after is not None:
             self._long_pause.arm(self._suspend_after, self._suspend_long_pause)
+        version = await self.checkpoint("pause")
+        await self._announcer.announce("paused", self._version)
         return version
 
     def _suspend_long_pause(self) -> None:
@@ -593,6 +594,14 @@ class ResumableSession:
             await final_save(self.checkpoint, self._key, lambda: self._version)
         await self._detach_and_release()
         self._state = "closed"
+
+    async def _unrestore(self) -> None:
+        """Undo a restore after a suspend whose session then failed to start (job.py's
+        restore in place): nothing runs, so the key goes back to the store as the suspend
+        left it, no lease held, and a later `restore` may try again."""
+        await self._detach_and_release()
+        self._state = "suspended"
+        await self._publish_attributes()
 
     # ----------------------------------------------------------- internals
 

@@ -61,9 +61,17 @@ class Silencer:
         except RuntimeError:
             done = None  # not started: nothing is speaking
         if done is not None:
+            # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the result of a
+            # future done as its caller is cancelled and eats the cancellation (here the
+            # cut is often done at once: nothing was speaking); wait never cancels ``done``
             try:
-                await asyncio.wait_for(asyncio.shield(done), INTERRUPT_TIMEOUT)
-            except asyncio.TimeoutError:
+                _, pending = await asyncio.wait({done}, timeout=INTERRUPT_TIMEOUT)
+            except BaseException:
+                # cancelled half-way: undone, so the caller's state ("active") stays true
+                # and a later pause can silence it whole (resume refuses an active session)
+                self.unsilence(session)
+                raise
+            if pending:
                 log.warning(
                     "session %r: speech did not stop within %.0fs of pause",
                     self._key,
