@@ -72,7 +72,7 @@ async def _entry(ctx: JobContext) -> None:
             jobs.report("TWICE", type(e).__name__)
 
     def lost_watch(_: list[str]) -> None:
-        jobs.report("STATE", rs.state, int(rs._autosave.lost is not None))
+        jobs.report("STATE", shown_state(session, rs), int(rs._autosave.lost is not None))
 
     async def turn(args: list[str]) -> None:
         await session.run(user_input=" ".join(args))
@@ -91,6 +91,13 @@ async def _entry(ctx: JobContext) -> None:
 
 
 # ------------------------------------------------------------------------ helpers
+
+
+def shown_state(session: AgentSession[Any], rs: lr.ResumableSession) -> str:
+    """``rs.state`` as a test waits on it: a restore in place is ``active`` as soon as
+    its history is back, a moment before the policy has restarted the session, and a
+    turn in that moment fails ("AgentSession isn't running")."""
+    return "starting" if rs.state == "active" and not session._started else rs.state
 
 
 def metadata(target: dict[str, Any], **extra: Any) -> str:
@@ -480,7 +487,7 @@ async def _entry_rejoin(ctx: JobContext) -> None:
         jobs.report("AGAIN", int(live[-1][1].resumed))
 
     def state(_: list[str]) -> None:
-        jobs.report("STATE", live[-1][1].state, 0, *(rs.state for _, rs in live))
+        jobs.report("STATE", shown_state(*live[-1]), 0, *(rs.state for _, rs in live))
 
     def history(_: list[str]) -> None:
         session = live[-1][0]

@@ -749,7 +749,7 @@ async def _entry_again_during_rejoin(ctx: Any) -> None:
         jobs.report("TURN", rs.version)
 
     def state(_: list[str]) -> None:
-        jobs.report("STATE", live[0][1].state, 0)
+        jobs.report("STATE", _rj.shown_state(*live[0]), 0)
 
     def holders(_: list[str]) -> None:
         jobs.report(
@@ -898,7 +898,7 @@ async def _entry_rejoin_start_fails(ctx: Any) -> None:
         jobs.report("TURN", rs.version)
 
     def state(_: list[str]) -> None:
-        jobs.report("STATE", rs.state, 0)
+        jobs.report("STATE", _rj.shown_state(session, rs), 0)
 
     def settled(_: list[str]) -> None:
         busy = bool(_policies[ctx]._tasks) or bool(failing)
