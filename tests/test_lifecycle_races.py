@@ -591,3 +591,32 @@ async def test_a_restore_cancelled_again_while_it_gives_its_lease_back_leaves_no
     assert restoring.cancelled()
     info = await store.info(KEY)
     assert info is not None and info.owner is None, f"the cancelled restore holds {info}"
+
+
+async def test_a_restore_failing_after_it_filled_the_history_leaves_it_as_it_was(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ResumableSession.restore`: "the lease is released on failure", and a retry into
+    the same `AgentSession` must give the saved items "each exactly once" (DESIGN.md).
+    A restore that fails (or is cancelled) once it put the saved items in the history,
+    here in the agent's context update, takes them out again."""
+    first, rs1, _ = await start(store, ["one"])
+    await first.run(user_input="a")
+    await rs1.suspend()
+    saved_ids = [i.id for i in first.history.items]
+
+    async def refused(self: Receptionist, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the agent's context could not be updated")
+
+    monkeypatch.setattr(Receptionist, "update_chat_ctx", refused)
+    rs = lr.ResumableSession(store, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    with pytest.raises(RuntimeError, match="could not be updated"):
+        await rs.restore(session, default=lambda: Receptionist(rs))
+    assert session.history.items == []
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None  # the lease went back too
+    monkeypatch.undo()
+    await rs.restore(session, default=lambda: Receptionist(rs))
+    assert [i.id for i in session.history.items] == saved_ids
+    await rs.aclose()

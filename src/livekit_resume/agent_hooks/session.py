@@ -247,9 +247,13 @@ class ResumableSession:
         # snapshot is decoded and rebuilt. A command it hears before the restore is done
         # is refused: the session is not attached yet.
         listening = asyncio.ensure_future(self._control.start())
+        # what the history held before: a restore that fails once it filled it takes
+        # its items out again, so that a retry into this session has each item once
+        kept = list(session.history.items)
         try:
             agent = await self._load_into(session, default, salvage, stored)
         except BaseException:
+            session.history.items[:] = kept
             await self._holder.release()
             # The inbox is stopped once its start is done (subscribed, or given up after
             # START_WAIT), as after any restore: stopped mid-subscription, Python 3.11's
@@ -279,6 +283,7 @@ class ResumableSession:
             await asyncio.gather(listening, return_exceptions=True)
             await self._detach_and_release()
             self._session, self._state = before
+            session.history.items[:] = kept
             raise
         log.info(
             "session %r %s at version %d",
