@@ -14,6 +14,8 @@ examples per backend with random seeds (``LIVEKIT_RESUME_SOAK=1``: 500).
 from __future__ import annotations
 
 import asyncio
+import copy
+import itertools
 import math
 import os
 from collections.abc import Awaitable
@@ -61,7 +63,7 @@ DATA = st.one_of(st.binary(max_size=6), st.sampled_from([b"", b"@", b"@3:abc", b
 _soak = os.environ.get("LIVEKIT_RESUME_SOAK", "")
 SOAK = int(_soak) if _soak.isdigit() and int(_soak) > 1 else (500 if _soak else 0)
 SETTINGS = settings(
-    max_examples=SOAK or 20,
+    max_examples=SOAK or 30,
     stateful_step_count=40 if SOAK else 30,
     deadline=None,
     derandomize=not SOAK,
@@ -532,6 +534,59 @@ def _machine(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> type[
             """Many records at once: edits and moves grow the log past compaction."""
             self.write(self.current(), data, n, None, True, False, CHURN)
 
+        def race_call(self, data: st.DataObject, kind: str) -> Call | None:
+            """One call of a race, or None when nobody can make it."""
+            if kind in ("commit", "renew", "release", "fenced delete"):
+                pairs = self.current() if kind == "commit" else self.holders()
+                if not pairs:
+                    return None
+                owner, key, view = self.pick(data, pairs)
+                assert view.lease is not None
+                if kind == "commit":
+                    choices = data.draw(ops(data.draw(st.integers(0, 3))))
+                    sent = self.commit_of(
+                        view, key, choices, commit_id=f"{owner}-r{self.commits + 1}"
+                    )
+                    return Call(kind, owner, key, view, sent=sent)
+                return Call(kind, owner, key, view, lease=view.lease)
+            owner, key, view = self.pick(data, self.pairs())
+            return Call(kind, owner, key, view, takeover=data.draw(st.booleans()))
+
+        @precondition(lambda self: self.store is not None)
+        @rule(
+            data=st.data(),
+            kinds=st.lists(st.sampled_from(RACES), min_size=2, max_size=2),
+        )
+        def race(self, data: st.DataObject, kinds: list[str]) -> None:
+            """Two calls in flight at once (commits, acquisitions, renewals, releases,
+            deletes): the store must answer as if it ran them one after the other, in
+            one order or the other."""
+            self.step()
+            calls = [c for c in (self.race_call(data, k) for k in kinds) if c is not None]
+            results = self.run(_together([c.start(self.s) for c in calls]))
+            fits = []
+            for order in itertools.permutations(range(len(calls))):
+                model = copy.deepcopy(self.model)
+                if all(calls[i].fits(model, results[i]) for i in order):
+                    fits.append(model)
+            assert fits, f"no order of {calls} explains what the store answered: {results}"
+            if len(fits) > 1:  # the answers fit both orders: the store's state tells which
+                seen = self.run(self.sessions_seen())
+                fits = [m for m in fits if _sessions_of(m, self.keys) == seen] or fits[:1]
+            self.model = fits[0]
+            for call, result in zip(calls, results, strict=True):
+                if isinstance(result, Lease):
+                    self.epochs_seen.add((call.key, result.epoch))
+                    call.view.lease = result
+                    if call.kind == "acquire":
+                        self.refresh(call.key, call.view)
+                elif isinstance(result, int) and not isinstance(result, bool):
+                    assert call.sent is not None
+                    call.view.base = result
+                    call.view.streams = {n: list(i) for n, i in call.sent.streams.items()}
+                if call.sent is not None:
+                    call.view.last = call.sent
+
         @precondition(lambda self: any(v.last for v in self.views.values()))
         @rule(data=st.data())
         def send_again(self, data: st.DataObject) -> None:
@@ -580,6 +635,10 @@ def _machine(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> type[
             self.step()
             assert self.model.ttl is not None
             self.model.now += self.model.ttl
+
+        async def sessions_seen(self) -> list[tuple[int, str | None, int] | None]:
+            infos = [await self.s.info(key) for key in self.keys]
+            return [None if i is None else (i.epoch, i.owner, i.version) for i in infos]
 
         # -- what must hold after every step --------------------------------------
 
@@ -651,6 +710,83 @@ def _machine(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> type[
                     await _not_found(store.load(key, s.versions[0].version - 1))
 
     return StoreMachine
+
+
+RACES = ("commit", "commit", "acquire", "renew", "release", "delete", "fenced delete")
+
+
+@dataclass
+class Call:
+    """One call of a race, and whether its answer fits a model that ran it just now."""
+
+    kind: str
+    owner: str
+    key: str
+    view: View
+    sent: Sent | None = None
+    lease: Lease | None = None
+    takeover: bool = False
+
+    def start(self, store: Store) -> Awaitable[Any]:
+        if self.kind == "commit":
+            assert self.sent is not None
+            return store.commit(self.sent.commit)
+        if self.kind == "acquire":
+            return store.acquire(self.key, self.owner, ttl=LEASE_TTL, takeover=self.takeover)
+        if self.kind == "delete":
+            return store.delete(self.key)
+        assert self.lease is not None
+        if self.kind == "renew":
+            return store.renew(self.lease, ttl=LEASE_TTL)
+        if self.kind == "release":
+            return store.release(self.lease)
+        return store.delete(self.key, lease=self.lease)
+
+    def fits(self, m: Model, got: Any) -> bool:
+        """Whether ``got`` is what the contract answers on ``m`` (which it then updates)."""
+        if self.kind == "commit":
+            assert self.sent is not None
+            want = m.commit(self.sent.commit, self.sent.streams)
+        elif self.kind == "acquire":
+            before = m.live(self.key)
+            floor = max(m.max_epoch.get(self.key, 0), before.epoch if before else 0)
+            want = m.acquire(self.key, self.owner, self.takeover)
+            if want[0] == "ok":
+                if not isinstance(got, Lease) or not (
+                    got.epoch > floor if want[1] == -1 else got.epoch == want[1]
+                ):
+                    return False
+                m.acquired(self.key, self.owner, got.epoch)
+                return True
+        elif self.kind in ("delete", "fenced delete"):
+            want = m.delete(self.key, self.lease if self.kind == "fenced delete" else None)
+        else:
+            assert self.lease is not None
+            s = m.current(self.lease)
+            if self.kind == "release":
+                if s is not None:
+                    s.owner, s.lease_expires = None, None
+                return got is None
+            if s is None:
+                return isinstance(got, LeaseLost)
+            s.lease_expires, s.touched = m.now + LEASE_TTL, m.now
+            return isinstance(got, Lease) and got.epoch == self.lease.epoch
+        if want[0] == "raise":
+            return isinstance(got, want[1])
+        return not isinstance(got, BaseException) and got == want[1]
+
+
+def _sessions_of(m: Model, keys: tuple[str, ...]) -> list[tuple[int, str | None, int] | None]:
+    """What `StoreMachine.sessions_seen` reads of a store in the state of ``m``."""
+    out: list[tuple[int, str | None, int] | None] = []
+    for key in keys:
+        s = m.live(key)
+        out.append(None if s is None else (s.epoch, s.owner if m.lease_live(s) else None, s.head))
+    return out
+
+
+async def _together(calls: list[Awaitable[Any]]) -> list[Any]:
+    return list(await asyncio.gather(*calls, return_exceptions=True))
 
 
 def _check_lost(e: LeaseLost, c: Commit, s: MSession | None) -> None:
