@@ -191,9 +191,10 @@ class MemoryStore:
     @staticmethod
     def _renew_by(s: _Session, commit: Commit, now: float) -> None:
         """A commit that lands, or that a retry finds landed, renews the held lease
-        (`Commit.lease_ttl`)."""
+        (`Commit.lease_ttl`) as `renew` does: the session's expiry moves too, so that
+        the lease never outlives it."""
         if commit.lease_ttl is not None and s.owner is not None:
-            s.lease_expires_at = now + commit.lease_ttl
+            s.lease_expires_at, s.touched_at = now + commit.lease_ttl, now
 
     async def load(self, key: str, version: int | None = None) -> Stored:
         s = self._get(key)

@@ -12,7 +12,9 @@
 local function renew_lease(s)
   if ARGV[14] ~= '' and s.owner then
     redis.call('HSET', HEAD, 'expires', fmt(NOW + tonumber(ARGV[14])))
+    return true
   end
+  return false
 end
 
 local function main()
@@ -26,7 +28,11 @@ local function main()
     if s.version == base + 1 and s.version >= s.oldest then
       local done = redis.call('HMGET', vkey(s.version), 'cid', 'gen', 'end', 'records')
       if done[1] == ARGV[6] then
-        renew_lease(s)
+        if renew_lease(s) then  -- as renew.lua does: the session's expiry moves too
+          s.touched = NOW
+          redis.call('HSET', HEAD, 'touched', fmt(NOW))
+          refresh_ttl(s)
+        end
         return {'ok', s.version, tonumber(done[3]), tonumber(done[2]),
           tonumber(done[4]) or tonumber(done[3])}
       end

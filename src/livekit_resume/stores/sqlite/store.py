@@ -286,10 +286,12 @@ class SQLiteStore:
                         (ns, key, s.version),
                     ).fetchone()
                     if top is not None and top[0] == c.commit_id:
+                        # A renewal (as `_renew`) moves the session's expiry too.
+                        renews = c.lease_ttl is not None and s.owner is not None
                         conn.execute(
-                            "UPDATE sessions SET lease_expires_at=?, lease_ttl=? "
-                            "WHERE ns=? AND key=?",
-                            (*_lease_after(c, s, now), ns, key),
+                            "UPDATE sessions SET lease_expires_at=?, lease_ttl=?, "
+                            "touched_at=? WHERE ns=? AND key=?",
+                            (*_lease_after(c, s, now), now if renews else s.touched_at, ns, key),
                         )
                         return s.version  # a retry of a commit that landed: answer it
                 raise head_moved_error(c, s.version)
