@@ -36,11 +36,11 @@ from hypothesis.stateful import (
 
 from livekit_resume.errors import LeaseLost, SessionBusy, SnapshotNotFound
 from livekit_resume.stores.base import Commit, KeyPages, Lease, Record, Store, Stored
+from livekit_resume.testing.conformance._model import Items, apply_record, nonempty
 from tests.conftest import STORE_FACTORIES, StoreFactory
 
 T = TypeVar("T")
 
-Items = dict[str, list[tuple[str, bytes]]]
 InfoDict = dict[str, str | int | float | bool | None]
 
 # Times are T0 plus multiples of 1/512 s: exact in binary, so a float survives every
@@ -69,22 +69,6 @@ SETTINGS = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-def nonempty(streams: Items) -> Items:
-    return {name: list(items) for name, items in streams.items() if items}
-
-
-def apply(streams: Items, rec: Record) -> None:
-    """A record's meaning, written plainly (not `fold_records`)."""
-    items = streams.setdefault(rec.stream, [])
-    if rec.data is None and rec.id == "":
-        items.clear()
-        return
-    items[:] = [(i, d) for i, d in items if i != rec.id]
-    if rec.data is not None:
-        pos = 0 if rec.after is None else [i for i, _ in items].index(rec.after) + 1
-        items.insert(pos, (rec.id, rec.data))
 
 
 @dataclass
@@ -291,7 +275,7 @@ def records(
             rec = Record(stream, "", None)
         else:  # the removal of an item that does not exist: nothing happens
             rec = Record(stream, f"gone{pick}", None)
-        apply(out, rec)
+        apply_record(out, rec)
         recs.append(rec)
     return recs, out
 

@@ -15,7 +15,7 @@ def live(stored: Stored) -> Items:
     return {name: list(items) for name, items in stored.streams.items() if items}
 
 
-def _apply(model: Items, rec: Record) -> None:
+def apply_record(model: Items, rec: Record) -> None:
     """The meaning of a record, written plainly: remove the id, then place it after ``after``."""
     items = model.setdefault(rec.stream, [])
     if rec.data is None and rec.id == "":
@@ -53,7 +53,7 @@ class Writer:
         self.expected: dict[int, tuple[bytes, Items, InfoDict]] = {}
 
     def _add(self, rec: Record) -> None:
-        _apply(self.model, rec)
+        apply_record(self.model, rec)
         self.pending.append(rec)
 
     def ids(self, stream: str) -> list[str]:
