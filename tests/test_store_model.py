@@ -7,8 +7,8 @@ clock that expires leases and sessions. A plain model (`Model`) says what the co
 of stores/base.py makes each call return or refuse, and after every step each retained
 version, the version list, `info` and `keys` are read back and compared with it.
 
-CI runs a few dozen derandomized examples per backend; ``LIVEKIT_RESUME_SOAK=N`` runs N
-examples per backend with random seeds (``LIVEKIT_RESUME_SOAK=1``: 500).
+CI runs 30 derandomized examples per backend; ``RESUME_SOAK=N`` (as for the fault
+suite) runs N times as many per backend with random seeds.
 """
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ OWNERS = ("w0", "w1", "w2")
 KEYS = ("k0", "k1:{x}%7D*?[ü")
 DATA = st.one_of(st.binary(max_size=6), st.sampled_from([b"", b"@", b"@3:abc", b"\x00\xff"]))
 
-_soak = os.environ.get("LIVEKIT_RESUME_SOAK", "")
-SOAK = int(_soak) if _soak.isdigit() and int(_soak) > 1 else (500 if _soak else 0)
+# as the fault suite's: RESUME_SOAK=N multiplies the examples; past 1, seeds are random
+SOAK = max(1, int(os.environ.get("RESUME_SOAK", "1") or "1"))
 SETTINGS = settings(
-    max_examples=SOAK or 30,
-    stateful_step_count=40 if SOAK else 30,
+    max_examples=30 * SOAK,
+    stateful_step_count=40 if SOAK > 1 else 30,
     deadline=None,
-    derandomize=not SOAK,
+    derandomize=SOAK == 1,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
