@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -642,34 +643,65 @@ async def test_a_lease_expired_under_a_long_checkpoint_fences_it_when_another_wo
             await taken[0].aclose()
 
 
-async def _entry_twice_at_once(ctx: Any) -> None:
-    """A job whose code restores its key twice at the same moment (two handlers racing,
-    say): `resumable_job` twice, concurrently, each with its own AgentSession."""
-    import json
+def _job_store(ctx: Any) -> Store:
+    """The store a job child of this file is given in its dispatch metadata."""
+    opts: dict[str, Any] = json.loads(ctx.job.metadata)
+    return lr.open_store(opts["store"], **opts.get("store_options", {}))
 
+
+def _job_call(
+    ctx: Any, store: Store, *, leave_grace: float | None = GRACE
+) -> Callable[[AgentSession[Any]], Awaitable[lr.ResumableSession]]:
+    """`resumable_job` as this file's job children call it: the clerk, text only."""
     from livekit.agents.voice import room_io
 
-    from tests.lk import jobs
-    from tests.lk.scripted_llm import ScriptedLLM, make_text_session
-
-    opts: dict[str, Any] = json.loads(ctx.job.metadata)
     registry = lr.AgentRegistry()
     registry.register(_rj.Clerk)
-    store = lr.open_store(opts["store"], **opts.get("store_options", {}))
     quiet = room_io.RoomOptions(audio_input=False, audio_output=False, text_output=False)
 
-    def call() -> Any:
+    def call(session: AgentSession[Any]) -> Awaitable[lr.ResumableSession]:
         return lr.resumable_job(
             ctx,
-            make_text_session(ScriptedLLM(default="noted")),
+            session,
             registry=registry,
             default=_rj.Clerk,
             store=store,
-            leave_grace=None,
+            leave_grace=leave_grace,
             room_options=quiet,
+            debounce=0.01,
         )
 
-    results = await asyncio.gather(call(), call(), return_exceptions=True)
+    return call
+
+
+def _serve(session: AgentSession[Any], rs: lr.ResumableSession) -> None:
+    """A job child's answers to ``turn`` (a user turn, saved) and ``state``."""
+    from tests.lk import jobs
+
+    async def turn(args: list[str]) -> None:
+        await session.run(user_input=" ".join(args))
+        await rs._autosave.idle.wait()
+        jobs.report("TURN", rs.version)
+
+    def state(_: list[str]) -> None:
+        jobs.report("STATE", _rj.shown_state(session, rs), 0)
+
+    jobs.on_command("turn", turn)
+    jobs.on_command("state", state)
+
+
+async def _entry_twice_at_once(ctx: Any) -> None:
+    """A job whose code restores its key twice at the same moment (two handlers racing,
+    say): `resumable_job` twice, concurrently, each with its own AgentSession."""
+    from tests.lk import jobs
+    from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+
+    call = _job_call(ctx, _job_store(ctx), leave_grace=None)
+    results = await asyncio.gather(
+        call(make_text_session(ScriptedLLM(default="noted"))),
+        call(make_text_session(ScriptedLLM(default="noted"))),
+        return_exceptions=True,
+    )
     jobs.report(
         "TWICE_AT_ONCE",
         *(
@@ -701,32 +733,12 @@ async def _entry_again_during_rejoin(ctx: Any) -> None:
     """A job whose call was suspended by the leave grace; when the caller rejoins, the
     first call's policy restores it in place, and while that restore takes the lease the
     job's code calls `resumable_job` for the key again with a new AgentSession."""
-    import json
-
-    from livekit.agents.voice import room_io
-
     from tests.lk import jobs
     from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 
-    opts: dict[str, Any] = json.loads(ctx.job.metadata)
-    registry = lr.AgentRegistry()
-    registry.register(_rj.Clerk)
-    store = HookedStore(lr.open_store(opts["store"], **opts.get("store_options", {})))
-    quiet = room_io.RoomOptions(audio_input=False, audio_output=False, text_output=False)
+    store = HookedStore(_job_store(ctx))
+    call = _job_call(ctx, store)
     model = ScriptedLLM(default="noted")
-
-    def call(session: AgentSession[Any]) -> Any:
-        return lr.resumable_job(
-            ctx,
-            session,
-            registry=registry,
-            default=_rj.Clerk,
-            store=store,
-            leave_grace=GRACE,
-            room_options=quiet,
-            debounce=0.01,
-        )
-
     first = make_text_session(model)
     live = [(first, await call(first))]
 
@@ -742,15 +754,6 @@ async def _entry_again_during_rejoin(ctx: Any) -> None:
     def arm(_: list[str]) -> None:
         store.before_acquire = again  # the restore in place's acquisition of the lease
 
-    async def turn(args: list[str]) -> None:
-        session, rs = live[0]
-        await session.run(user_input=" ".join(args))
-        await rs._autosave.idle.wait()
-        jobs.report("TURN", rs.version)
-
-    def state(_: list[str]) -> None:
-        jobs.report("STATE", _rj.shown_state(*live[0]), 0)
-
     def holders(_: list[str]) -> None:
         jobs.report(
             "HOLDERS",
@@ -762,9 +765,8 @@ async def _entry_again_during_rejoin(ctx: Any) -> None:
             ),
         )
 
+    _serve(*live[0])
     jobs.on_command("arm", arm)
-    jobs.on_command("turn", turn)
-    jobs.on_command("state", state)
     jobs.on_command("holders", holders)
     jobs.report("READY", 0, live[0][1].version, "[]")
 
@@ -855,29 +857,12 @@ async def _entry_rejoin_start_fails(ctx: Any) -> None:
     """A job whose call was suspended by the leave grace; when the caller rejoins, the
     restore in place succeeds and the session's restart fails once (``arm``: the room
     went away mid-start, a model refused to connect)."""
-    import json
-
-    from livekit.agents.voice import room_io
-
     from livekit_resume.agent_hooks.job import _policies
     from tests.lk import jobs
     from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 
-    opts: dict[str, Any] = json.loads(ctx.job.metadata)
-    registry = lr.AgentRegistry()
-    registry.register(_rj.Clerk)
-    store = lr.open_store(opts["store"], **opts.get("store_options", {}))
     session = make_text_session(ScriptedLLM(default="noted"))
-    rs = await lr.resumable_job(
-        ctx,
-        session,
-        registry=registry,
-        default=_rj.Clerk,
-        store=store,
-        leave_grace=GRACE,
-        room_options=room_io.RoomOptions(audio_input=False, audio_output=False, text_output=False),
-        debounce=0.01,
-    )
+    rs = await _job_call(ctx, _job_store(ctx))(session)
     starts = session.start
     failing: list[bool] = []
 
@@ -892,21 +877,12 @@ async def _entry_rejoin_start_fails(ctx: Any) -> None:
     def arm(_: list[str]) -> None:
         failing.append(True)
 
-    async def turn(args: list[str]) -> None:
-        await session.run(user_input=" ".join(args))
-        await rs._autosave.idle.wait()
-        jobs.report("TURN", rs.version)
-
-    def state(_: list[str]) -> None:
-        jobs.report("STATE", _rj.shown_state(session, rs), 0)
-
     def settled(_: list[str]) -> None:
         busy = bool(_policies[ctx]._tasks) or bool(failing)
         jobs.report("SETTLED", int(not busy), rs.state, int(rs._lease is not None))
 
+    _serve(session, rs)
     jobs.on_command("arm", arm)
-    jobs.on_command("turn", turn)
-    jobs.on_command("state", state)
     jobs.on_command("settled", settled)
     jobs.report("READY", 0, rs.version, "[]")
 
