@@ -97,6 +97,30 @@ async def fresh_restore(
     return session, rs
 
 
+async def suspended_call(store: Store) -> AgentSession[Visit]:
+    """A call of one turn, suspended by its worker: saved, and its lease free."""
+    first, rs1, _ = await start(store, ["one"])
+    await first.run(user_input="a")
+    await rs1.suspend()
+    return first
+
+
+def second_worker(store: Store) -> tuple[AgentSession[Visit], lr.ResumableSession]:
+    """Worker ``w2``'s new session and `ResumableSession` for the key, not yet restored
+    (`restoring` restores one into the other)."""
+    rs = lr.ResumableSession(store, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    return AgentSession(userdata=Visit()), rs
+
+
+def restoring(session: AgentSession[Visit], rs: lr.ResumableSession) -> asyncio.Future[Any]:
+    return asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
+
+
+async def assert_no_holder(store: Store) -> None:
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None, f"the cancelled restore holds {info}"
+
+
 # -- a checkpoint cancelled after its commit reached the store ---------------------------
 
 
@@ -210,16 +234,10 @@ async def test_a_restore_cancelled_while_taking_the_lease_leaves_no_lease_behind
     worker holds the session". A job cancelled during its restore (the caller hung up at
     once, the worker shut down) holds nothing afterwards; the store must not go on naming
     it the holder, or the caller's next job is refused until the lease expires (30 s)."""
-    first, rs1, _ = await start(store, ["one"])
-    await first.run(user_input="a")
-    await rs1.suspend()
+    first = await suspended_call(store)
     slow = SlowReplies(store)
     slow.hold_acquire = True
-    session: AgentSession[Visit] = AgentSession(userdata=Visit())
-    rs = lr.ResumableSession(slow, KEY, registry=registry(), userdata_type=Visit, owner="w2")
-    await cancel_once_applied(
-        slow, asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
-    )
+    await cancel_once_applied(slow, restoring(*second_worker(slow)))
 
     async def released() -> bool:
         info = await store.info(KEY)
@@ -240,26 +258,21 @@ async def test_a_restore_cancelled_twice_while_taking_the_lease_leaves_no_lease_
     cancellation during that wait (a job's shutdown cancelling again, a task group
     tearing down) must not abandon the grant: the store would name a holder that does
     not exist, and refuse the caller's next job until the lease expires."""
-    first, rs1, _ = await start(store, ["one"])
-    await first.run(user_input="a")
-    await rs1.suspend()
+    await suspended_call(store)
     slow = SlowReplies(store)
     slow.hold_acquire = True
-    session: AgentSession[Visit] = AgentSession(userdata=Visit())
-    rs = lr.ResumableSession(slow, KEY, registry=registry(), userdata_type=Visit, owner="w2")
-    restoring = asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
+    restore = restoring(*second_worker(slow))
     await asyncio.wait_for(slow.applied.wait(), DEADLINE)  # granted, the reply on its way
-    restoring.cancel()
+    restore.cancel()
     for _ in range(3):  # the restore takes the cancellation and waits for the grant
         await asyncio.sleep(0)
-    assert not restoring.done()
-    restoring.cancel()
+    assert not restore.done()
+    restore.cancel()
     slow.hold_acquire = False
     slow.gate.set()
-    await asyncio.wait({restoring}, timeout=DEADLINE)
-    assert restoring.cancelled()
-    info = await store.info(KEY)
-    assert info is not None and info.owner is None, f"the cancelled restore holds {info}"
+    await asyncio.wait({restore}, timeout=DEADLINE)
+    assert restore.cancelled()
+    await assert_no_holder(store)
     s3, rs3 = await fresh_restore(store, "w3")  # SessionBusy: held by 'w2'
     assert rs3.resumed
     await rs3.aclose()
@@ -283,17 +296,11 @@ async def test_a_restore_cancelled_while_it_announces_leaves_no_lease_behind(
     workers), after it took the lease: the cancelled caller never got a session to close,
     so nothing may keep the lease, renew it and write under it, and the caller's next
     job must not be refused for it."""
-    first, rs1, _ = await start(store, ["one"])
-    await first.run(user_input="a")
-    await rs1.suspend()
+    await suspended_call(store)
     slow = SlowAnnounce(store)
-    session: AgentSession[Visit] = AgentSession(userdata=Visit())
-    rs = lr.ResumableSession(slow, KEY, registry=registry(), userdata_type=Visit, owner="w2")
-    await cancel_once_applied(
-        slow, asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
-    )
-    info = await store.info(KEY)
-    assert info is not None and info.owner is None, f"the cancelled restore holds {info}"
+    session, rs = second_worker(slow)
+    await cancel_once_applied(slow, restoring(session, rs))
+    await assert_no_holder(store)
     assert rs._autosave.idle.is_set() and not rs._autosave._tasks, "autosave runs on"
     s3, rs3 = await fresh_restore(store, "w3")  # SessionBusy: held by 'w2'
     assert rs3.resumed
@@ -343,16 +350,11 @@ async def test_two_restores_at_once_put_each_saved_item_in_the_history_exactly_o
     each exactly once". `restore` refuses a second call on a restored session
     (``RuntimeError``: "was already restored"); two calls at once (a retry racing the
     first, two room events) must not both fill the same history."""
-    first, rs1, _ = await start(store, ["one"])
-    await first.run(user_input="a")
-    await rs1.suspend()
+    first = await suspended_call(store)
     saved_ids = [i.id for i in first.history.items]
-    rs = lr.ResumableSession(store, KEY, registry=registry(), userdata_type=Visit, owner="w2")
-    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    session, rs = second_worker(store)
     results = await asyncio.gather(
-        rs.restore(session, default=lambda: Receptionist(rs)),
-        rs.restore(session, default=lambda: Receptionist(rs)),
-        return_exceptions=True,
+        restoring(session, rs), restoring(session, rs), return_exceptions=True
     )
     restored = [i.id for i in session.history.items]
     assert restored == saved_ids, "saved items restored more than once"
@@ -575,22 +577,17 @@ async def test_a_restore_cancelled_again_while_it_gives_its_lease_back_leaves_no
     way (a job's shutdown cancelling again) must not stop it half-way: the store would
     name a holder that does not exist and refuse the caller's next job until the lease
     expires."""
-    first, rs1, _ = await start(store, ["one"])
-    await first.run(user_input="a")
-    await rs1.suspend()
+    await suspended_call(store)
     held = HeldSends(store)
-    session: AgentSession[Visit] = AgentSession(userdata=Visit())
-    rs = lr.ResumableSession(held, KEY, registry=registry(), userdata_type=Visit, owner="w2")
-    restoring = asyncio.ensure_future(rs.restore(session, default=lambda: Receptionist(rs)))
+    restore = restoring(*second_worker(held))
     await asyncio.wait_for(held.loading.wait(), DEADLINE)  # the lease is taken
-    restoring.cancel()
+    restore.cancel()
     await asyncio.wait_for(held.releasing.wait(), DEADLINE)  # it gives the lease back
-    restoring.cancel()
+    restore.cancel()
     held.release_gate.set()
-    await asyncio.wait({restoring}, timeout=DEADLINE)
-    assert restoring.cancelled()
-    info = await store.info(KEY)
-    assert info is not None and info.owner is None, f"the cancelled restore holds {info}"
+    await asyncio.wait({restore}, timeout=DEADLINE)
+    assert restore.cancelled()
+    await assert_no_holder(store)
 
 
 async def test_a_restore_failing_after_it_filled_the_history_leaves_it_as_it_was(
@@ -600,23 +597,19 @@ async def test_a_restore_failing_after_it_filled_the_history_leaves_it_as_it_was
     the same `AgentSession` must give the saved items "each exactly once" (DESIGN.md).
     A restore that fails (or is cancelled) once it put the saved items in the history,
     here in the agent's context update, takes them out again."""
-    first, rs1, _ = await start(store, ["one"])
-    await first.run(user_input="a")
-    await rs1.suspend()
+    first = await suspended_call(store)
     saved_ids = [i.id for i in first.history.items]
 
     async def refused(self: Receptionist, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError("the agent's context could not be updated")
 
     monkeypatch.setattr(Receptionist, "update_chat_ctx", refused)
-    rs = lr.ResumableSession(store, KEY, registry=registry(), userdata_type=Visit, owner="w2")
-    session: AgentSession[Visit] = AgentSession(userdata=Visit())
+    session, rs = second_worker(store)
     with pytest.raises(RuntimeError, match="could not be updated"):
-        await rs.restore(session, default=lambda: Receptionist(rs))
+        await restoring(session, rs)
     assert session.history.items == []
-    info = await store.info(KEY)
-    assert info is not None and info.owner is None  # the lease went back too
+    await assert_no_holder(store)  # the lease went back too
     monkeypatch.undo()
-    await rs.restore(session, default=lambda: Receptionist(rs))
+    await restoring(session, rs)
     assert [i.id for i in session.history.items] == saved_ids
     await rs.aclose()
