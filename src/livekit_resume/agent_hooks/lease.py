@@ -107,7 +107,7 @@ class LeaseHolder:
         except asyncio.CancelledError:
             # awaited here directly, a second cancellation would cancel the acquisition
             # (losing its grant) or the release
-            await _to_its_end(self._give_back(task, lease_of))
+            await to_its_end(self._give_back(task, lease_of))
             raise
 
     async def _give_back(self, call: asyncio.Future[_T], lease_of: Callable[[_T], Lease]) -> None:
@@ -177,7 +177,7 @@ class LeaseHolder:
         if lease is not None:
             # often called as a cancellation unwinds (a failed or cancelled restore): a
             # second one must not stop the release before it reaches the store
-            await _to_its_end(self._release(lease))
+            await to_its_end(self._release(lease))
 
     async def _release(self, lease: Lease) -> None:
         try:
@@ -196,9 +196,10 @@ class LeaseHolder:
         self.lease = None
 
 
-async def _to_its_end(work: Awaitable[None]) -> None:
+async def to_its_end(work: Awaitable[None]) -> None:
     """Run ``work`` to its end in a task of its own, however many cancellations arrive
-    meanwhile; once it is done, a cancellation that arrived goes on."""
+    meanwhile; once it is done, a cancellation that arrived goes on, else what ``work``
+    raised does."""
     task = asyncio.ensure_future(work)
     cancelled = False
     while not task.done():
@@ -208,3 +209,4 @@ async def _to_its_end(work: Awaitable[None]) -> None:
             cancelled = True
     if cancelled:
         raise asyncio.CancelledError
+    task.result()

@@ -43,7 +43,7 @@ from ..stores.base import DEFAULT_LEASE_TTL, Lease, Store, Stored, validate_key
 from .autosave import Autosave, final_save
 from .capture import Capture, Indexes, Pending, SavedState
 from .control import ControlListener
-from .lease import LeaseHolder
+from .lease import LeaseHolder, to_its_end
 from .listen import listen
 from .rebuild import Built, build_items, rebuild
 from .registry import AgentRegistry
@@ -557,12 +557,7 @@ class ResumableSession:
         # the caller is cancelled meanwhile (a job shutting down), or the session would
         # say so while open, listening and perhaps holding its lease, and a restore in
         # place would wait for a close that never comes. The cancellation then goes on.
-        rest = asyncio.ensure_future(self._give_up(session, state))
-        try:
-            await asyncio.shield(rest)
-        except asyncio.CancelledError:
-            await asyncio.wait({rest})
-            raise
+        await to_its_end(self._give_up(session, state))
         return version
 
     async def _give_up(

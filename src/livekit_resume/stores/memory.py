@@ -245,13 +245,13 @@ class MemoryStore:
         return page_of(await self.keys(), prefix, after, limit)
 
     async def delete(self, key: str, *, lease: Lease | None = None) -> bool:
+        if lease is not None:
+            check_lease_key(key, lease)  # as the other stores: before anything is read
         s = self._get(key)
         if s is None:
             return False
-        if lease is not None:
-            check_lease_key(key, lease)
-            if s.epoch != lease.epoch or s.owner != lease.owner:
-                raise lease_lost_error(key, lease.epoch, s.epoch)
+        if lease is not None and (s.epoch != lease.epoch or s.owner != lease.owner):
+            raise lease_lost_error(key, lease.epoch, s.epoch)
         return self._sessions.pop(key, None) is not None
 
     def commands(self) -> MemoryCommands:
