@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from livekit_resume.errors import (
     LeaseLost,
@@ -486,6 +488,56 @@ async def test_a_server_that_hides_config_is_used_unchecked(
         assert any("not checking" in r.getMessage() for r in caplog.records)
     finally:
         await store.aclose()
+
+
+def config_gets(server: RedisServer) -> int:
+    """How many CONFIG GET commands ``server`` has run."""
+    for line in server.cli("info", "commandstats").splitlines():
+        if line.startswith("cmdstat_config|get:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+async def test_the_server_check_reads_its_four_settings_in_one_round_trip(
+    make_redis: RedisFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It runs before a new worker's first restore."""
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    server = make_redis("--maxmemory-policy", "allkeys-lru")
+    store = RedisStore.from_url(server.url, namespace="settings")
+    try:
+        await use(store)
+        assert config_gets(server) == 1
+        assert warnings_of(caplog, "allkeys-lru") and warnings_of(caplog, "persists nothing")
+    finally:
+        await store.aclose()
+
+
+class OneNameAtATime(Redis):
+    """A client for a server before Redis 7, whose CONFIG GET takes one name."""
+
+    async def config_get(self, *names: Any, **kwargs: Any) -> Any:
+        if len(names) > 1:
+            raise ResponseError("ERR wrong number of arguments for 'config|get' command")
+        return await super().config_get(*names, **kwargs)
+
+
+async def test_a_server_that_takes_one_config_name_at_a_time_is_still_checked(
+    make_redis: RedisFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    server = make_redis("--maxmemory-policy", "allkeys-lru")
+    store = RedisStore(OneNameAtATime.from_url(server.url), namespace="settings")
+    strict = RedisStore(OneNameAtATime.from_url(server.url), namespace="settings", strict=True)
+    try:
+        await use(store)
+        assert config_gets(server) == 4  # one name each
+        assert warnings_of(caplog, "allkeys-lru") and warnings_of(caplog, "persists nothing")
+        with pytest.raises(StoreUnavailable, match=r"strict.*allkeys-lru"):
+            await strict.acquire("room-8", "worker-a")
+    finally:
+        await store.aclose()
+        await strict.aclose()
 
 
 # -- wait_replicas ------------------------------------------------------------------

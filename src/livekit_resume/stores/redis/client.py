@@ -4,8 +4,10 @@ its errors into ours."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -26,6 +28,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import ResumeError, SnapshotCorrupt, StoreUnavailable
 from .url import RedisURL
+
+try:
+    from redis.driver_info import DriverInfo
+except ImportError:  # an older redis-py, which reads its own version once, at import
+    DriverInfo = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "DEFAULT_POOL_SIZE",
@@ -57,6 +64,21 @@ def text(raw: bytes | str) -> str:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
 
 
+@functools.cache
+def _driver_info() -> Any:
+    """What the store's connections tell the server in ``CLIENT SETINFO`` (``CLIENT
+    LIST`` shows ``lib-name=redis-py(livekit-resume_v…)``), made once: a redis-py with
+    `DriverInfo` otherwise looks its version up in the installed packages' metadata for
+    every connection it makes, 0.6–2 ms each (the first restore of a new worker makes two)."""
+    from ... import __version__
+
+    if DriverInfo is None:
+        return None
+    return DriverInfo(lib_version=metadata.version("redis")).add_upstream_driver(
+        "livekit-resume", __version__
+    )
+
+
 def connect(
     settings: RedisURL,
     *,
@@ -76,6 +98,10 @@ def connect(
         "max_connections": pool_size,
         "retry": retry,
     }
+    if _driver_info() is not None and not {"driver_info", "lib_name", "lib_version"} & set(
+        client_options
+    ):
+        common["driver_info"] = _driver_info()
     if settings.mode == "cluster":
         # Keep the URL's nodes as seeds: redis-py would otherwise replace them with the
         # nodes it discovers and, after two failovers, know no node that still answers.
@@ -91,6 +117,8 @@ def connect(
     common["retry_on_error"] = [ReadOnlyError]
     if settings.mode == "sentinel":
         timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
+        if "driver_info" in common:
+            timeouts["driver_info"] = common["driver_info"]
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(settings.hosts),
             sentinel_kwargs={"password": sentinel_password, **timeouts},

@@ -113,19 +113,26 @@ class ServerCheck:
         return out
 
     async def _read_config(self, where: str, node: Any) -> dict[str, str]:
-        client = self._server.client
-        conf: dict[str, str] = {}
-        for name in _SETTINGS:
-            try:
-                if node is None:
-                    got = await client.config_get(name)
-                else:
-                    got = await client.config_get(name, target_nodes=node)
-            except ResponseError as exc:
-                # CONFIG renamed or disabled, or denied by an ACL: managed services
-                # often hide it. Not a reason to refuse the store.
-                logger.debug("cannot read %s of %s (%s); not checking it", name, where, exc)
-                continue
-            items = cast("dict[bytes | str, bytes | str]", got).items()
-            conf.update({text(k): text(v) for k, v in items})
+        nodes = {} if node is None else {"target_nodes": node}
+        # All four in one round trip where the server takes several names (Redis 7 and
+        # later): this runs before a cold worker's first restore.
+        conf = await self._config_get(where, _SETTINGS, nodes)
+        if conf is None:
+            conf = {}
+            for name in _SETTINGS:
+                conf.update(await self._config_get(where, (name,), nodes) or {})
         return conf
+
+    async def _config_get(
+        self, where: str, names: tuple[str, ...], nodes: dict[str, Any]
+    ) -> dict[str, str] | None:
+        """``names``' values, or None when the server refused the command."""
+        try:
+            got = await self._server.client.config_get(*names, **nodes)
+        except ResponseError as exc:
+            # Several names before Redis 7, or CONFIG renamed, disabled or denied by an
+            # ACL (managed services often hide it): not a reason to refuse the store.
+            logger.debug("cannot read %s of %s (%s); not checking it", " ".join(names), where, exc)
+            return None
+        items = cast("dict[bytes | str, bytes | str]", got).items()
+        return {text(k): text(v) for k, v in items}
