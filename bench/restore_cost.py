@@ -20,7 +20,13 @@ And once per size: the bytes the store holds for the session (head and records, 
 ``Store.load`` returns them) against the ``to_dict`` JSON, and Redis ``MEMORY USAGE``
 summed over the session's keys.
 
-    python bench/restore_cost.py [--sizes 10,1000,5000,20000] [--rounds 10]
+Then, for histories up to 1,000 items, a restore as a new worker process makes it after
+a crash (``--processes`` of them per size, each started afresh): the store's first call
+(``info``, as `resumable_job` makes it: the connection and the server's settings check),
+the first restore, and a second restore in the same process (warm: what the tables
+above measure).
+
+    python bench/restore_cost.py [--sizes 10,1000,5000,20000] [--rounds 10] [--processes 6]
 
 Redis is a ``redis-server`` the script starts on a free loopback port. Prints Markdown
 tables: medians and p99 in milliseconds, ratios.
@@ -31,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import sys
 import time
 import typing
 from typing import Any
@@ -245,11 +252,85 @@ def report(results: dict[int, dict[str, float]]) -> None:
     )
 
 
+NEW_PROCESS_UP_TO = 1000
+
+
+async def in_new_process(url: str, key: str, size: int) -> None:
+    """Run in a child: print the seconds of the first store call, the first restore and a
+    second one, as JSON."""
+    store = RedisStore.from_url(url)
+    start = time.perf_counter()
+    await store.info(key)
+    took = [time.perf_counter() - start]
+    for _ in range(2):
+        took.append((await restore_once(store, key, size))[0])
+    await store.aclose()
+    print(json.dumps(took))
+
+
+async def new_processes(url: str, sizes: tuple[int, ...], processes: int) -> dict[int, list[float]]:
+    """Per size: the medians of `in_new_process` over ``processes`` fresh children."""
+    store = RedisStore.from_url(url)
+    out: dict[int, list[float]] = {}
+    try:
+        for size in (s for s in sizes if s <= NEW_PROCESS_UP_TO):
+            session, rs = await c.live_session(store, size)
+            await c.close(session, rs)
+            samples = []
+            for _ in range(processes):
+                child = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    url,
+                    rs.key,
+                    str(size),
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                out_bytes, _ = await child.communicate()
+                if child.returncode:
+                    raise RuntimeError(f"the restore in a new process exited {child.returncode}")
+                samples.append(json.loads(out_bytes.decode().strip().splitlines()[-1]))
+            out[size] = [c.ms([s[i] for s in samples]) for i in range(3)]
+    finally:
+        await store.aclose()
+    return out
+
+
+def report_new_processes(results: dict[int, list[float]], processes: int) -> None:
+    rows = [
+        [c.fmt_n(size), c.fmt_ms(info), c.fmt_ms(first), c.fmt_ms(second), c.times(first / second)]
+        for size, (info, first, second) in results.items()
+    ]
+    c.section(
+        f"Restore in a new worker process, Redis ({processes} processes per size, p50)",
+        c.table(
+            [
+                "history",
+                "first store call (`info`: connection, settings check)",
+                "first restore",
+                "second restore, same process",
+                "first / second",
+            ],
+            rows,
+        ),
+    )
+
+
 async def main() -> None:
-    args = c.options(__doc__, "10,1000,5000,20000", 10).parse_args()
+    if sys.argv[1:2] == ["--child"]:
+        c.options(None, "10", 1)  # logging quietened as in the parent
+        await in_new_process(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    ap = c.options(__doc__, "10,1000,5000,20000", 10)
+    ap.add_argument("--processes", type=int, default=6, help="new processes per size")
+    args = ap.parse_args()
     with c.redis_server() as url:
         print(f"<!-- {c.machine(url)} -->\n")
         report(await measure(url, args.sizes, args.rounds))
+        if args.processes > 0:
+            fresh = await new_processes(url, args.sizes, args.processes)
+            report_new_processes(fresh, args.processes)
 
 
 if __name__ == "__main__":

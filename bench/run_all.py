@@ -34,8 +34,8 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
     ),
     (
         "restore_cost.py",
-        ["--sizes", "10,1000,5000,20000", "--rounds", "10"],
-        ["--sizes", "10,30", "--rounds", "2"],
+        ["--sizes", "10,1000,5000,20000", "--rounds", "10", "--processes", "8"],
+        ["--sizes", "10,30", "--rounds", "2", "--processes", "1"],
     ),
     (
         "loop_block.py",
