@@ -69,7 +69,7 @@ def _driver_info() -> Any:
     """What the store's connections tell the server in ``CLIENT SETINFO`` (``CLIENT
     LIST`` shows ``lib-name=redis-py(livekit-resume_v…)``), made once: a redis-py with
     `DriverInfo` otherwise looks its version up in the installed packages' metadata for
-    every connection it makes, 0.6–2 ms each (the first restore of a new worker makes two)."""
+    every connection it makes, 0.6 to 2 ms each (the first restore of a new worker makes two)."""
     from ... import __version__
 
     if DriverInfo is None:
