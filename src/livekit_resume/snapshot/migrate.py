@@ -84,7 +84,8 @@ def migrate_head(data: Any, version: int) -> Any:
     data = _run(_HEAD, data, version, "snapshot")
     if version < FORMAT_VERSION and isinstance(data, dict):
         data["format_version"] = FORMAT_VERSION
-        for items in (data.get("history"), (data.get("agent") or {}).get("chat_ctx")):
+        agent = data.get("agent")  # not a map: the model refuses it, not this loop
+        for items in (data.get("history"), agent.get("chat_ctx") if type(agent) is dict else None):
             if isinstance(items, list):
                 items[:] = [_run(_ITEM, i, version, "chat item") for i in items]
     return data
