@@ -28,3 +28,17 @@ def test_an_old_head_whose_agent_is_not_a_map_is_corrupt(version: int, agent: An
     with pytest.raises(SnapshotCorrupt):
         codec.decode_parts("k", head, {HISTORY: [], AGENT: []})
     migrate_head({"key": "k", "agent": agent}, version)  # left to the model to refuse
+
+
+# -- an export whose item frame names a stream that is not a string -------------------------
+
+
+@pytest.mark.parametrize("stream", [[1], {"a": 1}, ["history"]])
+def test_an_export_item_naming_an_unhashable_stream_is_corrupt(stream: Any) -> None:
+    codec = Codec()
+    frames = [
+        codec.pack({"key": "k", "lkrs_export": {"id": "a", "items": 1}}),
+        codec.pack({"n": 0, "stream": stream, "item": {}}, context=b"export\x00a\x000"),
+    ]
+    with pytest.raises(SnapshotCorrupt):
+        codec.decode_export(frames)
