@@ -42,3 +42,57 @@ def test_an_export_item_naming_an_unhashable_stream_is_corrupt(stream: Any) -> N
     ]
     with pytest.raises(SnapshotCorrupt):
         codec.decode_export(frames)
+
+
+# -- store URLs in messages: no part of a password or secret parameter is shown ------------
+
+
+@pytest.mark.parametrize(
+    ("given", "secret"),
+    [
+        # a password with a character the URL syntax reads as the end of the host part
+        # (generated passwords hold them, unencoded, often)
+        ("redis://:pa/ss9word@host:6379/0", "ss9word"),
+        ("redis://:pa/ss9word@host:6379/0", "pa"),
+        ("redis://:abc#def9word@host/0", "def9word"),
+        ("redis://:abc?def9word@host/0", "def9word"),
+        ("redis://user:p@ss/w0rd@host/0", "w0rd"),
+        ("foo://:pw/s3cr3t@host", "s3cr3t"),
+        # a secret query parameter written percent-encoded or with a plus
+        ("redis://host/0?password=se%2Fcr3t", "se%2Fcr3t"),
+        ("redis://host/0?password=se+cr3t", "se+cr3t"),
+        ("redis://host/0?auth%5Ftoken=s3cr3t", "s3cr3t"),
+        ("redis+sentinel://:pw@h1:1,h2:2/m?sentinel_password=sec%2Fr3t", "sec%2Fr3t"),
+    ],
+)
+def test_a_url_is_shown_without_any_part_of_its_secrets(given: str, secret: str) -> None:
+    from livekit_resume import redact
+
+    shown = redact.url(given)
+    assert secret not in shown, shown
+    assert redact.HIDDEN in shown
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "sqlite:////home/a@b/resume.db",
+        "sqlite:///resume.db",
+        "memory://",
+        "redis://127.0.0.1:6379/0",
+        "redis+cluster://h1:1,h2:2",
+    ],
+)
+def test_a_url_without_secrets_is_shown_as_it_is(given: str) -> None:
+    from livekit_resume import redact
+
+    assert redact.url(given) == given
+
+
+def test_an_open_store_error_never_shows_a_password_holding_a_slash() -> None:
+    import livekit_resume as lr
+
+    for url in ("redis://:pa/ss9word@host:6379/0", "redis://:abc#def9word@host/0"):
+        with pytest.raises(ValueError) as info:
+            lr.open_store(url)
+        assert "9word" not in str(info.value)
