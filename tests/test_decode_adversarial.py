@@ -4,6 +4,9 @@ tampered is accepted. Each test here failed before the fix it comes with."""
 
 from __future__ import annotations
 
+import base64
+import struct
+import zlib
 from typing import Any
 
 import pytest
@@ -11,6 +14,9 @@ import pytest
 from livekit_resume.errors import SnapshotCorrupt
 from livekit_resume.snapshot.codec import AGENT, HISTORY, Codec
 from livekit_resume.snapshot.migrate import migrate_head
+from livekit_resume.snapshot.model import Snapshot, ToolCallRecord
+
+ENCRYPT = "e1:" + base64.b64encode(b"e" * 32).decode()
 
 # -- an old-format head whose agent is not a map -------------------------------------------
 
@@ -96,3 +102,40 @@ def test_an_open_store_error_never_shows_a_password_holding_a_slash() -> None:
         with pytest.raises(ValueError) as info:
             lr.open_store(url)
         assert "9word" not in str(info.value)
+
+
+# -- encryption only: the header is outside the AES-GCM tag --------------------------------
+
+
+def _relabel(frame: bytes, version: int) -> bytes:
+    """``frame`` (CRC-framed: encrypted, not signed) with another format version in its
+    header, the CRC made again: what a writer of the store without the key can do."""
+    header_body = bytearray(frame[:-4])
+    header_body[4] = version
+    return bytes(header_body) + struct.pack(">I", zlib.crc32(bytes(header_body)))
+
+
+def test_an_encrypted_format_2_head_relabelled_format_1_does_not_lose_its_tool_calls() -> None:
+    # Format 1 and 2 frames bind the same context, and with encryption alone the header
+    # is covered by a CRC only: a format 2 head relabelled as format 1 decrypts, and the
+    # 1 -> 2 upcast would replace its tool calls by the (absent) pending_tools: the calls
+    # in flight silently vanish from the restore.
+    codec = Codec(encryption_keys=ENCRYPT)
+    snap = Snapshot(key="k", tool_calls=[ToolCallRecord(call_id="c1", name="pay")])
+    head = snap.model_dump(mode="python")
+    head["counts"] = {HISTORY: 0, AGENT: 0}
+    frame = codec.pack(head, version=2, context=b"k")
+    assert codec.decode_parts("k", frame, {}).tool_calls == snap.tool_calls
+    with pytest.raises(SnapshotCorrupt):
+        codec.decode_parts("k", _relabel(frame, 1), {})
+    whole = codec.pack(snap.model_dump(mode="python"), version=2)
+    assert codec.decode(whole).tool_calls == snap.tool_calls
+    with pytest.raises(SnapshotCorrupt):
+        codec.decode(_relabel(whole, 1))
+
+
+def test_a_format_1_head_with_format_2_tool_calls_is_corrupt() -> None:
+    with pytest.raises(SnapshotCorrupt):
+        migrate_head({"key": "k", "tool_calls": [], "pending_tools": []}, 1)
+    upcast = migrate_head({"key": "k", "pending_tools": [{"call_id": "c", "name": "f"}]}, 1)
+    assert upcast["tool_calls"][0]["status"] == "unanswered"
