@@ -95,6 +95,26 @@ def test_a_url_without_secrets_is_shown_as_it_is(given: str) -> None:
     assert redact.url(given) == given
 
 
+@pytest.mark.parametrize(
+    "given",
+    [
+        "default:s3cr3tpw@redis:6379",  # the scheme forgotten: "default" reads as one
+        "redis:s3cr3tpw@redis:6379/0",
+        "redis:/:s3cr3tpw@host",
+        ":s3cr3tpw@redis:6379",
+        "//:s3cr3tpw@redis:6379",
+    ],
+)
+def test_a_url_without_its_scheme_slashes_is_shown_without_its_password(given: str) -> None:
+    import livekit_resume as lr
+    from livekit_resume import redact
+
+    assert "s3cr3tpw" not in redact.url(given)
+    with pytest.raises(ValueError) as info:
+        lr.open_store(given)
+    assert "s3cr3tpw" not in str(info.value)
+
+
 def test_an_open_store_error_never_shows_a_password_holding_a_slash() -> None:
     import livekit_resume as lr
 

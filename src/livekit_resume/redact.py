@@ -35,7 +35,8 @@ def url(value: str) -> str:
 
     Everything up to the last ``@`` after the scheme is hidden, not only what the URL
     syntax reads as the user part: a password written with an unencoded ``/``, ``?`` or
-    ``#`` (``redis://:pa/ss@host``) ends the host part early, and must not show either.
+    ``#`` (``redis://:pa/ss@host``) ends the host part early, and must not show either;
+    nor a password in a URL whose ``://`` is missing (``default:pw@host:6379``).
     A query parameter is matched and hidden as it is written (``password=a%2Fb``)."""
     try:
         parts = urlsplit(value)
@@ -45,6 +46,8 @@ def url(value: str) -> str:
     scheme, sep, rest = value.partition("://")
     if sep and "@" in rest and not rest.startswith("/"):  # "sqlite:///a@b": a path
         shown = f"{scheme}://{HIDDEN}@{rest.rpartition('@')[2]}"
+    elif not sep and "@" in value:  # "user:pw@host", its scheme forgotten or mistyped
+        shown = f"{HIDDEN}@{value.rpartition('@')[2]}"
     if parts.query:
         for pair in re.split("[&;]", parts.query):
             name, _, secret = pair.partition("=")
