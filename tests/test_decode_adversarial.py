@@ -5,13 +5,16 @@ tampered is accepted. Each test here failed before the fix it comes with."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import struct
 import zlib
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from livekit_resume.errors import SnapshotCorrupt
+from livekit_resume.errors import ResumeError, SnapshotCorrupt
 from livekit_resume.snapshot.codec import AGENT, HISTORY, Codec
 from livekit_resume.snapshot.migrate import migrate_head
 from livekit_resume.snapshot.model import Snapshot, ToolCallRecord
@@ -159,3 +162,60 @@ def test_a_format_1_head_with_format_2_tool_calls_is_corrupt() -> None:
         migrate_head({"key": "k", "tool_calls": [], "pending_tools": []}, 1)
     upcast = migrate_head({"key": "k", "pending_tools": [{"call_id": "c", "name": "f"}]}, 1)
     assert upcast["tool_calls"][0]["status"] == "unanswered"
+
+
+# -- a property: plain data of any shape, framed in any readable format, decodes to a
+# snapshot or a typed error -------------------------------------------------------------
+
+_WORDS = [
+    "key", "version", "agent", "agent_id", "chat_ctx", "history", "meta", "extra",
+    "tool_calls", "pending_tools", "call_id", "name", "counts", "bound", "seals", "kid",
+    "id", "type", "content", "role", "created_at", "timestamp", "metrics", "lkrs_export",
+    "items", "n", "stream", "item", "ref", "message", "user", "k",
+]  # fmt: skip
+_PLAIN = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.sampled_from(_WORDS)
+    | st.binary(max_size=33),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(_WORDS), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_HEADS = st.dictionaries(st.sampled_from(_WORDS), _PLAIN, max_size=6).map(
+    lambda d: {"key": "k", **d}
+)
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(head=_HEADS, part=_PLAIN, version=st.integers(1, 4))
+def test_any_plain_data_in_any_format_decodes_or_raises_a_typed_error(
+    head: dict[str, Any], part: Any, version: int
+) -> None:
+    codec = Codec()
+    attempts = [
+        lambda: codec.decode(codec.pack(head, version=version)),
+        lambda: codec.decode_parts(
+            "k",
+            codec.pack(head, version=version),
+            {HISTORY: [("item_1", codec.pack(part, version=version))]},
+        ),
+        lambda: codec.decode_export(
+            [
+                codec.pack({"key": "k", "lkrs_export": {"id": "a", "items": 1}}),
+                codec.pack(part, context=b"export\x00a\x000", version=version),
+            ]
+        ),
+        lambda: codec.decode_export(
+            [
+                codec.pack({**head, "lkrs_export": {"id": "a", "items": 1}}, version=version),
+                codec.pack({"n": 0, "stream": part, "item": {}}, context=b"export\x00a\x000"),
+            ]
+        ),
+    ]
+    for attempt in attempts:
+        with contextlib.suppress(ResumeError):
+            attempt()
