@@ -8,6 +8,7 @@ import base64
 import contextlib
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -196,7 +197,7 @@ def test_any_plain_data_in_any_format_decodes_or_raises_a_typed_error(
     head: dict[str, Any], part: Any, version: int
 ) -> None:
     codec = Codec()
-    attempts = [
+    attempts: list[Callable[[], object]] = [
         lambda: codec.decode(codec.pack(head, version=version)),
         lambda: codec.decode_parts(
             "k",
