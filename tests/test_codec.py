@@ -433,6 +433,24 @@ def test_a_key_without_its_id_is_refused_without_echoing_the_secret() -> None:
     assert secret not in str(e.value) and "kid:base64key" in str(e.value)
 
 
+@pytest.mark.parametrize("size", [16, 24, 32, 48])
+def test_a_key_written_before_its_id_is_refused_without_echoing_the_secret(size: int) -> None:
+    """``base64key:kid`` (kid and key swapped), or ``base64key:`` : the part before the
+    colon is the secret, and the message used to name it as the key's id."""
+    secret = base64.b64encode(bytes(range(1, size + 1))).decode()
+    for spec in (f"{secret}:k2025a", f"{secret}:", f"{secret}:!!"):
+        for build in (
+            Keyring.parse,
+            lambda s: Codec(signing_keys=s),
+            lambda s: Codec(encryption_keys=s),
+        ):
+            with pytest.raises(ValueError) as e:
+                build(spec)
+            assert secret not in str(e.value) and secret[:16] not in str(e.value)
+    with pytest.raises(ValueError, match="'k2025a'"):  # a kid that is no key is named
+        Keyring.parse("k2025a:" + base64.b64encode(b"x").decode())
+
+
 def test_a_frames_context_is_made_only_for_a_key_that_binds_it() -> None:
     made: list[int] = []
 

@@ -297,3 +297,26 @@ def test_a_whole_snapshot_with_bad_item_ids_is_not_restorable(mutate: Any) -> No
     snap = Codec().decode(Codec().encode(Snapshot(key=KEY, history=history)))
     with pytest.raises(SnapshotCorrupt, match="item"):
         validate_restorable(snap)
+
+
+def test_an_id_lost_twice_gets_two_notes_of_distinct_ids_and_the_rest_is_salvaged() -> None:
+    # item_1 damaged, and its id again later in the log (a record torn twice): each run
+    # of losses gets a note, and two notes named after item_1 must not share an id (a
+    # restore refuses a stream holding one id twice: nothing would be salvaged)
+    codec = Codec()
+    _snap, head, streams = _parts(codec, agent_refs=())
+    damaged = ("item_1", _flip(streams["history"][1][1]))
+    streams["history"][1] = damaged
+    streams["history"].append(damaged)
+    got, damage = salvage_parts(codec, KEY, head, streams, version=1)
+    assert [d.item_id for d in damage if d.item_id] == ["item_1", "item_1"]
+    ids = [i["id"] for i in got.history]
+    assert len(set(ids)) == len(ids)
+    assert [i for i in ids if not i.startswith("lkresume_salvage_")] == [
+        "item_0",
+        "item_2",
+        "item_3",
+        "item_4",
+        "item_5",
+    ]
+    assert sum(i.startswith("lkresume_salvage_") for i in ids) == 2

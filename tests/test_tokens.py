@@ -4,9 +4,12 @@ else (issue 19): on a real AgentSession, against memory and SQLite stores."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgpack
 import pytest
 
 import livekit_resume as lr
@@ -137,3 +140,23 @@ async def test_a_token_for_another_namespace_is_refused(
     assert await lr.verify_token(a, token) == KEY
     await a.aclose()
     await b.aclose()
+
+
+@pytest.mark.parametrize("ttl", [float("nan"), float("inf")])
+async def test_a_token_never_outlives_a_finite_expiry(store: Store, ttl: float) -> None:
+    # NaN compares false with every time: a token issued with it never expired
+    await conversation(store)
+    with pytest.raises(ValueError, match="ttl"):
+        await lr.issue_token(store, KEY, ttl=ttl)
+    token = await lr.issue_token(store, KEY, ttl=60)
+    codec = codec_for(store)
+    head, body, _ = token.split(".")
+    payload = msgpack.unpackb(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    payload[3] = ttl  # as an older release signed it
+    signed = f"{head}.{base64.urlsafe_b64encode(msgpack.packb(payload)).rstrip(b'=').decode()}"
+    secret = base64.b64decode(SIGN.split(":")[1])
+    mac = hmac.new(secret, signed.encode(), hashlib.sha256).digest()
+    forever = f"{signed}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+    assert codec.namespace == payload[0]
+    with pytest.raises(lr.TokenRefused, match="expired"):
+        await lr.verify_token(store, forever)

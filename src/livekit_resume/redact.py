@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 __all__ = ["HIDDEN", "printable", "secrets", "url"]
 
@@ -31,18 +31,27 @@ _CONTROL_BUT_NEWLINE = re.compile(
 
 def url(value: str) -> str:
     """``value`` with its password (and a user's name beside it) and any secret query
-    parameter replaced by ``***``: ``redis://:pw@host`` → ``redis://***@host``."""
+    parameter replaced by ``***``: ``redis://:pw@host`` → ``redis://***@host``.
+
+    Everything up to the last ``@`` after the scheme is hidden, not only what the URL
+    syntax reads as the user part: a password written with an unencoded ``/``, ``?`` or
+    ``#`` (``redis://:pa/ss@host``) ends the host part early, and must not show either;
+    nor a password in a URL whose ``://`` is missing (``default:pw@host:6379``).
+    A query parameter is matched and hidden as it is written (``password=a%2Fb``)."""
     try:
         parts = urlsplit(value)
     except ValueError:
         return HIDDEN if "@" in value else value
     shown = value
-    if "@" in parts.netloc:
-        host = parts.netloc.rpartition("@")[2]
-        shown = shown.replace(parts.netloc, f"{HIDDEN}@{host}", 1)
+    scheme, sep, rest = value.partition("://")
+    if sep and "@" in rest and not rest.startswith("/"):  # "sqlite:///a@b": a path
+        shown = f"{scheme}://{HIDDEN}@{rest.rpartition('@')[2]}"
+    elif not sep and "@" in value:  # "user:pw@host", its scheme forgotten or mistyped
+        shown = f"{HIDDEN}@{value.rpartition('@')[2]}"
     if parts.query:
-        for name, secret in parse_qsl(parts.query, keep_blank_values=True):
-            if secret and _SECRET_PARAMS.search(name):
+        for pair in re.split("[&;]", parts.query):
+            name, _, secret = pair.partition("=")
+            if secret and _SECRET_PARAMS.search(unquote_plus(name)):
                 shown = shown.replace(f"{name}={secret}", f"{name}={HIDDEN}")
     return shown
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import time
 from typing import Any
 
@@ -68,6 +69,8 @@ async def issue_token(
     """A token for the conversation ``key`` holds now, valid for ``ttl`` seconds.
     Raises `SnapshotNotFound` when the key holds none, `TokenRefused` when it ended."""
     validate_key(key)
+    if not math.isfinite(ttl):
+        raise ValueError(f"a reconnect token's ttl must be a finite number of seconds, not {ttl}")
     kid, secret = _keyring(signing_keys).keys[0]
     codec = codec_for(store)  # the store's namespace, which the token binds
     conversation, state = await _conversation(store, codec, key)
@@ -106,7 +109,7 @@ async def verify_token(store: Store, token: str, *, signing_keys: str | None = N
     (forged, expired, another namespace, the conversation ended or was replaced)."""
     namespace, key, conversation, expires_at, _ = _payload(token, _keyring(signing_keys))
     key = str(key)
-    if expires_at < time.time():
+    if not math.isfinite(expires_at) or expires_at < time.time():  # NaN never compares
         raise TokenRefused(f"reconnect token for session {key!r} refused: it expired")
     codec = codec_for(store)
     if namespace != codec.namespace:

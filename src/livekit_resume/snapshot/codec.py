@@ -363,7 +363,8 @@ class Codec(Framer):
             if (
                 not isinstance(part, dict)
                 or part.get("n") != n
-                or part.get("stream") not in streams
+                or type(part.get("stream")) is not str
+                or part["stream"] not in streams
             ):
                 raise SnapshotCorrupt(f"export item frame {n} is malformed or out of place")
             streams[part["stream"]].append(migrate_item(part.get("item"), item_version))

@@ -106,16 +106,21 @@ class Keyring:
             if not sep:
                 # without its "kid:" the whole part is the secret: never echo it
                 raise ValueError("a key is not of the form kid:base64key (value not shown)")
+            # a "kid" that reads as key material is the secret written first
+            # ("base64key:kid"): never echo it
+            keyish = _keyish(kid)
+            shown = "'***' (it reads as a key: expected kid:base64key)" if keyish else repr(kid)
             if not kid or len(kid.encode()) > 255:
-                raise ValueError(f"key id {kid[:32]!r}: expected kid:base64key")
+                shown = "'***'" if keyish else repr(kid[:32])
+                raise ValueError(f"key id {shown}: expected kid:base64key")
             try:
                 key = base64.b64decode(b64, validate=True)
             except ValueError:
-                raise ValueError(f"key {kid!r} is not valid base64") from None
+                raise ValueError(f"key {shown} is not valid base64") from None
             if sizes and len(key) not in sizes:
-                raise ValueError(f"key {kid!r} has {len(key)} bytes; expected one of {sizes}")
+                raise ValueError(f"key {shown} has {len(key)} bytes; expected one of {sizes}")
             if len(key) < 16:
-                raise ValueError(f"key {kid!r} has {len(key)} bytes; use at least 16")
+                raise ValueError(f"key {shown} has {len(key)} bytes; use at least 16")
             keys.append((kid, key))
         if not keys:
             raise ValueError("no keys in key specification")
@@ -123,6 +128,14 @@ class Keyring:
 
     def get(self, kid: str) -> bytes | None:
         return next((k for i, k in self.keys if i == kid), None)
+
+
+def _keyish(text: str) -> bool:
+    """Whether ``text`` is base64 of 16 bytes or more: what a key, never a key id, is."""
+    try:
+        return len(base64.b64decode(text, validate=True)) >= 16
+    except ValueError:
+        return False
 
 
 class Framer:

@@ -28,6 +28,11 @@ OLDEST_READABLE = 1
 def _head_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
     # Format 1 kept only the names of unanswered calls, as "pending_tools"; format 2
     # records running and unanswered calls apart, as "tool_calls" with a status.
+    if "tool_calls" in data:
+        # never in format 1: a format 2 frame whose header says 1 (with encryption keys
+        # alone, the header is checked by its CRC only, and both formats bind the same
+        # context), which this step would strip of its tool calls
+        raise SnapshotCorrupt("a format 1 snapshot holds tool_calls, a field of format 2")
     pending = data.pop("pending_tools", None) or []
     data["tool_calls"] = [
         {
@@ -84,7 +89,8 @@ def migrate_head(data: Any, version: int) -> Any:
     data = _run(_HEAD, data, version, "snapshot")
     if version < FORMAT_VERSION and isinstance(data, dict):
         data["format_version"] = FORMAT_VERSION
-        for items in (data.get("history"), (data.get("agent") or {}).get("chat_ctx")):
+        agent = data.get("agent")  # not a map: the model refuses it, not this loop
+        for items in (data.get("history"), agent.get("chat_ctx") if type(agent) is dict else None):
             if isinstance(items, list):
                 items[:] = [_run(_ITEM, i, version, "chat item") for i in items]
     return data

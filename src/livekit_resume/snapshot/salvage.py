@@ -189,17 +189,27 @@ def _stream(
         else:
             slots.append([item_id])
     out: list[ItemData] = []
+    # a note's id must be new in its stream: an id lost twice (two runs) names two notes
+    taken = {slot["id"] for slot in slots if isinstance(slot, dict)}
     for n, slot in enumerate(slots):
         if isinstance(slot, dict):
             out.append(slot)
             continue
         before = slots[n - 1] if n else None
         after = slots[n + 1] if n + 1 < len(slots) else None
-        out.append(_note(slot, before, after))  # type: ignore[arg-type]  # neighbours of a run are items
+        note_id = base = f"{SALVAGE_ID_PREFIX}{slot[0]}"
+        again = 1
+        while note_id in taken:
+            again += 1
+            note_id = f"{base}_{again}"
+        taken.add(note_id)
+        out.append(_note(note_id, slot, before, after))  # type: ignore[arg-type]  # neighbours of a run are items
     return out
 
 
-def _note(lost: list[str], before: ItemData | None, after: ItemData | None) -> ItemData:
+def _note(
+    note_id: str, lost: list[str], before: ItemData | None, after: ItemData | None
+) -> ItemData:
     """A system message standing where ``lost`` items were, timed just after the item
     before them (LiveKit inserts by ``created_at``), or just before the one after."""
     import time
@@ -220,9 +230,7 @@ def _note(lost: list[str], before: ItemData | None, after: ItemData | None) -> I
         f"[{n} {what} of this conversation could not be recovered from storage "
         f"(damaged) and {verb} missing here.]"
     )
-    message = llm.ChatMessage(
-        id=f"{SALVAGE_ID_PREFIX}{lost[0]}", role="system", content=[text], created_at=created_at
-    )
+    message = llm.ChatMessage(id=note_id, role="system", content=[text], created_at=created_at)
     return item_to_data(message)
 
 
