@@ -220,3 +220,16 @@ def test_any_plain_data_in_any_format_decodes_or_raises_a_typed_error(
     for attempt in attempts:
         with contextlib.suppress(ResumeError):
             attempt()
+
+
+# -- validation errors name the field, never its value --------------------------------------
+
+
+def test_a_head_that_does_not_validate_is_refused_without_showing_its_values() -> None:
+    """The values are the conversation's own data (decrypted, when the store encrypts),
+    and the error is logged."""
+    codec = Codec()
+    frame = codec.pack({"key": "k", "state": "card 4111-1111-1111-1111"})
+    with pytest.raises(SnapshotCorrupt, match="state") as refused:
+        codec.decode(frame)
+    assert "4111" not in str(refused.value)

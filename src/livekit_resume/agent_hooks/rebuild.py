@@ -21,7 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from ..errors import IncompatibleSnapshot
 from ..snapshot.chat import ctx_from_data, repair_tool_calls
-from ..snapshot.model import ItemData, Snapshot
+from ..snapshot.model import ItemData, Snapshot, describe_invalid
 from .capture import instructions_from
 from .realtime import reapply_options
 from .registry import AgentRegistry
@@ -102,7 +102,7 @@ async def rebuild(
         except ValidationError as e:
             raise IncompatibleSnapshot(
                 f"session {snap.key!r} version {snap.version}: saved userdata no longer "
-                f"validates against {userdata_type!r}: {e}"
+                f"validates against {userdata_type!r}: {describe_invalid(e)}"
             ) from None
     frame = snap.agent
     agent = default() if frame is None else registry.build(frame.agent_id, frame.state)

@@ -54,7 +54,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from livekit_resume.errors import SnapshotCorrupt
 from livekit_resume.snapshot.frame import all_str, gc_paused
-from livekit_resume.snapshot.model import ItemData
+from livekit_resume.snapshot.model import ItemData, describe_invalid
 from livekit_resume.snapshot.repair import INTERRUPTED_OUTPUT, NON_BLOCKING_EXTRA, repair_tool_calls
 from livekit_resume.snapshot.values import plain_item_value
 
@@ -330,13 +330,6 @@ def _corrupt(item_id: object, problem: str) -> SnapshotCorrupt:
     return SnapshotCorrupt(f"chat item {label}: {problem}")
 
 
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"
-        for err in exc.errors(include_url=False)
-    )
-
-
 def _check_keys(
     item_id: object,
     what: str,
@@ -403,7 +396,7 @@ def _content_from_data(item_id: object, part: Any) -> list[llm.ChatContent]:
                 )
             ]
     except ValidationError as exc:
-        raise _corrupt(item_id, f"invalid {kind} content: {_describe(exc)}") from exc
+        raise _corrupt(item_id, f"invalid {kind} content: {describe_invalid(exc)}") from exc
     if kind == "dropped_media":
         media_kind = part.get("kind")
         if media_kind == "image":
@@ -455,7 +448,7 @@ def item_from_data(data: ItemData) -> llm.ChatItem:
     try:
         item = _ITEM_ADAPTER.validate_python(values, strict=True)
     except ValidationError as exc:
-        raise _corrupt(item_id, f"invalid {kind}: {_describe(exc)}") from exc
+        raise _corrupt(item_id, f"invalid {kind}: {describe_invalid(exc)}") from exc
 
     if isinstance(item, llm.ChatMessage):
         # MetricsReport is a TypedDict: validation drops keys it does not declare, but

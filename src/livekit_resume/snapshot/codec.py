@@ -47,7 +47,7 @@ from .frame import FLAG_SIGNED as FLAG_SIGNED
 from .frame import FLAG_ZLIB as FLAG_ZLIB
 from .frame import Context as Context
 from .migrate import OLDEST_READABLE, item_is_current, migrate_head, migrate_item
-from .model import FORMAT_VERSION, ItemData, Snapshot
+from .model import FORMAT_VERSION, ItemData, Snapshot, describe_invalid
 from .seal import Sealed, SealKey, item_digest, packed_digest, seal_from_bytes, seal_to_bytes
 
 __all__ = [
@@ -718,7 +718,9 @@ def _validate(data: Any) -> Snapshot:
     try:
         return Snapshot.model_validate(data)
     except ValidationError as e:
-        raise SnapshotCorrupt(f"snapshot does not match the format: {e}") from None
+        raise SnapshotCorrupt(
+            f"snapshot does not match the format: {describe_invalid(e)}"
+        ) from None
 
 
 def check_item_ids(key: str, stream: str, items: Sequence[ItemData]) -> None:

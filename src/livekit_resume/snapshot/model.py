@@ -11,7 +11,7 @@ import socket
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -23,6 +23,7 @@ __all__ = [
     "SnapshotState",
     "ToolCallRecord",
     "Writer",
+    "describe_invalid",
 ]
 
 # Bumped whenever a stored shape changes; migrate.py upcasts older ones on load.
@@ -114,3 +115,12 @@ class Snapshot(_Model):
     agent: AgentFrame | None = None
     userdata: Any = None
     tool_calls: list[ToolCallRecord] = Field(default_factory=list)
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """What failed validation and why, by field, without the values: they are the
+    conversation's own data (decrypted, when the store encrypts), and errors are logged."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"
+        for err in exc.errors(include_url=False, include_input=False)
+    )
