@@ -28,6 +28,7 @@ from .core import (
     app,
 )
 from .snapshots import (
+    Unreadable,
     binary,
     diff_snapshots,
     load,
@@ -59,7 +60,7 @@ def ls_cmd(
     next null on the last page."""
     opts = _opts(ctx)
 
-    async def go(store: Store) -> tuple[list[SessionInfo], str | None]:
+    async def go(store: Store) -> tuple[list[SessionInfo | Unreadable], str | None]:
         return await page_sessions(store, prefix=prefix, state=state, limit=limit, after=after)
 
     infos, cursor = _run(ctx, go, read_only=True)
@@ -75,6 +76,7 @@ def ls_cmd(
         console.print(redact.printable(f"no sessions in {where}"))
     else:
         console.print(render.sessions_table(rows, title=f"sessions in {where}"))
+        render.unreadable_lines(render.err_console(), rows)
     if cursor is not None:
         console.print(redact.printable(f"next page: --after {cursor}"), soft_wrap=True)
 

@@ -26,6 +26,7 @@ from ..snapshot.codec import AGENT, HISTORY
 from ..snapshot.model import ItemData, Snapshot
 from ..snapshot.salvage import Damage
 from ..stores.base import SessionInfo, lease_is_live
+from .snapshots import Unreadable
 
 __all__ = [
     "add_transcript_rows",
@@ -42,6 +43,7 @@ __all__ = [
     "sessions_table",
     "snapshot_table",
     "transcript_table",
+    "unreadable_lines",
     "versions_table",
     "when",
 ]
@@ -181,10 +183,32 @@ def add_transcript_rows(table: Table, items: Iterable[ItemData]) -> None:
 # -------------------------------------------------------------------------- tables
 
 
-def session_rows(infos: Iterable[SessionInfo], now: float) -> list[dict[str, Any]]:
-    """``ls``: the row of each session (``--json`` prints them without ``updated_ts``)."""
-    rows = []
+# The fields of an ``ls`` row; a session that cannot be read has only its key of them.
+_ROW_FIELDS = (
+    "key",
+    "version",
+    "epoch",
+    "state",
+    "agent",
+    "items",
+    "owner",
+    "lease_expires_at",
+    "lease_expires_in",
+    "updated_at",
+    "updated_ts",
+)
+
+
+def session_rows(infos: Iterable[SessionInfo | Unreadable], now: float) -> list[dict[str, Any]]:
+    """``ls``: the row of each session (``--json`` prints them without ``updated_ts``);
+    a session that cannot be read has its ``error`` and ``message``, nothing else."""
+    rows: list[dict[str, Any]] = []
     for info in infos:
+        if isinstance(info, Unreadable):
+            row: dict[str, Any] = dict.fromkeys(_ROW_FIELDS)
+            row.update(key=info.key, error=type(info.error).__name__, message=str(info.error))
+            rows.append(row)
+            continue
         live = lease_is_live(info.lease_expires_at, now)
         expires = info.lease_expires_at if live else None
         rows.append(
@@ -205,6 +229,17 @@ def session_rows(infos: Iterable[SessionInfo], now: float) -> list[dict[str, Any
     return rows
 
 
+def unreadable_lines(out: Console, rows: Iterable[Mapping[str, Any]]) -> None:
+    """``ls``: one line per session it could not read, its error and what to do."""
+    for r in rows:
+        if r.get("error"):
+            line = (
+                f"session {r['key']!r} cannot be read ({r['error']}): {r['message']}"
+                f" (livekit-resume repair KEY, or rm KEY)"
+            )
+            out.print(printable(line), soft_wrap=True)
+
+
 def sessions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
     """``ls``: one row per session (the rows ``ls --json`` prints, with ``updated_ts``)."""
     table = Table(title=printable(title), box=box.SIMPLE_HEAD)
@@ -217,13 +252,19 @@ def sessions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
     table.add_column("updated", no_wrap=True)
     for r in rows:
         expires = r["lease_expires_in"]
+        if r.get("error"):
+            lease = "—"
+        elif expires is None:
+            lease = "free"
+        else:
+            lease = f"{dash(r['owner'])} ({expires:.0f}s left)"
         table.add_row(
             printable(r["key"]),
-            str(r["version"]),
-            dash(r["state"]),
+            dash(r["version"]),
+            "damaged" if r.get("error") else dash(r["state"]),
             dash(r["agent"]),
             dash(r["items"]),
-            "free" if expires is None else f"{dash(r['owner'])} ({expires:.0f}s left)",
+            lease,
             when(r["updated_ts"], short=True),
         )
     return table
