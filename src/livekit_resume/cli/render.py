@@ -88,11 +88,12 @@ def iso(ts: float | None) -> str | None:
 
 
 def _jsonable(value: Any) -> Any:
-    return to_jsonable_python(value, bytes_mode="base64")
+    # NaN and infinities (a float in userdata or usage) are not JSON: null, as JSON.stringify
+    return to_jsonable_python(value, bytes_mode="base64", inf_nan_mode="null")
 
 
 def print_json(value: Any) -> None:
-    click.echo(json.dumps(_jsonable(value), indent=2))
+    click.echo(json.dumps(_jsonable(value), indent=2, allow_nan=False))
 
 
 def dash(value: object) -> str:
