@@ -5,6 +5,7 @@ command), opening the store, one-line errors and stable exit codes. The commands
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -15,6 +16,7 @@ import typer.core
 from .. import redact
 from ..errors import (
     ResumeError,
+    SnapshotCorrupt,
 )
 from ..settings import DEFAULT_STORE_URL, Settings
 from ..stores.base import Store, validate_key
@@ -142,12 +144,28 @@ def _fail(exc: BaseException, *, as_json: bool) -> NoReturn:
     raise typer.Exit(EXIT_ERROR)
 
 
-def _run(ctx: typer.Context, fn: Callable[[Store], Awaitable[T]], *, read_only: bool) -> T:
+def _run(
+    ctx: typer.Context,
+    fn: Callable[[Store], Awaitable[T]],
+    *,
+    read_only: bool,
+    session: str | None = None,
+) -> T:
     """Open the store, run ``fn`` on one event loop, close the store; typed errors exit 1.
-    ``read_only``: a command that only reads never creates or writes a file."""
+    ``read_only``: a command that only reads never creates or writes a file.
+    ``session``: the key a writing command acts on, looked up read-only first, so that
+    a mistyped SQLite path is an error rather than a new empty file."""
     opts = _opts(ctx)
 
     async def go() -> T:
+        if session is not None and not read_only:
+            probe = _open(opts.store_url, read_only=True, namespace=opts.namespace)
+            try:
+                if getattr(probe, "read_only", False):  # a file opened without creating it
+                    with contextlib.suppress(SnapshotCorrupt):  # it exists: the command says
+                        await probe.info(session)
+            finally:
+                await probe.aclose()
         store = _open(opts.store_url, read_only=read_only, namespace=opts.namespace)
         try:
             return await fn(store)

@@ -112,7 +112,7 @@ def repair_cmd(
             return None, None
         return await write_whole(store, key, build, takeover=takeover, source="repair")
 
-    _written, version = _run(ctx, go, read_only=dry_run)
+    _written, version = _run(ctx, go, read_only=dry_run, session=key)
     damage: list[Damage] = found["damage"]
     snap: Snapshot = found["snap"]
     kept = {
@@ -196,7 +196,7 @@ def revert_cmd(
     async def go(store: Store) -> int | None:
         return (await write_whole(store, key, build, takeover=takeover, source="revert"))[1]
 
-    written = _run(ctx, go, read_only=False)
+    written = _run(ctx, go, read_only=False, session=key)
     _done(
         opts,
         {"key": key, "reverted_to": version, "version": written},
@@ -210,7 +210,7 @@ def release_cmd(ctx: typer.Context, key: _KeyArg) -> None:
     (its next checkpoint fails with LeaseLost) and any worker may take the session."""
     opts = _opts(ctx)
     key = _key(key)
-    holder, epoch = _run(ctx, lambda store: release_lease(store, key), read_only=False)
+    holder, epoch = _run(ctx, lambda store: release_lease(store, key), read_only=False, session=key)
     was = f"held by {holder!r}" if holder else "not held"
     _done(
         opts,
