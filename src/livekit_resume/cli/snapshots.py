@@ -32,6 +32,7 @@ __all__ = [
     "Unreadable",
     "binary",
     "commit_from_snapshot",
+    "delete_unheld",
     "diff_snapshots",
     "load",
     "make_codec",
@@ -165,6 +166,21 @@ async def release_lease(store: Store, key: str) -> tuple[str | None, int]:
     lease = await store.acquire(key, _owner(), ttl=IMPORT_LEASE_TTL, takeover=True)
     await store.release(lease)
     return info.owner, lease.epoch
+
+
+async def delete_unheld(store: Store, key: str) -> bool:
+    """Delete ``key`` unless a worker holds its lease: take the lease (never over) and
+    delete under it, so that a worker that took the session since it was seen free
+    keeps it (`SessionBusy`) and one taking it now waits for the delete."""
+    try:
+        lease = await store.acquire(key, _owner(), ttl=IMPORT_LEASE_TTL, takeover=False)
+    except SessionBusy as e:
+        raise SessionBusy(
+            f"session {key!r} was taken by {e.holder!r} since it was shown free: not "
+            "deleted (run rm again to delete it all the same)",
+            holder=e.holder,
+        ) from e
+    return await store.delete(key, lease=lease)
 
 
 # ---------------------------------------------------------------------- ls pages

@@ -13,6 +13,7 @@ from .. import redact
 from ..bridge import salvage_stored
 from ..errors import (
     ResumeError,
+    SnapshotCorrupt,
     SnapshotNotFound,
 )
 from ..snapshot.codec import AGENT, HISTORY, Codec
@@ -31,6 +32,7 @@ from .core import (
     app,
 )
 from .snapshots import (
+    delete_unheld,
     load,
     make_codec,
     read_snapshot,
@@ -151,24 +153,38 @@ def rm_cmd(
 
     where = redact.url(opts.store_url)
 
-    async def held(store: Store) -> str | None:
-        # No info: no session, or the remains of one whose head was lost (evicted),
-        # which delete removes too; delete says which.
-        info = await store.info(key)
+    async def held(store: Store) -> tuple[bool, str | None, str | None]:
+        """Whether the session is there, who holds it live, and why it cannot be read.
+        No info: no session, or the remains of one whose head was lost (evicted), which
+        delete removes too; delete says which. A damaged session is deleted all the same."""
+        try:
+            info = await store.info(key)
+        except SnapshotCorrupt as e:
+            return True, None, str(e)
         if info is None:
-            return None
-        return info.owner if lease_is_live(info.lease_expires_at, time.time()) else None
+            return False, None, None
+        live = lease_is_live(info.lease_expires_at, time.time())
+        return True, (info.owner if live else None), None
 
     # looked up read-only first: a mistyped path is an error, not a new empty file
-    holder = _run(ctx, held, read_only=True)
+    found, holder, damage = _run(ctx, held, read_only=True)
     if not yes:
         warn = f" It is held by {holder!r}, a live worker." if holder else ""
+        if damage:
+            warn += f" It cannot be read ({damage})."
         question = redact.printable(f"Delete session {key!r} and all its versions?{warn}")
-        if not typer.confirm(question):
+        if not typer.confirm(question, err=True):  # stdout is for the answer (--json)
             raise typer.Exit(1)
+    # Confirmed as free: deleted only while still free, under a lease of its own, so that
+    # a worker that took it meanwhile (a caller back) keeps it.
+    fenced = not yes and found and holder is None and damage is None
 
     async def go(store: Store) -> bool:
-        if not await store.delete(key):
+        if fenced:
+            deleted = await delete_unheld(store, key)
+        else:
+            deleted = await store.delete(key)
+        if not deleted:
             raise SnapshotNotFound(f"no session {key!r} in {where}")
         return True
 
