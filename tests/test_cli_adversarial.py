@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from typer.testing import CliRunner, Result
 
 from livekit_resume import open_store
@@ -93,3 +96,127 @@ def test_ls_lists_the_healthy_sessions_beside_a_damaged_one(
     assert "aa-healthy" in table.stdout and "zz-healthy" in table.stdout
     assert "damaged" in table.stdout
     assert f"{key!r}" in table.stderr and "SnapshotCorrupt" in table.stderr
+
+
+# ------------------------------------------------------------------ JSON output
+
+
+def _strict_json(text: str) -> Any:
+    """``text`` parsed as RFC 8259 JSON: NaN and Infinity are not JSON (jq and most
+    parsers refuse them), though Python's json module reads them."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_stays_json_when_a_snapshot_holds_nan_or_infinity(url: str, key: str) -> None:
+    odd = {"score": float("nan"), "limit": float("inf"), "floor": float("-inf"), "n": 1.5}
+    _copy(url, key, "odd-numbers", userdata=odd)
+    shown = run(url, "--json", "show", "odd-numbers")
+    assert shown.exit_code == 0, shown.output
+    userdata = _strict_json(shown.stdout)["userdata"]
+    assert userdata["n"] == 1.5 and userdata["score"] is None and userdata["limit"] is None
+    diffed = run(url, "--json", "diff", "odd-numbers", "1", "1")
+    assert diffed.exit_code == 0, diffed.output
+    _strict_json(diffed.stdout)
+
+
+def test_rm_asks_on_stderr_so_that_its_json_stays_json(url: str, key: str) -> None:
+    result = run(url, "--json", "rm", key, input="y\n")
+    assert result.exit_code == 0, result.output
+    typed, printed = result.stdout.split("\n", 1)
+    assert typed.strip() == "y"  # the test runner echoes the answer, as a terminal does
+    assert _strict_json(printed) == {"key": key, "deleted": True}
+    assert "Delete session" in result.stderr
+
+
+# ------------------------------------------------------------- mistyped paths
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["release", "room-1"], id="release"),
+        pytest.param(["revert", "room-1", "1"], id="revert"),
+        pytest.param(["repair", "room-1"], id="repair"),
+        pytest.param(["pause", "room-1", "--timeout", "0.1"], id="pause"),
+        pytest.param(["resume", "room-1", "--timeout", "0.1"], id="resume"),
+        pytest.param(["suspend", "room-1", "--timeout", "0.1"], id="suspend"),
+        pytest.param(["rm", "room-1", "--yes"], id="rm"),
+    ],
+)
+def test_a_command_on_a_session_never_creates_a_missing_sqlite_file(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    typo = tmp_path / "sesions.db"
+    result = run(f"sqlite:///{typo}", *argv)
+    assert result.exit_code == 1, result.output
+    assert "StoreUnavailable" in result.stderr and "does not exist" in result.stderr
+    assert not typo.exists() and list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------- odd keys
+
+
+def test_the_next_page_cursor_can_be_pasted_back_into_a_shell(url: str, key: str) -> None:
+    odd = ["a room {1}", "a room {2}", "a room {3}"]
+    for name in odd:
+        _copy(url, key, name)
+    first = run(url, "ls", "--prefix", "a room", "--limit", "1")
+    assert first.exit_code == 0, first.output
+    (line,) = [ln for ln in first.stdout.splitlines() if ln.startswith("next page:")]
+    words = shlex.split(line.removeprefix("next page:"))
+    assert words == ["--after", odd[0]]
+    second = run(url, "--json", "ls", "--prefix", "a room", "--limit", "1", *words)
+    assert [s["key"] for s in json.loads(second.stdout)["sessions"]] == [odd[1]]
+
+
+def test_rm_removes_a_damaged_session(url: str, key: str, request: pytest.FixtureRequest) -> None:
+    _copy(url, key, "healthy")
+    _damage(url, key, request)
+    asked = run(url, "rm", key, input="y\n")
+    assert asked.exit_code == 0, asked.output
+    assert "cannot be read" in asked.stderr
+    assert [s["key"] for s in run_json(url, "ls")] == ["healthy"]
+    assert run(url, "rm", "healthy", "--yes").exit_code == 0
+    assert run_json(url, "ls") == []
+
+
+def _hold(url: str, key: str, owner: str) -> Any:
+    async def go() -> Any:
+        store = open_store(url)
+        try:
+            return await store.acquire(key, owner, ttl=60)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(go())
+
+
+def test_rm_confirmed_for_a_free_session_spares_it_once_a_worker_took_it(
+    url: str, key: str
+) -> None:
+    asked: list[str] = []
+
+    def taken_while_asking(question: str, **_kw: Any) -> bool:
+        """The operator says yes while a worker restores the session: the worker takes
+        its lease between rm's look-up and the answer."""
+        asked.append(question)
+        _hold(url, key, "w-restoring")
+        return True
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(typer, "confirm", taken_while_asking)
+        result = run(url, "rm", key)
+    assert asked and "held" not in asked[0]  # it was free when asked
+    assert result.exit_code == 1, result.output
+    assert "SessionBusy" in result.stderr and "w-restoring" in result.stderr
+    (session,) = run_json(url, "ls")
+    assert session["key"] == key and session["owner"] == "w-restoring"
+    assert session["version"] == 3  # every version kept
+    # an operator who means it says so again: a held session is deleted when confirmed
+    again = run(url, "rm", key, input="y\n")
+    assert again.exit_code == 0, again.output
+    assert run_json(url, "ls") == []

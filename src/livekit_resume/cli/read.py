@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from typing import Annotated, Any
 
@@ -78,7 +79,9 @@ def ls_cmd(
         console.print(render.sessions_table(rows, title=f"sessions in {where}"))
         render.unreadable_lines(render.err_console(), rows)
     if cursor is not None:
-        console.print(redact.printable(f"next page: --after {cursor}"), soft_wrap=True)
+        # quoted for a shell: a key may hold spaces, braces or quotes
+        line = f"next page: --after {shlex.quote(cursor)}"
+        console.print(redact.printable(line), soft_wrap=True)
 
 
 @app.command("show")
