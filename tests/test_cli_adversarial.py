@@ -25,7 +25,7 @@ from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.base import Store, Stored
 from tests.redis_servers import RedisServer
-from tests.test_cli import key, run, run_json, url
+from tests.test_cli import _converse, key, run, run_json, url
 
 __all__ = ["key", "url"]  # the fixtures, shared with test_cli
 
@@ -220,3 +220,37 @@ def test_rm_confirmed_for_a_free_session_spares_it_once_a_worker_took_it(
     again = run(url, "rm", key, input="y\n")
     assert again.exit_code == 0, again.output
     assert run_json(url, "ls") == []
+
+
+ODD_KEYS = ["{a}", "b c", "ü-é 🎧", "100%", "x}{y", "-dash", "a:b:{c}"]
+
+
+def test_odd_keys_list_page_show_and_go_on_a_redis_cluster(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("livekit_resume.stores.redis")
+    cluster = request.getfixturevalue("redis_cluster")
+    monkeypatch.setenv("RESUME_NAMESPACE", f"odd{os.getpid()}")
+    url = str(cluster.url)
+    asyncio.run(_converse(url, "seed", ["remember the blue door"]))
+    for name in ODD_KEYS:
+        _copy(url, "seed", name)
+    everything = sorted([*ODD_KEYS, "seed"])
+    assert [s["key"] for s in run_json(url, "ls")] == everything
+
+    seen: list[str] = []
+    cursor: list[str] = []
+    while True:
+        page = run_json(url, "ls", "--limit", "3", *cursor)
+        seen += [s["key"] for s in page["sessions"]]
+        if page["next"] is None:
+            break
+        cursor = ["--after", page["next"]]
+    assert seen == everything
+
+    for name in ODD_KEYS:
+        shown = run(url, "show", "--", name) if name.startswith("-") else run(url, "show", name)
+        assert shown.exit_code == 0, (name, shown.output)
+        assert "remember the blue door" in shown.stdout
+        assert run(url, "rm", "--yes", "--", name).exit_code == 0, name
+    assert [s["key"] for s in run_json(url, "ls")] == ["seed"]

@@ -231,13 +231,11 @@ def session_rows(infos: Iterable[SessionInfo | Unreadable], now: float) -> list[
 
 
 def unreadable_lines(out: Console, rows: Iterable[Mapping[str, Any]]) -> None:
-    """``ls``: one line per session it could not read, its error and what to do."""
+    """``ls``: one line per session it could not read, with its error (which says what
+    to do: the store's own message)."""
     for r in rows:
         if r.get("error"):
-            line = (
-                f"session {r['key']!r} cannot be read ({r['error']}): {r['message']}"
-                f" (livekit-resume repair KEY, or rm KEY)"
-            )
+            line = f"session {r['key']!r} cannot be read ({r['error']}): {r['message']}"
             out.print(printable(line), soft_wrap=True)
 
 
