@@ -254,3 +254,31 @@ def test_odd_keys_list_page_show_and_go_on_a_redis_cluster(
         assert "remember the blue door" in shown.stdout
         assert run(url, "rm", "--yes", "--", name).exit_code == 0, name
     assert [s["key"] for s in run_json(url, "ls")] == ["seed"]
+
+
+# ------------------------------------------------------------ usage errors, --json
+
+
+@pytest.mark.parametrize(
+    ("argv", "kind"),
+    [
+        pytest.param(["--json", "show", ""], "BadParameter", id="empty-key"),
+        pytest.param(["show", "a\x1bb", "--json"], "BadParameter", id="control-key"),
+        pytest.param(["ls", "--json", "--limit", "0"], "BadParameter", id="out-of-range"),
+        pytest.param(["--json", "ls", "--no-such-option"], "NoSuchOption", id="unknown-option"),
+        pytest.param(["--json", "nope"], "UsageError", id="unknown-command"),
+        pytest.param(["--json", "diff", "room-1", "1"], "MissingParameter", id="missing"),
+    ],
+)
+def test_a_usage_error_with_json_is_one_json_line_exit_2(
+    tmp_path: Path, argv: list[str], kind: str
+) -> None:
+    result = cli(*argv, "--store", f"sqlite:///{tmp_path}/s.db")
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    error = _strict_json(line)
+    assert error["error"] == kind and error["message"], error
+    # without --json it stays click's readable usage message
+    plain = cli(*[a for a in argv if a != "--json"], "--store", f"sqlite:///{tmp_path}/s.db")
+    assert plain.exit_code == 2 and "Usage:" in plain.stderr

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import click
 import typer
 import typer.core
 
@@ -60,11 +62,46 @@ def hoist_globals(args: Sequence[str]) -> list[str]:
     return front + rest
 
 
+def _wants_json(args: Sequence[str]) -> bool:
+    """Whether ``--json`` is on the line (before any ``--``)."""
+    return "--json" in args[: args.index("--")] if "--" in args else "--json" in args
+
+
 class _Group(typer.core.TyperGroup):
-    """The root command: global options before or after the command."""
+    """The root command: global options before or after the command; with ``--json``, a
+    usage error is a JSON object on stderr too (still exit 2)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, hoist_globals(args))
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any
+    ) -> Any:
+        as_json = _wants_json(args)
+        try:
+            ctx = super().make_context(info_name, args, parent, **extra)
+        except typer.TyperException as e:
+            _usage_error(e, as_json=as_json)
+        ctx.meta[_JSON_META] = as_json
+        return ctx
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException as e:
+            _usage_error(e, as_json=bool(ctx.meta.get(_JSON_META)))
+
+
+_JSON_META = "livekit_resume.json"
+
+
+def _usage_error(exc: typer.TyperException, *, as_json: bool) -> NoReturn:
+    """A usage error (click's, exit 2): as JSON when asked, else click shows it."""
+    if not as_json:
+        raise exc
+    kind = type(exc).__name__
+    click.echo(json.dumps({"error": kind, "message": exc.format_message()}), err=True)
+    raise typer.Exit(getattr(exc, "exit_code", EXIT_USAGE))
 
 
 app = typer.Typer(
