@@ -23,7 +23,8 @@ from livekit_resume.cli import app
 from livekit_resume.cli.snapshots import make_codec, write_whole
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
-from livekit_resume.stores.base import Store, Stored
+from livekit_resume.remote import control
+from livekit_resume.stores.base import Controllable, Store, Stored
 from tests.redis_servers import RedisServer
 from tests.test_cli import _converse, key, run, run_json, url
 
@@ -282,3 +283,45 @@ def test_a_usage_error_with_json_is_one_json_line_exit_2(
     # without --json it stays click's readable usage message
     plain = cli(*[a for a in argv if a != "--json"], "--store", f"sqlite:///{tmp_path}/s.db")
     assert plain.exit_code == 2 and "Usage:" in plain.stderr
+
+
+# ---------------------------------------------------------------- remote control
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def bare_url(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """An empty store: a SQLite file, or a namespace of a real redis-server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/control.db"
+    server = request.getfixturevalue("redis_server")
+    monkeypatch.setenv("RESUME_NAMESPACE", f"ctl{os.getpid()}{request.node.name[-8:-1]}")
+    return str(server.url)
+
+
+def test_a_command_whose_sender_gave_up_is_never_applied_later(bare_url: str) -> None:
+    """An operator presses Ctrl-C (or a back end cancels its call) while a frozen worker
+    has not taken the command yet: the command is withdrawn, as at its timeout, so the
+    worker that wakes up later skips it rather than pausing the call behind their back."""
+
+    async def go() -> None:
+        worker, sender = open_store(bare_url), open_store(bare_url)
+        try:
+            await worker.acquire("call-7", "w-frozen", ttl=60)
+            assert isinstance(worker, Controllable)
+            channel = worker.commands()
+            async with channel.inbox("call-7") as inbox:
+                sending = asyncio.create_task(control(sender).pause("call-7", timeout=30))
+                command = await asyncio.wait_for(anext(inbox), 10)  # it arrived, unclaimed
+                sending.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await sending
+                # the worker wakes up: the command is no longer its to apply
+                assert not await channel.claim(command)
+                assert (await channel.reply(command)).status == "withdrawn"
+        finally:
+            await worker.aclose()
+            await sender.aclose()
+
+    asyncio.run(go())
