@@ -21,9 +21,9 @@ from livekit_resume import open_store
 from livekit_resume.bridge import from_stored
 from livekit_resume.cli import app
 from livekit_resume.cli.snapshots import make_codec, write_whole
+from livekit_resume.remote import control
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
-from livekit_resume.remote import control
 from livekit_resume.stores.base import Controllable, Store, Stored
 from tests.redis_servers import RedisServer
 from tests.test_cli import _converse, key, run, run_json, url
@@ -325,3 +325,24 @@ def test_a_command_whose_sender_gave_up_is_never_applied_later(bare_url: str) ->
             await sender.aclose()
 
     asyncio.run(go())
+
+
+# ------------------------------------------------------------------ odd numbers
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["show", "KEY", "--version", str(2**70)], id="show"),
+        pytest.param(["export", "KEY", "-o", "-", "--version", str(2**64)], id="export"),
+        pytest.param(["diff", "KEY", "1", str(2**64)], id="diff"),
+        pytest.param(["revert", "KEY", str(2**63)], id="revert"),
+        pytest.param(["show", "KEY", "--version", "0"], id="zero"),
+        pytest.param(["revert", "KEY", "-1"], id="negative"),
+    ],
+)
+def test_a_version_no_store_can_hold_is_a_usage_error(url: str, key: str, argv: list[str]) -> None:
+    result = cli(*[key if a == "KEY" else a for a in argv], "--store", url)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert run_json(url, "history", key)[-1]["version"] == 3  # nothing written

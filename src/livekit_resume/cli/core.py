@@ -118,8 +118,18 @@ T = TypeVar("T")
 
 # Parameters several commands share.
 _KeyArg = Annotated[str, typer.Argument(help="Session key.")]
+# A version is a positive 64-bit integer in every store (SQLite's INTEGER): a number
+# outside is a usage error, never a traceback from the store.
+MAX_VERSION = 2**63 - 1
 _VersionOpt = Annotated[
-    int | None, typer.Option("--version", "-v", help="A retained version (default: latest)")
+    int | None,
+    typer.Option(
+        "--version",
+        "-v",
+        min=1,
+        max=MAX_VERSION,
+        help="A retained version (default: latest)",
+    ),
 ]
 _TakeoverOpt = Annotated[
     bool, typer.Option("--takeover", help="Take the lease over from a live worker.")

@@ -19,6 +19,7 @@ from ..snapshot.salvage import validate_restorable
 from ..stores.base import SessionInfo, Store
 from . import render
 from .core import (
+    MAX_VERSION,
     _done,
     _fail,
     _key,
@@ -188,8 +189,12 @@ def export_cmd(
 def diff_cmd(
     ctx: typer.Context,
     key: _KeyArg,
-    a: Annotated[int, typer.Argument(metavar="A", help="The older version.")],
-    b: Annotated[int, typer.Argument(metavar="B", help="The newer version.")],
+    a: Annotated[
+        int, typer.Argument(metavar="A", min=1, max=MAX_VERSION, help="The older version.")
+    ],
+    b: Annotated[
+        int, typer.Argument(metavar="B", min=1, max=MAX_VERSION, help="The newer version.")
+    ],
 ) -> None:
     """What changed from version A to version B: items added (+), edited (~) and removed
     (-) per stream, by item id; and the userdata, agent, instructions and state."""

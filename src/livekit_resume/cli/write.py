@@ -22,6 +22,7 @@ from ..snapshot.salvage import SALVAGE_ID_PREFIX, Damage
 from ..stores.base import Store, Stored, lease_is_live
 from . import render
 from .core import (
+    MAX_VERSION,
     _done,
     _fail,
     _key,
@@ -196,7 +197,10 @@ def rm_cmd(
 def revert_cmd(
     ctx: typer.Context,
     key: _KeyArg,
-    version: Annotated[int, typer.Argument(metavar="VERSION", help="A retained version.")],
+    version: Annotated[
+        int,
+        typer.Argument(metavar="VERSION", min=1, max=MAX_VERSION, help="A retained version."),
+    ],
     takeover: _TakeoverOpt = False,
 ) -> None:
     """Make an older version the newest: write it again whole, as a new version, under
