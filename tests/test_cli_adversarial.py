@@ -346,3 +346,33 @@ def test_a_version_no_store_can_hold_is_a_usage_error(url: str, key: str, argv: 
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert run_json(url, "history", key)[-1]["version"] == 3  # nothing written
+
+
+# ------------------------------------------------------------------ clock skew
+
+
+def test_a_live_holder_shows_whatever_the_operators_clock_says(
+    url: str, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store tells whether a lease is live, by its own clock (Redis: the server's
+    TIME): an operator's host ahead of it by more than the lease has left still sees
+    the worker that holds the session."""
+    import time
+
+    _hold(url, key, "w-live")  # a 60 s lease
+    wall = time.time
+    # this host's wall clock 75 s ahead (the SQLite store keeps the clock it was made
+    # with: it plays the server)
+    monkeypatch.setattr(time, "time", lambda: wall() + 75)
+    (session,) = run_json(url, "ls")
+    assert session["owner"] == "w-live", session
+    assert session["lease_expires_at"] is not None
+    asked: list[str] = []
+
+    def no(question: str, **_kw: Any) -> bool:
+        asked.append(question)
+        return False
+
+    monkeypatch.setattr(typer, "confirm", no)
+    assert run(url, "rm", key).exit_code == 1
+    assert "held by 'w-live'" in asked[0]

@@ -25,7 +25,7 @@ from ..redact import printable
 from ..snapshot.codec import AGENT, HISTORY
 from ..snapshot.model import ItemData, Snapshot
 from ..snapshot.salvage import Damage
-from ..stores.base import SessionInfo, lease_is_live
+from ..stores.base import SessionInfo
 from .snapshots import Unreadable
 
 __all__ = [
@@ -210,7 +210,9 @@ def session_rows(infos: Iterable[SessionInfo | Unreadable], now: float) -> list[
             row.update(key=info.key, error=type(info.error).__name__, message=str(info.error))
             rows.append(row)
             continue
-        live = lease_is_live(info.lease_expires_at, now)
+        # The store says whether the lease is live, by its own clock (Redis: the
+        # server's): this host's clock may run ahead of it.
+        live = info.owner is not None
         expires = info.lease_expires_at if live else None
         rows.append(
             {
@@ -222,7 +224,7 @@ def session_rows(infos: Iterable[SessionInfo | Unreadable], now: float) -> list[
                 "items": info.info.get("items"),
                 "owner": info.owner if live else None,
                 "lease_expires_at": iso(expires),
-                "lease_expires_in": expires - now if expires is not None else None,
+                "lease_expires_in": max(expires - now, 0.0) if expires is not None else None,
                 "updated_at": iso(info.updated_at),
                 "updated_ts": info.updated_at,
             }

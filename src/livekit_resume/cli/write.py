@@ -3,7 +3,6 @@ under the session's lease rules, refusing a live worker's session unless ``--tak
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 import typer
@@ -19,7 +18,7 @@ from ..errors import (
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import ItemData, Snapshot
 from ..snapshot.salvage import SALVAGE_ID_PREFIX, Damage
-from ..stores.base import Store, Stored, lease_is_live
+from ..stores.base import Store, Stored
 from . import render
 from .core import (
     MAX_VERSION,
@@ -164,8 +163,7 @@ def rm_cmd(
             return True, None, str(e)
         if info is None:
             return False, None, None
-        live = lease_is_live(info.lease_expires_at, time.time())
-        return True, (info.owner if live else None), None
+        return True, info.owner, None  # live by the store's clock, not this host's
 
     # looked up read-only first: a mistyped path is an error, not a new empty file
     found, holder, damage = _run(ctx, held, read_only=True)
