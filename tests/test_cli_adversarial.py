@@ -376,3 +376,45 @@ def test_a_live_holder_shows_whatever_the_operators_clock_says(
     monkeypatch.setattr(typer, "confirm", no)
     assert run(url, "rm", key).exit_code == 1
     assert "held by 'w-live'" in asked[0]
+
+
+# ------------------------------------------------------------- ls --state pages
+
+
+class _CountedPages:
+    """A store whose key pages are counted: on Redis each page reads the whole index."""
+
+    def __init__(self, store: Store) -> None:
+        self._store: Any = store
+        self.pages = 0
+
+    async def keys_page(
+        self, prefix: str, after: str | None, limit: int | None
+    ) -> tuple[list[str], str | None]:
+        self.pages += 1
+        page: tuple[list[str], str | None] = await self._store.keys_page(prefix, after, limit)
+        return page
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_ls_state_over_many_sessions_reads_few_pages(tmp_path: Path) -> None:
+    """``ls --state paused --limit 10`` where nothing is paused looks at every session:
+    in pages that grow, not in a thousand pages of a hundred (each of which reads the
+    whole namespace index on Redis)."""
+    from livekit_resume.cli.snapshots import page_sessions
+
+    async def go() -> None:
+        store = open_store(f"sqlite:///{tmp_path}/many.db")
+        try:
+            for i in range(3000):
+                await store.acquire(f"room-{i:05d}", "w", ttl=60)
+            counted = _CountedPages(store)
+            found, cursor = await page_sessions(counted, state="paused", limit=10)
+            assert found == [] and cursor is None
+            assert counted.pages <= 6, counted.pages
+        finally:
+            await store.aclose()
+
+    asyncio.run(go())

@@ -185,8 +185,12 @@ async def delete_unheld(store: Store, key: str) -> bool:
 
 # ---------------------------------------------------------------------- ls pages
 
-# How many keys ``ls`` asks a store for at once when it filters by state.
+# How many keys ``ls`` asks a store for at once when it filters by state: PAGE_BATCH
+# first, twice as many each time after, up to PAGE_BATCH_MAX (on Redis every page reads
+# the whole namespace index, so a thousand pages of a hundred would read it a thousand
+# times).
 PAGE_BATCH = 100
+PAGE_BATCH_MAX = 10_000
 
 
 async def _keys_page(
@@ -230,9 +234,11 @@ async def page_sessions(
     as `Unreadable` (never with ``state``): one damaged session hides no other."""
     found: list[SessionInfo | Unreadable] = []
     cursor = after
+    grow = PAGE_BATCH
     while True:
         want = None if limit is None else limit - len(found)
-        batch = want if state is None or want is None else max(want, PAGE_BATCH)
+        batch = want if state is None or want is None else max(want, grow)
+        grow = min(grow * 2, PAGE_BATCH_MAX)
         keys, more = await _keys_page(store, prefix, cursor, batch)
         infos = await asyncio.gather(*(_info(store, k) for k in keys))
         for k, info in zip(keys, infos, strict=True):
