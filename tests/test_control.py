@@ -495,10 +495,22 @@ async def test_an_owner_whose_subscription_drops_listens_again(
 # ------------------------------------------------------------------ command line
 
 
+def _create_store(url: str) -> None:
+    async def go() -> None:
+        store = lr.open_store(url)
+        try:
+            await store.keys()
+        finally:
+            await store.aclose()
+
+    asyncio.run(go())
+
+
 def test_the_cli_refuses_on_one_line_and_keeps_its_exit_codes(tmp_path: Path) -> None:
     from tests.test_cli import run
 
     url = f"sqlite:///{tmp_path}/cli.db"
+    _create_store(url)  # a store without the session (a missing file is StoreUnavailable)
     refused = run(url, "pause", "nobody")
     assert refused.exit_code == 1
     assert refused.stderr.strip().startswith("error (CommandRefused): pause of session")

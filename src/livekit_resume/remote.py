@@ -11,6 +11,7 @@ worker that took over. See docs/control.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Literal
@@ -96,11 +97,18 @@ class SessionControl:
         if aimed != info.epoch:
             raise CommandRefused(key, verb, epoch_mismatch(aimed, info.epoch))
         command = Command(uuid.uuid4().hex, key, verb, aimed)
-        if await channel.send(command) == 0:
-            raise CommandRefused(
-                key, verb, f"no live owner: {info.owner!r} holds the lease but is not listening"
-            )
-        return await _answer(channel, command, info.owner, timeout)
+        try:
+            if await channel.send(command) == 0:
+                raise CommandRefused(
+                    key, verb, f"no live owner: {info.owner!r} holds the lease but is not listening"
+                )
+            return await _answer(channel, command, info.owner, timeout)
+        except asyncio.CancelledError:
+            # The sender gave up (Ctrl-C, a cancelled call): withdrawn as at its timeout,
+            # so that an owner that takes it later skips it. Too late once it was taken.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(channel.withdraw(command))
+            raise
 
     def _channel(self, verb: str, key: str) -> CommandChannel:
         if not offers(self._store, Controllable):

@@ -43,7 +43,7 @@ def _send(ctx: typer.Context, verb: Verb, key: str, epoch: int | None, timeout: 
         send = {"pause": remote.pause, "resume": remote.resume, "suspend": remote.suspend}[verb]
         return await send(key, epoch=epoch, timeout=timeout)
 
-    version = _run(ctx, go, read_only=False)
+    version = _run(ctx, go, read_only=False, session=key)
     done = {"pause": "paused", "resume": "resumed", "suspend": "suspended"}[verb]
     _done(
         opts,

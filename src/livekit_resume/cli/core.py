@@ -5,16 +5,20 @@ command), opening the store, one-line errors and stable exit codes. The commands
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import click
 import typer
 import typer.core
 
 from .. import redact
 from ..errors import (
     ResumeError,
+    SnapshotCorrupt,
 )
 from ..settings import DEFAULT_STORE_URL, Settings
 from ..stores.base import Store, validate_key
@@ -58,11 +62,46 @@ def hoist_globals(args: Sequence[str]) -> list[str]:
     return front + rest
 
 
+def _wants_json(args: Sequence[str]) -> bool:
+    """Whether ``--json`` is on the line (before any ``--``)."""
+    return "--json" in args[: args.index("--")] if "--" in args else "--json" in args
+
+
 class _Group(typer.core.TyperGroup):
-    """The root command: global options before or after the command."""
+    """The root command: global options before or after the command; with ``--json``, a
+    usage error is a JSON object on stderr too (still exit 2)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, hoist_globals(args))
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any
+    ) -> Any:
+        as_json = _wants_json(args)
+        try:
+            ctx = super().make_context(info_name, args, parent, **extra)
+        except typer.TyperException as e:
+            _usage_error(e, as_json=as_json)
+        ctx.meta[_JSON_META] = as_json
+        return ctx
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException as e:
+            _usage_error(e, as_json=bool(ctx.meta.get(_JSON_META)))
+
+
+_JSON_META = "livekit_resume.json"
+
+
+def _usage_error(exc: typer.TyperException, *, as_json: bool) -> NoReturn:
+    """A usage error (click's, exit 2): as JSON when asked, else click shows it."""
+    if not as_json:
+        raise exc
+    kind = type(exc).__name__
+    click.echo(json.dumps({"error": kind, "message": exc.format_message()}), err=True)
+    raise typer.Exit(getattr(exc, "exit_code", EXIT_USAGE))
 
 
 app = typer.Typer(
@@ -79,8 +118,18 @@ T = TypeVar("T")
 
 # Parameters several commands share.
 _KeyArg = Annotated[str, typer.Argument(help="Session key.")]
+# A version is a positive 64-bit integer in every store (SQLite's INTEGER): a number
+# outside is a usage error, never a traceback from the store.
+MAX_VERSION = 2**63 - 1
 _VersionOpt = Annotated[
-    int | None, typer.Option("--version", "-v", help="A retained version (default: latest)")
+    int | None,
+    typer.Option(
+        "--version",
+        "-v",
+        min=1,
+        max=MAX_VERSION,
+        help="A retained version (default: latest)",
+    ),
 ]
 _TakeoverOpt = Annotated[
     bool, typer.Option("--takeover", help="Take the lease over from a live worker.")
@@ -142,12 +191,28 @@ def _fail(exc: BaseException, *, as_json: bool) -> NoReturn:
     raise typer.Exit(EXIT_ERROR)
 
 
-def _run(ctx: typer.Context, fn: Callable[[Store], Awaitable[T]], *, read_only: bool) -> T:
+def _run(
+    ctx: typer.Context,
+    fn: Callable[[Store], Awaitable[T]],
+    *,
+    read_only: bool,
+    session: str | None = None,
+) -> T:
     """Open the store, run ``fn`` on one event loop, close the store; typed errors exit 1.
-    ``read_only``: a command that only reads never creates or writes a file."""
+    ``read_only``: a command that only reads never creates or writes a file.
+    ``session``: the key a writing command acts on, looked up read-only first, so that
+    a mistyped SQLite path is an error rather than a new empty file."""
     opts = _opts(ctx)
 
     async def go() -> T:
+        if session is not None and not read_only:
+            probe = _open(opts.store_url, read_only=True, namespace=opts.namespace)
+            try:
+                if getattr(probe, "read_only", False):  # a file opened without creating it
+                    with contextlib.suppress(SnapshotCorrupt):  # it exists: the command says
+                        await probe.info(session)
+            finally:
+                await probe.aclose()
         store = _open(opts.store_url, read_only=read_only, namespace=opts.namespace)
         try:
             return await fn(store)

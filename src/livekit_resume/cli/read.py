@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from typing import Annotated, Any
 
@@ -18,6 +19,7 @@ from ..snapshot.salvage import validate_restorable
 from ..stores.base import SessionInfo, Store
 from . import render
 from .core import (
+    MAX_VERSION,
     _done,
     _fail,
     _key,
@@ -28,6 +30,7 @@ from .core import (
     app,
 )
 from .snapshots import (
+    Unreadable,
     binary,
     diff_snapshots,
     load,
@@ -59,7 +62,7 @@ def ls_cmd(
     next null on the last page."""
     opts = _opts(ctx)
 
-    async def go(store: Store) -> tuple[list[SessionInfo], str | None]:
+    async def go(store: Store) -> tuple[list[SessionInfo | Unreadable], str | None]:
         return await page_sessions(store, prefix=prefix, state=state, limit=limit, after=after)
 
     infos, cursor = _run(ctx, go, read_only=True)
@@ -75,8 +78,11 @@ def ls_cmd(
         console.print(redact.printable(f"no sessions in {where}"))
     else:
         console.print(render.sessions_table(rows, title=f"sessions in {where}"))
+        render.unreadable_lines(render.err_console(), rows)
     if cursor is not None:
-        console.print(redact.printable(f"next page: --after {cursor}"), soft_wrap=True)
+        # quoted for a shell: a key may hold spaces, braces or quotes
+        line = f"next page: --after {shlex.quote(cursor)}"
+        console.print(redact.printable(line), soft_wrap=True)
 
 
 @app.command("show")
@@ -183,8 +189,12 @@ def export_cmd(
 def diff_cmd(
     ctx: typer.Context,
     key: _KeyArg,
-    a: Annotated[int, typer.Argument(metavar="A", help="The older version.")],
-    b: Annotated[int, typer.Argument(metavar="B", help="The newer version.")],
+    a: Annotated[
+        int, typer.Argument(metavar="A", min=1, max=MAX_VERSION, help="The older version.")
+    ],
+    b: Annotated[
+        int, typer.Argument(metavar="B", min=1, max=MAX_VERSION, help="The newer version.")
+    ],
 ) -> None:
     """What changed from version A to version B: items added (+), edited (~) and removed
     (-) per stream, by item id; and the userdata, agent, instructions and state."""

@@ -25,7 +25,8 @@ from ..redact import printable
 from ..snapshot.codec import AGENT, HISTORY
 from ..snapshot.model import ItemData, Snapshot
 from ..snapshot.salvage import Damage
-from ..stores.base import SessionInfo, lease_is_live
+from ..stores.base import SessionInfo
+from .snapshots import Unreadable
 
 __all__ = [
     "add_transcript_rows",
@@ -42,6 +43,7 @@ __all__ = [
     "sessions_table",
     "snapshot_table",
     "transcript_table",
+    "unreadable_lines",
     "versions_table",
     "when",
 ]
@@ -86,11 +88,12 @@ def iso(ts: float | None) -> str | None:
 
 
 def _jsonable(value: Any) -> Any:
-    return to_jsonable_python(value, bytes_mode="base64")
+    # NaN and infinities (a float in userdata or usage) are not JSON: null, as JSON.stringify
+    return to_jsonable_python(value, bytes_mode="base64", inf_nan_mode="null")
 
 
 def print_json(value: Any) -> None:
-    click.echo(json.dumps(_jsonable(value), indent=2))
+    click.echo(json.dumps(_jsonable(value), indent=2, allow_nan=False))
 
 
 def dash(value: object) -> str:
@@ -181,11 +184,35 @@ def add_transcript_rows(table: Table, items: Iterable[ItemData]) -> None:
 # -------------------------------------------------------------------------- tables
 
 
-def session_rows(infos: Iterable[SessionInfo], now: float) -> list[dict[str, Any]]:
-    """``ls``: the row of each session (``--json`` prints them without ``updated_ts``)."""
-    rows = []
+# The fields of an ``ls`` row; a session that cannot be read has only its key of them.
+_ROW_FIELDS = (
+    "key",
+    "version",
+    "epoch",
+    "state",
+    "agent",
+    "items",
+    "owner",
+    "lease_expires_at",
+    "lease_expires_in",
+    "updated_at",
+    "updated_ts",
+)
+
+
+def session_rows(infos: Iterable[SessionInfo | Unreadable], now: float) -> list[dict[str, Any]]:
+    """``ls``: the row of each session (``--json`` prints them without ``updated_ts``);
+    a session that cannot be read has its ``error`` and ``message``, nothing else."""
+    rows: list[dict[str, Any]] = []
     for info in infos:
-        live = lease_is_live(info.lease_expires_at, now)
+        if isinstance(info, Unreadable):
+            row: dict[str, Any] = dict.fromkeys(_ROW_FIELDS)
+            row.update(key=info.key, error=type(info.error).__name__, message=str(info.error))
+            rows.append(row)
+            continue
+        # The store says whether the lease is live, by its own clock (Redis: the
+        # server's): this host's clock may run ahead of it.
+        live = info.owner is not None
         expires = info.lease_expires_at if live else None
         rows.append(
             {
@@ -197,12 +224,21 @@ def session_rows(infos: Iterable[SessionInfo], now: float) -> list[dict[str, Any
                 "items": info.info.get("items"),
                 "owner": info.owner if live else None,
                 "lease_expires_at": iso(expires),
-                "lease_expires_in": expires - now if expires is not None else None,
+                "lease_expires_in": max(expires - now, 0.0) if expires is not None else None,
                 "updated_at": iso(info.updated_at),
                 "updated_ts": info.updated_at,
             }
         )
     return rows
+
+
+def unreadable_lines(out: Console, rows: Iterable[Mapping[str, Any]]) -> None:
+    """``ls``: one line per session it could not read, with its error (which says what
+    to do: the store's own message)."""
+    for r in rows:
+        if r.get("error"):
+            line = f"session {r['key']!r} cannot be read ({r['error']}): {r['message']}"
+            out.print(printable(line), soft_wrap=True)
 
 
 def sessions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
@@ -217,13 +253,19 @@ def sessions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
     table.add_column("updated", no_wrap=True)
     for r in rows:
         expires = r["lease_expires_in"]
+        if r.get("error"):
+            lease = "—"
+        elif expires is None:
+            lease = "free"
+        else:
+            lease = f"{dash(r['owner'])} ({expires:.0f}s left)"
         table.add_row(
             printable(r["key"]),
-            str(r["version"]),
-            dash(r["state"]),
+            dash(r["version"]),
+            "damaged" if r.get("error") else dash(r["state"]),
             dash(r["agent"]),
             dash(r["items"]),
-            "free" if expires is None else f"{dash(r['owner'])} ({expires:.0f}s left)",
+            lease,
             when(r["updated_ts"], short=True),
         )
     return table

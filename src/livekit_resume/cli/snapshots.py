@@ -15,11 +15,11 @@ import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Literal, cast
 
 from ..bridge import codec_for, from_stored, whole_commit
-from ..errors import SessionBusy, SnapshotNotFound
+from ..errors import SessionBusy, SnapshotCorrupt, SnapshotNotFound
 from ..settings import CODEC_SETTINGS, Settings
 from ..snapshot.codec import AGENT, DEFAULT_MAX_FRAME, HISTORY, Codec, read_frames
 from ..snapshot.model import ItemData, Snapshot, Writer
@@ -29,8 +29,10 @@ from ..stores.base import Commit, KeyPages, SessionInfo, Store, Stored, offers, 
 __all__ = [
     "IMPORT_LEASE_TTL",
     "PROG",
+    "Unreadable",
     "binary",
     "commit_from_snapshot",
+    "delete_unheld",
     "diff_snapshots",
     "load",
     "make_codec",
@@ -166,10 +168,29 @@ async def release_lease(store: Store, key: str) -> tuple[str | None, int]:
     return info.owner, lease.epoch
 
 
+async def delete_unheld(store: Store, key: str) -> bool:
+    """Delete ``key`` unless a worker holds its lease: take the lease (never over) and
+    delete under it, so that a worker that took the session since it was seen free
+    keeps it (`SessionBusy`) and one taking it now waits for the delete."""
+    try:
+        lease = await store.acquire(key, _owner(), ttl=IMPORT_LEASE_TTL, takeover=False)
+    except SessionBusy as e:
+        raise SessionBusy(
+            f"session {key!r} was taken by {e.holder!r} since it was shown free: not "
+            "deleted (run rm again to delete it all the same)",
+            holder=e.holder,
+        ) from e
+    return await store.delete(key, lease=lease)
+
+
 # ---------------------------------------------------------------------- ls pages
 
-# How many keys ``ls`` asks a store for at once when it filters by state.
+# How many keys ``ls`` asks a store for at once when it filters by state: PAGE_BATCH
+# first, twice as many each time after, up to PAGE_BATCH_MAX (on Redis every page reads
+# the whole namespace index, so a thousand pages of a hundred would read it a thousand
+# times).
 PAGE_BATCH = 100
+PAGE_BATCH_MAX = 10_000
 
 
 async def _keys_page(
@@ -182,6 +203,22 @@ async def _keys_page(
     return page_of(await store.keys(), prefix, after, limit)
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A listed session whose head or latest version cannot be read (evicted, damaged):
+    ``ls`` shows it beside the others, so that it can be repaired or removed."""
+
+    key: str
+    error: SnapshotCorrupt
+
+
+async def _info(store: Store, key: str) -> SessionInfo | Unreadable | None:
+    try:
+        return await store.info(key)
+    except SnapshotCorrupt as e:
+        return Unreadable(key, e)
+
+
 async def page_sessions(
     store: Store,
     *,
@@ -189,22 +226,29 @@ async def page_sessions(
     state: str | None = None,
     limit: int | None = None,
     after: str | None = None,
-) -> tuple[list[SessionInfo], str | None]:
+) -> tuple[list[SessionInfo | Unreadable], str | None]:
     """One page of sessions (keys in order, after the cursor ``after``): at most
     ``limit``, only those whose key starts with ``prefix`` and, given ``state``, whose
     latest version is in that state. Returns them and the cursor of the next page (the
-    last key looked at), None after the last page."""
-    found: list[SessionInfo] = []
+    last key looked at), None after the last page. A session that cannot be read comes
+    as `Unreadable` (never with ``state``): one damaged session hides no other."""
+    found: list[SessionInfo | Unreadable] = []
     cursor = after
+    grow = PAGE_BATCH
     while True:
         want = None if limit is None else limit - len(found)
-        batch = want if state is None or want is None else max(want, PAGE_BATCH)
+        batch = want if state is None or want is None else max(want, grow)
+        grow = min(grow * 2, PAGE_BATCH_MAX)
         keys, more = await _keys_page(store, prefix, cursor, batch)
-        infos = await asyncio.gather(*(store.info(k) for k in keys))
+        infos = await asyncio.gather(*(_info(store, k) for k in keys))
         for k, info in zip(keys, infos, strict=True):
             cursor = k
             # None: deleted or expired between the listing and info()
-            if info is not None and (state is None or info.info.get("state") == state):
+            if isinstance(info, Unreadable):
+                keep = state is None
+            else:
+                keep = info is not None and (state is None or info.info.get("state") == state)
+            if info is not None and keep:
                 found.append(info)
                 if limit is not None and len(found) == limit:
                     last = k == keys[-1]

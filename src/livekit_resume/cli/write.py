@@ -3,7 +3,6 @@ under the session's lease rules, refusing a live worker's session unless ``--tak
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 import typer
@@ -13,14 +12,16 @@ from .. import redact
 from ..bridge import salvage_stored
 from ..errors import (
     ResumeError,
+    SnapshotCorrupt,
     SnapshotNotFound,
 )
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import ItemData, Snapshot
 from ..snapshot.salvage import SALVAGE_ID_PREFIX, Damage
-from ..stores.base import Store, Stored, lease_is_live
+from ..stores.base import Store, Stored
 from . import render
 from .core import (
+    MAX_VERSION,
     _done,
     _fail,
     _key,
@@ -31,6 +32,7 @@ from .core import (
     app,
 )
 from .snapshots import (
+    delete_unheld,
     load,
     make_codec,
     read_snapshot,
@@ -112,7 +114,7 @@ def repair_cmd(
             return None, None
         return await write_whole(store, key, build, takeover=takeover, source="repair")
 
-    _written, version = _run(ctx, go, read_only=dry_run)
+    _written, version = _run(ctx, go, read_only=dry_run, session=key)
     damage: list[Damage] = found["damage"]
     snap: Snapshot = found["snap"]
     kept = {
@@ -151,24 +153,37 @@ def rm_cmd(
 
     where = redact.url(opts.store_url)
 
-    async def held(store: Store) -> str | None:
-        # No info: no session, or the remains of one whose head was lost (evicted),
-        # which delete removes too; delete says which.
-        info = await store.info(key)
+    async def held(store: Store) -> tuple[bool, str | None, str | None]:
+        """Whether the session is there, who holds it live, and why it cannot be read.
+        No info: no session, or the remains of one whose head was lost (evicted), which
+        delete removes too; delete says which. A damaged session is deleted all the same."""
+        try:
+            info = await store.info(key)
+        except SnapshotCorrupt as e:
+            return True, None, str(e)
         if info is None:
-            return None
-        return info.owner if lease_is_live(info.lease_expires_at, time.time()) else None
+            return False, None, None
+        return True, info.owner, None  # live by the store's clock, not this host's
 
     # looked up read-only first: a mistyped path is an error, not a new empty file
-    holder = _run(ctx, held, read_only=True)
+    found, holder, damage = _run(ctx, held, read_only=True)
     if not yes:
         warn = f" It is held by {holder!r}, a live worker." if holder else ""
+        if damage:
+            warn += f" It cannot be read ({damage})."
         question = redact.printable(f"Delete session {key!r} and all its versions?{warn}")
-        if not typer.confirm(question):
+        if not typer.confirm(question, err=True):  # stdout is for the answer (--json)
             raise typer.Exit(1)
+    # Confirmed as free: deleted only while still free, under a lease of its own, so that
+    # a worker that took it meanwhile (a caller back) keeps it.
+    fenced = not yes and found and holder is None and damage is None
 
     async def go(store: Store) -> bool:
-        if not await store.delete(key):
+        if fenced:
+            deleted = await delete_unheld(store, key)
+        else:
+            deleted = await store.delete(key)
+        if not deleted:
             raise SnapshotNotFound(f"no session {key!r} in {where}")
         return True
 
@@ -180,7 +195,10 @@ def rm_cmd(
 def revert_cmd(
     ctx: typer.Context,
     key: _KeyArg,
-    version: Annotated[int, typer.Argument(metavar="VERSION", help="A retained version.")],
+    version: Annotated[
+        int,
+        typer.Argument(metavar="VERSION", min=1, max=MAX_VERSION, help="A retained version."),
+    ],
     takeover: _TakeoverOpt = False,
 ) -> None:
     """Make an older version the newest: write it again whole, as a new version, under
@@ -196,7 +214,7 @@ def revert_cmd(
     async def go(store: Store) -> int | None:
         return (await write_whole(store, key, build, takeover=takeover, source="revert"))[1]
 
-    written = _run(ctx, go, read_only=False)
+    written = _run(ctx, go, read_only=False, session=key)
     _done(
         opts,
         {"key": key, "reverted_to": version, "version": written},
@@ -210,7 +228,7 @@ def release_cmd(ctx: typer.Context, key: _KeyArg) -> None:
     (its next checkpoint fails with LeaseLost) and any worker may take the session."""
     opts = _opts(ctx)
     key = _key(key)
-    holder, epoch = _run(ctx, lambda store: release_lease(store, key), read_only=False)
+    holder, epoch = _run(ctx, lambda store: release_lease(store, key), read_only=False, session=key)
     was = f"held by {holder!r}" if holder else "not held"
     _done(
         opts,

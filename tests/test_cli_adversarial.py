@@ -1,0 +1,420 @@
+"""The operator's surface of ``livekit-resume`` under what operators meet on a live
+cluster: damaged sessions among healthy ones, odd keys, values JSON cannot carry,
+mistyped store paths, prompts beside ``--json``. Run in-process against a real SQLite
+file and a real redis-server (the ``url`` and ``key`` fixtures of test_cli)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner, Result
+
+from livekit_resume import open_store
+from livekit_resume.bridge import from_stored
+from livekit_resume.cli import app
+from livekit_resume.cli.snapshots import make_codec, write_whole
+from livekit_resume.remote import control
+from livekit_resume.snapshot.codec import Codec
+from livekit_resume.snapshot.model import Snapshot
+from livekit_resume.stores.base import Controllable, Store, Stored
+from tests.redis_servers import RedisServer
+from tests.test_cli import _converse, key, run, run_json, url
+
+__all__ = ["key", "url"]  # the fixtures, shared with test_cli
+
+
+def cli(*args: str, **kw: Any) -> Result:
+    return CliRunner().invoke(app, list(args), **kw)
+
+
+def _copy(url: str, key: str, new: str, **update: Any) -> None:
+    """Write ``key``'s latest snapshot as session ``new`` (with ``update`` applied)."""
+
+    async def go() -> None:
+        store = open_store(url)
+        try:
+            snap = from_stored(make_codec(store), await store.load(key))
+
+            async def build(_s: Store, _c: Codec, _stored: Stored | None) -> Snapshot:
+                return snap.model_copy(update=update)
+
+            await write_whole(store, new, build, takeover=False, source="import")
+        finally:
+            await store.aclose()
+
+    asyncio.run(go())
+
+
+def _damage(url: str, key: str, request: pytest.FixtureRequest) -> None:
+    """Break the latest version record of ``key`` as an eviction or a bad hand edit
+    would: its listing info is gone (Redis) or not JSON (SQLite)."""
+    if url.startswith("sqlite"):
+        path = url.removeprefix("sqlite:///")
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE versions SET info='not json' WHERE key=?", (key,))
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    ns = os.environ["RESUME_NAMESPACE"]
+    version = run_json(url, "ls")
+    latest = next(s["version"] for s in version if s["key"] == key)
+    assert server.cli("del", f"{ns}:{{{key}}}:v:{latest}").strip() == "1"
+
+
+# ------------------------------------------------------------------ ls, damage
+
+
+def test_ls_lists_the_healthy_sessions_beside_a_damaged_one(
+    url: str, key: str, request: pytest.FixtureRequest
+) -> None:
+    _copy(url, key, "aa-healthy")
+    _copy(url, key, "zz-healthy")
+    _damage(url, key, request)
+    assert run(url, "show", key).exit_code == 1  # it is damaged indeed
+
+    listed = run(url, "--json", "ls")
+    assert listed.exit_code == 0, listed.output
+    rows = {s["key"]: s for s in json.loads(listed.stdout)}
+    assert set(rows) == {"aa-healthy", key, "zz-healthy"}
+    assert rows["aa-healthy"]["state"] == "suspended" and "error" not in rows["aa-healthy"]
+    assert rows[key]["error"] == "SnapshotCorrupt"
+
+    # a page stops at its limit either way, and --state skips what it cannot read
+    page = json.loads(run(url, "--json", "ls", "--limit", "2").stdout)
+    assert [s["key"] for s in page["sessions"]] == ["aa-healthy", key]
+    suspended = json.loads(run(url, "--json", "ls", "--state", "suspended").stdout)
+    assert [s["key"] for s in suspended] == ["aa-healthy", "zz-healthy"]
+
+    table = run(url, "ls")
+    assert table.exit_code == 0, table.output
+    assert "aa-healthy" in table.stdout and "zz-healthy" in table.stdout
+    assert "damaged" in table.stdout
+    assert f"{key!r}" in table.stderr and "SnapshotCorrupt" in table.stderr
+
+
+# ------------------------------------------------------------------ JSON output
+
+
+def _strict_json(text: str) -> Any:
+    """``text`` parsed as RFC 8259 JSON: NaN and Infinity are not JSON (jq and most
+    parsers refuse them), though Python's json module reads them."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_stays_json_when_a_snapshot_holds_nan_or_infinity(url: str, key: str) -> None:
+    odd = {"score": float("nan"), "limit": float("inf"), "floor": float("-inf"), "n": 1.5}
+    _copy(url, key, "odd-numbers", userdata=odd)
+    shown = run(url, "--json", "show", "odd-numbers")
+    assert shown.exit_code == 0, shown.output
+    userdata = _strict_json(shown.stdout)["userdata"]
+    assert userdata["n"] == 1.5 and userdata["score"] is None and userdata["limit"] is None
+    diffed = run(url, "--json", "diff", "odd-numbers", "1", "1")
+    assert diffed.exit_code == 0, diffed.output
+    _strict_json(diffed.stdout)
+
+
+def test_rm_asks_on_stderr_so_that_its_json_stays_json(url: str, key: str) -> None:
+    result = run(url, "--json", "rm", key, input="y\n")
+    assert result.exit_code == 0, result.output
+    typed, printed = result.stdout.split("\n", 1)
+    assert typed.strip() == "y"  # the test runner echoes the answer, as a terminal does
+    assert _strict_json(printed) == {"key": key, "deleted": True}
+    assert "Delete session" in result.stderr
+
+
+# ------------------------------------------------------------- mistyped paths
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["release", "room-1"], id="release"),
+        pytest.param(["revert", "room-1", "1"], id="revert"),
+        pytest.param(["repair", "room-1"], id="repair"),
+        pytest.param(["pause", "room-1", "--timeout", "0.1"], id="pause"),
+        pytest.param(["resume", "room-1", "--timeout", "0.1"], id="resume"),
+        pytest.param(["suspend", "room-1", "--timeout", "0.1"], id="suspend"),
+        pytest.param(["rm", "room-1", "--yes"], id="rm"),
+    ],
+)
+def test_a_command_on_a_session_never_creates_a_missing_sqlite_file(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    typo = tmp_path / "sesions.db"
+    result = run(f"sqlite:///{typo}", *argv)
+    assert result.exit_code == 1, result.output
+    assert "StoreUnavailable" in result.stderr and "does not exist" in result.stderr
+    assert not typo.exists() and list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------- odd keys
+
+
+def test_the_next_page_cursor_can_be_pasted_back_into_a_shell(url: str, key: str) -> None:
+    odd = ["a room {1}", "a room {2}", "a room {3}"]
+    for name in odd:
+        _copy(url, key, name)
+    first = run(url, "ls", "--prefix", "a room", "--limit", "1")
+    assert first.exit_code == 0, first.output
+    (line,) = [ln for ln in first.stdout.splitlines() if ln.startswith("next page:")]
+    words = shlex.split(line.removeprefix("next page:"))
+    assert words == ["--after", odd[0]]
+    second = run(url, "--json", "ls", "--prefix", "a room", "--limit", "1", *words)
+    assert [s["key"] for s in json.loads(second.stdout)["sessions"]] == [odd[1]]
+
+
+def test_rm_removes_a_damaged_session(url: str, key: str, request: pytest.FixtureRequest) -> None:
+    _copy(url, key, "healthy")
+    _damage(url, key, request)
+    asked = run(url, "rm", key, input="y\n")
+    assert asked.exit_code == 0, asked.output
+    assert "cannot be read" in asked.stderr
+    assert [s["key"] for s in run_json(url, "ls")] == ["healthy"]
+    assert run(url, "rm", "healthy", "--yes").exit_code == 0
+    assert run_json(url, "ls") == []
+
+
+def _hold(url: str, key: str, owner: str) -> Any:
+    async def go() -> Any:
+        store = open_store(url)
+        try:
+            return await store.acquire(key, owner, ttl=60)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(go())
+
+
+def test_rm_confirmed_for_a_free_session_spares_it_once_a_worker_took_it(
+    url: str, key: str
+) -> None:
+    asked: list[str] = []
+
+    def taken_while_asking(question: str, **_kw: Any) -> bool:
+        """The operator says yes while a worker restores the session: the worker takes
+        its lease between rm's look-up and the answer."""
+        asked.append(question)
+        _hold(url, key, "w-restoring")
+        return True
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(typer, "confirm", taken_while_asking)
+        result = run(url, "rm", key)
+    assert asked and "held" not in asked[0]  # it was free when asked
+    assert result.exit_code == 1, result.output
+    assert "SessionBusy" in result.stderr and "w-restoring" in result.stderr
+    (session,) = run_json(url, "ls")
+    assert session["key"] == key and session["owner"] == "w-restoring"
+    assert session["version"] == 3  # every version kept
+    # an operator who means it says so again: a held session is deleted when confirmed
+    again = run(url, "rm", key, input="y\n")
+    assert again.exit_code == 0, again.output
+    assert run_json(url, "ls") == []
+
+
+ODD_KEYS = ["{a}", "b c", "ü-é 🎧", "100%", "x}{y", "-dash", "a:b:{c}"]
+
+
+def test_odd_keys_list_page_show_and_go_on_a_redis_cluster(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("livekit_resume.stores.redis")
+    cluster = request.getfixturevalue("redis_cluster")
+    monkeypatch.setenv("RESUME_NAMESPACE", f"odd{os.getpid()}")
+    url = str(cluster.url)
+    asyncio.run(_converse(url, "seed", ["remember the blue door"]))
+    for name in ODD_KEYS:
+        _copy(url, "seed", name)
+    everything = sorted([*ODD_KEYS, "seed"])
+    assert [s["key"] for s in run_json(url, "ls")] == everything
+
+    seen: list[str] = []
+    cursor: list[str] = []
+    while True:
+        page = run_json(url, "ls", "--limit", "3", *cursor)
+        seen += [s["key"] for s in page["sessions"]]
+        if page["next"] is None:
+            break
+        cursor = ["--after", page["next"]]
+    assert seen == everything
+
+    for name in ODD_KEYS:
+        shown = run(url, "show", "--", name) if name.startswith("-") else run(url, "show", name)
+        assert shown.exit_code == 0, (name, shown.output)
+        assert "remember the blue door" in shown.stdout
+        assert run(url, "rm", "--yes", "--", name).exit_code == 0, name
+    assert [s["key"] for s in run_json(url, "ls")] == ["seed"]
+
+
+# ------------------------------------------------------------ usage errors, --json
+
+
+@pytest.mark.parametrize(
+    ("argv", "kind"),
+    [
+        pytest.param(["--json", "show", ""], "BadParameter", id="empty-key"),
+        pytest.param(["show", "a\x1bb", "--json"], "BadParameter", id="control-key"),
+        pytest.param(["ls", "--json", "--limit", "0"], "BadParameter", id="out-of-range"),
+        pytest.param(["--json", "ls", "--no-such-option"], "NoSuchOption", id="unknown-option"),
+        pytest.param(["--json", "nope"], "UsageError", id="unknown-command"),
+        pytest.param(["--json", "diff", "room-1", "1"], "MissingParameter", id="missing"),
+    ],
+)
+def test_a_usage_error_with_json_is_one_json_line_exit_2(
+    tmp_path: Path, argv: list[str], kind: str
+) -> None:
+    result = cli(*argv, "--store", f"sqlite:///{tmp_path}/s.db")
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    error = _strict_json(line)
+    assert error["error"] == kind and error["message"], error
+    # without --json it stays click's readable usage message
+    plain = cli(*[a for a in argv if a != "--json"], "--store", f"sqlite:///{tmp_path}/s.db")
+    assert plain.exit_code == 2 and "Usage:" in plain.stderr
+
+
+# ---------------------------------------------------------------- remote control
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def bare_url(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """An empty store: a SQLite file, or a namespace of a real redis-server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/control.db"
+    server = request.getfixturevalue("redis_server")
+    monkeypatch.setenv("RESUME_NAMESPACE", f"ctl{os.getpid()}{request.node.name[-8:-1]}")
+    return str(server.url)
+
+
+def test_a_command_whose_sender_gave_up_is_never_applied_later(bare_url: str) -> None:
+    """An operator presses Ctrl-C (or a back end cancels its call) while a frozen worker
+    has not taken the command yet: the command is withdrawn, as at its timeout, so the
+    worker that wakes up later skips it rather than pausing the call behind their back."""
+
+    async def go() -> None:
+        worker, sender = open_store(bare_url), open_store(bare_url)
+        try:
+            await worker.acquire("call-7", "w-frozen", ttl=60)
+            assert isinstance(worker, Controllable)
+            channel = worker.commands()
+            async with channel.inbox("call-7") as inbox:
+                sending = asyncio.create_task(control(sender).pause("call-7", timeout=30))
+                command = await asyncio.wait_for(anext(inbox), 10)  # it arrived, unclaimed
+                sending.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await sending
+                # the worker wakes up: the command is no longer its to apply
+                assert not await channel.claim(command)
+                assert (await channel.reply(command)).status == "withdrawn"
+        finally:
+            await worker.aclose()
+            await sender.aclose()
+
+    asyncio.run(go())
+
+
+# ------------------------------------------------------------------ odd numbers
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["show", "KEY", "--version", str(2**70)], id="show"),
+        pytest.param(["export", "KEY", "-o", "-", "--version", str(2**64)], id="export"),
+        pytest.param(["diff", "KEY", "1", str(2**64)], id="diff"),
+        pytest.param(["revert", "KEY", str(2**63)], id="revert"),
+        pytest.param(["show", "KEY", "--version", "0"], id="zero"),
+        pytest.param(["revert", "KEY", "-1"], id="negative"),
+    ],
+)
+def test_a_version_no_store_can_hold_is_a_usage_error(url: str, key: str, argv: list[str]) -> None:
+    result = cli(*[key if a == "KEY" else a for a in argv], "--store", url)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert run_json(url, "history", key)[-1]["version"] == 3  # nothing written
+
+
+# ------------------------------------------------------------------ clock skew
+
+
+def test_a_live_holder_shows_whatever_the_operators_clock_says(
+    url: str, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store tells whether a lease is live, by its own clock (Redis: the server's
+    TIME): an operator's host ahead of it by more than the lease has left still sees
+    the worker that holds the session."""
+    import time
+
+    _hold(url, key, "w-live")  # a 60 s lease
+    wall = time.time
+    # this host's wall clock 75 s ahead (the SQLite store keeps the clock it was made
+    # with: it plays the server)
+    monkeypatch.setattr(time, "time", lambda: wall() + 75)
+    (session,) = run_json(url, "ls")
+    assert session["owner"] == "w-live", session
+    assert session["lease_expires_at"] is not None
+    asked: list[str] = []
+
+    def no(question: str, **_kw: Any) -> bool:
+        asked.append(question)
+        return False
+
+    monkeypatch.setattr(typer, "confirm", no)
+    assert run(url, "rm", key).exit_code == 1
+    assert "held by 'w-live'" in asked[0]
+
+
+# ------------------------------------------------------------- ls --state pages
+
+
+class _CountedPages:
+    """A store whose key pages are counted: on Redis each page reads the whole index."""
+
+    def __init__(self, store: Store) -> None:
+        self._store: Any = store
+        self.pages = 0
+
+    async def keys_page(
+        self, prefix: str, after: str | None, limit: int | None
+    ) -> tuple[list[str], str | None]:
+        self.pages += 1
+        page: tuple[list[str], str | None] = await self._store.keys_page(prefix, after, limit)
+        return page
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_ls_state_over_many_sessions_reads_few_pages(tmp_path: Path) -> None:
+    """``ls --state paused --limit 10`` where nothing is paused looks at every session:
+    in pages that grow, not in a thousand pages of a hundred (each of which reads the
+    whole namespace index on Redis)."""
+    from livekit_resume.cli.snapshots import page_sessions
+
+    async def go() -> None:
+        store = open_store(f"sqlite:///{tmp_path}/many.db")
+        try:
+            for i in range(3000):
+                await store.acquire(f"room-{i:05d}", "w", ttl=60)
+            counted = _CountedPages(store)
+            found, cursor = await page_sessions(counted, state="paused", limit=10)
+            assert found == [] and cursor is None
+            assert counted.pages <= 6, counted.pages
+        finally:
+            await store.aclose()
+
+    asyncio.run(go())
