@@ -27,6 +27,7 @@ from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.base import Controllable, Store, Stored
 from tests.redis_servers import RedisServer
 from tests.test_cli import _converse, key, run, run_json, url
+from tests.test_cli_ops import _hold
 
 __all__ = ["key", "url"]  # the fixtures, shared with test_cli
 
@@ -183,17 +184,6 @@ def test_rm_removes_a_damaged_session(url: str, key: str, request: pytest.Fixtur
     assert [s["key"] for s in run_json(url, "ls")] == ["healthy"]
     assert run(url, "rm", "healthy", "--yes").exit_code == 0
     assert run_json(url, "ls") == []
-
-
-def _hold(url: str, key: str, owner: str) -> Any:
-    async def go() -> Any:
-        store = open_store(url)
-        try:
-            return await store.acquire(key, owner, ttl=60)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(go())
 
 
 def test_rm_confirmed_for_a_free_session_spares_it_once_a_worker_took_it(

@@ -33,6 +33,7 @@ import msgpack
 
 from ..errors import IncompatibleSnapshot, SignatureMismatch, SnapshotCorrupt, SnapshotTooLarge
 from ..gcpause import gc_paused
+from ..msgscan import MAX_VALUES, too_many_values
 from .model import FORMAT_VERSION
 
 __all__ = [
@@ -204,6 +205,12 @@ class Framer:
         # walked (mostly one long string), never scanned holding the GIL
         if len(body) > _SCAN_DEPTH_UNDER or _may_nest(body):
             _check_depth(obj, label)
+        if too_many_values(body):  # a reader would refuse it
+            raise SnapshotTooLarge(
+                f"{label} holds more than {MAX_VALUES:,} values (lists, maps, strings, "
+                "numbers), more than a restore reads; keep large data out of userdata, "
+                "tool values and agent state"
+            )
         if len(body) > self._max:
             raise SnapshotTooLarge(
                 f"{label} is {len(body)} bytes, over the limit of {self._max} bytes a "
@@ -478,6 +485,11 @@ def plain_data(body: bytes) -> Any:
     """A verified body's plain data, within the depth limit."""
     # Every declared length is bounded by the body itself: a hostile header cannot make
     # msgpack allocate more than the frame carries.
+    if too_many_values(body):
+        raise SnapshotTooLarge(
+            f"frame body holds more than {MAX_VALUES:,} values: unpacked, it would take "
+            "far more memory than its bytes"
+        )
     n = len(body)
     try:
         data = msgpack.unpackb(

@@ -12,6 +12,7 @@ import msgpack
 
 from ...errors import SnapshotCorrupt
 from ...gcpause import gc_paused
+from ...msgscan import MAX_VALUES, too_many_values
 from ..log import Record, fold_rows
 
 __all__ = [
@@ -139,6 +140,12 @@ def _not_msgpack(what: str, key: str, exc: Exception) -> SnapshotCorrupt:
 
 
 def _unpack(raw: bytes, what: str, key: str) -> Any:
+    if too_many_values(raw):  # never written: a batch closes at BATCH_BYTES of records
+        raise SnapshotCorrupt(
+            f"session {key!r}: {what} holds more than {MAX_VALUES:,} values, more than "
+            "any we write; foreign data or a damaged key: delete the session or restore "
+            "it from a backup"
+        )
     try:
         return msgpack.unpackb(raw, raw=False)
     except _MSGPACK_ERRORS as exc:
