@@ -380,11 +380,13 @@ class SQLiteStore:
     ) -> Stored:
         ns = self._ns
         wanted = s.version if version is None else version
-        found = conn.execute(
-            "SELECT version, epoch, created_at, head, gen, log_end, info FROM versions "
-            "WHERE ns=? AND key=? AND version=?",
-            (ns, key, wanted),
-        ).fetchone()
+        found = None
+        if 0 < wanted <= s.version:  # nothing else is stored (nor fits SQLite's INTEGER)
+            found = conn.execute(
+                "SELECT version, epoch, created_at, head, gen, log_end, info FROM versions "
+                "WHERE ns=? AND key=? AND version=?",
+                (ns, key, wanted),
+            ).fetchone()
         if found is None and version is not None:
             kept = conn.execute(
                 "SELECT version FROM versions WHERE ns=? AND key=? ORDER BY version", (ns, key)
