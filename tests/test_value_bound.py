@@ -12,12 +12,14 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel, Field, TypeAdapter
 
-from livekit_resume.errors import SnapshotCorrupt, SnapshotTooLarge
+from livekit_resume.errors import SnapshotCorrupt, SnapshotTooLarge, UnsavableValue
 from livekit_resume.msgscan import MAX_VALUES, too_many_values
 from livekit_resume.snapshot import frame
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import FORMAT_VERSION
+from livekit_resume.snapshot.values import _Trail, _Walker, dump_userdata
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.stores.redis.records import BATCH
 from tests.test_redis import KEY, commit_items, raw, rstore  # noqa: F401  # fixture
@@ -111,3 +113,55 @@ async def test_a_redis_batch_of_millions_of_values_is_corrupt_and_left_as_it_was
     with pytest.raises(SnapshotCorrupt, match="values"):
         await rstore.load(KEY)
     assert await client.lindex(prefix + "log:0", 1) == hostile  # nothing changed
+
+
+# -- userdata: refused when saved, the rest of the session saving on ------------------------
+
+
+@settings(max_examples=100, derandomize=True, deadline=None)
+@given(plain)
+def test_userdata_is_counted_as_the_reader_counts(obj: Any) -> None:
+    walker = _Walker(lenient=True)
+    walker.walk(obj, _Trail("userdata"))
+    assert walker.values == count_values(obj)
+
+
+class Ledger(BaseModel):
+    name: str = ""
+    rows: list[int] = Field(default_factory=list)
+
+
+async def test_a_session_whose_userdata_outgrows_the_bound_saves_everything_else() -> None:
+    from livekit.agents import Agent
+
+    import livekit_resume as lr
+    from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+
+    class Clerk(Agent):
+        def __init__(self) -> None:
+            super().__init__(instructions="You keep ledgers.")
+
+    reg = lr.AgentRegistry()
+    reg.register(Clerk)
+    store = lr.open_store("memory://")
+    session = make_text_session(ScriptedLLM([], default="noted"), userdata=Ledger(name="Ada"))
+    rs = lr.ResumableSession(store, "room-ledger", registry=reg, userdata_type=Ledger)
+    try:
+        await session.start(await rs.restore(session, default=Clerk))
+        session.userdata.rows = [1, 2, 3]
+        await session.run(user_input="three rows")
+        await rs.checkpoint()
+        session.userdata.rows = [0] * MAX_VALUES  # a restore would refuse it: not saved
+        await session.run(user_input="and a million more")
+        await rs.checkpoint()
+        stored = await store.load("room-ledger")
+        snap = Codec().decode_parts("room-ledger", stored.head, stored.streams)
+        assert snap.userdata == {"name": "Ada", "rows": [1, 2, 3]}  # the last savable one
+        texts = [d["content"] for d in snap.history if d.get("type") == "message"]
+        assert ["and a million more"] in texts
+        with pytest.raises(UnsavableValue, match=r"^userdata: holds 2,000,00\d values"):
+            dump_userdata(TypeAdapter(Ledger), session.userdata)
+    finally:
+        await rs.aclose()
+        await session.aclose()
+        await store.aclose()

@@ -38,6 +38,7 @@ import pydantic_core
 from pydantic import TypeAdapter, ValidationError
 
 from livekit_resume.errors import UnsavableValue
+from livekit_resume.msgscan import MAX_VALUES
 
 __all__ = ["MAX_DEPTH", "clean_text", "dump_userdata", "plain_extra", "plain_item_value"]
 
@@ -170,6 +171,9 @@ class _Walker:
         # where too-big ints were stringified, to check they load back as ints; None: a
         # too-big int is refused (strict) or stringified with a warning (lenient)
         self.big = big
+        # the values of what was walked, as msgpack counts them (`msgscan`): a list or
+        # map once, each element, each key and each value
+        self.values = 1
 
     def problem(
         self,
@@ -231,6 +235,7 @@ class _Walker:
                 "None",
             )
         if kind is list or kind is tuple:
+            self.values += len(value)
             return [
                 v if _is_plain_scalar(v) else self.walk(v, trail.child(i), _child(orig, i))
                 for i, v in enumerate(value)
@@ -238,6 +243,7 @@ class _Walker:
         if kind is dict:
             return self.mapping(value, trail, orig)
         if kind is set or kind is frozenset:
+            self.values += len(value)
             return [self.walk(v, trail.child(_SET)) for v in value]
         if kind is bytearray or kind is memoryview:
             return bytes(value)
@@ -256,6 +262,7 @@ class _Walker:
         return self.walk(converted, trail)
 
     def mapping(self, value: dict[Any, Any], trail: _Trail, orig: Any) -> dict[Any, Any]:
+        self.values += 2 * len(value)
         out: dict[Any, Any] = {}
         for key, item in value.items():
             if type(key) is str:
@@ -336,7 +343,15 @@ def dump_userdata(adapter: TypeAdapter[Any], value: Any) -> Any:
             path="userdata",
         ) from exc
     big: list[tuple[_Trail, int]] = []
-    data = _Walker(lenient=False, big=big).walk(raw, _Trail("userdata"), value)
+    walker = _Walker(lenient=False, big=big)
+    data = walker.walk(raw, _Trail("userdata"), value)
+    if walker.values > MAX_VALUES:
+        raise UnsavableValue(
+            f"userdata: holds {walker.values:,} values (lists, dicts, their entries), more "
+            f"than the {MAX_VALUES:,} a restore reads; keep bulk data elsewhere (a file, a "
+            "database) and its reference in userdata",
+            path="userdata",
+        )
     try:
         back = adapter.validate_python(data)
     except ValidationError as exc:
