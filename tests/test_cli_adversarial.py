@@ -408,3 +408,10 @@ def test_ls_state_over_many_sessions_reads_few_pages(tmp_path: Path) -> None:
             await store.aclose()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("seconds", ["nan", "NaN", "inf", "-1", "0"])
+def test_a_timeout_that_is_not_a_number_of_seconds_is_a_usage_error(url: str, seconds: str) -> None:
+    done = run(url, "pause", "room-1", "--timeout", seconds)
+    assert done.exit_code == 2, done.output
+    assert "--timeout" in done.output
