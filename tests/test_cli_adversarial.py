@@ -415,3 +415,17 @@ def test_a_timeout_that_is_not_a_number_of_seconds_is_a_usage_error(url: str, se
     done = run(url, "pause", "room-1", "--timeout", seconds)
     assert done.exit_code == 2, done.output
     assert "--timeout" in done.output
+
+
+def test_commands_that_hold_a_lease_work_where_sessions_expire_sooner_than_it(
+    url: str, key: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The CLI held a 30 s lease, which a store whose sessions expire sooner refuses
+    (ValueError: the lease would outlive its session)."""
+    monkeypatch.setenv("RESUME_TTL", "10")
+    exported = tmp_path / "s.lkrs"
+    assert run(url, "export", key, "-o", str(exported)).exit_code == 0
+    for argv in (["release", key], ["revert", key, "1"], ["import", str(exported), "--key", key]):
+        done = run(url, *argv)
+        assert done.exit_code == 0, (argv, done.output)
+    assert run(url, "rm", key, input="y\n").exit_code == 0

@@ -45,11 +45,18 @@ __all__ = [
 # The name shown in help and errors, also under ``python -m livekit_resume``.
 PROG = "livekit-resume"
 # Lease the CLI holds while it imports or repairs: long enough for one commit on a slow
-# store.
+# store (shorter where the sessions themselves expire sooner: `_lease_ttl`).
 IMPORT_LEASE_TTL = 30.0
 # The frame limit of the CLI's codec: the workers' default, so that the CLI reads what
 # they write and writes nothing they cannot read.
 _MAX_FRAME = DEFAULT_MAX_FRAME
+
+
+def _lease_ttl() -> float:
+    """`IMPORT_LEASE_TTL`, or the session ttl (``RESUME_TTL``) the CLI's store was opened
+    with if that is shorter: a store refuses a lease that would outlive its sessions."""
+    ttl = Settings.only("ttl").ttl
+    return IMPORT_LEASE_TTL if ttl is None else min(IMPORT_LEASE_TTL, ttl)
 
 
 def make_codec(store: Store | None = None) -> Codec:
@@ -125,7 +132,7 @@ async def write_whole(
     """
     owner = _owner()
     try:
-        lease = await store.acquire(key, owner, ttl=IMPORT_LEASE_TTL, takeover=takeover)
+        lease = await store.acquire(key, owner, ttl=_lease_ttl(), takeover=takeover)
     except SessionBusy as e:
         raise SessionBusy(f"{e} (from the command line: --takeover)", holder=e.holder) from e
     try:
@@ -163,7 +170,7 @@ async def release_lease(store: Store, key: str) -> tuple[str | None, int]:
     info = await store.info(key)
     if info is None:
         raise SnapshotNotFound(f"no session {key!r}")
-    lease = await store.acquire(key, _owner(), ttl=IMPORT_LEASE_TTL, takeover=True)
+    lease = await store.acquire(key, _owner(), ttl=_lease_ttl(), takeover=True)
     await store.release(lease)
     return info.owner, lease.epoch
 
@@ -173,7 +180,7 @@ async def delete_unheld(store: Store, key: str) -> bool:
     delete under it, so that a worker that took the session since it was seen free
     keeps it (`SessionBusy`) and one taking it now waits for the delete."""
     try:
-        lease = await store.acquire(key, _owner(), ttl=IMPORT_LEASE_TTL, takeover=False)
+        lease = await store.acquire(key, _owner(), ttl=_lease_ttl(), takeover=False)
     except SessionBusy as e:
         raise SessionBusy(
             f"session {key!r} was taken by {e.holder!r} since it was shown free: not "
