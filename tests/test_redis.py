@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
@@ -1048,7 +1049,7 @@ def test_every_connection_names_livekit_resume_and_shares_one_driver_info(url: s
         kwargs = client.connection_pool.connection_kwargs
     info = kwargs["driver_info"]
     assert info.formatted_name == f"redis-py(livekit-resume_v{livekit_resume.__version__})"
-    assert info.lib_version == importlib.metadata.version("redis")
+    assert info.lib_version == importlib.metadata.version("redis") == redis.__version__
     if not isinstance(client, RedisCluster) and "service_name" in dir(client.connection_pool):
         [sentinel, *_] = client.connection_pool.sentinel_manager.sentinels
         assert sentinel.connection_pool.connection_kwargs["driver_info"] is info

@@ -7,9 +7,9 @@ import asyncio
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from typing import Any
 
+import redis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
@@ -69,12 +69,12 @@ def _driver_info() -> Any:
     """What the store's connections tell the server in ``CLIENT SETINFO`` (``CLIENT
     LIST`` shows ``lib-name=redis-py(livekit-resume_v…)``), made once: a redis-py with
     `DriverInfo` otherwise looks its version up in the installed packages' metadata for
-    every connection it makes, 0.6 to 2 ms each (the first restore of a new worker makes two)."""
+    every connection it makes, 0.6 to 2 ms each (a new worker's first restore makes two)."""
     from ... import __version__
 
     if DriverInfo is None:
         return None
-    return DriverInfo(lib_version=metadata.version("redis")).add_upstream_driver(
+    return DriverInfo(lib_version=redis.__version__).add_upstream_driver(
         "livekit-resume", __version__
     )
 
