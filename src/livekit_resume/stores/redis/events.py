@@ -73,7 +73,7 @@ class EventStream:
                 continue
             try:
                 event = json.loads(msg["data"])
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser
                 logger.warning("ignoring a non-JSON message on %s", self._channel, exc_info=True)
                 continue
             if isinstance(event, dict):
