@@ -80,6 +80,10 @@ logger = logging.getLogger("livekit_resume")
 
 DEFAULT_NAMESPACE = "lkresume"
 
+# The most versions a session may retain: a head spanning more is refused as corrupt
+# (MAX_SPAN in session.lua), before a script loops over them.
+MAX_KEEP = 1_000_000
+
 # The events' JSON (what json.dumps(..., default=str) writes), one encoder for all: made
 # per call, it costs more than encoding a commit's event.
 _EVENTS = json.JSONEncoder(default=str)
@@ -101,6 +105,8 @@ def _validate_options(
 ) -> None:
     if keep < 1:
         raise ValueError("keep must be at least 1")
+    if keep > MAX_KEEP:
+        raise ValueError(f"keep must be at most {MAX_KEEP:,} on Redis (got {keep:,})")
     if not namespace or any(c in namespace for c in "{}") or not namespace.isprintable():
         raise ValueError(
             f"namespace {namespace!r} must be non-empty, printable and without braces "
