@@ -120,3 +120,48 @@ async def test_hostile_events_on_the_channel_do_not_end_a_subscription(
 def test_keep_is_bounded_by_what_a_head_may_span() -> None:
     with pytest.raises(ValueError, match="keep must be at most"):
         RedisStore.from_url("redis://127.0.0.1:1/0", keep=1_000_001)
+
+
+@pytest.mark.parametrize("gen", ["1e12", "inf", "-3", "0.5"])
+async def test_a_hostile_generation_in_the_oldest_version_never_hangs_a_commit(
+    make_redis: RedisFactory, gen: str
+) -> None:
+    """A commit trims log generations up to the one its oldest retained version reads:
+    that number comes from a version record, and a hostile one (1e12) looped over a
+    trillion DELs after the commit had written, an unkillable script. Nothing retained
+    is deleted on its word."""
+    server = make_redis("--lua-time-limit", "100")
+    store = RedisStore.from_url(
+        server.url, namespace="adv", ttl=3600, socket_timeout=2.0, retries=0
+    )
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        await store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
+        await store.commit(Commit(KEY, lease.epoch, 1, b"h2", [Record("h", "b", b"b", "a")], 2))
+        log_len = await store._client.llen(store._names.log(KEY, 0))
+        v2 = await store._client.hget(store._head_key(KEY)[: -len("head")] + "v:2", "cid")
+        await store._compact(KEY, 2, 0, log_len, v2.decode())
+        head = await store._client.hgetall(store._head_key(KEY))
+        assert (head[b"gen"], head[b"gen_lo"]) == (b"1", b"0")  # v1 still reads log:0
+        await store._client.hset(store._head_key(KEY)[: -len("head")] + "v:1", "gen", gen)
+        third = Commit(KEY, lease.epoch, 2, b"h3", [Record("h", "c", b"c", "b")], 3)
+        assert await asyncio.wait_for(store.commit(third), 10) == 3
+        loaded = await asyncio.wait_for(store.load(KEY), 10)
+        assert [i for i, _ in loaded.streams["h"]] == ["a", "b", "c"]
+    finally:
+        await store.aclose()
+        server.kill()
+
+
+@pytest.mark.parametrize("field,value", [("end", "1.5"), ("end", "-1"), ("gen", "0.5")])
+async def test_a_version_record_with_hostile_numbers_loads_as_corrupt(
+    real_store: RedisStore, field: str, value: str
+) -> None:
+    """Not `StoreUnavailable` (a server error on LRANGE 0 0.5, retried forever), nor an
+    empty conversation (an end of -1 read nothing): `SnapshotCorrupt`."""
+    lease = await real_store.acquire(KEY, "worker-a")
+    await real_store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
+    await real_store._client.hset(real_store._head_key(KEY)[: -len("head")] + "v:1", field, value)
+    with pytest.raises(SnapshotCorrupt):
+        await real_store.load(KEY)
+    await real_store.delete(KEY)

@@ -139,7 +139,14 @@ local function trim(s, keep)
   s.oldest = oldest
   local live = s.gen
   if s.gen_lo < s.gen and s.version >= s.oldest then  -- else no generation can go
-    live = tonumber(redis.call('HGET', vkey(s.oldest), 'gen')) or s.gen
+    live = tonumber(redis.call('HGET', vkey(s.oldest), 'gen'))
+    -- Trimming runs after the script has written, so a version record that names no
+    -- generation of the head's (missing, or a hostile 1e12 that would loop for hours)
+    -- deletes none: nothing that a retained version may read goes on its word.
+    if live == nil or not finite(live) or not counter(live) or live < s.gen_lo
+        or live > s.gen then
+      live = s.gen_lo
+    end
   end
   for g = s.gen_lo, live - 1 do redis.call('DEL', logkey(g)) end
   s.gen_lo = live
