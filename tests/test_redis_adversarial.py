@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
+from redis.crc import key_slot
 
-from livekit_resume.errors import SnapshotCorrupt
+from livekit_resume.errors import SnapshotCorrupt, StoreUnavailable
 from livekit_resume.stores.base import Command, Commit, Record
 from livekit_resume.stores.redis import RedisStore
-from tests.redis_servers import RedisFactory, build_redis_store
+from tests.redis_servers import (
+    RedisCluster,
+    RedisFactory,
+    RedisServer,
+    build_redis_store,
+    require_redis_server,
+)
 
 KEY = "room-adv"
 
@@ -55,10 +63,10 @@ async def test_a_head_with_hostile_numbers_is_corrupt_and_never_hangs_the_server
         lease = await store.acquire(KEY, "worker-a")
         await store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
         head = store._head_key(KEY)
-        await store._client.hset(head, mapping=fields)
+        await store._client.hset(head, mapping=dict(fields))  # type: ignore[arg-type]
         before = await store._client.hgetall(head)
         second = Commit(KEY, lease.epoch, 1, b"h2", [Record("h", "b", b"b", "a")], 2)
-        calls = {
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
             "acquire": lambda: store.acquire(KEY, "worker-b", takeover=True),
             "renew": lambda: store.renew(lease),
             "commit": lambda: store.commit(second),
@@ -140,6 +148,7 @@ async def test_a_hostile_generation_in_the_oldest_version_never_hangs_a_commit(
         await store.commit(Commit(KEY, lease.epoch, 1, b"h2", [Record("h", "b", b"b", "a")], 2))
         log_len = await store._client.llen(store._names.log(KEY, 0))
         v2 = await store._client.hget(store._head_key(KEY)[: -len("head")] + "v:2", "cid")
+        assert isinstance(v2, bytes)
         await store._compact(KEY, 2, 0, log_len, v2.decode())
         head = await store._client.hgetall(store._head_key(KEY))
         assert (head[b"gen"], head[b"gen_lo"]) == (b"1", b"0")  # v1 still reads log:0
@@ -165,3 +174,74 @@ async def test_a_version_record_with_hostile_numbers_loads_as_corrupt(
     with pytest.raises(SnapshotCorrupt):
         await real_store.load(KEY)
     await real_store.delete(KEY)
+
+
+def _owner_of(cluster: RedisCluster, slot: int) -> tuple[RedisServer, str]:
+    for node in cluster.nodes:
+        for line in node.cli("cluster", "nodes").splitlines():
+            parts = line.split()
+            if "myself" not in parts[2]:
+                continue
+            for rng in parts[8:]:
+                if rng.startswith("["):
+                    continue
+                lo, _, hi = rng.partition("-")
+                if int(lo) <= slot <= int(hi or lo):
+                    return node, parts[0]
+    raise AssertionError(f"no node serves slot {slot}")
+
+
+async def test_a_slot_half_migrated_is_unavailable_not_corrupt(tmp_path: Path) -> None:
+    """A Cluster resharding the session's slot moves its keys one MIGRATE at a time: the
+    head may reach the new node before the versions it names. A script sent there
+    (ASK) then finds them missing: that is a retryable `StoreUnavailable`, never
+    `SnapshotCorrupt`, whose message advises deleting the session. Once the slot has
+    moved whole, everything reads and commits."""
+    require_redis_server()
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    store = RedisStore.from_url(cluster.url, namespace="mig", retries=1, socket_timeout=2.0)
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        await store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
+        head = store._head_key(KEY)
+        slot = key_slot(head.encode())
+        source, source_id = _owner_of(cluster, slot)
+        target = next(n for n in cluster.nodes if n is not source)
+        target_id = target.cli("cluster", "myid").strip()
+        assert target.cli("cluster", "setslot", str(slot), "importing", source_id).strip() == "OK"
+        assert source.cli("cluster", "setslot", str(slot), "migrating", target_id).strip() == "OK"
+        out = source.cli("migrate", "127.0.0.1", str(target.port), "", "0", "5000", "keys", head)
+        assert out.strip() == "OK", out
+
+        second = Commit(KEY, lease.epoch, 1, b"h2", [Record("h", "b", b"b", "a")], 2)
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "load": lambda: store.load(KEY),
+            "commit": lambda: store.commit(second),
+            "versions": lambda: store.versions(KEY),
+            "renew": lambda: store.renew(lease),
+        }
+        for name, call in calls.items():
+            try:
+                await asyncio.wait_for(call(), 10)
+            except StoreUnavailable:
+                continue
+            except Exception as exc:
+                raise AssertionError(f"{name}: {exc!r}") from exc
+
+        # the rest of the slot moves; the session is whole on its new node
+        rest = [k for k in source.cli("cluster", "getkeysinslot", str(slot), "100").split() if k]
+        if rest:
+            out = source.cli(
+                "migrate", "127.0.0.1", str(target.port), "", "0", "5000", "keys", *rest
+            )
+            assert out.strip() == "OK", out
+        for node in cluster.nodes:
+            node.cli("cluster", "setslot", str(slot), "node", target_id)
+        version = (await store.load(KEY)).version
+        assert version in (1, 2)
+        if version == 1:
+            assert await store.commit(second) == 2
+        assert [i for i, _ in (await store.load(KEY)).streams["h"]] == ["a", "b"]
+    finally:
+        await store.aclose()
+        cluster.stop()
