@@ -245,3 +245,41 @@ async def test_a_slot_half_migrated_is_unavailable_not_corrupt(tmp_path: Path) -
     finally:
         await store.aclose()
         cluster.stop()
+
+
+async def test_a_large_record_staged_slower_than_its_ttl_still_commits(
+    make_redis: RedisFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staged record's key had its TTL set once, by the first piece: staging that took
+    longer (a slow link, a busy server) let it expire halfway, the next APPEND made a key
+    of the rest without any TTL, and the commit was refused as unstaged, again on every
+    retry, never landing. Each piece now renews the TTL."""
+    import livekit_resume.stores.redis.store as store_module
+
+    monkeypatch.setattr(store_module, "_STAGE_TTL_MS", 400)
+    monkeypatch.setattr(store_module, "_STAGE_PIECE", 128 * 1024)
+    server = make_redis("--enable-debug-command", "yes")
+    store = RedisStore.from_url(server.url, namespace="adv")
+    busy = RedisStore.from_url(server.url, namespace="adv")
+    stop = asyncio.Event()
+
+    async def slow_server() -> None:  # the server busy 0.1 s at a time, again and again
+        while not stop.is_set():
+            await busy._client.execute_command("DEBUG", "SLEEP", "0.1")
+            await asyncio.sleep(0)
+
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        big = bytes(range(256)) * (8 * 1024)  # 2 MiB, staged in 16 pieces
+        task = asyncio.ensure_future(slow_server())
+        try:
+            commit = Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", big)], 1)
+            assert await asyncio.wait_for(store.commit(commit), 15) == 1
+        finally:
+            stop.set()
+            await task
+        assert (await store.load(KEY)).streams["h"] == [("a", big)]
+        assert [k async for k in store._client.scan_iter(match="adv:up:*")] == []
+    finally:
+        await store.aclose()
+        await busy.aclose()

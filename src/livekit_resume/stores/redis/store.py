@@ -511,7 +511,15 @@ class RedisStore:
                 with self._server.errors("stage a large record", key):
                     await self._client.set(name, view[:_STAGE_PIECE], px=_STAGE_TTL_MS)
                     for start in range(_STAGE_PIECE, len(element), _STAGE_PIECE):
-                        await self._client.append(name, view[start : start + _STAGE_PIECE])
+                        # The TTL renewed with each piece, in the same round trip: set
+                        # once, it ran out under a staging slower than it (then APPEND
+                        # made a key of the rest without any, the script refused it as
+                        # not whole, and so on every retry); and a key APPEND made anew
+                        # (a restart without data in between) expires too.
+                        pipe = self._client.pipeline(transaction=False)
+                        pipe.append(name, view[start : start + _STAGE_PIECE])
+                        pipe.pexpire(name, _STAGE_TTL_MS)
+                        await pipe.execute()
             except StoreUnavailable as exc:
                 if not isinstance(exc.__cause__, NoPermissionError):
                     raise
