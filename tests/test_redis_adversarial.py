@@ -283,3 +283,24 @@ async def test_a_large_record_staged_slower_than_its_ttl_still_commits(
     finally:
         await store.aclose()
         await busy.aclose()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'{"status": "done", "version": 1e999, "reason": ""}',
+        b'{"status": "done", "version": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b"\xff\xfe",
+    ],
+    ids=["huge-version", "deep", "not-utf8"],
+)
+async def test_a_hostile_answer_to_a_command_reads_as_refused(
+    real_store: RedisStore, answer: bytes
+) -> None:
+    """The sender reads the owner's answer from a key anyone with access may write: one
+    that is no answer of ours is `refused` as unreadable, never an exception."""
+    commands = real_store.commands()
+    command = Command("cmd-1", KEY, "pause", 7)
+    await real_store._client.set(commands._state(command), answer, ex=60)
+    reply = await commands.reply(command)
+    assert reply.status == "refused" and "unreadable" in reply.reason

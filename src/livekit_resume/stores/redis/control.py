@@ -262,5 +262,5 @@ class RedisCommands:
             if status not in ("done", "refused"):
                 raise ValueError(status)
             return CommandReply(status, int(data["version"]), str(data["reason"]))
-        except (KeyError, TypeError, ValueError):
+        except _NOT_A_COMMAND:  # the same failures as a stray command's
             return CommandReply("refused", reason=f"unreadable answer {text(raw)[:80]!r}")
