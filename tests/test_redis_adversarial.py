@@ -304,3 +304,18 @@ async def test_a_hostile_answer_to_a_command_reads_as_refused(
     await real_store._client.set(commands._state(command), answer, ex=60)
     reply = await commands.reply(command)
     assert reply.status == "refused" and "unreadable" in reply.reason
+
+
+@pytest.mark.parametrize("field", ["end", "gen"])
+async def test_a_commit_sent_again_over_a_damaged_version_record_is_corrupt(
+    real_store: RedisStore, field: str
+) -> None:
+    """A commit sent again after its reply was lost finds itself by its id in the
+    version record; a record missing its ``end`` or ``gen`` made the script's reply
+    short (Lua ends a table at its first nil) and the store raised a bare ValueError."""
+    lease = await real_store.acquire(KEY, "worker-a")
+    commit = Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1, commit_id="c1")
+    assert await real_store.commit(commit) == 1
+    await real_store._client.hdel(real_store._head_key(KEY)[: -len("head")] + "v:1", field)
+    with pytest.raises(SnapshotCorrupt):
+        await real_store.commit(commit)
