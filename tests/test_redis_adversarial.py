@@ -116,7 +116,16 @@ async def test_hostile_events_on_the_channel_do_not_end_a_subscription(
     real_store: RedisStore,
 ) -> None:
     async with real_store.subscribe() as events:
-        for junk in (b"[" * 100_000 + b"]" * 100_000, b"\xff", b"1e999", b'"str"'):
+        junk_events = (
+            b"[" * 100_000 + b"]" * 100_000,
+            b"\xff",
+            b"1e999",
+            b'"str"',
+            b'{"x": 1}',  # a dict, but no event of ours: every event has event and key
+            b'{"event": 1, "key": "k"}',
+            b'{"event": "paused", "key": ["k"]}',
+        )
+        for junk in junk_events:
             await real_store._scripts.call(
                 "publish", [real_store._head_key(KEY)], [real_store._channel, junk]
             )
