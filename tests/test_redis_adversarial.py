@@ -5,6 +5,7 @@ messages on its channels. Each test here failed on the code before its fix. Real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -328,3 +329,27 @@ async def test_a_commit_sent_again_over_a_damaged_version_record_is_corrupt(
     await real_store._client.hdel(real_store._head_key(KEY)[: -len("head")] + "v:1", field)
     with pytest.raises(SnapshotCorrupt):
         await real_store.commit(commit)
+
+
+async def test_a_server_that_speaks_no_redis_is_store_unavailable() -> None:
+    """A store URL pointing at another service (an HTTP port, a proxy answering
+    garbage): redis-py's InvalidResponse came out untyped; it is `StoreUnavailable`."""
+
+    async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            await reader.read(100)
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", retries=0, socket_timeout=2.0)
+    try:
+        for call in (lambda: store.load(KEY), lambda: store.acquire(KEY, "w"), store.keys):
+            with pytest.raises(StoreUnavailable, match="Redis"):
+                await asyncio.wait_for(call(), 10)
+    finally:
+        await store.aclose()
+        server.close()
+        await server.wait_closed()
