@@ -9,6 +9,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.crc import key_slot
@@ -353,3 +354,32 @@ async def test_a_server_that_speaks_no_redis_is_store_unavailable() -> None:
         await store.aclose()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_restore_whose_index_record_fails_keeps_no_lease(real_store: RedisStore) -> None:
+    """A restore sends the index record, the acquire and the load in one pipeline (on a
+    Cluster the index is on another node). When the index record fails but the acquire
+    was granted, the restore raised and left the lease held by nobody who knew of it:
+    another worker was then busy-refused until it expired. It is released."""
+    lease = await real_store.acquire(KEY, "worker-a")
+    await real_store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
+    await real_store.release(lease)
+    fresh = RedisStore.from_url(_url_of(real_store), namespace=real_store.namespace)
+    try:
+        await real_store._client.delete(real_store._index_key)
+        await real_store._client.set(real_store._index_key, b"not a sorted set")
+        with pytest.raises((SnapshotCorrupt, StoreUnavailable)):
+            await fresh._acquire_load(KEY, "worker-b", ttl=30, takeover=False)
+        info = await real_store.info(KEY)
+        assert info is not None and info.owner is None
+    finally:
+        await fresh.aclose()
+        await real_store._client.delete(real_store._index_key)
+
+
+def _url_of(store: RedisStore) -> str:
+    client: Any = store._client
+    if hasattr(client, "nodes_manager"):
+        return "redis+cluster://" + ",".join(client.nodes_manager.startup_nodes)
+    kw = client.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/0"

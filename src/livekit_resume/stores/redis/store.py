@@ -369,6 +369,13 @@ class RedisStore:
         ops = ("acquire (namespace index)", "acquire", "load")
         for op, r in zip(ops, replies, strict=False):
             if isinstance(r, Exception):
+                granted = replies[1]
+                if _plain(granted) and granted[0] == b"ok":
+                    # the acquire was granted in the same trip: this call fails, so the
+                    # lease goes back (as a restore whose load fails gives it back)
+                    lease = Lease(key, str(acquire_args[0]), int(granted[1]), float(granted[2]))
+                    with contextlib.suppress(StoreUnavailable, SnapshotCorrupt):
+                        await self.release(lease)
                 with self._server.errors(op, key):
                     raise r
         index_reply, reply = replies[0], replies[1]
