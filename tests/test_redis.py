@@ -646,6 +646,20 @@ async def test_a_large_record_is_staged_in_pieces_and_appended_whole(
             return await _c(key, value, *a, **kw)
 
         monkeypatch.setattr(store._client, name, staged)
+    pipeline = store._client.pipeline
+
+    def piped(*a: Any, **kw: Any) -> Any:  # an APPEND goes with its PEXPIRE
+        pipe = pipeline(*a, **kw)
+        append = pipe.append
+
+        def staged(key: str, value: Any) -> Any:
+            pieces.append(len(value))
+            return append(key, value)
+
+        pipe.append = staged  # type: ignore[method-assign,assignment]
+        return pipe
+
+    monkeypatch.setattr(store._client, "pipeline", piped)
     lease = await store.acquire(KEY, "w")
     records = [Record("h", "a", b"1"), Record("h", "b", big, "a"), Record("h", "c", b"3", "b")]
     first = Commit(KEY, lease.epoch, 0, b"h", records, 3, commit_id="c1")

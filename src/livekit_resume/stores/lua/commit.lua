@@ -28,6 +28,10 @@ local function main()
     if s.version == base + 1 and s.version >= s.oldest then
       local done = redis.call('HMGET', vkey(s.version), 'cid', 'gen', 'end', 'records')
       if done[1] == ARGV[6] then
+        -- checked before the lease is renewed: a nil would end the reply short
+        if tonumber(done[2]) == nil or tonumber(done[3]) == nil then
+          corrupt('version record ' .. vkey(s.version) .. ' is missing or incomplete')
+        end
         if renew_lease(s) then  -- as renew.lua does: the session's expiry moves too
           s.touched = NOW
           redis.call('HSET', HEAD, 'touched', fmt(NOW))

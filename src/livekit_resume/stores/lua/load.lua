@@ -16,7 +16,8 @@ local function main()
   expect_type(vk, 'hash')
   local v = redis.call('HMGET', vk, 'epoch', 'created', 'head', 'info', 'gen', 'end')
   local gen, last = tonumber(v[5]), tonumber(v[6])
-  if not v[1] or not v[2] or not v[3] or not v[4] or gen == nil or last == nil then
+  if not v[1] or not v[2] or not v[3] or not v[4] or gen == nil or last == nil
+      or not finite(last) or not counter(last) then
     corrupt('version record ' .. vk .. ' is missing or incomplete')
   end
   local records = {}

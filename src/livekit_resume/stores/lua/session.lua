@@ -47,6 +47,15 @@ local TTL_MS = ARGV[3]
 
 local HEAD_NUMBERS = {'epoch', 'version', 'oldest', 'gen', 'gen_lo', 'touched'}
 
+-- Lua's tonumber() also reads 'inf', 'nan', '1e12', '-5' and '1.5', which no store
+-- writes: a head holding one (by hand, foreign data, damage) is corrupt, found before
+-- any loop runs over its versions or generations. Such a loop would never end, or take
+-- hours, and a script that has written cannot be killed: the server would hang. No
+-- session spans more than MAX_SPAN versions (keep) or log generations.
+local MAX_SPAN = 1000000
+local function finite(x) return x == x and x ~= math.huge and x ~= -math.huge end
+local function counter(x) return x >= 0 and x < 2 ^ 53 and math.floor(x) == x end
+
 -- The session's head as a table, or nil when there is none. A head past its TTL (by
 -- the same clock as `touched`) comes back with expired = true: PEXPIRE removes it on
 -- the server's clock, this check covers an injected clock and the last millisecond.
@@ -60,7 +69,17 @@ local function read_head()
   local s = {owner = h.owner, expires = tonumber(h.expires)}
   for _, f in ipairs(HEAD_NUMBERS) do
     s[f] = tonumber(h[f])
-    if s[f] == nil then corrupt('session head ' .. HEAD .. ' has no valid ' .. f) end
+    if s[f] == nil or not finite(s[f]) or (f ~= 'touched' and not counter(s[f])) then
+      corrupt('session head ' .. HEAD .. ' has no valid ' .. f .. ' (' .. tostring(h[f]) .. ')')
+    end
+  end
+  if h.expires ~= nil and (s.expires == nil or not finite(s.expires)) then
+    corrupt('session head ' .. HEAD .. ' has no valid expires (' .. h.expires .. ')')
+  end
+  if s.oldest < 1 or s.oldest > s.version + 1 or s.version - s.oldest >= MAX_SPAN
+      or s.gen_lo > s.gen or s.gen - s.gen_lo > MAX_SPAN then
+    corrupt('session head ' .. HEAD .. ' is inconsistent: versions ' .. h.oldest .. '..' ..
+      h.version .. ', log generations ' .. h.gen_lo .. '..' .. h.gen)
   end
   if TTL and s.touched + TTL <= NOW then s.expired = true end
   return s
@@ -120,7 +139,14 @@ local function trim(s, keep)
   s.oldest = oldest
   local live = s.gen
   if s.gen_lo < s.gen and s.version >= s.oldest then  -- else no generation can go
-    live = tonumber(redis.call('HGET', vkey(s.oldest), 'gen')) or s.gen
+    live = tonumber(redis.call('HGET', vkey(s.oldest), 'gen'))
+    -- Trimming runs after the script has written, so a version record that names no
+    -- generation of the head's (missing, or a hostile 1e12 that would loop for hours)
+    -- deletes none: nothing that a retained version may read goes on its word.
+    if live == nil or not finite(live) or not counter(live) or live < s.gen_lo
+        or live > s.gen then
+      live = s.gen_lo
+    end
   end
   for g = s.gen_lo, live - 1 do redis.call('DEL', logkey(g)) end
   s.gen_lo = live

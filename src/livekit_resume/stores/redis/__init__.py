@@ -16,11 +16,11 @@ are percent-escaped so the hash tag is always exactly the key):
 - ``ns:{k}:log:<g>``   list: msgpack records ``[stream, id, after, data]`` of generation ``g``
   (``[stream, id, data]`` when ``after`` is the id its stream's previous record placed;
   the snapshot's streams as ``0`` and ``1``: `records.pack_records`)
-- ``ns:up:{k}:<token>`` string: a log element over a megabyte, written a megabyte per
-  command ahead of the script that moves it into the log (``staged_keys`` in
-  session.lua); one the script did not take is deleted by the client, or expires
-  within two minutes (a client that died). Outside the prefix, so that one left
-  behind is never taken for a session's remains
+- ``ns:up:{k}:<token>`` string: a log element over a megabyte, written a quarter
+  megabyte per command ahead of the script that moves it into the log (``staged_keys``
+  in session.lua), each piece renewing its TTL; one the script did not take is deleted
+  by the client, or expires within two minutes of its last piece (a client that died).
+  Outside the prefix, so that one left behind is never taken for a session's remains
 - ``ns:sessions``      sorted set: the namespace's session keys, for `keys()`
 - ``ns:events``        pub/sub channel of state changes (JSON objects)
 

@@ -18,6 +18,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    InvalidResponse,
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
@@ -191,6 +192,13 @@ class Server:
                 f"{self.where} is unavailable for {what}: {exc or type(exc).__name__}; "
                 "check that the server is up and the store URL is right (retried with "
                 "backoff before giving up)"
+            ) from exc
+        except InvalidResponse as exc:
+            # Not Redis's protocol: another service at that address (an HTTP port, a
+            # TLS port spoken to in clear), or a proxy in between answering garbage.
+            raise StoreUnavailable(
+                f"{self.where} did not answer {what} in the Redis protocol ({exc}); is "
+                "the store URL's host and port a Redis server (rediss:// for TLS)?"
             ) from exc
         except OutOfMemoryError as exc:
             # Nothing was written (scripts check before they write) and the data is

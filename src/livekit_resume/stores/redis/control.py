@@ -44,6 +44,10 @@ CONFIRM_TIMEOUT = 10.0
 # expires on its own.
 ANSWER_TTL = 300
 _CLAIMED = b"claimed"
+# What a message that is no command of ours raises on its way to a `Command`: an epoch
+# of 1e999 (OverflowError), JSON nested past the parser's depth (RecursionError), bytes
+# that are not UTF-8 (a ValueError). Skipped: anyone may publish on the channel.
+_NOT_A_COMMAND = (KeyError, TypeError, ValueError, OverflowError, RecursionError)
 _WITHDRAWN = b"withdrawn"
 
 
@@ -70,7 +74,7 @@ class _Inbox(InboxBase):
             try:
                 raw = json.loads(item)
                 return Command(str(raw["id"]), self._key, str(raw["verb"]), int(raw["epoch"]))
-            except (KeyError, TypeError, ValueError):
+            except _NOT_A_COMMAND:
                 continue  # not a command of ours: a stray publisher on the channel
 
     async def _close(self) -> None:
@@ -258,5 +262,5 @@ class RedisCommands:
             if status not in ("done", "refused"):
                 raise ValueError(status)
             return CommandReply(status, int(data["version"]), str(data["reason"]))
-        except (KeyError, TypeError, ValueError):
+        except _NOT_A_COMMAND:  # the same failures as a stray command's
             return CommandReply("refused", reason=f"unreadable answer {text(raw)[:80]!r}")

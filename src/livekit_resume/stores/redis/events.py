@@ -73,10 +73,16 @@ class EventStream:
                 continue
             try:
                 event = json.loads(msg["data"])
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser
                 logger.warning("ignoring a non-JSON message on %s", self._channel, exc_info=True)
                 continue
-            if isinstance(event, dict):
+            # anyone may publish on the channel: only events of ours, each with its
+            # event and key (what `EventSubscription` promises), reach the caller
+            if (
+                isinstance(event, dict)
+                and isinstance(event.get("event"), str)
+                and isinstance(event.get("key"), str)
+            ):
                 return event
 
     async def aclose(self) -> None:

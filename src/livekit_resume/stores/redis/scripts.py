@@ -9,8 +9,10 @@ NOSCRIPT.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
@@ -18,9 +20,10 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisError
 
-from ...errors import SnapshotCorrupt
+from ...errors import SnapshotCorrupt, StoreUnavailable
 from .client import Server, text
 from .health import ServerCheck
 from .keys import KeyNames
@@ -66,6 +69,20 @@ def script_source(name: str) -> str:
 
 def fmt_time(t: float) -> str:
     return repr(float(t))
+
+
+def _migrating(nodes: Any, slot: str) -> bool:
+    """Whether a ``CLUSTER NODES`` answer (raw, or as redis-py parses it: a dict per
+    node with its ``migrations``) shows ``slot`` migrating or importing."""
+    if isinstance(nodes, (bytes, str)):
+        return re.search(rf"\[{slot}-[<>]-", text(nodes)) is not None
+    if isinstance(nodes, dict):
+        if "migrations" in nodes:
+            return any(str(m.get("slot")) == slot for m in nodes["migrations"])
+        return any(_migrating(v, slot) for v in nodes.values())
+    if isinstance(nodes, list):
+        return any(_migrating(v, slot) for v in nodes)
+    return False
 
 
 class Scripts:
@@ -122,12 +139,34 @@ class Scripts:
         if not isinstance(reply, list) or not reply:
             raise SnapshotCorrupt(f"{script} of session {key!r} got a malformed reply {reply!r}")
         if reply[0] == b"corrupt":
+            if isinstance(self._server.client, RedisCluster) and await self._slot_moving(key):
+                raise StoreUnavailable(
+                    f"{script} of session {key!r} on {self._server.where}: the Cluster is "
+                    "moving the session's slot to another node and the script met it "
+                    f"half moved ({text(reply[1])}); retry once the slot has moved"
+                )
             raise SnapshotCorrupt(
                 f"session {key!r} on {self._server.where}: {text(reply[1])}; a key evicted "
                 "by the server (maxmemory-policy), removed or written by hand, or foreign "
                 "data: delete the session or restore it from a backup"
             )
         return reply
+
+    async def _slot_moving(self, key: str) -> bool:
+        """Whether the Cluster is migrating the session's slot: MIGRATE moves its keys
+        one command at a time, so a script sent to the new node (ASK) can find the head
+        there and the versions it names not yet. Asked of the node that serves the slot
+        (its ``CLUSTER NODES`` line shows ``[slot->-target]``); False if it cannot say."""
+        client = self._server.client
+        assert isinstance(client, RedisCluster)
+        head = self._names.head(key)
+        slot = str(key_slot(head.encode()))
+        try:
+            node = client.get_node_from_key(head)
+            nodes = await client.execute_command("CLUSTER NODES", target_nodes=node)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            return False
+        return _migrating(nodes, slot)
 
     async def _evalsha(
         self, code: AsyncScript, head: str, args: Sequence[str | bytes | int]

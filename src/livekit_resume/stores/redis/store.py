@@ -80,6 +80,10 @@ logger = logging.getLogger("livekit_resume")
 
 DEFAULT_NAMESPACE = "lkresume"
 
+# The most versions a session may retain: a head spanning more is refused as corrupt
+# (MAX_SPAN in session.lua), before a script loops over them.
+MAX_KEEP = 1_000_000
+
 # The events' JSON (what json.dumps(..., default=str) writes), one encoder for all: made
 # per call, it costs more than encoding a commit's event.
 _EVENTS = json.JSONEncoder(default=str)
@@ -101,6 +105,8 @@ def _validate_options(
 ) -> None:
     if keep < 1:
         raise ValueError("keep must be at least 1")
+    if keep > MAX_KEEP:
+        raise ValueError(f"keep must be at most {MAX_KEEP:,} on Redis (got {keep:,})")
     if not namespace or any(c in namespace for c in "{}") or not namespace.isprintable():
         raise ValueError(
             f"namespace {namespace!r} must be non-empty, printable and without braces "
@@ -363,6 +369,13 @@ class RedisStore:
         ops = ("acquire (namespace index)", "acquire", "load")
         for op, r in zip(ops, replies, strict=False):
             if isinstance(r, Exception):
+                granted = replies[1]
+                if _plain(granted) and granted[0] == b"ok":
+                    # the acquire was granted in the same trip: this call fails, so the
+                    # lease goes back (as a restore whose load fails gives it back)
+                    lease = Lease(key, str(acquire_args[0]), int(granted[1]), float(granted[2]))
+                    with contextlib.suppress(StoreUnavailable, SnapshotCorrupt):
+                        await self.release(lease)
                 with self._server.errors(op, key):
                     raise r
         index_reply, reply = replies[0], replies[1]
@@ -505,7 +518,15 @@ class RedisStore:
                 with self._server.errors("stage a large record", key):
                     await self._client.set(name, view[:_STAGE_PIECE], px=_STAGE_TTL_MS)
                     for start in range(_STAGE_PIECE, len(element), _STAGE_PIECE):
-                        await self._client.append(name, view[start : start + _STAGE_PIECE])
+                        # The TTL renewed with each piece, in the same round trip: set
+                        # once, it ran out under a staging slower than it (then APPEND
+                        # made a key of the rest without any, the script refused it as
+                        # not whole, and so on every retry); and a key APPEND made anew
+                        # (a restart without data in between) expires too.
+                        pipe = self._client.pipeline(transaction=False)
+                        pipe.append(name, view[start : start + _STAGE_PIECE])
+                        pipe.pexpire(name, _STAGE_TTL_MS)
+                        await pipe.execute()
             except StoreUnavailable as exc:
                 if not isinstance(exc.__cause__, NoPermissionError):
                     raise

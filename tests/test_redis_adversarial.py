@@ -1,0 +1,385 @@
+"""An adversarial pass over the Redis store: hostile values in a session's keys, hostile
+messages on its channels. Each test here failed on the code before its fix. Real
+``redis-server`` processes of the tests' own (``redis_servers.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.crc import key_slot
+
+from livekit_resume.errors import SnapshotCorrupt, StoreUnavailable
+from livekit_resume.stores.base import Command, Commit, Record
+from livekit_resume.stores.redis import RedisStore
+from tests.redis_servers import (
+    RedisCluster,
+    RedisFactory,
+    RedisServer,
+    build_redis_store,
+    require_redis_server,
+)
+
+KEY = "room-adv"
+
+
+@pytest.fixture(params=["redis", "redis_cluster"])
+async def real_store(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    store = await build_redis_store(request.param, request, namespace=f"a{uuid.uuid4().hex[:8]}")
+    yield store
+    await store.aclose()
+
+
+# A head field that no store writes but that Lua's tonumber() reads as a number: loops
+# over versions or generations from such a head would never end (a script that has
+# written cannot be killed: the server would hang until restarted).
+HOSTILE_HEADS = [
+    {"version": "inf"},
+    {"version": "nan"},
+    {"version": "1e12"},
+    {"oldest": "-1e12"},
+    {"gen": "1e12"},
+    {"gen_lo": "-1e12"},
+    {"version": "1.5"},
+    {"oldest": "5", "version": "2"},
+    {"touched": "inf"},
+]
+
+
+@pytest.mark.parametrize(
+    "fields", HOSTILE_HEADS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items())
+)
+async def test_a_head_with_hostile_numbers_is_corrupt_and_never_hangs_the_server(
+    make_redis: RedisFactory, fields: dict[str, str]
+) -> None:
+    server = make_redis("--lua-time-limit", "100")
+    store = RedisStore.from_url(
+        server.url, namespace="adv", ttl=3600, socket_timeout=2.0, retries=0
+    )
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        await store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
+        head = store._head_key(KEY)
+        await store._client.hset(head, mapping=dict(fields))  # type: ignore[arg-type]
+        before = await store._client.hgetall(head)
+        second = Commit(KEY, lease.epoch, 1, b"h2", [Record("h", "b", b"b", "a")], 2)
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "acquire": lambda: store.acquire(KEY, "worker-b", takeover=True),
+            "renew": lambda: store.renew(lease),
+            "commit": lambda: store.commit(second),
+            "load": lambda: store.load(KEY),
+            "versions": lambda: store.versions(KEY),
+            "info": lambda: store.info(KEY),
+        }
+        for name, call in calls.items():
+            try:
+                await asyncio.wait_for(call(), 10)
+            except SnapshotCorrupt:
+                continue
+            except Exception as exc:
+                raise AssertionError(f"{name}: {exc!r}") from exc
+            raise AssertionError(f"{name} read a hostile head as valid")
+        assert await store._client.hgetall(head) == before  # nothing changed
+        # and the advice the error gives works: the session can be deleted
+        assert await asyncio.wait_for(store.delete(KEY), 10) is True
+        assert await store._client.exists(head) == 0
+    finally:
+        await store.aclose()
+        server.kill()
+
+
+async def test_hostile_commands_on_the_channel_do_not_stop_the_inbox(
+    real_store: RedisStore,
+) -> None:
+    """A stray publisher on a session's command channel: its messages are skipped, the
+    owner's inbox goes on and reads the next real command."""
+    channel = real_store._names.control(KEY)
+    commands = real_store.commands()
+    async with commands.inbox(KEY) as inbox:
+        for junk in (
+            b'{"id": "x", "verb": "pause", "epoch": 1e999}',
+            b'{"id": "x", "verb": "pause", "epoch": -Infinity}',
+            b"[" * 100_000 + b"]" * 100_000,
+            b'{"id": "x", "verb": "pause", "epoch": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            b"\xff\xfe",
+        ):
+            await commands._scripts.call("publish", [channel + ":j"], [channel, junk])
+        await commands.send(Command("real", KEY, "pause", 7))
+        got = await asyncio.wait_for(inbox.__anext__(), 10)
+        assert (got.id, got.verb, got.epoch) == ("real", "pause", 7)
+
+
+async def test_hostile_events_on_the_channel_do_not_end_a_subscription(
+    real_store: RedisStore,
+) -> None:
+    async with real_store.subscribe() as events:
+        junk_events = (
+            b"[" * 100_000 + b"]" * 100_000,
+            b"\xff",
+            b"1e999",
+            b'"str"',
+            b'{"x": 1}',  # a dict, but no event of ours: every event has event and key
+            b'{"event": 1, "key": "k"}',
+            b'{"event": "paused", "key": ["k"]}',
+        )
+        for junk in junk_events:
+            await real_store._scripts.call(
+                "publish", [real_store._head_key(KEY)], [real_store._channel, junk]
+            )
+        await real_store.publish(KEY, "paused", version=3)
+        got = await asyncio.wait_for(events.__anext__(), 10)
+        assert got["event"] == "paused" and got["version"] == 3
+
+
+def test_keep_is_bounded_by_what_a_head_may_span() -> None:
+    with pytest.raises(ValueError, match="keep must be at most"):
+        RedisStore.from_url("redis://127.0.0.1:1/0", keep=1_000_001)
+
+
+@pytest.mark.parametrize("gen", ["1e12", "inf", "-3", "0.5"])
+async def test_a_hostile_generation_in_the_oldest_version_never_hangs_a_commit(
+    make_redis: RedisFactory, gen: str
+) -> None:
+    """A commit trims log generations up to the one its oldest retained version reads:
+    that number comes from a version record, and a hostile one (1e12) looped over a
+    trillion DELs after the commit had written, an unkillable script. Nothing retained
+    is deleted on its word."""
+    server = make_redis("--lua-time-limit", "100")
+    store = RedisStore.from_url(
+        server.url, namespace="adv", ttl=3600, socket_timeout=2.0, retries=0
+    )
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        await store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
+        await store.commit(Commit(KEY, lease.epoch, 1, b"h2", [Record("h", "b", b"b", "a")], 2))
+        log_len = await store._client.llen(store._names.log(KEY, 0))
+        v2 = await store._client.hget(store._head_key(KEY)[: -len("head")] + "v:2", "cid")
+        assert isinstance(v2, bytes)
+        await store._compact(KEY, 2, 0, log_len, v2.decode())
+        head = await store._client.hgetall(store._head_key(KEY))
+        assert (head[b"gen"], head[b"gen_lo"]) == (b"1", b"0")  # v1 still reads log:0
+        await store._client.hset(store._head_key(KEY)[: -len("head")] + "v:1", "gen", gen)
+        third = Commit(KEY, lease.epoch, 2, b"h3", [Record("h", "c", b"c", "b")], 3)
+        assert await asyncio.wait_for(store.commit(third), 10) == 3
+        loaded = await asyncio.wait_for(store.load(KEY), 10)
+        assert [i for i, _ in loaded.streams["h"]] == ["a", "b", "c"]
+    finally:
+        await store.aclose()
+        server.kill()
+
+
+@pytest.mark.parametrize("field,value", [("end", "1.5"), ("end", "-1"), ("gen", "0.5")])
+async def test_a_version_record_with_hostile_numbers_loads_as_corrupt(
+    real_store: RedisStore, field: str, value: str
+) -> None:
+    """Not `StoreUnavailable` (a server error on LRANGE 0 0.5, retried forever), nor an
+    empty conversation (an end of -1 read nothing): `SnapshotCorrupt`."""
+    lease = await real_store.acquire(KEY, "worker-a")
+    await real_store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
+    await real_store._client.hset(real_store._head_key(KEY)[: -len("head")] + "v:1", field, value)
+    with pytest.raises(SnapshotCorrupt):
+        await real_store.load(KEY)
+    await real_store.delete(KEY)
+
+
+def _owner_of(cluster: RedisCluster, slot: int) -> tuple[RedisServer, str]:
+    for node in cluster.nodes:
+        for line in node.cli("cluster", "nodes").splitlines():
+            parts = line.split()
+            if "myself" not in parts[2]:
+                continue
+            for rng in parts[8:]:
+                if rng.startswith("["):
+                    continue
+                lo, _, hi = rng.partition("-")
+                if int(lo) <= slot <= int(hi or lo):
+                    return node, parts[0]
+    raise AssertionError(f"no node serves slot {slot}")
+
+
+async def test_a_slot_half_migrated_is_unavailable_not_corrupt(tmp_path: Path) -> None:
+    """A Cluster resharding the session's slot moves its keys one MIGRATE at a time: the
+    head may reach the new node before the versions it names. A script sent there
+    (ASK) then finds them missing: that is a retryable `StoreUnavailable`, never
+    `SnapshotCorrupt`, whose message advises deleting the session. Once the slot has
+    moved whole, everything reads and commits."""
+    require_redis_server()
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    store = RedisStore.from_url(cluster.url, namespace="mig", retries=1, socket_timeout=2.0)
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        await store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
+        head = store._head_key(KEY)
+        slot = key_slot(head.encode())
+        source, source_id = _owner_of(cluster, slot)
+        target = next(n for n in cluster.nodes if n is not source)
+        target_id = target.cli("cluster", "myid").strip()
+        assert target.cli("cluster", "setslot", str(slot), "importing", source_id).strip() == "OK"
+        assert source.cli("cluster", "setslot", str(slot), "migrating", target_id).strip() == "OK"
+        out = source.cli("migrate", "127.0.0.1", str(target.port), "", "0", "5000", "keys", head)
+        assert out.strip() == "OK", out
+
+        second = Commit(KEY, lease.epoch, 1, b"h2", [Record("h", "b", b"b", "a")], 2)
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "load": lambda: store.load(KEY),
+            "commit": lambda: store.commit(second),
+            "versions": lambda: store.versions(KEY),
+            "renew": lambda: store.renew(lease),
+        }
+        for name, call in calls.items():
+            try:
+                await asyncio.wait_for(call(), 10)
+            except StoreUnavailable:
+                continue
+            except Exception as exc:
+                raise AssertionError(f"{name}: {exc!r}") from exc
+
+        # the rest of the slot moves; the session is whole on its new node
+        rest = [k for k in source.cli("cluster", "getkeysinslot", str(slot), "100").split() if k]
+        if rest:
+            out = source.cli(
+                "migrate", "127.0.0.1", str(target.port), "", "0", "5000", "keys", *rest
+            )
+            assert out.strip() == "OK", out
+        for node in cluster.nodes:
+            node.cli("cluster", "setslot", str(slot), "node", target_id)
+        version = (await store.load(KEY)).version
+        assert version in (1, 2)
+        if version == 1:
+            assert await store.commit(second) == 2
+        assert [i for i, _ in (await store.load(KEY)).streams["h"]] == ["a", "b"]
+    finally:
+        await store.aclose()
+        cluster.stop()
+
+
+async def test_a_large_record_staged_slower_than_its_ttl_still_commits(
+    make_redis: RedisFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staged record's key had its TTL set once, by the first piece: staging that took
+    longer (a slow link, a busy server) let it expire halfway, the next APPEND made a key
+    of the rest without any TTL, and the commit was refused as unstaged, again on every
+    retry, never landing. Each piece now renews the TTL."""
+    import livekit_resume.stores.redis.store as store_module
+
+    monkeypatch.setattr(store_module, "_STAGE_TTL_MS", 400)
+    monkeypatch.setattr(store_module, "_STAGE_PIECE", 128 * 1024)
+    server = make_redis("--enable-debug-command", "yes")
+    store = RedisStore.from_url(server.url, namespace="adv")
+    busy = RedisStore.from_url(server.url, namespace="adv")
+    stop = asyncio.Event()
+
+    async def slow_server() -> None:  # the server busy 0.1 s at a time, again and again
+        while not stop.is_set():
+            await busy._client.execute_command("DEBUG", "SLEEP", "0.1")
+            await asyncio.sleep(0)
+
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        big = bytes(range(256)) * (8 * 1024)  # 2 MiB, staged in 16 pieces
+        task = asyncio.ensure_future(slow_server())
+        try:
+            commit = Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", big)], 1)
+            assert await asyncio.wait_for(store.commit(commit), 15) == 1
+        finally:
+            stop.set()
+            await task
+        assert (await store.load(KEY)).streams["h"] == [("a", big)]
+        assert [k async for k in store._client.scan_iter(match="adv:up:*")] == []
+    finally:
+        await store.aclose()
+        await busy.aclose()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'{"status": "done", "version": 1e999, "reason": ""}',
+        b'{"status": "done", "version": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b"\xff\xfe",
+    ],
+    ids=["huge-version", "deep", "not-utf8"],
+)
+async def test_a_hostile_answer_to_a_command_reads_as_refused(
+    real_store: RedisStore, answer: bytes
+) -> None:
+    """The sender reads the owner's answer from a key anyone with access may write: one
+    that is no answer of ours is `refused` as unreadable, never an exception."""
+    commands = real_store.commands()
+    command = Command("cmd-1", KEY, "pause", 7)
+    await real_store._client.set(commands._state(command), answer, ex=60)
+    reply = await commands.reply(command)
+    assert reply.status == "refused" and "unreadable" in reply.reason
+
+
+@pytest.mark.parametrize("field", ["end", "gen"])
+async def test_a_commit_sent_again_over_a_damaged_version_record_is_corrupt(
+    real_store: RedisStore, field: str
+) -> None:
+    """A commit sent again after its reply was lost finds itself by its id in the
+    version record; a record missing its ``end`` or ``gen`` made the script's reply
+    short (Lua ends a table at its first nil) and the store raised a bare ValueError."""
+    lease = await real_store.acquire(KEY, "worker-a")
+    commit = Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1, commit_id="c1")
+    assert await real_store.commit(commit) == 1
+    await real_store._client.hdel(real_store._head_key(KEY)[: -len("head")] + "v:1", field)
+    with pytest.raises(SnapshotCorrupt):
+        await real_store.commit(commit)
+
+
+async def test_a_server_that_speaks_no_redis_is_store_unavailable() -> None:
+    """A store URL pointing at another service (an HTTP port, a proxy answering
+    garbage): redis-py's InvalidResponse came out untyped; it is `StoreUnavailable`."""
+
+    async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            await reader.read(100)
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", retries=0, socket_timeout=2.0)
+    try:
+        for call in (lambda: store.load(KEY), lambda: store.acquire(KEY, "w"), store.keys):
+            with pytest.raises(StoreUnavailable, match="Redis"):
+                await asyncio.wait_for(call(), 10)
+    finally:
+        await store.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_restore_whose_index_record_fails_keeps_no_lease(real_store: RedisStore) -> None:
+    """A restore sends the index record, the acquire and the load in one pipeline (on a
+    Cluster the index is on another node). When the index record fails but the acquire
+    was granted, the restore raised and left the lease held by nobody who knew of it:
+    another worker was then busy-refused until it expired. It is released."""
+    lease = await real_store.acquire(KEY, "worker-a")
+    await real_store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
+    await real_store.release(lease)
+    fresh = RedisStore.from_url(_url_of(real_store), namespace=real_store.namespace)
+    try:
+        await real_store._client.delete(real_store._index_key)
+        await real_store._client.set(real_store._index_key, b"not a sorted set")
+        with pytest.raises((SnapshotCorrupt, StoreUnavailable)):
+            await fresh._acquire_load(KEY, "worker-b", ttl=30, takeover=False)
+        info = await real_store.info(KEY)
+        assert info is not None and info.owner is None
+    finally:
+        await fresh.aclose()
+        await real_store._client.delete(real_store._index_key)
+
+
+def _url_of(store: RedisStore) -> str:
+    client: Any = store._client
+    if hasattr(client, "nodes_manager"):
+        return "redis+cluster://" + ",".join(client.nodes_manager.startup_nodes)
+    kw = client.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/0"
