@@ -17,21 +17,38 @@ def write(conn: sqlite3.Connection) -> Iterator[None]:
 
     A refusal (`LeaseLost`, `SessionBusy`) is raised before anything but the purge of
     an expired session was written, so that purge is kept; any other error rolls back.
+
+    COMMIT itself can fail (SQLITE_BUSY in a rollback-journal file whose readers hold
+    their lock past the busy timeout, a full disk): SQLite may then keep the transaction
+    open, holding the write lock, and every later BEGIN of this connection would fail.
+    It is rolled back, so nothing landed and the operation can be run again whole.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
     except (LeaseLost, SessionBusy):
-        conn.execute("COMMIT")
+        _commit(conn)
         raise
     except BaseException:
-        if conn.in_transaction:
-            # The original error is what matters; a failing rollback (the connection may
-            # already have rolled back on a disk error) must not replace it.
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
-    conn.execute("COMMIT")
+    _commit(conn)
+
+
+def _commit(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        # The original error is what matters; a failing rollback (the connection may
+        # already have rolled back on a disk error) must not replace it.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 @contextlib.contextmanager
