@@ -19,6 +19,7 @@ import pytest
 
 from livekit_resume.errors import SnapshotCorrupt, SnapshotNotFound
 from livekit_resume.stores.base import Commit, Lease, Record, page_of
+from livekit_resume.stores.log import COMPACT_SLACK, needs_compaction
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.sqlite import SQLiteStore
 from livekit_resume.stores.sqlite.transactions import write
@@ -91,3 +92,57 @@ def test_a_commit_refused_by_a_lock_leaves_no_transaction_open(tmp_path: Path) -
     finally:
         reader.close()
         conn.close()
+
+
+# -- item records missing -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DELETE FROM log WHERE seq = 2",  # the last item's record
+        "DELETE FROM log WHERE seq = 0",  # the first one
+        "DELETE FROM log",  # the whole generation
+        "UPDATE versions SET gen = gen + 7",  # a version naming a generation that is not there
+        "UPDATE versions SET log_end = -5",
+        "UPDATE versions SET log_end = 'x'",
+        "UPDATE log SET data = 'text' WHERE seq = 1",  # an item that is not bytes
+        "UPDATE versions SET head = 'text'",
+        "UPDATE versions SET created_at = 'x'",
+    ],
+)
+async def test_a_version_whose_records_are_missing_or_altered_is_corrupt(
+    tmp_path: Path, sql: str
+) -> None:
+    """A version read short (an item or every item gone) was returned as a shorter
+    or empty conversation: a restore would have carried on without those turns."""
+    path = tmp_path / "resume.db"
+    await _written(path)
+    _alter(path, sql)
+    store = SQLiteStore(path)
+    try:
+        with pytest.raises(SnapshotCorrupt, match=KEY):
+            await store.load(KEY)
+    finally:
+        await store.aclose()
+
+
+async def test_compaction_refuses_a_log_with_a_missing_record_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Compaction folds the log into a new generation: over a log missing a record it
+    would have written the shortened conversation back as whole, hiding the loss."""
+    path = tmp_path / "resume.db"
+    items = COMPACT_SLACK + 4
+    lease = await _written(path, items=items)
+    _alter(path, "DELETE FROM log WHERE seq = ?", items - 1)
+    before = _rows(path)
+    store = SQLiteStore(path)
+    try:
+        edit = Record("h", "i0", b"edited", None)
+        assert needs_compaction(items + 1, 1)  # so this commit compacts
+        with pytest.raises(SnapshotCorrupt, match=f"{KEY}.*missing"):
+            await store.commit(Commit(KEY, lease.epoch, items, b"head", [edit], 1))
+    finally:
+        await store.aclose()
+    assert _rows(path) == before

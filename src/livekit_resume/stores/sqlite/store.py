@@ -15,7 +15,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -45,7 +45,7 @@ from ..log import (
     Record,
     compacted,
     epoch_floor,
-    fold_records,
+    fold_rows,
     lease_is_live,
     needs_compaction,
 )
@@ -64,6 +64,9 @@ _INFO = json.JSONEncoder(separators=(",", ":"))
 logger = logging.getLogger("livekit_resume")
 
 _T = TypeVar("_T")
+# SQLite's INTEGER is 64-bit: a counter at the limit could not be stepped (epoch + 1,
+# version + 1), and a negative one is written by nothing.
+_INT_LIMIT = 2**63 - 1
 _InfoDict = dict[str, "str | int | float | bool | None"]
 
 
@@ -335,12 +338,11 @@ class SQLiteStore:
     ) -> tuple[int, int]:
         """Fold generation ``gen`` into a fresh one that only ``version`` uses so far."""
         ns = self._ns
-        rows = conn.execute(
-            "SELECT stream, item_id, data, after FROM log WHERE ns=? AND key=? AND gen=? "
-            "AND seq<? ORDER BY seq",
-            (ns, key, gen, log_end),
+        # A log missing a record refuses the commit whole: folded, it would be written
+        # back as the whole conversation, and the loss hidden from every later read.
+        fresh = compacted(
+            (Record(*r) for r in _log_rows(conn, ns, key, version, gen, log_end)), key
         )
-        fresh = compacted((Record(*r) for r in rows), key)
         new_gen = gen + 1
         _insert_log(
             conn,
@@ -398,12 +400,8 @@ class SQLiteStore:
                 "the file was altered outside livekit-resume"
             )
         number, epoch, created_at, head, gen, log_end, info = found
-        rows = conn.execute(
-            "SELECT stream, item_id, data, after FROM log WHERE ns=? AND key=? AND gen=? "
-            "AND seq<? ORDER BY seq",
-            (ns, key, gen, log_end),
-        )
-        streams = fold_records((Record(*r) for r in rows), key)
+        _check_version_row(key, found)
+        streams = fold_rows(_log_rows(conn, ns, key, number, gen, log_end), key)
         return Stored(key, number, epoch, created_at, head, streams, _info(info, key))
 
     async def versions(self, key: str) -> list[SnapshotInfo]:
@@ -567,6 +565,65 @@ def _insert_log(conn: sqlite3.Connection, rows: list[_LogRow]) -> None:
         with conn.blobopen("log", "data", rowid) as blob:
             for start in range(0, len(data), _BLOB_SLICE):
                 blob.write(view[start : start + _BLOB_SLICE])
+
+
+def _altered(key: str, what: str) -> SnapshotCorrupt:
+    return SnapshotCorrupt(
+        f"session {key!r}: {what}; the file was altered outside livekit-resume: restore "
+        "it from a backup, or remove the session (livekit-resume rm)"
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and 0 <= value < _INT_LIMIT
+
+
+def _check_version_row(key: str, row: tuple[Any, ...]) -> None:
+    """Refuse a version row (as `SQLiteStore._load_in` selects it) whose values no
+    commit writes: read as they are, they would not be a version."""
+    number, epoch, created_at, head, gen, log_end, _ = row
+    for name, value in (("epoch", epoch), ("gen", gen), ("log_end", log_end)):
+        if not _is_int(value):
+            raise _altered(key, f"version {number} has {name} {value!r}")
+    if not isinstance(created_at, (int, float)):
+        raise _altered(key, f"version {number} has created_at {created_at!r}")
+    if not isinstance(head, bytes):
+        raise _altered(key, f"version {number} has a head of {type(head).__name__}, not bytes")
+
+
+def _log_rows(
+    conn: sqlite3.Connection, ns: str, key: str, version: int, gen: int, log_end: int
+) -> Iterator[tuple[str, str, bytes | None, str | None]]:
+    """The first ``log_end`` records of generation ``gen``, as ``(stream, id, data,
+    after)``: every one of them, in order, of the types a commit writes. A log is only
+    ever appended to, so a record missing (the tail, or the whole generation) means the
+    file was altered: read short, it would be a shorter conversation."""
+    rows = conn.execute(
+        "SELECT seq, stream, item_id, data, after FROM log WHERE ns=? AND key=? AND gen=? "
+        "AND seq<? ORDER BY seq",
+        (ns, key, gen, log_end),
+    )
+    count = 0
+    for seq, stream, item_id, data, after in rows:
+        if seq != count:
+            break
+        if not (
+            isinstance(stream, str)
+            and isinstance(item_id, str)
+            and (data is None or isinstance(data, bytes))
+            and (after is None or isinstance(after, str))
+        ):
+            raise _altered(
+                key, f"item record {seq} of generation {gen} has values of the wrong type"
+            )
+        count += 1
+        yield stream, item_id, data, after
+    if count != log_end:
+        raise _altered(
+            key,
+            f"version {version} reads {log_end} item records of generation {gen}, but "
+            f"record {count} is missing",
+        )
 
 
 def _info(text: str, key: str) -> _InfoDict:
