@@ -146,3 +146,69 @@ async def test_compaction_refuses_a_log_with_a_missing_record_and_changes_nothin
     finally:
         await store.aclose()
     assert _rows(path) == before
+
+
+# -- session rows altered -----------------------------------------------------------------
+
+_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("lease_expires_at", "abc"),
+        ("lease_ttl", "abc"),
+        ("touched_at", "abc"),
+        ("epoch", "abc"),
+        ("version", "abc"),
+        ("gen", 1.5),
+        ("log_len", "abc"),
+        ("owner", b"w"),  # a blob: TEXT affinity keeps it
+        ("epoch", -1),
+        ("version", -1),
+        ("epoch", _MAX),  # the next acquisition's epoch does not fit SQLite's INTEGER
+        ("version", _MAX),  # nor the next version
+    ],
+)
+@pytest.mark.parametrize("operation", ["acquire", "renew", "commit", "load", "info", "versions"])
+async def test_a_session_row_with_an_impossible_value_is_corrupt_and_changes_nothing(
+    tmp_path: Path, column: str, value: object, operation: str
+) -> None:
+    """Such a row raised a bare TypeError or OverflowError from deep inside the store, or
+    was acted on (a negative version read as "no snapshot")."""
+    path = tmp_path / "resume.db"
+    lease = await _written(path)
+    _alter(path, f"UPDATE sessions SET {column} = ?", value)
+    before = _rows(path)
+    store = SQLiteStore(path)
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "acquire": lambda: store.acquire(KEY, "other", takeover=True),
+        "renew": lambda: store.renew(lease),
+        "commit": lambda: store.commit(Commit(KEY, lease.epoch, ITEMS, b"h", [], ITEMS)),
+        "load": lambda: store.load(KEY),
+        "info": lambda: store.info(KEY),
+        "versions": lambda: store.versions(KEY),
+    }
+    try:
+        with pytest.raises(SnapshotCorrupt, match=f"{KEY}.*{column}"):
+            await calls[operation]()
+        assert await store.keys() == [KEY]  # listed, so that an operator finds it
+        assert await store.keys_page("", None, 10) == ([KEY], None)
+    finally:
+        await store.aclose()
+    assert _rows(path) == before
+
+
+async def test_a_session_row_with_an_impossible_value_can_still_be_removed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "resume.db"
+    await _written(path)
+    _alter(path, "UPDATE sessions SET touched_at = 'abc'")
+    store = SQLiteStore(path, ttl=3600)
+    try:
+        assert await store.delete(KEY) is True
+        assert _rows(path) == []
+        assert (await store.acquire(KEY, "w")).owner == "w"
+    finally:
+        await store.aclose()

@@ -52,7 +52,7 @@ from ..log import (
 from .connection import Connection
 from .control import SQLiteCommands
 from .schema import DEFAULT_NAMESPACE
-from .sessions import SESSION_COLUMNS, Session, SessionRows
+from .sessions import SESSION_COLUMNS, Session, SessionRows, altered, is_counter
 from .transactions import purge, read, write
 
 __all__ = ["SQLiteStore"]
@@ -64,9 +64,6 @@ _INFO = json.JSONEncoder(separators=(",", ":"))
 logger = logging.getLogger("livekit_resume")
 
 _T = TypeVar("_T")
-# SQLite's INTEGER is 64-bit: a counter at the limit could not be stepped (epoch + 1,
-# version + 1), and a negative one is written by nothing.
-_INT_LIMIT = 2**63 - 1
 _InfoDict = dict[str, "str | int | float | bool | None"]
 
 
@@ -468,9 +465,9 @@ class SQLiteStore:
                 (self._ns,),
             ).fetchall()
         now = self._clock()
-        sessions = [(k, Session(*cols)) for k, *cols in rows]
-        live = [k for k, s in sessions if not self._rows.expired(s.touched_at, now)]
-        if len(live) < len(rows) or any(self._rows.skewed(s, now) for _, s in sessions):
+        seen = [(k, *self._rows.listed(k, tuple(cols), now)) for k, *cols in rows]
+        live = [k for k, listed, _ in seen if listed]
+        if len(live) < len(rows) or any(skewed for _, _, skewed in seen):
             self._rows.tidy(conn)
         return live
 
@@ -493,7 +490,7 @@ class SQLiteStore:
                     (self._ns, prefix, cursor, cursor, len(prefix), prefix, want or -1),
                 ).fetchall()
             now = self._clock()
-            live += [k for k, *c in rows if not self._rows.expired(Session(*c).touched_at, now)]
+            live += [k for k, *c in rows if self._rows.listed(k, tuple(c), now)[0]]
             if want is None or len(rows) < want:
                 break
             cursor = rows[-1][0]
@@ -510,7 +507,13 @@ class SQLiteStore:
 
     def _delete(self, key: str, lease: Lease | None, conn: sqlite3.Connection) -> bool:
         with write(conn):
-            s = self._rows.session(conn, key, self._clock())
+            try:
+                s = self._rows.session(conn, key, self._clock())
+            except SnapshotCorrupt:
+                if lease is not None:  # its epoch cannot be read: the fence cannot hold
+                    raise
+                purge(conn, self._ns, key)  # an operator's rm of a damaged session
+                return True
             if s is None:
                 return False
             if lease is not None and (s.epoch != lease.epoch or s.owner != lease.owner):
@@ -567,28 +570,17 @@ def _insert_log(conn: sqlite3.Connection, rows: list[_LogRow]) -> None:
                 blob.write(view[start : start + _BLOB_SLICE])
 
 
-def _altered(key: str, what: str) -> SnapshotCorrupt:
-    return SnapshotCorrupt(
-        f"session {key!r}: {what}; the file was altered outside livekit-resume: restore "
-        "it from a backup, or remove the session (livekit-resume rm)"
-    )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and 0 <= value < _INT_LIMIT
-
-
 def _check_version_row(key: str, row: tuple[Any, ...]) -> None:
     """Refuse a version row (as `SQLiteStore._load_in` selects it) whose values no
     commit writes: read as they are, they would not be a version."""
     number, epoch, created_at, head, gen, log_end, _ = row
     for name, value in (("epoch", epoch), ("gen", gen), ("log_end", log_end)):
-        if not _is_int(value):
-            raise _altered(key, f"version {number} has {name} {value!r}")
+        if not is_counter(value):
+            raise altered(key, f"version {number} has {name} {value!r}")
     if not isinstance(created_at, (int, float)):
-        raise _altered(key, f"version {number} has created_at {created_at!r}")
+        raise altered(key, f"version {number} has created_at {created_at!r}")
     if not isinstance(head, bytes):
-        raise _altered(key, f"version {number} has a head of {type(head).__name__}, not bytes")
+        raise altered(key, f"version {number} has a head of {type(head).__name__}, not bytes")
 
 
 def _log_rows(
@@ -613,13 +605,13 @@ def _log_rows(
             and (data is None or isinstance(data, bytes))
             and (after is None or isinstance(after, str))
         ):
-            raise _altered(
+            raise altered(
                 key, f"item record {seq} of generation {gen} has values of the wrong type"
             )
         count += 1
         yield stream, item_id, data, after
     if count != log_end:
-        raise _altered(
+        raise altered(
             key,
             f"version {version} reads {log_end} item records of generation {gen}, but "
             f"record {count} is missing",
