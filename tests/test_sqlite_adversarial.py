@@ -212,3 +212,32 @@ async def test_a_session_row_with_an_impossible_value_can_still_be_removed(
         assert (await store.acquire(KEY, "w")).owner == "w"
     finally:
         await store.aclose()
+
+
+# -- the session row gone, its versions left ------------------------------------------------
+
+
+async def test_versions_left_without_their_session_row_are_corrupt_not_a_fresh_start(
+    tmp_path: Path,
+) -> None:
+    """The session row lost (deleted by hand, a partial restore) while its versions and
+    items remain: `load` said "no snapshot", so a restore started the conversation
+    afresh, and `acquire` handed out a lease on top of the remains."""
+    path = tmp_path / "resume.db"
+    await _written(path)
+    _alter(path, "DELETE FROM sessions")
+    before = _rows(path)
+    store = SQLiteStore(path)
+    try:
+        with pytest.raises(SnapshotCorrupt, match=rf"{KEY}.*version 3"):
+            await store.load(KEY)
+        with pytest.raises(SnapshotCorrupt, match=KEY):
+            await store.acquire(KEY, "w")
+        assert _rows(path) == before
+        assert await store.delete(KEY) is True  # rm removes what is left
+        assert _rows(path) == []
+        with pytest.raises(SnapshotNotFound):
+            await store.load(KEY)
+        assert (await store.acquire(KEY, "w")).owner == "w"
+    finally:
+        await store.aclose()

@@ -215,6 +215,7 @@ class SQLiteStore:
                     raise busy_error(key, s.owner, s.epoch)
                 epoch += 1
             if s is None:
+                self._no_remains(conn, key)  # a lease on top of them would hide them
                 conn.execute(
                     "INSERT INTO sessions (ns, key, epoch, owner, lease_expires_at, lease_ttl, "
                     "touched_at, gen, version, log_len) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0)",
@@ -330,6 +331,25 @@ class SQLiteStore:
             )
             return version
 
+    def _remains(self, conn: sqlite3.Connection, key: str) -> str | None:
+        """What is stored of ``key`` besides its session row, said in words; None: nothing.
+        Every operation writes or purges the row with the rest, so remains without it
+        mean the file was altered (a row deleted by hand, a partial restore)."""
+        ns = self._ns
+        top = conn.execute(
+            "SELECT max(version), count(*) FROM versions WHERE ns=? AND key=?", (ns, key)
+        ).fetchone()
+        if top[1]:
+            return f"{top[1]} stored version(s), up to version {top[0]}"
+        if conn.execute("SELECT 1 FROM log WHERE ns=? AND key=? LIMIT 1", (ns, key)).fetchone():
+            return "item records"
+        return None
+
+    def _no_remains(self, conn: sqlite3.Connection, key: str) -> None:
+        remains = self._remains(conn, key)
+        if remains is not None:
+            raise altered(key, f"its session row is missing but {remains} remain")
+
     def _compact(
         self, conn: sqlite3.Connection, key: str, version: int, gen: int, log_end: int
     ) -> tuple[int, int]:
@@ -367,6 +387,8 @@ class SQLiteStore:
     def _load(self, key: str, version: int | None, conn: sqlite3.Connection) -> Stored:
         with read(conn):
             s, untidy = self._rows.read_session(conn, key)
+            if s is None and not untidy:
+                self._no_remains(conn, key)  # else a lost row reads as a fresh start
             stored = self._load_in(conn, key, s, version) if s is not None and s.version else None
         if untidy:
             self._rows.tidy(conn, key)
@@ -515,7 +537,10 @@ class SQLiteStore:
                 purge(conn, self._ns, key)  # an operator's rm of a damaged session
                 return True
             if s is None:
-                return False
+                if self._remains(conn, key) is None:
+                    return False
+                purge(conn, self._ns, key)  # what a lost session row left
+                return True
             if lease is not None and (s.epoch != lease.epoch or s.owner != lease.owner):
                 raise lease_lost_error(key, lease.epoch, s.epoch)
             purge(conn, self._ns, key)
