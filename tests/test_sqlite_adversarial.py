@@ -241,3 +241,20 @@ async def test_versions_left_without_their_session_row_are_corrupt_not_a_fresh_s
         assert (await store.acquire(KEY, "w")).owner == "w"
     finally:
         await store.aclose()
+
+
+# -- the file's tables ------------------------------------------------------------------------
+
+
+async def test_a_table_dropped_from_the_file_is_corrupt_not_unavailable(tmp_path: Path) -> None:
+    """It read as "unavailable: check the disk has room ...": retried for ever by
+    autosave, where the file needs an operator."""
+    path = tmp_path / "resume.db"
+    await _written(path)
+    _alter(path, "DROP TABLE log")
+    store = SQLiteStore(path)
+    try:
+        with pytest.raises(SnapshotCorrupt, match="altered"):
+            await store.load(KEY)
+    finally:
+        await store.aclose()

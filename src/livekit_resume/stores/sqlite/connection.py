@@ -46,6 +46,7 @@ _SQLITE_CANTOPEN = 14
 _BUSY_FIRST_PAUSE = 0.005
 _BUSY_MAX_PAUSE = 0.2
 _CORRUPT_WORDS = ("file is not a database", "malformed")
+_ALTERED_WORDS = ("no such table", "no such column")
 
 _T = TypeVar("_T")
 
@@ -134,6 +135,12 @@ class Connection:
             return SnapshotCorrupt(
                 f"SQLite store {self.path} is damaged or is not a database ({text}); "
                 "restore the file from a backup or point the store at another file"
+            )
+        if isinstance(exc, sqlite3.OperationalError) and any(w in text for w in _ALTERED_WORDS):
+            # the schema is checked at open: a table or column gone since was taken away
+            return SnapshotCorrupt(
+                f"SQLite store {self.path} lacks part of its schema ({text}); the file was "
+                "altered outside livekit-resume: restore it from a backup"
             )
         if isinstance(exc, sqlite3.IntegrityError):
             return SnapshotCorrupt(
