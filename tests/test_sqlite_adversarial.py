@@ -258,3 +258,25 @@ async def test_a_table_dropped_from_the_file_is_corrupt_not_unavailable(tmp_path
             await store.load(KEY)
     finally:
         await store.aclose()
+
+
+# -- paging -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+async def test_a_page_limit_below_one_is_refused(tmp_path: Path, limit: int) -> None:
+    """A limit of 0 returned no key but a cursor past the first one (a pager following
+    it skipped that key); -1 raised IndexError."""
+    sqlite_store = SQLiteStore(tmp_path / "resume.db")
+    memory_store = MemoryStore()
+    try:
+        for store in (sqlite_store, memory_store):
+            for key in ("a", "b", "c"):
+                await store.acquire(key, "w")
+            with pytest.raises(ValueError, match="limit"):
+                await store.keys_page("", None, limit)
+        with pytest.raises(ValueError, match="limit"):
+            page_of(["a", "b"], "", None, limit)
+    finally:
+        await sqlite_store.aclose()
+        await memory_store.aclose()

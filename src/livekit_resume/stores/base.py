@@ -70,6 +70,7 @@ __all__ = [
     "offers",
     "validate_key",
     "validate_lease_ttl",
+    "validate_limit",
     "validate_ttl",
 ]
 
@@ -493,11 +494,20 @@ class KeyPages(Protocol):
         ...
 
 
+def validate_limit(limit: int | None) -> int | None:
+    """A `KeyPages` page size: None (all) or at least 1, else `ValueError`. A page of 0
+    keys has no last key to be the next page's cursor."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"a page limit must be a whole number >= 1 or None, not {limit!r}")
+    return limit
+
+
 def page_of(
     keys: Sequence[str], prefix: str, after: str | None, limit: int | None
 ) -> tuple[list[str], str | None]:
     """One `KeyPages` page cut from sorted ``keys``: those starting with ``prefix``,
     after ``after``, at most ``limit``, and the cursor of the next page."""
+    validate_limit(limit)
     found = [k for k in keys if k.startswith(prefix) and (after is None or k > after)]
     if limit is None or len(found) <= limit:
         return found, None

@@ -38,6 +38,7 @@ from ..base import (
     not_retained_error,
     validate_key,
     validate_lease_ttl,
+    validate_limit,
     validate_ttl,
 )
 from ..log import (
@@ -497,6 +498,7 @@ class SQLiteStore:
         self, prefix: str, after: str | None, limit: int | None
     ) -> tuple[list[str], str | None]:
         """`KeyPages`: live keys in order from the (ns, key) index, one page at a time."""
+        validate_limit(limit)
         return await self._run(partial(self._keys_page, prefix, after, limit))
 
     def _keys_page(
