@@ -280,3 +280,49 @@ async def test_a_page_limit_below_one_is_refused(tmp_path: Path, limit: int) -> 
     finally:
         await sqlite_store.aclose()
         await memory_store.aclose()
+
+
+# -- reads while another process writes -----------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("step", [-50.0, 200.0])  # back: times ahead; forward: expired
+async def test_a_read_that_would_tidy_a_row_does_not_wait_for_another_writer(
+    tmp_path: Path, step: float
+) -> None:
+    """A read finding a row to tidy (a clock stepped back, an expired session) took the
+    write lock to tidy it: while another process wrote, the read waited the whole
+    busy timeout and then failed with StoreUnavailable, although WAL lets it read."""
+    path = tmp_path / "resume.db"
+    clock = _Clock()
+    # a busy timeout far longer than the bound below: a read that waits for it fails
+    store = SQLiteStore(path, clock=clock, ttl=100, busy_timeout=20.0)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        lease = await store.acquire(KEY, "w", ttl=30)
+        await store.commit(Commit(KEY, lease.epoch, 0, b"h", [Record("h", "i", b"x")], 1))
+        clock.now += step
+        blocker.execute("BEGIN IMMEDIATE")  # another process, writing
+        if step < 0:
+            assert (await asyncio.wait_for(store.load(KEY), 5)).version == 1
+            assert await asyncio.wait_for(store.info(KEY), 5) is not None
+            assert await asyncio.wait_for(store.versions(KEY), 5) != []
+            assert await asyncio.wait_for(store.keys(), 5) == [KEY]
+        else:
+            with pytest.raises(SnapshotNotFound):
+                await asyncio.wait_for(store.load(KEY), 5)
+            assert await asyncio.wait_for(store.info(KEY), 5) is None
+            assert await asyncio.wait_for(store.keys(), 5) == []
+        blocker.execute("ROLLBACK")
+        # the tidy is done later, by a write or a read that gets the lock
+        await asyncio.wait_for(store.keys(), 5)
+    finally:
+        blocker.close()
+        await store.aclose()

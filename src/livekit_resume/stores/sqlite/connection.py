@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from ...errors import SnapshotCorrupt, StoreUnavailable
 from . import schema
-from .transactions import read
+from .transactions import is_busy, read
 
 __all__ = ["FILE_MODE", "Connection"]
 
@@ -33,8 +33,6 @@ FILE_MODE = 0o600
 logger = logging.getLogger("livekit_resume")
 
 # Primary result codes (the low byte of an extended code) meaning the file's bytes are bad.
-_SQLITE_BUSY = 5
-_SQLITE_LOCKED = 6
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 # SQLITE_READONLY_DIRECTORY: a read-only connection to a WAL file could not create the
@@ -118,7 +116,7 @@ class Connection:
             except sqlite3.ProgrammingError:
                 raise  # a bug in this module, not a state of the file
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() + pause > deadline:
+                if not is_busy(exc) or time.monotonic() + pause > deadline:
                     raise self._translate(exc) from exc
                 time.sleep(pause)  # on the store's own thread, never the event loop
                 pause = min(pause * 2, _BUSY_MAX_PAUSE)
@@ -279,10 +277,3 @@ def _create_private(path: str) -> None:
     except OSError:
         return  # a missing directory or no permission: sqlite3.connect says so, typed
     os.close(fd)
-
-
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
-    return "locked" in str(exc) or "busy" in str(exc)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ...errors import SnapshotCorrupt
-from .transactions import purge, write
+from .transactions import lock_now, purge, write
 
 __all__ = ["SESSION_COLUMNS", "Session", "SessionRows", "altered", "is_counter"]
 
@@ -185,10 +185,16 @@ class SessionRows:
 
     def tidy(self, conn: sqlite3.Connection, key: str | None = None) -> None:
         """In its own write transaction, purge expired sessions and pull times that run
-        ahead of the clock back to now (one key, or all). A read-only store skips it."""
-        if self._read_only:
+        ahead of the clock back to now (one key, or all). A read-only store skips it.
+
+        Only if the write lock is free now: it runs after a read, which WAL lets go on
+        while another process writes, and must not then wait for that writer (a restore
+        failing with `StoreUnavailable` after the busy timeout). Skipped, it is done by
+        the next write of the key (`session`) or the next read that finds the lock free.
+        """
+        if self._read_only or not lock_now(conn):
             return
-        with write(conn):
+        with write(conn, begun=True):
             now = self._clock()
             where = "ns=:ns" + (" AND key=:key" if key is not None else "")
             args = {"ns": self._ns, "key": key, "now": now, "ttl": self._ttl}
