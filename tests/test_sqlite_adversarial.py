@@ -326,3 +326,45 @@ async def test_a_read_that_would_tidy_a_row_does_not_wait_for_another_writer(
     finally:
         blocker.close()
         await store.aclose()
+
+
+# -- a commit of the wrong types ----------------------------------------------------------------
+
+
+def _bad_commits(epoch: int) -> list[Commit]:
+    record = Record("h", "i", b"x")
+    return [
+        Commit(KEY, epoch, 0, "a str head"),  # type: ignore[arg-type]
+        Commit(KEY, epoch, 0, b"h", [Record("h", "i", "a str item")]),  # type: ignore[arg-type]
+        Commit(KEY, epoch, 0, b"h", [Record(7, "i", b"x")]),  # type: ignore[arg-type]
+        Commit(KEY, epoch, 0, b"h", [Record("h", "i", b"x", 3)]),  # type: ignore[arg-type]
+        Commit(KEY, epoch, 0, b"h", [("h", "i", b"x", None)]),  # type: ignore[list-item]
+        Commit(KEY, epoch, "0", b"h", [record]),  # type: ignore[arg-type]
+        Commit(KEY, str(epoch), 0, b"h", [record]),  # type: ignore[arg-type]
+        Commit(KEY, epoch, 0, b"h", [record], size=None),  # type: ignore[arg-type]
+        Commit(KEY, epoch, 0, b"h", [record], info={"tags": {"a"}}),  # type: ignore[dict-item]
+        Commit(KEY, epoch, 0, b"h", [record], info={"extra": {"a": 1}}),  # type: ignore[dict-item]
+        Commit(KEY, epoch, 0, b"h", [record], commit_id=5),  # type: ignore[arg-type]
+    ]
+
+
+@pytest.mark.parametrize("n", range(len(_bad_commits(1))))
+@pytest.mark.parametrize("backend", ["sqlite", "memory"])
+async def test_a_commit_of_the_wrong_types_is_refused_and_writes_nothing(
+    tmp_path: Path, n: int, backend: str
+) -> None:
+    """SQLite kept a str head or item (which then read back as a damaged version), turned
+    an int stream name into text, and raised a bare TypeError for a set in ``info``."""
+    store: SQLiteStore | MemoryStore = (
+        SQLiteStore(tmp_path / "resume.db") if backend == "sqlite" else MemoryStore()
+    )
+    try:
+        lease = await store.acquire(KEY, "w")
+        with pytest.raises(ValueError, match="commit"):
+            await store.commit(_bad_commits(lease.epoch)[n])
+        assert await store.versions(KEY) == []
+        good = Commit(KEY, lease.epoch, 0, b"h", [Record("h", "i", b"x")], 1)
+        assert await store.commit(good) == 1
+        assert (await store.load(KEY)).streams == {"h": [("i", b"x")]}
+    finally:
+        await store.aclose()

@@ -68,6 +68,7 @@ __all__ = [
     "not_found_error",
     "not_retained_error",
     "offers",
+    "validate_commit",
     "validate_key",
     "validate_lease_ttl",
     "validate_limit",
@@ -98,6 +99,48 @@ def validate_key(key: str) -> str:
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise ValueError(f"session key is over {MAX_KEY_BYTES} bytes (starts {key[:32]!r})")
     return key
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_commit(commit: Commit) -> Commit:
+    """Return ``commit`` if every field has the type `Commit` names, else raise
+    `ValueError` saying which: a store would otherwise keep what it cannot give back
+    (SQLite turns an int stream name into text and keeps a str head, which then reads
+    as a damaged version), or fail half-way with a TypeError."""
+    validate_key(commit.key)
+    for name in ("epoch", "base_version", "size"):
+        if not _is_whole(getattr(commit, name)):
+            raise ValueError(f"commit {name} must be an int, not {getattr(commit, name)!r}")
+    if not isinstance(commit.head, bytes):
+        raise ValueError(f"commit head must be bytes, not {type(commit.head).__name__}")
+    if not isinstance(commit.commit_id, str):
+        raise ValueError(f"commit_id must be a str, not {commit.commit_id!r}")
+    for n, r in enumerate(commit.records):
+        if not (
+            isinstance(r, Record)
+            and isinstance(r.stream, str)
+            and isinstance(r.id, str)
+            and (r.data is None or isinstance(r.data, bytes))
+            and (r.after is None or isinstance(r.after, str))
+        ):
+            raise ValueError(
+                f"commit record {n} must be a Record of str stream and id, bytes or None "
+                f"data and str or None after, not {r!r:.200}"
+            )
+    if not isinstance(commit.info, Mapping):
+        raise ValueError(f"commit info must be a mapping, not {type(commit.info).__name__}")
+    for name, value in commit.info.items():
+        if not isinstance(name, str) or not (
+            value is None or isinstance(value, (str, int, float, bool))
+        ):
+            raise ValueError(
+                f"commit info {name!r} must be a str, int, float, bool or None under a "
+                f"str name, not {value!r:.200}"
+            )
+    return commit
 
 
 def validate_ttl(ttl: float | None, name: str = "ttl") -> float | None:

@@ -25,6 +25,7 @@ from .base import (
     not_found_error,
     not_retained_error,
     page_of,
+    validate_commit,
     validate_key,
     validate_lease_ttl,
     validate_ttl,
@@ -135,6 +136,7 @@ class MemoryStore:
             s.owner, s.lease_expires_at = None, None
 
     async def commit(self, commit: Commit) -> int:
+        validate_commit(commit)
         if commit.lease_ttl is not None:
             validate_lease_ttl(commit.lease_ttl, self._ttl)
         now = self._clock()

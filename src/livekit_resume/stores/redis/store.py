@@ -27,6 +27,7 @@ from ..base import (
     lease_lost_error,
     not_found_error,
     not_retained_error,
+    validate_commit,
     validate_key,
     validate_lease_ttl,
     validate_ttl,
@@ -390,7 +391,7 @@ class RedisStore:
     async def commit(self, commit: Commit) -> int:
         """Append a version in one script (see `Store.commit`), then compact the log if
         superseded records piled up. Publishes ``committed`` on the namespace's channel."""
-        key = validate_key(commit.key)
+        key = validate_commit(commit).key
         if commit.lease_ttl is not None:
             validate_lease_ttl(commit.lease_ttl, self._ttl)
         await self._namespace_index.keep_recorded(key, "commit")

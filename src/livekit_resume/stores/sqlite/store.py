@@ -36,6 +36,7 @@ from ..base import (
     lease_lost_error,
     not_found_error,
     not_retained_error,
+    validate_commit,
     validate_key,
     validate_lease_ttl,
     validate_limit,
@@ -267,7 +268,7 @@ class SQLiteStore:
     # -- commits --------------------------------------------------------------------
 
     async def commit(self, commit: Commit) -> int:
-        validate_key(commit.key)
+        validate_commit(commit)
         self._writable(f"commit to session {commit.key!r}")
         if commit.lease_ttl is not None:
             self._lease_ttl(commit.lease_ttl)
