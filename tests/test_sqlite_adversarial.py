@@ -320,6 +320,9 @@ async def test_a_read_that_would_tidy_a_row_does_not_wait_for_another_writer(
                 await asyncio.wait_for(store.load(KEY), 5)
             assert await asyncio.wait_for(store.info(KEY), 5) is None
             assert await asyncio.wait_for(store.keys(), 5) == []
+        # the read's tidy stepped aside without changing how long writes wait
+        waits = await store._run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()[0])
+        assert waits == 20_000
         blocker.execute("ROLLBACK")
         # the tidy is done later, by a write or a read that gets the lock
         await asyncio.wait_for(store.keys(), 5)
