@@ -23,6 +23,7 @@ from livekit_resume.stores.log import COMPACT_SLACK, needs_compaction
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.sqlite import SQLiteStore
 from livekit_resume.stores.sqlite.transactions import write
+from tests.test_sqlite import _schema_1_file
 
 KEY = "room-9"
 ITEMS = 3
@@ -371,3 +372,48 @@ async def test_a_commit_of_the_wrong_types_is_refused_and_writes_nothing(
         assert (await store.load(KEY)).streams == {"h": [("i", b"x")]}
     finally:
         await store.aclose()
+
+
+# -- a read-only store while a writer changes the schema --------------------------------------
+
+
+async def test_a_read_only_store_sees_a_file_migrated_after_it_opened(tmp_path: Path) -> None:
+    """A read-only store reads a schema-1 file through views that put every row in the
+    default namespace. Once a writer had migrated the file, those views read the new
+    tables, every namespace's rows as the default one's: the reader saw (and loaded)
+    another tenant's sessions."""
+    path = tmp_path / "old.db"
+    _schema_1_file(path)
+    reader = SQLiteStore(path, read_only=True)
+    tenant = SQLiteStore(path, namespace="tenant-b")
+    try:
+        assert await reader.keys() == ["other", "room-7"]
+        lease = await tenant.acquire("secret", "b")  # migrates the file
+        await tenant.commit(Commit("secret", lease.epoch, 0, b"b's", [Record("h", "x", b"b")], 1))
+        assert await reader.keys() == ["other", "room-7"]
+        with pytest.raises(SnapshotNotFound):
+            await reader.load("secret")
+        assert (await reader.load("room-7")).head == b"head 2"
+    finally:
+        await reader.aclose()
+        await tenant.aclose()
+
+
+async def test_a_read_only_store_sees_sessions_written_after_it_opened_an_empty_file(
+    tmp_path: Path,
+) -> None:
+    """On an empty file the reader stands in empty temporary tables, which hid the tables
+    a writer created later: every session written after it opened stayed invisible."""
+    path = tmp_path / "new.db"
+    path.touch()
+    reader = SQLiteStore(path, read_only=True)
+    writer = SQLiteStore(path)
+    try:
+        assert await reader.keys() == []
+        lease = await writer.acquire(KEY, "w")
+        await writer.commit(Commit(KEY, lease.epoch, 0, b"h", [Record("h", "i", b"x")], 1))
+        assert await reader.keys() == [KEY]
+        assert (await reader.load(KEY)).streams == {"h": [("i", b"x")]}
+    finally:
+        await reader.aclose()
+        await writer.aclose()

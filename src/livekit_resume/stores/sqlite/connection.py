@@ -67,6 +67,8 @@ class Connection:
         )
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        # The schema version a read-only connection stands in for (None: none needed).
+        self._stood_in: int | None = None
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn`` (one whole transaction) with the connection, on the store's thread."""
@@ -110,9 +112,13 @@ class Connection:
         pause = _BUSY_FIRST_PAUSE
         while True:
             try:
-                if self._conn is None:
+                if self._conn is None or self._stand_in_stale(self._conn):
+                    self._close_conn()
                     self._conn = self._open_read_only() if self._read_only else self._open()
-                return fn(self._conn)
+                result = fn(self._conn)
+                if self._stand_in_stale(self._conn):
+                    continue  # read through stand-ins of a schema gone meanwhile: again
+                return result
             except sqlite3.ProgrammingError:
                 raise  # a bug in this module, not a state of the file
             except sqlite3.OperationalError as exc:
@@ -122,6 +128,16 @@ class Connection:
                 pause = min(pause * 2, _BUSY_MAX_PAUSE)
             except sqlite3.DatabaseError as exc:
                 raise self._translate(exc) from exc
+
+    def _stand_in_stale(self, conn: sqlite3.Connection) -> bool:
+        """Whether a read-only connection reads an older schema through stand-ins
+        (`schema.stand_in`) and the file has been migrated or created since by a writer.
+        The stand-ins would then hide the current tables: an empty file's empty tables
+        every session written later, a schema-1 file's views (every row in the default
+        namespace) the namespaces, so that one tenant read another's sessions."""
+        if self._stood_in is None:
+            return False
+        return bool(conn.execute("PRAGMA user_version").fetchone()[0] != self._stood_in)
 
     def _translate(self, exc: sqlite3.Error) -> Exception:
         code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
@@ -227,6 +243,7 @@ class Connection:
                 schema.check(conn, self.path)
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
             schema.stand_in(conn, version)
+            self._stood_in = version if version < schema.SCHEMA_VERSION else None
         except BaseException:
             conn.close()
             raise
