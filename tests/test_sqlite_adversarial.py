@@ -417,3 +417,32 @@ async def test_a_read_only_store_sees_sessions_written_after_it_opened_an_empty_
     finally:
         await reader.aclose()
         await writer.aclose()
+
+
+# -- settings and owners of the wrong kind ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"busy_timeout": float("nan")}, {"keep": 2.5}, {"keep": True}, {"keep": "3"}],
+)
+def test_a_store_setting_of_the_wrong_kind_is_refused(tmp_path: Path, options: dict) -> None:
+    """A NaN busy timeout made the wait for a locked file endless (its deadline never
+    passes); a keep of 2.5 or True was taken, and "3" raised a bare TypeError."""
+    with pytest.raises(ValueError, match=next(iter(options))):
+        SQLiteStore(tmp_path / "resume.db", **options)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "memory"])
+async def test_a_lease_for_no_owner_is_refused(tmp_path: Path, backend: str) -> None:
+    """A lease acquired for owner None was stored as a released one: any other worker
+    took the session without takeover while its holder still wrote."""
+    store: SQLiteStore | MemoryStore = (
+        SQLiteStore(tmp_path / "resume.db") if backend == "sqlite" else MemoryStore()
+    )
+    try:
+        with pytest.raises(ValueError, match="owner"):
+            await store.acquire(KEY, None)  # type: ignore[arg-type]
+        assert await store.info(KEY) is None
+    finally:
+        await store.aclose()

@@ -72,6 +72,7 @@ __all__ = [
     "validate_key",
     "validate_lease_ttl",
     "validate_limit",
+    "validate_owner",
     "validate_ttl",
 ]
 
@@ -141,6 +142,14 @@ def validate_commit(commit: Commit) -> Commit:
                 f"str name, not {value!r:.200}"
             )
     return commit
+
+
+def validate_owner(owner: str) -> str:
+    """Return ``owner`` if it can hold a lease (a str), else raise `ValueError`: a lease
+    held by None is stored as a released one, which any worker takes without takeover."""
+    if not isinstance(owner, str):
+        raise ValueError(f"a lease owner must be a str, not {owner!r}")
+    return owner
 
 
 def validate_ttl(ttl: float | None, name: str = "ttl") -> float | None:

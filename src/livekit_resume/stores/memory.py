@@ -28,6 +28,7 @@ from .base import (
     validate_commit,
     validate_key,
     validate_lease_ttl,
+    validate_owner,
     validate_ttl,
 )
 from .log import (
@@ -110,6 +111,7 @@ class MemoryStore:
     async def acquire(
         self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
     ) -> Lease:
+        validate_owner(owner)
         validate_lease_ttl(ttl, self._ttl)
         now = self._clock()
         s = self._get(key) or self._sessions.setdefault(key, _Session(epoch=epoch_floor(now)))

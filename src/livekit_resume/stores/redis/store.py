@@ -30,6 +30,7 @@ from ..base import (
     validate_commit,
     validate_key,
     validate_lease_ttl,
+    validate_owner,
     validate_ttl,
 )
 from ..log import DEFAULT_KEEP, Record, fold_rows, needs_compaction, records_from_streams
@@ -268,6 +269,7 @@ class RedisStore:
     ) -> Lease:
         """Take the lease (see `Store.acquire`). A takeover of a live lease publishes
         ``taken_over`` on the namespace's channel."""
+        validate_owner(owner)
         lease, _, _ = await self._take(key, owner, ttl, takeover, read=False)
         return lease
 

@@ -40,6 +40,7 @@ from ..base import (
     validate_key,
     validate_lease_ttl,
     validate_limit,
+    validate_owner,
     validate_ttl,
 )
 from ..log import (
@@ -91,10 +92,14 @@ class SQLiteStore:
         busy_timeout: float = 5.0,
         read_only: bool = False,
     ) -> None:
-        if keep < 1:
-            raise ValueError("keep must be at least 1")
-        if busy_timeout < 0:
-            raise ValueError("busy_timeout must not be negative")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a whole number of versions >= 1, not {keep!r}")
+        # not >= 0: NaN too (its deadline never passes, so a locked file was waited on
+        # for ever); inf is allowed, and waits for ever by request
+        if isinstance(busy_timeout, bool) or not (
+            isinstance(busy_timeout, (int, float)) and busy_timeout >= 0
+        ):
+            raise ValueError(f"busy_timeout must be a number of seconds >= 0, not {busy_timeout!r}")
         # The same rule as RedisStore's, so that a namespace valid for one is for both.
         if (
             not isinstance(namespace, str)
@@ -200,6 +205,7 @@ class SQLiteStore:
         self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
     ) -> Lease:
         validate_key(key)
+        validate_owner(owner)
         self._lease_ttl(ttl)
         self._writable(f"take the lease of session {key!r}")
         return await self._run(partial(self._acquire, key, owner, ttl, takeover))
