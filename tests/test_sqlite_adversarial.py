@@ -446,3 +446,23 @@ async def test_a_lease_for_no_owner_is_refused(tmp_path: Path, backend: str) -> 
         assert await store.info(KEY) is None
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("created_at", "x"), ("size", "x"), ("epoch", "x"), ("version", 1.5), ("size", -1)],
+)
+async def test_a_listed_version_with_an_impossible_value_is_corrupt(
+    tmp_path: Path, column: str, value: object
+) -> None:
+    """`versions` returned such a row as it stood: `livekit-resume history` then died
+    with a TypeError traceback instead of saying the session is damaged."""
+    path = tmp_path / "resume.db"
+    await _written(path)
+    _alter(path, f"UPDATE versions SET {column} = ? WHERE version = 1", value)
+    store = SQLiteStore(path)
+    try:
+        with pytest.raises(SnapshotCorrupt, match=f"{KEY}.*altered"):
+            await store.versions(KEY)
+    finally:
+        await store.aclose()

@@ -449,6 +449,13 @@ class SQLiteStore:
             )
         if untidy:
             self._rows.tidy(conn, key)
+        for v, e, c, n, _ in rows:
+            if not (is_counter(v) and is_counter(e) and is_counter(n)) or (
+                not isinstance(c, (int, float))
+            ):
+                raise altered(
+                    key, f"version {v!r} is listed as epoch {e!r}, size {n!r}, made {c!r}"
+                )
         return [SnapshotInfo(v, e, c, n, _info(i, key)) for v, e, c, n, i in rows]
 
     async def info(self, key: str) -> SessionInfo | None:
