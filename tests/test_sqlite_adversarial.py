@@ -466,3 +466,21 @@ async def test_a_listed_version_with_an_impossible_value_is_corrupt(
             await store.versions(KEY)
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "memory"])
+@pytest.mark.parametrize("version", ["1", b"1", [1]])
+async def test_loading_a_version_that_is_not_a_number_is_refused(
+    tmp_path: Path, backend: str, version: object
+) -> None:
+    """SQLite raised a bare TypeError from its range check; memory said "no version"."""
+    store: SQLiteStore | MemoryStore = (
+        SQLiteStore(tmp_path / "resume.db") if backend == "sqlite" else MemoryStore()
+    )
+    try:
+        lease = await store.acquire(KEY, "w")
+        await store.commit(Commit(KEY, lease.epoch, 0, b"h"))
+        with pytest.raises(ValueError, match="version"):
+            await store.load(KEY, version)  # type: ignore[arg-type]
+    finally:
+        await store.aclose()

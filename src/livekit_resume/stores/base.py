@@ -74,6 +74,7 @@ __all__ = [
     "validate_limit",
     "validate_owner",
     "validate_ttl",
+    "validate_version",
 ]
 
 # Long enough for a room name plus a prefix, short enough to keep Redis keys and
@@ -142,6 +143,14 @@ def validate_commit(commit: Commit) -> Commit:
                 f"str name, not {value!r:.200}"
             )
     return commit
+
+
+def validate_version(version: int | None) -> int | None:
+    """Return ``version`` if it can name a version to load (None: the latest), else raise
+    `ValueError`. Any int is accepted: one no store holds is `SnapshotNotFound`."""
+    if version is not None and not isinstance(version, int):
+        raise ValueError(f"a version must be an int or None, not {version!r}")
+    return version
 
 
 def validate_owner(owner: str) -> str:

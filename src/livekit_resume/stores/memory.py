@@ -30,6 +30,7 @@ from .base import (
     validate_lease_ttl,
     validate_owner,
     validate_ttl,
+    validate_version,
 )
 from .log import (
     DEFAULT_KEEP,
@@ -201,6 +202,7 @@ class MemoryStore:
             s.lease_expires_at, s.touched_at = now + commit.lease_ttl, now
 
     async def load(self, key: str, version: int | None = None) -> Stored:
+        validate_version(version)
         s = self._get(key)
         if s is None or not s.versions:
             raise not_found_error(key)

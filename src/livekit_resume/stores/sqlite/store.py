@@ -42,6 +42,7 @@ from ..base import (
     validate_limit,
     validate_owner,
     validate_ttl,
+    validate_version,
 )
 from ..log import (
     DEFAULT_KEEP,
@@ -390,6 +391,7 @@ class SQLiteStore:
 
     async def load(self, key: str, version: int | None = None) -> Stored:
         validate_key(key)
+        validate_version(version)
         return await self._run(partial(self._load, key, version))
 
     def _load(self, key: str, version: int | None, conn: sqlite3.Connection) -> Stored:
