@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -426,7 +427,9 @@ async def test_a_read_only_store_sees_sessions_written_after_it_opened_an_empty_
     "options",
     [{"busy_timeout": float("nan")}, {"keep": 2.5}, {"keep": True}, {"keep": "3"}],
 )
-def test_a_store_setting_of_the_wrong_kind_is_refused(tmp_path: Path, options: dict) -> None:
+def test_a_store_setting_of_the_wrong_kind_is_refused(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
     """A NaN busy timeout made the wait for a locked file endless (its deadline never
     passes); a keep of 2.5 or True was taken, and "3" raised a bare TypeError."""
     with pytest.raises(ValueError, match=next(iter(options))):
