@@ -24,6 +24,7 @@ from livekit_resume.stores.log import COMPACT_SLACK, needs_compaction
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.sqlite import SQLiteStore
 from livekit_resume.stores.sqlite.transactions import write
+from livekit_resume.stores.url import open_store
 from tests.test_sqlite import _schema_1_file
 
 KEY = "room-9"
@@ -487,3 +488,11 @@ async def test_loading_a_version_that_is_not_a_number_is_refused(
             await store.load(KEY, version)  # type: ignore[arg-type]
     finally:
         await store.aclose()
+
+
+def test_a_path_with_a_nul_character_is_refused_when_the_store_is_made(tmp_path: Path) -> None:
+    """It was accepted, and every operation then raised on the store's thread."""
+    with pytest.raises(ValueError, match="NUL"):
+        SQLiteStore(str(tmp_path / "a\x00b.db"))
+    with pytest.raises(ValueError, match="NUL"):
+        open_store("sqlite:///a%00b.db")

@@ -118,6 +118,9 @@ class SQLiteStore:
                 f"SQLite path {raw!r} persists nothing; use memory:// (MemoryStore) for a "
                 "store that lives in the process, or name a file"
             )
+        if "\x00" in raw:
+            # Refused now: else every operation would meet it on the store's thread.
+            raise ValueError(f"SQLite path {raw!r} contains a NUL character")
         # Resolved now: the file is opened later on the worker thread, and a relative
         # path must mean the working directory of the caller, not of that moment.
         self._path = str(Path(raw).expanduser().absolute())
