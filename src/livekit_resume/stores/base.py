@@ -68,9 +68,13 @@ __all__ = [
     "not_found_error",
     "not_retained_error",
     "offers",
+    "validate_commit",
     "validate_key",
     "validate_lease_ttl",
+    "validate_limit",
+    "validate_owner",
     "validate_ttl",
+    "validate_version",
 ]
 
 # Long enough for a room name plus a prefix, short enough to keep Redis keys and
@@ -97,6 +101,64 @@ def validate_key(key: str) -> str:
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise ValueError(f"session key is over {MAX_KEY_BYTES} bytes (starts {key[:32]!r})")
     return key
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_commit(commit: Commit) -> Commit:
+    """Return ``commit`` if every field has the type `Commit` names, else raise
+    `ValueError` saying which: a store would otherwise keep what it cannot give back
+    (SQLite turns an int stream name into text and keeps a str head, which then reads
+    as a damaged version), or fail half-way with a TypeError."""
+    validate_key(commit.key)
+    for name in ("epoch", "base_version", "size"):
+        if not _is_whole(getattr(commit, name)):
+            raise ValueError(f"commit {name} must be an int, not {getattr(commit, name)!r}")
+    if not isinstance(commit.head, bytes):
+        raise ValueError(f"commit head must be bytes, not {type(commit.head).__name__}")
+    if not isinstance(commit.commit_id, str):
+        raise ValueError(f"commit_id must be a str, not {commit.commit_id!r}")
+    for n, r in enumerate(commit.records):
+        if not (
+            isinstance(r, Record)
+            and isinstance(r.stream, str)
+            and isinstance(r.id, str)
+            and (r.data is None or isinstance(r.data, bytes))
+            and (r.after is None or isinstance(r.after, str))
+        ):
+            raise ValueError(
+                f"commit record {n} must be a Record of str stream and id, bytes or None "
+                f"data and str or None after, not {r!r:.200}"
+            )
+    if not isinstance(commit.info, Mapping):
+        raise ValueError(f"commit info must be a mapping, not {type(commit.info).__name__}")
+    for name, value in commit.info.items():
+        if not isinstance(name, str) or not (
+            value is None or isinstance(value, (str, int, float, bool))
+        ):
+            raise ValueError(
+                f"commit info {name!r} must be a str, int, float, bool or None under a "
+                f"str name, not {value!r:.200}"
+            )
+    return commit
+
+
+def validate_version(version: int | None) -> int | None:
+    """Return ``version`` if it can name a version to load (None: the latest), else raise
+    `ValueError`. Any int is accepted: one no store holds is `SnapshotNotFound`."""
+    if version is not None and not isinstance(version, int):
+        raise ValueError(f"a version must be an int or None, not {version!r}")
+    return version
+
+
+def validate_owner(owner: str) -> str:
+    """Return ``owner`` if it can hold a lease (a str), else raise `ValueError`: a lease
+    held by None is stored as a released one, which any worker takes without takeover."""
+    if not isinstance(owner, str):
+        raise ValueError(f"a lease owner must be a str, not {owner!r}")
+    return owner
 
 
 def validate_ttl(ttl: float | None, name: str = "ttl") -> float | None:
@@ -493,11 +555,20 @@ class KeyPages(Protocol):
         ...
 
 
+def validate_limit(limit: int | None) -> int | None:
+    """A `KeyPages` page size: None (all) or at least 1, else `ValueError`. A page of 0
+    keys has no last key to be the next page's cursor."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"a page limit must be a whole number >= 1 or None, not {limit!r}")
+    return limit
+
+
 def page_of(
     keys: Sequence[str], prefix: str, after: str | None, limit: int | None
 ) -> tuple[list[str], str | None]:
     """One `KeyPages` page cut from sorted ``keys``: those starting with ``prefix``,
     after ``after``, at most ``limit``, and the cursor of the next page."""
+    validate_limit(limit)
     found = [k for k in keys if k.startswith(prefix) and (after is None or k > after)]
     if limit is None or len(found) <= limit:
         return found, None

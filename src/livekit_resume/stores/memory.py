@@ -25,9 +25,12 @@ from .base import (
     not_found_error,
     not_retained_error,
     page_of,
+    validate_commit,
     validate_key,
     validate_lease_ttl,
+    validate_owner,
     validate_ttl,
+    validate_version,
 )
 from .log import (
     DEFAULT_KEEP,
@@ -109,6 +112,7 @@ class MemoryStore:
     async def acquire(
         self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
     ) -> Lease:
+        validate_owner(owner)
         validate_lease_ttl(ttl, self._ttl)
         now = self._clock()
         s = self._get(key) or self._sessions.setdefault(key, _Session(epoch=epoch_floor(now)))
@@ -135,6 +139,7 @@ class MemoryStore:
             s.owner, s.lease_expires_at = None, None
 
     async def commit(self, commit: Commit) -> int:
+        validate_commit(commit)
         if commit.lease_ttl is not None:
             validate_lease_ttl(commit.lease_ttl, self._ttl)
         now = self._clock()
@@ -197,6 +202,7 @@ class MemoryStore:
             s.lease_expires_at, s.touched_at = now + commit.lease_ttl, now
 
     async def load(self, key: str, version: int | None = None) -> Stored:
+        validate_version(version)
         s = self._get(key)
         if s is None or not s.versions:
             raise not_found_error(key)

@@ -18,7 +18,7 @@ from typing import Any, cast
 from redis.asyncio.cluster import RedisCluster
 
 from ...errors import SnapshotCorrupt
-from ..base import page_of
+from ..base import page_of, validate_limit
 from .client import Server, text
 from .health import ServerCheck
 from .keys import KeyNames, glob_escape
@@ -134,6 +134,7 @@ class Namespace:
     ) -> tuple[list[str], str | None]:
         """`KeyPages` over the index: its member names are read whole (a sorted set
         scored by time has no order by name), but only a page's heads are checked."""
+        validate_limit(limit)
         client = self._server.client
         with self._server.errors("keys", None):
             indexed = cast("list[bytes]", await client.zrange(self._names.index, 0, -1))

@@ -27,8 +27,10 @@ from ..base import (
     lease_lost_error,
     not_found_error,
     not_retained_error,
+    validate_commit,
     validate_key,
     validate_lease_ttl,
+    validate_owner,
     validate_ttl,
 )
 from ..log import DEFAULT_KEEP, Record, fold_rows, needs_compaction, records_from_streams
@@ -273,6 +275,7 @@ class RedisStore:
     ) -> Lease:
         """Take the lease (see `Store.acquire`). A takeover of a live lease publishes
         ``taken_over`` on the namespace's channel."""
+        validate_owner(owner)
         lease, _, _ = await self._take(key, owner, ttl, takeover, read=False)
         return lease
 
@@ -403,7 +406,7 @@ class RedisStore:
     async def commit(self, commit: Commit) -> int:
         """Append a version in one script (see `Store.commit`), then compact the log if
         superseded records piled up. Publishes ``committed`` on the namespace's channel."""
-        key = validate_key(commit.key)
+        key = validate_commit(commit).key
         if commit.lease_ttl is not None:
             validate_lease_ttl(commit.lease_ttl, self._ttl)
         await self._namespace_index.keep_recorded(key, "commit")

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from ...errors import SnapshotCorrupt, StoreUnavailable
 from . import schema
-from .transactions import read
+from .transactions import is_busy, read
 
 __all__ = ["FILE_MODE", "Connection"]
 
@@ -33,8 +33,6 @@ FILE_MODE = 0o600
 logger = logging.getLogger("livekit_resume")
 
 # Primary result codes (the low byte of an extended code) meaning the file's bytes are bad.
-_SQLITE_BUSY = 5
-_SQLITE_LOCKED = 6
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 # SQLITE_READONLY_DIRECTORY: a read-only connection to a WAL file could not create the
@@ -46,6 +44,7 @@ _SQLITE_CANTOPEN = 14
 _BUSY_FIRST_PAUSE = 0.005
 _BUSY_MAX_PAUSE = 0.2
 _CORRUPT_WORDS = ("file is not a database", "malformed")
+_ALTERED_WORDS = ("no such table", "no such column")
 
 _T = TypeVar("_T")
 
@@ -68,6 +67,8 @@ class Connection:
         )
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        # The schema version a read-only connection stands in for (None: none needed).
+        self._stood_in: int | None = None
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn`` (one whole transaction) with the connection, on the store's thread."""
@@ -111,18 +112,32 @@ class Connection:
         pause = _BUSY_FIRST_PAUSE
         while True:
             try:
-                if self._conn is None:
+                if self._conn is None or self._stand_in_stale(self._conn):
+                    self._close_conn()
                     self._conn = self._open_read_only() if self._read_only else self._open()
-                return fn(self._conn)
+                result = fn(self._conn)
+                if self._stand_in_stale(self._conn):
+                    continue  # read through stand-ins of a schema gone meanwhile: again
+                return result
             except sqlite3.ProgrammingError:
                 raise  # a bug in this module, not a state of the file
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() + pause > deadline:
+                if not is_busy(exc) or time.monotonic() + pause > deadline:
                     raise self._translate(exc) from exc
                 time.sleep(pause)  # on the store's own thread, never the event loop
                 pause = min(pause * 2, _BUSY_MAX_PAUSE)
             except sqlite3.DatabaseError as exc:
                 raise self._translate(exc) from exc
+
+    def _stand_in_stale(self, conn: sqlite3.Connection) -> bool:
+        """Whether a read-only connection reads an older schema through stand-ins
+        (`schema.stand_in`) and the file has been migrated or created since by a writer.
+        The stand-ins would then hide the current tables: an empty file's empty tables
+        every session written later, a schema-1 file's views (every row in the default
+        namespace) the namespaces, so that one tenant read another's sessions."""
+        if self._stood_in is None:
+            return False
+        return bool(conn.execute("PRAGMA user_version").fetchone()[0] != self._stood_in)
 
     def _translate(self, exc: sqlite3.Error) -> Exception:
         code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
@@ -134,6 +149,12 @@ class Connection:
             return SnapshotCorrupt(
                 f"SQLite store {self.path} is damaged or is not a database ({text}); "
                 "restore the file from a backup or point the store at another file"
+            )
+        if isinstance(exc, sqlite3.OperationalError) and any(w in text for w in _ALTERED_WORDS):
+            # the schema is checked at open: a table or column gone since was taken away
+            return SnapshotCorrupt(
+                f"SQLite store {self.path} lacks part of its schema ({text}); the file was "
+                "altered outside livekit-resume: restore it from a backup"
             )
         if isinstance(exc, sqlite3.IntegrityError):
             return SnapshotCorrupt(
@@ -222,6 +243,7 @@ class Connection:
                 schema.check(conn, self.path)
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
             schema.stand_in(conn, version)
+            self._stood_in = version if version < schema.SCHEMA_VERSION else None
         except BaseException:
             conn.close()
             raise
@@ -272,10 +294,3 @@ def _create_private(path: str) -> None:
     except OSError:
         return  # a missing directory or no permission: sqlite3.connect says so, typed
     os.close(fd)
-
-
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
-    return "locked" in str(exc) or "busy" in str(exc)

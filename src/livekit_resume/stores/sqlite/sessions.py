@@ -15,9 +15,10 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from .transactions import purge, write
+from ...errors import SnapshotCorrupt
+from .transactions import lock_now, purge, write
 
-__all__ = ["SESSION_COLUMNS", "Session", "SessionRows"]
+__all__ = ["SESSION_COLUMNS", "Session", "SessionRows", "altered", "is_counter"]
 
 logger = logging.getLogger("livekit_resume")
 
@@ -37,6 +38,55 @@ class Session:
 
 
 SESSION_COLUMNS = "epoch, owner, lease_expires_at, lease_ttl, touched_at, gen, version, log_len"
+# SQLite's INTEGER is 64-bit: a counter at the limit could not be stepped (epoch + 1,
+# version + 1), and a negative one is written by nothing.
+_INT_LIMIT = 2**63 - 1
+_NUMBER = (int, float)
+# What each column of a session row may hold; SQLite keeps whatever an UPDATE puts in.
+_COLUMN_TYPES: tuple[tuple[str, tuple[type, ...], bool], ...] = (
+    # (name, types, may be NULL)
+    ("epoch", (int,), False),
+    ("owner", (str,), True),
+    ("lease_expires_at", _NUMBER, True),
+    ("lease_ttl", _NUMBER, True),
+    ("touched_at", _NUMBER, False),
+    ("gen", (int,), False),
+    ("version", (int,), False),
+    ("log_len", (int,), False),
+)
+_COUNTERS = frozenset({"epoch", "gen", "version", "log_len"})
+# Rows whose times are numbers: the only ones the tidy's SQL may correct or expire (a text
+# time compares above every number in SQL and adds as 0).
+_TIMES_ARE_NUMBERS = (
+    "typeof(touched_at) IN ('integer', 'real') "
+    "AND typeof(lease_expires_at) IN ('integer', 'real', 'null') "
+    "AND typeof(lease_ttl) IN ('integer', 'real', 'null')"
+)
+
+
+def altered(key: str, what: str) -> SnapshotCorrupt:
+    """The error for a row of ``key`` that no operation of the store writes."""
+    return SnapshotCorrupt(
+        f"session {key!r}: {what}; the file was altered outside livekit-resume: restore "
+        "it from a backup, or remove the session (livekit-resume rm)"
+    )
+
+
+def is_counter(value: object) -> bool:
+    """Whether ``value`` is an epoch, version or log position the store could write."""
+    return isinstance(value, int) and 0 <= value < _INT_LIMIT
+
+
+def parse(key: str, row: tuple[object, ...]) -> Session:
+    """The `Session` of a row of `SESSION_COLUMNS`, or `SnapshotCorrupt` naming the column
+    whose value no operation writes (a text time, a negative or 64-bit-wide counter): read
+    as it is, it raised TypeError or OverflowError deep in an operation, or was acted on."""
+    for (name, types, nullable), value in zip(_COLUMN_TYPES, row, strict=True):
+        if value is None and nullable:
+            continue
+        if not isinstance(value, types) or (name in _COUNTERS and not is_counter(value)):
+            raise altered(key, f"its session row has {name} {value!r}")
+    return Session(*row)  # type: ignore[arg-type]
 
 
 class SessionRows:
@@ -76,11 +126,20 @@ class SessionRows:
             return s.lease_expires_at
         return min(s.lease_expires_at, now + s.lease_ttl)
 
+    def listed(self, key: str, row: tuple[object, ...], now: float) -> tuple[bool, bool]:
+        """Whether a row of `SESSION_COLUMNS` is listed (live, or damaged: listed so that
+        an operator finds it, and `load` says what is wrong), and whether it needs a tidy."""
+        try:
+            s = parse(key, row)
+        except SnapshotCorrupt:
+            return True, False
+        return not self.expired(s.touched_at, now), self.skewed(s, now)
+
     def select(self, conn: sqlite3.Connection, key: str) -> Session | None:
         found = conn.execute(
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE ns=? AND key=?", (self._ns, key)
         ).fetchone()
-        return None if found is None else Session(*found)
+        return None if found is None else parse(key, found)
 
     def session(self, conn: sqlite3.Connection, key: str, now: float) -> Session | None:
         """The key's session row inside a write transaction; an expired one is purged.
@@ -126,10 +185,16 @@ class SessionRows:
 
     def tidy(self, conn: sqlite3.Connection, key: str | None = None) -> None:
         """In its own write transaction, purge expired sessions and pull times that run
-        ahead of the clock back to now (one key, or all). A read-only store skips it."""
-        if self._read_only:
+        ahead of the clock back to now (one key, or all). A read-only store skips it.
+
+        Only if the write lock is free now: it runs after a read, which WAL lets go on
+        while another process writes, and must not then wait for that writer (a restore
+        failing with `StoreUnavailable` after the busy timeout). Skipped, it is done by
+        the next write of the key (`session`) or the next read that finds the lock free.
+        """
+        if self._read_only or not lock_now(conn):
             return
-        with write(conn):
+        with write(conn, begun=True):
             now = self._clock()
             where = "ns=:ns" + (" AND key=:key" if key is not None else "")
             args = {"ns": self._ns, "key": key, "now": now, "ttl": self._ttl}
@@ -137,14 +202,16 @@ class SessionRows:
             conn.execute(
                 "UPDATE sessions SET touched_at=min(touched_at, :now), lease_expires_at=CASE "
                 "WHEN lease_expires_at > :now + lease_ttl THEN :now + lease_ttl "
-                f"ELSE lease_expires_at END WHERE {where} AND (touched_at > :now OR "
-                "lease_expires_at > :now + lease_ttl)",
+                f"ELSE lease_expires_at END WHERE {where} AND {_TIMES_ARE_NUMBERS} AND "
+                "(touched_at > :now OR lease_expires_at > :now + lease_ttl)",
                 args,
             )
             if self._ttl is None:
                 return
             gone = conn.execute(
-                f"SELECT key FROM sessions WHERE {where} AND touched_at + :ttl <= :now", args
+                f"SELECT key FROM sessions WHERE {where} AND {_TIMES_ARE_NUMBERS} AND "
+                "touched_at + :ttl <= :now",
+                args,
             ).fetchall()
             for (k,) in gone:
                 purge(conn, self._ns, k)

@@ -15,7 +15,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -36,23 +36,27 @@ from ..base import (
     lease_lost_error,
     not_found_error,
     not_retained_error,
+    validate_commit,
     validate_key,
     validate_lease_ttl,
+    validate_limit,
+    validate_owner,
     validate_ttl,
+    validate_version,
 )
 from ..log import (
     DEFAULT_KEEP,
     Record,
     compacted,
     epoch_floor,
-    fold_records,
+    fold_rows,
     lease_is_live,
     needs_compaction,
 )
 from .connection import Connection
 from .control import SQLiteCommands
 from .schema import DEFAULT_NAMESPACE
-from .sessions import SESSION_COLUMNS, Session, SessionRows
+from .sessions import SESSION_COLUMNS, Session, SessionRows, altered, is_counter
 from .transactions import purge, read, write
 
 __all__ = ["SQLiteStore"]
@@ -89,10 +93,14 @@ class SQLiteStore:
         busy_timeout: float = 5.0,
         read_only: bool = False,
     ) -> None:
-        if keep < 1:
-            raise ValueError("keep must be at least 1")
-        if busy_timeout < 0:
-            raise ValueError("busy_timeout must not be negative")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a whole number of versions >= 1, not {keep!r}")
+        # not >= 0: NaN too (its deadline never passes, so a locked file was waited on
+        # for ever); inf is allowed, and waits for ever by request
+        if isinstance(busy_timeout, bool) or not (
+            isinstance(busy_timeout, (int, float)) and busy_timeout >= 0
+        ):
+            raise ValueError(f"busy_timeout must be a number of seconds >= 0, not {busy_timeout!r}")
         # The same rule as RedisStore's, so that a namespace valid for one is for both.
         if (
             not isinstance(namespace, str)
@@ -110,6 +118,9 @@ class SQLiteStore:
                 f"SQLite path {raw!r} persists nothing; use memory:// (MemoryStore) for a "
                 "store that lives in the process, or name a file"
             )
+        if "\x00" in raw:
+            # Refused now: else every operation would meet it on the store's thread.
+            raise ValueError(f"SQLite path {raw!r} contains a NUL character")
         # Resolved now: the file is opened later on the worker thread, and a relative
         # path must mean the working directory of the caller, not of that moment.
         self._path = str(Path(raw).expanduser().absolute())
@@ -198,6 +209,7 @@ class SQLiteStore:
         self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
     ) -> Lease:
         validate_key(key)
+        validate_owner(owner)
         self._lease_ttl(ttl)
         self._writable(f"take the lease of session {key!r}")
         return await self._run(partial(self._acquire, key, owner, ttl, takeover))
@@ -215,6 +227,7 @@ class SQLiteStore:
                     raise busy_error(key, s.owner, s.epoch)
                 epoch += 1
             if s is None:
+                self._no_remains(conn, key)  # a lease on top of them would hide them
                 conn.execute(
                     "INSERT INTO sessions (ns, key, epoch, owner, lease_expires_at, lease_ttl, "
                     "touched_at, gen, version, log_len) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0)",
@@ -265,7 +278,7 @@ class SQLiteStore:
     # -- commits --------------------------------------------------------------------
 
     async def commit(self, commit: Commit) -> int:
-        validate_key(commit.key)
+        validate_commit(commit)
         self._writable(f"commit to session {commit.key!r}")
         if commit.lease_ttl is not None:
             self._lease_ttl(commit.lease_ttl)
@@ -330,17 +343,35 @@ class SQLiteStore:
             )
             return version
 
+    def _remains(self, conn: sqlite3.Connection, key: str) -> str | None:
+        """What is stored of ``key`` besides its session row, said in words; None: nothing.
+        Every operation writes or purges the row with the rest, so remains without it
+        mean the file was altered (a row deleted by hand, a partial restore)."""
+        ns = self._ns
+        top = conn.execute(
+            "SELECT max(version), count(*) FROM versions WHERE ns=? AND key=?", (ns, key)
+        ).fetchone()
+        if top[1]:
+            return f"{top[1]} stored version(s), up to version {top[0]}"
+        if conn.execute("SELECT 1 FROM log WHERE ns=? AND key=? LIMIT 1", (ns, key)).fetchone():
+            return "item records"
+        return None
+
+    def _no_remains(self, conn: sqlite3.Connection, key: str) -> None:
+        remains = self._remains(conn, key)
+        if remains is not None:
+            raise altered(key, f"its session row is missing but {remains} remain")
+
     def _compact(
         self, conn: sqlite3.Connection, key: str, version: int, gen: int, log_end: int
     ) -> tuple[int, int]:
         """Fold generation ``gen`` into a fresh one that only ``version`` uses so far."""
         ns = self._ns
-        rows = conn.execute(
-            "SELECT stream, item_id, data, after FROM log WHERE ns=? AND key=? AND gen=? "
-            "AND seq<? ORDER BY seq",
-            (ns, key, gen, log_end),
+        # A log missing a record refuses the commit whole: folded, it would be written
+        # back as the whole conversation, and the loss hidden from every later read.
+        fresh = compacted(
+            (Record(*r) for r in _log_rows(conn, ns, key, version, gen, log_end)), key
         )
-        fresh = compacted((Record(*r) for r in rows), key)
         new_gen = gen + 1
         _insert_log(
             conn,
@@ -363,11 +394,14 @@ class SQLiteStore:
 
     async def load(self, key: str, version: int | None = None) -> Stored:
         validate_key(key)
+        validate_version(version)
         return await self._run(partial(self._load, key, version))
 
     def _load(self, key: str, version: int | None, conn: sqlite3.Connection) -> Stored:
         with read(conn):
             s, untidy = self._rows.read_session(conn, key)
+            if s is None and not untidy:
+                self._no_remains(conn, key)  # else a lost row reads as a fresh start
             stored = self._load_in(conn, key, s, version) if s is not None and s.version else None
         if untidy:
             self._rows.tidy(conn, key)
@@ -398,12 +432,8 @@ class SQLiteStore:
                 "the file was altered outside livekit-resume"
             )
         number, epoch, created_at, head, gen, log_end, info = found
-        rows = conn.execute(
-            "SELECT stream, item_id, data, after FROM log WHERE ns=? AND key=? AND gen=? "
-            "AND seq<? ORDER BY seq",
-            (ns, key, gen, log_end),
-        )
-        streams = fold_records((Record(*r) for r in rows), key)
+        _check_version_row(key, found)
+        streams = fold_rows(_log_rows(conn, ns, key, number, gen, log_end), key)
         return Stored(key, number, epoch, created_at, head, streams, _info(info, key))
 
     async def versions(self, key: str) -> list[SnapshotInfo]:
@@ -424,6 +454,13 @@ class SQLiteStore:
             )
         if untidy:
             self._rows.tidy(conn, key)
+        for v, e, c, n, _ in rows:
+            if not (is_counter(v) and is_counter(e) and is_counter(n)) or (
+                not isinstance(c, (int, float))
+            ):
+                raise altered(
+                    key, f"version {v!r} is listed as epoch {e!r}, size {n!r}, made {c!r}"
+                )
         return [SnapshotInfo(v, e, c, n, _info(i, key)) for v, e, c, n, i in rows]
 
     async def info(self, key: str) -> SessionInfo | None:
@@ -470,9 +507,9 @@ class SQLiteStore:
                 (self._ns,),
             ).fetchall()
         now = self._clock()
-        sessions = [(k, Session(*cols)) for k, *cols in rows]
-        live = [k for k, s in sessions if not self._rows.expired(s.touched_at, now)]
-        if len(live) < len(rows) or any(self._rows.skewed(s, now) for _, s in sessions):
+        seen = [(k, *self._rows.listed(k, tuple(cols), now)) for k, *cols in rows]
+        live = [k for k, listed, _ in seen if listed]
+        if len(live) < len(rows) or any(skewed for _, _, skewed in seen):
             self._rows.tidy(conn)
         return live
 
@@ -480,6 +517,7 @@ class SQLiteStore:
         self, prefix: str, after: str | None, limit: int | None
     ) -> tuple[list[str], str | None]:
         """`KeyPages`: live keys in order from the (ns, key) index, one page at a time."""
+        validate_limit(limit)
         return await self._run(partial(self._keys_page, prefix, after, limit))
 
     def _keys_page(
@@ -495,7 +533,7 @@ class SQLiteStore:
                     (self._ns, prefix, cursor, cursor, len(prefix), prefix, want or -1),
                 ).fetchall()
             now = self._clock()
-            live += [k for k, *c in rows if not self._rows.expired(Session(*c).touched_at, now)]
+            live += [k for k, *c in rows if self._rows.listed(k, tuple(c), now)[0]]
             if want is None or len(rows) < want:
                 break
             cursor = rows[-1][0]
@@ -512,9 +550,18 @@ class SQLiteStore:
 
     def _delete(self, key: str, lease: Lease | None, conn: sqlite3.Connection) -> bool:
         with write(conn):
-            s = self._rows.session(conn, key, self._clock())
+            try:
+                s = self._rows.session(conn, key, self._clock())
+            except SnapshotCorrupt:
+                if lease is not None:  # its epoch cannot be read: the fence cannot hold
+                    raise
+                purge(conn, self._ns, key)  # an operator's rm of a damaged session
+                return True
             if s is None:
-                return False
+                if self._remains(conn, key) is None:
+                    return False
+                purge(conn, self._ns, key)  # what a lost session row left
+                return True
             if lease is not None and (s.epoch != lease.epoch or s.owner != lease.owner):
                 raise lease_lost_error(key, lease.epoch, s.epoch)
             purge(conn, self._ns, key)
@@ -567,6 +614,54 @@ def _insert_log(conn: sqlite3.Connection, rows: list[_LogRow]) -> None:
         with conn.blobopen("log", "data", rowid) as blob:
             for start in range(0, len(data), _BLOB_SLICE):
                 blob.write(view[start : start + _BLOB_SLICE])
+
+
+def _check_version_row(key: str, row: tuple[Any, ...]) -> None:
+    """Refuse a version row (as `SQLiteStore._load_in` selects it) whose values no
+    commit writes: read as they are, they would not be a version."""
+    number, epoch, created_at, head, gen, log_end, _ = row
+    for name, value in (("epoch", epoch), ("gen", gen), ("log_end", log_end)):
+        if not is_counter(value):
+            raise altered(key, f"version {number} has {name} {value!r}")
+    if not isinstance(created_at, (int, float)):
+        raise altered(key, f"version {number} has created_at {created_at!r}")
+    if not isinstance(head, bytes):
+        raise altered(key, f"version {number} has a head of {type(head).__name__}, not bytes")
+
+
+def _log_rows(
+    conn: sqlite3.Connection, ns: str, key: str, version: int, gen: int, log_end: int
+) -> Iterator[tuple[str, str, bytes | None, str | None]]:
+    """The first ``log_end`` records of generation ``gen``, as ``(stream, id, data,
+    after)``: every one of them, in order, of the types a commit writes. A log is only
+    ever appended to, so a record missing (the tail, or the whole generation) means the
+    file was altered: read short, it would be a shorter conversation."""
+    rows = conn.execute(
+        "SELECT seq, stream, item_id, data, after FROM log WHERE ns=? AND key=? AND gen=? "
+        "AND seq<? ORDER BY seq",
+        (ns, key, gen, log_end),
+    )
+    count = 0
+    for seq, stream, item_id, data, after in rows:
+        if seq != count:
+            break
+        if not (
+            isinstance(stream, str)
+            and isinstance(item_id, str)
+            and (data is None or isinstance(data, bytes))
+            and (after is None or isinstance(after, str))
+        ):
+            raise altered(
+                key, f"item record {seq} of generation {gen} has values of the wrong type"
+            )
+        count += 1
+        yield stream, item_id, data, after
+    if count != log_end:
+        raise altered(
+            key,
+            f"version {version} reads {log_end} item records of generation {gen}, but "
+            f"record {count} is missing",
+        )
 
 
 def _info(text: str, key: str) -> _InfoDict:
