@@ -517,3 +517,32 @@ def test_the_cli_refuses_on_one_line_and_keeps_its_exit_codes(tmp_path: Path) ->
     assert len(refused.stderr.strip().splitlines()) == 1
     assert run(url, "resume", "nobody", "--timeout", "500").exit_code == 2  # usage
     assert run(url, "suspend", "").exit_code == 2  # an invalid key is a usage error
+
+
+async def test_unknown_verbs_are_refused_under_one_metric_label(
+    store: Store, sessions: list[AgentSession[Any]]
+) -> None:
+    """Whoever can publish on the channel names the verb: counted each under its own
+    label, a stream of made-up verbs grew the worker's metrics without bound."""
+    from prometheus_client import REGISTRY
+
+    from livekit_resume.agent_hooks.control import COMMANDS
+
+    rs = await live(store, sessions)
+    assert isinstance(store, Controllable)
+    channel = store.commands()
+    made_up = [Command(uuid.uuid4().hex, KEY, f"verb-{i}", rs._holder.epoch) for i in range(3)]
+    for command in made_up:
+        await channel.send(command)
+
+    async def all_refused() -> bool:
+        replies = [await channel.reply(c) for c in made_up]
+        return all(r.status == "refused" for r in replies)
+
+    await eventually(all_refused, "the owner refused every made-up verb")
+    labels = {m.labels["command"] for metric in COMMANDS.collect() for m in metric.samples}
+    assert not {c.verb for c in made_up} & labels
+    assert REGISTRY.get_sample_value(
+        "livekit_resume_remote_commands_total", {"command": "unknown", "outcome": "refused"}
+    )
+    assert rs.state == "active"

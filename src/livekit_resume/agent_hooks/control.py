@@ -151,11 +151,13 @@ class ControlListener:
             reply = CommandReply("refused", reason=epoch_mismatch(command.epoch, held))
         else:
             reply = await self._confirm_and_apply(command)
-        COMMANDS.labels(command=verb, outcome=reply.status).inc()
+        # anyone who can publish on the channel names the verb: one label for all the
+        # unknown ones, or each would add a time series to the worker's metrics
+        COMMANDS.labels(command=verb if verb in _FROM else "unknown", outcome=reply.status).inc()
         log.info(
             "session %r: remote %s %s%s",
             key,
-            verb,
+            verb if verb in _FROM else repr(verb),
             reply.status,
             f" ({reply.reason})" if reply.reason else "",
             extra={"key": key, "version": reply.version},
