@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -88,8 +89,20 @@ def iso(ts: float | None) -> str | None:
 
 
 def _jsonable(value: Any) -> Any:
-    # NaN and infinities (a float in userdata or usage) are not JSON: null, as JSON.stringify
-    return to_jsonable_python(value, bytes_mode="base64", inf_nan_mode="null")
+    return _finite(to_jsonable_python(value, bytes_mode="base64"))
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities (a float in userdata or usage) are not JSON: null, as
+    JSON.stringify prints them. (pydantic's ``inf_nan_mode`` is not in every pydantic
+    2 we allow: 2.5 has none.)"""
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def print_json(value: Any) -> None:
