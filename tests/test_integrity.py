@@ -120,6 +120,19 @@ class Target:
                 await r.delete(name)
                 await r.rpush(name, *join_log(elements))
 
+    async def drop_last_records(self, version: int) -> None:
+        """Make ``version`` read its log only up to before its last commit's records (the
+        end it records lowered: by one record on SQLite, one element on Redis)."""
+        if self.kind == "sqlite":
+            with self._sql() as db:
+                db.execute(
+                    "UPDATE versions SET log_end=log_end-1 WHERE ns=? AND key=? AND version=?",
+                    (self.namespace, KEY, version),
+                )
+        else:
+            async with self._redis() as r:
+                await r.hincrby(f"{self.namespace}:{{{KEY}}}:v:{version}", "end", -1)
+
     async def generation(self) -> int:
         if self.kind == "sqlite":
             with self._sql() as db:
@@ -292,6 +305,25 @@ async def test_reordered_item_records_are_refused(target: Target) -> None:
     await target.set_record(wa, [b[0], b[1], a[2], b[3]])
     await target.set_record(wb, [a[0], a[1], b[1], a[3]])
     with pytest.raises(SignatureMismatch, match="seal"):
+        await _restored(target.store, codec)
+
+
+@pytest.mark.parametrize("keys", [{"signing_keys": SIGN}, {}])
+async def test_a_version_made_to_read_fewer_records_is_refused(
+    target: Target, keys: dict[str, str]
+) -> None:
+    """Every record left is genuine and in order; the version just ends early, as if its
+    last turn had never been said. The head (authenticated with keys) lists how many
+    items each stream holds, and its seal covers the set of records read."""
+    codec = target.codec(**keys)
+    session, rs = await _open(target.store, codec)
+    for text in ("one", "two", "three"):
+        session.history.add_message(role="user", content=text)
+        await rs.checkpoint()
+    version = rs.version
+    await _close(session, rs)
+    await target.drop_last_records(version)
+    with pytest.raises(SnapshotCorrupt, match=r"items|seal"):
         await _restored(target.store, codec)
 
 
