@@ -15,7 +15,7 @@ import pytest
 from redis.crc import key_slot
 
 from livekit_resume.errors import SnapshotCorrupt, StoreUnavailable
-from livekit_resume.stores.base import Command, Commit, Record
+from livekit_resume.stores.base import Command, Commit, Lease, Record
 from livekit_resume.stores.redis import RedisStore
 from tests.redis_servers import (
     RedisCluster,
@@ -51,6 +51,24 @@ HOSTILE_HEADS = [
 ]
 
 
+@contextlib.asynccontextmanager
+async def one_version(make_redis: RedisFactory) -> AsyncIterator[tuple[RedisStore, Lease]]:
+    """A store on a server of its own whose scripts are reported busy after 100 ms (a
+    hung one is then seen, and the server killed at the end), holding one version of
+    KEY under the lease given with it."""
+    server = make_redis("--lua-time-limit", "100")
+    store = RedisStore.from_url(
+        server.url, namespace="adv", ttl=3600, socket_timeout=2.0, retries=0
+    )
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        await store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
+        yield store, lease
+    finally:
+        await store.aclose()
+        server.kill()
+
+
 async def each_raises(
     calls: dict[str, Callable[[], Awaitable[object]]],
     error: type[Exception],
@@ -75,13 +93,7 @@ async def each_raises(
 async def test_a_head_with_hostile_numbers_is_corrupt_and_never_hangs_the_server(
     make_redis: RedisFactory, fields: dict[str, str]
 ) -> None:
-    server = make_redis("--lua-time-limit", "100")
-    store = RedisStore.from_url(
-        server.url, namespace="adv", ttl=3600, socket_timeout=2.0, retries=0
-    )
-    try:
-        lease = await store.acquire(KEY, "worker-a")
-        await store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
+    async with one_version(make_redis) as (store, lease):
         head = store._head_key(KEY)
         await store._client.hset(head, mapping=dict(fields))  # type: ignore[arg-type]
         before = await store._client.hgetall(head)
@@ -99,9 +111,6 @@ async def test_a_head_with_hostile_numbers_is_corrupt_and_never_hangs_the_server
         # and the advice the error gives works: the session can be deleted
         assert await asyncio.wait_for(store.delete(KEY), 10) is True
         assert await store._client.exists(head) == 0
-    finally:
-        await store.aclose()
-        server.kill()
 
 
 async def test_hostile_commands_on_the_channel_do_not_stop_the_inbox(
@@ -160,13 +169,7 @@ async def test_a_hostile_generation_in_the_oldest_version_never_hangs_a_commit(
     that number comes from a version record, and a hostile one (1e12) looped over a
     trillion DELs after the commit had written, an unkillable script. Nothing retained
     is deleted on its word."""
-    server = make_redis("--lua-time-limit", "100")
-    store = RedisStore.from_url(
-        server.url, namespace="adv", ttl=3600, socket_timeout=2.0, retries=0
-    )
-    try:
-        lease = await store.acquire(KEY, "worker-a")
-        await store.commit(Commit(KEY, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1))
+    async with one_version(make_redis) as (store, lease):
         await store.commit(Commit(KEY, lease.epoch, 1, b"h2", [Record("h", "b", b"b", "a")], 2))
         log_len = await store._client.llen(store._names.log(KEY, 0))
         v2 = await store._client.hget(store._head_key(KEY)[: -len("head")] + "v:2", "cid")
@@ -179,9 +182,6 @@ async def test_a_hostile_generation_in_the_oldest_version_never_hangs_a_commit(
         assert await asyncio.wait_for(store.commit(third), 10) == 3
         loaded = await asyncio.wait_for(store.load(KEY), 10)
         assert [i for i, _ in loaded.streams["h"]] == ["a", "b", "c"]
-    finally:
-        await store.aclose()
-        server.kill()
 
 
 @pytest.mark.parametrize("field,value", [("end", "1.5"), ("end", "-1"), ("gen", "0.5")])
