@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from livekit_resume.remote import control
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.base import Controllable, Store, Stored
-from tests.redis_servers import RedisServer
+from tests.redis_servers import RedisFactory, RedisServer
 from tests.test_cli import _converse, key, run, run_json, url
 from tests.test_cli_ops import _hold
 
@@ -429,3 +430,22 @@ def test_commands_that_hold_a_lease_work_where_sessions_expire_sooner_than_it(
         done = run(url, *argv)
         assert done.exit_code == 0, (argv, done.output)
     assert run(url, "rm", key, input="y\n").exit_code == 0
+
+
+def test_a_command_against_a_stalled_redis_gives_up_within_seconds(
+    make_redis: RedisFactory,
+) -> None:
+    """An operator's command waits about 4 s a call for a server that does not answer
+    (one retry of a 2 s wait), not the 21 s a call a worker's store rides out: ``show``
+    took 42 s before (two calls: the server check, then the load)."""
+    server = make_redis()
+    server.pause()
+    try:
+        start = time.monotonic()
+        result = run(server.url, "show", "room-1")
+        took = time.monotonic() - start
+    finally:
+        server.resume()
+    assert result.exit_code == 1, result.output
+    assert "StoreUnavailable" in result.output and "load of session 'room-1'" in result.output
+    assert took < 15  # bounds a hang, not a timing: about 5 s here

@@ -58,13 +58,17 @@ async def session_keys(store: RedisStore, key: str = KEY) -> list[str]:
     return sorted([k.decode() async for k in store._client.scan_iter(match=pattern)])
 
 
-async def script_calls(server: RedisServer) -> int:
-    """How many EVALSHA the server has run (its INFO commandstats)."""
-    stats = server.cli("info", "commandstats")
-    for line in stats.splitlines():
-        if line.startswith("cmdstat_evalsha:"):
+def calls(server: RedisServer, command: str) -> int:
+    """How many ``command`` (``evalsha``, ``config|get``…) the server has run (its INFO
+    commandstats)."""
+    for line in server.cli("info", "commandstats").splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
             return int(line.split("calls=")[1].split(",")[0])
     return 0
+
+
+async def script_calls(server: RedisServer) -> int:
+    return calls(server, "evalsha")
 
 
 @pytest.fixture
@@ -491,11 +495,7 @@ async def test_a_server_that_hides_config_is_used_unchecked(
 
 
 def config_gets(server: RedisServer) -> int:
-    """How many CONFIG GET commands ``server`` has run."""
-    for line in server.cli("info", "commandstats").splitlines():
-        if line.startswith("cmdstat_config|get:"):
-            return int(line.split("calls=")[1].split(",")[0])
-    return 0
+    return calls(server, "config|get")
 
 
 async def test_the_server_check_reads_its_four_settings_in_one_round_trip(
@@ -678,3 +678,37 @@ async def test_an_owner_listening_for_commands_finds_the_new_primary_after_a_fai
         await owner.aclose()
         await sender.aclose()
         pair.stop()
+
+
+async def test_a_first_operation_on_a_stalled_server_waits_out_its_timeouts_once(
+    make_redis: RedisFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The settings check before a store's first operation fails that operation, named
+    as it would name itself, rather than give up quietly and let the operation wait out
+    the same timeouts again (twice the wait: 42 s for a CLI command, with the defaults)."""
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    server = make_redis()
+    store = RedisStore.from_url(server.url, namespace="settings", socket_timeout=0.5, retries=0)
+    try:
+        server.pause()
+        try:
+            with pytest.raises(StoreUnavailable, match=r"unavailable for load of session 'room-7'"):
+                await store.load(KEY)
+        finally:
+            server.resume()
+
+        async def greeted() -> bool:
+            return calls(server, "hello") >= 1
+
+        # Each attempt opened a connection whose greeting (HELLO) the paused server
+        # left in its socket buffer, and ran now: one attempt, one greeting.
+        await eventually(greeted, "the greeting sent to the paused server ran")
+        await asyncio.sleep(0.2)
+        assert calls(server, "hello") == 1
+        assert warnings_of(caplog, "persists nothing") == []  # nothing judged yet
+
+        await use(store)  # the server is back: checked now, and used
+        assert config_gets(server) == 1
+        assert warnings_of(caplog, "persists nothing")
+    finally:
+        await store.aclose()

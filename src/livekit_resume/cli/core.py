@@ -10,6 +10,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import click
 import typer
@@ -36,6 +37,14 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 # The root's options, accepted anywhere on the line: moved before the command.
+# An operator's command against a Redis that does not answer gives up after one retry of
+# a 2 s wait, about 4 s a call, where a worker's store waits 5 s and retries three times
+# (about 21 s) to ride out a failover. A command makes a few calls: the short budget
+# keeps it near a few seconds rather than the better part of a minute.
+CLI_SOCKET_TIMEOUT = 2.0
+CLI_RETRIES = 1
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+sentinel", "redis+cluster"})
+
 _GLOBAL_FLAGS = frozenset({"--json"})
 _GLOBAL_VALUED = frozenset({"--store", "--namespace"})
 
@@ -226,7 +235,9 @@ def _run(
 
 
 def _open(url: str, *, read_only: bool, namespace: str | None) -> Store:
-    options = {} if namespace is None else {"namespace": namespace}
+    options: dict[str, Any] = {} if namespace is None else {"namespace": namespace}
+    if urlsplit(url).scheme.lower() in _REDIS_SCHEMES:
+        options.update(socket_timeout=CLI_SOCKET_TIMEOUT, retries=CLI_RETRIES)
     try:
         return open_store(url, read_only=read_only, **options)
     except ImportError as e:

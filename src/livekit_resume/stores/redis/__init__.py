@@ -61,7 +61,9 @@ Faults, and what the store does about them (tests: ``tests/test_redis_faults.py`
   ``maxmemory-policy`` and persistence (`RedisStore.check`). ``allkeys-*`` (and
   ``volatile-*`` when sessions have a ``ttl``) can evict session keys: warned once,
   refused with `StoreUnavailable` when ``strict=True``. No persistence at all is
-  warned once. A server hiding CONFIG (renamed, ACL) is used unchecked.
+  warned once. A server hiding CONFIG (renamed, ACL) is used unchecked. A server that
+  does not answer fails that first operation there (not on a Cluster, where the node
+  down may not be the session's), and the check runs again on the next.
   Required for a deployment: ``maxmemory-policy noeviction`` (or ``volatile-*`` with
   ``ttl=None``), ``appendonly yes`` with ``appendfsync everysec`` or ``always``, and
   replicas with ``wait_replicas`` where a failover must not lose acknowledged commits.

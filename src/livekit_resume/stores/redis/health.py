@@ -40,16 +40,20 @@ class ServerCheck:
         """Read the settings and return what is unsafe (see `RedisStore.check`)."""
         return self._judge(await self._settings())
 
-    async def ensure(self) -> None:
-        """`check` before the store's first operation. An unreachable server is left
-        to the operation itself to report (naming what it was doing); the check runs
-        again next time."""
+    async def ensure(self, op: str, key: str | None) -> None:
+        """`check` before the store's first operation, ``op`` (of session ``key``).
+        A server that does not answer fails ``op`` here, named as the operation would
+        name it: the operation would wait out the same timeouts again. On a Cluster
+        it is left to the operation (the node down may not be the session's). The check
+        runs again next time."""
         if self.checked:
             return
         try:
-            settings = await self._settings()
+            settings = await self._settings(op, key)
         except StoreUnavailable:
-            return
+            if isinstance(self._server.client, RedisCluster):
+                return
+            raise
         self._judge(settings)
 
     def _eviction_problem(self, where: str, conf: dict[str, str]) -> str | None:
@@ -93,12 +97,14 @@ class ServerCheck:
         self.checked = True
         return problems
 
-    async def _settings(self) -> list[tuple[str, dict[str, str]]]:
+    async def _settings(
+        self, op: str = "check of the server's settings", key: str | None = None
+    ) -> list[tuple[str, dict[str, str]]]:
         """Each primary's name and its eviction and persistence settings (empty for
-        a server that does not let us read its CONFIG)."""
+        a server that does not let us read its CONFIG); an error names ``op``."""
         client = self._server.client
         out: list[tuple[str, dict[str, str]]] = []
-        with self._server.errors("check of the server's settings", None):
+        with self._server.errors(op, key):
             if isinstance(client, RedisCluster):
                 await client.initialize()
                 targets: list[tuple[str, Any]] = [

@@ -86,8 +86,9 @@ class Namespace:
     async def record(self, key: str, op: str) -> bool:
         """Record the key in the namespace index (and collect long-dead members);
         whether it was listed already."""
-        await self._check.ensure()  # before the first write: strict=True writes nothing
-        with self._server.errors(f"{op} (namespace index)", key):
+        what = f"{op} (namespace index)"
+        await self._check.ensure(what, key)  # before the first write: strict=True writes nothing
+        with self._server.errors(what, key):
             reply = await self._scripts.call("index", [self._names.index], self.index_args(key))
         return self.recorded(key, reply)
 

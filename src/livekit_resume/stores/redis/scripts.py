@@ -129,7 +129,7 @@ class Scripts:
         """Run a session script for session ``key`` (after the server check); its
         ``corrupt`` findings raise `SnapshotCorrupt`, other replies are returned."""
         if not self._check.checked:
-            await self._check.ensure()
+            await self._check.ensure(script, key)
         full = self.session_args(args)
         with self._server.errors(script, key):
             if script == "commit" and self._wait_replicas:

@@ -359,7 +359,7 @@ class RedisStore:
         one round trip: their replies. An acquire answer the pipeline does not check
         (corrupt, malformed) comes from the script run again by itself, which raises
         it; such a load answer is None (the caller loads by itself)."""
-        await self._check.ensure()  # before the first write: strict=True writes nothing
+        await self._check.ensure("acquire", key)  # before the first write: strict=True
         head = self._names.head(key)
         calls: list[tuple[str, str, list[Any]]] = [
             ("index", self._names.index, self._namespace_index.index_args(key)),
