@@ -712,3 +712,27 @@ async def test_a_first_operation_on_a_stalled_server_waits_out_its_timeouts_once
         assert warnings_of(caplog, "persists nothing")
     finally:
         await store.aclose()
+
+
+async def test_a_key_whose_session_expired_two_ttls_ago_starts_anew_without_a_scan(
+    make_redis: RedisFactory,
+) -> None:
+    """Its index entry outlived it (entries are collected by the next index write): the
+    dead entry is collected before the key is looked up, so the key starts a new session
+    rather than a SCAN of the whole keyspace for remains of an evicted head (a thousand
+    round trips on a database of a million keys, while a returning caller waits)."""
+    server = make_redis()
+    now = [time.time()]
+    store = RedisStore.from_url(server.url, namespace="ttl", ttl=60.0, clock=lambda: now[0])
+    try:
+        lease = await store.acquire(KEY, "worker-a", ttl=30.0)
+        assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+        # expired: the server removed every key of the session; its index entry stayed
+        await store._client.delete(*await session_keys(store))
+        now[0] += 2 * 60.0 + 1
+        scans = calls(server, "scan")
+        await store.acquire(KEY, "worker-b", ttl=30.0)
+        assert calls(server, "scan") == scans
+        assert await store.versions(KEY) == []  # a new session under the key
+    finally:
+        await store.aclose()

@@ -73,7 +73,8 @@ Faults, and what the store does about them (tests: ``tests/test_redis_faults.py`
 - **A lost head** (evicted, or deleted by hand, while ``v:*`` / ``log:*`` keys remain):
   never read as "no snapshot", which would start the conversation afresh. When the
   head is missing and there is reason to look (the session's first log or version key
-  exists, the namespace index lists the key, or the server's eviction policy was seen
+  exists, the namespace index lists the key (an entry not recorded for two TTLs is
+  collected first: its session expired), or the server's eviction policy was seen
   to evict keys), the store SCANs the session's prefix
   (on a Cluster, on the node of its slot; O(keys in the database), never on a commit).
   The rule: ``load`` and ``acquire`` raise `SnapshotCorrupt` naming the head and what
