@@ -413,9 +413,9 @@ def test_unknown_session_key_is_a_typed_error(url: str, key: str, command: str) 
     assert store_state(url) == before
 
 
-def test_unknown_store_scheme_is_a_clear_error() -> None:
+def test_unknown_store_scheme_is_a_clear_usage_error() -> None:
     result = run("ftp://nowhere", "ls")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "unknown store URL scheme 'ftp'" in result.stderr
 
 

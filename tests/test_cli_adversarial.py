@@ -260,6 +260,8 @@ def test_odd_keys_list_page_show_and_go_on_a_redis_cluster(
         pytest.param(["--json", "ls", "--no-such-option"], "NoSuchOption", id="unknown-option"),
         pytest.param(["--json", "nope"], "UsageError", id="unknown-command"),
         pytest.param(["--json", "diff", "room-1", "1"], "MissingParameter", id="missing"),
+        pytest.param(["--json", "--namespace", "a{b}", "ls"], "BadParameter", id="namespace"),
+        pytest.param(["--json", "--namespace", "", "ls"], "BadParameter", id="empty-namespace"),
     ],
 )
 def test_a_usage_error_with_json_is_one_json_line_exit_2(
@@ -274,6 +276,14 @@ def test_a_usage_error_with_json_is_one_json_line_exit_2(
     # without --json it stays click's readable usage message
     plain = cli(*[a for a in argv if a != "--json"], "--store", f"sqlite:///{tmp_path}/s.db")
     assert plain.exit_code == 2 and "Usage:" in plain.stderr
+
+
+def test_a_store_url_of_no_known_scheme_is_a_usage_error_naming_the_known_ones() -> None:
+    result = cli("--json", "--store", "postgres://user:secret@db/x", "ls")
+    assert result.exit_code == 2, result.output
+    error = _strict_json(result.stderr)
+    assert error["error"] == "BadParameter" and "'--store'" in error["message"]
+    assert "redis+cluster://" in error["message"] and "secret" not in error["message"]
 
 
 # ---------------------------------------------------------------- remote control

@@ -22,8 +22,8 @@ from ..errors import (
     SnapshotCorrupt,
 )
 from ..settings import DEFAULT_STORE_URL, Settings
-from ..stores.base import Store, validate_key
-from ..stores.url import open_store
+from ..stores.base import Store, validate_key, validate_namespace
+from ..stores.url import check_scheme, open_store
 from . import render
 from .snapshots import (
     PROG,
@@ -184,6 +184,15 @@ def _root(
         ),
     ] = None,
 ) -> None:
+    for check, value, flag in (
+        (check_scheme, store, "--store"),
+        (validate_namespace, namespace, "--namespace"),
+    ):
+        try:
+            if value is not None:
+                check(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint=f"'{flag}'") from None
     ctx.obj = _Options(
         store_url=store or Settings.only("store").store,
         store_explicit=store is not None,

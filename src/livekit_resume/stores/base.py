@@ -103,6 +103,23 @@ def validate_key(key: str) -> str:
     return key
 
 
+def validate_namespace(namespace: str) -> str:
+    """Return ``namespace`` if it can prefix a store's keys, else raise `ValueError`:
+    non-empty, printable, without braces (on Redis they would change the hash tag of
+    every key)."""
+    if (
+        not isinstance(namespace, str)
+        or not namespace
+        or any(c in namespace for c in "{}")
+        or not namespace.isprintable()
+    ):
+        raise ValueError(
+            f"namespace {namespace!r} must be non-empty, printable and without braces "
+            "(on Redis braces would change the hash tag of every key)"
+        )
+    return namespace
+
+
 def _is_whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

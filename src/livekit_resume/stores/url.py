@@ -43,18 +43,23 @@ def open_store(url: str | None = None, *, read_only: bool = False, **options: An
     wanted = [name for name in _FROM_SETTINGS if name not in options]
     settings = Settings.only("store", *wanted, **({"store": url} if url else {}))
     url = settings.store
-    scheme = urlsplit(url).scheme.lower()
-    backend = _BACKENDS.get(scheme)
-    if backend is None:
-        known = ", ".join(f"{s}://" for s in _BACKENDS)
-        raise ValueError(
-            f"unknown store URL scheme {scheme!r} in {redact.url(url)!r} (known: {known})"
-        )
+    module, name = _BACKENDS[check_scheme(url)]
     options = {**settings.store_options(), **options}
     if "ttl" in options:
         options["ttl"] = validate_ttl(options["ttl"])
-    module, name = backend
     if read_only and name not in _NO_READ_ONLY:
         options["read_only"] = True
     cls = getattr(import_module(module, __package__), name)
     return cast(Store, cls.from_url(url, **options))
+
+
+def check_scheme(url: str) -> str:
+    """The scheme of a store URL, lower-cased, if a backend takes it; else `ValueError`
+    naming the known ones."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in _BACKENDS:
+        known = ", ".join(f"{s}://" for s in _BACKENDS)
+        raise ValueError(
+            f"unknown store URL scheme {scheme!r} in {redact.url(url)!r} (known: {known})"
+        )
+    return scheme

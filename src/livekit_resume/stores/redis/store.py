@@ -30,6 +30,7 @@ from ..base import (
     validate_commit,
     validate_key,
     validate_lease_ttl,
+    validate_namespace,
     validate_owner,
     validate_ttl,
 )
@@ -109,11 +110,7 @@ def _validate_options(
         raise ValueError("keep must be at least 1")
     if keep > MAX_KEEP:
         raise ValueError(f"keep must be at most {MAX_KEEP:,} on Redis (got {keep:,})")
-    if not namespace or any(c in namespace for c in "{}") or not namespace.isprintable():
-        raise ValueError(
-            f"namespace {namespace!r} must be non-empty, printable and without braces "
-            "(braces would change the hash tag of every key)"
-        )
+    validate_namespace(namespace)
     if decodes_responses(client):
         raise ValueError("the Redis client must use decode_responses=False: heads are bytes")
     if wait_replicas < 0 or wait_timeout < 0:

@@ -40,6 +40,7 @@ from ..base import (
     validate_key,
     validate_lease_ttl,
     validate_limit,
+    validate_namespace,
     validate_owner,
     validate_ttl,
     validate_version,
@@ -102,15 +103,7 @@ class SQLiteStore:
         ):
             raise ValueError(f"busy_timeout must be a number of seconds >= 0, not {busy_timeout!r}")
         # The same rule as RedisStore's, so that a namespace valid for one is for both.
-        if (
-            not isinstance(namespace, str)
-            or not namespace
-            or any(c in namespace for c in "{}")
-            or not namespace.isprintable()
-        ):
-            raise ValueError(
-                f"namespace {namespace!r} must be a non-empty printable string without braces"
-            )
+        validate_namespace(namespace)
         raw = os.fspath(path)
         if raw in ("", ":memory:"):
             # SQLite would give each connection a private database gone at close.
