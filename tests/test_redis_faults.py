@@ -736,3 +736,58 @@ async def test_a_key_whose_session_expired_two_ttls_ago_starts_anew_without_a_sc
         assert await store.versions(KEY) == []  # a new session under the key
     finally:
         await store.aclose()
+
+
+async def test_an_owner_whose_command_reader_fails_unexpectedly_listens_again(
+    make_redis: RedisFactory,
+) -> None:
+    """The hub's reader ends on an error that is no lost connection (here a RuntimeError
+    from redis-py's pubsub): its inboxes hear of it and their owner subscribes anew. The
+    reader used to catch StoreUnavailable only: it ended alone, the subscription stayed
+    open on the server (a sender counted a receiver) and the owner heard nothing again."""
+    from livekit_resume.agent_hooks.control import RELISTEN_DELAY
+    from livekit_resume.stores.base import Command
+
+    server = make_redis()
+    owner = RedisStore.from_url(server.url, namespace="reader")
+    sender = RedisStore.from_url(server.url, namespace="reader")
+    heard: asyncio.Queue[Command] = asyncio.Queue()
+    listening = asyncio.Event()
+
+    async def listen() -> None:  # as ControlListener does: listen again after a failure
+        while True:
+            try:
+                async with owner.commands().inbox(KEY) as inbox:
+                    listening.set()
+                    async for command in inbox:
+                        heard.put_nowait(command)
+            except StoreUnavailable:
+                listening.clear()
+                await asyncio.sleep(RELISTEN_DELAY)
+
+    task = asyncio.ensure_future(listen())
+    try:
+        await asyncio.wait_for(listening.wait(), 10)
+        pubsub = owner.commands()._hub._nodes[""].pubsub
+        read = pubsub.get_message
+
+        async def fail_once(*args: Any, **kwargs: Any) -> Any:
+            pubsub.get_message = read  # type: ignore[method-assign]
+            raise RuntimeError("pubsub connection not set")
+
+        pubsub.get_message = fail_once  # type: ignore[method-assign]
+        # the reader is waiting inside the real get_message: a command wakes it, and its
+        # next read fails
+        assert await sender.commands().send(Command("c-0", KEY, "pause", 1)) == 1
+        assert (await asyncio.wait_for(heard.get(), 5)).id == "c-0"
+
+        async def delivered() -> bool:  # 0 receivers while the owner subscribes anew
+            return bool(await sender.commands().send(Command("c-1", KEY, "pause", 1)))
+
+        await eventually(delivered, "a command after the failed read reaches its owner", 10.0)
+        assert (await asyncio.wait_for(heard.get(), 5)).id == "c-1"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await owner.aclose()
+        await sender.aclose()

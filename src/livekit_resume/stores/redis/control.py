@@ -190,8 +190,16 @@ class _Hub:
                 elif msg["type"] == "message":
                     for inbox in node.inboxes.get(channel, ()):
                         inbox.put(msg["data"])
-        except StoreUnavailable as e:
-            # Every inbox of the node hears of it and its owner subscribes anew.
+        except Exception as exc:
+            # Every inbox of the node hears of it and its owner subscribes anew. Any
+            # error, not only a lost connection: a reader that ended on another one
+            # (redis-py's pubsub raising RuntimeError or the like) would leave its
+            # inboxes waiting for good, their owners never to hear a command again.
+            if isinstance(exc, StoreUnavailable):
+                e = exc
+            else:
+                logger.warning("command reader of %s failed", name or "the server", exc_info=True)
+                e = StoreUnavailable(f"{self._server.where}: listening for commands: {exc!r}")
             self._remap = True
             async with self._lock:
                 if self._nodes.get(name) is node:
