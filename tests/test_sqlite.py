@@ -365,6 +365,36 @@ async def test_expired_sessions_are_purged_from_the_file(tmp_path: Path) -> None
         await store.aclose()
 
 
+async def test_a_tidy_purges_a_bounded_batch_of_expired_sessions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every other process's writes wait for a tidy's transaction: each purges at most
+    `PURGE_BATCH` expired sessions, the next tidies the rest; no read sees them meanwhile."""
+    from livekit_resume.stores.sqlite import sessions
+
+    monkeypatch.setattr(sessions, "PURGE_BATCH", 2)
+    now = [1000.0]
+    store = SQLiteStore(tmp_path / "ttl.db", ttl=60, clock=lambda: now[0])
+    try:
+        for key in ("a", "b", "c", "d", "e"):
+            lease = await store.acquire(key, "w")
+            await store.commit(Commit(key, lease.epoch, 0, b"h", [Record("h", "x", b"x")], 1))
+        now[0] += 61
+        lease = await store.acquire("fresh", "w")
+        await store.commit(Commit("fresh", lease.epoch, 0, b"h", [Record("h", "x", b"x")], 1))
+        left = []
+        for _ in range(4):
+            assert await store.keys() == ["fresh"]
+            conn = sqlite3.connect(store.path)
+            try:
+                left.append(conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
+            finally:
+                conn.close()
+        assert left == [4, 2, 1, 1]  # "fresh" stays
+    finally:
+        await store.aclose()
+
+
 async def test_compaction_happens_at_the_commit_the_log_rule_names(store: SQLiteStore) -> None:
     """stores/log.py: append, then fold when `needs_compaction` holds for the log the
     commit leaves; the version that triggered it reads the folded generation."""

@@ -38,6 +38,10 @@ class Session:
 
 
 SESSION_COLUMNS = "epoch, owner, lease_expires_at, lease_ttl, touched_at, gen, version, log_len"
+# Expired sessions one tidy purges: every other process's writes wait for its transaction
+# (20,000 at once held the write lock for about a second). Reads skip expired rows
+# whether purged or not; the rest go with the next tidies.
+PURGE_BATCH = 500
 # SQLite's INTEGER is 64-bit: a counter at the limit could not be stepped (epoch + 1,
 # version + 1), and a negative one is written by nothing.
 _INT_LIMIT = 2**63 - 1
@@ -184,8 +188,9 @@ class SessionRows:
         return s, self.skewed(s, now)
 
     def tidy(self, conn: sqlite3.Connection, key: str | None = None) -> None:
-        """In its own write transaction, purge expired sessions and pull times that run
-        ahead of the clock back to now (one key, or all). A read-only store skips it.
+        """In its own write transaction, purge expired sessions (at most `PURGE_BATCH`)
+        and pull times that run ahead of the clock back to now (one key, or all). A
+        read-only store skips it.
 
         Only if the write lock is free now: it runs after a read, which WAL lets go on
         while another process writes, and must not then wait for that writer (a restore
@@ -210,8 +215,8 @@ class SessionRows:
                 return
             gone = conn.execute(
                 f"SELECT key FROM sessions WHERE {where} AND {_TIMES_ARE_NUMBERS} AND "
-                "touched_at + :ttl <= :now",
-                args,
+                "touched_at + :ttl <= :now LIMIT :batch",
+                {**args, "batch": PURGE_BATCH},
             ).fetchall()
             for (k,) in gone:
                 purge(conn, self._ns, k)
