@@ -32,7 +32,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from ..bridge import codec_for, from_stored, salvage_stored
-from ..errors import LeaseLost, SnapshotCorrupt, StoreUnavailable
+from ..errors import LeaseLost, ResumeError, SnapshotCorrupt, StoreUnavailable
 from ..snapshot.chat import MediaPolicy
 from ..snapshot.codec import Codec
 from ..snapshot.frame import gc_paused
@@ -445,12 +445,15 @@ class ResumableSession:
         await asyncio.sleep(0)
         try:
             await self._land(pending)
-        except (StoreUnavailable, asyncio.CancelledError):
-            # The outcome is unknown: the store may have applied it (a caller cancelled
-            # mid-commit has sent it all the same). The next attempt sends this very
-            # commit again (same id) before anything newer, so it lands exactly once and
-            # the versions stay in step with the store.
-            self._pending = pending
+        except BaseException as e:
+            # The outcome is unknown unless the store answered with a refusal of its own
+            # (`LeaseLost`, `SnapshotTooLarge`, ...): it may have applied it (a caller
+            # cancelled mid-commit has sent it all the same; a connection reset while
+            # reading the reply, from a store that does not wrap it in StoreUnavailable).
+            # The next attempt sends this very commit again (same id) before anything
+            # newer, so it lands exactly once and the versions stay in step with the store.
+            if not isinstance(e, ResumeError) or isinstance(e, StoreUnavailable):
+                self._pending = pending
             raise
         return self._version
 
@@ -470,6 +473,18 @@ class ResumableSession:
     def _lost(self, error: LeaseLost) -> None:
         if self._on_lost is not None and self._lost_task is None:
             self._lost_task = asyncio.ensure_future(self._on_lost(error))
+            self._lost_task.add_done_callback(self._on_lost_done)
+
+    def _on_lost_done(self, task: asyncio.Task[None]) -> None:
+        # the application's callback, run in a task of ours: what it raises is logged here,
+        # never left to the loop as a task exception nobody retrieved
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "session %r: on_lost failed: %r",
+                self._key,
+                task.exception(),
+                extra={"key": self._key},
+            )
 
     async def _renew(self) -> None:
         if not await self._holder.renew():
@@ -500,7 +515,15 @@ class ResumableSession:
                 self._suspend_after,
                 extra={"key": self._key},
             )
-            self._long_pause.run(self.suspend(), "suspend after a long pause")
+            self._long_pause.run(self._suspend_still_paused(), "suspend after a long pause")
+
+    async def _suspend_still_paused(self) -> int | None:
+        """The long pause's suspend, decided when its task runs, not when the timer fired:
+        a resume whose step was queued in the same loop turn as the timer has run by then,
+        and must not be undone by a suspend of the session it just made active."""
+        if self._state != "paused" or self._finishing is not None:
+            return None
+        return await self.suspend()
 
     async def resume(self) -> None:
         """Undo `pause`: audio back on and replies allowed, in the same process."""

@@ -1,0 +1,207 @@
+"""An adversarial pass over the job lifecycle: pause, resume, suspend and close racing
+timers, shutdown and each other; stores that fail in ways they should not; remote
+commands meeting a store in trouble. Each test was a defect on the branch it fixed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit.agents import AgentSession
+
+import livekit_resume as lr
+from livekit_resume.stores.base import Commit, Lease, Store
+from livekit_resume.testing.poll import eventually
+from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+from tests.test_hooks import KEY, settled, start
+from tests.test_session_faults import live_texts, saved, texts
+from tests.test_voice import REGISTRY, Counter
+
+DEADLINE = 10.0
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store = lr.open_store(
+        "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/adv.db"
+    )
+    yield s
+    await s.aclose()
+
+
+def state_of(rs: lr.ResumableSession) -> str:
+    return rs.state
+
+
+class Untyped:
+    """A store (a custom backend, a wrapper) whose calls fail with an error that is not
+    `StoreUnavailable`: ``commit_after`` applies the commit and then raises, as a
+    connection reset while reading the reply does; ``renew_fails`` raises on renew."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.commit_after = 0
+        self.commit_before = 0
+        self.renew_fails = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Commit) -> int:
+        if self.commit_before > 0:
+            self.commit_before -= 1
+            raise ConnectionResetError("connection reset by peer (test)")
+        version = await self.inner.commit(commit)
+        if self.commit_after > 0:
+            self.commit_after -= 1
+            raise ConnectionResetError("connection reset by peer (test)")
+        return version
+
+    async def renew(self, lease: Lease, *, ttl: float = 30.0) -> Lease:
+        if self.renew_fails:
+            raise OSError("network is unreachable (test)")
+        return await self.inner.renew(lease, ttl=ttl)
+
+
+async def test_a_resume_as_the_long_pause_timer_fires_is_not_undone_by_a_suspend(
+    store: Store,
+) -> None:
+    session, rs, _ = await start(store, ["one", "two"], suspend_after=0.05)
+    await session.run(user_input="a")
+    await rs.pause()
+    resumed: list[asyncio.Future[None]] = []
+    original = rs._suspend_long_pause
+
+    def fire() -> None:
+        # the caller is back in the very loop turn the timer fires (a command, a join
+        # heard just before it): the resume's step is queued before the suspend's
+        resumed.append(asyncio.ensure_future(rs.resume()))
+        original()
+
+    rs._long_pause.arm(0.05, fire)
+
+    async def fired() -> bool:
+        return bool(resumed) and resumed[0].done()
+
+    await eventually(fired, "the timer fired and resume returned", DEADLINE)
+    resumed[0].result()  # resume() returned
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert state_of(rs) == "active", "resume() returned, then the long pause suspended it"
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_a_commit_applied_then_failing_untyped_does_not_fence_the_live_session(
+    store: Store,
+) -> None:
+    lost: list[lr.LeaseLost] = []
+
+    async def on_lost(e: lr.LeaseLost) -> None:
+        lost.append(e)
+
+    flaky = Untyped(store)
+    session, rs, _ = await start(flaky, ["one", "two", "three"], autosave=True, on_lost=on_lost)
+    await session.run(user_input="a")
+    await settled(rs)
+    flaky.commit_after = 1
+    await session.run(user_input="b")
+    await settled(rs)
+    await session.run(user_input="c")
+    await settled(rs)
+    assert rs._autosave.lost is None and not lost, "a connection reset fenced a live session"
+    assert texts(await saved(store)) == live_texts(session)
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_a_remote_pause_whose_save_fails_untyped_is_answered_at_once(
+    store: Store, sessions: list[AgentSession[Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    flaky = Untyped(store)
+    session = make_text_session(ScriptedLLM(default="noted"))
+    sessions.append(session)
+    rs = lr.ResumableSession(flaky, KEY, registry=REGISTRY, owner="w1", autosave=False)
+    await session.start(await rs.restore(session, default=Counter))
+    await asyncio.wait_for(rs._control.listening.wait(), DEADLINE)
+    await session.run(user_input="remember the blue door")
+    flaky.commit_before = 1  # the pause's snapshot: refused, as StoreUnavailable would be
+    with pytest.raises(lr.CommandRefused, match="pause failed") as e:
+        await asyncio.wait_for(lr.control(store).pause(KEY, timeout=1.0), DEADLINE)
+    assert "may still apply" not in str(e.value)
+    await rs.aclose()
+
+
+async def test_an_on_lost_callback_that_raises_is_logged_by_the_library(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def on_lost(e: lr.LeaseLost) -> None:
+        raise ValueError("the app's on_lost failed (test)")
+
+    s1, rs1, _ = await start(store, ["hi", "still"], owner="job-1", autosave=True, on_lost=on_lost)
+    await s1.run(user_input="hello")
+    await settled(rs1)
+    s2, rs2, _ = await start(store, [], owner="job-2", takeover=True)
+    caplog.set_level(logging.ERROR)
+    await s1.run(user_input="are you there?")
+    await settled(rs1)
+    assert rs1._lost_task is not None
+    await asyncio.gather(rs1._lost_task, return_exceptions=True)
+    assert any(
+        r.name == "livekit_resume" and "on_lost failed" in r.getMessage() for r in caplog.records
+    )
+    await rs2.aclose()
+    await s2.aclose()
+    await rs1.aclose()
+    await s1.aclose()
+
+
+class _BrokenOnce:
+    """A command channel whose first inbox fails with an error that is not a
+    `ResumeError` (a custom transport's ``ConnectionResetError``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.broken = 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def inbox(self, key: str) -> Any:
+        if self.broken > 0:
+            self.broken -= 1
+            raise ConnectionResetError("subscription reset by peer (test)")
+        return self.inner.inbox(key)
+
+
+class _ChannelWrapper:
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.channel = _BrokenOnce(inner.commands())  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def commands(self) -> Any:
+        return self.channel
+
+
+async def test_an_inbox_failing_untyped_listens_again(
+    store: Store, sessions: list[AgentSession[Any]]
+) -> None:
+    wrapped = _ChannelWrapper(store)
+    session = make_text_session(ScriptedLLM(default="noted"))
+    sessions.append(session)
+    rs = lr.ResumableSession(wrapped, KEY, registry=REGISTRY, owner="w1", autosave=False)  # type: ignore[arg-type]
+    await session.start(await rs.restore(session, default=Counter))
+
+    async def listening() -> bool:
+        return rs._control.listening.is_set()
+
+    await eventually(listening, "the owner listens again", DEADLINE)
+    assert await asyncio.wait_for(lr.control(store).pause(KEY, timeout=2.0), DEADLINE) == rs.version
+    await rs.aclose()
