@@ -17,7 +17,7 @@ from typing import Protocol
 
 from prometheus_client import Counter
 
-from ..errors import LeaseLost, ResumeError
+from ..errors import LeaseLost
 from ..remote import epoch_mismatch
 from ..stores.base import Command, CommandChannel, CommandReply, Controllable, Store, offers
 
@@ -120,7 +120,9 @@ class ControlListener:
                         task = asyncio.ensure_future(self._handle(channel, command))
                         self._handling.add(task)
                         task.add_done_callback(self._handling.discard)
-            except ResumeError as e:
+            except Exception as e:
+                # a store's error of its own (not a ResumeError) included: a listener that
+                # died of it would leave the owner deaf to every command for good
                 self.listening.clear()
                 log.warning(
                     "session %r: listening for remote commands failed (%s); again in %.0fs",
@@ -136,8 +138,9 @@ class ControlListener:
         try:
             async with self._applying:
                 await self._claim_and_apply(channel, command)
-        except ResumeError as e:
-            # the store failed us: the sender hears nothing and reports the timeout
+        except Exception as e:
+            # the store failed us (typed or not): the sender hears nothing and reports the
+            # timeout; nothing is left to the loop as an unretrieved task exception
             log.warning("session %r: remote %s not answered: %s", key, verb, e, extra={"key": key})
 
     async def _claim_and_apply(self, channel: CommandChannel, command: Command) -> None:
@@ -188,6 +191,8 @@ class ControlListener:
             return CommandReply("refused", reason=f"cannot {verb}: the session is {s.state}")
         try:
             await actions[verb]()
-        except (ResumeError, RuntimeError) as e:
+        except Exception as e:
+            # a store failing with an error of its own (not StoreUnavailable) is refused
+            # the same way, at once, not left unanswered for the sender's timeout
             return CommandReply("refused", reason=f"{verb} failed: {e}")
         return CommandReply("done", s.version)
