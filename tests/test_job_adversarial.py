@@ -196,7 +196,7 @@ async def test_an_inbox_failing_untyped_listens_again(
     wrapped = _ChannelWrapper(store)
     session = make_text_session(ScriptedLLM(default="noted"))
     sessions.append(session)
-    rs = lr.ResumableSession(wrapped, KEY, registry=REGISTRY, owner="w1", autosave=False)  # type: ignore[arg-type]
+    rs = lr.ResumableSession(wrapped, KEY, registry=REGISTRY, owner="w1", autosave=False)
     await session.start(await rs.restore(session, default=Counter))
 
     async def listening() -> bool:
