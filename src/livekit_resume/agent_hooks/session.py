@@ -220,6 +220,8 @@ class ResumableSession:
             raise RuntimeError(f"session {self._key!r} was already restored")
         if self._restoring:
             raise RuntimeError(f"session {self._key!r} is being restored")
+        if self._closing is not None:
+            raise RuntimeError(f"session {self._key!r} is closed")
         if self._state == "suspended":
             # again after a suspend, maybe into the same AgentSession: its audio back on
             self._silencer.unsilence(session)
@@ -285,6 +287,13 @@ class ResumableSession:
             self._session, self._state = before
             session.history.items[:] = kept
             raise
+        if self._closing is not None:
+            # closed while restoring (the job shut down before its session started): the
+            # close is final, so nothing may go on holding the lease and saving under it
+            await to_its_end(self._detach_and_release())
+            self._state = "closed"
+            session.history.items[:] = kept
+            raise RuntimeError(f"session {self._key!r} was closed while it was being restored")
         log.info(
             "session %r %s at version %d",
             self._key,
