@@ -205,3 +205,43 @@ async def test_an_inbox_failing_untyped_listens_again(
     await eventually(listening, "the owner listens again", DEADLINE)
     assert await asyncio.wait_for(lr.control(store).pause(KEY, timeout=2.0), DEADLINE) == rs.version
     await rs.aclose()
+
+
+async def test_a_close_while_restoring_leaves_no_lease_held_and_no_autosave_running(
+    store: Store,
+) -> None:
+    """The shutdown callback (``rs.aclose``) running while the restore takes its lease
+    (a job shut down before its session started): the close is final, so the restore
+    must not go on to hold the lease and autosave under a session that says closed."""
+    from tests.test_lifecycle_races import SlowReplies
+
+    slow = SlowReplies(store)
+    slow.hold_acquire = True
+    session: AgentSession[Any] = make_text_session(ScriptedLLM(default="noted"))
+    rs = lr.ResumableSession(slow, KEY, registry=REGISTRY, owner="w1", debounce=0.01)
+    restoring = asyncio.ensure_future(rs.restore(session, default=Counter))
+    await asyncio.wait_for(slow.applied.wait(), DEADLINE)
+    await rs.aclose()  # the job shuts down
+    slow.hold_acquire = False
+    slow.gate.set()
+    await asyncio.gather(restoring, return_exceptions=True)
+    info = await store.info(KEY)
+    assert info is None or info.owner is None, f"a closed session holds the lease: {info}"
+    assert not rs._autosave._tasks, "autosave runs under a closed session"
+    assert state_of(rs) == "closed"
+    await session.aclose()
+
+
+async def test_a_final_save_whose_connection_resets_once_is_retried(store: Store) -> None:
+    """`aclose` retries the final save through a store blip (`CLOSE_SAVE_BUDGET`); a
+    connection reset the store did not wrap in `StoreUnavailable` is such a blip, and the
+    last turn must not be lost to it."""
+    flaky = Untyped(store)
+    session, rs, _ = await start(flaky, ["one", "two"])
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    await session.run(user_input="the last turn")
+    flaky.commit_before = 1
+    await rs.aclose()
+    assert texts(await saved(store)) == live_texts(session)
+    await session.aclose()
