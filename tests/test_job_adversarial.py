@@ -245,3 +245,21 @@ async def test_a_final_save_whose_connection_resets_once_is_retried(store: Store
     await rs.aclose()
     assert texts(await saved(store)) == live_texts(session)
     await session.aclose()
+
+
+async def test_a_remote_suspend_between_restore_and_start_loses_no_turn(
+    store: Store, sessions: list[AgentSession[Any]]
+) -> None:
+    """`resumable_job` starts the session right after `restore` returned, and the owner
+    listens from there: a suspend heard in between must not leave a session that then
+    starts and talks with nothing saving it (no lease, no autosave, state suspended)."""
+    session = make_text_session(ScriptedLLM(default="noted"))
+    sessions.append(session)
+    rs = lr.ResumableSession(store, KEY, registry=REGISTRY, owner="w1", debounce=0.01)
+    agent = await rs.restore(session, default=Counter)
+    with pytest.raises(lr.CommandRefused):
+        await asyncio.wait_for(lr.control(store).suspend(KEY, timeout=1.0), DEADLINE)
+    await session.start(agent)
+    await session.run(user_input="remember the blue door")
+    await rs.aclose()
+    assert "remember the blue door" in texts(await saved(store))

@@ -64,7 +64,8 @@ class ControlListener:
     lease it holds (None once it holds none, or lost it). ``confirm()`` asks the store
     whether that lease is still current, raising `LeaseLost` when another worker took it
     over: a command aimed at the epoch this worker holds is applied only once confirmed
-    (a takeover the worker has not yet heard of leaves it believing it still owns it)."""
+    (a takeover the worker has not yet heard of leaves it believing it still owns it).
+    ``started()``: whether the session runs (a command before that is refused)."""
 
     def __init__(
         self,
@@ -72,11 +73,13 @@ class ControlListener:
         session: Controlled,
         epoch: Callable[[], int | None],
         confirm: Callable[[], Awaitable[object]],
+        started: Callable[[], bool] = lambda: True,
     ) -> None:
         self._store = store
         self._session = session
         self._epoch = epoch
         self._confirm = confirm
+        self._started = started
         self._task: asyncio.Task[None] | None = None
         self._handling: set[asyncio.Task[None]] = set()
         # one command at a time: a pause and a suspend sent together must not interleave;
@@ -189,6 +192,11 @@ class ControlListener:
             return CommandReply("done", s.version)  # sent again after a lost answer
         if s.state not in _FROM[verb]:
             return CommandReply("refused", reason=f"cannot {verb}: the session is {s.state}")
+        if not self._started():
+            # restored, its AgentSession not started yet (resumable_job starts it right
+            # after): a suspend now would close a session that then starts and talks with
+            # nothing saving it, a pause would silence an agent that is not there yet
+            return CommandReply("refused", reason=f"cannot {verb}: the session has not started")
         try:
             await actions[verb]()
         except Exception as e:

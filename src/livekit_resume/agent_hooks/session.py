@@ -160,7 +160,9 @@ class ResumableSession:
         self._finishing_as = ""
         self._restoring = False  # a restore is under way: a second one is refused
         # remote pause/resume/suspend (control.py), heard while the lease is held
-        self._control = ControlListener(store, self, self._held_epoch, self._holder.renew)
+        self._control = ControlListener(
+            store, self, self._held_epoch, self._holder.renew, started=self._started
+        )
 
     # ------------------------------------------------------------ properties
 
@@ -654,6 +656,10 @@ class ResumableSession:
         self._listeners = listen(
             session, self._capture, self._registry, self._autosave.trigger, on_close
         )
+
+    def _started(self) -> bool:
+        """Whether the attached `AgentSession` was started (it has a current agent)."""
+        return self._session is not None and current_agent(self._session) is not None
 
     def _held_epoch(self) -> int | None:
         held = self._holder.lease is not None and self._autosave.lost is None
