@@ -263,3 +263,49 @@ async def test_a_remote_suspend_between_restore_and_start_loses_no_turn(
     await session.run(user_input="remember the blue door")
     await rs.aclose()
     assert "remember the blue door" in texts(await saved(store))
+
+
+class _SlowRenew:
+    """A store whose renew reaches the store at once and whose reply is held back until
+    ``gate`` opens: a remote command's lease check still on its way back."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.hold = False
+        self.sent = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def renew(self, lease: Lease, *, ttl: float = 30.0) -> Lease:
+        renewed = await self.inner.renew(lease, ttl=ttl)
+        if self.hold:
+            self.sent.set()
+            await self.gate.wait()
+        return renewed
+
+
+async def test_a_lease_check_answered_after_a_suspend_does_not_take_the_lease_back(
+    store: Store, sessions: list[AgentSession[Any]]
+) -> None:
+    """A remote command's lease check (a renewal) racing a local suspend: the renewal
+    reached the store before the release, its answer after it. The suspended session
+    must not believe it holds the lease again (and write under it)."""
+    slow = _SlowRenew(store)
+    session = make_text_session(ScriptedLLM(default="noted"))
+    sessions.append(session)
+    rs = lr.ResumableSession(slow, KEY, registry=REGISTRY, owner="w1", autosave=False)
+    await session.start(await rs.restore(session, default=Counter))
+    await asyncio.wait_for(rs._control.listening.wait(), DEADLINE)
+    await session.run(user_input="remember the blue door")
+    slow.hold = True
+    command = asyncio.ensure_future(lr.control(store).pause(KEY, timeout=2.0))
+    await asyncio.wait_for(slow.sent.wait(), DEADLINE)
+    version = await rs.suspend()
+    slow.gate.set()
+    await asyncio.gather(command, return_exceptions=True)
+    assert rs._lease is None, "the suspended session holds a lease again"
+    with pytest.raises(RuntimeError, match="suspended"):
+        await rs.checkpoint()  # refused, as on any suspended session
+    assert (await store.load(KEY)).version == version
