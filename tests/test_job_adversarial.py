@@ -16,7 +16,7 @@ from livekit.agents import AgentSession
 import livekit_resume as lr
 from livekit_resume.stores.base import Commit, Lease, Store
 from livekit_resume.testing.poll import eventually
-from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+from tests.lk.scripted_llm import Reply, ScriptedLLM, make_text_session
 from tests.test_hooks import KEY, settled, start
 from tests.test_session_faults import live_texts, saved, texts
 from tests.test_voice import REGISTRY, Counter
@@ -309,3 +309,28 @@ async def test_a_lease_check_answered_after_a_suspend_does_not_take_the_lease_ba
     with pytest.raises(RuntimeError, match="suspended"):
         await rs.checkpoint()  # refused, as on any suspended session
     assert (await store.load(KEY)).version == version
+
+
+async def test_a_pause_cutting_speech_as_the_session_closes_leaves_it_closed(
+    store: Store,
+) -> None:
+    """The caller leaves (the job's policy pauses, cutting the reply being spoken) as the
+    job shuts down (the session's close runs `aclose`): once the close is done the
+    session is closed, not set back to paused with a long-pause timer armed."""
+    session, rs, _ = await start(
+        store, [Reply("one two three four five six", chunk_delay=1.0)], suspend_after=0.05
+    )
+    replying: asyncio.Future[Any] = asyncio.ensure_future(session.run(user_input="a"))
+
+    async def speaking() -> bool:
+        return session.current_speech is not None
+
+    await eventually(speaking, "a reply is being spoken", DEADLINE)
+    pausing = asyncio.ensure_future(rs.pause())
+    await asyncio.sleep(0)  # the pause waits for the speech to be cut
+    await rs.aclose()
+    results = await asyncio.gather(pausing, replying, return_exceptions=True)
+    assert isinstance(results[0], RuntimeError)
+    assert state_of(rs) == "closed", "a pause finishing after the close set it back"
+    assert not rs._long_pause.armed
+    await session.aclose()

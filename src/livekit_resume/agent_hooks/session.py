@@ -510,6 +510,16 @@ class ResumableSession:
         if self._state != "active" or self._finishing is not None:
             raise RuntimeError(f"cannot pause session {self._key!r} in state {self._state!r}")
         await self._silencer.silence(session)
+        if self._state != "active" or self._finishing is not None or self._closing is not None:
+            # closed (the job shut down), suspended or ended while the speech was being cut:
+            # that state stands, and no long-pause timer is armed on a session given up
+            if self._closing is not None:
+                what = "closed"
+            elif self._finishing is not None:
+                what = f"being {self._finishing_as}"
+            else:
+                what = self._state
+            raise RuntimeError(f"cannot pause session {self._key!r}: {what} meanwhile")
         self._state = "paused"
         # armed before the save: a pause whose save fails is a pause all the same
         if self._suspend_after is not None:
