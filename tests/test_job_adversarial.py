@@ -334,3 +334,25 @@ async def test_a_pause_cutting_speech_as_the_session_closes_leaves_it_closed(
     assert state_of(rs) == "closed", "a pause finishing after the close set it back"
     assert not rs._long_pause.armed
     await session.aclose()
+
+
+@pytest.mark.parametrize("verb", ["suspend", "end"])
+async def test_a_suspend_cutting_speech_as_the_session_closes_leaves_it_closed(
+    store: Store, verb: str
+) -> None:
+    """As for a pause: a suspend (or end) still cutting the reply when the session's close
+    ran must not set the closed session back to paused."""
+    session, rs, _ = await start(store, [Reply("one two three four five six", chunk_delay=1.0)])
+    replying: asyncio.Future[Any] = asyncio.ensure_future(session.run(user_input="a"))
+
+    async def speaking() -> bool:
+        return session.current_speech is not None
+
+    await eventually(speaking, "a reply is being spoken", DEADLINE)
+    finishing = asyncio.ensure_future(getattr(rs, verb)())
+    await asyncio.sleep(0)  # the suspend waits for the speech to be cut
+    await rs.aclose()
+    results = await asyncio.gather(finishing, replying, return_exceptions=True)
+    assert isinstance(results[0], RuntimeError)
+    assert state_of(rs) == "closed", f"a {verb} finishing after the close set it back"
+    await session.aclose()

@@ -592,6 +592,9 @@ class ResumableSession:
     ) -> int:
         if self._state == "active":
             await self._silencer.silence(session)
+            if self._closing is not None:
+                # closed while the speech was being cut (the job shut down): that stands
+                raise RuntimeError(f"cannot {reason} session {self._key!r}: closed meanwhile")
             self._state = "paused"
             await self._publish_attributes()
         # the final snapshot comes before closing: closing a voice session can take seconds
