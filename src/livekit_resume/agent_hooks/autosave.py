@@ -192,7 +192,9 @@ async def final_save(
         except LeaseLost:
             log.warning("session %r: final save refused, lease lost", key)
             return
-        except StoreUnavailable as e:
+        except (StoreUnavailable, OSError) as e:
+            # OSError: a connection reset or timeout that a store let through unwrapped
+            # is the same blip (its commit, if it landed, is sent again with its id)
             if time.monotonic() + delay < deadline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)

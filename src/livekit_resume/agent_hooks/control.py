@@ -17,7 +17,7 @@ from typing import Protocol
 
 from prometheus_client import Counter
 
-from ..errors import LeaseLost, ResumeError
+from ..errors import LeaseLost
 from ..remote import epoch_mismatch
 from ..stores.base import Command, CommandChannel, CommandReply, Controllable, Store, offers
 
@@ -64,7 +64,8 @@ class ControlListener:
     lease it holds (None once it holds none, or lost it). ``confirm()`` asks the store
     whether that lease is still current, raising `LeaseLost` when another worker took it
     over: a command aimed at the epoch this worker holds is applied only once confirmed
-    (a takeover the worker has not yet heard of leaves it believing it still owns it)."""
+    (a takeover the worker has not yet heard of leaves it believing it still owns it).
+    ``started()``: whether the session runs (a command before that is refused)."""
 
     def __init__(
         self,
@@ -72,11 +73,13 @@ class ControlListener:
         session: Controlled,
         epoch: Callable[[], int | None],
         confirm: Callable[[], Awaitable[object]],
+        started: Callable[[], bool] = lambda: True,
     ) -> None:
         self._store = store
         self._session = session
         self._epoch = epoch
         self._confirm = confirm
+        self._started = started
         self._task: asyncio.Task[None] | None = None
         self._handling: set[asyncio.Task[None]] = set()
         # one command at a time: a pause and a suspend sent together must not interleave;
@@ -120,7 +123,9 @@ class ControlListener:
                         task = asyncio.ensure_future(self._handle(channel, command))
                         self._handling.add(task)
                         task.add_done_callback(self._handling.discard)
-            except ResumeError as e:
+            except Exception as e:
+                # a store's error of its own (not a ResumeError) included: a listener that
+                # died of it would leave the owner deaf to every command for good
                 self.listening.clear()
                 log.warning(
                     "session %r: listening for remote commands failed (%s); again in %.0fs",
@@ -136,8 +141,9 @@ class ControlListener:
         try:
             async with self._applying:
                 await self._claim_and_apply(channel, command)
-        except ResumeError as e:
-            # the store failed us: the sender hears nothing and reports the timeout
+        except Exception as e:
+            # the store failed us (typed or not): the sender hears nothing and reports the
+            # timeout; nothing is left to the loop as an unretrieved task exception
             log.warning("session %r: remote %s not answered: %s", key, verb, e, extra={"key": key})
 
     async def _claim_and_apply(self, channel: CommandChannel, command: Command) -> None:
@@ -186,8 +192,15 @@ class ControlListener:
             return CommandReply("done", s.version)  # sent again after a lost answer
         if s.state not in _FROM[verb]:
             return CommandReply("refused", reason=f"cannot {verb}: the session is {s.state}")
+        if not self._started():
+            # restored, its AgentSession not started yet (resumable_job starts it right
+            # after): a suspend now would close a session that then starts and talks with
+            # nothing saving it, a pause would silence an agent that is not there yet
+            return CommandReply("refused", reason=f"cannot {verb}: the session has not started")
         try:
             await actions[verb]()
-        except (ResumeError, RuntimeError) as e:
+        except Exception as e:
+            # a store failing with an error of its own (not StoreUnavailable) is refused
+            # the same way, at once, not left unanswered for the sender's timeout
             return CommandReply("refused", reason=f"{verb} failed: {e}")
         return CommandReply("done", s.version)

@@ -121,17 +121,23 @@ class LeaseHolder:
     async def renew(self) -> bool:
         """Extend the lease. Returns False when the session vanished (nobody took it:
         the next checkpoint acquires it again); raises `LeaseLost` when it was taken."""
-        if self.lease is None or self.vanished:
+        lease = self.lease
+        if lease is None or self.vanished:
             return not self.vanished
         sent = time.monotonic()
         try:
-            self.lease = await self._store.renew(self.lease, ttl=self.ttl)
+            renewed = await self._store.renew(lease, ttl=self.ttl)
         except LeaseLost as e:
             if not e.vanished:
                 raise
-            self.vanished = True
+            if self.lease is lease:
+                self.vanished = True
             return False
-        self.renewed_at = sent
+        # Released or acquired anew while the renewal was on its way (a remote command's
+        # lease check racing a suspend): its answer must not bring the old lease back.
+        if self.lease is lease:
+            self.lease = renewed
+            self.renewed_at = sent
         return True
 
     async def commit(self, commit: Commit) -> int:

@@ -32,7 +32,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from ..bridge import codec_for, from_stored, salvage_stored
-from ..errors import LeaseLost, SnapshotCorrupt, StoreUnavailable
+from ..errors import LeaseLost, ResumeError, SnapshotCorrupt, StoreUnavailable
 from ..snapshot.chat import MediaPolicy
 from ..snapshot.codec import Codec
 from ..snapshot.frame import gc_paused
@@ -160,7 +160,9 @@ class ResumableSession:
         self._finishing_as = ""
         self._restoring = False  # a restore is under way: a second one is refused
         # remote pause/resume/suspend (control.py), heard while the lease is held
-        self._control = ControlListener(store, self, self._held_epoch, self._holder.renew)
+        self._control = ControlListener(
+            store, self, self._held_epoch, self._holder.renew, started=self._started
+        )
 
     # ------------------------------------------------------------ properties
 
@@ -220,6 +222,8 @@ class ResumableSession:
             raise RuntimeError(f"session {self._key!r} was already restored")
         if self._restoring:
             raise RuntimeError(f"session {self._key!r} is being restored")
+        if self._closing is not None:
+            raise RuntimeError(f"session {self._key!r} is closed")
         if self._state == "suspended":
             # again after a suspend, maybe into the same AgentSession: its audio back on
             self._silencer.unsilence(session)
@@ -285,6 +289,13 @@ class ResumableSession:
             self._session, self._state = before
             session.history.items[:] = kept
             raise
+        if self._closing is not None:
+            # closed while restoring (the job shut down before its session started): the
+            # close is final, so nothing may go on holding the lease and saving under it
+            await to_its_end(self._detach_and_release())
+            self._state = "closed"
+            session.history.items[:] = kept
+            raise RuntimeError(f"session {self._key!r} was closed while it was being restored")
         log.info(
             "session %r %s at version %d",
             self._key,
@@ -445,12 +456,15 @@ class ResumableSession:
         await asyncio.sleep(0)
         try:
             await self._land(pending)
-        except (StoreUnavailable, asyncio.CancelledError):
-            # The outcome is unknown: the store may have applied it (a caller cancelled
-            # mid-commit has sent it all the same). The next attempt sends this very
-            # commit again (same id) before anything newer, so it lands exactly once and
-            # the versions stay in step with the store.
-            self._pending = pending
+        except BaseException as e:
+            # The outcome is unknown unless the store answered with a refusal of its own
+            # (`LeaseLost`, `SnapshotTooLarge`, ...): it may have applied it (a caller
+            # cancelled mid-commit has sent it all the same; a connection reset while
+            # reading the reply, from a store that does not wrap it in StoreUnavailable).
+            # The next attempt sends this very commit again (same id) before anything
+            # newer, so it lands exactly once and the versions stay in step with the store.
+            if not isinstance(e, ResumeError) or isinstance(e, StoreUnavailable):
+                self._pending = pending
             raise
         return self._version
 
@@ -470,6 +484,18 @@ class ResumableSession:
     def _lost(self, error: LeaseLost) -> None:
         if self._on_lost is not None and self._lost_task is None:
             self._lost_task = asyncio.ensure_future(self._on_lost(error))
+            self._lost_task.add_done_callback(self._on_lost_done)
+
+    def _on_lost_done(self, task: asyncio.Task[None]) -> None:
+        # the application's callback, run in a task of ours: what it raises is logged here,
+        # never left to the loop as a task exception nobody retrieved
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "session %r: on_lost failed: %r",
+                self._key,
+                task.exception(),
+                extra={"key": self._key},
+            )
 
     async def _renew(self) -> None:
         if not await self._holder.renew():
@@ -484,6 +510,16 @@ class ResumableSession:
         if self._state != "active" or self._finishing is not None:
             raise RuntimeError(f"cannot pause session {self._key!r} in state {self._state!r}")
         await self._silencer.silence(session)
+        if self._state != "active" or self._finishing is not None or self._closing is not None:
+            # closed (the job shut down), suspended or ended while the speech was being cut:
+            # that state stands, and no long-pause timer is armed on a session given up
+            if self._closing is not None:
+                what = "closed"
+            elif self._finishing is not None:
+                what = f"being {self._finishing_as}"
+            else:
+                what = self._state
+            raise RuntimeError(f"cannot pause session {self._key!r}: {what} meanwhile")
         self._state = "paused"
         # armed before the save: a pause whose save fails is a pause all the same
         if self._suspend_after is not None:
@@ -500,7 +536,15 @@ class ResumableSession:
                 self._suspend_after,
                 extra={"key": self._key},
             )
-            self._long_pause.run(self.suspend(), "suspend after a long pause")
+            self._long_pause.run(self._suspend_still_paused(), "suspend after a long pause")
+
+    async def _suspend_still_paused(self) -> int | None:
+        """The long pause's suspend, decided when its task runs, not when the timer fired:
+        a resume whose step was queued in the same loop turn as the timer has run by then,
+        and must not be undone by a suspend of the session it just made active."""
+        if self._state != "paused" or self._finishing is not None:
+            return None
+        return await self.suspend()
 
     async def resume(self) -> None:
         """Undo `pause`: audio back on and replies allowed, in the same process."""
@@ -548,6 +592,9 @@ class ResumableSession:
     ) -> int:
         if self._state == "active":
             await self._silencer.silence(session)
+            if self._closing is not None:
+                # closed while the speech was being cut (the job shut down): that stands
+                raise RuntimeError(f"cannot {reason} session {self._key!r}: closed meanwhile")
             self._state = "paused"
             await self._publish_attributes()
         # the final snapshot comes before closing: closing a voice session can take seconds
@@ -622,6 +669,10 @@ class ResumableSession:
         self._listeners = listen(
             session, self._capture, self._registry, self._autosave.trigger, on_close
         )
+
+    def _started(self) -> bool:
+        """Whether the attached `AgentSession` was started (it has a current agent)."""
+        return self._session is not None and current_agent(self._session) is not None
 
     def _held_epoch(self) -> int | None:
         held = self._holder.lease is not None and self._autosave.lost is None
