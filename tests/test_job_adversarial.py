@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,20 +15,26 @@ import livekit_resume as lr
 from livekit_resume.stores.base import Commit, Lease, Store
 from livekit_resume.testing.poll import eventually
 from tests.lk.scripted_llm import Reply, ScriptedLLM, make_text_session
-from tests.test_hooks import KEY, settled, start
+from tests.test_hooks import KEY, settled, start, store
 from tests.test_session_faults import live_texts, saved, texts
 from tests.test_voice import REGISTRY, Counter
 
 DEADLINE = 10.0
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = lr.open_store(
-        "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/adv.db"
-    )
-    yield s
-    await s.aclose()
+__all__ = ["store"]  # the fixture, shared with test_hooks
+
+
+async def listening(store: Store, sessions: list[AgentSession[Any]]) -> lr.ResumableSession:
+    """A started session on ``store`` (autosave off) that said one turn and listens for
+    remote commands."""
+    session = make_text_session(ScriptedLLM(default="noted"))
+    sessions.append(session)
+    rs = lr.ResumableSession(store, KEY, registry=REGISTRY, owner="w1", autosave=False)
+    await session.start(await rs.restore(session, default=Counter))
+    await asyncio.wait_for(rs._control.listening.wait(), DEADLINE)
+    await session.run(user_input="remember the blue door")
+    return rs
 
 
 def state_of(rs: lr.ResumableSession) -> str:
@@ -123,12 +127,7 @@ async def test_a_remote_pause_whose_save_fails_untyped_is_answered_at_once(
     store: Store, sessions: list[AgentSession[Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
     flaky = Untyped(store)
-    session = make_text_session(ScriptedLLM(default="noted"))
-    sessions.append(session)
-    rs = lr.ResumableSession(flaky, KEY, registry=REGISTRY, owner="w1", autosave=False)
-    await session.start(await rs.restore(session, default=Counter))
-    await asyncio.wait_for(rs._control.listening.wait(), DEADLINE)
-    await session.run(user_input="remember the blue door")
+    rs = await listening(flaky, sessions)
     flaky.commit_before = 1  # the pause's snapshot: refused, as StoreUnavailable would be
     with pytest.raises(lr.CommandRefused, match="pause failed") as e:
         await asyncio.wait_for(lr.control(store).pause(KEY, timeout=1.0), DEADLINE)
@@ -293,12 +292,7 @@ async def test_a_lease_check_answered_after_a_suspend_does_not_take_the_lease_ba
     reached the store before the release, its answer after it. The suspended session
     must not believe it holds the lease again (and write under it)."""
     slow = _SlowRenew(store)
-    session = make_text_session(ScriptedLLM(default="noted"))
-    sessions.append(session)
-    rs = lr.ResumableSession(slow, KEY, registry=REGISTRY, owner="w1", autosave=False)
-    await session.start(await rs.restore(session, default=Counter))
-    await asyncio.wait_for(rs._control.listening.wait(), DEADLINE)
-    await session.run(user_input="remember the blue door")
+    rs = await listening(slow, sessions)
     slow.hold = True
     command = asyncio.ensure_future(lr.control(store).pause(KEY, timeout=2.0))
     await asyncio.wait_for(slow.sent.wait(), DEADLINE)
