@@ -546,3 +546,33 @@ async def test_unknown_verbs_are_refused_under_one_metric_label(
         "livekit_resume_remote_commands_total", {"command": "unknown", "outcome": "refused"}
     )
     assert rs.state == "active"
+
+
+async def test_a_flood_of_commands_waits_in_a_bounded_line_and_the_owner_still_answers(
+    store: Store, sessions: list[AgentSession[Any]]
+) -> None:
+    """Commands are applied one at a time; whoever can publish on the channel could pile
+    up one waiting task per message without end. Past `MAX_WAITING` a command is left
+    unclaimed (its sender withdraws it at its timeout), and the owner answers the rest."""
+    from prometheus_client import REGISTRY
+
+    from livekit_resume.agent_hooks.control import MAX_WAITING
+
+    rs = await live(store, sessions)
+    assert isinstance(store, Controllable)
+    channel = store.commands()
+    labels = {"command": "any", "outcome": "dropped"}
+    dropped = REGISTRY.get_sample_value("livekit_resume_remote_commands_total", labels) or 0
+    flood = [Command(uuid.uuid4().hex, KEY, "resume", rs._holder.epoch) for _ in range(50)]
+    async with rs._control._applying:  # the owner busy applying a command meanwhile
+        for command in flood:
+            await channel.send(command)
+
+        async def all_heard() -> bool:
+            now = REGISTRY.get_sample_value("livekit_resume_remote_commands_total", labels)
+            return (now or 0) - dropped == len(flood) - MAX_WAITING
+
+        await eventually(all_heard, "the owner heard every command of the flood")
+        assert len(rs._control._handling) == MAX_WAITING
+    version = await asyncio.wait_for(lr.control(store).pause(KEY), NEVER)
+    assert state(rs) == "paused" and version == rs.version

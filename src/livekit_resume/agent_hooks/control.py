@@ -38,6 +38,10 @@ _ALREADY = {"pause": "paused", "resume": "active"}
 START_WAIT = 2.0
 # A lost subscription (the store restarted, a failover) is opened again after this.
 RELISTEN_DELAY = 1.0
+# Commands waiting their turn (they are applied one at a time). Past this, one heard is
+# left unclaimed: its sender withdraws it at its timeout and is told so. Whoever can
+# publish on the channel could otherwise pile up a task per message without end.
+MAX_WAITING = 32
 
 
 class Controlled(Protocol):
@@ -120,6 +124,16 @@ class ControlListener:
                 async with channel.inbox(key) as inbox:
                     self.listening.set()
                     async for command in inbox:
+                        if len(self._handling) >= MAX_WAITING:
+                            COMMANDS.labels(command="any", outcome="dropped").inc()
+                            log.warning(
+                                "session %r: remote %s left unanswered: %d commands wait",
+                                key,
+                                command.verb[:16],
+                                len(self._handling),
+                                extra={"key": key},
+                            )
+                            continue
                         task = asyncio.ensure_future(self._handle(channel, command))
                         self._handling.add(task)
                         task.add_done_callback(self._handling.discard)
