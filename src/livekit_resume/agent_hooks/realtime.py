@@ -124,8 +124,27 @@ async def reapply_options(
             type(model).__qualname__,
             extra={"key": key},
         )
-    if given:
-        model.update_options(**given)  # type: ignore[attr-defined]  # checked by _settable
+    if not given:
+        return
+    update: Any = model.update_options  # type: ignore[attr-defined]  # checked by _settable
+    try:
+        update(**given)
+    except Exception:
+        # a value this model refuses (a voice it no longer offers) is left out, logged,
+        # like an option it does not take: the conversation is restored all the same
+        for name, value in given.items():
+            try:
+                update(**{name: value})
+            except Exception as e:
+                log.warning(
+                    "session %r: realtime option %s=%r was refused by %s (%s); it is not reapplied",
+                    key,
+                    name,
+                    value,
+                    type(model).__qualname__,
+                    e,
+                    extra={"key": key},
+                )
 
 
 class RealtimeGate:

@@ -224,6 +224,15 @@ class ResumableSession:
             raise RuntimeError(f"session {self._key!r} is being restored")
         if self._closing is not None:
             raise RuntimeError(f"session {self._key!r} is closed")
+        if getattr(session, "_started", False):
+            # The agent rebuilt here would never start: the saved items would land in the
+            # live history beside a current agent that lacks them, and its next checkpoint
+            # would replace the saved agent context with its own (LiveKit 1.8.9 keeps
+            # `_started` True from the end of `start()` until the session is closed).
+            raise RuntimeError(
+                f"session {self._key!r}: restore() must run before session.start(); "
+                "this AgentSession is already running"
+            )
         if self._state == "suspended":
             # again after a suspend, maybe into the same AgentSession: its audio back on
             self._silencer.unsilence(session)

@@ -1,0 +1,129 @@
+"""An adversarial pass over the restore of an agent on a realtime model: the rebuild, the
+options reapplied to the model, and the first context sync LiveKit makes at start.
+
+Each test drives a real `AgentSession` on our fake realtime server
+(tests/lk/fake_realtime.py); where a test needs a model that misbehaves, it subclasses
+the fake *model*, never livekit-agents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from livekit.agents import AgentSession, llm
+from livekit.agents.llm.tool_context import ToolChoice
+from livekit.agents.types import NOT_GIVEN, NotGivenOr
+
+import livekit_resume as lr
+from livekit_resume.stores.memory import MemoryStore
+from tests._child_realtime import REGISTRY, Concierge
+from tests.lk.fake_realtime import FakeRealtimeModel
+
+KEY = "rt-adversarial"
+CONVERSATION = ("message", "function_call", "function_call_output")
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[MemoryStore]:
+    s = MemoryStore()
+    yield s
+    await s.aclose()
+
+
+def conversation_ids(items: list[llm.ChatItem]) -> list[str]:
+    return [i.id for i in items if i.type in CONVERSATION]
+
+
+async def saved_conversation(
+    store: MemoryStore, sessions: list[AgentSession[Any]], **options: Any
+) -> list[str]:
+    """Two turns on a realtime model, its options changed at run time to ``options``,
+    checkpointed and closed; returns the ids of the agent's saved conversation."""
+    model = FakeRealtimeModel(["Hello Ada.", "You said hi."])
+    session: AgentSession[Any] = AgentSession(llm=model)
+    sessions.append(session)
+    rs = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
+    await session.start(await rs.restore(session, default=Concierge))
+    await session.run(user_input="hi, I am Ada")
+    await session.run(user_input="what did I say?")
+    if options:
+        model.active_session.update_options(**options)
+    await rs.checkpoint()
+    saved = conversation_ids(session.current_agent.chat_ctx.items)
+    assert len(saved) == 4
+    await rs.aclose()
+    return saved
+
+
+async def test_restore_into_a_session_already_started_is_refused_and_loses_nothing(
+    store: MemoryStore, sessions: list[AgentSession[Any]]
+) -> None:
+    """`restore` runs before `session.start()`. Into a session already running, the
+    agent it rebuilds is never started: the saved items went into the live history, the
+    live agent (whose context is empty) stayed current, and its next checkpoint replaced
+    the saved agent context with that empty one: the model's conversation was lost for
+    every later restore. It must be refused before anything is touched."""
+    saved = await saved_conversation(store, sessions)
+    running: AgentSession[Any] = AgentSession(llm=FakeRealtimeModel(["fresh"]))
+    sessions.append(running)
+    await running.start(Concierge())
+    before = list(running.history.items)
+    rs = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
+    with pytest.raises(RuntimeError, match=r"before session\.start\(\)"):
+        await rs.restore(running, default=Concierge)
+    assert running.history.items == before
+    with pytest.raises(RuntimeError):
+        await rs.checkpoint()  # nothing attached: nothing can overwrite the snapshot
+
+    # the key is free and the conversation intact: a proper restore gives it back whole
+    model = FakeRealtimeModel(["You are Ada."])
+    fresh: AgentSession[Any] = AgentSession(llm=model)
+    sessions.append(fresh)
+    rs2 = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
+    await fresh.start(await rs2.restore(fresh, default=Concierge))
+    assert [i.id for i in model.active_session.remote.items] == saved
+    await rs2.aclose()
+
+
+class PickyModel(FakeRealtimeModel):
+    """A model whose ``update_options`` refuses a voice this version no longer offers
+    (a plugin upgrade, another deployment's model)."""
+
+    def update_options(
+        self,
+        *,
+        voice: NotGivenOr[str] = NOT_GIVEN,
+        turn_detection: NotGivenOr[str | None] = NOT_GIVEN,
+        tool_choice: NotGivenOr[ToolChoice | None] = NOT_GIVEN,
+        temperature: NotGivenOr[float] = NOT_GIVEN,
+    ) -> None:
+        if voice == "echo":
+            raise ValueError("voice 'echo' is not offered by this model")
+        super().update_options(
+            voice=voice, turn_detection=turn_detection, tool_choice=tool_choice,
+            temperature=temperature,
+        )  # fmt: skip
+
+
+async def test_a_saved_option_the_model_refuses_does_not_fail_the_restore(
+    store: MemoryStore, sessions: list[AgentSession[Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/realtime.md: options are reapplied as a courtesy, and those the model does not
+    take are logged and left out. A value the model's ``update_options`` refuses raised
+    out of `restore` (an untyped ValueError): the whole conversation could not be
+    restored over a voice. The refused option is logged, the others are set, and the
+    conversation reaches the model."""
+    saved = await saved_conversation(store, sessions, voice="echo", tool_choice="none")
+    model = PickyModel(["You are Ada."], voice="alloy")
+    session: AgentSession[Any] = AgentSession(llm=model)
+    sessions.append(session)
+    rs = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
+    await session.start(await rs.restore(session, default=Concierge))
+    assert rs.resumed
+    rt = model.active_session
+    assert [i.id for i in rt.remote.items] == saved
+    assert rt.options.voice == "alloy" and rt.options.tool_choice == "none"
+    assert "voice" in caplog.text and "not offered" in caplog.text
+    await rs.aclose()
