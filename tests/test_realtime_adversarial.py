@@ -8,6 +8,8 @@ the fake *model*, never livekit-agents.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,11 +20,13 @@ from livekit.agents.types import NOT_GIVEN, NotGivenOr
 
 import livekit_resume as lr
 from livekit_resume.stores.memory import MemoryStore
+from livekit_resume.testing.poll import eventually
 from tests._child_realtime import REGISTRY, Concierge
 from tests.lk.fake_realtime import FakeRealtimeModel
 
 KEY = "rt-adversarial"
 CONVERSATION = ("message", "function_call", "function_call_output")
+DEADLINE = 20.0  # a bound on a hang, not a timing
 
 
 @pytest.fixture
@@ -127,3 +131,103 @@ async def test_a_saved_option_the_model_refuses_does_not_fail_the_restore(
     assert rt.options.voice == "alloy" and rt.options.tool_choice == "none"
     assert "voice" in caplog.text and "not offered" in caplog.text
     await rs.aclose()
+
+
+class SlowToListen:
+    """A store (a `MemoryStore` underneath) whose command inbox opens, and whose events
+    go out, only once ``gate`` opens: a restore's last round trips (subscribing to remote
+    commands, telling the other workers) on a slow network."""
+
+    def __init__(self, inner: MemoryStore) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+        self.announcing = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def publish(self, key: str, event: str, **fields: Any) -> None:
+        self.announcing.set()
+        await self.gate.wait()
+
+    def commands(self) -> Any:
+        return _SlowChannel(self.inner.commands(), self.gate)
+
+
+class _SlowChannel:
+    def __init__(self, inner: Any, gate: asyncio.Event) -> None:
+        self.inner, self.gate = inner, gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    @contextlib.asynccontextmanager
+    async def inbox(self, key: str) -> AsyncIterator[Any]:
+        await self.gate.wait()
+        async with self.inner.inbox(key) as inbox:
+            yield inbox
+
+
+async def test_a_restore_cancelled_twice_in_its_last_step_leaves_no_lease_behind(
+    store: MemoryStore, sessions: list[AgentSession[Any]]
+) -> None:
+    """`restore`: "the lease is released on failure". A restore cancelled in its last
+    step (subscribing to commands, announcing) undoes itself; cancelled again while it
+    did so (a job's shutdown cancelling twice), the undo stopped half-way: autosave
+    went on renewing the lease, nobody released it, and the caller's next job was
+    refused (`SessionBusy`) until the lease expired."""
+    await saved_conversation(store, sessions)
+    slow = SlowToListen(store)
+    session: AgentSession[Any] = AgentSession(llm=FakeRealtimeModel())
+    sessions.append(session)
+    rs = lr.ResumableSession(slow, KEY, registry=REGISTRY, owner="w2")
+    restore = asyncio.ensure_future(rs.restore(session, default=Concierge))
+    await asyncio.wait_for(slow.announcing.wait(), DEADLINE)
+    restore.cancel()
+    # the undo waits for the inbox's subscription (up to control.START_WAIT) ...
+    for _ in range(20):
+        await asyncio.sleep(0)
+    restore.cancel()  # ... and is cancelled again meanwhile
+    slow.gate.set()
+    await asyncio.wait({restore}, timeout=DEADLINE)
+    assert restore.cancelled()
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None, f"the cancelled restore holds {info}"
+    assert not rs._autosave._tasks, "autosave runs on for a session nobody has"
+    assert session.history.items == []
+
+
+async def test_a_failed_restore_cancelled_while_it_gives_up_leaves_no_inbox_listening(
+    store: MemoryStore, sessions: list[AgentSession[Any]]
+) -> None:
+    """A restore that fails (here the registry's factory raises) gives its lease back and
+    stops the command inbox it opened. Cancelled while it waited for that inbox to finish
+    subscribing, it never stopped it: a task listening for a session nobody holds, for
+    the life of the process, one per such restore."""
+    await saved_conversation(store, sessions)
+
+    def broken(state: dict[str, Any]) -> Concierge:
+        raise KeyError("slot")  # the agent's saved state no longer fits its factory
+
+    registry = lr.AgentRegistry()
+    registry.register(Concierge, factory=broken)
+    slow = SlowToListen(store)
+    session: AgentSession[Any] = AgentSession(llm=FakeRealtimeModel())
+    sessions.append(session)
+    rs = lr.ResumableSession(slow, KEY, registry=registry, owner="w2")
+    restore = asyncio.ensure_future(rs.restore(session, default=Concierge))
+
+    async def released() -> bool:
+        if rs._control._task is None:
+            return False  # not yet acquired and subscribing
+        info = await store.info(KEY)
+        return info is not None and info.owner is None
+
+    await eventually(released, "the failed restore gives its lease back")
+    restore.cancel()  # while it waits for the inbox to subscribe
+    slow.gate.set()
+    await asyncio.wait({restore}, timeout=DEADLINE)
+    assert restore.done()
+    await asyncio.sleep(0)
+    assert rs._control._task is None, "the inbox of a failed restore listens on"
+    assert session.history.items == []

@@ -267,12 +267,19 @@ class ResumableSession:
             agent = await self._load_into(session, default, salvage, stored)
         except BaseException:
             session.history.items[:] = kept
-            await self._holder.release()
-            # The inbox is stopped once its start is done (subscribed, or given up after
-            # START_WAIT), as after any restore: stopped mid-subscription, Python 3.11's
-            # wait_for can swallow the cancellation and the stop would wait forever.
-            await asyncio.gather(listening, return_exceptions=True)
-            await self._control.stop()  # after the release, as in _detach_and_release
+
+            async def undo_load() -> None:
+                await self._holder.release()
+                # The inbox is stopped once its start is done (subscribed, or given up
+                # after START_WAIT), as after any restore: stopped mid-subscription, Python
+                # 3.11's wait_for can swallow the cancellation and the stop would wait
+                # forever.
+                await asyncio.gather(listening, return_exceptions=True)
+                await self._control.stop()  # after the release, as in _detach_and_release
+
+            # to its end, whatever cancellation arrives meanwhile (a job cancelling twice):
+            # stopped half-way, it would leave the inbox listening
+            await to_its_end(undo_load())
             raise
         before = self._session, self._state
         self._session = session
@@ -293,10 +300,18 @@ class ResumableSession:
         except BaseException:
             # Cancelled in this last step (a job shut down): the caller gets no session
             # to close, so none stays attached, renewing the lease and writing under it.
-            await asyncio.gather(listening, return_exceptions=True)
-            await self._detach_and_release()
-            self._session, self._state = before
-            session.history.items[:] = kept
+
+            async def undo_attach() -> None:
+                await asyncio.gather(listening, return_exceptions=True)
+                await self._detach_and_release()
+
+            try:
+                # to its end, whatever cancellation arrives meanwhile (a job cancelling
+                # twice): stopped half-way, autosave would renew a lease nobody releases
+                await to_its_end(undo_attach())
+            finally:
+                self._session, self._state = before
+                session.history.items[:] = kept
             raise
         if self._closing is not None:
             # closed while restoring (the job shut down before its session started): the
