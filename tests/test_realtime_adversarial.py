@@ -19,6 +19,8 @@ from livekit.agents.llm.tool_context import ToolChoice
 from livekit.agents.types import NOT_GIVEN, NotGivenOr
 
 import livekit_resume as lr
+from livekit_resume.bridge import from_stored
+from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.testing.poll import eventually
 from tests._child_realtime import REGISTRY, Concierge
@@ -34,6 +36,11 @@ async def store() -> AsyncIterator[MemoryStore]:
     s = MemoryStore()
     yield s
     await s.aclose()
+
+
+async def latest(store: MemoryStore) -> Snapshot:
+    rs = lr.ResumableSession(store, "codec-only", registry=REGISTRY)
+    return from_stored(rs._capture.codec, await store.load(KEY))
 
 
 def conversation_ids(items: list[llm.ChatItem]) -> list[str]:
@@ -231,3 +238,38 @@ async def test_a_failed_restore_cancelled_while_it_gives_up_leaves_no_inbox_list
     await asyncio.sleep(0)
     assert rs._control._task is None, "the inbox of a failed restore listens on"
     assert session.history.items == []
+
+
+async def test_a_remote_suspend_between_a_restore_in_place_and_its_start_is_refused(
+    store: MemoryStore, sessions: list[AgentSession[Any]]
+) -> None:
+    """`restore` returns with the command inbox listening, before ``session.start()``;
+    a command in between is refused ("has not started"). After a suspend, `restore` may
+    put the conversation back into the same, closed `AgentSession` (resumable_job's
+    rejoin does). LiveKit keeps a closed session's last agent as ``current_agent``, so
+    that session passed for started: a remote suspend in the window was "done", nothing
+    saved, the lease released, then the session started and ran unsaved while the store
+    said it was free. It is refused like the first one, and the session runs saved."""
+    await saved_conversation(store, sessions)
+    model = FakeRealtimeModel(["Hello again.", "Still here."])
+    session: AgentSession[Any] = AgentSession(llm=model)
+    sessions.append(session)
+    rs = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
+    await session.start(await rs.restore(session, default=Concierge))
+    await rs.suspend()  # closes the session
+
+    session.history.items.clear()
+    agent = await rs.restore(session, default=Concierge)  # in place
+    for send in (lr.control(store).suspend, lr.control(store).pause):
+        with pytest.raises(lr.CommandRefused, match="not started"):
+            await send(KEY, timeout=2)
+    assert rs.state == "active" and rs._lease is not None
+
+    await session.start(agent)
+    await session.run(user_input="one more thing")
+    await rs.checkpoint()
+    snap = await latest(store)
+    assert "one more thing" in [d["content"][0] for d in snap.history if d.get("role") == "user"]
+    assert await lr.control(store).suspend(KEY, timeout=2) == rs.version  # now it applies
+    state: str = rs.state  # changed by the command, behind mypy's back
+    assert state == "suspended"

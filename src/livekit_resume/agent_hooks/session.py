@@ -224,11 +224,10 @@ class ResumableSession:
             raise RuntimeError(f"session {self._key!r} is being restored")
         if self._closing is not None:
             raise RuntimeError(f"session {self._key!r} is closed")
-        if getattr(session, "_started", False):
+        if _running(session):
             # The agent rebuilt here would never start: the saved items would land in the
             # live history beside a current agent that lacks them, and its next checkpoint
-            # would replace the saved agent context with its own (LiveKit 1.8.9 keeps
-            # `_started` True from the end of `start()` until the session is closed).
+            # would replace the saved agent context with its own.
             raise RuntimeError(
                 f"session {self._key!r}: restore() must run before session.start(); "
                 "this AgentSession is already running"
@@ -695,8 +694,10 @@ class ResumableSession:
         )
 
     def _started(self) -> bool:
-        """Whether the attached `AgentSession` was started (it has a current agent)."""
-        return self._session is not None and current_agent(self._session) is not None
+        """Whether the attached `AgentSession` runs. Not ``current_agent``: a session
+        closed by a suspend keeps its last agent, so a restore in place into it would
+        pass for started before its ``start()``."""
+        return self._session is not None and _running(self._session)
 
     def _held_epoch(self) -> int | None:
         held = self._holder.lease is not None and self._autosave.lost is None
@@ -718,6 +719,12 @@ class ResumableSession:
     async def _publish_attributes(self) -> None:
         state = self._state if self._state != "closed" else "suspended"
         await self._announcer.publish_attributes(state, self._version)
+
+
+def _running(session: AgentSession[Any]) -> bool:
+    """Whether ``session`` was started and is not closed: LiveKit 1.8.9 keeps ``_started``
+    True from the end of ``start()`` until the session is closed."""
+    return bool(getattr(session, "_started", False))
 
 
 def _tracing() -> bool:
