@@ -11,16 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from livekit.agents import AgentSession, llm
 from livekit.agents.llm.tool_context import ToolChoice
 from livekit.agents.types import NOT_GIVEN, NotGivenOr
+from typer.testing import CliRunner
 
 import livekit_resume as lr
 from livekit_resume.bridge import from_stored
+from livekit_resume.cli import app
+from livekit_resume.snapshot.chat import ctx_from_data
+from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
+from livekit_resume.stores.base import Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.testing.poll import eventually
 from tests._child_realtime import REGISTRY, Concierge
@@ -38,7 +44,7 @@ async def store() -> AsyncIterator[MemoryStore]:
     await s.aclose()
 
 
-async def latest(store: MemoryStore) -> Snapshot:
+async def latest(store: Store) -> Snapshot:
     rs = lr.ResumableSession(store, "codec-only", registry=REGISTRY)
     return from_stored(rs._capture.codec, await store.load(KEY))
 
@@ -48,7 +54,7 @@ def conversation_ids(items: list[llm.ChatItem]) -> list[str]:
 
 
 async def saved_conversation(
-    store: MemoryStore, sessions: list[AgentSession[Any]], **options: Any
+    store: Store, sessions: list[AgentSession[Any]], **options: Any
 ) -> list[str]:
     """Two turns on a realtime model, its options changed at run time to ``options``,
     checkpointed and closed; returns the ids of the agent's saved conversation."""
@@ -273,3 +279,49 @@ async def test_a_remote_suspend_between_a_restore_in_place_and_its_start_is_refu
     assert await lr.control(store).suspend(KEY, timeout=2) == rs.version  # now it applies
     state: str = rs.state  # changed by the command, behind mypy's back
     assert state == "suspended"
+
+
+def test_an_imported_frame_with_malformed_realtime_options_still_restores(
+    tmp_path: Path,
+) -> None:
+    """`livekit-resume import` accepts any frame the snapshot model accepts, and
+    ``AgentFrame.realtime`` is a free dict: an edited export whose ``options`` is not a
+    mapping imported fine, then every restore failed with an untyped AttributeError out
+    of the options' reapplication, leaving a conversation no worker could resume. The
+    options are left out (logged) and the conversation comes back."""
+    url = f"sqlite:///{tmp_path}/sessions.db"
+
+    async def save() -> Snapshot:
+        store = lr.open_store(url)
+        sessions: list[AgentSession[Any]] = []
+        try:
+            await saved_conversation(store, sessions, voice="echo")
+            return await latest(store)
+        finally:
+            for s in sessions:
+                await s.aclose()
+            await store.aclose()
+
+    snap = asyncio.run(save())
+    assert snap.agent is not None and snap.agent.realtime is not None
+    frame = snap.agent.model_copy(update={"realtime": {**snap.agent.realtime, "options": "voice"}})
+    edited = tmp_path / "edited.lkrs"
+    edited.write_bytes(Codec().pack(snap.model_copy(update={"agent": frame}).model_dump()))
+    result = CliRunner().invoke(app, ["--store", url, "import", str(edited), "--key", "copy"])
+    assert result.exit_code == 0, result.output
+
+    async def restore() -> list[str]:
+        store = lr.open_store(url)
+        model = FakeRealtimeModel(voice="alloy")
+        session: AgentSession[Any] = AgentSession(llm=model)
+        rs = lr.ResumableSession(store, "copy", registry=REGISTRY, autosave=False)
+        try:
+            await session.start(await rs.restore(session, default=Concierge))
+            assert rs.resumed and model.active_session.options.voice == "alloy"
+            return [i.id for i in model.active_session.remote.items]
+        finally:
+            await rs.aclose()
+            await session.aclose()
+            await store.aclose()
+
+    assert asyncio.run(restore()) == conversation_ids(ctx_from_data(snap.agent.chat_ctx).items)

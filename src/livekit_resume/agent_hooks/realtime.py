@@ -101,8 +101,18 @@ async def reapply_options(
     Options of another provider, and options this model no longer takes, are left out
     (logged): the model keeps what its code set."""
     model = realtime_model(session, agent)
-    options: dict[str, Any] = saved.get("options") or {}
+    options: Any = saved.get("options") or {}
     if model is None or not options:
+        return
+    if type(options) is not dict or not all(type(k) is str for k in options):
+        # not what a capture writes (an edited import): the model keeps what its code set
+        log.warning(
+            "session %r: saved realtime options are not a mapping of names (%s); they are "
+            "not reapplied",
+            key,
+            type(options).__name__,
+            extra={"key": key},
+        )
         return
     if saved.get("provider") != model.provider:
         log.warning(
