@@ -325,3 +325,33 @@ def test_an_imported_frame_with_malformed_realtime_options_still_restores(
             await store.aclose()
 
     assert asyncio.run(restore()) == conversation_ids(ctx_from_data(snap.agent.chat_ctx).items)
+
+
+async def test_a_second_restore_that_starts_a_new_conversation_is_not_resumed(
+    store: MemoryStore, sessions: list[AgentSession[Any]]
+) -> None:
+    """`rs.resumed` is "True when `restore` found a snapshot" to go on with; after a
+    suspend, `restore` may be called again. When that second restore finds the
+    conversation ended meanwhile (another worker resumed and ended it), it starts a new
+    one with ``default()``, yet ``resumed`` stayed True from the first: the new caller's
+    agent skipped its greeting and the call began in silence."""
+    await saved_conversation(store, sessions)
+    rs = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
+    first: AgentSession[Any] = AgentSession(llm=FakeRealtimeModel())
+    sessions.append(first)
+    await first.start(await rs.restore(first, default=Concierge))
+    assert rs.resumed
+    await rs.suspend()
+
+    other = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
+    elsewhere: AgentSession[Any] = AgentSession(llm=FakeRealtimeModel())
+    sessions.append(elsewhere)
+    await elsewhere.start(await other.restore(elsewhere, default=Concierge))
+    await other.end()  # the call is over
+
+    again: AgentSession[Any] = AgentSession(llm=FakeRealtimeModel())
+    sessions.append(again)
+    await again.start(await rs.restore(again, default=Concierge))
+    assert conversation_ids(again.history.items) == []  # a new conversation...
+    assert not rs.resumed  # ...which the agent greets
+    await rs.aclose()

@@ -335,6 +335,9 @@ class ResumableSession:
         salvage: bool,
         stored: Stored | None,
     ) -> Agent:
+        # a restore again after a suspend may start a new conversation (none stored, or
+        # the stored one ended): only one it goes on with counts as resumed
+        self._resumed = False
         if stored is None:
             return default()
         sealed: dict[str, Sealed] = {}  # what checking the seals hashed: not hashed again
