@@ -101,8 +101,18 @@ async def reapply_options(
     Options of another provider, and options this model no longer takes, are left out
     (logged): the model keeps what its code set."""
     model = realtime_model(session, agent)
-    options: dict[str, Any] = saved.get("options") or {}
+    options: Any = saved.get("options") or {}
     if model is None or not options:
+        return
+    if type(options) is not dict or not all(type(k) is str for k in options):
+        # not what a capture writes (an edited import): the model keeps what its code set
+        log.warning(
+            "session %r: saved realtime options are not a mapping of names (%s); they are "
+            "not reapplied",
+            key,
+            type(options).__name__,
+            extra={"key": key},
+        )
         return
     if saved.get("provider") != model.provider:
         log.warning(
@@ -124,8 +134,27 @@ async def reapply_options(
             type(model).__qualname__,
             extra={"key": key},
         )
-    if given:
-        model.update_options(**given)  # type: ignore[attr-defined]  # checked by _settable
+    if not given:
+        return
+    update: Any = model.update_options  # type: ignore[attr-defined]  # checked by _settable
+    try:
+        update(**given)
+    except Exception:
+        # a value this model refuses (a voice it no longer offers) is left out, logged,
+        # like an option it does not take: the conversation is restored all the same
+        for name, value in given.items():
+            try:
+                update(**{name: value})
+            except Exception as e:
+                log.warning(
+                    "session %r: realtime option %s=%r was refused by %s (%s); it is not reapplied",
+                    key,
+                    name,
+                    value,
+                    type(model).__qualname__,
+                    e,
+                    extra={"key": key},
+                )
 
 
 class RealtimeGate:

@@ -225,6 +225,14 @@ class ResumableSession:
             raise RuntimeError(f"session {self._key!r} is being restored")
         if self._closing is not None:
             raise RuntimeError(f"session {self._key!r} is closed")
+        if _running(session):
+            # The agent rebuilt here would never start: the saved items would land in the
+            # live history beside a current agent that lacks them, and its next checkpoint
+            # would replace the saved agent context with its own.
+            raise RuntimeError(
+                f"session {self._key!r}: restore() must run before session.start(); "
+                "this AgentSession is already running"
+            )
         if self._state == "suspended":
             # again after a suspend, maybe into the same AgentSession: its audio back on
             self._silencer.unsilence(session)
@@ -259,12 +267,19 @@ class ResumableSession:
             agent = await self._load_into(session, default, salvage, stored)
         except BaseException:
             session.history.items[:] = kept
-            await self._holder.release()
-            # The inbox is stopped once its start is done (subscribed, or given up after
-            # START_WAIT), as after any restore: stopped mid-subscription, Python 3.11's
-            # wait_for can swallow the cancellation and the stop would wait forever.
-            await asyncio.gather(listening, return_exceptions=True)
-            await self._control.stop()  # after the release, as in _detach_and_release
+
+            async def undo_load() -> None:
+                await self._holder.release()
+                # The inbox is stopped once its start is done (subscribed, or given up
+                # after START_WAIT), as after any restore: stopped mid-subscription, Python
+                # 3.11's wait_for can swallow the cancellation and the stop would wait
+                # forever.
+                await asyncio.gather(listening, return_exceptions=True)
+                await self._control.stop()  # after the release, as in _detach_and_release
+
+            # to its end, whatever cancellation arrives meanwhile (a job cancelling twice):
+            # stopped half-way, it would leave the inbox listening
+            await to_its_end(undo_load())
             raise
         before = self._session, self._state
         self._session = session
@@ -285,10 +300,18 @@ class ResumableSession:
         except BaseException:
             # Cancelled in this last step (a job shut down): the caller gets no session
             # to close, so none stays attached, renewing the lease and writing under it.
-            await asyncio.gather(listening, return_exceptions=True)
-            await self._detach_and_release()
-            self._session, self._state = before
-            session.history.items[:] = kept
+
+            async def undo_attach() -> None:
+                await asyncio.gather(listening, return_exceptions=True)
+                await self._detach_and_release()
+
+            try:
+                # to its end, whatever cancellation arrives meanwhile (a job cancelling
+                # twice): stopped half-way, autosave would renew a lease nobody releases
+                await to_its_end(undo_attach())
+            finally:
+                self._session, self._state = before
+                session.history.items[:] = kept
             raise
         if self._closing is not None:
             # closed while restoring (the job shut down before its session started): the
@@ -313,6 +336,9 @@ class ResumableSession:
         salvage: bool,
         stored: Stored | None,
     ) -> Agent:
+        # a restore again after a suspend may start a new conversation (none stored, or
+        # the stored one ended): only one it goes on with counts as resumed
+        self._resumed = False
         if stored is None:
             return default()
         sealed: dict[str, Sealed] = {}  # what checking the seals hashed: not hashed again
@@ -672,8 +698,10 @@ class ResumableSession:
         )
 
     def _started(self) -> bool:
-        """Whether the attached `AgentSession` was started (it has a current agent)."""
-        return self._session is not None and current_agent(self._session) is not None
+        """Whether the attached `AgentSession` runs. Not ``current_agent``: a session
+        closed by a suspend keeps its last agent, so a restore in place into it would
+        pass for started before its ``start()``."""
+        return self._session is not None and _running(self._session)
 
     def _held_epoch(self) -> int | None:
         held = self._holder.lease is not None and self._autosave.lost is None
@@ -695,6 +723,12 @@ class ResumableSession:
     async def _publish_attributes(self) -> None:
         state = self._state if self._state != "closed" else "suspended"
         await self._announcer.publish_attributes(state, self._version)
+
+
+def _running(session: AgentSession[Any]) -> bool:
+    """Whether ``session`` was started and is not closed: LiveKit 1.8.9 keeps ``_started``
+    True from the end of ``start()`` until the session is closed."""
+    return bool(getattr(session, "_started", False))
 
 
 def _tracing() -> bool:
