@@ -328,6 +328,22 @@ async def test_on_enter_runs_on_every_start(sessions: list[AgentSession[Any]]) -
     assert Greeter.enters == 2
 
 
+async def test_started_is_true_from_the_end_of_start_until_close() -> None:
+    """``AgentSession._started`` (private; the hooks read it to tell a running session
+    from one restored and not yet started, or closed by a suspend): False before
+    ``start()``, True once it returned, False again after ``aclose()``, and True after a
+    second ``start()`` of the closed session (a restore in place)."""
+    session = make_text_session(ScriptedLLM())
+    assert session._started is False
+    await session.start(Greeter())
+    assert session._started is True
+    await session.aclose()
+    assert session._started is False
+    await session.start(Greeter())
+    assert session._started is True
+    await session.aclose()
+
+
 async def test_update_instructions_and_update_tools_add_config_items_and_emit_no_event(
     sessions: list[AgentSession[Any]],
 ) -> None:

@@ -16,8 +16,6 @@ from typing import Any
 
 import pytest
 from livekit.agents import AgentSession, llm
-from livekit.agents.llm.tool_context import ToolChoice
-from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from typer.testing import CliRunner
 
 import livekit_resume as lr
@@ -104,26 +102,6 @@ async def test_restore_into_a_session_already_started_is_refused_and_loses_nothi
     await rs2.aclose()
 
 
-class PickyModel(FakeRealtimeModel):
-    """A model whose ``update_options`` refuses a voice this version no longer offers
-    (a plugin upgrade, another deployment's model)."""
-
-    def update_options(
-        self,
-        *,
-        voice: NotGivenOr[str] = NOT_GIVEN,
-        turn_detection: NotGivenOr[str | None] = NOT_GIVEN,
-        tool_choice: NotGivenOr[ToolChoice | None] = NOT_GIVEN,
-        temperature: NotGivenOr[float] = NOT_GIVEN,
-    ) -> None:
-        if voice == "echo":
-            raise ValueError("voice 'echo' is not offered by this model")
-        super().update_options(
-            voice=voice, turn_detection=turn_detection, tool_choice=tool_choice,
-            temperature=temperature,
-        )  # fmt: skip
-
-
 async def test_a_saved_option_the_model_refuses_does_not_fail_the_restore(
     store: MemoryStore, sessions: list[AgentSession[Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -133,7 +111,8 @@ async def test_a_saved_option_the_model_refuses_does_not_fail_the_restore(
     restored over a voice. The refused option is logged, the others are set, and the
     conversation reaches the model."""
     saved = await saved_conversation(store, sessions, voice="echo", tool_choice="none")
-    model = PickyModel(["You are Ada."], voice="alloy")
+    model = FakeRealtimeModel(["You are Ada."], voice="alloy")
+    model.refused_voices.add("echo")  # a voice this version of the plugin no longer offers
     session: AgentSession[Any] = AgentSession(llm=model)
     sessions.append(session)
     rs = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)

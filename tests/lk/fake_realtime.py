@@ -119,6 +119,8 @@ class FakeRealtimeModel(llm.RealtimeModel):
         `FakeRealtimeSession.send_transcripts` (Gemini and Nova send it after the reply)."""
         self.sessions: list[FakeRealtimeSession] = []
         self._ids = itertools.count(1)
+        self.refused_voices: set[str] = set()
+        """Voices `update_options` refuses with ValueError (a plugin's offer changed)."""
 
     @property
     def model(self) -> str:
@@ -146,6 +148,8 @@ class FakeRealtimeModel(llm.RealtimeModel):
         temperature: NotGivenOr[float] = NOT_GIVEN,
     ) -> None:
         """Set options for new sessions and every live one (as the OpenAI plugin does)."""
+        if isinstance(voice, str) and voice in self.refused_voices:
+            raise ValueError(f"voice {voice!r} is not offered by this model")
         given = _given(
             voice=voice, turn_detection=turn_detection, tool_choice=tool_choice,
             temperature=temperature,
