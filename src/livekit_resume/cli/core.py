@@ -36,7 +36,6 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
-# The root's options, accepted anywhere on the line: moved before the command.
 # An operator's command against a Redis that does not answer gives up after one retry of
 # a 2 s wait, about 4 s a call, where a worker's store waits 5 s and retries three times
 # (about 21 s) to ride out a failover. A command makes a few calls: the short budget
@@ -45,6 +44,7 @@ CLI_SOCKET_TIMEOUT = 2.0
 CLI_RETRIES = 1
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+sentinel", "redis+cluster"})
 
+# The root's options, accepted anywhere on the line: moved before the command.
 _GLOBAL_FLAGS = frozenset({"--json"})
 _GLOBAL_VALUED = frozenset({"--store", "--namespace"})
 

@@ -39,7 +39,7 @@ class Session:
 
 SESSION_COLUMNS = "epoch, owner, lease_expires_at, lease_ttl, touched_at, gen, version, log_len"
 # Expired sessions one tidy purges: every other process's writes wait for its transaction
-# (20,000 at once held the write lock for about a second). Reads skip expired rows
+# (5,000 at once held the write lock 0.2 s, 20,000 about 0.6 s). Reads skip expired rows
 # whether purged or not; the rest go with the next tidies.
 PURGE_BATCH = 500
 # SQLite's INTEGER is 64-bit: a counter at the limit could not be stepped (epoch + 1,
