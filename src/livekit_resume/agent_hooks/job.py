@@ -56,9 +56,10 @@ from livekit.agents.voice import room_io
 from ..bridge import codec_for, from_stored, whole_commit
 from ..errors import LeaseLost, SessionBusy, TokenRefused
 from ..snapshot.codec import Codec
-from ..stores.base import SessionInfo, Store, validate_key
+from ..stores.base import Lease, SessionInfo, Store, validate_key
 from ..stores.url import open_store
 from ..tokens import verify_token
+from .lease import to_its_end
 from .registry import AgentRegistry
 from .session import ResumableSession
 
@@ -129,7 +130,9 @@ class JobPolicy:
         self._leave_grace = leave_grace
         self._rejoin = rejoin
         self._left_pause = False  # the pause is ours: the caller left
+        self._listening = False
         self._started = False
+        self._missed = False  # a participant came or went after listen(), before start()
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         # One step at a time (a pause, a resume, a suspend, a restore), each decided on
@@ -137,25 +140,45 @@ class JobPolicy:
         # leaves while one runs is seen by the next, never lost to a state in transit.
         self._stepping = asyncio.Lock()
 
+    def listen(self) -> None:
+        """Hear the room's participant events from now on; nothing is done about them
+        before `start` (the session is not running yet), which then takes the steps
+        they call for. `resumable_job` listens before its restore: a caller who leaves
+        while the session is restored or started is otherwise never seen."""
+        if not self._listening:
+            self._listening = True
+            self._room.on("participant_disconnected", self._on_left)
+            self._room.on("participant_connected", self._on_joined)
+
     def start(self) -> None:
-        self._room.on("participant_disconnected", self._on_left)
-        self._room.on("participant_connected", self._on_joined)
+        self.listen()
         self._started = True
+        if self._missed:
+            self._missed = False
+            self._spawn(self._settle())
 
     def stop(self) -> None:
         self._cancel_timer()
-        if self._started:
-            self._started = False
+        self._started = False
+        self._missed = False
+        if self._listening:
+            self._listening = False
             self._room.off("participant_disconnected", self._on_left)
             self._room.off("participant_connected", self._on_joined)
 
     # -- room events (synchronous callbacks: the work runs in tasks) --------------
 
     def _on_left(self, _participant: rtc.RemoteParticipant) -> None:
-        self._spawn(self._settle())
+        self._heard()
 
     def _on_joined(self, _participant: rtc.RemoteParticipant) -> None:
-        self._spawn(self._settle())
+        self._heard()
+
+    def _heard(self) -> None:
+        if self._started:
+            self._spawn(self._settle())
+        else:
+            self._missed = True  # settled once started, on who is in the room then
 
     async def _settle(self, *, grace_over: bool = False) -> None:
         """Take the steps the room's participants call for, one after the other, until
@@ -170,6 +193,8 @@ class JobPolicy:
 
     def _next_step(self, grace_over: bool) -> Callable[[], Awaitable[None]] | None:
         state = self._rs.state
+        if self._rs._closing is not None:
+            return None  # closed or closing (the job shuts down): the close is final
         finishing = self._rs._finishing
         if finishing is not None:
             # a suspend of the session's own (suspend_after, the app) is under way:
@@ -283,7 +308,7 @@ async def archive_stale(
     # Held from the check to the delete, which it fences: a worker that takes the key
     # over meanwhile (``takeover=True``) keeps it, and with it every turn it wrote.
     try:
-        held = await store.acquire(key, owner, ttl=ARCHIVE_LEASE_TTL)
+        held = await _acquire(store, key, owner)
     except SessionBusy:
         return None  # a worker holds it now: it is that worker's
     deleted = False
@@ -293,7 +318,7 @@ async def archive_stale(
             return None  # saved again since it was found stale
         archive = validate_key(f"{key}~v{stored.version}")
         snap = from_stored(codec, stored)
-        lease = await store.acquire(archive, owner, ttl=ARCHIVE_LEASE_TTL)
+        lease = await _acquire(store, archive, owner)
         try:
             copy = snap.model_copy(update={"key": archive, "epoch": lease.epoch})
             await store.commit(whole_commit(codec, copy, base_version=0, owner=owner))
@@ -321,6 +346,31 @@ async def archive_stale(
         extra={"key": key, "archived": archive},
     )
     return archive
+
+
+async def _acquire(store: Store, key: str, owner: str) -> Lease:
+    """``store.acquire`` for `archive_stale`. A caller cancelled meanwhile (the job shut
+    down) may be granted the lease all the same (the store ran it, its answer was on its
+    way): the grant is awaited and released before the cancellation goes on, or the key
+    would stay held for ARCHIVE_LEASE_TTL, refusing the next restore (as `LeaseHolder`
+    does for a restore's lease)."""
+    call = asyncio.ensure_future(store.acquire(key, owner, ttl=ARCHIVE_LEASE_TTL))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+
+        async def give_back() -> None:
+            try:
+                granted = await call
+            except Exception:
+                return  # refused or failed: nothing to give back
+            try:
+                await store.release(granted)
+            except Exception as e:
+                log.warning("session %r: lease release failed (%s); it will expire", key, e)
+
+        await to_its_end(give_back())  # a second cancellation must not stop the release
+        raise
 
 
 async def _token_key(
@@ -433,14 +483,19 @@ async def resumable_job(
                 error,
                 extra={"key": name},
             )
-            policy.stop()
-            with contextlib.suppress(RuntimeError):  # not started yet: nothing speaks
-                await session.interrupt(force=True)
-            session.output.set_audio_enabled(False)
-            session.input.set_audio_enabled(False)
-            await rs.aclose()
-            await session.aclose()
-            ctx.shutdown(reason=f"session {name!r} was taken over by another job")
+            try:
+                policy.stop()
+                # not bounded here: LiveKit marks every interrupted speech done within
+                # speech_handle.INTERRUPTION_TIMEOUT (5 s in 1.8.9)
+                with contextlib.suppress(RuntimeError):  # not started yet: nothing speaks
+                    await session.interrupt(force=True)
+                session.output.set_audio_enabled(False)
+                session.input.set_audio_enabled(False)
+                await rs.aclose()
+                await session.aclose()  # raises what a model's close raised (a reset socket)
+            finally:
+                # whatever failed above, this job leaves the room: the newer one serves it
+                ctx.shutdown(reason=f"session {name!r} was taken over by another job")
 
         rs = ResumableSession(
             store,
@@ -493,7 +548,14 @@ async def resumable_job(
         if earlier is not None:
             earlier.stop()
         _policies[ctx] = policy
-        agent = await rs.restore(session, default=default, takeover=True)
+        # listening from here: a caller gone during the restore or session.start() is
+        # heard, and acted on once the policy starts
+        policy.listen()
+        try:
+            agent = await rs.restore(session, default=default, takeover=True)
+        except BaseException:
+            policy.stop()
+            raise
 
     async def on_shutdown(_reason: str) -> None:
         await rs.aclose()  # usually done already: the session's close saved it
@@ -501,6 +563,10 @@ async def resumable_job(
             await store.aclose()
 
     ctx.add_shutdown_callback(on_shutdown)
-    await session.start(agent, room=ctx.room, room_options=opts)
+    try:
+        await session.start(agent, room=ctx.room, room_options=opts)
+    except BaseException:
+        policy.stop()
+        raise
     policy.start()
     return rs

@@ -569,8 +569,8 @@ class ResumableSession:
         """The long pause's suspend, decided when its task runs, not when the timer fired:
         a resume whose step was queued in the same loop turn as the timer has run by then,
         and must not be undone by a suspend of the session it just made active."""
-        if self._state != "paused" or self._finishing is not None:
-            return None
+        if self._state != "paused" or self._finishing is not None or self._closing is not None:
+            return None  # resumed, being suspended or ended already, or closing: that stands
         return await self.suspend()
 
     async def resume(self) -> None:
@@ -606,6 +606,10 @@ class ResumableSession:
             raise RuntimeError(f"session {self._key!r} is already {self._state}")
         if self._finishing is not None:
             raise RuntimeError(f"session {self._key!r} is being {self._finishing_as}")
+        if self._closing is not None:
+            # aclose() is final and leaves the AgentSession open: a suspend (a timer of
+            # suspend_after or of the leave grace) must not close it under its final save
+            raise RuntimeError(f"session {self._key!r} is closing")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._finishing, self._finishing_as = done, state
         try:
@@ -663,6 +667,7 @@ class ResumableSession:
         await asyncio.shield(self._closing)
 
     async def _aclose(self) -> None:
+        self._long_pause.cancel()  # no suspend_after from here: the close is final
         live = self._state in ("active", "paused")
         if self._session is not None and self._lease is not None and live:
             await final_save(self.checkpoint, self._key, lambda: self._version)

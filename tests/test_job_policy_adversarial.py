@@ -1,0 +1,357 @@
+"""An adversarial pass over `resumable_job`'s own path (job.py): the fenced job's
+``on_lost``, the room policy's first moments, a long-pause timer firing during a close,
+and a job cancelled while it archives a stale conversation.
+
+`resumable_job` runs here in the test's own process, with a real `JobContext` (built as
+LiveKit's job process builds it) on LiveKit's own stand-in room
+(``ipc.mock_room.create_mock_room()``, with a working event emitter and a caller, as
+``tests/lk/jobs.py`` fixes it in a job process) and a real `AgentSession`. Each test was
+a defect on the branch that fixed it.
+
+Suspects refuted on the way, from LiveKit 1.8.9's source (no test of ours needed):
+``session.interrupt(force=True)`` in ``on_lost`` cannot hang forever (every interrupted
+`SpeechHandle` marks itself done after ``speech_handle.INTERRUPTION_TIMEOUT``, 5 s), and
+``local_participant.set_attributes`` is bounded by the FFI's own request timeout (5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from unittest.mock import create_autospec
+
+import pytest
+from livekit import rtc
+from livekit.agents import Agent, AgentSession, JobContext, JobExecutorType, JobProcess, job
+from livekit.agents.ipc.mock_room import create_mock_room
+from livekit.agents.voice import room_io
+from livekit.protocol import agent, models
+
+import livekit_resume as lr
+from livekit_resume.stores.base import Lease, Store
+from livekit_resume.stores.memory import MemoryStore
+from livekit_resume.testing.poll import eventually
+from tests.lk.fake_realtime import FakeRealtimeModel, FakeRealtimeSession
+from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+from tests.test_hooks import start
+
+DEADLINE = 2.0
+GRACE = 0.2
+QUIET = room_io.RoomOptions(audio_input=False, audio_output=False, text_output=False)
+
+
+class Clerk(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="You remember what the caller says.")
+
+
+REGISTRY = lr.AgentRegistry()
+REGISTRY.register(Clerk)
+
+
+# ------------------------------------------------------------- a job in this process
+
+
+def _participant(identity: str) -> rtc.RemoteParticipant:
+    p = create_autospec(rtc.RemoteParticipant, instance=True)
+    p.identity = identity
+    p.sid = f"PA_{identity}"
+    p.name = identity
+    p.kind = rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD
+    p.state = rtc.ParticipantState.PARTICIPANT_STATE_ACTIVE
+    p.attributes = {}
+    p.metadata = ""
+    p.disconnect_reason = None
+    p.track_publications = {}
+    return p  # type: ignore[no-any-return]
+
+
+class Job:
+    """A `JobContext` on LiveKit's mock room, as a job process has it; ``shutdowns``
+    holds the reasons ``ctx.shutdown`` was called with."""
+
+    def __init__(self, room_name: str, *, caller: bool = True) -> None:
+        room = create_mock_room()
+        emitter: rtc.EventEmitter[str] = rtc.EventEmitter()
+        room.on, room.off, room.once, room.emit = (
+            emitter.on,
+            emitter.off,
+            emitter.once,
+            emitter.emit,
+        )
+        room.remote_participants = {"PA_caller": _participant("caller")} if caller else {}
+        room.name = room_name
+        self.room: Any = room
+        self.shutdowns: list[str] = []
+        info = job.RunningJobInfo(
+            job=agent.Job(
+                id=f"AJ_{uuid.uuid4().hex[:12]}",
+                type=agent.JobType.JT_ROOM,
+                room=models.Room(name=room_name, sid=f"RM_{uuid.uuid4().hex[:8]}"),
+            ),
+            url="fake_url",
+            token="fake_token",
+            accept_arguments=job.JobAcceptArguments(name="", identity="", metadata=""),
+            worker_id="test-worker",
+            fake_job=True,
+        )
+        self.ctx = JobContext(
+            proc=JobProcess(
+                executor_type=JobExecutorType.PROCESS, user_arguments=None, http_proxy=None
+            ),
+            info=info,
+            room=room,
+            on_connect=lambda: None,
+            on_shutdown=self.shutdowns.append,
+            inference_executor=None,  # type: ignore[arg-type]
+        )
+
+    def leave(self, identity: str = "caller") -> None:
+        p = self.room.remote_participants.pop(f"PA_{identity}")
+        self.room.emit("participant_disconnected", p)
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_kept() -> Iterator[None]:
+    """`resumable_job` ignores SIGTERM in its (job) process: not in pytest's."""
+    kept = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, kept)
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[MemoryStore]:
+    s = MemoryStore()
+    yield s
+    await s.aclose()
+
+
+async def run_job(
+    j: Job, session: AgentSession[Any], store: Store, **options: Any
+) -> lr.ResumableSession:
+    options.setdefault("leave_grace", None)
+    return await lr.resumable_job(
+        j.ctx,
+        session,
+        registry=options.pop("registry", REGISTRY),
+        default=options.pop("default", Clerk),
+        store=store,
+        room_options=QUIET,
+        debounce=0.01,
+        **options,
+    )
+
+
+async def state_is(rs: lr.ResumableSession, state: str, timeout: float = DEADLINE) -> None:
+    async def reached() -> bool:
+        return rs.state == state
+
+    await eventually(reached, f"the session is {state} (it is {rs.state})", timeout)
+
+
+# ------------------------------------------------------- on_lost: the fenced job leaves
+
+
+class _CloseFails(FakeRealtimeSession):
+    async def aclose(self) -> None:
+        await super().aclose()
+        raise ConnectionResetError("the realtime websocket was reset while closing (test)")
+
+
+class CloseFailsModel(FakeRealtimeModel):
+    """A realtime model whose session's close fails, as a provider's websocket can:
+    LiveKit's ``AgentSession.aclose()`` then raises it (agent_activity ``_close_session``)."""
+
+    def session(self, *, turn_detection_disabled: bool = False) -> FakeRealtimeSession:
+        s = _CloseFails(self)
+        self.sessions.append(s)
+        return s
+
+
+async def test_a_fenced_job_whose_session_fails_to_close_still_shuts_itself_down(
+    store: MemoryStore,
+) -> None:
+    """job.py ``on_lost``: "a newer job took the conversation over: stop speaking, write
+    nothing, end". Ending is ``ctx.shutdown``: the fenced job must leave the room even
+    when closing its AgentSession fails, or it stays in the room beside the newer job."""
+    j = Job("room-fenced")
+    session: AgentSession[Any] = AgentSession(
+        llm=CloseFailsModel(), vad=None, turn_handling={"turn_detection": None}
+    )
+    rs = await run_job(j, session, store)
+    newer = make_text_session(ScriptedLLM(default="noted"))
+    rs2 = lr.ResumableSession(store, "room-fenced", registry=REGISTRY, owner="newer-job")
+    await newer.start(await rs2.restore(newer, default=Clerk, takeover=True))
+    rs._autosave.trigger("manual")  # the fenced job's next write meets the new epoch
+
+    async def shut_down() -> bool:
+        return bool(j.shutdowns)
+
+    await eventually(shut_down, "the fenced job asked LiveKit to shut it down", DEADLINE)
+    assert "taken over" in j.shutdowns[0]
+    await rs2.aclose()
+    await newer.aclose()
+
+
+# ----------------------------------------- the room policy: a caller gone during start
+
+
+class LeavesOnEnter(Agent):
+    """The caller hangs up while the session starts (``start()`` awaits ``on_enter``)."""
+
+    job: Job
+
+    def __init__(self) -> None:
+        super().__init__(instructions="You remember what the caller says.")
+
+    async def on_enter(self) -> None:
+        self.job.leave()
+        await asyncio.sleep(0)
+
+
+async def test_a_caller_who_leaves_while_the_session_starts_is_paused_then_suspended(
+    store: MemoryStore,
+) -> None:
+    """docs/lifecycle.md, caller drop: "the last remote participant leaves → the session
+    pauses", and "nobody rejoins in time → suspended". A caller gone before the policy
+    listened (during the restore or ``session.start()``) was never seen: the session
+    waited for nobody, holding its lease and connections, with no grace and no suspend."""
+    j = Job("room-early-leave")
+    LeavesOnEnter.job = j
+    registry = lr.AgentRegistry()
+    registry.register(LeavesOnEnter)
+    session = make_text_session(ScriptedLLM(default="noted"))
+    closed = asyncio.Event()  # a suspend ends there, its lease released before
+    session.on("close", lambda _ev: closed.set())
+    rs = await run_job(
+        j, session, store, registry=registry, default=LeavesOnEnter, leave_grace=GRACE
+    )
+    assert not j.room.remote_participants
+    await asyncio.wait_for(closed.wait(), DEADLINE)
+    assert rs.state == "suspended"
+    info = await store.info("room-early-leave")
+    assert info is not None and info.owner is None, "the lease is still held"
+    await rs.aclose()
+
+
+async def test_a_job_started_before_its_caller_joined_is_not_paused(store: MemoryStore) -> None:
+    """The other side of the fix above: an agent dispatched before anyone joined (an
+    explicit dispatch) has seen nobody leave, and waits for its caller as before."""
+    j = Job("room-early-agent", caller=False)
+    session = make_text_session(ScriptedLLM(default="noted"))
+    rs = await run_job(j, session, store, leave_grace=GRACE)
+    await asyncio.sleep(GRACE * 2)
+    assert rs.state == "active"
+    await rs.aclose()
+    await session.aclose()
+
+
+# ------------------------------------------------ suspend_after firing during aclose()
+
+
+class GatedCommits:
+    """A store whose commits wait for ``gate`` while ``hold`` is set (``held`` is set
+    once one waits): a final save still on its way to a slow store."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.hold = False
+        self.held = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Any) -> int:
+        if self.hold:
+            self.held.set()
+            await self.gate.wait()
+        return await self.inner.commit(commit)
+
+
+async def test_suspend_after_firing_during_aclose_does_not_close_the_agent_session(
+    store: MemoryStore,
+) -> None:
+    """`ResumableSession.aclose`: "Does not close the `AgentSession`." A paused session
+    whose ``suspend_after`` runs out while ``aclose()`` writes its final save must not be
+    suspended by it (a suspend closes the AgentSession and says ``suspended``)."""
+    gated = GatedCommits(store)
+    session, rs, _ = await start(gated, ["one"], suspend_after=0.1, autosave=True)
+    closed = asyncio.Event()
+    session.on("close", lambda _ev: closed.set())
+    await session.run(user_input="remember the blue door")
+    await rs.pause()
+    session.userdata.name = "Grace"  # changed while paused: the final save writes it
+    gated.hold = True
+    closing = asyncio.ensure_future(rs.aclose())
+    await asyncio.wait_for(gated.held.wait(), DEADLINE)
+    await asyncio.sleep(0.3)  # suspend_after runs out while the final save is on its way
+    gated.hold = False
+    gated.gate.set()
+    await asyncio.wait_for(closing, DEADLINE)
+    for _ in range(20):  # a suspend that started would be done by now
+        await asyncio.sleep(0.01)
+    assert not closed.is_set(), "aclose() ended with the AgentSession closed"
+    assert rs.state == "closed"
+    info = await store.info(rs.key)
+    assert info is not None and info.info["state"] != "suspended"
+    await session.aclose()
+
+
+# ---------------------------------- resume_within: a job cancelled while it archives
+
+
+class SlowGrant:
+    """A store whose first acquire is granted by the store at once and answered only
+    when ``gate`` opens (``granted`` is set then): the reply still on its way back."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.granted = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.first = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def acquire(self, key: str, owner: str, **options: Any) -> Lease:
+        lease = await self.inner.acquire(key, owner, **options)
+        if self.first:
+            self.first = False
+            self.granted.set()
+            await self.gate.wait()
+        return lease
+
+
+async def test_a_job_cancelled_while_archiving_a_stale_conversation_holds_no_lease() -> None:
+    """job.py, ``resume_within``: a stale conversation is copied aside under the key's
+    lease. A job cancelled (shut down) while that lease is being granted must not leave
+    the key held for ``ARCHIVE_LEASE_TTL`` (30 s): the next job's restore in place, or
+    another worker's archive, would be refused (`SessionBusy`) meanwhile."""
+    offset = [-3600.0]  # the conversation happened an hour ago
+    inner = MemoryStore(clock=lambda: time.time() + offset[0])
+    session, rs, _ = await start(inner, ["one"])
+    await session.run(user_input="my order number is 4711")
+    await rs.suspend()
+    offset[0] = 0.0
+    slow = SlowGrant(inner)
+    j = Job(rs.key)
+    fresh = make_text_session(ScriptedLLM(default="noted"))
+    job_task = asyncio.ensure_future(run_job(j, fresh, slow, resume_within=60))
+    await asyncio.wait_for(slow.granted.wait(), DEADLINE)
+    job_task.cancel()  # LiveKit shuts the job down
+    await asyncio.sleep(0)
+    slow.gate.set()
+    await asyncio.gather(job_task, return_exceptions=True)
+    assert job_task.cancelled()
+
+    async def free() -> bool:
+        info = await inner.info(rs.key)
+        return info is not None and info.owner is None
+
+    await eventually(free, "the key's lease is released", DEADLINE)
+    await inner.aclose()
