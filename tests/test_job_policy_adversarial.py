@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from unittest.mock import create_autospec
 
 import pytest
 from livekit import rtc
@@ -36,6 +35,7 @@ from livekit_resume.stores.base import Lease, Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.testing.poll import eventually
 from tests.lk.fake_realtime import FakeRealtimeModel, FakeRealtimeSession
+from tests.lk.jobs import remote_participant
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_hooks import start
 
@@ -56,20 +56,6 @@ REGISTRY.register(Clerk)
 # ------------------------------------------------------------- a job in this process
 
 
-def _participant(identity: str) -> rtc.RemoteParticipant:
-    p = create_autospec(rtc.RemoteParticipant, instance=True)
-    p.identity = identity
-    p.sid = f"PA_{identity}"
-    p.name = identity
-    p.kind = rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD
-    p.state = rtc.ParticipantState.PARTICIPANT_STATE_ACTIVE
-    p.attributes = {}
-    p.metadata = ""
-    p.disconnect_reason = None
-    p.track_publications = {}
-    return p  # type: ignore[no-any-return]
-
-
 class Job:
     """A `JobContext` on LiveKit's mock room, as a job process has it; ``shutdowns``
     holds the reasons ``ctx.shutdown`` was called with."""
@@ -83,7 +69,7 @@ class Job:
             emitter.once,
             emitter.emit,
         )
-        room.remote_participants = {"PA_caller": _participant("caller")} if caller else {}
+        room.remote_participants = {"PA_caller": remote_participant("caller")} if caller else {}
         room.name = room_name
         self.room: Any = room
         self.shutdowns: list[str] = []

@@ -132,14 +132,17 @@ def on_command(name: str, handler: Callable[[list[str]], Any]) -> None:
     _link.handlers[name] = handler
 
 
-def _participant(identity: str, attributes: dict[str, str]) -> rtc.RemoteParticipant:
+def remote_participant(
+    identity: str, attributes: dict[str, str] | None = None
+) -> rtc.RemoteParticipant:
+    """A stand-in for a caller in a room (``rtc.RemoteParticipant``'s spec)."""
     p = create_autospec(rtc.RemoteParticipant, instance=True)
     p.identity = identity
     p.sid = f"PA_{identity}"
     p.name = identity
     p.kind = rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD
     p.state = rtc.ParticipantState.PARTICIPANT_STATE_ACTIVE
-    p.attributes = dict(attributes)
+    p.attributes = dict(attributes or {})
     p.metadata = ""
     p.disconnect_reason = None
     p.track_publications = {}
@@ -152,7 +155,7 @@ def _initialize(proc: JobProcess) -> None:
     room = create_mock_room()
     emitter: rtc.EventEmitter[str] = rtc.EventEmitter()
     room.on, room.off, room.once, room.emit = emitter.on, emitter.off, emitter.once, emitter.emit
-    first = _participant(spec.participant_identity, spec.participant_attributes)
+    first = remote_participant(spec.participant_identity, spec.participant_attributes)
     _room_participants.clear()
     _room_participants[first.sid] = first
     room.remote_participants = _room_participants
@@ -163,7 +166,7 @@ def _builtin_commands(ctx: JobContext, spec: JobSpec) -> dict[str, Callable[[lis
 
     def join(args: list[str]) -> None:
         attrs = spec.participant_attributes if args[0] == spec.participant_identity else {}
-        p = _participant(args[0], attrs)
+        p = remote_participant(args[0], attrs)
         _room_participants[p.sid] = p
         room.emit("participant_connected", p)
 

@@ -59,7 +59,7 @@ from ..snapshot.codec import Codec
 from ..stores.base import Lease, SessionInfo, Store, validate_key
 from ..stores.url import open_store
 from ..tokens import verify_token
-from .lease import to_its_end
+from .lease import granted
 from .registry import AgentRegistry
 from .session import ResumableSession
 
@@ -349,28 +349,12 @@ async def archive_stale(
 
 
 async def _acquire(store: Store, key: str, owner: str) -> Lease:
-    """``store.acquire`` for `archive_stale`. A caller cancelled meanwhile (the job shut
-    down) may be granted the lease all the same (the store ran it, its answer was on its
-    way): the grant is awaited and released before the cancellation goes on, or the key
-    would stay held for ARCHIVE_LEASE_TTL, refusing the next restore (as `LeaseHolder`
-    does for a restore's lease)."""
-    call = asyncio.ensure_future(store.acquire(key, owner, ttl=ARCHIVE_LEASE_TTL))
-    try:
-        return await asyncio.shield(call)
-    except asyncio.CancelledError:
-
-        async def give_back() -> None:
-            try:
-                granted = await call
-            except Exception:
-                return  # refused or failed: nothing to give back
-            try:
-                await store.release(granted)
-            except Exception as e:
-                log.warning("session %r: lease release failed (%s); it will expire", key, e)
-
-        await to_its_end(give_back())  # a second cancellation must not stop the release
-        raise
+    """``store.acquire`` for `archive_stale`: a lease granted to a caller cancelled
+    meanwhile (the job shut down) is released, not left to refuse the next restore for
+    ARCHIVE_LEASE_TTL (`lease.granted`, as for a restore's lease)."""
+    return await granted(
+        store, store.acquire(key, owner, ttl=ARCHIVE_LEASE_TTL), lambda lease: lease
+    )
 
 
 async def _token_key(

@@ -97,26 +97,7 @@ class LeaseHolder:
         return stored
 
     async def _granted(self, call: Awaitable[_T], lease_of: Callable[[_T], Lease]) -> _T:
-        """Await an acquisition. A caller cancelled meanwhile (a job shut down during its
-        restore) may be granted the lease all the same: the acquisition is awaited to its
-        end and a lease it granted is released before the cancellation goes on, so that
-        nobody is left named the holder of a session nobody holds."""
-        task = asyncio.ensure_future(call)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # awaited here directly, a second cancellation would cancel the acquisition
-            # (losing its grant) or the release
-            await to_its_end(self._give_back(task, lease_of))
-            raise
-
-    async def _give_back(self, call: asyncio.Future[_T], lease_of: Callable[[_T], Lease]) -> None:
-        """Release the lease ``call`` grants, if it grants one."""
-        try:
-            granted = lease_of(await call)
-        except Exception:
-            return  # refused or failed: nothing to give up
-        await self._release(granted)
+        return await granted(self._store, call, lease_of)
 
     async def renew(self) -> bool:
         """Extend the lease. Returns False when the session vanished (nobody took it:
@@ -186,20 +167,51 @@ class LeaseHolder:
             await to_its_end(self._release(lease))
 
     async def _release(self, lease: Lease) -> None:
-        try:
-            await self._store.release(lease)
-        except Exception as e:
-            RELEASE_FAILURES.inc()
-            log.warning(
-                "session %r: lease release failed (%s); it will expire",
-                self.key,
-                e,
-                extra={"key": self.key},
-            )
+        await release_lease(self._store, lease)
 
     def drop(self) -> None:
         """Forget the lease without releasing it: it was lost to another worker."""
         self.lease = None
+
+
+async def granted(store: Store, call: Awaitable[_T], lease_of: Callable[[_T], Lease]) -> _T:
+    """Await an acquisition ``call`` on ``store``. A caller cancelled meanwhile (a job shut
+    down) may be granted the lease all the same: the acquisition is awaited to its end
+    and a lease it granted (``lease_of`` its answer) is released before the cancellation
+    goes on, so that nobody is left named the holder of a session nobody holds."""
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # awaited here directly, a second cancellation would cancel the acquisition
+        # (losing its grant) or the release
+        await to_its_end(_give_back(store, task, lease_of))
+        raise
+
+
+async def _give_back(
+    store: Store, call: asyncio.Future[_T], lease_of: Callable[[_T], Lease]
+) -> None:
+    """Release the lease ``call`` grants, if it grants one."""
+    try:
+        lease = lease_of(await call)
+    except Exception:
+        return  # refused or failed: nothing to give up
+    await release_lease(store, lease)
+
+
+async def release_lease(store: Store, lease: Lease) -> None:
+    """Give ``lease`` up; a failure is logged and counted (the lease then expires)."""
+    try:
+        await store.release(lease)
+    except Exception as e:
+        RELEASE_FAILURES.inc()
+        log.warning(
+            "session %r: lease release failed (%s); it will expire",
+            lease.key,
+            e,
+            extra={"key": lease.key},
+        )
 
 
 async def to_its_end(work: Awaitable[None]) -> None:
