@@ -574,5 +574,10 @@ async def test_a_flood_of_commands_waits_in_a_bounded_line_and_the_owner_still_a
 
         await eventually(all_heard, "the owner heard every command of the flood")
         assert len(rs._control._handling) == MAX_WAITING
+
+    async def line_empty() -> bool:
+        return not rs._control._handling
+
+    await eventually(line_empty, "the owner answered the commands in its line")
     version = await asyncio.wait_for(lr.control(store).pause(KEY), NEVER)
     assert state(rs) == "paused" and version == rs.version
