@@ -29,6 +29,7 @@ commit commits to exactly the items the store will hold, at a cost flat in the l
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,7 +116,13 @@ class Overlay(Mapping[str, V]):
 _LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
 
 
-def _shape(value: Any) -> Any:
+# How deep `_shape` copies; below, a value compares unequal to everything (a cycle, or
+# nesting the value walk cuts anyway): its item is read again, and written only if its
+# data moved. Well below Python's recursion limit, with a checkpoint's own frames.
+_SHAPE_DEPTH = 64
+
+
+def _shape(value: Any, depth: int = 0) -> Any:
     """A frozen copy of ``value`` (containers copied all the way down, immutable leaves
     shared) that compares equal to ``value`` itself, as long as nothing in it changed:
     an item edited in place, at any depth, no longer equals the copy taken when it was
@@ -124,20 +131,65 @@ def _shape(value: Any) -> Any:
     kind = type(value)
     if kind in _LEAVES:
         return value
+    if depth >= _SHAPE_DEPTH:
+        return _UNEQUAL
+    depth += 1
     if kind is dict:
-        return {k: v if type(v) in _LEAVES else _shape(v) for k, v in value.items()}
+        return {k: v if type(v) in _LEAVES else _shape(v, depth) for k, v in value.items()}
     if kind is list:
-        return [v if type(v) in _LEAVES else _shape(v) for v in value]
+        return [v if type(v) in _LEAVES else _shape(v, depth) for v in value]
     if kind is tuple:
-        return tuple(v if type(v) in _LEAVES else _shape(v) for v in value)
+        return tuple(v if type(v) in _LEAVES else _shape(v, depth) for v in value)
     if isinstance(value, BaseModel):
-        return _Frozen(value)
+        return _Frozen(value, depth)
     if isinstance(value, (set, frozenset)):
         return _Typed(kind, frozenset(value))
     if isinstance(value, (bytearray, memoryview)):
         return _Typed(kind, bytes(value))
+    # mutable values saved by their contents (`values.plain_item_value`): a dict or list
+    # subclass (a defaultdict), a dataclass
+    if isinstance(value, dict):
+        return _Typed(kind, _shape(dict(value), depth))
+    if isinstance(value, list):
+        return _Typed(kind, _shape(list(value), depth))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _Fields(kind, _shape(_fields_of(value), depth))
     # immutable values compare by value; other objects (a video frame) by identity
     return value
+
+
+def _fields_of(value: Any) -> dict[str, Any]:
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+
+
+class _Unequal:
+    """Below `_SHAPE_DEPTH`: never equal, so the item is read again."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_UNEQUAL = _Unequal()
+
+
+class _Fields:
+    """A copy of a dataclass: equal to a live one of the same type and field values."""
+
+    __slots__ = ("_fields", "_kind")
+
+    def __init__(self, kind: type, fields: Any) -> None:
+        self._kind, self._fields = kind, fields
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is _Fields:
+            return self._kind is other._kind and bool(self._fields == other._fields)
+        return type(other) is self._kind and bool(self._fields == _fields_of(other))
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class _Typed:
@@ -162,11 +214,11 @@ class _Frozen:
 
     __slots__ = ("_extra", "_fields", "_kind")
 
-    def __init__(self, item: BaseModel) -> None:
+    def __init__(self, item: BaseModel, depth: int = 0) -> None:
         self._kind = type(item)
-        self._fields = _shape(item.__dict__)
+        self._fields = _shape(item.__dict__, depth)
         extra = item.__pydantic_extra__
-        self._extra = None if extra is None else _shape(extra)
+        self._extra = None if extra is None else _shape(extra, depth)
 
     def __eq__(self, other: object) -> bool:
         if type(other) is _Frozen:
@@ -373,6 +425,8 @@ class StreamTracker:
         plan = Plan(self, n_new)
         if first < n_old:
             alive = {it.id for it in items}
+            if len(alive) != n_new:  # the set is made anyway: a duplicate anywhere
+                raise ValueError(_TWICE.format(self.stream))
             plan.removals = [
                 Record(self.stream, gone.id, None) for gone in old[first:] if gone.id not in alive
             ]
@@ -430,10 +484,7 @@ class StreamTracker:
         digests = self._digests
         if len(fresh) != n_new - first or (first == n_old and any(i in digests for i in fresh)):
             # the store keys items by id: two items with one id would fold into one
-            raise ValueError(
-                f"{self.stream} holds two chat items with the same id; LiveKit gives each "
-                "item a unique id, so a context built by hand must do the same"
-            )
+            raise ValueError(_TWICE.format(self.stream))
         for i in range(first, n_new):
             puts.append(_Put(items[i], items[i - 1].id if i else None, read(i)))
         return plan
@@ -488,6 +539,10 @@ class StreamTracker:
 
 
 _MISSING = object()
+_TWICE = (
+    "{} holds two chat items with the same id; LiveKit gives each item a unique id, so a "
+    "context built by hand must do the same"
+)
 
 
 class Plan:

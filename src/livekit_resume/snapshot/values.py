@@ -39,15 +39,18 @@ from pydantic import TypeAdapter, ValidationError
 
 from livekit_resume.errors import UnsavableValue
 from livekit_resume.msgscan import MAX_VALUES
+from livekit_resume.snapshot.frame import MAX_DEPTH as FRAME_DEPTH
 
 __all__ = ["MAX_DEPTH", "clean_text", "dump_userdata", "plain_extra", "plain_item_value"]
 
 logger = logging.getLogger("livekit_resume.snapshot.values")
 
-# msgpack's packer and unpacker give up somewhere past a thousand levels and a snapshot
-# wraps each value in a few levels of its own; app state is a few levels deep, so
-# anything this deep is a bug (or a cycle) and is refused before it can stop a save.
-MAX_DEPTH = 256
+# A frame holds values nested at most `frame.MAX_DEPTH` levels (its codec refuses the
+# whole frame beyond) and a snapshot wraps each value in a few levels of its own (the
+# head, an item and its field); app state is a few levels deep, so anything this deep
+# is a bug (or a cycle) and is refused here, where only that value is lost, before it
+# can stop a save.
+MAX_DEPTH = FRAME_DEPTH - 8
 
 # msgpack's integer range: the signed 64-bit minimum and the unsigned 64-bit maximum.
 _INT_MIN = -(2**63)
