@@ -226,3 +226,23 @@ async def test_userdata_nested_past_what_a_frame_holds_is_refused_alone(store: S
         await session.aclose()
     history, _ = await restored(store)
     assert [i.id for i in history[: len(live_ids)]] == live_ids
+
+
+async def test_an_id_changed_in_place_on_a_recent_item_moves_it_to_the_new_id(
+    store: Store, live: tuple[AgentSession[None], lr.ResumableSession]
+) -> None:
+    # The edit check saw the item (no shape under its new id) and wrote it under the new
+    # id, but nothing removed the record under the old one: the store held one item more
+    # than the head counted and every restore failed (SnapshotCorrupt).
+    session, rs = live
+    await talk(session, rs, 3)
+    reply = session.history.items[-1]
+    reply.id = "item_renamed"
+    await rs.checkpoint()
+    await session.run(user_input="after the rename")
+    await rs.checkpoint()
+    history, agent = await restored(store)
+    live_items = session.history.items
+    assert dumped(history[: len(live_items)]) == dumped(live_items)
+    live_agent = session.current_agent._chat_ctx.items
+    assert dumped(agent[: len(live_agent)]) == dumped(live_agent)

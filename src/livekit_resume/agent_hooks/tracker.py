@@ -296,6 +296,8 @@ class Change:
     keep: int = 0
     objs: list[llm.ChatItem] = field(default_factory=list)
     """The committed objects from ``keep`` on are ``objs``."""
+    ids: list[str] = field(default_factory=list)
+    """Their ids as read."""
     removed: set[str] = field(default_factory=set)
     set_digests: dict[str, bytes] = field(default_factory=dict)
     set_terms: dict[str, int] = field(default_factory=dict)
@@ -316,6 +318,9 @@ class StreamTracker:
         self.stream = stream
         self.seal_key = seal_key
         self._objs: list[llm.ChatItem] = []
+        # the committed items' ids as they were read (an app may change an item's id in
+        # place: the store still holds it under the old one)
+        self._ids: list[str] = []
         self._digests: dict[str, bytes] = {}
         self._terms: dict[str, int] = {}
         self._shrunk: dict[str, bytes] = {}
@@ -354,6 +359,7 @@ class StreamTracker:
         if index is None:
             index = self.index(datas, sealed)
         self._objs = list(items)
+        self._ids = [it.id for it in self._objs]
         self._digests, self._terms, self._seal = index
         self._shrunk, self._shapes = {}, {}
         self._gen = object()
@@ -379,7 +385,7 @@ class StreamTracker:
         return Index(digests, terms, seal)
 
     def reset(self) -> None:
-        self._objs, self._digests = [], {}
+        self._objs, self._ids, self._digests = [], [], {}
         self._terms, self._shrunk, self._shapes, self._seal = {}, {}, {}, 0
         self._gen = object()
 
@@ -422,17 +428,23 @@ class StreamTracker:
                 (i for i, (a, b) in enumerate(zip(items, old, strict=False)) if a is not b),
                 min(n_old, n_new),
             )
+        ids = self._ids
+        for i in range(max(0, first - EDIT_WINDOW), first):
+            if items[i].id != ids[i]:  # an id changed in place: stored under the old one
+                first = i
+                break
         plan = Plan(self, n_new)
         if first < n_old:
             alive = {it.id for it in items}
             if len(alive) != n_new:  # the set is made anyway: a duplicate anywhere
                 raise ValueError(_TWICE.format(self.stream))
             plan.removals = [
-                Record(self.stream, gone.id, None) for gone in old[first:] if gone.id not in alive
+                Record(self.stream, gone, None) for gone in ids[first:] if gone not in alive
             ]
             plan.keep, plan.objs = 0, list(items)
         else:
             plan.keep, plan.objs = n_old, list(items[n_old:])
+        plan.ids = [it.id for it in plan.objs]
         removed = {r.id for r in plan.removals}
         puts, shapes = plan.puts, plan.shapes
         shaped = {} if shaped is None else shaped
@@ -500,6 +512,7 @@ class StreamTracker:
         store that lost the session, or a log with a damaged record to leave behind."""
         plan = Plan(self, len(items), whole=True)
         plan.objs = list(items)
+        plan.ids = [it.id for it in plan.objs]
         after: str | None = None
         seen: set[str] = set()
         for item in items:
@@ -531,10 +544,12 @@ class StreamTracker:
         if change.keep:
             del self._objs[change.keep :]
             self._objs.extend(change.objs)
+            del self._ids[change.keep :]
+            self._ids.extend(change.ids)
         else:
-            self._objs = change.objs
+            self._objs, self._ids = change.objs, change.ids
         shapes = {**self._shapes, **change.shapes}
-        self._shapes = {it.id: shapes[it.id] for it in self._objs[-EDIT_WINDOW:] if it.id in shapes}
+        self._shapes = {i: shapes[i] for i in self._ids[-EDIT_WINDOW:] if i in shapes}
         self._gen = object()
 
 
@@ -559,6 +574,7 @@ class Plan:
         self.shapes: dict[str, Any] = {}
         self.keep = 0
         self.objs: list[llm.ChatItem] = []
+        self.ids: list[str] = []
         self._base = tracker._gen
 
     @property
@@ -597,6 +613,7 @@ class Plan:
             whole=self.whole,
             keep=self.keep,
             objs=self.objs,
+            ids=self.ids,
             shapes=self.shapes,
             base=self._base,
         )
