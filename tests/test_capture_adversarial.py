@@ -5,15 +5,20 @@ and compares the restore with the live session. Each one failed before its fix."
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from livekit import rtc
 from livekit.agents import Agent, AgentSession, llm
 
 import livekit_resume as lr
+from livekit_resume.agent_hooks.capture import OFFLOAD_BYTES
 from livekit_resume.snapshot.chat import item_to_data
+from livekit_resume.snapshot.codec import Codec
+from livekit_resume.snapshot.model import ItemData
 from livekit_resume.stores.base import Store
 from tests.lk.scripted_llm import ScriptedLLM
 
@@ -246,3 +251,43 @@ async def test_an_id_changed_in_place_on_a_recent_item_moves_it_to_the_new_id(
     assert dumped(history[: len(live_items)]) == dumped(live_items)
     live_agent = session.current_agent._chat_ctx.items
     assert dumped(agent[: len(live_agent)]) == dumped(live_agent)
+
+
+class ThreadNotingCodec(Codec):
+    """A codec that notes on which thread each item was encoded (the codec is public)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: dict[str, threading.Thread] = {}
+
+    def encode_item(self, key: str, stream: str, item: ItemData, **kw: Any) -> bytes:
+        self.threads[item["id"]] = threading.current_thread()
+        return super().encode_item(key, stream, item, **kw)
+
+
+async def test_kept_audio_frames_count_toward_encoding_off_the_event_loop(store: Store) -> None:
+    # With media="keep" an audio part's PCM sits five levels down in the item's data,
+    # below where `weight` stopped counting: megabytes of audio were hashed, packed and
+    # compressed on the event loop every other session of the worker shares.
+    codec = ThreadNotingCodec()
+    session: AgentSession[None] = AgentSession(llm=ScriptedLLM([], default="ok"))
+    rs = lr.ResumableSession(
+        store, KEY, registry=registry(), autosave=False, media="keep", codec=codec
+    )
+    await session.start(await rs.restore(session, default=Helper))
+    try:
+        await session.run(user_input="hello")
+        samples = OFFLOAD_BYTES  # 16-bit mono: twice OFFLOAD_BYTES of PCM
+        frame = rtc.AudioFrame(bytes(2 * samples), 16000, 1, samples)
+        heard = llm.ChatMessage(
+            role="user", content=[llm.AudioContent(frame=[frame], transcript="hi")]
+        )
+        session.history.items.append(heard)
+        await rs.checkpoint()
+        assert codec.threads[heard.id] is not threading.main_thread()
+    finally:
+        await rs.aclose()
+        await session.aclose()
+    history, _ = await restored(store)
+    back = next(i for i in history if i.id == heard.id)
+    assert item_to_data(back, media="keep") == item_to_data(heard, media="keep")
