@@ -233,22 +233,27 @@ async def test_userdata_nested_past_what_a_frame_holds_is_refused_alone(store: S
     assert [i.id for i in history[: len(live_ids)]] == live_ids
 
 
-async def test_an_id_changed_in_place_on_a_recent_item_moves_it_to_the_new_id(
-    store: Store, live: tuple[AgentSession[None], lr.ResumableSession]
+@pytest.mark.parametrize("where", ["recent", "old_then_truncated"])
+async def test_an_id_changed_in_place_moves_the_item_to_the_new_id(
+    store: Store, live: tuple[AgentSession[None], lr.ResumableSession], where: str
 ) -> None:
-    # The edit check saw the item (no shape under its new id) and wrote it under the new
-    # id, but nothing removed the record under the old one: the store held one item more
-    # than the head counted and every restore failed (SnapshotCorrupt).
+    # Recent: the edit check saw the item (no shape under its new id) and wrote it under
+    # the new id, but nothing removed the record under the old one. Old (past the edit
+    # window, not seen then): a later truncation removed what it read as the item's id,
+    # the new one. Either way the store held one item more than the head counted and
+    # every restore failed (SnapshotCorrupt).
     session, rs = live
-    await talk(session, rs, 3)
-    reply = session.history.items[-1]
-    reply.id = "item_renamed"
+    await talk(session, rs, 8)
+    items = session.history.items
+    target = items[-1] if where == "recent" else items[3]
+    target.id = "item_renamed"
     await rs.checkpoint()
+    if where == "old_then_truncated":
+        del items[:2]  # the app's truncation: the oldest items go
     await session.run(user_input="after the rename")
     await rs.checkpoint()
     history, agent = await restored(store)
-    live_items = session.history.items
-    assert dumped(history[: len(live_items)]) == dumped(live_items)
+    assert dumped(history[: len(items)]) == dumped(items)
     live_agent = session.current_agent._chat_ctx.items
     assert dumped(agent[: len(live_agent)]) == dumped(live_agent)
 

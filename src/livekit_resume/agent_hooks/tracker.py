@@ -429,11 +429,17 @@ class StreamTracker:
                 (i for i, (a, b) in enumerate(zip(items, old, strict=False)) if a is not b),
                 min(n_old, n_new),
             )
+        # An item's id changed in place (an app's doing): the store holds it under the old
+        # one, so from there on the stream is written anew. Seen in the edit window, and
+        # for an item asked for again; further back the store keeps the old id (as it
+        # keeps any edit there), and ``ids`` names what it holds.
         ids = self._ids
         for i in range(max(0, first - EDIT_WINDOW), first):
-            if items[i].id != ids[i]:  # an id changed in place: stored under the old one
+            if items[i].id != ids[i]:
                 first = i
                 break
+        if rewrite:
+            first = self._renamed(items, rewrite, first)
         plan = Plan(self, n_new)
         if first < n_old:
             alive = {it.id for it in items}
@@ -480,18 +486,20 @@ class StreamTracker:
                     shaped.setdefault(id(item), shape)
                     continue
             shapes[item.id] = shape_of(item)
-            after = items[i - 1].id if i else None
+            after = ids[i - 1] if i else None
             puts.append(_Put(item, after, convert(item), item.id not in rewrite))
         # items asked for again (rare: their stored form must change), where they stand
         placed = {p.item.id for p in puts}
         wanted = {i for i in rewrite if i in self._digests and i not in removed and i not in placed}
+        if wanted and first < n_old:
+            wanted.difference_update(ids[first:])  # (re)placed below anyway
         # from the tail, stopping once all are found: the items asked for are mostly recent
         for i in range(first - 1, -1, -1):
             if not wanted:
                 break
-            if items[i].id in wanted:
-                wanted.discard(items[i].id)
-                puts.append(_Put(items[i], items[i - 1].id if i else None, read(i)))
+            if ids[i] in wanted:
+                wanted.discard(ids[i])
+                puts.append(_Put(items[i], ids[i - 1] if i else None, read(i)))
         # everything from the first divergence on is (re)placed in order
         fresh = {items[i].id for i in range(first, n_new)}
         digests = self._digests
@@ -499,8 +507,26 @@ class StreamTracker:
             # the store keys items by id: two items with one id would fold into one
             raise ValueError(_TWICE.format(self.stream))
         for i in range(first, n_new):
-            puts.append(_Put(items[i], items[i - 1].id if i else None, read(i)))
+            after = items[i - 1].id if i > first else ids[i - 1] if i else None
+            puts.append(_Put(items[i], after, read(i)))
         return plan
+
+    def _renamed(self, items: Sequence[llm.ChatItem], rewrite: frozenset[str], first: int) -> int:
+        """``first``, or the place of an item asked for again (``rewrite``) whose id
+        changed in place, if before it: found from the tail, as `diff` finds them."""
+        ids = self._ids
+        pending = {i for i in rewrite if i in self._digests}
+        if first < len(ids):
+            pending.difference_update(ids[first:])
+        lowest = first
+        for i in range(first - 1, -1, -1):
+            if not pending:
+                break
+            if ids[i] in pending:
+                pending.discard(ids[i])
+                if items[i].id != ids[i]:
+                    lowest = i
+        return lowest
 
     def full(
         self,
