@@ -296,3 +296,58 @@ async def test_kept_audio_frames_count_toward_encoding_off_the_event_loop(store:
     history, _ = await restored(store)
     back = next(i for i in history if i.id == heard.id)
     assert item_to_data(back, media="keep") == item_to_data(heard, media="keep")
+
+
+@dataclasses.dataclass
+class Day:
+    day: str
+
+
+class Booking(Agent):
+    """An agent whose saved state the test sets (``snapshot_state`` returns it)."""
+
+    state: dict[str, Any] = {}  # set per test, read at each checkpoint
+    built: list[dict[str, Any]] = []  # each state a restore built it from
+
+    def __init__(self, **state: Any) -> None:
+        super().__init__(instructions="You book visits.")
+        Booking.built.append(state)
+
+    def snapshot_state(self) -> dict[str, Any]:
+        return Booking.state
+
+
+async def test_agent_state_that_is_not_plain_data_does_not_stop_checkpoints(store: Store) -> None:
+    # snapshot_state() went into the head as it was: a datetime, a set or an object made
+    # every checkpoint fail (TypeError from the packer), so the whole conversation stopped
+    # saving. It now follows the rules of ``extra`` (docs/guide.md): a datetime becomes
+    # its ISO string, and a value that cannot be saved is refused (logged) while the
+    # agent's last savable state and the rest of the session are saved.
+    reg = lr.AgentRegistry()
+    reg.register(Booking, factory=lambda state: Booking(**state))
+    Booking.state, Booking.built = {"slot": "tue"}, []
+    session: AgentSession[None] = AgentSession(llm=ScriptedLLM([], default="ok"))
+    rs = lr.ResumableSession(store, KEY, registry=reg, autosave=False)
+    await session.start(await rs.restore(session, default=Booking))
+    try:
+        await session.run(user_input="hello")
+        await rs.checkpoint()
+        Booking.state = {"slot": "wed", "tags": {"vip"}, "at": Day("wed")}
+        await session.run(user_input="wednesday then")
+        await rs.checkpoint()
+        Booking.state = {"slot": "thu", "handle": object()}  # cannot be saved
+        await session.run(user_input="or thursday")
+        await rs.checkpoint()
+        live_ids = [i.id for i in session.history.items]
+    finally:
+        await rs.aclose()
+        await session.aclose()
+    session = AgentSession(llm=ScriptedLLM([], default="ok"))
+    rs = lr.ResumableSession(store, KEY, registry=reg, autosave=False)
+    await session.start(await rs.restore(session, default=Booking, takeover=True))
+    try:
+        assert [i.id for i in session.history.items[: len(live_ids)]] == live_ids
+        assert Booking.built[-1] == {"slot": "wed", "tags": ["vip"], "at": {"day": "wed"}}
+    finally:
+        await rs.aclose()
+        await session.aclose()

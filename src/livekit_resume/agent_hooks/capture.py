@@ -33,7 +33,7 @@ from ..snapshot.chat import MediaPolicy, item_to_data
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import AgentFrame, ItemData, SessionMeta, Snapshot, ToolCallRecord, Writer
 from ..snapshot.seal import Sealed
-from ..snapshot.values import dump_userdata
+from ..snapshot.values import dump_userdata, plain_extra
 from ..stores.base import Commit
 from .realtime import capture_options
 from .registry import AgentRegistry
@@ -130,6 +130,8 @@ class Capture:
         self._turns = 0
         self._committed: Snapshot | None = None  # None: the next draft is always news
         self._saved_userdata: Any = None  # the last userdata that could be saved
+        # the last agent state that could be saved, and whose it is
+        self._saved_state: tuple[Agent, dict[str, Any]] | None = None
         self.running: dict[str, ToolCallRecord] = {}
         self.conversation = uuid.uuid4().hex  # a restore adopts the saved one
         # Commit ids (a retried commit recognises its own earlier success): a random
@@ -168,6 +170,8 @@ class Capture:
         self.conversation = snap.meta.conversation or self.conversation
         self._saved_userdata = snap.userdata
         self.last_agent = agent
+        if snap.agent is not None and snap.agent.state is not None:
+            self._saved_state = (agent, snap.agent.state)
         if snap.agent is not None and agent_items is not None:
             self._agent_ctx.baseline(agent_items, snap.agent.chat_ctx, index=a_index)
             self._tracked_agent = agent
@@ -322,7 +326,7 @@ class Capture:
         )
         self.last_agent = agent_obj
         instructions = _instructions_to(agent_obj.instructions)
-        state, realtime = _agent_state(agent_obj), capture_options(session, agent_obj)
+        state, realtime = self._agent_state(agent_obj), capture_options(session, agent_obj)
         # The frame is the last one while what it holds is: its validation is most of
         # its cost. Only for one without state or realtime options, whose values could
         # compare equal yet differ (1 == 1.0 == True): ids and texts compare exactly.
@@ -410,6 +414,27 @@ class Capture:
             yield {**data, "content": [_OVERSIZE_NOTE]}, "with its text replaced by a note"
         elif data.get("type") == "function_call_output":
             yield {**data, "output": _OVERSIZE_NOTE}, "with its output replaced by a note"
+
+    def _agent_state(self, agent: Agent) -> dict[str, Any] | None:
+        """What ``agent.snapshot_state()`` returns, as plain data by the rules of ``extra``;
+        a value that cannot be saved keeps the agent's last savable state (logged), as
+        userdata does, so the rest of the session still saves."""
+        state = _agent_state(agent)
+        if state is None:
+            return None
+        try:
+            plain = plain_extra(state, "state")
+        except UnsavableValue as e:
+            log.warning(
+                "session %r: agent state not saved this time, its last savable state is kept: %s",
+                self._key,
+                e,
+                extra={"key": self._key, "path": e.path},
+            )
+            saved = self._saved_state
+            return saved[1] if saved is not None and saved[0] is agent else None
+        self._saved_state = (agent, plain)
+        return plain
 
     def _dump_userdata(self, session: AgentSession[Any]) -> Any:
         if self.userdata is None:

@@ -378,23 +378,24 @@ def dump_userdata(adapter: TypeAdapter[Any], value: Any) -> Any:
     return data
 
 
-def plain_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
-    """The session's ``extra`` dict as plain data, by the rules of untyped userdata.
+def plain_extra(extra: Mapping[str, Any], name: str = "extra") -> dict[str, Any]:
+    """The session's ``extra`` dict (or an agent's state, ``name="state"``) as plain
+    data, by the rules of untyped userdata.
 
     Raises `UnsavableValue` naming the path (``extra['key']...``) of the first value that
     cannot be saved.
     """
     walker = _Walker(lenient=False)
-    root = _Trail("extra")
+    root = _Trail(name)
     out: dict[str, Any] = {}
     for key, value in extra.items():
         if type(key) is not str:
             raise UnsavableValue(
-                f"extra: cannot save key {key!r}: it is a {_type_name(key)}; "
-                "the keys of extra must be str",
-                path="extra",
+                f"{name}: cannot save key {key!r}: it is a {_type_name(key)}; "
+                f"the keys of {name} must be str",
+                path=name,
             )
-        walker.text(key, f"extra key {key!r}")
+        walker.text(key, f"{name} key {key!r}")
         out[key] = walker.walk(value, root.child(key))
     return out
 
