@@ -351,3 +351,49 @@ async def test_agent_state_that_is_not_plain_data_does_not_stop_checkpoints(stor
     finally:
         await rs.aclose()
         await session.aclose()
+
+
+@pytest.mark.parametrize("what", ["call_arguments", "message_extra"])
+async def test_an_item_too_large_in_a_field_without_a_stand_in_is_saved_smaller(
+    store: Store, what: str
+) -> None:
+    # Only a message's text and a tool output had a stand-in when an item is over
+    # max_frame: a function call's arguments, or a message's ``extra``, over the limit
+    # made every later checkpoint fail (SnapshotTooLarge), so nothing more was saved.
+    codec = Codec(max_frame=64 * 1024)
+    session: AgentSession[None] = AgentSession(llm=ScriptedLLM([], default="ok"))
+    rs = lr.ResumableSession(store, KEY, registry=registry(), autosave=False, codec=codec)
+    await session.start(await rs.restore(session, default=Helper))
+    try:
+        await session.run(user_input="hello")
+        await rs.checkpoint()
+        big = "x" * (128 * 1024)
+        if what == "call_arguments":
+            call = llm.FunctionCall(call_id="c1", name="draft", arguments=f'{{"text": "{big}"}}')
+            out = llm.FunctionCallOutput(call_id="c1", name="draft", output="ok", is_error=False)
+            session.history.items += [call, out]
+            target: llm.ChatItem = call
+        else:
+            target = llm.ChatMessage(role="user", content=["see attached"], extra={"blob": big})
+            session.history.items.append(target)
+        await rs.checkpoint()
+        await session.run(user_input="and then")
+        await rs.checkpoint()
+        live_ids = [i.id for i in session.history.items]
+    finally:
+        await rs.aclose()
+        await session.aclose()
+    session = AgentSession(llm=ScriptedLLM([], default="ok"))
+    rs = lr.ResumableSession(store, KEY, registry=registry(), autosave=False, codec=codec)
+    await session.start(await rs.restore(session, default=Helper, takeover=True))
+    try:
+        history = session.history.items
+        assert [i.id for i in history[: len(live_ids)]] == live_ids
+        back = next(i for i in history if i.id == target.id)
+        if isinstance(back, llm.FunctionCall):
+            assert "omitted" in back.arguments and back.call_id == "c1"
+        else:
+            assert isinstance(back, llm.ChatMessage) and back.extra == {}
+    finally:
+        await rs.aclose()
+        await session.aclose()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import uuid
@@ -64,6 +65,7 @@ UNSAVABLE = Counter(
 )
 
 _OVERSIZE_NOTE = "[omitted when saved: this item was over the snapshot size limit]"
+_OVERSIZE_ARGUMENTS = json.dumps({"omitted": _OVERSIZE_NOTE})
 # Items holding more than this many bytes are hashed and encoded on a worker thread:
 # below it the hop costs more than the work, above it the work would hold the loop.
 OFFLOAD_BYTES = 64 * 1024
@@ -410,10 +412,25 @@ class Capture:
         data = item_to_data(item, media="drop")
         if self._media == "keep":
             yield data, "with its media dropped"
-        if data.get("type") == "message":
-            yield {**data, "content": [_OVERSIZE_NOTE]}, "with its text replaced by a note"
-        elif data.get("type") == "function_call_output":
-            yield {**data, "output": _OVERSIZE_NOTE}, "with its output replaced by a note"
+        kind = data.get("type")
+        if kind == "message":
+            data, what = {**data, "content": [_OVERSIZE_NOTE]}, "its text"
+        elif kind == "function_call_output":
+            data, what = {**data, "output": _OVERSIZE_NOTE}, "its output"
+        elif kind == "function_call":  # still JSON, as a provider expects arguments
+            data, what = {**data, "arguments": _OVERSIZE_ARGUMENTS}, "its arguments"
+        else:
+            what = ""
+        if what:
+            yield data, f"with {what} replaced by a note"
+        # the last resort: the app's data on it (``extra``, ``metrics``) left out too
+        if data.get("extra") or data.get("metrics"):
+            bare: ItemData = {**data}
+            for name in ("extra", "metrics"):
+                if name in bare:
+                    bare[name] = {}
+            noted = f"{what} replaced by a note and " if what else ""
+            yield bare, f"with {noted}its extra data left out"
 
     def _agent_state(self, agent: Agent) -> dict[str, Any] | None:
         """What ``agent.snapshot_state()`` returns, as plain data by the rules of ``extra``;
