@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import uuid
@@ -33,7 +34,7 @@ from ..snapshot.chat import MediaPolicy, item_to_data
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import AgentFrame, ItemData, SessionMeta, Snapshot, ToolCallRecord, Writer
 from ..snapshot.seal import Sealed
-from ..snapshot.values import dump_userdata
+from ..snapshot.values import dump_userdata, plain_extra
 from ..stores.base import Commit
 from .realtime import capture_options
 from .registry import AgentRegistry
@@ -64,6 +65,7 @@ UNSAVABLE = Counter(
 )
 
 _OVERSIZE_NOTE = "[omitted when saved: this item was over the snapshot size limit]"
+_OVERSIZE_ARGUMENTS = json.dumps({"omitted": _OVERSIZE_NOTE})
 # Items holding more than this many bytes are hashed and encoded on a worker thread:
 # below it the hop costs more than the work, above it the work would hold the loop.
 OFFLOAD_BYTES = 64 * 1024
@@ -130,6 +132,8 @@ class Capture:
         self._turns = 0
         self._committed: Snapshot | None = None  # None: the next draft is always news
         self._saved_userdata: Any = None  # the last userdata that could be saved
+        # the last agent state that could be saved, and whose it is
+        self._saved_state: tuple[Agent, dict[str, Any]] | None = None
         self.running: dict[str, ToolCallRecord] = {}
         self.conversation = uuid.uuid4().hex  # a restore adopts the saved one
         # Commit ids (a retried commit recognises its own earlier success): a random
@@ -168,6 +172,8 @@ class Capture:
         self.conversation = snap.meta.conversation or self.conversation
         self._saved_userdata = snap.userdata
         self.last_agent = agent
+        if snap.agent is not None and snap.agent.state is not None:
+            self._saved_state = (agent, snap.agent.state)
         if snap.agent is not None and agent_items is not None:
             self._agent_ctx.baseline(agent_items, snap.agent.chat_ctx, index=a_index)
             self._tracked_agent = agent
@@ -322,7 +328,7 @@ class Capture:
         )
         self.last_agent = agent_obj
         instructions = _instructions_to(agent_obj.instructions)
-        state, realtime = _agent_state(agent_obj), capture_options(session, agent_obj)
+        state, realtime = self._agent_state(agent_obj), capture_options(session, agent_obj)
         # The frame is the last one while what it holds is: its validation is most of
         # its cost. Only for one without state or realtime options, whose values could
         # compare equal yet differ (1 == 1.0 == True): ids and texts compare exactly.
@@ -406,10 +412,46 @@ class Capture:
         data = item_to_data(item, media="drop")
         if self._media == "keep":
             yield data, "with its media dropped"
-        if data.get("type") == "message":
-            yield {**data, "content": [_OVERSIZE_NOTE]}, "with its text replaced by a note"
-        elif data.get("type") == "function_call_output":
-            yield {**data, "output": _OVERSIZE_NOTE}, "with its output replaced by a note"
+        kind = data.get("type")
+        if kind == "message":
+            data, what = {**data, "content": [_OVERSIZE_NOTE]}, "its text"
+        elif kind == "function_call_output":
+            data, what = {**data, "output": _OVERSIZE_NOTE}, "its output"
+        elif kind == "function_call":  # still JSON, as a provider expects arguments
+            data, what = {**data, "arguments": _OVERSIZE_ARGUMENTS}, "its arguments"
+        else:
+            what = ""
+        if what:
+            yield data, f"with {what} replaced by a note"
+        # the last resort: the app's data on it (``extra``, ``metrics``) left out too
+        if data.get("extra") or data.get("metrics"):
+            bare: ItemData = {**data}
+            for name in ("extra", "metrics"):
+                if name in bare:
+                    bare[name] = {}
+            noted = f"{what} replaced by a note and " if what else ""
+            yield bare, f"with {noted}its extra data left out"
+
+    def _agent_state(self, agent: Agent) -> dict[str, Any] | None:
+        """What ``agent.snapshot_state()`` returns, as plain data by the rules of ``extra``;
+        a value that cannot be saved keeps the agent's last savable state (logged), as
+        userdata does, so the rest of the session still saves."""
+        state = _agent_state(agent)
+        if state is None:
+            return None
+        try:
+            plain = plain_extra(state, "state")
+        except UnsavableValue as e:
+            log.warning(
+                "session %r: agent state not saved this time, its last savable state is kept: %s",
+                self._key,
+                e,
+                extra={"key": self._key, "path": e.path},
+            )
+            saved = self._saved_state
+            return saved[1] if saved is not None and saved[0] is agent else None
+        self._saved_state = (agent, plain)
+        return plain
 
     def _dump_userdata(self, session: AgentSession[Any]) -> Any:
         if self.userdata is None:

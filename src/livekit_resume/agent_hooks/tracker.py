@@ -29,6 +29,7 @@ commit commits to exactly the items the store will hold, at a cost flat in the l
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,7 +116,13 @@ class Overlay(Mapping[str, V]):
 _LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
 
 
-def _shape(value: Any) -> Any:
+# How deep `_shape` copies; below, a value compares unequal to everything (a cycle, or
+# nesting the value walk cuts anyway): its item is read again, and written only if its
+# data moved. Well below Python's recursion limit, with a checkpoint's own frames.
+_SHAPE_DEPTH = 64
+
+
+def _shape(value: Any, depth: int = 0) -> Any:
     """A frozen copy of ``value`` (containers copied all the way down, immutable leaves
     shared) that compares equal to ``value`` itself, as long as nothing in it changed:
     an item edited in place, at any depth, no longer equals the copy taken when it was
@@ -124,20 +131,65 @@ def _shape(value: Any) -> Any:
     kind = type(value)
     if kind in _LEAVES:
         return value
+    if depth >= _SHAPE_DEPTH:
+        return _UNEQUAL
+    depth += 1
     if kind is dict:
-        return {k: v if type(v) in _LEAVES else _shape(v) for k, v in value.items()}
+        return {k: v if type(v) in _LEAVES else _shape(v, depth) for k, v in value.items()}
     if kind is list:
-        return [v if type(v) in _LEAVES else _shape(v) for v in value]
+        return [v if type(v) in _LEAVES else _shape(v, depth) for v in value]
     if kind is tuple:
-        return tuple(v if type(v) in _LEAVES else _shape(v) for v in value)
+        return tuple(v if type(v) in _LEAVES else _shape(v, depth) for v in value)
     if isinstance(value, BaseModel):
-        return _Frozen(value)
+        return _Frozen(value, depth)
     if isinstance(value, (set, frozenset)):
         return _Typed(kind, frozenset(value))
     if isinstance(value, (bytearray, memoryview)):
         return _Typed(kind, bytes(value))
+    # mutable values saved by their contents (`values.plain_item_value`): a dict or list
+    # subclass (a defaultdict), a dataclass
+    if isinstance(value, dict):
+        return _Typed(kind, _shape(dict(value), depth))
+    if isinstance(value, list):
+        return _Typed(kind, _shape(list(value), depth))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _Fields(kind, _shape(_fields_of(value), depth))
     # immutable values compare by value; other objects (a video frame) by identity
     return value
+
+
+def _fields_of(value: Any) -> dict[str, Any]:
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+
+
+class _Unequal:
+    """Below `_SHAPE_DEPTH`: never equal, so the item is read again."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_UNEQUAL = _Unequal()
+
+
+class _Fields:
+    """A copy of a dataclass: equal to a live one of the same type and field values."""
+
+    __slots__ = ("_fields", "_kind")
+
+    def __init__(self, kind: type, fields: Any) -> None:
+        self._kind, self._fields = kind, fields
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is _Fields:
+            return self._kind is other._kind and bool(self._fields == other._fields)
+        return type(other) is self._kind and bool(self._fields == _fields_of(other))
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class _Typed:
@@ -162,11 +214,11 @@ class _Frozen:
 
     __slots__ = ("_extra", "_fields", "_kind")
 
-    def __init__(self, item: BaseModel) -> None:
+    def __init__(self, item: BaseModel, depth: int = 0) -> None:
         self._kind = type(item)
-        self._fields = _shape(item.__dict__)
+        self._fields = _shape(item.__dict__, depth)
         extra = item.__pydantic_extra__
-        self._extra = None if extra is None else _shape(extra)
+        self._extra = None if extra is None else _shape(extra, depth)
 
     def __eq__(self, other: object) -> bool:
         if type(other) is _Frozen:
@@ -187,11 +239,12 @@ class _Frozen:
 
 def weight(data: Any, depth: int = 0) -> int:
     """About how many bytes ``data`` holds: decides whether encoding it is worth a
-    worker thread. Only strings and bytes count; counting stops three levels down."""
+    worker thread. Only strings and bytes count; counting stops six levels down (a kept
+    audio part's PCM is five: item, content, part, frames, frame)."""
     kind = type(data)
     if kind is str or kind is bytes:
         return len(data)
-    if depth > 3:
+    if depth > 5:
         return 0
     values = data.values() if kind is dict else data if kind is list or kind is tuple else ()
     total = 0
@@ -244,6 +297,8 @@ class Change:
     keep: int = 0
     objs: list[llm.ChatItem] = field(default_factory=list)
     """The committed objects from ``keep`` on are ``objs``."""
+    ids: list[str] = field(default_factory=list)
+    """Their ids as read."""
     removed: set[str] = field(default_factory=set)
     set_digests: dict[str, bytes] = field(default_factory=dict)
     set_terms: dict[str, int] = field(default_factory=dict)
@@ -264,6 +319,9 @@ class StreamTracker:
         self.stream = stream
         self.seal_key = seal_key
         self._objs: list[llm.ChatItem] = []
+        # the committed items' ids as they were read (an app may change an item's id in
+        # place: the store still holds it under the old one)
+        self._ids: list[str] = []
         self._digests: dict[str, bytes] = {}
         self._terms: dict[str, int] = {}
         self._shrunk: dict[str, bytes] = {}
@@ -302,6 +360,7 @@ class StreamTracker:
         if index is None:
             index = self.index(datas, sealed)
         self._objs = list(items)
+        self._ids = [it.id for it in self._objs]
         self._digests, self._terms, self._seal = index
         self._shrunk, self._shapes = {}, {}
         self._gen = object()
@@ -327,7 +386,7 @@ class StreamTracker:
         return Index(digests, terms, seal)
 
     def reset(self) -> None:
-        self._objs, self._digests = [], {}
+        self._objs, self._ids, self._digests = [], [], {}
         self._terms, self._shrunk, self._shapes, self._seal = {}, {}, {}, 0
         self._gen = object()
 
@@ -370,15 +429,29 @@ class StreamTracker:
                 (i for i, (a, b) in enumerate(zip(items, old, strict=False)) if a is not b),
                 min(n_old, n_new),
             )
+        # An item's id changed in place (an app's doing): the store holds it under the old
+        # one, so from there on the stream is written anew. Seen in the edit window, and
+        # for an item asked for again; further back the store keeps the old id (as it
+        # keeps any edit there), and ``ids`` names what it holds.
+        ids = self._ids
+        for i in range(max(0, first - EDIT_WINDOW), first):
+            if items[i].id != ids[i]:
+                first = i
+                break
+        if rewrite:
+            first = self._renamed(items, rewrite, first)
         plan = Plan(self, n_new)
         if first < n_old:
             alive = {it.id for it in items}
+            if len(alive) != n_new:  # the set is made anyway: a duplicate anywhere
+                raise ValueError(_TWICE.format(self.stream))
             plan.removals = [
-                Record(self.stream, gone.id, None) for gone in old[first:] if gone.id not in alive
+                Record(self.stream, gone, None) for gone in ids[first:] if gone not in alive
             ]
             plan.keep, plan.objs = 0, list(items)
         else:
             plan.keep, plan.objs = n_old, list(items[n_old:])
+        plan.ids = [it.id for it in plan.objs]
         removed = {r.id for r in plan.removals}
         puts, shapes = plan.puts, plan.shapes
         shaped = {} if shaped is None else shaped
@@ -413,30 +486,47 @@ class StreamTracker:
                     shaped.setdefault(id(item), shape)
                     continue
             shapes[item.id] = shape_of(item)
-            after = items[i - 1].id if i else None
+            after = ids[i - 1] if i else None
             puts.append(_Put(item, after, convert(item), item.id not in rewrite))
         # items asked for again (rare: their stored form must change), where they stand
         placed = {p.item.id for p in puts}
         wanted = {i for i in rewrite if i in self._digests and i not in removed and i not in placed}
+        if wanted and first < n_old:
+            wanted.difference_update(ids[first:])  # (re)placed below anyway
         # from the tail, stopping once all are found: the items asked for are mostly recent
         for i in range(first - 1, -1, -1):
             if not wanted:
                 break
-            if items[i].id in wanted:
-                wanted.discard(items[i].id)
-                puts.append(_Put(items[i], items[i - 1].id if i else None, read(i)))
+            if ids[i] in wanted:
+                wanted.discard(ids[i])
+                puts.append(_Put(items[i], ids[i - 1] if i else None, read(i)))
         # everything from the first divergence on is (re)placed in order
         fresh = {items[i].id for i in range(first, n_new)}
         digests = self._digests
         if len(fresh) != n_new - first or (first == n_old and any(i in digests for i in fresh)):
             # the store keys items by id: two items with one id would fold into one
-            raise ValueError(
-                f"{self.stream} holds two chat items with the same id; LiveKit gives each "
-                "item a unique id, so a context built by hand must do the same"
-            )
+            raise ValueError(_TWICE.format(self.stream))
         for i in range(first, n_new):
-            puts.append(_Put(items[i], items[i - 1].id if i else None, read(i)))
+            after = items[i - 1].id if i > first else ids[i - 1] if i else None
+            puts.append(_Put(items[i], after, read(i)))
         return plan
+
+    def _renamed(self, items: Sequence[llm.ChatItem], rewrite: frozenset[str], first: int) -> int:
+        """``first``, or the place of an item asked for again (``rewrite``) whose id
+        changed in place, if before it: found from the tail, as `diff` finds them."""
+        ids = self._ids
+        pending = {i for i in rewrite if i in self._digests}
+        if first < len(ids):
+            pending.difference_update(ids[first:])
+        lowest = first
+        for i in range(first - 1, -1, -1):
+            if not pending:
+                break
+            if ids[i] in pending:
+                pending.discard(ids[i])
+                if items[i].id != ids[i]:
+                    lowest = i
+        return lowest
 
     def full(
         self,
@@ -449,6 +539,7 @@ class StreamTracker:
         store that lost the session, or a log with a damaged record to leave behind."""
         plan = Plan(self, len(items), whole=True)
         plan.objs = list(items)
+        plan.ids = [it.id for it in plan.objs]
         after: str | None = None
         seen: set[str] = set()
         for item in items:
@@ -480,14 +571,20 @@ class StreamTracker:
         if change.keep:
             del self._objs[change.keep :]
             self._objs.extend(change.objs)
+            del self._ids[change.keep :]
+            self._ids.extend(change.ids)
         else:
-            self._objs = change.objs
+            self._objs, self._ids = change.objs, change.ids
         shapes = {**self._shapes, **change.shapes}
-        self._shapes = {it.id: shapes[it.id] for it in self._objs[-EDIT_WINDOW:] if it.id in shapes}
+        self._shapes = {i: shapes[i] for i in self._ids[-EDIT_WINDOW:] if i in shapes}
         self._gen = object()
 
 
 _MISSING = object()
+_TWICE = (
+    "{} holds two chat items with the same id; LiveKit gives each item a unique id, so a "
+    "context built by hand must do the same"
+)
 
 
 class Plan:
@@ -504,6 +601,7 @@ class Plan:
         self.shapes: dict[str, Any] = {}
         self.keep = 0
         self.objs: list[llm.ChatItem] = []
+        self.ids: list[str] = []
         self._base = tracker._gen
 
     @property
@@ -542,6 +640,7 @@ class Plan:
             whole=self.whole,
             keep=self.keep,
             objs=self.objs,
+            ids=self.ids,
             shapes=self.shapes,
             base=self._base,
         )

@@ -48,6 +48,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_type_hints
 
+import pydantic_core
 from livekit import rtc
 from livekit.agents import llm
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -205,6 +206,26 @@ def _plain(value: Any, where: str) -> Any:
     return plain_item_value(value, where)
 
 
+# Each item type's fields LiveKit declares as text (``str``, maybe ``None``): a value set
+# there without validation (an app's assignment) is stored as text, which a restore
+# accepts, never as it is, which a restore would refuse (`_as_text`).
+_TEXT_FIELDS: dict[type[BaseModel], frozenset[str]] = {
+    cls: frozenset(n for n, kinds in types.items() if str in kinds and set(kinds) <= {str, _NONE})
+    for cls, types in _FAST_TYPES.items()
+}
+
+
+def _as_text(value: Any, where: str) -> str:
+    """A plain value (`_plain`'s) where LiveKit holds text, as text: bytes decoded as
+    UTF-8 (an invalid byte as U+FFFD), anything else as its JSON; with a warning."""
+    if type(value) is bytes:
+        text = value.decode("utf-8", "replace")
+    else:
+        text = pydantic_core.to_json(value, bytes_mode="base64").decode()
+    logger.warning("%s: saved as text: a %s where LiveKit holds text", where, type(value).__name__)
+    return text
+
+
 def _image_marker(image: llm.ImageContent, source: str, where: str) -> ItemData:
     marker: ItemData = {
         "type": "dropped_media",
@@ -284,10 +305,10 @@ def _content_to_data(part: Any, media: MediaPolicy, item_id: str, index: int) ->
         return {"type": "cache_breakpoint"}
     if isinstance(part, str):
         return _plain(str.__str__(part), where)
-    raise TypeError(
-        f"item {item_id!r}: content part of type {type(part).__qualname__} is not a "
-        "str, ImageContent, AudioContent or CacheBreakpoint"
-    )
+    # not a part LiveKit knows (an app's mutation): saved as text, as the module promises
+    # (a part that stopped every later checkpoint would lose the whole conversation)
+    plain = _plain(part, where)
+    return plain if type(plain) is str else _as_text(plain, where)
 
 
 def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData:
@@ -299,6 +320,7 @@ def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData
     if media not in ("drop", "keep"):
         raise ValueError(f"media policy must be 'drop' or 'keep', not {media!r}")
     values = item.__dict__  # read fields directly: `hash` warns when read as an attribute
+    text = _TEXT_FIELDS.get(cls, frozenset())
     data: ItemData = {}
     for name in fields:
         value = values[name]
@@ -308,12 +330,16 @@ def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData
         elif value is None:
             if name not in _OPTIONAL_FIELDS:
                 data[name] = None
-        elif kind in _KEPT_AS_IS and (kind is not str or value.isascii()):
+        elif kind in _KEPT_AS_IS and (value.isascii() if kind is str else name not in text):
             data[name] = value  # the common cases of `_plain`, without naming the field
-        elif kind is dict and not value:
+        elif kind is dict and not value and name not in text:
             data[name] = {}  # an empty ``extra`` or ``metrics``: `_plain` gives a new {}
         else:
-            data[name] = _plain(value, f"item {item.id!r} field {name!r}")
+            where = f"item {item.id!r} field {name!r}"
+            plain = _plain(value, where)
+            if name in text and type(plain) is not str:
+                plain = _as_text(plain, where)
+            data[name] = plain
     return data
 
 

@@ -39,15 +39,18 @@ from pydantic import TypeAdapter, ValidationError
 
 from livekit_resume.errors import UnsavableValue
 from livekit_resume.msgscan import MAX_VALUES
+from livekit_resume.snapshot.frame import MAX_DEPTH as FRAME_DEPTH
 
 __all__ = ["MAX_DEPTH", "clean_text", "dump_userdata", "plain_extra", "plain_item_value"]
 
 logger = logging.getLogger("livekit_resume.snapshot.values")
 
-# msgpack's packer and unpacker give up somewhere past a thousand levels and a snapshot
-# wraps each value in a few levels of its own; app state is a few levels deep, so
-# anything this deep is a bug (or a cycle) and is refused before it can stop a save.
-MAX_DEPTH = 256
+# A frame holds values nested at most `frame.MAX_DEPTH` levels (its codec refuses the
+# whole frame beyond) and a snapshot wraps each value in a few levels of its own (the
+# head, an item and its field); app state is a few levels deep, so anything this deep
+# is a bug (or a cycle) and is refused here, where only that value is lost, before it
+# can stop a save.
+MAX_DEPTH = FRAME_DEPTH - 8
 
 # msgpack's integer range: the signed 64-bit minimum and the unsigned 64-bit maximum.
 _INT_MIN = -(2**63)
@@ -375,23 +378,24 @@ def dump_userdata(adapter: TypeAdapter[Any], value: Any) -> Any:
     return data
 
 
-def plain_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
-    """The session's ``extra`` dict as plain data, by the rules of untyped userdata.
+def plain_extra(extra: Mapping[str, Any], name: str = "extra") -> dict[str, Any]:
+    """The session's ``extra`` dict (or an agent's state, ``name="state"``) as plain
+    data, by the rules of untyped userdata.
 
     Raises `UnsavableValue` naming the path (``extra['key']...``) of the first value that
     cannot be saved.
     """
     walker = _Walker(lenient=False)
-    root = _Trail("extra")
+    root = _Trail(name)
     out: dict[str, Any] = {}
     for key, value in extra.items():
         if type(key) is not str:
             raise UnsavableValue(
-                f"extra: cannot save key {key!r}: it is a {_type_name(key)}; "
-                "the keys of extra must be str",
-                path="extra",
+                f"{name}: cannot save key {key!r}: it is a {_type_name(key)}; "
+                f"the keys of {name} must be str",
+                path=name,
             )
-        walker.text(key, f"extra key {key!r}")
+        walker.text(key, f"{name} key {key!r}")
         out[key] = walker.walk(value, root.child(key))
     return out
 
