@@ -18,22 +18,19 @@ import livekit_resume as lr
 from livekit_resume.agent_hooks.capture import OFFLOAD_BYTES
 from livekit_resume.snapshot.chat import item_to_data
 from livekit_resume.snapshot.codec import Codec
-from livekit_resume.snapshot.model import ItemData
 from livekit_resume.stores.base import Store
 from tests.lk.scripted_llm import ScriptedLLM
+from tests.test_checkpoint_flat import (
+    KEY,
+    Helper,
+    ThreadNotingCodec,
+    live,
+    registry,
+    start,
+    talk,
+)
 
-KEY = "capadv-1"
-
-
-class Helper(Agent):
-    def __init__(self) -> None:
-        super().__init__(instructions="You help.")
-
-
-def registry() -> lr.AgentRegistry:
-    reg = lr.AgentRegistry()
-    reg.register(Helper)
-    return reg
+__all__ = ["live"]  # the fixture, shared with test_checkpoint_flat (on this module's store)
 
 
 @pytest.fixture
@@ -41,29 +38,6 @@ async def store() -> AsyncIterator[Store]:
     s: Store = lr.open_store("memory://")
     yield s
     await s.aclose()
-
-
-async def start(
-    store: Store, *, takeover: bool = False
-) -> tuple[AgentSession[None], lr.ResumableSession]:
-    session: AgentSession[None] = AgentSession(llm=ScriptedLLM([], default="ok"))
-    rs = lr.ResumableSession(store, KEY, registry=registry(), autosave=False)
-    await session.start(await rs.restore(session, default=Helper, takeover=takeover))
-    return session, rs
-
-
-@pytest.fixture
-async def live(store: Store) -> AsyncIterator[tuple[AgentSession[None], lr.ResumableSession]]:
-    session, rs = await start(store)
-    yield session, rs
-    await rs.aclose()
-    await session.aclose()
-
-
-async def talk(session: AgentSession[None], rs: lr.ResumableSession, turns: int) -> None:
-    for n in range(turns):
-        await session.run(user_input=f"turn {n}")
-    await rs.checkpoint()
 
 
 def dumped(items: list[llm.ChatItem]) -> list[dict[str, Any]]:
@@ -256,18 +230,6 @@ async def test_an_id_changed_in_place_moves_the_item_to_the_new_id(
     assert dumped(history[: len(items)]) == dumped(items)
     live_agent = session.current_agent._chat_ctx.items
     assert dumped(agent[: len(live_agent)]) == dumped(live_agent)
-
-
-class ThreadNotingCodec(Codec):
-    """A codec that notes on which thread each item was encoded (the codec is public)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.threads: dict[str, threading.Thread] = {}
-
-    def encode_item(self, key: str, stream: str, item: ItemData, **kw: Any) -> bytes:
-        self.threads[item["id"]] = threading.current_thread()
-        return super().encode_item(key, stream, item, **kw)
 
 
 async def test_kept_audio_frames_count_toward_encoding_off_the_event_loop(store: Store) -> None:

@@ -57,10 +57,12 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await s.aclose()
 
 
-async def start(store: Store, **kw: Any) -> tuple[AgentSession[None], lr.ResumableSession]:
+async def start(
+    store: Store, *, takeover: bool = False, **kw: Any
+) -> tuple[AgentSession[None], lr.ResumableSession]:
     session: AgentSession[None] = AgentSession(llm=ScriptedLLM([], default="ok"))
     rs = lr.ResumableSession(store, KEY, registry=registry(), autosave=False, **kw)
-    await session.start(await rs.restore(session, default=Helper))
+    await session.start(await rs.restore(session, default=Helper, takeover=takeover))
     return session, rs
 
 
