@@ -85,6 +85,10 @@ class SessionControl:
         validate_key(key)
         if not (isinstance(timeout, int | float) and 0 < timeout <= MAX_TIMEOUT):
             raise ValueError(f"timeout must be seconds in (0, {MAX_TIMEOUT:g}], not {timeout!r}")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            # a bad argument, like the key or the timeout: text reached the comparison
+            # with the session's epoch as a bare TypeError, True aimed at epoch 1
+            raise ValueError(f"epoch must be a whole number (or None), not {epoch!r}")
         channel = self._channel(verb, key)
         info = await self._store.info(key)
         if info is None:
