@@ -20,7 +20,7 @@ import pytest
 from livekit.agents import AgentSession
 
 import livekit_resume as lr
-from livekit_resume.stores.base import Command, Controllable, Store
+from livekit_resume.stores.base import Command, CommandReply, Controllable, Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.memory_control import KEEP_ANSWERS
 from livekit_resume.stores.sqlite import SQLiteStore
@@ -239,3 +239,31 @@ async def test_a_sender_cancelled_at_any_step_leaves_its_command_applied_once_or
         if state(rs) == "paused":
             await rs.resume()
     assert "cancelled" in outcomes
+
+
+async def test_a_sender_whose_store_fails_while_it_waits_withdraws_its_command(
+    store: Store,
+) -> None:
+    """A sender that gives up before an answer withdraws its command: not only when
+    cancelled, also when the store fails it while it waits (a Redis connection lost
+    while reading the answer). Before, the command stayed pending: a busy owner that
+    got to it later applied it, behind the back of a sender told the call failed (and
+    perhaps after the resume that sender sent next)."""
+    await store.acquire(KEY, "w-busy", ttl=60)
+    assert isinstance(store, Controllable)
+    channel = store.commands()
+    async with channel.inbox(KEY) as inbox:
+        original = channel.reply
+
+        async def failing(command: Command) -> CommandReply:
+            raise lr.StoreUnavailable("connection lost while reading the answer")
+
+        channel.reply = failing  # type: ignore[method-assign]
+        try:
+            with pytest.raises(lr.StoreUnavailable):
+                await lr.control(store).pause(KEY, timeout=5)
+        finally:
+            del channel.reply
+        command = await asyncio.wait_for(anext(inbox), 5)  # the busy owner gets to it
+        assert not await channel.claim(command)
+        assert (await original(command)).status == "withdrawn"

@@ -107,9 +107,12 @@ class SessionControl:
                     key, verb, f"no live owner: {info.owner!r} holds the lease but is not listening"
                 )
             return await _answer(channel, command, info.owner, timeout)
-        except asyncio.CancelledError:
-            # The sender gave up (Ctrl-C, a cancelled call): withdrawn as at its timeout,
-            # so that an owner that takes it later skips it. Too late once it was taken.
+        except BaseException:
+            # The sender gave up (Ctrl-C, a cancelled call, or the store failed it while
+            # it waited): withdrawn as at its timeout, so that an owner that takes it
+            # later skips it. Too late once it was taken (then this changes nothing, as
+            # after a refusal). Cancellation alone left a command whose answer could not
+            # be read pending, for a busy owner to apply behind the sender's back.
             with contextlib.suppress(Exception):
                 await asyncio.shield(channel.withdraw(command))
             raise
