@@ -23,6 +23,8 @@ import livekit_resume as lr
 from livekit_resume.stores.base import Command, CommandReply, Controllable, Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.memory_control import KEEP_ANSWERS
+from livekit_resume.stores.redis import RedisStore
+from livekit_resume.stores.redis import control as redis_control
 from livekit_resume.stores.sqlite import SQLiteStore
 from livekit_resume.stores.sqlite.control import KEEP_SECONDS
 from livekit_resume.testing.poll import eventually
@@ -267,3 +269,25 @@ async def test_a_sender_whose_store_fails_while_it_waits_withdraws_its_command(
         command = await asyncio.wait_for(anext(inbox), 5)  # the busy owner gets to it
         assert not await channel.claim(command)
         assert (await original(command)).status == "withdrawn"
+
+
+async def test_a_command_withdrawn_long_ago_is_skipped_by_an_owner_that_wakes_up_later(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/control.md: a frozen worker that wakes up later skips a command withdrawn at
+    its sender's timeout. On Redis the withdrawal is a key that expires (`ANSWER_TTL`,
+    here shortened to a second): an owner frozen for longer (a stopped container, a
+    suspended VM) read the command from its subscription when it woke, found no mark
+    left, claimed it and applied it. A claim now also needs the command's own mark,
+    set when it was sent and gone once it expired or was withdrawn."""
+    if not isinstance(store, RedisStore):
+        pytest.skip("only Redis keeps a command's state in keys that expire")
+    monkeypatch.setattr(redis_control, "ANSWER_TTL", 1)
+    channel = store.commands()
+    async with channel.inbox(KEY) as inbox:
+        command = Command(uuid.uuid4().hex, KEY, "pause", 1)
+        assert await channel.send(command) == 1
+        assert await channel.withdraw(command)  # the sender's timeout
+        await asyncio.sleep(1.3)  # the owner is frozen past the state's expiry
+        assert await asyncio.wait_for(anext(inbox), 5) == command  # it wakes up
+        assert not await channel.claim(command)

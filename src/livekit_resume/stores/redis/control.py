@@ -13,6 +13,9 @@ publisher and every command key live on the node that owns the session's slot):
 - ``<ns>:ctl:{key}:<id>``: one command's state, `ANSWER_TTL` seconds: ``claimed``
   (``SET NX`` by the owner) or ``withdrawn`` (``SET NX`` by a sender that gave up: one
   of the two wins), then the owner's JSON answer.
+- ``<ns>:ctl:{key}:<id>:open``: set by the sender before it publishes, `ANSWER_TTL`
+  seconds; an owner claims only by deleting it (then ``SET NX`` as above), so a command
+  sent longer ago than a withdrawal lives is never claimed (by an owner frozen since).
 
 These keys sit outside the session's prefix (``<ns>:{key}:``), so a session's own
 keys, and the search for the remains of a lost head, never see them.
@@ -225,12 +228,17 @@ class RedisCommands:
     def _state(self, command: Command) -> str:
         return f"{self._channel(command.key)}:{command.id}"
 
+    def _open(self, command: Command) -> str:
+        return f"{self._state(command)}:open"
+
     def inbox(self, key: str) -> _Inbox:
         return _Inbox(self._hub, key, self._channel(key))
 
     async def send(self, command: Command) -> int | None:
         payload = json.dumps({"id": command.id, "verb": command.verb, "epoch": command.epoch})
         with self._server.errors(f"send {command.verb}", command.key):
+            # the command's mark, before anybody can hear it: a claim needs it (`claim`)
+            await self._server.client.set(self._open(command), b"1", ex=ANSWER_TTL)
             # KEYS[1] only routes the script to the slot's node, where the owner listens
             receivers = await self._scripts.call(
                 "publish", [self._state(command)], [self._channel(command.key), payload]
@@ -245,9 +253,19 @@ class RedisCommands:
         return bool(done)
 
     async def claim(self, command: Command) -> bool:
-        return await self._set_once(command, _CLAIMED)
+        # The state key decides between claim and withdrawal (SET NX), but it expires:
+        # an owner frozen past ANSWER_TTL woke up, found no withdrawal left and applied
+        # a command its sender was told was withdrawn. The command's mark, set when it
+        # was sent, expires before a withdrawal's state: a claim needs it (and then
+        # wins the state as before), so a command too old is never taken.
+        # The mark first: without it nothing is written, so a sender still waiting (of
+        # an older version, that sets no mark) is told the owner did not answer.
+        with self._server.errors(f"claim {command.verb}", command.key):
+            fresh = await self._server.client.delete(self._open(command))
+        return bool(fresh) and await self._set_once(command, _CLAIMED)
 
     async def withdraw(self, command: Command) -> bool:
+        # the mark stays: set before the withdrawal, it expires before it
         return await self._set_once(command, _WITHDRAWN)
 
     async def answer(self, command: Command, reply: CommandReply) -> None:
