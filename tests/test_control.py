@@ -576,6 +576,7 @@ async def test_a_flood_of_commands_waits_in_a_bounded_line_and_the_owner_still_a
         assert len(rs._control._handling) == MAX_WAITING
 
     async def line_empty() -> bool:
+        # a pause heard while the line is still full is dropped by design
         return not rs._control._handling
 
     await eventually(line_empty, "the owner answered the commands in its line")

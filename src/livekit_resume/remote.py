@@ -85,6 +85,10 @@ class SessionControl:
         validate_key(key)
         if not (isinstance(timeout, int | float) and 0 < timeout <= MAX_TIMEOUT):
             raise ValueError(f"timeout must be seconds in (0, {MAX_TIMEOUT:g}], not {timeout!r}")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            # a bad argument, like the key or the timeout: text reached the comparison
+            # with the session's epoch as a bare TypeError, True aimed at epoch 1
+            raise ValueError(f"epoch must be a whole number (or None), not {epoch!r}")
         channel = self._channel(verb, key)
         info = await self._store.info(key)
         if info is None:
@@ -103,9 +107,12 @@ class SessionControl:
                     key, verb, f"no live owner: {info.owner!r} holds the lease but is not listening"
                 )
             return await _answer(channel, command, info.owner, timeout)
-        except asyncio.CancelledError:
-            # The sender gave up (Ctrl-C, a cancelled call): withdrawn as at its timeout,
-            # so that an owner that takes it later skips it. Too late once it was taken.
+        except BaseException:
+            # The sender gave up (Ctrl-C, a cancelled call, or the store failed it while
+            # it waited): withdrawn as at its timeout, so that an owner that takes it
+            # later skips it. Too late once it was taken (then this changes nothing, as
+            # after a refusal). Cancellation alone left a command whose answer could not
+            # be read pending, for a busy owner to apply behind the sender's back.
             with contextlib.suppress(Exception):
                 await asyncio.shield(channel.withdraw(command))
             raise

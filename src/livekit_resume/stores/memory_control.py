@@ -43,15 +43,30 @@ class MemoryCommands:
     def __init__(self) -> None:
         self._inboxes: dict[str, set[_Inbox]] = {}
         self._replies: dict[str, CommandReply] = {}
+        # The commands delivered and neither claimed nor withdrawn yet, oldest first: a
+        # claim or a withdrawal takes one from here, so one of the two wins. Deciding it
+        # from `_replies` instead let a burst of other commands evict a withdrawal, and
+        # the owner then claimed and applied a command its sender was told was withdrawn.
+        self._open: dict[str, None] = {}
 
     def inbox(self, key: str) -> _Inbox:
         return _Inbox(self, key)
 
     async def send(self, command: Command) -> int | None:
         receivers = list(self._inboxes.get(command.key, ()))
+        self._open[command.id] = None
+        while len(self._open) > KEEP_ANSWERS:
+            # forgotten: never applied (its sender, gone, did not withdraw it)
+            del self._open[next(iter(self._open))]
         for inbox in receivers:
             inbox.put(command)
         return len(receivers)
+
+    def _take(self, command: Command) -> bool:
+        if command.id not in self._open:
+            return False
+        del self._open[command.id]
+        return True
 
     def _set(self, command: Command, reply: CommandReply) -> None:
         self._replies[command.id] = reply
@@ -59,7 +74,7 @@ class MemoryCommands:
             del self._replies[next(iter(self._replies))]
 
     async def claim(self, command: Command) -> bool:
-        if command.id in self._replies:
+        if not self._take(command):
             return False
         self._set(command, CommandReply("claimed"))
         return True
@@ -68,7 +83,7 @@ class MemoryCommands:
         self._set(command, reply)
 
     async def withdraw(self, command: Command) -> bool:
-        if command.id in self._replies:
+        if not self._take(command):
             return False
         self._set(command, CommandReply("withdrawn"))
         return True

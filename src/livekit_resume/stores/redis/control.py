@@ -13,6 +13,10 @@ publisher and every command key live on the node that owns the session's slot):
 - ``<ns>:ctl:{key}:<id>``: one command's state, `ANSWER_TTL` seconds: ``claimed``
   (``SET NX`` by the owner) or ``withdrawn`` (``SET NX`` by a sender that gave up: one
   of the two wins), then the owner's JSON answer.
+- ``<ns>:ctl:{key}:<id>:open``: set by the sender before it publishes (its message then
+  says ``"open": 1``), `ANSWER_TTL` seconds; an owner claims such a command only by
+  deleting it (then ``SET NX`` as above), so a command sent longer ago than a
+  withdrawal lives is never claimed (by an owner frozen since).
 
 These keys sit outside the session's prefix (``<ns>:{key}:``), so a session's own
 keys, and the search for the remains of a lost head, never see them.
@@ -38,6 +42,8 @@ __all__ = ["ANSWER_TTL", "RedisCommands"]
 
 logger = logging.getLogger("livekit_resume")
 
+# Ids of commands heard with a mark, kept until claimed: far more than wait at once.
+MARKS_KEPT = 4096
 # The server confirms a subscription at once; this bounds a server that never does.
 CONFIRM_TIMEOUT = 10.0
 # A command's state outlives any sender's wait (remote.MAX_TIMEOUT, twice); then it
@@ -73,9 +79,12 @@ class _Inbox(InboxBase):
                 raise item  # the connection is lost: listen again
             try:
                 raw = json.loads(item)
-                return Command(str(raw["id"]), self._key, str(raw["verb"]), int(raw["epoch"]))
+                command = Command(str(raw["id"]), self._key, str(raw["verb"]), int(raw["epoch"]))
             except _NOT_A_COMMAND:
                 continue  # not a command of ours: a stray publisher on the channel
+            if raw.get("open") == 1:
+                self._hub.marked(command.id)
+            return command
 
     async def _close(self) -> None:
         await self._hub.remove(self)
@@ -101,11 +110,18 @@ class _Hub:
         self._server = server
         self._nodes: dict[str, _Node] = {}
         self._lock = asyncio.Lock()
+        # Commands heard whose sender set their mark (`RedisCommands.claim`), oldest first.
+        self.with_mark: dict[str, None] = {}
         # A node's connection failed: the next subscription asks the Cluster who serves
         # its slot now. The client's own map is refreshed only when one of its commands
         # fails, and an owner with nothing else to send would subscribe to the node that
         # failed over again and again.
         self._remap = False
+
+    def marked(self, command_id: str) -> None:
+        if len(self.with_mark) >= MARKS_KEPT:
+            del self.with_mark[next(iter(self.with_mark))]
+        self.with_mark[command_id] = None
 
     async def _node_for(self, channel: str) -> tuple[str, _Node]:
         client = self._server.client
@@ -225,12 +241,19 @@ class RedisCommands:
     def _state(self, command: Command) -> str:
         return f"{self._channel(command.key)}:{command.id}"
 
+    def _open(self, command: Command) -> str:
+        return f"{self._state(command)}:open"
+
     def inbox(self, key: str) -> _Inbox:
         return _Inbox(self._hub, key, self._channel(key))
 
     async def send(self, command: Command) -> int | None:
-        payload = json.dumps({"id": command.id, "verb": command.verb, "epoch": command.epoch})
+        payload = json.dumps(
+            {"id": command.id, "verb": command.verb, "epoch": command.epoch, "open": 1}
+        )
         with self._server.errors(f"send {command.verb}", command.key):
+            # the command's mark, before anybody can hear it: a claim needs it (`claim`)
+            await self._server.client.set(self._open(command), b"1", ex=ANSWER_TTL)
             # KEYS[1] only routes the script to the slot's node, where the owner listens
             receivers = await self._scripts.call(
                 "publish", [self._state(command)], [self._channel(command.key), payload]
@@ -245,9 +268,21 @@ class RedisCommands:
         return bool(done)
 
     async def claim(self, command: Command) -> bool:
+        # The state key decides between claim and withdrawal (SET NX), but it expires:
+        # an owner frozen past ANSWER_TTL woke up, found no withdrawal left and applied
+        # a command its sender was told was withdrawn. The command's mark, set when it
+        # was sent, expires before a withdrawal's state: a claim needs it (and then
+        # wins the state as before), so a command too old is never taken. A command
+        # that says it has no mark (``open`` missing: a sender of an earlier version,
+        # during a rolling upgrade) is claimed as before, by the state alone.
+        if self._hub.with_mark.pop(command.id, False) is None:
+            with self._server.errors(f"claim {command.verb}", command.key):
+                if not await self._server.client.delete(self._open(command)):
+                    return False
         return await self._set_once(command, _CLAIMED)
 
     async def withdraw(self, command: Command) -> bool:
+        # the mark stays: set before the withdrawal, it expires before it
         return await self._set_once(command, _WITHDRAWN)
 
     async def answer(self, command: Command, reply: CommandReply) -> None:

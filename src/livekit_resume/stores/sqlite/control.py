@@ -46,6 +46,21 @@ CREATE TABLE IF NOT EXISTS commands (
 )"""
 _INDEX = "CREATE INDEX IF NOT EXISTS commands_by_key ON commands (ns, key, seq)"
 
+
+def _valid(id_: object, verb: object, epoch: object) -> bool:
+    """Whether a row is a command as `SQLiteCommands.send` writes it. Anyone who can
+    write the file can write the table: a row of other types (an epoch of text, of
+    1e999, of 2.5) is skipped and the poll goes on past it, as a message that does not
+    parse is on Redis. Raising here failed the owner's inbox, which listened again a
+    second later from the newest row and so never saw the good commands of that poll."""
+    return (
+        isinstance(id_, str)
+        and isinstance(verb, str)
+        and isinstance(epoch, int)
+        and not isinstance(epoch, bool)
+    )
+
+
 Run = Callable[[Callable[[sqlite3.Connection], _T]], Awaitable[_T]]
 
 
@@ -113,7 +128,9 @@ class SQLiteCommands:
                     "ORDER BY seq",
                     (self._ns, key, after),
                 ).fetchall()
-            found = [Command(str(i), key, str(verb), int(epoch)) for _, i, verb, epoch in rows]
+            found = [
+                Command(i, key, verb, epoch) for _, i, verb, epoch in rows if _valid(i, verb, epoch)
+            ]
             return found, int(rows[-1][0]) if rows else after
 
         return await self._run(since)
@@ -122,7 +139,14 @@ class SQLiteCommands:
         def insert(conn: sqlite3.Connection) -> None:
             with write(conn):
                 now = self._clock()
-                conn.execute("DELETE FROM commands WHERE sent_at < ?", (now - KEEP_SECONDS,))
+                # Also rows stamped more than KEEP_SECONDS ahead (the wall clock stepped
+                # back since) or not with a time at all: they were kept until the clock
+                # caught up with them, for ever for a stamp of text or 1e999.
+                conn.execute(
+                    "DELETE FROM commands WHERE NOT (sent_at BETWEEN ? AND ?) "
+                    "OR typeof(sent_at) NOT IN ('integer', 'real')",
+                    (now - KEEP_SECONDS, now + KEEP_SECONDS),
+                )
                 conn.execute(
                     "INSERT INTO commands (ns, key, id, verb, epoch, sent_at) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -162,6 +186,18 @@ class SQLiteCommands:
                 ).fetchone()
             if row is None:
                 return CommandReply("pending")
-            return CommandReply(row[0], int(row[1]), str(row[2]))
+            status, version, reason = row
+            if status in ("pending", "claimed", "withdrawn"):
+                return CommandReply(status)
+            # An answer of other types (a version of text or 1e999, a status of no
+            # meaning) reads as a refusal, as on Redis: before, it raised a bare
+            # ValueError out of `remote.pause`, or kept the sender waiting for good.
+            if (
+                status in ("done", "refused")
+                and isinstance(version, int)
+                and isinstance(reason, str)
+            ):
+                return CommandReply(status, version, reason)
+            return CommandReply("refused", reason=f"unreadable answer {row!r:.80}")
 
         return await self._run(get)

@@ -1,0 +1,312 @@
+"""An adversarial pass over remote control (issue 16): hostile rows in SQLite's
+``commands`` table, a burst of commands evicting what a memory store remembers of a
+withdrawal, epochs that are no whole number, a sender cancelled at every step.
+
+The guarantees under test are docs/control.md's: a command is applied once or never;
+withdrawn at its sender's timeout or cancellation, and never applied after; a bad
+argument is a `ValueError`, a command not applied a `CommandRefused`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit.agents import AgentSession
+
+import livekit_resume as lr
+from livekit_resume.stores.base import Command, CommandReply, Controllable, Store
+from livekit_resume.stores.memory import MemoryStore
+from livekit_resume.stores.memory_control import KEEP_ANSWERS
+from livekit_resume.stores.redis import RedisStore
+from livekit_resume.stores.redis import control as redis_control
+from livekit_resume.stores.sqlite import SQLiteStore
+from livekit_resume.stores.sqlite.control import KEEP_SECONDS
+from livekit_resume.testing.poll import eventually
+from tests.test_control import KEY, live, state
+from tests.test_redis import rstore
+
+__all__ = ["rstore"]  # the fixture, shared with test_redis
+
+
+def _insert(path: Path, ns: str, **row: object) -> None:
+    """Write one row into the file's ``commands`` table, as anyone with the file can."""
+    values: dict[str, object] = {
+        "ns": ns,
+        "key": KEY,
+        "id": uuid.uuid4().hex,
+        "verb": "pause",
+        "epoch": 1,
+        "sent_at": time.time(),
+    }
+    values.update(row)
+    con = sqlite3.connect(path)
+    try:
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        con.execute(f"INSERT INTO commands ({columns}) VALUES ({marks})", tuple(values.values()))
+        con.commit()
+    finally:
+        con.close()
+
+
+def _rows(path: Path) -> int:
+    con = sqlite3.connect(path)
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM commands").fetchone()[0])
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        pytest.param({"epoch": "not a number"}, id="epoch-text"),
+        pytest.param({"epoch": 1e999}, id="epoch-inf"),
+        pytest.param({"epoch": 2.5}, id="epoch-fraction"),
+        pytest.param({"epoch": b"\x00\x01"}, id="epoch-blob"),
+    ],
+)
+async def test_a_hostile_sqlite_row_is_skipped_and_the_owner_still_answers(
+    tmp_path: Path, sessions: list[AgentSession[Any]], hostile: dict[str, object]
+) -> None:
+    """A row that is no command of ours (Redis: a message that does not parse) is
+    skipped. Before, it raised out of the owner's poll: its inbox failed, listened
+    again a second later from the newest row, and the good command sent right after
+    the hostile one was never seen; its sender was told the owner did not answer."""
+    path = tmp_path / "store.db"
+    store = SQLiteStore(path)
+    try:
+        rs = await live(store, sessions)
+        _insert(path, store._ns, **hostile)
+        assert await lr.control(store).pause(KEY, timeout=2) == rs.version
+        assert state(rs) == "paused"
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param({"status": "done", "version": "zz"}, id="version-text"),
+        pytest.param({"status": "done", "version": 1e999}, id="version-inf"),
+        pytest.param({"status": "bogus"}, id="status-unknown"),
+        pytest.param({"status": "done", "reason": b"\xff"}, id="reason-blob"),
+    ],
+)
+async def test_an_unreadable_sqlite_answer_reads_as_a_refusal(
+    tmp_path: Path, answer: dict[str, object]
+) -> None:
+    """As on Redis, an answer that does not parse is a refusal: before, a version that
+    is no number raised a bare ValueError out of ``remote.pause``, and an unknown
+    status kept the sender waiting twice its timeout."""
+    path = tmp_path / "store.db"
+    store = SQLiteStore(path)
+    try:
+        channel = store.commands()
+        command = Command(uuid.uuid4().hex, KEY, "pause", 1)
+        await channel.send(command)
+        con = sqlite3.connect(path)
+        sets = ", ".join(f"{column}=?" for column in answer)
+        con.execute(f"UPDATE commands SET {sets} WHERE id=?", (*answer.values(), command.id))
+        con.commit()
+        con.close()
+        reply = await channel.reply(command)
+        assert reply.status == "refused" and "unreadable answer" in reply.reason
+    finally:
+        await store.aclose()
+
+
+async def test_rows_stamped_far_ahead_of_the_clock_are_removed(tmp_path: Path) -> None:
+    """Rows are kept `KEEP_SECONDS` after they were sent. A row stamped ahead of the
+    clock (a wall clock stepped back since it was written, or a stamp that is no time
+    at all) was kept until the clock caught up with it: for ever, for a stamp of text."""
+    path = tmp_path / "store.db"
+    store = SQLiteStore(path)
+    try:
+        channel = store.commands()
+        await channel.send(Command(uuid.uuid4().hex, KEY, "pause", 1))
+        ns = store._ns
+        _insert(path, ns, sent_at=time.time() + 10 * KEEP_SECONDS)  # clock stepped back
+        _insert(path, ns, sent_at="tomorrow")
+        _insert(path, ns, sent_at=1e999)
+        _insert(path, ns, sent_at=time.time() - 2 * KEEP_SECONDS)  # long expired
+        assert _rows(path) == 5
+        await channel.send(Command(uuid.uuid4().hex, KEY, "pause", 1))
+        assert _rows(path) == 2  # the two sent just now
+    finally:
+        await store.aclose()
+
+
+async def test_a_withdrawn_command_stays_withdrawn_after_a_burst_of_commands() -> None:
+    """A memory store remembers answers up to `KEEP_ANSWERS`, dropping the oldest. A
+    command withdrawn by its sender (told "did not answer") but still waiting in a
+    busy owner's line lost its withdrawal to a burst of other commands, and the owner
+    then claimed it and applied it."""
+    store = MemoryStore()
+    channel = store.commands()
+    async with channel.inbox(KEY) as inbox:
+        late = Command(uuid.uuid4().hex, KEY, "pause", 1)
+        assert await channel.send(late) == 1
+        assert await channel.withdraw(late)  # the sender gave up, and was told so
+        for _ in range(KEEP_ANSWERS + 8):  # other sessions' commands, answered
+            other = Command(uuid.uuid4().hex, "other", "resume", 1)
+            await channel.send(other)
+            await channel.withdraw(other)
+        assert await asyncio.wait_for(anext(inbox), 1) == late  # the owner gets to it now
+        assert not await channel.claim(late)
+
+
+async def test_the_commands_a_memory_store_keeps_open_are_bounded() -> None:
+    """The bound that comes with the fix above (not a defect before it: nothing was
+    kept per open command then): a command neither claimed nor withdrawn (its sender
+    died first) stays open among the last `KEEP_ANSWERS`; pushed out, it can no longer
+    be claimed, so it is never applied rather than remembered for ever."""
+    store = MemoryStore()
+    channel = store.commands()
+    async with channel.inbox(KEY):
+        lost = Command(uuid.uuid4().hex, KEY, "pause", 1)
+        await channel.send(lost)
+        for _ in range(KEEP_ANSWERS + 8):
+            await channel.send(Command(uuid.uuid4().hex, KEY, "resume", 1))
+        assert not await channel.claim(lost)
+        assert len(channel._open) == KEEP_ANSWERS
+
+
+@pytest.mark.parametrize("epoch", ["1", 1.5, True, b"1", float("nan")])
+async def test_an_epoch_that_is_no_whole_number_is_a_value_error(store: Store, epoch: Any) -> None:
+    """Bad arguments are `ValueError`s (test_control's `timeout`, a key). An epoch of
+    text reached the comparison with the session's and raised a bare TypeError; a
+    fraction or NaN was refused as "no such epoch yet", True aimed at epoch 1."""
+    await store.acquire(KEY, "w1")
+    with pytest.raises(ValueError, match="epoch"):
+        await lr.control(store).pause(KEY, epoch=epoch, timeout=1)
+
+
+async def _cancel_after(
+    rs: lr.ResumableSession, store: Store, turns: int, outcomes: set[str]
+) -> None:
+    """Send a pause and cancel it after ``turns`` turns of the loop, then check what
+    became of it."""
+    assert isinstance(store, Controllable)
+    channel = store.commands()
+    sent: list[Command] = []
+    original = channel.send
+
+    async def spy(command: Command) -> int | None:
+        sent.append(command)
+        return await original(command)
+
+    channel.send = spy  # type: ignore[method-assign]
+    try:
+        task = asyncio.ensure_future(lr.control(store).pause(KEY, timeout=5))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            await task
+            outcomes.add("answered")
+        except asyncio.CancelledError:
+            outcomes.add("cancelled")
+    finally:
+        del channel.send
+    if not sent:
+        assert state(rs) == "active"
+        return
+    command = sent[0]
+
+    async def settled() -> bool:
+        return (await channel.reply(command)).status != "claimed"
+
+    await eventually(settled, "the owner finished the command it took")
+    reply = await channel.reply(command)
+    assert reply.status in ("withdrawn", "done", "pending"), reply
+    # pending: the send never landed (cancelled before it ran); nothing is left to take
+    assert not await channel.withdraw(command) and not await channel.claim(command)
+    assert (state(rs) == "paused") == (reply.status == "done")
+
+
+async def test_a_sender_cancelled_at_any_step_leaves_its_command_applied_once_or_never(
+    store: Store, sessions: list[AgentSession[Any]]
+) -> None:
+    """Cancel ``remote.pause`` after 0, 4, 8… turns of the loop, through every await of
+    its path: afterwards the command is withdrawn and the session untouched, or the
+    owner took it (before the withdrawal) and the session paused once."""
+    rs = await live(store, sessions)
+    outcomes: set[str] = set()
+    for turns in range(0, 40, 4):
+        await _cancel_after(rs, store, turns, outcomes)
+        if state(rs) == "paused":
+            await rs.resume()
+    assert "cancelled" in outcomes
+
+
+async def test_a_sender_whose_store_fails_while_it_waits_withdraws_its_command(
+    store: Store,
+) -> None:
+    """A sender that gives up before an answer withdraws its command: not only when
+    cancelled, also when the store fails it while it waits (a Redis connection lost
+    while reading the answer). Before, the command stayed pending: a busy owner that
+    got to it later applied it, behind the back of a sender told the call failed (and
+    perhaps after the resume that sender sent next)."""
+    await store.acquire(KEY, "w-busy", ttl=60)
+    assert isinstance(store, Controllable)
+    channel = store.commands()
+    async with channel.inbox(KEY) as inbox:
+        original = channel.reply
+
+        async def failing(command: Command) -> CommandReply:
+            raise lr.StoreUnavailable("connection lost while reading the answer")
+
+        channel.reply = failing  # type: ignore[method-assign]
+        try:
+            with pytest.raises(lr.StoreUnavailable):
+                await lr.control(store).pause(KEY, timeout=5)
+        finally:
+            del channel.reply
+        command = await asyncio.wait_for(anext(inbox), 5)  # the busy owner gets to it
+        assert not await channel.claim(command)
+        assert (await original(command)).status == "withdrawn"
+
+
+async def test_a_command_withdrawn_long_ago_is_skipped_by_an_owner_that_wakes_up_later(
+    rstore: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/control.md: a frozen worker that wakes up later skips a command withdrawn at
+    its sender's timeout. On Redis the withdrawal is a key that expires (`ANSWER_TTL`,
+    here shortened to a second): an owner frozen for longer (a stopped container, a
+    suspended VM) read the command from its subscription when it woke, found no mark
+    left, claimed it and applied it. A claim now also needs the command's own mark,
+    set when it was sent and gone once it expired or was withdrawn."""
+    monkeypatch.setattr(redis_control, "ANSWER_TTL", 1)
+    channel = rstore.commands()
+    async with channel.inbox(KEY) as inbox:
+        command = Command(uuid.uuid4().hex, KEY, "pause", 1)
+        assert await channel.send(command) == 1
+        assert await channel.withdraw(command)  # the sender's timeout
+        await asyncio.sleep(1.3)  # the owner is frozen past the state's expiry
+        assert await asyncio.wait_for(anext(inbox), 5) == command  # it wakes up
+        assert not await channel.claim(command)
+
+
+async def test_a_command_from_a_sender_that_sets_no_mark_is_still_claimed(
+    rstore: RedisStore,
+) -> None:
+    """A rolling upgrade: a sender of an earlier version publishes a command without a
+    mark (and without ``"open": 1``). An owner of this version claims it as before, by
+    its state alone, rather than leave it for the sender's timeout."""
+    channel = rstore.commands()
+    async with channel.inbox(KEY) as inbox:
+        command = Command(uuid.uuid4().hex, KEY, "pause", 1)
+        old_payload = json.dumps({"id": command.id, "verb": "pause", "epoch": 1})
+        name = rstore._names.control(KEY)
+        await channel._scripts.call("publish", [f"{name}:{command.id}"], [name, old_payload])
+        assert await asyncio.wait_for(anext(inbox), 5) == command
+        assert await channel.claim(command)
+        assert not await channel.withdraw(command)  # claimed: too late to withdraw
