@@ -213,11 +213,12 @@ class ResumableSession:
         Raises `SessionBusy` when another live worker holds the session (unless
         ``takeover``), `UnknownAgent` for an unregistered agent id, `IncompatibleSnapshot`
         when saved userdata no longer validates, `SnapshotCorrupt` when stored bytes are
-        damaged, `RuntimeError` when `aclose` ran first or meanwhile; the lease is
-        released on failure. With ``salvage`` a damaged snapshot
-        is restored with what is intact: each lost item is logged, a system note in the
-        context says what is missing, and the first checkpoint writes the whole session
-        anew so later versions no longer depend on the damaged record.
+        damaged, `RuntimeError` when `aclose` ran first or meanwhile, or when
+        ``session`` is already running; the lease is released on failure. With
+        ``salvage`` a damaged snapshot is restored with what is intact: each lost item is
+        logged, a system note in the context says what is missing, and the first
+        checkpoint writes the whole session anew so later versions no longer depend on
+        the damaged record.
         """
         if self._session is not None and self._state != "suspended":
             raise RuntimeError(f"session {self._key!r} was already restored")
