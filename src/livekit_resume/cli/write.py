@@ -105,13 +105,18 @@ def repair_cmd(
         return snap if damage and not dry_run else None
 
     async def go(store: Store) -> tuple[Snapshot | None, int | None]:
-        if dry_run:  # read only: no lease, nothing written, a live worker undisturbed
-            try:
-                stored: Stored | None = await store.load(key)
-            except SnapshotNotFound:
-                stored = None
-            await build(store, make_codec(store), stored)
+        # Read without a lease first (all of --dry-run): a healthy session is left as it
+        # was. Taking the lease to find no damage would move the epoch on, so that with
+        # --takeover the live worker holding a healthy session was fenced (LeaseLost)
+        # for nothing, and without it the command was refused (SessionBusy).
+        try:
+            stored: Stored | None = await store.load(key)
+        except SnapshotNotFound:
+            stored = None
+        await build(store, make_codec(store), stored)
+        if dry_run or not found["damage"]:
             return None, None
+        # damaged: salvaged again under the lease, from what the store holds by then
         return await write_whole(store, key, build, takeover=takeover, source="repair")
 
     _written, version = _run(ctx, go, read_only=dry_run, session=key)

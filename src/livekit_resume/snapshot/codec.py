@@ -325,7 +325,10 @@ class Codec(Framer):
         for n, (stream, item) in enumerate(items):
             frames.append(
                 self.pack(
-                    {"n": n, "stream": stream, "item": item},
+                    # the export id in the body too: an unkeyed frame's checksum does not
+                    # cover the context, and an item frame of another export at the same
+                    # position was imported in place of this one's
+                    {"n": n, "stream": stream, "item": item, "export": export_id},
                     context=_export_context(export_id, n),
                     label=f"{label} {stream} item {item.get('id')!r}",
                 )
@@ -365,6 +368,9 @@ class Codec(Framer):
                 or part.get("n") != n
                 or type(part.get("stream")) is not str
                 or part["stream"] not in streams
+                # absent in exports written before it was added (their own id is bound
+                # by a keyed frame's context only)
+                or part.get("export", spec["id"]) != spec["id"]
             ):
                 raise SnapshotCorrupt(f"export item frame {n} is malformed or out of place")
             streams[part["stream"]].append(migrate_item(part.get("item"), item_version))

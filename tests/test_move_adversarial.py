@@ -1,0 +1,126 @@
+"""Moving sessions between stores, keys and format versions with the command line,
+adversarially: what ``export``, ``import``, ``revert`` and ``repair`` do with files cut,
+reordered or spliced, keys that differ, sessions held, damaged or healthy. Run
+in-process against a real SQLite file and a real redis-server (the ``url`` and ``key``
+fixtures of test_cli)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from livekit_resume import SnapshotCorrupt, open_store
+from livekit_resume.snapshot.codec import Codec
+from livekit_resume.snapshot.frame import read_frames
+from livekit_resume.snapshot.model import AgentFrame, SessionMeta, Snapshot
+from tests.test_cli import key, run, run_json, snapshot_of, url
+from tests.test_cli_ops import _hold
+
+__all__ = ["key", "url"]  # the fixtures, shared with test_cli
+
+
+def _epoch(url: str, key: str) -> int:
+    return int(run_json(url, "history", key)[-1]["epoch"])
+
+
+def _commit_as(url: str, key: str, lease: Any) -> int:
+    """A checkpoint of the worker holding ``lease``: the latest snapshot written again."""
+    from livekit_resume.bridge import from_stored, whole_commit
+    from livekit_resume.cli.snapshots import make_codec
+
+    async def go() -> int:
+        store = open_store(url)
+        try:
+            stored = await store.load(key)
+            codec = make_codec(store)
+            snap = from_stored(codec, stored).model_copy(update={"epoch": lease.epoch})
+            commit = whole_commit(codec, snap, base_version=stored.version, owner=lease.owner)
+            return await store.commit(commit)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(go())
+
+
+def test_repair_of_a_healthy_session_leaves_its_live_holder_in_place(url: str, key: str) -> None:
+    lease = _hold(url, key)
+    before = run_json(url, "history", key)
+    result = run(url, "--json", "repair", key, "--takeover")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["damage"] == []
+    assert json.loads(result.stdout)["written"] is None
+    assert run_json(url, "history", key) == before
+    # nothing was damaged, nothing written: the worker that holds the session goes on
+    assert _commit_as(url, key, lease) == before[-1]["version"] + 1
+
+
+def test_a_healthy_session_held_by_a_worker_repairs_to_nothing_without_takeover(
+    url: str, key: str
+) -> None:
+    lease = _hold(url, key)
+    before = run_json(url, "history", key)
+    result = run(url, "--json", "repair", key)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["written"] is None
+    assert _commit_as(url, key, lease) == before[-1]["version"] + 1
+
+
+# ------------------------------------------------------------ export files cut and mixed
+
+
+def _big(tag: str) -> Snapshot:
+    items: list[dict[str, Any]] = [
+        {
+            "type": "message",
+            "id": f"m{i}",
+            "role": "user",
+            "content": [f"{tag} turn {i} " + "x" * 300],
+            "created_at": 1_700_000_000.0 + i,
+        }
+        for i in range(4)
+    ]
+    return Snapshot(
+        key="room",
+        epoch=1,
+        meta=SessionMeta(room="room"),
+        history=items,
+        agent=AgentFrame(agent_id="scribe", chat_ctx=items[-2:]),
+        userdata={"tag": tag},
+    )
+
+
+def _keyspec(kid: str) -> str:
+    return f"{kid}:{base64.b64encode(kid.encode() * 32).decode()}"
+
+
+CODECS = {
+    "plain": {},
+    "signed": {"signing_keys": _keyspec("s")},
+    "encrypted": {"encryption_keys": _keyspec("e")},
+}
+
+
+def _decode(codec: Codec, data: bytes) -> Snapshot:
+    return codec.decode_export(read_frames(io.BytesIO(data), max_frame=SMALL))
+
+
+SMALL = 1200  # a frame limit the whole snapshot is over and each item within
+
+
+@pytest.mark.parametrize("kind", list(CODECS))
+def test_an_item_frame_from_another_export_is_refused_not_imported(kind: str) -> None:
+    codec = Codec(max_frame=SMALL, **CODECS[kind])
+    a, b = codec.encode_export(_big("A")), codec.encode_export(_big("B"))
+    assert len(a) == len(b) > 2  # a head and one frame per item
+    whole = _decode(codec, b"".join(a))
+    assert whole.history == _big("A").history and whole.userdata == {"tag": "A"}
+    for n in range(1, len(a)):
+        spliced = b"".join([*a[:n], b[n], *a[n + 1 :]])
+        with pytest.raises(SnapshotCorrupt):
+            _decode(codec, spliced)
