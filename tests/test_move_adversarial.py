@@ -10,7 +10,6 @@ import asyncio
 import base64
 import io
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from livekit_resume import SnapshotCorrupt, open_store
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.frame import read_frames
 from livekit_resume.snapshot.model import AgentFrame, SessionMeta, Snapshot
-from tests.test_cli import key, run, run_json, snapshot_of, url
+from tests.test_cli import key, run, run_json, store_state, url
 from tests.test_cli_ops import _hold
 
 __all__ = ["key", "url"]  # the fixtures, shared with test_cli
@@ -124,3 +123,18 @@ def test_an_item_frame_from_another_export_is_refused_not_imported(kind: str) ->
         spliced = b"".join([*a[:n], b[n], *a[n + 1 :]])
         with pytest.raises(SnapshotCorrupt):
             _decode(codec, spliced)
+
+
+# ----------------------------------------------------------- commands on missing keys
+
+
+@pytest.mark.parametrize("argv", [["revert", "ghost", "1"], ["repair", "ghost"]], ids=str)
+def test_a_write_to_a_missing_session_leaves_no_session_behind(
+    url: str, key: str, argv: list[str]
+) -> None:
+    before = store_state(url)
+    for takeover in ([], ["--takeover"]):
+        result = run(url, *argv, *takeover)
+        assert result.exit_code == 1 and "SnapshotNotFound" in result.stderr
+    assert [s["key"] for s in run_json(url, "ls")] == [key]
+    assert store_state(url) == before

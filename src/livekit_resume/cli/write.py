@@ -217,6 +217,10 @@ def revert_cmd(
         return await load(store, key, version)
 
     async def go(store: Store) -> int | None:
+        # Looked up before the lease: taking a lease creates the session's record, so a
+        # revert of a mistyped key left a session of version 0 behind in ``ls``.
+        if await store.info(key) is None:
+            raise SnapshotNotFound(f"no snapshot for session {key!r}")
         return (await write_whole(store, key, build, takeover=takeover, source="revert"))[1]
 
     written = _run(ctx, go, read_only=False, session=key)
