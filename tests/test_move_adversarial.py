@@ -10,6 +10,8 @@ import asyncio
 import base64
 import io
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ from livekit_resume import SnapshotCorrupt, open_store
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.frame import read_frames
 from livekit_resume.snapshot.model import AgentFrame, SessionMeta, Snapshot
-from tests.test_cli import key, run, run_json, store_state, url
+from tests.test_cli import _converse, key, run, run_json, started, store_state, url
 from tests.test_cli_ops import _hold
 
 __all__ = ["key", "url"]  # the fixtures, shared with test_cli
@@ -98,10 +100,10 @@ def _keyspec(kid: str) -> str:
     return f"{kid}:{base64.b64encode(kid.encode() * 32).decode()}"
 
 
-CODECS = {
-    "plain": {},
-    "signed": {"signing_keys": _keyspec("s")},
-    "encrypted": {"encryption_keys": _keyspec("e")},
+CODECS: dict[str, Callable[[], Codec]] = {
+    "plain": lambda: Codec(max_frame=SMALL),
+    "signed": lambda: Codec(max_frame=SMALL, signing_keys=_keyspec("s")),
+    "encrypted": lambda: Codec(max_frame=SMALL, encryption_keys=_keyspec("e")),
 }
 
 
@@ -114,7 +116,7 @@ SMALL = 1200  # a frame limit the whole snapshot is over and each item within
 
 @pytest.mark.parametrize("kind", list(CODECS))
 def test_an_item_frame_from_another_export_is_refused_not_imported(kind: str) -> None:
-    codec = Codec(max_frame=SMALL, **CODECS[kind])
+    codec = CODECS[kind]()
     a, b = codec.encode_export(_big("A")), codec.encode_export(_big("B"))
     assert len(a) == len(b) > 2  # a head and one frame per item
     whole = _decode(codec, b"".join(a))
@@ -138,3 +140,44 @@ def test_a_write_to_a_missing_session_leaves_no_session_behind(
         assert result.exit_code == 1 and "SnapshotNotFound" in result.stderr
     assert [s["key"] for s in run_json(url, "ls")] == [key]
     assert store_state(url) == before
+
+
+# ---------------------------------------------------------------- keys that differ
+
+
+async def _more(url: str, key: str, lines: list[str]) -> None:
+    """More turns of ``key``'s conversation, in a worker of the current environment."""
+    store = open_store(url)
+    try:
+        rs, session = await started(store, key, autosave=False)
+        for line in lines:
+            await session.run(user_input=line)
+            await rs.checkpoint("turn")
+        await rs.suspend()
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("var", ["RESUME_SIGNING_KEYS", "RESUME_ENCRYPTION_KEYS"])
+def test_repair_with_a_key_missing_refuses_and_loses_no_turn(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, var: str
+) -> None:
+    # Workers sign with "a", then rotate to "b"; the operator's shell still has "a" only.
+    monkeypatch.setenv(var, _keyspec("a"))
+    asyncio.run(_converse(url, "room", ["remember the blue door"]))
+    monkeypatch.setenv(var, f"{_keyspec('b')},{_keyspec('a')}")
+    asyncio.run(_more(url, "room", ["remember the code 4711"]))
+    before = run_json(url, "history", "room")
+    workers = {var: f"{_keyspec('b')},{_keyspec('a')}"}
+    whole = run(url, "--json", "show", "room", env=workers)
+    assert whole.exit_code == 0, whole.output
+    monkeypatch.delenv(var)
+
+    for argv in (["repair", "room", "--dry-run"], ["repair", "room"]):
+        result = run(url, *argv, env={var: _keyspec("a")})
+        # frames under a key this shell lacks are not damage: nothing to drop them for
+        assert result.exit_code == 1, result.output
+        assert "error (SignatureMismatch)" in result.stderr and "'b'" in result.stderr
+    assert run_json(url, "history", "room") == before
+    after = run(url, "--json", "show", "room", env=workers)
+    assert after.stdout == whole.stdout

@@ -43,7 +43,14 @@ class SnapshotTooLarge(ResumeError):
 
 
 class SignatureMismatch(SnapshotCorrupt):
-    """The frame's HMAC does not verify with any configured key, or a key is missing."""
+    """The frame's HMAC does not verify with any configured key, or a key is missing.
+
+    ``unknown_key`` is the key id when the frame names a key this process was not given:
+    the frame may well be intact, and salvage must not drop it as damage."""
+
+    def __init__(self, message: str, *, unknown_key: str | None = None) -> None:
+        super().__init__(message)
+        self.unknown_key = unknown_key
 
 
 class SessionBusy(ResumeError):

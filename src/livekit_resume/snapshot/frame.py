@@ -343,7 +343,8 @@ class Framer:
         if keyed is None:
             raise SignatureMismatch(
                 f"frame is signed with key {kid!r}, which is not among the configured "
-                "signing keys (RESUME_SIGNING_KEYS)"
+                "signing keys (RESUME_SIGNING_KEYS)",
+                unknown_key=kid,
             )
         mac = keyed.copy()  # HMAC(key, header | body | kid length | kid | context)
         mac.update(header_body)
@@ -375,7 +376,8 @@ class Framer:
             if key is None:
                 raise SignatureMismatch(
                     f"frame is encrypted with key {kid!r}, which is not among the "
-                    "configured encryption keys (RESUME_ENCRYPTION_KEYS)"
+                    "configured encryption keys (RESUME_ENCRYPTION_KEYS)",
+                    unknown_key=kid,
                 )
             aead = self._aeads[kid] = AESGCM(key)  # one per key: a restore opens thousands
         start = 1 + body[0]

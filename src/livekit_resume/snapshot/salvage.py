@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import IncompatibleSnapshot, SnapshotCorrupt, SnapshotTooLarge
+from ..errors import IncompatibleSnapshot, SignatureMismatch, SnapshotCorrupt, SnapshotTooLarge
 from .codec import AGENT, HISTORY, Codec, check_item_ids, validate_snapshot
 from .model import ItemData, Snapshot
 
@@ -30,6 +30,14 @@ SALVAGE_ID_PREFIX = "lkresume_salvage_"
 # What a frame that cannot be read raises. IncompatibleSnapshot is not damage: a newer
 # writer's frame is intact, and dropping it would lose data this version cannot read.
 _DAMAGE = (SnapshotCorrupt, SnapshotTooLarge)
+
+
+def _raise_unknown_key(e: SnapshotCorrupt) -> None:
+    """A frame under a key this process lacks is not damage either: a repair run where
+    the workers' newer key is missing took the newest head that did decode and wrote
+    its turns away as "lost". Raised, it names the key to add."""
+    if isinstance(e, SignatureMismatch) and e.unknown_key is not None:
+        raise e
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,8 @@ def _head(
         except IncompatibleSnapshot:
             raise
         except _DAMAGE as e:
+            if n == 0 and isinstance(e, SnapshotCorrupt):
+                _raise_unknown_key(e)
             tried.append(f"{label}: {e}")
             continue
         if tried:
@@ -179,6 +189,8 @@ def _stream(
             except IncompatibleSnapshot:
                 raise
             except _DAMAGE as e:
+                if isinstance(e, SnapshotCorrupt):
+                    _raise_unknown_key(e)
                 reason = str(e)
         if reason is None:
             slots.append(item)
