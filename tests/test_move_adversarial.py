@@ -181,3 +181,28 @@ def test_repair_with_a_key_missing_refuses_and_loses_no_turn(
     assert run_json(url, "history", "room") == before
     after = run(url, "--json", "show", "room", env=workers)
     assert after.stdout == whole.stdout
+
+
+def test_repair_while_moving_to_encryption_refuses_and_keeps_the_plaintext_turns(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store moving to encryption: turns written in plaintext, then encrypted ones by
+    # workers allowed to read the old (RESUME_ALLOW_PLAINTEXT=1); the operator's shell
+    # has the key but not the flag.
+    asyncio.run(_converse(url, "room", ["remember the blue door"]))
+    monkeypatch.setenv("RESUME_ENCRYPTION_KEYS", _keyspec("e"))
+    monkeypatch.setenv("RESUME_ALLOW_PLAINTEXT", "1")
+    asyncio.run(_more(url, "room", ["remember the code 4711"]))
+    whole = run(url, "--json", "show", "room")
+    assert whole.exit_code == 0, whole.output
+    before = run_json(url, "history", "room")
+    monkeypatch.delenv("RESUME_ALLOW_PLAINTEXT")
+
+    for argv in (["repair", "room", "--dry-run"], ["repair", "room"]):
+        result = run(url, *argv)
+        assert result.exit_code == 1, result.output
+        assert "error (SignatureMismatch)" in result.stderr
+        assert "RESUME_ALLOW_PLAINTEXT" in result.stderr
+    assert run_json(url, "history", "room") == before
+    monkeypatch.setenv("RESUME_ALLOW_PLAINTEXT", "1")
+    assert run(url, "--json", "show", "room").stdout == whole.stdout

@@ -45,12 +45,17 @@ class SnapshotTooLarge(ResumeError):
 class SignatureMismatch(SnapshotCorrupt):
     """The frame's HMAC does not verify with any configured key, or a key is missing.
 
-    ``unknown_key`` is the key id when the frame names a key this process was not given:
-    the frame may well be intact, and salvage must not drop it as damage."""
+    ``unknown_key`` is the key id when the frame names a key this process was not given;
+    ``plaintext`` is True when an unencrypted frame was refused because encryption keys
+    are set (no ``RESUME_ALLOW_PLAINTEXT``). Either way the frame may well be intact: it
+    is this process's configuration that cannot read it, and salvage must not drop it."""
 
-    def __init__(self, message: str, *, unknown_key: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, unknown_key: str | None = None, plaintext: bool = False
+    ) -> None:
         super().__init__(message)
         self.unknown_key = unknown_key
+        self.plaintext = plaintext
 
 
 class SessionBusy(ResumeError):

@@ -331,7 +331,8 @@ class Framer:
             raise SignatureMismatch(
                 "frame is not encrypted but encryption keys are configured "
                 "(RESUME_ENCRYPTION_KEYS): refused as a possible forgery; while migrating "
-                "a store written without encryption, set RESUME_ALLOW_PLAINTEXT=1"
+                "a store written without encryption, set RESUME_ALLOW_PLAINTEXT=1",
+                plaintext=True,
             )
 
     def _verify(self, header_body: bytes, trailer: bytes, context: bytes) -> None:

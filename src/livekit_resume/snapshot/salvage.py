@@ -35,8 +35,9 @@ _DAMAGE = (SnapshotCorrupt, SnapshotTooLarge)
 def _raise_unknown_key(e: SnapshotCorrupt) -> None:
     """A frame under a key this process lacks is not damage either: a repair run where
     the workers' newer key is missing took the newest head that did decode and wrote
-    its turns away as "lost". Raised, it names the key to add."""
-    if isinstance(e, SignatureMismatch) and e.unknown_key is not None:
+    its turns away as "lost". Raised, it names the key to add. So is a plaintext frame
+    refused for want of RESUME_ALLOW_PLAINTEXT in a store being moved to encryption."""
+    if isinstance(e, SignatureMismatch) and (e.unknown_key is not None or e.plaintext):
         raise e
 
 
