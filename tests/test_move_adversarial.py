@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
-from livekit_resume import SnapshotCorrupt, open_store
+from livekit_resume import ResumableSession, SnapshotCorrupt, SnapshotTooLarge, open_store
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.frame import read_frames
 from livekit_resume.snapshot.model import AgentFrame, SessionMeta, Snapshot
+from tests import _child_agent as child
 from tests.test_cli import _converse, key, run, run_json, started, store_state, url
 from tests.test_cli_ops import _hold
 
@@ -206,3 +207,63 @@ def test_repair_while_moving_to_encryption_refuses_and_keeps_the_plaintext_turns
     assert run_json(url, "history", "room") == before
     monkeypatch.setenv("RESUME_ALLOW_PLAINTEXT", "1")
     assert run(url, "--json", "show", "room").stdout == whole.stdout
+
+
+@pytest.mark.parametrize("kind", list(CODECS))
+def test_an_export_cut_anywhere_reordered_or_doubled_is_refused(kind: str) -> None:
+    codec = CODECS[kind]()
+    frames = codec.encode_export(_big("A"))
+    data = b"".join(frames)
+    for n in range(len(data)):  # every frame boundary and every byte within a frame
+        with pytest.raises((SnapshotCorrupt, SnapshotTooLarge)):
+            _decode(codec, data[:n])
+    for n in range(1, len(frames)):
+        swapped = [*frames]
+        swapped[n - 1], swapped[n] = swapped[n], swapped[n - 1]
+        doubled = [*frames[: n + 1], frames[n], *frames[n + 1 :]]
+        for bad in (swapped, doubled, [*frames[:n], *frames[n + 1 :]]):
+            with pytest.raises(SnapshotCorrupt):
+                _decode(codec, b"".join(bad))
+
+
+# ------------------------------------------------------------- between the two stores
+
+
+async def _restored(url: str, key: str) -> tuple[list[Any], list[Any], Any]:
+    """What a worker restoring ``key`` gets: history, the agent's context, userdata."""
+    store = open_store(url)
+    try:
+        _model, session = child.build_session()
+        rs = ResumableSession(store, key, registry=child.registry(), userdata_type=child.Notes)
+        agent = await rs.restore(session, default=child.Scribe)
+        assert rs.resumed
+        got = (
+            [i.model_dump() for i in session.history.items],
+            [i.model_dump() for i in agent.chat_ctx.items],
+            session.userdata.model_dump(),
+        )
+        await rs.aclose()
+        return got
+    finally:
+        await store.aclose()
+
+
+def test_sqlite_to_redis_and_back_restores_what_the_worker_saved(
+    url: str, key: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if url.startswith("sqlite"):
+        other = str(request.getfixturevalue("redis_server").url)
+    else:
+        other = f"sqlite:///{tmp_path}/other.db"
+    live = asyncio.run(_restored(url, key))
+    there, back = tmp_path / "there.lkrs", tmp_path / "back.lkrs"
+    assert run(url, "export", key, "-o", str(there)).exit_code == 0
+    for _ in range(2):  # the same file twice: two versions, one conversation
+        imported = run(other, "--namespace", "moved", "import", str(there))
+        assert imported.exit_code == 0, imported.output
+    assert run(other, "--namespace", "moved", "export", key, "-o", str(back)).exit_code == 0
+    assert run(url, "import", str(back), "--key", "back").exit_code == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RESUME_NAMESPACE", "moved")
+        assert asyncio.run(_restored(other, key)) == live
+    assert asyncio.run(_restored(url, "back")) == live
