@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 import livekit_resume
-from livekit_resume.errors import StoreUnavailable
+from livekit_resume.errors import SnapshotCorrupt, StoreUnavailable
 from livekit_resume.stores.base import Commit, Lease, Record
 from livekit_resume.stores.sqlite import SQLiteStore
 
@@ -484,3 +484,30 @@ async def test_a_store_dropped_without_closing_does_not_hold_the_file_for_the_ne
     del dropped
     gc.collect()
     await _reopened_intact(db, 1)
+
+
+# -- a file that is not the store's ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("user_version", [1, 7])
+async def test_a_tableless_database_stamped_by_another_application_is_refused_untouched(
+    tmp_path: Path, user_version: int
+) -> None:
+    """An application that stamps its schema version before it creates a table leaves a
+    file with no tables, no application id and a user_version. Taken for an empty file,
+    it was switched to WAL (its header rewritten), then called an altered livekit-resume
+    store ("lacks part of its schema"), or with 1 run through the schema-1 migration.
+    Every livekit-resume file that has a schema version also has its application id."""
+    db = tmp_path / "theirs.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(f"PRAGMA user_version={user_version}")
+        conn.commit()
+    before = db.read_bytes()
+    store = SQLiteStore(db)
+    try:
+        for call in (store.acquire(KEY, "w"), store.load(KEY)):
+            with pytest.raises(SnapshotCorrupt, match="another application"):
+                await call
+    finally:
+        await store.aclose()
+    assert db.read_bytes() == before
