@@ -14,8 +14,10 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,6 +50,18 @@ _ALTERED_WORDS = ("no such table", "no such column")
 
 _T = TypeVar("_T")
 
+# A file's identity on this machine, (st_dev, st_ino); None when it does not exist.
+_Sidecars = tuple[tuple[int, int] | None, tuple[int, int] | None]
+
+# Every open connection of this process, by database path, with the -wal and -shm files
+# it opened. SQLite shares one -shm mapping among all the connections of a process to a
+# file, so a connection reopened while another still holds a stale mapping would share
+# it: `Connection._call` consults this before it reopens (see `_sidecars_replaced`).
+# Weak: a store garbage-collected unclosed had its connection closed by SQLite, which
+# removed the files as the last one; remembered, it would block every later store.
+_open: dict[str, weakref.WeakKeyDictionary[Connection, _Sidecars]] = {}
+_open_lock = threading.Lock()
+
 
 class Connection:
     """The file at ``path``, opened on first use on the thread every call runs on.
@@ -69,6 +83,8 @@ class Connection:
         self._closed = False
         # The schema version a read-only connection stands in for (None: none needed).
         self._stood_in: int | None = None
+        # The -wal and -shm files this connection opened (see `_sidecars_replaced`).
+        self._sidecars: _Sidecars = (None, None)
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn`` (one whole transaction) with the connection, on the store's thread."""
@@ -97,7 +113,52 @@ class Connection:
     def _close_conn(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
+            with _open_lock:
+                mine = _open.get(self.path)
+                if mine is not None:
+                    mine.pop(self, None)
+                    if not mine:
+                        _open.pop(self.path, None)
             conn.close()
+
+    def _sidecars_replaced(self) -> bool:
+        """Whether the -wal or -shm file this connection opened was deleted or replaced
+        on disk while it was open. SQLite never does that to a file in use (it deletes
+        them only at the last close, under an exclusive lock), an operator's ``rm`` does.
+
+        Kept open, the connection went on writing to the unlinked files: with the -shm
+        gone, another process opening the store made a new one, so the two took the
+        write lock at once and overwrote each other's acknowledged commits in the -wal;
+        with the -wal gone, every commit since lived only in a file with no name, lost
+        with the process (a SIGKILL). Closed now while the files are still its own, the
+        last connection folds its -wal into the database file, and the reopened one
+        shares the new files with every other process."""
+        for seen, now in zip(self._sidecars, _sidecar_ids(self.path), strict=True):
+            if seen is not None and now != seen:
+                return True
+        return False
+
+    def _reopen_allowed(self) -> None:
+        """Refuse to open while another connection of this process still holds -wal or
+        -shm files since replaced: SQLite would give the new connection the same stale
+        mapping. That connection lets go of it at its own next operation (or close)."""
+        now = _sidecar_ids(self.path)
+        with _open_lock:
+            others = list(_open.get(self.path, {}).values())  # self is not there: closed
+        for seen in others:
+            if any(s is not None and n != s for s, n in zip(seen, now, strict=True)):
+                raise StoreUnavailable(
+                    f"SQLite store {self.path}: its -wal or -shm file was deleted or "
+                    "replaced while the store was open; it reopens once every other store "
+                    "of this process on the file has (at its next operation, or closed). "
+                    "Never delete a store's -wal or -shm file"
+                )
+
+    def _opened(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        self._sidecars = _sidecar_ids(self.path)
+        with _open_lock:
+            _open.setdefault(self.path, weakref.WeakKeyDictionary())[self] = self._sidecars
+        return conn
 
     def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Runs on the store's thread: open the file if needed, run ``fn``, type errors.
@@ -112,9 +173,19 @@ class Connection:
         pause = _BUSY_FIRST_PAUSE
         while True:
             try:
+                if self._conn is not None and self._sidecars_replaced():
+                    logger.warning(
+                        "SQLite store %s: its -wal or -shm file was deleted or replaced "
+                        "while open; reopening (never delete a store's -wal or -shm)",
+                        self.path,
+                        extra={"path": self.path},
+                    )
+                    self._close_conn()
                 if self._conn is None or self._stand_in_stale(self._conn):
                     self._close_conn()
-                    self._conn = self._open_read_only() if self._read_only else self._open()
+                    self._reopen_allowed()
+                    conn = self._open_read_only() if self._read_only else self._open()
+                    self._conn = self._opened(conn)
                 result = fn(self._conn)
                 if self._stand_in_stale(self._conn):
                     continue  # read through stand-ins of a schema gone meanwhile: again
@@ -264,6 +335,19 @@ class Connection:
             conn.close()
             raise
         return conn
+
+
+def _sidecar_ids(path: str) -> _Sidecars:
+    """The identities of ``path``'s -wal and -shm files as they are on disk now."""
+    ids: list[tuple[int, int] | None] = []
+    for suffix in ("-wal", "-shm"):
+        try:
+            st = os.stat(path + suffix)
+        except OSError:
+            ids.append(None)
+        else:
+            ids.append((st.st_dev, st.st_ino))
+    return ids[0], ids[1]
 
 
 def _no_preempt() -> None:

@@ -139,8 +139,12 @@ def check(conn: sqlite3.Connection, path: str) -> None:
             )
         return
     names = [r[0] for r in conn.execute("SELECT name FROM main.sqlite_master")]
-    if app_id == 0 and not names:
+    if app_id == 0 and version == 0 and not names:
         return  # a new, empty file: the schema is created next
+    # A file with a user_version but no application id is not ours, tables or none: every
+    # livekit-resume file with a schema version carries its id (schema 1's too). Taken for
+    # an empty one, another application's freshly stamped file was switched to WAL and
+    # then called an altered store of ours.
     shown = ", ".join(sorted(names)[:5]) or "none"
     raise SnapshotCorrupt(
         f"{path} is a SQLite database of another application (application_id "
