@@ -637,7 +637,6 @@ async def test_an_owner_listening_for_commands_finds_the_new_primary_after_a_fai
     after the failover is heard. Its subscriber's map of the slots was refreshed only
     when another command of the client failed, so it subscribed to the dead primary
     again and again."""
-    from livekit_resume.agent_hooks.control import RELISTEN_DELAY
     from livekit_resume.stores.base import Command
     from tests.faults.cluster import FailoverPair
 
@@ -648,18 +647,7 @@ async def test_an_owner_listening_for_commands_finds_the_new_primary_after_a_fai
     heard: asyncio.Queue[Command] = asyncio.Queue()
     listening = asyncio.Event()
 
-    async def listen() -> None:  # as ControlListener does: listen again after a failure
-        while True:
-            try:
-                async with owner.commands().inbox(KEY) as inbox:
-                    listening.set()
-                    async for command in inbox:
-                        heard.put_nowait(command)
-            except StoreUnavailable:
-                listening.clear()
-                await asyncio.sleep(RELISTEN_DELAY)
-
-    task = asyncio.ensure_future(listen())
+    task = asyncio.ensure_future(listen_again(owner, heard, listening))
     try:
         await asyncio.wait_for(listening.wait(), 10)
         await asyncio.to_thread(pair.fail_over)
@@ -745,7 +733,6 @@ async def test_an_owner_whose_command_reader_fails_unexpectedly_listens_again(
     from redis-py's pubsub): its inboxes hear of it and their owner subscribes anew. The
     reader used to catch StoreUnavailable only: it ended alone, the subscription stayed
     open on the server (a sender counted a receiver) and the owner heard nothing again."""
-    from livekit_resume.agent_hooks.control import RELISTEN_DELAY
     from livekit_resume.stores.base import Command
 
     server = make_redis()
@@ -754,18 +741,7 @@ async def test_an_owner_whose_command_reader_fails_unexpectedly_listens_again(
     heard: asyncio.Queue[Command] = asyncio.Queue()
     listening = asyncio.Event()
 
-    async def listen() -> None:  # as ControlListener does: listen again after a failure
-        while True:
-            try:
-                async with owner.commands().inbox(KEY) as inbox:
-                    listening.set()
-                    async for command in inbox:
-                        heard.put_nowait(command)
-            except StoreUnavailable:
-                listening.clear()
-                await asyncio.sleep(RELISTEN_DELAY)
-
-    task = asyncio.ensure_future(listen())
+    task = asyncio.ensure_future(listen_again(owner, heard, listening))
     try:
         await asyncio.wait_for(listening.wait(), 10)
         pubsub = owner.commands()._hub._nodes[""].pubsub
@@ -791,3 +767,21 @@ async def test_an_owner_whose_command_reader_fails_unexpectedly_listens_again(
         await asyncio.gather(task, return_exceptions=True)
         await owner.aclose()
         await sender.aclose()
+
+
+async def listen_again(
+    owner: RedisStore, heard: asyncio.Queue[Any], listening: asyncio.Event
+) -> None:
+    """Put every command ``owner`` hears for KEY into ``heard``; as `ControlListener`
+    does, listen again `RELISTEN_DELAY` after a failure (``listening`` is set meanwhile)."""
+    from livekit_resume.agent_hooks.control import RELISTEN_DELAY
+
+    while True:
+        try:
+            async with owner.commands().inbox(KEY) as inbox:
+                listening.set()
+                async for command in inbox:
+                    heard.put_nowait(command)
+        except StoreUnavailable:
+            listening.clear()
+            await asyncio.sleep(RELISTEN_DELAY)
