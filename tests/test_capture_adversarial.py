@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -359,3 +360,57 @@ async def test_an_item_too_large_in_a_field_without_a_stand_in_is_saved_smaller(
     finally:
         await rs.aclose()
         await session.aclose()
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value", "saved"),
+    [
+        ("message", "interrupted", 1, True),
+        ("message", "role", "tool", "user"),
+        ("message", "transcript_confidence", "0.5", 0.5),
+        ("message", "transcript_confidence", "high", None),
+        ("message", "extra", ["not", "a", "map"], {}),
+        ("output", "is_error", "yes", True),
+        ("output", "reply_required", None, True),
+        ("call", "created_at", 7, 7.0),
+        ("call", "created_at", "2026-12-03", "now"),
+    ],
+)
+async def test_a_field_assigned_a_value_the_restore_refuses_is_saved_as_one_it_accepts(
+    store: Store,
+    live: tuple[AgentSession[None], lr.ResumableSession],
+    kind: str,
+    field: str,
+    value: Any,
+    saved: Any,
+) -> None:
+    # A value assigned to a chat item after it was made skips pydantic's validation. It
+    # was stored as it was and every restore of the session refused it (SnapshotCorrupt):
+    # the whole conversation was out of reach for one field of one item.
+    session, rs = live
+    await talk(session, rs, 1)
+    item: llm.ChatItem
+    if kind == "message":
+        item = llm.ChatMessage(role="assistant", content=["noted"], interrupted=False)
+    elif kind == "output":
+        item = llm.FunctionCallOutput(call_id="c1", name="fetch", output="ok", is_error=False)
+    else:
+        item = llm.FunctionCall(call_id="c1", name="fetch", arguments="{}")
+    setattr(item, field, value)
+    # appended last (LiveKit itself fails to insert before an item whose time is text)
+    session.history.items.append(item)
+    before = time.time()
+    await rs.checkpoint()
+    live_ids = [i.id for i in session.history.items]
+    history, _ = await restored(store)
+    assert [i.id for i in history[: len(live_ids)]] == live_ids
+    back = next(i for i in history if i.id == item.id)
+    assert type(back) is type(item)
+    got = getattr(back, field)
+    if saved == "now":
+        assert isinstance(got, float) and got >= before
+    else:
+        assert got == saved and type(got) is type(saved)
+    for name, live_value in item.__dict__.items():
+        if name != field:
+            assert getattr(back, name) == live_value, name

@@ -215,6 +215,64 @@ _TEXT_FIELDS: dict[type[BaseModel], frozenset[str]] = {
 }
 
 
+# Each item type's fields LiveKit holds as something other than text, with the types a
+# restore takes there (the content list is built here, never assigned as is). A value
+# assigned without validation (``interrupted=1``, ``role="tool"``) was saved as it was
+# and then refused by every restore of the session: `_restorable` converts it first.
+_VALUE_TYPES: dict[type[BaseModel], tuple[tuple[str, tuple[type, ...]], ...]] = {
+    **{
+        cls: tuple(
+            (n, kinds)
+            for n, kinds in types.items()
+            if n not in _TEXT_FIELDS[cls] and n != "content"
+        )
+        for cls, types in _FAST_TYPES.items()
+    },
+    llm.AgentConfigUpdate: (
+        ("instructions", (str, _NONE)),
+        ("tools_added", (list, _NONE)),
+        ("tools_removed", (list, _NONE)),
+        ("created_at", (float,)),
+    ),
+}
+# What a required field without a default gets when its value cannot be converted: a
+# message of an unknown role is kept as the user's (the least trusted role, never an
+# instruction or the model's own words).
+_REQUIRED_FALLBACK: dict[str, Any] = {"role": "user", "is_error": False}
+_FIELD_ADAPTERS: dict[tuple[type[BaseModel], str], TypeAdapter[Any]] = {}
+
+
+def _restorable(cls: type[BaseModel], name: str, value: Any, where: str) -> Any:
+    """``value`` of field ``name``, of a type a restore refuses there, as one it takes:
+    converted as pydantic's lax mode converts it (``1`` → ``True``), else the field's
+    default; with a warning."""
+    kinds = dict(_VALUE_TYPES[cls]).get(name, (str,))  # role: a text field
+    if float in kinds and type(value) is int:
+        return float(value)  # what a restore makes of it too: no warning
+    field = cls.model_fields[name]
+    adapter = _FIELD_ADAPTERS.get((cls, name))
+    if adapter is None:
+        adapter = _FIELD_ADAPTERS[cls, name] = TypeAdapter(field.annotation or Any)
+    try:
+        fixed = _plain(adapter.validate_python(value), where)
+        kept = type(fixed) in kinds and (name != "role" or fixed in _ROLES)
+    except (ValidationError, TypeError):
+        kept = False
+    if not kept:
+        fixed = (
+            _REQUIRED_FALLBACK.get(name)
+            if field.is_required()
+            else _plain(field.get_default(call_default_factory=True), where)
+        )
+    logger.warning(
+        "%s: saved as %r: a %s LiveKit does not hold there, which a restore refuses",
+        where,
+        fixed,
+        type(value).__name__,
+    )
+    return fixed
+
+
 def _as_text(value: Any, where: str) -> str:
     """A plain value (`_plain`'s) where LiveKit holds text, as text: bytes decoded as
     UTF-8 (an invalid byte as U+FFFD), anything else as its JSON; with a warning."""
@@ -340,6 +398,11 @@ def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData
             if name in text and type(plain) is not str:
                 plain = _as_text(plain, where)
             data[name] = plain
+    for name, kinds in _VALUE_TYPES[cls]:
+        if type(data.get(name)) not in kinds:
+            data[name] = _restorable(cls, name, data[name], f"item {item.id!r} field {name!r}")
+    if cls is llm.ChatMessage and data["role"] not in _ROLES:
+        data["role"] = _restorable(cls, "role", data["role"], f"item {item.id!r} field 'role'")
     return data
 
 
