@@ -7,7 +7,6 @@ Nothing here asserts a timing: the figures live in docs/performance.md, written 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests import child_env
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -57,7 +58,7 @@ def test_every_script_is_covered() -> None:
 def test_bench_runs_and_prints_its_table(script: str) -> None:
     if script in NEEDS_REDIS and shutil.which("redis-server") is None:
         pytest.skip("redis-server binary not found on PATH")
-    env = {**os.environ, "PYTHONPATH": str(BENCH)}
+    env = child_env(BENCH)
     done = subprocess.run(
         [sys.executable, str(BENCH / script), *TINY[script]],
         capture_output=True,

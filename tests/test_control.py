@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -27,7 +26,7 @@ from livekit_resume.cli.demo.watched import WatchedStore
 from livekit_resume.remote import MAX_TIMEOUT
 from livekit_resume.stores.base import Command, CommandReply, Controllable, Store
 from livekit_resume.testing.poll import eventually
-from tests import test_resumable_job
+from tests import child_env, test_resumable_job
 from tests.lk import jobs, make_voice_session, voice_fakes
 from tests.lk.jobs import JobHarness, RunningJob
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
@@ -256,8 +255,6 @@ async def test_bad_arguments_are_value_errors(store: Store) -> None:
 # fake jobs, whose attribute updates the job reports as ``ATTRS <json>`` lines.
 
 ENTRY = "tests.test_control:_entry_voice"
-ROOT = str(Path(__file__).resolve().parent.parent)  # for the command line's PYTHONPATH
-PYTHONPATH = os.environ.get("PYTHONPATH", "")
 
 
 async def _entry_voice(ctx: JobContext) -> None:
@@ -320,7 +317,7 @@ async def cli(target: dict[str, Any], *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "livekit_resume", *options, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (ROOT, PYTHONPATH)))},
+        env=child_env(),
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None

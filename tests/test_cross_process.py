@@ -28,9 +28,9 @@ from livekit_resume.snapshot.chat import INTERRUPTED_OUTPUT, ctx_from_data
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.base import Store
+from tests import ROOT, child_env
 from tests import _child_agent as child
 
-ROOT = Path(__file__).resolve().parent.parent
 # The child imports livekit-agents (2-3 s) and runs a few turns; this bounds a hang.
 CHILD_DEADLINE = 60.0
 # Item types an LLM is sent as the conversation.
@@ -100,7 +100,7 @@ class Child:
 
 @contextlib.asynccontextmanager
 async def spawn(target: Target, key: str, *args: str) -> AsyncIterator[Child]:
-    env = {**os.environ, **target.env, "PYTHONPATH": str(ROOT)}
+    env = child_env(**target.env)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from livekit_resume.snapshot.chat import INTERRUPTED_OUTPUT
 from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.testing.poll import eventually
+from tests import ROOT, child_env
 from tests._child_realtime import INSTRUCTIONS, REGISTRY, Concierge
 from tests.lk import EventLog, FakeAudioInput, FakeAudioOutput, Reply, ToolCall
 from tests.lk.fake_realtime import (
@@ -44,7 +44,7 @@ from tests.lk.fake_realtime import (
     make_realtime_session,
     realtime_capabilities,
 )
-from tests.test_cross_process import ROOT, Child
+from tests.test_cross_process import Child
 
 KEY = "rt-room"
 CONVERSATION = ("message", "function_call", "function_call_output")
@@ -105,7 +105,7 @@ async def spawn(url: str, key: str, mode: str) -> Child:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests._child_realtime", "--store", url, "--key", key,
         "--mode", mode,
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, env=child_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     return Child(proc)

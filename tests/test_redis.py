@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,9 +39,9 @@ from livekit_resume.stores.base import Commit, Lease, Record
 from livekit_resume.stores.redis import RedisStore, RedisURL
 from livekit_resume.stores.url import open_store
 from livekit_resume.testing.poll import eventually
+from tests import ROOT, child_env
 from tests.redis_servers import RedisServer, build_redis_store, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "room-7"
 
 
@@ -913,7 +912,7 @@ async def test_two_worker_processes_racing_never_accept_a_stale_write(
 ) -> None:
     url, ns, key = _url_of(real_store), real_store.namespace, "contested-room"
     code = "from tests.test_redis import _race_main; _race_main()"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable,

@@ -26,14 +26,12 @@ from typing import Any
 
 import pytest
 
-import livekit_resume
 from livekit_resume.errors import SnapshotCorrupt, StoreUnavailable
 from livekit_resume.stores.base import Commit, Lease, Record
 from livekit_resume.stores.sqlite import SQLiteStore
+from tests import child_env
 
 KEY = "room-f"
-# The src directory of the livekit_resume these tests import: the children run the same.
-SRC = str(Path(livekit_resume.__file__).resolve().parents[1])
 
 # Shared by every child: commit ``n`` appends item ``i{n}`` (``size`` bytes of a pattern
 # that names it) on top of version ``n``, with commit id ``c{n}``; ``say`` prints one JSON
@@ -77,7 +75,7 @@ async def _child(
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": SRC},
+        env=child_env(),
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -374,7 +372,7 @@ async def test_a_write_lock_held_by_another_process_past_the_busy_timeout(tmp_pa
         KEY,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": SRC},
+        env=child_env(),
     )
     try:
         lease = await store.acquire(KEY, "w")

@@ -12,6 +12,7 @@ from livekit.agents import Agent, AgentSession, llm
 
 import livekit_resume as lr
 from livekit_resume.stores.memory import MemoryStore
+from livekit_resume.testing.poll import eventually
 from tests.lk import EventLog, ScriptedLLM, VoiceFakes, make_voice_session, voice_fakes
 from tests.lk.scripted_llm import ScriptExhausted
 
@@ -77,6 +78,13 @@ async def test_pause_cuts_the_reply_and_nothing_is_heard_or_spoken_until_resume(
 
     fakes.audio_in.say("count to twenty")
     await fakes.audio_out.wait_until_played(0.6)
+
+    # and its first words reached the transcript (on a loaded machine the synchronized
+    # text may lag the audio: a cut before any word was forwarded keeps no reply at all)
+    async def forwarded() -> bool:
+        return fakes.text_out is not None and len(fakes.text_out.current.split()) >= 2
+
+    await eventually(forwarded, "the reply's first words were forwarded")
     version = await rs.pause()
 
     # the reply was cut where it was heard, and the snapshot holds exactly that

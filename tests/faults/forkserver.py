@@ -38,7 +38,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests import ROOT, child_env
+
 # Importing livekit-agents takes ~2 s; a loaded CI box may need several times that.
 START_DEADLINE = 120.0
 # Every child line arrives within this on a healthy run; it bounds a hang, not a timing.
@@ -172,7 +173,7 @@ class ForkServer:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ForkServer:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = child_env()
         with self.log.open("ab") as log:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.faults.forkserver"],

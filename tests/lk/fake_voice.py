@@ -636,6 +636,11 @@ class FakeTextOutput(io.TextOutput):
         self._current = ""
         self.segments: list[str] = []
 
+    @property
+    def current(self) -> str:
+        """The text of the segment in progress, as far as it was forwarded."""
+        return self._current
+
     async def capture_text(self, text: str) -> None:
         self._current += text
 
