@@ -159,6 +159,16 @@ def test_demo_refuses_an_existing_session(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- reading commands
 
 
+def test_help_shows_each_commands_summary_as_one_flowing_sentence() -> None:
+    # The docstrings' line breaks reached the terminal: "lease holder, last" then
+    # "update." on the next line of the command list, in every terminal width.
+    out = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "240"}).output
+    assert "lease holder, last update. With --limit" in out
+    assert "to a file: one frame, or a head frame" in out
+    out = CliRunner().invoke(app, ["ls", "--help"], env={"COLUMNS": "240"}).output
+    assert '"next": CURSOR}, next null on the last page.' in out
+
+
 def test_ls_lists_every_session_with_its_version_state_and_agent(url: str, key: str) -> None:
     other = "room-other"
     asyncio.run(_converse(url, other, ["remember one"]))

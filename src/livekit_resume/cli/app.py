@@ -21,6 +21,7 @@ command. Exit codes (docs/cli.md): 0 ok, 1 an error (its type on the one line pr
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -73,6 +74,17 @@ def demo_cmd(
     except (ResumeError, ValueError, OSError) as e:
         _fail(e, as_json=opts.json)
     raise typer.Exit(code)
+
+
+def _reflowed(doc: str) -> str:
+    """A docstring with each paragraph on one line: typer's help keeps the source's line
+    breaks, and a command's summary then broke mid-sentence in the command list."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _info in app.registered_commands:
+    if _info.help is None and _info.callback is not None and _info.callback.__doc__:
+        _info.help = _reflowed(_info.callback.__doc__)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
