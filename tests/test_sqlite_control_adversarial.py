@@ -27,8 +27,10 @@ from livekit.agents import AgentSession
 
 import livekit_resume as lr
 from livekit_resume.errors import StoreUnavailable
+from livekit_resume.remote import MAX_TIMEOUT
 from livekit_resume.stores.base import Command
 from livekit_resume.stores.sqlite import SQLiteStore
+from livekit_resume.stores.sqlite import control as sqlite_control
 from livekit_resume.stores.sqlite.control import KEEP_SECONDS
 from livekit_resume.testing.poll import eventually
 from tests.test_control import KEY, live, state
@@ -57,14 +59,80 @@ async def test_a_wall_clock_stepped_forward_while_a_command_waits_leaves_it_clai
     # another sender, whose wall clock has jumped ahead since
     later = SQLiteStore(path, clock=lambda: time.time() + 2 * KEEP_SECONDS)
     try:
-        command = Command(uuid.uuid4().hex, KEY, "pause", 1, timeout=5.0)
+        command = Command(uuid.uuid4().hex, KEY, "pause", 1, timeout=60.0)
         await sender.commands().send(command)
-        await later.commands().send(Command(uuid.uuid4().hex, KEY, "pause", 1, timeout=5.0))
+        # a sender in a hurry (its own timeout shorter) does not clean it up either
+        await later.commands().send(Command(uuid.uuid4().hex, KEY, "pause", 1, timeout=1.0))
         assert command.id in _pending_ids(path)
         assert await sender.commands().claim(command)  # the owner can still take it
     finally:
         await later.aclose()
         await sender.aclose()
+
+
+async def test_a_sender_whose_command_row_was_deleted_is_told_so_at_once(
+    tmp_path: Path,
+) -> None:
+    """A row gone while its sender waited (its session deleted, the table cleared) read
+    as pending: the sender waited twice its timeout, then was told the owner "may still
+    apply it", which nobody could. It is now refused at once, saying what happened."""
+    path = tmp_path / "store.db"
+    store = SQLiteStore(path)
+    try:
+        await store.acquire(KEY, "w1")
+        remote = asyncio.ensure_future(lr.control(store).pause(KEY, timeout=30))
+
+        async def sent() -> bool:
+            return bool(await _maybe_pending(path))
+
+        await eventually(sent, "the command was sent")
+        with contextlib.closing(sqlite3.connect(path)) as con:
+            con.execute("DELETE FROM commands")
+            con.commit()
+        with pytest.raises(lr.CommandRefused, match="no longer holds the command"):
+            await asyncio.wait_for(remote, 10)
+    finally:
+        await store.aclose()
+
+
+async def test_a_commands_table_of_an_earlier_version_still_carries_commands(
+    tmp_path: Path, sessions: list[AgentSession[Any]]
+) -> None:
+    """A file whose ``commands`` table an earlier version made (no ``claim_by``) gains
+    the column at first use; a command of an earlier sender (no ``claim_by``) is still
+    claimed, and this version's commands are applied."""
+    path = tmp_path / "store.db"
+    seed = SQLiteStore(path)
+    await seed.acquire("seed", "w0")  # the file and its schema
+    await seed.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        con.execute(
+            "CREATE TABLE commands (seq INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, "
+            "key TEXT NOT NULL, id TEXT NOT NULL UNIQUE, verb TEXT NOT NULL, "
+            "epoch INTEGER NOT NULL, sent_at REAL NOT NULL, "
+            "status TEXT NOT NULL DEFAULT 'pending', version INTEGER NOT NULL DEFAULT 0, "
+            "reason TEXT NOT NULL DEFAULT '')"
+        )
+        con.commit()
+    store = SQLiteStore(path)
+    try:
+        rs = await live(store, sessions)
+        assert await lr.control(store).pause(KEY, timeout=5) == rs.version
+        old = Command(uuid.uuid4().hex, KEY, "resume", rs._holder.epoch)
+        with contextlib.closing(sqlite3.connect(path)) as con:
+            con.execute(
+                "INSERT INTO commands (ns, key, id, verb, epoch, sent_at) VALUES (?,?,?,?,?,?)",
+                (store._ns, KEY, old.id, old.verb, old.epoch, time.time()),
+            )
+            con.commit()
+
+        async def answered() -> bool:
+            return (await store.commands().reply(old)).status == "done"
+
+        await eventually(answered, "the owner applied the earlier sender's command")
+        assert state(rs) == "active"
+    finally:
+        await store.aclose()
 
 
 # -- the sender crashes ---------------------------------------------------------------------
@@ -271,3 +339,9 @@ def test_a_commands_timeout_takes_no_part_in_comparing_it() -> None:
     """An inbox rebuilds a command from what the store carries, without its sender's
     timeout: it is still the same command."""
     assert Command("a", KEY, "pause", 1, timeout=3.0) == Command("a", KEY, "pause", 1)
+
+
+def test_no_sender_waits_longer_than_a_claim_by_can_reach() -> None:
+    """A claim_by farther ahead than the longest wait is taken for one stamped before
+    the machine restarted: the two bounds must stay one."""
+    assert sqlite_control._LONGEST_WAIT == MAX_TIMEOUT

@@ -137,8 +137,13 @@ class Connection:
         -shm file was replaced (`_sidecars_replaced`: reopen), after refusing a database
         file replaced or deleted (`StoreUnavailable`) and mending a -shm file cut short
         (`_mend_shm`)."""
-        db = _stat(self.path)
-        if _identity(db) != self._file_id:
+        try:
+            db: tuple[int, int] | None = _identity(os.stat(self.path))
+        except FileNotFoundError:
+            db = None
+        except OSError:
+            db = self._file_id  # cannot look (a directory made unsearchable): not a change
+        if db != self._file_id:
             # Renamed over (a backup put back with mv) or deleted: every commit went on
             # into the file this connection holds open, which no name reaches any more,
             # and was lost. Not reopened onto the new file: it would take this store's

@@ -208,7 +208,7 @@ class SQLiteCommands:
         return await self._run(since)
 
     async def send(self, command: Command) -> int | None:
-        wait = command.timeout if command.timeout is not None else _LONGEST_WAIT
+        wait = min(command.timeout or _LONGEST_WAIT, _LONGEST_WAIT)
 
         def insert(conn: sqlite3.Connection) -> None:
             with write(conn):
@@ -226,7 +226,13 @@ class SQLiteCommands:
                     "OR typeof(sent_at) NOT IN ('integer', 'real') "
                     "ELSE NOT (claim_by BETWEEN ? AND ?) "
                     "OR typeof(claim_by) NOT IN ('integer', 'real') END",
-                    (now - KEEP_SECONDS, now + KEEP_SECONDS, mono - KEEP_SECONDS, mono + wait),
+                    # any sender's claim_by, however long it waits: up to _LONGEST_WAIT
+                    (
+                        now - KEEP_SECONDS,
+                        now + KEEP_SECONDS,
+                        mono - KEEP_SECONDS,
+                        mono + _LONGEST_WAIT,
+                    ),
                 )
                 conn.execute(
                     "INSERT INTO commands (ns, key, id, verb, epoch, sent_at, claim_by) "
@@ -281,7 +287,16 @@ class SQLiteCommands:
                     (self._ns, command.id),
                 ).fetchone()
             if row is None:
-                return CommandReply("pending")
+                # `send` wrote it in its own transaction: gone since, deleted with its
+                # session (`purge`), or the table cleared by hand. Read as pending, the
+                # sender waited twice its timeout and was told the owner "may still
+                # apply it", which nobody can any more (a claim needs the row).
+                return CommandReply(
+                    "refused",
+                    reason="the store no longer holds the command (its session was "
+                    "deleted, or its row removed); nobody can take it now, and whether "
+                    "an owner took it before is unknown",
+                )
             status, version, reason = row
             if status in ("pending", "claimed", "withdrawn"):
                 return CommandReply(status)
