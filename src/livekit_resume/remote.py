@@ -83,7 +83,10 @@ class SessionControl:
 
     async def _send(self, verb: Verb, key: str, epoch: int | None, timeout: float) -> int:
         validate_key(key)
-        if not (isinstance(timeout, int | float) and 0 < timeout <= MAX_TIMEOUT):
+        if isinstance(timeout, bool) or not (
+            isinstance(timeout, int | float) and 0 < timeout <= MAX_TIMEOUT
+        ):
+            # True is an int to Python: it was taken as 1 s (an epoch of True is refused)
             raise ValueError(f"timeout must be seconds in (0, {MAX_TIMEOUT:g}], not {timeout!r}")
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
             # a bad argument, like the key or the timeout: text reached the comparison
@@ -100,7 +103,7 @@ class SessionControl:
         aimed = info.epoch if epoch is None else epoch
         if aimed != info.epoch:
             raise CommandRefused(key, verb, epoch_mismatch(aimed, info.epoch))
-        command = Command(uuid.uuid4().hex, key, verb, aimed)
+        command = Command(uuid.uuid4().hex, key, verb, aimed, timeout=float(timeout))
         try:
             if await channel.send(command) == 0:
                 raise CommandRefused(

@@ -430,12 +430,16 @@ class EventSource(Protocol):
 @dataclass(frozen=True, slots=True)
 class Command:
     """``verb`` (``pause``, ``resume``, ``suspend``) for the owner of ``key`` at ``epoch``;
-    ``id`` names it in the claim and the answer."""
+    ``id`` names it in the claim and the answer. ``timeout``: how long its sender waits
+    for an owner to take it (None: not known, a command of another process); a store
+    that can uses it to refuse a claim nobody waits for any more. It takes no part in
+    comparing commands (an inbox rebuilds a command without it)."""
 
     id: str
     key: str
     verb: str
     epoch: int
+    timeout: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,12 @@ _SQLITE_CANTOPEN = 14
 # (the conflict is a fresh file's WAL switch or a recovery, over in milliseconds).
 _BUSY_FIRST_PAUSE = 0.005
 _BUSY_MAX_PAUSE = 0.2
+# The -shm file grows by regions of 32 KiB, each indexing up to 4096 frames of the -wal
+# (the first a few less: it holds the header too).
+_SHM_REGION = 32768
+_SHM_FRAMES = 4096
+_WAL_HEADER = 32
+_WAL_FRAME_HEADER = 24
 _CORRUPT_WORDS = ("file is not a database", "malformed")
 _ALTERED_WORDS = ("no such table", "no such column")
 
@@ -85,6 +91,11 @@ class Connection:
         self._stood_in: int | None = None
         # The -wal and -shm files this connection opened (see `_sidecars_replaced`).
         self._sidecars: _Sidecars = (None, None)
+        # The database file it opened (see `_files_changed`), the largest size its -shm
+        # file was seen at, and the file's page size (how many bytes a -wal frame holds).
+        self._file_id: tuple[int, int] | None = None
+        self._shm_size = 0
+        self._page_size = 0
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn`` (one whole transaction) with the connection, on the store's thread."""
@@ -121,10 +132,75 @@ class Connection:
                         _open.pop(self.path, None)
             conn.close()
 
-    def _sidecars_replaced(self) -> bool:
+    def _files_changed(self) -> bool:
+        """Before each operation, at the cost of three ``stat`` calls: whether the -wal or
+        -shm file was replaced (`_sidecars_replaced`: reopen), after refusing a database
+        file replaced or deleted (`StoreUnavailable`) and mending a -shm file cut short
+        (`_mend_shm`)."""
+        try:
+            db: tuple[int, int] | None = _identity(os.stat(self.path))
+        except FileNotFoundError:
+            db = None
+        except OSError:
+            db = self._file_id  # cannot look (a directory made unsearchable): not a change
+        if db != self._file_id:
+            # Renamed over (a backup put back with mv) or deleted: every commit went on
+            # into the file this connection holds open, which no name reaches any more,
+            # and was lost. Not reopened onto the new file: it would take this store's
+            # -wal (frames of the old file) for its own. Refused until a store is
+            # opened again, after this one closed (which puts its -wal away).
+            raise StoreUnavailable(
+                f"SQLite store {self.path}: the database file was replaced or deleted "
+                "while the store was open; writes would go to a file no name reaches. "
+                "Close this store and open it again (stop workers before restoring a "
+                "backup over a store's file)"
+            )
+        wal, shm = _stat(self.path + "-wal"), _stat(self.path + "-shm")
+        if self._sidecars_replaced((_identity(wal), _identity(shm))):
+            return True
+        if shm is not None:
+            self._mend_shm(shm.st_size, wal)
+        return False
+
+    def _mend_shm(self, size: int, wal: os.stat_result | None) -> None:
+        """Put back the length of a -shm file cut short under this connection.
+
+        SQLite maps the -shm file into memory: truncated (``> file``, a cleanup script),
+        the next read of a page past its new end killed the whole process with SIGBUS.
+        Grown back with zeros before SQLite touches it, the mapping is whole again and
+        the zeroed index reads as one to rebuild from the -wal (SQLite's recovery, as
+        after a crash). A cut during an operation still meets it there: the check is
+        before each operation, not inside SQLite."""
+        if size >= self._shm_size:
+            self._shm_size = size
+            return
+        need = self._shm_size
+        if wal is not None and self._page_size:
+            # SQLite may have mapped more during the last operation than was seen before
+            frames = max(0, wal.st_size - _WAL_HEADER) // (self._page_size + _WAL_FRAME_HEADER)
+            need = max(need, _SHM_REGION * (frames // _SHM_FRAMES + 1))
+        logger.warning(
+            "SQLite store %s: its -shm file was cut to %d bytes while open; growing it "
+            "back to %d (never truncate a store's -shm)",
+            self.path,
+            size,
+            need,
+            extra={"path": self.path},
+        )
+        try:
+            _grow(self.path + "-shm", need)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"SQLite store {self.path}: its -shm file was cut short while open and "
+                f"cannot be grown back ({exc}); close the store and open it again"
+            ) from exc
+        self._shm_size = need
+
+    def _sidecars_replaced(self, now: _Sidecars) -> bool:
         """Whether the -wal or -shm file this connection opened was deleted or replaced
-        on disk while it was open. SQLite never does that to a file in use (it deletes
-        them only at the last close, under an exclusive lock), an operator's ``rm`` does.
+        on disk while it was open (``now``: their identities on disk now). SQLite never
+        does that to a file in use (it deletes them only at the last close, under an
+        exclusive lock), an operator's ``rm`` does.
 
         Kept open, the connection went on writing to the unlinked files: with the -shm
         gone, another process opening the store made a new one, so the two took the
@@ -133,10 +209,7 @@ class Connection:
         with the process (a SIGKILL). Closed now while the files are still its own, the
         last connection folds its -wal into the database file, and the reopened one
         shares the new files with every other process."""
-        for seen, now in zip(self._sidecars, _sidecar_ids(self.path), strict=True):
-            if seen is not None and now != seen:
-                return True
-        return False
+        return any(s is not None and n != s for s, n in zip(self._sidecars, now, strict=True))
 
     def _reopen_allowed(self) -> None:
         """Refuse to open while another connection of this process still holds -wal or
@@ -156,6 +229,10 @@ class Connection:
 
     def _opened(self, conn: sqlite3.Connection) -> sqlite3.Connection:
         self._sidecars = _sidecar_ids(self.path)
+        self._file_id = _identity(_stat(self.path))
+        shm = _stat(self.path + "-shm")
+        self._shm_size = shm.st_size if shm is not None else 0
+        self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         with _open_lock:
             _open.setdefault(self.path, weakref.WeakKeyDictionary())[self] = self._sidecars
         return conn
@@ -173,7 +250,7 @@ class Connection:
         pause = _BUSY_FIRST_PAUSE
         while True:
             try:
-                if self._conn is not None and self._sidecars_replaced():
+                if self._conn is not None and self._files_changed():
                     logger.warning(
                         "SQLite store %s: its -wal or -shm file was deleted or replaced "
                         "while open; reopening (never delete a store's -wal or -shm)",
@@ -335,6 +412,30 @@ class Connection:
             conn.close()
             raise
         return conn
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _identity(st: os.stat_result | None) -> tuple[int, int] | None:
+    return None if st is None else (st.st_dev, st.st_ino)
+
+
+def _grow(path: str, size: int) -> None:
+    """Make the file at ``path`` at least ``size`` bytes long, never shorter: another
+    process may have grown it further meanwhile, and a cut would kill it (SIGBUS)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)  # only ever adds zeros past the end
+        elif os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
 
 
 def _sidecar_ids(path: str) -> _Sidecars:
