@@ -33,9 +33,10 @@ from livekit_resume.stores.sqlite import SQLiteStore
 from livekit_resume.stores.sqlite import control as sqlite_control
 from livekit_resume.stores.sqlite.control import KEEP_SECONDS
 from livekit_resume.testing.poll import eventually
+from tests import child_env
 from tests.test_control import KEY, live, state
 from tests.test_sqlite_faults import KEY as FILE_KEY
-from tests.test_sqlite_faults import PRELUDE, SRC, _child, _commit, _reopened_intact
+from tests.test_sqlite_faults import PRELUDE, _child, _commit, _reopened_intact
 
 
 def _pending_ids(path: Path) -> list[str]:
@@ -166,7 +167,7 @@ async def test_a_command_of_a_crashed_sender_is_not_claimed_after_its_timeout(
             str(path),
             KEY,
             "1.0",
-            env={**os.environ, "PYTHONPATH": SRC},
+            env=child_env(),
         )
         try:
 
