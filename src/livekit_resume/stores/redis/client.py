@@ -14,8 +14,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
     InvalidResponse,
@@ -120,11 +120,24 @@ def connect(
         timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
         if "driver_info" in common:
             timeouts["driver_info"] = common["driver_info"]
+        # No retries of its own for the client that asks a Sentinel (redis-py's default
+        # is 10, with backoff): the question goes on to the next Sentinel, and the data
+        # connection's `retry` asks them all again. A hung Sentinel otherwise held each
+        # command ~130 socket timeouts (10 minutes at the default 5 s), not ~4 as a hung
+        # server does.
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(settings.hosts),
-            sentinel_kwargs={"password": sentinel_password, **timeouts},
+            sentinel_kwargs={
+                "password": sentinel_password,
+                "retry": Retry(NoBackoff(), 0),
+                **timeouts,
+            },
             **timeouts,
         )
+        if "connection_pool_class" not in client_options:
+            # a burst beyond pool_size waits for a connection, as on a standalone server
+            client_options["connection_pool_class"] = _BlockingSentinelPool
+            client_options.setdefault("timeout", socket_timeout)
         primary: Client = sentinel.master_for(
             settings.service or "", db=settings.db, **common, **client_options
         )
@@ -140,6 +153,13 @@ def connect(
         **client_options,
     )
     return Redis.from_pool(pool)
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """redis-py's Sentinel pool (connections to the primary Sentinel names) that, like
+    the standalone store's `BlockingConnectionPool`, waits up to its ``timeout`` for a
+    free connection: the plain one raised "Too many connections" (`StoreUnavailable`)
+    at once for the operation one past ``pool_size``."""
 
 
 def describe_client(client: Client) -> str:

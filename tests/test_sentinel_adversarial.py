@@ -1,0 +1,84 @@
+"""Adversarial Sentinel cases: real redis-server processes, a real Sentinel, and
+Sentinels that hang (a socket that takes connections and never answers)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from livekit_resume.errors import StoreUnavailable
+from livekit_resume.stores.redis import RedisStore
+from tests.redis_servers import RedisSentinel
+
+# Each test below takes well under this; a store that hangs on Sentinel fails it instead.
+CAP = 8.0
+TIMEOUT = 0.1
+
+
+@pytest.fixture
+def hung_sentinel() -> Iterator[int]:
+    """The port of a "Sentinel" that accepts connections and never answers: a frozen
+    Sentinel process, or one behind a black-holing network."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield listener.getsockname()[1]
+
+
+def _store(url: str) -> RedisStore:
+    return RedisStore.from_url(url, socket_timeout=TIMEOUT, retries=1, namespace="adv")
+
+
+async def _unavailable_after(store: RedisStore) -> float:
+    """Seconds until ``info`` raised `StoreUnavailable` (at most `CAP`)."""
+    start = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.info("room"), CAP)
+    finally:
+        await store.aclose()
+    return time.monotonic() - start
+
+
+async def test_a_hung_sentinel_is_store_unavailable_as_soon_as_a_hung_server_is(
+    hung_sentinel: int,
+) -> None:
+    # The same retries and timeout against a hung server give the bound; Sentinel
+    # lookups must not multiply it (redis-py's own 10 retries per Sentinel question,
+    # nested in the connection's and the command's retries: ~130 timeouts, 10 minutes
+    # per command at the default socket timeout).
+    server_took = await _unavailable_after(_store(f"redis://127.0.0.1:{hung_sentinel}/0"))
+    url = f"redis+sentinel://127.0.0.1:{hung_sentinel}/mymaster/0"
+    sentinel_took = await _unavailable_after(_store(url))
+    assert sentinel_took < max(2.0, 3 * server_took), (sentinel_took, server_took)
+
+
+async def test_a_hung_sentinel_before_a_live_one_costs_one_timeout(
+    hung_sentinel: int, redis_sentinel: RedisSentinel
+) -> None:
+    live = redis_sentinel.url.removeprefix("redis+sentinel://")
+    url = f"redis+sentinel://127.0.0.1:{hung_sentinel},{live}"
+    store = _store(url)
+    try:
+        assert await asyncio.wait_for(store.info("room"), CAP) is None
+    finally:
+        await store.aclose()
+
+
+async def test_more_concurrent_operations_than_the_pool_holds_wait_for_a_connection(
+    redis_sentinel: RedisSentinel,
+) -> None:
+    # As on a standalone server (a blocking pool): a burst of sessions beyond
+    # pool_size queues for a connection instead of failing with "Too many connections".
+    store = RedisStore.from_url(redis_sentinel.url, pool_size=2, namespace="adv")
+    try:
+        infos = await asyncio.wait_for(
+            asyncio.gather(*(store.info(f"room{i}") for i in range(20))), CAP
+        )
+        assert infos == [None] * 20
+    finally:
+        await store.aclose()
