@@ -12,7 +12,8 @@ import pytest
 
 from livekit_resume.errors import StoreUnavailable
 from livekit_resume.stores.redis import RedisStore
-from tests.redis_servers import RedisSentinel
+from livekit_resume.stores.redis.url import RedisURL
+from tests.redis_servers import RedisSentinel, free_port
 
 # Each test below takes well under this; a store that hangs on Sentinel fails it instead.
 CAP = 8.0
@@ -80,5 +81,48 @@ async def test_more_concurrent_operations_than_the_pool_holds_wait_for_a_connect
             asyncio.gather(*(store.info(f"room{i}") for i in range(20))), CAP
         )
         assert infos == [None] * 20
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://s1,s2/mymaster/-1",
+        "redis+sentinel://s1/mymaster/+1",
+        "redis+sentinel://s1/mymaster/1_0",
+        "redis://h/-1",
+    ],
+)
+def test_a_database_that_is_not_plain_digits_is_a_bad_url(url: str) -> None:
+    with pytest.raises(ValueError, match="not a number"):
+        RedisURL.parse(url)
+
+
+async def test_no_sentinel_answering_is_a_short_message_naming_the_service() -> None:
+    dead = [free_port(), free_port()]
+    url = f"redis+sentinel://:datapw@127.0.0.1:{dead[0]},127.0.0.1:{dead[1]}/my%20master/0"
+    store = RedisStore.from_url(url, sentinel_password="sentpw", retries=0)
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await asyncio.wait_for(store.info("room"), CAP)
+    finally:
+        await store.aclose()
+    message = str(caught.value)
+    assert "service my master" in message and str(dead[1]) in message
+    assert "no Sentinel answered" in message
+    # redis-py's own text repeated each Sentinel's whole client, a kilobyte each
+    assert len(message) < 400 and "redis.asyncio" not in message
+    assert "datapw" not in message and "sentpw" not in message
+
+
+async def test_sentinels_that_know_no_such_service_say_so(
+    redis_sentinel: RedisSentinel,
+) -> None:
+    url = redis_sentinel.url.replace("/mymaster/", "/nosuch/")
+    store = RedisStore.from_url(url, retries=0)
+    try:
+        with pytest.raises(StoreUnavailable, match="name no live primary"):
+            await asyncio.wait_for(store.info("room"), CAP)
     finally:
         await store.aclose()

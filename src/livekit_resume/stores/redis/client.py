@@ -14,7 +14,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
@@ -199,6 +199,22 @@ class Server:
             yield
         except ResumeError:
             raise
+        except MasterNotFoundError as exc:
+            # redis-py's message repeats the whole client of every Sentinel it asked
+            # (a kilobyte each) and none of their reasons
+            unreachable = " : " in str(exc)
+            why = (
+                "no Sentinel answered (down, unreachable, or refusing this client: "
+                "sentinel_password)"
+                if unreachable
+                else "the Sentinels answered but name no live primary for the service "
+                "(a wrong service name, or the primary is down and not failed over yet)"
+            )
+            raise StoreUnavailable(
+                f"{self.where} is unavailable for {what}: {why}; check that the Sentinels "
+                "are up and the store URL's hosts and service name are right (retried with "
+                "backoff before giving up)"
+            ) from exc
         except (
             RedisConnectionError,
             RedisTimeoutError,

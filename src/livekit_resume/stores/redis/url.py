@@ -104,12 +104,11 @@ def _database(parts: SplitResult, mode: Mode, url: str) -> tuple[int, str | None
     if len(path) > 1:
         raise ValueError(f"Redis URL {redact(url)!r} has a path beyond the database")
     if path:
-        try:
-            db = int(path[0])
-        except ValueError:
-            raise ValueError(
-                f"Redis URL {redact(url)!r}: database {path[0]!r} is not a number"
-            ) from None
+        # digits only: int() also takes "-1" (refused by the server at the first
+        # command, as an outage), "+1", "1_0" and non-ASCII digits
+        if not (path[0].isascii() and path[0].isdigit()):
+            raise ValueError(f"Redis URL {redact(url)!r}: database {path[0]!r} is not a number")
+        db = int(path[0])
     if mode == "cluster" and db != 0:
         raise ValueError(f"Redis Cluster has only database 0 ({redact(url)!r})")
     return db, service
