@@ -13,7 +13,7 @@ import pytest
 from livekit_resume.errors import StoreUnavailable
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.stores.redis.url import RedisURL
-from tests.redis_servers import RedisSentinel, free_port
+from tests.redis_servers import RedisSentinel, RedisServer, free_port
 
 # Each test below takes well under this; a store that hangs on Sentinel fails it instead.
 CAP = 8.0
@@ -124,5 +124,26 @@ async def test_sentinels_that_know_no_such_service_say_so(
     try:
         with pytest.raises(StoreUnavailable, match="name no live primary"):
             await asyncio.wait_for(store.info("room"), CAP)
+    finally:
+        await store.aclose()
+
+
+async def test_an_event_stream_whose_connection_was_cut_says_so(
+    redis_sentinel: RedisSentinel, disposable_redis: RedisServer
+) -> None:
+    # What a failover does to a subscriber of the old primary (Sentinel promotes the
+    # replica at once, so redis-py's reconnect finds the new one): the events published
+    # in between are gone. EventStream promises StoreUnavailable on a lost connection
+    # ("subscribe again"), so a follower knows to read the state afresh; redis-py
+    # reconnected and resubscribed behind its back, and the stream went on silently.
+    store = RedisStore.from_url(redis_sentinel.url, namespace="adv")
+    try:
+        async with store.subscribe() as events:
+            await store.publish("room", "paused")
+            assert (await asyncio.wait_for(events.__anext__(), CAP))["event"] == "paused"
+            disposable_redis.cli("client", "kill", "type", "pubsub")
+            await store.publish("room", "resumed")
+            with pytest.raises(StoreUnavailable, match="subscribe again"):
+                await asyncio.wait_for(events.__anext__(), CAP)
     finally:
         await store.aclose()

@@ -11,6 +11,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from ...errors import StoreUnavailable
 from .client import Server
 
 __all__ = ["EventStream"]
@@ -32,6 +33,10 @@ class EventStream:
         self._server = server
         self._channel = channel
         self._pubsub: PubSub | None = None
+        # Set when redis-py reconnected the subscription on its own (its retries; a
+        # failover to a replica that Sentinel names at once): what was published in
+        # between is gone, so the stream ends with StoreUnavailable as promised.
+        self._cut = False
 
     async def _start(self) -> PubSub:
         if self._pubsub is None:
@@ -46,6 +51,8 @@ class EventStream:
                     msg = await pubsub.get_message(timeout=None)
                     if msg is not None and msg["type"] == "subscribe":
                         break
+            if pubsub.connection is not None:
+                pubsub.connection.register_connect_callback(self._reconnected)
             self._pubsub = pubsub
         return self._pubsub
 
@@ -69,6 +76,12 @@ class EventStream:
         while True:
             with self._server.errors("subscribe", None):
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            if self._cut:
+                raise StoreUnavailable(
+                    f"{self._server.where}: the connection of the event subscription was "
+                    "lost (reconnected since; events published meanwhile are missed): "
+                    "subscribe again"
+                )
             if msg is None or msg.get("type") != "message":
                 continue
             try:
@@ -85,10 +98,15 @@ class EventStream:
             ):
                 return event
 
+    def _reconnected(self, connection: object) -> None:
+        self._cut = True
+
     async def aclose(self) -> None:
         """Unsubscribe and close the connection."""
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
+            if pubsub.connection is not None:
+                pubsub.connection.deregister_connect_callback(self._reconnected)
             try:
                 await pubsub.unsubscribe()
             except (RedisError, OSError):
