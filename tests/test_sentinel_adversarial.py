@@ -4,13 +4,19 @@ Sentinels that hang (a socket that takes connections and never answers)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+import livekit_resume as lr
+from livekit_resume.cli import app
 from livekit_resume.errors import StoreUnavailable
+from livekit_resume.settings import Settings
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.stores.redis.url import RedisURL
 from tests.redis_servers import RedisSentinel, RedisServer, free_port
@@ -147,3 +153,45 @@ async def test_an_event_stream_whose_connection_was_cut_says_so(
                 await asyncio.wait_for(events.__anext__(), CAP)
     finally:
         await store.aclose()
+
+
+@pytest.fixture
+def locked_sentinel(disposable_redis: RedisServer, tmp_path: Path) -> Iterator[RedisSentinel]:
+    """A Sentinel that requires a password (``requirepass sentpw``)."""
+    sentinel = RedisSentinel(tmp_path / "locked-sentinel", disposable_redis)
+    with sentinel.config.open("a") as config:
+        config.write("requirepass sentpw\n")
+    sentinel.start()
+    try:
+        yield sentinel
+    finally:
+        sentinel.stop()
+
+
+async def test_the_sentinel_password_comes_from_the_environment_for_workers_and_the_cli(
+    locked_sentinel: RedisSentinel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was a keyword of RedisStore.from_url only: a worker opening RESUME_STORE, and
+    # every command of the command line, could not reach Sentinels that require one.
+    monkeypatch.setenv("RESUME_STORE", locked_sentinel.url)
+    monkeypatch.setenv("RESUME_NAMESPACE", "adv")
+    monkeypatch.delenv("RESUME_SENTINEL_PASSWORD", raising=False)
+    refused = lr.open_store(retries=0, socket_timeout=TIMEOUT)
+    try:
+        with pytest.raises(StoreUnavailable, match="no Sentinel answered"):
+            await asyncio.wait_for(refused.info("room"), CAP)
+    finally:
+        await refused.aclose()
+
+    monkeypatch.setenv("RESUME_SENTINEL_PASSWORD", "sentpw")
+    store = lr.open_store()
+    try:
+        lease = await store.acquire("room", "w1")
+        await store.release(lease)
+        assert (await store.info("room")) is not None
+    finally:
+        await store.aclose()
+    listed = await asyncio.to_thread(CliRunner().invoke, app, ["ls", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [s["key"] for s in json.loads(listed.output)] == ["room"]
+    assert "sentpw" not in repr(Settings.load())

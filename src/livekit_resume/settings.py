@@ -13,6 +13,8 @@ from the environment in this one place.
   encryption keys are set: only while migrating a store to encryption |
 | ``allow_unbound`` | ``RESUME_ALLOW_UNBOUND`` | read heads written before format 3 (no
   version binding, no seal); default on, turn off once every session was rewritten |
+| ``sentinel_password`` | ``RESUME_SENTINEL_PASSWORD`` | the password of the Sentinels of
+  a ``redis+sentinel://`` store, when they require one (the URL's authenticates to Redis) |
 
 Build it once where it is needed with `Settings.load`, keyword options winning over
 the environment (an option given is never read from the environment at all); an empty
@@ -68,6 +70,7 @@ class Settings(BaseSettings):
     encryption_keys: SecretStr | None = None
     allow_plaintext: bool = False
     allow_unbound: bool = True
+    sentinel_password: SecretStr | None = None
 
     @field_validator("ttl")
     @classmethod
@@ -120,6 +123,8 @@ class Settings(BaseSettings):
     def store_options(self) -> dict[str, Any]:
         """The options `open_store` passes a backend: those that are set."""
         values = {"namespace": self.namespace, "ttl": self.ttl, "keep": self.keep}
+        if self.store.lower().startswith("redis+sentinel:"):  # no other backend takes it
+            values["sentinel_password"] = _secret(self.sentinel_password)
         return {name: value for name, value in values.items() if value is not None}
 
     def codec(self, **options: Any) -> Codec:

@@ -26,7 +26,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
 # Backends whose from_url takes no read_only: a Redis reader never writes on its own.
 _NO_READ_ONLY = frozenset({"RedisStore"})
 # Settings open_store takes from the environment (RESUME_*) when not given as options.
-_FROM_SETTINGS = ("namespace", "ttl", "keep")
+_FROM_SETTINGS = ("namespace", "ttl", "keep", "sentinel_password")
 
 
 def open_store(url: str | None = None, *, read_only: bool = False, **options: Any) -> Store:
@@ -34,8 +34,9 @@ def open_store(url: str | None = None, *, read_only: bool = False, **options: An
     ``rediss://…``, ``redis+sentinel://…`` or ``redis+cluster://host:port[,host:port]``.
 
     Without a URL, ``RESUME_STORE`` or the embedded default ``sqlite:///resume.db``.
-    Keyword options (``keep``, ``ttl``, ``namespace`` …) override ``RESUME_KEEP``,
-    ``RESUME_TTL`` and ``RESUME_NAMESPACE`` (see `livekit_resume.settings`).
+    Keyword options (``keep``, ``ttl``, ``namespace``, ``sentinel_password`` …) override
+    ``RESUME_KEEP``, ``RESUME_TTL``, ``RESUME_NAMESPACE`` and ``RESUME_SENTINEL_PASSWORD``
+    (see `livekit_resume.settings`).
     ``read_only=True`` (or ``sqlite:///file.db?mode=ro``) opens a SQLite file for reading
     only, creating and writing nothing; other stores ignore it.
     """

@@ -204,8 +204,8 @@ class Server:
             # (a kilobyte each) and none of their reasons
             unreachable = " : " in str(exc)
             why = (
-                "no Sentinel answered (down, unreachable, or refusing this client: "
-                "sentinel_password)"
+                "no Sentinel answered (down, unreachable, or refusing this client: its password, "
+                "RESUME_SENTINEL_PASSWORD or sentinel_password=)"
                 if unreachable
                 else "the Sentinels answered but name no live primary for the service "
                 "(a wrong service name, or the primary is down and not failed over yet)"
