@@ -1,0 +1,117 @@
+"""The operator's surface of ``livekit-resume`` against a real 3-primary Redis Cluster:
+sessions on many slots, keys an eviction took (``maxmemory-policy allkeys-*``) while
+others of the session stayed. One cluster for the whole run (the session fixture of
+tests/redis_servers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.redis_servers import RedisCluster
+from tests.test_cli import _converse, run, run_json
+from tests.test_cli_adversarial import _copy
+
+pytest.importorskip("livekit_resume.stores.redis")
+
+from redis.cluster import RedisCluster as Client
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest) -> RedisCluster:
+    found: RedisCluster = request.getfixturevalue("redis_cluster")
+    return found
+
+
+@pytest.fixture
+def ns(monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"clu{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("RESUME_NAMESPACE", name)
+    return name
+
+
+@pytest.fixture
+def raw(cluster: RedisCluster) -> Iterator[Client]:
+    """A plain cluster client, for what an eviction (or a hand) does to keys."""
+    client = Client(host="127.0.0.1", port=cluster.nodes[0].port)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _session_keys(raw: Client, ns: str, key: str) -> list[str]:
+    pattern = f"{ns}:{{{key}}}:*"
+    found = {k.decode() for k in raw.scan_iter(match=pattern, target_nodes=Client.ALL_NODES)}
+    return sorted(found)
+
+
+def _seeded(url: str, names: list[str]) -> None:
+    asyncio.run(_converse(url, names[0], ["remember the blue door", "remember the code 4711"]))
+    for name in names[1:]:
+        _copy(url, names[0], name)
+
+
+def _rows(url: str) -> dict[str, Any]:
+    return {s["key"]: s for s in run_json(url, "ls")}
+
+
+def test_a_session_whose_head_was_evicted_is_listed_as_damaged_and_rm_frees_it(
+    cluster: RedisCluster, ns: str, raw: Client
+) -> None:
+    url = cluster.url
+    names = ["aa", "mid", "zz"]
+    _seeded(url, names)
+    assert set(_rows(url)) == set(names)
+    assert raw.delete(f"{ns}:{{mid}}:head") == 1  # the eviction took the head alone
+    assert _session_keys(raw, ns, "mid")  # its versions and log remain
+
+    listed = run(url, "--json", "ls")
+    assert listed.exit_code == 0, listed.output
+    rows = {s["key"]: s for s in json.loads(listed.stdout)}
+    assert set(rows) == set(names)
+    assert rows["mid"]["error"] == "SnapshotCorrupt"
+    assert "error" not in rows["aa"] and "error" not in rows["zz"]
+    table = run(url, "ls")
+    assert table.exit_code == 0 and "damaged" in table.stdout
+    assert "'mid'" in table.stderr and "lost its head" in table.stderr
+
+    shown = run(url, "show", "mid")
+    assert shown.exit_code == 1 and "Traceback" not in shown.output
+    assert "SnapshotCorrupt" in shown.output and "lost its head" in shown.output
+
+    assert run(url, "rm", "--yes", "mid").exit_code == 0
+    assert _session_keys(raw, ns, "mid") == []
+    assert set(_rows(url)) == {"aa", "zz"}
+
+
+def test_a_headless_session_whose_first_keys_went_too_is_still_listed_as_damaged(
+    cluster: RedisCluster, ns: str, raw: Client
+) -> None:
+    """Only its latest version and log generation left (a long-lived session: the first
+    version and log generation trimmed long ago, or evicted with the head)."""
+    url = cluster.url
+    _seeded(url, ["s"])
+    keys = _session_keys(raw, ns, "s")
+    first = [k for k in keys if k.endswith((":head", ":v:1", ":log:0"))]
+    assert f"{ns}:{{s}}:head" in first and len(first) < len(keys)
+    raw.delete(*first)
+    row = _rows(url)["s"]
+    assert row["error"] == "SnapshotCorrupt"
+    assert run(url, "rm", "--yes", "s").exit_code == 0
+    assert _session_keys(raw, ns, "s") == []
+    assert _rows(url) == {}
+
+
+def test_a_session_deleted_whole_by_hand_is_not_listed(
+    cluster: RedisCluster, ns: str, raw: Client
+) -> None:
+    url = cluster.url
+    _seeded(url, ["gone", "kept"])
+    raw.delete(*_session_keys(raw, ns, "gone"))
+    assert set(_rows(url)) == {"kept"}
