@@ -13,13 +13,17 @@ from typing import Any
 
 import pytest
 
-from tests.redis_servers import RedisCluster
+from livekit_resume.errors import SnapshotCorrupt
+from tests.redis_servers import RedisCluster, RedisFactory, RedisServer
 from tests.test_cli import _converse, run, run_json
 from tests.test_cli_adversarial import _copy
+from tests.test_redis_faults import item_commit
 
 pytest.importorskip("livekit_resume.stores.redis")
 
 from redis.cluster import RedisCluster as Client
+
+from livekit_resume.stores.redis import RedisStore
 
 
 @pytest.fixture
@@ -153,3 +157,67 @@ def test_rm_of_a_session_whose_slot_is_half_moved_deletes_nothing_and_says_retry
     after = {n.port: n.cli("--scan", "--pattern", f"{ns}:*").split() for n in cluster.nodes}
     assert {p: sorted(k) for p, k in after.items()} == {p: sorted(k) for p, k in before.items()}
     assert any(moved in found for found in after.values())
+
+
+def test_every_command_round_trips_sessions_on_many_slots_and_fails_typed(
+    cluster: RedisCluster, ns: str, tmp_path: Any
+) -> None:
+    """export, import under another key (another slot), revert, release, history, diff,
+    repair --dry-run, pause with nobody holding it: exit codes as docs/cli.md says,
+    one line and no traceback on failure."""
+    url = cluster.url
+    names = ["a", "b{x}", "c%7B", "d"]
+    _seeded(url, names)
+    file = str(tmp_path / "a.lkr")
+    assert run(url, "export", "a", "-o", file).exit_code == 0
+    for new in ("moved-1", "moved{2}", "ü"):
+        imported = run(url, "import", file, "--key", new)
+        assert imported.exit_code == 0, imported.output
+        assert "remember the blue door" in run(url, "show", new).stdout
+    assert run(url, "revert", "b{x}", "1").exit_code == 0
+    assert [v["source"] for v in run_json(url, "history", "b{x}")][-1] == "revert"
+    assert run(url, "release", "c%7B").exit_code == 0
+    for argv in (["diff", "a", "1", "2"], ["repair", "a", "--dry-run"]):
+        done = run(url, *argv)
+        assert done.exit_code == 0, (argv, done.output)
+    for argv, kind in (
+        (["pause", "d"], "CommandRefused"),
+        (["show", "nope"], "SnapshotNotFound"),
+        (["show", "d", "--version", "99"], "SnapshotNotFound"),
+        (["rm", "--yes", "nope"], "SnapshotNotFound"),
+        (["revert", "nope", "1"], "SnapshotNotFound"),
+    ):
+        failed = run(url, "--json", *argv)
+        assert failed.exit_code == 1, (argv, failed.output)
+        assert json.loads(failed.stderr.strip().splitlines()[-1])["error"] == kind, argv
+    assert set(_rows(url)) == {*names, "moved-1", "moved{2}", "ü"}
+
+
+def _scans(server: RedisServer) -> int:
+    stats = server.cli("info", "commandstats")
+    line = next((x for x in stats.splitlines() if x.startswith("cmdstat_scan:")), "")
+    return int(line.split("calls=")[1].split(",")[0]) if line else 0
+
+
+@pytest.mark.parametrize(("policy", "listed"), [("allkeys-lru", True), ("noeviction", False)])
+async def test_a_ttl_store_lists_a_headless_session_only_where_the_server_evicts(
+    make_redis: RedisFactory, policy: str, listed: bool
+) -> None:
+    """With a ttl, a listed member without its head is a session that expired, unless
+    the server evicts keys: ``keys()`` scans for remains only then, and lists the
+    session whose head was evicted (`info` says what is left)."""
+    server = make_redis("--maxmemory", "64mb", "--maxmemory-policy", policy)
+    store = RedisStore.from_url(server.url, namespace="ttl", ttl=3600.0)
+    try:
+        for key in ("alive", "lost"):
+            lease = await store.acquire(key, "worker-a")
+            assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+        assert server.cli("del", "ttl:{lost}:head").strip() == "1"
+        scans = _scans(server)
+        assert await store.keys() == (["alive", "lost"] if listed else ["alive"])
+        assert (_scans(server) > scans) is listed
+        if listed:
+            with pytest.raises(SnapshotCorrupt, match="lost its head"):
+                await store.info("lost")
+    finally:
+        await store.aclose()
