@@ -221,3 +221,24 @@ async def test_a_ttl_store_lists_a_headless_session_only_where_the_server_evicts
                 await store.info("lost")
     finally:
         await store.aclose()
+
+
+def test_ls_scan_lists_again_the_sessions_of_a_lost_index_on_a_cluster(
+    cluster: RedisCluster, ns: str, raw: Client
+) -> None:
+    """The index key evicted (or lost in a failover): idle sessions vanish from ``ls``
+    until ``ls --scan`` finds them, a headless one among them shown damaged."""
+    url = cluster.url
+    names = ["a", "b{x}", "100%", "x}{y", "lost"]
+    _seeded(url, names)
+    assert raw.delete(f"{ns}:{{lost}}:head") == 1
+    assert raw.delete(f"{ns}:sessions") == 1
+    assert _rows(url) == {}
+    scanned = run(url, "--json", "ls", "--scan")
+    assert scanned.exit_code == 0, scanned.output
+    rows = {s["key"]: s for s in json.loads(scanned.stdout)}
+    assert set(rows) == set(names)
+    assert rows["lost"]["error"] == "SnapshotCorrupt"
+    assert set(_rows(url)) == set(names)  # listed again for good
+    assert run(url, "rm", "--yes", "lost").exit_code == 0
+    assert set(_rows(url)) == set(names) - {"lost"}

@@ -11,6 +11,7 @@ lives. `Namespace.keys` checks each member against its head.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -225,6 +226,28 @@ class Namespace:
                 found = [text(k) async for k in client.scan_iter(match=pattern, count=SCAN_COUNT)]
         return sorted(set(found) - {head})
 
+    async def reindex(self) -> int:
+        """Record in the index every session that has keys, found by a SCAN of every
+        primary (O(keys in the database)): what the index lost (its key evicted, a
+        failover to a replica without it) is listed again, and a session with a lost
+        head shows as damaged. Returns how many sessions were not listed."""
+        pattern = glob_escape(f"{self._names.namespace}:{{") + "*"
+        client = self._server.client
+        with self._server.errors("scan for sessions", None):
+            if isinstance(client, RedisCluster):
+                await client.initialize()
+                found: list[str] = []
+                for node in client.get_primaries():
+                    found += await _scan_node(client, node, pattern)
+            else:
+                found = [text(k) async for k in client.scan_iter(match=pattern, count=SCAN_COUNT)]
+        start = len(self._names.namespace) + 2
+        keys = {_untag(name[start : name.find("}", start)]) for name in found}
+        added = 0
+        for key in sorted(keys):
+            added += not await self.record(key, "reindex")
+        return added
+
     def headless_error(self, key: str, remains: Sequence[str]) -> SnapshotCorrupt:
         shown = ", ".join(remains[:REMAINS_SHOWN]) + (", …" if len(remains) > REMAINS_SHOWN else "")
         return SnapshotCorrupt(
@@ -236,6 +259,14 @@ class Namespace:
             "(`livekit-resume rm KEY` or store.delete) to start it again, and set "
             "maxmemory-policy noeviction"
         )
+
+
+_UNTAG = {"%25": "%", "%7B": "{", "%7D": "}"}
+
+
+def _untag(tag: str) -> str:
+    """The session key of a hash tag body (`keys._tag` undone)."""
+    return re.sub("%25|%7B|%7D", lambda m: _UNTAG[m[0]], tag)
 
 
 async def _scan_node(client: RedisCluster, node: Any, pattern: str) -> list[str]:

@@ -657,6 +657,13 @@ class RedisStore:
         """`KeyPages`: live keys in order, checking the heads of one page only."""
         return await self._namespace_index.page(prefix, after, limit)
 
+    async def reindex(self) -> int:
+        """List again every session of the namespace that has keys: SCANs every primary
+        (O(keys in the database), for an operator: ``livekit-resume ls --scan``), after
+        the index lost entries (its key evicted, a failover). Returns how many sessions
+        were not listed."""
+        return await self._namespace_index.reindex()
+
     async def delete(self, key: str, *, lease: Lease | None = None) -> bool:
         validate_key(key)
         fence: list[str | int] = ["", ""]
