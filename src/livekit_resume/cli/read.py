@@ -54,6 +54,14 @@ def ls_cmd(
         str | None,
         typer.Option("--after", metavar="CURSOR", help="The page after CURSOR (from a listing)."),
     ] = None,
+    scan: Annotated[
+        bool,
+        typer.Option(
+            "--scan",
+            help="Redis: first list again sessions the index lost (evicted, a failover);"
+            " SCANs the whole keyspace.",
+        ),
+    ] = False,
 ) -> None:
     """Sessions in key order: latest version, state, agent, items, lease holder, last
     update. With --limit, a page at a time: it prints the cursor of the next one.
@@ -63,6 +71,11 @@ def ls_cmd(
     opts = _opts(ctx)
 
     async def go(store: Store) -> tuple[list[SessionInfo | Unreadable], str | None]:
+        if scan:
+            reindex = getattr(store, "reindex", None)
+            if reindex is None:
+                raise ValueError("--scan is for a Redis store: its index of sessions")
+            await reindex()
         return await page_sessions(store, prefix=prefix, state=state, limit=limit, after=after)
 
     infos, cursor = _run(ctx, go, read_only=True)

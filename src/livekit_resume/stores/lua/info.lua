@@ -1,9 +1,11 @@
 -- info: the session's latest version, epoch, live lease and listing info.
 -- Reply: {'ok', version, epoch, touched, info or '', {owner, expires} or {}} |
---        {'absent'} | {'corrupt', message}
+--        {'absent', '1' if there is no head at all, a key left without head or ''} |
+--        {'corrupt', message}  (the 'absent' reply is load's)
 local function main()
-  local s = live_head(false)
-  if s == nil then return {'absent'} end
+  local s, expired = live_head(false)
+  if s == nil and not expired then return {'absent', '1', first_remain() or ''} end
+  if s == nil then return {'absent', '0', ''} end
   local info = ''
   if s.version >= s.oldest then
     local vk = vkey(s.version)

@@ -105,8 +105,13 @@ local function session_keys(s)
   return ks
 end
 
+-- Every key is looked at before the first DEL: on a Cluster whose slot is half moved
+-- (resharding), a key already on the other node fails the script there, having deleted
+-- nothing, rather than midway with the head and versions gone.
 local function delete_all(s)
-  for _, k in ipairs(session_keys(s)) do redis.call('DEL', k) end
+  local ks = session_keys(s)
+  for _, k in ipairs(ks) do redis.call('EXISTS', k) end
+  for _, k in ipairs(ks) do redis.call('DEL', k) end
 end
 
 -- Where every script starts: the session's live head, or nil, and whether the head found

@@ -11,6 +11,7 @@ lives. `Namespace.keys` checks each member against its head.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -160,11 +161,48 @@ class Namespace:
                 pipe.hget(self._names.head(m), "touched")
             heads: list[Any] = await pipe.execute(raise_on_error=False)
             now = await self._server_now()
+        headless = [m for m, touched in zip(members, heads, strict=True) if touched is None]
+        damaged = await self._with_remains(headless)
         return [
             member
             for member, touched in zip(members, heads, strict=True)
-            if _is_live(touched, self._ttl, now)
+            if _is_live(touched, self._ttl, now) or member in damaged
         ]
+
+    async def _with_remains(self, headless: Sequence[str]) -> set[str]:
+        """Those of the listed ``headless`` members that lost their head but left keys
+        (evicted, or deleted by hand): listed, so that `info` and `load` say so and an
+        operator sees them. A member listed without a head is otherwise a session that
+        expired (with a ttl) or whose creation was cut short; only where that is not the
+        likely answer (no ttl, or a server that evicts) is it looked into, by one SCAN of
+        the namespace's session keys per node holding such a member: O(keys in the
+        database) then, and nothing while every listed member has its head."""
+        if not headless:
+            return set()
+        if self._ttl is not None:
+            await self._check.ensure("keys", None)
+            if not self._check.evicting:
+                return set()
+        prefixes = {self._names.prefix(m): m for m in headless}
+        pattern = glob_escape(f"{self._names.namespace}:{{") + "*"
+        client = self._server.client
+        found: list[str] = []
+        with self._server.errors("scan for remains", None):
+            if isinstance(client, RedisCluster):
+                await client.initialize()
+                owners = [client.get_node_from_key(self._names.head(m)) for m in headless]
+                nodes = {node.name: node for node in owners if node is not None}
+                for name in sorted(nodes):
+                    found += await _scan_node(client, nodes[name], pattern)
+            else:
+                found = [text(k) async for k in client.scan_iter(match=pattern, count=SCAN_COUNT)]
+        damaged: set[str] = set()
+        for name in found:
+            end = name.find("}:")
+            member = prefixes.get(name[: end + 2]) if end >= 0 else None
+            if member is not None and name != self._names.head(member):
+                damaged.add(member)
+        return damaged
 
     async def _server_now(self) -> float:
         if self._clock is not None:
@@ -182,10 +220,33 @@ class Namespace:
         client = self._server.client
         with self._server.errors("scan for remains", key):
             if isinstance(client, RedisCluster):
-                found = await _scan_node_of(client, head, pattern)
+                await client.initialize()
+                found = await _scan_node(client, client.get_node_from_key(head), pattern)
             else:
                 found = [text(k) async for k in client.scan_iter(match=pattern, count=SCAN_COUNT)]
         return sorted(set(found) - {head})
+
+    async def reindex(self) -> int:
+        """Record in the index every session that has keys, found by a SCAN of every
+        primary (O(keys in the database)): what the index lost (its key evicted, a
+        failover to a replica without it) is listed again, and a session with a lost
+        head shows as damaged. Returns how many sessions were not listed."""
+        pattern = glob_escape(f"{self._names.namespace}:{{") + "*"
+        client = self._server.client
+        with self._server.errors("scan for sessions", None):
+            if isinstance(client, RedisCluster):
+                await client.initialize()
+                found: list[str] = []
+                for node in client.get_primaries():
+                    found += await _scan_node(client, node, pattern)
+            else:
+                found = [text(k) async for k in client.scan_iter(match=pattern, count=SCAN_COUNT)]
+        start = len(self._names.namespace) + 2
+        keys = {_untag(name[start : name.find("}", start)]) for name in found}
+        added = 0
+        for key in sorted(keys):
+            added += not await self.record(key, "reindex")
+        return added
 
     def headless_error(self, key: str, remains: Sequence[str]) -> SnapshotCorrupt:
         shown = ", ".join(remains[:REMAINS_SHOWN]) + (", …" if len(remains) > REMAINS_SHOWN else "")
@@ -200,10 +261,16 @@ class Namespace:
         )
 
 
-async def _scan_node_of(client: RedisCluster, head: str, pattern: str) -> list[str]:
-    """SCAN the node that owns ``head``'s slot."""
-    await client.initialize()
-    node = client.get_node_from_key(head)
+_UNTAG = {"%25": "%", "%7B": "{", "%7D": "}"}
+
+
+def _untag(tag: str) -> str:
+    """The session key of a hash tag body (`keys._tag` undone)."""
+    return re.sub("%25|%7B|%7D", lambda m: _UNTAG[m[0]], tag)
+
+
+async def _scan_node(client: RedisCluster, node: Any, pattern: str) -> list[str]:
+    """SCAN one node of the Cluster (``node``, a ``ClusterNode``) for ``pattern``."""
     found: list[str] = []
     cursor = 0
     while True:

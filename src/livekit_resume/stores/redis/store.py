@@ -559,20 +559,7 @@ class RedisStore:
     async def _stored(self, key: str, args: list[str], reply: list[Any]) -> Stored:
         """The version the ``load`` script, run with ``args``, answered ``reply``."""
         if reply[0] == b"absent":
-            # No head at all: if the session's first keys remain, or the namespace still
-            # lists it, or the server evicts keys (any of them may be left), look for
-            # what is left. A lost head must never read as "no snapshot", which would
-            # start the conversation afresh.
-            if reply[1] == b"1" and (
-                reply[2] or self._check.evicting or await self._namespace_index.listed(key)
-            ):
-                remains = await self._namespace_index.remains(key)
-                if remains:
-                    # keys of a session another worker created since the script looked
-                    # have a head by now: read that one
-                    reply = await self._run("load", key, args)
-                    if reply[0] == b"absent":
-                        raise self._namespace_index.headless_error(key, remains)
+            reply = await self._headless(key, "load", args, reply)
             if reply[0] == b"absent":
                 raise not_found_error(key)
         if reply[0] == b"missing":
@@ -593,6 +580,27 @@ class RedisStore:
             info=unpack_info(info, key),
         )
 
+    async def _headless(
+        self, key: str, script: str, args: list[str], reply: list[Any]
+    ) -> list[Any]:
+        """The ``absent`` reply of ``script`` (``load`` or ``info``), looked into: with no
+        head at all, if the session's first keys remain, or the namespace still lists it,
+        or the server evicts keys (any of them may be left), look for what is left. A
+        lost head must never read as "no session", which would start the conversation
+        afresh (and hide it from ``ls``). Raises `SnapshotCorrupt` over remains; else the
+        reply of the script run again (a session created meanwhile) or ``reply``."""
+        if reply[1] == b"1" and (
+            reply[2] or self._check.evicting or await self._namespace_index.listed(key)
+        ):
+            remains = await self._namespace_index.remains(key)
+            if remains:
+                # keys of a session another worker created since the script looked
+                # have a head by now: read that one
+                reply = await self._run(script, key, args)
+                if reply[0] == b"absent":
+                    raise self._namespace_index.headless_error(key, remains)
+        return reply
+
     async def versions(self, key: str) -> list[SnapshotInfo]:
         validate_key(key)
         reply = await self._run("versions", key, [])
@@ -611,7 +619,10 @@ class RedisStore:
         validate_key(key)
         reply = await self._run("info", key, [])
         if reply[0] == b"absent":
-            return None
+            # a lost head with remains is damage (`ls` shows it), not "no session"
+            reply = await self._headless(key, "info", [], reply)
+            if reply[0] == b"absent":
+                return None
         _, version, epoch, touched, info, lease = reply
         updated_at = float(touched)
         return SessionInfo(
@@ -645,6 +656,13 @@ class RedisStore:
     ) -> tuple[list[str], str | None]:
         """`KeyPages`: live keys in order, checking the heads of one page only."""
         return await self._namespace_index.page(prefix, after, limit)
+
+    async def reindex(self) -> int:
+        """List again every session of the namespace that has keys: SCANs every primary
+        (O(keys in the database), for an operator: ``livekit-resume ls --scan``), after
+        the index lost entries (its key evicted, a failover). Returns how many sessions
+        were not listed."""
+        return await self._namespace_index.reindex()
 
     async def delete(self, key: str, *, lease: Lease | None = None) -> bool:
         validate_key(key)
