@@ -122,10 +122,17 @@ class Keyring:
                 raise ValueError(f"key {shown} has {len(key)} bytes; expected one of {sizes}")
             if len(key) < 16:
                 raise ValueError(f"key {shown} has {len(key)} bytes; use at least 16")
+            if any(i == kid for i, _ in keys):
+                # one kid, two keys: one of them would silently shadow the other
+                raise ValueError(f"key id {shown} is given twice: each key needs its own")
             keys.append((kid, key))
         if not keys:
             raise ValueError("no keys in key specification")
         return cls(tuple(keys))
+
+    def __repr__(self) -> str:
+        # keys are secrets: a repr (a log line, a traceback's locals) shows their ids only
+        return f"Keyring(kids={[kid for kid, _ in self.keys]!r})"
 
     def get(self, kid: str) -> bytes | None:
         return next((k for i, k in self.keys if i == kid), None)
