@@ -70,3 +70,28 @@ async def test_a_token_is_accepted_only_in_its_one_exact_spelling(store: Store) 
             continue
         with pytest.raises(lr.TokenRefused):
             await lr.verify_token(store, other)
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        base64.urlsafe_b64encode(b"\xfb\xff" * 16).decode(),  # base64url (`-`, `_`)
+        base64.b64encode(b"z" * 32).decode().rstrip("="),  # padding stripped
+        base64.urlsafe_b64encode(b"\xfb\xff" * 16).decode().rstrip("="),  # token_urlsafe
+        (b"\xab" * 32).hex(),  # hex
+    ],
+)
+def test_a_key_written_before_its_id_is_never_shown_whatever_its_alphabet(secret: str) -> None:
+    # "SECRET:kid" (the two swapped): the part read as the key id is the secret
+    for setting in ("signing_keys", "encryption_keys"):
+        with pytest.raises(ValueError) as err:
+            Settings.only(setting, **{setting: f"{secret}:k1"}).codec()
+        assert secret not in str(err.value) and secret[:16] not in str(err.value)
+    with pytest.raises(ValueError) as err:
+        Keyring.parse(f"k0:{base64.b64encode(SECRET).decode()},{secret}:k1")
+    assert secret[:16] not in str(err.value)
+
+
+def test_a_short_key_id_is_still_named_in_a_keyring_error() -> None:
+    with pytest.raises(ValueError, match="'k2025b'"):
+        Keyring.parse("k2025b:not-base64")

@@ -138,12 +138,15 @@ class Keyring:
         return next((k for i, k in self.keys if i == kid), None)
 
 
+# What a key's text is made of, in any of the spellings people paste: base64, base64url
+# (``secrets.token_urlsafe``), with or without padding, hex.
+_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_=")
+
+
 def _keyish(text: str) -> bool:
-    """Whether ``text`` is base64 of 16 bytes or more: what a key, never a key id, is."""
-    try:
-        return len(base64.b64decode(text, validate=True)) >= 16
-    except ValueError:
-        return False
+    """Whether ``text`` reads as key material of 16 bytes or more, in base64, base64url
+    (padded or not) or hex: what a key, never a key id, is."""
+    return len(text.rstrip("=")) >= 22 and _KEY_CHARS.issuperset(text)
 
 
 class Framer:
