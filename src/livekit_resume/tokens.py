@@ -50,7 +50,13 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """``text`` decoded, only when it is exactly as `_b64` spells its bytes: the lenient
+    decoder skips characters outside the alphabet and unused bits, so one token could
+    otherwise be respelled many ways that all verify (ValueError then)."""
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 def _mac(key: bytes, signed: str) -> bytes:

@@ -122,21 +122,31 @@ class Keyring:
                 raise ValueError(f"key {shown} has {len(key)} bytes; expected one of {sizes}")
             if len(key) < 16:
                 raise ValueError(f"key {shown} has {len(key)} bytes; use at least 16")
+            if any(i == kid for i, _ in keys):
+                # one kid, two keys: one of them would silently shadow the other
+                raise ValueError(f"key id {shown} is given twice: each key needs its own")
             keys.append((kid, key))
         if not keys:
             raise ValueError("no keys in key specification")
         return cls(tuple(keys))
 
+    def __repr__(self) -> str:
+        # keys are secrets: a repr (a log line, a traceback's locals) shows their ids only
+        return f"Keyring(kids={[kid for kid, _ in self.keys]!r})"
+
     def get(self, kid: str) -> bytes | None:
         return next((k for i, k in self.keys if i == kid), None)
 
 
+# What a key's text is made of, in any of the spellings people paste: base64, base64url
+# (``secrets.token_urlsafe``), with or without padding, hex.
+_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_=")
+
+
 def _keyish(text: str) -> bool:
-    """Whether ``text`` is base64 of 16 bytes or more: what a key, never a key id, is."""
-    try:
-        return len(base64.b64decode(text, validate=True)) >= 16
-    except ValueError:
-        return False
+    """Whether ``text`` reads as key material of 16 bytes or more, in base64, base64url
+    (padded or not) or hex: what a key, never a key id, is."""
+    return len(text.rstrip("=")) >= 22 and _KEY_CHARS.issuperset(text)
 
 
 class Framer:
