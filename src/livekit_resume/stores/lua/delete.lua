@@ -17,9 +17,10 @@ local function remains()
 end
 
 local function main()
-  -- the remains looked at before the first DEL, as delete_all does with the session's
+  -- the remains looked at (TYPE: the documented ACL grants it) before the first DEL, as
+  -- delete_all does with the session's
   for i = 6, #ARGV do
-    if string.sub(ARGV[i], 1, #PREFIX) == PREFIX then redis.call('EXISTS', ARGV[i]) end
+    if string.sub(ARGV[i], 1, #PREFIX) == PREFIX then redis.call('TYPE', ARGV[i]) end
   end
   local t = type_of(HEAD)
   if t == 'none' then

@@ -110,7 +110,7 @@ end
 -- nothing, rather than midway with the head and versions gone.
 local function delete_all(s)
   local ks = session_keys(s)
-  for _, k in ipairs(ks) do redis.call('EXISTS', k) end
+  for _, k in ipairs(ks) do redis.call('TYPE', k) end
   for _, k in ipairs(ks) do redis.call('DEL', k) end
 end
 
