@@ -166,7 +166,8 @@ def unpack_streams(raws: Iterable[bytes], key: str) -> dict[str, list[tuple[str,
     remain for it to look at (a ~1 ms collection at 10,000 records). Unpaused, the
     collections on the way moved those lists and tuples into older generations, and
     so brought on collections of the whole heap: the log of a 5,000-item session made
-    ~35 collections and often one of the whole heap: about 12 % of its restore."""
+    ~35 collections and often one of the whole heap: about 12 % of its restore in a
+    worker whose earlier sessions left garbage (none from a freshly collected heap)."""
     with gc_paused():
         return fold_rows(unpack_rows(raws, key), key)
 
