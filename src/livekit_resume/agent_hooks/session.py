@@ -347,9 +347,9 @@ class ResumableSession:
         if sum(map(len, stored.streams.values())) > OFFLOAD_ITEMS:
             # the worker's other sessions share this loop: a long history is decoded
             # on a thread, and their audio waits at most a GIL switch interval at a time
-            snap, built, indexes = await asyncio.to_thread(decode, pause_gc=False)
+            snap, built, indexes = await asyncio.to_thread(decode)
         else:
-            snap, built, indexes = decode(pause_gc=True)
+            snap, built, indexes = decode()
         if snap is None:
             snap = await self._salvage(stored)
         if snap.state == "ended":
@@ -380,18 +380,19 @@ class ResumableSession:
         return rebuilt.agent
 
     def _decode(
-        self, stored: Stored, sealed: dict[str, Sealed], salvage: bool, *, pause_gc: bool
+        self, stored: Stored, sealed: dict[str, Sealed], salvage: bool
     ) -> tuple[Snapshot | None, Built | None, Indexes | None]:
         """The snapshot ``stored`` holds, its chat items built and its streams indexed
         for the tracker (`Capture.index`), or Nones when it is damaged and ``salvage``
         is asked for. Touches no live object.
 
-        ``pause_gc``: one pause of cyclic GC over the decode and the items' build (one
-        collection after both costs less than one every few hundred objects), for a
-        decode on the loop's thread. Not on a worker's, where the decode and the build
-        keep a pause each (`Codec.decode_parts`, `ctx_from_data`): one collection
-        deferred to the very end would hold the GIL, and the loop, longer in one go."""
-        with gc_paused(pause_gc):
+        One pause of cyclic GC over the decode, the items' build and their index, on the
+        loop's thread or a worker's. Once built and indexed, the snapshot lets go of its
+        decoded item maps (nothing after reads them: `Capture.baseline` takes the
+        index), so they are freed here, inside the pause: the one collection after it
+        walks the built items alone, as the build's own pause would end with, and the
+        maps are neither walked by it nor kept until the restore ends."""
+        with gc_paused():
             try:
                 snap = from_stored(self._capture.codec, stored, sealed=sealed)
             except SnapshotCorrupt:
@@ -400,7 +401,15 @@ class ResumableSession:
                 return None, None, None
             if snap.state == "ended":
                 return snap, None, None
-            return snap, build_items(snap), self._capture.index(snap, sealed)
+            built, indexes = build_items(snap), self._capture.index(snap, sealed)
+            snap.history = []
+            if snap.agent is not None:
+                snap.agent.chat_ctx = []
+            # the frames too (only a salvage reads them, and it runs after a failed
+            # decode): freed here rather than when the restore returns, on the loop,
+            # which 10,000 frames held ~2 ms
+            stored.streams.clear()
+            return snap, built, indexes
 
     async def _salvage(self, stored: Stored) -> Snapshot:
         snap, damage = await salvage_stored(self._store, self._capture.codec, stored)

@@ -567,7 +567,7 @@ class RedisStore:
             raise not_retained_error(key, int(args[0] or 0), list(range(oldest, latest + 1)))
         _, n, epoch, created, head, info, records = reply
         if sum(map(len, records)) > _OFFLOAD_UNPACK_BYTES:
-            streams = await asyncio.to_thread(unpack_streams, records, key, pause_gc=False)
+            streams = await asyncio.to_thread(unpack_streams, records, key)
         else:
             streams = unpack_streams(records, key)
         return Stored(
