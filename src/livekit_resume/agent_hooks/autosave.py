@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import Counter, Histogram
 
 from ..errors import LeaseLost, StoreUnavailable, UnknownAgent
+from .lease import OutOfTime, bounded
 
 __all__ = ["Autosave"]
 
@@ -34,6 +35,10 @@ CHECKPOINT_SECONDS = Histogram(
 # LiveKit leaves shutdown callbacks, long enough for a Redis failover to finish.
 CLOSE_SAVE_BUDGET = 5.0
 CLOSE_RETRY_FIRST = 0.1
+# The lease's release after the final save gets what is left of the budget, and at least
+# this: a save that used the whole budget leaves the release a chance. A store that does
+# not answer by then leaves the lease to expire (logged and counted).
+CLOSE_RELEASE_WAIT = 1.0
 FINAL_SAVE_FAILURES = Counter(
     "livekit_resume_final_save_failures", "Final saves on close that did not reach the store"
 )
@@ -177,21 +182,45 @@ class Autosave:
             self._on_lost(e)
 
 
+def close_deadline() -> float:
+    """When a close that starts now must have given up on its final save."""
+    return time.monotonic() + CLOSE_SAVE_BUDGET
+
+
+def release_wait(deadline: float) -> float:
+    """How long the release of a closing session's lease may wait for the store: what
+    is left until ``deadline``, and at least `CLOSE_RELEASE_WAIT`."""
+    return max(deadline - time.monotonic(), CLOSE_RELEASE_WAIT)
+
+
 async def final_save(
-    checkpoint: Callable[[str], Awaitable[int]], key: str, version: Callable[[], int]
+    checkpoint: Callable[[str], Awaitable[int]],
+    key: str,
+    version: Callable[[], int],
+    *,
+    deadline: float | None = None,
 ) -> None:
     """The last checkpoint of a closing session: retried while the store cannot be
-    reached, for up to `CLOSE_SAVE_BUDGET` seconds; then logged and counted, and the last
-    stored version stands. Never raises: the session is going away either way."""
-    deadline = time.monotonic() + CLOSE_SAVE_BUDGET
+    reached, until ``deadline`` (`time.monotonic`; default `CLOSE_SAVE_BUDGET` seconds
+    from now); then logged and counted, and the last stored version stands. The deadline
+    bounds each attempt too: one attempt on a frozen store waits out every client
+    timeout and retry (tens of seconds on Redis), and is cancelled when time is up (its
+    commit is kept pending, sent again, same id, by a later save). Never raises: the
+    session is going away either way."""
+    if deadline is None:
+        deadline = close_deadline()
     delay = CLOSE_RETRY_FIRST
     while True:
         try:
-            await checkpoint("close")
+            await bounded(checkpoint("close"), deadline - time.monotonic())
             return
         except LeaseLost:
             log.warning("session %r: final save refused, lease lost", key)
             return
+        except OutOfTime:
+            error: Exception = StoreUnavailable(
+                f"the store did not answer within the close budget ({CLOSE_SAVE_BUDGET:g} s)"
+            )
         except (StoreUnavailable, OSError) as e:
             # OSError: a connection reset or timeout that a store let through unwrapped
             # is the same blip (its commit, if it landed, is sent again with its id)
@@ -199,7 +228,7 @@ async def final_save(
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            error: Exception = e
+            error = e
         except Exception as e:
             error = e
         FINAL_SAVE_FAILURES.inc()

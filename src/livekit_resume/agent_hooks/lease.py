@@ -137,15 +137,25 @@ class LeaseHolder:
         ``version``): take it again, under a new epoch unless the lease survived. Whoever
         got there first keeps it, and this holder is fenced. Returns the version the store
         holds now, for the whole conversation to be written on top of."""
-        REACQUIRED.inc()
+        # Vanished until both round trips are done: either may fail (a store flapping
+        # as it comes back), the acquisition landing all the same. The next checkpoint
+        # then acquires again (the same epoch, the lease being live and ours) and asks
+        # again before it writes. Left not vanished, it would send a commit drafted
+        # under the old epoch, which the store refuses with the newer one: a takeover,
+        # read as this holder fenced by its own acquisition.
+        self.vanished = True
         try:
             await self.acquire(takeover=False)
+            info = await self._store.info(self.key)
         except SessionBusy as e:
             raise LeaseLost(
                 f"session {self.key!r} vanished from the store and {e.holder!r} acquired it "
                 "before this worker could: this one must stop writing"
             ) from e
-        info = await self._store.info(self.key)
+        except BaseException:
+            self.vanished = True
+            raise
+        REACQUIRED.inc()
         held = info.version if info is not None else 0
         log.warning(
             "session %r: the store lost it, or versions of it, while held (this writer was "
@@ -158,16 +168,15 @@ class LeaseHolder:
         )
         return held
 
-    async def release(self) -> None:
-        """Give the lease up; a failure is logged and counted (the lease then expires)."""
+    async def release(self, *, within: float | None = None) -> None:
+        """Give the lease up; a failure is logged and counted (the lease then expires).
+        ``within``: seconds after which a store that has not answered is given up on
+        (a close bounded by `CLOSE_SAVE_BUDGET`), counted as a failure."""
         lease, self.lease = self.lease, None
         if lease is not None:
             # often called as a cancellation unwinds (a failed or cancelled restore): a
             # second one must not stop the release before it reaches the store
-            await to_its_end(self._release(lease))
-
-    async def _release(self, lease: Lease) -> None:
-        await release_lease(self._store, lease)
+            await to_its_end(release_lease(self._store, lease, within=within))
 
     def drop(self) -> None:
         """Forget the lease without releasing it: it was lost to another worker."""
@@ -200,10 +209,15 @@ async def _give_back(
     await release_lease(store, lease)
 
 
-async def release_lease(store: Store, lease: Lease) -> None:
-    """Give ``lease`` up; a failure is logged and counted (the lease then expires)."""
+async def release_lease(store: Store, lease: Lease, *, within: float | None = None) -> None:
+    """Give ``lease`` up; a failure is logged and counted (the lease then expires).
+    ``within``: how long a store that does not answer is waited for (None: its own
+    timeouts and retries, which on a frozen Redis add up to tens of seconds)."""
     try:
-        await store.release(lease)
+        if within is None:
+            await store.release(lease)
+        else:
+            await bounded(store.release(lease), within)
     except Exception as e:
         RELEASE_FAILURES.inc()
         log.warning(
@@ -212,6 +226,31 @@ async def release_lease(store: Store, lease: Lease) -> None:
             e,
             extra={"key": lease.key},
         )
+
+
+class OutOfTime(Exception):
+    """`bounded` work that had not finished in its time (cancelled, and unwound)."""
+
+
+async def bounded(work: Awaitable[_T], seconds: float) -> _T:
+    """``work``'s result, or `OutOfTime` once ``seconds`` have passed: the work is then
+    cancelled and awaited until it has unwound (a commit cancelled mid-flight is kept
+    pending by its caller). Not `asyncio.wait_for`, which on Python 3.10 and 3.11 can
+    swallow a cancellation of the caller that arrives as the work ends."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=max(seconds, 0.0))
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    if not done:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if not task.cancelled():  # it ended as it was being cancelled: that stands
+            return task.result()
+        raise OutOfTime(f"no answer within {seconds:.1f}s")
+    return task.result()
 
 
 async def to_its_end(work: Awaitable[None]) -> None:

@@ -40,7 +40,7 @@ from ..snapshot.model import Reason, Snapshot, ToolCallRecord
 from ..snapshot.seal import Sealed
 from ..snapshot.values import plain_extra
 from ..stores.base import DEFAULT_LEASE_TTL, Lease, Store, Stored, validate_key
-from .autosave import Autosave, final_save
+from .autosave import Autosave, close_deadline, final_save, release_wait
 from .capture import Capture, Indexes, Pending, SavedState
 from .control import ControlListener
 from .lease import LeaseHolder, to_its_end
@@ -679,9 +679,12 @@ class ResumableSession:
     async def _aclose(self) -> None:
         self._long_pause.cancel()  # no suspend_after from here: the close is final
         live = self._state in ("active", "paused")
+        # the whole close is bounded: a frozen store fails each call only after every
+        # client timeout and retry (tens of seconds), and LiveKit gives shutdown ~10 s
+        deadline = close_deadline()
         if self._session is not None and self._lease is not None and live:
-            await final_save(self.checkpoint, self._key, lambda: self._version)
-        await self._detach_and_release()
+            await final_save(self.checkpoint, self._key, lambda: self._version, deadline=deadline)
+        await self._detach_and_release(release_within=release_wait(deadline))
         self._state = "closed"
 
     async def _unrestore(self) -> None:
@@ -722,7 +725,7 @@ class ResumableSession:
         held = self._holder.lease is not None and self._autosave.lost is None
         return self._holder.epoch if held else None
 
-    async def _detach_and_release(self) -> None:
+    async def _detach_and_release(self, *, release_within: float | None = None) -> None:
         self._long_pause.cancel()
         await self._autosave.aclose()
         if self._session is not None:
@@ -730,7 +733,7 @@ class ResumableSession:
                 self._session.off(event, fn)
         self._listeners.clear()
         if self._autosave.lost is None:
-            await self._holder.release()
+            await self._holder.release(within=release_within)
         else:
             self._holder.drop()  # another worker holds it now
         await self._control.stop()  # after the release: a command since then finds no lease
