@@ -9,6 +9,7 @@ except where the bound itself is the promise (`CLOSE_SAVE_BUDGET`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
 import uuid
@@ -25,8 +26,9 @@ from livekit_resume.agent_hooks import autosave
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.testing.poll import eventually
+from tests.lk.scripted_llm import ToolCall
 from tests.redis_servers import RedisServer, require_redis_server
-from tests.test_hooks import KEY, settled, start
+from tests.test_hooks import KEY, Billing, settled, start
 
 # Bounds a broken store; not a timing.
 DEADLINE = 10.0
@@ -210,3 +212,243 @@ async def test_a_crash_while_a_vanished_session_is_acquired_again_does_not_fence
     assert info is not None and info.owner == "w1" and info.version == rs.version
     await rs.aclose()
     await session.aclose()
+
+
+# -- a store flapping through a handoff and a tool call ----------------------------------
+
+
+class Flapper:
+    """Kills the server (SIGKILL) and starts it again from its append-only file, over and
+    over, until stopped: down ``down`` seconds, up ``up`` seconds."""
+
+    def __init__(self, server: RedisServer, *, down: float = 0.15, up: float = 0.25) -> None:
+        self.server = server
+        self.down = down
+        self.up = up
+        self.cycles = 0
+        self.is_down = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.to_thread(self.server.kill)
+            self.is_down.set()
+            await asyncio.sleep(self.down)
+            await asyncio.to_thread(self.server.start)
+            self.is_down.clear()
+            self.cycles += 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.up)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._task
+        if not self.server.running:
+            await asyncio.to_thread(self.server.start)
+
+
+async def test_a_store_flapping_through_a_handoff_and_a_tool_call_ends_up_holding_it_all(
+    server: RedisServer,
+) -> None:
+    """Down for longer than the client's own retries ride out, up for a few hundred
+    milliseconds, again and again: commits fail, some after they landed."""
+    store = RedisStore.from_url(
+        server.url, namespace=f"a{uuid.uuid4().hex[:8]}", socket_timeout=0.5, retries=1
+    )
+    try:
+        await _flapping_handoff(server, store)
+    finally:
+        await store.aclose()
+
+
+async def _flapping_handoff(server: RedisServer, store: RedisStore) -> None:
+    session, rs, _ = await start(
+        store,
+        [
+            "Hello",
+            [ToolCall("to_billing")],
+            "Billing here.",
+            [ToolCall("invoice", {"amount": 40})],
+            "Invoice sent.",
+            "Anything else?",
+        ],
+        autosave=True,
+    )
+    await settled(rs)
+    flapper = Flapper(server)
+    try:
+        # each turn said while the server is down: its autosave meets the fault
+        await asyncio.wait_for(flapper.is_down.wait(), DEADLINE)
+        await session.run(user_input="I need an invoice")  # a handoff to Billing
+        assert isinstance(session.current_agent, Billing)
+        await asyncio.sleep(flapper.down + 0.05)
+        await asyncio.wait_for(flapper.is_down.wait(), DEADLINE)
+        await session.run(user_input="for 40 euros")  # a tool call
+        await asyncio.sleep(flapper.down + 0.05)
+        await asyncio.wait_for(flapper.is_down.wait(), DEADLINE)
+        await session.run(user_input="thanks")
+    finally:
+        await flapper.stop()
+    assert rs._autosave.failures >= 1, "no fault was injected"
+    await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
+    assert rs._autosave.lost is None, f"autosave stopped: {rs._autosave.lost}"
+    assert await stored_texts(store) == live_texts(session)
+    assert rs.version == (await store.load(KEY)).version
+    versions = [v.version for v in await store.versions(KEY)]
+    assert versions == sorted(set(versions))
+    live = live_texts(session)
+    await rs.suspend()
+
+    again, rs2, _ = await start(store, ["Welcome back."], owner="w2")
+    assert rs2.resumed and isinstance(again.current_agent, Billing)
+    assert live_texts(again)[: len(live)] == live
+    await rs2.aclose()
+    await again.aclose()
+
+
+# -- a stall longer than the lease ---------------------------------------------------
+
+
+async def test_turns_said_while_redis_is_frozen_past_the_lease_are_all_saved_under_its_epoch(
+    server: RedisServer, store: RedisStore
+) -> None:
+    """Frozen for longer than the lease TTL, turns coming meanwhile: renewals and commits
+    fail (or land late); nobody else could take the session, so once the server runs
+    again the holder goes on under the same epoch, and its next commit holds every turn
+    said meanwhile."""
+    session, rs, _ = await start(
+        store, ["one", "two", "three", "four"], autosave=True, lease_ttl=1.0
+    )
+    await session.run(user_input="before the freeze")
+    await settled(rs)
+    epoch = rs._holder.epoch
+    failures = rs._autosave.failures
+    server.pause()
+    try:
+        await session.run(user_input="said while frozen")
+        await session.run(user_input="said while still frozen")
+        await failed_again(rs, failures)
+        await asyncio.sleep(1.2)  # the fault itself: past the lease TTL (1 s)
+    finally:
+        server.resume()
+    await session.run(user_input="after the freeze")
+    await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
+    assert rs._autosave.lost is None, f"autosave stopped: {rs._autosave.lost}"
+    assert await stored_texts(store) == live_texts(session)
+    info = await store.info(KEY)
+    assert info is not None and info.owner == "w1" and info.epoch == epoch
+    assert {v.epoch for v in await store.versions(KEY)} == {epoch}
+    await rs.aclose()
+    await session.aclose()
+
+
+class Partition:
+    """A TCP proxy between one worker and the server. `cut` stops forwarding both ways
+    (what is sent waits, as across a network partition); `heal` delivers it and goes on."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.open = asyncio.Event()
+        self.open.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    def cut(self) -> None:
+        self.open.clear()
+
+    def heal(self) -> None:
+        self.open.set()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.open.wait()
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                await self.open.wait()
+                dst.write(data)
+                await dst.drain()
+        await self.open.wait()
+        dst.close()
+
+    async def aclose(self) -> None:
+        self.heal()
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def test_a_worker_cut_off_past_its_lease_is_fenced_once_it_hears_from_the_store(
+    server: RedisServer,
+) -> None:
+    """One worker cut off from Redis (a partition; the server itself is fine) for longer
+    than its lease while the caller talks on; another worker restores the session (the
+    lease expired) and writes. Once the partition heals, the first worker's delayed and
+    new writes are all refused, its autosave stops with `LeaseLost` and `on_lost` runs;
+    nothing it sends lands under its stale epoch."""
+    partition = Partition(server.port)
+    namespace = f"a{uuid.uuid4().hex[:8]}"
+    cut_off = RedisStore.from_url(
+        await partition.start(), namespace=namespace, socket_timeout=0.3, retries=1
+    )
+    direct = RedisStore.from_url(server.url, namespace=namespace)
+    lost: list[lr.LeaseLost] = []
+
+    async def on_lost(e: lr.LeaseLost) -> None:
+        lost.append(e)
+
+    try:
+        s1, rs1, _ = await start(
+            cut_off, ["one", "two", "three"], autosave=True, lease_ttl=1.0, on_lost=on_lost
+        )
+        await s1.run(user_input="before the partition")
+        await settled(rs1)
+        old_epoch = rs1._holder.epoch
+        failures = rs1._autosave.failures
+        partition.cut()
+        await s1.run(user_input="said while cut off")
+        await failed_again(rs1, failures)
+        await asyncio.sleep(1.1)  # the fault itself: past the lease TTL (1 s)
+
+        s2, rs2, _ = await start(direct, ["x"], owner="w2")  # no takeover: it expired
+        assert rs2.resumed
+        await s2.run(user_input="said to the second worker")
+        await rs2.checkpoint()
+        new_epoch = rs2._holder.epoch
+        assert new_epoch > old_epoch
+
+        partition.heal()
+        await s1.run(user_input="said to the first worker after the partition")
+        await asyncio.wait_for(rs1._autosave.idle.wait(), DEADLINE)
+        await eventually(lambda: _true(bool(lost)), "on_lost ran", DEADLINE)
+        assert rs1._autosave.lost is not None
+        with pytest.raises(lr.LeaseLost):
+            await rs1.checkpoint()
+        await asyncio.sleep(0.3)  # anything of the first worker's still on its way lands
+        first = next(v.version for v in await direct.versions(KEY) if v.epoch == new_epoch)
+        later = [v for v in await direct.versions(KEY) if v.version >= first]
+        assert {v.epoch for v in later} == {new_epoch}
+        assert await stored_texts(direct) == live_texts(s2)
+        await rs1.aclose()
+        info = await direct.info(KEY)
+        assert info is not None and info.owner == "w2"  # the fenced worker released nothing
+        await rs2.aclose()
+        await s2.aclose()
+        await s1.aclose()
+    finally:
+        await partition.aclose()
+        await cut_off.aclose()
+        await direct.aclose()
