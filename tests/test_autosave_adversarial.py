@@ -26,9 +26,9 @@ from livekit_resume.agent_hooks import autosave
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.testing.poll import eventually
-from tests.lk.scripted_llm import ToolCall
+from tests.lk.scripted_llm import ScriptedLLM, ToolCall
 from tests.redis_servers import RedisServer, require_redis_server
-from tests.test_hooks import KEY, Billing, settled, start
+from tests.test_hooks import KEY, Billing, Receptionist, Visit, registry, settled, start
 
 # Bounds a broken store; not a timing.
 DEADLINE = 10.0
@@ -345,10 +345,13 @@ async def test_turns_said_while_redis_is_frozen_past_the_lease_are_all_saved_und
 
 class Partition:
     """A TCP proxy between one worker and the server. `cut` stops forwarding both ways
-    (what is sent waits, as across a network partition); `heal` delivers it and goes on."""
+    (what is sent waits, as across a network partition); `heal` delivers it and goes on.
+    `hold_next_reply`: the server's next reply is held for a while (a slow link
+    carrying a large snapshot), while what the client sends reaches the server at once."""
 
     def __init__(self, port: int) -> None:
         self.port = port
+        self._hold = 0.0
         self.open = asyncio.Event()
         self.open.set()
         self._server: asyncio.Server | None = None
@@ -359,6 +362,9 @@ class Partition:
         port = self._server.sockets[0].getsockname()[1]
         return f"redis://127.0.0.1:{port}/0"
 
+    def hold_next_reply(self, seconds: float) -> None:
+        self._hold = seconds
+
     def cut(self) -> None:
         self.open.clear()
 
@@ -368,14 +374,19 @@ class Partition:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.open.wait()
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.ensure_future(self._pipe(src, dst))
+        for src, dst, replies in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.ensure_future(self._pipe(src, dst, replies))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool
+    ) -> None:
         with contextlib.suppress(OSError):
             while data := await src.read(65536):
+                if replies and self._hold:
+                    hold, self._hold = self._hold, 0.0
+                    await asyncio.sleep(hold)
                 await self.open.wait()
                 dst.write(data)
                 await dst.drain()
@@ -452,3 +463,56 @@ async def test_a_worker_cut_off_past_its_lease_is_fenced_once_it_hears_from_the_
         await partition.aclose()
         await cut_off.aclose()
         await direct.aclose()
+
+
+# -- the first renewal after a slow restore ------------------------------------------
+
+
+# -- the first renewal after a slow restore ------------------------------------------
+
+
+async def test_a_lease_granted_by_a_slow_restore_is_renewed_before_it_expires(
+    server: RedisServer,
+) -> None:
+    """The lease runs from when the restore's acquisition was sent. A restore whose
+    reply comes slowly (a large snapshot over a slow link, a loaded loop) returns late
+    in that lease; the job then waits for its caller before `session.start()`, and
+    nothing is committed meanwhile. The first renewal is due a third of the TTL after
+    the acquisition, not after the restore returned, or the lease runs out in between
+    and another worker restores the session from under a live one."""
+    ttl = 1.5
+    slow = Partition(server.port)
+    namespace = f"a{uuid.uuid4().hex[:8]}"
+    store = RedisStore.from_url(await slow.start(), namespace=namespace, socket_timeout=5.0)
+    rival = RedisStore.from_url(server.url, namespace=namespace)
+    try:
+        first, rs0, _ = await start(store, ["one"], lease_ttl=ttl)
+        await first.run(user_input="a turn to restore")
+        await rs0.suspend()
+
+        session: AgentSession[Visit] = AgentSession(llm=ScriptedLLM([]), userdata=Visit())
+        rs = lr.ResumableSession(
+            store, KEY, registry=registry(), userdata_type=Visit, owner="w2", lease_ttl=ttl
+        )
+        slow.hold_next_reply(1.2)  # the acquisition's: over two thirds of the lease
+        sent = time.monotonic()
+        await rs.restore(session, default=lambda: Receptionist(rs))
+        assert rs.resumed
+        # waiting for the caller to join before session.start(): only renewals keep it
+        taken: list[str] = []
+        while time.monotonic() < sent + 2 * ttl:  # the lease's first lifetime, and more
+            try:
+                lease = await rival.acquire(KEY, "rival", ttl=ttl)
+            except lr.SessionBusy:
+                await asyncio.sleep(0.02)
+                continue
+            taken.append(f"{time.monotonic() - sent:.2f}s after the restore was sent")
+            await rival.release(lease)
+            break
+        assert not taken, f"another worker acquired the restored session's lease {taken[0]}"
+        await rs.aclose()
+        await first.aclose()
+    finally:
+        await slow.aclose()
+        await store.aclose()
+        await rival.aclose()

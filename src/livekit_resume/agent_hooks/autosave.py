@@ -148,7 +148,10 @@ class Autosave:
                 self.idle.set()
 
     async def _renew_loop(self) -> None:
-        due = time.monotonic() + self._renew_every
+        # due an interval after the latest renewal, the acquisition included: not after
+        # this start, which a slow restore (a large snapshot, a loaded loop) can put
+        # late in the lease, past the point where it runs out unrenewed
+        due = self._renewed_at() + self._renew_every
         while True:
             await asyncio.sleep(due - time.monotonic())
             # A commit renews the lease too (Commit.lease_ttl): a session that committed
