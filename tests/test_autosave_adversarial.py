@@ -119,6 +119,31 @@ async def test_a_close_while_redis_is_frozen_returns_within_the_close_budget(
     await session.aclose()
 
 
+async def test_a_close_during_a_short_freeze_saves_the_last_turn_and_releases_the_lease(
+    server: RedisServer, store: RedisStore
+) -> None:
+    """The freeze ends within the close budget: the autosave stuck in it and the final
+    save behind it both land, the last turn is stored, and the lease is released (the
+    next worker restores at once, without waiting out the lease)."""
+    session, rs, _ = await start(store, ["one", "two"], autosave=True)
+    await session.run(user_input="said before the freeze")
+    await settled(rs)
+    server.pause()
+    try:
+        await session.run(user_input="the last turn, said while frozen")
+        await asyncio.sleep(0.1)  # its autosave is on its way into the frozen server
+        closing = asyncio.ensure_future(rs.aclose())
+        await asyncio.sleep(0.3)
+    finally:
+        server.resume()
+    await asyncio.wait_for(closing, DEADLINE)
+    live = live_texts(session)
+    assert await stored_texts(store) == live
+    info = await store.info(KEY)
+    assert info is not None and info.owner is None and info.version == rs.version
+    await session.aclose()
+
+
 # -- a session the store lost, then a crash while it is acquired again ------------------
 
 
@@ -516,3 +541,29 @@ async def test_a_lease_granted_by_a_slow_restore_is_renewed_before_it_expires(
         await slow.aclose()
         await store.aclose()
         await rival.aclose()
+
+
+async def test_writes_paused_past_the_lease_by_a_failover_lose_no_turn_and_keep_the_epoch(
+    server: RedisServer, store: RedisStore
+) -> None:
+    """``CLIENT PAUSE WRITE`` (what a failover does while the replica catches up), longer
+    than the lease: every commit and renewal waits in the server, reads go on; a client
+    that timed out meanwhile gets its command dropped with its connection. Once writes
+    resume the holder goes on under its epoch and stores every turn."""
+    session, rs, _ = await start(store, ["one", "two", "three"], autosave=True, lease_ttl=1.0)
+    await session.run(user_input="before the pause")
+    await settled(rs)
+    epoch = rs._holder.epoch
+    server.cli("client", "pause", "1500", "write")
+    await session.run(user_input="said while writes were paused")
+    await session.run(user_input="said while writes were still paused")
+    await asyncio.sleep(1.6)  # the fault itself
+    await session.run(user_input="after the pause")
+    await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
+    assert rs._autosave.lost is None, f"autosave stopped: {rs._autosave.lost}"
+    assert await stored_texts(store) == live_texts(session)
+    info = await store.info(KEY)
+    assert info is not None and info.owner == "w1" and info.epoch == epoch
+    assert {v.epoch for v in await store.versions(KEY)} == {epoch}
+    await rs.aclose()
+    await session.aclose()
