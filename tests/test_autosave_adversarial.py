@@ -26,9 +26,18 @@ from livekit_resume.agent_hooks import autosave
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.testing.poll import eventually
-from tests.lk.scripted_llm import ScriptedLLM, ToolCall
+from tests.lk.scripted_llm import ScriptedLLM
 from tests.redis_servers import RedisServer, require_redis_server
-from tests.test_hooks import KEY, Billing, Receptionist, Visit, registry, settled, start
+from tests.test_hooks import (
+    HANDOFF_SCRIPT,
+    KEY,
+    Billing,
+    Receptionist,
+    Visit,
+    registry,
+    settled,
+    start,
+)
 
 # Bounds a broken store; not a timing.
 DEADLINE = 10.0
@@ -288,18 +297,7 @@ async def test_a_store_flapping_through_a_handoff_and_a_tool_call_ends_up_holdin
 
 
 async def _flapping_handoff(server: RedisServer, store: RedisStore) -> None:
-    session, rs, _ = await start(
-        store,
-        [
-            "Hello",
-            [ToolCall("to_billing")],
-            "Billing here.",
-            [ToolCall("invoice", {"amount": 40})],
-            "Invoice sent.",
-            "Anything else?",
-        ],
-        autosave=True,
-    )
+    session, rs, _ = await start(store, [*HANDOFF_SCRIPT, "Anything else?"], autosave=True)
     await settled(rs)
     flapper = Flapper(server)
     try:
@@ -488,9 +486,6 @@ async def test_a_worker_cut_off_past_its_lease_is_fenced_once_it_hears_from_the_
         await partition.aclose()
         await cut_off.aclose()
         await direct.aclose()
-
-
-# -- the first renewal after a slow restore ------------------------------------------
 
 
 # -- the first renewal after a slow restore ------------------------------------------

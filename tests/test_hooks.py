@@ -421,17 +421,18 @@ async def test_autosave_retries_a_failing_store_and_flushes_when_it_is_back() ->
     await session.aclose()
 
 
+# A handoff to Billing and a tool call there, as the scripted model answers three turns.
+HANDOFF_SCRIPT: list[Any] = [
+    "Hello",
+    [ToolCall("to_billing")],
+    "Billing here.",
+    [ToolCall("invoice", {"amount": 40})],
+    "Invoice sent.",
+]
+
+
 async def test_handoff_is_restored_with_the_new_agent_current(store: Store) -> None:
-    s1, rs1, _ = await start(
-        store,
-        [
-            "Hello",
-            [ToolCall("to_billing")],
-            "Billing here.",
-            [ToolCall("invoice", {"amount": 40})],
-            "Invoice sent.",
-        ],
-    )
+    s1, rs1, _ = await start(store, list(HANDOFF_SCRIPT))
     await s1.run(user_input="I need an invoice")
     assert isinstance(s1.current_agent, Billing)
     await s1.run(user_input="for 40 euros")
