@@ -23,7 +23,10 @@ from prometheus_client import REGISTRY
 
 import livekit_resume as lr
 from livekit_resume.agent_hooks import autosave
+from livekit_resume.errors import StoreUnavailable
 from livekit_resume.snapshot.codec import Codec
+from livekit_resume.stores.base import DEFAULT_LEASE_TTL, Lease
+from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.testing.poll import eventually
 from tests.lk.scripted_llm import ScriptedLLM
@@ -562,3 +565,51 @@ async def test_writes_paused_past_the_lease_by_a_failover_lose_no_turn_and_keep_
     assert {v.epoch for v in await store.versions(KEY)} == {epoch}
     await rs.aclose()
     await session.aclose()
+
+
+class _RenewalsFailing(MemoryStore):
+    """A memory store whose lease renewals fail until ``until`` (`time.monotonic`), as
+    in an outage, and take ``slow`` seconds each (a store coming back, a loaded loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.until = 0.0
+        self.slow = 0.0
+        self.attempts = 0
+
+    async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
+        await asyncio.sleep(self.slow)
+        if time.monotonic() < self.until:
+            self.attempts += 1
+            raise StoreUnavailable("renewals are failing (test)")
+        return await super().renew(lease, ttl=ttl)
+
+
+async def test_an_idle_session_keeps_its_lease_through_an_outage_of_most_of_its_ttl() -> None:
+    """A failed renewal was tried again only a whole interval (a third of the TTL)
+    later: an idle session (paused, waiting for its caller) renewed at a third and two
+    thirds of its lease during an outage of 0.8 TTL, both failed, and the third try was
+    due as the lease ran out: a renewal a little slow then came too late, and another
+    worker took the session. Tried again sooner after a failure, the first renewal after
+    the outage lands with time to spare."""
+    ttl = 3.0
+    store = _RenewalsFailing()
+    session, rs, _ = await start(store, ["one"], autosave=True, lease_ttl=ttl)
+    try:
+        await settled(rs)
+        start_at = time.monotonic()
+        store.until, store.slow = start_at + 0.8 * ttl, 0.25
+        taken = None
+        while time.monotonic() < start_at + ttl + 0.5 and taken is None:
+            try:
+                taken = await store.acquire(KEY, "rival", ttl=ttl)  # another worker
+            except lr.SessionBusy:
+                await asyncio.sleep(0.02)
+        late = time.monotonic() - start_at
+        assert taken is None, f"another worker took the lease {late:.2f} s in"
+        assert store.attempts >= 2  # the outage did meet the renewals
+        assert rs._autosave.lost is None
+    finally:
+        await rs.aclose()
+        await session.aclose()
+        await store.aclose()

@@ -34,6 +34,9 @@ CHECKPOINT_SECONDS = Histogram(
 # A final save (aclose) retries through a store blip for this long: well inside the ~10 s
 # LiveKit leaves shutdown callbacks, long enough for a Redis failover to finish.
 CLOSE_SAVE_BUDGET = 5.0
+# After a failed lease renewal, the next try comes this many times sooner than the
+# renewal interval (a third of the lease TTL).
+RENEW_RETRY_SPLIT = 4
 CLOSE_RETRY_FIRST = 0.1
 # The lease's release after the final save gets what is left of the budget, and at least
 # this: a save that used the whole budget leaves the release a chance. A store that does
@@ -166,7 +169,10 @@ class Autosave:
                 self._lose(e)
                 return
             except Exception as e:
-                # a missed renewal is not fatal: the lease outlives three of them
+                # a missed renewal is not fatal, and is tried again a quarter interval
+                # later: a whole interval later, the third try after two misses was due
+                # as the lease ran out, and one a little slow came too late
+                due = time.monotonic() + self._renew_every / RENEW_RETRY_SPLIT
                 log.warning(
                     "lease renewal of session %r failed: %s", self._key, e, extra={"key": self._key}
                 )
