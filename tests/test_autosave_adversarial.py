@@ -594,6 +594,7 @@ async def test_an_idle_session_keeps_its_lease_through_an_outage_of_most_of_its_
     the outage lands with time to spare."""
     ttl = 3.0
     store = _RenewalsFailing()
+    failed_before = REGISTRY.get_sample_value("livekit_resume_lease_renewal_failures_total")
     session, rs, _ = await start(store, ["one"], autosave=True, lease_ttl=ttl)
     try:
         await settled(rs)
@@ -609,6 +610,8 @@ async def test_an_idle_session_keeps_its_lease_through_an_outage_of_most_of_its_
         assert taken is None, f"another worker took the lease {late:.2f} s in"
         assert store.attempts >= 2  # the outage did meet the renewals
         assert rs._autosave.lost is None
+        failed = REGISTRY.get_sample_value("livekit_resume_lease_renewal_failures_total")
+        assert failed is not None and failed - (failed_before or 0) == store.attempts
     finally:
         await rs.aclose()
         await session.aclose()

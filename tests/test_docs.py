@@ -443,3 +443,21 @@ def test_every_page_is_in_the_site_nav() -> None:
     nav = (ROOT / "mkdocs.yml").read_text()
     missing = [str(p.relative_to(DOCS)) for p in PAGES if f" {p.relative_to(DOCS)}" not in nav]
     assert not missing, f"pages not in mkdocs.yml's nav: {missing}"
+
+
+def test_the_guide_lists_every_metric_a_worker_exports() -> None:
+    # Operators scrape these: one added in code and not in the guide's table is a
+    # metric nobody knows to watch.
+    from prometheus_client import REGISTRY
+
+    import livekit_resume.agent_hooks  # noqa: F401  (registers every metric)
+
+    exported = {
+        f"{m.name}_total" if m.type == "counter" else m.name
+        for m in REGISTRY.collect()
+        if m.name.startswith("livekit_resume_")
+    }
+    table = set(
+        re.findall(r"^\| `(livekit_resume_[a-z_]+)", (ROOT / "docs/guide.md").read_text(), re.M)
+    )
+    assert exported and exported == table

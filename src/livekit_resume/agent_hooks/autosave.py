@@ -42,6 +42,10 @@ CLOSE_RETRY_FIRST = 0.1
 # this: a save that used the whole budget leaves the release a chance. A store that does
 # not answer by then leaves the lease to expire (logged and counted).
 CLOSE_RELEASE_WAIT = 1.0
+RENEWAL_FAILURES = Counter(
+    "livekit_resume_lease_renewal_failures",
+    "Lease renewals that failed (tried again sooner; the lease lapses after a TTL of them)",
+)
 FINAL_SAVE_FAILURES = Counter(
     "livekit_resume_final_save_failures", "Final saves on close that did not reach the store"
 )
@@ -173,6 +177,7 @@ class Autosave:
                 # later: a whole interval later, the third try after two misses was due
                 # as the lease ran out, and one a little slow came too late
                 due = time.monotonic() + self._renew_every / RENEW_RETRY_SPLIT
+                RENEWAL_FAILURES.inc()
                 log.warning(
                     "lease renewal of session %r failed: %s", self._key, e, extra={"key": self._key}
                 )
