@@ -616,3 +616,36 @@ async def test_an_idle_session_keeps_its_lease_through_an_outage_of_most_of_its_
         await rs.aclose()
         await session.aclose()
         await store.aclose()
+
+
+class _SwallowingRenewals(MemoryStore):
+    """A memory store whose renewals hang, and turn the cancellation that ends them into
+    an error of their own (a client whose timeout swallowed it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewing = asyncio.Event()
+
+    async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
+        self.renewing.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise StoreUnavailable("the renewal was cut (test)") from None
+        return await super().renew(lease, ttl=ttl)
+
+
+async def test_a_close_during_a_renewal_whose_cancellation_is_swallowed_ends() -> None:
+    """Autosave stops its loops by cancelling them. A store call that turned that
+    cancellation into an error (redis-py's ``asyncio.wait_for`` can, on Python 3.11) was
+    taken for a failed renewal: the loop retried and never ended, and the close waited
+    for it for ever (a CI run hung here for 7 minutes)."""
+    store = _SwallowingRenewals()
+    session, rs, _ = await start(store, ["one"], autosave=True, lease_ttl=1.5)
+    try:
+        await settled(rs)
+        await asyncio.wait_for(store.renewing.wait(), 5)
+        await asyncio.wait_for(rs.aclose(), 8)  # the close budget, then the release's wait
+    finally:
+        await session.aclose()
+        await store.aclose()

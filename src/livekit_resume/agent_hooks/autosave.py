@@ -116,7 +116,7 @@ class Autosave:
 
     async def _save_loop(self) -> None:
         delay = RETRY_FIRST
-        while True:
+        while not self._stopped():
             await self._dirty.wait()
             await asyncio.sleep(self._debounce)  # coalesce a burst of events into one write
             self._dirty.clear()
@@ -133,6 +133,8 @@ class Autosave:
                 self.failures += 1
                 log.error("autosave skipped: %s", e, extra={"key": self._key})
             except Exception as e:
+                if self._stopped():
+                    return
                 CHECKPOINT_FAILURES.labels(error=type(e).__name__).inc()
                 self.failures += 1
                 log.warning(
@@ -159,7 +161,7 @@ class Autosave:
         # this start, which a slow restore (a large snapshot, a loaded loop) can put
         # late in the lease, past the point where it runs out unrenewed
         due = self._renewed_at() + self._renew_every
-        while True:
+        while not self._stopped():
             await asyncio.sleep(due - time.monotonic())
             # A commit renews the lease too (Commit.lease_ttl): a session that committed
             # within the interval is renewed an interval after that commit, not now.
@@ -173,6 +175,8 @@ class Autosave:
                 self._lose(e)
                 return
             except Exception as e:
+                if self._stopped():
+                    return
                 # a missed renewal is not fatal, and is tried again a quarter interval
                 # later: a whole interval later, the third try after two misses was due
                 # as the lease ran out, and one a little slow came too late
@@ -181,6 +185,13 @@ class Autosave:
                 log.warning(
                     "lease renewal of session %r failed: %s", self._key, e, extra={"key": self._key}
                 )
+
+    def _stopped(self) -> bool:
+        """Whether `aclose` stopped the loop that asks: its cancellation can come back as
+        another error (a store call whose own timeout swallowed it, as `asyncio.wait_for`
+        can on Python 3.10 and 3.11), and the loop, retrying, never ended; `aclose`
+        waited for it for ever."""
+        return asyncio.current_task() not in self._tasks
 
     def _lose(self, e: LeaseLost) -> None:
         self.lost = e
