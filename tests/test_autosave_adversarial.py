@@ -25,7 +25,7 @@ import livekit_resume as lr
 from livekit_resume.agent_hooks import autosave
 from livekit_resume.errors import StoreUnavailable
 from livekit_resume.snapshot.codec import Codec
-from livekit_resume.stores.base import DEFAULT_LEASE_TTL, Lease
+from livekit_resume.stores.base import DEFAULT_LEASE_TTL, Lease, Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.testing.poll import eventually
@@ -494,6 +494,22 @@ async def test_a_worker_cut_off_past_its_lease_is_fenced_once_it_hears_from_the_
 # -- the first renewal after a slow restore ------------------------------------------
 
 
+async def _rival_takes(store: Store, since: float, *, until: float, ttl: float) -> float | None:
+    """Another worker trying to acquire the session every 20 ms until ``until`` seconds
+    after ``since`` (`time.monotonic`): the seconds after ``since`` when it got the lease
+    (given back at once), or None when it never did."""
+    while time.monotonic() < since + until:
+        try:
+            lease = await store.acquire(KEY, "rival", ttl=ttl)
+        except lr.SessionBusy:
+            await asyncio.sleep(0.02)
+            continue
+        took = time.monotonic() - since
+        await store.release(lease)
+        return took
+    return None
+
+
 async def test_a_lease_granted_by_a_slow_restore_is_renewed_before_it_expires(
     server: RedisServer,
 ) -> None:
@@ -522,17 +538,8 @@ async def test_a_lease_granted_by_a_slow_restore_is_renewed_before_it_expires(
         await rs.restore(session, default=lambda: Receptionist(rs))
         assert rs.resumed
         # waiting for the caller to join before session.start(): only renewals keep it
-        taken: list[str] = []
-        while time.monotonic() < sent + 2 * ttl:  # the lease's first lifetime, and more
-            try:
-                lease = await rival.acquire(KEY, "rival", ttl=ttl)
-            except lr.SessionBusy:
-                await asyncio.sleep(0.02)
-                continue
-            taken.append(f"{time.monotonic() - sent:.2f}s after the restore was sent")
-            await rival.release(lease)
-            break
-        assert not taken, f"another worker acquired the restored session's lease {taken[0]}"
+        taken = await _rival_takes(rival, sent, until=2 * ttl, ttl=ttl)  # a lifetime, and more
+        assert taken is None, f"another worker acquired the lease {taken:.2f}s after the restore"
         await rs.aclose()
         await first.aclose()
     finally:
@@ -600,14 +607,8 @@ async def test_an_idle_session_keeps_its_lease_through_an_outage_of_most_of_its_
         await settled(rs)
         start_at = time.monotonic()
         store.until, store.slow = start_at + 0.8 * ttl, 0.25
-        taken = None
-        while time.monotonic() < start_at + ttl + 0.5 and taken is None:
-            try:
-                taken = await store.acquire(KEY, "rival", ttl=ttl)  # another worker
-            except lr.SessionBusy:
-                await asyncio.sleep(0.02)
-        late = time.monotonic() - start_at
-        assert taken is None, f"another worker took the lease {late:.2f} s in"
+        taken = await _rival_takes(store, start_at, until=ttl + 0.5, ttl=ttl)
+        assert taken is None, f"another worker took the lease {taken:.2f} s in"
         assert store.attempts >= 2  # the outage did meet the renewals
         assert rs._autosave.lost is None
         failed = REGISTRY.get_sample_value("livekit_resume_lease_renewal_failures_total")
