@@ -185,17 +185,8 @@ class Namespace:
                 return set()
         prefixes = {self._names.prefix(m): m for m in headless}
         pattern = glob_escape(f"{self._names.namespace}:{{") + "*"
-        client = self._server.client
-        found: list[str] = []
         with self._server.errors("scan for remains", None):
-            if isinstance(client, RedisCluster):
-                await client.initialize()
-                owners = [client.get_node_from_key(self._names.head(m)) for m in headless]
-                nodes = {node.name: node for node in owners if node is not None}
-                for name in sorted(nodes):
-                    found += await _scan_node(client, nodes[name], pattern)
-            else:
-                found = [text(k) async for k in client.scan_iter(match=pattern, count=SCAN_COUNT)]
+            found = await self._scan(pattern, [self._names.head(m) for m in headless])
         damaged: set[str] = set()
         for name in found:
             end = name.find("}:")
@@ -203,6 +194,23 @@ class Namespace:
             if member is not None and name != self._names.head(member):
                 damaged.add(member)
         return damaged
+
+    async def _scan(self, pattern: str, owners_of: Sequence[str] | None) -> list[str]:
+        """The keys matching ``pattern``, by SCAN: on a Cluster, of the nodes owning the
+        slots of ``owners_of`` (None: every primary), each node once."""
+        client = self._server.client
+        if not isinstance(client, RedisCluster):
+            return [text(k) async for k in client.scan_iter(match=pattern, count=SCAN_COUNT)]
+        await client.initialize()
+        if owners_of is None:
+            nodes = list(client.get_primaries())
+        else:
+            owners = {n.name: n for n in map(client.get_node_from_key, owners_of) if n is not None}
+            nodes = [owners[name] for name in sorted(owners)]
+        found: list[str] = []
+        for node in nodes:
+            found += await _scan_node(client, node, pattern)
+        return found
 
     async def _server_now(self) -> float:
         if self._clock is not None:
@@ -217,13 +225,8 @@ class Namespace:
         docstring), never on a commit."""
         head = self._names.head(key)
         pattern = glob_escape(self._names.prefix(key)) + "*"
-        client = self._server.client
         with self._server.errors("scan for remains", key):
-            if isinstance(client, RedisCluster):
-                await client.initialize()
-                found = await _scan_node(client, client.get_node_from_key(head), pattern)
-            else:
-                found = [text(k) async for k in client.scan_iter(match=pattern, count=SCAN_COUNT)]
+            found = await self._scan(pattern, [head])
         return sorted(set(found) - {head})
 
     async def reindex(self) -> int:
@@ -232,15 +235,8 @@ class Namespace:
         failover to a replica without it) is listed again, and a session with a lost
         head shows as damaged. Returns how many sessions were not listed."""
         pattern = glob_escape(f"{self._names.namespace}:{{") + "*"
-        client = self._server.client
         with self._server.errors("scan for sessions", None):
-            if isinstance(client, RedisCluster):
-                await client.initialize()
-                found: list[str] = []
-                for node in client.get_primaries():
-                    found += await _scan_node(client, node, pattern)
-            else:
-                found = [text(k) async for k in client.scan_iter(match=pattern, count=SCAN_COUNT)]
+            found = await self._scan(pattern, None)
         start = len(self._names.namespace) + 2
         keys = {_untag(name[start : name.find("}", start)]) for name in found}
         added = 0
