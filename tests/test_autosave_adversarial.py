@@ -359,14 +359,22 @@ async def test_turns_said_while_redis_is_frozen_past_the_lease_are_all_saved_und
     finally:
         server.resume()
     await session.run(user_input="after the freeze")
+    await stored_every_turn_under(rs, session, store, epoch)
+    await rs.aclose()
+    await session.aclose()
+
+
+async def stored_every_turn_under(
+    rs: lr.ResumableSession, session: AgentSession[Any], store: RedisStore, epoch: int
+) -> None:
+    """Once autosave settles after a fault: it goes on, the store holds every turn of the
+    live session, and the holder and every version kept ``epoch``."""
     await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
     assert rs._autosave.lost is None, f"autosave stopped: {rs._autosave.lost}"
     assert await stored_texts(store) == live_texts(session)
     info = await store.info(KEY)
     assert info is not None and info.owner == "w1" and info.epoch == epoch
     assert {v.epoch for v in await store.versions(KEY)} == {epoch}
-    await rs.aclose()
-    await session.aclose()
 
 
 class Partition:
@@ -564,12 +572,7 @@ async def test_writes_paused_past_the_lease_by_a_failover_lose_no_turn_and_keep_
     await session.run(user_input="said while writes were still paused")
     await asyncio.sleep(1.6)  # the fault itself
     await session.run(user_input="after the pause")
-    await asyncio.wait_for(rs._autosave.idle.wait(), DEADLINE)
-    assert rs._autosave.lost is None, f"autosave stopped: {rs._autosave.lost}"
-    assert await stored_texts(store) == live_texts(session)
-    info = await store.info(KEY)
-    assert info is not None and info.owner == "w1" and info.epoch == epoch
-    assert {v.epoch for v in await store.versions(KEY)} == {epoch}
+    await stored_every_turn_under(rs, session, store, epoch)
     await rs.aclose()
     await session.aclose()
 
