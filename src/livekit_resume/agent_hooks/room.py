@@ -9,6 +9,7 @@ worker in every snapshot.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
@@ -45,6 +46,13 @@ class Announcer:
         self._owner = owner
         self._room = room
         self._writer: Writer | None = None
+        # The room is shown the latest state by one task at a time (`show`): requests
+        # are numbered, and each waiter is told once its request or a later one is done.
+        self._asked = 0
+        self._shown = 0
+        self._latest: tuple[str, int] = ("", 0)
+        self._showing: asyncio.Task[None] | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def room(self) -> rtc.Room | None:
         """The room given to us, else the running job's (None outside a job)."""
@@ -53,17 +61,54 @@ class Announcer:
         ctx = get_job_context(required=False)
         return ctx.room if ctx else None
 
-    async def publish_attributes(self, state: str, version: int) -> None:
+    def show(self, state: str, version: int) -> None:
+        """Have the room show ``state`` and ``version`` as the agent's participant
+        attributes, without waiting for it (`shown` waits).
+
+        LiveKit answers an attribute update through its FFI, which waits up to its request
+        timeout (5 s) on a signal connection that is up but slow: a save, a release or a
+        restore that waited for it would keep a caller in silence and turns unsaved.
+        States asked meanwhile are not queued: the room is then shown the latest."""
         room = self.room()
         if room is None or not room.isconnected():
             return
+        self._asked += 1
+        self._latest = (state, version)
+        if self._showing is None or self._showing.done():
+            self._showing = asyncio.ensure_future(self._show_latest(room))
+
+    async def shown(self) -> None:
+        """Wait until the room has the state last asked for by `show`, or gave up."""
+        if self._shown >= self._asked or self._showing is None or self._showing.done():
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._asked, done))
+        await asyncio.shield(done)
+
+    async def _show_latest(self, room: rtc.Room) -> None:
         try:
-            await room.local_participant.set_attributes(
-                {ATTR_STATE: state, ATTR_VERSION: str(version)}
-            )
-        except Exception as e:
-            ANNOUNCE_FAILURES.labels(where="room").inc()
-            log.warning("could not publish resume state to the room: %s", e)
+            while self._shown < self._asked:
+                asked, (state, version) = self._asked, self._latest
+                try:
+                    await room.local_participant.set_attributes(
+                        {ATTR_STATE: state, ATTR_VERSION: str(version)}
+                    )
+                except Exception as e:
+                    ANNOUNCE_FAILURES.labels(where="room").inc()
+                    log.warning("could not publish resume state to the room: %s", e)
+                self._shown = asked
+                self._wake(asked)
+        finally:
+            self._wake(self._asked)  # cancelled (the loop closing): nobody waits for ever
+
+    def _wake(self, upto: int) -> None:
+        waiting = []
+        for asked, done in self._waiters:
+            if asked > upto:
+                waiting.append((asked, done))
+            elif not done.done():
+                done.set_result(None)
+        self._waiters = waiting
 
     async def announce(self, event: str, version: int) -> None:
         """Tell other workers, on the store's event channel where it has one."""

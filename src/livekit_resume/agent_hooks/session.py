@@ -289,12 +289,12 @@ class ResumableSession:
         self._attach(session)
         if self._autosave_enabled:
             self._autosave.start()
-        # independent round trips (room attributes, the store's event channel), awaited
-        # together with the inbox: restore returns once all are done, the inbox listening
-        # (so no command sent after it returned is missed)
+        # the room is not waited for (`Announcer.show`); the store's event is, together
+        # with the inbox: restore returns once both are done, the inbox listening (so no
+        # command sent after it returned is missed)
+        self._show()
         try:
             await asyncio.gather(
-                self._publish_attributes(),
                 self._announcer.announce("restored" if self._resumed else "started", self._version),
                 asyncio.shield(listening),  # its start is let finish, as on a failed load
             )
@@ -437,7 +437,7 @@ class ResumableSession:
         sent again, unchanged, before the next one: it is stored at most once).
         """
         version = await self._save(reason)
-        await self._publish_attributes()
+        self._show()  # not waited for: autosave's next save must not wait on the room
         return version
 
     async def _save(self, reason: str, state: SessionState | None = None) -> int:
@@ -563,6 +563,7 @@ class ResumableSession:
             self._long_pause.arm(self._suspend_after, self._suspend_long_pause)
         version = await self.checkpoint("pause")
         await self._announcer.announce("paused", self._version)
+        await self._shown()
         return version
 
     def _suspend_long_pause(self) -> None:
@@ -596,8 +597,9 @@ class ResumableSession:
         self._silencer.unsilence(session)
         self._state = "active"
         self._autosave.trigger("manual")  # persist the state change without waiting
-        await self._publish_attributes()
+        self._show()
         await self._announcer.announce("resumed", self._version)
+        await self._shown()
 
     async def suspend(self) -> int:
         """Hard suspend: silence, final snapshot, lease released, session closed.
@@ -637,7 +639,7 @@ class ResumableSession:
                 # closed while the speech was being cut (the job shut down): that stands
                 raise RuntimeError(f"cannot {reason} session {self._key!r}: closed meanwhile")
             self._state = "paused"
-            await self._publish_attributes()
+            self._show()  # not waited for: the final save must not wait on the room
         # the final snapshot comes before closing: closing a voice session can take seconds
         version = await self._save(reason, state)
         self._state = state
@@ -651,9 +653,10 @@ class ResumableSession:
     async def _give_up(
         self, session: AgentSession[Any], state: Literal["suspended", "ended"]
     ) -> None:
-        await self._publish_attributes()
+        self._show()
         await self._detach_and_release()
         await self._announcer.announce(state, self._version)
+        await self._shown()
         try:
             await session.aclose()
         except Exception as e:
@@ -693,7 +696,8 @@ class ResumableSession:
         left it, no lease held, and a later `restore` may try again."""
         await self._detach_and_release()
         self._state = "suspended"
-        await self._publish_attributes()
+        self._show()
+        await self._shown()
 
     # ----------------------------------------------------------- internals
 
@@ -738,9 +742,15 @@ class ResumableSession:
             self._holder.drop()  # another worker holds it now
         await self._control.stop()  # after the release: a command since then finds no lease
 
-    async def _publish_attributes(self) -> None:
+    def _show(self) -> None:
+        """Have the room show the session's state now, without waiting (`Announcer.show`)."""
         state = self._state if self._state != "closed" else "suspended"
-        await self._announcer.publish_attributes(state, self._version)
+        self._announcer.show(state, self._version)
+
+    async def _shown(self) -> None:
+        """Wait until the room shows the latest state (or gave up: LiveKit's FFI waits at
+        most its request timeout)."""
+        await self._announcer.shown()
 
 
 def _running(session: AgentSession[Any]) -> bool:
