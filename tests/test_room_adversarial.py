@@ -58,6 +58,7 @@ async def test_a_restore_returns_without_waiting_for_the_room(store: Store) -> N
 async def test_autosave_goes_on_while_the_room_does_not_answer(store: Store) -> None:
     room = StuckRoom()
     session, rs, _ = await _started(store, room, ["one", "two", "three"], autosave=True)
+    answered = len(room.published)
     try:
         for n, said in enumerate(["a", "b", "c"], 1):
             await session.run(user_input=said)
@@ -67,7 +68,7 @@ async def test_autosave_goes_on_while_the_room_does_not_answer(store: Store) -> 
                 timeout=4,
             )
         assert len(room.asked) > 1, "the states were offered to the room"
-        assert len(room.published) == 1, "the room answered none but the restore's"
+        assert len(room.published) == answered, "the room answered none since"
     finally:
         room.answer.set()
     # once it answers, the room has the latest state
