@@ -114,6 +114,11 @@ class Keyring:
             if not kid or len(kid.encode()) > 255:
                 shown = "'***'" if keyish else repr(kid[:32])
                 raise ValueError(f"key id {shown}: expected kid:base64key")
+            if not kid.isprintable() or any(c.isspace() for c in kid):
+                # "k1 :KEY" would write under "k1 ", a key id no "k1:KEY" reader holds
+                bare = "".join(c for c in kid if c.isprintable() and not c.isspace())
+                named = "'***'" if _keyish(bare) else repr(kid[:32])
+                raise ValueError(f"key id {named} holds spaces or unprintable characters")
             try:
                 key = base64.b64decode(b64, validate=True)
             except ValueError:
