@@ -388,3 +388,55 @@ def _url_of(store: RedisStore) -> str:
         return "redis+cluster://" + ",".join(client.nodes_manager.startup_nodes)
     kw = client.connection_pool.connection_kwargs
     return f"redis://{kw['host']}:{kw['port']}/0"
+
+
+async def test_sessions_go_on_saving_while_the_primary_holding_the_index_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a Cluster the namespace index lives in a slot of its own, on one primary. With
+    that primary stopped (no replica to fail over to, `cluster-require-full-coverage
+    no`), the sessions on the other primaries must go on committing and renewing: the
+    index entry's periodic refresh is not theirs to wait for. (It was done before each
+    commit and renewal, and failed them all once the refresh was due.)"""
+    from livekit_resume.stores.redis import namespace
+
+    monkeypatch.setattr(namespace, "INDEX_REFRESH_FOREVER", 0.2)
+    require_redis_server()
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    for node in cluster.nodes:
+        node.cli("config", "set", "cluster-require-full-coverage", "no")
+    store = RedisStore.from_url(cluster.url, namespace="idx", retries=0, socket_timeout=0.5)
+    try:
+        index_node, _ = _owner_of(cluster, key_slot(store._index_key.encode()))
+        key = next(
+            k
+            for k in (f"room-{i}" for i in range(100))
+            if _owner_of(cluster, key_slot(store._head_key(k).encode()))[0] is not index_node
+        )
+        lease = await store.acquire(key, "worker-a")
+        version = await store.commit(
+            Commit(key, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1)
+        )
+        index_node.pause()
+        try:
+            await asyncio.sleep(0.3)  # the index entry is due for its refresh
+            for n in range(2, 5):
+                item = Record("h", f"i{n}", b"x", "a" if n == 2 else f"i{n - 1}")
+                version = await store.commit(Commit(key, lease.epoch, version, b"h", [item], n))
+                lease = await store.renew(lease)
+            assert version == 4
+        finally:
+            index_node.resume()
+
+        async def listed() -> bool:
+            await asyncio.sleep(0.2)
+            version_now = (await store.info(key)).version  # type: ignore[union-attr]
+            await store.renew(lease)  # a write of the holder refreshes its entry
+            return version_now == 4 and await store.keys() == [key]
+
+        from livekit_resume.testing.poll import eventually
+
+        await eventually(listed, "the session is listed again once the primary is back")
+    finally:
+        await store.aclose()
+        cluster.stop()

@@ -6,11 +6,15 @@ The index is a key of its own (another slot on a Cluster), so it is written by s
 commands, never inside a session script, and kept a superset of the live sessions: a key
 is recorded before the script that creates its session runs (and again after), removed
 before the script that deletes it, and re-recorded at least every quarter TTL while it
-lives. `Namespace.keys` checks each member against its head.
+lives, in the background of its holder's writes (on a Cluster the index's primary may
+be down while the session's is not). `Namespace.keys` checks each member against its
+head.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +22,7 @@ from typing import Any, cast
 
 from redis.asyncio.cluster import RedisCluster
 
-from ...errors import SnapshotCorrupt
+from ...errors import SnapshotCorrupt, StoreUnavailable
 from ..base import page_of, validate_limit
 from .client import Server, text
 from .health import ServerCheck
@@ -26,6 +30,8 @@ from .keys import KeyNames, glob_escape
 from .scripts import Scripts, fmt_time
 
 __all__ = ["Namespace"]
+
+log = logging.getLogger("livekit_resume")
 
 # A session with a TTL is re-recorded in the namespace index at least every quarter TTL
 # (INDEX_REFRESH); members not recorded for two TTLs (INDEX_HORIZON) are certainly dead
@@ -37,6 +43,8 @@ INDEX_HORIZON = 2.0
 # another shard than the session): re-recorded every this many seconds all the same, so
 # that `ls` lists a live session again soon after.
 INDEX_REFRESH_FOREVER = 300.0
+# A refresh of a session's entry that failed is tried again after this many seconds.
+INDEX_RETRY = 10.0
 # Sessions this store remembers having indexed; past this the memory starts over (which
 # only costs a few extra index writes).
 INDEX_CACHE_MAX = 10_000
@@ -83,6 +91,7 @@ class Namespace:
         self._clock = clock
         self._elapsed = clock or time.monotonic
         self._indexed: dict[str, float] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     async def record(self, key: str, op: str) -> bool:
         """Record the key in the namespace index (and collect long-dead members);
@@ -108,13 +117,41 @@ class Namespace:
         self._indexed[key] = self._elapsed()
         return isinstance(reply, list) and len(reply) > 1 and int(reply[1]) == 1
 
-    async def keep_recorded(self, key: str, op: str) -> None:
-        """Before a write of a held session (a commit, a renewal): re-record the key if
-        its entry is aging."""
+    def keep_recorded(self, key: str, op: str) -> None:
+        """At a write of a held session (a commit, a renewal): re-record the key if its
+        entry is aging, in the background. The session exists, so the order of the two
+        does not matter, and the write must not wait for the index: on a Cluster its
+        primary may be down while the session's is up. A refresh that fails is tried
+        again after `INDEX_RETRY` seconds."""
         every = INDEX_REFRESH_FOREVER if self._ttl is None else INDEX_REFRESH * self._ttl
         last = self._indexed.get(key)
-        if last is None or self._elapsed() - last > every:
+        now = self._elapsed()
+        if (last is None or now - last > every) and key not in self._refreshing:
+            self._indexed[key] = now  # not due again while this one runs
+            task = asyncio.ensure_future(self._refresh(key, op, every))
+            self._refreshing[key] = task
+            task.add_done_callback(lambda _: self._refreshing.pop(key, None))
+
+    async def _refresh(self, key: str, op: str, every: float) -> None:
+        try:
             await self.record(key, op)
+        except (StoreUnavailable, SnapshotCorrupt) as e:
+            self._indexed[key] = self._elapsed() - every + INDEX_RETRY
+            log.warning(
+                "session %r: its entry in the namespace index could not be refreshed (%s); "
+                "again in %.0f s",
+                key,
+                e,
+                INDEX_RETRY,
+                extra={"key": key},
+            )
+
+    async def aclose(self) -> None:
+        """Stop the refreshes under way (the store is closing)."""
+        tasks = list(self._refreshing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def forget(self, key: str) -> None:
         """Unlist the key (before its session is deleted: a concurrent acquire

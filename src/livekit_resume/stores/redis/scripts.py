@@ -178,8 +178,19 @@ class Scripts:
         try:
             return await client.evalsha(code.sha, 1, head, *args)
         except NoScriptError:
-            await client.script_load(code.script)
+            await self._load(code, head)
             return await client.evalsha(code.sha, 1, head, *args)
+
+    async def _load(self, code: AsyncScript, routed_by: str) -> None:
+        """Load a script where a key's commands go: on a Cluster the node of its slot
+        only, not every primary (one that is down would fail the call of a session
+        whose node is up; another node asks for it by its own NOSCRIPT)."""
+        client = self._server.client
+        if isinstance(client, RedisCluster):
+            node = client.get_node_from_key(routed_by)
+            await client.execute_command("SCRIPT LOAD", code.script, target_nodes=node)
+        else:
+            await client.script_load(code.script)
 
     def session_args(self, args: Sequence[str | bytes | int]) -> list[str | bytes | int]:
         """A session script's arguments: the common ones (see the class), then ``args``."""
@@ -213,14 +224,14 @@ class Scripts:
                     pipe.execute_command(*wait)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             unknown = {
-                name
-                for (name, _, _), reply in zip(scripts, replies, strict=False)
+                (name, routed_by)
+                for (name, routed_by, _), reply in zip(scripts, replies, strict=False)
                 if isinstance(reply, NoScriptError)
             }
             if not unknown or attempt == 2:
                 break
-            for name in unknown:  # a Cluster loads it on every primary
-                await client.script_load(self._code[name].script)
+            for name, routed_by in unknown:
+                await self._load(self._code[name], routed_by)
         return replies
 
     async def _run_and_wait(self, script: str, key: str, args: Sequence[str | bytes | int]) -> Any:

@@ -387,7 +387,7 @@ class RedisStore:
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
         validate_key(lease.key)
         validate_lease_ttl(ttl, self._ttl)
-        await self._namespace_index.keep_recorded(lease.key, "renew")
+        self._namespace_index.keep_recorded(lease.key, "renew")
         reply = await self._run("renew", lease.key, [lease.owner, lease.epoch, fmt_time(ttl)])
         if reply[0] == b"lost":
             current = int(reply[1]) if reply[1] else None
@@ -406,7 +406,7 @@ class RedisStore:
         key = validate_commit(commit).key
         if commit.lease_ttl is not None:
             validate_lease_ttl(commit.lease_ttl, self._ttl)
-        await self._namespace_index.keep_recorded(key, "commit")
+        self._namespace_index.keep_recorded(key, "commit")
         info = dict(commit.info)
         written = len(commit.head) + sum(len(r.data or b"") for r in commit.records)
         # Lets a retried commit (reply lost with the connection, or sent again by the
@@ -715,4 +715,5 @@ class RedisStore:
 
     async def aclose(self) -> None:
         """Close the client and its connection pool."""
+        await self._namespace_index.aclose()
         await self._client.aclose()
