@@ -123,20 +123,28 @@ class Namespace:
         does not matter, and the write must not wait for the index: on a Cluster its
         primary may be down while the session's is up. A refresh that fails is tried
         again after `INDEX_RETRY` seconds."""
-        every = INDEX_REFRESH_FOREVER if self._ttl is None else INDEX_REFRESH * self._ttl
         last = self._indexed.get(key)
-        now = self._elapsed()
-        if (last is None or now - last > every) and key not in self._refreshing:
-            self._indexed[key] = now  # not due again while this one runs
-            task = asyncio.ensure_future(self._refresh(key, op, every))
-            self._refreshing[key] = task
-            task.add_done_callback(lambda _: self._refreshing.pop(key, None))
+        if last is None or self._elapsed() - last > self._every():
+            self.refresh(key, op)
 
-    async def _refresh(self, key: str, op: str, every: float) -> None:
+    def refresh(self, key: str, op: str) -> None:
+        """Re-record the key of an existing session now, in the background (see
+        `keep_recorded`), unless a refresh of it is under way."""
+        if key in self._refreshing:
+            return
+        self._indexed[key] = self._elapsed()  # not due again while this one runs
+        task = asyncio.ensure_future(self._refresh(key, op))
+        self._refreshing[key] = task
+        task.add_done_callback(lambda _: self._refreshing.pop(key, None))
+
+    def _every(self) -> float:
+        return INDEX_REFRESH_FOREVER if self._ttl is None else INDEX_REFRESH * self._ttl
+
+    async def _refresh(self, key: str, op: str) -> None:
         try:
             await self.record(key, op)
         except (StoreUnavailable, SnapshotCorrupt) as e:
-            self._indexed[key] = self._elapsed() - every + INDEX_RETRY
+            self._indexed[key] = self._elapsed() - self._every() + INDEX_RETRY
             log.warning(
                 "session %r: its entry in the namespace index could not be refreshed (%s); "
                 "again in %.0f s",

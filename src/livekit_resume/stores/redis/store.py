@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError
 
 from ...errors import SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
@@ -318,11 +319,11 @@ class RedisStore:
         # the key is listed: it then creates nothing (a missing head is looked into
         # below), so it needs no order with the index record, which a Cluster may hold
         # on another node.
-        index_reply, first, loaded = await self._first_trip(key, [*args, "1"], read)
+        listed, first, loaded = await self._first_trip(key, [*args, "1"], read)
         # Indexed before the script creates the session, so a crash in between leaves a
         # member without a session (filtered out), never a session without a member.
         # On a server that evicts, every key is checked as if listed (see load).
-        listed = self._namespace_index.recorded(key, index_reply) or self._check.evicting
+        listed = listed or self._check.evicting
         reply = first
         if reply[0] in (b"absent", b"remains") and not listed:
             # a key the index did not list: the script may create its session
@@ -351,38 +352,57 @@ class RedisStore:
 
     async def _first_trip(
         self, key: str, acquire_args: list[str | bytes | int], read: bool
-    ) -> tuple[Any, list[Any], list[Any] | None]:
+    ) -> tuple[bool, list[Any], list[Any] | None]:
         """The ``index``, ``acquire`` (and with ``read``, ``load``) scripts pipelined in
-        one round trip: their replies. An acquire answer the pipeline does not check
-        (corrupt, malformed) comes from the script run again by itself, which raises
-        it; such a load answer is None (the caller loads by itself)."""
+        one round trip: whether the index listed the key already, and the other two's
+        replies. An acquire answer the pipeline does not check (corrupt, malformed) comes
+        from the script run again by itself, which raises it; such a load answer is None
+        (the caller loads by itself).
+
+        On a Cluster the index is on another node, which may be down while the
+        session's is up: the session's scripts go first, and a session that exists (the
+        acquire granted or refused it) is re-recorded in the background; the index is
+        waited for only when the key has no head, to tell a new session from a lost one."""
         await self._check.ensure("acquire", key)  # before the first write: strict=True
         head = self._names.head(key)
         calls: list[tuple[str, str, list[Any]]] = [
-            ("index", self._names.index, self._namespace_index.index_args(key)),
             ("acquire", head, self._scripts.session_args(acquire_args)),
         ]
         if read:
             calls.append(("load", head, self._scripts.session_args([""])))
+        cluster = isinstance(self._client, RedisCluster)
+        if not cluster:
+            calls.insert(0, ("index", self._names.index, self._namespace_index.index_args(key)))
         with self._server.errors("acquire", key):
             replies = await self._scripts.trip(calls)
-        ops = ("acquire (namespace index)", "acquire", "load")
-        for op, r in zip(ops, replies, strict=False):
-            if isinstance(r, Exception):
-                granted = replies[1]
-                if _plain(granted) and granted[0] == b"ok":
-                    # the acquire was granted in the same trip: this call fails, so the
-                    # lease goes back (as a restore whose load fails gives it back)
-                    lease = Lease(key, str(acquire_args[0]), int(granted[1]), float(granted[2]))
-                    with contextlib.suppress(StoreUnavailable, SnapshotCorrupt):
-                        await self.release(lease)
-                with self._server.errors(op, key):
-                    raise r
-        index_reply, reply = replies[0], replies[1]
+        index_reply = None if cluster else replies.pop(0)
+        checked = [("acquire (namespace index)", index_reply), ("acquire", replies[0])]
+        if read:
+            checked.append(("load", replies[1]))
+        failed = [(op, r) for op, r in checked if isinstance(r, Exception)]
+        if failed:
+            await self._give_back(key, acquire_args, replies[0])
+            op, error = failed[0]
+            with self._server.errors(op, key):
+                raise error
+        reply = replies[0]
         if not _plain(reply):
             reply = await self._run("acquire", key, acquire_args)
-        loaded = replies[2] if read and reply is replies[1] and _plain(replies[2]) else None
-        return index_reply, reply, loaded
+        loaded = replies[1] if read and reply is replies[0] and _plain(replies[1]) else None
+        if not cluster:
+            return self._namespace_index.recorded(key, index_reply), reply, loaded
+        if reply[0] in (b"absent", b"remains"):
+            return await self._namespace_index.record(key, "acquire"), reply, loaded
+        self._namespace_index.refresh(key, "acquire")
+        return True, reply, loaded
+
+    async def _give_back(self, key: str, acquire_args: list[Any], granted: Any) -> None:
+        """The acquire was granted in a trip whose call fails: the lease goes back (as a
+        restore whose load fails gives it back)."""
+        if _plain(granted) and granted[0] == b"ok":
+            lease = Lease(key, str(acquire_args[0]), int(granted[1]), float(granted[2]))
+            with contextlib.suppress(StoreUnavailable, SnapshotCorrupt):
+                await self.release(lease)
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
         validate_key(lease.key)
