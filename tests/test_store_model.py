@@ -44,8 +44,8 @@ T = TypeVar("T")
 InfoDict = dict[str, str | int | float | bool | None]
 
 # Times are T0 plus multiples of 1/512 s: exact in binary, so a float survives every
-# store's round trip, and each step moves the clock past a millisecond (epochs of a
-# session created again start from the clock in milliseconds: see log.epoch_floor).
+# store's round trip, and each step moves the clock past a microsecond (epochs of a
+# session created again start from the clock in microseconds: see log.epoch_floor).
 T0 = 1_700_000_000.0
 TICK = 1 / 512
 LEASE_TTL = 100.0
@@ -142,7 +142,7 @@ class Model:
     def acquire(self, key: str, owner: str, takeover: bool) -> Outcome:
         s = self.live(key)
         if s is None:
-            s = MSession(epoch=int(self.now * 1000), touched=self.now)
+            s = MSession(epoch=int(self.now * 1_000_000), touched=self.now)
             new = True
         else:
             new = False
@@ -839,3 +839,26 @@ async def test_a_retry_that_renews_the_lease_renews_the_session(make_store: Stor
     assert info.expires_at is not None and info.expires_at >= T0 + 13
     now[0] = T0 + 11  # the lease holds: so must the session
     assert await store.commit(Commit("k", lease.epoch, 1, b"h2", (), 0, {}, commit_id="c2")) == 2
+
+
+async def test_a_session_created_again_never_reissues_an_epoch_a_worker_may_hold(
+    make_store: StoreFactory,
+) -> None:
+    """A session deleted and created again must not hand out an epoch of its former life:
+    a worker that held one (its lease taken over, then the session removed) would commit
+    into the new session. Epochs of a new session start from the clock: in milliseconds,
+    three takeovers within a millisecond were enough; the floor is in microseconds now,
+    and each takeover is a store transaction, far longer than one."""
+    now = [T0]
+    store = await make_store(clock=lambda: now[0])
+    leases = [await store.acquire("k", f"w{n}", ttl=60.0, takeover=True) for n in range(4)]
+    stale = leases[-1]  # the last holder before the delete
+    assert [lease.epoch for lease in leases] == list(range(leases[0].epoch, stale.epoch + 1))
+    assert await store.delete("k")
+    now[0] = T0 + 0.001  # a millisecond later, the key starts a new life
+    again = [await store.acquire("k", f"v{n}", ttl=60.0, takeover=True) for n in range(4)]
+    assert stale.epoch not in {lease.epoch for lease in again}
+    with pytest.raises(LeaseLost):
+        await store.commit(Commit("k", stale.epoch, 0, b"h", (), 0, {}))
+    info = await store.info("k")
+    assert info is not None and info.version == 0 and info.epoch == again[-1].epoch

@@ -151,11 +151,14 @@ def compacted(records: Iterable[Record], key: str = "?") -> list[Record]:
 def epoch_floor(now: float) -> int:
     """The epoch a session that does not exist yet is considered to be at.
 
-    Epochs start from the clock in milliseconds, not from 0: a session deleted or expired
+    Epochs start from the clock in microseconds, not from 0: a session deleted or expired
     and then created again never hands out an epoch that a worker of its former life
-    may still hold, so that worker's fencing stays in force.
+    may still hold, so that worker's fencing stays in force. Each epoch handed out is a
+    store transaction (tens of microseconds at least), so a former life cannot count up
+    to the clock of the next (in milliseconds, three takeovers within one could). Exact
+    up to 2**53, as Redis's Lua numbers are: the year 2255.
     """
-    return int(now * 1000)
+    return int(now * 1_000_000)
 
 
 def lease_is_live(expires_at: float | None, now: float) -> bool:

@@ -34,9 +34,11 @@ local function main()
   redis.call('HSET', HEAD, 'owner', owner, 'expires', fmt(expires))
   refresh_ttl(s)
   if previous ~= nil and ARGV[7] ~= '' then
-    redis.call('PUBLISH', ARGV[7], cjson.encode({
-      event = 'taken_over', key = ARGV[8], epoch = s.epoch, owner = owner,
-      previous_owner = previous}))
+    -- the epoch spliced in as written by fmt: cjson prints numbers with 14 digits, and
+    -- an epoch (microseconds since 1970) has 16
+    local body = cjson.encode({
+      event = 'taken_over', key = ARGV[8], owner = owner, previous_owner = previous})
+    redis.call('PUBLISH', ARGV[7], '{"epoch":' .. fmt(s.epoch) .. ',' .. string.sub(body, 2))
   end
   return {'ok', s.epoch, fmt(expires), created}
 end

@@ -86,9 +86,9 @@ local function read_head()
 end
 
 local function new_head()
-  -- epochs start from the clock in milliseconds (see base.epoch_floor): a session created
+  -- epochs start from the clock in microseconds (see log.epoch_floor): a session created
   -- again after a delete or an expiry never reissues an epoch of its former life
-  return {epoch = math.floor(NOW * 1000), version = 0, oldest = 1, gen = 0, gen_lo = 0,
+  return {epoch = math.floor(NOW * 1000000), version = 0, oldest = 1, gen = 0, gen_lo = 0,
           touched = NOW}
 end
 

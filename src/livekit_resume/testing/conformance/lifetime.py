@@ -100,8 +100,8 @@ class LifetimeTests(StoreTests):
         zombie.append("h", "z1", b"z")
         await zombie.commit()
         assert await store.delete(KEY) is True  # an operator's rm, or the session's TTL
-        # epochs of a new life start from the clock in milliseconds; a real former life ended
-        # far longer ago than the one tick this waits for
+        # epochs of a new life start from the clock (the shipped stores: in microseconds); a
+        # real former life ended far longer ago than the one tick this waits for
         await asyncio.sleep(0.01)
         again = await writer(store, KEY, "worker-b")
         assert again.lease.epoch > zombie.lease.epoch  # epochs are never handed out twice
