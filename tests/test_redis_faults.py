@@ -354,6 +354,35 @@ async def test_delete_removes_every_key_of_a_partially_evicted_session(
     assert await store.delete(KEY) is False
 
 
+async def test_a_delete_of_a_whole_session_scans_nothing(make_redis: RedisFactory) -> None:
+    """Only a session that lost its head needs the SCAN for its remains (O(keys in the
+    database)); a whole one lists its keys in its head. `resumable_job` deletes an
+    ended or stale conversation at the start of the next call under its key
+    (`archive_stale`), while the caller waits: it scanned the whole keyspace there."""
+    server = make_redis()
+    store = RedisStore.from_url(server.url, namespace="del")
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+        await store.release(lease)
+        scans = calls(server, "scan")
+        assert await store.delete(KEY) is True
+        assert calls(server, "scan") == scans
+        assert await session_keys(store) == []  # (a SCAN of its own)
+        lease = await store.acquire(KEY, "worker-b")  # and fenced by a lease
+        assert await store.commit(item_commit(lease, 0, "b", None)) == 1
+        scans = calls(server, "scan")
+        assert await store.delete(KEY, lease=lease) is True
+        assert calls(server, "scan") == scans
+        assert await session_keys(store) == [] and await store.keys() == []
+        # a key with no head at all is looked for (its remains may be there)
+        scans = calls(server, "scan")
+        assert await store.delete(KEY) is False
+        assert calls(server, "scan") == scans + 1
+    finally:
+        await store.aclose()
+
+
 async def test_missing_version_or_log_under_a_present_head_is_corrupt_naming_the_key(
     make_redis: RedisFactory,
 ) -> None:
@@ -608,19 +637,28 @@ async def test_wait_replicas_on_a_cluster_waits_on_the_node_of_the_slot(
         return out
 
     try:
-        warm = await store.acquire("warm", "worker-a")  # loads the scripts on every node
-        assert await store.commit(item_commit(warm, 0, "x", None)) == 1
+        client = store._client
+        assert isinstance(client, RedisCluster)
+        # A script a node does not know yet is loaded there and its trip, WAIT included,
+        # sent again: warm every node first (a key of each), so that only WAITs count.
+        warmed: set[int] = set()
+        assert await store.info("warm0") is None  # the client learns the slots
+        for n in range(1000):
+            node = client.get_node_from_key(store._head_key(f"warm{n}"))
+            if node is not None and node.port not in warmed:
+                warm = await store.acquire(f"warm{n}", "worker-a")
+                assert await store.commit(item_commit(warm, 0, "x", None)) == 1
+                warmed.add(node.port)
+        assert warmed == set(nodes)
         before = waits()
         expected = dict.fromkeys(nodes, 0)
         for key in ("a", "b", "c", "d", "e", "f"):  # keys of several slots and nodes
             lease = await store.acquire(key, "worker-a")
             assert await store.commit(item_commit(lease, 0, "x", None)) == 1
-            client = store._client
-            assert isinstance(client, RedisCluster)
             node = client.get_node_from_key(store._head_key(key))
             assert node is not None
             expected[node.port] += 1
-        assert store.under_replicated == 7
+        assert store.under_replicated == len(warmed) + 6
         after = waits()
         assert {p: after[p] - before[p] for p in nodes} == expected
         assert len([n for n in expected.values() if n]) > 1

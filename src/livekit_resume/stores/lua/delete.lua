@@ -1,14 +1,16 @@
 -- delete: remove every key of the session, lease and epoch included.
 -- ARGV[4] owner and [5] epoch of the lease the delete is fenced by ('' and '' = not
--- fenced); [6..] further key names the client found by a SCAN of the session's prefix
--- (remains of a session that lost its head, which the head cannot list); only names
--- under this session's prefix are deleted.
+-- fenced); [6] '1' once the client has looked for remains, then [7..] the key names it
+-- found by a SCAN of the session's prefix (remains of a session that lost its head,
+-- which the head cannot list); only names under this session's prefix are deleted.
 -- Reply: {'ok', existed 0/1} | {'lost', current epoch} (fenced, and another writer
--- holds the key now: nothing deleted). Foreign data at the head's name is removed too
--- (the caller asked for the key to be gone), but then only the head can be found.
+-- holds the key now: nothing deleted) | {'scan'} (no head, or a damaged one, and [6]
+-- is not '1': nothing deleted; the client scans, O(keys in the database), and calls
+-- again). Foreign data at the head's name is removed too (the caller asked for the key
+-- to be gone), but then only the head can be found.
 local function remains()
   local n = 0
-  for i = 6, #ARGV do
+  for i = 7, #ARGV do
     if string.sub(ARGV[i], 1, #PREFIX) == PREFIX then
       n = n + redis.call('DEL', ARGV[i])
     end
@@ -19,11 +21,13 @@ end
 local function main()
   -- the remains looked at (TYPE: the documented ACL grants it) before the first DEL, as
   -- delete_all does with the session's
-  for i = 6, #ARGV do
+  for i = 7, #ARGV do
     if string.sub(ARGV[i], 1, #PREFIX) == PREFIX then redis.call('TYPE', ARGV[i]) end
   end
+  local scanned = ARGV[6] == '1'
   local t = type_of(HEAD)
   if t == 'none' then
+    if not scanned then return {'scan'} end
     if remains() > 0 then return {'ok', 1} end
     return {'ok', 0}
   end
@@ -31,6 +35,7 @@ local function main()
   local ok, s, expired = pcall(live_head, true)
   if not ok and fenced then error(s, 0) end  -- no epoch to check a corrupt head's holder by
   if not ok then
+    if not scanned then return {'scan'} end
     redis.call('DEL', HEAD)
     remains()
     return {'ok', 1}

@@ -692,11 +692,13 @@ class RedisStore:
             fence = [lease.owner, lease.epoch]
         # Unindexed before the session goes: a concurrent acquire re-records it after.
         await self._namespace_index.forget(key)
-        # The scan finds keys the head cannot list (remains of a lost head); the script
-        # deletes them with the ones it knows, in one step.
-        remains = await self._namespace_index.remains(key)
         try:
-            reply = await self._run("delete", key, [*fence, *remains])
+            reply = await self._run("delete", key, [*fence, ""])
+            if reply[0] == b"scan":
+                # No head, or a damaged one: the scan finds the keys it cannot list
+                # (remains of a lost head), and the script deletes them with the head.
+                remains = await self._namespace_index.remains(key)
+                reply = await self._run("delete", key, [*fence, "1", *remains])
         except Exception:
             # maybe not deleted: listed again (a listing checks each member's head)
             with contextlib.suppress(StoreUnavailable):
