@@ -383,6 +383,42 @@ async def test_a_delete_of_a_whole_session_scans_nothing(make_redis: RedisFactor
         await store.aclose()
 
 
+async def test_a_refresh_of_the_index_under_way_does_not_list_a_deleted_session_again(
+    make_redis: RedisFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session's index entry is refreshed in the background of its holder's writes. A
+    delete meanwhile unlisted the key, then the refresh listed it again: a dead entry,
+    which on a store without a TTL was never collected, and which made the next session
+    under that key look for a lost head's remains (a SCAN of the keyspace) first."""
+    server = make_redis()
+    store = RedisStore.from_url(server.url, namespace="race")
+    index = store._namespace_index
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+        gate = asyncio.Event()
+        record = index.record
+
+        async def slow_record(key: str, op: str) -> bool:
+            await gate.wait()  # the index's primary answering late
+            return await record(key, op)
+
+        monkeypatch.setattr(index, "record", slow_record)
+        index.refresh(KEY, "commit")
+        await asyncio.sleep(0)  # the refresh is under way
+        assert await store.delete(KEY, lease=lease) is True
+        gate.set()
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        assert not index._refreshing
+        assert await store._client.zscore(store._index_key, KEY) is None
+        scans = calls(server, "scan")
+        await store.acquire(KEY, "worker-b")  # a new session, without a SCAN
+        assert calls(server, "scan") == scans
+    finally:
+        await store.aclose()
+
+
 async def test_missing_version_or_log_under_a_present_head_is_corrupt_naming_the_key(
     make_redis: RedisFactory,
 ) -> None:

@@ -163,7 +163,12 @@ class Namespace:
 
     async def forget(self, key: str) -> None:
         """Unlist the key (before its session is deleted: a concurrent acquire
-        re-records it after)."""
+        re-records it after). A refresh of its entry under way is stopped first: it
+        would list the deleted key again."""
+        refreshing = self._refreshing.get(key)
+        if refreshing is not None:
+            refreshing.cancel()
+            await asyncio.gather(refreshing, return_exceptions=True)
         with self._server.errors("delete", key):
             await self._server.client.zrem(self._names.index, key)
         self._indexed.pop(key, None)
