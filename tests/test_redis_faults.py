@@ -681,10 +681,10 @@ async def test_wait_replicas_on_a_cluster_waits_on_the_node_of_the_slot(
         assert await store.info("warm0") is None  # the client learns the slots
         for n in range(1000):
             node = client.get_node_from_key(store._head_key(f"warm{n}"))
-            if node is not None and node.port not in warmed:
+            if node is not None and int(node.port) not in warmed:
                 warm = await store.acquire(f"warm{n}", "worker-a")
                 assert await store.commit(item_commit(warm, 0, "x", None)) == 1
-                warmed.add(node.port)
+                warmed.add(int(node.port))
         assert warmed == set(nodes)
         before = waits()
         expected = dict.fromkeys(nodes, 0)
@@ -693,7 +693,7 @@ async def test_wait_replicas_on_a_cluster_waits_on_the_node_of_the_slot(
             assert await store.commit(item_commit(lease, 0, "x", None)) == 1
             node = client.get_node_from_key(store._head_key(key))
             assert node is not None
-            expected[node.port] += 1
+            expected[int(node.port)] += 1
         assert store.under_replicated == len(warmed) + 6
         after = waits()
         assert {p: after[p] - before[p] for p in nodes} == expected
