@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -483,6 +484,90 @@ async def test_an_owner_whose_subscription_drops_listens_again(
             return True
 
         await eventually(paused, "the owner listened again and paused", 20)
+        assert state(rs) == "paused"
+        await rs.aclose()
+    finally:
+        await store.aclose()
+
+
+def _connections(server: Any) -> int:
+    """Connections the server has accepted so far."""
+    stats = server.cli("INFO", "stats")
+    line = next(ln for ln in stats.splitlines() if ln.startswith("total_connections_received:"))
+    return int(line.split(":")[1])
+
+
+def _subscribers(server: Any) -> int:
+    """Connections that subscribe, or did last (one kept listening to nothing is no
+    longer of type pubsub)."""
+    lines = server.cli("CLIENT", "LIST").splitlines()
+    return len([ln for ln in lines if re.search(r" cmd=(un)?subscribe ", ln)])
+
+
+async def test_a_worker_restoring_sessions_one_after_another_makes_no_new_connection(
+    disposable_redis: Any, sessions: list[AgentSession[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The subscriber connection of the last inbox to leave is kept a while (`LINGER`).
+    Closed at once, it disconnected a connection of the store's pool, and the next
+    restore's first round trip connected anew: a connection and a handshake on every
+    restore of a worker whose sessions end and start one after another (a caller back in
+    a new room). Kept, the next session's inbox subscribes on it; once idle for
+    `LINGER`, it is closed."""
+    from livekit_resume.stores.redis import control
+
+    monkeypatch.setattr(control, "LINGER", 1.0, raising=False)
+    store = lr.open_store(disposable_redis.url, namespace="linger")
+    remote = lr.control(store)
+    try:
+        for n in range(4):
+            if n == 1:  # the pool has the connections a turn of this test needs
+                connections = _connections(disposable_redis)
+            rs = await live(store, sessions)
+            assert await remote.pause(KEY) == rs.version  # heard on the kept connection
+            await rs.suspend()
+        # 1: the count's own redis-cli (3 more on main: a connection per restore)
+        assert _connections(disposable_redis) - connections == 1
+        assert _subscribers(disposable_redis) == 1  # kept, listening to nothing
+
+        async def closed() -> bool:
+            return _subscribers(disposable_redis) == 0
+
+        await eventually(closed, "the idle subscriber connection closed after LINGER", 10)
+        rs = await live(store, sessions)  # a new one made when needed again
+        assert await remote.pause(KEY) == rs.version
+        await rs.aclose()
+    finally:
+        await store.aclose()
+    assert _subscribers(disposable_redis) == 0
+
+
+async def test_a_store_closed_while_its_subscriber_connection_is_kept_closes_it(
+    disposable_redis: Any, sessions: list[AgentSession[Any]]
+) -> None:
+    store = lr.open_store(disposable_redis.url, namespace="linger-close")
+    try:
+        await (await live(store, sessions)).suspend()
+        assert _subscribers(disposable_redis) == 1
+    finally:
+        await store.aclose()
+
+    async def closed() -> bool:
+        return _subscribers(disposable_redis) == 0
+
+    await eventually(closed, "the store's aclose closed the kept subscriber connection", 5)
+
+
+async def test_a_kept_subscriber_connection_killed_while_idle_is_made_anew(
+    disposable_redis: Any, sessions: list[AgentSession[Any]]
+) -> None:
+    """A failover's Sentinel kills the pub/sub clients of the old primary: an idle kept
+    connection is dropped, and the next session subscribes on a new one."""
+    store = lr.open_store(disposable_redis.url, namespace="linger-kill")
+    try:
+        await (await live(store, sessions)).suspend()
+        disposable_redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
+        rs = await live(store, sessions)
+        assert await lr.control(store).pause(KEY, timeout=5.0) == rs.version
         assert state(rs) == "paused"
         await rs.aclose()
     finally:

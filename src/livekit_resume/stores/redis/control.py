@@ -46,6 +46,11 @@ logger = logging.getLogger("livekit_resume")
 MARKS_KEPT = 4096
 # The server confirms a subscription at once; this bounds a server that never does.
 CONFIRM_TIMEOUT = 10.0
+# A node's subscriber connection is kept this long once its last inbox left. Closing it
+# disconnects a connection of the store's pool, and the next command (the next restore's
+# first round trip) made it anew: a worker whose sessions end and start one after
+# another (a caller back in a new room) paid a connection and a handshake on each.
+LINGER = 30.0
 # A command's state outlives any sender's wait (remote.MAX_TIMEOUT, twice); then it
 # expires on its own.
 ANSWER_TTL = 300
@@ -98,6 +103,7 @@ class _Node:
         self.inboxes: dict[str, set[_Inbox]] = {}
         self.confirmed: dict[str, asyncio.Event] = {}
         self.reader: asyncio.Task[None] | None = None
+        self.idle: asyncio.TimerHandle | None = None  # its close, once no inbox is left
 
 
 class _Hub:
@@ -117,6 +123,7 @@ class _Hub:
         # fails, and an owner with nothing else to send would subscribe to the node that
         # failed over again and again.
         self._remap = False
+        self._expiring: set[asyncio.Task[None]] = set()  # referenced while they run
 
     def marked(self, command_id: str) -> None:
         if len(self.with_mark) >= MARKS_KEPT:
@@ -161,6 +168,9 @@ class _Hub:
             name, node = await self._node_for(inbox.channel)
             first = inbox.channel not in node.inboxes
             node.inboxes.setdefault(inbox.channel, set()).add(inbox)
+            if node.idle is not None:
+                node.idle.cancel()
+                node.idle = None
             confirmed = node.confirmed.setdefault(inbox.channel, asyncio.Event())
             if first:
                 await node.pubsub.subscribe(inbox.channel)
@@ -179,15 +189,44 @@ class _Hub:
                     return
                 del node.inboxes[inbox.channel]
                 node.confirmed.pop(inbox.channel, None)
-                if not node.inboxes:
-                    await self._close(name, node)  # nobody listens here any more
-                else:
-                    try:
-                        await node.pubsub.unsubscribe(inbox.channel)
-                    except (RedisError, OSError):
-                        logger.debug("unsubscribe failed", exc_info=True)
+                connection = node.pubsub.connection
+                if not node.inboxes and (connection is None or not connection.is_connected):
+                    await self._close(name, node)  # lost: nothing worth keeping
+                    return
+                try:
+                    await node.pubsub.unsubscribe(inbox.channel)
+                except (RedisError, OSError):
+                    logger.debug("unsubscribe failed", exc_info=True)
+                    if not node.inboxes:
+                        await self._close(name, node)
+                        return
+                if not node.inboxes and node.idle is None:
+                    # nobody listens here any more: closed unless an inbox comes first
+                    node.idle = asyncio.get_running_loop().call_later(
+                        LINGER, self._expire, name, node
+                    )
+
+    def _expire(self, name: str, node: _Node) -> None:
+        node.idle = None
+        task = asyncio.ensure_future(self._close_idle(name, node))
+        self._expiring.add(task)
+        task.add_done_callback(self._expiring.discard)
+
+    async def _close_idle(self, name: str, node: _Node) -> None:
+        async with self._lock:
+            if not node.inboxes and node.idle is None and self._nodes.get(name) is node:
+                await self._close(name, node)
+
+    async def aclose(self) -> None:
+        """Close every node's subscriber connection (the store closes)."""
+        async with self._lock:
+            for name, node in list(self._nodes.items()):
+                await self._close(name, node)
 
     async def _close(self, name: str, node: _Node) -> None:
+        if node.idle is not None:
+            node.idle.cancel()
+            node.idle = None
         self._nodes.pop(name, None)
         if node.reader is not None and node.reader is not asyncio.current_task():
             node.reader.cancel()
@@ -246,6 +285,10 @@ class RedisCommands:
 
     def inbox(self, key: str) -> _Inbox:
         return _Inbox(self._hub, key, self._channel(key))
+
+    async def aclose(self) -> None:
+        """Close the subscriber connections (the store closes)."""
+        await self._hub.aclose()
 
     async def send(self, command: Command) -> int | None:
         payload = json.dumps(

@@ -738,4 +738,6 @@ class RedisStore:
     async def aclose(self) -> None:
         """Close the client and its connection pool."""
         await self._namespace_index.aclose()
+        if self._commands is not None:
+            await self._commands.aclose()
         await self._client.aclose()
