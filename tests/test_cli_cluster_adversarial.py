@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,7 @@ pytest.importorskip("livekit_resume.stores.redis")
 from redis.cluster import RedisCluster as Client
 
 from livekit_resume.stores.redis import RedisStore
+from livekit_resume.stores.redis.keys import KeyNames
 
 
 @pytest.fixture
@@ -242,3 +244,102 @@ def test_ls_scan_lists_again_the_sessions_of_a_lost_index_on_a_cluster(
     assert set(_rows(url)) == set(names)  # listed again for good
     assert run(url, "rm", "--yes", "lost").exit_code == 0
     assert set(_rows(url)) == set(names) - {"lost"}
+
+
+@pytest.fixture
+def degradable_cluster(tmp_path: Any) -> Iterator[RedisCluster]:
+    """A Cluster of its own, whose primaries a test may stop: it keeps serving the slots
+    of the others meanwhile (``cluster-require-full-coverage no``)."""
+    found = RedisCluster(tmp_path / "cluster")
+    for node in found.nodes:
+        node.extra += ["--cluster-require-full-coverage", "no"]
+    found.start()
+    try:
+        yield found
+    finally:
+        found.stop()
+
+
+def test_ls_with_a_primary_down_lists_its_sessions_as_unreachable_and_fails(
+    degradable_cluster: RedisCluster, ns: str
+) -> None:
+    """An operator lists sessions during an incident: one primary stopped (SIGSTOP, as
+    a hung host). On main `ls` failed whole (StoreUnavailable, no row) once any listed
+    session's head was on that node. Now every session is listed: those of the live
+    nodes as they are, those of the stopped one as unreachable (also under --state,
+    their state being unknown), and the command still exits 1 with a count, so that a
+    script never takes the listing for the whole truth. With the node holding the index
+    down, nothing can be listed: one StoreUnavailable line, no rows."""
+    cluster = degradable_cluster
+    url = cluster.url
+    names = [f"s{n}" for n in range(8)]
+    _seeded(url, names)
+    client: Any = Client(host="127.0.0.1", port=cluster.nodes[0].port)
+    try:
+        names_of = KeyNames(ns)
+        port_of = {name: client.get_node_from_key(names_of.head(name)).port for name in names}
+        index_port = client.get_node_from_key(names_of.index).port
+        # redis-py asks its default node (the first primary) for COMMAND before any
+        # command: with that node down no client starts at all (docs/failure-model.md)
+        default_port = client.get_default_node().port
+    finally:
+        client.close()
+    victim = next(
+        n
+        for n in cluster.nodes
+        if n.port not in (index_port, default_port) and n.port in port_of.values()
+    )
+    lost = {name for name, port in port_of.items() if port == victim.port}
+    assert lost and lost != set(names)
+    victim.pause()
+    try:
+        started = time.monotonic()
+        listed = run(url, "--json", "ls", "--state", "suspended")
+        took = time.monotonic() - started
+        assert listed.exit_code == 1, listed.output
+        assert listed.stdout, listed.stderr
+        rows = {r["key"]: r for r in json.loads(listed.stdout)}
+        assert set(rows) == set(names)  # the unreachable ones too: their state is unknown
+        assert {k for k, r in rows.items() if r["state"] == "unreachable"} == lost
+        assert all(rows[k]["error"] == "StoreUnavailable" for k in lost)
+        assert all(rows[k]["state"] == "suspended" for k in set(names) - lost)
+        failure = json.loads(listed.stderr.strip().splitlines()[-1])
+        assert failure["error"] == "StoreUnavailable"
+        assert f"{len(lost)} listed session" in failure["message"]
+        assert took < 60, took  # a hang guard: about 15 s (the CLI's 4 s waits on that node)
+    finally:
+        victim.resume()
+    index_node = next(n for n in cluster.nodes if n.port == index_port)
+    index_node.pause()
+    try:
+        failed = run(url, "--json", "ls")
+        assert failed.exit_code == 1, failed.output
+        assert failed.stdout.strip() == ""
+        assert json.loads(failed.stderr.strip().splitlines()[-1])["error"] == "StoreUnavailable"
+    finally:
+        index_node.resume()
+
+
+def test_an_unreachable_session_reads_unreachable_and_a_damaged_one_damaged() -> None:
+    """The table's state column and the JSON row of each kind of unreadable session."""
+    from livekit_resume.cli import render
+    from livekit_resume.cli.snapshots import Unreadable
+    from livekit_resume.errors import StoreUnavailable
+
+    rows = render.session_rows(
+        [
+            Unreadable("far", StoreUnavailable("node down")),
+            Unreadable("torn", SnapshotCorrupt("lost its head")),
+        ],
+        now=0.0,
+    )
+    assert [(r["key"], r["state"], r["error"]) for r in rows] == [
+        ("far", "unreachable", "StoreUnavailable"),
+        ("torn", None, "SnapshotCorrupt"),  # as --json printed it before
+    ]
+    console = render.console()
+    with console.capture() as captured:
+        console.print(render.sessions_table(rows, title="sessions"))
+    lines = captured.get().splitlines()
+    assert any("far" in ln and "unreachable" in ln for ln in lines)
+    assert any("torn" in ln and "damaged" in ln for ln in lines)

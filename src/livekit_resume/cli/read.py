@@ -13,6 +13,7 @@ import typer.core
 from .. import redact
 from ..errors import (
     SnapshotNotFound,
+    StoreUnavailable,
 )
 from ..snapshot.model import Snapshot
 from ..snapshot.salvage import validate_restorable
@@ -81,21 +82,32 @@ def ls_cmd(
     infos, cursor = _run(ctx, go, read_only=True)
     rows = render.session_rows(infos, time.time())
     paged = limit is not None or after is not None
+    unreachable = [i for i in infos if isinstance(i, Unreadable) and i.unreachable]
     if opts.json:
         listed = [{k: v for k, v in r.items() if k != "updated_ts"} for r in rows]
         render.print_json({"sessions": listed, "next": cursor} if paged else listed)
-        return
-    console = render.console()
-    where = redact.url(opts.store_url)
-    if not rows:
-        console.print(redact.printable(f"no sessions in {where}"))
     else:
-        console.print(render.sessions_table(rows, title=f"sessions in {where}"))
-        render.unreadable_lines(render.err_console(), rows)
-    if cursor is not None:
-        # quoted for a shell: a key may hold spaces, braces or quotes
-        line = f"next page: --after {shlex.quote(cursor)}"
-        console.print(redact.printable(line), soft_wrap=True)
+        console = render.console()
+        where = redact.url(opts.store_url)
+        if not rows:
+            console.print(redact.printable(f"no sessions in {where}"))
+        else:
+            console.print(render.sessions_table(rows, title=f"sessions in {where}"))
+            render.unreadable_lines(render.err_console(), rows)
+        if cursor is not None:
+            # quoted for a shell: a key may hold spaces, braces or quotes
+            line = f"next page: --after {shlex.quote(cursor)}"
+            console.print(redact.printable(line), soft_wrap=True)
+    if unreachable:
+        # the listing is not the whole truth: a script must not take it for one
+        n = len(unreachable)
+        _fail(
+            StoreUnavailable(
+                f"{n} listed session{'s' if n != 1 else ''} could not be read: "
+                "the store did not answer for them (listed as unreachable)"
+            ),
+            as_json=opts.json,
+        )
 
 
 @app.command("show")

@@ -215,12 +215,15 @@ _ROW_FIELDS = (
 
 def session_rows(infos: Iterable[SessionInfo | Unreadable], now: float) -> list[dict[str, Any]]:
     """``ls``: the row of each session (``--json`` prints them without ``updated_ts``);
-    a session that cannot be read has its ``error`` and ``message``, nothing else."""
+    a session that cannot be read has its ``error`` and ``message``, and the ``state``
+    ``unreachable`` when its store node does not answer, nothing else."""
     rows: list[dict[str, Any]] = []
     for info in infos:
         if isinstance(info, Unreadable):
             row: dict[str, Any] = dict.fromkeys(_ROW_FIELDS)
             row.update(key=info.key, error=type(info.error).__name__, message=str(info.error))
+            if info.unreachable:
+                row["state"] = "unreachable"
             rows.append(row)
             continue
         # The store says whether the lease is live, by its own clock (Redis: the
@@ -275,7 +278,7 @@ def sessions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
         table.add_row(
             printable(r["key"]),
             dash(r["version"]),
-            "damaged" if r.get("error") else dash(r["state"]),
+            (r["state"] or "damaged") if r.get("error") else dash(r["state"]),
             dash(r["agent"]),
             dash(r["items"]),
             lease,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Literal, cast
 
 from ..bridge import codec_for, from_stored, whole_commit
-from ..errors import SessionBusy, SnapshotCorrupt, SnapshotNotFound
+from ..errors import SessionBusy, SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
 from ..settings import CODEC_SETTINGS, Settings
 from ..snapshot.codec import AGENT, DEFAULT_MAX_FRAME, HISTORY, Codec, read_frames
 from ..snapshot.model import ItemData, Snapshot, Writer
@@ -212,17 +212,23 @@ async def _keys_page(
 
 @dataclass(frozen=True)
 class Unreadable:
-    """A listed session whose head or latest version cannot be read (evicted, damaged):
-    ``ls`` shows it beside the others, so that it can be repaired or removed."""
+    """A listed session whose head or latest version cannot be read: damaged (evicted,
+    foreign data: `SnapshotCorrupt`), or on a store node that does not answer (a Redis
+    Cluster primary down: `StoreUnavailable`). ``ls`` shows it beside the others, so
+    that it can be repaired or removed, and no session is left out unsaid."""
 
     key: str
-    error: SnapshotCorrupt
+    error: SnapshotCorrupt | StoreUnavailable
+
+    @property
+    def unreachable(self) -> bool:
+        return isinstance(self.error, StoreUnavailable)
 
 
 async def _info(store: Store, key: str) -> SessionInfo | Unreadable | None:
     try:
         return await store.info(key)
-    except SnapshotCorrupt as e:
+    except (SnapshotCorrupt, StoreUnavailable) as e:
         return Unreadable(key, e)
 
 
@@ -238,7 +244,8 @@ async def page_sessions(
     ``limit``, only those whose key starts with ``prefix`` and, given ``state``, whose
     latest version is in that state. Returns them and the cursor of the next page (the
     last key looked at), None after the last page. A session that cannot be read comes
-    as `Unreadable` (never with ``state``): one damaged session hides no other."""
+    as `Unreadable`: one damaged or unreachable session hides no other. A damaged one is
+    left out when ``state`` is given; an unreachable one is not (its state is unknown)."""
     found: list[SessionInfo | Unreadable] = []
     cursor = after
     grow = PAGE_BATCH
@@ -252,7 +259,7 @@ async def page_sessions(
             cursor = k
             # None: deleted or expired between the listing and info()
             if isinstance(info, Unreadable):
-                keep = state is None
+                keep = state is None or info.unreachable
             else:
                 keep = info is not None and (state is None or info.info.get("state") == state)
             if info is not None and keep:

@@ -203,13 +203,17 @@ class Namespace:
         return page_of(live, prefix, after, limit)
 
     async def _live(self, members: Sequence[str]) -> list[str]:
-        """Those of ``members`` whose head says they live, in their order."""
+        """Those of ``members`` whose head says they live, in their order, and on a
+        Cluster those whose node does not answer (their `info` and `load` raise
+        `StoreUnavailable`): one node down hides no session of the others, and none of
+        its own."""
         client = self._server.client
+        if isinstance(client, RedisCluster):
+            heads = await self._heads_by_node(client, members)
+        else:
+            with self._server.errors("keys", None):
+                heads = await self._heads(client, members)
         with self._server.errors("keys", None):
-            pipe = client.pipeline(transaction=False)
-            for m in members:
-                pipe.hget(self._names.head(m), "touched")
-            heads: list[Any] = await pipe.execute(raise_on_error=False)
             now = await self._server_now()
         headless = [m for m, touched in zip(members, heads, strict=True) if touched is None]
         damaged = await self._with_remains(headless)
@@ -218,6 +222,36 @@ class Namespace:
             for member, touched in zip(members, heads, strict=True)
             if _is_live(touched, self._ttl, now) or member in damaged
         ]
+
+    async def _heads(self, client: Any, members: Sequence[str]) -> list[Any]:
+        """Each member's head ``touched`` field (None: no head; an exception: not a hash)."""
+        pipe = client.pipeline(transaction=False)
+        for m in members:
+            pipe.hget(self._names.head(m), "touched")
+        return cast("list[Any]", await pipe.execute(raise_on_error=False))
+
+    async def _heads_by_node(self, client: RedisCluster, members: Sequence[str]) -> list[Any]:
+        """`_heads` read node by node, at once: a pipeline over the Cluster fails whole
+        when one of its nodes does not answer. A member of such a node gets the node's
+        `StoreUnavailable` as its head (listed: `_is_live`)."""
+        by_node: dict[str, list[int]] = {}
+        for i, m in enumerate(members):
+            node = client.get_node_from_key(self._names.head(m))
+            by_node.setdefault(node.name if node is not None else "", []).append(i)
+
+        async def read(at: list[int]) -> list[Any]:
+            with self._server.errors("keys", None):
+                return await self._heads(client, [members[i] for i in at])
+
+        groups = list(by_node.values())
+        read_all = await asyncio.gather(*map(read, groups), return_exceptions=True)
+        heads: list[Any] = [None] * len(members)
+        for at, got in zip(groups, read_all, strict=True):
+            if isinstance(got, BaseException) and not isinstance(got, StoreUnavailable):
+                raise got
+            for n, i in enumerate(at):
+                heads[i] = got[n] if isinstance(got, list) else got
+        return heads
 
     async def _with_remains(self, headless: Sequence[str]) -> set[str]:
         """Those of the listed ``headless`` members that lost their head but left keys
@@ -265,7 +299,14 @@ class Namespace:
     async def _server_now(self) -> float:
         if self._clock is not None:
             return self._clock()
-        sec, usec = await self._server.client.time()
+        client = self._server.client
+        if isinstance(client, RedisCluster):
+            # the clock of the index's node, which just answered: a Cluster sends TIME
+            # to its default node, which may be the one that is down
+            node = client.get_node_from_key(self._names.index)
+            sec, usec = await client.time(target_nodes=node)
+        else:
+            sec, usec = await client.time()
         return int(sec) + int(usec) / 1_000_000
 
     async def remains(self, key: str) -> list[str]:

@@ -667,7 +667,9 @@ class RedisStore:
         least every quarter TTL (every 5 minutes without a TTL, so that an entry a
         failover lost comes back). Each member is checked against its head here, so
         deleted and expired sessions never show; members dead for two TTLs are
-        collected on every index write.
+        collected on every index write. On a Cluster, a member whose head is on a node
+        that does not answer is listed unchecked (its `info` and `load` then raise
+        `StoreUnavailable`): one node down hides no session.
         """
         return await self._namespace_index.keys()
 
