@@ -117,7 +117,10 @@ def connect(
     # retry, the name may point at the new primary by then.
     common["retry_on_error"] = [ReadOnlyError]
     if settings.mode == "sentinel":
-        timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
+        timeouts: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+        }
         if "driver_info" in common:
             timeouts["driver_info"] = common["driver_info"]
         # No retries of its own for the client that asks a Sentinel (redis-py's default
@@ -125,7 +128,7 @@ def connect(
         # connection's `retry` asks them all again. A hung Sentinel otherwise held each
         # command ~130 socket timeouts (10 minutes at the default 5 s), not ~4 as a hung
         # server does.
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
             list(settings.hosts),
             sentinel_kwargs={
                 "password": sentinel_password,

@@ -230,7 +230,7 @@ class _Hub:
         self._nodes.pop(name, None)
         if node.reader is not None and node.reader is not asyncio.current_task():
             node.reader.cancel()
-        await node.pubsub.aclose()  # type: ignore[no-untyped-call]
+        await node.pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
 
     async def _read(self, name: str, node: _Node) -> None:
         try:

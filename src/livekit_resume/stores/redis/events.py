@@ -111,4 +111,4 @@ class EventStream:
                 await pubsub.unsubscribe()
             except (RedisError, OSError):
                 logger.debug("unsubscribe failed; closing the connection anyway", exc_info=True)
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
