@@ -522,12 +522,13 @@ async def test_a_worker_restoring_sessions_one_after_another_makes_no_new_connec
         for n in range(4):
             if n == 1:  # the pool has the connections a turn of this test needs
                 connections = _connections(disposable_redis)
-            rs = await live(store, sessions)
-            assert await remote.pause(KEY) == rs.version  # heard on the kept connection
-            await rs.suspend()
+            await (await live(store, sessions)).suspend()
         # 1: the count's own redis-cli (3 more on main: a connection per restore)
         assert _connections(disposable_redis) - connections == 1
         assert _subscribers(disposable_redis) == 1  # kept, listening to nothing
+        rs = await live(store, sessions)
+        assert await remote.pause(KEY) == rs.version  # heard on the kept connection
+        await rs.suspend()
 
         async def closed() -> bool:
             return _subscribers(disposable_redis) == 0
