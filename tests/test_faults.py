@@ -8,13 +8,20 @@ multiplies runs and durations by N. Workers are forked from a pre-warmed server
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from livekit.agents import Agent, AgentSession
 
+from livekit_resume import ResumableSession, SessionBusy
+from livekit_resume.stores.base import Store
+from tests import _child_agent as agent_kit
 from tests.faults.cluster import FailoverPair
 from tests.faults.figures import Figures
 from tests.faults.forkserver import ForkServer, Lab, lab
@@ -29,9 +36,11 @@ from tests.faults.scenarios import (
     redis_outage,
     sigkill_sessions,
     sigkill_store,
+    user_texts,
     zombies,
 )
 from tests.faults.sentinel import SentinelPair
+from tests.faults.workers import turn_text
 from tests.redis_servers import RedisFactory, RedisServer, require_redis_server
 
 pytestmark = pytest.mark.faults
@@ -166,3 +175,70 @@ async def test_failover_loses_nothing_acknowledged_with_wait_replicas(
         )
     finally:
         pair.stop()
+
+
+SUSPEND_KILL_RUNS = 2 * SOAK
+# The dead worker's lease in that test: short, so that waiting it out is quick.
+SUSPEND_LEASE_TTL = 2.0
+
+
+async def _restore_as_caller(
+    store: Store, key: str, *, wait: bool
+) -> tuple[AgentSession[Any], ResumableSession, Agent]:
+    """Restore ``key`` as a caller back would (no takeover); with ``wait``, asked again
+    while the session is busy, up to a few lease TTLs (a hang guard, not a timing)."""
+    deadline = time.monotonic() + 10 * SUSPEND_LEASE_TTL
+    while True:
+        _model, session = agent_kit.build_session()
+        rs = ResumableSession(
+            store, key, registry=agent_kit.registry(), userdata_type=agent_kit.Notes
+        )
+        try:
+            return session, rs, await rs.restore(session, default=agent_kit.Scribe)
+        except SessionBusy:
+            if not wait or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("hold", ["before", "after"])
+async def test_a_worker_killed_between_its_final_save_and_its_release_loses_no_turn(
+    workers: Lab, target: Target, hold: str
+) -> None:
+    """A suspend is a final commit, then the lease's release. A worker SIGKILLed between
+    the two (``before``) still holds the lease: a restore is refused as busy until the
+    lease runs out, then gets the session; killed once the release returned
+    (``after``), a restore gets it at once. Either way every turn is restored exactly
+    once, the one only the suspend saved included, as the suspended version."""
+    store = target.open()
+    try:
+        for _ in range(SUSPEND_KILL_RUNS):
+            key = f"susp-{uuid.uuid4().hex[:8]}"
+            child = await workers.spawn(
+                "session_suspends",
+                **target.worker_args(
+                    key=key, tag=key, turns=2, hold=hold, lease_ttl=SUSPEND_LEASE_TTL
+                ),
+            )
+            await child.expect("READY")
+            await child.expect("SUSPENDING")
+            final = int((await child.expect("COMMIT"))[0])
+            await child.expect("RELEASED" if hold == "after" else "RELEASING")
+            await child.kill()
+
+            if hold == "before":
+                with pytest.raises(SessionBusy):
+                    await _restore_as_caller(store, key, wait=False)
+            # released: the session is free at once (SessionBusy fails the test)
+            session, rs, agent = await _restore_as_caller(store, key, wait=hold == "before")
+            users = user_texts(list(session.history.items))
+            wanted = [turn_text(key, n) for n in (1, 2, 0)]
+            assert [users.count(t) for t in wanted] == [1, 1, 1], (users, child.output)
+            assert rs.version == final and rs.resumed
+            info = await store.info(key)
+            assert info is not None and info.info["state"] == "suspended"
+            await session.start(agent)
+            await rs.aclose()
+            await session.aclose()
+    finally:
+        await store.aclose()

@@ -27,12 +27,12 @@ from typing import Any
 from livekit.agents import llm
 
 from livekit_resume import LeaseLost, ResumableSession, SnapshotNotFound, open_store
-from livekit_resume.stores.base import Commit, Record, Store
+from livekit_resume.stores.base import Commit, Lease, Record, Store
 from tests import _child_agent as agent_kit
 from tests.faults.forkserver import Channel
 from tests.faults.watch import WatchStore
 
-__all__ = ["STREAM", "WORKERS", "AckStore", "digest_items", "turn_text"]
+__all__ = ["STREAM", "WORKERS", "AckStore", "HeldRelease", "digest_items", "turn_text"]
 
 # Autosave debounce in the workers: short, so that a run holds several commits.
 DEBOUNCE = 0.02
@@ -183,7 +183,54 @@ async def store_commits(channel: Channel, args: dict[str, Any]) -> None:
         channel.say("COMMIT", version, digest)
 
 
+class HeldRelease(AckStore):
+    """`AckStore` that says ``RELEASING <epoch>`` before a release goes out and
+    ``RELEASED <epoch>`` once it returned, and stops for good at one of the two
+    (``hold``: ``before`` or ``after``): where the test kills the worker."""
+
+    def __init__(self, inner: Store, channel: Channel, hold: str) -> None:
+        super().__init__(inner, channel)
+        self._hold = hold
+
+    async def release(self, lease: Lease) -> None:
+        self.channel.say("RELEASING", lease.epoch)
+        if self._hold == "before":
+            await asyncio.Event().wait()
+        await self.inner.release(lease)
+        self.channel.say("RELEASED", lease.epoch)
+        if self._hold == "after":
+            await asyncio.Event().wait()
+
+
+async def session_suspends(channel: Channel, args: dict[str, Any]) -> None:
+    """A live AgentSession takes ``turns`` turns, each saved, then suspends: its final
+    commit is acknowledged (``COMMIT``), then its release stops where ``hold`` says,
+    for the test to kill it there. ``TURN <n> <version>`` as `session_turns`."""
+    store = HeldRelease(open_store(args["url"], **args["options"]), channel, args["hold"])
+    _model, session = agent_kit.build_session()
+    rs = ResumableSession(
+        store,
+        args["key"],
+        registry=agent_kit.registry(),
+        userdata_type=agent_kit.Notes,
+        autosave=False,
+        lease_ttl=float(args["lease_ttl"]),
+    )
+    agent = await rs.restore(session, default=agent_kit.Scribe, takeover=False)
+    await session.start(agent)
+    channel.say("READY", rs.version, rs._lease.epoch if rs._lease else -1)
+    for turn in range(1, int(args["turns"]) + 1):
+        await session.run(user_input=turn_text(args["tag"], turn))
+        channel.say("TURN", turn, await rs.checkpoint())
+    # the last turn is saved by the suspend itself
+    await session.run(user_input=turn_text(args["tag"], 0))
+    channel.say("SUSPENDING", rs.version)
+    await rs.suspend()
+    await asyncio.Event().wait()
+
+
 WORKERS: dict[str, Callable[[Channel, dict[str, Any]], Awaitable[None]]] = {
     "session_turns": session_turns,
+    "session_suspends": session_suspends,
     "store_commits": store_commits,
 }
