@@ -68,6 +68,23 @@ class AckStore(WatchStore):
         return version
 
 
+async def _started(
+    store: Store, args: dict[str, Any], **options: Any
+) -> tuple[Any, ResumableSession]:
+    """The worker's AgentSession, restored under ``args["key"]`` (no takeover) and started."""
+    _model, session = agent_kit.build_session()
+    rs = ResumableSession(
+        store,
+        args["key"],
+        registry=agent_kit.registry(),
+        userdata_type=agent_kit.Notes,
+        lease_ttl=float(args.get("lease_ttl", 30.0)),
+        **options,
+    )
+    await session.start(await rs.restore(session, default=agent_kit.Scribe, takeover=False))
+    return session, rs
+
+
 def _user_message_id(session: Any, text: str) -> str:
     for item in reversed(session.history.items):
         if isinstance(item, llm.ChatMessage) and item.role == "user" and item.text_content == text:
@@ -82,17 +99,7 @@ async def session_turns(channel: Channel, args: dict[str, Any]) -> None:
     more turn and an explicit checkpoint, reports ``CHECKPOINT``, and waits to be killed.
     """
     store = AckStore(open_store(args["url"], **args["options"]), channel)
-    _model, session = agent_kit.build_session()
-    rs = ResumableSession(
-        store,
-        args["key"],
-        registry=agent_kit.registry(),
-        userdata_type=agent_kit.Notes,
-        debounce=DEBOUNCE,
-        lease_ttl=float(args.get("lease_ttl", 30.0)),
-    )
-    agent = await rs.restore(session, default=agent_kit.Scribe, takeover=False)
-    await session.start(agent)
+    session, rs = await _started(store, args, debounce=DEBOUNCE)
     channel.say("READY", rs.version, rs._lease.epoch if rs._lease else -1)
     autosave = rs._autosave
     quiet_after = args.get("quiet_after")  # a zombie-to-be: this many turns, then quiet
@@ -207,17 +214,7 @@ async def session_suspends(channel: Channel, args: dict[str, Any]) -> None:
     commit is acknowledged (``COMMIT``), then its release stops where ``hold`` says,
     for the test to kill it there. ``TURN <n> <version>`` as `session_turns`."""
     store = HeldRelease(open_store(args["url"], **args["options"]), channel, args["hold"])
-    _model, session = agent_kit.build_session()
-    rs = ResumableSession(
-        store,
-        args["key"],
-        registry=agent_kit.registry(),
-        userdata_type=agent_kit.Notes,
-        autosave=False,
-        lease_ttl=float(args["lease_ttl"]),
-    )
-    agent = await rs.restore(session, default=agent_kit.Scribe, takeover=False)
-    await session.start(agent)
+    session, rs = await _started(store, args, autosave=False)
     channel.say("READY", rs.version, rs._lease.epoch if rs._lease else -1)
     for turn in range(1, int(args["turns"]) + 1):
         await session.run(user_input=turn_text(args["tag"], turn))
