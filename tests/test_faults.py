@@ -178,8 +178,9 @@ async def test_failover_loses_nothing_acknowledged_with_wait_replicas(
 
 
 SUSPEND_KILL_RUNS = 2 * SOAK
-# The dead worker's lease in that test: short, so that waiting it out is quick.
-SUSPEND_LEASE_TTL = 2.0
+# The dead worker's lease in that test: short, so that waiting it out is quick, and long
+# enough that the first restore surely comes before it ran out (a kill takes ~50 ms).
+SUSPEND_LEASE_TTL = 3.0
 
 
 async def _restore_as_caller(
