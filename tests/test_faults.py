@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from livekit.agents import Agent, AgentSession
 
-from livekit_resume import ResumableSession, SessionBusy
+from livekit_resume import SessionBusy
 from livekit_resume.stores.base import Store
-from tests import _child_agent as agent_kit
 from tests.faults.cluster import FailoverPair
 from tests.faults.figures import Figures
 from tests.faults.forkserver import ForkServer, Lab, lab
@@ -34,6 +32,7 @@ from tests.faults.scenarios import (
     oom,
     redis_lost_data,
     redis_outage,
+    restore_session,
     sigkill_sessions,
     sigkill_store,
     user_texts,
@@ -183,19 +182,14 @@ SUSPEND_KILL_RUNS = 2 * SOAK
 SUSPEND_LEASE_TTL = 3.0
 
 
-async def _restore_as_caller(
-    store: Store, key: str, *, wait: bool
-) -> tuple[AgentSession[Any], ResumableSession, Agent]:
+async def _restore_as_caller(store: Store, key: str, *, wait: bool) -> tuple[Any, Any, Any]:
     """Restore ``key`` as a caller back would (no takeover); with ``wait``, asked again
     while the session is busy, up to a few lease TTLs (a hang guard, not a timing)."""
     deadline = time.monotonic() + 10 * SUSPEND_LEASE_TTL
     while True:
-        _model, session = agent_kit.build_session()
-        rs = ResumableSession(
-            store, key, registry=agent_kit.registry(), userdata_type=agent_kit.Notes
-        )
         try:
-            return session, rs, await rs.restore(session, default=agent_kit.Scribe)
+            _model, session, rs, agent = await restore_session(store, key, takeover=False)
+            return session, rs, agent
         except SessionBusy:
             if not wait or time.monotonic() > deadline:
                 raise

@@ -54,6 +54,7 @@ __all__ = [
     "oom",
     "redis_lost_data",
     "redis_outage",
+    "restore_session",
     "sigkill_sessions",
     "sigkill_store",
     "user_texts",
@@ -112,12 +113,15 @@ async def corrupt_versions(store: Store, key: str, codec: Codec) -> list[str]:
     return bad
 
 
-async def _restore(store: Store, key: str, **opts: Any) -> tuple[Any, Any, ResumableSession, Any]:
+async def restore_session(
+    store: Store, key: str, *, takeover: bool = True, **opts: Any
+) -> tuple[Any, Any, ResumableSession, Any]:
+    """The test agent's session restored under ``key``: (model, session, rs, agent)."""
     model, session = agent_kit.build_session()
     rs = ResumableSession(
         store, key, registry=agent_kit.registry(), userdata_type=agent_kit.Notes, **opts
     )
-    agent = await rs.restore(session, default=agent_kit.Scribe, takeover=True)
+    agent = await rs.restore(session, default=agent_kit.Scribe, takeover=takeover)
     return model, session, rs, agent
 
 
@@ -160,7 +164,7 @@ async def sigkill_sessions(lab: Lab, target: Target, *, runs: int, chain: int) -
                 acked = max(commits, default=last)
                 acked_texts += [turn_text(tag, int(w[0])) for w in child.words("TURN")]
 
-                _model, session, rs, agent = await _restore(store, key)
+                _model, session, rs, agent = await restore_session(store, key)
                 row.recover.append(time.monotonic() - fault)
                 users = user_texts(list(session.history.items))
                 missing = [t for t in acked_texts if users.count(t) != 1]
@@ -282,7 +286,9 @@ async def zombies(lab: Lab, target: Target, *, runs: int) -> Row:
             # The fault itself: the worker stays frozen until its lease has run out.
             await asyncio.sleep(max(0.0, info.lease_expires_at - time.time()) + 0.1)
 
-            _model, session, rs, agent = await _restore(store, key, lease_ttl=ZOMBIE_LEASE_TTL)
+            _model, session, rs, agent = await restore_session(
+                store, key, lease_ttl=ZOMBIE_LEASE_TTL
+            )
             row.recover.append(time.monotonic() - fault)
             taken = rs.version
             assert rs._lease is not None

@@ -189,22 +189,23 @@ class _Hub:
                     return
                 del node.inboxes[inbox.channel]
                 node.confirmed.pop(inbox.channel, None)
+                last = not node.inboxes
                 connection = node.pubsub.connection
-                if not node.inboxes and (connection is None or not connection.is_connected):
-                    await self._close(name, node)  # lost: nothing worth keeping
-                    return
-                try:
-                    await node.pubsub.unsubscribe(inbox.channel)
-                except (RedisError, OSError):
-                    logger.debug("unsubscribe failed", exc_info=True)
-                    if not node.inboxes:
-                        await self._close(name, node)
-                        return
-                if not node.inboxes and node.idle is None:
+                lost = connection is None or not connection.is_connected
+                if not (last and lost):
+                    try:
+                        await node.pubsub.unsubscribe(inbox.channel)
+                    except (RedisError, OSError):
+                        logger.debug("unsubscribe failed", exc_info=True)
+                        lost = True
+                if last and lost:
+                    await self._close(name, node)  # nothing worth keeping
+                elif last:
                     # nobody listens here any more: closed unless an inbox comes first
                     node.idle = asyncio.get_running_loop().call_later(
                         LINGER, self._expire, name, node
                     )
+                return
 
     def _expire(self, name: str, node: _Node) -> None:
         node.idle = None
