@@ -290,6 +290,18 @@ async def test_foreign_value_at_the_head_is_snapshot_corrupt(rstore: RedisStore)
     assert await raw(rstore).exists(rstore._head_key(KEY)) == 0
 
 
+async def test_an_acquire_refused_for_foreign_data_at_the_head_lists_the_key(
+    rstore: RedisStore,
+) -> None:
+    # A job whose restore is refused exits: the key must be listed by then, not by a
+    # refresh left running, so that an operator finds the session with `ls`.
+    await raw(rstore).set(rstore._head_key(KEY), b"\x00\xffnot ours")
+    with pytest.raises(SnapshotCorrupt):
+        await rstore.acquire(KEY, "worker-a")
+    assert await raw(rstore).zscore(rstore._names.index, KEY) is not None
+    assert KEY in await rstore.keys()
+
+
 async def test_garbage_fields_and_records_are_snapshot_corrupt(rstore: RedisStore) -> None:
     client = raw(rstore)
     lease = await rstore.acquire(KEY, "worker-a")

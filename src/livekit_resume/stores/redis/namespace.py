@@ -127,15 +127,18 @@ class Namespace:
         if last is None or self._elapsed() - last > self._every():
             self.refresh(key, op)
 
-    def refresh(self, key: str, op: str) -> None:
+    def refresh(self, key: str, op: str) -> asyncio.Task[None]:
         """Re-record the key of an existing session now, in the background (see
-        `keep_recorded`), unless a refresh of it is under way."""
-        if key in self._refreshing:
-            return
+        `keep_recorded`), unless a refresh of it is under way; that refresh. Awaiting it
+        never raises: a refresh that fails is logged and tried again later."""
+        under_way = self._refreshing.get(key)
+        if under_way is not None:
+            return under_way
         self._indexed[key] = self._elapsed()  # not due again while this one runs
         task = asyncio.ensure_future(self._refresh(key, op))
         self._refreshing[key] = task
         task.add_done_callback(lambda _: self._refreshing.pop(key, None))
+        return task
 
     def _every(self) -> float:
         return INDEX_REFRESH_FOREVER if self._ttl is None else INDEX_REFRESH * self._ttl

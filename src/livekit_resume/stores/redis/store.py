@@ -362,7 +362,9 @@ class RedisStore:
         On a Cluster the index is on another node, which may be down while the
         session's is up: the session's scripts go first, and a session that exists (the
         acquire granted or refused it) is re-recorded in the background; the index is
-        waited for only when the key has no head, to tell a new session from a lost one."""
+        waited for only when the key has no head, to tell a new session from a lost one,
+        or when the node refused the trip (the key is listed before the refusal is
+        raised, so that a job that exits on it leaves its session findable)."""
         await self._check.ensure("acquire", key)  # before the first write: strict=True
         head = self._names.head(key)
         calls: list[tuple[str, str, list[Any]]] = [
@@ -382,6 +384,10 @@ class RedisStore:
         failed = [(op, r) for op, r in checked if isinstance(r, Exception)]
         if failed:
             await self._give_back(key, acquire_args, replies[0])
+            if cluster:
+                # the node answered, with foreign data at the head maybe: listed (as the
+                # standalone trip lists it) before the caller, refused, exits
+                await asyncio.shield(self._namespace_index.refresh(key, "acquire"))
             op, error = failed[0]
             with self._server.errors(op, key):
                 raise error
