@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -194,6 +195,66 @@ async def _restore_as_caller(store: Store, key: str, *, wait: bool) -> tuple[Any
             if not wait or time.monotonic() > deadline:
                 raise
         await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("gate", ["commit", "release"])
+async def test_a_worker_frozen_inside_its_suspend_and_thawed_after_a_takeover_changes_nothing(
+    workers: Lab, target: Target, gate: str
+) -> None:
+    """A worker frozen (SIGSTOP) inside its suspend, before its final commit or before
+    its release goes out, past its lease: a caller's restore is refused as busy until the
+    lease ran out, then gets the session, and its new owner takes a turn. Thawed, the
+    old worker's commit is refused as `LeaseLost` (its last turn, never acknowledged,
+    is not stored) and its release changes nothing: the new owner goes on saving under
+    its own lease, and every stored turn is restored exactly once."""
+    store = target.open()
+    try:
+        for _ in range(SUSPEND_KILL_RUNS):
+            key = f"frozen-{uuid.uuid4().hex[:8]}"
+            child = await workers.spawn(
+                "session_suspends",
+                **target.worker_args(
+                    key=key, tag=key, turns=2, gate=gate, lease_ttl=SUSPEND_LEASE_TTL
+                ),
+            )
+            await child.expect("READY")
+            await child.expect("SUSPENDING")
+            final = int((await child.expect("COMMIT"))[0]) if gate == "release" else None
+            old_epoch = int((await child.expect("HOLDING"))[1])
+            assert await child.signal(signal.SIGSTOP)
+            assert await child.signal(signal.SIGUSR1)  # pending: the gate opens once thawed
+            with pytest.raises(SessionBusy):
+                await _restore_as_caller(store, key, wait=False)
+            session, rs, agent = await _restore_as_caller(store, key, wait=True)
+            saved = [turn_text(key, n) for n in ((1, 2, 0) if gate == "release" else (1, 2))]
+            assert user_texts(list(session.history.items)) == saved, child.output
+            assert final is None or rs.version == final
+            await session.start(agent)
+            await session.run(user_input=f"new owner {key}")
+            taken = await rs.checkpoint()
+            new_epoch = rs._lease.epoch if rs._lease else -1
+            assert new_epoch > old_epoch
+
+            assert await child.signal(signal.SIGCONT)
+            said = await child.expect("SUSPENDED")
+            assert said == (["LeaseLost"] if gate == "commit" else ["ok"]), child.output
+            await session.run(user_input=f"new owner again {key}")
+            assert await rs.checkpoint() == taken + 1  # still its lease, nothing between
+            info = await store.info(key)
+            assert info is not None and info.version == taken + 1
+            assert (info.owner, info.epoch) == (rs._lease.owner if rs._lease else None, new_epoch)
+            await child.kill()
+            await rs.aclose()
+            await session.aclose()
+
+            session, rs, agent = await _restore_as_caller(store, key, wait=False)
+            wanted = [*saved, f"new owner {key}", f"new owner again {key}"]
+            assert user_texts(list(session.history.items)) == wanted
+            await session.start(agent)
+            await rs.aclose()
+            await session.aclose()
+    finally:
+        await store.aclose()
 
 
 @pytest.mark.parametrize("hold", ["before", "after"])

@@ -8,6 +8,8 @@ fork server and reports on its `Channel`, one line per fact:
     QUIET <version>             (zombie-to-be) idle from now on: only renewals write
     LOST <vanished>             (session level) autosave stopped on a lost lease
     CHECKPOINT <result>         (session level, after LOST) what an explicit checkpoint did
+    SUSPENDING <version>        (suspending worker) the suspend starts; RELEASING,
+                                RELEASED, HOLDING and SUSPENDED: see `session_suspends`
 
 A worker never ends on its own: the test kills it (that is the fault).
 """
@@ -20,6 +22,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -32,7 +35,15 @@ from tests import _child_agent as agent_kit
 from tests.faults.forkserver import Channel
 from tests.faults.watch import WatchStore
 
-__all__ = ["STREAM", "WORKERS", "AckStore", "HeldRelease", "digest_items", "turn_text"]
+__all__ = [
+    "STREAM",
+    "WORKERS",
+    "AckStore",
+    "GatedSuspend",
+    "HeldRelease",
+    "digest_items",
+    "turn_text",
+]
 
 # Autosave debounce in the workers: short, so that a run holds several commits.
 DEBOUNCE = 0.02
@@ -209,11 +220,45 @@ class HeldRelease(AckStore):
             await asyncio.Event().wait()
 
 
+class GatedSuspend(AckStore):
+    """`AckStore` that, once `armed`, stops the next call named ``gate`` (``commit`` or
+    ``release``) before it goes out: says ``HOLDING <gate> <epoch>``, then waits for a
+    SIGUSR1 (the test freezes the worker, sends it, and thaws the worker later)."""
+
+    def __init__(self, inner: Store, channel: Channel, gate: str) -> None:
+        super().__init__(inner, channel)
+        self._gate = gate
+        self._open = asyncio.Event()
+        # set up front: a SIGUSR1 kills a process that has no handler for it
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._open.set)
+        self.armed = False
+
+    async def _wait(self, gate: str, epoch: int) -> None:
+        if self.armed and gate == self._gate:
+            self.armed = False
+            self.channel.say("HOLDING", gate, epoch)
+            await self._open.wait()
+
+    async def commit(self, commit: Commit) -> int:
+        await self._wait("commit", commit.epoch)
+        return await super().commit(commit)
+
+    async def release(self, lease: Lease) -> None:
+        await self._wait("release", lease.epoch)
+        await self.inner.release(lease)
+        self.channel.say("RELEASED", lease.epoch)
+
+
 async def session_suspends(channel: Channel, args: dict[str, Any]) -> None:
     """A live AgentSession takes ``turns`` turns, each saved, then suspends: its final
     commit is acknowledged (``COMMIT``), then its release stops where ``hold`` says,
-    for the test to kill it there. ``TURN <n> <version>`` as `session_turns`."""
-    store = HeldRelease(open_store(args["url"], **args["options"]), channel, args["hold"])
+    for the test to kill it there. With ``gate`` instead, the suspend's commit or release
+    waits at a `GatedSuspend` gate, and the worker says ``SUSPENDED ok`` (or the name of
+    the error the suspend raised) once it returns. ``TURN <n> <version>`` as
+    `session_turns`."""
+    inner = open_store(args["url"], **args["options"])
+    gated = GatedSuspend(inner, channel, args["gate"]) if "gate" in args else None
+    store = gated or HeldRelease(inner, channel, args["hold"])
     session, rs = await _started(store, args, autosave=False)
     channel.say("READY", rs.version, rs._lease.epoch if rs._lease else -1)
     for turn in range(1, int(args["turns"]) + 1):
@@ -222,7 +267,13 @@ async def session_suspends(channel: Channel, args: dict[str, Any]) -> None:
     # the last turn is saved by the suspend itself
     await session.run(user_input=turn_text(args["tag"], 0))
     channel.say("SUSPENDING", rs.version)
-    await rs.suspend()
+    if gated is not None:
+        gated.armed = True
+    try:
+        await rs.suspend()
+        channel.say("SUSPENDED", "ok")
+    except Exception as e:
+        channel.say("SUSPENDED", type(e).__name__)
     await asyncio.Event().wait()
 
 
