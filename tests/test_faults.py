@@ -23,7 +23,7 @@ from livekit_resume import SessionBusy
 from livekit_resume.stores.base import Store
 from tests.faults.cluster import FailoverPair
 from tests.faults.figures import Figures
-from tests.faults.forkserver import ForkServer, Lab, lab
+from tests.faults.forkserver import Child, ForkServer, Lab, lab
 from tests.faults.scenarios import (
     Target,
     eviction,
@@ -183,6 +183,18 @@ SUSPEND_KILL_RUNS = 2 * SOAK
 SUSPEND_LEASE_TTL = 3.0
 
 
+async def _suspending(workers: Lab, target: Target, key: str, **how: str) -> Child:
+    """A `session_suspends` worker under ``key`` (two saved turns, a 3 s lease), once its
+    suspend started; ``how``: its ``hold`` or ``gate``."""
+    child = await workers.spawn(
+        "session_suspends",
+        **target.worker_args(key=key, tag=key, turns=2, lease_ttl=SUSPEND_LEASE_TTL, **how),
+    )
+    await child.expect("READY")
+    await child.expect("SUSPENDING")
+    return child
+
+
 async def _restore_as_caller(store: Store, key: str, *, wait: bool) -> tuple[Any, Any, Any]:
     """Restore ``key`` as a caller back would (no takeover); with ``wait``, asked again
     while the session is busy, up to a few lease TTLs (a hang guard, not a timing)."""
@@ -211,14 +223,7 @@ async def test_a_worker_frozen_inside_its_suspend_and_thawed_after_a_takeover_ch
     try:
         for _ in range(SUSPEND_KILL_RUNS):
             key = f"frozen-{uuid.uuid4().hex[:8]}"
-            child = await workers.spawn(
-                "session_suspends",
-                **target.worker_args(
-                    key=key, tag=key, turns=2, gate=gate, lease_ttl=SUSPEND_LEASE_TTL
-                ),
-            )
-            await child.expect("READY")
-            await child.expect("SUSPENDING")
+            child = await _suspending(workers, target, key, gate=gate)
             final = int((await child.expect("COMMIT"))[0]) if gate == "release" else None
             old_epoch = int((await child.expect("HOLDING"))[1])
             assert await child.signal(signal.SIGSTOP)
@@ -270,14 +275,7 @@ async def test_a_worker_killed_between_its_final_save_and_its_release_loses_no_t
     try:
         for _ in range(SUSPEND_KILL_RUNS):
             key = f"susp-{uuid.uuid4().hex[:8]}"
-            child = await workers.spawn(
-                "session_suspends",
-                **target.worker_args(
-                    key=key, tag=key, turns=2, hold=hold, lease_ttl=SUSPEND_LEASE_TTL
-                ),
-            )
-            await child.expect("READY")
-            await child.expect("SUSPENDING")
+            child = await _suspending(workers, target, key, hold=hold)
             final = int((await child.expect("COMMIT"))[0])
             await child.expect("RELEASED" if hold == "after" else "RELEASING")
             await child.kill()
