@@ -44,8 +44,14 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
     ),
     (
         "scale.py",
-        ["--sessions", "200", "--period", "5", "--duration", "30", "--sizes", "100"],
-        ["--sessions", "3", "--period", "0.2", "--duration", "0.5", "--sizes", "10"],
+        [
+            *("--sessions", "200", "--period", "5", "--duration", "30"),
+            *("--sizes", "100", "--back-to-back", "5"),
+        ],
+        [
+            *("--sessions", "3", "--period", "0.2", "--duration", "0.5"),
+            *("--sizes", "10", "--back-to-back", "1"),
+        ],
     ),
     (
         "peers.py",

@@ -12,12 +12,15 @@ difference in the process's
 CPU time, divided by the duration, is the share of one core spent in livekit-resume (or
 in the floor's writes); the hooked/floor ratio of the CPU per write says how far the
 hooks are from that floor. The checkpoint latencies under that load give the p50 and
-p99. Redis's own time executing the commands
-(``INFO commandstats``, reset before the run; lease renewals included) per checkpoint
-gives how many such
-sessions one Redis core serves at half load.
+p99. Each run then does ``--back-to-back`` rounds of one turn (and its write) per
+session, one after the other with no pause: the CPU per write there, against the spread
+run's, says how much of a spread write is the cost of waking an idle worker. Redis's
+own time executing the commands (``INFO commandstats``, reset before the run; lease
+renewals included) per checkpoint gives how many such sessions one Redis core serves
+at half load.
 
     python bench/scale.py [--sessions 200] [--period 5] [--duration 30] [--sizes 100]
+                          [--back-to-back 5]
 
 Redis is a ``redis-server`` the script starts on a free loopback port (its own CPU is
 not counted). Prints a Markdown table.
@@ -49,11 +52,13 @@ async def run(
     history: int,
     hooks: bool,
     floor: int = 0,
-) -> tuple[float, list[float], float, int]:
+    back_to_back: int = 0,
+) -> tuple[float, list[float], float, int, float]:
     """CPU seconds the process used over ``duration``, each write's latency (a
     checkpoint, or with ``floor`` an ``RPUSH`` of that many bytes), the microseconds
     Redis spent executing commands meanwhile (``INFO commandstats``) and the bytes it
-    received (``total_net_input_bytes``)."""
+    received (``total_net_input_bytes``); then the CPU seconds of ``back_to_back``
+    rounds of a turn (and its write) per session with no pause between them."""
     store = RedisStore.from_url(url)
     live: list[tuple[AgentSession[None], lr.ResumableSession | None]] = []
     for _ in range(sessions):
@@ -69,21 +74,26 @@ async def run(
     await client.config_resetstat()
     received = int((await client.info("stats"))["total_net_input_bytes"])
 
-    async def talk(index: int) -> None:
+    turns = [history] * sessions
+
+    async def turn(index: int) -> float:
+        """One turn of session ``index`` and its write; the write's latency."""
         session, rs = live[index]
+        c.add_turn(session, turns[index], time.time())
+        turns[index] += 1
+        start = time.perf_counter()
+        if floor:
+            await plain.rpush(f"floor:{index}", payload)
+        elif rs is not None:
+            await rs.checkpoint("turn")
+        return time.perf_counter() - start
+
+    async def talk(index: int) -> None:
         await asyncio.sleep(period * index / sessions)  # spread the turns evenly
-        n = history
         while True:
-            c.add_turn(session, n, time.time())
-            n += 1
-            if floor:
-                start = time.perf_counter()
-                await plain.rpush(f"floor:{index}", payload)
-                latencies.append(time.perf_counter() - start)
-            elif rs is not None:
-                start = time.perf_counter()
-                await rs.checkpoint("turn")
-                latencies.append(time.perf_counter() - start)
+            took = await turn(index)
+            if floor or hooks:
+                latencies.append(took)
             await asyncio.sleep(period)
 
     tasks = [asyncio.create_task(talk(i)) for i in range(sessions)]
@@ -98,6 +108,11 @@ async def run(
     redis_usec = sum(
         float(v["usec"]) for k, v in stats.items() if k not in ("cmdstat_config", "cmdstat_info")
     )
+    rounds = time.process_time()
+    for _ in range(back_to_back):
+        for index in range(sessions):
+            await turn(index)
+    rounds = time.process_time() - rounds
     await client.aclose()
     await plain.aclose()
     for session, rs in live:
@@ -106,7 +121,7 @@ async def run(
         else:
             await c.close(session, rs)
     await store.aclose()
-    return cpu, latencies, redis_usec, received
+    return cpu, latencies, redis_usec, received, rounds
 
 
 async def main() -> None:
@@ -114,19 +129,21 @@ async def main() -> None:
     ap.add_argument("--sessions", type=int, default=200)
     ap.add_argument("--period", type=float, default=5.0, help="seconds between turns")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds measured per run")
+    ap.add_argument(
+        "--back-to-back", type=int, default=5, help="rounds of turns with no pause, per run"
+    )
     args = ap.parse_args()
     history = args.sizes[0]
+    spread = (args.sessions, args.period, args.duration, history)
     with c.redis_server() as url:
         print(f"<!-- {c.machine(url)} -->\n")
-        bare, _, _, _ = await run(url, args.sessions, args.period, args.duration, history, False)
-        hooked, lat, usec, received = await run(
-            url, args.sessions, args.period, args.duration, history, True
+        bare, _, _, _, bare_b2b = await run(url, *spread, False, 0, args.back_to_back)
+        hooked, lat, usec, received, hooked_b2b = await run(
+            url, *spread, True, 0, args.back_to_back
         )
         # as many bytes per write as the hooked run sent per checkpoint (renewals too)
         sent = round(received / len(lat)) if lat else _FLOOR_BYTES
-        floor, floor_lat, _, _ = await run(
-            url, args.sessions, args.period, args.duration, history, False, sent
-        )
+        floor, floor_lat, _, _, floor_b2b = await run(url, *spread, False, sent, args.back_to_back)
     share = (hooked - bare) / args.duration
     per_checkpoint = (hooked - bare) / max(1, len(lat))
     per_floor = (floor - bare) / max(1, len(floor_lat))
@@ -192,6 +209,33 @@ async def main() -> None:
             ],
         ),
     )
+    writes = args.back_to_back * args.sessions
+    if writes:
+        b2b_checkpoint = (hooked_b2b - bare_b2b) / writes
+        b2b_floor = (floor_b2b - bare_b2b) / writes
+        c.section(
+            f"The same writes back to back: {args.back_to_back} rounds of a turn and its "
+            f"write per session, no pause between them ({writes:,} writes per run; the "
+            "turns alone subtracted)",
+            c.table(
+                [
+                    "CPU per checkpoint",
+                    "CPU per RPUSH",
+                    "hooked / floor, per write",
+                    "checkpoint: spread / back to back",
+                    "RPUSH: spread / back to back",
+                ],
+                [
+                    [
+                        c.fmt_ms(b2b_checkpoint * 1e3),
+                        c.fmt_ms(b2b_floor * 1e3),
+                        c.times(b2b_checkpoint / b2b_floor) if b2b_floor > 0 else "—",
+                        c.times(per_checkpoint / b2b_checkpoint) if b2b_checkpoint > 0 else "—",
+                        c.times(per_floor / b2b_floor) if b2b_floor > 0 else "—",
+                    ]
+                ],
+            ),
+        )
 
 
 if __name__ == "__main__":
