@@ -258,7 +258,7 @@ async def session_suspends(channel: Channel, args: dict[str, Any]) -> None:
     `session_turns`."""
     inner = open_store(args["url"], **args["options"])
     gated = GatedSuspend(inner, channel, args["gate"]) if "gate" in args else None
-    store = gated or HeldRelease(inner, channel, args["hold"])
+    store = gated if gated is not None else HeldRelease(inner, channel, args["hold"])
     session, rs = await _started(store, args, autosave=False)
     channel.say("READY", rs.version, rs._lease.epoch if rs._lease else -1)
     for turn in range(1, int(args["turns"]) + 1):
