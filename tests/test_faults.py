@@ -183,12 +183,12 @@ SUSPEND_KILL_RUNS = 2 * SOAK
 SUSPEND_LEASE_TTL = 3.0
 
 
-async def _suspending(workers: Lab, target: Target, key: str, **how: str) -> Child:
-    """A `session_suspends` worker under ``key`` (two saved turns, a 3 s lease), once its
-    suspend started; ``how``: its ``hold`` or ``gate``."""
+async def _suspending(workers: Lab, target: Target, key: str, at: str) -> Child:
+    """A `session_suspends` worker under ``key`` (two saved turns, a 3 s lease) whose
+    suspend stops ``at`` (see `HeldSuspend`), once its suspend started."""
     child = await workers.spawn(
         "session_suspends",
-        **target.worker_args(key=key, tag=key, turns=2, lease_ttl=SUSPEND_LEASE_TTL, **how),
+        **target.worker_args(key=key, tag=key, turns=2, lease_ttl=SUSPEND_LEASE_TTL, at=at),
     )
     await child.expect("READY")
     await child.expect("SUSPENDING")
@@ -223,7 +223,7 @@ async def test_a_worker_frozen_inside_its_suspend_and_thawed_after_a_takeover_ch
     try:
         for _ in range(SUSPEND_KILL_RUNS):
             key = f"frozen-{uuid.uuid4().hex[:8]}"
-            child = await _suspending(workers, target, key, gate=gate)
+            child = await _suspending(workers, target, key, gate)
             final = int((await child.expect("COMMIT"))[0]) if gate == "release" else None
             old_epoch = int((await child.expect("HOLDING"))[1])
             assert await child.signal(signal.SIGSTOP)
@@ -262,6 +262,10 @@ async def test_a_worker_frozen_inside_its_suspend_and_thawed_after_a_takeover_ch
         await store.aclose()
 
 
+# Where the kill test stops the suspend: before its release goes out, or after.
+HOLD_AT = {"before": "release", "after": "released"}
+
+
 @pytest.mark.parametrize("hold", ["before", "after"])
 async def test_a_worker_killed_between_its_final_save_and_its_release_loses_no_turn(
     workers: Lab, target: Target, hold: str
@@ -275,9 +279,9 @@ async def test_a_worker_killed_between_its_final_save_and_its_release_loses_no_t
     try:
         for _ in range(SUSPEND_KILL_RUNS):
             key = f"susp-{uuid.uuid4().hex[:8]}"
-            child = await _suspending(workers, target, key, hold=hold)
+            child = await _suspending(workers, target, key, HOLD_AT[hold])
             final = int((await child.expect("COMMIT"))[0])
-            await child.expect("RELEASED" if hold == "after" else "RELEASING")
+            await child.expect("HOLDING")
             await child.kill()
 
             if hold == "before":

@@ -8,8 +8,8 @@ fork server and reports on its `Channel`, one line per fact:
     QUIET <version>             (zombie-to-be) idle from now on: only renewals write
     LOST <vanished>             (session level) autosave stopped on a lost lease
     CHECKPOINT <result>         (session level, after LOST) what an explicit checkpoint did
-    SUSPENDING <version>        (suspending worker) the suspend starts; RELEASING,
-                                RELEASED, HOLDING and SUSPENDED: see `session_suspends`
+    SUSPENDING <version>        (suspending worker) the suspend starts; RELEASED,
+                                HOLDING and SUSPENDED: see `session_suspends`
 
 A worker never ends on its own: the test kills it (that is the fault).
 """
@@ -39,8 +39,7 @@ __all__ = [
     "STREAM",
     "WORKERS",
     "AckStore",
-    "GatedSuspend",
-    "HeldRelease",
+    "HeldSuspend",
     "digest_items",
     "turn_text",
 ]
@@ -201,64 +200,44 @@ async def store_commits(channel: Channel, args: dict[str, Any]) -> None:
         channel.say("COMMIT", version, digest)
 
 
-class HeldRelease(AckStore):
-    """`AckStore` that says ``RELEASING <epoch>`` before a release goes out and
-    ``RELEASED <epoch>`` once it returned, and stops for good at one of the two
-    (``hold``: ``before`` or ``after``): where the test kills the worker."""
+class HeldSuspend(AckStore):
+    """`AckStore` that, once `armed`, stops the suspend at ``at``: before its final
+    commit goes out (``commit``), before its release goes out (``release``) or once the
+    release returned (``released``, after ``RELEASED <epoch>``). It says ``HOLDING <at>
+    <epoch>`` there and waits for a SIGUSR1: a test kills the worker there, or freezes
+    it, sends the signal and thaws it later."""
 
-    def __init__(self, inner: Store, channel: Channel, hold: str) -> None:
+    def __init__(self, inner: Store, channel: Channel, at: str) -> None:
         super().__init__(inner, channel)
-        self._hold = hold
-
-    async def release(self, lease: Lease) -> None:
-        self.channel.say("RELEASING", lease.epoch)
-        if self._hold == "before":
-            await asyncio.Event().wait()
-        await self.inner.release(lease)
-        self.channel.say("RELEASED", lease.epoch)
-        if self._hold == "after":
-            await asyncio.Event().wait()
-
-
-class GatedSuspend(AckStore):
-    """`AckStore` that, once `armed`, stops the next call named ``gate`` (``commit`` or
-    ``release``) before it goes out: says ``HOLDING <gate> <epoch>``, then waits for a
-    SIGUSR1 (the test freezes the worker, sends it, and thaws the worker later)."""
-
-    def __init__(self, inner: Store, channel: Channel, gate: str) -> None:
-        super().__init__(inner, channel)
-        self._gate = gate
+        self._at = at
         self._open = asyncio.Event()
         # set up front: a SIGUSR1 kills a process that has no handler for it
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._open.set)
         self.armed = False
 
-    async def _wait(self, gate: str, epoch: int) -> None:
-        if self.armed and gate == self._gate:
+    async def _hold(self, at: str, epoch: int) -> None:
+        if self.armed and at == self._at:
             self.armed = False
-            self.channel.say("HOLDING", gate, epoch)
+            self.channel.say("HOLDING", at, epoch)
             await self._open.wait()
 
     async def commit(self, commit: Commit) -> int:
-        await self._wait("commit", commit.epoch)
+        await self._hold("commit", commit.epoch)
         return await super().commit(commit)
 
     async def release(self, lease: Lease) -> None:
-        await self._wait("release", lease.epoch)
+        await self._hold("release", lease.epoch)
         await self.inner.release(lease)
         self.channel.say("RELEASED", lease.epoch)
+        await self._hold("released", lease.epoch)
 
 
 async def session_suspends(channel: Channel, args: dict[str, Any]) -> None:
-    """A live AgentSession takes ``turns`` turns, each saved, then suspends: its final
-    commit is acknowledged (``COMMIT``), then its release stops where ``hold`` says,
-    for the test to kill it there. With ``gate`` instead, the suspend's commit or release
-    waits at a `GatedSuspend` gate, and the worker says ``SUSPENDED ok`` (or the name of
-    the error the suspend raised) once it returns. ``TURN <n> <version>`` as
-    `session_turns`."""
-    inner = open_store(args["url"], **args["options"])
-    gated = GatedSuspend(inner, channel, args["gate"]) if "gate" in args else None
-    store = gated if gated is not None else HeldRelease(inner, channel, args["hold"])
+    """A live AgentSession takes ``turns`` turns, each saved, then suspends, its
+    final commit said ``COMMIT`` once acknowledged; the suspend stops where ``at`` says
+    (a `HeldSuspend`). Once the suspend returns the worker says ``SUSPENDED ok``, or the
+    name of the error it raised. ``TURN <n> <version>`` as `session_turns`."""
+    store = HeldSuspend(open_store(args["url"], **args["options"]), channel, args["at"])
     session, rs = await _started(store, args, autosave=False)
     channel.say("READY", rs.version, rs._lease.epoch if rs._lease else -1)
     for turn in range(1, int(args["turns"]) + 1):
@@ -267,8 +246,7 @@ async def session_suspends(channel: Channel, args: dict[str, Any]) -> None:
     # the last turn is saved by the suspend itself
     await session.run(user_input=turn_text(args["tag"], 0))
     channel.say("SUSPENDING", rs.version)
-    if gated is not None:
-        gated.armed = True
+    store.armed = True
     try:
         await rs.suspend()
         channel.say("SUSPENDED", "ok")
