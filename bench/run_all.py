@@ -54,6 +54,11 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [
         ],
     ),
     (
+        "listing.py",
+        ["--sessions", "10000", "--rounds", "5"],
+        ["--sessions", "20", "--rounds", "1"],
+    ),
+    (
         "peers.py",
         ["--sizes", "10,1000,5000", "--rounds", "30"],
         ["--sizes", "10,30", "--rounds", "2"],

@@ -12,7 +12,7 @@ import shlex
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import typer
@@ -415,6 +415,80 @@ def test_ls_state_over_many_sessions_reads_few_pages(tmp_path: Path) -> None:
             found, cursor = await page_sessions(counted, state="paused", limit=10)
             assert found == [] and cursor is None
             assert counted.pages <= 6, counted.pages
+        finally:
+            await store.aclose()
+
+    asyncio.run(go())
+
+
+def test_ls_of_more_sessions_than_the_pool_serves_in_its_wait_lists_every_one(
+    make_redis: RedisFactory,
+) -> None:
+    """`ls` read the info of every session of a page at the same moment: beyond what
+    the store's pool serves within its wait (``pool_size`` connections, the socket
+    timeout; about 5,000 sessions at the defaults on this machine) the rest failed with
+    "No connection available" and were listed as unreachable, on a healthy server. A
+    small pool and a short wait show it with 1,000 sessions. Now a page's infos go in
+    pipelines (`SessionInfos`)."""
+    from livekit_resume.cli.snapshots import Unreadable, page_sessions
+    from livekit_resume.stores.redis import RedisStore
+
+    server = make_redis()
+
+    async def go() -> None:
+        store = RedisStore.from_url(server.url, pool_size=1, socket_timeout=0.1)
+        try:
+            names = [f"room-{i:04d}" for i in range(1000)]
+            for name in names:
+                await store.release(await store.acquire(name, "w"))
+            found, cursor = await page_sessions(store)
+            unreadable = [f for f in found if isinstance(f, Unreadable)]
+            assert not unreadable, (len(unreadable), unreadable[0].error)
+            assert [f.key for f in found] == names and cursor is None
+        finally:
+            await store.aclose()
+
+    asyncio.run(go())
+
+
+class _OneByOne:
+    """A store without `SessionInfos` (its ``infos`` hidden) that counts the ``info``
+    calls in flight at once."""
+
+    def __init__(self, store: Store) -> None:
+        self._store, self.running, self.most = store, 0, 0
+
+    async def info(self, key: str) -> Any:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(0)  # a round trip: the others start meanwhile
+            return await self._store.info(key)
+        finally:
+            self.running -= 1
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "infos":
+            raise AttributeError(name)
+        return getattr(self._store, name)
+
+
+def test_ls_reads_a_store_without_many_infos_a_few_at_a_time(tmp_path: Path) -> None:
+    """A store that reads one info per call is asked a bounded number at a time, not a
+    page's thousands at once (each waiting for the pool, the first past its timeout
+    listed as unreachable)."""
+    from livekit_resume.cli.snapshots import INFO_CONCURRENCY, Unreadable, page_sessions
+
+    async def go() -> None:
+        store = open_store(f"sqlite:///{tmp_path}/many.db")
+        try:
+            names = [f"room-{i:04d}" for i in range(300)]
+            for name in names:
+                await store.acquire(name, "w", ttl=60)
+            counted = _OneByOne(store)
+            found, _ = await page_sessions(cast(Store, counted))
+            assert [f.key for f in found if not isinstance(f, Unreadable)] == names
+            assert 1 < counted.most <= INFO_CONCURRENCY, counted.most
         finally:
             await store.aclose()
 

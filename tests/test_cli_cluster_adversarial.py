@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from livekit_resume import open_store
 from livekit_resume.errors import SnapshotCorrupt
 from tests.redis_servers import RedisCluster, RedisFactory, RedisServer
 from tests.test_cli import _converse, run, run_json
@@ -343,3 +344,31 @@ def test_an_unreachable_session_reads_unreachable_and_a_damaged_one_damaged() ->
     lines = captured.get().splitlines()
     assert any("far" in ln and "unreachable" in ln for ln in lines)
     assert any("torn" in ln and "damaged" in ln for ln in lines)
+
+
+def test_ls_of_more_sessions_than_a_nodes_pool_lists_every_one(
+    cluster: RedisCluster, ns: str
+) -> None:
+    """A Cluster client holds at most ``pool_size`` (50) connections per node and raises
+    at once past it (redis-py's MaxConnectionsError, not a wait). `ls` read every
+    listed session's info at the same moment: with more than 50 sessions on a node, most
+    of them were listed as unreachable and the command failed, while every node was up.
+    Now the infos of a page go in pipelines, a few per node: each session is listed as
+    it is, and `ls` exits 0."""
+    names = [f"crowd-{n:04d}" for n in range(240)]
+
+    async def seed() -> None:
+        store = open_store(cluster.url)  # in the namespace of RESUME_NAMESPACE
+        try:
+            for name in names:
+                await store.release(await store.acquire(name, "seeder"))
+        finally:
+            await store.aclose()
+
+    asyncio.run(seed())
+    listed = run(cluster.url, "--json", "ls")
+    assert listed.exit_code == 0, listed.stderr[-500:]
+    rows = {r["key"]: r for r in json.loads(listed.stdout)}
+    assert set(rows) == set(names)
+    unreadable = [r for r in rows.values() if "error" in r]
+    assert not unreadable, (len(unreadable), unreadable[:2])

@@ -15,7 +15,7 @@ import pytest
 from redis.crc import key_slot
 
 from livekit_resume.errors import SnapshotCorrupt, StoreUnavailable
-from livekit_resume.stores.base import Command, Commit, Lease, Record
+from livekit_resume.stores.base import Command, Commit, Lease, Record, SessionInfo
 from livekit_resume.stores.redis import RedisStore
 from tests.redis_servers import (
     RedisCluster,
@@ -24,6 +24,7 @@ from tests.redis_servers import (
     build_redis_store,
     require_redis_server,
 )
+from tests.test_redis_faults import item_commit
 
 KEY = "room-adv"
 
@@ -460,3 +461,95 @@ async def test_sessions_go_on_saving_while_the_primary_holding_the_index_is_stop
     finally:
         await store.aclose()
         cluster.stop()
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis_cluster"])
+async def test_a_burst_beyond_the_pool_waits_for_a_connection(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """A worker's sessions may all write at once (after a stall, on a deploy's restores).
+    A Cluster client holds at most ``pool_size`` connections per node and, unlike the
+    standalone store's blocking pool, raised "Too many connections" at once for the
+    operation one past it: `StoreUnavailable` for a healthy server. Every operation of
+    such a burst now waits for a connection, on both."""
+    store = await build_redis_store(
+        kind, request, namespace=f"b{uuid.uuid4().hex[:8]}", pool_size=2
+    )
+    try:
+        keys = [f"burst-{i}" for i in range(40)]
+        leases = await asyncio.wait_for(
+            asyncio.gather(*(store.acquire(k, "worker-a") for k in keys)), 30
+        )
+        assert [lease.key for lease in leases] == keys
+        infos = await asyncio.wait_for(asyncio.gather(*(store.info(k) for k in keys)), 30)
+        assert [i.owner if i else None for i in infos] == ["worker-a"] * len(keys)
+    finally:
+        await store.aclose()
+
+
+async def test_infos_put_each_unreadable_session_in_its_place(real_store: RedisStore) -> None:
+    """`RedisStore.infos` (a page of ``ls``, pipelined): foreign data at one head and a
+    head lost with its versions left are each the `SnapshotCorrupt` that session's own
+    `info` raises, in its place; the sessions around them read as they are."""
+    store = real_store
+    names = ["fine-a", "foreign", "headless", "fine-b"]
+    for name in names:
+        lease = await store.acquire(name, "worker-a")
+        await store.commit(item_commit(lease, 0, "m1", None))
+        await store.release(lease)
+    client: Any = store._client
+    await client.delete(store._head_key("foreign"))
+    await client.set(store._head_key("foreign"), b"not ours")
+    await client.delete(store._head_key("headless"))
+    got = await store.infos([*names, "never-made"])
+    for name, info in zip(names[::3], got[::3], strict=True):
+        assert isinstance(info, SessionInfo) and (info.key, info.version) == (name, 1)
+    assert got[4] is None
+    for name, info in zip(names[1:3], got[1:3], strict=True):
+        assert isinstance(info, SnapshotCorrupt), (name, info)
+        with pytest.raises(SnapshotCorrupt) as raised:
+            await store.info(name)
+        assert type(raised.value) is type(info) and str(raised.value) == str(info)
+
+
+async def test_infos_load_a_flushed_script_once_not_once_per_session(
+    make_redis: RedisFactory,
+) -> None:
+    """A pipeline whose script the server lost (SCRIPT FLUSH, a restart, a new node)
+    loads it again and is sent again: once per script and node, not once per session
+    of the page (``SCRIPT LOAD`` of the info script 300 times for a page of 300)."""
+    server = make_redis()
+    store = RedisStore.from_url(server.url, namespace="flush")
+    client: Any = None
+    try:
+        names = [f"s{i:03d}" for i in range(300)]
+        for name in names:
+            await store.release(await store.acquire(name, "worker-a"))
+        client = store._client
+        await client.script_flush()
+        await client.config_resetstat()
+        got = await store.infos(names)
+        assert [i.key if isinstance(i, SessionInfo) else i for i in got] == names
+        stats = await client.info("commandstats")
+        assert stats["cmdstat_script|load"]["calls"] == 1, stats.get("cmdstat_script|load")
+    finally:
+        await store.aclose()
+
+
+async def test_infos_of_a_server_that_stopped_answering_are_each_unavailable(
+    make_redis: RedisFactory,
+) -> None:
+    """The server gone between `ls`'s listing and its infos: each session is the
+    `StoreUnavailable` its own `info` raises, in its place (listed as unreachable), not
+    one error for the page."""
+    server = make_redis()
+    store = RedisStore.from_url(server.url, namespace="gone", socket_timeout=0.3, retries=0)
+    try:
+        names = ["a", "b", "c"]
+        for name in names:
+            await store.release(await store.acquire(name, "worker-a"))
+        server.kill()
+        got = await asyncio.wait_for(store.infos(names), 10)
+        assert [type(i) for i in got] == [StoreUnavailable] * 3, got
+    finally:
+        await store.aclose()

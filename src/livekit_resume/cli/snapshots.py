@@ -24,7 +24,16 @@ from ..settings import CODEC_SETTINGS, Settings
 from ..snapshot.codec import AGENT, DEFAULT_MAX_FRAME, HISTORY, Codec, read_frames
 from ..snapshot.model import ItemData, Snapshot, Writer
 from ..snapshot.salvage import validate_restorable
-from ..stores.base import Commit, KeyPages, SessionInfo, Store, Stored, offers, page_of
+from ..stores.base import (
+    Commit,
+    KeyPages,
+    SessionInfo,
+    SessionInfos,
+    Store,
+    Stored,
+    offers,
+    page_of,
+)
 
 __all__ = [
     "IMPORT_LEASE_TTL",
@@ -198,6 +207,8 @@ async def delete_unheld(store: Store, key: str) -> bool:
 # times).
 PAGE_BATCH = 100
 PAGE_BATCH_MAX = 10_000
+# Sessions whose info ``ls`` reads at once from a store that reads them one at a time.
+INFO_CONCURRENCY = 32
 
 
 async def _keys_page(
@@ -225,11 +236,33 @@ class Unreadable:
         return isinstance(self.error, StoreUnavailable)
 
 
-async def _info(store: Store, key: str) -> SessionInfo | Unreadable | None:
-    try:
-        return await store.info(key)
-    except (SnapshotCorrupt, StoreUnavailable) as e:
-        return Unreadable(key, e)
+async def _infos(store: Store, keys: list[str]) -> list[SessionInfo | Unreadable | None]:
+    """Each key's `Store.info`, or `Unreadable`: in a few round trips where the store
+    reads many at once (`SessionInfos`), else at most `INFO_CONCURRENCY` at a time (a
+    namespace of thousands read all at once waited past the pool's timeout, and its
+    sessions were listed as unreachable)."""
+    if offers(store, SessionInfos):
+        got: list[Any] = await store.infos(keys)
+    else:
+        places = asyncio.Semaphore(INFO_CONCURRENCY)
+
+        async def one(key: str) -> Any:
+            async with places:
+                try:
+                    return await store.info(key)
+                except (SnapshotCorrupt, StoreUnavailable) as e:
+                    return e
+
+        got = await asyncio.gather(*map(one, keys))
+    out: list[SessionInfo | Unreadable | None] = []
+    for key, info in zip(keys, got, strict=True):
+        if isinstance(info, SnapshotCorrupt | StoreUnavailable):
+            out.append(Unreadable(key, info))
+        elif isinstance(info, BaseException):
+            raise info
+        else:
+            out.append(info)
+    return out
 
 
 async def page_sessions(
@@ -254,7 +287,7 @@ async def page_sessions(
         batch = want if state is None or want is None else max(want, grow)
         grow = min(grow * 2, PAGE_BATCH_MAX)
         keys, more = await _keys_page(store, prefix, cursor, batch)
-        infos = await asyncio.gather(*(_info(store, k) for k in keys))
+        infos = await _infos(store, keys)
         for k, info in zip(keys, infos, strict=True):
             cursor = k
             # None: deleted or expired between the listing and info()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Protocol, TypeGuard, TypeVar, runtime_checkable
 
-from ..errors import LeaseLost, SessionBusy, SnapshotNotFound
+from ..errors import LeaseLost, ResumeError, SessionBusy, SnapshotNotFound
 
 # The log's record is part of the contract (`Commit.records`); the other log names are
 # re-exported for the code that imported them from here before stores/log.py existed.
@@ -43,6 +43,7 @@ from .log import records_from_streams as records_from_streams
 
 __all__ = [
     "DEFAULT_LEASE_TTL",
+    "INFO_BATCH",
     "MAX_KEY_BYTES",
     "Command",
     "CommandChannel",
@@ -59,6 +60,7 @@ __all__ = [
     "Lease",
     "Record",
     "SessionInfo",
+    "SessionInfos",
     "SnapshotInfo",
     "Store",
     "Stored",
@@ -573,6 +575,22 @@ class KeyPages(Protocol):
         """Live keys starting with ``prefix``, sorted, greater than ``after`` (None:
         from the first), at most ``limit`` (None: all); and the cursor of the next page
         (the last key returned), None when no key follows."""
+        ...
+
+
+# The sessions whose infos `SessionInfos` reads per round trip (per pipeline and node
+# on Redis, per hop to its thread on SQLite): a page of ``ls`` in a few, and no batch so
+# long that it holds the event loop or the store's connection for long.
+INFO_BATCH = 500
+
+
+@runtime_checkable
+class SessionInfos(Protocol):
+    """A store that reads the `Store.info` of many sessions in a few round trips."""
+
+    async def infos(self, keys: Sequence[str]) -> list[SessionInfo | ResumeError | None]:
+        """Each key's `Store.info`, in order; a session that cannot be read has the
+        `SnapshotCorrupt` or `StoreUnavailable` its `info` would raise in its place."""
         ...
 
 

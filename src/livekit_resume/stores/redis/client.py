@@ -4,9 +4,10 @@ its errors into ours."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import redis
@@ -56,6 +57,10 @@ DEFAULT_SOCKET_TIMEOUT = 5.0
 # of a few seconds, then gives up with StoreUnavailable.
 DEFAULT_RETRIES = 3
 RETRY_BASE = 0.05
+# Connections a Cluster client may open per node beyond ``pool_size``: its commands are
+# held to ``pool_size`` at a time (`_GatedCluster`), and a pub/sub subscription (the
+# event stream, the command inbox) holds a node connection of its own for its lifetime.
+CLUSTER_SUBSCRIBER_MARGIN = 4
 RETRY_CAP = 2.0
 
 Client = Redis | RedisCluster
@@ -107,9 +112,12 @@ def connect(
         # Keep the URL's nodes as seeds: redis-py would otherwise replace them with the
         # nodes it discovers and, after two failovers, know no node that still answers.
         client_options.setdefault("dynamic_startup_nodes", False)
-        return RedisCluster(
+        common["max_connections"] = pool_size + CLUSTER_SUBSCRIBER_MARGIN
+        return _GatedCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in settings.hosts],
             ssl=settings.tls,
+            places=pool_size,
+            wait=socket_timeout,
             **common,
             **client_options,
         )
@@ -165,6 +173,62 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     at once for the operation one past ``pool_size``."""
 
 
+# Set while a task holds a place of a `_GatedCluster`: a command redis-py sends from
+# inside another (a multi-slot command split per slot) must not wait for a second one.
+_HOLDING: contextvars.ContextVar[bool] = contextvars.ContextVar("_HOLDING", default=False)
+
+
+class _GatedCluster(RedisCluster):
+    """A Cluster client whose commands and pipelines wait for one of ``places`` (the
+    store's ``pool_size``), up to ``wait`` seconds, as the standalone store's blocking
+    pool waits for a connection. redis-py's Cluster client holds at most
+    ``max_connections`` per node and raised "Too many connections" at once for the
+    command one past it: a burst of a worker's sessions (or `ls` of a page) on a healthy
+    Cluster failed as `StoreUnavailable`. A command or a pipeline uses at most one
+    connection per node, so no node is asked for more than ``places``."""
+
+    def __init__(self, *args: Any, places: int, wait: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._places = asyncio.Semaphore(places)
+        self._wait = wait
+
+    @asynccontextmanager
+    async def _place(self) -> AsyncIterator[None]:
+        if _HOLDING.get():
+            yield
+            return
+        if not self._places.locked():
+            await self._places.acquire()  # a free place: taken at once, no task for a wait
+        else:
+            try:
+                await asyncio.wait_for(self._places.acquire(), self._wait)
+            except asyncio.TimeoutError:
+                # as the standalone store's pool says it (a StoreUnavailable)
+                raise RedisConnectionError("No connection available.") from None
+        token = _HOLDING.set(True)
+        try:
+            yield
+        finally:
+            _HOLDING.reset(token)
+            self._places.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._place():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        execute = pipe.execute
+
+        async def gated(*args: Any, **kwargs: Any) -> Any:
+            async with self._place():
+                return await execute(*args, **kwargs)
+
+        # on the instance: the pipeline's class and constructor differ across redis-py
+        pipe.execute = gated  # type: ignore[method-assign]
+        return pipe
+
+
 def describe_client(client: Client) -> str:
     """Where a client given by the caller points, for messages."""
     if isinstance(client, RedisCluster):
@@ -193,6 +257,30 @@ class Server:
     def __init__(self, client: Client, where: str | None = None) -> None:
         self.client = client
         self.where = where if where is not None else describe_client(client)
+
+    async def node_by_node(
+        self, names: Sequence[str], read: Callable[[list[int]], Awaitable[list[Any]]]
+    ) -> list[Any]:
+        """One reply per key of ``names``: ``read`` is given the indexes of the names of
+        one Cluster node (all of them on a standalone server) and answers for each, the
+        nodes read at once. A pipeline over a Cluster fails whole when one of its nodes
+        does not answer: a node's `StoreUnavailable` stands in for each of its replies,
+        so that one node down hides nothing of the others."""
+        client = self.client
+        if not isinstance(client, RedisCluster):
+            return await read(list(range(len(names))))
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            node = client.get_node_from_key(name)
+            groups.setdefault(node.name if node is not None else "", []).append(i)
+        got = await asyncio.gather(*map(read, groups.values()), return_exceptions=True)
+        replies: list[Any] = [None] * len(names)
+        for at, answer in zip(groups.values(), got, strict=True):
+            if isinstance(answer, BaseException) and not isinstance(answer, StoreUnavailable):
+                raise answer
+            for n, i in enumerate(at):
+                replies[i] = answer[n] if isinstance(answer, list) else answer
+        return replies
 
     @contextmanager
     def errors(self, op: str, key: str | None) -> Iterator[None]:

@@ -210,12 +210,7 @@ class Namespace:
         Cluster those whose node does not answer (their `info` and `load` raise
         `StoreUnavailable`): one node down hides no session of the others, and none of
         its own."""
-        client = self._server.client
-        if isinstance(client, RedisCluster):
-            heads = await self._heads_by_node(client, members)
-        else:
-            with self._server.errors("keys", None):
-                heads = await self._heads(client, members)
+        heads = await self._heads_by_node(members)
         with self._server.errors("keys", None):
             now = await self._server_now()
         headless = [m for m, touched in zip(members, heads, strict=True) if touched is None]
@@ -233,28 +228,16 @@ class Namespace:
             pipe.hget(self._names.head(m), "touched")
         return cast("list[Any]", await pipe.execute(raise_on_error=False))
 
-    async def _heads_by_node(self, client: RedisCluster, members: Sequence[str]) -> list[Any]:
-        """`_heads` read node by node, at once: a pipeline over the Cluster fails whole
-        when one of its nodes does not answer. A member of such a node gets the node's
-        `StoreUnavailable` as its head (listed: `_is_live`)."""
-        by_node: dict[str, list[int]] = {}
-        for i, m in enumerate(members):
-            node = client.get_node_from_key(self._names.head(m))
-            by_node.setdefault(node.name if node is not None else "", []).append(i)
+    async def _heads_by_node(self, members: Sequence[str]) -> list[Any]:
+        """`_heads` read node by node on a Cluster, at once (`Server.node_by_node`): a
+        member of a node that does not answer gets its `StoreUnavailable` as its head
+        (listed: `_is_live`)."""
 
         async def read(at: list[int]) -> list[Any]:
             with self._server.errors("keys", None):
-                return await self._heads(client, [members[i] for i in at])
+                return await self._heads(self._server.client, [members[i] for i in at])
 
-        groups = list(by_node.values())
-        read_all = await asyncio.gather(*map(read, groups), return_exceptions=True)
-        heads: list[Any] = [None] * len(members)
-        for at, got in zip(groups, read_all, strict=True):
-            if isinstance(got, BaseException) and not isinstance(got, StoreUnavailable):
-                raise got
-            for n, i in enumerate(at):
-                heads[i] = got[n] if isinstance(got, list) else got
-        return heads
+        return await self._server.node_by_node([self._names.head(m) for m in members], read)
 
     async def _with_remains(self, headless: Sequence[str]) -> set[str]:
         """Those of the listed ``headless`` members that lost their head but left keys

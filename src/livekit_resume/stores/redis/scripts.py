@@ -136,6 +136,15 @@ class Scripts:
                 reply = await self._run_and_wait(script, key, full)
             else:
                 reply = await self._evalsha(self._code[script], self._names.head(key), full)
+        return await self.checked(script, key, reply)
+
+    async def checked(self, script: str, key: str, reply: Any) -> list[Any]:
+        """A session script's ``reply`` (`run`), or one taken from a `trip`: its
+        ``corrupt`` findings raise `SnapshotCorrupt`, an error in its place is raised
+        as ours; other replies are returned."""
+        if isinstance(reply, Exception):
+            with self._server.errors(script, key):
+                raise reply
         if not isinstance(reply, list) or not reply:
             raise SnapshotCorrupt(f"{script} of session {key!r} got a malformed reply {reply!r}")
         if reply[0] == b"corrupt":
@@ -192,6 +201,14 @@ class Scripts:
         else:
             await client.script_load(code.script)
 
+    def _node_of(self, key: str) -> str:
+        """The name of the Cluster node serving ``key`` ("" on one server)."""
+        client = self._server.client
+        if not isinstance(client, RedisCluster):
+            return ""
+        node = client.get_node_from_key(key)
+        return node.name if node is not None else ""
+
     def session_args(self, args: Sequence[str | bytes | int]) -> list[str | bytes | int]:
         """A session script's arguments: the common ones (see the class), then ``args``."""
         return [self.now_arg(), *self._ttl_args, *args]
@@ -223,14 +240,14 @@ class Scripts:
                 else:
                     pipe.execute_command(*wait)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
-            unknown = {
-                (name, routed_by)
-                for (name, routed_by, _), reply in zip(scripts, replies, strict=False)
-                if isinstance(reply, NoScriptError)
-            }
+            # one load per script and node: a trip may hold a page of sessions
+            unknown: dict[tuple[str, str], str] = {}
+            for (name, routed_by, _), reply in zip(scripts, replies, strict=False):
+                if isinstance(reply, NoScriptError):
+                    unknown.setdefault((name, self._node_of(routed_by)), routed_by)
             if not unknown or attempt == 2:
                 break
-            for name, routed_by in unknown:
+            for (name, _), routed_by in unknown.items():
                 await self._load(self._code[name], routed_by)
         return replies
 

@@ -14,9 +14,10 @@ from typing import Any, cast
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError
 
-from ...errors import SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
+from ...errors import ResumeError, SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
 from ..base import (
     DEFAULT_LEASE_TTL,
+    INFO_BATCH,
     Commit,
     Lease,
     SessionInfo,
@@ -190,7 +191,9 @@ class RedisStore:
         **client_options: Any,
     ) -> RedisStore:
         """Open a store from a URL (see `RedisURL`). ``pool_size`` caps the connections
-        (per node on a Cluster); a command meeting a dropped connection or a timeout is
+        (per node on a Cluster, where commands wait for one of ``pool_size`` places: a
+        subscription holds a connection besides); beyond it an operation waits up to
+        ``socket_timeout`` for one. A command meeting a dropped connection or a timeout is
         retried ``retries`` times with exponential backoff (redis-py's ``Retry``).
         The URL's password authenticates to Redis; ``sentinel_password`` to the
         Sentinels, when they require one. ``client_options`` go to the redis-py client
@@ -643,7 +646,46 @@ class RedisStore:
 
     async def info(self, key: str) -> SessionInfo | None:
         validate_key(key)
-        reply = await self._run("info", key, [])
+        return await self._info_of(key, await self._run("info", key, []))
+
+    async def infos(self, keys: Sequence[str]) -> list[SessionInfo | ResumeError | None]:
+        """`SessionInfos`: each key's `info` in order, the sessions' scripts sent in
+        pipelines (`INFO_BATCH` sessions each, node by node on a Cluster) rather than a
+        round trip each: what ``ls`` reads of a page. A session that cannot be read has
+        its `SnapshotCorrupt` or `StoreUnavailable` in its place."""
+        for key in keys:
+            validate_key(key)
+        found: list[SessionInfo | ResumeError | None] = []
+        for start in range(0, len(keys), INFO_BATCH):
+            found += await self._infos(keys[start : start + INFO_BATCH])
+        return found
+
+    async def _infos(self, keys: Sequence[str]) -> list[SessionInfo | ResumeError | None]:
+        if not keys:
+            return []
+        await self._check.ensure("info", None)
+        heads = [self._names.head(key) for key in keys]
+        args = self._scripts.session_args([])
+
+        async def read(at: list[int]) -> list[Any]:
+            with self._server.errors("info", None):
+                return await self._scripts.trip([("info", heads[i], args) for i in at])
+
+        try:
+            replies = await self._server.node_by_node(heads, read)
+        except StoreUnavailable as e:  # one server, which did not answer: each as its info
+            replies = [e] * len(keys)
+        found: list[SessionInfo | ResumeError | None] = []
+        for key, reply in zip(keys, replies, strict=True):
+            try:
+                checked = await self._scripts.checked("info", key, reply)
+                found.append(await self._info_of(key, checked))
+            except (SnapshotCorrupt, StoreUnavailable) as e:
+                found.append(e)
+        return found
+
+    async def _info_of(self, key: str, reply: list[Any]) -> SessionInfo | None:
+        """The ``info`` script's (checked) reply for ``key`` as a `SessionInfo`."""
         if reply[0] == b"absent":
             # a lost head with remains is damage (`ls` shows it), not "no session"
             reply = await self._headless(key, "info", [], reply)

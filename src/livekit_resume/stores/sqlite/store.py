@@ -15,16 +15,17 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ... import redact
-from ...errors import SnapshotCorrupt, StoreUnavailable
+from ...errors import ResumeError, SnapshotCorrupt, StoreUnavailable
 from ..base import (
     DEFAULT_LEASE_TTL,
+    INFO_BATCH,
     Commit,
     Lease,
     SessionInfo,
@@ -459,6 +460,33 @@ class SQLiteStore:
     async def info(self, key: str) -> SessionInfo | None:
         validate_key(key)
         return await self._run(partial(self._info, key))
+
+    async def infos(self, keys: Sequence[str]) -> list[SessionInfo | ResumeError | None]:
+        """`SessionInfos`: each key's `info` in order, `INFO_BATCH` sessions per hop to
+        the store's thread rather than one hop each (what ``ls`` reads of a page). A
+        damaged session has its `SnapshotCorrupt` in its place, a store that cannot be
+        read its `StoreUnavailable` in every place."""
+        for key in keys:
+            validate_key(key)
+        found: list[SessionInfo | ResumeError | None] = []
+        for start in range(0, len(keys), INFO_BATCH):
+            batch = list(keys[start : start + INFO_BATCH])
+            try:
+                found += await self._run(partial(self._infos, batch))
+            except StoreUnavailable as e:
+                found += [e] * len(batch)
+        return found
+
+    def _infos(
+        self, keys: list[str], conn: sqlite3.Connection
+    ) -> list[SessionInfo | ResumeError | None]:
+        found: list[SessionInfo | ResumeError | None] = []
+        for key in keys:
+            try:
+                found.append(self._info(key, conn))
+            except SnapshotCorrupt as e:
+                found.append(e)
+        return found
 
     def _info(self, key: str, conn: sqlite3.Connection) -> SessionInfo | None:
         with read(conn):

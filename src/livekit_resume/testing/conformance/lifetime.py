@@ -10,7 +10,16 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from ...errors import LeaseLost, SnapshotNotFound
-from ...stores.base import MAX_KEY_BYTES, Commit, KeyPages, Lease, Record
+from ...stores.base import (
+    INFO_BATCH,
+    MAX_KEY_BYTES,
+    Commit,
+    KeyPages,
+    Lease,
+    Record,
+    SessionInfo,
+    SessionInfos,
+)
 from ..poll import eventually
 from ._base import StoreTests
 from ._model import KEY, InfoDict, Writer, writer
@@ -142,6 +151,34 @@ class LifetimeTests(StoreTests):
         assert await store.keys_page("", "b1", 1) == (["bé"], "bé")
         assert await store.keys_page("", "c", 5) == ([], None)
         assert await store.keys_page("x", None, 5) == ([], None)
+
+    async def test_infos_of_many_sessions_read_as_info_reads_each(self) -> None:
+        """`SessionInfos` (what ``ls`` reads a page with): in the order asked, more
+        sessions than one batch, held or free, with or without a version, one deleted,
+        one never made, one asked twice."""
+        store = await self.new_store()
+        if not isinstance(store, SessionInfos):
+            pytest.skip(f"{type(store).__name__} has no SessionInfos: ls reads info() by info()")
+        names = [f"s{i:04d}" for i in range(INFO_BATCH + 20)]
+        for i, name in enumerate(names):
+            lease = await store.acquire(name, f"worker-{i % 3}")
+            if i % 2:
+                await store.commit(Commit(name, lease.epoch, 0, b"h", [], 0, {"n": i}))
+            if i % 5:
+                await store.release(lease)
+        await store.delete(names[1])
+        asked = [*reversed(names), "never-made", names[7]]
+        got = await store.infos(asked)
+        assert got == [await store.info(key) for key in asked]
+        assert got[asked.index(names[1])] is None and got[asked.index("never-made")] is None
+        held = got[asked.index(names[10])]
+        assert isinstance(held, SessionInfo) and (held.owner, held.version) == ("worker-1", 0)
+        shown = got[asked.index(names[7])]
+        assert isinstance(shown, SessionInfo)
+        assert (shown.version, shown.info, shown.owner) == (1, {"n": 7}, None)
+        assert await store.infos([]) == []
+        with pytest.raises(ValueError):
+            await store.infos(["fine", BAD_KEYS[1]])
 
     async def test_acquired_key_without_snapshot_is_listed_at_version_zero(self) -> None:
         store = await self.new_store()
