@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -57,11 +57,11 @@ DEFAULT_SOCKET_TIMEOUT = 5.0
 # of a few seconds, then gives up with StoreUnavailable.
 DEFAULT_RETRIES = 3
 RETRY_BASE = 0.05
+RETRY_CAP = 2.0
 # Connections a Cluster client may open per node beyond ``pool_size``: its commands are
 # held to ``pool_size`` at a time (`_GatedCluster`), and a pub/sub subscription (the
 # event stream, the command inbox) holds a node connection of its own for its lifetime.
 CLUSTER_SUBSCRIBER_MARGIN = 4
-RETRY_CAP = 2.0
 
 Client = Redis | RedisCluster
 
@@ -192,11 +192,10 @@ class _GatedCluster(RedisCluster):
         self._places = asyncio.Semaphore(places)
         self._wait = wait
 
-    @asynccontextmanager
-    async def _place(self) -> AsyncIterator[None]:
+    async def _enter(self) -> contextvars.Token[bool] | None:
+        """Take a place (None: this task holds one already)."""
         if _HOLDING.get():
-            yield
-            return
+            return None
         if not self._places.locked():
             await self._places.acquire()  # a free place: taken at once, no task for a wait
         else:
@@ -205,24 +204,30 @@ class _GatedCluster(RedisCluster):
             except asyncio.TimeoutError:
                 # as the standalone store's pool says it (a StoreUnavailable)
                 raise RedisConnectionError("No connection available.") from None
-        token = _HOLDING.set(True)
-        try:
-            yield
-        finally:
+        return _HOLDING.set(True)
+
+    def _leave(self, token: contextvars.Token[bool] | None) -> None:
+        if token is not None:
             _HOLDING.reset(token)
             self._places.release()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        async with self._place():
+        token = await self._enter()
+        try:
             return await super().execute_command(*args, **kwargs)
+        finally:
+            self._leave(token)
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         pipe = super().pipeline(transaction, shard_hint)
         execute = pipe.execute
 
         async def gated(*args: Any, **kwargs: Any) -> Any:
-            async with self._place():
+            token = await self._enter()
+            try:
                 return await execute(*args, **kwargs)
+            finally:
+                self._leave(token)
 
         # on the instance: the pipeline's class and constructor differ across redis-py
         pipe.execute = gated  # type: ignore[method-assign]

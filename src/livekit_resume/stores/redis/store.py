@@ -663,7 +663,6 @@ class RedisStore:
     async def _infos(self, keys: Sequence[str]) -> list[SessionInfo | ResumeError | None]:
         if not keys:
             return []
-        await self._check.ensure("info", None)
         heads = [self._names.head(key) for key in keys]
         args = self._scripts.session_args([])
 
@@ -672,6 +671,7 @@ class RedisStore:
                 return await self._scripts.trip([("info", heads[i], args) for i in at])
 
         try:
+            await self._check.ensure("info", None)
             replies = await self._server.node_by_node(heads, read)
         except StoreUnavailable as e:  # one server, which did not answer: each as its info
             replies = [e] * len(keys)
