@@ -7,10 +7,11 @@ its check and its write, so it is atomic on one event loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ResumeError
 from .base import (
     DEFAULT_LEASE_TTL,
     Commit,
@@ -240,6 +241,12 @@ class MemoryStore:
             expires_at=s.touched_at + self._ttl if self._ttl is not None else None,
             info=dict(top.info) if top else {},
         )
+
+    async def infos(self, keys: Sequence[str]) -> list[SessionInfo | ResumeError | None]:
+        """`SessionInfos`: each key's `info` (memory answers them all at once)."""
+        for key in keys:
+            validate_key(key)
+        return [await self.info(key) for key in keys]
 
     async def keys(self) -> list[str]:
         return sorted(k for k in list(self._sessions) if self._get(k) is not None)
