@@ -353,8 +353,9 @@ def test_ls_of_more_sessions_than_a_nodes_pool_lists_every_one(
     at once past it (redis-py's MaxConnectionsError, not a wait). `ls` read every
     listed session's info at the same moment: with more than 50 sessions on a node, most
     of them were listed as unreachable and the command failed, while every node was up.
-    Now the infos of a page go in pipelines, a few per node: each session is listed as
-    it is, and `ls` exits 0."""
+    Now the store's commands wait for one of ``pool_size`` places, and the infos of a
+    page go in pipelines, one per node: each session is listed as it is, and `ls` exits
+    0 (either change alone makes this pass)."""
     names = [f"crowd-{n:04d}" for n in range(240)]
 
     async def seed() -> None:

@@ -520,12 +520,11 @@ async def test_infos_load_a_flushed_script_once_not_once_per_session(
     of the page (``SCRIPT LOAD`` of the info script 300 times for a page of 300)."""
     server = make_redis()
     store = RedisStore.from_url(server.url, namespace="flush")
-    client: Any = None
+    client: Any = store._client
     try:
         names = [f"s{i:03d}" for i in range(300)]
         for name in names:
             await store.release(await store.acquire(name, "worker-a"))
-        client = store._client
         await client.script_flush()
         await client.config_resetstat()
         got = await store.infos(names)
