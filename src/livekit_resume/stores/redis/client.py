@@ -271,13 +271,11 @@ class Server:
         nodes read at once. A pipeline over a Cluster fails whole when one of its nodes
         does not answer: a node's `StoreUnavailable` stands in for each of its replies,
         so that one node down hides nothing of the others."""
-        client = self.client
-        if not isinstance(client, RedisCluster):
+        if not isinstance(self.client, RedisCluster):
             return await read(list(range(len(names))))
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(names):
-            node = client.get_node_from_key(name)
-            groups.setdefault(node.name if node is not None else "", []).append(i)
+            groups.setdefault(self.node_name(name), []).append(i)
         got = await asyncio.gather(*map(read, groups.values()), return_exceptions=True)
         replies: list[Any] = [None] * len(names)
         for at, answer in zip(groups.values(), got, strict=True):
@@ -286,6 +284,14 @@ class Server:
             for n, i in enumerate(at):
                 replies[i] = answer[n] if isinstance(answer, list) else answer
         return replies
+
+    def node_name(self, key: str) -> str:
+        """The name of the Cluster node serving ``key`` ("" on one server)."""
+        client = self.client
+        if not isinstance(client, RedisCluster):
+            return ""
+        node = client.get_node_from_key(key)
+        return node.name if node is not None else ""
 
     @contextmanager
     def errors(self, op: str, key: str | None) -> Iterator[None]:

@@ -201,14 +201,6 @@ class Scripts:
         else:
             await client.script_load(code.script)
 
-    def _node_of(self, key: str) -> str:
-        """The name of the Cluster node serving ``key`` ("" on one server)."""
-        client = self._server.client
-        if not isinstance(client, RedisCluster):
-            return ""
-        node = client.get_node_from_key(key)
-        return node.name if node is not None else ""
-
     def session_args(self, args: Sequence[str | bytes | int]) -> list[str | bytes | int]:
         """A session script's arguments: the common ones (see the class), then ``args``."""
         return [self.now_arg(), *self._ttl_args, *args]
@@ -244,7 +236,7 @@ class Scripts:
             unknown: dict[tuple[str, str], str] = {}
             for (name, routed_by, _), reply in zip(scripts, replies, strict=False):
                 if isinstance(reply, NoScriptError):
-                    unknown.setdefault((name, self._node_of(routed_by)), routed_by)
+                    unknown.setdefault((name, self._server.node_name(routed_by)), routed_by)
             if not unknown or attempt == 2:
                 break
             for (name, _), routed_by in unknown.items():
