@@ -11,6 +11,9 @@ fresh store. Then, in turn each round, three ways of reading them:
 - ``one by one``: the same, with the store's `SessionInfos` hidden, as for a store that
   reads one info per call: `INFO_CONCURRENCY` calls in flight at a time.
 
+Then what ``ls`` prints of them: the table drawn (`render.sessions_table`, to a console
+in memory), against ``json.dumps`` of the same rows (what ``ls --json`` prints).
+
     python bench/listing.py [--sessions 10000] [--rounds 5] [--stores redis,sqlite]
 
 Redis is a ``redis-server`` the script starts on a free loopback port. Prints a
@@ -20,14 +23,18 @@ Markdown table: medians in milliseconds, ratios.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import _common as c
+from rich.console import Console
 
 from livekit_resume import open_store
+from livekit_resume.cli import render
 from livekit_resume.cli.snapshots import Unreadable, page_sessions
 from livekit_resume.stores.base import Commit, Record, Store
 
@@ -68,6 +75,21 @@ async def _timed(call: Callable[[], Awaitable[int]], sessions: int) -> float:
     return took
 
 
+def _table(rows: list[dict[str, Any]]) -> int:
+    """Draw ``ls``'s table as the command does; the lines drawn."""
+    out = io.StringIO()
+    console = Console(file=out, width=100, highlight=False, markup=False)
+    console.print(render.sessions_table(rows, title="sessions"), soft_wrap=True)
+    return out.getvalue().count("\n")
+
+
+def _json(rows: list[dict[str, Any]]) -> int:
+    """``ls --json``'s text of the same rows; its lines."""
+    for row in rows:
+        row.pop("updated_ts")
+    return json.dumps(rows, indent=2).count('"key":')
+
+
 async def measure(url: str, sessions: int, rounds: int) -> dict[str, float]:
     store = open_store(url)
     try:
@@ -87,12 +109,20 @@ async def measure(url: str, sessions: int, rounds: int) -> dict[str, float]:
             "ls": ls,
             "one by one": lambda: ls(cast(Store, _OneByOne(store))),
         }
-        times: dict[str, list[float]] = {name: [] for name in ways}
+        times: dict[str, list[float]] = {name: [] for name in (*ways, "table", "json")}
+        found, _ = await page_sessions(store)
         for r in range(rounds + 1):  # the first warms caches and code paths
             for name, way in ways.items():
                 took = await _timed(way, sessions)
                 if r:
                     times[name].append(took)
+            for name, draw in (("table", _table), ("json", _json)):
+                start = time.perf_counter()
+                printed = draw(render.session_rows(found, time.time()))
+                if r:
+                    times[name].append(time.perf_counter() - start)
+                if printed < sessions:
+                    raise AssertionError(f"{name}: printed {printed} lines of {sessions}")
         return {name: c.ms(samples) for name, samples in times.items()}
     finally:
         await store.aclose()
@@ -120,6 +150,9 @@ def main() -> None:
                     c.fmt_ms(r["one by one"]),
                     c.times(r["ls"] / r["keys"]),
                     c.times(r["one by one"] / r["ls"]),
+                    c.fmt_ms(r["table"]),
+                    c.fmt_ms(r["json"]),
+                    c.times(r["table"] / r["json"]),
                 ]
             )
     headers = [
@@ -130,9 +163,12 @@ def main() -> None:
         "one info per call p50",
         "`ls` / floor",
         "one by one / `ls`",
+        "table drawn p50",
+        "JSON of it p50",
+        "table / JSON",
     ]
     c.section(
-        "`ls` of a large namespace: the keys, then every session's info (what it prints)",
+        "`ls` of a large namespace: the keys, then every session's info, then the table",
         c.table(headers, rows),
     )
 

@@ -183,17 +183,42 @@ def test_ls_lists_every_session_with_its_version_state_and_agent(url: str, key: 
     assert key in table.stdout and "suspended" in table.stdout and "scribe" in table.stdout
 
 
-def test_ls_shows_the_live_lease_holder(url: str, key: str) -> None:
-    async def hold() -> None:
+def _hold(url: str, key: str, owner: str = "live-worker") -> Any:
+    """``key``'s lease, taken by ``owner`` for 60 s (as a live worker holds it)."""
+
+    async def go() -> Any:
         store = open_store(url)
         try:
-            await store.acquire(key, "worker-7", ttl=60)
+            return await store.acquire(key, owner, ttl=60)
         finally:
             await store.aclose()
 
-    asyncio.run(hold())
+    return asyncio.run(go())
+
+
+def test_ls_shows_the_live_lease_holder(url: str, key: str) -> None:
+    _hold(url, key, "worker-7")
     (s,) = run_json(url, "ls")
     assert s["owner"] == "worker-7" and 0 < s["lease_expires_in"] <= 60
+
+
+def test_ls_prints_each_session_whole_on_one_line_however_narrow_the_terminal(
+    url: str, key: str
+) -> None:
+    """``ls`` drew a rich table fitted to the terminal: at 60 columns a long key was
+    cut short and a lease holder's countdown folded onto a line of its own, so neither
+    ``grep KEY`` nor ``wc -l`` could be trusted. Each session is now one whole line
+    (the terminal wraps what is wider)."""
+    long_key = "tenant-0042/" + "x" * 40 + "/call"
+    _hold(url, long_key, "worker-7")
+    out = run(url, "ls", env={"COLUMNS": "60"})
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.splitlines()
+    (held,) = [ln for ln in lines if long_key in ln]
+    assert "worker-7 (" in held and "s left)" in held
+    (mine,) = [ln for ln in lines if key in ln]
+    assert "suspended" in mine and "scribe" in mine and "free" in mine
+    assert len(lines) == 3 + 2  # the title, the header and its rule, a line per session
 
 
 def test_show_prints_metadata_and_a_readable_transcript(url: str, key: str) -> None:

@@ -533,3 +533,31 @@ def test_a_command_against_a_stalled_redis_gives_up_within_seconds(
     assert result.exit_code == 1, result.output
     assert "StoreUnavailable" in result.output and "load of session 'room-1'" in result.output
     assert took < 15  # bounds a hang, not a timing: about 5 s here
+
+
+def test_ls_table_aligns_wide_characters_by_the_cells_they_take() -> None:
+    """A key in CJK takes two terminal cells a character: ``ls`` pads its lines by
+    cells, not characters, so every column still starts at one place on screen."""
+    from rich.cells import cell_len
+
+    from livekit_resume.cli import render
+
+    rows = [
+        {
+            "key": k,
+            "version": v,
+            "state": "suspended",
+            "agent": "Bench",
+            "items": 4,
+            "owner": None,
+            "lease_expires_in": None,
+            "updated_ts": None,
+        }
+        for k, v in (("会議室-7", 12), ("room-1", 3), ("x", 1234))
+    ]
+    header, lines = render.sessions_table(rows, title="t").lines()
+    versions = (str(r["version"]) for r in rows)
+    ends = {cell_len(ln[: ln.index(v) + len(v)]) for ln, v in zip(lines, versions, strict=True)}
+    assert len(ends) == 1  # the version column, right-aligned, ends in one cell for all
+    starts = {cell_len(ln[: ln.index("suspended")]) for ln in lines}
+    assert starts == {cell_len(header[: header.index("state")])}

@@ -26,7 +26,7 @@ from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.base import Store, Stored
 from tests import _child_agent as child
 from tests.redis_servers import RedisServer
-from tests.test_cli import ROOT, _converse, key, run, run_json, snapshot_of, started, url
+from tests.test_cli import ROOT, _converse, _hold, key, run, run_json, snapshot_of, started, url
 
 __all__ = ["key", "url"]  # the fixtures, shared with test_cli
 
@@ -34,17 +34,6 @@ __all__ = ["key", "url"]  # the fixtures, shared with test_cli
 def cli(*args: str, **kw: Any) -> Result:
     """The app as a shell runs it, with the arguments exactly as given."""
     return CliRunner().invoke(app, list(args), **kw)
-
-
-def _hold(url: str, key: str, owner: str = "live-worker") -> Any:
-    async def go() -> Any:
-        store = open_store(url)
-        try:
-            return await store.acquire(key, owner, ttl=60)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(go())
 
 
 # ----------------------------------------------------------------- global options

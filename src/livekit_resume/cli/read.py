@@ -92,7 +92,8 @@ def ls_cmd(
         if not rows:
             console.print(redact.printable(f"no sessions in {where}"))
         else:
-            console.print(render.sessions_table(rows, title=f"sessions in {where}"))
+            table = render.sessions_table(rows, title=f"sessions in {where}")
+            console.print(table, soft_wrap=True)  # a session per line, never cut
             render.unreadable_lines(render.err_console(), rows)
         if cursor is not None:
             # quoted for a shell: a key may hold spaces, braces or quotes
