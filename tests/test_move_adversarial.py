@@ -21,8 +21,7 @@ from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.frame import read_frames
 from livekit_resume.snapshot.model import AgentFrame, SessionMeta, Snapshot
 from tests import _child_agent as child
-from tests.test_cli import _converse, key, run, run_json, started, store_state, url
-from tests.test_cli_ops import _hold
+from tests.test_cli import _converse, _hold, key, run, run_json, started, store_state, url
 
 __all__ = ["key", "url"]  # the fixtures, shared with test_cli
 

@@ -315,10 +315,20 @@ class Namespace:
         with self._server.errors("scan for sessions", None):
             found = await self._scan(pattern, None)
         start = len(self._names.namespace) + 2
-        keys = {_untag(name[start : name.find("}", start)]) for name in found}
+        keys = sorted({_untag(name[start : name.find("}", start)]) for name in found})
+        what = "reindex (namespace index)"
+        await self._check.ensure(what, None)
         added = 0
-        for key in sorted(keys):
-            added += not await self.record(key, "reindex")
+        # the index is one key: its scripts go in pipelines, not a round trip each
+        for i in range(0, len(keys), KEYS_BATCH):
+            batch = keys[i : i + KEYS_BATCH]
+            calls = [("index", self._names.index, self.index_args(key)) for key in batch]
+            with self._server.errors(what, None):
+                replies = await self._scripts.trip(calls)
+                for key, reply in zip(batch, replies, strict=True):
+                    if isinstance(reply, Exception):
+                        raise reply
+                    added += not self.recorded(key, reply)
         return added
 
     def headless_error(self, key: str, remains: Sequence[str]) -> SnapshotCorrupt:
