@@ -310,7 +310,7 @@ async def test_a_command_from_a_sender_that_sets_no_mark_is_still_claimed(
         command = Command(uuid.uuid4().hex, KEY, "pause", 1)
         old_payload = json.dumps({"id": command.id, "verb": "pause", "epoch": 1})
         name = rstore._names.control(KEY)
-        await channel._scripts.call("publish", [f"{name}:{command.id}"], [name, old_payload])
+        await channel._scripts.call("publish", f"{name}:{command.id}", [name, old_payload])
         assert await asyncio.wait_for(anext(inbox), 5) == command
         assert await channel.claim(command)
         assert not await channel.withdraw(command)  # claimed: too late to withdraw

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 from redis.crc import key_slot
 
 from livekit_resume.errors import SnapshotCorrupt, StoreUnavailable
@@ -129,7 +130,7 @@ async def test_hostile_commands_on_the_channel_do_not_stop_the_inbox(
             b'{"id": "x", "verb": "pause", "epoch": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
             b"\xff\xfe",
         ):
-            await commands._scripts.call("publish", [channel + ":j"], [channel, junk])
+            await commands._scripts.call("publish", channel + ":j", [channel, junk])
         await commands.send(Command("real", KEY, "pause", 7))
         got = await asyncio.wait_for(inbox.__anext__(), 10)
         assert (got.id, got.verb, got.epoch) == ("real", "pause", 7)
@@ -150,7 +151,7 @@ async def test_hostile_events_on_the_channel_do_not_end_a_subscription(
         )
         for junk in junk_events:
             await real_store._scripts.call(
-                "publish", [real_store._head_key(KEY)], [real_store._channel, junk]
+                "publish", real_store._head_key(KEY), [real_store._channel, junk]
             )
         await real_store.publish(KEY, "paused", version=3)
         got = await asyncio.wait_for(events.__anext__(), 10)
@@ -398,6 +399,29 @@ def _url_of(store: RedisStore) -> str:
     return f"redis://{kw['host']}:{kw['port']}/0"
 
 
+def _partial_cluster(tmp_path: Path, namespace: str) -> tuple[RedisCluster, RedisStore]:
+    """A Cluster that serves the slots of its live primaries while one is stopped (no
+    replica to fail over to, ``cluster-require-full-coverage no``), and a store on it
+    that gives up on a stopped node quickly."""
+    require_redis_server()
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    for node in cluster.nodes:
+        node.cli("config", "set", "cluster-require-full-coverage", "no")
+    store = RedisStore.from_url(cluster.url, namespace=namespace, retries=0, socket_timeout=0.5)
+    return cluster, store
+
+
+def _key_on(
+    cluster: RedisCluster, store: RedisStore, prefix: str, where: Callable[[RedisServer], bool]
+) -> str:
+    """The first key ``prefix-N`` whose session lives on a node ``where`` accepts."""
+    return next(
+        k
+        for k in (f"{prefix}-{i}" for i in range(100))
+        if where(_owner_of(cluster, key_slot(store._head_key(k).encode()))[0])
+    )
+
+
 async def test_sessions_go_on_saving_while_the_primary_holding_the_index_is_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -410,18 +434,10 @@ async def test_sessions_go_on_saving_while_the_primary_holding_the_index_is_stop
     from livekit_resume.stores.redis import namespace
 
     monkeypatch.setattr(namespace, "INDEX_REFRESH_FOREVER", 0.2)
-    require_redis_server()
-    cluster = RedisCluster(tmp_path / "cluster").start()
-    for node in cluster.nodes:
-        node.cli("config", "set", "cluster-require-full-coverage", "no")
-    store = RedisStore.from_url(cluster.url, namespace="idx", retries=0, socket_timeout=0.5)
+    cluster, store = _partial_cluster(tmp_path, "idx")
     try:
         index_node, _ = _owner_of(cluster, key_slot(store._index_key.encode()))
-        key = next(
-            k
-            for k in (f"room-{i}" for i in range(100))
-            if _owner_of(cluster, key_slot(store._head_key(k).encode()))[0] is not index_node
-        )
+        key = _key_on(cluster, store, "room", lambda node: node is not index_node)
         lease = await store.acquire(key, "worker-a")
         version = await store.commit(
             Commit(key, lease.epoch, 0, b"h1", [Record("h", "a", b"a")], 1)
@@ -439,11 +455,7 @@ async def test_sessions_go_on_saving_while_the_primary_holding_the_index_is_stop
             lease = await store.acquire(key, "worker-b")
             assert (await store.load(key)).version == 4
             # a new session cannot start: the index tells a new key from a lost session
-            fresh = next(
-                k
-                for k in (f"new-{i}" for i in range(100))
-                if _owner_of(cluster, key_slot(store._head_key(k).encode()))[0] is not index_node
-            )
+            fresh = _key_on(cluster, store, "new", lambda node: node is not index_node)
             with pytest.raises(StoreUnavailable, match="namespace index"):
                 await store.acquire(fresh, "worker-b")
         finally:
@@ -458,6 +470,42 @@ async def test_sessions_go_on_saving_while_the_primary_holding_the_index_is_stop
         from livekit_resume.testing.poll import eventually
 
         await eventually(listed, "the session is listed again once the primary is back")
+    finally:
+        await store.aclose()
+        cluster.stop()
+
+
+async def test_a_script_the_server_lost_is_loaded_on_its_node_alone_while_another_is_stopped(
+    tmp_path: Path,
+) -> None:
+    """A primary forgets its scripts when it restarts, and a replica promoted by a
+    failover never had them (SCRIPT LOAD is not replicated): the next call gets
+    NOSCRIPT and loads the script again. The namespace index's script and the events'
+    one were loaded by redis-py's `Script` on every primary of a Cluster: with another
+    primary stopped, no new session could start on the live ones, and no event be
+    published (`StoreUnavailable`, a timeout of the stopped node). They are loaded on
+    the node the call goes to, as the session scripts are."""
+    cluster, store = _partial_cluster(tmp_path, "nos")
+    try:
+        index_node, _ = _owner_of(cluster, key_slot(store._index_key.encode()))
+        # sessions on the index's node: every call of this test goes there
+        first = _key_on(cluster, store, "room", lambda node: node is index_node)
+        fresh = _key_on(cluster, store, "new", lambda node: node is index_node)
+        await store.release(await store.acquire(first, "worker-a"))  # the client is set up
+        client = store._server.client
+        assert isinstance(client, RedisClusterClient)
+        default = client.get_default_node().port  # asked before any command
+        stopped = next(n for n in cluster.nodes if n is not index_node and n.port != default)
+        stopped.pause()
+        try:
+            assert index_node.cli("script", "flush").strip() == "OK"  # as a restart does
+            lease = await store.acquire(fresh, "worker-a")
+            assert await store.keys() == sorted([first, fresh])
+            assert index_node.cli("script", "flush").strip() == "OK"
+            await store.publish(fresh, "paused")
+            await store.release(lease)
+        finally:
+            stopped.resume()
     finally:
         await store.aclose()
         cluster.stop()

@@ -36,8 +36,8 @@ Scripts (each file runs behind ``clock.lua`` and ``session.lua``, the shared pre
 ``acquire``, ``renew``, ``release``, ``commit``, ``compact``, ``load``, ``versions``,
 ``info``, ``delete``, ``index`` and ``publish``. Every session script starts from
 ``live_head()`` (read the head; an expired one counts as none, and writing scripts
-purge it). redis-py's ``register_script`` calls them by SHA and reloads them on
-NOSCRIPT. Times come from the server's ``TIME`` inside the scripts (``clock.lua``).
+purge it). They are called by SHA and, on NOSCRIPT, loaded again on the node of the
+call's key alone. Times come from the server's ``TIME`` inside the scripts (``clock.lua``).
 
 Compaction: after a commit whose log outgrew `needs_compaction`, the client reads the
 version's records, folds them with `fold_records` and hands the result to ``compact``,

@@ -300,7 +300,7 @@ class RedisCommands:
             await self._server.client.set(self._open(command), b"1", ex=ANSWER_TTL)
             # KEYS[1] only routes the script to the slot's node, where the owner listens
             receivers = await self._scripts.call(
-                "publish", [self._state(command)], [self._channel(command.key), payload]
+                "publish", self._state(command), [self._channel(command.key), payload]
             )
         return int(receivers)
 

@@ -99,7 +99,7 @@ class Namespace:
         what = f"{op} (namespace index)"
         await self._check.ensure(what, key)  # before the first write: strict=True writes nothing
         with self._server.errors(what, key):
-            reply = await self._scripts.call("index", [self._names.index], self.index_args(key))
+            reply = await self._scripts.call("index", self._names.index, self.index_args(key))
         return self.recorded(key, reply)
 
     def index_args(self, key: str) -> list[str]:

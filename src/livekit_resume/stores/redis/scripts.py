@@ -3,8 +3,9 @@ and running one for a session, with its common arguments and its reply checked.
 
 Session scripts run behind two preludes, ``clock.lua`` (``NOW``) and ``session.lua``
 (the head, ``live_head()``, keys, TTL, trimming); ``index`` behind ``clock.lua`` only;
-``publish`` alone. redis-py's ``register_script`` calls them by SHA and reloads them on
-NOSCRIPT.
+``publish`` alone. They are called by SHA (redis-py's ``register_script`` names them)
+and, on NOSCRIPT (a restart, a promoted replica), loaded again on the node of the call's
+key alone: a Cluster primary that is down fails no call of another's key.
 """
 
 from __future__ import annotations
@@ -121,9 +122,10 @@ class Scripts:
     def now_arg(self) -> str:
         return "" if self._clock is None else fmt_time(self._clock())
 
-    async def call(self, name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
-        """A standalone script (``index``, ``publish``), raw: the caller maps errors."""
-        return await self._code[name](keys=list(keys), args=list(args))
+    async def call(self, name: str, key: str, args: Sequence[str | bytes]) -> Any:
+        """A standalone script (``index``, ``publish``) of one ``key``, raw: the caller
+        maps errors. Loaded again on the key's node alone when it lost it (`_evalsha`)."""
+        return await self._evalsha(self._code[name], key, args)
 
     async def run(self, script: str, key: str, args: Sequence[str | bytes | int]) -> list[Any]:
         """Run a session script for session ``key`` (after the server check); its
@@ -177,18 +179,17 @@ class Scripts:
             return False
         return _migrating(nodes, slot)
 
-    async def _evalsha(
-        self, code: AsyncScript, head: str, args: Sequence[str | bytes | int]
-    ) -> Any:
-        """One EVALSHA, loading the script on NOSCRIPT (flushed, or a new server) and
-        sending it again: nothing ran. What `AsyncScript.__call__` does, without copying
-        the arguments into two tuples on every commit."""
+    async def _evalsha(self, code: AsyncScript, key: str, args: Sequence[str | bytes | int]) -> Any:
+        """One EVALSHA of a script of one ``key``, loading the script on NOSCRIPT
+        (flushed, a restart, a promoted replica) and sending it again: nothing ran.
+        What `AsyncScript.__call__` does, without copying the arguments into two tuples
+        on every commit, and loading it on ``key``'s node only (`_load`)."""
         client = self._server.client
         try:
-            return await client.evalsha(code.sha, 1, head, *args)
+            return await client.evalsha(code.sha, 1, key, *args)
         except NoScriptError:
-            await self._load(code, head)
-            return await client.evalsha(code.sha, 1, head, *args)
+            await self._load(code, key)
+            return await client.evalsha(code.sha, 1, key, *args)
 
     async def _load(self, code: AsyncScript, routed_by: str) -> None:
         """Load a script where a key's commands go: on a Cluster the node of its slot

@@ -772,7 +772,7 @@ class RedisStore:
         payload = _EVENTS.encode({**fields, "event": event, "key": key})
         with self._server.errors(f"publish {event}", key):
             await self._scripts.call(
-                "publish", [self._names.head(key)], [self._names.channel, payload]
+                "publish", self._names.head(key), [self._names.channel, payload]
             )
 
     def subscribe(self) -> EventStream:
