@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 from redis.asyncio.cluster import RedisCluster as RedisClusterClient
+from redis.cluster import RedisCluster as SyncCluster
 from redis.crc import key_slot
 
 from livekit_resume.errors import SnapshotCorrupt, StoreUnavailable
 from livekit_resume.stores.base import Command, Commit, Lease, Record, SessionInfo
 from livekit_resume.stores.redis import RedisStore
+from livekit_resume.testing.poll import eventually
 from tests.redis_servers import (
     RedisCluster,
     RedisFactory,
@@ -399,7 +401,7 @@ def _url_of(store: RedisStore) -> str:
     return f"redis://{kw['host']}:{kw['port']}/0"
 
 
-def _partial_cluster(tmp_path: Path, namespace: str) -> tuple[RedisCluster, RedisStore]:
+def _partial_cluster(tmp_path: Path, namespace: str, **kw: Any) -> tuple[RedisCluster, RedisStore]:
     """A Cluster that serves the slots of its live primaries while one is stopped (no
     replica to fail over to, ``cluster-require-full-coverage no``), and a store on it
     that gives up on a stopped node quickly."""
@@ -407,8 +409,97 @@ def _partial_cluster(tmp_path: Path, namespace: str) -> tuple[RedisCluster, Redi
     cluster = RedisCluster(tmp_path / "cluster").start()
     for node in cluster.nodes:
         node.cli("config", "set", "cluster-require-full-coverage", "no")
-    store = RedisStore.from_url(cluster.url, namespace=namespace, retries=0, socket_timeout=0.5)
+    store = RedisStore.from_url(
+        cluster.url, namespace=namespace, retries=0, socket_timeout=0.5, **kw
+    )
     return cluster, store
+
+
+def _bystander(cluster: RedisCluster, store: RedisStore) -> RedisServer:
+    """A primary to stop that neither holds the namespace index nor is the node a new
+    client asks first (redis-py's default node: with it down no client starts)."""
+    index_node, _ = _owner_of(cluster, key_slot(store._index_key.encode()))
+    client: Any = SyncCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    try:
+        default = client.get_default_node().port
+    finally:
+        client.close()
+    return next(n for n in cluster.nodes if n is not index_node and n.port != default)
+
+
+def _config_reads(node: RedisServer) -> int:
+    stats = node.cli("info", "commandstats")
+    line = next((x for x in stats.splitlines() if x.startswith("cmdstat_config|get:")), "")
+    return int(line.split("calls=")[1].split(",")[0]) if line else 0
+
+
+async def test_a_stopped_cluster_primary_is_not_asked_for_its_settings_before_every_call(
+    tmp_path: Path,
+) -> None:
+    """A store reads each primary's eviction and persistence settings before its
+    first call. With a Cluster primary stopped that read never completed, so it was
+    made again before every call, each waiting out the socket timeout for the stopped
+    node (5 s by default), on every node's sessions: a new worker's restore took 20 s
+    and each of its saves 5 s. Now the first call waits for that one read; the stopped
+    primary is asked again in the background, and the others are not asked again."""
+    cluster, store = _partial_cluster(tmp_path, "chk")
+    try:
+        stopped = _bystander(cluster, store)
+        key = _key_on(cluster, store, "room", lambda node: node is not stopped)
+        live = [n for n in cluster.nodes if n is not stopped]
+        for node in live:
+            node.cli("config", "resetstat")
+        stopped.pause()
+        try:
+            lease = await store.acquire(key, "worker-a")
+            for n in range(3):
+                assert await store.commit(item_commit(lease, n, f"i{n}", None)) == n + 1
+            assert (await store.load(key)).version == 3
+            assert [_config_reads(n) for n in live] == [1] * len(live)  # 7 each on main
+        finally:
+            stopped.resume()
+    finally:
+        await store.aclose()
+        cluster.stop()
+
+
+async def test_a_strict_store_refuses_an_evicting_primary_while_another_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``strict=True`` refuses a server that evicts keys. On a Cluster with a primary
+    stopped the settings read failed whole and the call went on unchecked: a session
+    was written to a primary evicting session keys. The primaries that answer are now
+    judged; the refusal holds until a later read finds the setting fixed."""
+    from livekit_resume.stores.redis import health
+
+    monkeypatch.setattr(health, "RECHECK_EVERY", 0.1)
+    cluster, store = _partial_cluster(tmp_path, "strict", strict=True)
+    try:
+        stopped = _bystander(cluster, store)
+        index_node, _ = _owner_of(cluster, key_slot(store._index_key.encode()))
+        key = _key_on(cluster, store, "room", lambda node: node is index_node)
+        index_node.cli("config", "set", "maxmemory-policy", "allkeys-lru")
+        stopped.pause()
+        try:
+            with pytest.raises(StoreUnavailable, match=r"strict=True.*allkeys-lru"):
+                await store.acquire(key, "worker-a")
+            assert index_node.cli("exists", store._head_key(key)).strip() == "0"
+            index_node.cli("config", "set", "maxmemory-policy", "noeviction")
+
+            async def accepted() -> bool:
+                await asyncio.sleep(0.15)  # a read is due again: started by the next call
+                try:
+                    await store.acquire(key, "worker-a")
+                except StoreUnavailable:
+                    return False
+                return True
+
+            await eventually(accepted, "the store is used once the primary stops evicting")
+        finally:
+            stopped.resume()
+    finally:
+        await store.aclose()
+        cluster.stop()
 
 
 def _key_on(
@@ -466,8 +557,6 @@ async def test_sessions_go_on_saving_while_the_primary_holding_the_index_is_stop
             version_now = (await store.info(key)).version  # type: ignore[union-attr]
             await store.renew(lease)  # a write of the holder refreshes its entry
             return version_now == 4 and await store.keys() == [key]
-
-        from livekit_resume.testing.poll import eventually
 
         await eventually(listed, "the session is listed again once the primary is back")
     finally:

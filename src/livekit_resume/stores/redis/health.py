@@ -6,7 +6,9 @@ Read once before the store's first operation (`ServerCheck.ensure`), or on deman
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any, cast
 
 from redis.asyncio.cluster import RedisCluster
@@ -20,6 +22,10 @@ __all__ = ["ServerCheck"]
 logger = logging.getLogger("livekit_resume")
 
 _SETTINGS = ("maxmemory-policy", "maxmemory", "appendonly", "save")
+
+# On a Cluster, primaries whose settings could not be read (down, unreachable) are asked
+# again in the background, at most this often: never on an operation's way.
+RECHECK_EVERY = 30.0
 
 
 class ServerCheck:
@@ -35,6 +41,13 @@ class ServerCheck:
         # Whether a primary was seen evicting session keys: then a missing head may
         # have left remains anywhere, not only where the cheap checks look.
         self.evicting = False
+        # A Cluster's check: its first round (every operation waits for it), a later one
+        # in the background and when that is due, and a strict refusal (raised by
+        # `ensure` until a round finds the primaries fixed).
+        self._first: asyncio.Task[None] | None = None
+        self._round: asyncio.Task[None] | None = None
+        self._due = 0.0
+        self._refused: StoreUnavailable | None = None
 
     async def check(self) -> list[str]:
         """Read the settings and return what is unsafe (see `RedisStore.check`)."""
@@ -43,18 +56,72 @@ class ServerCheck:
     async def ensure(self, op: str, key: str | None) -> None:
         """`check` before the store's first operation, ``op`` (of session ``key``).
         A server that does not answer fails ``op`` here, named as the operation would
-        name it: the operation would wait out the same timeouts again. On a Cluster
-        it is left to the operation (the node down may not be the session's). The check
-        runs again next time."""
+        name it: the operation would wait out the same timeouts again; the check runs
+        again next time.
+
+        On a Cluster the primaries are read at once, and those that answer are judged
+        (strict refuses an evicting one). One that does not is left to the operation
+        (it may not be the session's node): later operations do not wait for it, it
+        is asked again in the background, at most every `RECHECK_EVERY` seconds. It
+        was asked again before each operation, which waited out the socket timeout for
+        a stopped primary every time (5 s a call, on every node's sessions)."""
         if self.checked:
             return
+        if not isinstance(self._server.client, RedisCluster):
+            self._judge(await self._settings(op, key))
+            return
+        if self._first is None:
+            self._first = asyncio.ensure_future(self._cluster_round(op, key))
+        if not self._first.done():
+            await asyncio.shield(self._first)  # shared: a caller cancelled stops no other
+        elif (self._round is None or self._round.done()) and time.monotonic() >= self._due:
+            self._round = asyncio.ensure_future(self._cluster_round(op, key))
+        if self._refused is not None:
+            raise self._refused
+
+    async def _cluster_round(self, op: str, key: str | None) -> None:
+        """Read every primary of the Cluster at once and judge those that answered;
+        ``checked`` once all did (and none is refused). When none answered, the next
+        operation reads them again first, as on one server (it fails the same way, or
+        finds the Cluster back). Raises nothing but a bug."""
+        self._due = time.monotonic() + RECHECK_EVERY
+        client = self._server.client
+        assert isinstance(client, RedisCluster)
         try:
-            settings = await self._settings(op, key)
+            with self._server.errors(op, key):
+                await client.initialize()
+                primaries = list(client.get_primaries())
         except StoreUnavailable:
-            if isinstance(self._server.client, RedisCluster):
-                return
-            raise
-        self._judge(settings)
+            self._first = None
+            return
+        where = [f"cluster node {n.name}" for n in primaries]
+        got = await asyncio.gather(
+            *(self._node_config(w, n, op, key) for w, n in zip(where, primaries, strict=True)),
+            return_exceptions=True,
+        )
+        for answer in got:
+            if isinstance(answer, BaseException) and not isinstance(answer, StoreUnavailable):
+                raise answer
+        read = [(w, c) for w, c in zip(where, got, strict=True) if isinstance(c, dict)]
+        if not read:
+            self._first = None
+            return
+        try:
+            self._judge([(w, c) for w, c in read if c], complete=len(read) == len(primaries))
+            self._refused = None
+        except StoreUnavailable as e:
+            self._refused = e
+
+    async def _node_config(self, where: str, node: Any, op: str, key: str | None) -> dict[str, str]:
+        with self._server.errors(op, key):
+            return await self._read_config(where, node)
+
+    async def aclose(self) -> None:
+        """Stop a round under way (the store is closing)."""
+        rounds = [r for r in (self._first, self._round) if r is not None]
+        for r in rounds:
+            r.cancel()
+        await asyncio.gather(*rounds, return_exceptions=True)
 
     def _eviction_problem(self, where: str, conf: dict[str, str]) -> str | None:
         policy = conf.get("maxmemory-policy", "")
@@ -71,7 +138,11 @@ class ServerCheck:
             "(or volatile-* with sessions without ttl)"
         )
 
-    def _judge(self, settings: list[tuple[str, dict[str, str]]]) -> list[str]:
+    def _judge(
+        self, settings: list[tuple[str, dict[str, str]]], *, complete: bool = True
+    ) -> list[str]:
+        """Warn of each problem of ``settings`` once; raise the strict refusal; without
+        it, ``checked`` if they were ``complete`` (every primary answered)."""
         problems: list[str] = []
         evicting: list[str] = []
         for where, conf in settings:
@@ -85,7 +156,8 @@ class ServerCheck:
                     "appendfsync everysec (or always)"
                 )
         problems = evicting + problems
-        self.evicting = bool(evicting)
+        # a partial round keeps what an earlier one saw of the primaries it missed
+        self.evicting = bool(evicting) or (self.evicting and not complete)
         for problem in problems:
             if problem not in self._warned:
                 self._warned.add(problem)
@@ -94,7 +166,7 @@ class ServerCheck:
             raise StoreUnavailable(
                 f"refusing to use {self._server.where} (strict=True): " + "; ".join(evicting)
             )
-        self.checked = True
+        self.checked = complete
         return problems
 
     async def _settings(

@@ -787,6 +787,7 @@ class RedisStore:
 
     async def aclose(self) -> None:
         """Close the client and its connection pool."""
+        await self._check.aclose()
         await self._namespace_index.aclose()
         if self._commands is not None:
             await self._commands.aclose()
