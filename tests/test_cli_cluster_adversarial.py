@@ -307,7 +307,7 @@ def test_ls_with_a_primary_down_lists_its_sessions_as_unreachable_and_fails(
         failure = json.loads(listed.stderr.strip().splitlines()[-1])
         assert failure["error"] == "StoreUnavailable"
         assert f"{len(lost)} listed session" in failure["message"]
-        assert took < 60, took  # a hang guard: about 15 s (the CLI's 4 s waits on that node)
+        assert took < 60, took  # a hang guard: 7-9 s here (the CLI waits on that node once)
     finally:
         victim.resume()
     index_node = next(n for n in cluster.nodes if n.port == index_port)

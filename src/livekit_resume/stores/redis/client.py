@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -62,6 +63,11 @@ RETRY_CAP = 2.0
 # held to ``pool_size`` at a time (`_GatedCluster`), and a pub/sub subscription (the
 # event stream, the command inbox) holds a node connection of its own for its lifetime.
 CLUSTER_SUBSCRIBER_MARGIN = 4
+# A Cluster node that did not answer a listing's reads (`Server.node_by_node`) is not
+# asked again by the next one for this long: `ls` reads a page's heads, then their
+# infos, and each read of a stopped node waits out the client's timeouts and retries
+# (20 s at the defaults).
+NODE_DOWN_FOR = 10.0
 
 Client = Redis | RedisCluster
 
@@ -262,6 +268,8 @@ class Server:
     def __init__(self, client: Client, where: str | None = None) -> None:
         self.client = client
         self.where = where if where is not None else describe_client(client)
+        # Cluster nodes whose listing read failed: when, and the error (`node_by_node`)
+        self._down: dict[str, tuple[float, Exception]] = {}
 
     async def node_by_node(
         self, names: Sequence[str], read: Callable[[list[int]], Awaitable[list[Any]]]
@@ -270,13 +278,34 @@ class Server:
         one Cluster node (all of them on a standalone server) and answers for each, the
         nodes read at once. A pipeline over a Cluster fails whole when one of its nodes
         does not answer: a node's `StoreUnavailable` stands in for each of its replies,
-        so that one node down hides nothing of the others."""
+        so that one node down hides nothing of the others. A node that failed so within
+        `NODE_DOWN_FOR` seconds is not asked: its error stands in at once."""
         if not isinstance(self.client, RedisCluster):
             return await read(list(range(len(names))))
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             groups.setdefault(self.node_name(name), []).append(i)
-        got = await asyncio.gather(*map(read, groups.values()), return_exceptions=True)
+        now = time.monotonic()
+
+        async def ask(node: str, at: list[int]) -> list[Any]:
+            down = self._down.get(node)
+            if down is not None and now - down[0] < NODE_DOWN_FOR:
+                return [down[1]] * len(at)
+            try:
+                got = await read(at)
+            except StoreUnavailable as e:
+                self._down[node] = (time.monotonic(), e)
+                raise
+            # a pipeline read without raising puts the node's timeout in every place
+            if got and all(isinstance(r, (RedisConnectionError, RedisTimeoutError)) for r in got):
+                self._down[node] = (time.monotonic(), got[0])
+            else:
+                self._down.pop(node, None)
+            return got
+
+        got = await asyncio.gather(
+            *(ask(node, at) for node, at in groups.items()), return_exceptions=True
+        )
         replies: list[Any] = [None] * len(names)
         for at, answer in zip(groups.values(), got, strict=True):
             if isinstance(answer, BaseException) and not isinstance(answer, StoreUnavailable):
