@@ -264,11 +264,11 @@ class Aligned:
     """Rows of one-line cells as aligned text, a row per line, under a bold header.
 
     For tables that grow with the store (``ls``): rich's `Table` measures, wraps and
-    pads every cell, about 0.5 ms a row here (5 s for 10,000 sessions); this is about
-    a microsecond. Print it with ``soft_wrap=True``: a line wider than the terminal is
-    wrapped by the terminal, never folded or cut, so each row stays one line (for
-    ``grep`` and ``wc -l``) and no cell loses its end. Cells must be printable already
-    (`dash`)."""
+    pads every cell, about 0.5 ms a row here (5.5 s for 10,000 sessions); this takes
+    15-26 us a row (`bench/listing.py`). Print it with ``soft_wrap=True``: a line
+    wider than the terminal is wrapped by the terminal, never folded or cut, so each
+    row stays one line (for ``grep`` and ``wc -l``) and no cell loses its end. Cells
+    must be printable already (`dash`)."""
 
     def __init__(
         self,
