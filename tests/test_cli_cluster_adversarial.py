@@ -16,10 +16,10 @@ import pytest
 
 from livekit_resume import open_store
 from livekit_resume.errors import SnapshotCorrupt
-from tests.redis_servers import RedisCluster, RedisFactory, RedisServer
+from tests.redis_servers import RedisCluster, RedisFactory
 from tests.test_cli import _converse, run, run_json
 from tests.test_cli_adversarial import _copy
-from tests.test_redis_faults import item_commit
+from tests.test_redis_faults import calls, item_commit
 
 pytest.importorskip("livekit_resume.stores.redis")
 
@@ -196,12 +196,6 @@ def test_every_command_round_trips_sessions_on_many_slots_and_fails_typed(
     assert set(_rows(url)) == {*names, "moved-1", "moved{2}", "ü"}
 
 
-def _scans(server: RedisServer) -> int:
-    stats = server.cli("info", "commandstats")
-    line = next((x for x in stats.splitlines() if x.startswith("cmdstat_scan:")), "")
-    return int(line.split("calls=")[1].split(",")[0]) if line else 0
-
-
 @pytest.mark.parametrize(("policy", "listed"), [("allkeys-lru", True), ("noeviction", False)])
 async def test_a_ttl_store_lists_a_headless_session_only_where_the_server_evicts(
     make_redis: RedisFactory, policy: str, listed: bool
@@ -216,9 +210,9 @@ async def test_a_ttl_store_lists_a_headless_session_only_where_the_server_evicts
             lease = await store.acquire(key, "worker-a")
             assert await store.commit(item_commit(lease, 0, "a", None)) == 1
         assert server.cli("del", "ttl:{lost}:head").strip() == "1"
-        scans = _scans(server)
+        scans = calls(server, "scan")
         assert await store.keys() == (["alive", "lost"] if listed else ["alive"])
-        assert (_scans(server) > scans) is listed
+        assert (calls(server, "scan") > scans) is listed
         if listed:
             with pytest.raises(SnapshotCorrupt, match="lost its head"):
                 await store.info("lost")

@@ -27,7 +27,7 @@ from tests.redis_servers import (
     build_redis_store,
     require_redis_server,
 )
-from tests.test_redis_faults import item_commit
+from tests.test_redis_faults import calls, item_commit
 
 KEY = "room-adv"
 
@@ -427,12 +427,6 @@ def _bystander(cluster: RedisCluster, store: RedisStore) -> RedisServer:
     return next(n for n in cluster.nodes if n is not index_node and n.port != default)
 
 
-def _config_reads(node: RedisServer) -> int:
-    stats = node.cli("info", "commandstats")
-    line = next((x for x in stats.splitlines() if x.startswith("cmdstat_config|get:")), "")
-    return int(line.split("calls=")[1].split(",")[0]) if line else 0
-
-
 async def test_a_stopped_cluster_primary_is_not_asked_for_its_settings_before_every_call(
     tmp_path: Path,
 ) -> None:
@@ -455,7 +449,7 @@ async def test_a_stopped_cluster_primary_is_not_asked_for_its_settings_before_ev
             for n in range(3):
                 assert await store.commit(item_commit(lease, n, f"i{n}", None)) == n + 1
             assert (await store.load(key)).version == 3
-            assert [_config_reads(n) for n in live] == [1] * len(live)  # 8 each on main
+            assert [calls(n, "config|get") for n in live] == [1] * len(live)  # 8 each on main
         finally:
             stopped.resume()
     finally:

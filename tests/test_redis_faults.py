@@ -667,9 +667,7 @@ async def test_wait_replicas_on_a_cluster_waits_on_the_node_of_the_slot(
     def waits() -> dict[int, int]:
         out = {}
         for port, node in nodes.items():
-            stats = node.cli("info", "commandstats")
-            calls = [ln for ln in stats.splitlines() if ln.startswith("cmdstat_wait:")]
-            out[port] = int(calls[0].split("calls=")[1].split(",")[0]) if calls else 0
+            out[port] = calls(node, "wait")
         return out
 
     try:
