@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -272,6 +273,52 @@ async def test_out_of_memory_is_store_unavailable_with_advice_not_corruption(
         server.cli("config", "set", "maxmemory", "0")
         again = await store.acquire(KEY, "worker-a")
         assert await store.commit(item_commit(again, 0, "a", None)) == 1
+    finally:
+        await store.aclose()
+
+
+def used_memory(server: RedisServer) -> int:
+    for line in server.cli("INFO", "memory").splitlines():
+        if line.startswith("used_memory:"):
+            return int(line.split(":")[1])
+    raise AssertionError("no used_memory in INFO")
+
+
+@pytest.mark.parametrize("refused", ["while staged", "by the script"])
+async def test_a_large_record_refused_for_memory_leaves_no_staged_piece_filling_the_server(
+    make_redis: RedisFactory, refused: str
+) -> None:
+    """A record over a megabyte is staged in pieces before its commit's script. Refused
+    for memory, while staged or by the script after, the pieces stayed for their TTL (two
+    minutes), the server stayed full, and every other session's commit was refused."""
+    server = make_redis("--maxmemory-policy", "noeviction")
+    store = RedisStore.from_url(server.url, namespace="oom", retries=1)
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+        other = await store.acquire("room-other", "worker-b")
+        large = dataclasses.replace(
+            item_commit(lease, 1, "b", "a"), records=[Record("h", "b", os.urandom(3 << 20), "a")]
+        )
+        if refused == "while staged":
+            server.cli("CONFIG", "SET", "maxmemory", str(used_memory(server) + (2 << 20)))
+        else:
+            stage = store._stage
+
+            async def staged_then_full(key: str, elements: list[bytes]) -> Any:
+                store._stage = stage  # type: ignore[method-assign]
+                out = await stage(key, elements)
+                server.cli("CONFIG", "SET", "maxmemory", str(used_memory(server) - (1 << 20)))
+                return out
+
+            store._stage = staged_then_full  # type: ignore[method-assign]
+
+        with pytest.raises(StoreUnavailable, match="out of memory"):
+            await store.commit(large)
+
+        assert [k for k in await session_keys(store) if ":up:" in k] == []
+        assert await store.commit(item_commit(other, 0, "x", None)) == 1
+        assert (await store.load(KEY)).version == 1
     finally:
         await store.aclose()
 

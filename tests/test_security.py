@@ -451,6 +451,44 @@ def test_an_acl_user_from_before_staging_still_saves_large_records(
     assert [r for r in caplog.records if "+get +set +append +strlen" in r.getMessage()]
 
 
+async def test_a_user_who_may_not_publish_has_its_commits_and_takeovers_stand_as_written(
+    make_redis: RedisFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL user with the keys but not the events channel (Redis 7's default
+    ``acl-pubsub-default resetchannels``, or the line above without ``&acme:*``). The
+    scripts publish after they write, and a script is never undone: a refused event
+    failed a commit that had landed, and a takeover that had fenced the holder."""
+    server = make_redis()
+    reply = server.cli(
+        "ACL", "SETUSER", "mute", "reset", "on", ">pw", "~mute:*", "-@all", *ACL_COMMANDS
+    )
+    assert reply.strip() == "OK", reply
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    mute = RedisStore.from_url(f"redis://mute:pw@127.0.0.1:{server.port}/0", namespace="mute")
+    admin = RedisStore.from_url(server.url, namespace="mute")
+    snap = Snapshot(key="room", history=[_message("m1", "user", "hello")])
+    try:
+        holder = await admin.acquire("room", "worker-a")
+        assert (
+            await admin.commit(
+                commit_from_snapshot(Codec(), snap, epoch=holder.epoch, base_version=0)
+            )
+            == 1
+        )
+
+        taken = await mute.acquire("room", "worker-b", takeover=True)  # raised, yet stood
+        assert taken.epoch > holder.epoch
+        commit = commit_from_snapshot(Codec(), snap, epoch=taken.epoch, base_version=1)
+        assert await mute.commit(commit) == 2  # raised, yet landed
+        assert (await admin.info("room")) is not None
+        assert (await admin.info("room")).version == 2  # type: ignore[union-attr]
+        warned = [r.getMessage() for r in caplog.records if "may not publish" in r.getMessage()]
+        assert len(warned) == 1 and "mute:events" in warned[0], warned
+    finally:
+        await mute.aclose()
+        await admin.aclose()
+
+
 def test_an_acl_user_cannot_read_or_write_another_namespace(acl_redis: tuple[Any, str]) -> None:
     server, url = acl_redis
     admin = f"redis://127.0.0.1:{server.port}/0"

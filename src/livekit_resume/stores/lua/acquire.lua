@@ -5,7 +5,8 @@
 -- ('' = none), [8] session key (for the event), [9] '1' = the namespace index lists
 -- the key: a missing head may have been evicted, so do not create one (the client scans
 -- for remains first, then calls again with '0').
--- Reply: {'ok', epoch, expires, created 0/1} | {'busy', holder, epoch} |
+-- Reply: {'ok', epoch, expires, created 0/1[, why the takeover event was not
+--        published]} | {'busy', holder, epoch} |
 --        {'absent'} (only with [9] = '1') | {'remains', a key of the session without
 --        head} | {'corrupt', message}. Nothing is written unless the reply is 'ok'.
 local function main()
@@ -38,7 +39,12 @@ local function main()
     -- an epoch (microseconds since 1970) has 16
     local body = cjson.encode({
       event = 'taken_over', key = ARGV[8], owner = owner, previous_owner = previous})
-    redis.call('PUBLISH', ARGV[7], '{"epoch":' .. fmt(s.epoch) .. ',' .. string.sub(body, 2))
+    -- as commit.lua: the takeover is written, and stands whether or not it is heard
+    local published = redis.pcall(
+      'PUBLISH', ARGV[7], '{"epoch":' .. fmt(s.epoch) .. ',' .. string.sub(body, 2))
+    if type(published) == 'table' and published.err then
+      return {'ok', s.epoch, fmt(expires), created, published.err}
+    end
   end
   return {'ok', s.epoch, fmt(expires), created}
 end

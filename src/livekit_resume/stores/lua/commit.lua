@@ -4,7 +4,8 @@
 -- [13] records in the elements, [14] lease ttl seconds ('' = leave the lease), [15..]
 -- packed elements (batches of records, or staged: see staged_keys), appended to the
 -- current log generation.
--- Reply: {'ok', version, log_len (elements), gen, records in the log} |
+-- Reply: {'ok', version, log_len (elements), gen, records in the log[, why the event
+--        was not published]} |
 --        {'lost', current epoch or ''} | {'moved', head version} |
 --        {'unstaged'} (a staged element is gone: nothing written) | {'corrupt', message}
 -- With a lease ttl, a commit that lands (or that a retry finds landed) renews a held
@@ -63,7 +64,12 @@ local function main()
   write_head(s)
   renew_lease(s)
   refresh_ttl(s)
-  if ARGV[11] ~= '' then redis.call('PUBLISH', ARGV[11], ARGV[12]) end
+  -- after the writes, which a script never undoes: a refusal (a user without the
+  -- channel) must not fail a commit that landed; it is reported to the caller instead
+  local published = ARGV[11] == '' or redis.pcall('PUBLISH', ARGV[11], ARGV[12])
+  if type(published) == 'table' and published.err then
+    return {'ok', version, len, s.gen, records, published.err}
+  end
   return {'ok', version, len, s.gen, records}
 end
 

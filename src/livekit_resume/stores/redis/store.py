@@ -168,6 +168,7 @@ class RedisStore:
         )
         self._commands: RedisCommands | None = None
         self._stage_denied = False  # the server's ACL refused staging: send records whole
+        self._unheard = False  # an event of a script was refused (warned once)
         self._namespace_index = Namespace(
             self._server, self._names, self._scripts, self._check, ttl=self._ttl, clock=clock
         )
@@ -348,6 +349,7 @@ class RedisStore:
         if reply[0] == b"busy":
             raise busy_error(key, text(reply[1]), int(reply[2]))
         epoch, expires, created = int(reply[1]), float(reply[2]), int(reply[3])
+        self._not_published(key, "taken_over", reply[4:])
         if created:
             # again: a concurrent delete may have removed it
             await self._namespace_index.record(key, "acquire")
@@ -455,27 +457,32 @@ class RedisStore:
         else:
             packed = pack_records(commit.records)
         packed, staged = await self._stage(key, packed)
-        reply = await self._run(
-            "commit",
-            key,
-            [
-                commit.epoch,
-                commit.base_version,
-                commit_id,
-                commit.head,
-                pack_info(info),
-                written,
-                self._keep,
-                self._names.channel,
-                event,
-                len(commit.records),
-                "" if commit.lease_ttl is None else fmt_time(commit.lease_ttl),
-                *packed,
-            ],
-        )
-        # gone if the script ran to its end, left if it did not (or was a retry of a
-        # commit that had landed, which answers before looking at them)
-        await self._unstage(key, staged)
+        try:
+            reply = await self._run(
+                "commit",
+                key,
+                [
+                    commit.epoch,
+                    commit.base_version,
+                    commit_id,
+                    commit.head,
+                    pack_info(info),
+                    written,
+                    self._keep,
+                    self._names.channel,
+                    event,
+                    len(commit.records),
+                    "" if commit.lease_ttl is None else fmt_time(commit.lease_ttl),
+                    *packed,
+                ],
+            )
+        finally:
+            # Gone if the script ran to its end, left if it did not (or was a retry of a
+            # commit that had landed, which answers before looking at them), or if it
+            # was refused: a server out of memory would stay full of them for their TTL
+            # and refuse every other session's writes. A script still queued behind a
+            # timeout then finds them gone and writes nothing; the commit is sent again.
+            await self._unstage(key, staged)
         if reply[0] == b"lost":
             current = int(reply[1]) if reply[1] else None
             raise lease_lost_error(key, commit.epoch, current)
@@ -488,6 +495,7 @@ class RedisStore:
                 "the commit can be sent again"
             )
         version, log_len, gen, records = (int(r) for r in reply[1:5])
+        self._not_published(key, "committed", reply[5:])
         if needs_compaction(records, commit.size):
             try:
                 await self._compact(key, version, gen, log_len, commit_id)
@@ -500,6 +508,22 @@ class RedisStore:
                     exc_info=True,
                 )
         return version
+
+    def _not_published(self, key: str, event: str, why: list[Any]) -> None:
+        """A script that wrote all it had to answers ``ok`` with, last, why the server
+        refused its event: warned once, as the write stands."""
+        if why and not self._unheard:
+            self._unheard = True
+            logger.warning(
+                "the Redis user may not publish on %r (%s): sessions are saved, but their "
+                "events (%s, ...) are not announced; grant the channel (&%s) and +publish "
+                "(docs/security.md)",
+                self._names.channel,
+                text(why[0]),
+                event,
+                self._names.channel,
+                extra={"key": key},
+            )
 
     async def _compact(
         self, key: str, version: int, gen: int, log_len: int, commit_id: str
@@ -518,8 +542,10 @@ class RedisStore:
         else:
             folded, packed = _fold_and_pack(raw, key)
         packed, staged = await self._stage(key, packed)
-        reply = await self._run("compact", key, [version, gen, commit_id, len(folded), *packed])
-        await self._unstage(key, staged)
+        try:
+            reply = await self._run("compact", key, [version, gen, commit_id, len(folded), *packed])
+        finally:
+            await self._unstage(key, staged)
         if reply[0] == b"ok":
             logger.debug(
                 "compacted session %r: %d log elements into %d (%d records)",
@@ -537,48 +563,60 @@ class RedisStore:
         asyncio would copy it on the event loop, ~40 ms for 30 MB."""
         out: list[bytes] = []
         names: list[str] = []
-        for element in elements:
-            if len(element) <= _STAGE_ABOVE or self._stage_denied:
-                out.append(element)
-                continue
-            name = self._names.staged(key, os.urandom(8).hex())
-            view = memoryview(element)
-            try:
-                with self._server.errors("stage a large record", key):
-                    await self._client.set(name, view[:_STAGE_PIECE], px=_STAGE_TTL_MS)
-                    for start in range(_STAGE_PIECE, len(element), _STAGE_PIECE):
-                        # The TTL renewed with each piece, in the same round trip: set
-                        # once, it ran out under a staging slower than it (then APPEND
-                        # made a key of the rest without any, the script refused it as
-                        # not whole, and so on every retry); and a key APPEND made anew
-                        # (a restart without data in between) expires too.
-                        pipe = self._client.pipeline(transaction=False)
-                        pipe.append(name, view[start : start + _STAGE_PIECE])
-                        pipe.pexpire(name, _STAGE_TTL_MS)
-                        await pipe.execute()
-            except StoreUnavailable as exc:
-                if not isinstance(exc.__cause__, NoPermissionError):
-                    raise
-                # an ACL from before staging: saved all the same, the loop stalls instead
-                self._stage_denied = True
-                logger.warning(
-                    "the Redis user may not SET or APPEND the store's keys, so records "
-                    "over a megabyte are sent whole with their commit, and the event loop "
-                    "stalls while asyncio copies them; grant +get +set +append +strlen "
-                    "(docs/security.md)",
-                    extra={"key": key},
-                )
-                out.append(element)
-                continue
-            names.append(name)
-            out.append(b"@%d:%s" % (len(element), name.encode()))
+        try:
+            for element in elements:
+                out.append(await self._stage_one(key, element, names))
+        except BaseException:
+            # what this commit staged goes with it: pieces left for their TTL hold a
+            # server out of memory full, and no script would ever take them
+            await self._unstage(key, names)
+            raise
         return out, names
 
+    async def _stage_one(self, key: str, element: bytes, names: list[str]) -> bytes:
+        """``element`` as the script takes it: itself, or the name of the key it was
+        staged to, appended to ``names`` before its first piece is sent."""
+        if len(element) <= _STAGE_ABOVE or self._stage_denied:
+            return element
+        name = self._names.staged(key, os.urandom(8).hex())
+        names.append(name)
+        view = memoryview(element)
+        try:
+            with self._server.errors("stage a large record", key):
+                await self._client.set(name, view[:_STAGE_PIECE], px=_STAGE_TTL_MS)
+                for start in range(_STAGE_PIECE, len(element), _STAGE_PIECE):
+                    # The TTL renewed with each piece, in the same round trip: set once,
+                    # it ran out under a staging slower than it (then APPEND made a key
+                    # of the rest without any, the script refused it as not whole, and
+                    # so on every retry); and a key APPEND made anew (a restart without
+                    # data in between) expires too.
+                    pipe = self._client.pipeline(transaction=False)
+                    pipe.append(name, view[start : start + _STAGE_PIECE])
+                    pipe.pexpire(name, _STAGE_TTL_MS)
+                    await pipe.execute()
+        except StoreUnavailable as exc:
+            if not isinstance(exc.__cause__, NoPermissionError):
+                raise
+            # an ACL from before staging: saved all the same, the loop stalls instead
+            self._stage_denied = True
+            logger.warning(
+                "the Redis user may not SET or APPEND the store's keys, so records "
+                "over a megabyte are sent whole with their commit, and the event loop "
+                "stalls while asyncio copies them; grant +get +set +append +strlen "
+                "(docs/security.md)",
+                extra={"key": key},
+            )
+            names.remove(name)
+            await self._unstage(key, [name])  # a first piece SET let through
+            return element
+        return b"@%d:%s" % (len(element), name.encode())
+
     async def _unstage(self, key: str, names: list[str]) -> None:
-        """Drop what a script did not move into the log (else its TTL will)."""
-        for name in names:
+        """Drop what a script did not move into the log (else its TTL will), in one
+        command: after a failure, a server that does not answer is waited for once."""
+        if names:
             with contextlib.suppress(StoreUnavailable), self._server.errors("unstage", key):
-                await self._client.delete(name)
+                await self._client.delete(*names)
 
     async def load(self, key: str, version: int | None = None) -> Stored:
         validate_key(key)

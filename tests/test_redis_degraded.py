@@ -1,0 +1,127 @@
+"""A live session on a standalone Redis that refuses or holds its writes for a while, or
+drops its connections: what failure-model.md promises of autosave (retried, every turn
+stored once, versions in step) and control.md of the command inbox. Real
+``redis-server`` processes of each test alone (``make_redis``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import pytest
+
+import livekit_resume as lr
+from livekit_resume.snapshot.codec import Codec
+from tests.redis_servers import RedisFactory
+from tests.test_hooks import KEY as HOOKS_KEY
+from tests.test_hooks import start
+
+
+async def _live_session(url: str, script: list[str], **store_options: Any) -> tuple[Any, Any, Any]:
+    store = lr.open_store(url, namespace=f"h{os.urandom(4).hex()}", **store_options)
+    session, rs, _ = await start(store, script, autosave=True)
+    return store, session, rs
+
+
+async def _stored_texts(store: object) -> list[str]:
+    stored = await store.load(HOOKS_KEY)  # type: ignore[attr-defined]
+    snap = Codec().decode_parts(HOOKS_KEY, stored.head, stored.streams, version=stored.version)
+    return [
+        " ".join(str(c) for c in item["content"])
+        for item in snap.history
+        if item["type"] == "message"
+    ]
+
+
+def _live_texts(session: object) -> list[str]:
+    return [
+        " ".join(str(c) for c in item.content)
+        for item in session.history.items  # type: ignore[attr-defined]
+        if item.type == "message"
+    ]
+
+
+async def test_writes_refused_for_want_of_replicas_are_retried_and_every_turn_lands_once(
+    make_redis: RedisFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``min-replicas-to-write 1`` with no replica: every script write is refused
+    (NOREPLICAS). failure-model.md "store unreachable": autosave retries, the voice loop
+    never sees it, the latest state is written once the store takes writes again; the
+    versions stay consecutive (nothing written twice or lost)."""
+    server = make_redis()
+    store, session, rs = await _live_session(server.url, ["one", "two", "three"])
+    try:
+        await session.run(user_input="a")
+        await asyncio.wait_for(rs._autosave.idle.wait(), 10)
+        before = rs.version
+        caplog.set_level(logging.WARNING, logger="livekit_resume")
+        server.cli("CONFIG", "SET", "min-replicas-to-write", "1")
+        await session.run(user_input="b")  # answered while every write is refused
+        await asyncio.sleep(0.5)
+        assert any("NOREPLICAS" in r.getMessage() for r in caplog.records)
+        assert (await store.load(HOOKS_KEY)).version == before  # nothing written meanwhile
+        server.cli("CONFIG", "SET", "min-replicas-to-write", "0")
+        await session.run(user_input="c")
+        await asyncio.wait_for(rs._autosave.idle.wait(), 20)
+        assert rs._autosave.lost is None
+        assert await _stored_texts(store) == _live_texts(session)
+        versions = [v.version for v in await store.versions(HOOKS_KEY)]
+        assert versions == list(range(versions[0], versions[-1] + 1)) and versions[-1] == rs.version
+    finally:
+        await rs.aclose()
+        await session.aclose()
+        await store.aclose()
+
+
+async def test_writes_paused_past_the_socket_timeout_land_each_commit_once(
+    make_redis: RedisFactory,
+) -> None:
+    """``CLIENT PAUSE <ms> WRITE`` longer than the client's socket timeout (a failover
+    manoeuvre): reads are served, writes hang. failure-model.md "store stalls past the
+    client timeout": the commit is sent again with its id, lands once, autosave goes on."""
+    server = make_redis()
+    store, session, rs = await _live_session(
+        server.url, ["one", "two", "three"], socket_timeout=0.3, retries=1
+    )
+    try:
+        await session.run(user_input="a")
+        await asyncio.wait_for(rs._autosave.idle.wait(), 10)
+        server.cli("CLIENT", "PAUSE", "2000", "WRITE")
+        await session.run(user_input="b")
+        await asyncio.sleep(2.5)
+        await session.run(user_input="c")
+        await asyncio.wait_for(rs._autosave.idle.wait(), 20)
+        assert rs._autosave.lost is None and rs._autosave.failures >= 1
+        assert await _stored_texts(store) == _live_texts(session)
+        versions = [v.version for v in await store.versions(HOOKS_KEY)]
+        assert versions == list(range(1, rs.version + 1))
+    finally:
+        await rs.aclose()
+        await session.aclose()
+        await store.aclose()
+
+
+async def test_the_command_inbox_hears_commands_after_its_connection_is_killed(
+    make_redis: RedisFactory,
+) -> None:
+    """``CLIENT KILL TYPE pubsub`` on a standalone server (an operator, a proxy): the
+    owner's command inbox listens again, so a remote pause sent afterwards is applied
+    (control.md; the existing tests cover a Cluster failover and a reader's own error)."""
+    server = make_redis()
+    store, session, rs = await _live_session(server.url, ["one", "two"], socket_timeout=1)
+    sender = lr.open_store(server.url, namespace=store.namespace)
+    try:
+        await session.run(user_input="a")
+        await asyncio.wait_for(rs._autosave.idle.wait(), 10)
+        assert server.cli("CLIENT", "KILL", "TYPE", "pubsub").strip() == "1"
+        await asyncio.sleep(0.3)
+        assert await lr.control(sender).pause(HOOKS_KEY, timeout=5) >= 1
+        assert rs.state == "paused"
+    finally:
+        await rs.aclose()
+        await session.aclose()
+        await store.aclose()
+        await sender.aclose()
