@@ -25,8 +25,10 @@ import pytest
 from livekit.agents import Agent, AgentSession, RunContext, RunResult, function_tool, llm
 
 import livekit_resume as lr
+from livekit_resume.agent_hooks.session import SUSPEND_CLOSE_WAIT
 from livekit_resume.snapshot.chat import INTERRUPTED_OUTPUT
 from livekit_resume.stores.base import Store
+from livekit_resume.testing.poll import eventually
 from tests.lk.scripted_llm import ScriptedLLM, ToolCall, make_text_session
 
 KEY = "room-async-tools"
@@ -185,3 +187,133 @@ async def test_async_tool_running_at_checkpoint_is_restored_as_interrupted(
     await s2.aclose()
     agent.release.set()  # closing waits for a running tool that is not cancellable
     await s1.aclose()
+
+
+# -- a suspend while an async tool runs ----------------------------------------------------
+
+
+async def _tool_running(
+    store: Store, reg: lr.AgentRegistry
+) -> tuple[AgentSession[Any], lr.ResumableSession, Reporter, asyncio.Future[RunResult[Any]]]:
+    model = ScriptedLLM(
+        ["hi", [ToolCall("fetch_report", {"what": "x"}, call_id="call_r")], "on it"],
+        default="ok",
+    )
+    session = make_text_session(model)
+    rs = lr.ResumableSession(store, KEY, registry=reg, autosave=False, owner="w1")
+    agent = await rs.restore(session, default=Reporter)
+    assert isinstance(agent, Reporter)
+    await session.start(agent)
+    run = await _run_until_progress(session, agent)
+    assert "call_r" in rs._running
+    return session, rs, agent, run
+
+
+async def test_a_suspend_returns_once_saved_and_released_while_an_async_tool_runs(
+    store: Store,
+) -> None:
+    """LiveKit's close waits for a tool that cannot be cancelled (an async tool, by
+    default), however long it runs. The suspend waited in it: saved and released, yet
+    ``suspend()`` did not return, ``pause``/``resume`` were refused as "being
+    suspended", and a caller rejoining waited for the tool."""
+    session, rs, agent, run = await _tool_running(store, _registry())
+    closed = asyncio.Event()
+    session.on("close", lambda _: closed.set())
+    suspend = asyncio.ensure_future(rs.suspend())
+    try:
+        await asyncio.wait({suspend}, timeout=SUSPEND_CLOSE_WAIT + 3)
+        assert suspend.done(), "suspend() still waits for the tool in LiveKit's close"
+        assert rs.state == "suspended" and rs._lease is None
+        assert (await store.info(KEY)) is not None
+        assert not closed.is_set()  # LiveKit's close goes on by itself, for the tool
+        agent.release.set()
+        await asyncio.wait_for(closed.wait(), 5)
+    finally:
+        agent.release.set()
+        await suspend
+        run.cancel()
+        await session.aclose()
+
+
+async def test_a_restore_in_place_waits_for_the_close_a_tool_holds_and_keeps_no_late_output(
+    store: Store,
+) -> None:
+    """Restored in place (the closed AgentSession, its history emptied) while LiveKit's
+    close still waits for the tool: the restore waits for the close, and the tool's late
+    result, added by the closing session, is not kept beside the snapshot's "interrupted"
+    answer."""
+    session, rs, agent, run = await _tool_running(store, _registry())
+    suspend = asyncio.ensure_future(rs.suspend())
+    try:
+        await asyncio.wait({suspend}, timeout=SUSPEND_CLOSE_WAIT + 3)
+        assert suspend.done(), "suspend() still waits for the tool in LiveKit's close"
+        session.history.items.clear()
+        restoring = asyncio.ensure_future(rs.restore(session, default=Reporter))
+        await asyncio.sleep(0.3)
+        assert not restoring.done()  # LiveKit restarts the session only once it closed
+        agent.release.set()
+        restored = await asyncio.wait_for(restoring, 10)
+        assert "call_r_final" not in _outputs(session.history)  # the late result: gone
+        final = _outputs(restored.chat_ctx)["call_r_final"]
+        assert [(o.output, o.is_error) for o in final] == [(INTERRUPTED_OUTPUT, True)]
+        await session.start(restored)
+        assert rs.state == "active"
+    finally:
+        agent.release.set()
+        await suspend
+        run.cancel()
+        await rs.aclose()
+        await session.aclose()
+
+
+class Other(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="You handle everything else.")
+
+
+async def test_a_tool_that_ended_during_a_suspend_is_not_saved_as_running_after_a_restore(
+    store: Store,
+) -> None:
+    """A tool call that ended while the suspend closed the session ended unheard (the
+    listeners were gone): it stayed in the tool state, every later snapshot listed it as
+    running, and a restore put that call and an "interrupted" answer into the context
+    of whatever agent was current, here one handed to later that never called it."""
+    reg = _registry()
+    reg.register(Other)
+    session, rs, agent, run = await _tool_running(store, reg)
+    suspend = asyncio.ensure_future(rs.suspend())
+    await asyncio.sleep(0.2)
+    agent.release.set()
+    await asyncio.wait_for(suspend, 10)
+    run.cancel()
+
+    session.history.items.clear()
+    await session.start(await rs.restore(session, default=Reporter))
+    assert rs._running == {}
+    other = Other()
+    session.update_agent(other)
+    await asyncio.wait_for(_handed_to(session, other), 5)
+    await rs.checkpoint("handoff")
+    live = [(type(i).__name__, i.id) for i in other.chat_ctx.items]
+    await rs.aclose()
+    await session.aclose()
+
+    s2 = make_text_session(ScriptedLLM([], default="ok"))
+    rs2 = lr.ResumableSession(store, KEY, registry=reg, autosave=False, owner="w2")
+    restored = await rs2.restore(s2, default=Reporter)
+    try:
+        assert isinstance(restored, Other)
+        assert [(type(i).__name__, i.id) for i in restored.chat_ctx.items] == live
+    finally:
+        await rs2.aclose()
+
+
+async def _handed_to(session: AgentSession[Any], agent: Agent) -> None:
+    """Until ``agent`` is current and started (its config update is in its context)."""
+
+    async def started() -> bool:  # LiveKit adds the config update without an event
+        return session.current_agent is agent and any(
+            isinstance(i, llm.AgentConfigUpdate) for i in agent.chat_ctx.items
+        )
+
+    await eventually(started, "the handoff is done", timeout=5)

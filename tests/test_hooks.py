@@ -517,6 +517,46 @@ async def test_pause_answers_nothing_and_resume_continues_with_nothing_lost(
     await session.aclose()
 
 
+class Greeter(Agent):
+    """Greets on entering, as most agents do."""
+
+    def __init__(self) -> None:
+        super().__init__(instructions="You greet callers.")
+        self.entered = asyncio.Event()
+
+    async def on_enter(self) -> None:
+        try:
+            await self.session.generate_reply(instructions="greet the caller")
+        finally:
+            self.entered.set()
+
+
+async def test_an_agent_handed_to_while_paused_says_nothing_until_resumed(store: Store) -> None:
+    """An operator's transfer while the caller is on hold (``update_agent`` while
+    paused): the pause silenced the agent current when it began only, so the new one's
+    ``on_enter`` asked the LLM and its reply went into the history."""
+    reg = registry()
+    reg.register(Greeter)
+    session, rs, model = await start(store, ["Hello"], reg=reg)
+    await session.run(user_input="hi")
+    await rs.pause()
+    asked, items = len(model.requests), len(session.history.items)
+    greeter = Greeter()
+    session.update_agent(greeter)
+    await asyncio.wait_for(greeter.entered.wait(), 5)
+    await asyncio.wait_for(session.run(user_input="hello?"), 5)
+    assert len(model.requests) == asked
+    assert not [
+        i for i in session.history.items[items:] if i.type == "message" and i.role == "assistant"
+    ]
+
+    await rs.resume()
+    await session.run(user_input="I'm back")
+    assert model.requests[-1].last_user_text == "I'm back"  # the new agent answers again
+    await rs.aclose()
+    await session.aclose()
+
+
 async def test_suspend_releases_the_lease_and_closes_the_session(store: Store) -> None:
     session, rs, _ = await start(store, ["Hello"])
     await session.run(user_input="hi")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from livekit.agents import AgentSession
+from livekit.agents import Agent, AgentSession
 from livekit.agents.voice.events import (
     CloseEvent,
     ConversationItemAddedEvent,
@@ -35,6 +35,7 @@ def listen(
     registry: AgentRegistry,
     trigger: Callable[[str], None],
     on_close: Callable[[], None],
+    on_handoff: Callable[[Agent | None], None],
 ) -> Listeners:
     """Subscribe to ``session``; returns the (event, callback) pairs to unsubscribe."""
 
@@ -43,6 +44,7 @@ def listen(
             agent = current_agent(session)
             if agent is not None and registry.id_of(agent) is not None:
                 capture.last_agent = agent
+            on_handoff(agent)  # before the new agent's on_enter runs
             trigger("handoff")
         else:
             trigger("turn")

@@ -64,6 +64,11 @@ SessionState = Literal["active", "paused", "suspended", "ended", "closed"]
 # A burst of events (user message, tool calls, reply) lands within this; one write.
 DEFAULT_DEBOUNCE = 0.2
 
+# How long a suspend (or an end), saved and released, waits for LiveKit's close of the
+# session: the close waits for every tool that cannot be cancelled (async tools are
+# not, by default), however long it runs. Past this the close goes on by itself.
+SUSPEND_CLOSE_WAIT = 2.0
+
 SALVAGED = Counter(
     "livekit_resume_sessions_salvaged", "Damaged snapshots restored with what was intact"
 )
@@ -159,6 +164,8 @@ class ResumableSession:
         self._finishing: asyncio.Future[None] | None = None
         self._finishing_as = ""
         self._restoring = False  # a restore is under way: a second one is refused
+        # LiveKit's close of the AgentSession a suspend gave up, while it runs on
+        self._session_close: asyncio.Future[None] | None = None
         # remote pause/resume/suspend (control.py), heard while the lease is held
         self._control = ControlListener(
             store, self, self._held_epoch, self._holder.renew, started=self._started
@@ -226,6 +233,15 @@ class ResumableSession:
             raise RuntimeError(f"session {self._key!r} is being restored")
         if self._closing is not None:
             raise RuntimeError(f"session {self._key!r} is closed")
+        if session is self._session and self._session_close is not None:
+            # restored in place: LiveKit restarts the session once its close is done (a
+            # failed close is logged where it ends). What that close adds to a history
+            # emptied for the restore (a tool's late result) is the closed session's:
+            # the snapshot answered the call already.
+            emptied = not session.history.items
+            await asyncio.wait({self._session_close})
+            if emptied:
+                session.history.items.clear()
         if _running(session):
             # The agent rebuilt here would never start: the saved items would land in the
             # live history beside a current agent that lacks them, and its next checkpoint
@@ -340,6 +356,10 @@ class ResumableSession:
         # a restore again after a suspend may start a new conversation (none stored, or
         # the stored one ended): only one it goes on with counts as resumed
         self._resumed = False
+        # Tool calls the last session left running are the snapshot's to answer now
+        # ("interrupted"): one that ended while the suspend closed that session was
+        # never heard ending, and would be saved as running into every later snapshot.
+        self._capture.running.clear()
         if stored is None:
             return default()
         sealed: dict[str, Sealed] = {}  # what checking the seals hashed: not hashed again
@@ -657,10 +677,27 @@ class ResumableSession:
         await self._detach_and_release()
         await self._announcer.announce(state, self._version)
         await self._shown()
-        try:
-            await session.aclose()
-        except Exception as e:
-            log.warning("session %r: closing the AgentSession failed: %s", self._key, e)
+        close = self._session_close = asyncio.ensure_future(session.aclose())
+        close.add_done_callback(self._closed_session)
+        _, waiting = await asyncio.wait({close}, timeout=SUSPEND_CLOSE_WAIT)
+        if waiting:
+            # saved and released: the caller, a rejoin or a remote command waits no more
+            log.warning(
+                "session %r: %s, but LiveKit's close of the AgentSession still waits "
+                "after %.0fs (for a tool that cannot be cancelled?); it goes on by itself",
+                self._key,
+                state,
+                SUSPEND_CLOSE_WAIT,
+                extra={"key": self._key},
+            )
+
+    def _closed_session(self, close: asyncio.Future[None]) -> None:
+        if self._session_close is close:
+            self._session_close = None
+        if not close.cancelled() and close.exception() is not None:
+            log.warning(
+                "session %r: closing the AgentSession failed: %s", self._key, close.exception()
+            )
 
     async def end(self) -> int:
         """The conversation is over (a goodbye, a hang-up the app treats as final): a last
@@ -715,8 +752,12 @@ class ResumableSession:
             if self._state in ("active", "paused") and self._closing is None:
                 self._closing = asyncio.ensure_future(self._aclose())
 
+        def on_handoff(agent: Agent | None) -> None:
+            if self._state == "paused":  # an agent handed to while paused says nothing
+                self._silencer.follow(session, agent)
+
         self._listeners = listen(
-            session, self._capture, self._registry, self._autosave.trigger, on_close
+            session, self._capture, self._registry, self._autosave.trigger, on_close, on_handoff
         )
 
     def _started(self) -> bool:

@@ -45,17 +45,12 @@ class Silencer:
 
     def __init__(self, key: str) -> None:
         self._key = key
-        self._paused_agent: Agent | None = None
+        self._paused_agents: list[Agent] = []
         self._gate = RealtimeGate()  # a realtime model replies without llm_node
 
     async def silence(self, session: AgentSession[Any]) -> None:
         session.input.set_audio_enabled(False)
-        agent = current_agent(session)
-        if agent is not None:
-            # an instance attribute shadows the class's node: text and voice get no reply
-            agent.llm_node = _silent_llm_node  # type: ignore[method-assign]
-            self._paused_agent = agent
-        self._gate.close(session, agent)
+        self.follow(session, current_agent(session))
         try:
             done: asyncio.Future[None] | None = session.interrupt(force=True)
         except RuntimeError:
@@ -79,10 +74,19 @@ class Silencer:
                 )
         session.output.set_audio_enabled(False)
 
+    def follow(self, session: AgentSession[Any], agent: Agent | None) -> None:
+        """Silence ``agent`` too: the current one at a pause, or one handed to while
+        paused (its ``on_enter`` would reply otherwise)."""
+        if agent is not None and agent not in self._paused_agents:
+            # an instance attribute shadows the class's node: text and voice get no reply
+            agent.llm_node = _silent_llm_node  # type: ignore[method-assign]
+            self._paused_agents.append(agent)
+        self._gate.close(session, agent)
+
     def unsilence(self, session: AgentSession[Any]) -> None:
-        if self._paused_agent is not None:
-            self._paused_agent.__dict__.pop("llm_node", None)
-            self._paused_agent = None
+        for agent in self._paused_agents:
+            agent.__dict__.pop("llm_node", None)
+        self._paused_agents.clear()
         self._gate.open()
         session.input.set_audio_enabled(True)
         session.output.set_audio_enabled(True)
