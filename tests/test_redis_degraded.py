@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import pytest
+import redis as sync_redis
 
 import livekit_resume as lr
 from livekit_resume.snapshot.codec import Codec
@@ -26,7 +27,7 @@ async def _live_session(url: str, script: list[str], **store_options: Any) -> tu
     return store, session, rs
 
 
-async def _stored_texts(store: object) -> list[str]:
+async def stored_texts(store: object) -> list[str]:
     stored = await store.load(HOOKS_KEY)  # type: ignore[attr-defined]
     snap = Codec().decode_parts(HOOKS_KEY, stored.head, stored.streams, version=stored.version)
     return [
@@ -36,7 +37,7 @@ async def _stored_texts(store: object) -> list[str]:
     ]
 
 
-def _live_texts(session: object) -> list[str]:
+def live_texts(session: object) -> list[str]:
     return [
         " ".join(str(c) for c in item.content)
         for item in session.history.items  # type: ignore[attr-defined]
@@ -67,7 +68,7 @@ async def test_writes_refused_for_want_of_replicas_are_retried_and_every_turn_la
         await session.run(user_input="c")
         await asyncio.wait_for(rs._autosave.idle.wait(), 20)
         assert rs._autosave.lost is None
-        assert await _stored_texts(store) == _live_texts(session)
+        assert await stored_texts(store) == live_texts(session)
         versions = [v.version for v in await store.versions(HOOKS_KEY)]
         assert versions == list(range(versions[0], versions[-1] + 1)) and versions[-1] == rs.version
     finally:
@@ -95,7 +96,7 @@ async def test_writes_paused_past_the_socket_timeout_land_each_commit_once(
         await session.run(user_input="c")
         await asyncio.wait_for(rs._autosave.idle.wait(), 20)
         assert rs._autosave.lost is None and rs._autosave.failures >= 1
-        assert await _stored_texts(store) == _live_texts(session)
+        assert await stored_texts(store) == live_texts(session)
         versions = [v.version for v in await store.versions(HOOKS_KEY)]
         assert versions == list(range(1, rs.version + 1))
     finally:
@@ -125,3 +126,38 @@ async def test_the_command_inbox_hears_commands_after_its_connection_is_killed(
         await session.aclose()
         await store.aclose()
         await sender.aclose()
+
+
+async def test_a_password_changed_under_a_live_session_is_unavailable_then_saves_again(
+    make_redis: RedisFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``CONFIG SET requirepass`` changed while a session runs, its connections dropped:
+    autosave fails with a `StoreUnavailable` naming the credentials (no hang), and once
+    the password is right again the latest state is written, nothing lost."""
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    server = make_redis("--requirepass", "pw1")
+    url = f"redis://:pw1@127.0.0.1:{server.port}/0"
+    store = lr.open_store(url, namespace=f"h{os.urandom(4).hex()}", socket_timeout=1.0)
+    session, rs, _ = await start(store, ["one", "two", "three"], autosave=True)
+    try:
+        await session.run(user_input="a")
+        await asyncio.wait_for(rs._autosave.idle.wait(), 10)
+        sync_redis.Redis(port=server.port, password="pw1").config_set("requirepass", "pw2")
+        admin = sync_redis.Redis(port=server.port, password="pw2")
+        admin.client_kill_filter(_type="normal", skipme=True)
+        await session.run(user_input="b")
+        await asyncio.sleep(1.0)
+        assert rs._autosave.failures >= 1
+        assert any(
+            "StoreUnavailable" in r.getMessage() and "username-password" in r.getMessage()
+            for r in caplog.records
+        )
+        admin.config_set("requirepass", "pw1")
+        await session.run(user_input="c")
+        await asyncio.wait_for(rs._autosave.idle.wait(), 30)
+        assert rs._autosave.lost is None
+        assert await stored_texts(store) == live_texts(session)
+    finally:
+        await rs.aclose()
+        await session.aclose()
+        await store.aclose()

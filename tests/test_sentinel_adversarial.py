@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -19,7 +21,11 @@ from livekit_resume.errors import StoreUnavailable
 from livekit_resume.settings import Settings
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.stores.redis.url import RedisURL
-from tests.redis_servers import RedisSentinel, RedisServer, free_port
+from tests.faults.cluster import until
+from tests.faults.sentinel import SERVICE, SentinelPair
+from tests.redis_servers import RedisSentinel, RedisServer, free_port, require_redis_server
+from tests.test_hooks import start
+from tests.test_redis_degraded import live_texts, stored_texts
 
 # Each test below takes well under this; a store that hangs on Sentinel fails it instead.
 CAP = 8.0
@@ -195,3 +201,101 @@ async def test_the_sentinel_password_comes_from_the_environment_for_workers_and_
     assert listed.exit_code == 0, listed.output
     assert [s["key"] for s in json.loads(listed.output)] == ["room"]
     assert "sentpw" not in repr(Settings.load())
+
+
+# -- failovers: the server changes under a store --------------------------------------
+
+
+class EvictingReplicaPair(SentinelPair):
+    """A Sentinel pair whose replica evicts any key (``allkeys-lru``); the primary does
+    not (a runtime ``CONFIG SET`` on one node, or replicas with other defaults)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.replica.extra += ["--maxmemory-policy", "allkeys-lru"]
+
+
+async def test_strict_store_refuses_an_evicting_primary_a_sentinel_failover_promoted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """multi-worker.md: ``strict=True`` refuses an evicting server, and the store warns
+    of one. Behind Sentinel a failover brings another server, but the settings were
+    read once, of the first primary: a strict store went on creating sessions on an
+    ``allkeys-lru`` primary, unwarned, and ``evicting`` (a lost head is then looked into
+    rather than read as "no session") stayed False."""
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    require_redis_server()
+    pair = EvictingReplicaPair(tmp_path / "s").start()
+    store = RedisStore.from_url(pair.url, namespace="strict", strict=True, socket_timeout=1.0)
+    try:
+        lease = await store.acquire("room", "w1")  # checked: this primary does not evict
+        await asyncio.to_thread(pair.fail_over)
+        assert "allkeys-lru" in pair.replica.cli("config", "get", "maxmemory-policy")
+        for _ in range(20):  # until the store has found the new primary through Sentinel
+            try:
+                await store.renew(lease)
+                break
+            except StoreUnavailable as e:
+                if "strict=True" in str(e):
+                    break
+                await asyncio.sleep(0.2)
+        with pytest.raises(StoreUnavailable, match="strict=True"):
+            await store.acquire("other-room", "w1")
+    finally:
+        await store.aclose()
+        pair.stop()
+    assert any("allkeys-lru" in r.getMessage() for r in caplog.records)
+
+
+def _graceful_failover(pair: SentinelPair) -> None:
+    """``SENTINEL FAILOVER`` with the primary alive: promoted replica, and the old
+    primary keeps taking writes until Sentinel demotes it (a split-brain window)."""
+    sentinel = pair._watch()
+    until(
+        "Sentinel refused the failover",
+        lambda: "OK" in sentinel.cli("sentinel", "failover", SERVICE),
+    )
+    until("Sentinel does not name the replica", pair._names_replica_primary)
+    until(
+        "the old primary was not demoted",
+        lambda: "role:slave" in pair.primary.cli("info", "replication"),
+    )
+
+
+async def test_a_graceful_sentinel_failover_under_a_talking_session_loses_no_turn(
+    tmp_path: Path,
+) -> None:
+    """failure-model.md "Redis rolled back under a live holder": the commits the old
+    primary took after the promotion are discarded when it is demoted (hundreds of
+    versions here); the holder notices, acquires again and writes the whole
+    conversation: the store ends up holding the live history."""
+    require_redis_server()
+    pair = SentinelPair(tmp_path / "s").start()
+    store = lr.open_store(pair.url, namespace=f"h{os.urandom(4).hex()}", socket_timeout=1.0)
+    session, rs, _ = await start(store, [f"reply {i}" for i in range(400)], autosave=True)
+    stop = asyncio.Event()
+
+    async def talk() -> None:
+        n = 0
+        while not stop.is_set():
+            await session.run(user_input=f"turn {n}")
+            n += 1
+            await asyncio.sleep(0.05)
+
+    talker = asyncio.ensure_future(talk())
+    try:
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(_graceful_failover, pair)
+        await asyncio.sleep(2.0)
+        stop.set()
+        await talker
+        await asyncio.wait_for(rs._autosave.idle.wait(), 30)
+        assert rs._autosave.lost is None
+        assert await stored_texts(store) == live_texts(session)
+    finally:
+        stop.set()
+        await asyncio.gather(talker, return_exceptions=True)
+        await rs.aclose()
+        await session.aclose()
+        await store.aclose()
+        pair.stop()

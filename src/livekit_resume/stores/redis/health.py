@@ -1,7 +1,8 @@
 """The server's settings that decide whether sessions survive: eviction and persistence.
 
-Read once before the store's first operation (`ServerCheck.ensure`), or on demand
-(`RedisStore.check`); see the package docstring for the settings a deployment needs.
+Read before the store's first operation (`ServerCheck.ensure`), again behind Sentinel
+once a failover brought another primary, or on demand (`RedisStore.check`); see the
+package docstring for the settings a deployment needs.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class ServerCheck:
         self._server = server
         self._ttl = ttl
         self._strict = strict
-        self.checked = False  # read and judged once: `ensure` has nothing left to do
+        self._checked = False  # read and judged: `ensure` has nothing left to do
+        self._checked_primary: Any = None  # behind Sentinel, the primary it read
         self._warned: set[str] = set()
         # Whether a primary was seen evicting session keys: then a missing head may
         # have left remains anywhere, not only where the cheap checks look.
@@ -48,6 +50,20 @@ class ServerCheck:
         self._round: asyncio.Task[None] | None = None
         self._due = 0.0
         self._refused: StoreUnavailable | None = None
+
+    @property
+    def checked(self) -> bool:
+        """Whether the primary that serves the store now was read and judged. Behind
+        Sentinel a failover brings another server, with settings of its own (a replica
+        promoted may evict): read again when the primary named is another."""
+        return self._checked and self._checked_primary == self._primary()
+
+    def _primary(self) -> Any:
+        """The address of the primary Sentinel named last (redis-py's pool asks on each
+        new connection); None for a server named by its own address, or a Cluster."""
+        return getattr(
+            getattr(self._server.client, "connection_pool", None), "master_address", None
+        )
 
     async def check(self) -> list[str]:
         """Read the settings and return what is unsafe (see `RedisStore.check`)."""
@@ -166,7 +182,7 @@ class ServerCheck:
             raise StoreUnavailable(
                 f"refusing to use {self._server.where} (strict=True): " + "; ".join(evicting)
             )
-        self.checked = complete
+        self._checked, self._checked_primary = complete, self._primary()
         return problems
 
     async def _settings(
