@@ -210,7 +210,7 @@ async def _tool_running(
 
 
 async def test_a_suspend_returns_once_saved_and_released_while_an_async_tool_runs(
-    store: Store,
+    store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """LiveKit's close waits for a tool that cannot be cancelled (an async tool, by
     default), however long it runs. The suspend waited in it: saved and released, yet
@@ -226,6 +226,7 @@ async def test_a_suspend_returns_once_saved_and_released_while_an_async_tool_run
         assert rs.state == "suspended" and rs._lease is None
         assert (await store.info(KEY)) is not None
         assert not closed.is_set()  # LiveKit's close goes on by itself, for the tool
+        assert [r for r in caplog.records if "waiting for fetch_report" in r.getMessage()]
         agent.release.set()
         await asyncio.wait_for(closed.wait(), 5)
     finally:

@@ -682,12 +682,14 @@ class ResumableSession:
         _, waiting = await asyncio.wait({close}, timeout=SUSPEND_CLOSE_WAIT)
         if waiting:
             # saved and released: the caller, a rejoin or a remote command waits no more
+            tools = sorted({call.name for call in self._capture.running.values()})
             log.warning(
-                "session %r: %s, but LiveKit's close of the AgentSession still waits "
-                "after %.0fs (for a tool that cannot be cancelled?); it goes on by itself",
+                "session %r: %s, but LiveKit's close of the AgentSession still runs after "
+                "%.0fs%s; it goes on by itself",
                 self._key,
                 state,
                 SUSPEND_CLOSE_WAIT,
+                f", waiting for {', '.join(tools)} (tools it does not cancel)" if tools else "",
                 extra={"key": self._key},
             )
 
