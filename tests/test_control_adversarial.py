@@ -21,7 +21,7 @@ import pytest
 from livekit.agents import AgentSession
 
 import livekit_resume as lr
-from livekit_resume.stores.base import Command, CommandReply, Controllable, Store
+from livekit_resume.stores.base import Command, CommandReply, Controllable, Lease, Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.memory_control import KEEP_ANSWERS
 from livekit_resume.stores.redis import RedisStore
@@ -29,10 +29,12 @@ from livekit_resume.stores.redis import control as redis_control
 from livekit_resume.stores.sqlite import SQLiteStore
 from livekit_resume.stores.sqlite.control import KEEP_SECONDS
 from livekit_resume.testing.poll import eventually
+from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_control import KEY, live, state
+from tests.test_job_policy_adversarial import GRACE, Job, _sigterm_kept, run_job
 from tests.test_redis import rstore
 
-__all__ = ["rstore"]  # the fixture, shared with test_redis
+__all__ = ["_sigterm_kept", "rstore"]  # the fixtures, shared with their modules
 
 
 def _insert(path: Path, ns: str, **row: object) -> None:
@@ -314,3 +316,128 @@ async def test_a_command_from_a_sender_that_sets_no_mark_is_still_claimed(
         assert await asyncio.wait_for(anext(inbox), 5) == command
         assert await channel.claim(command)
         assert not await channel.withdraw(command)  # claimed: too late to withdraw
+
+
+# -- a command heard while something else is half done ---------------------------------
+
+
+class GatedCommits:
+    """Commits wait for ``gate`` while ``hold`` is set (``held`` set once one waits)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.hold = False
+        self.held = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Any) -> int:
+        if self.hold:
+            self.held.set()
+            await self.gate.wait()
+        return await self.inner.commit(commit)
+
+
+class RenewFailsOnce:
+    """The owner's lease check (a renewal) fails once with `StoreUnavailable` (a blip)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.fail = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def renew(self, lease: Lease, *, ttl: float = 30.0) -> Lease:
+        if self.fail > 0:
+            self.fail -= 1
+            raise lr.StoreUnavailable("connection reset while renewing (test)")
+        return await self.inner.renew(lease, ttl=ttl)
+
+
+async def test_a_remote_pause_during_a_local_suspend_is_not_answered_done(
+    sessions: list[AgentSession[Any]],
+) -> None:
+    """A remote pause is the owner's ``rs.pause()``, which a suspend under way refuses.
+    The suspend says "paused" while it writes its final save, and the listener's
+    already-paused shortcut answered ``done``, at an old version, for a session being
+    suspended and closed."""
+    store = MemoryStore()
+    gated = GatedCommits(store)
+    rs = await live(gated, sessions)
+    suspending: asyncio.Future[int] | None = None
+    try:
+        gated.hold = True
+        suspending = asyncio.ensure_future(rs.suspend())
+        await asyncio.wait_for(gated.held.wait(), 10.0)
+        assert rs._finishing is not None
+        outcome: Any
+        try:
+            outcome = await asyncio.wait_for(lr.control(store).pause(KEY, timeout=2.0), 10.0)
+        except lr.CommandRefused as e:
+            outcome = e
+        gated.gate.set()
+        suspended_at = await asyncio.wait_for(suspending, 10.0)
+        assert rs.state == "suspended"
+        assert isinstance(outcome, lr.CommandRefused), (
+            f"remote pause answered done (version {outcome}) while the session was being "
+            f"suspended; it ended suspended at version {suspended_at}"
+        )
+    finally:
+        gated.gate.set()
+        if suspending is not None:
+            await asyncio.gather(suspending, return_exceptions=True)
+        await rs.aclose()
+
+
+async def test_a_lease_check_that_fails_once_is_answered_at_once_not_as_may_still_apply(
+    sessions: list[AgentSession[Any]],
+) -> None:
+    """The owner claimed the command, then its lease check failed (a store blip): the
+    command went unanswered, and after twice its timeout the sender was told the owner
+    "may still apply it", which it never would. Refused at once, as control.md says of
+    any failure of the owner's own call."""
+    store = MemoryStore()
+    flaky = RenewFailsOnce(store)
+    rs = await live(flaky, sessions)
+    try:
+        flaky.fail = 1
+        started = time.monotonic()
+        with pytest.raises(lr.CommandRefused) as e:
+            await asyncio.wait_for(lr.control(store).pause(KEY, timeout=1.0), 10.0)
+        took = time.monotonic() - started
+        assert rs.state == "active"  # nothing was applied
+        assert "may still apply" not in str(e.value), (
+            f"after {took:.1f}s: {e.value} (the owner had given the command up)"
+        )
+    finally:
+        await rs.aclose()
+
+
+async def test_a_caller_who_leaves_a_call_paused_from_afar_is_suspended_after_the_grace(
+    _sigterm_kept: None,
+) -> None:
+    """A call on hold (paused from afar) whose caller hangs up is suspended once the
+    grace runs out, as any call nobody comes back to. The policy armed the grace only
+    in a pause of its own: the job held the lease and every connection for good
+    (the policy turns LiveKit's close_on_disconnect off)."""
+    store = MemoryStore()
+    j = Job(KEY)
+    session = make_text_session(ScriptedLLM(default="noted"))
+    rs = await run_job(j, session, store, leave_grace=GRACE)
+    try:
+        await asyncio.wait_for(rs._control.listening.wait(), 10.0)
+        await asyncio.wait_for(lr.control(store).pause(KEY, timeout=2.0), 10.0)
+        assert rs.state == "paused"
+        j.leave()  # the caller on hold hangs up; nobody comes back
+
+        async def released() -> bool:
+            info = await store.info(KEY)
+            return state(rs) == "suspended" and info is not None and info.owner is None
+
+        await eventually(released, "the grace ran out: suspended, its lease released", 10 * GRACE)
+    finally:
+        await rs.aclose()
+        await session.aclose()

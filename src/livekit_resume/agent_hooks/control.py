@@ -69,7 +69,9 @@ class ControlListener:
     whether that lease is still current, raising `LeaseLost` when another worker took it
     over: a command aimed at the epoch this worker holds is applied only once confirmed
     (a takeover the worker has not yet heard of leaves it believing it still owns it).
-    ``started()``: whether the session runs (a command before that is refused)."""
+    ``started()``: whether the session runs (a command before that is refused);
+    ``busy()``: what a suspend, an end or a close under way makes of it, if one is (a
+    command then is refused, as the owner's own call would be)."""
 
     def __init__(
         self,
@@ -78,12 +80,14 @@ class ControlListener:
         epoch: Callable[[], int | None],
         confirm: Callable[[], Awaitable[object]],
         started: Callable[[], bool] = lambda: True,
+        busy: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._store = store
         self._session = session
         self._epoch = epoch
         self._confirm = confirm
         self._started = started
+        self._busy = busy
         self._task: asyncio.Task[None] | None = None
         self._handling: set[asyncio.Task[None]] = set()
         # one command at a time: a pause and a suspend sent together must not interleave;
@@ -191,6 +195,10 @@ class ControlListener:
             # taken over since the command was aimed, before this worker heard of it
             current = e.current_epoch if e.current_epoch is not None else command.epoch + 1
             return CommandReply("refused", reason=epoch_mismatch(command.epoch, current))
+        except Exception as e:
+            # claimed, so answered now: unanswered, the sender would wait out its timeout
+            # and be told the owner "may still apply it", which it never will
+            return CommandReply("refused", reason=f"{command.verb} failed: lease check: {e}")
         return await self._apply(command.verb)
 
     async def _apply(self, verb: str) -> CommandReply:
@@ -202,6 +210,10 @@ class ControlListener:
         }
         if verb not in actions:
             return CommandReply("refused", reason=f"unknown command {verb!r}")
+        busy = self._busy()
+        if busy is not None:
+            # before the shortcut below: a suspend writing its final save says "paused"
+            return CommandReply("refused", reason=f"cannot {verb}: the session is {busy}")
         if s.state == _ALREADY.get(verb):
             return CommandReply("done", s.version)  # sent again after a lost answer
         if s.state not in _FROM[verb]:

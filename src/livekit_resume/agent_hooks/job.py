@@ -213,7 +213,14 @@ class JobPolicy:
             return self._pause_for_leave
         if grace_over and state == "paused":
             return lambda: self._suspend("nobody came back within the grace")
+        if state == "paused" and self._timer is None:
+            # paused by someone else (an operator's hold, the app) as the last caller
+            # left: the grace runs all the same, or nothing would end a call nobody is on
+            return self._arm_grace
         return None
+
+    async def _arm_grace(self) -> None:
+        self._arm(self._leave_grace or 0.0)
 
     async def _pause_for_leave(self) -> None:
         self._left_pause = True

@@ -168,7 +168,12 @@ class ResumableSession:
         self._session_close: asyncio.Future[None] | None = None
         # remote pause/resume/suspend (control.py), heard while the lease is held
         self._control = ControlListener(
-            store, self, self._held_epoch, self._holder.renew, started=self._started
+            store,
+            self,
+            self._held_epoch,
+            self._holder.renew,
+            started=self._started,
+            busy=self._busy,
         )
 
     # ------------------------------------------------------------ properties
@@ -761,6 +766,15 @@ class ResumableSession:
         self._listeners = listen(
             session, self._capture, self._registry, self._autosave.trigger, on_close, on_handoff
         )
+
+    def _busy(self) -> str | None:
+        """What a suspend, an end or a close under way makes of the session, if one is:
+        its state then is the one it had before (``paused``, ``active``)."""
+        if self._closing is not None:
+            return "closing"
+        if self._finishing is not None:
+            return f"being {self._finishing_as}"
+        return None
 
     def _started(self) -> bool:
         """Whether the attached `AgentSession` runs. Not ``current_agent``: a session
