@@ -21,6 +21,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +32,7 @@ from livekit.agents.voice import room_io
 from livekit.protocol import agent, models
 
 import livekit_resume as lr
-from livekit_resume.stores.base import Lease, Store
+from livekit_resume.stores.base import MAX_KEY_BYTES, Lease, Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.testing.poll import eventually
 from tests.lk.fake_realtime import FakeRealtimeModel, FakeRealtimeSession
@@ -341,3 +342,147 @@ async def test_a_job_cancelled_while_archiving_a_stale_conversation_holds_no_lea
 
     await eventually(free, "the key's lease is released", DEADLINE)
     await inner.aclose()
+
+
+# -- the calls after a conversation ended or went stale -------------------------------
+
+
+async def _one_call(store: Store, key: str, said: str) -> lr.ResumableSession:
+    """One call under ``key`` in a job of its own, ended by the app (a goodbye)."""
+    j = Job(key)
+    session = make_text_session(ScriptedLLM(default="noted"))
+    try:
+        rs = await asyncio.wait_for(run_job(j, session, store), 5.0)
+        await asyncio.wait_for(session.run(user_input=said), 5.0)
+        await asyncio.wait_for(rs.end(), 5.0)
+        return rs
+    finally:
+        await session.aclose()
+
+
+async def test_a_third_call_after_two_ended_conversations_of_the_same_length_starts_afresh(
+    tmp_path: Path,
+) -> None:
+    """An ended conversation is kept aside under ``<key>~v<version>`` and the next call
+    starts afresh. Two ended calls of one length end at one version: the second's
+    archive name was the first's, and every later call for the key failed (`LeaseLost`,
+    "another writer shares this lease"). Both are kept now, the second under ``~2``."""
+    store = lr.open_store(f"sqlite:///{tmp_path}/calls.db")
+    key = "caller-+15550100"
+    try:
+        first = await _one_call(store, key, "my order is 4711")
+        second = await _one_call(store, key, "my order is 4712")
+        assert first.version == second.version  # same length: same last version
+        third = await _one_call(store, key, "my order is 4713")  # LeaseLost on main
+        assert not third.resumed
+        kept = sorted(k for k in await store.keys() if k.startswith(f"{key}~"))
+        assert kept == [f"{key}~v{first.version}", f"{key}~v{first.version}~2"]
+    finally:
+        await store.aclose()
+
+
+class _DeleteFailsOnce:
+    """A store whose first ``delete`` fails as a store blip (or a job killed there would
+    leave it): the archive copy is written, the key not yet removed."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def delete(self, key: str, **options: Any) -> bool:
+        if not self.failed:
+            self.failed = True
+            raise lr.StoreUnavailable("the store blinked as the stale key was removed (test)")
+        return bool(await self.inner.delete(key, **options))
+
+
+async def test_an_archive_interrupted_before_the_key_was_removed_does_not_block_the_key(
+    tmp_path: Path,
+) -> None:
+    """An archive cut short after its copy was written, before the key was removed (a
+    store blip; a job killed in between): its job fails, and every later one did too.
+    The next finds its copy, finishes the archive and starts afresh."""
+    store = lr.open_store(f"sqlite:///{tmp_path}/calls.db")
+    key = "caller-+15550101"
+    try:
+        await _one_call(store, key, "my order is 4711")
+        with pytest.raises(lr.StoreUnavailable):  # the blip: this job fails, acceptably
+            await _one_call(_DeleteFailsOnce(store), key, "hello?")
+        again = await _one_call(store, key, "hello again")  # LeaseLost on main, every time
+        assert not again.resumed
+        assert [k for k in await store.keys() if k.startswith(f"{key}~")] == [f"{key}~v1"]
+    finally:
+        await store.aclose()
+
+
+async def test_an_ended_conversation_under_a_long_valid_key_does_not_block_the_next_call(
+    tmp_path: Path,
+) -> None:
+    """A valid key too long for ``<key>~v<version>``: once its conversation ended every
+    later call for the key failed (`ValueError`). Its archive's key is cut to fit
+    beside a digest of the whole key."""
+    store = lr.open_store(f"sqlite:///{tmp_path}/calls.db")
+    key = "k" * (MAX_KEY_BYTES - 2)
+    try:
+        await _one_call(store, key, "my order is 4711")
+        again = await _one_call(store, key, "hello again")  # ValueError on main
+        assert not again.resumed
+        assert [k for k in await store.keys() if k != key and len(k.encode()) <= MAX_KEY_BYTES]
+    finally:
+        await store.aclose()
+
+
+# ------------------------------------------- a failed restore in place wipes the history
+
+
+async def test_a_restore_in_place_refused_because_a_newer_job_holds_the_key_keeps_the_history(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller's grace ran out in room A (suspended), they came back in room B (a newer
+    job holds the key), and a participant joins room A. The restore in place is refused
+    (`SessionBusy`, logged: docs/lifecycle.md), and must leave the job's AgentSession as it
+    was: docs/lifecycle.md promises "a restore ... failing at any point ... leaves the
+    history as it found it", and LiveKit keeps this session as the job's primary one for
+    its report and for shutdown callbacks, which read its history."""
+    store = lr.open_store(f"sqlite:///{tmp_path}/calls.db")
+    j = Job("room-a")
+    session = make_text_session(ScriptedLLM(default="noted"))
+    closed = asyncio.Event()
+    session.on("close", lambda _ev: closed.set())
+    newer = make_text_session(ScriptedLLM(default="noted"))
+    rs2: lr.ResumableSession | None = None
+    try:
+        rs = await asyncio.wait_for(run_job(j, session, store, leave_grace=0.1), 5.0)
+        await asyncio.wait_for(session.run(user_input="my order is 4711"), 5.0)
+        j.leave()
+        await asyncio.wait_for(closed.wait(), 5.0)  # the grace ran out: suspended
+        assert rs.state == "suspended"
+        said = [i.id for i in session.history.items]
+        assert said
+
+        # the caller is back in room B: a newer job holds the key
+        rs2 = lr.ResumableSession(store, rs.key, registry=rs._registry, owner="job-b")
+        await newer.start(await rs2.restore(newer, default=Clerk))
+
+        # a participant joins room A: the restore in place is refused
+        p = remote_participant("caller")
+        j.room.remote_participants["PA_caller"] = p
+        j.room.emit("participant_connected", p)
+
+        async def refused() -> bool:
+            return any("is held by 'job-b'" in r.getMessage() for r in caplog.records)
+
+        await eventually(refused, "the restore in place was refused", 5.0)
+        assert rs.state == "suspended"
+        assert [i.id for i in session.history.items] == said, (
+            "the refused restore in place emptied the job's session history"
+        )
+    finally:
+        if rs2 is not None:
+            await rs2.aclose()
+        await newer.aclose()
+        await session.aclose()
+        await store.aclose()

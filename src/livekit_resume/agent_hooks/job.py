@@ -39,7 +39,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import inspect
+import itertools
 import logging
 import os
 import signal
@@ -54,9 +56,10 @@ from livekit.agents import Agent, AgentSession, JobContext
 from livekit.agents.voice import room_io
 
 from ..bridge import codec_for, from_stored, whole_commit
-from ..errors import LeaseLost, SessionBusy, TokenRefused
+from ..errors import LeaseLost, ResumeError, SessionBusy, TokenRefused
 from ..snapshot.codec import Codec
-from ..stores.base import Lease, SessionInfo, Store, validate_key
+from ..snapshot.model import Snapshot
+from ..stores.base import MAX_KEY_BYTES, Lease, SessionInfo, Store, validate_key
 from ..stores.url import open_store
 from ..tokens import verify_token
 from .lease import granted
@@ -73,6 +76,8 @@ DEFAULT_LEAVE_GRACE = 30.0
 
 # Copying a stale conversation aside takes one commit.
 ARCHIVE_LEASE_TTL = 30.0
+# Kept free at the end of an archive's key for a ``~<n>`` of a name taken already.
+_SUFFIX_BYTES = 8
 
 KeySpec = str | Callable[[JobContext], "str | Awaitable[str]"] | None
 
@@ -301,9 +306,9 @@ async def archive_stale(
 ) -> str | None:
     """If ``key``'s conversation ended (`ResumableSession.end`) or was last saved more
     than ``older_than`` seconds ago, copy its latest version whole to
-    ``<key>~v<version>``, remove ``key`` and return the archive's key; else None. A
-    session some worker still holds is left alone. ``info``: ``store.info(key)`` when
-    the caller has just read it (not read again)."""
+    ``<key>~v<version>`` (see `_archive_key`), remove ``key`` and return the archive's
+    key; else None. A session some worker still holds is left alone. ``info``:
+    ``store.info(key)`` when the caller has just read it (not read again)."""
     if info is False:
         info = await store.info(key)
     if info is None or info.version == 0 or info.owner is not None:
@@ -323,12 +328,13 @@ async def archive_stale(
         stored = await store.load(key)
         if stored.version != info.version:
             return None  # saved again since it was found stale
-        archive = validate_key(f"{key}~v{stored.version}")
         snap = from_stored(codec, stored)
+        archive, kept = await _archive_key(store, codec, key, stored.version, snap)
         lease = await _acquire(store, archive, owner)
         try:
-            copy = snap.model_copy(update={"key": archive, "epoch": lease.epoch})
-            await store.commit(whole_commit(codec, copy, base_version=0, owner=owner))
+            if not kept:
+                copy = snap.model_copy(update={"key": archive, "epoch": lease.epoch})
+                await store.commit(whole_commit(codec, copy, base_version=0, owner=owner))
             try:
                 deleted = await store.delete(key, lease=held)
             except LeaseLost:
@@ -353,6 +359,37 @@ async def archive_stale(
         extra={"key": key, "archived": archive},
     )
     return archive
+
+
+async def _archive_key(
+    store: Store, codec: Codec, key: str, version: int, snap: Snapshot
+) -> tuple[str, bool]:
+    """Where `archive_stale` keeps ``snap``, ``key``'s conversation at ``version``:
+    ``<key>~v<version>``, then ``~2``, ``~3``... while another conversation holds the
+    name (the key's next conversation ended at the same version), its key part cut to
+    fit beside a digest of the whole key when it would be too long. And whether the
+    name holds this very conversation already: an archive cut short before ``key`` was
+    removed, which is then finished, not copied again. A name that held any of these
+    made every later call for the key fail."""
+    stem = f"{key}~v{version}"
+    if len(stem.encode()) > MAX_KEY_BYTES - _SUFFIX_BYTES:
+        tail = f"~{hashlib.blake2b(key.encode(), digest_size=6).hexdigest()}~v{version}"
+        room = MAX_KEY_BYTES - _SUFFIX_BYTES - len(tail.encode())
+        stem = key.encode()[:room].decode("utf-8", "ignore") + tail
+    for n in itertools.count(1):
+        name = validate_key(stem if n == 1 else f"{stem}~{n}")
+        info = await store.info(name)
+        if info is None or info.version == 0:
+            return name, False
+        with contextlib.suppress(ResumeError):  # unreadable: not this conversation
+            there = from_stored(codec, await store.load(name))
+            if (there.history, there.agent, there.userdata) == (
+                snap.history,
+                snap.agent,
+                snap.userdata,
+            ):
+                return name, True
+    raise AssertionError("unreachable")
 
 
 async def _acquire(store: Store, key: str, owner: str) -> Lease:
@@ -519,9 +556,17 @@ async def resumable_job(
             # this one is refused while such a call runs.
             await closed.wait()
             with _restoring_key(ctx, name, owner):
-                await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
-                session.history.items.clear()
-                restored = await rs.restore(session, default=default)
+                # the history as the session closed with it, back if the restore fails
+                # (refused: a newer job holds the key): the job's report and shutdown
+                # callbacks read this session's history
+                kept = list(session.history.items)
+                try:
+                    await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
+                    session.history.items.clear()
+                    restored = await rs.restore(session, default=default)
+                except BaseException:
+                    session.history.items[:] = kept
+                    raise
                 closed.clear()
                 try:
                     await session.start(restored, room=ctx.room, room_options=opts)
