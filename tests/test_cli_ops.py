@@ -257,6 +257,31 @@ def test_revert_is_refused_while_a_worker_holds_the_session(url: str, key: str) 
     assert run_json(url, "history", key)[-1]["epoch"] > lease.epoch
 
 
+def test_a_revert_refused_with_takeover_leaves_the_live_worker_saving(url: str, key: str) -> None:
+    """``revert KEY 99 --takeover``, a version not retained (a typo): refused, with
+    nothing changed. It took the lease over before looking the version up, so the live
+    worker's next checkpoint failed with `LeaseLost`."""
+
+    async def go() -> None:
+        store = open_store(url)
+        try:
+            rs, session = await started(store, key, autosave=False)
+            await session.run(user_input="remember the green door")
+            await rs.checkpoint("turn")
+            before = await asyncio.to_thread(run_json, url, "history", key)
+            done = await asyncio.to_thread(run, url, "revert", key, "99", "--takeover")
+            assert done.exit_code == 1 and "SnapshotNotFound" in done.stderr, done.output
+            assert await asyncio.to_thread(run_json, url, "history", key) == before
+            await session.run(user_input="remember the green gate")
+            assert await rs.checkpoint("turn") == before[-1]["version"] + 1
+            await rs.aclose()
+            await session.aclose()
+        finally:
+            await store.aclose()
+
+    asyncio.run(go())
+
+
 # --------------------------------------------------------------------- release
 
 

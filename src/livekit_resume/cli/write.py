@@ -218,9 +218,13 @@ def revert_cmd(
 
     async def go(store: Store) -> int | None:
         # Looked up before the lease: taking a lease creates the session's record, so a
-        # revert of a mistyped key left a session of version 0 behind in ``ls``.
+        # revert of a mistyped key left a session of version 0 behind in ``ls``. The
+        # version too, and decoded: a refusal once the lease was taken (a version not
+        # retained, damaged, signed by a key dropped since) had fenced the live worker
+        # with --takeover, for a command that then changed nothing.
         if await store.info(key) is None:
             raise SnapshotNotFound(f"no snapshot for session {key!r}")
+        await load(store, key, version)
         return (await write_whole(store, key, build, takeover=takeover, source="revert"))[1]
 
     written = _run(ctx, go, read_only=False, session=key)
