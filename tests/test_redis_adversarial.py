@@ -6,20 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from livekit.agents import AgentSession
 from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 from redis.cluster import RedisCluster as SyncCluster
 from redis.crc import key_slot
 
+import livekit_resume as lr
 from livekit_resume.errors import SnapshotCorrupt, StoreUnavailable
 from livekit_resume.stores.base import Command, Commit, Lease, Record, SessionInfo
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.testing.poll import eventually
+from tests.faults.cluster import FailoverPair
+from tests.lk.scripted_llm import ScriptedLLM
 from tests.redis_servers import (
     RedisCluster,
     RedisFactory,
@@ -27,6 +32,9 @@ from tests.redis_servers import (
     build_redis_store,
     require_redis_server,
 )
+from tests.test_hooks import KEY as HOOKS_KEY
+from tests.test_hooks import Receptionist, Visit, registry, start
+from tests.test_redis_degraded import live_texts, stored_texts
 from tests.test_redis_faults import calls, item_commit
 
 KEY = "room-adv"
@@ -730,3 +738,125 @@ async def test_infos_of_a_server_that_stopped_answering_are_each_unavailable(
         assert [type(i) for i in got] == [StoreUnavailable] * 3, got
     finally:
         await store.aclose()
+
+
+# -- a live session while the Cluster changes under it ---------------------------------
+
+
+def _half_move(
+    cluster: RedisCluster, store: RedisStore, key: str
+) -> tuple[RedisServer, RedisServer, str, int]:
+    """Start resharding ``key``'s slot the way ``redis-cli --cluster reshard`` does:
+    IMPORTING on the target, MIGRATING on the source, then MIGRATE of the keys in
+    ``CLUSTER GETKEYSINSLOT`` order, which lists the newest keys first and the head,
+    the session's first key, last. Stops with every key moved but the head."""
+    head = store._head_key(key)
+    slot = key_slot(head.encode())
+    source, source_id = _owner_of(cluster, slot)
+    target = next(n for n in cluster.nodes if n is not source)
+    target_id = target.cli("cluster", "myid").strip()
+    keys = source.cli("cluster", "getkeysinslot", str(slot), "100").split()
+    assert keys[-1] == head, keys  # the order redis-cli moves them in
+    assert target.cli("cluster", "setslot", str(slot), "importing", source_id).strip() == "OK"
+    assert source.cli("cluster", "setslot", str(slot), "migrating", target_id).strip() == "OK"
+    out = source.cli("migrate", "127.0.0.1", str(target.port), "", "0", "5000", "keys", *keys[:-1])
+    assert out.strip() == "OK", out
+    return source, target, target_id, slot
+
+
+def _finish_move(
+    cluster: RedisCluster, source: RedisServer, target: RedisServer, target_id: str, slot: int
+) -> None:
+    rest = source.cli("cluster", "getkeysinslot", str(slot), "100").split()
+    if rest:
+        out = source.cli("migrate", "127.0.0.1", str(target.port), "", "0", "5000", "keys", *rest)
+        assert out.strip() == "OK", out
+    for node in cluster.nodes:
+        node.cli("cluster", "setslot", str(slot), "node", target_id)
+
+
+@pytest.mark.cluster
+async def test_a_takeover_refused_mid_migration_does_not_fence_the_live_holder(
+    tmp_path: Path,
+) -> None:
+    """A live session (autosave, a session ttl) on a Cluster resharding its slot: every
+    key but the head moved (the head, the session's oldest key, moves last). A second
+    worker's ``restore(takeover=True)`` fails with `StoreUnavailable` and gives up, and
+    must have taken nothing. The acquire script wrote the new epoch and owner, then
+    failed on a moved key (its TTL refresh): the holder was fenced by a takeover that
+    reported failure, and every later turn of the live call went unsaved."""
+    require_redis_server()
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    url = cluster.url
+    ns = f"h{os.urandom(4).hex()}"
+    store = lr.open_store(url, namespace=ns, ttl=600, retries=1, socket_timeout=2.0)
+    other = lr.open_store(url, namespace=ns, ttl=600, retries=1, socket_timeout=2.0)
+    session = None
+    try:
+        assert isinstance(store, RedisStore)
+        session, rs, _ = await start(store, ["one", "two", "three", "four"], autosave=True)
+        for text in ("a", "b"):
+            await session.run(user_input=text)
+            await asyncio.wait_for(rs._autosave.idle.wait(), 10)
+        assert await stored_texts(store) == live_texts(session)
+
+        source, target, target_id, slot = _half_move(cluster, store, HOOKS_KEY)
+
+        # a second worker (a re-dispatch) takes over meanwhile; refused, it gives up
+        intruder: AgentSession[Visit] = AgentSession(llm=ScriptedLLM([]), userdata=Visit())
+        rs2 = lr.ResumableSession(
+            other, HOOKS_KEY, registry=registry(), userdata_type=Visit, owner="w2", autosave=False
+        )
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(
+                rs2.restore(intruder, default=lambda: Receptionist(rs2), takeover=True), 20
+            )
+
+        _finish_move(cluster, source, target, target_id, slot)
+
+        # the holder's call goes on; its turns are saved as before
+        await session.run(user_input="c")
+        await asyncio.wait_for(rs._autosave.idle.wait(), 20)
+        assert rs._autosave.lost is None, rs._autosave.lost
+        assert await stored_texts(store) == live_texts(session)
+    finally:
+        if session is not None:
+            await asyncio.wait_for(session.aclose(), 20)
+        await other.aclose()
+        await store.aclose()
+        cluster.stop()
+
+
+@pytest.mark.cluster
+async def test_a_strict_store_refuses_an_evicting_replica_a_cluster_failover_promoted(
+    tmp_path: Path,
+) -> None:
+    """A failover promotes a replica configured on its own (``allkeys-lru``): its
+    settings are read before a session is written there, and ``strict=True`` refuses it.
+    The check was done once, for the primaries of the first round: new sessions were
+    created on the evicting primary."""
+    require_redis_server()
+    pair = FailoverPair(tmp_path / "pair").start()
+    store = RedisStore.from_url(
+        pair.url, namespace="strict", strict=True, retries=1, socket_timeout=1.0
+    )
+    try:
+        lease = await store.acquire("room-a", "worker-a")
+        await store.release(lease)
+        pair.replica.cli("config", "set", "maxmemory-policy", "allkeys-lru")
+        await asyncio.to_thread(pair.fail_over)
+
+        async def answers() -> bool:  # the client has found the new primary
+            try:
+                await store.info("room-a")
+            except StoreUnavailable as e:
+                return "strict=True" in str(e)
+            return True
+
+        await eventually(answers, "the store reaches the promoted replica", 20.0)
+        with pytest.raises(StoreUnavailable, match=r"strict=True.*allkeys-lru"):
+            await store.acquire("room-b", "worker-b")
+        assert pair.replica.cli("exists", store._head_key("room-b")).strip() == "0"
+    finally:
+        await store.aclose()
+        pair.stop()

@@ -124,6 +124,14 @@ local function live_head(purge)
     if purge then delete_all(s) end
     return nil, true
   end
+  if s and purge and TTL_MS ~= '' then
+    -- refresh_ttl touches every key of the session after the script's writes. A key of
+    -- the slot that never exists is looked at first: on a slot half moved (resharding)
+    -- it is not local, and the script fails here, having written nothing, rather than
+    -- with the head written and the rest not (a takeover reported as failed that had
+    -- fenced the holder).
+    redis.call('EXISTS', vkey(s.version + 1))
+  end
   return s, false
 end
 

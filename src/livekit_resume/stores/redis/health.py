@@ -50,13 +50,26 @@ class ServerCheck:
         self._round: asyncio.Task[None] | None = None
         self._due = 0.0
         self._refused: StoreUnavailable | None = None
+        self._asked: set[str] = set()  # the Cluster primaries a round asked
 
     @property
     def checked(self) -> bool:
-        """Whether the primary that serves the store now was read and judged. Behind
-        Sentinel a failover brings another server, with settings of its own (a replica
-        promoted may evict): read again when the primary named is another."""
-        return self._checked and self._checked_primary == self._primary()
+        """Whether the primaries that serve the store now were read and judged. A
+        failover brings another server, with settings of its own (a replica promoted
+        may evict): read again when Sentinel names another primary, or a Cluster's
+        slot map has a primary no round asked."""
+        if not self._checked:
+            return False
+        if isinstance(self._server.client, RedisCluster):
+            return not self._new_primaries()
+        return bool(self._checked_primary == self._primary())
+
+    def _new_primaries(self) -> bool:
+        """Whether the Cluster's slot map (redis-py's, kept up to date on MOVED and on
+        connection errors) names a primary no round asked: promoted, or added."""
+        client = self._server.client
+        assert isinstance(client, RedisCluster)
+        return any(n.name not in self._asked for n in client.get_primaries())
 
     def _primary(self) -> Any:
         """The address of the primary Sentinel named last (redis-py's pool asks on each
@@ -86,7 +99,9 @@ class ServerCheck:
         if not isinstance(self._server.client, RedisCluster):
             self._judge(await self._settings(op, key))
             return
-        if self._first is None:
+        if self._first is None or (self._first.done() and self._new_primaries()):
+            # the first round, or one for a primary no round asked (a replica promoted):
+            # waited for, as the first, so that nothing is written there unjudged
             self._first = asyncio.ensure_future(self._cluster_round(op, key))
         if not self._first.done():
             await asyncio.shield(self._first)  # shared: a caller cancelled stops no other
@@ -110,6 +125,7 @@ class ServerCheck:
         except StoreUnavailable:
             self._first = None
             return
+        self._asked = {n.name for n in primaries}
         where = [f"cluster node {n.name}" for n in primaries]
         got = await asyncio.gather(
             *(self._node_config(w, n, op, key) for w, n in zip(where, primaries, strict=True)),
