@@ -28,7 +28,8 @@ from livekit_resume.stores.base import Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.testing.poll import eventually
 from tests._child_realtime import REGISTRY, Concierge
-from tests.lk.fake_realtime import FakeRealtimeModel
+from tests.lk import Reply, ToolCall
+from tests.lk.fake_realtime import FakeRealtimeModel, FakeRealtimeSession
 
 KEY = "rt-adversarial"
 CONVERSATION = ("message", "function_call", "function_call_output")
@@ -333,4 +334,69 @@ async def test_a_second_restore_that_starts_a_new_conversation_is_not_resumed(
     await again.start(await rs.restore(again, default=Concierge))
     assert conversation_ids(again.history.items) == []  # a new conversation...
     assert not rs.resumed  # ...which the agent greets
+    await rs.aclose()
+
+
+# -- a tool reply in flight as the pause lands -------------------------------------------
+
+
+class SlowAckSession(FakeRealtimeSession):
+    """A server whose acknowledgement of a tool's output takes a while (the OpenAI plugin
+    awaits ``conversation.item.created`` for every item it creates, up to 5 s): the sync
+    of a tool output waits until the test lets it through."""
+
+    def __init__(self, model: FakeRealtimeModel) -> None:
+        super().__init__(model)
+        self.output_syncing = asyncio.Event()
+        self.ack = asyncio.Event()
+
+    async def update_chat_ctx(self, chat_ctx: llm.ChatContext) -> None:
+        known = {i.id for i in self.remote.items}
+        if any(i.type == "function_call_output" and i.id not in known for i in chat_ctx.items):
+            self.output_syncing.set()
+            await self.ack.wait()
+        await super().update_chat_ctx(chat_ctx)
+
+
+class SlowAckModel(FakeRealtimeModel):
+    def session(self, *, turn_detection_disabled: bool = False) -> FakeRealtimeSession:
+        s = SlowAckSession(self)
+        self.sessions.append(s)
+        return s
+
+
+async def test_a_tool_reply_whose_output_sync_straddles_the_pause_is_not_generated_while_paused(
+    store: MemoryStore, sessions: list[AgentSession[Any]]
+) -> None:
+    """A realtime tool returned just before the pause, and LiveKit is syncing its output
+    to the server (an ack round trip) when `pause()` runs. Its speech is then neither
+    current, queued nor in the background, and LiveKit replies on that same handle after
+    the sync, with no ``speech_created``: `session.interrupt()` and the RealtimeGate
+    both missed it, and the model's reply was generated and recorded while paused."""
+    model = SlowAckModel(
+        [Reply("One moment.", [ToolCall("book", {"what": "a table"})]), "Your table is booked."]
+    )
+    session: AgentSession[Any] = AgentSession(llm=model, userdata={})
+    sessions.append(session)
+    rs = lr.ResumableSession(store, KEY, registry=REGISTRY, autosave=False)
+    await session.start(await rs.restore(session, default=Concierge))
+    rt = model.active_session
+    assert isinstance(rt, SlowAckSession)
+
+    session.generate_reply(user_input="book a table")
+    await asyncio.wait_for(rt.output_syncing.wait(), DEADLINE)  # the tool ran and returned
+
+    await asyncio.wait_for(rs.pause(), DEADLINE)
+    assert rs.state == "paused"
+    responses = len(rt.responses)
+    rt.ack.set()  # the server acknowledges the tool output while the session is paused
+
+    # LiveKit's tool reply would follow the ack within a few loop turns: a second gives
+    # it every chance (a bound, not a timing the test relies on to pass)
+    await asyncio.sleep(1.0)
+    said = [m.text_content for m in session.history.messages() if m.role == "assistant"]
+    assert "Your table is booked." not in said, f"answered while paused: {said}"
+    assert len(rt.responses) == responses, (
+        f"the model was asked for a reply while paused: {rt.names()[-4:]}"
+    )
     await rs.aclose()

@@ -766,6 +766,8 @@ class ResumableSession:
         self._listeners = listen(
             session, self._capture, self._registry, self._autosave.trigger, on_close, on_handoff
         )
+        session.on("speech_created", self._silencer.heard)
+        self._listeners.append(("speech_created", self._silencer.heard))
 
     def _busy(self) -> str | None:
         """What a suspend, an end or a close under way makes of the session, if one is:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from livekit.agents import Agent, AgentSession
+from livekit.agents.voice import SpeechHandle
+from livekit.agents.voice.events import SpeechCreatedEvent
 
 from .realtime import RealtimeGate
 
@@ -47,6 +50,15 @@ class Silencer:
         self._key = key
         self._paused_agents: list[Agent] = []
         self._gate = RealtimeGate()  # a realtime model replies without llm_node
+        # every speech the session announced, while it lives (see `heard`)
+        self._speeches: weakref.WeakSet[SpeechHandle] = weakref.WeakSet()
+
+    def heard(self, ev: SpeechCreatedEvent) -> None:
+        """Hears the session's ``speech_created`` while attached. A realtime tool's
+        speech, once its tool returned, is neither current, queued nor in the background
+        while LiveKit syncs the output to the server, then replies on that same handle
+        with no event: `AgentSession.interrupt` misses it, and so does the gate."""
+        self._speeches.add(ev.speech_handle)
 
     async def silence(self, session: AgentSession[Any]) -> None:
         session.input.set_audio_enabled(False)
@@ -55,6 +67,8 @@ class Silencer:
             done: asyncio.Future[None] | None = session.interrupt(force=True)
         except RuntimeError:
             done = None  # not started: nothing is speaking
+        for speech in list(self._speeches):
+            speech.interrupt(force=True)  # done ones return at once
         if done is not None:
             # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the result of a
             # future done as its caller is cancelled and eats the cancellation (here the
