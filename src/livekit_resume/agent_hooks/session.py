@@ -772,8 +772,8 @@ class ResumableSession:
     def _busy(self) -> str | None:
         """What a suspend, an end or a close under way makes of the session, if one is:
         its state then is the one it had before (``paused``, ``active``)."""
-        if self._closing is not None:
-            return "closing"
+        if self._closing is not None and not self._closing.done():
+            return "closing"  # once closed, its state says so
         if self._finishing is not None:
             return f"being {self._finishing_as}"
         return None
