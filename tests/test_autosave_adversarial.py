@@ -88,7 +88,7 @@ def live_texts(session: AgentSession[Any]) -> list[str]:
     ]
 
 
-async def stored_texts(store: RedisStore) -> list[str]:
+async def stored_texts(store: Store) -> list[str]:
     stored = await store.load(KEY)
     snap = Codec().decode_parts(KEY, stored.head, stored.streams, version=stored.version)
     return texts_of(snap.history)

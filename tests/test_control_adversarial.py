@@ -31,7 +31,7 @@ from livekit_resume.stores.sqlite.control import KEEP_SECONDS
 from livekit_resume.testing.poll import eventually
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_control import KEY, live, state
-from tests.test_job_policy_adversarial import GRACE, Job, _sigterm_kept, run_job
+from tests.test_job_policy_adversarial import GRACE, GatedCommits, Job, _sigterm_kept, run_job
 from tests.test_redis import rstore
 
 __all__ = ["_sigterm_kept", "rstore"]  # the fixtures, shared with their modules
@@ -319,25 +319,6 @@ async def test_a_command_from_a_sender_that_sets_no_mark_is_still_claimed(
 
 
 # -- a command heard while something else is half done ---------------------------------
-
-
-class GatedCommits:
-    """Commits wait for ``gate`` while ``hold`` is set (``held`` set once one waits)."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.hold = False
-        self.held = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def commit(self, commit: Any) -> int:
-        if self.hold:
-            self.held.set()
-            await self.gate.wait()
-        return await self.inner.commit(commit)
 
 
 class RenewFailsOnce:

@@ -32,9 +32,9 @@ from tests.redis_servers import (
     build_redis_store,
     require_redis_server,
 )
+from tests.test_autosave_adversarial import live_texts, stored_texts
 from tests.test_hooks import KEY as HOOKS_KEY
 from tests.test_hooks import Receptionist, Visit, registry, start
-from tests.test_redis_degraded import live_texts, stored_texts
 from tests.test_redis_faults import calls, item_commit
 
 KEY = "room-adv"

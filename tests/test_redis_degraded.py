@@ -7,42 +7,40 @@ stored once, versions in step) and control.md of the command inbox. Real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis as sync_redis
+from livekit.agents import AgentSession
 
 import livekit_resume as lr
-from livekit_resume.snapshot.codec import Codec
+from livekit_resume.stores.base import Store
 from tests.redis_servers import RedisFactory
+from tests.test_autosave_adversarial import live_texts, stored_texts
 from tests.test_hooks import KEY as HOOKS_KEY
-from tests.test_hooks import start
+from tests.test_hooks import Visit, start
 
 
-async def _live_session(url: str, script: list[str], **store_options: Any) -> tuple[Any, Any, Any]:
+@contextlib.asynccontextmanager
+async def live_session(
+    url: str, script: list[str], **store_options: Any
+) -> AsyncIterator[tuple[Store, AgentSession[Visit], lr.ResumableSession]]:
+    """A store of a namespace of its own on ``url`` and a started session on it with
+    autosave, each closed at the end."""
     store = lr.open_store(url, namespace=f"h{os.urandom(4).hex()}", **store_options)
-    session, rs, _ = await start(store, script, autosave=True)
-    return store, session, rs
-
-
-async def stored_texts(store: object) -> list[str]:
-    stored = await store.load(HOOKS_KEY)  # type: ignore[attr-defined]
-    snap = Codec().decode_parts(HOOKS_KEY, stored.head, stored.streams, version=stored.version)
-    return [
-        " ".join(str(c) for c in item["content"])
-        for item in snap.history
-        if item["type"] == "message"
-    ]
-
-
-def live_texts(session: object) -> list[str]:
-    return [
-        " ".join(str(c) for c in item.content)
-        for item in session.history.items  # type: ignore[attr-defined]
-        if item.type == "message"
-    ]
+    try:
+        session, rs, _ = await start(store, script, autosave=True)
+        try:
+            yield store, session, rs
+        finally:
+            await rs.aclose()
+            await session.aclose()
+    finally:
+        await store.aclose()
 
 
 async def test_writes_refused_for_want_of_replicas_are_retried_and_every_turn_lands_once(
@@ -53,8 +51,7 @@ async def test_writes_refused_for_want_of_replicas_are_retried_and_every_turn_la
     never sees it, the latest state is written once the store takes writes again; the
     versions stay consecutive (nothing written twice or lost)."""
     server = make_redis()
-    store, session, rs = await _live_session(server.url, ["one", "two", "three"])
-    try:
+    async with live_session(server.url, ["one", "two", "three"]) as (store, session, rs):
         await session.run(user_input="a")
         await asyncio.wait_for(rs._autosave.idle.wait(), 10)
         before = rs.version
@@ -71,10 +68,6 @@ async def test_writes_refused_for_want_of_replicas_are_retried_and_every_turn_la
         assert await stored_texts(store) == live_texts(session)
         versions = [v.version for v in await store.versions(HOOKS_KEY)]
         assert versions == list(range(versions[0], versions[-1] + 1)) and versions[-1] == rs.version
-    finally:
-        await rs.aclose()
-        await session.aclose()
-        await store.aclose()
 
 
 async def test_writes_paused_past_the_socket_timeout_land_each_commit_once(
@@ -84,10 +77,11 @@ async def test_writes_paused_past_the_socket_timeout_land_each_commit_once(
     manoeuvre): reads are served, writes hang. failure-model.md "store stalls past the
     client timeout": the commit is sent again with its id, lands once, autosave goes on."""
     server = make_redis()
-    store, session, rs = await _live_session(
-        server.url, ["one", "two", "three"], socket_timeout=0.3, retries=1
-    )
-    try:
+    async with live_session(server.url, ["one", "two", "three"], socket_timeout=0.3, retries=1) as (
+        store,
+        session,
+        rs,
+    ):
         await session.run(user_input="a")
         await asyncio.wait_for(rs._autosave.idle.wait(), 10)
         server.cli("CLIENT", "PAUSE", "2000", "WRITE")
@@ -99,10 +93,6 @@ async def test_writes_paused_past_the_socket_timeout_land_each_commit_once(
         assert await stored_texts(store) == live_texts(session)
         versions = [v.version for v in await store.versions(HOOKS_KEY)]
         assert versions == list(range(1, rs.version + 1))
-    finally:
-        await rs.aclose()
-        await session.aclose()
-        await store.aclose()
 
 
 async def test_the_command_inbox_hears_commands_after_its_connection_is_killed(
@@ -112,20 +102,17 @@ async def test_the_command_inbox_hears_commands_after_its_connection_is_killed(
     owner's command inbox listens again, so a remote pause sent afterwards is applied
     (control.md; the existing tests cover a Cluster failover and a reader's own error)."""
     server = make_redis()
-    store, session, rs = await _live_session(server.url, ["one", "two"], socket_timeout=1)
-    sender = lr.open_store(server.url, namespace=store.namespace)
-    try:
-        await session.run(user_input="a")
-        await asyncio.wait_for(rs._autosave.idle.wait(), 10)
-        assert server.cli("CLIENT", "KILL", "TYPE", "pubsub").strip() == "1"
-        await asyncio.sleep(0.3)
-        assert await lr.control(sender).pause(HOOKS_KEY, timeout=5) >= 1
-        assert rs.state == "paused"
-    finally:
-        await rs.aclose()
-        await session.aclose()
-        await store.aclose()
-        await sender.aclose()
+    async with live_session(server.url, ["one", "two"], socket_timeout=1) as (store, session, rs):
+        sender = lr.open_store(server.url, namespace=store.namespace)  # type: ignore[attr-defined]
+        try:
+            await session.run(user_input="a")
+            await asyncio.wait_for(rs._autosave.idle.wait(), 10)
+            assert server.cli("CLIENT", "KILL", "TYPE", "pubsub").strip() == "1"
+            await asyncio.sleep(0.3)
+            assert await lr.control(sender).pause(HOOKS_KEY, timeout=5) >= 1
+            assert rs.state == "paused"
+        finally:
+            await sender.aclose()
 
 
 async def test_a_password_changed_under_a_live_session_is_unavailable_then_saves_again(
@@ -137,9 +124,11 @@ async def test_a_password_changed_under_a_live_session_is_unavailable_then_saves
     caplog.set_level(logging.WARNING, logger="livekit_resume")
     server = make_redis("--requirepass", "pw1")
     url = f"redis://:pw1@127.0.0.1:{server.port}/0"
-    store = lr.open_store(url, namespace=f"h{os.urandom(4).hex()}", socket_timeout=1.0)
-    session, rs, _ = await start(store, ["one", "two", "three"], autosave=True)
-    try:
+    async with live_session(url, ["one", "two", "three"], socket_timeout=1.0) as (
+        store,
+        session,
+        rs,
+    ):
         await session.run(user_input="a")
         await asyncio.wait_for(rs._autosave.idle.wait(), 10)
         sync_redis.Redis(port=server.port, password="pw1").config_set("requirepass", "pw2")
@@ -157,7 +146,3 @@ async def test_a_password_changed_under_a_live_session_is_unavailable_then_saves
         await asyncio.wait_for(rs._autosave.idle.wait(), 30)
         assert rs._autosave.lost is None
         assert await stored_texts(store) == live_texts(session)
-    finally:
-        await rs.aclose()
-        await session.aclose()
-        await store.aclose()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -24,8 +23,8 @@ from livekit_resume.stores.redis.url import RedisURL
 from tests.faults.cluster import until
 from tests.faults.sentinel import SERVICE, SentinelPair
 from tests.redis_servers import RedisSentinel, RedisServer, free_port, require_redis_server
-from tests.test_hooks import start
-from tests.test_redis_degraded import live_texts, stored_texts
+from tests.test_autosave_adversarial import live_texts, stored_texts
+from tests.test_redis_degraded import live_session
 
 # Each test below takes well under this; a store that hangs on Sentinel fails it instead.
 CAP = 8.0
@@ -271,31 +270,31 @@ async def test_a_graceful_sentinel_failover_under_a_talking_session_loses_no_tur
     conversation: the store ends up holding the live history."""
     require_redis_server()
     pair = SentinelPair(tmp_path / "s").start()
-    store = lr.open_store(pair.url, namespace=f"h{os.urandom(4).hex()}", socket_timeout=1.0)
-    session, rs, _ = await start(store, [f"reply {i}" for i in range(400)], autosave=True)
-    stop = asyncio.Event()
-
-    async def talk() -> None:
-        n = 0
-        while not stop.is_set():
-            await session.run(user_input=f"turn {n}")
-            n += 1
-            await asyncio.sleep(0.05)
-
-    talker = asyncio.ensure_future(talk())
     try:
-        await asyncio.sleep(1.0)
-        await asyncio.to_thread(_graceful_failover, pair)
-        await asyncio.sleep(2.0)
-        stop.set()
-        await talker
-        await asyncio.wait_for(rs._autosave.idle.wait(), 30)
-        assert rs._autosave.lost is None
-        assert await stored_texts(store) == live_texts(session)
+        async with live_session(
+            pair.url, [f"reply {i}" for i in range(400)], socket_timeout=1.0
+        ) as (store, session, rs):
+            stop = asyncio.Event()
+
+            async def talk() -> None:
+                n = 0
+                while not stop.is_set():
+                    await session.run(user_input=f"turn {n}")
+                    n += 1
+                    await asyncio.sleep(0.05)
+
+            talker = asyncio.ensure_future(talk())
+            try:
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(_graceful_failover, pair)
+                await asyncio.sleep(2.0)
+                stop.set()
+                await talker
+                await asyncio.wait_for(rs._autosave.idle.wait(), 30)
+                assert rs._autosave.lost is None
+                assert await stored_texts(store) == live_texts(session)
+            finally:
+                stop.set()
+                await asyncio.gather(talker, return_exceptions=True)
     finally:
-        stop.set()
-        await asyncio.gather(talker, return_exceptions=True)
-        await rs.aclose()
-        await session.aclose()
-        await store.aclose()
         pair.stop()
