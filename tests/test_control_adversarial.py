@@ -31,7 +31,14 @@ from livekit_resume.stores.sqlite.control import KEEP_SECONDS
 from livekit_resume.testing.poll import eventually
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_control import KEY, live, state
-from tests.test_job_policy_adversarial import GRACE, GatedCommits, Job, _sigterm_kept, run_job
+from tests.test_job_policy_adversarial import (
+    GRACE,
+    GatedCommits,
+    Job,
+    _sigterm_kept,
+    run_job,
+    state_is,
+)
 from tests.test_redis import rstore
 
 __all__ = ["_sigterm_kept", "rstore"]  # the fixtures, shared with their modules
@@ -419,6 +426,32 @@ async def test_a_caller_who_leaves_a_call_paused_from_afar_is_suspended_after_th
             return state(rs) == "suspended" and info is not None and info.owner is None
 
         await eventually(released, "the grace ran out: suspended, its lease released", 10 * GRACE)
+    finally:
+        await rs.aclose()
+        await session.aclose()
+
+
+async def test_a_hold_sent_while_the_caller_is_away_outlasts_the_callers_return(
+    _sigterm_kept: None,
+) -> None:
+    """The caller hangs up, so the policy pauses the call for its grace; an operator then
+    puts it on hold (a remote pause, answered done: it is paused). The caller comes back:
+    the policy's own pause is lifted, the operator's hold is not. It was: the policy
+    resumed any pause it had made, whoever asked for one since."""
+    store = MemoryStore()
+    j = Job(KEY)
+    session = make_text_session(ScriptedLLM(default="noted"))
+    rs = await run_job(j, session, store, leave_grace=30.0)
+    try:
+        await asyncio.wait_for(rs._control.listening.wait(), 10.0)
+        j.leave()
+        await state_is(rs, "paused")
+        await asyncio.wait_for(lr.control(store).pause(KEY, timeout=2.0), 10.0)  # done
+        j.join()
+        await asyncio.sleep(0.3)  # the policy's steps on the join have run by now
+        assert rs.state == "paused", "the caller's return lifted the operator's hold"
+        await asyncio.wait_for(lr.control(store).resume(KEY, timeout=2.0), 10.0)
+        assert state(rs) == "active"
     finally:
         await rs.aclose()
         await session.aclose()

@@ -101,6 +101,11 @@ class Job:
         p = self.room.remote_participants.pop(f"PA_{identity}")
         self.room.emit("participant_disconnected", p)
 
+    def join(self, identity: str = "caller") -> None:
+        p = remote_participant(identity)
+        self.room.remote_participants[f"PA_{identity}"] = p
+        self.room.emit("participant_connected", p)
+
 
 @pytest.fixture(autouse=True)
 def _sigterm_kept() -> Iterator[None]:

@@ -71,7 +71,9 @@ class ControlListener:
     (a takeover the worker has not yet heard of leaves it believing it still owns it).
     ``started()``: whether the session runs (a command before that is refused);
     ``busy()``: what a suspend, an end or a close under way makes of it, if one is (a
-    command then is refused, as the owner's own call would be)."""
+    command then is refused, as the owner's own call would be); ``paused_again()``: a
+    pause was asked of the session already paused (answered done, and it now stands as
+    that sender's too)."""
 
     def __init__(
         self,
@@ -81,6 +83,7 @@ class ControlListener:
         confirm: Callable[[], Awaitable[object]],
         started: Callable[[], bool] = lambda: True,
         busy: Callable[[], str | None] = lambda: None,
+        paused_again: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._session = session
@@ -88,6 +91,7 @@ class ControlListener:
         self._confirm = confirm
         self._started = started
         self._busy = busy
+        self._paused_again = paused_again
         self._task: asyncio.Task[None] | None = None
         self._handling: set[asyncio.Task[None]] = set()
         # one command at a time: a pause and a suspend sent together must not interleave;
@@ -215,7 +219,10 @@ class ControlListener:
             # before the shortcut below: a suspend writing its final save says "paused"
             return CommandReply("refused", reason=f"cannot {verb}: the session is {busy}")
         if s.state == _ALREADY.get(verb):
-            return CommandReply("done", s.version)  # sent again after a lost answer
+            # sent again after a lost answer, or a hold on a pause someone else made
+            if verb == "pause":
+                self._paused_again()
+            return CommandReply("done", s.version)
         if s.state not in _FROM[verb]:
             return CommandReply("refused", reason=f"cannot {verb}: the session is {s.state}")
         if not self._started():

@@ -134,7 +134,9 @@ class JobPolicy:
         self._room = room
         self._leave_grace = leave_grace
         self._rejoin = rejoin
-        self._left_pause = False  # the pause is ours: the caller left
+        # the session's pause count at the pause the policy made as the caller left: it
+        # is lifted on their return only while no one asked for a pause since (a hold)
+        self._left_pause: int | None = None
         self._listening = False
         self._started = False
         self._missed = False  # a participant came or went after listen(), before start()
@@ -207,7 +209,7 @@ class JobPolicy:
             return lambda: asyncio.shield(finishing)
         if self._room.remote_participants:
             self._cancel_timer()
-            if self._left_pause and state == "paused":
+            if state == "paused" and self._left_pause == self._rs._pauses:
                 return self._resume_after_leave
             if state == "suspended" and self._rejoin is not None:
                 return self._restore_in_place
@@ -228,7 +230,7 @@ class JobPolicy:
         self._arm(self._leave_grace or 0.0)
 
     async def _pause_for_leave(self) -> None:
-        self._left_pause = True
+        self._left_pause = self._rs._pauses + 1  # what this pause makes it
         try:
             await self._rs.pause()
         finally:
@@ -244,13 +246,13 @@ class JobPolicy:
         )
 
     async def _resume_after_leave(self) -> None:
-        self._left_pause = False
+        self._left_pause = None
         await self._rs.resume()
         log.info("session %r resumed: a participant came back", self._rs.key)
 
     async def _restore_in_place(self) -> None:
         assert self._rejoin is not None
-        self._left_pause = False
+        self._left_pause = None
         await self._rejoin()
         log.info(
             "session %r restored in this job at version %d: a participant joined",

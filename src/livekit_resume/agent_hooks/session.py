@@ -164,6 +164,9 @@ class ResumableSession:
         self._finishing: asyncio.Future[None] | None = None
         self._finishing_as = ""
         self._restoring = False  # a restore is under way: a second one is refused
+        # pauses asked of it, a remote one of the session already paused included: the
+        # job policy lifts a pause of its own only while no one asked for one since
+        self._pauses = 0
         # LiveKit's close of the AgentSession a suspend gave up, while it runs on
         self._session_close: asyncio.Future[None] | None = None
         # remote pause/resume/suspend (control.py), heard while the lease is held
@@ -174,6 +177,7 @@ class ResumableSession:
             self._holder.renew,
             started=self._started,
             busy=self._busy,
+            paused_again=self._paused_again,
         )
 
     # ------------------------------------------------------------ properties
@@ -583,6 +587,7 @@ class ResumableSession:
                 what = self._state
             raise RuntimeError(f"cannot pause session {self._key!r}: {what} meanwhile")
         self._state = "paused"
+        self._pauses += 1
         # armed before the save: a pause whose save fails is a pause all the same
         if self._suspend_after is not None:
             self._long_pause.arm(self._suspend_after, self._suspend_long_pause)
@@ -777,6 +782,9 @@ class ResumableSession:
         if self._finishing is not None:
             return f"being {self._finishing_as}"
         return None
+
+    def _paused_again(self) -> None:
+        self._pauses += 1
 
     def _started(self) -> bool:
         """Whether the attached `AgentSession` runs. Not ``current_agent``: a session
