@@ -38,6 +38,7 @@ from livekit_resume.testing.poll import eventually
 from tests.lk.fake_realtime import FakeRealtimeModel, FakeRealtimeSession
 from tests.lk.jobs import remote_participant
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+from tests.redis_servers import build_redis_store
 from tests.test_hooks import start
 
 DEADLINE = 2.0
@@ -490,4 +491,36 @@ async def test_a_restore_in_place_refused_because_a_newer_job_holds_the_key_keep
             await rs2.aclose()
         await newer.aclose()
         await session.aclose()
+        await store.aclose()
+
+
+async def test_an_ended_call_under_a_short_session_ttl_does_not_fail_every_later_call(
+    request: pytest.FixtureRequest,
+) -> None:
+    """docs/lifecycle.md: "An ended conversation is never resumed: a later call under the
+    key starts a new conversation (`resumable_job` first keeps the ended one aside under
+    `<key>~v<version>`)"; docs/multi-worker.md: "with a session `ttl`, `lease_ttl` must be
+    at most that long". A deployment with a short session ``ttl`` (10 s here) passes a
+    ``lease_ttl`` that fits (3 s), and its calls run. But `archive_stale` takes the key's
+    lease for a fixed ``ARCHIVE_LEASE_TTL`` (30 s), which the store refuses
+    (``ValueError``: "lease ttl 30.0 s is longer than the store's session ttl"): once a
+    conversation ended, every later call for the key fails, for as long as the ended
+    conversation is kept (the CLI clamps its own lease to the session ttl:
+    ``cli/snapshots.py`` ``_lease_ttl``)."""
+    store = await build_redis_store(
+        "redis", request, namespace=f"ttl{uuid.uuid4().hex[:10]}", ttl=10
+    )
+    key = f"caller-{uuid.uuid4().hex[:6]}"
+    try:
+        for said in ("my order is 4711", "hello again"):
+            j = Job(key)
+            session = make_text_session(ScriptedLLM(default="noted"))
+            try:
+                rs = await asyncio.wait_for(run_job(j, session, store, lease_ttl=3), 5.0)
+                assert not rs.resumed
+                await asyncio.wait_for(session.run(user_input=said), 5.0)
+                await asyncio.wait_for(rs.end(), 5.0)
+            finally:
+                await session.aclose()
+    finally:
         await store.aclose()

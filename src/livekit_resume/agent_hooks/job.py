@@ -305,24 +305,28 @@ async def archive_stale(
     older_than: float | None,
     owner: str,
     info: SessionInfo | Literal[False] | None = False,
+    lease_ttl: float = ARCHIVE_LEASE_TTL,
 ) -> str | None:
     """If ``key``'s conversation ended (`ResumableSession.end`) or was last saved more
     than ``older_than`` seconds ago, copy its latest version whole to
     ``<key>~v<version>`` (see `_archive_key`), remove ``key`` and return the archive's
     key; else None. A session some worker still holds is left alone. ``info``:
-    ``store.info(key)`` when the caller has just read it (not read again)."""
+    ``store.info(key)`` when the caller has just read it (not read again). ``lease_ttl``:
+    of the lease held meanwhile, at most the store's session ttl (the job's own)."""
     if info is False:
         info = await store.info(key)
     if info is None or info.version == 0 or info.owner is not None:
         return None
-    age = time.time() - info.updated_at
+    # by the store's clock, which wrote updated_at: this worker's may run ahead or behind
+    now = info.read_at if info.read_at is not None else time.time()
+    age = now - info.updated_at
     ended = info.info.get("state") == "ended"
     if not ended and (older_than is None or age <= older_than):
         return None
     # Held from the check to the delete, which it fences: a worker that takes the key
     # over meanwhile (``takeover=True``) keeps it, and with it every turn it wrote.
     try:
-        held = await _acquire(store, key, owner)
+        held = await _acquire(store, key, owner, lease_ttl)
     except SessionBusy:
         return None  # a worker holds it now: it is that worker's
     deleted = False
@@ -332,7 +336,7 @@ async def archive_stale(
             return None  # saved again since it was found stale
         snap = from_stored(codec, stored)
         archive, kept = await _archive_key(store, codec, key, stored.version, snap)
-        lease = await _acquire(store, archive, owner)
+        lease = await _acquire(store, archive, owner, lease_ttl)
         try:
             if not kept:
                 copy = snap.model_copy(update={"key": archive, "epoch": lease.epoch})
@@ -394,13 +398,11 @@ async def _archive_key(
     raise AssertionError("unreachable")
 
 
-async def _acquire(store: Store, key: str, owner: str) -> Lease:
+async def _acquire(store: Store, key: str, owner: str, ttl: float) -> Lease:
     """``store.acquire`` for `archive_stale`: a lease granted to a caller cancelled
     meanwhile (the job shut down) is released, not left to refuse the next restore for
-    ARCHIVE_LEASE_TTL (`lease.granted`, as for a restore's lease)."""
-    return await granted(
-        store, store.acquire(key, owner, ttl=ARCHIVE_LEASE_TTL), lambda lease: lease
-    )
+    its ttl (`lease.granted`, as for a restore's lease)."""
+    return await granted(store, store.acquire(key, owner, ttl=ttl), lambda lease: lease)
 
 
 async def _token_key(
@@ -503,7 +505,18 @@ async def resumable_job(
         info = await store.info(name)
         _refuse_same_job(info, name, owner)
         codec: Codec = options.pop("codec", None) or codec_for(store)
-        await archive_stale(store, codec, name, older_than=resume_within, owner=owner, info=info)
+        # the session's own lease ttl when shorter: a store with a short session ttl
+        # refuses a lease that outlives its sessions
+        archive_ttl = min(ARCHIVE_LEASE_TTL, options.get("lease_ttl", ARCHIVE_LEASE_TTL))
+        await archive_stale(
+            store,
+            codec,
+            name,
+            older_than=resume_within,
+            owner=owner,
+            info=info,
+            lease_ttl=archive_ttl,
+        )
 
         async def on_lost(error: LeaseLost) -> None:
             # a newer job took the conversation over: stop speaking, write nothing, end
@@ -563,7 +576,14 @@ async def resumable_job(
                 # callbacks read this session's history
                 kept = list(session.history.items)
                 try:
-                    await archive_stale(store, codec, name, older_than=resume_within, owner=owner)
+                    await archive_stale(
+                        store,
+                        codec,
+                        name,
+                        older_than=resume_within,
+                        owner=owner,
+                        lease_ttl=archive_ttl,
+                    )
                     session.history.items.clear()
                     restored = await rs.restore(session, default=default)
                 except BaseException:

@@ -219,7 +219,8 @@ _ROW_FIELDS = (
 def session_rows(infos: Iterable[SessionInfo | Unreadable], now: float) -> list[dict[str, Any]]:
     """``ls``: the row of each session (``--json`` prints them without ``updated_ts``);
     a session that cannot be read has its ``error`` and ``message``, and the ``state``
-    ``unreachable`` when its store node does not answer, nothing else."""
+    ``unreachable`` when its store node does not answer, nothing else. A lease counts
+    down by the store's clock (`SessionInfo.read_at`), ``now`` where it does not say."""
     rows: list[dict[str, Any]] = []
     for info in infos:
         if isinstance(info, Unreadable):
@@ -243,7 +244,11 @@ def session_rows(infos: Iterable[SessionInfo | Unreadable], now: float) -> list[
                 "items": info.info.get("items"),
                 "owner": info.owner if live else None,
                 "lease_expires_at": iso(expires),
-                "lease_expires_in": max(expires - now, 0.0) if expires is not None else None,
+                "lease_expires_in": (
+                    max(expires - (now if info.read_at is None else info.read_at), 0.0)
+                    if expires is not None
+                    else None
+                ),
                 "updated_at": iso(info.updated_at),
                 "updated_ts": info.updated_at,
             }

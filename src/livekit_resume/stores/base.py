@@ -220,7 +220,7 @@ class Lease:
     key: str
     owner: str
     epoch: int
-    expires_at: float  # wall-clock seconds (time.time())
+    expires_at: float  # wall-clock seconds by the store's clock (Redis: the server's TIME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +283,10 @@ class SnapshotInfo:
 
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
-    """One session key: its latest version and who holds it."""
+    """One session key: its latest version and who holds it. ``read_at`` is the store's
+    clock when it was read (Redis: the session's server's ``TIME``): compare the times
+    with it, not with this host's clock, which may run ahead or behind (None: a store
+    that does not say)."""
 
     key: str
     version: int
@@ -293,6 +296,7 @@ class SessionInfo:
     updated_at: float
     expires_at: float | None
     info: dict[str, str | int | float | bool | None]
+    read_at: float | None = None
 
 
 @runtime_checkable

@@ -230,7 +230,8 @@ class MemoryStore:
         if s is None:
             return None
         top = s.versions[-1] if s.versions else None
-        live = lease_is_live(s.lease_expires_at, self._clock())
+        now = self._clock()
+        live = lease_is_live(s.lease_expires_at, now)
         return SessionInfo(
             key=key,
             version=top.version if top else 0,
@@ -240,6 +241,7 @@ class MemoryStore:
             updated_at=s.touched_at,
             expires_at=s.touched_at + self._ttl if self._ttl is not None else None,
             info=dict(top.info) if top else {},
+            read_at=now,
         )
 
     async def infos(self, keys: Sequence[str]) -> list[SessionInfo | ResumeError | None]:

@@ -1,5 +1,5 @@
 -- info: the session's latest version, epoch, live lease and listing info.
--- Reply: {'ok', version, epoch, touched, info or '', {owner, expires} or {}} |
+-- Reply: {'ok', version, epoch, touched, info or '', {owner, expires} or {}, now} |
 --        {'absent', '1' if there is no head at all, a key left without head or ''} |
 --        {'corrupt', message}  (the 'absent' reply is load's)
 local function main()
@@ -17,7 +17,7 @@ local function main()
   if s.owner ~= nil and s.expires ~= nil and s.expires > NOW then
     lease = {s.owner, fmt(s.expires)}
   end
-  return {'ok', s.version, fmt(s.epoch), fmt(s.touched), info, lease}
+  return {'ok', s.version, fmt(s.epoch), fmt(s.touched), info, lease, fmt(NOW)}
 end
 
 return run(main)

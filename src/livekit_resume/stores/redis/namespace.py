@@ -211,13 +211,11 @@ class Namespace:
         `StoreUnavailable`): one node down hides no session of the others, and none of
         its own."""
         heads = await self._heads_by_node(members)
-        with self._server.errors("keys", None):
-            now = await self._server_now()
-        headless = [m for m, touched in zip(members, heads, strict=True) if touched is None]
+        headless = [m for m, (touched, _) in zip(members, heads, strict=True) if touched is None]
         damaged = await self._with_remains(headless)
         return [
             member
-            for member, touched in zip(members, heads, strict=True)
+            for member, (touched, now) in zip(members, heads, strict=True)
             if _is_live(touched, self._ttl, now) or member in damaged
         ]
 
@@ -228,16 +226,21 @@ class Namespace:
             pipe.hget(self._names.head(m), "touched")
         return cast("list[Any]", await pipe.execute(raise_on_error=False))
 
-    async def _heads_by_node(self, members: Sequence[str]) -> list[Any]:
-        """`_heads` read node by node on a Cluster, at once (`Server.node_by_node`): a
-        member of a node that does not answer gets its `StoreUnavailable` as its head
-        (listed: `_is_live`)."""
+    async def _heads_by_node(self, members: Sequence[str]) -> list[tuple[Any, float]]:
+        """`_heads` read node by node on a Cluster, at once (`Server.node_by_node`), each
+        with the clock of the node that holds it, which wrote its ``touched``: another
+        node's may run ahead or behind. A member of a node that does not answer gets its
+        `StoreUnavailable` as its head (listed: `_is_live`)."""
+        heads = [self._names.head(m) for m in members]
 
         async def read(at: list[int]) -> list[Any]:
             with self._server.errors("keys", None):
-                return await self._heads(self._server.client, [members[i] for i in at])
+                touched = await self._heads(self._server.client, [members[i] for i in at])
+                now = await self._server_now(heads[at[0]])
+            return [(t, now) for t in touched]
 
-        return await self._server.node_by_node([self._names.head(m) for m in members], read)
+        got = await self._server.node_by_node(heads, read)
+        return [r if isinstance(r, tuple) else (r, 0.0) for r in got]
 
     async def _with_remains(self, headless: Sequence[str]) -> set[str]:
         """Those of the listed ``headless`` members that lost their head but left keys
@@ -282,14 +285,14 @@ class Namespace:
             found += await _scan_node(client, node, pattern)
         return found
 
-    async def _server_now(self) -> float:
+    async def _server_now(self, name: str) -> float:
+        """The clock of the server holding ``name``, which just answered (a Cluster
+        sends TIME to its default node, which may be the one that is down)."""
         if self._clock is not None:
             return self._clock()
         client = self._server.client
         if isinstance(client, RedisCluster):
-            # the clock of the index's node, which just answered: a Cluster sends TIME
-            # to its default node, which may be the one that is down
-            node = client.get_node_from_key(self._names.index)
+            node = client.get_node_from_key(name)
             sec, usec = await client.time(target_nodes=node)
         else:
             sec, usec = await client.time()

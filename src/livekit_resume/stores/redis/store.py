@@ -729,7 +729,7 @@ class RedisStore:
             reply = await self._headless(key, "info", [], reply)
             if reply[0] == b"absent":
                 return None
-        _, version, epoch, touched, info, lease = reply
+        _, version, epoch, touched, info, lease, now = reply
         updated_at = float(touched)
         return SessionInfo(
             key=key,
@@ -740,6 +740,7 @@ class RedisStore:
             updated_at=updated_at,
             expires_at=updated_at + self._ttl if self._ttl is not None else None,
             info=unpack_info(info, key) if info else {},
+            read_at=float(now),
         )
 
     # -- the namespace ---------------------------------------------------------------

@@ -516,6 +516,7 @@ class SQLiteStore:
             updated_at=touched,
             expires_at=touched + self._ttl if self._ttl is not None else None,
             info=_info(top[0], key) if top is not None else {},
+            read_at=now,
         )
 
     async def keys(self) -> list[str]:

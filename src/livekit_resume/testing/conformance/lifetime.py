@@ -22,7 +22,7 @@ from ...stores.base import (
 )
 from ..poll import eventually
 from ._base import StoreTests
-from ._model import KEY, InfoDict, Writer, writer
+from ._model import KEY, InfoDict, Writer, seen, writer
 
 BAD_KEYS = ["", "a\x00b", "line\nbreak", "tab\there", "del\x7f", "x" * (MAX_KEY_BYTES + 1)]
 BAD_KEYS.append("\u00e9" * (MAX_KEY_BYTES // 2 + 1))  # few characters, too many bytes
@@ -169,7 +169,7 @@ class LifetimeTests(StoreTests):
         await store.delete(names[1])
         asked = [*reversed(names), "never-made", names[7]]
         got = await store.infos(asked)
-        assert got == [await store.info(key) for key in asked]
+        assert [seen(i) for i in got] == [seen(await store.info(key)) for key in asked]
         assert got[asked.index(names[1])] is None and got[asked.index("never-made")] is None
         held = got[asked.index(names[10])]
         assert isinstance(held, SessionInfo) and (held.owner, held.version) == ("worker-1", 0)
@@ -254,6 +254,8 @@ class LifetimeTests(StoreTests):
         assert (info.key, info.version, info.epoch, info.owner) == (KEY, 2, lease.epoch, "worker-a")
         assert info.lease_expires_at == pytest.approx(lease.expires_at, abs=0.01)
         assert before - 1 <= info.updated_at <= after + 1
+        # the store's clock as it read the info (optional: None where a store cannot say)
+        assert info.read_at is None or info.updated_at <= info.read_at <= time.time() + 1
         assert info.expires_at == pytest.approx(info.updated_at + 3600, abs=0.01)
         assert info.info == latest
         assert info.info["muted"] is False and isinstance(info.info["turns"], int)
