@@ -12,11 +12,10 @@ a session is needed, real `AgentSession`s with the scripted LLM.
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 import types
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,7 +24,9 @@ import livekit_resume as lr
 from livekit_resume.agent_hooks import job as job_module
 from livekit_resume.stores.base import Store
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
-from tests.test_job_policy_adversarial import Job, run_job
+from tests.test_job_policy_adversarial import Job, _sigterm_kept, run_job
+
+__all__ = ["_sigterm_kept"]  # the fixture (autouse), shared with its module
 
 DEADLINE = 5.0
 SKEW = 120.0  # seconds between a worker's wall clock and Redis's
@@ -40,14 +41,6 @@ def _skewed_time(offset: float) -> Any:
     )
     fake.time = lambda: real() + offset
     return fake
-
-
-@pytest.fixture(autouse=True)
-def _sigterm_kept() -> Iterator[None]:
-    """`resumable_job` ignores SIGTERM in its (job) process: not in pytest's."""
-    kept = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, kept)
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import itertools
@@ -507,16 +508,16 @@ async def resumable_job(
         codec: Codec = options.pop("codec", None) or codec_for(store)
         # the session's own lease ttl when shorter: a store with a short session ttl
         # refuses a lease that outlives its sessions
-        archive_ttl = min(ARCHIVE_LEASE_TTL, options.get("lease_ttl", ARCHIVE_LEASE_TTL))
-        await archive_stale(
+        archive = functools.partial(
+            archive_stale,
             store,
             codec,
             name,
             older_than=resume_within,
             owner=owner,
-            info=info,
-            lease_ttl=archive_ttl,
+            lease_ttl=min(ARCHIVE_LEASE_TTL, options.get("lease_ttl", ARCHIVE_LEASE_TTL)),
         )
+        await archive(info=info)
 
         async def on_lost(error: LeaseLost) -> None:
             # a newer job took the conversation over: stop speaking, write nothing, end
@@ -576,14 +577,7 @@ async def resumable_job(
                 # callbacks read this session's history
                 kept = list(session.history.items)
                 try:
-                    await archive_stale(
-                        store,
-                        codec,
-                        name,
-                        older_than=resume_within,
-                        owner=owner,
-                        lease_ttl=archive_ttl,
-                    )
+                    await archive()
                     session.history.items.clear()
                     restored = await rs.restore(session, default=default)
                 except BaseException:
