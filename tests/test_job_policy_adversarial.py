@@ -62,8 +62,16 @@ class Job:
     """A `JobContext` on LiveKit's mock room, as a job process has it; ``shutdowns``
     holds the reasons ``ctx.shutdown`` was called with."""
 
-    def __init__(self, room_name: str, *, caller: bool = True) -> None:
-        room = create_mock_room()
+    def __init__(
+        self,
+        room_name: str,
+        *,
+        caller: bool = True,
+        executor: JobExecutorType = JobExecutorType.PROCESS,
+    ) -> None:
+        # a room of its own: LiveKit's create_mock_room is cached (one room for all jobs,
+        # which would also keep every job alive through the listeners on it)
+        room = create_mock_room.__wrapped__()
         emitter: rtc.EventEmitter[str] = rtc.EventEmitter()
         room.on, room.off, room.once, room.emit = (
             emitter.on,
@@ -88,15 +96,20 @@ class Job:
             fake_job=True,
         )
         self.ctx = JobContext(
-            proc=JobProcess(
-                executor_type=JobExecutorType.PROCESS, user_arguments=None, http_proxy=None
-            ),
+            proc=JobProcess(executor_type=executor, user_arguments=None, http_proxy=None),
             info=info,
             room=room,
             on_connect=lambda: None,
             on_shutdown=self.shutdowns.append,
             inference_executor=None,  # type: ignore[arg-type]
         )
+
+    async def shut_down(self, session: AgentSession[Any]) -> None:
+        """What LiveKit does at the end of a job: close its primary session, then run
+        the shutdown callbacks."""
+        await session.aclose()
+        for callback in list(self.ctx._shutdown_callbacks):
+            await callback("job ended")
 
     def leave(self, identity: str = "caller") -> None:
         p = self.room.remote_participants.pop(f"PA_{identity}")

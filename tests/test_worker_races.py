@@ -878,7 +878,8 @@ async def _entry_rejoin_start_fails(ctx: Any) -> None:
         failing.append(True)
 
     def settled(_: list[str]) -> None:
-        busy = bool(_policies[ctx]._tasks) or bool(failing)
+        policy = _policies[ctx]()  # listening, so alive
+        busy = (policy is not None and bool(policy._tasks)) or bool(failing)
         jobs.report("SETTLED", int(not busy), rs.state, int(rs._lease is not None))
 
     _serve(session, rs)

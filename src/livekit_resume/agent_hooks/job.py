@@ -434,8 +434,14 @@ def _refuse_same_job(info: SessionInfo | None, key: str, owner: str) -> None:
 
 # The policy of each job's latest resumable_job call: a later call in the same job (after
 # a suspend, with a new AgentSession) retires the earlier one, which would otherwise take
-# the key back when a participant joins.
-_policies: weakref.WeakKeyDictionary[JobContext, JobPolicy] = weakref.WeakKeyDictionary()
+# the key back when a participant joins. Held weakly (the room's listeners keep it while
+# it listens): it holds the job's context (its session's on_lost does), so a strong value
+# would keep its key, and every job a worker ever ran in its process, alive for good.
+_policies: weakref.WeakKeyDictionary[JobContext, weakref.ref[JobPolicy]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 # The keys each job is restoring right now (until its lease is taken and the store shows it):
 # a resumable_job call, or a policy's restore in place.
 _restoring: weakref.WeakKeyDictionary[JobContext, set[str]] = weakref.WeakKeyDictionary()
@@ -498,116 +504,124 @@ async def resumable_job(
     _ignore_sigterm()
     opened = store is None
     store = store or open_store()
-    name = await _token_key(store, ctx, token) or await _resolve_key(ctx, key)
-    owner = job_owner(ctx)
-    # another call of this job, or the restore in place of an earlier one, racing for
-    # the key: refused here
-    with _restoring_key(ctx, name, owner):
-        info = await store.info(name)
-        _refuse_same_job(info, name, owner)
-        codec: Codec = options.pop("codec", None) or codec_for(store)
-        # the session's own lease ttl when shorter: a store with a short session ttl
-        # refuses a lease that outlives its sessions
-        archive = functools.partial(
-            archive_stale,
-            store,
-            codec,
-            name,
-            older_than=resume_within,
-            owner=owner,
-            lease_ttl=min(ARCHIVE_LEASE_TTL, options.get("lease_ttl", ARCHIVE_LEASE_TTL)),
-        )
-        await archive(info=info)
-
-        async def on_lost(error: LeaseLost) -> None:
-            # a newer job took the conversation over: stop speaking, write nothing, end
-            log.warning(
-                "session %r was taken over by another job; this job stops: %s",
+    try:
+        name = await _token_key(store, ctx, token) or await _resolve_key(ctx, key)
+        owner = job_owner(ctx)
+        # another call of this job, or the restore in place of an earlier one, racing for
+        # the key: refused here
+        with _restoring_key(ctx, name, owner):
+            info = await store.info(name)
+            _refuse_same_job(info, name, owner)
+            codec: Codec = options.pop("codec", None) or codec_for(store)
+            # the session's own lease ttl when shorter: a store with a short session ttl
+            # refuses a lease that outlives its sessions
+            archive = functools.partial(
+                archive_stale,
+                store,
+                codec,
                 name,
-                error,
-                extra={"key": name},
+                older_than=resume_within,
+                owner=owner,
+                lease_ttl=min(ARCHIVE_LEASE_TTL, options.get("lease_ttl", ARCHIVE_LEASE_TTL)),
             )
+            await archive(info=info)
+
+            async def on_lost(error: LeaseLost) -> None:
+                # a newer job took the conversation over: stop speaking, write nothing, end
+                log.warning(
+                    "session %r was taken over by another job; this job stops: %s",
+                    name,
+                    error,
+                    extra={"key": name},
+                )
+                try:
+                    policy.stop()
+                    # not bounded here: LiveKit marks every interrupted speech done within
+                    # speech_handle.INTERRUPTION_TIMEOUT (5 s in 1.8.9)
+                    with contextlib.suppress(RuntimeError):  # not started yet: nothing speaks
+                        await session.interrupt(force=True)
+                    session.output.set_audio_enabled(False)
+                    session.input.set_audio_enabled(False)
+                    await rs.aclose()
+                    await session.aclose()  # raises what a model's close raised (a reset socket)
+                finally:
+                    # whatever failed above, this job leaves the room: the newer one serves it
+                    ctx.shutdown(reason=f"session {name!r} was taken over by another job")
+
+            rs = ResumableSession(
+                store,
+                name,
+                registry=registry,
+                owner=owner,
+                room=ctx.room,
+                on_lost=on_lost,
+                suspend_after=suspend_after,
+                codec=codec,
+                **options,
+            )
+            opts = room_options or room_io.RoomOptions()
+            if leave_grace is not None:
+                opts = dataclasses.replace(opts, close_on_disconnect=False)  # the grace decides
+
+            closed = asyncio.Event()  # a suspend closes the session last, after the lease is freed
+            session.on("close", lambda _ev: closed.set())
+
+            async def rejoin() -> None:
+                # Suspended in this job and a participant joined: the store holds the conversation,
+                # the closed AgentSession restarts with it (LiveKit restarts a closed session and
+                # it stays the job's primary one: its report, recording and shutdown close).
+                # LiveKit's restart logs "Failed to detach context" from opentelemetry: start()
+                # detaches the token its first start attached in the entrypoint's task; harmless.
+                # No takeover: a newer job serving the key (the caller back in another room)
+                # keeps it; this older one stays suspended (SessionBusy, logged) and may try
+                # again on the next join, so ``closed`` is cleared only once it restored.
+                # A later resumable_job call for the key racing this restore is refused, and
+                # this one is refused while such a call runs.
+                await closed.wait()
+                with _restoring_key(ctx, name, owner):
+                    # the history as the session closed with it, back if the restore fails
+                    # (refused: a newer job holds the key): the job's report and shutdown
+                    # callbacks read this session's history
+                    kept = list(session.history.items)
+                    try:
+                        await archive()
+                        session.history.items.clear()
+                        restored = await rs.restore(session, default=default)
+                    except BaseException:
+                        session.history.items[:] = kept
+                        raise
+                    closed.clear()
+                    try:
+                        await session.start(restored, room=ctx.room, room_options=opts)
+                    except BaseException:
+                        # Nothing runs: suspended again, the lease freed (held, nobody else
+                        # could take the call and autosave would renew it), and ``closed``
+                        # set again (a session that never started never closes), so the
+                        # next join tries again.
+                        await rs._unrestore()
+                        closed.set()
+                        raise
+
+            policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace, rejoin=rejoin)
+            held = _policies.get(ctx)
+            earlier = held() if held is not None else None
+            if earlier is not None:
+                earlier.stop()
+            _policies[ctx] = weakref.ref(policy)
+            # listening from here: a caller gone during the restore or session.start() is
+            # heard, and acted on once the policy starts
+            policy.listen()
             try:
+                agent = await rs.restore(session, default=default, takeover=True)
+            except BaseException:
                 policy.stop()
-                # not bounded here: LiveKit marks every interrupted speech done within
-                # speech_handle.INTERRUPTION_TIMEOUT (5 s in 1.8.9)
-                with contextlib.suppress(RuntimeError):  # not started yet: nothing speaks
-                    await session.interrupt(force=True)
-                session.output.set_audio_enabled(False)
-                session.input.set_audio_enabled(False)
-                await rs.aclose()
-                await session.aclose()  # raises what a model's close raised (a reset socket)
-            finally:
-                # whatever failed above, this job leaves the room: the newer one serves it
-                ctx.shutdown(reason=f"session {name!r} was taken over by another job")
-
-        rs = ResumableSession(
-            store,
-            name,
-            registry=registry,
-            owner=owner,
-            room=ctx.room,
-            on_lost=on_lost,
-            suspend_after=suspend_after,
-            codec=codec,
-            **options,
-        )
-        opts = room_options or room_io.RoomOptions()
-        if leave_grace is not None:
-            opts = dataclasses.replace(opts, close_on_disconnect=False)  # the grace decides
-
-        closed = asyncio.Event()  # a suspend closes the session last, after the lease is freed
-        session.on("close", lambda _ev: closed.set())
-
-        async def rejoin() -> None:
-            # Suspended in this job and a participant joined: the store holds the conversation,
-            # the closed AgentSession restarts with it (LiveKit restarts a closed session and
-            # it stays the job's primary one: its report, recording and shutdown close).
-            # LiveKit's restart logs "Failed to detach context" from opentelemetry: start()
-            # detaches the token its first start attached in the entrypoint's task; harmless.
-            # No takeover: a newer job serving the key (the caller back in another room)
-            # keeps it; this older one stays suspended (SessionBusy, logged) and may try
-            # again on the next join, so ``closed`` is cleared only once it restored.
-            # A later resumable_job call for the key racing this restore is refused, and
-            # this one is refused while such a call runs.
-            await closed.wait()
-            with _restoring_key(ctx, name, owner):
-                # the history as the session closed with it, back if the restore fails
-                # (refused: a newer job holds the key): the job's report and shutdown
-                # callbacks read this session's history
-                kept = list(session.history.items)
-                try:
-                    await archive()
-                    session.history.items.clear()
-                    restored = await rs.restore(session, default=default)
-                except BaseException:
-                    session.history.items[:] = kept
-                    raise
-                closed.clear()
-                try:
-                    await session.start(restored, room=ctx.room, room_options=opts)
-                except BaseException:
-                    # Nothing runs: suspended again, the lease freed (held, nobody else
-                    # could take the call and autosave would renew it), and ``closed``
-                    # set again (a session that never started never closes), so the
-                    # next join tries again.
-                    await rs._unrestore()
-                    closed.set()
-                    raise
-
-        policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace, rejoin=rejoin)
-        earlier = _policies.get(ctx)
-        if earlier is not None:
-            earlier.stop()
-        _policies[ctx] = policy
-        # listening from here: a caller gone during the restore or session.start() is
-        # heard, and acted on once the policy starts
-        policy.listen()
-        try:
-            agent = await rs.restore(session, default=default, takeover=True)
-        except BaseException:
-            policy.stop()
-            raise
+                raise
+    except BaseException:
+        # nothing holds the store it opened now (the shutdown callback that closes it
+        # is not registered yet): a worker would keep one per failed job
+        if opened:
+            await store.aclose()
+        raise
 
     async def on_shutdown(_reason: str) -> None:
         await rs.aclose()  # usually done already: the session's close saved it

@@ -34,7 +34,11 @@ class _Inbox(InboxBase):
         return await self._queue.get()
 
     async def _close(self) -> None:
-        self._owner._inboxes.get(self._key, set()).discard(self)
+        inboxes = self._owner._inboxes
+        here = inboxes.get(self._key, set())
+        here.discard(self)
+        if not here:
+            inboxes.pop(self._key, None)  # else one entry per key ever listened on
 
 
 class MemoryCommands:

@@ -268,6 +268,9 @@ class Server:
     def __init__(self, client: Client, where: str | None = None) -> None:
         self.client = client
         self.where = where if where is not None else describe_client(client)
+        # set by the store's aclose: redis-py would connect again on the next command,
+        # holding a connection (and granting leases) nobody closes or renews
+        self.closed = False
         # Cluster nodes whose listing read failed: when, and the error (`node_by_node`)
         self._down: dict[str, tuple[float, Exception]] = {}
 
@@ -326,6 +329,10 @@ class Server:
     def errors(self, op: str, key: str | None) -> Iterator[None]:
         """Turn redis-py's errors into ours, naming the server and the operation."""
         what = f"{op} of session {key!r}" if key is not None else op
+        if self.closed:
+            raise StoreUnavailable(
+                f"{self.where}: cannot {what}: the store is closed; open a new one"
+            )
         try:
             yield
         except ResumeError:

@@ -825,9 +825,11 @@ class RedisStore:
         return self._commands
 
     async def aclose(self) -> None:
-        """Close the client and its connection pool."""
+        """Close the client and its connection pool; every call after it raises
+        `StoreUnavailable`."""
         await self._check.aclose()
         await self._namespace_index.aclose()
         if self._commands is not None:
             await self._commands.aclose()
         await self._client.aclose()
+        self._server.closed = True
