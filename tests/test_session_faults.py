@@ -23,7 +23,7 @@ from livekit.agents import AgentSession
 import livekit_resume as lr
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
-from livekit_resume.stores.base import Commit, Store
+from livekit_resume.stores.base import Commit, Lease, Store
 from tests.lk.scripted_llm import ScriptedLLM
 from tests.test_hooks import (
     KEY,
@@ -180,6 +180,56 @@ class Forgetful:
             self.times -= 1
             return commit.base_version + 1
         return await self.inner.commit(commit)
+
+
+class CancelledAtAcquire(Forgetful):
+    """`Forgetful`, and the task ``target`` cancelled as the store's answer to an
+    ``acquire`` comes back (a job shut down, a ``wait_for`` around the call)."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.target: asyncio.Future[Any] | None = None
+
+    async def acquire(self, *args: Any, **kwargs: Any) -> Lease:
+        lease: Lease = await self.inner.acquire(*args, **kwargs)
+        if self.target is not None:
+            self.target.cancel()
+            self.target = None
+        return lease
+
+
+async def test_a_checkpoint_cancelled_as_it_acquires_a_rolled_back_session_again_keeps_the_lease(
+    store: Store,
+) -> None:
+    """The store lost an acknowledged version while the session was held (a failover to
+    a replica that had not received it), so the next checkpoint acquires the session
+    again; that checkpoint is cancelled just as the store grants it. The grant is the
+    live session's own lease: it stays held. It was given back, as a cancelled restore's
+    is: another worker then restored the key without takeover, and the live worker was
+    fenced with turns b and c in memory only."""
+    wrapped = CancelledAtAcquire(store)
+    session, rs, _ = await start(wrapped, ["one", "two", "three"])
+    await session.run(user_input="a")
+    await rs.checkpoint()
+    wrapped.times = 1
+    await session.run(user_input="b")
+    await rs.checkpoint()  # acknowledged, then lost: the store is behind, the lease ours
+    await session.run(user_input="c")
+    task = asyncio.ensure_future(rs.checkpoint())  # its commit refused: it acquires again
+    wrapped.target = task
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10.0)
+    info = await store.info(KEY)
+    assert info is not None and info.owner == "w1", "the live session's lease was given up"
+    other = lr.ResumableSession(store, KEY, registry=registry(), userdata_type=Visit, owner="w2")
+    with pytest.raises(lr.SessionBusy):
+        await asyncio.wait_for(
+            other.restore(AgentSession(userdata=Visit()), default=Receptionist), 10.0
+        )
+    await asyncio.wait_for(rs.checkpoint(), 10.0)  # the live worker goes on, whole
+    assert texts(await saved(store)) == live_texts(session)
+    await rs.aclose()
+    await session.aclose()
 
 
 async def test_a_session_whose_store_lost_acknowledged_versions_is_written_whole(

@@ -145,8 +145,9 @@ class LeaseHolder:
         # read as this holder fenced by its own acquisition.
         self.vanished = True
         try:
-            await self.acquire(takeover=False)
+            await self._acquire_kept()
             info = await self._store.info(self.key)
+            self.vanished = False
         except SessionBusy as e:
             raise LeaseLost(
                 f"session {self.key!r} vanished from the store and {e.holder!r} acquired it "
@@ -167,6 +168,19 @@ class LeaseHolder:
             extra={"key": self.key, "version": version},
         )
         return held
+
+    async def _acquire_kept(self) -> None:
+        """`acquire` (no takeover) for the live session itself: a grant that lands as its
+        caller is cancelled is kept, not given back as a restore's is (`granted`). The
+        session runs on and releases it when it closes; given back, another worker could
+        restore the key under it, and this one would be fenced with its turns unsaved."""
+        sent = time.monotonic()
+
+        async def take() -> None:
+            self.lease = await self._store.acquire(self.key, self.owner, ttl=self.ttl)
+            self.renewed_at = sent
+
+        await to_its_end(take())
 
     async def release(self, *, within: float | None = None) -> None:
         """Give the lease up; a failure is logged and counted (the lease then expires).

@@ -296,7 +296,8 @@ class SessionInfo:
     updated_at: float
     expires_at: float | None
     info: dict[str, str | int | float | bool | None]
-    read_at: float | None = None
+    # not compared: two reads of an unchanged session are equal
+    read_at: float | None = field(default=None, compare=False)
 
 
 @runtime_checkable

@@ -3,12 +3,7 @@ here (not `fold_records`), so a bug shared by the stores and the fold would stil
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TypeVar
-
-from ...stores.base import Commit, Lease, Record, SessionInfo, Store, Stored
-
-T = TypeVar("T")
+from ...stores.base import Commit, Lease, Record, Store, Stored
 
 KEY = "room-42"
 Items = dict[str, list[tuple[str, bytes]]]
@@ -126,13 +121,6 @@ async def writer(
 
 
 async def snapshot_of(store: Store, key: str = KEY) -> tuple[object, ...]:
-    """Everything a reader can see of a key, to compare before and after a refusal (the
-    store's clock as it read the info aside)."""
+    """Everything a reader can see of a key, to compare before and after a refusal."""
     info = await store.info(key)
-    return (await store.load(key), await store.versions(key), info and info.version, seen(info))
-
-
-def seen(info: T) -> T:
-    """``info`` as a reader sees the session, without the store's clock as it read it
-    (`SessionInfo.read_at`, later at every read); anything else as it is."""
-    return dataclasses.replace(info, read_at=None) if isinstance(info, SessionInfo) else info
+    return (await store.load(key), await store.versions(key), info and info.version, info)
