@@ -113,7 +113,10 @@ class Overlay(Mapping[str, V]):
         return sum(1 for _ in self)
 
 
-_LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
+_LEAVES = frozenset({str, bytes, type(None)})
+# Equal across types in Python (1 == 1.0 == True), not in the JSON saved of them: a copy
+# holds them as `_Exact`, so that a value changed from 1 to True is an edit.
+_NUMBERS = frozenset({int, float, bool})
 
 
 # How deep `_shape` copies; below, a value compares unequal to everything (a cycle, or
@@ -131,6 +134,8 @@ def _shape(value: Any, depth: int = 0) -> Any:
     kind = type(value)
     if kind in _LEAVES:
         return value
+    if kind in _NUMBERS:
+        return _Exact(value)
     if depth >= _SHAPE_DEPTH:
         return _UNEQUAL
     depth += 1
@@ -154,6 +159,11 @@ def _shape(value: Any, depth: int = 0) -> Any:
         return _Typed(kind, _shape(list(value), depth))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _Fields(kind, _shape(_fields_of(value), depth))
+    if kind.__hash__ is None:
+        # another mutable container (a deque), saved by its contents: a copy of it could
+        # miss an edit, so its item is read again at every checkpoint (written only if
+        # its data moved)
+        return _UNEQUAL
     # immutable values compare by value; other objects (a video frame) by identity
     return value
 
@@ -174,6 +184,23 @@ class _Unequal:
 
 
 _UNEQUAL = _Unequal()
+
+
+class _Exact:
+    """A number in a copy (`_NUMBERS`): equal to a live one of the same type and value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: int | float) -> None:
+        self._value = value
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is _Exact:
+            other = other._value
+        value = self._value
+        return other is value or (type(other) is type(value) and other == value)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class _Fields:

@@ -403,7 +403,29 @@ def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData
             data[name] = _restorable(cls, name, data[name], f"item {item.id!r} field {name!r}")
     if cls is llm.ChatMessage and data["role"] not in _ROLES:
         data["role"] = _restorable(cls, "role", data["role"], f"item {item.id!r} field 'role'")
+    extra = data.get("extra")
+    if extra and not all_str(extra):
+        data["extra"] = _str_keyed(extra, f"item {item.id!r} field 'extra'")
     return data
+
+
+def _str_keyed(value: dict[Any, Any], where: str) -> dict[str, Any]:
+    """An item's ``extra`` with its bytes keys as text (UTF-8, other bytes escaped), with
+    a warning: LiveKit holds ``dict[str, Any]`` there, and a restore refuses another key
+    (every restore of the session did). A key whose text another key has is left out."""
+    out = {k: v for k, v in value.items() if type(k) is str}
+    for k, v in value.items():
+        if type(k) is str:
+            continue
+        text = k.decode("utf-8", "backslashreplace") if type(k) is bytes else str(k)
+        if text in out:
+            logger.warning(
+                "%s: key %r left out: it becomes %r, a key it has already", where, k, text
+            )
+            continue
+        logger.warning("%s: key %r saved as %r: LiveKit holds str keys there", where, k, text)
+        out[text] = v
+    return out
 
 
 def ctx_to_data(ctx: llm.ChatContext, *, media: MediaPolicy = "drop") -> list[ItemData]:
