@@ -13,25 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from livekit.agents import Agent, AgentSession, llm
+from livekit.agents import AgentSession, llm
 
 import livekit_resume as lr
 from livekit_resume.stores.base import Store
 from tests.lk.scripted_llm import ScriptedLLM
+from tests.test_checkpoint_flat import Helper, registry
 
 KEY = "fidelity"
 BOUND = 10.0  # seconds: every test is bounded
-
-
-class Helper(Agent):
-    def __init__(self) -> None:
-        super().__init__(instructions="You help.")
-
-
-def registry() -> lr.AgentRegistry:
-    reg = lr.AgentRegistry()
-    reg.register(Helper)
-    return reg
 
 
 @pytest.fixture
