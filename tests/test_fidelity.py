@@ -6,7 +6,6 @@ JSON an LLM or an app reads back)."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import math
 from pathlib import Path
@@ -21,7 +20,6 @@ from tests.lk.scripted_llm import ScriptedLLM
 from tests.test_checkpoint_flat import Helper, registry
 
 KEY = "fidelity"
-BOUND = 10.0  # seconds: every test is bounded
 
 
 @pytest.fixture
@@ -105,20 +103,19 @@ async def test_an_extra_value_changed_to_an_equal_value_of_another_type_is_saved
     ``0.0``): an edit. The edit window compared the item with its frozen copy by ``==``,
     and ``1 == True``, so it was never written: the restore had ``1`` where the live
     session had ``True`` (JSON ``1`` against ``true``)."""
-    async with asyncio.timeout(BOUND):
-        async with Live(url) as live:
-            await live.turns(2)
-            last = live.history[-1]
-            last.extra["confirmed"] = 1
-            last.extra["score"] = 0
-            await live.commit()
-            last.extra["confirmed"] = True
-            last.extra["score"] = 0.0
-            history, agent = await live.commit()
-            got_h, got_a = await live.restored()
-            n = len(history) - 1
-            assert got_h[n] == history[n]
-            assert got_a[len(agent) - 1] == agent[-1]
+    async with Live(url) as live:
+        await live.turns(2)
+        last: Any = live.history[-1]
+        last.extra["confirmed"] = 1
+        last.extra["score"] = 0
+        await live.commit()
+        last.extra["confirmed"] = True
+        last.extra["score"] = 0.0
+        history, agent = await live.commit()
+        got_h, got_a = await live.restored()
+        n = len(history) - 1
+        assert got_h[n] == history[n]
+        assert got_a[len(agent) - 1] == agent[-1]
 
 
 async def test_a_deque_in_a_recent_items_extra_edited_in_place_is_saved(url: str) -> None:
@@ -126,17 +123,16 @@ async def test_a_deque_in_a_recent_items_extra_edited_in_place_is_saved(url: str
     ``to_jsonable_python``). The edit window's frozen copy held the deque itself, equal
     to itself whatever was appended: an append in place on the most recent item was
     never seen, and the restore held the deque's contents as of the commit before."""
-    async with asyncio.timeout(BOUND):
-        async with Live(url) as live:
-            await live.turns(2)
-            last = live.history[-1]
-            last.extra["recent"] = collections.deque(["a"], maxlen=5)
-            await live.commit()
-            last.extra["recent"].append("b")  # in place, on the most recent item
-            history, _ = await live.commit()
-            got, _ = await live.restored()
-            n = len(history) - 1
-            assert got[n] == history[n]
+    async with Live(url) as live:
+        await live.turns(2)
+        last: Any = live.history[-1]
+        last.extra["recent"] = collections.deque(["a"], maxlen=5)
+        await live.commit()
+        last.extra["recent"].append("b")  # in place, on the most recent item
+        history, _ = await live.commit()
+        got, _ = await live.restored()
+        n = len(history) - 1
+        assert got[n] == history[n]
 
 
 @pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")  # its model_dump
@@ -148,23 +144,23 @@ async def test_a_bytes_key_in_an_items_extra_does_not_make_the_session_unrestora
     it was, and the restore, validating ``extra`` strictly, refused the item and so the
     whole session: `SnapshotCorrupt` on every restore. The key is now saved as text, as
     `_restorable` converts a field assigned without validation."""
-    async with asyncio.timeout(BOUND):
-        async with Live(url) as live:
-            await live.turns(2)
-            call = llm.FunctionCall(call_id="c1", name="lookup", arguments="{}")
-            call.extra[b"signature"] = b"\x01\x02"  # e.g. a provider's raw signature
-            out = llm.FunctionCallOutput(call_id="c1", name="lookup", output="ok", is_error=False)
-            live.history.extend([call, out])
-            await live.commit()
-            store = lr.open_store(live.url)
-            try:
-                session, rs = await start(store, takeover=True)
-            except lr.SnapshotCorrupt as e:
-                pytest.fail(f"a saved session cannot be restored at all: {e}")
-            try:
-                (restored,) = [i for i in session.history.items if i.type == "function_call"]
-                assert restored.extra == {"signature": b"\x01\x02"}  # the key as text
-            finally:
-                await rs.aclose()
-                await session.aclose()
-                await store.aclose()
+    async with Live(url) as live:
+        await live.turns(2)
+        call = llm.FunctionCall(call_id="c1", name="lookup", arguments="{}")
+        extra: dict[Any, Any] = call.extra
+        extra[b"signature"] = b"\x01\x02"  # e.g. a provider's raw signature
+        out = llm.FunctionCallOutput(call_id="c1", name="lookup", output="ok", is_error=False)
+        live.history.extend([call, out])
+        await live.commit()
+        store = lr.open_store(live.url)
+        try:
+            session, rs = await start(store, takeover=True)
+        except lr.SnapshotCorrupt as e:
+            pytest.fail(f"a saved session cannot be restored at all: {e}")
+        try:
+            (restored,) = [i for i in session.history.items if isinstance(i, llm.FunctionCall)]
+            assert restored.extra == {"signature": b"\x01\x02"}  # the key as text
+        finally:
+            await rs.aclose()
+            await session.aclose()
+            await store.aclose()
