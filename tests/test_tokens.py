@@ -11,12 +11,14 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from livekit.agents import AgentSession
 
 import livekit_resume as lr
 from livekit_resume.bridge import codec_for, from_stored
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.base import Store
-from tests.test_hooks import KEY, start
+from tests.lk.scripted_llm import ScriptedLLM
+from tests.test_hooks import KEY, Receptionist, Visit, start
 
 SIGN = "t1:" + base64.b64encode(b"t" * 32).decode()
 OTHER = "t1:" + base64.b64encode(b"o" * 32).decode()
@@ -160,3 +162,39 @@ async def test_a_token_never_outlives_a_finite_expiry(store: Store, ttl: float) 
     assert codec.namespace == payload[0]
     with pytest.raises(lr.TokenRefused, match="expired"):
         await lr.verify_token(store, forever)
+
+
+@pytest.mark.parametrize("how", ["ended", "deleted"])
+async def test_a_restore_again_that_starts_a_new_conversation_does_not_revive_old_tokens(
+    store: Store, how: str
+) -> None:
+    """A job keeps its suspended `ResumableSession` (it restores in place when someone
+    joins its room). Meanwhile the conversation is ended by another worker (the caller
+    came back in another room and said goodbye) or deleted (``livekit-resume rm``): its
+    tokens are revoked. Someone joins the first room: that session restores again and
+    starts a new conversation. It started it under the old conversation's id, and the
+    revoked token resumed the new caller's conversation."""
+    session, rs, _ = await start(store, ["noted", "noted"], owner="wx")
+    await session.run(user_input="my secret is 4711")
+    await rs.suspend()
+    token = await lr.issue_token(store, KEY, ttl=600)
+    if how == "ended":
+        other, rs_other, _ = await start(store, ["bye"], owner="wy")
+        await rs_other.end()
+        await other.aclose()
+    else:
+        assert await store.delete(KEY)
+    with pytest.raises(lr.TokenRefused):
+        await lr.verify_token(store, token)
+    again: AgentSession[Visit] = AgentSession(llm=ScriptedLLM([], default="ok"), userdata=Visit())
+    await again.start(await rs.restore(again, default=Receptionist))  # someone new joins
+    assert not rs.resumed
+    await again.run(user_input="hello, I am someone new")
+    await rs.checkpoint()
+    try:
+        with pytest.raises(lr.TokenRefused):
+            await lr.verify_token(store, token)
+    finally:
+        await rs.aclose()
+        await again.aclose()
+        await session.aclose()

@@ -144,6 +144,13 @@ class Capture:
 
     # ----------------------------------------------------------------- restore
 
+    def fresh(self) -> None:
+        """A new conversation under the key (a restore found none, or one that ended): a
+        new id, or the tokens of the one before would resume it (`verify_token`), and
+        its turns counted from none."""
+        self.conversation = uuid.uuid4().hex
+        self._turns = 0
+
     def index(self, snap: Snapshot, sealed: Mapping[str, Sealed] | None = None) -> Indexes:
         """What `baseline` keeps of a restored snapshot's streams, made beforehand: it
         reads no live object, so a restore makes it on the thread it decodes on."""

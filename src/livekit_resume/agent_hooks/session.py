@@ -370,6 +370,7 @@ class ResumableSession:
         # never heard ending, and would be saved as running into every later snapshot.
         self._capture.running.clear()
         if stored is None:
+            self._capture.fresh()
             return default()
         sealed: dict[str, Sealed] = {}  # what checking the seals hashed: not hashed again
         decode = partial(self._decode, stored, sealed, salvage)
@@ -392,6 +393,7 @@ class ResumableSession:
             )
             self._version = stored.version
             self._capture.rewrite = True
+            self._capture.fresh()
             return default()
         rebuilt = await rebuild(
             session,
