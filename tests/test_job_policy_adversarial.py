@@ -17,7 +17,9 @@ Suspects refuted on the way, from LiveKit 1.8.9's source (no test of ours needed
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -535,5 +537,45 @@ async def test_an_ended_call_under_a_short_session_ttl_does_not_fail_every_later
                 await asyncio.wait_for(rs.end(), 5.0)
             finally:
                 await session.aclose()
+    finally:
+        await store.aclose()
+
+
+async def test_a_listing_that_says_ended_over_a_conversation_that_did_not_does_not_end_it(
+    tmp_path: Path,
+) -> None:
+    """A version's listing info (what ``ls`` shows: its state, agent, items) is not
+    signed: anyone who can write the store can change it. A conversation the job closed
+    as its caller left, its listing rewritten to say "ended": the caller's next call
+    must resume it, as its signed snapshot says it did not end. It was kept aside under
+    ``<key>~v<version>`` and the caller was greeted as a stranger."""
+    path = tmp_path / "calls.db"
+    store = lr.open_store(f"sqlite:///{path}")
+    key = "caller-7"
+    try:
+        j = Job(key)
+        session = make_text_session(ScriptedLLM(default="noted"))
+        rs = await asyncio.wait_for(run_job(j, session, store), 5.0)
+        await asyncio.wait_for(session.run(user_input="my order is 4711"), 5.0)
+        await asyncio.wait_for(rs.aclose(), 5.0)
+        await session.aclose()
+        with sqlite3.connect(path) as db:
+            (info,) = db.execute(
+                "SELECT info FROM versions WHERE key = ? ORDER BY version DESC LIMIT 1", (key,)
+            ).fetchone()
+            forged = json.dumps({**json.loads(info), "state": "ended"})
+            db.execute("UPDATE versions SET info = ? WHERE key = ?", (forged, key))
+        listed = await store.info(key)
+        assert listed is not None and listed.info["state"] == "ended"
+
+        j2 = Job(key)
+        again = make_text_session(ScriptedLLM(default="noted"))
+        rs2 = await asyncio.wait_for(run_job(j2, again, store), 5.0)
+        try:
+            assert rs2.resumed, "a conversation whose listing was rewritten was set aside"
+            assert await store.keys() == [key]
+        finally:
+            await rs2.aclose()
+            await again.aclose()
     finally:
         await store.aclose()

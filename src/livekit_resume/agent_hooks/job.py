@@ -321,8 +321,8 @@ async def archive_stale(
     # by the store's clock, which wrote updated_at: this worker's may run ahead or behind
     now = info.read_at if info.read_at is not None else time.time()
     age = now - info.updated_at
-    ended = info.info.get("state") == "ended"
-    if not ended and (older_than is None or age <= older_than):
+    stale = older_than is not None and age > older_than
+    if not stale and info.info.get("state") != "ended":
         return None
     # Held from the check to the delete, which it fences: a worker that takes the key
     # over meanwhile (``takeover=True``) keeps it, and with it every turn it wrote.
@@ -336,6 +336,10 @@ async def archive_stale(
         if stored.version != info.version:
             return None  # saved again since it was found stale
         snap = from_stored(codec, stored)
+        if not stale and snap.state != "ended":
+            # the listing's info is unsigned (anyone who can write the store can set
+            # it): the snapshot's own state, checked, decides
+            return None
         archive, kept = await _archive_key(store, codec, key, stored.version, snap)
         lease = await _acquire(store, archive, owner, lease_ttl)
         try:
@@ -361,7 +365,9 @@ async def archive_stale(
     log.info(
         "session %r %s: kept as %r, starting afresh",
         key,
-        "had ended" if ended else f"was last saved {age:.0f}s ago, over resume_within",
+        "had ended"
+        if snap.state == "ended"
+        else f"was last saved {age:.0f}s ago, over resume_within",
         archive,
         extra={"key": key, "archived": archive},
     )
