@@ -12,28 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from livekit.agents import AgentSession, llm
+from livekit.agents import llm
 
 import livekit_resume as lr
-from livekit_resume.stores.base import Store
-from tests.lk.scripted_llm import ScriptedLLM
-from tests.test_checkpoint_flat import Helper, registry
-
-KEY = "fidelity"
+from tests.test_capture_adversarial import restored
+from tests.test_checkpoint_flat import start
 
 
 @pytest.fixture
 def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/fidelity.db"
-
-
-async def start(
-    store: Store, *, takeover: bool = False
-) -> tuple[AgentSession[None], lr.ResumableSession]:
-    session: AgentSession[None] = AgentSession(llm=ScriptedLLM([], default="ok"))
-    rs = lr.ResumableSession(store, KEY, registry=registry(), autosave=False)
-    await session.start(await rs.restore(session, default=Helper, takeover=takeover))
-    return session, rs
 
 
 def strict(value: Any) -> Any:
@@ -88,12 +76,8 @@ class Live:
     async def restored(self) -> tuple[list[Any], list[Any]]:
         store = lr.open_store(self.url)
         try:
-            session, rs = await start(store, takeover=True)
-            try:
-                return dumped(session.history.items), dumped(session.current_agent._chat_ctx.items)
-            finally:
-                await rs.aclose()
-                await session.aclose()
+            history, agent = await restored(store)
+            return dumped(history), dumped(agent)
         finally:
             await store.aclose()
 
