@@ -212,6 +212,15 @@ def test_writing_a_frame_over_the_limit_is_refused() -> None:
         Codec(max_frame=100).pack({"blob": bytes(range(256)) * 8})
 
 
+def test_a_head_over_the_limit_names_what_makes_a_head_smaller() -> None:
+    """A head holds no media: its error once told to drop inline media (media='drop'),
+    which cannot shrink it."""
+    snap = _snapshot().model_copy(update={"userdata": {"blob": "x" * 5000}})
+    with pytest.raises(SnapshotTooLarge, match="userdata, agent state") as caught:
+        Codec(max_frame=4000).encode_head(snap)
+    assert "media" not in str(caught.value)
+
+
 def test_zip_bomb_is_stopped_at_the_limit_with_bounded_memory() -> None:
     bomb = zlib.compress(b"\0" * (64 * 1024 * 1024), 9)  # 64 MiB of zeros in ~64 KiB
     tracemalloc.start()

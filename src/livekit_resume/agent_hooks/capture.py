@@ -131,8 +131,9 @@ class Capture:
         self.last_agent: Agent | None = None  # the parent to save while an AgentTask runs
         self._turns = 0
         self._committed: Snapshot | None = None  # None: the next draft is always news
-        self._saved_userdata: Any = None  # the last userdata that could be saved
-        # the last agent state that could be saved, and whose it is
+        # the userdata and the agent state (and whose it is) the store holds: what a
+        # checkpoint keeps of a value it cannot save this time
+        self._saved_userdata: Any = None
         self._saved_state: tuple[Agent, dict[str, Any]] | None = None
         self.running: dict[str, ToolCallRecord] = {}
         self.conversation = uuid.uuid4().hex  # a restore adopts the saved one
@@ -253,25 +254,79 @@ class Capture:
         agent = (
             read.agent.build(self._encoder(AGENT, hist), memo) if read.agent is not None else None
         )
-        snap = read.snap
-        if (
-            not hist.records
-            and not (agent and agent.records)
-            and self._committed is not None
-            and _fingerprint(snap) == _fingerprint(self._committed)
-        ):
+        snap, committed = read.snap, self._committed
+        items = bool(hist.records or (agent and agent.records))
+        if not items and committed is not None and _fingerprint(snap) == _fingerprint(committed):
             return None
-        commit = delta_commit(
-            self.codec,
-            snap,
-            [*hist.records, *(agent.records if agent else ())],
-            {HISTORY: hist.count, AGENT: agent.count if agent else 0},
-            seals={HISTORY: hist.seal, AGENT: agent.seal if agent else 0},
-            base_version=base_version,
-            owner=self._owner,
-            commit_id=f"{self._commit_prefix}-{next(self._commit_count)}",
-        )
+        commit_id = f"{self._commit_prefix}-{next(self._commit_count)}"
+
+        def commit_of(snap: Snapshot) -> Commit:
+            return delta_commit(
+                self.codec,
+                snap,
+                [*hist.records, *(agent.records if agent else ())],
+                {HISTORY: hist.count, AGENT: agent.count if agent else 0},
+                seals={HISTORY: hist.seal, AGENT: agent.seal if agent else 0},
+                base_version=base_version,
+                owner=self._owner,
+                commit_id=commit_id,
+            )
+
+        try:
+            commit = commit_of(snap)
+        except SnapshotTooLarge as e:
+            # the head holds the app's values (agent state, userdata): one too large
+            # keeps what the store holds of it, as one that cannot be saved does, so
+            # the conversation itself still saves
+            for smaller, what in self._smaller_heads(snap, read.agent_obj):
+                try:
+                    commit = commit_of(smaller)
+                except SnapshotTooLarge:
+                    continue
+                OVERSIZE.inc()
+                log.warning(
+                    "session %r: %s not saved this time, the last saved is kept: %s",
+                    self._key,
+                    what,
+                    e,
+                    extra={"key": self._key},
+                )
+                snap = smaller
+                break
+            else:
+                raise
+            if (
+                not items
+                and committed is not None
+                and _fingerprint(snap) == _fingerprint(committed)
+            ):
+                return None  # what the store holds already
         return Pending(commit, hist, agent, read.agent_obj, read.turns, snap)
+
+    def _smaller_heads(
+        self, snap: Snapshot, agent_obj: Agent | None
+    ) -> Iterator[tuple[Snapshot, str]]:
+        """``snap`` with the agent state, the userdata, then both, as the store holds
+        them: each that differs from ``snap``."""
+        saved = self._saved_state
+        state = saved[1] if saved is not None and saved[0] is agent_obj else None
+        frame = snap.agent
+        kept = (
+            {"agent": frame.model_copy(update={"state": state})}
+            if frame is not None and frame.state != state
+            else {}
+        )
+        userdata = (
+            {"userdata": self._saved_userdata} if snap.userdata != self._saved_userdata else {}
+        )
+        both = {**kept, **userdata} if kept and userdata else {}
+        for update, what in (
+            (kept, "agent state"),
+            (userdata, "userdata"),
+            (both, "agent state and userdata"),
+        ):
+            if update:
+                yield snap.model_copy(update=update), what
 
     def accept(self, pending: Pending) -> None:
         """``pending`` is stored: it is the new baseline."""
@@ -295,7 +350,14 @@ class Capture:
             self.rewrite = True
         self._turns = pending.turns
         self._tracked_agent = pending.agent_obj
-        self._committed = pending.snap
+        self._committed = snap = pending.snap
+        self._saved_userdata = snap.userdata
+        if (
+            pending.agent_obj is not None
+            and snap.agent is not None
+            and snap.agent.state is not None
+        ):
+            self._saved_state = (pending.agent_obj, snap.agent.state)
 
     def _plan(
         self,
@@ -316,12 +378,15 @@ class Capture:
         agent_obj = current_agent(session)
         if agent_obj is None:
             return None, None, None
-        agent_id = self._registry.id_of(agent_obj)
         task: str | None = None
-        if agent_id is None and isinstance(agent_obj, AgentTask) and self.last_agent:
-            task = type(agent_obj).__qualname__
-            agent_obj = self.last_agent  # a task is live code, not data: save its parent
-            agent_id = self._registry.id_of(agent_obj)
+        if isinstance(agent_obj, AgentTask):
+            # a task is live code, not data: save the agent that started it, even when
+            # the task's class is registered too (restored as itself, it would hold the
+            # caller with no parent to return to)
+            parent = _task_parent(agent_obj) or self.last_agent
+            if parent is not None:
+                task, agent_obj = type(agent_obj).__qualname__, parent
+        agent_id = self._registry.id_of(agent_obj)
         if agent_id is None:
             raise UnknownAgent(type(agent_obj).__qualname__, self._registry.ids, saving=True)
         plan = self._plan(
@@ -443,22 +508,25 @@ class Capture:
         """What ``agent.snapshot_state()`` returns, as plain data by the rules of ``extra``;
         a value that cannot be saved keeps the agent's last savable state (logged), as
         userdata does, so the rest of the session still saves."""
-        state = _agent_state(agent)
-        if state is None:
-            return None
         try:
-            plain = plain_extra(state, "state")
+            state = _agent_state(agent)
+            return None if state is None else plain_extra(state, "state")
         except UnsavableValue as e:
             log.warning(
-                "session %r: agent state not saved this time, its last savable state is kept: %s",
+                "session %r: agent state not saved this time, its last saved state is kept: %s",
                 self._key,
                 e,
                 extra={"key": self._key, "path": e.path},
             )
-            saved = self._saved_state
-            return saved[1] if saved is not None and saved[0] is agent else None
-        self._saved_state = (agent, plain)
-        return plain
+        except Exception:  # the app's code: its failure must not stop the session saving
+            log.exception(
+                "session %r: %s.snapshot_state() failed; its last saved state is kept",
+                self._key,
+                type(agent).__qualname__,
+                extra={"key": self._key},
+            )
+        saved = self._saved_state
+        return saved[1] if saved is not None and saved[0] is agent else None
 
     def _dump_userdata(self, session: AgentSession[Any]) -> Any:
         if self.userdata is None:
@@ -468,12 +536,12 @@ class Capture:
         except ValueError:
             return None  # LiveKit raises when userdata was never set
         try:
-            self._saved_userdata = dump_userdata(self.userdata, value)
+            return dump_userdata(self.userdata, value)
         except UnsavableValue as e:
             # the rest of the session keeps saving; this one value waits until it is fixed
             UNSAVABLE.inc()
             log.warning(
-                "session %r: userdata not saved this time, the last savable userdata is kept: %s",
+                "session %r: userdata not saved this time, the last saved userdata is kept: %s",
                 self._key,
                 e,
                 extra={"key": self._key, "path": e.path},
@@ -508,6 +576,15 @@ def instructions_from(value: str | dict[str, str | None]) -> str | Instructions:
         text=value.get("text"),
         dynamic=value.get("dynamic"),
     )
+
+
+def _task_parent(task: AgentTask[Any]) -> Agent | None:
+    """The agent that started ``task`` (through nested tasks), as LiveKit records it
+    when the task is awaited; None for a task that was never awaited."""
+    agent: Agent | None = task
+    while isinstance(agent, AgentTask):
+        agent = getattr(agent, "_old_agent", None)
+    return agent
 
 
 def _live_items(agent: Agent) -> Sequence[llm.ChatItem]:

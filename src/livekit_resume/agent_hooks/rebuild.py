@@ -19,9 +19,9 @@ from typing import Any
 from livekit.agents import Agent, AgentSession, llm
 from pydantic import TypeAdapter, ValidationError
 
-from ..errors import IncompatibleSnapshot
+from ..errors import IncompatibleSnapshot, ResumeError
 from ..snapshot.chat import ctx_from_data, repair_tool_calls
-from ..snapshot.model import ItemData, Snapshot, describe_invalid
+from ..snapshot.model import AgentFrame, ItemData, Snapshot, describe_invalid
 from .capture import instructions_from
 from .realtime import reapply_options
 from .registry import AgentRegistry
@@ -80,6 +80,21 @@ def _agent_ctx(
     return llm.ChatContext([b if b is not None else next(rest) for b in built])
 
 
+def _build_agent(registry: AgentRegistry, snap: Snapshot, frame: AgentFrame) -> Agent:
+    """The saved agent, built by its factory from its saved state. A factory that fails
+    on that state is code that no longer fits the snapshot, like userdata that no longer
+    validates: a typed error naming the agent, not the factory's own bare one."""
+    try:
+        return registry.build(frame.agent_id, frame.state)
+    except ResumeError:
+        raise
+    except Exception as e:
+        raise IncompatibleSnapshot(
+            f"session {snap.key!r} version {snap.version}: agent {frame.agent_id!r} could "
+            f"not be rebuilt from its saved state: {type(e).__name__}: {e}"
+        ) from e
+
+
 async def rebuild(
     session: AgentSession[Any],
     snap: Snapshot,
@@ -105,7 +120,7 @@ async def rebuild(
                 f"validates against {userdata_type!r}: {describe_invalid(e)}"
             ) from None
     frame = snap.agent
-    agent = default() if frame is None else registry.build(frame.agent_id, frame.state)
+    agent = default() if frame is None else _build_agent(registry, snap, frame)
     saved = built.agent
 
     if session.history.items:

@@ -78,7 +78,9 @@ class AgentRegistry:
         return self._by_cls.get(cls)
 
     def build(self, agent_id: str, state: dict[str, Any] | None = None) -> Agent:
-        """A new agent for ``agent_id``; `UnknownAgent` if it is not registered."""
+        """A new agent for ``agent_id``; `UnknownAgent` if it is not registered, and
+        `TypeError` if its factory builds an agent of a class not registered under it or
+        another id."""
         entry = self._by_id.get(agent_id)
         if entry is None:
             raise UnknownAgent(agent_id, list(self._by_id))
@@ -89,5 +91,10 @@ class AgentRegistry:
             raise TypeError(
                 f"factory for agent id {agent_id!r} returned {type(agent).__qualname__}, "
                 f"not a {cls.__qualname__}"
+            )
+        if self.id_of(agent) is None:  # restored, it could never be saved again
+            raise TypeError(
+                f"factory for agent id {agent_id!r} returned {type(agent).__qualname__}, "
+                "which is not registered: register it too, or no checkpoint could save it"
             )
         return agent

@@ -228,7 +228,8 @@ class ResumableSession:
         one (LiveKit restarts it; empty its ``history`` first).
         Raises `SessionBusy` when another live worker holds the session (unless
         ``takeover``), `UnknownAgent` for an unregistered agent id, `IncompatibleSnapshot`
-        when saved userdata no longer validates, `SnapshotCorrupt` when stored bytes are
+        when saved userdata no longer validates or the agent's factory fails on its saved
+        state, `SnapshotCorrupt` when stored bytes are
         damaged, `RuntimeError` when `aclose` ran first or meanwhile, or when
         ``session`` is already running; the lease is released on failure. With
         ``salvage`` a damaged snapshot is restored with what is intact: each lost item is

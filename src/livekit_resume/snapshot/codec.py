@@ -418,7 +418,10 @@ class Codec(Framer):
                 "seals": {s: seal_to_bytes(v) for s, v in (seals or {}).items()},
             }
         return self.pack(
-            data, context=self._head_ctx(snapshot.key), label=f"session {snapshot.key!r} head"
+            data,
+            context=self._head_ctx(snapshot.key),
+            label=f"session {snapshot.key!r} head",
+            remedy="keep large data out of userdata, agent state and tool arguments",
         )
 
     def seal(self, stream: str, items: Sequence[ItemData]) -> int:

@@ -202,9 +202,11 @@ class Framer:
         version: int = FORMAT_VERSION,
         label: str = "frame",
         packed: bytes | None = None,
+        remedy: str = "drop inline media (media='drop')",
     ) -> bytes:
         """Frame plain data. ``version`` is only ever lowered by tests of old formats;
-        ``label`` names what is framed in errors (session, stream, item id); a callable
+        ``label`` names what is framed in errors (session, stream, item id) and
+        ``remedy`` what makes it smaller, after which a larger max_frame; a callable
         ``context`` is given the format version written; ``packed`` is
         ``msgpack.packb(obj, use_bin_type=True)`` when the caller made it already (a
         large item is packed once, for its digest and its frame).
@@ -229,8 +231,8 @@ class Framer:
         if len(body) > self._max:
             raise SnapshotTooLarge(
                 f"{label} is {len(body)} bytes, over the limit of {self._max} bytes a "
-                "restore reads (max_frame); drop inline media (media='drop') or give "
-                "every worker and the CLI a larger max_frame"
+                f"restore reads (max_frame); {remedy}, or give every worker and the CLI a "
+                "larger max_frame"
             )
         # only a MAC or a cipher binds the context: made for them alone
         bound = b""
@@ -255,8 +257,8 @@ class Framer:
         if size > self._max:  # only the few bytes of AES-GCM can get here
             raise SnapshotTooLarge(
                 f"{label} is {size} bytes once encrypted, over the limit of "
-                f"{self._max} bytes a restore reads (max_frame); drop inline media "
-                "(media='drop') or give every worker and the CLI a larger max_frame"
+                f"{self._max} bytes a restore reads (max_frame); {remedy}, or give every "
+                "worker and the CLI a larger max_frame"
             )
         if self._sign is not None:
             flags |= FLAG_SIGNED
