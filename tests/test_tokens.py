@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -198,3 +199,36 @@ async def test_a_restore_again_that_starts_a_new_conversation_does_not_revive_ol
         await rs.aclose()
         await again.aclose()
         await session.aclose()
+
+
+async def test_a_token_naming_a_damaged_conversation_is_refused_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`verify_token` promises `TokenRefused` saying why; a token whose conversation's
+    head is damaged raised `SnapshotCorrupt`, which `resumable_job` let escape: the
+    caller who came back in a new room got no agent at all. Which conversation the store
+    holds cannot be told, so the token is refused (the job goes on under the room's own
+    key) and the damaged session is left as it is, for `repair`."""
+    monkeypatch.setenv("RESUME_SIGNING_KEYS", SIGN)
+    path = tmp_path / "damaged.db"
+    store = lr.open_store(f"sqlite:///{path}")
+    try:
+        await conversation(store)
+        token = await lr.issue_token(store, KEY, ttl=600)
+        with sqlite3.connect(path) as db:
+            (version, head) = db.execute(
+                "SELECT version, head FROM versions WHERE key=? ORDER BY version DESC", (KEY,)
+            ).fetchone()
+            damaged = bytearray(head)
+            damaged[len(damaged) // 2] ^= 0x10
+            db.execute(
+                "UPDATE versions SET head=? WHERE key=? AND version=?",
+                (bytes(damaged), KEY, version),
+            )
+        with pytest.raises(lr.TokenRefused, match="damaged") as refused:
+            await lr.verify_token(store, token)
+        assert isinstance(refused.value.__cause__, lr.SnapshotCorrupt)
+        stored = await store.load(KEY)
+        assert (stored.version, stored.head) == (version, bytes(damaged)), "left for repair"
+    finally:
+        await store.aclose()

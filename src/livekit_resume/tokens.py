@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 
 from .bridge import codec_for, from_stored
-from .errors import SnapshotNotFound, TokenRefused
+from .errors import SnapshotCorrupt, SnapshotNotFound, TokenRefused
 from .settings import Settings
 from .snapshot.codec import Codec
 from .snapshot.frame import Keyring
@@ -112,7 +112,8 @@ def _payload(token: str, keys: Keyring) -> list[Any]:
 
 async def verify_token(store: Store, token: str, *, signing_keys: str | None = None) -> str:
     """The session key a valid token names; `TokenRefused` saying why otherwise
-    (forged, expired, another namespace, the conversation ended or was replaced)."""
+    (forged, expired, another namespace, the conversation ended, was replaced or is
+    damaged)."""
     namespace, key, conversation, expires_at, _ = _payload(token, _keyring(signing_keys))
     key = str(key)
     if not math.isfinite(expires_at) or expires_at < time.time():  # NaN never compares
@@ -126,6 +127,13 @@ async def verify_token(store: Store, token: str, *, signing_keys: str | None = N
         raise TokenRefused(
             f"reconnect token for session {key!r} refused: no conversation is stored"
         ) from None
+    except SnapshotCorrupt as e:
+        # which conversation it holds cannot be told: not resumed by a token, and left
+        # as it is for `repair`
+        raise TokenRefused(
+            f"reconnect token for session {key!r} refused: its stored conversation is "
+            f"damaged ({e}); repair it with `livekit-resume repair {key}`"
+        ) from e
     if current != conversation or state == "ended":
         raise TokenRefused(
             f"reconnect token for session {key!r} refused: its conversation ended (revoked)"
