@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
@@ -87,6 +88,9 @@ class Connection:
         )
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        # A forked child inherits the executor but not its thread: a call would wait for
+        # ever, and an SQLite connection must not cross a fork anyway.
+        self._pid = os.getpid()
         # The schema version a read-only connection stands in for (None: none needed).
         self._stood_in: int | None = None
         # The -wal and -shm files this connection opened (see `_sidecars_replaced`).
@@ -101,6 +105,11 @@ class Connection:
         """Run ``fn`` (one whole transaction) with the connection, on the store's thread."""
         if self._closed:
             raise StoreUnavailable(f"SQLite store {self.path} is closed; open a new one")
+        if os.getpid() != self._pid:
+            raise StoreUnavailable(
+                f"SQLite store {self.path} was opened before this process forked; open a "
+                "new store in the child"
+            )
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, self._call, fn)
@@ -115,13 +124,17 @@ class Connection:
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._pid:
+            return  # the parent's connection and thread: not this process's to close
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._close_conn)
         finally:
             self._executor.shutdown(wait=False)
 
-    def _close_conn(self) -> None:
+    def _close_conn(self, *, fold: bool = True) -> None:
+        """Close the connection. Without ``fold`` it never checkpoints the -wal into the
+        file on the way, as SQLite's last connection does (see `_call`)."""
         if self._conn is not None:
             conn, self._conn = self._conn, None
             with _open_lock:
@@ -130,6 +143,13 @@ class Connection:
                     mine.pop(self, None)
                     if not mine:
                         _open.pop(self.path, None)
+            if not fold and not _no_checkpoint_on_close(conn, self.path):
+                logger.warning(
+                    "SQLite store %s: cannot close without a checkpoint here; a commit "
+                    "another process made since the -shm file was deleted may be lost",
+                    self.path,
+                    extra={"path": self.path},
+                )
             conn.close()
 
     def _files_changed(self) -> bool:
@@ -257,7 +277,13 @@ class Connection:
                         self.path,
                         extra={"path": self.path},
                     )
-                    self._close_conn()
+                    # Its -wal gone, the connection folds the frames only it still
+                    # reaches into the file. Its -wal still there, it must not: its
+                    # index (in the -shm it had) ends before what other processes have
+                    # committed since into that -wal, and the fold, as the last
+                    # connection, would delete the -wal with their commits in it. The
+                    # next open rebuilds the index from the whole -wal.
+                    self._close_conn(fold=_sidecar_ids(self.path)[0] != self._sidecars[0])
                 if self._conn is None or self._stand_in_stale(self._conn):
                     self._close_conn()
                     self._reopen_allowed()
@@ -466,6 +492,34 @@ def _no_preempt() -> None:
         return
     with contextlib.suppress(OSError):
         os.sched_setscheduler(0, batch, os.sched_param(0))  # 0: this thread, on Linux
+
+
+def _no_checkpoint_on_close(conn: sqlite3.Connection, path: str) -> bool:
+    """Tell SQLite not to checkpoint when ``conn`` closes (SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE);
+    whether it could."""
+    op = 1006  # SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, SQLite 3.25+
+    if sys.version_info >= (3, 12):
+        try:
+            conn.setconfig(op, True)
+        except sqlite3.Error:
+            return False
+        return True
+    try:  # Python 3.11 has no setconfig: the C call on the connection's own handle
+        import _sqlite3
+        import ctypes
+
+        lib = ctypes.CDLL(_sqlite3.__file__)  # resolves the SQLite it links
+        # CPython's connection object holds its `sqlite3 *` right after the object head
+        handle = ctypes.c_void_p.from_address(id(conn) + object.__basicsize__)
+        lib.sqlite3_db_filename.restype = ctypes.c_char_p
+        lib.sqlite3_db_filename.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        if lib.sqlite3_db_filename(handle, b"main") != os.fsencode(path):
+            return False  # not the handle (another layout): never call through it
+        done = ctypes.c_int(0)
+        rc = lib.sqlite3_db_config(handle, op, ctypes.c_int(1), ctypes.byref(done))
+    except (OSError, AttributeError, ImportError):
+        return False
+    return rc == 0 and done.value == 1
 
 
 def _create_private(path: str) -> None:

@@ -116,8 +116,11 @@ class SQLiteStore:
             # Refused now: else every operation would meet it on the store's thread.
             raise ValueError(f"SQLite path {raw!r} contains a NUL character")
         # Resolved now: the file is opened later on the worker thread, and a relative
-        # path must mean the working directory of the caller, not of that moment.
-        self._path = str(Path(raw).expanduser().absolute())
+        # path must mean the working directory of the caller, not of that moment. Real:
+        # SQLite keeps the -wal and -shm beside a symlink's target, where the guards of
+        # `Connection` look for them; two spellings of one file (``..``, a link) must be
+        # one file to them; and ``//`` would be a URI's host to a read-only open.
+        self._path = os.path.realpath(Path(raw).expanduser())
         self._ns = namespace
         self._keep = keep
         self._ttl = validate_ttl(ttl)
