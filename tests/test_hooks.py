@@ -284,6 +284,30 @@ async def test_userdata_that_no_longer_validates_names_the_field(store: Store) -
     assert "monday" not in str(refused.value).lower()
 
 
+async def test_a_saved_userdata_field_the_code_no_longer_has_is_dropped_loudly(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deploy removes a userdata field: pydantic ignores the saved value, and the next
+    checkpoint saves the userdata without it. That is the app's change to make, but it
+    went without a word: the restore now names each field it drops (never its value)."""
+    _, rs1 = await first_half(store)
+    await rs1.suspend()
+
+    class VisitV2(BaseModel):
+        name: str  # no day any more
+
+    session: AgentSession[Any] = AgentSession(llm=ScriptedLLM([]))
+    rs = lr.ResumableSession(store, KEY, registry=registry(), userdata_type=VisitV2)
+    try:
+        await rs.restore(session, default=Receptionist)
+        assert session.userdata == VisitV2(name="Ada")
+    finally:
+        await rs.aclose()
+    warned = [r.getMessage() for r in caplog.records if "no longer" in r.getMessage()]
+    assert len(warned) == 1 and "userdata.day" in warned[0], caplog.text
+    assert "monday" not in warned[0].lower()
+
+
 async def test_restore_while_another_worker_holds_the_lease_is_busy(store: Store) -> None:
     s1, rs1, _ = await start(store, ["hi"], owner="worker-a")
     await s1.run(user_input="hello")

@@ -12,16 +12,17 @@ before the session is touched: a refused restore leaves it as it was.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from livekit.agents import Agent, AgentSession, llm
 from pydantic import TypeAdapter, ValidationError
 
-from ..errors import IncompatibleSnapshot, ResumeError
+from ..errors import IncompatibleSnapshot, ResumeError, UnsavableValue
 from ..snapshot.chat import ctx_from_data, repair_tool_calls
 from ..snapshot.model import AgentFrame, ItemData, Snapshot, describe_invalid
+from ..snapshot.values import dump_userdata
 from .capture import instructions_from
 from .realtime import reapply_options
 from .registry import AgentRegistry
@@ -80,6 +81,44 @@ def _agent_ctx(
     return llm.ChatContext([b if b is not None else next(rest) for b in built])
 
 
+def _warn_dropped(
+    snap: Snapshot, adapter: TypeAdapter[Any], value: Any, userdata_type: Any
+) -> None:
+    """Name each saved userdata field the type no longer has (pydantic ignores them, and
+    the next checkpoint saves the userdata without them); never their values."""
+    try:
+        now = dump_userdata(adapter, value)
+    except UnsavableValue:
+        return  # its next checkpoint says why, by the path
+    dropped = list(_missing(snap.userdata, now, "userdata"))
+    if dropped:
+        log.warning(
+            "session %r version %d: saved userdata the code no longer has is dropped "
+            "(%s no longer in %r); it is gone from the next checkpoint",
+            snap.key,
+            snap.version,
+            ", ".join(dropped[:10])
+            + (f" and {len(dropped) - 10} more" if len(dropped) > 10 else ""),
+            userdata_type,
+            extra={"key": snap.key},
+        )
+
+
+def _missing(saved: Any, now: Any, path: str) -> Iterator[str]:
+    """Paths of the maps' keys in ``saved`` that ``now`` lacks (lists of one length
+    compared item by item)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key, value in saved.items():
+            at = f"{path}.{key}"
+            if key not in now:
+                yield at
+            else:
+                yield from _missing(value, now[key], at)
+    elif isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        for i, (was, new) in enumerate(zip(saved, now, strict=True)):
+            yield from _missing(was, new, f"{path}[{i}]")
+
+
 def _build_agent(registry: AgentRegistry, snap: Snapshot, frame: AgentFrame) -> Agent:
     """The saved agent, built by its factory from its saved state. A factory that fails
     on that state is code that no longer fits the snapshot, like userdata that no longer
@@ -119,6 +158,7 @@ async def rebuild(
                 f"session {snap.key!r} version {snap.version}: saved userdata no longer "
                 f"validates against {userdata_type!r}: {describe_invalid(e)}"
             ) from None
+        _warn_dropped(snap, userdata, value, userdata_type)
     frame = snap.agent
     agent = default() if frame is None else _build_agent(registry, snap, frame)
     saved = built.agent
