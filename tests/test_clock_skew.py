@@ -12,6 +12,7 @@ a session is needed, real `AgentSession`s with the scripted LLM.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import types
 import uuid
@@ -19,8 +20,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from livekit.agents import Agent
 
 import livekit_resume as lr
+from livekit_resume import tokens as tokens_module
 from livekit_resume.agent_hooks import job as job_module
 from livekit_resume.stores.base import Store
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
@@ -231,3 +234,53 @@ async def test_a_cluster_lists_a_live_session_whatever_the_clock_of_the_index_no
         )
     finally:
         await lister.aclose()
+
+
+TOKEN_KEYS = "c1:" + base64.b64encode(b"c" * 32).decode()
+
+
+class Desk(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="You are the front desk.")
+
+
+async def _suspended_conversation(store: Store, key: str) -> None:
+    session = make_text_session(ScriptedLLM(["noted"]))
+    reg = lr.AgentRegistry()
+    reg.register(Desk)
+    rs = lr.ResumableSession(store, key, registry=reg, autosave=False)
+    await session.start(await rs.restore(session, default=Desk))
+    await session.run(user_input="remember the blue door")
+    await rs.suspend()
+    await session.aclose()
+
+
+async def test_a_token_issued_on_a_worker_clock_behind_redis_is_not_born_expired(
+    redis_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token's expiry was the issuing host's clock plus its ttl, checked against the
+    verifying host's clock: a back end 2 minutes behind issued 60 s tokens already
+    expired, and the caller who came back got a fresh call. Both sides now read the
+    store's clock (`SessionInfo.read_at`), as leases do."""
+    monkeypatch.setenv("RESUME_SIGNING_KEYS", TOKEN_KEYS)
+    key = f"call-{uuid.uuid4().hex[:8]}"
+    await _suspended_conversation(redis_store, key)
+    monkeypatch.setattr(tokens_module, "time", _skewed_time(-SKEW))  # the issuer's clock
+    token = await lr.issue_token(redis_store, key, ttl=60)
+    monkeypatch.setattr(tokens_module, "time", time)  # the verifier's, right
+    assert await lr.verify_token(redis_store, token) == key
+
+
+async def test_an_expired_token_is_refused_on_a_worker_clock_behind_redis(
+    redis_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other way round: a verifier 2 minutes behind accepted a token expired by
+    every other clock for 2 minutes more."""
+    monkeypatch.setenv("RESUME_SIGNING_KEYS", TOKEN_KEYS)
+    key = f"call-{uuid.uuid4().hex[:8]}"
+    await _suspended_conversation(redis_store, key)
+    token = await lr.issue_token(redis_store, key, ttl=0.2)
+    await asyncio.sleep(0.5)
+    monkeypatch.setattr(tokens_module, "time", _skewed_time(-SKEW))  # the verifier's clock
+    with pytest.raises(lr.TokenRefused, match="expired"):
+        await lr.verify_token(redis_store, token)

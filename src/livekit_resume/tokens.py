@@ -63,6 +63,14 @@ def _mac(key: bytes, signed: str) -> bytes:
     return hmac.new(key, signed.encode(), hashlib.sha256).digest()
 
 
+async def _now(store: Store, key: str) -> float:
+    """The store's clock (`SessionInfo.read_at`), by which a token's expiry is set and
+    checked: the hosts that issue and verify tokens may disagree by minutes. This host's
+    clock for a store that does not say, or a key it does not hold."""
+    info = await store.info(key)
+    return info.read_at if info is not None and info.read_at is not None else time.time()
+
+
 async def _conversation(store: Store, codec: Codec, key: str) -> tuple[str | None, str]:
     """The key's current conversation id and state (SnapshotNotFound if none)."""
     snap = from_stored(codec, await store.load(key))
@@ -82,7 +90,7 @@ async def issue_token(
     conversation, state = await _conversation(store, codec, key)
     if state == "ended" or conversation is None:
         raise TokenRefused(f"session {key!r} holds no conversation a token can resume")
-    payload = [codec.namespace, key, conversation, time.time() + ttl, kid]
+    payload = [codec.namespace, key, conversation, await _now(store, key) + ttl, kid]
     signed = f"{PREFIX}.{_b64(msgpack.packb(payload, use_bin_type=True))}"
     return f"{signed}.{_b64(_mac(secret, signed))}"
 
@@ -116,11 +124,12 @@ async def verify_token(store: Store, token: str, *, signing_keys: str | None = N
     damaged)."""
     namespace, key, conversation, expires_at, _ = _payload(token, _keyring(signing_keys))
     key = str(key)
-    if not math.isfinite(expires_at) or expires_at < time.time():  # NaN never compares
-        raise TokenRefused(f"reconnect token for session {key!r} refused: it expired")
     codec = codec_for(store)
     if namespace != codec.namespace:
         raise TokenRefused(f"reconnect token for session {key!r} refused: another namespace")
+    # NaN never compares
+    if not math.isfinite(expires_at) or expires_at < await _now(store, key):
+        raise TokenRefused(f"reconnect token for session {key!r} refused: it expired")
     try:
         current, state = await _conversation(store, codec, key)
     except SnapshotNotFound:
