@@ -353,7 +353,8 @@ class Store(Protocol):
         ...
 
     async def aclose(self) -> None:
-        """Release connections and files."""
+        """Release connections and files; every later call raises `StoreUnavailable`
+        (closing again is nothing)."""
         ...
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ResumeError
+from ..errors import ResumeError, StoreUnavailable
 from .base import (
     DEFAULT_LEASE_TTL,
     Commit,
@@ -88,6 +88,7 @@ class MemoryStore:
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
         self._commands = MemoryCommands()
+        self._closed = False
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryStore:
@@ -102,9 +103,16 @@ class MemoryStore:
         options.pop("read_only", None)
         return cls(**options)
 
+    def _open(self) -> dict[str, _Session]:
+        """The sessions; `StoreUnavailable` once closed, as every store: an answer then
+        would acknowledge a write nothing keeps."""
+        if self._closed:
+            raise StoreUnavailable("MemoryStore is closed; open a new one")
+        return self._sessions
+
     def _get(self, key: str) -> _Session | None:
         validate_key(key)
-        s = self._sessions.get(key)
+        s = self._open().get(key)
         if s is not None and self._ttl is not None and s.touched_at + self._ttl <= self._clock():
             del self._sessions[key]
             return None
@@ -251,7 +259,7 @@ class MemoryStore:
         return [await self.info(key) for key in keys]
 
     async def keys(self) -> list[str]:
-        return sorted(k for k in list(self._sessions) if self._get(k) is not None)
+        return sorted(k for k in list(self._open()) if self._get(k) is not None)
 
     async def keys_page(
         self, prefix: str, after: str | None, limit: int | None
@@ -274,4 +282,5 @@ class MemoryStore:
         return self._commands
 
     async def aclose(self) -> None:
+        self._closed = True
         self._sessions.clear()

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from ...errors import LeaseLost, SnapshotNotFound
+from ...errors import LeaseLost, SnapshotNotFound, StoreUnavailable
 from ...stores.base import (
     INFO_BATCH,
     MAX_KEY_BYTES,
@@ -100,6 +100,32 @@ class LifetimeTests(StoreTests):
         fresh.append("h", "new", b"new")
         assert await fresh.commit() == 1
         await fresh.check(1)
+
+    async def test_a_closed_store_refuses_every_call(self) -> None:
+        # An answer after `aclose` would acknowledge a write nothing keeps, or read a
+        # store the caller let go of: `StoreUnavailable`, and closing again is nothing.
+        store = await self.new_store()
+        w = await writer(store)
+        w.append("h", "m0", b"x")
+        await w.commit()
+        await store.aclose()
+        calls: list[Callable[[], Awaitable[object]]] = [
+            lambda: store.load(KEY),
+            lambda: store.info(KEY),
+            lambda: store.versions(KEY),
+            lambda: store.keys(),
+            lambda: store.acquire("room-new", "worker-b"),
+            lambda: store.renew(w.lease),
+            lambda: store.commit(
+                Commit(KEY, w.lease.epoch, 1, b"head", [Record("h", "m1", b"y", "m0")], 2)
+            ),
+            lambda: store.release(w.lease),
+            lambda: store.delete(KEY),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailable):
+                await call()
+        await store.aclose()
 
     async def test_a_worker_of_a_deleted_session_stays_fenced_when_it_is_created_again(
         self,
