@@ -283,7 +283,8 @@ class Capture:
                     commit = commit_of(smaller)
                 except SnapshotTooLarge:
                     continue
-                OVERSIZE.inc()
+                if "userdata" in what:
+                    UNSAVABLE.inc()
                 log.warning(
                     "session %r: %s not saved this time, the last saved is kept: %s",
                     self._key,
