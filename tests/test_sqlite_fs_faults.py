@@ -22,6 +22,8 @@ import sqlite3
 import stat
 from pathlib import Path
 
+import pytest
+
 from livekit_resume import open_store
 from livekit_resume.errors import StoreUnavailable
 from livekit_resume.stores.sqlite import SQLiteStore
@@ -302,3 +304,27 @@ async def test_a_read_only_store_opens_a_path_that_starts_with_two_slashes(
         assert (await reader.load(KEY)).version == 1
     finally:
         await reader.aclose()
+
+
+async def test_a_symlink_re_pointed_under_an_open_store_is_a_file_replaced(
+    tmp_path: Path,
+) -> None:
+    """The other side of resolving the path: a store keeps the file it opened, so a link
+    re-pointed while it is open (a deploy's ``current -> release-N`` flipped) must be
+    refused as a file renamed over is, or the old worker would go on writing one file
+    while new workers open the other, each holding the same conversation's lease."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    link = tmp_path / "resume.db"
+    link.symlink_to(tmp_path / "a" / "resume.db")
+    store = SQLiteStore(link)
+    try:
+        lease = await store.acquire(KEY, "w")
+        await _commit(store, lease, 0)
+        link.unlink()
+        link.symlink_to(tmp_path / "b" / "resume.db")
+        with pytest.raises(StoreUnavailable, match="replaced or deleted"):
+            await _commit(store, lease, 1)
+    finally:
+        await store.aclose()
+    await _reopened_intact(tmp_path / "a" / "resume.db", 1)

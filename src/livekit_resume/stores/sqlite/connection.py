@@ -77,8 +77,13 @@ class Connection:
     or written. The thread starts on the first operation.
     """
 
-    def __init__(self, path: str, *, busy_timeout: float, read_only: bool) -> None:
+    def __init__(
+        self, path: str, *, busy_timeout: float, read_only: bool, named: str | None = None
+    ) -> None:
         self.path = path
+        # The name the store was given, when ``path`` is what it resolves to (symlinks):
+        # a link re-pointed while open is a file replaced, as a file renamed over is.
+        self._named = named or path
         self._busy_timeout = busy_timeout
         self._read_only = read_only
         # One thread, one connection: SQLite work is serialized here and never runs on
@@ -158,7 +163,7 @@ class Connection:
         file replaced or deleted (`StoreUnavailable`) and mending a -shm file cut short
         (`_mend_shm`)."""
         try:
-            db: tuple[int, int] | None = _identity(os.stat(self.path))
+            db: tuple[int, int] | None = _identity(os.stat(self._named))
         except FileNotFoundError:
             db = None
         except OSError:

@@ -120,13 +120,16 @@ class SQLiteStore:
         # SQLite keeps the -wal and -shm beside a symlink's target, where the guards of
         # `Connection` look for them; two spellings of one file (``..``, a link) must be
         # one file to them; and ``//`` would be a URI's host to a read-only open.
-        self._path = os.path.realpath(Path(raw).expanduser())
+        named = str(Path(raw).expanduser().absolute())
+        self._path = os.path.realpath(named)
         self._ns = namespace
         self._keep = keep
         self._ttl = validate_ttl(ttl)
         self._clock = clock
         self._read_only = read_only
-        self._conn = Connection(self._path, busy_timeout=busy_timeout, read_only=read_only)
+        self._conn = Connection(
+            self._path, busy_timeout=busy_timeout, read_only=read_only, named=named
+        )
         self._rows = SessionRows(namespace, ttl=self._ttl, clock=clock, read_only=read_only)
         self._commands: SQLiteCommands | None = None
 
