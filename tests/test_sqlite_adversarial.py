@@ -496,3 +496,23 @@ def test_a_path_with_a_nul_character_is_refused_when_the_store_is_made(tmp_path:
         SQLiteStore(str(tmp_path / "a\x00b.db"))
     with pytest.raises(ValueError, match="NUL"):
         open_store("sqlite:///a%00b.db")
+
+
+async def test_a_path_longer_than_sqlite_opens_is_refused_when_the_store_is_made(
+    tmp_path: Path,
+) -> None:
+    """SQLite opens paths of at most 504 bytes here (512 with "-journal"). A longer one
+    was accepted; every operation then failed with `StoreUnavailable` telling to check
+    the file's permissions and locks, and an empty file was left behind."""
+    deep = tmp_path / ("d" * 200) / ("e" * 200)
+    deep.mkdir(parents=True)
+    fits = deep / ("f" * (504 - len(str(deep)) - 1))
+    too_long = deep / ("f" * (505 - len(str(deep)) - 1))
+    with pytest.raises(ValueError, match="505 bytes"):
+        SQLiteStore(too_long)
+    assert not too_long.exists()
+    store = SQLiteStore(fits)
+    try:
+        assert await store.keys() == []
+    finally:
+        await store.aclose()

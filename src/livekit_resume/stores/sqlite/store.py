@@ -70,6 +70,10 @@ _INFO = json.JSONEncoder(separators=(",", ":"))
 logger = logging.getLogger("livekit_resume")
 
 _T = TypeVar("_T")
+
+# The longest database path SQLite opens: its unix VFS holds file names in 512 bytes,
+# the "-journal" beside the file included.
+_MAX_PATH_BYTES = 512 - len("-journal")
 _InfoDict = dict[str, "str | int | float | bool | None"]
 
 
@@ -122,6 +126,13 @@ class SQLiteStore:
         # one file to them; and ``//`` would be a URI's host to a read-only open.
         named = str(Path(raw).expanduser().absolute())
         self._path = os.path.realpath(named)
+        if len(os.fsencode(self._path)) > _MAX_PATH_BYTES:
+            # Refused now: SQLite would refuse every operation as "unable to open", after
+            # leaving an empty file behind.
+            raise ValueError(
+                f"SQLite path {self._path!r} is {len(os.fsencode(self._path))} bytes, over "
+                f"the {_MAX_PATH_BYTES} SQLite opens (with '-journal' it must fit in 512)"
+            )
         self._ns = namespace
         self._keep = keep
         self._ttl = validate_ttl(ttl)
