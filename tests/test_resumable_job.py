@@ -39,7 +39,10 @@ class Clerk(Agent):
 
 async def _entry(ctx: JobContext) -> None:
     opts: dict[str, Any] = json.loads(ctx.job.metadata)
-    if "signing_keys" in opts:
+    in_code: dict[str, Any] = {}
+    if opts.get("keys_in_code"):
+        in_code["signing_keys"] = opts["signing_keys"]
+    elif "signing_keys" in opts:
         os.environ["RESUME_SIGNING_KEYS"] = opts["signing_keys"]
     registry = lr.AgentRegistry()
     registry.register(Clerk)
@@ -62,6 +65,7 @@ async def _entry(ctx: JobContext) -> None:
         room_options=room_io.RoomOptions(audio_input=False, audio_output=False, text_output=False),
         debounce=0.01,
         lease_ttl=opts.get("lease_ttl", 30.0),
+        **in_code,
     )
     if opts.get("twice"):
         try:
@@ -338,6 +342,34 @@ async def test_a_reconnect_token_resumes_its_conversation_in_a_new_room_and_noth
             await again.shutdown()
         with pytest.raises(lr.TokenRefused):
             await lr.verify_token(store, token)
+    finally:
+        await store.aclose()
+
+
+async def test_keys_given_in_code_sign_the_job_and_check_its_tokens(
+    target: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``resumable_job(..., signing_keys=K)`` raised ValueError ("pass the keys to the
+    Codec, or keys without a codec, not both") on every job: it made a codec from the
+    environment and passed the keys beside it. Its token check read the environment's
+    keys alone, so a token signed with K was refused there too."""
+    monkeypatch.delenv("RESUME_SIGNING_KEYS", raising=False)
+    signed = {**target, "signing_keys": SIGN, "keys_in_code": True}
+    store = lr.open_store(target["store"], **target.get("store_options", {}))
+    try:
+        async with JobHarness() as harness:
+            first = await harness.start_job(ENTRY, room="code-1", metadata=metadata(signed))
+            await ready(first)
+            await turn(first, TURNS[0])
+            await first.shutdown()
+            with pytest.raises(lr.SignatureMismatch):  # signed with K: not readable without
+                await stored(target, "code-1")
+            token = await lr.issue_token(store, "code-1", ttl=600, signing_keys=SIGN)
+            back = await harness.start_job(
+                ENTRY, room="code-2", metadata=metadata(signed, token=token)
+            )
+            assert (await ready(back))[0]  # the token's conversation, in a new room
+            await back.shutdown()
     finally:
         await store.aclose()
 

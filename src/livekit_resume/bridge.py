@@ -66,6 +66,29 @@ def codec_for(store: Store, **options: Any) -> Codec:
     return settings.codec(**rest)
 
 
+def session_codec(
+    store: Store,
+    codec: Codec | None,
+    *,
+    signing_keys: str | None = None,
+    encryption_keys: str | None = None,
+) -> Codec:
+    """A session's codec: ``codec``, or `codec_for` with the keys given. One given must
+    be bound to the store's namespace, or its frames would verify nowhere else: the
+    command line and the other workers read them with the store's."""
+    if codec is None:
+        keys = {"signing_keys": signing_keys, "encryption_keys": encryption_keys}
+        return codec_for(store, **{name: value for name, value in keys.items() if value})
+    if signing_keys or encryption_keys:
+        raise ValueError("pass the keys to the Codec, or keys without a codec, not both")
+    if offers(store, Namespaced) and codec.namespace != store.namespace:
+        raise ValueError(
+            f"the codec is bound to namespace {codec.namespace!r}, the store to "
+            f"{store.namespace!r}: make it with Codec(namespace={store.namespace!r}, ...)"
+        )
+    return codec
+
+
 def listing_info(
     snap: Snapshot, *, items: int, owner: str | None, source: str | None = None
 ) -> dict[str, str | int | float | bool | None]:

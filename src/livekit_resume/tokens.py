@@ -22,9 +22,8 @@ from typing import Any
 import msgpack
 
 from .bridge import codec_for, from_stored
-from .errors import SnapshotCorrupt, SnapshotNotFound, TokenRefused
+from .errors import SignatureMismatch, SnapshotCorrupt, SnapshotNotFound, TokenRefused
 from .settings import Settings
-from .snapshot.codec import Codec
 from .snapshot.frame import Keyring
 from .stores.base import Store, validate_key
 
@@ -71,9 +70,18 @@ async def _now(store: Store, key: str) -> float:
     return info.read_at if info is not None and info.read_at is not None else time.time()
 
 
-async def _conversation(store: Store, codec: Codec, key: str) -> tuple[str | None, str]:
-    """The key's current conversation id and state (SnapshotNotFound if none)."""
-    snap = from_stored(codec, await store.load(key))
+async def _conversation(store: Store, key: str, signing_keys: str | None) -> tuple[str | None, str]:
+    """The key's current conversation id and state (SnapshotNotFound if none), read as
+    the workers read it: with the environment's keys, and with the keys given (those the
+    token is signed with) when the environment's do not verify it, as where the workers
+    are given them in code too."""
+    stored = await store.load(key)
+    try:
+        snap = from_stored(codec_for(store), stored)
+    except SignatureMismatch:
+        if not signing_keys:
+            raise
+        snap = from_stored(codec_for(store, signing_keys=signing_keys), stored)
     return snap.meta.conversation, snap.state
 
 
@@ -87,7 +95,7 @@ async def issue_token(
         raise ValueError(f"a reconnect token's ttl must be a finite number of seconds, not {ttl}")
     kid, secret = _keyring(signing_keys).keys[0]
     codec = codec_for(store)  # the store's namespace, which the token binds
-    conversation, state = await _conversation(store, codec, key)
+    conversation, state = await _conversation(store, key, signing_keys)
     if state == "ended" or conversation is None:
         raise TokenRefused(f"session {key!r} holds no conversation a token can resume")
     payload = [codec.namespace, key, conversation, await _now(store, key) + ttl, kid]
@@ -131,7 +139,7 @@ async def verify_token(store: Store, token: str, *, signing_keys: str | None = N
     if not math.isfinite(expires_at) or expires_at < await _now(store, key):
         raise TokenRefused(f"reconnect token for session {key!r} refused: it expired")
     try:
-        current, state = await _conversation(store, codec, key)
+        current, state = await _conversation(store, key, signing_keys)
     except SnapshotNotFound:
         raise TokenRefused(
             f"reconnect token for session {key!r} refused: no conversation is stored"

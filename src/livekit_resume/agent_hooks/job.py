@@ -56,7 +56,7 @@ from livekit import rtc
 from livekit.agents import Agent, AgentSession, JobContext
 from livekit.agents.voice import room_io
 
-from ..bridge import codec_for, from_stored, whole_commit
+from ..bridge import from_stored, session_codec, whole_commit
 from ..errors import LeaseLost, ResumeError, SessionBusy, TokenRefused
 from ..snapshot.codec import Codec
 from ..snapshot.model import Snapshot
@@ -413,15 +413,19 @@ async def _acquire(store: Store, key: str, owner: str, ttl: float) -> Lease:
 
 
 async def _token_key(
-    store: Store, ctx: JobContext, token: str | Callable[[JobContext], str | None] | None
+    store: Store,
+    ctx: JobContext,
+    token: str | Callable[[JobContext], str | None] | None,
+    signing_keys: str | None,
 ) -> str | None:
-    """The key a presented reconnect token names, or None (no token, or refused)."""
+    """The key a presented reconnect token names, or None (no token, or refused);
+    ``signing_keys``: the job's, when given in code."""
     presented = token(ctx) if callable(token) else token
     if not presented:
         return None
     try:
-        return await verify_token(store, presented)
-    except TokenRefused as e:
+        return await verify_token(store, presented, signing_keys=signing_keys)
+    except (TokenRefused, ValueError) as e:  # ValueError: no signing keys to check it with
         log.warning("%s; starting from the room's own key", e, extra={"job": ctx.job.id})
         return None
 
@@ -511,14 +515,22 @@ async def resumable_job(
     opened = store is None
     store = store or open_store()
     try:
-        name = await _token_key(store, ctx, token) or await _resolve_key(ctx, key)
+        name = await _token_key(store, ctx, token, options.get("signing_keys")) or (
+            await _resolve_key(ctx, key)
+        )
         owner = job_owner(ctx)
         # another call of this job, or the restore in place of an earlier one, racing for
         # the key: refused here
         with _restoring_key(ctx, name, owner):
             info = await store.info(name)
             _refuse_same_job(info, name, owner)
-            codec: Codec = options.pop("codec", None) or codec_for(store)
+            # one codec for the archive and the session: the keys given, if any
+            codec: Codec = session_codec(
+                store,
+                options.pop("codec", None),
+                signing_keys=options.pop("signing_keys", None),
+                encryption_keys=options.pop("encryption_keys", None),
+            )
             # the session's own lease ttl when shorter: a store with a short session ttl
             # refuses a lease that outlives its sessions
             archive = functools.partial(

@@ -81,6 +81,36 @@ def _agent_ctx(
     return llm.ChatContext([b if b is not None else next(rest) for b in built])
 
 
+def check(
+    snap: Snapshot,
+    *,
+    registry: AgentRegistry,
+    userdata: TypeAdapter[Any] | None,
+    userdata_type: Any = None,
+) -> None:
+    """Raise what `rebuild` would raise of ``snap`` (its userdata no longer validates,
+    its agent unknown or not rebuilt by its factory), touching no session: a takeover
+    is taken only once this worker can restore what the store holds."""
+    if snap.state == "ended":
+        return  # not restored: a new conversation starts
+    _userdata(snap, userdata, userdata_type)
+    if snap.agent is not None:
+        _build_agent(registry, snap, snap.agent)
+
+
+def _userdata(snap: Snapshot, adapter: TypeAdapter[Any] | None, userdata_type: Any) -> Any:
+    """The saved userdata, validated (None: none saved, or no type to validate it)."""
+    if adapter is None or snap.userdata is None:
+        return None
+    try:
+        return adapter.validate_python(snap.userdata)
+    except ValidationError as e:
+        raise IncompatibleSnapshot(
+            f"session {snap.key!r} version {snap.version}: saved userdata no longer "
+            f"validates against {userdata_type!r}: {describe_invalid(e)}"
+        ) from None
+
+
 def _warn_dropped(
     snap: Snapshot, adapter: TypeAdapter[Any], value: Any, userdata_type: Any
 ) -> None:
@@ -149,15 +179,9 @@ async def rebuild(
     if built is None:
         built = build_items(snap)
     history = built.history
-    value: Any = None
-    if userdata is not None and snap.userdata is not None:
-        try:
-            value = userdata.validate_python(snap.userdata)
-        except ValidationError as e:
-            raise IncompatibleSnapshot(
-                f"session {snap.key!r} version {snap.version}: saved userdata no longer "
-                f"validates against {userdata_type!r}: {describe_invalid(e)}"
-            ) from None
+    value = _userdata(snap, userdata, userdata_type)
+    if value is not None:
+        assert userdata is not None  # a value only comes of it
         _warn_dropped(snap, userdata, value, userdata_type)
     frame = snap.agent
     agent = default() if frame is None else _build_agent(registry, snap, frame)

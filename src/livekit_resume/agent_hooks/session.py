@@ -31,8 +31,15 @@ from livekit.agents.voice.events import EventTypes
 from opentelemetry import trace
 from prometheus_client import Counter
 
-from ..bridge import codec_for, from_stored, salvage_stored
-from ..errors import LeaseLost, ResumeError, SnapshotCorrupt, StoreUnavailable
+from ..bridge import from_stored, salvage_stored, session_codec
+from ..errors import (
+    LeaseLost,
+    ResumeError,
+    SessionBusy,
+    SnapshotCorrupt,
+    SnapshotNotFound,
+    StoreUnavailable,
+)
 from ..snapshot.chat import MediaPolicy
 from ..snapshot.codec import Codec
 from ..snapshot.frame import gc_paused
@@ -45,7 +52,7 @@ from .capture import Capture, Indexes, Pending, SavedState
 from .control import ControlListener
 from .lease import LeaseHolder, to_its_end
 from .listen import listen
-from .rebuild import Built, build_items, rebuild
+from .rebuild import Built, build_items, check, rebuild
 from .registry import AgentRegistry
 from .room import ATTR_STATE, ATTR_VERSION, Announcer
 from .silence import Silencer, Timer, current_agent
@@ -112,8 +119,9 @@ class ResumableSession:
         on_lost: Callable[[LeaseLost], Awaitable[None]] | None = None,
         suspend_after: float | None = None,
     ) -> None:
-        if codec is not None and (signing_keys or encryption_keys):
-            raise ValueError("pass the keys to the Codec, or keys without a codec, not both")
+        codec = session_codec(
+            store, codec, signing_keys=signing_keys, encryption_keys=encryption_keys
+        )
         self._store = store
         self._key = validate_key(key)
         self._registry = registry
@@ -121,10 +129,6 @@ class ResumableSession:
         owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._owner = owner
         self._extra = plain_extra(extra or {})  # an unsavable value is refused right here
-        if codec is None:
-            keys = {"signing_keys": signing_keys, "encryption_keys": encryption_keys}
-            given = {name: value for name, value in keys.items() if value}
-            codec = codec_for(store, **given)
         self._holder = LeaseHolder(store, self._key, owner, lease_ttl)
         self._capture = Capture(
             self._key,
@@ -282,7 +286,7 @@ class ResumableSession:
         takeover: bool,
         salvage: bool,
     ) -> Agent:
-        stored = await self._holder.acquire_and_load(takeover=takeover)
+        stored = await self._acquire_load(takeover, salvage)
         # The command inbox subscribes (a connection, a round trip or two) while the
         # snapshot is decoded and rebuilt. A command it hears before the restore is done
         # is refused: the session is not attached yet.
@@ -355,6 +359,42 @@ class ResumableSession:
             extra={"key": self._key, "version": self._version},
         )
         return agent
+
+    async def _acquire_load(self, takeover: bool, salvage: bool) -> Stored | None:
+        """The lease, and the latest version read under it. A session another worker
+        holds live is taken over only once what it holds is read and found restorable
+        here (`check`): a worker whose keys, registry or userdata type cannot restore it
+        (a rolling deploy half done) would fence a holder that saves it fine, for a
+        restore that then fails."""
+        try:
+            return await self._holder.acquire_and_load(takeover=False)
+        except SessionBusy:
+            if not takeover:
+                raise
+        try:
+            stored: Stored | None = await self._store.load(self._key)
+        except SnapshotNotFound:
+            stored = None
+        if stored is not None:
+            if sum(map(len, stored.streams.values())) > OFFLOAD_ITEMS:
+                await asyncio.to_thread(self._check, stored, salvage)
+            else:
+                self._check(stored, salvage)
+        return await self._holder.acquire_and_load(takeover=True)
+
+    def _check(self, stored: Stored, salvage: bool) -> None:
+        try:
+            snap = from_stored(self._capture.codec, stored)
+        except SnapshotCorrupt:
+            if salvage:
+                return  # salvaged under the lease
+            raise
+        check(
+            snap,
+            registry=self._registry,
+            userdata=self._capture.userdata,
+            userdata_type=self._capture.userdata_type,
+        )
 
     async def _load_into(
         self,

@@ -389,7 +389,12 @@ class StreamTracker:
         self._objs = list(items)
         self._ids = [it.id for it in self._objs]
         self._digests, self._terms, self._seal = index
-        self._shrunk, self._shapes = {}, {}
+        # The edit window's items as restored: one untouched is not read again. Read
+        # again, it would be converted by this worker's policy and written anew if that
+        # differs from the writer's (media="drop" here, "keep" there: a recent photo
+        # dropped from the store that nobody edited, while older ones stayed).
+        self._shrunk = {}
+        self._shapes = {it.id: _Frozen(it) for it in self._objs[-EDIT_WINDOW:]}
         self._gen = object()
 
     def index(self, datas: Sequence[ItemData], sealed: Sealed | None = None) -> Index:

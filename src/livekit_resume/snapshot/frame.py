@@ -419,6 +419,16 @@ class Framer:
         return out
 
 
+def holds_what_it_declares(frame: bytes) -> bool:
+    """Whether ``frame`` carries at least the body its header declares: a frame over a
+    reader's limit that does is a large frame (the reader's configuration), one that
+    does not is damage (a torn write, a flipped size)."""
+    if len(frame) < _HEADER.size:
+        return False
+    magic, _version, _flags, _reserved, size = _HEADER.unpack_from(frame)
+    return bool(magic == MAGIC and _HEADER.size + size <= len(frame))
+
+
 def all_str(values: Iterable[Any]) -> bool:
     """Whether every value (every key of a map) is a `str`: ``join`` checks them all in
     one pass in C, where a restore would loop over thousands of items in Python."""

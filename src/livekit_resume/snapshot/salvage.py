@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import IncompatibleSnapshot, SignatureMismatch, SnapshotCorrupt, SnapshotTooLarge
 from .codec import AGENT, HISTORY, Codec, check_item_ids, validate_snapshot
+from .frame import holds_what_it_declares
 from .model import ItemData, Snapshot
 
 __all__ = ["SALVAGE_ID_PREFIX", "Damage", "salvage_parts", "validate_restorable"]
@@ -39,6 +40,22 @@ def _raise_unknown_key(e: SnapshotCorrupt) -> None:
     refused for want of RESUME_ALLOW_PLAINTEXT in a store being moved to encryption."""
     if isinstance(e, SignatureMismatch) and (e.unknown_key is not None or e.plaintext):
         raise e
+
+
+def _raise_over_limit(e: SnapshotTooLarge, frame: bytes) -> None:
+    """Nor is an intact frame over this process's limits: a worker whose ``max_frame``
+    is smaller than the writer's reported it lost, and the session was written anew
+    without it. Raised, it names the limit. A size the bytes present contradict is
+    damage."""
+    if holds_what_it_declares(frame):
+        raise e
+
+
+def _raise_not_damage(e: SnapshotCorrupt | SnapshotTooLarge, frame: bytes) -> None:
+    if isinstance(e, SnapshotCorrupt):
+        _raise_unknown_key(e)
+    else:
+        _raise_over_limit(e, frame)
 
 
 @dataclass(frozen=True)
@@ -146,8 +163,8 @@ def _head(
         except IncompatibleSnapshot:
             raise
         except _DAMAGE as e:
-            if n == 0 and isinstance(e, SnapshotCorrupt):
-                _raise_unknown_key(e)
+            if n == 0:
+                _raise_not_damage(e, frame)
             tried.append(f"{label}: {e}")
             continue
         if tried:
@@ -190,8 +207,7 @@ def _stream(
             except IncompatibleSnapshot:
                 raise
             except _DAMAGE as e:
-                if isinstance(e, SnapshotCorrupt):
-                    _raise_unknown_key(e)
+                _raise_not_damage(e, frame)
                 reason = str(e)
         if reason is None:
             slots.append(item)

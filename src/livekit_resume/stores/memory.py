@@ -113,7 +113,13 @@ class MemoryStore:
     def _get(self, key: str) -> _Session | None:
         validate_key(key)
         s = self._open().get(key)
-        if s is not None and self._ttl is not None and s.touched_at + self._ttl <= self._clock():
+        now = self._clock()
+        if (
+            s is not None
+            and self._ttl is not None
+            and s.touched_at + self._ttl <= now
+            and not lease_is_live(s.lease_expires_at if s.owner else None, now)
+        ):
             del self._sessions[key]
             return None
         return s

@@ -81,7 +81,11 @@ local function read_head()
     corrupt('session head ' .. HEAD .. ' is inconsistent: versions ' .. h.oldest .. '..' ..
       h.version .. ', log generations ' .. h.gen_lo .. '..' .. h.gen)
   end
-  if TTL and s.touched + TTL <= NOW then s.expired = true end
+  -- never while another owner's lease runs: a worker configured with a shorter TTL
+  -- would purge a conversation its holder is saving
+  if TTL and s.touched + TTL <= NOW and not (s.owner and s.expires and s.expires > NOW) then
+    s.expired = true
+  end
   return s
 end
 

@@ -57,17 +57,19 @@ SCAN_COUNT = 1000
 REMAINS_SHOWN = 5
 
 
-def _is_live(touched: Any, ttl: float | None, now: float) -> bool:
-    """Whether an index member whose head says ``touched`` is a live session."""
-    if touched is None:
+def _is_live(head: Any, ttl: float | None, now: float) -> bool:
+    """Whether an index member whose head (`Namespace._heads`) says it was written at
+    ``touched``, its lease running until ``lease``, is a live session: as session.lua
+    judges it, never expired while a lease runs."""
+    if head is None:
         return False  # deleted or expired
-    if isinstance(touched, Exception):
+    if isinstance(head, Exception):
         return True  # foreign data at the head: listed, load says corrupt
+    touched, lease = head
     try:
-        stamp = float(touched)
+        return ttl is None or float(touched) + ttl > now or float(lease or "-inf") > now
     except ValueError:
         return True
-    return ttl is None or stamp + ttl > now
 
 
 class Namespace:
@@ -211,20 +213,28 @@ class Namespace:
         `StoreUnavailable`): one node down hides no session of the others, and none of
         its own."""
         heads = await self._heads_by_node(members)
-        headless = [m for m, (touched, _) in zip(members, heads, strict=True) if touched is None]
+        headless = [m for m, (head, _) in zip(members, heads, strict=True) if head is None]
         damaged = await self._with_remains(headless)
         return [
             member
-            for member, (touched, now) in zip(members, heads, strict=True)
-            if _is_live(touched, self._ttl, now) or member in damaged
+            for member, (head, now) in zip(members, heads, strict=True)
+            if _is_live(head, self._ttl, now) or member in damaged
         ]
 
     async def _heads(self, client: Any, members: Sequence[str]) -> list[Any]:
-        """Each member's head ``touched`` field (None: no head; an exception: not a hash)."""
+        """Each member's head: its ``touched`` field and its lease's expiry, None without
+        an owner (None: no head; an exception: not a hash)."""
         pipe = client.pipeline(transaction=False)
         for m in members:
-            pipe.hget(self._names.head(m), "touched")
-        return cast("list[Any]", await pipe.execute(raise_on_error=False))
+            pipe.hmget(self._names.head(m), "touched", "owner", "expires")
+        heads: list[Any] = []
+        for got in await pipe.execute(raise_on_error=False):
+            if isinstance(got, Exception):
+                heads.append(got)
+            else:
+                touched, owner, expires = got
+                heads.append(None if touched is None else (touched, owner and expires))
+        return heads
 
     async def _heads_by_node(self, members: Sequence[str]) -> list[tuple[Any, float]]:
         """`_heads` read node by node on a Cluster, at once (`Server.node_by_node`), each

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ...errors import SnapshotCorrupt
+from ..log import lease_is_live
 from .transactions import lock_now, purge, write
 
 __all__ = ["SESSION_COLUMNS", "Session", "SessionRows", "altered", "is_counter"]
@@ -108,9 +109,15 @@ class SessionRows:
         self._clock = clock
         self._read_only = read_only
 
-    def expired(self, touched_at: float, now: float) -> bool:
+    def expired(self, s: Session, now: float) -> bool:
         # A write time in the future (a clock stepped back) counts as now: see `session`.
-        return self._ttl is not None and min(touched_at, now) + self._ttl <= now
+        # Never while a lease runs: a store opened with a shorter ttl (another worker's
+        # setting) would purge a conversation its holder is saving.
+        return (
+            self._ttl is not None
+            and min(s.touched_at, now) + self._ttl <= now
+            and not lease_is_live(s.lease_expires_at if s.owner else None, now)
+        )
 
     @staticmethod
     def skewed(s: Session, now: float) -> bool:
@@ -137,7 +144,7 @@ class SessionRows:
             s = parse(key, row)
         except SnapshotCorrupt:
             return True, False
-        return not self.expired(s.touched_at, now), self.skewed(s, now)
+        return not self.expired(s, now), self.skewed(s, now)
 
     def select(self, conn: sqlite3.Connection, key: str) -> Session | None:
         found = conn.execute(
@@ -157,7 +164,7 @@ class SessionRows:
             return None
         if self.skewed(s, now):
             s = self._unskew(conn, key, s, now)
-        if self.expired(s.touched_at, now):
+        if self.expired(s, now):
             purge(conn, self._ns, key)
             return None
         return s
@@ -183,7 +190,7 @@ class SessionRows:
         if s is None:
             return None, False
         now = self._clock()
-        if self.expired(s.touched_at, now):
+        if self.expired(s, now):
             return None, True
         return s, self.skewed(s, now)
 
@@ -215,7 +222,8 @@ class SessionRows:
                 return
             gone = conn.execute(
                 f"SELECT key FROM sessions WHERE {where} AND {_TIMES_ARE_NUMBERS} AND "
-                "touched_at + :ttl <= :now LIMIT :batch",
+                "touched_at + :ttl <= :now AND NOT (owner IS NOT NULL AND "
+                "lease_expires_at > :now) LIMIT :batch",
                 {**args, "batch": PURGE_BATCH},
             ).fetchall()
             for (k,) in gone:
