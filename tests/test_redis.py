@@ -1068,6 +1068,25 @@ async def test_remains_of_a_lost_head_are_found_and_deleted_on_every_topology(
     assert (await rstore.load("roomZ[weird]?{x}")).streams == {"h": [("z", b"z")]}
 
 
+async def test_rm_of_a_session_that_lost_a_version_removes_every_key_on_every_topology(
+    rstore: RedisStore,
+) -> None:
+    """A delete, a trim or a renewal with a ttl first checks that every key the head names
+    is on the node (a Cluster slot half moved: `tests/test_cluster_reshard.py`). A key
+    lost otherwise (evicted) is damage, not a slot in motion: the commit that would trim
+    it says so, and `rm` still removes the whole session, the key free again."""
+    lease = await rstore.acquire(KEY, "worker-a")
+    for n in range(3):
+        await commit_items(rstore, lease, n, f"i{n}")
+    prefix = rstore._head_key(KEY)[: -len("head")]
+    await raw(rstore).delete(prefix + "v:1")  # evicted
+    assert await rstore.delete(KEY) is True
+    assert [k for k in await server_keys(rstore, "*") if k.startswith(prefix)] == []
+    again = await rstore.acquire(KEY, "worker-b")
+    await commit_items(rstore, again, 0, "new")
+    assert (await rstore.load(KEY)).streams == {"h": [("new", b"new")]}
+
+
 # -- the connections' driver info -------------------------------------------------
 
 

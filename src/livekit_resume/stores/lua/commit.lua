@@ -52,6 +52,9 @@ local function main()
   if type_of(vk) ~= 'none' then corrupt('key ' .. vk .. ' exists before its version was written') end
   local staged = staged_keys(15, #ARGV)
   if staged == nil then return {'unstaged'} end
+  -- the versions and generations the trim deletes must be here (with a TTL, live_head
+  -- looked at every key already)
+  if TTL_MS == '' and version - tonumber(ARGV[10]) + 1 > s.oldest then assert_whole(s) end
   -- checks done: from here on every call succeeds
   local len
   if #ARGV >= 15 then len = push_all(lk, 15, #ARGV, staged) else len = redis.call('LLEN', lk) end

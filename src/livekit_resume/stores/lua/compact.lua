@@ -20,6 +20,7 @@ local function main()
   if type_of(lk) ~= 'none' then corrupt('key ' .. lk .. ' exists before its generation') end
   local staged = staged_keys(8, #ARGV)
   if staged == nil then return {'skip'} end
+  assert_whole(s)  -- the generations the trim deletes must be here
   local len = 0
   if #ARGV >= 8 then len = push_all(lk, 8, #ARGV, staged) end
   redis.call('HSET', vk, 'gen', gen, 'end', len, 'records', tonumber(ARGV[7]))

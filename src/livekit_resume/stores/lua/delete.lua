@@ -43,7 +43,13 @@ local function main()
   if s and fenced and (s.epoch ~= tonumber(ARGV[5]) or s.owner ~= ARGV[4]) then
     return {'lost', fmt(s.epoch)}
   end
-  if s then delete_all(s) end
+  if s then
+    -- the whole session, or nothing: a key it names absent here is on the old node of a
+    -- slot half moved (refused: StoreUnavailable), or was evicted, which the client
+    -- tells apart and then calls again, scanned, to delete what is left
+    if not scanned then assert_whole(s) end
+    delete_all(s)
+  end
   local gone = remains()
   if expired and gone == 0 then return {'ok', 0} end
   return {'ok', 1}

@@ -118,6 +118,31 @@ local function delete_all(s)
   for _, k in ipairs(ks) do redis.call('DEL', k) end
 end
 
+-- Every key of the session that holds data is on this node. On a Cluster slot half
+-- moved with the head moved first (Redis moves a slot's keys in an order of its own), a
+-- script ASKed to the importing node finds the keys still on the old node absent (TYPE
+-- answers 'none' there, where the old node fails the script with ASK): a trim, a DEL or
+-- a PEXPIRE would miss them, leaving versions no head names, a headless session, or
+-- keys that expire under a renewed head. Checked before the first write of a script
+-- that touches more than the head, the latest version and the log it appends to (those
+-- are checked as they are read); the client reports the slot as moving.
+local function assert_whole(s)
+  for n = s.oldest, s.version do
+    if type_of(vkey(n)) == 'none' then corrupt('version record ' .. vkey(n) .. ' is missing') end
+  end
+  for g = s.gen_lo, s.gen do
+    if type_of(logkey(g)) == 'none' then
+      -- an empty generation has no key: only one a retained version reads must be here
+      for n = s.oldest, s.version do
+        local v = redis.call('HMGET', vkey(n), 'gen', 'end')
+        if tonumber(v[1]) == g and (tonumber(v[2]) or 0) > 0 then
+          corrupt('log ' .. logkey(g) .. ' is missing')
+        end
+      end
+    end
+  end
+end
+
 -- Where every script starts: the session's live head, or nil, and whether the head found
 -- had expired. An expired head counts as no session at all. Scripts that write pass
 -- purge = true, which deletes the expired session's keys first, so that what they write
@@ -135,6 +160,7 @@ local function live_head(purge)
     -- with the head written and the rest not (a takeover reported as failed that had
     -- fenced the holder).
     redis.call('TYPE', vkey(s.version + 1))  -- TYPE: a command the minimal ACL grants
+    assert_whole(s)  -- every key's deadline moves: each must be here
   end
   return s, false
 end

@@ -18,8 +18,8 @@ from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    ClusterError,
     InvalidResponse,
     OutOfMemoryError,
     ReadOnlyError,
@@ -27,6 +27,7 @@ from redis.exceptions import (
     ResponseError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import ResumeError, SnapshotCorrupt, StoreUnavailable
@@ -359,6 +360,7 @@ class Server:
             TryAgainError,
             ReadOnlyError,
             RedisClusterException,
+            ClusterError,  # "TTL exhausted": redirections that never settled (a reshard)
             asyncio.TimeoutError,
             OSError,
         ) as exc:

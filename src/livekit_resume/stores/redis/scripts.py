@@ -189,6 +189,10 @@ class Scripts:
             return await client.evalsha(code.sha, 1, key, *args)
         except NoScriptError:
             await self._load(code, key)
+        try:
+            return await client.evalsha(code.sha, 1, key, *args)
+        except NoScriptError:
+            await self._load_on_primaries(code)
             return await client.evalsha(code.sha, 1, key, *args)
 
     async def _load(self, code: AsyncScript, routed_by: str) -> None:
@@ -201,6 +205,22 @@ class Scripts:
             await client.execute_command("SCRIPT LOAD", code.script, target_nodes=node)
         else:
             await client.script_load(code.script)
+
+    async def _load_on_primaries(self, code: AsyncScript) -> None:
+        """Load a script on every primary that answers: one still NOSCRIPT once loaded
+        on the node of its slot ran elsewhere, on a node importing the slot (ASK) that
+        never ran the store's scripts (added to scale out)."""
+        client = self._server.client
+        if not isinstance(client, RedisCluster):
+            await client.script_load(code.script)
+            return
+        await asyncio.gather(
+            *(
+                client.execute_command("SCRIPT LOAD", code.script, target_nodes=node)
+                for node in client.get_primaries()
+            ),
+            return_exceptions=True,  # a primary down fails no call of another's slot
+        )
 
     def session_args(self, args: Sequence[str | bytes | int]) -> list[str | bytes | int]:
         """A session script's arguments: the common ones (see the class), then ``args``."""
@@ -218,7 +238,7 @@ class Scripts:
         not know (NOSCRIPT: flushed, a new node; it did not run) is loaded and the whole
         trip sent again, so every command of a trip must be safe to send twice."""
         client = self._server.client
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
             pipe = client.pipeline(transaction=False)
             for name, routed_by, args in scripts:
                 # As a raw command: a Cluster pipeline refuses its evalsha() method, but
@@ -238,10 +258,13 @@ class Scripts:
             for (name, routed_by, _), reply in zip(scripts, replies, strict=False):
                 if isinstance(reply, NoScriptError):
                     unknown.setdefault((name, self._server.node_name(routed_by)), routed_by)
-            if not unknown or attempt == 2:
+            if not unknown or attempt == 3:
                 break
             for (name, _), routed_by in unknown.items():
-                await self._load(self._code[name], routed_by)
+                if attempt == 1:
+                    await self._load(self._code[name], routed_by)
+                else:  # ran on a node importing the slot: see `_load_on_primaries`
+                    await self._load_on_primaries(self._code[name])
         return replies
 
     async def _run_and_wait(self, script: str, key: str, args: Sequence[str | bytes | int]) -> Any:

@@ -782,7 +782,12 @@ class RedisStore:
         # Unindexed before the session goes: a concurrent acquire re-records it after.
         await self._namespace_index.forget(key)
         try:
-            reply = await self._run("delete", key, [*fence, ""])
+            try:
+                reply = await self._run("delete", key, [*fence, ""])
+            except SnapshotCorrupt:
+                # a key the head names is gone (evicted; a slot being moved is
+                # StoreUnavailable): the scan finds what is left, deleted with the head
+                reply = [b"scan"]
             if reply[0] == b"scan":
                 # No head, or a damaged one: the scan finds the keys it cannot list
                 # (remains of a lost head), and the script deletes them with the head.
