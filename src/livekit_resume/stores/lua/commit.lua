@@ -54,7 +54,7 @@ local function main()
   if staged == nil then return {'unstaged'} end
   -- the versions and generations the trim deletes must be here (with a TTL, live_head
   -- looked at every key already)
-  if TTL_MS == '' and version - tonumber(ARGV[10]) + 1 > s.oldest then assert_whole(s) end
+  if TTL_MS == '' then assert_trim_here(s, version, tonumber(ARGV[10])) end
   -- checks done: from here on every call succeeds
   local len
   if #ARGV >= 15 then len = push_all(lk, 15, #ARGV, staged) else len = redis.call('LLEN', lk) end

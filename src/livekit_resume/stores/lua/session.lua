@@ -143,6 +143,28 @@ local function assert_whole(s)
   end
 end
 
+-- What a commit of `version` trims (see trim) is on this node: the versions it deletes,
+-- and the log generations, each looked at only if one is absent (assert_whole). One
+-- TYPE a commit as a rule, where assert_whole looks at every key.
+local function assert_trim_here(s, version, keep)
+  local oldest = math.max(s.oldest, version - keep + 1)
+  for n = s.oldest, oldest - 1 do
+    if type_of(vkey(n)) == 'none' then corrupt('version record ' .. vkey(n) .. ' is missing') end
+  end
+  if s.gen_lo < s.gen then
+    local live = s.gen
+    if oldest <= s.version then
+      live = tonumber(redis.call('HGET', vkey(oldest), 'gen'))
+      if live == nil or not counter(live) or live < s.gen_lo or live > s.gen then
+        live = s.gen_lo  -- trim deletes none on its word
+      end
+    end
+    for g = s.gen_lo, live - 1 do
+      if type_of(logkey(g)) == 'none' then return assert_whole(s) end
+    end
+  end
+end
+
 -- Where every script starts: the session's live head, or nil, and whether the head found
 -- had expired. An expired head counts as no session at all. Scripts that write pass
 -- purge = true, which deletes the expired session's keys first, so that what they write
