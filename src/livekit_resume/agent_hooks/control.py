@@ -218,11 +218,14 @@ class ControlListener:
         if busy is not None:
             # before the shortcut below: a suspend writing its final save says "paused"
             return CommandReply("refused", reason=f"cannot {verb}: the session is {busy}")
-        if s.state == _ALREADY.get(verb):
-            # sent again after a lost answer, or a hold on a pause someone else made
+        if s.state == _ALREADY.get(verb) and self._started():
+            # sent again after a lost answer, or a hold on a pause someone else made; a
+            # session still restoring is "active" at version 0 too, and not done
             if verb == "pause":
                 self._paused_again()
             return CommandReply("done", s.version)
+        if s.state == "active" and not self._started():
+            return CommandReply("refused", reason=f"cannot {verb}: the session has not started")
         if s.state not in _FROM[verb]:
             return CommandReply("refused", reason=f"cannot {verb}: the session is {s.state}")
         if not self._started():

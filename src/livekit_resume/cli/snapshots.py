@@ -11,6 +11,7 @@ version reads an older record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -19,7 +20,13 @@ from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Literal, cast
 
 from ..bridge import codec_for, from_stored, whole_commit
-from ..errors import SessionBusy, SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
+from ..errors import (
+    ResumeError,
+    SessionBusy,
+    SnapshotCorrupt,
+    SnapshotNotFound,
+    StoreUnavailable,
+)
 from ..settings import CODEC_SETTINGS, Settings
 from ..snapshot.codec import AGENT, DEFAULT_MAX_FRAME, HISTORY, Codec, read_frames
 from ..snapshot.model import ItemData, Snapshot, Writer
@@ -27,6 +34,7 @@ from ..snapshot.salvage import validate_restorable
 from ..stores.base import (
     Commit,
     KeyPages,
+    Lease,
     SessionInfo,
     SessionInfos,
     Store,
@@ -144,11 +152,12 @@ async def write_whole(
         lease = await store.acquire(key, owner, ttl=_lease_ttl(), takeover=takeover)
     except SessionBusy as e:
         raise SessionBusy(f"{e} (from the command line: --takeover)", holder=e.holder) from e
+    empty = False  # the key held no snapshot: the lease made its record
     try:
         try:
             stored: Stored | None = await store.load(key)
         except SnapshotNotFound:
-            stored = None
+            stored, empty = None, True
         codec = make_codec(store)
         snap = await build(store, codec, stored)
         if snap is None:
@@ -167,8 +176,23 @@ async def write_whole(
             owner=owner,
             source=source,
         )
-        return snap, await store.commit(commit)
+        version = await store.commit(commit)
+        empty = False
+        return snap, version
     finally:
+        # Nothing written to a key that held nothing (refused: deleted meanwhile by
+        # another operator's rm): the record the lease made goes too, or it stays
+        # listed at version 0 that show and history say does not exist.
+        if empty:
+            await _delete_or_release(store, key, lease)
+        else:
+            await store.release(lease)
+
+
+async def _delete_or_release(store: Store, key: str, lease: Lease) -> None:
+    try:
+        await store.delete(key, lease=lease)
+    except ResumeError:
         await store.release(lease)
 
 
@@ -196,7 +220,13 @@ async def delete_unheld(store: Store, key: str) -> bool:
             "deleted (run rm again to delete it all the same)",
             holder=e.holder,
         ) from e
-    return await store.delete(key, lease=lease)
+    try:
+        return await store.delete(key, lease=lease)
+    except BaseException:
+        # not deleted: the key is not left busy for the lease's ttl
+        with contextlib.suppress(ResumeError):
+            await store.release(lease)
+        raise
 
 
 # ---------------------------------------------------------------------- ls pages

@@ -226,20 +226,23 @@ def revert_cmd(
     opts = _opts(ctx)
     key = _key(key)
 
-    async def build(store: Store, codec: Codec, stored: Stored | None) -> Snapshot:
-        if stored is None:
-            raise SnapshotNotFound(f"no snapshot for session {key!r}")
-        return await load(store, key, version)
-
     async def go(store: Store) -> int | None:
         # Looked up before the lease: taking a lease creates the session's record, so a
         # revert of a mistyped key left a session of version 0 behind in ``ls``. The
         # version too, and decoded: a refusal once the lease was taken (a version not
         # retained, damaged, signed by a key dropped since) had fenced the live worker
-        # with --takeover, for a command that then changed nothing.
+        # with --takeover, for a command that then changed nothing. What is written is
+        # what was read here: read again under the lease, a version an autosave trimmed
+        # meanwhile refused the command after it had fenced the worker all the same.
         if await store.info(key) is None:
             raise SnapshotNotFound(f"no snapshot for session {key!r}")
-        await load(store, key, version)
+        target = await load(store, key, version)
+
+        async def build(_store: Store, _codec: Codec, stored: Stored | None) -> Snapshot:
+            if stored is None:
+                raise SnapshotNotFound(f"no snapshot for session {key!r}")
+            return target
+
         return (await write_whole(store, key, build, takeover=takeover, source="revert"))[1]
 
     written = _run(ctx, go, read_only=False, session=key)
