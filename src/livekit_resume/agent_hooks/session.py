@@ -233,9 +233,10 @@ class ResumableSession:
         Raises `SessionBusy` when another live worker holds the session (unless
         ``takeover``), `UnknownAgent` for an unregistered agent id, `IncompatibleSnapshot`
         when saved userdata no longer validates or the agent's factory fails on its saved
-        state, `SnapshotCorrupt` when stored bytes are
-        damaged, `RuntimeError` when `aclose` ran first or meanwhile, or when
-        ``session`` is already running; the lease is released on failure. With
+        state, `SnapshotCorrupt` when stored bytes are damaged, `RuntimeError` when
+        `aclose` ran first or meanwhile, or when ``session`` is already running; the
+        lease is released on failure. A session another worker holds live is taken over
+        (``takeover``) only once it is read and found restorable here. With
         ``salvage`` a damaged snapshot is restored with what is intact: each lost item is
         logged, a system note in the context says what is missing, and the first
         checkpoint writes the whole session anew so later versions no longer depend on
