@@ -22,6 +22,7 @@ from livekit_resume import open_store
 from livekit_resume.bridge import from_stored
 from livekit_resume.cli import app
 from livekit_resume.cli.snapshots import make_codec, write_whole
+from livekit_resume.errors import StoreUnavailable
 from livekit_resume.remote import control
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
@@ -598,3 +599,42 @@ def test_ls_scan_lists_again_every_session_of_a_lost_index_past_one_pipeline(
             await store.aclose()
 
     asyncio.run(go())
+
+
+class _ReleaseFails:
+    """A store whose ``release`` fails (a blip just after the commit landed)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def release(self, lease: Any) -> None:
+        raise StoreUnavailable("the store blinked as the lease was given back (test)")
+
+
+def test_a_write_whose_release_fails_after_its_commit_landed_reports_the_version(
+    url: str, key: str
+) -> None:
+    """`revert`, `repair` and `import` commit, then give the lease back. A release that
+    failed turned a commit that landed into a failure: the operator was told nothing
+    was written, and ran it again, writing a second version. The lease expires by
+    itself (its ttl); the command reports what it wrote."""
+
+    async def go() -> int | None:
+        store = open_store(url)
+        try:
+            snap = from_stored(make_codec(store), await store.load(key))
+
+            async def build(_s: Store, _c: Codec, _stored: Stored | None) -> Snapshot:
+                return snap
+
+            flaky = cast(Store, _ReleaseFails(store))
+            written = await write_whole(flaky, key, build, takeover=False, source="import")
+            assert (await store.load(key)).version == written[1]
+            return written[1]
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(go()) is not None

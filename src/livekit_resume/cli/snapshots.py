@@ -183,10 +183,19 @@ async def write_whole(
         # Nothing written to a key that held nothing (refused: deleted meanwhile by
         # another operator's rm): the record the lease made goes too, or it stays
         # listed at version 0 that show and history say does not exist.
-        if empty:
-            await _delete_or_release(store, key, lease)
-        else:
-            await store.release(lease)
+        try:
+            if empty:
+                await _delete_or_release(store, key, lease)
+            else:
+                await store.release(lease)
+        except ResumeError as e:
+            # the lease expires by itself (its ttl): a failure here must not turn a
+            # commit that landed into a failure (the operator would write it again), nor
+            # hide the error that stopped the command
+            print(
+                f"warning: the lease of {key!r} was not given back ({e}); it expires",
+                file=sys.stderr,
+            )
 
 
 async def _delete_or_release(store: Store, key: str, lease: Lease) -> None:
