@@ -39,6 +39,7 @@ from tests.redis_servers import (
     RedisServer,
     require_redis_server,
 )
+from tests.test_redis_adversarial import _owner_of
 
 pytestmark = pytest.mark.cluster
 
@@ -57,21 +58,6 @@ def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
         yield started
     finally:
         started.stop()
-
-
-def _owner_of(cluster: RedisCluster, slot: int) -> tuple[RedisServer, str]:
-    for node in cluster.nodes:
-        for line in node.cli("cluster", "nodes").splitlines():
-            parts = line.split()
-            if "myself" not in parts[2]:
-                continue
-            for rng in parts[8:]:
-                if rng.startswith("["):
-                    continue
-                lo, _, hi = rng.partition("-")
-                if int(lo) <= slot <= int(hi or lo):
-                    return node, parts[0]
-    raise AssertionError(f"no node serves slot {slot}")
 
 
 def _ranges(node: RedisServer) -> list[tuple[int, int]]:
