@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
 import uuid
@@ -401,6 +402,72 @@ async def test_a_lease_check_that_fails_once_is_answered_at_once_not_as_may_stil
             f"after {took:.1f}s: {e.value} (the owner had given the command up)"
         )
     finally:
+        await rs.aclose()
+
+
+class CommitsFail:
+    """The owner's commits fail with `StoreUnavailable` while ``down`` is set."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Any) -> int:
+        if self.down:
+            raise lr.StoreUnavailable("connection reset while committing (test)")
+        return await self.inner.commit(commit)
+
+
+async def test_a_remote_pause_whose_save_fails_is_answered_done_and_says_so(
+    sessions: list[AgentSession[Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pause whose save fails is a pause all the same: the caller hears nothing. The
+    operator was told "pause failed: ...", a refusal (`CommandRefused`: "not applied")
+    for a session whose audio it had just turned off. Done, with a warning that the
+    state is not saved yet."""
+    store = MemoryStore()
+    flaky = CommitsFail(store)
+    rs = await live(flaky, sessions)
+    try:
+        flaky.down = True
+        with caplog.at_level(logging.WARNING, logger="livekit_resume"):
+            await asyncio.wait_for(lr.control(store).pause(KEY, timeout=2.0), 10.0)
+        assert state(rs) == "paused"
+        assert any(
+            "not saved" in r.getMessage() and "connection reset" in r.getMessage()
+            for r in caplog.records
+        ), [r.getMessage() for r in caplog.records]
+        flaky.down = False
+        await asyncio.wait_for(lr.control(store).resume(KEY, timeout=2.0), 10.0)
+        assert state(rs) == "active"
+    finally:
+        flaky.down = False
+        await rs.aclose()
+
+
+async def test_a_remote_suspend_whose_save_fails_says_the_session_is_left_paused(
+    sessions: list[AgentSession[Any]],
+) -> None:
+    """A suspend whose final save fails leaves the session paused, held by its worker
+    (`ResumableSession.suspend`). The operator read "suspend failed: ...", as if nothing
+    had been done to a call whose audio was now off."""
+    store = MemoryStore()
+    flaky = CommitsFail(store)
+    rs = await live(flaky, sessions)
+    try:
+        flaky.down = True
+        with pytest.raises(lr.CommandRefused) as e:
+            await asyncio.wait_for(lr.control(store).suspend(KEY, timeout=2.0), 10.0)
+        assert state(rs) == "paused"
+        assert "paused" in e.value.reason, f"the session is paused, the operator read: {e.value}"
+        flaky.down = False
+        await asyncio.wait_for(lr.control(store).resume(KEY, timeout=2.0), 10.0)
+        assert state(rs) == "active"
+    finally:
+        flaky.down = False
         await rs.aclose()
 
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from typing import Literal
 
 from .errors import CommandRefused
 from .stores.base import Command, CommandChannel, Controllable, Store, offers, validate_key
+
+log = logging.getLogger("livekit_resume")
 
 __all__ = ["DEFAULT_TIMEOUT", "MAX_TIMEOUT", "SessionControl", "Verb", "control"]
 
@@ -144,6 +147,8 @@ async def _answer(channel: CommandChannel, command: Command, owner: str, timeout
     while True:
         reply = await channel.reply(command)
         if reply.status == "done":
+            if reply.reason:  # applied, with something the sender must hear (a pause not saved)
+                log.warning("%s of session %r done: %s", verb, key, reply.reason)
             return reply.version
         if reply.status == "refused":
             raise CommandRefused(key, verb, reply.reason)

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from prometheus_client import Counter
 
-from ..errors import LeaseLost
+from ..errors import LeaseLost, StoreUnavailable
 from ..remote import epoch_mismatch
 from ..stores.base import Command, CommandChannel, CommandReply, Controllable, Store, offers
 
@@ -233,10 +233,18 @@ class ControlListener:
             # after): a suspend now would close a session that then starts and talks with
             # nothing saving it, a pause would silence an agent that is not there yet
             return CommandReply("refused", reason=f"cannot {verb}: the session has not started")
+        before = s.state
         try:
             await actions[verb]()
         except Exception as e:
-            # a store failing with an error of its own (not StoreUnavailable) is refused
-            # the same way, at once, not left unanswered for the sender's timeout
-            return CommandReply("refused", reason=f"{verb} failed: {e}")
+            after = s.state
+            if verb == "pause" and after == "paused" and isinstance(e, StoreUnavailable):
+                # a pause whose save fails is a pause all the same (`ResumableSession.pause`):
+                # refused would tell the sender nothing was done to a session now silent
+                return CommandReply("done", s.version, reason=f"paused, its state not saved: {e}")
+            # any other failure is refused at once, not left unanswered for the sender's
+            # timeout, saying what it left behind: a suspend whose final save failed
+            # leaves the session paused, kept by its worker
+            left = f"; the session is {after}, still held by its worker" if after != before else ""
+            return CommandReply("refused", reason=f"{verb} failed: {e}{left}")
         return CommandReply("done", s.version)
