@@ -23,7 +23,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from livekit import rtc
 from livekit.agents import Agent, AgentSession
@@ -58,6 +58,8 @@ from .room import ATTR_STATE, ATTR_VERSION, Announcer
 from .silence import Silencer, Timer, current_agent
 
 __all__ = ["ATTR_STATE", "ATTR_VERSION", "ResumableSession", "SessionState"]
+
+_T = TypeVar("_T")
 
 # A restore of more items than this decodes them on a worker thread: past about a
 # millisecond of decoding, the other sessions on the loop would feel it.
@@ -377,10 +379,7 @@ class ResumableSession:
         except SnapshotNotFound:
             stored = None
         if stored is not None:
-            if sum(map(len, stored.streams.values())) > OFFLOAD_ITEMS:
-                await asyncio.to_thread(self._check, stored, salvage)
-            else:
-                self._check(stored, salvage)
+            await _off_the_loop_if_long(stored, partial(self._check, stored, salvage))
         return await self._holder.acquire_and_load(takeover=True)
 
     def _check(self, stored: Stored, salvage: bool) -> None:
@@ -415,13 +414,9 @@ class ResumableSession:
             self._capture.fresh()
             return default()
         sealed: dict[str, Sealed] = {}  # what checking the seals hashed: not hashed again
-        decode = partial(self._decode, stored, sealed, salvage)
-        if sum(map(len, stored.streams.values())) > OFFLOAD_ITEMS:
-            # the worker's other sessions share this loop: a long history is decoded
-            # on a thread, and their audio waits at most a GIL switch interval at a time
-            snap, built, indexes = await asyncio.to_thread(decode)
-        else:
-            snap, built, indexes = decode()
+        snap, built, indexes = await _off_the_loop_if_long(
+            stored, partial(self._decode, stored, sealed, salvage)
+        )
         if snap is None:
             snap = await self._salvage(stored)
         if snap.state == "ended":
@@ -879,3 +874,12 @@ def _tracing() -> bool:
 
 def _saved_state(state: SessionState) -> SavedState:
     return "active" if state == "closed" else state
+
+
+async def _off_the_loop_if_long(stored: Stored, fn: Callable[[], _T]) -> _T:
+    """``fn()``, on a worker thread when ``stored`` holds over `OFFLOAD_ITEMS` items: the
+    worker's other sessions share the loop, and a long history's decode on a thread
+    holds their audio at most a GIL switch interval at a time."""
+    if sum(map(len, stored.streams.values())) > OFFLOAD_ITEMS:
+        return await asyncio.to_thread(fn)
+    return fn()
