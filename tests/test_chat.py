@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
 import math
 from typing import Any, cast
 
@@ -991,3 +992,25 @@ def test_snapshot_bytes_roundtrip_restores_an_equivalent_context(
         assert getattr(after, "role", None) == getattr(before, "role", None)
         assert getattr(after, "extra", None) == getattr(before, "extra", None)
         assert after.model_dump() == before.model_dump()
+
+
+def test_a_message_saved_with_metrics_a_restore_refuses_restores_without_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Saved before the checkpoint made its metrics restorable: LiveKit assigns a voice
+    message's ``metrics`` unvalidated, and an STT that names no provider left a None
+    where `MetricsReport` declares text. Every restore of the session refused it."""
+    data = item_to_data(llm.ChatMessage(role="user", content=["hello"]))
+    data["metrics"] = {
+        "stt_metadata": {"model_name": "nova", "model_provider": None},
+        "e2e_latency": None,
+        "custom": [None],
+    }
+    with caplog.at_level(logging.WARNING, logger="livekit_resume"):
+        item = item_from_data(data)
+    assert isinstance(item, llm.ChatMessage) and item.text_content == "hello"
+    assert item.metrics == {"stt_metadata": {"model_name": "nova"}, "custom": [None]}
+    assert "stt_metadata" in caplog.text and "e2e_latency" in caplog.text
+    data["metrics"] = "not a map"
+    with pytest.raises(SnapshotCorrupt):
+        item_from_data(data)

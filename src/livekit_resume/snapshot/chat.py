@@ -25,7 +25,10 @@ Content parts: a `str` stays a `str`; `{"type": "cache_breakpoint"}`;
 "samples_per_channel", "userdata"}]}`; and, for media the policy drops,
 `{"type": "dropped_media", "kind": "image" | "audio", ...}` (see `MediaPolicy`).
 
-`extra`, `metrics` and `AudioFrame.userdata` may hold anything. Plain values are kept as
+`extra`, `metrics` and `AudioFrame.userdata` may hold anything, except that a metric
+`llm.MetricsReport` declares, an image's options and a config update's tool names keep
+the types LiveKit declares, which a restore checks (converted as pydantic's lax mode
+does, else left out, with a warning). Plain values are kept as
 they are (a tuple becomes a list); anything else goes through
 `pydantic_core.to_jsonable_python` (a datetime becomes its ISO string, a set a list, a
 pydantic model its dict, a non-string dict key a string); see `values.plain_item_value`.
@@ -44,6 +47,7 @@ re-exported here).
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_type_hints
@@ -89,7 +93,8 @@ LiveKit itself turns realtime input audio into its transcript text the same way.
 it for an LLM (`llm.utils.serialize_image`: JPEG, resized to the inference size when both
 are set) and kept as a JPEG data URL; audio frames are kept as raw PCM bytes with their
 sample rate, channel count and samples per channel, and rebuilt as `rtc.AudioFrame`s.
-A frame that cannot be encoded (Pillow missing) is dropped with a marker and a warning.
+A frame that cannot be encoded (Pillow missing, a frame LiveKit cannot resize) is
+dropped with a marker and a warning. Every drop is logged at INFO, naming the item.
 """
 
 _DROPPED_IMAGE_TEXT = "[image omitted: this image was not kept when the conversation was saved]"
@@ -284,6 +289,128 @@ def _as_text(value: Any, where: str) -> str:
     return text
 
 
+_METRICS_ADAPTER: TypeAdapter[Any] = TypeAdapter(llm.MetricsReport)
+
+
+def _pruned(value: Any, locs: list[tuple[Any, ...]]) -> Any:
+    """``value`` (plain data) without the entries ``locs`` point at (the locations of
+    pydantic's errors in it: map keys and list indexes)."""
+    drop = {loc[0] for loc in locs if len(loc) == 1}
+    deeper: dict[Any, list[tuple[Any, ...]]] = {}
+    for loc in locs:
+        if len(loc) > 1:
+            deeper.setdefault(loc[0], []).append(loc[1:])
+    if isinstance(value, dict):
+        return {
+            k: _pruned(v, deeper[k]) if k in deeper else v
+            for k, v in value.items()
+            if k not in drop
+        }
+    if isinstance(value, list):
+        return [
+            _pruned(v, deeper[i]) if i in deeper else v
+            for i, v in enumerate(value)
+            if i not in drop
+        ]
+    return value
+
+
+def _restorable_metrics(metrics: dict[str, Any], where: str) -> dict[str, Any]:
+    """``metrics`` as a restore validates them (`MetricsReport`, strictly): a declared
+    metric of another type is converted as pydantic's lax mode converts it, else its
+    refused entries are left out (a ``stt_metadata`` without a provider keeps its
+    model), else the metric is; with a warning. LiveKit itself assigns ``metrics``
+    unvalidated (an STT that names no provider): stored as it was, every restore of
+    the session refused it."""
+    try:
+        _METRICS_ADAPTER.validate_python(metrics, strict=True)
+        return metrics
+    except ValidationError as e:
+        errors = [tuple(err["loc"]) for err in e.errors()]
+    fixed = dict(metrics)
+    for key in dict.fromkeys(str(loc[0]) for loc in errors if loc):
+        value = fixed.pop(key)
+        candidates = []
+        with contextlib.suppress(ValidationError, KeyError, TypeError):
+            candidates.append(_plain(_METRICS_ADAPTER.validate_python({key: value})[key], where))
+        inner = [loc[1:] for loc in errors if loc[0] == key and len(loc) > 1]
+        if inner:
+            candidates.append(_pruned(value, inner))
+        for candidate in candidates:
+            try:
+                _METRICS_ADAPTER.validate_python({key: candidate}, strict=True)
+            except ValidationError:
+                continue
+            fixed[key] = candidate
+            break
+        logger.warning(
+            "%s metric %r: %s: a %s LiveKit does not hold there, which a restore refuses",
+            where,
+            key,
+            f"saved as {fixed[key]!r}" if key in fixed else "left out",
+            type(value).__name__,
+        )
+    return fixed
+
+
+def _needs_restorable_metrics(metrics: dict[str, Any]) -> bool:
+    """Whether a restore validates ``metrics`` (the fast path takes only floats)."""
+    declared = metrics.keys() & _DECLARED_METRICS
+    return bool(declared) and (
+        not declared <= _FLOAT_METRICS or any(type(metrics[k]) is not float for k in declared)
+    )
+
+
+def _restorable_image(data: ItemData, where: str) -> ItemData:
+    """An image part's data as a restore validates it (`ImageContent`, strictly): an
+    option of another type (an ``inference_width`` past 64 bits, saved as text, an
+    ``inference_detail`` assigned unvalidated) converted as pydantic's lax mode does,
+    else its default; with a warning."""
+    try:
+        llm.ImageContent.model_validate(data, strict=True)
+        return data
+    except ValidationError as e:
+        bad = dict.fromkeys(err["loc"][0] for err in e.errors() if err["loc"])
+    fields = llm.ImageContent.model_fields
+    for name in bad:
+        if name not in fields or name in ("type", "image"):
+            continue  # built here, never an app's value
+        value = data[name]
+        try:
+            fixed = _plain(getattr(llm.ImageContent(image="", **{name: value}), name), where)
+            llm.ImageContent.model_validate({"image": "", name: fixed}, strict=True)
+        except (ValidationError, TypeError):
+            fixed = _plain(fields[name].get_default(call_default_factory=True), where)
+        data[name] = fixed
+        logger.warning(
+            "%s image %r: saved as %r: a %s LiveKit does not hold there, which a restore refuses",
+            where,
+            name,
+            fixed,
+            type(value).__name__,
+        )
+    return data
+
+
+def _restorable_config(data: ItemData, where: str) -> ItemData:
+    """An `llm.AgentConfigUpdate`'s data as a restore validates it: entries of its tool
+    lists that are not names left out (``tools_added=["a", None]``), with a warning;
+    each field's own type is fixed before (`_restorable`)."""
+    try:
+        _ITEM_ADAPTER.validate_python(data, strict=True)
+        return data
+    except ValidationError as e:
+        locs = [tuple(err["loc"])[1:] for err in e.errors()]
+    inner = [loc for loc in locs if len(loc) > 1]
+    fixed: ItemData = _pruned(data, inner)
+    logger.warning(
+        "%s: saved without %s: values LiveKit does not hold there, which a restore refuses",
+        where,
+        ", ".join(f"{loc[0]}[{loc[1]!r}]" for loc in inner) or "nothing",
+    )
+    return fixed
+
+
 def _image_marker(image: llm.ImageContent, source: str, where: str) -> ItemData:
     marker: ItemData = {
         "type": "dropped_media",
@@ -302,14 +429,16 @@ def _image_to_data(image: llm.ImageContent, media: MediaPolicy, where: str) -> I
     src = image.image
     if isinstance(src, str):
         if src.startswith("data:") and media == "drop":
+            logger.info("%s: inline image %r not kept (media='drop')", where, image.id)
             return _image_marker(image, "data_url", where)
         url = src
     else:
         if media == "drop":
+            logger.info("%s: video frame image %r not kept (media='drop')", where, image.id)
             return _image_marker(image, "video_frame", where)
         try:
             encoded = llm.utils.serialize_image(image)
-        except (ImportError, ValueError) as exc:
+        except Exception as exc:  # LiveKit's and Pillow's own errors (a 0-pixel frame: 1/0)
             logger.warning(
                 "%s: cannot encode video frame image %r (%s); dropped from the snapshot",
                 where,
@@ -322,11 +451,12 @@ def _image_to_data(image: llm.ImageContent, media: MediaPolicy, where: str) -> I
         url = f"data:{encoded.mime_type or 'image/jpeg'};base64,{b64}"
     data: ItemData = {name: getattr(image, name) for name in _IMAGE_FIELDS}
     data["image"] = url
-    return _plain(data, where)  # type: ignore[no-any-return]
+    return _restorable_image(_plain(data, where), where)
 
 
 def _audio_to_data(audio: llm.AudioContent, media: MediaPolicy, where: str) -> ItemData:
     if media == "drop":
+        logger.info("%s: audio frames not kept (media='drop'), its transcript is", where)
         return {
             "type": "dropped_media",
             "kind": "audio",
@@ -406,6 +536,12 @@ def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData
     extra = data.get("extra")
     if extra and not all_str(extra):
         data["extra"] = _str_keyed(extra, f"item {item.id!r} field 'extra'")
+    if cls is llm.ChatMessage:
+        metrics = data["metrics"]
+        if metrics and _needs_restorable_metrics(metrics):
+            data["metrics"] = _restorable_metrics(metrics, f"item {item.id!r}")
+    elif cls is llm.AgentConfigUpdate:
+        data = _restorable_config(data, f"item {item.id!r}")
     return data
 
 
@@ -559,16 +695,29 @@ def item_from_data(data: ItemData) -> llm.ChatItem:
     try:
         item = _ITEM_ADAPTER.validate_python(values, strict=True)
     except ValidationError as exc:
-        raise _corrupt(item_id, f"invalid {kind}: {describe_invalid(exc)}") from exc
+        if not (cls is llm.ChatMessage and type(data["metrics"]) is dict and _in_metrics(exc)):
+            raise _corrupt(item_id, f"invalid {kind}: {describe_invalid(exc)}") from exc
+        # saved before the checkpoint made its metrics restorable (an STT that names no
+        # provider): telemetry, not the conversation, so fixed here as it is on saving
+        values["metrics"] = _restorable_metrics(data["metrics"], f"item {item_id!r}")
+        try:
+            item = _ITEM_ADAPTER.validate_python(values, strict=True)
+        except ValidationError as again:
+            raise _corrupt(item_id, f"invalid {kind}: {describe_invalid(again)}") from again
 
     if isinstance(item, llm.ChatMessage):
         # MetricsReport is a TypedDict: validation drops keys it does not declare, but
         # LiveKit (or the app) may have written more into the live dict. Keep them.
-        saved = data["metrics"]
+        saved = values["metrics"]
         metrics: dict[str, Any] = item.metrics  # type: ignore[assignment]
         for key, value in saved.items():
             metrics.setdefault(key, value)
     return item
+
+
+def _in_metrics(exc: ValidationError) -> bool:
+    """Whether every error of a message's validation is in its ``metrics``."""
+    return all(tuple(err["loc"])[1:2] == ("metrics",) for err in exc.errors())
 
 
 @dataclass(frozen=True, slots=True)
