@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 from prometheus_client import Counter
 
-from ..errors import LeaseLost, SessionBusy, SnapshotNotFound
+from ..errors import LeaseLost, SessionBusy, SnapshotNotFound, StoreUnavailable
 from ..stores.base import Commit, Lease, Store, Stored
 
 __all__ = ["LeaseHolder"]
@@ -31,6 +31,10 @@ REACQUIRED = Counter(
     "livekit_resume_sessions_reacquired",
     "Sessions that vanished from the store under their holder and were written anew",
 )
+# How long a failed acquisition waits for the store to say whether it landed (one `info`,
+# then a `release`): a store down fails the restore that much later at most.
+GIVE_BACK_WAIT = 1.0
+
 RELEASE_FAILURES = Counter(
     "livekit_resume_lease_release_failures", "Lease releases that failed (the lease expires)"
 )
@@ -97,7 +101,36 @@ class LeaseHolder:
         return stored
 
     async def _granted(self, call: Awaitable[_T], lease_of: Callable[[_T], Lease]) -> _T:
-        return await granted(self._store, call, lease_of)
+        held = self.lease is not None
+        try:
+            return await granted(self._store, call, lease_of)
+        except StoreUnavailable:
+            # The acquisition may have landed all the same: its reply lost with a
+            # connection the server closed (a reply over its output buffer limit), or
+            # run by a server that woke up after the client gave up. Left, that lease
+            # names this owner the holder of a session nobody holds, and every other
+            # worker's restore is refused until it expires.
+            if not held:
+                await to_its_end(self._give_back_unknown())
+            raise
+
+    async def _give_back_unknown(self) -> None:
+        """Release the lease the store names this owner the holder of, if it answers
+        within `GIVE_BACK_WAIT` (a server still frozen keeps it until it expires)."""
+        try:
+            info = await bounded(self._store.info(self.key), GIVE_BACK_WAIT)
+        except Exception:
+            return
+        if info is not None and info.owner == self.owner:
+            expires = info.lease_expires_at if info.lease_expires_at is not None else 0.0
+            lease = Lease(self.key, self.owner, info.epoch, expires)
+            await release_lease(self._store, lease, within=GIVE_BACK_WAIT)
+            log.warning(
+                "session %r: an acquisition that failed (the store's answer was lost) had "
+                "landed: its lease is given back",
+                self.key,
+                extra={"key": self.key},
+            )
 
     async def renew(self) -> bool:
         """Extend the lease. Returns False when the session vanished (nobody took it:
