@@ -59,7 +59,7 @@ async def test_a_restore_whose_reply_the_output_buffer_limit_cut_holds_no_lease(
     server.cli("CONFIG", "SET", "client-output-buffer-limit", "normal 64kb 64kb 0")
     store = lr.open_store(server.url, namespace=namespace, socket_timeout=1.0, retries=1)
     try:
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreUnavailable, match="client-output-buffer-limit"):
             await restore_on(store)
         server.cli("CONFIG", "SET", "client-output-buffer-limit", "normal 0 0 0")
 
@@ -111,3 +111,37 @@ async def test_a_large_turn_refused_for_memory_while_staged_is_saved_once_memory
         await session.aclose()
     finally:
         await store.aclose()
+
+
+async def test_a_server_at_its_maxclients_or_a_replica_is_named_as_such(
+    make_redis: RedisFactory,
+) -> None:
+    """The server says why it cannot serve: at its ``maxclients``, or a read-only
+    replica. The error told the operator to check that the server is up and the URL
+    right, which it is."""
+    server = make_redis()
+    namespace = f"h{os.urandom(4).hex()}"
+    await suspended_session(server, namespace, "a")
+    server.cli("CONFIG", "SET", "maxclients", "1")
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)  # the one
+    try:
+        store = lr.open_store(server.url, namespace=namespace, socket_timeout=1.0, retries=1)
+        try:
+            with pytest.raises(StoreUnavailable, match="maxclients"):
+                await store.info(KEY)
+        finally:
+            await store.aclose()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    await asyncio.sleep(0.1)  # the server saw the connection go
+    server.cli("CONFIG", "SET", "maxclients", "100")
+    server.cli("REPLICAOF", "127.0.0.1", "1")  # a primary that is not there: read-only
+    store = lr.open_store(server.url, namespace=namespace, socket_timeout=1.0, retries=1)
+    try:
+        assert (await store.info(KEY)) is not None  # reads are served
+        with pytest.raises(StoreUnavailable, match="read-only replica"):
+            await restore_on(store)
+    finally:
+        await store.aclose()
+        server.cli("REPLICAOF", "NO", "ONE")

@@ -366,8 +366,7 @@ class Server:
         ) as exc:
             raise StoreUnavailable(
                 f"{self.where} is unavailable for {what}: {exc or type(exc).__name__}; "
-                "check that the server is up and the store URL is right (retried with "
-                "backoff before giving up)"
+                f"{_unavailable_hint(exc)} (retried with backoff before giving up)"
             ) from exc
         except InvalidResponse as exc:
             # Not Redis's protocol: another service at that address (an HTTP port, a
@@ -398,3 +397,20 @@ class Server:
                     f"({message}); delete the session or move the other data away"
                 ) from exc
             raise StoreUnavailable(f"{self.where} refused {what}: {message}") from exc
+
+
+def _unavailable_hint(exc: BaseException) -> str:
+    """What to check for a server that could not serve a call: where the server said
+    why, that (it is up), else whether it is up at all."""
+    text = str(exc)
+    if isinstance(exc, ReadOnlyError):
+        return "the server is a read-only replica: point the store URL at the primary"
+    if "max number of clients" in text:
+        return "the server is at its maxclients: raise it, or lower max_connections"
+    if "closed by server" in text:
+        return (
+            "the server closed the connection: restarted, killed (CLIENT KILL), idle past "
+            "its timeout, or a reply over its client-output-buffer-limit for normal "
+            "clients (a long history: raise it, 0 0 0 is Redis's default)"
+        )
+    return "check that the server is up and the store URL is right"
