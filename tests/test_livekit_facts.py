@@ -26,6 +26,7 @@ from livekit.agents import (
     function_tool,
     llm,
 )
+from livekit.agents.llm.chat_context import DYNAMIC_INSTRUCTIONS_MESSAGE_ID, Instructions
 from livekit.agents.voice.generation import INSTRUCTIONS_MESSAGE_ID
 from livekit.agents.voice.tool_executor import _RunningTasks
 
@@ -377,6 +378,30 @@ async def test_update_instructions_and_update_tools_add_config_items_and_emit_no
     agent_ids = item_ids(agent.chat_ctx.items)
     assert new[0].id in agent_ids and new[1].id in agent_ids
     assert log.entries == []
+
+
+async def test_start_makes_the_dynamic_instructions_message_anew(
+    sessions: list[AgentSession[Any]],
+) -> None:
+    """An agent with ``Instructions(dynamic=...)`` holds a second system message
+    (``lk.agent_task.instructions.dynamic``) after its instructions. `session.start`
+    removes any such message from the agent's context and inserts a new one, with a new
+    ``created_at``: a restored agent context (rebuild.py) gets LiveKit's, not the one
+    saved, so that one timestamp differs after a restore (livekit-1.8.9.md)."""
+    saved = llm.ChatMessage(
+        id=DYNAMIC_INSTRUCTIONS_MESSAGE_ID, role="system", content=["Caller: +1"], created_at=1.0
+    )
+    agent = Agent(
+        instructions=Instructions("You are the desk.", dynamic="Caller: +1"),
+        chat_ctx=llm.ChatContext([saved]),
+    )
+    session = make_text_session(ScriptedLLM())
+    sessions.append(session)
+    await session.start(agent)
+    made = [m for m in agent.chat_ctx.items if m.id == DYNAMIC_INSTRUCTIONS_MESSAGE_ID]
+    assert len(made) == 1 and isinstance(made[0], llm.ChatMessage)
+    assert made[0].text_content == "Caller: +1"
+    assert made[0].created_at != 1.0
 
 
 # -------------------------------------------------------------------------------- events, tools
