@@ -238,7 +238,11 @@ async def test_a_metric_of_another_type_than_declared_does_not_make_the_session_
             update={"tools_added": ["lookup", None]}
         ),
     ],
-    ids=["image-width-beyond-64-bits", "image-detail-unknown", "config-tool-name-none"],
+    ids=[
+        "image-width-beyond-64-bits",
+        "image-detail-unknown",
+        "config-tool-name-none",
+    ],
 )
 async def test_a_nested_value_the_restore_refuses_is_not_saved_as_it_is(
     world: World, make: Any

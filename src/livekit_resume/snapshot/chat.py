@@ -394,8 +394,8 @@ def _restorable_image(data: ItemData, where: str) -> ItemData:
 
 def _restorable_config(data: ItemData, where: str) -> ItemData:
     """An `llm.AgentConfigUpdate`'s data as a restore validates it: entries of its tool
-    lists that are not names left out (``tools_added=["a", None]``), with a warning;
-    each field's own type is fixed before (`_restorable`)."""
+    lists that are not names left out (``tools_added=["a", None]``), an id that is not
+    text made text, any other field refused its default; with a warning."""
     try:
         _ITEM_ADAPTER.validate_python(data, strict=True)
         return data
@@ -403,10 +403,16 @@ def _restorable_config(data: ItemData, where: str) -> ItemData:
         locs = [tuple(err["loc"])[1:] for err in e.errors()]
     inner = [loc for loc in locs if len(loc) > 1]
     fixed: ItemData = _pruned(data, inner)
+    fields = llm.AgentConfigUpdate.model_fields
+    for name in dict.fromkeys(str(loc[0]) for loc in locs if len(loc) == 1):
+        if name == "id":
+            fixed[name] = _as_text(fixed[name], f"{where} field 'id'")
+        elif name in fields and name != "type":
+            fixed[name] = _plain(fields[name].get_default(call_default_factory=True), where)
     logger.warning(
         "%s: saved without %s: values LiveKit does not hold there, which a restore refuses",
         where,
-        ", ".join(f"{loc[0]}[{loc[1]!r}]" for loc in inner) or "nothing",
+        ", ".join(".".join(map(str, loc)) for loc in locs),
     )
     return fixed
 
