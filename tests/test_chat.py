@@ -1014,3 +1014,15 @@ def test_a_message_saved_with_metrics_a_restore_refuses_restores_without_them(
     data["metrics"] = "not a map"
     with pytest.raises(SnapshotCorrupt):
         item_from_data(data)
+
+
+def test_a_config_update_a_restore_would_refuse_is_saved_as_one_it_takes() -> None:
+    """Assigned without validation: tool names that are not all names, an id that is
+    not text. Saved as they were, every restore refused the session."""
+    update = llm.AgentConfigUpdate(instructions="x").model_copy(
+        update={"tools_added": ["lookup", None, "book"], "id": 5}
+    )
+    data = item_to_data(update)
+    item = item_from_data(data)
+    assert isinstance(item, llm.AgentConfigUpdate)
+    assert (item.id, item.tools_added, item.instructions) == ("5", ["lookup", "book"], "x")
