@@ -302,11 +302,15 @@ async def probe(job: RunningJob) -> dict[str, Any]:
     return result
 
 
-async def attribute_state(job: RunningJob, want: str) -> dict[str, str]:
-    """The job's next room-attribute update that sets ``resume.state`` to ``want``."""
+async def attribute_state(job: RunningJob, want: str, version: int | None = None) -> dict[str, str]:
+    """The job's next room-attribute update that sets ``resume.state`` to ``want`` (at
+    ``version``: an autosave landing as the pause begins shows "paused" at the version
+    before the pause's own save, which is shown next)."""
     while True:
         attributes: dict[str, str] = await job.expect_json("ATTRS")
-        if attributes.get("resume.state") == want:
+        if attributes.get("resume.state") == want and (
+            version is None or attributes.get("resume.version") == str(version)
+        ):
             return attributes
 
 
@@ -347,9 +351,7 @@ async def test_pause_from_another_process_silences_the_owner_and_resume_brings_i
             assert code == 0, err
             paused = json.loads(out)
             assert paused["command"] == "pause" and paused["key"] == "call-x"
-            assert (await attribute_state(job, "paused"))["resume.version"] == str(
-                paused["version"]
-            )
+            await attribute_state(job, "paused", paused["version"])
             info = await store.info("call-x")
             assert info is not None and info.info["state"] == "paused"
 
