@@ -63,7 +63,7 @@ from ..snapshot.model import Snapshot
 from ..stores.base import MAX_KEY_BYTES, Lease, SessionInfo, Store, validate_key
 from ..stores.url import open_store
 from ..tokens import verify_token
-from .lease import granted
+from .lease import granted, release_lease, to_its_end
 from .registry import AgentRegistry
 from .session import ResumableSession
 
@@ -358,10 +358,12 @@ async def archive_stale(
                 )
                 return None
         finally:
-            await store.release(lease)
+            # run to their end however many cancellations arrive (a job shutting down
+            # cancels twice): a release cut short left the key leased for its ttl
+            await to_its_end(release_lease(store, lease))
     finally:
         if not deleted:
-            await store.release(held)
+            await to_its_end(release_lease(store, held))
     log.info(
         "session %r %s: kept as %r, starting afresh",
         key,

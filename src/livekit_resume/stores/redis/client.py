@@ -334,8 +334,15 @@ class Server:
             raise StoreUnavailable(
                 f"{self.where}: cannot {what}: the store is closed; open a new one"
             )
+        cancels = _cancels()
         try:
             yield
+            if _cancels() > cancels:
+                # redis-py bounds each socket write with asyncio.wait_for (the store sets a
+                # socket timeout), which on Python 3.10 and 3.11 returns the write's result
+                # when a cancellation arrives as it ends: the caller (a job shutting down,
+                # an asyncio.timeout) would go on as if never cancelled
+                raise asyncio.CancelledError
         except ResumeError:
             raise
         except MasterNotFoundError as exc:
@@ -414,3 +421,11 @@ def _unavailable_hint(exc: BaseException) -> str:
             "clients (a long history: raise it, 0 0 0 is Redis's default)"
         )
     return "check that the server is up and the store URL is right"
+
+
+def _cancels() -> int:
+    """Cancellations requested of the current task and not taken back (0 on Python
+    3.10, which does not count them)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling() if cancelling is not None else 0
