@@ -421,6 +421,13 @@ class CommitsFail:
         return await self.inner.commit(commit)
 
 
+async def _resumed_once_the_store_is_back(flaky: CommitsFail, rs: lr.ResumableSession) -> None:
+    """The store back, a remote resume lifts what the failed command left paused."""
+    flaky.down = False
+    await asyncio.wait_for(lr.control(flaky.inner).resume(KEY, timeout=2.0), 10.0)
+    assert state(rs) == "active"
+
+
 async def test_a_remote_pause_whose_save_fails_is_answered_done_and_says_so(
     sessions: list[AgentSession[Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -440,9 +447,7 @@ async def test_a_remote_pause_whose_save_fails_is_answered_done_and_says_so(
             "not saved" in r.getMessage() and "connection reset" in r.getMessage()
             for r in caplog.records
         ), [r.getMessage() for r in caplog.records]
-        flaky.down = False
-        await asyncio.wait_for(lr.control(store).resume(KEY, timeout=2.0), 10.0)
-        assert state(rs) == "active"
+        await _resumed_once_the_store_is_back(flaky, rs)
     finally:
         flaky.down = False
         await rs.aclose()
@@ -463,9 +468,7 @@ async def test_a_remote_suspend_whose_save_fails_says_the_session_is_left_paused
             await asyncio.wait_for(lr.control(store).suspend(KEY, timeout=2.0), 10.0)
         assert state(rs) == "paused"
         assert "paused" in e.value.reason, f"the session is paused, the operator read: {e.value}"
-        flaky.down = False
-        await asyncio.wait_for(lr.control(store).resume(KEY, timeout=2.0), 10.0)
-        assert state(rs) == "active"
+        await _resumed_once_the_store_is_back(flaky, rs)
     finally:
         flaky.down = False
         await rs.aclose()

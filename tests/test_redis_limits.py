@@ -18,6 +18,7 @@ from livekit_resume.errors import StoreUnavailable
 from tests.redis_servers import RedisFactory, RedisServer
 from tests.test_autosave_adversarial import live_texts, stored_texts
 from tests.test_hooks import KEY, Receptionist, Visit, registry, start
+from tests.test_redis_faults import used_memory
 
 
 async def suspended_session(server: RedisServer, namespace: str, user_input: str) -> int:
@@ -71,13 +72,6 @@ async def test_a_restore_whose_reply_the_output_buffer_limit_cut_holds_no_lease(
         await rs.aclose()
     finally:
         await store.aclose()
-
-
-def used_memory(server: RedisServer) -> int:
-    for line in server.cli("INFO", "memory").splitlines():
-        if line.startswith("used_memory:"):
-            return int(line.split(":")[1])
-    raise AssertionError("no used_memory in INFO")
 
 
 async def test_a_large_turn_refused_for_memory_while_staged_is_saved_once_memory_is_back(
