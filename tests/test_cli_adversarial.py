@@ -262,6 +262,7 @@ def test_odd_keys_list_page_show_and_go_on_a_redis_cluster(
         pytest.param(["--json", "diff", "room-1", "1"], "MissingParameter", id="missing"),
         pytest.param(["--json", "--namespace", "a{b}", "ls"], "BadParameter", id="namespace"),
         pytest.param(["--json", "--namespace", "", "ls"], "BadParameter", id="empty-namespace"),
+        pytest.param(["--json", "--namespace", "lk:ctl", "ls"], "BadParameter", id="ctl-namespace"),
     ],
 )
 def test_a_usage_error_with_json_is_one_json_line_exit_2(

@@ -105,10 +105,17 @@ def validate_key(key: str) -> str:
     return key
 
 
+# On Redis, namespace N keeps its commands under ``N:ctl:{key}`` and its staged records
+# under ``N:up:{key}``: namespace ``N:ctl`` or ``N:up`` would read them as its sessions.
+_OWN_KEYS = ("ctl", "up")
+
+
 def validate_namespace(namespace: str) -> str:
     """Return ``namespace`` if it can prefix a store's keys, else raise `ValueError`:
     non-empty, printable, without braces (on Redis they would change the hash tag of
-    every key)."""
+    every key), and not ending in a ``:ctl`` or ``:up`` part (on Redis those keys are
+    another namespace's own). The rule is the same on every store, so a namespace can
+    move between them."""
     if (
         not isinstance(namespace, str)
         or not namespace
@@ -118,6 +125,12 @@ def validate_namespace(namespace: str) -> str:
         raise ValueError(
             f"namespace {namespace!r} must be non-empty, printable and without braces "
             "(on Redis braces would change the hash tag of every key)"
+        )
+    parent, _, last = namespace.rpartition(":")
+    if parent and last in _OWN_KEYS:
+        raise ValueError(
+            f"namespace {namespace!r} may not end in ':ctl' or ':up': on Redis, those "
+            f"keys hold namespace {parent!r}'s own keys (its commands, its staged records)"
         )
     return namespace
 
