@@ -10,15 +10,18 @@ import json
 import os
 import shlex
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import typer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner, Result
 
-from livekit_resume import open_store
+from livekit_resume import open_store, redact
 from livekit_resume.bridge import from_stored
 from livekit_resume.cli import app
 from livekit_resume.cli.snapshots import make_codec, write_whole
@@ -171,9 +174,73 @@ def test_the_next_page_cursor_can_be_pasted_back_into_a_shell(url: str, key: str
     assert first.exit_code == 0, first.output
     (line,) = [ln for ln in first.stdout.splitlines() if ln.startswith("next page:")]
     words = shlex.split(line.removeprefix("next page:"))
-    assert words == ["--after", odd[0]]
+    assert words == [f"--after={odd[0]}"]
     second = run(url, "--json", "ls", "--prefix", "a room", "--limit", "1", *words)
     assert [s["key"] for s in json.loads(second.stdout)["sessions"]] == [odd[1]]
+
+
+def _as_a_shell_reads(line: str) -> list[str]:
+    """The words of ``line`` as bash reads them when an operator pastes it."""
+    out = subprocess.run(
+        ["bash", "-c", f'printf "%s\\0" {line}'],
+        capture_output=True,
+        check=True,
+        env={**os.environ, "LC_ALL": "C.UTF-8"},
+    ).stdout
+    return out.decode().split("\0")[:-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(st.characters(blacklist_characters="\x00"), max_size=12))
+def test_a_shell_word_is_printable_and_reads_back_as_itself(text: str) -> None:
+    word = redact.shell_word(text)
+    assert redact.printable(word) == word
+    assert _as_a_shell_reads(word) == [text]
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        pytest.param(["room \u202e1", "room \u202e2", "room \u202e3"], id="bidi"),
+        pytest.param(["room \x9b1", "room \x9b2", "room \x9b3"], id="c1"),
+        pytest.param(["room '\\\u200e1", "room '\\\u200e2", "room 3"], id="quote-backslash"),
+    ],
+)
+def test_a_cursor_with_characters_a_terminal_would_act_on_pastes_back_as_itself(
+    url: str, key: str, odd: list[str]
+) -> None:
+    """The cursor is printed escaped, so a terminal shows it rather than acting on it:
+    escaped as a shell reads it back (``$'\\u202e'``). It was escaped after quoting
+    (``'room \\u202e1'``), which pastes back as another key: the pager went wrong."""
+    for name in odd:
+        _copy(url, key, name)
+    first = run(url, "ls", "--prefix", "room", "--limit", "1")
+    assert first.exit_code == 0, first.output
+    (line,) = [ln for ln in first.stdout.splitlines() if ln.startswith("next page:")]
+    assert redact.printable(line) == line
+    words = _as_a_shell_reads(line.removeprefix("next page:"))
+    second = run(url, "--json", "ls", "--prefix", "room", "--limit", "1", *words)
+    assert second.exit_code == 0, second.output
+    assert [s["key"] for s in json.loads(second.stdout)["sessions"]] == [odd[1]]
+
+
+@pytest.mark.parametrize("cursor", ["--json", "--store=sqlite:///elsewhere.db", "--namespace"])
+def test_a_cursor_named_like_a_global_option_is_the_cursor(url: str, key: str, cursor: str) -> None:
+    """``--after "$cursor"`` (cli.md's loop) and the pasted line both page on: the
+    global options were taken out of the line wherever they stood, the value of
+    ``--after`` too, so the cursor was read as ``--json`` or as another store."""
+    later = cursor + "~"  # sorts after the cursor
+    for name in (cursor, later):
+        _copy(url, key, name)
+    scripted = run(url, "--json", "ls", "--prefix", "-", "--after", cursor, "--limit", "1")
+    assert scripted.exit_code == 0, scripted.output
+    assert [s["key"] for s in json.loads(scripted.stdout)["sessions"]] == [later]
+    first = run(url, "ls", "--prefix", "-", "--limit", "1")
+    (line,) = [ln for ln in first.stdout.splitlines() if ln.startswith("next page:")]
+    words = _as_a_shell_reads(line.removeprefix("next page:"))
+    second = run(url, "--json", "ls", "--prefix", "-", "--limit", "1", *words)
+    assert second.exit_code == 0, second.output
+    assert [s["key"] for s in json.loads(second.stdout)["sessions"]] == [later]
 
 
 def test_rm_removes_a_damaged_session(url: str, key: str, request: pytest.FixtureRequest) -> None:

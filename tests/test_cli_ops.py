@@ -128,7 +128,7 @@ def test_ls_pages_with_a_cursor_prefix_and_state(url: str, key: str) -> None:
 
     table = run(url, "ls", "--limit", "1")
     assert table.exit_code == 0
-    assert "lobby-a" in table.stdout and "next page: --after lobby-a" in table.stdout
+    assert "lobby-a" in table.stdout and "next page: --after=lobby-a" in table.stdout
 
 
 # ------------------------------------------------------------------------ diff

@@ -10,10 +10,11 @@ reaches a terminal, so that no escape sequence in it is ever acted on.
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Iterable
 from urllib.parse import unquote_plus, urlsplit
 
-__all__ = ["HIDDEN", "printable", "secrets", "url"]
+__all__ = ["HIDDEN", "printable", "secrets", "shell_word", "url"]
 
 # What a hidden value reads as.
 HIDDEN = "***"
@@ -85,3 +86,25 @@ def printable(text: object, *, newlines: bool = False) -> str:
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+# What ANSI-C quoting escapes: its own quote and escape, and what `printable` would.
+_ANSI_C = re.compile(r"[\\']|" + _CONTROL.pattern)
+
+
+def shell_word(text: str) -> str:
+    """``text`` as one word a shell reads back as itself, and printable: quoted, or
+    where it holds a character `printable` would escape, in ANSI-C quotes with that
+    character escaped as bash, zsh and ksh read it (``$'\\u202e'``)."""
+    if not _CONTROL.search(text):
+        return shlex.quote(text)
+    return "$'" + _ANSI_C.sub(_ansi_c_escape, text) + "'"
+
+
+def _ansi_c_escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in "\\'":
+        return "\\" + char
+    code = ord(char)
+    # \x above 0x7f is a byte, not a character: a shell writes U+0080 on as \u
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"

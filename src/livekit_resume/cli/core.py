@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
@@ -49,9 +49,10 @@ _GLOBAL_FLAGS = frozenset({"--json"})
 _GLOBAL_VALUED = frozenset({"--store", "--namespace"})
 
 
-def hoist_globals(args: Sequence[str]) -> list[str]:
+def hoist_globals(args: Sequence[str], takes_value: Collection[str] = ()) -> list[str]:
     """``args`` with every global option (and its value) moved to the front, so that
-    ``ls --store URL`` reads as ``--store URL ls``; nothing after ``--`` moves."""
+    ``ls --store URL`` reads as ``--store URL ls``; nothing after ``--`` moves, nor the
+    value of an option in ``takes_value`` (``--after --json`` pages after ``--json``)."""
     front: list[str] = []
     rest: list[str] = []
     i = 0
@@ -64,6 +65,9 @@ def hoist_globals(args: Sequence[str]) -> list[str]:
             front.append(arg)
         elif arg in _GLOBAL_VALUED and i + 1 < len(args):
             front += args[i : i + 2]
+            i += 1
+        elif arg in takes_value:
+            rest += args[i : i + 2]
             i += 1
         else:
             rest.append(arg)
@@ -81,7 +85,20 @@ class _Group(typer.core.TyperGroup):
     usage error is a JSON object on stderr too (still exit 2)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, hoist_globals(args))
+        return super().parse_args(ctx, hoist_globals(args, self._valued_options()))
+
+    def _valued_options(self) -> frozenset[str]:
+        """The commands' options that take a value, by every name they answer to (by
+        duck type: typer 0.29 carries a click of its own)."""
+        return frozenset(
+            name
+            for command in self.commands.values()
+            for param in command.params
+            if param.param_type_name == "option"
+            and not getattr(param, "is_flag", True)
+            and not getattr(param, "count", True)
+            for name in param.opts
+        )
 
     def make_context(
         self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shlex
 import time
 from typing import Annotated, Any
 
@@ -96,9 +95,9 @@ def ls_cmd(
             console.print(table, soft_wrap=True)  # a session per line, never cut
             render.unreadable_lines(render.err_console(), rows)
         if cursor is not None:
-            # quoted for a shell: a key may hold spaces, braces or quotes
-            line = f"next page: --after {shlex.quote(cursor)}"
-            console.print(redact.printable(line), soft_wrap=True)
+            # one word for a shell (a key may hold spaces, quotes, a bidi override),
+            # joined by "=" so that no cursor reads as an option of its own
+            console.print(f"next page: --after={redact.shell_word(cursor)}", soft_wrap=True)
     if unreachable:
         # the listing is not the whole truth: a script must not take it for one
         n = len(unreachable)
