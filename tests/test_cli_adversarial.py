@@ -25,13 +25,13 @@ from livekit_resume import open_store, redact
 from livekit_resume.bridge import from_stored
 from livekit_resume.cli import app
 from livekit_resume.cli.snapshots import make_codec, write_whole
-from livekit_resume.errors import StoreUnavailable
+from livekit_resume.errors import LeaseLost, StoreUnavailable
 from livekit_resume.remote import control
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.base import Controllable, Store, Stored
 from tests.redis_servers import RedisFactory, RedisServer
-from tests.test_cli import _converse, _hold, key, run, run_json, url
+from tests.test_cli import _converse, _hold, key, run, run_json, started, url
 
 __all__ = ["key", "url"]  # the fixtures, shared with test_cli
 
@@ -241,6 +241,34 @@ def test_a_cursor_named_like_a_global_option_is_the_cursor(url: str, key: str, c
     second = run(url, "--json", "ls", "--prefix", "-", "--limit", "1", *words)
     assert second.exit_code == 0, second.output
     assert [s["key"] for s in json.loads(second.stdout)["sessions"]] == [later]
+
+
+def test_rm_of_a_session_a_worker_holds_fences_the_worker_and_stays_deleted(
+    url: str, key: str
+) -> None:
+    """``rm --yes`` while a worker converses in the session (cli.md): the worker is
+    refused at its next save, as after a takeover, and the session stays deleted. The
+    worker took the delete for a store that lost its data and wrote it all back."""
+
+    async def go() -> None:
+        store = open_store(url)
+        try:
+            rs, session = await started(store, key, autosave=False)
+            await session.run(user_input="remember the green gate")
+            await rs.checkpoint("turn")
+            removed = await asyncio.to_thread(run, url, "rm", key, "--yes")
+            assert removed.exit_code == 0, removed.output
+            await session.run(user_input="remember the red roof")
+            with pytest.raises(LeaseLost, match="deleted"):
+                await rs.checkpoint("turn")
+            await rs.aclose()  # its closing save is refused too, quietly
+            await session.aclose()
+        finally:
+            await store.aclose()
+
+    asyncio.run(go())
+    assert run_json(url, "ls") == []
+    assert run(url, "show", key).exit_code == 1
 
 
 def test_rm_removes_a_damaged_session(url: str, key: str, request: pytest.FixtureRequest) -> None:

@@ -153,11 +153,12 @@ def test_rm_of_a_session_whose_slot_is_half_moved_deletes_nothing_and_says_retry
     cluster: RedisCluster, ns: str, half_moved: tuple[str, str]
 ) -> None:
     key, moved = half_moved
-    before = {n.port: n.cli("--scan", "--pattern", f"{ns}:*").split() for n in cluster.nodes}
+    # the session's keys (its tombstone, laid first, is not one: docs/failure-model.md)
+    before = {n.port: n.cli("--scan", "--pattern", f"{ns}:{{*").split() for n in cluster.nodes}
     removed = run(cluster.url, "rm", "--yes", key)
     assert removed.exit_code == 1, removed.output
     assert "StoreUnavailable" in removed.output and "Traceback" not in removed.output
-    after = {n.port: n.cli("--scan", "--pattern", f"{ns}:*").split() for n in cluster.nodes}
+    after = {n.port: n.cli("--scan", "--pattern", f"{ns}:{{*").split() for n in cluster.nodes}
     assert {p: sorted(k) for p, k in after.items()} == {p: sorted(k) for p, k in before.items()}
     assert any(moved in found for found in after.values())
 

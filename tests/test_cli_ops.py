@@ -24,6 +24,7 @@ from livekit_resume.errors import LeaseLost
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.base import Store, Stored
+from livekit_resume.stores.redis.keys import KeyNames
 from tests import _child_agent as child
 from tests.redis_servers import RedisServer
 from tests.test_cli import ROOT, _converse, _hold, key, run, run_json, snapshot_of, started, url
@@ -342,7 +343,13 @@ def test_rm_leaves_no_key_behind(url: str, key: str, request: pytest.FixtureRequ
     assert url.startswith("sqlite") or scan() != []
     assert run(url, "rm", key, "--yes").exit_code == 0
     assert run_json(url, "ls") == []
-    assert scan() == []  # checked with SCAN: not a head, a log, a lease or the index
+    if url.startswith("redis"):
+        # checked with SCAN: not a head, a log, a lease or the index; only the tombstone
+        # that fences a worker that held it, for a day, named by a hash of the key
+        tombstone = KeyNames(os.environ["RESUME_NAMESPACE"]).tombstone(key)
+        assert scan() == [tombstone] and key not in tombstone
+        server: RedisServer = request.getfixturevalue("redis_server")
+        assert 86_000 < int(server.cli("TTL", tombstone)) <= 86_400
 
 
 @pytest.mark.parametrize(

@@ -15,10 +15,13 @@ from livekit_resume.stores.redis.keys import KeyNames
 from livekit_resume.stores.sqlite import SQLiteStore
 
 # A namespace names its own keys: the session's (``ns:{key}:``), its command channel
-# and commands (``ns:ctl:{key}…``), its staged records (``ns:up:{key}:…``). None of
+# and commands (``ns:ctl:{key}…``), its staged records (``ns:up:{key}:…``) and its
+# tombstones (``ns:rm:<hash>``). None of
 # them may fall under another namespace's session prefix, which SCAN (``ls --scan``,
 # reindex), an acquire's look for remains and ``rm`` all read as that namespace's.
-_NS_PART = st.sampled_from(["lk", "ctl", "up", "ctl2", "sessions"]) | st.text("ctlup", min_size=1)
+_NS_PART = st.sampled_from(["lk", "ctl", "up", "rm", "ctl2", "sessions"]) | st.text(
+    "ctlup", min_size=1
+)
 
 
 _NAMESPACE = st.lists(_NS_PART, min_size=1, max_size=3).map(":".join)
@@ -51,6 +54,7 @@ def test_no_key_of_a_namespace_falls_under_another_namespaces_sessions(
         mine.control(key) + ":c1",
         mine.control(key) + ":c1:open",
         mine.staged(key, "t1"),
+        mine.tombstone(key),
         mine.index,
     ]
     scanned = f"{theirs.namespace}:{{"  # what their SCAN matches (namespace.py)
@@ -72,6 +76,6 @@ def test_a_namespace_whose_keys_another_namespace_holds_is_refused(
         SQLiteStore(tmp_path / "s.db", namespace=namespace)
 
 
-@pytest.mark.parametrize("namespace", ["ctl", "up", "lk:ctl2", "lk:ctl:x", "lk:upload"])
+@pytest.mark.parametrize("namespace", ["ctl", "up", "lk:rm", "lk:ctl2", "lk:ctl:x", "lk:upload"])
 def test_namespaces_near_the_refused_ones_are_taken(namespace: str) -> None:
     assert RedisStore(Redis(), namespace=namespace).namespace == namespace

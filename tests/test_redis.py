@@ -170,7 +170,7 @@ def test_every_session_script_starts_from_live_head_and_index_shares_the_clock()
     session = (LUA / "session.lua").read_text()
     assert session.count("read_head()") == 2  # its definition, and the call in live_head
     for path in sorted(LUA.glob("*.lua")):
-        if path.stem in ("session", "clock", "index", "publish"):
+        if path.stem in ("session", "clock", "index", "publish", "tombstone"):
             continue
         own = path.read_text()
         assert "live_head" in own and "read_head" not in own, path.name
@@ -181,6 +181,7 @@ def test_every_session_script_starts_from_live_head_and_index_shares_the_clock()
     assert "TIME" not in (LUA / "index.lua").read_text()
     assert index.count("redis.call('TIME')") == 1 and "live_head" not in index
     assert "NOW" not in script_source("publish")
+    assert "NOW" not in script_source("tombstone")  # its key is in a slot of its own
 
 
 def test_namespace_with_braces_and_decoding_clients_are_refused() -> None:
@@ -210,6 +211,59 @@ async def test_every_key_of_a_session_shares_one_hash_tag(rstore: RedisStore) ->
     )
     assert len({key_slot(k.encode()) for k in keys if k != f"{ns}:sessions"}) == 1
     assert await raw(rstore).llen(f"{ns}:{{{KEY}}}:log:0") == 2  # one element per commit
+
+
+async def test_a_tombstone_that_holds_no_epoch_is_reported_not_trusted(
+    rstore: RedisStore,
+) -> None:
+    """Foreign data at a deleted session's tombstone (`KeyNames.tombstone`): its holder
+    and a new session under the key are told so, naming the key, rather than fenced,
+    sent to write the session back or started at an epoch it may have handed out; an
+    ``rm`` of the key, which asks for it to be gone, removes it."""
+    lease = await rstore.acquire(KEY, "worker-a")
+    await rstore.commit(Commit(KEY, lease.epoch, 0, b"h", [], 0))
+    assert await rstore.delete(KEY)
+    tombstone = rstore._names.tombstone(KEY)
+    assert KEY not in tombstone and int(await raw(rstore).get(tombstone)) == lease.epoch
+    await raw(rstore).set(tombstone, b"soon")
+    with pytest.raises(SnapshotCorrupt, match="tombstone"):
+        await rstore.renew(lease)
+    with pytest.raises(SnapshotCorrupt, match="tombstone"):
+        await rstore.commit(Commit(KEY, lease.epoch, 1, b"h2", [], 0))
+    with pytest.raises(SnapshotCorrupt, match="tombstone"):
+        await rstore.acquire(KEY, "worker-b")
+    assert await raw(rstore).get(tombstone) == b"soon"
+    assert await rstore.info(KEY) is None
+    assert await rstore.delete(KEY) is False  # no session; the foreign data went
+    assert await raw(rstore).get(tombstone) is None
+    assert (await rstore.acquire(KEY, "worker-b")).epoch > lease.epoch
+
+
+async def test_a_delete_lays_its_tombstone_for_the_epoch_it_deletes_at(
+    rstore: RedisStore,
+) -> None:
+    """The tombstone goes first, then the delete at that epoch alone: a takeover in
+    between is read again, so the tombstone always covers the epoch deleted (the
+    holder that took it over is fenced too, not sent to write it back)."""
+    first = await rstore.acquire(KEY, "worker-a")
+    await rstore.commit(Commit(KEY, first.epoch, 0, b"h", [], 0))
+    taken: list[Lease] = []
+    lay = rstore._lay_tombstone
+
+    async def taken_over_after(key: str, epoch: int) -> None:
+        await lay(key, epoch)
+        if not taken:  # between the first tombstone and the delete
+            taken.append(await rstore.acquire(KEY, "worker-b", takeover=True))
+
+    rstore._lay_tombstone = taken_over_after  # type: ignore[method-assign]
+    assert await rstore.delete(KEY)
+    (second,) = taken
+    assert second.epoch > first.epoch
+    assert int(await raw(rstore).get(rstore._names.tombstone(KEY))) == second.epoch
+    for holder in (first, second):
+        with pytest.raises(LeaseLost, match="deleted") as lost:
+            await rstore.renew(holder)
+        assert not lost.value.vanished
 
 
 async def test_keys_with_braces_stay_in_one_slot(rstore: RedisStore) -> None:
@@ -525,7 +579,8 @@ async def test_a_restore_of_a_new_key_creates_its_session_after_indexing_it(
     lease, stored = await rstore._acquire_load(KEY, "worker-a", ttl=30, takeover=False)
     assert stored is None
     more = ["EVALSHA"] if isinstance(raw(rstore), RedisCluster) else []
-    assert trips == ["pipeline", *more, "EVALSHA", "EVALSHA"]
+    # GET: the tombstone a delete may have left, which a new session starts above
+    assert trips == ["pipeline", *more, "GET", "EVALSHA", "EVALSHA"]
     assert await rstore.keys() == ["other", KEY]
     assert await rstore.keys() == ["other", KEY]
     await commit_items(rstore, lease, 0, "a")

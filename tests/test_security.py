@@ -438,7 +438,8 @@ def test_an_acl_user_from_before_staging_still_saves_large_records(
     make_redis: RedisFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A user granted the earlier line (no GET, SET, APPEND, STRLEN): a record over a
-    megabyte is sent whole with its commit, with a warning, never left unsaved."""
+    megabyte is sent whole with its commit, with a warning, never left unsaved; a
+    delete deletes, without its tombstone, with a warning."""
     server = make_redis()
     earlier = [c for c in ACL_COMMANDS if c not in ("+get", "+set", "+append", "+strlen")]
     reply = server.cli(
@@ -449,6 +450,8 @@ def test_an_acl_user_from_before_staging_still_saves_large_records(
     url = f"redis://old:old-pw@127.0.0.1:{server.port}/0"
     assert asyncio.run(_exercise(url, namespace="old")) == ["committed", "paused"]
     assert [r for r in caplog.records if "+get +set +append +strlen" in r.getMessage()]
+    # and deletes, without the tombstone that fences a worker holding the session
+    assert [r for r in caplog.records if "without a tombstone" in r.getMessage()]
 
 
 async def test_a_user_who_may_not_publish_has_its_commits_and_takeovers_stand_as_written(

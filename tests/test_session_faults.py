@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +25,9 @@ import livekit_resume as lr
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
 from livekit_resume.stores.base import Commit, Lease, Store
+from livekit_resume.stores.memory import MemoryStore
+from livekit_resume.stores.sqlite import SQLiteStore
+from livekit_resume.stores.sqlite.transactions import write
 from tests.lk.scripted_llm import ScriptedLLM
 from tests.test_hooks import (
     KEY,
@@ -153,7 +157,7 @@ async def test_a_session_whose_store_record_vanished_is_reacquired_and_written_w
     await session.run(user_input="b")
     await settled(rs)
     caplog.set_level(logging.WARNING, logger="livekit_resume")
-    assert await store.delete(KEY)  # what a store restarted without its data looks like
+    await lose(store, KEY)
     await session.run(user_input="c")
     await settled(rs)
     await went_on_whole(store, rs, session)
@@ -162,6 +166,55 @@ async def test_a_session_whose_store_record_vanished_is_reacquired_and_written_w
     assert info is not None and info.owner == "w1"
     await rs.aclose()
     await session.aclose()
+
+
+async def lose(store: Store, key: str) -> None:
+    """What a store restarted without its data looks like: the session gone, and no
+    tombstone left, as a delete leaves, to say it was deleted."""
+    assert await store.delete(key)
+    if isinstance(store, MemoryStore):
+        store._tombstones.clear()
+    else:
+        assert isinstance(store, SQLiteStore)
+
+        def forget(conn: sqlite3.Connection) -> None:
+            with write(conn):
+                conn.execute("DELETE FROM tombstones")
+
+        await store._run(forget)
+
+
+async def test_a_session_deleted_while_held_is_not_written_back(store: Store) -> None:
+    """An operator's ``rm --yes`` of a session a worker holds live: the worker's next
+    save finds it deleted, stops saving (`LeaseLost`, its ``on_lost`` told) and writes
+    nothing. It took the delete for a store that lost its data, acquired the key again
+    and wrote the whole deleted conversation back."""
+    lost: list[lr.LeaseLost] = []
+
+    async def on_lost(error: lr.LeaseLost) -> None:
+        lost.append(error)
+
+    session, rs, _ = await start(store, ["one", "two", "three"], autosave=True, on_lost=on_lost)
+    await session.run(user_input="a")
+    await settled(rs)
+    assert await store.delete(KEY)
+    await session.run(user_input="b")
+    await settled(rs)
+    assert isinstance(rs._autosave.lost, lr.LeaseLost) and not rs._autosave.lost.vanished
+    assert [type(e) for e in lost] == [lr.LeaseLost]
+    with pytest.raises(lr.LeaseLost, match="deleted"):
+        await rs.checkpoint()
+    assert await store.info(KEY) is None and await store.keys() == []
+    await rs.aclose()
+    await session.aclose()
+    assert await store.info(KEY) is None  # nor on the way out
+    # the key is free for a new conversation, which no worker of the old one can touch
+    fresh, fresh_rs, _ = await start(store, ["hello"])
+    assert not fresh_rs.resumed
+    await fresh.run(user_input="new")
+    assert await fresh_rs.checkpoint() == 1
+    await fresh_rs.aclose()
+    await fresh.aclose()
 
 
 class Forgetful:

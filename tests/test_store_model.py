@@ -36,6 +36,7 @@ from hypothesis.stateful import (
 
 from livekit_resume.errors import LeaseLost, SessionBusy, SnapshotNotFound
 from livekit_resume.stores.base import Commit, KeyPages, Lease, Record, Store, Stored
+from livekit_resume.stores.log import TOMBSTONE_TTL
 from livekit_resume.testing.conformance._model import Items, apply_record, nonempty
 from tests.conftest import STORE_FACTORIES, StoreFactory
 
@@ -125,6 +126,11 @@ class Model:
         self.now = T0
         self.sessions: dict[str, MSession] = {}
         self.max_epoch: dict[str, int] = {}  # every epoch handed out, across lives
+        self.tombstones: dict[str, tuple[int, float]] = {}  # a delete's: (epoch, until)
+
+    def tombstone(self, key: str) -> int | None:
+        epoch, until = self.tombstones.get(key, (0, 0.0))
+        return epoch if until > self.now else None
 
     def live(self, key: str) -> MSession | None:
         s = self.sessions.get(key)
@@ -143,7 +149,7 @@ class Model:
         s = self.live(key)
         if s is None:
             s = MSession(epoch=int(self.now * 1_000_000), touched=self.now)
-            new = True
+            new = True  # above the tombstone, which stays for its day
         else:
             new = False
         live = self.lease_live(s)
@@ -218,6 +224,7 @@ class Model:
         if lease is not None and (s.epoch != lease.epoch or s.owner != lease.owner):
             return ("raise", LeaseLost)
         del self.sessions[key]
+        self.tombstones[key] = (s.epoch, self.now + TOMBSTONE_TTL)
         return ("ok", True)
 
 
@@ -438,7 +445,7 @@ def _machine(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> type[
                 outcome,
             )
             if isinstance(got, LeaseLost):
-                _check_lost(got, c, before)
+                _check_lost(got, c, before, self.model.tombstone(key))
             if isinstance(got, int):
                 assert got == outcome[1]
                 if heard:
@@ -785,9 +792,11 @@ async def _together(calls: list[Awaitable[Any]]) -> list[Any]:
     return list(await asyncio.gather(*calls, return_exceptions=True))
 
 
-def _check_lost(e: LeaseLost, c: Commit, s: MSession | None) -> None:
+def _check_lost(e: LeaseLost, c: Commit, s: MSession | None, tombstone: int | None) -> None:
     """What a refused commit's `LeaseLost` says (stores/base.py's errors)."""
-    if s is None:
+    if s is None and tombstone is not None and c.epoch <= tombstone:
+        assert e.current_epoch == tombstone and not e.vanished, f"deleted under it: {e!r}"
+    elif s is None:
         assert e.vanished, f"a commit to a session that is gone: {e!r}"
     elif s.epoch != c.epoch:
         assert e.current_epoch == s.epoch and not e.vanished, repr(e)

@@ -549,7 +549,7 @@ async def resumable_job(
             async def on_lost(error: LeaseLost) -> None:
                 # a newer job took the conversation over: stop speaking, write nothing, end
                 log.warning(
-                    "session %r was taken over by another job; this job stops: %s",
+                    "session %r was taken over by another job, or deleted; this job stops: %s",
                     name,
                     error,
                     extra={"key": name},
@@ -566,7 +566,9 @@ async def resumable_job(
                     await session.aclose()  # raises what a model's close raised (a reset socket)
                 finally:
                     # whatever failed above, this job leaves the room: the newer one serves it
-                    ctx.shutdown(reason=f"session {name!r} was taken over by another job")
+                    ctx.shutdown(
+                        reason=f"session {name!r} was taken over by another job, or deleted"
+                    )
 
             rs = ResumableSession(
                 store,

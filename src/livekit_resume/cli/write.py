@@ -188,7 +188,12 @@ def rm_cmd(
     # looked up read-only first: a mistyped path is an error, not a new empty file
     found, holder, damage = _run(ctx, held, read_only=True)
     if not yes:
-        warn = f" It is held by {holder!r}, a live worker." if holder else ""
+        warn = (
+            f" It is held by {holder!r}, a live worker: it stops saving it (a "
+            "resumable_job ends its call)."
+            if holder
+            else ""
+        )
         if damage:
             warn += f" It cannot be read ({damage})."
         question = redact.printable(f"Delete session {key!r} and all its versions?{warn}")

@@ -65,6 +65,7 @@ __all__ = [
     "Store",
     "Stored",
     "busy_error",
+    "deleted_error",
     "head_moved_error",
     "lease_lost_error",
     "not_found_error",
@@ -360,6 +361,11 @@ class Store(Protocol):
     async def delete(self, key: str, *, lease: Lease | None = None) -> bool:
         """Remove every trace of the key, lease included; False if it did not exist.
 
+        A deleted session leaves a tombstone of its epoch for `TOMBSTONE_TTL`: a writer
+        that held it then, finding it gone, is refused as fenced (`LeaseLost`, not
+        ``vanished``: never told to write it back). The key is free at once: a new
+        session under it starts above every epoch of the deleted one.
+
         With ``lease`` (of this key), only while it is current, as for `renew`: once
         another writer acquired the key, `LeaseLost` and nothing is removed, so a
         writer that took the key over never loses a turn to this delete."""
@@ -648,6 +654,17 @@ def check_lease_key(key: str, lease: Lease) -> None:
     """A delete fenced by the lease of another key is the caller's bug: refuse it."""
     if lease.key != key:
         raise ValueError(f"the lease given to delete {key!r} is of {lease.key!r}")
+
+
+def deleted_error(key: str, epoch: int, tombstone: int) -> LeaseLost:
+    """A writer at ``epoch`` whose session was deleted while it held it (a tombstone at
+    ``tombstone``, see `Store.delete`): fenced, never told to write it back."""
+    return LeaseLost(
+        f"session {key!r} was deleted (`rm`, or Store.delete) while this writer held it at "
+        f"epoch {epoch}: a deleted conversation is not written back, so this writer must "
+        "stop writing",
+        current_epoch=tombstone,
+    )
 
 
 def lease_lost_error(key: str, epoch: int, current: int | None) -> LeaseLost:

@@ -40,6 +40,7 @@ from ..errors import SnapshotCorrupt
 __all__ = [
     "COMPACT_SLACK",
     "DEFAULT_KEEP",
+    "TOMBSTONE_TTL",
     "Record",
     "compacted",
     "epoch_floor",
@@ -148,7 +149,12 @@ def compacted(records: Iterable[Record], key: str = "?") -> list[Record]:
     return records_from_streams(fold_records(records, key))
 
 
-def epoch_floor(now: float) -> int:
+# How long a deleted session's tombstone is kept (`Store.delete`): far longer than any
+# lease, so a holder frozen through the delete still finds it when it wakes up.
+TOMBSTONE_TTL = 86_400.0
+
+
+def epoch_floor(now: float, tombstone: int = 0) -> int:
     """The epoch a session that does not exist yet is considered to be at.
 
     Epochs start from the clock in microseconds, not from 0: a session deleted or expired
@@ -156,9 +162,10 @@ def epoch_floor(now: float) -> int:
     may still hold, so that worker's fencing stays in force. Each epoch handed out is a
     store transaction (tens of microseconds at least), so a former life cannot count up
     to the clock of the next (in milliseconds, three takeovers within one could). Exact
-    up to 2**53, as Redis's Lua numbers are: the year 2255.
+    up to 2**53, as Redis's Lua numbers are: the year 2255. Never below the
+    ``tombstone`` a delete left, whatever the clock did since.
     """
-    return int(now * 1_000_000)
+    return max(int(now * 1_000_000), tombstone)
 
 
 def lease_is_live(expires_at: float | None, now: float) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ResumeError, StoreUnavailable
+from ..errors import LeaseLost, ResumeError, StoreUnavailable
 from .base import (
     DEFAULT_LEASE_TTL,
     Commit,
@@ -21,6 +21,7 @@ from .base import (
     Stored,
     busy_error,
     check_lease_key,
+    deleted_error,
     head_moved_error,
     lease_lost_error,
     not_found_error,
@@ -35,6 +36,7 @@ from .base import (
 )
 from .log import (
     DEFAULT_KEEP,
+    TOMBSTONE_TTL,
     Record,
     compacted,
     epoch_floor,
@@ -87,6 +89,7 @@ class MemoryStore:
         self._ttl = validate_ttl(ttl)
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
+        self._tombstones: dict[str, tuple[int, float]] = {}  # key: (epoch, until)
         self._commands = MemoryCommands()
         self._closed = False
 
@@ -130,7 +133,12 @@ class MemoryStore:
         validate_owner(owner)
         validate_lease_ttl(ttl, self._ttl)
         now = self._clock()
-        s = self._get(key) or self._sessions.setdefault(key, _Session(epoch=epoch_floor(now)))
+        s = self._get(key)
+        if s is None:
+            # above the tombstone a delete left, which stays: a holder of the deleted
+            # session is fenced by it for its day, even once this one is gone again
+            floor = epoch_floor(now, self._tombstone(key, now) or 0)
+            s = self._sessions[key] = _Session(epoch=floor)
         live = lease_is_live(s.lease_expires_at, now)
         if not (live and s.owner == owner):
             if live and s.owner is not None and not takeover:
@@ -143,8 +151,10 @@ class MemoryStore:
         validate_lease_ttl(ttl, self._ttl)
         now = self._clock()
         s = self._get(lease.key)
-        if s is None or s.epoch != lease.epoch or s.owner != lease.owner:
-            raise lease_lost_error(lease.key, lease.epoch, s.epoch if s else None)
+        if s is None:
+            raise self._gone(lease.key, lease.epoch, now)
+        if s.epoch != lease.epoch or s.owner != lease.owner:
+            raise lease_lost_error(lease.key, lease.epoch, s.epoch)
         s.lease_expires_at, s.touched_at = now + ttl, now
         return Lease(lease.key, lease.owner, lease.epoch, now + ttl)
 
@@ -159,8 +169,10 @@ class MemoryStore:
             validate_lease_ttl(commit.lease_ttl, self._ttl)
         now = self._clock()
         s = self._get(commit.key)
-        if s is None or s.epoch != commit.epoch or commit.epoch == 0:
-            raise lease_lost_error(commit.key, commit.epoch, s.epoch if s else None)
+        if s is None:
+            raise self._gone(commit.key, commit.epoch, now)
+        if s.epoch != commit.epoch or commit.epoch == 0:
+            raise lease_lost_error(commit.key, commit.epoch, s.epoch)
         head_version = s.versions[-1].version if s.versions else 0
         if commit.base_version != head_version:
             top = s.versions[-1] if s.versions else None
@@ -207,6 +219,18 @@ class MemoryStore:
         s.touched_at = now
         self._renew_by(s, commit, now)
         return version
+
+    def _tombstone(self, key: str, now: float) -> int | None:
+        """The epoch a delete of ``key`` left, while its tombstone lasts."""
+        epoch, until = self._tombstones.get(key, (0, 0.0))
+        return epoch if until > now else None
+
+    def _gone(self, key: str, epoch: int, now: float) -> LeaseLost:
+        """Why a writer at ``epoch`` finds no session: deleted under it, or lost."""
+        tombstone = self._tombstone(key, now)
+        if tombstone is not None and epoch <= tombstone:
+            return deleted_error(key, epoch, tombstone)
+        return lease_lost_error(key, epoch, None)
 
     @staticmethod
     def _renew_by(s: _Session, commit: Commit, now: float) -> None:
@@ -281,6 +305,10 @@ class MemoryStore:
             return False
         if lease is not None and (s.epoch != lease.epoch or s.owner != lease.owner):
             raise lease_lost_error(key, lease.epoch, s.epoch)
+        now = self._clock()
+        for gone in [k for k, (_, until) in self._tombstones.items() if until <= now]:
+            del self._tombstones[gone]
+        self._tombstones[key] = (s.epoch, now + TOMBSTONE_TTL)
         return self._sessions.pop(key, None) is not None
 
     def commands(self) -> MemoryCommands:
@@ -290,3 +318,4 @@ class MemoryStore:
     async def aclose(self) -> None:
         self._closed = True
         self._sessions.clear()
+        self._tombstones.clear()

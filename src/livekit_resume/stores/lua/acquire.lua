@@ -4,7 +4,8 @@
 -- ARGV[4] owner, [5] lease ttl seconds, [6] takeover '1'/'0', [7] event channel
 -- ('' = none), [8] session key (for the event), [9] '1' = the namespace index lists
 -- the key: a missing head may have been evicted, so do not create one (the client scans
--- for remains first, then calls again with '0').
+-- for remains first, then calls again with '0'), [10] the epoch of the key's tombstone
+-- (tombstone.lua; absent or '' = none): a session created starts above it.
 -- Reply: {'ok', epoch, expires, created 0/1[, why the takeover event was not
 --        published]} | {'busy', holder, epoch} |
 --        {'absent'} (only with [9] = '1') | {'remains', a key of the session without
@@ -18,6 +19,8 @@ local function main()
     if remain then return {'remains', remain} end
     if ARGV[9] == '1' then return {'absent'} end
     s = new_head()
+    local tomb = ARGV[10] and tonumber(ARGV[10])
+    if tomb and tomb > s.epoch then s.epoch = tomb end  -- whatever the clock did since
     created = 1
   end
   local live = s.expires ~= nil and s.expires > NOW

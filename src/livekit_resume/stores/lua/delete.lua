@@ -1,13 +1,16 @@
 -- delete: remove every key of the session, lease and epoch included.
 -- ARGV[4] owner and [5] epoch of the lease the delete is fenced by ('' and '' = not
--- fenced); [6] '1' once the client has looked for remains, then [7..] the key names it
--- found by a SCAN of the session's prefix (remains of a session that lost its head,
--- which the head cannot list); only names under this session's prefix are deleted.
+-- fenced; '' and an epoch = only while the session is at that epoch, the one the
+-- client's tombstone was laid for (tombstone.lua), 0 = only while there is none); [6]
+-- '1' once the client has looked
+-- for remains, then [7..] the key names it found by a SCAN of the session's prefix
+-- (remains of a session that lost its head, which the head cannot list); only names
+-- under this session's prefix are deleted.
 -- Reply: {'ok', existed 0/1} | {'lost', current epoch} (fenced, and another writer
--- holds the key now: nothing deleted) | {'scan'} (no head, or a damaged one, and [6]
--- is not '1': nothing deleted; the client scans, O(keys in the database), and calls
--- again). Foreign data at the head's name is removed too (the caller asked for the key
--- to be gone), but then only the head can be found.
+-- holds the key now; or not at the epoch given: nothing deleted) | {'scan'} (no head,
+-- or a damaged one, and [6] is not '1': nothing deleted; the client scans, O(keys in
+-- the database), and calls again). Foreign data at the head's name is removed too (the
+-- caller asked for the key to be gone), but then only the head can be found.
 local function remains()
   local n = 0
   for i = 7, #ARGV do
@@ -40,7 +43,8 @@ local function main()
     remains()
     return {'ok', 1}
   end
-  if s and fenced and (s.epoch ~= tonumber(ARGV[5]) or s.owner ~= ARGV[4]) then
+  local at = ARGV[5] ~= '' and tonumber(ARGV[5])
+  if s and at and (s.epoch ~= at or (fenced and s.owner ~= ARGV[4])) then
     return {'lost', fmt(s.epoch)}
   end
   if s then

@@ -21,6 +21,11 @@ are percent-escaped so the hash tag is always exactly the key):
   in session.lua), each piece renewing its TTL; one the script did not take is deleted
   by the client, or expires within two minutes of its last piece (a client that died).
   Outside the prefix, so that one left behind is never taken for a session's remains
+- ``ns:rm:<sha256(k)>`` string: a deleted session's tombstone, its last epoch, for a
+  day (`TOMBSTONE_TTL`), laid before the delete script runs: a writer whose commit or
+  renewal finds no head reads it, and one at that epoch or older is fenced rather than
+  told to write the session back. Named by a hash of ``k`` (``rm`` leaves no trace of
+  the key), so in a slot of its own: never read inside a session script
 - ``ns:sessions``      sorted set: the namespace's session keys, for `keys()`
 - ``ns:events``        pub/sub channel of state changes (JSON objects)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 __all__ = ["KeyNames", "glob_escape"]
 
 
@@ -43,3 +45,9 @@ class KeyNames:
         `STAGED`): the session's hash tag, outside its prefix, so that one left behind
         is never taken for the remains of the session."""
         return f"{self.namespace}:up:{{{_tag(key)}}}:{token}"
+
+    def tombstone(self, key: str) -> str:
+        """What a delete of the session leaves (tombstone.lua): named by a SHA-256 of
+        the key, never the key itself (`rm` leaves no trace of it), so in a slot of its
+        own, and without a brace: no namespace's sessions include it."""
+        return f"{self.namespace}:rm:{hashlib.sha256(key.encode()).hexdigest()}"

@@ -51,7 +51,7 @@ _SESSION_SCRIPTS = (
 )
 
 # Scripts that do not run behind the session prelude, and the preludes they run behind.
-_STANDALONE_SCRIPTS = {"index": ("clock",), "publish": ()}
+_STANDALONE_SCRIPTS = {"index": ("clock",), "publish": (), "tombstone": ()}
 
 _SESSION_PRELUDES = ("clock", "session")
 
@@ -123,8 +123,9 @@ class Scripts:
         return "" if self._clock is None else fmt_time(self._clock())
 
     async def call(self, name: str, key: str, args: Sequence[str | bytes]) -> Any:
-        """A standalone script (``index``, ``publish``) of one ``key``, raw: the caller
-        maps errors. Loaded again on the key's node alone when it lost it (`_evalsha`)."""
+        """A standalone script (``index``, ``publish``, ``tombstone``) of one ``key``,
+        raw: the caller maps errors. Loaded again on the key's node alone when it lost
+        it (`_evalsha`)."""
         return await self._evalsha(self._code[name], key, args)
 
     async def run(self, script: str, key: str, args: Sequence[str | bytes | int]) -> list[Any]:

@@ -14,7 +14,13 @@ from typing import Any, cast
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError
 
-from ...errors import ResumeError, SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
+from ...errors import (
+    LeaseLost,
+    ResumeError,
+    SnapshotCorrupt,
+    SnapshotNotFound,
+    StoreUnavailable,
+)
 from ..base import (
     DEFAULT_LEASE_TTL,
     INFO_BATCH,
@@ -25,6 +31,7 @@ from ..base import (
     Stored,
     busy_error,
     check_lease_key,
+    deleted_error,
     head_moved_error,
     lease_lost_error,
     not_found_error,
@@ -36,7 +43,14 @@ from ..base import (
     validate_owner,
     validate_ttl,
 )
-from ..log import DEFAULT_KEEP, Record, fold_rows, needs_compaction, records_from_streams
+from ..log import (
+    DEFAULT_KEEP,
+    TOMBSTONE_TTL,
+    Record,
+    fold_rows,
+    needs_compaction,
+    records_from_streams,
+)
 from .client import (
     DEFAULT_POOL_SIZE,
     DEFAULT_RETRIES,
@@ -67,6 +81,9 @@ __all__ = ["DEFAULT_NAMESPACE", "RedisStore"]
 
 # Records holding more bytes than this are packed on a worker thread.
 _OFFLOAD_BYTES = 1 << 20
+# A delete reads the session's epoch, lays its tombstone, then deletes only at that
+# epoch; a session taken over in between is read again, this many times at most.
+_DELETE_TRIES = 5
 # A log read holding more bytes than this is unpacked and folded on a worker thread, as
 # the loop's other sessions would feel it: about 0.5 ms of the loop at most. Unpacking
 # costs ~50 µs per KB of a compacted log (one deflated batch; 8 KB is ~170 items) and
@@ -168,6 +185,7 @@ class RedisStore:
         )
         self._commands: RedisCommands | None = None
         self._stage_denied = False  # the server's ACL refused staging: send records whole
+        self._tombstone_denied = False  # the ACL refused a tombstone: warned once
         self._unheard = False  # an event of a script was refused (warned once)
         self._namespace_index = Namespace(
             self._server, self._names, self._scripts, self._check, ttl=self._ttl, clock=clock
@@ -329,9 +347,14 @@ class RedisStore:
         # On a server that evicts, every key is checked as if listed (see load).
         listed = listed or self._check.evicting
         reply = first
-        if reply[0] in (b"absent", b"remains") and not listed:
-            # a key the index did not list: the script may create its session
-            reply = await self._run("acquire", key, [*args, "0"])
+        if reply[0] in (b"absent", b"remains"):
+            # no head: a session the script creates starts above the epoch of the
+            # tombstone a delete left (in a slot of its own, so read here)
+            tombstone = await self._tombstone(key)
+            create = [*args, "0", "" if tombstone is None else tombstone]
+            if not listed:
+                # a key the index did not list: the script may create its session
+                reply = await self._run("acquire", key, create)
         # A key already listed whose head is missing: expired, or evicted with remains
         # left. The script then creates nothing until a scan has ruled remains out.
         if reply[0] in (b"absent", b"remains"):
@@ -343,7 +366,7 @@ class RedisStore:
                 if reply[0] in (b"absent", b"remains"):
                     raise self._namespace_index.headless_error(key, remains)
             else:
-                reply = await self._run("acquire", key, [*args, "0"])
+                reply = await self._run("acquire", key, create)
                 if reply[0] == b"remains":
                     raise self._namespace_index.headless_error(key, [text(reply[1])])
         if reply[0] == b"busy":
@@ -421,9 +444,38 @@ class RedisStore:
         self._namespace_index.keep_recorded(lease.key, "renew")
         reply = await self._run("renew", lease.key, [lease.owner, lease.epoch, fmt_time(ttl)])
         if reply[0] == b"lost":
-            current = int(reply[1]) if reply[1] else None
-            raise lease_lost_error(lease.key, lease.epoch, current)
+            if not reply[1]:
+                raise await self._gone(lease.key, lease.epoch)
+            raise lease_lost_error(lease.key, lease.epoch, int(reply[1]))
         return Lease(lease.key, lease.owner, lease.epoch, float(reply[1]))
+
+    async def _gone(self, key: str, epoch: int) -> LeaseLost:
+        """Why a writer at ``epoch`` finds no session: deleted under it (a tombstone at
+        its epoch or newer, see `delete`: fenced), or lost (it may acquire it again)."""
+        tombstone = await self._tombstone(key)
+        if tombstone is not None and epoch <= tombstone:
+            return deleted_error(key, epoch, tombstone)
+        return lease_lost_error(key, epoch, None)
+
+    async def _tombstone(self, key: str) -> int | None:
+        """The epoch of the tombstone a delete of ``key`` left (`delete`), or None."""
+        name = self._names.tombstone(key)
+        try:
+            with self._server.errors("read the tombstone", key):
+                raw = await self._client.get(name)
+        except StoreUnavailable as exc:
+            if not isinstance(exc.__cause__, NoPermissionError):
+                raise
+            return None  # a user from before tombstones, whose deletes leave none
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise SnapshotCorrupt(
+                f"session {key!r}: its tombstone {name} holds no epoch ({raw[:32]!r}): "
+                "foreign data; delete it by hand"
+            ) from None
 
     async def release(self, lease: Lease) -> None:
         validate_key(lease.key)
@@ -484,8 +536,9 @@ class RedisStore:
             # timeout then finds them gone and writes nothing; the commit is sent again.
             await self._unstage(key, staged)
         if reply[0] == b"lost":
-            current = int(reply[1]) if reply[1] else None
-            raise lease_lost_error(key, commit.epoch, current)
+            if not reply[1]:
+                raise await self._gone(key, commit.epoch)
+            raise lease_lost_error(key, commit.epoch, int(reply[1]))
         if reply[0] == b"moved":
             raise head_moved_error(commit, int(reply[1]))
         if reply[0] == b"unstaged":
@@ -775,24 +828,17 @@ class RedisStore:
 
     async def delete(self, key: str, *, lease: Lease | None = None) -> bool:
         validate_key(key)
-        fence: list[str | int] = ["", ""]
         if lease is not None:
             check_lease_key(key, lease)
-            fence = [lease.owner, lease.epoch]
         # Unindexed before the session goes: a concurrent acquire re-records it after.
         await self._namespace_index.forget(key)
         try:
-            try:
-                reply = await self._run("delete", key, [*fence, ""])
-            except SnapshotCorrupt:
-                # a key the head names is gone (evicted; a slot being moved is
-                # StoreUnavailable): the scan finds what is left, deleted with the head
-                reply = [b"scan"]
-            if reply[0] == b"scan":
-                # No head, or a damaged one: the scan finds the keys it cannot list
-                # (remains of a lost head), and the script deletes them with the head.
-                remains = await self._namespace_index.remains(key)
-                reply = await self._run("delete", key, [*fence, "1", *remains])
+            for _ in range(_DELETE_TRIES):
+                reply = await self._delete_at(key, lease)
+                if reply[0] != b"lost" or lease is not None:
+                    break
+                # taken (or acquired anew) since its epoch was read: its tombstone
+                # must cover the epoch deleted, so read it again
         except Exception:
             # maybe not deleted: listed again (a listing checks each member's head)
             with contextlib.suppress(StoreUnavailable):
@@ -801,8 +847,88 @@ class RedisStore:
         if reply[0] == b"lost":
             # refused: the session lives on under its new holder, so it is listed again
             await self._namespace_index.record(key, "delete")
-            raise lease_lost_error(key, lease.epoch if lease else 0, int(reply[1]))
+            if lease is None:
+                raise StoreUnavailable(
+                    f"{self._server.where}: session {key!r} was taken over {_DELETE_TRIES} "
+                    "times while it was being deleted; nothing was deleted: run rm again"
+                )
+            raise lease_lost_error(key, lease.epoch, int(reply[1]))
         return bool(int(reply[1]))
+
+    async def _delete_at(self, key: str, lease: Lease | None) -> list[Any]:
+        """One delete: the tombstone laid for the epoch the session is at (read now),
+        then the script, which deletes only at that epoch (and under ``lease``, if
+        given), so the tombstone covers every writer the delete leaves without a
+        session. A session not there (expired, never made) gets none, and a damaged
+        head none either (no epoch can be read of it)."""
+        at: int | None = None
+        damaged = False
+        try:
+            info = await self.info(key)
+            at = info.epoch if info is not None else None
+        except SnapshotCorrupt:
+            # a damaged session (a version evicted, say) whose head may still say its
+            # epoch: a worker holding it is fenced too; else none can be laid
+            damaged, at = True, await self._head_epoch(key)
+        if lease is not None and at is not None and at != lease.epoch:
+            at = None  # refused by the script: another writer holds it now
+        if at is not None:
+            await self._lay_tombstone(key, at)
+        elif lease is None and not damaged:
+            await self._clear_foreign_tombstone(key)
+        # Epoch 0 is none a session holds: a session made since `info` found none is
+        # not deleted without its tombstone, but read again.
+        epoch: int | str = (
+            lease.epoch if lease is not None else at if at is not None else "" if damaged else 0
+        )
+        fence: list[str | int] = [lease.owner if lease else "", epoch]
+        try:
+            reply = await self._run("delete", key, [*fence, ""])
+        except SnapshotCorrupt:
+            # a key the head names is gone (evicted; a slot being moved is
+            # StoreUnavailable): the scan finds what is left, deleted with the head
+            reply = [b"scan"]
+        if reply[0] == b"scan":
+            # No head, or a damaged one: the scan finds the keys it cannot list
+            # (remains of a lost head), and the script deletes them with the head.
+            remains = await self._namespace_index.remains(key)
+            reply = await self._run("delete", key, [*fence, "1", *remains])
+        return reply
+
+    async def _head_epoch(self, key: str) -> int | None:
+        """The epoch a damaged session's head holds, if it holds one."""
+        with contextlib.suppress(SnapshotCorrupt):  # not a hash: foreign data
+            with self._server.errors("read the head", key):
+                raw = await self._client.hget(self._names.head(key), "epoch")
+            if isinstance(raw, bytes) and raw.isdigit():
+                return int(raw)
+        return None
+
+    async def _clear_foreign_tombstone(self, key: str) -> None:
+        """Foreign data at the key's tombstone refuses every new session under it
+        (`_tombstone`): ``rm`` of the key, which asks for it to be gone, removes it."""
+        try:
+            await self._tombstone(key)
+        except SnapshotCorrupt:
+            with self._server.errors("delete the tombstone", key):
+                await self._client.delete(self._names.tombstone(key))
+
+    async def _lay_tombstone(self, key: str, epoch: int) -> None:
+        name = self._names.tombstone(key)
+        with self._server.errors("lay the tombstone", key):
+            why = await self._scripts.call(
+                "tombstone", name, [str(epoch), str(int(TOMBSTONE_TTL * 1000))]
+            )
+        if why != 1 and not self._tombstone_denied:
+            self._tombstone_denied = True
+            logger.warning(
+                "session %r is deleted without a tombstone (%s): a worker that held it "
+                "writes it back at its next save; grant the Redis user +get +set "
+                "(docs/security.md)",
+                key,
+                text(why),
+                extra={"key": key},
+            )
 
     # -- events ----------------------------------------------------------------------
 

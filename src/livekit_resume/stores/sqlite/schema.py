@@ -15,6 +15,8 @@ sees another's.
 - ``commands``: remote commands and their answers (stores/sqlite/control.py), created
   on first use. It is additive, outside the schema version: a reader of schema 2 that
   does not know it ignores it.
+- ``tombstones``: what a delete leaves (stores/sqlite/tombstones.py), additive in the
+  same way, made by the first delete.
 
 Older files are migrated in place when a writable store opens them (schema 1 had no
 namespaces: its sessions land in `DEFAULT_NAMESPACE`). A read-only store never writes:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ... import redact
-from ...errors import ResumeError, SnapshotCorrupt, StoreUnavailable
+from ...errors import LeaseLost, ResumeError, SnapshotCorrupt, StoreUnavailable
 from ..base import (
     DEFAULT_LEASE_TTL,
     INFO_BATCH,
@@ -33,6 +33,7 @@ from ..base import (
     Stored,
     busy_error,
     check_lease_key,
+    deleted_error,
     head_moved_error,
     lease_lost_error,
     not_found_error,
@@ -55,6 +56,7 @@ from ..log import (
     lease_is_live,
     needs_compaction,
 )
+from . import tombstones
 from .connection import Connection
 from .control import SQLiteCommands
 from .schema import DEFAULT_NAMESPACE
@@ -231,7 +233,10 @@ class SQLiteStore:
         with write(conn):
             now = self._clock()
             s = self._rows.session(conn, key, now)
-            epoch = s.epoch if s else epoch_floor(now)
+            # a new session starts above the tombstone a delete left, which stays: a
+            # holder of the deleted one is fenced by it for its day, whatever happens
+            tombstone = tombstones.tombstone(conn, self._ns, key, now) if s is None else None
+            epoch = s.epoch if s else epoch_floor(now, tombstone or 0)
             live = s is not None and lease_is_live(s.lease_expires_at, now)
             if not (live and s is not None and s.owner == owner):
                 if live and s is not None and s.owner is not None and not takeover:
@@ -262,14 +267,23 @@ class SQLiteStore:
         with write(conn):
             now = self._clock()
             s = self._rows.session(conn, lease.key, now)
-            if s is None or s.epoch != lease.epoch or s.owner != lease.owner:
-                raise lease_lost_error(lease.key, lease.epoch, s.epoch if s else None)
+            if s is None:
+                raise self._gone(conn, lease.key, lease.epoch, now)
+            if s.epoch != lease.epoch or s.owner != lease.owner:
+                raise lease_lost_error(lease.key, lease.epoch, s.epoch)
             conn.execute(
                 "UPDATE sessions SET lease_expires_at=?, lease_ttl=?, touched_at=? "
                 "WHERE ns=? AND key=?",
                 (now + ttl, ttl, now, self._ns, lease.key),
             )
             return Lease(lease.key, lease.owner, lease.epoch, now + ttl)
+
+    def _gone(self, conn: sqlite3.Connection, key: str, epoch: int, now: float) -> LeaseLost:
+        """Why a writer at ``epoch`` finds no session: deleted under it, or lost."""
+        tombstone = tombstones.tombstone(conn, self._ns, key, now)
+        if tombstone is not None and epoch <= tombstone:
+            return deleted_error(key, epoch, tombstone)
+        return lease_lost_error(key, epoch, None)
 
     async def release(self, lease: Lease) -> None:
         validate_key(lease.key)
@@ -301,8 +315,10 @@ class SQLiteStore:
         with write(conn):
             now = self._clock()
             s = self._rows.session(conn, key, now)
-            if s is None or s.epoch != c.epoch or c.epoch == 0:
-                raise lease_lost_error(key, c.epoch, s.epoch if s else None)
+            if s is None:
+                raise self._gone(conn, key, c.epoch, now)
+            if s.epoch != c.epoch or c.epoch == 0:
+                raise lease_lost_error(key, c.epoch, s.epoch)
             if c.base_version != s.version:
                 if c.commit_id and s.version == c.base_version + 1:
                     top = conn.execute(
@@ -604,6 +620,7 @@ class SQLiteStore:
             if lease is not None and (s.epoch != lease.epoch or s.owner != lease.owner):
                 raise lease_lost_error(key, lease.epoch, s.epoch)
             purge(conn, self._ns, key)
+            tombstones.lay(conn, self._ns, key, s.epoch, self._clock())
             return True
 
     def commands(self) -> SQLiteCommands:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from ...errors import LeaseLost, SessionBusy
@@ -175,20 +177,23 @@ class LeaseTests(StoreTests):
         assert (await store.load(KEY)).streams == {"h": [("m0", b"x"), ("m1", b"y")]}
 
     async def test_lease_lost_says_whether_the_session_vanished_or_was_taken(self) -> None:
-        """Issue 13 defect 2: a holder must tell "my session is gone" from "someone took it"."""
-        store = await self.new_store()
-        a = await store.acquire(KEY, "worker-a")
+        """Issue 13 defect 2: a holder must tell "my session is gone" from "someone took
+        it". Gone: expired (its lease and then the session's TTL ran out), as a store
+        that lost its data; a deleted one is fenced instead (lifetime.py)."""
+        ttl = 0.4
+        store = await self.new_store(ttl=ttl)
+        a = await store.acquire(KEY, "worker-a", ttl=ttl / 4)
         assert await store.commit(Commit(KEY, a.epoch, 0, b"h", [Record("h", "x", b"x")], 1)) == 1
-        b = await store.acquire(KEY, "worker-b", takeover=True)
+        b = await store.acquire(KEY, "worker-b", ttl=ttl / 4, takeover=True)
         with pytest.raises(LeaseLost) as taken:
             await store.commit(Commit(KEY, a.epoch, 1, b"h", [], 1))
         assert not taken.value.vanished and taken.value.current_epoch == b.epoch
-        assert await store.delete(KEY)
+        await asyncio.sleep(ttl * 1.5)  # the lease, then the session, expired
         with pytest.raises(LeaseLost) as gone:
             await store.commit(Commit(KEY, b.epoch, 1, b"h", [], 1))
         assert gone.value.vanished
         with pytest.raises(LeaseLost) as gone_renew:
-            await store.renew(b)
+            await store.renew(b, ttl=ttl / 4)
         assert gone_renew.value.vanished
 
     async def test_a_commit_ahead_of_the_head_says_the_store_lost_versions(self) -> None:

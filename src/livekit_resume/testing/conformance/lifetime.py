@@ -127,6 +127,56 @@ class LifetimeTests(StoreTests):
                 await call()
         await store.aclose()
 
+    async def test_the_holder_of_a_deleted_session_is_fenced_not_told_to_write_it_back(
+        self,
+    ) -> None:
+        """An operator's ``rm`` of a session a worker holds: the worker's next commit or
+        renewal is refused as fenced (`LeaseLost`, not ``vanished``), where a session
+        the store lost is ``vanished`` (acquire it again and write it whole). Told
+        ``vanished``, the worker wrote the deleted conversation back."""
+        store = await self.new_store()
+        held = await writer(store)
+        held.append("h", "m0", b"x")
+        await held.commit()
+        assert await store.delete(KEY) is True
+        held.append("h", "m1", b"y")
+        with pytest.raises(LeaseLost) as commit:
+            await held.commit()
+        assert not commit.value.vanished and "deleted" in str(commit.value), repr(commit.value)
+        with pytest.raises(LeaseLost) as renew:
+            await store.renew(held.lease)
+        assert not renew.value.vanished and "deleted" in str(renew.value), repr(renew.value)
+        assert await store.info(KEY) is None and await store.keys() == []
+        # the key is free: a new session starts above every epoch of the deleted one
+        fresh = await writer(store, KEY, "worker-b")
+        assert fresh.lease.epoch > held.lease.epoch
+        fresh.append("h", "new", b"new")
+        assert await fresh.commit() == 1
+        with pytest.raises(LeaseLost) as stale:
+            await store.commit(Commit(KEY, held.lease.epoch, 1, b"old", [], 0))
+        assert not stale.value.vanished and stale.value.current_epoch == fresh.lease.epoch
+        await fresh.check(1)
+
+    async def test_a_delete_under_a_lease_fences_the_holder_it_took_the_session_from(
+        self,
+    ) -> None:
+        """``rm`` of a free session runs under a lease of its own, and so may a tool
+        deleting what a fenced worker still believes it holds: that worker is refused
+        as fenced too, and a delete of a session that does not exist leaves nothing."""
+        store = await self.new_store()
+        held = await writer(store)
+        held.append("h", "m0", b"x")
+        await held.commit()
+        deleter = await store.acquire(KEY, "operator", takeover=True)
+        assert await store.delete(KEY, lease=deleter) is True
+        with pytest.raises(LeaseLost) as lost:
+            await store.renew(held.lease)
+        assert not lost.value.vanished and lost.value.current_epoch == deleter.epoch
+        assert await store.delete("never-made") is False
+        with pytest.raises(LeaseLost) as vanished:  # no tombstone: a store that lost it
+            await store.renew(Lease("never-made", "worker-a", held.lease.epoch, 0.0))
+        assert vanished.value.vanished
+
     async def test_a_worker_of_a_deleted_session_stays_fenced_when_it_is_created_again(
         self,
     ) -> None:

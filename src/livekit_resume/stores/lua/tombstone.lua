@@ -1,0 +1,16 @@
+-- tombstone: what a delete leaves (RedisStore.delete), laid before the delete script
+-- runs, so that a holder finding its session gone always finds it too: the highest
+-- epoch deleted under the key, never lowered, for its time to live.
+-- KEYS[1] "<ns>:rm:<SHA-256 of the session key>" (no key in clear: rm leaves no trace
+-- of it), ARGV[1] the epoch, [2] the time to live in milliseconds.
+-- Reply: 1 | why it could not be laid (a user whose ACL has no GET or SET).
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) == 'table' and cur.err then return cur.err end
+if cur and tonumber(cur) == nil then return 'it holds no epoch: foreign data, kept' end
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+local set = redis.pcall('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if type(set) == 'table' and set.err then return set.err end
+return 1
