@@ -46,7 +46,7 @@ from ..snapshot.frame import gc_paused
 from ..snapshot.model import Reason, Snapshot, ToolCallRecord
 from ..snapshot.seal import Sealed
 from ..snapshot.values import plain_extra
-from ..stores.base import DEFAULT_LEASE_TTL, Lease, Store, Stored, validate_key
+from ..stores.base import DEFAULT_LEASE_TTL, Lease, Store, Stored, lease_lost_error, validate_key
 from .autosave import Autosave, close_deadline, final_save, release_wait
 from .capture import Capture, Indexes, Pending, SavedState
 from .control import ControlListener
@@ -504,22 +504,26 @@ class ResumableSession:
         written), `StoreUnavailable` when the store cannot be reached (the attempt is
         sent again, unchanged, before the next one: it is stored at most once).
         """
-        version = await self._save(reason)
+        version = await self._save(reason, confirm=True)
         self._show()  # not waited for: autosave's next save must not wait on the room
         return version
 
-    async def _save(self, reason: str, state: SessionState | None = None) -> int:
+    async def _save(
+        self, reason: str, state: SessionState | None = None, *, confirm: bool = False
+    ) -> int:
         if not _tracing():
-            return await self._checkpoint(reason, state)
+            return await self._checkpoint(reason, state, confirm)
         with tracer.start_as_current_span(
             "livekit_resume.checkpoint",
             attributes={"livekit_resume.key": self._key, "livekit_resume.reason": reason},
         ) as span:
-            version = await self._checkpoint(reason, state)
+            version = await self._checkpoint(reason, state, confirm)
             span.set_attribute("livekit_resume.version", version)
         return version
 
-    async def _checkpoint(self, reason: str, state: SessionState | None) -> int:
+    async def _checkpoint(
+        self, reason: str, state: SessionState | None, confirm: bool = False
+    ) -> int:
         async with self._lock:
             if self._autosave.lost is not None:
                 raise self._autosave.lost
@@ -533,7 +537,7 @@ class ResumableSession:
             try:
                 if self._pending is not None:
                     await self._land(self._pending)
-                return await self._commit_now(session, reason, state)
+                return await self._commit_now(session, reason, state, confirm)
             except LeaseLost as e:
                 if not e.vanished:
                     raise
@@ -541,7 +545,11 @@ class ResumableSession:
                 return await self._commit_now(session, reason, state)
 
     async def _commit_now(
-        self, session: AgentSession[Any], reason: str, state: SessionState | None
+        self,
+        session: AgentSession[Any],
+        reason: str,
+        state: SessionState | None,
+        confirm: bool = False,
     ) -> int:
         pending = await self._capture.draft(
             session,
@@ -555,6 +563,11 @@ class ResumableSession:
             ),
         )
         if pending is None:
+            # Nothing new: the store holds it all, if this worker still holds the
+            # session. `checkpoint` asks (a renewal): a worker taken over was told its
+            # old version had landed, and one without autosave never learnt otherwise.
+            if confirm and not await self._holder.renew():
+                raise lease_lost_error(self._key, self._holder.epoch, None)  # vanished
             return self._version
         # the store's part on the loop (its commit packed, the thread or socket handed
         # it) runs in a callback of its own, not after the build's in the same one
