@@ -34,7 +34,7 @@ from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import AgentFrame, SessionMeta, Snapshot, ToolCallRecord, Writer
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.stores.sqlite.connection import FILE_MODE
-from tests.redis_servers import RedisFactory, RedisTLSServer, TLSFiles
+from tests.redis_servers import RedisFactory, RedisServer, RedisTLSServer, TLSFiles
 
 PASSWORD = "hunter2-Sup3rS3cret"
 # A key given without its "kid:" prefix: the value is the secret itself.
@@ -434,20 +434,25 @@ def test_an_acl_user_of_one_namespace_runs_every_store_operation(
     assert all("WAIT" in r.getMessage() or "replicas" in r.getMessage() for r in caplog.records)
 
 
+def earlier_acl_user(server: RedisServer) -> str:
+    """The URL of user ``old`` of namespace ``old``, granted security.md's line as it was
+    before staging and tombstones: no GET, SET, APPEND, STRLEN."""
+    earlier = [c for c in ACL_COMMANDS if c not in ("+get", "+set", "+append", "+strlen")]
+    reply = server.cli(
+        "ACL", "SETUSER", "old", "reset", "on", ">old-pw", "~old:*", "&old:*", "-@all", *earlier
+    )
+    assert reply.strip() == "OK", reply
+    return f"redis://old:old-pw@127.0.0.1:{server.port}/0"
+
+
 def test_an_acl_user_from_before_staging_still_saves_large_records(
     make_redis: RedisFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A user granted the earlier line (no GET, SET, APPEND, STRLEN): a record over a
     megabyte is sent whole with its commit, with a warning, never left unsaved; a
     delete deletes, without its tombstone, with a warning."""
-    server = make_redis()
-    earlier = [c for c in ACL_COMMANDS if c not in ("+get", "+set", "+append", "+strlen")]
-    reply = server.cli(
-        "ACL", "SETUSER", "old", "reset", "on", ">old-pw", "~old:*", "&old:*", "-@all", *earlier
-    )
-    assert reply.strip() == "OK", reply
+    url = earlier_acl_user(make_redis())
     caplog.set_level(logging.WARNING, logger="livekit_resume")
-    url = f"redis://old:old-pw@127.0.0.1:{server.port}/0"
     assert asyncio.run(_exercise(url, namespace="old")) == ["committed", "paused"]
     assert [r for r in caplog.records if "+get +set +append +strlen" in r.getMessage()]
     # and deletes, without the tombstone that fences a worker holding the session

@@ -122,7 +122,7 @@ async def test_a_holder_stays_fenced_when_the_session_made_again_over_its_tombst
     make: Any,
 ) -> None:
     """rm of a session A holds; a new conversation is started under the key (its acquire
-    "lifts" the tombstone on memory/SQLite) and ends, released, and expires by the
+    once "lifted" the tombstone on memory/SQLite) and ends, released, and expires by the
     store's session ttl (a minute here). A, frozen meanwhile for minutes (far less than
     the tombstone's day), wakes: it must be fenced as deleted, as on Redis, not told
     ``vanished`` and so write the deleted conversation back."""
@@ -450,20 +450,13 @@ def test_an_acl_user_without_get_set_is_told_vanished_not_stuck(
     """docs/security.md: a user without +get +set deletes without a tombstone (warned),
     and its holder then writes the session back; its commit must not fail as an
     outage (retried for ever) when it reads the tombstone it may not GET."""
-    from tests.test_security import ACL_COMMANDS
+    from tests.test_security import earlier_acl_user
 
-    server = make_redis()
-    earlier = [c for c in ACL_COMMANDS if c not in ("+get", "+set", "+append", "+strlen")]
-    reply = server.cli(
-        "ACL", "SETUSER", "old", "reset", "on", ">old-pw", "~old:*", "&old:*", "-@all", *earlier
-    )
-    assert reply.strip() == "OK", reply
+    url = earlier_acl_user(make_redis())
     caplog.set_level(logging.WARNING, logger="livekit_resume")
 
     async def go() -> None:
-        store = RedisStore.from_url(
-            f"redis://old:old-pw@127.0.0.1:{server.port}/0", namespace="old"
-        )
+        store = RedisStore.from_url(url, namespace="old")
         try:
             lease = await held_and_saved(store)
             assert await store.delete(KEY)
@@ -480,10 +473,10 @@ def test_an_acl_user_without_get_set_is_told_vanished_not_stuck(
 async def test_a_resumable_session_frozen_through_rm_and_a_short_new_life_writes_nothing_back(
     make: Any,
 ) -> None:
-    """End to end, the tombstone lifted by a new session's acquire (memory, SQLite): a
-    worker's conversation is rm'd; another conversation under the key starts, ends
-    (released) and expires by the store's session ttl (a minute); the first worker's
-    next save must be refused, not write the deleted conversation back."""
+    """End to end, against a tombstone lifted by a new session's acquire (as memory and
+    SQLite once did): a worker's conversation is rm'd; another conversation under the
+    key starts, ends (released) and expires by the store's session ttl (a minute); the
+    first worker's next save must be refused, not write the deleted conversation back."""
     clock = Clock()
     store = await make(ttl=60.0, clock=clock)
     session, rs, _ = await start(store, ["one", "two"], autosave=False, lease_ttl=10.0)

@@ -65,7 +65,6 @@ __all__ = [
     "Store",
     "Stored",
     "busy_error",
-    "deleted_error",
     "head_moved_error",
     "lease_lost_error",
     "not_found_error",
@@ -656,21 +655,21 @@ def check_lease_key(key: str, lease: Lease) -> None:
         raise ValueError(f"the lease given to delete {key!r} is of {lease.key!r}")
 
 
-def deleted_error(key: str, epoch: int, tombstone: int) -> LeaseLost:
-    """A writer at ``epoch`` whose session was deleted while it held it (a tombstone at
-    ``tombstone``, see `Store.delete`): fenced, never told to write it back."""
-    return LeaseLost(
-        f"session {key!r} was deleted (`rm`, or Store.delete) while this writer held it at "
-        f"epoch {epoch}: a deleted conversation is not written back, so this writer must "
-        "stop writing",
-        current_epoch=tombstone,
-    )
-
-
-def lease_lost_error(key: str, epoch: int, current: int | None) -> LeaseLost:
-    """``current=None``: the session's record is gone (deleted, expired, or the store
-    lost its data), not taken by another writer. An epoch older than the writer's: the
-    store went back to before this writer acquired it, which nobody else did either."""
+def lease_lost_error(
+    key: str, epoch: int, current: int | None, *, tombstone: int | None = None
+) -> LeaseLost:
+    """``current=None``: the session's record is gone. Deleted while this writer held
+    it (a ``tombstone`` at its epoch or newer, see `Store.delete`): fenced, never told to
+    write it back. Else expired, or the store lost its data: not taken by another
+    writer. An epoch older than the writer's: the store went back to before this writer
+    acquired it, which nobody else did either."""
+    if current is None and tombstone is not None and epoch <= tombstone:
+        return LeaseLost(
+            f"session {key!r} was deleted (`rm`, or Store.delete) while this writer held "
+            f"it at epoch {epoch}: a deleted conversation is not written back, so this "
+            "writer must stop writing",
+            current_epoch=tombstone,
+        )
     if current is None:
         return LeaseLost(
             f"session {key!r} no longer exists in the store (deleted, expired, or the "

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import LeaseLost, ResumeError, StoreUnavailable
+from ..errors import ResumeError, StoreUnavailable
 from .base import (
     DEFAULT_LEASE_TTL,
     Commit,
@@ -21,7 +21,6 @@ from .base import (
     Stored,
     busy_error,
     check_lease_key,
-    deleted_error,
     head_moved_error,
     lease_lost_error,
     not_found_error,
@@ -152,7 +151,9 @@ class MemoryStore:
         now = self._clock()
         s = self._get(lease.key)
         if s is None:
-            raise self._gone(lease.key, lease.epoch, now)
+            raise lease_lost_error(
+                lease.key, lease.epoch, None, tombstone=self._tombstone(lease.key, now)
+            )
         if s.epoch != lease.epoch or s.owner != lease.owner:
             raise lease_lost_error(lease.key, lease.epoch, s.epoch)
         s.lease_expires_at, s.touched_at = now + ttl, now
@@ -170,7 +171,9 @@ class MemoryStore:
         now = self._clock()
         s = self._get(commit.key)
         if s is None:
-            raise self._gone(commit.key, commit.epoch, now)
+            raise lease_lost_error(
+                commit.key, commit.epoch, None, tombstone=self._tombstone(commit.key, now)
+            )
         if s.epoch != commit.epoch or commit.epoch == 0:
             raise lease_lost_error(commit.key, commit.epoch, s.epoch)
         head_version = s.versions[-1].version if s.versions else 0
@@ -224,13 +227,6 @@ class MemoryStore:
         """The epoch a delete of ``key`` left, while its tombstone lasts."""
         epoch, until = self._tombstones.get(key, (0, 0.0))
         return epoch if until > now else None
-
-    def _gone(self, key: str, epoch: int, now: float) -> LeaseLost:
-        """Why a writer at ``epoch`` finds no session: deleted under it, or lost."""
-        tombstone = self._tombstone(key, now)
-        if tombstone is not None and epoch <= tombstone:
-            return deleted_error(key, epoch, tombstone)
-        return lease_lost_error(key, epoch, None)
 
     @staticmethod
     def _renew_by(s: _Session, commit: Commit, now: float) -> None:

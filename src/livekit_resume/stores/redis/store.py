@@ -14,13 +14,7 @@ from typing import Any, cast
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError
 
-from ...errors import (
-    LeaseLost,
-    ResumeError,
-    SnapshotCorrupt,
-    SnapshotNotFound,
-    StoreUnavailable,
-)
+from ...errors import ResumeError, SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
 from ..base import (
     DEFAULT_LEASE_TTL,
     INFO_BATCH,
@@ -31,7 +25,6 @@ from ..base import (
     Stored,
     busy_error,
     check_lease_key,
-    deleted_error,
     head_moved_error,
     lease_lost_error,
     not_found_error,
@@ -445,17 +438,10 @@ class RedisStore:
         reply = await self._run("renew", lease.key, [lease.owner, lease.epoch, fmt_time(ttl)])
         if reply[0] == b"lost":
             if not reply[1]:
-                raise await self._gone(lease.key, lease.epoch)
+                tombstone = await self._tombstone(lease.key)
+                raise lease_lost_error(lease.key, lease.epoch, None, tombstone=tombstone)
             raise lease_lost_error(lease.key, lease.epoch, int(reply[1]))
         return Lease(lease.key, lease.owner, lease.epoch, float(reply[1]))
-
-    async def _gone(self, key: str, epoch: int) -> LeaseLost:
-        """Why a writer at ``epoch`` finds no session: deleted under it (a tombstone at
-        its epoch or newer, see `delete`: fenced), or lost (it may acquire it again)."""
-        tombstone = await self._tombstone(key)
-        if tombstone is not None and epoch <= tombstone:
-            return deleted_error(key, epoch, tombstone)
-        return lease_lost_error(key, epoch, None)
 
     async def _tombstone(self, key: str) -> int | None:
         """The epoch of the tombstone a delete of ``key`` left (`delete`), or None."""
@@ -537,7 +523,8 @@ class RedisStore:
             await self._unstage(key, staged)
         if reply[0] == b"lost":
             if not reply[1]:
-                raise await self._gone(key, commit.epoch)
+                tombstone = await self._tombstone(key)
+                raise lease_lost_error(key, commit.epoch, None, tombstone=tombstone)
             raise lease_lost_error(key, commit.epoch, int(reply[1]))
         if reply[0] == b"moved":
             raise head_moved_error(commit, int(reply[1]))

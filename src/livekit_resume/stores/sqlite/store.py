@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ... import redact
-from ...errors import LeaseLost, ResumeError, SnapshotCorrupt, StoreUnavailable
+from ...errors import ResumeError, SnapshotCorrupt, StoreUnavailable
 from ..base import (
     DEFAULT_LEASE_TTL,
     INFO_BATCH,
@@ -33,7 +33,6 @@ from ..base import (
     Stored,
     busy_error,
     check_lease_key,
-    deleted_error,
     head_moved_error,
     lease_lost_error,
     not_found_error,
@@ -268,7 +267,8 @@ class SQLiteStore:
             now = self._clock()
             s = self._rows.session(conn, lease.key, now)
             if s is None:
-                raise self._gone(conn, lease.key, lease.epoch, now)
+                tombstone = tombstones.tombstone(conn, self._ns, lease.key, now)
+                raise lease_lost_error(lease.key, lease.epoch, None, tombstone=tombstone)
             if s.epoch != lease.epoch or s.owner != lease.owner:
                 raise lease_lost_error(lease.key, lease.epoch, s.epoch)
             conn.execute(
@@ -277,13 +277,6 @@ class SQLiteStore:
                 (now + ttl, ttl, now, self._ns, lease.key),
             )
             return Lease(lease.key, lease.owner, lease.epoch, now + ttl)
-
-    def _gone(self, conn: sqlite3.Connection, key: str, epoch: int, now: float) -> LeaseLost:
-        """Why a writer at ``epoch`` finds no session: deleted under it, or lost."""
-        tombstone = tombstones.tombstone(conn, self._ns, key, now)
-        if tombstone is not None and epoch <= tombstone:
-            return deleted_error(key, epoch, tombstone)
-        return lease_lost_error(key, epoch, None)
 
     async def release(self, lease: Lease) -> None:
         validate_key(lease.key)
@@ -316,7 +309,8 @@ class SQLiteStore:
             now = self._clock()
             s = self._rows.session(conn, key, now)
             if s is None:
-                raise self._gone(conn, key, c.epoch, now)
+                tombstone = tombstones.tombstone(conn, ns, key, now)
+                raise lease_lost_error(key, c.epoch, None, tombstone=tombstone)
             if s.epoch != c.epoch or c.epoch == 0:
                 raise lease_lost_error(key, c.epoch, s.epoch)
             if c.base_version != s.version:
