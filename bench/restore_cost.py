@@ -18,7 +18,11 @@ into a Redis store and released. Then, sizes visited in turn each round:
 
 And once per size: the bytes the store holds for the session (head and records, as
 ``Store.load`` returns them) against the ``to_dict`` JSON, and Redis ``MEMORY USAGE``
-summed over the session's keys.
+summed over the session's keys. The histories above are saved in one checkpoint; a
+conversation is saved a turn at a time, so the same is measured again for a history
+saved by one checkpoint per turn (two items), with what Redis holds for it: every
+retained version's record (its head and fields) and every log element, not only what a
+load returns.
 
 Then, for histories up to 1,000 items, a restore as a new worker process makes it after
 a crash (``--processes`` of them per size, each started afresh): the store's first call
@@ -126,11 +130,54 @@ async def floor_once(client: Redis, key: str, size: int) -> float:
     return took
 
 
+def _pattern(prefix: str) -> str:
+    return prefix.replace("{", "\\{").replace("}", "\\}") + "*"
+
+
 async def memory_usage(client: Redis, prefix: str) -> int:
     total = 0
-    async for name in client.scan_iter(match=prefix.replace("{", "\\{").replace("}", "\\}") + "*"):
+    async for name in client.scan_iter(match=_pattern(prefix)):
         total += int(await client.memory_usage(name, samples=0) or 0)
     return total
+
+
+async def value_bytes(client: Redis, prefix: str) -> int:
+    """The bytes of every value the session's keys hold (a hash's fields and values, a
+    list's elements, a string): what Redis keeps before its own overhead."""
+    total = 0
+    async for name in client.scan_iter(match=_pattern(prefix)):
+        kind = await client.type(name)
+        if kind == b"hash":
+            total += sum(len(k) + len(v) for k, v in (await client.hgetall(name)).items())
+        elif kind == b"list":
+            total += sum(map(len, await client.lrange(name, 0, -1)))
+        elif kind == b"string":
+            total += len(await client.get(name) or b"")
+    return total
+
+
+async def turn_by_turn(store: RedisStore, client: Redis, size: int) -> dict[str, float]:
+    """A history of ``size`` items saved as a conversation is: a checkpoint per turn."""
+    session, rs = await c.live_session(store, 0)
+    for n in range(size // 2):
+        c.add_turn(session, n, time.time())
+        await rs.checkpoint()
+    whole = json.dumps(session.history.to_dict(exclude_timestamp=False)).encode()
+    await c.close(session, rs)
+    prefix = store._names.prefix(rs.key)
+    return {
+        "checkpoints": size // 2,
+        "stored": _stored_bytes(await store.load(rs.key)),
+        "values": await value_bytes(client, prefix),
+        "json": len(whole),
+        "memory": await memory_usage(client, prefix),
+    }
+
+
+def _stored_bytes(stored: lr.Stored) -> int:
+    return len(stored.head) + sum(
+        len(data) for items in stored.streams.values() for _, data in items
+    )
 
 
 async def measure(url: str, sizes: tuple[int, ...], rounds: int) -> dict[int, dict[str, float]]:
@@ -147,15 +194,13 @@ async def measure(url: str, sizes: tuple[int, ...], rounds: int) -> dict[int, di
             dumped = [item.model_dump() for item in session.history.items]
             await client.set(f"floor:{rs.key}", msgpack.packb(dumped, use_bin_type=True))
             await c.close(session, rs)
-            stored = await store.load(rs.key)
-            stored_bytes = len(stored.head) + sum(
-                len(data) for items in stored.streams.values() for _, data in items
-            )
             out[size] = {
-                "stored": stored_bytes,
+                "stored": _stored_bytes(await store.load(rs.key)),
                 "json": len(whole),
                 "memory": await memory_usage(client, store._names.prefix(rs.key)),
             }
+            turns = await turn_by_turn(store, client, size)
+            out[size].update({f"turns_{name}": value for name, value in turns.items()})
         times: dict[int, dict[str, list[float]]] = {
             s: {"restore": [], "gc": [], "naive": [], "naive_gc": [], "floor": []} for s in sizes
         }
@@ -245,7 +290,7 @@ def report(results: dict[int, dict[str, float]]) -> None:
         for size, r in results.items()
     ]
     c.section(
-        "Stored bytes and Redis memory per session",
+        "Stored bytes and Redis memory per session, the history saved in one checkpoint",
         c.table(
             [
                 "history",
@@ -254,6 +299,45 @@ def report(results: dict[int, dict[str, float]]) -> None:
                 "stored / JSON",
                 "Redis `MEMORY USAGE` (session keys)",
                 "memory / stored",
+            ],
+            rows,
+        ),
+    )
+
+
+def report_turns(results: dict[int, dict[str, float]]) -> None:
+    rows = []
+    for size, r in results.items():
+        memory = r["turns_memory"]
+        rows.append(
+            [
+                c.fmt_n(size),
+                f"{r['turns_checkpoints']:,.0f}",
+                f"{r['turns_stored']:,.0f} B",
+                f"{r['turns_values']:,.0f} B",
+                f"{r['turns_json']:,.0f} B",
+                f"{memory:,.0f} B",
+                c.times(memory / r["turns_stored"], 2),
+                c.times(memory / r["turns_values"], 2),
+                c.times(r["turns_values"] / r["turns_json"], 2),
+                c.times(memory / r["turns_json"], 2),
+            ]
+        )
+    c.section(
+        "Stored bytes and Redis memory per session, the history saved a turn (two items) "
+        "at a time, as a conversation is, with the store's default `keep`",
+        c.table(
+            [
+                "history",
+                "checkpoints",
+                "stored (head + records)",
+                "values Redis holds (every retained version, the log)",
+                "`to_dict` JSON",
+                "Redis `MEMORY USAGE` (session keys)",
+                "memory / stored",
+                "memory / values",
+                "values / JSON",
+                "memory / JSON",
             ],
             rows,
         ),
@@ -335,7 +419,9 @@ async def main() -> None:
     args = ap.parse_args()
     with c.redis_server() as url:
         print(f"<!-- {c.machine(url)} -->\n")
-        report(await measure(url, args.sizes, args.rounds))
+        results = await measure(url, args.sizes, args.rounds)
+        report(results)
+        report_turns(results)
         if args.processes > 0:
             fresh = await new_processes(url, args.sizes, args.processes)
             report_new_processes(fresh, args.processes)
