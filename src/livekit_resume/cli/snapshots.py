@@ -213,8 +213,25 @@ async def release_lease(store: Store, key: str) -> tuple[str | None, int]:
     if info is None:
         raise SnapshotNotFound(f"no session {key!r}")
     lease = await store.acquire(key, _owner(), ttl=_lease_ttl(), takeover=True)
+    if info.version > 0:
+        now = await _info_or_release(store, key, lease)
+        if now is None or now.version == 0:
+            # deleted since it was found (another operator's rm): the lease made the
+            # record again, which ls would list at version 0 while show says no session
+            await _delete_or_release(store, key, lease)
+            raise SnapshotNotFound(f"no session {key!r}: it was deleted meanwhile")
     await store.release(lease)
     return info.owner, lease.epoch
+
+
+async def _info_or_release(store: Store, key: str, lease: Lease) -> SessionInfo | None:
+    """``key``'s info, read under ``lease``; the lease given back if it cannot be read."""
+    try:
+        return await store.info(key)
+    except BaseException:
+        with contextlib.suppress(ResumeError):
+            await store.release(lease)
+        raise
 
 
 async def delete_unheld(store: Store, key: str) -> bool:
