@@ -33,6 +33,7 @@ import dataclasses
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from math import copysign
 from typing import Any, NamedTuple, TypeVar
 
 from livekit.agents import llm
@@ -164,8 +165,9 @@ def _shape(value: Any, depth: int = 0) -> Any:
         # miss an edit, so its item is read again at every checkpoint (written only if
         # its data moved)
         return _UNEQUAL
-    # immutable values compare by value; other objects (a video frame) by identity
-    return value
+    # immutable values compare by type and value (an IntEnum or a Decimal equals an int
+    # or a bool, not in the data saved of it); other objects (a video frame) by identity
+    return _Typed(kind, value)
 
 
 def _fields_of(value: Any) -> dict[str, Any]:
@@ -198,7 +200,14 @@ class _Exact:
         if type(other) is _Exact:
             other = other._value
         value = self._value
-        return other is value or (type(other) is type(value) and other == value)
+        if other is value:
+            return True
+        if type(other) is not type(value) or other != value:
+            return False
+        # -0.0 == 0.0, not in the data saved of them
+        return (
+            bool(value) or type(value) is not float or copysign(1.0, value) == copysign(1.0, other)
+        )
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -625,7 +625,8 @@ class Codec(Framer):
                 version, _, body = body_of(frame, ctx)
                 # a keyed reference (its frame verified) is these very bytes: no unpacking
                 item = _REF if body == _REF_BODY else plain_data(body)
-            if item is _REF or item == _REF:
+            # exactly what a writer writes: {"ref": 1} is equal to it, and malformed
+            if item is _REF or (type(item) is dict and len(item) == 1 and item.get("ref") is True):
                 twin = refs.get(item_id)
                 if twin is None:
                     raise SnapshotCorrupt(
