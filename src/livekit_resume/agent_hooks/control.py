@@ -245,6 +245,11 @@ class ControlListener:
             # any other failure is refused at once, not left unanswered for the sender's
             # timeout, saying what it left behind: a suspend whose final save failed
             # leaves the session paused, kept by its worker
-            left = f"; the session is {after}, still held by its worker" if after != before else ""
+            left = ""
+            if isinstance(e, LeaseLost):
+                # fenced (taken over, released, deleted): the worker holds nothing now
+                left = f"; its worker no longer holds it (left {after} there)"
+            elif after != before:
+                left = f"; the session is {after}, still held by its worker"
             return CommandReply("refused", reason=f"{verb} failed: {e}{left}")
         return CommandReply("done", s.version)
