@@ -191,7 +191,10 @@ def _as_a_shell_reads(line: str) -> list[str]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.text(st.characters(blacklist_characters="\x00"), max_size=12))
+# no lone surrogate: no shell, and no process argument, can carry one
+@given(
+    st.text(st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=12)
+)
 def test_a_shell_word_is_printable_and_reads_back_as_itself(text: str) -> None:
     word = redact.shell_word(text)
     assert redact.printable(word) == word
