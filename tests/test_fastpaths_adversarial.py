@@ -380,6 +380,7 @@ def test_a_reference_frame_that_is_not_a_reference_is_refused(signed: bool, body
         codec.decode_parts(snap.key, head, {"history": history, "agent": agent})
 
 
+import datetime  # noqa: E402
 import decimal  # noqa: E402
 import enum  # noqa: E402
 
@@ -435,3 +436,81 @@ async def test_instructions_updated_after_a_checkpoint_come_back(world: World) -
     assert s2.current_agent.instructions == live
     back = [it for it in s2.current_agent._chat_ctx.items if it.id in set(live_ids)]
     assert dump_exact(back) == live_ctx
+
+
+def saved_form(value: Any) -> Any:
+    """`exact`, with dict order kept: what a save of ``value`` holds, compared exactly."""
+    if isinstance(value, dict):
+        return ("dict", tuple((saved_form(k), saved_form(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return ("seq", tuple(saved_form(v) for v in value))
+    if isinstance(value, float):
+        return ("float", repr(value))
+    return (type(value).__name__, value)
+
+
+def _swap_key(d: dict[Any, Any], old: Any, new: Any) -> None:
+    value = d.pop(old)
+    d[new] = value
+
+
+def _reorder(d: dict[Any, Any]) -> None:
+    first = next(iter(d))
+    d[first] = d.pop(first)
+
+
+_UTC = datetime.timezone.utc
+_CET = datetime.timezone(datetime.timedelta(hours=1))
+_NOON = datetime.datetime(2026, 1, 1, 12, tzinfo=_UTC)
+# (value put in a recent item's extra before the checkpoint, its in-place edit after):
+# each edit leaves the value == to what it was, and changes what a save of it holds
+_EQUAL_EDITS: dict[str, tuple[Any, Any]] = {
+    "decimal-exponent": (decimal.Decimal("1"), lambda e: e.update(v=decimal.Decimal("1.0"))),
+    "datetime-zone": (_NOON, lambda e: e.update(v=_NOON.astimezone(_CET))),
+    "frozenset-int-to-bool": (frozenset({1}), lambda e: e.update(v=frozenset({True}))),
+    "set-member-int-to-bool": ({1}, lambda e: (e["v"].discard(1), e["v"].add(True))),
+    "dict-key-int-to-bool": ({1: "x"}, lambda e: _swap_key(e["v"], 1, True)),
+    "dict-key-int-to-float": ({1: "x"}, lambda e: _swap_key(e["v"], 1, 1.0)),
+    "dict-key-order": ({"a": 1, "b": 2}, lambda e: _reorder(e["v"])),
+    "extra-key-order": (None, _reorder),
+}
+
+
+@pytest.mark.parametrize("case", list(_EQUAL_EDITS))
+async def test_in_window_edit_to_an_equal_value_saved_otherwise_is_saved(
+    world: World, case: str
+) -> None:
+    """A recent item's ``extra`` edited in place (documented as seen) so that it stays
+    == to the copy the edit check took of it, while a save of it holds something else:
+    the restore must hold what a save of the live item holds, in order."""
+    before, edit = _EQUAL_EDITS[case]
+    session, rs = await world.start()
+    msgs = await fill(session, 6)
+    target = msgs[-1]
+    if before is not None:
+        target.extra["v"] = before
+    await rs.checkpoint()
+    edit(target.extra)
+    live = [saved_form(chat.item_to_data(it)) for it in live_items(session)[0]]
+    await rs.checkpoint()
+    await world.close_last()
+    s2, _ = await world.start(takeover=True)
+    ids = {it.id for it in live_items(session)[0]}
+    back = [saved_form(chat.item_to_data(it)) for it in live_items(s2)[0] if it.id in ids]
+    assert back == live
+
+
+async def test_in_window_edit_of_metrics_order_is_saved(world: World) -> None:
+    """The same for a message's ``metrics`` (a dict) reordered in place."""
+    session, rs = await world.start()
+    msgs = await fill(session, 6)
+    msgs[-1].metrics.update({"llm_node_ttft": 0.5, "tts_node_ttfb": 0.25})
+    await rs.checkpoint()
+    _reorder(cast(dict[str, Any], msgs[-1].metrics))
+    live = [saved_form(chat.item_to_data(it)) for it in live_items(session)[0]]
+    await rs.checkpoint()
+    await world.close_last()
+    s2, _ = await world.start(takeover=True)
+    ids = {it.id for it in live_items(session)[0]}
+    back = [saved_form(chat.item_to_data(it)) for it in live_items(s2)[0] if it.id in ids]
+    assert back == live

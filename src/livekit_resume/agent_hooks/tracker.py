@@ -118,6 +118,8 @@ _LEAVES = frozenset({str, bytes, type(None)})
 # Equal across types in Python (1 == 1.0 == True), not in the JSON saved of them: a copy
 # holds them as `_Exact`, so that a value changed from 1 to True is an edit.
 _NUMBERS = frozenset({int, float, bool})
+_STR = {str}
+_IDENTITY_EQ: Any = object.__eq__
 
 
 # How deep `_shape` copies; below, a value compares unequal to everything (a cycle, or
@@ -131,7 +133,8 @@ def _shape(value: Any, depth: int = 0) -> Any:
     shared) that compares equal to ``value`` itself, as long as nothing in it changed:
     an item edited in place, at any depth, no longer equals the copy taken when it was
     read. The copy is on the left of every comparison (``copy == live``), so that a
-    comparison runs in C (dict and list equality) down to a nested model (`_Frozen`)."""
+    comparison runs in C (dict and list equality) down to a nested model (`_Frozen`)
+    or a dict whose key order or key types count (`_Dict`)."""
     kind = type(value)
     if kind in _LEAVES:
         return value
@@ -141,7 +144,14 @@ def _shape(value: Any, depth: int = 0) -> Any:
         return _UNEQUAL
     depth += 1
     if kind is dict:
-        return {k: v if type(v) in _LEAVES else _shape(v, depth) for k, v in value.items()}
+        # a save keeps a dict's order and turns its keys into strings (1 and True into
+        # "1" and "true"): dict == looks at neither
+        if not value or (len(value) == 1 and type(next(iter(value))) is str):
+            return _fields(value, depth)
+        keys = tuple(value)
+        if {*map(type, keys)} != _STR:
+            keys = tuple(k if type(k) is str else _shape(k, depth) for k in keys)
+        return _Dict(_fields(value, depth), keys)
     if kind is list:
         return [v if type(v) in _LEAVES else _shape(v, depth) for v in value]
     if kind is tuple:
@@ -149,7 +159,8 @@ def _shape(value: Any, depth: int = 0) -> Any:
     if isinstance(value, BaseModel):
         return _Frozen(value, depth)
     if isinstance(value, (set, frozenset)):
-        return _Typed(kind, frozenset(value))
+        # saved as a list in the set's order: {1} == {True}, not their lists
+        return _Typed.of(kind, frozenset(value), value)
     if isinstance(value, (bytearray, memoryview)):
         return _Typed(kind, bytes(value))
     # mutable values saved by their contents (`values.plain_item_value`): a dict or list
@@ -159,15 +170,23 @@ def _shape(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list):
         return _Typed(kind, _shape(list(value), depth))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _Fields(kind, _shape(_fields_of(value), depth))
+        return _Fields(kind, _fields(_fields_of(value), depth))
     if kind.__hash__ is None:
         # another mutable container (a deque), saved by its contents: a copy of it could
         # miss an edit, so its item is read again at every checkpoint (written only if
         # its data moved)
         return _UNEQUAL
-    # immutable values compare by type and value (an IntEnum or a Decimal equals an int
-    # or a bool, not in the data saved of it); other objects (a video frame) by identity
-    return _Typed(kind, value)
+    if kind.__eq__ is _IDENTITY_EQ:
+        return _Typed(kind, value)  # compared by identity (a video frame)
+    # other immutable values compare by type, value and repr: equal values saved apart
+    # (Decimal("1") and Decimal("1.0"), one instant in two zones, an IntEnum and an int)
+    return _Typed.of(kind, value, value)
+
+
+def _fields(value: dict[Any, Any], depth: int) -> dict[Any, Any]:
+    """A dict's copy as a plain dict: for one whose order is fixed (a model's or a
+    dataclass's fields) or cannot move (a single str key)."""
+    return {k: v if type(v) in _LEAVES else _shape(v, depth) for k, v in value.items()}
 
 
 def _fields_of(value: Any) -> dict[str, Any]:
@@ -229,17 +248,51 @@ class _Fields:
 
 
 class _Typed:
-    """A copy of a set or a buffer: equal to a live value of the same type and content."""
+    """A copy of a set, a buffer or an immutable value: equal to a live value of the
+    same type and content (and `repr`, where one is kept: see `of`)."""
 
-    __slots__ = ("_kind", "_value")
+    __slots__ = ("_kind", "_repr", "_value")
 
-    def __init__(self, kind: type, value: Any) -> None:
-        self._kind, self._value = kind, value
+    def __init__(self, kind: type, value: Any, text: str | None = None) -> None:
+        self._kind, self._value, self._repr = kind, value, text
+
+    @classmethod
+    def of(cls, kind: type, value: Any, live: Any) -> Any:
+        """A copy that also keeps ``repr(live)``, where == misses what a save tells
+        apart; `_UNEQUAL` if that repr cannot be had."""
+        try:
+            text = repr(live)
+        except Exception:  # an app's broken __repr__: read the item again each time
+            return _UNEQUAL
+        return cls(kind, value, text)
 
     def __eq__(self, other: object) -> bool:
         if type(other) is _Typed:
-            return self._kind is other._kind and bool(self._value == other._value)
-        return type(other) is self._kind and bool(self._value == other)
+            return (
+                self._kind is other._kind
+                and bool(self._value == other._value)
+                and self._repr == other._repr
+            )
+        if type(other) is not self._kind or not bool(self._value == other):
+            return False
+        return self._repr is None or repr(other) == self._repr
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _Dict:
+    """A copy of a dict whose key order or key types a save keeps and == ignores:
+    equal to a live dict with the same items, keys of the same types, in the same order."""
+
+    __slots__ = ("_items", "_keys")
+
+    def __init__(self, items: dict[Any, Any], keys: tuple[Any, ...]) -> None:
+        self._items, self._keys = items, keys
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is _Dict:
+            return bool(self._items == other._items) and bool(self._keys == other._keys)
+        return bool(self._items == other) and bool(self._keys == tuple(other))  # type: ignore[arg-type]
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -252,7 +305,7 @@ class _Frozen:
 
     def __init__(self, item: BaseModel, depth: int = 0) -> None:
         self._kind = type(item)
-        self._fields = _shape(item.__dict__, depth)
+        self._fields = _fields(item.__dict__, depth + 1)
         extra = item.__pydantic_extra__
         self._extra = None if extra is None else _shape(extra, depth)
 
