@@ -449,6 +449,20 @@ def saved_form(value: Any) -> Any:
     return (type(value).__name__, value)
 
 
+async def saved_live_and_restored(
+    world: World, session: AgentSession[None], rs: Any
+) -> tuple[list[Any], list[Any]]:
+    """What a save of each live history item holds, then the same of each item a restore
+    gives back (after a checkpoint, in a new session), in order."""
+    live = [saved_form(chat.item_to_data(it)) for it in live_items(session)[0]]
+    await rs.checkpoint()
+    await world.close_last()
+    s2, _ = await world.start(takeover=True)
+    ids = {it.id for it in live_items(session)[0]}
+    back = [saved_form(chat.item_to_data(it)) for it in live_items(s2)[0] if it.id in ids]
+    return live, back
+
+
 def _swap_key(d: dict[Any, Any], old: Any, new: Any) -> None:
     value = d.pop(old)
     d[new] = value
@@ -491,12 +505,7 @@ async def test_in_window_edit_to_an_equal_value_saved_otherwise_is_saved(
         target.extra["v"] = before
     await rs.checkpoint()
     edit(target.extra)
-    live = [saved_form(chat.item_to_data(it)) for it in live_items(session)[0]]
-    await rs.checkpoint()
-    await world.close_last()
-    s2, _ = await world.start(takeover=True)
-    ids = {it.id for it in live_items(session)[0]}
-    back = [saved_form(chat.item_to_data(it)) for it in live_items(s2)[0] if it.id in ids]
+    live, back = await saved_live_and_restored(world, session, rs)
     assert back == live
 
 
@@ -507,10 +516,5 @@ async def test_in_window_edit_of_metrics_order_is_saved(world: World) -> None:
     msgs[-1].metrics.update({"llm_node_ttft": 0.5, "tts_node_ttfb": 0.25})
     await rs.checkpoint()
     _reorder(cast(dict[str, Any], msgs[-1].metrics))
-    live = [saved_form(chat.item_to_data(it)) for it in live_items(session)[0]]
-    await rs.checkpoint()
-    await world.close_last()
-    s2, _ = await world.start(takeover=True)
-    ids = {it.id for it in live_items(session)[0]}
-    back = [saved_form(chat.item_to_data(it)) for it in live_items(s2)[0] if it.id in ids]
+    live, back = await saved_live_and_restored(world, session, rs)
     assert back == live
