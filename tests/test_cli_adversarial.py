@@ -11,6 +11,7 @@ import os
 import shlex
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -187,18 +188,53 @@ def _as_a_shell_reads(line: str) -> list[str]:
         check=True,
         env={**os.environ, "LC_ALL": "C.UTF-8"},
     ).stdout
-    return out.decode().split("\0")[:-1]
+    return out.decode(errors="surrogateescape").split("\0")[:-1]
 
 
 @settings(max_examples=60, deadline=None)
-# no lone surrogate: no shell, and no process argument, can carry one
+# a lone surrogate only as an argument's byte that is not UTF-8 (Python's
+# surrogateescape): no process argument can carry another one
 @given(
-    st.text(st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=12)
+    st.text(
+        st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"])
+        | st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF),
+        max_size=12,
+    )
 )
 def test_a_shell_word_is_printable_and_reads_back_as_itself(text: str) -> None:
     word = redact.shell_word(text)
     assert redact.printable(word) == word
+    word.encode("utf-8")  # any terminal can print it
     assert _as_a_shell_reads(word) == [text]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param([b"show", b"room-\xff"], id="show-key"),
+        pytest.param([b"rm", b"\xffroom"], id="rm-key"),
+        pytest.param([b"ls", b"--prefix", b"room-\xff"], id="ls-prefix"),
+        pytest.param([b"ls", b"--limit", b"1", b"--after=room-\xc3"], id="ls-after"),
+    ],
+)
+def test_an_argument_whose_bytes_are_not_utf8_is_a_usage_error(
+    url: str, key: str, args: list[bytes]
+) -> None:
+    """A key, prefix or cursor typed with bytes that are not UTF-8 (a Latin-1 terminal):
+    a usage error (exit 2) naming it, printable. Before, ``ls`` failed with the
+    driver's ``UnicodeEncodeError`` (exit 1) and a key with the encoder's words."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "livekit-resume"), b"--store", url.encode(), *args],
+        capture_output=True,
+        env={**os.environ, "LC_ALL": "C.UTF-8", "COLUMNS": "200"},
+        timeout=120,
+    )
+    err = done.stderr.decode()  # strict: what it printed is valid UTF-8
+    assert done.returncode == 2, (done.stdout, err)
+    assert "not valid UTF-8" in err
+    assert "\\udc" in err  # the byte shown escaped
+    listed = run_json(url, "ls")
+    assert [s["key"] for s in listed] == [key]
 
 
 @pytest.mark.parametrize(

@@ -23,10 +23,13 @@ HIDDEN = "***"
 _SECRET_PARAMS = re.compile(r"pass|secret|token|key|auth", re.IGNORECASE)
 
 # Characters a terminal may act on: C0 controls and DEL, C1 controls, and the
-# bidirectional overrides and isolates that reorder what is shown (plus the marks).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# bidirectional overrides and isolates that reorder what is shown (plus the marks); and
+# lone surrogates (an argument's bytes that are not UTF-8), which no output can encode.
+_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 _CONTROL_BUT_NEWLINE = re.compile(
-    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 )
 
 
@@ -106,5 +109,9 @@ def _ansi_c_escape(match: re.Match[str]) -> str:
     if char in "\\'":
         return "\\" + char
     code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:
+        # a byte that was not UTF-8 (surrogateescape): written as that byte, it comes
+        # back to Python as this very character
+        return f"\\x{code - 0xDC00:02x}"
     # \x above 0x7f is a byte, not a character: a shell writes U+0080 on as \u
     return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"

@@ -16,7 +16,7 @@ from ..errors import (
 )
 from ..snapshot.model import Snapshot
 from ..snapshot.salvage import validate_restorable
-from ..stores.base import SessionInfo, Store
+from ..stores.base import SessionInfo, Store, validate_page
 from . import render
 from .core import (
     MAX_VERSION,
@@ -69,6 +69,10 @@ def ls_cmd(
     --json prints a list; with --limit or --after, {"sessions": [...], "next": CURSOR},
     next null on the last page."""
     opts = _opts(ctx)
+    try:
+        validate_page(prefix, after, limit)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
     async def go(store: Store) -> tuple[list[SessionInfo | Unreadable], str | None]:
         if scan:

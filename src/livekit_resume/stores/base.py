@@ -73,8 +73,8 @@ __all__ = [
     "validate_commit",
     "validate_key",
     "validate_lease_ttl",
-    "validate_limit",
     "validate_owner",
+    "validate_page",
     "validate_ttl",
     "validate_version",
 ]
@@ -94,12 +94,25 @@ Info = Mapping[str, "str | int | float | bool | None"]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def _check_text(text: str, what: str) -> None:
+    # A lone surrogate is not text a store can hold: a shell argument whose bytes are not
+    # UTF-8 comes in as one (Python's surrogateescape)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{what} {text!r} is not valid UTF-8 text (it holds a lone surrogate: "
+            "bytes an argument could not decode)"
+        ) from None
+
+
 def validate_key(key: str) -> str:
     """Return ``key`` if it can name a session, else raise `ValueError` saying why."""
     if not isinstance(key, str) or not key:
         raise ValueError("session key must be a non-empty string")
     if _CONTROL.search(key):
         raise ValueError(f"session key {key!r} contains control characters")
+    _check_text(key, "session key")
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise ValueError(f"session key is over {MAX_KEY_BYTES} bytes (starts {key[:32]!r})")
     return key
@@ -618,12 +631,15 @@ class SessionInfos(Protocol):
         ...
 
 
-def validate_limit(limit: int | None) -> int | None:
-    """A `KeyPages` page size: None (all) or at least 1, else `ValueError`. A page of 0
-    keys has no last key to be the next page's cursor."""
+def validate_page(prefix: str, after: str | None, limit: int | None) -> None:
+    """A `KeyPages` request, else `ValueError`: ``prefix`` and ``after`` text a store can
+    hold, a page size None (all) or at least 1 (a page of 0 keys has no last key to be
+    the next page's cursor)."""
+    _check_text(prefix, "key prefix")
+    if after is not None:
+        _check_text(after, "page cursor")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"a page limit must be a whole number >= 1 or None, not {limit!r}")
-    return limit
 
 
 def page_of(
@@ -631,7 +647,7 @@ def page_of(
 ) -> tuple[list[str], str | None]:
     """One `KeyPages` page cut from sorted ``keys``: those starting with ``prefix``,
     after ``after``, at most ``limit``, and the cursor of the next page."""
-    validate_limit(limit)
+    validate_page(prefix, after, limit)
     found = [k for k in keys if k.startswith(prefix) and (after is None or k > after)]
     if limit is None or len(found) <= limit:
         return found, None

@@ -23,7 +23,7 @@ from typing import Any, cast
 from redis.asyncio.cluster import RedisCluster
 
 from ...errors import SnapshotCorrupt, StoreUnavailable
-from ..base import page_of, validate_limit
+from ..base import page_of, validate_page
 from .client import Server, text
 from .health import ServerCheck
 from .keys import KeyNames, glob_escape
@@ -191,7 +191,7 @@ class Namespace:
     ) -> tuple[list[str], str | None]:
         """`KeyPages` over the index: its member names are read whole (a sorted set
         scored by time has no order by name), but only a page's heads are checked."""
-        validate_limit(limit)
+        validate_page(prefix, after, limit)
         client = self._server.client
         with self._server.errors("keys", None):
             indexed = cast("list[bytes]", await client.zrange(self._names.index, 0, -1))

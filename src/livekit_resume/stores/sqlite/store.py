@@ -40,9 +40,9 @@ from ..base import (
     validate_commit,
     validate_key,
     validate_lease_ttl,
-    validate_limit,
     validate_namespace,
     validate_owner,
+    validate_page,
     validate_ttl,
     validate_version,
 )
@@ -566,7 +566,7 @@ class SQLiteStore:
         self, prefix: str, after: str | None, limit: int | None
     ) -> tuple[list[str], str | None]:
         """`KeyPages`: live keys in order from the (ns, key) index, one page at a time."""
-        validate_limit(limit)
+        validate_page(prefix, after, limit)
         return await self._run(partial(self._keys_page, prefix, after, limit))
 
     def _keys_page(

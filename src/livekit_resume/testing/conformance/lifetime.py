@@ -228,6 +228,27 @@ class LifetimeTests(StoreTests):
         assert await store.keys_page("", "c", 5) == ([], None)
         assert await store.keys_page("x", None, 5) == ([], None)
 
+    async def test_a_key_prefix_or_cursor_that_is_not_text_is_refused(self) -> None:
+        """A lone surrogate (a shell argument's bytes that are not UTF-8) as a session
+        key, a key prefix or a page cursor: `ValueError` saying so, not the encoder's
+        error of whichever driver met it first; nothing stored changes."""
+        store = await self.new_store()
+        await store.acquire("a1", "worker")
+        for call in (
+            lambda: store.acquire("a\udcff", "worker"),
+            lambda: store.info("\udcff"),
+            lambda: store.delete("\udcff"),
+        ):
+            with pytest.raises(ValueError, match="not valid UTF-8") as caught:
+                await call()
+            assert type(caught.value) is ValueError
+        if isinstance(store, KeyPages):
+            for prefix, after in (("\udcff", None), ("", "a\udcff"), ("a", "\ud800")):
+                with pytest.raises(ValueError, match="not valid UTF-8") as caught:
+                    await store.keys_page(prefix, after, 5)
+                assert type(caught.value) is ValueError
+        assert await store.keys() == ["a1"]
+
     async def test_infos_of_many_sessions_read_as_info_reads_each(self) -> None:
         """`SessionInfos` (what ``ls`` reads a page with): in the order asked, more
         sessions than one batch, held or free, with or without a version, one deleted,
