@@ -23,7 +23,7 @@ from livekit_resume.errors import ResumeError
 from livekit_resume.snapshot.chat import ctx_from_data, item_to_data
 from livekit_resume.snapshot.codec import HISTORY, Codec
 from livekit_resume.snapshot.model import SessionMeta, Snapshot
-from livekit_resume.snapshot.values import MAX_DEPTH, dump_userdata, plain_extra
+from livekit_resume.snapshot.values import MAX_DEPTH, dump_userdata, plain_extra, plain_item_value
 
 CODEC = Codec()
 BIG = 2**70
@@ -346,3 +346,13 @@ async def test_a_session_keeps_saving_while_one_userdata_value_is_unsavable() ->
 
     with pytest.raises(UnsavableValue, match=r"^extra\['obj'\]"):
         lr.ResumableSession(store, "room-x", registry=reg, extra={"obj": Opaque()})
+
+
+def test_an_iterator_is_not_saved_and_not_used_up() -> None:
+    """pydantic would make a list of an iterator, leaving the app's own empty: refused
+    in the session's ``extra``, None (with a warning) in a chat item, and untouched."""
+    numbers = iter([1, 2, 3])
+    with pytest.raises(UnsavableValue, match=r"extra\['g'\].*iterator"):
+        plain_extra({"g": numbers})
+    assert plain_item_value({"g": numbers}, "item x extra") == {"g": None}
+    assert list(numbers) == [1, 2, 3]

@@ -29,18 +29,19 @@ commit commits to exactly the items the store will hold, at a cost flat in the l
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import copysign
 from typing import Any, NamedTuple, TypeVar
 
+from livekit import rtc
 from livekit.agents import llm
 from pydantic import BaseModel
 
 from ..snapshot.model import ItemData
 from ..snapshot.seal import Sealed, SealKey, item_digest, pack_item, packed_digest
+from ..snapshot.values import saved_form
 from ..stores.base import Record
 
 __all__ = ["EDIT_WINDOW", "Change", "Plan", "StaleChange", "StreamTracker", "digest", "weight"]
@@ -119,7 +120,6 @@ _LEAVES = frozenset({str, bytes, type(None)})
 # holds them as `_Exact`, so that a value changed from 1 to True is an edit.
 _NUMBERS = frozenset({int, float, bool})
 _STR = {str}
-_IDENTITY_EQ: Any = object.__eq__
 
 
 # How deep `_shape` copies; below, a value compares unequal to everything (a cycle, or
@@ -133,8 +133,9 @@ def _shape(value: Any, depth: int = 0) -> Any:
     shared) that compares equal to ``value`` itself, as long as nothing in it changed:
     an item edited in place, at any depth, no longer equals the copy taken when it was
     read. The copy is on the left of every comparison (``copy == live``), so that a
-    comparison runs in C (dict and list equality) down to a nested model (`_Frozen`)
-    or a dict whose key order or key types count (`_Dict`)."""
+    comparison runs in C (dict and list equality) down to a nested model (`_Frozen`),
+    a dict whose key order or key types count (`_Dict`), or an app's value that is not
+    plain data (`_Saved`)."""
     kind = type(value)
     if kind in _LEAVES:
         return value
@@ -156,41 +157,41 @@ def _shape(value: Any, depth: int = 0) -> Any:
         return [v if type(v) in _LEAVES else _shape(v, depth) for v in value]
     if kind is tuple:
         return tuple(v if type(v) in _LEAVES else _shape(v, depth) for v in value)
-    if isinstance(value, BaseModel):
-        return _Frozen(value, depth)
-    if isinstance(value, (set, frozenset)):
-        # saved as a list in the set's order: {1} == {True}, not their lists
-        return _Typed.of(kind, frozenset(value), value)
-    if isinstance(value, (bytearray, memoryview)):
-        return _Typed(kind, bytes(value))
-    # mutable values saved by their contents (`values.plain_item_value`): a dict or list
-    # subclass (a defaultdict), a dataclass
-    if isinstance(value, dict):
-        return _Typed(kind, _shape(dict(value), depth))
-    if isinstance(value, list):
-        return _Typed(kind, _shape(list(value), depth))
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _Fields(kind, _fields(_fields_of(value), depth))
-    if kind.__hash__ is None:
-        # another mutable container (a deque), saved by its contents: a copy of it could
-        # miss an edit, so its item is read again at every checkpoint (written only if
-        # its data moved)
-        return _UNEQUAL
-    if kind.__eq__ is _IDENTITY_EQ:
-        return _Typed(kind, value)  # compared by identity (a video frame)
-    # other immutable values compare by type, value and repr: equal values saved apart
-    # (Decimal("1") and Decimal("1.0"), one instant in two zones, an IntEnum and an int)
-    return _Typed.of(kind, value, value)
+    if kind is rtc.AudioFrame:  # kept (media="keep") as its samples and fields
+        return _Saved(kind, _frame_form(value), _frame_form)
+    if kind is rtc.VideoFrame:
+        # by identity: kept as LiveKit's own encoding of it, which LiveKit caches
+        return _Same(value)
+    if isinstance(value, BaseModel) and kind.__module__.startswith("livekit."):
+        return _Frozen(value, depth)  # a content part: saved field by field
+    # Anything else (a set, a Decimal, a datetime, a dataclass, an app's model, a dict
+    # subclass) by its saved form: == can miss what a save tells apart (1 and True in a
+    # set, two zones of one instant), or see what it does not (an app's own __eq__).
+    form = _saved_form(value)
+    return _Saved(kind, _shape(form, depth) if form is not _UNEQUAL else _UNEQUAL, _saved_form)
 
 
 def _fields(value: dict[Any, Any], depth: int) -> dict[Any, Any]:
-    """A dict's copy as a plain dict: for one whose order is fixed (a model's or a
-    dataclass's fields) or cannot move (a single str key)."""
+    """A dict's copy as a plain dict: for one whose order is fixed (a model's fields) or
+    cannot move (a single str key)."""
     return {k: v if type(v) in _LEAVES else _shape(v, depth) for k, v in value.items()}
 
 
-def _fields_of(value: Any) -> dict[str, Any]:
-    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+def _saved_form(value: Any) -> Any:
+    try:
+        return saved_form(value)
+    except Exception:  # an app's value whose conversion fails: read its item again
+        return _UNEQUAL
+
+
+def _frame_form(frame: rtc.AudioFrame) -> Any:
+    return (
+        bytes(frame.data),
+        frame.sample_rate,
+        frame.num_channels,
+        frame.samples_per_channel,
+        _saved_form(frame.userdata),
+    )
 
 
 class _Unequal:
@@ -231,51 +232,35 @@ class _Exact:
     __hash__ = None  # type: ignore[assignment]
 
 
-class _Fields:
-    """A copy of a dataclass: equal to a live one of the same type and field values."""
+class _Saved:
+    """A copy of a value by its saved form: equal to a live value of the same type whose
+    saved form (by ``form``) equals it."""
 
-    __slots__ = ("_fields", "_kind")
+    __slots__ = ("_form", "_kind", "_to_form")
 
-    def __init__(self, kind: type, fields: Any) -> None:
-        self._kind, self._fields = kind, fields
+    def __init__(self, kind: type, form: Any, to_form: Callable[[Any], Any]) -> None:
+        self._kind, self._form, self._to_form = kind, form, to_form
 
     def __eq__(self, other: object) -> bool:
-        if type(other) is _Fields:
-            return self._kind is other._kind and bool(self._fields == other._fields)
-        return type(other) is self._kind and bool(self._fields == _fields_of(other))
+        if type(other) is _Saved:
+            return self._kind is other._kind and bool(self._form == other._form)
+        return type(other) is self._kind and bool(self._form == self._to_form(other))
 
     __hash__ = None  # type: ignore[assignment]
 
 
-class _Typed:
-    """A copy of a set, a buffer or an immutable value: equal to a live value of the
-    same type and content (and `repr`, where one is kept: see `of`)."""
+class _Same:
+    """A copy of an object compared by identity."""
 
-    __slots__ = ("_kind", "_repr", "_value")
+    __slots__ = ("_value",)
 
-    def __init__(self, kind: type, value: Any, text: str | None = None) -> None:
-        self._kind, self._value, self._repr = kind, value, text
-
-    @classmethod
-    def of(cls, kind: type, value: Any, live: Any) -> Any:
-        """A copy that also keeps ``repr(live)``, where == misses what a save tells
-        apart; `_UNEQUAL` if that repr cannot be had."""
-        try:
-            text = repr(live)
-        except Exception:  # an app's broken __repr__: read the item again each time
-            return _UNEQUAL
-        return cls(kind, value, text)
+    def __init__(self, value: object) -> None:
+        self._value = value
 
     def __eq__(self, other: object) -> bool:
-        if type(other) is _Typed:
-            return (
-                self._kind is other._kind
-                and bool(self._value == other._value)
-                and self._repr == other._repr
-            )
-        if type(other) is not self._kind or not bool(self._value == other):
-            return False
-        return self._repr is None or repr(other) == self._repr
+        if type(other) is _Same:
+            return self._value is other._value
+        return other is self._value
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -19,7 +19,8 @@ The rules (also in docs/guide.md, "What userdata can hold"):
   (``Any``, a bare ``dict``, the session's ``extra``) it would come back as a str, so it
   is refused;
 * refused, with `UnsavableValue` naming the value's path and type: a str holding a lone
-  surrogate (not valid Unicode), an object pydantic cannot convert, nesting deeper than
+  surrogate (not valid Unicode), an object pydantic cannot convert, an iterator (saving
+  its values would use it up), nesting deeper than
   `MAX_DEPTH`, two keys of one dict that become the same string, and userdata whose
   saved form does not load back into its type.
 
@@ -31,7 +32,7 @@ replaces what it cannot keep and logs a warning naming the item and field.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pydantic_core
@@ -41,7 +42,14 @@ from livekit_resume.errors import UnsavableValue
 from livekit_resume.msgscan import MAX_VALUES
 from livekit_resume.snapshot.frame import MAX_DEPTH as FRAME_DEPTH
 
-__all__ = ["MAX_DEPTH", "clean_text", "dump_userdata", "plain_extra", "plain_item_value"]
+__all__ = [
+    "MAX_DEPTH",
+    "clean_text",
+    "dump_userdata",
+    "plain_extra",
+    "plain_item_value",
+    "saved_form",
+]
 
 logger = logging.getLogger("livekit_resume.snapshot.values")
 
@@ -169,8 +177,14 @@ def _child(orig: Any, key: Any) -> Any:
 class _Walker:
     """Turns one value into plain data: strict (refuse) or lenient (replace and warn)."""
 
-    def __init__(self, *, lenient: bool, big: list[tuple[_Trail, int]] | None = None) -> None:
-        self.lenient = lenient
+    def __init__(
+        self,
+        *,
+        lenient: bool,
+        big: list[tuple[_Trail, int]] | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.lenient, self.quiet = lenient, quiet
         # where too-big ints were stringified, to check they load back as ints; None: a
         # too-big int is refused (strict) or stringified with a warning (lenient)
         self.big = big
@@ -191,6 +205,8 @@ class _Walker:
         path, kind = str(where), _type_name(value)
         if not self.lenient:
             raise UnsavableValue(f"{path}: cannot save this {kind}: {what}; {todo}", path=path)
+        if self.quiet:
+            return replacement
         logger.warning("%s: saved %s: this %s %s", path, saved_as, kind, what, extra={"path": path})
         return replacement
 
@@ -250,6 +266,16 @@ class _Walker:
             return [self.walk(v, trail.child(_SET)) for v in value]
         if kind is bytearray or kind is memoryview:
             return bytes(value)
+        if isinstance(value, Iterator):
+            # pydantic would make a list of it, using it up: the app's own would be empty
+            return self.problem(
+                trail,
+                value,
+                "is an iterator: saving its values would use it up",
+                "store a list of its values",
+                None,
+                "None",
+            )
         try:
             converted = pydantic_core.to_jsonable_python(value)
         except _CONVERT_ERRORS:
@@ -409,3 +435,9 @@ def plain_item_value(value: Any, where: str) -> Any:
     whose key cannot become a distinct string is left out.
     """
     return _Walker(lenient=True).walk(value, _Trail(where))
+
+
+def saved_form(value: Any) -> Any:
+    """What `plain_item_value` makes of ``value``, without its warnings: two values
+    whose saved forms are equal are saved alike."""
+    return _Walker(lenient=True, quiet=True).walk(value, _Trail("value"))
