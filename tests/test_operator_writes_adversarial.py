@@ -19,10 +19,10 @@ import pytest
 
 from livekit_resume import LeaseLost, ResumableSession, open_store
 from tests import _child_agent as child
-from tests.test_cli import ROOT, run_json, snapshot_of, started, url
+from tests.test_cli import ROOT, key, run_json, snapshot_of, started, url
 from tests.test_operator_races import BOUND, _cli, _new_key, _rm_in_a_shell, _turn
 
-__all__ = ["url"]
+__all__ = ["key", "url"]
 
 
 @contextlib.contextmanager
@@ -895,3 +895,41 @@ def test_a_second_rm_of_a_deleted_key_keeps_its_old_holder_fenced(
         assert await asyncio.to_thread(run_json, url, "ls") == []
 
     asyncio.run(go())
+
+
+# ------------------------------------------- two operator commands in one process
+
+
+async def test_two_operator_commands_in_one_process_do_not_share_a_lease(
+    url: str, key: str
+) -> None:
+    """An ``import`` holding the key's lease while an ``rm`` runs in the same process
+    (a script driving both, an operator tool built on the command line's functions):
+    the rm finds the key held and deletes nothing. Both took the lease under one owner
+    (program, host, pid), which a store takes for the holder renewing its own lease: the
+    rm deleted the session under the import's lease."""
+    from livekit_resume.cli.snapshots import delete_unheld, write_whole
+    from livekit_resume.errors import SessionBusy
+
+    importing, removing = open_store(url), open_store(url)
+    try:
+        entered, go_on = asyncio.Event(), asyncio.Event()
+
+        async def build(*_: Any) -> None:
+            entered.set()
+            await go_on.wait()
+
+        held = asyncio.create_task(
+            write_whole(importing, key, build, takeover=False, source="import")
+        )
+        await asyncio.wait_for(entered.wait(), BOUND)
+        try:
+            with pytest.raises(SessionBusy):
+                await asyncio.wait_for(delete_unheld(removing, key), BOUND)
+        finally:
+            go_on.set()
+            await asyncio.wait_for(held, BOUND)
+        assert await removing.info(key) is not None
+    finally:
+        await importing.aclose()
+        await removing.aclose()

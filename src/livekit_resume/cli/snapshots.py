@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -130,7 +131,9 @@ def commit_from_snapshot(
 
 
 def _owner() -> str:
-    return f"{PROG}:{socket.gethostname()}:{os.getpid()}"
+    # one per lease taken: a store takes a second acquire under the same owner for its
+    # holder renewing, so two commands run in one process must not share one
+    return f"{PROG}:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 async def write_whole(
