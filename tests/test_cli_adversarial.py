@@ -773,3 +773,12 @@ def test_a_write_whose_release_fails_after_its_commit_landed_reports_the_version
             await store.aclose()
 
     assert asyncio.run(go()) is not None
+
+
+def test_ls_of_a_state_that_does_not_exist_is_a_usage_error(url: str, key: str) -> None:
+    """``--state activ`` (a typo) listed nothing, exit 0, as if no session were in that
+    state: now a usage error naming the states."""
+    result = run(url, "ls", "--state", "activ", env={"COLUMNS": "240"})
+    assert result.exit_code == 2, result.output
+    assert "'activ' is not a state: one of active, paused, suspended, ended" in result.output
+    assert [s["key"] for s in run_json(url, "ls", "--state", "suspended")] == [key]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 import typer.core
@@ -14,7 +14,7 @@ from ..errors import (
     SnapshotNotFound,
     StoreUnavailable,
 )
-from ..snapshot.model import Snapshot
+from ..snapshot.model import Snapshot, SnapshotState
 from ..snapshot.salvage import validate_restorable
 from ..stores.base import SessionInfo, Store, validate_page
 from . import render
@@ -37,6 +37,9 @@ from .snapshots import (
     make_codec,
     page_sessions,
 )
+
+# what --state can filter by: the states a snapshot records
+STATES = get_args(SnapshotState)
 
 
 @app.command("ls")
@@ -73,6 +76,11 @@ def ls_cmd(
         validate_page(prefix, after, limit)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if state is not None and state not in STATES:
+        # a typo would list nothing, as if no session were in that state
+        raise typer.BadParameter(
+            f"{state!r} is not a state: one of {', '.join(STATES)}", param_hint="--state"
+        )
 
     async def go(store: Store) -> tuple[list[SessionInfo | Unreadable], str | None]:
         if scan:
