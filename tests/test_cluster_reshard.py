@@ -139,8 +139,9 @@ def _turn(key: str, epoch: int, base: int) -> Commit:
 # -- the tests ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("last_moved", ["v:10:b", "v:9"], ids=["record", "body"])
 async def test_a_commit_on_the_importing_node_trims_no_version_still_on_the_old_one(
-    cluster: RedisCluster,
+    cluster: RedisCluster, last_moved: str
 ) -> None:
     """Contract: a commit trims versions beyond ``keep`` in the same script
     (docs/multi-worker.md, "Redis layout": "Old versions beyond `keep` … are trimmed in
@@ -156,6 +157,8 @@ async def test_a_commit_on_the_importing_node_trims_no_version_still_on_the_old_
     same key fails its 9th commit with `SnapshotCorrupt` ("key …:v:9 exists before its
     version was written"), telling the operator to delete a session that `rm` just
     deleted. Compaction's trim of old log generations does the same with ``log:<g>``.
+    The same with v:9 moved and its body ``v:9:b`` not yet (``body``): the trim deletes
+    the record and leaves the body, which then moves in.
     """
     store = _open(cluster, "trim", keep=2)
     try:
@@ -164,11 +167,13 @@ async def test_a_commit_on_the_importing_node_trims_no_version_still_on_the_old_
             assert await store.commit(_turn(KEY, lease.epoch, base)) == base + 1
         move = Reshard(cluster, store, KEY)
         assert move.keys_on(move.source) == [
-            move.prefix + s for s in ("head", "log:0", "v:10", "v:9")
+            move.prefix + s for s in ("head", "log:0", "v:10", "v:10:b", "v:9", "v:9:b")
         ]
         _scripts_known_to(move.target)
         move.begin()
-        move.move(move.head, move.prefix + "log:0", move.prefix + "v:10")  # first batch
+        # first batch, in name order (a version's body follows its record)
+        order = ["head", "log:0", "v:10", "v:10:b", "v:9"]
+        move.move(*(move.prefix + s for s in order[: order.index(last_moved) + 1]))
 
         # refused while the slot is half moved (StoreUnavailable) is as good
         with contextlib.suppress(StoreUnavailable):
@@ -178,7 +183,8 @@ async def test_a_commit_on_the_importing_node_trims_no_version_still_on_the_old_
         latest = (await store.load(KEY)).version
         versions = [v.version for v in await store.versions(KEY)]
         assert versions == [latest - 1, latest]
-        want = sorted(move.prefix + s for s in ("head", "log:0", *(f"v:{n}" for n in versions)))
+        kept = [f"v:{n}{body}" for n in versions for body in ("", ":b")]
+        want = sorted(move.prefix + s for s in ("head", "log:0", *kept))
         assert move.keys_on(move.target) == want, "a trimmed version came back with the slot"
 
         assert await store.delete(KEY)

@@ -1,5 +1,6 @@
 -- commit: append one version atomically.
--- ARGV[4] epoch, [5] base_version, [6] commit id, [7] head bytes, [8] info (msgpack),
+-- ARGV[4] epoch, [5] base_version, [6] commit id, [7] head bytes, [8] info (msgpack;
+-- head and info go to the version's body, see write_body),
 -- [9] bytes written, [10] keep, [11] event channel ('' = none), [12] event payload,
 -- [13] records in the elements, [14] lease ttl seconds ('' = leave the lease), [15..]
 -- packed elements (batches of records, or staged: see staged_keys), appended to the
@@ -49,18 +50,21 @@ local function main()
   local vk = vkey(version)
   -- records in the log so far, then with these (for compaction)
   local records = check_log(s, lk) + tonumber(ARGV[13])
-  if type_of(vk) ~= 'none' then corrupt('key ' .. vk .. ' exists before its version was written') end
+  for _, k in ipairs({vk, bkey(version)}) do
+    if type_of(k) ~= 'none' then corrupt('key ' .. k .. ' exists before its version was written') end
+  end
   local staged = staged_keys(15, #ARGV)
   if staged == nil then return {'unstaged'} end
   -- the versions and generations the trim deletes must be here (with a TTL, live_head
   -- looked at every key already)
   if TTL_MS == '' then assert_trim_here(s, version, tonumber(ARGV[10])) end
-  -- checks done: from here on every call succeeds
+  -- checks done: from here on every call succeeds (write_body's SET may be refused,
+  -- and then takes the other way)
   local len
   if #ARGV >= 15 then len = push_all(lk, 15, #ARGV, staged) else len = redis.call('LLEN', lk) end
-  redis.call('HSET', vk, 'epoch', fmt(epoch), 'created', fmt(NOW), 'head', ARGV[7],
-    'info', ARGV[8], 'gen', s.gen, 'end', len, 'size', ARGV[9], 'cid', ARGV[6],
-    'records', records)
+  redis.call('HSET', vk, 'epoch', fmt(epoch), 'created', fmt(NOW), 'gen', s.gen, 'end', len,
+    'size', ARGV[9], 'cid', ARGV[6], 'records', records)
+  write_body(version, ARGV[7], ARGV[8])
   s.version = version
   s.touched = NOW
   trim(s, tonumber(ARGV[10]))

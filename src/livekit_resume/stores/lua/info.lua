@@ -9,9 +9,9 @@ local function main()
   local info = ''
   if s.version >= s.oldest then
     local vk = vkey(s.version)
-    expect_type(vk, 'hash')
-    info = redis.call('HGET', vk, 'info')
-    if not info then corrupt('version record ' .. vk .. ' is missing') end
+    if expect_type(vk, 'hash') == 'none' then corrupt('version record ' .. vk .. ' is missing') end
+    local v = redis.call('HMGET', vk, 'head', 'info')
+    info = select(2, read_body(s.version, v[1], v[2]))
   end
   local lease = {}
   if s.owner ~= nil and s.expires ~= nil and s.expires > NOW then

@@ -16,10 +16,11 @@ local function main()
   expect_type(vk, 'hash')
   local v = redis.call('HMGET', vk, 'epoch', 'created', 'head', 'info', 'gen', 'end')
   local gen, last = tonumber(v[5]), tonumber(v[6])
-  if not v[1] or not v[2] or not v[3] or not v[4] or gen == nil or last == nil
+  if not v[1] or not v[2] or gen == nil or last == nil
       or not finite(last) or not counter(last) then
     corrupt('version record ' .. vk .. ' is missing or incomplete')
   end
+  local head, info = read_body(n, v[3], v[4])
   local records = {}
   if last > 0 then
     local lk = logkey(gen)
@@ -30,7 +31,7 @@ local function main()
         ' reads ' .. last)
     end
   end
-  return {'ok', n, v[1], v[2], v[3], v[4], records}
+  return {'ok', n, v[1], v[2], head, info, records}
 end
 
 return run(main)

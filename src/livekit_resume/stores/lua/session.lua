@@ -3,9 +3,16 @@
 --
 -- KEYS[1] is the session's head key, "<ns>:{<key>}:head". Every other key of the
 -- session shares its prefix, hence its hash tag and its Cluster slot, so scripts derive
--- them here instead of declaring them: a version record "<prefix>v:<n>" and a log
--- generation "<prefix>log:<gen>". Redis Cluster accepts undeclared keys of the
--- declared key's slot.
+-- them here instead of declaring them: a version record "<prefix>v:<n>", its body
+-- "<prefix>v:<n>:b" and a log generation "<prefix>log:<gen>". Redis Cluster accepts
+-- undeclared keys of the declared key's slot.
+--
+-- A version record is a hash of short fields (epoch, created, gen, end, size, cid,
+-- records), which Redis keeps as a listpack: no value over hash-max-listpack-value (64
+-- bytes). Its head bytes and info, longer, are its body: the string bkey(n), the head's
+-- length in decimal, ':', the head, then the info. A hash with one value over 64 bytes
+-- becomes a hashtable, twice the memory. Records of earlier releases hold head and info
+-- as fields of the hash and have no body key: read_body reads either.
 --
 -- Common arguments: ARGV[1] now (see clock.lua), ARGV[2] the session TTL in seconds and
 -- ARGV[3] in milliseconds ('' = sessions never expire).
@@ -24,6 +31,7 @@ local PREFIX = string.sub(HEAD, 1, -5)
 
 local function vkey(n) return PREFIX .. 'v:' .. n end
 local function logkey(g) return PREFIX .. 'log:' .. g end
+local function bkey(n) return PREFIX .. 'v:' .. n .. ':b' end
 
 -- Foreign data at one of our key names is reported, never overwritten.
 local function corrupt(msg) error({lkresume_corrupt = msg}) end
@@ -101,10 +109,15 @@ local function write_head(s)
     'gen', s.gen, 'gen_lo', s.gen_lo, 'touched', fmt(s.touched))
 end
 
--- Every key of the session: the head, each retained version, each log generation.
+-- Every key of the session: the head, each retained version and its body, each log
+-- generation. (A version of an earlier release has no body: a DEL, PEXPIRE or PERSIST of
+-- it does nothing.)
 local function session_keys(s)
   local ks = {HEAD}
-  for n = s.oldest, s.version do ks[#ks + 1] = vkey(n) end
+  for n = s.oldest, s.version do
+    ks[#ks + 1] = vkey(n)
+    ks[#ks + 1] = bkey(n)
+  end
   for g = s.gen_lo, s.gen do ks[#ks + 1] = logkey(g) end
   return ks
 end
@@ -126,10 +139,19 @@ end
 -- keys that expire under a renewed head. Checked before the first write of a script
 -- that touches more than the head, the latest version and the log it appends to (those
 -- are checked as they are read); the client reports the slot as moving.
-local function assert_whole(s)
-  for n = s.oldest, s.version do
-    if type_of(vkey(n)) == 'none' then corrupt('version record ' .. vkey(n) .. ' is missing') end
+local function assert_version_here(n)
+  local vk = vkey(n)
+  local t = type_of(vk)
+  if t == 'none' then corrupt('version record ' .. vk .. ' is missing') end
+  -- its body, unless the record is of an earlier release (head and info in the hash);
+  -- foreign data at the record is left to the scripts that read it
+  if t == 'hash' and type_of(bkey(n)) == 'none' and not redis.call('HMGET', vk, 'head')[1] then
+    corrupt('version record ' .. vk .. ' is missing or incomplete: no ' .. bkey(n))
   end
+end
+
+local function assert_whole(s)
+  for n = s.oldest, s.version do assert_version_here(n) end
   for g = s.gen_lo, s.gen do
     if type_of(logkey(g)) == 'none' then
       -- an empty generation has no key: only one a retained version reads must be here
@@ -148,9 +170,7 @@ end
 -- TYPE a commit as a rule, where assert_whole looks at every key.
 local function assert_trim_here(s, version, keep)
   local oldest = math.max(s.oldest, version - keep + 1)
-  for n = s.oldest, oldest - 1 do
-    if type_of(vkey(n)) == 'none' then corrupt('version record ' .. vkey(n) .. ' is missing') end
-  end
+  for n = s.oldest, oldest - 1 do assert_version_here(n) end
   if s.gen_lo < s.gen then
     local live = s.gen
     if oldest <= s.version then
@@ -200,7 +220,7 @@ end
 -- Versions only ever move to newer generations, so the live ones are a suffix.
 local function trim(s, keep)
   local oldest = math.max(s.oldest, s.version - keep + 1)
-  for n = s.oldest, oldest - 1 do redis.call('DEL', vkey(n)) end
+  for n = s.oldest, oldest - 1 do redis.call('DEL', vkey(n), bkey(n)) end
   s.oldest = oldest
   local live = s.gen
   if s.gen_lo < s.gen and s.version >= s.oldest then  -- else no generation can go
@@ -217,12 +237,12 @@ local function trim(s, keep)
   s.gen_lo = live
 end
 
--- The keys a session created now would write first (its first log generation and
--- version). One of them existing while the head does not means the session lost its
+-- The keys a session created now would write first (its first log generation, version
+-- and version body). One of them existing while the head does not means the session lost its
 -- head (evicted, or deleted by hand) and these are its remains: a new session must not
 -- append to them. Returns the first found, or nil. O(1); the client scans for the rest.
 local function first_remain()
-  for _, k in ipairs({logkey(0), vkey(1)}) do
+  for _, k in ipairs({logkey(0), vkey(1), bkey(1)}) do
     if type_of(k) ~= 'none' then return k end
   end
   return nil
@@ -251,6 +271,40 @@ local function check_log(s, lk)
       ' left ' .. want)
   end
   return records
+end
+
+-- Version n's head bytes and info: `head` and `info` as read from its hash (HMGET),
+-- both there in a record of an earlier release, neither in one written since, whose
+-- body key holds them (see the top of this file). A body missing, or not of that form,
+-- is a corrupt record.
+local function read_body(n, head, info)
+  if head and info then return head, info end
+  local vk = vkey(n)
+  local bk = bkey(n)
+  if not head and not info then
+    expect_type(bk, 'string')
+    local body = redis.call('GET', bk)
+    local digits = body and string.match(body, '^(%d+):')
+    local size = digits and tonumber(digits)
+    if size and #digits + 1 + size <= #body then
+      local from = #digits + 2
+      return string.sub(body, from, from + size - 1), string.sub(body, from + size)
+    end
+  end
+  corrupt('version record ' .. vk .. ' is missing or incomplete (its head and info, ' ..
+    bk .. ')')
+end
+
+-- Writes version n's body: a new record's head bytes and info. A user whose ACL
+-- predates GET and SET (docs/security.md) may not SET: the record is then written as
+-- earlier releases wrote it, head and info in its hash, which every reader reads. Runs
+-- after the script's first write: any refusal takes that way, never leaves the record
+-- without its head.
+local function write_body(n, head, info)
+  local done = redis.pcall('SET', bkey(n), #head .. ':' .. head .. info)
+  if type(done) == 'table' and done.err then
+    redis.call('HSET', vkey(n), 'head', head, 'info', info)
+  end
 end
 
 -- Elements too large to send in one command come staged: the client wrote each to a

@@ -11,8 +11,15 @@ are percent-escaped so the hash tag is always exactly the key):
 
 - ``ns:{k}:head``      hash: fencing epoch, lease (owner, expires), latest and oldest
   retained version, current log generation, last write time
-- ``ns:{k}:v:<n>``     hash: version ``n`` (epoch, created, head bytes, info, log
-  generation and length it reads, bytes written, commit id)
+- ``ns:{k}:v:<n>``     hash: version ``n`` (epoch, created, log generation and length
+  it reads, records in that log, bytes written, commit id): short values only, so that
+  Redis keeps it as a listpack (no value over ``hash-max-listpack-value``, 64 bytes)
+- ``ns:{k}:v:<n>:b``   string: version ``n``'s body, its head bytes and info, longer
+  than 64 bytes each: ``<length of head in decimal>:<head><info>`` (``read_body`` in
+  session.lua). A version record of a release before it holds ``head`` and ``info`` as
+  fields of its hash and has no body: every script reads either (a hash with both
+  fields, or the body; a body missing is a corrupt record). A user whose ACL lacks
+  ``SET`` (docs/security.md's line before staging) writes its versions that way too
 - ``ns:{k}:log:<g>``   list: msgpack records ``[stream, id, after, data]`` of generation ``g``
   (``[stream, id, data]`` when ``after`` is the id its stream's previous record placed;
   the snapshot's streams as ``0`` and ``1``: `records.pack_records`)
@@ -77,7 +84,7 @@ Faults, and what the store does about them (tests: ``tests/test_redis_faults.py`
   `SnapshotCorrupt`; no other server error is taken for damaged data.
 - **A lost head** (evicted, or deleted by hand, while ``v:*`` / ``log:*`` keys remain):
   never read as "no snapshot", which would start the conversation afresh. When the
-  head is missing and there is reason to look (the session's first log or version key
+  head is missing and there is reason to look (the session's first log or version key (or its body)
   exists, the namespace index lists the key (an entry not recorded for two TTLs is
   collected first: its session expired), or the server's eviction policy was seen
   to evict keys), the store SCANs the session's prefix
