@@ -105,7 +105,7 @@ def test_a_headless_session_whose_first_keys_went_too_is_still_listed_as_damaged
     url = cluster.url
     _seeded(url, ["s"])
     keys = _session_keys(raw, ns, "s")
-    first = [k for k in keys if k.endswith((":head", ":v:1", ":log:0"))]
+    first = [k for k in keys if k.endswith((":head", ":v:1", ":v:1:b", ":log:0"))]
     assert f"{ns}:{{s}}:head" in first and len(first) < len(keys)
     raw.delete(*first)
     row = _rows(url)["s"]

@@ -82,7 +82,10 @@ class Target:
                 )
         else:
             async with self._redis() as r:
-                await r.hset(f"{self.namespace}:{{{KEY}}}:v:{version}", "head", head)
+                # the version's body (``<len(head)>:<head><info>``, test_redis_layout.py)
+                body = f"{self.namespace}:{{{KEY}}}:v:{version}:b"
+                digits, _, rest = (await r.get(body)).partition(b":")
+                await r.set(body, b"%d:" % len(head) + head + rest[int(digits) :])
 
     async def log(self) -> list[tuple[Any, list[Any]]]:
         """Every item record of the session: (its address, [stream, id, after, data])."""

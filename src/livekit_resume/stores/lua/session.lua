@@ -238,9 +238,9 @@ local function trim(s, keep)
 end
 
 -- The keys a session created now would write first (its first log generation, version
--- and version body). One of them existing while the head does not means the session lost its
--- head (evicted, or deleted by hand) and these are its remains: a new session must not
--- append to them. Returns the first found, or nil. O(1); the client scans for the rest.
+-- and version body). One of them existing while the head does not means the session
+-- lost its head (evicted, or deleted by hand) and these are its remains: a new session
+-- must not append to them. Returns the first found, or nil. O(1); the client scans for the rest.
 local function first_remain()
   for _, k in ipairs({logkey(0), vkey(1), bkey(1)}) do
     if type_of(k) ~= 'none' then return k end
