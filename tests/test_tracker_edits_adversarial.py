@@ -235,6 +235,21 @@ async def test_kept_audio_frame_userdata_edited_in_place_is_saved(world: World) 
     check(*await edit_and_restore(world, _audio_message, edit, media="keep"))
 
 
+async def test_kept_audio_frame_userdata_value_turned_bool_is_saved(world: World) -> None:
+    """A frame's ``userdata`` value edited from ``1`` to ``True`` in place: equal by ==,
+    saved as another type."""
+
+    def edit(frame: rtc.AudioFrame) -> None:
+        frame.userdata["n"] = True
+
+    def setup(msgs: list[llm.ChatMessage], session: AgentSession[None]) -> Any:
+        frame = _audio_message(msgs, session)
+        frame.userdata["n"] = 1
+        return frame
+
+    check(*await edit_and_restore(world, setup, edit, media="keep"))
+
+
 # -- values whose own == is looser than what a save holds ----------------------------
 
 

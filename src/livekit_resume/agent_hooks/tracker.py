@@ -158,7 +158,7 @@ def _shape(value: Any, depth: int = 0) -> Any:
     if kind is tuple:
         return tuple(v if type(v) in _LEAVES else _shape(v, depth) for v in value)
     if kind is rtc.AudioFrame:  # kept (media="keep") as its samples and fields
-        return _Saved(kind, _frame_form(value), _frame_form)
+        return _Saved(kind, _shape(_frame_form(value), depth), _frame_form)
     if kind is rtc.VideoFrame:
         # by identity: kept as LiveKit's own encoding of it, which LiveKit caches
         return _Same(value)
