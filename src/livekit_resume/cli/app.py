@@ -37,6 +37,7 @@ from .core import (
     EXIT_OK,
     EXIT_USAGE,
     _fail,
+    _key,
     _opts,
     app,
 )
@@ -64,6 +65,8 @@ def demo_cmd(
 
     opts = _opts(ctx)
     url = opts.store_url if opts.store_explicit else DEFAULT_DEMO_STORE
+    if key is not None:
+        key = _key(key)  # before the banner prints it
     try:
         if resume_part:
             if key is None or report is None:

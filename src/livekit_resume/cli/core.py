@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -116,6 +118,22 @@ class _Group(typer.core.TyperGroup):
             return super().invoke(ctx)
         except typer.TyperException as e:
             _usage_error(e, as_json=bool(ctx.meta.get(_JSON_META)))
+        except OSError as e:
+            # what is printed could not be written (a pipe whose reader left, a full
+            # disk): one line on stderr, not a traceback, and nothing more for stdout
+            _drop_stdout()
+            if isinstance(e, BrokenPipeError):
+                raise typer.Exit(EXIT_ERROR) from None
+            _fail(e, as_json=bool(ctx.meta.get(_JSON_META)))
+
+
+def _drop_stdout() -> None:
+    """Point stdout at the null device, so that the interpreter's last flush of what it
+    still holds does not fail again on the way out."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
 
 
 _JSON_META = "livekit_resume.json"
@@ -261,13 +279,22 @@ def _run(
 
 
 def _open(url: str, *, read_only: bool, namespace: str | None) -> Store:
+    """The store ``url`` names; a URL or a setting (``RESUME_TTL``…) it cannot be opened
+    with is a usage error (each message names which)."""
     options: dict[str, Any] = {} if namespace is None else {"namespace": namespace}
     if urlsplit(url).scheme.lower() in _REDIS_SCHEMES:
         options.update(socket_timeout=CLI_SOCKET_TIMEOUT, retries=CLI_RETRIES)
     try:
+        if check_scheme(url) == "memory":
+            raise ValueError(
+                f"{redact.url(url)!r} is a store inside one process: the command line "
+                "cannot see a worker's; use sqlite:///… or redis://…"
+            )
         return open_store(url, read_only=read_only, **options)
     except ImportError as e:
         raise ValueError(f"the store for {redact.url(url)!r} is not available here: {e}") from e
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _done(opts: _Options, data: Any, text: str) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Annotated, Any, get_args
 
@@ -86,7 +87,9 @@ def ls_cmd(
         if scan:
             reindex = getattr(store, "reindex", None)
             if reindex is None:
-                raise ValueError("--scan is for a Redis store: its index of sessions")
+                raise typer.BadParameter(
+                    "is for a Redis store: its index of sessions", param_hint="'--scan'"
+                )
             await reindex()
         return await page_sessions(store, prefix=prefix, state=state, limit=limit, after=after)
 
@@ -198,13 +201,24 @@ def export_cmd(
     opts = _opts(ctx)
     key = _key(key)
 
+    store_files: list[str] = []
+
     async def go(store: Store) -> tuple[Snapshot, bytes]:
+        path = getattr(store, "path", None)  # a SQLite store's file, and its journals
+        if isinstance(path, str):
+            store_files.extend(path + end for end in ("", "-wal", "-shm", "-journal"))
         snap = await load(store, key, version)
         # what import would refuse is refused here, before a file exists
         validate_restorable(snap)
         return snap, b"".join(make_codec().encode_export(snap))
 
     snap, frame = _run(ctx, go, read_only=True)
+    if output != "-" and any(_same_file(output, f) for f in store_files):
+        # opened "wb", the store's own file would be truncated: every session lost
+        raise typer.BadParameter(
+            f"{output!r} is the store's own file: export to another file",
+            param_hint="'--output'",
+        )
     if output == "-":
         out = binary("stdout")
         out.write(frame)
@@ -214,12 +228,20 @@ def export_cmd(
         with open(output, "wb") as f:
             f.write(frame)
     except OSError as e:
-        _fail(e, as_json=opts.json)
+        # a failed write (a full disk) carries no file name
+        _fail(OSError(e.errno, f"cannot write {output}: {e.strerror or e}"), as_json=opts.json)
     _done(
         opts,
         {"key": key, "version": snap.version, "file": output, "bytes": len(frame)},
         f"exported {key!r} version {snap.version} to {output} ({len(frame)} bytes)",
     )
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (or cannot be looked at): not one file
+        return False
 
 
 @app.command("diff")

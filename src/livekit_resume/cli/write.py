@@ -19,7 +19,7 @@ from ..errors import (
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import ItemData, Snapshot
 from ..snapshot.salvage import SALVAGE_ID_PREFIX, Damage
-from ..stores.base import Store, Stored
+from ..stores.base import Store, Stored, validate_key
 from . import render
 from .core import (
     MAX_VERSION,
@@ -64,6 +64,17 @@ def import_cmd(
         snap = read_snapshot(file)
     except (ResumeError, ValueError, OSError) as e:
         _fail(e, as_json=opts.json)
+    if key is None:
+        try:
+            validate_key(snap.key)
+        except ValueError as e:
+            _fail(
+                SnapshotCorrupt(
+                    f"{file}: the export names a key no store can hold: {e}; "
+                    "import it under another with --key"
+                ),
+                as_json=opts.json,
+            )
     target = key or snap.key
 
     async def build(_store: Store, _codec: Codec, _stored: Stored | None) -> Snapshot:

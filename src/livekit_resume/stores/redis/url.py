@@ -122,8 +122,9 @@ def _host_port(text: str, default: int, url: str) -> tuple[str, int]:
         host, _, port_text = text.partition(":")
     if not host:
         raise ValueError(f"Redis URL {redact(url)!r} has an empty host")
-    try:
-        port = int(port_text) if port_text else default
-    except ValueError:
-        raise ValueError(f"Redis URL {redact(url)!r}: port {port_text!r} is not a number") from None
+    if port_text and not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"Redis URL {redact(url)!r}: port {port_text!r} is not a number")
+    port = int(port_text) if port_text else default
+    if not 0 < port < 65536:
+        raise ValueError(f"Redis URL {redact(url)!r}: port {port} is not a TCP port (1-65535)")
     return host, port

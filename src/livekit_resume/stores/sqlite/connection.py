@@ -390,9 +390,13 @@ class Connection:
         writer has the file open: a writer would have created the index beside it.
         """
         if not os.path.isfile(self.path):
+            what = (
+                "it is not a regular file (a directory, a pipe, a device)"
+                if os.path.lexists(self.path)
+                else "the file does not exist (a read-only store never creates one)"
+            )
             raise StoreUnavailable(
-                f"no store at {self.path}: the file does not exist (a read-only store never "
-                "creates one); check the path or RESUME_STORE"
+                f"no store at {self.path}: {what}; check the path or RESUME_STORE"
             )
         uri = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
         try:

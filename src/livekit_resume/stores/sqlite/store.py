@@ -160,6 +160,12 @@ class SQLiteStore:
                 f"store URL {shown!r} names a host; SQLite files are local: "
                 "use sqlite:///relative.db or sqlite:////absolute/path.db"
             )
+        if not parts.path.startswith("/"):
+            # sqlite:relative.db: no slash to cut before the path, which [1:] would cut
+            raise ValueError(
+                f"store URL {shown!r} names no path after 'sqlite:///': "
+                "use sqlite:///relative.db or sqlite:////absolute/path.db"
+            )
         if parts.fragment:
             raise ValueError(f"store URL {shown!r} has a fragment (#{parts.fragment}); remove it")
         path = unquote(parts.path[1:])
@@ -573,7 +579,8 @@ class SQLiteStore:
         self, prefix: str, after: str | None, limit: int | None, conn: sqlite3.Connection
     ) -> tuple[list[str], str | None]:
         live: list[str] = []
-        cursor, want = after, None if limit is None else limit + 1  # one more: is there a next?
+        # one more: is there a next? (a limit past SQLite's integers is no limit at all)
+        cursor, want = after, None if limit is None or limit >= 1 << 62 else limit + 1
         while want is None or len(live) < want:
             with read(conn):
                 rows = conn.execute(
