@@ -730,3 +730,30 @@ def test_an_export_naming_an_odd_key_imports_under_the_key_given(
     result = run(url, "--json", "import", str(path), "--key", "renamed")
     assert result.exit_code == 0, result.output
     assert run_json(url, "show", "renamed")["key"] == "renamed"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["show", "KEY", "--version", "1_0"], id="show-underscore"),
+        pytest.param(["show", "KEY", "--version", "\u0661"], id="show-arabic-digit"),
+        pytest.param(["diff", "KEY", "1", "0_2"], id="diff-underscore"),
+        pytest.param(["export", "KEY", "-o", "-", "--version", "+1"], id="export-plus"),
+        pytest.param(["revert", "KEY", "0_1"], id="revert-underscore"),
+        pytest.param(["ls", "--limit", "1_0"], id="ls-limit-underscore"),
+        pytest.param(["ls", "--limit", "0"], id="ls-limit-zero"),
+        pytest.param(["pause", "KEY", "--epoch", "1_0"], id="pause-epoch-underscore"),
+        pytest.param(["diff", "KEY", "1", str(2**63)], id="diff-past-the-last-version"),
+    ],
+)
+def test_a_number_not_written_in_plain_digits_or_out_of_range_is_a_usage_error(
+    url: str, key: str, argv: list[str]
+) -> None:
+    """``int()`` read ``1_0`` as 10, ``+1`` as 1 and an Arabic-Indic one as 1: a typo named another
+    version (``diff KEY 1 0_2`` diffed version 2). Each is a usage error now, and
+    nothing changes."""
+    before = run_json(url, "history", key)
+    result = run(url, *[key if a == "KEY" else a for a in argv], env=WIDE)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value" in result.output
+    assert run_json(url, "history", key) == before

@@ -11,13 +11,14 @@ import typer
 
 from ..remote import DEFAULT_TIMEOUT, MAX_TIMEOUT, Verb, control
 from ..stores.base import Store
-from .core import _done, _key, _KeyArg, _opts, _run, app
+from .core import _done, _key, _KeyArg, _opts, _run, app, whole
 
 _EpochOpt = Annotated[
     int | None,
     typer.Option(
         "--epoch",
         metavar="N",
+        parser=whole(1),
         help="The lease epoch the command is aimed at (default: the current one); "
         "refused if the session was taken over since.",
     ),

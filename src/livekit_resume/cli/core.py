@@ -165,13 +165,33 @@ _KeyArg = Annotated[str, typer.Argument(help="Session key.")]
 # A version is a positive 64-bit integer in every store (SQLite's INTEGER): a number
 # outside is a usage error, never a traceback from the store.
 MAX_VERSION = 2**63 - 1
+
+
+def whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A parser of a whole number from ``low`` to ``high``, written in ASCII digits
+    only: Python's ``int()`` also reads ``1_0`` as 10, ``+3``, `` 3 `` and other
+    scripts' digits, so a typo named another version."""
+
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit()):
+            raise typer.BadParameter(f"{text!r} is not a whole number (digits 0-9 only)")
+        value = int(text)
+        if value < low:
+            raise typer.BadParameter(f"{value} is less than {low}")
+        if high is not None and value > high:
+            raise typer.BadParameter(f"{value} is more than {high}")
+        return value
+
+    return parse
+
+
 _VersionOpt = Annotated[
     int | None,
     typer.Option(
         "--version",
         "-v",
-        min=1,
-        max=MAX_VERSION,
+        metavar="N",
+        parser=whole(1, MAX_VERSION),
         help="A retained version (default: latest)",
     ),
 ]

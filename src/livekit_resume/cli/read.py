@@ -29,6 +29,7 @@ from .core import (
     _run,
     _VersionOpt,
     app,
+    whole,
 )
 from .snapshots import (
     Unreadable,
@@ -52,7 +53,10 @@ def ls_cmd(
         typer.Option("--state", help="Only sessions in this state (active, paused, suspended…)"),
     ] = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", "-n", min=1, help="At most N sessions (a page).")
+        int | None,
+        typer.Option(
+            "--limit", "-n", metavar="N", parser=whole(1), help="At most N sessions (a page)."
+        ),
     ] = None,
     after: Annotated[
         str | None,
@@ -249,10 +253,10 @@ def diff_cmd(
     ctx: typer.Context,
     key: _KeyArg,
     a: Annotated[
-        int, typer.Argument(metavar="A", min=1, max=MAX_VERSION, help="The older version.")
+        int, typer.Argument(metavar="A", parser=whole(1, MAX_VERSION), help="The older version.")
     ],
     b: Annotated[
-        int, typer.Argument(metavar="B", min=1, max=MAX_VERSION, help="The newer version.")
+        int, typer.Argument(metavar="B", parser=whole(1, MAX_VERSION), help="The newer version.")
     ],
 ) -> None:
     """What changed from version A to version B: items added (+), edited (~) and removed

@@ -31,6 +31,7 @@ from .core import (
     _run,
     _TakeoverOpt,
     app,
+    whole,
 )
 from .snapshots import (
     delete_unheld,
@@ -233,7 +234,7 @@ def revert_cmd(
     key: _KeyArg,
     version: Annotated[
         int,
-        typer.Argument(metavar="VERSION", min=1, max=MAX_VERSION, help="A retained version."),
+        typer.Argument(metavar="VERSION", parser=whole(1, MAX_VERSION), help="A retained version."),
     ],
     takeover: _TakeoverOpt = False,
 ) -> None:
