@@ -757,3 +757,17 @@ def test_a_number_not_written_in_plain_digits_or_out_of_range_is_a_usage_error(
     assert result.exit_code == 2, result.output
     assert "Invalid value" in result.output
     assert run_json(url, "history", key) == before
+
+
+@pytest.mark.parametrize("answer", ["n\n", ""], ids=["answered-no", "no-answer"])
+def test_rm_not_confirmed_says_so_as_json_and_deletes_nothing(
+    url: str, key: str, answer: str
+) -> None:
+    """``--json rm KEY`` answered no, or with stdin closed: exit 1 with a JSON error on
+    stderr (it printed nothing, or ``Aborted.``), and the session is still there."""
+    result = run(url, "--json", "rm", key, input=answer)
+    assert result.exit_code == 1, result.output
+    last = result.stderr.splitlines()[-1]  # after the question (no newline: no terminal)
+    error = json.loads(last[last.index("{") :])
+    assert "not deleted" in error["message"], error
+    assert [s["key"] for s in run_json(url, "ls")] == [key]

@@ -209,8 +209,18 @@ def rm_cmd(
         if damage:
             warn += f" It cannot be read ({damage})."
         question = redact.printable(f"Delete session {key!r} and all its versions?{warn}")
-        if not typer.confirm(question, err=True):  # stdout is for the answer (--json)
-            raise typer.Exit(1)
+        try:
+            confirmed = typer.confirm(question, err=True)  # stdout is for the answer (--json)
+        except typer.Abort:  # no answer (stdin closed, ^C)
+            confirmed = False
+        if not confirmed:
+            # said as any failure is (a JSON object with --json), not a bare exit 1
+            _fail(
+                typer.Abort(
+                    f"session {key!r} not deleted: not confirmed (--yes deletes it without asking)"
+                ),
+                as_json=opts.json,
+            )
     # Confirmed as free: deleted only while still free, under a lease of its own, so that
     # a worker that took it meanwhile (a caller back) keeps it.
     fenced = not yes and found and holder is None and damage is None
