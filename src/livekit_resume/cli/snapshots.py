@@ -208,15 +208,23 @@ async def _delete_or_release(store: Store, key: str, lease: Lease) -> None:
         await store.release(lease)
 
 
-async def release_lease(store: Store, key: str) -> tuple[str | None, int]:
+async def release_lease(store: Store, key: str) -> tuple[str | None, int, bool]:
     """Free ``key``'s lease whoever holds it: take it over under an operator owner (the
     epoch moves on, so the old holder's next commit is refused) and release it.
-    Returns the previous owner (None when the lease was already free) and the new epoch."""
-    info = await store.info(key)
-    if info is None:
-        raise SnapshotNotFound(f"no session {key!r}")
+    Returns the previous owner (None when the lease was already free), the new epoch,
+    and whether the session's latest version could not be read (its owner unknown)."""
+    try:
+        info: SessionInfo | None = await store.info(key)
+    except SnapshotCorrupt:
+        # a session whose latest version cannot be read still has a lease to free (its
+        # stuck holder fenced), which the operator's revert or import then needs
+        info, damaged = None, True
+    else:
+        damaged = False
+        if info is None:
+            raise SnapshotNotFound(f"no session {key!r}")
     lease = await store.acquire(key, _owner(), ttl=_lease_ttl(), takeover=True)
-    if info.version > 0:
+    if info is not None and info.version > 0:
         now = await _info_or_release(store, key, lease)
         if now is None or now.version == 0:
             # deleted since it was found (another operator's rm): the lease made the
@@ -224,7 +232,7 @@ async def release_lease(store: Store, key: str) -> tuple[str | None, int]:
             await _delete_or_release(store, key, lease)
             raise SnapshotNotFound(f"no session {key!r}: it was deleted meanwhile")
     await store.release(lease)
-    return info.owner, lease.epoch
+    return (None if info is None else info.owner), lease.epoch, damaged
 
 
 async def _info_or_release(store: Store, key: str, lease: Lease) -> SessionInfo | None:

@@ -286,10 +286,24 @@ def release_cmd(ctx: typer.Context, key: _KeyArg) -> None:
     (its next checkpoint fails with LeaseLost) and any worker may take the session."""
     opts = _opts(ctx)
     key = _key(key)
-    holder, epoch = _run(ctx, lambda store: release_lease(store, key), read_only=False, session=key)
-    was = f"held by {holder!r}" if holder else "not held"
+    holder, epoch, damaged = _run(
+        ctx, lambda store: release_lease(store, key), read_only=False, session=key
+    )
+    was = (
+        "held by an owner its damaged latest version does not tell"
+        if damaged
+        else f"held by {holder!r}"
+        if holder
+        else "not held"
+    )
     _done(
         opts,
-        {"key": key, "released": True, "previous_owner": holder, "epoch": epoch},
+        {
+            "key": key,
+            "released": True,
+            "previous_owner": holder,
+            "epoch": epoch,
+            "damaged": damaged,
+        },
         f"released {key!r} (it was {was}); epoch now {epoch}",
     )

@@ -286,7 +286,8 @@ local function read_body(n, head, info)
     local body = redis.call('GET', bk)
     local digits = body and string.match(body, '^(%d+):')
     local size = digits and tonumber(digits)
-    if size and #digits + 1 + size <= #body then
+    -- an info is never empty (msgpack of a map): a body without one was cut
+    if size and #digits + 1 + size < #body then
       local from = #digits + 2
       return string.sub(body, from, from + size - 1), string.sub(body, from + size)
     end

@@ -403,6 +403,12 @@ class Server:
                     f"{what} on {self.where} met foreign data at the session's keys "
                     f"({message}); delete the session or move the other data away"
                 ) from exc
+            if message.startswith("NOPERM") or "can't run this command" in message:
+                # inside a script, Redis 7.0 words a missing permission without NOPERM
+                message += (
+                    " (NOPERM: the Redis user lacks a command or key the store needs; "
+                    "grant it the whole ACL line of docs/security.md, +get and +set too)"
+                )
             raise StoreUnavailable(f"{self.where} refused {what}: {message}") from exc
 
 
