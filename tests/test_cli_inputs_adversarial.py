@@ -771,3 +771,16 @@ def test_rm_not_confirmed_says_so_as_json_and_deletes_nothing(
     error = json.loads(last[last.index("{") :])
     assert "not deleted" in error["message"], error
     assert [s["key"] for s in run_json(url, "ls")] == [key]
+
+
+def test_a_revert_to_the_latest_version_writes_nothing(
+    url: str, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``revert KEY N`` with N the latest wrote N again as N+1, and with ``keep``
+    versions retained the oldest was dropped: a rollback point lost for nothing."""
+    monkeypatch.setenv("RESUME_KEEP", "3")
+    before = run_json(url, "history", key)
+    latest = max(v["version"] for v in before)
+    reverted = run_json(url, "revert", key, str(latest))
+    assert reverted == {"key": key, "reverted_to": latest, "version": latest, "written": False}
+    assert run_json(url, "history", key) == before

@@ -224,7 +224,12 @@ def test_revert_then_restore_loads_the_older_conversation(url: str, key: str) ->
     older = snapshot_of(url, key, 1)
     result = run(url, "--json", "revert", key, "1")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"key": key, "reverted_to": 1, "version": 4}
+    assert json.loads(result.stdout) == {
+        "key": key,
+        "reverted_to": 1,
+        "version": 4,
+        "written": True,
+    }
     rows = run_json(url, "history", key)
     assert [r["version"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["source"] == "revert"

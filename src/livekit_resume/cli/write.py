@@ -261,8 +261,12 @@ def revert_cmd(
         # with --takeover, for a command that then changed nothing. What is written is
         # what was read here: read again under the lease, a version an autosave trimmed
         # meanwhile refused the command after it had fenced the worker all the same.
-        if await store.info(key) is None:
+        info = await store.info(key)
+        if info is None:
             raise SnapshotNotFound(f"no snapshot for session {key!r}")
+        if info.version == version:
+            # written again, it would cost the oldest retained version (keep) for nothing
+            return None
         target = await load(store, key, version)
 
         async def build(_store: Store, _codec: Codec, stored: Stored | None) -> Snapshot:
@@ -273,9 +277,16 @@ def revert_cmd(
         return (await write_whole(store, key, build, takeover=takeover, source="revert"))[1]
 
     written = _run(ctx, go, read_only=False, session=key)
+    if written is None:
+        _done(
+            opts,
+            {"key": key, "reverted_to": version, "version": version, "written": False},
+            f"version {version} is already the latest of {key!r}: nothing written",
+        )
+        return
     _done(
         opts,
-        {"key": key, "reverted_to": version, "version": written},
+        {"key": key, "reverted_to": version, "version": written, "written": True},
         f"reverted {key!r} to version {version}, written as version {written}",
     )
 
