@@ -178,6 +178,7 @@ def test_every_command_round_trips_sessions_on_many_slots_and_fails_typed(
         imported = run(url, "import", file, "--key", new)
         assert imported.exit_code == 0, imported.output
         assert "remember the blue door" in run(url, "show", new).stdout
+    assert run(url, "import", file, "--key", "b{x}").exit_code == 0  # version 2
     assert run(url, "revert", "b{x}", "1").exit_code == 0
     assert [v["source"] for v in run_json(url, "history", "b{x}")][-1] == "revert"
     assert run(url, "release", "c%7B").exit_code == 0
