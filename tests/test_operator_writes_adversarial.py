@@ -49,7 +49,23 @@ async def _snap(url: str, key: str, version: int | None = None) -> Any:
 
 
 def _texts(snap: Any) -> str:
-    return repr(snap.history)
+    """Every string in the saved history, and only strings: a timestamp or a metric
+    can hold any digits (``4711`` was found in ``created_at`` once)."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(k)
+                walk(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v)
+
+    walk(snap.history)
+    return repr(found)
 
 
 def _ids(snap: Any) -> list[str]:
