@@ -20,7 +20,7 @@ __all__ = ["HIDDEN", "printable", "secrets", "shell_word", "url"]
 HIDDEN = "***"
 
 # Query parameters whose value is a secret (``?password=…``, ``?token=…``).
-_SECRET_PARAMS = re.compile(r"pass|secret|token|key|auth", re.IGNORECASE)
+_SECRET_PARAMS = re.compile(r"pass|pwd|secret|token|key|auth|cred", re.IGNORECASE)
 
 # Characters a terminal may act on: C0 controls and DEL, C1 controls, and the
 # bidirectional overrides and isolates that reorder what is shown (plus the marks); and
@@ -48,7 +48,8 @@ def url(value: str) -> str:
         return HIDDEN if "@" in value else value
     shown = value
     scheme, sep, rest = value.partition("://")
-    if sep and "@" in rest and not rest.startswith("/"):  # "sqlite:///a@b": a path
+    # "sqlite:///a@b" is a path; "redis:///:pw@host", a slash too many, is not
+    if sep and "@" in rest and not (rest.startswith("/") and _is_file(scheme)):
         shown = f"{scheme}://{HIDDEN}@{rest.rpartition('@')[2]}"
     elif not sep and "@" in value:  # "user:pw@host", its scheme forgotten or mistyped
         shown = f"{HIDDEN}@{value.rpartition('@')[2]}"
@@ -58,6 +59,10 @@ def url(value: str) -> str:
             if secret and _SECRET_PARAMS.search(unquote_plus(name)):
                 shown = shown.replace(f"{name}={secret}", f"{name}={HIDDEN}")
     return shown
+
+
+def _is_file(scheme: str) -> bool:
+    return scheme.lower() in ("sqlite", "file")
 
 
 def secrets(message: str, values: Iterable[str | None]) -> str:

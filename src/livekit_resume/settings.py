@@ -24,7 +24,7 @@ variable counts as unset. Keys are secrets: they never appear in ``repr`` or ``s
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, ValidationError, field_validator
@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     allow_plaintext: bool = False
     allow_unbound: bool = True
     sentinel_password: SecretStr | None = None
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # a repr is logged, printed, kept in a traceback's locals: never a password
+        for name, value in super().__repr_args__():
+            yield name, redact.url(value) if name == "store" and isinstance(value, str) else value
 
     @field_validator("ttl")
     @classmethod
