@@ -46,9 +46,10 @@ class Built:
     """A snapshot's chat items as LiveKit items, before anything touches the session:
     the history, and the agent's context (None without an agent)."""
 
-    history: list[llm.ChatItem]
+    history: list[llm.ChatItem]  # one per saved item: what the store holds
     agent: llm.ChatContext | None
     repaired: llm.ChatContext | None  # the agent's, its unanswered tool calls answered
+    answered: list[llm.ChatItem]  # the history, its unanswered tool calls answered
 
 
 def build_items(snap: Snapshot) -> Built:
@@ -56,15 +57,25 @@ def build_items(snap: Snapshot) -> Built:
     touching no live object: a restore builds them right after their decode, inside its
     cyclic-GC pause or on its worker thread."""
     history = ctx_from_data(snap.history).items
+    # A realtime model puts a call into the history as it starts: one in flight when
+    # saved is answered there too, not left for every later snapshot to carry unanswered.
+    # (A pipeline's calls reach the history only once answered: none to repair there.)
+    answered = llm.ChatContext(list(history))
+    in_history = {o.id: o for o in repair_tool_calls(answered, finals=False)}
     frame = snap.agent
     if frame is None:
-        return Built(history, None, None)
+        return Built(history, None, None, answered.items)
     agent = _agent_ctx(frame.chat_ctx, snap.history, history)
     # a context of its own to repair (the saved one is what the store holds):
     # `ChatContext.copy()` with no filter is this list copy, less a loop over every item
     repaired = llm.ChatContext(list(agent.items))
-    repair_tool_calls(repaired, pending=snap.tool_calls)
-    return Built(history, agent, repaired)
+    added = {o.id for o in repair_tool_calls(repaired, pending=snap.tool_calls)}
+    if in_history and added:
+        # one object in both contexts, as a live session holds its items
+        repaired.items[:] = [
+            in_history.get(i.id, i) if i.id in added else i for i in repaired.items
+        ]
+    return Built(history, agent, repaired, answered.items)
 
 
 def _agent_ctx(
@@ -188,10 +199,10 @@ async def rebuild(
     saved = built.agent
 
     if session.history.items:
-        session.history.insert(history)
+        session.history.insert(built.answered)
     else:
         # kept in saved order, which is exact even where created_at is not sorted
-        session.history.items.extend(history)
+        session.history.items.extend(built.answered)
     if value is not None:
         session.userdata = value
     if frame is None or saved is None:

@@ -107,6 +107,7 @@ def repair_tool_calls(
     *,
     pending: Iterable[ToolCallRecord] = (),
     now: float | None = None,
+    finals: bool = True,
 ) -> list[llm.FunctionCallOutput]:
     """Answer every unanswered tool call in `ctx` (in place) with an explicit error output.
 
@@ -123,7 +124,8 @@ def repair_tool_calls(
     running") is not an answer. A call that has only progress outputs gets the interrupted
     output the way LiveKit delivers an async result: a ``<call_id>_final`` call and output
     pair (item ids: the call's id + ``"_interrupted_call"`` / ``"_interrupted"``) at the
-    end of `ctx`, after the progress the model was told about.
+    end of `ctx`, after the progress the model was told about (not with ``finals``
+    False: the session's history, which shows such a call as LiveKit left it).
     """
     answered: set[str] = set()
     called: set[str] = set()
@@ -168,7 +170,7 @@ def repair_tool_calls(
         index += 1
 
     just_answered = {o.call_id for o in added}
-    for call in _progress_only_calls(marked, answered):
+    for call in _progress_only_calls(marked, answered) if finals else ():
         if call.call_id in just_answered:
             continue  # it had no output at all: answered above, right after it
         last = max((i.created_at for i in items), default=call.created_at)
