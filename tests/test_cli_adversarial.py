@@ -25,12 +25,12 @@ from typer.testing import CliRunner, Result
 from livekit_resume import open_store, redact
 from livekit_resume.bridge import from_stored
 from livekit_resume.cli import app
-from livekit_resume.cli.snapshots import make_codec, write_whole
+from livekit_resume.cli.snapshots import Latest, make_codec, write_whole
 from livekit_resume.errors import LeaseLost, StoreUnavailable
 from livekit_resume.remote import control
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.model import Snapshot
-from livekit_resume.stores.base import Controllable, Store, Stored
+from livekit_resume.stores.base import Controllable, Store
 from tests.redis_servers import RedisFactory, RedisServer
 from tests.test_cli import _converse, _hold, key, run, run_json, started, url
 
@@ -49,7 +49,7 @@ def _copy(url: str, key: str, new: str, **update: Any) -> None:
         try:
             snap = from_stored(make_codec(store), await store.load(key))
 
-            async def build(_s: Store, _c: Codec, _stored: Stored | None) -> Snapshot:
+            async def build(_s: Store, _c: Codec, _stored: Latest) -> Snapshot:
                 return snap.model_copy(update=update)
 
             await write_whole(store, new, build, takeover=False, source="import")
@@ -762,7 +762,7 @@ def test_a_write_whose_release_fails_after_its_commit_landed_reports_the_version
         try:
             snap = from_stored(make_codec(store), await store.load(key))
 
-            async def build(_s: Store, _c: Codec, _stored: Stored | None) -> Snapshot:
+            async def build(_s: Store, _c: Codec, _stored: Latest) -> Snapshot:
                 return snap
 
             flaky = cast(Store, _ReleaseFails(store))

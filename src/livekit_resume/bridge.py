@@ -126,11 +126,12 @@ def delta_commit(
     owner: str | None,
     commit_id: str = "",
     seals: Mapping[str, int] | None = None,
+    whole: bool = False,
 ) -> Commit:
     """The commit of one checkpoint: the head (without items, with each stream's count,
     bound to version ``base_version + 1`` and to ``seals``, each stream's seal once the
     records apply) and the item records that turn version ``base_version`` into this
-    snapshot."""
+    snapshot (``whole``: they clear each stream first, see `Commit`)."""
     return Commit(
         key=snap.key,
         epoch=snap.epoch,
@@ -140,6 +141,7 @@ def delta_commit(
         size=sum(counts.values()),
         info=listing_info(snap, items=counts.get(HISTORY, 0), owner=owner),
         commit_id=commit_id,
+        whole=whole,
     )
 
 
@@ -176,6 +178,7 @@ def whole_commit(
         size=len(snap.history) + len(agent_items),
         info=listing_info(snap, items=len(snap.history), owner=owner, source=source),
         commit_id=commit_id,
+        whole=True,
     )
 
 

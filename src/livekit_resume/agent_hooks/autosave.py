@@ -125,7 +125,7 @@ class Autosave:
                 with CHECKPOINT_SECONDS.time():
                     version = await self._checkpoint(reason)
             except LeaseLost as e:
-                self._lose(e)
+                self.lose(e)
                 return
             except UnknownAgent as e:
                 # nothing to retry until the code registers the agent or hands off
@@ -172,7 +172,7 @@ class Autosave:
             try:
                 await self._renew()
             except LeaseLost as e:
-                self._lose(e)
+                self.lose(e)
                 return
             except Exception as e:
                 if self._stopped():
@@ -193,7 +193,10 @@ class Autosave:
         waited for it for ever."""
         return asyncio.current_task() not in self._tasks
 
-    def _lose(self, e: LeaseLost) -> None:
+    def lose(self, e: LeaseLost) -> None:
+        """Stop for good: the session was taken over (``lost``); tell ``on_lost`` once."""
+        if self.lost is not None:
+            return
         self.lost = e
         CHECKPOINT_FAILURES.labels(error="LeaseLost").inc()
         log.error("session %r: %s; autosave stopped", self._key, e, extra={"key": self._key})

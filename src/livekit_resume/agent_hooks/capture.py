@@ -270,6 +270,7 @@ class Capture:
                 base_version=base_version,
                 owner=self._owner,
                 commit_id=commit_id,
+                whole=hist.whole and (agent is None or agent.whole),
             )
 
         try:

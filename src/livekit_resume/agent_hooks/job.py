@@ -65,6 +65,7 @@ from ..stores.url import open_store
 from ..tokens import verify_token
 from .lease import granted, release_lease, to_its_end
 from .registry import AgentRegistry
+from .room import callers
 from .session import ResumableSession
 
 __all__ = ["DEFAULT_LEAVE_GRACE", "JobPolicy", "archive_stale", "resumable_job"]
@@ -208,7 +209,7 @@ class JobPolicy:
             # a suspend of the session's own (suspend_after, the app) is under way:
             # decide once it is done, on who is in the room then
             return lambda: asyncio.shield(finishing)
-        if self._room.remote_participants:
+        if callers(self._room):
             self._cancel_timer()
             if state == "paused" and self._left_pause == self._rs._pauses:
                 return self._resume_after_leave

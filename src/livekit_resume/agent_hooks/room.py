@@ -16,6 +16,8 @@ from typing import Any
 
 from livekit import rtc
 from livekit.agents import AgentSession, get_job_context
+from livekit.agents.job import DEFAULT_PARTICIPANT_KINDS
+from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
 from prometheus_client import Counter
 from pydantic_core import to_jsonable_python
 
@@ -137,7 +139,8 @@ class Announcer:
     ) -> SessionMeta:
         ctx = get_job_context(required=False)
         room = self.room()
-        identity = next(iter(room.remote_participants), None) if room is not None else None
+        caller = next(iter(callers(room)), None) if room is not None else None
+        identity = caller.identity if caller is not None else None
         agent = current_agent(session)
         try:
             usage = to_jsonable_python(session.usage, fallback=str)
@@ -154,3 +157,20 @@ class Announcer:
             usage=usage if isinstance(usage, dict) else {"value": usage},
             extra=extra,
         )
+
+
+def callers(room: rtc.Room) -> list[rtc.RemoteParticipant]:
+    """The room's remote participants a session talks with: those of the kinds LiveKit's
+    RoomIO links by default (standard, SIP, connector), less any that publishes on this
+    agent's behalf. An avatar (kind agent, publishing on its behalf) or another agent in
+    the room is no caller: with only those left, the caller has gone."""
+    try:
+        me: str | None = room.local_participant.identity
+    except Exception:  # a room not connected yet has no local participant
+        me = None
+    return [
+        p
+        for p in room.remote_participants.values()
+        if p.kind in DEFAULT_PARTICIPANT_KINDS
+        and (me is None or p.attributes.get(ATTRIBUTE_PUBLISH_ON_BEHALF) != me)
+    ]

@@ -91,8 +91,9 @@ class ResumableSession:
     leases (default: host, pid and a random suffix). Keys for signing and encryption
     default to ``RESUME_SIGNING_KEYS`` and ``RESUME_ENCRYPTION_KEYS``; ``codec`` replaces
     them with a `Codec` of your own (keys, ``max_frame``). ``on_lost`` is awaited once
-    when autosave finds the session taken over by another worker (`LeaseLost`): nothing
-    more is written from here, so it is the place to stop speaking and end the session.
+    when a save (autosave's, a pause's or suspend's, a checkpoint) or a lease renewal
+    finds the session taken over by another worker (`LeaseLost`): nothing more is
+    written from here, so it is the place to stop speaking and end the session.
     ``suspend_after``: a pause longer than this many seconds becomes a suspend, which
     frees the session's connections and its lease.
 
@@ -153,6 +154,8 @@ class ResumableSession:
         )
         self._on_lost = on_lost
         self._lost_task: asyncio.Task[None] | None = None
+        # the latest version, when a salvage restored an older one (it cannot be read)
+        self._rolled_back: int | None = None
         self._suspend_after = suspend_after
         self._long_pause = Timer(self._key)
 
@@ -299,6 +302,11 @@ class ResumableSession:
         kept = list(session.history.items)
         try:
             agent = await self._load_into(session, default, salvage, stored)
+            if self._rolled_back is not None:
+                # an older version restored over a latest that cannot be read: the next
+                # commit names the latest as its base and writes the session whole
+                SALVAGED.inc()
+                self._version, self._capture.rewrite = self._rolled_back, True
         except BaseException:
             session.history.items[:] = kept
 
@@ -364,6 +372,48 @@ class ResumableSession:
         return agent
 
     async def _acquire_load(self, takeover: bool, salvage: bool) -> Stored | None:
+        """The lease, and the latest version read under it (with ``salvage``, the
+        newest that reads when the latest cannot be read at all: `_newest_readable`)."""
+        self._rolled_back = None
+        try:
+            return await self._acquire_latest(takeover, salvage)
+        except SnapshotCorrupt as e:
+            if not salvage:
+                raise
+            return await self._newest_readable(takeover, e)
+
+    async def _newest_readable(self, takeover: bool, lost: SnapshotCorrupt) -> Stored:
+        """Under the lease, the newest retained version the store can read, for a session
+        whose latest cannot be (its record lost): the turns after it are lost, the rest
+        is restored; the first checkpoint writes the session whole on top of the damage.
+        ``lost`` is raised when no version reads."""
+        await self._holder.acquire(takeover=takeover)
+        try:
+            listed = await self._store.versions(self._key)
+            for older in reversed(listed[:-1]):
+                if older.damaged is not None:
+                    continue
+                try:
+                    stored = await self._store.load(self._key, older.version)
+                except (SnapshotCorrupt, SnapshotNotFound):
+                    continue  # damaged further in, or trimmed meanwhile
+                self._rolled_back = listed[-1].version
+                log.error(
+                    "session %r: version %d cannot be read (%s); restoring version %d, "
+                    "the newest that can: what came after it is lost",
+                    self._key,
+                    listed[-1].version,
+                    lost,
+                    older.version,
+                    extra={"key": self._key, "version": older.version},
+                )
+                return stored
+            raise lost
+        except BaseException:
+            await self._holder.release()
+            raise
+
+    async def _acquire_latest(self, takeover: bool, salvage: bool) -> Stored | None:
         """The lease, and the latest version read under it. A session another worker
         holds live is taken over only once what it holds is read and found restorable
         here (`check`): a worker whose keys, registry or userdata type cannot restore it
@@ -532,17 +582,47 @@ class ResumableSession:
                 # never started (the job ended first): the store already holds everything
                 # this session knows, and a head without its agent would not restore
                 return self._version
-            if self._holder.vanished:
-                await self._reacquire()
             try:
-                if self._pending is not None:
-                    await self._land(self._pending)
-                return await self._commit_now(session, reason, state, confirm)
+                return await self._commit_or_reacquire(session, reason, state, confirm)
             except LeaseLost as e:
-                if not e.vanished:
-                    raise
-                await self._reacquire()
-                return await self._commit_now(session, reason, state)
+                # Taken over, whichever save found it (a pause's, a suspend's, the app's
+                # checkpoint, not only autosave's): nothing more is written, and on_lost
+                # is told now, not at the next renewal (a job then ends its call).
+                if not e.vanished and self._autosave.lost is None:
+                    self._autosave.lose(e)
+                raise
+
+    async def _commit_or_reacquire(
+        self, session: AgentSession[Any], reason: str, state: SessionState | None, confirm: bool
+    ) -> int:
+        if self._holder.vanished:
+            await self._reacquire()
+        try:
+            if self._pending is not None:
+                await self._land(self._pending)
+            return await self._commit_now(session, reason, state, confirm)
+        except LeaseLost as e:
+            if not e.vanished:
+                raise
+            await self._reacquire()
+            return await self._commit_now(session, reason, state)
+        except SnapshotCorrupt as e:
+            # The store refused to append to what it holds of the session (the latest
+            # version's record or its log lost or altered): this worker holds the whole
+            # conversation, so it writes it whole, which reads nothing of the damage.
+            # Refused again (damage a whole commit cannot write over), it stands.
+            if self._capture.rewrite:
+                raise
+            log.error(
+                "session %r: the store cannot append to version %d (%s); writing the session whole",
+                self._key,
+                self._version,
+                e,
+                extra={"key": self._key, "version": self._version},
+            )
+            self._pending = None
+            self._capture.rewrite = True
+            return await self._commit_now(session, reason, state)
 
     async def _commit_now(
         self,

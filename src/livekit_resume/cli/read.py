@@ -169,17 +169,19 @@ def history_cmd(ctx: typer.Context, key: _KeyArg) -> None:
         versions = await store.versions(key)
         if not versions:
             raise SnapshotNotFound(f"no snapshot for session {key!r}")
+        # what a damaged version's record lost is unknown (0), not 1970 or epoch 0
         return [
             {
                 "version": v.version,
-                "epoch": v.epoch,
-                "created_at": render.iso(v.created_at),
-                "created_ts": v.created_at,
+                "epoch": v.epoch if v.epoch or v.damaged is None else None,
+                "created_at": render.iso(v.created_at) if v.created_at else None,
+                "created_ts": v.created_at or None,
                 "reason": v.info.get("reason"),
                 "source": v.info.get("source"),
                 "state": v.info.get("state"),
                 "items": v.info.get("items"),
-                "bytes": v.size,
+                "bytes": v.size if v.size or v.damaged is None else None,
+                "damaged": v.damaged,
             }
             for v in versions
         ]
@@ -188,7 +190,12 @@ def history_cmd(ctx: typer.Context, key: _KeyArg) -> None:
     if opts.json:
         render.print_json([{k: v for k, v in r.items() if k != "created_ts"} for r in rows])
         return
-    render.console().print(render.versions_table(rows, title=f"versions of {key!r}"))
+    console = render.console()
+    console.print(render.versions_table(rows, title=f"versions of {key!r}"))
+    for r in rows:
+        if r["damaged"] is not None:
+            note = redact.printable(f"version {r['version']} is damaged: {r['damaged']}")
+            console.print(note, markup=False, highlight=False)
 
 
 @app.command("export")

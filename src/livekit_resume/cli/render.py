@@ -368,12 +368,12 @@ def versions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
         reason = dash(r["reason"]) + (f" ({dash(r['source'])})" if r["source"] else "")
         table.add_row(
             str(r["version"]),
-            str(r["epoch"]),
-            when(r["created_ts"], short=True),
+            dash(r["epoch"]),
+            when(r["created_ts"], short=True) if r["created_ts"] else "—",
             reason,
-            dash(r["state"]),
+            "[red]damaged[/red]" if r.get("damaged") else dash(r["state"]),
             dash(r["items"]),
-            str(r["bytes"]),
+            dash(r["bytes"]),
         )
     return table
 

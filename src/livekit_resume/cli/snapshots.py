@@ -47,11 +47,13 @@ from ..stores.base import (
 __all__ = [
     "IMPORT_LEASE_TTL",
     "PROG",
+    "Latest",
     "Unreadable",
     "binary",
     "commit_from_snapshot",
     "delete_unheld",
     "diff_snapshots",
+    "latest",
     "load",
     "make_codec",
     "page_sessions",
@@ -136,10 +138,32 @@ def _owner() -> str:
     return f"{PROG}:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+Latest = Stored | SnapshotCorrupt | None
+"""A session's latest version as `latest` read it: the version, the error reading it
+when it cannot be read (lost, damaged), or None when there is none."""
+
+
+async def latest(store: Store, key: str) -> tuple[Latest, int]:
+    """``key``'s latest version (`Latest`) and the version a commit on top of it names
+    as its base: a version that cannot be read is written over all the same (a whole
+    commit reads nothing of it), which is how an operator rolls back past it."""
+    try:
+        stored = await store.load(key)
+    except SnapshotNotFound:
+        return None, 0
+    except SnapshotCorrupt as e:
+        # its number is the head's, which `versions` lists last, damaged or not
+        listed = await store.versions(key)
+        if not listed:
+            raise
+        return e, listed[-1].version
+    return stored, stored.version
+
+
 async def write_whole(
     store: Store,
     key: str,
-    build: Callable[[Store, Codec, Stored | None], Awaitable[Snapshot | None]],
+    build: Callable[[Store, Codec, Latest], Awaitable[Snapshot | None]],
     *,
     takeover: bool,
     source: str,
@@ -147,8 +171,8 @@ async def write_whole(
     """Hold the key's lease and commit a whole base: every stream cleared, every item
     written again (`whole_commit`), so no later version reads an older record.
 
-    ``build(store, codec, stored)`` gets the latest stored version (None for a new key),
-    read under the lease, and returns the snapshot to write, or None to write nothing.
+    ``build(store, codec, latest)`` gets the latest version (`Latest`), read under the
+    lease, and returns the snapshot to write, or None to write nothing.
     """
     owner = _owner()
     try:
@@ -157,10 +181,8 @@ async def write_whole(
         raise SessionBusy(f"{e} (from the command line: --takeover)", holder=e.holder) from e
     empty = False  # the key held no snapshot: the lease made its record
     try:
-        try:
-            stored: Stored | None = await store.load(key)
-        except SnapshotNotFound:
-            stored, empty = None, True
+        stored, base = await latest(store, key)
+        empty = stored is None
         codec = make_codec(store)
         snap = await build(store, codec, stored)
         if snap is None:
@@ -175,7 +197,7 @@ async def write_whole(
         commit = whole_commit(
             codec,
             snap.model_copy(update={"epoch": lease.epoch}),
-            base_version=stored.version if stored is not None else 0,
+            base_version=base,
             owner=owner,
             source=source,
         )

@@ -19,7 +19,7 @@ from ..errors import (
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import ItemData, Snapshot
 from ..snapshot.salvage import SALVAGE_ID_PREFIX, Damage
-from ..stores.base import Store, Stored, validate_key
+from ..stores.base import Store, validate_key
 from . import render
 from .core import (
     MAX_VERSION,
@@ -34,7 +34,9 @@ from .core import (
     whole,
 )
 from .snapshots import (
+    Latest,
     delete_unheld,
+    latest,
     load,
     make_codec,
     read_snapshot,
@@ -78,7 +80,7 @@ def import_cmd(
             )
     target = key or snap.key
 
-    async def build(_store: Store, _codec: Codec, _stored: Stored | None) -> Snapshot:
+    async def build(_store: Store, _codec: Codec, _latest: Latest) -> Snapshot:
         return snap
 
     async def go(store: Store) -> int | None:
@@ -124,11 +126,15 @@ def repair_cmd(
     key = _key(key)
     found: dict[str, Any] = {}
 
-    async def build(store: Store, codec: Codec, stored: Stored | None) -> Snapshot | None:
+    async def build(store: Store, codec: Codec, stored: Latest) -> Snapshot | None:
         if stored is None:
             raise SnapshotNotFound(f"no snapshot for session {key!r}")
-        snap, damage = await salvage_stored(store, codec, stored)
-        found.update(version=stored.version, snap=snap, damage=damage)
+        if isinstance(stored, SnapshotCorrupt):
+            version, snap, damage = await _salvage_lost(store, codec, key, stored)
+        else:
+            version = stored.version
+            snap, damage = await salvage_stored(store, codec, stored)
+        found.update(version=version, snap=snap, damage=damage)
         return snap if damage and not dry_run else None
 
     async def go(store: Store) -> tuple[Snapshot | None, int | None]:
@@ -136,11 +142,7 @@ def repair_cmd(
         # was. Taking the lease to find no damage would move the epoch on, so that with
         # --takeover the live worker holding a healthy session was fenced (LeaseLost)
         # for nothing, and without it the command was refused (SessionBusy).
-        try:
-            stored: Stored | None = await store.load(key)
-        except SnapshotNotFound:
-            stored = None
-        await build(store, make_codec(store), stored)
+        await build(store, make_codec(store), (await latest(store, key))[0])
         if dry_run or not found["damage"]:
             return None, None
         # damaged: salvaged again under the lease, from what the store holds by then
@@ -167,6 +169,31 @@ def repair_cmd(
         )
         return
     render.repair_report(render.console(), key, found["version"], damage, kept, written=version)
+
+
+async def _salvage_lost(
+    store: Store, codec: Codec, key: str, lost: SnapshotCorrupt
+) -> tuple[int, Snapshot, list[Damage]]:
+    """What is intact of the newest version that can be read, for a session whose
+    latest cannot be read at all (its record lost): the turns after it are lost."""
+    listed = await store.versions(key)
+    top = listed[-1].version
+    for older in reversed(listed[:-1]):
+        if older.damaged is not None:
+            continue
+        try:
+            stored = await store.load(key, older.version)
+        except (SnapshotCorrupt, SnapshotNotFound):
+            continue  # damaged further in, or trimmed meanwhile
+        snap, damage = await salvage_stored(store, codec, stored)
+        lost_versions = ", ".join(str(v.version) for v in listed if v.version > older.version)
+        reason = (
+            f"version {top} cannot be read ({lost}): rolled back to version "
+            f"{older.version}, the newest that can; what versions {lost_versions} "
+            "added is lost"
+        )
+        return top, snap, [Damage("head", "", reason), *damage]
+    raise lost
 
 
 def _is_note(item: ItemData) -> bool:
@@ -261,15 +288,17 @@ def revert_cmd(
         # with --takeover, for a command that then changed nothing. What is written is
         # what was read here: read again under the lease, a version an autosave trimmed
         # meanwhile refused the command after it had fenced the worker all the same.
-        info = await store.info(key)
-        if info is None:
+        # Listed rather than `info`: a latest version that cannot be read (its record
+        # lost) is what a revert rolls back past.
+        listed = await store.versions(key)
+        if not listed:
             raise SnapshotNotFound(f"no snapshot for session {key!r}")
-        if info.version == version:
+        target = await load(store, key, version)
+        if listed[-1].version == version:
             # written again, it would cost the oldest retained version (keep) for nothing
             return None
-        target = await load(store, key, version)
 
-        async def build(_store: Store, _codec: Codec, stored: Stored | None) -> Snapshot:
+        async def build(_store: Store, _codec: Codec, stored: Latest) -> Snapshot:
             if stored is None:
                 raise SnapshotNotFound(f"no snapshot for session {key!r}")
             return target

@@ -177,6 +177,18 @@ def validate_commit(commit: Commit) -> Commit:
                 f"commit record {n} must be a Record of str stream and id, bytes or None "
                 f"data and str or None after, not {r!r:.200}"
             )
+    if not isinstance(commit.whole, bool):
+        raise ValueError(f"commit whole must be a bool, not {commit.whole!r}")
+    if commit.whole:
+        cleared: set[str] = set()
+        for r in commit.records:
+            if not r.id and r.data is None:
+                cleared.add(r.stream)
+            elif r.stream not in cleared:
+                raise ValueError(
+                    f"a whole commit must clear each stream before it writes to it, not "
+                    f"write {r.id!r} to {r.stream!r} first"
+                )
     if not isinstance(commit.info, Mapping):
         raise ValueError(f"commit info must be a mapping, not {type(commit.info).__name__}")
     for name, value in commit.info.items():
@@ -264,6 +276,11 @@ class Commit:
     refusing a moved head. Empty: the store draws one, and only its own retries of
     that one call recognise each other.
 
+    ``whole`` says the records clear each stream before they write to it: the version
+    reads nothing of its base, so a store may write it over a base version it can no
+    longer read (its record lost: how an operator's revert or import rolls a session
+    back past it). A store that checks its log against the base starts a new log then.
+
     ``lease_ttl``, when set, makes the commit renew the lease too: a commit that lands
     (or a retry that finds it landed) while its epoch holds the lease (an owner is
     recorded: not released) sets the lease's expiry to now + ``lease_ttl``, as
@@ -281,6 +298,7 @@ class Commit:
     info: Info = field(default_factory=dict)
     commit_id: str = ""
     lease_ttl: float | None = None
+    whole: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,13 +316,16 @@ class Stored:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotInfo:
-    """One retained version, as listings show it."""
+    """One retained version, as listings show it. ``damaged`` says why a version cannot
+    be read (its record lost or altered: `load` of it raises `SnapshotCorrupt`); what
+    of it was lost too is 0 (``epoch``, ``created_at``, ``size``) or empty (``info``)."""
 
     version: int
     epoch: int
     created_at: float
     size: int  # bytes this commit wrote (head + records)
     info: dict[str, str | int | float | bool | None]
+    damaged: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

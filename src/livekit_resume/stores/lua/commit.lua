@@ -2,9 +2,11 @@
 -- ARGV[4] epoch, [5] base_version, [6] commit id, [7] head bytes, [8] info (msgpack;
 -- head and info go to the version's body, see write_body),
 -- [9] bytes written, [10] keep, [11] event channel ('' = none), [12] event payload,
--- [13] records in the elements, [14] lease ttl seconds ('' = leave the lease), [15..]
--- packed elements (batches of records, or staged: see staged_keys), appended to the
--- current log generation.
+-- [13] records in the elements, [14] lease ttl seconds ('' = leave the lease), [15] '1'
+-- for a whole commit (its records clear every stream first), [16..] packed elements
+-- (batches of records, or staged: see staged_keys), appended to the current log
+-- generation; a whole commit whose base cannot be checked (its record or log lost)
+-- starts a generation of its own, which reads nothing of the base.
 -- Reply: {'ok', version, log_len (elements), gen, records in the log[, why the event
 --        was not published]} |
 --        {'lost', current epoch or ''} | {'moved', head version} |
@@ -49,11 +51,21 @@ local function main()
   local lk = logkey(s.gen)
   local vk = vkey(version)
   -- records in the log so far, then with these (for compaction)
-  local records = check_log(s, lk) + tonumber(ARGV[13])
+  local checked, records = pcall(check_log, s, lk)
+  if not checked then
+    if ARGV[15] ~= '1' or type(records) ~= 'table' or not records.lkresume_corrupt then
+      error(records, 0)
+    end
+    s.gen = s.gen + 1
+    lk = logkey(s.gen)
+    if type_of(lk) ~= 'none' then corrupt('key ' .. lk .. ' exists before its generation') end
+    records = 0
+  end
+  records = records + tonumber(ARGV[13])
   for _, k in ipairs({vk, bkey(version)}) do
     if type_of(k) ~= 'none' then corrupt('key ' .. k .. ' exists before its version was written') end
   end
-  local staged = staged_keys(15, #ARGV)
+  local staged = staged_keys(16, #ARGV)
   if staged == nil then return {'unstaged'} end
   -- the versions and generations the trim deletes must be here (with a TTL, live_head
   -- looked at every key already)
@@ -61,7 +73,7 @@ local function main()
   -- checks done: from here on every call succeeds (write_body's SET may be refused,
   -- and then takes the other way)
   local len
-  if #ARGV >= 15 then len = push_all(lk, 15, #ARGV, staged) else len = redis.call('LLEN', lk) end
+  if #ARGV >= 16 then len = push_all(lk, 16, #ARGV, staged) else len = redis.call('LLEN', lk) end
   redis.call('HSET', vk, 'epoch', fmt(epoch), 'created', fmt(NOW), 'gen', s.gen, 'end', len,
     'size', ARGV[9], 'cid', ARGV[6], 'records', records)
   write_body(version, ARGV[7], ARGV[8])

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -511,6 +512,7 @@ class RedisStore:
                     event,
                     len(commit.records),
                     "" if commit.lease_ttl is None else fmt_time(commit.lease_ttl),
+                    "1" if commit.whole else "",
                     *packed,
                 ],
             )
@@ -711,16 +713,47 @@ class RedisStore:
     async def versions(self, key: str) -> list[SnapshotInfo]:
         validate_key(key)
         reply = await self._run("versions", key, [])
-        return [
-            SnapshotInfo(
-                version=int(n),
-                epoch=int(number(epoch, "a version's epoch", key)),
-                created_at=number(created, "a version's created_at", key),
-                size=int(number(size, "a version's size", key)),
-                info=unpack_info(info, key),
+        listed = []
+        for n, epoch, created, size, info, damage in reply[1]:
+            if damage:
+                listed.append(await self._damaged(key, int(n), epoch, created, size, damage))
+                continue
+            listed.append(
+                SnapshotInfo(
+                    version=int(n),
+                    epoch=int(number(epoch, "a version's epoch", key)),
+                    created_at=number(created, "a version's created_at", key),
+                    size=int(number(size, "a version's size", key)),
+                    info=unpack_info(info, key),
+                )
             )
-            for n, epoch, created, size, info in reply[1]
-        ]
+        return listed
+
+    async def _damaged(
+        self, key: str, n: int, epoch: bytes, created: bytes, size: bytes, damage: bytes
+    ) -> SnapshotInfo:
+        """A version `versions` found unreadable, with what its record still says."""
+        why = text(damage)
+        try:  # said as a read of it says it, or StoreUnavailable: a Cluster slot half moved
+            await self._scripts.checked("versions", key, [b"corrupt", damage])
+        except SnapshotCorrupt as e:
+            why = str(e)
+
+        def kept(raw: bytes) -> float:
+            try:
+                found = float(raw)
+            except ValueError:
+                return 0
+            return found if math.isfinite(found) and found >= 0 else 0
+
+        return SnapshotInfo(
+            version=n,
+            epoch=int(kept(epoch)),
+            created_at=kept(created),
+            size=int(kept(size)),
+            info={},
+            damaged=why,
+        )
 
     async def info(self, key: str) -> SessionInfo | None:
         validate_key(key)

@@ -449,15 +449,19 @@ class SQLiteStore:
                 (ns, key, wanted),
             ).fetchone()
         if found is None and version is not None:
-            kept = conn.execute(
-                "SELECT version FROM versions WHERE ns=? AND key=? ORDER BY version", (ns, key)
-            )
-            raise not_retained_error(key, version, [r[0] for r in kept])
+            kept = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT version FROM versions WHERE ns=? AND key=? ORDER BY version", (ns, key)
+                )
+            ]
+            # one between the oldest kept and the head was deleted by hand (a trim only
+            # deletes the oldest), as `versions` lists it
+            if kept and kept[0] < version <= s.version:
+                raise altered(key, _no_row(version))
+            raise not_retained_error(key, version, kept)
         if found is None:
-            raise SnapshotCorrupt(
-                f"session {key!r}: head version {s.version} has no stored row; "
-                "the file was altered outside livekit-resume"
-            )
+            raise altered(key, _no_row(wanted))
         number, epoch, created_at, head, gen, log_end, info = found
         _check_version_row(key, found)
         streams = fold_rows(_log_rows(conn, ns, key, number, gen, log_end), key)
@@ -488,7 +492,16 @@ class SQLiteStore:
                 raise altered(
                     key, f"version {v!r} is listed as epoch {e!r}, size {n!r}, made {c!r}"
                 )
-        return [SnapshotInfo(v, e, c, n, _info(i, key)) for v, e, c, n, i in rows]
+        listed = {v: SnapshotInfo(v, e, c, n, _info(i, key)) for v, e, c, n, i in rows}
+        if s is None or not s.version:
+            return list(listed.values())
+        # a row lost between the oldest kept and the head (deleted by hand: a trim only
+        # deletes the oldest) is listed, damaged, as `load` of it finds it
+        oldest = min(listed, default=s.version)
+        return [
+            listed.get(n) or SnapshotInfo(n, 0, 0.0, 0, {}, damaged=str(altered(key, _no_row(n))))
+            for n in range(oldest, s.version + 1)
+        ]
 
     async def info(self, key: str) -> SessionInfo | None:
         validate_key(key)
@@ -536,6 +549,8 @@ class SQLiteStore:
             self._rows.tidy(conn, key)
         if s is None:
             return None
+        if s.version and top is None:
+            raise altered(key, _no_row(s.version))  # as Redis says of a lost record
         now = self._clock()
         expires = self._rows.lease_expiry(s, now)
         live = lease_is_live(expires, now)
@@ -719,6 +734,10 @@ def _log_rows(
             f"version {version} reads {log_end} item records of generation {gen}, but "
             f"record {count} is missing",
         )
+
+
+def _no_row(version: int) -> str:
+    return f"version {version} has no stored row"
 
 
 def _info(text: str, key: str) -> _InfoDict:
