@@ -12,6 +12,7 @@ servers (standalone and Cluster); fakeredis where the encoding does not matter.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -50,6 +51,18 @@ async def rstore(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
     )
     yield store
     await store.aclose()
+
+
+async def refused_and_listed_damaged(store: RedisStore, n: int, why: str) -> None:
+    """Version ``n``, the latest, cannot be read: ``load`` and ``info`` say why, and
+    ``versions`` lists it damaged, saying so too (the others as they are)."""
+    for call in (store.load, store.info):
+        with pytest.raises(SnapshotCorrupt, match=why):
+            await call(KEY)
+    listed = await store.versions(KEY)
+    assert [v.version for v in listed][-1] == n
+    assert [v.damaged is None for v in listed] == [True] * (len(listed) - 1) + [False]
+    assert re.search(why, listed[-1].damaged or ""), listed[-1]
 
 
 def raw(store: RedisStore) -> Any:
@@ -246,9 +259,7 @@ async def test_a_missing_body_is_a_corrupt_record_and_nothing_else_changes(
     await raw(store).delete(vkey(store, 3) + ":b")  # evicted, deleted by hand
     names = await session_keys(store)
     head = await raw(store).hgetall(store._head_key(KEY))
-    for call in (store.load, store.versions, store.info):
-        with pytest.raises(SnapshotCorrupt, match=r"version record .*v:3 is missing or incomplete"):
-            await call(KEY)
+    await refused_and_listed_damaged(store, 3, r"version record .*v:3 is missing or incomplete")
     # with a TTL every key is looked at before a write: refused, nothing written
     if "fake" not in type(raw(store)).__module__:  # fakeredis: no URL reaches its server
         ttl = RedisStore.from_url(_url_of(store), namespace=store.namespace, ttl=60, keep=3)
@@ -274,9 +285,7 @@ async def test_a_body_not_of_the_form_written_is_corrupt(rstore: RedisStore, bod
     lease = await rstore.acquire(KEY, "w")
     await commit(rstore, lease, 0)
     await raw(rstore).set(vkey(rstore, 1) + ":b", body)
-    for call in (rstore.load, rstore.versions, rstore.info):
-        with pytest.raises(SnapshotCorrupt, match="missing or incomplete"):
-            await call(KEY)
+    await refused_and_listed_damaged(rstore, 1, "missing or incomplete")
 
 
 async def test_foreign_data_at_a_body_is_corrupt(rstore: RedisStore) -> None:

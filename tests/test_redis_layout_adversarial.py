@@ -431,8 +431,13 @@ async def test_a_version_hash_evicted_with_its_body_left_is_refused_and_rm_takes
         client.delete(f"{prefix}v:2")  # the hash, its body left
         with pytest.raises(SnapshotCorrupt, match="v:2"):
             await store.load(KEY, 2)
-        with pytest.raises(SnapshotCorrupt, match="v:2"):
-            await store.versions(KEY)
+        listed = await store.versions(KEY)  # listed damaged, the others as they are
+        assert [(v.version, v.damaged is None) for v in listed] == [
+            (1, True),
+            (2, False),
+            (3, True),
+        ]
+        assert "v:2" in (listed[1].damaged or "")
         assert (await store.load(KEY, 3)).head == HEAD + b"3"
         assert await store.delete(KEY)
         assert sync_keys(client, prefix) == []
@@ -754,13 +759,15 @@ async def test_a_body_cut_in_its_info_is_refused_by_every_read(
         assert body.startswith(framed) and len(body) > len(framed) + 1
         client.set(bk, framed if cut == "all" else body[:-1])
         read: dict[str, Any] = {}
-        for call in (store.load, store.versions, store.info):
+        for call in (store.load, store.info):
             try:
                 got = await call(KEY)
             except SnapshotCorrupt:
                 continue
             read[call.__name__] = getattr(got, "info", got)
         assert read == {}, "read a torn body as a whole one"
+        (listed,) = await store.versions(KEY)  # listed, as damaged: no info read of it
+        assert listed.damaged is not None and listed.info == {}, listed
     finally:
         client.close()
         await store.aclose()

@@ -94,11 +94,11 @@ Info = Mapping[str, "str | int | float | bool | None"]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _check_text(text: str, what: str) -> None:
-    # A lone surrogate is not text a store can hold: a shell argument whose bytes are not
-    # UTF-8 comes in as one (Python's surrogateescape)
+def _check_text(text: str, what: str) -> bytes:
+    """``text`` in UTF-8. A lone surrogate is not text a store can hold: a shell argument
+    whose bytes are not UTF-8 comes in as one (Python's surrogateescape)."""
     try:
-        text.encode("utf-8")
+        return text.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(
             f"{what} {text!r} is not valid UTF-8 text (it holds a lone surrogate: "
@@ -112,8 +112,7 @@ def validate_key(key: str) -> str:
         raise ValueError("session key must be a non-empty string")
     if _CONTROL.search(key):
         raise ValueError(f"session key {key!r} contains control characters")
-    _check_text(key, "session key")
-    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+    if len(_check_text(key, "session key")) > MAX_KEY_BYTES:
         raise ValueError(f"session key is over {MAX_KEY_BYTES} bytes (starts {key[:32]!r})")
     return key
 

@@ -2,11 +2,12 @@
 -- ARGV[4] epoch, [5] base_version, [6] commit id, [7] head bytes, [8] info (msgpack;
 -- head and info go to the version's body, see write_body),
 -- [9] bytes written, [10] keep, [11] event channel ('' = none), [12] event payload,
--- [13] records in the elements, [14] lease ttl seconds ('' = leave the lease), [15] '1'
--- for a whole commit (its records clear every stream first), [16..] packed elements
--- (batches of records, or staged: see staged_keys), appended to the current log
--- generation; a whole commit whose base cannot be checked (its record or log lost)
--- starts a generation of its own, which reads nothing of the base.
+-- [13] records in the elements, [14] lease ttl seconds ('' = leave the lease), [15] flags:
+-- 'w' for a whole commit (its records clear each stream first), 'h' when every key of
+-- the slot is on this node (see HERE), [16..] packed elements (batches of records, or
+-- staged: see staged_keys), appended to the current log generation; a whole commit whose
+-- base cannot be checked (its record or log lost) starts a generation of its own, which
+-- reads nothing of the base.
 -- Reply: {'ok', version, log_len (elements), gen, records in the log[, why the event
 --        was not published]} |
 --        {'lost', current epoch or ''} | {'moved', head version} |
@@ -22,6 +23,7 @@ local function renew_lease(s)
 end
 
 local function main()
+  HERE = string.find(ARGV[15], 'h', 1, true) ~= nil
   local epoch = tonumber(ARGV[4])
   local base = tonumber(ARGV[5])
   local s = live_head(true)
@@ -53,7 +55,8 @@ local function main()
   -- records in the log so far, then with these (for compaction)
   local checked, records = pcall(check_log, s, lk)
   if not checked then
-    if ARGV[15] ~= '1' or type(records) ~= 'table' or not records.lkresume_corrupt then
+    local whole = string.find(ARGV[15], 'w', 1, true) ~= nil
+    if not whole or type(records) ~= 'table' or not records.lkresume_corrupt then
       error(records, 0)
     end
     s.gen = s.gen + 1

@@ -335,16 +335,19 @@ class SQLiteStore:
                         )
                         return s.version  # a retry of a commit that landed: answer it
                 raise head_moved_error(c, s.version)
-            # Append only: the records go after the current generation's last one.
+            # Append only: the records go after the current generation's last one. A
+            # whole commit, which reads nothing of its base, starts a generation of its
+            # own: a base whose log rows were lost or altered is not read into it.
+            gen, start = (s.gen + 1, 0) if c.whole else (s.gen, s.log_len)
             _insert_log(
                 conn,
                 [
-                    (ns, key, s.gen, s.log_len + i, r.stream, r.id, r.after, r.data)
+                    (ns, key, gen, start + i, r.stream, r.id, r.after, r.data)
                     for i, r in enumerate(c.records)
                 ],
             )
             version = s.version + 1
-            gen, log_len = s.gen, s.log_len + len(c.records)
+            log_len = start + len(c.records)
             written = len(c.head) + sum(len(r.data or b"") for r in c.records)
             conn.execute(
                 "INSERT INTO versions (ns, key, version, epoch, created_at, head, gen, log_end, "
@@ -485,14 +488,8 @@ class SQLiteStore:
             )
         if untidy:
             self._rows.tidy(conn, key)
-        for v, e, c, n, _ in rows:
-            if not (is_counter(v) and is_counter(e) and is_counter(n)) or (
-                not isinstance(c, (int, float))
-            ):
-                raise altered(
-                    key, f"version {v!r} is listed as epoch {e!r}, size {n!r}, made {c!r}"
-                )
-        listed = {v: SnapshotInfo(v, e, c, n, _info(i, key)) for v, e, c, n, i in rows}
+        # a row whose number is no version's is none (its version, lost, is listed below)
+        listed = {v: _listed(key, v, e, c, n, i) for v, e, c, n, i in rows if is_counter(v)}
         if s is None or not s.version:
             return list(listed.values())
         # a row lost between the oldest kept and the head (deleted by hand: a trim only
@@ -734,6 +731,26 @@ def _log_rows(
             f"version {version} reads {log_end} item records of generation {gen}, but "
             f"record {count} is missing",
         )
+
+
+def _listed(key: str, v: int, e: object, c: object, n: object, info: object) -> SnapshotInfo:
+    """A row of `versions` as listed: damaged (why, and 0 for what is not a number) if a
+    value is one no commit writes, as a `load` of it finds it."""
+    epoch = e if isinstance(e, int) and is_counter(e) else None
+    size = n if isinstance(n, int) and is_counter(n) else None
+    created = float(c) if isinstance(c, (int, float)) else None
+    why = None
+    if epoch is None or size is None or created is None:
+        why = f"version {v} is listed as epoch {e!r}, size {n!r}, made {c!r}"
+    try:
+        found = _info(info, key) if isinstance(info, str) else None
+    except SnapshotCorrupt:
+        found = None
+    if found is None:
+        why = why or f"version {v} has listing info {str(info)[:40]!r}, not a mapping"
+    if why is not None:
+        return SnapshotInfo(v, epoch or 0, created or 0.0, size or 0, {}, str(altered(key, why)))
+    return SnapshotInfo(v, epoch or 0, created or 0.0, size or 0, found or {})
 
 
 def _no_row(version: int) -> str:

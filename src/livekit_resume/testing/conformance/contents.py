@@ -18,7 +18,16 @@ from ...errors import LeaseLost, SnapshotNotFound
 from ...stores.base import Commit, Record
 from ...stores.log import needs_compaction
 from ._base import StoreTests
-from ._model import KEY, InfoDict, Items, live, nonempty, records_of, snapshot_of, writer
+from ._model import (
+    KEY,
+    InfoDict,
+    Items,
+    live,
+    nonempty,
+    records_of,
+    snapshot_of,
+    writer,
+)
 
 
 class ContentTests(StoreTests):
@@ -193,6 +202,46 @@ class ContentTests(StoreTests):
         assert [v.version for v in await store.versions(KEY)] == list(
             range(w.version - 4, w.version + 1)
         )
+
+    async def test_a_whole_commit_reads_its_records_alone_and_leaves_older_versions(
+        self,
+    ) -> None:
+        """`Commit.whole`: its records clear each stream before writing to it, so the new
+        version holds exactly them, whatever came before; older versions keep theirs."""
+        store = await self.new_store(keep=10)
+        w = await writer(store)
+        for n in range(4):
+            w.append("history", f"m{n}", f"message {n}".encode())
+        w.append("agent", "a0", b"agent")
+        await w.commit()
+        w.edit("history", "m1", b"edited")
+        await w.commit()
+        whole = {"history": [("w0", b"anew"), ("w1", b"again")], "agent": [("a9", b"x")]}
+        records = [Record("history", "", None), Record("agent", "", None)]
+        records += records_of(whole)
+        head = b"whole head"
+        version = await store.commit(
+            Commit(KEY, w.lease.epoch, w.version, head, records, 3, {"n": 3}, whole=True)
+        )
+        assert version == w.version + 1
+        stored = await store.load(KEY)
+        assert (stored.head, live(stored)) == (head, whole)
+        for older in (1, 2):
+            await w.check(older)
+
+    async def test_a_whole_commit_that_writes_before_it_clears_is_refused(self) -> None:
+        store = await self.new_store()
+        w = await writer(store)
+        w.append("history", "m0", b"x")
+        await w.commit()
+        before = await snapshot_of(store)
+        for records in (
+            [Record("history", "m1", b"y", "m0")],
+            [Record("history", "", None), Record("agent", "a", b"z")],
+        ):
+            with pytest.raises(ValueError, match="whole commit"):
+                await store.commit(Commit(KEY, w.lease.epoch, 1, b"h", records, 1, whole=True))
+        assert await snapshot_of(store) == before
 
     # -- writers racing ------------------------------------------------------------------
 
