@@ -71,9 +71,9 @@ def demo_cmd(
         if resume_part:
             if key is None or report is None:
                 raise ValueError("--resume-part needs --key and --report")
-            code = run_child(url, key, report)
+            code = run_child(url, key, report, opts.namespace)
         else:
-            code = run_demo(url, key)
+            code = run_demo(url, key, opts.namespace)
     except (ResumeError, ValueError, OSError) as e:
         _fail(e, as_json=opts.json)
     raise typer.Exit(code)

@@ -164,8 +164,14 @@ async def _suspend(
     return part
 
 
-async def part_one(url: str, key: str, console: Console) -> Part:
-    store = WatchedStore(open_store(url))
+def _store(url: str, namespace: str | None) -> WatchedStore:
+    """The demo's store, in ``namespace`` (--namespace) or the environment's."""
+    options: dict[str, Any] = {} if namespace is None else {"namespace": namespace}
+    return WatchedStore(open_store(url, **options))
+
+
+async def part_one(url: str, key: str, console: Console, namespace: str | None = None) -> Part:
+    store = _store(url, namespace)
     try:
         if await store.info(key) is not None:
             raise ValueError(
@@ -186,8 +192,8 @@ async def part_one(url: str, key: str, console: Console) -> Part:
         await store.aclose()
 
 
-async def _part_two(url: str, key: str, console: Console) -> Part:
-    store = WatchedStore(open_store(url))
+async def _part_two(url: str, key: str, console: Console, namespace: str | None) -> Part:
+    store = _store(url, namespace)
     try:
         rs, model, session = _hooks(store, key)
         agent = await rs.restore(session, default=Receptionist)
@@ -230,10 +236,10 @@ async def _part_two(url: str, key: str, console: Console) -> Part:
         await store.aclose()
 
 
-def run_child(url: str, key: str, report: str) -> int:
+def run_child(url: str, key: str, report: str, namespace: str | None = None) -> int:
     """Part 2, in its own process: restore, talk, suspend, and report to the parent."""
     with quiet_logs():
-        part = asyncio.run(_part_two(url, key, Console(highlight=False)))
+        part = asyncio.run(_part_two(url, key, Console(highlight=False), namespace))
     with open(report, "wb") as f:
         f.write(msgpack.packb(asdict(part), use_bin_type=True))
     return 0

@@ -38,18 +38,18 @@ show KEY`` can look at the demo's session afterwards."""
 CHILD_TIMEOUT = 120.0
 
 
-def run_demo(url: str, key: str | None = None) -> int:
+def run_demo(url: str, key: str | None = None, namespace: str | None = None) -> int:
     """The whole demo. Returns the exit code: 0 when the restore matched, else 1."""
     with quiet_logs():
-        return _run_demo(url, key)
+        return _run_demo(url, key, namespace)
 
 
-def _run_demo(url: str, key: str | None) -> int:
+def _run_demo(url: str, key: str | None, namespace: str | None) -> int:
     console = Console(highlight=False)
     key = key or f"demo-{uuid.uuid4().hex[:8]}"
     console.print(Rule("[bold]livekit-resume demo[/bold]"))
     console.print(f"store  {escape(redact.url(url))}\nkey    {escape(key)}\n")
-    one = asyncio.run(part_one(url, key, console))
+    one = asyncio.run(part_one(url, key, console, namespace))
 
     console.print()
     console.print(
@@ -58,7 +58,7 @@ def _run_demo(url: str, key: str | None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="livekit-resume-demo-") as tmp:
         report = os.path.join(tmp, "part2.msgpack")
-        code = asyncio.run(_spawn(url, key, report, console))
+        code = asyncio.run(_spawn(url, key, report, console, namespace))
         if code != 0 or not os.path.exists(report):
             console.print(f"[red]the resuming process failed (exit code {code})[/red]")
             console.print("restored conversation matches: no")
@@ -111,7 +111,7 @@ def _print_checks(console: Console, results: Sequence[Check]) -> None:
     console.print(Padding(marks, (0, 0, 0, 2)))
 
 
-async def _spawn(url: str, key: str, report: str, console: Console) -> int:
+async def _spawn(url: str, key: str, report: str, console: Console, namespace: str | None) -> int:
     env = dict(os.environ)
     if console.is_terminal:
         env["FORCE_COLOR"] = "1"
@@ -120,6 +120,8 @@ async def _spawn(url: str, key: str, report: str, console: Console) -> int:
         env.pop("FORCE_COLOR", None)
     argv = [sys.executable, "-m", "livekit_resume", "demo", "--resume-part"]
     argv += ["--store", url, "--key", key, "--report", report]
+    if namespace is not None:
+        argv += ["--namespace", namespace]
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
     )
