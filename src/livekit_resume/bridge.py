@@ -211,6 +211,21 @@ async def older_heads(
     return heads
 
 
+async def newest_readable(store: Store, key: str) -> tuple[int, Stored | None]:
+    """For a session whose latest version cannot be read (its record lost): that
+    version's number (the head's, which `Store.versions` lists last, damaged or not) and
+    the newest retained version before it that loads (None when none does)."""
+    listed = await store.versions(key)
+    for older in reversed(listed[:-1]):
+        if older.damaged is not None:
+            continue
+        try:
+            return listed[-1].version, await store.load(key, older.version)
+        except (SnapshotCorrupt, SnapshotNotFound):
+            continue  # damaged further in, or trimmed meanwhile
+    return (listed[-1].version if listed else 0), None
+
+
 async def salvage_stored(
     store: Store, codec: Codec, stored: Stored
 ) -> tuple[Snapshot, list[Damage]]:

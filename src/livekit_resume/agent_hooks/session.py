@@ -31,7 +31,7 @@ from livekit.agents.voice.events import EventTypes
 from opentelemetry import trace
 from prometheus_client import Counter
 
-from ..bridge import from_stored, salvage_stored, session_codec
+from ..bridge import from_stored, newest_readable, salvage_stored, session_codec
 from ..errors import (
     LeaseLost,
     ResumeError,
@@ -389,29 +389,23 @@ class ResumableSession:
         ``lost`` is raised when no version reads."""
         await self._holder.acquire(takeover=takeover)
         try:
-            listed = await self._store.versions(self._key)
-            for older in reversed(listed[:-1]):
-                if older.damaged is not None:
-                    continue
-                try:
-                    stored = await self._store.load(self._key, older.version)
-                except (SnapshotCorrupt, SnapshotNotFound):
-                    continue  # damaged further in, or trimmed meanwhile
-                self._rolled_back = listed[-1].version
-                log.error(
-                    "session %r: version %d cannot be read (%s); restoring version %d, "
-                    "the newest that can: what came after it is lost",
-                    self._key,
-                    listed[-1].version,
-                    lost,
-                    older.version,
-                    extra={"key": self._key, "version": older.version},
-                )
-                return stored
-            raise lost
+            top, stored = await newest_readable(self._store, self._key)
+            if stored is None:
+                raise lost
         except BaseException:
             await self._holder.release()
             raise
+        self._rolled_back = top
+        log.error(
+            "session %r: version %d cannot be read (%s); restoring version %d, the newest "
+            "that can: what came after it is lost",
+            self._key,
+            top,
+            lost,
+            stored.version,
+            extra={"key": self._key, "version": stored.version},
+        )
+        return stored
 
     async def _acquire_latest(self, takeover: bool, salvage: bool) -> Stored | None:
         """The lease, and the latest version read under it. A session another worker

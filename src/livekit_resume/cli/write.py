@@ -9,7 +9,7 @@ import typer
 import typer.core
 
 from .. import redact
-from ..bridge import salvage_stored
+from ..bridge import newest_readable, salvage_stored
 from ..errors import (
     ResumeError,
     SignatureMismatch,
@@ -176,24 +176,16 @@ async def _salvage_lost(
 ) -> tuple[int, Snapshot, list[Damage]]:
     """What is intact of the newest version that can be read, for a session whose
     latest cannot be read at all (its record lost): the turns after it are lost."""
-    listed = await store.versions(key)
-    top = listed[-1].version
-    for older in reversed(listed[:-1]):
-        if older.damaged is not None:
-            continue
-        try:
-            stored = await store.load(key, older.version)
-        except (SnapshotCorrupt, SnapshotNotFound):
-            continue  # damaged further in, or trimmed meanwhile
-        snap, damage = await salvage_stored(store, codec, stored)
-        lost_versions = ", ".join(str(v.version) for v in listed if v.version > older.version)
-        reason = (
-            f"version {top} cannot be read ({lost}): rolled back to version "
-            f"{older.version}, the newest that can; what versions {lost_versions} "
-            "added is lost"
-        )
-        return top, snap, [Damage("head", "", reason), *damage]
-    raise lost
+    top, stored = await newest_readable(store, key)
+    if stored is None:
+        raise lost
+    snap, damage = await salvage_stored(store, codec, stored)
+    lost_versions = ", ".join(str(n) for n in range(stored.version + 1, top + 1))
+    reason = (
+        f"version {top} cannot be read ({lost}): rolled back to version {stored.version}, "
+        f"the newest that can; what versions {lost_versions} added is lost"
+    )
+    return top, snap, [Damage("head", "", reason), *damage]
 
 
 def _is_note(item: ItemData) -> bool:
