@@ -27,6 +27,7 @@ from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.base import Commit, Lease, Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.testing.poll import eventually
+from tests.lk.jobs import remote_participant
 from tests.lk.scripted_llm import ScriptedLLM, ToolCall
 
 KEY = "room-hooks"
@@ -644,7 +645,7 @@ class RoomStandIn:
 
     def __init__(self) -> None:
         self.name = "room-with-clients"
-        self.remote_participants = {"caller-7": object()}
+        self.remote_participants = {"caller-7": remote_participant("caller-7")}
         self.published: list[dict[str, str]] = []
         self.local_participant = self
 

@@ -16,6 +16,7 @@ import livekit_resume as lr
 from livekit_resume.agent_hooks.job import JobPolicy
 from livekit_resume.stores.base import Store
 from livekit_resume.testing.poll import eventually
+from tests.lk.jobs import remote_participant
 from tests.test_hooks import KEY, settled, start
 
 DEADLINE = 10.0
@@ -126,7 +127,7 @@ class RoomStandIn(rtc.EventEmitter[str]):
         self.emit("participant_disconnected", participant)
 
     def join(self, identity: str) -> None:
-        self.remote_participants[identity] = object()
+        self.remote_participants[identity] = remote_participant(identity)
         self.emit("participant_connected", self.remote_participants[identity])
 
 
@@ -171,7 +172,7 @@ async def test_nobody_coming_back_within_the_grace_suspends_and_releases(store: 
 
 async def test_one_of_two_participants_leaving_changes_nothing(store: Store) -> None:
     room = RoomStandIn()
-    room.remote_participants["supervisor"] = object()
+    room.remote_participants["supervisor"] = remote_participant("supervisor")
     session, rs, _ = await start(store, ["one"], room=room)
     policy = JobPolicy(rs, room, leave_grace=0.2)  # type: ignore[arg-type]
     policy.start()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +21,7 @@ from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.base import Store
 from livekit_resume.testing.poll import eventually
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
+from tests.test_agent_state_adversarial import store
 from tests.test_job_policy_adversarial import (  # noqa: F401  (_sigterm_kept: autouse)
     QUIET,
     REGISTRY,
@@ -31,6 +30,8 @@ from tests.test_job_policy_adversarial import (  # noqa: F401  (_sigterm_kept: a
     _sigterm_kept,
     state_is,
 )
+
+__all__ = ["store"]
 
 
 async def run_job(
@@ -51,15 +52,6 @@ async def run_job(
 
 
 T = 5.0  # per step
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = lr.open_store(
-        "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/hunt.db"
-    )
-    yield s
-    await s.aclose()
 
 
 def key_() -> str:

@@ -17,6 +17,7 @@ from livekit_resume.errors import SnapshotNotFound
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.stores.base import Store
 from livekit_resume.testing.poll import eventually
+from tests.lk.jobs import remote_participant
 from tests.test_hooks import KEY, start, store
 
 __all__ = ["store"]  # the fixture, parametrized over the memory and SQLite stores
@@ -28,7 +29,7 @@ class StuckRoom:
 
     def __init__(self) -> None:
         self.name = "room-slow"
-        self.remote_participants = {"caller-1": object()}
+        self.remote_participants = {"caller-1": remote_participant("caller-1")}
         self.local_participant = self
         self.answer = asyncio.Event()
         self.asked: list[dict[str, str]] = []

@@ -532,7 +532,9 @@ class Capture:
 
     def _dump_userdata(self, session: AgentSession[Any]) -> Any:
         if self.userdata is None:
-            return None
+            # no type to save it by (a worker deployed without userdata_type): what the
+            # store holds is kept, for a worker that has one (`rebuild` warns)
+            return self._saved_userdata
         try:
             value = session.userdata
         except ValueError:

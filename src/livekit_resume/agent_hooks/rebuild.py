@@ -120,6 +120,13 @@ def _userdata(snap: Snapshot, adapter: TypeAdapter[Any] | None, userdata_type: A
             f"session {snap.key!r} version {snap.version}: saved userdata no longer "
             f"validates against {userdata_type!r}: {describe_invalid(e)}"
         ) from None
+    except Exception as e:
+        # the app's validator (a migration of the old shape) raised past pydantic: a
+        # KeyError or TypeError is no ValidationError, but says the same
+        raise IncompatibleSnapshot(
+            f"session {snap.key!r} version {snap.version}: a validator of "
+            f"{userdata_type!r} failed on the saved userdata ({type(e).__name__}: {e})"
+        ) from e
 
 
 def _warn_dropped(
@@ -194,6 +201,13 @@ async def rebuild(
     if value is not None:
         assert userdata is not None  # a value only comes of it
         _warn_dropped(snap, userdata, value, userdata_type)
+    elif userdata is None and snap.userdata is not None:
+        log.warning(
+            "session %r: its saved userdata is not restored into session.userdata: this "
+            "worker has no userdata_type; the store keeps it as saved",
+            snap.key,
+            extra={"key": snap.key},
+        )
     frame = snap.agent
     agent = default() if frame is None else _build_agent(registry, snap, frame)
     saved = built.agent

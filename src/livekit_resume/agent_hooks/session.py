@@ -387,7 +387,18 @@ class ResumableSession:
         whose latest cannot be (its record lost): the turns after it are lost, the rest
         is restored; the first checkpoint writes the session whole on top of the damage.
         ``lost`` is raised when no version reads."""
-        await self._holder.acquire(takeover=takeover)
+        try:
+            await self._holder.acquire(takeover=False)
+        except SessionBusy:
+            if not takeover:
+                raise
+            # as a takeover of the latest: what would be restored is read and found
+            # restorable here before the live holder is fenced
+            _, found = await newest_readable(self._store, self._key)
+            if found is None:
+                raise lost from None
+            await _off_the_loop_if_long(found, partial(self._check, found, True))
+            await self._holder.acquire(takeover=True)
         try:
             top, stored = await newest_readable(self._store, self._key)
             if stored is None:
@@ -589,34 +600,43 @@ class ResumableSession:
     async def _commit_or_reacquire(
         self, session: AgentSession[Any], reason: str, state: SessionState | None, confirm: bool
     ) -> int:
+        """Commit; the store lost the session (`LeaseLost.vanished`): acquire it again and
+        write it whole; the store refuses to append to what it holds (`SnapshotCorrupt`):
+        write it whole. Each once, in either order."""
         if self._holder.vanished:
             await self._reacquire()
-        try:
-            if self._pending is not None:
-                await self._land(self._pending)
-            return await self._commit_now(session, reason, state, confirm)
-        except LeaseLost as e:
-            if not e.vanished:
-                raise
-            await self._reacquire()
-            return await self._commit_now(session, reason, state)
-        except SnapshotCorrupt as e:
-            # The store refused to append to what it holds of the session (the latest
-            # version's record or its log lost or altered): this worker holds the whole
-            # conversation, so it writes it whole, which reads nothing of the damage.
-            # Refused again (damage a whole commit cannot write over), it stands.
-            if self._capture.rewrite:
-                raise
-            log.error(
-                "session %r: the store cannot append to version %d (%s); writing the session whole",
-                self._key,
-                self._version,
-                e,
-                extra={"key": self._key, "version": self._version},
-            )
-            self._pending = None
-            self._capture.rewrite = True
-            return await self._commit_now(session, reason, state)
+        reacquired = rewritten = False
+        while True:
+            try:
+                if self._pending is not None:
+                    await self._land(self._pending)
+                return await self._commit_now(session, reason, state, confirm)
+            except LeaseLost as e:
+                if not e.vanished or reacquired:
+                    raise
+                reacquired = True
+                await self._reacquire()
+            except SnapshotCorrupt as e:
+                # The latest version's record or its log lost or altered: this worker
+                # holds the whole conversation, so it writes it whole, which reads nothing
+                # of the damage, on top of the version the store is at (a commit of ours
+                # that landed unheard may be it). Refused again, the damage stands.
+                if rewritten or self._capture.rewrite:
+                    raise
+                rewritten = True
+                log.error(
+                    "session %r: the store cannot append to version %d (%s); writing the "
+                    "session whole",
+                    self._key,
+                    self._version,
+                    e,
+                    extra={"key": self._key, "version": self._version},
+                )
+                self._pending = None
+                self._capture.rewrite = True
+                listed = await self._store.versions(self._key)
+                self._version = listed[-1].version if listed else self._version
+            confirm = False
 
     async def _commit_now(
         self,

@@ -20,9 +20,10 @@ The rules (also in docs/guide.md, "What userdata can hold"):
   is refused;
 * refused, with `UnsavableValue` naming the value's path and type: a str holding a lone
   surrogate (not valid Unicode), an object pydantic cannot convert, an iterator (saving
-  its values would use it up), nesting deeper than
-  `MAX_DEPTH`, two keys of one dict that become the same string, and userdata whose
-  saved form does not load back into its type.
+  its values would use it up), a pydantic secret (dumped as its mask), nesting deeper
+  than `MAX_DEPTH`, two keys of one dict that become the same string, and userdata whose
+  saved form does not load back into its type (or loads back a dataclass field with
+  ``init=False`` at its default).
 
 `dump_userdata` and `plain_extra` refuse (the caller keeps saving the rest);
 `plain_item_value`, for chat items, never refuses: a conversation must always save, so it
@@ -32,11 +33,13 @@ replaces what it cannot keep and logs a warning naming the item and field.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import pydantic
 import pydantic_core
-from pydantic import TypeAdapter, ValidationError
+from pydantic import SecretBytes, SecretStr, TypeAdapter, ValidationError
 
 from livekit_resume.errors import UnsavableValue
 from livekit_resume.msgscan import MAX_VALUES
@@ -276,6 +279,17 @@ class _Walker:
                 None,
                 "None",
             )
+        if isinstance(value, _SECRETS):
+            # pydantic dumps it as its mask, which loads back as a secret of asterisks
+            return self.problem(
+                trail,
+                value,
+                "is a secret: it would be saved as its mask ('**********')",
+                "keep it out of userdata (store a reference to it), or declare the field "
+                "str to save it as it is",
+                None,
+                "None",
+            )
         try:
             converted = pydantic_core.to_jsonable_python(value)
         except _CONVERT_ERRORS:
@@ -355,6 +369,13 @@ def _loc_path(loc: tuple[int | str, ...]) -> str:
     )
 
 
+# (pydantic.Secret since pydantic 2.7)
+_SECRETS = tuple(t for t in (SecretStr, SecretBytes, getattr(pydantic, "Secret", None)) if t)
+# What loads back through the type: by alias (as it validates), computed fields left out,
+# a Json field as its JSON text
+_DUMP: dict[str, Any] = {"mode": "python", "warnings": False, "by_alias": True, "round_trip": True}
+
+
 def dump_userdata(adapter: TypeAdapter[Any], value: Any) -> Any:
     """``session.userdata`` as plain data that loads back through `adapter`.
 
@@ -364,7 +385,7 @@ def dump_userdata(adapter: TypeAdapter[Any], value: Any) -> Any:
     value a restore would refuse is refused now, while the app can still log and fix it.
     """
     try:
-        raw = adapter.dump_python(value, mode="python", warnings=False)
+        raw = adapter.dump_python(value, **_DUMP)
     except Exception as exc:  # serializers written by the app may raise anything
         raise UnsavableValue(
             f"userdata: its type adapter cannot serialize this {_type_name(value)} "
@@ -392,16 +413,86 @@ def dump_userdata(adapter: TypeAdapter[Any], value: Any) -> Any:
             "declared type (or declare the type the value really has)",
             path=path,
         ) from None
-    if big:
-        again = adapter.dump_python(back, mode="python", warnings=False)
-        for trail, number in big:
-            if not _holds_int(again, trail.keys(), number):
-                path = str(trail)
-                raise UnsavableValue(
-                    f"{path}: cannot save this int: {_big_int_problem(number)}; {_BIG_INT_TODO}",
-                    path=path,
-                )
+    not_loaded = _not_from_input(adapter)
+    if not (big or not_loaded):
+        return data
+    again = adapter.dump_python(back, **_DUMP)
+    for trail, number in big:
+        if not _holds_int(again, trail.keys(), number):
+            path = str(trail)
+            raise UnsavableValue(
+                f"{path}: cannot save this int: {_big_int_problem(number)}; {_BIG_INT_TODO}",
+                path=path,
+            )
+    changed = _field_reset(raw, again, (), not_loaded) if not_loaded else None
+    if changed is not None:
+        path = _loc_path(changed)
+        raise UnsavableValue(
+            f"{path}: a dataclass field with init=False is not set from its saved form: a "
+            "restore would give back its default, not this value; declare it init=True, "
+            "or leave it out of userdata",
+            path=path,
+        )
     return data
+
+
+_NOT_FROM_INPUT: weakref.WeakKeyDictionary[TypeAdapter[Any], frozenset[str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _not_from_input(adapter: TypeAdapter[Any]) -> frozenset[str]:
+    """The names of dataclass fields with ``init=False`` anywhere in the type: validation
+    leaves them at their default, whatever the input holds. Once per adapter."""
+    found = _NOT_FROM_INPUT.get(adapter)
+    if found is None:
+        found = _NOT_FROM_INPUT[adapter] = _init_false(adapter.core_schema)
+    return found
+
+
+def _init_false(schema: Any) -> frozenset[str]:
+    names: set[str] = set()
+    todo: list[Any] = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "dataclass-field" and node.get("init") is False:
+                names.add(str(node.get("name")))
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return frozenset(names)
+
+
+def _field_reset(
+    a: Any, b: Any, loc: tuple[int | str, ...], names: frozenset[str]
+) -> tuple[int | str, ...] | None:
+    """Where dump ``b`` (of the value loaded back) holds another value than dump ``a``
+    under one of ``names`` (None: nowhere)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key, value in a.items():
+            if key not in b:
+                continue
+            if key in names and not _same(value, b[key]):
+                return (*loc, key)
+            found = _field_reset(value, b[key], (*loc, key), names)
+            if found is not None:
+                return found
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = _field_reset(x, y, (*loc, i), names)
+            if found is not None:
+                return found
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True  # NaN
+    try:
+        return bool(a == b)
+    except Exception:  # an app's __eq__ may raise: not ours to judge
+        return True
 
 
 def plain_extra(extra: Mapping[str, Any], name: str = "extra") -> dict[str, Any]:

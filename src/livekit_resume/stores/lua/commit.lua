@@ -32,6 +32,10 @@ local function main()
   if base ~= s.version then
     -- A retry of this very commit whose reply was lost: report it, don't refuse it.
     if s.version == base + 1 and s.version >= s.oldest then
+      -- this very commit landed unheard, or another one: no record to tell
+      if type_of(vkey(s.version)) == 'none' then
+        corrupt('version record ' .. vkey(s.version) .. ' is missing')
+      end
       local done = redis.call('HMGET', vkey(s.version), 'cid', 'gen', 'end', 'records')
       if done[1] == ARGV[6] then
         -- checked before the lease is renewed: a nil would end the reply short

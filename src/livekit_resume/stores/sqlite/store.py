@@ -325,7 +325,10 @@ class SQLiteStore:
                         "SELECT commit_id FROM versions WHERE ns=? AND key=? AND version=?",
                         (ns, key, s.version),
                     ).fetchone()
-                    if top is not None and top[0] == c.commit_id:
+                    if top is None:
+                        # this very commit landed unheard, or another one: no row to tell
+                        raise altered(key, _no_row(s.version))
+                    if top[0] == c.commit_id:
                         # A renewal (as `_renew`) moves the session's expiry too.
                         renews = c.lease_ttl is not None and s.owner is not None
                         conn.execute(
