@@ -356,3 +356,36 @@ def test_an_iterator_is_not_saved_and_not_used_up() -> None:
         plain_extra({"g": numbers})
     assert plain_item_value({"g": numbers}, "item x extra") == {"g": None}
     assert list(numbers) == [1, 2, 3]
+
+
+class _Aliased(BaseModel):
+    name: str = Field(alias="fullName")
+
+
+class _ShownAs(BaseModel):
+    # an alias for the app's own JSON output only: it validates by name
+    name: str = Field(serialization_alias="displayName")
+
+
+class _Both(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field(alias="fullName")
+
+
+@pytest.mark.parametrize(
+    ("model", "value", "saved"),
+    [
+        (_Aliased, _Aliased(fullName="Ada"), {"fullName": "Ada"}),
+        (_ShownAs, _ShownAs(name="Ada"), {"name": "Ada"}),
+        (_Both, _Both(fullName="Ada"), {"name": "Ada"}),
+    ],
+)
+def test_userdata_fields_are_saved_under_the_names_they_load_by(
+    model: type[BaseModel], value: BaseModel, saved: dict[str, str]
+) -> None:
+    """By name, as earlier releases saved them (a model that also validates by name reads
+    them either way); by alias only for a model that validates by alias alone, which was
+    refused at every checkpoint."""
+    adapter = TypeAdapter(model)
+    assert dump_userdata(adapter, value) == saved
+    assert roundtrip(adapter, value) == value

@@ -371,9 +371,13 @@ def _loc_path(loc: tuple[int | str, ...]) -> str:
 
 # (pydantic.Secret since pydantic 2.7)
 _SECRETS = tuple(t for t in (SecretStr, SecretBytes, getattr(pydantic, "Secret", None)) if t)
-# What loads back through the type: by alias (as it validates), computed fields left out,
-# a Json field as its JSON text
-_DUMP: dict[str, Any] = {"mode": "python", "warnings": False, "by_alias": True, "round_trip": True}
+# What loads back through the type: computed fields left out, a Json field as its JSON
+# text; fields by name, or by alias where only that validates (`dump_userdata`)
+_DUMP: dict[str, Any] = {"mode": "python", "warnings": False, "round_trip": True}
+
+
+class _NotLoaded(UnsavableValue):
+    """The saved form does not validate against the type."""
 
 
 def dump_userdata(adapter: TypeAdapter[Any], value: Any) -> Any:
@@ -385,7 +389,18 @@ def dump_userdata(adapter: TypeAdapter[Any], value: Any) -> Any:
     value a restore would refuse is refused now, while the app can still log and fix it.
     """
     try:
-        raw = adapter.dump_python(value, **_DUMP)
+        return _dump_userdata(adapter, value, by_alias=False)
+    except _NotLoaded as by_name:
+        # a model whose fields validate by alias only: its fields by alias, as they load
+        try:
+            return _dump_userdata(adapter, value, by_alias=True)
+        except UnsavableValue:
+            raise by_name from None
+
+
+def _dump_userdata(adapter: TypeAdapter[Any], value: Any, *, by_alias: bool) -> Any:
+    try:
+        raw = adapter.dump_python(value, by_alias=by_alias, **_DUMP)
     except Exception as exc:  # serializers written by the app may raise anything
         raise UnsavableValue(
             f"userdata: its type adapter cannot serialize this {_type_name(value)} "
@@ -407,7 +422,7 @@ def dump_userdata(adapter: TypeAdapter[Any], value: Any) -> Any:
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         path = _loc_path(tuple(err["loc"]))
-        raise UnsavableValue(
+        raise _NotLoaded(
             f"{path}: the saved form of this {_type_name(value)} would not load back "
             f"({err['msg']}), so a restore would refuse it; make the value fit its "
             "declared type (or declare the type the value really has)",
@@ -416,7 +431,7 @@ def dump_userdata(adapter: TypeAdapter[Any], value: Any) -> Any:
     not_loaded = _not_from_input(adapter)
     if not (big or not_loaded):
         return data
-    again = adapter.dump_python(back, **_DUMP)
+    again = adapter.dump_python(back, by_alias=by_alias, **_DUMP)
     for trail, number in big:
         if not _holds_int(again, trail.keys(), number):
             path = str(trail)
