@@ -616,7 +616,7 @@ async def test_a_retried_commit_recognises_itself(rstore: RedisStore) -> None:
         "",
         1,  # records in the elements
         "",  # no lease ttl: the lease is left as it is
-        "",  # flags: not whole, the slot's keys not said to be here
+        "",  # not a whole commit
         b"\x94\xa1h\xa1a\xc0\xc4\x01a",
     ]
     first = await rstore._run("commit", KEY, args)

@@ -2,12 +2,11 @@
 -- ARGV[4] epoch, [5] base_version, [6] commit id, [7] head bytes, [8] info (msgpack;
 -- head and info go to the version's body, see write_body),
 -- [9] bytes written, [10] keep, [11] event channel ('' = none), [12] event payload,
--- [13] records in the elements, [14] lease ttl seconds ('' = leave the lease), [15] flags:
--- 'w' for a whole commit (its records clear each stream first), 'h' when every key of
--- the slot is on this node (see HERE), [16..] packed elements (batches of records, or
--- staged: see staged_keys), appended to the current log generation; a whole commit whose
--- base cannot be checked (its record or log lost) starts a generation of its own, which
--- reads nothing of the base.
+-- [13] records in the elements, [14] lease ttl seconds ('' = leave the lease), [15] '1'
+-- for a whole commit (its records clear each stream first), [16..] packed elements
+-- (batches of records, or staged: see staged_keys), appended to the current log
+-- generation; a whole commit whose base cannot be checked (its record or log lost)
+-- starts a generation of its own, which reads nothing of the base.
 -- Reply: {'ok', version, log_len (elements), gen, records in the log[, why the event
 --        was not published]} |
 --        {'lost', current epoch or ''} | {'moved', head version} |
@@ -23,7 +22,6 @@ local function renew_lease(s)
 end
 
 local function main()
-  HERE = string.find(ARGV[15], 'h', 1, true) ~= nil
   local epoch = tonumber(ARGV[4])
   local base = tonumber(ARGV[5])
   local s = live_head(true)
@@ -34,6 +32,7 @@ local function main()
     if s.version == base + 1 and s.version >= s.oldest then
       -- this very commit landed unheard, or another one: no record to tell
       if type_of(vkey(s.version)) == 'none' then
+        settled()
         corrupt('version record ' .. vkey(s.version) .. ' is missing')
       end
       local done = redis.call('HMGET', vkey(s.version), 'cid', 'gen', 'end', 'records')
@@ -59,10 +58,10 @@ local function main()
   -- records in the log so far, then with these (for compaction)
   local checked, records = pcall(check_log, s, lk)
   if not checked then
-    local whole = string.find(ARGV[15], 'w', 1, true) ~= nil
-    if not whole or type(records) ~= 'table' or not records.lkresume_corrupt then
+    if ARGV[15] ~= '1' or type(records) ~= 'table' or not records.lkresume_corrupt then
       error(records, 0)
     end
+    settled()  -- the base's record or log lost, not on a node yet
     s.gen = s.gen + 1
     lk = logkey(s.gen)
     if type_of(lk) ~= 'none' then corrupt('key ' .. lk .. ' exists before its generation') end

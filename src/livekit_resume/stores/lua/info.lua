@@ -9,7 +9,10 @@ local function main()
   local info = ''
   if s.version >= s.oldest then
     local vk = vkey(s.version)
-    if expect_type(vk, 'hash') == 'none' then corrupt('version record ' .. vk .. ' is missing') end
+    if expect_type(vk, 'hash') == 'none' then
+      settled()
+      corrupt('version record ' .. vk .. ' is missing')
+    end
     local v = redis.call('HMGET', vk, 'head', 'info')
     info = select(2, read_body(s.version, v[1], v[2]))
   end

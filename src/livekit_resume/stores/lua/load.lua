@@ -18,6 +18,7 @@ local function main()
   local gen, last = tonumber(v[5]), tonumber(v[6])
   if not v[1] or not v[2] or gen == nil or last == nil
       or not finite(last) or not counter(last) then
+    settled()  -- lost, not on a node yet: that fails the script (a slot half moved)
     corrupt('version record ' .. vk .. ' is missing or incomplete')
   end
   local head, info = read_body(n, v[3], v[4])
@@ -27,6 +28,7 @@ local function main()
     expect_type(lk, 'list')
     records = redis.call('LRANGE', lk, 0, last - 1)
     if #records ~= last then
+      settled()
       corrupt('log ' .. lk .. ' holds ' .. #records .. ' records, version ' .. n ..
         ' reads ' .. last)
     end

@@ -131,29 +131,36 @@ local function delete_all(s)
   for _, k in ipairs(ks) do redis.call('DEL', k) end
 end
 
--- Every key of the session that holds data is on this node. On a Cluster slot half
--- moved with the head moved first (Redis moves a slot's keys in an order of its own), a
--- script ASKed to the importing node finds the keys still on the old node absent (TYPE
--- answers 'none' there, where the old node fails the script with ASK): a trim, a DEL or
--- a PEXPIRE would miss them, leaving versions no head names, a headless session, or
--- keys that expire under a renewed head. Checked before the first write of a script
--- that touches more than the head, the latest version and the log it appends to (those
--- are checked as they are read); the client reports the slot as moving.
--- Whether every key of the session's slot is known to be on this node (a standalone
--- server, or a Cluster slot found not moving): a key not found is then lost (evicted,
--- removed by hand), and what a trim or a compaction would delete of it is gone already.
--- Otherwise a key not found may be one a resharding has not moved here yet. Scripts that
--- are told so set it.
-local HERE = false
+-- A key of the session not found here is lost (evicted, removed by hand) only where the
+-- session's slot is settled on this node. On a Cluster slot half moved (Redis moves a
+-- slot's keys one by one), a script ASKed to the importing node finds a key still on the
+-- old node absent (TYPE answers 'none'), where the old node fails the script with ASK
+-- for one already moved: a trim, a DEL or a PEXPIRE would miss it, leaving versions no
+-- head names or keys that expire under a renewed head. settled() asks: a multi-key
+-- EXISTS of the head and a key nobody writes, which a node whose slot is migrating or
+-- importing refuses (TRYAGAIN). Called before a script's first write, it fails the
+-- script having written nothing (the client reports the store unavailable, the caller
+-- retries once the slot has moved); passed, it holds to the script's end (a script runs
+-- whole), so what is not found is lost.
+local SETTLED = false
+local function settled()
+  if not SETTLED then
+    redis.call('EXISTS', HEAD, PREFIX .. 'settled')
+    SETTLED = true
+  end
+end
 
+-- Every key of the session that holds data is on this node, or lost: checked before
+-- the first write of a script that touches more than the head, the latest version and
+-- the log it appends to (those are checked as they are read).
 local function assert_version_here(n)
   local vk = vkey(n)
   local t = type_of(vk)
-  if t == 'none' then corrupt('version record ' .. vk .. ' is missing') end
   -- its body, unless the record is of an earlier release (head and info in the hash);
   -- foreign data at the record is left to the scripts that read it
-  if t == 'hash' and type_of(bkey(n)) == 'none' and not redis.call('HMGET', vk, 'head')[1] then
-    corrupt('version record ' .. vk .. ' is missing or incomplete: no ' .. bkey(n))
+  if t == 'none' or (t == 'hash' and type_of(bkey(n)) == 'none'
+      and not redis.call('HMGET', vk, 'head')[1]) then
+    settled()
   end
 end
 
@@ -164,19 +171,16 @@ local function assert_whole(s)
       -- an empty generation has no key: only one a retained version reads must be here
       for n = s.oldest, s.version do
         local v = redis.call('HMGET', vkey(n), 'gen', 'end')
-        if tonumber(v[1]) == g and (tonumber(v[2]) or 0) > 0 then
-          corrupt('log ' .. logkey(g) .. ' is missing')
-        end
+        if tonumber(v[1]) == g and (tonumber(v[2]) or 0) > 0 then settled() end
       end
     end
   end
 end
 
--- What a commit of `version` trims (see trim) is on this node: the versions it deletes,
--- and the log generations, each looked at only if one is absent (assert_whole). One
--- TYPE a commit as a rule, where assert_whole looks at every key.
+-- What a commit of `version` trims (see trim) is on this node, or lost: the versions it
+-- deletes, and the log generations, each looked at only if one is absent (assert_whole).
+-- One TYPE a commit as a rule, where assert_whole looks at every key.
 local function assert_trim_here(s, version, keep)
-  if HERE then return end
   local oldest = math.max(s.oldest, version - keep + 1)
   for n = s.oldest, oldest - 1 do assert_version_here(n) end
   if s.gen_lo < s.gen then
@@ -300,6 +304,7 @@ local function read_body(n, head, info)
       return string.sub(body, from, from + size - 1), string.sub(body, from + size)
     end
   end
+  settled()
   corrupt('version record ' .. vk .. ' is missing or incomplete (its head and info, ' ..
     bk .. ')')
 end

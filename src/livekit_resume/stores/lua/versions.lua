@@ -4,7 +4,10 @@
 -- Reply: {'ok', {{version, epoch, created, size, info, damage}...}} | {'corrupt', message}
 --        (damage '' for a version that reads; epoch, created, size, info '' where lost)
 local function fields(n)
-  if expect_type(vkey(n), 'hash') == 'none' then return {} end
+  if expect_type(vkey(n), 'hash') == 'none' then
+    settled()  -- lost, not on a node yet: that fails the script (a slot half moved)
+    return {}
+  end
   return redis.call('HMGET', vkey(n), 'epoch', 'created', 'size', 'head', 'info')
 end
 

@@ -497,10 +497,10 @@ class RedisStore:
             packed = pack_records(commit.records)
         packed, staged = await self._stage(key, packed)
         try:
-            reply = await self._run_placed(
+            reply = await self._run(
                 "commit",
                 key,
-                lambda here: [
+                [
                     commit.epoch,
                     commit.base_version,
                     commit_id,
@@ -512,7 +512,7 @@ class RedisStore:
                     event,
                     len(commit.records),
                     "" if commit.lease_ttl is None else fmt_time(commit.lease_ttl),
-                    ("w" if commit.whole else "") + ("h" if here else ""),
+                    "1" if commit.whole else "",
                     *packed,
                 ],
             )
@@ -567,24 +567,6 @@ class RedisStore:
                 extra={"key": key},
             )
 
-    async def _run_placed(
-        self, script: str, key: str, args: Callable[[bool], list[str | bytes | int]]
-    ) -> list[Any]:
-        """Run a script that deletes keys of the session (a trim, a compaction) with
-        ``args(here)``: ``here`` tells it every key of the session's slot is on this node,
-        so that a key not found is lost (evicted, removed by hand) and nothing to wait
-        for. So on a server without slots; on a Cluster, where a resharding may not have
-        moved a key yet, only once a refusal found the slot not moving (`Scripts.checked`
-        says StoreUnavailable when it is): a lost version then never stops the trim that
-        would drop it, nor compaction."""
-        here = not isinstance(self._server.client, RedisCluster)
-        try:
-            return await self._run(script, key, args(here))
-        except SnapshotCorrupt:
-            if here:
-                raise
-            return await self._run(script, key, args(True))
-
     async def _compact(
         self, key: str, version: int, gen: int, log_len: int, commit_id: str
     ) -> None:
@@ -603,11 +585,7 @@ class RedisStore:
             folded, packed = _fold_and_pack(raw, key)
         packed, staged = await self._stage(key, packed)
         try:
-            reply = await self._run_placed(
-                "compact",
-                key,
-                lambda here: [version, gen, commit_id, len(folded), "h" if here else "", *packed],
-            )
+            reply = await self._run("compact", key, [version, gen, commit_id, len(folded), *packed])
         finally:
             await self._unstage(key, staged)
         if reply[0] == b"ok":
