@@ -49,6 +49,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_type_hints
 
@@ -774,6 +775,15 @@ def _known_shape(cls: type[BaseModel], data: ItemData) -> _Shape | None:
     return known
 
 
+_STR = frozenset((str,))
+
+
+def _only_str(values: Iterable[Any]) -> bool:
+    """Whether every value (every key of a map) is a str, not a subclass: validation
+    gives a subclass back as a plain str (msgpack never makes one; an app's map may)."""
+    return set(map(type, values)) <= _STR
+
+
 def _fast_item(shape: _Shape, data: ItemData) -> llm.ChatItem | None:
     """The item built from ``data``, of a shape the fast path takes, when its values'
     contents hold what they should, else None (the caller validates it with pydantic)."""
@@ -787,11 +797,11 @@ def _fast_item(shape: _Shape, data: ItemData) -> llm.ChatItem | None:
     # its own containers, as validation gives (their values are shared, as with `Any`)
     if cls is llm.ChatMessage:
         content = values["content"] = list(data["content"])
-        if data["role"] not in _ROLES or not all_str(content):
+        if data["role"] not in _ROLES or not _only_str(content):
             return None  # not only text: a part is checked (and built) by pydantic
         metrics = values["metrics"] = dict(data["metrics"])
         if metrics:
-            if not all_str(metrics):
+            if not _only_str(metrics):
                 return None
             declared = metrics.keys() & _DECLARED_METRICS
             if declared:
@@ -802,7 +812,7 @@ def _fast_item(shape: _Shape, data: ItemData) -> llm.ChatItem | None:
                         return None
     if "extra" in values:
         extra = values["extra"] = dict(data["extra"])
-        if extra and not all_str(extra):
+        if extra and not _only_str(extra):
             return None
     # What `model_construct` does, without its per-field machinery: the model has no
     # private attributes (checked above) and every field is set. Its slots are set
