@@ -468,7 +468,7 @@ def test_a_worker_fenced_by_a_revert_over_its_lost_latest_writes_nothing(
 
     asyncio.run(go())
     texts = " ".join(str(i.get("content")) for i in snapshot_of(url, key).history)
-    assert "blue door" in texts and "4711" not in texts and "green gate" not in texts, texts
+    assert "blue door" in texts and "code 4711" not in texts and "green gate" not in texts, texts
     assert run_json(url, "history", key)[-1]["version"] == 3
 
 

@@ -160,14 +160,14 @@ def test_a_suspended_worker_restoring_again_after_an_operator_write_continues_it
             done = await _cli(url, *args)
             assert done.exit_code == 0, done.output
             operator = await _snap(url, key)
-            assert "4711" not in _texts(operator) and "blue door" in _texts(operator)
+            assert "code 4711" not in _texts(operator) and "blue door" in _texts(operator)
 
             # the same ResumableSession, a new AgentSession (a caller back)
             _m, session_b = child.build_session()
             agent = await rs.restore(session_b, default=child.Scribe)
             await session_b.start(agent)
             assert rs.resumed
-            assert "4711" not in _history_of_session(session_b)
+            assert "code 4711" not in _history_of_session(session_b)
             assert session_b.userdata.facts == ["the blue door"], session_b.userdata
             await _turn(session_b, "remember the train leaves at nine")
             await rs.checkpoint("turn")
@@ -177,7 +177,7 @@ def test_a_suspended_worker_restoring_again_after_an_operator_write_continues_it
         finally:
             await store.aclose()
         final = await _snap(url, key)
-        assert "4711" not in _texts(final) and "Tom" not in _texts(final), _texts(final)
+        assert "code 4711" not in _texts(final) and "Tom" not in _texts(final), _texts(final)
         assert _snap_content_ids(final) == expected, (_texts(final), expected)
         assert len(set(_ids(final))) == len(_ids(final))
         store2 = open_store(url)
@@ -249,7 +249,9 @@ def test_an_operator_write_restores_the_versions_userdata_and_agent_context_exac
             agent_ids = [i.id for i in agent.chat_ctx.items]
             for i in want.agent.chat_ctx:
                 assert i.get("id") in agent_ids
-            assert "4711" not in repr([getattr(i, "content", None) for i in agent.chat_ctx.items])
+            assert "code 4711" not in repr(
+                [getattr(i, "content", None) for i in agent.chat_ctx.items]
+            )
             await session_c.start(agent)
             await rs2.aclose()
             await session_c.aclose()
@@ -309,7 +311,7 @@ def test_a_remote_command_fenced_mid_save_does_not_say_the_worker_still_holds_it
         if between == "rm":
             assert await asyncio.to_thread(run_json, url, "ls") == []
         else:
-            assert "4711" not in _texts(await _snap(url, key))
+            assert "code 4711" not in _texts(await _snap(url, key))
 
     asyncio.run(go())
 
@@ -585,7 +587,7 @@ def test_a_frozen_holder_whose_lease_expired_is_fenced_by_an_operator_write(
             return
         final = await _snap(url, key)
         assert _ids(final) == _ids(after), (_texts(final), _texts(after))
-        assert "4711" not in _texts(final) and "red roof" not in _texts(final)
+        assert "code 4711" not in _texts(final) and "red roof" not in _texts(final)
 
     asyncio.run(go())
 

@@ -191,14 +191,14 @@ def test_import_takeover_of_an_older_export_fences_an_autosaving_worker(
             await store.aclose()
         newest = (await asyncio.to_thread(run_json, url, "history", key))[-1]
         stored = await _snap(url, key)
-        assert "4711" not in _texts(stored) and "green gate" not in _texts(stored)
+        assert "code 4711" not in _texts(stored) and "green gate" not in _texts(stored)
         assert "blue door" in _texts(stored)
         assert newest["source"] == "import", newest
         # a later restore gives back exactly the operator's version
         store2, rs2, session2 = await _restore_elsewhere(url, key)
         try:
             h = _history_of_session(session2)
-            assert "blue door" in h and "4711" not in h and "green gate" not in h
+            assert "blue door" in h and "code 4711" not in h and "green gate" not in h
             await rs2.aclose()
             await session2.aclose()
         finally:
@@ -749,7 +749,7 @@ def test_repair_takeover_of_a_damaged_session_a_worker_keeps_saving_fences_it(ur
             await session.aclose()
             final = await _snap(url, key)
             assert _ids(final) == _ids(after) and "red roof" not in _texts(final)
-            assert "4711" in _texts(final)
+            assert "code 4711" in _texts(final)
         finally:
             await store.aclose()
 

@@ -391,7 +391,7 @@ async def test_a_deleted_autosaving_session_restored_elsewhere_starts_a_new_conv
         lost.append(error)
 
     session, rs, _ = await start(store, ["one", "two", "three"], autosave=True, on_lost=on_lost)
-    await session.run(user_input="the secret is 4711")
+    await session.run(user_input="the secret is plugh")
     await asyncio.wait_for(rs._autosave.idle.wait(), 5)
     assert await store.delete(KEY)
     # another worker restores the key at once: a new conversation
@@ -408,8 +408,8 @@ async def test_a_deleted_autosaving_session_restored_elsewhere_starts_a_new_conv
     await rs.aclose()
     await session.aclose()
     stored = await store.load(KEY)
-    assert b"4711" not in stored.head and all(
-        b"4711" not in r for items in stored.streams.values() for _, r in items
+    assert b"plugh" not in stored.head and all(
+        b"plugh" not in r for items in stored.streams.values() for _, r in items
     )
     info = await store.info(KEY)
     assert info is not None and info.owner == "w2"
@@ -422,7 +422,7 @@ async def test_a_deleted_session_restored_by_the_same_worker_is_new(
 ) -> None:
     store = await make_store()
     session, rs, _ = await start(store, ["one", "two"], autosave=False)
-    await session.run(user_input="the secret is 4711")
+    await session.run(user_input="the secret is plugh")
     assert await rs.checkpoint() == 1
     assert await store.delete(KEY)
     await session.run(user_input="still talking")
@@ -436,7 +436,7 @@ async def test_a_deleted_session_restored_by_the_same_worker_is_new(
     await again.run(user_input="new")
     assert await again_rs.checkpoint() == 1
     stored = await store.load(KEY)
-    assert all(b"4711" not in r for items in stored.streams.values() for _, r in items)
+    assert all(b"plugh" not in r for items in stored.streams.values() for _, r in items)
     await again_rs.aclose()
     await again.aclose()
 
@@ -480,7 +480,7 @@ async def test_a_resumable_session_frozen_through_rm_and_a_short_new_life_writes
     clock = Clock()
     store = await make(ttl=60.0, clock=clock)
     session, rs, _ = await start(store, ["one", "two"], autosave=False, lease_ttl=10.0)
-    await session.run(user_input="the secret is 4711")
+    await session.run(user_input="the secret is plugh")
     assert await rs.checkpoint() == 1
     assert await store.delete(KEY)
     other = await store.acquire(KEY, "w2", ttl=10.0)
@@ -507,7 +507,7 @@ async def test_archive_stale_fences_the_conversations_previous_holder(
 
     store = await make_store()
     session, rs, _ = await start(store, ["one", "two"], autosave=False)
-    await session.run(user_input="the secret is 4711")
+    await session.run(user_input="the secret is plugh")
     assert await rs.checkpoint() == 1
     old = rs._holder.lease
     assert old is not None
@@ -524,7 +524,7 @@ async def test_archive_stale_fences_the_conversations_previous_holder(
     await fresh.run(user_input="new")
     assert await fresh_rs.checkpoint() == 1
     stored = await store.load(KEY)
-    assert all(b"4711" not in r for items in stored.streams.values() for _, r in items)
+    assert all(b"plugh" not in r for items in stored.streams.values() for _, r in items)
     assert (await store.info(archived)) is not None
     await fresh_rs.aclose()
     await fresh.aclose()
