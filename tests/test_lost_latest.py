@@ -374,3 +374,31 @@ def test_a_salvage_restore_goes_on_from_the_newest_version_that_reads(
     assert history[: len(kept[top - 1])] == kept[top - 1]
     texts = " ".join(str(i.get("content")) for i in history[len(kept[top - 1]) :])
     assert "green gate" in texts, texts
+
+
+def test_a_version_whose_numbers_do_not_parse_is_listed_damaged_saying_why_once(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis record whose epoch is not a number: the version is listed damaged, and its
+    text says what is wrong once (it was wrapped in the store's advice a second time)."""
+    url, key = _url("redis", request, tmp_path, monkeypatch), f"room-{uuid.uuid4().hex[:6]}"
+    asyncio.run(_converse(url, key, ["remember the blue door"]))
+    client = redis_sync.Redis.from_url(url)
+    try:
+        prefix = KeyNames(os.environ["RESUME_NAMESPACE"]).prefix(key)
+        client.hset(f"{prefix}v:1", "epoch", "not-a-number")
+    finally:
+        client.close()
+
+    async def go() -> list[Any]:
+        store = open_store(url)
+        try:
+            return await store.versions(key)
+        finally:
+            await store.aclose()
+
+    listed = asyncio.run(go())
+    assert listed[0].version == 1 and listed[0].damaged, listed
+    why = listed[0].damaged
+    assert "epoch" in why and why.count(key) == 1 and why.count("not a number") == 1, why
+    assert [v.damaged for v in listed[1:]] == [None] * (len(listed) - 1)

@@ -157,12 +157,16 @@ class Scripts:
                     "moving the session's slot to another node and the script met it "
                     f"half moved ({text(reply[1])}); retry once the slot has moved"
                 )
-            raise SnapshotCorrupt(
-                f"session {key!r} on {self._server.where}: {text(reply[1])}; a key evicted "
-                "by the server (maxmemory-policy), removed or written by hand, or foreign "
-                "data: delete the session or restore it from a backup"
-            )
+            raise SnapshotCorrupt(self.corrupt(key, text(reply[1])))
         return reply
+
+    def corrupt(self, key: str, found: str) -> str:
+        """What a session script's ``corrupt`` finding says, with its likely causes."""
+        return (
+            f"session {key!r} on {self._server.where}: {found}; a key evicted by the server "
+            "(maxmemory-policy), removed or written by hand, or foreign data: delete the "
+            "session or restore it from a backup"
+        )
 
     async def _slot_moving(self, key: str) -> bool:
         """Whether the Cluster is migrating the session's slot: MIGRATE moves its keys

@@ -116,6 +116,26 @@ def _plain(reply: Any) -> bool:
     return isinstance(reply, list) and bool(reply) and reply[0] != b"corrupt"
 
 
+def _damaged(n: int, epoch: bytes, created: bytes, size: bytes, why: str) -> SnapshotInfo:
+    """A version `RedisStore.versions` found unreadable, with what its record still says."""
+
+    def kept(raw: bytes) -> float:
+        try:
+            found = float(raw)
+        except ValueError:
+            return 0
+        return found if math.isfinite(found) and found >= 0 else 0
+
+    return SnapshotInfo(
+        version=n,
+        epoch=int(kept(epoch)),
+        created_at=kept(created),
+        size=int(kept(size)),
+        info={},
+        damaged=why,
+    )
+
+
 def _validate_options(
     client: Client, namespace: str, keep: int, wait_replicas: int, wait_timeout: int
 ) -> None:
@@ -715,7 +735,9 @@ class RedisStore:
         reply = await self._run("versions", key, [])
         listed = []
         for n, epoch, created, size, info, damage in reply[1]:
-            if not damage:
+            if damage:
+                why = self._scripts.corrupt(key, text(damage))
+            else:
                 try:
                     listed.append(
                         SnapshotInfo(
@@ -728,35 +750,11 @@ class RedisStore:
                     )
                     continue
                 except SnapshotCorrupt as e:
-                    damage = str(e).encode()
-            listed.append(await self._damaged(key, int(n), epoch, created, size, damage))
+                    why = str(e)
+            # a version lost only because a Cluster slot is half moved never gets here:
+            # the script's settled() probe fails it first (StoreUnavailable)
+            listed.append(_damaged(int(n), epoch, created, size, why))
         return listed
-
-    async def _damaged(
-        self, key: str, n: int, epoch: bytes, created: bytes, size: bytes, damage: bytes
-    ) -> SnapshotInfo:
-        """A version `versions` found unreadable, with what its record still says."""
-        why = text(damage)
-        try:  # said as a read of it says it, or StoreUnavailable: a Cluster slot half moved
-            await self._scripts.checked("versions", key, [b"corrupt", damage])
-        except SnapshotCorrupt as e:
-            why = str(e)
-
-        def kept(raw: bytes) -> float:
-            try:
-                found = float(raw)
-            except ValueError:
-                return 0
-            return found if math.isfinite(found) and found >= 0 else 0
-
-        return SnapshotInfo(
-            version=n,
-            epoch=int(kept(epoch)),
-            created_at=kept(created),
-            size=int(kept(size)),
-            info={},
-            damaged=why,
-        )
 
     async def info(self, key: str) -> SessionInfo | None:
         validate_key(key)
