@@ -81,6 +81,17 @@ def lost(
     return url, key, _lose_latest(url, key, what)
 
 
+def _versions(url: str, key: str) -> list[Any]:
+    async def go() -> list[Any]:
+        store = open_store(url)
+        try:
+            return await store.versions(key)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(go())
+
+
 def _kept(url: str, key: str, top: int) -> dict[int, Any]:
     return {n: snapshot_of(url, key, n).history for n in range(1, top)}
 
@@ -106,14 +117,7 @@ def test_history_lists_every_version_with_the_lost_one_marked(lost: tuple[str, s
 def test_versions_lists_the_lost_latest_as_damaged(lost: tuple[str, str, int]) -> None:
     url, key, top = lost
 
-    async def go() -> list[Any]:
-        store = open_store(url)
-        try:
-            return await store.versions(key)
-        finally:
-            await store.aclose()
-
-    listed = asyncio.run(go())
+    listed = _versions(url, key)
     assert [v.version for v in listed] == list(range(1, top + 1))
     assert [v.damaged for v in listed[:-1]] == [None] * (top - 1)
     assert listed[-1].damaged and listed[-1].info == {}
@@ -390,14 +394,7 @@ def test_a_version_whose_numbers_do_not_parse_is_listed_damaged_saying_why_once(
     finally:
         client.close()
 
-    async def go() -> list[Any]:
-        store = open_store(url)
-        try:
-            return await store.versions(key)
-        finally:
-            await store.aclose()
-
-    listed = asyncio.run(go())
+    listed = _versions(url, key)
     assert listed[0].version == 1 and listed[0].damaged, listed
     why = listed[0].damaged
     assert "epoch" in why and why.count(key) == 1 and why.count("not a number") == 1, why
