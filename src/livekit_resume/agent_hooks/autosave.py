@@ -9,6 +9,7 @@ latest), logged and counted. A lost lease stops it for good.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -78,6 +79,8 @@ class Autosave:
         self._renew_every = renew_every
         self._renewed_at = renewed_at
         self._dirty = asyncio.Event()
+        # set by every trigger: a retry after a failed save waits for it or its delay
+        self._news = asyncio.Event()
         self._reason = "turn"
         self._tasks: list[asyncio.Task[None]] = []
         self.failures = 0
@@ -94,12 +97,16 @@ class Autosave:
                 asyncio.create_task(self._renew_loop(), name=f"livekit_resume.lease[{self._key}]"),
             ]
 
-    def trigger(self, reason: str) -> None:
-        """Ask for a checkpoint soon. Safe to call from any LiveKit event callback."""
+    def trigger(self, reason: str) -> bool:
+        """Ask for a checkpoint soon; False when autosave is not running (or lost). Safe
+        to call from any LiveKit event callback."""
         if self.lost is None and self._tasks:
             self._reason = reason if reason != "turn" or not self._dirty.is_set() else self._reason
             self.idle.clear()
             self._dirty.set()
+            self._news.set()
+            return True
+        return False
 
     async def aclose(self) -> None:
         """Stop without a final save (the session takes that itself)."""
@@ -146,7 +153,11 @@ class Autosave:
                     extra={"key": self._key},
                 )
                 self._dirty.set()
-                await asyncio.sleep(delay)
+                # the next event cuts the wait short: a store back after a long outage
+                # gets the turn the caller just took now, not up to RETRY_CAP later
+                self._news.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._news.wait(), delay)
                 delay = min(delay * 2, RETRY_CAP)
                 continue
             else:

@@ -1,7 +1,7 @@
 """The `AgentSession` events the hooks listen to. Events only *trigger* checkpoints
 (they are not a log: function calls and config updates arrive silently); the one state
-they carry is which tool calls are in flight, which the history does not show until a
-tool has finished."""
+they carry is which tool calls are in flight or ended unrecorded, which the history does
+not show until a tool's batch has finished."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def listen(
     session: AgentSession[Any],
     capture: Capture,
     registry: AgentRegistry,
-    trigger: Callable[[str], None],
+    trigger: Callable[[str], object],
     on_close: Callable[[], None],
     on_handoff: Callable[[Agent | None], None],
 ) -> Listeners:
@@ -49,7 +49,24 @@ def listen(
         else:
             trigger("turn")
 
-    def on_tools(_: FunctionToolsExecutedEvent) -> None:
+    # A call leaves the tool state once it has ended and its output is in the history,
+    # which LiveKit reports in either order: a batch's outputs with the batch
+    # (function_tools_executed, right before it writes them to the history, no capture
+    # in between), which can be an async tool's first progress, the tool running on.
+    ended: set[str] = set()  # ended (done, error), its output not reported yet
+    reported: set[str] = set()  # output reported, the tool still running
+
+    def settle(call_id: str) -> None:
+        capture.running.pop(call_id, None)
+        ended.discard(call_id)
+        reported.discard(call_id)
+
+    def on_tools(ev: FunctionToolsExecutedEvent) -> None:
+        for fc in ev.function_calls:
+            if fc.call_id in ended:
+                settle(fc.call_id)
+            elif fc.call_id in capture.running:
+                reported.add(fc.call_id)
         trigger("tool")
 
     def on_tool_update(ev: ToolExecutionUpdatedEvent) -> None:
@@ -66,7 +83,18 @@ def listen(
             )
             trigger("tool")  # a crash mid-tool must leave a trace
         elif isinstance(up, ToolCallEnded):
-            capture.running.pop(up.call_id, None)
+            call_id = up.call_id
+            # an async tool's result (its ``<call_id>_final`` pair, in the history already:
+            # tool_executor.py `_execute_tool`), or a call cancelled, which LiveKit leaves
+            # out of the history
+            if up.id != call_id or up.status == "cancelled" or call_id in reported:
+                settle(call_id)
+            elif call_id in capture.running:
+                # a call of a batch not done yet: LiveKit writes its call and output only
+                # with the batch (`on_tools`); until then this is the one trace of a call
+                # that has taken effect
+                ended.add(call_id)
+            trigger("tool")  # a result that lands with no other event (paused, no reply)
 
     def on_closed(_: CloseEvent) -> None:
         on_close()

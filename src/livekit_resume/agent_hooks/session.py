@@ -77,6 +77,9 @@ DEFAULT_DEBOUNCE = 0.2
 # session: the close waits for every tool that cannot be cancelled (async tools are
 # not, by default), however long it runs. Past this the close goes on by itself.
 SUSPEND_CLOSE_WAIT = 2.0
+# A long pause whose suspend failed (the store down) tries again this much later: it
+# holds the lease and the connections the suspend was to free.
+LONG_PAUSE_RETRY = 2.0
 
 SALVAGED = Counter(
     "livekit_resume_sessions_salvaged", "Damaged snapshots restored with what was intact"
@@ -158,6 +161,10 @@ class ResumableSession:
         self._rolled_back: int | None = None
         self._suspend_after = suspend_after
         self._long_pause = Timer(self._key)
+        # the save of a pause made before the session started, once it starts
+        self._state_save = Timer(self._key)
+        self._pausing = False  # a pause is cutting the speech (`pause`)
+        self._pause_unsaved = False  # paused before start: nothing to capture yet
 
         self._session: AgentSession[Any] | None = None
         self._version = 0
@@ -717,11 +724,18 @@ class ResumableSession:
 
     async def pause(self) -> int:
         """Soft pause: audio in and out off, speech cut, no replies; state saved.
-        The session stays alive in memory and `resume` is instant."""
+        The session stays alive in memory and `resume` is instant. Before
+        ``session.start()`` the agent starts silent, and the pause is saved as it starts."""
         session = self._require()
         if self._state != "active" or self._finishing is not None:
             raise RuntimeError(f"cannot pause session {self._key!r} in state {self._state!r}")
-        await self._silencer.silence(session)
+        if self._pausing:
+            raise RuntimeError(f"cannot pause session {self._key!r}: being paused")
+        self._pausing = True
+        try:
+            await self._silencer.silence(session)
+        finally:
+            self._pausing = False
         if self._state != "active" or self._finishing is not None or self._closing is not None:
             # closed (the job shut down), suspended or ended while the speech was being cut:
             # that state stands, and no long-pause timer is armed on a session given up
@@ -737,7 +751,16 @@ class ResumableSession:
         # armed before the save: a pause whose save fails is a pause all the same
         if self._suspend_after is not None:
             self._long_pause.arm(self._suspend_after, self._suspend_long_pause)
-        version = await self.checkpoint("pause")
+        if not self._started():
+            # the agent is not the session's yet: saved once it starts (`_attach`)
+            self._pause_unsaved = True
+            self._show()
+            return self._version
+        try:
+            version = await self.checkpoint("pause")
+        except StoreUnavailable:
+            self._show()  # a pause all the same: the room is told so
+            raise
         await self._announcer.announce("paused", self._version)
         await self._shown()
         return version
@@ -758,7 +781,14 @@ class ResumableSession:
         and must not be undone by a suspend of the session it just made active."""
         if self._state != "paused" or self._finishing is not None or self._closing is not None:
             return None  # resumed, being suspended or ended already, or closing: that stands
-        return await self.suspend()
+        try:
+            return await self.suspend()
+        except LeaseLost:
+            raise
+        except Exception:
+            if self._state == "paused" and self._finishing is None and self._closing is None:
+                self._long_pause.arm(LONG_PAUSE_RETRY, self._suspend_long_pause)
+            raise  # logged by the timer's task
 
     async def resume(self) -> None:
         """Undo `pause`: audio back on and replies allowed, in the same process."""
@@ -769,10 +799,24 @@ class ResumableSession:
             raise RuntimeError(f"cannot resume session {self._key!r}: being {self._finishing_as}")
         if self._state != "paused":
             raise RuntimeError(f"cannot resume session {self._key!r} in state {self._state!r}")
+        if self._autosave.lost is not None:
+            raise self._autosave.lost  # another worker has the call: this one stays silent
         self._long_pause.cancel()
         self._silencer.unsilence(session)
         self._state = "active"
-        self._autosave.trigger("manual")  # persist the state change without waiting
+        self._pause_unsaved = False
+        if not self._autosave.trigger("manual"):  # saved in the background by autosave
+            # without autosave, here (a few ms; the caller hears the agent already): a
+            # resume whose save fails is a resume all the same, as a pause is
+            try:
+                await self._save("manual")
+            except (StoreUnavailable, LeaseLost) as e:
+                log.warning(
+                    "session %r: resumed, its state not saved: %s",
+                    self._key,
+                    e,
+                    extra={"key": self._key},
+                )
         self._show()
         await self._announcer.announce("resumed", self._version)
         await self._shown()
@@ -913,6 +957,9 @@ class ResumableSession:
         def on_handoff(agent: Agent | None) -> None:
             if self._state == "paused":  # an agent handed to while paused says nothing
                 self._silencer.follow(session, agent)
+                if self._pause_unsaved:  # the start of a session paused before it
+                    self._pause_unsaved = False
+                    self._state_save.run(self._save("pause"), "save of a pause before start")
 
         self._listeners = listen(
             session, self._capture, self._registry, self._autosave.trigger, on_close, on_handoff
@@ -927,6 +974,8 @@ class ResumableSession:
             return "closing"  # once closed, its state says so
         if self._finishing is not None:
             return f"being {self._finishing_as}"
+        if self._pausing:
+            return "being paused"
         return None
 
     def _paused_again(self) -> None:

@@ -38,6 +38,9 @@ def current_agent(session: AgentSession[Any]) -> Agent | None:
         return None
 
 
+_NO_NODE = object()  # an agent without an ``llm_node`` of its own (the class's answers)
+
+
 async def _silent_llm_node(*_args: Any, **_kwargs: Any) -> None:
     """Stands in for an agent's llm_node while paused: no reply is generated."""
     return None
@@ -48,7 +51,11 @@ class Silencer:
 
     def __init__(self, key: str) -> None:
         self._key = key
-        self._paused_agents: list[Agent] = []
+        # each agent silenced, with the ``llm_node`` it had of its own (or _NO_NODE)
+        self._paused_agents: list[tuple[Agent, Any]] = []
+        # the session silenced and its audio flags (input, output) as the pause found
+        # them: an app that had one off (text only, a muted caller) gets it back off
+        self._audio: tuple[AgentSession[Any], bool, bool] | None = None
         self._gate = RealtimeGate()  # a realtime model replies without llm_node
         # every speech the session announced, while it lives (see `heard`)
         self._speeches: weakref.WeakSet[SpeechHandle] = weakref.WeakSet()
@@ -61,6 +68,8 @@ class Silencer:
         self._speeches.add(ev.speech_handle)
 
     async def silence(self, session: AgentSession[Any]) -> None:
+        if self._audio is None:
+            self._audio = (session, session.input.audio_enabled, session.output.audio_enabled)
         session.input.set_audio_enabled(False)
         self.follow(session, current_agent(session))
         try:
@@ -91,19 +100,27 @@ class Silencer:
     def follow(self, session: AgentSession[Any], agent: Agent | None) -> None:
         """Silence ``agent`` too: the current one at a pause, or one handed to while
         paused (its ``on_enter`` would reply otherwise)."""
-        if agent is not None and agent not in self._paused_agents:
+        if agent is not None and all(a is not agent for a, _ in self._paused_agents):
             # an instance attribute shadows the class's node: text and voice get no reply
+            self._paused_agents.append((agent, agent.__dict__.get("llm_node", _NO_NODE)))
             agent.llm_node = _silent_llm_node  # type: ignore[method-assign]
-            self._paused_agents.append(agent)
         self._gate.close(session, agent)
 
     def unsilence(self, session: AgentSession[Any]) -> None:
-        for agent in self._paused_agents:
-            agent.__dict__.pop("llm_node", None)
+        """Undo `silence`: each agent's ``llm_node`` and the audio flags as they were."""
+        for agent, own in self._paused_agents:
+            if agent.__dict__.get("llm_node") is not _silent_llm_node:
+                continue  # the app set a node of its own meanwhile: that one stands
+            if own is _NO_NODE:
+                del agent.__dict__["llm_node"]
+            else:
+                agent.llm_node = own  # type: ignore[method-assign]
         self._paused_agents.clear()
         self._gate.open()
-        session.input.set_audio_enabled(True)
-        session.output.set_audio_enabled(True)
+        silenced, self._audio = self._audio, None
+        if silenced is not None and silenced[0] is session:
+            session.input.set_audio_enabled(silenced[1])
+            session.output.set_audio_enabled(silenced[2])
 
 
 class Timer:
