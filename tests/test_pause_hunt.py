@@ -49,7 +49,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 async def started(
-    store: Store,
+    store: Any,
     model: ScriptedLLM | None = None,
     *,
     owner: str = "w1",
@@ -102,18 +102,23 @@ async def test_resume_leaves_audio_output_off_when_the_app_had_turned_it_off(
 
 
 class DownStore:
-    """Wraps a real store; its commits fail (`StoreUnavailable`) while ``down`` is set:
-    the network, not our code."""
+    """Wraps a real store; its commits fail (`StoreUnavailable`) while ``down`` is set,
+    or take ``slow`` seconds first: the network, not our code."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.down = False
+        self.slow = 0.0
+        self.commits = 0
         self.failed = asyncio.Event()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     async def commit(self, commit: Any) -> int:
+        self.commits += 1
+        if self.slow:
+            await asyncio.sleep(self.slow)
         if self.down:
             self.failed.set()
             raise lr.StoreUnavailable("store is down (test)")

@@ -54,6 +54,9 @@ FINAL_SAVE_FAILURES = Counter(
 # First retry soon (a blip), then back off to this cap so a dead store is not hammered.
 RETRY_FIRST = 0.2
 RETRY_CAP = 10.0
+# After a failed save, an event (a turn, a tool) brings the retry forward to this long
+# after the failure (`Autosave._back_off`).
+RETRY_NUDGED = 0.5
 
 
 class Autosave:
@@ -97,16 +100,13 @@ class Autosave:
                 asyncio.create_task(self._renew_loop(), name=f"livekit_resume.lease[{self._key}]"),
             ]
 
-    def trigger(self, reason: str) -> bool:
-        """Ask for a checkpoint soon; False when autosave is not running (or lost). Safe
-        to call from any LiveKit event callback."""
+    def trigger(self, reason: str) -> None:
+        """Ask for a checkpoint soon. Safe to call from any LiveKit event callback."""
         if self.lost is None and self._tasks:
             self._reason = reason if reason != "turn" or not self._dirty.is_set() else self._reason
             self.idle.clear()
             self._dirty.set()
             self._news.set()
-            return True
-        return False
 
     async def aclose(self) -> None:
         """Stop without a final save (the session takes that itself)."""
@@ -153,11 +153,7 @@ class Autosave:
                     extra={"key": self._key},
                 )
                 self._dirty.set()
-                # the next event cuts the wait short: a store back after a long outage
-                # gets the turn the caller just took now, not up to RETRY_CAP later
-                self._news.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._news.wait(), delay)
+                await self._back_off(delay)
                 delay = min(delay * 2, RETRY_CAP)
                 continue
             else:
@@ -166,6 +162,18 @@ class Autosave:
             delay = RETRY_FIRST
             if not self._dirty.is_set():
                 self.idle.set()
+
+    async def _back_off(self, delay: float) -> None:
+        """Wait ``delay`` after a failed save, or less once the conversation goes on: a
+        store back after a long outage gets the turn the caller just took within
+        RETRY_NUDGED, not up to RETRY_CAP later; a stream of events against a dead store
+        gets a try per RETRY_NUDGED, not one per debounce window."""
+        failed_at = time.monotonic()
+        self._news.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._news.wait(), delay)
+            due = min(failed_at + delay, failed_at + RETRY_NUDGED)
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
 
     async def _renew_loop(self) -> None:
         # due an interval after the latest renewal, the acquisition included: not after

@@ -384,8 +384,9 @@ class Capture:
         if isinstance(agent_obj, AgentTask):
             # a task is live code, not data: save the agent that started it, even when
             # the task's class is registered too (restored as itself, it would hold the
-            # caller with no parent to return to)
-            parent = _task_parent(agent_obj) or self.last_agent
+            # caller with no parent to return to). One never awaited (made current by
+            # update_agent) has no parent: it is the session's agent, saved as any is.
+            parent = _task_parent(agent_obj)
             if parent is not None:
                 task, agent_obj = type(agent_obj).__qualname__, parent
         agent_id = self._registry.id_of(agent_obj)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from livekit.agents import Agent, AgentSession
+from livekit.agents import Agent, AgentSession, AgentTask
 from livekit.agents.voice.events import (
     CloseEvent,
     ConversationItemAddedEvent,
@@ -33,7 +33,7 @@ def listen(
     session: AgentSession[Any],
     capture: Capture,
     registry: AgentRegistry,
-    trigger: Callable[[str], object],
+    trigger: Callable[[str], None],
     on_close: Callable[[], None],
     on_handoff: Callable[[Agent | None], None],
 ) -> Listeners:
@@ -72,6 +72,11 @@ def listen(
     def on_tool_update(ev: ToolExecutionUpdatedEvent) -> None:
         up = ev.update
         if isinstance(up, ToolCallStarted):
+            if isinstance(current_agent(session), AgentTask):
+                # a task's own tool: a snapshot saves the task's parent, whose context
+                # never holds the task's calls (AgentTask merges back without them); the
+                # parent's call awaiting the task is the trace a crash leaves
+                return
             fc = up.function_call
             capture.running[fc.call_id] = ToolCallRecord(
                 call_id=fc.call_id,

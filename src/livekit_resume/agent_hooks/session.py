@@ -77,9 +77,11 @@ DEFAULT_DEBOUNCE = 0.2
 # session: the close waits for every tool that cannot be cancelled (async tools are
 # not, by default), however long it runs. Past this the close goes on by itself.
 SUSPEND_CLOSE_WAIT = 2.0
-# A long pause whose suspend failed (the store down) tries again this much later: it
-# holds the lease and the connections the suspend was to free.
+# A long pause whose suspend failed (the store down) tries again, this much later at
+# first, doubling up to the cap: it holds the lease and the connections the suspend was
+# to free, and a resume meets a suspend under way while one is tried.
 LONG_PAUSE_RETRY = 2.0
+LONG_PAUSE_RETRY_CAP = 60.0
 
 SALVAGED = Counter(
     "livekit_resume_sessions_salvaged", "Damaged snapshots restored with what was intact"
@@ -165,6 +167,7 @@ class ResumableSession:
         self._state_save = Timer(self._key)
         self._pausing = False  # a pause is cutting the speech (`pause`)
         self._pause_unsaved = False  # paused before start: nothing to capture yet
+        self._long_pause_retry = LONG_PAUSE_RETRY
 
         self._session: AgentSession[Any] | None = None
         self._version = 0
@@ -760,6 +763,7 @@ class ResumableSession:
             version = await self.checkpoint("pause")
         except StoreUnavailable:
             self._show()  # a pause all the same: the room is told so
+            self._autosave.trigger("pause")  # and it is saved once the store is back
             raise
         await self._announcer.announce("paused", self._version)
         await self._shown()
@@ -782,16 +786,20 @@ class ResumableSession:
         if self._state != "paused" or self._finishing is not None or self._closing is not None:
             return None  # resumed, being suspended or ended already, or closing: that stands
         try:
-            return await self.suspend()
+            version = await self.suspend()
         except LeaseLost:
             raise
         except Exception:
             if self._state == "paused" and self._finishing is None and self._closing is None:
-                self._long_pause.arm(LONG_PAUSE_RETRY, self._suspend_long_pause)
+                self._long_pause.arm(self._long_pause_retry, self._suspend_long_pause)
+                self._long_pause_retry = min(self._long_pause_retry * 2, LONG_PAUSE_RETRY_CAP)
             raise  # logged by the timer's task
+        self._long_pause_retry = LONG_PAUSE_RETRY
+        return version
 
     async def resume(self) -> None:
-        """Undo `pause`: audio back on and replies allowed, in the same process."""
+        """Undo `pause`: audio back on and replies allowed, in the same process; the state
+        saved before it returns (a failed save is logged, the resume stands)."""
         session = self._require()
         if self._finishing is not None:
             # the session is closed once the final save is written: undoing its silence
@@ -805,19 +813,25 @@ class ResumableSession:
         self._silencer.unsilence(session)
         self._state = "active"
         self._pause_unsaved = False
-        if not self._autosave.trigger("manual"):  # saved in the background by autosave
-            # without autosave, here (a few ms; the caller hears the agent already): a
-            # resume whose save fails is a resume all the same, as a pause is
-            try:
-                await self._save("manual")
-            except (StoreUnavailable, LeaseLost) as e:
-                log.warning(
-                    "session %r: resumed, its state not saved: %s",
-                    self._key,
-                    e,
-                    extra={"key": self._key},
-                )
         self._show()
+        # saved before returning, as a pause is (the caller hears the agent already): an
+        # operator's `ls` after a remote resume says active; a resume whose save fails
+        # is a resume all the same, one whose save finds the session taken over is not
+        try:
+            await self._save("manual")
+        except StoreUnavailable as e:
+            log.warning(
+                "session %r: resumed, its state not saved: %s",
+                self._key,
+                e,
+                extra={"key": self._key},
+            )
+        except LeaseLost:
+            if self._state == "active":
+                await self._silencer.silence(session)
+                self._state = "paused"
+                self._show()
+            raise
         await self._announcer.announce("resumed", self._version)
         await self._shown()
 

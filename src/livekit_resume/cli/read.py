@@ -167,7 +167,8 @@ def history_cmd(ctx: typer.Context, key: _KeyArg) -> None:
 
     async def go(store: Store) -> list[dict[str, Any]]:
         versions = await store.versions(key)
-        if not versions:
+        if not versions and await store.info(key) is None:
+            # a session held before its first save has none yet, and is listed by `ls`
             raise SnapshotNotFound(f"no snapshot for session {key!r}")
         # what a damaged version's record lost is unknown (0), not 1970 or epoch 0
         return [
@@ -191,7 +192,7 @@ def history_cmd(ctx: typer.Context, key: _KeyArg) -> None:
         render.print_json([{k: v for k, v in r.items() if k != "created_ts"} for r in rows])
         return
     console = render.console()
-    console.print(render.versions_table(rows, title=f"versions of {key!r}"))
+    console.print(render.versions_table(rows, title=f"versions of {key!r}"), soft_wrap=True)
     for r in rows:
         if r["damaged"] is not None:
             note = redact.printable(f"version {r['version']} is damaged: {r['damaged']}")

@@ -17,7 +17,6 @@ from typing import Any
 
 import click
 from pydantic_core import to_jsonable_python
-from rich import box
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions
 from rich.segment import Segment
@@ -29,7 +28,7 @@ from ..snapshot.codec import AGENT, HISTORY
 from ..snapshot.model import ItemData, Snapshot
 from ..snapshot.salvage import Damage
 from ..stores.base import SessionInfo
-from .snapshots import Unreadable
+from .snapshots import Unreadable, listed_state
 
 __all__ = [
     "Aligned",
@@ -239,7 +238,7 @@ def session_rows(infos: Iterable[SessionInfo | Unreadable], now: float) -> list[
                 "key": info.key,
                 "version": info.version,
                 "epoch": info.epoch,
-                "state": info.info.get("state"),
+                "state": listed_state(info),
                 "agent": info.info.get("agent"),
                 "items": info.info.get("items"),
                 "owner": info.owner if live else None,
@@ -357,25 +356,33 @@ def sessions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Aligned:
     return Aligned(printable(title), _SESSION_COLUMNS, cells)
 
 
-def versions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Table:
-    """``history``: one row per retained version (with ``created_ts``)."""
-    table = Table(title=printable(title), box=box.SIMPLE_HEAD)
-    for col in ("version", "epoch", "time", "reason", "state", "items", "bytes"):
-        table.add_column(
-            col, justify="right" if col in ("version", "epoch", "items", "bytes") else "left"
-        )
-    for r in rows:
-        reason = dash(r["reason"]) + (f" ({dash(r['source'])})" if r["source"] else "")
-        table.add_row(
+_VERSION_COLUMNS = (
+    ("version", True),
+    ("epoch", True),
+    ("time", False),
+    ("reason", False),
+    ("state", False),
+    ("items", True),
+    ("bytes", True),
+)
+
+
+def versions_table(rows: Sequence[Mapping[str, Any]], *, title: str) -> Aligned:
+    """``history``: one row per retained version (with ``created_ts``), each cell whole
+    (an epoch is what ``--epoch`` takes). Print it with ``soft_wrap=True`` (`Aligned`)."""
+    cells = [
+        [
             str(r["version"]),
             dash(r["epoch"]),
             when(r["created_ts"], short=True) if r["created_ts"] else "—",
-            reason,
-            "[red]damaged[/red]" if r.get("damaged") else dash(r["state"]),
+            dash(r["reason"]) + (f" ({dash(r['source'])})" if r["source"] else ""),
+            "damaged" if r.get("damaged") else dash(r["state"]),
             dash(r["items"]),
             dash(r["bytes"]),
-        )
-    return table
+        ]
+        for r in rows
+    ]
+    return Aligned(printable(title), _VERSION_COLUMNS, cells)
 
 
 def _snapshot_rows(snap: Snapshot) -> list[tuple[str, str]]:

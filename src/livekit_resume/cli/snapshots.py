@@ -354,6 +354,15 @@ async def _infos(store: Store, keys: list[str]) -> list[SessionInfo | Unreadable
     return out
 
 
+def listed_state(info: SessionInfo) -> Any:
+    """A session's state as ``ls`` shows and filters it: its latest version's, or
+    ``active`` for a session held before its first save (version 0, a live lease)."""
+    state = info.info.get("state")
+    if state is None and info.version == 0 and info.owner is not None:
+        return "active"
+    return state
+
+
 async def page_sessions(
     store: Store,
     *,
@@ -377,18 +386,23 @@ async def page_sessions(
         grow = min(grow * 2, PAGE_BATCH_MAX)
         keys, more = await _keys_page(store, prefix, cursor, batch)
         infos = await _infos(store, keys)
-        for k, info in zip(keys, infos, strict=True):
-            cursor = k
+
+        def wanted(info: SessionInfo | Unreadable | None) -> bool:
             # None: deleted or expired between the listing and info()
             if isinstance(info, Unreadable):
-                keep = state is None or info.unreachable
-            else:
-                keep = info is not None and (state is None or info.info.get("state") == state)
-            if info is not None and keep:
+                return state is None or info.unreachable
+            return info is not None and (state is None or listed_state(info) == state)
+
+        for n, (k, info) in enumerate(zip(keys, infos, strict=True)):
+            cursor = k
+            if wanted(info):
+                assert info is not None
                 found.append(info)
                 if limit is not None and len(found) == limit:
-                    last = k == keys[-1]
-                    return found, (None if last and more is None else k)
+                    # no cursor when none follows: none of the batch's rest is wanted
+                    # and it was the last batch
+                    rest = any(wanted(i) for i in infos[n + 1 :])
+                    return found, (None if more is None and not rest else k)
         if more is None:
             return found, None
         cursor = more

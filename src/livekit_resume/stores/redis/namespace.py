@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -67,7 +68,13 @@ def _is_live(head: Any, ttl: float | None, now: float) -> bool:
         return True  # foreign data at the head: listed, load says corrupt
     touched, lease = head
     try:
-        return ttl is None or float(touched) + ttl > now or float(lease or "-inf") > now
+        written = float(touched)
+        return (
+            ttl is None
+            or not math.isfinite(written)  # damaged: listed, info says so
+            or written + ttl > now
+            or float(lease or "-inf") > now
+        )
     except ValueError:
         return True
 
@@ -223,17 +230,23 @@ class Namespace:
 
     async def _heads(self, client: Any, members: Sequence[str]) -> list[Any]:
         """Each member's head: its ``touched`` field and its lease's expiry, None without
-        an owner (None: no head; an exception: not a hash)."""
+        an owner (None: no head; an exception: not a hash, or a head without its
+        ``touched``, which `info` calls damaged)."""
         pipe = client.pipeline(transaction=False)
         for m in members:
-            pipe.hmget(self._names.head(m), "touched", "owner", "expires")
+            pipe.hmget(self._names.head(m), "touched", "owner", "expires", "version")
         heads: list[Any] = []
         for got in await pipe.execute(raise_on_error=False):
             if isinstance(got, Exception):
                 heads.append(got)
             else:
-                touched, owner, expires = got
-                heads.append(None if touched is None else (touched, owner and expires))
+                touched, owner, expires, version = got
+                if touched is not None:
+                    heads.append((touched, owner and expires))
+                elif version is None and owner is None:
+                    heads.append(None)
+                else:
+                    heads.append(SnapshotCorrupt("a head without its touched field"))
         return heads
 
     async def _heads_by_node(self, members: Sequence[str]) -> list[tuple[Any, float]]:

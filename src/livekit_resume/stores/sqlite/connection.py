@@ -94,8 +94,11 @@ class Connection:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         # A forked child inherits the executor but not its thread: a call would wait for
-        # ever, and an SQLite connection must not cross a fork anyway.
+        # ever, and an SQLite connection must not cross a fork anyway. The process of
+        # the first call owns them: a store made but never used before a fork (a module
+        # preloaded by LiveKit's forkserver) works in the child.
         self._pid = os.getpid()
+        self._used = False
         # The schema version a read-only connection stands in for (None: none needed).
         self._stood_in: int | None = None
         # The -wal and -shm files this connection opened (see `_sidecars_replaced`).
@@ -111,10 +114,13 @@ class Connection:
         if self._closed:
             raise StoreUnavailable(f"SQLite store {self.path} is closed; open a new one")
         if os.getpid() != self._pid:
-            raise StoreUnavailable(
-                f"SQLite store {self.path} was opened before this process forked; open a "
-                "new store in the child"
-            )
+            if self._used:
+                raise StoreUnavailable(
+                    f"SQLite store {self.path} was opened before this process forked; open "
+                    "a new store in the child"
+                )
+            self._pid = os.getpid()
+        self._used = True
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, self._call, fn)
@@ -372,6 +378,10 @@ class Connection:
             # Deleted rows are overwritten, not left in free pages: a session removed
             # (rm, expiry, old versions trimmed) leaves no readable bytes in the file.
             conn.execute("PRAGMA secure_delete=ON")
+            # ... and the -wal, which SQLite reuses from its start without clearing it, is
+            # cut to nothing each time it starts over: a deleted session's frames do not
+            # outlive the next checkpoint (`truncate_wal`: at once, after a delete)
+            conn.execute("PRAGMA journal_size_limit=0")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 schema.create(conn, self.path)
@@ -398,7 +408,9 @@ class Connection:
             raise StoreUnavailable(
                 f"no store at {self.path}: {what}; check the path or RESUME_STORE"
             )
-        uri = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
+        # the path's bytes, as the file system has them: a name that is not UTF-8 (its
+        # bytes held as surrogates) is quoted byte for byte
+        uri = "file:" + urllib.parse.quote(os.fsencode(self.path)) + "?mode=ro"
         try:
             conn = self._connect_uri(uri)
         except sqlite3.OperationalError as exc:
@@ -542,3 +554,17 @@ def _create_private(path: str) -> None:
     except OSError:
         return  # a missing directory or no permission: sqlite3.connect says so, typed
     os.close(fd)
+
+
+def truncate_wal(conn: sqlite3.Connection) -> None:
+    """Checkpoint the -wal into the file and cut it to nothing, unless another connection
+    is reading or writing now (not waited for: the next checkpoint cuts it then). After
+    a delete: the deleted session's frames leave the -wal with it."""
+    (waits,) = conn.execute("PRAGMA busy_timeout").fetchone()
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    except sqlite3.OperationalError:
+        pass  # busy: left to the next checkpoint
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={int(waits)}")

@@ -56,7 +56,7 @@ from ..log import (
     needs_compaction,
 )
 from . import tombstones
-from .connection import Connection
+from .connection import Connection, truncate_wal
 from .control import SQLiteCommands
 from .schema import DEFAULT_NAMESPACE
 from .sessions import SESSION_COLUMNS, Session, SessionRows, altered, is_counter
@@ -617,7 +617,10 @@ class SQLiteStore:
         if lease is not None:
             check_lease_key(key, lease)
         self._writable(f"delete session {key!r}")
-        return await self._run(partial(self._delete, key, lease))
+        deleted = await self._run(partial(self._delete, key, lease))
+        if deleted:
+            await self._run(truncate_wal)
+        return deleted
 
     def _delete(self, key: str, lease: Lease | None, conn: sqlite3.Connection) -> bool:
         with write(conn):
