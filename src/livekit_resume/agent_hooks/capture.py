@@ -50,7 +50,7 @@ from .tracker import (
     digest,
 )
 
-__all__ = ["Capture", "Pending", "SavedState", "instructions_from"]
+__all__ = ["Capture", "Pending", "SavedState", "instructions_from", "task_parent"]
 
 log = logging.getLogger("livekit_resume")
 
@@ -386,7 +386,7 @@ class Capture:
             # the task's class is registered too (restored as itself, it would hold the
             # caller with no parent to return to). One never awaited (made current by
             # update_agent) has no parent: it is the session's agent, saved as any is.
-            parent = _task_parent(agent_obj)
+            parent = task_parent(agent_obj)
             if parent is not None:
                 task, agent_obj = type(agent_obj).__qualname__, parent
         agent_id = self._registry.id_of(agent_obj)
@@ -583,7 +583,7 @@ def instructions_from(value: str | dict[str, str | None]) -> str | Instructions:
     )
 
 
-def _task_parent(task: AgentTask[Any]) -> Agent | None:
+def task_parent(task: AgentTask[Any]) -> Agent | None:
     """The agent that started ``task`` (through nested tasks), as LiveKit records it
     when the task is awaited; None for a task that was never awaited."""
     agent: Agent | None = task

@@ -20,7 +20,7 @@ from livekit.agents.voice.events import (
 )
 
 from ..snapshot.model import ToolCallRecord
-from .capture import Capture
+from .capture import Capture, task_parent
 from .registry import AgentRegistry
 from .silence import current_agent
 
@@ -72,7 +72,8 @@ def listen(
     def on_tool_update(ev: ToolExecutionUpdatedEvent) -> None:
         up = ev.update
         if isinstance(up, ToolCallStarted):
-            if isinstance(current_agent(session), AgentTask):
+            agent = current_agent(session)
+            if isinstance(agent, AgentTask) and task_parent(agent) is not None:
                 # a task's own tool: a snapshot saves the task's parent, whose context
                 # never holds the task's calls (AgentTask merges back without them); the
                 # parent's call awaiting the task is the trace a crash leaves

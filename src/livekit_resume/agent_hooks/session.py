@@ -761,9 +761,9 @@ class ResumableSession:
             return self._version
         try:
             version = await self.checkpoint("pause")
-        except StoreUnavailable:
+        except Exception:
             self._show()  # a pause all the same: the room is told so
-            self._autosave.trigger("pause")  # and it is saved once the store is back
+            self._autosave.trigger("pause")  # and autosave tries again (the store back)
             raise
         await self._announcer.announce("paused", self._version)
         await self._shown()
@@ -807,6 +807,9 @@ class ResumableSession:
             raise RuntimeError(f"cannot resume session {self._key!r}: being {self._finishing_as}")
         if self._state != "paused":
             raise RuntimeError(f"cannot resume session {self._key!r} in state {self._state!r}")
+        if self._closing is not None:
+            # aclose() is final: its save says paused, and nothing saves after it
+            raise RuntimeError(f"cannot resume session {self._key!r}: closing")
         if self._autosave.lost is not None:
             raise self._autosave.lost  # another worker has the call: this one stays silent
         self._long_pause.cancel()
@@ -819,19 +822,20 @@ class ResumableSession:
         # is a resume all the same, one whose save finds the session taken over is not
         try:
             await self._save("manual")
-        except StoreUnavailable as e:
-            log.warning(
-                "session %r: resumed, its state not saved: %s",
-                self._key,
-                e,
-                extra={"key": self._key},
-            )
         except LeaseLost:
             if self._state == "active":
                 await self._silencer.silence(session)
                 self._state = "paused"
                 self._show()
             raise
+        except Exception as e:  # the store down, an agent not registered: logged
+            log.warning(
+                "session %r: resumed, its state not saved (%s: %s)",
+                self._key,
+                type(e).__name__,
+                e,
+                extra={"key": self._key},
+            )
         await self._announcer.announce("resumed", self._version)
         await self._shown()
 
