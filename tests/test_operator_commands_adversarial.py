@@ -61,9 +61,10 @@ def _snap_content_ids(snap: Any) -> list[str]:
 
 
 def test_rm_of_a_paused_holder_then_its_resume_and_turns_write_nothing_back(url: str) -> None:
-    """A holder paused (autosave on) is deleted with ``rm --yes``; it then resumes and
-    talks on. cli.md rm: "The deleted conversation is never written back", and the
-    holder hears `LeaseLost` (deleted, not vanished) through ``on_lost``."""
+    """A holder paused (autosave on) is deleted with ``rm --yes``; it then resumes.
+    cli.md rm: "The deleted conversation is never written back", and the holder hears
+    `LeaseLost` (deleted, not vanished) through ``on_lost``: the resume's own save
+    finds it, so the resume raises it and the session stays silent."""
     key = _new_key()
 
     async def go() -> None:
@@ -75,8 +76,9 @@ def test_rm_of_a_paused_holder_then_its_resume_and_turns_write_nothing_back(url:
             await rs.pause()
             rm = await _cli(url, "rm", key, "--yes")
             assert rm.exit_code == 0, rm.output
-            await rs.resume()
-            await _turn(session, "remember the red roof")
+            with pytest.raises(LeaseLost) as refused:
+                await rs.resume()
+            assert not refused.value.vanished and rs.state == "paused"
             await _wait_lost(lost)
             assert lost and not lost[0].vanished, lost
             await rs.aclose()

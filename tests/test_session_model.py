@@ -781,9 +781,14 @@ class Walk:
 
     async def op_resume(self, w: Worker) -> None:
         self.log(f"resume {w.name}{' (fenced)' if w.fenced else ''}")
-        await self.call("resume", w.rs.resume(), None)
+        await self.call("resume", w.rs.resume(), LeaseLost if w.fenced else None)
+        if w.fenced:
+            # its save told it of the takeover: silenced again, nothing written
+            self.check(w.rs.state == "paused", f"a refused resume left state {w.rs.state!r}")
+            return
         w.status = "active"
         self.check(w.rs.state == "active", f"resumed, state {w.rs.state!r}")
+        self.acknowledged_by(w, w.rs.version)  # a resume saves before it returns
 
     async def op_finish(self, w: Worker, how: Literal["suspend", "end"]) -> None:
         self.log(f"{how} {w.name} ({w.status}{', fenced' if w.fenced else ''})")

@@ -163,6 +163,7 @@ class RealtimeGate:
 
     def __init__(self) -> None:
         self._session: AgentSession[Any] | None = None
+        self._cut = False  # a reply was cut while closed
 
     def close(self, session: AgentSession[Any], agent: Agent | None) -> None:
         if agent is None or realtime_model(session, agent) is None or self._session is not None:
@@ -174,12 +175,15 @@ class RealtimeGate:
             # half a user turn buffered on the server would otherwise end in a reply later
             live.clear_audio()
 
-    def open(self) -> None:
+    def open(self) -> bool:
+        """Let replies through again; whether one was cut while closed."""
         if self._session is not None:
             self._session.off("speech_created", self._on_speech)
             self._session = None
+        cut, self._cut = self._cut, False
+        return cut
 
-    @staticmethod
-    def _on_speech(ev: SpeechCreatedEvent) -> None:
+    def _on_speech(self, ev: SpeechCreatedEvent) -> None:
         if not ev.speech_handle.interrupted:
             ev.speech_handle.interrupt(force=True)
+            self._cut = True

@@ -817,6 +817,7 @@ class ResumableSession:
         self._state = "active"
         self._pause_unsaved = False
         self._show()
+        await self._silencer.resync(session)
         # saved before returning, as a pause is (the caller hears the agent already): an
         # operator's `ls` after a remote resume says active; a resume whose save fails
         # is a resume all the same, one whose save finds the session taken over is not

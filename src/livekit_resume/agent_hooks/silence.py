@@ -20,7 +20,7 @@ from livekit.agents import Agent, AgentSession
 from livekit.agents.voice import SpeechHandle
 from livekit.agents.voice.events import SpeechCreatedEvent
 
-from .realtime import RealtimeGate
+from .realtime import RealtimeGate, realtime_model
 
 __all__ = ["INTERRUPT_TIMEOUT", "Silencer", "Timer", "current_agent"]
 
@@ -57,6 +57,7 @@ class Silencer:
         # them: an app that had one off (text only, a muted caller) gets it back off
         self._audio: tuple[AgentSession[Any], bool, bool] | None = None
         self._gate = RealtimeGate()  # a realtime model replies without llm_node
+        self._resync = False  # the gate cut a reply: see `resync`
         # every speech the session announced, while it lives (see `heard`)
         self._speeches: weakref.WeakSet[SpeechHandle] = weakref.WeakSet()
 
@@ -116,11 +117,34 @@ class Silencer:
             else:
                 agent.llm_node = own  # type: ignore[method-assign]
         self._paused_agents.clear()
-        self._gate.open()
+        self._resync = self._gate.open()
         silenced, self._audio = self._audio, None
         if silenced is not None and silenced[0] is session:
             session.input.set_audio_enabled(silenced[1])
             session.output.set_audio_enabled(silenced[2])
+
+    async def resync(self, session: AgentSession[Any]) -> None:
+        """After `unsilence`, when the gate cut a reply: a realtime model's server keeps
+        the items of a reply LiveKit cut (agent_activity.py leaves them there), so the
+        agent's context is sent again and the server drops them. The model then answers
+        from the conversation the session holds, which is what a restore sends it."""
+        if not self._resync:
+            return
+        self._resync = False
+        agent = current_agent(session)
+        if agent is None or realtime_model(session, agent) is None:
+            return
+        try:
+            await agent.update_chat_ctx(agent.chat_ctx, exclude_invalid_function_calls=False)
+        except Exception as e:  # the realtime session gone meanwhile: nothing to drop
+            log.warning(
+                "session %r: the realtime model's conversation was not synced after the "
+                "pause (%s: %s)",
+                self._key,
+                type(e).__name__,
+                e,
+                extra={"key": self._key},
+            )
 
 
 class Timer:
