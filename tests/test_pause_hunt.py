@@ -192,6 +192,47 @@ async def test_a_long_pause_whose_suspend_met_a_store_outage_still_suspends_late
     await finish(session, rs)
 
 
+async def test_a_later_long_pause_starts_its_suspend_retries_afresh(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long pause's failed suspend is retried, its delay doubling (session.py,
+    ``LONG_PAUSE_RETRY``). A resume ends that pause: the next long pause of the same
+    session meets its own outage.
+
+    Expected: the next long pause retries after the first delay again.
+    Found: only a successful suspend reset the delay, so the next pause waited as long
+    as the last outage had made it (up to a minute), holding its lease."""
+    from livekit_resume.agent_hooks import session as session_module
+
+    monkeypatch.setattr(session_module, "LONG_PAUSE_RETRY", 0.2)
+    flaky = DownStore(store)
+    session, rs, _ = await started(flaky, autosave=False, suspend_after=0.2)
+    closed = closing(session)
+    await session.run(user_input="hi")
+    await rs.pause()
+    flaky.down, flaky.commits = True, 0
+
+    async def failed(times: int) -> bool:
+        return flaky.commits >= times
+
+    # the suspend fails at 0.2 s, then 0.2, 0.4 and 0.8 later: the next delay is 1.6 s
+    await eventually(lambda: failed(4), "four suspends failed", WAIT)
+    flaky.down = False
+    await rs.resume()
+    await rs.pause()
+    flaky.down, flaky.commits = True, 0
+    await eventually(lambda: failed(1), "the second pause's suspend failed", WAIT)
+    flaky.down = False
+    try:
+        await asyncio.wait_for(closed.wait(), 2.0)  # retried 0.2 s later, not 1.6 s
+    except asyncio.TimeoutError:
+        still = rs.state
+        await finish(session, rs)
+        pytest.fail(f"a second long pause still {still!r} 2 s after its suspend failed")
+    assert rs.state == "suspended"
+    await finish(session, rs)
+
+
 # ------------------------------------------------------------- takeover during a pause
 
 

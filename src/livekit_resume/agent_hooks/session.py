@@ -813,6 +813,7 @@ class ResumableSession:
         if self._autosave.lost is not None:
             raise self._autosave.lost  # another worker has the call: this one stays silent
         self._long_pause.cancel()
+        self._long_pause_retry = LONG_PAUSE_RETRY  # a later long pause meets its own outage
         self._silencer.unsilence(session)
         self._state = "active"
         self._pause_unsaved = False
