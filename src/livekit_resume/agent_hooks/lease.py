@@ -132,9 +132,11 @@ class LeaseHolder:
                 extra={"key": self.key},
             )
 
-    async def renew(self) -> bool:
+    async def renew(self, version: int | None = None) -> bool:
         """Extend the lease. Returns False when the session vanished (nobody took it:
-        the next checkpoint acquires it again); raises `LeaseLost` when it was taken."""
+        the next checkpoint acquires it again), or is behind ``version``, the latest this
+        holder committed (the store went back: a failover, a backup restored); raises
+        `LeaseLost` when it was taken."""
         lease = self.lease
         if lease is None or self.vanished:
             return not self.vanished
@@ -152,6 +154,11 @@ class LeaseHolder:
         if self.lease is lease:
             self.lease = renewed
             self.renewed_at = sent
+            if version is not None and renewed.version is not None and renewed.version < version:
+                # the lease survived, the versions did not: written whole again, as when
+                # a commit finds the head behind (`head_moved_error`)
+                self.vanished = True
+                return False
         return True
 
     async def commit(self, commit: Commit) -> int:

@@ -670,7 +670,7 @@ class ResumableSession:
             # Nothing new: the store holds it all, if this worker still holds the
             # session. `checkpoint` asks (a renewal): a worker taken over was told its
             # old version had landed, and one without autosave never learnt otherwise.
-            if confirm and not await self._holder.renew():
+            if confirm and not await self._holder.renew(self._version):
                 raise lease_lost_error(self._key, self._holder.epoch, None)  # vanished
             return self._version
         # the store's part on the loop (its commit packed, the thread or socket handed
@@ -720,7 +720,7 @@ class ResumableSession:
             )
 
     async def _renew(self) -> None:
-        if not await self._holder.renew():
+        if not await self._holder.renew(self._version):
             self._autosave.trigger("manual")  # the next checkpoint acquires it again
 
     # ----------------------------------------------------- pause and suspend

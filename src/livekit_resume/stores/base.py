@@ -258,6 +258,9 @@ class Lease:
     owner: str
     epoch: int
     expires_at: float  # wall-clock seconds by the store's clock (Redis: the server's TIME)
+    # the session's latest version when `Store.renew` granted this lease (None: the store
+    # does not say): a holder that committed a newer one learns the store went back
+    version: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +363,9 @@ class Store(Protocol):
         ...
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
-        """Extend a lease still current (same epoch and owner), else raise `LeaseLost`."""
+        """Extend a lease still current (same epoch and owner), else raise `LeaseLost`.
+        The lease returned says the session's latest version (`Lease.version`), if the
+        store can tell."""
         ...
 
     async def release(self, lease: Lease) -> None:

@@ -157,7 +157,8 @@ class MemoryStore:
         if s.epoch != lease.epoch or s.owner != lease.owner:
             raise lease_lost_error(lease.key, lease.epoch, s.epoch)
         s.lease_expires_at, s.touched_at = now + ttl, now
-        return Lease(lease.key, lease.owner, lease.epoch, now + ttl)
+        version = s.versions[-1].version if s.versions else 0
+        return Lease(lease.key, lease.owner, lease.epoch, now + ttl, version)
 
     async def release(self, lease: Lease) -> None:
         s = self._get(lease.key)

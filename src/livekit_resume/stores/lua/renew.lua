@@ -1,6 +1,6 @@
 -- renew: extend a lease that is still current (same epoch and owner).
 -- ARGV[4] owner, [5] epoch, [6] lease ttl seconds.
--- Reply: {'ok', expires} | {'lost', current epoch or ''} | {'corrupt', message}
+-- Reply: {'ok', expires, version} | {'lost', current epoch or ''} | {'corrupt', message}
 local function main()
   local s = live_head(true)
   if s == nil then return {'lost', ''} end
@@ -9,7 +9,7 @@ local function main()
   s.touched = NOW
   redis.call('HSET', HEAD, 'expires', fmt(expires), 'touched', fmt(NOW))
   refresh_ttl(s)
-  return {'ok', fmt(expires)}
+  return {'ok', fmt(expires), fmt(s.version)}
 end
 
 return run(main)

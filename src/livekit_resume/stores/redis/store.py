@@ -462,7 +462,7 @@ class RedisStore:
                 tombstone = await self._tombstone(lease.key)
                 raise lease_lost_error(lease.key, lease.epoch, None, tombstone=tombstone)
             raise lease_lost_error(lease.key, lease.epoch, int(reply[1]))
-        return Lease(lease.key, lease.owner, lease.epoch, float(reply[1]))
+        return Lease(lease.key, lease.owner, lease.epoch, float(reply[1]), int(reply[2]))
 
     async def _tombstone(self, key: str) -> int | None:
         """The epoch of the tombstone a delete of ``key`` left (`delete`), or None."""

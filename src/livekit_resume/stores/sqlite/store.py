@@ -282,7 +282,7 @@ class SQLiteStore:
                 "WHERE ns=? AND key=?",
                 (now + ttl, ttl, now, self._ns, lease.key),
             )
-            return Lease(lease.key, lease.owner, lease.epoch, now + ttl)
+            return Lease(lease.key, lease.owner, lease.epoch, now + ttl, s.version)
 
     async def release(self, lease: Lease) -> None:
         validate_key(lease.key)

@@ -90,6 +90,18 @@ class LeaseTests(StoreTests):
             renewed.expires_at, abs=0.01
         )
 
+    async def test_a_renewed_lease_says_the_latest_version_or_nothing(self) -> None:
+        """`Lease.version`: a holder that committed a newer version than the one the
+        renewal names learns the store went back (a failover, a backup restored) and
+        writes the session whole. A store that cannot tell says None."""
+        store = await self.new_store()
+        lease = await store.acquire(KEY, "worker-a", ttl=60)
+        assert (await store.renew(lease, ttl=60)).version in (None, 0)
+        record = [Record("h", "x", b"x")]
+        assert await store.commit(Commit(KEY, lease.epoch, 0, b"h", record, 1)) == 1
+        assert await store.commit(Commit(KEY, lease.epoch, 1, b"h", [], 1)) == 2
+        assert (await store.renew(lease, ttl=60)).version in (None, 2)
+
     async def test_renew_of_a_stale_lease_is_lease_lost(self) -> None:
         store = await self.new_store()
         with pytest.raises(LeaseLost):
