@@ -57,9 +57,10 @@ from livekit.agents import Agent, AgentSession, JobContext
 from livekit.agents.voice import room_io
 
 from ..bridge import from_stored, session_codec, whole_commit
-from ..errors import LeaseLost, ResumeError, SessionBusy, TokenRefused
+from ..errors import LeaseLost, ResumeError, SessionBusy, TokenRefused, UnsavableValue
 from ..snapshot.codec import Codec
 from ..snapshot.model import Snapshot
+from ..snapshot.values import dump_userdata
 from ..stores.base import MAX_KEY_BYTES, Lease, SessionInfo, Store, validate_key
 from ..stores.url import open_store
 from ..tokens import verify_token
@@ -209,6 +210,11 @@ class JobPolicy:
             # a suspend of the session's own (suspend_after, the app) is under way:
             # decide once it is done, on who is in the room then
             return lambda: asyncio.shield(finishing)
+        pausing = self._rs._pausing
+        if pausing is not None:
+            # a pause of the app's (a hold) or an operator's under way: theirs, not the
+            # policy's to lift on a return; decided once it has taken effect
+            return lambda: asyncio.shield(pausing)
         if callers(self._room):
             self._cancel_timer()
             if state == "paused" and self._left_pause == self._rs._pauses:
@@ -235,6 +241,10 @@ class JobPolicy:
         self._left_pause = self._rs._pauses + 1  # what this pause makes it
         try:
             await self._rs.pause()
+        except BaseException:
+            if self._rs._pauses != self._left_pause:
+                self._left_pause = None  # not paused by it: a later pause is not its own
+            raise
         finally:
             # paused even when its save failed (a store blip; the next save sends it
             # again): the grace runs all the same, or nothing would ever suspend it
@@ -460,6 +470,24 @@ _policies: weakref.WeakKeyDictionary[JobContext, weakref.ref[JobPolicy]] = (
 _restoring: weakref.WeakKeyDictionary[JobContext, set[str]] = weakref.WeakKeyDictionary()
 
 
+def _userdata_again(rs: ResumableSession, session: AgentSession[Any]) -> Callable[[], None]:
+    """What sets ``session.userdata`` back to a copy of the one it holds now (tools change
+    it in place), through its saved form. Nothing without a userdata type: userdata is
+    neither saved nor copied then."""
+    adapter = rs._capture.userdata
+    if adapter is None or session._userdata is None:
+        return lambda: None
+    try:
+        form = dump_userdata(adapter, session.userdata)
+    except UnsavableValue:
+        return lambda: None  # every checkpoint says so: the app's to fix
+
+    def again() -> None:
+        session.userdata = adapter.validate_python(form)
+
+    return again
+
+
 @contextlib.contextmanager
 def _restoring_key(ctx: JobContext, key: str, owner: str) -> Iterator[None]:
     """Mark ``key`` as being restored by this job, or refuse (`SessionBusy`) when it
@@ -606,12 +634,17 @@ async def resumable_job(
                     # (refused: a newer job holds the key): the job's report and shutdown
                     # callbacks read this session's history
                     kept = list(session.history.items)
+                    kept_userdata = session._userdata
                     try:
                         await archive()
                         session.history.items.clear()
+                        # a new conversation (none stored, the stored one stale, ended or
+                        # removed by rm) starts from the job's userdata, not the last one's
+                        first_userdata()
                         restored = await rs.restore(session, default=default)
                     except BaseException:
                         session.history.items[:] = kept
+                        session.userdata = kept_userdata
                         raise
                     closed.clear()
                     try:
@@ -625,6 +658,7 @@ async def resumable_job(
                         closed.set()
                         raise
 
+            first_userdata = _userdata_again(rs, session)
             policy = JobPolicy(rs, ctx.room, leave_grace=leave_grace, rejoin=rejoin)
             held = _policies.get(ctx)
             earlier = held() if held is not None else None

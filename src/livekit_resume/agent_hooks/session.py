@@ -165,7 +165,8 @@ class ResumableSession:
         self._long_pause = Timer(self._key)
         # the save of a pause made before the session started, once it starts
         self._state_save = Timer(self._key)
-        self._pausing = False  # a pause is cutting the speech (`pause`)
+        # a pause is cutting the speech (`pause`): done once it is paused, or not
+        self._pausing: asyncio.Future[None] | None = None
         self._pause_unsaved = False  # paused before start: nothing to capture yet
         self._long_pause_retry = LONG_PAUSE_RETRY
 
@@ -244,7 +245,8 @@ class ResumableSession:
 
         Call before ``session.start(agent)``. Returns ``default()`` when no snapshot exists.
         After a `suspend` it may be called again, with a new `AgentSession` or the closed
-        one (LiveKit restarts it; empty its ``history`` first).
+        one (LiveKit restarts it; empty its ``history`` first, and give it the userdata a
+        new conversation starts with: a restore that resumes one sets its own).
         Raises `SessionBusy` when another live worker holds the session (unless
         ``takeover``), `UnknownAgent` for an unregistered agent id, `IncompatibleSnapshot`
         when saved userdata no longer validates or the agent's factory fails on its saved
@@ -732,13 +734,16 @@ class ResumableSession:
         session = self._require()
         if self._state != "active" or self._finishing is not None:
             raise RuntimeError(f"cannot pause session {self._key!r} in state {self._state!r}")
-        if self._pausing:
+        if self._pausing is not None:
             raise RuntimeError(f"cannot pause session {self._key!r}: being paused")
-        self._pausing = True
+        # its waiters wake once this pause has set its state (the callbacks run after
+        # this coroutine's next await, its save's)
+        pausing = self._pausing = asyncio.get_running_loop().create_future()
         try:
             await self._silencer.silence(session)
         finally:
-            self._pausing = False
+            self._pausing = None
+            pausing.set_result(None)
         if self._state != "active" or self._finishing is not None or self._closing is not None:
             # closed (the job shut down), suspended or ended while the speech was being cut:
             # that state stands, and no long-pause timer is armed on a session given up
@@ -994,7 +999,7 @@ class ResumableSession:
             return "closing"  # once closed, its state says so
         if self._finishing is not None:
             return f"being {self._finishing_as}"
-        if self._pausing:
+        if self._pausing is not None:
             return "being paused"
         return None
 
