@@ -616,3 +616,56 @@ async def test_a_takeover_while_the_drops_pause_is_saving_silences_the_old_job_f
         held.gate.set()
         await asyncio.wait_for(jb.shut_down(sb), T)
         await asyncio.wait_for(ja.shut_down(sa), T)
+
+
+class FailingCommits:
+    """A store whose commits of the given reasons fail (`StoreUnavailable`) while
+    ``down`` is set: an outage, not our code."""
+
+    def __init__(self, inner: Store, reasons: set[str]) -> None:
+        self.inner = inner
+        self.reasons = reasons
+        self.down = False
+        self.failed = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, commit: Any) -> int:
+        if self.down and commit.info.get("reason") in self.reasons:
+            self.failed.set()
+            raise lr.StoreUnavailable("store is down (test)")
+        return await self.inner.commit(commit)
+
+
+async def test_a_grace_suspend_that_met_a_store_outage_is_tried_again(store: Store) -> None:
+    """The caller left and nobody came back; as the grace runs out the store is down, so
+    the suspend fails (the session stays paused with its lease: `suspend`'s docstring).
+
+    Expected: docs/lifecycle.md (Caller drop), "nobody rejoins in time -> suspended": the
+    suspend is tried again once the store is back.
+    Found: the failed step ended the policy's settling, and with the grace timer spent
+    and no room event to come nothing tried again: the abandoned call held its lease,
+    its session and its models until the job ended."""
+    key = key_()
+    flaky = FailingCommits(store, {"suspend"})
+    j = Job("room-outage")
+    s = make_text_session(ScriptedLLM(default="noted"))
+    rs = await asyncio.wait_for(run_job(j, s, flaky, key=key, leave_grace=0.3), T)
+    try:
+        await asyncio.wait_for(s.run(user_input="one thing"), T)
+        flaky.down = True
+        j.leave()
+        await asyncio.wait_for(flaky.failed.wait(), T)  # the grace's suspend failed
+        await asyncio.sleep(0.1)
+        flaky.down = False  # the store is back
+        assert await reaches(rs, "suspended", 3.0), f"store back 3 s, session {rs.state}"
+
+        async def released() -> bool:
+            info = await store.info(key)
+            return info is not None and info.owner is None
+
+        await eventually(released, "the lease of the abandoned call is released", T)
+        assert await stored_user_texts(store, key) == ["one thing"]
+    finally:
+        await asyncio.wait_for(j.shut_down(s), T)

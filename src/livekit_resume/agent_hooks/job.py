@@ -199,7 +199,11 @@ class JobPolicy:
                 if step is None:
                     return
                 grace_over = False
-                await step()
+                try:
+                    await step()
+                except Exception:
+                    self._again_after_grace()
+                    raise  # logged by `_done`
 
     def _next_step(self, grace_over: bool) -> Callable[[], Awaitable[None]] | None:
         state = self._rs.state
@@ -236,6 +240,19 @@ class JobPolicy:
 
     async def _arm_grace(self) -> None:
         self._arm(self._leave_grace or 0.0)
+
+    def _again_after_grace(self) -> None:
+        """After a step failed (a suspend against a store outage): a call still nobody's
+        is suspended after another grace, or no timer and no room event would ever."""
+        if (
+            self._started
+            and self._leave_grace is not None
+            and self._timer is None
+            and self._rs.state == "paused"
+            and self._rs._closing is None
+            and not callers(self._room)
+        ):
+            self._arm(self._leave_grace)
 
     async def _pause_for_leave(self) -> None:
         self._left_pause = self._rs._pauses + 1  # what this pause makes it
