@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from livekit.agents import Agent, AgentSession, AgentTask
+from livekit.agents.voice.agent_activity import _AgentActivityContextVar
 from livekit.agents.voice.events import (
     CloseEvent,
     ConversationItemAddedEvent,
@@ -72,7 +73,7 @@ def listen(
     def on_tool_update(ev: ToolExecutionUpdatedEvent) -> None:
         up = ev.update
         if isinstance(up, ToolCallStarted):
-            agent = current_agent(session)
+            agent = running_agent(session)
             if isinstance(agent, AgentTask) and task_parent(agent) is not None:
                 # a task's own tool: a snapshot saves the task's parent, whose context
                 # never holds the task's calls (AgentTask merges back without them); the
@@ -114,3 +115,13 @@ def listen(
     for event, fn in handlers:
         session.on(event, fn)
     return handlers
+
+
+def running_agent(session: AgentSession[Any]) -> Agent | None:
+    """The agent whose activity runs the code emitting an event now, else the current
+    one. LiveKit 1.8.9 runs a reply's tools in its activity's speech task, whose context
+    names that activity (`_AgentActivityContextVar`), and emits `ToolCallStarted` there:
+    the session's current agent is another while a sibling awaits an `AgentTask` (the
+    task) or once a task completed mid-batch (its parent)."""
+    activity = _AgentActivityContextVar.get(None)
+    return activity.agent if activity is not None else current_agent(session)
