@@ -273,7 +273,8 @@ def test_a_remote_command_fenced_mid_save_does_not_say_the_worker_still_holds_it
 ) -> None:
     """A remote ``suspend`` reaches the holder; as it applies it, an operator's
     ``rm --yes`` (or ``revert --takeover``) fences the holder, so the final save is
-    refused (`LeaseLost`). The sender is refused (exit 1); the refusal must not tell it
+    refused (`LeaseLost`). The sender is refused (`CommandRefused`, exit 1 from the
+    command line); the refusal must not tell it
     "the session is paused, still held by its worker" (control.md: that reading is for
     a final save that *failed*, the worker keeping its lease and autosave): the worker
     holds nothing any more. Nothing is written back."""
@@ -290,22 +291,35 @@ def test_a_remote_command_fenced_mid_save_does_not_say_the_worker_still_holds_it
             await _wait_listening(rs)
             real_save = rs._save
 
+            fenced = asyncio.Event()
+
             async def fenced_then_save(reason: str, *a: Any, **k: Any) -> int:
                 if reason == verb:
                     args = {
                         "rm": ("rm", key, "--yes"),
                         "revert": ("revert", key, str(first), "--takeover"),
                     }[between]
-                    done = await _cli(url, *args)
+                    try:
+                        done = await _cli(url, *args)
+                    finally:
+                        fenced.set()
                     assert done.exit_code == 0, done.output
                 return await real_save(reason, *a, **k)
 
             rs._save = fenced_then_save  # type: ignore[method-assign]
-            sent = await _cli(url, "--json", verb, key, "--timeout", "10")
-            assert sent.exit_code == 1, sent.output
-            err = json.loads(sent.stderr.strip().splitlines()[-1])
-            assert err["error"] == "CommandRefused", err
-            assert "still held by its worker" not in err["message"], err["message"]
+            # sent through the API the command line uses, not CliRunner: the rm runs in
+            # CliRunner meanwhile, and two CliRunners at once swap one process's
+            # sys.stderr under each other (the refusal was printed into the rm's)
+            sender = open_store(url)
+            try:
+                with pytest.raises(CommandRefused) as refused:
+                    await getattr(control(sender), verb)(key, timeout=10)
+            finally:
+                await sender.aclose()
+            assert "still held by its worker" not in str(refused.value), refused.value
+            # refused as soon as the rm lands (no live owner), maybe before the rm's own
+            # CliRunner is done: the next command line waits for it
+            await asyncio.wait_for(fenced.wait(), 30)
             await rs.aclose()
             await session.aclose()
         finally:

@@ -151,6 +151,11 @@ class Capture:
         its turns counted from none."""
         self.conversation = uuid.uuid4().hex
         self._turns = 0
+        # nothing of the one before is the store's: a worker without a userdata type,
+        # or a value that cannot be saved, would write a removed call's back
+        self._saved_userdata = None
+        self._saved_state = None
+        self._committed = None
 
     def index(self, snap: Snapshot, sealed: Mapping[str, Sealed] | None = None) -> Indexes:
         """What `baseline` keeps of a restored snapshot's streams, made beforehand: it

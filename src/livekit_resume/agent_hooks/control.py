@@ -17,7 +17,7 @@ from typing import Protocol
 
 from prometheus_client import Counter
 
-from ..errors import LeaseLost, StoreUnavailable
+from ..errors import LeaseLost
 from ..remote import epoch_mismatch
 from ..stores.base import Command, CommandChannel, CommandReply, Controllable, Store, offers
 
@@ -98,6 +98,13 @@ class ControlListener:
         # one waiting here stays unclaimed, so its sender can still withdraw it
         self._applying = asyncio.Lock()
         self.listening = asyncio.Event()  # set once the inbox is active
+        self._released: int | None = None  # the epoch this worker gave up itself
+
+    def released(self, epoch: int) -> None:
+        """This worker gave up the lease of ``epoch`` itself (a suspend, an end, a close):
+        a command aimed at it that waited its turn is refused, not left to time out as
+        if the owner were frozen."""
+        self._released = epoch
 
     async def start(self) -> None:
         """Listen from now on; returns once the inbox is active, so that no command sent
@@ -171,6 +178,12 @@ class ControlListener:
     async def _claim_and_apply(self, channel: CommandChannel, command: Command) -> None:
         key, verb = self._session.key, command.verb
         held = self._epoch()  # read now: the command before this one may have suspended
+        if held is None and command.epoch == self._released:
+            if await channel.claim(command):
+                state = self._session.state
+                reason = f"cannot {verb}: the session is {state}"
+                await channel.answer(command, CommandReply("refused", reason=reason))
+            return
         if held is None or command.epoch > held:
             return  # aimed at whoever took this session over: theirs to answer
         if not await channel.claim(command):
@@ -218,9 +231,10 @@ class ControlListener:
         if busy is not None:
             # before the shortcut below: a suspend writing its final save says "paused"
             return CommandReply("refused", reason=f"cannot {verb}: the session is {busy}")
-        if s.state == _ALREADY.get(verb) and self._started():
-            # sent again after a lost answer, or a hold on a pause someone else made; a
-            # session still restoring is "active" at version 0 too, and not done
+        if s.state == _ALREADY.get(verb) and (self._started() or verb == "pause"):
+            # sent again after a lost answer, or a hold on a pause someone else made (the
+            # app's before start too); a session still restoring is "active" at version 0
+            # too, and not done
             if verb == "pause":
                 self._paused_again()
             return CommandReply("done", s.version)
@@ -238,9 +252,10 @@ class ControlListener:
             await actions[verb]()
         except Exception as e:
             after = s.state
-            if verb == "pause" and after == "paused" and isinstance(e, StoreUnavailable):
-                # a pause whose save fails is a pause all the same (`ResumableSession.pause`):
-                # refused would tell the sender nothing was done to a session now silent
+            if verb == "pause" and after == "paused" and not isinstance(e, LeaseLost):
+                # a pause whose save fails (the store down, an agent not registered) is a
+                # pause all the same (`ResumableSession.pause`): refused would tell the
+                # sender nothing was done to a session now silent
                 return CommandReply("done", s.version, reason=f"paused, its state not saved: {e}")
             # any other failure is refused at once, not left unanswered for the sender's
             # timeout, saying what it left behind: a suspend whose final save failed

@@ -500,7 +500,16 @@ def _userdata_again(rs: ResumableSession, session: AgentSession[Any]) -> Callabl
         return lambda: None  # every checkpoint says so: the app's to fix
 
     def again() -> None:
-        session.userdata = adapter.validate_python(form)
+        try:
+            session.userdata = adapter.validate_python(form)
+        except Exception as e:  # a validator that no longer takes what it gave
+            log.error(
+                "session %r: the job's first userdata could not be made again (%s); the "
+                "new conversation keeps the last one's",
+                rs.key,
+                e,
+                extra={"key": rs.key},
+            )
 
     return again
 
@@ -655,10 +664,11 @@ async def resumable_job(
                     try:
                         await archive()
                         session.history.items.clear()
-                        # a new conversation (none stored, the stored one stale, ended or
-                        # removed by rm) starts from the job's userdata, not the last one's
-                        first_userdata()
                         restored = await rs.restore(session, default=default)
+                        if not rs.resumed:
+                            # a new conversation (none stored, the stored one stale, ended
+                            # or removed by rm): the job's userdata, not the last call's
+                            first_userdata()
                     except BaseException:
                         session.history.items[:] = kept
                         session.userdata = kept_userdata

@@ -477,7 +477,13 @@ class ResumableSession:
         # ("interrupted"): one that ended while the suspend closed that session was
         # never heard ending, and would be saved as running into every later snapshot.
         self._capture.running.clear()
+        self._long_pause_retry = LONG_PAUSE_RETRY
         if stored is None:
+            if self._version:
+                # restored again, the conversation gone (`rm`, archived as stale): a new
+                # one from version 0, written whole over what the capture held of the last
+                self._version = 0
+                self._capture.rewrite = True
             self._capture.fresh()
             return default()
         sealed: dict[str, Sealed] = {}  # what checking the seals hashed: not hashed again
@@ -1024,6 +1030,8 @@ class ResumableSession:
                 self._session.off(event, fn)
         self._listeners.clear()
         if self._autosave.lost is None:
+            if self._holder.lease is not None:
+                self._control.released(self._holder.lease.epoch)
             await self._holder.release(within=release_within)
         else:
             self._holder.drop()  # another worker holds it now
