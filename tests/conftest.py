@@ -89,3 +89,12 @@ async def sessions() -> AsyncIterator[list[AgentSession[Any]]]:
     yield made
     for session in made:
         await session.aclose()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist's controller: the fault suite's figures a worker measured are printed
+    with the controller's summary (a worker's own output is not shown)."""
+    from tests.faults.figures import collect_from_worker
+
+    collect_from_worker(node.config, getattr(node, "workeroutput", {}))

@@ -64,9 +64,7 @@ LOAD_SECONDS = 20.0 * SOAK
 @pytest.fixture(scope="session")
 def figures(request: pytest.FixtureRequest) -> Figures:
     """The session's table; registered as a plugin so that it prints at the very end."""
-    fig = Figures(SOAK)
-    request.config.pluginmanager.register(fig, "livekit-resume-fault-figures")
-    return fig
+    return Figures.of(request.config, SOAK)
 
 
 @pytest.fixture(scope="session")

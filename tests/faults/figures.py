@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Figures", "Row", "machine"]
+__all__ = ["Figures", "Row", "collect_from_worker", "machine"]
+
+# where an xdist worker hands its rows to the controller, which prints them
+_WORKER_ROWS = "livekit_resume_fault_rows"
+_PLUGIN = "livekit-resume-fault-figures"
 
 COLUMNS = (
     "scenario",
@@ -92,6 +96,24 @@ class Figures:
     def report(self) -> str:
         return f"machine: {machine()}; RESUME_SOAK={self.soak}\n\n{self.table()}\n"
 
+    @classmethod
+    def of(cls, config: Any, soak: int) -> Figures:
+        """The session's table, registered as a plugin so that it prints at the very end
+        (in an xdist worker, handed to the controller, which prints them all)."""
+        fig = config.pluginmanager.get_plugin(_PLUGIN)
+        if fig is None:
+            fig = cls(soak)
+            config.pluginmanager.register(fig, _PLUGIN)
+        return fig  # type: ignore[no-any-return]
+
+    def pytest_sessionfinish(self, session: Any) -> None:
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:
+            workeroutput[_WORKER_ROWS] = {
+                "soak": self.soak,
+                "rows": [asdict(row) for row in self.rows],
+            }
+
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.rows:
             return
@@ -101,3 +123,12 @@ class Figures:
         if out:
             Path(out).write_text(self.report())
             terminalreporter.write_line(f"(also written to {out})")
+
+
+def collect_from_worker(config: Any, workeroutput: dict[str, Any]) -> None:
+    """On the xdist controller: the rows a worker measured, into the printed table."""
+    handed = workeroutput.get(_WORKER_ROWS)
+    if handed and handed["rows"]:
+        fig = Figures.of(config, handed["soak"])
+        for row in handed["rows"]:
+            fig.add(Row(**row))
