@@ -252,7 +252,11 @@ class ControlListener:
             await actions[verb]()
         except Exception as e:
             after = s.state
-            if verb == "pause" and after == "paused" and not isinstance(e, LeaseLost):
+            if (
+                verb == "pause"
+                and after == "paused"
+                and not isinstance(e, (LeaseLost, RuntimeError))  # RuntimeError: not paused
+            ):
                 # a pause whose save fails (the store down, an agent not registered) is a
                 # pause all the same (`ResumableSession.pause`): refused would tell the
                 # sender nothing was done to a session now silent

@@ -67,7 +67,7 @@ from ..tokens import verify_token
 from .lease import granted, release_lease, to_its_end
 from .registry import AgentRegistry
 from .room import callers
-from .session import ResumableSession
+from .session import LONG_PAUSE_RETRY, LONG_PAUSE_RETRY_CAP, ResumableSession
 
 __all__ = ["DEFAULT_LEAVE_GRACE", "JobPolicy", "archive_stale", "resumable_job"]
 
@@ -145,6 +145,7 @@ class JobPolicy:
         self._missed = False  # a participant came or went after listen(), before start()
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._failures = 0  # steps failed in a row: the retry after a grace backs off
         # One step at a time (a pause, a resume, a suspend, a restore), each decided on
         # who is in the room once the step before it is done: a participant who joins or
         # leaves while one runs is seen by the next, never lost to a state in transit.
@@ -202,8 +203,10 @@ class JobPolicy:
                 try:
                     await step()
                 except Exception:
+                    self._failures += 1
                     self._again_after_grace()
                     raise  # logged by `_done`
+                self._failures = 0
 
     def _next_step(self, grace_over: bool) -> Callable[[], Awaitable[None]] | None:
         state = self._rs.state
@@ -243,7 +246,8 @@ class JobPolicy:
 
     def _again_after_grace(self) -> None:
         """After a step failed (a suspend against a store outage): a call still nobody's
-        is suspended after another grace, or no timer and no room event would ever."""
+        is suspended after another grace (at least the backoff), or no timer and no room
+        event would ever."""
         if (
             self._started
             and self._leave_grace is not None
@@ -252,7 +256,10 @@ class JobPolicy:
             and self._rs._closing is None
             and not callers(self._room)
         ):
-            self._arm(self._leave_grace)
+            # a grace of 0 (suspend at once) against a store that refuses at once would
+            # retry in a tight loop: at least 2 s, doubling to a minute, as a long pause's
+            backoff = LONG_PAUSE_RETRY * 2 ** min(self._failures - 1, 8)
+            self._arm(max(self._leave_grace, min(backoff, LONG_PAUSE_RETRY_CAP)))
 
     async def _pause_for_leave(self) -> None:
         self._left_pause = self._rs._pauses + 1  # what this pause makes it
