@@ -196,6 +196,7 @@ async def test_a_command_queued_behind_a_suspend_is_refused_not_timed_out(url: s
             f"the owner, alive, suspended the session and left the queued pause unanswered: "
             f"after {took:.1f} s the sender was told {answer.reason!r}"
         )
+        assert "suspended" in answer.reason, answer.reason
     finally:
         owner_store.slow = 0.0
         await _close(rs, session, backend, inner)

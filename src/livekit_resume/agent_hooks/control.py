@@ -98,13 +98,14 @@ class ControlListener:
         # one waiting here stays unclaimed, so its sender can still withdraw it
         self._applying = asyncio.Lock()
         self.listening = asyncio.Event()  # set once the inbox is active
-        self._released: int | None = None  # the epoch this worker gave up itself
+        # the epoch this worker gave up itself, and what the session is since
+        self._released: tuple[int, str] | None = None
 
-    def released(self, epoch: int) -> None:
-        """This worker gave up the lease of ``epoch`` itself (a suspend, an end, a close):
-        a command aimed at it that waited its turn is refused, not left to time out as
-        if the owner were frozen."""
-        self._released = epoch
+    def released(self, epoch: int, state: str) -> None:
+        """This worker gave up the lease of ``epoch`` itself (a suspend, an end, a close),
+        the session ``state`` since: a command aimed at it that waited its turn is
+        refused saying so, not left to time out as if the owner were frozen."""
+        self._released = (epoch, state)
 
     async def start(self) -> None:
         """Listen from now on; returns once the inbox is active, so that no command sent
@@ -178,10 +179,10 @@ class ControlListener:
     async def _claim_and_apply(self, channel: CommandChannel, command: Command) -> None:
         key, verb = self._session.key, command.verb
         held = self._epoch()  # read now: the command before this one may have suspended
-        if held is None and command.epoch == self._released:
+        released = self._released
+        if held is None and released is not None and command.epoch == released[0]:
             if await channel.claim(command):
-                state = self._session.state
-                reason = f"cannot {verb}: the session is {state}"
+                reason = f"cannot {verb}: the session is {released[1]}"
                 await channel.answer(command, CommandReply("refused", reason=reason))
             return
         if held is None or command.epoch > held:

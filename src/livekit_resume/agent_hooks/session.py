@@ -905,7 +905,7 @@ class ResumableSession:
         self, session: AgentSession[Any], state: Literal["suspended", "ended"]
     ) -> None:
         self._show()
-        await self._detach_and_release()
+        await self._detach_and_release(then=state)
         await self._announcer.announce(state, self._version)
         await self._shown()
         close = self._session_close = asyncio.ensure_future(session.aclose())
@@ -964,7 +964,7 @@ class ResumableSession:
         """Undo a restore after a suspend whose session then failed to start (job.py's
         restore in place): nothing runs, so the key goes back to the store as the suspend
         left it, no lease held, and a later `restore` may try again."""
-        await self._detach_and_release()
+        await self._detach_and_release(then="suspended")
         self._state = "suspended"
         self._show()
         await self._shown()
@@ -1022,7 +1022,11 @@ class ResumableSession:
         held = self._holder.lease is not None and self._autosave.lost is None
         return self._holder.epoch if held else None
 
-    async def _detach_and_release(self, *, release_within: float | None = None) -> None:
+    async def _detach_and_release(
+        self, *, release_within: float | None = None, then: str = "closed"
+    ) -> None:
+        """Stop autosave and the listeners, give the lease up (``then``: what the session
+        is once given up, for a command that waited its turn)."""
         self._long_pause.cancel()
         await self._autosave.aclose()
         if self._session is not None:
@@ -1031,7 +1035,7 @@ class ResumableSession:
         self._listeners.clear()
         if self._autosave.lost is None:
             if self._holder.lease is not None:
-                self._control.released(self._holder.lease.epoch)
+                self._control.released(self._holder.lease.epoch, then)
             await self._holder.release(within=release_within)
         else:
             self._holder.drop()  # another worker holds it now
