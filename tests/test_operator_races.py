@@ -7,6 +7,7 @@ and failed on main before its fix."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import uuid
@@ -18,6 +19,7 @@ import pytest
 from livekit_resume import ResumableSession, open_store
 from livekit_resume.cli import write as cli_write
 from tests import _child_agent as child
+from tests import child_env
 from tests.test_cli import ROOT, _converse, run, run_json, started, url
 
 __all__ = ["url"]  # the fixture, shared with test_cli
@@ -30,9 +32,46 @@ def _new_key() -> str:
     return f"room-{uuid.uuid4().hex[:6]}"
 
 
-async def _cli(url: str, *args: str, **kw: Any) -> Any:
-    """The command run as a shell runs it, off the worker's loop (bounded)."""
-    return await asyncio.wait_for(asyncio.to_thread(run, url, *args, **kw), BOUND)
+@dataclasses.dataclass
+class _Ran:
+    """What a command line run in a process of its own did (as CliRunner's result)."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+_running = 0  # commands run in this process now (CliRunner)
+
+
+async def _cli(url: str, *args: str, input: str | None = None) -> Any:
+    """The command run as a shell runs it, off the worker's loop (bounded). One run while
+    another waits (an operator's rm landing as the owner applies a command) runs in a
+    process of its own: CliRunner swaps the process's sys.stdout and sys.stderr, and two
+    at once print into each other's."""
+    global _running
+    if _running:
+        return await asyncio.wait_for(_in_a_process(url, *args, input=input), BOUND)
+    _running += 1
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(run, url, *args, input=input), BOUND)
+    finally:
+        _running -= 1
+
+
+async def _in_a_process(url: str, *args: str, input: str | None) -> _Ran:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "livekit_resume", "--store", url, *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=child_env(),
+    )  # fmt: skip
+    out, err = await proc.communicate(input.encode() if input is not None else None)
+    assert proc.returncode is not None
+    return _Ran(proc.returncode, out.decode(), err.decode())
 
 
 async def _turn(session: Any, line: str) -> None:
