@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -63,6 +64,16 @@ def free_port(*, avoid: Sequence[int] = ()) -> int:
             port = int(s.getsockname()[1])
         if port not in avoid and port != 6379:
             return port
+
+
+@contextlib.contextmanager
+def dead_port() -> Iterator[int]:
+    """A loopback port nothing listens on while the block runs: bound here, never
+    listened on (a connection is refused), so that no other process, another test
+    worker's server, takes it meanwhile (a port of `free_port` is free only that instant)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
 
 
 def _ping(port: int, timeout: float = 0.5) -> bool:
@@ -143,12 +154,18 @@ class RedisServer:
             deadline = time.monotonic() + START_DEADLINE
             while time.monotonic() < deadline and self.proc.poll() is None:
                 if self._alive():
-                    return self
+                    if not self._anothers():
+                        return self
+                    break  # another process's server took the port first
                 time.sleep(0.02)
             self._reap()
-            if not self._port_taken():
+            if not self._port_taken() and not self._bus_port_taken():
                 break
-            self.port = free_port()  # lost the port to another process: try a new one
+            # lost a port to another process (another test worker's server): new ones
+            self.port = free_port()
+            if "--cluster-port" in self.extra:
+                at = self.extra.index("--cluster-port") + 1
+                self.extra[at] = str(free_port(avoid=[self.port]))
         log = self.directory / "redis.log"
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
         raise RuntimeError(f"redis-server on port {self.port} did not start:\n{tail}")
@@ -156,13 +173,27 @@ class RedisServer:
     def _alive(self) -> bool:
         return _ping(self.port)
 
-    def _port_taken(self) -> bool:
+    def _anothers(self) -> bool:
+        """Whether the server answering on the port is another process's: one that took
+        the port between `free_port` and this start (this one then exits, unable to bind
+        it). A server that does not say (a password asked, TLS) is taken for this one."""
+        assert self.proc is not None
+        pid = re.search(r"process_id:(\d+)", _cli(self.port, "INFO", "server"))
+        return pid is not None and int(pid[1]) != self.proc.pid
+
+    def _port_taken(self, port: int | None = None) -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
-                s.bind(("127.0.0.1", self.port))
+                s.bind(("127.0.0.1", self.port if port is None else port))
             except OSError:
                 return True
         return False
+
+    def _bus_port_taken(self) -> bool:
+        """A cluster node's bus port (``--cluster-port``), chosen with the client port."""
+        if "--cluster-port" not in self.extra:
+            return False
+        return self._port_taken(int(self.extra[self.extra.index("--cluster-port") + 1]))
 
     def _reap(self) -> None:
         if self.proc is None:

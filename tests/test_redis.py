@@ -40,7 +40,7 @@ from livekit_resume.stores.redis import RedisStore, RedisURL
 from livekit_resume.stores.url import open_store
 from livekit_resume.testing.poll import eventually
 from tests import ROOT, child_env
-from tests.redis_servers import RedisServer, build_redis_store, free_port
+from tests.redis_servers import RedisServer, build_redis_store, dead_port
 
 KEY = "room-7"
 
@@ -421,7 +421,11 @@ async def test_foreign_key_in_the_way_refuses_the_commit_and_writes_nothing(
 
 
 async def test_unreachable_server_is_store_unavailable_naming_host_and_operation() -> None:
-    port = free_port()
+    with dead_port() as port:
+        await _unreachable_server_is_store_unavailable(port)
+
+
+async def _unreachable_server_is_store_unavailable(port: int) -> None:
     store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", retries=1, socket_timeout=0.5)
     try:
         with pytest.raises(StoreUnavailable) as caught:
@@ -437,14 +441,15 @@ async def test_unreachable_server_is_store_unavailable_naming_host_and_operation
 
 
 async def test_unreachable_cluster_is_store_unavailable() -> None:
-    store = RedisStore.from_url(
-        f"redis+cluster://127.0.0.1:{free_port()}", retries=1, socket_timeout=0.5
-    )
-    try:
-        with pytest.raises(StoreUnavailable, match="cluster"):
-            await store.load(KEY)
-    finally:
-        await store.aclose()
+    with dead_port() as port:
+        store = RedisStore.from_url(
+            f"redis+cluster://127.0.0.1:{port}", retries=1, socket_timeout=0.5
+        )
+        try:
+            with pytest.raises(StoreUnavailable, match="cluster"):
+                await store.load(KEY)
+        finally:
+            await store.aclose()
 
 
 async def test_server_killed_mid_use_and_restarted_loses_no_acknowledged_version(
@@ -1083,10 +1088,11 @@ async def test_replica_after_failover_is_store_unavailable(
     try:
         lease = await store.acquire(KEY, "worker-a")
         await commit_items(store, lease, 0, "a")
-        disposable_redis.cli("replicaof", "127.0.0.1", str(free_port()))  # a primary that is gone
-        with pytest.raises(StoreUnavailable, match=r"READONLY|read only"):
-            await commit_items(store, lease, 1, "b")
-        assert (await store.load(KEY)).version == 1
+        with dead_port() as gone:  # a primary that is gone
+            disposable_redis.cli("replicaof", "127.0.0.1", str(gone))
+            with pytest.raises(StoreUnavailable, match=r"READONLY|read only"):
+                await commit_items(store, lease, 1, "b")
+            assert (await store.load(KEY)).version == 1
     finally:
         await store.aclose()
 

@@ -393,10 +393,11 @@ def test_every_command_hides_a_wrong_store_password(
 
 @pytest.mark.parametrize("args", _EVERY_COMMAND, ids=lambda a: "-".join(a))
 def test_every_command_hides_the_password_of_an_unreachable_store(args: list[str]) -> None:
-    from tests.redis_servers import free_port
+    from tests.redis_servers import dead_port
 
-    url = f"redis://admin:{SECRET_PW}@127.0.0.1:{free_port()}/0"
-    result = _cli("--store", url, *args)
+    with dead_port() as port:
+        url = f"redis://admin:{SECRET_PW}@127.0.0.1:{port}/0"
+        result = _cli("--store", url, *args)
     assert result.exit_code in (1, 2), _shown(result)
     assert SECRET_PW not in _shown(result), _shown(result)
     assert isinstance(result.exception, SystemExit), _shown(result)

@@ -22,7 +22,12 @@ from livekit_resume.stores.redis import RedisStore
 from livekit_resume.stores.redis.url import RedisURL
 from tests.faults.cluster import until
 from tests.faults.sentinel import SERVICE, SentinelPair
-from tests.redis_servers import RedisSentinel, RedisServer, free_port, require_redis_server
+from tests.redis_servers import (
+    RedisSentinel,
+    RedisServer,
+    dead_port,
+    require_redis_server,
+)
 from tests.test_autosave_adversarial import live_texts, stored_texts
 from tests.test_redis_degraded import live_session
 
@@ -111,16 +116,16 @@ def test_a_database_that_is_not_plain_digits_is_a_bad_url(url: str) -> None:
 
 
 async def test_no_sentinel_answering_is_a_short_message_naming_the_service() -> None:
-    dead = [free_port(), free_port()]
-    url = f"redis+sentinel://:datapw@127.0.0.1:{dead[0]},127.0.0.1:{dead[1]}/my%20master/0"
-    store = RedisStore.from_url(url, sentinel_password="sentpw", retries=0)
-    try:
-        with pytest.raises(StoreUnavailable) as caught:
-            await asyncio.wait_for(store.info("room"), CAP)
-    finally:
-        await store.aclose()
+    with dead_port() as one, dead_port() as two:
+        url = f"redis+sentinel://:datapw@127.0.0.1:{one},127.0.0.1:{two}/my%20master/0"
+        store = RedisStore.from_url(url, sentinel_password="sentpw", retries=0)
+        try:
+            with pytest.raises(StoreUnavailable) as caught:
+                await asyncio.wait_for(store.info("room"), CAP)
+        finally:
+            await store.aclose()
     message = str(caught.value)
-    assert "service my master" in message and str(dead[1]) in message
+    assert "service my master" in message and str(two) in message
     assert "no Sentinel answered" in message
     # redis-py's own text repeated each Sentinel's whole client, a kilobyte each
     assert len(message) < 400 and "redis.asyncio" not in message

@@ -54,6 +54,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
 from typing import Any, Literal, cast
 from unittest.mock import create_autospec
 
@@ -61,6 +62,7 @@ from livekit import rtc
 from livekit.agents import AgentServer, JobContext, JobProcess, job
 from livekit.agents.ipc.job_proc_executor import ProcJobExecutor
 from livekit.agents.ipc.mock_room import create_mock_room
+from livekit.agents.ipc.supervised_proc import _mask_ctrl_c
 from livekit.protocol import agent, models
 
 StartMethod = Literal["spawn", "forkserver"]
@@ -332,6 +334,21 @@ class RunningJob:
         self.signal(signal.SIGCONT)
 
 
+def _fork_server_without_settings() -> None:
+    """Start this process's one fork server now, if it is not running, with no
+    ``RESUME_*`` setting in its environment: every job is forked from it, and a setting a
+    test monkeypatched when the server happened to start would reach the jobs of every
+    later test (which test starts it first depends on how pytest-xdist shares them out)."""
+    saved = {name: os.environ.pop(name) for name in list(os.environ) if name.startswith("RESUME_")}
+    try:
+        # as LiveKit starts it (`supervised_proc._mask_ctrl_c`, around the first job's
+        # Process.start): SIGINT ignored, which the server and every job inherit
+        with _mask_ctrl_c():
+            forkserver.ensure_running()
+    finally:
+        os.environ.update(saved)
+
+
 class JobHarness:
     """Starts entrypoints in LiveKit job processes and talks to them over a unix socket.
 
@@ -349,6 +366,7 @@ class JobHarness:
         self._mp_ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             self._mp_ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
+            _fork_server_without_settings()
         self._close_timeout = shutdown_process_timeout
         self._dir = tempfile.mkdtemp(prefix="lkjob")  # short: unix socket paths are limited
         self._link_path = os.path.join(self._dir, "link.sock")
