@@ -12,11 +12,13 @@ conversation (`ResumableSession.end`) revokes every token issued for it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -24,6 +26,7 @@ import msgpack
 from .bridge import codec_for, from_stored
 from .errors import SignatureMismatch, SnapshotCorrupt, SnapshotNotFound, TokenRefused
 from .settings import Settings
+from .snapshot.codec import Codec
 from .snapshot.frame import Keyring
 from .stores.base import Store, validate_key
 
@@ -70,32 +73,46 @@ async def _now(store: Store, key: str) -> float:
     return info.read_at if info is not None and info.read_at is not None else time.time()
 
 
-async def _conversation(store: Store, key: str, signing_keys: str | None) -> tuple[str | None, str]:
+async def _conversation(store: Store, key: str, readers: Sequence[Codec]) -> tuple[str | None, str]:
     """The key's current conversation id and state (SnapshotNotFound if none), read as
-    the workers read it: with the environment's keys, and with the keys given (those the
-    token is signed with) when the environment's do not verify it, as where the workers
-    are given them in code too."""
+    the workers read it: with the environment's keys, then with those given (the
+    workers' in code) when the environment's do not verify it or decrypt it. Decoded on
+    a worker thread: a long history would hold the loop every other session shares."""
     stored = await store.load(key)
-    try:
-        snap = from_stored(codec_for(store), stored)
-    except SignatureMismatch:
-        if not signing_keys:
-            raise
-        snap = from_stored(codec_for(store, signing_keys=signing_keys), stored)
+    for codec in readers[:-1]:
+        try:
+            snap = await asyncio.to_thread(from_stored, codec, stored)
+            return snap.meta.conversation, snap.state
+        except SignatureMismatch:
+            pass
+    snap = await asyncio.to_thread(from_stored, readers[-1], stored)
     return snap.meta.conversation, snap.state
 
 
+def _readers(store: Store, signing_keys: str | None, encryption_keys: str | None) -> list[Codec]:
+    given = {"signing_keys": signing_keys, "encryption_keys": encryption_keys}
+    keys = {name: value for name, value in given.items() if value}
+    return [codec_for(store), codec_for(store, **keys)] if keys else [codec_for(store)]
+
+
 async def issue_token(
-    store: Store, key: str, *, ttl: float, signing_keys: str | None = None
+    store: Store,
+    key: str,
+    *,
+    ttl: float,
+    signing_keys: str | None = None,
+    encryption_keys: str | None = None,
 ) -> str:
     """A token for the conversation ``key`` holds now, valid for ``ttl`` seconds.
-    Raises `SnapshotNotFound` when the key holds none, `TokenRefused` when it ended."""
+    Raises `SnapshotNotFound` when the key holds none, `TokenRefused` when it ended.
+    ``encryption_keys``: the workers', where they are given in code (as ``signing_keys``)."""
     validate_key(key)
     if not math.isfinite(ttl):
         raise ValueError(f"a reconnect token's ttl must be a finite number of seconds, not {ttl}")
     kid, secret = _keyring(signing_keys).keys[0]
     codec = codec_for(store)  # the store's namespace, which the token binds
-    conversation, state = await _conversation(store, key, signing_keys)
+    readers = _readers(store, signing_keys, encryption_keys)
+    conversation, state = await _conversation(store, key, readers)
     if state == "ended" or conversation is None:
         raise TokenRefused(f"session {key!r} holds no conversation a token can resume")
     payload = [codec.namespace, key, conversation, await _now(store, key) + ttl, kid]
@@ -126,10 +143,16 @@ def _payload(token: str, keys: Keyring) -> list[Any]:
     return payload
 
 
-async def verify_token(store: Store, token: str, *, signing_keys: str | None = None) -> str:
+async def verify_token(
+    store: Store,
+    token: str,
+    *,
+    signing_keys: str | None = None,
+    encryption_keys: str | None = None,
+) -> str:
     """The session key a valid token names; `TokenRefused` saying why otherwise
     (forged, expired, another namespace, the conversation ended, was replaced or is
-    damaged)."""
+    damaged). ``encryption_keys``: the workers', where they are given in code."""
     namespace, key, conversation, expires_at, _ = _payload(token, _keyring(signing_keys))
     key = str(key)
     codec = codec_for(store)
@@ -139,7 +162,9 @@ async def verify_token(store: Store, token: str, *, signing_keys: str | None = N
     if not math.isfinite(expires_at) or expires_at < await _now(store, key):
         raise TokenRefused(f"reconnect token for session {key!r} refused: it expired")
     try:
-        current, state = await _conversation(store, key, signing_keys)
+        current, state = await _conversation(
+            store, key, _readers(store, signing_keys, encryption_keys)
+        )
     except SnapshotNotFound:
         raise TokenRefused(
             f"reconnect token for session {key!r} refused: no conversation is stored"

@@ -454,14 +454,17 @@ async def _token_key(
     ctx: JobContext,
     token: str | Callable[[JobContext], str | None] | None,
     signing_keys: str | None,
+    encryption_keys: str | None,
 ) -> str | None:
-    """The key a presented reconnect token names, or None (no token, or refused);
-    ``signing_keys``: the job's, when given in code."""
+    """The key a presented reconnect token names, or None (no token, or refused); the
+    keys: the job's, when given in code."""
     presented = token(ctx) if callable(token) else token
     if not presented:
         return None
     try:
-        return await verify_token(store, presented, signing_keys=signing_keys)
+        return await verify_token(
+            store, presented, signing_keys=signing_keys, encryption_keys=encryption_keys
+        )
     except (TokenRefused, ValueError) as e:  # ValueError: no signing keys to check it with
         log.warning("%s; starting from the room's own key", e, extra={"job": ctx.job.id})
         return None
@@ -579,9 +582,8 @@ async def resumable_job(
     opened = store is None
     store = store or open_store()
     try:
-        name = await _token_key(store, ctx, token, options.get("signing_keys")) or (
-            await _resolve_key(ctx, key)
-        )
+        keys = options.get("signing_keys"), options.get("encryption_keys")
+        name = await _token_key(store, ctx, token, *keys) or (await _resolve_key(ctx, key))
         owner = job_owner(ctx)
         # another call of this job, or the restore in place of an earlier one, racing for
         # the key: refused here

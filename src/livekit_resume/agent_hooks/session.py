@@ -936,7 +936,17 @@ class ResumableSession:
         """The conversation is over (a goodbye, a hang-up the app treats as final): a last
         snapshot marked ``ended``, the lease released, the session closed. A later call
         under the key starts a new conversation instead of resuming this one, and
-        reconnect tokens issued for it are refused."""
+        reconnect tokens issued for it are refused. Refused (`RuntimeError`) before
+        ``session.start()``: nothing would be saved then (`aclose` leaves it as stored)."""
+        if (
+            self._session is not None
+            and self._state in ("active", "paused")
+            and not self._started()
+        ):
+            raise RuntimeError(
+                f"cannot end session {self._key!r} before session.start(): nothing "
+                "would mark it ended; start it first, or aclose() to leave it as stored"
+            )
         return await self._finish("end", "ended")
 
     async def aclose(self) -> None:
