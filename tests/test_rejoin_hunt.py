@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from livekit_resume.stores.base import Store
 from livekit_resume.testing.poll import eventually
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_agent_state_adversarial import store
+from tests.test_job_hunt import T, key_, run_job
 from tests.test_job_policy_adversarial import (  # noqa: F401  (_sigterm_kept: autouse)
     QUIET,
     REGISTRY,
@@ -34,28 +34,6 @@ from tests.test_job_policy_adversarial import (  # noqa: F401  (_sigterm_kept: a
 )
 
 __all__ = ["store"]
-
-T = 5.0  # bound per step; never a timing
-
-
-def key_() -> str:
-    return f"caller-{uuid.uuid4().hex[:8]}"
-
-
-async def run_job(
-    j: Job, session: AgentSession[Any], store: Store, **options: Any
-) -> lr.ResumableSession:
-    options.setdefault("leave_grace", None)
-    options.setdefault("debounce", 0.01)
-    return await lr.resumable_job(
-        j.ctx,
-        session,
-        registry=options.pop("registry", REGISTRY),
-        default=options.pop("default", Clerk),
-        store=store,
-        room_options=QUIET,
-        **options,
-    )
 
 
 def closing(session: AgentSession[Any]) -> asyncio.Event:

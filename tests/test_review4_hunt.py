@@ -22,6 +22,7 @@ from livekit_resume.stores.base import Store
 from livekit_resume.testing.poll import eventually
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_agent_state_adversarial import store
+from tests.test_job_hunt import run_job
 from tests.test_job_policy_adversarial import (  # noqa: F401  (_sigterm_kept: autouse)
     Job,
     _sigterm_kept,
@@ -31,7 +32,6 @@ from tests.test_rejoin_hunt import (
     _suspended_clinic_call,
     closing,
     demo_registry,
-    run_job,
     stored_snap,
     user_texts_of,
 )

@@ -22,15 +22,14 @@ import livekit_resume as lr
 from livekit_resume.stores.base import Store
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_agent_state_adversarial import store
+from tests.test_job_hunt import key_, run_job
 from tests.test_job_policy_adversarial import (  # noqa: F401  (_sigterm_kept: autouse)
     Job,
     _sigterm_kept,
     state_is,
 )
 from tests.test_rejoin_hunt import (
-    key_,
     reaches,
-    run_job,
     stored_user_texts,
 )
 

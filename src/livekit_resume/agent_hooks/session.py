@@ -477,7 +477,6 @@ class ResumableSession:
         # ("interrupted"): one that ended while the suspend closed that session was
         # never heard ending, and would be saved as running into every later snapshot.
         self._capture.running.clear()
-        self._long_pause_retry = LONG_PAUSE_RETRY
         if stored is None:
             if self._version:
                 # restored again, the conversation gone (`rm`, archived as stale): a new
@@ -764,6 +763,7 @@ class ResumableSession:
         self._pauses += 1
         # armed before the save: a pause whose save fails is a pause all the same
         if self._suspend_after is not None:
+            self._long_pause_retry = LONG_PAUSE_RETRY  # each long pause meets its own outage
             self._long_pause.arm(self._suspend_after, self._suspend_long_pause)
         if not self._started():
             # the agent is not the session's yet: saved once it starts (`_attach`)
@@ -805,7 +805,6 @@ class ResumableSession:
                 self._long_pause.arm(self._long_pause_retry, self._suspend_long_pause)
                 self._long_pause_retry = min(self._long_pause_retry * 2, LONG_PAUSE_RETRY_CAP)
             raise  # logged by the timer's task
-        self._long_pause_retry = LONG_PAUSE_RETRY
         return version
 
     async def resume(self) -> None:
@@ -824,7 +823,6 @@ class ResumableSession:
         if self._autosave.lost is not None:
             raise self._autosave.lost  # another worker has the call: this one stays silent
         self._long_pause.cancel()
-        self._long_pause_retry = LONG_PAUSE_RETRY  # a later long pause meets its own outage
         self._silencer.unsilence(session)
         self._state = "active"
         self._pause_unsaved = False
