@@ -286,7 +286,13 @@ async def test_an_older_job_whose_suspend_met_the_new_epoch_does_not_answer_the_
     s2 = make_text_session(ScriptedLLM(default="new job"))
     await asyncio.wait_for(run_job(j2, s2, store, key=key), T)
     try:
-        await asyncio.sleep(0.8)  # room A's grace ran out: its suspend met the new epoch
+
+        async def left() -> bool:
+            return bool(j1.shutdowns)
+
+        # room A's grace runs out: its suspend meets the new epoch, and the job leaves
+        # (waited for, not slept on: under load the grace's suspend comes late)
+        await eventually(left, "the fenced job left room A", T)
         asked = len(llm1.requests)
         j1.join()
         await asyncio.sleep(0.3)

@@ -40,9 +40,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import inspect
-import itertools
 import logging
 import os
 import signal
@@ -56,15 +54,15 @@ from livekit import rtc
 from livekit.agents import Agent, AgentSession, JobContext
 from livekit.agents.voice import room_io
 
-from ..bridge import from_stored, session_codec, whole_commit
-from ..errors import LeaseLost, ResumeError, SessionBusy, TokenRefused, UnsavableValue
+from ..bridge import from_stored, session_codec
+from ..errors import LeaseLost, SessionBusy, TokenRefused, UnsavableValue
 from ..snapshot.codec import Codec
-from ..snapshot.model import Snapshot
 from ..snapshot.values import dump_userdata
-from ..stores.base import MAX_KEY_BYTES, Lease, SessionInfo, Store, validate_key
+from ..stores.base import SessionInfo, Store
 from ..stores.url import open_store
 from ..tokens import verify_token
-from .lease import granted, release_lease, to_its_end
+from .archive import ARCHIVE_LEASE_TTL, acquire_for, kept_aside
+from .lease import release_lease, to_its_end
 from .registry import AgentRegistry
 from .room import callers
 from .session import LONG_PAUSE_RETRY, LONG_PAUSE_RETRY_CAP, ResumableSession
@@ -76,11 +74,6 @@ log = logging.getLogger("livekit_resume")
 # Long enough for a phone to switch networks and rejoin, short enough that an abandoned
 # call frees its STT/TTS/LLM connections soon.
 DEFAULT_LEAVE_GRACE = 30.0
-
-# Copying a stale conversation aside takes one commit.
-ARCHIVE_LEASE_TTL = 30.0
-# Kept free at the end of an archive's key for a ``~<n>`` of a name taken already.
-_SUFFIX_BYTES = 8
 
 KeySpec = str | Callable[[JobContext], "str | Awaitable[str]"] | None
 
@@ -345,7 +338,7 @@ async def archive_stale(
 ) -> str | None:
     """If ``key``'s conversation ended (`ResumableSession.end`) or was last saved more
     than ``older_than`` seconds ago, copy its latest version whole to
-    ``<key>~v<version>`` (see `_archive_key`), remove ``key`` and return the archive's
+    ``<key>~v<version>`` (see `archive.kept_aside`), remove ``key`` and return the archive's
     key; else None. A session some worker still holds is left alone. ``info``:
     ``store.info(key)`` when the caller has just read it (not read again). ``lease_ttl``:
     of the lease held meanwhile, at most the store's session ttl (the job's own)."""
@@ -362,7 +355,7 @@ async def archive_stale(
     # Held from the check to the delete, which it fences: a worker that takes the key
     # over meanwhile (``takeover=True``) keeps it, and with it every turn it wrote.
     try:
-        held = await _acquire(store, key, owner, lease_ttl)
+        held = await acquire_for(store, key, owner, lease_ttl)
     except SessionBusy:
         return None  # a worker holds it now: it is that worker's
     deleted = False
@@ -375,12 +368,10 @@ async def archive_stale(
             # the listing's info is unsigned (anyone who can write the store can set
             # it): the snapshot's own state, checked, decides
             return None
-        archive, kept = await _archive_key(store, codec, key, stored.version, snap)
-        lease = await _acquire(store, archive, owner, lease_ttl)
-        try:
-            if not kept:
-                copy = snap.model_copy(update={"key": archive, "epoch": lease.epoch})
-                await store.commit(whole_commit(codec, copy, base_version=0, owner=owner))
+        async with kept_aside(store, codec, key, stored.version, snap, owner, lease_ttl) as (
+            archive,
+            lease,
+        ):
             try:
                 deleted = await store.delete(key, lease=held)
             except LeaseLost:
@@ -392,10 +383,6 @@ async def archive_stale(
                     extra={"key": key},
                 )
                 return None
-        finally:
-            # run to their end however many cancellations arrive (a job shutting down
-            # cancels twice): a release cut short left the key leased for its ttl
-            await to_its_end(release_lease(store, lease))
     finally:
         if not deleted:
             await to_its_end(release_lease(store, held))
@@ -409,44 +396,6 @@ async def archive_stale(
         extra={"key": key, "archived": archive},
     )
     return archive
-
-
-async def _archive_key(
-    store: Store, codec: Codec, key: str, version: int, snap: Snapshot
-) -> tuple[str, bool]:
-    """Where `archive_stale` keeps ``snap``, ``key``'s conversation at ``version``:
-    ``<key>~v<version>``, then ``~2``, ``~3``... while another conversation holds the
-    name (the key's next conversation ended at the same version), its key part cut to
-    fit beside a digest of the whole key when it would be too long. And whether the
-    name holds this very conversation already: an archive cut short before ``key`` was
-    removed, which is then finished, not copied again. A name that held any of these
-    made every later call for the key fail."""
-    stem = f"{key}~v{version}"
-    if len(stem.encode()) > MAX_KEY_BYTES - _SUFFIX_BYTES:
-        tail = f"~{hashlib.blake2b(key.encode(), digest_size=6).hexdigest()}~v{version}"
-        room = MAX_KEY_BYTES - _SUFFIX_BYTES - len(tail.encode())
-        stem = key.encode()[:room].decode("utf-8", "ignore") + tail
-    for n in itertools.count(1):
-        name = validate_key(stem if n == 1 else f"{stem}~{n}")
-        info = await store.info(name)
-        if info is None or info.version == 0:
-            return name, False
-        with contextlib.suppress(ResumeError):  # unreadable: not this conversation
-            there = from_stored(codec, await store.load(name))
-            if (there.history, there.agent, there.userdata) == (
-                snap.history,
-                snap.agent,
-                snap.userdata,
-            ):
-                return name, True
-    raise AssertionError("unreachable")
-
-
-async def _acquire(store: Store, key: str, owner: str, ttl: float) -> Lease:
-    """``store.acquire`` for `archive_stale`: a lease granted to a caller cancelled
-    meanwhile (the job shut down) is released, not left to refuse the next restore for
-    its ttl (`lease.granted`, as for a restore's lease)."""
-    return await granted(store, store.acquire(key, owner, ttl=ttl), lambda lease: lease)
 
 
 async def _token_key(

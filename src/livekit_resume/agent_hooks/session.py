@@ -47,6 +47,7 @@ from ..snapshot.model import Reason, Snapshot, ToolCallRecord
 from ..snapshot.seal import Sealed
 from ..snapshot.values import plain_extra
 from ..stores.base import DEFAULT_LEASE_TTL, Lease, Store, Stored, lease_lost_error, validate_key
+from .archive import ARCHIVE_LEASE_TTL, kept_aside
 from .autosave import Autosave, close_deadline, final_save, release_wait
 from .capture import Capture, Indexes, Pending, SavedState
 from .control import ControlListener
@@ -55,7 +56,7 @@ from .listen import listen
 from .rebuild import Built, build_items, check, rebuild
 from .registry import AgentRegistry
 from .room import ATTR_STATE, ATTR_VERSION, Announcer
-from .silence import Silencer, Timer, current_agent
+from .silence import Silencer, Timer, current_agent, own_speech
 
 __all__ = ["ATTR_STATE", "ATTR_VERSION", "ResumableSession", "SessionState"]
 
@@ -168,6 +169,7 @@ class ResumableSession:
         # a pause is cutting the speech (`pause`): done once it is paused, or not
         self._pausing: asyncio.Future[None] | None = None
         self._pause_unsaved = False  # paused before start: nothing to capture yet
+        self._end_unsaved = False  # an end whose save failed: later saves store it ended
         self._long_pause_retry = LONG_PAUSE_RETRY
 
         self._session: AgentSession[Any] | None = None
@@ -492,13 +494,22 @@ class ResumableSession:
         if snap is None:
             snap = await self._salvage(stored)
         if snap.state == "ended":
-            # an ended conversation is never resumed: a new one starts under the key, and
-            # its first commit clears the streams (the ended one stays in older versions)
+            # An ended conversation is never resumed: kept aside whole first (it ended as
+            # this call read the key, or its lease outlived a failed release), since the
+            # key's older versions lose it once `keep` more are written; then a new one
+            # starts under the key, its first commit clearing the streams.
+            ttl = min(ARCHIVE_LEASE_TTL, self._holder.ttl)
+            codec = self._capture.codec
+            async with kept_aside(
+                self._store, codec, self._key, stored.version, snap, self._holder.owner, ttl
+            ) as (archive, _):
+                pass
             log.info(
-                "session %r: conversation ended at version %d; starting a new one",
+                "session %r: conversation ended at version %d, kept as %r; starting a new one",
                 self._key,
                 stored.version,
-                extra={"key": self._key, "version": stored.version},
+                archive,
+                extra={"key": self._key, "version": stored.version, "archived": archive},
             )
             self._version = stored.version
             self._capture.rewrite = True
@@ -665,7 +676,7 @@ class ResumableSession:
         pending = await self._capture.draft(
             session,
             reason=reason,
-            state=_saved_state(state or self._state),
+            state=_saved_state(state or ("ended" if self._end_unsaved else self._state)),
             epoch=self._holder.epoch,
             base_version=self._version,
             writer=self._announcer.writer(),
@@ -825,7 +836,7 @@ class ResumableSession:
         self._long_pause.cancel()
         self._silencer.unsilence(session)
         self._state = "active"
-        self._pause_unsaved = False
+        self._pause_unsaved = self._end_unsaved = False
         self._show()
         await self._silencer.resync(session)
         # saved before returning, as a pause is (the caller hears the agent already): an
@@ -873,8 +884,15 @@ class ResumableSession:
             raise RuntimeError(f"session {self._key!r} is closing")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._finishing, self._finishing_as = done, state
+        self._end_unsaved = False
         try:
             return await self._finish_now(session, reason, state)
+        except BaseException:
+            # An end asked for and not stored (or stored unheard): every later save of
+            # the session (autosave's, the close's) stores it ended, not paused, which
+            # the next call would resume. A resume or a suspend says otherwise.
+            self._end_unsaved = state == "ended" and self._state == "paused"
+            raise
         finally:
             self._finishing = None
             done.set_result(None)
@@ -908,6 +926,8 @@ class ResumableSession:
         await self._shown()
         close = self._session_close = asyncio.ensure_future(session.aclose())
         close.add_done_callback(self._closed_session)
+        if own_speech() is not None:
+            return  # called from a tool: LiveKit's close waits for that tool to return
         _, waiting = await asyncio.wait({close}, timeout=SUSPEND_CLOSE_WAIT)
         if waiting:
             # saved and released: the caller, a rejoin or a remote command waits no more

@@ -18,16 +18,27 @@ from typing import Any
 
 from livekit.agents import Agent, AgentSession
 from livekit.agents.voice import SpeechHandle
+from livekit.agents.voice.agent_activity import _SpeechHandleContextVar
 from livekit.agents.voice.events import SpeechCreatedEvent
 
 from .realtime import RealtimeGate, realtime_model
 
-__all__ = ["INTERRUPT_TIMEOUT", "Silencer", "Timer", "current_agent"]
+__all__ = ["INTERRUPT_TIMEOUT", "Silencer", "Timer", "current_agent", "own_speech"]
 
 log = logging.getLogger("livekit_resume")
 
 # Cutting speech takes a few audio frames; a stuck output must not hang pause or suspend.
 INTERRUPT_TIMEOUT = 3.0
+
+
+def own_speech() -> SpeechHandle | None:
+    """The speech the caller runs in, if not done: a tool of its reply calls (a goodbye
+    tool ending the call). LiveKit 1.8.9 sets it for the tasks of a speech, tools
+    included (``agent_activity._SpeechHandleContextVar``, as its `AgentTask` reads it).
+    That speech cannot finish before its tool returns: waiting for it would wait out
+    every timeout."""
+    speech = _SpeechHandleContextVar.get(None)
+    return speech if speech is not None and not speech.done() else None
 
 
 def current_agent(session: AgentSession[Any]) -> Agent | None:
@@ -79,7 +90,7 @@ class Silencer:
             done = None  # not started: nothing is speaking
         for speech in list(self._speeches):
             speech.interrupt(force=True)  # done ones return at once
-        if done is not None:
+        if done is not None and own_speech() is None:
             # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the result of a
             # future done as its caller is cancelled and eats the cancellation (here the
             # cut is often done at once: nothing was speaking); wait never cancels ``done``
