@@ -398,9 +398,9 @@ def test_the_cli_trusts_the_ca_named_by_ssl_cert_file(
 ACL_RULES = (
     "+evalsha +script|load +time +scan +ping "
     "+zadd +zrem +zscore +zrange +zremrangebyscore "
-    "+hget +hgetall +hmget +hset +hdel +del +type +llen +lrange +rpush "
+    "+hget +hgetall +hmget +hset +hdel +del +type +exists +llen +lrange +rpush "
     "+get +set +append +strlen "
-    "+persist +pexpire +pttl +publish +subscribe +unsubscribe +wait"
+    "+persist +pexpire +pttl +publish +subscribe +unsubscribe +wait +select"
 )
 ACL_COMMANDS = ACL_RULES.split()
 

@@ -21,6 +21,7 @@ local function main()
   local staged = staged_keys(8, #ARGV)
   if staged == nil then return {'skip'} end
   assert_whole(s)  -- the generations the trim deletes are here, or lost
+  may_write()
   local len = 0
   if #ARGV >= 8 then len = push_all(lk, 8, #ARGV, staged) end
   redis.call('HSET', vk, 'gen', gen, 'end', len, 'records', tonumber(ARGV[7]))

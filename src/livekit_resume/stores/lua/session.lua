@@ -197,11 +197,32 @@ local function assert_trim_here(s, version, keep)
   end
 end
 
+-- A script is never undone, so a command refused after its first write (an ACL user
+-- short of one) would leave that write: a commit's version without its trim, an
+-- acquisition's owner reported as failed. The commands the writes are followed by
+-- (trim's DEL, refresh_ttl's PTTL and PEXPIRE or PERSIST) are asked for first, on a
+-- key of the slot, without running them: running one, even where it changes nothing,
+-- would let the script past maxmemory (Redis lets a script that has written go on).
+-- Redis 6 has no acl_check_cmd: there a refusal comes as the command does.
+local function may_write()
+  if not redis.acl_check_cmd then return end
+  local k = PREFIX .. 'settled'
+  local wanted = {{'DEL', k}, {'PTTL', k}, {'PERSIST', k}}
+  if TTL_MS ~= '' then wanted[3] = {'PEXPIRE', k, TTL_MS} end
+  for _, call in ipairs(wanted) do
+    if not redis.acl_check_cmd(unpack(call)) then
+      error({err = 'NOPERM this user can\'t run this command: ' .. call[1]
+        .. ', which the store\'s scripts run after they write; nothing was written'})
+    end
+  end
+end
+
 -- Where every script starts: the session's live head, or nil, and whether the head found
 -- had expired. An expired head counts as no session at all. Scripts that write pass
 -- purge = true, which deletes the expired session's keys first, so that what they write
 -- next starts afresh; read-only scripts leave them to PEXPIRE and write nothing.
 local function live_head(purge)
+  if purge then may_write() end
   local s = read_head()
   if s and s.expired then
     if purge then delete_all(s) end

@@ -20,10 +20,12 @@ def glob_escape(text: str) -> str:
 class KeyNames:
     """Key names of one namespace: every key of a session shares the hash tag ``{key}``."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, database: int = 0) -> None:
         self.namespace = namespace
         self.index = f"{namespace}:sessions"
-        self.channel = f"{namespace}:events"
+        # Redis pub/sub ignores the database number: the same namespace in another
+        # database would hear this one's events
+        self.channel = f"{namespace}:events" + (f":db{database}" if database else "")
 
     def prefix(self, key: str) -> str:
         """What every key of the session starts with."""
