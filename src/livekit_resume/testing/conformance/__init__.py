@@ -21,7 +21,7 @@ five backends through this class).
 The tests use only the `Store` protocol and the optional ones beside it in
 `livekit_resume.stores.base` (events). They need pytest and pytest-asyncio (auto or
 strict mode); neither is a dependency of livekit-resume, and nothing imports this
-module unless a test does. About 40 tests, some of them parametrised; a few wait for
+module unless a test does. About 50 tests, some of them parametrised; a few wait for
 sub-second TTLs to expire, so a run takes a few seconds per backend.
 """
 

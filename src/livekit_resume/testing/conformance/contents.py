@@ -11,6 +11,7 @@ import asyncio
 import os
 import random
 import time
+from typing import Any, cast
 
 import pytest
 
@@ -28,6 +29,10 @@ from ._model import (
     snapshot_of,
     writer,
 )
+
+# A racing task is refused once per commit of another task that landed between its load
+# and its commit: 35 at most (8 tasks of 5 commits). More is a store whose load lags.
+_MAX_CONFLICTS = 100
 
 
 class ContentTests(StoreTests):
@@ -242,6 +247,37 @@ class ContentTests(StoreTests):
             with pytest.raises(ValueError, match="whole commit"):
                 await store.commit(Commit(KEY, w.lease.epoch, 1, b"h", records, 1, whole=True))
         assert await snapshot_of(store) == before
+        # nothing of the refused commits was kept: the next version reads only its own
+        w.append("history", "m2", b"after")
+        assert await w.commit() == 2
+        await w.check(2)
+
+    async def test_a_commit_of_the_wrong_field_types_is_refused(self) -> None:
+        """`validate_commit`: a field not of the type `Commit` names (a str head or item,
+        a stream named by an int, a nested or bytes info value, a str base version) is
+        `ValueError`; nothing is written, and the next commit reads none of it."""
+        store = await self.new_store()
+        w = await writer(store)
+        w.append("history", "m0", b"x")
+        await w.commit()
+        before = await snapshot_of(store)
+        text: Any = "text"
+        epoch = w.lease.epoch
+        bad: list[Commit] = [
+            Commit(KEY, epoch, 1, text, [Record("history", "g0", b"ghost", "m0")], 2),
+            Commit(KEY, epoch, 1, b"h", [Record("history", "g1", text, "m0")], 2),
+            Commit(KEY, epoch, 1, b"h", [Record(cast(Any, 7), "g2", b"ghost")], 2),
+            Commit(KEY, epoch, 1, b"h", [], 1, {"nested": cast(Any, {"a": 1})}),
+            Commit(KEY, epoch, 1, b"h", [], 1, {"raw": cast(Any, b"bytes")}),
+            Commit(KEY, epoch, text, b"h", [Record("history", "g3", b"ghost", "m0")], 2),
+        ]
+        for commit in bad:
+            with pytest.raises(ValueError):
+                await store.commit(commit)
+        assert await snapshot_of(store) == before
+        w.append("history", "m1", b"y")
+        assert await w.commit() == 2
+        await w.check(2)
 
     # -- writers racing ------------------------------------------------------------------
 
@@ -254,6 +290,7 @@ class ContentTests(StoreTests):
 
         async def task(t: int) -> None:
             nonlocal conflicts
+            mine = 0  # each refusal is another task's commit: at most 35 on a sound store
             for n in range(5):
                 item = f"t{t}-{n}"
                 while True:
@@ -275,11 +312,20 @@ class ContentTests(StoreTests):
                         info = await store.info(KEY)
                         assert info is not None and info.epoch == lease.epoch  # the head moved
                         conflicts += 1
+                        mine += 1
+                        assert mine < _MAX_CONFLICTS, (
+                            f"task {t} was refused {mine} times on the head it had just "
+                            f"loaded (version {base.version}): a load lags the commits, or "
+                            "a commit is refused on the head it names"
+                        )
                         continue
                     accepted[version] = item
                     break
 
-        await asyncio.gather(*(task(t) for t in range(8)))
+        # every task runs to its end (each is bounded), so none outlives the test
+        for failed in await asyncio.gather(*(task(t) for t in range(8)), return_exceptions=True):
+            if isinstance(failed, BaseException):
+                raise failed
 
         assert conflicts > 0  # the race did happen
         assert sorted(accepted) == list(range(2, 42))
@@ -333,6 +379,7 @@ class ContentTests(StoreTests):
         assert await snapshot_of(store) == before
         w.append("h", "m2", b"y")
         assert await w.commit() == 3
+        await w.check(3)  # the refused records were not kept in the log either
 
     async def test_commit_without_the_lease_is_refused(self) -> None:
         store = await self.new_store()

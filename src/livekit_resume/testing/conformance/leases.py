@@ -50,7 +50,11 @@ class LeaseTests(StoreTests):
         assert info is not None and (info.owner, info.epoch) == ("worker-c", c.epoch)
 
     async def test_expired_lease_is_free_with_a_new_epoch(self) -> None:
+        """`Store.acquire`: an expired lease is free, and taking it gets a new epoch, for
+        its former owner too (only renewing a live lease keeps the epoch): the stale
+        lease of an earlier run of the same owner is fenced."""
         store = await self.new_store()
+        mine = await store.acquire("room-mine", "worker-a", ttl=0.3)  # expires first
         short = await store.acquire(KEY, "worker-a", ttl=0.3)
 
         async def lease_expired() -> bool:
@@ -63,6 +67,13 @@ class LeaseTests(StoreTests):
         assert info is not None and info.epoch == short.epoch
         fresh = await store.acquire(KEY, "worker-b", ttl=60)  # no takeover needed
         assert fresh.epoch == short.epoch + 1
+        again = await store.acquire("room-mine", "worker-a", ttl=60)  # the same owner
+        assert again.epoch > mine.epoch, "the owner of an expired lease kept its epoch"
+        with pytest.raises(LeaseLost):
+            await store.commit(Commit("room-mine", mine.epoch, 0, b"stale", [], 0))
+        with pytest.raises(LeaseLost):
+            await store.renew(mine)
+        assert await store.commit(Commit("room-mine", again.epoch, 0, b"h", [], 0)) == 1
 
     async def test_release_frees_the_lease_but_keeps_the_epoch_counter(self) -> None:
         store = await self.new_store()
@@ -79,6 +90,31 @@ class LeaseTests(StoreTests):
         again = await store.acquire(KEY, "worker-b", ttl=60)
         assert again.epoch == b.epoch + 1
 
+    async def test_a_stale_lease_of_the_same_owner_releases_and_deletes_nothing(self) -> None:
+        """`Store.release` and `Store.delete` (``lease=``) act only while the lease is
+        current, same epoch and owner: an earlier lease of the owner that holds the key
+        now (a job that released it and took it again) is ignored by release and
+        refused by delete (`LeaseLost`); the current lease stays, every version too."""
+        store = await self.new_store()
+        old = await store.acquire(KEY, "job-1", ttl=60)
+        assert await store.commit(Commit(KEY, old.epoch, 0, b"h", [Record("h", "x", b"x")], 1)) == 1
+        await store.release(old)
+        new = await store.acquire(KEY, "job-1", ttl=60)
+        assert new.epoch > old.epoch
+        await store.release(old)  # stale: ignored
+        info = await store.info(KEY)
+        assert info is not None and (info.owner, info.epoch) == ("job-1", new.epoch)
+        assert info.lease_expires_at == pytest.approx(new.expires_at, abs=0.01)
+        with pytest.raises(LeaseLost) as lost:
+            await store.delete(KEY, lease=old)
+        assert not lost.value.vanished and lost.value.current_epoch == new.epoch
+        with pytest.raises(LeaseLost):
+            await store.renew(old)
+        assert (await store.load(KEY)).version == 1 and await store.keys() == [KEY]
+        info = await store.info(KEY)
+        assert info is not None and (info.owner, info.epoch) == ("job-1", new.epoch)
+        assert await store.commit(Commit(KEY, new.epoch, 1, b"h2", [], 1)) == 2
+
     async def test_renew_extends_a_current_lease(self) -> None:
         store = await self.new_store()
         lease = await store.acquire(KEY, "worker-a", ttl=5)
@@ -93,14 +129,19 @@ class LeaseTests(StoreTests):
     async def test_a_renewed_lease_says_the_latest_version_or_nothing(self) -> None:
         """`Lease.version`: a holder that committed a newer version than the one the
         renewal names learns the store went back (a failover, a backup restored) and
-        writes the session whole. A store that cannot tell says None."""
-        store = await self.new_store()
+        writes the session whole. A store that cannot tell says None. The latest version's
+        number, not how many are retained: the same until ``keep`` is reached only."""
+        store = await self.new_store(keep=3)
         lease = await store.acquire(KEY, "worker-a", ttl=60)
         assert (await store.renew(lease, ttl=60)).version in (None, 0)
         record = [Record("h", "x", b"x")]
         assert await store.commit(Commit(KEY, lease.epoch, 0, b"h", record, 1)) == 1
         assert await store.commit(Commit(KEY, lease.epoch, 1, b"h", [], 1)) == 2
         assert (await store.renew(lease, ttl=60)).version in (None, 2)
+        for base in (2, 3, 4):
+            assert await store.commit(Commit(KEY, lease.epoch, base, b"h", [], 1)) == base + 1
+        renewed = await store.renew(lease, ttl=60)
+        assert renewed.version in (None, 5), f"renew says version {renewed.version}, not 5"
 
     async def test_renew_of_a_stale_lease_is_lease_lost(self) -> None:
         store = await self.new_store()
@@ -134,8 +175,15 @@ class LeaseTests(StoreTests):
         assert info is not None and (info.owner, info.epoch) == ("worker-a", lease.epoch)
         assert info.lease_expires_at is not None
         assert info.lease_expires_at > lease.expires_at + 60
-        with pytest.raises(ValueError):
-            await store.commit(Commit(KEY, lease.epoch, 2, b"h", [], 1, lease_ttl=0))
+        # an invalid lease_ttl is refused before anything is written, records included
+        before = await snapshot_of(store)
+        ghost = [Record("h", "ghost", b"GHOST", "x")]
+        for bad in (0, -1, float("nan")):
+            with pytest.raises(ValueError):
+                await store.commit(Commit(KEY, lease.epoch, 2, b"bad", ghost, 2, lease_ttl=bad))
+        assert await snapshot_of(store) == before, "a commit refused for its lease_ttl wrote"
+        assert await store.commit(Commit(KEY, lease.epoch, 2, b"h3", [], 1)) == 3
+        assert (await store.load(KEY)).streams == {"h": [("x", b"x")]}
 
     async def test_a_retry_that_finds_its_commit_landed_renews_the_lease_too(self) -> None:
         """The holder counts a commit answered with its version as a renewal, whether it
@@ -254,8 +302,13 @@ class LeaseTests(StoreTests):
         lease = await store.acquire(KEY, "worker-a", ttl=60)  # as long as the session: fine
         with pytest.raises(ValueError, match=r"lease ttl 61\b.*session ttl 60"):
             await store.renew(lease, ttl=61)
+        for bad in (0, -1, float("nan")):
+            with pytest.raises(ValueError):
+                await store.renew(lease, ttl=bad)
+        # a refused renewal extends nothing
         info = await store.info(KEY)
         assert info is not None and (info.owner, info.epoch) == ("worker-a", lease.epoch)
+        assert info.lease_expires_at == pytest.approx(lease.expires_at, abs=0.01)
 
     async def test_a_delete_fenced_by_a_lease_taken_over_removes_nothing(self) -> None:
         """A delete under a lease (``delete(key, lease=…)``) removes the session only

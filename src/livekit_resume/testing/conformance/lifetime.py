@@ -36,12 +36,15 @@ class LifetimeTests(StoreTests):
         # where each write is a few round trips to a loaded Cluster
         store = await self.new_store(ttl=1.0)
         # Written in this order: when the last one has expired, so have the others. Each is
-        # then looked at through one method first, so every method must hide an expired key.
-        names = ["via-load", "via-versions", "via-delete", "via-keys", "via-info"]
+        # then looked at through one method first, so every method must hide an expired key
+        # (acquire too: it starts a new session, it does not bring the old one back).
+        names = ["via-load", "via-acquire", "via-versions", "via-delete", "via-keys", "via-info"]
         for name in names:
             w = await writer(store, name, ttl=1.0)
             w.append("h", "m", b"x")
             await w.commit()
+            if name == "via-load":  # read while it lives: no cache may answer once it expired
+                assert (await store.load(name)).version == 1
         assert await store.keys() == sorted(names)
 
         async def gone() -> bool:
@@ -50,9 +53,14 @@ class LifetimeTests(StoreTests):
         await eventually(gone, "the session outlived its 1 s ttl")
         with pytest.raises(SnapshotNotFound):
             await store.load("via-load")
+        revived = await store.acquire("via-acquire", "worker-b", ttl=1.0)
+        assert revived.owner == "worker-b"
+        assert await store.versions("via-acquire") == [], "acquire revived an expired session"
+        with pytest.raises(SnapshotNotFound):
+            await store.load("via-acquire")
         assert await store.versions("via-versions") == []
         assert await store.delete("via-delete") is False
-        assert await store.keys() == []
+        assert await store.keys() == ["via-acquire"]  # acquired again, at version 0
         # Its lease went with it: another worker starts afresh without a takeover.
         lease = await store.acquire("via-info", "worker-b", ttl=1.0)
         assert lease.owner == "worker-b"
@@ -210,6 +218,47 @@ class LifetimeTests(StoreTests):
             await store.commit(Commit(name, lease.epoch, 0, name.encode(), [], 0))
         assert len(names) == 200
         assert await store.keys() == sorted(names)
+
+    async def test_more_keys_than_a_backend_page_are_all_listed(self) -> None:
+        """`Store.keys` (and `KeyPages` without a limit): every live key, however many, not
+        the first page of a backend's listing (1000 keys of an S3 ListObjects, a SCAN
+        batch, a query's default limit)."""
+        store = await self.new_store()
+        names = [f"k{i:05d}" for i in range(1100)]
+        shuffled = random.Random(11).sample(names, len(names))
+        for start in range(0, len(shuffled), 100):  # 100 at a time: a few seconds at most
+            chunk = shuffled[start : start + 100]
+            await asyncio.gather(*(store.acquire(name, "worker") for name in chunk))
+        listed = await store.keys()
+        assert len(listed) == len(names) and listed == names
+        if isinstance(store, KeyPages):
+            assert await store.keys_page("", None, None) == (names, None)
+            assert await store.keys_page("k0", None, None) == (names, None)
+            first, cursor = await store.keys_page("", None, 1000)
+            assert (first, cursor) == (names[:1000], names[999])
+            assert await store.keys_page("", cursor, 1000) == (names[1000:], None)
+
+    async def test_a_key_prefix_is_matched_literally(self) -> None:
+        """`KeyPages.keys_page`: keys *starting with* the prefix, each character itself:
+        not a pattern of SQL LIKE (``%``, ``_``), a glob (``*``, ``?``, ``[``) or a regex."""
+        store = await self.new_store()
+        if not isinstance(store, KeyPages):
+            pytest.skip(f"{type(store).__name__} has no KeyPages: the CLI pages its keys()")
+        names = ["a_1", "ab1", "a%z", "abz", "a*1", "a?1", "a[1]", "a]1", "a\\1", "a.1", "a^1"]
+        names += ["a1", "a$", "a|b", "a(1)", "a+1", "a!1", "a'1", 'a"1', "%", "_", "*", "\\"]
+        names.sort()
+        for name in names:
+            await store.acquire(name, "worker")
+        assert await store.keys() == names
+        prefixes = ["a_", "a%", "a*", "a?", "a[", "a[1", "a]", "a\\", "a.", "a^", "a$", "a|"]
+        prefixes += ["a(", "a+", "a!", "a'", 'a"', "%", "_", "*", "\\", "a", ""]
+        for prefix in prefixes:
+            want = [k for k in names if k.startswith(prefix)]
+            assert await store.keys_page(prefix, None, None) == (want, None), prefix
+            if want:  # a page of one, then the rest after it
+                cursor = want[0] if len(want) > 1 else None
+                assert await store.keys_page(prefix, None, 1) == (want[:1], cursor), prefix
+                assert await store.keys_page(prefix, want[0], None) == (want[1:], None), prefix
 
     async def test_keys_come_in_pages_by_prefix_after_a_cursor(self) -> None:
         store = await self.new_store()
