@@ -30,7 +30,10 @@ async def kept_aside(
     name (`_archive_key`), or found there already; yields the name and the archive's
     lease, held until the block ends (released however many cancellations arrive)."""
     archive, kept = await _archive_key(store, codec, key, version, snap)
-    lease = await acquire_for(store, archive, owner, ttl)
+    # Taken over if another worker holds the name: only a writer fenced on ``key`` since
+    # (its restore keeping this conversation aside as this worker took the key over), or
+    # one gone with the lease left (a cancelled job), can; either would refuse it busy.
+    lease = await acquire_for(store, archive, owner, ttl, takeover=True)
     try:
         if not kept:
             copy = snap.model_copy(update={"key": archive, "epoch": lease.epoch})
@@ -89,8 +92,11 @@ async def _archive_key(
     return name(free), False
 
 
-async def acquire_for(store: Store, key: str, owner: str, ttl: float) -> Lease:
+async def acquire_for(
+    store: Store, key: str, owner: str, ttl: float, *, takeover: bool = False
+) -> Lease:
     """``store.acquire`` for keeping aside: a lease granted to a caller cancelled
     meanwhile (the job shut down) is released, not left to refuse the next restore for
     its ttl (`lease.granted`, as for a restore's lease)."""
-    return await granted(store, store.acquire(key, owner, ttl=ttl), lambda lease: lease)
+    acquired = store.acquire(key, owner, ttl=ttl, takeover=takeover)
+    return await granted(store, acquired, lambda lease: lease)

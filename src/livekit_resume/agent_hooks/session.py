@@ -56,7 +56,7 @@ from .listen import listen
 from .rebuild import Built, build_items, check, rebuild
 from .registry import AgentRegistry
 from .room import ATTR_STATE, ATTR_VERSION, Announcer
-from .silence import Silencer, Timer, current_agent, own_speech
+from .silence import Silencer, Timer, current_agent, in_livekit_task
 
 __all__ = ["ATTR_STATE", "ATTR_VERSION", "ResumableSession", "SessionState"]
 
@@ -882,15 +882,17 @@ class ResumableSession:
             # aclose() is final and leaves the AgentSession open: a suspend (a timer of
             # suspend_after or of the leave grace) must not close it under its final save
             raise RuntimeError(f"session {self._key!r} is closing")
+        if self._end_unsaved:
+            # An end asked for and not stored (or stored unheard) is remembered until a
+            # resume: a suspend meanwhile (the app's, a long pause's, the caller gone
+            # past the leave grace) ends the conversation, which the next call would
+            # otherwise resume. Every other save of the session stores it ended too.
+            reason, state = "end", "ended"
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._finishing, self._finishing_as = done, state
-        self._end_unsaved = False
         try:
             return await self._finish_now(session, reason, state)
         except BaseException:
-            # An end asked for and not stored (or stored unheard): every later save of
-            # the session (autosave's, the close's) stores it ended, not paused, which
-            # the next call would resume. A resume or a suspend says otherwise.
             self._end_unsaved = state == "ended" and self._state == "paused"
             raise
         finally:
@@ -914,11 +916,11 @@ class ResumableSession:
         # the caller is cancelled meanwhile (a job shutting down), or the session would
         # say so while open, listening and perhaps holding its lease, and a restore in
         # place would wait for a close that never comes. The cancellation then goes on.
-        await to_its_end(self._give_up(session, state))
+        await to_its_end(self._give_up(session, state, wait_close=not in_livekit_task()))
         return version
 
     async def _give_up(
-        self, session: AgentSession[Any], state: Literal["suspended", "ended"]
+        self, session: AgentSession[Any], state: Literal["suspended", "ended"], wait_close: bool
     ) -> None:
         self._show()
         await self._detach_and_release(then=state)
@@ -926,8 +928,8 @@ class ResumableSession:
         await self._shown()
         close = self._session_close = asyncio.ensure_future(session.aclose())
         close.add_done_callback(self._closed_session)
-        if own_speech() is not None:
-            return  # called from a tool: LiveKit's close waits for that tool to return
+        if not wait_close:
+            return  # called from a tool, on_enter...: LiveKit's close waits for the caller
         _, waiting = await asyncio.wait({close}, timeout=SUSPEND_CLOSE_WAIT)
         if waiting:
             # saved and released: the caller, a rejoin or a remote command waits no more

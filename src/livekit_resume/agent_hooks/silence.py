@@ -11,6 +11,7 @@ would record the reply as fully spoken.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from collections.abc import Callable, Coroutine
@@ -18,12 +19,12 @@ from typing import Any
 
 from livekit.agents import Agent, AgentSession
 from livekit.agents.voice import SpeechHandle
-from livekit.agents.voice.agent_activity import _SpeechHandleContextVar
+from livekit.agents.voice.agent import _get_activity_task_info
 from livekit.agents.voice.events import SpeechCreatedEvent
 
 from .realtime import RealtimeGate, realtime_model
 
-__all__ = ["INTERRUPT_TIMEOUT", "Silencer", "Timer", "current_agent", "own_speech"]
+__all__ = ["INTERRUPT_TIMEOUT", "Silencer", "Timer", "current_agent", "in_livekit_task"]
 
 log = logging.getLogger("livekit_resume")
 
@@ -31,13 +32,29 @@ log = logging.getLogger("livekit_resume")
 INTERRUPT_TIMEOUT = 3.0
 
 
+def _livekit_task() -> Any:
+    """What LiveKit 1.8.9 marks the running task with when it is one of a session's own
+    (``agent._set_activity_task_info``): a tool's call (with the reply running it),
+    ``on_enter``/``on_exit``, a reply, ``on_user_turn_completed`` (the activity's speech
+    tasks). A task the app starts from one is not marked (where contextvars, LiveKit's
+    ``_SpeechHandleContextVar`` among them, are copied into it)."""
+    task = asyncio.current_task()
+    return None if task is None else _get_activity_task_info(task)
+
+
+def in_livekit_task() -> bool:
+    """Whether the caller runs in one of a session's own tasks: LiveKit's close of the
+    session waits for them, so a caller waiting for that close waits out its timeout."""
+    return _livekit_task() is not None
+
+
 def own_speech() -> SpeechHandle | None:
-    """The speech the caller runs in, if not done: a tool of its reply calls (a goodbye
-    tool ending the call). LiveKit 1.8.9 sets it for the tasks of a speech, tools
-    included (``agent_activity._SpeechHandleContextVar``, as its `AgentTask` reads it).
-    That speech cannot finish before its tool returns: waiting for it would wait out
-    every timeout."""
-    speech = _SpeechHandleContextVar.get(None)
+    """The reply whose tool calls, if not done (a goodbye tool ending the call, a hold
+    tool pausing it). That reply cannot finish before its tool returns: waiting for it
+    would wait out every timeout, and interrupting it would drop the handoff its tool
+    returns and have LiveKit cancel it 5 s on while the tool still runs."""
+    info = _livekit_task()
+    speech = None if info is None else info.speech_handle
     return speech if speech is not None and not speech.done() else None
 
 
@@ -84,13 +101,19 @@ class Silencer:
             self._audio = (session, session.input.audio_enabled, session.output.audio_enabled)
         session.input.set_audio_enabled(False)
         self.follow(session, current_agent(session))
-        try:
-            done: asyncio.Future[None] | None = session.interrupt(force=True)
-        except RuntimeError:
-            done = None  # not started: nothing is speaking
+        own = own_speech()
+        done: asyncio.Future[None] | None = None
+        if own is None or own not in self._speeches:  # (a reply of another session's)
+            own = None
+            with contextlib.suppress(RuntimeError):  # not started: nothing is speaking
+                done = session.interrupt(force=True)
+        # Called from a tool: its reply runs on (no reply follows it: the agent's node is
+        # silenced), the others are cut and not waited for: one queued behind it cannot
+        # end before it does.
         for speech in list(self._speeches):
-            speech.interrupt(force=True)  # done ones return at once
-        if done is not None and own_speech() is None:
+            if speech is not own:
+                speech.interrupt(force=True)  # done ones return at once
+        if done is not None:
             # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the result of a
             # future done as its caller is cancelled and eats the cancellation (here the
             # cut is often done at once: nothing was speaking); wait never cancels ``done``

@@ -9,7 +9,8 @@ publisher and every command key live on the node that owns the session's slot):
   counts the subscribers: 0 means no owner listens, at once. Plain pub/sub works on
   standalone, Sentinel and Cluster alike (Redis 6+, no sharded pub/sub). After a Cluster
   moves a slot, its owners subscribe anew when their connection drops; until then a
-  command may be refused as unheard.
+  command may be refused as unheard. On a database other than 0 the channel is
+  ``<ns>:ctl:{key}:db<n>``: pub/sub ignores the database number.
 - ``<ns>:ctl:{key}:<id>``: one command's state, `ANSWER_TTL` seconds: ``claimed``
   (``SET NX`` by the owner) or ``withdrawn`` (``SET NX`` by a sender that gave up: one
   of the two wins), then the owner's JSON answer.
@@ -276,10 +277,10 @@ class RedisCommands:
         self._hub = _Hub(server)
 
     def _channel(self, key: str) -> str:
-        return self._names.control(key)
+        return self._names.control_channel(key)
 
     def _state(self, command: Command) -> str:
-        return f"{self._channel(command.key)}:{command.id}"
+        return f"{self._names.control(command.key)}:{command.id}"
 
     def _open(self, command: Command) -> str:
         return f"{self._state(command)}:open"

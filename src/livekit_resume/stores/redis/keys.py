@@ -25,7 +25,8 @@ class KeyNames:
         self.index = f"{namespace}:sessions"
         # Redis pub/sub ignores the database number: the same namespace in another
         # database would hear this one's events
-        self.channel = f"{namespace}:events" + (f":db{database}" if database else "")
+        self._db = f":db{database}" if database else ""
+        self.channel = f"{namespace}:events{self._db}"
 
     def prefix(self, key: str) -> str:
         """What every key of the session starts with."""
@@ -35,6 +36,10 @@ class KeyNames:
         """The session's command channel (stores/redis/control.py): its hash tag, outside
         its prefix, so that the session's own keys never include a command's."""
         return f"{self.namespace}:ctl:{{{_tag(key)}}}"
+
+    def control_channel(self, key: str) -> str:
+        """Where the session's commands are published: `control`, and the database."""
+        return self.control(key) + self._db
 
     def head(self, key: str) -> str:
         return self.prefix(key) + "head"
