@@ -560,6 +560,52 @@ async def test_tool_returning_agent_switches_current_agent_at_once(
     assert type(result.events[-1]).__name__ == "AgentHandoffEvent"
 
 
+async def test_a_tool_task_is_marked_with_its_reply_and_a_task_it_starts_is_not(
+    sessions: list[AgentSession[Any]],
+) -> None:
+    """LiveKit marks the tasks of a session's own work (``agent._set_activity_task_info``):
+    a tool's task with the reply (speech) running it, not done while the tool runs;
+    ``on_enter``'s task without a speech. A task the tool starts is not marked, though it
+    inherits the context variables, ``_SpeechHandleContextVar`` among them. The hooks
+    tell a call from inside the session by the mark (silence.py ``_livekit_task``)."""
+    from livekit.agents.voice.agent import _get_activity_task_info
+    from livekit.agents.voice.agent_activity import _SpeechHandleContextVar
+
+    seen: dict[str, Any] = {}
+
+    def mark() -> Any:
+        task = asyncio.current_task()
+        return None if task is None else _get_activity_task_info(task)
+
+    class Marked(Agent):
+        def __init__(self) -> None:
+            super().__init__(instructions="You look things up.")
+
+        async def on_enter(self) -> None:
+            info = mark()
+            seen["on_enter"] = (info is not None, info and info.speech_handle)
+
+        @function_tool
+        async def lookup(self, ctx: RunContext[Any]) -> str:
+            """Look something up."""
+            info = mark()
+            speech = info.speech_handle if info is not None else None
+            seen["tool"] = (speech is not None, speech is not None and speech.done())
+
+            async def started() -> None:
+                seen["started"] = (mark() is None, _SpeechHandleContextVar.get(None) is speech)
+
+            await asyncio.create_task(started())
+            return "found"
+
+    session = make_text_session(ScriptedLLM([[ToolCall("lookup")], "done"]))
+    sessions.append(session)
+    await session.start(Marked())
+    await session.run(user_input="look it up")
+
+    assert seen == {"on_enter": (True, None), "tool": (True, False), "started": (True, True)}
+
+
 # ------------------------------------------------------------------------------ session basics
 
 
