@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -807,12 +808,18 @@ async def test_a_session_that_commits_often_sends_no_renewals_of_its_own() -> No
     session, rs, _ = await start(store, [], autosave=True, lease_ttl=3)
     first = await store.info(KEY)
     assert first is not None and first.lease_expires_at is not None
+    loop = asyncio.get_running_loop()
+    landed = [loop.time()]
     for turn in range(25):  # 2.5 s: two renewals due without the commits
         session.history.add_message(role="user", content=f"turn {turn}")
         await rs.checkpoint()
+        landed.append(loop.time())
         await asyncio.sleep(0.1)
     info = await store.info(KEY)
-    assert store.renewals == 0
+    # a commit that came over a renewal period (1 s) after the one before, on a loaded
+    # machine, leaves the loop its renewal: only then may one have been sent
+    gap = max(b - a for a, b in itertools.pairwise(landed))
+    assert store.renewals == 0 or gap > 0.9, (store.renewals, gap)
     assert info is not None and info.owner == "w1" and info.lease_expires_at is not None
     assert info.lease_expires_at > first.lease_expires_at + 2
 

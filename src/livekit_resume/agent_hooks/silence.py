@@ -58,6 +58,28 @@ def own_speech() -> SpeechHandle | None:
     return speech if speech is not None and not speech.done() else None
 
 
+def _cancel_preemptive(session: AgentSession[Any]) -> None:
+    """Drop a reply LiveKit drafted before the user's turn ended (preemptive generation),
+    as `AgentSession.interrupt` does before it cuts: it would answer a turn the pause
+    stopped hearing."""
+    cancel = getattr(getattr(session, "_activity", None), "_cancel_preemptive_generation", None)
+    if callable(cancel):
+        cancel()
+
+
+def _all_done(speeches: list[SpeechHandle]) -> asyncio.Future[None]:
+    """A future done once every one of ``speeches`` is."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def check(_: SpeechHandle) -> None:
+        if not done.done() and all(speech.done() for speech in speeches):
+            done.set_result(None)
+
+    for speech in speeches:
+        speech.add_done_callback(check)
+    return done
+
+
 def current_agent(session: AgentSession[Any]) -> Agent | None:
     """The session's current agent, or None before it started."""
     try:
@@ -100,19 +122,24 @@ class Silencer:
         if self._audio is None:
             self._audio = (session, session.input.audio_enabled, session.output.audio_enabled)
         session.input.set_audio_enabled(False)
-        self.follow(session, current_agent(session))
-        own = own_speech()
+        agent = current_agent(session)
+        self.follow(session, agent)
         done: asyncio.Future[None] | None = None
-        if own is None or own not in self._speeches:  # (a reply of another session's)
-            own = None
+        kept = self._uncut(session, agent)
+        if not kept:
             with contextlib.suppress(RuntimeError):  # not started: nothing is speaking
                 done = session.interrupt(force=True)
-        # Called from a tool: its reply runs on (no reply follows it: the agent's node is
-        # silenced), the others are cut and not waited for: one queued behind it cannot
-        # end before it does.
-        for speech in list(self._speeches):
-            if speech is not own:
-                speech.interrupt(force=True)  # done ones return at once
+        cut = [speech for speech in self._speeches if speech not in kept and not speech.done()]
+        for speech in cut:
+            speech.interrupt(force=True)
+        if kept:
+            _cancel_preemptive(session)  # what `AgentSession.interrupt` does first
+            # what plays now (a notice the tool said) is waited for, so that the pause
+            # saves what was heard of it; one queued behind a kept reply cannot end first
+            playing = [speech for speech in cut if speech.scheduled]
+            done = _all_done(playing) if playing else None
+        elif own_speech() in self._speeches:
+            done = None  # the caller's own reply, cut (a realtime model): it cannot end first
         if done is not None:
             # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the result of a
             # future done as its caller is cancelled and eats the cancellation (here the
@@ -131,6 +158,25 @@ class Silencer:
                     INTERRUPT_TIMEOUT,
                 )
         session.output.set_audio_enabled(False)
+
+    def _uncut(self, session: AgentSession[Any], agent: Agent | None) -> set[SpeechHandle]:
+        """The replies a pause leaves to run, neither cut nor waited for: the caller's
+        own (a tool of it pauses), and those awaiting an `AgentTask` (LiveKit holds
+        their interruptions while the task runs). None can end before the caller
+        returns, or the task completes; cut, LiveKit would drop the agent handoff their
+        tool returns, skip the reply to its result and cancel them 5 s on with an ERROR.
+        No reply follows them while paused: the agents' nodes are silenced. A realtime
+        model's reply to its tool bypasses the node, on the caller's own handle: that one
+        is cut."""
+        own = own_speech()
+        if own is not None and agent is not None and realtime_model(session, agent):
+            own = None
+        return {
+            speech
+            for speech in self._speeches
+            if not speech.done()
+            and (speech is own or getattr(speech, "_interruption_holds", 0) > 0)
+        }
 
     def follow(self, session: AgentSession[Any], agent: Agent | None) -> None:
         """Silence ``agent`` too: the current one at a pause, or one handed to while
