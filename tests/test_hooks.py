@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -808,18 +807,12 @@ async def test_a_session_that_commits_often_sends_no_renewals_of_its_own() -> No
     session, rs, _ = await start(store, [], autosave=True, lease_ttl=3)
     first = await store.info(KEY)
     assert first is not None and first.lease_expires_at is not None
-    loop = asyncio.get_running_loop()
-    landed = [loop.time()]
     for turn in range(25):  # 2.5 s: two renewals due without the commits
         session.history.add_message(role="user", content=f"turn {turn}")
         await rs.checkpoint()
-        landed.append(loop.time())
         await asyncio.sleep(0.1)
     info = await store.info(KEY)
-    # a commit that came over a renewal period (1 s) after the one before, on a loaded
-    # machine, leaves the loop its renewal: only then may one have been sent
-    gap = max(b - a for a, b in itertools.pairwise(landed))
-    assert store.renewals == 0 or gap > 0.9, (store.renewals, gap)
+    assert store.renewals == 0
     assert info is not None and info.owner == "w1" and info.lease_expires_at is not None
     assert info.lease_expires_at > first.lease_expires_at + 2
 
@@ -827,6 +820,25 @@ async def test_a_session_that_commits_often_sends_no_renewals_of_its_own() -> No
         return store.renewals >= 1
 
     await eventually(renewed, "the idle session renews its lease by itself")
+    await rs.aclose()
+    await session.aclose()
+
+
+async def test_an_autosave_that_finds_nothing_new_sends_nothing() -> None:
+    """A trigger that changed nothing (an agent state, a metric) runs autosave's
+    checkpoint, which finds nothing new: it asks the store nothing. It renewed the lease
+    each time (the confirmation an app's `checkpoint()` asks for): under a loaded machine
+    the start's own autosave, landing after the app's first checkpoint, sent one inside
+    the renewal period the test above counts on."""
+    store = RenewCountingStore(MemoryStore())
+    session, rs, _ = await start(store, [], autosave=True, lease_ttl=30)
+    session.history.add_message(role="user", content="hello")
+    await rs.checkpoint()
+    calls = store.renewals
+    for _ in range(3):
+        rs._autosave.trigger("agent_state")
+        await asyncio.wait_for(rs._autosave.idle.wait(), 5)
+    assert store.renewals == calls
     await rs.aclose()
     await session.aclose()
 

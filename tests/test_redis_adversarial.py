@@ -284,7 +284,9 @@ async def test_a_large_record_staged_slower_than_its_ttl_still_commits(
     retry, never landing. Each piece now renews the TTL."""
     import livekit_resume.stores.redis.store as store_module
 
-    monkeypatch.setattr(store_module, "_STAGE_TTL_MS", 400)
+    # 16 pieces, each behind a 0.1 s sleep of the server: well over a second in all, so
+    # over the ttl; each piece well within it, a loaded machine's scheduling included
+    monkeypatch.setattr(store_module, "_STAGE_TTL_MS", 1000)
     monkeypatch.setattr(store_module, "_STAGE_PIECE", 128 * 1024)
     server = make_redis("--enable-debug-command", "yes")
     store = RedisStore.from_url(server.url, namespace="adv")

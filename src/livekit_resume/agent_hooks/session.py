@@ -150,7 +150,7 @@ class ResumableSession:
         self._silencer = Silencer(self._key)
         self._announcer = Announcer(store, self._key, owner, room)
         self._autosave = Autosave(
-            self.checkpoint,
+            self._autosave_checkpoint,
             self._renew,
             key=self._key,
             debounce=debounce,
@@ -589,6 +589,14 @@ class ResumableSession:
         """
         version = await self._save(reason, confirm=True)
         self._show()  # not waited for: autosave's next save must not wait on the room
+        return version
+
+    async def _autosave_checkpoint(self, reason: str) -> int:
+        """`checkpoint` for autosave, which does not ask the store when nothing is new:
+        its renewals do, at most ``renew_every`` after the last commit (a trigger that
+        changed nothing, an agent state or a metric, sent a renewal each time)."""
+        version = await self._save(reason)
+        self._show()
         return version
 
     async def _save(
