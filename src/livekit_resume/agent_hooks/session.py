@@ -17,6 +17,7 @@ DESIGN.md, "LiveKit 1.8.9").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -847,6 +848,11 @@ class ResumableSession:
         self._pause_unsaved = self._end_unsaved = False
         self._show()
         await self._silencer.resync(session)
+        if self._silencer.owed():
+            # the reply to a tool's result that came while paused (the tool, or the
+            # AgentTask it awaited, ended meanwhile) was swallowed: asked for now
+            with contextlib.suppress(RuntimeError):  # the session closed meanwhile
+                session.generate_reply()
         # saved before returning, as a pause is (the caller hears the agent already): an
         # operator's `ls` after a remote resume says active; a resume whose save fails
         # is a resume all the same, one whose save finds the session taken over is not

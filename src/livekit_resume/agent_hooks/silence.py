@@ -91,11 +91,6 @@ def current_agent(session: AgentSession[Any]) -> Agent | None:
 _NO_NODE = object()  # an agent without an ``llm_node`` of its own (the class's answers)
 
 
-async def _silent_llm_node(*_args: Any, **_kwargs: Any) -> None:
-    """Stands in for an agent's llm_node while paused: no reply is generated."""
-    return None
-
-
 class Silencer:
     """Turns one session's audio and replies off and on again."""
 
@@ -110,6 +105,28 @@ class Silencer:
         self._resync = False  # the gate cut a reply: see `resync`
         # every speech the session announced, while it lives (see `heard`)
         self._speeches: weakref.WeakSet[SpeechHandle] = weakref.WeakSet()
+        # the agents' node while paused, one bound method (`unsilence` tells it by
+        # identity), and whether it swallowed a reply owed to a tool's result
+        self._node = self._silent_node
+        self._owed = False
+        self._pauser: str | None = None  # the call id of the tool that paused, if one did
+
+    async def _silent_node(self, chat_ctx: Any = None, *_args: Any, **_kwargs: Any) -> None:
+        """Stands in for an agent's ``llm_node`` while paused: no reply is generated. One
+        asked for after the result of a tool other than the one that paused (a reply
+        left to run while the `AgentTask` its tool awaited ended meanwhile) is owed:
+        `owed` says so at the resume. A hold tool's own result is what it said."""
+        for item in reversed(getattr(chat_ctx, "items", None) or []):
+            if getattr(item, "type", None) != "function_call_output":
+                break
+            if getattr(item, "call_id", None) != self._pauser:
+                self._owed = True
+        return None
+
+    def owed(self) -> bool:
+        """Whether a reply to a tool's result was swallowed while paused (once)."""
+        owed, self._owed = self._owed, False
+        return owed
 
     def heard(self, ev: SpeechCreatedEvent) -> None:
         """Hears the session's ``speech_created`` while attached. A realtime tool's
@@ -119,6 +136,9 @@ class Silencer:
         self._speeches.add(ev.speech_handle)
 
     async def silence(self, session: AgentSession[Any]) -> None:
+        self._owed = False
+        call = getattr(_livekit_task(), "function_call", None)
+        self._pauser = getattr(call, "call_id", None)
         if self._audio is None:
             self._audio = (session, session.input.audio_enabled, session.output.audio_enabled)
         session.input.set_audio_enabled(False)
@@ -136,7 +156,8 @@ class Silencer:
             _cancel_preemptive(session)  # what `AgentSession.interrupt` does first
             # what plays now (a notice the tool said) is waited for, so that the pause
             # saves what was heard of it; one queued behind a kept reply cannot end first
-            playing = [speech for speech in cut if speech.scheduled]
+            own = own_speech()  # cut, on a realtime model: it cannot end first either
+            playing = [speech for speech in cut if speech.scheduled and speech is not own]
             done = _all_done(playing) if playing else None
         elif own_speech() in self._speeches:
             done = None  # the caller's own reply, cut (a realtime model): it cannot end first
@@ -165,12 +186,13 @@ class Silencer:
         their interruptions while the task runs). None can end before the caller
         returns, or the task completes; cut, LiveKit would drop the agent handoff their
         tool returns, skip the reply to its result and cancel them 5 s on with an ERROR.
-        No reply follows them while paused: the agents' nodes are silenced. A realtime
-        model's reply to its tool bypasses the node, on the caller's own handle: that one
-        is cut."""
+        No reply follows them while paused: the agents' nodes are silenced, and one owed
+        to their tool's result is asked for at the resume. On a realtime model nothing is
+        left: its reply to a tool's result comes on the reply's own handle, bypassing the
+        node."""
+        if agent is not None and realtime_model(session, agent):
+            return set()
         own = own_speech()
-        if own is not None and agent is not None and realtime_model(session, agent):
-            own = None
         return {
             speech
             for speech in self._speeches
@@ -184,13 +206,13 @@ class Silencer:
         if agent is not None and all(a is not agent for a, _ in self._paused_agents):
             # an instance attribute shadows the class's node: text and voice get no reply
             self._paused_agents.append((agent, agent.__dict__.get("llm_node", _NO_NODE)))
-            agent.llm_node = _silent_llm_node  # type: ignore[method-assign]
+            agent.llm_node = self._node  # type: ignore[method-assign]
         self._gate.close(session, agent)
 
     def unsilence(self, session: AgentSession[Any]) -> None:
         """Undo `silence`: each agent's ``llm_node`` and the audio flags as they were."""
         for agent, own in self._paused_agents:
-            if agent.__dict__.get("llm_node") is not _silent_llm_node:
+            if agent.__dict__.get("llm_node") is not self._node:
                 continue  # the app set a node of its own meanwhile: that one stands
             if own is _NO_NODE:
                 del agent.__dict__["llm_node"]
