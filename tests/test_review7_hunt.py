@@ -35,6 +35,7 @@ from tests.lk.fake_realtime import FakeRealtimeModel
 from tests.lk.fake_voice import make_voice_session, voice_fakes
 from tests.lk.scripted_llm import Reply, ScriptedLLM, ToolCall, make_text_session
 from tests.redis_servers import RedisServer
+from tests.test_callbacks_hunt import Errors
 from tests.test_ended_hunt import CommitsFail, _kept_aside, _start_call
 
 KEY = "room-hunt-rev7"
@@ -62,20 +63,6 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     )
     yield s
     await s.aclose()
-
-
-class Errors(logging.Handler):
-    """Every ERROR record logged (LiveKit's and ours) while installed."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def texts(self) -> list[str]:
-        return [f"{r.name}: {r.getMessage()}" for r in self.records]
 
 
 @pytest.fixture
