@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -35,11 +34,13 @@ from tests.lk.fake_realtime import FakeRealtimeModel
 from tests.lk.fake_voice import make_voice_session, voice_fakes
 from tests.lk.scripted_llm import Reply, ScriptedLLM, ToolCall, make_text_session
 from tests.redis_servers import RedisServer
-from tests.test_callbacks_hunt import Errors
+from tests.test_callbacks_hunt import Errors, errors
 from tests.test_ended_hunt import CommitsFail, _kept_aside, _start_call
 
 KEY = "room-hunt-rev7"
 WAIT = 10.0
+
+__all__ = ["errors"]  # a fixture
 
 RS: dict[str, lr.ResumableSession] = {}
 SEEN: dict[str, Any] = {}
@@ -63,17 +64,6 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     )
     yield s
     await s.aclose()
-
-
-@pytest.fixture
-def errors() -> Any:
-    handler = Errors()
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
 
 
 async def latest(store: Store, key: str = KEY) -> Snapshot:

@@ -18,7 +18,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,43 +36,12 @@ from tests.lk.fake_voice import make_voice_session, voice_fakes
 from tests.lk.scripted_llm import Reply, ScriptedLLM, ToolCall, make_text_session
 from tests.redis_servers import RedisServer, require_redis_server
 from tests.test_callbacks_hunt import Errors
+from tests.test_review7_hunt import RS, SEEN, _clean, errors, store
 
 KEY = "room-hunt-rev8"
 WAIT = 10.0
 
-RS: dict[str, lr.ResumableSession] = {}
-SEEN: dict[str, Any] = {}
-
-
-@pytest.fixture(autouse=True)
-def _clean() -> Any:
-    RS.clear()
-    SEEN.clear()
-    yield
-    RS.clear()
-    SEEN.clear()
-
-
-@pytest.fixture(params=["sqlite", "memory"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = (
-        lr.open_store(f"sqlite:///{tmp_path}/rev8.db")
-        if request.param == "sqlite"
-        else MemoryStore()
-    )
-    yield s
-    await s.aclose()
-
-
-@pytest.fixture
-def errors() -> Iterator[Errors]:
-    handler = Errors()
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
+__all__ = ["_clean", "errors", "store"]  # fixtures of test_review7_hunt, its RS and SEEN too
 
 
 async def latest(store: Store, key: str = KEY) -> Snapshot:

@@ -144,8 +144,11 @@ class Silencer:
         session.input.set_audio_enabled(False)
         agent = current_agent(session)
         self.follow(session, agent)
+        own = own_speech()
+        if own not in self._speeches:
+            own = None  # a reply of another session's: cut and waited for as any other
         done: asyncio.Future[None] | None = None
-        kept = self._uncut(session, agent)
+        kept = self._uncut(session, agent, own)
         if not kept:
             with contextlib.suppress(RuntimeError):  # not started: nothing is speaking
                 done = session.interrupt(force=True)
@@ -156,10 +159,10 @@ class Silencer:
             _cancel_preemptive(session)  # what `AgentSession.interrupt` does first
             # what plays now (a notice the tool said) is waited for, so that the pause
             # saves what was heard of it; one queued behind a kept reply cannot end first
-            own = own_speech()  # cut, on a realtime model: it cannot end first either
+            # the caller's own, cut on a realtime model, cannot end first either
             playing = [speech for speech in cut if speech.scheduled and speech is not own]
             done = _all_done(playing) if playing else None
-        elif own_speech() in self._speeches:
+        elif own is not None:
             done = None  # the caller's own reply, cut (a realtime model): it cannot end first
         if done is not None:
             # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the result of a
@@ -180,7 +183,9 @@ class Silencer:
                 )
         session.output.set_audio_enabled(False)
 
-    def _uncut(self, session: AgentSession[Any], agent: Agent | None) -> set[SpeechHandle]:
+    def _uncut(
+        self, session: AgentSession[Any], agent: Agent | None, own: SpeechHandle | None
+    ) -> set[SpeechHandle]:
         """The replies a pause leaves to run, neither cut nor waited for: the caller's
         own (a tool of it pauses), and those awaiting an `AgentTask` (LiveKit holds
         their interruptions while the task runs). None can end before the caller
@@ -192,7 +197,6 @@ class Silencer:
         node."""
         if agent is not None and realtime_model(session, agent):
             return set()
-        own = own_speech()
         return {
             speech
             for speech in self._speeches

@@ -45,6 +45,7 @@ __all__ = [
     "Client",
     "Server",
     "connect",
+    "database",
     "decodes_responses",
     "text",
 ]
@@ -250,7 +251,13 @@ def describe_client(client: Client) -> str:
     if service:
         return f"sentinel service {service}"
     kw = pool.connection_kwargs
-    return f"redis {kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+    return f"redis {kw.get('host', '?')}:{kw.get('port', '?')}/{database(client)}"
+
+
+def database(client: Client) -> int:
+    """The database number the client selects (a Cluster's is 0)."""
+    pool = getattr(client, "connection_pool", None)
+    return int(getattr(pool, "connection_kwargs", {}).get("db") or 0)
 
 
 def decodes_responses(client: Any) -> bool:

@@ -52,6 +52,7 @@ from .client import (
     Client,
     Server,
     connect,
+    database,
     decodes_responses,
     text,
 )
@@ -186,7 +187,7 @@ class RedisStore:
         self._keep = keep
         self._ttl = validate_ttl(ttl)
         self._server = Server(client)
-        self._names = KeyNames(namespace, _database(client))
+        self._names = KeyNames(namespace, database(client))
         self._check = ServerCheck(self._server, ttl=self._ttl, strict=strict)
         self._scripts = Scripts(
             self._server,
@@ -985,9 +986,3 @@ class RedisStore:
             await self._commands.aclose()
         await self._client.aclose()
         self._server.closed = True
-
-
-def _database(client: Client) -> int:
-    """The database number the client selects (a Cluster's is 0)."""
-    pool = getattr(client, "connection_pool", None)
-    return int(getattr(pool, "connection_kwargs", {}).get("db") or 0)
