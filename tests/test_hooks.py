@@ -623,6 +623,56 @@ async def test_instructions_changed_at_run_time_are_restored(store: Store) -> No
     await s2.aclose()
 
 
+class Deployed(Agent):
+    """The receptionist as a later deploy wrote it: new instructions, applied to a
+    conversation restored from before the deploy by the recipe of guide.md."""
+
+    PROMPT = "You are the receptionist. Never book on Sundays."
+
+    def __init__(self, rs: lr.ResumableSession | None = None) -> None:
+        super().__init__(instructions=self.PROMPT)
+        self.rs = rs
+
+    async def on_enter(self) -> None:
+        if self.rs is not None and self.rs.resumed:
+            await self.update_instructions(self.PROMPT)
+
+
+async def test_a_deploy_that_changes_instructions_reaches_restored_calls_by_the_recipe(
+    store: Store,
+) -> None:
+    """A restore brings back the instructions the agent held when saved (the app may
+    have changed them at run time); a deploy that changes an agent's prompt reaches the
+    conversations saved before it only through `on_enter`, as guide.md says. Without
+    it the old prompt stands; with it the model sees the new one, once."""
+    session, rs, _ = await start(store, ["hi"])
+    await session.run(user_input="hello")
+    await rs.suspend()
+
+    reg = lr.AgentRegistry()
+    reg.register(Receptionist)
+    s2, rs2, model = await start(store, ["again"], reg=reg)
+    await s2.run(user_input="still there?")
+    assert [m.text_content for m in model.requests[0].system_messages] == [
+        "You are the receptionist of a dental practice."
+    ]
+    await rs2.suspend()
+
+    reg = lr.AgentRegistry()
+    reg.register(Deployed, id="receptionist")
+    model = ScriptedLLM(["welcome back"], default="ok")
+    s3: AgentSession[Visit] = AgentSession(llm=model, userdata=Visit())
+    rs3 = lr.ResumableSession(store, KEY, registry=reg, userdata_type=Visit, autosave=False)
+    agent = await rs3.restore(s3, default=Deployed)
+    assert isinstance(agent, Deployed) and rs3.resumed
+    agent.rs = rs3
+    await s3.start(agent)
+    await s3.run(user_input="can I come Sunday?")
+    assert [m.text_content for m in model.requests[0].system_messages] == [Deployed.PROMPT]
+    await rs3.aclose()
+    await s3.aclose()
+
+
 async def test_a_failed_commit_does_not_count_a_turn_twice() -> None:
     flaky = FlakyStore(MemoryStore())
     session, rs, _ = await start(flaky, ["hello", "one"])
