@@ -148,7 +148,9 @@ async def _answer(channel: CommandChannel, command: Command, owner: str, timeout
         reply = await channel.reply(command)
         if reply.status == "done":
             if reply.reason:  # applied, with something the sender must hear (a pause not saved)
-                log.warning("%s of session %r done: %s", verb, key, reply.reason)
+                log.warning(
+                    "%s of session %r done: %s", verb, key, reply.reason, extra={"key": key}
+                )
             return reply.version
         if reply.status == "refused":
             raise CommandRefused(key, verb, reply.reason)

@@ -24,6 +24,7 @@ __all__ = ["Autosave"]
 log = logging.getLogger("livekit_resume")
 
 # Prometheus metrics of the process, labelled by outcome; scraping them is optional.
+# Counted by `ResumableSession` for every save, whoever asks for it.
 CHECKPOINTS = Counter("livekit_resume_checkpoints", "Snapshots committed", ["reason"])
 CHECKPOINT_FAILURES = Counter(
     "livekit_resume_checkpoint_failures", "Checkpoints that failed", ["error"]
@@ -129,20 +130,17 @@ class Autosave:
             self._dirty.clear()
             reason = self._reason
             try:
-                with CHECKPOINT_SECONDS.time():
-                    version = await self._checkpoint(reason)
+                version = await self._checkpoint(reason)
             except LeaseLost as e:
                 self.lose(e)
                 return
             except UnknownAgent as e:
                 # nothing to retry until the code registers the agent or hands off
-                CHECKPOINT_FAILURES.labels(error="UnknownAgent").inc()
                 self.failures += 1
                 log.error("autosave skipped: %s", e, extra={"key": self._key})
             except Exception as e:
                 if self._stopped():
                     return
-                CHECKPOINT_FAILURES.labels(error=type(e).__name__).inc()
                 self.failures += 1
                 log.warning(
                     "autosave of session %r failed (%s: %s); retrying in %.1fs",
@@ -157,7 +155,6 @@ class Autosave:
                 delay = min(delay * 2, RETRY_CAP)
                 continue
             else:
-                CHECKPOINTS.labels(reason=reason).inc()
                 log.debug("autosaved", extra={"key": self._key, "version": version})
             delay = RETRY_FIRST
             if not self._dirty.is_set():
@@ -262,7 +259,7 @@ async def final_save(
             await bounded(checkpoint("close"), deadline - time.monotonic())
             return
         except LeaseLost:
-            log.warning("session %r: final save refused, lease lost", key)
+            log.warning("session %r: final save refused, lease lost", key, extra={"key": key})
             return
         except OutOfTime:
             error: Exception = StoreUnavailable(

@@ -277,7 +277,11 @@ class JobPolicy:
     async def _resume_after_leave(self) -> None:
         self._left_pause = None
         await self._rs.resume()
-        log.info("session %r resumed: a participant came back", self._rs.key)
+        log.info(
+            "session %r resumed: a participant came back",
+            self._rs.key,
+            extra={"key": self._rs.key},
+        )
 
     async def _restore_in_place(self) -> None:
         assert self._rejoin is not None

@@ -97,7 +97,12 @@ class Announcer:
                     )
                 except Exception as e:
                     ANNOUNCE_FAILURES.labels(where="room").inc()
-                    log.warning("could not publish resume state to the room: %s", e)
+                    log.warning(
+                        "could not publish the state of session %r to the room: %s",
+                        self._key,
+                        e,
+                        extra={"key": self._key},
+                    )
                 self._shown = asked
                 self._wake(asked)
         finally:
@@ -120,7 +125,13 @@ class Announcer:
             await self._store.publish(self._key, event, version=version, owner=self._owner)
         except Exception as e:
             ANNOUNCE_FAILURES.labels(where="store").inc()
-            log.warning("could not publish %s event of session %r: %s", event, self._key, e)
+            log.warning(
+                "could not publish %s event of session %r: %s",
+                event,
+                self._key,
+                e,
+                extra={"key": self._key},
+            )
 
     def writer(self) -> Writer:
         """Who writes: the job and worker (if any) and this process. Made once per job

@@ -21,14 +21,16 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any, Literal, TypeVar
 
 from livekit import rtc
 from livekit.agents import Agent, AgentSession
 from livekit.agents.voice.events import EventTypes
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import Counter
 
@@ -49,7 +51,15 @@ from ..snapshot.seal import Sealed
 from ..snapshot.values import plain_extra
 from ..stores.base import DEFAULT_LEASE_TTL, Lease, Store, Stored, lease_lost_error, validate_key
 from .archive import ARCHIVE_LEASE_TTL, kept_aside
-from .autosave import Autosave, close_deadline, final_save, release_wait
+from .autosave import (
+    CHECKPOINT_FAILURES,
+    CHECKPOINT_SECONDS,
+    CHECKPOINTS,
+    Autosave,
+    close_deadline,
+    final_save,
+    release_wait,
+)
 from .capture import Capture, Indexes, Pending, SavedState
 from .control import ControlListener
 from .lease import LeaseHolder, to_its_end
@@ -163,6 +173,7 @@ class ResumableSession:
         self._lost_task: asyncio.Task[None] | None = None
         # the latest version, when a salvage restored an older one (it cannot be read)
         self._rolled_back: int | None = None
+        self._salvaged = False  # this restore's snapshot was salvaged (counted once it is)
         self._suspend_after = suspend_after
         self._long_pause = Timer(self._key)
         # the save of a pause made before the session started, once it starts
@@ -311,7 +322,8 @@ class ResumableSession:
         # The command inbox subscribes (a connection, a round trip or two) while the
         # snapshot is decoded and rebuilt. A command it hears before the restore is done
         # is refused: the session is not attached yet.
-        listening = asyncio.ensure_future(self._control.start())
+        with _untraced():
+            listening = asyncio.ensure_future(self._control.start())
         # what the history held before: a restore that fails once it filled it takes
         # its items out again, so that a retry into this session has each item once
         kept = list(session.history.items)
@@ -320,8 +332,9 @@ class ResumableSession:
             if self._rolled_back is not None:
                 # an older version restored over a latest that cannot be read: the next
                 # commit names the latest as its base and writes the session whole
-                SALVAGED.inc()
                 self._version, self._capture.rewrite = self._rolled_back, True
+            if self._rolled_back is not None or self._salvaged:
+                SALVAGED.inc()  # once restored: a rebuild that failed restored nothing
         except BaseException:
             session.history.items[:] = kept
 
@@ -344,7 +357,8 @@ class ResumableSession:
         self._capture.last_agent = agent  # saved should an AgentTask run before a save
         self._attach(session)
         if self._autosave_enabled:
-            self._autosave.start()
+            with _untraced():
+                self._autosave.start()
         # the room is not waited for (`Announcer.show`); the store's event is, together
         # with the inbox: restore returns once both are done, the inbox listening (so no
         # command sent after it returned is missed)
@@ -389,7 +403,7 @@ class ResumableSession:
     async def _acquire_load(self, takeover: bool, salvage: bool) -> Stored | None:
         """The lease, and the latest version read under it (with ``salvage``, the
         newest that reads when the latest cannot be read at all: `_newest_readable`)."""
-        self._rolled_back = None
+        self._rolled_back, self._salvaged = None, False
         try:
             return await self._acquire_latest(takeover, salvage)
         except SnapshotCorrupt as e:
@@ -565,7 +579,7 @@ class ResumableSession:
 
     async def _salvage(self, stored: Stored) -> Snapshot:
         snap, damage = await salvage_stored(self._store, self._capture.codec, stored)
-        SALVAGED.inc()
+        self._salvaged = True
         for d in damage:
             log.error(
                 "session %r version %d: %s item %r lost in salvage: %s",
@@ -631,7 +645,13 @@ class ResumableSession:
                 # checkpoint, not only autosave's): nothing more is written, and on_lost
                 # is told now, not at the next renewal (a job then ends its call).
                 if not e.vanished and self._autosave.lost is None:
-                    self._autosave.lose(e)
+                    self._autosave.lose(e)  # counted there, once
+                else:
+                    CHECKPOINT_FAILURES.labels(error="LeaseLost").inc()
+                raise
+            except Exception as e:
+                # every save's, whoever asked (autosave's, the app's, a pause's, a close's)
+                CHECKPOINT_FAILURES.labels(error=type(e).__name__).inc()
                 raise
 
     async def _commit_or_reacquire(
@@ -682,6 +702,7 @@ class ResumableSession:
         state: SessionState | None,
         confirm: bool = False,
     ) -> int:
+        started = time.perf_counter()
         pending = await self._capture.draft(
             session,
             reason=reason,
@@ -715,6 +736,7 @@ class ResumableSession:
             if not isinstance(e, ResumeError) or isinstance(e, StoreUnavailable):
                 self._pending = pending
             raise
+        CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
         return self._version
 
     async def _land(self, pending: Pending) -> None:
@@ -722,6 +744,7 @@ class ResumableSession:
         self._version = await self._holder.commit(pending.commit)
         self._pending = None
         self._capture.accept(pending)
+        CHECKPOINTS.labels(reason=pending.snap.reason).inc()
 
     async def _reacquire(self) -> None:
         """The store lost the session, or versions of it, while we held it: take it
@@ -963,7 +986,10 @@ class ResumableSession:
             self._session_close = None
         if not close.cancelled() and close.exception() is not None:
             log.warning(
-                "session %r: closing the AgentSession failed: %s", self._key, close.exception()
+                "session %r: closing the AgentSession failed: %s",
+                self._key,
+                close.exception(),
+                extra={"key": self._key},
             )
 
     async def end(self) -> int:
@@ -1100,6 +1126,18 @@ def _running(session: AgentSession[Any]) -> bool:
     """Whether ``session`` was started and is not closed: LiveKit 1.8.9 keeps ``_started``
     True from the end of ``start()`` until the session is closed."""
     return bool(getattr(session, "_started", False))
+
+
+@contextlib.contextmanager
+def _untraced() -> Iterator[None]:
+    """Tasks made inside belong to no trace: the autosave and command loops live as long
+    as the session, and made in the restore's span, every checkpoint of the call was its
+    child, a trace that grew for hours under a span that took milliseconds."""
+    token = otel_context.attach(otel_context.Context())
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 def _tracing() -> bool:

@@ -180,6 +180,7 @@ class Silencer:
                     "session %r: speech did not stop within %.0fs of pause",
                     self._key,
                     INTERRUPT_TIMEOUT,
+                    extra={"key": self._key},
                 )
         session.output.set_audio_enabled(False)
 
