@@ -44,6 +44,11 @@ class KeyNames:
     def head(self, key: str) -> str:
         return self.prefix(key) + "head"
 
+    def is_body(self, key: str, name: str) -> bool:
+        """Whether ``name`` is one of the session's version bodies (``v:<n>:b``)."""
+        rest = name.removeprefix(self.prefix(key) + "v:")
+        return rest != name and rest.endswith(":b") and rest[:-2].isdigit()
+
     def log(self, key: str, gen: int) -> str:
         return f"{self.prefix(key)}log:{gen}"
 

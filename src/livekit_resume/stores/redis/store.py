@@ -374,6 +374,8 @@ class RedisStore:
         # left. The script then creates nothing until a scan has ruled remains out.
         if reply[0] in (b"absent", b"remains"):
             remains = await self._namespace_index.remains(key)
+            if remains and tombstone is not None and await self._clear_bodies(key, remains):
+                remains = []
             if remains:
                 # another worker may have created the session since the script looked:
                 # its keys are no remains if it has a head now
@@ -925,6 +927,25 @@ class RedisStore:
             if isinstance(raw, bytes) and raw.isdigit():
                 return int(raw)
         return None
+
+    async def _clear_bodies(self, key: str, remains: list[str]) -> bool:
+        """Remains that are version bodies alone, under a tombstone: what the ``rm`` of
+        an earlier release leaves (it does not know ``v:<n>:b``), which is no session and
+        refused every later call under the key. Deleted while the key has no head (the
+        delete script at epoch 0); whether they were."""
+        if not all(self._names.is_body(key, name) for name in remains):
+            return False  # an eviction's remains: reported, not cleared
+        reply = await self._run("delete", key, ["", 0, "1", *remains])
+        if reply[0] != b"ok":
+            return False  # a session made under the key since: looked at again
+        logger.warning(
+            "session %r: %d version bodies were left of it by an earlier release's delete; "
+            "removed, and the key starts anew",
+            key,
+            len(remains),
+            extra={"key": key},
+        )
+        return True
 
     async def _clear_foreign_tombstone(self, key: str) -> None:
         """Foreign data at the key's tombstone refuses every new session under it
