@@ -285,3 +285,34 @@ async def test_live_worker_taken_over_by_another_process_is_fenced(target: Targe
             await session.aclose()
     finally:
         await store.aclose()
+
+
+async def test_a_job_process_counts_its_checkpoints_for_the_workers_metrics(
+    tmp_path: Path,
+) -> None:
+    """LiveKit runs each job in a process of its own, and its worker serves /metrics
+    from the main process: what a job's hooks count reaches it through prometheus_client's
+    multiprocess mode (LiveKit's ``prometheus_multiproc_dir``, guide.md), whose files the
+    job process writes as it goes. Killed after its turns, nothing flushed on exit."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    target = Target(
+        f"sqlite:///{tmp_path}/sessions.db", {"PROMETHEUS_MULTIPROC_DIR": str(metrics)}, {}
+    )
+    key = f"metrics-{uuid.uuid4().hex[:8]}"
+    async with spawn(target, key, "--kill-after", "2") as worker:
+        await worker.expect("KILL_ME")
+        committed = len(worker.committed())
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics))
+    counted = sum(
+        sample.value
+        for family in registry.collect()
+        if family.name == "livekit_resume_checkpoints"
+        for sample in family.samples
+        if sample.name == "livekit_resume_checkpoints_total"
+    )
+    assert committed >= 2 and counted == committed
