@@ -307,7 +307,7 @@ async def test_a_job_process_counts_its_checkpoints_for_the_workers_metrics(
         await worker.expect("KILL_ME")
         committed = len(worker.committed())
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(metrics))
+    MultiProcessCollector(registry, path=str(metrics))  # type: ignore[no-untyped-call]
     counted = sum(
         sample.value
         for family in registry.collect()
