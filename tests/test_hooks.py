@@ -629,12 +629,12 @@ class Deployed(Agent):
 
     PROMPT = "You are the receptionist. Never book on Sundays."
 
-    def __init__(self, rs: lr.ResumableSession | None = None) -> None:
+    def __init__(self, *, restored: bool = False) -> None:
         super().__init__(instructions=self.PROMPT)
-        self.rs = rs
+        self.restored = restored
 
     async def on_enter(self) -> None:
-        if self.rs is not None and self.rs.resumed:
+        if self.restored:
             await self.update_instructions(self.PROMPT)
 
 
@@ -643,8 +643,9 @@ async def test_a_deploy_that_changes_instructions_reaches_restored_calls_by_the_
 ) -> None:
     """A restore brings back the instructions the agent held when saved (the app may
     have changed them at run time); a deploy that changes an agent's prompt reaches the
-    conversations saved before it only through `on_enter`, as guide.md says. Without
-    it the old prompt stands; with it the model sees the new one, once."""
+    conversations saved before it only through `on_enter`, as guide.md says (the agent
+    registered as it shows). Without it the old prompt stands; with it the model sees
+    the new one, once."""
     session, rs, _ = await start(store, ["hi"])
     await session.run(user_input="hello")
     await rs.suspend()
@@ -659,13 +660,12 @@ async def test_a_deploy_that_changes_instructions_reaches_restored_calls_by_the_
     await rs2.suspend()
 
     reg = lr.AgentRegistry()
-    reg.register(Deployed, id="receptionist")
+    reg.register(Deployed, id="receptionist", factory=lambda _state: Deployed(restored=True))
     model = ScriptedLLM(["welcome back"], default="ok")
     s3: AgentSession[Visit] = AgentSession(llm=model, userdata=Visit())
     rs3 = lr.ResumableSession(store, KEY, registry=reg, userdata_type=Visit, autosave=False)
     agent = await rs3.restore(s3, default=Deployed)
-    assert isinstance(agent, Deployed) and rs3.resumed
-    agent.rs = rs3
+    assert isinstance(agent, Deployed) and agent.restored
     await s3.start(agent)
     await s3.run(user_input="can I come Sunday?")
     assert [m.text_content for m in model.requests[0].system_messages] == [Deployed.PROMPT]

@@ -214,7 +214,8 @@ class Autosave:
         if self.lost is not None:
             return
         self.lost = e
-        CHECKPOINT_FAILURES.labels(error="LeaseLost").inc()
+        if not e.vanished:  # one that vanished twice was counted by the save that met it
+            CHECKPOINT_FAILURES.labels(error="LeaseLost").inc()
         log.error("session %r: %s; autosave stopped", self._key, e, extra={"key": self._key})
         self._dirty.clear()
         self.idle.set()

@@ -174,6 +174,7 @@ class ResumableSession:
         # the latest version, when a salvage restored an older one (it cannot be read)
         self._rolled_back: int | None = None
         self._salvaged = False  # this restore's snapshot was salvaged (counted once it is)
+        self._landed = 0  # commits stored: a save that stored one is timed
         self._suspend_after = suspend_after
         self._long_pause = Timer(self._key)
         # the save of a pause made before the session started, once it starts
@@ -638,21 +639,26 @@ class ResumableSession:
                 # never started (the job ended first): the store already holds everything
                 # this session knows, and a head without its agent would not restore
                 return self._version
+            started, landed = time.perf_counter(), self._landed
             try:
-                return await self._commit_or_reacquire(session, reason, state, confirm)
+                version = await self._commit_or_reacquire(session, reason, state, confirm)
             except LeaseLost as e:
                 # Taken over, whichever save found it (a pause's, a suspend's, the app's
                 # checkpoint, not only autosave's): nothing more is written, and on_lost
                 # is told now, not at the next renewal (a job then ends its call).
+                # Counted once, by `Autosave.lose`; one that vanished twice, here.
                 if not e.vanished and self._autosave.lost is None:
-                    self._autosave.lose(e)  # counted there, once
-                else:
+                    self._autosave.lose(e)
+                elif e.vanished:
                     CHECKPOINT_FAILURES.labels(error="LeaseLost").inc()
                 raise
             except Exception as e:
                 # every save's, whoever asked (autosave's, the app's, a pause's, a close's)
                 CHECKPOINT_FAILURES.labels(error=type(e).__name__).inc()
                 raise
+            if self._landed != landed:  # a commit of its own, or one sent again
+                CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
+            return version
 
     async def _commit_or_reacquire(
         self, session: AgentSession[Any], reason: str, state: SessionState | None, confirm: bool
@@ -702,7 +708,6 @@ class ResumableSession:
         state: SessionState | None,
         confirm: bool = False,
     ) -> int:
-        started = time.perf_counter()
         pending = await self._capture.draft(
             session,
             reason=reason,
@@ -736,7 +741,6 @@ class ResumableSession:
             if not isinstance(e, ResumeError) or isinstance(e, StoreUnavailable):
                 self._pending = pending
             raise
-        CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
         return self._version
 
     async def _land(self, pending: Pending) -> None:
@@ -744,6 +748,7 @@ class ResumableSession:
         self._version = await self._holder.commit(pending.commit)
         self._pending = None
         self._capture.accept(pending)
+        self._landed += 1
         CHECKPOINTS.labels(reason=pending.snap.reason).inc()
 
     async def _reacquire(self) -> None:

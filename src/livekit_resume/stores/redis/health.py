@@ -43,6 +43,9 @@ class ServerCheck:
         # Whether a primary was seen evicting session keys: then a missing head may
         # have left remains anywhere, not only where the cheap checks look.
         self.evicting = False
+        # Whether every primary was read and none evicts: then a session's keys go only
+        # by a delete or an expiry, never one at a time under memory pressure.
+        self.keeps_keys = False
         # A Cluster's check: its first round (every operation waits for it), a later one
         # in the background and when that is due, and a strict refusal (raised by
         # `ensure` until a round finds the primaries fixed).
@@ -190,6 +193,8 @@ class ServerCheck:
         problems = evicting + problems
         # a partial round keeps what an earlier one saw of the primaries it missed
         self.evicting = bool(evicting) or (self.evicting and not complete)
+        read = all("maxmemory-policy" in conf for _, conf in settings)
+        self.keeps_keys = complete and read and not self.evicting
         for problem in problems:
             if problem not in self._warned:
                 self._warned.add(problem)

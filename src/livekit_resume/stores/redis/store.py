@@ -374,7 +374,7 @@ class RedisStore:
         # left. The script then creates nothing until a scan has ruled remains out.
         if reply[0] in (b"absent", b"remains"):
             remains = await self._namespace_index.remains(key)
-            if remains and tombstone is not None and await self._clear_bodies(key, remains):
+            if remains and await self._clear_bodies(key, remains):
                 remains = []
             if remains:
                 # another worker may have created the session since the script looked:
@@ -929,18 +929,22 @@ class RedisStore:
         return None
 
     async def _clear_bodies(self, key: str, remains: list[str]) -> bool:
-        """Remains that are version bodies alone, under a tombstone: what the ``rm`` of
-        an earlier release leaves (it does not know ``v:<n>:b``), which is no session and
-        refused every later call under the key. Deleted while the key has no head (the
-        delete script at epoch 0); whether they were."""
+        """Remains that are version bodies alone, on a server that evicts no key: what
+        the ``rm`` of an earlier release leaves (it does not know ``v:<n>:b``), which is
+        no session and refused every later call under the key. Deleted while the key has
+        no head (the delete script at epoch 0); whether they were. On a server that may
+        evict (or whose policy could not be read) they may be what an eviction left of a
+        conversation: reported, not cleared."""
+        if not self._check.keeps_keys:
+            return False
         if not all(self._names.is_body(key, name) for name in remains):
-            return False  # an eviction's remains: reported, not cleared
+            return False
         reply = await self._run("delete", key, ["", 0, "1", *remains])
         if reply[0] != b"ok":
             return False  # a session made under the key since: looked at again
         logger.warning(
-            "session %r: %d version bodies were left of it by an earlier release's delete; "
-            "removed, and the key starts anew",
+            "session %r: %d version bodies were left of it, and nothing else (an earlier "
+            "release's delete leaves them); removed, and the key starts anew",
             key,
             len(remains),
             extra={"key": key},
