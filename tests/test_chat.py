@@ -25,6 +25,7 @@ from livekit_resume.snapshot.chat import (
     item_from_data,
     item_to_data,
     repair_tool_calls,
+    without_media,
 )
 from livekit_resume.snapshot.model import ToolCallRecord
 
@@ -1026,3 +1027,23 @@ def test_a_config_update_a_restore_would_refuse_is_saved_as_one_it_takes() -> No
     item = item_from_data(data)
     assert isinstance(item, llm.AgentConfigUpdate)
     assert (item.id, item.tools_added, item.instructions) == ("5", ["lookup", "book"], "x")
+
+
+def test_data_kept_with_media_then_without_it_is_what_drop_reads() -> None:
+    """An oversized item's first stand-in under media="keep" is its data as read, media
+    dropped (never the live item read again: it may have changed since the read): the
+    same data media="drop" reads of it. A URL image and the text stay."""
+    msg = llm.ChatMessage(
+        id="item_mixed",
+        role="user",
+        content=[
+            "look",
+            llm.ImageContent(id="img_1", image=DATA_URL, inference_detail="high"),
+            llm.ImageContent(id="img_2", image="https://example.com/a.png"),
+            llm.AudioContent(frame=[audio_frame(1), audio_frame(2, samples=480)], transcript="hi"),
+        ],
+        created_at=5.0,
+    )
+    kept = item_to_data(msg, media="keep")
+    assert without_media(kept) == item_to_data(msg, media="drop")
+    assert kept == item_to_data(msg, media="keep")  # the data read is not changed

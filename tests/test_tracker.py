@@ -18,7 +18,7 @@ from livekit_resume.stores.base import Record, fold_records
 CODEC = Codec()
 
 
-def encode(item: llm.ChatItem, data: dict[str, Any], _digest: bytes, packed: bytes) -> bytes:
+def encode(data: dict[str, Any], _digest: bytes, packed: bytes) -> bytes:
     return CODEC.encode_item("k", "history", data, packed=packed)
 
 
@@ -153,7 +153,7 @@ def test_a_whole_rewrite_clears_what_the_store_held_and_writes_every_item_in_ord
     store.records.extend(first.records)
     tracker.accept(first)
     stale = item_to_data(msg(500))  # a record the store holds that the live context lacks
-    frame = encode(msg(500), stale, b"", pack_item(stale))
+    frame = encode(stale, b"", pack_item(stale))
     store.records.append(Record("history", "item_500", frame, None))
     live = [*live[5:], msg(99)]
     change = tracker.full(live, item_to_data).build(encode)

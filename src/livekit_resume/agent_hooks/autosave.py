@@ -244,24 +244,24 @@ async def final_save(
     version: Callable[[], int],
     *,
     deadline: float | None = None,
-) -> None:
+) -> bool:
     """The last checkpoint of a closing session: retried while the store cannot be
     reached, until ``deadline`` (`time.monotonic`; default `CLOSE_SAVE_BUDGET` seconds
     from now); then logged and counted, and the last stored version stands. The deadline
     bounds each attempt too: one attempt on a frozen store waits out every client
     timeout and retry (tens of seconds on Redis), and is cancelled when time is up (its
     commit is kept pending, sent again, same id, by a later save). Never raises: the
-    session is going away either way."""
+    session is going away either way. Whether it was saved."""
     if deadline is None:
         deadline = close_deadline()
     delay = CLOSE_RETRY_FIRST
     while True:
         try:
             await bounded(checkpoint("close"), deadline - time.monotonic())
-            return
+            return True
         except LeaseLost:
             log.warning("session %r: final save refused, lease lost", key, extra={"key": key})
-            return
+            return False
         except OutOfTime:
             error: Exception = StoreUnavailable(
                 f"the store did not answer within the close budget ({CLOSE_SAVE_BUDGET:g} s)"
@@ -284,4 +284,4 @@ async def final_save(
             version(),
             extra={"key": key, "version": version()},
         )
-        return
+        return False

@@ -30,7 +30,7 @@ from pydantic import TypeAdapter
 
 from ..bridge import dangling_refs, delta_commit, is_twin
 from ..errors import SnapshotTooLarge, UnknownAgent, UnsavableValue
-from ..snapshot.chat import MediaPolicy, item_to_data
+from ..snapshot.chat import MediaPolicy, item_to_data, without_media
 from ..snapshot.codec import AGENT, HISTORY, Codec
 from ..snapshot.model import AgentFrame, ItemData, SessionMeta, Snapshot, ToolCallRecord, Writer
 from ..snapshot.seal import Sealed
@@ -453,23 +453,24 @@ class Capture:
         # a reference reads its twin as stored: one shrunk to fit is not the same data
         shrunk = history.shrunk if history is not None else {}
 
-        def encode(
-            item: llm.ChatItem, data: ItemData, d: bytes, packed: bytes
-        ) -> bytes | tuple[bytes, bytes]:
-            ref = is_twin(twins, item.id, d) and item.id not in shrunk
+        def encode(data: ItemData, d: bytes, packed: bytes) -> bytes | tuple[bytes, bytes]:
+            item_id = data["id"]
+            ref = is_twin(twins, item_id, d) and item_id not in shrunk
             try:
                 return codec.encode_item(key, stream, data, ref=ref, packed=packed)
             except SnapshotTooLarge as e:
-                return self._encode_smaller(stream, item, e)
+                return self._encode_smaller(stream, data, e)
 
         return encode
 
     def _encode_smaller(
-        self, stream: str, item: llm.ChatItem, error: SnapshotTooLarge
+        self, stream: str, data: ItemData, error: SnapshotTooLarge
     ) -> tuple[bytes, bytes]:
-        """A stand-in that fits, and the digest of what it holds (for the seal)."""
+        """A stand-in that fits, and the digest of what it holds (for the seal): made of
+        the item as read, never of the live item, which may have changed since (the
+        build runs after a yield, or on a worker thread)."""
         # decided now, at write time: nothing is stored that a restore would refuse
-        for smaller, what in self._smaller(item):
+        for smaller, what in self._smaller(data):
             try:
                 frame = self.codec.encode_item(self._key, stream, smaller)
             except SnapshotTooLarge:
@@ -479,7 +480,7 @@ class Capture:
                 "session %r: %s item %r is too large to save whole (%s); saved %s",
                 self._key,
                 stream,
-                item.id,
+                data["id"],
                 error,
                 what,
                 extra={"key": self._key},
@@ -487,10 +488,10 @@ class Capture:
             return frame, digest(smaller)
         raise error
 
-    def _smaller(self, item: llm.ChatItem) -> Iterator[tuple[ItemData, str]]:
+    def _smaller(self, data: ItemData) -> Iterator[tuple[ItemData, str]]:
         """Stand-ins for an item over the frame limit, from the least lossy."""
-        data = item_to_data(item, media="drop")
         if self._media == "keep":
+            data = without_media(data)
             yield data, "with its media dropped"
         kind = data.get("type")
         if kind == "message":

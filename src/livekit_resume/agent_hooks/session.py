@@ -62,7 +62,7 @@ from .autosave import (
 )
 from .capture import Capture, Indexes, Pending, SavedState
 from .control import ControlListener
-from .lease import LeaseHolder, to_its_end
+from .lease import LeaseHolder, OutOfTime, bounded, to_its_end
 from .listen import listen
 from .rebuild import Built, build_items, check, rebuild
 from .registry import AgentRegistry
@@ -93,6 +93,8 @@ SUSPEND_CLOSE_WAIT = 2.0
 # first, doubling up to the cap: it holds the lease and the connections the suspend was
 # to free, and a resume meets a suspend under way while one is tried.
 LONG_PAUSE_RETRY = 2.0
+# Saves after a final one, each of what reached the session during the one before.
+SETTLE_ROUNDS = 3
 LONG_PAUSE_RETRY_CAP = 60.0
 
 SALVAGED = Counter(
@@ -952,7 +954,7 @@ class ResumableSession:
             self._state = "paused"
             self._show()  # not waited for: the final save must not wait on the room
         # the final snapshot comes before closing: closing a voice session can take seconds
-        version = await self._save(reason, state)
+        version = await self._settled(reason, state, await self._save(reason, state))
         self._state = state
         # From here the store says suspended (or ended): the rest runs to its end even if
         # the caller is cancelled meanwhile (a job shutting down), or the session would
@@ -1031,9 +1033,36 @@ class ResumableSession:
         # client timeout and retry (tens of seconds), and LiveKit gives shutdown ~10 s
         deadline = close_deadline()
         if self._session is not None and self._lease is not None and live:
-            await final_save(self.checkpoint, self._key, lambda: self._version, deadline=deadline)
+            saved = await final_save(
+                self.checkpoint, self._key, lambda: self._version, deadline=deadline
+            )
+            if saved:
+                with contextlib.suppress(OutOfTime):
+                    settled = self._settled("close", None, self._version)
+                    await bounded(settled, deadline - time.monotonic())
         await self._detach_and_release(release_within=release_wait(deadline))
         self._state = "closed"
+
+    async def _settled(self, reason: str, state: SessionState | None, version: int) -> int:
+        """After a final save: what reached the session while it was on its way (a
+        tool's output landing between its read and its commit) saved too, before the
+        session is given up, until a save finds nothing new (a read, no store call), at
+        most `SETTLE_ROUNDS` times. A failure here leaves the final save standing."""
+        for _ in range(SETTLE_ROUNDS):
+            try:
+                again = await self._save(reason, state)
+            except Exception as e:
+                log.warning(
+                    "session %r: what came during its final save was not saved: %s",
+                    self._key,
+                    e,
+                    extra={"key": self._key, "version": version},
+                )
+                break
+            if again == version:
+                break
+            version = again
+        return version
 
     async def _unrestore(self) -> None:
         """Undo a restore after a suspend whose session then failed to start (job.py's

@@ -60,8 +60,8 @@ def digest(data: ItemData) -> bytes:
     return item_digest(data)
 
 
-Encoder = Callable[[llm.ChatItem, ItemData, bytes, bytes], "bytes | tuple[bytes, bytes]"]
-"""(item, its plain data, its digest, its msgpack as hashed) -> the frame to store, or
+Encoder = Callable[[ItemData, bytes, bytes], "bytes | tuple[bytes, bytes]"]
+"""(an item's plain data, its digest, its msgpack as hashed) -> the frame to store, or
 (the frame, the digest of the data it holds) when that is not the item's own (an item
 shrunk to fit). The msgpack is the frame's body: a large item is packed once."""
 Converter = Callable[[llm.ChatItem], ItemData]
@@ -668,7 +668,7 @@ _TWICE = (
 
 class Plan:
     """A stream's change as read from the live items: plain data, not yet hashed or
-    encoded. `build` touches no LiveKit object but an oversized item's (see `Encoder`)."""
+    encoded. `build` touches no LiveKit object: what it stores is what was read."""
 
     def __init__(self, tracker: StreamTracker, count: int, *, whole: bool = False) -> None:
         self.tracker = tracker
@@ -690,7 +690,7 @@ class Plan:
 
     def written(self) -> Iterator[str]:
         """Ids the plan may write (a superset of what its change will)."""
-        return (p.item.id for p in self.puts)
+        return (p.data["id"] for p in self.puts)
 
     def weight(self, counted: set[int] | None = None) -> int:
         """About how many bytes the plan's items hold (`weight`). ``counted``: the
@@ -738,10 +738,10 @@ class Plan:
                 packed = pack_item(put.data, pieces=put.weight() > PIECES_OVER)
                 known = memo[id(put.data)] = (packed_digest(packed), packed)
             d, packed = known
-            item_id = put.item.id
+            item_id = put.data["id"]  # as read: the live item may be renamed since
             if put.only_if_changed and digests.get(item_id) == d:
                 continue
-            frame = seal.place(item_id, put.after, d, encode(put.item, put.data, d, packed))
+            frame = seal.place(item_id, put.after, d, encode(put.data, d, packed))
             change.records.append(Record(t.stream, item_id, frame, put.after))
             change.set_digests[item_id] = d
             change.datas[item_id] = put.data

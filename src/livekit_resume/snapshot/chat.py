@@ -73,6 +73,7 @@ __all__ = [
     "item_from_data",
     "item_to_data",
     "repair_tool_calls",
+    "without_media",
 ]
 
 logger = logging.getLogger("livekit_resume.snapshot.chat")
@@ -484,6 +485,37 @@ def _audio_to_data(audio: llm.AudioContent, media: MediaPolicy, where: str) -> I
             for f in audio.frame
         ],
     }
+
+
+def without_media(data: ItemData) -> ItemData:
+    """An item's data read with ``media="keep"``, as ``media="drop"`` would have read it:
+    inline images and audio frames as their markers (a video frame kept is an inline
+    image by then)."""
+    content = data.get("content")
+    if type(content) is not list:
+        return data
+    parts: list[Any] = []
+    for part in content:
+        kind = part.get("type") if type(part) is dict else None
+        if kind == "image_content" and str(part.get("image", "")).startswith("data:"):
+            marker = {name: part.get(name) for name in _MARKER_FIELDS}
+            parts.append({**marker, "type": "dropped_media", "kind": "image", "source": "data_url"})
+        elif kind == "audio_content":
+            frames = part.get("frame") or []
+            parts.append(
+                {
+                    "type": "dropped_media",
+                    "kind": "audio",
+                    "transcript": part.get("transcript"),
+                    "duration": sum(f["samples_per_channel"] / f["sample_rate"] for f in frames),
+                }
+            )
+        else:
+            parts.append(part)
+    return {**data, "content": parts}
+
+
+_MARKER_FIELDS = ("id", "inference_width", "inference_height", "inference_detail", "mime_type")
 
 
 def _content_to_data(part: Any, media: MediaPolicy, item_id: str, index: int) -> Any:
