@@ -265,7 +265,7 @@ def make_tls_files(directory: Path) -> TLSFiles:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def write(name: str, data: bytes) -> Path:
         path = directory / name

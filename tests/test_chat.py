@@ -330,7 +330,7 @@ class _Point(BaseModel):
 
 
 def test_non_plain_extra_values_follow_pydantic_json_rule() -> None:
-    when = dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.UTC)
     msg = llm.ChatMessage(
         id="item_x",
         role="user",

@@ -82,7 +82,7 @@ class Child:
 
         try:
             return await asyncio.wait_for(read(), CHILD_DEADLINE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"no {prefix!r} from the child:\n{self.output}") from None
 
     @property

@@ -407,7 +407,7 @@ class Nested(BaseModel):
                 "Ada",
                 Address("Paris", "75001"),
                 {"a", "b"},
-                dt.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone.utc),
+                dt.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=dt.UTC),
                 Decimal("12.30"),
             ),
         ),
@@ -516,7 +516,7 @@ async def test_agent_state_of_odd_values_reaches_the_factory_in_its_documented_f
     reg = reg_of(Stateful, Stateful=factory)
     state = {
         "s": {3},
-        "t": dt.datetime(2024, 1, 2, tzinfo=dt.timezone.utc),
+        "t": dt.datetime(2024, 1, 2, tzinfo=dt.UTC),
         "d": Decimal("1.50"),
         "e": Color.RED,
         "b": b"\x00\xff",

@@ -489,7 +489,7 @@ def _reorder(d: dict[Any, Any]) -> None:
     d[first] = d.pop(first)
 
 
-_UTC = datetime.timezone.utc
+_UTC = datetime.UTC
 _CET = datetime.timezone(datetime.timedelta(hours=1))
 _NOON = datetime.datetime(2026, 1, 1, 12, tzinfo=_UTC)
 # (value put in a recent item's extra before the checkpoint, its in-place edit after):

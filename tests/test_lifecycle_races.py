@@ -215,7 +215,7 @@ async def test_a_suspend_cancelled_after_its_final_save_still_closes_the_session
     assert state_of(rs) == "suspended"
     try:
         await asyncio.wait_for(closed.wait(), 5.0)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pytest.fail("the session says suspended but was never closed")
     assert rs._lease is None
     info = await store.info(KEY)
@@ -541,7 +541,7 @@ async def test_a_pause_whose_save_failed_still_suspends_after_suspend_after(
     assert state_of(rs) == "paused"
     try:
         await asyncio.wait_for(closed.wait(), 5.0)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pytest.fail(f"paused past suspend_after and still {rs.state}")
     assert state_of(rs) == "suspended" and rs._lease is None
     assert texts(await saved(store)) == live_texts(session)

@@ -182,7 +182,7 @@ async def test_a_long_pause_whose_suspend_met_a_store_outage_still_suspends_late
     flaky.down = False  # the store is back
     try:
         await asyncio.wait_for(closed.wait(), 5.0)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         still = rs.state
         await finish(session, rs)
         pytest.fail(f"store back for 5 s after a failed suspend_after, and still {still!r}")
@@ -225,7 +225,7 @@ async def test_a_later_long_pause_starts_its_suspend_retries_afresh(
     flaky.down = False
     try:
         await asyncio.wait_for(closed.wait(), 2.0)  # retried 0.2 s later, not 1.6 s
-    except asyncio.TimeoutError:
+    except TimeoutError:
         still = rs.state
         await finish(session, rs)
         pytest.fail(f"a second long pause still {still!r} 2 s after its suspend failed")

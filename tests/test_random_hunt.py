@@ -236,7 +236,7 @@ class Hunt:
     async def bounded(self, what: str, aw: Awaitable[Any]) -> Any:
         try:
             return await asyncio.wait_for(aw, OP_T)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.fail(f"HANG: {what} did not return within {OP_T}s")
             raise
 
@@ -395,7 +395,7 @@ class Hunt:
                 pass
             except lr.StoreUnavailable:
                 pass
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.fail(f"HANG: {s.key} fenced checkpoint")
             except Exception as e:
                 self.fail(f"{s.key} fenced checkpoint: untyped {type(e).__name__}: {e!r}")
@@ -762,7 +762,7 @@ class Hunt:
             try:
                 await asyncio.wait_for(self.raw.keys(), 2.0)
                 return
-            except (lr.StoreUnavailable, asyncio.TimeoutError):
+            except (TimeoutError, lr.StoreUnavailable):
                 await asyncio.sleep(0.05)
 
     async def finish(self) -> None:

@@ -28,6 +28,7 @@ from livekit_resume.stores.base import Commit, Lease, Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.sqlite import SQLiteStore
 from livekit_resume.stores.sqlite.transactions import write
+from livekit_resume.testing.poll import eventually
 from tests.lk.scripted_llm import ScriptedLLM
 from tests.test_hooks import (
     KEY,
@@ -201,6 +202,11 @@ async def test_a_session_deleted_while_held_is_not_written_back(store: Store) ->
     await session.run(user_input="b")
     await settled(rs)
     assert isinstance(rs._autosave.lost, lr.LeaseLost) and not rs._autosave.lost.vanished
+
+    async def told() -> bool:
+        return bool(lost)
+
+    await eventually(told, "on_lost told")  # it runs in a task of its own
     assert [type(e) for e in lost] == [lr.LeaseLost]
     with pytest.raises(lr.LeaseLost, match="deleted"):
         await rs.checkpoint()

@@ -73,7 +73,7 @@ def test_typed_values_roundtrip_exactly() -> None:
         big_set={3, BIG},
         big_keys={BIG: -BIG, 1: 2},
         pair=(7, "seven"),
-        when=dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.timezone.utc),
+        when=dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.UTC),
         day=dt.date(2024, 5, 1),
         ident=uuid.UUID(int=5),
         color=Color.RED,

@@ -156,7 +156,7 @@ class Child:
 
         try:
             await asyncio.wait_for(read(), CHILD_DEADLINE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"no {word!r} from the child:\n{self.output}") from None
 
     @property

@@ -227,7 +227,7 @@ async def test_a_caller_who_is_back_and_gone_again_is_suspended_after_the_grace(
         assert not room.remote_participants  # nobody is in the room
         try:
             await asyncio.wait_for(closed.wait(), DEADLINE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pytest.fail(f"nobody is in the room and the session is {rs.state} after {DEADLINE}s")
         assert rs.state == "suspended"
     finally:
@@ -258,7 +258,7 @@ async def test_a_caller_gone_while_the_store_blinks_is_still_suspended_after_the
         room.leave("caller")
         try:
             await asyncio.wait_for(closed.wait(), DEADLINE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pytest.fail(f"nobody is in the room and the session is {rs.state} after {DEADLINE}s")
         assert rs.state == "suspended" and rs._lease is None
         info = await sqlite_store.info(KEY)
@@ -326,7 +326,7 @@ async def test_a_caller_gone_again_while_restored_in_place_is_suspended_after_th
         assert not room.remote_participants  # nobody is in the room
         try:
             await asyncio.wait_for(suspended_again.wait(), DEADLINE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pytest.fail(f"nobody is in the room and the session is {rs.state} after {DEADLINE}s")
         await settle(policy, rs, "suspended")
     finally:

@@ -279,7 +279,7 @@ class Child:
 
         try:
             return await asyncio.wait_for(read(), deadline)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"no {prefix!r} from worker {self.pid}:\n{self.output}") from None
 
     async def expect_any(self, *prefixes: str, deadline: float = LINE_DEADLINE) -> list[str]:
@@ -296,7 +296,7 @@ class Child:
 
         try:
             return await asyncio.wait_for(read(), deadline)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"none of {prefixes} from {self.pid}:\n{self.output}") from None
 
     async def drain(self, *, deadline: float = LINE_DEADLINE) -> None:
@@ -308,7 +308,7 @@ class Child:
 
         try:
             await asyncio.wait_for(read(), deadline)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"worker {self.pid} did not exit:\n{self.output}") from None
 
     def words(self, prefix: str) -> list[list[str]]:

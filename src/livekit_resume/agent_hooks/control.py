@@ -116,7 +116,7 @@ class ControlListener:
         self._task = asyncio.ensure_future(self._listen(self._store.commands()))
         try:
             await asyncio.wait_for(self.listening.wait(), START_WAIT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning(
                 "session %r: not yet listening for remote commands after %.0fs",
                 self._session.key,

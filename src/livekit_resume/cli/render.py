@@ -87,7 +87,7 @@ def iso(ts: float | None) -> str | None:
     """UTC ISO 8601, for JSON output."""
     if ts is None:
         return None
-    return _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).isoformat()
+    return _dt.datetime.fromtimestamp(ts, tz=_dt.UTC).isoformat()
 
 
 def _jsonable(value: Any) -> Any:

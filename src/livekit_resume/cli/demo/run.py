@@ -137,7 +137,7 @@ async def _spawn(url: str, key: str, report: str, console: Console, namespace: s
 
     try:
         return await asyncio.wait_for(relay(), CHILD_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise TimeoutError(

@@ -46,7 +46,7 @@ class WatchedStore:
 
         try:
             await asyncio.wait_for(wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StoreUnavailable(
                 f"autosave did not write item {item_id!r} within {timeout:.0f}s"
             ) from None

@@ -209,7 +209,7 @@ class _GatedCluster(RedisCluster):
         else:
             try:
                 await asyncio.wait_for(self._places.acquire(), self._wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 # as the standalone store's pool says it (a StoreUnavailable)
                 raise RedisConnectionError("No connection available.") from None
         return _HOLDING.set(True)
@@ -369,13 +369,13 @@ class Server:
                 "backoff before giving up)"
             ) from exc
         except (
+            TimeoutError,
             RedisConnectionError,
             RedisTimeoutError,
             TryAgainError,
             ReadOnlyError,
             RedisClusterException,
             ClusterError,  # "TTL exhausted": redirections that never settled (a reshard)
-            asyncio.TimeoutError,
             OSError,
         ) as exc:
             raise StoreUnavailable(
@@ -437,8 +437,6 @@ def _unavailable_hint(exc: BaseException) -> str:
 
 
 def _cancels() -> int:
-    """Cancellations requested of the current task and not taken back (0 on Python
-    3.10, which does not count them)."""
+    """Cancellations requested of the current task and not taken back."""
     task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return cancelling() if cancelling is not None else 0
+    return task.cancelling() if task is not None else 0

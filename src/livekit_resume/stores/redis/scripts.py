@@ -180,7 +180,7 @@ class Scripts:
         try:
             node = client.get_node_from_key(head)
             nodes = await client.execute_command("CLUSTER NODES", target_nodes=node)
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, RedisError, OSError):
             return False
         return _migrating(nodes, slot)
 

@@ -414,9 +414,7 @@ class Connection:
         try:
             conn = self._connect_uri(uri)
         except sqlite3.OperationalError as exc:
-            code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-            if code is None and str(exc) == "unable to open database file":
-                code = _SQLITE_CANTOPEN  # Python 3.10: SQLite's fixed text for it
+            code = exc.sqlite_errorcode
             if code not in (_SQLITE_READONLY_DIRECTORY, _SQLITE_CANTOPEN):
                 raise
             wal = Path(self.path + "-wal")

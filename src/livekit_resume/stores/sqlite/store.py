@@ -365,9 +365,10 @@ class SQLiteStore:
             )
             # Generations grow with versions, so any below the oldest retained one is unused.
             conn.execute(
-                "DELETE FROM log WHERE ns=?1 AND key=?2 AND "
-                "gen<(SELECT min(gen) FROM versions WHERE ns=?1 AND key=?2)",
-                (ns, key),
+                # plain ? (Python 3.12.0-3.12.3 warn of ?NNN as named parameters)
+                "DELETE FROM log WHERE ns=? AND key=? AND "
+                "gen<(SELECT min(gen) FROM versions WHERE ns=? AND key=?)",
+                (ns, key, ns, key),
             )
             conn.execute(
                 "UPDATE sessions SET version=?, gen=?, log_len=?, touched_at=?, "
@@ -675,16 +676,14 @@ def _lease_after(c: Commit, s: Session, now: float) -> tuple[float | None, float
 
 
 def _insert_log(conn: sqlite3.Connection, rows: list[_LogRow]) -> None:
-    """Insert log rows; large ``data`` in slices (Python 3.11's ``blobopen``)."""
-    if not hasattr(conn, "blobopen"):  # Python 3.10: bound whole
-        conn.executemany(_INSERT_LOG, rows)
-        return
+    """Insert log rows; large ``data`` in slices (``blobopen``)."""
     conn.executemany(_INSERT_LOG, [r for r in rows if r[7] is None or len(r[7]) <= _BLOB_SLICE])
     for row in rows:
         data = row[7]
         if data is None or len(data) <= _BLOB_SLICE:
             continue
         rowid = conn.execute(_INSERT_EMPTY_LOG, (*row[:7], len(data))).lastrowid
+        assert rowid is not None  # an INSERT's
         view = memoryview(data)
         with conn.blobopen("log", "data", rowid) as blob:
             for start in range(0, len(data), _BLOB_SLICE):

@@ -44,7 +44,7 @@ class EventTests(StoreTests):
                     event = await asyncio.wait_for(events.__anext__(), 5)
                     if event.get("event") in ("committed", "taken_over"):
                         got.append(event)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         assert [(e.get("event"), e.get("key")) for e in got] == [
             ("committed", KEY),
