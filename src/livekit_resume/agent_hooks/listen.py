@@ -35,7 +35,7 @@ def listen(
     capture: Capture,
     registry: AgentRegistry,
     trigger: Callable[[str], None],
-    on_close: Callable[[], None],
+    on_close: Callable[[CloseEvent], None],
     on_handoff: Callable[[Agent | None], None],
 ) -> Listeners:
     """Subscribe to ``session``; returns the (event, callback) pairs to unsubscribe."""
@@ -103,14 +103,11 @@ def listen(
                 ended.add(call_id)
             trigger("tool")  # a result that lands with no other event (paused, no reply)
 
-    def on_closed(_: CloseEvent) -> None:
-        on_close()
-
     handlers: Listeners = [
         ("conversation_item_added", on_item),
         ("function_tools_executed", on_tools),
         ("tool_execution_updated", on_tool_update),
-        ("close", on_closed),
+        ("close", on_close),
     ]
     for event, fn in handlers:
         session.on(event, fn)

@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar
 
 from livekit import rtc
 from livekit.agents import Agent, AgentSession
-from livekit.agents.voice.events import EventTypes
+from livekit.agents.voice.events import CloseEvent, CloseReason, EventTypes
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import Counter
@@ -954,13 +954,22 @@ class ResumableSession:
             self._state = "paused"
             self._show()  # not waited for: the final save must not wait on the room
         # the final snapshot comes before closing: closing a voice session can take seconds
-        version = await self._settled(reason, state, await self._save(reason, state))
+        version = await self._save(reason, state)
+        # stored: every later save says so (the settle's, an autosave queued behind the
+        # final save, a close's), or one would store the session paused again
         self._state = state
+        wait_close = not in_livekit_task()  # the caller's task: to_its_end runs its own
+
+        async def settle_and_give_up() -> None:
+            nonlocal version
+            version = await self._settled(reason, state, version)
+            await self._give_up(session, state, wait_close=wait_close)
+
         # From here the store says suspended (or ended): the rest runs to its end even if
         # the caller is cancelled meanwhile (a job shutting down), or the session would
         # say so while open, listening and perhaps holding its lease, and a restore in
         # place would wait for a close that never comes. The cancellation then goes on.
-        await to_its_end(self._give_up(session, state, wait_close=not in_livekit_task()))
+        await to_its_end(settle_and_give_up())
         return version
 
     async def _give_up(
@@ -1042,6 +1051,8 @@ class ResumableSession:
                     await bounded(settled, deadline - time.monotonic())
         await self._detach_and_release(release_within=release_wait(deadline))
         self._state = "closed"
+        # a room the job stays in (LiveKit closed the session on errors) shows it given up
+        self._show()
 
     async def _settled(self, reason: str, state: SessionState | None, version: int) -> int:
         """After a final save: what reached the session while it was on its way (a
@@ -1064,6 +1075,16 @@ class ResumableSession:
             version = again
         return version
 
+    async def _aclose_on_error(self) -> None:
+        """LiveKit closed the session on errors it could not recover from (a provider
+        down), and the job goes on: saved and released as a close does, then given up
+        as a suspend, so that a restore may take it up again in this job (the caller
+        back in the room: `resumable_job`'s restore in place, once the provider is)."""
+        await self._aclose()
+        if self._state == "closed" and self._holder.lease is None:
+            self._state, self._closing = "suspended", None
+            self._show()
+
     async def _unrestore(self) -> None:
         """Undo a restore after a suspend whose session then failed to start (job.py's
         restore in place): nothing runs, so the key goes back to the store as the suspend
@@ -1085,9 +1106,10 @@ class ResumableSession:
         return self._session
 
     def _attach(self, session: AgentSession[Any]) -> None:
-        def on_close() -> None:
+        def on_close(ev: CloseEvent) -> None:
             if self._state in ("active", "paused") and self._closing is None:
-                self._closing = asyncio.ensure_future(self._aclose())
+                close = self._aclose_on_error() if ev.reason == CloseReason.ERROR else None
+                self._closing = asyncio.ensure_future(close or self._aclose())
 
         def on_handoff(agent: Agent | None) -> None:
             if self._state == "paused":  # an agent handed to while paused says nothing
