@@ -203,7 +203,12 @@ class JobPolicy:
 
     def _next_step(self, grace_over: bool) -> Callable[[], Awaitable[None]] | None:
         state = self._rs.state
-        if self._rs._closing is not None:
+        closing = self._rs._closing
+        if closing is not None:
+            if self._rs._closed_on_error and not closing.done():
+                # LiveKit closed it on errors: given up as a suspend once saved, and then
+                # decided again on who is in the room
+                return lambda: asyncio.shield(closing)
             return None  # closed or closing (the job shuts down): the close is final
         finishing = self._rs._finishing
         if finishing is not None:
@@ -670,6 +675,7 @@ async def resumable_job(
         raise
 
     async def on_shutdown(_reason: str) -> None:
+        policy.stop()  # nothing restores it in this job from here
         await rs.aclose()  # usually done already: the session's close saved it
         if opened:
             await store.aclose()

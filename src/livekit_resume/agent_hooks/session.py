@@ -177,6 +177,9 @@ class ResumableSession:
         self._rolled_back: int | None = None
         self._salvaged = False  # this restore's snapshot was salvaged (counted once it is)
         self._landed = 0  # commits stored: a save that stored one is timed
+        self._close_final = False  # `aclose` was called: nothing restores the session again
+        # LiveKit closed it on errors and the hooks are giving it up (`_aclose_on_error`)
+        self._closed_on_error = False
         self._suspend_after = suspend_after
         self._long_pause = Timer(self._key)
         # the save of a pause made before the session started, once it starts
@@ -1031,6 +1034,7 @@ class ResumableSession:
         (a shutdown callback and the session's own close) at once. A store that cannot
         be reached is retried for up to `CLOSE_SAVE_BUDGET` seconds; after that the
         last stored version stands and the failure is logged and counted."""
+        self._close_final = True  # an error close under way stays a close (`_aclose_on_error`)
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._aclose())
         await asyncio.shield(self._closing)
@@ -1051,8 +1055,6 @@ class ResumableSession:
                     await bounded(settled, deadline - time.monotonic())
         await self._detach_and_release(release_within=release_wait(deadline))
         self._state = "closed"
-        # a room the job stays in (LiveKit closed the session on errors) shows it given up
-        self._show()
 
     async def _settled(self, reason: str, state: SessionState | None, version: int) -> int:
         """After a final save: what reached the session while it was on its way (a
@@ -1080,10 +1082,13 @@ class ResumableSession:
         down), and the job goes on: saved and released as a close does, then given up
         as a suspend, so that a restore may take it up again in this job (the caller
         back in the room: `resumable_job`'s restore in place, once the provider is)."""
+        # an end or a suspend under way, or an end not stored, decides what it becomes
+        given_up = self._finishing is not None or self._end_unsaved
         await self._aclose()
-        if self._state == "closed" and self._holder.lease is None:
-            self._state, self._closing = "suspended", None
-            self._show()
+        if self._close_final or given_up or self._holder.lease is not None:
+            return  # closed for good: the app's (a job's shutdown) aclose came meanwhile
+        self._state, self._closing, self._closed_on_error = "suspended", None, False
+        self._show()  # the room the job stays in shows it given up
 
     async def _unrestore(self) -> None:
         """Undo a restore after a suspend whose session then failed to start (job.py's
@@ -1108,8 +1113,9 @@ class ResumableSession:
     def _attach(self, session: AgentSession[Any]) -> None:
         def on_close(ev: CloseEvent) -> None:
             if self._state in ("active", "paused") and self._closing is None:
-                close = self._aclose_on_error() if ev.reason == CloseReason.ERROR else None
-                self._closing = asyncio.ensure_future(close or self._aclose())
+                self._closed_on_error = ev.reason == CloseReason.ERROR
+                close = self._aclose_on_error() if self._closed_on_error else self._aclose()
+                self._closing = asyncio.ensure_future(close)
 
         def on_handoff(agent: Agent | None) -> None:
             if self._state == "paused":  # an agent handed to while paused says nothing
