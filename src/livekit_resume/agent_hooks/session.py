@@ -1039,19 +1039,28 @@ class ResumableSession:
             self._closing = asyncio.ensure_future(self._aclose())
         await asyncio.shield(self._closing)
 
-    async def _aclose(self) -> None:
+    async def _aclose(self, state: Literal["suspended"] | None = None) -> None:
+        """The close: final save (stored as ``state`` if given, else as the session
+        is), release, ``closed``."""
         self._long_pause.cancel()  # no suspend_after from here: the close is final
         live = self._state in ("active", "paused")
         # the whole close is bounded: a frozen store fails each call only after every
         # client timeout and retry (tens of seconds), and LiveKit gives shutdown ~10 s
         deadline = close_deadline()
         if self._session is not None and self._lease is not None and live:
+
+            async def save(reason: str) -> int:
+                return await self._save(reason, state, confirm=True)
+
             saved = await final_save(
-                self.checkpoint, self._key, lambda: self._version, deadline=deadline
+                self.checkpoint if state is None else save,
+                self._key,
+                lambda: self._version,
+                deadline=deadline,
             )
             if saved:
                 with contextlib.suppress(OutOfTime):
-                    settled = self._settled("close", None, self._version)
+                    settled = self._settled("close", state, self._version)
                     await bounded(settled, deadline - time.monotonic())
         await self._detach_and_release(release_within=release_wait(deadline))
         self._state = "closed"
@@ -1084,7 +1093,7 @@ class ResumableSession:
         back in the room: `resumable_job`'s restore in place, once the provider is)."""
         # an end or a suspend under way, or an end not stored, decides what it becomes
         given_up = self._finishing is not None or self._end_unsaved
-        await self._aclose()
+        await self._aclose(None if given_up else "suspended")
         if self._close_final or given_up or self._holder.lease is not None:
             return  # closed for good: the app's (a job's shutdown) aclose came meanwhile
         self._state, self._closing, self._closed_on_error = "suspended", None, False
