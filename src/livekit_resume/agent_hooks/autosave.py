@@ -263,6 +263,7 @@ async def final_save(
             log.warning("session %r: final save refused, lease lost", key, extra={"key": key})
             return False
         except OutOfTime:
+            CHECKPOINT_FAILURES.labels(error="OutOfTime").inc()  # a save cut short
             error: Exception = StoreUnavailable(
                 f"the store did not answer within the close budget ({CLOSE_SAVE_BUDGET:g} s)"
             )

@@ -325,6 +325,10 @@ class ResumableSession:
         salvage: bool,
     ) -> Agent:
         stored = await self._acquire_load(takeover, salvage)
+        # What the store holds now is the truth: a commit left pending by the session
+        # before (its close's final save met an outage) is in it if it landed, and if
+        # not, was made under a lease since lapsed (sent again, it fences this one)
+        self._pending = None
         # The command inbox subscribes (a connection, a round trip or two) while the
         # snapshot is decoded and rebuilt. A command it hears before the restore is done
         # is refused: the session is not attached yet.

@@ -142,7 +142,7 @@ class ServerCheck:
             self._first = None
             return
         try:
-            self._judge([(w, c) for w, c in read if c], complete=len(read) == len(primaries))
+            self._judge(read, complete=len(read) == len(primaries))
             self._refused = None
         except StoreUnavailable as e:
             self._refused = e
@@ -194,7 +194,7 @@ class ServerCheck:
         # a partial round keeps what an earlier one saw of the primaries it missed
         self.evicting = bool(evicting) or (self.evicting and not complete)
         read = all("maxmemory-policy" in conf for _, conf in settings)
-        self.keeps_keys = complete and read and not self.evicting
+        self.keeps_keys = complete and bool(settings) and read and not self.evicting
         for problem in problems:
             if problem not in self._warned:
                 self._warned.add(problem)
@@ -222,9 +222,8 @@ class ServerCheck:
             else:
                 targets = [(self._server.where, None)]
             for where, node in targets:
-                conf = await self._read_config(where, node)
-                if conf:
-                    out.append((where, conf))
+                # one not read ({}: CONFIG refused) is judged as unknown, not as safe
+                out.append((where, await self._read_config(where, node)))
         return out
 
     async def _read_config(self, where: str, node: Any) -> dict[str, str]:
