@@ -188,6 +188,9 @@ class ResumableSession:
         self._pausing: asyncio.Future[None] | None = None
         self._pause_unsaved = False  # paused before start: nothing to capture yet
         self._end_unsaved = False  # an end whose save failed: later saves store it ended
+        # A suspend's or an end's final save stored: every later save of this life stores
+        # that state (the settle's, an autosave queued behind it, a close's)
+        self._stored_as: Literal["suspended", "ended"] | None = None
         self._long_pause_retry = LONG_PAUSE_RETRY
 
         self._session: AgentSession[Any] | None = None
@@ -363,7 +366,7 @@ class ResumableSession:
             raise
         before = self._session, self._state
         self._session = session
-        self._state = "active"
+        self._state, self._stored_as = "active", None
         self._capture.last_agent = agent  # saved should an AgentTask run before a save
         self._attach(session)
         if self._autosave_enabled:
@@ -720,7 +723,9 @@ class ResumableSession:
         pending = await self._capture.draft(
             session,
             reason=reason,
-            state=_saved_state(state or ("ended" if self._end_unsaved else self._state)),
+            state=_saved_state(
+                state or self._stored_as or ("ended" if self._end_unsaved else self._state)
+            ),
             epoch=self._holder.epoch,
             base_version=self._version,
             writer=self._announcer.writer(),
@@ -964,12 +969,13 @@ class ResumableSession:
         version = await self._save(reason, state)
         # stored: every later save says so (the settle's, an autosave queued behind the
         # final save, a close's), or one would store the session paused again
-        self._state = state
+        self._stored_as = state
         wait_close = not in_livekit_task()  # the caller's task: to_its_end runs its own
 
         async def settle_and_give_up() -> None:
             nonlocal version
             version = await self._settled(reason, state, version)
+            self._state = state  # once what came meanwhile is saved too, as it is given up
             await self._give_up(session, state, wait_close=wait_close)
 
         # From here the store says suspended (or ended): the rest runs to its end even if
