@@ -975,7 +975,6 @@ class ResumableSession:
         async def settle_and_give_up() -> None:
             nonlocal version
             version = await self._settled(reason, state, version)
-            self._state = state  # once what came meanwhile is saved too, as it is given up
             await self._give_up(session, state, wait_close=wait_close)
 
         # From here the store says suspended (or ended): the rest runs to its end even if
@@ -988,8 +987,11 @@ class ResumableSession:
     async def _give_up(
         self, session: AgentSession[Any], state: Literal["suspended", "ended"], wait_close: bool
     ) -> None:
-        self._show()
+        self._announcer.show(state, self._version)
         await self._detach_and_release(then=state)
+        # the session's state once its lease is free: a caller who sees it may restore
+        # the key at once (a second resumable_job call in the job was refused busy)
+        self._state = state
         await self._announcer.announce(state, self._version)
         await self._shown()
         close = self._session_close = asyncio.ensure_future(session.aclose())
