@@ -93,9 +93,9 @@ SUSPEND_CLOSE_WAIT = 2.0
 # first, doubling up to the cap: it holds the lease and the connections the suspend was
 # to free, and a resume meets a suspend under way while one is tried.
 LONG_PAUSE_RETRY = 2.0
+LONG_PAUSE_RETRY_CAP = 60.0
 # Saves after a final one, each of what reached the session during the one before.
 SETTLE_ROUNDS = 3
-LONG_PAUSE_RETRY_CAP = 60.0
 
 SALVAGED = Counter(
     "livekit_resume_sessions_salvaged", "Damaged snapshots restored with what was intact"

@@ -49,7 +49,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_type_hints
 
@@ -419,17 +419,33 @@ def _restorable_config(data: ItemData, where: str) -> ItemData:
     return fixed
 
 
-def _image_marker(image: llm.ImageContent, source: str, where: str) -> ItemData:
-    marker: ItemData = {
+def _dropped_image(get: Callable[[str], Any], source: str) -> ItemData:
+    """The marker of an image not kept, of its fields as ``get`` reads them (an
+    `llm.ImageContent`'s attributes, or its data's keys: `without_media`)."""
+    return {
         "type": "dropped_media",
         "kind": "image",
-        "id": image.id,
+        "id": get("id"),
         "source": source,
-        "inference_width": image.inference_width,
-        "inference_height": image.inference_height,
-        "inference_detail": image.inference_detail,
-        "mime_type": image.mime_type,
+        "inference_width": get("inference_width"),
+        "inference_height": get("inference_height"),
+        "inference_detail": get("inference_detail"),
+        "mime_type": get("mime_type"),
     }
+
+
+def _dropped_audio(transcript: Any, duration: float) -> ItemData:
+    """The marker of audio frames not kept: their transcript and length."""
+    return {
+        "type": "dropped_media",
+        "kind": "audio",
+        "transcript": transcript,
+        "duration": duration,
+    }
+
+
+def _image_marker(image: llm.ImageContent, source: str, where: str) -> ItemData:
+    marker = _dropped_image(lambda name: getattr(image, name), source)
     return _plain(marker, where)  # type: ignore[no-any-return]
 
 
@@ -465,12 +481,8 @@ def _image_to_data(image: llm.ImageContent, media: MediaPolicy, where: str) -> I
 def _audio_to_data(audio: llm.AudioContent, media: MediaPolicy, where: str) -> ItemData:
     if media == "drop":
         logger.info("%s: audio frames not kept (media='drop'), its transcript is", where)
-        return {
-            "type": "dropped_media",
-            "kind": "audio",
-            "transcript": _plain(audio.transcript, f"{where} transcript"),
-            "duration": sum(f.duration for f in audio.frame),
-        }
+        transcript = _plain(audio.transcript, f"{where} transcript")
+        return _dropped_audio(transcript, sum(f.duration for f in audio.frame))
     return {
         "type": "audio_content",
         "transcript": _plain(audio.transcript, f"{where} transcript"),
@@ -498,24 +510,14 @@ def without_media(data: ItemData) -> ItemData:
     for part in content:
         kind = part.get("type") if type(part) is dict else None
         if kind == "image_content" and str(part.get("image", "")).startswith("data:"):
-            marker = {name: part.get(name) for name in _MARKER_FIELDS}
-            parts.append({**marker, "type": "dropped_media", "kind": "image", "source": "data_url"})
+            parts.append(_dropped_image(part.get, "data_url"))
         elif kind == "audio_content":
             frames = part.get("frame") or []
-            parts.append(
-                {
-                    "type": "dropped_media",
-                    "kind": "audio",
-                    "transcript": part.get("transcript"),
-                    "duration": sum(f["samples_per_channel"] / f["sample_rate"] for f in frames),
-                }
-            )
+            duration = sum(f["samples_per_channel"] / f["sample_rate"] for f in frames)
+            parts.append(_dropped_audio(part.get("transcript"), duration))
         else:
             parts.append(part)
     return {**data, "content": parts}
-
-
-_MARKER_FIELDS = ("id", "inference_width", "inference_height", "inference_detail", "mime_type")
 
 
 def _content_to_data(part: Any, media: MediaPolicy, item_id: str, index: int) -> Any:
