@@ -77,6 +77,19 @@ def closing(session: AgentSession[Any]) -> asyncio.Event:
     return closed
 
 
+def suspend_after(rs: lr.ResumableSession, event: asyncio.Event, mp: pytest.MonkeyPatch) -> None:
+    """Hold ``rs``'s suspend (the one its grace makes) until ``event``: under load the
+    grace may run out before the newer job has taken the key over, and the older job
+    then suspends it unfenced, which is not the case a test of a fenced suspend means."""
+    suspend = rs.suspend
+
+    async def held() -> int:
+        await event.wait()
+        return await suspend()
+
+    mp.setattr(rs, "suspend", held)
+
+
 def user_texts_of(session: AgentSession[Any]) -> list[str]:
     return [
         " ".join(str(c) for c in i.content)
@@ -131,7 +144,7 @@ async def test_a_job_shut_down_while_the_caller_was_away_resumes_active_in_the_n
 
 
 async def test_an_older_paused_job_whose_grace_runs_out_after_a_takeover_writes_nothing(
-    store: Store,
+    store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Room A: the caller's network dropped (paused, grace running). They call back in
     room B within the grace: the newer job takes the key over. When room A's grace runs
@@ -149,6 +162,8 @@ async def test_an_older_paused_job_whose_grace_runs_out_after_a_takeover_writes_
     j1 = Job("room-a")
     s1 = make_text_session(ScriptedLLM(default="noted"))
     rs1 = await asyncio.wait_for(run_job(j1, s1, store, key=key, leave_grace=0.5), T)
+    taken = asyncio.Event()
+    suspend_after(rs1, taken, monkeypatch)
     await asyncio.wait_for(s1.run(user_input="first"), T)
     j1.leave()
     await state_is(rs1, "paused")
@@ -160,6 +175,7 @@ async def test_an_older_paused_job_whose_grace_runs_out_after_a_takeover_writes_
         await asyncio.wait_for(s2.run(user_input="second"), T)
         await asyncio.wait_for(rs2.checkpoint(), T)
         versions = await store.versions(key)
+        taken.set()
         await asyncio.sleep(1.0)  # room A's grace runs out meanwhile
         await until(lambda: j1.shutdowns, "the older job left its room")
         assert await store.versions(key) == versions, "the older job wrote after the takeover"
@@ -267,7 +283,7 @@ async def test_a_bad_key_from_the_key_function_is_a_typed_error_and_writes_nothi
 
 
 async def test_an_older_job_whose_suspend_met_the_new_epoch_does_not_answer_the_caller_again(
-    store: Store,
+    store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As above, and then the caller's client in room A reconnects (a participant joins
     room A) while the caller is served in room B. docs/lifecycle.md (crash table): the
@@ -279,12 +295,15 @@ async def test_an_older_job_whose_suspend_met_the_new_epoch_does_not_answer_the_
     llm1 = ScriptedLLM(default="old job speaking")
     s1 = make_text_session(llm1)
     rs1 = await asyncio.wait_for(run_job(j1, s1, store, key=key, leave_grace=0.3), T)
+    taken = asyncio.Event()
+    suspend_after(rs1, taken, monkeypatch)
     await asyncio.wait_for(s1.run(user_input="first"), T)
     j1.leave()
     await state_is(rs1, "paused")
     j2 = Job("room-b")
     s2 = make_text_session(ScriptedLLM(default="new job"))
     await asyncio.wait_for(run_job(j2, s2, store, key=key), T)
+    taken.set()
     try:
 
         async def left() -> bool:
