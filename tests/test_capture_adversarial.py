@@ -56,22 +56,24 @@ async def restored(store: Store) -> tuple[list[llm.ChatItem], list[llm.ChatItem]
 
 
 @pytest.mark.parametrize("stream", ["history", "agent"])
-async def test_a_duplicated_id_after_a_removal_is_refused_and_leaves_the_store_restorable(
+async def test_a_duplicated_id_after_a_removal_is_saved_apart_and_leaves_the_store_restorable(
     store: Store, live: tuple[AgentSession[None], lr.ResumableSession], stream: str
 ) -> None:
     # Before: the duplicate check ran only when the committed prefix was intact; after a
     # removal in the middle, a second item under an old id was written over the first
     # and the head counted both, so every restore of that version failed SnapshotCorrupt.
+    # Then it was refused, and so was every later checkpoint: saved as ``<id>~2`` now.
     session, rs = live
     await talk(session, rs, 4)
-    before = dumped(session.history.items)
     items = session.history.items if stream == "history" else session.current_agent._chat_ctx.items
     del items[5]
     items.append(items[1].model_copy(update={"content": ["a copy under the same id"]}))
-    with pytest.raises(ValueError, match="same id"):
-        await rs.checkpoint()
-    history, _ = await restored(store)  # the version before stands, whole
-    assert dumped(history)[: len(before)] == before
+    await rs.checkpoint()
+    history, agent_items = await restored(store)
+    got = history if stream == "history" else agent_items
+    expected = dumped(items)
+    expected[-1]["id"] = f"{items[1].id}~2"
+    assert dumped(got)[: len(expected)] == expected  # a start adds its handoff after
 
 
 async def test_a_cycle_in_a_recent_items_extra_does_not_stop_checkpoints(

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from livekit.agents import llm
 
-from livekit_resume.agent_hooks.tracker import EDIT_WINDOW, StaleChange, StreamTracker
+from livekit_resume.agent_hooks.tracker import EDIT_WINDOW, Change, StaleChange, StreamTracker
 from livekit_resume.snapshot.chat import item_from_data, item_to_data
 from livekit_resume.snapshot.codec import Codec
 from livekit_resume.snapshot.seal import pack_item
@@ -136,13 +136,30 @@ def test_appending_writes_only_the_new_items() -> None:
     ]
 
 
-def test_two_items_with_one_id_are_refused() -> None:
+def test_a_second_item_under_one_id_is_saved_as_id_2_until_the_first_goes() -> None:
     tracker = StreamTracker("history")
-    live: list[llm.ChatItem] = [msg(1)]
-    tracker.accept(tracker.diff(live, item_to_data).build(encode))
-    live.append(msg(1).model_copy())
-    with pytest.raises(ValueError, match="same id"):
-        tracker.diff(live, item_to_data).build(encode)
+    store = Replay()
+
+    def commit(change: Change) -> None:
+        store.records.extend(change.records)
+        tracker.accept(change)
+
+    live: list[llm.ChatItem] = [msg(i) for i in range(20)]
+    commit(tracker.diff(live, item_to_data).build(encode))
+    live.append(msg(3).model_copy(update={"content": ["a copy"]}))
+    commit(tracker.diff(live, item_to_data).build(encode))
+    saved = [item_to_data(i) for i in live]
+    saved[-1]["id"] = "item_3~2"
+    assert store.state() == saved
+    # nothing changed: nothing written, the copy is not read anew as a rename
+    assert tracker.diff(live, item_to_data).build(encode).records == []
+    live.append(msg(40))
+    commit(tracker.diff(live, item_to_data).build(encode))
+    assert store.state() == [*saved, item_to_data(msg(40))]
+    del live[3]  # the first goes: the copy is saved under its own id
+    commit(tracker.diff(live, item_to_data).build(encode))
+    assert store.state() == [item_to_data(i) for i in live]
+    assert tracker.diff(live, item_to_data).build(encode).records == []
 
 
 def test_a_whole_rewrite_clears_what_the_store_held_and_writes_every_item_in_order() -> None:

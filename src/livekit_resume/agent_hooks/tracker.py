@@ -29,6 +29,7 @@ commit commits to exactly the items the store will hold, at a cost flat in the l
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,12 +40,24 @@ from livekit import rtc
 from livekit.agents import llm
 from pydantic import BaseModel
 
+from ..snapshot.chat import saved_id
 from ..snapshot.model import ItemData
 from ..snapshot.seal import Sealed, SealKey, item_digest, pack_item, packed_digest
 from ..snapshot.values import saved_form
 from ..stores.base import Record
 
-__all__ = ["EDIT_WINDOW", "Change", "Plan", "StaleChange", "StreamTracker", "digest", "weight"]
+__all__ = [
+    "EDIT_WINDOW",
+    "Change",
+    "Plan",
+    "StaleChange",
+    "StreamTracker",
+    "digest",
+    "unique_ids",
+    "weight",
+]
+
+log = logging.getLogger("livekit_resume")
 
 # LiveKit edits only recent items in place (a message's metrics once it is added, a
 # preemptive user message's final transcript, a handoff output turned into an error).
@@ -403,6 +416,7 @@ class StreamTracker:
         self._shapes: dict[str, Any] = {}
         self._seal = 0
         self._gen = object()  # changes to the state are applied only onto this one
+        self._aliased: set[str] = set()  # ids warned of as given to a second item
 
     @property
     def seal(self) -> int:
@@ -499,8 +513,36 @@ class StreamTracker:
         in ``rewrite`` are written again even if unchanged. Reads the items only now:
         the plan holds plain data, and building it may happen elsewhere. ``shaped``
         keeps item shapes by object identity, for diffs of one moment sharing objects."""
+        try:
+            return self._diff(items, convert, rewrite, shaped, None)
+        except _Twice:
+            pass
+        # Two live items under one id (an app appended an item twice, or gave one
+        # another's id): read again with the later ones saved as `unique_ids` names
+        # them, every id compared. An error here would fail every later checkpoint.
+        sids = unique_ids(items)
+        self._warn_aliased(items, sids)
+        return self._diff(items, convert, rewrite, shaped, sids)
+
+    def _diff(
+        self,
+        items: Sequence[llm.ChatItem],
+        convert: Converter,
+        rewrite: frozenset[str],
+        shaped: dict[int, Any] | None,
+        sids: list[str] | None,
+    ) -> Plan:
+        """`diff`; ``sids``: the ids to save the items under (`unique_ids`), else each
+        item's `saved_id`, and `_Twice` raised if two are one."""
         old = self._objs
         n_old, n_new = len(old), len(items)
+
+        def sid(i: int) -> str:
+            if sids is not None:
+                return sids[i]
+            item_id = items[i].id
+            return item_id if type(item_id) is str and item_id.isascii() else saved_id(item_id)
+
         if self._intact(items):
             first = n_old  # the committed prefix is intact: the common case
         else:
@@ -511,26 +553,28 @@ class StreamTracker:
         # An item's id changed in place (an app's doing): the store holds it under the old
         # one, so from there on the stream is written anew. Seen in the edit window, and
         # for an item asked for again; further back the store keeps the old id (as it
-        # keeps any edit there), and ``ids`` names what it holds.
+        # keeps any edit there), and ``ids`` names what it holds. Read with ``sids``,
+        # every id is compared: a new item may take an old id the store still holds.
         ids = self._ids
-        for i in range(max(0, first - EDIT_WINDOW), first):
-            if items[i].id != ids[i]:
+        for i in range(0 if sids is not None else max(0, first - EDIT_WINDOW), first):
+            if sid(i) != ids[i]:
                 first = i
                 break
         if rewrite:
-            first = self._renamed(items, rewrite, first)
+            first = self._renamed(sid, rewrite, first)
         plan = Plan(self, n_new)
         if first < n_old:
-            alive = {it.id for it in items}
+            live = sids if sids is not None else _saved_ids(items)
+            alive = set(live)
             if len(alive) != n_new:  # the set is made anyway: a duplicate anywhere
-                raise ValueError(_TWICE.format(self.stream))
+                raise _Twice(_TWICE.format(self.stream))
             plan.removals = [
                 Record(self.stream, gone, None) for gone in ids[first:] if gone not in alive
             ]
-            plan.keep, plan.objs = 0, list(items)
+            plan.keep, plan.objs, plan.ids = 0, list(items), list(live)
         else:
             plan.keep, plan.objs = n_old, list(items[n_old:])
-        plan.ids = [it.id for it in plan.objs]
+            plan.ids = sids[n_old:] if sids is not None else _saved_ids(plan.objs)
         removed = {r.id for r in plan.removals}
         puts, shapes = plan.puts, plan.shapes
         shaped = {} if shaped is None else shaped
@@ -543,16 +587,19 @@ class StreamTracker:
 
         def read(i: int) -> ItemData:
             item = items[i]
-            shapes[item.id] = shape_of(item)
-            return convert(item)
+            data = convert(item)
+            if sids is not None and data["id"] != sids[i]:
+                data = {**data, "id": sids[i]}  # a copy: the other stream may share it
+            shapes[data["id"]] = shape_of(item)
+            return data
 
         # in-place edits of recent committed items: only an item no longer equal to its
         # shape is read again (compared in C: an unchanged item costs no copy)
         known = self._shapes
         for i in range(max(0, first - EDIT_WINDOW), first):
-            item = items[i]
-            if item.id not in rewrite:
-                shape = known.get(item.id, _MISSING)
+            item, item_id = items[i], sid(i)
+            if item_id not in rewrite:
+                shape = known.get(item_id, _MISSING)
                 if shape is not _MISSING and shaped.get(id(item)) is shape:
                     continue  # found equal to this very shape in this read (other stream)
                 try:
@@ -564,11 +611,10 @@ class StreamTracker:
                     # one moment, holding the same object, need not compare it again
                     shaped.setdefault(id(item), shape)
                     continue
-            shapes[item.id] = shape_of(item)
             after = ids[i - 1] if i else None
-            puts.append(_Put(item, after, convert(item), item.id not in rewrite))
+            puts.append(_Put(item, after, read(i), item_id not in rewrite))
         # items asked for again (rare: their stored form must change), where they stand
-        placed = {p.item.id for p in puts}
+        placed = {p.data["id"] for p in puts}
         wanted = {i for i in rewrite if i in self._digests and i not in removed and i not in placed}
         if wanted and first < n_old:
             wanted.difference_update(ids[first:])  # (re)placed below anyway
@@ -580,17 +626,32 @@ class StreamTracker:
                 wanted.discard(ids[i])
                 puts.append(_Put(items[i], ids[i - 1] if i else None, read(i)))
         # everything from the first divergence on is (re)placed in order
-        fresh = {items[i].id for i in range(first, n_new)}
+        fresh_ids = plan.ids[first - plan.keep :]
+        fresh = set(fresh_ids)
         digests = self._digests
         if len(fresh) != n_new - first or (first == n_old and any(i in digests for i in fresh)):
             # the store keys items by id: two items with one id would fold into one
-            raise ValueError(_TWICE.format(self.stream))
-        for i in range(first, n_new):
-            after = items[i - 1].id if i > first else ids[i - 1] if i else None
+            raise _Twice(_TWICE.format(self.stream))
+        after = ids[first - 1] if first else None
+        for i, item_id in enumerate(fresh_ids, first):
             puts.append(_Put(items[i], after, read(i)))
+            after = item_id
         return plan
 
-    def _renamed(self, items: Sequence[llm.ChatItem], rewrite: frozenset[str], first: int) -> int:
+    def _warn_aliased(self, items: Sequence[llm.ChatItem], sids: list[str]) -> None:
+        """Say once per name which items are saved under another id than their own."""
+        for item, item_id in zip(items, sids, strict=True):
+            if item_id != saved_id(item.id) and item_id not in self._aliased:
+                self._aliased.add(item_id)
+                log.warning(
+                    "%s holds two chat items with the id %r: the later one is saved as %r "
+                    "(and restored so); LiveKit gives each item a unique id",
+                    self.stream,
+                    item.id,
+                    item_id,
+                )
+
+    def _renamed(self, sid: Callable[[int], str], rewrite: frozenset[str], first: int) -> int:
         """``first``, or the place of an item asked for again (``rewrite``) whose id
         changed in place, if before it: found from the tail, as `diff` finds them."""
         ids = self._ids
@@ -603,7 +664,7 @@ class StreamTracker:
                 break
             if ids[i] in pending:
                 pending.discard(ids[i])
-                if items[i].id != ids[i]:
+                if sid(i) != ids[i]:
                     lowest = i
         return lowest
 
@@ -618,17 +679,17 @@ class StreamTracker:
         store that lost the session, or a log with a damaged record to leave behind."""
         plan = Plan(self, len(items), whole=True)
         plan.objs = list(items)
-        plan.ids = [it.id for it in plan.objs]
+        plan.ids = sids = unique_ids(plan.objs)
+        self._warn_aliased(plan.objs, sids)
         after: str | None = None
-        seen: set[str] = set()
-        for item in items:
-            if item.id in seen:
-                raise ValueError(f"{self.stream} holds two chat items with the id {item.id!r}")
-            seen.add(item.id)
+        for item, item_id in zip(plan.objs, sids, strict=True):
             shape = shaped.get(id(item), _MISSING) if shaped is not None else _MISSING
-            plan.shapes[item.id] = _Frozen(item) if shape is _MISSING else shape
-            plan.puts.append(_Put(item, after, convert(item)))
-            after = item.id
+            plan.shapes[item_id] = _Frozen(item) if shape is _MISSING else shape
+            data = convert(item)
+            if data["id"] != item_id:
+                data = {**data, "id": item_id}
+            plan.puts.append(_Put(item, after, data))
+            after = item_id
         return plan
 
     def accept(self, change: Change) -> None:
@@ -660,10 +721,42 @@ class StreamTracker:
 
 
 _MISSING = object()
-_TWICE = (
-    "{} holds two chat items with the same id; LiveKit gives each item a unique id, so a "
-    "context built by hand must do the same"
-)
+_TWICE = "{} holds two chat items with the same id"
+
+
+class _Twice(ValueError):
+    """Two live items read under one id: `StreamTracker.diff` reads them again."""
+
+
+def unique_ids(items: Sequence[llm.ChatItem]) -> list[str]:
+    """The ids ``items`` are saved under: each item's `saved_id`, but a later item whose
+    id an earlier one has gets ``<id>~<n>``, the least ``n`` from 2 no item has: the
+    store keys items by id, and two items under one would fold into one."""
+    ids = _saved_ids(items)
+    taken = set(ids)
+    if len(taken) == len(ids):
+        return ids
+    seen: set[str] = set()
+    for i, item_id in enumerate(ids):
+        if item_id in seen:
+            n = 2
+            while f"{item_id}~{n}" in taken:
+                n += 1
+            item_id = ids[i] = f"{item_id}~{n}"
+            taken.add(item_id)
+        seen.add(item_id)
+    return ids
+
+
+def _saved_ids(items: Sequence[llm.ChatItem]) -> list[str]:
+    """Each item's `saved_id`: at C speed when all are ASCII text, as LiveKit's are."""
+    ids = [it.id for it in items]
+    try:
+        if all(map(str.isascii, ids)):
+            return ids
+    except TypeError:  # not text (an app's assignment)
+        pass
+    return [saved_id(i) for i in ids]
 
 
 class Plan:

@@ -62,7 +62,7 @@ from livekit_resume.errors import SnapshotCorrupt
 from livekit_resume.snapshot.frame import all_str, gc_paused
 from livekit_resume.snapshot.model import ItemData, describe_invalid
 from livekit_resume.snapshot.repair import INTERRUPTED_OUTPUT, NON_BLOCKING_EXTRA, repair_tool_calls
-from livekit_resume.snapshot.values import plain_item_value
+from livekit_resume.snapshot.values import plain_item_value, saved_form
 
 __all__ = [
     "INTERRUPTED_OUTPUT",
@@ -73,6 +73,7 @@ __all__ = [
     "item_from_data",
     "item_to_data",
     "repair_tool_calls",
+    "saved_id",
     "without_media",
 ]
 
@@ -219,6 +220,17 @@ def _plain(value: Any, where: str) -> Any:
 _TEXT_FIELDS: dict[type[BaseModel], frozenset[str]] = {
     cls: frozenset(n for n, kinds in types.items() if str in kinds and set(kinds) <= {str, _NONE})
     for cls, types in _FAST_TYPES.items()
+}
+
+
+# The text fields an item cannot be without: None there (an app's assignment) is saved
+# as text too, which a restore takes, never as None, which it refuses.
+_REQUIRED_TEXT: dict[type[BaseModel], frozenset[str]] = {
+    **{
+        cls: frozenset(n for n, kinds in t.items() if kinds == (str,))
+        for cls, t in _FAST_TYPES.items()
+    },
+    llm.AgentConfigUpdate: frozenset({"id"}),
 }
 
 
@@ -540,6 +552,28 @@ def _content_to_data(part: Any, media: MediaPolicy, item_id: str, index: int) ->
     return plain if type(plain) is str else _as_text(plain, where)
 
 
+def _content_list(value: Any, where: str) -> list[Any]:
+    """A message's ``content`` assigned something other than a list, as the list a
+    restore takes: none for None, the parts of a tuple, else the value as one part."""
+    parts = [] if value is None else list(value) if type(value) is tuple else [value]
+    logger.warning("%s: a %s saved as %r", where, type(value).__name__, parts)
+    return parts
+
+
+def saved_id(value: Any) -> str:
+    """The id `item_to_data` saves an item whose ``id`` is ``value`` under, without its
+    warnings: LiveKit's own (ASCII text) as it is, another value as the text it makes of
+    it (a lone surrogate replaced, an int or None as its JSON)."""
+    if type(value) is str and value.isascii():
+        return value
+    plain = saved_form(value)
+    if type(plain) is str:
+        return plain
+    if type(plain) is bytes:
+        return plain.decode("utf-8", "replace")
+    return pydantic_core.to_json(plain, bytes_mode="base64").decode()
+
+
 def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData:
     """One chat item as plain, msgpack-safe data keeping every field (see `MediaPolicy`)."""
     cls = type(item)
@@ -555,9 +589,13 @@ def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData
         value = values[name]
         kind = type(value)
         if name == "content" and isinstance(item, llm.ChatMessage):
+            if kind is not list:
+                value = _content_list(value, f"item {item.id!r} field 'content'")
             data[name] = [_content_to_data(part, media, item.id, i) for i, part in enumerate(value)]
         elif value is None:
-            if name not in _OPTIONAL_FIELDS:
+            if name in _REQUIRED_TEXT[cls]:
+                data[name] = _as_text(None, f"item {item.id!r} field {name!r}")
+            elif name not in _OPTIONAL_FIELDS:
                 data[name] = None
         elif kind in _KEPT_AS_IS and (value.isascii() if kind is str else name not in text):
             data[name] = value  # the common cases of `_plain`, without naming the field
