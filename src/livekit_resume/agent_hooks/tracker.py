@@ -556,22 +556,28 @@ class StreamTracker:
         # keeps any edit there), and ``ids`` names what it holds. Read with ``sids``,
         # every id is compared: a new item may take an old id the store still holds.
         ids = self._ids
-        for i in range(0 if sids is not None else max(0, first - EDIT_WINDOW), first):
-            if sid(i) != ids[i]:
-                first = i
-                break
+
+        def renamed_from(lo: int, hi: int) -> int:
+            return next((i for i in range(lo, hi) if sid(i) != ids[i]), hi)
+
+        first = renamed_from(0 if sids is not None else max(0, first - EDIT_WINDOW), first)
         if rewrite:
-            first = self._renamed(sid, rewrite, first)
+            renamed = self._renamed(sid, rewrite, first)
+            if renamed < first:  # and the window before it, looked at from there
+                first = renamed_from(max(0, renamed - EDIT_WINDOW), renamed)
         plan = Plan(self, n_new)
         if first < n_old:
             live = sids if sids is not None else _saved_ids(items)
-            alive = set(live)
+            # what the store holds once committed: the items before ``first`` under the
+            # ids it holds them by (one renamed further back keeps its old id there)
+            plan.ids = [*ids[:first], *live[first:]]
+            alive = set(plan.ids)
             if len(alive) != n_new:  # the set is made anyway: a duplicate anywhere
                 raise _Twice(_TWICE.format(self.stream))
             plan.removals = [
                 Record(self.stream, gone, None) for gone in ids[first:] if gone not in alive
             ]
-            plan.keep, plan.objs, plan.ids = 0, list(items), list(live)
+            plan.keep, plan.objs = 0, list(items)
         else:
             plan.keep, plan.objs = n_old, list(items[n_old:])
             plan.ids = sids[n_old:] if sids is not None else _saved_ids(plan.objs)
