@@ -990,8 +990,10 @@ class ResumableSession:
         self._announcer.show(state, self._version)
         await self._detach_and_release(then=state)
         # the session's state once its lease is free: a caller who sees it may restore
-        # the key at once (a second resumable_job call in the job was refused busy)
-        self._state = state
+        # the key at once (a second resumable_job call in the job was refused busy);
+        # unless an aclose came meanwhile: it is final, and said closed
+        if self._closing is None:
+            self._state = state
         await self._announcer.announce(state, self._version)
         await self._shown()
         close = self._session_close = asyncio.ensure_future(session.aclose())
@@ -1133,7 +1135,10 @@ class ResumableSession:
 
     def _attach(self, session: AgentSession[Any]) -> None:
         def on_close(ev: CloseEvent) -> None:
-            if self._state in ("active", "paused") and self._closing is None:
+            # a suspend or an end whose final save is stored gives the session up and
+            # closes it itself: LiveKit's close meanwhile (an error) leaves it as it is
+            live = self._state in ("active", "paused") and self._stored_as is None
+            if live and self._closing is None:
                 self._closed_on_error = ev.reason == CloseReason.ERROR
                 close = self._aclose_on_error() if self._closed_on_error else self._aclose()
                 self._closing = asyncio.ensure_future(close)
