@@ -557,14 +557,19 @@ class StreamTracker:
         # every id is compared: a new item may take an old id the store still holds.
         ids = self._ids
 
-        def renamed_from(lo: int, hi: int) -> int:
-            return next((i for i in range(lo, hi) if sid(i) != ids[i]), hi)
+        def renamed_before(hi: int, lo: int) -> int:
+            # the first item renamed in [lo, hi), and in the window before it, and so on:
+            # every item before ``first`` in the window below it must be under its
+            # stored id, or it would be written again under the new one, and not removed
+            while (found := next((i for i in range(lo, hi) if sid(i) != ids[i]), hi)) < hi:
+                hi, lo = found, max(0, found - EDIT_WINDOW)
+            return hi
 
-        first = renamed_from(0 if sids is not None else max(0, first - EDIT_WINDOW), first)
+        first = renamed_before(first, 0 if sids is not None else max(0, first - EDIT_WINDOW))
         if rewrite:
             renamed = self._renamed(sid, rewrite, first)
             if renamed < first:  # and the window before it, looked at from there
-                first = renamed_from(max(0, renamed - EDIT_WINDOW), renamed)
+                first = renamed_before(renamed, max(0, renamed - EDIT_WINDOW))
         plan = Plan(self, n_new)
         if first < n_old:
             live = sids if sids is not None else _saved_ids(items)
