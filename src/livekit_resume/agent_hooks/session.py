@@ -988,7 +988,11 @@ class ResumableSession:
         self, session: AgentSession[Any], state: Literal["suspended", "ended"], wait_close: bool
     ) -> None:
         self._announcer.show(state, self._version)
-        await self._detach_and_release(then=state)
+        # under the save lock: a checkpoint of the app's under way ends first (its commit
+        # or renewal meeting the released lease was taken for a takeover: on_lost, and a
+        # job then shut down); one after it finds the session given up
+        async with self._lock:
+            await self._detach_and_release(then=state)
         # the session's state once its lease is free: a caller who sees it may restore
         # the key at once (a second resumable_job call in the job was refused busy);
         # unless an aclose came meanwhile: it is final, and said closed
@@ -1105,8 +1109,20 @@ class ResumableSession:
         down), and the job goes on: saved and released as a close does, then given up
         as a suspend, so that a restore may take it up again in this job (the caller
         back in the room: `resumable_job`'s restore in place, once the provider is)."""
-        # an end or a suspend under way, or an end not stored, decides what it becomes
-        given_up = self._finishing is not None or self._end_unsaved
+        finishing = self._finishing
+        if finishing is not None:
+            # A suspend or an end under way decides what the session becomes: once it
+            # stored its state, the session is given up as it left it (a restore in place
+            # may take it up again), not closed for good; if it failed, this close saves.
+            await asyncio.shield(finishing)
+            if self._stored_as is not None:
+                if self._close_final:  # the app's (a job's shutdown) aclose came meanwhile
+                    self._state = "closed"
+                    return
+                self._state, self._closing, self._closed_on_error = self._stored_as, None, False
+                return
+        # an end asked for and not stored decides what it becomes
+        given_up = self._end_unsaved
         await self._aclose(None if given_up else "suspended")
         if self._close_final or given_up or self._holder.lease is not None:
             return  # closed for good: the app's (a job's shutdown) aclose came meanwhile
@@ -1126,6 +1142,8 @@ class ResumableSession:
 
     def _require(self) -> AgentSession[Any]:
         if self._session is None or self._holder.lease is None:
+            if self._stored_as is not None and self._state in ("active", "paused"):
+                raise RuntimeError(f"session {self._key!r} is being given up {self._stored_as}")
             raise RuntimeError(
                 f"session {self._key!r} is not attached: call restore() first"
                 if self._state in ("active", "paused")

@@ -561,9 +561,13 @@ class StreamTracker:
             # the first item renamed in [lo, hi), and in the window before it, and so on:
             # every item before ``first`` in the window below it must be under its
             # stored id, or it would be written again under the new one, and not removed
-            while (found := next((i for i in range(lo, hi) if sid(i) != ids[i]), hi)) < hi:
+            while True:
+                if sids is None and [it.id for it in items[lo:hi]] == ids[lo:hi]:
+                    return hi  # the common case, compared in C
+                found = next((i for i in range(lo, hi) if sid(i) != ids[i]), hi)
+                if found == hi:
+                    return hi
                 hi, lo = found, max(0, found - EDIT_WINDOW)
-            return hi
 
         first = renamed_before(first, 0 if sids is not None else max(0, first - EDIT_WINDOW))
         if rewrite:
@@ -608,7 +612,7 @@ class StreamTracker:
         # shape is read again (compared in C: an unchanged item costs no copy)
         known = self._shapes
         for i in range(max(0, first - EDIT_WINDOW), first):
-            item, item_id = items[i], sid(i)
+            item, item_id = items[i], ids[i]  # under its stored id (`renamed_before`)
             if item_id not in rewrite:
                 shape = known.get(item_id, _MISSING)
                 if shape is not _MISSING and shaped.get(id(item)) is shape:
