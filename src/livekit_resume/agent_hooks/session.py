@@ -178,6 +178,7 @@ class ResumableSession:
         self._salvaged = False  # this restore's snapshot was salvaged (counted once it is)
         self._landed = 0  # commits stored: a save that stored one is timed
         self._close_final = False  # `aclose` was called: nothing restores the session again
+        self._close_asked = asyncio.Event()  # set with _close_final: an error close waits no more
         # LiveKit closed it on errors and the hooks are giving it up (`_aclose_on_error`)
         self._closed_on_error = False
         self._suspend_after = suspend_after
@@ -655,6 +656,12 @@ class ResumableSession:
             try:
                 version = await self._commit_or_reacquire(session, reason, state, confirm)
             except LeaseLost as e:
+                if self._holder.lease is None:
+                    # released meanwhile by a close or a suspend of this session's own (the
+                    # save sent a pending commit, then drafted under no lease): no takeover
+                    raise RuntimeError(
+                        f"session {self._key!r} was given up while it was being saved"
+                    ) from e
                 # Taken over, whichever save found it (a pause's, a suspend's, the app's
                 # checkpoint, not only autosave's): nothing more is written, and on_lost
                 # is told now, not at the next renewal (a job then ends its call).
@@ -991,13 +998,17 @@ class ResumableSession:
         # under the save lock: a checkpoint of the app's under way ends first (its commit
         # or renewal meeting the released lease was taken for a takeover: on_lost, and a
         # job then shut down); one after it finds the session given up
+        # (autosave's own save is cancelled first: stuck on a frozen store, it would hold
+        # the release as long as the store's timeouts; kept pending, a restore drops it)
+        await self._autosave.aclose()
         async with self._lock:
             await self._detach_and_release(then=state)
         # the session's state once its lease is free: a caller who sees it may restore
         # the key at once (a second resumable_job call in the job was refused busy);
-        # unless an aclose came meanwhile: it is final, and said closed
-        if self._closing is None:
-            self._state = state
+        # unless an aclose came meanwhile: it is final, and said closed. LiveKit's error
+        # close waiting for this (`_aclose_on_error`) is no close: it leaves it so.
+        if self._closing is None or (self._closed_on_error and not self._close_final):
+            self._state, self._closing, self._closed_on_error = state, None, False
         await self._announcer.announce(state, self._version)
         await self._shown()
         close = self._session_close = asyncio.ensure_future(session.aclose())
@@ -1053,6 +1064,7 @@ class ResumableSession:
         be reached is retried for up to `CLOSE_SAVE_BUDGET` seconds; after that the
         last stored version stands and the failure is logged and counted."""
         self._close_final = True  # an error close under way stays a close (`_aclose_on_error`)
+        self._close_asked.set()
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._aclose())
         await asyncio.shield(self._closing)
@@ -1114,15 +1126,22 @@ class ResumableSession:
             # A suspend or an end under way decides what the session becomes: once it
             # stored its state, the session is given up as it left it (a restore in place
             # may take it up again), not closed for good; if it failed, this close saves.
-            await asyncio.shield(finishing)
-            if self._stored_as is not None:
+            # (not longer than the app's aclose allows: a close is bounded, and a final
+            # save stuck on a frozen store is not)
+            asked: asyncio.Future[Any] = asyncio.ensure_future(self._close_asked.wait())
+            try:
+                await asyncio.wait({finishing, asked}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                asked.cancel()
+            if finishing.done() and self._stored_as is not None:
                 if self._close_final:  # the app's (a job's shutdown) aclose came meanwhile
                     self._state = "closed"
                     return
                 self._state, self._closing, self._closed_on_error = self._stored_as, None, False
                 return
-        # an end asked for and not stored decides what it becomes
-        given_up = self._end_unsaved
+        # a suspend or an end still under way, or an end asked for and not stored,
+        # decides what it becomes
+        given_up = self._finishing is not None or self._end_unsaved
         await self._aclose(None if given_up else "suspended")
         if self._close_final or given_up or self._holder.lease is not None:
             return  # closed for good: the app's (a job's shutdown) aclose came meanwhile
