@@ -1160,6 +1160,11 @@ class ResumableSession:
     # ----------------------------------------------------------- internals
 
     def _require(self) -> AgentSession[Any]:
+        if self._session is not None and self._state not in ("active", "paused"):
+            # a restore in place holds the new lease before it has read the conversation
+            # (the history emptied for it): a save then would store the emptied session
+            # over the conversation, and the restore read that back
+            raise RuntimeError(f"session {self._key!r} is {self._state}")
         if self._session is None or self._holder.lease is None:
             if self._stored_as is not None and self._state in ("active", "paused"):
                 raise RuntimeError(f"session {self._key!r} is being given up {self._stored_as}")
