@@ -153,7 +153,14 @@ class Announcer(Agent):
     async def hold_politely(self, ctx: RunContext[Any]) -> str:
         """Tell the caller they are put on hold, then hold."""
         ctx.session.say(NOTICE, allow_interruptions=False)
-        await asyncio.sleep(0.8)  # the notice is being spoken
+        # the notice is being spoken: 0.8 s of it heard from its playout's start, not
+        # from the say (under load the playout began late, the pause cut it with none of
+        # its words heard, and LiveKit recorded nothing)
+        for _ in range(1000):
+            if ctx.session.agent_state == "speaking":
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.8)
         await RS["rs"].pause()
         SEEN["paused_in_tool"] = True
         return "the caller is on hold"
