@@ -17,10 +17,7 @@ LiveKit's mock room (``tests/test_job_policy_adversarial.py``'s `Job`).
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -28,106 +25,27 @@ from livekit.agents import AgentSession, APIConnectionError, llm
 from livekit.agents.voice.events import CloseReason
 
 import livekit_resume as lr
-from livekit_resume.stores.base import Commit, Lease
-from livekit_resume.stores.memory import MemoryStore
+from tests._gated import (
+    GatedStore,
+    bounded,
+    key_fixture,
+    sigterm_kept,
+    store_fixture,
+    until,
+)
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_job_policy_adversarial import QUIET, REGISTRY, Clerk, Job
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+__all__ = ["key", "sigterm_kept", "store"]  # the fixtures
 
-WAIT = 3.0
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 # ------------------------------------------------------------------ helpers
 
 
-class Gate:
-    """A store call held until `open`; ``entered`` is set once a call waits at it."""
-
-    def __init__(self) -> None:
-        self.armed = False
-        self.entered = asyncio.Event()
-        self._open = asyncio.Event()
-        self.calls = 0
-
-    def arm(self) -> None:
-        self.armed = True
-        self.entered.clear()
-        self._open.clear()
-
-    def open(self) -> None:
-        self.armed = False
-        self._open.set()
-
-    async def passing(self) -> None:
-        self.calls += 1
-        if self.armed:
-            self.entered.set()
-            await self._open.wait()
-
-
-class GatedStore(MemoryStore):
-    """A `MemoryStore` whose commit, renew and release can each be held at a gate."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.commit_gate = Gate()
-        self.renew_gate = Gate()
-        self.release_gate = Gate()
-        self.fail_call: int | None = None  # the commit of this number (1-based) fails
-        self.down = False  # every commit fails
-
-    async def commit(self, commit: Commit) -> int:
-        await self.commit_gate.passing()
-        if self.down or self.commit_gate.calls == self.fail_call:
-            raise lr.StoreUnavailable("the store is down (test)")
-        return await super().commit(commit)
-
-    async def renew(self, lease: Lease, *, ttl: float = 15.0) -> Lease:
-        await self.renew_gate.passing()
-        return await super().renew(lease, ttl=ttl)
-
-    async def release(self, lease: Lease) -> None:
-        await self.release_gate.passing()
-        await super().release(lease)
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[GatedStore]:
-    s = GatedStore()
-    yield s
-    s.commit_gate.open()
-    s.renew_gate.open()
-    s.release_gate.open()
-    await s.aclose()
-
-
-@pytest.fixture
-def key() -> str:
-    return f"room-r14-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(autouse=True)
-def _sigterm_kept() -> Iterator[None]:
-    kept = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, kept)
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Poll ``check`` every loop turn (a millisecond at most): some windows are short."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting until {what}")
-        await asyncio.sleep(0.001)
-
-
-async def bounded(aw: Awaitable[Any], what: str = "", timeout: float = WAIT) -> Any:
-    try:
-        return await asyncio.wait_for(aw, timeout)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout} s: {what}")
+store = store_fixture(GatedStore)
+key = key_fixture("r14")
 
 
 async def begin(

@@ -493,20 +493,21 @@ async def test_long_history_fallback_only_with_a_duplicate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A long history (5,000 items) with unique ids never takes the fallback read
-    (`unique_ids` not called on a diff); a duplicate far back (beyond the edit window) does
-    not either (nothing there is compared); one in the edit window does, each checkpoint.
+    (`unique_ids`' `_unique` not called on a diff); a duplicate far back (beyond the edit
+    window) does not either (nothing there is compared); one in the edit window does, each
+    checkpoint.
     The times are printed (reported, not asserted)."""
     from livekit_resume.agent_hooks import tracker as tr
     from livekit_resume.stores.memory import MemoryStore
 
     calls = {"n": 0}
-    real = tr.unique_ids
+    real = tr._unique
 
-    def counted(items: Any) -> list[str]:
+    def counted(saved: list[str]) -> list[str]:
         calls["n"] += 1
-        return real(items)
+        return real(saved)
 
-    monkeypatch.setattr(tr, "unique_ids", counted)
+    monkeypatch.setattr(tr, "_unique", counted)
     logging.getLogger("livekit_resume").setLevel(logging.ERROR)
     store = MemoryStore()
     lv = await begin(store)

@@ -16,82 +16,39 @@ scripted LLM); a `MemoryStore` whose calls are held at gates (test_review14_hunt
 from __future__ import annotations
 
 import asyncio
-import signal
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from livekit.agents.voice.events import CloseReason
 
 import livekit_resume as lr
-from livekit_resume.stores.base import Commit, Lease
+from tests._gated import (
+    CountedStore,
+    bounded,
+    key_fixture,
+    sigterm_kept,
+    store_fixture,
+    until,
+)
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_job_policy_adversarial import Clerk
 from tests.test_review14_hunt import (
-    GatedStore,
     begin,
-    bounded,
     cleanup,
     closes,
     job_begin,
     llm_fails_for_good,
     said,
     stored_state,
-    until,
 )
+
+__all__ = ["key", "sigterm_kept", "store"]  # the fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-class Store17(GatedStore):
-    """`GatedStore`, plus: ``fail_next`` makes the next commit that passes the gate fail
-    (`StoreUnavailable`), and ``commits`` counts commits that landed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fail_next = False
-        self.landed = 0
-        self.renew_errors: list[BaseException] = []
-
-    async def commit(self, commit: Commit) -> int:
-        await self.commit_gate.passing()
-        if self.fail_next:
-            self.fail_next = False
-            raise lr.StoreUnavailable("the store blinked (test)")
-        v = await super(GatedStore, self).commit(commit)
-        self.landed += 1
-        return v
-
-    async def renew(self, lease: Lease, *, ttl: float = 15.0) -> Lease:
-        await self.renew_gate.passing()
-        try:
-            return await super(GatedStore, self).renew(lease, ttl=ttl)
-        except BaseException as e:
-            self.renew_errors.append(e)
-            raise
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store17]:
-    s = Store17()
-    yield s
-    s.commit_gate.open()
-    s.renew_gate.open()
-    s.release_gate.open()
-    await s.aclose()
-
-
-@pytest.fixture
-def key() -> str:
-    return f"room-r17-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(autouse=True)
-def _sigterm_kept() -> Iterator[None]:
-    kept = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, kept)
+store = store_fixture(CountedStore)
+key = key_fixture("r17")
 
 
 def closed_down(rs: lr.ResumableSession) -> bool:
@@ -99,7 +56,7 @@ def closed_down(rs: lr.ResumableSession) -> bool:
 
 
 async def into_the_final_save(
-    store: Store17, rs: lr.ResumableSession, what: str = "suspend"
+    store: CountedStore, rs: lr.ResumableSession, what: str = "suspend"
 ) -> asyncio.Future[int]:
     """A suspend (or end) whose final save's commit is held at the store's gate."""
     store.commit_gate.arm()
@@ -114,7 +71,7 @@ async def into_the_final_save(
 
 
 async def test_an_error_close_during_a_suspends_final_save_leaves_it_restorable(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """suspend(): "final snapshot, lease released, session closed" and `restore` "after
     a `suspend` ... may be called again" (with the closed session); failure-model.md: a
@@ -153,7 +110,7 @@ async def test_an_error_close_during_a_suspends_final_save_leaves_it_restorable(
 
 
 async def test_an_error_close_during_a_jobs_suspend_final_save_is_restored_on_rejoin(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """lifecycle.md: "a caller who joins while the final snapshot of a suspend is being
     written has the conversation restored in place once it is written"; failure-model:
@@ -184,7 +141,7 @@ async def test_an_error_close_during_a_jobs_suspend_final_save_is_restored_on_re
 
 
 async def test_an_error_close_during_an_ends_final_save_leaves_it_ended(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """end(): "a last snapshot marked ``ended``, the lease released, the session
     closed"; `state` lists ``ended``. An error close during the end's final save: the
@@ -212,7 +169,7 @@ async def test_an_error_close_during_an_ends_final_save_leaves_it_ended(
 
 
 async def test_aclose_during_a_suspends_final_save_is_final_and_stores_it_suspended(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """aclose() is final (`restore` raises `RuntimeError` "when aclose ran first or
     meanwhile"); the suspend's final save stands: the store says suspended, no owner;
@@ -240,7 +197,7 @@ async def test_aclose_during_a_suspends_final_save_is_final_and_stores_it_suspen
 
 
 async def test_a_normal_close_during_a_suspends_final_save_stores_it_suspended(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """LiveKit closing the session normally (`session.aclose()`) during the final
     save: taken as a close (`_aclose`), final. The suspend's final save stands: store
@@ -262,7 +219,7 @@ async def test_a_normal_close_during_a_suspends_final_save_stores_it_suspended(
 
 
 async def test_an_error_close_during_a_suspends_release_is_ignored(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """a0c331d (2): once the final save is stored, LiveKit's close (an error) "leaves it
     as it is": the suspend ends suspended, lease free, and a restore in place works."""
@@ -291,7 +248,7 @@ async def test_an_error_close_during_a_suspends_release_is_ignored(
 
 
 async def test_a_jobs_shutdown_during_a_suspends_final_save_is_final(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """The job's shutdown (LiveKit closes the session, then the shutdown callbacks'
     `rs.aclose()`) during a suspend's final save: the final save stands (suspended, no
@@ -317,7 +274,7 @@ async def test_a_jobs_shutdown_during_a_suspends_final_save_is_final(
 
 
 async def test_a_caller_joining_during_a_jobs_suspend_final_save_is_restored(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """lifecycle.md: "a caller who joins while the final snapshot of a suspend is being
     written has the conversation restored in place once it is written"."""
@@ -339,7 +296,7 @@ async def test_a_caller_joining_during_a_jobs_suspend_final_save_is_restored(
 
 
 async def into_the_release_with_a_checkpoint(
-    store: Store17, rs: lr.ResumableSession, session: Any
+    store: CountedStore, rs: lr.ResumableSession, session: Any
 ) -> tuple[asyncio.Future[int], asyncio.Future[int]]:
     """A suspend whose settle's first save fails (a store blink: "A failure here leaves
     the final save standing", and the session is given up), with an app's `checkpoint()`
@@ -370,7 +327,7 @@ async def into_the_release_with_a_checkpoint(
 
 
 async def test_a_checkpoint_racing_a_suspends_release_does_not_shut_the_job_down(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """ResumableSession: ``on_lost`` is awaited "when a save ... finds the session taken
     over by another worker (`LeaseLost`)"; resumable_job's on_lost ends the job. Nobody
@@ -400,7 +357,7 @@ async def test_a_checkpoint_racing_a_suspends_release_does_not_shut_the_job_down
 
 
 async def test_a_checkpoint_racing_a_suspends_release_plain_session(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """The same race without a job: `on_lost` is not called (nobody took the session
     over), the suspend ends suspended with the lease free, and the session restores."""
@@ -427,7 +384,7 @@ async def test_a_checkpoint_racing_a_suspends_release_plain_session(
 
 
 async def test_a_checkpoint_commit_in_flight_across_a_suspend_and_a_restore_in_place(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """restore(): "After a `suspend` it may be called again ... with the closed one";
     5306316: a restore drops what the session before it left pending, so that nothing
@@ -486,7 +443,7 @@ async def test_a_checkpoint_commit_in_flight_across_a_suspend_and_a_restore_in_p
 
 
 async def test_aclose_during_a_suspends_settle_is_final_and_releases(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """aclose() during the settle (the final save stored): final. The store holds the
     session suspended with no owner; `rs.state` closed (a0c331d (1)); the suspend

@@ -6,65 +6,51 @@ None, restorable in place) unless the app's aclose came meanwhile; (2) `_give_up
 the save lock around `_detach_and_release`; (3) `_require` says "being given up".
 
 Real `AgentSession`s (text mode, the scripted LLM); the gated `MemoryStore` of
-test_review17_hunt (`Store17`), so each window is entered deterministically.
+test_review17_hunt (`CountedStore`), so each window is entered deterministically.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 import livekit_resume as lr
 from livekit_resume.agent_hooks import autosave as autosave_mod
+from tests._gated import (
+    CountedStore,
+    bounded,
+    key_fixture,
+    sigterm_kept,
+    store_fixture,
+    until,
+)
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_job_policy_adversarial import QUIET, Clerk
 from tests.test_review14_hunt import (
     begin,
-    bounded,
     cleanup,
     closes,
     job_begin,
     llm_fails_for_good,
     said,
     stored_state,
-    until,
 )
-from tests.test_review17_hunt import Store17, closed_down
+from tests.test_review17_hunt import closed_down
 from tests.test_review17_hunt import into_the_final_save as into_the_final_save_17
+
+__all__ = ["key", "sigterm_kept", "store"]  # the fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture
-async def store() -> AsyncIterator[Store17]:
-    s = Store17()
-    yield s
-    s.commit_gate.open()
-    s.renew_gate.open()
-    s.release_gate.open()
-    await s.aclose()
+store = store_fixture(CountedStore)
+key = key_fixture("r18")
 
 
-@pytest.fixture
-def key() -> str:
-    return f"room-r18-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(autouse=True)
-def _sigterm_kept() -> Iterator[None]:
-    import signal
-
-    kept = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, kept)
-
-
-async def error_close_during_commit(store: Store17, model: Any, reasons: list[Any]) -> None:
+async def error_close_during_commit(store: CountedStore, model: Any, reasons: list[Any]) -> None:
     """Once a commit waits at the gate: LiveKit closes the session on errors, then the
     commit passes."""
     await bounded(store.commit_gate.entered.wait(), "the final save's commit")
@@ -78,7 +64,7 @@ async def error_close_during_commit(store: Store17, model: Any, reasons: list[An
 
 
 async def test_suspend_returned_says_suspended_and_restores_at_once_after_an_error_close(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """suspend(): "final snapshot, lease released, session closed"; restore(): "After a
     `suspend` it may be called again ... with ... the closed one". The app awaits
@@ -121,7 +107,7 @@ async def test_suspend_returned_says_suspended_and_restores_at_once_after_an_err
 
 
 async def into_the_settle_failing_with(
-    store: Store17, rs: lr.ResumableSession, session: Any, queue: Any
+    store: CountedStore, rs: lr.ResumableSession, session: Any, queue: Any
 ) -> asyncio.Future[int]:
     """A suspend whose settle's save fails (a store blip: "A failure here leaves the
     final save standing"), with another save (``queue()``) queued behind it on the save
@@ -147,7 +133,7 @@ async def into_the_settle_failing_with(
 
 
 async def test_a_suspend_is_not_held_by_autosaves_commit_stuck_at_its_release(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """suspend(): "final snapshot, lease released, session closed"; autosave "never
     blocks the voice loop" and `Autosave.aclose` stops it "without a final save (the
@@ -177,7 +163,7 @@ async def test_a_suspend_is_not_held_by_autosaves_commit_stuck_at_its_release(
 
 
 async def test_aclose_while_a_suspends_release_waits_for_a_stuck_checkpoint_is_bounded(
-    store: Store17, key: str, monkeypatch: pytest.MonkeyPatch
+    store: CountedStore, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """failure-model.md: `aclose()` "with the store frozen ... A close ends within 6 s
     whatever the store does" (`CLOSE_SAVE_BUDGET`, then the release). An app's
@@ -225,7 +211,7 @@ async def test_aclose_while_a_suspends_release_waits_for_a_stuck_checkpoint_is_b
 
 @pytest.mark.parametrize("what", ["suspend", "end"])
 async def test_aclose_after_an_error_close_during_a_stuck_final_save_is_bounded(
-    store: Store17, key: str, monkeypatch: pytest.MonkeyPatch, what: str
+    store: CountedStore, key: str, monkeypatch: pytest.MonkeyPatch, what: str
 ) -> None:
     """failure-model.md: `aclose()` "with the store frozen (a stopped Redis: every call
     waits out the client's timeouts and retries) ... A close ends within 6 s whatever
@@ -276,7 +262,7 @@ def shown(j: Any) -> list[str]:
 
 
 async def test_two_error_closes_in_a_job_each_restored_on_rejoin_and_shown(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """failure-model.md: after LiveKit's error close the session "is given up as a
     suspend (`rs.state` `suspended`, the room shown so)" and "`resumable_job` restores
@@ -321,7 +307,7 @@ async def test_two_error_closes_in_a_job_each_restored_on_rejoin_and_shown(
 
 
 async def test_an_error_close_during_an_ends_final_save_then_the_jobs_shutdown(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """lifecycle.md: `end()` "saves a last snapshot marked `ended`, releases the lease
     and closes the session ... An ended conversation is never resumed: a later call
@@ -370,7 +356,7 @@ async def test_an_error_close_during_an_ends_final_save_then_the_jobs_shutdown(
 
 
 async def test_a_checkpoint_queued_behind_a_suspends_release_is_refused_not_lost(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """24b71bb (2)/(3): an app's `checkpoint()` that comes while a suspend releases the
     lease (under the save lock) waits, then finds the session given up: a

@@ -10,57 +10,42 @@ Here: the behaviour these touch, which must still hold: a suspend right after a 
 with autosave on stores the turn; suspend_after and the leave grace with autosave
 saving; a remote command during the give-up; on_lost for a real takeover during a
 suspend or racing aclose; a checkpoint around a restore in place. Real AgentSessions,
-the gated MemoryStore of test_review17_hunt (`Store17`).
+the gated MemoryStore of test_review17_hunt (`CountedStore`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 import livekit_resume as lr
+from tests._gated import (
+    CountedStore,
+    bounded,
+    key_fixture,
+    sigterm_kept,
+    store_fixture,
+    until,
+)
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_job_policy_adversarial import REGISTRY, Clerk
 from tests.test_review14_hunt import (
     begin,
-    bounded,
     cleanup,
     job_begin,
     said,
     stored_state,
-    until,
 )
-from tests.test_review17_hunt import Store17
+
+__all__ = ["key", "sigterm_kept", "store"]  # the fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture
-async def store() -> AsyncIterator[Store17]:
-    s = Store17()
-    yield s
-    s.commit_gate.open()
-    s.renew_gate.open()
-    s.release_gate.open()
-    await s.aclose()
-
-
-@pytest.fixture
-def key() -> str:
-    return f"room-r19-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(autouse=True)
-def _sigterm_kept() -> Iterator[None]:
-    import signal
-
-    kept = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, kept)
+store = store_fixture(CountedStore)
+key = key_fixture("r19")
 
 
 async def stored_said(store: Any, key: str) -> list[str]:
@@ -96,7 +81,7 @@ async def take_over(store: Any, key: str) -> tuple[lr.ResumableSession, Any]:
 
 @pytest.mark.parametrize("how", ["suspend", "end"])
 async def test_suspend_right_after_a_turn_stores_that_turn(
-    store: Store17, key: str, how: str
+    store: CountedStore, key: str, how: str
 ) -> None:
     """suspend()/end(): "final snapshot, lease released" — the snapshot is of the session
     as it is: the turn just taken (autosave's debounce not yet over, or its save
@@ -113,7 +98,7 @@ async def test_suspend_right_after_a_turn_stores_that_turn(
 
 
 async def test_suspend_while_autosaves_commit_is_in_flight_stores_the_turn(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """The same with autosave's own commit of the turn held in flight (a slow store) when
     the suspend starts: the suspend's final save waits its turn on the save lock, and
@@ -137,7 +122,7 @@ async def test_suspend_while_autosaves_commit_is_in_flight_stores_the_turn(
 
 
 async def test_a_turn_during_the_final_save_is_stored_by_the_settle_with_autosave_on(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """suspend's settle (`_settled`): what reached the session while the final save was on
     its way is saved too before it is given up. Autosave, triggered by that same item,
@@ -161,7 +146,7 @@ async def test_a_turn_during_the_final_save_is_stored_by_the_settle_with_autosav
 
 
 async def test_a_takeover_during_a_suspends_final_save_calls_on_lost_and_writes_nothing(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """ResumableSession: ``on_lost`` is awaited when a save finds the session taken over
     by another worker (`LeaseLost`); suspend: "If the final snapshot cannot be stored the
@@ -195,7 +180,9 @@ async def test_a_takeover_during_a_suspends_final_save_calls_on_lost_and_writes_
     await session.aclose()
 
 
-async def test_a_takeover_during_a_suspends_settle_calls_on_lost(store: Store17, key: str) -> None:
+async def test_a_takeover_during_a_suspends_settle_calls_on_lost(
+    store: CountedStore, key: str
+) -> None:
     """The takeover lands while the suspend's settle commits what came during the final
     save: that save meets LeaseLost under a lease this session did NOT release, so it is a
     takeover: on_lost is called (not a RuntimeError 'given up'), and the first worker does
@@ -227,7 +214,7 @@ async def test_a_takeover_during_a_suspends_settle_calls_on_lost(store: Store17,
     await session.aclose()
 
 
-async def test_a_takeover_racing_aclose_reaches_on_lost(store: Store17, key: str) -> None:
+async def test_a_takeover_racing_aclose_reaches_on_lost(store: CountedStore, key: str) -> None:
     """aclose(): "Final save (unless suspended or the lease is lost)". The app's checkpoint
     is in flight when another worker takes over and the app calls aclose (a shutdown):
     the lease was not released by this session when the checkpoint met the takeover, so
@@ -267,7 +254,7 @@ async def test_a_takeover_racing_aclose_reaches_on_lost(store: Store17, key: str
 
 
 async def test_suspend_after_firing_while_autosave_commits_stores_it_suspended(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """``suspend_after``: a pause longer than it becomes a suspend. Autosave's commit of
     something new is in flight (a slow store) when it fires: the suspend's final save
@@ -292,7 +279,7 @@ async def test_suspend_after_firing_while_autosave_commits_stores_it_suspended(
 
 
 async def test_leave_grace_while_autosave_commits_suspends_and_restores_on_rejoin(
-    store: Store17, key: str
+    store: CountedStore, key: str
 ) -> None:
     """lifecycle: the caller gone past ``leave_grace`` suspends the session; back in the
     room, it is restored in place. The turn saved by autosave at that moment (its commit
@@ -328,7 +315,7 @@ async def test_leave_grace_while_autosave_commits_suspends_and_restores_on_rejoi
 @pytest.mark.parametrize("window", ["release", "commit"])
 @pytest.mark.parametrize("verb", ["pause", "resume", "suspend"])
 async def test_a_remote_command_during_a_suspends_give_up_is_answered_promptly(
-    store: Store17, key: str, verb: str, window: str
+    store: CountedStore, key: str, verb: str, window: str
 ) -> None:
     """control.md: a command goes to the worker holding the lease; "A command not applied
     raises `CommandRefused` naming why". Sent while the worker's suspend releases the
@@ -365,12 +352,12 @@ async def test_a_remote_command_during_a_suspends_give_up_is_answered_promptly(
 # ------------------------------- 5. a checkpoint during the next life's restore
 
 
-class Store19(Store17):
-    """`Store17`, plus a gate on ``load`` (a restore's read, after its acquire)."""
+class Store19(CountedStore):
+    """`CountedStore`, plus a gate on ``load`` (a restore's read, after its acquire)."""
 
     def __init__(self) -> None:
         super().__init__()
-        from tests.test_review14_hunt import Gate
+        from tests._gated import Gate
 
         self.load_gate = Gate()
 

@@ -520,8 +520,9 @@ class StreamTracker:
         # Two live items under one id (an app appended an item twice, or gave one
         # another's id): read again with the later ones saved as `unique_ids` names
         # them, every id compared. An error here would fail every later checkpoint.
-        sids = unique_ids(items)
-        self._warn_aliased(items, sids)
+        raw = _saved_ids(items)
+        sids = _unique(raw)
+        self._warn_aliased(items, raw, sids)
         return self._diff(items, convert, rewrite, shaped, sids)
 
     def _diff(
@@ -653,10 +654,11 @@ class StreamTracker:
             after = item_id
         return plan
 
-    def _warn_aliased(self, items: Sequence[llm.ChatItem], sids: list[str]) -> None:
-        """Say once per name which items are saved under another id than their own."""
-        for item, item_id in zip(items, sids, strict=True):
-            if item_id != saved_id(item.id) and item_id not in self._aliased:
+    def _warn_aliased(self, items: Sequence[llm.ChatItem], raw: list[str], sids: list[str]) -> None:
+        """Say once per name which items are saved under another id (``sids``, of
+        `_unique`) than their own (``raw``, of `_saved_ids`)."""
+        for item, own, item_id in zip(items, raw, sids, strict=True):
+            if item_id != own and item_id not in self._aliased:
                 self._aliased.add(item_id)
                 log.warning(
                     "%s holds two chat items with the id %r: the later one is saved as %r "
@@ -694,8 +696,9 @@ class StreamTracker:
         store that lost the session, or a log with a damaged record to leave behind."""
         plan = Plan(self, len(items), whole=True)
         plan.objs = list(items)
-        plan.ids = sids = unique_ids(plan.objs)
-        self._warn_aliased(plan.objs, sids)
+        raw = _saved_ids(plan.objs)
+        plan.ids = sids = _unique(raw)
+        self._warn_aliased(plan.objs, raw, sids)
         after: str | None = None
         for item, item_id in zip(plan.objs, sids, strict=True):
             shape = shaped.get(id(item), _MISSING) if shaped is not None else _MISSING
@@ -747,10 +750,16 @@ def unique_ids(items: Sequence[llm.ChatItem]) -> list[str]:
     """The ids ``items`` are saved under: each item's `saved_id`, but a later item whose
     id an earlier one has gets ``<id>~<n>``, the least ``n`` from 2 no item has: the
     store keys items by id, and two items under one would fold into one."""
-    ids = _saved_ids(items)
-    taken = set(ids)
-    if len(taken) == len(ids):
-        return ids
+    return _unique(_saved_ids(items))
+
+
+def _unique(saved: list[str]) -> list[str]:
+    """`unique_ids` of items whose `_saved_ids` are ``saved`` (a new list if any
+    differs)."""
+    taken = set(saved)
+    if len(taken) == len(saved):
+        return saved
+    ids = list(saved)
     seen: set[str] = set()
     for i, item_id in enumerate(ids):
         if item_id in seen:

@@ -295,12 +295,17 @@ def _restorable(cls: type[BaseModel], name: str, value: Any, where: str) -> Any:
 def _as_text(value: Any, where: str) -> str:
     """A plain value (`_plain`'s) where LiveKit holds text, as text: bytes decoded as
     UTF-8 (an invalid byte as U+FFFD), anything else as its JSON; with a warning."""
-    if type(value) is bytes:
-        text = value.decode("utf-8", "replace")
-    else:
-        text = pydantic_core.to_json(value, bytes_mode="base64").decode()
+    text = _text_of(value)
     logger.warning("%s: saved as text: a %s where LiveKit holds text", where, type(value).__name__)
     return text
+
+
+def _text_of(plain: Any) -> str:
+    """`_as_text` without its warning: bytes as UTF-8 (an invalid byte as U+FFFD),
+    anything else as its JSON (`saved_id` makes ids with it, so the two agree)."""
+    if type(plain) is bytes:
+        return plain.decode("utf-8", "replace")
+    return pydantic_core.to_json(plain, bytes_mode="base64").decode()
 
 
 _METRICS_ADAPTER: TypeAdapter[Any] = TypeAdapter(llm.MetricsReport)
@@ -567,11 +572,7 @@ def saved_id(value: Any) -> str:
     if type(value) is str and value.isascii():
         return value
     plain = saved_form(value)
-    if type(plain) is str:
-        return plain
-    if type(plain) is bytes:
-        return plain.decode("utf-8", "replace")
-    return pydantic_core.to_json(plain, bytes_mode="base64").decode()
+    return plain if type(plain) is str else _text_of(plain)
 
 
 def item_to_data(item: llm.ChatItem, *, media: MediaPolicy = "drop") -> ItemData:
