@@ -105,6 +105,22 @@ class CountedStore(GatedStore):
             raise
 
 
+class LoadGatedStore(CountedStore):
+    """`CountedStore`, plus a gate on ``load`` (a restore's read, after its acquire)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.load_gate = Gate()
+
+    async def load(self, key: str, version: int | None = None) -> Any:
+        await self.load_gate.passing()
+        return await super().load(key, version)
+
+    def open_gates(self) -> None:
+        super().open_gates()
+        self.load_gate.open()
+
+
 S = TypeVar("S", bound=GatedStore)
 
 

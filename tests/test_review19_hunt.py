@@ -23,6 +23,7 @@ import pytest
 import livekit_resume as lr
 from tests._gated import (
     CountedStore,
+    LoadGatedStore,
     bounded,
     key_fixture,
     sigterm_kept,
@@ -352,20 +353,6 @@ async def test_a_remote_command_during_a_suspends_give_up_is_answered_promptly(
 # ------------------------------- 5. a checkpoint during the next life's restore
 
 
-class Store19(CountedStore):
-    """`CountedStore`, plus a gate on ``load`` (a restore's read, after its acquire)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from tests._gated import Gate
-
-        self.load_gate = Gate()
-
-    async def load(self, key: str, version: int | None = None) -> Any:
-        await self.load_gate.passing()
-        return await super().load(key, version)
-
-
 async def test_a_checkpoint_during_a_restore_in_place_does_not_overwrite_the_conversation(
     key: str,
 ) -> None:
@@ -375,7 +362,7 @@ async def test_a_checkpoint_during_a_restore_in_place_does_not_overwrite_the_con
     read the snapshot (the history emptied, as restore asks) must not commit that
     empty, half-restored session under the new lease: either it is refused, or it saves
     the restored conversation. The store and the restored session keep every turn."""
-    store = Store19()
+    store = LoadGatedStore()
     try:
         session, rs, _ = await begin(store, key)
         await bounded(session.run(user_input="the code is 4711"), "a turn")

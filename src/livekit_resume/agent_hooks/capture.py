@@ -157,6 +157,12 @@ class Capture:
         self._saved_state = None
         self._committed = None
 
+    @property
+    def stored_state(self) -> SavedState | None:
+        """The state the store holds the session in, as this worker last wrote or read
+        it (None before either)."""
+        return None if self._committed is None else self._committed.state
+
     def index(self, snap: Snapshot, sealed: Mapping[str, Sealed] | None = None) -> Indexes:
         """What `baseline` keeps of a restored snapshot's streams, made beforehand: it
         reads no live object, so a restore makes it on the thread it decodes on."""

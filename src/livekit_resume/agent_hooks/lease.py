@@ -60,6 +60,7 @@ class LeaseHolder:
         self.ttl = ttl
         self.lease: Lease | None = None
         self.vanished = False  # the session is gone from the store: acquire it again
+        self.released_epoch: int | None = None  # the epoch of the lease `release` gave up
         # time.monotonic() when the latest acquire, renew or renewing commit was sent: the
         # lease runs at least `ttl` from then
         self.renewed_at = -math.inf
@@ -228,6 +229,7 @@ class LeaseHolder:
         (a close bounded by `CLOSE_SAVE_BUDGET`), counted as a failure."""
         lease, self.lease = self.lease, None
         if lease is not None:
+            self.released_epoch = lease.epoch
             # often called as a cancellation unwinds (a failed or cancelled restore): a
             # second one must not stop the release before it reaches the store
             await to_its_end(release_lease(self._store, lease, within=within))

@@ -192,6 +192,7 @@ class ResumableSession:
         # A suspend's or an end's final save stored: every later save of this life stores
         # that state (the settle's, an autosave queued behind it, a close's)
         self._stored_as: Literal["suspended", "ended"] | None = None
+        self._life = 0  # restores made: what waits across a restore sees it came
         self._long_pause_retry = LONG_PAUSE_RETRY
 
         self._session: AgentSession[Any] | None = None
@@ -283,6 +284,12 @@ class ResumableSession:
         checkpoint writes the whole session anew so later versions no longer depend on
         the damaged record.
         """
+        finishing = self._finishing
+        if finishing is not None and self._state == "suspended":
+            # a suspend says suspended once its lease is free, and goes on (the room
+            # told, LiveKit's close): a restore then waits for its end, or that end
+            # would close or give up the session restored
+            await asyncio.wait({finishing})
         if self._session is not None and self._state != "suspended":
             raise RuntimeError(f"session {self._key!r} was already restored")
         if self._restoring:
@@ -368,6 +375,7 @@ class ResumableSession:
         before = self._session, self._state
         self._session = session
         self._state, self._stored_as = "active", None
+        self._life += 1
         self._capture.last_agent = agent  # saved should an AgentTask run before a save
         self._attach(session)
         if self._autosave_enabled:
@@ -657,6 +665,9 @@ class ResumableSession:
                 version = await self._commit_or_reacquire(session, reason, state, confirm)
             except LeaseLost as e:
                 if self._holder.lease is None:
+                    released, now = self._holder.released_epoch, e.current_epoch
+                    if released is not None and now is not None and now > released:
+                        raise  # another worker holds it (on_lost not told: it is closing)
                     # released meanwhile by a close or a suspend of this session's own (the
                     # save sent a pending commit, then drafted under no lease): no takeover
                     raise RuntimeError(
@@ -730,8 +741,9 @@ class ResumableSession:
         pending = await self._capture.draft(
             session,
             reason=reason,
+            # an end asked for and not stored is stored by any save (a close's included)
             state=_saved_state(
-                state or self._stored_as or ("ended" if self._end_unsaved else self._state)
+                "ended" if self._end_unsaved else state or self._stored_as or self._state
             ),
             epoch=self._holder.epoch,
             base_version=self._version,
@@ -967,8 +979,9 @@ class ResumableSession:
     ) -> int:
         if self._state == "active":
             await self._silencer.silence(session)
-            if self._closing is not None:
-                # closed while the speech was being cut (the job shut down): that stands
+            if self._closing is not None and not self._error_close_waits():
+                # closed while the speech was being cut (the job shut down): that stands.
+                # LiveKit's error close waits for this and leaves the session as stored.
                 raise RuntimeError(f"cannot {reason} session {self._key!r}: closed meanwhile")
             self._state = "paused"
             self._show()  # not waited for: the final save must not wait on the room
@@ -1007,7 +1020,7 @@ class ResumableSession:
         # the key at once (a second resumable_job call in the job was refused busy);
         # unless an aclose came meanwhile: it is final, and said closed. LiveKit's error
         # close waiting for this (`_aclose_on_error`) is no close: it leaves it so.
-        if self._closing is None or (self._closed_on_error and not self._close_final):
+        if self._closing is None or self._error_close_waits():
             self._state, self._closing, self._closed_on_error = state, None, False
         await self._announcer.announce(state, self._version)
         await self._shown()
@@ -1046,6 +1059,9 @@ class ResumableSession:
         under the key starts a new conversation instead of resuming this one, and
         reconnect tokens issued for it are refused. Refused (`RuntimeError`) before
         ``session.start()``: nothing would be saved then (`aclose` leaves it as stored)."""
+        closing = self._closing
+        if closing is not None and self._error_close_waits() and self._finishing is None:
+            return await self._end_in_error_close(closing)
         if (
             self._session is not None
             and self._state in ("active", "paused")
@@ -1056,6 +1072,19 @@ class ResumableSession:
                 "would mark it ended; start it first, or aclose() to leave it as stored"
             )
         return await self._finish("end", "ended")
+
+    async def _end_in_error_close(self, closing: asyncio.Future[None]) -> int:
+        """`end` during LiveKit's error close, which gives the session up suspended (a
+        goodbye said as the provider failed): its saves store it ended instead, and the
+        end returns once one did."""
+        self._end_unsaved = True
+        await asyncio.shield(closing)
+        if self._capture.stored_state != "ended":
+            raise RuntimeError(
+                f"cannot end session {self._key!r}: LiveKit closed it on errors and it was "
+                f"given up {self._capture.stored_state or 'unsaved'} first"
+            )
+        return self._version
 
     async def aclose(self) -> None:
         """Final save (unless suspended or the lease is lost) and release the lease.
@@ -1121,7 +1150,7 @@ class ResumableSession:
         down), and the job goes on: saved and released as a close does, then given up
         as a suspend, so that a restore may take it up again in this job (the caller
         back in the room: `resumable_job`'s restore in place, once the provider is)."""
-        finishing = self._finishing
+        finishing, life = self._finishing, self._life
         if finishing is not None:
             # A suspend or an end under way decides what the session becomes: once it
             # stored its state, the session is given up as it left it (a restore in place
@@ -1133,6 +1162,8 @@ class ResumableSession:
                 await asyncio.wait({finishing, asked}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 asked.cancel()
+            if self._life != life:
+                return  # given up and restored meanwhile: this close was the life before
             if finishing.done() and self._stored_as is not None:
                 if self._close_final:  # the app's (a job's shutdown) aclose came meanwhile
                     self._state = "closed"
@@ -1143,7 +1174,7 @@ class ResumableSession:
         # decides what it becomes
         given_up = self._finishing is not None or self._end_unsaved
         await self._aclose(None if given_up else "suspended")
-        if self._close_final or given_up or self._holder.lease is not None:
+        if self._close_final or given_up or self._end_unsaved or self._holder.lease is not None:
             return  # closed for good: the app's (a job's shutdown) aclose came meanwhile
         self._state, self._closing, self._closed_on_error = "suspended", None, False
         self._show()  # the room the job stays in shows it given up
@@ -1211,6 +1242,12 @@ class ResumableSession:
 
     def _paused_again(self) -> None:
         self._pauses += 1
+
+    def _error_close_waits(self) -> bool:
+        """LiveKit's error close is under way and no `aclose` came: it waits for a
+        suspend or an end under way and leaves the session as that stores it
+        (`_aclose_on_error`)."""
+        return self._closed_on_error and not self._close_final
 
     def _started(self) -> bool:
         """Whether the attached `AgentSession` runs. Not ``current_agent``: a session
