@@ -490,7 +490,10 @@ async def test_handoff_with_duplicates_in_the_new_agents_context(store: Store) -
 
 
 async def test_long_history_fallback_only_with_a_duplicate(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A long history (5,000 items) with unique ids never takes the fallback read
     (`unique_ids`' `_unique` not called on a diff); a duplicate far back (beyond the edit
@@ -508,7 +511,9 @@ async def test_long_history_fallback_only_with_a_duplicate(
         return real(saved)
 
     monkeypatch.setattr(tr, "_unique", counted)
-    logging.getLogger("livekit_resume").setLevel(logging.ERROR)
+    # (caplog puts the level back after the test: left at ERROR, later tests in this
+    # process that look for a warning found none)
+    caplog.set_level(logging.ERROR, logger="livekit_resume")
     store = MemoryStore()
     lv = await begin(store)
     figures: dict[str, float] = {}

@@ -165,7 +165,13 @@ class Announcer(Agent):
     async def hold_politely(self, ctx: RunContext[Any]) -> str:
         """Tell the caller they are put on hold, then hold."""
         ctx.session.say(NOTICE)
-        await asyncio.sleep(float(SEEN.get("say_for", 0.8)))  # the notice is being spoken
+        # the notice is being spoken: heard for a while from its playout's start, not from
+        # the say (under load the playout began late, and the pause cut it unheard)
+        for _ in range(1000):
+            if ctx.session.agent_state == "speaking":
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(float(SEEN.get("say_for", 0.8)))
         await RS["rs"].pause()
         SEEN["paused_in_tool"] = True
         return "the caller is on hold"

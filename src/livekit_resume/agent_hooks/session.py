@@ -286,10 +286,12 @@ class ResumableSession:
         """
         finishing = self._finishing
         if finishing is not None and self._state == "suspended":
-            # a suspend says suspended once its lease is free, and goes on (the room
-            # told, LiveKit's close): a restore then waits for its end, or that end
-            # would close or give up the session restored
-            await asyncio.wait({finishing})
+            # A suspend says suspended once its lease is free, and goes on (the store's
+            # event, the room, LiveKit's close): a restore in place waits for its end, or
+            # that end would close the session restarted. Into a new session, not longer
+            # than LiveKit's close is waited for (the old life's close leaves it alone).
+            in_place = session is self._session
+            await asyncio.wait({finishing}, timeout=None if in_place else SUSPEND_CLOSE_WAIT)
         if self._session is not None and self._state != "suspended":
             raise RuntimeError(f"session {self._key!r} was already restored")
         if self._restoring:
@@ -374,7 +376,7 @@ class ResumableSession:
             raise
         before = self._session, self._state
         self._session = session
-        self._state, self._stored_as = "active", None
+        self._state, self._stored_as, self._end_unsaved = "active", None, False
         self._life += 1
         self._capture.last_agent = agent  # saved should an AgentTask run before a save
         self._attach(session)
@@ -1080,6 +1082,9 @@ class ResumableSession:
         self._end_unsaved = True
         await asyncio.shield(closing)
         if self._capture.stored_state != "ended":
+            # the close gave it up as it stored it (suspended): a restore in place takes
+            # that conversation up, and its saves must not store it ended
+            self._end_unsaved = False
             raise RuntimeError(
                 f"cannot end session {self._key!r}: LiveKit closed it on errors and it was "
                 f"given up {self._capture.stored_state or 'unsaved'} first"
@@ -1174,7 +1179,8 @@ class ResumableSession:
         # decides what it becomes
         given_up = self._finishing is not None or self._end_unsaved
         await self._aclose(None if given_up else "suspended")
-        if self._close_final or given_up or self._end_unsaved or self._holder.lease is not None:
+        ended = self._capture.stored_state == "ended"  # an end asked meanwhile stored
+        if self._close_final or given_up or ended or self._holder.lease is not None:
             return  # closed for good: the app's (a job's shutdown) aclose came meanwhile
         self._state, self._closing, self._closed_on_error = "suspended", None, False
         self._show()  # the room the job stays in shows it given up
