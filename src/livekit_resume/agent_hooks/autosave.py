@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import Counter, Histogram
 
 from ..errors import LeaseLost, StoreUnavailable, UnknownAgent
+from ..stores.base import StoreClosed
 from .lease import OutOfTime, bounded
 
 __all__ = ["Autosave"]
@@ -138,6 +139,12 @@ class Autosave:
                 # nothing to retry until the code registers the agent or hands off
                 self.failures += 1
                 log.error("autosave skipped: %s", e, extra={"key": self._key})
+            except StoreClosed as e:
+                self.failures += 1
+                log.error(
+                    "autosave of session %r stopped: %s", self._key, e, extra={"key": self._key}
+                )
+                return
             except Exception as e:
                 if self._stopped():
                     return
@@ -190,6 +197,8 @@ class Autosave:
             except LeaseLost as e:
                 self.lose(e)
                 return
+            except StoreClosed:
+                return  # the save loop says so, at the next turn
             except Exception as e:
                 if self._stopped():
                     return
@@ -262,9 +271,11 @@ async def final_save(
         except LeaseLost:
             log.warning("session %r: final save refused, lease lost", key, extra={"key": key})
             return False
+        except StoreClosed as e:
+            error: Exception = e  # closed by the app (a shutdown callback first): no retry
         except OutOfTime:
             CHECKPOINT_FAILURES.labels(error="OutOfTime").inc()  # a save cut short
-            error: Exception = StoreUnavailable(
+            error = StoreUnavailable(
                 f"the store did not answer within the close budget ({CLOSE_SAVE_BUDGET:g} s)"
             )
         except (StoreUnavailable, OSError) as e:

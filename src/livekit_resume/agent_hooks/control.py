@@ -19,7 +19,15 @@ from prometheus_client import Counter
 
 from ..errors import LeaseLost
 from ..remote import epoch_mismatch
-from ..stores.base import Command, CommandChannel, CommandReply, Controllable, Store, offers
+from ..stores.base import (
+    Command,
+    CommandChannel,
+    CommandReply,
+    Controllable,
+    Store,
+    StoreClosed,
+    offers,
+)
 
 __all__ = ["ControlListener"]
 
@@ -153,6 +161,15 @@ class ControlListener:
                         task = asyncio.ensure_future(self._handle(channel, command))
                         self._handling.add(task)
                         task.add_done_callback(self._handling.discard)
+            except StoreClosed as e:
+                self.listening.clear()
+                log.warning(
+                    "session %r: no longer listening for remote commands: %s",
+                    key,
+                    e,
+                    extra={"key": key},
+                )
+                return
             except Exception as e:
                 # a store's error of its own (not a ResumeError) included: a listener that
                 # died of it would leave the owner deaf to every command for good

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Protocol, TypeGuard, TypeVar, runtime_checkable
 
-from ..errors import LeaseLost, ResumeError, SessionBusy, SnapshotNotFound
+from ..errors import LeaseLost, ResumeError, SessionBusy, SnapshotNotFound, StoreUnavailable
 
 # The log's record is part of the contract (`Commit.records`); the other log names are
 # re-exported for the code that imported them from here before stores/log.py existed.
@@ -63,6 +63,7 @@ __all__ = [
     "SessionInfos",
     "SnapshotInfo",
     "Store",
+    "StoreClosed",
     "Stored",
     "busy_error",
     "head_moved_error",
@@ -680,6 +681,11 @@ def page_of(
 
 
 # The errors every backend raises, worded once so that they read the same everywhere.
+
+
+class StoreClosed(StoreUnavailable):
+    """The store was closed (``aclose``) and is asked again: no retry can help, so a
+    session's saves, renewals and command inbox stop on it rather than retry."""
 
 
 def busy_error(key: str, holder: str | None, epoch: int) -> SessionBusy:

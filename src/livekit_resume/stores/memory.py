@@ -11,13 +11,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ResumeError, StoreUnavailable
+from ..errors import ResumeError
 from .base import (
     DEFAULT_LEASE_TTL,
     Commit,
     Lease,
     SessionInfo,
     SnapshotInfo,
+    StoreClosed,
     Stored,
     busy_error,
     check_lease_key,
@@ -109,7 +110,7 @@ class MemoryStore:
         """The sessions; `StoreUnavailable` once closed, as every store: an answer then
         would acknowledge a write nothing keeps."""
         if self._closed:
-            raise StoreUnavailable("MemoryStore is closed; open a new one")
+            raise StoreClosed("MemoryStore is closed; open a new one")
         return self._sessions
 
     def _get(self, key: str) -> _Session | None:

@@ -31,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import ResumeError, SnapshotCorrupt, StoreUnavailable
+from ..base import StoreClosed
 from .url import RedisURL
 
 try:
@@ -338,9 +339,7 @@ class Server:
         """Turn redis-py's errors into ours, naming the server and the operation."""
         what = f"{op} of session {key!r}" if key is not None else op
         if self.closed:
-            raise StoreUnavailable(
-                f"{self.where}: cannot {what}: the store is closed; open a new one"
-            )
+            raise StoreClosed(f"{self.where}: cannot {what}: the store is closed; open a new one")
         cancels = _cancels()
         try:
             yield

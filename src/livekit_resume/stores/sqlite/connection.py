@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ...errors import SnapshotCorrupt, StoreUnavailable
+from ..base import StoreClosed
 from . import schema
 from .transactions import is_busy, read
 
@@ -108,11 +109,14 @@ class Connection:
         self._file_id: tuple[int, int] | None = None
         self._shm_size = 0
         self._page_size = 0
+        # the connection's busy wait now (ms): shortened for a call that queued behind
+        # others on the thread (`_call`)
+        self._waits_ms = self._full_ms = int(busy_timeout * 1000)
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn`` (one whole transaction) with the connection, on the store's thread."""
         if self._closed:
-            raise StoreUnavailable(f"SQLite store {self.path} is closed; open a new one")
+            raise StoreClosed(f"SQLite store {self.path} is closed; open a new one")
         if os.getpid() != self._pid:
             if self._used:
                 raise StoreUnavailable(
@@ -122,11 +126,15 @@ class Connection:
             self._pid = os.getpid()
         self._used = True
         loop = asyncio.get_running_loop()
+        # busy_timeout bounds each call from here, not from when the thread takes it up:
+        # calls queued behind others waiting on a lock waited out each one's timeout in
+        # turn (the tenth of ten sessions ten timeouts, its lease renewal as long)
+        deadline = time.monotonic() + self._busy_timeout
         try:
-            return await loop.run_in_executor(self._executor, self._call, fn)
+            return await loop.run_in_executor(self._executor, self._call, fn, deadline)
         except RuntimeError as exc:
             if self._closed:  # closed while this call was being scheduled
-                raise StoreUnavailable(f"SQLite store {self.path} is closed") from exc
+                raise StoreClosed(f"SQLite store {self.path} is closed") from exc
             raise
 
     async def aclose(self) -> None:
@@ -259,6 +267,7 @@ class Connection:
                 )
 
     def _opened(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        self._waits_ms = self._full_ms  # a new connection waits busy_timeout
         self._sidecars = _sidecar_ids(self.path)
         self._file_id = _identity(_stat(self.path))
         shm = _stat(self.path + "-shm")
@@ -268,16 +277,16 @@ class Connection:
             _open.setdefault(self.path, weakref.WeakKeyDictionary())[self] = self._sidecars
         return conn
 
-    def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    def _call(self, fn: Callable[[sqlite3.Connection], _T], deadline: float) -> _T:
         """Runs on the store's thread: open the file if needed, run ``fn``, type errors.
 
         SQLite answers some lock conflicts with an immediate SQLITE_BUSY that its busy
         handler never waits on (switching a fresh file to WAL while other processes open
         it, WAL recovery, a read snapshot gone stale). Every ``fn`` is one whole
         transaction, rolled back on error, so it is simply run again until
-        ``busy_timeout`` has passed.
+        ``deadline`` (``busy_timeout`` after the call was made); SQLite's own busy wait is
+        shortened to it.
         """
-        deadline = time.monotonic() + self._busy_timeout
         pause = _BUSY_FIRST_PAUSE
         while True:
             try:
@@ -300,6 +309,7 @@ class Connection:
                     self._reopen_allowed()
                     conn = self._open_read_only() if self._read_only else self._open()
                     self._conn = self._opened(conn)
+                self._wait_until(self._conn, deadline)
                 result = fn(self._conn)
                 if self._stand_in_stale(self._conn):
                     continue  # read through stand-ins of a schema gone meanwhile: again
@@ -313,6 +323,15 @@ class Connection:
                 pause = min(pause * 2, _BUSY_MAX_PAUSE)
             except sqlite3.DatabaseError as exc:
                 raise self._translate(exc) from exc
+
+    def _wait_until(self, conn: sqlite3.Connection, deadline: float) -> None:
+        """SQLite's busy wait for this call: what is left until ``deadline``, unless
+        that is about all of ``busy_timeout`` (the common case: no statement sent)."""
+        left = max(0, int((deadline - time.monotonic()) * 1000))
+        want = self._full_ms if left >= self._full_ms - 100 else left
+        if want != self._waits_ms:
+            conn.execute(f"PRAGMA busy_timeout={want}")
+            self._waits_ms = want
 
     def _stand_in_stale(self, conn: sqlite3.Connection) -> bool:
         """Whether a read-only connection reads an older schema through stand-ins
