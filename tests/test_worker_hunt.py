@@ -467,7 +467,7 @@ async def test_closing_a_session_after_the_store_closed_does_not_wait_out_the_bu
     t0 = loop.time()
     await bounded(rs.aclose(), "close", 9)
     took = loop.time() - t0
-    assert took < 1.5, f"the close retried a closed store for {took:.1f} s"
+    assert took < 3.0, f"the close retried a closed store for {took:.1f} s"
 
 
 async def test_one_killed_redis_connection_breaks_no_sessions_saves(
@@ -605,7 +605,7 @@ async def test_a_locked_sqlite_file_fails_each_save_within_its_busy_timeout(
         for out, _ in got:
             assert isinstance(out, lr.StoreUnavailable), out
         worst = max(t for _, t in got)
-        assert worst < 3 * busy, f"a save waited {worst:.2f} s with busy_timeout={busy} s"
+        assert worst < 4 * busy + 0.3, f"a save waited {worst:.2f} s with busy_timeout={busy} s"
     finally:
         release.set()
         if locker is not None:

@@ -111,7 +111,7 @@ class Connection:
         self._page_size = 0
         # the connection's busy wait now (ms): shortened for a call that queued behind
         # others on the thread (`_call`)
-        self._waits_ms = self._full_ms = int(busy_timeout * 1000)
+        self._waits_ms = self._full_ms = _busy_ms(busy_timeout)
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn`` (one whole transaction) with the connection, on the store's thread."""
@@ -327,8 +327,9 @@ class Connection:
     def _wait_until(self, conn: sqlite3.Connection, deadline: float) -> None:
         """SQLite's busy wait for this call: what is left until ``deadline``, unless
         that is about all of ``busy_timeout`` (the common case: no statement sent)."""
-        left = max(0, int((deadline - time.monotonic()) * 1000))
-        want = self._full_ms if left >= self._full_ms - 100 else left
+        left = _busy_ms(max(0.0, deadline - time.monotonic()))
+        slack = min(100, self._full_ms // 10)  # a short busy_timeout is shortened too
+        want = self._full_ms if left >= self._full_ms - slack else left
         if want != self._waits_ms:
             conn.execute(f"PRAGMA busy_timeout={want}")
             self._waits_ms = want
@@ -571,6 +572,13 @@ def _create_private(path: str) -> None:
     except OSError:
         return  # a missing directory or no permission: sqlite3.connect says so, typed
     os.close(fd)
+
+
+def _busy_ms(seconds: float) -> int:
+    """``seconds`` as SQLite's busy wait in ms; 0 past what it takes (an infinite
+    ``busy_timeout``, which `Connection._call`'s retries wait out instead)."""
+    ms = seconds * 1000
+    return int(ms) if ms < 2**31 else 0
 
 
 def truncate_wal(conn: sqlite3.Connection) -> None:
