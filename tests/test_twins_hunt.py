@@ -25,7 +25,7 @@ import json
 import random
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
 
@@ -145,6 +145,13 @@ def is_repair(d: dict[str, Any]) -> bool:
         and str(d["id"]).endswith("_interrupted")
         and str(d.get("output", "")).startswith("interrupted")
     )
+
+
+def restored(ds: list[dict[str, Any]], live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``ds`` as restored, less the repairs this restore added: one an earlier restore
+    added is a live item since, saved and restored as any other."""
+    had = {d["id"] for d in live}
+    return [d for d in ds if not is_repair(d) or d["id"] in had]
 
 
 # ------------------------------------------------------------------ the ops
@@ -409,7 +416,7 @@ async def run_ops(ops: list[list[tuple[Any, ...]]]) -> None:
                     await w.start()
                     w.turns, w.n = turns, 1000 * len(trace)
                     assert w.session is not None
-                    got = [d for d in expected(hist_items(w.session)) if not is_repair(d)]
+                    got = restored(expected(hist_items(w.session)), live_h)
                     assert got[: len(live_h)] == live_h, f"trace={trace}\n" + _diff(
                         "restored history", live_h, got[: len(live_h)]
                     )
@@ -434,11 +441,11 @@ async def run_ops(ops: list[list[tuple[Any, ...]]]) -> None:
         assert w2.rs is not None and w2.rs.resumed
         assert w2.session is not None
         # a call left without its output is answered by the documented repair
-        got_h = [d for d in expected(hist_items(w2.session)) if not is_repair(d)]
+        got_h = restored(expected(hist_items(w2.session)), live_h)
         assert got_h[: len(live_h)] == live_h, f"trace={trace}\n" + _diff(
             "restored history", live_h, got_h[: len(live_h)]
         )
-        got_a = [d for d in expected(agent_items(w2.session)) if not is_repair(d)]
+        got_a = restored(expected(agent_items(w2.session)), live_a)
         ids = {d["id"] for d in live_a}
         got_known = [d for d in got_a if d["id"] in ids]
         got_ids, live_ids = [d["id"] for d in got_a], [d["id"] for d in live_a]
@@ -464,6 +471,10 @@ async def run_ops(ops: list[list[tuple[Any, ...]]]) -> None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(ops=st.lists(st.lists(OPS, min_size=1, max_size=2), max_size=10))
+# a call's output removed, then a restart: the restore's repair is a live item from then
+# on (the test took it for one to leave out, and failed on a correct store)
+@example(ops=[[("tool_turn",)], [("remove", "both", 12), ("restart",)]])
+@example(ops=[[("tool_turn",)], [("remove", "a", 12), ("restart",)]])
 def test_both_streams_stored_as_live_after_every_checkpoint(
     ops: list[list[tuple[Any, ...]]],
 ) -> None:

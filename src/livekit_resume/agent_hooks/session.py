@@ -378,6 +378,7 @@ class ResumableSession:
         self._session = session
         self._state, self._stored_as, self._end_unsaved = "active", None, False
         self._life += 1
+        self._finishing = None  # the life before's suspend, still ending (`restore`)
         self._capture.last_agent = agent  # saved should an AgentTask run before a save
         self._attach(session)
         if self._autosave_enabled:
@@ -967,13 +968,18 @@ class ResumableSession:
             reason, state = "end", "ended"
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._finishing, self._finishing_as = done, state
+        life = self._life
         try:
             return await self._finish_now(session, reason, state)
         except BaseException:
-            self._end_unsaved = state == "ended" and self._state == "paused"
+            if self._life == life:
+                self._end_unsaved = state == "ended" and self._state == "paused"
             raise
         finally:
-            self._finishing = None
+            # a restore into a new AgentSession may have come during the last steps
+            # (`restore`): the session's suspend or end under way is then its own
+            if self._finishing is done:
+                self._finishing = None
             done.set_result(None)
 
     async def _finish_now(
@@ -1009,6 +1015,7 @@ class ResumableSession:
     async def _give_up(
         self, session: AgentSession[Any], state: Literal["suspended", "ended"], wait_close: bool
     ) -> None:
+        life = self._life
         self._announcer.show(state, self._version)
         # under the save lock: a checkpoint of the app's under way ends first (its commit
         # or renewal meeting the released lease was taken for a takeover: on_lost, and a
@@ -1024,8 +1031,9 @@ class ResumableSession:
         # close waiting for this (`_aclose_on_error`) is no close: it leaves it so.
         if self._closing is None or self._error_close_waits():
             self._state, self._closing, self._closed_on_error = state, None, False
-        await self._announcer.announce(state, self._version)
-        await self._shown()
+        if self._life == life:  # not restored into a new AgentSession meanwhile
+            await self._announcer.announce(state, self._version)
+            await self._shown()
         close = self._session_close = asyncio.ensure_future(session.aclose())
         close.add_done_callback(self._closed_session)
         if not wait_close:
@@ -1179,9 +1187,15 @@ class ResumableSession:
         # decides what it becomes
         given_up = self._finishing is not None or self._end_unsaved
         await self._aclose(None if given_up else "suspended")
-        ended = self._capture.stored_state == "ended"  # an end asked meanwhile stored
-        if self._close_final or given_up or ended or self._holder.lease is not None:
+        if self._close_final or given_up or self._holder.lease is not None:
             return  # closed for good: the app's (a job's shutdown) aclose came meanwhile
+        if self._capture.stored_state == "ended":
+            # an end asked during this close stored it ended: said and told as an end's
+            self._state, self._closing, self._closed_on_error = "ended", None, False
+            self._announcer.show("ended", self._version)
+            await self._announcer.announce("ended", self._version)
+            await self._shown()
+            return
         self._state, self._closing, self._closed_on_error = "suspended", None, False
         self._show()  # the room the job stays in shows it given up
 
