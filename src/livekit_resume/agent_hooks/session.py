@@ -1034,7 +1034,9 @@ class ResumableSession:
         if self._life == life:  # not restored into a new AgentSession meanwhile
             await self._announcer.announce(state, self._version)
             await self._shown()
-        close = self._session_close = asyncio.ensure_future(session.aclose())
+        close = asyncio.ensure_future(session.aclose())
+        if self._life == life:  # a restore in place of a new life waits on its own close
+            self._session_close = close
         close.add_done_callback(self._closed_session)
         if not wait_close:
             return  # called from a tool, on_enter...: LiveKit's close waits for the caller
