@@ -18,7 +18,6 @@ import pytest
 from livekit.agents import AgentSession
 
 import livekit_resume as lr
-from livekit_resume.agent_hooks import session as session_mod
 from tests._gated import bounded, key_fixture, sigterm_kept, until
 from tests.lk.scripted_llm import ScriptedLLM, make_text_session
 from tests.test_job_policy_adversarial import Clerk
@@ -29,28 +28,20 @@ from tests.test_review14_hunt import (
     llm_fails_for_good,
     stored_state,
 )
-from tests.test_review22_hunt import Store22, cleanup, stored_said
+from tests.test_review22_hunt import (
+    Store22,
+    cleanup,
+    into_a_new_life,
+    short_wait,
+    store,
+    stored_said,
+)
 
-__all__ = ["key", "sigterm_kept"]  # the fixtures
+__all__ = ["key", "short_wait", "sigterm_kept", "store"]  # the fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 key = key_fixture("r24")
-
-SHORT_WAIT = 0.3
-
-
-@pytest.fixture
-async def store() -> Any:
-    s = Store22()
-    yield s
-    s.open_gates()
-    await s.aclose()
-
-
-@pytest.fixture
-def short_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_mod, "SUSPEND_CLOSE_WAIT", SHORT_WAIT)
 
 
 def hold_close(session: AgentSession[Any]) -> asyncio.Event:
@@ -65,24 +56,6 @@ def hold_close(session: AgentSession[Any]) -> asyncio.Event:
 
     session.aclose = slow_aclose  # type: ignore[method-assign]
     return gate
-
-
-async def into_a_new_life(
-    store: Store22, rs: lr.ResumableSession, model: ScriptedLLM | None = None
-) -> tuple[asyncio.Future[Any], AgentSession[Any]]:
-    """As review22's: the suspend's 'suspended' event frozen, a restore into a new
-    AgentSession proceeds past the bounded wait; a turn of the new life stored."""
-    store.publish_gate.arm()
-    suspending = asyncio.ensure_future(rs.suspend())
-    await until(lambda: rs.state == "suspended", f"the state says suspended ({rs.state})")
-    target = make_text_session(model or ScriptedLLM(default="noted"))
-    agent = await bounded(rs.restore(target, default=Clerk), "restore into a new session")
-    await bounded(target.start(agent), "start the new session")
-    await bounded(target.run(user_input="and my pin is 1234"), "a turn of the new life")
-    await bounded(rs.checkpoint(), "a checkpoint of the new life")
-    assert not suspending.done()
-    assert rs.state == "active"
-    return suspending, target
 
 
 # ------------------------- 1. the old tail's LiveKit close, kept as the new life's
