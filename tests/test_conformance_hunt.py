@@ -119,12 +119,18 @@ class EventMemoryStore(MemoryStore):
         return _Subscription(self, lazy=self.lazy_subscriptions)
 
     async def acquire(
-        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+        self,
+        key: str,
+        owner: str,
+        *,
+        ttl: float = DEFAULT_LEASE_TTL,
+        takeover: bool = False,
+        reclaim: int | None = None,
     ) -> Lease:
         s = self._get(key)
         held = s is not None and lease_is_live(s.lease_expires_at, self._clock())
         previous = s.owner if s is not None and held else None
-        lease = await super().acquire(key, owner, ttl=ttl, takeover=takeover)
+        lease = await super().acquire(key, owner, ttl=ttl, takeover=takeover, reclaim=reclaim)
         if self.state_events and previous is not None and previous != owner:
             self._emit(
                 {
@@ -291,9 +297,15 @@ class DeleteLeavesTheLog(MemoryStore):
         return gone
 
     async def acquire(
-        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+        self,
+        key: str,
+        owner: str,
+        *,
+        ttl: float = DEFAULT_LEASE_TTL,
+        takeover: bool = False,
+        reclaim: int | None = None,
     ) -> Lease:
-        lease = await super().acquire(key, owner, ttl=ttl, takeover=takeover)
+        lease = await super().acquire(key, owner, ttl=ttl, takeover=takeover, reclaim=reclaim)
         s = self._sessions[key]
         if key in self._orphans and not s.versions and not s.logs:
             s.logs, s.gen = self._orphans.pop(key)
@@ -367,7 +379,13 @@ class TakeoverKeepsTheEpoch(MemoryStore):
     """a takeover of a live lease keeps the epoch: the old holder is not fenced."""
 
     async def acquire(
-        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+        self,
+        key: str,
+        owner: str,
+        *,
+        ttl: float = DEFAULT_LEASE_TTL,
+        takeover: bool = False,
+        reclaim: int | None = None,
     ) -> Lease:
         s = self._get(key)
         live_other = (
@@ -375,10 +393,11 @@ class TakeoverKeepsTheEpoch(MemoryStore):
             and lease_is_live(s.lease_expires_at, self._clock())
             and s.owner not in (None, owner)
         )
-        lease = await super().acquire(key, owner, ttl=ttl, takeover=takeover)
+        kept = s.epoch if s is not None else 0
+        lease = await super().acquire(key, owner, ttl=ttl, takeover=takeover, reclaim=reclaim)
         if live_other:
-            self._sessions[key].epoch -= 1
-            lease = dataclasses.replace(lease, epoch=lease.epoch - 1)
+            self._sessions[key].epoch = kept
+            lease = dataclasses.replace(lease, epoch=kept)
         return lease
 
 
@@ -387,7 +406,13 @@ class SameOwnerKeepsTheEpochAfterExpiry(MemoryStore):
     not: the contract says only "owner renewing its own live lease" keeps it."""
 
     async def acquire(
-        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+        self,
+        key: str,
+        owner: str,
+        *,
+        ttl: float = DEFAULT_LEASE_TTL,
+        takeover: bool = False,
+        reclaim: int | None = None,
     ) -> Lease:
         validate_owner(owner)
         validate_lease_ttl(ttl, self._ttl)
@@ -395,7 +420,7 @@ class SameOwnerKeepsTheEpochAfterExpiry(MemoryStore):
         now = self._clock()
         if s is not None and s.owner == owner and not lease_is_live(s.lease_expires_at, now):
             s.lease_expires_at = now + ttl  # taken as its own live lease
-        return await super().acquire(key, owner, ttl=ttl, takeover=takeover)
+        return await super().acquire(key, owner, ttl=ttl, takeover=takeover, reclaim=reclaim)
 
 
 class RenewVersionIsZero(MemoryStore):
@@ -485,11 +510,17 @@ class AcquireRevivesAnExpiredSession(MemoryStore):
         return super()._get(key)
 
     async def acquire(
-        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+        self,
+        key: str,
+        owner: str,
+        *,
+        ttl: float = DEFAULT_LEASE_TTL,
+        takeover: bool = False,
+        reclaim: int | None = None,
     ) -> Lease:
         self._raw = True
         try:
-            return await super().acquire(key, owner, ttl=ttl, takeover=takeover)
+            return await super().acquire(key, owner, ttl=ttl, takeover=takeover, reclaim=reclaim)
         finally:
             self._raw = False
 

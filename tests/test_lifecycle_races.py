@@ -65,9 +65,15 @@ class SlowReplies:
         return version
 
     async def acquire(
-        self, key: str, owner: str, *, ttl: float = 30.0, takeover: bool = False
+        self,
+        key: str,
+        owner: str,
+        *,
+        ttl: float = 30.0,
+        takeover: bool = False,
+        reclaim: int | None = None,
     ) -> Lease:
-        lease = await self.inner.acquire(key, owner, ttl=ttl, takeover=takeover)
+        lease = await self.inner.acquire(key, owner, ttl=ttl, takeover=takeover, reclaim=reclaim)
         if self.hold_acquire:
             self.applied.set()
             await self.gate.wait()

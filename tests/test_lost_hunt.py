@@ -196,11 +196,6 @@ async def test_a_checkpoint_after_acloses_release_with_no_takeover_lands_without
 # -------------------------------- 2. a store that forgets: empty, or rolled back
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (failure-model.md, 'Redis rolled back'): a store rolled back to"
-    " before a takeover has forgotten it; the older holder's lease is live there again",
-)
 async def test_rolled_back_to_before_a_takeover_the_newer_holder_keeps_the_call(
     bare_redis: RedisServer,
 ) -> None:
@@ -210,16 +205,20 @@ async def test_rolled_back_to_before_a_takeover_the_newer_holder_keeps_the_call(
     lease still live by the server's clock.
 
     DESIGN.md: "a zombie worker can never overwrite the conversation of the worker that
-    took over". What happens (lease.py `reacquire` -> `_acquire_kept`, an acquire
-    without takeover): w2's commit is told the session vanished (the store's epoch older
-    than its own), acquires it again without takeover, is refused by w1's lease and
-    fenced (`LeaseLost`, its job ends the call, its turns since the takeover lost),
-    while w1, the holder w2 took the call from, commits under E1 and is accepted.
-    The store's epoch is older than w2's own: whoever holds it there is a holder w2
-    has already superseded, so w2 may take it over again."""
+    took over". w2's commit finds the store's epoch older than its own (it lost the
+    takeover): w2 reclaims its epoch (`Store.acquire` ``reclaim``), over w1's live
+    lease, and writes its conversation whole; w1, the holder w2 took the call from, is
+    fenced (`LeaseLost`, not vanished, ``on_lost``). Before the fix w2 acquired without
+    takeover, was refused by w1's lease and fenced, its turns since the takeover lost,
+    while w1 wrote on under E1."""
     ns = f"l{uuid.uuid4().hex[:8]}"
     store = redis_store(bare_redis, ns)
-    s1, rs1, _ = await start(store, ["hello from w1"], owner="w1")
+    lost: list[BaseException] = []
+
+    async def on_lost(e: lr.LeaseLost) -> None:
+        lost.append(e)
+
+    s1, rs1, _ = await start(store, ["hello from w1"], owner="w1", on_lost=on_lost)
     s2 = rs2 = None
     try:
         await s1.run(user_input="my name is Ada")
@@ -236,6 +235,19 @@ async def test_rolled_back_to_before_a_takeover_the_newer_holder_keeps_the_call(
         await s1.run(user_input="zombie words")
         got1 = await outcome(rs1.checkpoint())
         texts = await stored_texts(store)
+        owner = await owner_of(store)
+        await asyncio.sleep(0.05)
+        assert isinstance(got2, int) and isinstance(got1, lr.LeaseLost), (
+            f"the newer holder w2's checkpoint: {got2!r}; the older w1's: {got1!r}; "
+            f"the store holds {texts!r}"
+        )
+        assert not got1.vanished, repr(got1)
+        assert owner == "w2"
+        assert texts == live_texts(s2)
+        for t in ("my name is Ada", "my code is 4711", "book me on monday"):
+            assert texts.count(t) == 1, (t, texts)
+        assert "zombie words" not in texts
+        assert lost, "w1's on_lost was not told"
     finally:
         for r in (rs1, rs2):
             if r is not None:
@@ -244,11 +256,6 @@ async def test_rolled_back_to_before_a_takeover_the_newer_holder_keeps_the_call(
             if s is not None:
                 await s.aclose()
         await store.aclose()
-    assert isinstance(got2, int) and isinstance(got1, lr.LeaseLost), (
-        f"the newer holder w2's checkpoint: {got2!r}; the older w1's: {got1!r}; "
-        f"the store holds {texts!r}"
-    )
-    assert "zombie words" not in texts and "book me on monday" in texts
 
 
 async def test_emptied_after_a_takeover_the_newer_holder_writing_first_fences_the_zombie(
@@ -297,19 +304,19 @@ async def test_emptied_after_a_takeover_the_newer_holder_writing_first_fences_th
         await store.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="documented known limit (failure-model.md, 'Redis restarted without its data':"
-    " 'The store forgets takeovers too ... Not fixed'): the store keeps no epoch",
-)
-async def test_emptied_after_a_takeover_the_zombie_writing_first_is_refused(
+async def test_emptied_after_a_takeover_the_zombie_writing_first_is_fenced_by_the_newer(
     bare_redis: RedisServer,
 ) -> None:
     """w2 takes the call over from w1 (w1 has not heard: no renewal since); Redis
-    restarts empty; w1, the zombie, writes first. DESIGN.md: "a zombie worker can never
-    overwrite the conversation of the worker that took over". It takes the empty key
-    anew (vanished, acquired without takeover above the clock's floor) and w2, the
-    legitimate holder, is fenced with its turns since the takeover lost."""
+    restarts empty; w1, the zombie, writes first. The store forgot both holders, so
+    that write lands (w1 reclaims its own epoch E1 on the empty key). w2's next
+    checkpoint finds the store at E1, older than its own E2: it reclaims E2 over w1's
+    lease and writes its conversation whole, and w1's next write is refused
+    (`LeaseLost`, not vanished). DESIGN.md: "a zombie worker can never overwrite the
+    conversation of the worker that took over": what the zombie wrote is gone, and the
+    store holds w2's conversation, every turn once. Before the fix w1 took the empty
+    key under a new epoch from the clock, above E2, and w2 was fenced, its turns since
+    the takeover lost."""
     ns = f"l{uuid.uuid4().hex[:8]}"
     store = redis_store(bare_redis, ns)
     s1, rs1, _ = await start(store, ["hello from w1"], owner="w1")
@@ -323,10 +330,18 @@ async def test_emptied_after_a_takeover_the_zombie_writing_first_is_refused(
         bare_redis.kill()
         bare_redis.start()  # empty
         await s1.run(user_input="zombie words")
-        got1 = await outcome(rs1.checkpoint())
+        await outcome(rs1.checkpoint())  # lands or not: the store forgot the takeover
         await s2.run(user_input="book me on monday")
         got2 = await outcome(rs2.checkpoint())
+        await s1.run(user_input="more zombie words")
+        got1 = await outcome(rs1.checkpoint())
         texts = await stored_texts(store)
+        assert isinstance(got2, int), f"the newer holder w2: {got2!r}; stored {texts!r}"
+        assert isinstance(got1, lr.LeaseLost) and not got1.vanished, repr(got1)
+        assert texts == live_texts(s2)
+        for t in ("my name is Ada", "my code is 4711", "book me on monday"):
+            assert texts.count(t) == 1, (t, texts)
+        assert "zombie words" not in texts and "more zombie words" not in texts
     finally:
         for r in (rs1, rs2):
             if r is not None:
@@ -335,9 +350,6 @@ async def test_emptied_after_a_takeover_the_zombie_writing_first_is_refused(
             if s is not None:
                 await s.aclose()
         await store.aclose()
-    assert isinstance(got1, lr.LeaseLost) and isinstance(got2, int), (
-        f"zombie w1: {got1!r}; newer holder w2: {got2!r}; stored {texts!r}"
-    )
 
 
 # --------------------------------- 3. a stalled Redis: the lease lapses mid-commit

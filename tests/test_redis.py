@@ -564,7 +564,7 @@ async def test_a_restore_takes_the_lease_and_reads_in_one_round_trip(
     trips = count_round_trips(monkeypatch, rstore)
     taken, stored = await rstore._acquire_load(KEY, "worker-b", ttl=30, takeover=False)
     assert trips == ["pipeline"]
-    assert taken.epoch == lease.epoch + 1 and taken.owner == "worker-b"
+    assert taken.epoch > lease.epoch and taken.owner == "worker-b"
     assert stored is not None and stored.version == 1
     assert [i for i, _ in stored.streams["h"]] == ["a", "b"]
     await raw(rstore).script_flush()  # NOSCRIPT: loaded, and the trip sent again

@@ -175,9 +175,10 @@ class LeaseHolder:
 
     async def reacquire(self, version: int) -> int:
         """The store lost the session, or versions of it, while held (last committed as
-        ``version``): take it again, under a new epoch unless the lease survived. Whoever
-        got there first keeps it, and this holder is fenced. Returns the version the store
-        holds now, for the whole conversation to be written on top of."""
+        ``version``): take it again, reclaiming this holder's epoch (`Store.acquire`).
+        A holder the store forgot this one took the session from is fenced; a newer one
+        keeps it, and this holder is fenced. Returns the version the store holds now, for
+        the whole conversation to be written on top of."""
         # Vanished until both round trips are done: either may fail (a store flapping
         # as it comes back), the acquisition landing all the same. The next checkpoint
         # then acquires again (the same epoch, the lease being live and ours) and asks
@@ -216,9 +217,14 @@ class LeaseHolder:
         session runs on and releases it when it closes; given back, another worker could
         restore the key under it, and this one would be fenced with its turns unsaved."""
         sent = time.monotonic()
+        # this holder's epoch: a store that forgot a takeover by this holder (rolled back
+        # to before it, or emptied) gives it back, fencing the holder it was taken from
+        reclaim = self.lease.epoch if self.lease is not None else None
 
         async def take() -> None:
-            self.lease = await self._store.acquire(self.key, self.owner, ttl=self.ttl)
+            self.lease = await self._store.acquire(
+                self.key, self.owner, ttl=self.ttl, reclaim=reclaim
+            )
             self.renewed_at = sent
 
         await to_its_end(take())

@@ -65,6 +65,7 @@ __all__ = [
     "Store",
     "StoreClosed",
     "Stored",
+    "acquired_epoch",
     "busy_error",
     "head_moved_error",
     "lease_lost_error",
@@ -76,6 +77,7 @@ __all__ = [
     "validate_lease_ttl",
     "validate_owner",
     "validate_page",
+    "validate_reclaim",
     "validate_ttl",
     "validate_version",
 ]
@@ -218,6 +220,15 @@ def validate_owner(owner: str) -> str:
     return owner
 
 
+def validate_reclaim(reclaim: int | None) -> int | None:
+    """Return ``reclaim`` (`Store.acquire`) if it is None or an epoch a store can hold
+    (a positive int below 2**53, as Redis's Lua numbers are exact), else raise
+    `ValueError`."""
+    if reclaim is not None and not (_is_whole(reclaim) and 0 < reclaim < 2**53):
+        raise ValueError(f"reclaim must be an epoch (a positive int), not {reclaim!r}")
+    return reclaim
+
+
 def validate_ttl(ttl: float | None, name: str = "ttl") -> float | None:
     """Return a TTL if it is None or a finite number of seconds (at least a millisecond),
     else raise `ValueError` naming ``name`` and the value.
@@ -356,11 +367,25 @@ class Store(Protocol):
     the backend cannot be reached, `ValueError` for an invalid key."""
 
     async def acquire(
-        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+        self,
+        key: str,
+        owner: str,
+        *,
+        ttl: float = DEFAULT_LEASE_TTL,
+        takeover: bool = False,
+        reclaim: int | None = None,
     ) -> Lease:
         """Take the key's lease. A free or expired lease, or one already held by ``owner``,
         is granted; a live lease of another owner raises `SessionBusy` unless ``takeover``.
-        Any acquisition that is not ``owner`` renewing its own live lease gets a new epoch."""
+        Any acquisition that is not ``owner`` renewing its own live lease gets a new epoch,
+        above the one before and never below the clock (`epoch_floor`).
+
+        ``reclaim``: the epoch ``owner`` held when the store lost the session under it
+        (`LeaseLost.vanished`). Where the store's epoch is below it (or the session is
+        gone, and no tombstone is at or above it), the store forgot an acquisition: its
+        holder, if any, is one ``owner`` took the session from, or older. The lease is
+        then granted at that very epoch, over a live lease too, so that of the holders a
+        store forgot, the latest wins. Else ``reclaim`` changes nothing."""
         ...
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
@@ -694,6 +719,36 @@ def busy_error(key: str, holder: str | None, epoch: int) -> SessionBusy:
         "expire or pass takeover=True to take it over",
         holder=holder,
     )
+
+
+def acquired_epoch(
+    key: str,
+    owner: str,
+    now: float,
+    *,
+    epoch: int | None,
+    holder: str | None,
+    live: bool,
+    takeover: bool,
+    reclaim: int | None,
+    tombstone: int | None = None,
+) -> int:
+    """The epoch `Store.acquire` grants ``owner`` of a session at ``epoch`` (None: there
+    is none; ``tombstone``, the epoch a delete left) whose lease ``holder`` holds, while
+    ``live``; `SessionBusy` raised if it is not granted. One rule for every backend
+    written in Python (the Redis script, acquire.lua, follows it)."""
+    floor = epoch_floor(now, tombstone or 0)
+    if reclaim is not None and reclaim > (epoch if epoch is not None else tombstone or 0):
+        return reclaim
+    if epoch is None:
+        return floor + 1
+    if live and holder == owner:
+        return epoch
+    if live and holder is not None and not takeover:
+        raise busy_error(key, holder, epoch)
+    # from the clock too: a store rolled back to before an acquisition (a failover to a
+    # lagging replica) hands out none of the epochs it handed out since
+    return max(epoch + 1, floor)
 
 
 def check_lease_key(key: str, lease: Lease) -> None:

@@ -20,7 +20,7 @@ from .base import (
     SnapshotInfo,
     StoreClosed,
     Stored,
-    busy_error,
+    acquired_epoch,
     check_lease_key,
     head_moved_error,
     lease_lost_error,
@@ -31,6 +31,7 @@ from .base import (
     validate_key,
     validate_lease_ttl,
     validate_owner,
+    validate_reclaim,
     validate_ttl,
     validate_version,
 )
@@ -39,7 +40,6 @@ from .log import (
     TOMBSTONE_TTL,
     Record,
     compacted,
-    epoch_floor,
     fold_records,
     lease_is_live,
     needs_compaction,
@@ -128,22 +128,35 @@ class MemoryStore:
         return s
 
     async def acquire(
-        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+        self,
+        key: str,
+        owner: str,
+        *,
+        ttl: float = DEFAULT_LEASE_TTL,
+        takeover: bool = False,
+        reclaim: int | None = None,
     ) -> Lease:
         validate_owner(owner)
         validate_lease_ttl(ttl, self._ttl)
+        validate_reclaim(reclaim)
         now = self._clock()
         s = self._get(key)
+        # a new session starts above the tombstone a delete left, which stays: a holder
+        # of the deleted session is fenced by it for its day, even once this one is gone
+        epoch = acquired_epoch(
+            key,
+            owner,
+            now,
+            epoch=s.epoch if s is not None else None,
+            holder=s.owner if s is not None else None,
+            live=s is not None and lease_is_live(s.lease_expires_at, now),
+            takeover=takeover,
+            reclaim=reclaim,
+            tombstone=self._tombstone(key, now) if s is None else None,
+        )
         if s is None:
-            # above the tombstone a delete left, which stays: a holder of the deleted
-            # session is fenced by it for its day, even once this one is gone again
-            floor = epoch_floor(now, self._tombstone(key, now) or 0)
-            s = self._sessions[key] = _Session(epoch=floor)
-        live = lease_is_live(s.lease_expires_at, now)
-        if not (live and s.owner == owner):
-            if live and s.owner is not None and not takeover:
-                raise busy_error(key, s.owner, s.epoch)
-            s.epoch += 1
+            s = self._sessions[key] = _Session(epoch=epoch)
+        s.epoch = epoch
         s.owner, s.lease_expires_at, s.touched_at = owner, now + ttl, now
         return Lease(key, owner, s.epoch, now + ttl)
 

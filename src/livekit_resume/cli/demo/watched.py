@@ -64,9 +64,15 @@ class WatchedStore:
         return version
 
     async def acquire(
-        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+        self,
+        key: str,
+        owner: str,
+        *,
+        ttl: float = DEFAULT_LEASE_TTL,
+        takeover: bool = False,
+        reclaim: int | None = None,
     ) -> Lease:
-        return await self.inner.acquire(key, owner, ttl=ttl, takeover=takeover)
+        return await self.inner.acquire(key, owner, ttl=ttl, takeover=takeover, reclaim=reclaim)
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
         return await self.inner.renew(lease, ttl=ttl)

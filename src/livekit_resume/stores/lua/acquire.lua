@@ -1,10 +1,13 @@
 -- acquire: take the lease. A free or expired lease, or one the owner already holds, is
 -- granted; another owner's live lease only with takeover. Every acquisition that is not
--- the owner renewing its live lease gets the next fencing epoch.
+-- the owner renewing its live lease gets a new fencing epoch: the next one, or the
+-- clock's in microseconds if that is higher. A reclaim (base.acquired_epoch, the rule
+-- this follows) is granted at its own epoch where the store's is below it.
 -- ARGV[4] owner, [5] lease ttl seconds, [6] takeover '1'/'0', [7] event channel
--- ('' = none), [8] session key (for the event), [9] '1' = the namespace index lists
+-- ('' = none), [8] session key (for the event), [9] the epoch reclaimed ('' = none),
+-- [10] '1' = the namespace index lists
 -- the key: a missing head may have been evicted, so do not create one (the client scans
--- for remains first, then calls again with '0'), [10] the epoch of the key's tombstone
+-- for remains first, then calls again with '0'), [11] the epoch of the key's tombstone
 -- (tombstone.lua; absent or '' = none): a session created starts above it.
 -- Reply: {'ok', epoch, expires, created 0/1[, why the takeover event was not
 --        published]} | {'busy', holder, epoch} |
@@ -12,25 +15,33 @@
 --        head} | {'corrupt', message}. Nothing is written unless the reply is 'ok'.
 local function main()
   local owner = ARGV[4]
+  local reclaim = ARGV[9] ~= '' and tonumber(ARGV[9]) or nil
   local s = live_head(true)
   local created = 0
+  local below = nil  -- the epoch a reclaim must be above
   if s == nil then
     local remain = first_remain()
     if remain then return {'remains', remain} end
-    if ARGV[9] == '1' then return {'absent'} end
+    if ARGV[10] == '1' then return {'absent'} end
     s = new_head()
-    local tomb = ARGV[10] and tonumber(ARGV[10])
+    local tomb = ARGV[11] and tonumber(ARGV[11])
     if tomb and tomb > s.epoch then s.epoch = tomb end  -- whatever the clock did since
+    below = tomb or 0
     created = 1
+  else
+    below = s.epoch
   end
   local live = s.expires ~= nil and s.expires > NOW
   local previous = nil
-  if not (live and s.owner == owner) then
+  if reclaim and reclaim > below then
+    if live and s.owner ~= nil and s.owner ~= owner then previous = s.owner end
+    s.epoch = reclaim
+  elseif not (live and s.owner == owner) then
     if live and s.owner ~= nil then
       if ARGV[6] ~= '1' then return {'busy', s.owner, s.epoch} end
       previous = s.owner
     end
-    s.epoch = s.epoch + 1
+    s.epoch = math.max(s.epoch + 1, math.floor(NOW * 1000000))
   end
   local expires = NOW + tonumber(ARGV[5])
   s.touched = NOW

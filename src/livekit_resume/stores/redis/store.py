@@ -35,6 +35,7 @@ from ..base import (
     validate_lease_ttl,
     validate_namespace,
     validate_owner,
+    validate_reclaim,
     validate_ttl,
 )
 from ..log import (
@@ -306,12 +307,19 @@ class RedisStore:
     # -- leases ----------------------------------------------------------------------
 
     async def acquire(
-        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+        self,
+        key: str,
+        owner: str,
+        *,
+        ttl: float = DEFAULT_LEASE_TTL,
+        takeover: bool = False,
+        reclaim: int | None = None,
     ) -> Lease:
         """Take the lease (see `Store.acquire`). A takeover of a live lease publishes
         ``taken_over`` on the namespace's channel."""
         validate_owner(owner)
-        lease, _, _ = await self._take(key, owner, ttl, takeover, read=False)
+        validate_reclaim(reclaim)
+        lease, _, _ = await self._take(key, owner, ttl, takeover, read=False, reclaim=reclaim)
         return lease
 
     async def _acquire_load(
@@ -338,7 +346,14 @@ class RedisStore:
             raise
 
     async def _take(
-        self, key: str, owner: str, ttl: float, takeover: bool, *, read: bool
+        self,
+        key: str,
+        owner: str,
+        ttl: float,
+        takeover: bool,
+        *,
+        read: bool,
+        reclaim: int | None = None,
     ) -> tuple[Lease, list[Any] | None, bool]:
         """The lease; with ``read`` the ``load`` script's reply for the latest version
         read under it in the same trip (None when it was not); whether the session was
@@ -351,6 +366,7 @@ class RedisStore:
             "1" if takeover else "0",
             self._names.channel,
             key,
+            "" if reclaim is None else reclaim,
         ]
         # The first trip records the key in the namespace index and runs the script told
         # the key is listed: it then creates nothing (a missing head is looked into

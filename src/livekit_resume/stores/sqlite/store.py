@@ -31,7 +31,7 @@ from ..base import (
     SessionInfo,
     SnapshotInfo,
     Stored,
-    busy_error,
+    acquired_epoch,
     check_lease_key,
     head_moved_error,
     lease_lost_error,
@@ -43,6 +43,7 @@ from ..base import (
     validate_namespace,
     validate_owner,
     validate_page,
+    validate_reclaim,
     validate_ttl,
     validate_version,
 )
@@ -50,7 +51,6 @@ from ..log import (
     DEFAULT_KEEP,
     Record,
     compacted,
-    epoch_floor,
     fold_rows,
     lease_is_live,
     needs_compaction,
@@ -224,29 +224,46 @@ class SQLiteStore:
         return validate_lease_ttl(ttl, self._ttl)
 
     async def acquire(
-        self, key: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL, takeover: bool = False
+        self,
+        key: str,
+        owner: str,
+        *,
+        ttl: float = DEFAULT_LEASE_TTL,
+        takeover: bool = False,
+        reclaim: int | None = None,
     ) -> Lease:
         validate_key(key)
         validate_owner(owner)
+        validate_reclaim(reclaim)
         self._lease_ttl(ttl)
         self._writable(f"take the lease of session {key!r}")
-        return await self._run(partial(self._acquire, key, owner, ttl, takeover))
+        return await self._run(partial(self._acquire, key, owner, ttl, takeover, reclaim))
 
     def _acquire(
-        self, key: str, owner: str, ttl: float, takeover: bool, conn: sqlite3.Connection
+        self,
+        key: str,
+        owner: str,
+        ttl: float,
+        takeover: bool,
+        reclaim: int | None,
+        conn: sqlite3.Connection,
     ) -> Lease:
         with write(conn):
             now = self._clock()
             s = self._rows.session(conn, key, now)
             # a new session starts above the tombstone a delete left, which stays: a
             # holder of the deleted one is fenced by it for its day, whatever happens
-            tombstone = tombstones.tombstone(conn, self._ns, key, now) if s is None else None
-            epoch = s.epoch if s else epoch_floor(now, tombstone or 0)
-            live = s is not None and lease_is_live(s.lease_expires_at, now)
-            if not (live and s is not None and s.owner == owner):
-                if live and s is not None and s.owner is not None and not takeover:
-                    raise busy_error(key, s.owner, s.epoch)
-                epoch += 1
+            epoch = acquired_epoch(
+                key,
+                owner,
+                now,
+                epoch=s.epoch if s is not None else None,
+                holder=s.owner if s is not None else None,
+                live=s is not None and lease_is_live(s.lease_expires_at, now),
+                takeover=takeover,
+                reclaim=reclaim,
+                tombstone=tombstones.tombstone(conn, self._ns, key, now) if s is None else None,
+            )
             if s is None:
                 self._no_remains(conn, key)  # a lease on top of them would hide them
                 conn.execute(
