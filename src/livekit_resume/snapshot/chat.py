@@ -870,7 +870,9 @@ def _fast_item(shape: _Shape, data: ItemData) -> llm.ChatItem | None:
     # its own containers, as validation gives (their values are shared, as with `Any`)
     if cls is llm.ChatMessage:
         content = values["content"] = list(data["content"])
-        if data["role"] not in _ROLES or not _only_str(content):
+        # one text part, the commonest content, without `_only_str`'s set
+        one_text = len(content) == 1 and type(content[0]) is str
+        if data["role"] not in _ROLES or not (one_text or _only_str(content)):
             return None  # not only text: a part is checked (and built) by pydantic
         metrics = values["metrics"] = dict(data["metrics"])
         if metrics:

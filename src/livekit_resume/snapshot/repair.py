@@ -130,7 +130,10 @@ def repair_tool_calls(
     answered: set[str] = set()
     called: set[str] = set()
     marked: list[llm.FunctionCall] = []  # see _progress_only_calls
+    message = llm.ChatMessage
     for i in ctx.items:  # one pass: a restore runs this over every item of the context
+        if type(i) is message:
+            continue  # the commonest item, neither call nor output: no `isinstance` (an ABC's)
         if isinstance(i, llm.FunctionCallOutput):
             answered.add(i.call_id)
         elif isinstance(i, llm.FunctionCall):
