@@ -382,10 +382,11 @@ class Store(Protocol):
 
         ``reclaim``: the epoch ``owner`` held when the store lost the session under it
         (`LeaseLost.vanished`). Where the store's epoch is below it (or the session is
-        gone, and no tombstone is at or above it), the store forgot an acquisition: its
-        holder, if any, is one ``owner`` took the session from, or older. The lease is
-        then granted at that very epoch, over a live lease too, so that of the holders a
-        store forgot, the latest wins. Else ``reclaim`` changes nothing."""
+        gone, and no tombstone is at or above it) and it is not above the store's clock
+        (`epoch_floor`), the store forgot an acquisition: its holder, if any, is one
+        ``owner`` took the session from, or older. The lease is then granted at that very
+        epoch, over a live lease too, so that of the holders a store forgot, the latest
+        wins. Else ``reclaim`` changes nothing."""
         ...
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
@@ -738,7 +739,13 @@ def acquired_epoch(
     ``live``; `SessionBusy` raised if it is not granted. One rule for every backend
     written in Python (the Redis script, acquire.lua, follows it)."""
     floor = epoch_floor(now, tombstone or 0)
-    if reclaim is not None and reclaim > (epoch if epoch is not None else tombstone or 0):
+    # The store forgot an acquisition if its epoch is below the reclaimed one, and that
+    # one is not above its clock: every epoch it hands out now is above the clock, so a
+    # holder that acquired since the loss (under a clock behind, below the reclaim) is
+    # never fenced by one it superseded.
+    if reclaim is not None and (
+        epoch if epoch is not None else tombstone or 0
+    ) < reclaim <= epoch_floor(now):
         return reclaim
     if epoch is None:
         return floor + 1

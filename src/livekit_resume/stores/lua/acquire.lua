@@ -33,7 +33,9 @@ local function main()
   end
   local live = s.expires ~= nil and s.expires > NOW
   local previous = nil
-  if reclaim and reclaim > below then
+  -- not above the clock: a holder that acquired since the loss, under a clock behind
+  -- (below the reclaim), is never fenced by one it superseded
+  if reclaim and reclaim > below and reclaim <= math.floor(NOW * 1000000) then
     if live and s.owner ~= nil and s.owner ~= owner then previous = s.owner end
     s.epoch = reclaim
   elseif not (live and s.owner == owner) then

@@ -52,10 +52,13 @@ class LeaseTests(StoreTests):
     async def test_a_reclaim_above_the_stores_epoch_takes_the_key_at_that_epoch(self) -> None:
         """`Store.acquire` ``reclaim``: a holder whose acquisition the store forgot (a
         rollback to before its takeover) gets its epoch back, over the live lease of
-        the holder it took the key from, which is fenced; the next takeover is above."""
+        the holder it took the key from, which is fenced; the next takeover is above.
+        (The store's clock must have passed the reclaimed epoch: every epoch a store
+        hands out is at least its clock in microseconds.)"""
         store = await self.new_store()
         old = await store.acquire(KEY, "worker-a", ttl=60)
-        forgotten = old.epoch + 1000  # what worker-b held before the store went back
+        await asyncio.sleep(0.01)  # worker-b's takeover came later, by the store's clock
+        forgotten = old.epoch + 1  # what worker-b held before the store went back
         back = await store.acquire(KEY, "worker-b", ttl=60, reclaim=forgotten)
         assert (back.owner, back.epoch) == ("worker-b", forgotten)
         info = await store.info(KEY)
@@ -75,7 +78,8 @@ class LeaseTests(StoreTests):
         tombstone counts as its epoch. A reclaim that is not an epoch is a `ValueError`."""
         store = await self.new_store()
         a = await store.acquire(KEY, "worker-a", ttl=60)
-        for epoch in (a.epoch, a.epoch - 1):
+        # at or below the store's epoch, or above its clock (no epoch it handed out is)
+        for epoch in (a.epoch, a.epoch - 1, 2**53 - 1):
             with pytest.raises(SessionBusy):
                 await store.acquire(KEY, "worker-b", ttl=60, reclaim=epoch)
         mine = await store.acquire(KEY, "worker-a", ttl=60, reclaim=a.epoch)
@@ -86,6 +90,8 @@ class LeaseTests(StoreTests):
         assert await store.delete(KEY, lease=b) is True
         c = await store.acquire(KEY, "worker-c", ttl=60, reclaim=b.epoch)
         assert c.epoch > b.epoch  # a deleted session is not reclaimed
+        free = await store.acquire("room-free", "worker-b", ttl=60, reclaim=2**53 - 1)
+        assert free.epoch < 2**53 - 1
         for bad in (0, -1, True, 2**53, 1.5, "7"):
             with pytest.raises(ValueError):
                 await store.acquire("room-bad", "worker-a", ttl=60, reclaim=bad)  # type: ignore[arg-type]
