@@ -429,3 +429,32 @@ async def test_rolled_back_the_zombie_writing_first_is_fenced_by_the_newer_holde
             if s is not None:
                 await s.aclose()
         await store.aclose()
+
+
+class StoreOfBefore(ForgetfulMemoryStore):
+    """A store written against the protocol before ``reclaim``: its ``acquire`` does not
+    take the keyword (a third party's, a wrapper with an explicit signature)."""
+
+    async def acquire(  # type: ignore[override]
+        self, key: str, owner: str, *, ttl: float = 30.0, takeover: bool = False
+    ) -> Lease:
+        return await super().acquire(key, owner, ttl=ttl, takeover=takeover)
+
+
+async def test_a_store_without_reclaim_still_takes_a_vanished_session_back() -> None:
+    """passes: coverage. A store whose ``acquire`` predates ``reclaim`` is asked without
+    it (`lease._takes_reclaim`): the holder of a session the store lost acquires it
+    again and writes it whole, as before; asked with it, every such acquisition failed
+    with a TypeError and the session was never saved again."""
+    store: Any = StoreOfBefore()  # not a `Store` of today, by design
+    key = f"old-{uuid.uuid4().hex[:8]}"
+    holder = LeaseHolder(store, key, "w1", LEASE)
+    await holder.acquire(takeover=False)
+    v = await commit_under(store, holder, 0, b"hello")
+    store.forget()
+    got = await outcome(commit_under(store, holder, v, b"more"))
+    assert isinstance(got, lr.LeaseLost) and got.vanished, repr(got)
+    held = await holder.reacquire(v)
+    assert await commit_under(store, holder, held, b"all of it") == held + 1
+    info = await store.info(key)
+    assert info is not None and info.owner == "w1"

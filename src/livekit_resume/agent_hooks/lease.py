@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import inspect
 import logging
 import math
 import time
@@ -220,11 +222,12 @@ class LeaseHolder:
         # this holder's epoch: a store that forgot a takeover by this holder (rolled back
         # to before it, or emptied) gives it back, fencing the holder it was taken from
         reclaim = self.lease.epoch if self.lease is not None else None
+        acquire = self._store.acquire
+        if reclaim is not None and _takes_reclaim(acquire):
+            acquire = functools.partial(acquire, reclaim=reclaim)
 
         async def take() -> None:
-            self.lease = await self._store.acquire(
-                self.key, self.owner, ttl=self.ttl, reclaim=reclaim
-            )
+            self.lease = await acquire(self.key, self.owner, ttl=self.ttl)
             self.renewed_at = sent
 
         await to_its_end(take())
@@ -243,6 +246,17 @@ class LeaseHolder:
     def drop(self) -> None:
         """Forget the lease without releasing it: it was lost to another worker."""
         self.lease = None
+
+
+def _takes_reclaim(acquire: Callable[..., object]) -> bool:
+    """Whether a store's ``acquire`` takes ``reclaim`` (added to `Store.acquire` in
+    0.1): a store written before it is asked without, as then, rather than failing
+    every acquisition of a vanished session with a TypeError."""
+    try:
+        params = inspect.signature(acquire).parameters.values()
+    except (TypeError, ValueError):
+        return True  # no signature to read: asked with it, as the protocol says
+    return any(p.name == "reclaim" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 async def granted(store: Store, call: Awaitable[_T], lease_of: Callable[[_T], Lease]) -> _T:
