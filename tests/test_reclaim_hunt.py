@@ -247,7 +247,7 @@ async def test_sqlite_reclaim_from_another_process_fences_this_one(tmp_path: Pat
     reclaims a forgotten key at E_low and writes; a child process reclaims E_high
     (`Store.acquire` ``reclaim``) over that live lease; this process's next commit is
     refused as a takeover (not vanished), and the child's low reclaim afterwards is
-    refused (`SessionBusy`)."""
+    fenced (`LeaseLost`: below the store's epoch)."""
     path = tmp_path / "two.db"
     store = SQLiteStore(path)
     key = f"proc-{uuid.uuid4().hex[:8]}"
@@ -259,7 +259,7 @@ async def test_sqlite_reclaim_from_another_process_fences_this_one(tmp_path: Pat
         code = f"""
 import asyncio, sys
 from livekit_resume.stores.sqlite.store import SQLiteStore
-from livekit_resume.errors import SessionBusy
+from livekit_resume.errors import LeaseLost
 async def main():
     s = SQLiteStore({str(path)!r})
     lease = await s.acquire({key!r}, "high", ttl=30, reclaim={high_e})
@@ -267,8 +267,8 @@ async def main():
     try:
         await s.acquire({key!r}, "low2", ttl=30, reclaim={low_e})
         print("granted")
-    except SessionBusy:
-        print("busy")
+    except LeaseLost as e:
+        print("fenced" if not e.vanished else "vanished")
     await s.aclose()
 asyncio.run(main())
 """
@@ -282,7 +282,7 @@ asyncio.run(main())
             timeout=30,
         )
         assert done.returncode == 0, done.stderr
-        assert done.stdout.split() == [str(high_e), "high", "busy"], done.stdout
+        assert done.stdout.split() == [str(high_e), "high", "fenced"], done.stdout
         got = await outcome(commit_under(store, low, 1, b"low again"))
         assert isinstance(got, lr.LeaseLost) and not got.vanished, got
         info = await store.info(key)
@@ -298,7 +298,7 @@ async def test_redis_reclaim_of_a_listed_key_whose_head_is_gone(bare_redis: Redi
     """passes: coverage. Redis, the first trip's 'absent' reply (the namespace index
     lists the key, its head is gone: expired, lost) and the create call that follows
     (ARGV [9] reclaim, [10] listed '0', [11] tombstone): a reclaim is granted at its
-    epoch on a key with no tombstone, refused below a tombstone (a new epoch above it),
+    epoch on a key with no tombstone, fenced at or below a tombstone (`LeaseLost`),
     and a key with remains (a version left, its head gone) is `SnapshotCorrupt` with or
     without a reclaim, creating nothing."""
     from livekit_resume.stores.redis.store import RedisStore
@@ -316,12 +316,14 @@ async def test_redis_reclaim_of_a_listed_key_whose_head_is_gone(bare_redis: Redi
         await raw.delete(store._names.head(key))
         got = await store.acquire(key, "w", ttl=LEASE, reclaim=low_e)
         assert (got.owner, got.epoch) == ("w", low_e)
-        # deleted (a tombstone at its epoch): a reclaim at or below it is a plain acquire
+        # deleted (a tombstone at its epoch): a reclaim at or below it is fenced
         key2 = f"tomb-{uuid.uuid4().hex[:6]}"
         b = await store.acquire(key2, "b", ttl=LEASE)
         assert await store.delete(key2, lease=b)
-        got2 = await store.acquire(key2, "w", ttl=LEASE, reclaim=b.epoch)
-        assert got2.epoch > b.epoch
+        with pytest.raises(lr.LeaseLost) as deleted:
+            await store.acquire(key2, "w", ttl=LEASE, reclaim=b.epoch)
+        assert not deleted.value.vanished and "deleted" in str(deleted.value)
+        assert await store.info(key2) is None
         # a version left, the head gone: remains, nothing created
         key3 = f"rem-{uuid.uuid4().hex[:6]}"
         c = await store.acquire(key3, "c", ttl=LEASE)

@@ -224,7 +224,7 @@ class Model:
         if lease is not None and (s.epoch != lease.epoch or s.owner != lease.owner):
             return ("raise", LeaseLost)
         del self.sessions[key]
-        self.tombstones[key] = (s.epoch, self.now + TOMBSTONE_TTL)
+        self.tombstones[key] = (max(s.epoch, int(self.now * 1_000_000)), self.now + TOMBSTONE_TTL)
         return ("ok", True)
 
 

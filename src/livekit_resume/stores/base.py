@@ -382,11 +382,13 @@ class Store(Protocol):
 
         ``reclaim``: the epoch ``owner`` held when the store lost the session under it
         (`LeaseLost.vanished`). Where the store's epoch is below it (or the session is
-        gone, and no tombstone is at or above it) and it is not above the store's clock
-        (`epoch_floor`), the store forgot an acquisition: its holder, if any, is one
-        ``owner`` took the session from, or older. The lease is then granted at that very
-        epoch, over a live lease too, so that of the holders a store forgot, the latest
-        wins. Else ``reclaim`` changes nothing."""
+        gone) and it is not above the store's clock (`epoch_floor`), the store forgot an
+        acquisition: its holder, if any, is one ``owner`` took the session from, or
+        older. The lease is then granted at that very epoch, over a live lease too, so
+        that of the holders a store forgot, the latest wins. Where the store's epoch is
+        above it (someone acquired the key since), or the key was deleted at or after it
+        (a tombstone), ``owner`` is fenced: `LeaseLost`, as its commit would be. Else
+        (the store's own epoch, or above the clock) ``reclaim`` changes nothing."""
         ...
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
@@ -736,17 +738,24 @@ def acquired_epoch(
 ) -> int:
     """The epoch `Store.acquire` grants ``owner`` of a session at ``epoch`` (None: there
     is none; ``tombstone``, the epoch a delete left) whose lease ``holder`` holds, while
-    ``live``; `SessionBusy` raised if it is not granted. One rule for every backend
-    written in Python (the Redis script, acquire.lua, follows it)."""
+    ``live``; `SessionBusy` raised if it is not granted, `LeaseLost` if a ``reclaim``
+    is fenced. One rule for every backend written in Python (the Redis script,
+    acquire.lua, follows it)."""
     floor = epoch_floor(now, tombstone or 0)
-    # The store forgot an acquisition if its epoch is below the reclaimed one, and that
-    # one is not above its clock: every epoch it hands out now is above the clock, so a
-    # holder that acquired since the loss (under a clock behind, below the reclaim) is
-    # never fenced by one it superseded.
-    if reclaim is not None and (
-        epoch if epoch is not None else tombstone or 0
-    ) < reclaim <= epoch_floor(now):
-        return reclaim
+    if reclaim is not None:
+        # Someone acquired the key since the reclaimed epoch, or deleted it: its holder
+        # is fenced, as its commit would have been (a free lease or a key made again
+        # would otherwise take a superseded holder's whole conversation over the newer).
+        if epoch is not None and reclaim < epoch:
+            raise lease_lost_error(key, reclaim, epoch)
+        if epoch is None and tombstone is not None and reclaim <= tombstone:
+            raise lease_lost_error(key, reclaim, None, tombstone=tombstone)
+        # The store forgot an acquisition if its epoch is below the reclaimed one, and
+        # that one is not above its clock: every epoch it hands out now is above the
+        # clock, so a holder that acquired since the loss (under a clock behind, below
+        # the reclaim) is never fenced by one it superseded.
+        if (epoch or 0) < reclaim <= epoch_floor(now):
+            return reclaim
     if epoch is None:
         return floor + 1
     if live and holder == owner:

@@ -44,6 +44,7 @@ __all__ = [
     "Record",
     "compacted",
     "epoch_floor",
+    "tombstone_epoch",
     "fold_records",
     "fold_rows",
     "lease_is_live",
@@ -166,6 +167,15 @@ def epoch_floor(now: float, tombstone: int = 0) -> int:
     ``tombstone`` a delete left, whatever the clock did since.
     """
     return max(int(now * 1_000_000), tombstone)
+
+
+def tombstone_epoch(epoch: int, now: float) -> int:
+    """The epoch a delete's tombstone holds: the session's, or the clock's if that is
+    higher. A store rolled back to before a takeover deletes at the epoch it remembers,
+    below the one the worker that took over holds; every epoch handed out before the
+    delete is below the clock, so that worker is fenced by the tombstone too, never
+    told to write the deleted conversation back."""
+    return max(epoch, epoch_floor(now))
 
 
 def lease_is_live(expires_at: float | None, now: float) -> bool:

@@ -43,6 +43,7 @@ from .log import (
     fold_records,
     lease_is_live,
     needs_compaction,
+    tombstone_epoch,
 )
 from .memory_control import MemoryCommands
 
@@ -319,7 +320,7 @@ class MemoryStore:
         now = self._clock()
         for gone in [k for k, (_, until) in self._tombstones.items() if until <= now]:
             del self._tombstones[gone]
-        self._tombstones[key] = (s.epoch, now + TOMBSTONE_TTL)
+        self._tombstones[key] = (tombstone_epoch(s.epoch, now), now + TOMBSTONE_TTL)
         return self._sessions.pop(key, None) is not None
 
     def commands(self) -> MemoryCommands:

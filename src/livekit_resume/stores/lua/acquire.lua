@@ -10,7 +10,8 @@
 -- for remains first, then calls again with '0'), [11] the epoch of the key's tombstone
 -- (tombstone.lua; absent or '' = none): a session created starts above it.
 -- Reply: {'ok', epoch, expires, created 0/1[, why the takeover event was not
---        published]} | {'busy', holder, epoch} |
+--        published]} | {'busy', holder, epoch} | {'stale', epoch} (a reclaim below the
+--        store's epoch) | {'deleted', tombstone} (a reclaim at or below it) |
 --        {'absent'} (only with [9] = '1') | {'remains', a key of the session without
 --        head} | {'corrupt', message}. Nothing is written unless the reply is 'ok'.
 local function main()
@@ -26,9 +27,11 @@ local function main()
     s = new_head()
     local tomb = ARGV[11] and tonumber(ARGV[11])
     if tomb and tomb > s.epoch then s.epoch = tomb end  -- whatever the clock did since
-    below = tomb or 0
+    if reclaim and tomb and reclaim <= tomb then return {'deleted', fmt(tomb)} end
+    below = 0
     created = 1
   else
+    if reclaim and reclaim < s.epoch then return {'stale', fmt(s.epoch)} end
     below = s.epoch
   end
   local live = s.expires ~= nil and s.expires > NOW

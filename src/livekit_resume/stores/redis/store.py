@@ -404,6 +404,10 @@ class RedisStore:
                     raise self._namespace_index.headless_error(key, [text(reply[1])])
         if reply[0] == b"busy":
             raise busy_error(key, text(reply[1]), int(reply[2]))
+        if reply[0] == b"stale":  # a reclaim (only then): someone acquired it since
+            raise lease_lost_error(key, int(reclaim or 0), int(reply[1]))
+        if reply[0] == b"deleted":  # a reclaim of a key deleted at or after it
+            raise lease_lost_error(key, int(reclaim or 0), None, tombstone=int(reply[1]))
         epoch, expires, created = int(reply[1]), float(reply[2]), int(reply[3])
         self._not_published(key, "taken_over", reply[4:])
         if created:
@@ -980,7 +984,9 @@ class RedisStore:
         name = self._names.tombstone(key)
         with self._server.errors("lay the tombstone", key):
             why = await self._scripts.call(
-                "tombstone", name, [str(epoch), str(int(TOMBSTONE_TTL * 1000))]
+                "tombstone",
+                name,
+                [str(epoch), str(int(TOMBSTONE_TTL * 1000)), self._scripts.now_arg()],
             )
         if why != 1 and not self._tombstone_denied:
             self._tombstone_denied = True

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 
-from ..log import TOMBSTONE_TTL
+from ..log import TOMBSTONE_TTL, tombstone_epoch
 
 __all__ = ["lay", "tombstone"]
 
@@ -49,8 +49,10 @@ def tombstone(conn: sqlite3.Connection, ns: str, key: str, now: float) -> int | 
 
 
 def lay(conn: sqlite3.Connection, ns: str, key: str, epoch: int, now: float) -> None:
-    """Leave ``key``'s tombstone at ``epoch`` (above any it had: the session's epochs
-    started above it); the ones past their time go."""
+    """Leave ``key``'s tombstone at ``epoch``, or the clock's if higher
+    (`tombstone_epoch`; above any it had: the session's epochs started above it); the
+    ones past their time go."""
+    epoch = tombstone_epoch(epoch, now)
     conn.execute(_TABLE)
     conn.execute("DELETE FROM tombstones WHERE until <= ?", (now,))
     conn.execute(

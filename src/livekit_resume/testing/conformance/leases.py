@@ -72,24 +72,33 @@ class LeaseTests(StoreTests):
         gone = await store.acquire("room-gone", "worker-b", ttl=60, reclaim=forgotten)
         assert gone.epoch == forgotten  # a store that lost the key: the same rule
 
-    async def test_a_reclaim_at_or_below_the_stores_epoch_changes_nothing(self) -> None:
-        """A reclaim the store's epoch is not below is a plain acquisition: refused by a
-        live lease (`SessionBusy`), granted a new epoch on a free one. A deleted key's
-        tombstone counts as its epoch. A reclaim that is not an epoch is a `ValueError`."""
+    async def test_a_reclaim_below_the_stores_epoch_is_fenced(self) -> None:
+        """A reclaim below the store's epoch (someone acquired the key since), or at or
+        below a deleted key's tombstone, is `LeaseLost`, not vanished, as its commit
+        would be: on a free lease too. At the store's own epoch, or above its clock (no
+        epoch it handed out is), it is a plain acquisition. A reclaim that is not an
+        epoch is a `ValueError`."""
         store = await self.new_store()
         a = await store.acquire(KEY, "worker-a", ttl=60)
-        # at or below the store's epoch, or above its clock (no epoch it handed out is)
-        for epoch in (a.epoch, a.epoch - 1, 2**53 - 1):
-            with pytest.raises(SessionBusy):
-                await store.acquire(KEY, "worker-b", ttl=60, reclaim=epoch)
+        with pytest.raises(SessionBusy):  # the store's own epoch, another owner's lease
+            await store.acquire(KEY, "worker-b", ttl=60, reclaim=a.epoch)
+        with pytest.raises(SessionBusy):  # above the clock
+            await store.acquire(KEY, "worker-b", ttl=60, reclaim=2**53 - 1)
         mine = await store.acquire(KEY, "worker-a", ttl=60, reclaim=a.epoch)
         assert mine.epoch == a.epoch  # its own live lease, renewed
         await store.release(mine)
-        b = await store.acquire(KEY, "worker-b", ttl=60, reclaim=a.epoch - 1)
-        assert b.epoch > a.epoch
+        with pytest.raises(LeaseLost) as fenced:
+            await store.acquire(KEY, "worker-b", ttl=60, reclaim=a.epoch - 1)
+        assert not fenced.value.vanished
+        info = await store.info(KEY)
+        assert info is not None and (info.owner, info.epoch) == (None, a.epoch)
+        b = await store.acquire(KEY, "worker-b", ttl=60)
         assert await store.delete(KEY, lease=b) is True
-        c = await store.acquire(KEY, "worker-c", ttl=60, reclaim=b.epoch)
-        assert c.epoch > b.epoch  # a deleted session is not reclaimed
+        for epoch in (b.epoch, a.epoch):
+            with pytest.raises(LeaseLost) as deleted:
+                await store.acquire(KEY, "worker-c", ttl=60, reclaim=epoch)
+            assert not deleted.value.vanished and "deleted" in str(deleted.value)
+        assert await store.info(KEY) is None
         free = await store.acquire("room-free", "worker-b", ttl=60, reclaim=2**53 - 1)
         assert free.epoch < 2**53 - 1
         for bad in (0, -1, True, 2**53, 1.5, "7"):
