@@ -743,10 +743,12 @@ def acquired_epoch(
     acquire.lua, follows it)."""
     floor = epoch_floor(now, tombstone or 0)
     if reclaim is not None:
-        # Someone acquired the key since the reclaimed epoch, or deleted it: its holder
-        # is fenced, as its commit would have been (a free lease or a key made again
-        # would otherwise take a superseded holder's whole conversation over the newer).
-        if epoch is not None and reclaim < epoch:
+        # Someone else acquired the key since the reclaimed epoch, or deleted it: its
+        # holder is fenced, as its commit would have been (a free lease or a key made
+        # again would otherwise take a superseded holder's whole conversation over the
+        # newer). Not by its own acquisition: one that landed with its reply lost, asked
+        # again (a retry, the next checkpoint) with the epoch it held before.
+        if epoch is not None and reclaim < epoch and holder != owner:
             raise lease_lost_error(key, reclaim, epoch)
         if epoch is None and tombstone is not None and reclaim <= tombstone:
             raise lease_lost_error(key, reclaim, None, tombstone=tombstone)

@@ -44,12 +44,12 @@ __all__ = [
     "Record",
     "compacted",
     "epoch_floor",
-    "tombstone_epoch",
     "fold_records",
     "fold_rows",
     "lease_is_live",
     "needs_compaction",
     "records_from_streams",
+    "tombstone_epoch",
 ]
 
 # Versions kept loadable for rollback unless a store is told otherwise: a few turns back.

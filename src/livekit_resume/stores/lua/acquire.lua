@@ -12,7 +12,7 @@
 -- Reply: {'ok', epoch, expires, created 0/1[, why the takeover event was not
 --        published]} | {'busy', holder, epoch} | {'stale', epoch} (a reclaim below the
 --        store's epoch) | {'deleted', tombstone} (a reclaim at or below it) |
---        {'absent'} (only with [9] = '1') | {'remains', a key of the session without
+--        {'absent'} (only with [10] = '1') | {'remains', a key of the session without
 --        head} | {'corrupt', message}. Nothing is written unless the reply is 'ok'.
 local function main()
   local owner = ARGV[4]
@@ -31,7 +31,10 @@ local function main()
     below = 0
     created = 1
   else
-    if reclaim and reclaim < s.epoch then return {'stale', fmt(s.epoch)} end
+    -- (not its own acquisition, landed with its reply lost: base.acquired_epoch)
+    if reclaim and reclaim < s.epoch and s.owner ~= owner then
+      return {'stale', fmt(s.epoch)}
+    end
     below = s.epoch
   end
   local live = s.expires ~= nil and s.expires > NOW

@@ -73,8 +73,8 @@ class LeaseTests(StoreTests):
         assert gone.epoch == forgotten  # a store that lost the key: the same rule
 
     async def test_a_reclaim_below_the_stores_epoch_is_fenced(self) -> None:
-        """A reclaim below the store's epoch (someone acquired the key since), or at or
-        below a deleted key's tombstone, is `LeaseLost`, not vanished, as its commit
+        """A reclaim below the store's epoch (someone else acquired the key since), or at
+        or below a deleted key's tombstone, is `LeaseLost`, not vanished, as its commit
         would be: on a free lease too. At the store's own epoch, or above its clock (no
         epoch it handed out is), it is a plain acquisition. A reclaim that is not an
         epoch is a `ValueError`."""
@@ -92,6 +92,11 @@ class LeaseTests(StoreTests):
         assert not fenced.value.vanished
         info = await store.info(KEY)
         assert info is not None and (info.owner, info.epoch) == (None, a.epoch)
+        # its own acquisition since, whose reply was lost, asked again: not fenced by it
+        own = await store.acquire(KEY, "worker-a", ttl=60)
+        again = await store.acquire(KEY, "worker-a", ttl=60, reclaim=a.epoch)
+        assert again.epoch == own.epoch > a.epoch
+        await store.release(again)
         b = await store.acquire(KEY, "worker-b", ttl=60)
         assert await store.delete(KEY, lease=b) is True
         for epoch in (b.epoch, a.epoch):
