@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,11 @@ from livekit_resume.stores.base import Commit, Lease, Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.sqlite.store import SQLiteStore
 from tests import ROOT, child_env
-from tests.redis_servers import RedisServer, require_redis_server
+from tests.redis_servers import RedisServer
 from tests.test_hooks import start
-from tests.test_lost_hunt import live_texts, outcome, owner_of, stored_texts
+from tests.test_lost_hunt import bare_redis, live_texts, outcome, owner_of, stored_texts
+
+__all__ = ["bare_redis"]  # a fixture, shared
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -53,17 +54,6 @@ class ForgetfulMemoryStore(MemoryStore):
     def forget(self) -> None:
         self._sessions.clear()
         self._tombstones.clear()
-
-
-@pytest.fixture
-def bare_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    require_redis_server()
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.resume()
-        server.stop()
 
 
 async def commit_under(store: Store, holder: LeaseHolder, base: int, data: bytes) -> int:

@@ -12,60 +12,20 @@ from __future__ import annotations
 import asyncio
 import copy
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from livekit.agents import AgentSession
 
 import livekit_resume as lr
-from livekit_resume.snapshot.codec import Codec
-from livekit_resume.stores.base import Store
 from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.redis.scripts import script_source
-from tests.redis_servers import RedisServer, require_redis_server
+from tests.redis_servers import RedisServer
 from tests.test_hooks import KEY, start
+from tests.test_lost_hunt import bare_redis, live_texts, outcome, stored_texts
+
+__all__ = ["bare_redis"]  # a fixture, shared
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-WAIT = 8.0
-
-
-@pytest.fixture
-def bare_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    require_redis_server()
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.resume()
-        server.stop()
-
-
-async def stored_texts(store: Store, key: str = KEY) -> list[str]:
-    stored = await store.load(key)
-    snap = Codec().decode_parts(key, stored.head, stored.streams, version=stored.version)
-    return [
-        " ".join(str(c) for c in item["content"])
-        for item in snap.history
-        if item["type"] == "message"
-    ]
-
-
-def live_texts(session: AgentSession[Any]) -> list[str]:
-    return [
-        " ".join(str(c) for c in item.content)
-        for item in session.history.items
-        if item.type == "message"
-    ]
-
-
-async def outcome(work: Any) -> Any:
-    try:
-        return await asyncio.wait_for(work, WAIT)
-    except (lr.ResumeError, RuntimeError) as e:
-        return e
 
 
 class LosesAnAcquireReply:
