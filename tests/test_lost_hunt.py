@@ -64,6 +64,22 @@ def redis_store(server: RedisServer, namespace: str, **kw: Any) -> Store:
     return lr.open_store(server.url, namespace=namespace, **kw)
 
 
+async def close_all(
+    store: Store,
+    resumables: tuple[lr.ResumableSession | None, ...],
+    sessions: tuple[AgentSession[Any] | None, ...],
+) -> None:
+    """The workers' `ResumableSession`s (those started), then their AgentSessions, then
+    the store."""
+    for r in resumables:
+        if r is not None:
+            await r.aclose()
+    for s in sessions:
+        if s is not None:
+            await s.aclose()
+    await store.aclose()
+
+
 async def stored_texts(store: Store, key: str = KEY) -> list[str]:
     stored = await store.load(key)
     snap = Codec().decode_parts(key, stored.head, stored.streams, version=stored.version)
@@ -249,13 +265,7 @@ async def test_rolled_back_to_before_a_takeover_the_newer_holder_keeps_the_call(
         assert "zombie words" not in texts
         assert lost, "w1's on_lost was not told"
     finally:
-        for r in (rs1, rs2):
-            if r is not None:
-                await r.aclose()
-        for s in (s1, s2):
-            if s is not None:
-                await s.aclose()
-        await store.aclose()
+        await close_all(store, (rs1, rs2), (s1, s2))
 
 
 async def test_emptied_after_a_takeover_the_newer_holder_writing_first_fences_the_zombie(
@@ -295,13 +305,7 @@ async def test_emptied_after_a_takeover_the_newer_holder_writing_first_fences_th
         await asyncio.sleep(0.05)
         assert lost, "w1's on_lost was not told"
     finally:
-        for r in (rs1, rs2):
-            if r is not None:
-                await r.aclose()
-        for s in (s1, s2):
-            if s is not None:
-                await s.aclose()
-        await store.aclose()
+        await close_all(store, (rs1, rs2), (s1, s2))
 
 
 async def test_emptied_after_a_takeover_the_zombie_writing_first_is_fenced_by_the_newer(
@@ -343,13 +347,7 @@ async def test_emptied_after_a_takeover_the_zombie_writing_first_is_fenced_by_th
             assert texts.count(t) == 1, (t, texts)
         assert "zombie words" not in texts and "more zombie words" not in texts
     finally:
-        for r in (rs1, rs2):
-            if r is not None:
-                await r.aclose()
-        for s in (s1, s2):
-            if s is not None:
-                await s.aclose()
-        await store.aclose()
+        await close_all(store, (rs1, rs2), (s1, s2))
 
 
 # --------------------------------- 3. a stalled Redis: the lease lapses mid-commit

@@ -28,7 +28,7 @@ from livekit_resume.stores.sqlite.store import SQLiteStore
 from tests import ROOT, child_env
 from tests.redis_servers import RedisServer
 from tests.test_hooks import start
-from tests.test_lost_hunt import bare_redis, live_texts, outcome, owner_of, stored_texts
+from tests.test_lost_hunt import bare_redis, close_all, live_texts, outcome, owner_of, stored_texts
 
 __all__ = ["bare_redis"]  # a fixture, shared
 
@@ -167,13 +167,7 @@ async def test_redis_emptied_with_its_clock_behind_the_newest_holder_keeps_the_c
         assert isinstance(got3, int) and await owner_of(store) == "w3"
         assert "zombie words" not in await stored_texts(store)
     finally:
-        for r in (rs1, rs2, rs3):
-            if r is not None:
-                await r.aclose()
-        for s in (s1, s2, s3):
-            if s is not None:
-                await s.aclose()
-        await store.aclose()
+        await close_all(store, (rs1, rs2, rs3), (s1, s2, s3))
 
 
 # ------------------------------------------------ 2. reclaims racing each other
@@ -414,13 +408,7 @@ async def test_rolled_back_the_zombie_writing_first_is_fenced_by_the_newer_holde
             await asyncio.sleep(0.01)
         assert lost1 and not lost1[0].vanished  # type: ignore[attr-defined]
     finally:
-        for r in (rs1, rs2):
-            if r is not None:
-                await r.aclose()
-        for s in (s1, s2):
-            if s is not None:
-                await s.aclose()
-        await store.aclose()
+        await close_all(store, (rs1, rs2), (s1, s2))
 
 
 class StoreOfBefore(ForgetfulMemoryStore):

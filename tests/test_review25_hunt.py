@@ -21,7 +21,7 @@ from livekit_resume.stores.memory import MemoryStore
 from livekit_resume.stores.redis.scripts import script_source
 from tests.redis_servers import RedisServer
 from tests.test_hooks import KEY, start
-from tests.test_lost_hunt import bare_redis, live_texts, outcome, stored_texts
+from tests.test_lost_hunt import bare_redis, close_all, live_texts, outcome, stored_texts
 
 __all__ = ["bare_redis"]  # a fixture, shared
 
@@ -349,10 +349,4 @@ async def test_redis_emptied_then_a_new_job_the_old_holder_whose_renewal_said_va
         texts = await stored_texts(store)
         assert texts == live_texts(s2) and "zombie words" not in texts
     finally:
-        for r in (rs1, rs2):
-            if r is not None:
-                await r.aclose()
-        for s in (s1, s2):
-            if s is not None:
-                await s.aclose()
-        await store.aclose()
+        await close_all(store, (rs1, rs2), (s1, s2))
