@@ -741,7 +741,8 @@ def acquired_epoch(
     ``live``; `SessionBusy` raised if it is not granted, `LeaseLost` if a ``reclaim``
     is fenced. One rule for every backend written in Python (the Redis script,
     acquire.lua, follows it)."""
-    floor = epoch_floor(now, tombstone or 0)
+    clock = epoch_floor(now)
+    floor = max(clock, tombstone or 0)
     if reclaim is not None:
         # Someone else acquired the key since the reclaimed epoch, or deleted it: its
         # holder is fenced, as its commit would have been (a free lease or a key made
@@ -756,7 +757,7 @@ def acquired_epoch(
         # that one is not above its clock: every epoch it hands out now is above the
         # clock, so a holder that acquired since the loss (under a clock behind, below
         # the reclaim) is never fenced by one it superseded.
-        if (epoch or 0) < reclaim <= epoch_floor(now):
+        if (epoch or 0) < reclaim <= clock:
             return reclaim
     if epoch is None:
         return floor + 1
