@@ -13,6 +13,11 @@ does), on a file in the same mode (WAL, ``synchronous=NORMAL``). The naive path 
 the whole ``ChatContext.to_dict()`` as JSON each turn (``SET`` on Redis, one row
 replaced on SQLite).
 
+Each checkpoint is also split in two, each against the floor: the store's ``commit``
+(timed around the call: the fenced write and its round trip) and the rest (reading the
+live session, diffing, encoding, the lock), to show which part a target on the whole
+asks of each.
+
     python bench/checkpoint_cost.py [--sizes 10,1000,5000,20000] [--rounds 60]
                                     [--stores sqlite,redis] [--naive-rounds 10]
 
@@ -100,24 +105,33 @@ async def measure(
 ) -> Samples:
     live = {size: await c.live_session(store, size) for size in sizes}
     written: list[bytes] = []
+    committing: list[float] = []  # the store's commit calls within one checkpoint
     inner = store.commit
 
     async def record(commit: Commit) -> int:
         written[:] = [commit.head, *(r.data for r in commit.records if r.data is not None)]
-        return await inner(commit)
+        start = time.perf_counter()
+        try:
+            return await inner(commit)
+        finally:
+            committing.append(time.perf_counter() - start)
 
     store.commit = record  # type: ignore[method-assign]
-    out: Samples = {size: {"checkpoint": [], "floor": [], "naive": []} for size in sizes}
+    out: Samples = {
+        size: {"checkpoint": [], "commit": [], "floor": [], "naive": []} for size in sizes
+    }
     t0 = time.time()
     try:
         for r in range(rounds + 3):  # the first three warm caches and code paths
             for size in sizes:
                 session, rs = live[size]
                 c.add_turn(session, size + r, t0 + size + r)
+                committing.clear()
                 took = await _timed(rs.checkpoint("turn"))
                 floor_took = await _timed(floor(list(written)))
                 if r >= 3:
                     out[size]["checkpoint"].append(took)
+                    out[size]["commit"].append(sum(committing))
                     out[size]["floor"].append(floor_took)
         for _ in range(naive_rounds):  # a pass of its own: a 100 ms rewrite disturbs others
             for size in sizes:
@@ -167,6 +181,35 @@ def report(name: str, floor_name: str, samples: Samples) -> None:
                 "naive / checkpoint",
             ],
             rows,
+        ),
+    )
+    split = []
+    for size, s in samples.items():
+        floor = c.ms(s["floor"])
+        commit = c.ms(s["commit"])
+        rest = c.ms([t - ct for t, ct in zip(s["checkpoint"], s["commit"], strict=True)])
+        split.append(
+            [
+                c.fmt_n(size),
+                c.fmt_ms(c.ms(s["checkpoint"])),
+                c.fmt_ms(commit),
+                c.times(commit / floor),
+                c.fmt_ms(rest),
+                c.times(rest / floor),
+            ]
+        )
+    c.section(
+        f"The same checkpoints split: the store's commit, and the rest, on {name}",
+        c.table(
+            [
+                "history",
+                "checkpoint p50",
+                "store commit p50",
+                "commit / floor",
+                "the rest p50 (reading the session, encoding, the lock)",
+                "rest / floor",
+            ],
+            split,
         ),
     )
 
