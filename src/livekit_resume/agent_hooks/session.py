@@ -106,10 +106,12 @@ class ResumableSession:
     """Hooks that snapshot one `AgentSession` under ``key`` and restore it anywhere.
 
     ``userdata_type`` validates and encodes ``session.userdata`` (a pydantic
-    ``TypeAdapter``); without it userdata is not saved. ``owner`` names this worker in
-    leases (default: host, pid and a random suffix). Keys for signing and encryption
-    default to ``RESUME_SIGNING_KEYS`` and ``RESUME_ENCRYPTION_KEYS``; ``codec`` replaces
-    them with a `Codec` of your own (keys, ``max_frame``). ``on_lost`` is awaited once
+    ``TypeAdapter``); without it userdata is not saved. ``owner`` names this holder in
+    leases, and must be its own: two under one name are one holder to the store, which
+    fences neither (default: host, pid and a random suffix; `resumable_job`'s: worker,
+    job and process). Keys for signing and encryption default to
+    ``RESUME_SIGNING_KEYS`` and ``RESUME_ENCRYPTION_KEYS``; ``codec`` replaces them with
+    a `Codec` of your own (keys, ``max_frame``). ``on_lost`` is awaited once
     when a save (autosave's, a pause's or suspend's, a checkpoint) or a lease renewal
     finds the session taken over by another worker (`LeaseLost`): nothing more is
     written from here, so it is the place to stop speaking and end the session.

@@ -759,6 +759,11 @@ def acquired_epoch(
         # the reclaim) is never fenced by one it superseded.
         if (epoch or 0) < reclaim <= clock:
             return reclaim
+        # Its own lease, run out in the state the store went back to: nobody acquired
+        # the key since, or another would hold it. Kept, as a renewal would: a new epoch
+        # would be above those of the holders the store forgot, and fence the newest.
+        if reclaim == epoch and holder == owner:
+            return epoch
     if epoch is None:
         return floor + 1
     if live and holder == owner:

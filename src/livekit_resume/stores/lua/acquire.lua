@@ -44,6 +44,9 @@ local function main()
   if reclaim and reclaim > below and reclaim <= math.floor(NOW * 1000000) then
     if live and s.owner ~= nil and s.owner ~= owner then previous = s.owner end
     s.epoch = reclaim
+  elseif reclaim and reclaim == s.epoch and s.owner == owner then
+    -- its own lease, run out in the state the store went back to: kept (a new epoch
+    -- would be above the holders the store forgot, and fence the newest)
   elseif not (live and s.owner == owner) then
     if live and s.owner ~= nil then
       if ARGV[6] ~= '1' then return {'busy', s.owner, s.epoch} end

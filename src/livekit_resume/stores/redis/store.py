@@ -15,7 +15,13 @@ from typing import Any, cast
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError
 
-from ...errors import ResumeError, SnapshotCorrupt, SnapshotNotFound, StoreUnavailable
+from ...errors import (
+    LeaseLost,
+    ResumeError,
+    SnapshotCorrupt,
+    SnapshotNotFound,
+    StoreUnavailable,
+)
 from ..base import (
     DEFAULT_LEASE_TTL,
     INFO_BATCH,
@@ -410,10 +416,26 @@ class RedisStore:
             raise lease_lost_error(key, int(reclaim or 0), None, tombstone=int(reply[1]))
         epoch, expires, created = int(reply[1]), float(reply[2]), int(reply[3])
         self._not_published(key, "taken_over", reply[4:])
+        lease = Lease(key, owner, epoch, expires)
+        if created and reclaim is not None:
+            await self._fence_reclaim_of_deleted(lease)
         if created:
             # again: a concurrent delete may have removed it
             await self._namespace_index.record(key, "acquire")
-        return Lease(key, owner, epoch, expires), loaded if reply is first else None, bool(created)
+        return lease, loaded if reply is first else None, bool(created)
+
+    async def _fence_reclaim_of_deleted(self, lease: Lease) -> None:
+        """A reclaim that made its session anew read the tombstone before, in a trip
+        of its own: the key made again meanwhile by another worker and deleted leaves a
+        tombstone the script did not see. Read again, and such a reclaim is fenced, as
+        on the other stores, and what it made deleted under its lease (a deleted
+        conversation is not written back)."""
+        tombstone = await self._tombstone(lease.key)
+        if tombstone is None or lease.epoch > tombstone:
+            return
+        with contextlib.suppress(StoreUnavailable, LeaseLost):
+            await self.delete(lease.key, lease=lease)
+        raise lease_lost_error(lease.key, lease.epoch, None, tombstone=tombstone)
 
     async def _first_trip(
         self, key: str, acquire_args: list[str | bytes | int], read: bool

@@ -111,6 +111,26 @@ class LeaseTests(StoreTests):
                 await store.acquire("room-bad", "worker-a", ttl=60, reclaim=bad)  # type: ignore[arg-type]
         assert await store.info("room-bad") is None
 
+    async def test_a_reclaim_of_its_own_run_out_lease_keeps_its_epoch(self) -> None:
+        """A reclaim at the store's epoch by the owner whose lease ran out there (a
+        store gone back to a copy made before it lost a takeover, the lease expired in
+        it) keeps that epoch: a new one would be above the epochs of the holders the
+        store forgot, and fence the newest. By another owner it is a new epoch."""
+        store = await self.new_store()
+        short = await store.acquire(KEY, "worker-a", ttl=0.3)
+        other = await store.acquire("room-other", "worker-a", ttl=0.3)
+
+        async def run_out() -> bool:
+            infos = [await store.info(key) for key in (KEY, "room-other")]
+            return all(i is not None and i.owner is None for i in infos)
+
+        await eventually(run_out, "the 0.3 s leases have expired")
+        back = await store.acquire(KEY, "worker-a", ttl=60, reclaim=short.epoch)
+        assert back.epoch == short.epoch
+        assert await store.commit(Commit(KEY, back.epoch, 0, b"h", [], 0)) == 1
+        taken = await store.acquire("room-other", "worker-b", ttl=60, reclaim=other.epoch)
+        assert taken.epoch > other.epoch
+
     async def test_expired_lease_is_free_with_a_new_epoch(self) -> None:
         """`Store.acquire`: an expired lease is free, and taking it gets a new epoch, for
         its former owner too (only renewing a live lease keeps the epoch): the stale
