@@ -417,7 +417,7 @@ class RedisStore:
         epoch, expires, created = int(reply[1]), float(reply[2]), int(reply[3])
         self._not_published(key, "taken_over", reply[4:])
         lease = Lease(key, owner, epoch, expires)
-        if created and reclaim is not None:
+        if reclaim is not None and epoch == reclaim:
             await self._fence_reclaim_of_deleted(lease)
         if created:
             # again: a concurrent delete may have removed it
@@ -429,9 +429,16 @@ class RedisStore:
         of its own: the key made again meanwhile by another worker and deleted leaves a
         tombstone the script did not see. Read again, and such a reclaim is fenced, as
         on the other stores, and what it made deleted under its lease (a deleted
-        conversation is not written back)."""
+        conversation is not written back). Read after every reclaim granted at its
+        epoch, not only the one that made the session: that one's reply, or this read,
+        may have been lost, and the retry finds the session it made, its own lease. A
+        session with a version is not the one it made (a delete refused may leave a
+        tombstone at a live session's epoch: see failure-model.md's known limits)."""
         tombstone = await self._tombstone(lease.key)
         if tombstone is None or lease.epoch > tombstone:
+            return
+        info = await self.info(lease.key)
+        if info is not None and info.version > 0:
             return
         with contextlib.suppress(StoreUnavailable, LeaseLost):
             await self.delete(lease.key, lease=lease)
