@@ -434,11 +434,13 @@ class RedisStore:
         may have been lost, and the retry finds the session it made, its own lease. A
         session with a version is not the one it made (a delete refused may leave a
         tombstone at a live session's epoch: see failure-model.md's known limits)."""
-        tombstone = await self._tombstone(lease.key)
-        if tombstone is None or lease.epoch > tombstone:
-            return
+        # the session's own node first: a session with a version goes on saving while
+        # the tombstone's node (a Cluster's other primary) is down, or holds foreign data
         info = await self.info(lease.key)
         if info is not None and info.version > 0:
+            return
+        tombstone = await self._tombstone(lease.key)
+        if tombstone is None or lease.epoch > tombstone:
             return
         with contextlib.suppress(StoreUnavailable, LeaseLost):
             await self.delete(lease.key, lease=lease)
