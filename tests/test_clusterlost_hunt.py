@@ -45,8 +45,8 @@ from redis.crc import key_slot
 
 import livekit_resume as lr
 from livekit_resume.stores.base import Store
-from tests.faults.cluster import until
-from tests.redis_servers import RedisServer, free_port, require_redis_server
+from tests.faults.cluster import cluster_node, until
+from tests.redis_servers import RedisServer, require_redis_server
 from tests.test_hooks import KEY
 from tests.test_sentinel_hunt import Worker, stored
 
@@ -60,29 +60,9 @@ TAKEN_AT = ("my name is Ada", "my code is 4711", "book me on monday")
 
 
 def _node(directory: Path, used: list[int]) -> RedisServer:
-    port = free_port(avoid=used)
-    bus = free_port(avoid=[*used, port])
-    used += [port, bus]
-    return RedisServer(
-        directory,
-        port=port,
-        extra=[
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            str(directory / "nodes.conf"),
-            "--cluster-port",
-            str(bus),
-            "--cluster-node-timeout",
-            "2000",
-            "--repl-diskless-sync-delay",
-            "0",
-            "--masteruser",
-            "repl",
-            "--masterauth",
-            "replpw",
-        ],
-    )
+    # replicas replicate as user ``repl``, which a test switches off to make one lag
+    extra = ["--repl-diskless-sync-delay", "0", "--masteruser", "repl", "--masterauth", "replpw"]
+    return cluster_node(directory, used, extra)
 
 
 def _bus(node: RedisServer) -> str:

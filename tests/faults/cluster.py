@@ -9,15 +9,17 @@ what the scenario measures (and what ``wait_replicas`` narrows).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tests.redis_servers import CLUSTER_DEADLINE, RedisServer, free_port
 
-__all__ = ["FailoverPair", "until"]
+__all__ = ["FailoverPair", "cluster_node", "until"]
 
 
-def _node(directory: Path, used: list[int]) -> RedisServer:
+def cluster_node(directory: Path, used: list[int], extra: Sequence[str] = ()) -> RedisServer:
+    """A Cluster node (not started) on free loopback ports not in ``used`` (to which
+    its two ports are added), with ``extra`` server options."""
     port = free_port(avoid=used)
     bus = free_port(avoid=[*used, port])
     used += [port, bus]
@@ -33,6 +35,7 @@ def _node(directory: Path, used: list[int]) -> RedisServer:
             str(bus),
             "--cluster-node-timeout",
             "2000",
+            *extra,
         ],
     )
 
@@ -55,8 +58,8 @@ class FailoverPair:
 
     def __init__(self, directory: Path) -> None:
         used: list[int] = []
-        self.primary = _node(directory / "a", used)
-        self.replica = _node(directory / "b", used)
+        self.primary = cluster_node(directory / "a", used)
+        self.replica = cluster_node(directory / "b", used)
         self.bus = used[3]
 
     @property
