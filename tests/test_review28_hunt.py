@@ -243,6 +243,36 @@ async def test_redis_foreign_data_at_the_tombstone_does_not_refuse_reclaiming_a_
         await store.aclose()
 
 
+async def test_redis_a_reclaim_of_a_session_whose_latest_record_is_lost_is_granted(
+    bare_redis: RedisServer,
+) -> None:
+    """(The lead's read of the fix of the case above.) H holds the key (E) at v2, and
+    the store loses v2's record (evicted, deleted by hand): the session's `info` is
+    `SnapshotCorrupt`. H's reclaim of E (a holder told its session vanished) is
+    granted, as before 8eb3d5d: a damaged session is no session the reclaim made just
+    now, and its save writes the conversation whole. The fence's `info` raised its
+    `SnapshotCorrupt` out of the acquisition."""
+    clock = FakeClock()
+    ns = f"r{uuid.uuid4().hex[:8]}"
+    store: Any = _store(bare_redis, clock, ns)
+    key = f"dm-{uuid.uuid4().hex[:6]}"
+    try:
+        a = await store.acquire(key, "H", ttl=30.0)
+        assert await store.commit(Commit(key, a.epoch, 0, b"h1", [], 0)) == 1
+        assert await store.commit(Commit(key, a.epoch, 1, b"h2", [], 0)) == 2
+        raw = store._client
+        for k in await raw.keys("*"):
+            if k.decode().endswith(("}:v:2", "}:v:2:b")):
+                await raw.delete(k)
+        with pytest.raises(lr.SnapshotCorrupt):
+            await store.info(key)
+        clock.advance(100)
+        got = await store.acquire(key, "H", ttl=30.0, reclaim=a.epoch)
+        assert (got.owner, got.epoch) == ("H", a.epoch)
+    finally:
+        await store.aclose()
+
+
 # ---------------------------- 2b. a user of the earlier ACL line (no GET on tombstones)
 
 

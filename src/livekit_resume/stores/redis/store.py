@@ -436,7 +436,10 @@ class RedisStore:
         tombstone at a live session's epoch: see failure-model.md's known limits)."""
         # the session's own node first: a session with a version goes on saving while
         # the tombstone's node (a Cluster's other primary) is down, or holds foreign data
-        info = await self.info(lease.key)
+        try:
+            info = await self.info(lease.key)
+        except SnapshotCorrupt:
+            return  # damaged: not one made just now (its save writes it whole)
         if info is not None and info.version > 0:
             return
         tombstone = await self._tombstone(lease.key)
