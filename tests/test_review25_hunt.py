@@ -99,8 +99,9 @@ async def test_redis_a_holder_is_not_fenced_by_its_own_acquisition_whose_reply_w
     commits v2; the server comes back from the RDB (a restart from a backup, a failover
     to a lagging replica) and w1's lease ran out while it was down. w1's next checkpoint
     finds the head behind v2 (vanished) and reacquires reclaiming E1: the store's epoch
-    is E1 and the lease is not live, so it grants w1 a NEW epoch E2 > E1, and that
-    acquisition's reply is lost (`StoreUnavailable`, the store failing again). The
+    is E1 and the lease is not live, so it grants w1 a NEW epoch E2 > E1 (since
+    review26 it keeps E1, w1's own lease run out), and that acquisition's reply is
+    lost (`StoreUnavailable`, the store failing again). The
     documented behaviour (lease.py `reacquire`: "The next checkpoint then acquires again
     (the same epoch, the lease being live and ours)"; failure-model.md: "A store failing
     again in the middle of that acquisition leaves the session vanished until it is
