@@ -55,6 +55,25 @@ async def _vanished_under_r(store: Any, clock: FakeClock, key: str) -> tuple[Lea
     return r, v1
 
 
+async def rm_whose_delete_fails(store: Any, key: str) -> None:
+    """An operator's ``rm`` whose tombstone is laid and whose delete script then fails
+    (a slot being moved): `StoreUnavailable`, the session left, its tombstone standing
+    (failure-model.md's known limit)."""
+    run = store._run
+
+    async def delete_fails(script: str, k: str, args: list[Any]) -> Any:
+        if script == "delete":
+            raise StoreUnavailable("slot being moved (the delete script)")
+        return await run(script, k, args)
+
+    store._run = delete_fails
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.delete(key)
+    finally:
+        store._run = run
+
+
 async def _reclaim_then_save(r: LeaseHolder, version: int, data: bytes) -> Any:
     """What R's save does once its commit said vanished: reacquire (the reclaim), then
     the whole commit; the version that landed or the `LeaseLost` that fenced it."""
@@ -477,17 +496,7 @@ async def test_redis_an_rm_whose_delete_failed_then_a_zombies_reclaim_leaves_the
         w = await other.acquire(key, "W", ttl=60)
         assert await other.commit(Commit(key, w.epoch, 0, b"W: hello", [], 0)) == 1
         clock.advance(100)
-        run = other._run
-
-        async def delete_fails(script: str, k: str, args: list[Any]) -> Any:
-            if script == "delete":
-                raise StoreUnavailable("slot being moved (the delete script)")
-            return await run(script, k, args)
-
-        other._run = delete_fails
-        with pytest.raises(StoreUnavailable):
-            await other.delete(key)  # the operator's rm
-        other._run = run
+        await rm_whose_delete_fails(other, key)  # the operator's rm
         tomb = await store._tombstone(key)
         assert tomb is not None and tomb >= w.epoch, (tomb, w.epoch)
         deletes: list[Any] = []

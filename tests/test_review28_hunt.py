@@ -29,6 +29,7 @@ from tests.redis_servers import RedisCluster, RedisServer, require_redis_server
 from tests.test_fence_hunt import FakeClock
 from tests.test_lost_hunt import bare_redis
 from tests.test_review26_hunt import LEASE, RedisBackend, save
+from tests.test_review27_hunt import rm_whose_delete_fails
 
 __all__ = ["bare_redis"]  # a fixture, shared
 
@@ -146,17 +147,7 @@ async def test_redis_the_fences_info_read_failing_leaves_the_holder_vanished_the
         clock.advance(100)
         assert await save(h, 1, b"H: my name is Ada") == 2
         clock.advance(100)
-        run = other._run
-
-        async def delete_fails(script: str, k: str, args: list[Any]) -> Any:
-            if script == "delete":
-                raise StoreUnavailable("slot being moved (the delete script)")
-            return await run(script, k, args)
-
-        other._run = delete_fails
-        with pytest.raises(StoreUnavailable):
-            await other.delete(key)
-        other._run = run
+        await rm_whose_delete_fails(other, key)
         tomb = await store._tombstone(key)
         assert tomb is not None and tomb >= h.epoch, (tomb, h.epoch)
         await _session_keys_only_rollback(store, at_v1, key)
@@ -305,17 +296,7 @@ async def test_redis_an_earlier_acl_users_reclaim_is_granted_and_deletes_nothing
         clock.advance(100)
         assert await save(h, 0, b"H: hello") == 1
         clock.advance(100)
-        run = other._run
-
-        async def delete_fails(script: str, k: str, args: list[Any]) -> Any:
-            if script == "delete":
-                raise StoreUnavailable("slot being moved (the delete script)")
-            return await run(script, k, args)
-
-        other._run = delete_fails
-        with pytest.raises(StoreUnavailable):
-            await other.delete(key)
-        other._run = run
+        await rm_whose_delete_fails(other, key)
         tomb = await other._tombstone(key)
         assert tomb is not None and tomb >= h.epoch, (tomb, h.epoch)
         assert await store._tombstone(key) is None  # NOPERM, read as none
