@@ -156,6 +156,22 @@ async def save(h: LeaseHolder, version: int, data: bytes) -> Any:
         return e
 
 
+async def vanished_under_r(store: Any, clock: FakeClock, key: str) -> tuple[LeaseHolder, int]:
+    """R holds ``key`` on a Redis store and commits v1; Redis restarts empty; R's next
+    commit says vanished (what makes it reclaim next)."""
+    r = LeaseHolder(store, key, "R", LEASE)
+    await r.acquire(takeover=False)
+    v1 = await save(r, 0, b"R: hello")
+    assert v1 == 1
+    clock.advance(100)
+    await store._client.flushdb()  # restarted without its data
+    clock.advance(100)
+    with pytest.raises(LeaseLost) as gone:
+        await r.commit(Commit(key, r.epoch, v1, b"R: x", [], 0, whole=True))
+    assert gone.value.vanished
+    return r, v1
+
+
 def tick(b: Backend, us: int = 100) -> None:
     b.clock.advance(us)
 
@@ -249,16 +265,7 @@ async def test_redis_a_reclaim_racing_an_rm_does_not_write_the_deleted_session_b
     other = lr.open_store(bare_redis.url, namespace=ns, clock=clock)  # W's, the operator's
     key = f"rm-{uuid.uuid4().hex[:6]}"
     try:
-        r = LeaseHolder(store, key, "R", LEASE)
-        await r.acquire(takeover=False)
-        v1 = await save(r, 0, b"R: hello")
-        assert v1 == 1
-        clock.advance(100)
-        await store._client.flushdb()  # restarted without its data
-        clock.advance(100)
-        with pytest.raises(LeaseLost) as gone:
-            await r.commit(Commit(key, r.epoch, v1, b"R: x", [], 0, whole=True))
-        assert gone.value.vanished
+        r, v1 = await vanished_under_r(store, clock, key)
         read = store._tombstone
         raced: list[Any] = []
 

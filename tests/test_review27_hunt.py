@@ -29,6 +29,7 @@ from tests.test_review26_hunt import (
     make_backend,
     save,
     tick,
+    vanished_under_r,
 )
 
 __all__ = ["backend", "bare_redis"]  # fixtures, shared
@@ -37,22 +38,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 # --------------------------------------------------------------- Redis: the race set up
-
-
-async def _vanished_under_r(store: Any, clock: FakeClock, key: str) -> tuple[LeaseHolder, int]:
-    """R holds ``key`` and commits v1; Redis restarts empty; R's next commit says
-    vanished (what makes it reclaim next)."""
-    r = LeaseHolder(store, key, "R", LEASE)
-    await r.acquire(takeover=False)
-    v1 = await save(r, 0, b"R: hello")
-    assert v1 == 1
-    clock.advance(100)
-    await store._client.flushdb()  # restarted without its data
-    clock.advance(100)
-    with pytest.raises(LeaseLost) as gone:
-        await r.commit(Commit(key, r.epoch, v1, b"R: x", [], 0, whole=True))
-    assert gone.value.vanished
-    return r, v1
 
 
 async def rm_whose_delete_fails(store: Any, key: str) -> None:
@@ -139,7 +124,7 @@ async def test_redis_a_reclaim_racing_an_rm_retried_after_the_reread_failed_is_s
     other: Any = lr.open_store(bare_redis.url, namespace=ns, clock=clock)  # W's, the rm's
     key = f"rr-{uuid.uuid4().hex[:6]}"
     try:
-        r, v1 = await _vanished_under_r(store, clock, key)
+        r, v1 = await vanished_under_r(store, clock, key)
 
         async def blip(read: Any, k: str) -> int | None:
             raise StoreUnavailable("connection reset by peer (the tombstone's read)")
@@ -192,7 +177,7 @@ async def test_redis_a_reclaim_racing_an_rm_whose_reply_was_lost_is_fenced_when_
     other: Any = lr.open_store(bare_redis.url, namespace=ns, clock=clock)
     key = f"rl-{uuid.uuid4().hex[:6]}"
     try:
-        r, v1 = await _vanished_under_r(store, clock, key)
+        r, v1 = await vanished_under_r(store, clock, key)
         read, _calls = _race_first_read(store, other, clock, key)
         run = store._run
         lost: list[Any] = []
@@ -255,7 +240,7 @@ async def test_redis_a_fenced_reclaim_leaves_no_ghost_and_the_key_free(
     other: Any = lr.open_store(bare_redis.url, namespace=ns, clock=clock)
     key = f"rg-{uuid.uuid4().hex[:6]}"
     try:
-        r, v1 = await _vanished_under_r(store, clock, key)
+        r, v1 = await vanished_under_r(store, clock, key)
         read, calls = _race_first_read(store, other, clock, key)
         got = await _reclaim_then_save(r, v1, b"R: the deleted conversation")
         store._tombstone = read
@@ -289,7 +274,7 @@ async def test_redis_the_compensating_delete_racing_a_takeover_deletes_nothing_o
     key = f"rx-{uuid.uuid4().hex[:6]}"
     taken: list[Any] = []
     try:
-        r, v1 = await _vanished_under_r(store, clock, key)
+        r, v1 = await vanished_under_r(store, clock, key)
 
         async def takeover_first(read: Any, k: str) -> int | None:
             clock.advance(100)
@@ -327,7 +312,7 @@ async def test_redis_the_compensating_delete_failing_still_fences_the_reclaimer(
     other: Any = lr.open_store(bare_redis.url, namespace=ns, clock=clock)
     key = f"rd-{uuid.uuid4().hex[:6]}"
     try:
-        r, v1 = await _vanished_under_r(store, clock, key)
+        r, v1 = await vanished_under_r(store, clock, key)
         read, _calls = _race_first_read(store, other, clock, key)
         delete = store.delete
 
@@ -491,7 +476,7 @@ async def test_redis_an_rm_whose_delete_failed_then_a_zombies_reclaim_leaves_the
     other: Any = lr.open_store(bare_redis.url, namespace=ns, clock=clock)
     key = f"rf-{uuid.uuid4().hex[:6]}"
     try:
-        r, v1 = await _vanished_under_r(store, clock, key)
+        r, v1 = await vanished_under_r(store, clock, key)
         clock.advance(100)
         w = await other.acquire(key, "W", ttl=60)
         assert await other.commit(Commit(key, w.epoch, 0, b"W: hello", [], 0)) == 1

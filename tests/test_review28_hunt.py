@@ -53,6 +53,19 @@ async def _session_keys_only_rollback(store: Any, snap: list[Any], key: str) -> 
             await raw.restore(k, max(pttl, 0), data, replace=True)
 
 
+async def _h_at_v2(
+    store: Any, b: RedisBackend, clock: FakeClock, key: str
+) -> tuple[LeaseHolder, Any]:
+    """H holds ``key`` (30 s lease) and commits v1 and v2: H, and the store's keys at v1."""
+    h = LeaseHolder(store, key, "H", 30.0)
+    await h.acquire(takeover=False)
+    assert await save(h, 0, b"H: hello") == 1
+    at_v1 = await b.snapshot()
+    clock.advance(100)
+    assert await save(h, 1, b"H: my name is Ada") == 2
+    return h, at_v1
+
+
 # ------------------------- 1. an old tombstone of an earlier life, the holder at v0
 
 
@@ -140,12 +153,7 @@ async def test_redis_the_fences_info_read_failing_leaves_the_holder_vanished_the
     b = RedisBackend(store, clock)
     key = f"if-{uuid.uuid4().hex[:6]}"
     try:
-        h = LeaseHolder(store, key, "H", 30.0)
-        await h.acquire(takeover=False)
-        assert await save(h, 0, b"H: hello") == 1
-        at_v1 = await b.snapshot()
-        clock.advance(100)
-        assert await save(h, 1, b"H: my name is Ada") == 2
+        h, at_v1 = await _h_at_v2(store, b, clock, key)
         clock.advance(100)
         await rm_whose_delete_fails(other, key)
         tomb = await store._tombstone(key)
@@ -212,12 +220,7 @@ async def test_redis_foreign_data_at_the_tombstone_does_not_refuse_reclaiming_a_
     b = RedisBackend(store, clock)
     key = f"fd-{uuid.uuid4().hex[:6]}"
     try:
-        h = LeaseHolder(store, key, "H", 30.0)
-        await h.acquire(takeover=False)
-        assert await save(h, 0, b"H: hello") == 1
-        at_v1 = await b.snapshot()
-        clock.advance(100)
-        assert await save(h, 1, b"H: my name is Ada") == 2
+        h, at_v1 = await _h_at_v2(store, b, clock, key)
         await store._client.set(store._names.tombstone(key), b"not-an-epoch")
         await _session_keys_only_rollback(store, at_v1, key)
         clock.advance(100)
