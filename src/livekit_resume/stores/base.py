@@ -387,8 +387,10 @@ class Store(Protocol):
         older. The lease is then granted at that very epoch, over a live lease too, so
         that of the holders a store forgot, the latest wins. Where the store's epoch is
         above it (someone acquired the key since), or the key was deleted at or after it
-        (a tombstone), ``owner`` is fenced: `LeaseLost`, as its commit would be. Else
-        (the store's own epoch, or above the clock) ``reclaim`` changes nothing."""
+        (a tombstone), ``owner`` is fenced: `LeaseLost`, as its commit would be. At the
+        store's own epoch, ``owner``'s lease there is kept at that epoch, run out or not
+        (a new one would fence the newest holder the store forgot). Else (another
+        owner's lease at that epoch, or above the clock) ``reclaim`` changes nothing."""
         ...
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
