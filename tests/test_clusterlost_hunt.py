@@ -1,7 +1,8 @@
 """Hunt `clusterlost`: the reclaim of a holder whose session the store forgot
 (`Store.acquire(reclaim=...)`), on a real Redis Cluster whose primary fails over to a
-replica that lags behind a takeover; and the delete tombstone, which on a Cluster lies
-in a slot of its own (``ns:rm:<sha256>``, no hash tag), possibly on another primary.
+replica that lags behind a takeover; and the delete tombstones: the one of earlier
+releases, still laid and read, in a slot of its own (``ns:rm:<sha256>``, no hash tag),
+possibly on another primary, and the one in the session's own slot.
 
 The cluster: two shards, each a primary and its replica (four ``redis-server``
 processes, slots 0-8191 and 8192-16383). Every node replicates as ACL user ``repl``:
@@ -12,7 +13,8 @@ TAKEOVER`` on the lagging replica, the old primary alive (it then turns replica 
 new one, its data replaced) or SIGKILLed first.
 
 The session key is tests/test_hooks.py's ``KEY``; the namespace is drawn so that the
-tombstone's slot is on the other shard than the head's (or the same, where asked).
+earlier releases' tombstone is on the other shard than the head's (or the same, where
+asked).
 Workers are tests/test_sentinel_hunt.py's `Worker` (its own store, real
 `AgentSession` driven by the scripted LLM, ``on_lost`` recorded).
 
@@ -23,9 +25,10 @@ or the head's and not the other:
 - an ``rm``, then the head's shard failing over to before the takeover: the ``rm`` is
   undone, as on one Redis rolled back, and the newer holder keeps the call;
 - an ``rm``, then the tombstone's shard failing over to before the ``rm``: the head's
-  shard kept the delete, the holder finds neither head nor tombstone, takes that for a
-  store that lost its data and writes the deleted conversation back (a strict xfail,
-  failure-model.md's known limits).
+  shard kept the delete, the holder found neither head nor tombstone, took that for a
+  store that lost its data and wrote the deleted conversation back. Fixed by a
+  tombstone in the session's slot (`KeyNames.tombstone`), which the head's shard keeps
+  with the delete.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -45,6 +47,7 @@ from redis.crc import key_slot
 
 import livekit_resume as lr
 from livekit_resume.stores.base import Store
+from livekit_resume.stores.redis.keys import KeyNames
 from tests.faults.cluster import cluster_node, until
 from tests.redis_servers import RedisServer, require_redis_server
 from tests.test_hooks import KEY
@@ -275,7 +278,7 @@ def namespace_for(c: LaggingCluster, *, tombstone_apart: bool) -> str:
     head = c.shard_of(f"x:{{{KEY}}}:head")
     while True:
         ns = f"c{uuid.uuid4().hex[:8]}"
-        tomb = f"{ns}:rm:{hashlib.sha256(KEY.encode()).hexdigest()}"
+        tomb = KeyNames(ns).legacy_tombstone(KEY)
         if (c.shard_of(tomb) is not head) == tombstone_apart:
             return ns
 
@@ -412,7 +415,7 @@ async def test_rm_after_a_cluster_failover_lagging_behind_a_takeover_stays_delet
 
 
 def tombstone_shard(c: LaggingCluster, ns: str) -> Shard:
-    return c.shard_of(f"{ns}:rm:{hashlib.sha256(KEY.encode()).hexdigest()}")
+    return c.shard_of(KeyNames(ns).legacy_tombstone(KEY))
 
 
 async def test_a_failover_of_the_head_to_before_an_rm_undoes_it_and_the_newer_holder_keeps_the_call(
@@ -455,19 +458,15 @@ async def test_a_failover_of_the_head_to_before_an_rm_undoes_it_and_the_newer_ho
             await op.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (failure-model.md): on a Cluster the tombstone lives on another"
-    " node than the session, and a failover of that node alone can lose it",
-)
 async def test_rm_then_the_tombstones_failover_does_not_bring_it_back(
     shared_cluster: LaggingCluster,
 ) -> None:
     """w2 takes the call over from w1 (no lag on the head's shard). The tombstone's
-    shard (the other one) has its replica cut; an operator deletes the key: the
-    tombstone lands on that primary only, the head's shard deletes the session (and
-    keeps the delete: it does not fail over). Then the tombstone's shard fails over to
-    its lagging replica: the tombstone is gone, the delete stands.
+    shard (the other one; the tombstone of earlier releases) has its replica cut; an
+    operator deletes the key: that tombstone lands on that primary only, the head's
+    shard deletes the session (and keeps the delete: it does not fail over). Then the
+    tombstone's shard fails over to its lagging replica: that tombstone is gone, the
+    delete stands, and with it the tombstone laid in the session's slot.
 
     Expected (failure-model.md, "an operator's rm ... of a session a worker holds
     live": "the worker's next save or lease renewal is refused as fenced (LeaseLost,

@@ -707,6 +707,46 @@ async def test_too_few_replicas_is_warned_and_counted_but_the_commit_stands(
         await store.aclose()
 
 
+async def test_wait_replicas_waits_for_a_delete_and_its_tombstone(
+    make_redis: RedisFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ``rm`` a failover loses brings the session back (failure-model.md, "A failover
+    that loses an rm undoes it"): with ``wait_replicas`` the delete waits for the
+    replicas as a commit does, and with them for the tombstone in the session's slot,
+    laid on the same node before it. A replica that does not answer: the delete stands
+    on the primary, warned and counted in ``under_replicated``; a delete that found
+    nothing counts nothing."""
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+    primary = make_redis()
+    replica = make_redis.replica_of(primary)
+    store = RedisStore.from_url(primary.url, namespace="repl", wait_replicas=1, wait_timeout=300)
+    on_replica = Redis.from_url(replica.url)
+    try:
+        lease = await store.acquire(KEY, "worker-a")
+        assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+        assert await store.delete(KEY) is True
+        assert store.under_replicated == 0
+        assert not await on_replica.exists(store._names.head(KEY))
+        laid = await on_replica.get(store._names.tombstone(KEY))
+        assert laid is not None and int(laid) >= lease.epoch
+        lease = await store.acquire(KEY, "worker-a")
+        assert await store.commit(item_commit(lease, 0, "a", None)) == 1
+        replica.pause()  # the one replica stops acknowledging
+        try:
+            assert await store.delete(KEY) is True
+            assert store.under_replicated == 1
+            [warning] = warnings_of(caplog, "0 of 1 replicas")
+            assert warning.startswith(f"delete of session {KEY!r}"), warning
+            assert await store.delete(KEY) is False
+            assert store.under_replicated == 1
+        finally:
+            replica.resume()
+        assert await store.info(KEY) is None
+    finally:
+        await store.aclose()
+        await on_replica.aclose()
+
+
 async def test_wait_replicas_on_a_cluster_waits_on_the_node_of_the_slot(
     redis_cluster: Any,
 ) -> None:

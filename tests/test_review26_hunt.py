@@ -269,8 +269,8 @@ async def test_redis_a_reclaim_racing_an_rm_does_not_write_the_deleted_session_b
         read = store._tombstone
         raced: list[Any] = []
 
-        async def stale_read(k: str) -> int | None:
-            seen = await read(k)
+        async def stale_read(k: str, fencing: int | None = None) -> int | None:
+            seen = await read(k, fencing)
             if not raced:
                 clock.advance(100)
                 w = await other.acquire(key, "W", ttl=LEASE)

@@ -79,17 +79,17 @@ def _race_first_read(
     read = store._tombstone
     calls: list[Any] = []
 
-    async def patched(k: str) -> int | None:
+    async def patched(k: str, fencing: int | None = None) -> int | None:
         calls.append(k)
         if len(calls) == 1:
-            seen = await read(k)
+            seen = await read(k, fencing)
             clock.advance(100)
             await other.acquire(key, "W", ttl=LEASE)
             clock.advance(100)
             assert await other.delete(key)  # the operator's rm
             clock.advance(100)
             return None if seen is None else int(seen)
-        got = await (then(read, k) if then is not None else read(k))
+        got = await (then(read, k) if then is not None else read(k, fencing))
         return None if got is None else int(got)
 
     store._tombstone = patched

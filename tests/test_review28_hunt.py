@@ -361,7 +361,7 @@ def _pick_key(cluster: RedisCluster, ns: str) -> tuple[str, RedisServer, RedisSe
         for i in range(1000):
             key = f"tn-{i}"
             head = client.get_node_from_key(names.head(key)).port
-            tomb = client.get_node_from_key(names.tombstone(key)).port
+            tomb = client.get_node_from_key(names.legacy_tombstone(key)).port
             if head != tomb and tomb not in (default, index):
                 by_port = {n.port: n for n in cluster.nodes}
                 return key, by_port[head], by_port[tomb]

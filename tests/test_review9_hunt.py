@@ -104,8 +104,10 @@ async def test_a_takeover_found_by_the_renewal_during_an_app_checkpoint_counts_o
         # the app's checkpoint writes
         s1, rs1 = await begin(store_a, key, owner="old", autosave=True, lease_ttl=0.6, debounce=30)
         await s1.run(user_input="hello")
-        s2, rs2 = await begin(store_b, key, owner="new", takeover=True)
+        # sampled before the takeover: the renewal (every 0.2 s) may meet it while the
+        # new worker's session is still starting
         before = sample("livekit_resume_checkpoint_failures_total", error="LeaseLost")
+        s2, rs2 = await begin(store_b, key, owner="new", takeover=True)
         store_a.commit = held_commit  # type: ignore[method-assign]
         saving = asyncio.ensure_future(rs1.checkpoint())
         for _ in range(100):
@@ -253,7 +255,8 @@ async def test_bodies_an_earlier_rm_left_do_not_block_a_caller_who_calls_back_da
     try:
         await _converse(store, key, ["hello", "more"])
         await _rm_as_an_earlier_release(store, raw, ns, key)
-        raw.delete(store._names.tombstone(key))  # a day later: expired
+        # a day later: expired
+        raw.delete(store._names.tombstone(key), store._names.legacy_tombstone(key))
         session: AgentSession[None] = AgentSession(llm=ScriptedLLM([], default="ok"))
         rs = lr.ResumableSession(store, key, registry=registry(), autosave=False)
         try:

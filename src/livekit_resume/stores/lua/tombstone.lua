@@ -1,8 +1,8 @@
 -- tombstone: what a delete leaves (RedisStore.delete), laid before the delete script
 -- runs, so that a holder finding its session gone always finds it too: the highest
 -- epoch deleted under the key, never lowered, for its time to live.
--- KEYS[1] "<ns>:rm:<SHA-256 of the session key>" (no key in clear: rm leaves no trace
--- of it), ARGV[1] the epoch, [2] the time to live in milliseconds, [3] now in seconds
+-- KEYS[1] "<ns>:rm:<SHA-256 of the session key>{<slot tag>}", or the same without the
+-- tag as earlier releases name it (no key in clear: rm leaves no trace of it), ARGV[1] the epoch, [2] the time to live in milliseconds, [3] now in seconds
 -- ('' or absent: the server's TIME). The epoch laid is the clock's in microseconds if
 -- that is higher (log.tombstone_epoch: a takeover the store forgot is fenced too).
 -- Reply: 1 | why it could not be laid (a user whose ACL has no GET or SET).

@@ -28,11 +28,16 @@ are percent-escaped so the hash tag is always exactly the key):
   in session.lua), each piece renewing its TTL; one the script did not take is deleted
   by the client, or expires within two minutes of its last piece (a client that died).
   Outside the prefix, so that one left behind is never taken for a session's remains
-- ``ns:rm:<sha256(k)>`` string: a deleted session's tombstone, its last epoch, for a
-  day (`TOMBSTONE_TTL`), laid before the delete script runs: a writer whose commit or
-  renewal finds no head reads it, and one at that epoch or older is fenced rather than
-  told to write the session back. Named by a hash of ``k`` (``rm`` leaves no trace of
-  the key), so in a slot of its own: never read inside a session script
+- ``ns:rm:<sha256(k)>{<t>}`` string: a deleted session's tombstone, its last epoch,
+  for a day (`TOMBSTONE_TTL`), laid before the delete script runs: a writer whose
+  commit or renewal finds no head reads it, and one at that epoch or older is fenced
+  rather than told to write the session back. Named by a hash of ``k`` (``rm`` leaves
+  no trace of the key) and a tag ``t`` of four letters in ``k``'s slot
+  (`keys.slot_tags`), so it lives on the session's node and a failover that keeps the
+  delete keeps it too
+- ``ns:rm:<sha256(k)>`` string: the same tombstone as releases before the one above
+  lay it, in a slot of its own; still laid beside it and read with it (the higher
+  epoch counts), for their workers during a rolling deploy
 - ``ns:sessions``      sorted set: the namespace's session keys, for `keys()`
 - ``ns:events``        pub/sub channel of state changes (JSON objects)
 
@@ -103,7 +108,8 @@ Faults, and what the store does about them (tests: ``tests/test_redis_faults.py`
   connection (one pipeline, on the node of the session's slot on a Cluster), by
   ``WAIT n wait_timeout``: when it returns, the commit is on ``n`` replicas. Fewer is
   logged as a warning and counted in ``under_replicated``, not raised: the commit is
-  applied on the primary and only a failover in that window can lose it.
+  applied on the primary and only a failover in that window can lose it. A delete
+  waits the same way, for itself and the tombstone in the session's slot before it.
 
 The parts, one job each:
 

@@ -37,6 +37,10 @@ logger = logging.getLogger("livekit_resume")
 # wait_replicas is set: a healthy replica on the same network answers in about a
 # millisecond; a tenth of a second bounds what a lagging one adds to every commit.
 DEFAULT_WAIT_TIMEOUT_MS = 100
+# The scripts whose writes wait_replicas waits for: a commit, and a delete (a failover
+# that lost it would bring the session back; the tombstone in the session's slot, laid
+# on the same node before it, replicates ahead of it)
+_WAITED = ("commit", "delete")
 
 _SESSION_SCRIPTS = (
     "acquire",
@@ -135,7 +139,7 @@ class Scripts:
             await self._check.ensure(script, key)
         full = self.session_args(args)
         with self._server.errors(script, key):
-            if script == "commit" and self._wait_replicas:
+            if script in _WAITED and self._wait_replicas:
                 reply = await self._run_and_wait(script, key, full)
             else:
                 reply = await self._evalsha(self._code[script], self._names.head(key), full)
@@ -276,34 +280,35 @@ class Scripts:
         """Run a script, then WAIT on the same connection (WAIT counts the replicas
         that acknowledged this connection's writes): one pipeline, sent to the node of
         the session's slot on a Cluster. Fewer replicas than asked is logged and
-        counted in `under_replicated`, not raised: the commit stands on the primary."""
+        counted in `under_replicated`, not raised: the write stands on the primary."""
         head = self._names.head(key)
         reply, acked = await self.trip([(script, head, args)], wait_on=head)
         if isinstance(reply, Exception):
             raise reply
-        self._count_replicas(key, reply, acked)
+        self._count_replicas(script, key, reply, acked)
         return reply
 
-    def _count_replicas(self, key: str, reply: Any, acked: Any) -> None:
+    def _count_replicas(self, script: str, key: str, reply: Any, acked: Any) -> None:
+        written = isinstance(reply, list) and reply[:1] == [b"ok"]
+        if script == "delete" and not (written and reply[1:2] == [1]):
+            return  # refused, or nothing there to delete: nothing to lose
+        what = f"{script} of session {key!r}"
+        extra: dict[str, Any] = {"key": key}
+        if script == "commit" and written:
+            what += f" (version {int(reply[1])})"
+            extra["version"] = int(reply[1])
         if isinstance(acked, Exception):
-            # WAIT refused (a replica itself, or ACL): the commit is applied; say so.
-            logger.warning(
-                "commit of session %r applied, but WAIT failed: %s",
-                key,
-                acked,
-                extra={"key": key},
-            )
+            # WAIT refused (a replica itself, or ACL): the write is applied; say so.
+            logger.warning("%s applied, but WAIT failed: %s", what, acked, extra=extra)
             self.under_replicated += 1
-        elif isinstance(reply, list) and reply[:1] == [b"ok"] and int(acked) < self._wait_replicas:
+        elif written and int(acked) < self._wait_replicas:
             self.under_replicated += 1
             logger.warning(
-                "commit of session %r (version %s) reached %d of %d replicas within "
-                "%d ms; it is applied on the primary and may be lost if it fails over "
-                "now",
-                key,
-                reply[1],
+                "%s reached %d of %d replicas within %d ms; it is applied on the primary "
+                "and may be lost if it fails over now",
+                what,
                 int(acked),
                 self._wait_replicas,
                 self._wait_timeout,
-                extra={"key": key, "version": reply[1]},
+                extra=extra,
             )

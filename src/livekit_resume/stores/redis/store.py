@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -83,6 +84,9 @@ __all__ = ["DEFAULT_NAMESPACE", "RedisStore"]
 
 # Records holding more bytes than this are packed on a worker thread.
 _OFFLOAD_BYTES = 1 << 20
+# What tombstone.lua answers for foreign data at a tombstone's name (not a number; not
+# a string: GET's WRONGTYPE), which a delete removes before it lays the tombstone
+_FOREIGN_TOMBSTONE = re.compile(r"foreign data|WRONGTYPE")
 # A delete reads the session's epoch, lays its tombstone, then deletes only at that
 # epoch; a session taken over in between is read again, this many times at most.
 _DELETE_TRIES = 5
@@ -171,8 +175,8 @@ class RedisStore:
     (seconds without writes) expires whole sessions. Times come from the server's clock,
     so workers with skewed clocks agree on lease expiry; ``clock`` replaces it in tests.
     ``strict`` refuses a server whose eviction policy can remove session keys (see
-    `check`); ``wait_replicas`` makes each commit wait up to ``wait_timeout`` ms for that
-    many replicas to acknowledge it (see the package docstring).
+    `check`); ``wait_replicas`` makes each commit (and delete) wait up to ``wait_timeout``
+    ms for that many replicas to acknowledge it (see the package docstring).
 
     Besides `Store`, it can announce and follow state changes: `publish` and `subscribe`
     (the `EventPublisher` and `EventSource` capabilities).
@@ -292,7 +296,8 @@ class RedisStore:
 
     @property
     def under_replicated(self) -> int:
-        """Commits that fewer than ``wait_replicas`` replicas acknowledged in time."""
+        """Commits and deletes that fewer than ``wait_replicas`` replicas acknowledged in
+        time."""
         return self._scripts.under_replicated
 
     async def check(self) -> list[str]:
@@ -386,7 +391,8 @@ class RedisStore:
         reply = first
         if reply[0] in (b"absent", b"remains"):
             # no head: a session the script creates starts above the epoch of the
-            # tombstone a delete left (in a slot of its own, so read here)
+            # tombstones a delete left (the earlier releases' one in a slot of its
+            # own, so both read here)
             tombstone = await self._tombstone(key)
             create = [*args, "0", "" if tombstone is None else tombstone]
             if not listed:
@@ -442,7 +448,7 @@ class RedisStore:
             return  # damaged: not one made just now (its save writes it whole)
         if info is not None and info.version > 0:
             return
-        tombstone = await self._tombstone(lease.key)
+        tombstone = await self._tombstone(lease.key, lease.epoch)
         if tombstone is None or lease.epoch > tombstone:
             return
         with contextlib.suppress(StoreUnavailable, LeaseLost):
@@ -516,14 +522,25 @@ class RedisStore:
         reply = await self._run("renew", lease.key, [lease.owner, lease.epoch, fmt_time(ttl)])
         if reply[0] == b"lost":
             if not reply[1]:
-                tombstone = await self._tombstone(lease.key)
+                tombstone = await self._tombstone(lease.key, lease.epoch)
                 raise lease_lost_error(lease.key, lease.epoch, None, tombstone=tombstone)
             raise lease_lost_error(lease.key, lease.epoch, int(reply[1]))
         return Lease(lease.key, lease.owner, lease.epoch, float(reply[1]), int(reply[2]))
 
-    async def _tombstone(self, key: str) -> int | None:
-        """The epoch of the tombstone a delete of ``key`` left (`delete`), or None."""
-        name = self._names.tombstone(key)
+    async def _tombstone(self, key: str, fencing: int | None = None) -> int | None:
+        """The epoch of the tombstone a delete of ``key`` left (`delete`), or None: the
+        higher of the one in the session's slot and the one an earlier release lays
+        (`KeyNames.legacy_tombstone`). With ``fencing`` (the epoch of a writer asking
+        whether it is fenced), the first at or above it answers alone: the other lies
+        on another node on a Cluster, which need not answer for the writer to stop."""
+        first = await self._tombstone_at(key, self._names.tombstone(key))
+        if fencing is not None and first is not None and first >= fencing:
+            return first
+        # one after the other, on one connection: a new session reads both
+        second = await self._tombstone_at(key, self._names.legacy_tombstone(key))
+        return max((epoch for epoch in (first, second) if epoch is not None), default=None)
+
+    async def _tombstone_at(self, key: str, name: str) -> int | None:
         try:
             with self._server.errors("read the tombstone", key):
                 raw = await self._client.get(name)
@@ -602,7 +619,7 @@ class RedisStore:
             await self._unstage(key, staged)
         if reply[0] == b"lost":
             if not reply[1]:
-                tombstone = await self._tombstone(key)
+                tombstone = await self._tombstone(key, commit.epoch)
                 raise lease_lost_error(key, commit.epoch, None, tombstone=tombstone)
             raise lease_lost_error(key, commit.epoch, int(reply[1]))
         if reply[0] == b"moved":
@@ -1008,28 +1025,35 @@ class RedisStore:
     async def _clear_foreign_tombstone(self, key: str) -> None:
         """Foreign data at the key's tombstone refuses every new session under it
         (`_tombstone`): ``rm`` of the key, which asks for it to be gone, removes it."""
-        try:
-            await self._tombstone(key)
-        except SnapshotCorrupt:
-            with self._server.errors("delete the tombstone", key):
-                await self._client.delete(self._names.tombstone(key))
+        for name in (self._names.tombstone(key), self._names.legacy_tombstone(key)):
+            try:
+                await self._tombstone_at(key, name)
+            except SnapshotCorrupt:
+                with self._server.errors("delete the tombstone", key):
+                    await self._client.delete(name)
 
     async def _lay_tombstone(self, key: str, epoch: int) -> None:
-        name = self._names.tombstone(key)
-        with self._server.errors("lay the tombstone", key):
-            why = await self._scripts.call(
-                "tombstone",
-                name,
-                [str(epoch), str(int(TOMBSTONE_TTL * 1000)), self._scripts.now_arg()],
-            )
-        if why != 1 and not self._tombstone_denied:
+        """The tombstone in the session's slot first, which fails over with the session
+        (a delete kept is a tombstone kept), then the one of earlier releases. Foreign
+        data at either name is removed first (``rm`` asks for the key to be gone, and
+        the data would refuse every new session under it), then the tombstone laid."""
+        args = [str(epoch), str(int(TOMBSTONE_TTL * 1000)), self._scripts.now_arg()]
+        for name in (self._names.tombstone(key), self._names.legacy_tombstone(key)):
+            with self._server.errors("lay the tombstone", key):
+                why = await self._scripts.call("tombstone", name, args)
+                if why != 1 and _FOREIGN_TOMBSTONE.search(text(why)):
+                    await self._client.delete(name)
+                    why = await self._scripts.call("tombstone", name, args)
+            if why == 1 or self._tombstone_denied:
+                continue
             self._tombstone_denied = True
+            denied = "NOPERM" in text(why) or "permission" in text(why)
             logger.warning(
                 "session %r is deleted without a tombstone (%s): a worker that held it "
-                "writes it back at its next save; grant the Redis user +get +set "
-                "(docs/security.md)",
+                "writes it back at its next save%s",
                 key,
                 text(why),
+                "; grant the Redis user +get +set (docs/security.md)" if denied else "",
                 extra={"key": key},
             )
 
