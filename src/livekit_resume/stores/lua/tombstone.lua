@@ -14,7 +14,8 @@ end
 local epoch = math.max(tonumber(ARGV[1]), math.floor(now * 1000000))
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'table' and cur.err then return cur.err end
-if cur and tonumber(cur) == nil then return 'it holds no epoch: foreign data, kept' end
+-- digits only, as the client reads an epoch (Lua's tonumber would take '1e300' or hex)
+if cur and not string.match(cur, '^%d+$') then return 'it holds no epoch: foreign data, kept' end
 if cur and tonumber(cur) >= epoch then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1

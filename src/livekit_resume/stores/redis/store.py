@@ -163,6 +163,28 @@ def _validate_options(
             f"wait_replicas ({wait_replicas!r}) and wait_timeout ({wait_timeout!r} ms) "
             "must not be negative"
         )
+    if not wait_replicas:
+        return
+    # A WAIT the socket timeout cuts fails a write that landed (and rm reports a
+    # session it deleted as not deleted); WAIT 0 waits for ever.
+    if wait_timeout == 0:
+        raise ValueError("wait_timeout must be above 0 ms: WAIT 0 waits for ever")
+    timeout = _socket_timeout(client)
+    if timeout is not None and wait_timeout >= timeout * 1000:
+        raise ValueError(
+            f"wait_timeout ({wait_timeout} ms) must be below the client's socket timeout "
+            f"({timeout:g} s): a WAIT that outlasts it fails a write that was applied"
+        )
+
+
+def _socket_timeout(client: Client) -> float | None:
+    """The client's socket timeout in seconds, where it has one."""
+    if isinstance(client, RedisCluster):
+        kwargs = client.connection_kwargs
+    else:
+        kwargs = client.connection_pool.connection_kwargs
+    timeout = kwargs.get("socket_timeout")
+    return float(timeout) if isinstance(timeout, int | float) else None
 
 
 class RedisStore:
@@ -176,7 +198,9 @@ class RedisStore:
     so workers with skewed clocks agree on lease expiry; ``clock`` replaces it in tests.
     ``strict`` refuses a server whose eviction policy can remove session keys (see
     `check`); ``wait_replicas`` makes each commit (and delete) wait up to ``wait_timeout``
-    ms for that many replicas to acknowledge it (see the package docstring).
+    ms for that many replicas to acknowledge it (see the package docstring): above 0 and
+    below the client's socket timeout, else `ValueError` (a WAIT the socket timeout cut
+    would report a write that landed as failed).
 
     Besides `Store`, it can announce and follow state changes: `publish` and `subscribe`
     (the `EventPublisher` and `EventSource` capabilities).
