@@ -2,10 +2,12 @@
 -- runs, so that a holder finding its session gone always finds it too: the highest
 -- epoch deleted under the key, never lowered, for its time to live.
 -- KEYS[1] "<ns>:rm:<SHA-256 of the session key>{<slot tag>}", or the same without the
--- tag as earlier releases name it (no key in clear: rm leaves no trace of it), ARGV[1] the epoch, [2] the time to live in milliseconds, [3] now in seconds
--- ('' or absent: the server's TIME). The epoch laid is the clock's in microseconds if
+-- tag as earlier releases name it (no key in clear: rm leaves no trace of it),
+-- ARGV[1] the epoch, [2] the time to live in milliseconds, [3] now in seconds ('' or
+-- absent: the server's TIME). The epoch laid is the clock's in microseconds if
 -- that is higher (log.tombstone_epoch: a takeover the store forgot is fenced too).
--- Reply: 1 | why it could not be laid (a user whose ACL has no GET or SET).
+-- Reply: 1 | why it could not be laid (a user whose ACL has no GET or SET; foreign data
+-- at the name, which the client deletes before it lays the tombstone again).
 local now = ARGV[3] and ARGV[3] ~= '' and tonumber(ARGV[3]) or nil
 if now == nil then
   local t = redis.call('TIME')
