@@ -148,6 +148,9 @@ async def test_aclose_during_the_final_save_of_a_finish_cut_by_an_error_close(
     session's version, rs.state closed."""
     session, rs, model = await begin(store, key)
     await bounded(session.run(user_input="the code is 4711"), "a turn")
+    # the turn's autosave written first: on a loaded machine its commit, late, was the
+    # one the gate held, before the suspend's cut had met the error close
+    await bounded(rs._autosave.idle.wait(), "the turn autosaved")
     reasons = await closes(session)
     cut_then_error_close(rs, model, reasons)
     store.commit_gate.arm()

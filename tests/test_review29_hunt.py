@@ -19,24 +19,16 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster as AsyncCluster
 
-import livekit_resume as lr
 from livekit_resume.errors import LeaseLost
 from livekit_resume.stores.redis import RedisStore
 from livekit_resume.stores.redis.keys import KeyNames
 from tests.faults.cluster import until
 from tests.redis_servers import RedisCluster, RedisFactory
 from tests.test_auth_hunt import DOC_COMMANDS, NS, _acl
-from tests.test_clusterlost_hunt import _field as _cl_field
-from tests.test_clusterlost_hunt import lagging_cluster as cl_lagging_cluster
-from tests.test_clusterlost_hunt import namespace_for as cl_namespace_for
-from tests.test_clusterlost_hunt import open_worker_store as cl_open_worker_store
-from tests.test_clusterlost_hunt import retried, shared_cluster
-from tests.test_hooks import KEY as CL_KEY
+from tests.test_clusterlost_hunt import retried
 from tests.test_redis_faults import calls
 from tests.test_sentinel_hunt import LaggingDeployment, deployment, open_worker_store
 from tests.test_slottomb_hunt import _commit, _outcome
-
-__all__ = ["shared_cluster"]  # a fixture, shared
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -300,59 +292,6 @@ async def test_the_documented_acl_user_deletes_with_wait_replicas_without_a_warn
         assert replica.cli("EXISTS", names.head(key)).strip() == "0"
     finally:
         await store.aclose()
-
-
-# ------------------------------------ 4. Cluster: rm with wait_replicas, the head fails over
-
-
-def _cut_shard_at_once(shard: Any) -> None:
-    """``shard``'s replica receives nothing from now on, without catching up first."""
-    assert shard.primary.cli("acl", "setuser", "repl", "off").strip() == "OK"
-    shard.primary.cli("client", "kill", "user", "repl")
-    until(
-        "the replica's link is not down",
-        lambda: _cl_field(shard.replica, "master_link_status") == "down",
-    )
-
-
-async def test_cluster_rm_with_wait_replicas_then_the_heads_shard_fails_over_the_holder_is_fenced(
-    shared_cluster: Any,
-) -> None:
-    """Redis Cluster, two shards of a primary and a replica. H holds K (v1); the legacy
-    tombstone's slot is on the other shard. An operator's store with ``wait_replicas=1``
-    deletes K; the moment it returns, the head's shard's replica is cut off (no catching
-    up), its primary SIGKILLed and the replica takes over.
-
-    Should (failure-model.md: "With wait_replicas a delete now waits for the replicas as
-    a commit does ..., and so for the tombstone in the session's slot, laid on the same
-    node before it"; "so the node that keeps the delete keeps it too"; row "an operator's
-    rm": H's next save or renewal "refused as fenced (LeaseLost, "deleted")"): the rm is
-    not under-replicated; after the failover K is gone, H's commit and renewal are
-    fenced (not vanished), and K stays deleted."""
-    async with cl_lagging_cluster(shared_cluster) as c:
-        ns = cl_namespace_for(c, tombstone_apart=True)
-        h = cl_open_worker_store(c, ns)
-        op = lr.open_store(
-            c.url, namespace=ns, socket_timeout=1.0, retries=1, wait_replicas=1, wait_timeout=800
-        )
-        try:
-            lease = await retried(lambda: h.acquire(CL_KEY, "H", ttl=60.0))
-            assert await _commit(h, CL_KEY, lease.epoch, 0, b"H: hello") == 1
-            assert await retried(lambda: op.delete(CL_KEY)) is True
-            assert op.under_replicated == 0  # type: ignore[attr-defined]
-            head = c.shard_of(f"{ns}:{{{CL_KEY}}}:head")
-            assert c.shard_of(KeyNames(ns).tombstone(CL_KEY)) is head
-            await asyncio.to_thread(_cut_shard_at_once, head)
-            await asyncio.to_thread(c.fail_over, head, kill=True)
-            assert await retried(lambda: op.info(CL_KEY)) is None, "the rm was lost"
-            got = await _outcome(retried(lambda: _commit(h, CL_KEY, lease.epoch, 1, b"H: back")))
-            assert isinstance(got, LeaseLost) and not got.vanished, repr(got)
-            renewed = await _outcome(retried(lambda: h.renew(lease, ttl=60.0)))
-            assert isinstance(renewed, LeaseLost) and not renewed.vanished, repr(renewed)
-            assert await retried(lambda: op.info(CL_KEY)) is None
-        finally:
-            await h.aclose()
-            await op.aclose()
 
 
 # --------------------------- 5. foreign data that tombstone.lua reads as a number, Python not
