@@ -224,7 +224,7 @@ async def test_a_takeover_racing_aclose_reaches_on_lost(store: CountedStore, key
     lost, on_lost = lost_sink()
     session, rs, _ = await begin(store, key, on_lost=on_lost)
     await bounded(session.run(user_input="the code is 4711"), "a turn")
-    await asyncio.sleep(0.05)
+    await bounded(rs._autosave.idle.wait(), "the turn autosaved")  # not the commit held
     session.history.add_message(role="user", content="for the checkpoint")
     store.commit_gate.arm()
     checkpointing = asyncio.ensure_future(rs.checkpoint())

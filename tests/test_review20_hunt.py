@@ -101,6 +101,7 @@ async def test_a_restore_right_after_suspend_returned_over_an_error_close_stays_
     suspended). The restored session must stay active, held, and save its turns."""
     session, rs, model = await begin(store, key)
     await bounded(session.run(user_input="the code is 4711"), "a turn")
+    await bounded(rs._autosave.idle.wait(), "the turn autosaved")  # not the commit held
     reasons = await closes(session)
     store.commit_gate.arm()
     helper = asyncio.ensure_future(error_close_during_commit(store, model, reasons))
@@ -385,6 +386,7 @@ async def test_an_error_close_during_the_final_save_then_aclose_after_it_returne
     as the suspend/end left it, no owner; the error close's task ends (no hang)."""
     session, rs, model = await begin(store, key)
     await bounded(session.run(user_input="the code is 4711"), "a turn")
+    await bounded(rs._autosave.idle.wait(), "the turn autosaved")  # not the commit held
     reasons = await closes(session)
     store.commit_gate.arm()
     helper = asyncio.ensure_future(error_close_during_commit(store, model, reasons))
@@ -486,6 +488,7 @@ async def test_a_restore_once_the_state_says_suspended_is_not_undone_by_the_susp
         await bounded(session.start(agent), "start")
         await bounded(session.run(user_input="my name is Ada"), "a turn")
         await bounded(session.run(user_input="the code is 4711"), "a turn")
+        await bounded(rs._autosave.idle.wait(), "the turn autosaved")  # not the commit held
         reasons = await closes(session)
         store.publish_gate.arm()
         if error_close:
