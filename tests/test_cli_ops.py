@@ -353,7 +353,7 @@ def test_rm_leaves_no_key_behind(url: str, key: str, request: pytest.FixtureRequ
         # that fences a worker that held it, for a day, named by a hash of the key
         # (and the one an earlier release's workers read, in a slot of its own)
         names = KeyNames(os.environ["RESUME_NAMESPACE"])
-        tombstones = sorted([names.tombstone(key), names.legacy_tombstone(key)])
+        tombstones = sorted(names.tombstones(key))
         assert sorted(scan()) == tombstones and not any(key in t for t in tombstones)
         server: RedisServer = request.getfixturevalue("redis_server")
         for tombstone in tombstones:

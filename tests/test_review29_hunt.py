@@ -284,10 +284,7 @@ async def test_the_documented_acl_user_deletes_with_wait_replicas_without_a_warn
         assert store.under_replicated == 0
         assert not _warnings(caplog, "WAIT failed") and not _warnings(caplog, "tombstone")
         names = store._names
-        on_replica = [
-            replica.cli("GET", n).strip()
-            for n in (names.tombstone(key), names.legacy_tombstone(key))
-        ]
+        on_replica = [replica.cli("GET", n).strip() for n in names.tombstones(key)]
         assert all(v.isdigit() and int(v) >= lease.epoch for v in on_replica), on_replica
         assert replica.cli("EXISTS", names.head(key)).strip() == "0"
     finally:

@@ -114,6 +114,11 @@ class KeyNames:
         no part of the name it adds (only a key made to do so meets all four). No
         namespace's session prefix (``N:{tag}:``) includes it: its tag follows the hash
         with no colon, and nothing follows the tag."""
+        return self.tombstones(key)[0]
+
+    def tombstones(self, key: str) -> tuple[str, str]:
+        """Both names a delete lays, in the order it lays them: `tombstone`, then
+        `legacy_tombstone`."""
         legacy = self.legacy_tombstone(key)
         # where an occurrence of the key would reach into what the tag adds
         start = max(0, len(legacy) - len(key) + 1)
@@ -121,7 +126,7 @@ class KeyNames:
             name = f"{legacy}{{{tag}}}"
             if key not in name[start:]:
                 break
-        return name
+        return name, legacy
 
     def legacy_tombstone(self, key: str) -> str:
         """The tombstone of releases before the session-slot one (`tombstone`), in a slot

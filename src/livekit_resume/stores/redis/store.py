@@ -557,11 +557,12 @@ class RedisStore:
         (`KeyNames.legacy_tombstone`). With ``fencing`` (the epoch of a writer asking
         whether it is fenced), the first at or above it answers alone: the other lies
         on another node on a Cluster, which need not answer for the writer to stop."""
-        first = await self._tombstone_at(key, self._names.tombstone(key))
+        slotted, legacy = self._names.tombstones(key)
+        first = await self._tombstone_at(key, slotted)
         if fencing is not None and first is not None and first >= fencing:
             return first
         # one after the other, on one connection: a new session reads both
-        second = await self._tombstone_at(key, self._names.legacy_tombstone(key))
+        second = await self._tombstone_at(key, legacy)
         return max((epoch for epoch in (first, second) if epoch is not None), default=None)
 
     async def _tombstone_at(self, key: str, name: str) -> int | None:
@@ -1049,7 +1050,7 @@ class RedisStore:
     async def _clear_foreign_tombstone(self, key: str) -> None:
         """Foreign data at the key's tombstone refuses every new session under it
         (`_tombstone`): ``rm`` of the key, which asks for it to be gone, removes it."""
-        for name in (self._names.tombstone(key), self._names.legacy_tombstone(key)):
+        for name in self._names.tombstones(key):
             try:
                 await self._tombstone_at(key, name)
             except SnapshotCorrupt:
@@ -1062,7 +1063,7 @@ class RedisStore:
         data at either name is removed first (``rm`` asks for the key to be gone, and
         the data would refuse every new session under it), then the tombstone laid."""
         args = [str(epoch), str(int(TOMBSTONE_TTL * 1000)), self._scripts.now_arg()]
-        for name in (self._names.tombstone(key), self._names.legacy_tombstone(key)):
+        for name in self._names.tombstones(key):
             with self._server.errors("lay the tombstone", key):
                 why = await self._scripts.call("tombstone", name, args)
                 if why != 1 and _FOREIGN_TOMBSTONE.search(text(why)):
