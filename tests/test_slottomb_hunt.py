@@ -9,7 +9,7 @@ legacy name only, beside one of this release, both ways); foreign data at one of
 names; the right to be forgotten (security.md: "rm leaves no trace of the key"); a real
 Redis Cluster with the legacy tombstone's node stopped; the documented minimal ACL.
 
-A worker "of an earlier release" is this release's `RedisStore` whose `KeyNames.tombstone`
+A worker "of an earlier release" is this release's `RedisStore` whose `KeyNames.tombstones`
 answers the legacy name (`_as_earlier_release`): the new `_tombstone` then reads, and
 `_lay_tombstone` lays, only that name, as 823aee1's code did (the only code the change
 touched).
@@ -40,8 +40,10 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 def _as_earlier_release(store: Any) -> Any:
     """``store`` as a worker of the release before the session-slot tombstone: it lays
-    and reads ``ns:rm:<sha256>`` only."""
-    store._names.tombstone = store._names.legacy_tombstone
+    and reads ``ns:rm:<sha256>`` only (both of its names are that one)."""
+    legacy = store._names.legacy_tombstone
+    store._names.tombstone = legacy
+    store._names.tombstones = lambda key: (legacy(key), legacy(key))
     return store
 
 
