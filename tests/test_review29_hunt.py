@@ -4,6 +4,8 @@ Cluster slot; ``wait_replicas`` waits for a delete as for a commit).
 Looks for what tests/test_slottomb_hunt.py does not cover: the WAIT of a delete on a
 Cluster (which node, how many, an ``rm`` whose script runs twice), a Sentinel failover
 right after an ``rm`` made with ``wait_replicas=1``, an ``rm`` with a lagging replica.
+Its case of numbers at a held session's tombstone that tombstone.lua read as an epoch
+(``1e300``, hex) is a parameter of tests/test_slottomb_hunt.py's foreign-data case.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from redis.asyncio.cluster import RedisCluster as AsyncCluster
 
 from livekit_resume.errors import LeaseLost
 from livekit_resume.stores.redis import RedisStore
-from livekit_resume.stores.redis.keys import KeyNames
 from tests.faults.cluster import until
 from tests.redis_servers import RedisCluster, RedisFactory
 from tests.test_auth_hunt import DOC_COMMANDS, NS, _acl
@@ -289,48 +290,3 @@ async def test_the_documented_acl_user_deletes_with_wait_replicas_without_a_warn
         assert replica.cli("EXISTS", names.head(key)).strip() == "0"
     finally:
         await store.aclose()
-
-
-# --------------------------- 5. foreign data that tombstone.lua reads as a number, Python not
-
-
-@pytest.mark.parametrize("which", ["slotted", "legacy"])
-@pytest.mark.parametrize("foreign", [b"1e300", b"0x7fffffffffffffff"])
-async def test_foreign_number_at_a_tombstone_of_a_held_session_one_rm_frees_the_key(
-    make_redis: RedisFactory, which: str, foreign: bytes
-) -> None:
-    """H holds K (v1); another program wrote at one of K's tombstone names a string that
-    is no epoch (``1e300``, ``0x7fff…``): `RedisStore._tombstone_at` reads it as "holds no
-    epoch ... foreign data". An operator runs ``rm`` K once; another worker acquires K.
-
-    Should (failure-model.md, known limits: "Foreign data at either name is removed by
-    the rm that lays the tombstone, held session or not (a held session's rm used to
-    keep it, and the key stayed refused until a second rm)"): the acquire after that one
-    ``rm`` is granted, above H's epoch.
-
-    Failed on fbbaadd: tombstone.lua took the string for a number (Lua's ``tonumber``
-    reads exponents and hex; Python's ``int`` does not), at or above the epoch, so it
-    answered 1 and kept it; `_lay_tombstone` deletes only what the script calls
-    foreign, and the key stayed refused (SnapshotCorrupt) until a second ``rm``. The
-    script now takes digits only for an epoch, as the client does."""
-    primary = make_redis()
-    ns = f"fd{uuid.uuid4().hex[:8]}"
-    key = "room-r29"
-    store = RedisStore.from_url(primary.url, namespace=ns)
-    other = RedisStore.from_url(primary.url, namespace=ns)
-    names = KeyNames(ns)
-    name = names.tombstone(key) if which == "slotted" else names.legacy_tombstone(key)
-    try:
-        lease = await store.acquire(key, "H", ttl=60.0)
-        assert await _commit(store, key, lease.epoch, 0, b"H: hello") == 1
-        await store._client.set(name, foreign)
-        assert await other.delete(key) is True
-        fresh = await _outcome(other.acquire(key, "N", ttl=60.0))
-        assert not isinstance(fresh, Exception), (
-            f"one rm of held {key!r} ({foreign!r} at its {which} tombstone) left the key "
-            f"refused: {fresh!r}"
-        )
-        assert fresh.epoch > lease.epoch
-    finally:
-        await store.aclose()
-        await other.aclose()
