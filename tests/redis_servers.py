@@ -497,9 +497,11 @@ class RedisSentinel(RedisServer):
 
 
 class RedisCluster:
-    """Three primaries with ``--cluster-enabled yes``, joined by ``redis-cli --cluster``."""
+    """Three primaries with ``--cluster-enabled yes``, joined by ``redis-cli --cluster``.
+    ``full_coverage=False``: it keeps serving the slots of the others while a primary is
+    stopped (``cluster-require-full-coverage no``)."""
 
-    def __init__(self, directory: Path, *, primaries: int = 3) -> None:
+    def __init__(self, directory: Path, *, primaries: int = 3, full_coverage: bool = True) -> None:
         self.nodes: list[RedisServer] = []
         used: list[int] = []
         for i in range(primaries):
@@ -520,6 +522,7 @@ class RedisCluster:
                         str(bus),
                         "--cluster-node-timeout",
                         "5000",
+                        *([] if full_coverage else ["--cluster-require-full-coverage", "no"]),
                     ],
                 )
             )

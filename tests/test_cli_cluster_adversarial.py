@@ -247,10 +247,7 @@ def test_ls_scan_lists_again_the_sessions_of_a_lost_index_on_a_cluster(
 def degradable_cluster(tmp_path: Any) -> Iterator[RedisCluster]:
     """A Cluster of its own, whose primaries a test may stop: it keeps serving the slots
     of the others meanwhile (``cluster-require-full-coverage no``)."""
-    found = RedisCluster(tmp_path / "cluster")
-    for node in found.nodes:
-        node.extra += ["--cluster-require-full-coverage", "no"]
-    found.start()
+    found = RedisCluster(tmp_path / "cluster", full_coverage=False).start()
     try:
         yield found
     finally:

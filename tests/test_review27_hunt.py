@@ -9,7 +9,9 @@ clock and ``save`` (session.py ``_commit_or_reacquire`` for a whole commit).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,23 @@ async def rm_whose_delete_fails(store: Any, key: str) -> None:
             await store.delete(key)
     finally:
         store._run = run
+
+
+@contextlib.contextmanager
+def deletes_watched(store: Any) -> Iterator[list[Any]]:
+    """Inside, every ``store.delete`` is recorded by its lease (None: an ``rm``)."""
+    deletes: list[Any] = []
+    delete = store.delete
+
+    async def watched(k: str, *, lease: Any = None) -> bool:
+        deletes.append(lease)
+        return bool(await delete(k, lease=lease))
+
+    store.delete = watched
+    try:
+        yield deletes
+    finally:
+        store.delete = delete
 
 
 async def _reclaim_then_save(r: LeaseHolder, version: int, data: bytes) -> Any:
@@ -484,17 +503,9 @@ async def test_redis_an_rm_whose_delete_failed_then_a_zombies_reclaim_leaves_the
         await rm_whose_delete_fails(other, key)  # the operator's rm
         tomb = await store._tombstone(key)
         assert tomb is not None and tomb >= w.epoch, (tomb, w.epoch)
-        deletes: list[Any] = []
-        delete = store.delete
-
-        async def watched(k: str, *, lease: Any = None) -> bool:
-            deletes.append(lease)
-            return bool(await delete(k, lease=lease))
-
-        store.delete = watched
-        clock.advance(100)
-        got = await _reclaim_then_save(r, v1, b"R: zombie words")
-        store.delete = delete
+        with deletes_watched(store) as deletes:
+            clock.advance(100)
+            got = await _reclaim_then_save(r, v1, b"R: zombie words")
         assert isinstance(got, LeaseLost) and not got.vanished, got
         assert not deletes, deletes
         info = await store.info(key)

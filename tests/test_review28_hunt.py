@@ -29,7 +29,7 @@ from tests.redis_servers import RedisCluster, RedisServer, require_redis_server
 from tests.test_fence_hunt import FakeClock
 from tests.test_lost_hunt import bare_redis
 from tests.test_review26_hunt import LEASE, RedisBackend, save
-from tests.test_review27_hunt import rm_whose_delete_fails
+from tests.test_review27_hunt import deletes_watched, rm_whose_delete_fails
 
 __all__ = ["bare_redis"]  # a fixture, shared
 
@@ -85,7 +85,6 @@ async def test_redis_a_holder_at_v0_above_an_earlier_lifes_tombstone_reclaims_an
     store: Any = _store(bare_redis, clock, ns)
     b = RedisBackend(store, clock)
     key = f"ol-{uuid.uuid4().hex[:6]}"
-    deletes: list[Any] = []
     try:
         a = await store.acquire(key, "A", ttl=60)
         assert await store.commit(Commit(key, a.epoch, 0, b"A: earlier life", [], 0)) == 1
@@ -109,16 +108,9 @@ async def test_redis_a_holder_at_v0_above_an_earlier_lifes_tombstone_reclaims_an
             await _session_keys_only_rollback(store, [], key)
             assert await store.info(key) is None
         assert await store._tombstone(key) == tomb
-        delete = store.delete
-
-        async def watched(k: str, *, lease: Any = None) -> bool:
-            deletes.append(lease)
-            return bool(await delete(k, lease=lease))
-
-        store.delete = watched
-        clock.advance(100)
-        got = await save(h, 1, b"H: hello, whole again")
-        store.delete = delete
+        with deletes_watched(store) as deletes:
+            clock.advance(100)
+            got = await save(h, 1, b"H: hello, whole again")
         assert isinstance(got, int), (
             f"[{lost}] H (epoch {h.epoch}, above the earlier life's tombstone {tomb}) "
             f"reclaiming its own session was refused: {got!r}"
@@ -336,16 +328,11 @@ def degraded_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
     is stopped (``cluster-require-full-coverage no``, as failure-model.md's row "a Redis
     Cluster primary stopped, with no replica to take over" assumes)."""
     require_redis_server()
-    found = RedisCluster(tmp_path / "cluster")
-    for node in found.nodes:
-        node.extra += ["--cluster-require-full-coverage", "no"]
-    found.start()
+    found = RedisCluster(tmp_path / "cluster", full_coverage=False).start()
     try:
         yield found
     finally:
-        for node in found.nodes:
-            node.resume()
-        found.stop()
+        found.stop()  # resumes a node left stopped
 
 
 def _pick_key(cluster: RedisCluster, ns: str) -> tuple[str, RedisServer, RedisServer]:
