@@ -29,7 +29,7 @@ from tests.test_auth_hunt import DOC_COMMANDS, NS, _acl
 from tests.test_clusterlost_hunt import retried
 from tests.test_redis_faults import calls
 from tests.test_sentinel_hunt import LaggingDeployment, deployment, open_worker_store
-from tests.test_slottomb_hunt import _commit, _outcome
+from tests.test_slottomb_hunt import _commit, _held, _outcome
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -146,8 +146,7 @@ async def test_sentinel_rm_with_wait_replicas_then_a_failover_keeps_it_and_fence
         h = open_worker_store(d, ns)
         op = open_worker_store(d, ns, wait_replicas=1, wait_timeout=800)
         try:
-            lease = await h.acquire(key, "H", ttl=60.0)
-            assert await _commit(h, key, lease.epoch, 0, b"H: hello") == 1
+            lease = await _held(h, key)
             assert await op.delete(key) is True
             assert op.under_replicated == 0  # type: ignore[attr-defined]
             await asyncio.to_thread(_cut_at_once, d)
@@ -182,8 +181,7 @@ async def test_sentinel_rm_with_a_lagging_replica_is_warned_and_counted_not_rais
         h = open_worker_store(d, ns)
         op = open_worker_store(d, ns, wait_replicas=1, wait_timeout=100)
         try:
-            lease = await h.acquire(key, "H", ttl=60.0)
-            assert await _commit(h, key, lease.epoch, 0, b"H: hello") == 1
+            lease = await _held(h, key)
             await asyncio.to_thread(d.cut)
             assert await op.delete(key) is True
             assert op.under_replicated == 1  # type: ignore[attr-defined]
@@ -246,8 +244,7 @@ async def test_a_wait_timeout_the_socket_timeout_would_cut_is_refused(
     )
     key = "room-r29"
     try:
-        lease = await store.acquire(key, "H", ttl=60.0)
-        assert await _commit(store, key, lease.epoch, 0, b"H: hello") == 1
+        await _held(store, key)
         replica.pause()
         try:
             got = await _outcome(store.delete(key))
@@ -278,8 +275,7 @@ async def test_the_documented_acl_user_deletes_with_wait_replicas_without_a_warn
     store = RedisStore.from_url(url, namespace=NS, wait_replicas=1, wait_timeout=3000)
     key = "room-r29"
     try:
-        lease = await store.acquire(key, "H", ttl=60.0)
-        assert await _commit(store, key, lease.epoch, 0, b"H: hello") == 1
+        lease = await _held(store, key)
         caplog.clear()
         assert await store.delete(key) is True
         assert store.under_replicated == 0

@@ -25,7 +25,7 @@ import redis
 
 import livekit_resume as lr
 from livekit_resume.errors import LeaseLost, SnapshotCorrupt, StoreUnavailable
-from livekit_resume.stores.base import Commit
+from livekit_resume.stores.base import Commit, Lease
 from livekit_resume.stores.redis.keys import KeyNames, slot_tags
 from tests.redis_servers import RedisCluster, RedisServer
 from tests.test_auth_hunt import DOC_COMMANDS, _acl, server
@@ -54,6 +54,13 @@ def _open(server: RedisServer, ns: str, *, earlier: bool = False) -> Any:
 
 async def _commit(store: Any, key: str, epoch: int, base: int, data: bytes) -> int:
     return int(await store.commit(Commit(key, epoch, base, data, [], 0, whole=True)))
+
+
+async def _held(store: Any, key: str) -> Lease:
+    """``key`` held by "H" on ``store`` and saved once (v1): its lease."""
+    lease: Lease = await store.acquire(key, "H", ttl=60.0)
+    assert await _commit(store, key, lease.epoch, 0, b"H: hello") == 1
+    return lease
 
 
 async def _outcome(aw: Any) -> Any:
@@ -89,8 +96,7 @@ async def test_rolling_deploy_the_holder_of_a_deleted_session_is_fenced_not_told
     h = _open(bare_redis, ns, earlier=holder == "earlier")
     op = _open(bare_redis, ns, earlier=rm_by == "earlier")
     try:
-        lease = await h.acquire(key, "H", ttl=60.0)
-        assert await _commit(h, key, lease.epoch, 0, b"H: hello") == 1
+        lease = await _held(h, key)
         assert await op.delete(key) is True
         got = await _outcome(_commit(h, key, lease.epoch, 1, b"H: hello again"))
         assert _fenced(got), f"holder ({holder}) after an rm ({rm_by}): commit -> {got!r}"
@@ -117,8 +123,7 @@ async def test_rolling_deploy_a_new_session_after_an_rm_starts_above_the_deleted
     a = _open(bare_redis, ns, earlier=rm_by == "earlier")
     b = _open(bare_redis, ns, earlier=acquirer == "earlier")
     try:
-        lease = await a.acquire(key, "H", ttl=60.0)
-        assert await _commit(a, key, lease.epoch, 0, b"H: hello") == 1
+        lease = await _held(a, key)
         assert await a.delete(key) is True
         fresh = await b.acquire(key, "N", ttl=60.0)
         assert fresh.epoch > lease.epoch, (fresh.epoch, lease.epoch)
@@ -224,8 +229,7 @@ async def test_foreign_data_at_one_tombstone_of_a_held_session_rm_then_the_key_i
     names = KeyNames(ns)
     name = names.tombstone(key) if which == "slotted" else names.legacy_tombstone(key)
     try:
-        lease = await store.acquire(key, "H", ttl=60.0)
-        assert await _commit(store, key, lease.epoch, 0, b"H: hello") == 1
+        lease = await _held(store, key)
         await store._client.set(name, foreign)
         assert await other.delete(key) is True
         got = await _outcome(_commit(store, key, lease.epoch, 1, b"H: back"))
@@ -306,8 +310,7 @@ async def _held_then_deleted(cluster: RedisCluster) -> tuple[Any, Any, str, Any,
     key, _, legacy_node = _pick_key(cluster, ns)  # the legacy one on another node
     h: Any = lr.open_store(cluster.url, namespace=ns, socket_timeout=0.5, retries=0)
     op: Any = lr.open_store(cluster.url, namespace=ns, socket_timeout=0.5, retries=0)
-    lease = await h.acquire(key, "H", ttl=60.0)
-    assert await _commit(h, key, lease.epoch, 0, b"H: hello") == 1
+    lease = await _held(h, key)
     return h, op, key, lease, legacy_node
 
 
@@ -432,8 +435,7 @@ async def test_the_documented_acl_user_lays_both_tombstones_and_fences_the_holde
     op = RedisStore.from_url(url, namespace="acme")
     admin = redis.Redis(port=server.port)
     try:
-        lease = await h.acquire(key, "H", ttl=60.0)
-        assert await _commit(h, key, lease.epoch, 0, b"H: hello") == 1
+        lease = await _held(h, key)
         assert await op.delete(key) is True
         names = KeyNames("acme")
         laid = [admin.get(names.tombstone(key)), admin.get(names.legacy_tombstone(key))]
