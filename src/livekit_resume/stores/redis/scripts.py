@@ -292,17 +292,14 @@ class Scripts:
         written = isinstance(reply, list) and reply[:1] == [b"ok"]
         if script == "delete" and not (written and reply[1:2] == [1]):
             return  # refused, or nothing there to delete: nothing to lose
-        what = f"{script} of session {key!r}"
-        extra: dict[str, Any] = {"key": key}
-        if script == "commit" and written:
-            what += f" (version {int(reply[1])})"
-            extra["version"] = int(reply[1])
         if isinstance(acked, Exception):
             # WAIT refused (a replica itself, or ACL): the write is applied; say so.
+            what, extra = _what(script, key, reply if written else None)
             logger.warning("%s applied, but WAIT failed: %s", what, acked, extra=extra)
             self.under_replicated += 1
         elif written and int(acked) < self._wait_replicas:
             self.under_replicated += 1
+            what, extra = _what(script, key, reply)
             logger.warning(
                 "%s reached %d of %d replicas within %d ms; it is applied on the primary "
                 "and may be lost if it fails over now",
@@ -312,3 +309,12 @@ class Scripts:
                 self._wait_timeout,
                 extra=extra,
             )
+
+
+def _what(script: str, key: str, written: list[Any] | None) -> tuple[str, dict[str, Any]]:
+    """A waited write as a warning names it, and the log record's fields: a commit that
+    landed with its version."""
+    if script == "commit" and written is not None:
+        version = int(written[1])
+        return f"commit of session {key!r} (version {version})", {"key": key, "version": version}
+    return f"{script} of session {key!r}", {"key": key}
