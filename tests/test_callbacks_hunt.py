@@ -380,8 +380,8 @@ async def test_end_from_on_user_turn_completed_returns_promptly(
     goodbye. Expected: ``end()`` returns promptly (lifecycle.md: a suspend, final save,
     release and close, takes ~5 ms; it took 2 s, waiting for LiveKit's close, which waits
     for this hook), the store says ``ended``, and no ERROR is logged. The goodbye itself
-    is not in the ended snapshot: LiveKit 1.8.9 adds the turn to the history after the
-    hook returns (lifecycle.md says so; the turns before it are there)."""
+    is in the ended snapshot once the end is done: LiveKit 1.8.9 adds the turn to the
+    history after the hook returns, and the end saves it then (lifecycle.md)."""
     reg = callbacks_registry()
     model = ScriptedLLM([], default="noted")
     session = make_voice_session(model)
@@ -395,12 +395,13 @@ async def test_end_from_on_user_turn_completed_returns_promptly(
         await asyncio.wait_for(fakes.audio_out.wait_for_segment(1), WAIT)
         fakes.audio_in.say("thanks goodbye")
         await until(lambda: "end_took" in SEEN, "end returned", 15)
+        await until(lambda: rs.state == "ended", "the end is done", 5)
         snap = await latest(store)
         assert snap.state == "ended"
         problems: list[str] = []
         if SEEN["end_took"] >= 1.0:
             problems.append(f"end() took {SEEN['end_took']:.1f}s")
-        if user_texts(snap.history) != ["my order is 4711"]:
+        if user_texts(snap.history) != ["my order is 4711", "thanks goodbye"]:
             problems.append(f"the ended snapshot's user turns: {user_texts(snap.history)}")
         problems.extend(errors.texts())
         assert not problems, problems

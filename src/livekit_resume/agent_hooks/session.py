@@ -67,7 +67,7 @@ from .listen import listen
 from .rebuild import Built, build_items, check, rebuild
 from .registry import AgentRegistry
 from .room import ATTR_STATE, ATTR_VERSION, Announcer
-from .silence import Silencer, Timer, current_agent, in_livekit_task
+from .silence import Silencer, Timer, current_agent, in_livekit_task, turn_hook_task
 
 __all__ = ["ATTR_STATE", "ATTR_VERSION", "ResumableSession", "SessionState"]
 
@@ -96,6 +96,10 @@ LONG_PAUSE_RETRY = 2.0
 LONG_PAUSE_RETRY_CAP = 60.0
 # Saves after a final one, each of what reached the session during the one before.
 SETTLE_ROUNDS = 3
+# Loop turns a suspend or an end from ``on_user_turn_completed`` gives LiveKit's close to
+# mark the session closing (its first step, unless its lock is held) before the hook
+# goes on: LiveKit adds the caller's turn to the history only if it is.
+CLOSING_TURNS = 20
 
 SALVAGED = Counter(
     "livekit_resume_sessions_salvaged", "Damaged snapshots restored with what was intact"
@@ -216,6 +220,9 @@ class ResumableSession:
         self._pauses = 0
         # LiveKit's close of the AgentSession a suspend gave up, while it runs on
         self._session_close: asyncio.Future[None] | None = None
+        # a suspend or an end from on_user_turn_completed saving the caller's turn, and
+        # giving the session up, after the hook (`_after_turn_hook`)
+        self._after_hook: asyncio.Future[None] | None = None
         # remote pause/resume/suspend (control.py), heard while the lease is held
         self._control = ControlListener(
             store,
@@ -948,7 +955,9 @@ class ResumableSession:
         If the final snapshot cannot be stored the error is raised and nothing is given
         up: the session stays ``paused`` (silenced) with its lease and autosave, so
         `suspend` can be called again, `resume` undoes the silence, and `aclose`
-        still makes the final save.
+        still makes the final save. From ``on_user_turn_completed`` it returns once saved,
+        and the caller's turn, which LiveKit adds after the hook, is saved before the
+        lease is released.
         """
         return await self._finish("suspend", "suspended")
 
@@ -971,22 +980,33 @@ class ResumableSession:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._finishing, self._finishing_as = done, state
         life = self._life
-        try:
-            return await self._finish_now(session, reason, state)
-        except BaseException:
-            if self._life == life:
-                self._end_unsaved = state == "ended" and self._state == "paused"
-            raise
-        finally:
+        rest: asyncio.Future[None] | None = None
+
+        def finished(_: object = None) -> None:
             # a restore into a new AgentSession may have come during the last steps
             # (`restore`): the session's suspend or end under way is then its own
             if self._finishing is done:
                 self._finishing = None
             done.set_result(None)
 
+        try:
+            version, rest = await self._finish_now(session, reason, state)
+            return version
+        except BaseException:
+            if self._life == life:
+                self._end_unsaved = state == "ended" and self._state == "paused"
+            raise
+        finally:
+            if rest is None:
+                finished()
+            else:  # from on_user_turn_completed: finished once its task is
+                rest.add_done_callback(finished)
+
     async def _finish_now(
         self, session: AgentSession[Any], reason: str, state: Literal["suspended", "ended"]
-    ) -> int:
+    ) -> tuple[int, asyncio.Future[None] | None]:
+        """The final save, then the session given up: before this returns, or, called from
+        ``on_user_turn_completed``, in the future returned beside the version."""
         if self._state == "active":
             await self._silencer.silence(session)
             if self._closing is not None and not self._error_close_waits():
@@ -1000,6 +1020,9 @@ class ResumableSession:
         # stored: every later save says so (the settle's, an autosave queued behind the
         # final save, a close's), or one would store the session paused again
         self._stored_as = state
+        hook = turn_hook_task(session)
+        if hook is not None:
+            return version, await self._after_turn_hook(hook, session, reason, state, version)
         wait_close = not in_livekit_task()  # the caller's task: to_its_end runs its own
 
         async def settle_and_give_up() -> None:
@@ -1012,10 +1035,56 @@ class ResumableSession:
         # say so while open, listening and perhaps holding its lease, and a restore in
         # place would wait for a close that never comes. The cancellation then goes on.
         await to_its_end(settle_and_give_up())
-        return version
+        return version, None
+
+    async def _after_turn_hook(
+        self,
+        hook: asyncio.Task[Any],
+        session: AgentSession[Any],
+        reason: str,
+        state: Literal["suspended", "ended"],
+        version: int,
+    ) -> asyncio.Future[None]:
+        """A suspend or an end from ``on_user_turn_completed``, its final save stored.
+        LiveKit adds the caller's turn (the goodbye) to the history only once the hook
+        returns: in the hook's task if the session is closing by then, else in the reply
+        it goes on to start (silenced). LiveKit's close, which waits for both, starts now,
+        the lease is kept, and the returned task saves what the close left in the history
+        once it is done (or after `SUSPEND_CLOSE_WAIT`, should the hook or a tool go on),
+        then gives the session up."""
+        close = asyncio.ensure_future(session.aclose())
+        for _ in range(CLOSING_TURNS):
+            if getattr(session, "_closing", True) or close.done():
+                break
+            await asyncio.sleep(0)
+
+        async def rest() -> None:
+            await asyncio.wait({hook, close}, timeout=SUSPEND_CLOSE_WAIT)
+            last = await self._settled(reason, state, version)
+            await self._give_up(session, state, wait_close=False, close=close)
+            log.debug("given up after on_user_turn_completed", extra={"version": last})
+
+        def failed(task: asyncio.Future[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error(
+                    "session %r: giving it up %s failed: %s",
+                    self._key,
+                    state,
+                    task.exception(),
+                    extra={"key": self._key},
+                )
+
+        task = asyncio.ensure_future(rest())
+        task.add_done_callback(failed)
+        self._after_hook = task
+        return task
 
     async def _give_up(
-        self, session: AgentSession[Any], state: Literal["suspended", "ended"], wait_close: bool
+        self,
+        session: AgentSession[Any],
+        state: Literal["suspended", "ended"],
+        wait_close: bool,
+        close: asyncio.Future[None] | None = None,
     ) -> None:
         life = self._life
         self._announcer.show(state, self._version)
@@ -1036,7 +1105,8 @@ class ResumableSession:
         if self._life == life:  # not restored into a new AgentSession meanwhile
             await self._announcer.announce(state, self._version)
             await self._shown()
-        close = asyncio.ensure_future(session.aclose())
+        if close is None:
+            close = asyncio.ensure_future(session.aclose())
         if self._life == life:  # a restore in place of a new life waits on its own close
             self._session_close = close
         close.add_done_callback(self._closed_session)
@@ -1072,7 +1142,9 @@ class ResumableSession:
         snapshot marked ``ended``, the lease released, the session closed. A later call
         under the key starts a new conversation instead of resuming this one, and
         reconnect tokens issued for it are refused. Refused (`RuntimeError`) before
-        ``session.start()``: nothing would be saved then (`aclose` leaves it as stored)."""
+        ``session.start()``: nothing would be saved then (`aclose` leaves it as stored).
+        From ``on_user_turn_completed`` it returns once saved, and the caller's turn,
+        which LiveKit adds after the hook, is saved before the lease is released."""
         closing = self._closing
         if closing is not None and self._error_close_waits() and self._finishing is None:
             return await self._end_in_error_close(closing)
@@ -1119,10 +1191,15 @@ class ResumableSession:
         """The close: final save (stored as ``state`` if given, else as the session
         is), release, ``closed``."""
         self._long_pause.cancel()  # no suspend_after from here: the close is final
-        live = self._state in ("active", "paused")
         # the whole close is bounded: a frozen store fails each call only after every
         # client timeout and retry (tens of seconds), and LiveKit gives shutdown ~10 s
         deadline = close_deadline()
+        after_hook = self._after_hook
+        if after_hook is not None and not after_hook.done():
+            # a suspend or an end from on_user_turn_completed is saving the caller's turn
+            # (a job's shutdown right after the hook): its save is the final one
+            await asyncio.wait({after_hook}, timeout=max(0.0, deadline - time.monotonic()))
+        live = self._state in ("active", "paused")
         if self._session is not None and self._lease is not None and live:
 
             async def save(reason: str) -> int:

@@ -24,7 +24,14 @@ from livekit.agents.voice.events import SpeechCreatedEvent
 
 from .realtime import RealtimeGate, realtime_model
 
-__all__ = ["INTERRUPT_TIMEOUT", "Silencer", "Timer", "current_agent", "in_livekit_task"]
+__all__ = [
+    "INTERRUPT_TIMEOUT",
+    "Silencer",
+    "Timer",
+    "current_agent",
+    "in_livekit_task",
+    "turn_hook_task",
+]
 
 log = logging.getLogger("livekit_resume")
 
@@ -46,6 +53,18 @@ def in_livekit_task() -> bool:
     """Whether the caller runs in one of a session's own tasks: LiveKit's close of the
     session waits for them, so a caller waiting for that close waits out its timeout."""
     return _livekit_task() is not None
+
+
+def turn_hook_task(session: AgentSession[Any]) -> asyncio.Task[Any] | None:
+    """The running task, if it is the one LiveKit 1.8.9 runs ``on_user_turn_completed``
+    in (agent_activity.py, ``_user_turn_completed_atask``). That task adds the caller's
+    turn to the history only after the hook returns, and only if the session is closing
+    by then: a suspend or an end from the hook saves that turn once the task is done."""
+    task = asyncio.current_task()
+    activity = getattr(session, "_activity", None)
+    if task is not None and getattr(activity, "_user_turn_completed_atask", None) is task:
+        return task
+    return None
 
 
 def own_speech() -> SpeechHandle | None:
