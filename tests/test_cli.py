@@ -146,6 +146,18 @@ def test_demo_runs_through_redis(request: pytest.FixtureRequest) -> None:
     assert [s["key"] for s in json.loads(listed.stdout)] == ["demo-redis"]
 
 
+def test_the_demos_resuming_process_warns_on_stderr(make_redis: Any) -> None:
+    """A Redis that persists nothing is warned of by the resuming process too: on stderr,
+    as the first process's warnings are, never inside the demo's stdout."""
+    server = make_redis()  # --save "" --appendonly no
+    env = {"RESUME_NAMESPACE": f"demo{uuid.uuid4().hex[:8]}"}
+    result = run(server.url, "demo", "--key", "demo-warned", env=env)
+    assert result.exit_code == 0, result.output
+    assert "persists nothing" not in result.stdout
+    assert "persists nothing" in result.stderr
+    assert result.stdout.rstrip().endswith("restored conversation matches: yes")
+
+
 def test_demo_refuses_an_existing_session(tmp_path: Path) -> None:
     demo_url = f"sqlite:///{tmp_path}/demo.db"
     asyncio.run(_converse(demo_url, "taken", ["remember x"]))

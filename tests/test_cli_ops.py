@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -421,3 +422,21 @@ def test_the_reference_documents_every_command_and_exit_code() -> None:
     assert names and all(f"| `{name}" in doc for name in names), names
     for code in (EXIT_OK, EXIT_ERROR, EXIT_USAGE):
         assert f"| `{code}` |" in doc
+
+
+def test_a_command_that_opens_its_store_twice_warns_once(
+    make_redis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``rm`` reads the store read-only, then opens it to delete: a Redis that persists
+    nothing was warned of by each store, twice per command (and the demo's resuming
+    process printed it on stdout). Once per command; the next command warns again."""
+    server = make_redis()  # --save "" --appendonly no
+    caplog.set_level(logging.WARNING, logger="livekit_resume")
+
+    def warned() -> int:
+        return sum("persists nothing" in r.getMessage() for r in caplog.records)
+
+    assert run(server.url, "rm", "nothere", "--yes").exit_code == 1
+    assert warned() == 1
+    assert run(server.url, "rm", "nothere", "--yes").exit_code == 1
+    assert warned() == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -161,7 +162,7 @@ app = typer.Typer(
 T = TypeVar("T")
 
 # Parameters several commands share.
-_KeyArg = Annotated[str, typer.Argument(help="Session key.")]
+_KeyArg = Annotated[str, typer.Argument(metavar="KEY", help="Session key.")]
 # A version is a positive 64-bit integer in every store (SQLite's INTEGER): a number
 # outside is a usage error, never a traceback from the store.
 MAX_VERSION = 2**63 - 1
@@ -214,6 +215,24 @@ def _opts(ctx: typer.Context) -> _Options:
     return obj
 
 
+class _SaidOnce(logging.Filter):
+    """One command says each warning once: it may open its store more than once (``rm``
+    reads it read-only first), and each store warns of the server's settings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._said: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        said = record.getMessage()
+        if said in self._said:
+            return False
+        self._said.add(said)
+        return True
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
@@ -248,6 +267,9 @@ def _root(
                 check(value)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint=f"'{flag}'") from None
+    said_once, logger = _SaidOnce(), logging.getLogger("livekit_resume")
+    logger.addFilter(said_once)
+    ctx.call_on_close(lambda: logger.removeFilter(said_once))
     ctx.obj = _Options(
         store_url=store or Settings.only("store").store,
         store_explicit=store is not None,

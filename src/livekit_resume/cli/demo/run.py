@@ -15,6 +15,7 @@ import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from rich.console import Console
 from rich.markup import escape
@@ -122,21 +123,23 @@ async def _spawn(url: str, key: str, report: str, console: Console, namespace: s
     argv += ["--store", url, "--key", key, "--report", report]
     if namespace is not None:
         argv += ["--namespace", namespace]
+    # its warnings (a store's) stay on stderr, as this process's do: stdout is the demo's
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
-    assert proc.stdout is not None
-    out = console.file
 
-    async def relay() -> int:
-        assert proc.stdout is not None
-        async for line in proc.stdout:
+    async def relay(lines: asyncio.StreamReader | None, out: IO[str]) -> None:
+        assert lines is not None
+        async for line in lines:
             out.write(line.decode(errors="replace"))
             out.flush()
+
+    async def finish() -> int:
+        await asyncio.gather(relay(proc.stdout, console.file), relay(proc.stderr, sys.stderr))
         return await proc.wait()
 
     try:
-        return await asyncio.wait_for(relay(), CHILD_TIMEOUT)
+        return await asyncio.wait_for(finish(), CHILD_TIMEOUT)
     except TimeoutError:
         proc.kill()
         await proc.wait()
