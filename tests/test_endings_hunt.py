@@ -204,6 +204,12 @@ ENDER = lr.AgentRegistry()
 ENDER.register(HookFinisher)
 
 
+async def done_with(rs: lr.ResumableSession, session: AgentSession[Any]) -> None:
+    await bounded(rs.aclose(), "aclose", 10)
+    await bounded(session.aclose(), "session close", 10)
+    HOOK.clear()
+
+
 async def finish_from_the_hook(
     store: Store, key: str, how: str, after: float = 0.0
 ) -> tuple[AgentSession[Any], lr.ResumableSession]:
@@ -251,9 +257,7 @@ async def test_end_from_on_user_turn_completed_stores_the_goodbye(
             f"holds {live}"
         )
     finally:
-        await bounded(rs.aclose(), "aclose")
-        await bounded(session.aclose(), "session close", 10)
-        HOOK.clear()
+        await done_with(rs, session)
 
 
 async def test_a_suspend_from_on_user_turn_completed_keeps_the_callers_turn(
@@ -303,9 +307,7 @@ async def test_an_end_from_a_hook_that_goes_on_gives_the_session_up_all_the_same
         snap = await latest(store, key)
         assert texts(snap.history)[:1] == ["my order is 4711"]
     finally:
-        await bounded(rs.aclose(), "aclose")
-        await bounded(session.aclose(), "session close", 10)
-        HOOK.clear()
+        await done_with(rs, session)
 
 
 async def test_the_apps_close_right_after_an_end_from_the_hook_stores_it_ended(

@@ -294,6 +294,11 @@ class ResumableSession:
         the damaged record.
         """
         finishing = self._finishing
+        after_hook = self._after_hook
+        if finishing is not None and after_hook is not None and not after_hook.done():
+            # a suspend from on_user_turn_completed saving the caller's turn: it says
+            # suspended once that is saved and its lease is free
+            await asyncio.wait({after_hook})
         if finishing is not None and self._state == "suspended":
             # A suspend says suspended once its lease is free, and goes on (the store's
             # event, the room, LiveKit's close): a restore in place waits for its end, or
@@ -676,6 +681,13 @@ class ResumableSession:
             try:
                 version = await self._commit_or_reacquire(session, reason, state, confirm)
             except LeaseLost as e:
+                if self._stored_as is not None and self._holder.lease is not None:
+                    # its final save stored, being given up (a suspend or an end from
+                    # on_user_turn_completed saving the caller's turn): taken over since,
+                    # nothing more is written, and the app that gave it up is not told
+                    # it lost it
+                    self._holder.drop()
+                    raise
                 if self._holder.lease is None:
                     released, now = self._holder.released_epoch, e.current_epoch
                     if released is not None and now is not None and now > released:
@@ -1059,8 +1071,13 @@ class ResumableSession:
             await asyncio.sleep(0)
 
         async def rest() -> None:
+            # the final save is stored: what comes now is saved by the settle below, and
+            # a takeover meanwhile is met by that save alone (no on_lost, no ERROR)
+            await self._autosave.aclose()
             await asyncio.wait({hook, close}, timeout=SUSPEND_CLOSE_WAIT)
-            last = await self._settled(reason, state, version)
+            # closed meanwhile (the hook's own aclose): the close's save was the last
+            closed = self._state == "closed"
+            last = version if closed else await self._settled(reason, state, version)
             await self._give_up(session, state, wait_close=False, close=close)
             log.debug("given up after on_user_turn_completed", extra={"version": last})
 
@@ -1184,18 +1201,23 @@ class ResumableSession:
         self._close_final = True  # an error close under way stays a close (`_aclose_on_error`)
         self._close_asked.set()
         if self._closing is None:
-            self._closing = asyncio.ensure_future(self._aclose())
+            # from on_user_turn_completed after its suspend or end: the turn that task
+            # saves comes only once the hook returns, which waits for this close
+            in_hook = self._session is not None and turn_hook_task(self._session) is not None
+            self._closing = asyncio.ensure_future(self._aclose(in_hook=in_hook))
         await asyncio.shield(self._closing)
 
-    async def _aclose(self, state: Literal["suspended"] | None = None) -> None:
+    async def _aclose(
+        self, state: Literal["suspended"] | None = None, *, in_hook: bool = False
+    ) -> None:
         """The close: final save (stored as ``state`` if given, else as the session
-        is), release, ``closed``."""
+        is), release, ``closed``. ``in_hook``: asked from ``on_user_turn_completed``."""
         self._long_pause.cancel()  # no suspend_after from here: the close is final
         # the whole close is bounded: a frozen store fails each call only after every
         # client timeout and retry (tens of seconds), and LiveKit gives shutdown ~10 s
         deadline = close_deadline()
         after_hook = self._after_hook
-        if after_hook is not None and not after_hook.done():
+        if after_hook is not None and not after_hook.done() and not in_hook:
             # a suspend or an end from on_user_turn_completed is saving the caller's turn
             # (a job's shutdown right after the hook): its save is the final one
             await asyncio.wait({after_hook}, timeout=max(0.0, deadline - time.monotonic()))
