@@ -23,7 +23,6 @@ import functools
 import math
 import numbers
 import re
-import secrets
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -738,14 +737,12 @@ def acquired_epoch(
     takeover: bool,
     reclaim: int | None,
     tombstone: int | None = None,
-    jitter: int,
 ) -> int:
     """The epoch `Store.acquire` grants ``owner`` of a session at ``epoch`` (None: there
     is none; ``tombstone``, the epoch a delete left) whose lease ``holder`` holds, while
     ``live``; `SessionBusy` raised if it is not granted, `LeaseLost` if a ``reclaim``
-    is fenced. ``jitter``: a random step below `EPOCH_JITTER` (`epoch_jitter`), taken
-    when the clock is not above the epoch stepped from. One rule for every backend
-    written in Python (the Redis script, acquire.lua, follows it)."""
+    is fenced. One rule for every backend written in Python (the Redis script,
+    acquire.lua, follows it)."""
     clock = epoch_floor(now)
     floor = max(clock, tombstone or 0)
     if reclaim is not None:
@@ -769,30 +766,15 @@ def acquired_epoch(
         # would be above those of the holders the store forgot, and fence the newest.
         if reclaim == epoch and holder == owner:
             return epoch
-    # The next epoch is the clock's where it is above the one stepped from: a store rolled
-    # back to before an acquisition (a failover to a lagging replica) then hands out none
-    # of the epochs it handed out since. Where the clock is not above (behind the key's
-    # epoch or its tombstone: a failover to a host whose clock is behind, a VM restored),
-    # a plain +1 after such a rollback would hand the forgotten acquisition's epoch to the
-    # next owner too: two owners at one epoch, both able to commit. A random step makes
-    # that a chance of one in EPOCH_JITTER.
     if epoch is None:
-        return floor + 1 + (jitter if tombstone is not None and tombstone > clock else 0)
+        return floor + 1
     if live and holder == owner:
         return epoch
     if live and holder is not None and not takeover:
         raise busy_error(key, holder, epoch)
-    return floor if floor > epoch else epoch + 1 + jitter
-
-
-# How far apart two epochs handed out under a clock behind may land (see acquired_epoch):
-# 2**20 µs, about a second; far below 2**53, where Redis's Lua numbers stop being exact.
-EPOCH_JITTER = 2**20
-
-
-def epoch_jitter() -> int:
-    """A random step for `acquired_epoch` (and acquire.lua's ARGV[12])."""
-    return secrets.randbelow(EPOCH_JITTER)
+    # from the clock too: a store rolled back to before an acquisition (a failover to a
+    # lagging replica) hands out none of the epochs it handed out since
+    return max(epoch + 1, floor)
 
 
 def check_lease_key(key: str, lease: Lease) -> None:

@@ -22,7 +22,6 @@ from .base import (
     Stored,
     acquired_epoch,
     check_lease_key,
-    epoch_jitter,
     head_moved_error,
     lease_lost_error,
     not_found_error,
@@ -155,7 +154,6 @@ class MemoryStore:
             takeover=takeover,
             reclaim=reclaim,
             tombstone=self._tombstone(key, now) if s is None else None,
-            jitter=epoch_jitter(),
         )
         if s is None:
             s = self._sessions[key] = _Session(epoch=epoch)

@@ -8,9 +8,7 @@
 -- [10] '1' = the namespace index lists
 -- the key: a missing head may have been evicted, so do not create one (the client scans
 -- for remains first, then calls again with '0'), [11] the epoch of the key's tombstone
--- (tombstone.lua; '' = none): a session created starts above it, [12] a random step
--- below base.EPOCH_JITTER, taken where the clock is not above the epoch stepped from
--- (base.acquired_epoch: a rollback then hands no forgotten epoch out again).
+-- (tombstone.lua; absent or '' = none): a session created starts above it.
 -- Reply: {'ok', epoch, expires, created 0/1[, why the takeover event was not
 --        published]} | {'busy', holder, epoch} | {'stale', epoch} (a reclaim below the
 --        store's epoch) | {'deleted', tombstone} (a reclaim at or below it) |
@@ -18,7 +16,6 @@
 --        head} | {'corrupt', message}. Nothing is written unless the reply is 'ok'.
 local function main()
   local owner = ARGV[4]
-  local jitter = tonumber(ARGV[12] or '') or 0
   local reclaim = ARGV[9] ~= '' and tonumber(ARGV[9]) or nil
   local s = live_head(true)
   local created = 0
@@ -29,8 +26,7 @@ local function main()
     if ARGV[10] == '1' then return {'absent'} end
     s = new_head()
     local tomb = ARGV[11] and tonumber(ARGV[11])
-    -- whatever the clock did since; a clock behind it steps at random
-    if tomb and tomb > s.epoch then s.epoch = tomb + jitter end
+    if tomb and tomb > s.epoch then s.epoch = tomb end  -- whatever the clock did since
     if reclaim and tomb and reclaim <= tomb then return {'deleted', fmt(tomb)} end
     below = 0
     created = 1
@@ -56,12 +52,7 @@ local function main()
       if ARGV[6] ~= '1' then return {'busy', s.owner, s.epoch} end
       previous = s.owner
     end
-    local clock = math.floor(NOW * 1000000)
-    if created == 1 or clock > s.epoch then
-      s.epoch = math.max(s.epoch + 1, clock)
-    else
-      s.epoch = s.epoch + 1 + jitter
-    end
+    s.epoch = math.max(s.epoch + 1, math.floor(NOW * 1000000))
   end
   local expires = NOW + tonumber(ARGV[5])
   s.touched = NOW

@@ -33,7 +33,6 @@ from ..base import (
     Stored,
     busy_error,
     check_lease_key,
-    epoch_jitter,
     head_moved_error,
     lease_lost_error,
     not_found_error,
@@ -408,8 +407,7 @@ class RedisStore:
         # the key is listed: it then creates nothing (a missing head is looked into
         # below), so it needs no order with the index record, which a Cluster may hold
         # on another node.
-        jitter = epoch_jitter()
-        listed, first, loaded = await self._first_trip(key, [*args, "1", "", jitter], read)
+        listed, first, loaded = await self._first_trip(key, [*args, "1"], read)
         # Indexed before the script creates the session, so a crash in between leaves a
         # member without a session (filtered out), never a session without a member.
         # On a server that evicts, every key is checked as if listed (see load).
@@ -420,7 +418,7 @@ class RedisStore:
             # tombstones a delete left (the earlier releases' one in a slot of its
             # own, so both read here)
             tombstone = await self._tombstone(key)
-            create = [*args, "0", "" if tombstone is None else tombstone, jitter]
+            create = [*args, "0", "" if tombstone is None else tombstone]
             if not listed:
                 # a key the index did not list: the script may create its session
                 reply = await self._run("acquire", key, create)
@@ -433,7 +431,7 @@ class RedisStore:
             if remains:
                 # another worker may have created the session since the script looked:
                 # its keys are no remains if it has a head now
-                reply = await self._run("acquire", key, [*args, "1", "", jitter])
+                reply = await self._run("acquire", key, [*args, "1"])
                 if reply[0] in (b"absent", b"remains"):
                     raise self._namespace_index.headless_error(key, remains)
             else:

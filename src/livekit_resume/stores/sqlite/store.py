@@ -33,7 +33,6 @@ from ..base import (
     Stored,
     acquired_epoch,
     check_lease_key,
-    epoch_jitter,
     head_moved_error,
     lease_lost_error,
     not_found_error,
@@ -264,7 +263,6 @@ class SQLiteStore:
                 takeover=takeover,
                 reclaim=reclaim,
                 tombstone=tombstones.tombstone(conn, self._ns, key, now) if s is None else None,
-                jitter=epoch_jitter(),
             )
             if s is None:
                 self._no_remains(conn, key)  # a lease on top of them would hide them
