@@ -293,6 +293,12 @@ class ResumableSession:
         checkpoint writes the whole session anew so later versions no longer depend on
         the damaged record.
         """
+        if session is self._session and turn_hook_task(session) is not None:
+            # its close, which a restore in place waits for, waits for this hook
+            raise RuntimeError(
+                f"session {self._key!r}: cannot restore an AgentSession in place from its "
+                "own on_user_turn_completed"
+            )
         finishing = self._finishing
         after_hook = self._after_hook
         if finishing is not None and after_hook is not None and not after_hook.done():
@@ -1039,6 +1045,10 @@ class ResumableSession:
 
         async def settle_and_give_up() -> None:
             nonlocal version
+            # the final save is stored: what comes now is saved by the settle, and a
+            # takeover meanwhile is met by that save alone (`_checkpoint`: no on_lost),
+            # not by autosave's, whichever of the two came first
+            await self._autosave.aclose()
             version = await self._settled(reason, state, version)
             await self._give_up(session, state, wait_close=wait_close)
 
@@ -1071,9 +1081,7 @@ class ResumableSession:
             await asyncio.sleep(0)
 
         async def rest() -> None:
-            # the final save is stored: what comes now is saved by the settle below, and
-            # a takeover meanwhile is met by that save alone (no on_lost, no ERROR)
-            await self._autosave.aclose()
+            await self._autosave.aclose()  # as `settle_and_give_up`
             await asyncio.wait({hook, close}, timeout=SUSPEND_CLOSE_WAIT)
             # closed meanwhile (the hook's own aclose): the close's save was the last
             closed = self._state == "closed"
