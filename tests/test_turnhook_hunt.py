@@ -54,6 +54,15 @@ def problems_logged(caplog: pytest.LogCaptureFixture, level: int = logging.ERROR
     ]
 
 
+def told_once(lost: list[BaseException], caplog: pytest.LogCaptureFixture) -> None:
+    """The first worker's app was told of the takeover once, by on_lost (review19: a
+    worker that suspended may still rejoin, and must know another holds the call), and
+    nothing else went wrong."""
+    assert len(lost) == 1 and isinstance(lost[0], lr.LeaseLost), lost
+    others = [e for e in problems_logged(caplog) if "took the session over" not in e]
+    assert others == [], others
+
+
 # ------------------------------------------------ a hook that does more after the call
 
 DO: dict[str, Any] = {}
@@ -278,8 +287,8 @@ async def test_a_takeover_during_the_window_is_not_written_over(
     """The hook suspends and goes on (1 s). Another worker restores the key with
     takeover meanwhile (the caller back on another worker). Expected: from the takeover
     on, nothing of the first worker's lands (the store stays at what the second read or
-    wrote, the second's lease stands and its checkpoint works); the first worker, whose
-    app suspended the call itself, is not told it lost it (on_lost) nor logs an ERROR."""
+    wrote, the second's lease stands and its checkpoint works); the first worker's app is
+    told once, by on_lost (as review19 says of any suspend's settle)."""
     await taken_over_in_the_window(store, key, caplog)
 
 
@@ -315,8 +324,7 @@ async def taken_over_in_the_window(
         assert (info.owner, info.version) == (rs2._holder.owner, taken_at)
         assert rs._holder.lease is None
         await bounded(rs2.checkpoint(), "the second worker saves")
-        problems = [f"on_lost told: {e}" for e in lost] + problems_logged(caplog)
-        assert problems == [], problems
+        told_once(lost, caplog)
     finally:
         await bounded(rs2.aclose(), "rs2 close")
         await bounded(back.aclose(), "the second session's close")

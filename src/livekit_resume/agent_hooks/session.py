@@ -687,13 +687,6 @@ class ResumableSession:
             try:
                 version = await self._commit_or_reacquire(session, reason, state, confirm)
             except LeaseLost as e:
-                if self._stored_as is not None and self._holder.lease is not None:
-                    # its final save stored, being given up (a suspend or an end from
-                    # on_user_turn_completed saving the caller's turn): taken over since,
-                    # nothing more is written, and the app that gave it up is not told
-                    # it lost it
-                    self._holder.drop()
-                    raise
                 if self._holder.lease is None:
                     released, now = self._holder.released_epoch, e.current_epoch
                     if released is not None and now is not None and now > released:
@@ -1045,10 +1038,6 @@ class ResumableSession:
 
         async def settle_and_give_up() -> None:
             nonlocal version
-            # the final save is stored: what comes now is saved by the settle, and a
-            # takeover meanwhile is met by that save alone (`_checkpoint`: no on_lost),
-            # not by autosave's, whichever of the two came first
-            await self._autosave.aclose()
             version = await self._settled(reason, state, version)
             await self._give_up(session, state, wait_close=wait_close)
 
@@ -1081,7 +1070,9 @@ class ResumableSession:
             await asyncio.sleep(0)
 
         async def rest() -> None:
-            await self._autosave.aclose()  # as `settle_and_give_up`
+            # the settle saves what comes now (autosave's lease renewals are not needed
+            # for the few seconds this takes at most)
+            await self._autosave.aclose()
             await asyncio.wait({hook, close}, timeout=SUSPEND_CLOSE_WAIT)
             # closed meanwhile (the hook's own aclose): the close's save was the last
             closed = self._state == "closed"
