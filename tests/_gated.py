@@ -78,16 +78,19 @@ class GatedStore(MemoryStore):
 
 class CountedStore(GatedStore):
     """`GatedStore`, plus: ``fail_next`` makes the next commit that passes the gate fail
-    (`StoreUnavailable`), ``landed`` counts commits that landed and ``renew_errors``
-    keeps what renewals raised."""
+    (`StoreUnavailable`), ``reasons`` lists each commit's reason as it reaches the gate,
+    ``landed`` counts commits that landed and ``renew_errors`` keeps what renewals
+    raised."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fail_next = False
+        self.reasons: list[Any] = []  # each commit's reason, as it reaches the gate
         self.landed = 0
         self.renew_errors: list[BaseException] = []
 
     async def commit(self, commit: Commit) -> int:
+        self.reasons.append(commit.info.get("reason"))
         await self.commit_gate.passing()
         if self.fail_next:
             self.fail_next = False

@@ -120,6 +120,12 @@ async def into_the_settle_failing_with(
     store.commit_gate.open()
     store.commit_gate.arm()  # the final save passes; the settle's save is held
     await bounded(store.commit_gate.entered.wait(), "the settle's commit")
+    while store.reasons[-1] != "suspend":
+        # autosave's save (the suspend's own events, its debounce late under load) took
+        # the lock between the final save and the settle: let it through
+        store.commit_gate.open()
+        store.commit_gate.arm()
+        await bounded(store.commit_gate.entered.wait(), "the settle's commit")
     queue()
     await until(lambda: bool(rs._lock._waiters), "a save waits behind the settle")
     store.fail_next = True
