@@ -990,7 +990,7 @@ class ResumableSession:
             reason, state = "end", "ended"
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._finishing, self._finishing_as = done, state
-        life = self._life
+        life, earlier = self._life, self._after_hook
         rest: asyncio.Future[None] | None = None
 
         def finished(_: object = None) -> None:
@@ -1008,6 +1008,8 @@ class ResumableSession:
                 self._end_unsaved = state == "ended" and self._state == "paused"
             raise
         finally:
+            if rest is None and self._after_hook is not earlier:
+                rest = self._after_hook  # started, then the hook's task was cancelled
             if rest is None:
                 finished()
             else:  # from on_user_turn_completed: finished once its task is
@@ -1064,10 +1066,6 @@ class ResumableSession:
         once it is done (or after `SUSPEND_CLOSE_WAIT`, should the hook or a tool go on),
         then gives the session up."""
         close = asyncio.ensure_future(session.aclose())
-        for _ in range(CLOSING_TURNS):
-            if getattr(session, "_closing", True) or close.done():
-                break
-            await asyncio.sleep(0)
 
         async def rest() -> None:
             # the settle saves what comes now (autosave's lease renewals are not needed
@@ -1090,9 +1088,15 @@ class ResumableSession:
                     extra={"key": self._key},
                 )
 
+        # started before the wait below: whatever cancels the hook's task meanwhile, the
+        # session is still given up (as `to_its_end` sees to for a suspend elsewhere)
         task = asyncio.ensure_future(rest())
         task.add_done_callback(failed)
         self._after_hook = task
+        for _ in range(CLOSING_TURNS):
+            if getattr(session, "_closing", True) or close.done():
+                break
+            await asyncio.sleep(0)
         return task
 
     async def _give_up(

@@ -58,8 +58,8 @@ def in_livekit_task() -> bool:
 def turn_hook_task(session: AgentSession[Any]) -> asyncio.Task[Any] | None:
     """The running task, if it is the one LiveKit 1.8.9 runs ``on_user_turn_completed``
     in (agent_activity.py, ``_user_turn_completed_atask``). That task adds the caller's
-    turn to the history only after the hook returns, and only if the session is closing
-    by then: a suspend or an end from the hook saves that turn once the task is done."""
+    turn to the history only after the hook returns: a suspend or an end from the hook
+    saves that turn once LiveKit's close, which waits for the hook, is done."""
     task = asyncio.current_task()
     activity = getattr(session, "_activity", None)
     if task is not None and getattr(activity, "_user_turn_completed_atask", None) is task:
