@@ -26,6 +26,7 @@ from livekit_resume.agent_hooks.lease import LeaseHolder
 from livekit_resume.errors import LeaseLost
 from tests.test_fence_hunt import (
     KEY,
+    SAME_EPOCH,
     TICK_US,
     FakeClock,
     ForgetfulMemoryStore,
@@ -42,11 +43,6 @@ from tests.test_fence_hunt import (
 __all__ = ["forgetful"]  # the fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-SAME_EPOCH = (
-    "known limit (failure-model.md, 'clock stepped back'): while the store's clock is behind"
-    " its epochs, a takeover repeated after a rollback gets the same epoch"
-)
 
 
 async def _newest_keeps_the_call(

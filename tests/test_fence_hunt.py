@@ -523,6 +523,13 @@ async def _held_at_v1(store: Any, clock: FakeClock, owner: str) -> tuple[LeaseHo
     return holder, await _commit(holder, 0, f"{owner}: hello".encode())
 
 
+SAME_EPOCH = (
+    "known limit (failure-model.md, 'clock stepped back'): while the store's clock is behind"
+    " its epochs, a takeover repeated after a rollback gets the same epoch"
+)
+SAME_EPOCH_XFAIL = pytest.mark.xfail(strict=True, reason=SAME_EPOCH)
+
+
 async def _acquired_across_a_rollback(
     store: Any, clock: FakeClock, *, takeover: bool
 ) -> tuple[LeaseHolder, LeaseHolder]:
@@ -739,11 +746,7 @@ async def test_rm_after_a_rollback_is_not_undone_by_the_holder_the_store_forgot(
         await _close(store)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (failure-model.md, 'clock stepped back'): while the store's clock"
-    " is behind its epochs, a takeover repeated after a rollback gets the same epoch",
-)
+@SAME_EPOCH_XFAIL
 async def test_with_the_clock_behind_a_rollback_hands_one_epoch_to_two_owners(
     forgetful: Any,
 ) -> None:
@@ -787,17 +790,13 @@ async def test_with_the_clock_behind_a_rollback_hands_one_epoch_to_two_owners(
         await _close(store)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (failure-model.md, 'clock stepped back'): while the store's clock"
-    " is behind its epochs, a takeover repeated after a rollback gets the same epoch",
-)
+@SAME_EPOCH_XFAIL
 async def test_with_the_clock_behind_a_tombstone_a_rollback_hands_no_epoch_to_two_owners(
     forgetful: Any,
 ) -> None:
     """The same for a session created again after a delete: the clock a second behind the
     tombstone's epoch, w1 creates the key, the store is rolled back to before that, and
-    w2 creates it. Both got the tombstone's epoch + 1."""
+    w2 creates it. Both get the tombstone's epoch + 1."""
     clock = FakeClock()
     store = forgetful(clock)
     try:
@@ -811,19 +810,15 @@ async def test_with_the_clock_behind_a_tombstone_a_rollback_hands_no_epoch_to_tw
         await _close(store)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (failure-model.md, 'clock stepped back'): while the store's clock"
-    " is behind its epochs, a takeover repeated after a rollback gets the same epoch",
-)
+@SAME_EPOCH_XFAIL
 async def test_redis_with_its_clock_behind_a_rollback_hands_no_epoch_to_two_owners(
     redis_server: Any,
 ) -> None:
     """The case above on a real Redis, whose clock acquire.lua reads with ``TIME``: the
     key's epoch a minute ahead of it (written by a primary whose clock was ahead, before
     a failover), w1 takes over, the head is rolled back to before (a failover to a
-    replica that missed it), w2 takes over. Before, both got epoch + 1: w1's commit
-    landed in w2's lease and w2's was refused."""
+    replica that missed it), w2 takes over. Both get epoch + 1: w1's commit lands in
+    w2's lease and w2's is refused."""
     import redis
 
     from livekit_resume.stores.redis import RedisStore
